@@ -1,0 +1,269 @@
+"""Load-balancing policies and the Upstream that uses them.
+
+A policy is a small class owning its own state with one method,
+`pick(servers, client_ip) -> Server | None` (Caddy's `Selector.Select`,
+modules/caddyhttp/reverseproxy/selectionpolicies.go). A policy only asks
+`server.available()`, honours weights, and returns None when no server is
+available. It never claims a slot: `Upstream.pick_server()` does that with
+`Server.try_acquire()`, because between a policy's look and the claim another
+thread may have taken the last slot.
+
+Policies are shared by every worker thread of one upstream, so each one is
+thread-safe. A policy instance belongs to one Upstream: keep the Server objects
+stable (a config reload builds new Upstreams, and with them new policies).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import threading
+from typing import Collection, Protocol, Sequence
+
+from proxy.servers import Server
+
+# Rendezvous hashing uses 52 bits of the digest so that (x + 0.5) / 2**52 is an
+# exact float strictly inside (0, 1): log() never sees 0 or 1.
+_HASH_BITS = 52
+_HASH_SCALE = float(2 ** _HASH_BITS)
+
+
+class UnknownPolicyError(ValueError):
+    """The config named a policy that does not exist."""
+
+
+class Policy(Protocol):
+    def pick(self, servers: Sequence[Server], client_ip: str) -> Server | None: ...
+
+
+def _available(servers: Sequence[Server]) -> list[Server]:
+    return [server for server in servers if server.available()]
+
+
+def _same_weight(servers: Sequence[Server]) -> bool:
+    first = servers[0].weight if servers else 1
+    return all(server.weight == first for server in servers)
+
+
+class RoundRobin:
+    """nginx's smooth weighted round-robin (ngx_http_upstream_get_peer).
+
+    Each pick adds every available server's weight to its running score, takes
+    the highest and subtracts the total from it: weights 5,1,1 give
+    a,a,b,a,c,a,a rather than a burst of five a's. Unavailable servers are
+    skipped and their scores left alone, so the others stay smooth.
+
+    Equal weights (the common case) use a plain counter: O(1) while the server
+    it lands on is available.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counter = 0
+        self._spill_counter = 0
+        self._scores: dict[Server, int] = {}
+        # (sequence, all weights equal?) for the last tuple seen: weights never
+        # change and a tuple cannot be mutated, so the answer can be reused.
+        self._uniform_cache: tuple[Sequence[Server], bool] | None = None
+
+    def pick(self, servers: Sequence[Server], client_ip: str) -> Server | None:
+        if not servers:
+            return None
+        if self._is_uniform(servers):
+            return self._pick_uniform(servers)
+        return self._pick_smooth(servers)
+
+    def _is_uniform(self, servers: Sequence[Server]) -> bool:
+        cached = self._uniform_cache
+        if cached is not None and cached[0] is servers:
+            return cached[1]
+        uniform = _same_weight(servers)
+        if isinstance(servers, tuple):
+            self._uniform_cache = (servers, uniform)
+        return uniform
+
+    def _pick_uniform(self, servers: Sequence[Server]) -> Server | None:
+        with self._lock:
+            turn = self._counter
+            self._counter += 1
+        server = servers[turn % len(servers)]
+        if server.available():
+            return server
+        # The server whose turn it was is out: hand its turn to the available ones
+        # in rotation, rather than always to its neighbour (which would get double).
+        available = _available(servers)
+        if not available:
+            return None
+        with self._lock:
+            spill = self._spill_counter
+            self._spill_counter += 1
+        return available[spill % len(available)]
+
+    def _pick_smooth(self, servers: Sequence[Server]) -> Server | None:
+        available = _available(servers)
+        if not available:
+            return None
+        with self._lock:
+            scores = self._scores
+            total = 0
+            best: Server | None = None
+            best_score = 0
+            for server in available:
+                score = scores.get(server, 0) + server.weight
+                scores[server] = score
+                total += server.weight
+                if best is None or score > best_score:
+                    best, best_score = server, score
+            scores[best] = best_score - total
+        return best
+
+
+class LeastConnections:
+    """Fewest active requests per unit of weight (active / weight).
+
+    Ties (for instance every server idle) go through smooth weighted
+    round-robin among the tied servers, as nginx's least_conn does, so load
+    spreads evenly and weights still count when the upstream is mostly idle.
+    """
+
+    def __init__(self) -> None:
+        self._tie_breaker = RoundRobin()
+
+    def pick(self, servers: Sequence[Server], client_ip: str) -> Server | None:
+        tied = self._least_loaded(servers)
+        if len(tied) <= 1:
+            return tied[0] if tied else None
+        # The tie-breaker re-checks available(); if a tied server just filled up,
+        # any other tied one is as good.
+        return self._tie_breaker.pick(tied, client_ip) or tied[0]
+
+    @staticmethod
+    def _least_loaded(servers: Sequence[Server]) -> list[Server]:
+        tied: list[Server] = []
+        best_active, best_weight = 0, 1
+        for server in servers:
+            if not server.available():
+                continue
+            active, weight = server.active_requests, server.weight
+            # active/weight < best_active/best_weight, in integers (no float ties).
+            difference = active * best_weight - best_active * weight
+            if not tied or difference < 0:
+                tied = [server]
+                best_active, best_weight = active, weight
+            elif difference == 0:
+                tied.append(server)
+        return tied
+
+
+class WeightedRandom:
+    """A random available server, each with probability weight / total weight."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng if rng is not None else random.Random()
+        # choice()/choices() are Python code over random(); one lock per pick keeps
+        # an injected generator deterministic and safe on free-threaded builds.
+        self._lock = threading.Lock()
+
+    def pick(self, servers: Sequence[Server], client_ip: str) -> Server | None:
+        available = _available(servers)
+        if not available:
+            return None
+        with self._lock:
+            if _same_weight(available):
+                return self._rng.choice(available)
+            return self._rng.choices(available, weights=[s.weight for s in available])[0]
+
+
+class IpHash:
+    """Weighted rendezvous (highest-random-weight) hashing on the client address.
+
+    Each server scores -weight / ln(h), where h in (0, 1) is a stable hash of
+    (client, server); the highest score wins. A client keeps its server while
+    the set of available servers is stable, and when a server goes away only
+    the clients it had move (about 1/N of them), each to its own runner-up.
+    The score is the weighted form (Schindelhauer & Schomaker, "Weighted
+    distributed hash tables", 2005): each server wins with probability
+    weight / total weight.
+    """
+
+    def pick(self, servers: Sequence[Server], client_ip: str) -> Server | None:
+        best: Server | None = None
+        best_score = 0.0
+        for server in servers:
+            if not server.available():
+                continue
+            score = _rendezvous_score(client_ip, server)
+            if best is None or score > best_score:
+                best, best_score = server, score
+        return best
+
+
+def _rendezvous_score(client_ip: str, server: Server) -> float:
+    key = f"{client_ip}\x00{server.address}".encode()
+    digest = hashlib.blake2b(key, digest_size=8).digest()
+    fraction = ((int.from_bytes(digest, "big") >> (64 - _HASH_BITS)) + 0.5) / _HASH_SCALE
+    return -server.weight / math.log(fraction)
+
+
+POLICIES: dict[str, type] = {
+    "round_robin": RoundRobin,
+    "least_connections": LeastConnections,
+    "random": WeightedRandom,
+    "ip_hash": IpHash,
+}
+
+
+def make_policy(name: str) -> Policy:
+    """A fresh policy instance for the config name; UnknownPolicyError otherwise."""
+    try:
+        policy_class = POLICIES[name]
+    except KeyError:
+        known = ", ".join(POLICIES)
+        raise UnknownPolicyError(f"unknown policy {name!r} (expected one of: {known})") from None
+    return policy_class()
+
+
+class Upstream:
+    """A named group of servers and the policy that picks among them."""
+
+    def __init__(self, name: str, servers: Sequence[Server], policy_name: str) -> None:
+        self._name = name
+        self._servers = tuple(servers)
+        self._policy_name = policy_name
+        self._policy = make_policy(policy_name)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def servers(self) -> tuple[Server, ...]:
+        return self._servers
+
+    @property
+    def policy_name(self) -> str:
+        return self._policy_name
+
+    def pick_server(self, client_ip: str, exclude: Collection[Server] = ()) -> Server | None:
+        """Pick a server not in `exclude` and claim a slot on it; the caller must release() it.
+
+        Returns None when no server is available (the handler answers 503).
+        `exclude` holds the servers a retry has already tried.
+        """
+        candidates = self._servers
+        if exclude:
+            candidates = tuple(server for server in candidates if server not in exclude)
+        # Bounded: each lost race (the server filled up between pick and claim)
+        # removes that server from this call's candidates.
+        for _ in range(len(candidates)):
+            server = self._policy.pick(candidates, client_ip)
+            if server is None:
+                return None
+            if server.try_acquire():
+                return server
+            candidates = tuple(other for other in candidates if other is not server)
+        return None
+
+    def snapshot(self) -> dict:
+        return {"policy": self._policy_name, "servers": [server.snapshot() for server in self._servers]}

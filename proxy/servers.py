@@ -1,0 +1,289 @@
+"""State of one upstream server: health, passive ejection, request counters.
+
+Health *state* lives here; health *policy* (when to probe, how many passes make a
+server healthy) lives in the active checker, which only calls `set_health()`
+(STYLE pattern 6, after Caddy's `hosts.go` / `healthchecks.go`).
+
+Passive checks follow nginx's `max_fails` / `fail_timeout`: `max_fails` failed
+attempts within `fail_timeout` seconds take the server out for `fail_timeout`.
+A success clears the failures counted so far, as nginx does, so a busy server
+with a low background error rate is not ejected just because three unrelated
+errors happened to land inside one window.
+
+Every counter is changed under one small lock per server. Nothing logs while
+holding it: the locked sections return the messages to log and the caller logs
+them after releasing the lock (STYLE pattern 8).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Callable
+
+LOG = logging.getLogger("pyproxy.health")
+
+# nginx's default fail_timeout is 10s (ngx_http_upstream_module, "server" directive).
+DEFAULT_FAIL_TIMEOUT = 10.0
+INITIAL_REASON = "initial"
+EJECTION_EXPIRED_REASON = "ejection expired"
+
+Clock = Callable[[], float]
+LogEvents = list[tuple[int, str, tuple]]
+
+
+def format_address(host: str, port: int) -> str:
+    """"host:port", with IPv6 literals bracketed (RFC 3986 §3.2.2)."""
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def _validate(port: int, weight: int, max_connections: int, max_fails: int, fail_timeout: float) -> None:
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be 1-65535, got {port}")
+    if weight < 1:
+        raise ValueError(f"weight must be at least 1, got {weight}")
+    if max_connections < 0:
+        raise ValueError(f"max_connections must be 0 (unlimited) or more, got {max_connections}")
+    if max_fails < 0:
+        raise ValueError(f"max_fails must be 0 (off) or more, got {max_fails}")
+    if fail_timeout <= 0:
+        raise ValueError(f"fail_timeout must be positive, got {fail_timeout}")
+
+
+class Server:
+    """One upstream server. Identity semantics: two Server objects are never equal."""
+
+    def __init__(self, host: str, port: int, weight: int = 1, max_connections: int = 0, tls: bool = False,
+                 max_fails: int = 0, fail_timeout: float = DEFAULT_FAIL_TIMEOUT,
+                 clock: Clock = time.monotonic) -> None:
+        _validate(port, weight, max_connections, max_fails, fail_timeout)
+        self._host = host
+        self._port = port
+        self._address = format_address(host, port)
+        self._weight = weight
+        self._max_connections = max_connections
+        self._tls = tls
+        self._max_fails = max_fails
+        self._fail_timeout = float(fail_timeout)
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Everything below is guarded by _lock (reads outside it are advisory only).
+        self._healthy = True
+        self._health_reason = INITIAL_REASON
+        self._ejected_until: float | None = None
+        self._eject_reason = ""
+        self._recent_failures: collections.deque[float] = collections.deque()
+        self._active = 0
+        self._requests_total = 0
+        self._failures_total = 0
+        self._is_up = True
+        self._state_reason = INITIAL_REASON
+        self._state_since = clock()
+
+    # -- identity and configuration (immutable) --------------------------------
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    @property
+    def weight(self) -> int:
+        return self._weight
+
+    @property
+    def tls(self) -> bool:
+        return self._tls
+
+    @property
+    def max_connections(self) -> int:
+        return self._max_connections
+
+    @property
+    def max_fails(self) -> int:
+        return self._max_fails
+
+    @property
+    def fail_timeout(self) -> float:
+        return self._fail_timeout
+
+    def __repr__(self) -> str:
+        return f"Server({self._address!r}, weight={self._weight})"
+
+    # -- counters (read-only) ---------------------------------------------------
+
+    @property
+    def active_requests(self) -> int:
+        return self._active
+
+    @property
+    def requests_total(self) -> int:
+        return self._requests_total
+
+    @property
+    def failures_total(self) -> int:
+        return self._failures_total
+
+    # -- selection ----------------------------------------------------------------
+
+    def available(self) -> bool:
+        """May a policy pick this server now? Lock-free hint; try_acquire() decides for real."""
+        if not self._healthy:
+            return False
+        ejected_until = self._ejected_until  # read once: another thread may clear it
+        if ejected_until is not None and self._clock() < ejected_until:
+            return False
+        return self._max_connections == 0 or self._active < self._max_connections
+
+    def try_acquire(self) -> bool:
+        """Atomically claim a request slot if available. The caller must release() it."""
+        events: LogEvents = []
+        with self._lock:
+            if self._ejected_until is not None:
+                events = self._expire_ejection_locked(self._clock())
+            acquired = self._available_locked()
+            if acquired:
+                self._active += 1
+                self._requests_total += 1
+        _log(events)
+        return acquired
+
+    def release(self) -> None:
+        """Give back a slot taken by try_acquire(); refuses to go below zero."""
+        with self._lock:
+            unmatched = self._active == 0
+            if not unmatched:
+                self._active -= 1
+        if unmatched:
+            LOG.warning("server %s: release() without a matching try_acquire(); ignored", self._address)
+
+    # -- passive checks -------------------------------------------------------------
+
+    def record_failure(self, reason: str) -> None:
+        """A request to this server failed (refused, reset, timed out, garbage)."""
+        now = self._clock()
+        with self._lock:
+            events = self._expire_ejection_locked(now)
+            self._failures_total += 1
+            events += self._count_failure_locked(now, reason)
+        _log(events)
+
+    def record_success(self) -> None:
+        """A request to this server succeeded: forget the failures counted so far (nginx)."""
+        with self._lock:
+            self._recent_failures.clear()
+
+    # -- active checks ----------------------------------------------------------------
+
+    def set_health(self, up: bool, reason: str) -> bool:
+        """Record the active checker's verdict. Returns True if the health flag changed."""
+        now = self._clock()
+        with self._lock:
+            events = self._expire_ejection_locked(now)
+            changed = up != self._healthy
+            if changed:
+                self._healthy = up
+                self._health_reason = reason
+                self._settle_locked(now, reason)
+                events.append((logging.INFO, "server %s is %s: %s",
+                               (self._address, "healthy" if up else "unhealthy", reason)))
+        _log(events)
+        return changed
+
+    # -- reporting ---------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """"up" or "down" (down if unhealthy or ejected). Busy servers are still "up"."""
+        return self._refreshed(lambda: "up" if self._is_up else "down")
+
+    @property
+    def state_reason(self) -> str:
+        return self._refreshed(lambda: self._state_reason)
+
+    @property
+    def state_since(self) -> float:
+        """Clock time of the last up/down change."""
+        return self._refreshed(lambda: self._state_since)
+
+    def snapshot(self) -> dict:
+        """A consistent copy of the state for /status."""
+        return self._refreshed(lambda: {
+            "address": self._address,
+            "state": "up" if self._is_up else "down",
+            "reason": self._state_reason,
+            "since": self._state_since,
+            "weight": self._weight,
+            "active_requests": self._active,
+            "requests_total": self._requests_total,
+            "failures_total": self._failures_total,
+        })
+
+    # -- internals (all *_locked methods require self._lock) ---------------------------
+
+    def _refreshed(self, read):
+        """Expire a lapsed ejection, then read under the lock."""
+        now = self._clock()
+        with self._lock:
+            events = self._expire_ejection_locked(now)
+            value = read()
+        _log(events)
+        return value
+
+    def _available_locked(self) -> bool:
+        if not self._healthy or self._ejected_until is not None:
+            return False
+        return self._max_connections == 0 or self._active < self._max_connections
+
+    def _count_failure_locked(self, now: float, reason: str) -> LogEvents:
+        if self._max_fails == 0 or self._ejected_until is not None:
+            return []
+        failures = self._recent_failures
+        failures.append(now)
+        while failures and now - failures[0] >= self._fail_timeout:
+            failures.popleft()
+        if len(failures) < self._max_fails:
+            return []
+        failures.clear()
+        self._ejected_until = now + self._fail_timeout
+        self._eject_reason = reason
+        self._settle_locked(now, "")
+        return [(logging.INFO, "server %s ejected: %s", (self._address, reason))]
+
+    def _expire_ejection_locked(self, now: float) -> LogEvents:
+        ejected_until = self._ejected_until
+        if ejected_until is None or now < ejected_until:
+            return []
+        self._ejected_until = None
+        # The server came back at ejected_until, whenever we happen to notice.
+        self._settle_locked(ejected_until, EJECTION_EXPIRED_REASON)
+        return [(logging.INFO, "server %s ejection expired", (self._address,))]
+
+    def _settle_locked(self, when: float, reason_if_up: str) -> None:
+        """Recompute up/down and its reason after any change of health or ejection."""
+        is_up = self._healthy and self._ejected_until is None
+        if is_up != self._is_up:
+            self._is_up = is_up
+            self._state_since = when
+            if is_up:
+                self._state_reason = reason_if_up
+        if not is_up:
+            # Ejection outranks health while it lasts; after it, the health reason shows.
+            self._state_reason = (f"ejected: {self._eject_reason}" if self._ejected_until is not None
+                                  else self._health_reason)
+
+
+def _log(events: LogEvents) -> None:
+    for level, message, args in events:
+        LOG.log(level, message, *args)
