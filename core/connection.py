@@ -1,0 +1,225 @@
+"""A client connection: buffered reads, writes, timeouts and its lifecycle state.
+
+The state machine lives here, as a table (h11's ``_state.py`` idea): every move goes through
+``Connection.transition`` which rejects moves the table does not list.
+
+    NEW ──► READING ──► PROCESSING ──► WRITING ──► IDLE ──► READING ...
+     │         │            │             │         │
+     └─────────┴────────────┴─────────────┴─────────┴──► CLOSED
+    WRITING ──► TUNNEL (an Upgrade: raw bytes both ways) ──► CLOSED
+
+IDLE is a keep-alive connection between requests: it is parked in the server's selector and holds
+no thread. TUNNEL is a connection that stopped speaking the request/response protocol.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import socket
+import struct
+import threading
+import time
+
+from . import zerocopy
+
+READ_CHUNK = 256 * 1024  # one recv; large enough that big bodies need few syscalls
+
+
+class ConnectionState(enum.Enum):
+    NEW = "new"
+    READING = "reading"
+    PROCESSING = "processing"
+    WRITING = "writing"
+    IDLE = "idle"
+    TUNNEL = "tunnel"
+    CLOSED = "closed"
+
+
+S = ConnectionState
+ALLOWED_MOVES: dict[ConnectionState, frozenset[ConnectionState]] = {
+    S.NEW: frozenset({S.READING, S.CLOSED}),
+    S.READING: frozenset({S.PROCESSING, S.CLOSED}),
+    # PROCESSING → WRITING is the normal path; → READING never (a request is always answered).
+    S.PROCESSING: frozenset({S.WRITING, S.CLOSED}),
+    S.WRITING: frozenset({S.IDLE, S.READING, S.TUNNEL, S.CLOSED}),
+    S.IDLE: frozenset({S.READING, S.CLOSED}),
+    S.TUNNEL: frozenset({S.CLOSED}),
+    S.CLOSED: frozenset(),
+}
+# States in which a connection holds no request: safe to close during a graceful drain.
+RESTING_STATES = frozenset({S.NEW, S.IDLE})
+
+
+class IllegalTransition(RuntimeError):
+    """A move the state table does not allow: a bug in the caller, never a peer's fault."""
+
+
+class ConnectionClosed(ConnectionError):
+    """The peer closed the connection before the expected bytes arrived."""
+
+
+class LimitExceeded(ValueError):
+    """More bytes than the caller's limit arrived without the delimiter."""
+
+
+_TIMEVAL = struct.Struct("ll")
+
+
+def set_socket_timeouts(sock: socket.socket, read: float | None, write: float | None) -> None:
+    """Kernel-side timeouts on a blocking socket (SO_RCVTIMEO / SO_SNDTIMEO).
+
+    Why not ``sock.settimeout``: CPython then polls before every recv/send, doubling the syscalls on
+    the hot path. With kernel timeouts a recv is one syscall, and a timeout surfaces as EAGAIN, which
+    ``Connection`` turns into ``TimeoutError``.
+    """
+    for option, value in ((socket.SO_RCVTIMEO, read), (socket.SO_SNDTIMEO, write)):
+        seconds = value or 0.0  # 0 means "no timeout" to the kernel
+        whole = int(seconds)
+        sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(whole, int((seconds - whole) * 1e6)))
+
+
+class Connection:
+    """Wraps one accepted socket. Owned by at most one thread at a time (the server hands it over)."""
+
+    __slots__ = ("sock", "peer", "state", "last_active", "server_data", "_buffer", "_clock",
+                 "_read_timeout", "_write_timeout", "_state_lock", "fileno_cached", "listener",
+                 "on_close")
+
+    def __init__(self, sock: socket.socket, peer, clock=time.monotonic, listener=None):
+        self.sock = sock
+        self.peer = peer  # (host, port, ...) as accept() returned it
+        self.listener = listener  # opaque tag of the listener that accepted it (e.g. its config)
+        self.state = ConnectionState.NEW
+        self._clock = clock
+        self.last_active = clock()
+        self._buffer = b""  # bytes read but not yet consumed (pipelining, read_until leftovers)
+        self._read_timeout: float | None = None
+        self._write_timeout: float | None = None
+        self._state_lock = threading.Lock()
+        self.fileno_cached = sock.fileno()
+        self.server_data = None  # a slot for the protocol layer (e.g. per-connection counters)
+        self.on_close = None  # called once the socket is closed (the server forgets the connection)
+
+    # -- state -------------------------------------------------------------------------------
+    def transition(self, new: ConnectionState) -> None:
+        with self._state_lock:
+            if new not in ALLOWED_MOVES[self.state]:
+                raise IllegalTransition(f"{self.state.name} -> {new.name}")
+            self.state = new
+        self.last_active = self._clock()
+
+    def claim(self, expected: ConnectionState, new: ConnectionState) -> bool:
+        """Move expected → new only if still in ``expected`` (the server and a reaper may race)."""
+        with self._state_lock:
+            if self.state is not expected:
+                return False
+            self.state = new
+        self.last_active = self._clock()
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return self.state is ConnectionState.CLOSED
+
+    # -- timeouts ----------------------------------------------------------------------------
+    def set_timeouts(self, read: float | None, write: float | None = None) -> None:
+        """Per-operation deadlines; a syscall only when a value actually changes."""
+        if write is None:
+            write = self._write_timeout if self._write_timeout is not None else read
+        if read != self._read_timeout or write != self._write_timeout:
+            set_socket_timeouts(self.sock, read, write)
+            self._read_timeout, self._write_timeout = read, write
+
+    # -- reading -----------------------------------------------------------------------------
+    def read_some(self, max_bytes: int = READ_CHUNK) -> bytes:
+        """Buffered bytes if any, else one recv. Returns b"" at end of stream."""
+        if self._buffer:
+            data, self._buffer = self._buffer[:max_bytes], self._buffer[max_bytes:]
+            return data
+        try:
+            return self.sock.recv(max_bytes)
+        except BlockingIOError as exc:  # SO_RCVTIMEO expired
+            raise TimeoutError("read timed out") from exc
+
+    def read_until(self, delimiter: bytes, limit: int) -> bytes:
+        """Read up to and including ``delimiter``; LimitExceeded if ``limit`` bytes pass without it."""
+        data = self._buffer
+        start = 0
+        while True:
+            index = data.find(delimiter, start)
+            if index >= 0:
+                end = index + len(delimiter)
+                if end > limit:
+                    raise LimitExceeded(f"no {delimiter!r} within {limit} bytes")
+                self._buffer = data[end:]
+                return data[:end]
+            if len(data) >= limit:
+                self._buffer = data
+                raise LimitExceeded(f"no {delimiter!r} within {limit} bytes")
+            start = max(0, len(data) - len(delimiter) + 1)
+            self._buffer = b""
+            chunk = self.read_some()
+            if not chunk:
+                self._buffer = data
+                raise ConnectionClosed("peer closed before delimiter")
+            data += chunk
+
+    def read_exact(self, count: int) -> bytes:
+        parts = []
+        while count > 0:
+            chunk = self.read_some(min(count, READ_CHUNK))
+            if not chunk:
+                raise ConnectionClosed(f"peer closed with {count} bytes still expected")
+            parts.append(chunk)
+            count -= len(chunk)
+        return b"".join(parts)
+
+    def unread(self, data: bytes) -> None:
+        """Push bytes back (e.g. the start of a pipelined request read along with the previous one)."""
+        if data:
+            self._buffer = data + self._buffer
+
+    def has_buffered(self) -> bool:
+        return bool(self._buffer)
+
+    # -- writing -----------------------------------------------------------------------------
+    def sendall(self, data) -> None:
+        try:
+            self.sock.sendall(data)
+        except BlockingIOError as exc:  # SO_SNDTIMEO expired
+            raise TimeoutError("write timed out") from exc
+
+    def splice_from(self, source: socket.socket, count: int) -> int:
+        """Copy ``count`` bytes from ``source`` to this connection, in the kernel where possible."""
+        if self._buffer:
+            raise RuntimeError("splice_from with buffered input would reorder bytes")
+        return zerocopy.relay(source, self.sock, count)
+
+    # -- closing -----------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._state_lock:
+            if self.state is ConnectionState.CLOSED:
+                return
+            self.state = ConnectionState.CLOSED
+        self.close_socket()
+
+    def close_socket(self) -> None:
+        """Release the socket of a connection already moved to CLOSED (see ``claim``)."""
+        try:
+            self.sock.close()
+        except OSError:  # already gone; nothing to release
+            pass
+        if self.on_close is not None:
+            self.on_close(self)
+
+    def abort(self) -> None:
+        """Wake a thread blocked on this socket (force-close at the drain deadline)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTCONN, errno.EBADF):
+                raise
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.peer!r} {self.state.name}>"

@@ -1,0 +1,390 @@
+"""The accept loop: listening sockets, parked keep-alive connections, signals and phased shutdown.
+
+One thread (normally the main thread) runs ``serve_forever``. It waits in one epoll set on:
+- the listening sockets (accept, hand the new ``Connection`` over),
+- every client connection that is waiting for bytes (NEW or IDLE), registered EPOLLONESHOT so an
+  event hands the connection to exactly one worker; a worker re-arms it when it parks the
+  connection again, from its own thread (epoll is thread-safe), without waking this loop,
+- a self-pipe that signals and other threads use to wake the loop.
+
+Idle connections hold no thread: 10,000 idle keep-alive clients cost memory, not threads (gunicorn
+gthread's poller). Shutdown runs in explicit phases with deadlines on ``time.monotonic()`` (gunicorn
+``workers/gthread.py``): stop accepting → close resting connections → let in-flight work finish →
+force-close at ``graceful_timeout`` → join the threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from typing import Callable, Iterable
+
+from .connection import RESTING_STATES, Connection, ConnectionState
+from .thread_pool import PoolClosed, ThreadPool
+
+log = logging.getLogger("pyproxy.core.server")
+
+ARMED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+ACCEPT_BATCH = 64  # accepts per wake-up, so one busy listener cannot starve the rest of the loop
+REAP_INTERVAL = 0.5  # seconds between idle-timeout sweeps
+DEFAULT_BACKLOG = 1024  # nginx's default on Linux is 511; bursts of c=1000 clients want more
+# errno values that mean "this one client went away", logged at debug (STYLE pattern 11)
+EXPECTED_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN,
+                             errno.ETIMEDOUT, errno.EBADF})
+
+
+def bind_listener(host: str, port: int, backlog: int = DEFAULT_BACKLOG,
+                  reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket. Host "" listens on all interfaces (IPv6 dual-stack where possible)."""
+    if host in ("", "*"):
+        family, address = (socket.AF_INET6, ("::", port)) if socket.has_ipv6 else (socket.AF_INET, ("0.0.0.0", port))
+    else:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        family, address = info[0], info[4]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6 and host in ("", "*"):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+class Listener:
+    """A listening socket and an opaque tag the protocol layer attached to it (e.g. a TLS context)."""
+
+    __slots__ = ("sock", "tag", "address")
+
+    def __init__(self, sock: socket.socket, tag=None):
+        self.sock = sock
+        self.tag = tag
+        self.address = sock.getsockname()
+
+
+class SocketServer:
+    """Accepts connections and hands each to ``handler(conn)`` on a ``ThreadPool`` worker.
+
+    The handler serves the connection and leaves it in one of three states:
+    IDLE (keep-alive: the server parks it until more bytes arrive), CLOSED, or TUNNEL (the handler
+    keeps ownership and closes it later). Any other state is treated as a bug and the socket closed.
+    """
+
+    def __init__(self, handler: Callable[[Connection], None], listeners: Iterable = (("127.0.0.1", 0),),
+                 pool: ThreadPool | None = None, *, max_connections: int = 10000,
+                 idle_timeout: float = 75.0, header_timeout: float = 10.0,
+                 graceful_timeout: float = 30.0, backlog: int = DEFAULT_BACKLOG,
+                 reuse_port: bool = False, on_overload: Callable[[socket.socket], None] | None = None,
+                 clock=time.monotonic):
+        self.handler = handler
+        self.pool = pool or ThreadPool()
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.header_timeout = header_timeout
+        self.graceful_timeout = graceful_timeout
+        self.on_overload = on_overload
+        self.clock = clock
+        self.draining = threading.Event()  # the protocol layer reads it: answer with Connection: close
+        self.stopped = threading.Event()
+        self.signal_handlers: dict[int, Callable[[], None]] = {}  # extra per-signal actions, run in the loop
+        self._backlog, self._reuse_port = backlog, reuse_port
+        self._epoll = select.epoll()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
+        self._listeners: dict[int, Listener] = {}
+        self._connections: dict[int, Connection] = {}
+        self._conn_lock = threading.Lock()
+        self._calls: deque[Callable[[], None]] = deque()
+        self._pending_signals: deque[int] = deque()
+        self._shutdown_requested = False
+        self._force = False
+        self.accepted_total = 0
+        self.overloaded_total = 0
+        for item in listeners:
+            self.add_listener(item)
+
+    # -- listeners ---------------------------------------------------------------------------
+    def add_listener(self, item, tag=None) -> Listener:
+        """Add a socket, a (host, port) pair, or a Listener. Safe before serve_forever starts;
+        from other threads while it runs, wrap the call in ``call_soon``."""
+        if isinstance(item, Listener):
+            listener = item
+        elif isinstance(item, socket.socket):
+            item.setblocking(False)
+            listener = Listener(item, tag)
+        else:
+            host, port = item[0], item[1]
+            listener = Listener(bind_listener(host, port, self._backlog, self._reuse_port), tag)
+        self._listeners[listener.sock.fileno()] = listener
+        self._epoll.register(listener.sock.fileno(), select.EPOLLIN)
+        return listener
+
+    def remove_listener(self, listener: Listener, close: bool = True) -> None:
+        fd = listener.sock.fileno()
+        if self._listeners.pop(fd, None) is not None:
+            self._epoll.unregister(fd)
+            if close:
+                listener.sock.close()
+
+    @property
+    def listeners(self) -> list[Listener]:
+        return list(self._listeners.values())
+
+    @property
+    def addresses(self) -> list[tuple]:
+        return [listener.address for listener in self._listeners.values()]
+
+    # -- counts --------------------------------------------------------------------------------
+    def connection_counts(self) -> dict[str, int]:
+        """Connections by state name (for metrics: pyproxy_client_connections{state})."""
+        counts = {state.value: 0 for state in ConnectionState if state is not ConnectionState.CLOSED}
+        with self._conn_lock:
+            conns = list(self._connections.values())
+        for conn in conns:
+            if conn.state is not ConnectionState.CLOSED:
+                counts[conn.state.value] += 1
+        return counts
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    # -- other threads talk to the loop through these -------------------------------------------
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        self._calls.append(fn)
+        self._wake()
+
+    def request_shutdown(self, force: bool = False) -> None:
+        """Begin the graceful drain (idempotent). ``force`` skips waiting for in-flight work."""
+        self._force = self._force or force
+        self._shutdown_requested = True
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:  # the pipe is full: the loop is waking anyway
+            pass
+
+    # -- signals (STYLE pattern 9: the handler only records; the loop acts) ---------------------
+    def install_signal_handlers(self, signals=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)) -> None:
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for signum in signals:
+            signal.signal(signum, self._record_signal)
+
+    def _record_signal(self, signum, frame) -> None:
+        self._pending_signals.append(signum)
+
+    def _dispatch_signals(self) -> None:
+        while self._pending_signals:
+            signum = self._pending_signals.popleft()
+            action = self.signal_handlers.get(signum)
+            if action is not None:
+                action()
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                # A second SIGINT during a drain means "stop now".
+                force = self._shutdown_requested and signum == signal.SIGINT
+                log.info("received %s: %s", signal.Signals(signum).name,
+                         "stopping now" if force else "draining")
+                self.request_shutdown(force=force)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        next_reap = self.clock() + REAP_INTERVAL
+        try:
+            while not self._shutdown_requested:
+                self._poll_once(REAP_INTERVAL)
+                if self.clock() >= next_reap:
+                    self._reap_expired()
+                    next_reap = self.clock() + REAP_INTERVAL
+            self._drain()
+        finally:
+            self._close_everything()
+            self.stopped.set()
+
+    def _poll_once(self, timeout: float) -> None:
+        try:
+            events = self._epoll.poll(timeout)
+        except InterruptedError:
+            events = ()
+        for fd, mask in events:
+            if fd == self._wake_r:
+                self._drain_wake_pipe()
+            elif fd in self._listeners:
+                self._accept(self._listeners[fd])
+            else:
+                conn = self._connections.get(fd)
+                if conn is not None and conn.state in RESTING_STATES:
+                    self._dispatch(conn)
+        self._dispatch_signals()
+        while self._calls:
+            self._calls.popleft()()
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _accept(self, listener: Listener) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: log, keep the loop alive (pattern 11)
+                log.warning("accept failed on %s: %s", listener.address, exc)
+                return
+            self.accepted_total += 1
+            if len(self._connections) >= self.max_connections:
+                self._reject_overload(sock)
+                continue
+            sock.setblocking(True)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # not TCP (a unix socket in tests): nothing to tune
+                pass
+            conn = Connection(sock, peer, clock=self.clock, listener=listener.tag)
+            conn.on_close = self._forget
+            with self._conn_lock:
+                self._connections[conn.fileno_cached] = conn
+            self._epoll.register(conn.fileno_cached, ARMED)
+
+    def _reject_overload(self, sock: socket.socket) -> None:
+        self.overloaded_total += 1
+        try:
+            if self.on_overload is not None:
+                sock.setblocking(False)
+                self.on_overload(sock)
+        except OSError as exc:
+            log.debug("overload reply failed: %s", exc)
+        finally:
+            sock.close()
+
+    def _dispatch(self, conn: Connection) -> None:
+        try:
+            accepted = self.pool.submit(self._serve, conn)
+        except PoolClosed:
+            accepted = False
+        if not accepted:
+            log.warning("work queue full: closing connection from %s", conn.peer)
+            conn.close()
+
+    def _serve(self, conn: Connection) -> None:
+        try:
+            self.handler(conn)
+        except OSError as exc:
+            level = logging.DEBUG if exc.errno in EXPECTED_ERRNOS or isinstance(exc, TimeoutError) else logging.ERROR
+            log.log(level, "connection %s: %s", conn.peer, exc, exc_info=level >= logging.ERROR)
+            conn.close()
+        except Exception:
+            log.exception("handler failed on connection %s", conn.peer)
+            conn.close()
+        self.park(conn)
+
+    def park(self, conn: Connection) -> None:
+        """Put a connection the handler left IDLE back in the selector; close anything else."""
+        state = conn.state
+        if state is ConnectionState.IDLE:
+            if self.draining.is_set():
+                conn.close()
+                return
+            if conn.has_buffered():  # a pipelined request is already here: no need to wait
+                self._dispatch(conn)
+                return
+            try:
+                self._epoll.modify(conn.fileno_cached, ARMED)
+            except (OSError, ValueError):  # closed by the reaper in the meantime
+                conn.close()
+        elif state is not ConnectionState.TUNNEL:
+            conn.close()
+
+    def _forget(self, conn: Connection) -> None:
+        with self._conn_lock:
+            if self._connections.get(conn.fileno_cached) is conn:
+                del self._connections[conn.fileno_cached]
+
+    def _reap_expired(self) -> None:
+        """Close connections that waited too long: NEW past header_timeout, IDLE past idle_timeout."""
+        now = self.clock()
+        with self._conn_lock:
+            conns = list(self._connections.values())
+        for conn in conns:
+            limit = self.header_timeout if conn.state is ConnectionState.NEW else self.idle_timeout
+            if conn.state in RESTING_STATES and now - conn.last_active > limit:
+                if conn.claim(conn.state, ConnectionState.CLOSED):
+                    log.debug("closing %s connection %s after %.1fs", conn.state, conn.peer, limit)
+                    conn.close_socket()
+
+    # -- shutdown ------------------------------------------------------------------------------
+    def _drain(self) -> None:
+        started = self.clock()
+        deadline = started if self._force else started + self.graceful_timeout
+        for listener in list(self._listeners.values()):
+            self.remove_listener(listener)
+        self.draining.set()
+        log.info("draining: %d connections open", len(self._connections))
+        self._close_resting()
+        while self.clock() < deadline and not self._force and self._active_connections():
+            self._poll_once(0.05)
+            self._close_resting()
+        leftover = self._active_connections()
+        if leftover:
+            log.warning("graceful timeout: force-closing %d connections", len(leftover))
+            for conn in leftover:
+                conn.abort()
+        remaining = max(0.1, deadline - self.clock()) if not self._force else 0.5
+        if not self.pool.shutdown(timeout=min(remaining, 5.0)):
+            log.warning("some worker threads did not finish in time")
+
+    def _active_connections(self) -> list[Connection]:
+        with self._conn_lock:
+            conns = list(self._connections.values())
+        return [c for c in conns if c.state not in RESTING_STATES and c.state is not ConnectionState.CLOSED]
+
+    def _close_resting(self) -> None:
+        """Close connections holding no request; one whose next request already arrived is served."""
+        with self._conn_lock:
+            conns = list(self._connections.values())
+        for conn in conns:
+            if conn.state in RESTING_STATES:
+                if self._request_pending(conn):
+                    continue  # its event is (or will be) dispatched by the loop; it closes after
+                if conn.claim(conn.state, ConnectionState.CLOSED):
+                    conn.close_socket()
+
+    @staticmethod
+    def _request_pending(conn: Connection) -> bool:
+        if conn.has_buffered():
+            return True
+        try:
+            return bool(conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return False
+
+    def _close_everything(self) -> None:
+        for listener in list(self._listeners.values()):
+            self.remove_listener(listener)
+        with self._conn_lock:
+            conns = list(self._connections.values())
+        for conn in conns:
+            conn.close()
+        self._epoll.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)

@@ -1,0 +1,150 @@
+"""A bounded pool of worker threads that grows when work waits and shrinks when quiet.
+
+Under the GIL fewer busy threads are faster (less lock convoying), so the pool starts small and adds a
+thread only when a task is queued and no thread is idle to take it. Threads idle for longer than
+``idle_timeout`` retire, down to ``min_threads``. A task that raises is logged with its traceback and
+never kills its thread (CPython ``concurrent.futures.thread._WorkItem.run``).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Callable
+
+log = logging.getLogger("pyproxy.core.pool")
+
+_STOP = object()  # sentinel: the thread that takes it exits
+_WAKE = object()  # sentinel: an idle thread re-checks whether it should retire
+IDLE_POLL = 5.0  # seconds an idle thread sleeps between retirement checks
+
+
+class PoolClosed(RuntimeError):
+    """submit() after shutdown() began."""
+
+
+class ThreadPool:
+    def __init__(self, min_threads: int = 4, max_threads: int = 256, max_queue: int = 1024,
+                 idle_timeout: float = 30.0, name: str = "worker", clock=time.monotonic):
+        if not 0 <= min_threads <= max_threads or max_threads < 1:
+            raise ValueError("need 0 <= min_threads <= max_threads and max_threads >= 1")
+        self.min_threads = min_threads
+        self.max_threads = max_threads
+        self.max_queue = max_queue
+        self.idle_timeout = idle_timeout
+        self.name = name
+        self._clock = clock
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # C-implemented: the cheapest handoff
+        self._lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+        self._busy = 0
+        self._queued = 0
+        self._closed = False
+        self._serial = 0
+        for _ in range(min_threads):
+            self._spawn()
+
+    # -- live counts (for metrics) ----------------------------------------------------------
+    @property
+    def threads(self) -> int:
+        return len(self._threads)
+
+    @property
+    def busy(self) -> int:
+        return self._busy
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def counts(self) -> dict:
+        with self._lock:
+            return {"threads": len(self._threads), "busy": self._busy, "queued": self._queued}
+
+    # -- work --------------------------------------------------------------------------------
+    def submit(self, fn: Callable, *args) -> bool:
+        """Queue ``fn(*args)``. False if the queue is full (the caller sheds the load)."""
+        with self._lock:
+            if self._closed:
+                raise PoolClosed("pool is shutting down")
+            if self._queued >= self.max_queue:
+                return False
+            self._queued += 1
+            idle = len(self._threads) - self._busy
+            grow = self._queued > idle and len(self._threads) < self.max_threads
+            if grow:
+                self._spawn()
+        self._queue.put((fn, args))
+        return True
+
+    def _spawn(self) -> None:
+        # Called with the lock held.
+        self._serial += 1
+        thread = threading.Thread(target=self._work, name=f"{self.name}-{self._serial}", daemon=True)
+        self._threads.add(thread)
+        thread.start()
+
+    def _work(self) -> None:
+        me = threading.current_thread()
+        idle_since = self._clock()
+        while True:
+            try:
+                item = self._queue.get(timeout=min(self.idle_timeout, IDLE_POLL))
+            except queue.Empty:
+                item = _WAKE
+            if item is _STOP:
+                break
+            if item is _WAKE:
+                if self._retire_if_idle(me, idle_since):
+                    return
+                continue
+            with self._lock:
+                self._queued -= 1
+                self._busy += 1
+            self._run(*item)
+            with self._lock:
+                self._busy -= 1
+            idle_since = self._clock()
+        with self._lock:
+            self._threads.discard(me)
+
+    def _retire_if_idle(self, me: threading.Thread, idle_since: float) -> bool:
+        if self._clock() - idle_since < self.idle_timeout:
+            return False
+        with self._lock:
+            if len(self._threads) <= self.min_threads or self._closed:
+                return False
+            self._threads.discard(me)
+            return True
+
+    @staticmethod
+    def _run(fn: Callable, args: tuple) -> None:
+        try:
+            fn(*args)
+        except Exception:  # one bad task must not kill the worker (STYLE pattern 11)
+            log.exception("task %r raised", fn)
+
+    def wake_idle(self) -> None:
+        """Ask idle threads to re-check retirement now (used with an injected clock in tests)."""
+        for _ in range(len(self._threads)):
+            self._queue.put(_WAKE)
+
+    # -- shutdown ----------------------------------------------------------------------------
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Finish queued work, then stop every thread. True if all threads exited in time.
+
+        Threads still running a task at the deadline are abandoned (they are daemon threads);
+        the caller is expected to have unblocked them first (e.g. by aborting their sockets).
+        """
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        for _ in threads:
+            self._queue.put(_STOP)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in threads:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            thread.join(remaining)
+        return not any(thread.is_alive() for thread in threads)
