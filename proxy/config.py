@@ -1,0 +1,960 @@
+"""The config file: TOML in, an immutable, fully validated Config out (contract: shared/CONFIG.md).
+
+`load_config` and `parse_config` check everything before returning and collect every problem, so a
+user fixes a broken file in one round. Each problem is one line naming the file, the key path and
+what is wrong, e.g.
+    proxy.toml: upstreams.api.servers[1]: "127.0.0.1:99999" is not a valid address (port must be 1-65535)
+They raise ConfigError and nothing else.
+
+Relative file paths (tls_cert, tls_key, tls_ca, an access log file) are resolved against the
+directory of the config file, so the proxy behaves the same whatever directory it is started from
+(and under --watch). The Config holds the resolved absolute paths.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import os
+import re
+import tomllib
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+from proxy.units import (
+    describe_value, format_address, format_duration, parse_address, parse_duration, parse_host,
+    parse_port, parse_size, split_host_port,
+)
+
+# Config names map to balancing policy classes in one dict elsewhere (STYLE.md pattern 5);
+# this is the list of names the config accepts.
+POLICY_NAMES = ("round_robin", "least_connections", "random", "ip_hash")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("combined", "json")
+ACCESS_STREAMS = ("stdout", "stderr", "off")
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:9901"  # Envoy's conventional admin port
+MIN_HEADER_BYTES = 1024                  # below this ordinary browser requests would get 431
+MAX_WEIGHT = 1000
+MAX_RETRIES = 100
+DEFAULT_EXPECT_STATUS = frozenset(range(200, 300))
+COMMAND_LINE_SOURCE = "command line"
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")               # TOML bare key (TOML 1.0 "Keys")
+_UPSTREAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")         # safe in key paths, logs and metric labels
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # token, RFC 9110 §5.6.2
+_FORBIDDEN_IN_HEADER_VALUE = ("\r", "\n", "\0")          # RFC 9110 §5.5: never valid in a field value
+_STATUS_CLASS = re.compile(r"([2-5])xx", re.IGNORECASE)
+_TOML_POSITION = re.compile(r"^(?P<message>.*) \(at (?:line (?P<line>\d+), column (?P<column>\d+)|end of document)\)$")
+
+
+# ---------------------------------------------------------------------------------------------
+# The validated configuration
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ListenConfig:
+    host: str              # "" = all interfaces; the listener picks 0.0.0.0 or ::
+    port: int
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def address(self) -> str:
+        return format_address(self.host, self.port)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+_DEFAULT_LISTEN_CONFIG = ListenConfig("127.0.0.1", 8080)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    listen: tuple[ListenConfig, ...] = (_DEFAULT_LISTEN_CONFIG,)
+    workers: int = 1
+    min_threads: int = 4
+    max_threads: int = 256
+    max_connections: int = 10000
+    graceful_timeout: float = 30.0        # Kubernetes' default terminationGracePeriodSeconds
+    header_timeout: float = 10.0
+    idle_timeout: float = 75.0            # nginx's keepalive_timeout default
+    max_header_bytes: int = 16384         # Node.js' default --max-http-header-size
+    max_body_bytes: int = 100 * 1024 ** 2
+    tunnel_timeout: float = 3600.0        # idle limit for upgraded (WebSocket) tunnels
+    trusted_proxies: tuple[str, ...] = ()  # normalised IPs/CIDRs whose X-Forwarded-For is believed
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    listen: ListenConfig
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    access: str = "stdout"   # "stdout" | "stderr" | "off" | an absolute file path
+    format: str = "combined"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouteConfig:
+    host: str | None = None   # lowercase, no port; "*.example.com" matches any subdomain
+    path: str = "/"           # prefix on segment boundaries; no trailing "/" except the root
+    strip_prefix: bool = False
+    upstream: str
+    set_headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    path: str = "/healthz"
+    interval: float = 5.0
+    timeout: float = 2.0
+    expect_status: frozenset[int] = DEFAULT_EXPECT_STATUS
+    healthy_after: int = 2
+    unhealthy_after: int = 3
+
+
+@dataclass(frozen=True)
+class PassiveConfig:
+    max_fails: int = 3
+    fail_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class UpstreamServerConfig:
+    host: str
+    port: int
+    weight: int = 1
+    tls: bool = False
+
+    @property
+    def address(self) -> str:
+        return format_address(self.host, self.port)
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    servers: tuple[UpstreamServerConfig, ...]
+    policy: str = "round_robin"
+    preserve_host: bool = True
+    keepalive: int = 32
+    keepalive_timeout: float = 30.0
+    max_connections: int = 0          # 0 = unlimited
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    retries: int = 2
+    health: HealthConfig | None = None
+    passive: PassiveConfig | None = None
+    tls_verify: bool = True
+    tls_ca: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    source: str
+    server: ServerSettings = ServerSettings()
+    admin: AdminConfig | None = None
+    log: LogConfig = LogConfig()
+    routes: tuple[RouteConfig, ...]
+    upstreams: Mapping[str, UpstreamConfig]
+
+    def __post_init__(self) -> None:
+        # A read-only view, so nobody mutates a Config shared between threads.
+        object.__setattr__(self, "upstreams", types.MappingProxyType(dict(self.upstreams)))
+
+    def __reduce__(self):
+        # MappingProxyType cannot be pickled; rebuild from a plain dict (e.g. sent to a worker).
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["upstreams"] = dict(self.upstreams)
+        return (_rebuild_config, (fields,))
+
+
+def _rebuild_config(fields: dict) -> Config:
+    return Config(**fields)
+
+
+class ConfigError(Exception):
+    """Every problem found in a config, one full line each: "FILE: key.path: problem"."""
+
+    def __init__(self, problems: Iterable[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collecting problems
+# ---------------------------------------------------------------------------------------------
+
+def key_path(parent: str, key: str) -> str:
+    """Join a key onto a dotted path as TOML would spell it (quoted when not a bare key)."""
+    shown = key if _BARE_KEY.fullmatch(key) else describe_value(key)
+    return f"{parent}.{shown}" if parent else shown
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """ " (did you mean 'x'?)" when a candidate is close, else ""."""
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class _Checker:
+    """Collects problems while a config is read, and reads tables key by key."""
+
+    def __init__(self, source: str, base_dir: str):
+        self.source = source
+        self.base_dir = base_dir
+        self.problems: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        where = f"{path}: " if path else ""
+        self.problems.append(f"{self.source}: {where}{message}")
+
+    def table(self, value: Any, path: str) -> dict:
+        """The value if it is a table; otherwise a problem and an empty table."""
+        if isinstance(value, dict):
+            return value
+        self.add(path, f"expected a table, got {describe_value(value)}")
+        return {}
+
+    def reject_unknown(self, table: dict, allowed: Iterable[str], path: str) -> None:
+        allowed = list(allowed)
+        for key in table:
+            if key not in allowed:
+                hint = did_you_mean(key, allowed) or f" (expected one of: {', '.join(allowed)})"
+                self.add(key_path(path, key), f"unknown key{hint}")
+
+    def fields(self, table: dict, path: str, converters: Mapping[str, Callable[[Any], Any]]) -> dict:
+        """Convert each present key; return the valid ones as keyword arguments."""
+        values = {}
+        for key, convert in converters.items():
+            if key in table:
+                try:
+                    values[key] = convert(table[key])
+                except ValueError as problem:
+                    self.add(key_path(path, key), str(problem))
+        return values
+
+    def existing_file(self, value: Any, path: str) -> str | None:
+        """An absolute path to an existing file, resolved against the config's directory."""
+        if not isinstance(value, str) or not value:
+            self.add(path, f"expected a file path, got {describe_value(value)}")
+            return None
+        resolved = self.resolve(value)
+        if not os.path.isfile(resolved):
+            where = "" if resolved == value else f" (looked for {resolved})"
+            self.add(path, f"{describe_value(value)} does not exist or is not a file{where}")
+            return None
+        return resolved
+
+    def resolve(self, file_path: str) -> str:
+        return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(file_path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Value converters: each takes a raw TOML value and returns the parsed one or raises ValueError
+# ---------------------------------------------------------------------------------------------
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"expected a whole number, got {describe_value(value)}")
+        if value < minimum or (maximum is not None and value > maximum):
+            allowed = f"{minimum}-{maximum}" if maximum is not None else f"at least {minimum}"
+            raise ValueError(f"must be {allowed}, got {value}")
+        return value
+    return convert
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {describe_value(value)}")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {describe_value(value)}")
+    return value
+
+
+def _choice(names: Iterable[str]) -> Callable[[Any], str]:
+    names = tuple(names)
+
+    def convert(value: Any) -> str:
+        if value not in names:
+            hint = did_you_mean(value, names) if isinstance(value, str) else ""
+            raise ValueError(f"{describe_value(value)} is not one of {' | '.join(names)}{hint}")
+        return value
+    return convert
+
+
+def _duration(positive: bool = True) -> Callable[[Any], float]:
+    def convert(value: Any) -> float:
+        seconds = parse_duration(value)
+        if positive and seconds == 0:
+            raise ValueError(f"{describe_value(value)} is too short (must be more than 0)")
+        return seconds
+    return convert
+
+
+def _size(minimum: int = 0) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        size = parse_size(value)
+        if size < minimum:
+            raise ValueError(f"{describe_value(value)} is too small (must be at least {minimum} bytes)")
+        return size
+    return convert
+
+
+def _workers(value: Any) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError(f'expected a number of processes (1 or more) or "auto", got {describe_value(value)}')
+
+
+def _trusted_proxy(value: Any) -> str:
+    """An IP address or a CIDR network, normalised ("10.0.0.0/8", "::1")."""
+    if not isinstance(value, str):
+        raise ValueError(f'expected an IP address or network like "10.0.0.0/8", got {describe_value(value)}')
+    try:
+        if "/" in value:
+            return str(ipaddress.ip_network(value, strict=True))
+        return str(ipaddress.ip_address(value))
+    except ValueError as reason:
+        raise ValueError(f"{describe_value(value)} is not a valid IP address or network ({reason})") from None
+
+
+def _expect_status(value: Any) -> frozenset[int]:
+    """ "2xx" | 200 | [200, 204]."""
+    if isinstance(value, str) and _STATUS_CLASS.fullmatch(value):
+        first = int(value[0]) * 100
+        return frozenset(range(first, first + 100))
+    codes = value if isinstance(value, list) and value else [value]
+    for code in codes:
+        # 1xx are interim responses (RFC 9110 §15.2), never the final status a check sees.
+        if not isinstance(code, int) or isinstance(code, bool) or not 200 <= code <= 599:
+            raise ValueError(f'expected "2xx", "3xx", a status code 200-599 or a list of them, got {describe_value(value)}')
+    return frozenset(codes)
+
+
+def _route_path(value: Any) -> str:
+    """A path prefix: starts with "/", no query or fragment; a trailing "/" is dropped because
+    matching is on segment boundaries anyway ("/api/" and "/api" both mean the /api segment)."""
+    if not isinstance(value, str):
+        raise ValueError(f'expected a path like "/api", got {describe_value(value)}')
+    if not value.startswith("/"):
+        raise ValueError(f'{describe_value(value)} must start with "/"')
+    if any(c in value for c in "?#") or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"{describe_value(value)} is not a valid path prefix (no spaces, control characters, '?' or '#')")
+    return value.rstrip("/") or "/"
+
+
+def _request_path(value: Any) -> str:
+    """A path to request, e.g. for health checks: starts with "/", may carry a query."""
+    if not isinstance(value, str):
+        raise ValueError(f'expected a path like "/healthz", got {describe_value(value)}')
+    if not value.startswith("/"):
+        raise ValueError(f'{describe_value(value)} must start with "/"')
+    if "#" in value or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"{describe_value(value)} is not a valid path (no spaces, control characters or '#')")
+    return value
+
+
+def _route_host(value: Any) -> str:
+    """A host to match the request's Host against: lowercase, port dropped, "*.name" allowed."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f'expected a host name like "app.example.com", got {describe_value(value)}')
+    text = value.lower()
+    wildcard = text.startswith("*.")
+    if wildcard:
+        text = text[2:]
+    if "*" in text:
+        raise ValueError(f'{describe_value(value)} is not a valid host (a wildcard must be the whole first label, e.g. "*.example.com")')
+    try:
+        host = parse_host(_drop_port(text)).rstrip(".")
+    except ValueError as reason:
+        raise ValueError(f"{describe_value(value)} is not a valid host ({reason})") from None
+    host = f"[{host}]" if ":" in host else host   # as IPv6 appears in a Host header
+    return f"*.{host}" if wildcard else host
+
+
+def _drop_port(text: str) -> str:
+    if text.startswith("["):
+        end = text.find("]")
+        if end > 0 and text[end + 1:].startswith(":"):
+            parse_port(text[end + 2:])
+            return text[:end + 1]
+        return text
+    if text.count(":") == 1:
+        host, _, port = text.partition(":")
+        parse_port(port)
+        return host
+    return text
+
+
+def _header_name(name: str) -> None:
+    if not _HEADER_NAME.fullmatch(name):
+        raise ValueError(f"{describe_value(name)} is not a valid header name (RFC 9110 §5.6.2 token)")
+
+
+def _header_value(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {describe_value(value)}")
+    if any(c in value for c in _FORBIDDEN_IN_HEADER_VALUE):
+        raise ValueError(f"{describe_value(value)} is not a valid header value (no CR, LF or NUL)")
+    return value
+
+
+def parse_server_address(text: Any) -> tuple[str, int, bool]:
+    """(host, port, tls) from "host:port", "http://host[:port]" or "https://host[:port]"."""
+    if not isinstance(text, str):
+        raise ValueError(f'{describe_value(text)} is not a valid address (expected a string like "127.0.0.1:9001")')
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        host, port = parse_address(text)
+        if not host:
+            raise ValueError(f'{describe_value(text)} is not a valid address (an upstream server needs a host, e.g. "127.0.0.1{text}")')
+        return host, port, False
+    try:
+        return _split_server_url(scheme, rest)
+    except ValueError as reason:
+        raise ValueError(f"{describe_value(text)} is not a valid address ({reason})") from None
+
+
+def _split_server_url(scheme: str, rest: str) -> tuple[str, int, bool]:
+    """The part after "scheme://": a host and an optional port; the port defaults by scheme."""
+    scheme = scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ValueError("the scheme must be http or https")
+    rest = rest[:-1] if rest.endswith("/") else rest
+    if any(c in rest for c in "/?#@"):
+        raise ValueError("a server URL is only scheme://host:port; routes decide paths")
+    tls = scheme == "https"
+    if rest.rfind(":") <= rest.rfind("]"):   # no port (a colon inside [IPv6] does not count)
+        return parse_host(rest), (443 if tls else 80), tls
+    host_text, port_text = split_host_port(rest)
+    return parse_host(host_text), parse_port(port_text), tls
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+SERVER_KEYS = (
+    "listen", "workers", "min_threads", "max_threads", "max_connections", "graceful_timeout",
+    "header_timeout", "idle_timeout", "max_header_bytes", "max_body_bytes", "tunnel_timeout",
+    "trusted_proxies",
+)
+_SERVER_CONVERTERS = {
+    "workers": _workers,
+    "min_threads": _integer(1),
+    "max_threads": _integer(1),
+    "max_connections": _integer(1),
+    "graceful_timeout": _duration(positive=False),   # 0 = close at once
+    "header_timeout": _duration(),
+    "idle_timeout": _duration(),
+    "max_header_bytes": _size(MIN_HEADER_BYTES),
+    "max_body_bytes": _size(),
+    "tunnel_timeout": _duration(),
+}
+LISTEN_KEYS = ("address", "tls_cert", "tls_key")
+ADMIN_KEYS = ("listen",)
+LOG_KEYS = ("level", "access", "format")
+ROUTE_KEYS = ("host", "path", "strip_prefix", "upstream", "set_headers")
+UPSTREAM_KEYS = (
+    "servers", "policy", "preserve_host", "keepalive", "keepalive_timeout", "max_connections",
+    "connect_timeout", "read_timeout", "retries", "health", "passive", "tls_verify", "tls_ca",
+)
+_UPSTREAM_CONVERTERS = {
+    "policy": _choice(POLICY_NAMES),
+    "preserve_host": _boolean,
+    "keepalive": _integer(0),
+    "keepalive_timeout": _duration(),
+    "max_connections": _integer(0),
+    "connect_timeout": _duration(),
+    "read_timeout": _duration(),
+    "retries": _integer(0, MAX_RETRIES),
+    "tls_verify": _boolean,
+}
+SERVER_ENTRY_KEYS = ("address", "weight")
+HEALTH_KEYS = ("path", "interval", "timeout", "expect_status", "healthy_after", "unhealthy_after")
+_HEALTH_CONVERTERS = {
+    "path": _request_path,
+    "interval": _duration(),
+    "timeout": _duration(),
+    "expect_status": _expect_status,
+    "healthy_after": _integer(1),
+    "unhealthy_after": _integer(1),
+}
+PASSIVE_KEYS = ("max_fails", "fail_timeout")
+_PASSIVE_CONVERTERS = {"max_fails": _integer(1), "fail_timeout": _duration()}
+TOP_KEYS = ("server", "admin", "log", "routes", "upstreams")
+
+
+def _parse_listen_entry(c: _Checker, value: Any, path: str) -> ListenConfig | None:
+    """One listen address: a string, or a table {address, tls_cert, tls_key}."""
+    if isinstance(value, dict):
+        return _parse_listen_table(c, value, path)
+    try:
+        return ListenConfig(*parse_address(value))
+    except ValueError as problem:
+        c.add(path, str(problem))
+        return None
+
+
+def _parse_listen_table(c: _Checker, table: dict, path: str) -> ListenConfig | None:
+    c.reject_unknown(table, LISTEN_KEYS, path)
+    if ("tls_cert" in table) != ("tls_key" in table):
+        c.add(path, "tls_cert and tls_key go together: give both or neither")
+    cert = c.existing_file(table["tls_cert"], key_path(path, "tls_cert")) if "tls_cert" in table else None
+    key = c.existing_file(table["tls_key"], key_path(path, "tls_key")) if "tls_key" in table else None
+    if "address" not in table:
+        c.add(path, 'missing required key "address"')
+        return None
+    try:
+        host, port = parse_address(table["address"])
+    except ValueError as problem:
+        c.add(key_path(path, "address"), str(problem))
+        return None
+    return ListenConfig(host, port, cert, key)
+
+
+def _parse_listen(c: _Checker, value: Any, path: str) -> tuple[ListenConfig, ...]:
+    if not isinstance(value, list):
+        entry = _parse_listen_entry(c, value, path)
+        return (entry,) if entry else ()
+    if not value:
+        c.add(path, "needs at least one address")
+    entries: list[ListenConfig] = []
+    for index, item in enumerate(value):
+        entry = _parse_listen_entry(c, item, f"{path}[{index}]")
+        if entry and any(_same_socket(entry, seen) for seen in entries):
+            c.add(f"{path}[{index}]", f"{entry.address} is listed twice")
+        elif entry:
+            entries.append(entry)
+    return tuple(entries)
+
+
+def _same_socket(a: ListenConfig, b: ListenConfig) -> bool:
+    """Would binding both fail? Same port and the same host, or one of them on all interfaces."""
+    return a.port == b.port and (a.host == b.host or "" in (a.host, b.host))
+
+
+def _parse_server(c: _Checker, value: Any) -> ServerSettings:
+    table = c.table(value, "server")
+    c.reject_unknown(table, SERVER_KEYS, "server")
+    values = c.fields(table, "server", _SERVER_CONVERTERS)
+    listen = _parse_listen(c, table.get("listen", DEFAULT_LISTEN), "server.listen")
+    if listen:
+        values["listen"] = listen
+    if "trusted_proxies" in table:
+        values["trusted_proxies"] = _parse_trusted_proxies(c, table["trusted_proxies"])
+    settings = ServerSettings(**values)
+    if settings.min_threads > settings.max_threads:
+        c.add("server.min_threads", f"must not exceed max_threads ({settings.min_threads} > {settings.max_threads})")
+    return settings
+
+
+def _parse_trusted_proxies(c: _Checker, value: Any) -> tuple[str, ...]:
+    path = "server.trusted_proxies"
+    if not isinstance(value, list):
+        c.add(path, f'expected a list of IP addresses or networks like ["10.0.0.0/8"], got {describe_value(value)}')
+        return ()
+    proxies = []
+    for index, item in enumerate(value):
+        try:
+            proxies.append(_trusted_proxy(item))
+        except ValueError as problem:
+            c.add(f"{path}[{index}]", str(problem))
+    return tuple(proxies)
+
+
+def _parse_admin(c: _Checker, value: Any, server: ServerSettings) -> AdminConfig:
+    table = c.table(value, "admin")
+    c.reject_unknown(table, ADMIN_KEYS, "admin")
+    raw = table.get("listen", DEFAULT_ADMIN_LISTEN)
+    if isinstance(raw, list):
+        c.add("admin.listen", f"expected one address, got {describe_value(raw)}")
+        raw = DEFAULT_ADMIN_LISTEN
+    listen = _parse_listen_entry(c, raw, "admin.listen") or ListenConfig(*parse_address(DEFAULT_ADMIN_LISTEN))
+    clash = next((entry for entry in server.listen if _same_socket(entry, listen)), None)
+    if clash:
+        c.add("admin.listen", f"{listen.address} clashes with server.listen {clash.address}")
+    return AdminConfig(listen)
+
+
+def _parse_log(c: _Checker, value: Any) -> LogConfig:
+    table = c.table(value, "log")
+    c.reject_unknown(table, LOG_KEYS, "log")
+    values = c.fields(table, "log", {"level": _choice(LOG_LEVELS), "format": _choice(LOG_FORMATS)})
+    if "access" in table:
+        access = _parse_access_target(c, table["access"])
+        if access:
+            values["access"] = access
+    return LogConfig(**values)
+
+
+def _parse_access_target(c: _Checker, value: Any) -> str | None:
+    if not isinstance(value, str) or not value:
+        c.add("log.access", f'expected "stdout", "stderr", "off" or a file path, got {describe_value(value)}')
+        return None
+    if value in ACCESS_STREAMS:
+        return value
+    resolved = c.resolve(value)
+    directory = os.path.dirname(resolved)
+    if not os.path.isdir(directory):
+        c.add("log.access", f"cannot write {describe_value(value)}: directory {directory} does not exist")
+        return None
+    return resolved
+
+
+def _parse_set_headers(c: _Checker, value: Any, path: str) -> tuple[tuple[str, str], ...]:
+    table = c.table(value, path)
+    headers: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for name, header_value in table.items():
+        where = key_path(path, name)
+        try:
+            _header_name(name)
+            headers.append((name, _header_value(header_value)))
+        except ValueError as problem:
+            c.add(where, str(problem))
+            continue
+        if name.lower() in seen:   # field names are case-insensitive, RFC 9110 §5.1
+            c.add(where, f"header {name} is set twice")
+        seen.add(name.lower())
+    return tuple(headers)
+
+
+def _parse_route(c: _Checker, value: Any, path: str, upstream_names: list[str]) -> RouteConfig:
+    table = c.table(value, path)
+    c.reject_unknown(table, ROUTE_KEYS, path)
+    values = c.fields(table, path, {"host": _route_host, "path": _route_path, "strip_prefix": _boolean})
+    if "set_headers" in table:
+        values["set_headers"] = _parse_set_headers(c, table["set_headers"], key_path(path, "set_headers"))
+    upstream = table.get("upstream")
+    if upstream is None:
+        c.add(path, 'missing required key "upstream"')
+    elif not isinstance(upstream, str):
+        c.add(key_path(path, "upstream"), f"expected an upstream name, got {describe_value(upstream)}")
+    elif upstream not in upstream_names:
+        c.add(key_path(path, "upstream"), _undefined_upstream(upstream, upstream_names))
+    return RouteConfig(upstream=upstream if isinstance(upstream, str) else "", **values)
+
+
+def _undefined_upstream(name: str, defined: list[str]) -> str:
+    hint = did_you_mean(name, defined)
+    if not hint:
+        hint = f" (defined: {', '.join(defined)})" if defined else " (no upstreams are defined)"
+    return f"upstream {describe_value(name)} is not defined{hint}"
+
+
+def _parse_routes(c: _Checker, value: Any, upstream_names: list[str]) -> tuple[RouteConfig, ...]:
+    if value is None:
+        c.add("routes", "missing: add at least one [[routes]] table")
+        return ()
+    if not isinstance(value, list) or not value:
+        c.add("routes", f"expected at least one [[routes]] table, got {describe_value(value)}")
+        return ()
+    routes: list[RouteConfig] = []
+    for index, item in enumerate(value):
+        route = _parse_route(c, item, f"routes[{index}]", upstream_names)
+        twin = next((i for i, seen in enumerate(routes) if (seen.host, seen.path) == (route.host, route.path)), None)
+        if twin is not None:
+            c.add(f"routes[{index}]", f"same host and path as routes[{twin}], so it can never match")
+        routes.append(route)
+    return tuple(routes)
+
+
+def _parse_server_entry(c: _Checker, value: Any, path: str) -> UpstreamServerConfig | None:
+    """ "host:port" | "http(s)://host[:port]" | {address = ..., weight = N}.
+
+    Address problems are reported at the entry's own path (servers[1]), whichever form it takes.
+    """
+    weight = 1
+    if isinstance(value, dict):
+        c.reject_unknown(value, SERVER_ENTRY_KEYS, path)
+        weight = c.fields(value, path, {"weight": _integer(1, MAX_WEIGHT)}).get("weight", 1)
+        if "address" not in value:
+            c.add(path, 'missing required key "address"')
+            return None
+        value = value["address"]
+    try:
+        host, port, tls = parse_server_address(value)
+    except ValueError as problem:
+        c.add(path, str(problem))
+        return None
+    return UpstreamServerConfig(host, port, weight, tls)
+
+
+def _parse_servers(c: _Checker, value: Any, path: str) -> tuple[UpstreamServerConfig, ...]:
+    if not isinstance(value, list) or not value:
+        c.add(path, f'expected a list of at least one server like ["127.0.0.1:9001"], got {describe_value(value)}')
+        return ()
+    servers: list[UpstreamServerConfig] = []
+    for index, item in enumerate(value):
+        server = _parse_server_entry(c, item, f"{path}[{index}]")
+        if server and any((s.host, s.port) == (server.host, server.port) for s in servers):
+            c.add(f"{path}[{index}]", f"{server.address} is listed twice (give it a weight instead)")
+        elif server:
+            servers.append(server)
+    return tuple(servers)
+
+
+def _parse_health(c: _Checker, value: Any, path: str) -> HealthConfig:
+    table = c.table(value, path)
+    c.reject_unknown(table, HEALTH_KEYS, path)
+    health = HealthConfig(**c.fields(table, path, _HEALTH_CONVERTERS))
+    if health.timeout > health.interval:
+        c.add(key_path(path, "timeout"), f"must not exceed interval ({format_duration(health.timeout)} > {format_duration(health.interval)})")
+    return health
+
+
+def _parse_passive(c: _Checker, value: Any, path: str) -> PassiveConfig:
+    table = c.table(value, path)
+    c.reject_unknown(table, PASSIVE_KEYS, path)
+    return PassiveConfig(**c.fields(table, path, _PASSIVE_CONVERTERS))
+
+
+def _parse_upstream(c: _Checker, name: str, value: Any) -> UpstreamConfig:
+    path = key_path("upstreams", name)
+    if not _UPSTREAM_NAME.fullmatch(name):
+        c.add(path, "an upstream name may only use letters, digits, '-', '_' and '.'")
+    table = c.table(value, path)
+    c.reject_unknown(table, UPSTREAM_KEYS, path)
+    values = c.fields(table, path, _UPSTREAM_CONVERTERS)
+    if "servers" not in table:
+        c.add(path, 'missing required key "servers"')
+    servers = _parse_servers(c, table["servers"], key_path(path, "servers")) if "servers" in table else ()
+    if "health" in table:
+        values["health"] = _parse_health(c, table["health"], key_path(path, "health"))
+    if "passive" in table:
+        values["passive"] = _parse_passive(c, table["passive"], key_path(path, "passive"))
+    if "tls_ca" in table:
+        values["tls_ca"] = c.existing_file(table["tls_ca"], key_path(path, "tls_ca"))
+    return UpstreamConfig(name, servers, **values)
+
+
+def _parse_upstreams(c: _Checker, value: Any) -> dict[str, UpstreamConfig]:
+    if value is None:
+        c.add("upstreams", "missing: add at least one [upstreams.NAME] table")
+        return {}
+    table = c.table(value, "upstreams")
+    if not table and isinstance(value, dict):
+        c.add("upstreams", "missing: add at least one [upstreams.NAME] table")
+    return {name: _parse_upstream(c, name, item) for name, item in table.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+def parse_config(data: dict, source: str, base_dir: str | None = None) -> Config:
+    """Validate a TOML document already parsed into a dict. Raises ConfigError listing every problem.
+
+    base_dir is where relative file paths are resolved (default: the current directory).
+    """
+    c = _Checker(source, os.path.abspath(base_dir or os.getcwd()))
+    if not isinstance(data, dict):
+        c.add("", f"expected a table at the top level, got {describe_value(data)}")
+        raise ConfigError(c.problems)
+    c.reject_unknown(data, TOP_KEYS, "")
+    server = _parse_server(c, data.get("server", {}))
+    admin = _parse_admin(c, data["admin"], server) if "admin" in data else None
+    log = _parse_log(c, data.get("log", {}))
+    upstream_value = data.get("upstreams")
+    upstream_names = list(upstream_value) if isinstance(upstream_value, dict) else []
+    routes = _parse_routes(c, data.get("routes"), upstream_names)
+    upstreams = _parse_upstreams(c, upstream_value)
+    if c.problems:
+        raise ConfigError(c.problems)
+    return Config(source=source, server=server, admin=admin, log=log, routes=routes, upstreams=upstreams)
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and validate a TOML config file. Raises ConfigError (never anything else)."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as error:
+        raise ConfigError([f"{source}: cannot read the config file ({error.strerror or error})"]) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError([f"{source}: not valid UTF-8 text (byte {error.start})"]) from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError([f"{source}: {_describe_toml_error(error)}"]) from None
+    return parse_config(data, source, base_dir=os.path.dirname(os.path.abspath(source)))
+
+
+def _describe_toml_error(error: tomllib.TOMLDecodeError) -> str:
+    """ "line 3, column 5: invalid TOML: Expected '=' after a key" from tomllib's message."""
+    match = _TOML_POSITION.match(str(error))
+    if not match:
+        return f"invalid TOML: {error}"
+    if match.group("line"):
+        return f"line {match.group('line')}, column {match.group('column')}: invalid TOML: {match.group('message')}"
+    return f"end of file: invalid TOML: {match.group('message')}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Match precedence and the routing table shown by `pyproxy check`
+# ---------------------------------------------------------------------------------------------
+
+def route_precedence_key(route: RouteConfig) -> tuple[int, int, int]:
+    """Sort key, most specific first: exact host > "*.wildcard" (longer suffix first) > no host,
+    then the longest path. Use with a stable sort so ties keep file order."""
+    if route.host is None:
+        host_rank, host_length = 2, 0
+    elif route.host.startswith("*."):
+        host_rank, host_length = 1, len(route.host)
+    else:
+        host_rank, host_length = 0, len(route.host)
+    return (host_rank, -host_length, -len(route.path))
+
+
+def routes_by_precedence(routes: Iterable[RouteConfig]) -> list[RouteConfig]:
+    """Routes in the order to try them: the first one whose host and path match wins."""
+    return sorted(routes, key=route_precedence_key)
+
+
+def describe_expect_status(statuses: frozenset[int]) -> str:
+    for first in range(200, 600, 100):
+        if statuses == frozenset(range(first, first + 100)):
+            return f"{first // 100}xx"
+    return ", ".join(str(code) for code in sorted(statuses))
+
+
+def _upstream_lines(upstream: UpstreamConfig, indent: str) -> list[str]:
+    lines = []
+    for server in upstream.servers:
+        scheme = "https://" if server.tls else ""
+        lines.append(f"{indent}{scheme}{server.address}  weight {server.weight}")
+    health = upstream.health
+    if health:
+        lines.append(
+            f"{indent}health: GET {health.path} every {format_duration(health.interval)}, "
+            f"timeout {format_duration(health.timeout)}, expect {describe_expect_status(health.expect_status)}; "
+            f"up after {health.healthy_after} passes, down after {health.unhealthy_after} failures")
+    if upstream.passive:
+        window = format_duration(upstream.passive.fail_timeout)
+        lines.append(f"{indent}passive: out for {window} after {upstream.passive.max_fails} failures within {window}")
+    if not health and not upstream.passive:
+        lines.append(f"{indent}health: not checked")
+    return lines
+
+
+def _route_heading(route: RouteConfig, upstream: UpstreamConfig) -> str:
+    host = route.host or "(any host)"
+    strip = " (strip prefix)" if route.strip_prefix else ""
+    return f"{host} {route.path}{strip} -> {upstream.name} ({upstream.policy})"
+
+
+def routing_table_lines(config: Config) -> list[str]:
+    """The effective routing table, most specific route first, for `pyproxy check`."""
+    workers = config.server.workers
+    lines = [
+        "listen: " + ", ".join(_listen_label(entry) for entry in config.server.listen)
+        + f" ({workers} worker{'s' if workers != 1 else ''})",
+        "admin: " + (_listen_label(config.admin.listen) if config.admin else "off"),
+        "routes (most specific first):",
+    ]
+    for number, route in enumerate(routes_by_precedence(config.routes), start=1):
+        upstream = config.upstreams[route.upstream]
+        lines.append(f"  {number}. {_route_heading(route, upstream)}")
+        lines.extend(f"       set header {name}: {value}" for name, value in route.set_headers)
+        lines.extend(_upstream_lines(upstream, "       "))
+    used = {route.upstream for route in config.routes}
+    for name, upstream in config.upstreams.items():
+        if name not in used:
+            lines.append(f"unused upstream: {name} ({upstream.policy})")
+            lines.extend(_upstream_lines(upstream, "       "))
+    return lines
+
+
+def _listen_label(entry: ListenConfig) -> str:
+    return f"{entry.address} (TLS)" if entry.tls else entry.address
+
+
+# ---------------------------------------------------------------------------------------------
+# Quick mode: pyproxy --from :8080 --to 127.0.0.1:3000 --route app.localhost=127.0.0.1:3000
+# ---------------------------------------------------------------------------------------------
+
+def _split_route_key(key: str) -> tuple[str | None, str]:
+    """ "/api" -> (None, "/api"); "app.localhost" -> ("app.localhost", "/");
+    "app.localhost/api" -> ("app.localhost", "/api")."""
+    if key.startswith("/"):
+        return None, key
+    host, slash, rest = key.partition("/")
+    return host, slash + rest if slash else "/"
+
+
+def _quick_upstream_name(servers: list[str]) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", "+".join(servers))
+
+
+def _quick_servers(c: _Checker, target: str, label: str) -> list[str]:
+    """Comma-separated servers, each checked now so the problem names the command-line option."""
+    servers = [part.strip() for part in target.split(",") if part.strip()]
+    if not servers:
+        c.add(label, 'expected a server address like "127.0.0.1:3000"')
+    for server in servers:
+        try:
+            parse_server_address(server)
+        except ValueError as problem:
+            c.add(label, str(problem))
+    return servers
+
+
+def _quick_check(c: _Checker, label: str, convert: Callable[[Any], Any], value: Any) -> None:
+    try:
+        convert(value)
+    except ValueError as problem:
+        c.add(label, str(problem))
+
+
+def quick_config(listen: str, targets: list[str], routes: list[tuple[str, str]]) -> Config:
+    """A Config from command-line options, validated by parse_config like any file.
+
+    targets: servers for every request no route takes (one upstream, balanced round robin).
+    routes: (key, target) pairs; a key starting with "/" is a path prefix, "host" or "host/path"
+    otherwise; a target may list several servers separated by commas. Prefixes are not stripped.
+    """
+    c = _Checker(COMMAND_LINE_SOURCE, os.getcwd())
+    upstreams: dict[str, dict] = {}
+    route_tables: list[dict] = []
+    for key, target in routes:
+        label = f"--route {key}={target}"
+        servers = _quick_servers(c, target, label)
+        host, path = _split_route_key(key)
+        _quick_check(c, label, _route_path, path)
+        if host is not None:
+            _quick_check(c, label, _route_host, host)
+        name = _quick_upstream_name(servers)
+        upstreams[name] = {"servers": servers}
+        route_tables.append({"path": path, "upstream": name} | ({"host": host} if host is not None else {}))
+    if targets:
+        servers = [server for target in targets for server in _quick_servers(c, target, f"--to {target}")]
+        upstreams.setdefault(_quick_upstream_name(servers), {"servers": servers})
+        route_tables.append({"path": "/", "upstream": _quick_upstream_name(servers)})
+    if not route_tables:
+        c.add("", "nothing to proxy to: give --to ADDRESS or --route KEY=ADDRESS")
+    try:
+        parse_address(listen)
+    except ValueError as problem:
+        c.add(f"--from {listen}", str(problem))
+    if c.problems:
+        raise ConfigError(c.problems)
+    data = {"server": {"listen": listen}, "routes": route_tables, "upstreams": upstreams}
+    return parse_config(data, COMMAND_LINE_SOURCE)

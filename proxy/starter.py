@@ -1,0 +1,90 @@
+"""The starter config written by `pyproxy init`, and TOML rendering for config dicts.
+
+The starter is hand-written text because its value is in the comments, which tomli-w cannot write.
+Tests load it with load_config, so it can never drift out of the contract (shared/CONFIG.md).
+"""
+from __future__ import annotations
+
+import os
+
+import tomli_w
+
+STARTER_CONFIG = '''\
+# pyproxy configuration. Check it with:  pyproxy check -c proxy.toml
+# Durations are seconds or strings like "250ms", "5s", "2m"; sizes are bytes or "16KiB", "10MiB".
+# Addresses are "host:port", "[::1]:port", or ":port" for all interfaces.
+
+[server]
+listen = "127.0.0.1:8080"      # where clients connect; a list for several addresses
+workers = 1                    # worker processes; "auto" = one per CPU
+min_threads = 4                # threads per worker kept ready
+max_threads = 256              # at most this many requests in progress per worker
+max_connections = 10000        # per worker; past it new clients get 503 and are closed
+graceful_timeout = "30s"       # on SIGTERM, in-flight requests get this long to finish
+header_timeout = "10s"         # the whole request head must arrive within this (slowloris)
+idle_timeout = "75s"           # idle keep-alive client connections are closed after this
+max_header_bytes = "16KiB"     # request line + headers; past it 431 (414 for the line alone)
+max_body_bytes = "100MiB"      # request body; past it 413
+# trusted_proxies = ["10.0.0.0/8"]  # load balancers in front of us whose X-Forwarded-For we believe
+
+[admin]                        # delete this table to run without an admin listener
+listen = "127.0.0.1:9901"      # GET /healthz, /status, /metrics; keep it on loopback
+
+[log]
+level = "info"                 # debug | info | warning | error
+access = "stdout"              # stdout | stderr | off | a file path (relative to this file)
+format = "combined"            # combined (Apache/nginx style) | json
+
+# Routes: the most specific wins. An exact host beats "*.wildcard", which beats no host;
+# then the longest path prefix; ties go to the first in this file.
+# A prefix matches on segment boundaries: "/api" matches /api, /api/x and /api?q, not /apix.
+
+# [[routes]]
+# host = "api.localhost"       # the request's Host header, port ignored
+# path = "/api"
+# strip_prefix = true          # forward /api/users as /users
+# upstream = "api"
+# set_headers = { X-Env = "dev" }  # request headers to set on the way in
+
+[[routes]]
+path = "/"                     # everything else
+upstream = "app"
+
+[upstreams.app]
+servers = ["127.0.0.1:3000"]   # "host:port", "https://host:port", or { address = "...", weight = 3 }
+policy = "round_robin"         # round_robin | least_connections | random | ip_hash (weights honoured)
+preserve_host = true           # pass the client's Host header; false = send the server's address
+keepalive = 32                 # idle pooled connections kept per server
+keepalive_timeout = "30s"      # keep below the backend's own idle timeout
+max_connections = 0            # concurrent connections per server; 0 = unlimited
+connect_timeout = "5s"
+read_timeout = "60s"           # response head, and each gap between body reads
+retries = 2                    # other servers tried, only when the request cannot have been processed
+
+# Active health checks: uncomment once your app answers on the path below.
+# [upstreams.app.health]
+# path = "/healthz"
+# interval = "5s"
+# timeout = "2s"
+# expect_status = "2xx"        # "2xx", 200, or [200, 204]
+# healthy_after = 2            # consecutive passes before a down server gets traffic again
+# unhealthy_after = 3          # consecutive failures before a server is taken out
+
+# Passive checks (like nginx max_fails / fail_timeout): a server that fails max_fails requests
+# within fail_timeout is taken out for fail_timeout.
+# [upstreams.app.passive]
+# max_fails = 3
+# fail_timeout = "10s"
+'''
+
+
+def write_starter(path: str | os.PathLike, force: bool = False) -> None:
+    """Write STARTER_CONFIG to path. Raises FileExistsError if it exists and force is false."""
+    # "x" creates exclusively, so there is no window between checking and writing.
+    with open(path, "w" if force else "x", encoding="utf-8") as file:
+        file.write(STARTER_CONFIG)
+
+
+def render_config_dict(data: dict) -> str:
+    """TOML text for a config dict (no comments), e.g. to save a generated config."""
+    return tomli_w.dumps(data)
