@@ -114,7 +114,9 @@ class ThreadPool:
         if self._clock() - idle_since < self.idle_timeout:
             return False
         with self._lock:
-            if len(self._threads) <= self.min_threads or self._closed:
+            # Never retire while work waits: submit() counted this thread as idle when it chose not
+            # to grow, so leaving now could strand the queued task with no thread to run it.
+            if len(self._threads) <= self.min_threads or self._closed or self._queued:
                 return False
             self._threads.discard(me)
             return True
