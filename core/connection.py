@@ -108,6 +108,10 @@ class Connection:
                 raise IllegalTransition(f"{self.state.name} -> {new.name}")
             self.state = new
         self.last_active = self._clock()
+        if new is ConnectionState.CLOSED:
+            # CLOSED means the socket is gone: close() is a no-op from here on, so release it now
+            # (otherwise the fd leaks and the server keeps counting the connection).
+            self.close_socket()
 
     def claim(self, expected: ConnectionState, new: ConnectionState) -> bool:
         """Move expected → new only if still in ``expected`` (the server and a reaper may race)."""
@@ -151,6 +155,7 @@ class Connection:
             if index >= 0:
                 end = index + len(delimiter)
                 if end > limit:
+                    self._buffer = data  # keep every byte read, as the no-delimiter branch does
                     raise LimitExceeded(f"no {delimiter!r} within {limit} bytes")
                 self._buffer = data[end:]
                 return data[:end]
