@@ -19,7 +19,7 @@ import os
 import re
 import tomllib
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from proxy.units import (
@@ -669,12 +669,16 @@ def _parse_routes(c: _Checker, value: Any, upstream_names: list[str]) -> tuple[R
         c.add("routes", f"expected at least one [[routes]] table, got {describe_value(value)}")
         return ()
     routes: list[RouteConfig] = []
+    clean: dict[tuple[str | None, str], int] = {}   # (host, path) -> index of the first such route
     for index, item in enumerate(value):
+        problems_before = len(c.problems)
         route = _parse_route(c, item, f"routes[{index}]", upstream_names)
-        twin = next((i for i, seen in enumerate(routes) if (seen.host, seen.path) == (route.host, route.path)), None)
-        if twin is not None:
-            c.add(f"routes[{index}]", f"same host and path as routes[{twin}], so it can never match")
         routes.append(route)
+        if len(c.problems) > problems_before:
+            continue   # a bad host or path fell back to a default; comparing it would mislead
+        twin = clean.setdefault((route.host, route.path), index)
+        if twin != index:
+            c.add(f"routes[{index}]", f"same host and path as routes[{twin}], so it can never match")
     return tuple(routes)
 
 
@@ -812,16 +816,12 @@ def _describe_toml_error(error: tomllib.TOMLDecodeError) -> str:
 # Match precedence and the routing table shown by `pyproxy check`
 # ---------------------------------------------------------------------------------------------
 
-def route_precedence_key(route: RouteConfig) -> tuple[int, int, int]:
-    """Sort key, most specific first: exact host > "*.wildcard" (longer suffix first) > no host,
-    then the longest path. Use with a stable sort so ties keep file order."""
-    if route.host is None:
-        host_rank, host_length = 2, 0
-    elif route.host.startswith("*."):
-        host_rank, host_length = 1, len(route.host)
-    else:
-        host_rank, host_length = 0, len(route.host)
-    return (host_rank, -host_length, -len(route.path))
+def route_precedence_key(route: RouteConfig) -> tuple[int, int]:
+    """Sort key, most specific first, as the contract states it: exact host > "*.wildcard" > no
+    host, then the longest path. Use with a stable sort so ties keep file order (proxy.routing
+    sorts the same way)."""
+    host_rank = 2 if route.host is None else 1 if route.host.startswith("*.") else 0
+    return (host_rank, -len(route.path))
 
 
 def routes_by_precedence(routes: Iterable[RouteConfig]) -> list[RouteConfig]:
