@@ -1,0 +1,221 @@
+"""The application object: everything a request needs, built from one Config.
+
+The CLI builds one ``Application``; nothing below it reaches for globals. Routing and upstreams live in
+an immutable ``Runtime`` snapshot: a request reads ``app.runtime`` once and uses that snapshot to the
+end, so a reload (which swaps the reference) never changes the rules under a request in flight.
+Servers (with their health state) and their connection pools carry over a reload when unchanged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+
+from .balancing import Upstream
+from .config import Config, ServerSettings, UpstreamConfig
+from .routing import Route, Router
+from .servers import Server
+from .upstream_pool import ServerPool
+
+log = logging.getLogger("pyproxy.app")
+
+SEND_TIMEOUT = 60.0  # nginx's send_timeout default: a client that reads nothing for this long is dropped
+BODY_TIMEOUT = 60.0  # nginx's client_body_timeout default: the gap allowed between request body reads
+MAX_RESPONSE_HEADER_BYTES = 64 * 1024  # upstream heads are trusted more than clients'; still bounded
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Server settings the hot path reads, flattened from the config (plus derived limits)."""
+
+    header_timeout: float
+    idle_timeout: float
+    graceful_timeout: float
+    tunnel_timeout: float
+    max_header_bytes: int
+    max_body_bytes: int
+    send_timeout: float = SEND_TIMEOUT
+    body_timeout: float = BODY_TIMEOUT
+    max_response_header_bytes: int = MAX_RESPONSE_HEADER_BYTES
+
+    @classmethod
+    def from_config(cls, server: ServerSettings) -> "Settings":
+        return cls(header_timeout=server.header_timeout, idle_timeout=server.idle_timeout,
+                   graceful_timeout=server.graceful_timeout, tunnel_timeout=server.tunnel_timeout,
+                   max_header_bytes=server.max_header_bytes, max_body_bytes=server.max_body_bytes)
+
+
+class UpstreamRuntime:
+    """One named upstream: its config, balancer (servers + policy) and a pool per server."""
+
+    def __init__(self, config: UpstreamConfig, servers: list[Server], pools: dict[Server, ServerPool]):
+        self.name = config.name
+        self.config = config
+        self.balancer = Upstream(config.name, servers, config.policy)
+        self.pools = pools
+
+    @property
+    def servers(self) -> tuple[Server, ...]:
+        return self.balancer.servers
+
+    def pick_server(self, client_ip: str, exclude=()) -> Server | None:
+        return self.balancer.pick_server(client_ip, exclude)
+
+    def snapshot(self) -> dict:
+        return self.balancer.snapshot()
+
+
+def _server_key(upstream: UpstreamConfig, server_config) -> tuple:
+    passive = upstream.passive
+    return (upstream.name, server_config.host, server_config.port, server_config.weight, server_config.tls,
+            upstream.max_connections, passive.max_fails if passive else 0,
+            passive.fail_timeout if passive else 0.0)
+
+
+def _pool_key(upstream: UpstreamConfig, server_config) -> tuple:
+    return (_server_key(upstream, server_config), upstream.keepalive, upstream.keepalive_timeout,
+            upstream.connect_timeout, upstream.read_timeout, upstream.tls_verify, upstream.tls_ca)
+
+
+def upstream_tls_context(upstream: UpstreamConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=upstream.tls_ca)
+    if not upstream.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+class Runtime:
+    """An immutable routing snapshot: router, upstreams, trusted proxies."""
+
+    def __init__(self, config: Config, previous: "Runtime | None" = None, clock=time.monotonic):
+        self.config = config
+        self.router = Router([Route(r.host, r.path, r.upstream, r.strip_prefix, r.set_headers, index=i)
+                              for i, r in enumerate(config.routes)])
+        self.trusted = tuple(ipaddress.ip_network(p, strict=False) for p in config.server.trusted_proxies)
+        self._trusted_cache: dict[str, bool] = {}
+        old_servers = previous.servers_by_key if previous else {}
+        old_pools = previous.pools_by_key if previous else {}
+        self.servers_by_key: dict[tuple, Server] = {}
+        self.pools_by_key: dict[tuple, ServerPool] = {}
+        self.upstreams: dict[str, UpstreamRuntime] = {}
+        for upstream in config.upstreams.values():
+            self.upstreams[upstream.name] = self._build_upstream(upstream, old_servers, old_pools, clock)
+
+    def _build_upstream(self, upstream: UpstreamConfig, old_servers, old_pools, clock) -> UpstreamRuntime:
+        servers, pools = [], {}
+        tls_context = None
+        for server_config in upstream.servers:
+            key = _server_key(upstream, server_config)
+            server = old_servers.get(key)
+            if server is None:
+                passive = upstream.passive
+                server = Server(server_config.host, server_config.port, weight=server_config.weight,
+                                max_connections=upstream.max_connections, tls=server_config.tls,
+                                max_fails=passive.max_fails if passive else 0,
+                                fail_timeout=passive.fail_timeout if passive else 10.0, clock=clock)
+            pool_key = _pool_key(upstream, server_config)
+            pool = old_pools.get(pool_key)
+            if pool is None:
+                if server_config.tls and tls_context is None:
+                    tls_context = upstream_tls_context(upstream)
+                pool = ServerPool(server_config.host, server_config.port, keepalive=upstream.keepalive,
+                                  keepalive_timeout=upstream.keepalive_timeout,
+                                  connect_timeout=upstream.connect_timeout, read_timeout=upstream.read_timeout,
+                                  tls_context=tls_context if server_config.tls else None, clock=clock)
+            self.servers_by_key[key] = server
+            self.pools_by_key[pool_key] = pool
+            servers.append(server)
+            pools[server] = pool
+        return UpstreamRuntime(upstream, servers, pools)
+
+    def is_trusted(self, client_ip: str) -> bool:
+        """Is this client allowed to tell us about earlier hops (X-Forwarded-For, Forwarded)?
+
+        With no ``trusted_proxies`` configured every client is (nginx's $proxy_add_x_forwarded_for:
+        append to what came in); once the list is set, only the listed addresses are.
+        """
+        if not self.trusted:
+            return True
+        cached = self._trusted_cache.get(client_ip)
+        if cached is None:
+            try:
+                address = ipaddress.ip_address(client_ip)
+                cached = any(address in network for network in self.trusted)
+            except ValueError:
+                cached = False
+            if len(self._trusted_cache) < 65536:
+                self._trusted_cache[client_ip] = cached
+        return cached
+
+    def all_pools(self) -> list[ServerPool]:
+        return list(self.pools_by_key.values())
+
+
+class Application:
+    """Built once by the CLI from a Config; handed to the handler, admin, health checks."""
+
+    def __init__(self, config: Config, clock=time.monotonic):
+        self.clock = clock
+        self.config = config
+        self.settings = Settings.from_config(config.server)
+        self.runtime = Runtime(config, clock=clock)
+        self.observers: list = []  # callables(record) run after each request: access log, metrics
+        self.return_request_id = True
+        self.draining_event = threading.Event()
+        self.tls_contexts: dict = {}  # listener tag -> TLS terminator (see proxy.tls)
+        self._tunnels = 0
+        self._tunnel_lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self.reload_listeners: list = []  # callables(old_config, new_config) after a successful reload
+
+    # -- state the handler asks about --------------------------------------------------------
+    def draining(self) -> bool:
+        return self.draining_event.is_set()
+
+    def observe(self, record) -> None:
+        for observer in self.observers:
+            try:
+                observer(record)
+            except Exception:  # an observer bug must never fail a request that already completed
+                log.exception("request observer %r failed", observer)
+
+    def tls_for_listener(self, tag):
+        return self.tls_contexts.get(tag) if tag is not None else None
+
+    def tunnel_opened(self) -> None:
+        with self._tunnel_lock:
+            self._tunnels += 1
+
+    def tunnel_closed(self) -> None:
+        with self._tunnel_lock:
+            self._tunnels -= 1
+
+    @property
+    def open_tunnels(self) -> int:
+        return self._tunnels
+
+    # -- reload --------------------------------------------------------------------------------
+    def reload(self, config: Config) -> None:
+        """Swap in a new (already validated) config. In-flight requests keep their old snapshot."""
+        with self._reload_lock:
+            old_runtime, old_config = self.runtime, self.config
+            new_runtime = Runtime(config, previous=old_runtime, clock=self.clock)
+            self.config = config
+            self.settings = Settings.from_config(config.server)
+            self.runtime = new_runtime
+        kept = set(map(id, new_runtime.pools_by_key.values()))
+        for pool in old_runtime.all_pools():
+            if id(pool) not in kept:
+                pool.close_all()  # idle ones only: a request still using a connection closes it itself
+        for listener in self.reload_listeners:
+            listener(old_config, config)
+
+    def close(self) -> None:
+        for pool in self.runtime.all_pools():
+            pool.close_all()

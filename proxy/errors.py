@@ -1,0 +1,53 @@
+"""Typed failures of the forwarding path. Each carries the status the client should see (STYLE pattern 3).
+
+Client-side protocol errors come from the parser (``proxy.http1.ProtocolError``, 400/413/414/431...);
+the ones here are about the upstream side and the proxy itself.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """A failure that maps to one response from the proxy itself."""
+
+    status = 502
+    reason = "Bad Gateway"
+
+    def __init__(self, detail: str = "", status: int | None = None):
+        super().__init__(detail or self.reason)
+        if status is not None:
+            self.status = status
+        self.detail = detail or self.reason
+
+
+class NoRoute(ProxyError):
+    status, reason = 404, "no route matches this request"
+
+
+class NoServerAvailable(ProxyError):
+    status, reason = 503, "no server available"
+
+
+class UpstreamConnectError(ProxyError):
+    """The request never reached the server: always safe to try another one."""
+
+    status, reason = 502, "could not connect to upstream"
+
+
+class UpstreamTimeout(ProxyError):
+    status, reason = 504, "upstream timed out"
+
+
+class UpstreamFailed(ProxyError):
+    """Refused, reset or garbage after the request (or part of it) was sent."""
+
+    status, reason = 502, "upstream failed"
+
+    def __init__(self, detail: str = "", status: int | None = None, stale: bool = False):
+        super().__init__(detail, status)
+        # stale: a reused keep-alive connection died before any response byte (retry may be safe)
+        self.stale = stale
+
+
+class ClientGone(Exception):
+    """The client closed or reset its connection; nothing can be sent to it any more."""

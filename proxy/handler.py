@@ -1,0 +1,603 @@
+"""The HTTP side of a client connection: read a request, forward it, relay the response, repeat.
+
+``HttpHandler`` is the callable that ``core.SocketServer`` runs on a worker thread for a connection
+that has bytes waiting. It serves requests until the connection has nothing more buffered, then
+leaves it IDLE (the server parks it without a thread) or CLOSED.
+
+The forwarding path is one straight pipeline with one error funnel (Go's ``ReverseProxy.ServeHTTP``):
+route → pick a server → build the outbound head → send head and body → read the response head →
+relay the body. Every failure becomes a typed error that ``_exchange`` turns into one response.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import time
+import uuid
+
+from core import ConnectionState
+from core import zerocopy
+from core.zerocopy import PeerClosed
+
+from .errors import ClientGone, NoRoute, NoServerAvailable, ProxyError, UpstreamConnectError, UpstreamFailed, UpstreamTimeout
+from .forwarding import Outbound, build_request_head, build_response_head, interim_head
+from .http1 import (LAST_CHUNK, NEED_DATA, Data, EndOfMessage, ProtocolError, RequestHead,
+                    RequestParser, ResponseHead, ResponseParser, encode_chunk)
+from .responses import plain_response
+from .routing import BadPath, host_without_port, normalize_path, split_target
+from .tunnel import run_tunnel
+
+log = logging.getLogger("pyproxy.handler")
+
+READ_SIZE = 256 * 1024
+REPLAY_LIMIT = 64 * 1024
+SPLICE_BODY_MIN = REPLAY_LIMIT  # larger Content-Length bodies go client → upstream through os.splice  # request body bytes kept so a stale-connection retry can resend them
+# RFC 9110 §9.2.2: methods whose repetition is harmless (a retry after a stale connection is safe).
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+S = ConnectionState
+
+
+class ClientSession:
+    """Per-connection state that outlives one request (the parser keeps pipelined bytes)."""
+
+    __slots__ = ("parser", "client_ip", "scheme", "requests")
+
+    def __init__(self, parser: RequestParser, client_ip: str, scheme: str):
+        self.parser = parser
+        self.client_ip = client_ip
+        self.scheme = scheme
+        self.requests = 0
+
+
+class RequestRecord:
+    """What observers (access log, metrics) learn about one finished request."""
+
+    __slots__ = ("started", "duration", "client_ip", "method", "target", "version", "status",
+                 "bytes_sent", "upstream", "server", "request_id", "user_agent", "referer", "host")
+
+    def __init__(self, started: float, client_ip: str, request: RequestHead | None):
+        self.started = started
+        self.duration = 0.0
+        self.client_ip = client_ip
+        self.method = request.method if request else "-"
+        self.target = request.target if request else "-"
+        self.version = request.version if request else "HTTP/1.1"
+        self.host = request.host if request else None
+        headers = request.headers if request else None
+        self.user_agent = headers.get("user-agent") if headers else None
+        self.referer = headers.get("referer") if headers else None
+        self.status = 0
+        self.bytes_sent = 0
+        self.upstream = None
+        self.server = None
+        self.request_id = None
+
+
+class Exchange:
+    """One request/response through the proxy: the mutable facts the pipeline steps share."""
+
+    __slots__ = ("request", "conn", "session", "record", "response_started", "body_done",
+                 "replay", "client_keep_alive")
+
+    def __init__(self, request, conn, session, record):
+        self.request = request
+        self.conn = conn
+        self.session = session
+        self.record = record
+        self.response_started = False  # once true, failures can only abort the connection
+        self.body_done = request.content_length in (None, 0) and not request.chunked
+        self.replay: list[bytes] | None = []  # body bytes sent so far (None: too big to replay)
+        self.client_keep_alive = request.keep_alive
+
+
+class HttpHandler:
+    def __init__(self, app):
+        self.app = app
+
+    # -- connection loop ---------------------------------------------------------------------
+    def __call__(self, conn) -> None:
+        session = conn.server_data
+        if session is None:
+            session = self._open_session(conn)
+            if session is None:
+                return
+        conn.transition(S.READING)
+        while True:
+            request = self._read_head(conn, session)
+            if request is None:
+                conn.close()
+                return
+            conn.transition(S.PROCESSING)
+            keep_alive = self._exchange(conn, session, request)
+            if conn.state is S.TUNNEL:
+                return
+            if not keep_alive or conn.state is S.CLOSED:
+                conn.close()
+                return
+            conn.transition(S.IDLE)
+            session.parser.start_next()
+            if not session.parser.has_buffered_data:
+                return  # the server parks the connection until its next request arrives
+            conn.transition(S.READING)
+
+    def _open_session(self, conn) -> ClientSession | None:
+        settings = self.app.settings
+        scheme = "http"
+        tls = self.app.tls_for_listener(conn.listener)
+        if tls is not None:
+            scheme = "https"
+            if not tls.handshake(conn, settings.header_timeout):
+                conn.close()
+                return None
+        parser = RequestParser(max_header_bytes=settings.max_header_bytes,
+                               max_body_bytes=settings.max_body_bytes)
+        session = ClientSession(parser, str(conn.peer[0]), scheme)
+        conn.server_data = session
+        return session
+
+    def _read_head(self, conn, session) -> RequestHead | None:
+        """The next request head, or None when the client closed (or was told off) between requests."""
+        parser = session.parser
+        settings = self.app.settings
+        deadline = None
+        try:
+            while True:
+                event = parser.next_event()
+                if event is not NEED_DATA:
+                    return event
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + settings.header_timeout  # slowloris: the whole head, not each read
+                elif now >= deadline:
+                    raise TimeoutError
+                conn.set_timeouts(max(0.001, deadline - now), settings.send_timeout)
+                data = conn.read_some(READ_SIZE)
+                if not data:
+                    if parser.has_buffered_data:
+                        log.debug("client %s closed mid-request", session.client_ip)
+                    return None
+                parser.feed(data)
+        except ProtocolError as exc:
+            self._reject(conn, session, exc.status, exc.reason)
+        except TimeoutError:
+            if parser.has_buffered_data:
+                self._reject(conn, session, 408, "request head not received in time")
+        except OSError as exc:
+            log.debug("client %s: %s", session.client_ip, exc)
+        return None
+
+    def _reject(self, conn, session, status: int, reason: str) -> None:
+        """Answer a request we could not parse, and close: the connection can no longer be trusted."""
+        record = RequestRecord(time.monotonic(), session.client_ip, None)
+        record.status = status
+        payload = plain_response(status, f"{status} {reason}", close=True)
+        try:
+            conn.set_timeouts(1.0, 1.0)
+            if conn.state is S.READING:
+                conn.transition(S.PROCESSING)
+            conn.transition(S.WRITING)
+            conn.sendall(payload)
+            record.bytes_sent = len(payload)
+        except OSError:
+            pass  # the client is gone too; nothing left to tell it
+        self.app.observe(record)
+
+    # -- one request ---------------------------------------------------------------------------
+    def _exchange(self, conn, session, request: RequestHead) -> bool:
+        """Serve one request; returns whether the client connection may carry another."""
+        app = self.app
+        record = RequestRecord(time.monotonic(), session.client_ip, request)
+        ex = Exchange(request, conn, session, record)
+        session.requests += 1
+        if app.draining():
+            ex.client_keep_alive = False  # drain at a request boundary: this answer says close
+        try:
+            self._forward(ex, app.runtime)
+        except ProtocolError as exc:  # the client's body was malformed or too large
+            ex.client_keep_alive = False
+            self._answer_error(ex, exc.status, exc.reason)
+        except ProxyError as exc:
+            self._answer_error(ex, exc.status, exc.detail)
+        except ClientGone as exc:
+            log.debug("client %s gone: %s", session.client_ip, exc)
+            ex.client_keep_alive = False
+            conn.close()
+        record.duration = time.monotonic() - record.started
+        app.observe(record)
+        return ex.client_keep_alive and ex.body_done
+
+    def _answer_error(self, ex: Exchange, status: int, detail: str) -> None:
+        if ex.response_started:
+            # Headers already went out: the only honest signal left is an aborted connection.
+            log.warning("aborting response to %s after it started: %s", ex.session.client_ip, detail)
+            ex.client_keep_alive = False
+            ex.record.status = ex.record.status or status
+            ex.conn.close()
+            return
+        if not ex.body_done:
+            ex.client_keep_alive = False  # unread body bytes would be taken for the next request
+        if ex.conn.state is S.TUNNEL or ex.conn.state is S.CLOSED:
+            return
+        if status >= 500:
+            log.info("%s %s -> %d: %s", ex.request.method, ex.request.target, status, detail)
+        body = f"{status} {detail}"
+        payload = plain_response(status, body, close=not ex.client_keep_alive,
+                                 head_only=ex.request.method == "HEAD",
+                                 extra_headers=self._request_id_header(ex))
+        ex.record.status = status
+        try:
+            ex.conn.set_timeouts(self.app.settings.send_timeout, self.app.settings.send_timeout)
+            ex.conn.transition(S.WRITING)
+            ex.conn.sendall(payload)
+            ex.record.bytes_sent += len(payload)
+        except OSError:
+            ex.client_keep_alive = False
+            ex.conn.close()
+
+    @staticmethod
+    def _request_id_header(ex: Exchange) -> tuple:
+        return (("X-Request-Id", ex.record.request_id),) if ex.record.request_id else ()
+
+    def _forward(self, ex: Exchange, runtime) -> None:
+        request = ex.request
+        try:
+            path, query = split_target(request.target)
+            if path != "*":
+                path = normalize_path(path)
+        except BadPath as exc:
+            raise ProtocolError(400, f"bad request path: {exc}") from exc
+        route = runtime.router.match(host_without_port(request.host), path)
+        if route is None:
+            raise NoRoute(f"no route for {request.host or '(no host)'}{path}")
+        upstream = runtime.upstreams[route.upstream]
+        ex.record.upstream = upstream.name
+        ex.record.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        target = (route.forwarded_path(path) if path != "*" else "*") + query
+        out = Outbound(request.method, target, "", ex.session.client_ip, ex.session.scheme,
+                       route.set_headers, self._body_mode(request), request.upgrade,
+                       ex.record.request_id, runtime.is_trusted(ex.session.client_ip))
+        self._send_with_retries(ex, upstream, out)
+
+    @staticmethod
+    def _body_mode(request: RequestHead) -> str:
+        if request.chunked:
+            return "chunked"
+        if request.content_length:
+            return "length"
+        return "none"
+
+    # -- attempts and retries ------------------------------------------------------------------
+    def _send_with_retries(self, ex: Exchange, upstream, out: Outbound) -> None:
+        tried = []
+        attempts_left = 1 + upstream.config.retries
+        last_error: ProxyError | None = None
+        while attempts_left > 0:
+            attempts_left -= 1
+            server = upstream.pick_server(ex.session.client_ip, exclude=tried)
+            if server is None:
+                if last_error is not None:
+                    raise last_error
+                raise NoServerAvailable(f"no server available in upstream '{upstream.name}'")
+            tried.append(server)
+            ex.record.server = server.address
+            out.host = ex.request.host if upstream.config.preserve_host and ex.request.host else server.address
+            try:
+                self._attempt(ex, upstream, server, out)
+                server.record_success()
+                return
+            except UpstreamConnectError as exc:
+                server.record_failure(exc.detail)
+                last_error = exc  # nothing was sent: always safe to try the next server
+            except UpstreamFailed as exc:
+                if not (exc.stale and self._replayable(ex)):
+                    if not exc.stale:
+                        server.record_failure(exc.detail)
+                    raise
+                last_error = exc
+                tried.pop()  # a stale pooled connection is not the server's fault
+                log.debug("retrying after stale connection to %s", server.address)
+            except UpstreamTimeout as exc:
+                server.record_failure(exc.detail)
+                raise
+            finally:
+                server.release()
+        raise last_error or NoServerAvailable(f"no server available in upstream '{upstream.name}'")
+
+    @staticmethod
+    def _replayable(ex: Exchange) -> bool:
+        if ex.response_started or ex.replay is None:
+            return False
+        has_body = ex.request.chunked or bool(ex.request.content_length)
+        return not has_body or (ex.request.method in IDEMPOTENT and ex.body_done)
+
+    def _attempt(self, ex: Exchange, upstream, server, out: Outbound) -> None:
+        pool = upstream.pools[server]
+        upstream_conn = pool.checkout()
+        reusable = False
+        try:
+            reusable = self._send_and_relay(ex, upstream_conn, out)
+        finally:
+            pool.release(upstream_conn, reusable)
+
+    def _send_and_relay(self, ex: Exchange, upstream_conn, out: Outbound) -> bool:
+        """Send the request, relay the response. Returns whether the upstream connection is reusable."""
+        head = build_request_head(ex.request, out)
+        link = UpstreamLink(upstream_conn, ex)
+        expect = ex.request.expect_continue and not ex.body_done
+        if expect:
+            link.send(head)
+            response, parser = self._await_continue(ex, link)
+            if response is None:  # the client sent its body without waiting, or 100 arrived
+                self._send_body(ex, link, b"")
+                response, parser = self._read_response_head(ex, link)
+        else:
+            self._send_body(ex, link, head)
+            response, parser = self._read_response_head(ex, link)
+        return self._relay_response(ex, link, response, parser)
+
+    # -- request body ------------------------------------------------------------------------
+    def _send_body(self, ex: Exchange, link, head: bytes) -> None:
+        """Stream the request body upstream, coalescing what is already buffered into few sends."""
+        if ex.body_done and ex.replay is not None and not ex.replay:
+            if head:
+                link.send(head)
+            return
+        if ex.body_done:  # a retry: resend the bytes we kept
+            link.send(head + b"".join(ex.replay))
+            return
+        parser = ex.session.parser
+        if not ex.request.chunked and ex.request.content_length > SPLICE_BODY_MIN:
+            self._splice_body(ex, link, head, parser)
+            return
+        pending = [head] if head else []
+        chunked = ex.request.chunked
+        while True:
+            try:
+                event = parser.next_event()
+            except ProtocolError:
+                raise
+            if event is NEED_DATA:
+                if pending:
+                    link.send(b"".join(pending))
+                    pending.clear()
+                parser.feed(self._read_client(ex))
+                continue
+            if type(event) is Data:
+                piece = encode_chunk(event.data) if chunked else event.data
+            elif type(event) is EndOfMessage:
+                piece = LAST_CHUNK if chunked else b""
+                ex.body_done = True
+            else:  # pragma: no cover - the parser only yields these inside a body
+                raise ProtocolError(400, "unexpected message in request body")
+            if piece:
+                pending.append(piece)
+                self._keep_for_replay(ex, piece)
+            if ex.body_done:
+                link.send(b"".join(pending))
+                return
+
+    def _splice_body(self, ex: Exchange, link, head: bytes, parser) -> None:
+        """A large Content-Length body: what is buffered goes with the head, the rest in the kernel."""
+        link.send(head + parser.take_buffered())
+        ex.replay = None  # not kept: such a request is never retried once it started
+        remaining = parser.body_remaining
+        if remaining:
+            ex.conn.set_timeouts(self.app.settings.body_timeout, self.app.settings.send_timeout)
+            try:
+                zerocopy.relay(ex.conn.sock, link.sock, remaining)
+            except PeerClosed as exc:
+                raise ClientGone("client closed during the request body") from exc
+            except TimeoutError as exc:
+                raise ProtocolError(408, "request body not received in time") from exc
+            except OSError as exc:
+                raise UpstreamFailed(f"sending the body upstream failed: {exc.strerror or exc}") from exc
+        parser.body_remaining = 0
+        ex.body_done = True
+
+    @staticmethod
+    def _keep_for_replay(ex: Exchange, piece: bytes) -> None:
+        if ex.replay is not None:
+            ex.replay.append(piece)
+            if sum(map(len, ex.replay)) > REPLAY_LIMIT:
+                ex.replay = None
+
+    def _read_client(self, ex: Exchange) -> bytes:
+        settings = self.app.settings
+        try:
+            ex.conn.set_timeouts(settings.body_timeout, settings.send_timeout)
+            data = ex.conn.read_some(READ_SIZE)
+        except TimeoutError as exc:
+            raise ProtocolError(408, "request body not received in time") from exc
+        except OSError as exc:
+            raise ClientGone(str(exc)) from exc
+        if not data:
+            raise ClientGone("client closed during the request body")
+        return data
+
+    def _await_continue(self, ex: Exchange, link):
+        """RFC 9110 §10.1.1: wait for the upstream's 100 (relay it) or the client's body, whichever first."""
+        timeout = link.conn_timeout()
+        ready, _, _ = select.select([ex.conn.sock, link.sock], [], [], timeout)
+        if not ready:
+            raise UpstreamTimeout("upstream did not answer Expect: 100-continue in time")
+        if link.sock not in ready:
+            return None, None
+        response, parser = self._read_response_head(ex, link, stop_at_continue=True)
+        if response is None:
+            return None, None  # 100 Continue relayed; now the body
+        return response, parser
+
+    # -- response ------------------------------------------------------------------------------
+    def _read_response_head(self, ex: Exchange, link, stop_at_continue: bool = False):
+        parser = ResponseParser(ex.request.method, max_header_bytes=self.app.settings.max_response_header_bytes)
+        while True:
+            try:
+                event = parser.next_event()
+            except ProtocolError as exc:
+                raise UpstreamFailed(f"invalid response from upstream: {exc.reason}") from exc
+            if event is NEED_DATA:
+                data = link.recv()
+                if not data:
+                    raise UpstreamFailed("upstream closed the connection without a response",
+                                         stale=link.fresh_failure())
+                parser.feed(data)
+                continue
+            response: ResponseHead = event
+            if 100 <= response.status < 200 and response.status != 101:
+                if ex.request.version == "HTTP/1.1":  # RFC 9110 §15.2: never send 1xx to 1.0 clients
+                    self._to_client(ex, interim_head(response))
+                if response.status == 100 and stop_at_continue:
+                    return None, parser
+                continue
+            return response, parser
+
+    def _relay_response(self, ex: Exchange, link, response: ResponseHead, parser) -> bool:
+        request = ex.request
+        ex.record.status = response.status
+        if response.status == 101:
+            return self._start_tunnel(ex, link, response, parser)
+        no_body = request.method == "HEAD" or response.status in (204, 304)
+        if no_body:
+            framing = "none"
+        elif response.chunked or response.content_length is None:
+            # Re-chunk both chunked and close-delimited bodies for 1.1 clients: the client keeps
+            # its connection. A 1.0 client gets a close-delimited body (it cannot read chunked).
+            framing = "chunked" if request.version == "HTTP/1.1" else "close"
+        else:
+            framing = "length"
+        if framing == "close" or not ex.body_done:
+            ex.client_keep_alive = False
+        if self.app.draining():
+            ex.client_keep_alive = False
+        head = build_response_head(response, framing=framing, keep_alive=ex.client_keep_alive,
+                                   client_version=request.version,
+                                   extra=self._request_id_header(ex) if self.app.return_request_id else ())
+        ex.conn.transition(S.WRITING)
+        if framing == "none":
+            self._to_client(ex, head)
+            complete = True
+        elif framing == "length":
+            complete = self._relay_length(ex, link, head, parser, response.content_length)
+        else:
+            complete = self._relay_events(ex, link, head, parser, chunked=framing == "chunked")
+        return complete and response.keep_alive and ex.body_done and not parser.body_close_delimited
+
+    def _relay_length(self, ex: Exchange, link, head: bytes, parser, length: int) -> bool:
+        buffered = parser.take_buffered()
+        first = buffered[:length]
+        self._to_client(ex, head + first)
+        remaining = length - len(first)
+        if remaining:
+            ex.conn.set_timeouts(self.app.settings.send_timeout, self.app.settings.send_timeout)
+            try:
+                ex.conn.splice_from(link.sock, remaining)
+            except PeerClosed as exc:
+                raise UpstreamFailed(f"upstream closed mid-body: {exc}") from exc
+            except TimeoutError as exc:
+                raise UpstreamTimeout("upstream body stalled") from exc
+            except OSError as exc:
+                raise ClientGone(str(exc)) from exc
+            ex.record.bytes_sent += remaining
+        return not parser.has_buffered_data  # bytes after the body: never reuse that connection
+
+    def _relay_events(self, ex: Exchange, link, head: bytes, parser, chunked: bool) -> bool:
+        """Chunked or close-delimited upstream bodies: decode, then re-frame for the client."""
+        pending = head
+        while True:
+            try:
+                event = parser.next_event()
+            except ProtocolError as exc:
+                raise UpstreamFailed(f"invalid response body: {exc.reason}") from exc
+            if event is NEED_DATA:
+                if pending:
+                    self._to_client(ex, pending)  # flush as bytes arrive: event streams stay live
+                    pending = b""
+                data = link.recv()
+                if data:
+                    parser.feed(data)
+                else:
+                    parser.feed_eof()
+                continue
+            if type(event) is Data:
+                pending += encode_chunk(event.data) if chunked else event.data
+            else:  # EndOfMessage
+                if chunked:
+                    pending += self._last_chunk(event.trailers)
+                self._to_client(ex, pending)
+                return True
+
+    @staticmethod
+    def _last_chunk(trailers) -> bytes:
+        if not trailers:
+            return LAST_CHUNK
+        lines = "".join(f"{name}: {value}\r\n" for name, value in trailers)
+        return b"0\r\n" + lines.encode("latin-1") + b"\r\n"
+
+    def _to_client(self, ex: Exchange, data: bytes) -> None:
+        ex.response_started = True
+        try:
+            ex.conn.sendall(data)
+        except OSError as exc:
+            raise ClientGone(str(exc)) from exc
+        ex.record.bytes_sent += len(data)
+
+    def _start_tunnel(self, ex: Exchange, link, response: ResponseHead, parser) -> bool:
+        if ex.request.upgrade is None:
+            raise UpstreamFailed("upstream switched protocols without an Upgrade request")
+        head = build_response_head(response, framing="upgrade", keep_alive=True, client_version="HTTP/1.1")
+        ex.conn.transition(S.WRITING)
+        self._to_client(ex, head + parser.take_buffered())
+        ex.conn.transition(S.TUNNEL)
+        leftover = ex.session.parser.take_buffered()
+        link.detach()
+        run_tunnel(ex.conn, link.sock, leftover, self.app.settings.tunnel_timeout, self.app)
+        return False
+
+
+class UpstreamLink:
+    """The upstream side of one attempt: sends and receives, mapping socket errors to typed ones."""
+
+    __slots__ = ("upstream_conn", "sock", "ex", "received_any", "detached")
+
+    def __init__(self, upstream_conn, ex: Exchange):
+        self.upstream_conn = upstream_conn
+        self.sock = upstream_conn.sock
+        self.ex = ex
+        self.received_any = False
+        self.detached = False
+
+    def fresh_failure(self) -> bool:
+        """A reused connection that died before any response byte: the stale keep-alive race."""
+        return self.upstream_conn.reused and not self.received_any
+
+    def conn_timeout(self) -> float:
+        timeout = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
+        seconds, micros = int.from_bytes(timeout[:8], "little"), int.from_bytes(timeout[8:16], "little")
+        return (seconds + micros / 1e6) or 60.0
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except (BlockingIOError, TimeoutError) as exc:
+            raise UpstreamTimeout("upstream stopped reading the request") from exc
+        except OSError as exc:
+            raise UpstreamFailed(f"sending to upstream failed: {exc.strerror or exc}",
+                                 stale=self.fresh_failure()) from exc
+
+    def recv(self) -> bytes:
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except (BlockingIOError, TimeoutError) as exc:  # SO_RCVTIMEO: read_timeout passed
+            raise UpstreamTimeout("upstream did not answer in time") from exc
+        except OSError as exc:
+            raise UpstreamFailed(f"upstream connection failed: {exc.strerror or exc}",
+                                 stale=self.fresh_failure()) from exc
+        if data:
+            self.received_any = True
+        return data
+
+    def detach(self) -> None:
+        """The tunnel owns the socket now: make sure the pool never gets it back."""
+        self.detached = True

@@ -1,0 +1,153 @@
+"""Route matching: host (exact > "*.wildcard" > any) then the longest path prefix, ties to file order.
+
+Matching runs on a normalised path (RFC 3986 §6.2.2: unreserved percent-escapes decoded, dot-segments
+removed), so ``/api/../admin`` cannot slip past a route meant for ``/admin``. The same normalised path
+is what we forward (route on the form you forward), with the route's prefix stripped if asked.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# RFC 3986 §2.3 unreserved characters: decoding them never changes a URI's meaning.
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+class BadPath(ValueError):
+    """A path that cannot be normalised safely (escapes above the root, encoded NUL...)."""
+
+
+def _decode_unreserved(match: re.Match) -> str:
+    code = int(match.group(1), 16)
+    if code == 0:
+        raise BadPath("encoded NUL in path")
+    if code in _UNRESERVED:
+        return chr(code)
+    return "%" + match.group(1).upper()  # RFC 3986 §6.2.2.1: normalise case of kept escapes
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 §5.2.4, but a ".." above the root is an error rather than silently dropped."""
+    output: list[str] = []
+    segments = path.split("/")
+    for index, segment in enumerate(segments[1:], start=1):
+        last = index == len(segments) - 1
+        if segment == ".":
+            if last:
+                output.append("")
+        elif segment == "..":
+            if not output:
+                raise BadPath("path escapes above the root")
+            output.pop()
+            if last:
+                output.append("")
+        else:
+            output.append(segment)
+    return "/" + "/".join(output)
+
+
+def normalize_path(path: str) -> str:
+    """Normalise the path part of an origin-form target (no query). Fast when nothing needs doing."""
+    if "%" in path:
+        path = _PERCENT.sub(_decode_unreserved, path)
+    if "/." in path:
+        path = _remove_dot_segments(path)
+    return path
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """Split "/path?query" into ("/path", "?query"); absolute-form targets lose scheme and authority."""
+    if not target.startswith("/"):
+        scheme_end = target.find("://")
+        if scheme_end >= 0:
+            slash = target.find("/", scheme_end + 3)
+            query_start = target.find("?", scheme_end + 3)
+            if slash < 0 or (0 <= query_start < slash):
+                rest = target[query_start:] if query_start >= 0 else ""
+                return "/", rest
+            target = target[slash:]
+        elif target == "*":
+            return "*", ""
+    question = target.find("?")
+    if question < 0:
+        return target, ""
+    return target[:question], target[question:]
+
+
+@dataclass(frozen=True)
+class Route:
+    host: str | None  # lowercased; "*.example.com" for wildcards; None matches any host
+    path: str  # prefix, without trailing slash except for "/"
+    upstream: str
+    strip_prefix: bool = False
+    set_headers: tuple[tuple[str, str], ...] = ()
+    index: int = 0  # position in the config file (ties go to the first)
+
+    def matches_path(self, path: str) -> bool:
+        prefix = self.path
+        if prefix == "/":
+            return True
+        # Segment boundaries: "/api" matches /api and /api/x, never /apix.
+        return path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/")
+
+    def forwarded_path(self, path: str) -> str:
+        if not self.strip_prefix or self.path == "/":
+            return path
+        rest = path[len(self.path):]
+        return rest if rest.startswith("/") else "/" + rest
+
+
+def _host_rank(host: str | None) -> int:
+    if host is None:
+        return 2
+    return 1 if host.startswith("*.") else 0
+
+
+class Router:
+    """Routes sorted once by precedence; a lookup walks the few candidates for one host."""
+
+    def __init__(self, routes: list[Route]):
+        self.routes = sorted(routes, key=lambda r: (_host_rank(r.host), -len(r.path), r.index))
+        self._exact: dict[str, list[Route]] = {}
+        self._wildcard: list[Route] = []
+        self._any: list[Route] = []
+        for route in self.routes:
+            if route.host is None:
+                self._any.append(route)
+            elif route.host.startswith("*."):
+                self._wildcard.append(route)
+            else:
+                self._exact.setdefault(route.host, []).append(route)
+        self._cache: dict[str, list[Route]] = {}
+
+    def candidates(self, host: str | None) -> list[Route]:
+        """Routes that may serve this host, best first (cached per host name)."""
+        key = host or ""
+        found = self._cache.get(key)
+        if found is None:
+            found = list(self._exact.get(key, ()))
+            found += [r for r in self._wildcard if key.endswith(r.host[1:]) and len(key) > len(r.host) - 1]
+            found += self._any
+            if len(self._cache) < 4096:  # bounded: clients choose Host freely
+                self._cache[key] = found
+        return found
+
+    def match(self, host: str | None, path: str) -> Route | None:
+        for route in self.candidates(host):
+            if route.matches_path(path):
+                return route
+        return None
+
+
+def host_without_port(host: str | None) -> str | None:
+    """Lowercase and drop the port: "API.localhost:8080" → "api.localhost"; "[::1]:80" → "[::1]"."""
+    if not host:
+        return None
+    host = host.lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else host
+    colon = host.rfind(":")
+    return host[:colon] if colon >= 0 else host

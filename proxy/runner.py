@@ -1,0 +1,143 @@
+"""Wire an Application to core's SocketServer and run it in this process.
+
+``ProxyProcess`` owns one accept loop, its thread pool and everything that runs beside it (admin
+listener, health checks, access log). ``serve`` is what ``pyproxy -c FILE`` ends up calling.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from core import SocketServer, ThreadPool
+from core.socket_server import bind_listener
+
+from .app import Application
+from .config import Config, ConfigError, ListenConfig, load_config
+from .handler import HttpHandler
+from .responses import write_overloaded
+
+log = logging.getLogger("pyproxy")
+
+POOL_QUEUE_PER_THREAD = 8  # queued connections per allowed thread before the proxy sheds load (503)
+
+
+def bind_config_listener(listen: ListenConfig, reuse_port: bool = False):
+    return bind_listener(listen.host, listen.port, reuse_port=reuse_port)
+
+
+class ProxyProcess:
+    """One serving process: accept loop + pool + handler, plus the services plugged in beside it."""
+
+    def __init__(self, config: Config, *, listeners=None, install_signals: bool = False,
+                 config_path: str | None = None):
+        self.config_path = config_path
+        self.app = Application(config)
+        server_cfg = config.server
+        self.pool = ThreadPool(min_threads=server_cfg.min_threads, max_threads=server_cfg.max_threads,
+                               max_queue=max(64, server_cfg.max_threads * POOL_QUEUE_PER_THREAD),
+                               name="pyproxy-worker")
+        self.server = SocketServer(HttpHandler(self.app), listeners=(), pool=self.pool,
+                                   max_connections=server_cfg.max_connections,
+                                   idle_timeout=server_cfg.idle_timeout,
+                                   header_timeout=server_cfg.header_timeout,
+                                   graceful_timeout=server_cfg.graceful_timeout,
+                                   on_overload=write_overloaded)
+        self.app.draining_event = self.server.draining
+        self.listeners_by_address: dict[str, object] = {}
+        if listeners is None:
+            listeners = [(listen, bind_config_listener(listen)) for listen in server_cfg.listen]
+        for listen, sock in listeners:
+            self._add_listener(listen, sock)
+        self.services: list = []  # objects with start() and stop(): admin, health checks, logs
+        self.install_signals = install_signals
+
+    def _add_listener(self, listen: ListenConfig, sock) -> None:
+        self.server.add_listener(sock, tag=listen)
+        self.listeners_by_address[listen.address] = listen
+
+    @property
+    def addresses(self):
+        return self.server.addresses
+
+    def add_service(self, service) -> None:
+        self.services.append(service)
+
+    # -- reload --------------------------------------------------------------------------------
+    def reload_from_file(self) -> bool:
+        """SIGHUP: re-read the config; keep the old one if the new one is invalid."""
+        if not self.config_path:
+            return False
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the old config:\n%s", exc)
+            return False
+        self.reload(config)
+        return True
+
+    def reload(self, config: Config) -> None:
+        old = self.app.config
+        self.app.reload(config)
+        self._reconcile_listeners(old, config)
+        log.info("config reloaded: %d routes, %d upstreams", len(config.routes), len(config.upstreams))
+
+    def _reconcile_listeners(self, old: Config, new: Config) -> None:
+        """Open listeners the new config adds, close those it drops; unchanged ones are untouched."""
+        wanted = {listen.address: listen for listen in new.server.listen}
+        for listener in self.server.listeners:
+            tag = listener.tag
+            if isinstance(tag, ListenConfig) and tag.address not in wanted:
+                self.server.remove_listener(listener)
+                log.info("stopped listening on %s", tag.address)
+        current = {l.tag.address for l in self.server.listeners if isinstance(l.tag, ListenConfig)}
+        for address, listen in wanted.items():
+            if address not in current:
+                try:
+                    self._add_listener(listen, bind_config_listener(listen))
+                    log.info("listening on %s", address)
+                except OSError as exc:
+                    log.error("cannot listen on %s: %s", address, exc)
+
+    # -- run -------------------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        if self.install_signals:
+            self.server.install_signal_handlers()
+            self.server.signal_handlers[signal.SIGHUP] = lambda: self.reload_from_file()
+        for service in self.services:
+            service.start()
+        try:
+            self.server.serve_forever()
+        finally:
+            for service in reversed(self.services):
+                service.stop()
+            self.app.close()
+
+    def start_in_thread(self) -> threading.Thread:
+        """For tests and embedding: run the loop on a background thread."""
+        thread = threading.Thread(target=self.serve_forever, name="pyproxy-accept", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self, force: bool = False) -> None:
+        self.server.request_shutdown(force=force)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def describe_listeners(process: ProxyProcess) -> str:
+    return ", ".join(f"http://{_format(addr)}" for addr in process.addresses)
+
+
+def _format(address) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def config_name(path: str) -> str:
+    return Path(path).name

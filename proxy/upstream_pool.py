@@ -1,0 +1,142 @@
+"""Keep-alive connections to one upstream server (urllib3 ``connectionpool``'s discipline, STYLE pattern 7).
+
+- checkout: take the most recently used idle connection (the one least likely to have timed out on
+  the server), drop those idle past ``keepalive_timeout`` or that the server closed (a one-syscall
+  peek); otherwise connect a new one.
+- release: only a connection whose response was read to the end and that both sides keep alive
+  comes back, and only up to ``keepalive`` idle connections; anything doubtful is closed.
+- No I/O under the lock (pattern 8): sockets are closed after the lock is released.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import threading
+import time
+
+from core.connection import set_socket_timeouts
+
+from .errors import UpstreamConnectError
+
+
+class UpstreamConnection:
+    __slots__ = ("sock", "last_used", "requests")
+
+    def __init__(self, sock: socket.socket, now: float):
+        self.sock = sock
+        self.last_used = now
+        self.requests = 0  # how many requests this connection carried (0 = fresh)
+
+    @property
+    def reused(self) -> bool:
+        return self.requests > 0
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:  # already closed by the peer; nothing left to release
+            pass
+
+
+def _server_closed_or_dirty(sock: socket.socket) -> bool:
+    """True if an idle pooled socket has EOF or unexpected bytes waiting (either way: unusable)."""
+    if isinstance(sock, ssl.SSLSocket):  # MSG_PEEK is not allowed on TLS sockets: ask poll instead
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False  # nothing to read: still open and clean
+    except OSError:
+        return True
+    return True  # EOF (b"") or bytes nobody asked for
+
+
+class ServerPool:
+    def __init__(self, host: str, port: int, *, keepalive: int = 32, keepalive_timeout: float = 30.0,
+                 connect_timeout: float = 5.0, read_timeout: float = 60.0,
+                 tls_context: ssl.SSLContext | None = None, tls_server_name: str | None = None,
+                 clock=time.monotonic):
+        self.host, self.port = host, port
+        self.keepalive = keepalive
+        self.keepalive_timeout = keepalive_timeout
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.tls_context = tls_context
+        self.tls_server_name = tls_server_name or host
+        self.clock = clock
+        self._idle: list[UpstreamConnection] = []
+        self._lock = threading.Lock()
+        self._closed = False  # set when a reload dropped this server: nothing comes back in
+        self.connects_total = 0
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    def checkout(self) -> UpstreamConnection:
+        doomed = []
+        found = None
+        now = self.clock()
+        with self._lock:
+            while self._idle:
+                candidate = self._idle.pop()
+                if now - candidate.last_used < self.keepalive_timeout:
+                    found = candidate
+                    break
+                doomed.append(candidate)
+            # everything older than the one we took is older still: drop the stale tail too
+            if self._idle and now - self._idle[0].last_used >= self.keepalive_timeout:
+                doomed.extend(c for c in self._idle if now - c.last_used >= self.keepalive_timeout)
+                self._idle = [c for c in self._idle if now - c.last_used < self.keepalive_timeout]
+        for conn in doomed:
+            conn.close()
+        if found is not None and not _server_closed_or_dirty(found.sock):
+            return found
+        if found is not None:
+            found.close()
+            return self.checkout()
+        return self.connect()
+
+    def connect(self) -> UpstreamConnection:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+        except socket.timeout as exc:
+            raise UpstreamConnectError(f"connect to {self.host}:{self.port} timed out", status=504) from exc
+        except OSError as exc:
+            raise UpstreamConnectError(f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}") from exc
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls_context is not None:
+                sock = self.tls_context.wrap_socket(sock, server_hostname=self.tls_server_name)
+            sock.settimeout(None)  # blocking; kernel-side timeouts below (see core.connection)
+            set_socket_timeouts(sock, self.read_timeout, self.read_timeout)
+        except ssl.SSLError as exc:
+            sock.close()
+            raise UpstreamConnectError(f"TLS handshake with {self.host}:{self.port} failed: {exc}") from exc
+        except OSError as exc:
+            sock.close()
+            raise UpstreamConnectError(f"connect to {self.host}:{self.port} failed: {exc}") from exc
+        self.connects_total += 1
+        return UpstreamConnection(sock, self.clock())
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """Return a connection after a complete exchange; close it if it cannot be trusted."""
+        conn.requests += 1
+        if reusable and self.keepalive > 0:
+            conn.last_used = self.clock()
+            with self._lock:
+                if len(self._idle) < self.keepalive and not self._closed:
+                    self._idle.append(conn)
+                    return
+        conn.close()
+
+    def close_all(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+            self._closed = True
+        for conn in idle:
+            conn.close()
