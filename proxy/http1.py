@@ -1,0 +1,848 @@
+"""Strict, fast, sans-IO HTTP/1.1 message parsing (RFC 9112, RFC 9110).
+
+The parsers take bytes (``feed``) and hand out events (``next_event``); they never touch a
+socket (STYLE pattern 1, after h11's ``Connection.receive_data()``/``next_event()``).
+
+Events, in order, for one message::
+
+    RequestHead | ResponseHead      the head, with framing already decided
+    Data(bytes) ...                 body bytes (chunked bodies arrive decoded)
+    EndOfMessage(trailers)          trailers is a Headers or None
+
+``NEED_DATA`` means "feed me more bytes". Every protocol violation raises ``ProtocolError``
+carrying the status code it implies (STYLE pattern 3): 400/413/414/431/501/505 for requests,
+always 502 for responses. After an error the parser stays broken: the connection must close.
+
+Speed: a request head is parsed with a handful of C-level operations -- ``bytearray.find``
+for the end of head, one latin-1 decode, one ``fullmatch`` for the request line, one
+``findall`` that both validates and splits every header line, and a dict of lowercased
+names built once. There is no per-character Python loop anywhere.
+
+Decisions the RFCs leave open (documented here so the engine and tests agree):
+
+* ``CONNECT`` -> 501: this is a reverse proxy, it does not open tunnels (RFC 9110 §9.3.6
+  is optional to implement). Authority-form targets with any other method -> 400.
+* Only ``HTTP/1.0`` and ``HTTP/1.1`` are served; another ``HTTP/<1-9>.<digit>`` -> 505,
+  ``HTTP/0.x`` or a version-less (HTTP/0.9 style) request line -> 400.
+* Request ``Transfer-Encoding`` must be exactly ``chunked``. A list whose final coding is
+  not ``chunked``, or that applies ``chunked`` twice, -> 400 (RFC 9112 §6.3 item 4,
+  §7.1); a well-formed list ending in ``chunked`` with other codings before it
+  (``gzip, chunked``) -> 501 (RFC 9112 §6.1: "SHOULD respond with 501").
+* A fragment (``#``) in the request-target -> 400: no request-target form contains one.
+* ``RequestHead.host`` is the effective host, lowercased (host names are case-insensitive,
+  RFC 3986 §3.2.2), port kept: the absolute-form authority if any, else the Host field.
+* ``ResponseHead.content_length`` is the number of body bytes that follow the head per
+  RFC 9112 §6.3: 0 for HEAD/1xx/204/304 responses whatever the header says, None for
+  chunked, close-delimited and 101 responses.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple
+
+# ---------------------------------------------------------------------------------------
+# Limits (defaults; the engine passes the configured values)
+
+# CONFIG.md server.max_header_bytes default "16KiB" (nginx: 4 x 8k large header buffers).
+DEFAULT_MAX_HEADER_BYTES = 16384
+# CONFIG.md server.max_body_bytes default "100MiB".
+DEFAULT_MAX_BODY_BYTES = 100 * 1024**2
+# RFC 9112 §3: recipients SHOULD support request-lines of at least 8000 octets;
+# Apache's LimitRequestLine is 8190, nginx's large buffer 8k.
+DEFAULT_MAX_LINE_BYTES = 8192
+# Upstream response heads may carry large Set-Cookie/CSP headers; we trust backends more.
+DEFAULT_MAX_RESPONSE_HEADER_BYTES = 65536
+# A chunk-size line with its extensions; real clients send "1000\r\n". Extensions are
+# dropped anyway, so a long line only costs memory.
+MAX_CHUNK_LINE_BYTES = 4096
+# 18 decimal digits always fit in a signed 64-bit integer (what a backend will parse into).
+MAX_CONTENT_LENGTH_DIGITS = 18
+
+# ---------------------------------------------------------------------------------------
+# Errors and events
+
+
+class ProtocolError(Exception):
+    """A message we refuse, with the response status that refusal implies."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+class ParserStateError(RuntimeError):
+    """The caller used the parser out of order (a bug in the caller, not the peer)."""
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+
+class Data(NamedTuple):
+    data: bytes
+
+
+class EndOfMessage(NamedTuple):
+    trailers: "Headers | None" = None
+
+
+class Headers:
+    """Header fields in arrival order: (original-case name, value) with OWS stripped.
+
+    Lookups take a lowercase name (they lowercase it anyway, to be forgiving); the
+    lowercase index is built once, when the head is parsed.
+    """
+
+    __slots__ = ("raw", "_index")
+
+    def __init__(self, raw: list[tuple[str, str]], index: dict[str, list[str]] | None = None):
+        self.raw = raw
+        self._index = _index_fields(raw) if index is None else index
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        values = self._index.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name: str) -> list[str]:
+        return list(self._index.get(name.lower(), ()))
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self.raw)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._index
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Headers):
+            return self.raw == other.raw
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Headers({self.raw!r})"
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: str
+    target: str
+    version: str
+    headers: Headers
+    content_length: int | None
+    chunked: bool
+    keep_alive: bool
+    host: str | None
+    connection_tokens: frozenset[str]
+    expect_continue: bool
+    upgrade: str | None
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    reason: str
+    version: str
+    headers: Headers
+    content_length: int | None
+    chunked: bool
+    keep_alive: bool
+    connection_tokens: frozenset[str]
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body. Empty data gives b"" (an empty chunk would end the body)."""
+    if not data:
+        return b""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+# ---------------------------------------------------------------------------------------
+# Grammar (RFC 9110 §5.6.2 token, §5.5 field-value; RFC 9112 §3, §4, §5, §7.1)
+
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_FIELD_VCHAR = r"[\x21-\x7e\x80-\xff]"  # VCHAR / obs-text (text is latin-1 decoded)
+# One whole field line, anchored at a line start. No whitespace before the colon, no
+# obs-fold (a line starting with SP/HTAB cannot match ^token), no CTL but HTAB in the value.
+_FIELD_LINE_RE = re.compile(
+    rf"^({_TOKEN}):[ \t]*((?:{_FIELD_VCHAR}(?:[\t\x20-\x7e\x80-\xff]*{_FIELD_VCHAR})?)?)[ \t]*\r\n",
+    re.MULTILINE,
+)
+_REQUEST_LINE_RE = re.compile(rf"({_TOKEN}) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])")
+# RFC 9112 §4 wants "SP reason-phrase" even when empty; many servers omit the SP.
+_STATUS_LINE_RE = re.compile(r"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?")
+# uri-host [ ":" port ] (RFC 9110 §7.2, RFC 3986 §3.2.2); no userinfo.
+_HOST_RE = re.compile(
+    r"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]{0,5})?"
+)
+_ABSOLUTE_FORM_RE = re.compile(r"(?i:https?)://([^/?]*)([/?].*)?")
+_CONTENT_LENGTH_RE = re.compile(rf"[0-9]{{1,{MAX_CONTENT_LENGTH_DIGITS}}}")
+_TOKEN_RE = re.compile(_TOKEN)
+# chunk-size [ chunk-ext ]: 1-16 hex digits; extensions validated loosely (no CTL but HTAB)
+# because they are dropped.
+_CHUNK_SIZE_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[\t\x20-\x7e\x80-\xff]*)?")
+
+_NO_TOKENS: frozenset[str] = frozenset()
+
+# RFC 9110 §6.5.1: fields a sender must not put in trailers because they control framing,
+# routing, authentication or how the message is processed.
+FORBIDDEN_TRAILERS = frozenset({
+    "content-length", "transfer-encoding", "host", "connection", "keep-alive", "upgrade",
+    "te", "trailer", "proxy-connection", "expect", "max-forwards", "cache-control", "range",
+    "if-match", "if-none-match", "if-modified-since", "if-unmodified-since", "if-range",
+    "authorization", "proxy-authorization", "cookie", "set-cookie", "www-authenticate",
+    "proxy-authenticate", "content-encoding", "content-type", "content-range", "age",
+    "date", "expires", "location", "retry-after", "vary",
+})
+
+# ---------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def _bad(reason: str) -> ProtocolError:
+    return ProtocolError(400, reason)
+
+
+def _index_fields(raw: list[tuple[str, str]]) -> dict[str, list[str]]:
+    index: dict[str, list[str]] = {}
+    for name, value in raw:
+        key = name.lower()
+        values = index.get(key)
+        if values is None:
+            index[key] = [value]
+        else:
+            values.append(value)
+    return index
+
+
+def _parse_fields(text: str, start: int) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
+    """Field lines in text[start:], which ends with CRLF (or is empty).
+
+    With re.MULTILINE every match starts at a line start and ends at a CRLF, and a value
+    holds no LF; so there is one match per LF exactly when every line is a valid field line
+    (a bare LF or an invalid line leaves an LF without its match).
+    """
+    raw = _FIELD_LINE_RE.findall(text, start)
+    if len(raw) != text.count("\n", start):
+        raise _bad(_describe_bad_field(text, start))
+    return raw, _index_fields(raw)
+
+
+def _describe_bad_field(text: str, start: int) -> str:
+    """Slow path, errors only: say which rule the first bad field line broke."""
+    for line in text[start:].split("\r\n"):
+        if not line or _FIELD_LINE_RE.match(line + "\r\n"):
+            continue
+        if "\n" in line or "\r" in line:
+            return "bare CR or LF in header section"
+        if line[0] in " \t":
+            return "obsolete line folding in header section"
+        name, colon, _ = line.partition(":")
+        if not colon:
+            return "header line without a colon"
+        if name != name.rstrip(" \t"):
+            return "whitespace before the colon in a header line"
+        if not _TOKEN_RE.fullmatch(name):
+            return "invalid header name"
+        return "invalid character in header value"
+    return "malformed header section"
+
+
+def _has_bare_line_ending(buf: bytearray, start: int, stop: int) -> bool:
+    """True if buf[start:stop] holds a CR not followed by LF or an LF not preceded by CR.
+
+    A CR as the very last byte of the buffer is pending, not bare (callers pass
+    stop = len(buf) - 1 in that case).
+    """
+    crlf = buf.count(b"\r\n", start, stop + 1)
+    if buf.count(b"\r", start, stop) != crlf:
+        return True
+    return buf.count(b"\n", start, stop) != buf.count(b"\r\n", max(start - 1, 0), stop)
+
+
+def _parse_content_length(values: list[str]) -> int:
+    """RFC 9110 §8.6: digits only; identical repeats ("5, 5" or two fields) collapse."""
+    if len(values) == 1:
+        value = values[0]
+        if value.isascii() and value.isdigit() and len(value) <= MAX_CONTENT_LENGTH_DIGITS:
+            return int(value)
+    found = set()
+    for value in values:
+        for item in value.split(","):
+            item = item.strip(" \t")
+            if not _CONTENT_LENGTH_RE.fullmatch(item):
+                raise _bad("invalid Content-Length")
+            found.add(int(item))
+    if len(found) != 1:
+        raise _bad("conflicting Content-Length values")
+    return found.pop()
+
+
+def _transfer_codings(values: list[str]) -> list[str]:
+    codings = [item.strip(" \t").lower() for value in values for item in value.split(",")]
+    if not all(_TOKEN_RE.fullmatch(coding) for coding in codings):
+        raise _bad("invalid Transfer-Encoding")
+    return codings
+
+
+def _check_request_transfer_coding(values: list[str]) -> None:
+    """Only exactly "chunked" is accepted in requests (see module docstring)."""
+    if len(values) == 1 and values[0].lower() == "chunked":
+        return
+    codings = _transfer_codings(values)
+    if codings == ["chunked"]:
+        return
+    if codings[-1] != "chunked" or codings.count("chunked") > 1:
+        raise _bad("Transfer-Encoding must end with chunked, applied once")
+    raise ProtocolError(501, "unsupported transfer coding")
+
+
+def _connection_tokens(values: list[str] | None) -> frozenset[str]:
+    if not values:
+        return _NO_TOKENS
+    tokens = {item.strip(" \t").lower() for value in values for item in value.split(",")}
+    tokens.discard("")
+    return frozenset(tokens)
+
+
+def _keep_alive(version: str, tokens: frozenset[str]) -> bool:
+    """RFC 9112 §9.3: 1.1 persists unless "close"; 1.0 only with "keep-alive"."""
+    if "close" in tokens:
+        return False
+    return version == "HTTP/1.1" or "keep-alive" in tokens
+
+
+def _version(major: str, minor: str, error_status: int) -> str:
+    if major == "1" and minor in ("0", "1"):
+        return "HTTP/1.1" if minor == "1" else "HTTP/1.0"
+    if major == "0":
+        raise ProtocolError(400 if error_status == 505 else error_status, "invalid HTTP version")
+    raise ProtocolError(error_status, "HTTP version not supported")
+
+
+def _describe_bad_request_line(line: str) -> str:
+    parts = line.split(" ")
+    if len(parts) != 3 or "" in parts:
+        return "request line must be: method SP target SP version (single spaces)"
+    method, target, version = parts
+    if not _TOKEN_RE.fullmatch(method):
+        return "invalid method"
+    if not re.fullmatch(r"[\x21-\x7e]+", target):
+        return "invalid character in request target"
+    return "invalid HTTP version"
+
+
+def _request_target_authority(method: str, target: str) -> str | None:
+    """Check the target form (RFC 9112 §3.2); return the absolute-form authority if any."""
+    if "#" in target:
+        raise _bad("fragment in request target")
+    if target[0] == "/":
+        return None
+    if target == "*":
+        if method != "OPTIONS":
+            raise _bad("asterisk-form target is only for OPTIONS")
+        return None
+    match = _ABSOLUTE_FORM_RE.fullmatch(target)
+    if match is None:
+        raise _bad("invalid request target form")
+    authority = match.group(1)
+    # RFC 9110 §4.2.1: an http(s) URI with an empty host MUST be rejected.
+    if not authority or authority[0] == ":" or not _HOST_RE.fullmatch(authority):
+        raise _bad("invalid authority in absolute-form target")
+    return authority
+
+
+def _request_host(version: str, index: dict[str, list[str]], authority: str | None) -> str | None:
+    """RFC 9112 §3.2: exactly one valid Host in 1.1; §3.2.2: absolute-form authority wins."""
+    hosts = index.get("host")
+    if hosts is None:
+        if version == "HTTP/1.1":
+            raise _bad("missing Host header")
+        host = None
+    elif len(hosts) > 1:
+        raise _bad("more than one Host header")
+    else:
+        host = hosts[0]
+        if not _HOST_RE.fullmatch(host):
+            raise _bad("invalid Host header")
+    if authority is not None:
+        host = authority
+    return host.lower() if host else host
+
+
+def _check_trailers(index: dict[str, list[str]]) -> None:
+    forbidden = FORBIDDEN_TRAILERS.intersection(index)
+    if forbidden:
+        raise _bad(f"forbidden trailer field: {sorted(forbidden)[0]}")
+
+
+# ---------------------------------------------------------------------------------------
+# Parser states
+
+_HEAD = "head"
+_BODY_LENGTH = "body-length"          # Content-Length body, or no body (remaining 0)
+_CHUNK_SIZE = "chunk-size"
+_CHUNK_DATA = "chunk-data"
+_CHUNK_END = "chunk-end"              # the CRLF after chunk data
+_TRAILERS = "trailers"
+_BODY_UNTIL_CLOSE = "body-until-close"
+_DONE = "done"                        # EndOfMessage returned; waiting for start_next()
+_SWITCHED = "switched"                # 101 / tunnel: the rest is not HTTP
+_CHUNKED_STATES = frozenset({_CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS})
+
+
+class _MessageParser:
+    """Buffering, head framing and body decoding shared by both directions."""
+
+    def __init__(self, max_header_bytes: int, max_body_bytes: int | None, max_line_bytes: int):
+        self._max_header_bytes = max_header_bytes
+        self._max_body_bytes = max_body_bytes
+        self._max_line_bytes = max_line_bytes
+        self._buf = bytearray()
+        self._eof = False
+        self._error: ProtocolError | None = None
+        self._reset_message()
+
+    def _reset_message(self) -> None:
+        self._state = _HEAD
+        self.body_remaining: int | None = None
+        self._chunk_remaining = 0
+        self._body_total = 0          # decoded chunked bytes so far (max_body_bytes)
+        self._skipped = 0             # empty lines skipped before the start line
+        self._head_scan = 0           # where the next search for CRLFCRLF starts
+        self._ending_scan = 0         # buffer checked for bare CR/LF up to here
+        self._line_complete = False   # the start line's CRLF has been seen
+
+    # -- public ---------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        if self._eof:
+            raise ParserStateError("feed() after feed_eof()")
+        self._buf += data
+
+    def feed_eof(self) -> None:
+        self._eof = True
+
+    @property
+    def peer_closed(self) -> bool:
+        """feed_eof() was called: once the events run out, there will be no more."""
+        return self._eof
+
+    @property
+    def has_buffered_data(self) -> bool:
+        """Bytes are waiting that no event has consumed yet (e.g. a pipelined request)."""
+        return bool(self._buf)
+
+    def take_buffered(self) -> bytes:
+        """Hand back unparsed bytes and forget them.
+
+        In a Content-Length body this hands back at most the rest of the body (and counts
+        it as consumed), so bytes of a pipelined next message stay buffered; the caller
+        relays body_remaining more bytes itself and then calls start_next().
+        """
+        buf = self._buf
+        remaining = self.body_remaining
+        if self._state is _BODY_LENGTH and remaining is not None and len(buf) > remaining:
+            data = bytes(buf[:remaining])
+            del buf[:remaining]
+        else:
+            data = bytes(buf)
+            buf.clear()
+        if self._state is _BODY_LENGTH and remaining is not None:
+            self.body_remaining = remaining - len(data)
+        self._head_scan = self._ending_scan = 0
+        self._line_complete = False
+        return data
+
+    def start_next(self) -> None:
+        """Reset for the next message on this connection, keeping buffered bytes.
+
+        Legal after EndOfMessage, before any head byte, or in a Content-Length body the
+        caller relayed itself (take_buffered + reading body_remaining bytes directly).
+        """
+        if self._error is not None:
+            raise ParserStateError("start_next() after a protocol error")
+        if self._state not in (_DONE, _BODY_LENGTH, _HEAD):
+            raise ParserStateError(f"start_next() in state {self._state}")
+        self._reset_message()
+
+    def next_event(self):
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next_event()
+        except ProtocolError as exc:
+            self._error = self._convert_error(exc)
+            raise self._error from None
+
+    # -- dispatch -------------------------------------------------------------------
+
+    def _convert_error(self, exc: ProtocolError) -> ProtocolError:
+        return exc
+
+    def _next_event(self):
+        state = self._state
+        if state is _HEAD:
+            return self._next_head()
+        if state is _BODY_LENGTH:
+            return self._next_length_data()
+        if state in _CHUNKED_STATES:
+            return self._next_chunked()
+        if state is _BODY_UNTIL_CLOSE:
+            return self._next_until_close()
+        if state is _DONE:
+            raise ParserStateError("next_event() after EndOfMessage: call start_next()")
+        return NEED_DATA  # _SWITCHED: the rest is not HTTP; take_buffered() hands it over
+
+    def _parse_head(self, text: str):
+        raise NotImplementedError
+
+    def _truncated(self) -> ProtocolError:
+        return _bad("connection closed in the middle of a message")
+
+    # -- head -----------------------------------------------------------------------
+
+    def _next_head(self):
+        buf = self._buf
+        # RFC 9112 §2.2: ignore empty lines before the start line (they count to the limit).
+        while buf[:2] == b"\r\n":
+            del buf[:2]
+            self._skipped += 2
+            self._head_scan = self._ending_scan = 0
+        end = buf.find(b"\r\n\r\n", self._head_scan)
+        if end == -1:
+            return self._incomplete_head(buf)
+        if not self._line_complete:
+            self._check_line_length(buf.find(b"\r\n"))
+        if end + 4 + self._skipped > self._max_header_bytes:
+            raise ProtocolError(431, "request header fields too large")
+        text = buf[: end + 2].decode("latin-1")
+        del buf[: end + 4]
+        self._skipped = self._head_scan = self._ending_scan = 0
+        self._line_complete = False
+        return self._parse_head(text)
+
+    def _incomplete_head(self, buf: bytearray):
+        size = len(buf)
+        if not self._line_complete:
+            line_end = buf.find(b"\r\n", 0, self._max_line_bytes + 2)
+            if line_end == -1:
+                self._check_line_length(size)
+            else:
+                self._line_complete = True
+        if size + self._skipped >= self._max_header_bytes:
+            raise ProtocolError(431, "request header fields too large")
+        stop = size - 1 if buf.endswith(b"\r") else size
+        if _has_bare_line_ending(buf, self._ending_scan, stop):
+            raise _bad("bare CR or LF in message head")
+        self._ending_scan = stop
+        self._head_scan = max(size - 3, 0)
+        if self._eof and (size or self._skipped):
+            raise self._truncated()
+        return NEED_DATA
+
+    def _check_line_length(self, length: int) -> None:
+        if length > self._max_line_bytes:
+            raise ProtocolError(414, "request line too long")
+
+    def _start_body(self, chunked: bool, length: int | None) -> None:
+        if chunked:
+            self._state = _CHUNK_SIZE
+        elif length is None:
+            self._state = _BODY_UNTIL_CLOSE
+        else:
+            self._state = _BODY_LENGTH
+            self.body_remaining = length
+
+    # -- Content-Length body --------------------------------------------------------
+
+    def _next_length_data(self):
+        remaining = self.body_remaining
+        if not remaining:
+            self._state = _DONE
+            return EndOfMessage(None)
+        buf = self._buf
+        if not buf:
+            if self._eof:
+                raise self._truncated()
+            return NEED_DATA
+        if len(buf) <= remaining:
+            data = bytes(buf)
+            buf.clear()
+        else:
+            data = bytes(buf[:remaining])
+            del buf[:remaining]
+        self.body_remaining = remaining - len(data)
+        return Data(data)
+
+    # -- close-delimited body (responses) -------------------------------------------
+
+    def _next_until_close(self):
+        buf = self._buf
+        if buf:
+            data = bytes(buf)
+            buf.clear()
+            return Data(data)
+        if self._eof:
+            self._state = _DONE
+            return EndOfMessage(None)
+        return NEED_DATA
+
+    # -- chunked body (RFC 9112 §7.1) -----------------------------------------------
+
+    def _next_chunked(self):
+        """Decode every complete piece in the buffer into one Data event."""
+        pieces: list[bytes] = []
+        buf = self._buf
+        while True:
+            state = self._state
+            if state is _CHUNK_DATA:
+                if not buf:
+                    break
+                pieces.append(self._take_chunk_data(buf))
+            elif state is _CHUNK_SIZE:
+                if not self._read_chunk_size(buf):
+                    break
+            elif state is _CHUNK_END:
+                if len(buf) < 2:
+                    if buf[:1] not in (b"", b"\r"):
+                        raise _bad("chunk data not followed by CRLF")
+                    break
+                if buf[:2] != b"\r\n":
+                    raise _bad("chunk data not followed by CRLF")
+                del buf[:2]
+                self._state = _CHUNK_SIZE
+            else:  # _TRAILERS: deliver decoded data first
+                if pieces:
+                    break
+                return self._read_trailers(buf)
+        if pieces:
+            return Data(b"".join(pieces))
+        if self._eof:
+            raise self._truncated()
+        return NEED_DATA
+
+    def _take_chunk_data(self, buf: bytearray) -> bytes:
+        wanted = self._chunk_remaining
+        if len(buf) <= wanted:
+            piece = bytes(buf)
+            buf.clear()
+        else:
+            piece = bytes(buf[:wanted])
+            del buf[:wanted]
+        self._chunk_remaining = wanted - len(piece)
+        if not self._chunk_remaining:
+            self._state = _CHUNK_END
+        return piece
+
+    def _read_chunk_size(self, buf: bytearray) -> bool:
+        lf = buf.find(b"\n", 0, MAX_CHUNK_LINE_BYTES + 2)
+        if lf == -1:
+            if len(buf) > MAX_CHUNK_LINE_BYTES:
+                raise _bad("chunk size line too long")
+            if b"\r" in buf[:-1]:
+                raise _bad("bare CR in chunk size line")
+            return False
+        if lf == 0 or buf[lf - 1] != 13:
+            raise _bad("chunk size line must end with CRLF")
+        match = _CHUNK_SIZE_LINE_RE.fullmatch(buf, 0, lf - 1)
+        if match is None:
+            raise _bad("invalid chunk size line")
+        size = int(match.group(1), 16)
+        del buf[: lf + 1]
+        if size == 0:
+            self._state = _TRAILERS
+            return True
+        self._body_total += size
+        if self._max_body_bytes is not None and self._body_total > self._max_body_bytes:
+            raise ProtocolError(413, "request body too large")
+        self._chunk_remaining = size
+        self._state = _CHUNK_DATA
+        return True
+
+    def _read_trailers(self, buf: bytearray):
+        if buf[:2] == b"\r\n":
+            del buf[:2]
+            self._state = _DONE
+            return EndOfMessage(None)
+        end = buf.find(b"\r\n\r\n")
+        if end == -1:
+            if len(buf) >= self._max_header_bytes:
+                raise ProtocolError(431, "trailer section too large")
+            stop = len(buf) - 1 if buf.endswith(b"\r") else len(buf)
+            if _has_bare_line_ending(buf, 0, stop):
+                raise _bad("bare CR or LF in trailer section")
+            if self._eof:
+                raise self._truncated()
+            return NEED_DATA
+        if end + 4 > self._max_header_bytes:
+            raise ProtocolError(431, "trailer section too large")
+        text = buf[: end + 2].decode("latin-1")
+        del buf[: end + 4]
+        raw, index = _parse_fields(text, 0)
+        _check_trailers(index)
+        self._state = _DONE
+        return EndOfMessage(Headers(raw, index))
+
+
+class RequestParser(_MessageParser):
+    """Parses the requests a client sends, one after another (pipelining included)."""
+
+    def __init__(
+        self,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    ) -> None:
+        super().__init__(max_header_bytes, max_body_bytes, max_line_bytes)
+
+    def next_event(self) -> RequestHead | Data | EndOfMessage | _NeedData:
+        """The next event. After feed_eof() at a message boundary this keeps returning
+        NEED_DATA (a clean close): check peer_closed. Mid-message EOF raises 400."""
+        return super().next_event()
+
+    def _parse_head(self, text: str) -> RequestHead:
+        line_end = text.find("\r\n")
+        line = text[:line_end]
+        match = _REQUEST_LINE_RE.fullmatch(line)
+        if match is None:
+            raise _bad(_describe_bad_request_line(line))
+        method, target, major, minor = match.groups()
+        version = _version(major, minor, 505)
+        if method == "CONNECT":
+            raise ProtocolError(501, "CONNECT is not supported")
+        authority = _request_target_authority(method, target)
+        raw, index = _parse_fields(text, line_end + 2)
+        host = _request_host(version, index, authority)
+        content_length, chunked = self._request_framing(version, index)
+        tokens = _connection_tokens(index.get("connection"))
+        expect = index.get("expect")
+        upgrade = index.get("upgrade") if "upgrade" in tokens else None
+        head = RequestHead(
+            method, target, version, Headers(raw, index), content_length, chunked,
+            _keep_alive(version, tokens), host, tokens,
+            expect is not None and version == "HTTP/1.1"
+            and any(value.lower() == "100-continue" for value in expect),
+            ", ".join(upgrade) if upgrade else None,
+        )
+        self._start_body(chunked, content_length or 0)
+        return head
+
+    def _request_framing(self, version: str, index: dict[str, list[str]]) -> tuple[int | None, bool]:
+        """RFC 9112 §6.1-§6.3 for requests: (content_length, chunked)."""
+        te = index.get("transfer-encoding")
+        cl = index.get("content-length")
+        if te is not None:
+            if version == "HTTP/1.0":
+                raise _bad("Transfer-Encoding in an HTTP/1.0 request")
+            if cl is not None:
+                raise _bad("both Content-Length and Transfer-Encoding")
+            _check_request_transfer_coding(te)
+            return None, True
+        if cl is None:
+            return None, False
+        length = _parse_content_length(cl)
+        if length > self._max_body_bytes:
+            raise ProtocolError(413, "request body too large")
+        return length, False
+
+
+class ResponseParser(_MessageParser):
+    """Parses the response(s) to one request: any 1xx, then the final response."""
+
+    def __init__(self, request_method: str, max_header_bytes: int = DEFAULT_MAX_RESPONSE_HEADER_BYTES):
+        super().__init__(max_header_bytes, None, max_header_bytes)
+        self._request_method = request_method
+
+    def start_next(self, request_method: str | None = None) -> None:
+        """Reset for the response to the next request sent on this connection."""
+        super().start_next()
+        if request_method is not None:
+            self._request_method = request_method
+
+    @property
+    def body_close_delimited(self) -> bool:
+        return self._state is _BODY_UNTIL_CLOSE
+
+    @property
+    def switched(self) -> bool:
+        """A 101 (or 2xx to CONNECT) arrived: the rest of the stream is not HTTP."""
+        return self._state is _SWITCHED
+
+    def next_event(self) -> ResponseHead | Data | EndOfMessage | _NeedData:
+        return super().next_event()
+
+    def _convert_error(self, exc: ProtocolError) -> ProtocolError:
+        if exc.status == 502:
+            return exc
+        return ProtocolError(502, f"invalid upstream response: {exc.reason}")
+
+    def _truncated(self) -> ProtocolError:
+        if self._state is _HEAD and not self._buf and not self._skipped:
+            return ProtocolError(502, "upstream closed the connection without a response")
+        return ProtocolError(502, "upstream closed the connection in the middle of a response")
+
+    def _incomplete_head(self, buf: bytearray):
+        if self._eof and not buf and not self._skipped:
+            raise self._truncated()
+        return super()._incomplete_head(buf)
+
+    def _parse_head(self, text: str) -> ResponseHead:
+        line_end = text.find("\r\n")
+        match = _STATUS_LINE_RE.fullmatch(text, 0, line_end)
+        if match is None:
+            raise _bad("malformed status line")
+        major, minor, code, reason = match.groups()
+        version = _version(major, minor, 502)
+        status = int(code)
+        if status < 100 or status > 599:
+            raise _bad("status code out of range")
+        raw, index = _parse_fields(text, line_end + 2)
+        tokens = _connection_tokens(index.get("connection"))
+        keep_alive = _keep_alive(version, tokens)
+        content_length, chunked, keep_alive = self._response_framing(status, version, index, keep_alive)
+        return ResponseHead(
+            status, reason or "", version, Headers(raw, index), content_length, chunked,
+            keep_alive, tokens,
+        )
+
+    def _response_framing(self, status, version, index, keep_alive):
+        """RFC 9112 §6.3, in order. Returns (content_length, chunked, keep_alive)."""
+        method = self._request_method
+        if status == 101 or (method == "CONNECT" and 200 <= status < 300):
+            self._state = _SWITCHED
+            return None, False, False
+        if status < 200:
+            return 0, False, keep_alive  # interim: stay in _HEAD for the final response
+        if method == "HEAD" or status in (204, 304):
+            self._start_body(False, 0)
+            return 0, False, keep_alive
+        te = index.get("transfer-encoding")
+        cl = index.get("content-length")
+        if te is not None:
+            if version == "HTTP/1.0":
+                raise _bad("Transfer-Encoding in an HTTP/1.0 response")
+            chunked = _transfer_codings(te)[-1] == "chunked"
+            keep_alive = keep_alive and chunked and cl is None  # §6.3 item 3
+            self._start_body(chunked, None)
+            return None, chunked, keep_alive
+        if cl is not None:
+            length = _parse_content_length(cl)
+            self._start_body(False, length)
+            return length, False, keep_alive
+        self._start_body(False, None)
+        return None, False, False
