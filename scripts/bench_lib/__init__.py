@@ -1,0 +1,1 @@
+"""Support modules for scripts/bench (the pyproxy benchmark harness). Standard library only."""

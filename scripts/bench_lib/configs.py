@@ -1,0 +1,183 @@
+"""Configuration text for the backends and for each proxy under test.
+
+All proxies get the same upstreams (both backend ports), round-robin, upstream keep-alive,
+no access log and the same worker count. Buffering choices keep nginx off the disk so the
+comparison measures proxying, not temp files: request bodies are streamed
+(proxy_request_buffering off, like HAProxy and pyproxy) and responses are buffered in memory only
+(proxy_max_temp_file_size 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SMALL_BODY = "0123456789abcdef"  # the fixed 16-byte body of /small
+BIG_FILE_BYTES = 10 * 1024 * 1024  # /big, 10 MiB
+UPLOAD_LIMIT = "2m"  # room for the 1 MiB POST bodies of scenario 5
+# Per-process connection ceiling, well above 10,000 idle clients + upstream sockets, and below
+# the file-descriptor limit the harness can give its children (often a hard limit of 20,000).
+MAX_CONNECTIONS = 16384
+IDLE_TIMEOUT_S = 120  # longer than any run, so idle connections are not reaped mid-measurement
+BACKLOG = 4096  # net.core.somaxconn caps it anyway; c=1000 connects all at once
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one server keeps its files inside the run's temporary directory."""
+    root: Path
+    name: str
+
+    @property
+    def config(self) -> Path:
+        suffix = {"haproxy": ".cfg", "pyproxy": ".toml"}.get(self.name, ".conf")
+        return self.root / f"{self.name}{suffix}"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.root / f"{self.name}-work"
+
+
+def _nginx_common(layout: Layout, workers: int) -> str:
+    work = layout.work_dir
+    return f"""daemon off;
+master_process on;
+worker_processes {workers};
+pid {work}/nginx.pid;
+error_log {work}/error.log warn;
+events {{ worker_connections {MAX_CONNECTIONS}; }}
+"""
+
+
+def _nginx_http_common(layout: Layout) -> str:
+    work = layout.work_dir
+    temp = "\n".join(f"    {kind}_temp_path {work}/{kind};"
+                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return f"""    access_log off;
+{temp}
+    keepalive_requests 100000000;
+    keepalive_timeout {IDLE_TIMEOUT_S}s;
+    sendfile on;
+    tcp_nopush on;
+"""
+
+
+def backend_nginx(layout: Layout, ports: list[int], www: Path, workers: int) -> str:
+    """Backends: one nginx, one server block per port, each serving /small, /big and /upload."""
+    servers = "".join(_backend_server(port, www) for port in ports)
+    return (_nginx_common(layout, workers)
+            + "http {\n" + _nginx_http_common(layout) + servers + "}\n")
+
+
+def _backend_server(port: int, www: Path) -> str:
+    # /upload reads the whole request body before answering, as most applications do: `mirror`
+    # (with mirror_request_body on, its default) reads the body into memory first; the static
+    # handler then refuses POST on www/upload with 405, which error_page turns into 200 "ok".
+    # A bare `return 200` would answer early and discard the body afterwards, which makes nginx
+    # (proxy_request_buffering off) close client connections: noise, not a proxy measurement.
+    return f"""    server {{
+        listen 127.0.0.1:{port} backlog={BACKLOG};
+        client_max_body_size {UPLOAD_LIMIT};
+        location = /small {{ default_type text/plain; return 200 "{SMALL_BODY}"; }}
+        location = /big {{ root {www}; default_type application/octet-stream; }}
+        location = /upload {{
+            client_body_buffer_size {UPLOAD_LIMIT};
+            mirror /upload-mirror;
+            root {www};
+            error_page 405 =200 /upload-ok;
+        }}
+        location = /upload-mirror {{ internal; return 204; }}
+        location = /upload-ok {{ internal; default_type text/plain; return 200 "ok"; }}
+    }}
+"""
+
+
+def nginx_proxy(layout: Layout, port: int, backend_ports: list[int], workers: int) -> str:
+    servers = "".join(f"        server 127.0.0.1:{p};\n" for p in backend_ports)
+    return (_nginx_common(layout, workers) + "http {\n" + _nginx_http_common(layout) + f"""
+    upstream backends {{
+{servers}        keepalive 32;
+        keepalive_requests 100000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog={BACKLOG};
+        client_max_body_size {UPLOAD_LIMIT};
+        location / {{
+            proxy_pass http://backends;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_request_buffering off;
+            proxy_max_temp_file_size 0;
+        }}
+    }}
+}}
+""")
+
+
+def haproxy(port: int, backend_ports: list[int], workers: int) -> str:
+    servers = "".join(f"    server b{i} 127.0.0.1:{p}\n" for i, p in enumerate(backend_ports, 1))
+    return f"""global
+    nbthread {workers}
+    maxconn {MAX_CONNECTIONS}
+    # HAProxy sizes its fd limit as 2 x maxconn and, by default, refuses to start when it cannot
+    # raise RLIMIT_NOFILE that far; idle clients hold no server connection, so a warning will do.
+    no strict-limits
+
+defaults
+    mode http
+    maxconn {MAX_CONNECTIONS}
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client {IDLE_TIMEOUT_S}s
+    timeout server {IDLE_TIMEOUT_S}s
+    timeout http-keep-alive {IDLE_TIMEOUT_S}s
+
+frontend bench
+    bind 127.0.0.1:{port}
+    default_backend backends
+
+backend backends
+    balance roundrobin
+{servers}"""
+
+
+def pyproxy(port: int, backend_ports: list[int], workers: int) -> str:
+    """TOML per /work/shared/CONFIG.md. max_connections and idle_timeout are raised like the
+    others' limits so scenario 6 (10,000 idle clients) measures memory, not a refusal."""
+    servers = ", ".join(f'"127.0.0.1:{p}"' for p in backend_ports)
+    return f"""[server]
+listen = "127.0.0.1:{port}"
+workers = {workers}
+max_connections = {MAX_CONNECTIONS}
+idle_timeout = "{IDLE_TIMEOUT_S}s"
+graceful_timeout = "2s"
+
+[log]
+level = "warning"
+access = "off"
+
+[[routes]]
+path = "/"
+upstream = "backends"
+
+[upstreams.backends]
+servers = [{servers}]
+policy = "round_robin"
+keepalive = 32
+"""
+
+
+def write_www(www: Path) -> None:
+    """The backends' document root: the 10 MiB /big and the file behind /upload (see above)."""
+    write_big_file(www / "big")
+    (www / "upload").write_text("ok\n")
+
+
+def write_big_file(path: Path, size: int = BIG_FILE_BYTES) -> None:
+    """A fixed, non-zero pattern (no sparse file, so the page cache holds real data)."""
+    block = bytes(range(256)) * 4096  # 1 MiB
+    with open(path, "wb") as big:
+        for _ in range(size // len(block)):
+            big.write(block)
+        big.write(block[: size % len(block)])

@@ -1,0 +1,142 @@
+"""The results table (scenario × target), pyproxy's ratios, issue 5's goals, and the JSON record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .scenarios import SCENARIOS, Measurement, Scenario
+
+FAILURE_WIDTH = 60
+IDLE_RSS_LIMIT_MIB = 100
+IDLE_THREAD_LIMIT = 100
+# Issue 5's targets: minimum pyproxy/nginx ratio, and whether errors must be zero.
+GOALS = {
+    "c50": (0.5, True),
+    "c1000": (0.4, True),
+    "close": (0.5, False),
+    "download": (1.0, False),
+    "upload": (0.8, False),
+}
+P99_LIMIT_VS_NGINX = 2.0  # "p99 at c=50 ≤ 2× nginx's"
+COLUMNS = ("scenario", "target", "result", "p50", "p99", "errors", "÷nginx", "÷haproxy", "goal")
+
+
+def ratio(measurements: list[Measurement], scenario: str, versus: str) -> float | None:
+    """pyproxy's value over another target's, in the same scenario of the same run."""
+    ours = _find(measurements, scenario, "pyproxy")
+    theirs = _find(measurements, scenario, versus)
+    if not ours or not theirs or ours.value is None or not theirs.value:
+        return None
+    return ours.value / theirs.value
+
+
+def _find(measurements: list[Measurement], scenario: str, target: str) -> Measurement | None:
+    return next((m for m in measurements if m.scenario == scenario and m.target == target), None)
+
+
+def goal_verdict(measurements: list[Measurement], scenario: str) -> str:
+    ours = _find(measurements, scenario, "pyproxy")
+    if ours is None or ours.value is None:
+        return ""
+    if scenario == "idle":
+        met = (ours.details["rss_mib"] < IDLE_RSS_LIMIT_MIB and ours.details["threads"] < IDLE_THREAD_LIMIT
+               and ours.errors == 0)
+        return "met" if met else f"missed (<{IDLE_RSS_LIMIT_MIB} MiB, <{IDLE_THREAD_LIMIT} thr)"
+    nginx_ratio = ratio(measurements, scenario, "nginx")
+    if nginx_ratio is None:
+        return "no nginx"
+    minimum, zero_errors = GOALS[scenario]
+    problems = []
+    if nginx_ratio < minimum:
+        problems.append(f"<{minimum:g}x")
+    if zero_errors and ours.errors:
+        problems.append("errors")
+    if scenario == "c50" and _p99_too_high(measurements):
+        problems.append(f"p99>{P99_LIMIT_VS_NGINX:g}x")
+    return "met" if not problems else "missed: " + ", ".join(problems)
+
+
+def _p99_too_high(measurements: list[Measurement]) -> bool:
+    ours, nginx = _find(measurements, "c50", "pyproxy"), _find(measurements, "c50", "nginx")
+    if not ours or not nginx or ours.p99_ms is None or not nginx.p99_ms:
+        return False
+    return ours.p99_ms > P99_LIMIT_VS_NGINX * nginx.p99_ms
+
+
+def render_table(measurements: list[Measurement]) -> str:
+    rows = [COLUMNS]
+    for scenario in SCENARIOS:
+        own = [m for m in measurements if m.scenario == scenario.key]
+        for index, measurement in enumerate(own):
+            label = f"{scenario.number} {scenario.title}" if index == 0 else ""
+            rows.append(_row(label, scenario, measurement, measurements))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(_align(cell, width, i) for i, (cell, width) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _align(cell: str, width: int, column: int) -> str:
+    return cell.ljust(width) if column in (0, 1, 2, 8) else cell.rjust(width)
+
+
+def _row(label: str, scenario: Scenario, m: Measurement, everything: list[Measurement]) -> tuple[str, ...]:
+    if m.failure:
+        return (label, m.target, _shorten(m.failure), "", "", "", "", "", "")
+    extras = ("", "", "")
+    if m.target == "pyproxy":
+        extras = (_ratio_text(everything, scenario.key, "nginx"),
+                  _ratio_text(everything, scenario.key, "haproxy"),
+                  goal_verdict(everything, scenario.key))
+    return (label, m.target, _result_text(scenario, m), _ms(m.p50_ms), _ms(m.p99_ms),
+            str(m.errors), *extras)
+
+
+def _result_text(scenario: Scenario, m: Measurement) -> str:
+    if scenario.key == "idle":
+        held = f"{m.details['connections_still_open']}/{m.details['connections_wanted']} held"
+        return f"{m.value:.1f} MiB RSS, {m.details['threads']} thr, {held}"
+    if scenario.unit == "req/s":
+        return f"{m.value:,.0f} req/s"
+    return f"{m.value:,.1f} MiB/s ({m.details['requests_per_sec']:,.1f} req/s)"
+
+
+def _ratio_text(measurements: list[Measurement], scenario: str, versus: str) -> str:
+    value = ratio(measurements, scenario, versus)
+    return "" if value is None else f"{value:.2f}x"
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value * 1000:.0f}us" if value < 1 else f"{value:.2f}ms"
+
+
+def _shorten(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= FAILURE_WIDTH else text[: FAILURE_WIDTH - 3] + "..."
+
+
+def failure_notes(measurements: list[Measurement]) -> list[str]:
+    """Full reasons, once each, for failures the table had to shorten."""
+    seen: list[str] = []
+    for m in measurements:
+        note = f"{m.target}: {m.failure}"
+        if m.failure and note not in seen:
+            seen.append(note)
+    return seen
+
+
+def write_json(path: Path, header: dict, measurements: list[Measurement]) -> None:
+    record = {
+        **header,
+        "results": [m.as_dict() for m in measurements],
+        "pyproxy": {s.key: {"vs_nginx": ratio(measurements, s.key, "nginx"),
+                            "vs_haproxy": ratio(measurements, s.key, "haproxy"),
+                            "goal": goal_verdict(measurements, s.key)}
+                    for s in SCENARIOS if any(m.scenario == s.key for m in measurements)},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")

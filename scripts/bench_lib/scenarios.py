@@ -1,0 +1,143 @@
+"""The six scenarios of issue 5 and how one of them is measured against one target."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .idle import hold_idle_connections
+from .procs import TreeUsage, tree_usage
+from .targets import Target
+from .wrk import WrkError, WrkResult, run_wrk
+
+MIB = 1024 * 1024
+UPLOAD_BYTES = MIB  # must match scripts/bench_upload.lua
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    number: int
+    title: str
+    unit: str  # "req/s", "MiB/s" or "MiB RSS"
+    path: str = "/small"
+    connections: int = 50
+    headers: tuple[str, ...] = ()
+    script: str | None = None
+    wrk_timeout: str = "5s"
+
+
+SCENARIOS = (
+    Scenario("c50", 1, "small GET keep-alive c=50", "req/s"),
+    Scenario("c1000", 2, "small GET keep-alive c=1000", "req/s", connections=1000),
+    Scenario("close", 3, "small GET Connection: close c=50", "req/s", headers=("Connection: close",)),
+    Scenario("download", 4, "10 MiB GET c=4", "MiB/s", path="/big", connections=4, wrk_timeout="30s"),
+    Scenario("upload", 5, "1 MiB POST c=4", "MiB/s", path="/upload", connections=4,
+             script="bench_upload.lua", wrk_timeout="30s"),
+    Scenario("idle", 6, "idle keep-alive clients", "MiB RSS"),
+)
+
+
+def select_scenarios(only: str | None) -> list[Scenario]:
+    """--only takes keys or numbers, comma-separated: `c50,4`."""
+    if not only:
+        return list(SCENARIOS)
+    wanted = {item.strip() for item in only.split(",") if item.strip()}
+    known = {s.key for s in SCENARIOS} | {str(s.number) for s in SCENARIOS}
+    unknown = wanted - known
+    if unknown:
+        raise ValueError(f"unknown scenario(s): {', '.join(sorted(unknown))}; "
+                         f"choose from {', '.join(s.key for s in SCENARIOS)} or 1-6")
+    return [s for s in SCENARIOS if s.key in wanted or str(s.number) in wanted]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    wrk: str
+    scripts_dir: Path
+    duration_s: float
+    warmup_s: float
+    idle_connections: int
+    idle_open_timeout_s: float
+
+
+@dataclass
+class Measurement:
+    scenario: str
+    target: str
+    unit: str
+    value: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    errors: int | None = None
+    failure: str | None = None
+    details: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure(scenario: Scenario, target: Target, settings: RunSettings) -> Measurement:
+    result = Measurement(scenario.key, target.name, scenario.unit)
+    if target.failure:
+        result.failure = target.failure
+        return result
+    if target.restarts:
+        result.details["restarts_so_far"] = target.restarts
+    if scenario.key == "idle":
+        _measure_idle(target, settings, result)
+    else:
+        _measure_wrk(scenario, target, settings, result)
+    return result
+
+
+def _measure_wrk(scenario: Scenario, target: Target, settings: RunSettings, result: Measurement) -> None:
+    try:
+        if settings.warmup_s > 0:
+            _wrk(scenario, target, settings, settings.warmup_s)
+        run = _wrk(scenario, target, settings, settings.duration_s)
+    except WrkError as error:
+        result.failure = str(error)
+        return
+    result.value = _throughput(scenario, run)
+    result.p50_ms, result.p99_ms, result.errors = run.p50_ms, run.p99_ms, run.errors
+    result.details = {**result.details, "requests": run.requests, "requests_per_sec": run.requests_per_sec,
+                      "read_bytes_per_sec": run.transfer_per_sec,
+                      "socket_errors": run.socket_errors, "non_2xx": run.non_2xx}
+
+
+def _wrk(scenario: Scenario, target: Target, settings: RunSettings, duration_s: float) -> WrkResult:
+    script = str(settings.scripts_dir / scenario.script) if scenario.script else None
+    url = f"http://127.0.0.1:{target.port}{scenario.path}"
+    return run_wrk(settings.wrk, url, scenario.connections, duration_s, scenario.wrk_timeout,
+                   scenario.headers, script)
+
+
+def _throughput(scenario: Scenario, run: WrkResult) -> float:
+    if scenario.key == "upload":  # wrk counts only bytes read; the upload is the request body
+        return run.requests_per_sec * UPLOAD_BYTES / MIB
+    if scenario.unit == "MiB/s":
+        return run.transfer_per_sec / MIB
+    return run.requests_per_sec
+
+
+def _measure_idle(target: Target, settings: RunSettings, result: Measurement) -> None:
+    root_pid = target.process.pid
+    before = tree_usage(root_pid)
+    outcome = hold_idle_connections(target.port, settings.idle_connections,
+                                    settings.idle_open_timeout_s, lambda: _peak_usage(root_pid))
+    during: TreeUsage = outcome.sample
+    result.value = during.rss_bytes / MIB
+    result.errors = outcome.wanted - outcome.still_open
+    result.details = {**result.details,
+                      "connections_wanted": outcome.wanted, "connections_opened": outcome.opened,
+                      "connections_still_open": outcome.still_open, "open_failures": outcome.failures,
+                      "rss_mib_before": before.rss_bytes / MIB, "threads_before": before.threads,
+                      "rss_mib": during.rss_bytes / MIB, "threads": during.threads,
+                      "processes": during.processes}
+
+
+def _peak_usage(root_pid: int, samples: int = 5) -> TreeUsage:
+    """Largest RSS over a few quick reads, so a momentary dip does not flatter anyone."""
+    readings = [tree_usage(root_pid) for _ in range(samples)]
+    return max(readings, key=lambda usage: (usage.rss_bytes, usage.threads))
