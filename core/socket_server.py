@@ -107,6 +107,11 @@ class SocketServer:
         self._listeners: dict[int, Listener] = {}
         self._connections: dict[int, Connection] = {}
         self._conn_lock = threading.Lock()
+        # Connections handed to the pool whose handler has not returned yet. They may still be in
+        # NEW/IDLE (queued, or the handler has not moved them): the reaper and the drain must not
+        # take them for resting ones and close them under the worker.
+        self._in_pool: set[Connection] = set()
+        self._wake_lock = threading.Lock()  # orders _wake() against closing the wake pipe
         self._calls: deque[Callable[[], None]] = deque()
         self._pending_signals: deque[int] = deque()
         self._shutdown_requested = False
@@ -174,10 +179,13 @@ class SocketServer:
         self._wake()
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:  # the pipe is full: the loop is waking anyway
-            pass
+        with self._wake_lock:
+            if self._wake_w < 0:  # the loop has stopped; the fd number may now be someone else's
+                return
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:  # the pipe is full: the loop is waking anyway
+                pass
 
     # -- signals (STYLE pattern 9: the handler only records; the loop acts) ---------------------
     def install_signal_handlers(self, signals=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)) -> None:
@@ -276,11 +284,15 @@ class SocketServer:
             sock.close()
 
     def _dispatch(self, conn: Connection) -> None:
+        with self._conn_lock:
+            self._in_pool.add(conn)
         try:
             accepted = self.pool.submit(self._serve, conn)
         except PoolClosed:
             accepted = False
         if not accepted:
+            with self._conn_lock:
+                self._in_pool.discard(conn)
             log.warning("work queue full: closing connection from %s", conn.peer)
             conn.close()
 
@@ -288,12 +300,17 @@ class SocketServer:
         try:
             self.handler(conn)
         except OSError as exc:
-            level = logging.DEBUG if exc.errno in EXPECTED_ERRNOS or isinstance(exc, TimeoutError) else logging.ERROR
+            # ConnectionError covers ConnectionClosed/PeerClosed (a peer left mid-read, errno None):
+            # as ordinary as ECONNRESET, so debug, not an error with a traceback per client.
+            expected = exc.errno in EXPECTED_ERRNOS or isinstance(exc, (TimeoutError, ConnectionError))
+            level = logging.DEBUG if expected else logging.ERROR
             log.log(level, "connection %s: %s", conn.peer, exc, exc_info=level >= logging.ERROR)
             conn.close()
         except Exception:
             log.exception("handler failed on connection %s", conn.peer)
             conn.close()
+        with self._conn_lock:
+            self._in_pool.discard(conn)
         self.park(conn)
 
     def park(self, conn: Connection) -> None:
@@ -322,7 +339,7 @@ class SocketServer:
         """Close connections that waited too long: NEW past header_timeout, IDLE past idle_timeout."""
         now = self.clock()
         with self._conn_lock:
-            conns = list(self._connections.values())
+            conns = [c for c in self._connections.values() if c not in self._in_pool]
         for conn in conns:
             limit = self.header_timeout if conn.state is ConnectionState.NEW else self.idle_timeout
             if conn.state in RESTING_STATES and now - conn.last_active > limit:
@@ -354,12 +371,14 @@ class SocketServer:
     def _active_connections(self) -> list[Connection]:
         with self._conn_lock:
             conns = list(self._connections.values())
-        return [c for c in conns if c.state not in RESTING_STATES and c.state is not ConnectionState.CLOSED]
+            in_pool = set(self._in_pool)
+        return [c for c in conns if c.state is not ConnectionState.CLOSED
+                and (c.state not in RESTING_STATES or c in in_pool)]
 
     def _close_resting(self) -> None:
         """Close connections holding no request; one whose next request already arrived is served."""
         with self._conn_lock:
-            conns = list(self._connections.values())
+            conns = [c for c in self._connections.values() if c not in self._in_pool]
         for conn in conns:
             if conn.state in RESTING_STATES:
                 if self._request_pending(conn):
@@ -386,5 +405,7 @@ class SocketServer:
         for conn in conns:
             conn.close()
         self._epoll.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._wake_lock:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
