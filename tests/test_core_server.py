@@ -1,0 +1,306 @@
+"""SocketServer over real loopback sockets with the line-echo handler from core_helpers: concurrency,
+keep-alive parking, timeouts, overload, phased shutdown, failing and stuck handlers."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import pytest
+
+from core import SocketServer, ThreadPool
+from core.socket_server import REAP_INTERVAL
+from tests.core_helpers import (STOP_TIMEOUT, EchoHandler, FakeClock, LineClient, overload_reply,
+                                running_server, wait_for)
+
+
+@pytest.fixture
+def handler():
+    echo = EchoHandler()
+    yield echo
+    echo.slow_release.set()  # never leave a worker blocked on a failed test
+
+
+def address(server: SocketServer):
+    return server.addresses[0]
+
+
+def connect_refused(addr) -> bool:
+    try:
+        probe = socket.create_connection(addr[:2], timeout=1.0)
+    except ConnectionRefusedError:
+        return True
+    probe.close()
+    return False
+
+
+# -- serving ------------------------------------------------------------------------------------
+
+def test_many_concurrent_clients(handler):
+    clients, lines = 50, 20
+    errors: list[str] = []
+    start = threading.Barrier(clients)
+
+    def client(n: int):
+        try:
+            with LineClient(addr) as c:
+                start.wait(STOP_TIMEOUT)
+                for i in range(lines):
+                    line = f"client {n} line {i}".encode()
+                    reply = c.exchange(line)
+                    if reply != line + b"\n":
+                        errors.append(f"{line!r} -> {reply!r}")
+        except Exception as exc:  # collected and asserted on below, in the test thread
+            errors.append(f"client {n}: {exc!r}")
+
+    with running_server(handler, pool=ThreadPool(min_threads=2, max_threads=16)) as server:
+        addr = address(server)
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        assert handler.served == clients * lines
+        assert server.accepted_total == clients
+        assert server.pool.threads <= 16
+
+
+def test_keep_alive_reuses_one_connection(handler):
+    with running_server(handler) as server:
+        with LineClient(address(server)) as c:
+            for i in range(200):
+                assert c.exchange(b"ping %d" % i) == b"ping %d\n" % i
+            assert server.accepted_total == 1
+            wait_for(lambda: server.connection_counts()["idle"] == 1, what="the connection parked idle")
+            assert server.pool.counts()["busy"] == 0  # parked: no thread holds it
+
+
+def test_pipelined_lines_are_all_answered(handler):
+    with running_server(handler) as server, LineClient(address(server)) as c:
+        c.sock.sendall(b"".join(b"p%d\n" % i for i in range(10)))
+        assert [c.read_line() for _ in range(10)] == [b"p%d\n" % i for i in range(10)]
+
+
+def test_quit_closes_and_the_server_forgets_the_connection(handler):
+    with running_server(handler) as server, LineClient(address(server)) as c:
+        assert c.exchange(b"quit") == b"bye\n"
+        assert c.wait_closed() == b""
+        wait_for(lambda: server.connection_count == 0, what="connection forgotten")
+
+
+def test_handler_ending_with_transition_closed_releases_the_connection():
+    from core import ConnectionState
+
+    def close_by_transition(conn):
+        conn.transition(ConnectionState.READING)
+        conn.read_until(b"\n", 100)
+        conn.transition(ConnectionState.CLOSED)
+
+    with running_server(close_by_transition) as server, LineClient(address(server)) as c:
+        c.send_line(b"hi")
+        assert c.wait_closed() == b""
+        wait_for(lambda: server.connection_count == 0, what="connection forgotten")
+
+
+def test_raising_handler_does_not_stop_the_server(handler, caplog):
+    with running_server(handler) as server:
+        with LineClient(address(server)) as bystander:
+            assert bystander.exchange(b"before") == b"before\n"
+            with caplog.at_level(logging.ERROR, logger="pyproxy.core.server"):
+                with LineClient(address(server)) as victim:
+                    victim.send_line(b"boom")
+                    assert victim.wait_closed() == b""  # its connection is closed, nothing sent
+            assert bystander.exchange(b"after") == b"after\n"
+            with LineClient(address(server)) as newcomer:
+                assert newcomer.exchange(b"new") == b"new\n"
+        assert any("boom requested by the test" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
+
+
+def test_client_leaving_between_lines_is_not_an_error(handler, caplog):
+    with caplog.at_level(logging.ERROR, logger="pyproxy.core"):
+        with running_server(handler) as server:
+            with LineClient(address(server)) as c:
+                assert c.exchange(b"one") == b"one\n"
+            wait_for(lambda: server.connection_count == 0, what="closed connection forgotten")
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+# -- timeouts -----------------------------------------------------------------------------------
+
+def test_idle_keep_alive_connection_is_closed_after_idle_timeout(handler):
+    with running_server(handler, idle_timeout=0.3) as server, LineClient(address(server)) as c:
+        assert c.exchange(b"once") == b"once\n"
+        idle_since = time.monotonic()
+        assert c.wait_closed() == b""  # bounded by the client socket timeout
+        waited = time.monotonic() - idle_since
+        assert 0.25 <= waited < 0.3 + 2 * REAP_INTERVAL + 1.0
+        wait_for(lambda: server.connection_count == 0, what="reaped connection forgotten")
+
+
+def test_silent_new_connection_is_closed_after_header_timeout(handler):
+    with running_server(handler, header_timeout=0.3, idle_timeout=60) as server:
+        with LineClient(address(server)) as silent, LineClient(address(server)) as talker:
+            assert talker.exchange(b"hello") == b"hello\n"
+            assert silent.wait_closed() == b""
+            assert talker.exchange(b"still here") == b"still here\n"  # idle_timeout is long
+
+
+def test_reaper_never_closes_a_connection_waiting_for_a_worker(handler):
+    """A parked connection whose bytes arrived is the worker's, even if it idled a long time."""
+    clock = FakeClock()
+    pool = ThreadPool(min_threads=1, max_threads=1)
+    with running_server(handler, pool=pool, clock=clock, idle_timeout=10, header_timeout=10) as server:
+        addr = address(server)
+        with LineClient(addr) as slow, LineClient(addr) as waiting, LineClient(addr) as silent:
+            wait_for(lambda: server.connection_count == 3, what="three connections accepted")
+            slow.send_line(b"slow")
+            assert handler.slow_entered.wait(STOP_TIMEOUT)  # the only worker is now busy
+            waiting.send_line(b"queued")
+            wait_for(lambda: pool.counts()["queued"] == 1, what="the second request queued")
+            clock.advance(60)  # both waiting and silent are now "too old"
+            server.call_soon(lambda: None)  # wake the loop so it reaps
+            assert silent.wait_closed() == b""  # the reaper ran
+            handler.slow_release.set()
+            assert slow.read_line() == b"slow\n"
+            assert waiting.read_line() == b"queued\n"
+
+
+# -- overload -----------------------------------------------------------------------------------
+
+def test_max_connections_overload_reply_then_close(handler):
+    with running_server(handler, max_connections=3, on_overload=overload_reply) as server:
+        addr = address(server)
+        existing = [LineClient(addr) for _ in range(3)]
+        try:
+            for i, c in enumerate(existing):
+                assert c.exchange(b"hi %d" % i) == b"hi %d\n" % i
+            with LineClient(addr) as extra:
+                assert extra.read_line() == b"busy\n"
+                assert extra.wait_closed() == b""
+            assert server.overloaded_total == 1
+            for i, c in enumerate(existing):  # existing clients are unaffected
+                assert c.exchange(b"again %d" % i) == b"again %d\n" % i
+            existing.pop().close()
+            wait_for(lambda: server.connection_count == 2, what="a slot freed")
+            with LineClient(addr) as late:
+                assert late.exchange(b"room now") == b"room now\n"
+        finally:
+            for c in existing:
+                c.close()
+
+
+# -- shutdown -----------------------------------------------------------------------------------
+
+def test_graceful_shutdown_lets_the_slow_exchange_finish(handler):
+    with running_server(handler, graceful_timeout=STOP_TIMEOUT) as server:
+        addr = address(server)
+        with LineClient(addr) as slow, LineClient(addr) as idle:
+            assert idle.exchange(b"park me") == b"park me\n"
+            slow.send_line(b"slow")
+            assert handler.slow_entered.wait(STOP_TIMEOUT)
+            server.request_shutdown()
+            assert server.draining.wait(STOP_TIMEOUT)
+            wait_for(lambda: connect_refused(addr), what="the listener closed")
+            assert idle.wait_closed() == b""  # resting connections close at once
+            assert not server.stopped.is_set()  # in-flight work holds the drain open
+            handler.slow_release.set()
+            assert slow.read_line() == b"slow\n"  # the full answer
+            assert slow.wait_closed() == b""  # then the connection closes (draining)
+            assert server.stopped.wait(STOP_TIMEOUT)
+            assert handler.slow_finished.is_set()
+
+
+def test_force_close_at_graceful_timeout(handler):
+    with running_server(handler, graceful_timeout=0.5) as server, LineClient(address(server)) as stuck:
+        stuck.send_line(b"stuck")
+        assert handler.stuck_entered.wait(STOP_TIMEOUT)
+        started = time.monotonic()
+        server.request_shutdown()
+        assert server.stopped.wait(STOP_TIMEOUT)
+        elapsed = time.monotonic() - started
+        assert 0.4 <= elapsed < 0.5 + 3.0  # waited for the grace period, not much longer
+        assert stuck.wait_closed() == b""  # its socket was aborted
+
+
+def test_forced_shutdown_does_not_wait_for_in_flight_work(handler):
+    with running_server(handler, graceful_timeout=60) as server, LineClient(address(server)) as slow:
+        slow.send_line(b"slow")
+        assert handler.slow_entered.wait(STOP_TIMEOUT)
+        started = time.monotonic()
+        server.request_shutdown(force=True)
+        assert server.stopped.wait(STOP_TIMEOUT)
+        assert time.monotonic() - started < 5.0
+
+
+def test_request_shutdown_after_stop_is_harmless(handler):
+    with running_server(handler) as server:
+        server.request_shutdown()
+        assert server.stopped.wait(STOP_TIMEOUT)
+    # The wake pipe is closed now; its fd number may belong to someone else. Must not write there.
+    r, w = socket.socketpair()
+    with r, w:
+        r.setblocking(False)
+        for _ in range(3):
+            server.request_shutdown()
+        with pytest.raises(BlockingIOError):
+            r.recv(1)
+
+
+# -- many idle connections, few threads ---------------------------------------------------------
+
+def test_idle_connections_hold_no_threads(handler):
+    count, max_threads = 500, 16
+    pool = ThreadPool(min_threads=1, max_threads=max_threads)
+    with running_server(handler, pool=pool) as server:
+        clients = []
+        try:
+            for i in range(count):
+                c = LineClient(address(server))
+                clients.append(c)
+                assert c.exchange(b"%d" % i) == b"%d\n" % i
+            wait_for(lambda: server.connection_counts()["idle"] == count, what="all parked")
+            assert pool.threads <= max_threads
+            assert threading.active_count() <= max_threads + 10  # far below one per connection
+            assert pool.counts()["busy"] == 0
+            assert clients[0].exchange(b"first again") == b"first again\n"
+            assert clients[-1].exchange(b"last again") == b"last again\n"
+        finally:
+            for c in clients:
+                c.close()
+
+
+def test_peer_leaving_mid_read_is_logged_at_debug_not_error(caplog):
+    from core import ConnectionState
+
+    def strict_reader(conn):  # does not catch ConnectionClosed: the server must classify it
+        conn.transition(ConnectionState.READING)
+        conn.read_until(b"\n", 100)
+
+    with caplog.at_level(logging.DEBUG, logger="pyproxy.core"):
+        with running_server(strict_reader) as server:
+            with LineClient(address(server)) as c:
+                c.sock.sendall(b"no newline, then gone")
+            wait_for(lambda: server.connection_count == 0, what="connection closed")
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert any("peer closed before delimiter" in r.getMessage() for r in caplog.records)
+
+
+def test_graceful_drain_serves_a_request_still_queued_for_a_worker(handler):
+    pool = ThreadPool(min_threads=1, max_threads=1)
+    with running_server(handler, pool=pool, graceful_timeout=STOP_TIMEOUT) as server:
+        addr = address(server)
+        with LineClient(addr) as slow, LineClient(addr) as queued:
+            slow.send_line(b"slow")
+            assert handler.slow_entered.wait(STOP_TIMEOUT)
+            queued.send_line(b"waiting")
+            wait_for(lambda: pool.counts()["queued"] == 1, what="the request queued")
+            server.request_shutdown()
+            assert server.draining.wait(STOP_TIMEOUT)
+            handler.slow_release.set()
+            assert slow.read_line() == b"slow\n"
+            assert queued.read_line() == b"waiting\n"
+            assert server.stopped.wait(STOP_TIMEOUT)
