@@ -232,6 +232,10 @@ def test_leading_empty_lines_are_ignored():
     assert len(heads(events)) == 1
 
 
+def test_empty_lines_then_close_is_a_clean_close():
+    assert requests_in(b"\r\n\r\n") == []
+
+
 def test_clean_eof_between_requests_is_not_an_error():
     parser = RequestParser()
     parser.feed(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
@@ -456,6 +460,7 @@ def test_take_buffered_keeps_the_pipelined_next_request():
     parser.feed(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabcGET /b HTTP/1.1\r\nHost: h\r\n\r\n")
     parser.next_event()
     assert parser.take_buffered() == b"abc" and parser.body_remaining == 0
+    assert parser.has_buffered_data
     assert parser.next_event() == EndOfMessage(None)
     parser.start_next()
     assert parser.next_event().target == "/b"
@@ -467,7 +472,7 @@ def test_take_buffered_after_upgrade_request():
     assert parser.next_event().upgrade == "websocket"
     assert parser.next_event() == EndOfMessage(None)
     assert parser.take_buffered() == b"\x81\x05hello"
-    assert parser.take_buffered() == b""
+    assert parser.take_buffered() == b"" and not parser.has_buffered_data
 
 
 def test_next_event_after_end_without_start_next_is_a_caller_bug():
@@ -595,6 +600,7 @@ INVALID_RESPONSES = [
     b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",   # truncated by EOF
     b"HTTP/1.1 200 OK\r\n",                                  # head truncated by EOF
     b"",                                                     # closed without a response
+    b"\r\n",
 ]
 
 
@@ -630,7 +636,8 @@ def test_arbitrary_bytes_only_raise_protocol_error(data, piece):
 def test_http_shaped_garbage_only_raises_protocol_error(parts):
     data = b"".join(parts)
     for make_parser in (RequestParser, lambda: ResponseParser("GET")):
-        assert run(make_parser, [data]) == run(make_parser, [data[i:i + 1] for i in range(len(data))])
+        whole = _comparable(run(make_parser, [data]))
+        assert whole == _comparable(run(make_parser, [data[i:i + 1] for i in range(len(data))]))
 
 
 _token = st.text(alphabet="!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
