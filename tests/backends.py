@@ -1,0 +1,469 @@
+"""Real backends for integration tests: a scripted HTTP/1.1 server and a raw-socket misbehaver.
+
+``ScriptedBackend`` is the standard library's ``ThreadingHTTPServer`` speaking HTTP/1.1 with keep-alive.
+It counts the TCP connections it accepted, records every request (method, path, headers, body) and
+answers from a table of path handlers (``backend.route(path, fn)``); without a matching route it
+echoes: 200 with the request body and ``X-Echo-Method``/``X-Echo-Path`` headers.
+
+``RawBackend`` accepts connections and runs a script per connection on its own thread: the script
+gets a ``RawPeer`` that reads a request head, sends bytes, hangs, closes or resets (SO_LINGER 0).
+Everything is bounded: every socket has a timeout, every hang waits on an event released at stop().
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+BACKEND_SOCKET_TIMEOUT = 10.0  # no backend socket operation waits longer than this
+RECORD_BODY_LIMIT = 1024 * 1024  # bodies above this are recorded by length and digest only
+STREAM_PIECE = 256 * 1024  # generated bodies are written in pieces this size
+MAX_HEAD = 64 * 1024
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    version: str
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+    body_length: int = 0
+    body_sha256: str = ""
+    chunked: bool = False
+
+    def header(self, name: str) -> str | None:
+        values = self.header_all(name)
+        return values[0] if values else None
+
+    def header_all(self, name: str) -> list[str]:
+        lname = name.lower()
+        return [value for key, value in self.headers if key.lower() == lname]
+
+
+def pattern_bytes(offset: int, size: int) -> bytes:
+    """Deterministic, position-dependent content: a dropped or duplicated piece changes the digest."""
+    block = bytes(range(251))  # prime length: pieces never line up with power-of-two buffers
+    start = offset % 251
+    repeats = (start + size) // 251 + 1
+    return (block * repeats)[start:start + size]
+
+
+def pattern_sha256(total: int) -> str:
+    digest = hashlib.sha256()
+    for offset in range(0, total, STREAM_PIECE):
+        digest.update(pattern_bytes(offset, min(STREAM_PIECE, total - offset)))
+    return digest.hexdigest()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: "_Server"
+
+    def log_message(self, format, *args):  # noqa: A002 - quiet: tests read records, not logs
+        pass
+
+    def setup(self):
+        super().setup()
+        self.connection.settimeout(BACKEND_SOCKET_TIMEOUT)
+
+    def handle_one_request(self):
+        super().handle_one_request()
+        if self.server.backend.close_after_response:
+            self.close_connection = True  # close without saying so (no Connection: close)
+
+    def _dispatch(self):
+        backend = self.server.backend
+        fn = backend.routes.get(self.path.split("?", 1)[0])
+        if fn is not None and getattr(fn, "raw_body", False):
+            record = self._record(b"", 0, "", self._is_chunked())
+            backend.record(record)
+            fn(self, record)
+            return
+        record = self.read_body_and_record()
+        backend.record(record)
+        (fn or echo)(self, record)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_PATCH = _dispatch
+
+    # -- request bodies ------------------------------------------------------------------------
+    def _is_chunked(self) -> bool:
+        return "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
+
+    def iter_body(self):
+        """The request body in pieces (Content-Length or chunked)."""
+        if self._is_chunked():
+            while True:
+                size_line = self.rfile.readline(MAX_HEAD)
+                size = int(size_line.split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline(MAX_HEAD) not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return
+                remaining = size
+                while remaining:
+                    piece = self.rfile.read(min(remaining, STREAM_PIECE))
+                    if not piece:
+                        raise ConnectionError("client closed mid-chunk")
+                    remaining -= len(piece)
+                    yield piece
+                self.rfile.readline(MAX_HEAD)
+        else:
+            remaining = int(self.headers.get("Content-Length") or 0)
+            while remaining:
+                piece = self.rfile.read(min(remaining, STREAM_PIECE))
+                if not piece:
+                    raise ConnectionError("client closed mid-body")
+                remaining -= len(piece)
+                yield piece
+
+    def read_body_and_record(self) -> RecordedRequest:
+        digest = hashlib.sha256()
+        kept = bytearray()
+        length = 0
+        for piece in self.iter_body():
+            digest.update(piece)
+            length += len(piece)
+            if len(kept) <= RECORD_BODY_LIMIT:
+                kept += piece
+        body = bytes(kept) if length <= RECORD_BODY_LIMIT else b""
+        return self._record(body, length, digest.hexdigest(), self._is_chunked())
+
+    def _record(self, body, length, sha, chunked) -> RecordedRequest:
+        return RecordedRequest(self.command, self.path, self.request_version, list(self.headers.items()),
+                               body, length, sha, chunked)
+
+    # -- response helpers ----------------------------------------------------------------------
+    def reply(self, status: int, body: bytes = b"", headers: tuple = ()) -> None:
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        if status not in (204, 304) and not any(n.lower() == "content-length" for n, _ in headers):
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD" and status not in (204, 304):
+            self.wfile.write(body)
+
+
+def echo(h: _Handler, record: RecordedRequest) -> None:
+    h.reply(200, record.body, (("X-Echo-Method", record.method), ("X-Echo-Path", record.path),
+                               ("X-Echo-Length", str(record.body_length))))
+
+
+def stream_pattern(total: int):
+    """A route handler: ``total`` pattern bytes generated on the fly, framed by Content-Length."""
+    def handler(h: _Handler, record: RecordedRequest) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", str(total))
+        h.end_headers()
+        for offset in range(0, total, STREAM_PIECE):
+            h.wfile.write(pattern_bytes(offset, min(STREAM_PIECE, total - offset)))
+    return handler
+
+
+def consume_and_digest(h: _Handler, record: RecordedRequest) -> None:
+    """A route handler for huge uploads: digest the body while reading it, answer length and digest."""
+    digest = hashlib.sha256()
+    length = 0
+    for piece in h.iter_body():
+        digest.update(piece)
+        length += len(piece)
+    record.body_length, record.body_sha256 = length, digest.hexdigest()
+    h.reply(200, f"{length} {record.body_sha256}".encode())
+
+
+consume_and_digest.raw_body = True
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    backend: "ScriptedBackend"
+
+    def process_request(self, request, client_address):
+        self.backend.count_connection(request)
+        super().process_request(request, client_address)
+
+
+class ScriptedBackend:
+    def __init__(self, close_after_response: bool = False):
+        self.routes: dict = {}
+        self.requests: list[RecordedRequest] = []
+        self.connections = 0
+        self.close_after_response = close_after_response
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self.server = _Server(("127.0.0.1", 0), _Handler)
+        self.server.backend = self
+        self.port = self.server.server_address[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name=f"backend-{self.port}", daemon=True)
+
+    def route(self, path: str, fn) -> "ScriptedBackend":
+        self.routes[path] = fn
+        return self
+
+    def record(self, record: RecordedRequest) -> None:
+        with self._lock:
+            self.requests.append(record)
+
+    def count_connection(self, sock: socket.socket) -> None:
+        with self._lock:
+            self.connections += 1
+            self._sockets.append(sock)
+
+    def start(self) -> "ScriptedBackend":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shutdown_quietly(sock)
+        self._thread.join(5)
+
+    @property
+    def last(self) -> RecordedRequest:
+        with self._lock:
+            return self.requests[-1]
+
+
+def _shutdown_quietly(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed by either side
+        pass
+
+
+# -- raw-socket backend ------------------------------------------------------------------------
+class RawPeer:
+    """One accepted connection, driven by a test script."""
+
+    def __init__(self, sock: socket.socket, index: int, stop_event: threading.Event):
+        self.sock = sock
+        self.index = index  # 0 for the first connection the backend accepted
+        self.stop_event = stop_event
+        self.buffer = b""
+        sock.settimeout(BACKEND_SOCKET_TIMEOUT)
+
+    def read_head(self) -> bytes:
+        """Bytes up to and including the blank line; b"" if the peer closed first."""
+        while b"\r\n\r\n" not in self.buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                return b""
+            self.buffer += data
+            if len(self.buffer) > MAX_HEAD:
+                raise ValueError("request head too large")
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        return head + b"\r\n\r\n"
+
+    def read_request(self) -> tuple[bytes, bytes]:
+        """(head, body) with a Content-Length body (tests send only those to raw backends)."""
+        head = self.read_head()
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+        while len(self.buffer) < length:
+            data = self.sock.recv(65536)
+            if not data:
+                break
+            self.buffer += data
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return head, body
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def hang(self) -> None:
+        """Hold the connection open, saying nothing, until the backend stops."""
+        self.stop_event.wait(BACKEND_SOCKET_TIMEOUT)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def reset(self) -> None:
+        """Close with RST instead of FIN (SO_LINGER with a zero timeout)."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+
+class RawBackend:
+    """Accepts connections and runs ``script(peer)`` for each on its own thread."""
+
+    def __init__(self, script):
+        self.script = script
+        self.connections = 0
+        self.errors: list[BaseException] = []
+        self.stop_event = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)
+        self.port = self.listener.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self._threads: list[threading.Thread] = []
+        self._peers: list[RawPeer] = []
+        self._lock = threading.Lock()
+        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"raw-{self.port}", daemon=True)
+
+    def start(self) -> "RawBackend":
+        self._accept_thread.start()
+        return self
+
+    def _accept_loop(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                peer = RawPeer(sock, self.connections, self.stop_event)
+                self.connections += 1
+                self._peers.append(peer)
+            thread = threading.Thread(target=self._run, args=(peer,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _run(self, peer: RawPeer) -> None:
+        try:
+            self.script(peer)
+        except OSError as exc:  # the proxy closed on us: often exactly what the test provokes
+            self.errors.append(exc)
+        finally:
+            try:
+                peer.sock.close()
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self._accept_thread.join(5)
+        self.listener.close()
+        with self._lock:
+            peers = list(self._peers)
+        for peer in peers:
+            _shutdown_quietly(peer.sock)
+        for thread in self._threads:
+            thread.join(5)
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 with nothing listening (connect → refused)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+# -- raw-socket client helpers ---------------------------------------------------------------
+@dataclass
+class RawResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    head: bytes = b""
+    framing: str = ""  # "length" | "chunked" | "close" | "none"
+    interim: list[int] = field(default_factory=list)
+
+    def header(self, name: str) -> str | None:
+        lname = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lname:
+                return value
+        return None
+
+
+class RawClient:
+    """A client socket that reads responses one by one (keeps extra bytes for the next one)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        self.buffer += data
+        return bool(data)
+
+    def read_head(self) -> bytes:
+        while b"\r\n\r\n" not in self.buffer:
+            if not self._fill():
+                raise ConnectionError(f"closed before a full response head: {self.buffer[:200]!r}")
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        return head + b"\r\n\r\n"
+
+    def read_response(self, method: str = "GET", skip_interim: bool = True) -> RawResponse:
+        interim = []
+        while True:
+            head = self.read_head()
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ")[1])
+            headers = [tuple(part.strip() for part in line.split(":", 1)) for line in lines[1:] if line]
+            if 100 <= status < 200 and skip_interim and status != 101:
+                interim.append(status)
+                continue
+            break
+        response = RawResponse(status, headers, b"", head, interim=interim)
+        te = (response.header("Transfer-Encoding") or "").lower()
+        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            response.framing = "none"
+        elif "chunked" in te:
+            response.framing, response.body = "chunked", self._read_chunked()
+        elif response.header("Content-Length") is not None:
+            response.framing = "length"
+            response.body = self.read_exact(int(response.header("Content-Length")))
+        else:
+            response.framing = "close"
+            while self._fill():
+                pass
+            response.body, self.buffer = self.buffer, b""
+        return response
+
+    def read_exact(self, count: int) -> bytes:
+        while len(self.buffer) < count:
+            if not self._fill():
+                raise ConnectionError(f"closed with {count - len(self.buffer)} body bytes missing")
+        data, self.buffer = self.buffer[:count], self.buffer[count:]
+        return data
+
+    def _read_line(self) -> bytes:
+        while b"\r\n" not in self.buffer:
+            if not self._fill():
+                raise ConnectionError("closed inside a chunked body")
+        line, self.buffer = self.buffer.split(b"\r\n", 1)
+        return line
+
+    def _read_chunked(self) -> bytes:
+        body = bytearray()
+        while True:
+            size = int(self._read_line().split(b";")[0], 16)
+            if size == 0:
+                while self._read_line():
+                    pass
+                return bytes(body)
+            body += self.read_exact(size)
+            self._read_line()
+
+    def at_eof(self) -> bool:
+        """True once the proxy closed the connection (reads b"" or a reset), with no stray bytes."""
+        if self.buffer:
+            return False
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
