@@ -34,6 +34,7 @@ log = logging.getLogger("pyproxy.core.server")
 ARMED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
 ACCEPT_BATCH = 64  # accepts per wake-up, so one busy listener cannot starve the rest of the loop
 REAP_INTERVAL = 0.5  # seconds between idle-timeout sweeps
+GROW_CHECK_INTERVAL = 0.002  # seconds between pool growth checks while work is queued
 DEFAULT_BACKLOG = 1024  # nginx's default on Linux is 511; bursts of c=1000 clients want more
 # errno values that mean "this one client went away", logged at debug (STYLE pattern 11)
 EXPECTED_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN,
@@ -214,7 +215,10 @@ class SocketServer:
         next_reap = self.clock() + REAP_INTERVAL
         try:
             while not self._shutdown_requested:
-                self._poll_once(REAP_INTERVAL)
+                # While work is queued, wake often: the pool may need a thread (maybe_grow).
+                self._poll_once(GROW_CHECK_INTERVAL if self.pool.queued else REAP_INTERVAL)
+                if self.pool.queued:
+                    self.pool.maybe_grow()
                 if self.clock() >= next_reap:
                     self._reap_expired()
                     next_reap = self.clock() + REAP_INTERVAL
@@ -318,7 +322,12 @@ class SocketServer:
         state = conn.state
         if state is ConnectionState.IDLE:
             if self.draining.is_set():
-                conn.close()
+                # Drain at a request boundary: a request that already arrived is served (the protocol
+                # layer answers it with "Connection: close"); only a connection holding none closes.
+                if self._request_pending(conn):
+                    self._dispatch(conn)
+                elif conn.claim(ConnectionState.IDLE, ConnectionState.CLOSED):
+                    conn.close_socket()
                 return
             if conn.has_buffered():  # a pipelined request is already here: no need to wait
                 self._dispatch(conn)
@@ -355,10 +364,12 @@ class SocketServer:
             self.remove_listener(listener)
         self.draining.set()
         log.info("draining: %d connections open", len(self._connections))
-        self._close_resting()
-        while self.clock() < deadline and not self._force and self._active_connections():
+        pending = self._close_resting()
+        # Resting connections whose next request already arrived count as work: the loop must stay
+        # up to dispatch them (their epoll event), or they would be closed unanswered at the end.
+        while self.clock() < deadline and not self._force and (pending or self._active_connections()):
             self._poll_once(0.05)
-            self._close_resting()
+            pending = self._close_resting()
         leftover = self._active_connections()
         if leftover:
             log.warning("graceful timeout: force-closing %d connections", len(leftover))
@@ -375,16 +386,20 @@ class SocketServer:
         return [c for c in conns if c.state is not ConnectionState.CLOSED
                 and (c.state not in RESTING_STATES or c in in_pool)]
 
-    def _close_resting(self) -> None:
-        """Close connections holding no request; one whose next request already arrived is served."""
+    def _close_resting(self) -> int:
+        """Close connections holding no request; one whose next request already arrived is left to
+        be served. Returns how many were left that way."""
         with self._conn_lock:
             conns = [c for c in self._connections.values() if c not in self._in_pool]
+        pending = 0
         for conn in conns:
-            if conn.state in RESTING_STATES:
+            state = conn.state
+            if state in RESTING_STATES:
                 if self._request_pending(conn):
-                    continue  # its event is (or will be) dispatched by the loop; it closes after
-                if conn.claim(conn.state, ConnectionState.CLOSED):
+                    pending += 1  # its event is (or will be) dispatched by the loop; it closes after
+                elif conn.claim(state, ConnectionState.CLOSED):
                     conn.close_socket()
+        return pending
 
     @staticmethod
     def _request_pending(conn: Connection) -> bool:
