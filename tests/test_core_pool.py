@@ -51,7 +51,7 @@ def test_pool_rejects_bad_bounds():
 
 
 def test_pool_grows_up_to_max_threads_when_work_waits(pools):
-    pool = pools(min_threads=1, max_threads=4, max_queue=100)
+    pool = pools(min_threads=1, max_threads=4, max_queue=100, grow_after=0.0)
     started = threading.Semaphore(0)
     for _ in range(6):
         assert pool.submit(blocked_task, pools.gate, started)
@@ -77,7 +77,7 @@ def test_pool_does_not_grow_while_an_idle_thread_can_take_the_work(pools):
 
 def test_pool_shrinks_to_min_threads_after_idle_timeout(pools):
     clock = FakeClock()
-    pool = pools(min_threads=1, max_threads=4, idle_timeout=30.0, clock=clock)
+    pool = pools(min_threads=1, max_threads=4, idle_timeout=30.0, clock=clock, grow_after=0.0)
     started = threading.Semaphore(0)
     gate = threading.Event()
     for _ in range(4):
@@ -185,3 +185,19 @@ def test_shutdown_returns_false_when_a_task_is_stuck():
     finally:
         gate.set()
     wait_for(lambda: pool.threads == 0, what="the stuck thread exits once released")
+
+
+def test_pool_grows_only_when_queued_work_is_stalled(pools):
+    """With fast work the pool keeps its threads (GIL); it adds one when nobody took work for a while."""
+    clock = FakeClock()
+    pool = pools(min_threads=1, max_threads=4, max_queue=100, grow_after=1.0, clock=clock)
+    started = threading.Semaphore(0)
+    for _ in range(3):
+        assert pool.submit(blocked_task, pools.gate, started)
+    assert started.acquire(timeout=TASK_WAIT)
+    pool.maybe_grow()
+    assert pool.threads == 1  # work waits, but the clock says the pool took work just now
+    clock.advance(1.5)
+    pool.maybe_grow()
+    assert pool.threads == 2  # stalled for longer than grow_after: one more thread
+    assert started.acquire(timeout=TASK_WAIT)
