@@ -188,12 +188,23 @@ class _Server(ThreadingHTTPServer):
         self.backend.count_connection(request)
         super().process_request(request, client_address)
 
+    def handle_error(self, request, client_address):
+        import sys
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return  # the proxy closed on us: often exactly what a test provokes
+        super().handle_error(request, client_address)
+
+    def shutdown_request(self, request):
+        super().shutdown_request(request)
+        self.backend.count_closed()
+
 
 class ScriptedBackend:
     def __init__(self, close_after_response: bool = False):
         self.routes: dict = {}
         self.requests: list[RecordedRequest] = []
         self.connections = 0
+        self.closed_connections = 0  # connections whose handler finished (peer closed or we did)
         self.close_after_response = close_after_response
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
@@ -216,6 +227,10 @@ class ScriptedBackend:
         with self._lock:
             self.connections += 1
             self._sockets.append(sock)
+
+    def count_closed(self) -> None:
+        with self._lock:
+            self.closed_connections += 1
 
     def start(self) -> "ScriptedBackend":
         self._thread.start()
