@@ -1,0 +1,163 @@
+"""Access log: one line per proxied request, written off the request path.
+
+Request threads only put ``(wall time, record)`` on a bounded queue; one writer thread formats and
+writes. If the disk (or a piped stdout) stalls and the queue fills, lines are dropped and counted
+(``dropped``, also in /metrics) rather than making clients wait for the log. ``access = "off"``
+installs no observer at all. Request bodies never reach the log: ``RequestRecord`` has none.
+
+Formats:
+- ``combined``: Apache/nginx combined, then upstream, server, duration in seconds and request id:
+  ``client - - [10/Oct/2000:13:55:36 +0000] "GET /a HTTP/1.1" 200 512 "referer" "agent" api 127.0.0.1:9001 0.012 9f2c…``
+- ``json``: one object per line with time, client, method, path, status, bytes, duration_ms, upstream,
+  server, request_id (plus host, version, user_agent, referer).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import queue
+import sys
+import threading
+import time
+from typing import Callable, TextIO
+
+log = logging.getLogger("pyproxy.access")
+
+DEFAULT_QUEUE_SIZE = 10000  # lines buffered before dropping: ~seconds of a busy proxy's traffic
+STOP_TIMEOUT = 5.0
+_STOP = object()
+
+
+def _escape(value: str | None) -> str:
+    """A quoted field's content: escape what would break the line, as nginx does (\\xHH)."""
+    if value is None:
+        return "-"
+    if value.isprintable() and '"' not in value and "\\" not in value:
+        return value
+    return "".join(ch if ch.isprintable() and ch not in '"\\' else f"\\x{ord(ch):02X}" for ch in value)
+
+
+def format_combined(record, when: float) -> str:
+    stamp = datetime.datetime.fromtimestamp(when, datetime.timezone.utc).strftime("%d/%b/%Y:%H:%M:%S +0000")
+    request_line = _escape(f"{record.method} {record.target} {record.version}")
+    return (f'{record.client_ip} - - [{stamp}] "{request_line}" {record.status} {record.bytes_sent} '
+            f'"{_escape(record.referer)}" "{_escape(record.user_agent)}" '
+            f'{_escape(record.upstream)} {_escape(record.server)} {record.duration:.3f} {_escape(record.request_id)}')
+
+
+def format_json(record, when: float) -> str:
+    stamp = datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat(timespec="milliseconds")
+    return json.dumps({
+        "time": stamp.replace("+00:00", "Z"),
+        "client": record.client_ip,
+        "method": record.method,
+        "path": record.target,
+        "version": record.version,
+        "host": record.host,
+        "status": record.status,
+        "bytes": record.bytes_sent,
+        "duration_ms": round(record.duration * 1000, 3),
+        "upstream": record.upstream,
+        "server": record.server,
+        "request_id": record.request_id,
+        "user_agent": record.user_agent,
+        "referer": record.referer,
+    }, ensure_ascii=False)
+
+
+FORMATTERS: dict[str, Callable] = {"combined": format_combined, "json": format_json}
+
+
+class AccessLog:
+    """An observer (``observe(record)``) and a service (``start()``/``stop()``) owning the writer thread."""
+
+    def __init__(self, target: str, fmt: str = "combined", max_queue: int = DEFAULT_QUEUE_SIZE,
+                 wall_clock=time.time):
+        if fmt not in FORMATTERS:
+            raise ValueError(f"unknown access log format {fmt!r} (expected one of: {', '.join(FORMATTERS)})")
+        self.target = target
+        self.format = FORMATTERS[fmt]
+        self.wall_clock = wall_clock
+        self.written = 0
+        self.dropped = 0
+        self._queue: queue.Queue = queue.Queue(max_queue)
+        self._drop_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stream: TextIO | None = None
+
+    # -- hot path ------------------------------------------------------------------------------------
+    def observe(self, record) -> None:
+        try:
+            self._queue.put_nowait((self.wall_clock(), record))
+        except queue.Full:
+            with self._drop_lock:
+                self.dropped += 1
+
+    __call__ = observe
+
+    # -- service -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._stream = self._open()
+        self._thread = threading.Thread(target=self._write_loop, name="pyproxy-access-log", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        try:
+            self._queue.put(_STOP, timeout=STOP_TIMEOUT)  # after every line already queued
+        except queue.Full:
+            log.warning("access log writer is stuck; %d lines not written", self._queue.qsize())
+        self._thread.join(timeout=STOP_TIMEOUT)
+        self._thread = None
+        if self._stream is not None and self.target not in ("stdout", "stderr"):
+            self._stream.close()
+
+    def _open(self) -> TextIO:
+        if self.target == "stdout":
+            return sys.stdout
+        if self.target == "stderr":
+            return sys.stderr
+        return open(self.target, "a", encoding="utf-8", errors="backslashreplace")
+
+    def _write_loop(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < 256:  # write what has piled up in one go, then flush once
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = any(item is _STOP for item in batch)
+            self._write([line for item in batch if item is not _STOP
+                         for line in (self._format_line(*item),) if line is not None])
+            if stopping:
+                return
+
+    def _format_line(self, when: float, record) -> str | None:
+        try:
+            return self.format(record, when) + "\n"
+        except Exception:  # a formatting bug must not kill the writer (and silently drop every later line)
+            log.exception("cannot format access log line for %r", record)
+            return None
+
+    def _write(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        try:
+            self._stream.write("".join(lines))
+            self._stream.flush()
+            self.written += len(lines)
+        except (OSError, ValueError) as exc:  # disk full, closed pipe: count, keep serving
+            with self._drop_lock:
+                self.dropped += len(lines)
+            log.warning("access log write failed: %s", exc)
+
+
+def make_access_log(log_config) -> AccessLog | None:
+    """The access log a [log] table asks for; None for access = "off" (no observer, no thread)."""
+    if log_config.access == "off":
+        return None
+    return AccessLog(log_config.access, log_config.format)

@@ -1,0 +1,204 @@
+"""The admin listener: GET /healthz, /status (JSON), /metrics (Prometheus text).
+
+It runs on its own socket and its own threads (``http.server.ThreadingHTTPServer``), apart from the
+proxy's accept loop and worker pool, so an admin request never waits behind proxied traffic, and
+never passes through the proxy's observers (it is not counted or access-logged as traffic).
+
+The admin listener defaults to loopback (127.0.0.1:9901). It has no authentication: exposing it on
+another interface is the operator's choice, and /status shows the backend addresses.
+
+``AdminSources`` holds *lists* of callables producing status / metrics snapshots: one per process.
+A single process passes its own; a supervisor passes one per worker and the answers are merged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from .access_log import make_access_log
+from .config import ListenConfig
+from .health import HealthChecker
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics, merge, render_prometheus
+from .status import build_status, merge_status
+
+log = logging.getLogger("pyproxy.admin")
+
+STOP_TIMEOUT = 5.0
+ADMIN_REQUEST_TIMEOUT = 10.0  # a stuck admin client holds one admin thread this long at most
+PATHS = ("/healthz", "/status", "/metrics")
+
+
+class SourceFailed(RuntimeError):
+    """No process answered for a status or metrics snapshot."""
+
+
+@dataclass
+class AdminSources:
+    """Where the admin answers come from."""
+
+    status: list[Callable[[], dict]] = field(default_factory=list)
+    metrics: list[Callable[[], dict]] = field(default_factory=list)
+    draining: Callable[[], bool] = lambda: False
+
+    def status_document(self) -> dict:
+        return merge_status(_collect(self.status, "status"))
+
+    def metrics_text(self) -> str:
+        return render_prometheus(merge(_collect(self.metrics, "metrics")))
+
+
+def _collect(sources: list[Callable[[], dict]], what: str) -> list[dict]:
+    """Call every source; one failing (say, a worker restarting) is logged and left out."""
+    results = []
+    for source in sources:
+        try:
+            results.append(source())
+        except Exception:  # a broken source must not take the whole admin answer down
+            log.exception("%s source %r failed", what, source)
+    if sources and not results:
+        raise SourceFailed(f"no {what} source answered")
+    return results
+
+
+class _AdminHandler(BaseHTTPRequestHandler):
+    server_version = "pyproxy-admin"
+    protocol_version = "HTTP/1.1"
+    timeout = ADMIN_REQUEST_TIMEOUT
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._answer(head_only=False)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._answer(head_only=True)
+
+    def _answer(self, head_only: bool) -> None:
+        sources: AdminSources = self.server.sources
+        path = self.path.split("?", 1)[0]
+        try:
+            if path == "/healthz":
+                draining = sources.draining()
+                self._send(503 if draining else 200, "draining\n" if draining else "ok\n", "text/plain", head_only)
+            elif path == "/status":
+                body = json.dumps(sources.status_document(), indent=2, sort_keys=True) + "\n"
+                self._send(200, body, "application/json", head_only)
+            elif path == "/metrics":
+                self._send(200, sources.metrics_text(), METRICS_CONTENT_TYPE, head_only)
+            else:
+                self._send(404, f"404 not found; try {', '.join(PATHS)}\n", "text/plain", head_only)
+        except SourceFailed as exc:
+            self._send(503, f"503 {exc}\n", "text/plain", head_only)
+
+    def _not_allowed(self) -> None:
+        self._send(405, "405 method not allowed\n", "text/plain", False, extra={"Allow": "GET, HEAD"})
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
+
+    def _send(self, status: int, body: str, content_type: str, head_only: bool, extra=None) -> None:
+        payload = body.encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", content_type if "charset" in content_type else f"{content_type}; charset=utf-8")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if not head_only:
+            self.wfile.write(payload)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
+        log.debug("admin %s: " + format, self.address_string(), *args)
+
+
+class _AdminHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, sock: socket.socket, sources: AdminSources):
+        self.sources = sources
+        super().__init__(sock.getsockname()[:2], _AdminHandler, bind_and_activate=False)
+        self.socket.close()  # replace the unbound socket the base class made with ours
+        self.socket = sock
+        self.address_family = sock.family
+
+
+class AdminServer:
+    """Service (start/stop) serving the admin endpoints on ``listen`` or a pre-bound ``sock``."""
+
+    def __init__(self, listen: ListenConfig | None, sources: AdminSources, sock: socket.socket | None = None):
+        if sock is None:
+            from .runner import bind_config_listener  # runner imports this module: bind lazily
+            sock = bind_config_listener(listen)
+        sock.setblocking(True)
+        self.listen = listen
+        self.sources = sources
+        self._httpd = _AdminHTTPServer(sock, sources)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple:
+        return self._httpd.socket.getsockname()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="pyproxy-admin", daemon=True)
+        self._thread.start()
+        log.info("admin listening on %s", _describe(self.address))
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join(timeout=STOP_TIMEOUT)
+            self._thread = None
+        self._httpd.server_close()
+
+
+def _describe(address) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- wiring for one process ------------------------------------------------------------------------
+
+@dataclass
+class Observability:
+    """What install_observability plugged into a ProxyProcess."""
+
+    metrics: Metrics
+    access_log: object | None
+    checker: HealthChecker | None
+    admin: AdminServer | None
+    sources: AdminSources
+
+
+def install_observability(process, *, admin_socket: socket.socket | None = None, health: bool = True,
+                          admin: bool = True) -> Observability:
+    """Metrics + access log observers, the health checker and the admin listener for one process.
+
+    A future worker process would pass health=False, admin=False (its supervisor runs both, fed by
+    every worker's ``metrics.snapshot`` / ``build_status`` and forwarding the checker's verdicts).
+    """
+    app, config = process.app, process.app.config
+    access_log = make_access_log(config.log)
+    metrics = Metrics(app, server=process.server, pool=process.pool, access_log=access_log)
+    app.observers.append(metrics.observe)
+    if access_log is not None:
+        app.observers.append(access_log.observe)
+        process.add_service(access_log)
+    checker = HealthChecker(app) if health else None
+    if checker is not None:
+        process.add_service(checker)
+    sources = AdminSources(
+        status=[lambda: build_status(app, process.server, process.pool, checker)],
+        metrics=[metrics.snapshot],
+        draining=app.draining)
+    admin_server = None
+    if admin and (config.admin is not None or admin_socket is not None):
+        admin_server = AdminServer(config.admin.listen if config.admin else None, sources, sock=admin_socket)
+        process.add_service(admin_server)
+    return Observability(metrics, access_log, checker, admin_server, sources)

@@ -1,0 +1,372 @@
+"""Active health checks: poll each server's health path and take failing servers out.
+
+Health *state* lives on ``Server`` (``set_health``); the *policy* lives here (STYLE pattern 6, after
+Caddy's ``healthchecks.go``):
+
+- ``HealthPolicy`` is the pure pass/fail counter of one server: ``unhealthy_after`` consecutive
+  failures take it down, ``healthy_after`` consecutive passes bring it back. Servers start up, so a
+  server that fails its first ``unhealthy_after`` checks goes down (nginx plus and Caddy do the same:
+  traffic flows from the first moment, and passive checks cover the gap until the verdict).
+- ``probe`` runs one check over its own short-lived connection (never the traffic pool), bounded by
+  ``timeout`` from connect to the end of the response head.
+- ``HealthChecker`` is the service: one scheduler thread that hands due checks to a few probe
+  threads, so a check hanging until its timeout never delays the others, and never blocks traffic.
+
+Checks run once per proxy. The checker reports each verdict change as
+``(upstream_name, server_address, up, reason)`` to ``checker.listeners``; ``apply_health`` applies
+one such change to a process's own ``Server`` objects, so a supervisor can run the checker and feed
+the verdicts to its worker processes. In single-process mode the checker applies them itself.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import random
+import socket
+import ssl
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from .app import upstream_tls_context
+from .config import HealthConfig, UpstreamConfig, describe_expect_status
+from .http1 import NEED_DATA, EndOfMessage, ProtocolError, ResponseHead, ResponseParser
+
+log = logging.getLogger("pyproxy.health")
+
+JITTER = 0.1            # each interval is stretched or shrunk by up to 10% so servers are not hit in lockstep
+MAX_IDLE_WAIT = 1.0     # the scheduler looks at app.runtime at least this often (reloads)
+MAX_PROBE_THREADS = 16  # concurrent checks; a hanging check holds one thread for at most `timeout`
+READ_SIZE = 16 * 1024
+MAX_DRAIN_BYTES = 64 * 1024  # a health body is read (politely) up to this much, then the connection is dropped
+MAX_HEAD_BYTES = 64 * 1024
+USER_AGENT = "pyproxy-health"
+
+Listener = Callable[[str, str, bool, str], None]
+
+
+# -- the pure decision ---------------------------------------------------------------------------
+
+class HealthPolicy:
+    """Consecutive pass/fail counting for one server. No I/O, no clock, no threads."""
+
+    def __init__(self, healthy_after: int, unhealthy_after: int, up: bool = True):
+        self.healthy_after = healthy_after
+        self.unhealthy_after = unhealthy_after
+        self.up = up
+        self.passes = 0
+        self.failures = 0
+
+    def record(self, ok: bool, detail: str) -> tuple[bool, str] | None:
+        """Count one check result; returns (up, reason) when the verdict changes, else None."""
+        if ok:
+            self.passes, self.failures = self.passes + 1, 0
+            if not self.up and self.passes >= self.healthy_after:
+                self.up = True
+                return True, f"{self.passes} consecutive checks passed"
+        else:
+            self.passes, self.failures = 0, self.failures + 1
+            if self.up and self.failures >= self.unhealthy_after:
+                self.up = False
+                return False, f"{self.failures} consecutive checks failed, last: {detail}"
+        return None
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One check: when (wall clock, comparable across processes), verdict, latency, what came back."""
+
+    checked_at: float
+    ok: bool
+    latency_ms: float
+    status: int | None = None
+    error: str | None = None
+
+    @property
+    def detail(self) -> str:
+        return self.error or f"status {self.status}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- one probe -------------------------------------------------------------------------------------
+
+def probe(host: str, port: int, health: HealthConfig, *, host_header: str,
+          tls_context: ssl.SSLContext | None = None, clock=time.monotonic, wall_clock=time.time) -> CheckResult:
+    """GET health.path on host:port over a fresh connection; the whole head must come within timeout."""
+    started = clock()
+    deadline = started + health.timeout
+    status, error = None, None
+    try:
+        status = _fetch_status(host, port, health.path, host_header, tls_context, deadline, clock)
+    except (TimeoutError, socket.timeout):
+        error = f"timed out after {health.timeout:g}s"
+    except ProtocolError as exc:
+        error = f"invalid response: {exc.reason}"
+    except ssl.SSLError as exc:
+        error = f"TLS error: {exc.reason or exc}"
+    except OSError as exc:
+        error = exc.strerror or str(exc) or type(exc).__name__
+    latency_ms = round((clock() - started) * 1000, 3)
+    ok = error is None and status in health.expect_status
+    if error is None and not ok:
+        error = f"status {status} (expected {describe_expect_status(health.expect_status)})"
+    return CheckResult(wall_clock(), ok, latency_ms, status, error)
+
+
+def _remaining(deadline: float, clock) -> float:
+    left = deadline - clock()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+
+def _fetch_status(host, port, path, host_header, tls_context, deadline, clock) -> int:
+    sock = socket.create_connection((host, port), timeout=_remaining(deadline, clock))
+    try:
+        if tls_context is not None:
+            sock.settimeout(_remaining(deadline, clock))
+            sock = tls_context.wrap_socket(sock, server_hostname=host)
+        request = (f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: {USER_AGENT}\r\n"
+                   "Accept: */*\r\nConnection: close\r\n\r\n").encode("latin-1")
+        sock.settimeout(_remaining(deadline, clock))
+        sock.sendall(request)
+        parser = ResponseParser("GET", max_header_bytes=MAX_HEAD_BYTES)
+        head = _read_head(sock, parser, deadline, clock)
+        _drain_body(sock, parser, deadline, clock)
+        return head.status
+    finally:
+        sock.close()
+
+
+def _read_head(sock, parser: ResponseParser, deadline, clock) -> ResponseHead:
+    while True:
+        event = parser.next_event()
+        if isinstance(event, ResponseHead):
+            if event.status >= 200:
+                return event
+            continue  # RFC 9110 §15.2: 1xx interim responses precede the final one
+        if event is NEED_DATA:
+            sock.settimeout(_remaining(deadline, clock))
+            data = sock.recv(READ_SIZE)
+            if data:
+                parser.feed(data)
+            else:
+                parser.feed_eof()
+
+
+def _drain_body(sock, parser: ResponseParser, deadline, clock) -> None:
+    """Read the (small) body so the backend sees a clean close, not a reset; give up quietly."""
+    drained = 0
+    try:
+        while drained <= MAX_DRAIN_BYTES:
+            event = parser.next_event()
+            if isinstance(event, EndOfMessage):
+                return
+            if event is NEED_DATA:
+                sock.settimeout(_remaining(deadline, clock))
+                data = sock.recv(READ_SIZE)
+                if not data:
+                    parser.feed_eof()
+                    continue
+                drained += len(data)
+                parser.feed(data)
+    except (OSError, ProtocolError) as exc:
+        log.debug("health body not drained: %s", exc)
+
+
+# -- applying verdicts -----------------------------------------------------------------------------
+
+def apply_health(app, upstream_name: str, address: str, up: bool, reason: str) -> bool:
+    """Apply one verdict to this process's servers. True if a server with that address exists."""
+    upstream = app.runtime.upstreams.get(upstream_name)
+    if upstream is None:
+        return False
+    found = False
+    for server in upstream.servers:
+        if server.address == address:
+            server.set_health(up, reason)
+            found = True
+    return found
+
+
+# -- the service -----------------------------------------------------------------------------------
+
+class _Target:
+    """Checker state for one server, carried across reloads by Server object identity."""
+
+    __slots__ = ("upstream_name", "server", "policy", "next_due", "in_flight", "last")
+
+    def __init__(self, upstream_name, server, health: HealthConfig, next_due: float):
+        self.upstream_name = upstream_name
+        self.server = server
+        self.policy = HealthPolicy(health.healthy_after, health.unhealthy_after)
+        self.next_due = next_due
+        self.in_flight = False
+        self.last: CheckResult | None = None
+
+
+class HealthChecker:
+    """Runs active checks for every upstream with a [health] table, following reloads."""
+
+    def __init__(self, app, clock=time.monotonic, wall_clock=time.time, rng: random.Random | None = None,
+                 apply_locally: bool = True, max_threads: int = MAX_PROBE_THREADS):
+        self.app = app
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.rng = rng or random.Random()
+        self.apply_locally = apply_locally
+        self.listeners: list[Listener] = []  # called with (upstream, address, up, reason) on each change
+        self._max_threads = max_threads
+        self._targets: dict[tuple[str, int], _Target] = {}  # (upstream name, id(server)) -> state
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._kick = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._tls_contexts: dict[tuple, ssl.SSLContext] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(self._max_threads, thread_name_prefix="pyproxy-health")
+        self.app.reload_listeners.append(self._on_reload)
+        self._thread = threading.Thread(target=self._run, name="pyproxy-health-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._kick.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._on_reload in self.app.reload_listeners:
+            self.app.reload_listeners.remove(self._on_reload)
+
+    def _on_reload(self, old_config, new_config) -> None:
+        self._kick.set()  # look at the new runtime now, not after the current wait
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def last_check(self, upstream_name: str, address: str) -> dict | None:
+        """The latest check of that server as a dict (CheckResult fields), or None."""
+        with self._lock:
+            for target in self._targets.values():
+                if target.upstream_name == upstream_name and target.server.address == address and target.last:
+                    return target.last.to_dict()
+        return None
+
+    def verdicts(self) -> list[tuple[str, str, bool, str]]:
+        """Current (upstream, address, up, reason) of every checked server: replay for a new worker."""
+        with self._lock:
+            targets = list(self._targets.values())
+        return [(t.upstream_name, t.server.address, t.policy.up, t.server.state_reason) for t in targets]
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                wait = self.run_once()
+            except Exception:  # the checker must outlive any one bad round; the traceback says why
+                log.exception("health check round failed")
+                wait = MAX_IDLE_WAIT
+            self._kick.wait(wait)
+            self._kick.clear()
+
+    def run_once(self) -> float:
+        """Sync targets with app.runtime, start every due check; returns seconds until the next is due."""
+        now = self.clock()
+        due = self._sync_targets(now)
+        for target, upstream_config in due:
+            self._submit(target, upstream_config)
+        with self._lock:
+            waits = [t.next_due - now for t in self._targets.values() if not t.in_flight]
+        return min([MAX_IDLE_WAIT, *waits]) if waits else MAX_IDLE_WAIT
+
+    def _sync_targets(self, now: float) -> list[tuple[_Target, UpstreamConfig]]:
+        runtime = self.app.runtime
+        wanted: dict[tuple[str, int], tuple] = {}
+        for name, upstream in runtime.upstreams.items():
+            health = upstream.config.health
+            if health is None:
+                continue
+            for server in upstream.servers:
+                wanted[(name, id(server))] = (server, upstream.config)
+        due, dropped = [], []
+        with self._lock:
+            for key in list(self._targets):
+                if key not in wanted:
+                    dropped.append(self._targets.pop(key))
+            for key, (server, upstream_config) in wanted.items():
+                health = upstream_config.health
+                target = self._targets.get(key)
+                if target is None:
+                    first = now + self.rng.uniform(0, JITTER) * health.interval
+                    target = self._targets[key] = _Target(key[0], server, health, first)
+                target.policy.healthy_after = health.healthy_after
+                target.policy.unhealthy_after = health.unhealthy_after
+                if not target.in_flight and target.next_due <= now:
+                    target.in_flight = True
+                    due.append((target, upstream_config))
+        for target in dropped:
+            self._forget(target, runtime)
+        return due
+
+    def _forget(self, target: _Target, runtime) -> None:
+        """A server no longer checked (removed, or its upstream lost [health]) must not stay down."""
+        upstream = runtime.upstreams.get(target.upstream_name)
+        still_served = upstream is not None and any(s is target.server for s in upstream.servers)
+        if still_served and not target.policy.up:
+            self._emit(target, True, "active health checks disabled")
+
+    def _submit(self, target: _Target, upstream_config: UpstreamConfig) -> None:
+        try:
+            self._executor.submit(self._check, target, upstream_config)
+        except RuntimeError:  # the executor shut down under us: we are stopping
+            with self._lock:
+                target.in_flight = False
+
+    def _check(self, target: _Target, upstream_config: UpstreamConfig) -> None:
+        health = upstream_config.health
+        server = target.server
+        try:
+            result = probe(server.host, server.port, health, host_header=server.address,
+                           tls_context=self._tls_context(upstream_config) if server.tls else None,
+                           clock=self.clock, wall_clock=self.wall_clock)
+        except Exception as exc:  # a probe bug must count as a failed check, not kill the checker
+            log.exception("health check of %s crashed", server.address)
+            result = CheckResult(self.wall_clock(), False, 0.0, None, f"check crashed: {exc!r}")
+        self.record_result(target, result, health)
+
+    def record_result(self, target: _Target, result: CheckResult, health: HealthConfig) -> None:
+        with self._lock:
+            target.last = result
+            target.in_flight = False
+            target.next_due = self.clock() + health.interval * self.rng.uniform(1 - JITTER, 1 + JITTER)
+            change = target.policy.record(result.ok, result.detail)
+        if not result.ok:
+            log.debug("health check of %s failed: %s", target.server.address, result.detail)
+        if change is not None:
+            self._emit(target, *change)
+        self._kick.set()  # recompute the wait: this target is due again at a new time
+
+    def _emit(self, target: _Target, up: bool, reason: str) -> None:
+        if self.apply_locally:
+            target.server.set_health(up, reason)  # logs the change at info, with the reason
+        else:
+            log.info("upstream %s server %s is %s: %s", target.upstream_name, target.server.address,
+                     "up" if up else "down", reason)
+        for listener in self.listeners:
+            try:
+                listener(target.upstream_name, target.server.address, up, reason)
+            except Exception:  # one broken listener must not stop the others hearing the verdict
+                log.exception("health listener %r failed", listener)
+
+    def _tls_context(self, upstream_config: UpstreamConfig) -> ssl.SSLContext:
+        key = (upstream_config.tls_verify, upstream_config.tls_ca)
+        context = self._tls_contexts.get(key)
+        if context is None:
+            context = self._tls_contexts[key] = upstream_tls_context(upstream_config)
+        return context

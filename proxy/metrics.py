@@ -1,0 +1,221 @@
+"""Request metrics and the Prometheus text exposition format (version 0.0.4).
+
+Three steps, so worker processes and the admin process can share the work:
+
+- ``Metrics.observe(record)`` runs after every proxied request: one lock, a few dict/list increments.
+- ``Metrics.snapshot()`` copies the counters and reads the gauges (servers, connections, threads) into a
+  plain JSON-able dict: what a worker process sends to whoever serves ``/metrics``.
+- ``merge(snapshots)`` adds several processes' snapshots together; ``render_prometheus(merged)`` writes
+  the text format (https://prometheus.io/docs/instrumenting/exposition_formats/).
+
+Merging: counters, histograms, active requests, connections and threads add up. ``pyproxy_upstream_up``
+is 1 only if every process sees the server up: passive ejection is per process, and a server that one
+process had to eject is, for an operator, a server with a problem.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+
+# Prometheus client libraries' default buckets (seconds), which suit request latencies.
+DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+NO_UPSTREAM = "-"  # the upstream label of requests the proxy answered itself before routing (400, 404)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    """Counters fed by the request observer, gauges read at snapshot time."""
+
+    def __init__(self, app, server=None, pool=None, access_log=None, buckets=DEFAULT_BUCKETS):
+        self.app = app
+        self.server = server          # core.SocketServer: connection_counts()
+        self.pool = pool              # core.ThreadPool: counts()
+        self.access_log = access_log  # proxy.access_log.AccessLog: dropped / written
+        self.buckets = tuple(float(b) for b in buckets)
+        self._lock = threading.Lock()
+        self._requests: dict[tuple[str, str], int] = {}
+        self._durations: dict[str, list] = {}  # upstream -> [per-bucket counts (+Inf last), sum, count]
+
+    def observe(self, record) -> None:
+        """The request observer (hot path)."""
+        upstream = record.upstream or NO_UPSTREAM
+        key = (upstream, str(record.status))
+        duration = record.duration
+        slot = bisect.bisect_left(self.buckets, duration)  # le is inclusive: duration == bound counts in it
+        with self._lock:
+            self._requests[key] = self._requests.get(key, 0) + 1
+            histogram = self._durations.get(upstream)
+            if histogram is None:
+                histogram = self._durations[upstream] = [[0] * (len(self.buckets) + 1), 0.0, 0]
+            histogram[0][slot] += 1
+            histogram[1] += duration
+            histogram[2] += 1
+
+    __call__ = observe
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            requests = [{"upstream": u, "code": c, "value": n} for (u, c), n in self._requests.items()]
+            durations = {u: {"counts": list(h[0]), "sum": h[1], "count": h[2]} for u, h in self._durations.items()}
+        return {
+            "processes": 1,
+            "buckets": list(self.buckets),
+            "requests": requests,
+            "durations": durations,
+            "servers": self._server_gauges(),
+            "client_connections": dict(self.server.connection_counts()) if self.server is not None else {},
+            "threads": dict(self.pool.counts()) if self.pool is not None else {},
+            "open_tunnels": self.app.open_tunnels,
+            "access_log": self._access_log_counts(),
+        }
+
+    def _server_gauges(self) -> list[dict]:
+        gauges = []
+        for name, upstream in self.app.runtime.upstreams.items():
+            for server in upstream.servers:
+                snap = server.snapshot()
+                gauges.append({"upstream": name, "server": snap["address"], "up": int(snap["state"] == "up"),
+                               "active": snap["active_requests"], "requests": snap["requests_total"],
+                               "failures": snap["failures_total"]})
+        return gauges
+
+    def _access_log_counts(self) -> dict:
+        if self.access_log is None:
+            return {}
+        return {"written": self.access_log.written, "dropped": self.access_log.dropped}
+
+
+# -- merging -----------------------------------------------------------------------------------------
+
+class IncompatibleSnapshots(ValueError):
+    """Snapshots with different histogram buckets cannot be added together."""
+
+
+def merge(snapshots: list[dict]) -> dict:
+    """Add several processes' snapshots into one (same shape as a snapshot)."""
+    if not snapshots:
+        return _empty()
+    buckets = snapshots[0]["buckets"]
+    merged = _empty(buckets)
+    requests: dict[tuple[str, str], int] = {}
+    servers: dict[tuple[str, str], dict] = {}
+    for snap in snapshots:
+        if snap["buckets"] != buckets:
+            raise IncompatibleSnapshots(f"buckets differ: {snap['buckets']} vs {buckets}")
+        merged["processes"] += snap.get("processes", 1)
+        for item in snap["requests"]:
+            key = (item["upstream"], item["code"])
+            requests[key] = requests.get(key, 0) + item["value"]
+        _merge_durations(merged["durations"], snap["durations"])
+        for gauge in snap["servers"]:
+            _merge_server(servers, gauge)
+        for field in ("client_connections", "threads", "access_log"):
+            _add_into(merged[field], snap.get(field, {}))
+        merged["open_tunnels"] += snap.get("open_tunnels", 0)
+    merged["requests"] = [{"upstream": u, "code": c, "value": n} for (u, c), n in requests.items()]
+    merged["servers"] = list(servers.values())
+    return merged
+
+
+def _empty(buckets=DEFAULT_BUCKETS) -> dict:
+    return {"processes": 0, "buckets": list(buckets), "requests": [], "durations": {}, "servers": [],
+            "client_connections": {}, "threads": {}, "open_tunnels": 0, "access_log": {}}
+
+
+def _merge_durations(into: dict, durations: dict) -> None:
+    for upstream, histogram in durations.items():
+        target = into.setdefault(upstream, {"counts": [0] * len(histogram["counts"]), "sum": 0.0, "count": 0})
+        target["counts"] = [a + b for a, b in zip(target["counts"], histogram["counts"])]
+        target["sum"] += histogram["sum"]
+        target["count"] += histogram["count"]
+
+
+def _merge_server(servers: dict, gauge: dict) -> None:
+    key = (gauge["upstream"], gauge["server"])
+    current = servers.get(key)
+    if current is None:
+        servers[key] = dict(gauge)
+        return
+    current["up"] = min(current["up"], gauge["up"])
+    for field in ("active", "requests", "failures"):
+        current[field] += gauge[field]
+
+
+def _add_into(into: dict, values: dict) -> None:
+    for key, value in values.items():
+        into[key] = into.get(key, 0) + value
+
+
+# -- rendering ---------------------------------------------------------------------------------------
+
+def render_prometheus(snapshot: dict) -> str:
+    """The text exposition format for one (merged) snapshot."""
+    out: list[str] = []
+    _family(out, "pyproxy_requests_total", "counter", "Requests served, by upstream and status code.",
+            [({"upstream": r["upstream"], "code": r["code"]}, r["value"]) for r in _sorted_requests(snapshot)])
+    _histogram(out, snapshot)
+    servers = sorted(snapshot["servers"], key=lambda g: (g["upstream"], g["server"]))
+    labels = [{"upstream": g["upstream"], "server": g["server"]} for g in servers]
+    _family(out, "pyproxy_upstream_up", "gauge", "1 if the server gets traffic (healthy, not ejected).",
+            [(label, g["up"]) for label, g in zip(labels, servers)])
+    _family(out, "pyproxy_upstream_active_requests", "gauge", "Requests in flight to the server.",
+            [(label, g["active"]) for label, g in zip(labels, servers)])
+    _family(out, "pyproxy_upstream_requests_total", "counter", "Attempts sent to the server (retries included).",
+            [(label, g["requests"]) for label, g in zip(labels, servers)])
+    _family(out, "pyproxy_upstream_failures_total", "counter", "Failed attempts (connect, timeout, reset, garbage).",
+            [(label, g["failures"]) for label, g in zip(labels, servers)])
+    _family(out, "pyproxy_client_connections", "gauge", "Client connections by state.",
+            [({"state": s}, n) for s, n in sorted(snapshot["client_connections"].items())])
+    _family(out, "pyproxy_worker_threads", "gauge", "Worker threads: total, busy, and connections queued.",
+            [({"state": s}, n) for s, n in sorted(snapshot["threads"].items())])
+    _family(out, "pyproxy_open_tunnels", "gauge", "Upgraded (WebSocket) tunnels open.",
+            [({}, snapshot["open_tunnels"])])
+    _family(out, "pyproxy_access_log_lines_total", "counter", "Access log lines written or dropped (queue full).",
+            [({"outcome": k}, n) for k, n in sorted(snapshot["access_log"].items())])
+    _family(out, "pyproxy_processes", "gauge", "Processes whose numbers are included here.",
+            [({}, snapshot["processes"])])
+    return "\n".join(out) + "\n"
+
+
+def _sorted_requests(snapshot: dict) -> list[dict]:
+    return sorted(snapshot["requests"], key=lambda r: (r["upstream"], r["code"]))
+
+
+def _histogram(out: list[str], snapshot: dict) -> None:
+    name = "pyproxy_request_duration_seconds"
+    out.append(f"# HELP {name} Time from the request head to the last response byte, by upstream.")
+    out.append(f"# TYPE {name} histogram")
+    bounds = [_format_value(b) for b in snapshot["buckets"]] + ["+Inf"]
+    for upstream, histogram in sorted(snapshot["durations"].items()):
+        cumulative = 0
+        for bound, count in zip(bounds, histogram["counts"]):
+            cumulative += count
+            out.append(_sample(f"{name}_bucket", {"upstream": upstream, "le": bound}, cumulative))
+        out.append(_sample(f"{name}_sum", {"upstream": upstream}, histogram["sum"]))
+        out.append(_sample(f"{name}_count", {"upstream": upstream}, histogram["count"]))
+
+
+def _family(out: list[str], name: str, kind: str, help_text: str, samples) -> None:
+    out.append(f"# HELP {name} {help_text}")
+    out.append(f"# TYPE {name} {kind}")
+    for labels, value in samples:
+        out.append(_sample(name, labels, value))
+
+
+def _sample(name: str, labels: dict, value) -> str:
+    if not labels:
+        return f"{name} {_format_value(value)}"
+    text = ",".join(f'{key}="{_escape_label(str(val))}"' for key, val in labels.items())
+    return f"{name}{{{text}}} {_format_value(value)}"
+
+
+def _escape_label(value: str) -> str:
+    # The exposition format escapes backslash, double quote and line feed in label values.
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _format_value(value) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return repr(float(value))

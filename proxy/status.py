@@ -1,0 +1,137 @@
+"""The /status document: what each upstream server looks like right now, and the routing table.
+
+``build_status`` describes one process; ``merge_status`` adds several processes' documents into one
+(counters summed, a server "down" if any process sees it down, the newest health check kept), so a
+supervisor can serve one answer for all its workers. Everything is plain JSON-able data.
+
+Shape (CONFIG.md, plus extra fields):
+    {"processes": n, "draining": bool,
+     "upstreams": {NAME: {"policy": ..., "health": {...} | null, "passive": {...} | null,
+                          "servers": [{"address", "state", "reason", "since_seconds", "weight",
+                                       "active_requests", "requests_total", "failures_total",
+                                       "last_check": {"checked_at", "age_seconds", "ok", "latency_ms",
+                                                      "status", "error"} | null}]}},
+     "routes": [{"host", "path", "upstream", "strip_prefix"}],
+     "client_connections": {state: n}, "threads": {...}, "open_tunnels": n}
+"""
+
+from __future__ import annotations
+
+import time
+
+from .config import describe_expect_status, routes_by_precedence
+
+COUNTERS = ("active_requests", "requests_total", "failures_total")
+
+
+def build_status(app, server=None, pool=None, checker=None, wall_clock=time.time) -> dict:
+    """This process's view. ``server``/``pool``/``checker`` are optional (a worker has no checker)."""
+    runtime = app.runtime
+    now, wall_now = app.clock(), wall_clock()
+    upstreams = {}
+    for name, upstream in runtime.upstreams.items():
+        servers = [_server_status(name, s, now, wall_now, checker) for s in upstream.servers]
+        upstreams[name] = {"policy": upstream.config.policy, "health": _health(upstream.config.health),
+                           "passive": _passive(upstream.config.passive), "servers": servers}
+    return {
+        "processes": 1,
+        "draining": app.draining(),
+        "upstreams": upstreams,
+        "routes": _routes(runtime.config),
+        "client_connections": dict(server.connection_counts()) if server is not None else {},
+        "threads": dict(pool.counts()) if pool is not None else {},
+        "open_tunnels": app.open_tunnels,
+    }
+
+
+def _server_status(upstream_name: str, server, now: float, wall_now: float, checker) -> dict:
+    snap = server.snapshot()
+    since = snap.pop("since")
+    snap["since_seconds"] = round(max(0.0, now - since), 3)
+    last = checker.last_check(upstream_name, snap["address"]) if checker is not None else None
+    snap["last_check"] = _with_age(last, wall_now)
+    return snap
+
+
+def _with_age(last: dict | None, wall_now: float) -> dict | None:
+    if last is None:
+        return None
+    return {**last, "age_seconds": round(max(0.0, wall_now - last["checked_at"]), 3)}
+
+
+def _health(health) -> dict | None:
+    if health is None:
+        return None
+    return {"path": health.path, "interval": health.interval, "timeout": health.timeout,
+            "expect_status": describe_expect_status(health.expect_status),
+            "healthy_after": health.healthy_after, "unhealthy_after": health.unhealthy_after}
+
+
+def _passive(passive) -> dict | None:
+    if passive is None:
+        return None
+    return {"max_fails": passive.max_fails, "fail_timeout": passive.fail_timeout}
+
+
+def _routes(config) -> list[dict]:
+    """Routes in the order the router tries them (most specific first)."""
+    return [{"host": r.host, "path": r.path, "upstream": r.upstream, "strip_prefix": r.strip_prefix}
+            for r in routes_by_precedence(config.routes)]
+
+
+# -- merging -----------------------------------------------------------------------------------------
+
+def merge_status(statuses: list[dict]) -> dict:
+    """One document for several processes (the first one's routes and upstream list lead)."""
+    if not statuses:
+        return {"processes": 0, "draining": False, "upstreams": {}, "routes": [],
+                "client_connections": {}, "threads": {}, "open_tunnels": 0}
+    first = statuses[0]
+    merged = {
+        "processes": sum(s.get("processes", 1) for s in statuses),
+        "draining": any(s.get("draining", False) for s in statuses),
+        "upstreams": {},
+        "routes": first["routes"],
+        "client_connections": _sum_dicts(s.get("client_connections", {}) for s in statuses),
+        "threads": _sum_dicts(s.get("threads", {}) for s in statuses),
+        "open_tunnels": sum(s.get("open_tunnels", 0) for s in statuses),
+    }
+    for status in statuses:
+        for name, upstream in status["upstreams"].items():
+            _merge_upstream(merged["upstreams"], name, upstream)
+    return merged
+
+
+def _merge_upstream(into: dict, name: str, upstream: dict) -> None:
+    target = into.get(name)
+    if target is None:
+        into[name] = {**upstream, "servers": [dict(s) for s in upstream["servers"]]}
+        return
+    by_address = {s["address"]: s for s in target["servers"]}
+    for server in upstream["servers"]:
+        current = by_address.get(server["address"])
+        if current is None:
+            copy = dict(server)
+            target["servers"].append(copy)
+            by_address[copy["address"]] = copy
+        else:
+            _merge_server(current, server)
+
+
+def _merge_server(current: dict, other: dict) -> None:
+    for field in COUNTERS:
+        current[field] = current.get(field, 0) + other.get(field, 0)
+    if other["state"] == "down" and current["state"] == "up":
+        current["state"], current["reason"] = "down", other.get("reason", "")
+        current["since_seconds"] = other.get("since_seconds", 0.0)
+    mine, theirs = current.get("last_check"), other.get("last_check")
+    if theirs is not None and (mine is None or theirs["checked_at"] > mine["checked_at"]):
+        current["last_check"] = theirs
+
+
+def _sum_dicts(dicts) -> dict:
+    total: dict = {}
+    for values in dicts:
+        for key, value in values.items():
+            total[key] = total.get(key, 0) + value
+    return total
