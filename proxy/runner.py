@@ -14,6 +14,7 @@ from pathlib import Path
 from core import SocketServer, ThreadPool
 from core.socket_server import bind_listener
 
+from .admin import install_observability
 from .app import Application
 from .config import Config, ConfigError, ListenConfig, load_config
 from .handler import HttpHandler
@@ -32,7 +33,7 @@ class ProxyProcess:
     """One serving process: accept loop + pool + handler, plus the services plugged in beside it."""
 
     def __init__(self, config: Config, *, listeners=None, install_signals: bool = False,
-                 config_path: str | None = None):
+                 config_path: str | None = None, admin_socket=None, observability: bool = True):
         self.config_path = config_path
         self.app = Application(config)
         server_cfg = config.server
@@ -53,6 +54,9 @@ class ProxyProcess:
             self._add_listener(listen, sock)
         self.services: list = []  # objects with start() and stop(): admin, health checks, logs
         self.install_signals = install_signals
+        # Metrics and access log observers, health checker, admin listener (proxy.admin). A worker
+        # under a supervisor would take the observers only: install_observability(health=False, admin=False).
+        self.observability = install_observability(self, admin_socket=admin_socket) if observability else None
 
     def _add_listener(self, listen: ListenConfig, sock) -> None:
         self.server.add_listener(sock, tag=listen)
