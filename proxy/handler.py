@@ -273,6 +273,7 @@ class HttpHandler:
         tried = []
         attempts_left = 1 + upstream.config.retries
         last_error: ProxyError | None = None
+        fresh = False  # after a stale pooled connection: the retry dials a new one
         while attempts_left > 0:
             attempts_left -= 1
             server = upstream.pick_server(ex.session.client_ip, exclude=tried)
@@ -284,7 +285,7 @@ class HttpHandler:
             ex.record.server = server.address
             out.host = ex.request.host if upstream.config.preserve_host and ex.request.host else server.address
             try:
-                self._attempt(ex, upstream, server, out)
+                self._attempt(ex, upstream, server, out, fresh)
                 server.record_success()
                 return
             except UpstreamConnectError as exc:
@@ -297,6 +298,12 @@ class HttpHandler:
                     raise
                 last_error = exc
                 tried.pop()  # a stale pooled connection is not the server's fault
+                # Nor does it use up `retries` (those count further servers): the stale race must
+                # never reach a client when a retry is safe. Bounded: a new connection is never
+                # stale, so this happens at most once per request.
+                if not fresh:
+                    attempts_left += 1
+                fresh = True
                 log.debug("retrying after stale connection to %s", server.address)
             except UpstreamTimeout as exc:
                 server.record_failure(exc.detail)
@@ -312,9 +319,9 @@ class HttpHandler:
         has_body = ex.request.chunked or bool(ex.request.content_length)
         return not has_body or (ex.request.method in IDEMPOTENT and ex.body_done)
 
-    def _attempt(self, ex: Exchange, upstream, server, out: Outbound) -> None:
+    def _attempt(self, ex: Exchange, upstream, server, out: Outbound, fresh: bool = False) -> None:
         pool = upstream.pools[server]
-        upstream_conn = pool.checkout()
+        upstream_conn = pool.connect() if fresh else pool.checkout()
         reusable = False
         try:
             reusable = self._send_and_relay(ex, upstream_conn, out)
