@@ -1,0 +1,291 @@
+"""Engine edge cases: framing corners, interim responses, failures after the response started, retries."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+
+import pytest
+import requests
+
+from tests.backends import RawClient, closed_port
+from tests.conftest import CLIENT_TIMEOUT
+from tests.core_helpers import wait_for
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@contextlib.contextmanager
+def raw_client(proxy):
+    sock = proxy.connect()
+    try:
+        yield RawClient(sock)
+    finally:
+        sock.close()
+
+
+def serve_forever(answer: bytes):
+    """A raw script answering every request on the connection with the same bytes."""
+    def script(peer):
+        while True:
+            head, _ = peer.read_request()
+            if not head:
+                return
+            peer.send(answer)
+    return script
+
+
+def test_close_delimited_upstream_response_is_rechunked_for_http11(make_raw_backend, make_proxy):
+    def script(peer):
+        peer.read_request()
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil close")
+        peer.close()
+    raw = make_raw_backend(script)
+    proxy = make_proxy({"web": [raw.address]})
+    with raw_client(proxy) as client:
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        response = client.read_response()
+        assert response.framing == "chunked"
+        assert response.body == b"until close"
+        client.send(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")  # the client connection survives
+        assert client.read_response().body == b"until close"
+    wait_for(lambda: raw.connections == 2, what="a new upstream connection for the second request")
+
+
+def test_http10_client_close_delimited_response(make_raw_backend, make_proxy):
+    def script(peer):
+        peer.read_request()
+        peer.send(b"HTTP/1.0 200 OK\r\n\r\nold style body")
+        peer.close()
+    raw = make_raw_backend(script)
+    proxy = make_proxy({"web": [raw.address]})
+    with raw_client(proxy) as client:
+        client.send(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        response = client.read_response()
+        assert response.framing == "close"
+        assert response.body == b"old style body"
+
+
+def test_http10_keep_alive_client_gets_length_and_keeps_connection(make_backend, make_proxy):
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]})
+    with raw_client(proxy) as client:
+        for path in ("/one", "/two"):
+            client.send(f"GET {path} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode())
+            response = client.read_response()
+            assert response.status == 200
+            assert response.header("X-Echo-Path") == path
+            assert response.header("Connection").lower() == "keep-alive"
+
+
+def test_response_hop_by_hop_headers_stripped(make_raw_backend, make_proxy):
+    raw = make_raw_backend(serve_forever(
+        b"HTTP/1.1 200 OK\r\nConnection: X-Internal\r\nX-Internal: secret\r\nKeep-Alive: timeout=5\r\n"
+        b"X-Public: yes\r\nContent-Length: 2\r\n\r\nok"))
+    proxy = make_proxy({"web": [raw.address]})
+    response = requests.get(proxy.url + "/", timeout=CLIENT_TIMEOUT)
+    assert response.headers.get("X-Public") == "yes"
+    assert "X-Internal" not in response.headers
+    assert "Keep-Alive" not in response.headers
+
+
+def test_interim_103_relayed_then_final(make_raw_backend, make_proxy):
+    raw = make_raw_backend(serve_forever(
+        b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone"))
+    proxy = make_proxy({"web": [raw.address]})
+    with raw_client(proxy) as client:
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        response = client.read_response()
+        assert response.interim == [103]
+        assert response.body == b"done"
+
+
+def test_trailers_forwarded_to_chunked_client(make_raw_backend, make_proxy):
+    raw = make_raw_backend(serve_forever(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
+        b"3\r\nabc\r\n0\r\nX-Checksum: 42\r\n\r\n"))
+    proxy = make_proxy({"web": [raw.address]})
+    with raw_client(proxy) as client:
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        head = client.read_head()
+        assert b"chunked" in head.lower()
+        assert client._read_line() == b"3"
+        assert client.read_exact(5) == b"abc\r\n"
+        assert client._read_line() == b"0"
+        assert client._read_line() == b"X-Checksum: 42"
+        assert client._read_line() == b""
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")  # framing intact: the next one parses
+        assert client.read_response().body == b"abc"
+
+
+def test_expect_continue_final_status_without_body(make_raw_backend, make_proxy):
+    """The upstream refuses (417) before the body: the client gets it and need not send the body."""
+    def script(peer):
+        peer.read_head()
+        peer.send(b"HTTP/1.1 417 Expectation Failed\r\nContent-Length: 4\r\nConnection: close\r\n\r\nnope")
+        peer.close()
+    raw = make_raw_backend(script)
+    proxy = make_proxy({"web": [raw.address]})
+    with raw_client(proxy) as client:
+        client.send(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n")
+        response = client.read_response()
+        assert response.status == 417
+        assert response.body == b"nope"
+        assert response.header("Connection") == "close"  # the unread body makes the connection unusable
+        assert client.at_eof()
+
+
+def test_expect_continue_client_sends_body_without_waiting(make_backend, make_proxy):
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]})
+    with raw_client(proxy) as client:
+        client.send(b"POST /eager HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello")
+        response = client.read_response()
+        assert response.status == 200
+        assert response.body == b"hello"
+        client.send(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert client.read_response().header("X-Echo-Path") == "/next"
+
+
+def test_upstream_fin_mid_length_body_truncates_and_closes(make_raw_backend, make_proxy):
+    def script(peer):
+        peer.read_request()
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+        peer.close()
+    raw = make_raw_backend(script)
+    proxy = make_proxy({"web": [raw.address]})
+    with raw_client(proxy) as client:
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        with pytest.raises(ConnectionError):
+            client.read_response()
+
+
+def test_upstream_stall_mid_body_truncates_and_closes(make_raw_backend, make_proxy):
+    def script(peer):
+        peer.read_request()
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+        peer.hang()
+    raw = make_raw_backend(script)
+    proxy = make_proxy({"web": [raw.address]}, upstream_options={"read_timeout": "0.5s"})
+    with raw_client(proxy) as client:
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        with pytest.raises(ConnectionError):
+            client.read_response()
+
+
+def test_upstream_stall_mid_chunked_body_truncates_and_closes(make_raw_backend, make_proxy):
+    def script(peer):
+        peer.read_request()
+        peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        peer.hang()
+    raw = make_raw_backend(script)
+    proxy = make_proxy({"web": [raw.address]}, upstream_options={"read_timeout": "0.5s"})
+    with raw_client(proxy) as client:
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        with pytest.raises(ConnectionError):
+            client.read_response()
+
+
+def test_stale_get_retried_even_with_retries_zero(make_raw_backend, make_proxy):
+    """The stale keep-alive race is retried on a fresh connection to the same server: that is not
+    one of the 'further servers' the retries setting counts."""
+    executions = []
+
+    def script(peer):
+        head, _ = peer.read_request()
+        if not head:
+            return
+        executions.append(peer.index)
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        if peer.read_request()[0]:
+            executions.append(peer.index)
+            peer.close()
+    raw = make_raw_backend(script)
+    proxy = make_proxy({"web": [raw.address]}, upstream_options={"retries": 0})
+    with requests.Session() as session:
+        assert session.get(proxy.url + "/a", timeout=CLIENT_TIMEOUT).status_code == 200
+        assert session.get(proxy.url + "/b", timeout=CLIENT_TIMEOUT).status_code == 200
+    assert executions == [0, 0, 1]
+
+
+def test_post_without_body_retried_after_stale(make_raw_backend, make_proxy):
+    executions = []
+
+    def script(peer):
+        head, _ = peer.read_request()
+        if not head:
+            return
+        executions.append(head.split(b" ")[0])
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        head, _ = peer.read_request()
+        if head:
+            executions.append(head.split(b" ")[0])
+            peer.reset()
+    raw = make_raw_backend(script)
+    proxy = make_proxy({"web": [raw.address]})
+    with requests.Session() as session:
+        assert session.get(proxy.url + "/a", timeout=CLIENT_TIMEOUT).status_code == 200
+        assert session.post(proxy.url + "/ping", timeout=CLIENT_TIMEOUT).status_code == 200
+    assert executions == [b"GET", b"POST", b"POST"]
+
+
+def test_large_upload_then_pipelined_request(make_backend, make_proxy):
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]})
+    body = bytes(range(256)) * 1024  # 256 KiB: above the splice threshold
+    with raw_client(proxy) as client:
+        client.send(b"POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                    + b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n")
+        first = client.read_response()
+        assert first.status == 200 and first.body == body
+        second = client.read_response()
+        assert second.header("X-Echo-Path") == "/after"
+
+
+def test_client_connection_close_is_honoured(make_backend, make_proxy):
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]})
+    with raw_client(proxy) as client:
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        response = client.read_response()
+        assert response.header("Connection") == "close"
+        assert client.at_eof()
+    wait_for(lambda: proxy.pool("web").idle_count == 1, what="upstream connection pooled")
+
+
+def test_error_responses_carry_request_id(make_proxy):
+    proxy = make_proxy({"web": [f"127.0.0.1:{closed_port()}"]}, upstream_options={"retries": 0})
+    response = requests.get(proxy.url + "/", headers={"X-Request-Id": "trace-1"}, timeout=CLIENT_TIMEOUT)
+    assert response.status_code == 502
+    assert response.headers["X-Request-Id"] == "trace-1"
+
+
+def test_absolute_form_target(make_backend, make_proxy):
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]})
+    with raw_client(proxy) as client:
+        client.send(b"GET http://app.test/abs?q=1 HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        assert client.read_response().status == 200
+    assert backend.last.path == "/abs?q=1"
+
+
+def test_client_disconnect_mid_chunked_response_closes_upstream(make_raw_backend, make_proxy):
+    closed = []
+
+    def script(peer):
+        peer.read_request()
+        peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        try:
+            for _ in range(100_000):  # bounded; ends when the proxy closes the connection
+                peer.send(b"4000\r\n" + b"z" * 0x4000 + b"\r\n")
+        except OSError:
+            closed.append(True)
+    raw = make_raw_backend(script)
+    proxy = make_proxy({"web": [raw.address]})
+    with raw_client(proxy) as client:
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        client.read_head()
+        client.read_exact(50_000)
+    wait_for(lambda: closed, what="the proxy to close the upstream connection")
+    assert proxy.pool("web").idle_count == 0
