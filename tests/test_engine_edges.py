@@ -289,3 +289,105 @@ def test_client_disconnect_mid_chunked_response_closes_upstream(make_raw_backend
         client.read_exact(50_000)
     wait_for(lambda: closed, what="the proxy to close the upstream connection")
     assert proxy.pool("web").idle_count == 0
+
+
+def test_upstream_connection_close_is_not_pooled(make_raw_backend, make_proxy):
+    raw = make_raw_backend(serve_forever(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"))
+    proxy = make_proxy({"web": [raw.address]})
+    with requests.Session() as session:
+        for _ in range(3):
+            response = session.get(proxy.url + "/", timeout=CLIENT_TIMEOUT)
+            assert response.status_code == 200 and response.text == "ok"
+            assert "close" not in response.headers.get("Connection", "")  # client side stays alive
+    assert proxy.pool("web").idle_count == 0
+    assert raw.connections == 3
+
+
+def test_upstream_extra_bytes_after_body_never_reused(make_raw_backend, make_proxy):
+    raw = make_raw_backend(serve_forever(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokGARBAGE"))
+    proxy = make_proxy({"web": [raw.address]})
+    with requests.Session() as session:
+        for _ in range(3):
+            response = session.get(proxy.url + "/", timeout=CLIENT_TIMEOUT)
+            assert response.status_code == 200 and response.text == "ok"
+    assert raw.connections == 3
+
+
+def test_upstream_101_without_upgrade_request_is_502(make_raw_backend, make_proxy):
+    raw = make_raw_backend(serve_forever(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"))
+    proxy = make_proxy({"web": [raw.address]})
+    assert requests.get(proxy.url + "/", timeout=CLIENT_TIMEOUT).status_code == 502
+
+
+def test_upstream_head_too_large_is_502(make_raw_backend, make_proxy):
+    raw = make_raw_backend(serve_forever(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 100_000 + b"\r\nContent-Length: 0\r\n\r\n"))
+    proxy = make_proxy({"web": [raw.address]})
+    assert requests.get(proxy.url + "/", timeout=CLIENT_TIMEOUT).status_code == 502
+
+
+def test_upstream_content_length_and_chunked_is_502(make_raw_backend, make_proxy):
+    raw = make_raw_backend(serve_forever(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"))
+    proxy = make_proxy({"web": [raw.address]})
+    response = requests.get(proxy.url + "/", timeout=CLIENT_TIMEOUT)
+    # RFC 9112 §6.3: chunked wins (and the connection must not be reused) or the proxy refuses
+    assert (response.status_code, response.content) in ((200, b"abc"), (502, response.content))
+
+
+def test_client_half_close_after_request_still_gets_response(make_backend, make_proxy):
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]})
+    with raw_client(proxy) as client:
+        client.send(b"POST /half HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc")
+        client.sock.shutdown(socket.SHUT_WR)
+        response = client.read_response()
+        assert response.status == 200 and response.body == b"abc"
+
+
+def test_concurrent_clients(make_backend, make_proxy):
+    import concurrent.futures
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]})
+
+    def one(i):
+        with requests.Session() as session:
+            for j in range(5):
+                body = f"{i}-{j}".encode() * 100
+                response = session.post(proxy.url + f"/c/{i}/{j}", data=body, timeout=CLIENT_TIMEOUT)
+                assert response.content == body
+        return True
+
+    with concurrent.futures.ThreadPoolExecutor(16) as executor:
+        assert all(executor.map(one, range(16)))
+    assert len(backend.requests) == 80
+    assert backend.connections <= 16 + 1
+
+
+@pytest.mark.parametrize("length", [10, 1_000_000])  # parsed body, spliced body
+def test_slow_request_body_is_408_and_closed(make_backend, make_proxy, length):
+    import dataclasses
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]})
+    proxy.app.settings = dataclasses.replace(proxy.app.settings, body_timeout=0.3)
+    with raw_client(proxy) as client:
+        client.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\nabc" % length)
+        response = client.read_response()
+        assert response.status == 408
+        assert response.header("Connection") == "close"
+        assert client.at_eof()
+    wait_for(lambda: backend.closed_connections == 1, what="the upstream connection to close")
+    assert proxy.pool("web").idle_count == 0
+
+
+def test_draining_answers_with_connection_close(make_backend, make_proxy):
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]})
+    with raw_client(proxy) as client:
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert client.read_response().header("Connection") is None
+        proxy.app.draining_event.set()
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        response = client.read_response()
+        assert response.status == 200
+        assert response.header("Connection") == "close"
+        assert client.at_eof()
