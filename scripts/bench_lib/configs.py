@@ -1,7 +1,12 @@
 """Configuration text for the backends and for each proxy under test.
 
 All proxies get the same upstreams (both backend ports), round-robin, upstream keep-alive,
-no access log and the same worker count. Buffering choices keep nginx off the disk so the
+no access log and the same worker count. Upstream keep-alive is equal per backend server:
+pyproxy's `keepalive` counts idle connections per server, nginx's `keepalive` counts them for the
+whole upstream block (per worker), so nginx gets per_server x servers, and HAProxy gets
+`pool-max-conn` per server. (With nginx at a flat `keepalive 32`, c=50 over two servers overflows
+its cache and nginx opens a new upstream connection for many requests: about half its c=50
+throughput on a 2-core machine.) Buffering choices keep nginx off the disk so the
 comparison measures proxying, not temp files: request bodies are streamed
 (proxy_request_buffering off, like HAProxy and pyproxy) and responses are buffered in memory only
 (proxy_max_temp_file_size 0).
@@ -20,6 +25,15 @@ UPLOAD_LIMIT = "2m"  # room for the 1 MiB POST bodies of scenario 5
 MAX_CONNECTIONS = 16384
 IDLE_TIMEOUT_S = 120  # longer than any run, so idle connections are not reaped mid-measurement
 BACKLOG = 4096  # net.core.somaxconn caps it anyway; c=1000 connects all at once
+
+
+@dataclass(frozen=True)
+class ProxyShape:
+    """What every proxy under test shares."""
+    port: int
+    backend_ports: list[int]
+    workers: int
+    keepalive_per_server: int
 
 
 @dataclass(frozen=True)
@@ -92,15 +106,16 @@ def _backend_server(port: int, www: Path) -> str:
 """
 
 
-def nginx_proxy(layout: Layout, port: int, backend_ports: list[int], workers: int) -> str:
-    servers = "".join(f"        server 127.0.0.1:{p};\n" for p in backend_ports)
-    return (_nginx_common(layout, workers) + "http {\n" + _nginx_http_common(layout) + f"""
+def nginx_proxy(layout: Layout, shape: ProxyShape) -> str:
+    servers = "".join(f"        server 127.0.0.1:{p};\n" for p in shape.backend_ports)
+    keepalive = shape.keepalive_per_server * len(shape.backend_ports)
+    return (_nginx_common(layout, shape.workers) + "http {\n" + _nginx_http_common(layout) + f"""
     upstream backends {{
-{servers}        keepalive 32;
+{servers}        keepalive {keepalive};
         keepalive_requests 100000000;
     }}
     server {{
-        listen 127.0.0.1:{port} backlog={BACKLOG};
+        listen 127.0.0.1:{shape.port} backlog={BACKLOG};
         client_max_body_size {UPLOAD_LIMIT};
         location / {{
             proxy_pass http://backends;
@@ -114,10 +129,11 @@ def nginx_proxy(layout: Layout, port: int, backend_ports: list[int], workers: in
 """)
 
 
-def haproxy(port: int, backend_ports: list[int], workers: int) -> str:
-    servers = "".join(f"    server b{i} 127.0.0.1:{p}\n" for i, p in enumerate(backend_ports, 1))
+def haproxy(shape: ProxyShape) -> str:
+    servers = "".join(f"    server b{i} 127.0.0.1:{p} pool-max-conn {shape.keepalive_per_server}\n"
+                      for i, p in enumerate(shape.backend_ports, 1))
     return f"""global
-    nbthread {workers}
+    nbthread {shape.workers}
     maxconn {MAX_CONNECTIONS}
     # HAProxy sizes its fd limit as 2 x maxconn and, by default, refuses to start when it cannot
     # raise RLIMIT_NOFILE that far; idle clients hold no server connection, so a warning will do.
@@ -134,7 +150,7 @@ defaults
     timeout http-keep-alive {IDLE_TIMEOUT_S}s
 
 frontend bench
-    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{shape.port}
     default_backend backends
 
 backend backends
@@ -142,13 +158,13 @@ backend backends
 {servers}"""
 
 
-def pyproxy(port: int, backend_ports: list[int], workers: int) -> str:
+def pyproxy(shape: ProxyShape) -> str:
     """TOML per /work/shared/CONFIG.md. max_connections and idle_timeout are raised like the
     others' limits so scenario 6 (10,000 idle clients) measures memory, not a refusal."""
-    servers = ", ".join(f'"127.0.0.1:{p}"' for p in backend_ports)
+    servers = ", ".join(f'"127.0.0.1:{p}"' for p in shape.backend_ports)
     return f"""[server]
-listen = "127.0.0.1:{port}"
-workers = {workers}
+listen = "127.0.0.1:{shape.port}"
+workers = {shape.workers}
 max_connections = {MAX_CONNECTIONS}
 idle_timeout = "{IDLE_TIMEOUT_S}s"
 graceful_timeout = "2s"
@@ -164,7 +180,7 @@ upstream = "backends"
 [upstreams.backends]
 servers = [{servers}]
 policy = "round_robin"
-keepalive = 32
+keepalive = {shape.keepalive_per_server}
 """
 
 

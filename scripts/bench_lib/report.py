@@ -90,7 +90,8 @@ def _row(label: str, scenario: Scenario, m: Measurement, everything: list[Measur
         extras = (_ratio_text(everything, scenario.key, "nginx"),
                   _ratio_text(everything, scenario.key, "haproxy"),
                   goal_verdict(everything, scenario.key))
-    return (label, m.target, _result_text(scenario, m), _ms(m.p50_ms), _ms(m.p99_ms),
+    died = " (died!)" if "died_during_run" in m.details else ""
+    return (label, m.target, _result_text(scenario, m) + died, _ms(m.p50_ms), _ms(m.p99_ms),
             str(m.errors), *extras)
 
 
@@ -120,12 +121,14 @@ def _shorten(text: str) -> str:
 
 
 def failure_notes(measurements: list[Measurement]) -> list[str]:
-    """Full reasons, once each, for failures the table had to shorten."""
+    """Full reasons, once each, for failures the table had to shorten, and for crashes."""
     seen: list[str] = []
     for m in measurements:
-        note = f"{m.target}: {m.failure}"
-        if m.failure and note not in seen:
-            seen.append(note)
+        notes = [f"{m.target}: {m.failure}"] if m.failure else []
+        if "died_during_run" in m.details:
+            notes.append(f"{m.target} died during scenario {m.scenario} "
+                         f"({m.details['died_during_run']}); restarted for the next one")
+        seen.extend(note for note in notes if note not in seen)
     return seen
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import http.client
 import os
 import shutil
+import signal
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from . import configs
 from .procs import ManagedProcess, StartError, start_process, stop_process, wait_until
@@ -22,6 +22,7 @@ from .system import free_port, say
 READY_TIMEOUT_S = 20.0
 PROBE_TIMEOUT_S = 2.0
 TARGET_NAMES = ("direct", "nginx", "haproxy", "pyproxy")
+CLEANUP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 class Lab:
@@ -37,8 +38,13 @@ class Lab:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for process in reversed(self.processes):
-            stop_process(process)
+        # A second Ctrl-C must not cut the cleanup short; it is delivered once we are done.
+        signal.pthread_sigmask(signal.SIG_BLOCK, CLEANUP_SIGNALS)
+        try:
+            for process in reversed(self.processes):
+                stop_process(process)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, CLEANUP_SIGNALS)
         if self.keep_files:
             say(f"kept configs and logs in {self.root}")
         else:
@@ -65,8 +71,6 @@ class Target:
     port: int = 0
     process: ManagedProcess | None = None
     failure: str | None = None
-    restart: Callable[[], "Target"] | None = field(default=None, repr=False)
-    restarts: int = 0
 
 
 @dataclass(frozen=True)
@@ -95,44 +99,54 @@ def _nginx_argv(nginx: str, layout: configs.Layout) -> list[str]:
             "-c", str(layout.config)]
 
 
-def start_target(name: str, lab: Lab, backends: Backends, tools: dict[str, str],
-                 workers: int, repo: Path) -> Target:
-    """Start one target; never raises for a target that fails to come up."""
-    if name == "direct":  # the backend itself: measured but not owned by this target
-        return Target("direct", backends.ports[0], backends.process)
-    starters = {"nginx": _start_nginx, "haproxy": _start_haproxy, "pyproxy": _start_pyproxy}
-    port = free_port()
-    try:
-        process = starters[name](lab, port, backends.ports, tools, workers, repo)
-    except (StartError, OSError) as error:
-        say(f"{name}: failed to start: {error}")
-        return Target(name, port, failure=f"failed to start: {error}")
-    target = Target(name, port, process)
-    target.restart = lambda: start_target(name, lab, backends, tools, workers, repo)
-    return target
+@dataclass
+class TargetFactory:
+    """Starts (and restarts) targets, all with the same backends, workers and keep-alive."""
+    lab: Lab
+    backends: Backends
+    tools: dict[str, str]
+    workers: int
+    keepalive_per_server: int
+    repo: Path
 
+    def start(self, name: str) -> Target:
+        """Start one target; a target that fails to come up is returned with `failure` set."""
+        if name == "direct":  # the backend itself: measured, but not ours to restart
+            return Target("direct", self.backends.ports[0], self.backends.process)
+        shape = configs.ProxyShape(free_port(), self.backends.ports, self.workers, self.keepalive_per_server)
+        starters = {"nginx": self._nginx, "haproxy": self._haproxy, "pyproxy": self._pyproxy}
+        try:
+            process = starters[name](shape)
+        except (StartError, OSError) as error:
+            say(f"{name}: failed to start: {error}")
+            return Target(name, shape.port, failure=f"failed to start: {error}")
+        return Target(name, shape.port, process)
 
-def _start_nginx(lab: Lab, port: int, backend_ports: list[int], tools: dict[str, str],
-                 workers: int, repo: Path) -> ManagedProcess:
-    layout = lab.layout("nginx")
-    layout.config.write_text(configs.nginx_proxy(layout, port, backend_ports, workers))
-    return _start_and_wait(lab, "nginx", _nginx_argv(tools["nginx"], layout), port)
+    def restart(self, target: Target) -> Target:
+        """A fresh process for a proxy target (direct is returned as it is)."""
+        if target.name == "direct" or target.process is None:
+            return target
+        if target.process in self.lab.processes:
+            self.lab.stop(target.process)
+        return self.start(target.name)
 
+    def _nginx(self, shape: configs.ProxyShape) -> ManagedProcess:
+        layout = self.lab.layout("nginx")
+        layout.config.write_text(configs.nginx_proxy(layout, shape))
+        return _start_and_wait(self.lab, "nginx", _nginx_argv(self.tools["nginx"], layout), shape.port)
 
-def _start_haproxy(lab: Lab, port: int, backend_ports: list[int], tools: dict[str, str],
-                   workers: int, repo: Path) -> ManagedProcess:
-    layout = lab.layout("haproxy")
-    layout.config.write_text(configs.haproxy(port, backend_ports, workers))
-    # -db: stay in the foreground, no daemon, so the process group is ours to stop.
-    return _start_and_wait(lab, "haproxy", [tools["haproxy"], "-db", "-f", str(layout.config)], port)
+    def _haproxy(self, shape: configs.ProxyShape) -> ManagedProcess:
+        layout = self.lab.layout("haproxy")
+        layout.config.write_text(configs.haproxy(shape))
+        # -db: stay in the foreground, no daemon, so the process group is ours to stop.
+        argv = [self.tools["haproxy"], "-db", "-f", str(layout.config)]
+        return _start_and_wait(self.lab, "haproxy", argv, shape.port)
 
-
-def _start_pyproxy(lab: Lab, port: int, backend_ports: list[int], tools: dict[str, str],
-                   workers: int, repo: Path) -> ManagedProcess:
-    layout = lab.layout("pyproxy")
-    layout.config.write_text(configs.pyproxy(port, backend_ports, workers))
-    argv = pyproxy_command(repo) + ["-c", str(layout.config), "--workers", str(workers)]
-    return _start_and_wait(lab, "pyproxy", argv, port, cwd=repo)
+    def _pyproxy(self, shape: configs.ProxyShape) -> ManagedProcess:
+        layout = self.lab.layout("pyproxy")
+        layout.config.write_text(configs.pyproxy(shape))
+        argv = pyproxy_command(self.repo) + ["-c", str(layout.config), "--workers", str(shape.workers)]
+        return _start_and_wait(self.lab, "pyproxy", argv, shape.port, cwd=self.repo)
 
 
 def pyproxy_command(repo: Path) -> list[str]:
@@ -193,14 +207,11 @@ def probe_small(port: int) -> str | None:
     return None
 
 
-def ensure_running(target: Target) -> Target:
-    """Restart a target whose process died since the last scenario (and count it)."""
+def ensure_running(target: Target, factory: TargetFactory) -> Target:
+    """Restart a target whose process died since the last scenario."""
     if target.failure or target.process is None or target.process.alive():
         return target
-    reason = target.process.exit_reason()
-    say(f"{target.name}: {reason}; restarting it")
-    if target.restart is None:
-        return Target(target.name, target.port, failure=f"died: {reason}")
-    restarted = target.restart()
-    restarted.restarts = target.restarts + 1
-    return restarted
+    say(f"{target.name}: {target.process.exit_reason()}; restarting it")
+    if target.name == "direct":
+        return Target(target.name, target.port, failure=f"backend died: {target.process.exit_reason()}")
+    return factory.restart(target)
