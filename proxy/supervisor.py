@@ -1,0 +1,585 @@
+"""Worker processes: one supervisor, N forked workers sharing the listening sockets.
+
+Why processes: one Python process serves on one core (the GIL); N workers, each with its own accept
+loop and thread pool, use N cores. The shape is gunicorn's arbiter / nginx's master:
+
+- The supervisor binds the listening sockets once, then forks the workers, which inherit them; the
+  kernel spreads new connections over the processes blocked in accept/epoll on the same socket.
+- It never serves traffic. It runs the health checker and the admin listener (once per proxy), and
+  talks to each worker over a ``socketpair`` made before the fork (``ControlLink``: JSON lines):
+  health verdicts go down (``apply_health``), status/metrics snapshots come up and are merged.
+- Signals (STYLE pattern 9: the handler records, the loop acts):
+  SIGHUP → validate the file; invalid: log, keep everything; valid: every worker reloads in place
+  (same sockets, same keep-alive connections). A change of ``server.listen`` instead binds the new
+  addresses and replaces the workers (new ones start, old ones drain), as nginx does on every reload.
+  SIGTERM/SIGINT → forwarded; the workers drain; the supervisor waits up to graceful_timeout + margin,
+  kills what is left, and exits (0 when every worker stopped on its own). A second SIGINT forces.
+- A worker that dies is logged and replaced, with a backoff when it keeps dying young; the supervisor
+  never dies because a worker did.
+Workers run in their own process group, so a terminal's Ctrl-C reaches the supervisor only (which
+forwards exactly one signal), and they drain on their own when the supervisor disappears (EOF on
+their control link).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+from .admin import AdminServer, AdminSources, install_observability
+from .app import Application
+from .config import Config, ConfigError, ListenConfig, load_config
+from .health import HealthChecker, apply_health
+from .metrics import merge, render_prometheus
+from .runner import ProxyProcess, bind_config_listener
+from .status import merge_status
+from .watch import Watcher, describe_changes
+
+log = logging.getLogger("pyproxy.supervisor")
+
+STOP_MARGIN = 5.0          # beyond graceful_timeout before left-over workers are killed
+SNAPSHOT_TIMEOUT = 5.0     # a worker that does not answer a status/metrics request within this is left out
+STABLE_AFTER = 10.0        # a worker that lived this long had no start-up problem: restart it at once
+BACKOFF_FIRST = 0.5        # then 1, 2, 4 ... seconds between restarts of a worker that keeps dying young
+BACKOFF_MAX = 30.0
+LOOP_TICK = 0.5            # the supervisor loop wakes at least this often (reaping, due restarts)
+MAX_LINE = 16 * 1024 * 1024  # a status document of a very large config still fits
+
+
+class ControlError(RuntimeError):
+    """The other end of a control link is gone or did not answer in time."""
+
+
+class ControlLink:
+    """One end of a supervisor↔worker socketpair speaking JSON lines.
+
+    A message with ``id`` is a request; the other end answers ``{"reply_to": id, ...}``. Anything else
+    (events, one-way commands) goes to ``on_message``; for a request, its return value is the reply.
+    A reader thread per link; writes are serialised by a lock so any thread may send.
+    """
+
+    def __init__(self, sock: socket.socket, on_message: Callable[[dict], dict | None],
+                 on_close: Callable[[], None] | None = None, name: str = "control"):
+        sock.setblocking(True)
+        self.sock = sock
+        self.on_message = on_message
+        self.on_close = on_close
+        self.name = name
+        self._write_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, list] = {}  # id -> [Event, reply]
+        self._waiting_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.closed = threading.Event()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._read_loop, name=f"pyproxy-{self.name}", daemon=True)
+        self._thread.start()
+
+    def send(self, message: dict) -> bool:
+        data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        try:
+            with self._write_lock:
+                self.sock.sendall(data)
+            return True
+        except OSError as exc:
+            log.debug("%s: send failed: %s", self.name, exc)
+            return False
+
+    def request(self, message: dict, timeout: float) -> dict:
+        request_id = next(self._ids)
+        slot = [threading.Event(), None]
+        with self._waiting_lock:
+            self._waiting[request_id] = slot
+        try:
+            if self.closed.is_set() or not self.send({**message, "id": request_id}):
+                raise ControlError(f"{self.name}: link closed")
+            if not slot[0].wait(timeout):
+                raise ControlError(f"{self.name}: no answer to {message.get('op')} within {timeout}s")
+            if slot[1] is None:
+                raise ControlError(f"{self.name}: link closed")
+            return slot[1]
+        finally:
+            with self._waiting_lock:
+                self._waiting.pop(request_id, None)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already disconnected: closing is all that is left
+            pass
+        self.sock.close()
+
+    def _read_loop(self) -> None:
+        reader = self.sock.makefile("rb")
+        try:
+            while True:
+                line = reader.readline(MAX_LINE)
+                if not line:
+                    break
+                self._handle(json.loads(line))
+        except (OSError, ValueError) as exc:
+            log.debug("%s: read loop ends: %s", self.name, exc)
+        finally:
+            self.closed.set()
+            with self._waiting_lock:
+                waiting = list(self._waiting.values())
+            for slot in waiting:
+                slot[0].set()  # wake waiters; their reply stays None → ControlError
+            if self.on_close is not None:
+                self.on_close()
+
+    def _handle(self, message: dict) -> None:
+        reply_to = message.pop("reply_to", None)
+        if reply_to is not None:
+            with self._waiting_lock:
+                slot = self._waiting.get(reply_to)
+            if slot is not None:
+                slot[1] = message
+                slot[0].set()
+            return
+        request_id = message.pop("id", None)
+        try:
+            reply = self.on_message(message)
+        except Exception as exc:  # a bad command must not end the link; the requester sees why
+            log.exception("%s: handling %s failed", self.name, message.get("op"))
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        if request_id is not None:
+            self.send({**(reply or {}), "reply_to": request_id})
+
+
+# -- the worker side ---------------------------------------------------------------------------------
+
+class WorkerControl:
+    """Service inside a worker: answers its supervisor over the control link."""
+
+    def __init__(self, process: ProxyProcess, sock: socket.socket, slot: int,
+                 status_source: Callable[[], dict], metrics_source: Callable[[], dict]):
+        self.process = process
+        self.slot = slot
+        self.status_source = status_source
+        self.metrics_source = metrics_source
+        self.link = ControlLink(sock, self.handle, on_close=self._supervisor_gone, name=f"worker-{slot}-control")
+        self._stopping = False
+
+    def start(self) -> None:
+        self.link.start()
+        self.link.send({"event": "ready", "pid": os.getpid(), "slot": self.slot})
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.link.close()
+
+    def handle(self, message: dict) -> dict | None:
+        op = message.get("op")
+        if op == "health":
+            apply_health(self.process.app, message["upstream"], message["address"], message["up"],
+                         message.get("reason", ""))
+            return None
+        if op == "status":
+            return {"status": self.status_source()}
+        if op == "metrics":
+            return {"metrics": self.metrics_source()}
+        if op == "reload":
+            self.process.server.call_soon(self._reload)  # on the loop thread, exactly like a SIGHUP
+            return None
+        if op == "ping":
+            return {"pid": os.getpid()}
+        return {"error": f"unknown op {op!r}"}
+
+    def _reload(self) -> None:
+        ok = self.process.reload_from_file()
+        self.link.send({"event": "reloaded", "pid": os.getpid(), "ok": ok})
+
+    def _supervisor_gone(self) -> None:
+        if not self._stopping:
+            log.warning("worker %d: supervisor gone, draining", self.slot)
+            self.process.stop()
+
+
+def worker_main(slot: int, config: Config, config_path: str | None, listeners, control_sock) -> int:
+    """The body of a forked worker. Returns its exit code."""
+    os.setpgid(0, 0)  # a terminal's Ctrl-C goes to the supervisor's group only; it forwards one signal
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    process = ProxyProcess(config, listeners=listeners, install_signals=True, config_path=config_path,
+                           observability=False)
+    process.manage_listeners = False  # the supervisor owns the sockets; it replaces workers to change them
+    observability = install_observability(process, health=False, admin=False)
+    process.add_service(WorkerControl(process, control_sock, slot, observability.sources.status[0],
+                                      observability.sources.metrics[0]))
+    process.serve_forever()
+    return 0
+
+
+# -- the supervisor side ---------------------------------------------------------------------------
+
+class WorkerHandle:
+    """What the supervisor knows about one worker process."""
+
+    def __init__(self, slot: int, pid: int, link: ControlLink, started: float):
+        self.slot, self.pid, self.link, self.started = slot, pid, link, started
+        self.ready = threading.Event()
+
+
+class SupervisorSources(AdminSources):
+    """Admin answers merged over the workers, plus a per-worker line in /status."""
+
+    def __init__(self, supervisor: "Supervisor"):
+        super().__init__(status=[], metrics=[], draining=lambda: supervisor.stopping)
+        self.supervisor = supervisor
+
+    def status_document(self) -> dict:
+        per_worker = self.supervisor.collect("status")
+        merged = merge_status([status for _, status in per_worker])
+        merged["workers"] = [{"slot": handle.slot, "pid": handle.pid,
+                              "requests_total": _requests_total(status)} for handle, status in per_worker]
+        merged["draining"] = merged["draining"] or self.supervisor.stopping
+        return merged
+
+    def metrics_text(self) -> str:
+        return render_prometheus(merge([metrics for _, metrics in self.supervisor.collect("metrics")]))
+
+
+def _requests_total(status: dict) -> int:
+    return sum(server.get("requests_total", 0) for upstream in status.get("upstreams", {}).values()
+               for server in upstream.get("servers", ()))
+
+
+class Supervisor:
+    """Forks and keeps ``workers`` worker processes; see the module docstring."""
+
+    def __init__(self, config: Config, config_path: str | None, listeners: list[tuple[ListenConfig, socket.socket]],
+                 workers: int, *, watch: bool = False, clock=time.monotonic):
+        self.config = config
+        self.config_path = config_path
+        self.listeners = list(listeners)
+        self.worker_count = workers
+        self.watch = watch
+        self.clock = clock
+        self.slots: list[WorkerHandle | None] = [None] * workers
+        self.retiring: dict[int, WorkerHandle] = {}  # pid -> old worker draining after a replacement
+        self.restart_at: dict[int, float] = {}
+        self.failures: dict[int, int] = {}
+        self.stopping = False
+        self.killed = 0
+        self.restarts_total = 0
+        self._deadline = 0.0
+        self._signals: deque[int] = deque()
+        self._calls: deque[Callable[[], None]] = deque()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.app = Application(config)  # the health checker's view of the servers; never serves traffic
+        self.checker: HealthChecker | None = None
+        self.services: list = []
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self) -> int:
+        self._install_signals()
+        for slot in range(self.worker_count):
+            self._spawn(slot)
+        self._start_services()
+        try:
+            while not (self.stopping and not self._live_workers()):
+                self._loop_once()
+        finally:
+            self._stop_services()
+            for _, sock in self.listeners:
+                sock.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        log.info("supervisor exiting (%d worker(s) had to be killed)", self.killed)
+        return 1 if self.killed else 0
+
+    def _loop_once(self) -> None:
+        timeout = LOOP_TICK
+        if self.restart_at:
+            timeout = max(0.0, min(timeout, min(self.restart_at.values()) - self.clock()))
+        try:
+            select.select([self._wake_r], [], [], timeout)
+        except InterruptedError:
+            pass
+        self._drain_wake_pipe()
+        while self._signals:
+            self._handle_signal(self._signals.popleft())
+        while self._calls:
+            self._calls.popleft()()
+        self._reap()
+        self._restart_due()
+        if self.stopping and self.clock() >= self._deadline:
+            self._kill_leftovers()
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """From other threads (watcher, link readers): run ``fn`` on the supervisor loop."""
+        self._calls.append(fn)
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):  # full (the loop wakes anyway) or closed (exiting)
+            pass
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    # -- signals (pattern 9) ------------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, self._record_signal)
+
+    def _record_signal(self, signum, frame) -> None:
+        self._signals.append(signum)
+
+    def _handle_signal(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            return  # _reap runs on every pass
+        if signum == signal.SIGHUP:
+            if not self.stopping:
+                self.reload()
+            return
+        self.stop(signum)
+
+    # -- workers -------------------------------------------------------------------------------------
+    def _spawn(self, slot: int) -> None:
+        parent_sock, child_sock = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns into the supervisor's code
+            code = 1
+            try:
+                parent_sock.close()
+                self._close_in_child()
+                code = worker_main(slot, self.config, self.config_path, self.listeners, child_sock)
+            except BaseException:  # the worker must end here, whatever happened, with its reason logged
+                log.exception("worker %d failed", slot)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        child_sock.close()
+        handle = WorkerHandle(slot, pid, None, self.clock())
+        handle.link = ControlLink(parent_sock, lambda message: self._on_worker_message(handle, message),
+                                  name=f"supervisor-link-{slot}")
+        handle.link.start()
+        self.slots[slot] = handle
+        log.info("worker %d started (pid %d)", slot, pid)
+
+    def _close_in_child(self) -> None:
+        """Drop the supervisor's own descriptors so a worker holds only its sockets and link."""
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)  # until the worker's own loop installs its handlers
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        for handle in self._all_handles():
+            handle.link.sock.close()
+
+    def _all_handles(self) -> list[WorkerHandle]:
+        return [h for h in self.slots if h is not None] + list(self.retiring.values())
+
+    def _live_workers(self) -> list[WorkerHandle]:
+        return self._all_handles()
+
+    def _on_worker_message(self, handle: WorkerHandle, message: dict) -> None:
+        event = message.get("event")
+        if event == "ready":
+            handle.ready.set()
+            log.info("worker %d (pid %d) ready", handle.slot, handle.pid)
+            if self.checker is not None:  # a new worker starts with every server up: replay verdicts
+                for upstream, address, up, reason in self.checker.verdicts():
+                    if not up:
+                        handle.link.send({"op": "health", "upstream": upstream, "address": address,
+                                          "up": up, "reason": reason})
+        elif event == "reloaded":
+            level = logging.INFO if message.get("ok") else logging.ERROR
+            log.log(level, "worker %d (pid %d) %s", handle.slot, handle.pid,
+                    "reloaded" if message.get("ok") else "failed to reload (kept its config)")
+        return None
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self._worker_exited(pid, status)
+
+    def _worker_exited(self, pid: int, status: int) -> None:
+        how = _describe_exit(status)
+        handle = self.retiring.pop(pid, None)
+        if handle is not None:
+            handle.link.close()
+            log.info("old worker %d (pid %d) %s", handle.slot, pid, how)
+            return
+        for slot, handle in enumerate(self.slots):
+            if handle is not None and handle.pid == pid:
+                break
+        else:
+            return  # not ours (a probe's child, say)
+        self.slots[slot] = None
+        handle.link.close()
+        if self.stopping:
+            log.info("worker %d (pid %d) %s", slot, pid, how)
+            return
+        lived = self.clock() - handle.started
+        self.failures[slot] = 0 if lived >= STABLE_AFTER else self.failures.get(slot, 0) + 1
+        delay = 0.0 if self.failures[slot] <= 1 else min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures[slot] - 2))
+        self.restart_at[slot] = self.clock() + delay
+        log.warning("worker %d (pid %d) %s after %.1fs; restarting it in %.1fs", slot, pid, how, lived, delay)
+
+    def _restart_due(self) -> None:
+        if self.stopping:
+            self.restart_at.clear()
+            return
+        now = self.clock()
+        for slot, due in list(self.restart_at.items()):
+            if due <= now:
+                del self.restart_at[slot]
+                self.restarts_total += 1
+                self._spawn(slot)
+
+    # -- reload --------------------------------------------------------------------------------------
+    def reload(self) -> bool:
+        """SIGHUP / --watch: validate first; only a valid file reaches the workers."""
+        if not self.config_path:
+            return False
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the old config:\n%s", exc)
+            return False
+        old, self.config = self.config, config
+        self.app.reload(config)
+        for line in describe_changes(old, config) or ["no changes"]:
+            log.info("  %s", line)
+        if _listen_addresses(old) != _listen_addresses(config):
+            self._replace_workers(config)
+        else:
+            for handle in self._all_handles():
+                handle.link.send({"op": "reload"})
+        if old.admin != config.admin:
+            log.warning("admin listener changes take effect on restart")
+        return True
+
+    def _replace_workers(self, config: Config) -> None:
+        """New listen addresses: bind them, start new workers on the new set, drain the old ones."""
+        kept = {listen.address: (listen, sock) for listen, sock in self.listeners}
+        wanted = {listen.address: listen for listen in config.server.listen}
+        listeners = []
+        for address, listen in wanted.items():
+            if address in kept:
+                listeners.append((listen, kept.pop(address)[1]))
+                continue
+            try:
+                listeners.append((listen, bind_config_listener(listen)))
+                log.info("listening on %s", address)
+            except OSError as exc:
+                log.error("cannot listen on %s: %s", address, exc)
+        for address, (_, sock) in kept.items():  # old workers keep their copies until they drain
+            sock.close()
+            log.info("stopped listening on %s", address)
+        self.listeners = listeners
+        old = [h for h in self.slots if h is not None]
+        self.restart_at.clear()
+        for handle in old:
+            self.retiring[handle.pid] = handle
+        for slot in range(self.worker_count):
+            self._spawn(slot)
+        for handle in old:
+            _signal(handle.pid, signal.SIGTERM)
+
+    # -- stop ----------------------------------------------------------------------------------------
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        if self.stopping:
+            if signum == signal.SIGINT:
+                log.info("second SIGINT: workers stop now")
+                for handle in self._all_handles():
+                    _signal(handle.pid, signal.SIGINT)
+            return
+        self.stopping = True
+        self._deadline = self.clock() + self.config.server.graceful_timeout + STOP_MARGIN
+        log.info("received %s: draining %d worker(s)", signal.Signals(signum).name, len(self._all_handles()))
+        for _, sock in self.listeners:  # the workers' copies keep accepting until each one drains
+            sock.close()
+        self.listeners = []
+        for handle in self._all_handles():
+            _signal(handle.pid, signum)
+
+    def _kill_leftovers(self) -> None:
+        for handle in self._all_handles():
+            log.error("worker %d (pid %d) still running after the graceful timeout: killing it",
+                      handle.slot, handle.pid)
+            _signal(handle.pid, signal.SIGKILL)
+            self.killed += 1
+        self._deadline = float("inf")  # killed once; SIGKILL cannot be ignored, _reap sees them go
+
+    # -- services: health checks and admin, once per proxy -------------------------------------------
+    def _start_services(self) -> None:
+        self.checker = HealthChecker(self.app, apply_locally=True)
+        self.checker.listeners.append(self._broadcast_health)
+        self.services.append(self.checker)
+        if self.config.admin is not None:
+            try:
+                self.services.append(AdminServer(self.config.admin.listen, SupervisorSources(self)))
+            except OSError as exc:
+                log.error("cannot listen on %s for admin: %s", self.config.admin.listen.address, exc)
+        if self.watch and self.config_path:
+            self.services.append(Watcher(self.config_path, lambda: self.call_soon(self.reload)))
+        for service in self.services:
+            service.start()
+
+    def _stop_services(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+
+    def _broadcast_health(self, upstream: str, address: str, up: bool, reason: str) -> None:
+        message = {"op": "health", "upstream": upstream, "address": address, "up": up, "reason": reason}
+        for handle in self._all_handles():
+            handle.link.send(message)
+
+    def collect(self, what: str) -> list[tuple[WorkerHandle, dict]]:
+        """``what`` ("status" or "metrics") from every live worker; one not answering is left out."""
+        answers = []
+        for handle in list(self.slots):
+            if handle is None:
+                continue
+            try:
+                reply = handle.link.request({"op": what}, timeout=SNAPSHOT_TIMEOUT)
+            except ControlError as exc:
+                log.warning("worker %d (pid %d): no %s: %s", handle.slot, handle.pid, what, exc)
+                continue
+            if what in reply:
+                answers.append((handle, reply[what]))
+        return answers
+
+
+def _listen_addresses(config: Config) -> set[str]:
+    return {listen.address for listen in config.server.listen}
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:  # already gone; _reap will see it
+        pass
+
+
+def _describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with code {os.waitstatus_to_exitcode(status)}"
+
+
+def run_supervisor(config: Config, config_path: str | None, listeners, workers: int, watch: bool = False) -> int:
+    """``pyproxy`` with workers > 1. Returns the exit code."""
+    return Supervisor(config, config_path, listeners, workers, watch=watch).run()
