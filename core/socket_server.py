@@ -405,6 +405,13 @@ class SocketServer:
     def _request_pending(conn: Connection) -> bool:
         if conn.has_buffered():
             return True
+        pending = getattr(conn.sock, "pending", None)
+        if pending is not None:  # a TLS socket refuses MSG_PEEK: decrypted bytes, or any on the fd
+            if pending() > 0:
+                return True
+            poller = select.poll()  # not select.select: fds past 1024 are common here
+            poller.register(conn.fileno_cached, select.POLLIN)
+            return bool(poller.poll(0))
         try:
             return bool(conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
         except (BlockingIOError, InterruptedError):

@@ -55,11 +55,20 @@ _TOML_POSITION = re.compile(r"^(?P<message>.*) \(at (?:line (?P<line>\d+), colum
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class SniCertificate:
+    """A further certificate on a TLS listener, served to clients asking for one of ``hosts`` (SNI)."""
+    hosts: tuple[str, ...]  # lowercase names; "*.example.com" covers one label
+    tls_cert: str
+    tls_key: str
+
+
+@dataclass(frozen=True)
 class ListenConfig:
     host: str              # "" = all interfaces; the listener picks 0.0.0.0 or ::
     port: int
     tls_cert: str | None = None
     tls_key: str | None = None
+    sni: tuple[SniCertificate, ...] = ()  # certificates picked by server name; tls_cert is the default
 
     @property
     def address(self) -> str:
@@ -469,7 +478,8 @@ _SERVER_CONVERTERS = {
     "max_body_bytes": _size(),
     "tunnel_timeout": _duration(),
 }
-LISTEN_KEYS = ("address", "tls_cert", "tls_key")
+LISTEN_KEYS = ("address", "tls_cert", "tls_key", "sni")
+SNI_KEYS = ("host", "tls_cert", "tls_key")
 ADMIN_KEYS = ("listen",)
 LOG_KEYS = ("level", "access", "format")
 ROUTE_KEYS = ("host", "path", "strip_prefix", "upstream", "set_headers")
@@ -520,6 +530,7 @@ def _parse_listen_table(c: _Checker, table: dict, path: str) -> ListenConfig | N
         c.add(path, "tls_cert and tls_key go together: give both or neither")
     cert = c.existing_file(table["tls_cert"], key_path(path, "tls_cert")) if "tls_cert" in table else None
     key = c.existing_file(table["tls_key"], key_path(path, "tls_key")) if "tls_key" in table else None
+    sni = _parse_sni(c, table["sni"], key_path(path, "sni"), "tls_cert" in table) if "sni" in table else ()
     if "address" not in table:
         c.add(path, 'missing required key "address"')
         return None
@@ -528,7 +539,44 @@ def _parse_listen_table(c: _Checker, table: dict, path: str) -> ListenConfig | N
     except ValueError as problem:
         c.add(key_path(path, "address"), str(problem))
         return None
-    return ListenConfig(host, port, cert, key)
+    return ListenConfig(host, port, cert, key, sni)
+
+
+def _parse_sni(c: _Checker, value: Any, path: str, has_default: bool) -> tuple[SniCertificate, ...]:
+    """sni = [{ host = "a.test" | ["a.test", "*.a.test"], tls_cert = "...", tls_key = "..." }, ...]"""
+    if not has_default:
+        c.add(path, "needs tls_cert and tls_key on the listener too (the certificate for other names)")
+    if not isinstance(value, list) or not value:
+        c.add(path, f"expected a list of {{ host, tls_cert, tls_key }} tables, got {describe_value(value)}")
+        return ()
+    entries = []
+    for index, item in enumerate(value):
+        entry = _parse_sni_entry(c, item, f"{path}[{index}]")
+        if entry:
+            entries.append(entry)
+    return tuple(entries)
+
+
+def _parse_sni_entry(c: _Checker, item: Any, path: str) -> SniCertificate | None:
+    table = c.table(item, path)
+    c.reject_unknown(table, SNI_KEYS, path)
+    missing = [k for k in SNI_KEYS if k not in table]
+    for name in missing:
+        c.add(path, f'missing required key "{name}"')
+    if missing:
+        return None
+    raw_hosts = table["host"] if isinstance(table["host"], list) else [table["host"]]
+    hosts = []
+    for host in raw_hosts:
+        try:
+            hosts.append(_route_host(host))
+        except ValueError as problem:
+            c.add(key_path(path, "host"), str(problem))
+    cert = c.existing_file(table["tls_cert"], key_path(path, "tls_cert"))
+    key = c.existing_file(table["tls_key"], key_path(path, "tls_key"))
+    if not (hosts and cert and key) or len(hosts) != len(raw_hosts):
+        return None
+    return SniCertificate(tuple(hosts), cert, key)
 
 
 def _parse_listen(c: _Checker, value: Any, path: str) -> tuple[ListenConfig, ...]:

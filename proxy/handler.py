@@ -27,7 +27,7 @@ from .http1 import (LAST_CHUNK, NEED_DATA, Data, EndOfMessage, ProtocolError, Re
                     RequestParser, ResponseHead, ResponseParser, encode_chunk)
 from .responses import plain_response
 from .routing import BadPath, host_without_port, normalize_path, split_target
-from .tunnel import run_tunnel
+from .tunnel import TunnelRelay
 
 log = logging.getLogger("pyproxy.handler")
 
@@ -95,6 +95,7 @@ class Exchange:
 class HttpHandler:
     def __init__(self, app):
         self.app = app
+        self.tunnels = TunnelRelay(app)  # upgraded connections: one relay thread for all of them
 
     # -- connection loop ---------------------------------------------------------------------
     def __call__(self, conn) -> None:
@@ -118,7 +119,7 @@ class HttpHandler:
                 return
             conn.transition(S.IDLE)
             session.parser.start_next()
-            if not session.parser.has_buffered_data:
+            if not session.parser.has_buffered_data and not _tls_pending(conn):
                 return  # the server parks the connection until its next request arrives
             conn.transition(S.READING)
 
@@ -326,7 +327,8 @@ class HttpHandler:
         try:
             reusable = self._send_and_relay(ex, upstream_conn, out)
         finally:
-            pool.release(upstream_conn, reusable)
+            if ex.conn.state is not S.TUNNEL:  # otherwise the tunnel relay owns the socket now
+                pool.release(upstream_conn, reusable)
 
     def _send_and_relay(self, ex: Exchange, upstream_conn, out: Outbound) -> bool:
         """Send the request, relay the response. Returns whether the upstream connection is reusable."""
@@ -425,6 +427,11 @@ class HttpHandler:
 
     def _await_continue(self, ex: Exchange, link):
         """RFC 9110 §10.1.1: wait for the upstream's 100 (relay it) or the client's body, whichever first."""
+        if ex.session.parser.has_buffered_data:
+            # The client sent body bytes without waiting (they came with the head, so the socket
+            # will not turn readable for them): send them now rather than wait for a 100 that a
+            # server may never send (it MAY omit 100 and just read the body).
+            return None, None
         timeout = link.conn_timeout()
         ready, _, _ = select.select([ex.conn.sock, link.sock], [], [], timeout)
         if not ready:
@@ -559,8 +566,15 @@ class HttpHandler:
         ex.conn.transition(S.TUNNEL)
         leftover = ex.session.parser.take_buffered()
         link.detach()
-        run_tunnel(ex.conn, link.sock, leftover, self.app.settings.tunnel_timeout, self.app)
+        # The relay thread owns both sockets from here; this worker goes back to the pool.
+        self.tunnels.start_tunnel(ex.conn, link.sock, leftover, self.app.settings.tunnel_timeout)
         return False
+
+
+def _tls_pending(conn) -> bool:
+    """Decrypted bytes inside OpenSSL: epoll would never wake a parked connection for them."""
+    pending = getattr(conn.sock, "pending", None)
+    return pending is not None and pending() > 0
 
 
 class UpstreamLink:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
 from pathlib import Path
 
@@ -19,10 +20,21 @@ from .app import Application
 from .config import Config, ConfigError, ListenConfig, load_config
 from .handler import HttpHandler
 from .responses import write_overloaded
+from .tls import TlsTerminator
 
 log = logging.getLogger("pyproxy")
 
 POOL_QUEUE_PER_THREAD = 8  # queued connections per allowed thread before the proxy sheds load (503)
+
+
+def tls_terminator(listen: ListenConfig) -> TlsTerminator:
+    """The listener's TLS terminator; a certificate that cannot be loaded is a ConfigError."""
+    try:
+        return TlsTerminator.from_listen_config(listen)
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise ConfigError([f"server.listen {listen.address}: tls_cert/tls_key cannot be loaded ({reason});"
+                           " is the key the certificate's, and both PEM?"]) from exc
 
 
 def bind_config_listener(listen: ListenConfig, reuse_port: bool = False):
@@ -59,6 +71,8 @@ class ProxyProcess:
         self.observability = install_observability(self, admin_socket=admin_socket) if observability else None
 
     def _add_listener(self, listen: ListenConfig, sock) -> None:
+        if listen.tls:
+            self.app.tls_contexts[listen] = tls_terminator(listen)
         self.server.add_listener(sock, tag=listen)
         self.listeners_by_address[listen.address] = listen
 
@@ -135,7 +149,11 @@ def configure_logging(level: str) -> None:
 
 
 def describe_listeners(process: ProxyProcess) -> str:
-    return ", ".join(f"http://{_format(addr)}" for addr in process.addresses)
+    return ", ".join(f"{_scheme(listener.tag)}://{_format(listener.address)}" for listener in process.server.listeners)
+
+
+def _scheme(tag) -> str:
+    return "https" if isinstance(tag, ListenConfig) and tag.tls else "http"
 
 
 def _format(address) -> str:

@@ -112,8 +112,13 @@ class ServerPool:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.tls_context is not None:
                 sock = self.tls_context.wrap_socket(sock, server_hostname=self.tls_server_name)
-            sock.settimeout(None)  # blocking; kernel-side timeouts below (see core.connection)
-            set_socket_timeouts(sock, self.read_timeout, self.read_timeout)
+            if self.tls_context is not None:
+                # Kernel timeouts do not bound TLS reads (CPython retries SSL_read on EAGAIN), so a
+                # TLS socket gets a Python-level timeout: a TimeoutError after read_timeout.
+                sock.settimeout(self.read_timeout)
+            else:
+                sock.settimeout(None)  # blocking; kernel-side timeouts below (see core.connection)
+                set_socket_timeouts(sock, self.read_timeout, self.read_timeout)
         except ssl.SSLError as exc:
             sock.close()
             raise UpstreamConnectError(f"TLS handshake with {self.host}:{self.port} failed: {exc}") from exc

@@ -1,0 +1,160 @@
+"""TLS termination for client listeners: one ``TlsTerminator`` per listener with ``tls_cert``/``tls_key``.
+
+The handshake runs on the worker thread that first serves the connection (never in the accept loop):
+``handshake(conn, timeout)`` wraps ``conn.sock`` in place. A client that connects and sends nothing is
+closed by core's reaper after ``header_timeout`` (it is never dispatched); one that starts a handshake
+and stalls is bounded by ``timeout`` here.
+
+Timeouts: core sets kernel timeouts (SO_RCVTIMEO/SO_SNDTIMEO) on blocking sockets, but they do not
+bound reads on a TLS socket: when the kernel's recv returns EAGAIN, OpenSSL reports WANT_READ and
+CPython's ``SSLSocket.read`` retries on a blocking socket until the peer sends something. So the
+wrapped socket (``TimedSSLSocket``) takes the values core asks for through ``setsockopt`` and applies
+them as Python-level timeouts (poll before each operation) to the reads and writes they belong to.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import struct
+from dataclasses import dataclass
+
+log = logging.getLogger("pyproxy.tls")
+
+ALPN_PROTOCOLS = ["http/1.1"]  # this proxy speaks HTTP/1.1 to clients (RFC 7301)
+_TIMEVAL = struct.Struct("ll")
+_TIMEOUT_OPTIONS = (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO)
+
+
+class TimedSSLSocket(ssl.SSLSocket):
+    """An SSLSocket whose kernel-timeout options become per-direction Python timeouts (see module doc)."""
+
+    _read_timeout: float | None = None
+    _write_timeout: float | None = None
+
+    def setsockopt(self, level, option, value, *rest):
+        if level == socket.SOL_SOCKET and option in _TIMEOUT_OPTIONS and isinstance(value, (bytes, bytearray)):
+            seconds, micros = _TIMEVAL.unpack(value)
+            timeout = (seconds + micros / 1e6) or None  # 0 means "no timeout" to the kernel
+            if option == socket.SO_RCVTIMEO:
+                self._read_timeout = timeout
+            else:
+                self._write_timeout = timeout
+            return None
+        return super().setsockopt(level, option, value, *rest)
+
+    def settimeout(self, value):
+        """An explicit timeout (e.g. 0.0 for the tunnel relay) applies both ways until core sets others."""
+        self._read_timeout = self._write_timeout = value
+        super().settimeout(value)
+
+    def _for_reading(self) -> None:
+        if self.gettimeout() != self._read_timeout:
+            super().settimeout(self._read_timeout)
+
+    def _for_writing(self) -> None:
+        if self.gettimeout() != self._write_timeout:
+            super().settimeout(self._write_timeout)
+
+    def recv(self, buflen=1024, flags=0):
+        self._for_reading()
+        return super().recv(buflen, flags)
+
+    def recv_into(self, buffer, nbytes=None, flags=0):
+        self._for_reading()
+        return super().recv_into(buffer, nbytes, flags)
+
+    def send(self, data, flags=0):
+        self._for_writing()
+        return super().send(data, flags)
+
+    def sendall(self, data, flags=0):
+        self._for_writing()
+        return super().sendall(data, flags)
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A certificate chain and its key; ``hosts`` are the SNI names it serves (empty: the default)."""
+
+    tls_cert: str
+    tls_key: str
+    hosts: tuple[str, ...] = ()
+
+
+def server_context(cert: str, key: str) -> ssl.SSLContext:
+    """Modern server defaults: TLS 1.2+, the ssl module's cipher list, server cipher preference."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_COMPRESSION
+    context.set_alpn_protocols(ALPN_PROTOCOLS)
+    context.load_cert_chain(cert, key)
+    context.sslsocket_class = TimedSSLSocket
+    return context
+
+
+class TlsTerminator:
+    """Terminates TLS for one listener: a default certificate plus optional ones picked by SNI."""
+
+    def __init__(self, default: Certificate, by_name: tuple[Certificate, ...] = ()):
+        self.context = server_context(default.tls_cert, default.tls_key)
+        self._exact: dict[str, ssl.SSLContext] = {}
+        self._wildcard: dict[str, ssl.SSLContext] = {}  # "example.com" for "*.example.com"
+        for certificate in by_name:
+            context = server_context(certificate.tls_cert, certificate.tls_key)
+            for host in certificate.hosts:
+                if host.startswith("*."):
+                    self._wildcard.setdefault(host[2:], context)
+                else:
+                    self._exact.setdefault(host, context)
+        if self._exact or self._wildcard:
+            self.context.sni_callback = self._select_certificate
+
+    @classmethod
+    def from_listen_config(cls, listen) -> "TlsTerminator":
+        default = Certificate(listen.tls_cert, listen.tls_key)
+        extra = tuple(Certificate(entry.tls_cert, entry.tls_key, entry.hosts)
+                      for entry in getattr(listen, "sni", ()))
+        return cls(default, extra)
+
+    def context_for(self, server_name: str | None) -> ssl.SSLContext:
+        """The context whose certificate serves ``server_name``: exact name, then "*.parent", then default."""
+        if not server_name:
+            return self.context
+        name = server_name.lower().rstrip(".")
+        found = self._exact.get(name)
+        if found is None and "." in name:
+            found = self._wildcard.get(name.split(".", 1)[1])  # a wildcard covers one label (RFC 6125 §6.4.3)
+        return found or self.context
+
+    def _select_certificate(self, ssl_object, server_name, _context) -> None:
+        chosen = self.context_for(server_name)
+        if chosen is not self.context:
+            ssl_object.context = chosen
+        return None  # continue the handshake (an unknown name gets the default certificate)
+
+    def handshake(self, conn, timeout: float) -> bool:
+        """Wrap ``conn.sock`` and complete the handshake within ``timeout``; False if it failed."""
+        raw = conn.sock
+        try:
+            raw.settimeout(timeout)
+            wrapped = self.context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        except OSError as exc:
+            log.debug("TLS setup for %s failed: %s", conn.peer, exc)
+            return False
+        conn.sock = wrapped  # same fd: core's epoll registration and fileno bookkeeping stay valid
+        try:
+            wrapped.do_handshake()
+        except (ssl.SSLError, OSError) as exc:  # TimeoutError is an OSError: a stalled handshake
+            log.debug("TLS handshake with %s failed: %s", conn.peer, exc)
+            return False
+        wrapped.settimeout(None)
+        _reset_timeout_cache(conn)
+        return True
+
+
+def _reset_timeout_cache(conn) -> None:
+    """Connection.set_timeouts skips values it believes are set; the new socket has none yet."""
+    conn._read_timeout = None
+    conn._write_timeout = None

@@ -1,0 +1,212 @@
+"""WebSocket (Upgrade) tunnels through the proxy: real websockets client and server on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+from websockets.sync.server import serve
+
+from proxy.config import parse_config
+from tests.conftest import CLIENT_TIMEOUT, proxy_config_dict
+from tests.core_helpers import wait_for
+
+pytestmark = pytest.mark.timeout(30)
+
+LARGE = 5 * 1024 * 1024
+
+
+def _echo(ws) -> None:
+    try:
+        for message in ws:
+            ws.send(message)
+    except ConnectionClosed:
+        pass
+
+
+@contextlib.contextmanager
+def ws_backend(handler=_echo, **kwargs):
+    server = serve(handler, "127.0.0.1", 0, max_size=None, **kwargs)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        thread.join(5)
+
+
+def _port(server) -> int:
+    return server.socket.getsockname()[1]
+
+
+@pytest.fixture
+def echo_backend():
+    with ws_backend() as server:
+        yield server
+
+
+@pytest.fixture
+def proxy(make_proxy, echo_backend):
+    return make_proxy({"ws": [f"127.0.0.1:{_port(echo_backend)}"]})
+
+
+def ws_url(proxy, path: str = "/chat") -> str:
+    return f"ws://127.0.0.1:{proxy.port}{path}"
+
+
+def test_text_and_binary_echo(proxy):
+    with connect(ws_url(proxy), open_timeout=CLIENT_TIMEOUT, close_timeout=CLIENT_TIMEOUT) as ws:
+        ws.send("hello")
+        assert ws.recv(CLIENT_TIMEOUT) == "hello"
+        blob = os.urandom(1000)
+        ws.send(blob)
+        assert ws.recv(CLIENT_TIMEOUT) == blob
+        assert proxy.app.open_tunnels == 1
+
+
+def test_large_frame_both_ways(proxy):
+    payload = os.urandom(LARGE)
+    with connect(ws_url(proxy), max_size=None, open_timeout=CLIENT_TIMEOUT) as ws:
+        ws.send(payload)
+        assert ws.recv(CLIENT_TIMEOUT) == payload
+
+
+def test_close_handshake_completes_and_tunnel_is_released(proxy):
+    with connect(ws_url(proxy), open_timeout=CLIENT_TIMEOUT, close_timeout=CLIENT_TIMEOUT) as ws:
+        ws.send("x")
+        assert ws.recv(CLIENT_TIMEOUT) == "x"
+        ws.close(code=1000, reason="bye")
+        assert ws.close_code == 1000 and ws.close_reason == "bye"  # the server's close frame came back
+    wait_for(lambda: proxy.app.open_tunnels == 0, timeout=5)
+    counts = proxy.process.server.connection_counts()
+    assert counts["tunnel"] == 0
+
+
+def test_tunnel_holds_no_worker_thread(proxy):
+    with connect(ws_url(proxy), open_timeout=CLIENT_TIMEOUT) as ws:
+        ws.send("ping")
+        assert ws.recv(CLIENT_TIMEOUT) == "ping"
+        wait_for(lambda: proxy.process.pool.counts()["busy"] == 0, timeout=5)
+        assert proxy.process.server.connection_counts()["tunnel"] == 1
+
+
+def test_upgrade_headers_reach_backend(make_proxy):
+    seen = {}
+
+    def record(ws):
+        seen.update((name.lower(), value) for name, value in ws.request.headers.raw_items())
+        _echo(ws)
+
+    with ws_backend(record) as server:
+        proxy = make_proxy({"ws": [f"127.0.0.1:{_port(server)}"]})
+        with connect(ws_url(proxy, "/sock?x=1"), subprotocols=["chat"], open_timeout=CLIENT_TIMEOUT,
+                     additional_headers={"X-Custom": "1"}) as ws:
+            ws.send("a")
+            assert ws.recv(CLIENT_TIMEOUT) == "a"
+    assert seen["upgrade"].lower() == "websocket"
+    assert "upgrade" in seen["connection"].lower()
+    assert seen["sec-websocket-protocol"] == "chat"
+    assert seen["x-custom"] == "1"
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+
+
+def test_backend_refusing_upgrade_is_an_ordinary_response(make_proxy):
+    def refuse(connection, request):
+        return connection.respond(403, "no sockets for you\n")
+
+    with ws_backend(process_request=refuse) as server:
+        proxy = make_proxy({"ws": [f"127.0.0.1:{_port(server)}"]})
+        with pytest.raises(InvalidStatus) as caught:
+            connect(ws_url(proxy), open_timeout=CLIENT_TIMEOUT)
+        assert caught.value.response.status_code == 403
+        assert caught.value.response.body == b"no sockets for you\n"
+        assert proxy.app.open_tunnels == 0
+
+
+def test_backend_dropping_mid_tunnel_closes_client(make_proxy):
+    dropped = threading.Event()
+
+    def drop_after_first(ws):
+        ws.recv()
+        ws.socket.shutdown(socket.SHUT_RDWR)  # vanish without a close frame
+        dropped.set()
+
+    with ws_backend(drop_after_first) as server:
+        proxy = make_proxy({"ws": [f"127.0.0.1:{_port(server)}"]})
+        with connect(ws_url(proxy), open_timeout=CLIENT_TIMEOUT, close_timeout=2) as ws:
+            ws.send("first")
+            assert dropped.wait(CLIENT_TIMEOUT)
+            with pytest.raises(ConnectionClosed):
+                ws.recv(CLIENT_TIMEOUT)
+        wait_for(lambda: proxy.app.open_tunnels == 0, timeout=5)
+
+
+def test_client_leaving_closes_backend_side(make_proxy):
+    backend_saw_close = threading.Event()
+
+    def wait_for_close(ws):
+        try:
+            for _ in ws:
+                pass
+        except ConnectionClosed:
+            pass
+        backend_saw_close.set()
+
+    with ws_backend(wait_for_close) as server:
+        proxy = make_proxy({"ws": [f"127.0.0.1:{_port(server)}"]})
+        with connect(ws_url(proxy), open_timeout=CLIENT_TIMEOUT, close_timeout=1) as ws:
+            wait_for(lambda: proxy.app.open_tunnels == 1, timeout=5)
+            ws.socket.shutdown(socket.SHUT_RDWR)  # abrupt: no close frame
+            assert backend_saw_close.wait(CLIENT_TIMEOUT)
+        wait_for(lambda: proxy.app.open_tunnels == 0, timeout=5)
+
+
+def test_many_concurrent_tunnels(proxy):
+    count = 20
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(connect(ws_url(proxy), open_timeout=CLIENT_TIMEOUT)) for _ in range(count)]
+        wait_for(lambda: proxy.app.open_tunnels == count, timeout=5)
+        for round_ in range(3):
+            for index, ws in enumerate(clients):
+                ws.send(f"{index}:{round_}")
+            for index, ws in enumerate(clients):
+                assert ws.recv(CLIENT_TIMEOUT) == f"{index}:{round_}"
+        # 20 tunnels, and no worker thread held by any of them
+        assert proxy.process.pool.counts()["busy"] == 0
+    wait_for(lambda: proxy.app.open_tunnels == 0, timeout=5)
+
+
+def test_idle_tunnel_closed_after_tunnel_timeout(make_proxy, echo_backend):
+    proxy = make_proxy({"ws": [f"127.0.0.1:{_port(echo_backend)}"]}, server={"tunnel_timeout": "0.6s"})
+    with connect(ws_url(proxy), open_timeout=CLIENT_TIMEOUT, close_timeout=2) as ws:
+        wait_for(lambda: proxy.app.open_tunnels == 1, timeout=5)
+        with pytest.raises(ConnectionClosed):
+            ws.recv(CLIENT_TIMEOUT)  # nothing moves: the proxy closes the tunnel
+        wait_for(lambda: proxy.app.open_tunnels == 0, timeout=5)
+
+
+def test_tunnel_survives_reload_and_drain_closes_it_after_graceful_timeout(make_proxy, echo_backend):
+    proxy = make_proxy({"ws": [f"127.0.0.1:{_port(echo_backend)}"]}, server={"graceful_timeout": "1s"})
+    with connect(ws_url(proxy), open_timeout=CLIENT_TIMEOUT, close_timeout=2) as ws:
+        ws.send("before")
+        assert ws.recv(CLIENT_TIMEOUT) == "before"
+        # A reload that drops the upstream entirely: the open tunnel does not care.
+        document = proxy_config_dict({"other": ["127.0.0.1:1"]}, server={"listen": f"127.0.0.1:{proxy.port}"})
+        proxy.process.reload(parse_config(document, "test.toml"))
+        ws.send("after reload")
+        assert ws.recv(CLIENT_TIMEOUT) == "after reload"
+        proxy.process.stop()  # graceful: the tunnel may go on for graceful_timeout
+        wait_for(lambda: proxy.app.draining(), timeout=5)
+        ws.send("during drain")
+        assert ws.recv(CLIENT_TIMEOUT) == "during drain"
+        with pytest.raises(ConnectionClosed):
+            ws.recv(CLIENT_TIMEOUT)  # closed at the graceful deadline
+        proxy.thread.join(10)
+        assert not proxy.thread.is_alive()
+        assert proxy.app.open_tunnels == 0
