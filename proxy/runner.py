@@ -20,6 +20,7 @@ from .app import Application
 from .config import Config, ConfigError, ListenConfig, load_config
 from .handler import HttpHandler
 from .responses import write_overloaded
+from .watch import POLL_INTERVAL, Watcher, describe_changes
 from .tls import TlsTerminator
 
 log = logging.getLogger("pyproxy")
@@ -65,6 +66,8 @@ class ProxyProcess:
         for listen, sock in listeners:
             self._add_listener(listen, sock)
         self.services: list = []  # objects with start() and stop(): admin, health checks, logs
+        # False in a worker process: the supervisor owns the listening sockets (proxy.supervisor)
+        self.manage_listeners = True
         self.install_signals = install_signals
         # Metrics and access log observers, health checker, admin listener (proxy.admin). A worker
         # under a supervisor would take the observers only: install_observability(health=False, admin=False).
@@ -99,8 +102,18 @@ class ProxyProcess:
     def reload(self, config: Config) -> None:
         old = self.app.config
         self.app.reload(config)
-        self._reconcile_listeners(old, config)
+        if self.manage_listeners:
+            self._reconcile_listeners(old, config)
         log.info("config reloaded: %d routes, %d upstreams", len(config.routes), len(config.upstreams))
+        for line in describe_changes(old, config):
+            log.info("  %s", line)
+
+    def watch_config(self, interval: float = POLL_INTERVAL) -> Watcher:
+        """--watch: reload whenever the file changes, on the loop thread like a SIGHUP."""
+        watcher = Watcher(self.config_path, lambda: self.server.call_soon(self.reload_from_file),
+                          interval=interval)
+        self.add_service(watcher)
+        return watcher
 
     def _reconcile_listeners(self, old: Config, new: Config) -> None:
         """Open listeners the new config adds, close those it drops; unchanged ones are untouched."""
