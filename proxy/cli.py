@@ -8,8 +8,9 @@ import click
 
 from . import __version__
 from .config import ConfigError, load_config, routing_table_lines
-from .runner import ProxyProcess, configure_logging, describe_listeners
+from .runner import ProxyProcess, bind_config_listener, configure_logging, describe_listeners
 from .starter import write_starter
+from .supervisor import run_supervisor
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -47,11 +48,21 @@ def main(ctx: click.Context, config_path: str | None, workers: int | None, watch
 
 def run_proxy(config, config_path: str | None, workers: int | None = None, watch: bool = False) -> int:
     configure_logging(config.log.level)
+    workers = workers or config.server.workers
     try:
-        process = ProxyProcess(config, install_signals=True, config_path=config_path)
+        if workers > 1:  # a supervisor and N worker processes sharing these sockets (proxy.supervisor)
+            listeners = [(listen, bind_config_listener(listen)) for listen in config.server.listen]
+        else:
+            process = ProxyProcess(config, install_signals=True, config_path=config_path)
     except OSError as exc:
         click.echo(f"pyproxy: cannot listen: {exc}", err=True)
         return 1
+    if workers > 1:
+        addresses = ", ".join(f"http://{listen.address}" for listen, _ in listeners)
+        click.echo(f"pyproxy {__version__} listening on {addresses} with {workers} workers", err=True)
+        return run_supervisor(config, config_path, listeners, workers, watch=watch)
+    if watch and config_path:
+        process.watch_config()
     click.echo(f"pyproxy {__version__} listening on {describe_listeners(process)}", err=True)
     process.serve_forever()
     return 0
