@@ -391,3 +391,18 @@ def test_draining_answers_with_connection_close(make_backend, make_proxy):
         assert response.status == 200
         assert response.header("Connection") == "close"
         assert client.at_eof()
+
+
+def test_expect_continue_body_already_sent_to_a_server_that_never_sends_100(make_raw_backend, make_proxy):
+    """The client sent head and body together; the server reads the body without a 100 first."""
+    def script(peer):
+        head, body = peer.read_request()
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    raw = make_raw_backend(script)
+    proxy = make_proxy({"web": [raw.address]}, upstream_options={"read_timeout": "3s"})
+    with raw_client(proxy) as client:
+        client.send(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello")
+        client.sock.settimeout(2.5)  # well under read_timeout: waiting it out would be the bug
+        response = client.read_response()
+        assert response.status == 200
+        assert response.body == b"hello"
