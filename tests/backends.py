@@ -165,6 +165,19 @@ def stream_pattern(total: int):
     return handler
 
 
+def stream_pattern_chunked(total: int):
+    """A route handler: ``total`` pattern bytes generated on the fly, sent chunked."""
+    def handler(h: _Handler, record: RecordedRequest) -> None:
+        h.send_response(200)
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        for offset in range(0, total, STREAM_PIECE):
+            piece = pattern_bytes(offset, min(STREAM_PIECE, total - offset))
+            h.wfile.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
+        h.wfile.write(b"0\r\n\r\n")
+    return handler
+
+
 def consume_and_digest(h: _Handler, record: RecordedRequest) -> None:
     """A route handler for huge uploads: digest the body while reading it, answer length and digest."""
     digest = hashlib.sha256()

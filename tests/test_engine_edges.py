@@ -406,3 +406,64 @@ def test_expect_continue_body_already_sent_to_a_server_that_never_sends_100(make
         response = client.read_response()
         assert response.status == 200
         assert response.body == b"hello"
+
+
+def test_stale_connection_put_with_chunked_body_is_replayed(make_raw_backend, make_proxy):
+    seen = []
+
+    def script(peer):
+        if peer.index == 0:
+            if peer.read_head():
+                peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                if peer.read_head():
+                    peer.reset()  # the race: the PUT reached a connection the server was closing
+            return
+        if not peer.read_head():
+            return
+        while b"0\r\n\r\n" not in peer.buffer:  # a fresh connection: read the chunked body
+            data = peer.sock.recv(65536)
+            if not data:
+                return
+            peer.buffer += data
+        seen.append(peer.buffer)
+        peer.send(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+    raw = make_raw_backend(script)
+    proxy = make_proxy({"web": [raw.address]})
+    with raw_client(proxy) as client:
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert client.read_response().status == 200
+        client.send(b"PUT /doc HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n")
+        assert client.read_response().status == 201
+    assert raw.connections == 2
+    assert seen == [b"4\r\nabcd\r\n0\r\n\r\n"]
+
+
+def test_partial_head_past_header_timeout_is_408(make_backend, make_proxy):
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]}, server={"header_timeout": "0.3s"})
+    with raw_client(proxy) as client:
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\n")
+        response = client.read_response()
+        assert response.status == 408
+        assert client.at_eof()
+
+
+def test_repeated_response_headers_are_all_relayed(make_raw_backend, make_proxy):
+    raw = make_raw_backend(serve_forever(b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
+                                         b"Content-Length: 0\r\n\r\n"))
+    proxy = make_proxy({"web": [raw.address]})
+    with raw_client(proxy) as client:
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        response = client.read_response()
+        assert [v for k, v in response.headers if k.lower() == "set-cookie"] == ["a=1", "b=2"]
+
+
+def test_client_abort_during_upload_closes_upstream(make_backend, make_proxy):
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]})
+    with raw_client(proxy) as client:
+        client.send(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n" + b"u" * 100_000)
+        wait_for(lambda: backend.connections == 1, what="the upload to reach the backend")
+    wait_for(lambda: backend.closed_connections == 1, what="the upstream connection to close")
+    assert proxy.pool("web").idle_count == 0
+    assert backend.requests == []  # the backend never saw a complete request

@@ -17,7 +17,8 @@ import pytest
 import requests
 import tomli_w
 
-from tests.backends import RawClient, closed_port, consume_and_digest, pattern_bytes, pattern_sha256, stream_pattern
+from tests.backends import (RawClient, closed_port, consume_and_digest, pattern_bytes, pattern_sha256, stream_pattern,
+                            stream_pattern_chunked)
 from tests.conftest import CLIENT_TIMEOUT, proxy_config_dict
 
 pytestmark = pytest.mark.timeout(60)
@@ -51,7 +52,7 @@ def wait_for_port(port: int, process: subprocess.Popen) -> None:
 @pytest.fixture
 def subprocess_proxy(tmp_path, make_backend):
     backend = make_backend()
-    backend.route("/download", stream_pattern(BIG)).route("/upload", consume_and_digest)
+    backend.route("/download", stream_pattern(BIG)).route("/download-chunked", stream_pattern_chunked(BIG // 2)).route("/upload", consume_and_digest)
     port = closed_port()
     document = proxy_config_dict({"web": [backend.address]}, server={"max_body_bytes": "1GiB"})
     document["server"]["listen"] = f"127.0.0.1:{port}"
@@ -123,5 +124,24 @@ def test_large_chunked_upload_bounded_memory(subprocess_proxy):
     response = requests.post(url + "/upload", data=generate(), timeout=CLIENT_TIMEOUT)
     assert response.status_code == 200
     assert response.text == f"{size} {pattern_sha256(size)}"
+    growth = (memory_kib(process.pid, "VmHWM") - before) * 1024
+    assert growth < MAX_GROWTH, f"proxy memory grew by {growth / 2**20:.1f} MiB"
+
+
+def test_large_chunked_download_bounded_memory(subprocess_proxy):
+    """Chunked bodies are decoded and re-chunked in Python (no splice): still bounded."""
+    process, url, _ = subprocess_proxy
+    size = BIG // 2
+    before = memory_kib(process.pid, "VmRSS")
+    digest = hashlib.sha256()
+    total = 0
+    with requests.get(url + "/download-chunked", stream=True, timeout=CLIENT_TIMEOUT) as response:
+        assert response.status_code == 200
+        assert response.headers["Transfer-Encoding"] == "chunked"
+        for piece in response.iter_content(1024 * 1024):
+            digest.update(piece)
+            total += len(piece)
+    assert total == size
+    assert digest.hexdigest() == pattern_sha256(size)
     growth = (memory_kib(process.pid, "VmHWM") - before) * 1024
     assert growth < MAX_GROWTH, f"proxy memory grew by {growth / 2**20:.1f} MiB"
