@@ -1,0 +1,377 @@
+"""TLS on both sides: listener termination (SNI, ALPN, handshake timeout) and https upstreams.
+
+Certificates come from ``trustme`` at test time; clients are requests, curl, websockets and raw ssl.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import http.server
+import logging
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import pytest
+import requests
+import trustme
+from websockets.sync.client import connect as ws_connect
+from websockets.sync.server import serve as ws_serve
+
+from core.socket_server import bind_listener
+from proxy.config import parse_config
+from proxy.runner import ProxyProcess
+from tests.backends import pattern_sha256, stream_pattern
+from tests.conftest import CLIENT_TIMEOUT, PROXY_STOP_TIMEOUT, proxy_config_dict
+from tests.core_helpers import wait_for
+
+pytestmark = pytest.mark.timeout(30)
+
+HEADER_TIMEOUT = 0.5
+
+
+@dataclasses.dataclass
+class Pki:
+    ca: trustme.CA
+    ca_file: str
+    files: dict  # name -> (cert path, key path)
+
+
+def _write_cert(ca: trustme.CA, directory, name: str, *hosts: str) -> tuple[str, str]:
+    cert = ca.issue_cert(*hosts)
+    cert_path, key_path = os.path.join(directory, f"{name}.crt"), os.path.join(directory, f"{name}.key")
+    cert.private_key_pem.write_to_path(key_path)
+    with open(cert_path, "wb") as out:
+        for blob in cert.cert_chain_pems:
+            out.write(blob.bytes())
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    directory = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    ca_file = os.path.join(directory, "ca.pem")
+    ca.cert_pem.write_to_path(ca_file)
+    files = {
+        "default": _write_cert(ca, directory, "default", "default.test", "127.0.0.1"),
+        "b": _write_cert(ca, directory, "b", "b.test"),
+        "c": _write_cert(ca, directory, "c", "*.c.test"),
+        "backend": _write_cert(ca, directory, "backend", "127.0.0.1"),
+        "other": _write_cert(ca, directory, "other", "other.test"),
+    }
+    return Pki(ca, ca_file, files)
+
+
+class TlsProxy:
+    def __init__(self, process: ProxyProcess, thread: threading.Thread, port: int):
+        self.process, self.thread, self.port = process, thread, port
+        self.url = f"https://127.0.0.1:{port}"
+
+    @property
+    def app(self):
+        return self.process.app
+
+
+@pytest.fixture
+def make_tls_proxy(pki):
+    running = []
+
+    def factory(upstreams: dict, sni: bool = True, server: dict | None = None) -> TlsProxy:
+        cert, key = pki.files["default"]
+        listen = {"address": "127.0.0.1:1", "tls_cert": cert, "tls_key": key}
+        if sni:
+            listen["sni"] = [{"host": "b.test", "tls_cert": pki.files["b"][0], "tls_key": pki.files["b"][1]},
+                             {"host": ["*.c.test"], "tls_cert": pki.files["c"][0], "tls_key": pki.files["c"][1]}]
+        settings = {"listen": [listen], "header_timeout": HEADER_TIMEOUT, **(server or {})}
+        config = parse_config(proxy_config_dict(upstreams, server=settings), "test.toml")
+        sock = bind_listener("127.0.0.1", 0)
+        port = sock.getsockname()[1]
+        listen_config = dataclasses.replace(config.server.listen[0], port=port)
+        process = ProxyProcess(config, listeners=[(listen_config, sock)])
+        proxy = TlsProxy(process, process.start_in_thread(), port)
+        running.append(proxy)
+        return proxy
+
+    yield factory
+    for proxy in running:
+        proxy.process.stop(force=True)
+        proxy.thread.join(PROXY_STOP_TIMEOUT)
+
+
+@pytest.fixture
+def backend(make_backend):
+    return make_backend()
+
+
+@pytest.fixture
+def tls_proxy(make_tls_proxy, backend):
+    return make_tls_proxy({"web": [backend.address]})
+
+
+def client_context(pki, alpn=None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=pki.ca_file)
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    return context
+
+
+def peer_names(proxy, server_name: str, pki) -> tuple[set, ssl.SSLSocket]:
+    context = client_context(pki)
+    context.check_hostname = False  # we want to see which certificate comes, whatever the name
+    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT)
+    tls = context.wrap_socket(raw, server_hostname=server_name)
+    names = {value for kind, value in tls.getpeercert()["subjectAltName"]}
+    tls.close()
+    return names
+
+
+# -- listener TLS ----------------------------------------------------------------------------
+def test_requests_over_tls_with_forwarded_proto(tls_proxy, backend, pki):
+    with requests.Session() as session:
+        for path in ("/one", "/two"):  # keep-alive over TLS: the second request parks and wakes
+            response = session.get(tls_proxy.url + path, verify=pki.ca_file, timeout=CLIENT_TIMEOUT)
+            assert response.status_code == 200
+            assert response.headers["X-Echo-Path"] == path
+    assert backend.last.header("X-Forwarded-Proto") == "https"
+
+
+def test_large_bodies_both_ways_over_tls(tls_proxy, backend, pki):
+    # Both above the splice threshold: the proxy must take the copy path for the TLS side.
+    size = 3 * 1024 * 1024
+    payload = os.urandom(size)
+    response = requests.post(tls_proxy.url + "/upload", data=payload, verify=pki.ca_file, timeout=CLIENT_TIMEOUT)
+    assert response.status_code == 200
+    assert backend.last.body_length == size
+    assert backend.last.body_sha256 == hashlib.sha256(payload).hexdigest()
+    backend.route("/big", stream_pattern(size))
+    response = requests.get(tls_proxy.url + "/big", verify=pki.ca_file, timeout=CLIENT_TIMEOUT)
+    assert response.status_code == 200
+    assert hashlib.sha256(response.content).hexdigest() == pattern_sha256(size)
+
+
+def test_alpn_and_protocol_version(tls_proxy, pki):
+    context = client_context(pki, alpn=["h2", "http/1.1"])
+    with socket.create_connection(("127.0.0.1", tls_proxy.port), timeout=CLIENT_TIMEOUT) as raw:
+        with context.wrap_socket(raw, server_hostname="default.test") as tls:
+            assert tls.selected_alpn_protocol() == "http/1.1"
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
+def test_tls_1_1_client_is_refused(tls_proxy, pki):
+    context = client_context(pki)
+    context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+    context.maximum_version = ssl.TLSVersion.TLSv1_1
+    with socket.create_connection(("127.0.0.1", tls_proxy.port), timeout=CLIENT_TIMEOUT) as raw:
+        with pytest.raises(ssl.SSLError):
+            context.wrap_socket(raw, server_hostname="default.test")
+
+
+def test_sni_selects_certificate(tls_proxy, pki):
+    assert "b.test" in peer_names(tls_proxy, "b.test", pki)
+    assert "*.c.test" in peer_names(tls_proxy, "x.c.test", pki)
+    assert "default.test" in peer_names(tls_proxy, "unknown.test", pki)  # no match: the default
+    assert "default.test" in peer_names(tls_proxy, "deep.x.c.test", pki)  # a wildcard covers one label
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_curl_with_sni_and_cacert(tls_proxy, pki, backend):
+    def curl(host: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["curl", "-sS", "--max-time", "10", "--cacert", pki.ca_file,
+             "--resolve", f"{host}:{tls_proxy.port}:127.0.0.1", "-o", "/dev/null", "-w", "%{http_code}",
+             f"https://{host}:{tls_proxy.port}/curl"],
+            capture_output=True, text=True, timeout=15)
+
+    for host in ("b.test", "www.c.test", "default.test"):
+        result = curl(host)  # curl verifies the name: only the SNI-selected certificate passes
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "200"
+        assert backend.last.header("Host") == f"{host}:{tls_proxy.port}"
+    refused = curl("nomatch.test")  # gets the default certificate, which does not name it
+    assert refused.returncode == 60, refused.stderr
+
+
+def test_silent_client_closed_after_header_timeout(tls_proxy):
+    with socket.create_connection(("127.0.0.1", tls_proxy.port), timeout=CLIENT_TIMEOUT) as raw:
+        started = time.monotonic()
+        assert raw.recv(1) == b""  # closed by the proxy without a word
+        elapsed = time.monotonic() - started
+    assert HEADER_TIMEOUT * 0.8 <= elapsed < HEADER_TIMEOUT + 2.0
+
+
+def test_stalled_handshake_closed_after_header_timeout(tls_proxy):
+    with socket.create_connection(("127.0.0.1", tls_proxy.port), timeout=CLIENT_TIMEOUT) as raw:
+        raw.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, then silence
+        started = time.monotonic()
+        try:
+            assert raw.recv(1024) == b""
+        except ConnectionResetError:
+            pass  # closed with unread bytes: an RST is as good as a FIN here
+        elapsed = time.monotonic() - started
+    assert HEADER_TIMEOUT * 0.8 <= elapsed < HEADER_TIMEOUT + 2.0
+    wait_for(lambda: tls_proxy.process.pool.counts()["busy"] == 0, timeout=5)
+
+
+def test_slow_request_head_over_tls_gets_408(tls_proxy, pki):
+    """Kernel timeouts do not bound TLS reads; the proxy's TLS socket must time out anyway."""
+    context = client_context(pki)
+    with socket.create_connection(("127.0.0.1", tls_proxy.port), timeout=CLIENT_TIMEOUT) as raw:
+        with context.wrap_socket(raw, server_hostname="default.test") as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: a")
+            started = time.monotonic()
+            reply = tls.recv(4096)
+            assert reply.startswith(b"HTTP/1.1 408"), reply
+    assert time.monotonic() - started < HEADER_TIMEOUT + 2.0
+
+
+def test_graceful_drain_with_idle_tls_connection(tls_proxy, pki):
+    with requests.Session() as session:
+        response = session.get(tls_proxy.url + "/", verify=pki.ca_file, timeout=CLIENT_TIMEOUT)
+        assert response.status_code == 200
+        tls_proxy.process.stop()  # the idle TLS keep-alive connection is closed, nothing crashes
+        tls_proxy.thread.join(PROXY_STOP_TIMEOUT)
+        assert not tls_proxy.thread.is_alive()
+
+
+def test_broken_key_pair_is_a_config_error(pki, tmp_path):
+    from proxy.config import ConfigError
+    cert, _ = pki.files["default"]
+    _, wrong_key = pki.files["b"]
+    config = parse_config(proxy_config_dict({"web": ["127.0.0.1:9"]}, server={
+        "listen": [{"address": "127.0.0.1:1", "tls_cert": cert, "tls_key": wrong_key}]}), "test.toml")
+    sock = bind_listener("127.0.0.1", 0)
+    try:
+        with pytest.raises(ConfigError) as caught:
+            ProxyProcess(config, listeners=[(config.server.listen[0], sock)])
+        assert "tls_cert/tls_key cannot be loaded" in str(caught.value)
+    finally:
+        sock.close()
+
+
+def test_sni_config_problems(pki):
+    from proxy.config import ConfigError
+    cert, key = pki.files["default"]
+    document = proxy_config_dict({"web": ["127.0.0.1:9"]}, server={"listen": [
+        {"address": "127.0.0.1:1", "tls_cert": cert, "tls_key": key,
+         "sni": [{"host": "bad host!", "tls_cert": "/nonexistent.pem", "tls_key": key}, {"host": "x.test"}]}]})
+    with pytest.raises(ConfigError) as caught:
+        parse_config(document, "test.toml")
+    text = str(caught.value)
+    assert "server.listen[0].sni[0].host" in text
+    assert "server.listen[0].sni[0].tls_cert" in text and "does not exist" in text
+    assert 'server.listen[0].sni[1]: missing required key "tls_cert"' in text
+
+
+# -- WebSocket over TLS ------------------------------------------------------------------------
+def test_wss_through_tls_listener(make_tls_proxy, pki):
+    def echo(ws):
+        for message in ws:
+            ws.send(message)
+
+    server = ws_serve(echo, "127.0.0.1", 0, max_size=None)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        proxy = make_tls_proxy({"ws": [f"127.0.0.1:{server.socket.getsockname()[1]}"]})
+        payload = os.urandom(2 * 1024 * 1024)
+        with ws_connect(f"wss://127.0.0.1:{proxy.port}/ws", ssl=client_context(pki), max_size=None,
+                        open_timeout=CLIENT_TIMEOUT) as ws:
+            for message in ("hello", payload, "bye"):
+                ws.send(message)
+                assert ws.recv(CLIENT_TIMEOUT) == message
+    finally:
+        server.shutdown()
+        thread.join(5)
+
+
+# -- upstream TLS ------------------------------------------------------------------------------
+class _SecureHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args):  # noqa: A002 - quiet
+        pass
+
+    def do_GET(self):
+        if self.path == "/hang":
+            self.server.hang.wait(CLIENT_TIMEOUT)
+        body = b"secure " + self.path.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@contextlib.contextmanager
+def tls_backend(pki, name: str = "backend"):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SecureHandler)
+    server.daemon_threads = True
+    server.hang = threading.Event()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*pki.files[name])
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}", server
+    finally:
+        server.hang.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_https_upstream_with_tls_ca(make_proxy, pki):
+    with tls_backend(pki) as (address, _):
+        proxy = make_proxy({"secure": [address]}, upstream_options={"tls_ca": pki.ca_file})
+        with requests.Session() as session:
+            for path in ("/a", "/b"):  # the second one reuses the pooled TLS connection
+                response = session.get(proxy.url + path, timeout=CLIENT_TIMEOUT)
+                assert response.status_code == 200
+                assert response.content == b"secure " + path.encode()
+        assert proxy.pool("secure").connects_total == 1
+
+
+def test_https_upstream_unknown_ca_is_502_with_clear_log(make_proxy, pki, caplog):
+    with tls_backend(pki) as (address, _):
+        proxy = make_proxy({"secure": [address]}, upstream_options={"retries": 0})
+        with caplog.at_level(logging.INFO, logger="pyproxy"):
+            response = requests.get(proxy.url + "/x", timeout=CLIENT_TIMEOUT)
+        assert response.status_code == 502
+        assert "CERTIFICATE_VERIFY_FAILED" in caplog.text
+        assert "certificate verify failed" in caplog.text
+
+
+def test_https_upstream_name_mismatch_is_502(make_proxy, pki, caplog):
+    with tls_backend(pki, name="other") as (address, _):
+        proxy = make_proxy({"secure": [address]}, upstream_options={"tls_ca": pki.ca_file, "retries": 0})
+        with caplog.at_level(logging.INFO, logger="pyproxy"):
+            response = requests.get(proxy.url + "/x", timeout=CLIENT_TIMEOUT)
+        assert response.status_code == 502
+        assert "mismatch" in caplog.text  # "IP address mismatch, certificate is not valid for '127.0.0.1'"
+
+
+def test_https_upstream_without_verification(make_proxy, pki):
+    with tls_backend(pki, name="other") as (address, _):
+        proxy = make_proxy({"secure": [address]}, upstream_options={"tls_verify": False})
+        response = requests.get(proxy.url + "/open", timeout=CLIENT_TIMEOUT)
+        assert response.status_code == 200
+        assert response.content == b"secure /open"
+
+
+def test_https_upstream_read_timeout_is_504(make_proxy, pki):
+    """A hung TLS backend must hit read_timeout (kernel timeouts alone would never fire)."""
+    with tls_backend(pki) as (address, _):
+        proxy = make_proxy({"secure": [address]},
+                           upstream_options={"tls_ca": pki.ca_file, "read_timeout": "0.5s", "retries": 0})
+        started = time.monotonic()
+        response = requests.get(proxy.url + "/hang", timeout=CLIENT_TIMEOUT)
+        assert response.status_code == 504
+        assert time.monotonic() - started < 3.0
