@@ -1,0 +1,176 @@
+"""The admin listener on a running proxy: /healthz (and draining), /status, /metrics; merging processes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.admin import AdminSources, SourceFailed
+from proxy.status import merge_status
+from tests.test_health import (DEADLINE, FAST_HEALTH, backends, config_document, observed_proxy,  # noqa: F401
+                               served_by, wait_for)
+
+REQUIRED_FAMILIES = {"pyproxy_requests": "counter", "pyproxy_request_duration_seconds": "histogram",
+                     "pyproxy_upstream_up": "gauge", "pyproxy_upstream_active_requests": "gauge",
+                     "pyproxy_client_connections": "gauge"}
+
+
+def scrape(proxy) -> dict:
+    response = requests.get(proxy.admin_url + "/metrics", timeout=DEADLINE)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return {family.name: family for family in text_string_to_metric_families(response.text)}
+
+
+def value(families: dict, family: str, sample: str, **labels) -> float:
+    found = [s.value for s in families[family].samples
+             if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())]
+    assert len(found) == 1, (sample, labels)
+    return found[0]
+
+
+def test_healthz_answers_ok(backends, observed_proxy):
+    (a,) = backends("a")
+    proxy = observed_proxy(config_document({"web": {"servers": [a.address]}}))
+    response = requests.get(proxy.admin_url + "/healthz", timeout=DEADLINE)
+    assert (response.status_code, response.text) == (200, "ok\n")
+
+
+def test_healthz_turns_503_while_draining_and_the_request_in_flight_finishes(backends, observed_proxy):
+    (a,) = backends("a")
+    proxy = observed_proxy(config_document({"web": {"servers": [a.address]}}))
+    outcome = {}
+
+    def slow_client():
+        outcome["response"] = requests.get(proxy.url + "/slow", timeout=DEADLINE)
+
+    client = threading.Thread(target=slow_client, daemon=True)
+    client.start()
+    assert a.slow_entered.wait(DEADLINE)
+    proxy.process.server.request_shutdown()
+    wait_for(lambda: requests.get(proxy.admin_url + "/healthz", timeout=DEADLINE).status_code == 503,
+             what="/healthz to say draining")
+    assert requests.get(proxy.admin_url + "/healthz", timeout=DEADLINE).text == "draining\n"
+    assert requests.get(proxy.admin_url + "/status", timeout=DEADLINE).json()["draining"] is True
+    a.release.set()
+    client.join(DEADLINE)
+    assert outcome["response"].status_code == 200 and outcome["response"].text == "slow a"
+
+
+def test_status_shows_upstreams_servers_counters_and_routes(backends, observed_proxy):
+    a, b = backends("a", "b")
+    document = config_document({"web": {"servers": [a.address, b.address], "policy": "least_connections",
+                                         "health": FAST_HEALTH},
+                                "api": {"servers": [a.address]}})
+    document["routes"] = [{"path": "/", "upstream": "web"}, {"path": "/api", "upstream": "api"}]
+    proxy = observed_proxy(document)
+    served_by(proxy, 6)
+    status = proxy.status()
+    web = status["upstreams"]["web"]
+    assert web["policy"] == "least_connections" and web["health"]["path"] == "/healthz"
+    assert [s["address"] for s in web["servers"]] == [a.address, b.address]
+    assert sum(s["requests_total"] for s in web["servers"]) == 6
+    for server in web["servers"]:
+        assert server["state"] == "up" and server["active_requests"] == 0 and server["failures_total"] == 0
+        assert {"reason", "since_seconds", "weight", "last_check"} <= server.keys()
+    wait_for(lambda: all(s["last_check"] for s in proxy.status()["upstreams"]["web"]["servers"]), what="checks")
+    check = proxy.status()["upstreams"]["web"]["servers"][0]["last_check"]
+    assert check["ok"] is True and check["status"] == 200 and check["age_seconds"] >= 0
+    assert status["upstreams"]["api"]["servers"][0]["last_check"] is None  # no [health] there
+    assert status["routes"][0] == {"host": None, "path": "/api", "upstream": "api", "strip_prefix": False}
+    assert status["processes"] == 1 and status["draining"] is False
+
+
+def test_metrics_parse_and_count_proxied_requests_but_not_admin_requests(backends, observed_proxy):
+    a, b = backends("a", "b")
+    proxy = observed_proxy(config_document({"web": {"servers": [a.address, b.address]}}))
+    served_by(proxy, 5)
+    assert requests.get(proxy.url + "/healthz", timeout=DEADLINE).status_code == 200  # proxied: a backend path
+    first = scrape(proxy)
+    for name, kind in REQUIRED_FAMILIES.items():
+        assert first[name].type == kind, name
+    assert value(first, "pyproxy_requests", "pyproxy_requests_total", upstream="web", code="200") == 6
+    assert value(first, "pyproxy_request_duration_seconds", "pyproxy_request_duration_seconds_count",
+                 upstream="web") == 6
+    assert value(first, "pyproxy_upstream_up", "pyproxy_upstream_up", upstream="web", server=b.address) == 1
+    assert value(first, "pyproxy_upstream_active_requests", "pyproxy_upstream_active_requests",
+                 upstream="web", server=a.address) == 0
+    assert {s.labels["state"] for s in first["pyproxy_client_connections"].samples} >= {"idle", "processing"}
+    requests.get(proxy.admin_url + "/status", timeout=DEADLINE)
+    second = scrape(proxy)
+    assert value(second, "pyproxy_requests", "pyproxy_requests_total", upstream="web", code="200") == 6
+
+
+def test_unknown_path_is_404_and_other_methods_405(backends, observed_proxy):
+    (a,) = backends("a")
+    proxy = observed_proxy(config_document({"web": {"servers": [a.address]}}))
+    assert requests.get(proxy.admin_url + "/nope", timeout=DEADLINE).status_code == 404
+    response = requests.post(proxy.admin_url + "/status", data=b"x", timeout=DEADLINE)
+    assert response.status_code == 405 and response.headers["Allow"] == "GET, HEAD"
+    head = requests.head(proxy.admin_url + "/metrics", timeout=DEADLINE)
+    assert head.status_code == 200 and head.content == b"" and int(head.headers["Content-Length"]) > 0
+
+
+def test_admin_answers_while_every_proxy_thread_is_busy(backends, observed_proxy):
+    (a,) = backends("a")
+    document = config_document({"web": {"servers": [a.address]}},
+                               server={"min_threads": 1, "max_threads": 2})
+    proxy = observed_proxy(document)
+    clients = [threading.Thread(target=requests.get, args=(proxy.url + "/slow",), kwargs={"timeout": DEADLINE},
+                                daemon=True) for _ in range(2)]
+    for client in clients:
+        client.start()
+    wait_for(lambda: a.get("slow") == 2, what="both proxy threads held by slow requests")
+    started = time.monotonic()
+    status = requests.get(proxy.admin_url + "/status", timeout=DEADLINE).json()
+    families = scrape(proxy)
+    assert time.monotonic() - started < 1.0
+    assert status["upstreams"]["web"]["servers"][0]["active_requests"] == 2
+    assert value(families, "pyproxy_upstream_active_requests", "pyproxy_upstream_active_requests",
+                 upstream="web", server=a.address) == 2
+    a.release.set()
+    for client in clients:
+        client.join(DEADLINE)
+
+
+# -- merging several processes (what a supervisor serves) --------------------------------------------
+
+def _server(address, state="up", requests_total=0, checked_at=None, reason=""):
+    last = None if checked_at is None else {"checked_at": checked_at, "ok": state == "up"}
+    return {"address": address, "state": state, "reason": reason, "since_seconds": 1.0,
+            "active_requests": 1, "requests_total": requests_total, "failures_total": 0, "last_check": last}
+
+
+def _status(servers, draining=False):
+    return {"processes": 1, "draining": draining, "routes": [{"path": "/"}],
+            "upstreams": {"web": {"policy": "round_robin", "servers": servers}},
+            "client_connections": {"idle": 2}, "threads": {"busy": 1}, "open_tunnels": 0}
+
+
+def test_merge_status_sums_counters_and_a_server_down_anywhere_is_down():
+    one = _status([_server("a:1", requests_total=3, checked_at=10.0), _server("b:1", requests_total=1)])
+    two = _status([_server("a:1", requests_total=4), _server("b:1", "down", 2, checked_at=20.0, reason="ejected: x")],
+                  draining=True)
+    merged = merge_status([one, two])
+    a, b = merged["upstreams"]["web"]["servers"]
+    assert (a["requests_total"], a["active_requests"], a["state"]) == (7, 2, "up")
+    assert a["last_check"]["checked_at"] == 10.0
+    assert (b["state"], b["reason"], b["requests_total"]) == ("down", "ejected: x", 3)
+    assert b["last_check"]["checked_at"] == 20.0
+    assert merged["processes"] == 2 and merged["draining"] is True
+    assert merged["client_connections"] == {"idle": 4} and merged["routes"] == [{"path": "/"}]
+    assert one["upstreams"]["web"]["servers"][0]["requests_total"] == 3  # inputs untouched
+
+
+def test_admin_sources_skip_a_failing_process_and_fail_when_none_answers():
+    def broken():
+        raise ConnectionError("worker restarting")
+
+    sources = AdminSources(status=[broken, lambda: _status([_server("a:1")])])
+    assert sources.status_document()["processes"] == 1
+    with pytest.raises(SourceFailed, match="no status source answered"):
+        AdminSources(status=[broken]).status_document()
