@@ -309,10 +309,16 @@ class _SecureHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass  # handshakes the proxy rejects and writes to a proxy that gave up are expected here
+
+
 @contextlib.contextmanager
 def tls_backend(pki, name: str = "backend"):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SecureHandler)
-    server.daemon_threads = True
+    server = _QuietServer(("127.0.0.1", 0), _SecureHandler)
     server.hang = threading.Event()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(*pki.files[name])
