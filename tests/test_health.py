@@ -65,6 +65,11 @@ class _FlakyHandler(BaseHTTPRequestHandler):
             backend.count("traffic")
             self._reply(200, backend.name.encode())
 
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))  # read and forget: keep-alive stays sane
+        self.server.backend.count("traffic")
+        self._reply(200, self.server.backend.name.encode())
+
     def _reply(self, status: int, body: bytes) -> None:
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
