@@ -115,7 +115,7 @@ class TunnelRelay:
                 if key.data is None:
                     self._accept_incoming()
                 else:
-                    self._on_event(key.data, mask)
+                    self._guarded(self._on_event, key.data, mask)
             for end in list(self._hot):
                 self._hot.discard(end)
                 if not end.tunnel.closed:
@@ -124,6 +124,15 @@ class TunnelRelay:
             if self.clock() >= next_sweep:
                 self._sweep()
                 next_sweep = self.clock() + SWEEP_INTERVAL
+
+    def _guarded(self, step, end: _End, *args) -> None:
+        """One broken tunnel must never stop the relay thread for all the others (STYLE pattern 11)."""
+        try:
+            step(end, *args)
+        except Exception:
+            log.exception("tunnel from %s failed; closing it", end.tunnel.conn.peer)
+            if not end.tunnel.closed:
+                self._close(end.tunnel)
 
     def _accept_incoming(self) -> None:
         try:
