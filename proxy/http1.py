@@ -22,7 +22,9 @@ Decisions the RFCs leave open (documented here so the engine and tests agree):
 
 * ``CONNECT`` -> 501: this is a reverse proxy, it does not open tunnels (RFC 9110 §9.3.6
   is optional to implement). Authority-form targets with any other method -> 400.
-* Only ``HTTP/1.0`` and ``HTTP/1.1`` are served; another ``HTTP/<1-9>.<digit>`` -> 505,
+* Only ``HTTP/1.0`` and ``HTTP/1.1`` are served; another ``HTTP/<1-9>.<digit>`` -> 505 (also
+  ``HTTP/1.2``+: RFC 9110 §2.5 would let us treat it as 1.1, but no such version exists and a
+  client claiming it is probing parsers; RFC 9110 §15.6.6 lets a server refuse any version),
   ``HTTP/0.x`` or a version-less (HTTP/0.9 style) request line -> 400.
 * Request ``Transfer-Encoding`` must be exactly ``chunked``. A list whose final coding is
   not ``chunked``, or that applies ``chunked`` twice, -> 400 (RFC 9112 §6.3 item 4,
@@ -195,9 +197,16 @@ _HOST_RE = re.compile(
 _ABSOLUTE_FORM_RE = re.compile(r"(?i:https?)://([^/?]*)([/?].*)?")
 _CONTENT_LENGTH_RE = re.compile(rf"[0-9]{{1,{MAX_CONTENT_LENGTH_DIGITS}}}")
 _TOKEN_RE = re.compile(_TOKEN)
-# chunk-size [ chunk-ext ]: 1-16 hex digits; extensions validated loosely (no CTL but HTAB)
-# because they are dropped.
-_CHUNK_SIZE_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[\t\x20-\x7e\x80-\xff]*)?")
+# chunk-size [ chunk-ext ] (RFC 9112 §7.1.1): 1-16 hex digits, then extensions by the grammar
+#   chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS ( token / quoted-string ) ] )
+# Extensions are dropped when we re-chunk, but a malformed one ("1;", "1;a=b c") is exactly what
+# lets two parsers disagree on where the size line ends, so it is refused, as h11 and llhttp do.
+_QUOTED_STRING = rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
+_TOKEN_B = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_CHUNK_SIZE_LINE_RE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*" + _TOKEN_B
+    + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN_B + rb"|" + _QUOTED_STRING + rb"))?)*"
+)
 
 _NO_TOKENS: frozenset[str] = frozenset()
 
@@ -383,11 +392,23 @@ def _request_host(version: str, index: dict[str, list[str]], authority: str | No
         raise _bad("more than one Host header")
     else:
         host = hosts[0]
-        if not _HOST_RE.fullmatch(host):
+        # RFC 9110 §4.2.1: an http(s) URI with an empty host is invalid, so is a Host without one.
+        if not host or host[0] == ":" or not _HOST_RE.fullmatch(host):
             raise _bad("invalid Host header")
     if authority is not None:
         host = authority
     return host.lower() if host else host
+
+
+def _expects_continue(values: list[str] | None) -> bool:
+    """RFC 9110 §10.1.1: 100-continue is the only expectation; any other -> 417."""
+    if values is None:
+        return False
+    items = {item.strip(" \t").lower() for value in values for item in value.split(",")}
+    items.discard("")
+    if items - {"100-continue"}:
+        raise ProtocolError(417, "unsupported expectation")
+    return bool(items)
 
 
 def _check_trailers(index: dict[str, list[str]]) -> None:
@@ -741,13 +762,12 @@ class RequestParser(_MessageParser):
         host = _request_host(version, index, authority)
         content_length, chunked = self._request_framing(version, index)
         tokens = _connection_tokens(index.get("connection"))
-        expect = index.get("expect")
+        expect = _expects_continue(index.get("expect"))
         upgrade = index.get("upgrade") if "upgrade" in tokens else None
         head = RequestHead(
             method, target, version, Headers(raw, index), content_length, chunked,
             _keep_alive(version, tokens), host, tokens,
-            expect is not None and version == "HTTP/1.1"
-            and any(value.lower() == "100-continue" for value in expect),
+            expect and version == "HTTP/1.1",  # RFC 9110 §10.1.1: ignored in HTTP/1.0
             ", ".join(upgrade) if upgrade else None,
         )
         self._start_body(chunked, content_length or 0)
