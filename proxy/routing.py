@@ -3,6 +3,18 @@
 Matching runs on a normalised path (RFC 3986 §6.2.2: unreserved percent-escapes decoded, dot-segments
 removed), so ``/api/../admin`` cannot slip past a route meant for ``/admin``. The same normalised path
 is what we forward (route on the form you forward), with the route's prefix stripped if asked.
+
+Decisions (the request smuggling / path confusion research: Orange Tsai's "Breaking Parser Logic"):
+
+* ``%2F`` and ``%5C`` stay encoded and are opaque characters for routing: ``/api%2Fx`` is not under
+  ``/api``. APIs use them in identifiers (``/projects/group%2Fname``), so they are not refused...
+* ...except next to a dot-segment: a backend that decodes ``%2F``/``%5C`` or treats ``\`` as ``/``
+  would read ``/public/..%2Fadmin`` as ``/admin`` on a route we matched as ``/public``. Any path that
+  still holds a ``.``/``..`` segment once ``%2F``, ``%5C`` and ``\`` are read as ``/`` and ``;params``
+  are cut from segments (Tomcat's ``/..;/``) -> 400.
+* Runs of ``/`` are merged (nginx ``merge_slashes on``): ``//admin`` routes and forwards as ``/admin``,
+  since many backends merge them and would otherwise serve a path we routed differently.
+* ``%00`` and a ``..`` above the root -> 400.
 """
 
 from __future__ import annotations
@@ -48,12 +60,29 @@ def _remove_dot_segments(path: str) -> str:
     return "/" + "/".join(output)
 
 
+_SLASH_RUNS = re.compile(r"//+")
+# What some backend might take for a path separator besides "/" (see the module docstring).
+_SEPARATOR_LOOKALIKES = re.compile(r"%2[Ff]|%5[Cc]|\\")
+
+
+def _hides_dot_segment(path: str) -> bool:
+    """Would a backend that reads %2F, %5C or \\ as "/" (or drops ;params) see a dot-segment?"""
+    if "." not in path:
+        return False
+    view = _SEPARATOR_LOOKALIKES.sub("/", path)
+    return any(segment.split(";", 1)[0] in (".", "..") for segment in view.split("/"))
+
+
 def normalize_path(path: str) -> str:
     """Normalise the path part of an origin-form target (no query). Fast when nothing needs doing."""
     if "%" in path:
         path = _PERCENT.sub(_decode_unreserved, path)
+    if "//" in path:
+        path = _SLASH_RUNS.sub("/", path)
     if "/." in path:
         path = _remove_dot_segments(path)
+    if ("%" in path or ";" in path or "\\" in path) and _hides_dot_segment(path):
+        raise BadPath("dot-segment hidden behind an encoded slash, backslash or ;parameter")
     return path
 
 
