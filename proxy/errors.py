@@ -29,9 +29,19 @@ class NoServerAvailable(ProxyError):
 
 
 class UpstreamConnectError(ProxyError):
-    """The request never reached the server: always safe to try another one."""
+    """The request never reached the server: always safe to try another one.
+
+    ``address`` is the server dialled ("host:port") and ``refused`` says nothing was listening there
+    (ECONNREFUSED): the error page uses both to tell a developer which dev server is not running.
+    """
 
     status, reason = 502, "could not connect to upstream"
+
+    def __init__(self, detail: str = "", status: int | None = None, *, address: str | None = None,
+                 refused: bool = False):
+        super().__init__(detail, status)
+        self.address = address
+        self.refused = refused
 
 
 class UpstreamTimeout(ProxyError):

@@ -25,7 +25,8 @@ from .errors import ClientGone, NoRoute, NoServerAvailable, ProxyError, Upstream
 from .forwarding import Outbound, build_request_head, build_response_head, interim_head
 from .http1 import (LAST_CHUNK, NEED_DATA, Data, EndOfMessage, ProtocolError, RequestHead,
                     RequestParser, ResponseHead, ResponseParser, encode_chunk)
-from .responses import plain_response
+from .responses import (describe_route, html_response, plain_response, unreachable_page, unreachable_text,
+                        wants_html)
 from .routing import BadPath, host_without_port, normalize_path, split_target
 from .tunnel import TunnelRelay
 
@@ -79,7 +80,7 @@ class Exchange:
     """One request/response through the proxy: the mutable facts the pipeline steps share."""
 
     __slots__ = ("request", "conn", "session", "record", "response_started", "body_done",
-                 "replay", "client_keep_alive")
+                 "replay", "client_keep_alive", "route")
 
     def __init__(self, request, conn, session, record):
         self.request = request
@@ -90,6 +91,7 @@ class Exchange:
         self.body_done = request.content_length in (None, 0) and not request.chunked
         self.replay: list[bytes] | None = []  # body bytes sent so far (None: too big to replay)
         self.client_keep_alive = request.keep_alive
+        self.route = None  # the matched route, once routing succeeded (error pages name it)
 
 
 class HttpHandler:
@@ -199,6 +201,8 @@ class HttpHandler:
         except ProtocolError as exc:  # the client's body was malformed or too large
             ex.client_keep_alive = False
             self._answer_error(ex, exc.status, exc.reason)
+        except UpstreamConnectError as exc:
+            self._answer_error(ex, exc.status, exc.detail, self._unreachable_body(ex, exc))
         except ProxyError as exc:
             self._answer_error(ex, exc.status, exc.detail)
         except ClientGone as exc:
@@ -209,7 +213,8 @@ class HttpHandler:
         app.observe(record)
         return ex.client_keep_alive and ex.body_done
 
-    def _answer_error(self, ex: Exchange, status: int, detail: str) -> None:
+    def _answer_error(self, ex: Exchange, status: int, detail: str, body=None) -> None:
+        """The one error response; ``body`` is an optional (content kind, text) replacing the short default."""
         if ex.response_started:
             # Headers already went out: the only honest signal left is an aborted connection.
             log.warning("aborting response to %s after it started: %s", ex.session.client_ip, detail)
@@ -223,10 +228,11 @@ class HttpHandler:
             return
         if status >= 500:
             log.info("%s %s -> %d: %s", ex.request.method, ex.request.target, status, detail)
-        body = f"{status} {detail}"
-        payload = plain_response(status, body, close=not ex.client_keep_alive,
-                                 head_only=ex.request.method == "HEAD",
-                                 extra_headers=self._request_id_header(ex))
+        kind, text = body or ("text", f"{status} {detail}")
+        respond = html_response if kind == "html" else plain_response
+        payload = respond(status, text, close=not ex.client_keep_alive,
+                          head_only=ex.request.method == "HEAD",
+                          extra_headers=self._request_id_header(ex))
         ex.record.status = status
         try:
             ex.conn.set_timeouts(self.app.settings.send_timeout, self.app.settings.send_timeout)
@@ -236,6 +242,16 @@ class HttpHandler:
         except OSError:
             ex.client_keep_alive = False
             ex.conn.close()
+
+    @staticmethod
+    def _unreachable_body(ex: Exchange, exc: UpstreamConnectError):
+        """Name the route and the address that failed: a dev server not started yet is the usual cause."""
+        if ex.route is None or exc.address is None:
+            return None
+        route = describe_route(ex.route.host, ex.route.path)
+        if wants_html(ex.request.headers.get("accept")):
+            return "html", unreachable_page(exc.status, route, exc.address, exc.refused, exc.detail)
+        return "text", unreachable_text(exc.status, route, exc.address, exc.refused, exc.detail)
 
     @staticmethod
     def _request_id_header(ex: Exchange) -> tuple:
@@ -253,6 +269,7 @@ class HttpHandler:
         if route is None:
             raise NoRoute(f"no route for {request.host or '(no host)'}{path}")
         upstream = runtime.upstreams[route.upstream]
+        ex.route = route
         ex.record.upstream = upstream.name
         ex.record.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         target = (route.forwarded_path(path) if path != "*" else "*") + query

@@ -74,6 +74,11 @@ class ServerPool:
         self.connects_total = 0
 
     @property
+    def address(self) -> str:
+        """"host:port" as the error page names it (IPv6 literals bracketed, RFC 3986 §3.2.2)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
     def idle_count(self) -> int:
         return len(self._idle)
 
@@ -105,9 +110,12 @@ class ServerPool:
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         except socket.timeout as exc:
-            raise UpstreamConnectError(f"connect to {self.host}:{self.port} timed out", status=504) from exc
+            raise UpstreamConnectError(f"connect to {self.host}:{self.port} timed out", status=504,
+                                       address=self.address) from exc
         except OSError as exc:
-            raise UpstreamConnectError(f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}") from exc
+            raise UpstreamConnectError(f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}",
+                                       address=self.address,
+                                       refused=isinstance(exc, ConnectionRefusedError)) from exc
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.tls_context is not None:
