@@ -36,6 +36,8 @@ READ_SIZE = 256 * 1024
 REPLAY_LIMIT = 64 * 1024
 SPLICE_BODY_MIN = REPLAY_LIMIT  # larger Content-Length bodies go client → upstream through os.splice  # request body bytes kept so a stale-connection retry can resend them
 # RFC 9110 §9.2.2: methods whose repetition is harmless (a retry after a stale connection is safe).
+# RFC 9110 §15.2 sets no limit on 1xx responses; a backend streaming them forever would hold a worker.
+MAX_INTERIM_RESPONSES = 16
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 S = ConnectionState
 
@@ -463,6 +465,7 @@ class HttpHandler:
     # -- response ------------------------------------------------------------------------------
     def _read_response_head(self, ex: Exchange, link, stop_at_continue: bool = False):
         parser = ResponseParser(ex.request.method, max_header_bytes=self.app.settings.max_response_header_bytes)
+        interim = 0
         while True:
             try:
                 event = parser.next_event()
@@ -477,11 +480,18 @@ class HttpHandler:
                 continue
             response: ResponseHead = event
             if 100 <= response.status < 200 and response.status != 101:
+                interim += 1
+                if interim > MAX_INTERIM_RESPONSES:
+                    raise UpstreamFailed("upstream sent too many 1xx responses")
                 if ex.request.version == "HTTP/1.1":  # RFC 9110 §15.2: never send 1xx to 1.0 clients
                     self._to_client(ex, interim_head(response))
                 if response.status == 100 and stop_at_continue:
                     return None, parser
                 continue
+            if response.chunked and "content-length" in response.headers:
+                # RFC 9112 §6.3 item 3: "ought to be handled as an error" -- the response-splitting
+                # signature; the parser would let chunked win, a proxy refuses it (nginx: 502).
+                raise UpstreamFailed("upstream sent both Content-Length and Transfer-Encoding")
             return response, parser
 
     def _relay_response(self, ex: Exchange, link, response: ResponseHead, parser) -> bool:
@@ -508,7 +518,7 @@ class HttpHandler:
         ex.conn.transition(S.WRITING)
         if framing == "none":
             self._to_client(ex, head)
-            complete = True
+            complete = not parser.has_buffered_data  # a body on HEAD/204/304: never reuse that connection
         elif framing == "length":
             complete = self._relay_length(ex, link, head, parser, response.content_length)
         else:
@@ -557,7 +567,7 @@ class HttpHandler:
                 if chunked:
                     pending += self._last_chunk(event.trailers)
                 self._to_client(ex, pending)
-                return True
+                return not parser.has_buffered_data  # bytes after the last chunk: never reuse
 
     @staticmethod
     def _last_chunk(trailers) -> bytes:
