@@ -1,66 +1,182 @@
-"""The ``pyproxy`` command line (click). See CONFIG.md for the contract."""
+"""The ``pyproxy`` command line (click). The contract is shared/CONFIG.md ("Command line").
+
+Two ways to run the proxy:
+  * from a config file:   pyproxy -c proxy.toml
+  * without one (local development, like ``caddy reverse-proxy``):
+        pyproxy --from :8080 --to 127.0.0.1:3000
+        pyproxy --from :8080 --route app.localhost=127.0.0.1:3000 --route /api=127.0.0.1:4000
+
+Exit codes: 0 after a clean (graceful) shutdown or a valid ``check``; 1 for a config problem or
+an address the proxy cannot listen on (one line per problem, never a traceback); 2 for a command
+line click cannot make sense of (unknown option, missing value).
+"""
 
 from __future__ import annotations
 
+import errno
+import socket
 import sys
 
 import click
 
 from . import __version__
-from .config import ConfigError, load_config, routing_table_lines
+from .config import DEFAULT_LISTEN, Config, ConfigError, ListenConfig, load_config, quick_config, routing_table_lines
 from .runner import ProxyProcess, bind_config_listener, configure_logging, describe_listeners
 from .starter import write_starter
 from .supervisor import run_supervisor
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+DEFAULT_CONFIG_FILE = "proxy.toml"
+
+# Why a bind failed, in words a user can act on (errno values from bind(2)).
+LISTEN_ERROR_HINTS = {
+    errno.EADDRINUSE: "address already in use (is another proxy or server running there?)",
+    errno.EACCES: "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+    errno.EADDRNOTAVAIL: "no network interface on this machine has that address",
+}
 
 
-def _load_or_exit(path: str):
+class ListenError(Exception):
+    """A listen address the proxy could not bind; the message is one line for the user."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the commands
+# ---------------------------------------------------------------------------------------------
+
+def fail(message: str) -> None:
+    """Print a one-line (or one line per problem) error on stderr and exit 1."""
+    click.echo(message, err=True)
+    sys.exit(1)
+
+
+def load_or_exit(path: str) -> Config:
     try:
         return load_config(path)
     except ConfigError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(1)
+        fail(str(exc))
 
 
-@click.group(invoke_without_command=True, context_settings=CONTEXT)
-@click.option("-c", "--config", "config_path", metavar="FILE", help="Run the proxy with this TOML config.")
-@click.option("--workers", type=click.IntRange(min=1), metavar="N", help="Override server.workers.")
+def parse_route_option(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, str]]:
+    """--route KEY=ADDRESS, KEY being "/prefix", "host" or "host/prefix"."""
+    routes = []
+    for value in values:
+        key, equals, target = value.partition("=")
+        if not equals or not key or not target:
+            raise click.BadParameter(
+                f"{value!r} is not KEY=ADDRESS (e.g. app.localhost=127.0.0.1:3000 or /api=127.0.0.1:4000)")
+        routes.append((key.strip(), target.strip()))
+    return routes
+
+
+def listen_error(listen: ListenConfig, exc: OSError) -> ListenError:
+    if isinstance(exc, socket.gaierror):
+        reason = f"cannot resolve the host name ({exc.strerror})"
+    else:
+        reason = LISTEN_ERROR_HINTS.get(exc.errno, exc.strerror or str(exc))
+    return ListenError(f"pyproxy: cannot listen on {listen.address}: {reason}")
+
+
+def bind_listeners(config: Config) -> list[tuple[ListenConfig, socket.socket]]:
+    """Bind every server.listen address up front, so a busy port is reported by name before any
+    thread starts. Raises ListenError (after closing what was already bound)."""
+    bound: list[tuple[ListenConfig, socket.socket]] = []
+    for listen in config.server.listen:
+        try:
+            bound.append((listen, bind_config_listener(listen)))
+        except OSError as exc:
+            for _, sock in bound:
+                sock.close()
+            raise listen_error(listen, exc) from None
+    return bound
+
+
+# ---------------------------------------------------------------------------------------------
+# pyproxy [OPTIONS]: run the proxy
+# ---------------------------------------------------------------------------------------------
+
+MAIN_HELP = """pyproxy: a reverse proxy and HTTP load balancer.
+
+\b
+Run from a config file:
+  pyproxy init                      write a commented starter proxy.toml
+  pyproxy check -c proxy.toml       validate it and show the routing table
+  pyproxy -c proxy.toml             run it (Ctrl-C or SIGTERM drains and exits)
+
+\b
+Run without a config file (local development):
+  pyproxy --from :8080 --to 127.0.0.1:3000
+  pyproxy --from :8080 --to 127.0.0.1:3000 --to 127.0.0.1:3001      (round robin)
+  pyproxy --from :8080 --route app.localhost=127.0.0.1:3000 --route /api=127.0.0.1:4000
+
+\b
+*.localhost names resolve to 127.0.0.1 in browsers and curl >= 7.85, so
+http://app.localhost:8080/ works without editing /etc/hosts.
+"""
+
+MAIN_EPILOG = "Signals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the config file."
+
+
+@click.group(invoke_without_command=True, context_settings=CONTEXT, help=MAIN_HELP, epilog=MAIN_EPILOG)
+@click.option("-c", "--config", "config_path", metavar="FILE", help="Run the proxy with this TOML config file.")
+@click.option("--workers", type=click.IntRange(min=1), metavar="N", help="Worker processes (overrides server.workers).")
 @click.option("--watch", is_flag=True, help="Reload gracefully whenever the config file changes.")
+@click.option("--from", "listen", metavar="ADDRESS",
+              help=f'Without a config file: listen here, e.g. ":8080" (all interfaces) or "127.0.0.1:8080". '
+                   f"Default {DEFAULT_LISTEN}.")
+@click.option("--to", "targets", metavar="ADDRESS", multiple=True,
+              help="Without a config file: send every request here. Repeat to balance round robin.")
+@click.option("--route", "routes", metavar="KEY=ADDRESS", multiple=True, callback=parse_route_option,
+              help='Without a config file: send a host ("app.localhost"), a path prefix ("/api") or both '
+                   '("app.localhost/api") to ADDRESS. Repeatable; the most specific route wins.')
 @click.version_option(__version__, "--version", prog_name="pyproxy", message="%(prog)s %(version)s")
 @click.pass_context
-def main(ctx: click.Context, config_path: str | None, workers: int | None, watch: bool) -> None:
-    """pyproxy: a reverse proxy and HTTP load balancer.
-
-    \b
-    Run it:        pyproxy -c proxy.toml
-    Check config:  pyproxy check -c proxy.toml
-    Start one:     pyproxy init
-    """
+def main(ctx: click.Context, config_path: str | None, workers: int | None, watch: bool,
+         listen: str | None, targets: tuple[str, ...], routes: list[tuple[str, str]]) -> None:
+    quick = listen is not None or bool(targets) or bool(routes)
     if ctx.invoked_subcommand is not None:
+        if quick or workers or watch:
+            raise click.UsageError(f"--from/--to/--route/--workers/--watch run the proxy; "
+                                   f"they do not go with '{ctx.invoked_subcommand}'")
+        ctx.obj = {"config_path": config_path}  # "pyproxy -c FILE check" reads as "check -c FILE"
         return
+    if config_path and quick:
+        raise click.UsageError("use either -c FILE or --from/--to/--route, not both")
+    if quick:
+        if watch:
+            raise click.UsageError("--watch needs a config file (-c FILE) to watch")
+        config = quick_config_or_exit(listen or DEFAULT_LISTEN, list(targets), routes)
+        for line in routing_table_lines(config):
+            click.echo(line, err=True)
+        sys.exit(run_proxy(config, None, workers=workers, watch=False))
     if not config_path:
         click.echo(ctx.get_help())
         ctx.exit(2)
-    config = _load_or_exit(config_path)
+    config = load_or_exit(config_path)
     sys.exit(run_proxy(config, config_path, workers=workers, watch=watch))
 
 
-def run_proxy(config, config_path: str | None, workers: int | None = None, watch: bool = False) -> int:
-    configure_logging(config.log.level)
-    workers = workers or config.server.workers
+def quick_config_or_exit(listen: str, targets: list[str], routes: list[tuple[str, str]]) -> Config:
     try:
-        if workers > 1:  # a supervisor and N worker processes sharing these sockets (proxy.supervisor)
-            listeners = [(listen, bind_config_listener(listen)) for listen in config.server.listen]
-        else:
-            process = ProxyProcess(config, install_signals=True, config_path=config_path)
-    except OSError as exc:
-        click.echo(f"pyproxy: cannot listen: {exc}", err=True)
+        return quick_config(listen, targets, routes)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def run_proxy(config, config_path: str | None, workers: int | None = None, watch: bool = False) -> int:
+    """Serve until a signal drains the proxy. Returns the exit code (0 clean, 1 cannot listen)."""
+    configure_logging(config.log.level)
+    try:
+        listeners = bind_listeners(config)
+    except ListenError as exc:
+        click.echo(str(exc), err=True)
         return 1
-    if workers > 1:
+    workers = workers or config.server.workers
+    if workers > 1:  # a supervisor and N worker processes sharing these sockets (proxy.supervisor)
         addresses = ", ".join(f"http://{listen.address}" for listen, _ in listeners)
         click.echo(f"pyproxy {__version__} listening on {addresses} with {workers} workers", err=True)
         return run_supervisor(config, config_path, listeners, workers, watch=watch)
+    process = ProxyProcess(config, listeners=listeners, install_signals=True, config_path=config_path)
     if watch and config_path:
         process.watch_config()
     click.echo(f"pyproxy {__version__} listening on {describe_listeners(process)}", err=True)
@@ -68,27 +184,46 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
     return 0
 
 
-@main.command()
-@click.option("-c", "--config", "config_path", metavar="FILE", required=True, help="The config file to validate.")
-def check(config_path: str) -> None:
-    """Validate a config file and print the effective routing table."""
-    config = _load_or_exit(config_path)
-    click.echo(f"{config_path}: OK")
+# ---------------------------------------------------------------------------------------------
+# pyproxy check / pyproxy init
+# ---------------------------------------------------------------------------------------------
+
+@main.command(context_settings=CONTEXT)
+@click.option("-c", "--config", "config_path", metavar="FILE", help=f"The config file (default {DEFAULT_CONFIG_FILE}).")
+@click.argument("file", required=False, metavar="[FILE]")
+@click.pass_context
+def check(ctx: click.Context, config_path: str | None, file: str | None) -> None:
+    """Validate a config file and print the effective routing table.
+
+    Lists every problem at once (file, key, what is wrong) and exits 1 if there is any;
+    exits 0 if the file is valid. "pyproxy check proxy.toml" works too.
+    """
+    given = {path for path in (config_path, file, (ctx.obj or {}).get("config_path")) if path}
+    if len(given) > 1:
+        raise click.UsageError("give the config file once: -c FILE or FILE")
+    path = given.pop() if given else DEFAULT_CONFIG_FILE
+    config = load_or_exit(path)
+    click.echo(f"{path}: OK")
     for line in routing_table_lines(config):
         click.echo(line)
 
 
-@main.command()
-@click.argument("path", default="proxy.toml", required=False)
-@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@main.command(context_settings=CONTEXT)
+@click.argument("path", default=DEFAULT_CONFIG_FILE, required=False, metavar="[PATH]")
+@click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
 def init(path: str, force: bool) -> None:
-    """Write a commented starter config (default: proxy.toml)."""
+    """Write a commented starter config to PATH (default proxy.toml).
+
+    It routes everything to 127.0.0.1:3000 and shows every key with its default;
+    edit it, then run "pyproxy check -c PATH" and "pyproxy -c PATH".
+    """
     try:
         write_starter(path, force=force)
     except FileExistsError:
-        click.echo(f"{path} already exists; use --force to overwrite it", err=True)
-        sys.exit(1)
-    click.echo(f"wrote {path}; try: pyproxy check -c {path}")
+        fail(f"{path} already exists; use --force to overwrite it")
+    except OSError as exc:
+        fail(f"cannot write {path}: {exc.strerror or exc}")
+    click.echo(f"wrote {path}\nnext: pyproxy check -c {path}   then: pyproxy -c {path}")
 
 
 if __name__ == "__main__":
