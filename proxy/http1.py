@@ -400,6 +400,18 @@ def _request_host(version: str, index: dict[str, list[str]], authority: str | No
     return host.lower() if host else host
 
 
+# Names a server might fold onto a framing or routing field: CGI/WSGI map "-" and "_" to the same
+# HTTP_* variable, so "Transfer_Encoding" can become Transfer-Encoding behind us (nginx drops such
+# headers by default: underscores_in_headers off). Refused rather than forwarded.
+_LOOKALIKE_GUARDED = frozenset({"content-length", "transfer-encoding", "host", "connection"})
+
+
+def _check_lookalike_names(index: dict[str, list[str]]) -> None:
+    for name in index:
+        if "_" in name and name.replace("_", "-") in _LOOKALIKE_GUARDED:
+            raise _bad(f"header name {name!r} is a lookalike of a framing header")
+
+
 def _expects_continue(values: list[str] | None) -> bool:
     """RFC 9110 §10.1.1: 100-continue is the only expectation; any other -> 417."""
     if values is None:
@@ -759,6 +771,7 @@ class RequestParser(_MessageParser):
             raise ProtocolError(501, "CONNECT is not supported")
         authority = _request_target_authority(method, target)
         raw, index = _parse_fields(text, line_end + 2)
+        _check_lookalike_names(index)
         host = _request_host(version, index, authority)
         content_length, chunked = self._request_framing(version, index)
         tokens = _connection_tokens(index.get("connection"))
