@@ -482,3 +482,28 @@ def test_describe_changes_lists_routes_upstreams_and_listeners(tmp_path):
         "upstream changed: app (+127.0.0.1:9002 -127.0.0.1:9001)",
     ]
     assert describe_changes(load_config(old_file), load_config(old_file)) == []
+
+
+# -- core's drain: the race between "resting" and "a request just arrived" ------------------------------
+
+def test_core_drain_serves_a_resting_connection_whose_request_arrived_before_dispatch():
+    """A request that reached an idle connection but was not dispatched yet when the drain began
+    must be served (then the connection closed), not closed unanswered."""
+    from core import SocketServer, ThreadPool
+    from tests.core_helpers import EchoHandler
+
+    server = SocketServer(EchoHandler(), listeners=[("127.0.0.1", 0)],
+                          pool=ThreadPool(min_threads=1, max_threads=2), graceful_timeout=5.0)
+    client = socket.create_connection(server.addresses[0][:2], timeout=5)
+    with client:
+        wait_for(lambda: server._poll_once(0.05) or server.connection_count == 1, what="the accept")
+        client.sendall(b"hello\n")  # arrives; the loop does not poll again before the drain
+        wait_for(lambda: server._request_pending(next(iter(server._connections.values()))),
+                 what="the bytes to reach the server socket")
+        server.request_shutdown()
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()  # goes straight into the drain
+        assert client.recv(64) == b"hello\n"
+        assert client.recv(1) == b""  # and closed after it
+        thread.join(10)
+        assert server.stopped.is_set()
