@@ -1,4 +1,4 @@
-"""Route matching: host (exact > "*.wildcard" > any) then the longest path prefix, ties to file order.
+r"""Route matching: host (exact > "*.wildcard" > any) then the longest path prefix, ties to file order.
 
 Matching runs on a normalised path (RFC 3986 §6.2.2: unreserved percent-escapes decoded, dot-segments
 removed), so ``/api/../admin`` cannot slip past a route meant for ``/admin``. The same normalised path

@@ -150,7 +150,7 @@ def test_raising_task_is_logged_and_thread_keeps_serving(pools, caplog):
 
 
 def test_shutdown_drains_queued_work():
-    pool = ThreadPool(min_threads=1, max_threads=2, max_queue=100)
+    pool = ThreadPool(min_threads=1, max_threads=2, max_queue=100, grow_after=0.0)
     gate = threading.Event()
     started = threading.Semaphore(0)
     ran = []
