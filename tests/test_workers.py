@@ -1,0 +1,184 @@
+"""Worker processes (server.workers > 1): the real ``pyproxy`` command with a supervisor and forked
+workers. Worker PIDs come from /proc (the supervisor's children) and from /status, which the
+supervisor aggregates over the workers through their control links.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from proxy.supervisor import ControlError, ControlLink
+from tests.test_lifecycle import (SLOW_BODY, Load, backends, free_port, proxy_config, running_proxy, served_by,
+                                  start_slow_request, wait_for)
+
+pytestmark = pytest.mark.timeout(60)
+WORKERS = 2
+MAX_SPREAD_REQUESTS = 600  # fresh-connection requests sent at most until every worker has served one
+
+
+def children(pid: int) -> set[int]:
+    """Live child PIDs of ``pid`` (Linux /proc, CONFIG_PROC_CHILDREN)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return {int(p) for p in path.read_text().split()} if path.exists() else set()
+
+
+def status(admin_port: int) -> dict:
+    response = requests.get(f"http://127.0.0.1:{admin_port}/status", timeout=5)
+    response.raise_for_status()
+    return response.json()
+
+
+def workers_config(backend_address: str, graceful: str = "10s"):
+    port, admin_port = free_port(), free_port()
+    return port, admin_port, proxy_config(port, backend_address, workers=WORKERS, admin_port=admin_port,
+                                          graceful=graceful)
+
+
+def ready_workers(run) -> int:
+    return run.log().count(") ready")
+
+
+def spread_requests(url: str, admin_port: int) -> dict[int, int]:
+    """Fresh connections, 16 at a time, until every worker served some (the kernel picks the
+    accepting process, so it takes a burst); returns {pid: requests_total}."""
+    def one(_):
+        with requests.Session() as session:  # one connection per request
+            return session.get(url, timeout=5).status_code
+
+    per_pid: dict[int, int] = {}
+    with ThreadPoolExecutor(16) as pool:
+        for _ in range(MAX_SPREAD_REQUESTS // 64):
+            assert set(pool.map(one, range(64))) == {200}
+            per_pid = {w["pid"]: w["requests_total"] for w in status(admin_port)["workers"]}
+            if len(per_pid) == WORKERS and all(per_pid.values()):
+                break
+    return per_pid
+
+
+def test_two_workers_both_serve_and_status_aggregates(tmp_path):
+    with backends("a") as (a,):
+        port, admin_port, config = workers_config(a.address)
+        with running_proxy(tmp_path, config) as run:
+            wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready", on_timeout=run.log)
+            pids = children(run.proc.pid)
+            assert len(pids) == WORKERS
+            per_pid = spread_requests(run.url, admin_port)
+            assert set(per_pid) == pids and all(per_pid.values()), per_pid
+            document = status(admin_port)
+            assert document["processes"] == WORKERS
+            total = document["upstreams"]["app"]["servers"][0]["requests_total"]
+            assert total == sum(per_pid.values()) == a.requests
+            metrics = requests.get(f"http://127.0.0.1:{admin_port}/metrics", timeout=5).text
+            assert f'pyproxy_requests_total{{upstream="app",code="200"}} {total}' in metrics
+            run.signal(signal.SIGTERM)
+            assert run.wait_exit() == 0
+
+
+def test_a_killed_worker_is_replaced_and_traffic_continues(tmp_path):
+    with backends("a") as (a,):
+        port, admin_port, config = workers_config(a.address)
+        with running_proxy(tmp_path, config) as run:
+            wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready")
+            before = children(run.proc.pid)
+            victim = min(before)
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: len(children(run.proc.pid) - {victim}) == WORKERS, what="a replacement worker",
+                     on_timeout=run.log)
+            after = children(run.proc.pid)
+            assert victim not in after and len(after - before) == 1
+            assert "was killed by SIGKILL" in run.log()
+            wait_for(lambda: ready_workers(run) == WORKERS + 1, what="the replacement to be ready")
+            assert [served_by(run.url) for _ in range(20)] == ["a"] * 20
+            assert {w["pid"] for w in status(admin_port)["workers"]} == after
+            run.signal(signal.SIGTERM)
+            assert run.wait_exit() == 0
+
+
+def test_sigterm_with_workers_finishes_in_flight_requests_and_exits_0(tmp_path):
+    with backends("a") as (a,):
+        port, admin_port, config = workers_config(a.address)
+        with running_proxy(tmp_path, config) as run:
+            wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready")
+            pids = children(run.proc.pid)
+            thread, result = start_slow_request(run.url)
+            assert a.slow_entered.wait(5)
+            run.signal(signal.SIGTERM)
+            wait_for(lambda: requests.get(f"http://127.0.0.1:{admin_port}/healthz", timeout=5).status_code == 503,
+                     what="/healthz to say draining")
+            wait_for(lambda: not _accepts(port), what="the listeners to close")
+            a.release.set()
+            thread.join(10)
+            assert result == {"status": 200, "length": SLOW_BODY}
+            assert run.wait_exit() == 0
+            assert all(not Path(f"/proc/{pid}").exists() or _zombie(pid) for pid in pids)
+
+
+def test_sighup_with_workers_reloads_every_worker_under_load(tmp_path):
+    with backends("a", "b") as (a, b):
+        port, admin_port, config = workers_config(a.address)
+        with running_proxy(tmp_path, config) as run:
+            wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready")
+            load = Load(run.url, clients=8)
+            try:
+                wait_for(lambda: load.outcomes().count("a") >= 50, what="load on a")
+                run.rewrite(config.replace(a.address, b.address))
+                run.signal(signal.SIGHUP)
+                wait_for(lambda: run.log().count(") reloaded") == WORKERS, what="every worker reloaded",
+                         on_timeout=run.log)
+                mark = len(load.outcomes())
+                wait_for(lambda: load.outcomes()[mark:].count("b") >= 100, what="traffic on b")
+            finally:
+                load.stop()
+            assert load.failures() == []
+            # every worker switched: only the requests in flight at the mark (one per client) end on a
+            assert load.outcomes()[mark:].count("a") <= 8
+            assert load.outcomes()[-20:] == ["b"] * 20
+            run.rewrite("this is not toml [")
+            run.signal(signal.SIGHUP)
+            wait_for(lambda: "reload failed, keeping the old config" in run.log(), what="the reload error")
+            assert [served_by(run.url) for _ in range(10)] == ["b"] * 10
+            assert run.log().count(") reloaded") == WORKERS  # the invalid file never reached the workers
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+# -- the control link on its own -----------------------------------------------------------------------
+
+def test_control_link_requests_replies_events_and_close():
+    left_sock, right_sock = socket.socketpair()
+    events: list[dict] = []
+    closed = threading.Event()
+    left = ControlLink(left_sock, events.append, on_close=closed.set, name="left")
+    right = ControlLink(right_sock, lambda m: {"echo": m["op"], "pid": os.getpid()} if "op" in m else None,
+                        name="right")
+    left.start()
+    right.start()
+    assert left.request({"op": "status"}, timeout=5) == {"echo": "status", "pid": os.getpid()}
+    right.send({"event": "ready", "pid": 1})
+    wait_for(lambda: events == [{"event": "ready", "pid": 1}], what="the event")
+    right.close()
+    assert closed.wait(5)
+    with pytest.raises(ControlError):
+        left.request({"op": "status"}, timeout=1)
+    left.close()
