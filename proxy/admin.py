@@ -1,4 +1,4 @@
-"""The admin listener: GET /healthz, /status (JSON), /metrics (Prometheus text).
+"""The admin listener: GET / (the dashboard), /healthz, /status (JSON), /metrics (Prometheus text).
 
 It runs on its own socket and its own threads (``http.server.ThreadingHTTPServer``), apart from the
 proxy's accept loop and worker pool, so an admin request never waits behind proxied traffic, and
@@ -19,6 +19,7 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Callable
 
 from .access_log import make_access_log
@@ -31,7 +32,9 @@ log = logging.getLogger("pyproxy.admin")
 
 STOP_TIMEOUT = 5.0
 ADMIN_REQUEST_TIMEOUT = 10.0  # a stuck admin client holds one admin thread this long at most
-PATHS = ("/healthz", "/status", "/metrics")
+PATHS = ("/", "/healthz", "/status", "/metrics")
+# One self-contained page (inline CSS and JS, no CDN): it must work offline and polls /status itself.
+DASHBOARD_PATH = Path(__file__).parent / "static" / "dashboard.html"
 
 
 class SourceFailed(RuntimeError):
@@ -81,7 +84,10 @@ class _AdminHandler(BaseHTTPRequestHandler):
         sources: AdminSources = self.server.sources
         path = self.path.split("?", 1)[0]
         try:
-            if path == "/healthz":
+            if path == "/":
+                # Read per request (a few kB, rare): an installed or edited page shows without a restart.
+                self._send(200, DASHBOARD_PATH.read_text(encoding="utf-8"), "text/html", head_only)
+            elif path == "/healthz":
                 draining = sources.draining()
                 self._send(503 if draining else 200, "draining\n" if draining else "ok\n", "text/plain", head_only)
             elif path == "/status":
@@ -125,6 +131,28 @@ class _AdminHTTPServer(ThreadingHTTPServer):
         self.socket.close()  # replace the unbound socket the base class made with ours
         self.socket = sock
         self.address_family = sock.family
+        self._open: set[socket.socket] = set()  # keep-alive connections (a dashboard polls on one)
+        self._open_lock = threading.Lock()
+
+    def process_request(self, request, client_address):
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def close_open_connections(self) -> None:
+        """Stopped means stopped: a handler thread would otherwise keep answering a keep-alive client."""
+        with self._open_lock:
+            sockets = list(self._open)
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # the client closed it already
+                log.debug("admin connection already closed")
 
 
 class AdminServer:
@@ -156,6 +184,7 @@ class AdminServer:
             self._thread.join(timeout=STOP_TIMEOUT)
             self._thread = None
         self._httpd.server_close()
+        self._httpd.close_open_connections()
 
 
 def _describe(address) -> str:
@@ -194,7 +223,7 @@ def install_observability(process, *, admin_socket: socket.socket | None = None,
     if checker is not None:
         process.add_service(checker)
     sources = AdminSources(
-        status=[lambda: build_status(app, process.server, process.pool, checker)],
+        status=[lambda: build_status(app, process.server, process.pool, checker, traffic=metrics.recent)],
         metrics=[metrics.snapshot],
         draining=app.draining)
     admin_server = None

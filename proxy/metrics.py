@@ -16,18 +16,25 @@ process had to eject is, for an operator, a server with a problem.
 from __future__ import annotations
 
 import bisect
+import math
 import threading
+import time
 
 # Prometheus client libraries' default buckets (seconds), which suit request latencies.
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 NO_UPSTREAM = "-"  # the upstream label of requests the proxy answered itself before routing (400, 404)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The dashboard's recent traffic: finer buckets than the Prometheus ones at the low end, because local
+# backends answer in well under 5 ms and p50/p99 are interpolated inside a bucket (histogram_quantile).
+RECENT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                  1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+RECENT_WINDOW = 10  # seconds of per-second slots behind the dashboard's rates and quantiles
 
 
 class Metrics:
     """Counters fed by the request observer, gauges read at snapshot time."""
 
-    def __init__(self, app, server=None, pool=None, access_log=None, buckets=DEFAULT_BUCKETS):
+    def __init__(self, app, server=None, pool=None, access_log=None, buckets=DEFAULT_BUCKETS, clock=time.monotonic):
         self.app = app
         self.server = server          # core.SocketServer: connection_counts()
         self.pool = pool              # core.ThreadPool: counts()
@@ -36,6 +43,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._requests: dict[tuple[str, str], int] = {}
         self._durations: dict[str, list] = {}  # upstream -> [per-bucket counts (+Inf last), sum, count]
+        self._recent = RecentTraffic(clock=clock)  # guarded by _lock too
 
     def observe(self, record) -> None:
         """The request observer (hot path)."""
@@ -51,8 +59,23 @@ class Metrics:
             histogram[0][slot] += 1
             histogram[1] += duration
             histogram[2] += 1
+            self._recent.add(upstream, record.status, duration)
 
     __call__ = observe
+
+    def recent(self) -> dict:
+        """The last few seconds per upstream plus running totals: what /status's "traffic" is built from."""
+        with self._lock:
+            recent = self._recent.snapshot()
+            totals: dict[str, list[int]] = {}
+            for (upstream, code), n in self._requests.items():
+                counts = totals.setdefault(upstream, [0, 0])
+                counts[0] += n
+                counts[1] += n if is_error_status(code) else 0
+        for upstream, (requests, errors) in totals.items():
+            entry = recent["upstreams"].setdefault(upstream, empty_window(len(recent["buckets"])))
+            entry["requests_total"], entry["errors_total"] = requests, errors
+        return recent
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -84,6 +107,87 @@ class Metrics:
         if self.access_log is None:
             return {}
         return {"written": self.access_log.written, "dropped": self.access_log.dropped}
+
+
+# -- recent traffic (the dashboard) -----------------------------------------------------------------
+
+def is_error_status(code) -> bool:
+    """An error, for the dashboard's error rate: any 5xx, the proxy's own (502/503/504) or the server's."""
+    return str(code).startswith("5")
+
+
+def empty_window(bucket_count: int) -> dict:
+    return {"requests": 0, "errors": 0, "latency_counts": [0] * (bucket_count + 1),
+            "requests_total": 0, "errors_total": 0}
+
+
+class RecentTraffic:
+    """Requests, 5xx answers and a latency histogram per upstream over the last ``window`` seconds.
+
+    One slot per clock second in a ring of ``window`` slots: a slot whose second has gone by is reused
+    (reset) by the next request landing on it, so memory stays window × upstreams × buckets. Not
+    thread-safe on its own: ``Metrics`` calls it under its lock.
+    """
+
+    def __init__(self, window: int = RECENT_WINDOW, buckets=RECENT_BUCKETS, clock=time.monotonic):
+        self.window = window
+        self.buckets = tuple(float(b) for b in buckets)
+        self.clock = clock
+        self.started = clock()
+        self._rings: dict[str, list[list]] = {}  # upstream -> window × [second, requests, errors, counts]
+
+    def add(self, upstream: str, status, duration: float) -> None:
+        second = math.floor(self.clock())
+        ring = self._rings.get(upstream)
+        if ring is None:
+            ring = self._rings[upstream] = [[None, 0, 0, [0] * (len(self.buckets) + 1)] for _ in range(self.window)]
+        slot = ring[second % self.window]
+        if slot[0] != second:
+            slot[0], slot[1], slot[2] = second, 0, 0
+            slot[3] = [0] * (len(self.buckets) + 1)
+        slot[1] += 1
+        slot[2] += 1 if is_error_status(status) else 0
+        slot[3][bisect.bisect_left(self.buckets, duration)] += 1
+
+    def snapshot(self) -> dict:
+        """{"window_seconds": covered, "buckets": [...], "upstreams": {name: window counts}}."""
+        now = self.clock()
+        second = math.floor(now)
+        oldest = second - self.window + 1
+        upstreams = {}
+        for upstream, ring in self._rings.items():
+            entry = empty_window(len(self.buckets))
+            for slot_second, requests, errors, counts in ring:
+                if slot_second is not None and oldest <= slot_second <= second:
+                    entry["requests"] += requests
+                    entry["errors"] += errors
+                    entry["latency_counts"] = [a + b for a, b in zip(entry["latency_counts"], counts)]
+            upstreams[upstream] = entry
+        # The slots cover the current (partial) second and window-1 whole ones, and never reach back
+        # before this process started: rates divide by the time really covered, not by `window`.
+        covered = min(now - oldest, now - self.started)
+        return {"window_seconds": round(max(covered, 1.0), 3), "buckets": list(self.buckets), "upstreams": upstreams}
+
+
+def estimate_quantile(buckets, counts, q: float) -> float | None:
+    """The q-quantile (seconds) of a histogram, interpolating linearly inside the bucket it falls in.
+
+    Prometheus' ``histogram_quantile`` does the same; the +Inf bucket answers its lower bound (the
+    largest finite bound), and an empty histogram has no quantile (None).
+    """
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for index, count in enumerate(counts):
+        if count and seen + count >= rank:
+            if index == len(buckets):
+                return float(buckets[-1])
+            lower = float(buckets[index - 1]) if index > 0 else 0.0
+            return lower + (float(buckets[index]) - lower) * (rank - seen) / count
+        seen += count
+    return float(buckets[-1])
 
 
 # -- merging -----------------------------------------------------------------------------------------

@@ -1,0 +1,342 @@
+"""The admin dashboard (GET / on the admin listener) and the recent-traffic numbers behind it.
+
+The browser tests drive Debian's headless Chromium (``scripts/install-browser``) over the DevTools
+protocol with a tiny client on the ``websockets`` test dependency: no browser download, no driver.
+Screenshots land in ``test-artifacts/`` (gitignored) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from websockets.sync.client import connect as ws_connect
+
+from proxy.metrics import RECENT_BUCKETS, RecentTraffic, estimate_quantile
+from proxy.status import merge_status, summarize_traffic
+from tests.test_health import (DEADLINE, FAST_HEALTH, backends, config_document, observed_proxy,  # noqa: F401
+                               served_by, wait_for)
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+BROWSER_START_TIMEOUT = 20.0  # a cold Chromium start on a busy CI machine
+CDP_TIMEOUT = 10.0            # one DevTools command
+# The dashboard polls every second; a change must show within a few polls.
+PAGE_DEADLINE = 8.0
+DESKTOP = (1280, 900, 1, False)
+PHONE = (390, 844, 2, True)   # an iPhone-sized viewport: 390 CSS px wide, 2x pixels, touch/mobile
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--hide-scrollbars", "--remote-debugging-port=0")
+
+
+# -- a tiny DevTools protocol client ------------------------------------------------------------------
+
+class BrowserError(RuntimeError):
+    """Chromium did not start, or a DevTools command failed."""
+
+
+class Browser:
+    """One headless Chromium with one page, driven over the DevTools protocol (JSON over a websocket)."""
+
+    def __init__(self, profile: Path):
+        self.process = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._ids = itertools.count(1)
+        self._closing = contextlib.ExitStack()
+        try:
+            port = self._devtools_port(profile / "DevToolsActivePort")
+            page = self._first_page(port)
+            self.socket = self._closing.enter_context(
+                ws_connect(page["webSocketDebuggerUrl"], max_size=64 * 1024 * 1024, open_timeout=CDP_TIMEOUT))
+        except BaseException:
+            self.close()
+            raise
+        self.send("Page.enable")
+        self.send("Runtime.enable")
+
+    def _devtools_port(self, port_file: Path) -> int:
+        """Chromium writes the port it picked (we asked for 0) to this file once it listens."""
+        deadline = time.monotonic() + BROWSER_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BrowserError(f"chromium exited with {self.process.returncode}: "
+                                   f"{self.process.stderr.read().decode(errors='replace')[-2000:]}")
+            if port_file.exists():
+                lines = port_file.read_text().split("\n")
+                if lines and lines[0].strip().isdigit():
+                    return int(lines[0])
+            time.sleep(0.05)
+        raise BrowserError(f"chromium did not open its DevTools port within {BROWSER_START_TIMEOUT}s")
+
+    @staticmethod
+    def _first_page(port: int) -> dict:
+        def page():
+            targets = requests.get(f"http://127.0.0.1:{port}/json/list", timeout=CDP_TIMEOUT).json()
+            return next((t for t in targets if t.get("type") == "page"), None)
+        return wait_for(page, timeout=BROWSER_START_TIMEOUT, interval=0.05, what="a page target")
+
+    def send(self, method: str, **params) -> dict:
+        """Send one command; events arriving meanwhile are dropped (nothing here waits on events)."""
+        message_id = next(self._ids)
+        self.socket.send(json.dumps({"id": message_id, "method": method, "params": params}))
+        deadline = time.monotonic() + CDP_TIMEOUT
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BrowserError(f"{method}: no answer within {CDP_TIMEOUT}s")
+            message = json.loads(self.socket.recv(timeout=left))
+            if message.get("id") == message_id:
+                if "error" in message:
+                    raise BrowserError(f"{method}: {message['error']}")
+                return message.get("result", {})
+
+    def evaluate(self, expression: str):
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise BrowserError(f"{expression!r} threw: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def viewport(self, width: int, height: int, scale: float, mobile: bool) -> None:
+        self.send("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                  deviceScaleFactor=scale, mobile=mobile)
+
+    def open(self, url: str) -> None:
+        self.send("Page.navigate", url=url)
+        wait_for(lambda: self.evaluate("document.readyState") == "complete" and
+                 self.evaluate("location.href") == url, timeout=PAGE_DEADLINE, what=f"{url} to load")
+
+    def wait_until(self, expression: str, what: str, timeout: float = PAGE_DEADLINE):
+        return wait_for(lambda: self.evaluate(expression), timeout=timeout, interval=0.05, what=what)
+
+    def screenshot(self, path: Path) -> Path:
+        """The whole page (not just the viewport), as PNG."""
+        size = self.send("Page.getLayoutMetrics")["cssContentSize"]
+        clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+        data = self.send("Page.captureScreenshot", format="png", clip=clip, captureBeyondViewport=True)["data"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(data))
+        return path
+
+    def close(self) -> None:
+        self._closing.close()
+        self.process.terminate()
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+        self.process.stderr.close()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        pytest.skip(f"no Chromium at {CHROMIUM}: run scripts/install-browser (apt-get install chromium)")
+    instance = Browser(tmp_path / "chromium-profile")
+    yield instance
+    instance.close()
+
+
+def server_state(address: str) -> str:
+    return f"document.querySelector('[data-server=\"{address}\"]')?.dataset.state"
+
+
+# -- the page in a real browser -----------------------------------------------------------------------
+
+def dashboard_proxy(backends, observed_proxy):
+    a, b = backends("a", "b")
+    document = config_document({"web": {"servers": [a.address, b.address], "health": FAST_HEALTH},
+                                "api": {"servers": [a.address], "passive": {"max_fails": 1, "fail_timeout": "30s"}}})
+    document["routes"] = [{"path": "/", "upstream": "web"}, {"host": "app.localhost", "path": "/api", "upstream": "api"}]
+    return observed_proxy(document), a, b
+
+
+def test_dashboard_shows_a_server_going_down_and_the_proxy_going_away(backends, observed_proxy, browser):
+    proxy, a, b = dashboard_proxy(backends, observed_proxy)
+    served_by(proxy, 20)
+    browser.viewport(*DESKTOP)
+    browser.open(proxy.admin_url + "/")
+    browser.wait_until(f"{server_state(a.address)} === 'up' && {server_state(b.address)} === 'up'",
+                       what="both servers shown up")
+    assert browser.evaluate("document.body.dataset.connection") == "live"
+    cards = browser.evaluate("[...document.querySelectorAll('[data-upstream]')].map(e => e.dataset.upstream)")
+    assert cards == ["api", "web"]  # /status lists upstreams by name
+    served_by(proxy, 20)  # traffic between two polls: the chart and req/s pick it up
+    browser.wait_until("Number(document.body.dataset.updates) >= 3", what="three polls")
+    browser.screenshot(ARTIFACTS / "dashboard-desktop-up.png")
+
+    b.kill()
+    browser.wait_until(f"{server_state(b.address)} === 'down'", what="server b shown down")
+    assert browser.evaluate(server_state(a.address)) == "up"
+    row = browser.evaluate(f"document.querySelector('[data-server=\"{b.address}\"]').innerText")
+    assert "down since" in row and "consecutive checks failed" in row
+    assert re.search(r"✗ .*(refused|Connection)", row), row  # the failed check and why
+    badge = browser.evaluate("document.querySelector('[data-upstream=\"web\"] .badge').textContent")
+    assert badge == "degraded"
+    browser.screenshot(ARTIFACTS / "dashboard-desktop-down.png")
+
+    browser.viewport(*PHONE)
+    browser.wait_until("document.documentElement.scrollWidth <= 390", what="phone layout without sideways scroll")
+    columns = browser.evaluate("getComputedStyle(document.querySelector('.cards')).gridTemplateColumns")
+    assert len(columns.split()) == 1, columns  # cards stack on a phone
+    browser.screenshot(ARTIFACTS / "dashboard-phone.png")
+
+    proxy.stop()
+    browser.wait_until("!document.getElementById('banner').hidden", what="the not-reachable banner")
+    banner = browser.evaluate("document.getElementById('banner').textContent")
+    assert re.fullmatch(r"⚠ proxy not reachable — last update \d\d:\d\d:\d\d", banner), banner
+    assert browser.evaluate("document.body.dataset.connection") == "offline"
+    assert browser.evaluate(server_state(b.address)) == "down"  # the last known picture stays, dimmed
+    browser.screenshot(ARTIFACTS / "dashboard-phone-offline.png")
+
+
+def test_dashboard_shows_an_ejected_server_and_error_rate(backends, observed_proxy, browser):
+    proxy, a, _ = dashboard_proxy(backends, observed_proxy)
+    a.kill()  # api's only server: the first refused request ejects it (passive, max_fails 1)
+    response = requests.get(proxy.url + "/api", headers={"Host": "app.localhost"}, timeout=DEADLINE)
+    assert response.status_code == 502
+    browser.viewport(*DESKTOP)
+    browser.open(proxy.admin_url + "/")
+    selector = f"[data-upstream=\"api\"] [data-server=\"{a.address}\"]"
+    browser.wait_until(f"document.querySelector('{selector}')?.dataset.state === 'ejected'", what="api server ejected")
+    stats = browser.evaluate("document.querySelector('[data-upstream=\"api\"] .stats').innerText")
+    assert "100%" in stats, stats  # one request, one 502
+
+
+# -- the page over plain HTTP ---------------------------------------------------------------------------
+
+def test_admin_root_serves_a_self_contained_page(backends, observed_proxy):
+    proxy, _, _ = dashboard_proxy(backends, observed_proxy)
+    response = requests.get(proxy.admin_url + "/", timeout=DEADLINE)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert response.headers["Cache-Control"] == "no-store"
+    page = response.text
+    assert page.startswith("<!doctype html>") and 'fetch("status"' in page
+    # Works offline: nothing is loaded from elsewhere (the only URL is the SVG namespace name).
+    assert re.findall(r"https?://[^\s\"']+", page) == ["http://www.w3.org/2000/svg"]
+    assert not re.search(r"<(script|link|img|iframe)[^>]+(src|href)=", page)
+    assert "@import" not in page and "url(" not in page
+    head = requests.head(proxy.admin_url + "/", timeout=DEADLINE)
+    assert head.status_code == 200 and head.content == b""
+    assert int(head.headers["Content-Length"]) == len(response.content)
+
+
+def test_status_carries_recent_traffic_per_upstream(backends, observed_proxy):
+    proxy, a, _ = dashboard_proxy(backends, observed_proxy)
+    served_by(proxy, 30)
+    a.kill()
+    assert requests.get(proxy.url + "/api", headers={"Host": "app.localhost"}, timeout=DEADLINE).status_code == 502
+    upstreams = proxy.status()["upstreams"]
+    web, api = upstreams["web"]["traffic"], upstreams["api"]["traffic"]
+    assert (web["requests"], web["errors"], web["requests_total"], web["errors_total"]) == (30, 0, 30, 0)
+    assert 1.0 <= web["window_seconds"] <= 10.0
+    assert web["requests_per_second"] == pytest.approx(30 / web["window_seconds"], rel=0.01)
+    assert 0 < web["p50_ms"] <= web["p99_ms"] < 1000
+    assert (api["requests"], api["errors"], api["error_rate"]) == (1, 1, 1.0)
+    server = next(s for s in upstreams["api"]["servers"] if s["address"] == a.address)
+    assert server["ejected"] is True and server["state"] == "down"
+
+
+# -- pure pieces: the rolling window, quantiles, merging ------------------------------------------------
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_recent_traffic_counts_the_last_window_and_forgets_older_seconds():
+    clock = FakeClock()
+    recent = RecentTraffic(window=10, clock=clock)
+    clock.now += 20  # the process has been up long enough to cover a whole window
+    for _ in range(5):
+        recent.add("web", 200, 0.002)
+    recent.add("web", 502, 0.0004)
+    clock.now += 5.5
+    recent.add("web", 500, 0.2)
+    snap = recent.snapshot()
+    assert snap["window_seconds"] == 9.5  # 9 whole seconds + the current half
+    web = snap["upstreams"]["web"]
+    assert (web["requests"], web["errors"]) == (7, 2)
+    assert sum(web["latency_counts"]) == 7
+    clock.now += 5  # the first six are now older than the window; their ring slot is stale
+    web = recent.snapshot()["upstreams"]["web"]
+    assert (web["requests"], web["errors"]) == (1, 1)
+    clock.now += 10.0
+    assert recent.snapshot()["upstreams"]["web"]["requests"] == 0
+
+
+def test_recent_traffic_reuses_a_ring_slot_for_a_new_second():
+    clock = FakeClock(2000.2)
+    recent = RecentTraffic(window=4, clock=clock)
+    recent.add("web", 200, 0.01)
+    clock.now += 4  # same slot (second % 4), a different second: counts restart
+    recent.add("web", 200, 0.01)
+    assert recent.snapshot()["upstreams"]["web"]["requests"] == 1
+
+
+def test_window_of_a_young_process_is_its_age_but_at_least_a_second():
+    clock = FakeClock(500.0)
+    recent = RecentTraffic(window=10, clock=clock)
+    clock.now += 0.3
+    assert recent.snapshot()["window_seconds"] == 1.0
+    clock.now += 3
+    assert recent.snapshot()["window_seconds"] == 3.3
+
+
+def test_quantiles_interpolate_inside_the_bucket():
+    buckets = (0.001, 0.01, 0.1)
+    assert estimate_quantile(buckets, [0, 0, 0, 0], 0.5) is None
+    assert estimate_quantile(buckets, [10, 0, 0, 0], 0.5) == pytest.approx(0.0005)
+    assert estimate_quantile(buckets, [50, 50, 0, 0], 0.99) == pytest.approx(0.001 + 0.009 * 49 / 50)
+    assert estimate_quantile(buckets, [0, 0, 0, 3], 0.5) == 0.1  # +Inf answers the largest finite bound
+
+
+def test_traffic_summary_and_merge_over_processes():
+    zero = [0] * (len(RECENT_BUCKETS) + 1)
+
+    def process(requests, errors, slot):
+        counts = list(zero)
+        counts[slot] = requests
+        traffic = summarize_traffic({"window_seconds": 10.0, "requests": requests, "errors": errors,
+                                     "requests_total": requests * 3, "errors_total": errors,
+                                     "latency_buckets": list(RECENT_BUCKETS), "latency_counts": counts})
+        return {"processes": 1, "draining": False, "routes": [], "client_connections": {}, "threads": {},
+                "open_tunnels": 0, "upstreams": {"web": {"policy": "round_robin", "servers": [], "traffic": traffic}}}
+
+    one = process(40, 0, 3)  # 40 requests in (0.5 ms, 1 ms]
+    assert one["upstreams"]["web"]["traffic"]["requests_per_second"] == 4.0
+    assert one["upstreams"]["web"]["traffic"]["p50_ms"] == pytest.approx(0.75)
+    merged = merge_status([one, process(60, 6, 8)])["upstreams"]["web"]["traffic"]  # 60 in (25, 50] ms
+    assert (merged["requests"], merged["errors"], merged["requests_total"]) == (100, 6, 300)
+    assert merged["requests_per_second"] == 10.0 and merged["error_rate"] == 0.06
+    assert merged["p50_ms"] == pytest.approx(25 + 25 * 10 / 60, abs=0.001)  # the 50th request is the 10th of 60
+    assert 25 < merged["p99_ms"] <= 50
+
+
+def test_merge_keeps_traffic_when_only_one_process_reports_it():
+    with_traffic = {"upstreams": {"web": {"servers": [], "traffic": {"requests": 1}}}, "routes": []}
+    without = {"upstreams": {"web": {"servers": [], "traffic": None}}, "routes": []}
+    assert merge_status([without, with_traffic])["upstreams"]["web"]["traffic"] == {"requests": 1}
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed (optional JS syntax check)")
+def test_dashboard_script_parses():
+    page = (ROOT / "proxy" / "static" / "dashboard.html").read_text()
+    script = page.split("<script>", 1)[1].split("</script>", 1)[0]
+    subprocess.run(["node", "--check", "-"], input=script, text=True, check=True, timeout=DEADLINE)
