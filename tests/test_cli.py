@@ -1,0 +1,550 @@
+"""End to end: the real `pyproxy` command as a subprocess, in front of real HTTP backends.
+
+Backends are stdlib ThreadingHTTPServers on port 0 that answer with JSON naming themselves and the
+request they saw. The proxy listens on a port picked by binding port 0 and closing it (a subprocess
+cannot be handed a socket portably); if another process takes it in between, the proxy exits with
+"address already in use" and the start is retried once on a new port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+
+import proxy
+
+REPO = Path(__file__).resolve().parent.parent
+READY_TIMEOUT = 15.0   # seconds for a subprocess to start answering
+EXIT_TIMEOUT = 15.0    # seconds for a subprocess to exit after SIGTERM or on its own
+POLL_INTERVAL = 0.02
+
+
+def pyproxy_command() -> list[str]:
+    """The installed console script next to this interpreter, else the module."""
+    script = shutil.which("pyproxy", path=os.path.dirname(sys.executable))
+    return [script] if script else [sys.executable, "-m", "proxy.cli"]
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(pyproxy_command() + list(args), capture_output=True, text=True,
+                          timeout=EXIT_TIMEOUT, cwd=cwd or REPO)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, deadline: float) -> bool:
+    """True once 127.0.0.1:port accepts; False if the process exits first. Bounded by deadline."""
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(POLL_INTERVAL)
+    raise AssertionError(f"nothing answered on port {port} within {READY_TIMEOUT}s")
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------
+
+class EchoHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = json.dumps({"name": self.server.name, "path": self.path,
+                           "host": self.headers.get("Host")}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:
+        """Quiet in test output."""
+
+
+class EchoServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, name: str):
+        super().__init__(("127.0.0.1", 0), EchoHandler)
+        self.name = name
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server_port}"
+
+
+@pytest.fixture
+def backends():
+    """A factory of named echo backends, all shut down at the end of the test."""
+    servers: list[tuple[EchoServer, threading.Thread]] = []
+
+    def start(name: str) -> str:
+        server = EchoServer(name)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        return server.address
+
+    yield start
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=EXIT_TIMEOUT)
+
+
+# ---------------------------------------------------------------------------------------------
+# The proxy as a subprocess
+# ---------------------------------------------------------------------------------------------
+
+class RunningProxy:
+    def __init__(self, process: subprocess.Popen, port: int, log_dir: Path):
+        self.process = process
+        self.port = port
+        self.log_dir = log_dir
+        self.session = requests.Session()
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return self.session.get(self.url(path), timeout=10, **kwargs)
+
+    def stderr(self) -> str:
+        return (self.log_dir / "stderr").read_text()
+
+    def terminate(self) -> int:
+        """SIGTERM (graceful drain) and the exit code."""
+        self.session.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=EXIT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=EXIT_TIMEOUT)
+            raise AssertionError("pyproxy did not exit within the graceful timeout after SIGTERM")
+
+
+def start_proxy(tmp_path: Path, args_for_port) -> RunningProxy:
+    """Start `pyproxy <args_for_port(port)>` and wait until it accepts; one retry on EADDRINUSE."""
+    for attempt in range(2):
+        port = free_port()
+        log_dir = tmp_path / f"proxy-{attempt}"
+        log_dir.mkdir()
+        # Files, not pipes: an access log nobody reads must not fill a pipe and block the proxy.
+        with open(log_dir / "stdout", "w") as out, open(log_dir / "stderr", "w") as err:
+            process = subprocess.Popen(pyproxy_command() + args_for_port(port), stdout=out, stderr=err,
+                                       cwd=tmp_path)
+        running = RunningProxy(process, port, log_dir)
+        if wait_for_port(port, process, time.monotonic() + READY_TIMEOUT):
+            return running
+        process.wait(timeout=EXIT_TIMEOUT)
+        if "address already in use" not in running.stderr():
+            raise AssertionError(f"pyproxy exited with {process.returncode}:\n{running.stderr()}")
+    raise AssertionError("two free ports were taken before pyproxy could bind them")
+
+
+@contextlib.contextmanager
+def proxy_running(tmp_path: Path, args_for_port):
+    running = start_proxy(tmp_path, args_for_port)
+    try:
+        yield running
+    finally:
+        code = running.terminate()
+        assert code == 0, running.stderr()
+        assert "Traceback" not in running.stderr()
+
+
+def write_config(tmp_path: Path, text: str, name: str = "proxy.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+ROUTING_CONFIG = """\
+[server]
+listen = "127.0.0.1:{port}"
+
+[log]
+access = "off"
+
+[[routes]]
+host = "api.test"
+upstream = "api"
+
+[[routes]]
+path = "/api"
+strip_prefix = true
+upstream = "api"
+
+[[routes]]
+path = "/web"
+upstream = "web"
+
+[upstreams.api]
+servers = ["{api}"]
+
+[upstreams.web]
+servers = ["{web1}", "{web2}"]
+policy = "round_robin"
+"""
+
+
+@pytest.fixture
+def routing_setup(tmp_path, backends):
+    addresses = {"api": backends("api"), "web1": backends("web1"), "web2": backends("web2")}
+
+    def args_for_port(port: int) -> list[str]:
+        path = write_config(tmp_path, ROUTING_CONFIG.format(port=port, **addresses))
+        return ["-c", str(path)]
+
+    with proxy_running(tmp_path, args_for_port) as running:
+        yield running
+
+
+# ---------------------------------------------------------------------------------------------
+# Running from a config file
+# ---------------------------------------------------------------------------------------------
+
+def test_routes_by_host(routing_setup):
+    seen = routing_setup.get("/anything?x=1", headers={"Host": "API.test:8080"}).json()
+    assert seen["name"] == "api" and seen["path"] == "/anything?x=1"
+    assert seen["host"].lower() == "api.test:8080"  # preserve_host (host names are case-insensitive)
+
+
+def test_strip_prefix_forwards_the_rest_of_the_path(routing_setup):
+    assert routing_setup.get("/api/users?q=1").json()["path"] == "/users?q=1"
+    assert routing_setup.get("/api").json()["path"] == "/"
+
+
+def test_path_prefix_without_strip_keeps_the_path(routing_setup):
+    seen = routing_setup.get("/web/page").json()
+    assert seen["name"] in ("web1", "web2")
+    assert seen["path"] == "/web/page"
+
+
+def test_round_robin_alternates_between_the_two_servers(routing_setup):
+    names = [routing_setup.get("/web").json()["name"] for _ in range(6)]
+    assert sorted(names) == ["web1"] * 3 + ["web2"] * 3
+    assert all(a != b for a, b in zip(names, names[1:])), names
+
+
+@pytest.mark.parametrize("path", ["/", "/apix", "/other/api"])
+def test_no_matching_route_is_404(routing_setup, path):
+    response = routing_setup.get(path)
+    assert response.status_code == 404
+
+
+def test_sigterm_drains_and_exits_0(tmp_path, backends):
+    address = backends("only")
+    running = start_proxy(tmp_path, lambda port: ["--from", f"127.0.0.1:{port}", "--to", address])
+    assert running.get("/").status_code == 200
+    assert running.terminate() == 0
+    assert "Traceback" not in running.stderr()
+
+
+def test_port_in_use_is_one_line_and_exit_1(tmp_path, backends):
+    addresses = {"api": backends("api"), "web1": backends("web1"), "web2": backends("web2")}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write_config(tmp_path, ROUTING_CONFIG.format(port=port, **addresses))
+        result = run_cli("-c", str(path))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"pyproxy: cannot listen on 127.0.0.1:{port}: address already in use "
+        "(is another proxy or server running there?)")
+    assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Config errors
+# ---------------------------------------------------------------------------------------------
+
+BAD_CONFIG = """\
+[server]
+listen = "127.0.0.1:8080"
+lisen = 1
+
+[[routes]]
+path = "/"
+upstream = "ap"
+
+[upstreams.api]
+servers = ["127.0.0.1:99999"]
+"""
+
+
+def expected_problems(path: Path) -> list[str]:
+    return [
+        f"{path}: server.lisen: unknown key (did you mean 'listen'?)",
+        f'{path}: routes[0].upstream: upstream "ap" is not defined (did you mean \'api\'?)',
+        f'{path}: upstreams.api.servers[0]: "127.0.0.1:99999" is not a valid address (port must be 1-65535)',
+    ]
+
+
+@pytest.mark.parametrize("command", [["check", "-c"], ["-c"]], ids=["check", "run"])
+def test_invalid_config_lists_every_problem_and_exits_1(tmp_path, command):
+    path = write_config(tmp_path, BAD_CONFIG)
+    result = run_cli(*command, str(path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == expected_problems(path)
+    assert result.stdout == ""
+
+
+def test_invalid_toml_names_line_and_column(tmp_path):
+    path = write_config(tmp_path, "[server\n")
+    result = run_cli("check", str(path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{path}: line 1, column 8: invalid TOML: Expected ']' at the end of a table declaration"]
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+    path = tmp_path / "nope.toml"
+    result = run_cli("-c", str(path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"{path}: cannot read the config file (No such file or directory)"]
+
+
+# ---------------------------------------------------------------------------------------------
+# check / init / --version
+# ---------------------------------------------------------------------------------------------
+
+def test_check_prints_the_routing_table_most_specific_first(tmp_path):
+    path = write_config(tmp_path, ROUTING_CONFIG.format(port=8080, api="127.0.0.1:3001",
+                                                        web1="127.0.0.1:3002", web2="127.0.0.1:3003"))
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{path}: OK",
+        "listen: 127.0.0.1:8080 (1 worker)",
+        "admin: off",
+        "routes (most specific first):",
+        "  1. api.test / -> api (round_robin)",
+        "       127.0.0.1:3001  weight 1",
+        "       health: not checked",
+        "  2. (any host) /api (strip prefix) -> api (round_robin)",
+        "       127.0.0.1:3001  weight 1",
+        "       health: not checked",
+        "  3. (any host) /web -> web (round_robin)",
+        "       127.0.0.1:3002  weight 1",
+        "       127.0.0.1:3003  weight 1",
+        "       health: not checked",
+    ]
+
+
+def test_check_accepts_the_file_as_an_argument_and_defaults_to_proxy_toml(tmp_path):
+    assert run_cli("init", cwd=tmp_path).returncode == 0
+    by_argument = run_cli("check", "proxy.toml", cwd=tmp_path)
+    by_default = run_cli("check", cwd=tmp_path)
+    assert by_argument.returncode == by_default.returncode == 0
+    assert by_argument.stdout == by_default.stdout
+    assert by_default.stdout.startswith("proxy.toml: OK\n")
+
+
+@pytest.mark.parametrize("example", ["demo.toml", "dev-routing.toml", "production.toml"])
+def test_example_configs_pass_check(example):
+    result = run_cli("check", "-c", f"configs/{example}")
+    assert result.returncode == 0, result.stderr
+
+
+def test_init_writes_a_config_that_check_accepts(tmp_path):
+    path = tmp_path / "starter.toml"
+    result = run_cli("init", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"wrote {path}"
+    assert path.read_text().startswith("# pyproxy configuration")
+    checked = run_cli("check", "-c", str(path))
+    assert checked.returncode == 0, checked.stderr
+    assert "(any host) / -> app (round_robin)" in checked.stdout
+
+
+def test_init_refuses_to_overwrite_without_force(tmp_path):
+    path = tmp_path / "proxy.toml"
+    path.write_text("# mine\n")
+    result = run_cli("init", str(path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"{path} already exists; use --force to overwrite it"]
+    assert path.read_text() == "# mine\n"
+    forced = run_cli("init", "--force", str(path))
+    assert forced.returncode == 0, forced.stderr
+    assert path.read_text().startswith("# pyproxy configuration")
+
+
+def test_init_into_a_missing_directory_is_one_line(tmp_path):
+    path = tmp_path / "no" / "such" / "proxy.toml"
+    result = run_cli("init", str(path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"cannot write {path}: No such file or directory"]
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"pyproxy {proxy.__version__}\n"
+
+
+def test_help_shows_both_ways_to_run():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for text in ("pyproxy -c proxy.toml", "--from", "--to", "--route", "check", "init"):
+        assert text in result.stdout
+
+
+def test_no_arguments_prints_help_and_exits_2():
+    result = run_cli()
+    assert result.returncode == 2
+    assert "Usage:" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Without a config file: --from / --to / --route
+# ---------------------------------------------------------------------------------------------
+
+def test_from_to_balances_round_robin_across_targets(tmp_path, backends):
+    first, second = backends("one"), backends("two")
+    args = lambda port: ["--from", f"127.0.0.1:{port}", "--to", first, "--to", second]  # noqa: E731
+    with proxy_running(tmp_path, args) as running:
+        names = [running.get(f"/some/path?{n}").json()["name"] for n in range(4)]
+        assert sorted(names) == ["one", "one", "two", "two"]
+        assert all(a != b for a, b in zip(names, names[1:])), names
+        assert running.get("/deep/path").json()["path"] == "/deep/path"
+
+
+def test_route_maps_hosts_and_path_prefixes(tmp_path, backends):
+    app, api = backends("app"), backends("api")
+    args = lambda port: ["--from", f"127.0.0.1:{port}", "--route", f"app.localhost={app}",  # noqa: E731
+                         "--route", f"/api={api}"]
+    with proxy_running(tmp_path, args) as running:
+        assert running.get("/", headers={"Host": f"app.localhost:{running.port}"}).json()["name"] == "app"
+        seen = running.get("/api/users")
+        assert seen.json() == {"name": "api", "path": "/api/users", "host": f"127.0.0.1:{running.port}"}
+        assert running.get("/elsewhere").status_code == 404
+        # the routing table is shown at startup, so the user sees what maps where
+        assert "app.localhost / -> " in running.stderr()
+
+
+def test_route_and_to_together_send_the_rest_to_the_targets(tmp_path, backends):
+    api, rest = backends("api"), backends("rest")
+    args = lambda port: ["--from", f"127.0.0.1:{port}", "--route", f"/api={api}", "--to", rest]  # noqa: E731
+    with proxy_running(tmp_path, args) as running:
+        assert running.get("/api/x").json()["name"] == "api"
+        assert running.get("/x").json()["name"] == "rest"
+
+
+@pytest.mark.parametrize("args, problems", [
+    (["--from", ":8080", "--route", "/api=127.0.0.1:99999"],
+     ['command line: --route /api=127.0.0.1:99999: "127.0.0.1:99999" is not a valid address (port must be 1-65535)']),
+    (["--from", ":8080"],
+     ["command line: nothing to proxy to: give --to ADDRESS or --route KEY=ADDRESS"]),
+    (["--from", "nonsense", "--to", "127.0.0.1:3000"],
+     ['command line: --from nonsense: "nonsense" is not a valid address (missing port, e.g. "127.0.0.1:8080")']),
+])
+def test_quick_mode_errors_exit_1_naming_the_option(args, problems):
+    result = run_cli(*args)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == problems
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--route", "app.localhost"], "is not KEY=ADDRESS"),
+    (["-c", "proxy.toml", "--to", "127.0.0.1:3000"], "use either -c FILE or --from/--to/--route, not both"),
+    (["--to", "127.0.0.1:3000", "--watch"], "--watch needs a config file"),
+])
+def test_contradictory_command_lines_are_usage_errors(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/demo_backend.py and scripts/demo
+# ---------------------------------------------------------------------------------------------
+
+def test_demo_backend_names_itself_and_keeps_connections_alive():
+    process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "demo_backend.py"), "--name", "backend 7",
+                                "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = process.stdout.readline()  # printed once it listens: the readiness signal
+        assert ready.startswith("ready http://127.0.0.1:"), ready
+        port = int(ready.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            replies = read_responses(sock, 2)
+        assert replies[0].startswith(b"HTTP/1.1 200 ")
+        assert replies[0].endswith(f"hello from backend 7 (port {port})\n".encode())
+        assert replies[1].startswith(b"HTTP/1.1 200 ") and replies[1].endswith(b"\r\n\r\nok\n")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=EXIT_TIMEOUT) == 0
+        process.stdout.close()
+        process.stderr.close()
+
+
+def read_responses(sock: socket.socket, count: int) -> list[bytes]:
+    """`count` Content-Length-framed responses from one connection (the demo backend always sends one)."""
+    buffer, replies = b"", []
+    while len(replies) < count:
+        head_end = buffer.find(b"\r\n\r\n")
+        if head_end >= 0:
+            head = buffer[:head_end].decode("latin-1").lower()
+            length = int(head.split("content-length:")[1].split("\r\n")[0])
+            total = head_end + 4 + length
+            if len(buffer) >= total:
+                replies.append(buffer[:total])
+                buffer = buffer[total:]
+                continue
+        chunk = sock.recv(65536)
+        assert chunk, "the backend closed the connection: no keep-alive"
+        buffer += chunk
+    return replies
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports: all bound at once, then released."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="scripts/demo is a bash script")
+@pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="scripts/demo installs into a venv; run the tests from one")
+@pytest.mark.timeout(300)
+def test_demo_check_shows_both_backends_and_leaves_nothing_running():
+    proxy_port, admin_port, port1, port2 = free_ports(4)
+    env = dict(os.environ, PYPROXY_VENV=sys.prefix, DEMO_PORTS=f"{proxy_port} {admin_port} {port1} {port2}")
+    # generous: a changed pyproject.toml makes the script reinstall the project with pip
+    result = subprocess.run([str(REPO / "scripts" / "demo"), "--check"], capture_output=True, text=True,
+                            env=env, timeout=240, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"try  curl http://127.0.0.1:{proxy_port}/" in result.stdout
+    assert f"hello from backend 1 (port {port1})" in result.stdout
+    assert f"hello from backend 2 (port {port2})" in result.stdout
+    for port in (proxy_port, admin_port, port1, port2):
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"something still listens on {port}"
