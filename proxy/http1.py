@@ -400,10 +400,10 @@ def _request_host(version: str, index: dict[str, list[str]], authority: str | No
     return host.lower() if host else host
 
 
-# Names a server might fold onto a framing or routing field: CGI/WSGI map "-" and "_" to the same
-# HTTP_* variable, so "Transfer_Encoding" can become Transfer-Encoding behind us (nginx drops such
+# Names a server might fold onto a framing field: CGI/WSGI map "-" and "_" to the same HTTP_*
+# variable, so "Transfer_Encoding" can become Transfer-Encoding behind us (nginx drops such
 # headers by default: underscores_in_headers off). Refused rather than forwarded.
-_LOOKALIKE_GUARDED = frozenset({"content-length", "transfer-encoding", "host", "connection"})
+_LOOKALIKE_GUARDED = frozenset({"content-length", "transfer-encoding"})
 
 
 def _check_lookalike_names(index: dict[str, list[str]]) -> None:
