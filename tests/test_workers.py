@@ -182,3 +182,21 @@ def test_control_link_requests_replies_events_and_close():
     with pytest.raises(ControlError):
         left.request({"op": "status"}, timeout=1)
     left.close()
+
+
+def test_listen_change_with_workers_replaces_them_and_moves_the_listener(tmp_path):
+    with backends("a") as (a,):
+        port, admin_port, config = workers_config(a.address)
+        with running_proxy(tmp_path, config) as run:
+            wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready")
+            old_pids = children(run.proc.pid)
+            new_port = free_port()
+            run.rewrite(config.replace(f"127.0.0.1:{port}", f"127.0.0.1:{new_port}"))
+            run.signal(signal.SIGHUP)
+            wait_for(lambda: ready_workers(run) == 2 * WORKERS, what="the new workers", on_timeout=run.log)
+            assert served_by(f"http://127.0.0.1:{new_port}") == "a"
+            wait_for(lambda: not _accepts(port), what="the old address to close", on_timeout=run.log)
+            wait_for(lambda: not (children(run.proc.pid) & old_pids), what="the old workers to drain and exit")
+            assert f"listener added: 127.0.0.1:{new_port}" in run.log()
+            run.signal(signal.SIGTERM)
+            assert run.wait_exit() == 0
