@@ -20,8 +20,8 @@ from .app import Application
 from .config import Config, ConfigError, ListenConfig, load_config
 from .handler import HttpHandler
 from .responses import write_overloaded
-from .watch import POLL_INTERVAL, Watcher, describe_changes
 from .tls import TlsTerminator
+from .watch import POLL_INTERVAL, Watcher, describe_changes
 
 log = logging.getLogger("pyproxy")
 
