@@ -245,7 +245,8 @@ class HttpHandler:
         ex.record.status = status
         try:
             ex.conn.set_timeouts(self.app.settings.send_timeout, self.app.settings.send_timeout)
-            ex.conn.transition(S.WRITING)
+            if ex.conn.state is not S.WRITING:  # _relay_response moves there before the first byte
+                ex.conn.transition(S.WRITING)
             ex.conn.sendall(payload)
             ex.record.bytes_sent += len(payload)
         except OSError:
