@@ -240,13 +240,31 @@ class SupervisorSources(AdminSources):
     def status_document(self) -> dict:
         per_worker = self.supervisor.collect("status")
         merged = merge_status([status for _, status in per_worker])
-        merged["workers"] = [{"slot": handle.slot, "pid": handle.pid,
-                              "requests_total": _requests_total(status)} for handle, status in per_worker]
+        merged["workers"] = [{"slot": handle.slot, "pid": handle.pid, "requests_total": _requests_total(status),
+                              "down": _down_servers(status)} for handle, status in per_worker]
         merged["draining"] = merged["draining"] or self.supervisor.stopping
+        self._add_last_checks(merged)
         return merged
+
+    def _add_last_checks(self, merged: dict) -> None:
+        """Workers run no checker: the latest check of each server is the supervisor's."""
+        checker = self.supervisor.checker
+        if checker is None:
+            return
+        wall_now = time.time()
+        for name, upstream in merged["upstreams"].items():
+            for server in upstream["servers"]:
+                last = checker.last_check(name, server["address"])
+                if last is not None:
+                    server["last_check"] = {**last, "age_seconds": round(max(0.0, wall_now - last["checked_at"]), 3)}
 
     def metrics_text(self) -> str:
         return render_prometheus(merge([metrics for _, metrics in self.supervisor.collect("metrics")]))
+
+
+def _down_servers(status: dict) -> list[str]:
+    return sorted(f"{name}/{server['address']}" for name, upstream in status.get("upstreams", {}).items()
+                  for server in upstream.get("servers", ()) if server.get("state") == "down")
 
 
 def _requests_total(status: dict) -> int:

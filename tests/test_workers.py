@@ -200,3 +200,27 @@ def test_listen_change_with_workers_replaces_them_and_moves_the_listener(tmp_pat
             assert f"listener added: 127.0.0.1:{new_port}" in run.log()
             run.signal(signal.SIGTERM)
             assert run.wait_exit() == 0
+
+
+def test_health_checks_run_in_the_supervisor_and_reach_every_worker_including_a_replacement(tmp_path):
+    with backends("a") as (a,):
+        dead = f"127.0.0.1:{free_port()}"  # nothing listens there: every check fails
+        port, admin_port, config = workers_config(a.address)
+        config = config.replace(f'servers = ["{a.address}"]', f'servers = ["{a.address}", "{dead}"]')
+        config += '\n[upstreams.app.health]\npath = "/healthz"\ninterval = "200ms"\ntimeout = "150ms"\nunhealthy_after = 1\n'
+        with running_proxy(tmp_path, config) as run:
+            wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready")
+
+            def every_worker_has_it_down():
+                workers = status(admin_port)["workers"]
+                return len(workers) == WORKERS and all(w["down"] == [f"app/{dead}"] for w in workers)
+
+            wait_for(every_worker_has_it_down, what="the verdict in every worker", on_timeout=run.log)
+            document = status(admin_port)
+            dead_status = [s for s in document["upstreams"]["app"]["servers"] if s["address"] == dead][0]
+            assert dead_status["state"] == "down" and dead_status["last_check"]["ok"] is False
+            victim = min(children(run.proc.pid))
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: ready_workers(run) == WORKERS + 1, what="the replacement", on_timeout=run.log)
+            wait_for(every_worker_has_it_down, what="the verdict replayed to the replacement")
+            assert [served_by(run.url) for _ in range(10)] == ["a"] * 10
