@@ -69,6 +69,12 @@ class ProxyProcess:
         # False in a worker process: the supervisor owns the listening sockets (proxy.supervisor)
         self.manage_listeners = True
         self.install_signals = install_signals
+        if install_signals:
+            # Now, not when the loop starts: the sockets already accept, and a SIGHUP (a deploy's
+            # reload) arriving before the handler exists would kill the process (default action).
+            # Recorded signals wait for the loop.
+            self.server.install_signal_handlers()
+            self.server.signal_handlers[signal.SIGHUP] = lambda: self.reload_from_file()
         # Metrics and access log observers, health checker, admin listener (proxy.admin). A worker
         # under a supervisor would take the observers only: install_observability(health=False, admin=False).
         self.observability = install_observability(self, admin_socket=admin_socket) if observability else None
@@ -134,9 +140,6 @@ class ProxyProcess:
 
     # -- run -------------------------------------------------------------------------------------
     def serve_forever(self) -> None:
-        if self.install_signals:
-            self.server.install_signal_handlers()
-            self.server.signal_handlers[signal.SIGHUP] = lambda: self.reload_from_file()
         for service in self.services:
             service.start()
         try:
