@@ -464,7 +464,12 @@ class Supervisor:
             if due <= now:
                 del self.restart_at[slot]
                 self.restarts_total += 1
-                self._spawn(slot)
+                try:
+                    self._spawn(slot)
+                except OSError as exc:  # fork or socketpair failed (EAGAIN, EMFILE): try again later
+                    self.failures[slot] = self.failures.get(slot, 0) + 1
+                    self.restart_at[slot] = now + min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** self.failures[slot])
+                    log.error("cannot start worker %d: %s; retrying", slot, exc)
 
     # -- reload --------------------------------------------------------------------------------------
     def reload(self) -> bool:
