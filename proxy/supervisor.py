@@ -411,16 +411,23 @@ class Supervisor:
         if event == "ready":
             handle.ready.set()
             log.info("worker %d (pid %d) ready", handle.slot, handle.pid)
-            if self.checker is not None:  # a new worker starts with every server up: replay verdicts
-                for upstream, address, up, reason in self.checker.verdicts():
-                    if not up:
-                        handle.link.send({"op": "health", "upstream": upstream, "address": address,
-                                          "up": up, "reason": reason})
+            self._replay_verdicts(handle)  # a new worker starts with every server up
         elif event == "reloaded":
+            # A verdict on a server the worker did not know yet (it was still on the old config) was
+            # dropped by apply_health: replay them now that it has the new servers.
+            self._replay_verdicts(handle)
             level = logging.INFO if message.get("ok") else logging.ERROR
             log.log(level, "worker %d (pid %d) %s", handle.slot, handle.pid,
                     "reloaded" if message.get("ok") else "failed to reload (kept its config)")
         return None
+
+    def _replay_verdicts(self, handle: WorkerHandle) -> None:
+        if self.checker is None:
+            return
+        for upstream, address, up, reason in self.checker.verdicts():
+            if not up:
+                handle.link.send({"op": "health", "upstream": upstream, "address": address,
+                                  "up": up, "reason": reason})
 
     def _reap(self) -> None:
         while True:
