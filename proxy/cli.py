@@ -21,7 +21,7 @@ import click
 
 from . import __version__
 from .config import DEFAULT_LISTEN, Config, ConfigError, ListenConfig, load_config, quick_config, routing_table_lines
-from .runner import ProxyProcess, bind_config_listener, configure_logging, describe_listeners
+from .runner import ProxyProcess, bind_config_listener, configure_logging, describe_listeners, tls_terminator
 from .starter import write_starter
 from .supervisor import run_supervisor
 
@@ -167,6 +167,13 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
     """Serve until a signal drains the proxy. Returns the exit code (0 clean, 1 cannot listen)."""
     configure_logging(config.log.level)
     try:
+        for listen in config.server.listen:  # load certificates once, before any socket or fork
+            if listen.tls:
+                tls_terminator(listen)
+    except ConfigError as exc:
+        click.echo(_with_source(config, exc), err=True)
+        return 1
+    try:
         listeners = bind_listeners(config)
     except ListenError as exc:
         click.echo(str(exc), err=True)
@@ -182,6 +189,11 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
     click.echo(f"pyproxy {__version__} listening on {describe_listeners(process)}", err=True)
     process.serve_forever()
     return 0
+
+
+def _with_source(config, exc: ConfigError) -> str:
+    """ConfigErrors raised after loading lack the file name that load_config puts in front."""
+    return "\n".join(p if p.startswith(config.source) else f"{config.source}: {p}" for p in exc.problems)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -548,3 +548,24 @@ def test_demo_check_shows_both_backends_and_leaves_nothing_running():
     for port in (proxy_port, admin_port, port1, port2):
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", port)) != 0, f"something still listens on {port}"
+
+
+def test_certificate_and_key_that_do_not_match_is_a_config_error(tmp_path):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert_a, cert_b = ca.issue_cert("a.test"), ca.issue_cert("b.test")
+    cert_a.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert_b.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    port = free_port()
+    path = write_config(tmp_path, f'''
+[server]
+listen = [{{ address = "127.0.0.1:{port}", tls_cert = "cert.pem", tls_key = "key.pem" }}]
+[[routes]]
+upstream = "x"
+[upstreams.x]
+servers = ["127.0.0.1:1"]
+''')
+    result = run_cli("-c", str(path))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"{path}: server.listen 127.0.0.1:{port}: tls_cert/tls_key cannot be loaded")
