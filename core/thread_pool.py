@@ -93,6 +93,11 @@ class ThreadPool:
                 for _ in range(min(wanted, self.max_threads - len(self._threads))):
                     self._spawn()
 
+    def note_progress(self) -> None:
+        """The caller saw the process (not the pool) stalled: restart the stall clock."""
+        with self._lock:
+            self._last_take = self._clock()
+
     def _should_grow(self) -> bool:
         # Called with the lock held.
         threads = len(self._threads)
