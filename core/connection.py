@@ -49,6 +49,10 @@ ALLOWED_MOVES: dict[ConnectionState, frozenset[ConnectionState]] = {
 }
 # States in which a connection holds no request: safe to close during a graceful drain.
 RESTING_STATES = frozenset({S.NEW, S.IDLE})
+# The same table for the hot path (four moves per request): Enum.__hash__ is a Python-level call,
+# so a dict keyed by the member's value and a tuple scanned by identity check a move without it.
+_MOVES_BY_VALUE: dict[str, tuple[ConnectionState, ...]] = {
+    state.value: tuple(moves) for state, moves in ALLOWED_MOVES.items()}
 
 
 class IllegalTransition(RuntimeError):
@@ -104,7 +108,7 @@ class Connection:
     # -- state -------------------------------------------------------------------------------
     def transition(self, new: ConnectionState) -> None:
         with self._state_lock:
-            if new not in ALLOWED_MOVES[self.state]:
+            if new not in _MOVES_BY_VALUE[self.state._value_]:
                 raise IllegalTransition(f"{self.state.name} -> {new.name}")
             self.state = new
         self.last_active = self._clock()
