@@ -352,9 +352,7 @@ class HttpHandler:
 
     def _attempt(self, ex: Exchange, upstream, server, out: Outbound, fresh: bool = False) -> None:
         pool = upstream.pools[server]
-        # A bodiless request is always replayable after a stale connection: no peek needed for it.
-        bodiless = not (ex.request.chunked or ex.request.content_length)
-        upstream_conn = pool.connect() if fresh else pool.checkout(retry_safe=bodiless)
+        upstream_conn = pool.connect() if fresh else pool.checkout()
         reusable = False
         try:
             reusable = self._send_and_relay(ex, upstream_conn, out)
@@ -521,9 +519,6 @@ class HttpHandler:
             framing = "chunked" if request.version == "HTTP/1.1" else "close"
         else:
             framing = "length"
-        # Only a body framed by the response itself lets the pool skip its peek on the next checkout:
-        # after HEAD/204/304 a misbehaving server's stray body may still be on its way.
-        link.upstream_conn.self_delimited = not no_body
         if framing == "close" or not ex.body_done:
             ex.client_keep_alive = False
         if self.app.draining():

@@ -2,7 +2,7 @@
 
 - checkout: take the most recently used idle connection (the one least likely to have timed out on
   the server), drop those idle past ``keepalive_timeout`` or that the server closed (a one-syscall
-  peek, skipped for a hot connection when the caller can retry elsewhere); otherwise connect a new one.
+  peek); otherwise connect a new one.
 - release: only a connection whose response was read to the end and that both sides keep alive
   comes back, and only up to ``keepalive`` idle connections; anything doubtful is closed.
 - No I/O under the lock (pattern 8): sockets are closed after the lock is released.
@@ -21,24 +21,13 @@ from core.connection import set_socket_timeouts
 from .errors import UpstreamConnectError
 
 
-# A connection released less than this long ago skips the checkout peek (see checkout). Under load a
-# pooled connection comes back within milliseconds; servers close idle keep-alive connections after
-# seconds (nginx 75 s, Node 5 s, gunicorn 2 s), so within the window an EOF means the server just
-# died, and the handler's stale retry covers it. Kept short so that once traffic slows, a dead
-# server's connections are still found by the peek (no retry that shifts the balancing order).
-RECENT_REUSE_S = 0.05
-
-
 class UpstreamConnection:
-    __slots__ = ("sock", "last_used", "requests", "self_delimited")
+    __slots__ = ("sock", "last_used", "requests")
 
     def __init__(self, sock: socket.socket, now: float):
         self.sock = sock
         self.last_used = now
         self.requests = 0  # how many requests this connection carried (0 = fresh)
-        # The last response ended where its own framing said (Content-Length or chunked): no stray
-        # bytes are expected after it, unlike a HEAD/204/304 that a buggy server sends a body with.
-        self.self_delimited = False
 
     @property
     def reused(self) -> bool:
@@ -93,9 +82,7 @@ class ServerPool:
     def idle_count(self) -> int:
         return len(self._idle)
 
-    def checkout(self, retry_safe: bool = False) -> UpstreamConnection:
-        """An idle connection or a new one. ``retry_safe``: the caller can resend the request on a new
-        connection if this one turns out closed (a bodiless request), so a hot one skips the peek."""
+    def checkout(self) -> UpstreamConnection:
         doomed = []
         found = None
         now = self.clock()
@@ -112,20 +99,12 @@ class ServerPool:
                 self._idle = [c for c in self._idle if now - c.last_used < self.keepalive_timeout]
         for conn in doomed:
             conn.close()
-        if found is not None and retry_safe and self._trusted_without_peek(found, now):
-            return found
         if found is not None and not _server_closed_or_dirty(found.sock):
             return found
         if found is not None:
             found.close()
-            return self.checkout(retry_safe)
+            return self.checkout()
         return self.connect()
-
-    @staticmethod
-    def _trusted_without_peek(conn: UpstreamConnection, now: float) -> bool:
-        """The peek is a syscall per request (and hands the GIL to another thread, ~10 us under load);
-        a hot connection whose last response was self-delimited has nothing for it to find."""
-        return conn.self_delimited and now - conn.last_used < RECENT_REUSE_S
 
     def connect(self) -> UpstreamConnection:
         try:

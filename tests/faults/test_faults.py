@@ -251,9 +251,6 @@ def test_bytes_beyond_the_response_never_reach_the_next_request(upstreams, start
     assert upstream.connections == 3  # each connection was discarded, never reused
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "commit cbba612 skips the checkout peek for a connection released <50 ms ago (RECENT_REUSE_S), "
-    "so unsolicited bytes arriving on it in that window are read as the next request's response"))
 def test_bytes_on_an_idle_pooled_connection_discard_it(upstreams, start):
     # The first connection answers, then (idle in the pool) sends an unsolicited response at once.
     first = [HEAD, write(ok_response(b"one")), sleep(0.005), write(ok_response(b"evil")), HANG]
