@@ -12,10 +12,10 @@ relay the body. Every failure becomes a typed error that ``_exchange`` turns int
 from __future__ import annotations
 
 import logging
+import os
+import random
 import select
 import socket
-import itertools
-import os
 import time
 
 from core import ConnectionState
@@ -100,12 +100,13 @@ class Exchange:
 class HttpHandler:
     def __init__(self, app):
         self.app = app
-        # X-Request-Id: 64 random bits per process + a counter, 32 hex digits like a uuid4's hex.
-        # uuid4() costs a getrandom syscall per request, and every syscall hands the GIL to another
-        # thread (measured: ~2 us + a GIL handoff). Worker processes build their own handler after
-        # the fork, so prefixes differ between processes; next() on a count is atomic under the GIL.
-        self._request_id_prefix = os.urandom(8).hex()
-        self._request_serial = itertools.count(1)
+        # X-Request-Id: 128 random bits, 32 hex digits like uuid4().hex. uuid4() costs a getrandom
+        # syscall per request, and every syscall hands the GIL to another thread (measured: ~5 us
+        # user + ~5 us sys per request under wrk -c50); a generator seeded once from the OS costs
+        # 0.3 us. Not a counter: ids returned to clients would reveal the request rate. Worker
+        # processes build their handler after the fork, so each seeds its own; getrandbits is one
+        # C call, atomic under the GIL. Ids are correlation tokens, never secrets.
+        self._request_ids = random.Random(os.urandom(32))
         self.tunnels = TunnelRelay(app)  # upgraded connections: one relay thread for all of them
 
     # -- connection loop ---------------------------------------------------------------------
@@ -289,7 +290,7 @@ class HttpHandler:
         self._send_with_retries(ex, upstream, out)
 
     def _new_request_id(self) -> str:
-        return f"{self._request_id_prefix}{next(self._request_serial):016x}"
+        return f"{self._request_ids.getrandbits(128):032x}"
 
     @staticmethod
     def _body_mode(request: RequestHead) -> str:
