@@ -89,7 +89,7 @@ def test_pool_shrinks_to_min_threads_after_idle_timeout(pools):
 
     clock.advance(29.0)  # not yet idle long enough: nobody retires
     pool.wake_idle()
-    wait_for(lambda: pool._queue.empty(), what="wake-ups consumed")
+    wait_for(lambda: len(pool._idle) == 4, what="nudged threads back on the idle stack")
     assert pool.threads == 4
 
     clock.advance(2.0)
@@ -202,3 +202,21 @@ def test_pool_grows_only_when_queued_work_is_stalled(pools):
     assert pool.threads == 3  # stalled for longer than grow_after: each waiting task gets a thread
     for _ in range(2):
         assert started.acquire(timeout=TASK_WAIT)
+
+
+def test_new_work_goes_to_the_most_recently_idle_thread(pools):
+    """LIFO hand-off: sequential work keeps landing on one hot thread while the others sleep."""
+    pool = pools(min_threads=4, max_threads=4)
+    names = []
+    done = threading.Semaphore(0)
+
+    def record():
+        names.append(threading.current_thread().name)
+        done.release()
+
+    wait_for(lambda: len(pool._idle) == 4, what="all threads idle")
+    for _ in range(50):
+        assert pool.submit(record)
+        assert done.acquire(timeout=TASK_WAIT)
+        wait_for(lambda: len(pool._idle) == 4, what="the thread went back to the idle stack")
+    assert len(set(names)) == 1
