@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import select
 import socket
 import struct
 import threading
@@ -39,7 +40,8 @@ class ConnectionState(enum.Enum):
 S = ConnectionState
 ALLOWED_MOVES: dict[ConnectionState, frozenset[ConnectionState]] = {
     S.NEW: frozenset({S.READING, S.CLOSED}),
-    S.READING: frozenset({S.PROCESSING, S.CLOSED}),
+    # READING → IDLE: a partial request waits parked (no thread) until more bytes or its deadline.
+    S.READING: frozenset({S.PROCESSING, S.IDLE, S.CLOSED}),
     # PROCESSING → WRITING is the normal path; → READING never (a request is always answered).
     S.PROCESSING: frozenset({S.WRITING, S.CLOSED}),
     S.WRITING: frozenset({S.IDLE, S.READING, S.TUNNEL, S.CLOSED}),
@@ -88,7 +90,7 @@ class Connection:
 
     __slots__ = ("sock", "peer", "state", "last_active", "server_data", "_buffer", "_clock",
                  "_read_timeout", "_write_timeout", "_state_lock", "fileno_cached", "listener",
-                 "on_close")
+                 "on_close", "park_deadline")
 
     def __init__(self, sock: socket.socket, peer, clock=time.monotonic, listener=None):
         self.sock = sock
@@ -104,6 +106,9 @@ class Connection:
         self.fileno_cached = sock.fileno()
         self.server_data = None  # a slot for the protocol layer (e.g. per-connection counters)
         self.on_close = None  # called once the socket is closed (the server forgets the connection)
+        # Set while parked mid-request (e.g. half a request head): the clock time at which the
+        # server gives up on it (instead of idle_timeout) and calls its on_expired callback.
+        self.park_deadline: float | None = None
 
     # -- state -------------------------------------------------------------------------------
     def transition(self, new: ConnectionState) -> None:
@@ -191,6 +196,17 @@ class Connection:
 
     def has_buffered(self) -> bool:
         return bool(self._buffer)
+
+    def readable_now(self) -> bool:
+        """Are bytes (or EOF) waiting right now? Never blocks; works for TLS sockets too."""
+        if self._buffer:
+            return True
+        pending = getattr(self.sock, "pending", None)  # TLS: bytes already decrypted by OpenSSL
+        if pending is not None and pending():
+            return True
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(0))
 
     # -- writing -----------------------------------------------------------------------------
     def sendall(self, data) -> None:

@@ -90,6 +90,7 @@ class SocketServer:
                  idle_timeout: float = 75.0, header_timeout: float = 10.0,
                  graceful_timeout: float = 30.0, backlog: int = DEFAULT_BACKLOG,
                  reuse_port: bool = False, on_overload: Callable[[socket.socket], None] | None = None,
+                 on_expired: Callable[[Connection], None] | None = None,
                  clock=time.monotonic):
         self.handler = handler
         self.pool = pool or ThreadPool()
@@ -98,6 +99,7 @@ class SocketServer:
         self.header_timeout = header_timeout
         self.graceful_timeout = graceful_timeout
         self.on_overload = on_overload
+        self.on_expired = on_expired  # non-blocking last words to a connection parked past its deadline
         self.clock = clock
         self.draining = threading.Event()  # the protocol layer reads it: answer with Connection: close
         self.stopped = threading.Event()
@@ -336,7 +338,7 @@ class SocketServer:
         """Put a connection the handler left IDLE back in the selector; close anything else."""
         state = conn.state
         if state is ConnectionState.IDLE:
-            if self.draining.is_set():
+            if self.draining.is_set() and conn.park_deadline is None:
                 # Drain at a request boundary: a request that already arrived is served (the protocol
                 # layer answers it with "Connection: close"); only a connection holding none closes.
                 if self._request_pending(conn):
@@ -365,11 +367,27 @@ class SocketServer:
         with self._conn_lock:
             conns = [c for c in self._connections.values() if c not in self._in_pool]
         for conn in conns:
-            limit = self.header_timeout if conn.state is ConnectionState.NEW else self.idle_timeout
-            if conn.state in RESTING_STATES and now - conn.last_active > limit:
-                if conn.claim(conn.state, ConnectionState.CLOSED):
-                    log.debug("closing %s connection %s after %.1fs", conn.state, conn.peer, limit)
-                    conn.close_socket()
+            state = conn.state
+            if state not in RESTING_STATES:
+                continue
+            if conn.park_deadline is not None:  # parked mid-request: its own deadline
+                if now >= conn.park_deadline and conn.claim(state, ConnectionState.CLOSED):
+                    self._expire(conn)
+                continue
+            limit = self.header_timeout if state is ConnectionState.NEW else self.idle_timeout
+            if now - conn.last_active > limit and conn.claim(state, ConnectionState.CLOSED):
+                log.debug("closing %s connection %s after %.1fs", state, conn.peer, limit)
+                conn.close_socket()
+
+    def _expire(self, conn: Connection) -> None:
+        """A connection parked mid-request ran out of time: the protocol's last word, then close."""
+        try:
+            if self.on_expired is not None:
+                self.on_expired(conn)
+        except OSError as exc:
+            log.debug("expiry reply to %s failed: %s", conn.peer, exc)
+        finally:
+            conn.close_socket()
 
     # -- shutdown ------------------------------------------------------------------------------
     def _drain(self) -> None:
@@ -399,7 +417,7 @@ class SocketServer:
             conns = list(self._connections.values())
             in_pool = set(self._in_pool)
         return [c for c in conns if c.state is not ConnectionState.CLOSED
-                and (c.state not in RESTING_STATES or c in in_pool)]
+                and (c.state not in RESTING_STATES or c in in_pool or c.park_deadline is not None)]
 
     def _close_resting(self) -> int:
         """Close connections holding no request; one whose next request already arrived is left to
@@ -410,7 +428,9 @@ class SocketServer:
         for conn in conns:
             state = conn.state
             if state in RESTING_STATES:
-                if self._request_pending(conn):
+                if conn.park_deadline is not None:
+                    pending += 1  # a request half-way in: let it finish (or meet its deadline)
+                elif self._request_pending(conn):
                     pending += 1  # its event is (or will be) dispatched by the loop; it closes after
                 elif conn.claim(state, ConnectionState.CLOSED):
                     conn.close_socket()

@@ -41,15 +41,18 @@ MAX_INTERIM_RESPONSES = 16
 # RFC 9110 §9.2.2: methods whose repetition is harmless (a retry after a stale connection is safe).
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 S = ConnectionState
+EXPIRED_HEAD_REPLY = plain_response(408, "408 request head not received in time", close=True)
+PARKED = object()  # _read_head's answer when it parked a connection holding half a request head
 
 
 class ClientSession:
     """Per-connection state that outlives one request (the parser keeps pipelined bytes)."""
 
-    __slots__ = ("parser", "client_ip", "scheme", "requests")
+    __slots__ = ("parser", "client_ip", "scheme", "requests", "head_deadline")
 
     def __init__(self, parser: RequestParser, client_ip: str, scheme: str):
         self.parser = parser
+        self.head_deadline: float | None = None  # while a partial request head is parked
         self.client_ip = client_ip
         self.scheme = scheme
         self.requests = 0
@@ -100,6 +103,7 @@ class Exchange:
 class HttpHandler:
     def __init__(self, app):
         self.app = app
+
         # X-Request-Id: 128 random bits, 32 hex digits like uuid4().hex. uuid4() costs a getrandom
         # syscall per request, and every syscall hands the GIL to another thread (measured: ~5 us
         # user + ~5 us sys per request under wrk -c50); a generator seeded once from the OS costs
@@ -108,6 +112,12 @@ class HttpHandler:
         # C call, atomic under the GIL. Ids are correlation tokens, never secrets.
         self._request_ids = random.Random(os.urandom(32))
         self.tunnels = TunnelRelay(app)  # upgraded connections: one relay thread for all of them
+
+    @staticmethod
+    def on_expired(conn) -> None:
+        """core's callback for a connection parked past its deadline (half a head): a 408, never blocking."""
+        conn.sock.setblocking(False)  # the accept loop calls this: it must never wait on a client
+        conn.sock.send(EXPIRED_HEAD_REPLY)
 
     # -- connection loop ---------------------------------------------------------------------
     def __call__(self, conn) -> None:
@@ -119,6 +129,8 @@ class HttpHandler:
         conn.transition(S.READING)
         while True:
             request = self._read_head(conn, session)
+            if request is PARKED:
+                return  # half a head so far: the server holds it without a thread until more comes
             if request is None:
                 conn.close()
                 return
@@ -154,17 +166,24 @@ class HttpHandler:
         """The next request head, or None when the client closed (or was told off) between requests."""
         parser = session.parser
         settings = self.app.settings
-        deadline = None
+        deadline = session.head_deadline  # set when an earlier call parked half a head
         try:
             while True:
                 event = parser.next_event()
                 if event is not NEED_DATA:
+                    session.head_deadline = conn.park_deadline = None
                     return event
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + settings.header_timeout  # slowloris: the whole head, not each read
                 elif now >= deadline:
                     raise TimeoutError
+                if parser.has_buffered_data and not conn.readable_now():
+                    # A client trickling its head must not hold a worker until header_timeout
+                    # (slowloris): park the connection with the head's deadline instead.
+                    session.head_deadline = conn.park_deadline = deadline
+                    conn.transition(S.IDLE)
+                    return PARKED
                 conn.set_timeouts(max(0.001, deadline - now), settings.send_timeout)
                 data = conn.read_some(READ_SIZE)
                 if not data:

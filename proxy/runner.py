@@ -53,12 +53,13 @@ class ProxyProcess:
         self.pool = ThreadPool(min_threads=server_cfg.min_threads, max_threads=server_cfg.max_threads,
                                max_queue=max(64, server_cfg.max_threads * POOL_QUEUE_PER_THREAD),
                                name="pyproxy-worker")
-        self.server = SocketServer(HttpHandler(self.app), listeners=(), pool=self.pool,
+        handler = HttpHandler(self.app)
+        self.server = SocketServer(handler, listeners=(), pool=self.pool,
                                    max_connections=server_cfg.max_connections,
                                    idle_timeout=server_cfg.idle_timeout,
                                    header_timeout=server_cfg.header_timeout,
                                    graceful_timeout=server_cfg.graceful_timeout,
-                                   on_overload=write_overloaded)
+                                   on_overload=write_overloaded, on_expired=handler.on_expired)
         self.app.draining_event = self.server.draining
         self.listeners_by_address: dict[str, object] = {}
         if listeners is None:

@@ -21,7 +21,7 @@ S = ConnectionState
 # change to the table shows up here (NEW → READING → PROCESSING → WRITING → IDLE/READING/TUNNEL).
 EXPECTED_MOVES = {
     S.NEW: {S.READING, S.CLOSED},
-    S.READING: {S.PROCESSING, S.CLOSED},
+    S.READING: {S.PROCESSING, S.IDLE, S.CLOSED},  # IDLE: a partial request parked until more arrives
     S.PROCESSING: {S.WRITING, S.CLOSED},
     S.WRITING: {S.IDLE, S.READING, S.TUNNEL, S.CLOSED},
     S.IDLE: {S.READING, S.CLOSED},

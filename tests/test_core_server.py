@@ -306,3 +306,42 @@ def test_graceful_drain_serves_a_request_still_queued_for_a_worker(handler):
             assert slow.read_line() == b"slow\n"
             assert queued.read_line() == b"waiting\n"
             assert server.stopped.wait(STOP_TIMEOUT)
+
+
+def test_connection_parked_mid_request_holds_no_thread_and_expires_at_its_deadline():
+    """A handler may park a half-received message with a deadline (slowloris defence): no thread
+    waits for the rest; more bytes re-dispatch it; at the deadline on_expired has the last word."""
+    from core import ConnectionState as S
+
+    def handler(conn):
+        conn.transition(S.READING)
+        conn.set_timeouts(5.0)
+        data = conn.read_some()
+        if b"\n" in data:
+            conn.transition(S.PROCESSING)
+            conn.transition(S.WRITING)
+            conn.sendall(b"got:" + data)
+            conn.park_deadline = None
+            conn.transition(S.IDLE)
+            return
+        conn.park_deadline = time.monotonic() + 0.3
+        conn.transition(S.IDLE)
+
+    def last_words(conn):
+        conn.sock.setblocking(False)
+        conn.sock.send(b"too slow\n")
+
+    with running_server(handler, on_expired=last_words) as server:
+        client = socket.create_connection(server.addresses[0][:2], timeout=5.0)
+        client.sendall(b"partial")
+        wait_for(lambda: server.connection_counts()["idle"] == 1, what="the partial message parked")
+        assert server.pool.busy == 0  # parked: no thread holds it
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = client.recv(100)
+            if not chunk:
+                break
+            reply += chunk
+        assert reply == b"too slow\n"
+        assert client.recv(100) == b""  # and then closed
+        client.close()

@@ -102,10 +102,6 @@ def test_slowloris_gets_408_and_memory_stays_bounded(make_backend, make_proxy):
     assert rss_growth < 64 * 1024 * 1024
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a connection with a partial head holds a worker thread until header_timeout (handler._read_head "
-    "blocks); with more tricklers than max_threads a normal client queues behind their deadlines. "
-    "Needs core to park READING connections with their head deadline."))
 def test_slowloris_does_not_delay_a_normal_client(make_backend, make_proxy):
     waited, _, _ = _slowloris(make_backend, make_proxy)
     assert waited < 0.5, f"the normal client waited {waited:.2f}s for the attackers' deadlines"
