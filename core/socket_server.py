@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import select
 import signal
 import socket
@@ -28,6 +27,7 @@ from typing import Callable, Iterable
 
 from .connection import RESTING_STATES, Connection, ConnectionState
 from .thread_pool import PoolClosed, ThreadPool
+from .wakeup import WakePipe
 
 log = logging.getLogger("pyproxy.core.server")
 
@@ -106,8 +106,8 @@ class SocketServer:
         self.signal_handlers: dict[int, Callable[[], None]] = {}  # extra per-signal actions, run in the loop
         self._backlog, self._reuse_port = backlog, reuse_port
         self._epoll = select.epoll()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._epoll.register(self._wake_r, select.EPOLLIN)
+        self._wakeup = WakePipe()
+        self._epoll.register(self._wakeup.read_fd, select.EPOLLIN)
         self._listeners: dict[int, Listener] = {}
         self._connections: dict[int, Connection] = {}
         self._conn_lock = threading.Lock()
@@ -115,7 +115,6 @@ class SocketServer:
         # NEW/IDLE (queued, or the handler has not moved them): the reaper and the drain must not
         # take them for resting ones and close them under the worker.
         self._in_pool: set[Connection] = set()
-        self._wake_lock = threading.Lock()  # orders _wake() against closing the wake pipe
         self._calls: deque[Callable[[], None]] = deque()
         self._pending_signals: deque[int] = deque()
         self._shutdown_requested = False
@@ -183,17 +182,11 @@ class SocketServer:
         self._wake()
 
     def _wake(self) -> None:
-        with self._wake_lock:
-            if self._wake_w < 0:  # the loop has stopped; the fd number may now be someone else's
-                return
-            try:
-                os.write(self._wake_w, b"\0")
-            except BlockingIOError:  # the pipe is full: the loop is waking anyway
-                pass
+        self._wakeup.wake()
 
     # -- signals (STYLE pattern 9: the handler only records; the loop acts) ---------------------
     def install_signal_handlers(self, signals=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)) -> None:
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        signal.set_wakeup_fd(self._wakeup.write_fd, warn_on_full_buffer=False)
         for signum in signals:
             signal.signal(signum, self._record_signal)
 
@@ -250,8 +243,8 @@ class SocketServer:
         if watch_starvation:
             self._note_starvation(self.clock() - polled_at - timeout)
         for fd, mask in events:
-            if fd == self._wake_r:
-                self._drain_wake_pipe()
+            if fd == self._wakeup.read_fd:
+                self._wakeup.drain()
             elif fd in self._listeners:
                 self._accept(self._listeners[fd])
             else:
@@ -261,13 +254,6 @@ class SocketServer:
         self._dispatch_signals()
         while self._calls:
             self._calls.popleft()()
-
-    def _drain_wake_pipe(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
 
     def _accept(self, listener: Listener) -> None:
         for _ in range(ACCEPT_BATCH):
@@ -462,7 +448,4 @@ class SocketServer:
         for conn in conns:
             conn.close()
         self._epoll.close()
-        with self._wake_lock:
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self._wake_r = self._wake_w = -1
+        self._wakeup.close()

@@ -38,6 +38,17 @@ def tls_terminator(listen: ListenConfig) -> TlsTerminator:
                            " is the key the certificate's, and both PEM?"]) from exc
 
 
+def load_for_reload(path: str | None) -> Config | None:
+    """Read and validate the config file for a reload; None (logged) if there is none or it is invalid."""
+    if not path:
+        return None
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        log.error("reload failed, keeping the old config:\n%s", exc)
+        return None
+
+
 def bind_config_listener(listen: ListenConfig, reuse_port: bool = False):
     return bind_listener(listen.host, listen.port, reuse_port=reuse_port)
 
@@ -96,12 +107,8 @@ class ProxyProcess:
     # -- reload --------------------------------------------------------------------------------
     def reload_from_file(self) -> bool:
         """SIGHUP: re-read the config; keep the old one if the new one is invalid."""
-        if not self.config_path:
-            return False
-        try:
-            config = load_config(self.config_path)
-        except ConfigError as exc:
-            log.error("reload failed, keeping the old config:\n%s", exc)
+        config = load_for_reload(self.config_path)
+        if config is None:
             return False
         self.reload(config)
         return True

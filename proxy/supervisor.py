@@ -35,12 +35,14 @@ import time
 from collections import deque
 from typing import Callable
 
+from core.wakeup import WakePipe
+
 from .admin import AdminServer, AdminSources, install_observability
 from .app import Application
-from .config import Config, ConfigError, ListenConfig, load_config
+from .config import Config, ListenConfig
 from .health import HealthChecker, apply_health
 from .metrics import merge, render_prometheus
-from .runner import ProxyProcess, bind_config_listener
+from .runner import ProxyProcess, bind_config_listener, load_for_reload
 from .status import merge_status
 from .watch import Watcher, describe_changes
 
@@ -293,7 +295,7 @@ class Supervisor:
         self._deadline = 0.0
         self._signals: deque[int] = deque()
         self._calls: deque[Callable[[], None]] = deque()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup = WakePipe()
         self.app = Application(config)  # the health checker's view of the servers; never serves traffic
         self.checker: HealthChecker | None = None
         self.services: list = []
@@ -311,8 +313,7 @@ class Supervisor:
             self._stop_services()
             for _, sock in self.listeners:
                 sock.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._wakeup.close()
         log.info("supervisor exiting (%d worker(s) had to be killed)", self.killed)
         return 1 if self.killed else 0
 
@@ -321,10 +322,10 @@ class Supervisor:
         if self.restart_at:
             timeout = max(0.0, min(timeout, min(self.restart_at.values()) - self.clock()))
         try:
-            select.select([self._wake_r], [], [], timeout)
+            select.select([self._wakeup.read_fd], [], [], timeout)
         except InterruptedError:
             pass
-        self._drain_wake_pipe()
+        self._wakeup.drain()
         while self._signals:
             self._handle_signal(self._signals.popleft())
         while self._calls:
@@ -337,21 +338,11 @@ class Supervisor:
     def call_soon(self, fn: Callable[[], None]) -> None:
         """From other threads (watcher, link readers): run ``fn`` on the supervisor loop."""
         self._calls.append(fn)
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):  # full (the loop wakes anyway) or closed (exiting)
-            pass
-
-    def _drain_wake_pipe(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._wakeup.wake()
 
     # -- signals (pattern 9) ------------------------------------------------------------------------
     def _install_signals(self) -> None:
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        signal.set_wakeup_fd(self._wakeup.write_fd, warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signum, self._record_signal)
 
@@ -395,8 +386,7 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)  # until the worker's own loop installs its handlers
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._wakeup.close()
         for handle in self._all_handles():
             handle.link.sock.close()
 
@@ -481,12 +471,8 @@ class Supervisor:
     # -- reload --------------------------------------------------------------------------------------
     def reload(self) -> bool:
         """SIGHUP / --watch: validate first; only a valid file reaches the workers."""
-        if not self.config_path:
-            return False
-        try:
-            config = load_config(self.config_path)
-        except ConfigError as exc:
-            log.error("reload failed, keeping the old config:\n%s", exc)
+        config = load_for_reload(self.config_path)
+        if config is None:
             return False
         old, self.config = self.config, config
         self.app.reload(config)

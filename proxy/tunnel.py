@@ -18,13 +18,14 @@ bytes, the relay stops reading from the other (at most ``CHUNK`` bytes buffered 
 from __future__ import annotations
 
 import logging
-import os
 import selectors
 import socket
 import ssl
 import threading
 import time
 from collections import deque
+
+from core.wakeup import WakePipe
 
 log = logging.getLogger("pyproxy.tunnel")
 
@@ -69,8 +70,8 @@ class TunnelRelay:
         self.app = app
         self.clock = clock
         self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._wakeup = WakePipe()
+        self._selector.register(self._wakeup.read_fd, selectors.EVENT_READ, None)
         self._incoming: deque[_Tunnel] = deque()
         self._tunnels: set[_Tunnel] = set()
         self._thread: threading.Thread | None = None
@@ -99,7 +100,7 @@ class TunnelRelay:
         self.app.tunnel_opened()
         self._incoming.append(tunnel)
         self._ensure_thread()
-        os.write(self._wake_w, b"\0")
+        self._wakeup.wake()
 
     def _ensure_thread(self) -> None:
         with self._start_lock:
@@ -135,11 +136,7 @@ class TunnelRelay:
                 self._close(end.tunnel)
 
     def _accept_incoming(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._wakeup.drain()
         while self._incoming:
             tunnel = self._incoming.popleft()
             self._tunnels.add(tunnel)

@@ -1,0 +1,38 @@
+"""A self-pipe: the way other threads (and signal handlers, via ``signal.set_wakeup_fd``) wake a loop
+that waits in epoll/select/a selector. Used by the accept loop, the supervisor and the tunnel relay."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+
+class WakePipe:
+    def __init__(self):
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._lock = threading.Lock()  # orders wake() against close(): a closed fd number may be reused
+
+    def wake(self) -> None:
+        """Make the read end readable. Safe from any thread, and after close() (then a no-op)."""
+        with self._lock:
+            if self.write_fd < 0:
+                return
+            try:
+                os.write(self.write_fd, b"\0")
+            except BlockingIOError:  # the pipe is full: the loop is waking anyway
+                pass
+
+    def drain(self) -> None:
+        """Consume every pending wake-up (call from the loop after it woke)."""
+        try:
+            while os.read(self.read_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self.write_fd >= 0:
+                os.close(self.read_fd)
+                os.close(self.write_fd)
+                self.read_fd = self.write_fd = -1
