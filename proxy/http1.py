@@ -100,18 +100,26 @@ class EndOfMessage(NamedTuple):
 class Headers:
     """Header fields in arrival order: (original-case name, value) with OWS stripped.
 
-    Lookups take a lowercase name (they lowercase it anyway, to be forgiving); the
-    lowercase index is built once, when the head is parsed.
+    Lookups take a lowercase name (a mixed-case one works too, at the cost of a lower()); the
+    lowercase names and their index are built once, when the head is parsed. ``names`` holds
+    the lowercase names in arrival order, parallel to ``raw``: forwarding filters on them
+    instead of lowering every name again.
     """
 
-    __slots__ = ("raw", "_index")
+    __slots__ = ("raw", "names", "_index")
 
-    def __init__(self, raw: list[tuple[str, str]], index: dict[str, list[str]] | None = None):
+    def __init__(self, raw: list[tuple[str, str]], index: dict[str, list[str]] | None = None,
+                 names: list[str] | None = None):
         self.raw = raw
-        self._index = _index_fields(raw) if index is None else index
+        if index is None or names is None:
+            names, index = _index_fields(raw)
+        self.names = names
+        self._index = index
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        values = self._index.get(name.lower())
+        values = self._index.get(name)
+        if values is None:
+            values = self._index.get(name.lower())
         return values[0] if values else default
 
     def get_all(self, name: str) -> list[str]:
@@ -229,20 +237,23 @@ def _bad(reason: str) -> ProtocolError:
     return ProtocolError(400, reason)
 
 
-def _index_fields(raw: list[tuple[str, str]]) -> dict[str, list[str]]:
+def _index_fields(raw: list[tuple[str, str]]) -> tuple[list[str], dict[str, list[str]]]:
+    """(lowercase names in order, {lowercase name: values in order}), in one pass."""
+    names: list[str] = []
     index: dict[str, list[str]] = {}
     for name, value in raw:
         key = name.lower()
+        names.append(key)
         values = index.get(key)
         if values is None:
             index[key] = [value]
         else:
             values.append(value)
-    return index
+    return names, index
 
 
-def _parse_fields(text: str, start: int) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
-    """Field lines in text[start:], which ends with CRLF (or is empty).
+def _parse_fields(text: str, start: int) -> tuple[list[tuple[str, str]], list[str], dict[str, list[str]]]:
+    """Field lines in text[start:], which ends with CRLF (or is empty): (raw, names, index).
 
     With re.MULTILINE every match starts at a line start and ends at a CRLF, and a value
     holds no LF; so there is one match per LF exactly when every line is a valid field line
@@ -251,7 +262,7 @@ def _parse_fields(text: str, start: int) -> tuple[list[tuple[str, str]], dict[st
     raw = _FIELD_LINE_RE.findall(text, start)
     if len(raw) != text.count("\n", start):
         raise _bad(_describe_bad_field(text, start))
-    return raw, _index_fields(raw)
+    return raw, *_index_fields(raw)
 
 
 def _describe_bad_field(text: str, start: int) -> str:
@@ -525,6 +536,12 @@ class _MessageParser:
         self._reset_message()
 
     def next_event(self):
+        """The next event: a head, Data, EndOfMessage, or NEED_DATA (feed more bytes).
+
+        For a RequestParser, after feed_eof() at a message boundary this keeps returning
+        NEED_DATA (a clean close): check peer_closed. Mid-message EOF raises 400 (502 for
+        a ResponseParser).
+        """
         if self._error is not None:
             raise self._error
         try:
@@ -562,6 +579,10 @@ class _MessageParser:
 
     def _next_head(self):
         buf = self._buf
+        if not buf and not self._eof:
+            # The engine asks before every read (keep-alive: the buffer is empty each time): answer
+            # that without the incomplete-head checks, which have nothing to look at.
+            return NEED_DATA
         # RFC 9112 §2.2: ignore empty lines before the start line (they count to the limit).
         while buf[:2] == b"\r\n":
             del buf[:2]
@@ -737,10 +758,10 @@ class _MessageParser:
             raise ProtocolError(431, "trailer section too large")
         text = buf[: end + 2].decode("latin-1")
         del buf[: end + 4]
-        raw, index = _parse_fields(text, 0)
+        raw, names, index = _parse_fields(text, 0)
         _check_trailers(index)
         self._state = _DONE
-        return EndOfMessage(Headers(raw, index))
+        return EndOfMessage(Headers(raw, index, names))
 
 
 class RequestParser(_MessageParser):
@@ -754,11 +775,6 @@ class RequestParser(_MessageParser):
     ) -> None:
         super().__init__(max_header_bytes, max_body_bytes, max_line_bytes)
 
-    def next_event(self) -> RequestHead | Data | EndOfMessage | _NeedData:
-        """The next event. After feed_eof() at a message boundary this keeps returning
-        NEED_DATA (a clean close): check peer_closed. Mid-message EOF raises 400."""
-        return super().next_event()
-
     def _parse_head(self, text: str) -> RequestHead:
         line_end = text.find("\r\n")
         line = text[:line_end]
@@ -770,7 +786,7 @@ class RequestParser(_MessageParser):
         if method == "CONNECT":
             raise ProtocolError(501, "CONNECT is not supported")
         authority = _request_target_authority(method, target)
-        raw, index = _parse_fields(text, line_end + 2)
+        raw, names, index = _parse_fields(text, line_end + 2)
         _check_lookalike_names(index)
         host = _request_host(version, index, authority)
         content_length, chunked = self._request_framing(version, index)
@@ -778,7 +794,7 @@ class RequestParser(_MessageParser):
         expect = _expects_continue(index.get("expect"))
         upgrade = index.get("upgrade") if "upgrade" in tokens else None
         head = RequestHead(
-            method, target, version, Headers(raw, index), content_length, chunked,
+            method, target, version, Headers(raw, index, names), content_length, chunked,
             _keep_alive(version, tokens), host, tokens,
             expect and version == "HTTP/1.1",  # RFC 9110 §10.1.1: ignored in HTTP/1.0
             ", ".join(upgrade) if upgrade else None,
@@ -827,9 +843,6 @@ class ResponseParser(_MessageParser):
         """A 101 (or 2xx to CONNECT) arrived: the rest of the stream is not HTTP."""
         return self._state is _SWITCHED
 
-    def next_event(self) -> ResponseHead | Data | EndOfMessage | _NeedData:
-        return super().next_event()
-
     def _convert_error(self, exc: ProtocolError) -> ProtocolError:
         if exc.status == 502:
             return exc
@@ -855,12 +868,12 @@ class ResponseParser(_MessageParser):
         status = int(code)
         if status < 100 or status > 599:
             raise _bad("status code out of range")
-        raw, index = _parse_fields(text, line_end + 2)
+        raw, names, index = _parse_fields(text, line_end + 2)
         tokens = _connection_tokens(index.get("connection"))
         keep_alive = _keep_alive(version, tokens)
         content_length, chunked, keep_alive = self._response_framing(status, version, index, keep_alive)
         return ResponseHead(
-            status, reason or "", version, Headers(raw, index), content_length, chunked,
+            status, reason or "", version, Headers(raw, index, names), content_length, chunked,
             keep_alive, tokens,
         )
 
