@@ -38,38 +38,48 @@ class Outbound:
         self.trusted_forwarded = trusted_forwarded
 
 
+# Request fields never copied where they stand: hop-by-hop ones, the ones the proxy sets itself, and
+# X-Forwarded-For / Via, whose values are merged into the proxy's own line. Which further fields are
+# skipped depends on two per-request facts, so the four sets are built once, keyed by them:
+# (client is a trusted proxy, a request id is set).
+_REQUEST_SKIP = HOP_BY_HOP | _PROXY_SET | {"x-forwarded-for", "via"}
+_REQUEST_SKIP_BY_CASE = {
+    (trusted, with_id): _REQUEST_SKIP
+    | (frozenset() if trusted else {"forwarded"})  # an untrusted client's Forwarded is dropped
+    | ({"x-request-id"} if with_id else frozenset())  # replaced by ours
+    for trusted in (True, False) for with_id in (True, False)
+}
+
+
 def build_request_head(request, out: Outbound) -> bytes:
     """The request head sent upstream (always HTTP/1.1, origin-form target)."""
-    drop = HOP_BY_HOP | request.connection_tokens if request.connection_tokens else HOP_BY_HOP
-    override = {name.lower() for name, _ in out.set_headers}
+    headers = request.headers
+    skip = _REQUEST_SKIP_BY_CASE[out.trusted_forwarded, out.request_id is not None]
+    # Rare: fields named in Connection (RFC 9110 §7.6.1) or replaced by the route's set_headers.
+    removed = request.connection_tokens
+    if out.set_headers:
+        removed = removed | {name.lower() for name, _ in out.set_headers}
+    if removed:
+        skip = skip | removed
     lines = [f"{out.method} {out.target} HTTP/1.1", f"Host: {out.host}"]
-    forwarded_for = None
-    via = None
-    original_host = request.host or out.host
-    for name, value in request.headers:
-        lname = name.lower()
-        if lname in drop or lname in _PROXY_SET or lname in override:
-            continue
-        if lname == "x-forwarded-for":
-            if out.trusted_forwarded:
-                forwarded_for = value if forwarded_for is None else f"{forwarded_for}, {value}"
-            continue
-        if lname == "forwarded" and not out.trusted_forwarded:
-            continue
-        if lname == "via":
-            via = value if via is None else f"{via}, {value}"
-            continue
-        if lname == "x-request-id" and out.request_id is not None:
-            continue
-        lines.append(f"{name}: {value}")
+    # Names were lowercased once by the parser (Headers.names): no lower() per field here. (A plain
+    # loop: a list comprehension is slower in Python 3.11, it runs as a nested function.)
+    for lname, (name, value) in zip(headers.names, headers.raw):
+        if lname not in skip:
+            lines.append(f"{name}: {value}")
+    forwarded_for = ""
+    if out.trusted_forwarded and "x-forwarded-for" not in removed:
+        forwarded_for = ", ".join(headers.get_all("x-forwarded-for"))
+    via = "" if "via" in removed else ", ".join(headers.get_all("via"))
     lines.append(f"X-Forwarded-For: {forwarded_for}, {out.client_ip}" if forwarded_for else
                  f"X-Forwarded-For: {out.client_ip}")
     lines.append(f"X-Forwarded-Proto: {out.scheme}")
-    lines.append(f"X-Forwarded-Host: {original_host}")
+    lines.append(f"X-Forwarded-Host: {request.host or out.host}")
     lines.append(f"Via: {via}, {VIA}" if via else f"Via: {VIA}")
     if out.request_id is not None:
         lines.append(f"X-Request-Id: {out.request_id}")
-    lines.extend(f"{name}: {value}" for name, value in out.set_headers)
+    if out.set_headers:
+        lines += [f"{name}: {value}" for name, value in out.set_headers]
     if out.body == "length":
         lines.append(f"Content-Length: {request.content_length}")
     elif out.body == "chunked":
@@ -81,6 +91,14 @@ def build_request_head(request, out: Outbound) -> bytes:
     return "\r\n".join(lines).encode("latin-1")
 
 
+# Response fields dropped by framing (see build_response_head), built once.
+_RESPONSE_DROP = {
+    "length": HOP_BY_HOP, "none": HOP_BY_HOP,  # Content-Length kept as sent
+    "chunked": HOP_BY_HOP | {"content-length"}, "close": HOP_BY_HOP | {"content-length"},
+    "upgrade": HOP_BY_HOP - {"connection", "upgrade"} | {"content-length"},
+}
+
+
 def build_response_head(response, *, framing: str, keep_alive: bool, client_version: str,
                         extra: tuple = ()) -> bytes:
     """The response head relayed to the client.
@@ -88,18 +106,16 @@ def build_response_head(response, *, framing: str, keep_alive: bool, client_vers
     framing: "length" (keep Content-Length), "chunked" (we re-chunk), "close" (close-delimited),
     "none" (no body: HEAD, 204, 304), "upgrade" (101: keep Connection/Upgrade as sent).
     """
-    if framing == "upgrade":
-        drop = HOP_BY_HOP - {"connection", "upgrade"}
-    else:
-        drop = HOP_BY_HOP | response.connection_tokens if response.connection_tokens else HOP_BY_HOP
+    drop = _RESPONSE_DROP[framing]
+    if response.connection_tokens and framing != "upgrade":
+        drop = drop | response.connection_tokens
+    headers = response.headers
     lines = [f"HTTP/1.1 {response.status} {response.reason}"]
-    keep_length = framing in ("length", "none")
-    for name, value in response.headers:
-        lname = name.lower()
-        if lname in drop or (lname == "content-length" and not keep_length):
-            continue
-        lines.append(f"{name}: {value}")
-    lines.extend(f"{name}: {value}" for name, value in extra)
+    for lname, (name, value) in zip(headers.names, headers.raw):
+        if lname not in drop:
+            lines.append(f"{name}: {value}")
+    if extra:
+        lines += [f"{name}: {value}" for name, value in extra]
     if framing == "chunked":
         lines.append("Transfer-Encoding: chunked")
     if framing != "upgrade":
