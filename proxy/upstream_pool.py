@@ -40,6 +40,10 @@ class UpstreamConnection:
             pass
 
 
+# A plain int: socket.MSG_* are IntFlag members, and "|" on them is a Python-level Enum call per checkout.
+_PEEK_NOWAIT = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+
+
 def _server_closed_or_dirty(sock: socket.socket) -> bool:
     """True if an idle pooled socket has EOF or unexpected bytes waiting (either way: unusable)."""
     if isinstance(sock, ssl.SSLSocket):  # MSG_PEEK is not allowed on TLS sockets: ask poll instead
@@ -47,7 +51,7 @@ def _server_closed_or_dirty(sock: socket.socket) -> bool:
         poller.register(sock, select.POLLIN)
         return bool(poller.poll(0))
     try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        sock.recv(1, _PEEK_NOWAIT)
     except (BlockingIOError, InterruptedError):
         return False  # nothing to read: still open and clean
     except OSError:
