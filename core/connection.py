@@ -55,6 +55,15 @@ RESTING_STATES = frozenset({S.NEW, S.IDLE})
 # so a dict keyed by the member's value and a tuple scanned by identity check a move without it.
 _MOVES_BY_VALUE: dict[str, tuple[ConnectionState, ...]] = {
     state.value: tuple(moves) for state, moves in ALLOWED_MOVES.items()}
+# The moves that need no lock: out of a state only the worker serving the connection can leave, into
+# one that is not CLOSED. Other threads change a connection's state in two ways only: claim(), which
+# takes it out of a resting state (NEW/IDLE) and so never matches while a worker holds it in
+# READING/PROCESSING/WRITING/TUNNEL, and close() (with the lock), which the server calls on a busy
+# connection only at its final force-close, after the workers were given up on; the socket is closed
+# then, so a straggler's next call fails anyway. Three of the four moves per request are these.
+_UNCONTENDED_MOVES: dict[str, tuple[ConnectionState, ...]] = {
+    state.value: (() if state in RESTING_STATES else tuple(moves - {S.CLOSED}))
+    for state, moves in ALLOWED_MOVES.items()}
 
 
 class IllegalTransition(RuntimeError):
@@ -112,10 +121,13 @@ class Connection:
 
     # -- state -------------------------------------------------------------------------------
     def transition(self, new: ConnectionState) -> None:
-        with self._state_lock:
-            if new not in _MOVES_BY_VALUE[self.state._value_]:
-                raise IllegalTransition(f"{self.state.name} -> {new.name}")
-            self.state = new
+        if new in _UNCONTENDED_MOVES[self.state._value_]:
+            self.state = new  # legal, and no other thread moves it now (see _UNCONTENDED_MOVES)
+        else:
+            with self._state_lock:
+                if new not in _MOVES_BY_VALUE[self.state._value_]:
+                    raise IllegalTransition(f"{self.state.name} -> {new.name}")
+                self.state = new
         self.last_active = self._clock()
         if new is ConnectionState.CLOSED:
             # CLOSED means the socket is gone: close() is a no-op from here on, so release it now
