@@ -41,14 +41,15 @@ class Metrics:
         self.access_log = access_log  # proxy.access_log.AccessLog: dropped / written
         self.buckets = tuple(float(b) for b in buckets)
         self._lock = threading.Lock()
-        self._requests: dict[tuple[str, str], int] = {}
+        # Keyed by the status as it comes (an int); made a string label at snapshot time, not per request.
+        self._requests: dict[tuple[str, int], int] = {}
         self._durations: dict[str, list] = {}  # upstream -> [per-bucket counts (+Inf last), sum, count]
         self._recent = RecentTraffic(clock=clock)  # guarded by _lock too
 
     def observe(self, record) -> None:
         """The request observer (hot path)."""
         upstream = record.upstream or NO_UPSTREAM
-        key = (upstream, str(record.status))
+        key = (upstream, record.status)
         duration = record.duration
         slot = bisect.bisect_left(self.buckets, duration)  # le is inclusive: duration == bound counts in it
         with self._lock:
@@ -79,7 +80,7 @@ class Metrics:
 
     def snapshot(self) -> dict:
         with self._lock:
-            requests = [{"upstream": u, "code": c, "value": n} for (u, c), n in self._requests.items()]
+            requests = [{"upstream": u, "code": str(c), "value": n} for (u, c), n in self._requests.items()]
             durations = {u: {"counts": list(h[0]), "sum": h[1], "count": h[2]} for u, h in self._durations.items()}
         return {
             "processes": 1,
@@ -146,7 +147,10 @@ class RecentTraffic:
             slot[0], slot[1], slot[2] = second, 0, 0
             slot[3] = [0] * (len(self.buckets) + 1)
         slot[1] += 1
-        slot[2] += 1 if is_error_status(status) else 0
+        # The engine passes an int: compare it rather than build a string per request.
+        error = status >= 500 if type(status) is int else is_error_status(status)
+        if error:
+            slot[2] += 1
         slot[3][bisect.bisect_left(self.buckets, duration)] += 1
 
     def snapshot(self) -> dict:
