@@ -497,18 +497,22 @@ class HttpHandler:
     def _read_response_head(self, ex: Exchange, link, stop_at_continue: bool = False):
         parser = ResponseParser(ex.request.method, max_header_bytes=self.app.settings.max_response_header_bytes)
         interim = 0
+        event = NEED_DATA  # a new parser holds nothing yet: read before asking it
         while True:
-            try:
-                event = parser.next_event()
-            except ProtocolError as exc:
-                raise UpstreamFailed(f"invalid response from upstream: {exc.reason}") from exc
             if event is NEED_DATA:
                 data = link.recv()
                 if not data:
                     raise UpstreamFailed("upstream closed the connection without a response",
                                          stale=link.fresh_failure())
                 parser.feed(data)
+            try:
+                event = parser.next_event()
+            except ProtocolError as exc:
+                raise UpstreamFailed(f"invalid response from upstream: {exc.reason}") from exc
+            if event is NEED_DATA:
                 continue
+            # A head. After a 1xx the loop asks the parser again before reading: the final
+            # response may already be buffered behind it.
             response: ResponseHead = event
             if 100 <= response.status < 200 and response.status != 101:
                 interim += 1
