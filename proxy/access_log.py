@@ -10,6 +10,9 @@ Formats:
   ``client - - [10/Oct/2000:13:55:36 +0000] "GET /a HTTP/1.1" 200 512 "referer" "agent" api 127.0.0.1:9001 0.012 9f2c…``
 - ``json``: one object per line with time, client, method, path, status, bytes, duration_ms, upstream,
   server, request_id (plus host, version, user_agent, referer).
+- on a terminal, ``combined`` becomes a human-friendly line instead (local time, status coloured by
+  class, aligned method/path columns, upstream → server, duration): what you want in the shell while
+  developing. Piped or redirected output stays plain ``combined``; ``NO_COLOR`` turns colour off.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import queue
 import sys
 import threading
@@ -67,6 +71,25 @@ def format_json(record, when: float) -> str:
     }, ensure_ascii=False)
 
 
+# ANSI SGR colours by status class: 2xx green, 3xx cyan, 4xx yellow, 5xx red (0xx: proxy gave up early).
+STATUS_COLOURS = {2: "32", 3: "36", 4: "33", 5: "31"}
+PATH_COLUMN = 40  # wide enough for most paths; longer ones are cut with "…" to keep columns aligned
+
+
+def format_terminal(record, when: float, colour: bool = True) -> str:
+    """One aligned, coloured line for a person watching a terminal."""
+    stamp = datetime.datetime.fromtimestamp(when).strftime("%H:%M:%S")
+    status = str(record.status or "-")
+    if colour:
+        status = f"\033[{STATUS_COLOURS.get(record.status // 100, '0')}m{status}\033[0m"
+    target = _escape(record.target)
+    if len(target) > PATH_COLUMN:
+        target = target[: PATH_COLUMN - 1] + "…"
+    where = f"{record.upstream} → {record.server}" if record.server else (record.upstream or "-")
+    return (f"{stamp}  {status}  {record.method:<7} {target:<{PATH_COLUMN}}  {where:<34} "
+            f"{record.duration * 1000:8.1f} ms")
+
+
 FORMATTERS: dict[str, Callable] = {"combined": format_combined, "json": format_json}
 
 
@@ -100,6 +123,9 @@ class AccessLog:
     # -- service -------------------------------------------------------------------------------------
     def start(self) -> None:
         self._stream = self._open()
+        if self.format is format_combined and _is_terminal(self._stream):
+            colour = not os.environ.get("NO_COLOR")
+            self.format = lambda record, when: format_terminal(record, when, colour)
         self._thread = threading.Thread(target=self._write_loop, name="pyproxy-access-log", daemon=True)
         self._thread.start()
 
@@ -154,6 +180,13 @@ class AccessLog:
             with self._drop_lock:
                 self.dropped += len(lines)
             log.warning("access log write failed: %s", exc)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def make_access_log(log_config) -> AccessLog | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import sys
 
 import requests
 
@@ -109,3 +111,45 @@ def test_proxied_request_logged_as_json_with_the_incoming_request_id(tmp_path, b
             entry["request_id"]) == ("POST", "/form", 200, "web", a.address, "abc-123")
     assert entry["bytes"] > 0 and entry["duration_ms"] >= 0 and entry["client"] == "127.0.0.1"
     assert "secret-body" not in lines[0]  # bodies never reach the log
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _record(status: int, target: str = "/api/users", duration: float = 0.0123):
+    from proxy.handler import RequestRecord
+    record = RequestRecord(0.0, "127.0.0.1", None)
+    record.method, record.target, record.status, record.duration = "GET", target, status, duration
+    record.upstream, record.server = "api", "127.0.0.1:9001"
+    return record
+
+
+def test_terminal_lines_are_coloured_by_status_class_and_aligned():
+    from proxy.access_log import PATH_COLUMN, format_terminal
+    lines = {status: format_terminal(_record(status), 0.0) for status in (200, 304, 404, 502)}
+    assert "\033[32m200\033[0m" in lines[200]
+    assert "\033[36m304\033[0m" in lines[304]
+    assert "\033[33m404\033[0m" in lines[404]
+    assert "\033[31m502\033[0m" in lines[502]
+    assert "api → 127.0.0.1:9001" in lines[200] and lines[200].endswith("12.3 ms")
+    plain = format_terminal(_record(200), 0.0, colour=False)
+    long = format_terminal(_record(200, target="/x" * 100), 0.0, colour=False)
+    assert "\033[" not in plain
+    assert len(plain) == len(long)  # a long path is cut, so the columns stay aligned
+    assert ("/x" * 100)[: PATH_COLUMN - 1] + "…" in long
+
+
+def test_access_log_uses_the_terminal_format_only_on_a_terminal(monkeypatch):
+    from proxy.access_log import AccessLog
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    for stream, expect_pretty in ((_Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stdout", stream)
+        access = AccessLog("stdout", "combined")
+        access.start()
+        access.observe(_record(503))
+        access.stop()
+        line = stream.getvalue()
+        assert ("\033[31m503\033[0m" in line) is expect_pretty
+        assert ('"GET /api/users HTTP/1.1" 503' in line) is not expect_pretty

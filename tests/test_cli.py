@@ -569,3 +569,30 @@ servers = ["127.0.0.1:1"]
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith(f"{path}: server.listen 127.0.0.1:{port}: tls_cert/tls_key cannot be loaded")
+
+
+@pytest.mark.skipif(shutil.which("script") is None, reason="needs util-linux 'script' to give the proxy a terminal")
+def test_access_log_on_a_terminal_is_coloured_and_aligned(tmp_path, backends):
+    """`script` runs pyproxy on a pseudo-terminal, as a developer's shell would."""
+    import shlex
+    target = backends("one")
+    port = free_port()
+    typescript = tmp_path / "terminal.out"
+    command = shlex.join(pyproxy_command() + ["--from", f"127.0.0.1:{port}", "--to", target])
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    process = subprocess.Popen(["script", "-qfec", command, str(typescript)], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True, env=env, cwd=REPO)
+    try:
+        assert wait_for_port(port, process, time.monotonic() + EXIT_TIMEOUT), "proxy did not start"
+        assert requests.get(f"http://127.0.0.1:{port}/hello", timeout=10).status_code == 200
+        deadline = time.monotonic() + EXIT_TIMEOUT
+        while "/hello" not in typescript.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=EXIT_TIMEOUT)
+    line = next(l for l in typescript.read_text(errors="replace").splitlines() if "/hello" in l)
+    assert "\033[32m200\033[0m" in line  # 2xx in green
+    assert f"→ {target}" in line and line.rstrip().endswith("ms")
+    assert '"GET /hello HTTP/1.1"' not in line  # not the combined format meant for files and pipes
