@@ -12,6 +12,7 @@ Everything is bounded: every socket has a timeout, every hang waits on an event 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
 import struct
@@ -386,6 +387,26 @@ class RawBackend:
             thread.join(5)
 
 
+def serve_once_then_drop_next(executions: list, reset: bool = False):
+    """A raw script: the first request on a connection is answered with keep-alive; the second is read
+    fully, its method appended to ``executions``, then dropped without a response byte (the keep-alive
+    race) by a FIN, or by a RST when ``reset``."""
+    def script(peer: RawPeer) -> None:
+        head, _ = peer.read_request()
+        if not head:
+            return
+        executions.append(head.split(b" ")[0])
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        head, _ = peer.read_request()
+        if head:
+            executions.append(head.split(b" ")[0])
+            if reset:
+                peer.reset()
+            else:
+                peer.close()
+    return script
+
+
 def closed_port() -> int:
     """A port on 127.0.0.1 with nothing listening (connect → refused)."""
     sock = socket.socket()
@@ -495,3 +516,13 @@ class RawClient:
             return self.sock.recv(1) == b""
         except ConnectionResetError:
             return True
+
+
+@contextlib.contextmanager
+def raw_client(proxy):
+    """A ``RawClient`` on a new connection to ``proxy`` (anything with ``connect()``), closed on exit."""
+    sock = proxy.connect()
+    try:
+        yield RawClient(sock)
+    finally:
+        sock.close()

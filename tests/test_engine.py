@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import struct
@@ -10,20 +9,11 @@ import struct
 import pytest
 import requests
 
-from tests.backends import RawClient, closed_port, stream_pattern
+from tests.backends import closed_port, raw_client, serve_once_then_drop_next, stream_pattern
 from tests.core_helpers import wait_for
 from tests.conftest import CLIENT_TIMEOUT
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@contextlib.contextmanager
-def raw_client(proxy):
-    sock = proxy.connect()
-    try:
-        yield RawClient(sock)
-    finally:
-        sock.close()
 
 
 def get(host: str = "app.test", path: str = "/", extra: str = "") -> bytes:
@@ -205,24 +195,9 @@ def test_stale_pooled_connections_never_fail_a_get(make_backend, make_proxy):
     assert len(backend.requests) == 50
 
 
-def _serve_once_then_drop_next(executions):
-    """First request on a connection: answered with keep-alive. Second: read fully, counted, dropped."""
-    def script(peer):
-        head, _ = peer.read_request()
-        if not head:
-            return
-        executions.append(head.split(b" ")[0])
-        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        head, _ = peer.read_request()
-        if head:
-            executions.append(head.split(b" ")[0])
-            peer.close()  # the keep-alive race: the request reached us, no response byte left
-    return script
-
-
 def test_stale_connection_get_is_retried_on_a_new_connection(make_raw_backend, make_proxy):
     executions = []
-    raw = make_raw_backend(_serve_once_then_drop_next(executions))
+    raw = make_raw_backend(serve_once_then_drop_next(executions))
     proxy = make_proxy({"web": [raw.address]})
     with requests.Session() as session:
         assert session.get(proxy.url + "/a", timeout=CLIENT_TIMEOUT).status_code == 200
@@ -233,7 +208,7 @@ def test_stale_connection_get_is_retried_on_a_new_connection(make_raw_backend, m
 
 def test_post_with_body_is_never_sent_twice(make_raw_backend, make_proxy):
     executions = []
-    raw = make_raw_backend(_serve_once_then_drop_next(executions))
+    raw = make_raw_backend(serve_once_then_drop_next(executions))
     proxy = make_proxy({"web": [raw.address]})
     with requests.Session() as session:
         assert session.get(proxy.url + "/warm", timeout=CLIENT_TIMEOUT).status_code == 200

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
 
 import pytest
 import requests
 
-from tests.backends import RawClient, closed_port
+from tests.backends import closed_port, raw_client, serve_once_then_drop_next
 from tests.conftest import CLIENT_TIMEOUT
 from tests.core_helpers import wait_for
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@contextlib.contextmanager
-def raw_client(proxy):
-    sock = proxy.connect()
-    try:
-        yield RawClient(sock)
-    finally:
-        sock.close()
 
 
 def serve_forever(answer: bytes):
@@ -211,18 +201,7 @@ def test_stale_get_retried_even_with_retries_zero(make_raw_backend, make_proxy):
 
 def test_post_without_body_retried_after_stale(make_raw_backend, make_proxy):
     executions = []
-
-    def script(peer):
-        head, _ = peer.read_request()
-        if not head:
-            return
-        executions.append(head.split(b" ")[0])
-        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        head, _ = peer.read_request()
-        if head:
-            executions.append(head.split(b" ")[0])
-            peer.reset()
-    raw = make_raw_backend(script)
+    raw = make_raw_backend(serve_once_then_drop_next(executions, reset=True))
     proxy = make_proxy({"web": [raw.address]})
     with requests.Session() as session:
         assert session.get(proxy.url + "/a", timeout=CLIENT_TIMEOUT).status_code == 200

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 
 from proxy.routing import BadPath, normalize_path
-from tests.backends import RawClient
+from tests.backends import raw_client
 from tests.conftest import CLIENT_TIMEOUT
 
 pytestmark = pytest.mark.timeout(30)
 
 
-@contextlib.contextmanager
-def raw(proxy):
-    sock = proxy.connect()
-    try:
-        yield RawClient(sock)
-    finally:
-        sock.close()
-
-
 def get(proxy, target: str, *headers: str):
-    with raw(proxy) as client:
+    with raw_client(proxy) as client:
         client.send((f"GET {target} HTTP/1.1\r\nHost: a\r\n" + "".join(h + "\r\n" for h in headers)
                      + "Connection: close\r\n\r\n").encode("latin-1"))
         return client.read_response()

@@ -6,13 +6,12 @@ worker threads (pool busy 0) and no held slots (every server's active_requests 0
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 
 import pytest
 
-from tests.backends import RawClient, closed_port
+from tests.backends import RawClient, closed_port, raw_client
 from tests.conftest import CLIENT_TIMEOUT
 from tests.core_helpers import wait_for
 from tests.faults.upstream import (BODY, FIN, HANG, HEAD, LOOP, RST, FaultyUpstream, drip, ok_response, sleep,
@@ -65,15 +64,6 @@ def start(make_proxy):
     # upstream connections hold one fd each on both sides
     allowance = FD_TOLERANCE + 4 * len(proxies) + 2 * idle
     wait_for(lambda: open_fds() <= baseline + allowance, what=f"fds back near {baseline} (+{allowance})")
-
-
-@contextlib.contextmanager
-def client(proxy):
-    sock = proxy.connect()
-    try:
-        yield RawClient(sock)
-    finally:
-        sock.close()
 
 
 def get(proxy, target="/", method="GET", extra=b"") -> tuple[RawClient, object]:
@@ -137,7 +127,7 @@ def test_blackholed_connect_is_504(start):
 def test_all_servers_at_max_connections_is_503_fast(upstreams, start):
     upstream = upstreams([HEAD, HANG])
     proxy = start([upstream.address], upstream={"max_connections": 1, "read_timeout": "3s"})
-    with client(proxy) as first:
+    with raw_client(proxy) as first:
         first.send(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
         wait_for(lambda: upstream.executions == 1, what="the first request to hold the only slot")
         assert status_of(proxy) == 503
@@ -150,7 +140,7 @@ def test_stale_pooled_connection_post_executed_at_most_once(upstreams, start):
     upstream = upstreams([HEAD, BODY, write(ok_response()), FIN])
     proxy = start([upstream.address])
     statuses = []
-    with client(proxy) as raw:
+    with raw_client(proxy) as raw:
         for index in range(12):
             body = b"post-%02d" % index
             raw.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
@@ -203,7 +193,7 @@ def test_broken_response_before_it_started_is_an_error_status(upstreams, start, 
 def test_failure_after_response_started_aborts_the_client_connection(upstreams, start, steps):
     upstream = upstreams(steps)
     proxy = start([upstream.address], upstream={"read_timeout": "500ms"})
-    with client(proxy) as raw:
+    with raw_client(proxy) as raw:
         raw.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         head = raw.read_head()
         assert head.startswith(b"HTTP/1.1 200")
@@ -216,7 +206,7 @@ def test_endless_1xx_is_cut_off(upstreams, start):
     """1xx are relayed (RFC 9110 §15.2), but not forever: past 16 the client connection is aborted."""
     upstream = upstreams([HEAD, write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 40), HANG])
     proxy = start([upstream.address], upstream={"read_timeout": "2s"})
-    with client(proxy) as raw:
+    with raw_client(proxy) as raw:
         raw.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         with pytest.raises(ConnectionError):
             raw.read_response()
@@ -242,7 +232,7 @@ def test_slow_drip_within_read_timeout_is_delivered(upstreams, start):
 def test_bytes_beyond_the_response_never_reach_the_next_request(upstreams, start, method, answer):
     upstream = upstreams([HEAD, write(answer), LOOP])
     proxy = start([upstream.address])
-    with client(proxy) as raw:
+    with raw_client(proxy) as raw:
         for _ in range(3):
             raw.send(b"%s / HTTP/1.1\r\nHost: a\r\n\r\n" % method.encode())
             response = raw.read_response(method)
@@ -291,7 +281,7 @@ def test_early_response_during_upload_is_relayed(upstreams, start, size):
     upstream = upstreams([HEAD, write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n"
                                       b"Connection: close\r\n\r\nbig!"), sleep(0.05), FIN])
     proxy = start([upstream.address])
-    with client(proxy) as raw:
+    with raw_client(proxy) as raw:
         raw.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size)
         try:
             raw.send(b"x" * size)
@@ -305,7 +295,7 @@ def test_early_response_during_upload_is_relayed(upstreams, start, size):
 def test_client_abort_mid_request_closes_upstream(upstreams, start):
     upstream = upstreams([HEAD, BODY, write(ok_response()), LOOP])
     proxy = start([upstream.address])
-    with client(proxy) as raw:
+    with raw_client(proxy) as raw:
         raw.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nonly-some")
         wait_for(lambda: upstream.executions == 1, what="the head forwarded")
     wait_for(lambda: proxy.pool("web").idle_count == 0 and upstream.bodies == [], what="abort propagated")
@@ -315,7 +305,7 @@ def test_client_abort_mid_response_closes_upstream(upstreams, start):
     big = b"HTTP/1.1 200 OK\r\nContent-Length: 20000000\r\n\r\n" + b"x" * 65536
     upstream = upstreams([HEAD, write(big), HANG])
     proxy = start([upstream.address], upstream={"read_timeout": "5s"})
-    with client(proxy) as raw:
+    with raw_client(proxy) as raw:
         raw.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         assert raw.read_head().startswith(b"HTTP/1.1 200")
     # the proxy notices on its next write (or the read timeout) and drops both sides
