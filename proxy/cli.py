@@ -20,7 +20,8 @@ import sys
 import click
 
 from . import __version__
-from .config import DEFAULT_LISTEN, Config, ConfigError, ListenConfig, load_config, quick_config, routing_table_lines
+from .config import DEFAULT_LISTEN, Config, ConfigError, ListenConfig, load_config, quick_config
+from .routing_table import routing_table_lines
 from .runner import ProxyProcess, bind_config_listener, configure_logging, describe_listeners, tls_terminator
 from .starter import write_starter
 from .supervisor import run_supervisor

@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from .app import upstream_tls_context
-from .config import HealthConfig, UpstreamConfig, describe_expect_status
+from .config import HealthConfig, UpstreamConfig
+from .routing_table import describe_expect_status
 from .http1 import NEED_DATA, EndOfMessage, ProtocolError, ResponseHead, ResponseParser
 
 log = logging.getLogger("pyproxy.health")

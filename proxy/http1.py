@@ -497,11 +497,6 @@ class _MessageParser:
         """feed_eof() was called: once the events run out, there will be no more."""
         return self._eof
 
-    @property
-    def has_buffered_data(self) -> bool:
-        """Bytes are waiting that no event has consumed yet (e.g. a pipelined request)."""
-        return bool(self._buf)
-
     def take_buffered(self) -> bytes:
         """Hand back unparsed bytes and forget them.
 

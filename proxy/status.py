@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 
-from .config import describe_expect_status, routes_by_precedence
+from .routing_table import describe_expect_status, routes_by_precedence
 from .metrics import empty_window, estimate_quantile
 
 COUNTERS = ("active_requests", "requests_total", "failures_total")

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from proxy.config import (
     POLICY_NAMES, AdminConfig, Config, ConfigError, HealthConfig, ListenConfig, LogConfig,
     PassiveConfig, RouteConfig, ServerSettings, UpstreamConfig, UpstreamServerConfig, load_config,
-    parse_config, parse_server_address, quick_config, routes_by_precedence, routing_table_lines,
+    parse_config, parse_server_address, quick_config,
 )
+from proxy.routing_table import routes_by_precedence, routing_table_lines
 from proxy.starter import STARTER_CONFIG, render_config_dict, write_starter
 from proxy.units import (
     format_address, format_duration, format_size, parse_address, parse_duration, parse_size,

@@ -1,0 +1,82 @@
+"""What ``pyproxy check`` prints: the effective routing table, most specific route first, and the
+precedence order the router uses (``proxy.routing`` sorts the same way). Presentation only: the
+config is already validated when it gets here."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from .config import Config, ListenConfig, RouteConfig, UpstreamConfig
+from .units import format_duration
+
+
+
+def route_precedence_key(route: RouteConfig) -> tuple[int, int]:
+    """Sort key, most specific first, as the contract states it: exact host > "*.wildcard" > no
+    host, then the longest path. Use with a stable sort so ties keep file order (proxy.routing
+    sorts the same way)."""
+    host_rank = 2 if route.host is None else 1 if route.host.startswith("*.") else 0
+    return (host_rank, -len(route.path))
+
+
+def routes_by_precedence(routes: Iterable[RouteConfig]) -> list[RouteConfig]:
+    """Routes in the order to try them: the first one whose host and path match wins."""
+    return sorted(routes, key=route_precedence_key)
+
+
+def describe_expect_status(statuses: frozenset[int]) -> str:
+    for first in range(200, 600, 100):
+        if statuses == frozenset(range(first, first + 100)):
+            return f"{first // 100}xx"
+    return ", ".join(str(code) for code in sorted(statuses))
+
+
+def _upstream_lines(upstream: UpstreamConfig, indent: str) -> list[str]:
+    lines = []
+    for server in upstream.servers:
+        scheme = "https://" if server.tls else ""
+        lines.append(f"{indent}{scheme}{server.address}  weight {server.weight}")
+    health = upstream.health
+    if health:
+        lines.append(
+            f"{indent}health: GET {health.path} every {format_duration(health.interval)}, "
+            f"timeout {format_duration(health.timeout)}, expect {describe_expect_status(health.expect_status)}; "
+            f"up after {health.healthy_after} passes, down after {health.unhealthy_after} failures")
+    if upstream.passive:
+        window = format_duration(upstream.passive.fail_timeout)
+        lines.append(f"{indent}passive: out for {window} after {upstream.passive.max_fails} failures within {window}")
+    if not health and not upstream.passive:
+        lines.append(f"{indent}health: not checked")
+    return lines
+
+
+def _route_heading(route: RouteConfig, upstream: UpstreamConfig) -> str:
+    host = route.host or "(any host)"
+    strip = " (strip prefix)" if route.strip_prefix else ""
+    return f"{host} {route.path}{strip} -> {upstream.name} ({upstream.policy})"
+
+
+def routing_table_lines(config: Config) -> list[str]:
+    """The effective routing table, most specific route first, for `pyproxy check`."""
+    workers = config.server.workers
+    lines = [
+        "listen: " + ", ".join(_listen_label(entry) for entry in config.server.listen)
+        + f" ({workers} worker{'s' if workers != 1 else ''})",
+        "admin: " + (_listen_label(config.admin.listen) if config.admin else "off"),
+        "routes (most specific first):",
+    ]
+    for number, route in enumerate(routes_by_precedence(config.routes), start=1):
+        upstream = config.upstreams[route.upstream]
+        lines.append(f"  {number}. {_route_heading(route, upstream)}")
+        lines.extend(f"       set header {name}: {value}" for name, value in route.set_headers)
+        lines.extend(_upstream_lines(upstream, "       "))
+    used = {route.upstream for route in config.routes}
+    for name, upstream in config.upstreams.items():
+        if name not in used:
+            lines.append(f"unused upstream: {name} ({upstream.policy})")
+            lines.extend(_upstream_lines(upstream, "       "))
+    return lines
+
+
+def _listen_label(entry: ListenConfig) -> str:
+    return f"{entry.address} (TLS)" if entry.tls else entry.address
