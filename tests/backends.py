@@ -24,6 +24,7 @@ BACKEND_SOCKET_TIMEOUT = 10.0  # no backend socket operation waits longer than t
 RECORD_BODY_LIMIT = 1024 * 1024  # bodies above this are recorded by length and digest only
 STREAM_PIECE = 256 * 1024  # generated bodies are written in pieces this size
 MAX_HEAD = 64 * 1024
+ACCEPT_POLL = 0.05  # how often an accept loop looks at its stop event
 
 
 @dataclass
@@ -272,6 +273,78 @@ def _shutdown_quietly(sock: socket.socket) -> None:
         pass
 
 
+def close_with_rst(sock: socket.socket) -> None:
+    """Close with RST instead of FIN (SO_LINGER on with a zero timeout)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def content_length(head: bytes) -> int:
+    """The Content-Length of a request head, 0 without one (tests send raw upstreams only those)."""
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    return length
+
+
+class LoopbackAcceptor:
+    """A listener on 127.0.0.1:0 running ``_serve(sock, index)`` on a thread per accepted connection.
+
+    Subclasses implement ``_serve`` (and close the socket there). ``index`` is 0 for the first
+    connection; ``connections`` counts them. stop() shuts every accepted socket down so blocked
+    reads return, then joins the threads: everything is bounded.
+    """
+
+    def __init__(self, name: str):
+        self.stop_event = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(ACCEPT_POLL)
+        self.port = self.listener.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._sockets: list[socket.socket] = []
+        self._accepter = threading.Thread(target=self._accept_loop, name=f"{name}-{self.port}", daemon=True)
+
+    def start(self):
+        self._accepter.start()
+        return self
+
+    def _serve(self, sock: socket.socket, index: int) -> None:
+        raise NotImplementedError
+
+    def _accept_loop(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            sock.settimeout(BACKEND_SOCKET_TIMEOUT)
+            with self._lock:
+                index = self.connections
+                self.connections += 1
+                self._sockets.append(sock)
+            thread = threading.Thread(target=self._serve, args=(sock, index), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self._accepter.join(5)
+        self.listener.close()
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shutdown_quietly(sock)
+        for thread in self._threads:
+            thread.join(5)
+
+
 # -- raw-socket backend ------------------------------------------------------------------------
 class RawPeer:
     """One accepted connection, driven by a test script."""
@@ -298,11 +371,7 @@ class RawPeer:
     def read_request(self) -> tuple[bytes, bytes]:
         """(head, body) with a Content-Length body (tests send only those to raw backends)."""
         head = self.read_head()
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value.strip())
+        length = content_length(head)
         while len(self.buffer) < length:
             data = self.sock.recv(65536)
             if not data:
@@ -323,48 +392,19 @@ class RawPeer:
 
     def reset(self) -> None:
         """Close with RST instead of FIN (SO_LINGER with a zero timeout)."""
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.sock.close()
+        close_with_rst(self.sock)
 
 
-class RawBackend:
+class RawBackend(LoopbackAcceptor):
     """Accepts connections and runs ``script(peer)`` for each on its own thread."""
 
     def __init__(self, script):
+        super().__init__("raw")
         self.script = script
-        self.connections = 0
         self.errors: list[BaseException] = []
-        self.stop_event = threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.05)
-        self.port = self.listener.getsockname()[1]
-        self.address = f"127.0.0.1:{self.port}"
-        self._threads: list[threading.Thread] = []
-        self._peers: list[RawPeer] = []
-        self._lock = threading.Lock()
-        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"raw-{self.port}", daemon=True)
 
-    def start(self) -> "RawBackend":
-        self._accept_thread.start()
-        return self
-
-    def _accept_loop(self) -> None:
-        while not self.stop_event.is_set():
-            try:
-                sock, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                peer = RawPeer(sock, self.connections, self.stop_event)
-                self.connections += 1
-                self._peers.append(peer)
-            thread = threading.Thread(target=self._run, args=(peer,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _run(self, peer: RawPeer) -> None:
+    def _serve(self, sock: socket.socket, index: int) -> None:
+        peer = RawPeer(sock, index, self.stop_event)
         try:
             self.script(peer)
         except OSError as exc:  # the proxy closed on us: often exactly what the test provokes
@@ -374,17 +414,6 @@ class RawBackend:
                 peer.sock.close()
             except OSError:
                 pass
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self._accept_thread.join(5)
-        self.listener.close()
-        with self._lock:
-            peers = list(self._peers)
-        for peer in peers:
-            _shutdown_quietly(peer.sock)
-        for thread in self._threads:
-            thread.join(5)
 
 
 def serve_once_then_drop_next(executions: list, reset: bool = False):

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import re
 import socket
-import threading
 from dataclasses import dataclass
 
+from tests.backends import LoopbackAcceptor
+
 RECV_SIZE = 65536
-SOCKET_TIMEOUT = 10.0
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 ANSWER_NO_BODY = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
 # Canonical chunked framing as the proxy re-encodes it: lowercase hex without leading zeros or
@@ -100,27 +100,15 @@ def _split_chunked(head: bytes, data: bytes) -> tuple[Received, bytes] | None:
         position += size + 2
 
 
-class RecordingUpstream:
+class RecordingUpstream(LoopbackAcceptor):
     """Records and answers; ``reset()`` between cases, ``snapshot()`` to read."""
 
     def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.05)
-        self.port = self.listener.getsockname()[1]
-        self.address = f"127.0.0.1:{self.port}"
-        self._lock = threading.Lock()
+        super().__init__("recorder")
         self._received: list[Received] = []
         self._errors: list[str] = []
         self._aborted: list[bytes] = []  # partial messages the proxy abandoned (it closed mid-message)
         self._partial: dict[int, int] = {}  # connection id -> unframed bytes held right now
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._sockets: list[socket.socket] = []
-        self._accepter = threading.Thread(target=self._accept_loop, name="recorder", daemon=True)
-
-    def start(self) -> "RecordingUpstream":
-        self._accepter.start()
-        return self
 
     def reset(self) -> None:
         with self._lock:
@@ -144,26 +132,11 @@ class RecordingUpstream:
         with self._lock:
             return any(self._partial.values())
 
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                sock, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            sock.settimeout(SOCKET_TIMEOUT)
-            with self._lock:
-                self._sockets.append(sock)
-            thread = threading.Thread(target=self._serve, args=(sock,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, sock: socket.socket) -> None:
+    def _serve(self, sock: socket.socket, index: int) -> None:
         pending = b""
         key = id(sock)
         try:
-            while not self._stop.is_set():
+            while not self.stop_event.is_set():
                 data = sock.recv(RECV_SIZE)
                 if not data:
                     break
@@ -193,17 +166,3 @@ class RecordingUpstream:
             with self._lock:
                 self._received.append(message)
             sock.sendall(ANSWER_NO_BODY if message.method == b"HEAD" else ANSWER)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._accepter.join(5)
-        self.listener.close()
-        with self._lock:
-            sockets = list(self._sockets)
-        for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for thread in self._threads:
-            thread.join(5)

@@ -13,11 +13,9 @@ has a timeout; stop() releases every hang.
 from __future__ import annotations
 
 import socket
-import struct
-import threading
 
-SOCKET_TIMEOUT = 10.0
-MAX_HEAD = 64 * 1024
+from tests.backends import BACKEND_SOCKET_TIMEOUT, MAX_HEAD, LoopbackAcceptor, close_with_rst, content_length
+
 MAX_LOOPS = 1000  # a LOOP script serves at most this many requests per connection
 
 HEAD, BODY, FIN, RST, HANG, LOOP = "head", "body", "fin", "rst", "hang", "loop"
@@ -66,11 +64,7 @@ class _Peer:
         self.upstream.record(head)
 
     def read_body(self) -> None:
-        length = 0
-        for line in self.last_head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value.strip())
+        length = content_length(self.last_head)
         while len(self.buffer) < length:
             self.buffer += self._recv()
         self.upstream.record_body(self.buffer[:length])
@@ -112,30 +106,20 @@ class _Peer:
             self.sock.close()
             return True
         elif kind == RST:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.sock.close()
+            close_with_rst(self.sock)
             return True
         elif kind == HANG:
-            stop.wait(SOCKET_TIMEOUT)
+            stop.wait(BACKEND_SOCKET_TIMEOUT)
             return True
         return False
 
 
-class FaultyUpstream:
+class FaultyUpstream(LoopbackAcceptor):
     def __init__(self, steps):
+        super().__init__("faulty")
         self.steps = steps if callable(steps) else (lambda index: steps)
-        self.stop_event = threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.05)
-        self.port = self.listener.getsockname()[1]
-        self.address = f"127.0.0.1:{self.port}"
-        self.connections = 0
         self.heads: list[bytes] = []
         self.bodies: list[bytes] = []
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._sockets: list[socket.socket] = []
-        self._accepter = threading.Thread(target=self._accept_loop, name=f"faulty-{self.port}", daemon=True)
 
     @property
     def executions(self) -> int:
@@ -150,27 +134,6 @@ class FaultyUpstream:
         with self._lock:
             self.bodies.append(body)
 
-    def start(self) -> "FaultyUpstream":
-        self._accepter.start()
-        return self
-
-    def _accept_loop(self) -> None:
-        while not self.stop_event.is_set():
-            try:
-                sock, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            sock.settimeout(SOCKET_TIMEOUT)
-            with self._lock:
-                index = self.connections
-                self.connections += 1
-                self._sockets.append(sock)
-            thread = threading.Thread(target=self._serve, args=(sock, index), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
     def _serve(self, sock: socket.socket, index: int) -> None:
         try:
             _Peer(sock, self).run(self.steps(index))
@@ -178,17 +141,3 @@ class FaultyUpstream:
             pass  # the proxy closed on us: usually what the test provokes
         finally:
             sock.close()
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self._accepter.join(5)
-        self.listener.close()
-        with self._lock:
-            sockets = list(self._sockets)
-        for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for thread in self._threads:
-            thread.join(5)
