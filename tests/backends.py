@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 BACKEND_SOCKET_TIMEOUT = 10.0  # no backend socket operation waits longer than this
+HANG_LIMIT = 10.0  # a hanging FlakyBackend handler gives up after this (tests release it sooner)
+FLAKY_STOP_TIMEOUT = 5.0
 RECORD_BODY_LIMIT = 1024 * 1024  # bodies above this are recorded by length and digest only
 STREAM_PIECE = 256 * 1024  # generated bodies are written in pieces this size
 MAX_HEAD = 64 * 1024
@@ -555,3 +557,110 @@ def raw_client(proxy):
         yield RawClient(sock)
     finally:
         sock.close()
+
+
+# -- a backend that misbehaves on demand (health checks) ---------------------------------------------
+class _FlakyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # head and body go in two writes: no 40 ms Nagle/delayed-ACK stall
+
+    def log_message(self, format, *args):  # noqa: A002
+        pass
+
+    def do_GET(self):  # noqa: N802
+        backend: FlakyBackend = self.server.backend
+        path = self.path.split("?", 1)[0]
+        if path == "/healthz":
+            backend.count("health")
+            if backend.hang_health:
+                backend.release.wait(HANG_LIMIT)
+            self._reply(backend.health_status, b"health")
+        elif path == "/slow":
+            backend.count("slow")
+            backend.slow_entered.set()
+            backend.release.wait(HANG_LIMIT)
+            self._reply(200, b"slow " + backend.name.encode())
+        else:
+            backend.count("traffic")
+            self._reply(200, backend.name.encode())
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))  # read and forget: keep-alive stays sane
+        self.server.backend.count("traffic")
+        self._reply(200, self.server.backend.name.encode())
+
+    def _reply(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class _FlakyServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def process_request(self, request, client_address):
+        self.backend.track(request)
+        super().process_request(request, client_address)
+
+    def handle_error(self, request, client_address):
+        pass  # killed connections are what these tests provoke
+
+
+class FlakyBackend:
+    """HTTP backend whose health path can fail (health_status) or hang; kill() and revive() keep the port."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.health_status = 200
+        self.hang_health = False
+        self.release = threading.Event()
+        self.slow_entered = threading.Event()
+        self.counts = {"health": 0, "traffic": 0, "slow": 0}
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self.port = 0
+        self._server = None
+        self._thread = None
+        self.revive()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def count(self, kind: str) -> None:
+        with self._lock:
+            self.counts[kind] += 1
+
+    def get(self, kind: str) -> int:
+        with self._lock:
+            return self.counts[kind]
+
+    def track(self, sock) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+
+    def revive(self) -> None:
+        self._server = _FlakyServer(("127.0.0.1", self.port), _FlakyHandler)
+        self._server.backend = self
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
+                                        daemon=True, name=f"flaky-{self.name}")
+        self._thread.start()
+
+    def kill(self) -> None:
+        """Stop accepting, close the listener, cut every open connection (as a crash would)."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by the peer
+        self._thread.join(FLAKY_STOP_TIMEOUT)
+        self._server = None

@@ -7,18 +7,24 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
+import urllib.request
 
 import pytest
+import requests
 
 from core.socket_server import bind_listener
 from proxy.config import ListenConfig, parse_config
 from proxy.runner import ProxyProcess
-from tests.backends import RawBackend, ScriptedBackend
+from tests.backends import FlakyBackend, RawBackend, ScriptedBackend
+from tests.core_helpers import wait_for
 
 PROXY_STOP_TIMEOUT = 10.0
 CLIENT_TIMEOUT = 10.0  # every test client socket op is bounded by this
+DEADLINE = 5.0  # the health/admin tests' bound on every request and wait
+FAST_HEALTH = {"path": "/healthz", "interval": "50ms", "timeout": "40ms", "healthy_after": 2, "unhealthy_after": 2}
 
 
 class RunningProxy:
@@ -106,3 +112,101 @@ def make_proxy():
     yield factory
     for proxy in running:
         proxy.stop()
+
+
+# -- health and admin: flaky backends, an in-process proxy with an admin listener -------------------
+@pytest.fixture
+def backends():
+    made: list[FlakyBackend] = []
+
+    def factory(*names: str) -> list[FlakyBackend]:
+        new = [FlakyBackend(name) for name in names]
+        made.extend(new)
+        return new
+
+    yield factory
+    for backend in made:
+        backend.release.set()
+        backend.kill()
+
+
+class ObservedProxy:
+    def __init__(self, process: ProxyProcess, port: int, admin_port: int):
+        self.process = process
+        self.url = f"http://127.0.0.1:{port}"
+        self.admin_url = f"http://127.0.0.1:{admin_port}"
+        self.thread = process.start_in_thread()
+
+    @property
+    def app(self):
+        return self.process.app
+
+    def status(self) -> dict:
+        with urllib.request.urlopen(self.admin_url + "/status", timeout=DEADLINE) as response:
+            return json.load(response)
+
+    def server_status(self, upstream: str, address: str) -> dict:
+        servers = self.status()["upstreams"][upstream]["servers"]
+        return next(s for s in servers if s["address"] == address)
+
+    def state(self, upstream: str, address: str) -> str:
+        return self.server_status(upstream, address)["state"]
+
+    def stop(self) -> None:
+        self.process.stop(force=True)
+        self.thread.join(PROXY_STOP_TIMEOUT)
+        assert not self.thread.is_alive(), "proxy did not stop"
+
+
+def config_document(upstreams: dict, **extra) -> dict:
+    """upstreams: name -> upstream table (servers etc.); one catch-all route to the first."""
+    document = {
+        "server": {"listen": "127.0.0.1:1", "min_threads": 2, "max_threads": 16, "graceful_timeout": "5s"},
+        "admin": {"listen": "127.0.0.1:2"},
+        "log": {"access": "off", "level": "warning"},
+        "upstreams": {name: {"connect_timeout": "1s", "read_timeout": "5s", **table}
+                      for name, table in upstreams.items()},
+        "routes": [{"path": "/", "upstream": next(iter(upstreams))}],
+    }
+    for key, value in extra.items():
+        document[key] = {**document.get(key, {}), **value} if isinstance(value, dict) else value
+    return document
+
+
+@pytest.fixture
+def observed_proxy():
+    running: list[ObservedProxy] = []
+
+    def factory(document: dict) -> ObservedProxy:
+        config = parse_config(document, "test.toml")
+        sock = bind_listener("127.0.0.1", 0)
+        admin_sock = bind_listener("127.0.0.1", 0)
+        port, admin_port = sock.getsockname()[1], admin_sock.getsockname()[1]
+        process = ProxyProcess(config, listeners=[(ListenConfig("127.0.0.1", port), sock)], admin_socket=admin_sock)
+        proxy = ObservedProxy(process, port, admin_port)
+        running.append(proxy)
+        wait_for(lambda: _answers(proxy.admin_url + "/healthz"), what="admin listener")
+        return proxy
+
+    yield factory
+    for proxy in running:
+        proxy.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def served_by(proxy: ObservedProxy, count: int) -> dict[str, int]:
+    """Send ``count`` GETs; how many each backend (by body) answered. Every one must be a 200."""
+    seen: dict[str, int] = {}
+    with requests.Session() as session:
+        for _ in range(count):
+            response = session.get(proxy.url + "/", timeout=DEADLINE)
+            assert response.status_code == 200, response.text
+            seen[response.text] = seen.get(response.text, 0) + 1
+    return seen

@@ -45,15 +45,17 @@ class FakeClock:
             yield
 
 
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01, what: str = "condition"):
-    """Poll ``predicate`` until it returns a truthy value; AssertionError after ``timeout``."""
+def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01, what: str = "condition", on_timeout=None):
+    """Poll ``predicate`` until it returns a truthy value; AssertionError after ``timeout``, with
+    ``on_timeout()`` (say, the proxy's log) attached when given."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            detail = f"\n{on_timeout()}" if on_timeout is not None else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
         time.sleep(interval)
 
 

@@ -11,7 +11,8 @@ import requests
 
 from proxy.access_log import AccessLog, format_combined, format_json, make_access_log
 from proxy.config import LogConfig
-from tests.test_health import DEADLINE, backends, config_document, observed_proxy, wait_for  # noqa: F401
+from tests.conftest import DEADLINE, config_document
+from tests.core_helpers import wait_for
 
 WHEN = 971182536.0  # 10/Oct/2000:12:55:36 UTC
 COMBINED = re.compile(r'^(\S+) - - \[([^\]]+)\] "([^"]*)" (\d{3}) (\d+) "([^"]*)" "([^"]*)" (\S+) (\S+) (\d+\.\d{3}) (\S+)$')

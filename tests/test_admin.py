@@ -11,8 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.admin import AdminSources, SourceFailed
 from proxy.status import merge_status
-from tests.test_health import (DEADLINE, FAST_HEALTH, backends, config_document, observed_proxy,  # noqa: F401
-                               served_by, wait_for)
+from tests.conftest import DEADLINE, FAST_HEALTH, config_document, served_by
+from tests.core_helpers import wait_for
 
 REQUIRED_FAMILIES = {"pyproxy_requests": "counter", "pyproxy_request_duration_seconds": "histogram",
                      "pyproxy_upstream_up": "gauge", "pyproxy_upstream_active_requests": "gauge",

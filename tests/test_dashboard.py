@@ -24,8 +24,8 @@ from websockets.sync.client import connect as ws_connect
 
 from proxy.metrics import RECENT_BUCKETS, RecentTraffic, estimate_quantile
 from proxy.status import merge_status, summarize_traffic
-from tests.test_health import (DEADLINE, FAST_HEALTH, backends, config_document, observed_proxy,  # noqa: F401
-                               served_by, wait_for)
+from tests.conftest import DEADLINE, FAST_HEALTH, config_document, served_by
+from tests.core_helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"

@@ -23,6 +23,7 @@ import requests
 
 from proxy.config import load_config
 from proxy.watch import Watcher, describe_changes
+from tests.core_helpers import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 10.0   # the proxy must accept connections within this
@@ -31,19 +32,6 @@ HOLD_LIMIT = 10.0      # a held backend response is released after this whatever
 SLOW_BODY = 256 * 1024
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02, what: str = "condition",
-             on_timeout=lambda: ""):
-    """Poll ``predicate``; on timeout fail with ``on_timeout()`` (say, the proxy's log) attached."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{on_timeout()}")
-        time.sleep(interval)
 
 
 # -- backends --------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ import pytest
 import requests
 
 from proxy.supervisor import ControlError, ControlLink
+from tests.core_helpers import wait_for
 from tests.test_lifecycle import (SLOW_BODY, Load, backends, free_port, proxy_config, running_proxy, served_by,
-                                  start_slow_request, wait_for)
+                                  start_slow_request)
 
 pytestmark = pytest.mark.timeout(60)
 WORKERS = 2
