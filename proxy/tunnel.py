@@ -226,6 +226,9 @@ class TunnelRelay:
     def _close(self, tunnel: _Tunnel) -> None:
         tunnel.closed = True
         self._tunnels.discard(tunnel)
+        # Counted closed before the sockets close: whoever sees the close also sees the count drop
+        # (the drain, /status, a test), never a tunnel that is gone but still counted.
+        self.app.tunnel_closed()
         for end in (tunnel.client, tunnel.upstream):
             if end.registered:
                 try:
@@ -238,7 +241,6 @@ class TunnelRelay:
         except OSError:
             pass
         tunnel.conn.close()
-        self.app.tunnel_closed()
 
     def _sweep(self) -> None:
         """Idle timeouts, and the drain: tunnels get graceful_timeout after it began, then close."""
