@@ -46,7 +46,8 @@ class Settings:
     def from_config(cls, server: ServerSettings) -> "Settings":
         return cls(header_timeout=server.header_timeout, idle_timeout=server.idle_timeout,
                    graceful_timeout=server.graceful_timeout, tunnel_timeout=server.tunnel_timeout,
-                   max_header_bytes=server.max_header_bytes, max_body_bytes=server.max_body_bytes)
+                   max_header_bytes=server.max_header_bytes, max_body_bytes=server.max_body_bytes,
+                   body_timeout=server.body_timeout, send_timeout=server.send_timeout)
 
 
 class UpstreamRuntime:

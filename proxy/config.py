@@ -95,6 +95,8 @@ class ServerSettings:
     max_header_bytes: int = 16384         # Node.js' default --max-http-header-size
     max_body_bytes: int = 100 * 1024 ** 2
     tunnel_timeout: float = 3600.0        # idle limit for upgraded (WebSocket) tunnels
+    body_timeout: float = 60.0            # gap allowed between request body reads (nginx client_body_timeout)
+    send_timeout: float = 60.0            # a client that takes nothing for this long is dropped (nginx send_timeout)
     trusted_proxies: tuple[str, ...] = ()  # normalised IPs/CIDRs whose X-Forwarded-For is believed
 
 
@@ -464,7 +466,7 @@ def _split_server_url(scheme: str, rest: str) -> tuple[str, int, bool]:
 SERVER_KEYS = (
     "listen", "workers", "min_threads", "max_threads", "max_connections", "graceful_timeout",
     "header_timeout", "idle_timeout", "max_header_bytes", "max_body_bytes", "tunnel_timeout",
-    "trusted_proxies",
+    "trusted_proxies", "body_timeout", "send_timeout",
 )
 _SERVER_CONVERTERS = {
     "workers": _workers,
@@ -477,6 +479,8 @@ _SERVER_CONVERTERS = {
     "max_header_bytes": _size(MIN_HEADER_BYTES),
     "max_body_bytes": _size(),
     "tunnel_timeout": _duration(),
+    "body_timeout": _duration(),
+    "send_timeout": _duration(),
 }
 LISTEN_KEYS = ("address", "tls_cert", "tls_key", "sni")
 SNI_KEYS = ("host", "tls_cert", "tls_key")

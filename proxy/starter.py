@@ -25,6 +25,8 @@ header_timeout = "10s"         # the whole request head must arrive within this 
 idle_timeout = "75s"           # idle keep-alive client connections are closed after this
 max_header_bytes = "16KiB"     # request line + headers; past it 431 (414 for the line alone)
 max_body_bytes = "100MiB"      # request body; past it 413
+body_timeout = "60s"           # longest gap between request body reads; past it 408 (slow POST)
+send_timeout = "60s"           # a client that reads nothing of its response for this long is dropped
 # trusted_proxies = ["10.0.0.0/8"]  # load balancers in front of us whose X-Forwarded-For we believe
 
 [admin]                        # delete this table to run without an admin listener

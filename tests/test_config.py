@@ -159,6 +159,8 @@ idle_timeout = "2m"
 max_header_bytes = "32KiB"
 max_body_bytes = "1MiB"
 tunnel_timeout = "1h"
+body_timeout = "15s"
+send_timeout = "20s"
 trusted_proxies = ["10.0.0.0/8", "::1", "192.168.1.1"]
 
 [admin]
@@ -235,6 +237,7 @@ def test_every_server_key_parses(full_config, tmp_path):
     assert (server.workers, server.min_threads, server.max_threads, server.max_connections) == (3, 2, 64, 500)
     assert (server.graceful_timeout, server.header_timeout, server.idle_timeout, server.tunnel_timeout) == (20.0, 0.25, 120.0, 3600.0)
     assert (server.max_header_bytes, server.max_body_bytes) == (32768, 1024 ** 2)
+    assert (server.body_timeout, server.send_timeout) == (15.0, 20.0)
     assert server.trusted_proxies == ("10.0.0.0/8", "::1", "192.168.1.1")
     assert full_config.admin == AdminConfig(ListenConfig("127.0.0.1", 9901))
     assert full_config.log == LogConfig("debug", str(tmp_path / "logs" / "access.log"), "json")
@@ -365,7 +368,7 @@ def test_unknown_keys_suggest_the_closest_name():
         "proxy.toml: server.listn: unknown key (did you mean 'listen'?)",
         "proxy.toml: server.zzz: unknown key (expected one of: listen, workers, min_threads, max_threads, "
         "max_connections, graceful_timeout, header_timeout, idle_timeout, max_header_bytes, max_body_bytes, "
-        "tunnel_timeout, trusted_proxies)",
+        "tunnel_timeout, trusted_proxies, body_timeout, send_timeout)",
         "proxy.toml: upstreams.web.helth: unknown key (did you mean 'health'?)",
     ]
 

@@ -7,7 +7,6 @@ process's memory stays bounded.
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 import threading
 import time
@@ -124,8 +123,8 @@ def test_partial_heads_beyond_threads_are_all_timed_out(make_backend, make_proxy
 
 def test_slow_post_gets_408_after_the_body_timeout(make_backend, make_proxy):
     backend = make_backend()
-    proxy = make_proxy({"web": [backend.address]}, server=SMALL_SERVER)
-    proxy.app.settings = dataclasses.replace(proxy.app.settings, body_timeout=0.3)
+    proxy = make_proxy({"web": [backend.address]}, server=SMALL_SERVER | {"body_timeout": "300ms"})
+    assert proxy.app.settings.body_timeout == 0.3  # server.body_timeout reaches the handler
     socks = [connect(proxy) for _ in range(ATTACKERS)]
     try:
         for sock in socks:
@@ -142,8 +141,8 @@ def test_slow_post_gets_408_after_the_body_timeout(make_backend, make_proxy):
 
 def test_slow_reader_is_dropped_after_the_send_timeout(make_backend, make_proxy):
     backend = make_backend().route("/big", stream_pattern(32 * 1024 * 1024))
-    proxy = make_proxy({"web": [backend.address]}, server=SMALL_SERVER)
-    proxy.app.settings = dataclasses.replace(proxy.app.settings, send_timeout=0.5)
+    proxy = make_proxy({"web": [backend.address]}, server=SMALL_SERVER | {"send_timeout": "500ms"})
+    assert proxy.app.settings.send_timeout == 0.5  # server.send_timeout reaches the handler
     readers = []
     for _ in range(MAX_THREADS + 2):
         sock = connect(proxy)
