@@ -53,10 +53,14 @@ class UpstreamFailed(ProxyError):
 
     status, reason = 502, "upstream failed"
 
-    def __init__(self, detail: str = "", status: int | None = None, stale: bool = False):
+    def __init__(self, detail: str = "", status: int | None = None, stale: bool = False,
+                 no_response: bool = False):
         super().__init__(detail, status)
         # stale: a reused keep-alive connection died before any response byte (retry may be safe)
         self.stale = stale
+        # no_response: the connection failed before any response byte (an idempotent request may
+        # be repeated elsewhere, RFC 9110 §9.2.2)
+        self.no_response = no_response or stale
 
 
 class ClientGone(Exception):

@@ -343,6 +343,15 @@ class HttpHandler:
                 server.record_failure(exc.detail)
                 last_error = exc  # nothing was sent: always safe to try the next server
             except UpstreamFailed as exc:
+                if not exc.stale and exc.no_response and self._repeatable(ex):
+                    # The server failed (killed, reset) before answering an idempotent request:
+                    # RFC 9110 §9.2.2 allows repeating it, as nginx's proxy_next_upstream does. It
+                    # counts against the server and against `retries`, and goes to another server.
+                    server.record_failure(exc.detail)
+                    last_error = exc
+                    log.info("retrying %s %s on another server: %s", ex.request.method,
+                             ex.request.target, exc.detail)
+                    continue
                 if not (exc.stale and self._replayable(ex)):
                     if not exc.stale:
                         server.record_failure(exc.detail)
@@ -362,6 +371,11 @@ class HttpHandler:
             finally:
                 server.release()
         raise last_error or NoServerAvailable(f"no server available in upstream '{upstream.name}'")
+
+    @classmethod
+    def _repeatable(cls, ex: Exchange) -> bool:
+        """Idempotent and nothing of the response reached the client: safe to send again."""
+        return ex.request.method in IDEMPOTENT and cls._replayable(ex)
 
     @staticmethod
     def _replayable(ex: Exchange) -> bool:
@@ -503,7 +517,7 @@ class HttpHandler:
                 data = link.recv()
                 if not data:
                     raise UpstreamFailed("upstream closed the connection without a response",
-                                         stale=link.fresh_failure())
+                                         stale=link.fresh_failure(), no_response=not link.received_any)
                 parser.feed(data)
             try:
                 event = parser.next_event()
@@ -667,7 +681,7 @@ class UpstreamLink:
             raise UpstreamTimeout("upstream stopped reading the request") from exc
         except OSError as exc:
             raise UpstreamFailed(f"sending to upstream failed: {exc.strerror or exc}",
-                                 stale=self.fresh_failure()) from exc
+                                 stale=self.fresh_failure(), no_response=not self.received_any) from exc
 
     def recv(self) -> bytes:
         try:
@@ -676,7 +690,7 @@ class UpstreamLink:
             raise UpstreamTimeout("upstream did not answer in time") from exc
         except OSError as exc:
             raise UpstreamFailed(f"upstream connection failed: {exc.strerror or exc}",
-                                 stale=self.fresh_failure()) from exc
+                                 stale=self.fresh_failure(), no_response=not self.received_any) from exc
         if data:
             self.received_any = True
         return data

@@ -299,6 +299,35 @@ def test_connection_refused_then_retry_on_second_server(make_proxy, backend):
     assert len(backend.requests) == 4
 
 
+def _reset_before_answering(executions: list):
+    """A server that dies on every request it receives: reads it, then resets (no response byte)."""
+    def script(peer):
+        executions.append(peer.read_request())
+        peer.reset()
+    return script
+
+
+def test_idempotent_request_reset_before_any_response_byte_goes_to_another_server(
+        make_raw_backend, make_proxy, backend):
+    """RFC 9110 §9.2.2: a GET whose server failed before answering is repeated elsewhere, even on a
+    fresh (not pooled) connection; a POST never is (it may have been executed)."""
+    executions: list = []
+    dying = make_raw_backend(_reset_before_answering(executions))
+    proxy = make_proxy({"web": [dying.address, backend.address]},
+                       upstream_options={"retries": 1, "policy": "round_robin", "keepalive": 0})
+    for _ in range(4):  # round robin starts on either server; every GET must succeed
+        assert requests.get(proxy.url + "/", timeout=CLIENT_TIMEOUT).status_code == 200
+    assert executions, "the dying server was never tried"
+    assert len(backend.requests) == 4
+
+    posts_before = len(executions)
+    statuses = [requests.post(proxy.url + "/", data=b"x", timeout=CLIENT_TIMEOUT).status_code
+                for _ in range(4)]
+    tried_dying = len(executions) - posts_before
+    assert statuses.count(502) == tried_dying  # each POST the dying server got is a 502, not a retry
+    assert sum(1 for r in backend.requests if r.method == "POST") == 4 - tried_dying
+
+
 def test_no_route_is_404(make_proxy, backend):
     proxy = make_proxy({"web": [backend.address]}, routes=[{"host": "only.test", "upstream": "web"}])
     response = requests.get(proxy.url + "/", headers={"Host": "other.test"}, timeout=CLIENT_TIMEOUT)
