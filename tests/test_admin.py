@@ -69,6 +69,9 @@ def test_status_shows_upstreams_servers_counters_and_routes(backends, observed_p
     document["routes"] = [{"path": "/", "upstream": "web"}, {"path": "/api", "upstream": "api"}]
     proxy = observed_proxy(document)
     served_by(proxy, 6)
+    # A server is released just after its response went out: let the last one settle first.
+    wait_for(lambda: all(s["active_requests"] == 0 for s in proxy.status()["upstreams"]["web"]["servers"]),
+             what="every request released")
     status = proxy.status()
     web = status["upstreams"]["web"]
     assert web["policy"] == "least_connections" and web["health"]["path"] == "/healthz"

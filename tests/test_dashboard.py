@@ -239,6 +239,9 @@ def test_status_carries_recent_traffic_per_upstream(backends, observed_proxy):
     served_by(proxy, 30)
     a.kill()
     assert requests.get(proxy.url + "/api", headers={"Host": "app.localhost"}, timeout=DEADLINE).status_code == 502
+    # Metrics are recorded just after the response is sent (never delaying it): wait for that one.
+    counted = lambda: [proxy.status()["upstreams"][name]["traffic"]["requests_total"] for name in ("web", "api")]  # noqa: E731
+    wait_for(lambda: counted() == [30, 1], what="every request counted in /status")
     upstreams = proxy.status()["upstreams"]
     web, api = upstreams["web"]["traffic"], upstreams["api"]["traffic"]
     assert (web["requests"], web["errors"], web["requests_total"], web["errors_total"]) == (30, 0, 30, 0)
