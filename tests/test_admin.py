@@ -93,6 +93,12 @@ def test_metrics_parse_and_count_proxied_requests_but_not_admin_requests(backend
     proxy = observed_proxy(config_document({"web": {"servers": [a.address, b.address]}}))
     served_by(proxy, 5)
     assert requests.get(proxy.url + "/healthz", timeout=DEADLINE).status_code == 200  # proxied: a backend path
+    # Each request is counted (and its server released) just after its response went out.
+    settled = lambda families: (  # noqa: E731
+        value(families, "pyproxy_requests", "pyproxy_requests_total", upstream="web", code="200") == 6
+        and value(families, "pyproxy_upstream_active_requests", "pyproxy_upstream_active_requests",
+                  upstream="web", server=a.address) == 0)
+    wait_for(lambda: settled(scrape(proxy)), what="the last request counted")
     first = scrape(proxy)
     for name, kind in REQUIRED_FAMILIES.items():
         assert first[name].type == kind, name
