@@ -77,8 +77,10 @@ def test_two_workers_both_serve_and_status_aggregates(tmp_path):
             assert document["processes"] == WORKERS
             total = document["upstreams"]["app"]["servers"][0]["requests_total"]
             assert total == sum(per_pid.values()) == a.requests
-            metrics = requests.get(f"http://127.0.0.1:{admin_port}/metrics", timeout=5).text
-            assert f'pyproxy_requests_total{{upstream="app",code="200"}} {total}' in metrics
+            line = f'pyproxy_requests_total{{upstream="app",code="200"}} {total}'
+            # counted just after each response went out: wait for the last one, then it must match
+            wait_for(lambda: line in requests.get(f"http://127.0.0.1:{admin_port}/metrics", timeout=5).text,
+                     what="every request in /metrics", on_timeout=run.log)
             run.signal(signal.SIGTERM)
             assert run.wait_exit() == 0
 
