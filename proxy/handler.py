@@ -34,8 +34,8 @@ from .tunnel import TunnelRelay
 log = logging.getLogger("pyproxy.handler")
 
 READ_SIZE = 256 * 1024
-REPLAY_LIMIT = 64 * 1024
-SPLICE_BODY_MIN = REPLAY_LIMIT  # larger Content-Length bodies go client → upstream through os.splice  # request body bytes kept so a stale-connection retry can resend them
+REPLAY_LIMIT = 64 * 1024  # request body bytes kept so a stale-connection retry can resend them
+SPLICE_BODY_MIN = REPLAY_LIMIT  # larger Content-Length bodies go client → upstream through os.splice
 # RFC 9110 §15.2 sets no limit on 1xx responses; a backend streaming them forever would hold a worker.
 MAX_INTERIM_RESPONSES = 16
 # RFC 9110 §9.2.2: methods whose repetition is harmless (a retry after a stale connection is safe).
