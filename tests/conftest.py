@@ -67,32 +67,28 @@ def proxy_config_dict(upstreams: dict, routes: list | None = None, server: dict 
     return document
 
 
-@pytest.fixture
-def make_backend():
+def started_until_teardown(kind):
+    """A fixture body: yields a factory that starts ``kind(...)`` servers; all are stopped at teardown."""
     started = []
 
-    def factory(**kwargs) -> ScriptedBackend:
-        backend = ScriptedBackend(**kwargs).start()
-        started.append(backend)
-        return backend
+    def factory(*args, **kwargs):
+        server = kind(*args, **kwargs).start()
+        started.append(server)
+        return server
 
     yield factory
-    for backend in started:
-        backend.stop()
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def make_backend():
+    yield from started_until_teardown(ScriptedBackend)
 
 
 @pytest.fixture
 def make_raw_backend():
-    started = []
-
-    def factory(script) -> RawBackend:
-        backend = RawBackend(script).start()
-        started.append(backend)
-        return backend
-
-    yield factory
-    for backend in started:
-        backend.stop()
+    yield from started_until_teardown(RawBackend)
 
 
 @pytest.fixture

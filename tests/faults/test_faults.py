@@ -12,7 +12,7 @@ import socket
 import pytest
 
 from tests.backends import RawClient, closed_port, raw_client
-from tests.conftest import CLIENT_TIMEOUT
+from tests.conftest import started_until_teardown
 from tests.core_helpers import wait_for
 from tests.faults.upstream import (BODY, FIN, HANG, HEAD, LOOP, RST, FaultyUpstream, drip, ok_response, sleep,
                                    write)
@@ -28,16 +28,7 @@ def open_fds() -> int:
 
 @pytest.fixture
 def upstreams():
-    started = []
-
-    def factory(steps) -> FaultyUpstream:
-        upstream = FaultyUpstream(steps).start()
-        started.append(upstream)
-        return upstream
-
-    yield factory
-    for upstream in started:
-        upstream.stop()
+    yield from started_until_teardown(FaultyUpstream)
 
 
 @pytest.fixture
