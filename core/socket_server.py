@@ -211,6 +211,10 @@ class SocketServer:
         next_reap = self.clock() + REAP_INTERVAL
         try:
             while not self._shutdown_requested:
+                if self.pool.queued:
+                    # Work already waits for a busy thread: let ready connections gather in epoll
+                    # and take them as one batch once the threads catch up (see wait_for_room).
+                    self.pool.wait_for_room(GROW_CHECK_INTERVAL)
                 # While work is queued, wake often: the pool may need a thread (maybe_grow).
                 self._poll_once(GROW_CHECK_INTERVAL if self.pool.queued else REAP_INTERVAL, watch_starvation=True)
                 if self.pool.queued:
