@@ -1,4 +1,5 @@
-"""The results table (scenario × target), pyproxy's ratios, issue 5's goals, and the JSON record."""
+"""The results table (scenario × target), the ratios of pyproxy and of the calibration relays to
+nginx and HAProxy, issue 5's goals (pyproxy only), and the JSON record."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from pathlib import Path
 
 from .scenarios import SCENARIOS, Measurement, Scenario
+from .targets import RELAY_MODES, is_relay
 
 FAILURE_WIDTH = 60
 IDLE_RSS_LIMIT_MIB = 100
@@ -22,9 +24,9 @@ P99_LIMIT_VS_NGINX = 2.0  # "p99 at c=50 ≤ 2× nginx's"
 COLUMNS = ("scenario", "target", "result", "p50", "p99", "errors", "÷nginx", "÷haproxy", "goal")
 
 
-def ratio(measurements: list[Measurement], scenario: str, versus: str) -> float | None:
-    """pyproxy's value over another target's, in the same scenario of the same run."""
-    ours = _find(measurements, scenario, "pyproxy")
+def ratio(measurements: list[Measurement], scenario: str, versus: str, target: str = "pyproxy") -> float | None:
+    """target's value (pyproxy's by default) over another target's, in the same scenario of the same run."""
+    ours = _find(measurements, scenario, target)
     theirs = _find(measurements, scenario, versus)
     if not ours or not theirs or ours.value is None or not theirs.value:
         return None
@@ -86,10 +88,10 @@ def _row(label: str, scenario: Scenario, m: Measurement, everything: list[Measur
     if m.failure:
         return (label, m.target, _shorten(m.failure), "", "", "", "", "", "")
     extras = ("", "", "")
-    if m.target == "pyproxy":
-        extras = (_ratio_text(everything, scenario.key, "nginx"),
-                  _ratio_text(everything, scenario.key, "haproxy"),
-                  goal_verdict(everything, scenario.key))
+    if m.target == "pyproxy" or is_relay(m.target):  # issue 5's goals are pyproxy's alone
+        extras = (_ratio_text(everything, scenario.key, "nginx", m.target),
+                  _ratio_text(everything, scenario.key, "haproxy", m.target),
+                  goal_verdict(everything, scenario.key) if m.target == "pyproxy" else "")
     died = " (died!)" if "died_during_run" in m.details else ""
     return (label, m.target, _result_text(scenario, m) + died, _ms(m.p50_ms), _ms(m.p99_ms),
             str(m.errors), *extras)
@@ -104,8 +106,8 @@ def _result_text(scenario: Scenario, m: Measurement) -> str:
     return f"{m.value:,.1f} MiB/s ({m.details['requests_per_sec']:,.1f} req/s)"
 
 
-def _ratio_text(measurements: list[Measurement], scenario: str, versus: str) -> str:
-    value = ratio(measurements, scenario, versus)
+def _ratio_text(measurements: list[Measurement], scenario: str, versus: str, target: str) -> str:
+    value = ratio(measurements, scenario, versus, target)
     return "" if value is None else f"{value:.2f}x"
 
 
@@ -132,6 +134,16 @@ def failure_notes(measurements: list[Measurement]) -> list[str]:
     return seen
 
 
+def calibration_note(measurements: list[Measurement], workers: int) -> str | None:
+    """What the relay-* rows are, printed under the table when there are any."""
+    if not any(is_relay(m.target) for m in measurements):
+        return None
+    single = f", a single process even with --workers {workers}" if workers > 1 else ", a single process"
+    scenarios = ", ".join(s.key for s in SCENARIOS if s.for_relays)
+    return (f"relay-* are bare calibration relays (scripts/bench_lib/relays.py{single}): the ceiling "
+            f"of a Python design on this machine; measured in {scenarios} only")
+
+
 def write_json(path: Path, header: dict, measurements: list[Measurement]) -> None:
     record = {
         **header,
@@ -141,5 +153,17 @@ def write_json(path: Path, header: dict, measurements: list[Measurement]) -> Non
                             "goal": goal_verdict(measurements, s.key)}
                     for s in SCENARIOS if any(m.scenario == s.key for m in measurements)},
     }
+    relays = calibration_ratios(measurements)
+    if relays:
+        record["calibration_relays"] = {"note": calibration_note(measurements, header.get("workers", 1)),
+                                        "ratios": relays}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def calibration_ratios(measurements: list[Measurement]) -> dict:
+    """{relay: {scenario: {vs_nginx, vs_haproxy}}} for the relays and scenarios that were measured."""
+    return {name: {m.scenario: {"vs_nginx": ratio(measurements, m.scenario, "nginx", name),
+                                "vs_haproxy": ratio(measurements, m.scenario, "haproxy", name)}
+                   for m in measurements if m.target == name}
+            for name in RELAY_MODES if any(m.target == name for m in measurements)}

@@ -1,7 +1,9 @@
 """The run's lab: a temporary directory, the shared backends, and one target per proxy.
 
 A target is something wrk points at: `direct` (the first backend port), `nginx`, `haproxy`,
-`pyproxy`. A proxy that does not come up becomes a target with `failure` set, and the run goes on.
+`pyproxy`, and, only when asked for, the calibration relays `relay-threads`, `relay-pool2`,
+`relay-loop` (bench_lib/relays.py: bare Python relays, always one process). A proxy that does not
+come up becomes a target with `failure` set, and the run goes on.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from .system import free_port, say
 
 READY_TIMEOUT_S = 20.0
 PROBE_TIMEOUT_S = 2.0
-TARGET_NAMES = ("direct", "nginx", "haproxy", "pyproxy")
+TARGET_NAMES = ("direct", "nginx", "haproxy", "pyproxy")  # the default run
+# Calibration relays (issue 5): target name -> relays.py --mode. Run only with --targets/--calibrate.
+RELAY_MODES = {"relay-threads": "threads", "relay-pool2": "pool2", "relay-loop": "loop"}
+ALL_TARGET_NAMES = TARGET_NAMES + tuple(RELAY_MODES)
+RELAYS_SCRIPT = Path(__file__).resolve().parent / "relays.py"
 CLEANUP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
@@ -116,7 +122,7 @@ class TargetFactory:
         shape = configs.ProxyShape(free_port(), self.backends.ports, self.workers, self.keepalive_per_server)
         starters = {"nginx": self._nginx, "haproxy": self._haproxy, "pyproxy": self._pyproxy}
         try:
-            process = starters[name](shape)
+            process = self._relay(name, shape) if is_relay(name) else starters[name](shape)
         except (StartError, OSError) as error:
             say(f"{name}: failed to start: {error}")
             return Target(name, shape.port, failure=f"failed to start: {error}")
@@ -148,6 +154,26 @@ class TargetFactory:
         argv = pyproxy_command(self.repo) + ["-c", str(layout.config), "--workers", str(shape.workers)]
         return _start_and_wait(self.lab, "pyproxy", argv, shape.port, cwd=self.repo)
 
+    def _relay(self, name: str, shape: configs.ProxyShape) -> ManagedProcess:
+        """One process whatever shape.workers says; keep-alive is the relay's own (see relays.py)."""
+        return _start_and_wait(self.lab, name, relay_command(self.repo, RELAY_MODES[name], shape), shape.port)
+
+
+def is_relay(name: str) -> bool:
+    return name in RELAY_MODES
+
+
+def relay_command(repo: Path, mode: str, shape: configs.ProxyShape) -> list[str]:
+    """relays.py under the repo's venv Python if there is one (as pyproxy runs), else ours."""
+    upstreams = ",".join(f"127.0.0.1:{port}" for port in shape.backend_ports)
+    return [repo_python(repo), str(RELAYS_SCRIPT), "--mode", mode, "--port", str(shape.port),
+            "--upstream", upstreams]
+
+
+def repo_python(repo: Path) -> str:
+    venv_python = repo / ".venv" / "bin" / "python"
+    return str(venv_python) if os.access(venv_python, os.X_OK) else sys.executable
+
 
 def pyproxy_command(repo: Path) -> list[str]:
     """The repo's venv entry point, else `pyproxy` on PATH, else `python -m proxy.cli`."""
@@ -157,9 +183,7 @@ def pyproxy_command(repo: Path) -> list[str]:
     on_path = shutil.which("pyproxy")
     if on_path:
         return [on_path]
-    venv_python = repo / ".venv" / "bin" / "python"
-    python = str(venv_python) if os.access(venv_python, os.X_OK) else sys.executable
-    return [python, "-m", "proxy.cli"]
+    return [repo_python(repo), "-m", "proxy.cli"]
 
 
 def _start_and_wait(lab: Lab, name: str, argv: list[str], port: int,

@@ -1,0 +1,184 @@
+"""The bench's calibration relays (scripts/bench_lib/relays.py) and how the harness runs them.
+
+Each relay mode runs as a subprocess (as the bench starts it) between `requests` and two real raw
+backends on port 0. The harness parts (target selection, the scenarios they take part in, the
+table's ratios) are tested as pure functions. No test in tests/ imported scripts/bench_lib before
+this one; it is put on sys.path here, as scripts/bench itself does.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
+sys.path.insert(0, str(SCRIPTS_DIR))
+
+from bench_lib import relays, report  # noqa: E402
+from bench_lib.configs import SMALL_BODY, ProxyShape  # noqa: E402
+from bench_lib.scenarios import SCENARIOS, Measurement, takes_part  # noqa: E402
+from bench_lib.targets import RELAY_MODES, relay_command  # noqa: E402
+
+START_TIMEOUT_S = 5.0
+CLIENT_TIMEOUT_S = 5.0
+STOP_TIMEOUT_S = 5.0
+SMALL_RESPONSE = (f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(SMALL_BODY)}\r\n"
+                  f"Connection: keep-alive\r\n\r\n{SMALL_BODY}").encode()
+KEEPALIVE_REQUESTS = 5
+
+
+def serve_small(heads: list[bytes]):
+    """A raw backend script: answer every request on the connection with the 16-byte /small."""
+    def script(peer) -> None:
+        while True:  # bounded by the relay closing the connection (or the backend's socket timeout)
+            head, _ = peer.read_request()
+            if not head:
+                return
+            heads.append(head)
+            peer.send(SMALL_RESPONSE)
+    return script
+
+
+def start_relay(mode: str, backend_ports: list[int]) -> tuple[subprocess.Popen, int]:
+    """The relay on port 0; its first line of output says where it listens."""
+    upstreams = ",".join(f"127.0.0.1:{port}" for port in backend_ports)
+    process = subprocess.Popen([sys.executable, str(relays.__file__), "--mode", mode, "--port", "0",
+                                "--upstream", upstreams], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        ready = selector.select(START_TIMEOUT_S)
+    line = process.stdout.readline().decode() if ready else ""
+    if "127.0.0.1:" not in line:
+        process.kill()
+        _, errors = process.communicate(timeout=STOP_TIMEOUT_S)
+        pytest.fail(f"relay {mode} did not start: {line!r} {errors.decode()}")
+    return process, int(line.rsplit(":", 1)[1])
+
+
+def get_with_close_raw(port: int) -> tuple[bytes, bool]:
+    """(everything received, whether the relay closed the connection after the response)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT_S) as sock:
+        sock.sendall(b"GET /small HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        received = b""
+        while len(received) < len(SMALL_RESPONSE) * 4:  # bounded: a closed relay sends b""
+            chunk = sock.recv(65536)
+            if not chunk:
+                return received, True
+            received += chunk
+    return received, False
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("mode", sorted(relays.MODES))
+def test_relay_keeps_alive_closes_on_request_and_stops_on_sigterm(mode, make_raw_backend):
+    heads: list[bytes] = []
+    backends = [make_raw_backend(serve_small(heads)), make_raw_backend(serve_small(heads))]
+    process, port = start_relay(mode, [backend.port for backend in backends])
+    try:
+        with requests.Session() as session:
+            for _ in range(KEEPALIVE_REQUESTS):
+                response = session.get(f"http://127.0.0.1:{port}/small", timeout=CLIENT_TIMEOUT_S)
+                assert (response.status_code, response.text) == (200, SMALL_BODY)
+            closing = requests.get(f"http://127.0.0.1:{port}/small", headers={"Connection": "close"},
+                                   timeout=CLIENT_TIMEOUT_S)
+            assert (closing.status_code, closing.text) == (200, SMALL_BODY)
+            assert closing.headers["Connection"] == "close"
+            received, closed = get_with_close_raw(port)
+            assert received.endswith(SMALL_BODY.encode()) and b"\r\nConnection: close\r\n" in received
+            assert closed, "the relay must close the connection after a Connection: close request"
+            # SIGTERM while the session's keep-alive connection is still open.
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=STOP_TIMEOUT_S) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=STOP_TIMEOUT_S)
+        process.stdout.close()
+        process.stderr.close()
+    assert len(heads) == KEEPALIVE_REQUESTS + 2
+    assert not any(b"close" in head.lower() for head in heads), "Connection: close must not go upstream"
+    assert all(backend.connections for backend in backends), "both backends take turns"
+    assert sum(backend.connections for backend in backends) < len(heads), "upstream keep-alive"
+
+
+def test_take_message_waits_for_the_whole_message_at_every_split_point():
+    message = b"POST /upload HTTP/1.1\r\nHost: x\r\ncontent-LENGTH:  5\r\n\r\nhello"
+    for split in range(len(message)):
+        buffer = bytearray(message[:split])
+        assert relays.take_message(buffer) is None
+        buffer += message[split:] + b"GET / HTTP/1.1\r\n"
+        assert relays.take_message(buffer) == message
+        assert buffer == b"GET / HTTP/1.1\r\n"
+
+
+def test_take_message_refuses_an_endless_head():
+    with pytest.raises(relays.RelayError):
+        relays.take_message(bytearray(b"x" * (relays.MAX_HEAD_BYTES + 1)))
+
+
+def test_connection_header_is_removed_upstream_and_announced_to_the_client():
+    request = b"GET /small HTTP/1.1\r\nHost: x\r\nConnection: Close\r\n\r\n"
+    assert relays.asks_close(request)
+    assert relays.without_connection(request) == b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n"
+    response = b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok"
+    assert not relays.asks_close(response)
+    assert relays.announcing_close(response) == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+
+def load_bench_script():
+    """scripts/bench has no .py suffix, so it is loaded by path (its main() does not run)."""
+    loader = importlib.machinery.SourceFileLoader("bench_script", str(SCRIPTS_DIR / "bench"))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module
+
+
+def test_calibrate_adds_the_three_relays_once_and_they_are_not_default():
+    bench = load_bench_script()
+    assert bench.parse_args([]).target_list == ["direct", "nginx", "haproxy", "pyproxy"]
+    args = bench.parse_args(["--targets", "nginx,relay-loop", "--calibrate"])
+    assert args.target_list == ["nginx", "relay-loop", "relay-threads", "relay-pool2"]
+    assert bench.parse_args(["--targets", "relay-pool2"]).target_list == ["relay-pool2"]
+
+
+def test_relays_take_part_in_the_small_request_scenarios_only():
+    taking_part = [s.key for s in SCENARIOS if takes_part(s, "relay-loop")]
+    assert taking_part == ["c50", "c1000", "close"]
+    assert all(takes_part(s, "pyproxy") for s in SCENARIOS)
+
+
+def test_relay_command_uses_the_repo_venv_python_when_there_is_one(tmp_path):
+    shape = ProxyShape(8000, [9001, 9002], workers=2, keepalive_per_server=32)
+    argv = relay_command(tmp_path, "pool2", shape)
+    assert argv[0] == sys.executable
+    assert argv[2:] == ["--mode", "pool2", "--port", "8000", "--upstream", "127.0.0.1:9001,127.0.0.1:9002"]
+    venv_python = tmp_path / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text("#!/bin/sh\n")
+    os.chmod(venv_python, 0o755)
+    assert relay_command(tmp_path, "loop", shape)[0] == str(venv_python)
+
+
+def test_table_shows_relay_ratios_without_a_goal():
+    measurements = [Measurement("c50", "nginx", "req/s", value=80_000.0, errors=0),
+                    Measurement("c50", "pyproxy", "req/s", value=8_000.0, errors=0),
+                    *(Measurement("c50", name, "req/s", value=20_000.0, errors=0) for name in RELAY_MODES)]
+    table = report.render_table(measurements)
+    relay_lines = [line for line in table.splitlines() if "relay-" in line]
+    assert len(relay_lines) == 3 and all(line.rstrip().endswith("0.25x") for line in relay_lines), table
+    assert "missed" in next(line for line in table.splitlines() if "pyproxy" in line)
+    assert "--workers 2" in report.calibration_note(measurements, workers=2)
+    assert report.calibration_note(measurements[:2], workers=1) is None
+    ratios = report.calibration_ratios(measurements)
+    assert ratios["relay-loop"]["c50"] == {"vs_nginx": 0.25, "vs_haproxy": None}
