@@ -14,10 +14,13 @@ line click cannot make sense of (unknown option, missing value).
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import sys
 
 import click
+
+from core.cpu_affinity import pin_worker
 
 from . import __version__
 from .config import DEFAULT_LISTEN, Config, ConfigError, ListenConfig, load_config, quick_config
@@ -25,6 +28,8 @@ from .routing_table import routing_table_lines
 from .runner import ProxyProcess, bind_config_listener, configure_logging, describe_listeners, tls_terminator
 from .starter import write_starter
 from .supervisor import run_supervisor
+
+log = logging.getLogger("pyproxy.cli")
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEFAULT_CONFIG_FILE = "proxy.toml"
@@ -184,7 +189,10 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
         addresses = ", ".join(f"http://{listen.address}" for listen, _ in listeners)
         click.echo(f"pyproxy {__version__} listening on {addresses} with {workers} workers", err=True)
         return run_supervisor(config, config_path, listeners, workers, watch=watch)
+    pinned = pin_worker(config.server.cpu_affinity)  # before ProxyProcess starts its threads
     process = ProxyProcess(config, listeners=listeners, install_signals=True, config_path=config_path)
+    if pinned is not None:
+        log.info("pinned to CPU %d (server.cpu_affinity)", pinned)
     if watch and config_path:
         process.watch_config()
     click.echo(f"pyproxy {__version__} listening on {describe_listeners(process)}", err=True)

@@ -22,6 +22,7 @@ import types
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
+from core.cpu_affinity import available_cpus
 from proxy.units import (
     describe_value, format_address, format_duration, parse_address, parse_duration, parse_host,
     parse_port, parse_size, split_host_port,
@@ -98,6 +99,7 @@ class ServerSettings:
     body_timeout: float = 60.0            # gap allowed between request body reads (nginx client_body_timeout)
     send_timeout: float = 60.0            # a client that takes nothing for this long is dropped (nginx send_timeout)
     trusted_proxies: tuple[str, ...] = ()  # normalised IPs/CIDRs whose X-Forwarded-For is believed
+    cpu_affinity: str | tuple[int, ...] = "auto"  # "auto" | "off" | CPU numbers (core.cpu_affinity)
 
 
 @dataclass(frozen=True)
@@ -335,6 +337,21 @@ def _workers(value: Any) -> int:
     raise ValueError(f'expected a number of processes (1 or more) or "auto", got {describe_value(value)}')
 
 
+def _cpu_affinity(value: Any) -> str | tuple[int, ...]:
+    """"auto" (each worker on its own CPU), "off", or the CPU numbers workers take in turn."""
+    if value in ("auto", "off"):
+        return value
+    if not isinstance(value, list) or not value or not all(
+            isinstance(cpu, int) and not isinstance(cpu, bool) and cpu >= 0 for cpu in value):
+        raise ValueError(f'expected "auto", "off" or a list of CPU numbers like [0, 1], got {describe_value(value)}')
+    available = available_cpus()
+    missing = [cpu for cpu in value if available and cpu not in available]
+    if missing:
+        raise ValueError(f"CPU {', '.join(map(str, missing))} not available here "
+                         f"(this process may use {', '.join(map(str, available))})")
+    return tuple(value)
+
+
 def _trusted_proxy(value: Any) -> str:
     """An IP address or a CIDR network, normalised ("10.0.0.0/8", "::1")."""
     if not isinstance(value, str):
@@ -466,7 +483,7 @@ def _split_server_url(scheme: str, rest: str) -> tuple[str, int, bool]:
 SERVER_KEYS = (
     "listen", "workers", "min_threads", "max_threads", "max_connections", "graceful_timeout",
     "header_timeout", "idle_timeout", "max_header_bytes", "max_body_bytes", "tunnel_timeout",
-    "trusted_proxies", "body_timeout", "send_timeout",
+    "trusted_proxies", "body_timeout", "send_timeout", "cpu_affinity",
 )
 _SERVER_CONVERTERS = {
     "workers": _workers,
@@ -481,6 +498,7 @@ _SERVER_CONVERTERS = {
     "tunnel_timeout": _duration(),
     "body_timeout": _duration(),
     "send_timeout": _duration(),
+    "cpu_affinity": _cpu_affinity,
 }
 LISTEN_KEYS = ("address", "tls_cert", "tls_key", "sni")
 SNI_KEYS = ("host", "tls_cert", "tls_key")

@@ -35,6 +35,7 @@ import time
 from collections import deque
 from typing import Callable
 
+from core.cpu_affinity import pin_worker
 from core.wakeup import WakePipe
 
 from .admin import AdminServer, AdminSources, install_observability
@@ -212,8 +213,11 @@ def worker_main(slot: int, config: Config, config_path: str | None, listeners, c
     """The body of a forked worker. Returns its exit code."""
     os.setpgid(0, 0)  # a terminal's Ctrl-C goes to the supervisor's group only; it forwards one signal
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    pinned = pin_worker(config.server.cpu_affinity, slot)  # before ProxyProcess starts its threads
     process = ProxyProcess(config, listeners=listeners, install_signals=True, config_path=config_path,
                            observability=False)
+    if pinned is not None:
+        log.info("worker %d pinned to CPU %d (server.cpu_affinity)", slot, pinned)
     process.manage_listeners = False  # the supervisor owns the sockets; it replaces workers to change them
     observability = install_observability(process, health=False, admin=False)
     process.add_service(WorkerControl(process, control_sock, slot, observability.sources.status[0],
