@@ -80,6 +80,24 @@ def test_keep_alive_reuses_one_connection(handler):
             assert server.pool.counts()["busy"] == 0  # parked: no thread holds it
 
 
+def test_accepted_sockets_are_blocking_with_nodelay():
+    # The accept loop sets neither per connection (it saves a syscall each): TCP_NODELAY comes from
+    # the listening socket (Linux copies it), blocking mode from accept4 without SOCK_NONBLOCK.
+    seen = []
+
+    def inspect(conn):
+        sock = conn.sock
+        seen.append((sock.gettimeout(), sock.getblocking(),
+                     sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
+        conn.close()
+
+    with running_server(inspect) as server:
+        with socket.create_connection(address(server)[:2], timeout=STOP_TIMEOUT) as client:
+            client.sendall(b"hello\n")
+            wait_for(lambda: seen, what="the handler to look at the socket")
+        assert seen == [(None, True, 1)]
+
+
 def test_pipelined_lines_are_all_answered(handler):
     with running_server(handler) as server, LineClient(address(server)) as c:
         c.sock.sendall(b"".join(b"p%d\n" % i for i in range(10)))
