@@ -136,10 +136,24 @@ class AccessLog:
             self._queue.put(_STOP, timeout=STOP_TIMEOUT)  # after every line already queued
         except queue.Full:
             log.warning("access log writer is stuck; %d lines not written", self._queue.qsize())
-        self._thread.join(timeout=STOP_TIMEOUT)
-        self._thread = None
+        thread, self._thread = self._thread, None
+        thread.join(timeout=STOP_TIMEOUT)
+        if not thread.is_alive():  # never write beside a stuck writer
+            self._write_leftovers()
         if self._stream is not None and self.target not in ("stdout", "stderr"):
             self._stream.close()
+
+    def _write_leftovers(self) -> None:
+        """Lines queued behind the stop marker (a request that finished just as a reload swapped logs)."""
+        leftovers = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                leftovers.append(item)
+        self._write([line for item in leftovers for line in (self._format_line(*item),) if line is not None])
 
     def _open(self) -> TextIO:
         if self.target == "stdout":

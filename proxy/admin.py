@@ -25,6 +25,7 @@ from typing import Callable
 from .access_log import make_access_log
 from .config import ListenConfig
 from .health import HealthChecker
+from .log_reload import LogSwitch
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics, merge, render_prometheus
 from .status import build_status, merge_status
 
@@ -219,6 +220,7 @@ def install_observability(process, *, admin_socket: socket.socket | None = None,
     if access_log is not None:
         app.observers.append(access_log.observe)
         process.add_service(access_log)
+    app.reload_listeners.append(LogSwitch(process, metrics, access_log))  # [log] on SIGHUP
     checker = HealthChecker(app) if health else None
     if checker is not None:
         process.add_service(checker)

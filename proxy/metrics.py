@@ -39,6 +39,7 @@ class Metrics:
         self.server = server          # core.SocketServer: connection_counts()
         self.pool = pool              # core.ThreadPool: counts()
         self.access_log = access_log  # proxy.access_log.AccessLog: dropped / written
+        self._retired_log_counts = {"written": 0, "dropped": 0}  # writers a reload replaced
         self.buckets = tuple(float(b) for b in buckets)
         self._lock = threading.Lock()
         # Keyed by the status as it comes (an int); made a string label at snapshot time, not per request.
@@ -104,10 +105,17 @@ class Metrics:
                                "failures": snap["failures_total"]})
         return gauges
 
+    def retire_access_log(self, access_log) -> None:
+        """A reload replaced this (stopped) writer: keep its lines in the running totals."""
+        self._retired_log_counts["written"] += access_log.written
+        self._retired_log_counts["dropped"] += access_log.dropped
+
     def _access_log_counts(self) -> dict:
+        retired = self._retired_log_counts
         if self.access_log is None:
-            return {}
-        return {"written": self.access_log.written, "dropped": self.access_log.dropped}
+            return dict(retired) if any(retired.values()) else {}
+        return {"written": retired["written"] + self.access_log.written,
+                "dropped": retired["dropped"] + self.access_log.dropped}
 
 
 # -- recent traffic (the dashboard) -----------------------------------------------------------------

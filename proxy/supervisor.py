@@ -42,6 +42,7 @@ from .admin import AdminServer, AdminSources, install_observability
 from .app import Application
 from .config import Config, ListenConfig
 from .health import HealthChecker, apply_health
+from .log_reload import level_listener
 from .metrics import merge, render_prometheus
 from .runner import ProxyProcess, bind_config_listener, load_for_reload
 from .status import merge_status
@@ -301,6 +302,7 @@ class Supervisor:
         self._calls: deque[Callable[[], None]] = deque()
         self._wakeup = WakePipe()
         self.app = Application(config)  # the health checker's view of the servers; never serves traffic
+        self.app.reload_listeners.append(level_listener)  # workers switch their own access logs
         self.checker: HealthChecker | None = None
         self.services: list = []
 

@@ -123,6 +123,8 @@ def describe_changes(old: Config, new: Config) -> list[str]:
     lines += _describe_upstreams(old, new)
     if old.server != new.server and old_listen == new_listen:
         lines.append("server settings changed")
+    if old.log != new.log:
+        lines.append(f"log: level {new.log.level}, access {new.log.access} ({new.log.format})")
     return lines
 
 

@@ -1,0 +1,108 @@
+"""A reload applies [log]: the level at once, a new access log target or format without losing a line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from urllib.parse import urlsplit
+
+import requests
+
+from proxy.config import parse_config
+from proxy.metrics import render_prometheus
+from tests.conftest import DEADLINE, config_document
+from tests.core_helpers import wait_for
+from tests.test_lifecycle import backends as lifecycle_backends, free_port, proxy_config, running_proxy
+
+
+def lines(path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def reload_with_log(proxy, address: str, **log) -> None:
+    document = config_document({"web": {"servers": [address]}}, log=log)
+    document["server"]["listen"] = f"127.0.0.1:{urlsplit(proxy.url).port}"  # the listener it already has
+    proxy.process.reload(parse_config(document, "test.toml"))
+
+
+def access_log_total(proxy) -> str:
+    return render_prometheus(proxy.process.observability.metrics.snapshot())
+
+
+def test_a_new_access_log_target_and_format_take_over_and_the_old_file_keeps_its_lines(
+        tmp_path, backends, observed_proxy):
+    (a,) = backends("a")
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    proxy = observed_proxy(config_document({"web": {"servers": [a.address]}},
+                                           log={"access": str(first), "format": "combined"}))
+    assert requests.get(proxy.url + "/before", timeout=DEADLINE).status_code == 200
+    wait_for(lambda: lines(first), what="the first line")
+
+    reload_with_log(proxy, a.address, access=str(second), format="json", level="warning")
+    assert requests.get(proxy.url + "/after", timeout=DEADLINE).status_code == 200
+    wait_for(lambda: lines(second), what="a line in the new file")
+
+    assert len(lines(first)) == 1 and '"GET /before HTTP/1.1"' in lines(first)[0]
+    entry = json.loads(lines(second)[0])
+    assert entry["path"] == "/after" and entry["status"] == 200
+    # /metrics counts the lines of both writers: none lost, none counted twice.
+    wait_for(lambda: 'pyproxy_access_log_lines_total{outcome="written"} 2' in access_log_total(proxy),
+             what="both lines counted", on_timeout=lambda: access_log_total(proxy))
+    switch = next(listener for listener in proxy.app.reload_listeners if type(listener).__name__ == "LogSwitch")
+    assert proxy.app.observers == [proxy.process.observability.metrics.observe, switch.access_log.observe]
+    assert [s for s in proxy.process.services if type(s).__name__ == "AccessLog"] == [switch.access_log]
+
+
+def test_access_off_and_back_on(tmp_path, backends, observed_proxy):
+    (a,) = backends("a")
+    path = tmp_path / "access.log"
+    proxy = observed_proxy(config_document({"web": {"servers": [a.address]}},
+                                           log={"access": str(path), "format": "combined"}))
+    reload_with_log(proxy, a.address, access="off", format="combined", level="warning")
+    assert proxy.app.observers == [proxy.process.observability.metrics.observe]
+    assert requests.get(proxy.url + "/unlogged", timeout=DEADLINE).status_code == 200
+
+    reload_with_log(proxy, a.address, access=str(path), format="combined", level="warning")
+    assert requests.get(proxy.url + "/logged", timeout=DEADLINE).status_code == 200
+    logged = wait_for(lambda: lines(path), what="a line once the log is back")
+    assert len(logged) == 1 and "/logged" in logged[0]
+    running_logs = [s for s in proxy.process.services if type(s).__name__ == "AccessLog"]
+    assert len(running_logs) == 1  # only the running writer: a replaced one is stopped and dropped
+
+
+def test_the_level_applies_at_once(backends, observed_proxy):
+    (a,) = backends("a")
+    root = logging.getLogger()
+    before = root.level
+    proxy = observed_proxy(config_document({"web": {"servers": [a.address]}}))
+    try:
+        reload_with_log(proxy, a.address, access="off", format="combined", level="debug")
+        assert root.level == logging.DEBUG
+        reload_with_log(proxy, a.address, access="off", format="combined", level="error")
+        assert root.level == logging.ERROR
+    finally:
+        root.setLevel(before)
+
+
+def test_sighup_moves_the_access_log_of_the_real_command(tmp_path):
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    with lifecycle_backends("a") as (a,):
+        port = free_port()
+        base = proxy_config(port, a.address)
+
+        def with_log(path, fmt):
+            return base.replace('access = "off"', f'access = "{path}"\nformat = "{fmt}"')
+
+        with running_proxy(tmp_path, with_log(first, "combined")) as run:
+            assert requests.get(run.url + "/one", timeout=DEADLINE).status_code == 200
+            run.rewrite(with_log(second, "json"))
+            run.signal(signal.SIGHUP)
+            wait_for(lambda: "access log is now" in run.log(), what="the reload", on_timeout=run.log)
+            assert requests.get(run.url + "/two", timeout=DEADLINE).status_code == 200
+            wait_for(lambda: lines(second), what="a line in the new file", on_timeout=run.log)
+            assert json.loads(lines(second)[-1])["path"] == "/two"
+            assert not any("/two" in line for line in lines(first))
+            assert any('"GET /one HTTP/1.1"' in line for line in lines(first))
+            run.signal(signal.SIGTERM)
+            assert run.wait_exit() == 0
