@@ -16,6 +16,7 @@ import os
 import random
 import select
 import socket
+import ssl
 import time
 
 from core import ConnectionState
@@ -38,6 +39,12 @@ REPLAY_LIMIT = 64 * 1024  # request body bytes kept so a stale-connection retry 
 SPLICE_BODY_MIN = REPLAY_LIMIT  # larger Content-Length bodies go client → upstream through os.splice
 # RFC 9110 §15.2 sets no limit on 1xx responses; a backend streaming them forever would hold a worker.
 MAX_INTERIM_RESPONSES = 16
+# nginx's lingering_close: after answering a request whose body we did not read to the end, read and
+# drop what the client still sends for a moment before closing. Closing with unread bytes sends a
+# reset, and a reset can make the client's stack discard our answer before the client reads it.
+LINGER_SECONDS = 2.0
+LINGER_READ_TIMEOUT = 0.5
+_PEEK_NOWAIT = socket.MSG_PEEK | socket.MSG_DONTWAIT
 # RFC 9110 §9.2.2: methods whose repetition is harmless (a retry after a stale connection is safe).
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 S = ConnectionState
@@ -240,7 +247,21 @@ class HttpHandler:
             conn.close()
         record.duration = time.monotonic() - record.started
         app.observe(record)
+        if not ex.body_done and ex.response_started and conn.state is S.WRITING:
+            self._linger(conn)  # answered before the whole body came in: the connection closes next
         return ex.client_keep_alive and ex.body_done
+
+    @staticmethod
+    def _linger(conn) -> None:
+        """nginx's lingering close: stop sending, drop what the client still sends, briefly."""
+        deadline = time.monotonic() + LINGER_SECONDS
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)  # the client sees the end of our answer now
+            conn.set_timeouts(LINGER_READ_TIMEOUT, LINGER_READ_TIMEOUT)
+            while time.monotonic() < deadline and conn.read_some(READ_SIZE):
+                pass  # bounded by the deadline; ends early when the client closes or goes quiet
+        except OSError:  # quiet (timeout), reset or gone: either way we are done with it
+            pass
 
     def _answer_error(self, ex: Exchange, status: int, detail: str, body=None) -> None:
         """The one error response; ``body`` is an optional (content kind, text) replacing the short default."""
@@ -406,7 +427,13 @@ class HttpHandler:
                 self._send_body(ex, link, b"")
                 response, parser = self._read_response_head(ex, link)
         else:
-            self._send_body(ex, link, head)
+            try:
+                self._send_body(ex, link, head)
+            except UpstreamFailed:
+                # The server may have answered (413, 401, ...) and closed before taking the whole body,
+                # which RFC 9112 §9.6 allows: relay its answer, as nginx does, rather than a 502.
+                if not _has_early_answer(link.sock):
+                    raise
             response, parser = self._read_response_head(ex, link)
         return self._relay_response(ex, link, response, parser)
 
@@ -644,6 +671,16 @@ class HttpHandler:
         link.detach()
         # The relay thread owns both sockets from here; this worker goes back to the pool.
         self.tunnels.start_tunnel(ex.conn, link.sock, leftover, self.app.settings.tunnel_timeout)
+        return False
+
+
+def _has_early_answer(sock) -> bool:
+    """Bytes from the server wait on a connection whose request body could not be sent in full."""
+    try:
+        if isinstance(sock, ssl.SSLSocket):  # MSG_PEEK is not allowed on TLS sockets
+            return bool(sock.pending() or select.select([sock], [], [], 0)[0])
+        return bool(sock.recv(1, _PEEK_NOWAIT))
+    except OSError:  # nothing (EAGAIN), or a reset with nothing before it
         return False
 
 
