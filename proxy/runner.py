@@ -110,17 +110,37 @@ class ProxyProcess:
         config = load_for_reload(self.config_path)
         if config is None:
             return False
-        self.reload(config)
+        try:
+            self.reload(config)
+        except ConfigError as exc:  # a certificate that cannot be loaded: nothing was changed
+            log.error("reload failed, keeping the old config:\n%s", exc)
+            return False
         return True
 
     def reload(self, config: Config) -> None:
+        """Apply a validated config. Certificates are (re)loaded first, renewed files included, as
+        nginx does on reload: one that cannot be loaded raises ConfigError before anything changes."""
+        terminators = {listen.address: tls_terminator(listen) for listen in config.server.listen if listen.tls}
         old = self.app.config
         self.app.reload(config)
         if self.manage_listeners:
             self._reconcile_listeners(old, config)
+        self._swap_certificates(config, terminators)
         log.info("config reloaded: %d routes, %d upstreams", len(config.routes), len(config.upstreams))
         for line in describe_changes(old, config):
             log.info("  %s", line)
+
+    def _swap_certificates(self, config: Config, terminators: dict) -> None:
+        """Listeners that stay open serve the certificates just loaded, from their next handshake on."""
+        wanted = {listen.address: listen for listen in config.server.listen}
+        for listener in self.server.listeners:
+            tag = listener.tag
+            if not isinstance(tag, ListenConfig) or tag.address not in wanted:
+                continue
+            if tag.address in terminators:
+                self.app.tls_contexts[tag] = terminators[tag.address]
+            else:
+                self.app.tls_contexts.pop(tag, None)  # the address now serves plain HTTP
 
     def watch_config(self, interval: float = POLL_INTERVAL) -> Watcher:
         """--watch: reload whenever the file changes, on the loop thread like a SIGHUP."""

@@ -40,11 +40,11 @@ from core.wakeup import WakePipe
 
 from .admin import AdminServer, AdminSources, install_observability
 from .app import Application
-from .config import Config, ListenConfig
+from .config import Config, ConfigError, ListenConfig
 from .health import HealthChecker, apply_health
 from .log_reload import level_listener
 from .metrics import merge, render_prometheus
-from .runner import ProxyProcess, bind_config_listener, load_for_reload
+from .runner import ProxyProcess, bind_config_listener, load_for_reload, tls_terminator
 from .status import merge_status
 from .watch import Watcher, describe_changes
 
@@ -479,6 +479,13 @@ class Supervisor:
         """SIGHUP / --watch: validate first; only a valid file reaches the workers."""
         config = load_for_reload(self.config_path)
         if config is None:
+            return False
+        try:  # the workers load the certificates too; one that cannot be loaded stops the reload here
+            for listen in config.server.listen:
+                if listen.tls:
+                    tls_terminator(listen)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the old config:\n%s", exc)
             return False
         old, self.config = self.config, config
         self.app.reload(config)

@@ -20,6 +20,7 @@ import time
 
 import pytest
 import requests
+import tomli_w
 import trustme
 from websockets.sync.client import connect as ws_connect
 from websockets.sync.server import serve as ws_serve
@@ -254,6 +255,56 @@ def test_broken_key_pair_is_a_config_error(pki, tmp_path):
         assert "tls_cert/tls_key cannot be loaded" in str(caught.value)
     finally:
         sock.close()
+
+
+@pytest.fixture
+def renewable_tls_proxy(pki, tmp_path, backend):
+    """A TLS listener whose certificate files live in tmp_path, so a test can renew them in place."""
+    cert, key = tmp_path / "site.crt", tmp_path / "site.key"
+    shutil.copy(pki.files["default"][0], cert)
+    shutil.copy(pki.files["default"][1], key)
+    sock = bind_listener("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    listen = {"address": f"127.0.0.1:{port}", "tls_cert": str(cert), "tls_key": str(key)}
+    document = proxy_config_dict({"web": [backend.address]}, server={"listen": [listen]})
+    config = parse_config(document, "test.toml")
+    process = ProxyProcess(config, listeners=[(config.server.listen[0], sock)])
+    proxy = TlsProxy(process, process.start_in_thread(), port)
+    config_file = tmp_path / "proxy.toml"
+    config_file.write_text(tomli_w.dumps(document))
+    process.config_path = str(config_file)  # what a SIGHUP re-reads
+    yield proxy, config, cert, key
+    process.stop(force=True)
+    proxy.thread.join(PROXY_STOP_TIMEOUT)
+
+
+def test_reload_serves_renewed_certificate_files(renewable_tls_proxy, pki):
+    """Renewing the files in place and reloading (certbot's deploy hook) serves the new certificate."""
+    proxy, config, cert, key = renewable_tls_proxy
+    with requests.Session() as session:
+        assert session.get(proxy.url, verify=pki.ca_file, timeout=CLIENT_TIMEOUT).status_code == 200
+        assert "default.test" in peer_names(proxy, "default.test", pki)
+        shutil.copy(pki.files["other"][0], cert)
+        shutil.copy(pki.files["other"][1], key)
+        proxy.process.reload(config)
+        assert "other.test" in peer_names(proxy, "other.test", pki)  # the next handshake
+        # A connection set up before the reload carries on with the certificate it was given.
+        assert session.get(proxy.url, verify=pki.ca_file, timeout=CLIENT_TIMEOUT).status_code == 200
+
+
+def test_reload_with_a_broken_certificate_changes_nothing(renewable_tls_proxy, pki, caplog):
+    proxy, config, cert, key = renewable_tls_proxy
+    shutil.copy(pki.files["b"][1], key)  # the wrong key for the certificate
+    from proxy.config import ConfigError
+    with pytest.raises(ConfigError) as caught:
+        proxy.process.reload(config)
+    assert "tls_cert/tls_key cannot be loaded" in str(caught.value)
+    # SIGHUP's path: the error is logged, the old config and certificate keep serving.
+    with caplog.at_level(logging.ERROR, logger="pyproxy"):
+        assert proxy.process.reload_from_file() is False
+    assert "reload failed, keeping the old config" in caplog.text and "cannot be loaded" in caplog.text
+    assert "default.test" in peer_names(proxy, "default.test", pki)
+    assert requests.get(proxy.url, verify=pki.ca_file, timeout=CLIENT_TIMEOUT).status_code == 200
 
 
 def test_sni_config_problems(pki):
