@@ -181,15 +181,18 @@ def _drain_body(sock, parser: ResponseParser, deadline, clock) -> None:
 
 # -- applying verdicts -----------------------------------------------------------------------------
 
-def apply_health(app, upstream_name: str, address: str, up: bool, reason: str) -> bool:
-    """Apply one verdict to this process's servers. True if a server with that address exists."""
+def apply_health(app, upstream_name: str, address: str, up: bool, reason: str, announce: bool = True) -> bool:
+    """Apply one verdict to this process's servers. True if a server with that address exists.
+
+    A worker passes ``announce=False``: its supervisor, which ran the check, logged the change.
+    """
     upstream = app.runtime.upstreams.get(upstream_name)
     if upstream is None:
         return False
     found = False
     for server in upstream.servers:
         if server.address == address:
-            server.set_health(up, reason)
+            server.set_health(up, reason, announce)
             found = True
     return found
 

@@ -186,8 +186,12 @@ class Server:
 
     # -- active checks ----------------------------------------------------------------
 
-    def set_health(self, up: bool, reason: str) -> bool:
-        """Record the active checker's verdict. Returns True if the health flag changed."""
+    def set_health(self, up: bool, reason: str, announce: bool = True) -> bool:
+        """Record the active checker's verdict. Returns True if the health flag changed.
+
+        ``announce=False``: a worker applying its supervisor's verdict, which the supervisor has
+        logged already; the change is logged at debug level, so it shows once, not once per process.
+        """
         now = self._clock()
         with self._lock:
             events = self._expire_ejection_locked(now)
@@ -196,7 +200,7 @@ class Server:
                 self._healthy = up
                 self._health_reason = reason
                 self._settle_locked(now, reason)
-                events.append((logging.INFO, "server %s is %s: %s",
+                events.append((logging.INFO if announce else logging.DEBUG, "server %s is %s: %s",
                                (self._address, "healthy" if up else "unhealthy", reason)))
         _log(events)
         return changed

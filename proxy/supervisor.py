@@ -187,7 +187,7 @@ class WorkerControl:
         op = message.get("op")
         if op == "health":
             apply_health(self.process.app, message["upstream"], message["address"], message["up"],
-                         message.get("reason", ""))
+                         message.get("reason", ""), announce=False)  # the supervisor logged it
             return None
         if op == "status":
             return {"status": self.status_source()}

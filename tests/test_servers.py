@@ -304,3 +304,14 @@ def test_no_logging_while_holding_the_lock(clock):
         logger.removeHandler(probe)
         logger.setLevel(old_level)
     assert seen == [True, True, True, True]
+
+
+def test_a_health_change_is_announced_once_not_by_every_worker(caplog):
+    """The supervisor logs a verdict at info; workers applying it (announce=False) only at debug."""
+    checked, worker = Server("h", 80), Server("h", 80)
+    with caplog.at_level(logging.DEBUG, logger="pyproxy.health"):
+        assert checked.set_health(False, "status 500")
+        assert worker.set_health(False, "status 500", announce=False)
+    levels = [record.levelno for record in caplog.records if "server h:80 is unhealthy" in record.getMessage()]
+    assert levels == [logging.INFO, logging.DEBUG]
+    assert worker.state == "down"
