@@ -66,6 +66,23 @@ def bind_listener(host: str, port: int, backlog: int = DEFAULT_BACKLOG,
     return sock
 
 
+OVERLOAD_DRAIN_BYTES = 64 * 1024  # what a rejected client already sent that is read and dropped
+
+
+def _drop_unread(sock: socket.socket) -> None:
+    """Read what a client already sent (without waiting) before closing on it: closing a socket with
+    unread bytes sends a reset instead of a FIN, and a reset may destroy the reply before it is read."""
+    dropped = 0
+    while dropped < OVERLOAD_DRAIN_BYTES:
+        try:
+            data = sock.recv(OVERLOAD_DRAIN_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            return
+        dropped += len(data)
+
+
 class Listener:
     """A listening socket and an opaque tag the protocol layer attached to it (e.g. a TLS context)."""
 
@@ -294,6 +311,7 @@ class SocketServer:
             if self.on_overload is not None:
                 sock.setblocking(False)
                 self.on_overload(sock)
+                _drop_unread(sock)
         except OSError as exc:
             log.debug("overload reply failed: %s", exc)
         finally:

@@ -212,6 +212,23 @@ def test_max_connections_overload_reply_then_close(handler):
                 c.close()
 
 
+def test_overload_reply_is_followed_by_a_clean_close_even_if_the_client_already_sent(handler):
+    # Closing with the client's bytes unread would reset the connection (RST), which can destroy the
+    # reply before the client reads it; the server reads and drops them first, so the close is a FIN.
+    with running_server(handler, max_connections=1, on_overload=overload_reply) as server:
+        with LineClient(address(server)) as first:
+            assert first.exchange(b"hi") == b"hi\n"
+            with socket.create_connection(address(server)[:2], timeout=STOP_TIMEOUT) as extra:
+                extra.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+                wait_for(lambda: server.overloaded_total == 1, what="the extra client rejected")
+                received = b""
+                while not received.endswith(b"busy\n"):  # bounded by the socket timeout
+                    chunk = extra.recv(100)
+                    assert chunk, received
+                    received += chunk
+                assert extra.recv(100) == b""  # FIN, not ConnectionResetError
+
+
 # -- shutdown -----------------------------------------------------------------------------------
 
 def test_graceful_shutdown_lets_the_slow_exchange_finish(handler):
