@@ -188,6 +188,43 @@ class AdminServer:
         self._httpd.close_open_connections()
 
 
+class AdminRelocation:
+    """A reload listener: a changed ``[admin].listen`` opens the new address, then closes the old one.
+
+    The new socket is bound first, so a failure (port taken, no such interface) leaves the admin
+    listener where it was, with the reason logged. Removing ``[admin]`` closes it; adding it opens one.
+    """
+
+    def __init__(self, services: list, sources: AdminSources, current: AdminServer | None, on_change=None):
+        self.services = services
+        self.sources = sources
+        self.current = current
+        self.on_change = on_change  # called with the new AdminServer (or None)
+
+    def __call__(self, old_config, new_config) -> None:
+        if old_config.admin == new_config.admin:
+            return
+        fresh = None
+        if new_config.admin is not None:
+            try:
+                fresh = AdminServer(new_config.admin.listen, self.sources)
+            except OSError as exc:
+                log.error("cannot move the admin listener to %s: %s; it stays where it was",
+                          new_config.admin.listen.address, exc)
+                return
+            fresh.start()
+            self.services.append(fresh)
+        if self.current is not None:
+            closed = _describe(self.current.address)
+            self.current.stop()
+            if self.current in self.services:
+                self.services.remove(self.current)
+            log.info("admin listener on %s closed", closed)
+        self.current = fresh
+        if self.on_change is not None:
+            self.on_change(fresh)
+
+
 def _describe(address) -> str:
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -232,4 +269,9 @@ def install_observability(process, *, admin_socket: socket.socket | None = None,
     if admin and (config.admin is not None or admin_socket is not None):
         admin_server = AdminServer(config.admin.listen if config.admin else None, sources, sock=admin_socket)
         process.add_service(admin_server)
-    return Observability(metrics, access_log, checker, admin_server, sources)
+    observability = Observability(metrics, access_log, checker, admin_server, sources)
+    if admin:
+        app.reload_listeners.append(AdminRelocation(
+            process.services, sources, admin_server,
+            on_change=lambda server: setattr(observability, "admin", server)))
+    return observability

@@ -215,7 +215,10 @@ class Application:
             if id(pool) not in kept:
                 pool.close_all()  # idle ones only: a request still using a connection closes it itself
         for listener in self.reload_listeners:
-            listener(old_config, config)
+            try:
+                listener(old_config, config)
+            except Exception:  # the new config is in place; one listener's bug must not undo the reload
+                log.exception("reload listener %r failed", listener)
 
     def close(self) -> None:
         for pool in self.runtime.all_pools():

@@ -38,7 +38,7 @@ from typing import Callable
 from core.cpu_affinity import pin_worker
 from core.wakeup import WakePipe
 
-from .admin import AdminServer, AdminSources, install_observability
+from .admin import AdminRelocation, AdminServer, AdminSources, install_observability
 from .app import Application
 from .config import Config, ConfigError, ListenConfig
 from .health import HealthChecker, apply_health
@@ -496,8 +496,6 @@ class Supervisor:
         else:
             for handle in self._all_handles():
                 handle.link.send({"op": "reload"})
-        if old.admin != config.admin:
-            log.warning("admin listener changes take effect on restart")
         return True
 
     def _replace_workers(self, config: Config) -> None:
@@ -557,11 +555,14 @@ class Supervisor:
         self.checker = HealthChecker(self.app, apply_locally=True)
         self.checker.listeners.append(self._broadcast_health)
         self.services.append(self.checker)
+        sources, admin = SupervisorSources(self), None
         if self.config.admin is not None:
             try:
-                self.services.append(AdminServer(self.config.admin.listen, SupervisorSources(self)))
+                admin = AdminServer(self.config.admin.listen, sources)
+                self.services.append(admin)
             except OSError as exc:
                 log.error("cannot listen on %s for admin: %s", self.config.admin.listen.address, exc)
+        self.app.reload_listeners.append(AdminRelocation(self.services, sources, admin))  # [admin] on reload
         if self.watch and self.config_path:
             self.services.append(Watcher(self.config_path, lambda: self.call_soon(self.reload)))
         for service in self.services:

@@ -183,3 +183,53 @@ def test_admin_sources_skip_a_failing_process_and_fail_when_none_answers():
     assert sources.status_document()["processes"] == 1
     with pytest.raises(SourceFailed, match="no status source answered"):
         AdminSources(status=[broken]).status_document()
+
+
+# -- [admin].listen on reload -------------------------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _reload_admin(proxy, address: str, upstream_address: str) -> None:
+    from urllib.parse import urlsplit
+    from proxy.config import parse_config
+    document = config_document({"web": {"servers": [upstream_address]}}, admin={"listen": address})
+    document["server"]["listen"] = f"127.0.0.1:{urlsplit(proxy.url).port}"  # the listener it already has
+    proxy.process.reload(parse_config(document, "test.toml"))
+
+
+def _healthz(port: int) -> int | None:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code
+    except requests.ConnectionError:
+        return None
+
+
+def test_reload_moves_the_admin_listener(backends, observed_proxy):
+    (a,) = backends("a")
+    proxy = observed_proxy(config_document({"web": {"servers": [a.address]}}))
+    old_port = int(proxy.admin_url.rsplit(":", 1)[1])
+    new_port = _free_port()
+    _reload_admin(proxy, f"127.0.0.1:{new_port}", a.address)
+    assert _healthz(new_port) == 200
+    assert _healthz(old_port) is None  # closed
+    assert proxy.process.observability.admin.address[1] == new_port
+    assert requests.get(proxy.url + "/", timeout=DEADLINE).status_code == 200  # traffic untouched
+
+
+def test_a_taken_admin_address_keeps_the_old_listener(backends, observed_proxy, caplog):
+    import socket
+    (a,) = backends("a")
+    proxy = observed_proxy(config_document({"web": {"servers": [a.address]}}))
+    old_port = int(proxy.admin_url.rsplit(":", 1)[1])
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        _reload_admin(proxy, f"127.0.0.1:{taken}", a.address)
+    assert "cannot move the admin listener" in caplog.text
+    assert _healthz(old_port) == 200

@@ -8,6 +8,7 @@ backends are stdlib HTTP servers in this process. Every wait is a readiness poll
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -496,3 +497,23 @@ def test_core_drain_serves_a_resting_connection_whose_request_arrived_before_dis
         assert client.recv(1) == b""  # and closed after it
         thread.join(10)
         assert server.stopped.is_set()
+
+
+def test_a_failing_reload_listener_is_logged_and_the_others_still_run(caplog):
+    from proxy.app import Application
+    from proxy.config import parse_config
+    from tests.conftest import config_document
+    config = parse_config(config_document({"web": {"servers": ["127.0.0.1:9"]}}), "test.toml")
+    app = Application(config)
+    heard = []
+
+    def broken(old, new):
+        raise RuntimeError("listener bug")
+
+    app.reload_listeners[:] = [broken, lambda old, new: heard.append(new)]
+    newer = parse_config(config_document({"web": {"servers": ["127.0.0.1:10"]}}), "test.toml")
+    with caplog.at_level(logging.ERROR, logger="pyproxy.app"):
+        app.reload(newer)  # does not raise: the reload itself went through
+    assert heard == [newer] and app.config is newer
+    assert "reload listener" in caplog.text and "listener bug" in caplog.text
+    app.close()
