@@ -151,6 +151,21 @@ def test_sighup_with_workers_reloads_every_worker_under_load(tmp_path):
             assert run.log().count(") reloaded") == WORKERS  # the invalid file never reached the workers
 
 
+def test_sighup_with_workers_moves_the_supervisors_admin_listener(tmp_path):
+    with backends("a") as (a,):
+        port, admin_port, config = workers_config(a.address)
+        with running_proxy(tmp_path, config) as run:
+            wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready")
+            assert status(admin_port)["processes"] == WORKERS
+            new_admin_port = free_port()
+            run.rewrite(config.replace(f"127.0.0.1:{admin_port}", f"127.0.0.1:{new_admin_port}"))
+            run.signal(signal.SIGHUP)
+            wait_for(lambda: _accepts(new_admin_port), what="the admin listener on its new port", on_timeout=run.log)
+            assert status(new_admin_port)["processes"] == WORKERS  # still the supervisor's merged view
+            wait_for(lambda: not _accepts(admin_port), what="the old admin port closed", on_timeout=run.log)
+            assert served_by(run.url) == "a"
+
+
 def _accepts(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
