@@ -36,6 +36,11 @@ log = logging.getLogger("pyproxy.handler")
 
 READ_SIZE = 256 * 1024
 REPLAY_LIMIT = 64 * 1024  # request body bytes kept so a stale-connection retry can resend them
+# Content-Length bodies up to this size are read in full before the upstream is contacted. While one
+# trickles in, its connection is parked in the selector, as half a head is: a slow POST (R-U-Dead-Yet)
+# holds no thread, and the upstream never sees a request that will not arrive whole. Larger bodies
+# stream (os.splice), holding a thread until body_timeout between reads.
+SMALL_BODY_MAX = REPLAY_LIMIT
 SPLICE_BODY_MIN = REPLAY_LIMIT  # larger Content-Length bodies go client → upstream through os.splice
 # RFC 9110 §15.2 sets no limit on 1xx responses; a backend streaming them forever would hold a worker.
 MAX_INTERIM_RESPONSES = 16
@@ -49,17 +54,19 @@ _PEEK_NOWAIT = socket.MSG_PEEK | socket.MSG_DONTWAIT
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 S = ConnectionState
 EXPIRED_HEAD_REPLY = plain_response(408, "408 request head not received in time", close=True)
+EXPIRED_BODY_REPLY = plain_response(408, "408 request body not received in time", close=True)
 PARKED = object()  # _read_head's answer when it parked a connection holding half a request head
 
 
 class ClientSession:
     """Per-connection state that outlives one request (the parser keeps pipelined bytes)."""
 
-    __slots__ = ("parser", "client_ip", "scheme", "requests", "head_deadline")
+    __slots__ = ("parser", "client_ip", "scheme", "requests", "head_deadline", "waiting_request")
 
     def __init__(self, parser: RequestParser, client_ip: str, scheme: str):
         self.parser = parser
         self.head_deadline: float | None = None  # while a partial request head is parked
+        self.waiting_request: RequestHead | None = None  # parked until its small body is all here
         self.client_ip = client_ip
         self.scheme = scheme
         self.requests = 0
@@ -122,9 +129,12 @@ class HttpHandler:
 
     @staticmethod
     def on_expired(conn) -> None:
-        """core's callback for a connection parked past its deadline (half a head): a 408, never blocking."""
+        """core's callback for a connection parked past its deadline (half a head or a small body):
+        a 408, never blocking."""
+        session = conn.server_data
+        waiting_body = session is not None and session.waiting_request is not None
         conn.sock.setblocking(False)  # the accept loop calls this: it must never wait on a client
-        conn.sock.send(EXPIRED_HEAD_REPLY)
+        conn.sock.send(EXPIRED_BODY_REPLY if waiting_body else EXPIRED_HEAD_REPLY)
 
     # -- connection loop ---------------------------------------------------------------------
     def __call__(self, conn) -> None:
@@ -135,9 +145,11 @@ class HttpHandler:
                 return
         conn.transition(S.READING)
         while True:
-            request = self._read_head(conn, session)
+            request = session.waiting_request or self._read_head(conn, session)
+            if request is not PARKED and request is not None and _wants_whole_body(request):
+                request = self._read_small_body(conn, session, request)
             if request is PARKED:
-                return  # half a head so far: the server holds it without a thread until more comes
+                return  # half a head or a small body so far: held without a thread until more comes
             if request is None:
                 conn.close()
                 return
@@ -206,6 +218,34 @@ class HttpHandler:
         except OSError as exc:
             log.debug("client %s: %s", session.client_ip, exc)
         return None
+
+    def _read_small_body(self, conn, session, request: RequestHead):
+        """All of a small Content-Length body into the parser's buffer; PARKED while it trickles in;
+        None if the client left, stalled past body_timeout between reads, or was told off."""
+        parser = session.parser
+        settings = self.app.settings
+        session.waiting_request = conn.park_deadline = None
+        try:
+            while not parser.body_buffered:
+                if not conn.readable_now():
+                    # The deadline is a gap between reads (nginx client_body_timeout): set anew each time.
+                    session.waiting_request = request
+                    conn.park_deadline = time.monotonic() + settings.body_timeout
+                    conn.transition(S.IDLE)
+                    return PARKED
+                conn.set_timeouts(settings.body_timeout, settings.send_timeout)
+                data = conn.read_some(READ_SIZE)
+                if not data:
+                    log.debug("client %s closed mid-body", session.client_ip)
+                    return None
+                parser.feed(data)
+        except TimeoutError:
+            self._reject(conn, session, 408, "request body not received in time")
+            return None
+        except OSError as exc:
+            log.debug("client %s: %s", session.client_ip, exc)
+            return None
+        return request
 
     def _reject(self, conn, session, status: int, reason: str) -> None:
         """Answer a request we could not parse, and close: the connection can no longer be trusted."""
@@ -672,6 +712,13 @@ class HttpHandler:
         # The relay thread owns both sockets from here; this worker goes back to the pool.
         self.tunnels.start_tunnel(ex.conn, link.sock, leftover, self.app.settings.tunnel_timeout)
         return False
+
+
+def _wants_whole_body(request: RequestHead) -> bool:
+    """A small Content-Length body the client sends at once (no Expect: 100-continue, no Upgrade)."""
+    length = request.content_length
+    return (bool(length) and length <= SMALL_BODY_MAX and not request.expect_continue
+            and request.upgrade is None)
 
 
 def _has_early_answer(sock) -> bool:

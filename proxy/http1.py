@@ -493,6 +493,11 @@ class _MessageParser:
         return bool(self._buf)
 
     @property
+    def body_buffered(self) -> bool:
+        """In a Content-Length body, every byte of it is already buffered (next_event will not need data)."""
+        return self._state is _BODY_LENGTH and len(self._buf) >= (self.body_remaining or 0)
+
+    @property
     def peer_closed(self) -> bool:
         """feed_eof() was called: once the events run out, there will be no more."""
         return self._eof

@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from tests.backends import RawClient, stream_pattern
+from tests.backends import RawClient, raw_client, stream_pattern
 from tests.conftest import CLIENT_TIMEOUT
 from tests.core_helpers import wait_for
 
@@ -137,6 +137,43 @@ def test_slow_post_gets_408_after_the_body_timeout(make_backend, make_proxy):
     assert {answer.status for answer in answers} == {408}
     assert backend.requests[-1].method == "GET"  # no partial POST was ever executed
     wait_for(lambda: proxy.process.pool.busy == 0, what="workers released")
+
+
+def test_slow_small_posts_hold_no_thread_and_a_normal_client_is_served_at_once(make_backend, make_proxy):
+    """More half-sent small bodies than threads: they wait parked in the selector, not in workers."""
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]}, server=SMALL_SERVER | {"body_timeout": "2s"})
+    socks = [connect(proxy) for _ in range(ATTACKERS)]
+    try:
+        for sock in socks:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\npartial")
+        wait_for(lambda: proxy.process.server.connection_counts()["idle"] == ATTACKERS,
+                 what="every slow POST parked")
+        assert proxy.process.pool.busy == 0
+        started = time.monotonic()
+        assert requests.get(proxy.url + "/", timeout=CLIENT_TIMEOUT).status_code == 200
+        assert time.monotonic() - started < 0.5  # not queued behind the attackers
+        answers = [_read_all(sock) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+    assert all(answer.startswith(b"HTTP/1.1 408") and b"request body not received in time" in answer
+               for answer in answers)
+    assert [request.method for request in backend.requests] == ["GET"]  # no POST reached the backend
+
+
+def test_a_small_body_sent_in_pieces_arrives_whole(make_backend, make_proxy):
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]}, server=SMALL_SERVER | {"body_timeout": "2s"})
+    body = bytes(range(256)) * 40  # 10,240 bytes
+    with raw_client(proxy) as client:
+        client.send(b"POST /form HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:100])
+        wait_for(lambda: proxy.process.server.connection_counts()["idle"] == 1, what="the request parked")
+        client.send(body[100:5000])
+        client.send(body[5000:])
+        response = client.read_response()
+    assert response.status == 200
+    assert backend.requests[-1].body == body
 
 
 def test_slow_reader_is_dropped_after_the_send_timeout(make_backend, make_proxy):

@@ -301,12 +301,24 @@ def test_reset_during_upload_without_an_answer_is_502_and_the_client_reads_it(up
 
 
 def test_client_abort_mid_request_closes_upstream(upstreams, start):
+    """A large body streams: the upstream has the head when the client goes, and sees the abort."""
+    upstream = upstreams([HEAD, BODY, write(ok_response()), LOOP])
+    proxy = start([upstream.address])
+    with raw_client(proxy) as raw:
+        raw.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\nonly-some")
+        wait_for(lambda: upstream.executions == 1, what="the head forwarded")
+    wait_for(lambda: proxy.pool("web").idle_count == 0 and upstream.bodies == [], what="abort propagated")
+
+
+def test_client_abort_mid_small_body_never_reaches_the_upstream(upstreams, start):
+    """A small body is read whole before the upstream is contacted: an abort leaves it untouched."""
     upstream = upstreams([HEAD, BODY, write(ok_response()), LOOP])
     proxy = start([upstream.address])
     with raw_client(proxy) as raw:
         raw.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nonly-some")
-        wait_for(lambda: upstream.executions == 1, what="the head forwarded")
-    wait_for(lambda: proxy.pool("web").idle_count == 0 and upstream.bodies == [], what="abort propagated")
+        wait_for(lambda: proxy.process.server.connection_counts().get("idle") == 1, what="the request parked")
+    wait_for(lambda: proxy.process.server.connection_count == 0, what="the connection forgotten")
+    assert upstream.connections == 0 and upstream.executions == 0
 
 
 def test_client_abort_mid_response_closes_upstream(upstreams, start):
