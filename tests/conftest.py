@@ -148,6 +148,11 @@ class ObservedProxy:
     def state(self, upstream: str, address: str) -> str:
         return self.server_status(upstream, address)["state"]
 
+    def reload(self, document: dict) -> None:
+        """SIGHUP's path with a config_document; its listen address becomes the one this proxy has."""
+        document["server"]["listen"] = f"127.0.0.1:{self.url.rsplit(':', 1)[1]}"
+        self.process.reload(parse_config(document, "test.toml"))
+
     def stop(self) -> None:
         self.process.stop(force=True)
         self.thread.join(PROXY_STOP_TIMEOUT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -13,6 +14,7 @@ from proxy.admin import AdminSources, SourceFailed
 from proxy.status import merge_status
 from tests.conftest import DEADLINE, FAST_HEALTH, config_document, served_by
 from tests.core_helpers import wait_for
+from tests.test_lifecycle import free_port
 
 REQUIRED_FAMILIES = {"pyproxy_requests": "counter", "pyproxy_request_duration_seconds": "histogram",
                      "pyproxy_upstream_up": "gauge", "pyproxy_upstream_active_requests": "gauge",
@@ -187,19 +189,8 @@ def test_admin_sources_skip_a_failing_process_and_fail_when_none_answers():
 
 # -- [admin].listen on reload -------------------------------------------------------------------------
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _reload_admin(proxy, address: str, upstream_address: str) -> None:
-    from urllib.parse import urlsplit
-    from proxy.config import parse_config
-    document = config_document({"web": {"servers": [upstream_address]}}, admin={"listen": address})
-    document["server"]["listen"] = f"127.0.0.1:{urlsplit(proxy.url).port}"  # the listener it already has
-    proxy.process.reload(parse_config(document, "test.toml"))
+    proxy.reload(config_document({"web": {"servers": [upstream_address]}}, admin={"listen": address}))
 
 
 def _healthz(port: int) -> int | None:
@@ -213,7 +204,7 @@ def test_reload_moves_the_admin_listener(backends, observed_proxy):
     (a,) = backends("a")
     proxy = observed_proxy(config_document({"web": {"servers": [a.address]}}))
     old_port = int(proxy.admin_url.rsplit(":", 1)[1])
-    new_port = _free_port()
+    new_port = free_port()
     _reload_admin(proxy, f"127.0.0.1:{new_port}", a.address)
     assert _healthz(new_port) == 200
     assert _healthz(old_port) is None  # closed
@@ -222,7 +213,6 @@ def test_reload_moves_the_admin_listener(backends, observed_proxy):
 
 
 def test_a_taken_admin_address_keeps_the_old_listener(backends, observed_proxy, caplog):
-    import socket
     (a,) = backends("a")
     proxy = observed_proxy(config_document({"web": {"servers": [a.address]}}))
     old_port = int(proxy.admin_url.rsplit(":", 1)[1])

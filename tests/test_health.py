@@ -165,14 +165,14 @@ def test_checker_follows_a_reload(backends, observed_proxy):
     wait_for(lambda: proxy.state("web", b.address) == "down", what="b down")
     # Without [health] a server the checks had taken out gets traffic again.
     document = config_document({"web": {"servers": [a.address, b.address]}})
-    proxy.process.reload(parse_config(document, "test.toml"))
+    proxy.reload(document)
     wait_for(lambda: proxy.state("web", b.address) == "up", what="b up once checks are off")
     assert proxy.server_status("web", b.address)["reason"] == "active health checks disabled"
     # A server added by a reload is checked too.
     (c,) = backends("c")
     c.health_status = 500
     document = config_document({"web": {"servers": [a.address, c.address], "health": FAST_HEALTH}})
-    proxy.process.reload(parse_config(document, "test.toml"))
+    proxy.reload(document)
     wait_for(lambda: proxy.state("web", c.address) == "down", what="c down")
     assert proxy.state("web", a.address) == "up"
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import signal
-from urllib.parse import urlsplit
 
 import requests
 
-from proxy.config import parse_config
 from proxy.metrics import render_prometheus
 from tests.conftest import DEADLINE, config_document
 from tests.core_helpers import wait_for
@@ -21,9 +19,7 @@ def lines(path) -> list[str]:
 
 
 def reload_with_log(proxy, address: str, **log) -> None:
-    document = config_document({"web": {"servers": [address]}}, log=log)
-    document["server"]["listen"] = f"127.0.0.1:{urlsplit(proxy.url).port}"  # the listener it already has
-    proxy.process.reload(parse_config(document, "test.toml"))
+    proxy.reload(config_document({"web": {"servers": [address]}}, log=log))
 
 
 def access_log_total(proxy) -> str:
