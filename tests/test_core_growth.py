@@ -6,23 +6,25 @@ import threading
 
 from core import SocketServer, ThreadPool
 from core.socket_server import STARVED_AFTER
+from core.thread_pool import HOT_THREADS
 from tests.core_helpers import FakeClock
 
 TASK_WAIT = 5.0  # blocked tasks give up after this, so a failing test never hangs
 
 
 def _stalled_pool(clock: FakeClock) -> tuple[ThreadPool, threading.Event]:
-    """One thread blocked on a task, two more tasks waiting, and the clock past grow_after."""
-    pool = ThreadPool(min_threads=1, max_threads=4, max_queue=10, grow_after=1.0, clock=clock)
+    """HOT_THREADS threads blocked on tasks, two more tasks waiting, and the clock past grow_after."""
+    pool = ThreadPool(min_threads=1, max_threads=HOT_THREADS + 3, max_queue=10, grow_after=1.0, clock=clock)
     gate, started = threading.Event(), threading.Semaphore(0)
 
     def blocked() -> None:
         started.release()
         gate.wait(TASK_WAIT)
 
-    for _ in range(3):
+    for _ in range(HOT_THREADS + 2):
         assert pool.submit(blocked)
-    assert started.acquire(timeout=TASK_WAIT)
+    for _ in range(HOT_THREADS):  # up to HOT_THREADS threads start at once, stalled or not
+        assert started.acquire(timeout=TASK_WAIT)
     clock.advance(1.5)
     return pool, gate
 
@@ -38,7 +40,7 @@ def test_stalled_workers_get_threads_when_the_loop_is_on_time():
     try:
         server._note_starvation(late=0.0)
         pool.maybe_grow()
-        assert pool.threads == 3  # each waiting task got a thread
+        assert pool.threads == HOT_THREADS + 2  # each waiting task got a thread
     finally:
         gate.set()
         pool.shutdown(timeout=TASK_WAIT)
@@ -52,11 +54,11 @@ def test_a_late_loop_means_a_starved_process_and_no_growth():
     try:
         server._note_starvation(late=STARVED_AFTER * 3)
         pool.maybe_grow()
-        assert pool.threads == 1  # more threads would only convoy on the GIL
+        assert pool.threads == HOT_THREADS  # more threads would only convoy on the GIL
         clock.advance(1.5)  # still stalled, and now the loop runs on time: the stall is real
         server._note_starvation(late=0.0)
         pool.maybe_grow()
-        assert pool.threads == 3
+        assert pool.threads == HOT_THREADS + 2
     finally:
         gate.set()
         pool.shutdown(timeout=TASK_WAIT)

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from core import ThreadPool
-from core.thread_pool import PoolClosed
+from core.thread_pool import HOT_THREADS, PoolClosed
 from tests.core_helpers import FakeClock, wait_for
 
 TASK_WAIT = 5.0  # a blocked task gives up after this, so a failing test never hangs
@@ -188,19 +188,21 @@ def test_shutdown_returns_false_when_a_task_is_stuck():
 
 
 def test_pool_grows_only_when_queued_work_is_stalled(pools):
-    """With fast work the pool keeps its threads (GIL); it adds one when nobody took work for a while."""
+    """With fast work the pool stays at HOT_THREADS (GIL); beyond that it adds a thread only when
+    nobody took work for a while."""
     clock = FakeClock()
-    pool = pools(min_threads=1, max_threads=4, max_queue=100, grow_after=1.0, clock=clock)
+    pool = pools(min_threads=1, max_threads=5, max_queue=100, grow_after=1.0, clock=clock)
     started = threading.Semaphore(0)
-    for _ in range(3):
+    for _ in range(4):
         assert pool.submit(blocked_task, pools.gate, started)
-    assert started.acquire(timeout=TASK_WAIT)
+    for _ in range(HOT_THREADS):  # below HOT_THREADS, waiting work gets a thread at once
+        assert started.acquire(timeout=TASK_WAIT)
     pool.maybe_grow()
-    assert pool.threads == 1  # work waits, but the clock says the pool took work just now
+    assert pool.threads == HOT_THREADS  # work waits, but the clock says the pool took work just now
     clock.advance(1.5)
     pool.maybe_grow()
-    assert pool.threads == 3  # stalled for longer than grow_after: each waiting task gets a thread
-    for _ in range(2):
+    assert pool.threads == 4  # stalled for longer than grow_after: each waiting task gets a thread
+    for _ in range(4 - HOT_THREADS):
         assert started.acquire(timeout=TASK_WAIT)
 
 
