@@ -144,11 +144,11 @@ def load_bench_script():
     return module
 
 
-def test_calibrate_adds_the_three_relays_once_and_they_are_not_default():
+def test_calibrate_adds_the_relays_once_and_they_are_not_default():
     bench = load_bench_script()
     assert bench.parse_args([]).target_list == ["direct", "nginx", "haproxy", "pyproxy"]
     args = bench.parse_args(["--targets", "nginx,relay-loop", "--calibrate"])
-    assert args.target_list == ["nginx", "relay-loop", "relay-threads", "relay-pool2"]
+    assert args.target_list == ["nginx", "relay-loop", "relay-threads", "relay-pool2", "relay-lf2"]
     assert bench.parse_args(["--targets", "relay-pool2"]).target_list == ["relay-pool2"]
 
 
@@ -176,7 +176,7 @@ def test_table_shows_relay_ratios_without_a_goal():
                     *(Measurement("c50", name, "req/s", value=20_000.0, errors=0) for name in RELAY_MODES)]
     table = report.render_table(measurements)
     relay_lines = [line for line in table.splitlines() if "relay-" in line]
-    assert len(relay_lines) == 3 and all(line.rstrip().endswith("0.25x") for line in relay_lines), table
+    assert len(relay_lines) == len(RELAY_MODES) and all(line.rstrip().endswith("0.25x") for line in relay_lines), table
     assert "missed" in next(line for line in table.splitlines() if "pyproxy" in line)
     assert "--workers 2" in report.calibration_note(measurements, workers=2)
     assert report.calibration_note(measurements[:2], workers=1) is None

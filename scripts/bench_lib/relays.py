@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Bare calibration relays: how fast can any Python HTTP relay go on this machine? (issue 5)
 
-    python relays.py --mode threads|pool2|loop --port P --upstream 127.0.0.1:B1[,127.0.0.1:B2]
+    python relays.py --mode threads|pool2|lf2|loop --port P --upstream 127.0.0.1:B1[,127.0.0.1:B2]
 
 No features and minimal parsing: a message is a head up to the blank line plus a Content-Length
 body (no chunked; the bench backends always send Content-Length). Requests go upstream byte for
@@ -13,7 +13,10 @@ what goes upstream, so the upstream connection stays reusable as it does for the
     pool2    one epoll loop parks idle clients (EPOLLONESHOT); a readable one goes to one of exactly
              two worker threads, which serves one request with blocking I/O and re-arms the socket
 
-    Both keep idle upstream sockets in one pool per process (a list per backend under a lock),
+    lf2      leader/followers: no dispatcher thread and no queue; two threads take turns waiting on
+             the one epoll set (one event each) and the thread that wakes serves the request itself
+
+    All three keep idle upstream sockets in one pool per process (a list per backend under a lock),
     the backends taken in turn per request.
     loop     one thread, every socket non-blocking in one epoll set; a client connection holds one
              upstream connection until it closes, then the upstream one waits for the next client
@@ -250,6 +253,54 @@ def pool_worker(reactor: Reactor, work: queue.SimpleQueue, upstreams: UpstreamPo
             reactor.close(client)
 
 
+def serve_lf2(reactor: Reactor, listener: socket.socket, addresses: list[tuple[str, int]]) -> None:
+    """pool2 without its hand-off: whichever of the two threads epoll wakes serves the event."""
+    upstreams = UpstreamPool(addresses)
+    clients: dict[int, tuple[socket.socket, bytearray]] = {}
+    armed = select.EPOLLIN | select.EPOLLONESHOT  # one owner per event: the listener too
+    shared = select.epoll()
+    shared.register(listener.fileno(), armed)
+
+    def follow() -> None:
+        while True:  # daemon thread: ends with the process
+            for fd, _ in shared.poll(-1, 1):
+                if fd == listener.fileno():
+                    accept_batch(listener, shared, clients, armed)
+                    shared.modify(fd, armed)
+                else:
+                    serve_armed(shared, clients, fd, upstreams, armed)
+    for _ in range(POOL_WORKERS):
+        threading.Thread(target=follow, daemon=True).start()
+    reactor.run()  # the main thread only waits for the stop signal
+
+
+def accept_batch(listener: socket.socket, shared, clients: dict, armed: int) -> None:
+    for _ in range(ACCEPT_BATCH):
+        try:
+            client, _ = listener.accept()
+        except BlockingIOError:
+            return
+        client.setblocking(True)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        clients[client.fileno()] = (client, bytearray())
+        shared.register(client.fileno(), armed)
+
+
+def serve_armed(shared, clients: dict, fd: int, upstreams: UpstreamPool, armed: int) -> None:
+    client, buffer = clients[fd]
+    try:
+        keep = serve_one(client, buffer, upstreams)
+        while keep and HEAD_END in buffer:  # pipelined requests already read: epoll will not tell
+            keep = serve_one(client, buffer, upstreams)
+    except (OSError, RelayError):
+        keep = False  # a peer went away or misbehaved: this connection ends here
+    if keep:
+        shared.modify(fd, armed)
+    else:
+        del clients[fd]  # forget, then close: the fd number cannot be reused by an accept in between
+        client.close()
+
+
 def serve_loop(reactor: Reactor, listener: socket.socket, addresses: list[tuple[str, int]]) -> None:
     upstreams = LoopUpstreams(reactor, addresses)
     reactor.accept_into(listener, lambda client: LoopConnection(reactor, upstreams, client))
@@ -390,7 +441,7 @@ class LoopConnection:
 
 # --- Command line ----------------------------------------------------------------------------
 
-MODES = {"threads": serve_threads, "pool2": serve_pool2, "loop": serve_loop}
+MODES = {"threads": serve_threads, "pool2": serve_pool2, "lf2": serve_lf2, "loop": serve_loop}
 
 
 def parse_upstreams(text: str) -> list[tuple[str, int]]:

@@ -2,7 +2,7 @@
 
 A target is something wrk points at: `direct` (the first backend port), `nginx`, `haproxy`,
 `pyproxy`, and, only when asked for, the calibration relays `relay-threads`, `relay-pool2`,
-`relay-loop` (bench_lib/relays.py: bare Python relays, always one process). A proxy that does not
+`relay-lf2`, `relay-loop` (bench_lib/relays.py: bare Python relays, always one process). A proxy that does not
 come up becomes a target with `failure` set, and the run goes on.
 """
 
@@ -25,7 +25,7 @@ READY_TIMEOUT_S = 20.0
 PROBE_TIMEOUT_S = 2.0
 TARGET_NAMES = ("direct", "nginx", "haproxy", "pyproxy")  # the default run
 # Calibration relays (issue 5): target name -> relays.py --mode. Run only with --targets/--calibrate.
-RELAY_MODES = {"relay-threads": "threads", "relay-pool2": "pool2", "relay-loop": "loop"}
+RELAY_MODES = {"relay-threads": "threads", "relay-pool2": "pool2", "relay-lf2": "lf2", "relay-loop": "loop"}
 ALL_TARGET_NAMES = TARGET_NAMES + tuple(RELAY_MODES)
 RELAYS_SCRIPT = Path(__file__).resolve().parent / "relays.py"
 CLEANUP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
