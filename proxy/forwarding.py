@@ -93,7 +93,11 @@ def build_request_head(request, out: Outbound) -> bytes:
 
 # Response fields dropped by framing (see build_response_head), built once.
 _RESPONSE_DROP = {
-    "length": HOP_BY_HOP, "none": HOP_BY_HOP,  # Content-Length kept as sent
+    # "length": Content-Length is written once, from the parsed value, after the copied fields: a
+    # repeated "5, 5" is never relayed (RFC 9110 §8.6), and "Connection: Content-Length" from the
+    # upstream (which makes the field hop-by-hop) can never leave the client without framing.
+    "length": HOP_BY_HOP | {"content-length"},
+    "none": HOP_BY_HOP,  # Content-Length kept as sent: on HEAD and 304 it describes the full response
     "chunked": HOP_BY_HOP | {"content-length"}, "close": HOP_BY_HOP | {"content-length"},
     "upgrade": HOP_BY_HOP - {"connection", "upgrade"} | {"content-length"},
 }
@@ -109,11 +113,15 @@ def build_response_head(response, *, framing: str, keep_alive: bool, client_vers
     drop = _RESPONSE_DROP[framing]
     if response.connection_tokens and framing != "upgrade":
         drop = drop | response.connection_tokens
+    if response.status == 204:
+        drop = drop | {"content-length"}  # RFC 9110 §8.6: never in a 204
     headers = response.headers
     lines = [f"HTTP/1.1 {response.status} {response.reason}"]
     for lname, (name, value) in zip(headers.names, headers.raw):
         if lname not in drop:
             lines.append(f"{name}: {value}")
+    if framing == "length":
+        lines.append(f"Content-Length: {response.content_length}")
     if extra:
         lines += [f"{name}: {value}" for name, value in extra]
     if framing == "chunked":
