@@ -22,6 +22,9 @@ SIZE_UNITS = {
     "kB": 1000, "KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3,
 }
 MAX_PORT = 65535
+# No timeout here needs more than a year, and far larger ones overflow time_t / the C timeouts
+# sockets and threads take (settimeout(1e12) raises OverflowError on every request).
+MAX_DURATION_SECONDS = 365 * 24 * 3600
 
 _NUMBER_WITH_UNIT = re.compile(r"(\d+(?:\.\d+)?)([A-Za-z]+)")
 # RFC 1123 §2.1 host name labels; "_" is tolerated because real internal names use it.
@@ -57,12 +60,18 @@ def parse_duration(value: object) -> float:
             raise ValueError(f"{describe_value(value)} is not a valid duration ({_DURATION_HINT})")
         if value < 0:
             raise ValueError(f"{describe_value(value)} is not a valid duration (must not be negative)")
-        return float(value)
+        return _at_most_a_year(value, float(value))
     if isinstance(value, str):
         match = _NUMBER_WITH_UNIT.fullmatch(value)
         if match and match.group(2) in DURATION_UNITS:
-            return float(Decimal(match.group(1)) * DURATION_UNITS[match.group(2)])
+            return _at_most_a_year(value, float(Decimal(match.group(1)) * DURATION_UNITS[match.group(2)]))
     raise ValueError(f"{describe_value(value)} is not a valid duration ({_DURATION_HINT})")
+
+
+def _at_most_a_year(value: object, seconds: float) -> float:
+    if seconds > MAX_DURATION_SECONDS:
+        raise ValueError(f'{describe_value(value)} is too long (at most "8760h", one year)')
+    return seconds
 
 
 def parse_size(value: object) -> int:
