@@ -1,0 +1,137 @@
+"""Contract audit (shared/CONFIG.md): the real `pyproxy` command, run as a user would, where it
+once broke the contract. Each test names what CONFIG.md promises.
+
+Real processes and sockets on 127.0.0.1; readiness by polling the port; every wait bounded.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.test_cli import backends, free_port, proxy_running, run_cli, write_config  # noqa: F401 (fixture)
+
+BACKEND_ROUTE = """\
+[[routes]]
+path = "/"
+upstream = "web"
+
+[upstreams.web]
+servers = ["{backend}"]
+"""
+
+
+def one_backend_config(server: str, backend: str = "127.0.0.1:3000", log: str = 'access = "off"',
+                       extra: str = "") -> str:
+    return f"[server]\n{server}\n\n[log]\n{log}\n\n{extra}\n{BACKEND_ROUTE.format(backend=backend)}"
+
+
+def assert_one_line_problem(result, *fragments: str) -> None:
+    """Exit 1, no traceback, and every fragment on the error output."""
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+# --- "pyproxy -c proxy.toml --workers N overrides server.workers" (server.workers takes "auto") --
+
+def test_workers_auto_on_the_command_line_runs_one_worker_per_cpu(tmp_path, backends):
+    backend = backends("web")
+    cpus = len(os.sched_getaffinity(0))
+
+    def args_for_port(port: int) -> list[str]:
+        text = one_backend_config(f'listen = "127.0.0.1:{port}"', backend)
+        return ["-c", str(write_config(tmp_path, text)), "--workers", "auto"]
+
+    with proxy_running(tmp_path, args_for_port) as running:
+        assert running.get("/").json()["name"] == "web"
+        if cpus > 1:
+            assert f"with {cpus} workers" in running.stderr()
+
+
+def test_workers_on_the_command_line_still_refuses_nonsense(tmp_path):
+    path = write_config(tmp_path, one_backend_config('listen = "127.0.0.1:1"'))
+    for value in ("0", "two", "-1"):
+        result = run_cli("-c", str(path), "--workers", value)
+        assert result.returncode == 2, result.stderr
+        assert "--workers" in result.stderr and "auto" in result.stderr
+
+
+# --- log.access: "a file path"; a config error "never shows a traceback" --------------------------
+
+def test_access_log_path_that_is_a_directory_is_a_config_problem(tmp_path):
+    (tmp_path / "logs").mkdir()
+    path = write_config(tmp_path, one_backend_config('listen = "127.0.0.1:1"', log='access = "logs"'))
+    assert_one_line_problem(run_cli("check", "-c", str(path)), "log.access", "is a directory")
+    assert_one_line_problem(run_cli("-c", str(path)), "log.access", "is a directory")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_access_log_that_cannot_be_opened_stops_the_start_with_one_line(tmp_path, workers):
+    # /proc refuses new files even to root, so this holds whoever runs the tests.
+    listen = f'listen = "127.0.0.1:{free_port()}"'
+    text = one_backend_config(listen, log='access = "/proc/pyproxy-audit.log"')
+    path = write_config(tmp_path, text)
+    result = run_cli("-c", str(path), "--workers", workers)
+    assert_one_line_problem(result, "pyproxy: cannot open the access log /proc/pyproxy-audit.log")
+    assert "listening on" not in result.stderr
+
+
+# --- duplicate listen addresses are a config problem, not "address already in use" at start -------
+
+@pytest.mark.parametrize("first, second", [
+    ("0.0.0.0:{port}", "127.0.0.1:{port}"),
+    ("[::]:{port}", "127.0.0.1:{port}"),
+    ("[::]:{port}", "[::1]:{port}"),
+    ("127.0.0.1:{port}", "0.0.0.0:{port}"),
+    (":{port}", "[::1]:{port}"),
+])
+def test_overlapping_listen_addresses_fail_check(tmp_path, first, second):
+    port = 18931
+    listen = f'listen = ["{first.format(port=port)}", "{second.format(port=port)}"]'
+    result = run_cli("check", "-c", str(write_config(tmp_path, one_backend_config(listen))))
+    assert_one_line_problem(result, f"server.listen[1]: {second.format(port=port)}",
+                            first.format(port=port))
+
+
+def test_admin_on_a_port_the_wildcard_listener_holds_fails_check(tmp_path):
+    text = one_backend_config('listen = "0.0.0.0:18932"', extra='[admin]\nlisten = "127.0.0.1:18932"\n')
+    result = run_cli("check", "-c", str(write_config(tmp_path, text)))
+    assert_one_line_problem(result, "admin.listen: 127.0.0.1:18932 clashes with server.listen 0.0.0.0:18932")
+
+
+@pytest.mark.parametrize("listen", [
+    '["127.0.0.1:18933", "[::1]:18933"]',
+    '["0.0.0.0:18933", "[::1]:18933"]',
+    '["127.0.0.1:18933", "127.0.0.2:18933"]',
+])
+def test_listen_addresses_that_can_share_a_port_pass_check(tmp_path, listen):
+    result = run_cli("check", "-c", str(write_config(tmp_path, one_backend_config(f"listen = {listen}"))))
+    assert result.returncode == 0, result.stderr
+
+
+# --- durations: a number of seconds or "250ms"/"5s"/"2m"; one that breaks the proxy is refused -----
+
+def test_absurdly_long_durations_are_config_problems(tmp_path):
+    text = one_backend_config('listen = "127.0.0.1:1"\ngraceful_timeout = 1e12\nidle_timeout = "99999999h"')
+    text += 'connect_timeout = 1e12\n'
+    result = run_cli("check", "-c", str(write_config(tmp_path, text)))
+    assert_one_line_problem(result, "server.graceful_timeout: 1000000000000.0 is too long",
+                            'server.idle_timeout: "99999999h" is too long', "upstreams.web.connect_timeout")
+
+
+def test_a_year_long_duration_is_accepted_and_the_proxy_forwards(tmp_path, backends):
+    backend = backends("web")
+
+    def args_for_port(port: int) -> list[str]:
+        text = one_backend_config(f'listen = "127.0.0.1:{port}"\nidle_timeout = "8760h"', backend)
+        text += 'connect_timeout = 31536000\nread_timeout = "8760h"\n'
+        return ["-c", str(write_config(tmp_path, text))]
+
+    with proxy_running(tmp_path, args_for_port) as running:
+        response = running.get("/")
+        assert response.status_code == 200 and response.json()["name"] == "web"
+        assert "Traceback" not in running.stderr()
+
