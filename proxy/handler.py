@@ -608,6 +608,11 @@ class HttpHandler:
                 # RFC 9112 §6.3 item 3: "ought to be handled as an error" -- the response-splitting
                 # signature; the parser would let chunked win, a proxy refuses it (nginx: 502).
                 raise UpstreamFailed("upstream sent both Content-Length and Transfer-Encoding")
+            if response.content_length is None and response.status != 101 and not _chunked_only(response):
+                # Only chunked is decoded, and Transfer-Encoding is hop-by-hop: a body in any other
+                # coding (gzip, chunked twice) would reach the client as if it were the content.
+                # nginx refuses these too: 502 "upstream sent unknown Transfer-Encoding".
+                raise UpstreamFailed("upstream sent an unsupported Transfer-Encoding")
             return response, parser
 
     def _relay_response(self, ex: Exchange, link, response: ResponseHead, parser) -> bool:
@@ -712,6 +717,15 @@ class HttpHandler:
         # The relay thread owns both sockets from here; this worker goes back to the pool.
         self.tunnels.start_tunnel(ex.conn, link.sock, leftover, self.app.settings.tunnel_timeout)
         return False
+
+
+def _chunked_only(response: ResponseHead) -> bool:
+    """No Transfer-Encoding (close-delimited), or exactly "chunked": what the relay can decode."""
+    values = response.headers.get_all("transfer-encoding")
+    if not values:
+        return True
+    codings = [item.strip(" \t").lower() for value in values for item in value.split(",")]
+    return [coding for coding in codings if coding] == ["chunked"]
 
 
 def _wants_whole_body(request: RequestHead) -> bool:
