@@ -618,8 +618,22 @@ def _parse_listen(c: _Checker, value: Any, path: str) -> tuple[ListenConfig, ...
 
 
 def _same_socket(a: ListenConfig, b: ListenConfig) -> bool:
-    """Would binding both fail? Same port and the same host, or one of them on all interfaces."""
-    return a.port == b.port and (a.host == b.host or "" in (a.host, b.host))
+    """Would binding both fail (bind(2) EADDRINUSE)? Same port, and the same host or a wildcard that
+    covers the other: "" and "::" take every address (dual-stack), "0.0.0.0" every IPv4 address.
+    Host names are not resolved here, so a name only clashes with itself and the dual-stack ones."""
+    if a.port != b.port:
+        return False
+    if a.host == b.host or {a.host, b.host} & {"", "::"}:
+        return True
+    return "0.0.0.0" in (a.host, b.host) and _is_ipv4(a.host) and _is_ipv4(b.host)
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _parse_server(c: _Checker, value: Any) -> ServerSettings:
