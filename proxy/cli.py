@@ -23,7 +23,9 @@ import click
 from core.cpu_affinity import pin_worker
 
 from . import __version__
-from .config import DEFAULT_LISTEN, Config, ConfigError, ListenConfig, load_config, quick_config
+from .config import (
+    ACCESS_STREAMS, DEFAULT_LISTEN, Config, ConfigError, ListenConfig, load_config, parse_workers, quick_config,
+)
 from .routing_table import routing_table_lines
 from .runner import ProxyProcess, bind_config_listener, configure_logging, describe_listeners, tls_terminator
 from .starter import write_starter
@@ -61,6 +63,16 @@ def load_or_exit(path: str) -> Config:
         return load_config(path)
     except ConfigError as exc:
         fail(str(exc))
+
+
+def parse_workers_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """--workers N or "auto", as server.workers takes them (CONFIG.md: --workers overrides it)."""
+    if value is None:
+        return None
+    try:
+        return parse_workers(int(value) if value.isdigit() else value)
+    except ValueError:
+        raise click.BadParameter(f'{value!r} is not a number of processes (1 or more) or "auto"') from None
 
 
 def parse_route_option(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -125,7 +137,8 @@ MAIN_EPILOG = "Signals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the conf
 
 @click.group(invoke_without_command=True, context_settings=CONTEXT, help=MAIN_HELP, epilog=MAIN_EPILOG)
 @click.option("-c", "--config", "config_path", metavar="FILE", help="Run the proxy with this TOML config file.")
-@click.option("--workers", type=click.IntRange(min=1), metavar="N", help="Worker processes (overrides server.workers).")
+@click.option("--workers", metavar="N", callback=parse_workers_option,
+              help='Worker processes, or "auto" for one per CPU (overrides server.workers).')
 @click.option("--watch", is_flag=True, help="Reload gracefully whenever the config file changes.")
 @click.option("--from", "listen", metavar="ADDRESS",
               help=f'Without a config file: listen here, e.g. ":8080" (all interfaces) or "127.0.0.1:8080". '
@@ -179,6 +192,10 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
     except ConfigError as exc:
         click.echo(_with_source(config, exc), err=True)
         return 1
+    problem = access_log_problem(config)
+    if problem:
+        click.echo(problem, err=True)
+        return 1
     try:
         listeners = bind_listeners(config)
     except ListenError as exc:
@@ -198,6 +215,21 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
     click.echo(f"pyproxy {__version__} listening on {describe_listeners(process)}", err=True)
     process.serve_forever()
     return 0
+
+
+def access_log_problem(config: Config) -> str | None:
+    """A log.access file that cannot be opened, found before any socket or fork: the writer opens it
+    only when serving starts, where the error was a traceback (and, with workers, each one died and
+    was restarted forever)."""
+    target = config.log.access
+    if target in ACCESS_STREAMS:
+        return None
+    try:
+        with open(target, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        return f"pyproxy: cannot open the access log {target}: {exc.strerror or exc}"
+    return None
 
 
 def _with_source(config, exc: ConfigError) -> str:

@@ -329,7 +329,8 @@ def _size(minimum: int = 0) -> Callable[[Any], int]:
     return convert
 
 
-def _workers(value: Any) -> int:
+def parse_workers(value: Any) -> int:
+    """server.workers and --workers: a number of processes, or "auto" = one per CPU."""
     if value == "auto":
         return os.cpu_count() or 1
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
@@ -486,7 +487,7 @@ SERVER_KEYS = (
     "trusted_proxies", "body_timeout", "send_timeout", "cpu_affinity",
 )
 _SERVER_CONVERTERS = {
-    "workers": _workers,
+    "workers": parse_workers,
     "min_threads": _integer(1),
     "max_threads": _integer(1),
     "max_connections": _integer(1),
@@ -698,6 +699,9 @@ def _parse_access_target(c: _Checker, value: Any) -> str | None:
         return value
     resolved = c.resolve(value)
     directory = os.path.dirname(resolved)
+    if os.path.isdir(resolved):
+        c.add("log.access", f"cannot write {describe_value(value)}: {resolved} is a directory (name a file in it)")
+        return None
     if not os.path.isdir(directory):
         c.add("log.access", f"cannot write {describe_value(value)}: directory {directory} does not exist")
         return None
