@@ -17,6 +17,7 @@ import random
 import select
 import socket
 import ssl
+import struct
 import time
 
 from core import ConnectionState
@@ -50,6 +51,7 @@ MAX_INTERIM_RESPONSES = 16
 LINGER_SECONDS = 2.0
 LINGER_READ_TIMEOUT = 0.5
 _PEEK_NOWAIT = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_LINGER_ZERO = struct.pack("ii", 1, 0)  # struct linger {l_onoff = 1, l_linger = 0}: close sends RST
 # RFC 9110 §9.2.2: methods whose repetition is harmless (a retry after a stale connection is safe).
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 S = ConnectionState
@@ -197,9 +199,10 @@ class HttpHandler:
                     deadline = now + settings.header_timeout  # slowloris: the whole head, not each read
                 elif now >= deadline:
                     raise TimeoutError
-                if parser.has_buffered_data and not conn.readable_now():
+                if parser.head_started and not conn.readable_now():
                     # A client trickling its head must not hold a worker until header_timeout
-                    # (slowloris): park the connection with the head's deadline instead.
+                    # (slowloris): park the connection with the head's deadline instead. Empty lines
+                    # count: the parser drops them, a client sending only "\r\n" must not hold one.
                     session.head_deadline = conn.park_deadline = deadline
                     conn.transition(S.IDLE)
                     return PARKED
@@ -642,8 +645,16 @@ class HttpHandler:
             complete = not parser.has_buffered_data  # a body on HEAD/204/304: never reuse that connection
         elif framing == "length":
             complete = self._relay_length(ex, link, head, parser, response.content_length)
+        elif framing == "chunked":
+            complete = self._relay_events(ex, link, head, parser, chunked=True)
         else:
-            complete = self._relay_events(ex, link, head, parser, chunked=framing == "chunked")
+            try:
+                complete = self._relay_events(ex, link, head, parser, chunked=False)
+            except ProxyError:
+                # A close-delimited body ends at our FIN, so after an upstream failure a FIN would
+                # tell the client it has the whole body. The abort that follows must be a reset.
+                _reset_on_close(ex.conn.sock)
+                raise
         return complete and response.keep_alive and ex.body_done and not parser.body_close_delimited
 
     def _relay_length(self, ex: Exchange, link, head: bytes, parser, length: int) -> bool:
@@ -717,6 +728,14 @@ class HttpHandler:
         # The relay thread owns both sockets from here; this worker goes back to the pool.
         self.tunnels.start_tunnel(ex.conn, link.sock, leftover, self.app.settings.tunnel_timeout)
         return False
+
+
+def _reset_on_close(sock) -> None:
+    """Make the socket's close send a RST instead of a FIN (SO_LINGER on, zero timeout)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+    except OSError:  # already gone: it cannot end cleanly either
+        pass
 
 
 def _chunked_only(response: ResponseHead) -> bool:

@@ -493,6 +493,12 @@ class _MessageParser:
         return bool(self._buf)
 
     @property
+    def head_started(self) -> bool:
+        """Bytes of the next message arrived: buffered, or empty lines already skipped before its
+        start line (RFC 9112 §2.2) -- those leave the buffer empty while a head is under way."""
+        return bool(self._buf) or self._skipped > 0
+
+    @property
     def body_buffered(self) -> bool:
         """In a Content-Length body, every byte of it is already buffered (next_event will not need data)."""
         return self._state is _BODY_LENGTH and len(self._buf) >= (self.body_remaining or 0)
