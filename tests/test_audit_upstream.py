@@ -10,7 +10,7 @@ import pytest
 
 from tests.backends import RawClient, raw_client
 from tests.conftest import started_until_teardown
-from tests.faults.upstream import FIN, HEAD, LOOP, FaultyUpstream, write
+from tests.faults.upstream import FIN, HANG, HEAD, LOOP, RST, FaultyUpstream, sleep, write
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -102,5 +102,37 @@ def test_content_length_is_not_relayed_on_a_204(upstreams, start):
     assert header_values(response.head, b"content-length") == []
 
 
-def _unused(client: RawClient) -> None:  # pragma: no cover - keeps the import for later sections
-    del client
+# -- an upstream failing mid-body must never look like a complete response ------------------------
+def _read_to_end(raw: RawClient) -> str:
+    """Read until the proxy ends the connection: "eof" (a clean FIN) or "reset"."""
+    for _ in range(10_000):  # bounded: each recv has the client timeout
+        try:
+            if not raw._fill():
+                return "eof"
+        except ConnectionResetError:
+            return "reset"
+    raise AssertionError("the proxy never ended the connection")
+
+
+@pytest.mark.parametrize("failure", [FIN, RST, HANG])
+def test_http10_client_sees_a_reset_when_a_chunked_upstream_fails_mid_body(upstreams, start, failure):
+    """Bug: an HTTP/1.0 client gets a close-delimited body; when the chunked upstream died or stalled
+    mid-body, the proxy closed with a FIN, which is exactly how a whole close-delimited body ends:
+    the client took the truncated body for the complete response. A reset is the only signal left."""
+    upstream = upstreams([HEAD, write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"),
+                          sleep(0.05), failure])
+    proxy = start(upstream.address, read_timeout="300ms")
+    with raw_client(proxy) as raw:
+        raw.send(b"GET / HTTP/1.0\r\nHost: a\r\n\r\n")
+        assert _read_to_end(raw) == "reset"
+
+
+def test_http10_client_complete_close_delimited_body_ends_with_a_clean_close(upstreams, start):
+    """The counterpart: a whole body still ends with a FIN, every byte delivered."""
+    upstream = upstreams([HEAD, write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+                                      b"0\r\n\r\n"), LOOP])
+    proxy = start(upstream.address)
+    with raw_client(proxy) as raw:
+        raw.send(b"GET / HTTP/1.0\r\nHost: a\r\n\r\n")
+        assert _read_to_end(raw) == "eof"
+        assert raw.buffer.endswith(b"\r\n\r\nhello")
