@@ -147,8 +147,8 @@ def _read_head(sock, parser: ResponseParser, deadline, clock) -> ResponseHead:
     while True:
         event = parser.next_event()
         if isinstance(event, ResponseHead):
-            if event.status >= 200:
-                return event
+            if event.status >= 200 or parser.switched:
+                return event  # a 101 is final: nothing HTTP follows it (and the check fails on it)
             continue  # RFC 9110 §15.2: 1xx interim responses precede the final one
         if event is NEED_DATA:
             sock.settimeout(_remaining(deadline, clock))
@@ -161,6 +161,8 @@ def _read_head(sock, parser: ResponseParser, deadline, clock) -> ResponseHead:
 
 def _drain_body(sock, parser: ResponseParser, deadline, clock) -> None:
     """Read the (small) body so the backend sees a clean close, not a reset; give up quietly."""
+    if parser.switched:
+        return  # not HTTP any more: nothing to drain (the parser would wait forever, even past EOF)
     drained = 0
     try:
         while drained <= MAX_DRAIN_BYTES:

@@ -6,8 +6,12 @@ no other file covered. Backends are tests/faults/upstream.py scripts; clients ar
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
+from proxy.config import HealthConfig
+from proxy.health import probe
 from tests.backends import RawClient, raw_client
 from tests.conftest import started_until_teardown
 from tests.faults.upstream import FIN, HANG, HEAD, LOOP, RST, FaultyUpstream, sleep, write
@@ -136,3 +140,23 @@ def test_http10_client_complete_close_delimited_body_ends_with_a_clean_close(ups
         raw.send(b"GET / HTTP/1.0\r\nHost: a\r\n\r\n")
         assert _read_to_end(raw) == "eof"
         assert raw.buffer.endswith(b"\r\n\r\nhello")
+
+
+# -- the health checker against misbehaving servers ----------------------------------------------
+def _probe(upstream, timeout: float):
+    health = HealthConfig(path="/healthz", interval=1.0, timeout=timeout, expect_status=frozenset(range(200, 300)),
+                          healthy_after=1, unhealthy_after=1)
+    return probe("127.0.0.1", upstream.port, health, host_header=upstream.address)
+
+
+@pytest.mark.parametrize("then", [FIN, HANG])
+def test_health_probe_answered_with_101_fails_at_once(upstreams, then):
+    """Bug: the probe took 101 for an interim response and waited for a final one; the parser
+    ignores EOF once switched, so after the server closed the probe spun on recv() returning b""
+    (a whole CPU) until its timeout, then reported a timeout instead of the status."""
+    upstream = upstreams([HEAD, write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n"),
+                          then])
+    started = time.monotonic()
+    result = _probe(upstream, timeout=3.0)
+    assert time.monotonic() - started < 1.5
+    assert (result.ok, result.status) == (False, 101)
