@@ -135,9 +135,13 @@ def build_response_head(response, *, framing: str, keep_alive: bool, client_vers
     return "\r\n".join(lines).encode("latin-1")
 
 
+_INTERIM_DROP = HOP_BY_HOP | {"content-length"}
+
+
 def interim_head(response) -> bytes:
     """A 1xx response relayed to an HTTP/1.1 client (hop-by-hop headers dropped)."""
     lines = [f"HTTP/1.1 {response.status} {response.reason}"]
-    lines.extend(f"{n}: {v}" for n, v in response.headers if n.lower() not in HOP_BY_HOP)
+    # RFC 9110 §8.6: no Content-Length in a 1xx (a client trusting one would misframe what follows).
+    lines.extend(f"{n}: {v}" for n, v in response.headers if n.lower() not in _INTERIM_DROP)
     lines.append("\r\n")
     return "\r\n".join(lines).encode("latin-1")

@@ -160,3 +160,19 @@ def test_health_probe_answered_with_101_fails_at_once(upstreams, then):
     result = _probe(upstream, timeout=3.0)
     assert time.monotonic() - started < 1.5
     assert (result.ok, result.status) == (False, 101)
+
+
+def test_content_length_is_not_relayed_on_an_interim_response(upstreams, start):
+    """Bug: a 1xx was relayed with every end-to-end field, Content-Length included; RFC 9110 §8.6:
+    never in a 1xx (a client trusting it would take the final response's first bytes as a body)."""
+    upstream = upstreams([HEAD, write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\nContent-Length: 3\r\n\r\n"
+                                      b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), LOOP])
+    proxy = start(upstream.address)
+    with raw_client(proxy) as raw:
+        raw.send(GET)
+        interim = raw.read_head()
+        final = raw.read_response()
+    assert interim.startswith(b"HTTP/1.1 103")
+    assert header_values(interim, b"link") == [b"</a.css>"]
+    assert header_values(interim, b"content-length") == []
+    assert (final.status, final.body) == (200, b"ok")
