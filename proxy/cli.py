@@ -87,12 +87,13 @@ def parse_route_option(ctx: click.Context, param: click.Parameter, values: tuple
     return routes
 
 
-def listen_error(listen: ListenConfig, exc: OSError) -> ListenError:
+def listen_error(listen: ListenConfig, exc: OSError, key: str = "") -> ListenError:
     if isinstance(exc, socket.gaierror):
         reason = f"cannot resolve the host name ({exc.strerror})"
     else:
         reason = LISTEN_ERROR_HINTS.get(exc.errno, exc.strerror or str(exc))
-    return ListenError(f"pyproxy: cannot listen on {listen.address}: {reason}")
+    named = f" ({key})" if key else ""
+    return ListenError(f"pyproxy: cannot listen on {listen.address}{named}: {reason}")
 
 
 def bind_listeners(config: Config) -> list[tuple[ListenConfig, socket.socket]]:
@@ -107,6 +108,17 @@ def bind_listeners(config: Config) -> list[tuple[ListenConfig, socket.socket]]:
                 sock.close()
             raise listen_error(listen, exc) from None
     return bound
+
+
+def bind_admin(config: Config) -> socket.socket | None:
+    """Bind [admin].listen up front as well: a taken admin port was a traceback with one process,
+    and with workers a proxy running without /healthz. Raises ListenError."""
+    if config.admin is None:
+        return None
+    try:
+        return bind_config_listener(config.admin.listen)
+    except OSError as exc:
+        raise listen_error(config.admin.listen, exc, "admin.listen") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,13 +213,23 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
     except ListenError as exc:
         click.echo(str(exc), err=True)
         return 1
+    try:
+        admin_socket = bind_admin(config)
+    except ListenError as exc:
+        for _, sock in listeners:
+            sock.close()
+        click.echo(str(exc), err=True)
+        return 1
     workers = workers or config.server.workers
     if workers > 1:  # a supervisor and N worker processes sharing these sockets (proxy.supervisor)
+        if admin_socket is not None:
+            admin_socket.close()  # the supervisor binds [admin] itself; it was free a moment ago
         addresses = ", ".join(f"http://{listen.address}" for listen, _ in listeners)
         click.echo(f"pyproxy {__version__} listening on {addresses} with {workers} workers", err=True)
         return run_supervisor(config, config_path, listeners, workers, watch=watch)
     pinned = pin_worker(config.server.cpu_affinity)  # before ProxyProcess starts its threads
-    process = ProxyProcess(config, listeners=listeners, install_signals=True, config_path=config_path)
+    process = ProxyProcess(config, listeners=listeners, install_signals=True, config_path=config_path,
+                           admin_socket=admin_socket)
     if pinned is not None:
         log.info("pinned to CPU %d (server.cpu_affinity)", pinned)
     if watch and config_path:

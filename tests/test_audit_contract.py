@@ -7,6 +7,7 @@ Real processes and sockets on 127.0.0.1; readiness by polling the port; every wa
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -134,3 +135,19 @@ def test_a_year_long_duration_is_accepted_and_the_proxy_forwards(tmp_path, backe
         assert response.status_code == 200 and response.json()["name"] == "web"
         assert "Traceback" not in running.stderr()
 
+
+
+# --- "1 for ... an address the proxy cannot listen on" (README): [admin].listen too ------------------
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_admin_address_stops_the_start_with_one_line(tmp_path, workers):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        admin_port = taken.getsockname()[1]
+        text = one_backend_config(f'listen = "127.0.0.1:{free_port()}"',
+                                  extra=f'[admin]\nlisten = "127.0.0.1:{admin_port}"\n')
+        result = run_cli("-c", str(write_config(tmp_path, text)), "--workers", workers)
+    assert_one_line_problem(result, f"pyproxy: cannot listen on 127.0.0.1:{admin_port} (admin.listen): "
+                                    "address already in use")
+    assert "listening on" not in result.stderr
