@@ -87,6 +87,18 @@ class ServerPool:
         return len(self._idle)
 
     def checkout(self) -> UpstreamConnection:
+        # A loop, not a recursion: after a backend restart every idle connection may be dead, and a
+        # pool of about a thousand of them overflowed the stack. Bounded: each turn takes one out.
+        while True:
+            found = self._take_idle()
+            if found is None:
+                return self.connect()
+            if not _server_closed_or_dirty(found.sock):
+                return found
+            found.close()
+
+    def _take_idle(self) -> UpstreamConnection | None:
+        """The most recently used idle connection young enough to try; expired ones are closed."""
         doomed = []
         found = None
         now = self.clock()
@@ -103,12 +115,7 @@ class ServerPool:
                 self._idle = [c for c in self._idle if now - c.last_used < self.keepalive_timeout]
         for conn in doomed:
             conn.close()
-        if found is not None and not _server_closed_or_dirty(found.sock):
-            return found
-        if found is not None:
-            found.close()
-            return self.checkout()
-        return self.connect()
+        return found
 
     def connect(self) -> UpstreamConnection:
         try:
