@@ -205,6 +205,9 @@ _HOST_RE = re.compile(
 _ABSOLUTE_FORM_RE = re.compile(r"(?i:https?)://([^/?]*)([/?].*)?")
 _CONTENT_LENGTH_RE = re.compile(rf"[0-9]{{1,{MAX_CONTENT_LENGTH_DIGITS}}}")
 _TOKEN_RE = re.compile(_TOKEN)
+# The same request-line grammar on raw bytes, for a line whose head has not fully arrived yet.
+_METHOD_PREFIX_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*")
+_REQUEST_LINE_BYTES_RE = re.compile(_REQUEST_LINE_RE.pattern.encode("latin-1"))
 # chunk-size [ chunk-ext ] (RFC 9112 §7.1.1): 1-16 hex digits, then extensions by the grammar
 #   chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS ( token / quoted-string ) ] )
 # Extensions are dropped when we re-chunk, but a malformed one ("1;", "1;a=b c") is exactly what
@@ -613,8 +616,10 @@ class _MessageParser:
             line_end = buf.find(b"\r\n", 0, self._max_line_bytes + 2)
             if line_end == -1:
                 self._check_line_length(size)
+                self._check_partial_start_line(buf)
             else:
                 self._line_complete = True
+                self._check_start_line(buf, line_end)
         if size + self._skipped >= self._max_header_bytes:
             raise ProtocolError(431, "request header fields too large")
         stop = size - 1 if buf.endswith(b"\r") else size
@@ -625,6 +630,12 @@ class _MessageParser:
         if self._eof and size:  # empty lines then a close is still a clean close
             raise self._truncated()
         return NEED_DATA
+
+    def _check_partial_start_line(self, buf: bytearray) -> None:
+        """Refuse a start line that can no longer become valid, before the rest of the head arrives."""
+
+    def _check_start_line(self, buf: bytearray, line_end: int) -> None:
+        """Refuse a complete but malformed start line without waiting for the rest of the head."""
 
     def _check_line_length(self, length: int) -> None:
         if length > self._max_line_bytes:
@@ -780,6 +791,19 @@ class RequestParser(_MessageParser):
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     ) -> None:
         super().__init__(max_header_bytes, max_body_bytes, max_line_bytes)
+
+    # A peer speaking another protocol (a TLS ClientHello on a plain port, SSH, SMTP) sends no CRLFCRLF
+    # for a long while: waiting for it would answer 408 after header_timeout. nginx and HAProxy answer
+    # 400 at the first byte a request line cannot hold; so do we, for the method and the whole line.
+    def _check_partial_start_line(self, buf: bytearray) -> None:
+        method_end = _METHOD_PREFIX_RE.match(buf).end()
+        if method_end < len(buf) and buf[method_end] != 0x20 and not (
+                buf[method_end] == 0x0D and method_end == len(buf) - 1):  # a CR whose LF is on its way
+            raise _bad("invalid method")
+
+    def _check_start_line(self, buf: bytearray, line_end: int) -> None:
+        if not _REQUEST_LINE_BYTES_RE.fullmatch(buf, 0, line_end):
+            raise _bad(_describe_bad_request_line(buf[:line_end].decode("latin-1")))
 
     def _parse_head(self, text: str) -> RequestHead:
         line_end = text.find("\r\n")

@@ -66,3 +66,23 @@ def test_empty_lines_before_a_request_are_parked_not_blocking_a_worker(make_back
     finally:
         for sock in socks:
             sock.close()
+
+
+# -- another protocol on the HTTP port: 400 at once, as nginx and HAProxy answer ---------------------
+# The parser only judged the request line once the whole head (CRLFCRLF) was in, so a TLS ClientHello,
+# an SSH banner or an SMTP greeting sat parked until header_timeout and got a 408.
+@pytest.mark.parametrize("opening", [
+    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",  # TLS ClientHello on a plain-text listener
+    b"SSH-2.0-OpenSSH_9.6\r\n",                       # a complete line that is no request line
+    b"GET /\x00 HTTP/1.1\r\nHost: a\r\n",               # complete, malformed request line, head unfinished
+], ids=["tls-client-hello", "ssh-banner", "nul-in-target"])
+def test_a_start_line_that_cannot_become_a_request_is_400_at_once(make_backend, make_proxy, opening):
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]}, server={"header_timeout": f"{HEADER_TIMEOUT}s"})
+    with _connect(proxy) as sock:
+        sock.settimeout(HEADER_TIMEOUT / 2)  # a 408 after header_timeout fails here with a timeout
+        sock.sendall(opening)
+        answer = _read_until_close(sock)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:60]
+    assert b"Connection: close" in answer
+    assert backend.requests == []
