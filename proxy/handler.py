@@ -472,9 +472,10 @@ class HttpHandler:
         else:
             try:
                 self._send_body(ex, link, head)
-            except UpstreamFailed:
-                # The server may have answered (413, 401, ...) and closed before taking the whole body,
-                # which RFC 9112 §9.6 allows: relay its answer, as nginx does, rather than a 502.
+            except (UpstreamFailed, UpstreamTimeout):
+                # The server may have answered (413, 401, ...) and closed, or stopped reading, before
+                # taking the whole body, which RFC 9112 §9.6 allows: relay its answer, as nginx does,
+                # rather than a 502/504.
                 if not _has_early_answer(link.sock):
                     raise
             response, parser = self._read_response_head(ex, link)
@@ -533,6 +534,8 @@ class HttpHandler:
             except PeerClosed as exc:
                 raise ClientGone("client closed during the request body") from exc
             except TimeoutError as exc:
+                if str(exc).startswith("write"):  # core.zerocopy names the side that timed out
+                    raise UpstreamTimeout("upstream stopped reading the request body") from exc
                 raise ProtocolError(408, "request body not received in time") from exc
             except OSError as exc:
                 raise UpstreamFailed(f"sending the body upstream failed: {exc.strerror or exc}") from exc
@@ -601,9 +604,11 @@ class HttpHandler:
             if 100 <= response.status < 200 and response.status != 101:
                 interim += 1
                 if interim > MAX_INTERIM_RESPONSES:
+                    ex.response_started = True  # a backend looping on 1xx: cut the client off, no status
                     raise UpstreamFailed("upstream sent too many 1xx responses")
                 if ex.request.version == "HTTP/1.1":  # RFC 9110 §15.2: never send 1xx to 1.0 clients
-                    self._to_client(ex, interim_head(response))
+                    # Not the response: a failure after it still answers with a final status.
+                    self._to_client(ex, interim_head(response), final=False)
                 if response.status == 100 and stop_at_continue:
                     return None, parser
                 continue
@@ -708,8 +713,8 @@ class HttpHandler:
         lines = "".join(f"{name}: {value}\r\n" for name, value in trailers)
         return b"0\r\n" + lines.encode("latin-1") + b"\r\n"
 
-    def _to_client(self, ex: Exchange, data: bytes) -> None:
-        ex.response_started = True
+    def _to_client(self, ex: Exchange, data: bytes, final: bool = True) -> None:
+        ex.response_started = ex.response_started or final
         try:
             ex.conn.sendall(data)
         except OSError as exc:

@@ -7,6 +7,7 @@ no other file covered. Backends are tests/faults/upstream.py scripts; clients ar
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import pytest
@@ -206,3 +207,29 @@ def test_checkout_past_many_dead_idle_connections_dials_a_new_one():
     finally:
         pool.close_all()
         listener.close()
+
+
+# -- an upstream answering before it read the request body ---------------------------------------
+def test_early_answer_from_an_upstream_that_stops_reading_is_relayed_not_408(upstreams, start):
+    """Bug: the upstream answered 403 after the head and kept the connection open without reading
+    the upload. Once the socket buffers filled, the proxy's write to the upstream timed out, and it
+    answered 408 "request body not received in time", blaming a client that had sent everything.
+    The upstream's answer is relayed instead (as when it closes: test_early_response_during_upload)."""
+    upstream = upstreams([HEAD, write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno"), HANG])
+    proxy = start(upstream.address, read_timeout="500ms")
+    size = 32 * 1024 * 1024  # well past what loopback socket buffers hold
+    with raw_client(proxy) as raw:
+        raw.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size)
+        sender = threading.Thread(target=_send_quietly, args=(raw.sock, b"x" * size), daemon=True)
+        sender.start()
+        response = raw.read_response()
+        sender.join(10)
+    assert (response.status, response.body) == (403, b"no")
+    assert response.header("Connection") == "close"  # the rest of the body was never read
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:  # the proxy closed after answering: expected
+        pass
