@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import ssl
 import sys
 
 import click
@@ -24,8 +25,10 @@ from core.cpu_affinity import pin_worker
 
 from . import __version__
 from .config import (
-    ACCESS_STREAMS, DEFAULT_LISTEN, Config, ConfigError, ListenConfig, load_config, parse_workers, quick_config,
+    ACCESS_STREAMS, DEFAULT_LISTEN, Config, ConfigError, ListenConfig, key_path, load_config, parse_workers,
+    quick_config,
 )
+from .app import upstream_tls_context
 from .routing_table import routing_table_lines
 from .runner import ProxyProcess, bind_config_listener, configure_logging, describe_listeners, tls_terminator
 from .starter import write_starter
@@ -197,12 +200,9 @@ def quick_config_or_exit(listen: str, targets: list[str], routes: list[tuple[str
 def run_proxy(config, config_path: str | None, workers: int | None = None, watch: bool = False) -> int:
     """Serve until a signal drains the proxy. Returns the exit code (0 clean, 1 cannot listen)."""
     configure_logging(config.log.level)
-    try:
-        for listen in config.server.listen:  # load certificates once, before any socket or fork
-            if listen.tls:
-                tls_terminator(listen)
-    except ConfigError as exc:
-        click.echo(_with_source(config, exc), err=True)
+    problems = tls_problems(config)  # load certificates once, before any socket or fork
+    if problems:
+        click.echo(_with_source(config, ConfigError(problems)), err=True)
         return 1
     problem = access_log_problem(config)
     if problem:
@@ -237,6 +237,27 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
     click.echo(f"pyproxy {__version__} listening on {describe_listeners(process)}", err=True)
     process.serve_forever()
     return 0
+
+
+def tls_problems(config: Config) -> list[str]:
+    """Listener certificates and upstream CA files that cannot be loaded. The config loader only sees
+    that the files exist; run and check both load them, so check passes only what will start."""
+    problems: list[str] = []
+    for listen in config.server.listen:
+        if listen.tls:
+            try:
+                tls_terminator(listen)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+    for upstream in config.upstreams.values():
+        if upstream.tls_ca:
+            try:
+                upstream_tls_context(upstream)
+            except (ssl.SSLError, OSError) as exc:
+                reason = getattr(exc, "reason", None) or exc
+                problems.append(f"{key_path('upstreams', upstream.name)}.tls_ca: {upstream.tls_ca} "
+                                f"holds no usable PEM certificate ({reason})")
+    return problems
 
 
 def access_log_problem(config: Config) -> str | None:
@@ -278,6 +299,9 @@ def check(ctx: click.Context, config_path: str | None, file: str | None) -> None
         raise click.UsageError("give the config file once: -c FILE or FILE")
     path = given.pop() if given else DEFAULT_CONFIG_FILE
     config = load_or_exit(path)
+    problems = tls_problems(config)
+    if problems:
+        fail(_with_source(config, ConfigError(problems)))
     click.echo(f"{path}: OK")
     for line in routing_table_lines(config):
         click.echo(line)

@@ -151,3 +151,35 @@ def test_a_taken_admin_address_stops_the_start_with_one_line(tmp_path, workers):
     assert_one_line_problem(result, f"pyproxy: cannot listen on 127.0.0.1:{admin_port} (admin.listen): "
                                     "address already in use")
     assert "listening on" not in result.stderr
+
+
+# --- "pyproxy check: exit 0 if valid": what the proxy refuses to start with, check refuses too ------
+
+UPSTREAM_WITH_CA = """\
+[[routes]]
+upstream = "web"
+
+[upstreams.web]
+servers = ["https://127.0.0.1:3000"]
+tls_ca = "ca.pem"
+"""
+
+
+def test_a_tls_ca_file_without_certificates_is_a_config_problem(tmp_path):
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    text = f'[server]\nlisten = "127.0.0.1:{free_port()}"\n[log]\naccess = "off"\n{UPSTREAM_WITH_CA}'
+    path = write_config(tmp_path, text)
+    expected = f"{path}: upstreams.web.tls_ca: {tmp_path / 'ca.pem'} holds no usable PEM certificate"
+    assert_one_line_problem(run_cli("check", "-c", str(path)), expected)
+    assert_one_line_problem(run_cli("-c", str(path)), expected)
+
+
+def test_check_refuses_a_certificate_and_key_that_do_not_match_as_the_run_does(tmp_path):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    ca.issue_cert("a.test").cert_chain_pems[0].write_to_path(str(tmp_path / "a.crt"))
+    ca.issue_cert("b.test").private_key_pem.write_to_path(str(tmp_path / "b.key"))
+    listen = f'listen = [{{ address = "127.0.0.1:{free_port()}", tls_cert = "a.crt", tls_key = "b.key" }}]'
+    path = write_config(tmp_path, one_backend_config(listen))
+    for command in (["check", "-c", str(path)], ["-c", str(path)]):
+        assert_one_line_problem(run_cli(*command), f"{path}: server.listen ", "tls_cert/tls_key cannot be loaded")
