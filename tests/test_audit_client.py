@@ -12,6 +12,7 @@ import time
 import pytest
 import requests
 
+from tests.backends import raw_client
 from tests.conftest import CLIENT_TIMEOUT
 from tests.core_helpers import wait_for
 
@@ -86,3 +87,25 @@ def test_a_start_line_that_cannot_become_a_request_is_400_at_once(make_backend, 
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:60]
     assert b"Connection: close" in answer
     assert backend.requests == []
+
+
+# -- a relayed 1xx is not the response: a failure after it still gets a status ----------------------
+# Relaying an interim response (103 Early Hints, 100 Continue) marked the response as started, so an
+# upstream that then closed or stalled left the client with a cut connection and no final status,
+# where a 502/504 can still be sent (RFC 9110 §15.2: 1xx responses precede a final one).
+@pytest.mark.parametrize("after_hints, status", [("close", 502), ("hang", 504)])
+def test_upstream_failure_after_a_relayed_1xx_is_an_error_status(make_raw_backend, make_proxy, after_hints, status):
+    def script(peer):
+        if not peer.read_head():
+            return
+        peer.send(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n")
+        if after_hints == "hang":
+            peer.hang()
+
+    backend = make_raw_backend(script)
+    proxy = make_proxy({"web": [backend.address]}, upstream_options={"retries": 0, "read_timeout": "500ms"})
+    with raw_client(proxy) as raw:
+        raw.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        response = raw.read_response()
+    assert response.interim == [103]
+    assert response.status == status
