@@ -674,6 +674,8 @@ class HttpHandler:
             except PeerClosed as exc:
                 raise UpstreamFailed(f"upstream closed mid-body: {exc}") from exc
             except TimeoutError as exc:
+                if str(exc).startswith("write"):  # the client took nothing for send_timeout: not the server's fault
+                    raise ClientGone("client stopped reading the response") from exc
                 raise UpstreamTimeout("upstream body stalled") from exc
             except OSError as exc:
                 raise ClientGone(str(exc)) from exc

@@ -17,6 +17,7 @@ from proxy.health import probe
 from proxy.upstream_pool import ServerPool
 from tests.backends import RawClient, raw_client
 from tests.conftest import started_until_teardown
+from tests.core_helpers import wait_for
 from tests.faults.upstream import FIN, HANG, HEAD, LOOP, RST, FaultyUpstream, sleep, write
 
 pytestmark = pytest.mark.timeout(30)
@@ -233,3 +234,23 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
         sock.sendall(data)
     except OSError:  # the proxy closed after answering: expected
         pass
+
+
+# -- whose fault a timeout is ----------------------------------------------------------------------
+def test_client_that_stops_reading_a_response_is_not_an_upstream_failure(upstreams, make_proxy):
+    """Bug: a client taking nothing of a Content-Length body for send_timeout made the splice's write
+    time out, which was reported as "upstream body stalled" and counted against the server: with
+    passive checks, a few slow clients took a healthy server out."""
+    size = 64 * 1024 * 1024  # far past what the socket buffers between them hold
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size
+    upstream = upstreams([HEAD, write(answer), write(b"x" * size), HANG])
+    proxy = make_proxy({"web": [upstream.address]}, server={"send_timeout": "300ms"},
+                       upstream_options={"read_timeout": "5s", "passive": {"max_fails": 1, "fail_timeout": "10s"}})
+    server = proxy.app.runtime.upstreams["web"].servers[0]
+    with raw_client(proxy) as raw:
+        raw.send(GET)
+        assert raw.read_head().startswith(b"HTTP/1.1 200")
+        # now read nothing: the proxy gives up on this client after send_timeout
+        wait_for(lambda: server.active_requests == 0, timeout=10, what="the exchange abandoned")
+    snapshot = server.snapshot()
+    assert (snapshot["state"], snapshot["failures_total"]) == ("up", 0)
