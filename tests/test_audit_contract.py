@@ -216,6 +216,9 @@ def test_sighup_with_an_unloadable_tls_ca_keeps_serving(tmp_path, backends):
         return ["-c", str(config_path["path"])]
 
     with proxy_running(tmp_path, args_for_port) as running:
+        # A forwarded answer means the loop runs, so its SIGHUP handler is in place (the port alone
+        # accepts as soon as it is bound, before the handlers are).
+        assert running.get("/").json()["name"] == "web"
         path = config_path["path"]
         path.write_text(path.read_text() + 'tls_ca = "ca.pem"\n')
         running.process.send_signal(signal.SIGHUP)
