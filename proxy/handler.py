@@ -538,6 +538,8 @@ class HttpHandler:
                     raise UpstreamTimeout("upstream stopped reading the request body") from exc
                 raise ProtocolError(408, "request body not received in time") from exc
             except OSError as exc:
+                if _client_broke(ex.conn.sock):  # a cancelled upload is not the server's failure
+                    raise ClientGone(f"client failed during the request body: {exc.strerror or exc}") from exc
                 raise UpstreamFailed(f"sending the body upstream failed: {exc.strerror or exc}") from exc
         parser.body_remaining = 0
         ex.body_done = True
@@ -735,6 +737,19 @@ class HttpHandler:
         # The relay thread owns both sockets from here; this worker goes back to the pool.
         self.tunnels.start_tunnel(ex.conn, link.sock, leftover, self.app.settings.tunnel_timeout)
         return False
+
+
+def _client_broke(sock) -> bool:
+    """After a relay between client and server failed with an OSError, which carries no side: True if
+    the client's socket is the broken one (reset or closed). A TLS socket cannot be peeked: False."""
+    if isinstance(sock, ssl.SSLSocket):
+        return False
+    try:
+        return sock.recv(1, _PEEK_NOWAIT) == b""
+    except BlockingIOError:
+        return False  # open, nothing waiting: the client is fine
+    except OSError:
+        return True
 
 
 def _reset_on_close(sock) -> None:

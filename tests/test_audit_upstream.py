@@ -15,10 +15,10 @@ import pytest
 from proxy.config import HealthConfig
 from proxy.health import probe
 from proxy.upstream_pool import ServerPool
-from tests.backends import RawClient, raw_client
+from tests.backends import RawClient, close_with_rst, raw_client
 from tests.conftest import started_until_teardown
 from tests.core_helpers import wait_for
-from tests.faults.upstream import FIN, HANG, HEAD, LOOP, RST, FaultyUpstream, sleep, write
+from tests.faults.upstream import BODY, FIN, HANG, HEAD, LOOP, RST, FaultyUpstream, sleep, write
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -252,5 +252,22 @@ def test_client_that_stops_reading_a_response_is_not_an_upstream_failure(upstrea
         assert raw.read_head().startswith(b"HTTP/1.1 200")
         # now read nothing: the proxy gives up on this client after send_timeout
         wait_for(lambda: server.active_requests == 0, timeout=10, what="the exchange abandoned")
+    snapshot = server.snapshot()
+    assert (snapshot["state"], snapshot["failures_total"]) == ("up", 0)
+
+
+def test_client_resetting_mid_upload_is_not_an_upstream_failure(upstreams, make_proxy):
+    """Bug: a client cancelling a large upload (reset) made the body's splice fail, which was
+    reported as "sending the body upstream failed" and counted against the server: with passive
+    checks, a few cancelled uploads took a healthy server out."""
+    upstream = upstreams([HEAD, BODY, write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), LOOP])
+    proxy = make_proxy({"web": [upstream.address]},
+                       upstream_options={"read_timeout": "5s", "passive": {"max_fails": 1, "fail_timeout": "10s"}})
+    server = proxy.app.runtime.upstreams["web"].servers[0]
+    sock = proxy.connect()
+    sock.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 100_000)
+    wait_for(lambda: upstream.executions == 1, what="the head forwarded")
+    close_with_rst(sock)
+    wait_for(lambda: server.active_requests == 0, timeout=10, what="the exchange abandoned")
     snapshot = server.snapshot()
     assert (snapshot["state"], snapshot["failures_total"]) == ("up", 0)
