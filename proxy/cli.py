@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 import socket
 import ssl
 import sys
@@ -45,6 +46,10 @@ LISTEN_ERROR_HINTS = {
     errno.EACCES: "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
     errno.EADDRNOTAVAIL: "no network interface on this machine has that address",
 }
+
+
+# The signals the proxy acts on (CONFIG.md "Signals").
+HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 class ListenError(Exception):
@@ -208,6 +213,9 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
     if problem:
         click.echo(problem, err=True)
         return 1
+    # From the bind on, clients may connect and a watchdog may signal us: the signals wait (blocked)
+    # until our handlers are installed, instead of killing the process with the default action.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     try:
         listeners = bind_listeners(config)
     except ListenError as exc:
@@ -224,12 +232,18 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
     if workers > 1:  # a supervisor and N worker processes sharing these sockets (proxy.supervisor)
         if admin_socket is not None:
             admin_socket.close()  # the supervisor binds [admin] itself; it was free a moment ago
+        if stop_signal_pending():  # the workers must not inherit blocked signals: decide now
+            for _, sock in listeners:
+                sock.close()
+            return 0
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         addresses = ", ".join(f"http://{listen.address}" for listen, _ in listeners)
         click.echo(f"pyproxy {__version__} listening on {addresses} with {workers} workers", err=True)
         return run_supervisor(config, config_path, listeners, workers, watch=watch)
     pinned = pin_worker(config.server.cpu_affinity)  # before ProxyProcess starts its threads
     process = ProxyProcess(config, listeners=listeners, install_signals=True, config_path=config_path,
                            admin_socket=admin_socket)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # its handlers record them now
     if pinned is not None:
         log.info("pinned to CPU %d (server.cpu_affinity)", pinned)
     if watch and config_path:
@@ -237,6 +251,16 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
     click.echo(f"pyproxy {__version__} listening on {describe_listeners(process)}", err=True)
     process.serve_forever()
     return 0
+
+
+def stop_signal_pending() -> bool:
+    """Take the blocked signals that already arrived: True if one asks to stop (SIGTERM/SIGINT).
+    A SIGHUP is dropped: the config was read a moment ago."""
+    stop = False
+    while signal.sigpending() & HANDLED_SIGNALS:
+        taken = signal.sigtimedwait(HANDLED_SIGNALS, 0)
+        stop = stop or (taken is not None and taken.si_signo != signal.SIGHUP)
+    return stop
 
 
 def tls_problems(config: Config) -> list[str]:

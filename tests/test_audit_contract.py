@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import time
 
 import pytest
 
-from tests.test_cli import backends, free_port, proxy_running, run_cli, write_config  # noqa: F401 (fixture)
+from tests.test_cli import (  # noqa: F401 (backends is a fixture)
+    EXIT_TIMEOUT, READY_TIMEOUT, backends, free_port, proxy_running, pyproxy_command, run_cli, write_config,
+)
 
 BACKEND_ROUTE = """\
 [[routes]]
@@ -224,3 +227,33 @@ def test_sighup_with_an_unloadable_tls_ca_keeps_serving(tmp_path, backends):
         running.process.send_signal(signal.SIGHUP)
         wait_for_log(running, "reload failed")
         assert running.get("/").json()["name"] == "web"
+
+
+# --- "SIGTERM: graceful drain ... then exit 0", however soon after the port opens -------------------
+
+# One process only: with workers, Supervisor.__init__ still runs between the unblock and its own
+# handlers (proxy/supervisor.py), so a SIGTERM in that window still kills the supervisor.
+@pytest.mark.parametrize("workers", ["1"])
+def test_sigterm_right_after_the_port_opens_still_exits_0(tmp_path, workers):
+    for _ in range(3):
+        port = free_port()
+        path = write_config(tmp_path, one_backend_config(f'listen = "127.0.0.1:{port}"'))
+        process = subprocess.Popen(pyproxy_command() + ["-c", str(path), "--workers", workers],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT
+            while not port_accepts(port):  # as fast as a watchdog could: the first moment it accepts
+                assert process.poll() is None and time.monotonic() < deadline, "pyproxy did not start"
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=EXIT_TIMEOUT)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(EXIT_TIMEOUT)
+        assert process.returncode == 0, stderr
+        assert "Traceback" not in stderr
+
+
+def port_accepts(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
