@@ -680,7 +680,9 @@ class HttpHandler:
                     raise ClientGone("client stopped reading the response") from exc
                 raise UpstreamTimeout("upstream body stalled") from exc
             except OSError as exc:
-                raise ClientGone(str(exc)) from exc
+                if _client_broke(ex.conn.sock):
+                    raise ClientGone(str(exc)) from exc
+                raise UpstreamFailed(f"upstream failed mid-body: {exc.strerror or exc}") from exc
             ex.record.bytes_sent += remaining
         return not parser.has_buffered_data  # bytes after the body: never reuse that connection
 
@@ -741,11 +743,10 @@ class HttpHandler:
 
 def _client_broke(sock) -> bool:
     """After a relay between client and server failed with an OSError, which carries no side: True if
-    the client's socket is the broken one (reset or closed). A TLS socket cannot be peeked: False."""
-    if isinstance(sock, ssl.SSLSocket):
-        return False
+    the client's socket is the broken one (reset or closed). TLS: the raw socket is peeked (SSLSocket
+    refuses MSG_PEEK); ciphertext waiting means open."""
     try:
-        return sock.recv(1, _PEEK_NOWAIT) == b""
+        return socket.socket.recv(sock, 1, _PEEK_NOWAIT) == b""
     except BlockingIOError:
         return False  # open, nothing waiting: the client is fine
     except OSError:

@@ -271,3 +271,19 @@ def test_client_resetting_mid_upload_is_not_an_upstream_failure(upstreams, make_
     wait_for(lambda: server.active_requests == 0, timeout=10, what="the exchange abandoned")
     snapshot = server.snapshot()
     assert (snapshot["state"], snapshot["failures_total"]) == ("up", 0)
+
+
+def test_upstream_reset_mid_length_body_counts_against_the_server(upstreams, make_proxy):
+    """The other side of the same splice: an upstream resetting mid-body was taken for a gone client
+    (the OSError names no side), so passive checks never counted it. The client sees an abort."""
+    upstream = upstreams([HEAD, write(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 1000),
+                          sleep(0.05), RST])
+    proxy = make_proxy({"web": [upstream.address]}, upstream_options={"read_timeout": "5s"})
+    server = proxy.app.runtime.upstreams["web"].servers[0]
+    with raw_client(proxy) as raw:
+        raw.send(GET)
+        assert raw.read_head().startswith(b"HTTP/1.1 200")
+        with pytest.raises(ConnectionError):
+            raw.read_exact(10_000_000)
+    wait_for(lambda: server.active_requests == 0, timeout=10, what="the exchange abandoned")
+    assert server.snapshot()["failures_total"] == 1
