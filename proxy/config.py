@@ -880,7 +880,9 @@ def load_config(path: str | os.PathLike) -> Config:
     source = os.fspath(path)
     try:
         with open(source, "rb") as file:
-            data = tomllib.load(file)
+            # "utf-8-sig": editors on Windows may start the file with a byte order mark, which
+            # tomllib reports as an "Invalid statement" at line 1, column 1 (an invisible character).
+            data = tomllib.loads(file.read().decode("utf-8-sig"))
     except OSError as error:
         raise ConfigError([f"{source}: cannot read the config file ({error.strerror or error})"]) from None
     except UnicodeDecodeError as error:

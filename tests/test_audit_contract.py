@@ -257,3 +257,16 @@ def test_sigterm_right_after_the_port_opens_still_exits_0(tmp_path, workers):
 def port_accepts(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+# --- a config file saved "UTF-8 with BOM" (Notepad and others) reads like any other ----------------
+
+def test_a_byte_order_mark_at_the_start_of_the_file_is_accepted(tmp_path):
+    path = tmp_path / "proxy.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + one_backend_config('listen = "127.0.0.1:1"').encode())
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert f"{path}: OK" in result.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"\xef\xbb\xbf[server]\nlisten = \xff\n")
+    assert_one_line_problem(run_cli("check", "-c", str(bad)), f"{bad}: not valid UTF-8 text")
