@@ -270,3 +270,27 @@ def test_a_byte_order_mark_at_the_start_of_the_file_is_accepted(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_bytes(b"\xef\xbb\xbf[server]\nlisten = \xff\n")
     assert_one_line_problem(run_cli("check", "-c", str(bad)), f"{bad}: not valid UTF-8 text")
+
+
+# --- max_header_bytes: "request line + headers; past it 431 (414 for the line alone)" ---------------
+
+def status_of(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=EXIT_TIMEOUT) as sock:
+        sock.sendall(request)
+        return sock.recv(64).split(b"\r\n", 1)[0]
+
+
+@pytest.mark.xfail(strict=True, reason="handler.py builds RequestParser with the fixed 8 KiB line limit; "
+                   "fix: max_line_bytes=min(DEFAULT_MAX_LINE_BYTES, settings.max_header_bytes)")
+def test_a_request_line_longer_than_a_small_max_header_bytes_is_414(tmp_path, backends):
+    backend = backends("web")
+
+    def args_for_port(port: int) -> list[str]:
+        text = one_backend_config(f'listen = "127.0.0.1:{port}"\nmax_header_bytes = "2KiB"', backend)
+        return ["-c", str(write_config(tmp_path, text))]
+
+    with proxy_running(tmp_path, args_for_port) as running:
+        long_line = b"GET /" + b"a" * 3000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        big_headers = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 3000 + b"\r\n\r\n"
+        assert status_of(running.port, big_headers) == b"HTTP/1.1 431 Request Header Fields Too Large"
+        assert status_of(running.port, long_line) == b"HTTP/1.1 414 Request-URI Too Long"
