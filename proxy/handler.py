@@ -571,11 +571,10 @@ class HttpHandler:
             # will not turn readable for them): send them now rather than wait for a 100 that a
             # server may never send (it MAY omit 100 and just read the body).
             return None, None
-        timeout = link.conn_timeout()
-        ready, _, _ = select.select([ex.conn.sock, link.sock], [], [], timeout)
+        ready = _readable([ex.conn.sock, link.sock], link.conn_timeout())
         if not ready:
             raise UpstreamTimeout("upstream did not answer Expect: 100-continue in time")
-        if link.sock not in ready:
+        if link.sock.fileno() not in ready:
             return None, None
         response, parser = self._read_response_head(ex, link, stop_at_continue=True)
         if response is None:
@@ -777,11 +776,22 @@ def _wants_whole_body(request: RequestHead) -> bool:
             and request.upgrade is None)
 
 
+def _readable(socks, timeout: float) -> set[int]:
+    """The descriptors among ``socks`` that are readable (or hung up) within ``timeout`` seconds.
+
+    poll(), not select(): select() refuses descriptors >= FD_SETSIZE (1024), which a busy proxy has.
+    """
+    poller = select.poll()
+    for sock in socks:
+        poller.register(sock, select.POLLIN)
+    return {fd for fd, _ in poller.poll(timeout * 1000)}
+
+
 def _has_early_answer(sock) -> bool:
     """Bytes from the server wait on a connection whose request body could not be sent in full."""
     try:
         if isinstance(sock, ssl.SSLSocket):  # MSG_PEEK is not allowed on TLS sockets
-            return bool(sock.pending() or select.select([sock], [], [], 0)[0])
+            return bool(sock.pending() or _readable([sock], 0))
         return bool(sock.recv(1, _PEEK_NOWAIT))
     except OSError:  # nothing (EAGAIN), or a reset with nothing before it
         return False

@@ -6,6 +6,7 @@ no other file covered. Backends are tests/faults/upstream.py scripts; clients ar
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -287,3 +288,34 @@ def test_upstream_reset_mid_length_body_counts_against_the_server(upstreams, mak
             raw.read_exact(10_000_000)
     wait_for(lambda: server.active_requests == 0, timeout=10, what="the exchange abandoned")
     assert server.snapshot()["failures_total"] == 1
+
+
+# -- many open files --------------------------------------------------------------------------------
+@pytest.fixture
+def high_fds():
+    """Hold enough descriptors that the next sockets get numbers past select()'s FD_SETSIZE (1024)."""
+    held = []
+    try:
+        while len(held) < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def test_expect_continue_with_descriptors_past_1024(upstreams, start, high_fds):
+    """Bug: waiting for the upstream's 100 Continue used select.select(), which raises ValueError for
+    a descriptor >= 1024 (FD_SETSIZE): on a busy proxy every Expect: 100-continue request failed
+    outside the error funnel (no answer at all)."""
+    upstream = upstreams([HEAD, write(b"HTTP/1.1 100 Continue\r\n\r\n"), BODY, write(b"HTTP/1.1 200 OK\r\n"
+                                                                                        b"Content-Length: 2\r\n\r\nok"), LOOP])
+    proxy = start(upstream.address)
+    with raw_client(proxy) as raw:
+        assert raw.sock.fileno() > 1024
+        raw.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+        assert raw.read_head().startswith(b"HTTP/1.1 100")
+        raw.send(b"body")
+        response = raw.read_response()
+    assert (response.status, response.body) == (200, b"ok")
+    assert upstream.bodies == [b"body"]
