@@ -153,14 +153,14 @@ class HttpHandler:
             if request is PARKED:
                 return  # half a head or a small body so far: held without a thread until more comes
             if request is None:
-                conn.close()
+                self._close(conn)
                 return
             conn.transition(S.PROCESSING)
             keep_alive = self._exchange(conn, session, request)
             if conn.state is S.TUNNEL:
                 return
             if not keep_alive or conn.state is S.CLOSED:
-                conn.close()
+                self._close(conn)
                 return
             conn.transition(S.IDLE)
             session.parser.start_next()
@@ -293,6 +293,14 @@ class HttpHandler:
         if not ex.body_done and ex.response_started and conn.state is S.WRITING:
             self._linger(conn)  # answered before the whole body came in: the connection closes next
         return ex.client_keep_alive and ex.body_done
+
+    def _close(self, conn) -> None:
+        """Close the client connection. Bytes it sent that were never read (a request pipelined behind
+        Connection: close, a stray CRLF, a refused body) would make close() send a reset, and a reset
+        discards the end of our answer still in the send buffer: linger first (nginx lingering_close)."""
+        if conn.state is not S.CLOSED and _has_early_answer(conn.sock):  # the same peek: bytes are waiting
+            self._linger(conn)
+        conn.close()
 
     @staticmethod
     def _linger(conn) -> None:

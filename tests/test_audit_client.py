@@ -6,13 +6,14 @@ in front of real backends, and that the conformance cases and engine tests did n
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import time
 
 import pytest
 import requests
 
-from tests.backends import raw_client
+from tests.backends import pattern_sha256, raw_client, stream_pattern
 from tests.conftest import CLIENT_TIMEOUT
 from tests.core_helpers import wait_for
 
@@ -109,3 +110,28 @@ def test_upstream_failure_after_a_relayed_1xx_is_an_error_status(make_raw_backen
         response = raw.read_response()
     assert response.interim == [103]
     assert response.status == status
+
+
+# -- closing with client bytes unread must not reset away the end of the response ---------------------
+# When the proxy closed after a response (Connection: close, HTTP/1.0) while bytes the client sent later
+# (a pipelined request, a stray CRLF) sat unread in the socket, close() sent a reset, and the kernel
+# threw away the part of the response still in the send buffer: the client read a truncated body (5.7 of
+# 8 MB) then ECONNRESET. nginx lingers (lingering_close) in this case; so does the proxy now.
+BIG = 16 * 1024 * 1024  # well past loopback socket buffers: the proxy is still sending when the extra comes
+
+
+@pytest.mark.parametrize("request_head, extra", [
+    (b"GET /big HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"),
+    (b"GET /big HTTP/1.0\r\n\r\n", b"\r\n"),
+], ids=["connection-close-then-pipelined", "http10-then-stray-crlf"])
+def test_unread_client_bytes_at_close_do_not_truncate_the_response(make_backend, make_proxy, request_head, extra):
+    backend = make_backend().route("/big", stream_pattern(BIG))
+    proxy = make_proxy({"web": [backend.address]})
+    with raw_client(proxy) as raw:
+        raw.send(request_head)
+        head = raw.read_head()
+        assert head.startswith(b"HTTP/1.1 200")
+        raw.send(extra)  # arrives while the proxy is still relaying the body: unread when it closes
+        body = raw.read_exact(BIG)
+        assert raw.at_eof()
+    assert hashlib.sha256(body).hexdigest() == pattern_sha256(BIG)
