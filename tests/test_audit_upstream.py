@@ -319,3 +319,19 @@ def test_expect_continue_with_descriptors_past_1024(upstreams, start, high_fds):
         response = raw.read_response()
     assert (response.status, response.body) == (200, b"ok")
     assert upstream.bodies == [b"body"]
+
+
+# -- checks of uncovered cases (no bug found) ----------------------------------------------------------
+@pytest.mark.parametrize("connection, pooled", [(b"", False), (b"Connection: keep-alive\r\n", True)])
+def test_http10_upstream_is_pooled_only_when_it_says_keep_alive(upstreams, start, connection, pooled):
+    """RFC 9112 §9.3: an HTTP/1.0 response persists only with "Connection: keep-alive"; reusing one
+    that did not say so would send the next request into a closing connection."""
+    upstream = upstreams([HEAD, write(b"HTTP/1.0 200 OK\r\n%bContent-Length: 2\r\n\r\nok" % connection), LOOP])
+    proxy = start(upstream.address)
+    with raw_client(proxy) as raw:
+        for _ in range(2):
+            raw.send(GET)
+            response = raw.read_response()
+            assert (response.status, response.body) == (200, b"ok")
+            assert response.header("Connection") is None  # the client's connection stays open
+    assert upstream.connections == (1 if pooled else 2)
