@@ -822,7 +822,9 @@ class RequestParser(_MessageParser):
         content_length, chunked = self._request_framing(version, index)
         tokens = _connection_tokens(index.get("connection"))
         expect = _expects_continue(index.get("expect"))
-        upgrade = index.get("upgrade") if "upgrade" in tokens else None
+        # RFC 9110 §7.8: Upgrade in an HTTP/1.0 request MUST be ignored (nor may a 1.0 client get a 101,
+        # §15.2); forwarded as 1.1, it would let the backend switch protocols on a 1.0 client.
+        upgrade = index.get("upgrade") if "upgrade" in tokens and version == "HTTP/1.1" else None
         head = RequestHead(
             method, target, version, Headers(raw, index, names), content_length, chunked,
             _keep_alive(version, tokens), host, tokens,
