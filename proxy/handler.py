@@ -454,7 +454,9 @@ class HttpHandler:
         if ex.response_started or ex.replay is None:
             return False
         has_body = ex.request.chunked or bool(ex.request.content_length)
-        return not has_body or (ex.request.method in IDEMPOTENT and ex.body_done)
+        # The body can be sent again if we kept all of it (body_done), or if none of it was taken
+        # from the client yet (replay still empty: e.g. failed while awaiting 100 Continue).
+        return not has_body or (ex.request.method in IDEMPOTENT and (ex.body_done or not ex.replay))
 
     def _attempt(self, ex: Exchange, upstream, server, out: Outbound, fresh: bool = False) -> None:
         pool = upstream.pools[server]

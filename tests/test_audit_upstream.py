@@ -335,3 +335,25 @@ def test_http10_upstream_is_pooled_only_when_it_says_keep_alive(upstreams, start
             assert (response.status, response.body) == (200, b"ok")
             assert response.header("Connection") is None  # the client's connection stays open
     assert upstream.connections == (1 if pooled else 2)
+
+
+# -- the stale keep-alive race with Expect: 100-continue -----------------------------------------
+def test_stale_pooled_connection_put_with_expect_continue_is_retried(upstreams, start):
+    """Bug: a PUT with Expect: 100-continue whose pooled connection turned out closed before any
+    response byte was a 502: the retry rule wanted the whole body already read (to replay it),
+    but none of it had been read or sent yet, so nothing stands in the way of a new connection."""
+    first = [HEAD, write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), HEAD, FIN]
+    later = [HEAD, write(b"HTTP/1.1 100 Continue\r\n\r\n"), BODY, write(b"HTTP/1.1 201 Created\r\n"
+                                                                         b"Content-Length: 4\r\n\r\nmade"), LOOP]
+    upstream = upstreams(lambda index: first if index == 0 else later)
+    proxy = start(upstream.address, retries=0)
+    body = b"b" * 100_000  # past what the proxy reads whole before contacting the upstream
+    with raw_client(proxy) as raw:
+        raw.send(GET)
+        assert raw.read_response().status == 200
+        raw.send(b"PUT /f HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(body))
+        assert raw.read_head().startswith(b"HTTP/1.1 100")
+        raw.send(body)
+        response = raw.read_response()
+    assert (response.status, response.body) == (201, b"made")
+    assert upstream.bodies == [body]
