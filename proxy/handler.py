@@ -668,8 +668,10 @@ class HttpHandler:
                 complete = self._relay_events(ex, link, head, parser, chunked=False)
             except ProxyError:
                 # A close-delimited body ends at our FIN, so after an upstream failure a FIN would
-                # tell the client it has the whole body. The abort that follows must be a reset.
-                _reset_on_close(ex.conn.sock)
+                # tell the client it has the whole body. The abort that follows must be a reset
+                # (not before the head went out: then a plain 502 follows, and a FIN after it).
+                if ex.response_started:
+                    _reset_on_close(ex.conn.sock)
                 raise
         return complete and response.keep_alive and ex.body_done and not parser.body_close_delimited
 

@@ -357,3 +357,14 @@ def test_stale_pooled_connection_put_with_expect_continue_is_retried(upstreams, 
         response = raw.read_response()
     assert (response.status, response.body) == (201, b"made")
     assert upstream.bodies == [body]
+
+
+def test_http10_client_gets_a_clean_502_when_the_chunked_body_is_bad_before_anything_was_sent(upstreams, start):
+    """The reset above is only for a response that started: a bad body caught before the head went
+    out is a plain 502, closed with a FIN (a reset could destroy it before the client reads it)."""
+    upstream = upstreams([HEAD, write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"), LOOP])
+    proxy = start(upstream.address, retries=0)
+    with raw_client(proxy) as raw:
+        raw.send(b"GET / HTTP/1.0\r\nHost: a\r\n\r\n")
+        assert _read_to_end(raw) == "eof"
+        assert raw.buffer.startswith(b"HTTP/1.1 502")
