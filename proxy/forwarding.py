@@ -115,6 +115,8 @@ def build_response_head(response, *, framing: str, keep_alive: bool, client_vers
         drop = drop | response.connection_tokens
     if response.status == 204:
         drop = drop | {"content-length"}  # RFC 9110 §8.6: never in a 204
+    if extra:  # ours replace the upstream's (a backend echoing X-Request-Id gave the client two)
+        drop = drop | {name.lower() for name, _ in extra}
     headers = response.headers
     lines = [f"HTTP/1.1 {response.status} {response.reason}"]
     for lname, (name, value) in zip(headers.names, headers.raw):

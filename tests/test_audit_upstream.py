@@ -112,6 +112,19 @@ def test_content_length_is_not_relayed_on_a_204(upstreams, start):
 
 
 # -- an upstream failing mid-body must never look like a complete response ------------------------
+def test_an_echoed_request_id_reaches_the_client_once(upstreams, start):
+    """Bug: a backend echoing X-Request-Id (a common middleware habit) left the client with two
+    copies, ours and its own; ours replaces it, and it is the id the backend was sent."""
+    upstream = upstreams([HEAD, write(b"HTTP/1.1 200 OK\r\nX-Request-Id: abc\r\n"
+                                      b"Content-Length: 2\r\n\r\nok"), LOOP])
+    proxy = start(upstream.address)
+    with raw_client(proxy) as raw:
+        raw.send(b"GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: abc\r\n\r\n")
+        response = raw.read_response()
+    assert header_values(response.head, b"x-request-id") == [b"abc"]
+    assert response.body == b"ok"
+
+
 def _read_to_end(raw: RawClient) -> str:
     """Read until the proxy ends the connection: "eof" (a clean FIN) or "reset"."""
     for _ in range(10_000):  # bounded: each recv has the client timeout
