@@ -25,11 +25,11 @@ import click
 from core.cpu_affinity import pin_worker
 
 from . import __version__
+from .app import upstream_tls_context
 from .config import (
     ACCESS_STREAMS, DEFAULT_LISTEN, Config, ConfigError, ListenConfig, key_path, load_config, parse_workers,
     quick_config,
 )
-from .app import upstream_tls_context
 from .routing_table import routing_table_lines
 from .runner import ProxyProcess, bind_config_listener, configure_logging, describe_listeners, tls_terminator
 from .starter import write_starter
