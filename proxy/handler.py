@@ -832,6 +832,10 @@ class UpstreamLink:
         return self.upstream_conn.reused and not self.received_any
 
     def conn_timeout(self) -> float:
+        """The connection's read_timeout: Python-side on TLS sockets, kernel-side (SO_RCVTIMEO) on plain ones."""
+        python_side = self.sock.gettimeout()
+        if python_side is not None:
+            return python_side
         timeout = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
         seconds, micros = int.from_bytes(timeout[:8], "little"), int.from_bytes(timeout[8:16], "little")
         return (seconds + micros / 1e6) or 60.0

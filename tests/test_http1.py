@@ -610,6 +610,14 @@ def test_invalid_response_is_502(data):
     assert events[-1] == ("error", 502)
 
 
+def test_response_in_a_later_http1_minor_version_is_read_as_1_1():
+    """RFC 9110 §2.5: a higher minor version within major 1 is processed as the highest we know."""
+    events = run(lambda: ResponseParser("GET"), [b"HTTP/1.2 200 OK\r\nContent-Length: 2\r\n\r\nok"], eof=False)
+    assert events[0][:4] == ("response", 200, "OK", "HTTP/1.1")
+    assert events[0][-1] is True  # keep-alive, as 1.1
+    assert events[1:] == [("data", b"ok"), ("end", None)]
+
+
 def test_response_head_limit_is_502():
     parser = ResponseParser("GET", max_header_bytes=256)
     parser.feed(b"HTTP/1.1 200 OK\r\nX: " + b"a" * 300)

@@ -350,6 +350,12 @@ class _SecureHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - quiet
         pass
 
+    def handle_expect_100(self):
+        if self.path == "/hang":  # never a 100, never an answer: the proxy must give up at read_timeout
+            self.server.hang.wait(CLIENT_TIMEOUT)
+            return False
+        return super().handle_expect_100()
+
     def do_GET(self):
         if self.path == "/hang":
             self.server.hang.wait(CLIENT_TIMEOUT)
@@ -431,4 +437,20 @@ def test_https_upstream_read_timeout_is_504(make_proxy, pki):
         started = time.monotonic()
         response = requests.get(proxy.url + "/hang", timeout=CLIENT_TIMEOUT)
         assert response.status_code == 504
+        assert time.monotonic() - started < 3.0
+
+
+def test_https_upstream_silent_on_expect_continue_is_504_at_read_timeout(make_proxy, pki):
+    """Bug: the wait for a TLS upstream's 100 Continue used a 60 s default, not read_timeout (a TLS
+    socket carries its timeout on the Python side, not in SO_RCVTIMEO)."""
+    with tls_backend(pki) as (address, _):
+        proxy = make_proxy({"secure": [address]},
+                           upstream_options={"tls_ca": pki.ca_file, "read_timeout": "0.5s", "retries": 0})
+        # A pooled connection: on a fresh one the server's TLS 1.3 session tickets wake the wait early.
+        assert requests.get(proxy.url + "/warm", timeout=CLIENT_TIMEOUT).status_code == 200
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT) as sock:
+            sock.sendall(b"PUT /hang HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+            status_line = sock.recv(256).split(b"\r\n", 1)[0]
+        assert status_line == b"HTTP/1.1 504 Gateway Timeout"
         assert time.monotonic() - started < 3.0
