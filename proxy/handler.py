@@ -614,8 +614,7 @@ class HttpHandler:
             response: ResponseHead = event
             if 100 <= response.status < 200 and response.status != 101:
                 interim += 1
-                if interim > MAX_INTERIM_RESPONSES:
-                    ex.response_started = True  # a backend looping on 1xx: cut the client off, no status
+                if interim > MAX_INTERIM_RESPONSES:  # a backend looping on 1xx: the client gets a 502
                     raise UpstreamFailed("upstream sent too many 1xx responses")
                 if ex.request.version == "HTTP/1.1":  # RFC 9110 §15.2: never send 1xx to 1.0 clients
                     # Not the response: a failure after it still answers with a final status.
