@@ -31,6 +31,7 @@ from .http1 import (LAST_CHUNK, NEED_DATA, Data, EndOfMessage, ProtocolError, Re
 from .responses import (describe_route, html_response, plain_response, unreachable_page, unreachable_text,
                         wants_html)
 from .routing import BadPath, host_without_port, normalize_path, split_target
+from .tls import HANDSHAKE_PENDING
 from .tunnel import TunnelRelay
 
 log = logging.getLogger("pyproxy.handler")
@@ -134,18 +135,20 @@ class HttpHandler:
         """core's callback for a connection parked past its deadline (half a head or a small body):
         a 408, never blocking."""
         session = conn.server_data
-        waiting_body = session is not None and session.waiting_request is not None
+        if session is None:
+            return  # a TLS handshake that stalled: no HTTP has been spoken, so none is answered
+        waiting_body = session.waiting_request is not None
         conn.sock.setblocking(False)  # the accept loop calls this: it must never wait on a client
         conn.sock.send(EXPIRED_BODY_REPLY if waiting_body else EXPIRED_HEAD_REPLY)
 
     # -- connection loop ---------------------------------------------------------------------
     def __call__(self, conn) -> None:
         session = conn.server_data
+        conn.transition(S.READING)
         if session is None:
             session = self._open_session(conn)
-            if session is None:
-                return
-        conn.transition(S.READING)
+            if session is None or session is PARKED:
+                return  # PARKED: a TLS handshake waiting for the client's next flight, held without a thread
         while True:
             request = session.waiting_request or self._read_head(conn, session)
             if request is not PARKED and request is not None and _wants_whole_body(request):
@@ -168,13 +171,22 @@ class HttpHandler:
                 return  # the server parks the connection until its next request arrives
             conn.transition(S.READING)
 
-    def _open_session(self, conn) -> ClientSession | None:
+    def _open_session(self, conn):
+        """The connection's ClientSession once it can speak HTTP; None if it failed (closed), PARKED
+        while its TLS handshake waits for the client (header_timeout bounds the whole handshake)."""
         settings = self.app.settings
         scheme = "http"
         tls = self.app.tls_for_listener(conn.listener)
         if tls is not None:
             scheme = "https"
-            if not tls.handshake(conn, settings.header_timeout):
+            done = tls.handshake(conn)
+            if done is HANDSHAKE_PENDING:
+                if conn.park_deadline is None:
+                    conn.park_deadline = time.monotonic() + settings.header_timeout
+                conn.transition(S.IDLE)
+                return PARKED
+            conn.park_deadline = None
+            if not done:
                 conn.close()
                 return None
         parser = RequestParser(max_header_bytes=settings.max_header_bytes,

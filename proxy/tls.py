@@ -1,9 +1,12 @@
 """TLS termination for client listeners: one ``TlsTerminator`` per listener with ``tls_cert``/``tls_key``.
 
-The handshake runs on the worker thread that first serves the connection (never in the accept loop):
-``handshake(conn, timeout)`` wraps ``conn.sock`` in place. A client that connects and sends nothing is
-closed by core's reaper after ``header_timeout`` (it is never dispatched); one that starts a handshake
-and stalls is bounded by ``timeout`` here.
+The handshake runs on a worker thread (never in the accept loop), without waiting: ``handshake(conn)``
+wraps ``conn.sock`` in place on the first call and advances the handshake as far as the bytes already
+received allow. When the client's next flight has not arrived, it answers ``HANDSHAKE_PENDING`` and the
+caller parks the connection in the selector, as it parks half a request head, so a client trickling
+its ClientHello (slowloris over TLS) holds no thread. A client that connects and sends nothing is
+closed by core's reaper after ``header_timeout`` (it is never dispatched); one that stalls mid-handshake
+is closed at the deadline the caller parks it with.
 
 Timeouts: core sets kernel timeouts (SO_RCVTIMEO/SO_SNDTIMEO) on blocking sockets, but they do not
 bound reads on a TLS socket: when the kernel's recv returns EAGAIN, OpenSSL reports WANT_READ and
@@ -15,6 +18,7 @@ them as Python-level timeouts (poll before each operation) to the reads and writ
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import ssl
 import struct
@@ -23,6 +27,9 @@ from dataclasses import dataclass
 log = logging.getLogger("pyproxy.tls")
 
 ALPN_PROTOCOLS = ["http/1.1"]  # this proxy speaks HTTP/1.1 to clients (RFC 7301)
+HANDSHAKE_PENDING = "pending"  # handshake()'s answer while the client's next flight is still to come
+MAX_HANDSHAKE_STEPS = 8  # bounds the waits for a full send buffer (each up to WRITE_WAIT)
+WRITE_WAIT = 1.0  # seconds one full send buffer may take to drain during a handshake
 _TIMEVAL = struct.Struct("ll")
 _TIMEOUT_OPTIONS = (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO)
 
@@ -134,24 +141,42 @@ class TlsTerminator:
             ssl_object.context = chosen
         return None  # continue the handshake (an unknown name gets the default certificate)
 
-    def handshake(self, conn, timeout: float) -> bool:
-        """Wrap ``conn.sock`` and complete the handshake within ``timeout``; False if it failed."""
-        raw = conn.sock
-        try:
-            raw.settimeout(timeout)
-            wrapped = self.context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
-        except OSError as exc:
-            log.debug("TLS setup for %s failed: %s", conn.peer, exc)
-            return False
-        conn.sock = wrapped  # same fd: core's epoll registration and fileno bookkeeping stay valid
-        try:
-            wrapped.do_handshake()
-        except (ssl.SSLError, OSError) as exc:  # TimeoutError is an OSError: a stalled handshake
-            log.debug("TLS handshake with %s failed: %s", conn.peer, exc)
-            return False
-        wrapped.settimeout(None)
-        _reset_timeout_cache(conn)
-        return True
+    def handshake(self, conn):
+        """Advance the TLS handshake without blocking: True once complete, False if it failed,
+        HANDSHAKE_PENDING while it waits for the client's next bytes (park the connection)."""
+        wrapped = conn.sock
+        if not isinstance(wrapped, ssl.SSLSocket):
+            try:
+                conn.sock.settimeout(0.0)
+                wrapped = self.context.wrap_socket(conn.sock, server_side=True, do_handshake_on_connect=False)
+            except OSError as exc:
+                log.debug("TLS setup for %s failed: %s", conn.peer, exc)
+                return False
+            conn.sock = wrapped  # same fd: core's epoll registration and fileno bookkeeping stay valid
+        for _ in range(MAX_HANDSHAKE_STEPS):
+            try:
+                wrapped.do_handshake()
+            except ssl.SSLWantReadError:
+                return HANDSHAKE_PENDING
+            except ssl.SSLWantWriteError:
+                # Our flight did not fit the send buffer (a client not reading): wait a moment for room.
+                if not _writable(wrapped, WRITE_WAIT):
+                    log.debug("TLS handshake with %s failed: the client takes no data", conn.peer)
+                    return False
+                continue
+            except (ssl.SSLError, OSError) as exc:
+                log.debug("TLS handshake with %s failed: %s", conn.peer, exc)
+                return False
+            wrapped.settimeout(None)
+            _reset_timeout_cache(conn)
+            return True
+        return False
+
+
+def _writable(sock, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(timeout * 1000))
 
 
 def _reset_timeout_cache(conn) -> None:
