@@ -17,7 +17,6 @@ import errno
 import logging
 import signal
 import socket
-import ssl
 import sys
 
 import click
@@ -25,13 +24,12 @@ import click
 from core.cpu_affinity import pin_worker
 
 from . import __version__
-from .app import upstream_tls_context
 from .config import (
-    ACCESS_STREAMS, DEFAULT_LISTEN, Config, ConfigError, ListenConfig, key_path, load_config, parse_workers,
+    ACCESS_STREAMS, DEFAULT_LISTEN, Config, ConfigError, ListenConfig, load_config, parse_workers,
     quick_config,
 )
 from .routing_table import routing_table_lines
-from .runner import ProxyProcess, bind_config_listener, configure_logging, describe_listeners, tls_terminator
+from .runner import ProxyProcess, bind_config_listener, configure_logging, describe_listeners, tls_problems
 from .starter import write_starter
 from .supervisor import run_supervisor
 
@@ -261,27 +259,6 @@ def stop_signal_pending() -> bool:
         taken = signal.sigtimedwait(HANDLED_SIGNALS, 0)
         stop = stop or (taken is not None and taken.si_signo != signal.SIGHUP)
     return stop
-
-
-def tls_problems(config: Config) -> list[str]:
-    """Listener certificates and upstream CA files that cannot be loaded. The config loader only sees
-    that the files exist; run and check both load them, so check passes only what will start."""
-    problems: list[str] = []
-    for listen in config.server.listen:
-        if listen.tls:
-            try:
-                tls_terminator(listen)
-            except ConfigError as exc:
-                problems.extend(exc.problems)
-    for upstream in config.upstreams.values():
-        if upstream.tls_ca:
-            try:
-                upstream_tls_context(upstream)
-            except (ssl.SSLError, OSError) as exc:
-                reason = getattr(exc, "reason", None) or exc
-                problems.append(f"{key_path('upstreams', upstream.name)}.tls_ca: {upstream.tls_ca} "
-                                f"holds no usable PEM certificate ({reason})")
-    return problems
 
 
 def access_log_problem(config: Config) -> str | None:

@@ -26,7 +26,7 @@ from core.zerocopy import PeerClosed
 
 from .errors import ClientGone, NoRoute, NoServerAvailable, ProxyError, UpstreamConnectError, UpstreamFailed, UpstreamTimeout
 from .forwarding import Outbound, build_request_head, build_response_head, interim_head
-from .http1 import (LAST_CHUNK, NEED_DATA, Data, EndOfMessage, ProtocolError, RequestHead,
+from .http1 import (DEFAULT_MAX_LINE_BYTES, LAST_CHUNK, NEED_DATA, Data, EndOfMessage, ProtocolError, RequestHead,
                     RequestParser, ResponseHead, ResponseParser, encode_chunk)
 from .responses import (describe_route, html_response, plain_response, unreachable_page, unreachable_text,
                         wants_html)
@@ -190,7 +190,9 @@ class HttpHandler:
                 conn.close()
                 return None
         parser = RequestParser(max_header_bytes=settings.max_header_bytes,
-                               max_body_bytes=settings.max_body_bytes)
+                               max_body_bytes=settings.max_body_bytes,
+                               # a line past a small max_header_bytes is still a 414, as CONFIG.md says
+                               max_line_bytes=min(DEFAULT_MAX_LINE_BYTES, settings.max_header_bytes))
         session = ClientSession(parser, str(conn.peer[0]), scheme)
         conn.server_data = session
         return session

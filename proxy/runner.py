@@ -16,8 +16,8 @@ from core import SocketServer, ThreadPool
 from core.socket_server import bind_listener
 
 from .admin import install_observability
-from .app import Application
-from .config import Config, ConfigError, ListenConfig, load_config
+from .app import Application, upstream_tls_context
+from .config import Config, ConfigError, ListenConfig, key_path, load_config
 from .handler import HttpHandler
 from .responses import write_overloaded
 from .tls import TlsTerminator
@@ -36,6 +36,28 @@ def tls_terminator(listen: ListenConfig) -> TlsTerminator:
         reason = getattr(exc, "reason", None) or exc
         raise ConfigError([f"server.listen {listen.address}: tls_cert/tls_key cannot be loaded ({reason});"
                            " is the key the certificate's, and both PEM?"]) from exc
+
+
+def tls_problems(config: Config) -> list[str]:
+    """Listener certificates and upstream CA files that cannot be loaded. The config loader only sees
+    that the files exist; run, check and every reload load them, so check passes only what will start
+    and a reload with a broken file changes nothing."""
+    problems: list[str] = []
+    for listen in config.server.listen:
+        if listen.tls:
+            try:
+                tls_terminator(listen)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+    for upstream in config.upstreams.values():
+        if upstream.tls_ca:
+            try:
+                upstream_tls_context(upstream)
+            except (ssl.SSLError, OSError) as exc:
+                reason = getattr(exc, "reason", None) or exc
+                problems.append(f"{key_path('upstreams', upstream.name)}.tls_ca: {upstream.tls_ca} "
+                                f"holds no usable PEM certificate ({reason})")
+    return problems
 
 
 def load_for_reload(path: str | None) -> Config | None:
@@ -118,8 +140,12 @@ class ProxyProcess:
         return True
 
     def reload(self, config: Config) -> None:
-        """Apply a validated config. Certificates are (re)loaded first, renewed files included, as
-        nginx does on reload: one that cannot be loaded raises ConfigError before anything changes."""
+        """Apply a validated config. Certificates and CA files are (re)loaded first, renewed files
+        included, as nginx does on reload: one that cannot be loaded raises ConfigError before anything
+        changes."""
+        problems = tls_problems(config)
+        if problems:
+            raise ConfigError(problems)
         terminators = {listen.address: tls_terminator(listen) for listen in config.server.listen if listen.tls}
         old = self.app.config
         self.app.reload(config)

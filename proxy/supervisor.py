@@ -44,7 +44,7 @@ from .config import Config, ConfigError, ListenConfig
 from .health import HealthChecker, apply_health
 from .log_reload import level_listener
 from .metrics import merge, render_prometheus
-from .runner import ProxyProcess, bind_config_listener, load_for_reload, tls_terminator
+from .runner import ProxyProcess, bind_config_listener, load_for_reload, tls_problems
 from .status import merge_status
 from .watch import Watcher, describe_changes
 
@@ -480,12 +480,9 @@ class Supervisor:
         config = load_for_reload(self.config_path)
         if config is None:
             return False
-        try:  # the workers load the certificates too; one that cannot be loaded stops the reload here
-            for listen in config.server.listen:
-                if listen.tls:
-                    tls_terminator(listen)
-        except ConfigError as exc:
-            log.error("reload failed, keeping the old config:\n%s", exc)
+        problems = tls_problems(config)  # the workers load them too; one that cannot be loaded stops it here
+        if problems:
+            log.error("reload failed, keeping the old config:\n%s", ConfigError(problems))
             return False
         old, self.config = self.config, config
         self.app.reload(config)

@@ -204,9 +204,6 @@ def wait_for_log(running, text: str, timeout: float = 10.0) -> str:
     raise AssertionError(f"{text!r} did not appear within {timeout}s:\n{running.stderr()}")
 
 
-@pytest.mark.xfail(strict=True, reason="runner.reload builds upstream TLS contexts after validation: an "
-                   "unloadable tls_ca raises ssl.SSLError out of the SIGHUP handler and kills the proxy "
-                   "(fix: load them before app.reload, as the listener certificates are)")
 def test_sighup_with_an_unloadable_tls_ca_keeps_serving(tmp_path, backends):
     backend = backends("web")
     (tmp_path / "ca.pem").write_text("not a certificate\n")
@@ -280,8 +277,6 @@ def status_of(port: int, request: bytes) -> bytes:
         return sock.recv(64).split(b"\r\n", 1)[0]
 
 
-@pytest.mark.xfail(strict=True, reason="handler.py builds RequestParser with the fixed 8 KiB line limit; "
-                   "fix: max_line_bytes=min(DEFAULT_MAX_LINE_BYTES, settings.max_header_bytes)")
 def test_a_request_line_longer_than_a_small_max_header_bytes_is_414(tmp_path, backends):
     backend = backends("web")
 
