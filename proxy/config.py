@@ -329,10 +329,18 @@ def _size(minimum: int = 0) -> Callable[[Any], int]:
     return convert
 
 
-def parse_workers(value: Any) -> int:
-    """server.workers and --workers: a number of processes, or "auto" = one per CPU."""
-    if value == "auto":
+def usable_cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity API on this platform
         return os.cpu_count() or 1
+
+
+def parse_workers(value: Any) -> int:
+    """server.workers and --workers: a number of processes, or "auto" = one per CPU this process may
+    run on (a container or taskset limited to 2 of 64 CPUs gets 2 workers, not 64)."""
+    if value == "auto":
+        return usable_cpu_count()
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
     raise ValueError(f'expected a number of processes (1 or more) or "auto", got {describe_value(value)}')

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -281,10 +283,18 @@ def test_defaults_when_keys_are_absent():
     assert POLICY_NAMES == ("round_robin", "least_connections", "random", "ip_hash")
 
 
-def test_workers_auto_is_cpu_count_and_empty_admin_table_uses_default():
+def test_workers_auto_is_the_usable_cpu_count_and_empty_admin_table_uses_default():
     config = parse_config(minimal(server={"workers": "auto"}, admin={}), "proxy.toml")
-    assert config.server.workers == (os.cpu_count() or 1)
+    assert config.server.workers == len(os.sched_getaffinity(0))
     assert config.admin.listen.address == "127.0.0.1:9901"
+
+
+def test_workers_auto_counts_only_the_cpus_this_process_may_use():
+    """A process limited to one CPU (taskset, a container's cpuset) starts one worker for "auto"."""
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from proxy.config import parse_workers; print(parse_workers('auto'))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert done.stdout.strip() == "1", done.stderr
 
 
 @pytest.mark.parametrize("status, expected", [
@@ -476,7 +486,7 @@ def test_demo_config_is_what_the_docs_promise():
 def test_production_config_shape():
     config = load_config(REPO / "configs" / "production.toml")
     assert config.server.listen == (ListenConfig("", 8080),)
-    assert config.server.workers == (os.cpu_count() or 1)
+    assert config.server.workers == len(os.sched_getaffinity(0))
     assert config.log.format == "json" and config.log.access == "stdout"
     assert config.admin.listen.host == "127.0.0.1"
     assert len(config.upstreams) == 2
