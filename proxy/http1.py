@@ -464,6 +464,8 @@ _CHUNKED_STATES = frozenset({_CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS})
 class _MessageParser:
     """Buffering, head framing and body decoding shared by both directions."""
 
+    _drops_forbidden_trailers = False  # a request with a framing field in its trailers is refused
+
     def __init__(self, max_header_bytes: int, max_body_bytes: int | None, max_line_bytes: int):
         self._max_header_bytes = max_header_bytes
         self._max_body_bytes = max_body_bytes
@@ -779,7 +781,13 @@ class _MessageParser:
         text = buf[: end + 2].decode("latin-1")
         del buf[: end + 4]
         raw, names, index = _parse_fields(text, 0)
-        _check_trailers(index)
+        if FORBIDDEN_TRAILERS.intersection(index):
+            if not self._drops_forbidden_trailers:
+                _check_trailers(index)  # raises
+            # A response's body is already on its way to the client: drop the fields (RFC 9110
+            # §6.5.1 lets a recipient ignore them) rather than cut a whole response off at its end.
+            raw = [(name, value) for name, value in raw if name.lower() not in FORBIDDEN_TRAILERS]
+            names, index = _index_fields(raw)
         self._state = _DONE
         return EndOfMessage(Headers(raw, index, names))
 
@@ -858,6 +866,8 @@ class RequestParser(_MessageParser):
 
 class ResponseParser(_MessageParser):
     """Parses the response(s) to one request: any 1xx, then the final response."""
+
+    _drops_forbidden_trailers = True  # requests refuse them (400); see _read_trailers
 
     def __init__(self, request_method: str, max_header_bytes: int = DEFAULT_MAX_RESPONSE_HEADER_BYTES):
         super().__init__(max_header_bytes, None, max_header_bytes)

@@ -596,7 +596,6 @@ INVALID_RESPONSES = [
     b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nxy",
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nContent-Length: 1\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",   # truncated by EOF
     b"HTTP/1.1 200 OK\r\n",                                  # head truncated by EOF
     b"",                                                     # closed without a response
@@ -616,6 +615,15 @@ def test_response_in_a_later_http1_minor_version_is_read_as_1_1():
     assert events[0][:4] == ("response", 200, "OK", "HTTP/1.1")
     assert events[0][-1] is True  # keep-alive, as 1.1
     assert events[1:] == [("data", b"ok"), ("end", None)]
+
+
+def test_forbidden_response_trailers_are_dropped_not_fatal():
+    """The body is already relayed when trailers come: framing fields among them are ignored
+    (RFC 9110 §6.5.1), the others kept, and the response completes."""
+    data = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n"
+            b"0\r\nContent-Length: 1\r\nX-Checksum: 7\r\nTransfer-Encoding: gzip\r\n\r\n")
+    events = run(lambda: ResponseParser("GET"), [data], eof=False)
+    assert events[1:] == [("data", b"ok"), ("end", (("X-Checksum", "7"),))]
 
 
 def test_response_head_limit_is_502():
