@@ -305,7 +305,7 @@ class HttpHandler:
         record.duration = time.monotonic() - record.started
         app.observe(record)
         if not ex.body_done and ex.response_started and conn.state is S.WRITING:
-            self._linger(conn)  # answered before the whole body came in: the connection closes next
+            self._close_lingering(conn)  # answered before the whole body came in: close, lingering once
         return ex.client_keep_alive and ex.body_done
 
     def _close(self, conn) -> None:
@@ -313,12 +313,13 @@ class HttpHandler:
         Connection: close, a stray CRLF, a refused body) would make close() send a reset, and a reset
         discards the end of our answer still in the send buffer: linger first (nginx lingering_close)."""
         if conn.state is not S.CLOSED and _has_early_answer(conn.sock):  # the same peek: bytes are waiting
-            self._linger(conn)
+            self._close_lingering(conn)
         conn.close()
 
     @staticmethod
-    def _linger(conn) -> None:
-        """nginx's lingering close: stop sending, drop what the client still sends, briefly."""
+    def _close_lingering(conn) -> None:
+        """nginx's lingering close: stop sending, drop what the client still sends, briefly, then
+        close (once: a closed connection is never lingered on again)."""
         deadline = time.monotonic() + LINGER_SECONDS
         try:
             conn.sock.shutdown(socket.SHUT_WR)  # the client sees the end of our answer now
@@ -327,6 +328,8 @@ class HttpHandler:
                 pass  # bounded by the deadline; ends early when the client closes or goes quiet
         except OSError:  # quiet (timeout), reset or gone: either way we are done with it
             pass
+        finally:
+            conn.close()
 
     def _answer_error(self, ex: Exchange, status: int, detail: str, body=None) -> None:
         """The one error response; ``body`` is an optional (content kind, text) replacing the short default."""

@@ -162,3 +162,44 @@ def test_upgrade_in_an_http10_request_is_not_forwarded(make_raw_backend, make_pr
         assert raw.at_eof()
     assert response.status == 200 and response.body == b"ok"
     assert len(heads) == 1 and b"upgrade" not in heads[0].lower()
+
+
+# -- an early answer lingers once, for a bounded time ---------------------------------------------------
+# A backend answering before it read the upload (403 here) closes the client connection with the
+# body unread: the proxy lingers (nginx's lingering_close, LINGER_SECONDS) and closes, even while the
+# client keeps sending. A client that never stops must not keep a worker (two lingers, or an endless one).
+def test_a_client_still_uploading_after_an_early_answer_is_lingered_on_once(make_raw_backend, make_proxy):
+    from proxy.handler import LINGER_SECONDS
+
+    def script(peer):
+        if peer.read_head():
+            peer.send(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno")
+
+    backend = make_raw_backend(script)
+    proxy = make_proxy({"web": [backend.address]}, upstream_options={"retries": 0})
+    with _connect(proxy) as sock:
+        sock.sendall(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 90000000\r\n\r\n")  # under max_body_bytes
+        sock.settimeout(0.05)
+        answer, answered_at, piece, fin = b"", None, b"x" * 4096, False
+        deadline = time.monotonic() + 4 * LINGER_SECONDS + 2  # bounded: the proxy must close well before
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    sock.send(piece)  # the client keeps uploading the whole time, as curl would
+                except (TimeoutError, BlockingIOError):
+                    pass
+                if fin:
+                    time.sleep(0.05)  # pacing only: the loop waits for the reset that ends the linger
+                    continue
+                try:
+                    got = sock.recv(4096)
+                except (TimeoutError, BlockingIOError):
+                    continue
+                fin = not got  # the proxy's FIN starts its linger; it still reads (and drops) the upload
+                answer += got
+                answered_at = answered_at or time.monotonic()
+        except OSError:
+            pass  # reset or broken pipe: the proxy closed the socket for good
+        closed_at = time.monotonic()
+    assert answer.startswith(b"HTTP/1.1 403")
+    assert closed_at - answered_at < LINGER_SECONDS * 1.6, f"lingered {closed_at - answered_at:.1f}s"
