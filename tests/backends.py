@@ -550,6 +550,20 @@ class RawClient:
 
 
 @contextlib.contextmanager
+def read_small_answer(sock: socket.socket) -> bytes:
+    """Everything until the peer closes, for small answers (error pages); a reset ends it too."""
+    data = b""
+    try:
+        for _ in range(64):  # bounded: an error response is small
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            data += piece
+    except OSError:
+        pass
+    return data
+
+
 def raw_client(proxy):
     """A ``RawClient`` on a new connection to ``proxy`` (anything with ``connect()``), closed on exit."""
     sock = proxy.connect()

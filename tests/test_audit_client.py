@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from tests.backends import pattern_sha256, raw_client, stream_pattern
+from tests.backends import pattern_sha256, raw_client, read_small_answer, stream_pattern
 from tests.conftest import CLIENT_TIMEOUT
 from tests.core_helpers import wait_for
 
@@ -26,19 +26,6 @@ ATTACKERS = 6  # three times max_threads
 
 def _connect(proxy) -> socket.socket:
     return socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT)
-
-
-def _read_until_close(sock: socket.socket) -> bytes:
-    data = b""
-    try:
-        for _ in range(64):  # bounded: the answers here are small
-            piece = sock.recv(65536)
-            if not piece:
-                break
-            data += piece
-    except OSError:
-        pass
-    return data
 
 
 # -- empty lines before a request line hold no worker thread ------------------------------------------
@@ -84,7 +71,7 @@ def test_a_start_line_that_cannot_become_a_request_is_400_at_once(make_backend, 
     with _connect(proxy) as sock:
         sock.settimeout(HEADER_TIMEOUT / 2)  # a 408 after header_timeout fails here with a timeout
         sock.sendall(opening)
-        answer = _read_until_close(sock)
+        answer = read_small_answer(sock)
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:60]
     assert b"Connection: close" in answer
     assert backend.requests == []

@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from tests.backends import RawClient, raw_client, stream_pattern
+from tests.backends import RawClient, raw_client, read_small_answer, stream_pattern
 from tests.conftest import CLIENT_TIMEOUT
 from tests.core_helpers import wait_for
 
@@ -56,21 +56,10 @@ class Trickler(threading.Thread):
         except OSError:  # the proxy closed on us: read what it said
             pass
         finally:
-            self.answer = _read_all(self.sock)
+            self.answer = read_small_answer(self.sock)
             self.sock.close()
 
 
-def _read_all(sock: socket.socket) -> bytes:
-    data = b""
-    try:
-        for _ in range(64):  # bounded: an error response is small
-            piece = sock.recv(65536)
-            if not piece:
-                break
-            data += piece
-    except OSError:
-        pass
-    return data
 
 
 def _slowloris(make_backend, make_proxy) -> tuple[float, list, int]:
@@ -114,7 +103,7 @@ def test_partial_heads_beyond_threads_are_all_timed_out(make_backend, make_proxy
         for sock in socks:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nX-Half: ")
         assert requests.get(proxy.url + "/", timeout=CLIENT_TIMEOUT).status_code == 200
-        answers = [_read_all(sock) for sock in socks]
+        answers = [read_small_answer(sock) for sock in socks]
     finally:
         for sock in socks:
             sock.close()
@@ -153,7 +142,7 @@ def test_slow_small_posts_hold_no_thread_and_a_normal_client_is_served_at_once(m
         started = time.monotonic()
         assert requests.get(proxy.url + "/", timeout=CLIENT_TIMEOUT).status_code == 200
         assert time.monotonic() - started < 0.5  # not queued behind the attackers
-        answers = [_read_all(sock) for sock in socks]
+        answers = [read_small_answer(sock) for sock in socks]
     finally:
         for sock in socks:
             sock.close()
@@ -205,7 +194,7 @@ def test_max_connections_answers_503_fast(make_backend, make_proxy):
         wait_for(lambda: sum(proxy.process.server.connection_counts().values()) >= 4, what="4 held")
         started = time.monotonic()
         with connect(proxy) as extra:
-            answer = _read_all(extra)
+            answer = read_small_answer(extra)
         assert answer.startswith(b"HTTP/1.1 503")
         assert time.monotonic() - started < 1.0
     finally:

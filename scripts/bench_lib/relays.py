@@ -238,16 +238,21 @@ def serve_pool2(reactor: Reactor, listener: socket.socket, addresses: list[tuple
     reactor.run()
 
 
+def serve_readable(client: socket.socket, buffer: bytearray, upstreams: UpstreamPool) -> bool:
+    """Serve the request(s) of a client epoll found readable; False when the connection is done."""
+    try:
+        keep = serve_one(client, buffer, upstreams)
+        while keep and HEAD_END in buffer:  # pipelined requests already read: epoll will not tell
+            keep = serve_one(client, buffer, upstreams)
+    except (OSError, RelayError):
+        keep = False  # a peer went away or misbehaved: this connection ends here
+    return keep
+
+
 def pool_worker(reactor: Reactor, work: queue.SimpleQueue, upstreams: UpstreamPool) -> None:
     while True:  # daemon thread: ends with the process
         client, buffer = work.get()
-        try:
-            keep = serve_one(client, buffer, upstreams)
-            while keep and HEAD_END in buffer:  # pipelined requests already read: epoll will not tell
-                keep = serve_one(client, buffer, upstreams)
-        except (OSError, RelayError):
-            keep = False  # a peer went away or misbehaved: this connection ends here
-        if keep:
+        if serve_readable(client, buffer, upstreams):
             reactor.change(client, select.EPOLLIN | select.EPOLLONESHOT)
         else:
             reactor.close(client)
@@ -288,13 +293,7 @@ def accept_batch(listener: socket.socket, shared, clients: dict, armed: int) -> 
 
 def serve_armed(shared, clients: dict, fd: int, upstreams: UpstreamPool, armed: int) -> None:
     client, buffer = clients[fd]
-    try:
-        keep = serve_one(client, buffer, upstreams)
-        while keep and HEAD_END in buffer:  # pipelined requests already read: epoll will not tell
-            keep = serve_one(client, buffer, upstreams)
-    except (OSError, RelayError):
-        keep = False  # a peer went away or misbehaved: this connection ends here
-    if keep:
+    if serve_readable(client, buffer, upstreams):
         shared.modify(fd, armed)
     else:
         del clients[fd]  # forget, then close: the fd number cannot be reused by an accept in between
