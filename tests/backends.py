@@ -549,7 +549,6 @@ class RawClient:
             return True
 
 
-@contextlib.contextmanager
 def read_small_answer(sock: socket.socket) -> bytes:
     """Everything until the peer closes, for small answers (error pages); a reset ends it too."""
     data = b""
@@ -564,6 +563,7 @@ def read_small_answer(sock: socket.socket) -> bytes:
     return data
 
 
+@contextlib.contextmanager
 def raw_client(proxy):
     """A ``RawClient`` on a new connection to ``proxy`` (anything with ``connect()``), closed on exit."""
     sock = proxy.connect()
