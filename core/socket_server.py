@@ -178,6 +178,21 @@ class SocketServer:
     def addresses(self) -> list[tuple]:
         return [listener.address for listener in self._listeners.values()]
 
+    # -- limits ------------------------------------------------------------------------------
+    def set_limits(self, *, max_connections: int | None = None, idle_timeout: float | None = None,
+                   header_timeout: float | None = None, graceful_timeout: float | None = None) -> None:
+        """Change limits of a running server (a config reload); None keeps a limit. Each is read where
+        it applies: max_connections at the next accept, the timeouts at the next reaper sweep (resting
+        connections included) and graceful_timeout when a drain starts."""
+        if max_connections is not None:
+            self.max_connections = max_connections
+        if idle_timeout is not None:
+            self.idle_timeout = idle_timeout
+        if header_timeout is not None:
+            self.header_timeout = header_timeout
+        if graceful_timeout is not None:
+            self.graceful_timeout = graceful_timeout
+
     # -- counts --------------------------------------------------------------------------------
     def connection_counts(self) -> dict[str, int]:
         """Connections by state name (for metrics: pyproxy_client_connections{state})."""

@@ -156,6 +156,24 @@ class ThreadPool:
         with self._lock:
             self._last_take = self._clock()
 
+    def resize(self, min_threads: int, max_threads: int, max_queue: int | None = None) -> None:
+        """New bounds for a running pool (a config reload). A raised ``min_threads`` starts its threads
+        now; threads above a lowered ``max_threads`` leave at their next idle moment (idle ones are
+        woken to check), those above a lowered ``min_threads`` after ``idle_timeout`` as usual."""
+        if not 0 <= min_threads <= max_threads or max_threads < 1:
+            raise ValueError("need 0 <= min_threads <= max_threads and max_threads >= 1")
+        with self._lock:
+            self.min_threads, self.max_threads = min_threads, max_threads
+            if max_queue is not None:
+                self.max_queue = max_queue
+            if self._closed:
+                return
+            while len(self._workers) < min_threads:
+                self._spawn()
+            too_many = len(self._workers) > max_threads
+        if too_many:
+            self._nudge_idle()
+
     def _should_grow(self) -> bool:
         # Called with the lock held.
         threads = len(self._workers)
@@ -221,8 +239,11 @@ class ThreadPool:
             if self._closed:
                 self._workers.discard(me)
                 return True
-            # Retire only when idle long enough, above the floor, and with no work waiting.
-            if self._clock() - idle_since >= self.idle_timeout and len(self._workers) > self.min_threads:
+            # Retire only when idle long enough, above the floor, and with no work waiting; at once
+            # above the ceiling (lowered by resize).
+            threads = len(self._workers)
+            if threads > self.max_threads or (
+                    self._clock() - idle_since >= self.idle_timeout and threads > self.min_threads):
                 self._workers.discard(me)
                 return True
             return False

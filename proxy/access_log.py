@@ -32,6 +32,7 @@ log = logging.getLogger("pyproxy.access")
 DEFAULT_QUEUE_SIZE = 10000  # lines buffered before dropping: ~seconds of a busy proxy's traffic
 STOP_TIMEOUT = 5.0
 _STOP = object()
+_REOPEN = object()  # wakes the writer: open the file again by name (SIGUSR1, SIGHUP)
 
 
 def _escape(value: str | None) -> str:
@@ -109,6 +110,7 @@ class AccessLog:
         self._drop_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stream: TextIO | None = None
+        self._reopen_wanted = False  # set by reopen(); the writer thread acts on it
 
     # -- hot path ------------------------------------------------------------------------------------
     def observe(self, record) -> None:
@@ -128,6 +130,18 @@ class AccessLog:
             self.format = lambda record, when: format_terminal(record, when, colour)
         self._thread = threading.Thread(target=self._write_loop, name="pyproxy-access-log", daemon=True)
         self._thread.start()
+
+    def reopen(self) -> None:
+        """Write further lines to a file opened again by name (nginx's ``kill -USR1``): after logrotate
+        renamed the file, lines go to a new one at the configured path. Lines queued before the call
+        go to the old file, later ones to the new; none is lost or written twice."""
+        if self._thread is None or self.target in ("stdout", "stderr"):
+            return
+        self._reopen_wanted = True
+        try:
+            self._queue.put_nowait(_REOPEN)  # in order with the lines, and wakes an idle writer
+        except queue.Full:  # the writer is busy: it sees the flag after its current batch
+            pass
 
     def stop(self) -> None:
         if self._thread is None:
@@ -151,7 +165,7 @@ class AccessLog:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not _STOP:
+            if item is not _STOP and item is not _REOPEN:
                 leftovers.append(item)
         self._write([line for item in leftovers for line in (self._format_line(*item),) if line is not None])
 
@@ -171,10 +185,36 @@ class AccessLog:
                 except queue.Empty:
                     break
             stopping = any(item is _STOP for item in batch)
-            self._write([line for item in batch if item is not _STOP
-                         for line in (self._format_line(*item),) if line is not None])
+            lines = []
+            for item in batch:
+                if item is _REOPEN:
+                    self._write(lines)  # what came before the reopen goes to the old file
+                    lines = []
+                    self._reopen_stream()
+                elif item is not _STOP:
+                    line = self._format_line(*item)
+                    if line is not None:
+                        lines.append(line)
+            self._write(lines)
+            if self._reopen_wanted:  # its marker did not fit in a full queue
+                self._reopen_stream()
             if stopping:
                 return
+
+    def _reopen_stream(self) -> None:
+        """On the writer thread. A file that cannot be opened keeps the old one (one error line)."""
+        if not self._reopen_wanted:
+            return  # a second marker for a reopen already done
+        self._reopen_wanted = False
+        try:
+            fresh = self._open()
+        except OSError as exc:
+            log.error("cannot reopen the access log %s: %s; still writing to the file opened before",
+                      self.target, exc.strerror or exc)
+            return
+        old, self._stream = self._stream, fresh
+        old.close()
+        log.info("access log %s reopened", self.target)
 
     def _format_line(self, when: float, record) -> str | None:
         try:

@@ -29,7 +29,9 @@ from .config import (
     quick_config,
 )
 from .routing_table import routing_table_lines
-from .runner import ProxyProcess, bind_config_listener, configure_logging, describe_listeners, tls_problems
+from .runner import (
+    SERVING_SIGNALS, ProxyProcess, bind_config_listener, configure_logging, describe_listeners, tls_problems,
+)
 from .starter import write_starter
 from .supervisor import run_supervisor
 
@@ -46,8 +48,9 @@ LISTEN_ERROR_HINTS = {
 }
 
 
-# The signals the proxy acts on (CONFIG.md "Signals").
-HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+# The signals the proxy acts on (CONFIG.md "Signals"; SIGUSR1 in the README's operations section).
+HANDLED_SIGNALS = set(SERVING_SIGNALS)
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 class ListenError(Exception):
@@ -150,7 +153,8 @@ Run without a config file (local development):
 http://app.localhost:8080/ works without editing /etc/hosts.
 """
 
-MAIN_EPILOG = "Signals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the config file."
+MAIN_EPILOG = ("Signals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the config file; "
+               "SIGUSR1 reopens the access log file (log rotation).")
 
 
 @click.group(invoke_without_command=True, context_settings=CONTEXT, help=MAIN_HELP, epilog=MAIN_EPILOG)
@@ -230,11 +234,12 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
     if workers > 1:  # a supervisor and N worker processes sharing these sockets (proxy.supervisor)
         if admin_socket is not None:
             admin_socket.close()  # the supervisor binds [admin] itself; it was free a moment ago
-        if stop_signal_pending():  # the workers must not inherit blocked signals: decide now
+        if stop_signal_pending():  # nothing built yet: a stop that already came needs no supervisor
             for _, sock in listeners:
                 sock.close()
             return 0
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        # Still blocked: the supervisor unblocks them once its handlers are in place, before any fork
+        # (a SIGTERM while it built its Application killed it, 2 in 10 tries).
         addresses = ", ".join(f"http://{listen.address}" for listen, _ in listeners)
         click.echo(f"pyproxy {__version__} listening on {addresses} with {workers} workers", err=True)
         return run_supervisor(config, config_path, listeners, workers, watch=watch)
@@ -253,11 +258,11 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
 
 def stop_signal_pending() -> bool:
     """Take the blocked signals that already arrived: True if one asks to stop (SIGTERM/SIGINT).
-    A SIGHUP is dropped: the config was read a moment ago."""
+    A SIGHUP or SIGUSR1 is dropped: the config was read and no log opened a moment ago."""
     stop = False
     while signal.sigpending() & HANDLED_SIGNALS:
         taken = signal.sigtimedwait(HANDLED_SIGNALS, 0)
-        stop = stop or (taken is not None and taken.si_signo != signal.SIGHUP)
+        stop = stop or (taken is not None and taken.si_signo in STOP_SIGNALS)
     return stop
 
 

@@ -5,6 +5,9 @@
   the old writer is stopped, which writes every line it still holds. No line is lost and no request
   waits. The old writer's counts stay in /metrics (its lines were written, or dropped, all the same).
 - ``access = "off"`` removes the observer; turning it back on adds one.
+- A new access log file that cannot be opened: one error line, the old writer keeps writing (a later
+  reload tries again).
+- The same ``access`` file: it is reopened (as SIGUSR1 does), so logrotate's ``kill -HUP`` works too.
 """
 
 from __future__ import annotations
@@ -34,20 +37,32 @@ class LogSwitch:
         self.process = process
         self.metrics = metrics
         self.access_log = access_log  # the running writer, or None for access = "off"
+        running = process.app.config.log
+        self.running = (running.access, running.format)  # what the writer does, whatever the file says
 
     def __call__(self, old_config, new_config) -> None:
         level_listener(old_config, new_config)
-        old, new = old_config.log, new_config.log
-        if (old.access, old.format) != (new.access, new.format):
-            self._switch_access_log(new)
-            log.info("access log is now %s (%s)", new.access, new.format)
+        new = new_config.log
+        if (new.access, new.format) != self.running:
+            if self._switch_access_log(new):
+                log.info("access log is now %s (%s)", new.access, new.format)
+        elif self.access_log is not None:
+            self.access_log.reopen()
 
-    def _switch_access_log(self, log_config) -> None:
+    def _switch_access_log(self, log_config) -> bool:
+        """False (logged) if the new target cannot be opened: the running writer stays."""
         app, services = self.process.app, self.process.services
         retired, fresh = self.access_log, make_access_log(log_config)
+        if fresh is not None:
+            try:
+                fresh.start()
+            except OSError as exc:
+                keeping = "it stays off" if retired is None else f"still writing to {self.running[0]}"
+                log.error("cannot open the access log %s: %s; %s", log_config.access, exc.strerror or exc,
+                          keeping)
+                return False
         observers = [observer for observer in app.observers if retired is None or observer != retired.observe]
         if fresh is not None:
-            fresh.start()
             services.append(fresh)  # stopped (flushed) with the process
             observers.append(fresh.observe)
         # One assignment: a request thread iterates either the old list or the new one, so each
@@ -58,3 +73,5 @@ class LogSwitch:
             services.remove(retired)
             self.metrics.retire_access_log(retired)
         self.access_log = self.metrics.access_log = fresh
+        self.running = (log_config.access, log_config.format)
+        return True

@@ -17,7 +17,7 @@ from core.socket_server import bind_listener
 
 from .admin import install_observability
 from .app import Application, upstream_tls_context
-from .config import Config, ConfigError, ListenConfig, key_path, load_config
+from .config import Config, ConfigError, ListenConfig, ServerSettings, key_path, load_config
 from .handler import HttpHandler
 from .responses import write_overloaded
 from .tls import TlsTerminator
@@ -26,6 +26,37 @@ from .watch import POLL_INTERVAL, Watcher, describe_changes
 log = logging.getLogger("pyproxy")
 
 POOL_QUEUE_PER_THREAD = 8  # queued connections per allowed thread before the proxy sheds load (503)
+# [server] keys a running process cannot take: the number of processes, and the CPU pinning (set per
+# thread by sched_setaffinity, before any thread starts). A reload logs them instead of ignoring them.
+RESTART_ONLY = ("workers", "cpu_affinity")
+# [server] keys a reload hands to the running accept loop and pool (apply_server_limits). The others
+# apply elsewhere: listen (reconciled here, or new workers), the rest of Settings and trusted_proxies
+# (Application.reload rebuilds app.settings and the runtime, which requests read afresh).
+LIVE_IN_CORE = ("max_connections", "idle_timeout", "header_timeout", "graceful_timeout",
+                "min_threads", "max_threads")
+# The signals a serving process acts on (CONFIG.md "Signals", README "Operations").
+SERVING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
+def pool_queue_limit(max_threads: int) -> int:
+    return max(64, max_threads * POOL_QUEUE_PER_THREAD)
+
+
+def server_changes(old: ServerSettings, new: ServerSettings, keys=RESTART_ONLY) -> list[str]:
+    """``server.workers (2 -> 4)`` for each of ``keys`` (default: the restart-only ones) that changed."""
+    return [f"server.{key} ({_shown(getattr(old, key))} -> {_shown(getattr(new, key))})"
+            for key in keys if getattr(old, key) != getattr(new, key)]
+
+
+def _shown(value) -> str:
+    return "[" + ", ".join(map(str, value)) + "]" if isinstance(value, tuple) else str(value)
+
+
+def apply_server_limits(server: SocketServer, pool: ThreadPool, settings: ServerSettings) -> None:
+    """Give a running accept loop and pool the [server] limits of a reloaded config."""
+    server.set_limits(max_connections=settings.max_connections, idle_timeout=settings.idle_timeout,
+                      header_timeout=settings.header_timeout, graceful_timeout=settings.graceful_timeout)
+    pool.resize(settings.min_threads, settings.max_threads, pool_queue_limit(settings.max_threads))
 
 
 def tls_terminator(listen: ListenConfig) -> TlsTerminator:
@@ -84,7 +115,7 @@ class ProxyProcess:
         self.app = Application(config)
         server_cfg = config.server
         self.pool = ThreadPool(min_threads=server_cfg.min_threads, max_threads=server_cfg.max_threads,
-                               max_queue=max(64, server_cfg.max_threads * POOL_QUEUE_PER_THREAD),
+                               max_queue=pool_queue_limit(server_cfg.max_threads),
                                name="pyproxy-worker")
         handler = HttpHandler(self.app)
         self.server = SocketServer(handler, listeners=(), pool=self.pool,
@@ -102,13 +133,16 @@ class ProxyProcess:
         self.services: list = []  # objects with start() and stop(): admin, health checks, logs
         # False in a worker process: the supervisor owns the listening sockets (proxy.supervisor)
         self.manage_listeners = True
+        # False in a worker process: its supervisor says once what a reload cannot change
+        self.reports_restarts = True
         self.install_signals = install_signals
         if install_signals:
             # Now, not when the loop starts: the sockets already accept, and a SIGHUP (a deploy's
             # reload) arriving before the handler exists would kill the process (default action).
             # Recorded signals wait for the loop.
-            self.server.install_signal_handlers()
-            self.server.signal_handlers[signal.SIGHUP] = lambda: self.reload_from_file()
+            self.server.install_signal_handlers(SERVING_SIGNALS)
+            self.server.signal_handlers[signal.SIGHUP] = self.on_sighup
+            self.server.signal_handlers[signal.SIGUSR1] = self.reopen_logs
         # Metrics and access log observers, health checker, admin listener (proxy.admin). A worker
         # under a supervisor would take the observers only: install_observability(health=False, admin=False).
         self.observability = install_observability(self, admin_socket=admin_socket) if observability else None
@@ -127,6 +161,20 @@ class ProxyProcess:
         self.services.append(service)
 
     # -- reload --------------------------------------------------------------------------------
+    def on_sighup(self) -> None:
+        """SIGHUP: reload; the access log file is reopened either way (a valid reload does it in
+        LogSwitch), so a logrotate postrotate ``kill -HUP`` works while the config is being edited."""
+        if not self.reload_from_file():
+            self.reopen_logs()
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1 (nginx's convention): every service writing a file opens it again by name, so
+        logrotate can rename the file without copytruncate."""
+        for service in list(self.services):
+            reopen = getattr(service, "reopen", None)
+            if reopen is not None:
+                reopen()
+
     def reload_from_file(self) -> bool:
         """SIGHUP: re-read the config; keep the old one if the new one is invalid."""
         config = load_for_reload(self.config_path)
@@ -149,12 +197,18 @@ class ProxyProcess:
         terminators = {listen.address: tls_terminator(listen) for listen in config.server.listen if listen.tls}
         old = self.app.config
         self.app.reload(config)
+        apply_server_limits(self.server, self.pool, config.server)
         if self.manage_listeners:
             self._reconcile_listeners(old, config)
         self._swap_certificates(config, terminators)
         log.info("config reloaded: %d routes, %d upstreams", len(config.routes), len(config.upstreams))
         for line in describe_changes(old, config):
             log.info("  %s", line)
+        for line in server_changes(old.server, config.server, LIVE_IN_CORE):
+            log.info("  applied: %s", line)
+        if self.reports_restarts:
+            for line in server_changes(old.server, config.server):
+                log.warning("needs a restart: %s", line)
 
     def _swap_certificates(self, config: Config, terminators: dict) -> None:
         """Listeners that stay open serve the certificates just loaded, from their next handshake on."""

@@ -12,6 +12,8 @@ loop and thread pool, use N cores. The shape is gunicorn's arbiter / nginx's mas
   SIGHUP → validate the file; invalid: log, keep everything; valid: every worker reloads in place
   (same sockets, same keep-alive connections). A change of ``server.listen`` instead binds the new
   addresses and replaces the workers (new ones start, old ones drain), as nginx does on every reload.
+  SIGUSR1 → every worker reopens its access log file (logrotate); a SIGHUP does that too.
+  A [server] key only new processes can take (workers, cpu_affinity) is logged as "needs a restart".
   SIGTERM/SIGINT → forwarded; the workers drain; the supervisor waits up to graceful_timeout + margin,
   kills what is left, and exits (0 when every worker stopped on its own). A second SIGINT forces.
 - A worker that dies is logged and replaced, with a backoff when it keeps dying young; the supervisor
@@ -44,7 +46,8 @@ from .config import Config, ConfigError, ListenConfig
 from .health import HealthChecker, apply_health
 from .log_reload import level_listener
 from .metrics import merge, render_prometheus
-from .runner import ProxyProcess, bind_config_listener, load_for_reload, tls_problems
+from .runner import (RESTART_ONLY, SERVING_SIGNALS, ProxyProcess, bind_config_listener, load_for_reload,
+                     server_changes, tls_problems)
 from .status import merge_status
 from .watch import Watcher, describe_changes
 
@@ -196,6 +199,9 @@ class WorkerControl:
         if op == "reload":
             self.process.server.call_soon(self._reload)  # on the loop thread, exactly like a SIGHUP
             return None
+        if op == "reopen":
+            self.process.server.call_soon(self.process.reopen_logs)  # as a SIGUSR1 to the worker
+            return None
         if op == "ping":
             return {"pid": os.getpid()}
         return {"error": f"unknown op {op!r}"}
@@ -220,6 +226,7 @@ def worker_main(slot: int, config: Config, config_path: str | None, listeners, c
     if pinned is not None:
         log.info("worker %d pinned to CPU %d (server.cpu_affinity)", slot, pinned)
     process.manage_listeners = False  # the supervisor owns the sockets; it replaces workers to change them
+    process.reports_restarts = False  # the supervisor logs "needs a restart" once, not once per worker
     observability = install_observability(process, health=False, admin=False)
     process.add_service(WorkerControl(process, control_sock, slot, observability.sources.status[0],
                                       observability.sources.metrics[0]))
@@ -309,9 +316,11 @@ class Supervisor:
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> int:
         self._install_signals()
-        for slot in range(self.worker_count):
-            self._spawn(slot)
-        self._start_services()
+        self._handle_signals()  # a stop that arrived while starting (blocked until now): no workers at all
+        if not self.stopping:
+            for slot in range(self.worker_count):
+                self._spawn(slot)
+            self._start_services()
         try:
             while not (self.stopping and not self._live_workers()):
                 self._loop_once()
@@ -332,8 +341,7 @@ class Supervisor:
         except InterruptedError:
             pass
         self._wakeup.drain()
-        while self._signals:
-            self._handle_signal(self._signals.popleft())
+        self._handle_signals()
         while self._calls:
             self._calls.popleft()()
         self._reap()
@@ -348,21 +356,36 @@ class Supervisor:
 
     # -- signals (pattern 9) ------------------------------------------------------------------------
     def _install_signals(self) -> None:
+        """The handlers, then unblock: the CLI blocks these signals from the bind on (a SIGTERM while
+        __init__ built the Application killed the supervisor), so one that came meanwhile lands now."""
         signal.set_wakeup_fd(self._wakeup.write_fd, warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        signals = (*SERVING_SIGNALS, signal.SIGCHLD)
+        for signum in signals:
             signal.signal(signum, self._record_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # before any fork: workers inherit the mask
 
     def _record_signal(self, signum, frame) -> None:
         self._signals.append(signum)
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            self._handle_signal(self._signals.popleft())
 
     def _handle_signal(self, signum: int) -> None:
         if signum == signal.SIGCHLD:
             return  # _reap runs on every pass
         if signum == signal.SIGHUP:
-            if not self.stopping:
-                self.reload()
+            if not self.stopping and not self.reload():
+                self._broadcast({"op": "reopen"})  # a valid reload reopens in each worker (LogSwitch)
+            return
+        if signum == signal.SIGUSR1:
+            self._broadcast({"op": "reopen"})
             return
         self.stop(signum)
+
+    def _broadcast(self, message: dict) -> None:
+        for handle in self._all_handles():
+            handle.link.send(message)
 
     # -- workers -------------------------------------------------------------------------------------
     def _spawn(self, slot: int) -> None:
@@ -392,6 +415,7 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)  # until the worker's own loop installs its handlers
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a reopen before the worker opened its log: nothing to do
         self._wakeup.close()
         for handle in self._all_handles():
             handle.link.sock.close()
@@ -488,11 +512,14 @@ class Supervisor:
         self.app.reload(config)
         for line in describe_changes(old, config) or ["no changes"]:
             log.info("  %s", line)
-        if _listen_addresses(old) != _listen_addresses(config):
+        replace = _listen_addresses(old) != _listen_addresses(config)
+        # Workers apply the rest of [server] themselves (ProxyProcess.reload); new ones pin anew.
+        for line in server_changes(old.server, config.server, ("workers",) if replace else RESTART_ONLY):
+            log.warning("needs a restart: %s", line)
+        if replace:
             self._replace_workers(config)
         else:
-            for handle in self._all_handles():
-                handle.link.send({"op": "reload"})
+            self._broadcast({"op": "reload"})
         return True
 
     def _replace_workers(self, config: Config) -> None:
@@ -570,9 +597,7 @@ class Supervisor:
             service.stop()
 
     def _broadcast_health(self, upstream: str, address: str, up: bool, reason: str) -> None:
-        message = {"op": "health", "upstream": upstream, "address": address, "up": up, "reason": reason}
-        for handle in self._all_handles():
-            handle.link.send(message)
+        self._broadcast({"op": "health", "upstream": upstream, "address": address, "up": up, "reason": reason})
 
     def collect(self, what: str) -> list[tuple[WorkerHandle, dict]]:
         """``what`` ("status" or "metrics") from every live worker; one not answering is left out."""
