@@ -197,7 +197,9 @@ def test_tunnel_survives_reload_and_drain_closes_it_after_graceful_timeout(make_
         ws.send("before")
         assert ws.recv(CLIENT_TIMEOUT) == "before"
         # A reload that drops the upstream entirely: the open tunnel does not care.
-        document = proxy_config_dict({"other": ["127.0.0.1:1"]}, server={"listen": f"127.0.0.1:{proxy.port}"})
+        # It keeps graceful_timeout: a reload applies it (the drain below relies on 1s).
+        document = proxy_config_dict({"other": ["127.0.0.1:1"]},
+                                     server={"listen": f"127.0.0.1:{proxy.port}", "graceful_timeout": "1s"})
         proxy.process.reload(parse_config(document, "test.toml"))
         ws.send("after reload")
         assert ws.recv(CLIENT_TIMEOUT) == "after reload"
