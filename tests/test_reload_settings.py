@@ -18,7 +18,8 @@ import time
 import pytest
 import requests
 
-from proxy.config import parse_config
+from proxy.config import ServerSettings, parse_config
+from proxy.runner import server_changes
 from tests.conftest import DEADLINE, config_document, proxy_config_dict
 from tests.core_helpers import wait_for
 from tests.test_lifecycle import REPO, backends as lifecycle_backends, free_port, running_proxy
@@ -294,3 +295,10 @@ def test_sigterm_while_the_supervisor_starts_exits_0(tmp_path):
             proc.kill()
             proc.wait(10)
         proc.stderr.close()
+
+
+def test_restart_only_settings_are_named_with_their_old_and_new_values():
+    old = ServerSettings(workers=2, cpu_affinity="auto", idle_timeout=10.0)
+    new = ServerSettings(workers=4, cpu_affinity=(0, 1), idle_timeout=1.0)
+    assert server_changes(old, new) == ["server.workers (2 -> 4)", "server.cpu_affinity (auto -> [0, 1])"]
+    assert server_changes(old, old) == []
