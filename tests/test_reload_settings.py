@@ -215,22 +215,15 @@ def rotate_and_check(run, path, signum: int, *, workers: int = 1) -> None:
     assert paths_logged(rotated) == ["/one", "/two"]
 
 
-def test_sigusr1_reopens_the_access_log_after_rotation(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGHUP], ids=["usr1", "hup-unchanged-file"])
+def test_a_signal_reopens_the_access_log_after_rotation(tmp_path, signum):
     with lifecycle_backends("a") as (a,):
         path = tmp_path / "access.log"
         port = free_port()
         with running_proxy(tmp_path, config_text(port, a.address, access=str(path))) as run:
-            rotate_and_check(run, path, signal.SIGUSR1)
+            rotate_and_check(run, path, signum)
             run.signal(signal.SIGTERM)
             assert run.wait_exit() == 0
-
-
-def test_sighup_reopens_an_unchanged_access_log_file(tmp_path):
-    with lifecycle_backends("a") as (a,):
-        path = tmp_path / "access.log"
-        port = free_port()
-        with running_proxy(tmp_path, config_text(port, a.address, access=str(path))) as run:
-            rotate_and_check(run, path, signal.SIGHUP)
 
 
 def test_sigusr1_with_workers_reopens_the_access_log_in_every_worker(tmp_path):
