@@ -26,6 +26,10 @@ class PeerClosed(ConnectionError):
     """The source closed before ``count`` bytes were copied."""
 
 
+class WriteTimedOut(TimeoutError):
+    """The destination took nothing for its send timeout (a read timing out is a plain TimeoutError)."""
+
+
 def _thread_pipe() -> tuple[int, int]:
     pipe = getattr(_local, "pipe", None)
     if pipe is None:
@@ -78,7 +82,7 @@ def _relay_splice(source: socket.socket, dest: socket.socket, count: int) -> int
                 try:
                     sent = os.splice(read_end, dst, filled)
                 except BlockingIOError as exc:  # SO_SNDTIMEO expired
-                    raise TimeoutError("write timed out") from exc
+                    raise WriteTimedOut("write timed out") from exc
                 filled -= sent
                 remaining -= sent
     except BaseException:
@@ -103,6 +107,6 @@ def _relay_copy(source: socket.socket, dest: socket.socket, count: int) -> int:
         try:
             dest.sendall(view[:got])
         except BlockingIOError as exc:
-            raise TimeoutError("write timed out") from exc
+            raise WriteTimedOut("write timed out") from exc
         remaining -= got
     return count

@@ -22,7 +22,7 @@ import time
 
 from core import ConnectionState
 from core import zerocopy
-from core.zerocopy import PeerClosed
+from core.zerocopy import PeerClosed, WriteTimedOut
 
 from .errors import ClientGone, NoRoute, NoServerAvailable, ProxyError, UpstreamConnectError, UpstreamFailed, UpstreamTimeout
 from .forwarding import Outbound, build_request_head, build_response_head, interim_head
@@ -560,9 +560,9 @@ class HttpHandler:
                 zerocopy.relay(ex.conn.sock, link.sock, remaining)
             except PeerClosed as exc:
                 raise ClientGone("client closed during the request body") from exc
+            except WriteTimedOut as exc:
+                raise UpstreamTimeout("upstream stopped reading the request body") from exc
             except TimeoutError as exc:
-                if str(exc).startswith("write"):  # core.zerocopy names the side that timed out
-                    raise UpstreamTimeout("upstream stopped reading the request body") from exc
                 raise ProtocolError(408, "request body not received in time") from exc
             except OSError as exc:
                 if _client_broke(ex.conn.sock):  # a cancelled upload is not the server's failure
@@ -702,9 +702,9 @@ class HttpHandler:
                 ex.conn.splice_from(link.sock, remaining)
             except PeerClosed as exc:
                 raise UpstreamFailed(f"upstream closed mid-body: {exc}") from exc
+            except WriteTimedOut as exc:  # the client took nothing for send_timeout: not the server's fault
+                raise ClientGone("client stopped reading the response") from exc
             except TimeoutError as exc:
-                if str(exc).startswith("write"):  # the client took nothing for send_timeout: not the server's fault
-                    raise ClientGone("client stopped reading the response") from exc
                 raise UpstreamTimeout("upstream body stalled") from exc
             except OSError as exc:
                 if _client_broke(ex.conn.sock):
