@@ -12,6 +12,7 @@ what changed, not only that something did.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -121,8 +122,10 @@ def describe_changes(old: Config, new: Config) -> list[str]:
     lines += [f"listener removed: {address}" for address in sorted(old_listen - new_listen)]
     lines += _describe_routes(old.routes, new.routes)
     lines += _describe_upstreams(old, new)
-    if old.server != new.server and old_listen == new_listen:
-        lines.append("server settings changed")
+    changed = [f.name for f in dataclasses.fields(new.server)
+               if f.name != "listen" and getattr(old.server, f.name) != getattr(new.server, f.name)]
+    if changed:
+        lines.append(f"server settings changed: {', '.join(changed)}")
     if old.log != new.log:
         lines.append(f"log: level {new.log.level}, access {new.log.access} ({new.log.format})")
     return lines

@@ -474,6 +474,15 @@ def test_describe_changes_lists_routes_upstreams_and_listeners(tmp_path):
     assert describe_changes(load_config(old_file), load_config(old_file)) == []
 
 
+def test_describe_changes_names_the_server_settings_that_changed(tmp_path):
+    old_file, new_file = tmp_path / "old.toml", tmp_path / "new.toml"
+    old_file.write_text(proxy_config(8080, "127.0.0.1:9001"))
+    new_file.write_text(proxy_config(8080, "127.0.0.1:9001").replace(
+        "[server]\n", '[server]\nidle_timeout = "5s"\nmax_connections = 7\n', 1))
+    lines = describe_changes(load_config(old_file), load_config(new_file))
+    assert lines == ["server settings changed: max_connections, idle_timeout"]
+
+
 # -- core's drain: the race between "resting" and "a request just arrived" ------------------------------
 
 def test_core_drain_serves_a_resting_connection_whose_request_arrived_before_dispatch():
