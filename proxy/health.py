@@ -229,6 +229,7 @@ class HealthChecker:
         self._max_threads = max_threads
         self._targets: dict[tuple[str, int], _Target] = {}  # (upstream name, id(server)) -> state
         self._lock = threading.Lock()
+        self._round_lock = threading.Lock()  # one round at a time: the scheduler's, or a reload's
         self._stop = threading.Event()
         self._kick = threading.Event()
         self._thread: threading.Thread | None = None
@@ -253,7 +254,10 @@ class HealthChecker:
             self.app.reload_listeners.remove(self._on_reload)
 
     def _on_reload(self, old_config, new_config) -> None:
-        self._kick.set()  # look at the new runtime now, not after the current wait
+        # Sync now, in the reloading thread: a server rebuilt by the reload (new weight, ...) must take
+        # over its predecessor's verdict before traffic reaches it, not after the next wait.
+        self.run_once()
+        self._kick.set()  # and let the scheduler recompute its wait
 
     # -- reporting ---------------------------------------------------------------------------------
     def last_check(self, upstream_name: str, address: str) -> dict | None:
@@ -283,10 +287,11 @@ class HealthChecker:
 
     def run_once(self) -> float:
         """Sync targets with app.runtime, start every due check; returns seconds until the next is due."""
-        now = self.clock()
-        due = self._sync_targets(now)
-        for target, upstream_config in due:
-            self._submit(target, upstream_config)
+        with self._round_lock:
+            now = self.clock()
+            due = self._sync_targets(now)
+            for target, upstream_config in due:
+                self._submit(target, upstream_config)
         with self._lock:
             waits = [t.next_due - now for t in self._targets.values() if not t.in_flight]
         return min([MAX_IDLE_WAIT, *waits]) if waits else MAX_IDLE_WAIT
@@ -300,17 +305,21 @@ class HealthChecker:
                 continue
             for server in upstream.servers:
                 wanted[(name, id(server))] = (server, upstream.config)
-        due, dropped = [], []
+        due, dropped, kept_down = [], [], []
         with self._lock:
             for key in list(self._targets):
                 if key not in wanted:
                     dropped.append(self._targets.pop(key))
+            predecessors = {(t.upstream_name, t.server.address): t for t in dropped}
             for key, (server, upstream_config) in wanted.items():
                 health = upstream_config.health
                 target = self._targets.get(key)
                 if target is None:
                     first = now + self.rng.uniform(0, JITTER) * health.interval
                     target = self._targets[key] = _Target(key[0], server, health, first)
+                    predecessor = predecessors.pop((key[0], server.address), None)
+                    if predecessor is not None and self._inherit(target, predecessor):
+                        kept_down.append(target)
                 target.policy.healthy_after = health.healthy_after
                 target.policy.unhealthy_after = health.unhealthy_after
                 if not target.in_flight and target.next_due <= now:
@@ -318,7 +327,20 @@ class HealthChecker:
                     due.append((target, upstream_config))
         for target in dropped:
             self._forget(target, runtime)
+        for target in kept_down:
+            self._emit(target, False, f"still down after a reload, last check: {target.last.detail}"
+                       if target.last else "still down after a reload")
         return due
+
+    @staticmethod
+    def _inherit(target: _Target, predecessor: _Target) -> bool:
+        """A reload rebuilt this server (its weight or the upstream's limits changed): keep the checker's
+        count and verdict, so a server known to be down does not start "up" and take traffic until it
+        fails ``unhealthy_after`` checks again. True if the new server must be taken down."""
+        target.policy.up = predecessor.policy.up
+        target.policy.passes, target.policy.failures = predecessor.policy.passes, predecessor.policy.failures
+        target.next_due, target.last = predecessor.next_due, predecessor.last
+        return not target.policy.up
 
     def _forget(self, target: _Target, runtime) -> None:
         """A server no longer checked (removed, or its upstream lost [health]) must not stay down."""

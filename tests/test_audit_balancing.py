@@ -1,0 +1,95 @@
+"""Black-box audit of load balancing, health checks and retries, against a real proxy on 127.0.0.1.
+
+Regression tests for the bugs the audit found, plus a few checks of contract points nothing else
+covered end to end (how many servers a failing request tries, ip_hash under a health flap).
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import requests
+
+from tests.conftest import DEADLINE, FAST_HEALTH, config_document, served_by
+from tests.core_helpers import wait_for
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _read_then_reset(peer):
+    head, _ = peer.read_request()
+    if head:
+        peer.reset()  # the request arrived; not one response byte goes back
+
+
+@pytest.mark.parametrize("method,retries,servers_tried", [
+    ("GET", 1, 2),      # `retries` further servers, no more
+    ("GET", 5, 3),      # never the same server twice, even with retries to spare
+    ("DELETE", 0, 1),   # retries = 0: one attempt
+    ("PUT", 2, 3),      # idempotent with a (kept) body: repeated
+    ("POST", 2, 1),     # CONFIG.md: a POST whose bytes may have reached a server is never sent twice
+])
+def test_reset_before_any_response_byte_tries_each_server_at_most_once(make_raw_backend, make_proxy,
+                                                                       method, retries, servers_tried):
+    raws = [make_raw_backend(_read_then_reset) for _ in range(3)]
+    proxy = make_proxy({"web": [r.address for r in raws]}, upstream_options={"retries": retries})
+    body = b"payload" if method in ("POST", "PUT") else None
+    response = requests.request(method, proxy.url + "/", data=body, timeout=DEADLINE)
+    assert response.status_code == 502
+    contacted = [r.connections for r in raws]
+    assert sum(contacted) == servers_tried and max(contacted) == 1, contacted
+
+
+def _get_from(proxy, source_ip: str) -> str:
+    """GET / from a given loopback source address (all of 127/8 is local); the body names the backend."""
+    port = int(proxy.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE, source_address=(source_ip, 0)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        data = b""
+        for _ in range(100):  # bounded: Connection: close ends the answer
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return body.decode()
+
+
+def test_ip_hash_moves_only_the_clients_of_a_server_that_goes_down_and_brings_them_back(backends, observed_proxy):
+    a, b, c = backends("a", "b", "c")
+    proxy = observed_proxy(config_document({"web": {"servers": [a.address, b.address, c.address],
+                                                    "policy": "ip_hash", "health": FAST_HEALTH}}))
+    clients = [f"127.0.0.{i}" for i in range(2, 32)]
+    before = {ip: _get_from(proxy, ip) for ip in clients}
+    assert set(before.values()) == {"a", "b", "c"}, before  # 30 clients over 3 servers: each has some
+    assert before == {ip: _get_from(proxy, ip) for ip in clients}  # sticky
+    b.health_status = 500
+    wait_for(lambda: proxy.state("web", b.address) == "down", what="b down")
+    during = {ip: _get_from(proxy, ip) for ip in clients}
+    assert {ip for ip in clients if during[ip] != before[ip]} == {ip for ip in clients if before[ip] == "b"}
+    b.health_status = 200
+    wait_for(lambda: proxy.state("web", b.address) == "up", what="b up")
+    assert {ip: _get_from(proxy, ip) for ip in clients} == before
+
+
+def test_reload_that_rebuilds_a_down_server_keeps_it_down(backends, observed_proxy):
+    """A weight change makes the reload build a new Server: it must not start "up" and take traffic
+    while the checker knows it fails (before the fix: up until unhealthy_after more failed checks,
+    i.e. 15 s of traffic to a dead server with the defaults)."""
+    a, b = backends("a", "b")
+    proxy = observed_proxy(config_document({"web": {"servers": [a.address, b.address], "health": FAST_HEALTH}}))
+    b.health_status = 500
+    wait_for(lambda: proxy.state("web", b.address) == "down", what="b down")
+    slow = {**FAST_HEALTH, "interval": "5s", "unhealthy_after": 3}  # no new verdict during the test
+    proxy.reload(config_document({"web": {"servers": [a.address, {"address": b.address, "weight": 2}],
+                                          "health": slow}}))
+    status = proxy.server_status("web", b.address)
+    assert status["weight"] == 2 and status["state"] == "down", status
+    assert served_by(proxy, 6) == {"a": 6}
+    b.health_status = 200
+    proxy.reload(config_document({"web": {"servers": [a.address, {"address": b.address, "weight": 3}],
+                                          "health": FAST_HEALTH}}))
+    wait_for(lambda: proxy.state("web", b.address) == "up", what="b back after healthy_after passes")
+    wait_for(lambda: "b" in served_by(proxy, 4), what="b to get traffic again")
