@@ -56,6 +56,7 @@ _LINGER_ZERO = struct.pack("ii", 1, 0)  # struct linger {l_onoff = 1, l_linger =
 # RFC 9110 §9.2.2: methods whose repetition is harmless (a retry after a stale connection is safe).
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 S = ConnectionState
+MAX_CLIENT_REQUEST_ID = 200  # longer X-Request-Id values are replaced (Heroku's router keeps 20-200 chars)
 EXPIRED_HEAD_REPLY = plain_response(408, "408 request head not received in time", close=True)
 EXPIRED_BODY_REPLY = plain_response(408, "408 request body not received in time", close=True)
 PARKED = object()  # _read_head's answer when it parked a connection holding half a request head
@@ -130,16 +131,20 @@ class HttpHandler:
         self._request_ids = random.Random(os.urandom(32))
         self.tunnels = TunnelRelay(app)  # upgraded connections: one relay thread for all of them
 
-    @staticmethod
-    def on_expired(conn) -> None:
+    def on_expired(self, conn) -> None:
         """core's callback for a connection parked past its deadline (half a head or a small body):
-        a 408, never blocking."""
+        a 408, never blocking, logged and counted like any other answer (observers never block)."""
         session = conn.server_data
         if session is None:
             return  # a TLS handshake that stalled: no HTTP has been spoken, so none is answered
-        waiting_body = session.waiting_request is not None
+        request = session.waiting_request  # the head is known when the body was late
+        record = RequestRecord(time.monotonic(), session.client_ip, request)
+        record.status = 408
         conn.sock.setblocking(False)  # the accept loop calls this: it must never wait on a client
-        conn.sock.send(EXPIRED_BODY_REPLY if waiting_body else EXPIRED_HEAD_REPLY)
+        try:
+            record.bytes_sent = conn.sock.send(EXPIRED_HEAD_REPLY if request is None else EXPIRED_BODY_REPLY)
+        finally:  # a client gone already (OSError, core logs it) still had its request time out
+            self.app.observe(record)
 
     # -- connection loop ---------------------------------------------------------------------
     def __call__(self, conn) -> None:
@@ -390,12 +395,22 @@ class HttpHandler:
         upstream = runtime.upstreams[route.upstream]
         ex.route = route
         ex.record.upstream = upstream.name
-        ex.record.request_id = request.headers.get("x-request-id") or self._new_request_id()
+        ex.record.request_id = self._request_id(request)
         target = (route.forwarded_path(path) if path != "*" else "*") + query
         out = Outbound(request.method, target, "", ex.session.client_ip, ex.session.scheme,
                        route.set_headers, self._body_mode(request), request.upgrade,
                        ex.record.request_id, runtime.is_trusted(ex.session.client_ip))
         self._send_with_retries(ex, upstream, out)
+
+    def _request_id(self, request: RequestHead) -> str:
+        """The client's X-Request-Id if it is a sane token, else a new one: it goes into every log
+        line, to the backend and back to the client, so 16 KiB of it, or spaces, control characters
+        and non-ASCII bytes (header values are read as latin-1), are replaced, as Heroku's router does."""
+        offered = request.headers.get("x-request-id")
+        if offered and len(offered) <= MAX_CLIENT_REQUEST_ID and offered.isascii() and offered.isprintable() \
+                and " " not in offered:
+            return offered
+        return self._new_request_id()
 
     def _new_request_id(self) -> str:
         return f"{self._request_ids.getrandbits(128):032x}"
@@ -458,8 +473,34 @@ class HttpHandler:
                 server.record_failure(exc.detail)
                 raise
             finally:
-                server.release()
+                if ex.conn.state is S.TUNNEL:
+                    self._hold_slot_while_tunnel(ex.conn, server)
+                else:
+                    server.release()
         raise last_error or NoServerAvailable(f"no server available in upstream '{upstream.name}'")
+
+    @staticmethod
+    def _hold_slot_while_tunnel(conn, server) -> None:
+        """An upgraded connection (WebSocket) keeps its server slot until the tunnel closes: it is a
+        connection to that server, for max_connections and least_connections (nginx frees the peer
+        only when the upgraded connection ends). The relay closes the client connection last, so its
+        on_close hook gives the slot back; once, even if the tunnel already closed meanwhile."""
+        released = []  # list.append is atomic: the first caller wins
+        chained = conn.on_close
+
+        def release_once(closed_conn=None) -> None:
+            released.append(True)
+            if len(released) == 1:
+                server.release()
+
+        def on_close(closed_conn) -> None:
+            release_once()
+            if chained is not None:
+                chained(closed_conn)
+
+        conn.on_close = on_close
+        if conn.state is S.CLOSED:  # closed before the hook was in place (or just after): release now
+            release_once()
 
     @classmethod
     def _repeatable(cls, ex: Exchange) -> bool:
