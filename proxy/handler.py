@@ -485,13 +485,14 @@ class HttpHandler:
         connection to that server, for max_connections and least_connections (nginx frees the peer
         only when the upgraded connection ends). The relay closes the client connection last, so its
         on_close hook gives the slot back; once, even if the tunnel already closed meanwhile."""
-        released = []  # list.append is atomic: the first caller wins
+        slot = [server]  # list.pop() is atomic: exactly one caller gets the server back
         chained = conn.on_close
 
-        def release_once(closed_conn=None) -> None:
-            released.append(True)
-            if len(released) == 1:
-                server.release()
+        def release_once() -> None:
+            try:
+                slot.pop().release()
+            except IndexError:  # released already
+                pass
 
         def on_close(closed_conn) -> None:
             release_once()

@@ -93,3 +93,49 @@ def test_reload_that_rebuilds_a_down_server_keeps_it_down(backends, observed_pro
                                           "health": FAST_HEALTH}}))
     wait_for(lambda: proxy.state("web", b.address) == "up", what="b back after healthy_after passes")
     wait_for(lambda: "b" in served_by(proxy, 4), what="b to get traffic again")
+
+
+def _upgrade_then_echo_until_eof(peer):
+    if not peer.read_head():
+        return
+    peer.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    for _ in range(1000):  # bounded: ends when the proxy closes the tunnel
+        data = peer.sock.recv(65536)
+        if not data:
+            return
+        peer.send(data)
+
+
+def _open_tunnel(proxy) -> tuple[socket.socket, bytes]:
+    sock = proxy.connect()
+    sock.sendall(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return sock, head
+
+
+def test_an_open_websocket_tunnel_holds_its_server_slot_until_it_closes(make_raw_backend, make_proxy):
+    """max_connections and least_connections count upgraded connections (nginx frees the peer when the
+    upgraded connection ends). Before the fix the slot went back at the hand-off to the tunnel relay:
+    with max_connections = 1, any number of tunnels reached the server, and /status said 0 active."""
+    backend = make_raw_backend(_upgrade_then_echo_until_eof)
+    proxy = make_proxy({"web": [backend.address]}, upstream_options={"max_connections": 1})
+    server = proxy.app.runtime.upstreams["web"].servers[0]
+    first, head = _open_tunnel(proxy)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    first.sendall(b"ping")
+    assert first.recv(4) == b"ping"
+    assert server.active_requests == 1
+    second, head = _open_tunnel(proxy)
+    assert head.startswith(b"HTTP/1.1 503"), head  # the one allowed connection is the open tunnel
+    second.close()
+    first.close()
+    wait_for(lambda: server.active_requests == 0, what="the slot back when the tunnel closed")
+    third, head = _open_tunnel(proxy)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    third.close()
+    wait_for(lambda: server.active_requests == 0, what="the slot back again")
