@@ -14,6 +14,22 @@ HOP_BY_HOP = frozenset({
 # Headers the proxy sets itself on the way out; a client's copies are replaced (or appended to).
 _PROXY_SET = frozenset({"host", "x-forwarded-proto", "x-forwarded-host", "content-length"})
 VIA = "1.1 pyproxy"
+_NOTHING: frozenset[str] = frozenset()
+
+
+# RFC 9113 §3.1 deprecates the "h2c" upgrade. Relayed, it would turn the client's connection into an
+# HTTP/2 connection straight to the backend, every later request on it past the proxy's routing ("h2c
+# smuggling", Bishop Fox 2020). The request is forwarded without it: the server answers in HTTP/1.1.
+_NEVER_TUNNELLED = frozenset({"h2c"})
+
+
+def tunnel_upgrade(upgrade: str | None) -> str | None:
+    """The Upgrade offer to forward: the client's protocols minus those never tunnelled (None if none left)."""
+    if upgrade is None:
+        return None
+    offered = [token.strip(" \t") for token in upgrade.split(",")]
+    kept = [token for token in offered if token and token.split("/", 1)[0].lower() not in _NEVER_TUNNELLED]
+    return ", ".join(kept) if kept else None
 
 
 class Outbound:
@@ -51,17 +67,31 @@ _REQUEST_SKIP_BY_CASE = {
 }
 
 
+# set_headers never write framing or hop-by-hop fields: a second Content-Length or a Transfer-Encoding
+# would desynchronise the upstream connection (RFC 9112 §6.3), and these describe our hop, not the route.
+# Nor X-Request-Id: the id the backend sees is the one returned to the client and logged.
+_NOT_SETTABLE = HOP_BY_HOP | {"content-length", "x-request-id"}
+
+
 def build_request_head(request, out: Outbound) -> bytes:
     """The request head sent upstream (always HTTP/1.1, origin-form target)."""
     headers = request.headers
     skip = _REQUEST_SKIP_BY_CASE[out.trusted_forwarded, out.request_id is not None]
     # Rare: fields named in Connection (RFC 9110 §7.6.1) or replaced by the route's set_headers.
     removed = request.connection_tokens
-    if out.set_headers:
-        removed = removed | {name.lower() for name, _ in out.set_headers}
+    set_fields = out.set_headers
+    overridden = _NOTHING  # the proxy's own fields a route's set_headers replace (Host, X-Forwarded-*, Via)
+    if set_fields:
+        overridden = frozenset(name.lower() for name, _ in set_fields)
+        removed = removed | overridden
+        set_fields = [(name, value) for name, value in set_fields if name.lower() not in _NOT_SETTABLE]
     if removed:
         skip = skip | removed
-    lines = [f"{out.method} {out.target} HTTP/1.1", f"Host: {out.host}"]
+    host = out.host
+    if "host" in overridden:  # one Host, the route's: two make the request invalid (RFC 9112 §3.2)
+        host = next(value for name, value in set_fields if name.lower() == "host")
+        set_fields = [(name, value) for name, value in set_fields if name.lower() != "host"]
+    lines = [f"{out.method} {out.target} HTTP/1.1", f"Host: {host}"]
     # Names were lowercased once by the parser (Headers.names): no lower() per field here. (A plain
     # loop: a list comprehension is slower in Python 3.11, it runs as a nested function.)
     for lname, (name, value) in zip(headers.names, headers.raw):
@@ -71,15 +101,19 @@ def build_request_head(request, out: Outbound) -> bytes:
     if out.trusted_forwarded and "x-forwarded-for" not in removed:
         forwarded_for = ", ".join(headers.get_all("x-forwarded-for"))
     via = "" if "via" in removed else ", ".join(headers.get_all("via"))
-    lines.append(f"X-Forwarded-For: {forwarded_for}, {out.client_ip}" if forwarded_for else
-                 f"X-Forwarded-For: {out.client_ip}")
-    lines.append(f"X-Forwarded-Proto: {out.scheme}")
-    lines.append(f"X-Forwarded-Host: {request.host or out.host}")
-    lines.append(f"Via: {via}, {VIA}" if via else f"Via: {VIA}")
+    if "x-forwarded-for" not in overridden:
+        lines.append(f"X-Forwarded-For: {forwarded_for}, {out.client_ip}" if forwarded_for else
+                     f"X-Forwarded-For: {out.client_ip}")
+    if "x-forwarded-proto" not in overridden:
+        lines.append(f"X-Forwarded-Proto: {out.scheme}")
+    if "x-forwarded-host" not in overridden:
+        lines.append(f"X-Forwarded-Host: {request.host or out.host}")
+    if "via" not in overridden:
+        lines.append(f"Via: {via}, {VIA}" if via else f"Via: {VIA}")
     if out.request_id is not None:
         lines.append(f"X-Request-Id: {out.request_id}")
-    if out.set_headers:
-        lines += [f"{name}: {value}" for name, value in out.set_headers]
+    if set_fields:
+        lines += [f"{name}: {value}" for name, value in set_fields]
     if out.body == "length":
         lines.append(f"Content-Length: {request.content_length}")
     elif out.body == "chunked":

@@ -25,7 +25,7 @@ from core import zerocopy
 from core.zerocopy import PeerClosed, WriteTimedOut
 
 from .errors import ClientGone, NoRoute, NoServerAvailable, ProxyError, UpstreamConnectError, UpstreamFailed, UpstreamTimeout
-from .forwarding import Outbound, build_request_head, build_response_head, interim_head
+from .forwarding import Outbound, build_request_head, build_response_head, interim_head, tunnel_upgrade
 from .http1 import (DEFAULT_MAX_LINE_BYTES, LAST_CHUNK, NEED_DATA, Data, EndOfMessage, ProtocolError, RequestHead,
                     RequestParser, ResponseHead, ResponseParser, encode_chunk)
 from .responses import (describe_route, html_response, plain_response, unreachable_page, unreachable_text,
@@ -398,7 +398,7 @@ class HttpHandler:
         ex.record.request_id = self._request_id(request)
         target = (route.forwarded_path(path) if path != "*" else "*") + query
         out = Outbound(request.method, target, "", ex.session.client_ip, ex.session.scheme,
-                       route.set_headers, self._body_mode(request), request.upgrade,
+                       route.set_headers, self._body_mode(request), tunnel_upgrade(request.upgrade),
                        ex.record.request_id, runtime.is_trusted(ex.session.client_ip))
         self._send_with_retries(ex, upstream, out)
 
@@ -797,12 +797,16 @@ class HttpHandler:
         ex.record.bytes_sent += len(data)
 
     def _start_tunnel(self, ex: Exchange, link, response: ResponseHead, parser) -> bool:
-        if ex.request.upgrade is None:
+        if tunnel_upgrade(ex.request.upgrade) is None:
             raise UpstreamFailed("upstream switched protocols without an Upgrade request")
         head = build_response_head(response, framing="upgrade", keep_alive=True, client_version="HTTP/1.1")
         ex.conn.transition(S.WRITING)
         self._to_client(ex, head + parser.take_buffered())
         ex.conn.transition(S.TUNNEL)
+        if ex.body_done:
+            # The request is over: all that is buffered behind it belongs to the new protocol. (Without
+            # this, take_buffered() kept it as a pipelined next request, and it never reached the server.)
+            ex.session.parser.start_next()
         leftover = ex.session.parser.take_buffered()
         link.detach()
         # The relay thread owns both sockets from here; this worker goes back to the pool.

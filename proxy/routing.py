@@ -20,7 +20,7 @@ Decisions (the request smuggling / path confusion research: Orange Tsai's "Break
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # RFC 3986 §2.3 unreserved characters: decoding them never changes a URI's meaning.
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -128,6 +128,16 @@ class Route:
         return rest if rest.startswith("/") else "/" + rest
 
 
+def _in_normal_form(route: Route) -> Route:
+    """The route with its prefix normalised as request paths are ("/caf%c3%a9" -> "/caf%C3%A9",
+    "/%7euser" -> "/~user", "/a//b" -> "/a/b"): a prefix in any other form could never match."""
+    try:
+        path = normalize_path(route.path).rstrip("/") or "/"
+    except BadPath:
+        return route  # "/.." and the like match no normalised request anyway; nothing to gain
+    return route if path == route.path else replace(route, path=path)
+
+
 def _host_rank(host: str | None) -> int:
     if host is None:
         return 2
@@ -138,6 +148,7 @@ class Router:
     """Routes sorted once by precedence; a lookup walks the few candidates for one host."""
 
     def __init__(self, routes: list[Route]):
+        routes = [_in_normal_form(route) for route in routes]
         self.routes = sorted(routes, key=lambda r: (_host_rank(r.host), -len(r.path), r.index))
         self._exact: dict[str, list[Route]] = {}
         self._wildcard: list[Route] = []
@@ -171,7 +182,9 @@ class Router:
 
 
 def host_without_port(host: str | None) -> str | None:
-    """Lowercase and drop the port: "API.localhost:8080" → "api.localhost"; "[::1]:80" → "[::1]"."""
+    """Lowercase and drop the port: "API.localhost:8080" → "api.localhost"; "[::1]:80" → "[::1]".
+    A trailing dot goes too: "api.localhost." is the same (fully qualified) name, as route hosts
+    are read (config drops it) and as nginx matches server_name."""
     if not host:
         return None
     host = host.lower()
@@ -179,4 +192,6 @@ def host_without_port(host: str | None) -> str | None:
         end = host.find("]")
         return host[: end + 1] if end > 0 else host
     colon = host.rfind(":")
-    return host[:colon] if colon >= 0 else host
+    if colon >= 0:
+        host = host[:colon]
+    return host[:-1] if host.endswith(".") else host
