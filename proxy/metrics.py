@@ -46,6 +46,14 @@ class Metrics:
         self._requests: dict[tuple[str, int], int] = {}
         self._durations: dict[str, list] = {}  # upstream -> [per-bucket counts (+Inf last), sum, count]
         self._recent = RecentTraffic(clock=clock)  # guarded by _lock too
+        # A reload that rebuilds a server (weight, limits) gives it a new Server object counting from 0;
+        # Prometheus reads a counter going down as a reset. The objects last seen per (upstream,
+        # address) and what the replaced ones had counted keep pyproxy_upstream_*_total monotonic.
+        self._servers_lock = threading.Lock()
+        self._servers_seen: dict[tuple[str, str], object] = {}
+        self._carried: dict[tuple[str, str], tuple[int, int]] = {}  # (requests, failures) of replaced objects
+        self.track_servers()
+        app.reload_listeners.append(lambda old_config, new_config: self.track_servers())
 
     def observe(self, record) -> None:
         """The request observer (hot path)."""
@@ -97,13 +105,32 @@ class Metrics:
 
     def _server_gauges(self) -> list[dict]:
         gauges = []
+        carried = self.track_servers()
         for name, upstream in self.app.runtime.upstreams.items():
             for server in upstream.servers:
                 snap = server.snapshot()
+                requests, failures = carried.get((name, snap["address"]), (0, 0))
                 gauges.append({"upstream": name, "server": snap["address"], "up": int(snap["state"] == "up"),
-                               "active": snap["active_requests"], "requests": snap["requests_total"],
-                               "failures": snap["failures_total"]})
+                               "active": snap["active_requests"], "requests": snap["requests_total"] + requests,
+                               "failures": snap["failures_total"] + failures})
         return gauges
+
+    def track_servers(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """Note the running Server objects; a replaced one's totals are carried over to its successor.
+        Runs on every reload (so no replaced object goes unseen) and every snapshot."""
+        with self._servers_lock:
+            for name, upstream in self.app.runtime.upstreams.items():
+                for server in upstream.servers:
+                    key = (name, server.address)
+                    previous = self._servers_seen.get(key)
+                    if previous is server:
+                        continue
+                    if previous is not None:
+                        old = previous.snapshot()
+                        requests, failures = self._carried.get(key, (0, 0))
+                        self._carried[key] = (requests + old["requests_total"], failures + old["failures_total"])
+                    self._servers_seen[key] = server
+            return dict(self._carried)
 
     def retire_access_log(self, access_log) -> None:
         """A reload replaced this (stopped) writer: keep its lines in the running totals."""
@@ -232,6 +259,51 @@ def merge(snapshots: list[dict]) -> dict:
     merged["requests"] = [{"upstream": u, "code": c, "value": n} for (u, c), n in requests.items()]
     merged["servers"] = list(servers.values())
     return merged
+
+
+class WorkerCounters:
+    """Keeps counters merged over worker processes monotonic while the set of workers changes.
+
+    ``merge`` alone sums the processes that answered: a worker killed and restarted (its successor
+    counts from 0), one replaced on a reload, or one that did not answer in time took its counts out
+    of every counter, and Prometheus reads a counter going down as a reset. So each process's last
+    snapshot is kept: one that is silent adds its last counters, one that exited (``gone``) has them
+    folded into the retired total for good. Gauges (up, active, connections) come from live answers only,
+    and a server no live process reports any more is left out (a reload removed it).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._last: dict = {}  # process key (pid) -> its last snapshot
+        self._retired: dict | None = None  # counters of the processes gone, as one snapshot
+
+    def merged(self, answers: dict) -> dict:
+        """``answers``: process key -> snapshot, from the processes that answered just now."""
+        with self._lock:
+            self._last.update(answers)
+            kept = [_counters_only(snap) for key, snap in self._last.items() if key not in answers]
+            if self._retired is not None:
+                kept.append(self._retired)
+        merged = merge(list(answers.values()) + kept)
+        live = {(g["upstream"], g["server"]) for snap in answers.values() for g in snap["servers"]}
+        merged["servers"] = [g for g in merged["servers"] if (g["upstream"], g["server"]) in live]
+        return merged
+
+    def gone(self, key) -> None:
+        """The process exited: its last counters stay in every later answer."""
+        with self._lock:
+            last = self._last.pop(key, None)
+            if last is not None:
+                earlier = [self._retired] if self._retired is not None else []
+                self._retired = _counters_only(merge([last, *earlier]))
+
+
+def _counters_only(snapshot: dict) -> dict:
+    """A snapshot's counters (requests, durations, server attempts and failures, access log lines)
+    with its gauges neutral: 0 processes, connections and tunnels, no active requests, up."""
+    return {**_empty(snapshot["buckets"]), "requests": snapshot["requests"], "durations": snapshot["durations"],
+            "servers": [{**gauge, "up": 1, "active": 0} for gauge in snapshot["servers"]],
+            "access_log": dict(snapshot.get("access_log", {}))}
 
 
 def _empty(buckets=DEFAULT_BUCKETS) -> dict:

@@ -45,7 +45,7 @@ from .app import Application
 from .config import Config, ConfigError, ListenConfig
 from .health import HealthChecker, apply_health
 from .log_reload import level_listener
-from .metrics import merge, render_prometheus
+from .metrics import WorkerCounters, render_prometheus
 from .runner import (RESTART_ONLY, SERVING_SIGNALS, ProxyProcess, bind_config_listener, load_for_reload,
                      server_changes, tls_problems)
 from .status import merge_status
@@ -273,7 +273,8 @@ class SupervisorSources(AdminSources):
                     server["last_check"] = {**last, "age_seconds": round(max(0.0, wall_now - last["checked_at"]), 3)}
 
     def metrics_text(self) -> str:
-        return render_prometheus(merge([metrics for _, metrics in self.supervisor.collect("metrics")]))
+        answers = {handle.pid: metrics for handle, metrics in self.supervisor.collect("metrics")}
+        return render_prometheus(self.supervisor.worker_counters.merged(answers))
 
 
 def _down_servers(status: dict) -> list[str]:
@@ -304,6 +305,7 @@ class Supervisor:
         self.stopping = False
         self.killed = 0
         self.restarts_total = 0
+        self.worker_counters = WorkerCounters()  # /metrics counters never go down as workers come and go
         self._deadline = 0.0
         self._signals: deque[int] = deque()
         self._calls: deque[Callable[[], None]] = deque()
@@ -461,6 +463,7 @@ class Supervisor:
 
     def _worker_exited(self, pid: int, status: int) -> None:
         how = _describe_exit(status)
+        self.worker_counters.gone(pid)  # its counts stay in /metrics (a successor starts from 0)
         handle = self.retiring.pop(pid, None)
         if handle is not None:
             handle.link.close()
