@@ -387,9 +387,9 @@ class HttpHandler:
             path, query = split_target(request.target)
             if path != "*":
                 path = normalize_path(path)
+            route = runtime.router.match(host_without_port(request.host), path)
         except BadPath as exc:
             raise ProtocolError(400, f"bad request path: {exc}") from exc
-        route = runtime.router.match(host_without_port(request.host), path)
         if route is None:
             raise NoRoute(f"no route for {request.host or '(no host)'}{path}")
         upstream = runtime.upstreams[route.upstream]

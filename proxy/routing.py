@@ -14,6 +14,9 @@ Decisions (the request smuggling / path confusion research: Orange Tsai's "Break
   are cut from segments (Tomcat's ``/..;/``) -> 400.
 * Runs of ``/`` are merged (nginx ``merge_slashes on``): ``//admin`` routes and forwards as ``/admin``,
   since many backends merge them and would otherwise serve a path we routed differently.
+* ``;params`` stay in the path and route as part of their segment, unless cutting them (as servlet
+  containers do) would pick another route: ``/admin;x`` with a route for ``/admin`` -> 400, while
+  ``/app;jsessionid=1/x`` with no route that tells the two apart is forwarded as it is.
 * ``%00`` and a ``..`` above the root -> 400.
 """
 
@@ -61,6 +64,7 @@ def _remove_dot_segments(path: str) -> str:
 
 
 _SLASH_RUNS = re.compile(r"//+")
+_PATH_PARAMS = re.compile(r";[^/]*")  # ";jsessionid=..." in a segment (RFC 3986 §3.3 leaves its meaning open)
 # What some backend might take for a path separator besides "/" (see the module docstring).
 _SEPARATOR_LOOKALIKES = re.compile(r"%2[Ff]|%5[Cc]|\\")
 
@@ -128,13 +132,17 @@ class Route:
         return rest if rest.startswith("/") else "/" + rest
 
 
-def _in_normal_form(route: Route) -> Route:
-    """The route with its prefix normalised as request paths are ("/caf%c3%a9" -> "/caf%C3%A9",
-    "/%7euser" -> "/~user", "/a//b" -> "/a/b"): a prefix in any other form could never match."""
+def normal_prefix(prefix: str) -> str:
+    """A route prefix normalised as request paths are ("/caf%c3%a9" -> "/caf%C3%A9", "/%7euser" ->
+    "/~user", "/a//b" -> "/a/b"): a prefix in any other form could never match."""
     try:
-        path = normalize_path(route.path).rstrip("/") or "/"
+        return normalize_path(prefix).rstrip("/") or "/"
     except BadPath:
-        return route  # "/.." and the like match no normalised request anyway; nothing to gain
+        return prefix  # "/.." and the like match no normalised request anyway; nothing to gain
+
+
+def _in_normal_form(route: Route) -> Route:
+    path = normal_prefix(route.path)
     return route if path == route.path else replace(route, path=path)
 
 
@@ -175,6 +183,15 @@ class Router:
         return found
 
     def match(self, host: str | None, path: str) -> Route | None:
+        """The best route for this host and normalised path. BadPath when ";params" make the route
+        ambiguous: servlet containers (Tomcat, Jetty) drop them, so a backend behind the route taken
+        for "/admin;x" would serve "/admin", which the route for /admin exists to handle."""
+        route = self._first_match(host, path)
+        if ";" in path and self._first_match(host, _PATH_PARAMS.sub("", path)) is not route:
+            raise BadPath("a ;parameter in the path hides the route the path takes without it")
+        return route
+
+    def _first_match(self, host: str | None, path: str) -> Route | None:
         for route in self.candidates(host):
             if route.matches_path(path):
                 return route

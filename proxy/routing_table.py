@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from .config import Config, ListenConfig, RouteConfig, UpstreamConfig
+from .routing import normal_prefix
 from .units import format_duration
 
 
@@ -16,7 +17,7 @@ def route_precedence_key(route: RouteConfig) -> tuple[int, int]:
     host, then the longest path. Use with a stable sort so ties keep file order (proxy.routing
     sorts the same way)."""
     host_rank = 2 if route.host is None else 1 if route.host.startswith("*.") else 0
-    return (host_rank, -len(route.path))
+    return (host_rank, -len(normal_prefix(route.path)))  # the length the router compares
 
 
 def routes_by_precedence(routes: Iterable[RouteConfig]) -> list[RouteConfig]:
