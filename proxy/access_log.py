@@ -36,12 +36,30 @@ _REOPEN = object()  # wakes the writer: open the file again by name (SIGUSR1, SI
 
 
 def _escape(value: str | None) -> str:
-    """A quoted field's content: escape what would break the line, as nginx does (\\xHH)."""
+    """A field's content: escape what would break the line, as nginx does (\\xHH): quotes, backslashes,
+    control characters, and every byte past ASCII. Header values are bytes read as latin-1, so "é"
+    sent in UTF-8 is two characters here: written as they are, they became "Ã©" in the file."""
     if value is None:
         return "-"
-    if value.isprintable() and '"' not in value and "\\" not in value:
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
         return value
-    return "".join(ch if ch.isprintable() and ch not in '"\\' else f"\\x{ord(ch):02X}" for ch in value)
+    return "".join(ch if ch.isascii() and ch.isprintable() and ch not in '"\\' else _hex_escape(ch) for ch in value)
+
+
+def _hex_escape(ch: str) -> str:
+    raw = ch.encode("latin-1") if ord(ch) < 256 else ch.encode("utf-8")  # the byte the client sent
+    return "".join(f"\\x{byte:02X}" for byte in raw)
+
+
+def _as_sent(value: str | None) -> str | None:
+    """JSON's text: a header value's latin-1 characters turned back into the bytes the client sent, read
+    as UTF-8 (a byte that is not UTF-8 becomes \\xHH), instead of "Ã©" for "é"."""
+    if value is None or value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # not from the wire (latin-1 can hold every byte): already text
+        return value
 
 
 def format_combined(record, when: float) -> str:
@@ -58,17 +76,17 @@ def format_json(record, when: float) -> str:
         "time": stamp.replace("+00:00", "Z"),
         "client": record.client_ip,
         "method": record.method,
-        "path": record.target,
+        "path": _as_sent(record.target),
         "version": record.version,
-        "host": record.host,
+        "host": _as_sent(record.host),
         "status": record.status,
         "bytes": record.bytes_sent,
         "duration_ms": round(record.duration * 1000, 3),
         "upstream": record.upstream,
         "server": record.server,
-        "request_id": record.request_id,
-        "user_agent": record.user_agent,
-        "referer": record.referer,
+        "request_id": _as_sent(record.request_id),
+        "user_agent": _as_sent(record.user_agent),
+        "referer": _as_sent(record.referer),
     }, ensure_ascii=False)
 
 

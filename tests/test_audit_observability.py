@@ -220,3 +220,34 @@ def test_worker_counters_keep_silent_and_gone_workers_counts_but_not_their_gauge
     assert fresh["access_log"] == {"written": 18, "dropped": 0}
     # a server no live worker reports (a reload removed it) is no longer a series
     assert [(g["server"], g["requests"], g["failures"]) for g in fresh["servers"]] == [("127.0.0.1:9002", 1, 0)]
+
+
+# -- access log text ----------------------------------------------------------------------------------
+
+UTF8_REQUEST = (b"GET /cafe HTTP/1.1\r\nHost: a\r\nUser-Agent: caf\xc3\xa9 \xff\r\nReferer: /\xe2\x82\xac\r\n"
+                b"Connection: close\r\n\r\n")
+
+
+@pytest.mark.parametrize("fmt", ["json", "combined"])
+def test_non_ascii_header_bytes_are_logged_as_sent_not_as_mojibake(observed_proxy, tmp_path, fmt):
+    """Bug: header values are bytes read as latin-1, and the access log wrote those characters as
+    text: a User-Agent "café" sent in UTF-8 was logged as "cafÃ©" (JSON and combined), a Referer
+    with "€" as "râ\\x82¬". JSON now carries the UTF-8 text (a stray byte as \\xHH); combined escapes
+    every non-ASCII byte as \\xHH, as nginx does, so the line stays ASCII."""
+    backend = FlakyBackend("a")
+    log_path = tmp_path / "access.log"
+    proxy = observed_proxy(config_document({"web": {"servers": [backend.address]}},
+                                           log={"access": str(log_path), "format": fmt}))
+    try:
+        assert send_raw(proxy, UTF8_REQUEST).startswith(b"HTTP/1.1 200 ")
+        wait_for(lambda: log_path.exists() and log_path.read_text(encoding="utf-8"), DEADLINE,
+                 what="the access log line")
+        text = log_path.read_text(encoding="utf-8")
+        if fmt == "json":
+            line = json.loads(text)
+            assert (line["user_agent"], line["referer"]) == ("caf\u00e9 \\xff", "/\u20ac")
+        else:
+            assert text.isascii()
+            assert '"/\\xE2\\x82\\xAC" "caf\\xC3\\xA9 \\xFF"' in text
+    finally:
+        backend.kill()
