@@ -232,6 +232,11 @@ class Upstream:
         self._servers = tuple(servers)
         self._policy_name = policy_name
         self._policy = make_policy(policy_name)
+        # Retries (and picks after a lost acquire race) choose among fewer servers. They get their own
+        # instance so they never move the first pick's rotation: with one shared round-robin counter,
+        # servers [dead, live] had every request try the dead one first (the retry took the live one's
+        # turn), each paying a connect_timeout. Stateless policies (random, ip_hash) are unaffected.
+        self._fallback_policy = make_policy(policy_name)
 
     @property
     def name(self) -> str:
@@ -257,7 +262,8 @@ class Upstream:
         # Bounded: each lost race (the server filled up between pick and claim)
         # removes that server from this call's candidates.
         for _ in range(len(candidates)):
-            server = self._policy.pick(candidates, client_ip)
+            policy = self._policy if candidates is self._servers else self._fallback_policy
+            server = policy.pick(candidates, client_ip)
             if server is None:
                 return None
             if server.try_acquire():

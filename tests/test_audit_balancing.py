@@ -11,6 +11,7 @@ import socket
 import pytest
 import requests
 
+from tests.backends import closed_port
 from tests.conftest import DEADLINE, FAST_HEALTH, config_document, served_by
 from tests.core_helpers import wait_for
 
@@ -39,6 +40,21 @@ def test_reset_before_any_response_byte_tries_each_server_at_most_once(make_raw_
     assert response.status_code == 502
     contacted = [r.connections for r in raws]
     assert sum(contacted) == servers_tried and max(contacted) == 1, contacted
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "least_connections"])
+def test_a_dead_server_is_tried_first_by_its_share_of_requests_not_by_all(make_backend, make_proxy, policy):
+    """[dead, live], no passive checks: the retry's pick took the live server's round-robin turn, so the
+    next request started at the dead one again: every request paid a failed connect (a whole
+    connect_timeout for a blackholed server) instead of every second one."""
+    live = make_backend()
+    proxy = make_proxy({"web": [f"127.0.0.1:{closed_port()}", live.address]},
+                       upstream_options={"retries": 1, "policy": policy})
+    with requests.Session() as session:
+        for _ in range(10):
+            assert session.get(proxy.url + "/", timeout=DEADLINE).status_code == 200
+    dead, alive = proxy.app.runtime.upstreams["web"].servers
+    assert dead.failures_total == 5 and alive.requests_total == 10, (dead.snapshot(), alive.snapshot())
 
 
 def _get_from(proxy, source_ip: str) -> str:
