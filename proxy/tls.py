@@ -24,6 +24,8 @@ import ssl
 import struct
 from dataclasses import dataclass
 
+from .responses import plain_response
+
 log = logging.getLogger("pyproxy.tls")
 
 ALPN_PROTOCOLS = ["http/1.1"]  # this proxy speaks HTTP/1.1 to clients (RFC 7301)
@@ -31,6 +33,7 @@ HANDSHAKE_PENDING = "pending"  # handshake()'s answer while the client's next fl
 MAX_HANDSHAKE_STEPS = 8  # bounds the waits for a full send buffer (each up to WRITE_WAIT)
 WRITE_WAIT = 1.0  # seconds one full send buffer may take to drain during a handshake
 _TIMEVAL = struct.Struct("ll")
+PLAIN_HTTP_REPLY = plain_response(400, "400 plain HTTP sent to an HTTPS port: use https://", close=True)
 _TIMEOUT_OPTIONS = (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO)
 
 
@@ -166,11 +169,30 @@ class TlsTerminator:
                 continue
             except (ssl.SSLError, OSError) as exc:
                 log.debug("TLS handshake with %s failed: %s", conn.peer, exc)
+                if getattr(exc, "reason", None) == "HTTP_REQUEST":  # OpenSSL saw "GET /..." for a ClientHello
+                    _answer_plain_http(wrapped)
                 return False
             wrapped.settimeout(None)
             _reset_timeout_cache(conn)
             return True
         return False
+
+
+def _answer_plain_http(sock) -> None:
+    """A plain-HTTP request on a TLS listener gets a short 400 in plain text, as nginx and Go's server
+    answer, instead of a bare close ("empty reply from server"). Written on the fd beneath the TLS
+    layer, never waiting; the request bytes still unread are dropped first, so the close that
+    follows sends a FIN, not a reset that could destroy the answer."""
+    raw = socket.socket  # the base-class methods act on the fd, not through OpenSSL
+    try:
+        while raw.recv(sock, 65536, socket.MSG_DONTWAIT):
+            pass  # bounded by what the client has sent so far (EAGAIN ends it)
+    except OSError:  # EAGAIN: nothing more waiting; or the client is gone
+        pass
+    try:
+        raw.send(sock, PLAIN_HTTP_REPLY, socket.MSG_DONTWAIT)
+    except OSError as exc:
+        log.debug("plain-HTTP answer not sent: %s", exc)
 
 
 def _writable(sock, timeout: float) -> bool:
