@@ -33,6 +33,7 @@ log = logging.getLogger("pyproxy.admin")
 
 STOP_TIMEOUT = 5.0
 ADMIN_REQUEST_TIMEOUT = 10.0  # a stuck admin client holds one admin thread this long at most
+MAX_DROPPED_BODY = 64 * 1024  # a request body (never used) up to this is read and dropped; past it, close
 PATHS = ("/", "/healthz", "/status", "/metrics")
 # One self-contained page (inline CSS and JS, no CDN): it must work offline and polls /status itself.
 DASHBOARD_PATH = Path(__file__).parent / "static" / "dashboard.html"
@@ -114,9 +115,28 @@ class _AdminHandler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         for name, value in (extra or {}).items():
             self.send_header(name, value)
+        if not self._drop_body():
+            self.close_connection = True
+            self.send_header("Connection", "close")
         self.end_headers()
         if not head_only:
             self.wfile.write(payload)
+
+    def _drop_body(self) -> bool:
+        """No admin endpoint reads a body, but one left unread would be parsed as the next request on
+        the connection (a POST's "hello" answered "501 Unsupported method ('helloGET')"). A small one
+        is read and dropped; False when the connection must close instead (chunked, or too big)."""
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding") is not None:
+            return False
+        if length is None:
+            return True
+        if not length.strip().isdigit() or int(length) > MAX_DROPPED_BODY:
+            return False
+        try:
+            return len(self.rfile.read(int(length))) == int(length)
+        except OSError:  # timed out or gone: the connection is over either way
+            return False
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
         log.debug("admin %s: " + format, self.address_string(), *args)

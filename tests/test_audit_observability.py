@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 from types import SimpleNamespace
@@ -249,5 +250,50 @@ def test_non_ascii_header_bytes_are_logged_as_sent_not_as_mojibake(observed_prox
         else:
             assert text.isascii()
             assert '"/\\xE2\\x82\\xAC" "caf\\xC3\\xA9 \\xFF"' in text
+    finally:
+        backend.kill()
+
+
+# -- the admin listener ---------------------------------------------------------------------------------
+
+def admin_exchange(proxy, data: bytes) -> bytes:
+    port = int(proxy.admin_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
+        sock.sendall(data)
+        received = b""
+        while received.count(b"HTTP/1.1 ") < 2 and b"Connection: close" not in received:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            received += piece
+        return received
+
+
+@pytest.mark.parametrize("first", [
+    b"POST /status HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+    b"GET /healthz HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+])
+def test_an_admin_request_body_is_not_read_as_the_next_request(observed_proxy, first):
+    """Bug: the admin listener never read request bodies, and kept the connection: a POST's body
+    ("hello") was parsed as the start of the next request, so a pipelined GET /healthz got
+    "501 Unsupported method ('helloGET')". A small body is now read and dropped."""
+    backend = FlakyBackend("a")
+    proxy = observed_proxy(config_document({"web": {"servers": [backend.address]}}))
+    try:
+        answer = admin_exchange(proxy, first + b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
+        assert statuses[1:] == [b"200"] and statuses[0] in (b"405", b"200"), answer
+    finally:
+        backend.kill()
+
+
+def test_an_admin_request_with_a_chunked_body_closes_the_connection(observed_proxy):
+    backend = FlakyBackend("a")
+    proxy = observed_proxy(config_document({"web": {"servers": [backend.address]}}))
+    try:
+        answer = admin_exchange(proxy, b"PUT /metrics HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                       b"5\r\nhello\r\n0\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 405 ") and b"Connection: close\r\n" in answer
+        assert b"Allow: GET, HEAD\r\n" in answer
     finally:
         backend.kill()
