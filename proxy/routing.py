@@ -14,9 +14,10 @@ Decisions (the request smuggling / path confusion research: Orange Tsai's "Break
   are cut from segments (Tomcat's ``/..;/``) -> 400.
 * Runs of ``/`` are merged (nginx ``merge_slashes on``): ``//admin`` routes and forwards as ``/admin``,
   since many backends merge them and would otherwise serve a path we routed differently.
-* ``;params`` stay in the path and route as part of their segment, unless cutting them (as servlet
-  containers do) would pick another route: ``/admin;x`` with a route for ``/admin`` -> 400, while
-  ``/app;jsessionid=1/x`` with no route that tells the two apart is forwarded as it is.
+* ``;params`` and ``\`` stay in the path and route as part of their segment, unless reading the path
+  as lenient backends do (servlet containers cut ;params, IIS takes ``\`` for ``/``) would pick another
+  route: ``/admin;x`` or ``/admin\x`` with a route for ``/admin`` -> 400, while ``/app;jsessionid=1/x``
+  with no route that tells the two apart is forwarded as it is.
 * ``%00`` and a ``..`` above the root -> 400.
 """
 
@@ -65,6 +66,14 @@ def _remove_dot_segments(path: str) -> str:
 
 _SLASH_RUNS = re.compile(r"//+")
 _PATH_PARAMS = re.compile(r";[^/]*")  # ";jsessionid=..." in a segment (RFC 3986 §3.3 leaves its meaning open)
+
+
+def _lenient_view(path: str) -> str:
+    """The path as lenient backends read it: "\\" as "/" (IIS; browsers' URL parser does the same),
+    ;params dropped (servlet containers), runs of "/" merged."""
+    return _SLASH_RUNS.sub("/", _PATH_PARAMS.sub("", path.replace("\\", "/")))
+
+
 # What some backend might take for a path separator besides "/" (see the module docstring).
 _SEPARATOR_LOOKALIKES = re.compile(r"%2[Ff]|%5[Cc]|\\")
 
@@ -183,12 +192,13 @@ class Router:
         return found
 
     def match(self, host: str | None, path: str) -> Route | None:
-        """The best route for this host and normalised path. BadPath when ";params" make the route
-        ambiguous: servlet containers (Tomcat, Jetty) drop them, so a backend behind the route taken
-        for "/admin;x" would serve "/admin", which the route for /admin exists to handle."""
+        """The best route for this host and normalised path. BadPath when ";params" or a backslash make
+        the route ambiguous: servlet containers (Tomcat, Jetty) drop ;params and IIS reads "\\" as "/",
+        so a backend behind the route taken for "/admin;x" would serve "/admin", which the route for
+        /admin exists to handle."""
         route = self._first_match(host, path)
-        if ";" in path and self._first_match(host, _PATH_PARAMS.sub("", path)) is not route:
-            raise BadPath("a ;parameter in the path hides the route the path takes without it")
+        if (";" in path or "\\" in path) and self._first_match(host, _lenient_view(path)) is not route:
+            raise BadPath("a ;parameter or backslash in the path hides the route the path takes without it")
         return route
 
     def _first_match(self, host: str | None, path: str) -> Route | None:

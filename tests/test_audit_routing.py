@@ -181,8 +181,9 @@ def test_drain_answers_requests_that_were_half_way_in(make_backend, make_proxy):
 # -- ;parameters cannot move a request to another route ----------------------------------------------------
 # "/admin;x" was routed as the segment "admin;x": to the catch-all, whose backend, if a servlet container
 # (Tomcat, Jetty, Spring drop ;params), served it as /admin -- the path the /admin route exists to take
-# (the ";" half of the path-confusion research the module cites). Ambiguous ones are refused; a ;param
-# that routes the same either way is forwarded untouched.
+# (the ";" half of the path-confusion research the module cites). The same for a raw "\\", which IIS
+# and browsers' URL parser read as "/". Ambiguous ones are refused; a ;param or "\\" that routes the
+# same either way is forwarded untouched.
 @pytest.mark.parametrize("target, status, routed_to", [
     ("/admin;x", 400, None),
     ("/admin;jsessionid=1/users", 400, None),
@@ -190,6 +191,9 @@ def test_drain_answers_requests_that_were_half_way_in(make_backend, make_proxy):
     ("/public;jsessionid=1/x", 200, "public"),
     ("/admin/x;v=1", 200, "admin"),
     ("/admin;x/../public", 200, "public"),       # the dot-segment removed first: "/public"
+    ("/admin\\x", 400, None),                     # IIS reads "\\" as "/": /admin/x
+    ("/\\admin", 400, None),
+    ("/public\\x", 200, "public"),
 ])
 def test_path_parameters_never_change_the_route(make_backend, make_proxy, target, status, routed_to):
     admin, public = make_backend(), make_backend()
