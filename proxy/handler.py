@@ -383,6 +383,8 @@ class HttpHandler:
 
     def _forward(self, ex: Exchange, runtime) -> None:
         request = ex.request
+        # First: a 404 or a bad path is logged and answered with the id too (the client's, if it sent one).
+        ex.record.request_id = self._request_id(request)
         try:
             path, query = split_target(request.target)
             if path != "*":
@@ -395,7 +397,6 @@ class HttpHandler:
         upstream = runtime.upstreams[route.upstream]
         ex.route = route
         ex.record.upstream = upstream.name
-        ex.record.request_id = self._request_id(request)
         target = (route.forwarded_path(path) if path != "*" else "*") + query
         out = Outbound(request.method, target, "", ex.session.client_ip, ex.session.scheme,
                        route.set_headers, self._body_mode(request), tunnel_upgrade(request.upgrade),

@@ -297,3 +297,27 @@ def test_an_admin_request_with_a_chunked_body_closes_the_connection(observed_pro
         assert b"Allow: GET, HEAD\r\n" in answer
     finally:
         backend.kill()
+
+
+@pytest.mark.parametrize("request_line, status", [
+    (b"GET /x HTTP/1.1\r\nHost: nowhere.example", b"404"),  # no route (routes below are for host "a")
+    (b"GET /../x HTTP/1.1\r\nHost: a", b"400"),              # a path escaping the root
+])
+def test_a_request_answered_before_routing_keeps_its_request_id(observed_proxy, tmp_path, request_line, status):
+    """Bug: the request id was set only after a route matched, so a 404 (no route) or a 400 (bad
+    path) was answered without X-Request-Id and logged with request_id null, even when the client
+    had sent one: the id a client quotes in a bug report matched no log line."""
+    backend = FlakyBackend("a")
+    log_path = tmp_path / "access.json"
+    document = config_document({"web": {"servers": [backend.address]}},
+                               log={"access": str(log_path), "format": "json"})
+    document["routes"] = [{"host": "a", "path": "/", "upstream": "web"}]
+    proxy = observed_proxy(document)
+    try:
+        answer = send_raw(proxy, request_line + b"\r\nX-Request-Id: mine-1\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 " + status), answer[:80]
+        assert b"\r\nX-Request-Id: mine-1\r\n" in answer
+        wait_for(lambda: json_log_lines(log_path), DEADLINE, what="the access log line")
+        assert json_log_lines(log_path)[0]["request_id"] == "mine-1"
+    finally:
+        backend.kill()
