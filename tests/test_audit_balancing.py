@@ -42,6 +42,31 @@ def test_reset_before_any_response_byte_tries_each_server_at_most_once(make_raw_
     assert sum(contacted) == servers_tried and max(contacted) == 1, contacted
 
 
+def _half_a_response_then_reset(peer):
+    head, _ = peer.read_request()
+    if head:
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        peer.reset()
+
+
+def test_no_retry_once_response_bytes_reached_the_client(make_raw_backend, make_proxy):
+    raws = [make_raw_backend(_half_a_response_then_reset) for _ in range(2)]
+    proxy = make_proxy({"web": [r.address for r in raws]}, upstream_options={"retries": 1})
+    with proxy.connect() as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        received = b""
+        for _ in range(100):  # bounded: the proxy aborts the connection
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200") and received.endswith(b"partial"), received
+    assert sorted(r.connections for r in raws) == [0, 1]  # the other server never saw the request
+
+
 @pytest.mark.parametrize("policy", ["round_robin", "least_connections"])
 def test_a_dead_server_is_tried_first_by_its_share_of_requests_not_by_all(make_backend, make_proxy, policy):
     """[dead, live], no passive checks: the retry's pick took the live server's round-robin turn, so the
