@@ -139,7 +139,11 @@ class _AdminHandler(BaseHTTPRequestHandler):
             return False
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
-        log.debug("admin %s: " + format, self.address_string(), *args)
+        if log.isEnabledFor(logging.DEBUG):
+            # The request line is the client's: escape control characters (a terminal escape sequence
+            # in a path), as http.server's own log_message does (gh-100001); this override skipped it.
+            message = (format % args).translate(self._control_char_table)
+            log.debug("admin %s: %s", self.address_string(), message)
 
 
 class _AdminHTTPServer(ThreadingHTTPServer):

@@ -361,3 +361,20 @@ def test_a_tunnel_is_logged_when_it_closes_with_the_bytes_it_relayed(make_raw_ba
     (line,) = json_log_lines(log_path)
     assert line["status"] == 101
     assert line["bytes"] >= len(head) + 50_000
+
+
+def test_the_admin_debug_log_escapes_control_characters_of_the_request_line(observed_proxy, caplog):
+    """Bug: the admin handler's log_message override wrote the client's request line as it came, so a
+    path holding a terminal escape sequence reached the debug log raw (http.server's own
+    log_message escapes control characters since gh-100001; the override bypassed it)."""
+    backend = FlakyBackend("a")
+    proxy = observed_proxy(config_document({"web": {"servers": [backend.address]}}))
+    try:
+        with caplog.at_level("DEBUG", logger="pyproxy.admin"):
+            answer = admin_exchange(proxy, b"GET /\x1b[31mred HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 404 ")
+            wait_for(lambda: any("red" in r.getMessage() for r in caplog.records), DEADLINE, what="the admin log line")
+        (line,) = [r.getMessage() for r in caplog.records if "red" in r.getMessage()]
+        assert "\x1b" not in line and "\\x1b[31mred" in line
+    finally:
+        backend.kill()
