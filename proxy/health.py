@@ -373,7 +373,11 @@ class HealthChecker:
             target.last = result
             target.in_flight = False
             target.next_due = self.clock() + health.interval * self.rng.uniform(1 - JITTER, 1 + JITTER)
-            change = target.policy.record(result.ok, result.detail)
+            # A check that outlived a reload which dropped its target must not announce a verdict: its
+            # address may now belong to a successor with its own count, and listeners (the workers)
+            # apply verdicts by address, so a late "down" would stick while the successor says "up".
+            current = self._targets.get((target.upstream_name, id(target.server))) is target
+            change = target.policy.record(result.ok, result.detail) if current else None
         if not result.ok:
             log.debug("health check of %s failed: %s", target.server.address, result.detail)
         if change is not None:

@@ -11,6 +11,9 @@ import socket
 import pytest
 import requests
 
+from proxy.app import Application
+from proxy.config import parse_config
+from proxy.health import CheckResult, HealthChecker
 from tests.backends import closed_port
 from tests.conftest import DEADLINE, FAST_HEALTH, config_document, served_by
 from tests.core_helpers import wait_for
@@ -180,3 +183,38 @@ def test_an_open_websocket_tunnel_holds_its_server_slot_until_it_closes(make_raw
     assert head.startswith(b"HTTP/1.1 101"), head
     third.close()
     wait_for(lambda: server.active_requests == 0, what="the slot back again")
+
+
+class _HeldChecks:
+    """Stands in for the checker's probe threads: holds each submitted check so the test decides when it ends."""
+
+    def __init__(self):
+        self.held = []
+
+    def submit(self, check, target, upstream_config):
+        self.held.append((target, upstream_config))
+
+
+def test_a_check_that_ends_after_a_reload_rebuilt_its_server_announces_nothing():
+    """A check in flight while a reload rebuilt its server (weight change) used to announce its verdict
+    when it ended: listeners apply verdicts by address, so workers took the successor down while the
+    checker's successor target stayed "up" and never announced "up" again (stuck down)."""
+    health = {**FAST_HEALTH, "unhealthy_after": 1}
+    document = config_document({"web": {"servers": ["127.0.0.1:9"], "health": health}})
+    app = Application(parse_config(document, "test.toml"))
+    now = [0.0]
+    checker = HealthChecker(app, clock=lambda: now[0])
+    checker._executor = held = _HeldChecks()
+    heard = []
+    checker.listeners.append(lambda *change: heard.append(change))
+    checker.run_once()  # creates the target, due within 10% of the interval
+    now[0] = 1.0
+    checker.run_once()
+    (old_target, upstream_config), = held.held
+    app.reload(parse_config(config_document({"web": {"servers": [{"address": "127.0.0.1:9", "weight": 2}],
+                                                     "health": health}}), "test.toml"))
+    checker.run_once()  # the rebuilt server gets a successor target
+    checker.record_result(old_target, CheckResult(0.0, False, 1.0, None, "refused"), upstream_config.health)
+    assert heard == []
+    (server,) = app.runtime.upstreams["web"].servers
+    assert server.state == "up" and [up for *_, up, _ in checker.verdicts()] == [True]
