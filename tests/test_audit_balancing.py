@@ -185,6 +185,33 @@ def test_an_open_websocket_tunnel_holds_its_server_slot_until_it_closes(make_raw
     wait_for(lambda: server.active_requests == 0, what="the slot back again")
 
 
+def _upgrade_or_answer(peer):
+    head = peer.read_head()
+    if b"upgrade: websocket" not in head.lower():
+        while head:  # plain keep-alive requests: answer each with this backend's port
+            body = str(peer.sock.getsockname()[1]).encode()
+            peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            head = peer.read_head()
+        return
+    peer.buffer = b""
+    peer.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    for _ in range(1000):  # bounded: ends when the proxy closes the tunnel
+        if not peer.sock.recv(65536):
+            return
+
+
+def test_least_connections_counts_an_open_websocket(make_raw_backend, make_proxy):
+    raws = [make_raw_backend(_upgrade_or_answer) for _ in range(2)]
+    proxy = make_proxy({"web": [r.address for r in raws]}, upstream_options={"policy": "least_connections"})
+    tunnel, head = _open_tunnel(proxy)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    busy = next(s for s in proxy.app.runtime.upstreams["web"].servers if s.active_requests == 1)
+    with requests.Session() as session:
+        answered = {session.get(proxy.url + "/", timeout=DEADLINE).text for _ in range(6)}
+    assert answered == {str(r.port) for r in raws if r.address != busy.address}
+    tunnel.close()
+
+
 class _HeldChecks:
     """Stands in for the checker's probe threads: holds each submitted check so the test decides when it ends."""
 
