@@ -65,11 +65,21 @@ def test_route_prefixes_match_in_normal_form(make_backend, make_proxy, prefix, t
     assert routed.last.path == forwarded
 
 
+def test_check_lists_routes_in_the_order_the_router_tries_them():
+    from proxy.config import RouteConfig
+    from proxy.routing_table import routes_by_precedence
+    routes = [RouteConfig(path="/%7e%7e%7e", upstream="tilde"), RouteConfig(path="/abcdef", upstream="letters"),
+              RouteConfig(path="/a//b", upstream="ab"), RouteConfig(path="/a/b", upstream="tie")]
+    listed = [route.upstream for route in routes_by_precedence(routes)]
+    router = Router([Route(None, r.path, r.upstream, index=i) for i, r in enumerate(routes)])
+    assert listed == [route.upstream for route in router.routes] == ["letters", "tilde", "ab", "tie"]
+
+
 def test_router_normalises_prefixes_and_keeps_precedence():
     router = Router([Route(None, "/", "root", index=0), Route(None, "/a//b", "ab", strip_prefix=True, index=1)])
     route = router.match(None, "/a/b/c")
     assert route.upstream == "ab" and route.forwarded_path("/a/b/c") == "/c"
-    assert router.match(None, "/a") .upstream == "root"
+    assert router.match(None, "/a").upstream == "root"
 
 
 # -- set_headers replace the proxy's own fields, never add framing ---------------------------------------
