@@ -50,6 +50,7 @@ class AdminSources:
     status: list[Callable[[], dict]] = field(default_factory=list)
     metrics: list[Callable[[], dict]] = field(default_factory=list)
     draining: Callable[[], bool] = lambda: False
+    serving: Callable[[], bool] = lambda: True  # False while no process serves traffic (no worker ready)
 
     def status_document(self) -> dict:
         return merge_status(_collect(self.status, "status"))
@@ -90,8 +91,12 @@ class _AdminHandler(BaseHTTPRequestHandler):
                 # Read per request (a few kB, rare): an installed or edited page shows without a restart.
                 self._send(200, DASHBOARD_PATH.read_text(encoding="utf-8"), "text/html", head_only)
             elif path == "/healthz":
-                draining = sources.draining()
-                self._send(503 if draining else 200, "draining\n" if draining else "ok\n", "text/plain", head_only)
+                if sources.draining():
+                    self._send(503, "draining\n", "text/plain", head_only)
+                elif not sources.serving():  # every worker dead or starting: a load balancer must look elsewhere
+                    self._send(503, "no worker serving\n", "text/plain", head_only)
+                else:
+                    self._send(200, "ok\n", "text/plain", head_only)
             elif path == "/status":
                 body = json.dumps(sources.status_document(), indent=2, sort_keys=True) + "\n"
                 self._send(200, body, "application/json", head_only)

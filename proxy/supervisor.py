@@ -248,7 +248,7 @@ class SupervisorSources(AdminSources):
     """Admin answers merged over the workers, plus a per-worker line in /status."""
 
     def __init__(self, supervisor: "Supervisor"):
-        super().__init__(status=[], metrics=[], draining=lambda: supervisor.stopping)
+        super().__init__(status=[], metrics=[], draining=lambda: supervisor.stopping, serving=supervisor.serving)
         self.supervisor = supervisor
 
     def status_document(self) -> dict:
@@ -424,6 +424,11 @@ class Supervisor:
 
     def _all_handles(self) -> list[WorkerHandle]:
         return [h for h in self.slots if h is not None] + list(self.retiring.values())
+
+    def serving(self) -> bool:
+        """A worker is ready to take traffic (/healthz): not while every one is dead, restarting or
+        backing off after dying young, though the supervisor still holds the listening sockets."""
+        return any(handle.ready.is_set() for handle in self._all_handles())
 
     def _live_workers(self) -> list[WorkerHandle]:
         return self._all_handles()

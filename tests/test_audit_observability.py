@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -378,3 +379,35 @@ def test_the_admin_debug_log_escapes_control_characters_of_the_request_line(obse
         assert "\x1b" not in line and "\\x1b[31mred" in line
     finally:
         backend.kill()
+
+
+def healthz(admin_port: int) -> int:
+    try:
+        return requests.get(f"http://127.0.0.1:{admin_port}/healthz", timeout=DEADLINE).status_code
+    except requests.RequestException:
+        return 0
+
+
+def test_healthz_with_workers_is_503_while_no_worker_serves(tmp_path):
+    """Bug: with workers = 2, the supervisor's /healthz said 200 whenever it was not draining, also
+    while every worker was dead and being restarted (or backing off after dying young): a load
+    balancer kept sending clients to a proxy with nobody to accept them."""
+    with lifecycle.backends("a") as (backend,):
+        port, admin_port = lifecycle.free_port(), lifecycle.free_port()
+        config = lifecycle.proxy_config(port, backend.address, workers=2, admin_port=admin_port)
+        with lifecycle.running_proxy(tmp_path, config) as run:
+            wait_for(lambda: len(workers.status(admin_port)["workers"]) == 2, DEADLINE, what="both workers")
+            assert healthz(admin_port) == 200
+            saw_503 = False
+            for _ in range(4):  # killed young again and again, the workers come back after a growing backoff
+                wait_for(lambda: len(workers.children(run.proc.pid)) == 2, 10, what="two workers")
+                for pid in workers.children(run.proc.pid):
+                    os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 0.4
+                while not saw_503 and time.monotonic() < deadline:
+                    saw_503 = healthz(admin_port) == 503
+                if saw_503:
+                    break
+            assert saw_503, run.log()
+            wait_for(lambda: healthz(admin_port) == 200, 20, what="/healthz 200 once workers are back")
+            assert requests.get(run.url + "/", timeout=DEADLINE).status_code == 200
