@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import queue
+import stat
 import sys
 import threading
 import time
@@ -30,6 +31,9 @@ from typing import Callable, TextIO
 log = logging.getLogger("pyproxy.access")
 
 DEFAULT_QUEUE_SIZE = 10000  # lines buffered before dropping: ~seconds of a busy proxy's traffic
+# POSIX: a pipe write of at most PIPE_BUF bytes is atomic. Worker processes share stdout: a larger
+# write can be split and interleaved with another worker's, cutting lines in two (journald, docker logs).
+PIPE_BUF = getattr(os, "PIPE_BUF", None) or 4096
 STOP_TIMEOUT = 5.0
 _STOP = object()
 _REOPEN = object()  # wakes the writer: open the file again by name (SIGUSR1, SIGHUP)
@@ -129,6 +133,7 @@ class AccessLog:
         self._thread: threading.Thread | None = None
         self._stream: TextIO | None = None
         self._reopen_wanted = False  # set by reopen(); the writer thread acts on it
+        self._shared_pipe = False  # writes go out in whole lines of at most PIPE_BUF bytes (see _pieces)
 
     # -- hot path ------------------------------------------------------------------------------------
     def observe(self, record) -> None:
@@ -143,6 +148,7 @@ class AccessLog:
     # -- service -------------------------------------------------------------------------------------
     def start(self) -> None:
         self._stream = self._open()
+        self._shared_pipe = _is_pipe(self._stream)
         if self.format is format_combined and _is_terminal(self._stream):
             colour = not os.environ.get("NO_COLOR")
             self.format = lambda record, when: format_terminal(record, when, colour)
@@ -245,13 +251,37 @@ class AccessLog:
         if not lines:
             return
         try:
-            self._stream.write("".join(lines))
-            self._stream.flush()
+            for piece in (_pieces(lines) if self._shared_pipe else ("".join(lines),)):
+                self._stream.write(piece)
+                self._stream.flush()  # one write(2) per piece
             self.written += len(lines)
         except (OSError, ValueError) as exc:  # disk full, closed pipe: count, keep serving
             with self._drop_lock:
                 self.dropped += len(lines)
             log.warning("access log write failed: %s", exc)
+
+
+def _is_pipe(stream) -> bool:
+    """A pipe or socket (stdout under systemd or docker), where only small writes are atomic. Regular
+    files are appended to with O_APPEND, one write per batch, which Linux does not interleave."""
+    try:
+        return not stat.S_ISREG(os.fstat(stream.fileno()).st_mode) and not stream.isatty()
+    except (AttributeError, OSError, ValueError):  # no file descriptor (a test's StringIO)
+        return False
+
+
+def _pieces(lines: list[str]):
+    """Whole lines joined up to PIPE_BUF bytes each (a longer line goes alone: it cannot be atomic)."""
+    piece, size = [], 0
+    for line in lines:
+        length = len(line.encode("utf-8")) if not line.isascii() else len(line)
+        if piece and size + length > PIPE_BUF:
+            yield "".join(piece)
+            piece, size = [], 0
+        piece.append(line)
+        size += length
+    if piece:
+        yield "".join(piece)
 
 
 def _is_terminal(stream) -> bool:

@@ -6,11 +6,15 @@ file covered. Real backends and clients on 127.0.0.1; every wait is bounded.
 
 from __future__ import annotations
 
+import array
+import fcntl
 import json
 import os
 import re
 import signal
 import socket
+import termios
+import threading
 import time
 from types import SimpleNamespace
 
@@ -18,9 +22,11 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.access_log import AccessLog
 from proxy.metrics import WorkerCounters
 from tests import test_lifecycle as lifecycle, test_workers as workers
 from tests.backends import FlakyBackend, read_small_answer
+from tests.test_access_log import Record as LogRecord
 from tests.conftest import DEADLINE, config_document
 from tests.core_helpers import wait_for
 
@@ -411,3 +417,44 @@ def test_healthz_with_workers_is_503_while_no_worker_serves(tmp_path):
             assert saw_503, run.log()
             wait_for(lambda: healthz(admin_port) == 200, 20, what="/healthz 200 once workers are back")
             assert requests.get(run.url + "/", timeout=DEADLINE).status_code == 200
+
+
+def pipe_pending(fd: int) -> int:
+    count = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, count)
+    return count[0]
+
+
+def test_access_log_lines_of_writers_sharing_a_pipe_are_never_cut():
+    """Bug: with workers, every worker writes its access log to the same stdout; under systemd or
+    docker that is a pipe, where only writes of at most PIPE_BUF (4 KiB) bytes are atomic. A worker
+    wrote its whole batch (up to 256 lines) in one write, which the kernel splits when the pipe is
+    full, so another worker's lines landed inside it: about 1 JSON line in 10 was cut in two under a
+    slow reader. Each write is now whole lines of at most PIPE_BUF bytes. (Two writers in one process
+    share the pipe as two worker processes do: the atomicity is the kernel's either way.)"""
+    read_end, write_end = os.pipe()
+    logs = [AccessLog(f"/dev/fd/{write_end}", "json") for _ in range(2)]
+    received = bytearray()
+
+    def read_all() -> None:
+        while chunk := os.read(read_end, 65536):
+            received.extend(chunk)
+
+    try:
+        for log in logs:
+            log.start()
+        for index in range(600):
+            for writer, log in enumerate(logs):
+                log.observe(LogRecord(user_agent=f"{writer}-" + "u" * 3000, target=f"/{index}"))
+        wait_for(lambda: pipe_pending(read_end) >= 40_000, DEADLINE, what="the pipe to fill")  # writers now wait
+        reader = threading.Thread(target=read_all, daemon=True)
+        reader.start()
+        for log in logs:
+            log.stop()  # every queued line written
+    finally:
+        os.close(write_end)
+    reader.join(DEADLINE)
+    os.close(read_end)
+    lines = received.decode("utf-8").splitlines()
+    assert len(lines) == 1200
+    assert all(json.loads(line)["user_agent"].endswith("u" * 3000) for line in lines)
