@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -173,6 +174,15 @@ class _AdminHTTPServer(ThreadingHTTPServer):
         with self._open_lock:
             self._open.discard(request)
         super().shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        """socketserver prints a traceback to stderr for any error; a client that left mid-answer (a
+        closed dashboard tab, a scrape timing out) is expected: debug (STYLE 11), the rest logged."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            log.debug("admin client %s went away: %s", client_address[0], error)
+        else:
+            log.exception("admin request from %s failed", client_address[0])
 
     def close_open_connections(self) -> None:
         """Stopped means stopped: a handler thread would otherwise keep answering a keep-alive client."""

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import termios
 import threading
 import time
@@ -458,3 +459,27 @@ def test_access_log_lines_of_writers_sharing_a_pipe_are_never_cut():
     lines = received.decode("utf-8").splitlines()
     assert len(lines) == 1200
     assert all(json.loads(line)["user_agent"].endswith("u" * 3000) for line in lines)
+
+
+def test_an_admin_client_resetting_mid_answer_is_a_debug_line_not_a_traceback(observed_proxy, caplog, capfd):
+    """Bug: a client leaving mid-answer (a dashboard tab closed, a scrape timing out) made
+    socketserver print "Exception occurred during processing of request" and a traceback straight to
+    stderr, past the logging config and level. Expected socket errors now log at debug (STYLE 11)."""
+    backend = FlakyBackend("a")
+    proxy = observed_proxy(config_document({"web": {"servers": [backend.address]}}))
+    port = int(proxy.admin_url.rsplit(":", 1)[1])
+    try:
+        with caplog.at_level("DEBUG", logger="pyproxy.admin"):
+            for _ in range(50):  # bounded: a reset usually lands while the answers are written
+                sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * 20)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()  # a reset, with answers still to come
+                if any("went away" in r.getMessage() for r in caplog.records):
+                    break
+            wait_for(lambda: any("went away" in r.getMessage() for r in caplog.records), DEADLINE,
+                     what="a debug line for the client that left")
+        assert "Traceback" not in capfd.readouterr().err
+    finally:
+        backend.kill()
