@@ -442,7 +442,6 @@ class HttpHandler:
             out.host = ex.request.host if upstream.config.preserve_host and ex.request.host else server.address
             try:
                 self._attempt(ex, upstream, server, out, fresh)
-                server.record_success()
                 return
             except UpstreamConnectError as exc:
                 server.record_failure(exc.detail)

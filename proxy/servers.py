@@ -6,9 +6,9 @@ server healthy) lives in the active checker, which only calls `set_health()`
 
 Passive checks follow nginx's `max_fails` / `fail_timeout`: `max_fails` failed
 attempts within `fail_timeout` seconds take the server out for `fail_timeout`.
-A success clears the failures counted so far, as nginx does, so a busy server
-with a low background error rate is not ejected just because three unrelated
-errors happened to land inside one window.
+Successes in between do not forgive them (nginx clears its count only once
+`fail_timeout` has passed since the last failure): a server failing every other
+request is taken out, as CONFIG.md promises.
 
 Every counter is changed under one small lock per server. Nothing logs while
 holding it: the locked sections return the messages to log and the caller logs
@@ -178,11 +178,6 @@ class Server:
             self._failures_total += 1
             events += self._count_failure_locked(now, reason)
         _log(events)
-
-    def record_success(self) -> None:
-        """A request to this server succeeded: forget the failures counted so far (nginx)."""
-        with self._lock:
-            self._recent_failures.clear()
 
     # -- active checks ----------------------------------------------------------------
 
