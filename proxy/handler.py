@@ -104,7 +104,7 @@ class Exchange:
     """One request/response through the proxy: the mutable facts the pipeline steps share."""
 
     __slots__ = ("request", "conn", "session", "record", "response_started", "body_done",
-                 "replay", "client_keep_alive", "route")
+                 "replay", "client_keep_alive", "route", "tunnel_reports")
 
     def __init__(self, request, conn, session, record):
         self.request = request
@@ -116,6 +116,7 @@ class Exchange:
         self.replay: list[bytes] | None = []  # body bytes sent so far (None: too big to replay)
         self.client_keep_alive = request.keep_alive
         self.route = None  # the matched route, once routing succeeded (error pages name it)
+        self.tunnel_reports = False  # an upgraded connection's record goes to the observers at its close
 
 
 class HttpHandler:
@@ -307,8 +308,9 @@ class HttpHandler:
             log.debug("client %s gone: %s", session.client_ip, exc)
             ex.client_keep_alive = False
             conn.close()
-        record.duration = time.monotonic() - record.started
-        app.observe(record)
+        if not ex.tunnel_reports:
+            record.duration = time.monotonic() - record.started
+            app.observe(record)
         if not ex.body_done and ex.response_started and conn.state is S.WRITING:
             self._close_lingering(conn)  # answered before the whole body came in: close, lingering once
         return ex.client_keep_alive and ex.body_done
@@ -809,8 +811,10 @@ class HttpHandler:
             ex.session.parser.start_next()
         leftover = ex.session.parser.take_buffered()
         link.detach()
-        # The relay thread owns both sockets from here; this worker goes back to the pool.
-        self.tunnels.start_tunnel(ex.conn, link.sock, leftover, self.app.settings.tunnel_timeout)
+        # The relay thread owns both sockets and the access-log record from here (logged at the close,
+        # with every byte and the whole lifetime, as nginx does); this worker goes back to the pool.
+        ex.tunnel_reports = True
+        self.tunnels.start_tunnel(ex.conn, link.sock, leftover, self.app.settings.tunnel_timeout, ex.record)
         return False
 
 

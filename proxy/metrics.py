@@ -59,7 +59,9 @@ class Metrics:
         """The request observer (hot path)."""
         upstream = record.upstream or NO_UPSTREAM
         key = (upstream, record.status)
-        duration = record.duration
+        # A tunnel (101) is observed when it closes; its lifetime is no response time (the access log
+        # has it, as nginx's does), and minutes of WebSocket would swamp the latency percentiles.
+        duration = record.duration if record.status != 101 else 0.0
         slot = bisect.bisect_left(self.buckets, duration)  # le is inclusive: duration == bound counts in it
         with self._lock:
             self._requests[key] = self._requests.get(key, 0) + 1

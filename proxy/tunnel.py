@@ -38,7 +38,7 @@ _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSL
 class _End:
     """One side of a tunnel: its socket and the bytes waiting to be written to it."""
 
-    __slots__ = ("sock", "fd", "tunnel", "peer", "outbuf", "eof", "registered")
+    __slots__ = ("sock", "fd", "tunnel", "peer", "outbuf", "eof", "registered", "sent")
 
     def __init__(self, sock: socket.socket, tunnel: "_Tunnel"):
         self.sock = sock
@@ -48,13 +48,15 @@ class _End:
         self.outbuf = b""
         self.eof = False  # this side closed (or failed): nothing more to read from it
         self.registered = 0  # the selector events currently asked for
+        self.sent = 0  # bytes written to this side (the client's count goes to the access log)
 
 
 class _Tunnel:
-    __slots__ = ("conn", "client", "upstream", "idle_timeout", "last_activity", "closed")
+    __slots__ = ("conn", "client", "upstream", "idle_timeout", "last_activity", "closed", "record")
 
-    def __init__(self, conn, upstream_sock: socket.socket, idle_timeout: float, now: float):
+    def __init__(self, conn, upstream_sock: socket.socket, idle_timeout: float, now: float, record=None):
         self.conn = conn
+        self.record = record  # the upgrade request's RequestRecord: observed when the tunnel closes
         self.client = _End(conn.sock, self)
         self.upstream = _End(upstream_sock, self)
         self.client.peer, self.upstream.peer = self.upstream, self.client
@@ -85,8 +87,9 @@ class TunnelRelay:
 
     # -- called from a worker thread ---------------------------------------------------------
     def start_tunnel(self, conn, upstream_sock: socket.socket, client_leftover: bytes,
-                     idle_timeout: float) -> None:
-        """Hand over a connection in TUNNEL state and its upstream socket; returns at once."""
+                     idle_timeout: float, record=None) -> None:
+        """Hand over a connection in TUNNEL state and its upstream socket; returns at once. ``record``
+        (the upgrade request's) is given to the app's observers when the tunnel closes."""
         try:
             for sock in (conn.sock, upstream_sock):
                 sock.settimeout(0.0)  # non-blocking (settimeout: a TLS socket keeps it that way)
@@ -94,8 +97,9 @@ class TunnelRelay:
             log.debug("tunnel from %s not started: %s", conn.peer, exc)
             upstream_sock.close()
             conn.close()
+            self._report(record, 0)
             return
-        tunnel = _Tunnel(conn, upstream_sock, idle_timeout, self.clock())
+        tunnel = _Tunnel(conn, upstream_sock, idle_timeout, self.clock(), record)
         tunnel.upstream.outbuf = client_leftover  # bytes the client sent right after its request
         self.app.tunnel_opened()
         self._incoming.append(tunnel)
@@ -194,6 +198,7 @@ class TunnelRelay:
             end.eof = end.peer.eof = True  # nobody left to deliver to: end the tunnel
             return
         end.outbuf = end.outbuf[sent:]
+        end.sent += sent
 
     def _settle(self, tunnel: _Tunnel) -> None:
         """Close a finished tunnel, or register the events each side now waits for."""
@@ -241,6 +246,13 @@ class TunnelRelay:
         except OSError:
             pass
         tunnel.conn.close()
+        self._report(tunnel.record, tunnel.client.sent)
+
+    def _report(self, record, relayed_to_client: int) -> None:
+        if record is not None:
+            record.bytes_sent += relayed_to_client
+            record.duration = time.monotonic() - record.started  # the handler's clock for `started`
+            self.app.observe(record)
 
     def _sweep(self) -> None:
         """Idle timeouts, and the drain: tunnels get graceful_timeout after it began, then close."""

@@ -343,8 +343,6 @@ def echo_ten_times_after_101(peer) -> None:
         peer.send(data * 10)
 
 
-@pytest.mark.xfail(strict=True, reason="tunnels are logged when the 101 goes out (bytes = its head, "
-                   "duration ~0); logging at close needs proxy/tunnel.py to count relayed bytes")
 def test_a_tunnel_is_logged_when_it_closes_with_the_bytes_it_relayed(make_raw_backend, tmp_path, observed_proxy):
     """nginx logs an upgraded (WebSocket) connection once it ends, with every byte sent to the client
     ($bytes_sent) and its whole lifetime ($request_time). pyproxy logs it when the 101 is relayed: a
@@ -483,3 +481,15 @@ def test_an_admin_client_resetting_mid_answer_is_a_debug_line_not_a_traceback(ob
         assert "Traceback" not in capfd.readouterr().err
     finally:
         backend.kill()
+
+
+def test_a_tunnels_lifetime_stays_out_of_the_latency_histogram(observed_proxy):
+    """Tunnels are observed when they close (above); minutes of WebSocket are no response time."""
+    from proxy.handler import RequestRecord
+    proxy = observed_proxy(config_document({"ws": {"servers": ["127.0.0.1:9"]}}))
+    metrics = next(o.__self__ for o in proxy.app.observers if hasattr(getattr(o, "__self__", None), "recent"))
+    record = RequestRecord(0.0, "127.0.0.1", None)
+    record.status, record.upstream, record.duration = 101, "ws", 600.0
+    metrics.observe(record)
+    durations = metrics.snapshot()["durations"]["ws"]
+    assert durations["count"] == 1 and durations["sum"] == 0.0
