@@ -135,6 +135,20 @@ class Runtime:
             pools[server] = pool
         return UpstreamRuntime(upstream, servers, pools)
 
+    def original_client(self, peer_ip: str, forwarded_for: str | None) -> str:
+        """The address a request started from, for ip_hash: with ``trusted_proxies`` set, the rightmost
+        X-Forwarded-For hop that is not a trusted proxy (nginx's realip module with
+        real_ip_recursive); otherwise, or when nothing trustworthy says more, the TCP peer."""
+        if not self.trusted or not forwarded_for or not self.is_trusted(peer_ip):
+            return peer_ip
+        hops = [hop.strip() for hop in forwarded_for.split(",")]
+        for hop in reversed(hops):
+            if not hop:
+                break
+            if not self.is_trusted(hop):
+                return hop
+        return hops[0] or peer_ip  # every hop is one of ours: the first one is as far as we can see
+
     def is_trusted(self, client_ip: str) -> bool:
         """Is this client allowed to tell us about earlier hops (X-Forwarded-For, Forwarded)?
 

@@ -427,6 +427,13 @@ class HttpHandler:
         return "none"
 
     # -- attempts and retries ------------------------------------------------------------------
+    def _hash_address(self, ex: Exchange, upstream) -> str:
+        """The client address ip_hash keys on: behind trusted proxies, the one they forwarded for."""
+        if upstream.config.policy != "ip_hash":
+            return ex.session.client_ip  # the other policies ignore it: no header parsing per request
+        forwarded_for = ", ".join(ex.request.headers.get_all("x-forwarded-for"))  # every field, in order
+        return self.app.runtime.original_client(ex.session.client_ip, forwarded_for)
+
     def _send_with_retries(self, ex: Exchange, upstream, out: Outbound) -> None:
         tried = []
         attempts_left = 1 + upstream.config.retries
@@ -434,7 +441,7 @@ class HttpHandler:
         fresh = False  # after a stale pooled connection: the retry dials a new one
         while attempts_left > 0:
             attempts_left -= 1
-            server = upstream.pick_server(ex.session.client_ip, exclude=tried)
+            server = upstream.pick_server(self._hash_address(ex, upstream), exclude=tried)
             if server is None:
                 if last_error is not None:
                     raise last_error

@@ -268,3 +268,25 @@ def test_passive_checks_count_failures_within_fail_timeout_whatever_succeeds_bet
     statuses = [requests.get(proxy.url + "/", timeout=DEADLINE).status_code for _ in range(8)]
     assert statuses[:5] == [502, 200, 502, 200, 502]  # the third failure within 30 s takes it out
     assert statuses[5:] == [503] * 3 and len(calls) == 5
+
+
+def _served_for(proxy, forwarded_for: str) -> str:
+    response = requests.get(proxy.url + "/", headers={"X-Forwarded-For": forwarded_for}, timeout=DEADLINE)
+    assert response.status_code == 200, response.text
+    return response.text
+
+
+@pytest.mark.parametrize("trusted, spread", [(["127.0.0.1"], True), (["10.0.0.0/8"], False)],
+                         ids=["behind-a-trusted-proxy", "from-an-untrusted-peer"])
+def test_ip_hash_keys_on_the_client_a_trusted_proxy_forwarded_for(backends, observed_proxy, trusted, spread):
+    """Behind a load balancer every request comes from its address: ip_hash sent every client to one
+    server. With trusted_proxies set (nginx's set_real_ip_from), it hashes the rightmost untrusted
+    X-Forwarded-For hop; from an untrusted peer the header is ignored (a client cannot pick its server)."""
+    a, b, c = backends("a", "b", "c")
+    proxy = observed_proxy(config_document({"web": {"servers": [a.address, b.address, c.address],
+                                                    "policy": "ip_hash"}},
+                                           server={"trusted_proxies": trusted}))
+    clients = [f"203.0.113.{i}" for i in range(1, 31)]
+    chosen = {ip: _served_for(proxy, f"{ip}, 127.0.0.1") for ip in clients}  # the last hop: trusted, skipped
+    assert chosen == {ip: _served_for(proxy, ip) for ip in clients}  # sticky per client
+    assert (len(set(chosen.values())) == 3) is spread, chosen
