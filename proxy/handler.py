@@ -263,17 +263,21 @@ class HttpHandler:
                     return None
                 parser.feed(data)
         except TimeoutError:
-            self._reject(conn, session, 408, "request body not received in time")
+            self._reject(conn, session, 408, "request body not received in time", request)
             return None
         except OSError as exc:
             log.debug("client %s: %s", session.client_ip, exc)
             return None
         return request
 
-    def _reject(self, conn, session, status: int, reason: str) -> None:
-        """Answer a request we could not parse, and close: the connection can no longer be trusted."""
-        record = RequestRecord(time.monotonic(), session.client_ip, None)
+    def _reject(self, conn, session, status: int, reason: str, request: RequestHead | None = None) -> None:
+        """Answer a request we could not parse (or whose body never came), and close: the connection
+        can no longer be trusted."""
+        record = RequestRecord(time.monotonic(), session.client_ip, request)
         record.status = status
+        line = session.parser.request_line() if request is None else None
+        if line is not None:  # the refused request's line, for the access log
+            record.method, record.target, record.version = line
         payload = plain_response(status, f"{status} {reason}", close=True)
         try:
             conn.set_timeouts(1.0, 1.0)

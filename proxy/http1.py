@@ -613,7 +613,11 @@ class _MessageParser:
         del buf[: end + 4]
         self._skipped = self._head_scan = self._ending_scan = 0
         self._line_complete = False
-        return self._parse_head(text)
+        try:
+            return self._parse_head(text)
+        except ProtocolError:
+            self._refused_line = text[: text.find("\r\n")]  # for the access log (request_line())
+            raise
 
     def _incomplete_head(self, buf: bytearray):
         size = len(buf)
@@ -802,6 +806,7 @@ class RequestParser(_MessageParser):
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     ) -> None:
         super().__init__(max_header_bytes, max_body_bytes, max_line_bytes)
+        self._refused_line: str | None = None  # a complete head's start line the parser refused
 
     # A peer speaking another protocol (a TLS ClientHello on a plain port, SSH, SMTP) sends no CRLFCRLF
     # for a long while: waiting for it would answer 408 after header_timeout. nginx and HAProxy answer
@@ -815,6 +820,16 @@ class RequestParser(_MessageParser):
     def _check_start_line(self, buf: bytearray, line_end: int) -> None:
         if not _REQUEST_LINE_BYTES_RE.fullmatch(buf, 0, line_end):
             raise _bad(_describe_bad_request_line(buf[:line_end].decode("latin-1")))
+
+    def request_line(self) -> tuple[str, str, str] | None:
+        """After a ProtocolError: the refused request's method, target and version, for the access log
+        (nginx logs the line of a request it answered 400/414/431); None without a whole line of three."""
+        line = self._refused_line
+        if line is None:
+            end = self._buf.find(b"\r\n", 0, self._max_line_bytes + 2)
+            line = self._buf[:end].decode("latin-1") if end > 0 else ""
+        parts = line.split(" ")
+        return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
 
     def _parse_head(self, text: str) -> RequestHead:
         line_end = text.find("\r\n")

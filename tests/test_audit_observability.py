@@ -493,3 +493,19 @@ def test_a_tunnels_lifetime_stays_out_of_the_latency_histogram(observed_proxy):
     metrics.observe(record)
     durations = metrics.snapshot()["durations"]["ws"]
     assert durations["count"] == 1 and durations["sum"] == 0.0
+
+
+@pytest.mark.parametrize("sent, status, method, path", [
+    (b"GET /big-head HTTP/1.1\r\nHost: a\r\nX-Big: " + b"x" * 20000 + b"\r\n\r\n", 431, "GET", "/big-head"),
+    (b"GET /bad-field HTTP/1.1\r\nHost: a\r\nBad Field: 1\r\n\r\n", 400, "GET", "/bad-field"),
+    (b"POST /too-big HTTP/1.1\r\nHost: a\r\nContent-Length: 999999999999\r\n\r\n", 413, "POST", "/too-big"),
+    (b"GET /v HTTP/2.0\r\nHost: a\r\n\r\n", 505, "GET", "/v"),
+], ids=["431", "400", "413", "505"])
+def test_a_refused_request_is_logged_with_its_request_line(observed_proxy, tmp_path, sent, status, method, path):
+    """Bug: requests the proxy refused while reading the head were logged as "- - HTTP/1.1", so
+    nobody could tell which URL drew the 431/413/400; nginx logs their request line."""
+    proxy, _, log_path = logged_proxy(observed_proxy, tmp_path)
+    assert send_raw(proxy, sent).startswith(f"HTTP/1.1 {status} ".encode())
+    wait_for(lambda: json_log_lines(log_path), DEADLINE, what="the access log line")
+    (line,) = json_log_lines(log_path)
+    assert (line["status"], line["method"], line["path"]) == (status, method, path)
