@@ -104,7 +104,7 @@ class Exchange:
     """One request/response through the proxy: the mutable facts the pipeline steps share."""
 
     __slots__ = ("request", "conn", "session", "record", "response_started", "body_done",
-                 "replay", "client_keep_alive", "route", "tunnel_reports")
+                 "replay", "client_keep_alive", "route", "server", "handed_to_tunnel")
 
     def __init__(self, request, conn, session, record):
         self.request = request
@@ -116,7 +116,9 @@ class Exchange:
         self.replay: list[bytes] | None = []  # body bytes sent so far (None: too big to replay)
         self.client_keep_alive = request.keep_alive
         self.route = None  # the matched route, once routing succeeded (error pages name it)
-        self.tunnel_reports = False  # an upgraded connection's record goes to the observers at its close
+        self.server = None  # the server of the current attempt
+        # Upgraded (101): the tunnel relay owns the record (observed at its close) and the server slot.
+        self.handed_to_tunnel = False
 
 
 class HttpHandler:
@@ -312,7 +314,7 @@ class HttpHandler:
             log.debug("client %s gone: %s", session.client_ip, exc)
             ex.client_keep_alive = False
             conn.close()
-        if not ex.tunnel_reports:
+        if not ex.handed_to_tunnel:
             record.duration = time.monotonic() - record.started
             app.observe(record)
         if not ex.body_done and ex.response_started and conn.state is S.WRITING:
@@ -454,6 +456,7 @@ class HttpHandler:
             ex.record.server = server.address
             out.host = ex.request.host if upstream.config.preserve_host and ex.request.host else server.address
             try:
+                ex.server = server
                 self._attempt(ex, upstream, server, out, fresh)
                 return
             except UpstreamConnectError as exc:
@@ -486,35 +489,9 @@ class HttpHandler:
                 server.record_failure(exc.detail)
                 raise
             finally:
-                if ex.conn.state is S.TUNNEL:
-                    self._hold_slot_while_tunnel(ex.conn, server)
-                else:
+                if not ex.handed_to_tunnel:
                     server.release()
         raise last_error or NoServerAvailable(f"no server available in upstream '{upstream.name}'")
-
-    @staticmethod
-    def _hold_slot_while_tunnel(conn, server) -> None:
-        """An upgraded connection (WebSocket) keeps its server slot until the tunnel closes: it is a
-        connection to that server, for max_connections and least_connections (nginx frees the peer
-        only when the upgraded connection ends). The relay closes the client connection last, so its
-        on_close hook gives the slot back; once, even if the tunnel already closed meanwhile."""
-        slot = [server]  # list.pop() is atomic: exactly one caller gets the server back
-        chained = conn.on_close
-
-        def release_once() -> None:
-            try:
-                slot.pop().release()
-            except IndexError:  # released already
-                pass
-
-        def on_close(closed_conn) -> None:
-            release_once()
-            if chained is not None:
-                chained(closed_conn)
-
-        conn.on_close = on_close
-        if conn.state is S.CLOSED:  # closed before the hook was in place (or just after): release now
-            release_once()
 
     @classmethod
     def _repeatable(cls, ex: Exchange) -> bool:
@@ -822,10 +799,13 @@ class HttpHandler:
             ex.session.parser.start_next()
         leftover = ex.session.parser.take_buffered()
         link.detach()
-        # The relay thread owns both sockets and the access-log record from here (logged at the close,
-        # with every byte and the whole lifetime, as nginx does); this worker goes back to the pool.
-        ex.tunnel_reports = True
-        self.tunnels.start_tunnel(ex.conn, link.sock, leftover, self.app.settings.tunnel_timeout, ex.record)
+        # The relay thread owns both sockets, the access-log record (logged at the close, with every
+        # byte and the whole lifetime, as nginx does) and the server slot (an open WebSocket is a
+        # connection to that server for max_connections and least_connections, as in nginx) from
+        # here; this worker goes back to the pool.
+        ex.handed_to_tunnel = True
+        self.tunnels.start_tunnel(ex.conn, link.sock, leftover, self.app.settings.tunnel_timeout,
+                                  ex.record, ex.server.release)
         return False
 
 

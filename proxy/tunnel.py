@@ -52,11 +52,14 @@ class _End:
 
 
 class _Tunnel:
-    __slots__ = ("conn", "client", "upstream", "idle_timeout", "last_activity", "closed", "record")
+    __slots__ = ("conn", "client", "upstream", "idle_timeout", "last_activity", "closed", "record",
+                 "release_slot")
 
-    def __init__(self, conn, upstream_sock: socket.socket, idle_timeout: float, now: float, record=None):
+    def __init__(self, conn, upstream_sock: socket.socket, idle_timeout: float, now: float, record=None,
+                 release_slot=None):
         self.conn = conn
         self.record = record  # the upgrade request's RequestRecord: observed when the tunnel closes
+        self.release_slot = release_slot  # gives the upstream server's slot back when the tunnel closes
         self.client = _End(conn.sock, self)
         self.upstream = _End(upstream_sock, self)
         self.client.peer, self.upstream.peer = self.upstream, self.client
@@ -87,9 +90,10 @@ class TunnelRelay:
 
     # -- called from a worker thread ---------------------------------------------------------
     def start_tunnel(self, conn, upstream_sock: socket.socket, client_leftover: bytes,
-                     idle_timeout: float, record=None) -> None:
-        """Hand over a connection in TUNNEL state and its upstream socket; returns at once. ``record``
-        (the upgrade request's) is given to the app's observers when the tunnel closes."""
+                     idle_timeout: float, record=None, release_slot=None) -> None:
+        """Hand over a connection in TUNNEL state and its upstream socket; returns at once. When the
+        tunnel closes, ``record`` (the upgrade request's) goes to the app's observers and
+        ``release_slot()`` gives the upstream server's slot back."""
         try:
             for sock in (conn.sock, upstream_sock):
                 sock.settimeout(0.0)  # non-blocking (settimeout: a TLS socket keeps it that way)
@@ -97,9 +101,9 @@ class TunnelRelay:
             log.debug("tunnel from %s not started: %s", conn.peer, exc)
             upstream_sock.close()
             conn.close()
-            self._report(record, 0)
+            self._report(record, 0, release_slot)
             return
-        tunnel = _Tunnel(conn, upstream_sock, idle_timeout, self.clock(), record)
+        tunnel = _Tunnel(conn, upstream_sock, idle_timeout, self.clock(), record, release_slot)
         tunnel.upstream.outbuf = client_leftover  # bytes the client sent right after its request
         self.app.tunnel_opened()
         self._incoming.append(tunnel)
@@ -246,9 +250,11 @@ class TunnelRelay:
         except OSError:
             pass
         tunnel.conn.close()
-        self._report(tunnel.record, tunnel.client.sent)
+        self._report(tunnel.record, tunnel.client.sent, tunnel.release_slot)
 
-    def _report(self, record, relayed_to_client: int) -> None:
+    def _report(self, record, relayed_to_client: int, release_slot) -> None:
+        if release_slot is not None:
+            release_slot()
         if record is not None:
             record.bytes_sent += relayed_to_client
             record.duration = time.monotonic() - record.started  # the handler's clock for `started`
