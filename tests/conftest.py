@@ -16,8 +16,8 @@ import pytest
 import requests
 
 from core.socket_server import bind_listener
-from proxy.config import ListenConfig, parse_config
-from proxy.runner import ProxyProcess
+from proxy.config.schema import ListenConfig, parse_config
+from proxy.serve.runner import ProxyProcess
 from tests.backends import FlakyBackend, RawBackend, ScriptedBackend
 from tests.core_helpers import wait_for
 

@@ -9,8 +9,8 @@ import sys
 
 import requests
 
-from proxy.access_log import AccessLog, format_combined, format_json, make_access_log
-from proxy.config import LogConfig
+from proxy.observe.access_log import AccessLog, format_combined, format_json, make_access_log
+from proxy.config.schema import LogConfig
 from tests.conftest import DEADLINE, config_document
 from tests.core_helpers import wait_for
 
@@ -120,7 +120,7 @@ class _Terminal(io.StringIO):
 
 
 def _record(status: int, target: str = "/api/users", duration: float = 0.0123):
-    from proxy.handler import RequestRecord
+    from proxy.serve.handler import RequestRecord
     record = RequestRecord(0.0, "127.0.0.1", None)
     record.method, record.target, record.status, record.duration = "GET", target, status, duration
     record.upstream, record.server = "api", "127.0.0.1:9001"
@@ -128,7 +128,7 @@ def _record(status: int, target: str = "/api/users", duration: float = 0.0123):
 
 
 def test_terminal_lines_are_coloured_by_status_class_and_aligned():
-    from proxy.access_log import PATH_COLUMN, format_terminal
+    from proxy.observe.access_log import PATH_COLUMN, format_terminal
     lines = {status: format_terminal(_record(status), 0.0) for status in (200, 304, 404, 502)}
     assert "\033[32m200\033[0m" in lines[200]
     assert "\033[36m304\033[0m" in lines[304]
@@ -143,7 +143,7 @@ def test_terminal_lines_are_coloured_by_status_class_and_aligned():
 
 
 def test_access_log_uses_the_terminal_format_only_on_a_terminal(monkeypatch):
-    from proxy.access_log import AccessLog
+    from proxy.observe.access_log import AccessLog
     monkeypatch.delenv("NO_COLOR", raising=False)
     for stream, expect_pretty in ((_Terminal(), True), (io.StringIO(), False)):
         monkeypatch.setattr(sys, "stdout", stream)

@@ -10,8 +10,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.admin import AdminSources, SourceFailed
-from proxy.status import merge_status
+from proxy.observe.admin import AdminSources, SourceFailed
+from proxy.observe.status import merge_status
 from tests.conftest import DEADLINE, FAST_HEALTH, config_document, served_by
 from tests.core_helpers import wait_for
 from tests.test_lifecycle import free_port

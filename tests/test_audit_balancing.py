@@ -11,9 +11,9 @@ import socket
 import pytest
 import requests
 
-from proxy.app import Application
-from proxy.config import parse_config
-from proxy.health import CheckResult, HealthChecker
+from proxy.serve.app import Application
+from proxy.config.schema import parse_config
+from proxy.upstream.health import CheckResult, HealthChecker
 from tests.backends import closed_port
 from tests.conftest import DEADLINE, FAST_HEALTH, config_document, served_by
 from tests.core_helpers import wait_for

@@ -156,7 +156,7 @@ def test_upgrade_in_an_http10_request_is_not_forwarded(make_raw_backend, make_pr
 # body unread: the proxy lingers (nginx's lingering_close, LINGER_SECONDS) and closes, even while the
 # client keeps sending. A client that never stops must not keep a worker (two lingers, or an endless one).
 def test_a_client_still_uploading_after_an_early_answer_is_lingered_on_once(make_raw_backend, make_proxy):
-    from proxy.handler import LINGER_SECONDS
+    from proxy.serve.handler import LINGER_SECONDS
 
     def script(peer):
         if peer.read_head():

@@ -229,7 +229,7 @@ def test_sighup_with_an_unloadable_tls_ca_keeps_serving(tmp_path, backends):
 # --- "SIGTERM: graceful drain ... then exit 0", however soon after the port opens -------------------
 
 # One process only: with workers, Supervisor.__init__ still runs between the unblock and its own
-# handlers (proxy/supervisor.py), so a SIGTERM in that window still kills the supervisor.
+# handlers (proxy/serve/supervisor.py), so a SIGTERM in that window still kills the supervisor.
 @pytest.mark.parametrize("workers", ["1"])
 def test_sigterm_right_after_the_port_opens_still_exits_0(tmp_path, workers):
     for _ in range(3):

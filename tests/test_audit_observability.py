@@ -23,8 +23,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.access_log import AccessLog
-from proxy.metrics import WorkerCounters
+from proxy.observe.access_log import AccessLog
+from proxy.observe.metrics import WorkerCounters
 from tests import test_lifecycle as lifecycle, test_workers as workers
 from tests.backends import FlakyBackend, read_small_answer
 from tests.test_access_log import Record as LogRecord
@@ -485,7 +485,7 @@ def test_an_admin_client_resetting_mid_answer_is_a_debug_line_not_a_traceback(ob
 
 def test_a_tunnels_lifetime_stays_out_of_the_latency_histogram(observed_proxy):
     """Tunnels are observed when they close (above); minutes of WebSocket are no response time."""
-    from proxy.handler import RequestRecord
+    from proxy.serve.handler import RequestRecord
     proxy = observed_proxy(config_document({"ws": {"servers": ["127.0.0.1:9"]}}))
     metrics = next(o.__self__ for o in proxy.app.observers if hasattr(getattr(o, "__self__", None), "recent"))
     record = RequestRecord(0.0, "127.0.0.1", None)

@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from proxy.routing import Route, Router
+from proxy.routing.router import Route, Router
 from tests.backends import RawClient, raw_client, read_small_answer
 from tests.conftest import CLIENT_TIMEOUT
 from tests.core_helpers import wait_for
@@ -66,8 +66,8 @@ def test_route_prefixes_match_in_normal_form(make_backend, make_proxy, prefix, t
 
 
 def test_check_lists_routes_in_the_order_the_router_tries_them():
-    from proxy.config import RouteConfig
-    from proxy.routing_table import routes_by_precedence
+    from proxy.config.schema import RouteConfig
+    from proxy.routing.table import routes_by_precedence
     routes = [RouteConfig(path="/%7e%7e%7e", upstream="tilde"), RouteConfig(path="/abcdef", upstream="letters"),
               RouteConfig(path="/a//b", upstream="ab"), RouteConfig(path="/a/b", upstream="tie")]
     listed = [route.upstream for route in routes_by_precedence(routes)]

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from proxy.config import HealthConfig
-from proxy.health import probe
-from proxy.upstream_pool import ServerPool
+from proxy.config.schema import HealthConfig
+from proxy.upstream.health import probe
+from proxy.upstream.pool import ServerPool
 from tests.backends import RawClient, close_with_rst, raw_client
 from tests.conftest import started_until_teardown
 from tests.core_helpers import wait_for

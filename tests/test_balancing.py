@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from proxy.balancing import (
+from proxy.upstream.balancing import (
     POLICIES, IpHash, LeastConnections, RoundRobin, UnknownPolicyError, Upstream, WeightedRandom,
     make_policy,
 )
-from proxy.servers import Server
+from proxy.upstream.servers import Server
 
 PICKS = 10_000
 POLICY_NAMES = sorted(POLICIES)

@@ -35,7 +35,7 @@ POLL_INTERVAL = 0.02
 def pyproxy_command() -> list[str]:
     """The installed console script next to this interpreter, else the module."""
     script = shutil.which("pyproxy", path=os.path.dirname(sys.executable))
-    return [script] if script else [sys.executable, "-m", "proxy.cli"]
+    return [script] if script else [sys.executable, "-m", "proxy.serve.cli"]
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -13,14 +13,14 @@ import tomllib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.config import (
+from proxy.config.schema import (
     POLICY_NAMES, AdminConfig, Config, ConfigError, HealthConfig, ListenConfig, LogConfig,
     PassiveConfig, RouteConfig, ServerSettings, UpstreamConfig, UpstreamServerConfig, load_config,
     parse_config, parse_server_address, quick_config,
 )
-from proxy.routing_table import routes_by_precedence, routing_table_lines
-from proxy.starter import STARTER_CONFIG, render_config_dict, write_starter
-from proxy.units import (
+from proxy.routing.table import routes_by_precedence, routing_table_lines
+from proxy.config.starter import STARTER_CONFIG, render_config_dict, write_starter
+from proxy.config.units import (
     format_address, format_duration, format_size, parse_address, parse_duration, parse_size,
 )
 
@@ -292,7 +292,7 @@ def test_workers_auto_is_the_usable_cpu_count_and_empty_admin_table_uses_default
 def test_workers_auto_counts_only_the_cpus_this_process_may_use():
     """A process limited to one CPU (taskset, a container's cpuset) starts one worker for "auto"."""
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-            "from proxy.config import parse_workers; print(parse_workers('auto'))")
+            "from proxy.config.schema import parse_workers; print(parse_workers('auto'))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30)
     assert done.stdout.strip() == "1", done.stderr
 

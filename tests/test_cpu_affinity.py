@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from core.cpu_affinity import available_cpus, cpu_for_worker, current_cpu
-from proxy.config import ConfigError, parse_config
+from proxy.config.schema import ConfigError, parse_config
 from tests.core_helpers import wait_for
 from tests.test_lifecycle import backends, free_port, proxy_config, running_proxy
 from tests.test_workers import children

@@ -22,8 +22,8 @@ import pytest
 import requests
 from websockets.sync.client import connect as ws_connect
 
-from proxy.metrics import RECENT_BUCKETS, RecentTraffic, estimate_quantile
-from proxy.status import merge_status, summarize_traffic
+from proxy.observe.metrics import RECENT_BUCKETS, RecentTraffic, estimate_quantile
+from proxy.observe.status import merge_status, summarize_traffic
 from tests.conftest import DEADLINE, FAST_HEALTH, config_document, served_by
 from tests.core_helpers import wait_for
 
@@ -340,6 +340,6 @@ def test_merge_keeps_traffic_when_only_one_process_reports_it():
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed (optional JS syntax check)")
 def test_dashboard_script_parses():
-    page = (ROOT / "proxy" / "static" / "dashboard.html").read_text()
+    page = (ROOT / "proxy" / "observe" / "static" / "dashboard.html").read_text()
     script = page.split("<script>", 1)[1].split("</script>", 1)[0]
     subprocess.run(["node", "--check", "-"], input=script, text=True, check=True, timeout=DEADLINE)

@@ -7,7 +7,7 @@ import socket
 import pytest
 import requests
 
-from proxy.handler import SMALL_BODY_MAX
+from proxy.serve.handler import SMALL_BODY_MAX
 from tests.backends import closed_port, raw_client, serve_once_then_drop_next
 from tests.conftest import CLIENT_TIMEOUT
 from tests.core_helpers import wait_for

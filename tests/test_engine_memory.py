@@ -1,6 +1,6 @@
 """Large bodies stream through the proxy with bounded memory.
 
-The proxy runs as a subprocess (``python -m proxy.cli -c FILE``) so its resident memory can be read
+The proxy runs as a subprocess (``python -m proxy.serve.cli -c FILE``) so its resident memory can be read
 from /proc/PID/status on its own: VmRSS before, VmHWM (the peak) after 200 MiB in either direction.
 """
 
@@ -58,7 +58,7 @@ def subprocess_proxy(tmp_path, make_backend):
     document["server"]["listen"] = f"127.0.0.1:{port}"
     config = tmp_path / "proxy.toml"
     config.write_bytes(tomli_w.dumps(document).encode())
-    process = subprocess.Popen([sys.executable, "-m", "proxy.cli", "-c", str(config)], cwd=ROOT,
+    process = subprocess.Popen([sys.executable, "-m", "proxy.serve.cli", "-c", str(config)], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_port(port, process)

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import requests
 
-from proxy.responses import unreachable_page, unreachable_text, wants_html
+from proxy.http.responses import unreachable_page, unreachable_text, wants_html
 from tests.backends import closed_port
 from tests.conftest import CLIENT_TIMEOUT
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.forwarding import Outbound, build_request_head
-from proxy.http1 import (LAST_CHUNK, NEED_DATA, EndOfMessage, ProtocolError, RequestHead, RequestParser,
+from proxy.http.forwarding import Outbound, build_request_head
+from proxy.http.http1 import (LAST_CHUNK, NEED_DATA, EndOfMessage, ProtocolError, RequestHead, RequestParser,
                          ResponseParser, encode_chunk)
 from tests.test_http1 import _comparable, run, valid_requests
 

@@ -12,9 +12,9 @@ import time
 
 import requests
 
-from proxy.app import Application
-from proxy.config import HealthConfig, parse_config
-from proxy.health import HealthChecker, HealthPolicy, apply_health, probe
+from proxy.serve.app import Application
+from proxy.config.schema import HealthConfig, parse_config
+from proxy.upstream.health import HealthChecker, HealthPolicy, apply_health, probe
 from tests.conftest import DEADLINE, FAST_HEALTH, config_document, served_by
 from tests.core_helpers import wait_for
 

@@ -1,4 +1,4 @@
-"""proxy.http1: every message is fed whole, one byte at a time and at seeded random split
+"""proxy.http.http1: every message is fed whole, one byte at a time and at seeded random split
 points, and must give the same events (h11 tests/test_io.py, gunicorn tests/requests)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.http1 import (
+from proxy.http.http1 import (
     LAST_CHUNK,
     NEED_DATA,
     Data,

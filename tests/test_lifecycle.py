@@ -1,7 +1,7 @@
 """Lifecycle of the real ``pyproxy`` command: graceful drain (SIGTERM/SIGINT), hot reload (SIGHUP,
 --watch), and the pure parts behind them (Watcher, describe_changes).
 
-The proxy runs as a subprocess (``python -m proxy.cli -c FILE``) so signals reach a real process;
+The proxy runs as a subprocess (``python -m proxy.serve.cli -c FILE``) so signals reach a real process;
 backends are stdlib HTTP servers in this process. Every wait is a readiness poll with a deadline.
 """
 
@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from proxy.config import load_config
-from proxy.watch import Watcher, describe_changes
+from proxy.config.schema import load_config
+from proxy.serve.watch import Watcher, describe_changes
 from tests.core_helpers import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,7 +131,7 @@ servers = ["{upstream_address}"]
 
 
 class ProxyRun:
-    """``python -m proxy.cli -c FILE [args]`` with its stderr in a file the test can read."""
+    """``python -m proxy.serve.cli -c FILE [args]`` with its stderr in a file the test can read."""
 
     def __init__(self, tmp_path: Path, config_text: str, *args: str):
         self.config_path = tmp_path / "proxy.toml"
@@ -139,7 +139,7 @@ class ProxyRun:
         self.log_path = tmp_path / "proxy.log"
         self._log = open(self.log_path, "wb")
         self.port = load_config(self.config_path).server.listen[0].port
-        self.proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "-c", str(self.config_path), *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "proxy.serve.cli", "-c", str(self.config_path), *args],
                                      cwd=REPO, stdout=subprocess.DEVNULL, stderr=self._log)
         wait_for(self._accepting, START_TIMEOUT, what="the proxy to accept connections")
         # The port accepts before the loop runs; signal handlers are installed just before it does. A
@@ -509,8 +509,8 @@ def test_core_drain_serves_a_resting_connection_whose_request_arrived_before_dis
 
 
 def test_a_failing_reload_listener_is_logged_and_the_others_still_run(caplog):
-    from proxy.app import Application
-    from proxy.config import parse_config
+    from proxy.serve.app import Application
+    from proxy.config.schema import parse_config
     from tests.conftest import config_document
     config = parse_config(config_document({"web": {"servers": ["127.0.0.1:9"]}}), "test.toml")
     app = Application(config)

@@ -8,7 +8,7 @@ import signal
 
 import requests
 
-from proxy.metrics import render_prometheus
+from proxy.observe.metrics import render_prometheus
 from tests.conftest import DEADLINE, config_document
 from tests.core_helpers import wait_for
 from tests.test_lifecycle import backends as lifecycle_backends, free_port, proxy_config, running_proxy

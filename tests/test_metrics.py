@@ -10,9 +10,9 @@ import json
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import Application
-from proxy.config import parse_config
-from proxy.metrics import IncompatibleSnapshots, Metrics, merge, render_prometheus
+from proxy.serve.app import Application
+from proxy.config.schema import parse_config
+from proxy.observe.metrics import IncompatibleSnapshots, Metrics, merge, render_prometheus
 
 
 class Record:

@@ -2,7 +2,7 @@
 restart; SIGUSR1 (and SIGHUP) reopen the access log file for log rotation; an access log that cannot be
 opened on reload keeps the old writer; a SIGTERM while the supervisor starts stops it cleanly.
 
-Real processes (``python -m proxy.cli``) where signals matter, an in-process ProxyProcess elsewhere;
+Real processes (``python -m proxy.serve.cli``) where signals matter, an in-process ProxyProcess elsewhere;
 every wait is a readiness poll with a deadline.
 """
 
@@ -18,8 +18,8 @@ import time
 import pytest
 import requests
 
-from proxy.config import ServerSettings, parse_config
-from proxy.runner import server_changes
+from proxy.config.schema import ServerSettings, parse_config
+from proxy.serve.runner import server_changes
 from tests.conftest import DEADLINE, config_document, proxy_config_dict
 from tests.core_helpers import wait_for
 from tests.test_lifecycle import REPO, backends as lifecycle_backends, free_port, running_proxy
@@ -273,7 +273,7 @@ upstream = "u0"
 def test_sigterm_while_the_supervisor_starts_exits_0(tmp_path):
     config_path = tmp_path / "proxy.toml"
     config_path.write_text(big_workers_config(free_port()))
-    proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "-c", str(config_path)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.serve.cli", "-c", str(config_path)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         seen = []

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from proxy.servers import Server, format_address
+from proxy.upstream.servers import Server, format_address
 
 
 class FakeClock:

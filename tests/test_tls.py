@@ -26,8 +26,8 @@ from websockets.sync.client import connect as ws_connect
 from websockets.sync.server import serve as ws_serve
 
 from core.socket_server import bind_listener
-from proxy.config import parse_config
-from proxy.runner import ProxyProcess
+from proxy.config.schema import parse_config
+from proxy.serve.runner import ProxyProcess
 from tests.backends import pattern_sha256, stream_pattern
 from tests.conftest import CLIENT_TIMEOUT, PROXY_STOP_TIMEOUT, proxy_config_dict
 from tests.core_helpers import wait_for
@@ -263,7 +263,7 @@ def test_graceful_drain_with_idle_tls_connection(tls_proxy, pki):
 
 
 def test_broken_key_pair_is_a_config_error(pki, tmp_path):
-    from proxy.config import ConfigError
+    from proxy.config.schema import ConfigError
     cert, _ = pki.files["default"]
     _, wrong_key = pki.files["b"]
     config = parse_config(proxy_config_dict({"web": ["127.0.0.1:9"]}, server={
@@ -315,7 +315,7 @@ def test_reload_serves_renewed_certificate_files(renewable_tls_proxy, pki):
 def test_reload_with_a_broken_certificate_changes_nothing(renewable_tls_proxy, pki, caplog):
     proxy, config, cert, key = renewable_tls_proxy
     shutil.copy(pki.files["b"][1], key)  # the wrong key for the certificate
-    from proxy.config import ConfigError
+    from proxy.config.schema import ConfigError
     with pytest.raises(ConfigError) as caught:
         proxy.process.reload(config)
     assert "tls_cert/tls_key cannot be loaded" in str(caught.value)
@@ -328,7 +328,7 @@ def test_reload_with_a_broken_certificate_changes_nothing(renewable_tls_proxy, p
 
 
 def test_sni_config_problems(pki):
-    from proxy.config import ConfigError
+    from proxy.config.schema import ConfigError
     cert, key = pki.files["default"]
     document = proxy_config_dict({"web": ["127.0.0.1:9"]}, server={"listen": [
         {"address": "127.0.0.1:1", "tls_cert": cert, "tls_key": key,

@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from proxy.upstream_pool import ServerPool
+from proxy.upstream.pool import ServerPool
 
 PEEK_WAIT = 2.0  # seconds to wait (bounded) for the server side's bytes or FIN to arrive
 

@@ -12,7 +12,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 from websockets.sync.server import serve
 
-from proxy.config import parse_config
+from proxy.config.schema import parse_config
 from tests.conftest import CLIENT_TIMEOUT, proxy_config_dict
 from tests.core_helpers import wait_for
 

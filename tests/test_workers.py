@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from proxy.supervisor import ControlError, ControlLink
+from proxy.serve.supervisor import ControlError, ControlLink
 from tests.core_helpers import wait_for
 from tests.test_lifecycle import (SLOW_BODY, Load, backends, free_port, proxy_config, running_proxy, served_by,
                                   start_slow_request)

@@ -176,14 +176,14 @@ def repo_python(repo: Path) -> str:
 
 
 def pyproxy_command(repo: Path) -> list[str]:
-    """The repo's venv entry point, else `pyproxy` on PATH, else `python -m proxy.cli`."""
+    """The repo's venv entry point, else `pyproxy` on PATH, else `python -m proxy.serve.cli`."""
     venv_entry = repo / ".venv" / "bin" / "pyproxy"
     if os.access(venv_entry, os.X_OK):
         return [str(venv_entry)]
     on_path = shutil.which("pyproxy")
     if on_path:
         return [on_path]
-    return [repo_python(repo), "-m", "proxy.cli"]
+    return [repo_python(repo), "-m", "proxy.serve.cli"]
 
 
 def _start_and_wait(lab: Lab, name: str, argv: list[str], port: int,

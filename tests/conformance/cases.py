@@ -225,7 +225,7 @@ HEAD = [
 VERSIONS = [
     refused("http-2.0", req("GET / HTTP/2.0", HOST), 505),
     refused("http-3.0", req("GET / HTTP/3.0", HOST), 505),
-    # RFC 9110 §2.5 would allow treating 1.2 as 1.1; we refuse it (documented in proxy/http1.py).
+    # RFC 9110 §2.5 would allow treating 1.2 as 1.1; we refuse it (documented in proxy/http/http1.py).
     refused("http-1.2", req("GET / HTTP/1.2", HOST), 505),
     refused("http-0.9-no-version", b"GET /\r\n\r\n"),
     refused("http-0.9-version", req("GET / HTTP/0.9", HOST)),

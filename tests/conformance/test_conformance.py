@@ -12,8 +12,8 @@ import socket
 import pytest
 
 from core.socket_server import bind_listener
-from proxy.config import ListenConfig, parse_config
-from proxy.runner import ProxyProcess
+from proxy.config.schema import ListenConfig, parse_config
+from proxy.serve.runner import ProxyProcess
 from tests.backends import RawClient
 from tests.conftest import CLIENT_TIMEOUT, proxy_config_dict
 from tests.core_helpers import wait_for

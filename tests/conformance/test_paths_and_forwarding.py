@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.routing import BadPath, normalize_path
+from proxy.routing.router import BadPath, normalize_path
 from tests.backends import raw_client
 from tests.conftest import CLIENT_TIMEOUT
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import time
 
-from .routing_table import describe_expect_status, routes_by_precedence
-from .metrics import empty_window, estimate_quantile
+from proxy.routing.table import describe_expect_status, routes_by_precedence
+from proxy.observe.metrics import empty_window, estimate_quantile
 
 COUNTERS = ("active_requests", "requests_total", "failures_total")
 TRAFFIC_COUNTERS = ("requests", "errors", "requests_total", "errors_total")

@@ -38,7 +38,7 @@ class Metrics:
         self.app = app
         self.server = server          # core.SocketServer: connection_counts()
         self.pool = pool              # core.ThreadPool: counts()
-        self.access_log = access_log  # proxy.access_log.AccessLog: dropped / written
+        self.access_log = access_log  # proxy.observe.access_log.AccessLog: dropped / written
         self._retired_log_counts = {"written": 0, "dropped": 0}  # writers a reload replaced
         self.buckets = tuple(float(b) for b in buckets)
         self._lock = threading.Lock()

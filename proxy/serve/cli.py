@@ -23,17 +23,17 @@ import click
 
 from core.cpu_affinity import pin_worker
 
-from . import __version__
-from .config import (
+from proxy import __version__
+from proxy.config.schema import (
     ACCESS_STREAMS, DEFAULT_LISTEN, Config, ConfigError, ListenConfig, load_config, parse_workers,
     quick_config,
 )
-from .routing_table import routing_table_lines
-from .runner import (
+from proxy.routing.table import routing_table_lines
+from proxy.serve.runner import (
     SERVING_SIGNALS, ProxyProcess, bind_config_listener, configure_logging, describe_listeners, tls_problems,
 )
-from .starter import write_starter
-from .supervisor import run_supervisor
+from proxy.config.starter import write_starter
+from proxy.serve.supervisor import run_supervisor
 
 log = logging.getLogger("pyproxy.cli")
 
@@ -231,7 +231,7 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
         click.echo(str(exc), err=True)
         return 1
     workers = workers or config.server.workers
-    if workers > 1:  # a supervisor and N worker processes sharing these sockets (proxy.supervisor)
+    if workers > 1:  # a supervisor and N worker processes sharing these sockets (proxy.serve.supervisor)
         if admin_socket is not None:
             admin_socket.close()  # the supervisor binds [admin] itself; it was free a moment ago
         if stop_signal_pending():  # nothing built yet: a stop that already came needs no supervisor

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 
-from .access_log import make_access_log
+from proxy.observe.access_log import make_access_log
 
 log = logging.getLogger("pyproxy.log")
 

@@ -24,15 +24,15 @@ from core import ConnectionState
 from core import zerocopy
 from core.zerocopy import PeerClosed, WriteTimedOut
 
-from .errors import ClientGone, NoRoute, NoServerAvailable, ProxyError, UpstreamConnectError, UpstreamFailed, UpstreamTimeout
-from .forwarding import Outbound, build_request_head, build_response_head, interim_head, tunnel_upgrade
-from .http1 import (DEFAULT_MAX_LINE_BYTES, LAST_CHUNK, NEED_DATA, Data, EndOfMessage, ProtocolError, RequestHead,
+from proxy.http.errors import ClientGone, NoRoute, NoServerAvailable, ProxyError, UpstreamConnectError, UpstreamFailed, UpstreamTimeout
+from proxy.http.forwarding import Outbound, build_request_head, build_response_head, interim_head, tunnel_upgrade
+from proxy.http.http1 import (DEFAULT_MAX_LINE_BYTES, LAST_CHUNK, NEED_DATA, Data, EndOfMessage, ProtocolError, RequestHead,
                     RequestParser, ResponseHead, ResponseParser, encode_chunk)
-from .responses import (describe_route, html_response, plain_response, unreachable_page, unreachable_text,
+from proxy.http.responses import (describe_route, html_response, plain_response, unreachable_page, unreachable_text,
                         wants_html)
-from .routing import BadPath, host_without_port, normalize_path, split_target
-from .tls import HANDSHAKE_PENDING
-from .tunnel import TunnelRelay
+from proxy.routing.router import BadPath, host_without_port, normalize_path, split_target
+from proxy.http.tls import HANDSHAKE_PENDING
+from proxy.http.tunnel import TunnelRelay
 
 log = logging.getLogger("pyproxy.handler")
 

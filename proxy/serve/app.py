@@ -15,11 +15,11 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .balancing import Upstream
-from .config import Config, ServerSettings, UpstreamConfig
-from .routing import Route, Router
-from .servers import Server
-from .upstream_pool import ServerPool
+from proxy.upstream.balancing import Upstream
+from proxy.config.schema import Config, ServerSettings, UpstreamConfig
+from proxy.routing.router import Route, Router
+from proxy.upstream.servers import Server
+from proxy.upstream.pool import ServerPool
 
 log = logging.getLogger("pyproxy.app")
 
@@ -183,7 +183,7 @@ class Application:
         self.observers: list = []  # callables(record) run after each request: access log, metrics
         self.return_request_id = True
         self.draining_event = threading.Event()
-        self.tls_contexts: dict = {}  # listener tag -> TLS terminator (see proxy.tls)
+        self.tls_contexts: dict = {}  # listener tag -> TLS terminator (see proxy.http.tls)
         self._tunnels = 0
         self._tunnel_lock = threading.Lock()
         self._reload_lock = threading.Lock()

@@ -18,7 +18,7 @@ import time
 
 from core.connection import set_socket_timeouts
 
-from .errors import UpstreamConnectError
+from proxy.http.errors import UpstreamConnectError
 
 
 class UpstreamConnection:

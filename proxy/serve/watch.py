@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Callable
 
-from .config import Config, RouteConfig
+from proxy.config.schema import Config, RouteConfig
 
 log = logging.getLogger("pyproxy.watch")
 

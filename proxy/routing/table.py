@@ -1,20 +1,20 @@
 """What ``pyproxy check`` prints: the effective routing table, most specific route first, and the
-precedence order the router uses (``proxy.routing`` sorts the same way). Presentation only: the
+precedence order the router uses (``proxy.routing.router`` sorts the same way). Presentation only: the
 config is already validated when it gets here."""
 
 from __future__ import annotations
 
 from typing import Iterable
 
-from .config import Config, ListenConfig, RouteConfig, UpstreamConfig
-from .routing import normal_prefix
-from .units import format_duration
+from proxy.config.schema import Config, ListenConfig, RouteConfig, UpstreamConfig
+from proxy.routing.router import normal_prefix
+from proxy.config.units import format_duration
 
 
 
 def route_precedence_key(route: RouteConfig) -> tuple[int, int]:
     """Sort key, most specific first, as the contract states it: exact host > "*.wildcard" > no
-    host, then the longest path. Use with a stable sort so ties keep file order (proxy.routing
+    host, then the longest path. Use with a stable sort so ties keep file order (proxy.routing.router
     sorts the same way)."""
     host_rank = 2 if route.host is None else 1 if route.host.startswith("*.") else 0
     return (host_rank, -len(normal_prefix(route.path)))  # the length the router compares

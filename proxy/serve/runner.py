@@ -15,13 +15,13 @@ from pathlib import Path
 from core import SocketServer, ThreadPool
 from core.socket_server import bind_listener
 
-from .admin import install_observability
-from .app import Application, upstream_tls_context
-from .config import Config, ConfigError, ListenConfig, ServerSettings, key_path, load_config
-from .handler import HttpHandler
-from .responses import write_overloaded
-from .tls import TlsTerminator
-from .watch import POLL_INTERVAL, Watcher, describe_changes
+from proxy.observe.admin import install_observability
+from proxy.serve.app import Application, upstream_tls_context
+from proxy.config.schema import Config, ConfigError, ListenConfig, ServerSettings, key_path, load_config
+from proxy.serve.handler import HttpHandler
+from proxy.http.responses import write_overloaded
+from proxy.http.tls import TlsTerminator
+from proxy.serve.watch import POLL_INTERVAL, Watcher, describe_changes
 
 log = logging.getLogger("pyproxy")
 
@@ -131,7 +131,7 @@ class ProxyProcess:
         for listen, sock in listeners:
             self._add_listener(listen, sock)
         self.services: list = []  # objects with start() and stop(): admin, health checks, logs
-        # False in a worker process: the supervisor owns the listening sockets (proxy.supervisor)
+        # False in a worker process: the supervisor owns the listening sockets (proxy.serve.supervisor)
         self.manage_listeners = True
         # False in a worker process: its supervisor says once what a reload cannot change
         self.reports_restarts = True
@@ -143,7 +143,7 @@ class ProxyProcess:
             self.server.install_signal_handlers(SERVING_SIGNALS)
             self.server.signal_handlers[signal.SIGHUP] = self.on_sighup
             self.server.signal_handlers[signal.SIGUSR1] = self.reopen_logs
-        # Metrics and access log observers, health checker, admin listener (proxy.admin). A worker
+        # Metrics and access log observers, health checker, admin listener (proxy.observe.admin). A worker
         # under a supervisor would take the observers only: install_observability(health=False, admin=False).
         self.observability = install_observability(self, admin_socket=admin_socket) if observability else None
 

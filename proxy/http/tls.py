@@ -24,7 +24,7 @@ import ssl
 import struct
 from dataclasses import dataclass
 
-from .responses import plain_response
+from proxy.http.responses import plain_response
 
 log = logging.getLogger("pyproxy.tls")
 

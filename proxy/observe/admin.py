@@ -23,12 +23,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
-from .access_log import make_access_log
-from .config import ListenConfig
-from .health import HealthChecker
-from .log_reload import LogSwitch
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics, merge, render_prometheus
-from .status import build_status, merge_status
+from proxy.observe.access_log import make_access_log
+from proxy.config.schema import ListenConfig
+from proxy.upstream.health import HealthChecker
+from proxy.observe.log_reload import LogSwitch
+from proxy.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics, merge, render_prometheus
+from proxy.observe.status import build_status, merge_status
 
 log = logging.getLogger("pyproxy.admin")
 
@@ -200,7 +200,7 @@ class AdminServer:
 
     def __init__(self, listen: ListenConfig | None, sources: AdminSources, sock: socket.socket | None = None):
         if sock is None:
-            from .runner import bind_config_listener  # runner imports this module: bind lazily
+            from proxy.serve.runner import bind_config_listener  # runner imports this module: bind lazily
             sock = bind_config_listener(listen)
         sock.setblocking(True)
         self.listen = listen

@@ -30,10 +30,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from .app import upstream_tls_context
-from .config import HealthConfig, UpstreamConfig
-from .routing_table import describe_expect_status
-from .http1 import NEED_DATA, EndOfMessage, ProtocolError, ResponseHead, ResponseParser
+from proxy.serve.app import upstream_tls_context
+from proxy.config.schema import HealthConfig, UpstreamConfig
+from proxy.routing.table import describe_expect_status
+from proxy.http.http1 import NEED_DATA, EndOfMessage, ProtocolError, ResponseHead, ResponseParser
 
 log = logging.getLogger("pyproxy.health")
 

@@ -21,7 +21,7 @@ import random
 import threading
 from typing import Collection, Protocol, Sequence
 
-from proxy.servers import Server
+from proxy.upstream.servers import Server
 
 # Rendezvous hashing uses 52 bits of the digest so that (x + 0.5) / 2**52 is an
 # exact float strictly inside (0, 1): log() never sees 0 or 1.

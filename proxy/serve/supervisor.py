@@ -40,16 +40,16 @@ from typing import Callable
 from core.cpu_affinity import pin_worker
 from core.wakeup import WakePipe
 
-from .admin import AdminRelocation, AdminServer, AdminSources, install_observability
-from .app import Application
-from .config import Config, ConfigError, ListenConfig
-from .health import HealthChecker, apply_health
-from .log_reload import level_listener
-from .metrics import WorkerCounters, render_prometheus
-from .runner import (RESTART_ONLY, SERVING_SIGNALS, ProxyProcess, bind_config_listener, load_for_reload,
+from proxy.observe.admin import AdminRelocation, AdminServer, AdminSources, install_observability
+from proxy.serve.app import Application
+from proxy.config.schema import Config, ConfigError, ListenConfig
+from proxy.upstream.health import HealthChecker, apply_health
+from proxy.observe.log_reload import level_listener
+from proxy.observe.metrics import WorkerCounters, render_prometheus
+from proxy.serve.runner import (RESTART_ONLY, SERVING_SIGNALS, ProxyProcess, bind_config_listener, load_for_reload,
                      server_changes, tls_problems)
-from .status import merge_status
-from .watch import Watcher, describe_changes
+from proxy.observe.status import merge_status
+from proxy.serve.watch import Watcher, describe_changes
 
 log = logging.getLogger("pyproxy.supervisor")
 

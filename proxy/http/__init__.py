@@ -1,0 +1,1 @@
+"""HTTP/1.1 on the wire: the parser, outbound heads, canned responses, TLS termination, tunnels."""

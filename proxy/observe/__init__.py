@@ -1,0 +1,1 @@
+"""What the proxy tells operators: metrics, access log, /status, the admin listener and dashboard."""

@@ -1,0 +1,1 @@
+"""Which route a request takes: host and path matching, and the routing table `check` prints."""

@@ -1,0 +1,1 @@
+"""The servers behind the proxy: per-server state, connection pools, balancing, health checks."""
