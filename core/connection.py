@@ -7,9 +7,12 @@ The state machine lives here, as a table (h11's ``_state.py`` idea): every move 
      │         │            │             │         │
      └─────────┴────────────┴─────────────┴─────────┴──► CLOSED
     WRITING ──► TUNNEL (an Upgrade: raw bytes both ways) ──► CLOSED
+    PROCESSING/WRITING ──► HELD (a stalled transfer carried on by the relay) ──► back, or CLOSED
 
 IDLE is a keep-alive connection between requests: it is parked in the server's selector and holds
-no thread. TUNNEL is a connection that stopped speaking the request/response protocol.
+no thread. TUNNEL is a connection that stopped speaking the request/response protocol. HELD is a
+connection whose body transfer waits on a slow peer: the server's ``TransferRelay`` carries it on
+without a thread and hands it back to the pool, in the state it left, once the wait is over.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import enum
 import errno
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -34,6 +38,7 @@ class ConnectionState(enum.Enum):
     WRITING = "writing"
     IDLE = "idle"
     TUNNEL = "tunnel"
+    HELD = "held"
     CLOSED = "closed"
 
 
@@ -43,8 +48,9 @@ ALLOWED_MOVES: dict[ConnectionState, frozenset[ConnectionState]] = {
     # READING → IDLE: a partial request waits parked (no thread) until more bytes or its deadline.
     S.READING: frozenset({S.PROCESSING, S.IDLE, S.CLOSED}),
     # PROCESSING → WRITING is the normal path; → READING never (a request is always answered).
-    S.PROCESSING: frozenset({S.WRITING, S.CLOSED}),
-    S.WRITING: frozenset({S.IDLE, S.READING, S.TUNNEL, S.CLOSED}),
+    S.PROCESSING: frozenset({S.WRITING, S.HELD, S.CLOSED}),
+    S.WRITING: frozenset({S.IDLE, S.READING, S.TUNNEL, S.HELD, S.CLOSED}),
+    S.HELD: frozenset({S.PROCESSING, S.WRITING, S.CLOSED}),
     S.IDLE: frozenset({S.READING, S.CLOSED}),
     S.TUNNEL: frozenset({S.CLOSED}),
     S.CLOSED: frozenset(),
@@ -99,7 +105,7 @@ class Connection:
 
     __slots__ = ("sock", "peer", "state", "last_active", "server_data", "_buffer", "_clock",
                  "_read_timeout", "_write_timeout", "_state_lock", "fileno_cached", "listener",
-                 "on_close", "park_deadline")
+                 "on_close", "park_deadline", "held_from", "held_wait")
 
     def __init__(self, sock: socket.socket, peer, clock=time.monotonic, listener=None):
         self.sock = sock
@@ -115,6 +121,8 @@ class Connection:
         self.fileno_cached = sock.fileno()
         self.server_data = None  # a slot for the protocol layer (e.g. per-connection counters)
         self.on_close = None  # called once the socket is closed (the server forgets the connection)
+        self.held_from: ConnectionState | None = None  # the state a HELD connection returns to
+        self.held_wait = None  # what a HELD connection waits for (a core.transfer_relay.Wait)
         # Set while parked mid-request (e.g. half a request head): the clock time at which the
         # server gives up on it (instead of idle_timeout) and calls its on_expired callback.
         self.park_deadline: float | None = None
@@ -155,6 +163,9 @@ class Connection:
         if read != self._read_timeout or write != self._write_timeout:
             set_socket_timeouts(self.sock, read, write)
             self._read_timeout, self._write_timeout = read, write
+
+    def set_write_timeout(self, write: float | None) -> None:
+        self.set_timeouts(self._read_timeout, write)
 
     # -- reading -----------------------------------------------------------------------------
     def read_some(self, max_bytes: int = READ_CHUNK) -> bytes:
@@ -227,11 +238,40 @@ class Connection:
         except BlockingIOError as exc:  # SO_SNDTIMEO expired
             raise TimeoutError("write timed out") from exc
 
-    def splice_from(self, source: socket.socket, count: int) -> int:
-        """Copy ``count`` bytes from ``source`` to this connection, in the kernel where possible."""
+    def send_some(self, data) -> int:
+        """Send ``data``; returns how much went out before the write timeout (normally all of it)."""
+        sent = 0
+        try:
+            sent = self.sock.send(data)
+            if sent == len(data):
+                return sent
+            view = memoryview(data)
+            while sent < len(view):
+                sent += self.sock.send(view[sent:])
+        except (BlockingIOError, ssl.SSLWantWriteError):  # SO_SNDTIMEO expired
+            pass
+        return sent
+
+    def splice_from(self, source: socket.socket, count: int, budget: float | None = None) -> int:
+        """Copy ``count`` bytes from ``source`` to this connection, in the kernel where possible
+        (``budget``: see ``zerocopy.relay``; this connection is the watched side)."""
         if self._buffer:
             raise RuntimeError("splice_from with buffered input would reorder bytes")
-        return zerocopy.relay(source, self.sock, count)
+        return zerocopy.relay(source, self.sock, count, budget)
+
+    # -- holding -----------------------------------------------------------------------------
+    def hold(self, wait) -> None:
+        """Leave a stalled transfer (a ``core.transfer_relay.Wait``) to the server: the connection is
+        HELD; once the handler returns, the server's relay carries the wait out without a thread and
+        then runs the handler again, which calls ``resume`` and continues where it stopped."""
+        self.held_from = self.state
+        self.held_wait = wait
+        self.transition(ConnectionState.HELD)
+
+    def resume(self) -> None:
+        """Back from HELD to the state the transfer left (the worker continues it)."""
+        self.transition(self.held_from)
+        self.held_from = self.held_wait = None
 
     # -- closing -----------------------------------------------------------------------------
     def close(self) -> None:

@@ -27,6 +27,7 @@ from typing import Callable, Iterable
 
 from .connection import RESTING_STATES, Connection, ConnectionState
 from .thread_pool import PoolClosed, ThreadPool
+from .transfer_relay import TransferRelay
 from .wakeup import WakePipe
 
 log = logging.getLogger("pyproxy.core.server")
@@ -103,9 +104,11 @@ class Listener:
 class SocketServer:
     """Accepts connections and hands each to ``handler(conn)`` on a ``ThreadPool`` worker.
 
-    The handler serves the connection and leaves it in one of three states:
-    IDLE (keep-alive: the server parks it until more bytes arrive), CLOSED, or TUNNEL (the handler
-    keeps ownership and closes it later). Any other state is treated as a bug and the socket closed.
+    The handler serves the connection and leaves it in one of four states:
+    IDLE (keep-alive: the server parks it until more bytes arrive), CLOSED, TUNNEL (the handler
+    keeps ownership and closes it later), or HELD (``Connection.hold``: the server's transfer relay
+    carries a stalled transfer on, then runs the handler again). Any other state is treated as a bug
+    and the socket closed.
     """
 
     def __init__(self, handler: Callable[[Connection], None], listeners: Iterable = (("127.0.0.1", 0),),
@@ -142,6 +145,7 @@ class SocketServer:
         self._pending_signals: deque[int] = deque()
         self._shutdown_requested = False
         self._force = False
+        self.transfers = TransferRelay(clock=clock)  # held connections' stalled transfers
         self.accepted_total = 0
         self.overloaded_total = 0
         for item in listeners:
@@ -381,6 +385,8 @@ class SocketServer:
                 self._epoll.modify(conn.fileno_cached, ARMED)
             except (OSError, ValueError):  # closed by the reaper in the meantime
                 conn.close()
+        elif state is ConnectionState.HELD:
+            self.transfers.hold(conn.held_wait, lambda: self._dispatch(conn))
         elif state is not ConnectionState.TUNNEL:
             conn.close()
 
@@ -489,5 +495,6 @@ class SocketServer:
             conns = list(self._connections.values())
         for conn in conns:
             conn.close()
+        self.transfers.stop()
         self._epoll.close()
         self._wakeup.close()

@@ -13,6 +13,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 
 PIPE_SIZE = 1024 * 1024  # F_SETPIPE_SZ target: 1 MiB per splice round trip (the default 64 KiB costs 16x the syscalls)
 FALLBACK_CHUNK = 256 * 1024
@@ -28,6 +29,31 @@ class PeerClosed(ConnectionError):
 
 class WriteTimedOut(TimeoutError):
     """The destination took nothing for its send timeout (a read timing out is a plain TimeoutError)."""
+
+
+class Stall:
+    """Where a relay that timed out stopped (the ``stall`` of its TimeoutError): ``moved`` bytes were
+    written to the destination; ``in_pipe`` more were taken from the source and wait in ``pipe`` (a
+    splice that stalled writing: the caller owns the pipe now and must close it, see ``close_pipe``),
+    or in ``unsent`` (the copy loop)."""
+
+    __slots__ = ("moved", "pipe", "in_pipe", "unsent")
+
+    def __init__(self, moved: int, pipe: tuple[int, int] | None = None, in_pipe: int = 0, unsent: bytes = b""):
+        self.moved, self.pipe, self.in_pipe, self.unsent = moved, pipe, in_pipe, unsent
+
+
+def close_pipe(pipe: tuple[int, int] | None) -> None:
+    if pipe is not None:
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+
+def _timed_out(exc_type, stall: Stall, cause: BaseException) -> TimeoutError:
+    exc = exc_type("write timed out" if exc_type is WriteTimedOut else "read timed out")
+    exc.stall = stall
+    exc.__cause__ = cause
+    return exc
 
 
 def _thread_pipe() -> tuple[int, int]:
@@ -51,62 +77,97 @@ def _discard_thread_pipe() -> None:
         os.close(pipe[1])
 
 
-def relay(source: socket.socket, dest: socket.socket, count: int) -> int:
-    """Copy exactly ``count`` bytes. Raises PeerClosed, TimeoutError or OSError on failure."""
+def relay(source: socket.socket, dest: socket.socket, count: int, budget: float | None = None,
+          watch: str = "dest") -> int:
+    """Copy exactly ``count`` bytes. Raises PeerClosed, TimeoutError or OSError on failure.
+
+    ``budget``: after that many seconds, a short transfer on the ``watch``ed side ("dest": a write the
+    destination did not take whole; "source": a read that found less than asked) stops the relay as its
+    timeout would (WriteTimedOut or TimeoutError, with the ``stall``): a peer that keeps a trickle
+    going never passes its socket timeout, but it is not keeping up either."""
     if count <= 0:
         return 0
+    deadline = None if budget is None else time.monotonic() + budget
     # A TLS socket's fd carries ciphertext: splicing it would copy encrypted bytes.
     if HAVE_SPLICE and not isinstance(source, ssl.SSLSocket) and not isinstance(dest, ssl.SSLSocket):
         try:
-            return _relay_splice(source, dest, count)
+            return _relay_splice(source, dest, count, deadline, watch)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             # EINVAL before any byte moved: this socket type cannot splice; use the copy loop.
-    return _relay_copy(source, dest, count)
+    return _relay_copy(source, dest, count, deadline, watch)
 
 
-def _relay_splice(source: socket.socket, dest: socket.socket, count: int) -> int:
+def _over(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _relay_splice(source: socket.socket, dest: socket.socket, count: int, deadline, watch: str) -> int:
     read_end, write_end = _thread_pipe()
     src, dst = source.fileno(), dest.fileno()
     remaining = count
     try:
         while remaining:
+            want = min(remaining, PIPE_SIZE)
             try:
-                filled = os.splice(src, write_end, min(remaining, PIPE_SIZE))
-            except BlockingIOError as exc:  # SO_RCVTIMEO expired
-                raise TimeoutError("read timed out") from exc
+                filled = os.splice(src, write_end, want)
+            except BlockingIOError as exc:  # SO_RCVTIMEO expired; the pipe is empty and stays ours
+                raise _timed_out(TimeoutError, Stall(count - remaining), exc) from None
             if filled == 0:
                 raise PeerClosed(f"source closed with {remaining} bytes still expected")
+            short_read = filled < want
             while filled:
                 try:
                     sent = os.splice(read_end, dst, filled)
-                except BlockingIOError as exc:  # SO_SNDTIMEO expired
-                    raise WriteTimedOut("write timed out") from exc
-                filled -= sent
+                except BlockingIOError as exc:  # SO_SNDTIMEO expired: the pipe goes with the stall
+                    sent, cause = 0, exc
+                else:
+                    cause = None
+                    if sent == filled or watch != "dest" or not _over(deadline):
+                        filled -= sent
+                        remaining -= sent
+                        continue
                 remaining -= sent
+                _local.pipe = None
+                raise _timed_out(WriteTimedOut, Stall(count - remaining, (read_end, write_end), filled - sent),
+                                 cause) from None
+            if short_read and remaining and watch == "source" and _over(deadline):
+                raise _timed_out(TimeoutError, Stall(count - remaining), None)
+    except TimeoutError:
+        raise
     except BaseException:
         _discard_thread_pipe()
         raise
     return count
 
 
-def _relay_copy(source: socket.socket, dest: socket.socket, count: int) -> int:
+def _relay_copy(source: socket.socket, dest: socket.socket, count: int, deadline, watch: str) -> int:
     buffer = getattr(_local, "buffer", None)
     if buffer is None:
         buffer = _local.buffer = bytearray(FALLBACK_CHUNK)
     view = memoryview(buffer)
     remaining = count
     while remaining:
+        want = min(remaining, FALLBACK_CHUNK)
         try:
-            got = source.recv_into(view, min(remaining, FALLBACK_CHUNK))
+            got = source.recv_into(view, want)
         except BlockingIOError as exc:
-            raise TimeoutError("read timed out") from exc
+            raise _timed_out(TimeoutError, Stall(count - remaining), exc) from None
         if got == 0:
             raise PeerClosed(f"source closed with {remaining} bytes still expected")
-        try:
-            dest.sendall(view[:got])
-        except BlockingIOError as exc:
-            raise WriteTimedOut("write timed out") from exc
+        sent = 0
+        while sent < got:
+            try:
+                step = dest.send(view[sent:got])
+            except BlockingIOError as exc:
+                raise _timed_out(WriteTimedOut, Stall(count - remaining + sent, unsent=bytes(view[sent:got])),
+                                 exc) from None
+            sent += step
+            if sent < got and watch == "dest" and _over(deadline):
+                raise _timed_out(WriteTimedOut, Stall(count - remaining + sent, unsent=bytes(view[sent:got])),
+                                 None)
         remaining -= got
+        if got < want and remaining and watch == "source" and _over(deadline):
+            raise _timed_out(TimeoutError, Stall(count - remaining), None)
     return count

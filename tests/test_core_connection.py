@@ -22,8 +22,9 @@ S = ConnectionState
 EXPECTED_MOVES = {
     S.NEW: {S.READING, S.CLOSED},
     S.READING: {S.PROCESSING, S.IDLE, S.CLOSED},  # IDLE: a partial request parked until more arrives
-    S.PROCESSING: {S.WRITING, S.CLOSED},
-    S.WRITING: {S.IDLE, S.READING, S.TUNNEL, S.CLOSED},
+    S.PROCESSING: {S.WRITING, S.HELD, S.CLOSED},  # HELD: a stalled transfer carried on by the relay
+    S.WRITING: {S.IDLE, S.READING, S.TUNNEL, S.HELD, S.CLOSED},
+    S.HELD: {S.PROCESSING, S.WRITING, S.CLOSED},
     S.IDLE: {S.READING, S.CLOSED},
     S.TUNNEL: {S.CLOSED},
     S.CLOSED: set(),
