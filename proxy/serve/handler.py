@@ -22,6 +22,7 @@ import time
 
 from core import ConnectionState
 from core import zerocopy
+from core.transfer_relay import Copy, Readable, Send
 from core.zerocopy import PeerClosed, WriteTimedOut
 
 from proxy.http.errors import ClientGone, NoRoute, NoServerAvailable, ProxyError, UpstreamConnectError, UpstreamFailed, UpstreamTimeout
@@ -55,22 +56,37 @@ _PEEK_NOWAIT = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _LINGER_ZERO = struct.pack("ii", 1, 0)  # struct linger {l_onoff = 1, l_linger = 0}: close sends RST
 # RFC 9110 §9.2.2: methods whose repetition is harmless (a retry after a stale connection is safe).
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# A request that is never resent goes on a pooled connection only if that one was used this recently:
+# the older an idle connection, the likelier the server is closing it right now (gunicorn's default
+# keep-alive is 2 s), and a stale connection would cost such a request a 502.
+NON_IDEMPOTENT_MAX_IDLE = 1.0
+MAX_POLL_SECONDS = 86400.0  # poll() takes milliseconds as a C int: about 24 days at most
 S = ConnectionState
 MAX_CLIENT_REQUEST_ID = 200  # longer X-Request-Id values are replaced (Heroku's router keeps 20-200 chars)
 EXPIRED_HEAD_REPLY = plain_response(408, "408 request head not received in time", close=True)
 EXPIRED_BODY_REPLY = plain_response(408, "408 request body not received in time", close=True)
 PARKED = object()  # _read_head's answer when it parked a connection holding half a request head
+# How long a worker waits on a client before a transfer leaves it: past this, a client not reading its
+# response (or not sending its body) is carried on by the server's transfer relay without a thread,
+# with send_timeout / body_timeout still counted there. Short, because every stalled client costs a
+# worker this long once; long enough that a client keeping up never leaves the fast path.
+CLIENT_PATIENCE = 0.05
+# A client that keeps a trickle going never waits out the patience; after this long relaying one body,
+# a transfer it is not keeping up with (a write it did not take whole, a read that found less than
+# asked) leaves the worker too.
+TRANSFER_BUDGET = 1.0
 
 
 class ClientSession:
     """Per-connection state that outlives one request (the parser keeps pipelined bytes)."""
 
-    __slots__ = ("parser", "client_ip", "scheme", "requests", "head_deadline", "waiting_request")
+    __slots__ = ("parser", "client_ip", "scheme", "requests", "head_deadline", "waiting_request", "held_exchange")
 
     def __init__(self, parser: RequestParser, client_ip: str, scheme: str):
         self.parser = parser
         self.head_deadline: float | None = None  # while a partial request head is parked
         self.waiting_request: RequestHead | None = None  # parked until its small body is all here
+        self.held_exchange = None  # the exchange (a generator) whose transfer the server's relay holds
         self.client_ip = client_ip
         self.scheme = scheme
         self.requests = 0
@@ -152,11 +168,17 @@ class HttpHandler:
     # -- connection loop ---------------------------------------------------------------------
     def __call__(self, conn) -> None:
         session = conn.server_data
-        conn.transition(S.READING)
-        if session is None:
-            session = self._open_session(conn)
-            if session is None or session is PARKED:
-                return  # PARKED: a TLS handshake waiting for the client's next flight, held without a thread
+        if conn.state is S.HELD:  # a held transfer is over: continue its exchange where it stopped
+            wait = conn.held_wait
+            conn.resume()
+            if not self._finish_exchange(conn, session, self._drive(conn, session, session.held_exchange, wait)):
+                return
+        else:
+            conn.transition(S.READING)
+            if session is None:
+                session = self._open_session(conn)
+                if session is None or session is PARKED:
+                    return  # PARKED: a TLS handshake waiting for the client's next flight, held without a thread
         while True:
             request = session.waiting_request or self._read_head(conn, session)
             if request is not PARKED and request is not None and _wants_whole_body(request):
@@ -167,17 +189,42 @@ class HttpHandler:
                 self._close(conn)
                 return
             conn.transition(S.PROCESSING)
-            keep_alive = self._exchange(conn, session, request)
-            if conn.state is S.TUNNEL:
+            if not self._finish_exchange(conn, session, self._drive(conn, session, self._exchange(conn, session, request))):
                 return
-            if not keep_alive or conn.state is S.CLOSED:
-                self._close(conn)
-                return
-            conn.transition(S.IDLE)
-            session.parser.start_next()
-            if not session.parser.has_buffered_data and not _tls_pending(conn):
-                return  # the server parks the connection until its next request arrives
-            conn.transition(S.READING)
+
+    @staticmethod
+    def _drive(conn, session, exchange, wait=None):
+        """Run an exchange (a generator) until it returns whether the connection may carry another
+        request, or yields a ``Wait`` on a stalled peer: then the connection is held (the server's relay
+        carries the wait out and runs us again) and the answer is ``ConnectionState.HELD``."""
+        try:
+            if wait is None:
+                step = exchange.send(None)
+            elif wait.error is not None:
+                step = exchange.throw(wait.error)
+            else:
+                step = exchange.send(wait)
+        except StopIteration as finished:
+            session.held_exchange = None
+            return finished.value
+        session.held_exchange = exchange
+        conn.hold(step)
+        return S.HELD
+
+    def _finish_exchange(self, conn, session, keep_alive) -> bool:
+        """After an exchange: True to read the next request now, False when the connection left this
+        worker (held, tunnelled, closed, or parked until its next request arrives)."""
+        if keep_alive is S.HELD or conn.state is S.TUNNEL:
+            return False
+        if not keep_alive or conn.state is S.CLOSED:
+            self._close(conn)
+            return False
+        conn.transition(S.IDLE)
+        session.parser.start_next()
+        if not session.parser.has_buffered_data and not _tls_pending(conn):
+            return False  # the server parks the connection until its next request arrives
+        conn.transition(S.READING)
+        return True
 
     def _open_session(self, conn):
         """The connection's ClientSession once it can speak HTTP; None if it failed (closed), PARKED
@@ -228,7 +275,7 @@ class HttpHandler:
                     session.head_deadline = conn.park_deadline = deadline
                     conn.transition(S.IDLE)
                     return PARKED
-                conn.set_timeouts(max(0.001, deadline - now), settings.send_timeout)
+                conn.set_timeouts(max(0.001, deadline - now), CLIENT_PATIENCE)
                 data = conn.read_some(READ_SIZE)
                 if not data:
                     if parser.has_buffered_data:
@@ -258,7 +305,7 @@ class HttpHandler:
                     conn.park_deadline = time.monotonic() + settings.body_timeout
                     conn.transition(S.IDLE)
                     return PARKED
-                conn.set_timeouts(settings.body_timeout, settings.send_timeout)
+                conn.set_timeouts(settings.body_timeout, CLIENT_PATIENCE)
                 data = conn.read_some(READ_SIZE)
                 if not data:
                     log.debug("client %s closed mid-body", session.client_ip)
@@ -294,7 +341,8 @@ class HttpHandler:
 
     # -- one request ---------------------------------------------------------------------------
     def _exchange(self, conn, session, request: RequestHead) -> bool:
-        """Serve one request; returns whether the client connection may carry another."""
+        """Serve one request; returns whether the client connection may carry another. A generator:
+        it yields a ``Wait`` where a peer stalled, and continues with it once the wait is over."""
         app = self.app
         record = RequestRecord(time.monotonic(), session.client_ip, request)
         ex = Exchange(request, conn, session, record)
@@ -302,7 +350,7 @@ class HttpHandler:
         if app.draining():
             ex.client_keep_alive = False  # drain at a request boundary: this answer says close
         try:
-            self._forward(ex, app.runtime)
+            yield from self._forward(ex, app.runtime)
         except ProtocolError as exc:  # the client's body was malformed or too large
             ex.client_keep_alive = False
             self._answer_error(ex, exc.status, exc.reason)
@@ -312,6 +360,8 @@ class HttpHandler:
             self._answer_error(ex, exc.status, exc.detail)
         except ClientGone as exc:
             log.debug("client %s gone: %s", session.client_ip, exc)
+            if not ex.response_started:
+                record.status = 499  # nginx's code for a client that left before its answer
             ex.client_keep_alive = False
             conn.close()
         if not ex.handed_to_tunnel:
@@ -409,7 +459,7 @@ class HttpHandler:
         out = Outbound(request.method, target, "", ex.session.client_ip, ex.session.scheme,
                        route.set_headers, self._body_mode(request), tunnel_upgrade(request.upgrade),
                        ex.record.request_id, runtime.is_trusted(ex.session.client_ip))
-        self._send_with_retries(ex, upstream, out)
+        yield from self._send_with_retries(ex, upstream, out)
 
     def _request_id(self, request: RequestHead) -> str:
         """The client's X-Request-Id if it is a sane token, else a new one: it goes into every log
@@ -457,7 +507,7 @@ class HttpHandler:
             out.host = ex.request.host if upstream.config.preserve_host and ex.request.host else server.address
             try:
                 ex.server = server
-                self._attempt(ex, upstream, server, out, fresh)
+                yield from self._attempt(ex, upstream, server, out, fresh)
                 return
             except UpstreamConnectError as exc:
                 server.record_failure(exc.detail)
@@ -472,7 +522,7 @@ class HttpHandler:
                     log.info("retrying %s %s on another server: %s", ex.request.method,
                              ex.request.target, exc.detail)
                     continue
-                if not (exc.stale and self._replayable(ex)):
+                if not (exc.stale and self._repeatable(ex)):
                     if not exc.stale:
                         server.record_failure(exc.detail)
                     raise
@@ -493,26 +543,27 @@ class HttpHandler:
                     server.release()
         raise last_error or NoServerAvailable(f"no server available in upstream '{upstream.name}'")
 
-    @classmethod
-    def _repeatable(cls, ex: Exchange) -> bool:
-        """Idempotent and nothing of the response reached the client: safe to send again."""
-        return ex.request.method in IDEMPOTENT and cls._replayable(ex)
-
     @staticmethod
-    def _replayable(ex: Exchange) -> bool:
-        if ex.response_started or ex.replay is None:
+    def _repeatable(ex: Exchange) -> bool:
+        """Safe to send again: idempotent (RFC 9110 §9.2.2; a POST's bytes may have reached a server
+        that acted on them before it failed, so it is never resent, as in nginx and Go), nothing of the
+        response reached the client, and the body is still whole here (or none of it was sent)."""
+        if ex.response_started or ex.replay is None or ex.request.method not in IDEMPOTENT:
             return False
         has_body = ex.request.chunked or bool(ex.request.content_length)
-        # The body can be sent again if we kept all of it (body_done), or if none of it was taken
-        # from the client yet (replay still empty: e.g. failed while awaiting 100 Continue).
-        return not has_body or (ex.request.method in IDEMPOTENT and (ex.body_done or not ex.replay))
+        return not has_body or ex.body_done or not ex.replay
 
     def _attempt(self, ex: Exchange, upstream, server, out: Outbound, fresh: bool = False) -> None:
         pool = upstream.pools[server]
-        upstream_conn = pool.connect() if fresh else pool.checkout()
+        if fresh:
+            upstream_conn = pool.connect()
+        elif ex.request.method in IDEMPOTENT:
+            upstream_conn = pool.checkout()
+        else:  # it cannot be resent if the connection turns out stale: only a recently used one
+            upstream_conn = pool.checkout(max_idle=NON_IDEMPOTENT_MAX_IDLE)
         reusable = False
         try:
-            reusable = self._send_and_relay(ex, upstream_conn, out)
+            reusable = yield from self._send_and_relay(ex, upstream_conn, out)
         finally:
             if ex.conn.state is not S.TUNNEL:  # otherwise the tunnel relay owns the socket now
                 pool.release(upstream_conn, reusable)
@@ -524,21 +575,21 @@ class HttpHandler:
         expect = ex.request.expect_continue and not ex.body_done
         if expect:
             link.send(head)
-            response, parser = self._await_continue(ex, link)
+            response, parser = yield from self._await_continue(ex, link)
             if response is None:  # the client sent its body without waiting, or 100 arrived
-                self._send_body(ex, link, b"")
-                response, parser = self._read_response_head(ex, link)
+                yield from self._send_body(ex, link, b"")
+                response, parser = yield from self._read_response_head(ex, link)
         else:
             try:
-                self._send_body(ex, link, head)
+                yield from self._send_body(ex, link, head)
             except (UpstreamFailed, UpstreamTimeout):
                 # The server may have answered (413, 401, ...) and closed, or stopped reading, before
                 # taking the whole body, which RFC 9112 §9.6 allows: relay its answer, as nginx does,
                 # rather than a 502/504.
                 if not _has_early_answer(link.sock):
                     raise
-            response, parser = self._read_response_head(ex, link)
-        return self._relay_response(ex, link, response, parser)
+            response, parser = yield from self._read_response_head(ex, link)
+        return (yield from self._relay_response(ex, link, response, parser))
 
     # -- request body ------------------------------------------------------------------------
     def _send_body(self, ex: Exchange, link, head: bytes) -> None:
@@ -552,7 +603,7 @@ class HttpHandler:
             return
         parser = ex.session.parser
         if not ex.request.chunked and ex.request.content_length > SPLICE_BODY_MIN:
-            self._splice_body(ex, link, head, parser)
+            yield from self._splice_body(ex, link, head, parser)
             return
         pending = [head] if head else []
         chunked = ex.request.chunked
@@ -565,7 +616,7 @@ class HttpHandler:
                 if pending:
                     link.send(b"".join(pending))
                     pending.clear()
-                parser.feed(self._read_client(ex))
+                parser.feed((yield from self._read_client(ex)))
                 continue
             if type(event) is Data:
                 piece = encode_chunk(event.data) if chunked else event.data
@@ -587,9 +638,15 @@ class HttpHandler:
         ex.replay = None  # not kept: such a request is never retried once it started
         remaining = parser.body_remaining
         if remaining:
-            ex.conn.set_timeouts(self.app.settings.body_timeout, self.app.settings.send_timeout)
+            ex.conn.set_timeouts(CLIENT_PATIENCE, CLIENT_PATIENCE)
             try:
-                zerocopy.relay(ex.conn.sock, link.sock, remaining)
+                try:
+                    zerocopy.relay(ex.conn.sock, link.sock, remaining, budget=TRANSFER_BUDGET, watch="source")
+                except WriteTimedOut:
+                    raise
+                except TimeoutError as stalled:  # the client stopped sending: the relay carries on
+                    yield self._rest_of(stalled.stall, ex.conn.sock, link.sock, remaining,
+                                        read_gap=self.app.settings.body_timeout, write_gap=link.conn_timeout())
             except PeerClosed as exc:
                 raise ClientGone("client closed during the request body") from exc
             except WriteTimedOut as exc:
@@ -611,10 +668,15 @@ class HttpHandler:
                 ex.replay = None
 
     def _read_client(self, ex: Exchange) -> bytes:
-        settings = self.app.settings
+        conn = ex.conn
         try:
-            ex.conn.set_timeouts(settings.body_timeout, settings.send_timeout)
-            data = ex.conn.read_some(READ_SIZE)
+            conn.set_timeouts(CLIENT_PATIENCE, CLIENT_PATIENCE)
+            while True:
+                try:
+                    data = conn.read_some(READ_SIZE)
+                    break
+                except TimeoutError:  # nothing came: wait in the server's relay, not on this thread
+                    yield Readable(conn.sock, self.app.settings.body_timeout)
         except TimeoutError as exc:
             raise ProtocolError(408, "request body not received in time") from exc
         except OSError as exc:
@@ -635,7 +697,7 @@ class HttpHandler:
             raise UpstreamTimeout("upstream did not answer Expect: 100-continue in time")
         if link.sock.fileno() not in ready:
             return None, None
-        response, parser = self._read_response_head(ex, link, stop_at_continue=True)
+        response, parser = yield from self._read_response_head(ex, link, stop_at_continue=True)
         if response is None:
             return None, None  # 100 Continue relayed; now the body
         return response, parser
@@ -647,6 +709,8 @@ class HttpHandler:
         event = NEED_DATA  # a new parser holds nothing yet: read before asking it
         while True:
             if event is NEED_DATA:
+                if not link.received_any:
+                    link.await_answer(ex.conn.sock)
                 data = link.recv()
                 if not data:
                     raise UpstreamFailed("upstream closed the connection without a response",
@@ -667,7 +731,7 @@ class HttpHandler:
                     raise UpstreamFailed("upstream sent too many 1xx responses")
                 if ex.request.version == "HTTP/1.1":  # RFC 9110 §15.2: never send 1xx to 1.0 clients
                     # Not the response: a failure after it still answers with a final status.
-                    self._to_client(ex, interim_head(response), final=False)
+                    yield from self._to_client(ex, interim_head(response), final=False)
                 if response.status == 100 and stop_at_continue:
                     return None, parser
                 continue
@@ -686,7 +750,7 @@ class HttpHandler:
         request = ex.request
         ex.record.status = response.status
         if response.status == 101:
-            return self._start_tunnel(ex, link, response, parser)
+            return (yield from self._start_tunnel(ex, link, response, parser))
         no_body = request.method == "HEAD" or response.status in (204, 304)
         if no_body:
             framing = "none"
@@ -705,15 +769,15 @@ class HttpHandler:
                                    extra=self._request_id_header(ex) if self.app.return_request_id else ())
         ex.conn.transition(S.WRITING)
         if framing == "none":
-            self._to_client(ex, head)
+            yield from self._to_client(ex, head)
             complete = not parser.has_buffered_data  # a body on HEAD/204/304: never reuse that connection
         elif framing == "length":
-            complete = self._relay_length(ex, link, head, parser, response.content_length)
+            complete = yield from self._relay_length(ex, link, head, parser, response.content_length)
         elif framing == "chunked":
-            complete = self._relay_events(ex, link, head, parser, chunked=True)
+            complete = yield from self._relay_events(ex, link, head, parser, chunked=True)
         else:
             try:
-                complete = self._relay_events(ex, link, head, parser, chunked=False)
+                complete = yield from self._relay_events(ex, link, head, parser, chunked=False)
             except ProxyError:
                 # A close-delimited body ends at our FIN, so after an upstream failure a FIN would
                 # tell the client it has the whole body. The abort that follows must be a reset
@@ -726,12 +790,15 @@ class HttpHandler:
     def _relay_length(self, ex: Exchange, link, head: bytes, parser, length: int) -> bool:
         buffered = parser.take_buffered()
         first = buffered[:length]
-        self._to_client(ex, head + first)
+        yield from self._to_client(ex, head + first)
         remaining = length - len(first)
         if remaining:
-            ex.conn.set_timeouts(self.app.settings.send_timeout, self.app.settings.send_timeout)
             try:
-                ex.conn.splice_from(link.sock, remaining)
+                try:
+                    ex.conn.splice_from(link.sock, remaining, budget=TRANSFER_BUDGET)
+                except WriteTimedOut as stalled:  # the client stopped reading: the relay carries on
+                    yield self._rest_of(stalled.stall, link.sock, ex.conn.sock, remaining,
+                                        read_gap=link.conn_timeout(), write_gap=self.app.settings.send_timeout)
             except PeerClosed as exc:
                 raise UpstreamFailed(f"upstream closed mid-body: {exc}") from exc
             except WriteTimedOut as exc:  # the client took nothing for send_timeout: not the server's fault
@@ -755,7 +822,7 @@ class HttpHandler:
                 raise UpstreamFailed(f"invalid response body: {exc.reason}") from exc
             if event is NEED_DATA:
                 if pending:
-                    self._to_client(ex, pending)  # flush as bytes arrive: event streams stay live
+                    yield from self._to_client(ex, pending)  # flush as bytes arrive: event streams stay live
                     pending = b""
                 data = link.recv()
                 if data:
@@ -768,7 +835,7 @@ class HttpHandler:
             else:  # EndOfMessage
                 if chunked:
                     pending += self._last_chunk(event.trailers)
-                self._to_client(ex, pending)
+                yield from self._to_client(ex, pending)
                 return not parser.has_buffered_data  # bytes after the last chunk: never reuse
 
     @staticmethod
@@ -780,18 +847,33 @@ class HttpHandler:
 
     def _to_client(self, ex: Exchange, data: bytes, final: bool = True) -> None:
         ex.response_started = ex.response_started or final
+        conn = ex.conn
         try:
-            ex.conn.sendall(data)
-        except OSError as exc:
+            conn.set_write_timeout(CLIENT_PATIENCE)
+            sent = conn.send_some(data)
+            if sent < len(data):  # the client's buffer stayed full: the relay sends the rest
+                yield Send(conn.sock, memoryview(data)[sent:], self.app.settings.send_timeout)
+        except OSError as exc:  # WriteTimedOut included: the client took nothing for send_timeout
             raise ClientGone(str(exc)) from exc
         ex.record.bytes_sent += len(data)
 
+    @staticmethod
+    def _rest_of(stall, source, dest, count: int, read_gap: float, write_gap: float) -> Copy:
+        """The part of a ``count``-byte relay left after it stalled, as a wait for the server's relay."""
+        left = count - stall.moved - stall.in_pipe - len(stall.unsent)
+        return Copy(source, dest, left, read_gap, write_gap, pipe=stall.pipe, in_pipe=stall.in_pipe,
+                    buffer=stall.unsent)
+
     def _start_tunnel(self, ex: Exchange, link, response: ResponseHead, parser) -> bool:
-        if tunnel_upgrade(ex.request.upgrade) is None:
+        offered = tunnel_upgrade(ex.request.upgrade)
+        if offered is None:
             raise UpstreamFailed("upstream switched protocols without an Upgrade request")
+        if not _switch_offered(response.headers.get("upgrade"), offered):
+            # RFC 9110 §7.8: a server must not switch to a protocol the client did not ask for.
+            raise UpstreamFailed("upstream switched to a protocol the client did not offer")
         head = build_response_head(response, framing="upgrade", keep_alive=True, client_version="HTTP/1.1")
         ex.conn.transition(S.WRITING)
-        self._to_client(ex, head + parser.take_buffered())
+        yield from self._to_client(ex, head + parser.take_buffered())
         ex.conn.transition(S.TUNNEL)
         if ex.body_done:
             # The request is over: all that is buffered behind it belongs to the new protocol. (Without
@@ -836,6 +918,16 @@ def _chunked_only(response: ResponseHead) -> bool:
         return True
     codings = [item.strip(" \t").lower() for value in values for item in value.split(",")]
     return [coding for coding in codings if coding] == ["chunked"]
+
+
+def _protocols(header: str | None) -> list[str]:
+    return [token.strip(" \t").lower() for token in (header or "").split(",") if token.strip(" \t")]
+
+
+def _switch_offered(chosen: str | None, offered: str) -> bool:
+    """A 101's Upgrade names protocols, every one of them among those the client offered."""
+    switched = _protocols(chosen)
+    return bool(switched) and set(switched) <= set(_protocols(offered))
 
 
 def _wants_whole_body(request: RequestHead) -> bool:
@@ -905,6 +997,28 @@ class UpstreamLink:
         except OSError as exc:
             raise UpstreamFailed(f"sending to upstream failed: {exc.strerror or exc}",
                                  stale=self.fresh_failure(), no_response=not self.received_any) from exc
+
+    def await_answer(self, client_sock) -> None:
+        """Wait for the server's first bytes, watching the client too: a client that hangs up meanwhile
+        is ClientGone (logged 499, as nginx does) and the connection to the server is not kept waiting
+        until read_timeout. Returns when the server's bytes (or its close) are there to read."""
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        poller.register(client_sock, select.POLLRDHUP)
+        deadline = time.monotonic() + self.conn_timeout()
+        while True:
+            ready = poller.poll(min(max(0.0, deadline - time.monotonic()), MAX_POLL_SECONDS) * 1000)
+            if not ready and time.monotonic() < deadline:
+                continue  # a read_timeout longer than one poll may wait (a C int of milliseconds)
+            if not ready:
+                raise UpstreamTimeout("upstream did not answer in time")
+            if any(fd == self.sock.fileno() for fd, _ in ready):
+                return
+            if _client_broke(client_sock):
+                raise ClientGone("client closed the connection before the response")
+            poller.modify(client_sock, 0)  # a half-close with bytes still unread: watch the server only
 
     def recv(self) -> bytes:
         try:

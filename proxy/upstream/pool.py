@@ -86,18 +86,20 @@ class ServerPool:
     def idle_count(self) -> int:
         return len(self._idle)
 
-    def checkout(self) -> UpstreamConnection:
+    def checkout(self, max_idle: float | None = None) -> UpstreamConnection:
+        """A pooled connection, or a new one. ``max_idle``: take a pooled one only if it was used that
+        recently (a request that must not meet a stale connection)."""
         # A loop, not a recursion: after a backend restart every idle connection may be dead, and a
         # pool of about a thousand of them overflowed the stack. Bounded: each turn takes one out.
         while True:
-            found = self._take_idle()
+            found = self._take_idle(max_idle)
             if found is None:
                 return self.connect()
             if not _server_closed_or_dirty(found.sock):
                 return found
             found.close()
 
-    def _take_idle(self) -> UpstreamConnection | None:
+    def _take_idle(self, max_idle: float | None = None) -> UpstreamConnection | None:
         """The most recently used idle connection young enough to try; expired ones are closed."""
         doomed = []
         found = None
@@ -106,7 +108,10 @@ class ServerPool:
             while self._idle:
                 candidate = self._idle.pop()
                 if now - candidate.last_used < self.keepalive_timeout:
-                    found = candidate
+                    if max_idle is None or now - candidate.last_used < max_idle:
+                        found = candidate
+                    else:  # the youngest is too old for this request; younger ones do not exist
+                        self._idle.append(candidate)
                     break
                 doomed.append(candidate)
             # everything older than the one we took is older still: drop the stale tail too
