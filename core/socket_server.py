@@ -38,7 +38,7 @@ REAP_INTERVAL = 0.5  # seconds between idle-timeout sweeps
 GROW_CHECK_INTERVAL = 0.002  # seconds between pool growth checks while work is queued
 STARVED_AFTER = 0.01  # a loop iteration this late (past its poll timeout) means the process was starved
 DEFAULT_BACKLOG = 1024  # nginx's default on Linux is 511; bursts of c=1000 clients want more
-# errno values that mean "this one client went away", logged at debug (STYLE pattern 11)
+# errno values that mean "this one client went away", logged at debug (docs/development.md)
 EXPECTED_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN,
                              errno.ETIMEDOUT, errno.EBADF})
 
@@ -226,7 +226,7 @@ class SocketServer:
     def _wake(self) -> None:
         self._wakeup.wake()
 
-    # -- signals (STYLE pattern 9: the handler only records; the loop acts) ---------------------
+    # -- signals (the handler only records; the loop acts) ----------------------------------------
     def install_signal_handlers(self, signals=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)) -> None:
         signal.set_wakeup_fd(self._wakeup.write_fd, warn_on_full_buffer=False)
         for signum in signals:
@@ -307,7 +307,7 @@ class SocketServer:
                 sock, peer = listener.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: log, keep the loop alive (pattern 11)
+            except OSError as exc:  # EMFILE and friends: log, keep the loop alive
                 log.warning("accept failed on %s: %s", listener.address, exc)
                 return
             self.accepted_total += 1

@@ -252,7 +252,7 @@ class ThreadPool:
     def _run(fn: Callable, args: tuple) -> None:
         try:
             fn(*args)
-        except Exception:  # one bad task must not kill the worker (STYLE pattern 11)
+        except Exception:  # one bad task must not kill the worker
             log.exception("task %r raised", fn)
 
     def _nudge_idle(self) -> None:

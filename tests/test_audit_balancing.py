@@ -32,7 +32,7 @@ def _read_then_reset(peer):
     ("GET", 5, 3),      # never the same server twice, even with retries to spare
     ("DELETE", 0, 1),   # retries = 0: one attempt
     ("PUT", 2, 3),      # idempotent with a (kept) body: repeated
-    ("POST", 2, 1),     # CONFIG.md: a POST whose bytes may have reached a server is never sent twice
+    ("POST", 2, 1),     # a POST whose bytes may have reached a server is never sent twice
 ])
 def test_reset_before_any_response_byte_tries_each_server_at_most_once(make_raw_backend, make_proxy,
                                                                        method, retries, servers_tried):
@@ -248,7 +248,7 @@ def test_a_check_that_ends_after_a_reload_rebuilt_its_server_announces_nothing()
 
 
 def test_passive_checks_count_failures_within_fail_timeout_whatever_succeeds_between(make_raw_backend, make_proxy):
-    """CONFIG.md: "max_fails failed attempts within fail_timeout". A server failing every other
+    """docs/configuration.md: "max_fails failed attempts within fail_timeout". A server failing every other
     request was never taken out: each success forgot the failures counted so far."""
     calls = []
 

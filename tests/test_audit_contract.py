@@ -1,5 +1,5 @@
-"""Contract audit (shared/CONFIG.md): the real `pyproxy` command, run as a user would, where it
-once broke the contract. Each test names what CONFIG.md promises.
+"""Contract audit (docs/configuration.md): the real `pyproxy` command, run as a user would, where it
+once broke the contract. Each test names what docs/configuration.md promises.
 
 Real processes and sockets on 127.0.0.1; readiness by polling the port; every wait bounded.
 """

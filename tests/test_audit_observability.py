@@ -462,7 +462,7 @@ def test_access_log_lines_of_writers_sharing_a_pipe_are_never_cut():
 def test_an_admin_client_resetting_mid_answer_is_a_debug_line_not_a_traceback(observed_proxy, caplog, capfd):
     """Bug: a client leaving mid-answer (a dashboard tab closed, a scrape timing out) made
     socketserver print "Exception occurred during processing of request" and a traceback straight to
-    stderr, past the logging config and level. Expected socket errors now log at debug (STYLE 11)."""
+    stderr, past the logging config and level. Expected socket errors now log at debug."""
     backend = FlakyBackend("a")
     proxy = observed_proxy(config_document({"web": {"servers": [backend.address]}}))
     port = int(proxy.admin_url.rsplit(":", 1)[1])

@@ -253,7 +253,7 @@ def test_server_killed_under_traffic_costs_no_get(backends, observed_proxy):
     for thread in threads:
         thread.join(30)
     assert not any(thread.is_alive() for thread in threads)
-    # Issue 6: failures are at most the requests in flight on the killed server, and none that a retry
+    # Failures are at most the requests in flight on the killed server, and none that a retry
     # could have saved. A GET whose server dies before answering is retried (0 failures); one whose
     # response had started streaming to the client cannot be (responses are never buffered), so a
     # truncated body, at most one per client thread, is the only failure allowed.

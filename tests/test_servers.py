@@ -226,7 +226,7 @@ def test_failures_while_ejected_do_not_extend_ejection(clock):
 
 
 def test_failures_count_within_the_window_whatever_succeeds_between(clock):
-    """CONFIG.md: "this many failed attempts within fail_timeout". Successes between them (a server
+    """docs/configuration.md: "this many failed attempts within fail_timeout". Successes between them (a server
     failing every other request) forgive nothing; only time does."""
     server = Server("h", 80, max_fails=3, fail_timeout=10, clock=clock)
     for _ in range(2):
@@ -277,7 +277,7 @@ def test_snapshot(clock):
 
 
 def test_no_logging_while_holding_the_lock(clock):
-    """A log handler that takes the server's lock must not deadlock (STYLE pattern 8)."""
+    """A log handler that takes the server's lock must not deadlock (docs/development.md)."""
     server = Server("h", 80, max_fails=1, fail_timeout=10, clock=clock)
     seen = []
 

@@ -1,4 +1,4 @@
-"""The config file: TOML in, an immutable, fully validated Config out (contract: shared/CONFIG.md).
+"""The config file: TOML in, an immutable, fully validated Config out (reference: docs/configuration.md).
 
 `load_config` and `parse_config` check everything before returning and collect every problem, so a
 user fixes a broken file in one round. Each problem is one line naming the file, the key path and
@@ -28,7 +28,7 @@ from proxy.config.units import (
     parse_port, parse_size, split_host_port,
 )
 
-# Config names map to balancing policy classes in one dict elsewhere (STYLE.md pattern 5);
+# Config names map to balancing policy classes in one dict (proxy.upstream.balancing.make_policy);
 # this is the list of names the config accepts.
 POLICY_NAMES = ("round_robin", "least_connections", "random", "ip_hash")
 LOG_LEVELS = ("debug", "info", "warning", "error")

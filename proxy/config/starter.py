@@ -1,7 +1,7 @@
 """The starter config written by `pyproxy init`, and TOML rendering for config dicts.
 
 The starter is hand-written text because its value is in the comments, which tomli-w cannot write.
-Tests load it with load_config, so it can never drift out of the contract (shared/CONFIG.md).
+Tests load it with load_config, so it can never drift out of the contract (docs/configuration.md).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Typed failures of the forwarding path. Each carries the status the client should see (STYLE pattern 3).
+"""Typed failures of the forwarding path. Each carries the status the client should see.
 
 Client-side protocol errors come from the parser (``proxy.http.http1.ProtocolError``, 400/413/414/431...);
 the ones here are about the upstream side and the proxy itself.

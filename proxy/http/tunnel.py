@@ -135,7 +135,7 @@ class TunnelRelay:
                 next_sweep = self.clock() + SWEEP_INTERVAL
 
     def _guarded(self, step, end: _End, *args) -> None:
-        """One broken tunnel must never stop the relay thread for all the others (STYLE pattern 11)."""
+        """One broken tunnel must never stop the relay thread for all the others."""
         try:
             step(end, *args)
         except Exception:

@@ -177,7 +177,7 @@ class _AdminHTTPServer(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         """socketserver prints a traceback to stderr for any error; a client that left mid-answer (a
-        closed dashboard tab, a scrape timing out) is expected: debug (STYLE 11), the rest logged."""
+        closed dashboard tab, a scrape timing out) is expected: debug, the rest logged."""
         error = sys.exc_info()[1]
         if isinstance(error, (ConnectionError, TimeoutError)):
             log.debug("admin client %s went away: %s", client_address[0], error)

@@ -4,7 +4,7 @@
 (counters summed, a server "down" if any process sees it down, the newest health check kept), so a
 supervisor can serve one answer for all its workers. Everything is plain JSON-able data.
 
-Shape (CONFIG.md, plus extra fields):
+Shape (documented in docs/configuration.md, "Admin endpoints"):
     {"processes": n, "draining": bool,
      "upstreams": {NAME: {"policy": ..., "health": {...} | null, "passive": {...} | null,
                           "servers": [{"address", "state", "reason", "since_seconds", "weight",

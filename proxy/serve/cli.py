@@ -1,4 +1,4 @@
-"""The ``pyproxy`` command line (click). The contract is shared/CONFIG.md ("Command line").
+"""The ``pyproxy`` command line (click). Reference: docs/configuration.md ("Command line").
 
 Two ways to run the proxy:
   * from a config file:   pyproxy -c proxy.toml
@@ -48,7 +48,7 @@ LISTEN_ERROR_HINTS = {
 }
 
 
-# The signals the proxy acts on (CONFIG.md "Signals"; SIGUSR1 in the README's operations section).
+# The signals the proxy acts on (docs/configuration.md, "Signals").
 HANDLED_SIGNALS = set(SERVING_SIGNALS)
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
@@ -75,7 +75,7 @@ def load_or_exit(path: str) -> Config:
 
 
 def parse_workers_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    """--workers N or "auto", as server.workers takes them (CONFIG.md: --workers overrides it)."""
+    """--workers N or "auto", as server.workers takes them (--workers overrides it)."""
     if value is None:
         return None
     try:

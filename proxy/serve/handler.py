@@ -246,7 +246,7 @@ class HttpHandler:
                 return None
         parser = RequestParser(max_header_bytes=settings.max_header_bytes,
                                max_body_bytes=settings.max_body_bytes,
-                               # a line past a small max_header_bytes is still a 414, as CONFIG.md says
+                               # a line past a small max_header_bytes is still a 414 (docs/configuration.md)
                                max_line_bytes=min(DEFAULT_MAX_LINE_BYTES, settings.max_header_bytes))
         session = ClientSession(parser, str(conn.peer[0]), scheme)
         conn.server_data = session

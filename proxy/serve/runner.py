@@ -34,7 +34,7 @@ RESTART_ONLY = ("workers", "cpu_affinity")
 # (Application.reload rebuilds app.settings and the runtime, which requests read afresh).
 LIVE_IN_CORE = ("max_connections", "idle_timeout", "header_timeout", "graceful_timeout",
                 "min_threads", "max_threads")
-# The signals a serving process acts on (CONFIG.md "Signals", README "Operations").
+# The signals a serving process acts on (docs/configuration.md, "Signals").
 SERVING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 

@@ -8,7 +8,7 @@ loop and thread pool, use N cores. The shape is gunicorn's arbiter / nginx's mas
 - It never serves traffic. It runs the health checker and the admin listener (once per proxy), and
   talks to each worker over a ``socketpair`` made before the fork (``ControlLink``: JSON lines):
   health verdicts go down (``apply_health``), status/metrics snapshots come up and are merged.
-- Signals (STYLE pattern 9: the handler records, the loop acts):
+- Signals (the handler records, the loop acts):
   SIGHUP → validate the file; invalid: log, keep everything; valid: every worker reloads in place
   (same sockets, same keep-alive connections). A change of ``server.listen`` instead binds the new
   addresses and replaces the workers (new ones start, old ones drain), as nginx does on every reload.
@@ -356,7 +356,7 @@ class Supervisor:
         self._calls.append(fn)
         self._wakeup.wake()
 
-    # -- signals (pattern 9) ------------------------------------------------------------------------
+    # -- signals (the handler records, the loop acts) -------------------------------------------------
     def _install_signals(self) -> None:
         """The handlers, then unblock: the CLI blocks these signals from the bind on (a SIGTERM while
         __init__ built the Application killed the supervisor), so one that came meanwhile lands now."""

@@ -1,6 +1,6 @@
 """Active health checks: poll each server's health path and take failing servers out.
 
-Health *state* lives on ``Server`` (``set_health``); the *policy* lives here (STYLE pattern 6, after
+Health *state* lives on ``Server`` (``set_health``); the *policy* lives here (as in
 Caddy's ``healthchecks.go``):
 
 - ``HealthPolicy`` is the pure pass/fail counter of one server: ``unhealthy_after`` consecutive

@@ -1,11 +1,11 @@
-"""Keep-alive connections to one upstream server (urllib3 ``connectionpool``'s discipline, STYLE pattern 7).
+"""Keep-alive connections to one upstream server (urllib3 ``connectionpool``'s discipline).
 
 - checkout: take the most recently used idle connection (the one least likely to have timed out on
   the server), drop those idle past ``keepalive_timeout`` or that the server closed (a one-syscall
   peek); otherwise connect a new one.
 - release: only a connection whose response was read to the end and that both sides keep alive
   comes back, and only up to ``keepalive`` idle connections; anything doubtful is closed.
-- No I/O under the lock (pattern 8): sockets are closed after the lock is released.
+- No I/O under the lock: sockets are closed after the lock is released.
 """
 
 from __future__ import annotations

@@ -2,17 +2,17 @@
 
 Health *state* lives here; health *policy* (when to probe, how many passes make a
 server healthy) lives in the active checker, which only calls `set_health()`
-(STYLE pattern 6, after Caddy's `hosts.go` / `healthchecks.go`).
+(as in Caddy's `hosts.go` / `healthchecks.go`).
 
 Passive checks follow nginx's `max_fails` / `fail_timeout`: `max_fails` failed
 attempts within `fail_timeout` seconds take the server out for `fail_timeout`.
 Successes in between do not forgive them (nginx clears its count only once
 `fail_timeout` has passed since the last failure): a server failing every other
-request is taken out, as CONFIG.md promises.
+request is taken out (docs/configuration.md, [upstreams.NAME.passive]).
 
 Every counter is changed under one small lock per server. Nothing logs while
 holding it: the locked sections return the messages to log and the caller logs
-them after releasing the lock (STYLE pattern 8).
+them after releasing the lock (docs/development.md: "No I/O under a lock").
 """
 
 from __future__ import annotations

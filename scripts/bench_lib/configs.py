@@ -159,7 +159,7 @@ backend backends
 
 
 def pyproxy(shape: ProxyShape) -> str:
-    """TOML per /work/shared/CONFIG.md. max_connections and idle_timeout are raised like the
+    """TOML per docs/configuration.md. max_connections and idle_timeout are raised like the
     others' limits so scenario 6 (10,000 idle clients) measures memory, not a refusal."""
     servers = ", ".join(f'"127.0.0.1:{p}"' for p in shape.backend_ports)
     return f"""[server]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Bare calibration relays: how fast can any Python HTTP relay go on this machine? (issue 5)
+"""Bare calibration relays: how fast can any Python HTTP relay go on this machine?
 
     python relays.py --mode threads|pool2|lf2|loop --port P --upstream 127.0.0.1:B1[,127.0.0.1:B2]
 
@@ -43,7 +43,7 @@ MAX_HEAD_BYTES = 65536  # far beyond anything the bench sends; stops a runaway b
 RECV_BYTES = 65536
 BACKLOG = 4096  # as the bench's proxies: c=1000 connects all at once
 ACCEPT_BATCH = 64  # accepts per wake-up, so a connect storm cannot starve ready clients
-POOL_WORKERS = 2  # issue 5's calibration relay: "a pool of 2 threads"
+POOL_WORKERS = 2  # the calibration relay the goals were set against: "a pool of 2 threads"
 THREAD_STACK_BYTES = 256 * 1024  # threads mode runs 1,000 threads at c=1000
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 CONNECTION_CLOSE = re.compile(rb"\r\nconnection:[^\r]*\bclose\b", re.IGNORECASE)

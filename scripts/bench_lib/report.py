@@ -1,5 +1,5 @@
 """The results table (scenario × target), the ratios of pyproxy and of the calibration relays to
-nginx and HAProxy, issue 5's goals (pyproxy only), and the JSON record."""
+nginx and HAProxy, the goals (pyproxy only; docs/performance.md), and the JSON record."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .targets import RELAY_MODES, is_relay
 FAILURE_WIDTH = 60
 IDLE_RSS_LIMIT_MIB = 100
 IDLE_THREAD_LIMIT = 100
-# Issue 5's targets: minimum pyproxy/nginx ratio, and whether errors must be zero.
+# The goals (docs/performance.md): minimum pyproxy/nginx ratio, and whether errors must be zero.
 GOALS = {
     "c50": (0.5, True),
     "c1000": (0.4, True),
@@ -88,7 +88,7 @@ def _row(label: str, scenario: Scenario, m: Measurement, everything: list[Measur
     if m.failure:
         return (label, m.target, _shorten(m.failure), "", "", "", "", "", "")
     extras = ("", "", "")
-    if m.target == "pyproxy" or is_relay(m.target):  # issue 5's goals are pyproxy's alone
+    if m.target == "pyproxy" or is_relay(m.target):  # the goals are pyproxy's alone
         extras = (_ratio_text(everything, scenario.key, "nginx", m.target),
                   _ratio_text(everything, scenario.key, "haproxy", m.target),
                   goal_verdict(everything, scenario.key) if m.target == "pyproxy" else "")

@@ -1,4 +1,4 @@
-"""The six scenarios of issue 5 and how one of them is measured against one target."""
+"""The six benchmark scenarios (docs/performance.md) and how one of them is measured against one target."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class Scenario:
     wrk_timeout: str = "5s"
     # Measure a freshly started proxy, so the result does not depend on which scenarios ran first.
     fresh_start: bool = False
-    # The calibration relays take part: they are built for small requests only (issue 5's table).
+    # The calibration relays take part: they are built for small requests only.
     for_relays: bool = False
 
 

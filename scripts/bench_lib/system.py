@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 
-# Command → Debian package that provides it (issue 5: wrk, nginx-light, haproxy).
+# Command → Debian package that provides it (wrk, nginx-light, haproxy).
 TOOL_PACKAGES = {"wrk": "wrk", "nginx": "nginx-light", "haproxy": "haproxy"}
 # nginx and haproxy live in sbin, which is not always on a non-root PATH.
 EXTRA_PATH = ("/usr/sbin", "/sbin", "/usr/local/sbin")

@@ -24,7 +24,7 @@ from .system import free_port, say
 READY_TIMEOUT_S = 20.0
 PROBE_TIMEOUT_S = 2.0
 TARGET_NAMES = ("direct", "nginx", "haproxy", "pyproxy")  # the default run
-# Calibration relays (issue 5): target name -> relays.py --mode. Run only with --targets/--calibrate.
+# Calibration relays: target name -> relays.py --mode. Run only with --targets/--calibrate.
 RELAY_MODES = {"relay-threads": "threads", "relay-pool2": "pool2", "relay-lf2": "lf2", "relay-loop": "loop"}
 ALL_TARGET_NAMES = TARGET_NAMES + tuple(RELAY_MODES)
 RELAYS_SCRIPT = Path(__file__).resolve().parent / "relays.py"
