@@ -981,13 +981,8 @@ class UpstreamLink:
         return self.upstream_conn.reused and not self.received_any
 
     def conn_timeout(self) -> float:
-        """The connection's read_timeout: Python-side on TLS sockets, kernel-side (SO_RCVTIMEO) on plain ones."""
-        python_side = self.sock.gettimeout()
-        if python_side is not None:
-            return python_side
-        timeout = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
-        seconds, micros = int.from_bytes(timeout[:8], "little"), int.from_bytes(timeout[8:16], "little")
-        return (seconds + micros / 1e6) or 60.0
+        """The connection's read_timeout (its socket's timeouts are set to it)."""
+        return self.upstream_conn.read_timeout
 
     def send(self, data: bytes) -> None:
         try:
@@ -1002,23 +997,27 @@ class UpstreamLink:
         """Wait for the server's first bytes, watching the client too: a client that hangs up meanwhile
         is ClientGone (logged 499, as nginx does) and the connection to the server is not kept waiting
         until read_timeout. Returns when the server's bytes (or its close) are there to read."""
-        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+        sock = self.sock
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():  # TLS: already decrypted
             return
+        fd = sock.fileno()
         poller = select.poll()
-        poller.register(self.sock, select.POLLIN)
+        poller.register(fd, select.POLLIN)
         poller.register(client_sock, select.POLLRDHUP)
-        deadline = time.monotonic() + self.conn_timeout()
+        wait = self.conn_timeout()
+        deadline = time.monotonic() + wait
         while True:
-            ready = poller.poll(min(max(0.0, deadline - time.monotonic()), MAX_POLL_SECONDS) * 1000)
-            if not ready and time.monotonic() < deadline:
-                continue  # a read_timeout longer than one poll may wait (a C int of milliseconds)
-            if not ready:
+            ready = poller.poll(min(wait, MAX_POLL_SECONDS) * 1000)
+            for ready_fd, _ in ready:
+                if ready_fd == fd:
+                    return
+            if ready:
+                if _client_broke(client_sock):
+                    raise ClientGone("client closed the connection before the response")
+                poller.modify(client_sock, 0)  # a half-close with bytes still unread: watch the server only
+            wait = deadline - time.monotonic()
+            if wait <= 0:
                 raise UpstreamTimeout("upstream did not answer in time")
-            if any(fd == self.sock.fileno() for fd, _ in ready):
-                return
-            if _client_broke(client_sock):
-                raise ClientGone("client closed the connection before the response")
-            poller.modify(client_sock, 0)  # a half-close with bytes still unread: watch the server only
 
     def recv(self) -> bytes:
         try:

@@ -22,12 +22,13 @@ from proxy.http.errors import UpstreamConnectError
 
 
 class UpstreamConnection:
-    __slots__ = ("sock", "last_used", "requests")
+    __slots__ = ("sock", "last_used", "requests", "read_timeout")
 
-    def __init__(self, sock: socket.socket, now: float):
+    def __init__(self, sock: socket.socket, now: float, read_timeout: float = 60.0):
         self.sock = sock
         self.last_used = now
         self.requests = 0  # how many requests this connection carried (0 = fresh)
+        self.read_timeout = read_timeout  # what its socket's timeouts were set to
 
     @property
     def reused(self) -> bool:
@@ -150,7 +151,7 @@ class ServerPool:
             sock.close()
             raise UpstreamConnectError(f"connect to {self.host}:{self.port} failed: {exc}") from exc
         self.connects_total += 1
-        return UpstreamConnection(sock, self.clock())
+        return UpstreamConnection(sock, self.clock(), self.read_timeout)
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         """Return a connection after a complete exchange; close it if it cannot be trusted."""
