@@ -248,7 +248,7 @@ class Connection:
             view = memoryview(data)
             while sent < len(view):
                 sent += self.sock.send(view[sent:])
-        except (BlockingIOError, ssl.SSLWantWriteError):  # SO_SNDTIMEO expired
+        except (BlockingIOError, TimeoutError, ssl.SSLWantWriteError):  # the write timeout passed
             pass
         return sent
 
@@ -272,6 +272,9 @@ class Connection:
         """Back from HELD to the state the transfer left (the worker continues it)."""
         self.transition(self.held_from)
         self.held_from = self.held_wait = None
+        # The relay switched the socket to non-blocking and back: a TLS socket keeps its timeouts in
+        # Python and lost the per-direction values, so set them again at the next set_timeouts.
+        self._read_timeout = self._write_timeout = None
 
     # -- closing -----------------------------------------------------------------------------
     def close(self) -> None:

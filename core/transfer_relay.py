@@ -225,7 +225,7 @@ class TransferRelay:
         """Carry ``wait`` out; call ``on_done()`` from the relay thread once it is over. Returns at once."""
         wait.saved_timeouts = [sock.gettimeout() for sock in wait.sockets()]
         for sock in wait.sockets():
-            sock.setblocking(False)
+            sock.settimeout(0.0)  # not setblocking: a TLS socket with per-direction timeouts keeps 0.0
         wait.last_progress = self.clock()
         self._incoming.append(_Held(wait, on_done))
         with self._start_lock:

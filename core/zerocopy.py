@@ -56,6 +56,12 @@ def _timed_out(exc_type, stall: Stall, cause: BaseException) -> TimeoutError:
     return exc
 
 
+# How a timeout shows on each kind of socket: EAGAIN past a kernel timeout (SO_RCVTIMEO/SO_SNDTIMEO),
+# TimeoutError from a socket with a Python-level timeout (TLS), OpenSSL's want-read/write when non-blocking.
+_READ_TIMED_OUT = (BlockingIOError, TimeoutError, ssl.SSLWantReadError)
+_WRITE_TIMED_OUT = (BlockingIOError, TimeoutError, ssl.SSLWantWriteError)
+
+
 def _thread_pipe() -> tuple[int, int]:
     pipe = getattr(_local, "pipe", None)
     if pipe is None:
@@ -152,7 +158,7 @@ def _relay_copy(source: socket.socket, dest: socket.socket, count: int, deadline
         want = min(remaining, FALLBACK_CHUNK)
         try:
             got = source.recv_into(view, want)
-        except BlockingIOError as exc:
+        except _READ_TIMED_OUT as exc:
             raise _timed_out(TimeoutError, Stall(count - remaining), exc) from None
         if got == 0:
             raise PeerClosed(f"source closed with {remaining} bytes still expected")
@@ -160,7 +166,7 @@ def _relay_copy(source: socket.socket, dest: socket.socket, count: int, deadline
         while sent < got:
             try:
                 step = dest.send(view[sent:got])
-            except BlockingIOError as exc:
+            except _WRITE_TIMED_OUT as exc:
                 raise _timed_out(WriteTimedOut, Stall(count - remaining + sent, unsent=bytes(view[sent:got])),
                                  exc) from None
             sent += step

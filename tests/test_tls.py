@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import http.client
 import http.server
 import logging
 import os
@@ -28,7 +29,7 @@ from websockets.sync.server import serve as ws_serve
 from core.socket_server import bind_listener
 from proxy.config.schema import parse_config
 from proxy.serve.runner import ProxyProcess
-from tests.backends import pattern_sha256, stream_pattern
+from tests.backends import consume_and_digest, pattern_bytes, pattern_sha256, stream_pattern
 from tests.conftest import CLIENT_TIMEOUT, PROXY_STOP_TIMEOUT, proxy_config_dict
 from tests.core_helpers import wait_for
 
@@ -474,3 +475,48 @@ def test_https_upstream_silent_on_expect_continue_is_504_at_read_timeout(make_pr
             status_line = sock.recv(256).split(b"\r\n", 1)[0]
         assert status_line == b"HTTP/1.1 504 Gateway Timeout"
         assert time.monotonic() - started < 3.0
+
+
+# -- slow peers over TLS: held by the transfer relay, as plain connections are -----------------------
+def _held(proxy) -> int:
+    return proxy.process.server.connection_counts().get("held", 0)
+
+
+def test_a_tls_client_not_reading_a_large_response_holds_no_thread(make_tls_proxy, backend, pki):
+    size = 8 * 1024 * 1024
+    backend.route("/big", stream_pattern(size))
+    proxy = make_tls_proxy({"web": [backend.address]})
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.settimeout(CLIENT_TIMEOUT)
+    raw.connect(("127.0.0.1", proxy.port))
+    with client_context(pki).wrap_socket(raw, server_hostname="default.test") as tls:
+        tls.sendall(b"GET /big HTTP/1.1\r\nHost: default.test\r\n\r\n")
+        wait_for(lambda: _held(proxy) == 1, what="the stalled TLS response held by the relay")
+        wait_for(lambda: proxy.process.pool.busy == 0, what="no worker busy with it")
+        response = http.client.HTTPResponse(tls, method="GET")
+        response.begin()
+        body = response.read()
+        assert response.status == 200
+        assert hashlib.sha256(body).hexdigest() == pattern_sha256(size)
+        tls.sendall(b"GET /small HTTP/1.1\r\nHost: default.test\r\n\r\n")  # still a keep-alive connection
+        response = http.client.HTTPResponse(tls, method="GET")
+        response.begin()
+        assert response.status == 200
+
+
+def test_a_stalled_tls_upload_holds_no_thread_and_completes(make_tls_proxy, backend, pki):
+    backend.route("/upload", consume_and_digest)
+    proxy = make_tls_proxy({"web": [backend.address]})
+    body = pattern_bytes(0, 1024 * 1024)
+    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT)
+    with client_context(pki).wrap_socket(raw, server_hostname="default.test") as tls:
+        tls.sendall(b"POST /upload HTTP/1.1\r\nHost: default.test\r\nContent-Length: %d\r\n\r\n" % len(body)
+                    + body[:100 * 1024])
+        wait_for(lambda: _held(proxy) == 1, what="the stalled TLS upload held by the relay")
+        wait_for(lambda: proxy.process.pool.busy == 0, what="no worker busy with it")
+        tls.sendall(body[100 * 1024:])
+        response = http.client.HTTPResponse(tls, method="POST")
+        response.begin()
+        assert response.status == 200
+        assert response.read() == f"{len(body)} {hashlib.sha256(body).hexdigest()}".encode()
