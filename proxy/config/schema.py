@@ -127,7 +127,7 @@ class RouteConfig:
 class HealthConfig:
     path: str = "/healthz"
     interval: float = 5.0
-    timeout: float = 2.0
+    timeout: float = 2.0          # lowered to a shorter interval when the file gives no timeout
     expect_status: frozenset[int] = DEFAULT_EXPECT_STATUS
     healthy_after: int = 2
     unhealthy_after: int = 3
@@ -816,7 +816,11 @@ def _parse_servers(c: _Checker, value: Any, path: str) -> tuple[UpstreamServerCo
 def _parse_health(c: _Checker, value: Any, path: str) -> HealthConfig:
     table = c.table(value, path)
     c.reject_unknown(table, HEALTH_KEYS, path)
-    health = HealthConfig(**c.fields(table, path, _HEALTH_CONVERTERS))
+    values = c.fields(table, path, _HEALTH_CONVERTERS)
+    if "timeout" not in table:
+        # A short interval alone must not fail on a timeout the user never wrote.
+        values["timeout"] = min(HealthConfig.timeout, values.get("interval", HealthConfig.interval))
+    health = HealthConfig(**values)
     if health.timeout > health.interval:
         c.add(key_path(path, "timeout"), f"must not exceed interval ({format_duration(health.timeout)} > {format_duration(health.interval)})")
     return health

@@ -67,7 +67,7 @@ retries = 2                    # other servers tried, only when the request cann
 # [upstreams.app.health]
 # path = "/healthz"
 # interval = "5s"
-# timeout = "2s"
+# timeout = "2s"              # at most interval; without it, 2s or the interval if shorter
 # expect_status = "2xx"        # "2xx", 200, or [200, 204]
 # healthy_after = 2            # consecutive passes before a down server gets traffic again
 # unhealthy_after = 3          # consecutive failures before a server is taken out
