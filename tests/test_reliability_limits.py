@@ -3,10 +3,18 @@ timeout follows a short interval, the admin listener is bounded, the only server
 never ejected by passive checks, and the thread pool's idle timeout is a config key."""
 from __future__ import annotations
 
-import pytest
+import socket
+import threading
 
+import pytest
+import requests
+
+from core.socket_server import bind_listener
 from proxy.config.schema import ConfigError, parse_config
 from proxy.config.starter import STARTER_CONFIG
+from proxy.observe.admin import ADMIN_IDLE_TIMEOUT, MAX_ADMIN_CONNECTIONS, AdminServer, AdminSources
+from tests.conftest import DEADLINE
+from tests.core_helpers import FakeClock, wait_for
 
 
 def config_with_health(health: dict) -> dict:
@@ -37,3 +45,131 @@ def test_an_explicit_timeout_longer_than_the_interval_is_still_refused():
 def test_the_starter_says_the_timeout_follows_a_shorter_interval():
     timeout_line = next(line for line in STARTER_CONFIG.splitlines() if line.startswith("# timeout"))
     assert "interval" in timeout_line
+
+
+# --- the admin listener: bounded connections, bounded waits ------------------------------------
+
+@pytest.fixture
+def admin_server():
+    """A factory for started AdminServers on 127.0.0.1 port 0; all are stopped at teardown."""
+    started = []
+
+    def start(sources: AdminSources | None = None, **options) -> AdminServer:
+        server = AdminServer(None, sources or AdminSources(), sock=bind_listener("127.0.0.1", 0), **options)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def admin_url(server: AdminServer, path: str) -> str:
+    host, port = server.address[:2]
+    return f"http://{host}:{port}{path}"
+
+
+def connect(server: AdminServer) -> socket.socket:
+    return socket.create_connection(server.address[:2], timeout=DEADLINE)
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """True once the server ended the connection (EOF or reset); the read waits at most DEADLINE."""
+    return closed_within(sock, DEADLINE)
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Did the server end the connection (EOF or reset) within ``seconds``? (Expects no data.)"""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_idle_and_slow_admin_connections_past_the_limit_neither_block_healthz_nor_add_threads(admin_server):
+    server = admin_server()
+    threads_before = threading.active_count()
+    clients = [connect(server) for _ in range(MAX_ADMIN_CONNECTIONS + 8)]
+    try:
+        for slow in clients[::2]:
+            slow.sendall(b"GET /heal")  # half a request line, never finished
+        # Connected after every idle one, so it is accepted after them: at the limit.
+        response = requests.get(admin_url(server, "/healthz"), timeout=DEADLINE)
+        assert (response.status_code, response.text) == (200, "ok\n")
+        wait_for(lambda: threading.active_count() - threads_before <= MAX_ADMIN_CONNECTIONS,
+                 what=f"at most {MAX_ADMIN_CONNECTIONS} admin connection threads",
+                 on_timeout=lambda: f"{threading.active_count() - threads_before} threads")
+        assert closed_by_server(clients[0]), "the connection waiting longest was not closed to make room"
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_an_admin_connection_that_never_finishes_its_request_head_is_closed(admin_server):
+    clock = FakeClock()
+    server = admin_server(clock=clock)
+    slow = connect(server)
+    try:
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and a byte now and then, never the end
+        # A later request is accepted after it, so the slow one is registered by now.
+        assert requests.get(admin_url(server, "/healthz"), timeout=DEADLINE).status_code == 200
+        slow.sendall(b"X")
+        clock.advance(ADMIN_IDLE_TIMEOUT + 1)
+        assert closed_by_server(slow)
+    finally:
+        slow.close()
+
+
+def test_an_idle_keep_alive_admin_connection_is_closed_after_the_idle_timeout(admin_server):
+    clock = FakeClock()
+    server = admin_server(clock=clock)
+    client = connect(server)
+    try:
+        client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"\r\n\r\nok\n"):
+            piece = client.recv(1024)
+            assert piece, f"closed before the whole answer: {answer!r}"
+            answer += piece
+        assert answer.startswith(b"HTTP/1.1 200 ")
+
+        # The handler starts the idle wait just after its answer went out: move the clock past the
+        # timeout until the connection is closed (once the wait has started, one step is enough).
+        def closed_after_a_step() -> bool:
+            clock.advance(ADMIN_IDLE_TIMEOUT + 1)
+            return closed_within(client, 0.3)
+
+        wait_for(closed_after_a_step, timeout=DEADLINE, what="the idle admin connection to be closed")
+    finally:
+        client.close()
+
+
+def test_when_every_admin_connection_is_busy_a_new_one_gets_503_at_once(admin_server):
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def slow_status() -> dict:
+        entered.release()
+        release.wait(DEADLINE)
+        return {"routes": [], "upstreams": {}}
+
+    server = admin_server(AdminSources(status=[slow_status]), max_connections=2)
+    answers = []
+    busy = [threading.Thread(target=lambda: answers.append(
+        requests.get(admin_url(server, "/status"), timeout=DEADLINE).status_code)) for _ in range(2)]
+    for thread in busy:
+        thread.start()
+    try:
+        for _ in busy:
+            assert entered.acquire(timeout=DEADLINE)
+        response = requests.get(admin_url(server, "/healthz"), timeout=DEADLINE)
+        assert (response.status_code, response.text) == (503, "503 admin listener busy\n")
+    finally:
+        release.set()
+        for thread in busy:
+            thread.join(DEADLINE)
+    assert answers == [200, 200]
