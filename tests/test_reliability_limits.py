@@ -13,6 +13,8 @@ from core.socket_server import bind_listener
 from proxy.config.schema import ConfigError, parse_config
 from proxy.config.starter import STARTER_CONFIG
 from proxy.observe.admin import ADMIN_IDLE_TIMEOUT, MAX_ADMIN_CONNECTIONS, AdminServer, AdminSources
+from proxy.upstream.balancing import Upstream
+from proxy.upstream.servers import Server
 from tests.conftest import DEADLINE
 from tests.core_helpers import FakeClock, wait_for
 
@@ -173,3 +175,54 @@ def test_when_every_admin_connection_is_busy_a_new_one_gets_503_at_once(admin_se
         for thread in busy:
             thread.join(DEADLINE)
     assert answers == [200, 200]
+
+
+# --- passive checks never eject the only server of an upstream ---------------------------------
+
+def test_failures_do_not_eject_the_only_server_of_an_upstream():
+    clock = FakeClock()
+    only = Server("127.0.0.1", 9001, max_fails=1, fail_timeout=10, clock=clock)
+    upstream = Upstream("web", [only], "round_robin")
+    for _ in range(5):
+        only.record_failure("connection refused")
+    assert (only.state, only.failures_total) == ("up", 5)
+    assert upstream.pick_server("10.0.0.1") is only
+
+
+def test_failures_still_eject_a_server_that_has_company():
+    clock = FakeClock()
+    first, second = (Server("127.0.0.1", port, max_fails=1, fail_timeout=10, clock=clock) for port in (9001, 9002))
+    upstream = Upstream("web", [first, second], "round_robin")
+    first.record_failure("connection refused")
+    assert first.state == "down"
+    picked = [upstream.pick_server("10.0.0.1") for _ in range(3)]
+    assert picked == [second] * 3
+
+
+def test_active_health_checks_still_take_the_only_server_down():
+    only = Server("127.0.0.1", 9001, max_fails=1, fail_timeout=10, clock=FakeClock())
+    upstream = Upstream("web", [only], "round_robin")
+    only.set_health(False, "3 consecutive checks failed")
+    assert upstream.pick_server("10.0.0.1") is None
+
+
+def test_a_reload_that_leaves_one_server_ends_its_ejection():
+    clock = FakeClock()
+    first, second = (Server("127.0.0.1", port, max_fails=1, fail_timeout=10, clock=clock) for port in (9001, 9002))
+    Upstream("web", [first, second], "round_robin")
+    first.record_failure("connection refused")
+    assert first.state == "down"
+    reloaded = Upstream("web", [first], "round_robin")  # a reload keeps the Server object of an unchanged server
+    assert first.state == "up"
+    assert reloaded.pick_server("10.0.0.1") is first
+
+
+def test_a_blip_on_the_only_server_is_one_502_not_fail_timeout_of_503s(backends, make_proxy):
+    (only,) = backends("only")
+    proxy = make_proxy({"web": [only.address]},
+                       upstream_options={"retries": 0, "passive": {"max_fails": 1, "fail_timeout": "30s"}})
+    assert requests.get(proxy.url + "/", timeout=DEADLINE).status_code == 200
+    only.kill()
+    assert requests.get(proxy.url + "/", timeout=DEADLINE).status_code == 502
+    only.revive()  # same port
+    assert requests.get(proxy.url + "/", timeout=DEADLINE).status_code == 200

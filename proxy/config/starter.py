@@ -73,7 +73,8 @@ retries = 2                    # other servers tried, only when the request cann
 # unhealthy_after = 3          # consecutive failures before a server is taken out
 
 # Passive checks (like nginx max_fails / fail_timeout): a server that fails max_fails requests
-# within fail_timeout is taken out for fail_timeout.
+# within fail_timeout is taken out for fail_timeout. As in nginx, the only server of an upstream
+# is never taken out this way (there is nowhere else to send its requests); health checks still can.
 # [upstreams.app.passive]
 # max_fails = 3
 # fail_timeout = "10s"
