@@ -9,13 +9,14 @@ import threading
 import pytest
 import requests
 
+from core import ThreadPool
 from core.socket_server import bind_listener
 from proxy.config.schema import ConfigError, parse_config
 from proxy.config.starter import STARTER_CONFIG
 from proxy.observe.admin import ADMIN_IDLE_TIMEOUT, MAX_ADMIN_CONNECTIONS, AdminServer, AdminSources
 from proxy.upstream.balancing import Upstream
 from proxy.upstream.servers import Server
-from tests.conftest import DEADLINE
+from tests.conftest import DEADLINE, proxy_config_dict
 from tests.core_helpers import FakeClock, wait_for
 
 
@@ -225,4 +226,75 @@ def test_a_blip_on_the_only_server_is_one_502_not_fail_timeout_of_503s(backends,
     only.kill()
     assert requests.get(proxy.url + "/", timeout=DEADLINE).status_code == 502
     only.revive()  # same port
+    assert requests.get(proxy.url + "/", timeout=DEADLINE).status_code == 200
+
+
+# --- server.thread_idle_timeout: how long a thread above min_threads idles before it exits -----
+
+def test_thread_idle_timeout_parses_as_a_duration_and_defaults_to_30s():
+    base = {"routes": [{"upstream": "web"}], "upstreams": {"web": {"servers": ["127.0.0.1:3000"]}}}
+    assert parse_config(base, "proxy.toml").server.thread_idle_timeout == 30.0
+    configured = parse_config({**base, "server": {"thread_idle_timeout": "1.5s"}}, "proxy.toml")
+    assert configured.server.thread_idle_timeout == 1.5
+
+
+@pytest.mark.parametrize("value, problem", [
+    (0, "0 is too short (must be more than 0)"),
+    ("soon", '"soon" is not a valid duration'),
+])
+def test_a_bad_thread_idle_timeout_names_the_key(value, problem):
+    data = {"server": {"thread_idle_timeout": value}, "routes": [{"upstream": "web"}],
+            "upstreams": {"web": {"servers": ["127.0.0.1:3000"]}}}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, "proxy.toml")
+    (line,) = caught.value.problems
+    assert line.startswith(f"proxy.toml: server.thread_idle_timeout: {problem}")
+
+
+def test_the_starter_sets_thread_idle_timeout_to_its_default():
+    assert 'thread_idle_timeout = "30s"' in STARTER_CONFIG
+
+
+def grow_to(pool: ThreadPool, threads: int) -> None:
+    """Make the pool run ``threads`` threads at once, then let them all go idle."""
+    gate = threading.Event()
+    started = threading.Semaphore(0)
+
+    def blocked() -> None:
+        started.release()
+        gate.wait(DEADLINE)
+
+    for _ in range(threads):
+        assert pool.submit(blocked)
+    for _ in range(threads):
+        assert started.acquire(timeout=DEADLINE)
+    gate.set()
+    wait_for(lambda: pool.counts()["busy"] == 0, what="the tasks to finish")
+
+
+def test_resize_gives_a_running_pool_a_new_thread_idle_timeout():
+    clock = FakeClock()
+    pool = ThreadPool(min_threads=1, max_threads=4, idle_timeout=30.0, clock=clock, grow_after=0.0)
+    try:
+        grow_to(pool, 4)
+        pool.resize(1, 4, idle_timeout=5.0)
+        clock.advance(4.0)
+        pool.wake_idle()
+        wait_for(lambda: len(pool._idle) == 4, what="nudged threads back on the idle stack")
+        assert pool.threads == 4  # idle 4 s of 5: nobody retires yet
+        clock.advance(2.0)
+        pool.wake_idle()
+        wait_for(lambda: pool.threads == 1, what="threads above min_threads to retire", on_timeout=pool.counts)
+    finally:
+        pool.shutdown(timeout=DEADLINE)
+
+
+def test_thread_idle_timeout_reaches_the_pool_at_start_and_on_reload(make_backend, make_proxy):
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]}, server={"thread_idle_timeout": "2s"})
+    assert proxy.process.pool.idle_timeout == 2.0
+    document = proxy_config_dict({"web": [backend.address]},
+                                 server={"listen": f"127.0.0.1:{proxy.port}", "thread_idle_timeout": "45s"})
+    proxy.process.reload(parse_config(document, "test.toml"))
+    assert proxy.process.pool.idle_timeout == 45.0
     assert requests.get(proxy.url + "/", timeout=DEADLINE).status_code == 200

@@ -89,6 +89,7 @@ class ServerSettings:
     workers: int = 1
     min_threads: int = 4
     max_threads: int = 256
+    thread_idle_timeout: float = 30.0     # a thread above min_threads idle this long retires
     max_connections: int = 10000
     graceful_timeout: float = 30.0        # Kubernetes' default terminationGracePeriodSeconds
     header_timeout: float = 10.0
@@ -490,14 +491,15 @@ def _split_server_url(scheme: str, rest: str) -> tuple[str, int, bool]:
 # ---------------------------------------------------------------------------------------------
 
 SERVER_KEYS = (
-    "listen", "workers", "min_threads", "max_threads", "max_connections", "graceful_timeout",
-    "header_timeout", "idle_timeout", "max_header_bytes", "max_body_bytes", "tunnel_timeout",
-    "trusted_proxies", "body_timeout", "send_timeout", "cpu_affinity",
+    "listen", "workers", "min_threads", "max_threads", "thread_idle_timeout", "max_connections",
+    "graceful_timeout", "header_timeout", "idle_timeout", "max_header_bytes", "max_body_bytes",
+    "tunnel_timeout", "trusted_proxies", "body_timeout", "send_timeout", "cpu_affinity",
 )
 _SERVER_CONVERTERS = {
     "workers": parse_workers,
     "min_threads": _integer(1),
     "max_threads": _integer(1),
+    "thread_idle_timeout": _duration(),
     "max_connections": _integer(1),
     "graceful_timeout": _duration(positive=False),   # 0 = close at once
     "header_timeout": _duration(),

@@ -19,6 +19,7 @@ listen = "127.0.0.1:8080"      # where clients connect; a list for several addre
 workers = 1                    # worker processes; "auto" = one per CPU
 min_threads = 4                # threads per worker kept ready
 max_threads = 256              # at most this many requests in progress per worker
+thread_idle_timeout = "30s"    # a thread above min_threads that has been idle this long exits
 max_connections = 10000        # per worker; past it new clients get 503 and are closed
 graceful_timeout = "30s"       # on SIGTERM, in-flight requests get this long to finish
 header_timeout = "10s"         # the whole request head must arrive within this (slowloris)
