@@ -156,22 +156,29 @@ class ThreadPool:
         with self._lock:
             self._last_take = self._clock()
 
-    def resize(self, min_threads: int, max_threads: int, max_queue: int | None = None) -> None:
+    def resize(self, min_threads: int, max_threads: int, max_queue: int | None = None,
+               idle_timeout: float | None = None) -> None:
         """New bounds for a running pool (a config reload). A raised ``min_threads`` starts its threads
         now; threads above a lowered ``max_threads`` leave at their next idle moment (idle ones are
-        woken to check), those above a lowered ``min_threads`` after ``idle_timeout`` as usual."""
+        woken to check), those above a lowered ``min_threads`` after ``idle_timeout`` as usual. A new
+        ``idle_timeout`` counts from when each thread went idle (idle ones are woken to re-check)."""
         if not 0 <= min_threads <= max_threads or max_threads < 1:
             raise ValueError("need 0 <= min_threads <= max_threads and max_threads >= 1")
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ValueError("idle_timeout must be positive")
         with self._lock:
             self.min_threads, self.max_threads = min_threads, max_threads
             if max_queue is not None:
                 self.max_queue = max_queue
+            shorter_idle = idle_timeout is not None and idle_timeout < self.idle_timeout
+            if idle_timeout is not None:
+                self.idle_timeout = idle_timeout
             if self._closed:
                 return
             while len(self._workers) < min_threads:
                 self._spawn()
             too_many = len(self._workers) > max_threads
-        if too_many:
+        if too_many or shorter_idle:
             self._nudge_idle()
 
     def _should_grow(self) -> bool:

@@ -377,7 +377,7 @@ def test_unknown_keys_suggest_the_closest_name():
         "proxy.toml: route: unknown key (did you mean 'routes'?)",
         "proxy.toml: server.listn: unknown key (did you mean 'listen'?)",
         "proxy.toml: server.zzz: unknown key (expected one of: listen, workers, min_threads, max_threads, "
-        "max_connections, graceful_timeout, header_timeout, idle_timeout, max_header_bytes, max_body_bytes, "
+        "thread_idle_timeout, max_connections, graceful_timeout, header_timeout, idle_timeout, max_header_bytes, max_body_bytes, "
         "tunnel_timeout, trusted_proxies, body_timeout, send_timeout, cpu_affinity)",
         "proxy.toml: upstreams.web.helth: unknown key (did you mean 'health'?)",
     ]

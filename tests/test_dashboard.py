@@ -24,6 +24,7 @@ from websockets.sync.client import connect as ws_connect
 
 from proxy.observe.metrics import RECENT_BUCKETS, RecentTraffic, estimate_quantile
 from proxy.observe.status import merge_status, summarize_traffic
+from tests.backends import closed_port
 from tests.conftest import DEADLINE, FAST_HEALTH, config_document, served_by
 from tests.core_helpers import wait_for
 
@@ -157,8 +158,12 @@ def server_state(address: str) -> str:
 
 def dashboard_proxy(backends, observed_proxy):
     a, b = backends("a", "b")
+    # api gets a spare (never asked: a is first in turn, and no retries) because passive checks never
+    # eject the only server of an upstream.
+    spare = f"127.0.0.1:{closed_port()}"
     document = config_document({"web": {"servers": [a.address, b.address], "health": FAST_HEALTH},
-                                "api": {"servers": [a.address], "passive": {"max_fails": 1, "fail_timeout": "30s"}}})
+                                "api": {"servers": [a.address, spare], "retries": 0,
+                                        "passive": {"max_fails": 1, "fail_timeout": "30s"}}})
     document["routes"] = [{"path": "/", "upstream": "web"}, {"host": "app.localhost", "path": "/api", "upstream": "api"}]
     return observed_proxy(document), a, b
 
@@ -204,7 +209,7 @@ def test_dashboard_shows_a_server_going_down_and_the_proxy_going_away(backends, 
 
 def test_dashboard_shows_an_ejected_server_and_error_rate(backends, observed_proxy, browser):
     proxy, a, _ = dashboard_proxy(backends, observed_proxy)
-    a.kill()  # api's only server: the first refused request ejects it (passive, max_fails 1)
+    a.kill()  # api's first server: the first refused request ejects it (passive, max_fails 1)
     response = requests.get(proxy.url + "/api", headers={"Host": "app.localhost"}, timeout=DEADLINE)
     assert response.status_code == 502
     browser.viewport(*DESKTOP)

@@ -352,7 +352,11 @@ def test_wss_through_tls_listener(make_tls_proxy, pki):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        proxy = make_tls_proxy({"ws": [f"127.0.0.1:{server.socket.getsockname()[1]}"]})
+        # header_timeout bounds the whole TLS handshake and then the wait for the upgrade request. The
+        # fixture's 0.5 s (for the handshake timeout tests) is less than a loaded machine may take
+        # between the client's steps, and the proxy closed: the client read EOF instead of the 101.
+        proxy = make_tls_proxy({"ws": [f"127.0.0.1:{server.socket.getsockname()[1]}"]},
+                               server={"header_timeout": CLIENT_TIMEOUT})
         payload = os.urandom(2 * 1024 * 1024)
         with ws_connect(f"wss://127.0.0.1:{proxy.port}/ws", ssl=client_context(pki), max_size=None,
                         open_timeout=CLIENT_TIMEOUT) as ws:

@@ -89,6 +89,7 @@ class ServerSettings:
     workers: int = 1
     min_threads: int = 4
     max_threads: int = 256
+    thread_idle_timeout: float = 30.0     # a thread above min_threads idle this long retires
     max_connections: int = 10000
     graceful_timeout: float = 30.0        # Kubernetes' default terminationGracePeriodSeconds
     header_timeout: float = 10.0
@@ -127,7 +128,7 @@ class RouteConfig:
 class HealthConfig:
     path: str = "/healthz"
     interval: float = 5.0
-    timeout: float = 2.0
+    timeout: float = 2.0          # lowered to a shorter interval when the file gives no timeout
     expect_status: frozenset[int] = DEFAULT_EXPECT_STATUS
     healthy_after: int = 2
     unhealthy_after: int = 3
@@ -490,14 +491,15 @@ def _split_server_url(scheme: str, rest: str) -> tuple[str, int, bool]:
 # ---------------------------------------------------------------------------------------------
 
 SERVER_KEYS = (
-    "listen", "workers", "min_threads", "max_threads", "max_connections", "graceful_timeout",
-    "header_timeout", "idle_timeout", "max_header_bytes", "max_body_bytes", "tunnel_timeout",
-    "trusted_proxies", "body_timeout", "send_timeout", "cpu_affinity",
+    "listen", "workers", "min_threads", "max_threads", "thread_idle_timeout", "max_connections",
+    "graceful_timeout", "header_timeout", "idle_timeout", "max_header_bytes", "max_body_bytes",
+    "tunnel_timeout", "trusted_proxies", "body_timeout", "send_timeout", "cpu_affinity",
 )
 _SERVER_CONVERTERS = {
     "workers": parse_workers,
     "min_threads": _integer(1),
     "max_threads": _integer(1),
+    "thread_idle_timeout": _duration(),
     "max_connections": _integer(1),
     "graceful_timeout": _duration(positive=False),   # 0 = close at once
     "header_timeout": _duration(),
@@ -816,7 +818,11 @@ def _parse_servers(c: _Checker, value: Any, path: str) -> tuple[UpstreamServerCo
 def _parse_health(c: _Checker, value: Any, path: str) -> HealthConfig:
     table = c.table(value, path)
     c.reject_unknown(table, HEALTH_KEYS, path)
-    health = HealthConfig(**c.fields(table, path, _HEALTH_CONVERTERS))
+    values = c.fields(table, path, _HEALTH_CONVERTERS)
+    if "timeout" not in table:
+        # A short interval alone must not fail on a timeout the user never wrote.
+        values["timeout"] = min(HealthConfig.timeout, values.get("interval", HealthConfig.interval))
+    health = HealthConfig(**values)
     if health.timeout > health.interval:
         c.add(key_path(path, "timeout"), f"must not exceed interval ({format_duration(health.timeout)} > {format_duration(health.interval)})")
     return health

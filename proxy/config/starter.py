@@ -19,6 +19,7 @@ listen = "127.0.0.1:8080"      # where clients connect; a list for several addre
 workers = 1                    # worker processes; "auto" = one per CPU
 min_threads = 4                # threads per worker kept ready
 max_threads = 256              # at most this many requests in progress per worker
+thread_idle_timeout = "30s"    # a thread above min_threads that has been idle this long exits
 max_connections = 10000        # per worker; past it new clients get 503 and are closed
 graceful_timeout = "30s"       # on SIGTERM, in-flight requests get this long to finish
 header_timeout = "10s"         # the whole request head must arrive within this (slowloris)
@@ -67,13 +68,14 @@ retries = 2                    # other servers tried, only when the request cann
 # [upstreams.app.health]
 # path = "/healthz"
 # interval = "5s"
-# timeout = "2s"
+# timeout = "2s"              # at most interval; without it, 2s or the interval if shorter
 # expect_status = "2xx"        # "2xx", 200, or [200, 204]
 # healthy_after = 2            # consecutive passes before a down server gets traffic again
 # unhealthy_after = 3          # consecutive failures before a server is taken out
 
 # Passive checks (like nginx max_fails / fail_timeout): a server that fails max_fails requests
-# within fail_timeout is taken out for fail_timeout.
+# within fail_timeout is taken out for fail_timeout. As in nginx, the only server of an upstream
+# is never taken out this way (there is nowhere else to send its requests); health checks still can.
 # [upstreams.app.passive]
 # max_fails = 3
 # fail_timeout = "10s"

@@ -2,7 +2,9 @@
 
 It runs on its own socket and its own threads (``http.server.ThreadingHTTPServer``), apart from the
 proxy's accept loop and worker pool, so an admin request never waits behind proxied traffic, and
-never passes through the proxy's observers (it is not counted or access-logged as traffic).
+never passes through the proxy's observers (it is not counted or access-logged as traffic). It
+holds at most MAX_ADMIN_CONNECTIONS connections (one thread each), closes those left waiting for a
+request, and makes room for a new one by closing the one waiting longest.
 
 The admin listener defaults to loopback (127.0.0.1:9901). It has no authentication: exposing it on
 another interface is the operator's choice, and /status shows the backend addresses.
@@ -18,6 +20,7 @@ import logging
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,6 +37,14 @@ log = logging.getLogger("pyproxy.admin")
 
 STOP_TIMEOUT = 5.0
 ADMIN_REQUEST_TIMEOUT = 10.0  # a stuck admin client holds one admin thread this long at most
+# At most this many admin connections, each on its own thread: a client leaking connections cannot
+# start a thread per connection. Past it, the connection waiting longest for a request is closed to
+# make room, so a health probe still gets its answer.
+MAX_ADMIN_CONNECTIONS = 32
+ADMIN_IDLE_TIMEOUT = 10.0  # a connection waiting this long for (the rest of) a request head is closed
+_BUSY_BODY = b"503 admin listener busy\n"
+BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
 MAX_DROPPED_BODY = 64 * 1024  # a request body (never used) up to this is read and dropped; past it, close
 PATHS = ("/", "/healthz", "/status", "/metrics")
 # One self-contained page (inline CSS and JS, no CDN): it must work offline and polls /status itself.
@@ -76,7 +87,11 @@ def _collect(sources: list[Callable[[], dict]], what: str) -> list[dict]:
 class _AdminHandler(BaseHTTPRequestHandler):
     server_version = "pyproxy-admin"
     protocol_version = "HTTP/1.1"
-    timeout = ADMIN_REQUEST_TIMEOUT
+    timeout = ADMIN_REQUEST_TIMEOUT  # each read or write; the server bounds the wait for a whole head
+
+    def handle_one_request(self) -> None:
+        super().handle_one_request()
+        self.server.mark_waiting(self.connection)  # answered: waiting for a next request (keep-alive)
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         self._answer(head_only=False)
@@ -85,6 +100,7 @@ class _AdminHandler(BaseHTTPRequestHandler):
         self._answer(head_only=True)
 
     def _answer(self, head_only: bool) -> None:
+        self.server.mark_busy(self.connection)
         sources: AdminSources = self.server.sources
         path = self.path.split("?", 1)[0]
         try:
@@ -109,6 +125,7 @@ class _AdminHandler(BaseHTTPRequestHandler):
             self._send(503, f"503 {exc}\n", "text/plain", head_only)
 
     def _not_allowed(self) -> None:
+        self.server.mark_busy(self.connection)
         self._send(405, "405 method not allowed\n", "text/plain", False, extra={"Allow": "GET, HEAD"})
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
@@ -153,26 +170,85 @@ class _AdminHandler(BaseHTTPRequestHandler):
 
 
 class _AdminHTTPServer(ThreadingHTTPServer):
+    """http.server with a bounded number of connections (one thread each).
+
+    Every open connection maps to the time it started waiting for a request head, or None while a
+    request is being answered. A waiting connection is closed after ``idle_timeout`` (an idle
+    keep-alive client, or one sending its head a byte at a time), and at ``max_connections`` the one
+    waiting longest is closed to make room. When every connection is busy answering, a new one gets
+    a 503 without a thread.
+    """
+
     daemon_threads = True
+    block_on_close = False  # stop() closes open connections instead of waiting for their threads
     allow_reuse_address = True
 
-    def __init__(self, sock: socket.socket, sources: AdminSources):
+    def __init__(self, sock: socket.socket, sources: AdminSources, *, clock: Callable[[], float],
+                 max_connections: int, idle_timeout: float):
         self.sources = sources
+        self.clock = clock
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
         super().__init__(sock.getsockname()[:2], _AdminHandler, bind_and_activate=False)
         self.socket.close()  # replace the unbound socket the base class made with ours
         self.socket = sock
         self.address_family = sock.family
-        self._open: set[socket.socket] = set()  # keep-alive connections (a dashboard polls on one)
+        self._open: dict[socket.socket, float | None] = {}  # connection -> waiting since (None: busy)
         self._open_lock = threading.Lock()
 
     def process_request(self, request, client_address):
         with self._open_lock:
-            self._open.add(request)
-        super().process_request(request, client_address)
+            if len(self._open) >= self.max_connections and not self._close_longest_waiting():
+                self._refuse(request)
+                return
+            self._open[request] = self.clock()
+        threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                         name="pyproxy-admin-connection", daemon=True).start()
+
+    def _close_longest_waiting(self) -> bool:
+        """Close the connection that has waited longest for a request; False if all are busy."""
+        waiting = [(since, sock) for sock, since in self._open.items() if since is not None]
+        if not waiting:
+            return False
+        _, sock = min(waiting, key=lambda pair: pair[0])
+        del self._open[sock]
+        _shut(sock)
+        log.debug("admin connection limit (%d) reached: closed the longest waiting one", self.max_connections)
+        return True
+
+    def _refuse(self, request: socket.socket) -> None:
+        """A short 503 on the accept thread: never blocks (the socket buffer takes it whole)."""
+        log.warning("admin connection limit (%d) reached and every connection is busy: 503", self.max_connections)
+        try:
+            request.setblocking(False)
+            request.send(BUSY_RESPONSE)
+        except OSError:  # the client is gone or its buffer is full: closing is all that is left
+            pass
+        super().shutdown_request(request)
+
+    def mark_waiting(self, sock: socket.socket) -> None:
+        with self._open_lock:
+            if sock in self._open:  # not closed to make room meanwhile
+                self._open[sock] = self.clock()
+
+    def mark_busy(self, sock: socket.socket) -> None:
+        with self._open_lock:
+            if sock in self._open:
+                self._open[sock] = None
+
+    def service_actions(self) -> None:
+        """Called by serve_forever about every poll interval: close connections waiting too long."""
+        cutoff = self.clock() - self.idle_timeout
+        with self._open_lock:
+            expired = [sock for sock, since in self._open.items() if since is not None and since <= cutoff]
+            for sock in expired:
+                del self._open[sock]
+        for sock in expired:
+            _shut(sock)
 
     def shutdown_request(self, request):
         with self._open_lock:
-            self._open.discard(request)
+            self._open.pop(request, None)
         super().shutdown_request(request)
 
     def handle_error(self, request, client_address):
@@ -189,23 +265,31 @@ class _AdminHTTPServer(ThreadingHTTPServer):
         with self._open_lock:
             sockets = list(self._open)
         for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:  # the client closed it already
-                log.debug("admin connection already closed")
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    """End a connection whose handler thread may be reading it: the read returns and the thread ends."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # the client closed it already
+        log.debug("admin connection already closed")
 
 
 class AdminServer:
     """Service (start/stop) serving the admin endpoints on ``listen`` or a pre-bound ``sock``."""
 
-    def __init__(self, listen: ListenConfig | None, sources: AdminSources, sock: socket.socket | None = None):
+    def __init__(self, listen: ListenConfig | None, sources: AdminSources, sock: socket.socket | None = None,
+                 *, clock: Callable[[], float] = time.monotonic, max_connections: int = MAX_ADMIN_CONNECTIONS,
+                 idle_timeout: float = ADMIN_IDLE_TIMEOUT):
         if sock is None:
             from proxy.serve.runner import bind_config_listener  # runner imports this module: bind lazily
             sock = bind_config_listener(listen)
         sock.setblocking(True)
         self.listen = listen
         self.sources = sources
-        self._httpd = _AdminHTTPServer(sock, sources)
+        self._httpd = _AdminHTTPServer(sock, sources, clock=clock, max_connections=max_connections,
+                                       idle_timeout=idle_timeout)
         self._thread: threading.Thread | None = None
 
     @property

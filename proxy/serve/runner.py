@@ -33,7 +33,7 @@ RESTART_ONLY = ("workers", "cpu_affinity")
 # apply elsewhere: listen (reconciled here, or new workers), the rest of Settings and trusted_proxies
 # (Application.reload rebuilds app.settings and the runtime, which requests read afresh).
 LIVE_IN_CORE = ("max_connections", "idle_timeout", "header_timeout", "graceful_timeout",
-                "min_threads", "max_threads")
+                "min_threads", "max_threads", "thread_idle_timeout")
 # The signals a serving process acts on (docs/configuration.md, "Signals").
 SERVING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
@@ -56,7 +56,8 @@ def apply_server_limits(server: SocketServer, pool: ThreadPool, settings: Server
     """Give a running accept loop and pool the [server] limits of a reloaded config."""
     server.set_limits(max_connections=settings.max_connections, idle_timeout=settings.idle_timeout,
                       header_timeout=settings.header_timeout, graceful_timeout=settings.graceful_timeout)
-    pool.resize(settings.min_threads, settings.max_threads, pool_queue_limit(settings.max_threads))
+    pool.resize(settings.min_threads, settings.max_threads, pool_queue_limit(settings.max_threads),
+                idle_timeout=settings.thread_idle_timeout)
 
 
 def tls_terminator(listen: ListenConfig) -> TlsTerminator:
@@ -116,7 +117,7 @@ class ProxyProcess:
         server_cfg = config.server
         self.pool = ThreadPool(min_threads=server_cfg.min_threads, max_threads=server_cfg.max_threads,
                                max_queue=pool_queue_limit(server_cfg.max_threads),
-                               name="pyproxy-worker")
+                               idle_timeout=server_cfg.thread_idle_timeout, name="pyproxy-worker")
         handler = HttpHandler(self.app)
         self.server = SocketServer(handler, listeners=(), pool=self.pool,
                                    max_connections=server_cfg.max_connections,

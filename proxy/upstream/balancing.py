@@ -237,6 +237,9 @@ class Upstream:
         # servers [dead, live] had every request try the dead one first (the retry took the live one's
         # turn), each paying a connect_timeout. Stateless policies (random, ip_hash) are unaffected.
         self._fallback_policy = make_policy(policy_name)
+        # nginx ignores max_fails for an upstream of one server: ejecting it leaves nothing to serve.
+        for server in self._servers:
+            server.set_sole_server(len(self._servers) == 1)
 
     @property
     def name(self) -> str:

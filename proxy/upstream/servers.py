@@ -8,7 +8,10 @@ Passive checks follow nginx's `max_fails` / `fail_timeout`: `max_fails` failed
 attempts within `fail_timeout` seconds take the server out for `fail_timeout`.
 Successes in between do not forgive them (nginx clears its count only once
 `fail_timeout` has passed since the last failure): a server failing every other
-request is taken out (docs/configuration.md, [upstreams.NAME.passive]).
+request is taken out (docs/configuration.md, [upstreams.NAME.passive]). As in nginx, the only server of an
+upstream is never ejected (there is nowhere else to send its traffic, so ejecting
+it would turn a blip into fail_timeout of 503s): its Upstream turns ejection off
+with `set_sole_server(True)`. Active health checks still take it down.
 
 Every counter is changed under one small lock per server. Nothing logs while
 holding it: the locked sections return the messages to log and the caller logs
@@ -77,6 +80,7 @@ class Server:
         self._ejected_until: float | None = None
         self._eject_reason = ""
         self._recent_failures: collections.deque[float] = collections.deque()
+        self._sole_server = False  # the only server of its upstream: passive checks never eject it
         self._active = 0
         self._requests_total = 0
         self._failures_total = 0
@@ -179,6 +183,20 @@ class Server:
             events += self._count_failure_locked(now, reason)
         _log(events)
 
+    def set_sole_server(self, sole: bool) -> None:
+        """Is this the only server of its upstream? Then failures no longer eject it, and an
+        ejection in force (from a config that listed more servers) ends now."""
+        with self._lock:
+            self._sole_server = sole
+            events: LogEvents = []
+            if sole and self._ejected_until is not None:
+                self._recent_failures.clear()
+                self._ejected_until = None
+                self._settle_locked(self._clock(), "the only server left in its upstream")
+                events.append((logging.INFO, "server %s back: it is the only server of its upstream",
+                               (self._address,)))
+        _log(events)
+
     # -- active checks ----------------------------------------------------------------
 
     def set_health(self, up: bool, reason: str, announce: bool = True) -> bool:
@@ -246,7 +264,7 @@ class Server:
         return self._max_connections == 0 or self._active < self._max_connections
 
     def _count_failure_locked(self, now: float, reason: str) -> LogEvents:
-        if self._max_fails == 0 or self._ejected_until is not None:
+        if self._max_fails == 0 or self._sole_server or self._ejected_until is not None:
             return []
         failures = self._recent_failures
         failures.append(now)
