@@ -1,9 +1,10 @@
 """Access log: one line per proxied request, written off the request path.
 
-Request threads only put ``(wall time, record)`` on a bounded queue; one writer thread formats and
-writes. If the disk (or a piped stdout) stalls and the queue fills, lines are dropped and counted
-(``dropped``, also in /metrics) rather than making clients wait for the log. ``access = "off"``
-installs no observer at all. Request bodies never reach the log: ``RequestRecord`` has none.
+Request threads only append ``(wall time, record)`` to a bounded deque (no lock, no formatting); one
+writer thread formats what has piled up and writes it in one go. If the disk (or a piped stdout)
+stalls and the deque fills, lines are dropped and counted (``dropped``, also in /metrics) rather than
+making clients wait for the log. ``access = "off"`` installs no observer at all: nothing is queued or
+formatted. Request bodies never reach the log: ``RequestRecord`` has none.
 
 Formats:
 - ``combined``: Apache/nginx combined, then upstream, server, duration in seconds and request id:
@@ -17,11 +18,13 @@ Formats:
 
 from __future__ import annotations
 
+import collections
 import datetime
+import functools
 import json
 import logging
+import math
 import os
-import queue
 import stat
 import sys
 import threading
@@ -35,6 +38,7 @@ DEFAULT_QUEUE_SIZE = 10000  # lines buffered before dropping: ~seconds of a busy
 # write can be split and interleaved with another worker's, cutting lines in two (journald, docker logs).
 PIPE_BUF = getattr(os, "PIPE_BUF", None) or 4096
 STOP_TIMEOUT = 5.0
+BATCH_LINES = 256  # lines formatted and written per write(2) at most, then flushed
 _STOP = object()
 _REOPEN = object()  # wakes the writer: open the file again by name (SIGUSR1, SIGHUP)
 
@@ -66,8 +70,54 @@ def _as_sent(value: str | None) -> str | None:
         return value
 
 
+# -- time stamps: formatted once per second, not once per line ----------------------------------------
+
+def _split_time(when: float) -> tuple[int, int]:
+    """(whole seconds, microseconds) of a timestamp, rounded as datetime.fromtimestamp rounds it, so
+    a stamp built from them is the one datetime would print."""
+    second = math.floor(when)
+    micro = round((when - second) * 1e6)
+    if micro >= 1_000_000:
+        second, micro = second + 1, micro - 1_000_000
+    return second, micro
+
+
+@functools.lru_cache(maxsize=8)
+def _combined_stamp(second: int) -> str:
+    return datetime.datetime.fromtimestamp(second, datetime.timezone.utc).strftime("%d/%b/%Y:%H:%M:%S +0000")
+
+
+@functools.lru_cache(maxsize=8)
+def _iso_second(second: int) -> str:
+    return datetime.datetime.fromtimestamp(second, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+@functools.lru_cache(maxsize=8)
+def _local_clock(second: int) -> str:
+    return datetime.datetime.fromtimestamp(second).strftime("%H:%M:%S")
+
+
+_JSON = json.JSONEncoder(ensure_ascii=False)
+_json_string = json.encoder.encode_basestring  # json.dumps(..., ensure_ascii=False)'s escaping, in C
+
+
+def _json(value) -> str:
+    """One JSON value exactly as json.dumps(value, ensure_ascii=False) writes it; the common types
+    without building an encoder (json.dumps builds one per call, a third of a line's cost)."""
+    if value is None:
+        return "null"
+    kind = type(value)
+    if kind is str:
+        return _json_string(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float and math.isfinite(value):
+        return float.__repr__(value)
+    return _JSON.encode(value)
+
+
 def format_combined(record, when: float) -> str:
-    stamp = datetime.datetime.fromtimestamp(when, datetime.timezone.utc).strftime("%d/%b/%Y:%H:%M:%S +0000")
+    stamp = _combined_stamp(_split_time(when)[0])
     request_line = _escape(f"{record.method} {record.target} {record.version}")
     return (f'{record.client_ip} - - [{stamp}] "{request_line}" {record.status} {record.bytes_sent} '
             f'"{_escape(record.referer)}" "{_escape(record.user_agent)}" '
@@ -75,23 +125,14 @@ def format_combined(record, when: float) -> str:
 
 
 def format_json(record, when: float) -> str:
-    stamp = datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat(timespec="milliseconds")
-    return json.dumps({
-        "time": stamp.replace("+00:00", "Z"),
-        "client": record.client_ip,
-        "method": record.method,
-        "path": _as_sent(record.target),
-        "version": record.version,
-        "host": _as_sent(record.host),
-        "status": record.status,
-        "bytes": record.bytes_sent,
-        "duration_ms": round(record.duration * 1000, 3),
-        "upstream": record.upstream,
-        "server": record.server,
-        "request_id": _as_sent(record.request_id),
-        "user_agent": _as_sent(record.user_agent),
-        "referer": _as_sent(record.referer),
-    }, ensure_ascii=False)
+    second, micro = _split_time(when)
+    return (f'{{"time": "{_iso_second(second)}.{micro // 1000:03d}Z", "client": {_json(record.client_ip)}, '
+            f'"method": {_json(record.method)}, "path": {_json(_as_sent(record.target))}, '
+            f'"version": {_json(record.version)}, "host": {_json(_as_sent(record.host))}, '
+            f'"status": {_json(record.status)}, "bytes": {_json(record.bytes_sent)}, '
+            f'"duration_ms": {_json(round(record.duration * 1000, 3))}, "upstream": {_json(record.upstream)}, '
+            f'"server": {_json(record.server)}, "request_id": {_json(_as_sent(record.request_id))}, '
+            f'"user_agent": {_json(_as_sent(record.user_agent))}, "referer": {_json(_as_sent(record.referer))}}}')
 
 
 # ANSI SGR colours by status class: 2xx green, 3xx cyan, 4xx yellow, 5xx red (0xx: proxy gave up early).
@@ -101,7 +142,7 @@ PATH_COLUMN = 40  # wide enough for most paths; longer ones are cut with "…" t
 
 def format_terminal(record, when: float, colour: bool = True) -> str:
     """One aligned, coloured line for a person watching a terminal."""
-    stamp = datetime.datetime.fromtimestamp(when).strftime("%H:%M:%S")
+    stamp = _local_clock(_split_time(when)[0])
     status = str(record.status or "-")
     if colour:
         status = f"\033[{STATUS_COLOURS.get(record.status // 100, '0')}m{status}\033[0m"
@@ -126,9 +167,13 @@ class AccessLog:
         self.target = target
         self.format = FORMATTERS[fmt]
         self.wall_clock = wall_clock
+        self.max_queue = max_queue
         self.written = 0
         self.dropped = 0
-        self._queue: queue.Queue = queue.Queue(max_queue)
+        # Appends and pops of a deque are atomic: request threads append, the writer pops. Stop and
+        # reopen markers go in the same deque, in order with the lines, and are never dropped.
+        self._pending: collections.deque = collections.deque()
+        self._wakeup = threading.Event()  # set when something was queued; the writer clears it
         self._drop_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stream: TextIO | None = None
@@ -137,11 +182,15 @@ class AccessLog:
 
     # -- hot path ------------------------------------------------------------------------------------
     def observe(self, record) -> None:
-        try:
-            self._queue.put_nowait((self.wall_clock(), record))
-        except queue.Full:
+        pending = self._pending
+        # Checked without a lock: threads racing here can overshoot the bound by one line each.
+        if len(pending) >= self.max_queue:
             with self._drop_lock:
                 self.dropped += 1
+            return
+        pending.append((self.wall_clock(), record))
+        if not self._wakeup.is_set():  # a plain read; setting it (a lock) only when the writer sleeps
+            self._wakeup.set()
 
     __call__ = observe
 
@@ -162,21 +211,19 @@ class AccessLog:
         if self._thread is None or self.target in ("stdout", "stderr"):
             return
         self._reopen_wanted = True
-        try:
-            self._queue.put_nowait(_REOPEN)  # in order with the lines, and wakes an idle writer
-        except queue.Full:  # the writer is busy: it sees the flag after its current batch
-            pass
+        self._pending.append(_REOPEN)  # in order with the lines
+        self._wakeup.set()
 
     def stop(self) -> None:
         if self._thread is None:
             return
-        try:
-            self._queue.put(_STOP, timeout=STOP_TIMEOUT)  # after every line already queued
-        except queue.Full:
-            log.warning("access log writer is stuck; %d lines not written", self._queue.qsize())
+        self._pending.append(_STOP)  # after every line already queued
+        self._wakeup.set()
         thread, self._thread = self._thread, None
         thread.join(timeout=STOP_TIMEOUT)
-        if not thread.is_alive():  # never write beside a stuck writer
+        if thread.is_alive():  # never write beside a stuck writer
+            log.warning("access log writer is stuck; %d lines not written", len(self._pending))
+        else:
             self._write_leftovers()
         if self._stream is not None and self.target not in ("stdout", "stderr"):
             self._stream.close()
@@ -184,11 +231,8 @@ class AccessLog:
     def _write_leftovers(self) -> None:
         """Lines queued behind the stop marker (a request that finished just as a reload swapped logs)."""
         leftovers = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
+        while self._pending:
+            item = self._pending.popleft()
             if item is not _STOP and item is not _REOPEN:
                 leftovers.append(item)
         self._write([line for item in leftovers for line in (self._format_line(*item),) if line is not None])
@@ -202,28 +246,33 @@ class AccessLog:
 
     def _write_loop(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            while len(batch) < 256:  # write what has piled up in one go, then flush once
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stopping = any(item is _STOP for item in batch)
+            self._wakeup.wait()
+            # Cleared before draining: a line appended after the drain's last pop finds it clear and
+            # sets it again, so no line waits for a later one to wake the writer.
+            self._wakeup.clear()
+            if self._drain():
+                return
+
+    def _drain(self) -> bool:
+        """Format and write everything queued, BATCH_LINES per write; True once the stop marker came."""
+        pending = self._pending
+        while pending:
             lines = []
-            for item in batch:
+            for _ in range(min(len(pending), BATCH_LINES)):
+                item = pending.popleft()
+                if item is _STOP:
+                    self._write(lines)
+                    return True
                 if item is _REOPEN:
                     self._write(lines)  # what came before the reopen goes to the old file
                     lines = []
                     self._reopen_stream()
-                elif item is not _STOP:
+                else:
                     line = self._format_line(*item)
                     if line is not None:
                         lines.append(line)
             self._write(lines)
-            if self._reopen_wanted:  # its marker did not fit in a full queue
-                self._reopen_stream()
-            if stopping:
-                return
+        return False
 
     def _reopen_stream(self) -> None:
         """On the writer thread. A file that cannot be opened keeps the old one (one error line)."""

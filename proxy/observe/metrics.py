@@ -2,9 +2,10 @@
 
 Three steps, so worker processes and the admin process can share the work:
 
-- ``Metrics.observe(record)`` runs after every proxied request: one lock, a few dict/list increments.
-- ``Metrics.snapshot()`` copies the counters and reads the gauges (servers, connections, threads) into a
-  plain JSON-able dict: what a worker process sends to whoever serves ``/metrics``.
+- ``Metrics.observe(record)`` runs after every proxied request: a few dict/list increments in the
+  calling thread's own counters, no lock (see ``ThreadCounters``).
+- ``Metrics.snapshot()`` adds the threads' counters up and reads the gauges (servers, connections,
+  threads) into a plain JSON-able dict: what a worker process sends to whoever serves ``/metrics``.
 - ``merge(snapshots)`` adds several processes' snapshots together; ``render_prometheus(merged)`` writes
   the text format (https://prometheus.io/docs/instrumenting/exposition_formats/).
 
@@ -31,6 +32,40 @@ RECENT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 RECENT_WINDOW = 10  # seconds of per-second slots behind the dashboard's rates and quantiles
 
 
+class ThreadCounters:
+    """One thread's share of the request counters.
+
+    Only the thread that owns it writes to it, so increments need no lock under the GIL and none is
+    lost. A reader copies each container with one C-level call (``dict(...)``, ``list(...)``), which
+    no other thread can interleave with, and adds the copies of every thread up.
+    """
+
+    __slots__ = ("owner", "requests", "durations", "recent")
+
+    def __init__(self, recent: "RecentTraffic"):
+        self.owner = threading.current_thread()
+        self.requests: dict[tuple[str, int], int] = {}  # (upstream, status as it comes) -> requests
+        # upstream -> per-bucket counts (+Inf last) and then the sum of durations, in one list
+        self.durations: dict[str, list] = {}
+        self.recent = recent
+
+    def absorb(self, other: "ThreadCounters") -> None:
+        """Add a finished thread's counts to these (a reader's fold, under the reader's lock)."""
+        for key, n in dict(other.requests).items():
+            self.requests[key] = self.requests.get(key, 0) + n
+        for upstream, histogram in dict(other.durations).items():
+            _add_histogram(self.durations, upstream, list(histogram))
+        self.recent.absorb(other.recent)
+
+
+def _add_histogram(into: dict, upstream: str, histogram: list) -> None:
+    target = into.get(upstream)
+    if target is None:
+        into[upstream] = histogram
+    else:
+        into[upstream] = [a + b for a, b in zip(target, histogram)]
+
+
 class Metrics:
     """Counters fed by the request observer, gauges read at snapshot time."""
 
@@ -41,11 +76,18 @@ class Metrics:
         self.access_log = access_log  # proxy.observe.access_log.AccessLog: dropped / written
         self._retired_log_counts = {"written": 0, "dropped": 0}  # writers a reload replaced
         self.buckets = tuple(float(b) for b in buckets)
-        self._lock = threading.Lock()
-        # Keyed by the status as it comes (an int); made a string label at snapshot time, not per request.
-        self._requests: dict[tuple[str, int], int] = {}
-        self._durations: dict[str, list] = {}  # upstream -> [per-bucket counts (+Inf last), sum, count]
-        self._recent = RecentTraffic(clock=clock)  # guarded by _lock too
+        self.clock = clock
+        self.started = clock()
+        # One bisect per request serves both histograms: a duration's slot among the union of their
+        # bounds maps to its slot in each (how many of that histogram's bounds lie below it).
+        bounds = sorted(set(self.buckets) | set(RECENT_BUCKETS))
+        self._bounds = tuple(bounds)
+        self._histogram_slot = (0, *(bisect.bisect_right(self.buckets, b) for b in bounds))
+        self._recent_slot = (0, *(bisect.bisect_right(RECENT_BUCKETS, b) for b in bounds))
+        self._local = threading.local()  # .counters: this thread's ThreadCounters
+        self._threads_lock = threading.Lock()  # taken once per new thread, and by readers
+        self._threads: list[ThreadCounters] = []
+        self._finished = self._new_counters()  # what threads that have ended counted
         # A reload that rebuilds a server (weight, limits) gives it a new Server object counting from 0;
         # Prometheus reads a counter going down as a reset. The objects last seen per (upstream,
         # address) and what the replaced ones had counted keep pyproxy_upstream_*_total monotonic.
@@ -56,43 +98,93 @@ class Metrics:
         app.reload_listeners.append(lambda old_config, new_config: self.track_servers())
 
     def observe(self, record) -> None:
-        """The request observer (hot path)."""
+        """The request observer (hot path): this thread's own counters, no lock."""
+        try:
+            counters = self._local.counters
+        except AttributeError:
+            counters = self._register_thread()
         upstream = record.upstream or NO_UPSTREAM
-        key = (upstream, record.status)
+        status = record.status
+        key = (upstream, status)
+        requests = counters.requests
+        requests[key] = requests.get(key, 0) + 1
         # A tunnel (101) is observed when it closes; its lifetime is no response time (the access log
         # has it, as nginx's does), and minutes of WebSocket would swamp the latency percentiles.
-        duration = record.duration if record.status != 101 else 0.0
-        slot = bisect.bisect_left(self.buckets, duration)  # le is inclusive: duration == bound counts in it
-        with self._lock:
-            self._requests[key] = self._requests.get(key, 0) + 1
-            histogram = self._durations.get(upstream)
-            if histogram is None:
-                histogram = self._durations[upstream] = [[0] * (len(self.buckets) + 1), 0.0, 0]
-            histogram[0][slot] += 1
-            histogram[1] += duration
-            histogram[2] += 1
-            self._recent.add(upstream, record.status, duration)
+        duration = record.duration if status != 101 else 0.0
+        slot = bisect.bisect_left(self._bounds, duration)  # le is inclusive: duration == bound counts in it
+        histogram = counters.durations.get(upstream)
+        if histogram is None:
+            histogram = counters.durations[upstream] = [0] * (len(self.buckets) + 1) + [0.0]
+        histogram[self._histogram_slot[slot]] += 1
+        histogram[-1] += duration
+        # The engine passes an int: compare it rather than build a string per request.
+        error = status >= 500 if type(status) is int else is_error_status(status)
+        counters.recent.count(upstream, error, self._recent_slot[slot])
 
     __call__ = observe
 
+    def _new_counters(self) -> ThreadCounters:
+        return ThreadCounters(RecentTraffic(clock=self.clock, started=self.started))
+
+    def _register_thread(self) -> ThreadCounters:
+        counters = self._local.counters = self._new_counters()
+        with self._threads_lock:
+            self._fold_finished_threads()  # keeps the list as long as the live threads, under churn
+            self._threads.append(counters)
+        return counters
+
+    def _fold_finished_threads(self) -> None:
+        """Move ended threads' counts into ``_finished`` (they write no more). Under _threads_lock."""
+        ended = [counters for counters in self._threads if not counters.owner.is_alive()]
+        for counters in ended:
+            self._finished.absorb(counters)
+            self._threads.remove(counters)
+
+    def _all_counters(self) -> list[ThreadCounters]:
+        """Every thread's counters (live ones are still being written), ended threads' folded first.
+        Call under _threads_lock."""
+        self._fold_finished_threads()
+        return [self._finished, *self._threads]
+
+    def _totals(self) -> tuple[dict, dict]:
+        """(requests by (upstream, status), histograms by upstream) added over every thread."""
+        requests: dict[tuple[str, int], int] = {}
+        durations: dict[str, list] = {}
+        with self._threads_lock:
+            for counters in self._all_counters():
+                for key, n in dict(counters.requests).items():
+                    requests[key] = requests.get(key, 0) + n
+                for upstream, histogram in dict(counters.durations).items():
+                    _add_histogram(durations, upstream, list(histogram))
+        return requests, durations
+
     def recent(self) -> dict:
-        """The last few seconds per upstream plus running totals: what /status's "traffic" is built from."""
-        with self._lock:
-            recent = self._recent.snapshot()
-            totals: dict[str, list[int]] = {}
-            for (upstream, code), n in self._requests.items():
-                counts = totals.setdefault(upstream, [0, 0])
-                counts[0] += n
-                counts[1] += n if is_error_status(code) else 0
-        for upstream, (requests, errors) in totals.items():
+        """The last few seconds per upstream plus running totals: what /status's "traffic" and server
+        counters are built from. ``carried`` holds, per upstream and server address, the totals of
+        Server objects a reload replaced, which /status adds to the running object's (as /metrics)."""
+        requests, _ = self._totals()
+        with self._threads_lock:
+            snapshots = [counters.recent for counters in self._all_counters()]
+        recent = RecentTraffic.combine(snapshots, self.clock())
+        totals: dict[str, list[int]] = {}
+        for (upstream, code), n in requests.items():
+            counts = totals.setdefault(upstream, [0, 0])
+            counts[0] += n
+            counts[1] += n if is_error_status(code) else 0
+        for upstream, (requests_total, errors) in totals.items():
             entry = recent["upstreams"].setdefault(upstream, empty_window(len(recent["buckets"])))
-            entry["requests_total"], entry["errors_total"] = requests, errors
+            entry["requests_total"], entry["errors_total"] = requests_total, errors
+        carried: dict[str, dict[str, dict]] = {}
+        for (upstream, address), (requests_total, failures) in self.track_servers().items():
+            carried.setdefault(upstream, {})[address] = {"requests_total": requests_total,
+                                                         "failures_total": failures}
+        recent["carried"] = carried
         return recent
 
     def snapshot(self) -> dict:
-        with self._lock:
-            requests = [{"upstream": u, "code": str(c), "value": n} for (u, c), n in self._requests.items()]
-            durations = {u: {"counts": list(h[0]), "sum": h[1], "count": h[2]} for u, h in self._durations.items()}
+        counted, histograms = self._totals()
+        requests = [{"upstream": u, "code": str(c), "value": n} for (u, c), n in counted.items()]
+        durations = {u: {"counts": h[:-1], "sum": h[-1], "count": sum(h[:-1])} for u, h in histograms.items()}
         return {
             "processes": 1,
             "buckets": list(self.buckets),
@@ -162,52 +254,78 @@ def empty_window(bucket_count: int) -> dict:
 class RecentTraffic:
     """Requests, 5xx answers and a latency histogram per upstream over the last ``window`` seconds.
 
-    One slot per clock second in a ring of ``window`` slots: a slot whose second has gone by is reused
-    (reset) by the next request landing on it, so memory stays window × upstreams × buckets. Not
-    thread-safe on its own: ``Metrics`` calls it under its lock.
+    One slot per clock second in a ring of ``window`` slots: a slot whose second has gone by is replaced
+    (by a fresh one, in one store) by the next request landing on it, so memory stays window ×
+    upstreams × buckets. One thread adds (``Metrics`` keeps one per thread); any thread may read.
     """
 
-    def __init__(self, window: int = RECENT_WINDOW, buckets=RECENT_BUCKETS, clock=time.monotonic):
+    def __init__(self, window: int = RECENT_WINDOW, buckets=RECENT_BUCKETS, clock=time.monotonic,
+                 started: float | None = None):
         self.window = window
         self.buckets = tuple(float(b) for b in buckets)
         self.clock = clock
-        self.started = clock()
+        self.started = clock() if started is None else started
         self._rings: dict[str, list[list]] = {}  # upstream -> window × [second, requests, errors, counts]
 
     def add(self, upstream: str, status, duration: float) -> None:
+        error = status >= 500 if type(status) is int else is_error_status(status)
+        self.count(upstream, error, bisect.bisect_left(self.buckets, duration))
+
+    def count(self, upstream: str, error: bool, bucket: int) -> None:
+        """One request in this second, whose latency falls in ``bucket`` (an index into the counts)."""
         second = math.floor(self.clock())
         ring = self._rings.get(upstream)
         if ring is None:
-            ring = self._rings[upstream] = [[None, 0, 0, [0] * (len(self.buckets) + 1)] for _ in range(self.window)]
-        slot = ring[second % self.window]
+            ring = self._rings[upstream] = [[None, 0, 0, None] for _ in range(self.window)]
+        index = second % self.window
+        slot = ring[index]
         if slot[0] != second:
-            slot[0], slot[1], slot[2] = second, 0, 0
-            slot[3] = [0] * (len(self.buckets) + 1)
+            slot = ring[index] = [second, 0, 0, [0] * (len(self.buckets) + 1)]
         slot[1] += 1
-        # The engine passes an int: compare it rather than build a string per request.
-        error = status >= 500 if type(status) is int else is_error_status(status)
         if error:
             slot[2] += 1
-        slot[3][bisect.bisect_left(self.buckets, duration)] += 1
+        slot[3][bucket] += 1
 
-    def snapshot(self) -> dict:
+    def absorb(self, other: "RecentTraffic") -> None:
+        """Add another ring's slots (same window) to this one's: same second adds, a newer replaces."""
+        for upstream, theirs in list(other._rings.items()):
+            mine = self._rings.setdefault(upstream, [[None, 0, 0, None] for _ in range(self.window)])
+            for index, slot in enumerate(list(theirs)):
+                second = slot[0]
+                if second is None:
+                    continue
+                current = mine[index]
+                if current[0] == second:
+                    mine[index] = [second, current[1] + slot[1], current[2] + slot[2],
+                                   [a + b for a, b in zip(current[3], slot[3])]]
+                elif current[0] is None or current[0] < second:
+                    mine[index] = [second, slot[1], slot[2], list(slot[3])]
+
+    def snapshot(self, now: float | None = None) -> dict:
         """{"window_seconds": covered, "buckets": [...], "upstreams": {name: window counts}}."""
-        now = self.clock()
+        return RecentTraffic.combine([self], self.clock() if now is None else now)
+
+    @staticmethod
+    def combine(parts: list["RecentTraffic"], now: float) -> dict:
+        """One snapshot of several rings (one per thread) with the same window, buckets and start."""
+        first = parts[0]
         second = math.floor(now)
-        oldest = second - self.window + 1
-        upstreams = {}
-        for upstream, ring in self._rings.items():
-            entry = empty_window(len(self.buckets))
-            for slot_second, requests, errors, counts in ring:
-                if slot_second is not None and oldest <= slot_second <= second:
-                    entry["requests"] += requests
-                    entry["errors"] += errors
-                    entry["latency_counts"] = [a + b for a, b in zip(entry["latency_counts"], counts)]
-            upstreams[upstream] = entry
+        oldest = second - first.window + 1
+        upstreams: dict[str, dict] = {}
+        for part in parts:
+            for upstream, ring in list(part._rings.items()):
+                entry = upstreams.get(upstream)
+                if entry is None:
+                    entry = upstreams[upstream] = empty_window(len(first.buckets))
+                for slot_second, requests, errors, counts in list(ring):
+                    if slot_second is not None and oldest <= slot_second <= second:
+                        entry["requests"] += requests
+                        entry["errors"] += errors
+                        entry["latency_counts"] = [a + b for a, b in zip(entry["latency_counts"], counts)]
         # The slots cover the current (partial) second and window-1 whole ones, and never reach back
         # before this process started: rates divide by the time really covered, not by `window`.
-        covered = min(now - oldest, now - self.started)
-        return {"window_seconds": round(max(covered, 1.0), 3), "buckets": list(self.buckets), "upstreams": upstreams}
+        covered = min(now - oldest, now - first.started)
+        return {"window_seconds": round(max(covered, 1.0), 3), "buckets": list(first.buckets), "upstreams": upstreams}
 
 
 def estimate_quantile(buckets, counts, q: float) -> float | None:

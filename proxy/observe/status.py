@@ -21,6 +21,7 @@ Shape (documented in docs/configuration.md, "Admin endpoints"):
 
 from __future__ import annotations
 
+import threading
 import time
 
 from proxy.routing.table import describe_expect_status, routes_by_precedence
@@ -28,6 +29,8 @@ from proxy.observe.metrics import empty_window, estimate_quantile
 
 COUNTERS = ("active_requests", "requests_total", "failures_total")
 TRAFFIC_COUNTERS = ("requests", "errors", "requests_total", "errors_total")
+SERVER_TOTALS = ("requests_total", "failures_total")  # the counters among COUNTERS (never go down)
+TRAFFIC_TOTALS = ("requests_total", "errors_total")  # the counters among TRAFFIC_COUNTERS
 EJECTED_PREFIX = "ejected"  # servers.Server's reason while passive checks keep a server out
 
 
@@ -35,14 +38,17 @@ def build_status(app, server=None, pool=None, checker=None, wall_clock=time.time
     """This process's view. ``server``/``pool``/``checker`` are optional (a worker has no checker).
 
     ``traffic`` is ``Metrics.recent`` (or None): each upstream then gets its recent request and error
-    rates and latency quantiles.
+    rates and latency quantiles, and each server's totals include what the Server objects a reload
+    replaced had counted (as /metrics does), so they never go down.
     """
     runtime = app.runtime
     now, wall_now = app.clock(), wall_clock()
     recent = traffic() if traffic is not None else None
+    carried = recent.get("carried", {}) if recent is not None else {}
     upstreams = {}
     for name, upstream in runtime.upstreams.items():
         servers = [_server_status(name, s, now, wall_now, checker) for s in upstream.servers]
+        _add_server_totals(servers, carried.get(name, {}))
         upstreams[name] = {"policy": upstream.config.policy, "health": _health(upstream.config.health),
                            "passive": _passive(upstream.config.passive), "servers": servers,
                            "traffic": _traffic(recent, name)}
@@ -65,6 +71,15 @@ def _server_status(upstream_name: str, server, now: float, wall_now: float, chec
     last = checker.last_check(upstream_name, snap["address"]) if checker is not None else None
     snap["last_check"] = _with_age(last, wall_now)
     return snap
+
+
+def _add_server_totals(servers: list[dict], totals: dict[str, dict]) -> None:
+    """Add counts kept elsewhere (replaced Server objects, exited workers) to servers by address."""
+    for server in servers:
+        extra = totals.get(server["address"])
+        if extra is not None:
+            for field in SERVER_TOTALS:
+                server[field] = server.get(field, 0) + extra.get(field, 0)
 
 
 def _with_age(last: dict | None, wall_now: float) -> dict | None:
@@ -184,3 +199,83 @@ def _sum_dicts(dicts) -> dict:
         for key, value in values.items():
             total[key] = total.get(key, 0) + value
     return total
+
+
+# -- totals that outlive a worker ----------------------------------------------------------------------
+
+class WorkerStatusTotals:
+    """Keeps /status totals merged over worker processes monotonic while the set of workers changes,
+    as ``metrics.WorkerCounters`` does for /metrics.
+
+    ``merge_status`` sums the workers that answered: a worker killed and restarted (its successor
+    counts from 0), replaced on a reload, or slow to answer took its requests and failures out of the
+    totals. So each worker's last totals are kept: a silent one adds its last totals, one that exited
+    (``gone``) has them folded into the retired totals for good. Only totals are kept: states, active
+    requests and recent rates come from live answers, and a server or upstream no live worker reports
+    any more (a reload removed it) is left out.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._last: dict = {}  # process key (pid) -> its last totals (see status_totals)
+        self._retired = _empty_totals()  # totals of the processes gone
+
+    def merged(self, answers: dict) -> dict:
+        """``answers``: process key -> status document, from the processes that answered just now
+        (in the order their documents should be merged)."""
+        with self._lock:
+            for key, status in answers.items():
+                self._last[key] = status_totals(status)
+            kept = [totals for key, totals in self._last.items() if key not in answers]
+            kept.append(self._retired)
+        merged = merge_status(list(answers.values()))
+        for totals in kept:
+            _add_totals(merged, totals)
+        return merged
+
+    def gone(self, key) -> None:
+        """The process exited: its last totals stay in every later answer."""
+        with self._lock:
+            last = self._last.pop(key, None)
+            if last is not None:
+                self._retired = _sum_totals(self._retired, last)
+
+
+def _empty_totals() -> dict:
+    return {"servers": {}, "traffic": {}}
+
+
+def status_totals(status: dict) -> dict:
+    """A status document's totals: {"servers": {upstream: {address: {field: n}}},
+    "traffic": {upstream: {field: n}}}."""
+    servers, traffic = {}, {}
+    for name, upstream in status.get("upstreams", {}).items():
+        servers[name] = {s["address"]: {field: s.get(field, 0) for field in SERVER_TOTALS}
+                         for s in upstream.get("servers", ())}
+        if upstream.get("traffic") is not None:
+            traffic[name] = {field: upstream["traffic"].get(field, 0) for field in TRAFFIC_TOTALS}
+    return {"servers": servers, "traffic": traffic}
+
+
+def _sum_totals(one: dict, other: dict) -> dict:
+    servers = {name: {address: dict(fields) for address, fields in by_address.items()}
+               for name, by_address in one["servers"].items()}
+    for name, by_address in other["servers"].items():
+        mine = servers.setdefault(name, {})
+        for address, fields in by_address.items():
+            mine[address] = _sum_dicts([mine.get(address, {}), fields])
+    traffic = {name: dict(fields) for name, fields in one["traffic"].items()}
+    for name, fields in other["traffic"].items():
+        traffic[name] = _sum_dicts([traffic.get(name, {}), fields])
+    return {"servers": servers, "traffic": traffic}
+
+
+def _add_totals(merged: dict, totals: dict) -> None:
+    """Add kept totals to a merged document, only where a live process still reports the upstream
+    (and server)."""
+    for name, upstream in merged["upstreams"].items():
+        _add_server_totals(upstream["servers"], totals["servers"].get(name, {}))
+        extra, traffic = totals["traffic"].get(name), upstream.get("traffic")
+        if extra is not None and traffic is not None:
+            upstream["traffic"] = {**traffic, **{field: traffic.get(field, 0) + extra.get(field, 0)
+                                                 for field in TRAFFIC_TOTALS}}

@@ -48,7 +48,7 @@ from proxy.observe.log_reload import level_listener
 from proxy.observe.metrics import WorkerCounters, render_prometheus
 from proxy.serve.runner import (RESTART_ONLY, SERVING_SIGNALS, ProxyProcess, bind_config_listener, load_for_reload,
                      server_changes, tls_problems)
-from proxy.observe.status import merge_status
+from proxy.observe.status import WorkerStatusTotals
 from proxy.serve.watch import Watcher, describe_changes
 
 log = logging.getLogger("pyproxy.supervisor")
@@ -253,7 +253,7 @@ class SupervisorSources(AdminSources):
 
     def status_document(self) -> dict:
         per_worker = self.supervisor.collect("status")
-        merged = merge_status([status for _, status in per_worker])
+        merged = self.supervisor.status_totals.merged({handle.pid: status for handle, status in per_worker})
         merged["workers"] = [{"slot": handle.slot, "pid": handle.pid, "requests_total": _requests_total(status),
                               "down": _down_servers(status)} for handle, status in per_worker]
         merged["draining"] = merged["draining"] or self.supervisor.stopping
@@ -306,6 +306,7 @@ class Supervisor:
         self.killed = 0
         self.restarts_total = 0
         self.worker_counters = WorkerCounters()  # /metrics counters never go down as workers come and go
+        self.status_totals = WorkerStatusTotals()  # nor do /status totals
         self._deadline = 0.0
         self._signals: deque[int] = deque()
         self._calls: deque[Callable[[], None]] = deque()
@@ -468,7 +469,8 @@ class Supervisor:
 
     def _worker_exited(self, pid: int, status: int) -> None:
         how = _describe_exit(status)
-        self.worker_counters.gone(pid)  # its counts stay in /metrics (a successor starts from 0)
+        self.worker_counters.gone(pid)  # its counts stay in /metrics and /status (a successor starts from 0)
+        self.status_totals.gone(pid)
         handle = self.retiring.pop(pid, None)
         if handle is not None:
             handle.link.close()
