@@ -1,0 +1,137 @@
+"""How worker processes share new connections (server.workers > 1).
+
+Each worker accepts on its own SO_REUSEPORT socket, so the kernel spreads connections over the workers
+by a hash of the client's address and port, whichever worker happens to be awake. With one socket
+shared by every worker, the first to wake took the whole burst (64/0, 48/16 for 64 connections).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+
+import pytest
+
+from proxy.config.schema import load_config
+from proxy.serve.runner import bind_config_listener
+from proxy.serve.supervisor import Supervisor, WorkerHandle, bind_slot_sockets
+from tests.core_helpers import wait_for
+from tests.test_lifecycle import backends, read_response, running_proxy, served_by
+from tests.test_workers import WORKERS, children, ready_workers, status, workers_config
+
+pytestmark = pytest.mark.timeout(60)
+CONNECTIONS = 64
+# A fair hash gives each of 2 workers 32 ± 4 (one standard deviation): fewer than 16 happens by chance
+# about once in 30,000 runs.
+FEWEST_PER_WORKER = CONNECTIONS // 4
+
+
+def open_keepalive_connections(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections opened together (a burst, as a load balancer or wrk opens them), then one
+    request on each; they stay open so each worker's count is its share of the burst."""
+    conns = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+    for sock in conns:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+    for sock in conns:
+        assert read_response(sock).startswith(b"HTTP/1.1 200"), "a request of the burst failed"
+    return conns
+
+
+def gone(pid: int) -> bool:
+    """Dead: a zombie not yet reaped by the supervisor, or reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def requests_per_worker(admin_port: int) -> dict[int, int]:
+    return {worker["pid"]: worker["requests_total"] for worker in status(admin_port)["workers"]}
+
+
+def test_a_burst_of_keepalive_connections_is_shared_between_the_workers(tmp_path):
+    with backends("a") as (a,):
+        port, admin_port, config = workers_config(a.address)
+        with running_proxy(tmp_path, config) as run:
+            wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready", on_timeout=run.log)
+            before = requests_per_worker(admin_port)  # the start-up probe's request
+            conns = open_keepalive_connections(port, CONNECTIONS)
+            try:
+                after = requests_per_worker(admin_port)
+                shares = {pid: after[pid] - before.get(pid, 0) for pid in after}
+                assert sum(shares.values()) == CONNECTIONS, shares
+                assert len(shares) == WORKERS and min(shares.values()) >= FEWEST_PER_WORKER, shares
+            finally:
+                for sock in conns:
+                    sock.close()
+
+
+def test_a_replacement_worker_takes_over_its_predecessors_socket(tmp_path):
+    """A worker killed while idle: the replacement accepts on the same socket, so every connection the
+    kernel hashes to that slot is served, during the restart and after it."""
+    with backends("a") as (a,):
+        port, admin_port, config = workers_config(a.address)
+        with running_proxy(tmp_path, config) as run:
+            wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready")
+            victim = min(children(run.proc.pid))
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: gone(victim), what="the killed worker to die")
+            conns = open_keepalive_connections(port, CONNECTIONS)  # some wait in the dead worker's queue
+            for sock in conns:
+                sock.close()
+            wait_for(lambda: ready_workers(run) == WORKERS + 1, what="the replacement", on_timeout=run.log)
+            pids = children(run.proc.pid)
+            assert victim not in pids
+            shares = requests_per_worker(admin_port)
+            assert set(shares) == pids and all(shares.values()), shares  # the replacement served its slot
+            assert [served_by(run.url) for _ in range(20)] == ["a"] * 20
+            run.signal(signal.SIGTERM)
+            assert run.wait_exit() == 0
+
+
+# -- the supervisor's sockets, without processes -----------------------------------------------------
+
+class _NoLink:
+    def close(self) -> None:
+        pass
+
+
+def accepted_within(sock: socket.socket, limit: int) -> int:
+    """How many connections wait in a listening socket's queue (at most ``limit``), accepting them."""
+    sock.settimeout(0.5)  # a connect() returned: its connection is already queued, or in another socket
+    count = 0
+    for _ in range(limit):
+        try:
+            sock.accept()[0].close()
+        except TimeoutError:
+            break
+        count += 1
+    return count
+
+
+def test_a_worker_waiting_to_restart_gives_its_connections_to_the_live_one(tmp_path):
+    config_path = tmp_path / "proxy.toml"
+    config_path.write_text(workers_config("127.0.0.1:9")[2])
+    config = load_config(config_path)
+    listen = config.server.listen[0]
+    now = 100.0
+    supervisor = Supervisor(config, None, bind_slot_sockets([(listen, bind_config_listener(listen))], WORKERS),
+                            clock=lambda: now)
+    try:  # a worker that dies 1s after it started, the second time in a row
+        dying, live = WorkerHandle(0, 1_000_001, _NoLink(), now - 1), WorkerHandle(1, 1_000_002, _NoLink(), now - 1)
+        live.ready.set()
+        supervisor.slots = [dying, live]
+        supervisor.failures[0] = 1  # it died young before: this time its restart waits
+        supervisor._worker_exited(dying.pid, signal.SIGKILL)
+        assert supervisor.restart_at[0] > now
+        assert supervisor.slot_sockets[0] == {}
+        clients = [socket.create_connection(("127.0.0.1", listen.port), timeout=5) for _ in range(20)]
+        assert accepted_within(supervisor.slot_sockets[1][listen.address], 20) == 20  # none lost in a dead queue
+        for client in clients:
+            client.close()
+        (rebound_listen, rebound), = supervisor._slot_listeners(0)  # the replacement binds its slot anew
+        assert rebound_listen == listen and rebound.getsockname()[1] == listen.port
+    finally:
+        supervisor._close_all_sockets()
