@@ -29,7 +29,7 @@ from bench_lib import configs, relays, report  # noqa: E402
 from bench_lib.configs import SMALL_BODY, ProxyShape  # noqa: E402
 from bench_lib.procs import StartError  # noqa: E402
 from bench_lib.scenarios import SCENARIOS, Measurement, takes_part, worker_split  # noqa: E402
-from bench_lib.targets import RELAY_MODES, install_python_pyproxy, relay_command, requests_per_worker  # noqa: E402
+from bench_lib.targets import RELAY_MODES, install_python_pyproxy, relay_command, worker_counts  # noqa: E402
 
 START_TIMEOUT_S = 5.0
 CLIENT_TIMEOUT_S = 5.0
@@ -226,7 +226,7 @@ def test_worker_split_counts_each_slot_and_a_restarted_worker_from_zero():
     assert worker_split({0: 100, 1: 50}, {0: 160, 1: 90}) == [60, 40]
     assert worker_split({0: 100, 1: 50}, {0: 30, 1: 90}) == [30, 40]  # slot 0 restarted: 30 since
     assert worker_split({0: 100}, None) == []
-    assert requests_per_worker(free_tcp_port()) is None  # nothing listening: no split, no exception
+    assert worker_counts(free_tcp_port()) is None  # nothing listening: no split, no exception
 
 
 def free_tcp_port() -> int:
@@ -238,13 +238,13 @@ def free_tcp_port() -> int:
 def test_table_shows_what_workers_add_and_how_requests_split():
     measurements = [Measurement("c50", "nginx", "req/s", value=20_000.0, errors=0),
                     Measurement("c50", "pyproxy", "req/s", value=9_000.0, errors=0,
-                                details={"requests_per_worker": [5_200, 4_800]}),
+                                details={"connections_per_worker": [26, 24], "requests_per_worker": [5_200, 4_800]}),
                     Measurement("c50", "pyproxy-1w", "req/s", value=6_000.0, errors=0),
                     Measurement("c50", "python-pyproxy", "req/s", value=2_000.0, errors=0)]
     table = report.render_table(measurements)
     header, pyproxy_line = table.splitlines()[0], next(l for l in table.splitlines() if " pyproxy " in l)
     assert header.split()[-4:] == ["÷1", "worker", "per", "worker"]
-    assert pyproxy_line.split()[-2:] == ["1.50x", "52/48%"]
+    assert pyproxy_line.rstrip().endswith("1.50x  conns 52/48%, reqs 52/48%"), table
     assert next(l for l in table.splitlines() if "python-pyproxy" in l).rstrip().endswith("0.10x")
     assert "÷1 worker" not in report.render_table(measurements[:1])  # one worker: the table as before
     assert report.split_text([0, 0]) == "" and report.split_text([1, 3]) == "25/75%"

@@ -47,8 +47,8 @@ def gone(pid: int) -> bool:
         return True
 
 
-def requests_per_worker(admin_port: int) -> dict[int, int]:
-    return {worker["pid"]: worker["requests_total"] for worker in status(admin_port)["workers"]}
+def requests_per_worker(admin_port: int, counter: str = "requests_total") -> dict[int, int]:
+    return {worker["pid"]: worker[counter] for worker in status(admin_port)["workers"]}
 
 
 def test_a_burst_of_keepalive_connections_is_shared_between_the_workers(tmp_path):
@@ -57,12 +57,16 @@ def test_a_burst_of_keepalive_connections_is_shared_between_the_workers(tmp_path
         with running_proxy(tmp_path, config) as run:
             wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready", on_timeout=run.log)
             before = requests_per_worker(admin_port)  # the start-up probe's request
+            accepted_before = requests_per_worker(admin_port, "connections_accepted")
             conns = open_keepalive_connections(port, CONNECTIONS)
             try:
                 after = requests_per_worker(admin_port)
                 shares = {pid: after[pid] - before.get(pid, 0) for pid in after}
                 assert sum(shares.values()) == CONNECTIONS, shares
                 assert len(shares) == WORKERS and min(shares.values()) >= FEWEST_PER_WORKER, shares
+                accepted = requests_per_worker(admin_port, "connections_accepted")
+                # one request per connection: each worker accepted the connections it served
+                assert {pid: accepted[pid] - accepted_before[pid] for pid in accepted} == shares
             finally:
                 for sock in conns:
                     sock.close()

@@ -236,8 +236,12 @@ def worker_main(slot: int, config: Config, config_path: str | None, listeners, c
     process.manage_listeners = False  # the supervisor owns the sockets; it replaces workers to change them
     process.reports_restarts = False  # the supervisor logs "needs a restart" once, not once per worker
     observability = install_observability(process, health=False, admin=False)
-    process.add_service(WorkerControl(process, control_sock, slot, observability.sources.status[0],
-                                      observability.sources.metrics[0]))
+    process_status = observability.sources.status[0]
+
+    def worker_status() -> dict:  # plus what only the per-worker line of /status shows
+        return {**process_status(), "connections_accepted": process.server.accepted_total}
+
+    process.add_service(WorkerControl(process, control_sock, slot, worker_status, observability.sources.metrics[0]))
     process.serve_forever()
     return 0
 
@@ -263,6 +267,7 @@ class SupervisorSources(AdminSources):
         per_worker = self.supervisor.collect("status")
         merged = merge_status([status for _, status in per_worker])
         merged["workers"] = [{"slot": handle.slot, "pid": handle.pid, "requests_total": _requests_total(status),
+                              "connections_accepted": status.get("connections_accepted", 0),
                               "down": _down_servers(status)} for handle, status in per_worker]
         merged["draining"] = merged["draining"] or self.supervisor.stopping
         self._add_last_checks(merged)

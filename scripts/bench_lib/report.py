@@ -23,7 +23,8 @@ GOALS = {
 }
 P99_LIMIT_VS_NGINX = 2.0  # "p99 at c=50 ≤ 2× nginx's"
 COLUMNS = ("scenario", "target", "result", "p50", "p99", "errors", "÷nginx", "÷haproxy", "goal")
-# Added when pyproxy ran with workers: its result over pyproxy-1w's, and each worker's share of requests.
+# Added when pyproxy ran with workers: its result over pyproxy-1w's, and each worker's share of the
+# connections and of the requests.
 WORKER_COLUMNS = ("÷1 worker", "per worker")
 COMPARED = ("pyproxy", SINGLE_WORKER, PYTHON_PYPROXY)  # rows with ratios to nginx and HAProxy
 
@@ -104,14 +105,17 @@ def _row(label: str, scenario: Scenario, m: Measurement, everything: list[Measur
 
 
 def has_worker_columns(measurements: list[Measurement]) -> bool:
-    return any(m.target == SINGLE_WORKER or "requests_per_worker" in m.details for m in measurements)
+    return any(m.target == SINGLE_WORKER or "requests_per_worker" in m.details
+               for m in measurements)
 
 
 def _worker_cells(m: Measurement, everything: list[Measurement]) -> tuple[str, str]:
     if m.target != "pyproxy" or m.failure:
         return ("", "")
-    return (_ratio_text(everything, m.scenario, SINGLE_WORKER, "pyproxy"),
-            split_text(m.details.get("requests_per_worker", [])))
+    connections = split_text(m.details.get("connections_per_worker", []))
+    requests = split_text(m.details.get("requests_per_worker", []))
+    split = ", ".join(part for part in (connections and f"conns {connections}", requests and f"reqs {requests}") if part)
+    return (_ratio_text(everything, m.scenario, SINGLE_WORKER, "pyproxy"), split)
 
 
 def split_text(per_worker: list[int]) -> str:
@@ -164,7 +168,8 @@ def workers_note(measurements: list[Measurement], workers: int) -> str | None:
     if not has_worker_columns(measurements):
         return None
     return (f"÷1 worker: pyproxy with --workers {workers} over {SINGLE_WORKER} (pyproxy with one worker, "
-            "same run); per worker: each worker's share of pyproxy's measured requests (admin /status)")
+            "same run); per worker: each worker's share of the connections it accepted and of the requests "
+            "it served in the measured run (admin /status)")
 
 
 def python_pyproxy_note(measurements: list[Measurement], workers: int) -> str | None:

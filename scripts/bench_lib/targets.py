@@ -212,8 +212,9 @@ def install_python_pyproxy(venv_dir: Path, requirement: str = PYTHON_PYPROXY_REQ
     return venv_dir
 
 
-def requests_per_worker(admin_port: int) -> dict[int, int] | None:
-    """{worker slot: requests served} from pyproxy's admin /status, or None if it does not answer."""
+def worker_counts(admin_port: int) -> dict[int, tuple[int, int]] | None:
+    """{worker slot: (connections accepted, requests served)} from pyproxy's admin /status, or None
+    if it does not answer."""
     connection = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=STATUS_TIMEOUT_S)
     try:
         connection.request("GET", "/status")
@@ -225,7 +226,8 @@ def requests_per_worker(admin_port: int) -> dict[int, int] | None:
         connection.close()
     if response.status != 200 or not isinstance(document.get("workers"), list):
         return None
-    return {worker["slot"]: worker["requests_total"] for worker in document["workers"]}
+    return {worker["slot"]: (worker.get("connections_accepted", 0), worker["requests_total"])
+            for worker in document["workers"]}
 
 
 def relay_command(repo: Path, mode: str, shape: configs.ProxyShape) -> list[str]:
