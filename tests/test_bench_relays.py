@@ -248,3 +248,8 @@ def test_table_shows_what_workers_add_and_how_requests_split():
     assert next(l for l in table.splitlines() if "python-pyproxy" in l).rstrip().endswith("0.10x")
     assert "÷1 worker" not in report.render_table(measurements[:1])  # one worker: the table as before
     assert report.split_text([0, 0]) == "" and report.split_text([1, 3]) == "25/75%"
+
+
+def test_a_run_where_no_request_finished_says_so():
+    stuck = Measurement("c1000", "python-pyproxy", "req/s", value=0.0, errors=0, details={"requests": 0})
+    assert "none finished in the run" in report.render_table([stuck])

@@ -130,6 +130,8 @@ def _result_text(scenario: Scenario, m: Measurement) -> str:
     if scenario.key == "idle":
         held = f"{m.details['connections_still_open']}/{m.details['connections_wanted']} held"
         return f"{m.value:.1f} MiB RSS, {m.details['threads']} thr, {held}"
+    if m.details.get("requests") == 0:  # wrk's --timeout outlasted the run: slow, not an error
+        return "0 req/s (none finished in the run)"
     if scenario.unit == "req/s":
         return f"{m.value:,.0f} req/s"
     return f"{m.value:,.1f} MiB/s ({m.details['requests_per_sec']:,.1f} req/s)"
