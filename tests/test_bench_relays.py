@@ -9,6 +9,7 @@ this one; it is put on sys.path here, as scripts/bench itself does.
 from __future__ import annotations
 
 import importlib.machinery
+import json
 import importlib.util
 import os
 import selectors
@@ -24,10 +25,11 @@ import requests
 SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS_DIR))
 
-from bench_lib import relays, report  # noqa: E402
+from bench_lib import configs, relays, report  # noqa: E402
 from bench_lib.configs import SMALL_BODY, ProxyShape  # noqa: E402
-from bench_lib.scenarios import SCENARIOS, Measurement, takes_part  # noqa: E402
-from bench_lib.targets import RELAY_MODES, relay_command  # noqa: E402
+from bench_lib.procs import StartError  # noqa: E402
+from bench_lib.scenarios import SCENARIOS, Measurement, takes_part, worker_split  # noqa: E402
+from bench_lib.targets import RELAY_MODES, install_python_pyproxy, relay_command, worker_counts  # noqa: E402
 
 START_TIMEOUT_S = 5.0
 CLIENT_TIMEOUT_S = 5.0
@@ -182,3 +184,72 @@ def test_table_shows_relay_ratios_without_a_goal():
     assert report.calibration_note(measurements[:2], workers=1) is None
     ratios = report.calibration_ratios(measurements)
     assert ratios["relay-loop"]["c50"] == {"vs_nginx": 0.25, "vs_haproxy": None}
+
+
+# -- workers, pyproxy-1w and python-pyproxy ------------------------------------------------------------
+
+def test_workers_add_pyproxy_with_one_worker_right_after_pyproxy():
+    bench = load_bench_script()
+    assert bench.parse_args(["--workers", "2", "--targets", "nginx,pyproxy,python-pyproxy"]).target_list == [
+        "nginx", "pyproxy", "pyproxy-1w", "python-pyproxy"]
+    assert bench.parse_args(["--workers", "1", "--targets", "pyproxy"]).target_list == ["pyproxy"]
+    assert bench.parse_args(["--workers", "2", "--targets", "nginx"]).target_list == ["nginx"]
+
+
+def test_pyproxy_config_gets_an_admin_listener_only_with_an_admin_port():
+    shape = ProxyShape(8000, [9001, 9002], workers=2, keepalive_per_server=32)
+    assert "[admin]" not in configs.pyproxy(shape)
+    with_admin = configs.pyproxy(ProxyShape(8000, [9001, 9002], 2, 32, admin_port=8100))
+    assert '[admin]\nlisten = "127.0.0.1:8100"' in with_admin
+    assert with_admin.index("[admin]") < with_admin.index("[[routes]]")  # not inside [log]
+
+
+def test_python_pyproxy_config_routes_everything_to_both_backends():
+    shape = ProxyShape(8000, [9001, 9002], workers=2, keepalive_per_server=32)
+    config = json.loads(configs.python_pyproxy(shape))
+    assert (config["server"]["bind_host"], config["server"]["bind_port"]) == ("127.0.0.1", 8000)
+    assert config["routes"] == [{"path": "/", "upstream": {"targets": [{"host": "127.0.0.1", "port": 9001},
+                                                                        {"host": "127.0.0.1", "port": 9002}]}}]
+    assert config["logging"]["access_log"] is False
+    assert configs.Layout(Path("/x"), "python-pyproxy").config.suffix == ".json"  # its loader goes by suffix
+    assert configs.Layout(Path("/x"), "pyproxy-1w").config.suffix == ".toml"
+
+
+@pytest.mark.timeout(120)
+def test_a_python_pyproxy_that_cannot_be_installed_says_why(tmp_path):
+    missing = tmp_path / "python_pyproxy-0.0.0-py3-none-any.whl"  # pip fails on it without the network
+    with pytest.raises(StartError, match="pip install .* failed: .*"):
+        install_python_pyproxy(tmp_path / "venv", requirement=str(missing))
+
+
+def test_worker_split_counts_each_slot_and_a_restarted_worker_from_zero():
+    assert worker_split({0: 100, 1: 50}, {0: 160, 1: 90}) == [60, 40]
+    assert worker_split({0: 100, 1: 50}, {0: 30, 1: 90}) == [30, 40]  # slot 0 restarted: 30 since
+    assert worker_split({0: 100}, None) == []
+    assert worker_counts(free_tcp_port()) is None  # nothing listening: no split, no exception
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_table_shows_what_workers_add_and_how_requests_split():
+    measurements = [Measurement("c50", "nginx", "req/s", value=20_000.0, errors=0),
+                    Measurement("c50", "pyproxy", "req/s", value=9_000.0, errors=0,
+                                details={"connections_per_worker": [26, 24], "requests_per_worker": [5_200, 4_800]}),
+                    Measurement("c50", "pyproxy-1w", "req/s", value=6_000.0, errors=0),
+                    Measurement("c50", "python-pyproxy", "req/s", value=2_000.0, errors=0)]
+    table = report.render_table(measurements)
+    header, pyproxy_line = table.splitlines()[0], next(l for l in table.splitlines() if " pyproxy " in l)
+    assert header.split()[-4:] == ["÷1", "worker", "per", "worker"]
+    assert pyproxy_line.rstrip().endswith("1.50x  conns 52/48%, reqs 52/48%"), table
+    assert next(l for l in table.splitlines() if "python-pyproxy" in l).rstrip().endswith("0.10x")
+    assert "÷1 worker" not in report.render_table(measurements[:1])  # one worker: the table as before
+    assert report.split_text([0, 0]) == "" and report.split_text([1, 3]) == "25/75%"
+
+
+def test_a_run_where_no_request_finished_says_so():
+    stuck = Measurement("c1000", "python-pyproxy", "req/s", value=0.0, errors=0, details={"requests": 0})
+    assert "none finished in the run" in report.render_table([stuck])

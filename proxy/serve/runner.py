@@ -103,8 +103,31 @@ def load_for_reload(path: str | None) -> Config | None:
         return None
 
 
-def bind_config_listener(listen: ListenConfig, reuse_port: bool = False):
-    return bind_listener(listen.host, listen.port, reuse_port=reuse_port)
+def bind_config_listener(listen: ListenConfig, reuse_port: bool = False, port: int | None = None):
+    """The listening socket of one ``server.listen`` entry (``port`` overrides its port)."""
+    return bind_listener(listen.host, listen.port if port is None else port, reuse_port=reuse_port)
+
+
+def bind_worker_listeners(listen: ListenConfig, count: int, claimed=None) -> list:
+    """``count`` SO_REUSEPORT sockets on one address, one per worker process: the kernel hashes each
+    new connection to one of them, so workers share connections evenly whichever is awake.
+
+    The address is first claimed with an ordinary socket (``claimed``, or one bound here) and that
+    socket closed: an address another program holds fails with EADDRINUSE as it would without
+    SO_REUSEPORT, instead of silently sharing its traffic. Port 0 takes the claimed socket's port.
+    Raises OSError, with nothing left open."""
+    probe = claimed if claimed is not None else bind_config_listener(listen)
+    port = probe.getsockname()[1]
+    probe.close()
+    socks: list = []
+    try:
+        for _ in range(count):
+            socks.append(bind_config_listener(listen, reuse_port=True, port=port))
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 class ProxyProcess:

@@ -1,10 +1,18 @@
-"""Worker processes: one supervisor, N forked workers sharing the listening sockets.
+"""Worker processes: one supervisor, N forked workers, each accepting on its own listening sockets.
 
 Why processes: one Python process serves on one core (the GIL); N workers, each with its own accept
 loop and thread pool, use N cores. The shape is gunicorn's arbiter / nginx's master:
 
-- The supervisor binds the listening sockets once, then forks the workers, which inherit them; the
-  kernel spreads new connections over the processes blocked in accept/epoll on the same socket.
+- The supervisor binds every listen address once per worker slot, with SO_REUSEPORT, then forks the
+  workers; each keeps its slot's sockets only. The kernel hashes every new connection to one socket of
+  the group, so the workers share connections evenly. (One socket shared by all workers let the first
+  to wake accept a whole burst: 32 keep-alive connections split 32/0 or 28/4 between 2 workers.)
+- The supervisor holds every slot's sockets too, so they outlive the workers: a crashed worker's
+  replacement accepts the connections that waited in its slot's queue, a drained worker (listen change)
+  hands its slot's sockets to its successor, and a reload keeps them. A worker that must wait before
+  its restart (it keeps dying young) has its slot's sockets closed meanwhile, while another worker
+  serves: the kernel then hashes new connections to the live workers (the few already queued on the
+  closed socket are reset), and the replacement binds its slot's sockets anew.
 - It never serves traffic. It runs the health checker and the admin listener (once per proxy), and
   talks to each worker over a ``socketpair`` made before the fork (``ControlLink``: JSON lines):
   health verdicts go down (``apply_health``), status/metrics snapshots come up and are merged.
@@ -46,8 +54,8 @@ from proxy.config.schema import Config, ConfigError, ListenConfig
 from proxy.upstream.health import HealthChecker, apply_health
 from proxy.observe.log_reload import level_listener
 from proxy.observe.metrics import WorkerCounters, render_prometheus
-from proxy.serve.runner import (RESTART_ONLY, SERVING_SIGNALS, ProxyProcess, bind_config_listener, load_for_reload,
-                     server_changes, tls_problems)
+from proxy.serve.runner import (RESTART_ONLY, SERVING_SIGNALS, ProxyProcess, bind_config_listener,
+                                bind_worker_listeners, load_for_reload, server_changes, tls_problems)
 from proxy.observe.status import WorkerStatusTotals
 from proxy.serve.watch import Watcher, describe_changes
 
@@ -228,8 +236,12 @@ def worker_main(slot: int, config: Config, config_path: str | None, listeners, c
     process.manage_listeners = False  # the supervisor owns the sockets; it replaces workers to change them
     process.reports_restarts = False  # the supervisor logs "needs a restart" once, not once per worker
     observability = install_observability(process, health=False, admin=False)
-    process.add_service(WorkerControl(process, control_sock, slot, observability.sources.status[0],
-                                      observability.sources.metrics[0]))
+    process_status = observability.sources.status[0]
+
+    def worker_status() -> dict:  # plus what only the per-worker line of /status shows
+        return {**process_status(), "connections_accepted": process.server.accepted_total}
+
+    process.add_service(WorkerControl(process, control_sock, slot, worker_status, observability.sources.metrics[0]))
     process.serve_forever()
     return 0
 
@@ -255,6 +267,7 @@ class SupervisorSources(AdminSources):
         per_worker = self.supervisor.collect("status")
         merged = self.supervisor.status_totals.merged({handle.pid: status for handle, status in per_worker})
         merged["workers"] = [{"slot": handle.slot, "pid": handle.pid, "requests_total": _requests_total(status),
+                              "connections_accepted": status.get("connections_accepted", 0),
                               "down": _down_servers(status)} for handle, status in per_worker]
         merged["draining"] = merged["draining"] or self.supervisor.stopping
         self._add_last_checks(merged)
@@ -290,11 +303,15 @@ def _requests_total(status: dict) -> int:
 class Supervisor:
     """Forks and keeps ``workers`` worker processes; see the module docstring."""
 
-    def __init__(self, config: Config, config_path: str | None, listeners: list[tuple[ListenConfig, socket.socket]],
-                 workers: int, *, watch: bool = False, clock=time.monotonic):
+    def __init__(self, config: Config, config_path: str | None,
+                 slot_sockets: list[dict[str, socket.socket]], *, watch: bool = False, clock=time.monotonic):
+        """``slot_sockets`` (from ``bind_slot_sockets``): per worker slot, its socket for each listen address."""
         self.config = config
         self.config_path = config_path
-        self.listeners = list(listeners)
+        self.slot_sockets = slot_sockets
+        # listen address -> its port, for binding a slot's socket again (the real one when it said 0)
+        self.ports = {address: sock.getsockname()[1] for address, sock in slot_sockets[0].items()}
+        workers = len(slot_sockets)
         self.worker_count = workers
         self.watch = watch
         self.clock = clock
@@ -329,8 +346,7 @@ class Supervisor:
                 self._loop_once()
         finally:
             self._stop_services()
-            for _, sock in self.listeners:
-                sock.close()
+            self._close_all_sockets()
             self._wakeup.close()
         log.info("supervisor exiting (%d worker(s) had to be killed)", self.killed)
         return 1 if self.killed else 0
@@ -392,14 +408,15 @@ class Supervisor:
 
     # -- workers -------------------------------------------------------------------------------------
     def _spawn(self, slot: int) -> None:
+        listeners = self._slot_listeners(slot)
         parent_sock, child_sock = socket.socketpair()
         pid = os.fork()
         if pid == 0:  # the worker: never returns into the supervisor's code
             code = 1
             try:
                 parent_sock.close()
-                self._close_in_child()
-                code = worker_main(slot, self.config, self.config_path, self.listeners, child_sock)
+                self._close_in_child(slot)
+                code = worker_main(slot, self.config, self.config_path, listeners, child_sock)
             except BaseException:  # the worker must end here, whatever happened, with its reason logged
                 log.exception("worker %d failed", slot)
             finally:
@@ -413,8 +430,36 @@ class Supervisor:
         self.slots[slot] = handle
         log.info("worker %d started (pid %d)", slot, pid)
 
-    def _close_in_child(self) -> None:
-        """Drop the supervisor's own descriptors so a worker holds only its sockets and link."""
+    def _slot_listeners(self, slot: int) -> list[tuple[ListenConfig, socket.socket]]:
+        """The slot's socket for every listen address, bound again where it was closed (its worker
+        waited to restart); an address that cannot be bound is logged and left to the other slots."""
+        sockets = self.slot_sockets[slot]
+        for listen in self.config.server.listen:
+            if listen.address in sockets or listen.address not in self.ports:
+                continue
+            try:
+                sockets[listen.address] = bind_config_listener(listen, reuse_port=True, port=self.ports[listen.address])
+            except OSError as exc:
+                log.error("worker %d cannot listen on %s: %s", slot, listen.address, exc)
+        return [(listen, sockets[listen.address]) for listen in self.config.server.listen if listen.address in sockets]
+
+    def _close_slot_sockets(self, slot: int) -> None:
+        for sock in self.slot_sockets[slot].values():
+            sock.close()
+        self.slot_sockets[slot] = {}
+
+    def _close_all_sockets(self) -> None:
+        for slot in range(self.worker_count):
+            self._close_slot_sockets(slot)
+
+    def _close_in_child(self, slot: int) -> None:
+        """Drop the supervisor's own descriptors so a worker holds only its sockets and link. Another
+        slot's socket left open here would stay in the SO_REUSEPORT group after that slot closed it,
+        taking its share of connections and never accepting them."""
+        for other, sockets in enumerate(self.slot_sockets):
+            if other != slot:
+                for sock in sockets.values():
+                    sock.close()
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)  # until the worker's own loop installs its handlers
@@ -491,6 +536,9 @@ class Supervisor:
         delay = 0.0 if self.failures[slot] <= 1 else min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures[slot] - 2))
         self.restart_at[slot] = self.clock() + delay
         log.warning("worker %d (pid %d) %s after %.1fs; restarting it in %.1fs", slot, pid, how, lived, delay)
+        if delay > 0 and any(h is not None and h.ready.is_set() for h in self.slots):
+            # Connections hashed to its sockets would wait `delay` unserved: send them to the live workers.
+            self._close_slot_sockets(slot)
 
     def _restart_due(self) -> None:
         if self.stopping:
@@ -533,23 +581,28 @@ class Supervisor:
         return True
 
     def _replace_workers(self, config: Config) -> None:
-        """New listen addresses: bind them, start new workers on the new set, drain the old ones."""
-        kept = {listen.address: (listen, sock) for listen, sock in self.listeners}
+        """New listen addresses: bind them, start new workers on the new set, drain the old ones. A
+        kept address keeps its sockets: each new worker accepts on its predecessor's."""
         wanted = {listen.address: listen for listen in config.server.listen}
-        listeners = []
+        for address in set(self.ports) - set(wanted):  # old workers keep their copies until they drain
+            for sockets in self.slot_sockets:
+                sock = sockets.pop(address, None)
+                if sock is not None:
+                    sock.close()
+            del self.ports[address]
+            log.info("stopped listening on %s", address)
         for address, listen in wanted.items():
-            if address in kept:
-                listeners.append((listen, kept.pop(address)[1]))
+            if address in self.ports:
                 continue
             try:
-                listeners.append((listen, bind_config_listener(listen)))
-                log.info("listening on %s", address)
+                new = bind_worker_listeners(listen, self.worker_count)
             except OSError as exc:
                 log.error("cannot listen on %s: %s", address, exc)
-        for address, (_, sock) in kept.items():  # old workers keep their copies until they drain
-            sock.close()
-            log.info("stopped listening on %s", address)
-        self.listeners = listeners
+                continue
+            for sockets, sock in zip(self.slot_sockets, new):
+                sockets[address] = sock
+            self.ports[address] = new[0].getsockname()[1]
+            log.info("listening on %s", address)
         old = [h for h in self.slots if h is not None]
         self.restart_at.clear()
         for handle in old:
@@ -570,9 +623,7 @@ class Supervisor:
         self.stopping = True
         self._deadline = self.clock() + self.config.server.graceful_timeout + STOP_MARGIN
         log.info("received %s: draining %d worker(s)", signal.Signals(signum).name, len(self._all_handles()))
-        for _, sock in self.listeners:  # the workers' copies keep accepting until each one drains
-            sock.close()
-        self.listeners = []
+        self._close_all_sockets()  # the workers' copies keep accepting until each one drains
         for handle in self._all_handles():
             _signal(handle.pid, signum)
 
@@ -642,6 +693,32 @@ def _describe_exit(status: int) -> str:
     return f"exited with code {os.waitstatus_to_exitcode(status)}"
 
 
+def bind_slot_sockets(listeners: list[tuple[ListenConfig, socket.socket]], workers: int) -> list[dict[str, socket.socket]]:
+    """Per worker slot, its own SO_REUSEPORT socket for each listen address, in place of ``listeners``
+    (bound, without SO_REUSEPORT, to report a taken address before anything starts). Raises OSError
+    naming the address, with every socket closed."""
+    per_address: list[tuple[str, list[socket.socket]]] = []
+    try:
+        for index, (listen, claimed) in enumerate(listeners):
+            try:
+                per_address.append((listen.address, bind_worker_listeners(listen, workers, claimed=claimed)))
+            except OSError as exc:
+                for _, later in listeners[index + 1:]:
+                    later.close()
+                raise OSError(exc.errno, f"cannot listen on {listen.address}: {exc.strerror or exc}") from None
+    except OSError:
+        for _, socks in per_address:
+            for sock in socks:
+                sock.close()
+        raise
+    return [{address: socks[slot] for address, socks in per_address} for slot in range(workers)]
+
+
 def run_supervisor(config: Config, config_path: str | None, listeners, workers: int, watch: bool = False) -> int:
-    """``pyproxy`` with workers > 1. Returns the exit code."""
-    return Supervisor(config, config_path, listeners, workers, watch=watch).run()
+    """``pyproxy`` with workers > 1. Returns the exit code (1: an address could not be bound again)."""
+    try:
+        slot_sockets = bind_slot_sockets(listeners, workers)
+    except OSError as exc:
+        log.error("%s", exc.strerror or exc)
+        return 1
+    return Supervisor(config, config_path, slot_sockets, watch=watch).run()

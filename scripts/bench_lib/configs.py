@@ -14,6 +14,7 @@ comparison measures proxying, not temp files: request bodies are streamed
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class ProxyShape:
     backend_ports: list[int]
     workers: int
     keepalive_per_server: int
+    admin_port: int = 0  # pyproxy with workers: its admin /status says how requests split between them
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,8 @@ class Layout:
 
     @property
     def config(self) -> Path:
-        suffix = {"haproxy": ".cfg", "pyproxy": ".toml"}.get(self.name, ".conf")
+        suffix = {"haproxy": ".cfg", "pyproxy": ".toml", "pyproxy-1w": ".toml",
+                  "python-pyproxy": ".json"}.get(self.name, ".conf")
         return self.root / f"{self.name}{suffix}"
 
     @property
@@ -160,8 +163,10 @@ backend backends
 
 def pyproxy(shape: ProxyShape) -> str:
     """TOML per docs/configuration.md. max_connections and idle_timeout are raised like the
-    others' limits so scenario 6 (10,000 idle clients) measures memory, not a refusal."""
+    others' limits so scenario 6 (10,000 idle clients) measures memory, not a refusal. With an
+    admin port, [admin] listens there (the per-worker split comes from /status)."""
     servers = ", ".join(f'"127.0.0.1:{p}"' for p in shape.backend_ports)
+    admin = f'\n[admin]\nlisten = "127.0.0.1:{shape.admin_port}"\n' if shape.admin_port else ""
     return f"""[server]
 listen = "127.0.0.1:{shape.port}"
 workers = {shape.workers}
@@ -172,7 +177,7 @@ graceful_timeout = "2s"
 [log]
 level = "warning"
 access = "off"
-
+{admin}
 [[routes]]
 path = "/"
 upstream = "backends"
@@ -182,6 +187,21 @@ servers = [{servers}]
 policy = "round_robin"
 keepalive = {shape.keepalive_per_server}
 """
+
+
+def python_pyproxy(shape: ProxyShape) -> str:
+    """JSON for python-pyproxy's `pyproxy start FILE` (its ProxyConfig): one route / to both backends,
+    round robin (its default), no access log, timeouts raised like the others'. It is one asyncio
+    process whatever shape.workers says, and keeps up to 64 idle connections per backend (a fixed
+    pool: 0.2.2 does not read the route's pool_size), so keepalive_per_server does not apply."""
+    targets = [{"host": "127.0.0.1", "port": port} for port in shape.backend_ports]
+    return json.dumps({
+        "server": {"bind_host": "127.0.0.1", "bind_port": shape.port, "backlog": BACKLOG,
+                   "keepalive_timeout": IDLE_TIMEOUT_S, "read_timeout": IDLE_TIMEOUT_S,
+                   "write_timeout": IDLE_TIMEOUT_S, "max_connections": 0},
+        "logging": {"level": "warning", "format": "text", "access_log": False},
+        "routes": [{"path": "/", "upstream": {"targets": targets}}],
+    }, indent=2) + "\n"
 
 
 def write_www(www: Path) -> None:

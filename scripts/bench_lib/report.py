@@ -1,5 +1,6 @@
-"""The results table (scenario × target), the ratios of pyproxy and of the calibration relays to
-nginx and HAProxy, the goals (pyproxy only; docs/performance.md), and the JSON record."""
+"""The results table (scenario × target), the ratios of pyproxy and of the other Python proxies to
+nginx and HAProxy, the goals (pyproxy only; docs/performance.md), with workers what they add over one
+and how requests split between them, and the JSON record."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 from pathlib import Path
 
 from .scenarios import SCENARIOS, Measurement, Scenario
-from .targets import RELAY_MODES, is_relay
+from .targets import PYTHON_PYPROXY, RELAY_MODES, SINGLE_WORKER, is_relay
 
 FAILURE_WIDTH = 60
 IDLE_RSS_LIMIT_MIB = 100
@@ -22,6 +23,10 @@ GOALS = {
 }
 P99_LIMIT_VS_NGINX = 2.0  # "p99 at c=50 ≤ 2× nginx's"
 COLUMNS = ("scenario", "target", "result", "p50", "p99", "errors", "÷nginx", "÷haproxy", "goal")
+# Added when pyproxy ran with workers: its result over pyproxy-1w's, and each worker's share of the
+# connections and of the requests.
+WORKER_COLUMNS = ("÷1 worker", "per worker")
+COMPARED = ("pyproxy", SINGLE_WORKER, PYTHON_PYPROXY)  # rows with ratios to nginx and HAProxy
 
 
 def ratio(measurements: list[Measurement], scenario: str, versus: str, target: str = "pyproxy") -> float | None:
@@ -67,13 +72,15 @@ def _p99_too_high(measurements: list[Measurement]) -> bool:
 
 
 def render_table(measurements: list[Measurement]) -> str:
-    rows = [COLUMNS]
+    with_workers = has_worker_columns(measurements)
+    rows = [COLUMNS + (WORKER_COLUMNS if with_workers else ())]
     for scenario in SCENARIOS:
         own = [m for m in measurements if m.scenario == scenario.key]
         for index, measurement in enumerate(own):
             label = f"{scenario.number} {scenario.title}" if index == 0 else ""
-            rows.append(_row(label, scenario, measurement, measurements))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+            row = _row(label, scenario, measurement, measurements)
+            rows.append(row + (_worker_cells(measurement, measurements) if with_workers else ()))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(_align(cell, width, i) for i, (cell, width) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
@@ -88,7 +95,7 @@ def _row(label: str, scenario: Scenario, m: Measurement, everything: list[Measur
     if m.failure:
         return (label, m.target, _shorten(m.failure), "", "", "", "", "", "")
     extras = ("", "", "")
-    if m.target == "pyproxy" or is_relay(m.target):  # the goals are pyproxy's alone
+    if m.target in COMPARED or is_relay(m.target):  # the goals are pyproxy's alone
         extras = (_ratio_text(everything, scenario.key, "nginx", m.target),
                   _ratio_text(everything, scenario.key, "haproxy", m.target),
                   goal_verdict(everything, scenario.key) if m.target == "pyproxy" else "")
@@ -97,10 +104,34 @@ def _row(label: str, scenario: Scenario, m: Measurement, everything: list[Measur
             str(m.errors), *extras)
 
 
+def has_worker_columns(measurements: list[Measurement]) -> bool:
+    return any(m.target == SINGLE_WORKER or "requests_per_worker" in m.details
+               for m in measurements)
+
+
+def _worker_cells(m: Measurement, everything: list[Measurement]) -> tuple[str, str]:
+    if m.target != "pyproxy" or m.failure:
+        return ("", "")
+    connections = split_text(m.details.get("connections_per_worker", []))
+    requests = split_text(m.details.get("requests_per_worker", []))
+    split = ", ".join(part for part in (connections and f"conns {connections}", requests and f"reqs {requests}") if part)
+    return (_ratio_text(everything, m.scenario, SINGLE_WORKER, "pyproxy"), split)
+
+
+def split_text(per_worker: list[int]) -> str:
+    """Each worker's share of the requests: "52/48%"; "" when unknown or none were served."""
+    total = sum(per_worker)
+    if not total:
+        return ""
+    return "/".join(f"{100 * count / total:.0f}" for count in per_worker) + "%"
+
+
 def _result_text(scenario: Scenario, m: Measurement) -> str:
     if scenario.key == "idle":
         held = f"{m.details['connections_still_open']}/{m.details['connections_wanted']} held"
         return f"{m.value:.1f} MiB RSS, {m.details['threads']} thr, {held}"
+    if m.details.get("requests") == 0:  # wrk's --timeout outlasted the run: slow, not an error
+        return "0 req/s (none finished in the run)"
     if scenario.unit == "req/s":
         return f"{m.value:,.0f} req/s"
     return f"{m.value:,.1f} MiB/s ({m.details['requests_per_sec']:,.1f} req/s)"
@@ -134,6 +165,23 @@ def failure_notes(measurements: list[Measurement]) -> list[str]:
     return seen
 
 
+def workers_note(measurements: list[Measurement], workers: int) -> str | None:
+    """What the worker columns mean, printed under the table when there are any."""
+    if not has_worker_columns(measurements):
+        return None
+    return (f"÷1 worker: pyproxy with --workers {workers} over {SINGLE_WORKER} (pyproxy with one worker, "
+            "same run); per worker: each worker's share of the connections it accepted and of the requests "
+            "it served in the measured run (admin /status)")
+
+
+def python_pyproxy_note(measurements: list[Measurement], workers: int) -> str | None:
+    if not any(m.target == PYTHON_PYPROXY and not m.failure for m in measurements):
+        return None
+    single = f", a single process even with --workers {workers}" if workers > 1 else ""
+    return (f"{PYTHON_PYPROXY} is the asyncio reverse proxy of that name on PyPI{single}, "
+            "installed in a throwaway venv")
+
+
 def calibration_note(measurements: list[Measurement], workers: int) -> str | None:
     """What the relay-* rows are, printed under the table when there are any."""
     if not any(is_relay(m.target) for m in measurements):
@@ -150,6 +198,7 @@ def write_json(path: Path, header: dict, measurements: list[Measurement]) -> Non
         "results": [m.as_dict() for m in measurements],
         "pyproxy": {s.key: {"vs_nginx": ratio(measurements, s.key, "nginx"),
                             "vs_haproxy": ratio(measurements, s.key, "haproxy"),
+                            "vs_1_worker": ratio(measurements, s.key, SINGLE_WORKER),
                             "goal": goal_verdict(measurements, s.key)}
                     for s in SCENARIOS if any(m.scenario == s.key for m in measurements)},
     }

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .idle import hold_idle_connections
 from .procs import TreeUsage, tree_usage
-from .targets import Target, is_relay
+from .targets import Target, is_relay, worker_counts
 from .wrk import WrkError, WrkResult, run_wrk
 
 MIB = 1024 * 1024
@@ -103,15 +103,33 @@ def _measure_wrk(scenario: Scenario, target: Target, settings: RunSettings, resu
     try:
         if settings.warmup_s > 0:
             _wrk(scenario, target, settings, settings.warmup_s)
+        before = worker_counts(target.admin_port) if target.admin_port else None
         run = _wrk(scenario, target, settings, settings.duration_s)
     except WrkError as error:
         result.failure = str(error)
         return
+    if before is not None:
+        after = worker_counts(target.admin_port)
+        for key, index in (("connections_per_worker", 0), ("requests_per_worker", 1)):
+            split = worker_split({slot: counts[index] for slot, counts in before.items()},
+                                 {slot: counts[index] for slot, counts in after.items()} if after else None)
+            if split:
+                result.details[key] = split
     result.value = _throughput(scenario, run)
     result.p50_ms, result.p99_ms, result.errors = run.p50_ms, run.p99_ms, run.errors
     result.details = {**result.details, "requests": run.requests, "requests_per_sec": run.requests_per_sec,
                       "read_bytes_per_sec": run.transfer_per_sec,
                       "socket_errors": run.socket_errors, "non_2xx": run.non_2xx}
+
+
+def worker_split(before: dict[int, int], after: dict[int, int] | None) -> list[int]:
+    """What each worker slot counted between two /status readings (connections accepted or requests
+    served), by slot; [] if unknown. A worker restarted in between starts from 0: its slot counts
+    what the new one did."""
+    if not after:
+        return []
+    return [after[slot] - before.get(slot, 0) if after[slot] >= before.get(slot, 0) else after[slot]
+            for slot in sorted(after)]
 
 
 def _wrk(scenario: Scenario, target: Target, settings: RunSettings, duration_s: float) -> WrkResult:

@@ -2,18 +2,25 @@
 
 A target is something wrk points at: `direct` (the first backend port), `nginx`, `haproxy`,
 `pyproxy`, and, only when asked for, the calibration relays `relay-threads`, `relay-pool2`,
-`relay-lf2`, `relay-loop` (bench_lib/relays.py: bare Python relays, always one process). A proxy that does not
-come up becomes a target with `failure` set, and the run goes on.
+`relay-lf2`, `relay-loop` (bench_lib/relays.py: bare Python relays, always one process) and
+`python-pyproxy` (the asyncio reverse proxy of that name on PyPI, one process, installed into a
+throwaway venv in the run's temp dir: it ships a module and a command also named `pyproxy`).
+With --workers N > 1, `pyproxy-1w` (pyproxy with one worker) comes along to show what the workers
+add. A proxy that does not come up (or cannot be installed) becomes a target with `failure` set,
+and the run goes on.
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
+import venv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +33,14 @@ PROBE_TIMEOUT_S = 2.0
 TARGET_NAMES = ("direct", "nginx", "haproxy", "pyproxy")  # the default run
 # Calibration relays: target name -> relays.py --mode. Run only with --targets/--calibrate.
 RELAY_MODES = {"relay-threads": "threads", "relay-pool2": "pool2", "relay-lf2": "lf2", "relay-loop": "loop"}
-ALL_TARGET_NAMES = TARGET_NAMES + tuple(RELAY_MODES)
+SINGLE_WORKER = "pyproxy-1w"  # pyproxy with --workers 1, beside pyproxy when --workers is above 1
+PYTHON_PYPROXY = "python-pyproxy"  # the PyPI reverse proxy of that name, run only when named
+PYTHON_PYPROXY_REQUIREMENT = "python-pyproxy"
+INSTALL_TIMEOUT_S = 300.0
+STATUS_TIMEOUT_S = 5.0
+ALL_TARGET_NAMES = TARGET_NAMES + tuple(RELAY_MODES) + (SINGLE_WORKER, PYTHON_PYPROXY)
+# Targets that are one process whatever --workers says (the table notes it).
+SINGLE_PROCESS = tuple(RELAY_MODES) + (SINGLE_WORKER, PYTHON_PYPROXY)
 RELAYS_SCRIPT = Path(__file__).resolve().parent / "relays.py"
 CLEANUP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
@@ -77,6 +91,7 @@ class Target:
     port: int = 0
     process: ManagedProcess | None = None
     failure: str | None = None
+    admin_port: int = 0  # pyproxy with workers: where /status tells each worker's request count
 
 
 @dataclass(frozen=True)
@@ -114,19 +129,23 @@ class TargetFactory:
     workers: int
     keepalive_per_server: int
     repo: Path
+    python_pyproxy_venv: Path | None = None  # installed once per run, on first use
 
     def start(self, name: str) -> Target:
         """Start one target; a target that fails to come up is returned with `failure` set."""
         if name == "direct":  # the backend itself: measured, but not ours to restart
             return Target("direct", self.backends.ports[0], self.backends.process)
-        shape = configs.ProxyShape(free_port(), self.backends.ports, self.workers, self.keepalive_per_server)
-        starters = {"nginx": self._nginx, "haproxy": self._haproxy, "pyproxy": self._pyproxy}
+        workers = 1 if name in SINGLE_PROCESS else self.workers
+        admin_port = free_port() if name == "pyproxy" and workers > 1 else 0
+        shape = configs.ProxyShape(free_port(), self.backends.ports, workers, self.keepalive_per_server, admin_port)
+        starters = {"nginx": self._nginx, "haproxy": self._haproxy, "pyproxy": self._pyproxy,
+                    SINGLE_WORKER: self._pyproxy, PYTHON_PYPROXY: self._python_pyproxy}
         try:
-            process = self._relay(name, shape) if is_relay(name) else starters[name](shape)
+            process = self._relay(name, shape) if is_relay(name) else starters[name](shape, name)
         except (StartError, OSError) as error:
             say(f"{name}: failed to start: {error}")
             return Target(name, shape.port, failure=f"failed to start: {error}")
-        return Target(name, shape.port, process)
+        return Target(name, shape.port, process, admin_port=admin_port)
 
     def restart(self, target: Target) -> Target:
         """A fresh process for a proxy target (direct is returned as it is)."""
@@ -136,23 +155,32 @@ class TargetFactory:
             self.lab.stop(target.process)
         return self.start(target.name)
 
-    def _nginx(self, shape: configs.ProxyShape) -> ManagedProcess:
+    def _nginx(self, shape: configs.ProxyShape, name: str) -> ManagedProcess:
         layout = self.lab.layout("nginx")
         layout.config.write_text(configs.nginx_proxy(layout, shape))
         return _start_and_wait(self.lab, "nginx", _nginx_argv(self.tools["nginx"], layout), shape.port)
 
-    def _haproxy(self, shape: configs.ProxyShape) -> ManagedProcess:
+    def _haproxy(self, shape: configs.ProxyShape, name: str) -> ManagedProcess:
         layout = self.lab.layout("haproxy")
         layout.config.write_text(configs.haproxy(shape))
         # -db: stay in the foreground, no daemon, so the process group is ours to stop.
         argv = [self.tools["haproxy"], "-db", "-f", str(layout.config)]
         return _start_and_wait(self.lab, "haproxy", argv, shape.port)
 
-    def _pyproxy(self, shape: configs.ProxyShape) -> ManagedProcess:
-        layout = self.lab.layout("pyproxy")
+    def _pyproxy(self, shape: configs.ProxyShape, name: str) -> ManagedProcess:
+        layout = self.lab.layout(name)
         layout.config.write_text(configs.pyproxy(shape))
         argv = pyproxy_command(self.repo) + ["-c", str(layout.config), "--workers", str(shape.workers)]
-        return _start_and_wait(self.lab, "pyproxy", argv, shape.port, cwd=self.repo)
+        return _start_and_wait(self.lab, name, argv, shape.port, cwd=self.repo)
+
+    def _python_pyproxy(self, shape: configs.ProxyShape, name: str) -> ManagedProcess:
+        """`pyproxy start FILE.json` from its own venv, run in its work dir, away from this repo."""
+        if self.python_pyproxy_venv is None:
+            self.python_pyproxy_venv = install_python_pyproxy(self.lab.root / "python-pyproxy-venv")
+        layout = self.lab.layout(name)
+        layout.config.write_text(configs.python_pyproxy(shape))
+        argv = [str(self.python_pyproxy_venv / "bin" / "pyproxy"), "start", str(layout.config)]
+        return _start_and_wait(self.lab, name, argv, shape.port, cwd=layout.work_dir)
 
     def _relay(self, name: str, shape: configs.ProxyShape) -> ManagedProcess:
         """One process whatever shape.workers says; keep-alive is the relay's own (see relays.py)."""
@@ -161,6 +189,45 @@ class TargetFactory:
 
 def is_relay(name: str) -> bool:
     return name in RELAY_MODES
+
+
+def install_python_pyproxy(venv_dir: Path, requirement: str = PYTHON_PYPROXY_REQUIREMENT) -> Path:
+    """A fresh venv with python-pyproxy in it (never this project's environment: both install a
+    `pyproxy` module and command). Returns the venv; raises StartError saying why it failed."""
+    say(f"installing {requirement} into {venv_dir}")
+    try:
+        venv.EnvBuilder(with_pip=True, clear=True).create(venv_dir)
+    except (OSError, subprocess.CalledProcessError) as error:
+        raise StartError(f"cannot create a venv for {requirement}: {error}") from None
+    pip = [str(venv_dir / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", requirement]
+    try:
+        done = subprocess.run(pip, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise StartError(f"pip install {requirement} took over {INSTALL_TIMEOUT_S:.0f}s") from None
+    if done.returncode != 0:
+        lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+        raise StartError(f"pip install {requirement} failed: {lines[-1] if lines else f'exit {done.returncode}'}")
+    if not os.access(venv_dir / "bin" / "pyproxy", os.X_OK):
+        raise StartError(f"{requirement} installed no `pyproxy` command")
+    return venv_dir
+
+
+def worker_counts(admin_port: int) -> dict[int, tuple[int, int]] | None:
+    """{worker slot: (connections accepted, requests served)} from pyproxy's admin /status, or None
+    if it does not answer."""
+    connection = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=STATUS_TIMEOUT_S)
+    try:
+        connection.request("GET", "/status")
+        response = connection.getresponse()
+        document = json.loads(response.read())
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+    finally:
+        connection.close()
+    if response.status != 200 or not isinstance(document.get("workers"), list):
+        return None
+    return {worker["slot"]: (worker.get("connections_accepted", 0), worker["requests_total"])
+            for worker in document["workers"]}
 
 
 def relay_command(repo: Path, mode: str, shape: configs.ProxyShape) -> list[str]:
