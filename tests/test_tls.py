@@ -91,7 +91,9 @@ def make_tls_proxy(pki):
         if sni:
             listen["sni"] = [{"host": "b.test", "tls_cert": pki.files["b"][0], "tls_key": pki.files["b"][1]},
                              {"host": ["*.c.test"], "tls_cert": pki.files["c"][0], "tls_key": pki.files["c"][1]}]
-        settings = {"listen": [listen], "header_timeout": HEADER_TIMEOUT, **(server or {})}
+        # A handshake plus the first request must fit in header_timeout: generous, so that a loaded
+        # machine never makes a test about something else time out (the timeout tests set their own).
+        settings = {"listen": [listen], "header_timeout": "10s", **(server or {})}
         config = parse_config(proxy_config_dict(upstreams, server=settings), "test.toml")
         sock = bind_listener("127.0.0.1", 0)
         port = sock.getsockname()[1]
@@ -115,6 +117,12 @@ def backend(make_backend):
 @pytest.fixture
 def tls_proxy(make_tls_proxy, backend):
     return make_tls_proxy({"web": [backend.address]})
+
+
+@pytest.fixture
+def impatient_tls_proxy(make_tls_proxy, backend):
+    """A TLS proxy with a short header_timeout, for the tests of that timeout."""
+    return make_tls_proxy({"web": [backend.address]}, server={"header_timeout": HEADER_TIMEOUT})
 
 
 def client_context(pki, alpn=None) -> ssl.SSLContext:
@@ -201,7 +209,8 @@ def test_curl_with_sni_and_cacert(tls_proxy, pki, backend):
     assert refused.returncode == 60, refused.stderr
 
 
-def test_silent_client_closed_after_header_timeout(tls_proxy):
+def test_silent_client_closed_after_header_timeout(impatient_tls_proxy):
+    tls_proxy = impatient_tls_proxy
     with socket.create_connection(("127.0.0.1", tls_proxy.port), timeout=CLIENT_TIMEOUT) as raw:
         started = time.monotonic()
         assert raw.recv(1) == b""  # closed by the proxy without a word
@@ -209,7 +218,8 @@ def test_silent_client_closed_after_header_timeout(tls_proxy):
     assert HEADER_TIMEOUT * 0.8 <= elapsed < HEADER_TIMEOUT + 2.0
 
 
-def test_stalled_handshake_closed_after_header_timeout(tls_proxy):
+def test_stalled_handshake_closed_after_header_timeout(impatient_tls_proxy):
+    tls_proxy = impatient_tls_proxy
     with socket.create_connection(("127.0.0.1", tls_proxy.port), timeout=CLIENT_TIMEOUT) as raw:
         raw.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, then silence
         started = time.monotonic()
@@ -242,8 +252,9 @@ def test_stalled_handshakes_hold_no_thread(make_tls_proxy, backend, pki):
             sock.close()
 
 
-def test_slow_request_head_over_tls_gets_408(tls_proxy, pki):
+def test_slow_request_head_over_tls_gets_408(impatient_tls_proxy, pki):
     """Kernel timeouts do not bound TLS reads; the proxy's TLS socket must time out anyway."""
+    tls_proxy = impatient_tls_proxy
     context = client_context(pki)
     with socket.create_connection(("127.0.0.1", tls_proxy.port), timeout=CLIENT_TIMEOUT) as raw:
         with context.wrap_socket(raw, server_hostname="default.test") as tls:
@@ -524,3 +535,16 @@ def test_a_stalled_tls_upload_holds_no_thread_and_completes(make_tls_proxy, back
         response.begin()
         assert response.status == 200
         assert response.read() == f"{len(body)} {hashlib.sha256(body).hexdigest()}".encode()
+
+
+def test_a_tls_client_silent_after_its_handshake_holds_no_thread(make_tls_proxy, backend, pki):
+    proxy = make_tls_proxy({"web": [backend.address]}, server={"header_timeout": "10s"})
+    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT)
+    with client_context(pki).wrap_socket(raw, server_hostname="default.test") as tls:
+        wait_for(lambda: proxy.process.server.connection_counts().get("idle", 0) == 1,
+                 what="the connection parked after its handshake")
+        wait_for(lambda: proxy.process.pool.busy == 0, what="no worker waiting for its request")
+        tls.sendall(b"GET /late HTTP/1.1\r\nHost: default.test\r\n\r\n")  # still served when it comes
+        response = http.client.HTTPResponse(tls, method="GET")
+        response.begin()
+        assert response.status == 200

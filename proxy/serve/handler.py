@@ -157,6 +157,8 @@ class HttpHandler:
         if session is None:
             return  # a TLS handshake that stalled: no HTTP has been spoken, so none is answered
         request = session.waiting_request  # the head is known when the body was late
+        if request is None and not session.parser.head_started:
+            return  # a TLS client that never sent a request: closed without a word, as a plain one
         record = RequestRecord(time.monotonic(), session.client_ip, request)
         record.status = 408
         conn.sock.setblocking(False)  # the accept loop calls this: it must never wait on a client
@@ -178,7 +180,7 @@ class HttpHandler:
             if session is None:
                 session = self._open_session(conn)
                 if session is None or session is PARKED:
-                    return  # PARKED: a TLS handshake waiting for the client's next flight, held without a thread
+                    return  # PARKED: a TLS client between flights or before its request, held without a thread
         while True:
             request = session.waiting_request or self._read_head(conn, session)
             if request is not PARKED and request is not None and _wants_whole_body(request):
@@ -240,7 +242,7 @@ class HttpHandler:
                     conn.park_deadline = time.monotonic() + settings.header_timeout
                 conn.transition(S.IDLE)
                 return PARKED
-            conn.park_deadline = None
+            handshake_deadline, conn.park_deadline = conn.park_deadline, None
             if not done:
                 conn.close()
                 return None
@@ -250,6 +252,13 @@ class HttpHandler:
                                max_line_bytes=min(DEFAULT_MAX_LINE_BYTES, settings.max_header_bytes))
         session = ClientSession(parser, str(conn.peer[0]), scheme)
         conn.server_data = session
+        if tls is not None and not conn.readable_now():
+            # Handshake done, no request yet: wait parked, not on this thread (slowloris over TLS),
+            # within the header_timeout that started with the handshake.
+            session.head_deadline = conn.park_deadline = (handshake_deadline
+                                                          or time.monotonic() + settings.header_timeout)
+            conn.transition(S.IDLE)
+            return PARKED
         return session
 
     def _read_head(self, conn, session) -> RequestHead | None:
