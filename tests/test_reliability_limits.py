@@ -298,3 +298,14 @@ def test_thread_idle_timeout_reaches_the_pool_at_start_and_on_reload(make_backen
     proxy.process.reload(parse_config(document, "test.toml"))
     assert proxy.process.pool.idle_timeout == 45.0
     assert requests.get(proxy.url + "/", timeout=DEADLINE).status_code == 200
+
+
+def test_check_says_passive_checks_spare_the_only_server():
+    from proxy.routing.table import routing_table_lines
+    document = proxy_config_dict({"solo": ["127.0.0.1:3000"], "pair": ["127.0.0.1:4000", "127.0.0.1:4001"]},
+                                 routes=[{"path": "/", "upstream": "solo"}, {"path": "/b", "upstream": "pair"}])
+    for name in ("solo", "pair"):
+        document["upstreams"][name]["passive"] = {"max_fails": 3, "fail_timeout": "10s"}
+    lines = routing_table_lines(parse_config(document, "proxy.toml"))
+    assert "       passive: off (the only server is never taken out)" in lines
+    assert "       passive: out for 10s after 3 failures within 10s" in lines

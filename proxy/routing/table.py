@@ -45,7 +45,10 @@ def _upstream_lines(upstream: UpstreamConfig, indent: str) -> list[str]:
             f"up after {health.healthy_after} passes, down after {health.unhealthy_after} failures")
     if upstream.passive:
         window = format_duration(upstream.passive.fail_timeout)
-        lines.append(f"{indent}passive: out for {window} after {upstream.passive.max_fails} failures within {window}")
+        if len(upstream.servers) == 1:  # there is nowhere else to send its traffic (as in nginx)
+            lines.append(f"{indent}passive: off (the only server is never taken out)")
+        else:
+            lines.append(f"{indent}passive: out for {window} after {upstream.passive.max_fails} failures within {window}")
     if not health and not upstream.passive:
         lines.append(f"{indent}health: not checked")
     return lines
