@@ -162,7 +162,7 @@ def parse_address(text: object) -> tuple[str, int]:
 
 def format_address(host: str, port: int) -> str:
     """The inverse of parse_address: "host:port", with IPv6 hosts bracketed (RFC 3986 §3.2.2)."""
-    shown = f"[{host}]" if ":" in host else host
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
     return f"{shown}:{port}"
 
 
@@ -185,3 +185,11 @@ def format_size(size: int) -> str:
         if size >= factor and size % factor == 0:
             return f"{size // factor}{unit}"
     return f"{size}B"
+
+
+def describe_expect_status(statuses: frozenset[int]) -> str:
+    """A health check's expected statuses as written in a config: "2xx", or "200, 204"."""
+    for first in range(200, 600, 100):
+        if statuses == frozenset(range(first, first + 100)):
+            return f"{first // 100}xx"
+    return ", ".join(str(code) for code in sorted(statuses))

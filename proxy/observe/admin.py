@@ -26,6 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
+from core.socket_server import bind_listener
+from proxy.config.units import format_address
 from proxy.observe.access_log import make_access_log
 from proxy.config.schema import ListenConfig
 from proxy.upstream.health import HealthChecker
@@ -283,8 +285,7 @@ class AdminServer:
                  *, clock: Callable[[], float] = time.monotonic, max_connections: int = MAX_ADMIN_CONNECTIONS,
                  idle_timeout: float = ADMIN_IDLE_TIMEOUT):
         if sock is None:
-            from proxy.serve.runner import bind_config_listener  # runner imports this module: bind lazily
-            sock = bind_config_listener(listen)
+            sock = bind_listener(listen.host, listen.port)
         sock.setblocking(True)
         self.listen = listen
         self.sources = sources
@@ -300,7 +301,7 @@ class AdminServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="pyproxy-admin", daemon=True)
         self._thread.start()
-        log.info("admin listening on %s", _describe(self.address))
+        log.info("admin listening on %s", format_address(*self.address[:2]))
 
     def stop(self) -> None:
         if self._thread is not None:
@@ -338,7 +339,7 @@ class AdminRelocation:
             fresh.start()
             self.services.append(fresh)
         if self.current is not None:
-            closed = _describe(self.current.address)
+            closed = format_address(*self.current.address[:2])
             self.current.stop()
             if self.current in self.services:
                 self.services.remove(self.current)
@@ -348,9 +349,6 @@ class AdminRelocation:
             self.on_change(fresh)
 
 
-def _describe(address) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # -- wiring for one process ------------------------------------------------------------------------

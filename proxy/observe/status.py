@@ -24,7 +24,8 @@ from __future__ import annotations
 import threading
 import time
 
-from proxy.routing.table import describe_expect_status, routes_by_precedence
+from proxy.config.units import describe_expect_status
+from proxy.routing.table import routes_by_precedence
 from proxy.observe.metrics import empty_window, estimate_quantile
 
 COUNTERS = ("active_requests", "requests_total", "failures_total")

@@ -8,7 +8,7 @@ from typing import Iterable
 
 from proxy.config.schema import Config, ListenConfig, RouteConfig, UpstreamConfig
 from proxy.routing.router import normal_prefix
-from proxy.config.units import format_duration
+from proxy.config.units import describe_expect_status, format_duration
 
 
 
@@ -23,13 +23,6 @@ def route_precedence_key(route: RouteConfig) -> tuple[int, int]:
 def routes_by_precedence(routes: Iterable[RouteConfig]) -> list[RouteConfig]:
     """Routes in the order to try them: the first one whose host and path match wins."""
     return sorted(routes, key=route_precedence_key)
-
-
-def describe_expect_status(statuses: frozenset[int]) -> str:
-    for first in range(200, 600, 100):
-        if statuses == frozenset(range(first, first + 100)):
-            return f"{first // 100}xx"
-    return ", ".join(str(code) for code in sorted(statuses))
 
 
 def _upstream_lines(upstream: UpstreamConfig, indent: str) -> list[str]:

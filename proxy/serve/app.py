@@ -19,7 +19,7 @@ from proxy.upstream.balancing import Upstream
 from proxy.config.schema import Config, ServerSettings, UpstreamConfig
 from proxy.routing.router import Route, Router
 from proxy.upstream.servers import Server
-from proxy.upstream.pool import ServerPool
+from proxy.upstream.pool import ServerPool, upstream_tls_context
 
 log = logging.getLogger("pyproxy.app")
 
@@ -80,15 +80,6 @@ def _server_key(upstream: UpstreamConfig, server_config) -> tuple:
 def _pool_key(upstream: UpstreamConfig, server_config) -> tuple:
     return (_server_key(upstream, server_config), upstream.keepalive, upstream.keepalive_timeout,
             upstream.connect_timeout, upstream.read_timeout, upstream.tls_verify, upstream.tls_ca)
-
-
-def upstream_tls_context(upstream: UpstreamConfig) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=upstream.tls_ca)
-    if not upstream.tls_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(["http/1.1"])
-    return context
 
 
 class Runtime:

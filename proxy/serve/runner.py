@@ -16,8 +16,10 @@ from core import SocketServer, ThreadPool
 from core.socket_server import bind_listener
 
 from proxy.observe.admin import install_observability
-from proxy.serve.app import Application, upstream_tls_context
+from proxy.serve.app import Application
+from proxy.upstream.pool import upstream_tls_context
 from proxy.config.schema import Config, ConfigError, ListenConfig, ServerSettings, key_path, load_config
+from proxy.config.units import format_address
 from proxy.serve.handler import HttpHandler
 from proxy.http.responses import write_overloaded
 from proxy.http.tls import TlsTerminator
@@ -297,16 +299,12 @@ def configure_logging(level: str) -> None:
 
 
 def describe_listeners(process: ProxyProcess) -> str:
-    return ", ".join(f"{_scheme(listener.tag)}://{_format(listener.address)}" for listener in process.server.listeners)
+    return ", ".join(f"{_scheme(listener.tag)}://{format_address(*listener.address[:2])}"
+                     for listener in process.server.listeners)
 
 
 def _scheme(tag) -> str:
     return "https" if isinstance(tag, ListenConfig) and tag.tls else "http"
-
-
-def _format(address) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def config_name(path: str) -> str:

@@ -30,9 +30,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from proxy.serve.app import upstream_tls_context
 from proxy.config.schema import HealthConfig, UpstreamConfig
-from proxy.routing.table import describe_expect_status
+from proxy.config.units import describe_expect_status
+from proxy.upstream.pool import upstream_tls_context
 from proxy.http.http1 import NEED_DATA, EndOfMessage, ProtocolError, ResponseHead, ResponseParser
 
 log = logging.getLogger("pyproxy.health")

@@ -18,7 +18,19 @@ import time
 
 from core.connection import set_socket_timeouts
 
+from proxy.config.schema import UpstreamConfig
+from proxy.config.units import format_address
 from proxy.http.errors import UpstreamConnectError
+
+
+def upstream_tls_context(upstream: UpstreamConfig) -> ssl.SSLContext:
+    """The client-side TLS context for an upstream's https:// servers (pooled and health checks)."""
+    context = ssl.create_default_context(cafile=upstream.tls_ca)
+    if not upstream.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
 class UpstreamConnection:
@@ -81,7 +93,7 @@ class ServerPool:
     @property
     def address(self) -> str:
         """"host:port" as the error page names it (IPv6 literals bracketed, RFC 3986 §3.2.2)."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return format_address(self.host, self.port)
 
     @property
     def idle_count(self) -> int:

@@ -26,6 +26,8 @@ import threading
 import time
 from typing import Callable
 
+from proxy.config.units import format_address
+
 LOG = logging.getLogger("pyproxy.health")
 
 # nginx's default fail_timeout is 10s (ngx_http_upstream_module, "server" directive).
@@ -35,13 +37,6 @@ EJECTION_EXPIRED_REASON = "ejection expired"
 
 Clock = Callable[[], float]
 LogEvents = list[tuple[int, str, tuple]]
-
-
-def format_address(host: str, port: int) -> str:
-    """"host:port", with IPv6 literals bracketed (RFC 3986 §3.2.2)."""
-    if ":" in host and not host.startswith("["):
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
 
 
 def _validate(port: int, weight: int, max_connections: int, max_fails: int, fail_timeout: float) -> None:
