@@ -118,7 +118,7 @@ def _relay_splice(source: socket.socket, dest: socket.socket, count: int, deadli
             want = min(remaining, PIPE_SIZE)
             try:
                 filled = os.splice(src, write_end, want)
-            except BlockingIOError as exc:  # SO_RCVTIMEO expired; the pipe is empty and stays ours
+            except BlockingIOError as exc:  # SO_RCVTIMEO expired; the pipe is empty
                 raise _timed_out(TimeoutError, Stall(count - remaining), exc) from None
             if filled == 0:
                 raise PeerClosed(f"source closed with {remaining} bytes still expected")
@@ -140,10 +140,10 @@ def _relay_splice(source: socket.socket, dest: socket.socket, count: int, deadli
                                  cause) from None
             if short_read and remaining and watch == "source" and _over(deadline):
                 raise _timed_out(TimeoutError, Stall(count - remaining), None)
-    except TimeoutError:
-        raise
+    except WriteTimedOut:
+        raise  # the pipe went with the stall
     except BaseException:
-        _discard_thread_pipe()
+        _discard_thread_pipe()  # a failed transfer may leave bytes in the pipe: never reuse it
         raise
     return count
 
