@@ -11,8 +11,8 @@ import requests
 
 from proxy.observe.access_log import AccessLog, format_combined, format_json, make_access_log
 from proxy.config.schema import LogConfig
-from tests.conftest import DEADLINE, config_document
-from tests.core_helpers import wait_for
+from tests.support.proxy import DEADLINE, config_document
+from tests.support.timing import wait_for
 
 WHEN = 971182536.0  # 10/Oct/2000:12:55:36 UTC
 COMBINED = re.compile(r'^(\S+) - - \[([^\]]+)\] "([^"]*)" (\d{3}) (\d+) "([^"]*)" "([^"]*)" (\S+) (\S+) (\d+\.\d{3}) (\S+)$')

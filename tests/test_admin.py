@@ -12,9 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.observe.admin import AdminSources, SourceFailed
 from proxy.observe.status import merge_status
-from tests.conftest import DEADLINE, FAST_HEALTH, config_document, served_by
-from tests.core_helpers import wait_for
-from tests.test_lifecycle import free_port
+from tests.support.ports import free_port
+from tests.support.proxy import DEADLINE, FAST_HEALTH, config_document, served_by
+from tests.support.timing import wait_for
 
 REQUIRED_FAMILIES = {"pyproxy_requests": "counter", "pyproxy_request_duration_seconds": "histogram",
                      "pyproxy_upstream_up": "gauge", "pyproxy_upstream_active_requests": "gauge",

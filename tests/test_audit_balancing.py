@@ -14,9 +14,9 @@ import requests
 from proxy.serve.app import Application
 from proxy.config.schema import parse_config
 from proxy.upstream.health import CheckResult, HealthChecker
-from tests.backends import closed_port
-from tests.conftest import DEADLINE, FAST_HEALTH, config_document, served_by
-from tests.core_helpers import wait_for
+from tests.support.ports import free_port
+from tests.support.proxy import DEADLINE, FAST_HEALTH, config_document, served_by
+from tests.support.timing import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -76,7 +76,7 @@ def test_a_dead_server_is_tried_first_by_its_share_of_requests_not_by_all(make_b
     next request started at the dead one again: every request paid a failed connect (a whole
     connect_timeout for a blackholed server) instead of every second one."""
     live = make_backend()
-    proxy = make_proxy({"web": [f"127.0.0.1:{closed_port()}", live.address]},
+    proxy = make_proxy({"web": [f"127.0.0.1:{free_port()}", live.address]},
                        upstream_options={"retries": 1, "policy": policy})
     with requests.Session() as session:
         for _ in range(10):

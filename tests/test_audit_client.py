@@ -13,9 +13,10 @@ import time
 import pytest
 import requests
 
-from tests.backends import pattern_sha256, raw_client, read_small_answer, stream_pattern
-from tests.conftest import CLIENT_TIMEOUT
-from tests.core_helpers import wait_for
+from tests.support.backends import pattern_sha256, stream_pattern
+from tests.support.client import raw_client, read_small_answer
+from tests.support.proxy import CLIENT_TIMEOUT
+from tests.support.timing import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -14,9 +14,8 @@ import time
 
 import pytest
 
-from tests.test_cli import (  # noqa: F401 (backends is a fixture)
-    EXIT_TIMEOUT, READY_TIMEOUT, backends, free_port, proxy_running, pyproxy_command, run_cli, write_config,
-)
+from tests.support.command import EXIT_TIMEOUT, READY_TIMEOUT, proxy_running, pyproxy_command, run_cli, write_config
+from tests.support.ports import free_port
 
 BACKEND_ROUTE = """\
 [[routes]]
@@ -43,8 +42,8 @@ def assert_one_line_problem(result, *fragments: str) -> None:
 
 # --- "pyproxy -c proxy.toml --workers N overrides server.workers" (server.workers takes "auto") --
 
-def test_workers_auto_on_the_command_line_runs_one_worker_per_cpu(tmp_path, backends):
-    backend = backends("web")
+def test_workers_auto_on_the_command_line_runs_one_worker_per_cpu(tmp_path, json_backends):
+    backend = json_backends("web")
     cpus = len(os.sched_getaffinity(0))
 
     def args_for_port(port: int) -> list[str]:
@@ -127,8 +126,8 @@ def test_absurdly_long_durations_are_config_problems(tmp_path):
                             'server.idle_timeout: "99999999h" is too long', "upstreams.web.connect_timeout")
 
 
-def test_a_year_long_duration_is_accepted_and_the_proxy_forwards(tmp_path, backends):
-    backend = backends("web")
+def test_a_year_long_duration_is_accepted_and_the_proxy_forwards(tmp_path, json_backends):
+    backend = json_backends("web")
 
     def args_for_port(port: int) -> list[str]:
         text = one_backend_config(f'listen = "127.0.0.1:{port}"\nidle_timeout = "8760h"', backend)
@@ -204,8 +203,8 @@ def wait_for_log(running, text: str, timeout: float = 10.0) -> str:
     raise AssertionError(f"{text!r} did not appear within {timeout}s:\n{running.stderr()}")
 
 
-def test_sighup_with_an_unloadable_tls_ca_keeps_serving(tmp_path, backends):
-    backend = backends("web")
+def test_sighup_with_an_unloadable_tls_ca_keeps_serving(tmp_path, json_backends):
+    backend = json_backends("web")
     (tmp_path / "ca.pem").write_text("not a certificate\n")
     secure = '[upstreams.secure]\nservers = ["https://127.0.0.1:1"]\n'
     config_path = {}
@@ -277,8 +276,8 @@ def status_of(port: int, request: bytes) -> bytes:
         return sock.recv(64).split(b"\r\n", 1)[0]
 
 
-def test_a_request_line_longer_than_a_small_max_header_bytes_is_414(tmp_path, backends):
-    backend = backends("web")
+def test_a_request_line_longer_than_a_small_max_header_bytes_is_414(tmp_path, json_backends):
+    backend = json_backends("web")
 
     def args_for_port(port: int) -> list[str]:
         text = one_backend_config(f'listen = "127.0.0.1:{port}"\nmax_header_bytes = "2KiB"', backend)

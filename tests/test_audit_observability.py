@@ -25,11 +25,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.observe.access_log import AccessLog
 from proxy.observe.metrics import WorkerCounters
-from tests import test_lifecycle as lifecycle, test_workers as workers
-from tests.backends import FlakyBackend, read_small_answer
+from tests.support.backends import named_backends
+from tests.support.backends import FlakyBackend
+from tests.support.client import read_small_answer
+from tests.support.ports import free_port
+from tests.support.processes import admin_status, children, proxy_config, running_proxy, spread_requests
 from tests.test_access_log import Record as LogRecord
-from tests.conftest import DEADLINE, config_document
-from tests.core_helpers import wait_for
+from tests.support.proxy import DEADLINE, config_document
+from tests.support.timing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -171,11 +174,11 @@ def test_metrics_of_two_workers_do_not_go_down_when_one_is_killed_and_replaced(t
     """Bug: with workers = 2, /metrics summed the workers that answered; a killed worker's
     replacement starts from 0, so pyproxy_requests_total (and every other counter) fell by what
     the dead worker had served, which Prometheus reads as a counter reset."""
-    with lifecycle.backends("a") as (backend,):
-        port, admin_port = lifecycle.free_port(), lifecycle.free_port()
-        config = lifecycle.proxy_config(port, backend.address, workers=2, admin_port=admin_port)
-        with lifecycle.running_proxy(tmp_path, config) as run:
-            per_worker = workers.spread_requests(run.url, admin_port)
+    with named_backends("a") as (backend,):
+        port, admin_port = free_port(), free_port()
+        config = proxy_config(port, backend.address, workers=2, admin_port=admin_port)
+        with running_proxy(tmp_path, config) as run:
+            per_worker = spread_requests(run.url, admin_port, 2)
             assert len(per_worker) == 2 and all(per_worker.values())
             admin = SimpleNamespace(admin_url=f"http://127.0.0.1:{admin_port}")
             before = counter_totals(admin)
@@ -189,7 +192,7 @@ def test_metrics_of_two_workers_do_not_go_down_when_one_is_killed_and_replaced(t
 
 
 def replaced(admin_port: int, victim: int) -> bool:
-    pids = [w["pid"] for w in workers.status(admin_port)["workers"]]
+    pids = [w["pid"] for w in admin_status(admin_port)["workers"]]
     return len(pids) == 2 and victim not in pids
 
 
@@ -397,16 +400,16 @@ def test_healthz_with_workers_is_503_while_no_worker_serves(tmp_path):
     """Bug: with workers = 2, the supervisor's /healthz said 200 whenever it was not draining, also
     while every worker was dead and being restarted (or backing off after dying young): a load
     balancer kept sending clients to a proxy with nobody to accept them."""
-    with lifecycle.backends("a") as (backend,):
-        port, admin_port = lifecycle.free_port(), lifecycle.free_port()
-        config = lifecycle.proxy_config(port, backend.address, workers=2, admin_port=admin_port)
-        with lifecycle.running_proxy(tmp_path, config) as run:
-            wait_for(lambda: len(workers.status(admin_port)["workers"]) == 2, DEADLINE, what="both workers")
+    with named_backends("a") as (backend,):
+        port, admin_port = free_port(), free_port()
+        config = proxy_config(port, backend.address, workers=2, admin_port=admin_port)
+        with running_proxy(tmp_path, config) as run:
+            wait_for(lambda: len(admin_status(admin_port)["workers"]) == 2, DEADLINE, what="both workers")
             assert healthz(admin_port) == 200
             saw_503 = False
             for _ in range(4):  # killed young again and again, the workers come back after a growing backoff
-                wait_for(lambda: len(workers.children(run.proc.pid)) == 2, 10, what="two workers")
-                for pid in workers.children(run.proc.pid):
+                wait_for(lambda: len(children(run.proc.pid)) == 2, 10, what="two workers")
+                for pid in children(run.proc.pid):
                     os.kill(pid, signal.SIGKILL)
                 deadline = time.monotonic() + 0.4
                 while not saw_503 and time.monotonic() < deadline:

@@ -12,9 +12,9 @@ import socket
 import pytest
 
 from proxy.routing.router import Route, Router
-from tests.backends import RawClient, raw_client, read_small_answer
-from tests.conftest import CLIENT_TIMEOUT
-from tests.core_helpers import wait_for
+from tests.support.client import RawClient, raw_client, read_small_answer
+from tests.support.proxy import CLIENT_TIMEOUT
+from tests.support.timing import wait_for
 from tests.test_tls import client_context, make_tls_proxy, pki  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.timeout(30)

@@ -16,9 +16,10 @@ import pytest
 from proxy.config.schema import HealthConfig
 from proxy.upstream.health import probe
 from proxy.upstream.pool import ServerPool
-from tests.backends import RawClient, close_with_rst, raw_client
-from tests.conftest import started_until_teardown
-from tests.core_helpers import wait_for
+from tests.support.backends import close_with_rst
+from tests.support.backends import started_until_teardown
+from tests.support.client import RawClient, raw_client
+from tests.support.timing import wait_for
 from tests.faults.upstream import BODY, FIN, HANG, HEAD, LOOP, RST, FaultyUpstream, sleep, write
 
 pytestmark = pytest.mark.timeout(30)

@@ -13,17 +13,10 @@ from proxy.upstream.balancing import (
     make_policy,
 )
 from proxy.upstream.servers import Server
+from tests.support.timing import FakeClock
 
 PICKS = 10_000
 POLICY_NAMES = sorted(POLICIES)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def servers_with(*weights, **kwargs):
@@ -146,7 +139,7 @@ def make_unavailable(kind, server):
 @pytest.mark.parametrize("kind", ["health", "ejected", "full"])
 @pytest.mark.parametrize("name", POLICY_NAMES)
 def test_unavailable_servers_are_never_picked(name, kind):
-    clock = FakeClock()
+    clock = FakeClock(start=0.0)
     servers = servers_with(1, 4, 1, max_connections=1, max_fails=1, clock=clock)
     make_unavailable(kind, servers[1])
     policy = fresh_policy(name)
@@ -167,7 +160,7 @@ def test_all_down_gives_none(name):
 
 @pytest.mark.parametrize("name", POLICY_NAMES)
 def test_ejected_server_returns_after_fail_timeout(name):
-    clock = FakeClock()
+    clock = FakeClock(start=0.0)
     servers = servers_with(1, 1, max_fails=1, fail_timeout=10, clock=clock)
     servers[0].record_failure("refused")
     policy = fresh_policy(name)

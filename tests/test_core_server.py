@@ -12,8 +12,8 @@ import pytest
 
 from core import SocketServer, ThreadPool
 from core.socket_server import REAP_INTERVAL
-from tests.core_helpers import (STOP_TIMEOUT, EchoHandler, FakeClock, LineClient, overload_reply,
-                                running_server, wait_for)
+from tests.support.echo_server import EchoHandler, LineClient, STOP_TIMEOUT, overload_reply, running_server
+from tests.support.timing import FakeClock, wait_for
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ from websockets.sync.client import connect as ws_connect
 
 from proxy.observe.metrics import RECENT_BUCKETS, RecentTraffic, estimate_quantile
 from proxy.observe.status import merge_status, summarize_traffic
-from tests.conftest import DEADLINE, FAST_HEALTH, config_document, served_by
-from tests.core_helpers import wait_for
+from tests.support.proxy import DEADLINE, FAST_HEALTH, config_document, served_by
+from tests.support.timing import FakeClock, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -254,14 +254,6 @@ def test_status_carries_recent_traffic_per_upstream(backends, observed_proxy):
 
 
 # -- pure pieces: the rolling window, quantiles, merging ------------------------------------------------
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
 
 def test_recent_traffic_counts_the_last_window_and_forgets_older_seconds():
     clock = FakeClock()

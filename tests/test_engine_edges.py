@@ -8,9 +8,11 @@ import pytest
 import requests
 
 from proxy.serve.handler import SMALL_BODY_MAX
-from tests.backends import closed_port, raw_client, serve_once_then_drop_next
-from tests.conftest import CLIENT_TIMEOUT
-from tests.core_helpers import wait_for
+from tests.support.backends import serve_once_then_drop_next
+from tests.support.client import raw_client
+from tests.support.ports import free_port
+from tests.support.proxy import CLIENT_TIMEOUT
+from tests.support.timing import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -235,7 +237,7 @@ def test_client_connection_close_is_honoured(make_backend, make_proxy):
 
 
 def test_error_responses_carry_request_id(make_proxy):
-    proxy = make_proxy({"web": [f"127.0.0.1:{closed_port()}"]}, upstream_options={"retries": 0})
+    proxy = make_proxy({"web": [f"127.0.0.1:{free_port()}"]}, upstream_options={"retries": 0})
     response = requests.get(proxy.url + "/", headers={"X-Request-Id": "trace-1"}, timeout=CLIENT_TIMEOUT)
     assert response.status_code == 502
     assert response.headers["X-Request-Id"] == "trace-1"

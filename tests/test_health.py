@@ -15,8 +15,8 @@ import requests
 from proxy.serve.app import Application
 from proxy.config.schema import HealthConfig, parse_config
 from proxy.upstream.health import HealthChecker, HealthPolicy, apply_health, probe
-from tests.conftest import DEADLINE, FAST_HEALTH, config_document, served_by
-from tests.core_helpers import wait_for
+from tests.support.proxy import DEADLINE, FAST_HEALTH, config_document, served_by
+from tests.support.timing import wait_for
 
 
 # -- the pure policy ---------------------------------------------------------------------------------

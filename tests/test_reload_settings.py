@@ -20,9 +20,11 @@ import requests
 
 from proxy.config.schema import ServerSettings, parse_config
 from proxy.serve.runner import server_changes
-from tests.conftest import DEADLINE, config_document, proxy_config_dict
-from tests.core_helpers import wait_for
-from tests.test_lifecycle import REPO, backends as lifecycle_backends, free_port, running_proxy
+from tests.support.backends import named_backends
+from tests.support.ports import free_port
+from tests.support.processes import REPO, running_proxy
+from tests.support.proxy import DEADLINE, config_document, proxy_config_dict
+from tests.support.timing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -99,7 +101,7 @@ def paths_logged(path) -> list[str]:
 # -- [server] settings on SIGHUP --------------------------------------------------------------------
 
 def test_sighup_applies_idle_timeout_max_connections_and_graceful_timeout(tmp_path):
-    with lifecycle_backends("a") as (a,):
+    with named_backends("a") as (a,):
         port = free_port()
         with running_proxy(tmp_path, config_text(port, a.address)) as run:
             idle = keepalive_request(port)
@@ -129,7 +131,7 @@ def test_sighup_applies_idle_timeout_max_connections_and_graceful_timeout(tmp_pa
 
 
 def test_sighup_with_workers_applies_idle_timeout_in_every_worker_and_warns_once(tmp_path):
-    with lifecycle_backends("a") as (a,):
+    with named_backends("a") as (a,):
         port = free_port()
         with running_proxy(tmp_path, config_text(port, a.address, workers=2)) as run:
             wait_for(lambda: run.log().count(") ready") == 2, what="both workers ready", on_timeout=run.log)
@@ -217,7 +219,7 @@ def rotate_and_check(run, path, signum: int, *, workers: int = 1) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGHUP], ids=["usr1", "hup-unchanged-file"])
 def test_a_signal_reopens_the_access_log_after_rotation(tmp_path, signum):
-    with lifecycle_backends("a") as (a,):
+    with named_backends("a") as (a,):
         path = tmp_path / "access.log"
         port = free_port()
         with running_proxy(tmp_path, config_text(port, a.address, access=str(path))) as run:
@@ -227,7 +229,7 @@ def test_a_signal_reopens_the_access_log_after_rotation(tmp_path, signum):
 
 
 def test_sigusr1_with_workers_reopens_the_access_log_in_every_worker(tmp_path):
-    with lifecycle_backends("a") as (a,):
+    with named_backends("a") as (a,):
         path = tmp_path / "access.log"
         port = free_port()
         with running_proxy(tmp_path, config_text(port, a.address, workers=2, access=str(path))) as run:

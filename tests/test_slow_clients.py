@@ -14,9 +14,10 @@ import time
 import pytest
 import requests
 
-from tests.backends import RawClient, raw_client, read_small_answer, stream_pattern
-from tests.conftest import CLIENT_TIMEOUT
-from tests.core_helpers import wait_for
+from tests.support.backends import stream_pattern
+from tests.support.client import RawClient, raw_client, read_small_answer
+from tests.support.proxy import CLIENT_TIMEOUT
+from tests.support.timing import wait_for
 
 pytestmark = pytest.mark.timeout(40)
 

@@ -28,9 +28,9 @@ from websockets.sync.server import serve as ws_serve
 from core.socket_server import bind_listener
 from proxy.config.schema import parse_config
 from proxy.serve.runner import ProxyProcess
-from tests.backends import pattern_sha256, stream_pattern
-from tests.conftest import CLIENT_TIMEOUT, PROXY_STOP_TIMEOUT, proxy_config_dict
-from tests.core_helpers import wait_for
+from tests.support.backends import pattern_sha256, stream_pattern
+from tests.support.proxy import CLIENT_TIMEOUT, PROXY_STOP_TIMEOUT, proxy_config_dict
+from tests.support.timing import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 

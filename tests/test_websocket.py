@@ -13,8 +13,8 @@ from websockets.sync.client import connect
 from websockets.sync.server import serve
 
 from proxy.config.schema import parse_config
-from tests.conftest import CLIENT_TIMEOUT, proxy_config_dict
-from tests.core_helpers import wait_for
+from tests.support.proxy import CLIENT_TIMEOUT, proxy_config_dict
+from tests.support.timing import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from proxy.routing.router import BadPath, normalize_path
-from tests.backends import raw_client
-from tests.conftest import CLIENT_TIMEOUT
+from tests.support.client import raw_client
+from tests.support.proxy import CLIENT_TIMEOUT
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -11,9 +11,10 @@ import socket
 
 import pytest
 
-from tests.backends import RawClient, closed_port, raw_client
-from tests.conftest import started_until_teardown
-from tests.core_helpers import wait_for
+from tests.support.backends import started_until_teardown
+from tests.support.client import RawClient, raw_client
+from tests.support.ports import free_port
+from tests.support.timing import wait_for
 from tests.faults.upstream import (BODY, FIN, HANG, HEAD, LOOP, RST, FaultyUpstream, drip, ok_response, sleep,
                                    write)
 
@@ -71,7 +72,7 @@ def status_of(proxy, method="GET", extra=b"") -> int:
 
 # -- connecting ------------------------------------------------------------------------------------
 def test_refused_is_502(start):
-    proxy = start([f"127.0.0.1:{closed_port()}"])
+    proxy = start([f"127.0.0.1:{free_port()}"])
     assert status_of(proxy) == 502
 
 
