@@ -11,7 +11,7 @@ from proxy.serve.handler import SMALL_BODY_MAX
 from tests.support.backends import serve_once_then_drop_next
 from tests.support.client import raw_client
 from tests.support.ports import free_port
-from tests.support.proxy import CLIENT_TIMEOUT
+from tests.support.proxy import CLIENT_TIMEOUT, DEADLINE
 from tests.support.timing import wait_for
 
 pytestmark = pytest.mark.timeout(30)
@@ -454,3 +454,53 @@ def test_client_abort_during_upload_closes_upstream(make_backend, make_proxy):
     wait_for(lambda: backend.closed_connections == 1, what="the upstream connection to close")
     assert proxy.pool("web").idle_count == 0
     assert backend.requests == []  # the backend never saw a complete request
+
+
+# -- retries: each server at most once, never once response bytes reached the client --------------------
+def _read_then_reset(peer):
+    head, _ = peer.read_request()
+    if head:
+        peer.reset()  # the request arrived; not one response byte goes back
+
+
+@pytest.mark.parametrize("method,retries,servers_tried", [
+    ("GET", 1, 2),      # `retries` further servers, no more
+    ("GET", 5, 3),      # never the same server twice, even with retries to spare
+    ("DELETE", 0, 1),   # retries = 0: one attempt
+    ("PUT", 2, 3),      # idempotent with a (kept) body: repeated
+    ("POST", 2, 1),     # README: a POST that may have reached a server is never sent twice
+])
+def test_reset_before_any_response_byte_tries_each_server_at_most_once(make_raw_backend, make_proxy,
+                                                                       method, retries, servers_tried):
+    raws = [make_raw_backend(_read_then_reset) for _ in range(3)]
+    proxy = make_proxy({"web": [r.address for r in raws]}, upstream_options={"retries": retries})
+    body = b"payload" if method in ("POST", "PUT") else None
+    response = requests.request(method, proxy.url + "/", data=body, timeout=DEADLINE)
+    assert response.status_code == 502
+    contacted = [r.connections for r in raws]
+    assert sum(contacted) == servers_tried and max(contacted) == 1, contacted
+
+
+def _half_a_response_then_reset(peer):
+    head, _ = peer.read_request()
+    if head:
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        peer.reset()
+
+
+def test_no_retry_once_response_bytes_reached_the_client(make_raw_backend, make_proxy):
+    raws = [make_raw_backend(_half_a_response_then_reset) for _ in range(2)]
+    proxy = make_proxy({"web": [r.address for r in raws]}, upstream_options={"retries": 1})
+    with proxy.connect() as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        received = b""
+        for _ in range(100):  # bounded: the proxy aborts the connection
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200") and received.endswith(b"partial"), received
+    assert sorted(r.connections for r in raws) == [0, 1]  # the other server never saw the request

@@ -1,8 +1,9 @@
 """Active health checks and passive ejection, from the pure policy to a proxy with real backends.
 
-The shared pieces live in tests/conftest.py (the ``backends`` and ``observed_proxy`` fixtures,
-``config_document``, ``served_by``) and tests/backends.py (``FlakyBackend``: a backend that can
-answer 500 on its health path, hang there, or die and come back on the same port).
+The shared pieces are the ``backends`` and ``observed_proxy`` fixtures (tests/conftest.py),
+``config_document`` and ``served_by`` (tests/support/proxy.py) and ``FlakyBackend``
+(tests/support/backends.py: a backend that can answer 500 on its health path, hang there, or die and
+come back on the same port).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import time
 
 import requests
 
-from proxy.serve.app import Application
 from proxy.config.schema import HealthConfig, parse_config
-from proxy.upstream.health import HealthChecker, HealthPolicy, apply_health, probe
+from proxy.serve.app import Application
+from proxy.upstream.health import CheckResult, HealthChecker, HealthPolicy, apply_health, probe
 from tests.support.proxy import DEADLINE, FAST_HEALTH, config_document, served_by
 from tests.support.timing import wait_for
 
@@ -264,3 +265,83 @@ def test_server_killed_under_traffic_costs_no_get(backends, observed_proxy):
     served_after = b.get("traffic")
     wait_for(lambda: proxy.state("web", b.address) == "down", what="b down")
     assert served_by(proxy, 10).keys() <= {"a", "c"} and b.get("traffic") == served_after
+
+
+# -- reloads that rebuild a server; passive checks counting within fail_timeout -------------------------
+def test_reload_that_rebuilds_a_down_server_keeps_it_down(backends, observed_proxy):
+    """A weight change makes the reload build a new Server: it must not start "up" and take traffic
+    while the checker knows it fails (before the fix: up until unhealthy_after more failed checks,
+    i.e. 15 s of traffic to a dead server with the defaults)."""
+    a, b = backends("a", "b")
+    proxy = observed_proxy(config_document({"web": {"servers": [a.address, b.address], "health": FAST_HEALTH}}))
+    b.health_status = 500
+    wait_for(lambda: proxy.state("web", b.address) == "down", what="b down")
+    slow = {**FAST_HEALTH, "interval": "5s", "unhealthy_after": 3}  # no new verdict during the test
+    proxy.reload(config_document({"web": {"servers": [a.address, {"address": b.address, "weight": 2}],
+                                          "health": slow}}))
+    status = proxy.server_status("web", b.address)
+    assert status["weight"] == 2 and status["state"] == "down", status
+    assert served_by(proxy, 6) == {"a": 6}
+    b.health_status = 200
+    proxy.reload(config_document({"web": {"servers": [a.address, {"address": b.address, "weight": 3}],
+                                          "health": FAST_HEALTH}}))
+    wait_for(lambda: proxy.state("web", b.address) == "up", what="b back after healthy_after passes")
+    wait_for(lambda: "b" in served_by(proxy, 4), what="b to get traffic again")
+
+
+class _HeldChecks:
+    """Stands in for the checker's probe threads: holds each submitted check so the test decides when it ends."""
+
+    def __init__(self):
+        self.held = []
+
+    def submit(self, check, target, upstream_config):
+        self.held.append((target, upstream_config))
+
+
+def test_a_check_that_ends_after_a_reload_rebuilt_its_server_announces_nothing():
+    """A check in flight while a reload rebuilt its server (weight change) used to announce its verdict
+    when it ended: listeners apply verdicts by address, so workers took the successor down while the
+    checker's successor target stayed "up" and never announced "up" again (stuck down)."""
+    health = {**FAST_HEALTH, "unhealthy_after": 1}
+    document = config_document({"web": {"servers": ["127.0.0.1:9"], "health": health}})
+    app = Application(parse_config(document, "test.toml"))
+    now = [0.0]
+    checker = HealthChecker(app, clock=lambda: now[0])
+    checker._executor = held = _HeldChecks()
+    heard = []
+    checker.listeners.append(lambda *change: heard.append(change))
+    checker.run_once()  # creates the target, due within 10% of the interval
+    now[0] = 1.0
+    checker.run_once()
+    (old_target, upstream_config), = held.held
+    app.reload(parse_config(config_document({"web": {"servers": [{"address": "127.0.0.1:9", "weight": 2}],
+                                                     "health": health}}), "test.toml"))
+    checker.run_once()  # the rebuilt server gets a successor target
+    checker.record_result(old_target, CheckResult(0.0, False, 1.0, None, "refused"), upstream_config.health)
+    assert heard == []
+    (server,) = app.runtime.upstreams["web"].servers
+    assert server.state == "up" and [up for *_, up, _ in checker.verdicts()] == [True]
+
+
+def test_passive_checks_count_failures_within_fail_timeout_whatever_succeeds_between(make_raw_backend, make_proxy):
+    """README: "`max_fails` failed attempts within `fail_timeout`". A server failing every other
+    request was never taken out: each success forgot the failures counted so far."""
+    calls = []
+
+    def every_other_fails(peer):
+        head, _ = peer.read_request()
+        if not head:
+            return
+        calls.append(head)
+        if len(calls) % 2:
+            peer.reset()
+        else:
+            peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    backend = make_raw_backend(every_other_fails)
+    proxy = make_proxy({"web": [backend.address]},
+                       upstream_options={"retries": 0, "passive": {"max_fails": 3, "fail_timeout": "30s"}})
+    statuses = [requests.get(proxy.url + "/", timeout=DEADLINE).status_code for _ in range(8)]
+    assert statuses[:5] == [502, 200, 502, 200, 502]  # the third failure within 30 s takes it out
+    assert statuses[5:] == [503] * 3 and len(calls) == 5

@@ -8,12 +8,13 @@ import socket
 import threading
 
 import pytest
+import requests
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 from websockets.sync.server import serve
 
 from proxy.config.schema import parse_config
-from tests.support.proxy import CLIENT_TIMEOUT, proxy_config_dict
+from tests.support.proxy import CLIENT_TIMEOUT, DEADLINE, proxy_config_dict
 from tests.support.timing import wait_for
 
 pytestmark = pytest.mark.timeout(30)
@@ -212,3 +213,77 @@ def test_tunnel_survives_reload_and_drain_closes_it_after_graceful_timeout(make_
         proxy.thread.join(10)
         assert not proxy.thread.is_alive()
         assert proxy.app.open_tunnels == 0
+
+
+# -- an open tunnel holds its server slot (max_connections, least_connections) --------------------------
+def _upgrade_then_echo_until_eof(peer):
+    if not peer.read_head():
+        return
+    peer.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    for _ in range(1000):  # bounded: ends when the proxy closes the tunnel
+        data = peer.sock.recv(65536)
+        if not data:
+            return
+        peer.send(data)
+
+
+def _open_tunnel(proxy) -> tuple[socket.socket, bytes]:
+    sock = proxy.connect()
+    sock.sendall(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return sock, head
+
+
+def test_an_open_websocket_tunnel_holds_its_server_slot_until_it_closes(make_raw_backend, make_proxy):
+    """max_connections and least_connections count upgraded connections (nginx frees the peer when the
+    upgraded connection ends). Before the fix the slot went back at the hand-off to the tunnel relay:
+    with max_connections = 1, any number of tunnels reached the server, and /status said 0 active."""
+    backend = make_raw_backend(_upgrade_then_echo_until_eof)
+    proxy = make_proxy({"web": [backend.address]}, upstream_options={"max_connections": 1})
+    server = proxy.app.runtime.upstreams["web"].servers[0]
+    first, head = _open_tunnel(proxy)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    first.sendall(b"ping")
+    assert first.recv(4) == b"ping"
+    assert server.active_requests == 1
+    second, head = _open_tunnel(proxy)
+    assert head.startswith(b"HTTP/1.1 503"), head  # the one allowed connection is the open tunnel
+    second.close()
+    first.close()
+    wait_for(lambda: server.active_requests == 0, what="the slot back when the tunnel closed")
+    third, head = _open_tunnel(proxy)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    third.close()
+    wait_for(lambda: server.active_requests == 0, what="the slot back again")
+
+
+def _upgrade_or_answer(peer):
+    head = peer.read_head()
+    if b"upgrade: websocket" not in head.lower():
+        while head:  # plain keep-alive requests: answer each with this backend's port
+            body = str(peer.sock.getsockname()[1]).encode()
+            peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            head = peer.read_head()
+        return
+    peer.buffer = b""
+    peer.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    for _ in range(1000):  # bounded: ends when the proxy closes the tunnel
+        if not peer.sock.recv(65536):
+            return
+
+
+def test_least_connections_counts_an_open_websocket(make_raw_backend, make_proxy):
+    raws = [make_raw_backend(_upgrade_or_answer) for _ in range(2)]
+    proxy = make_proxy({"web": [r.address for r in raws]}, upstream_options={"policy": "least_connections"})
+    tunnel, head = _open_tunnel(proxy)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    busy = next(s for s in proxy.app.runtime.upstreams["web"].servers if s.active_requests == 1)
+    with requests.Session() as session:
+        answered = {session.get(proxy.url + "/", timeout=DEADLINE).text for _ in range(6)}
+    assert answered == {str(r.port) for r in raws if r.address != busy.address}
+    tunnel.close()
