@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import socket
 
 import pytest
 import requests
 
 from proxy.serve.handler import SMALL_BODY_MAX
-from tests.support.backends import serve_once_then_drop_next
-from tests.support.client import raw_client
+from tests.support.backends import pattern_sha256, serve_once_then_drop_next, stream_pattern
+from tests.support.client import raw_client, read_small_answer
 from tests.support.ports import free_port
 from tests.support.proxy import CLIENT_TIMEOUT, DEADLINE
 from tests.support.timing import wait_for
@@ -504,3 +505,73 @@ def test_no_retry_once_response_bytes_reached_the_client(make_raw_backend, make_
             received += chunk
     assert received.startswith(b"HTTP/1.1 200") and received.endswith(b"partial"), received
     assert sorted(r.connections for r in raws) == [0, 1]  # the other server never saw the request
+
+
+HEADER_TIMEOUT = 3.0  # long enough that a 408 cannot pass for the "at once" 400
+
+
+# -- another protocol on the HTTP port: 400 at once, as nginx and HAProxy answer ---------------------
+# The parser only judged the request line once the whole head (CRLFCRLF) was in, so a TLS ClientHello,
+# an SSH banner or an SMTP greeting sat parked until header_timeout and got a 408.
+@pytest.mark.parametrize("opening", [
+    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",  # TLS ClientHello on a plain-text listener
+    b"SSH-2.0-OpenSSH_9.6\r\n",                       # a complete line that is no request line
+    b"GET /\x00 HTTP/1.1\r\nHost: a\r\n",               # complete, malformed request line, head unfinished
+], ids=["tls-client-hello", "ssh-banner", "nul-in-target"])
+def test_a_start_line_that_cannot_become_a_request_is_400_at_once(make_backend, make_proxy, opening):
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]}, server={"header_timeout": f"{HEADER_TIMEOUT}s"})
+    with proxy.connect() as sock:
+        sock.settimeout(HEADER_TIMEOUT / 2)  # a 408 after header_timeout fails here with a timeout
+        sock.sendall(opening)
+        answer = read_small_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:60]
+    assert b"Connection: close" in answer
+    assert backend.requests == []
+
+
+# -- a relayed 1xx is not the response: a failure after it still gets a status ----------------------
+# Relaying an interim response (103 Early Hints, 100 Continue) marked the response as started, so an
+# upstream that then closed or stalled left the client with a cut connection and no final status,
+# where a 502/504 can still be sent (RFC 9110 §15.2: 1xx responses precede a final one).
+@pytest.mark.parametrize("after_hints, status", [("close", 502), ("hang", 504)])
+def test_upstream_failure_after_a_relayed_1xx_is_an_error_status(make_raw_backend, make_proxy, after_hints, status):
+    def script(peer):
+        if not peer.read_head():
+            return
+        peer.send(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n")
+        if after_hints == "hang":
+            peer.hang()
+
+    backend = make_raw_backend(script)
+    proxy = make_proxy({"web": [backend.address]}, upstream_options={"retries": 0, "read_timeout": "500ms"})
+    with raw_client(proxy) as raw:
+        raw.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        response = raw.read_response()
+    assert response.interim == [103]
+    assert response.status == status
+
+
+# -- closing with client bytes unread must not reset away the end of the response ---------------------
+# When the proxy closed after a response (Connection: close, HTTP/1.0) while bytes the client sent later
+# (a pipelined request, a stray CRLF) sat unread in the socket, close() sent a reset, and the kernel
+# threw away the part of the response still in the send buffer: the client read a truncated body (5.7 of
+# 8 MB) then ECONNRESET. nginx lingers (lingering_close) in this case; so does the proxy now.
+BIG = 16 * 1024 * 1024  # well past loopback socket buffers: the proxy is still sending when the extra comes
+
+
+@pytest.mark.parametrize("request_head, extra", [
+    (b"GET /big HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"),
+    (b"GET /big HTTP/1.0\r\n\r\n", b"\r\n"),
+], ids=["connection-close-then-pipelined", "http10-then-stray-crlf"])
+def test_unread_client_bytes_at_close_do_not_truncate_the_response(make_backend, make_proxy, request_head, extra):
+    backend = make_backend().route("/big", stream_pattern(BIG))
+    proxy = make_proxy({"web": [backend.address]})
+    with raw_client(proxy) as raw:
+        raw.send(request_head)
+        head = raw.read_head()
+        assert head.startswith(b"HTTP/1.1 200")
+        raw.send(extra)  # arrives while the proxy is still relaying the body: unread when it closes
+        body = raw.read_exact(BIG)
+        assert raw.at_eof()
+    assert hashlib.sha256(body).hexdigest() == pattern_sha256(BIG)

@@ -14,6 +14,7 @@ from websockets.sync.client import connect
 from websockets.sync.server import serve
 
 from proxy.config.schema import parse_config
+from tests.support.client import raw_client
 from tests.support.proxy import CLIENT_TIMEOUT, DEADLINE, proxy_config_dict
 from tests.support.timing import wait_for
 
@@ -287,3 +288,30 @@ def test_least_connections_counts_an_open_websocket(make_raw_backend, make_proxy
         answered = {session.get(proxy.url + "/", timeout=DEADLINE).text for _ in range(6)}
     assert answered == {str(r.port) for r in raws if r.address != busy.address}
     tunnel.close()
+
+
+# -- Upgrade in an HTTP/1.0 request is ignored ---------------------------------------------------------
+# RFC 9110 §7.8: a server MUST ignore Upgrade in an HTTP/1.0 request, and §15.2: no 1xx to a 1.0 client.
+# The proxy forwarded it as an HTTP/1.1 upgrade, so a backend's 101 switched a 1.0 client into a tunnel.
+def test_upgrade_in_an_http10_request_is_not_forwarded(make_raw_backend, make_proxy):
+    heads = []
+
+    def script(peer):
+        head = peer.read_head()
+        if not head:
+            return
+        heads.append(head)
+        if b"upgrade" in head.lower():
+            peer.send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            peer.hang()
+        else:
+            peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    backend = make_raw_backend(script)
+    proxy = make_proxy({"web": [backend.address]})
+    with raw_client(proxy) as raw:
+        raw.send(b"GET / HTTP/1.0\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        response = raw.read_response()
+        assert raw.at_eof()
+    assert response.status == 200 and response.body == b"ok"
+    assert len(heads) == 1 and b"upgrade" not in heads[0].lower()
