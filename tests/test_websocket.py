@@ -315,3 +315,57 @@ def test_upgrade_in_an_http10_request_is_not_forwarded(make_raw_backend, make_pr
         assert raw.at_eof()
     assert response.status == 200 and response.body == b"ok"
     assert len(heads) == 1 and b"upgrade" not in heads[0].lower()
+
+
+# -- bytes sent right behind an Upgrade request belong to the tunnel -------------------------------------
+# A client may send the new protocol's first bytes in the same write as its Upgrade request. They
+# stayed in the request parser as if they were a pipelined next request, and were lost: the server
+# never saw them and a protocol waiting for them hung.
+def test_bytes_sent_with_the_upgrade_request_reach_the_backend(make_raw_backend, make_proxy):
+    def script(peer):
+        if not peer.read_head():
+            return
+        peer.send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        data = peer.buffer
+        while len(data) < 4:
+            piece = peer.sock.recv(4 - len(data))
+            if not piece:
+                return
+            data += piece
+        peer.send(b"got " + data)
+
+    proxy = make_proxy({"web": [make_raw_backend(script).address]})
+    with raw_client(proxy) as client:
+        client.send(b"GET /t HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nping")
+        assert client.read_response().status == 101
+        assert client.read_exact(8) == b"got ping"
+
+
+# -- no h2c upgrade through the proxy ---------------------------------------------------------------------
+# An "Upgrade: h2c" relayed and answered with 101 made the client's connection an HTTP/2 connection
+# straight to the backend: every request on it bypassed the proxy's routing ("h2c smuggling"). RFC 9113
+# §3.1 deprecates that upgrade; the request goes on without it and gets an ordinary answer.
+def test_h2c_upgrade_is_not_forwarded(make_backend, make_proxy):
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]})
+    with raw_client(proxy) as client:
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                    b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+        assert client.read_response().status == 200
+    names = {name.lower() for name, _ in backend.last.headers}
+    assert not names & {"upgrade", "http2-settings"}
+    assert backend.last.header("Connection") in (None, "keep-alive")
+
+
+def test_h2c_among_other_offers_leaves_the_others(make_raw_backend, make_proxy):
+    heads = []
+
+    def script(peer):
+        heads.append(peer.read_head())
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    proxy = make_proxy({"web": [make_raw_backend(script).address]})
+    with raw_client(proxy) as client:
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c, websocket\r\n\r\n")
+        assert client.read_response().status == 200
+    assert b"\r\nUpgrade: websocket\r\n" in heads[0]
