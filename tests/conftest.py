@@ -2,6 +2,7 @@
 
     backend = make_backend()                          # ScriptedBackend, started, stopped at teardown
     raw = make_raw_backend(script)                    # RawBackend running script(peer) per connection
+    upstream = upstreams([HEAD, write(b"..."), FIN])  # FaultyUpstream running those steps per connection
     proxy = make_proxy({"web": [backend.address]})    # RunningProxy on a thread; proxy.url, proxy.port
     a, b = backends("a", "b")                         # FlakyBackends, killed at teardown
     proxy = observed_proxy(config_document(...))      # ObservedProxy: admin listener, status(), reload()
@@ -16,6 +17,7 @@ import pytest
 
 from tests.support.backends import FlakyBackend, JsonEchoServer, RawBackend, ScriptedBackend, started_until_teardown
 from tests.support.command import EXIT_TIMEOUT
+from tests.support.faulty_upstream import FaultyUpstream
 from tests.support.proxy import (ObservedProxy, RunningProxy, proxy_config_dict, start_observed_proxy,
                                  start_running_proxy)
 
@@ -28,6 +30,12 @@ def make_backend():
 @pytest.fixture
 def make_raw_backend():
     yield from started_until_teardown(RawBackend)
+
+
+@pytest.fixture
+def upstreams():
+    """A factory of started ``FaultyUpstream``s (scripted step by step), stopped at teardown."""
+    yield from started_until_teardown(FaultyUpstream)
 
 
 @pytest.fixture

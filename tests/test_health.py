@@ -11,11 +11,15 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import requests
 
 from proxy.config.schema import HealthConfig, parse_config
 from proxy.serve.app import Application
 from proxy.upstream.health import CheckResult, HealthChecker, HealthPolicy, apply_health, probe
+from tests.support.backends import close_with_rst
+from tests.support.client import raw_client
+from tests.support.faulty_upstream import BODY, FIN, HANG, HEAD, LOOP, RST, sleep, write
 from tests.support.proxy import DEADLINE, FAST_HEALTH, config_document, served_by
 from tests.support.timing import wait_for
 
@@ -345,3 +349,79 @@ def test_passive_checks_count_failures_within_fail_timeout_whatever_succeeds_bet
     statuses = [requests.get(proxy.url + "/", timeout=DEADLINE).status_code for _ in range(8)]
     assert statuses[:5] == [502, 200, 502, 200, 502]  # the third failure within 30 s takes it out
     assert statuses[5:] == [503] * 3 and len(calls) == 5
+
+
+# -- the health checker against misbehaving servers ----------------------------------------------
+GET = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+def _probe(upstream, timeout: float):
+    health = HealthConfig(path="/healthz", interval=1.0, timeout=timeout, expect_status=frozenset(range(200, 300)),
+                          healthy_after=1, unhealthy_after=1)
+    return probe("127.0.0.1", upstream.port, health, host_header=upstream.address)
+
+
+@pytest.mark.parametrize("then", [FIN, HANG])
+def test_health_probe_answered_with_101_fails_at_once(upstreams, then):
+    """Bug: the probe took 101 for an interim response and waited for a final one; the parser
+    ignores EOF once switched, so after the server closed the probe spun on recv() returning b""
+    (a whole CPU) until its timeout, then reported a timeout instead of the status."""
+    upstream = upstreams([HEAD, write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n"),
+                          then])
+    started = time.monotonic()
+    result = _probe(upstream, timeout=3.0)
+    assert time.monotonic() - started < 1.5
+    assert (result.ok, result.status) == (False, 101)
+
+
+# -- whose fault a timeout is ----------------------------------------------------------------------
+def test_client_that_stops_reading_a_response_is_not_an_upstream_failure(upstreams, make_proxy):
+    """Bug: a client taking nothing of a Content-Length body for send_timeout made the splice's write
+    time out, which was reported as "upstream body stalled" and counted against the server: with
+    passive checks, a few slow clients took a healthy server out."""
+    size = 64 * 1024 * 1024  # far past what the socket buffers between them hold
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size
+    upstream = upstreams([HEAD, write(answer), write(b"x" * size), HANG])
+    proxy = make_proxy({"web": [upstream.address]}, server={"send_timeout": "300ms"},
+                       upstream_options={"read_timeout": "5s", "passive": {"max_fails": 1, "fail_timeout": "10s"}})
+    server = proxy.app.runtime.upstreams["web"].servers[0]
+    with raw_client(proxy) as raw:
+        raw.send(GET)
+        assert raw.read_head().startswith(b"HTTP/1.1 200")
+        # now read nothing: the proxy gives up on this client after send_timeout
+        wait_for(lambda: server.active_requests == 0, timeout=10, what="the exchange abandoned")
+    snapshot = server.snapshot()
+    assert (snapshot["state"], snapshot["failures_total"]) == ("up", 0)
+
+
+def test_client_resetting_mid_upload_is_not_an_upstream_failure(upstreams, make_proxy):
+    """Bug: a client cancelling a large upload (reset) made the body's splice fail, which was
+    reported as "sending the body upstream failed" and counted against the server: with passive
+    checks, a few cancelled uploads took a healthy server out."""
+    upstream = upstreams([HEAD, BODY, write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), LOOP])
+    proxy = make_proxy({"web": [upstream.address]},
+                       upstream_options={"read_timeout": "5s", "passive": {"max_fails": 1, "fail_timeout": "10s"}})
+    server = proxy.app.runtime.upstreams["web"].servers[0]
+    sock = proxy.connect()
+    sock.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 100_000)
+    wait_for(lambda: upstream.executions == 1, what="the head forwarded")
+    close_with_rst(sock)
+    wait_for(lambda: server.active_requests == 0, timeout=10, what="the exchange abandoned")
+    snapshot = server.snapshot()
+    assert (snapshot["state"], snapshot["failures_total"]) == ("up", 0)
+
+
+def test_upstream_reset_mid_length_body_counts_against_the_server(upstreams, make_proxy):
+    """The other side of the same splice: an upstream resetting mid-body was taken for a gone client
+    (the OSError names no side), so passive checks never counted it. The client sees an abort."""
+    upstream = upstreams([HEAD, write(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 1000),
+                          sleep(0.05), RST])
+    proxy = make_proxy({"web": [upstream.address]}, upstream_options={"read_timeout": "5s"})
+    server = proxy.app.runtime.upstreams["web"].servers[0]
+    with raw_client(proxy) as raw:
+        raw.send(GET)
+        assert raw.read_head().startswith(b"HTTP/1.1 200")
+        with pytest.raises(ConnectionError):
+            raw.read_exact(10_000_000)
+    wait_for(lambda: server.active_requests == 0, timeout=10, what="the exchange abandoned")
+    assert server.snapshot()["failures_total"] == 1
