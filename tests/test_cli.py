@@ -20,8 +20,8 @@ import pytest
 import requests
 
 import proxy
-from tests.support.command import (EXIT_TIMEOUT, POLL_INTERVAL, REPO, proxy_running, pyproxy_command, run_cli,
-                                   start_proxy, wait_for_port, write_config)
+from tests.support.command import (EXIT_TIMEOUT, POLL_INTERVAL, REPO, assert_one_line_problem, one_backend_config,
+                                   proxy_running, pyproxy_command, run_cli, start_proxy, wait_for_port, write_config)
 from tests.support.ports import free_port
 
 ROUTING_CONFIG = """\
@@ -439,3 +439,90 @@ def test_access_log_on_a_terminal_is_coloured_and_aligned(tmp_path, json_backend
     assert "\033[32m200\033[0m" in line  # 2xx in green
     assert f"→ {target}" in line and line.rstrip().endswith("ms")
     assert '"GET /hello HTTP/1.1"' not in line  # not the combined format meant for files and pipes
+
+
+# --- "pyproxy -c proxy.toml --workers N overrides server.workers" (server.workers takes "auto") --
+
+def test_workers_auto_on_the_command_line_runs_one_worker_per_cpu(tmp_path, json_backends):
+    backend = json_backends("web")
+    cpus = len(os.sched_getaffinity(0))
+
+    def args_for_port(port: int) -> list[str]:
+        text = one_backend_config(f'listen = "127.0.0.1:{port}"', backend)
+        return ["-c", str(write_config(tmp_path, text)), "--workers", "auto"]
+
+    with proxy_running(tmp_path, args_for_port) as running:
+        assert running.get("/").json()["name"] == "web"
+        if cpus > 1:
+            assert f"with {cpus} workers" in running.stderr()
+
+
+def test_workers_on_the_command_line_still_refuses_nonsense(tmp_path):
+    path = write_config(tmp_path, one_backend_config('listen = "127.0.0.1:1"'))
+    for value in ("0", "two", "-1"):
+        result = run_cli("-c", str(path), "--workers", value)
+        assert result.returncode == 2, result.stderr
+        assert "--workers" in result.stderr and "auto" in result.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_access_log_that_cannot_be_opened_stops_the_start_with_one_line(tmp_path, workers):
+    # /proc refuses new files even to root, so this holds whoever runs the tests.
+    listen = f'listen = "127.0.0.1:{free_port()}"'
+    text = one_backend_config(listen, log='access = "/proc/pyproxy-audit.log"')
+    path = write_config(tmp_path, text)
+    result = run_cli("-c", str(path), "--workers", workers)
+    assert_one_line_problem(result, "pyproxy: cannot open the access log /proc/pyproxy-audit.log")
+    assert "listening on" not in result.stderr
+
+
+def test_a_year_long_duration_is_accepted_and_the_proxy_forwards(tmp_path, json_backends):
+    backend = json_backends("web")
+
+    def args_for_port(port: int) -> list[str]:
+        text = one_backend_config(f'listen = "127.0.0.1:{port}"\nidle_timeout = "8760h"', backend)
+        text += 'connect_timeout = 31536000\nread_timeout = "8760h"\n'
+        return ["-c", str(write_config(tmp_path, text))]
+
+    with proxy_running(tmp_path, args_for_port) as running:
+        response = running.get("/")
+        assert response.status_code == 200 and response.json()["name"] == "web"
+        assert "Traceback" not in running.stderr()
+
+
+# --- "1 for ... an address the proxy cannot listen on" (README): [admin].listen too ------------------
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_admin_address_stops_the_start_with_one_line(tmp_path, workers):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        admin_port = taken.getsockname()[1]
+        text = one_backend_config(f'listen = "127.0.0.1:{free_port()}"',
+                                  extra=f'[admin]\nlisten = "127.0.0.1:{admin_port}"\n')
+        result = run_cli("-c", str(write_config(tmp_path, text)), "--workers", workers)
+    assert_one_line_problem(result, f"pyproxy: cannot listen on 127.0.0.1:{admin_port} (admin.listen): "
+                                    "address already in use")
+    assert "listening on" not in result.stderr
+
+
+# --- max_header_bytes: "request line + headers; past it 431 (414 for the line alone)" ---------------
+
+def status_of(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=EXIT_TIMEOUT) as sock:
+        sock.sendall(request)
+        return sock.recv(64).split(b"\r\n", 1)[0]
+
+
+def test_a_request_line_longer_than_a_small_max_header_bytes_is_414(tmp_path, json_backends):
+    backend = json_backends("web")
+
+    def args_for_port(port: int) -> list[str]:
+        text = one_backend_config(f'listen = "127.0.0.1:{port}"\nmax_header_bytes = "2KiB"', backend)
+        return ["-c", str(write_config(tmp_path, text))]
+
+    with proxy_running(tmp_path, args_for_port) as running:
+        long_line = b"GET /" + b"a" * 3000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        big_headers = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 3000 + b"\r\n\r\n"
+        assert status_of(running.port, big_headers) == b"HTTP/1.1 431 Request Header Fields Too Large"
+        assert status_of(running.port, long_line) == b"HTTP/1.1 414 Request-URI Too Long"

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -21,6 +22,7 @@ from proxy.config.schema import load_config
 from proxy.serve.watch import Watcher, describe_changes
 from tests.support.backends import SLOW_BODY, named_backends
 from tests.support.client import RawClient
+from tests.support.command import EXIT_TIMEOUT, READY_TIMEOUT, one_backend_config, pyproxy_command, write_config
 from tests.support.ports import free_port, port_open
 from tests.support.processes import Load, answered_by, proxy_config, running_proxy, start_slow_request
 from tests.support.proxy import CLIENT_TIMEOUT
@@ -312,3 +314,28 @@ def test_drain_answers_requests_that_were_half_way_in(make_backend, make_proxy):
             assert client.at_eof()
     proxy.thread.join(CLIENT_TIMEOUT)
     assert not proxy.thread.is_alive()
+
+
+# --- "SIGTERM: graceful drain ... then exit 0", however soon after the port opens -------------------
+
+# One process only: with workers, Supervisor.__init__ still runs between the unblock and its own
+# handlers (proxy/serve/supervisor.py), so a SIGTERM in that window still kills the supervisor.
+@pytest.mark.parametrize("workers", ["1"])
+def test_sigterm_right_after_the_port_opens_still_exits_0(tmp_path, workers):
+    for _ in range(3):
+        port = free_port()
+        path = write_config(tmp_path, one_backend_config(f'listen = "127.0.0.1:{port}"'))
+        process = subprocess.Popen(pyproxy_command() + ["-c", str(path), "--workers", workers],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT
+            while not port_open(port):  # as fast as a watchdog could: the first moment it accepts
+                assert process.poll() is None and time.monotonic() < deadline, "pyproxy did not start"
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=EXIT_TIMEOUT)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(EXIT_TIMEOUT)
+        assert process.returncode == 0, stderr
+        assert "Traceback" not in stderr
