@@ -2,7 +2,7 @@
 
 ``RunningProxy`` (the ``make_proxy`` fixture) is the plain one, built from ``proxy_config_dict``;
 ``ObservedProxy`` (the ``observed_proxy`` fixture) also has an admin listener, reads /status and
-reloads, built from ``config_document``.
+reloads, built from ``config_document``; ``scrape`` reads its /metrics.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import threading
 import urllib.request
 
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from core.socket_server import bind_listener
 from proxy.config.schema import ListenConfig, parse_config
@@ -145,6 +146,15 @@ def _answers(url: str) -> bool:
             return True
     except OSError:
         return False
+
+
+def scrape(proxy) -> dict:
+    """The admin listener's /metrics (``proxy``: anything with an ``admin_url``), parsed by the official
+    Prometheus parser: {family name: family}."""
+    response = requests.get(proxy.admin_url + "/metrics", timeout=DEADLINE)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return {family.name: family for family in text_string_to_metric_families(response.text)}
 
 
 def served_by(proxy: ObservedProxy, count: int) -> dict[str, int]:
