@@ -1,5 +1,5 @@
-"""SocketServer over real loopback sockets with the line-echo handler from core_helpers: concurrency,
-keep-alive parking, timeouts, overload, phased shutdown, failing and stuck handlers."""
+"""SocketServer over real loopback sockets with the line-echo handler (tests/support/echo_server.py):
+concurrency, keep-alive parking, timeouts, overload, phased shutdown, failing and stuck handlers."""
 
 from __future__ import annotations
 

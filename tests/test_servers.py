@@ -216,7 +216,7 @@ def test_failures_while_ejected_do_not_extend_ejection(clock):
 
 
 def test_failures_count_within_the_window_whatever_succeeds_between(clock):
-    """CONFIG.md: "this many failed attempts within fail_timeout". Successes between them (a server
+    """README: "`max_fails` failed attempts ... within `fail_timeout`". Successes between them (a server
     failing every other request) forgive nothing; only time does."""
     server = Server("h", 80, max_fails=3, fail_timeout=10, clock=clock)
     for _ in range(2):
