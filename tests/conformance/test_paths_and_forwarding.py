@@ -6,7 +6,6 @@ import pytest
 
 from proxy.routing.router import BadPath, normalize_path
 from tests.support.client import raw_client
-from tests.support.proxy import CLIENT_TIMEOUT
 
 pytestmark = pytest.mark.timeout(30)
 
