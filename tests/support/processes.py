@@ -64,13 +64,19 @@ class ProxyRun:
         self.config_path.write_text(config_text)
         self.log_path = tmp_path / "proxy.log"
         self._log = open(self.log_path, "wb")
-        self.port = load_config(self.config_path).server.listen[0].port
+        config = load_config(self.config_path)
+        self.port = config.server.listen[0].port
+        self.admin_port = config.admin.listen.port if config.admin is not None else None
         self.proc = subprocess.Popen([sys.executable, "-m", "proxy.serve.cli", "-c", str(self.config_path), *args],
                                      cwd=REPO, stdout=subprocess.DEVNULL, stderr=self._log)
         wait_for(self._accepting, START_TIMEOUT, what="the proxy to accept connections")
         # The port accepts before the loop runs; signal handlers are installed just before it does. A
         # request answered means the loop runs, so a signal from here on is handled, not fatal.
         wait_for(self._answers, START_TIMEOUT, what="the proxy to answer", on_timeout=self.log)
+        if self.admin_port is not None:
+            # With workers, the supervisor binds [admin] after it forked them: a worker may answer first.
+            wait_for(lambda: port_open(self.admin_port), START_TIMEOUT, what="the admin listener",
+                     on_timeout=self.log)
 
     @property
     def url(self) -> str:
