@@ -1,84 +1,25 @@
-"""Fixtures for engine integration tests: real backends and an in-process proxy, all on port 0.
+"""Fixtures only; the harness they hand out lives in tests/support (see its __init__ for a map).
 
     backend = make_backend()                          # ScriptedBackend, started, stopped at teardown
     raw = make_raw_backend(script)                    # RawBackend running script(peer) per connection
-    proxy = make_proxy({"web": [backend.address]})    # ProxyProcess on a thread; proxy.url, proxy.port
+    upstream = upstreams([HEAD, write(b"..."), FIN])  # FaultyUpstream running those steps per connection
+    proxy = make_proxy({"web": [backend.address]})    # RunningProxy on a thread; proxy.url, proxy.port
+    a, b = backends("a", "b")                         # FlakyBackends, killed at teardown
+    proxy = observed_proxy(config_document(...))      # ObservedProxy: admin listener, status(), reload()
+    address = json_backends("web")                    # JsonEchoServer for the pyproxy command tests
 """
 
 from __future__ import annotations
 
-import json
-import socket
 import threading
-import urllib.request
 
 import pytest
-import requests
 
-from core.socket_server import bind_listener
-from proxy.config.schema import ListenConfig, parse_config
-from proxy.serve.runner import ProxyProcess
-from tests.backends import FlakyBackend, RawBackend, ScriptedBackend
-from tests.core_helpers import wait_for
-
-PROXY_STOP_TIMEOUT = 10.0
-CLIENT_TIMEOUT = 10.0  # every test client socket op is bounded by this
-DEADLINE = 5.0  # the health/admin tests' bound on every request and wait
-FAST_HEALTH = {"path": "/healthz", "interval": "50ms", "timeout": "40ms", "healthy_after": 2, "unhealthy_after": 2}
-
-
-class RunningProxy:
-    def __init__(self, process: ProxyProcess, thread: threading.Thread, port: int):
-        self.process = process
-        self.thread = thread
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-
-    @property
-    def app(self):
-        return self.process.app
-
-    def pool(self, upstream: str, index: int = 0):
-        runtime = self.app.runtime.upstreams[upstream]
-        return runtime.pools[runtime.servers[index]]
-
-    def connect(self) -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=CLIENT_TIMEOUT)
-        return sock
-
-    def stop(self) -> None:
-        self.process.stop(force=True)
-        self.thread.join(PROXY_STOP_TIMEOUT)
-        assert not self.thread.is_alive(), "proxy did not stop"
-
-
-def proxy_config_dict(upstreams: dict, routes: list | None = None, server: dict | None = None,
-                      upstream_options: dict | None = None) -> dict:
-    """A config document: ``upstreams`` maps a name to server addresses; one catch-all route by default."""
-    options = {"connect_timeout": "2s", "read_timeout": "5s"}
-    options.update(upstream_options or {})
-    document = {
-        "server": {"listen": "127.0.0.1:1", "min_threads": 2, "max_threads": 32,
-                   "header_timeout": "5s", **(server or {})},
-        "log": {"access": "off", "level": "warning"},
-        "upstreams": {name: {"servers": list(addresses), **options} for name, addresses in upstreams.items()},
-        "routes": routes if routes is not None else [{"path": "/", "upstream": next(iter(upstreams))}],
-    }
-    return document
-
-
-def started_until_teardown(kind):
-    """A fixture body: yields a factory that starts ``kind(...)`` servers; all are stopped at teardown."""
-    started = []
-
-    def factory(*args, **kwargs):
-        server = kind(*args, **kwargs).start()
-        started.append(server)
-        return server
-
-    yield factory
-    for server in started:
-        server.stop()
+from tests.support.backends import FlakyBackend, JsonEchoServer, RawBackend, ScriptedBackend, started_until_teardown
+from tests.support.command import EXIT_TIMEOUT
+from tests.support.faulty_upstream import FaultyUpstream
+from tests.support.proxy import (ObservedProxy, RunningProxy, proxy_config_dict, start_observed_proxy,
+                                 start_running_proxy)
 
 
 @pytest.fixture
@@ -92,16 +33,18 @@ def make_raw_backend():
 
 
 @pytest.fixture
+def upstreams():
+    """A factory of started ``FaultyUpstream``s (scripted step by step), stopped at teardown."""
+    yield from started_until_teardown(FaultyUpstream)
+
+
+@pytest.fixture
 def make_proxy():
-    running = []
+    running: list[RunningProxy] = []
 
     def factory(upstreams: dict, routes: list | None = None, server: dict | None = None,
                 upstream_options: dict | None = None) -> RunningProxy:
-        config = parse_config(proxy_config_dict(upstreams, routes, server, upstream_options), "test.toml")
-        sock = bind_listener("127.0.0.1", 0)
-        port = sock.getsockname()[1]
-        process = ProxyProcess(config, listeners=[(ListenConfig("127.0.0.1", port), sock)])
-        proxy = RunningProxy(process, process.start_in_thread(), port)
+        proxy = start_running_proxy(proxy_config_dict(upstreams, routes, server, upstream_options))
         running.append(proxy)
         return proxy
 
@@ -110,7 +53,6 @@ def make_proxy():
         proxy.stop()
 
 
-# -- health and admin: flaky backends, an in-process proxy with an admin listener -------------------
 @pytest.fixture
 def backends():
     made: list[FlakyBackend] = []
@@ -126,67 +68,13 @@ def backends():
         backend.kill()
 
 
-class ObservedProxy:
-    def __init__(self, process: ProxyProcess, port: int, admin_port: int):
-        self.process = process
-        self.url = f"http://127.0.0.1:{port}"
-        self.admin_url = f"http://127.0.0.1:{admin_port}"
-        self.thread = process.start_in_thread()
-
-    @property
-    def app(self):
-        return self.process.app
-
-    def status(self) -> dict:
-        with urllib.request.urlopen(self.admin_url + "/status", timeout=DEADLINE) as response:
-            return json.load(response)
-
-    def server_status(self, upstream: str, address: str) -> dict:
-        servers = self.status()["upstreams"][upstream]["servers"]
-        return next(s for s in servers if s["address"] == address)
-
-    def state(self, upstream: str, address: str) -> str:
-        return self.server_status(upstream, address)["state"]
-
-    def reload(self, document: dict) -> None:
-        """SIGHUP's path with a config_document; its listen address becomes the one this proxy has."""
-        document["server"]["listen"] = f"127.0.0.1:{self.url.rsplit(':', 1)[1]}"
-        self.process.reload(parse_config(document, "test.toml"))
-
-    def stop(self) -> None:
-        self.process.stop(force=True)
-        self.thread.join(PROXY_STOP_TIMEOUT)
-        assert not self.thread.is_alive(), "proxy did not stop"
-
-
-def config_document(upstreams: dict, **extra) -> dict:
-    """upstreams: name -> upstream table (servers etc.); one catch-all route to the first."""
-    document = {
-        "server": {"listen": "127.0.0.1:1", "min_threads": 2, "max_threads": 16, "graceful_timeout": "5s"},
-        "admin": {"listen": "127.0.0.1:2"},
-        "log": {"access": "off", "level": "warning"},
-        "upstreams": {name: {"connect_timeout": "1s", "read_timeout": "5s", **table}
-                      for name, table in upstreams.items()},
-        "routes": [{"path": "/", "upstream": next(iter(upstreams))}],
-    }
-    for key, value in extra.items():
-        document[key] = {**document.get(key, {}), **value} if isinstance(value, dict) else value
-    return document
-
-
 @pytest.fixture
 def observed_proxy():
     running: list[ObservedProxy] = []
 
     def factory(document: dict) -> ObservedProxy:
-        config = parse_config(document, "test.toml")
-        sock = bind_listener("127.0.0.1", 0)
-        admin_sock = bind_listener("127.0.0.1", 0)
-        port, admin_port = sock.getsockname()[1], admin_sock.getsockname()[1]
-        process = ProxyProcess(config, listeners=[(ListenConfig("127.0.0.1", port), sock)], admin_socket=admin_sock)
-        proxy = ObservedProxy(process, port, admin_port)
+        proxy = start_observed_proxy(document)
         running.append(proxy)
-        wait_for(lambda: _answers(proxy.admin_url + "/healthz"), what="admin listener")
         return proxy
 
     yield factory
@@ -194,20 +82,20 @@ def observed_proxy():
         proxy.stop()
 
 
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1.0):
-            return True
-    except OSError:
-        return False
+@pytest.fixture
+def json_backends():
+    """A factory of named JSON echo backends (returns each one's address), all shut down at the end."""
+    servers: list[tuple[JsonEchoServer, threading.Thread]] = []
 
+    def start(name: str) -> str:
+        server = JsonEchoServer(name)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        return server.address
 
-def served_by(proxy: ObservedProxy, count: int) -> dict[str, int]:
-    """Send ``count`` GETs; how many each backend (by body) answered. Every one must be a 200."""
-    seen: dict[str, int] = {}
-    with requests.Session() as session:
-        for _ in range(count):
-            response = session.get(proxy.url + "/", timeout=DEADLINE)
-            assert response.status_code == 200, response.text
-            seen[response.text] = seen.get(response.text, 0) + 1
-    return seen
+    yield start
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=EXIT_TIMEOUT)

@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
+import array
+import fcntl
 import io
 import json
+import os
 import re
+import socket
 import sys
+import termios
+import threading
 
+import pytest
 import requests
 
-from proxy.observe.access_log import AccessLog, format_combined, format_json, make_access_log
 from proxy.config.schema import LogConfig
-from tests.conftest import DEADLINE, config_document
-from tests.core_helpers import wait_for
+from proxy.observe.access_log import AccessLog, format_combined, format_json, make_access_log
+from tests.support.backends import FlakyBackend
+from tests.support.client import read_small_answer
+from tests.support.proxy import DEADLINE, config_document, scrape
+from tests.support.timing import wait_for
+from tests.support.records import WHEN, Record
 
-WHEN = 971182536.0  # 10/Oct/2000:12:55:36 UTC
 COMBINED = re.compile(r'^(\S+) - - \[([^\]]+)\] "([^"]*)" (\d{3}) (\d+) "([^"]*)" "([^"]*)" (\S+) (\S+) (\d+\.\d{3}) (\S+)$')
-
-
-class Record:
-    def __init__(self, **fields):
-        defaults = dict(started=0.0, duration=0.0123, client_ip="10.0.0.7", method="GET", target="/a?b=1",
-                        version="HTTP/1.1", status=200, bytes_sent=512, upstream="api", server="127.0.0.1:9001",
-                        request_id="rid-1", user_agent="curl/8", referer=None, host="example.com")
-        defaults.update(fields)
-        self.__dict__.update(defaults)
 
 
 def test_combined_line():
@@ -154,3 +154,247 @@ def test_access_log_uses_the_terminal_format_only_on_a_terminal(monkeypatch):
         line = stream.getvalue()
         assert ("\033[31m503\033[0m" in line) is expect_pretty
         assert ('"GET /api/users HTTP/1.1" 503' in line) is not expect_pretty
+
+
+def requests_counted(proxy, code: str, upstream: str = "-") -> float:
+    samples = [s.value for s in scrape(proxy)["pyproxy_requests"].samples
+               if s.name == "pyproxy_requests_total" and s.labels == {"upstream": upstream, "code": code}]
+    return samples[0] if samples else 0.0
+
+
+def json_log_lines(path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def logged_proxy(observed_proxy, tmp_path, server: dict | None = None):
+    """An observed proxy in front of one backend, writing a JSON access log to tmp_path."""
+    backend = FlakyBackend("a")
+    log_path = tmp_path / "access.json"
+    proxy = observed_proxy(config_document({"web": {"servers": [backend.address]}},
+                                           server=server or {},
+                                           log={"access": str(log_path), "format": "json"}))
+    return proxy, backend, log_path
+
+
+def send_raw(proxy, data: bytes) -> bytes:
+    port = int(proxy.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
+        sock.sendall(data)
+        return read_small_answer(sock)
+
+
+# -- 408s answered by the accept loop ---------------------------------------------------------------
+
+@pytest.mark.parametrize("sent, method", [
+    (b"GET /half HTTP/1.1\r\nHost: a\r\n", "-"),                                  # half a head, parked
+    (b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab", "POST"),  # a small body, parked
+])
+def test_a_408_for_a_parked_request_is_logged_and_counted(observed_proxy, tmp_path, sent, method):
+    """Bug: a request parked in the selector (half a head, or a small body trickling in) that ran out
+    of time got its 408 from the accept loop (HttpHandler.on_expired), which told no observer: no
+    access log line and no pyproxy_requests_total{code="408"}, so slowloris-style clients were
+    invisible. A 408 answered while a worker waited on the client was logged; only these were not."""
+    proxy, backend, log_path = logged_proxy(observed_proxy, tmp_path,
+                                            server={"header_timeout": "300ms", "body_timeout": "300ms"})
+    try:
+        answer = send_raw(proxy, sent)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:80]
+        wait_for(lambda: requests_counted(proxy, "408") == 1, DEADLINE, what="the 408 in /metrics")
+        wait_for(lambda: any(line["status"] == 408 for line in json_log_lines(log_path)), DEADLINE,
+                 what="the 408 in the access log")
+        (line,) = [line for line in json_log_lines(log_path) if line["status"] == 408]
+        assert line["method"] == method
+        assert line["bytes"] == len(answer)
+    finally:
+        backend.kill()
+
+
+# -- request ids ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("offered", [
+    "z" * 5000,              # huge: it went into every log line and to the backend
+    "a b",                   # a space: breaks the combined format's last field
+    "id\twith-tab",          # a control character
+    "caf\u00e9",             # not ASCII (sent as UTF-8, read back as latin-1 mojibake)
+])
+def test_an_unusable_client_request_id_is_replaced(observed_proxy, tmp_path, offered):
+    """Bug: X-Request-Id was reused whatever the client sent: 5000 bytes, spaces, tabs or non-ASCII
+    went to the access log, the backend and back to the client. Like Heroku's router, only a sane id
+    (visible ASCII, at most 200 characters) is kept; any other is replaced by a generated one."""
+    proxy, backend, log_path = logged_proxy(observed_proxy, tmp_path)
+    try:
+        answer = send_raw(proxy, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Request-Id: "
+                          + offered.encode("utf-8") + b"\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:80]
+        returned = [line.split(b":", 1)[1].strip().decode("latin-1")
+                    for line in answer.split(b"\r\n\r\n", 1)[0].split(b"\r\n") if line.lower().startswith(b"x-request-id:")]
+        assert len(returned) == 1 and returned[0] != offered.encode("utf-8").decode("latin-1")
+        assert len(returned[0]) == 32 and int(returned[0], 16) >= 0  # a generated one
+        wait_for(lambda: json_log_lines(log_path), DEADLINE, what="the access log line")
+        assert json_log_lines(log_path)[0]["request_id"] == returned[0]
+    finally:
+        backend.kill()
+
+
+def test_a_sane_client_request_id_is_kept(observed_proxy, tmp_path):
+    proxy, backend, log_path = logged_proxy(observed_proxy, tmp_path)
+    offered = "Root=1-5759e988-bd862e3fe1be46a9/x+y=" + "k" * 150
+    try:
+        response = requests.get(proxy.url + "/", headers={"X-Request-Id": offered}, timeout=DEADLINE)
+        assert response.headers["X-Request-Id"] == offered
+        wait_for(lambda: json_log_lines(log_path), DEADLINE, what="the access log line")
+        assert json_log_lines(log_path)[0]["request_id"] == offered
+    finally:
+        backend.kill()
+
+
+# -- access log text ----------------------------------------------------------------------------------
+
+UTF8_REQUEST = (b"GET /cafe HTTP/1.1\r\nHost: a\r\nUser-Agent: caf\xc3\xa9 \xff\r\nReferer: /\xe2\x82\xac\r\n"
+                b"Connection: close\r\n\r\n")
+
+
+@pytest.mark.parametrize("fmt", ["json", "combined"])
+def test_non_ascii_header_bytes_are_logged_as_sent_not_as_mojibake(observed_proxy, tmp_path, fmt):
+    """Bug: header values are bytes read as latin-1, and the access log wrote those characters as
+    text: a User-Agent "café" sent in UTF-8 was logged as "cafÃ©" (JSON and combined), a Referer
+    with "€" as "râ\\x82¬". JSON now carries the UTF-8 text (a stray byte as \\xHH); combined escapes
+    every non-ASCII byte as \\xHH, as nginx does, so the line stays ASCII."""
+    backend = FlakyBackend("a")
+    log_path = tmp_path / "access.log"
+    proxy = observed_proxy(config_document({"web": {"servers": [backend.address]}},
+                                           log={"access": str(log_path), "format": fmt}))
+    try:
+        assert send_raw(proxy, UTF8_REQUEST).startswith(b"HTTP/1.1 200 ")
+        wait_for(lambda: log_path.exists() and log_path.read_text(encoding="utf-8"), DEADLINE,
+                 what="the access log line")
+        text = log_path.read_text(encoding="utf-8")
+        if fmt == "json":
+            line = json.loads(text)
+            assert (line["user_agent"], line["referer"]) == ("caf\u00e9 \\xff", "/\u20ac")
+        else:
+            assert text.isascii()
+            assert '"/\\xE2\\x82\\xAC" "caf\\xC3\\xA9 \\xFF"' in text
+    finally:
+        backend.kill()
+
+
+@pytest.mark.parametrize("request_line, status", [
+    (b"GET /x HTTP/1.1\r\nHost: nowhere.example", b"404"),  # no route (routes below are for host "a")
+    (b"GET /../x HTTP/1.1\r\nHost: a", b"400"),              # a path escaping the root
+])
+def test_a_request_answered_before_routing_keeps_its_request_id(observed_proxy, tmp_path, request_line, status):
+    """Bug: the request id was set only after a route matched, so a 404 (no route) or a 400 (bad
+    path) was answered without X-Request-Id and logged with request_id null, even when the client
+    had sent one: the id a client quotes in a bug report matched no log line."""
+    backend = FlakyBackend("a")
+    log_path = tmp_path / "access.json"
+    document = config_document({"web": {"servers": [backend.address]}},
+                               log={"access": str(log_path), "format": "json"})
+    document["routes"] = [{"host": "a", "path": "/", "upstream": "web"}]
+    proxy = observed_proxy(document)
+    try:
+        answer = send_raw(proxy, request_line + b"\r\nX-Request-Id: mine-1\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 " + status), answer[:80]
+        assert b"\r\nX-Request-Id: mine-1\r\n" in answer
+        wait_for(lambda: json_log_lines(log_path), DEADLINE, what="the access log line")
+        assert json_log_lines(log_path)[0]["request_id"] == "mine-1"
+    finally:
+        backend.kill()
+
+
+# -- tunnels ------------------------------------------------------------------------------------------
+
+def echo_ten_times_after_101(peer) -> None:
+    peer.read_request()
+    peer.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    for _ in range(1000):  # bounded: the test sends a few messages then closes
+        data = peer.sock.recv(65536)
+        if not data:
+            return
+        peer.send(data * 10)
+
+
+def test_a_tunnel_is_logged_when_it_closes_with_the_bytes_it_relayed(make_raw_backend, tmp_path, observed_proxy):
+    """nginx logs an upgraded (WebSocket) connection once it ends, with every byte sent to the client
+    ($bytes_sent) and its whole lifetime ($request_time). pyproxy logs it when the 101 is relayed: a
+    tunnel that moved megabytes shows 77 bytes and 0.001 s."""
+    backend = make_raw_backend(echo_ten_times_after_101)
+    log_path = tmp_path / "access.json"
+    proxy = observed_proxy(config_document({"ws": {"servers": [backend.address]}},
+                                           log={"access": str(log_path), "format": "json"}))
+    port = int(proxy.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
+        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(4096)
+        for _ in range(5):
+            sock.sendall(b"m" * 1000)
+            received = 0
+            while received < 10_000:
+                received += len(sock.recv(65536))
+    wait_for(lambda: json_log_lines(log_path), DEADLINE, what="the tunnel's access log line")
+    wait_for(lambda: proxy.app.open_tunnels == 0, DEADLINE, what="the tunnel to close")
+    (line,) = json_log_lines(log_path)
+    assert line["status"] == 101
+    assert line["bytes"] >= len(head) + 50_000
+
+
+def pipe_pending(fd: int) -> int:
+    count = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, count)
+    return count[0]
+
+
+def test_access_log_lines_of_writers_sharing_a_pipe_are_never_cut():
+    """Bug: with workers, every worker writes its access log to the same stdout; under systemd or
+    docker that is a pipe, where only writes of at most PIPE_BUF (4 KiB) bytes are atomic. A worker
+    wrote its whole batch (up to 256 lines) in one write, which the kernel splits when the pipe is
+    full, so another worker's lines landed inside it: about 1 JSON line in 10 was cut in two under a
+    slow reader. Each write is now whole lines of at most PIPE_BUF bytes. (Two writers in one process
+    share the pipe as two worker processes do: the atomicity is the kernel's either way.)"""
+    read_end, write_end = os.pipe()
+    logs = [AccessLog(f"/dev/fd/{write_end}", "json") for _ in range(2)]
+    received = bytearray()
+
+    def read_all() -> None:
+        while chunk := os.read(read_end, 65536):
+            received.extend(chunk)
+
+    try:
+        for log in logs:
+            log.start()
+        for index in range(600):
+            for writer, log in enumerate(logs):
+                log.observe(Record(user_agent=f"{writer}-" + "u" * 3000, target=f"/{index}"))
+        wait_for(lambda: pipe_pending(read_end) >= 40_000, DEADLINE, what="the pipe to fill")  # writers now wait
+        reader = threading.Thread(target=read_all, daemon=True)
+        reader.start()
+        for log in logs:
+            log.stop()  # every queued line written
+    finally:
+        os.close(write_end)
+    reader.join(DEADLINE)
+    os.close(read_end)
+    lines = received.decode("utf-8").splitlines()
+    assert len(lines) == 1200
+    assert all(json.loads(line)["user_agent"].endswith("u" * 3000) for line in lines)
+
+
+@pytest.mark.parametrize("sent, status, method, path", [
+    (b"GET /big-head HTTP/1.1\r\nHost: a\r\nX-Big: " + b"x" * 20000 + b"\r\n\r\n", 431, "GET", "/big-head"),
+    (b"GET /bad-field HTTP/1.1\r\nHost: a\r\nBad Field: 1\r\n\r\n", 400, "GET", "/bad-field"),
+    (b"POST /too-big HTTP/1.1\r\nHost: a\r\nContent-Length: 999999999999\r\n\r\n", 413, "POST", "/too-big"),
+    (b"GET /v HTTP/2.0\r\nHost: a\r\n\r\n", 505, "GET", "/v"),
+], ids=["431", "400", "413", "505"])
+def test_a_refused_request_is_logged_with_its_request_line(observed_proxy, tmp_path, sent, status, method, path):
+    """Bug: requests the proxy refused while reading the head were logged as "- - HTTP/1.1", so
+    nobody could tell which URL drew the 431/413/400; nginx logs their request line."""
+    proxy, _, log_path = logged_proxy(observed_proxy, tmp_path)
+    assert send_raw(proxy, sent).startswith(f"HTTP/1.1 {status} ".encode())
+    wait_for(lambda: json_log_lines(log_path), DEADLINE, what="the access log line")
+    (line,) = json_log_lines(log_path)
+    assert (line["status"], line["method"], line["path"]) == (status, method, path)

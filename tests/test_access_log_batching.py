@@ -12,8 +12,8 @@ import pytest
 
 from proxy.observe import access_log
 from proxy.observe.access_log import AccessLog, format_combined, format_json
-from tests.core_helpers import wait_for
-from tests.test_access_log import WHEN, Record
+from tests.support.timing import wait_for
+from tests.support.records import WHEN, Record
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -2,30 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import socket
+import struct
 import threading
 import time
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.observe.admin import AdminSources, SourceFailed
 from proxy.observe.status import merge_status
-from tests.conftest import DEADLINE, FAST_HEALTH, config_document, served_by
-from tests.core_helpers import wait_for
-from tests.test_lifecycle import free_port
+from tests.support.backends import FlakyBackend, named_backends
+from tests.support.ports import free_port
+from tests.support.processes import admin_status, children, proxy_config, running_proxy
+from tests.support.proxy import DEADLINE, FAST_HEALTH, config_document, scrape, served_by
+from tests.support.timing import wait_for
 
 REQUIRED_FAMILIES = {"pyproxy_requests": "counter", "pyproxy_request_duration_seconds": "histogram",
                      "pyproxy_upstream_up": "gauge", "pyproxy_upstream_active_requests": "gauge",
                      "pyproxy_client_connections": "gauge"}
-
-
-def scrape(proxy) -> dict:
-    response = requests.get(proxy.admin_url + "/metrics", timeout=DEADLINE)
-    assert response.status_code == 200
-    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    return {family.name: family for family in text_string_to_metric_families(response.text)}
 
 
 def value(families: dict, family: str, sample: str, **labels) -> float:
@@ -223,3 +221,121 @@ def test_a_taken_admin_address_keeps_the_old_listener(backends, observed_proxy, 
         _reload_admin(proxy, f"127.0.0.1:{taken}", a.address)
     assert "cannot move the admin listener" in caplog.text
     assert _healthz(old_port) == 200
+
+
+# -- the admin listener ---------------------------------------------------------------------------------
+
+def admin_exchange(proxy, data: bytes) -> bytes:
+    port = int(proxy.admin_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
+        sock.sendall(data)
+        received = b""
+        while received.count(b"HTTP/1.1 ") < 2 and b"Connection: close" not in received:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            received += piece
+        return received
+
+
+@pytest.mark.parametrize("first", [
+    b"POST /status HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+    b"GET /healthz HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+])
+def test_an_admin_request_body_is_not_read_as_the_next_request(observed_proxy, first):
+    """Bug: the admin listener never read request bodies, and kept the connection: a POST's body
+    ("hello") was parsed as the start of the next request, so a pipelined GET /healthz got
+    "501 Unsupported method ('helloGET')". A small body is now read and dropped."""
+    backend = FlakyBackend("a")
+    proxy = observed_proxy(config_document({"web": {"servers": [backend.address]}}))
+    try:
+        answer = admin_exchange(proxy, first + b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
+        assert statuses[1:] == [b"200"] and statuses[0] in (b"405", b"200"), answer
+    finally:
+        backend.kill()
+
+
+def test_an_admin_request_with_a_chunked_body_closes_the_connection(observed_proxy):
+    backend = FlakyBackend("a")
+    proxy = observed_proxy(config_document({"web": {"servers": [backend.address]}}))
+    try:
+        answer = admin_exchange(proxy, b"PUT /metrics HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                       b"5\r\nhello\r\n0\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 405 ") and b"Connection: close\r\n" in answer
+        assert b"Allow: GET, HEAD\r\n" in answer
+    finally:
+        backend.kill()
+
+
+def test_the_admin_debug_log_escapes_control_characters_of_the_request_line(observed_proxy, caplog):
+    """Bug: the admin handler's log_message override wrote the client's request line as it came, so a
+    path holding a terminal escape sequence reached the debug log raw (http.server's own
+    log_message escapes control characters since gh-100001; the override bypassed it)."""
+    backend = FlakyBackend("a")
+    proxy = observed_proxy(config_document({"web": {"servers": [backend.address]}}))
+    try:
+        with caplog.at_level("DEBUG", logger="pyproxy.admin"):
+            answer = admin_exchange(proxy, b"GET /\x1b[31mred HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 404 ")
+            wait_for(lambda: any("red" in r.getMessage() for r in caplog.records), DEADLINE, what="the admin log line")
+        (line,) = [r.getMessage() for r in caplog.records if "red" in r.getMessage()]
+        assert "\x1b" not in line and "\\x1b[31mred" in line
+    finally:
+        backend.kill()
+
+
+def healthz(admin_port: int) -> int:
+    try:
+        return requests.get(f"http://127.0.0.1:{admin_port}/healthz", timeout=DEADLINE).status_code
+    except requests.RequestException:
+        return 0
+
+
+def test_healthz_with_workers_is_503_while_no_worker_serves(tmp_path):
+    """Bug: with workers = 2, the supervisor's /healthz said 200 whenever it was not draining, also
+    while every worker was dead and being restarted (or backing off after dying young): a load
+    balancer kept sending clients to a proxy with nobody to accept them."""
+    with named_backends("a") as (backend,):
+        port, admin_port = free_port(), free_port()
+        config = proxy_config(port, backend.address, workers=2, admin_port=admin_port)
+        with running_proxy(tmp_path, config) as run:
+            wait_for(lambda: len(admin_status(admin_port)["workers"]) == 2, DEADLINE, what="both workers")
+            assert healthz(admin_port) == 200
+            saw_503 = False
+            for _ in range(4):  # killed young again and again, the workers come back after a growing backoff
+                wait_for(lambda: len(children(run.proc.pid)) == 2, 10, what="two workers")
+                for pid in children(run.proc.pid):
+                    os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 0.4
+                while not saw_503 and time.monotonic() < deadline:
+                    saw_503 = healthz(admin_port) == 503
+                if saw_503:
+                    break
+            assert saw_503, run.log()
+            wait_for(lambda: healthz(admin_port) == 200, 20, what="/healthz 200 once workers are back")
+            assert requests.get(run.url + "/", timeout=DEADLINE).status_code == 200
+
+
+def test_an_admin_client_resetting_mid_answer_is_a_debug_line_not_a_traceback(observed_proxy, caplog, capfd):
+    """Bug: a client leaving mid-answer (a dashboard tab closed, a scrape timing out) made
+    socketserver print "Exception occurred during processing of request" and a traceback straight to
+    stderr, past the logging config and level. Expected socket errors now log at debug."""
+    backend = FlakyBackend("a")
+    proxy = observed_proxy(config_document({"web": {"servers": [backend.address]}}))
+    port = int(proxy.admin_url.rsplit(":", 1)[1])
+    try:
+        with caplog.at_level("DEBUG", logger="pyproxy.admin"):
+            for _ in range(50):  # bounded: a reset usually lands while the answers are written
+                sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * 20)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()  # a reset, with answers still to come
+                if any("went away" in r.getMessage() for r in caplog.records):
+                    break
+            wait_for(lambda: any("went away" in r.getMessage() for r in caplog.records), DEADLINE,
+                     what="a debug line for the client that left")
+        assert "Traceback" not in capfd.readouterr().err
+    finally:
+        backend.kill()

@@ -1,29 +1,26 @@
-"""Balancing policies and Upstream.pick_server: pure logic, no sockets."""
+"""Balancing policies and Upstream.pick_server: pure logic first, then through a proxy with real backends."""
 
 import collections
 import random
+import socket
 import sys
 import threading
 import time
 
 import pytest
+import requests
 
 from proxy.upstream.balancing import (
     POLICIES, IpHash, LeastConnections, RoundRobin, UnknownPolicyError, Upstream, WeightedRandom,
     make_policy,
 )
 from proxy.upstream.servers import Server
+from tests.support.ports import free_port
+from tests.support.proxy import DEADLINE, FAST_HEALTH, config_document
+from tests.support.timing import FakeClock, wait_for
 
 PICKS = 10_000
 POLICY_NAMES = sorted(POLICIES)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def servers_with(*weights, **kwargs):
@@ -146,7 +143,7 @@ def make_unavailable(kind, server):
 @pytest.mark.parametrize("kind", ["health", "ejected", "full"])
 @pytest.mark.parametrize("name", POLICY_NAMES)
 def test_unavailable_servers_are_never_picked(name, kind):
-    clock = FakeClock()
+    clock = FakeClock(start=0.0)
     servers = servers_with(1, 4, 1, max_connections=1, max_fails=1, clock=clock)
     make_unavailable(kind, servers[1])
     policy = fresh_policy(name)
@@ -167,7 +164,7 @@ def test_all_down_gives_none(name):
 
 @pytest.mark.parametrize("name", POLICY_NAMES)
 def test_ejected_server_returns_after_fail_timeout(name):
-    clock = FakeClock()
+    clock = FakeClock(start=0.0)
     servers = servers_with(1, 1, max_fails=1, fail_timeout=10, clock=clock)
     servers[0].record_failure("refused")
     policy = fresh_policy(name)
@@ -386,3 +383,74 @@ def test_concurrent_picks_never_exceed_max_connections(name, frequent_thread_swi
         assert most_seen[server] <= 2
     assert sum(picked.values()) > 0
     assert max(most_seen.values()) == 2  # the limit was actually reached: the test had teeth
+
+
+# -- through a proxy: retries against a dead server, ip_hash under a health flap and behind proxies -----
+@pytest.mark.parametrize("policy", ["round_robin", "least_connections"])
+def test_a_dead_server_is_tried_first_by_its_share_of_requests_not_by_all(make_backend, make_proxy, policy):
+    """[dead, live], no passive checks: the retry's pick took the live server's round-robin turn, so the
+    next request started at the dead one again: every request paid a failed connect (a whole
+    connect_timeout for a blackholed server) instead of every second one."""
+    live = make_backend()
+    proxy = make_proxy({"web": [f"127.0.0.1:{free_port()}", live.address]},
+                       upstream_options={"retries": 1, "policy": policy})
+    with requests.Session() as session:
+        for _ in range(10):
+            assert session.get(proxy.url + "/", timeout=DEADLINE).status_code == 200
+    dead, alive = proxy.app.runtime.upstreams["web"].servers
+    assert dead.failures_total == 5 and alive.requests_total == 10, (dead.snapshot(), alive.snapshot())
+
+
+def _get_from(proxy, source_ip: str) -> str:
+    """GET / from a given loopback source address (all of 127/8 is local); the body names the backend."""
+    port = int(proxy.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE, source_address=(source_ip, 0)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        data = b""
+        for _ in range(100):  # bounded: Connection: close ends the answer
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return body.decode()
+
+
+def test_ip_hash_moves_only_the_clients_of_a_server_that_goes_down_and_brings_them_back(backends, observed_proxy):
+    a, b, c = backends("a", "b", "c")
+    proxy = observed_proxy(config_document({"web": {"servers": [a.address, b.address, c.address],
+                                                    "policy": "ip_hash", "health": FAST_HEALTH}}))
+    clients = [f"127.0.0.{i}" for i in range(2, 32)]
+    before = {ip: _get_from(proxy, ip) for ip in clients}
+    assert set(before.values()) == {"a", "b", "c"}, before  # 30 clients over 3 servers: each has some
+    assert before == {ip: _get_from(proxy, ip) for ip in clients}  # sticky
+    b.health_status = 500
+    wait_for(lambda: proxy.state("web", b.address) == "down", what="b down")
+    during = {ip: _get_from(proxy, ip) for ip in clients}
+    assert {ip for ip in clients if during[ip] != before[ip]} == {ip for ip in clients if before[ip] == "b"}
+    b.health_status = 200
+    wait_for(lambda: proxy.state("web", b.address) == "up", what="b up")
+    assert {ip: _get_from(proxy, ip) for ip in clients} == before
+
+
+def _served_for(proxy, forwarded_for: str) -> str:
+    response = requests.get(proxy.url + "/", headers={"X-Forwarded-For": forwarded_for}, timeout=DEADLINE)
+    assert response.status_code == 200, response.text
+    return response.text
+
+
+@pytest.mark.parametrize("trusted, spread", [(["127.0.0.1"], True), (["10.0.0.0/8"], False)],
+                         ids=["behind-a-trusted-proxy", "from-an-untrusted-peer"])
+def test_ip_hash_keys_on_the_client_a_trusted_proxy_forwarded_for(backends, observed_proxy, trusted, spread):
+    """Behind a load balancer every request comes from its address: ip_hash sent every client to one
+    server. With trusted_proxies set (nginx's set_real_ip_from), it hashes the rightmost untrusted
+    X-Forwarded-For hop; from an untrusted peer the header is ignored (a client cannot pick its server)."""
+    a, b, c = backends("a", "b", "c")
+    proxy = observed_proxy(config_document({"web": {"servers": [a.address, b.address, c.address],
+                                                    "policy": "ip_hash"}},
+                                           server={"trusted_proxies": trusted}))
+    clients = [f"203.0.113.{i}" for i in range(1, 31)]
+    chosen = {ip: _served_for(proxy, f"{ip}, 127.0.0.1") for ip in clients}  # the last hop: trusted, skipped
+    assert chosen == {ip: _served_for(proxy, ip) for ip in clients}  # sticky per client
+    assert (len(set(chosen.values())) == 3) is spread, chosen

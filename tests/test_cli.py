@@ -1,185 +1,28 @@
 """End to end: the real `pyproxy` command as a subprocess, in front of real HTTP backends.
 
 Backends are stdlib ThreadingHTTPServers on port 0 that answer with JSON naming themselves and the
-request they saw. The proxy listens on a port picked by binding port 0 and closing it (a subprocess
-cannot be handed a socket portably); if another process takes it in between, the proxy exits with
-"address already in use" and the start is retried once on a new port.
+request they saw (the ``json_backends`` fixture); the command helpers are in tests/support/command.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
 
 import proxy
-
-REPO = Path(__file__).resolve().parent.parent
-READY_TIMEOUT = 15.0   # seconds for a subprocess to start answering
-EXIT_TIMEOUT = 15.0    # seconds for a subprocess to exit after SIGTERM or on its own
-POLL_INTERVAL = 0.02
-
-
-def pyproxy_command() -> list[str]:
-    """The installed console script next to this interpreter, else the module."""
-    script = shutil.which("pyproxy", path=os.path.dirname(sys.executable))
-    return [script] if script else [sys.executable, "-m", "proxy.serve.cli"]
-
-
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(pyproxy_command() + list(args), capture_output=True, text=True,
-                          timeout=EXIT_TIMEOUT, cwd=cwd or REPO)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, process: subprocess.Popen, deadline: float) -> bool:
-    """True once 127.0.0.1:port accepts; False if the process exits first. Bounded by deadline."""
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return False
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return True
-        time.sleep(POLL_INTERVAL)
-    raise AssertionError(f"nothing answered on port {port} within {READY_TIMEOUT}s")
-
-
-# ---------------------------------------------------------------------------------------------
-# Backends
-# ---------------------------------------------------------------------------------------------
-
-class EchoHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        body = json.dumps({"name": self.server.name, "path": self.path,
-                           "host": self.headers.get("Host")}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args) -> None:
-        """Quiet in test output."""
-
-
-class EchoServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, name: str):
-        super().__init__(("127.0.0.1", 0), EchoHandler)
-        self.name = name
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.server_port}"
-
-
-@pytest.fixture
-def backends():
-    """A factory of named echo backends, all shut down at the end of the test."""
-    servers: list[tuple[EchoServer, threading.Thread]] = []
-
-    def start(name: str) -> str:
-        server = EchoServer(name)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        return server.address
-
-    yield start
-    for server, thread in servers:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=EXIT_TIMEOUT)
-
-
-# ---------------------------------------------------------------------------------------------
-# The proxy as a subprocess
-# ---------------------------------------------------------------------------------------------
-
-class RunningProxy:
-    def __init__(self, process: subprocess.Popen, port: int, log_dir: Path):
-        self.process = process
-        self.port = port
-        self.log_dir = log_dir
-        self.session = requests.Session()
-
-    def url(self, path: str = "/") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def get(self, path: str, **kwargs) -> requests.Response:
-        return self.session.get(self.url(path), timeout=10, **kwargs)
-
-    def stderr(self) -> str:
-        return (self.log_dir / "stderr").read_text()
-
-    def terminate(self) -> int:
-        """SIGTERM (graceful drain) and the exit code."""
-        self.session.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=EXIT_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=EXIT_TIMEOUT)
-            raise AssertionError("pyproxy did not exit within the graceful timeout after SIGTERM")
-
-
-def start_proxy(tmp_path: Path, args_for_port) -> RunningProxy:
-    """Start `pyproxy <args_for_port(port)>` and wait until it accepts; one retry on EADDRINUSE."""
-    for attempt in range(2):
-        port = free_port()
-        log_dir = tmp_path / f"proxy-{attempt}"
-        log_dir.mkdir()
-        # Files, not pipes: an access log nobody reads must not fill a pipe and block the proxy.
-        with open(log_dir / "stdout", "w") as out, open(log_dir / "stderr", "w") as err:
-            process = subprocess.Popen(pyproxy_command() + args_for_port(port), stdout=out, stderr=err,
-                                       cwd=tmp_path)
-        running = RunningProxy(process, port, log_dir)
-        if wait_for_port(port, process, time.monotonic() + READY_TIMEOUT):
-            return running
-        process.wait(timeout=EXIT_TIMEOUT)
-        if "address already in use" not in running.stderr():
-            raise AssertionError(f"pyproxy exited with {process.returncode}:\n{running.stderr()}")
-    raise AssertionError("two free ports were taken before pyproxy could bind them")
-
-
-@contextlib.contextmanager
-def proxy_running(tmp_path: Path, args_for_port):
-    running = start_proxy(tmp_path, args_for_port)
-    try:
-        yield running
-    finally:
-        code = running.terminate()
-        assert code == 0, running.stderr()
-        assert "Traceback" not in running.stderr()
-
-
-def write_config(tmp_path: Path, text: str, name: str = "proxy.toml") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
+from tests.support.command import (EXIT_TIMEOUT, POLL_INTERVAL, REPO, assert_one_line_problem, one_backend_config,
+                                   proxy_running, pyproxy_command, run_cli, start_proxy, wait_for_port, write_config)
+from tests.support.ports import free_port
 
 ROUTING_CONFIG = """\
 [server]
@@ -211,8 +54,8 @@ policy = "round_robin"
 
 
 @pytest.fixture
-def routing_setup(tmp_path, backends):
-    addresses = {"api": backends("api"), "web1": backends("web1"), "web2": backends("web2")}
+def routing_setup(tmp_path, json_backends):
+    addresses = {"api": json_backends("api"), "web1": json_backends("web1"), "web2": json_backends("web2")}
 
     def args_for_port(port: int) -> list[str]:
         path = write_config(tmp_path, ROUTING_CONFIG.format(port=port, **addresses))
@@ -255,16 +98,16 @@ def test_no_matching_route_is_404(routing_setup, path):
     assert response.status_code == 404
 
 
-def test_sigterm_drains_and_exits_0(tmp_path, backends):
-    address = backends("only")
+def test_sigterm_drains_and_exits_0(tmp_path, json_backends):
+    address = json_backends("only")
     running = start_proxy(tmp_path, lambda port: ["--from", f"127.0.0.1:{port}", "--to", address])
     assert running.get("/").status_code == 200
     assert running.terminate() == 0
     assert "Traceback" not in running.stderr()
 
 
-def test_port_in_use_is_one_line_and_exit_1(tmp_path, backends):
-    addresses = {"api": backends("api"), "web1": backends("web1"), "web2": backends("web2")}
+def test_port_in_use_is_one_line_and_exit_1(tmp_path, json_backends):
+    addresses = {"api": json_backends("api"), "web1": json_backends("web1"), "web2": json_backends("web2")}
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -423,8 +266,8 @@ def test_no_arguments_prints_help_and_exits_2():
 # Without a config file: --from / --to / --route
 # ---------------------------------------------------------------------------------------------
 
-def test_from_to_balances_round_robin_across_targets(tmp_path, backends):
-    first, second = backends("one"), backends("two")
+def test_from_to_balances_round_robin_across_targets(tmp_path, json_backends):
+    first, second = json_backends("one"), json_backends("two")
     args = lambda port: ["--from", f"127.0.0.1:{port}", "--to", first, "--to", second]  # noqa: E731
     with proxy_running(tmp_path, args) as running:
         names = [running.get(f"/some/path?{n}").json()["name"] for n in range(4)]
@@ -433,8 +276,8 @@ def test_from_to_balances_round_robin_across_targets(tmp_path, backends):
         assert running.get("/deep/path").json()["path"] == "/deep/path"
 
 
-def test_route_maps_hosts_and_path_prefixes(tmp_path, backends):
-    app, api = backends("app"), backends("api")
+def test_route_maps_hosts_and_path_prefixes(tmp_path, json_backends):
+    app, api = json_backends("app"), json_backends("api")
     args = lambda port: ["--from", f"127.0.0.1:{port}", "--route", f"app.localhost={app}",  # noqa: E731
                          "--route", f"/api={api}"]
     with proxy_running(tmp_path, args) as running:
@@ -446,8 +289,8 @@ def test_route_maps_hosts_and_path_prefixes(tmp_path, backends):
         assert "app.localhost / -> " in running.stderr()
 
 
-def test_route_and_to_together_send_the_rest_to_the_targets(tmp_path, backends):
-    api, rest = backends("api"), backends("rest")
+def test_route_and_to_together_send_the_rest_to_the_targets(tmp_path, json_backends):
+    api, rest = json_backends("api"), json_backends("rest")
     args = lambda port: ["--from", f"127.0.0.1:{port}", "--route", f"/api={api}", "--to", rest]  # noqa: E731
     with proxy_running(tmp_path, args) as running:
         assert running.get("/api/x").json()["name"] == "api"
@@ -572,10 +415,10 @@ servers = ["127.0.0.1:1"]
 
 
 @pytest.mark.skipif(shutil.which("script") is None, reason="needs util-linux 'script' to give the proxy a terminal")
-def test_access_log_on_a_terminal_is_coloured_and_aligned(tmp_path, backends):
+def test_access_log_on_a_terminal_is_coloured_and_aligned(tmp_path, json_backends):
     """`script` runs pyproxy on a pseudo-terminal, as a developer's shell would."""
     import shlex
-    target = backends("one")
+    target = json_backends("one")
     port = free_port()
     typescript = tmp_path / "terminal.out"
     command = shlex.join(pyproxy_command() + ["--from", f"127.0.0.1:{port}", "--to", target])
@@ -596,3 +439,90 @@ def test_access_log_on_a_terminal_is_coloured_and_aligned(tmp_path, backends):
     assert "\033[32m200\033[0m" in line  # 2xx in green
     assert f"→ {target}" in line and line.rstrip().endswith("ms")
     assert '"GET /hello HTTP/1.1"' not in line  # not the combined format meant for files and pipes
+
+
+# --- "pyproxy -c proxy.toml --workers N overrides server.workers" (server.workers takes "auto") --
+
+def test_workers_auto_on_the_command_line_runs_one_worker_per_cpu(tmp_path, json_backends):
+    backend = json_backends("web")
+    cpus = len(os.sched_getaffinity(0))
+
+    def args_for_port(port: int) -> list[str]:
+        text = one_backend_config(f'listen = "127.0.0.1:{port}"', backend)
+        return ["-c", str(write_config(tmp_path, text)), "--workers", "auto"]
+
+    with proxy_running(tmp_path, args_for_port) as running:
+        assert running.get("/").json()["name"] == "web"
+        if cpus > 1:
+            assert f"with {cpus} workers" in running.stderr()
+
+
+def test_workers_on_the_command_line_still_refuses_nonsense(tmp_path):
+    path = write_config(tmp_path, one_backend_config('listen = "127.0.0.1:1"'))
+    for value in ("0", "two", "-1"):
+        result = run_cli("-c", str(path), "--workers", value)
+        assert result.returncode == 2, result.stderr
+        assert "--workers" in result.stderr and "auto" in result.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_access_log_that_cannot_be_opened_stops_the_start_with_one_line(tmp_path, workers):
+    # /proc refuses new files even to root, so this holds whoever runs the tests.
+    listen = f'listen = "127.0.0.1:{free_port()}"'
+    text = one_backend_config(listen, log='access = "/proc/pyproxy-audit.log"')
+    path = write_config(tmp_path, text)
+    result = run_cli("-c", str(path), "--workers", workers)
+    assert_one_line_problem(result, "pyproxy: cannot open the access log /proc/pyproxy-audit.log")
+    assert "listening on" not in result.stderr
+
+
+def test_a_year_long_duration_is_accepted_and_the_proxy_forwards(tmp_path, json_backends):
+    backend = json_backends("web")
+
+    def args_for_port(port: int) -> list[str]:
+        text = one_backend_config(f'listen = "127.0.0.1:{port}"\nidle_timeout = "8760h"', backend)
+        text += 'connect_timeout = 31536000\nread_timeout = "8760h"\n'
+        return ["-c", str(write_config(tmp_path, text))]
+
+    with proxy_running(tmp_path, args_for_port) as running:
+        response = running.get("/")
+        assert response.status_code == 200 and response.json()["name"] == "web"
+        assert "Traceback" not in running.stderr()
+
+
+# --- "1 for ... an address the proxy cannot listen on" (README): [admin].listen too ------------------
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_admin_address_stops_the_start_with_one_line(tmp_path, workers):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        admin_port = taken.getsockname()[1]
+        text = one_backend_config(f'listen = "127.0.0.1:{free_port()}"',
+                                  extra=f'[admin]\nlisten = "127.0.0.1:{admin_port}"\n')
+        result = run_cli("-c", str(write_config(tmp_path, text)), "--workers", workers)
+    assert_one_line_problem(result, f"pyproxy: cannot listen on 127.0.0.1:{admin_port} (admin.listen): "
+                                    "address already in use")
+    assert "listening on" not in result.stderr
+
+
+# --- max_header_bytes: "request line + headers; past it 431 (414 for the line alone)" ---------------
+
+def status_of(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=EXIT_TIMEOUT) as sock:
+        sock.sendall(request)
+        return sock.recv(64).split(b"\r\n", 1)[0]
+
+
+def test_a_request_line_longer_than_a_small_max_header_bytes_is_414(tmp_path, json_backends):
+    backend = json_backends("web")
+
+    def args_for_port(port: int) -> list[str]:
+        text = one_backend_config(f'listen = "127.0.0.1:{port}"\nmax_header_bytes = "2KiB"', backend)
+        return ["-c", str(write_config(tmp_path, text))]
+
+    with proxy_running(tmp_path, args_for_port) as running:
+        long_line = b"GET /" + b"a" * 3000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        big_headers = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 3000 + b"\r\n\r\n"
+        assert status_of(running.port, big_headers) == b"HTTP/1.1 431 Request Header Fields Too Large"
+        assert status_of(running.port, long_line) == b"HTTP/1.1 414 Request-URI Too Long"

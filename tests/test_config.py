@@ -6,10 +6,10 @@ import os
 import pickle
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,11 +18,13 @@ from proxy.config.schema import (
     PassiveConfig, RouteConfig, ServerSettings, UpstreamConfig, UpstreamServerConfig, load_config,
     parse_config, parse_server_address, quick_config,
 )
-from proxy.routing.table import routes_by_precedence, routing_table_lines
 from proxy.config.starter import STARTER_CONFIG, render_config_dict, write_starter
 from proxy.config.units import (
     format_address, format_duration, format_size, parse_address, parse_duration, parse_size,
 )
+from proxy.routing.table import routes_by_precedence, routing_table_lines
+from tests.support.command import assert_one_line_problem, one_backend_config, run_cli, write_config
+from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -620,3 +622,99 @@ def test_parse_config_raises_only_config_error(data):
         parse_config(data, "fuzz.toml")
     except ConfigError as error:
         assert error.problems and all(line.startswith("fuzz.toml: ") for line in error.problems)
+
+
+# --- log.access: "a file path"; a config error "never shows a traceback" --------------------------
+
+def test_access_log_path_that_is_a_directory_is_a_config_problem(tmp_path):
+    (tmp_path / "logs").mkdir()
+    path = write_config(tmp_path, one_backend_config('listen = "127.0.0.1:1"', log='access = "logs"'))
+    assert_one_line_problem(run_cli("check", "-c", str(path)), "log.access", "is a directory")
+    assert_one_line_problem(run_cli("-c", str(path)), "log.access", "is a directory")
+
+
+# --- duplicate listen addresses are a config problem, not "address already in use" at start -------
+
+@pytest.mark.parametrize("first, second", [
+    ("0.0.0.0:{port}", "127.0.0.1:{port}"),
+    ("[::]:{port}", "127.0.0.1:{port}"),
+    ("[::]:{port}", "[::1]:{port}"),
+    ("127.0.0.1:{port}", "0.0.0.0:{port}"),
+    (":{port}", "[::1]:{port}"),
+])
+def test_overlapping_listen_addresses_fail_check(tmp_path, first, second):
+    port = 18931
+    listen = f'listen = ["{first.format(port=port)}", "{second.format(port=port)}"]'
+    result = run_cli("check", "-c", str(write_config(tmp_path, one_backend_config(listen))))
+    assert_one_line_problem(result, f"server.listen[1]: {second.format(port=port)} is listed twice")
+
+
+def test_admin_on_a_port_the_wildcard_listener_holds_fails_check(tmp_path):
+    text = one_backend_config('listen = "0.0.0.0:18932"', extra='[admin]\nlisten = "127.0.0.1:18932"\n')
+    result = run_cli("check", "-c", str(write_config(tmp_path, text)))
+    assert_one_line_problem(result, "admin.listen: 127.0.0.1:18932 clashes with server.listen 0.0.0.0:18932")
+
+
+@pytest.mark.parametrize("listen", [
+    '["127.0.0.1:18933", "[::1]:18933"]',
+    '["0.0.0.0:18933", "[::1]:18933"]',
+    '["127.0.0.1:18933", "127.0.0.2:18933"]',
+])
+def test_listen_addresses_that_can_share_a_port_pass_check(tmp_path, listen):
+    result = run_cli("check", "-c", str(write_config(tmp_path, one_backend_config(f"listen = {listen}"))))
+    assert result.returncode == 0, result.stderr
+
+
+# --- durations: a number of seconds or "250ms"/"5s"/"2m"; one that breaks the proxy is refused -----
+
+def test_absurdly_long_durations_are_config_problems(tmp_path):
+    text = one_backend_config('listen = "127.0.0.1:1"\ngraceful_timeout = 1e12\nidle_timeout = "99999999h"')
+    text += 'connect_timeout = 1e12\n'
+    result = run_cli("check", "-c", str(write_config(tmp_path, text)))
+    assert_one_line_problem(result, "server.graceful_timeout: 1000000000000.0 is too long",
+                            'server.idle_timeout: "99999999h" is too long', "upstreams.web.connect_timeout")
+
+
+# --- "pyproxy check: exit 0 if valid": what the proxy refuses to start with, check refuses too ------
+
+UPSTREAM_WITH_CA = """\
+[[routes]]
+upstream = "web"
+
+[upstreams.web]
+servers = ["https://127.0.0.1:3000"]
+tls_ca = "ca.pem"
+"""
+
+
+def test_a_tls_ca_file_without_certificates_is_a_config_problem(tmp_path):
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    text = f'[server]\nlisten = "127.0.0.1:{free_port()}"\n[log]\naccess = "off"\n{UPSTREAM_WITH_CA}'
+    path = write_config(tmp_path, text)
+    expected = f"{path}: upstreams.web.tls_ca: {tmp_path / 'ca.pem'} holds no usable PEM certificate"
+    assert_one_line_problem(run_cli("check", "-c", str(path)), expected)
+    assert_one_line_problem(run_cli("-c", str(path)), expected)
+
+
+def test_check_refuses_a_certificate_and_key_that_do_not_match_as_the_run_does(tmp_path):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    ca.issue_cert("a.test").cert_chain_pems[0].write_to_path(str(tmp_path / "a.crt"))
+    ca.issue_cert("b.test").private_key_pem.write_to_path(str(tmp_path / "b.key"))
+    listen = f'listen = [{{ address = "127.0.0.1:{free_port()}", tls_cert = "a.crt", tls_key = "b.key" }}]'
+    path = write_config(tmp_path, one_backend_config(listen))
+    for command in (["check", "-c", str(path)], ["-c", str(path)]):
+        assert_one_line_problem(run_cli(*command), f"{path}: server.listen ", "tls_cert/tls_key cannot be loaded")
+
+
+# --- a config file saved "UTF-8 with BOM" (Notepad and others) reads like any other ----------------
+
+def test_a_byte_order_mark_at_the_start_of_the_file_is_accepted(tmp_path):
+    path = tmp_path / "proxy.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + one_backend_config('listen = "127.0.0.1:1"').encode())
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert f"{path}: OK" in result.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"\xef\xbb\xbf[server]\nlisten = \xff\n")
+    assert_one_line_problem(run_cli("check", "-c", str(bad)), f"{bad}: not valid UTF-8 text")

@@ -7,7 +7,7 @@ import threading
 from core import SocketServer, ThreadPool
 from core.socket_server import STARVED_AFTER
 from core.thread_pool import HOT_THREADS
-from tests.core_helpers import FakeClock
+from tests.support.timing import FakeClock
 
 TASK_WAIT = 5.0  # blocked tasks give up after this, so a failing test never hangs
 

@@ -10,7 +10,7 @@ import pytest
 
 from core import ThreadPool
 from core.thread_pool import HOT_THREADS, PoolClosed
-from tests.core_helpers import FakeClock, wait_for
+from tests.support.timing import FakeClock, wait_for
 
 TASK_WAIT = 5.0  # a blocked task gives up after this, so a failing test never hangs
 

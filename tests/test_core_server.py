@@ -1,5 +1,5 @@
-"""SocketServer over real loopback sockets with the line-echo handler from core_helpers: concurrency,
-keep-alive parking, timeouts, overload, phased shutdown, failing and stuck handlers."""
+"""SocketServer over real loopback sockets with the line-echo handler (tests/support/echo_server.py):
+concurrency, keep-alive parking, timeouts, overload, phased shutdown, failing and stuck handlers."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 
 from core import SocketServer, ThreadPool
 from core.socket_server import REAP_INTERVAL
-from tests.core_helpers import (STOP_TIMEOUT, EchoHandler, FakeClock, LineClient, overload_reply,
-                                running_server, wait_for)
+from tests.support.echo_server import EchoHandler, LineClient, STOP_TIMEOUT, overload_reply, running_server
+from tests.support.timing import FakeClock, wait_for
 
 
 @pytest.fixture

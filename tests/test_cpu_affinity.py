@@ -14,9 +14,10 @@ import requests
 
 from core.cpu_affinity import available_cpus, cpu_for_worker, current_cpu
 from proxy.config.schema import ConfigError, parse_config
-from tests.core_helpers import wait_for
-from tests.test_lifecycle import backends, free_port, proxy_config, running_proxy
-from tests.test_workers import children
+from tests.support.backends import named_backends
+from tests.support.ports import free_port
+from tests.support.processes import children, proxy_config, running_proxy
+from tests.support.timing import wait_for
 
 pytestmark = [pytest.mark.timeout(60),
               pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux CPU affinity only")]
@@ -91,7 +92,7 @@ def test_bad_values_name_the_key(value, problem):
 
 def test_every_thread_of_the_proxy_is_pinned_to_the_cpu_asked_for(tmp_path):
     cpu = available_cpus()[-1]
-    with backends("a") as (a,):
+    with named_backends("a") as (a,):
         port = free_port()
         with running_proxy(tmp_path, config_with(port, a.address, f"[{cpu}]")) as run:
             assert requests.get(run.url, timeout=5).status_code == 200
@@ -102,7 +103,7 @@ def test_every_thread_of_the_proxy_is_pinned_to_the_cpu_asked_for(tmp_path):
 
 
 def test_off_leaves_the_proxy_free_to_run_anywhere(tmp_path):
-    with backends("a") as (a,):
+    with named_backends("a") as (a,):
         with running_proxy(tmp_path, config_with(free_port(), a.address, '"off"')) as run:
             assert requests.get(run.url, timeout=5).status_code == 200
             assert all(cpus == set(available_cpus()) for cpus in thread_cpus(run.proc.pid).values())
@@ -111,7 +112,7 @@ def test_off_leaves_the_proxy_free_to_run_anywhere(tmp_path):
 
 @pytest.mark.skipif(len(available_cpus()) < 2, reason="needs two CPUs")
 def test_auto_puts_each_worker_on_its_own_cpu_and_leaves_the_supervisor_free(tmp_path):
-    with backends("a") as (a,):
+    with named_backends("a") as (a,):
         config = config_with(free_port(), a.address, '"auto"', workers=2)
         with running_proxy(tmp_path, config) as run:
             wait_for(lambda: run.log().count(") ready") == 2, what="both workers ready", on_timeout=run.log)

@@ -24,9 +24,9 @@ from websockets.sync.client import connect as ws_connect
 
 from proxy.observe.metrics import RECENT_BUCKETS, RecentTraffic, estimate_quantile
 from proxy.observe.status import merge_status, summarize_traffic
-from tests.backends import closed_port
-from tests.conftest import DEADLINE, FAST_HEALTH, config_document, served_by
-from tests.core_helpers import wait_for
+from tests.support.proxy import DEADLINE, FAST_HEALTH, config_document, served_by
+from tests.support.ports import free_port
+from tests.support.timing import FakeClock, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -160,7 +160,7 @@ def dashboard_proxy(backends, observed_proxy):
     a, b = backends("a", "b")
     # api gets a spare (never asked: a is first in turn, and no retries) because passive checks never
     # eject the only server of an upstream.
-    spare = f"127.0.0.1:{closed_port()}"
+    spare = f"127.0.0.1:{free_port()}"
     document = config_document({"web": {"servers": [a.address, b.address], "health": FAST_HEALTH},
                                 "api": {"servers": [a.address, spare], "retries": 0,
                                         "passive": {"max_fails": 1, "fail_timeout": "30s"}}})
@@ -259,14 +259,6 @@ def test_status_carries_recent_traffic_per_upstream(backends, observed_proxy):
 
 
 # -- pure pieces: the rolling window, quantiles, merging ------------------------------------------------
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
 
 def test_recent_traffic_counts_the_last_window_and_forgets_older_seconds():
     clock = FakeClock()

@@ -9,9 +9,11 @@ import struct
 import pytest
 import requests
 
-from tests.backends import closed_port, raw_client, serve_once_then_drop_next, stream_pattern
-from tests.core_helpers import wait_for
-from tests.conftest import CLIENT_TIMEOUT
+from tests.support.backends import serve_once_then_drop_next, stream_pattern
+from tests.support.client import raw_client
+from tests.support.ports import free_port
+from tests.support.proxy import CLIENT_TIMEOUT
+from tests.support.timing import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -287,12 +289,12 @@ def test_upstream_hang_is_504(make_raw_backend, make_proxy):
 
 
 def test_connection_refused_is_502(make_proxy):
-    proxy = make_proxy({"web": [f"127.0.0.1:{closed_port()}"]}, upstream_options={"retries": 0})
+    proxy = make_proxy({"web": [f"127.0.0.1:{free_port()}"]}, upstream_options={"retries": 0})
     assert requests.get(proxy.url + "/", timeout=CLIENT_TIMEOUT).status_code == 502
 
 
 def test_connection_refused_then_retry_on_second_server(make_proxy, backend):
-    proxy = make_proxy({"web": [f"127.0.0.1:{closed_port()}", backend.address]},
+    proxy = make_proxy({"web": [f"127.0.0.1:{free_port()}", backend.address]},
                        upstream_options={"retries": 1, "policy": "round_robin"})
     for _ in range(4):  # round robin starts on either server; every request must succeed
         assert requests.get(proxy.url + "/", timeout=CLIENT_TIMEOUT).status_code == 200
@@ -337,7 +339,7 @@ def test_no_route_is_404(make_proxy, backend):
 
 def test_all_servers_down_is_503(make_proxy):
     # Two servers: passive checks never eject the only server of an upstream.
-    proxy = make_proxy({"web": [f"127.0.0.1:{closed_port()}", f"127.0.0.1:{closed_port()}"]},
+    proxy = make_proxy({"web": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]},
                        upstream_options={"retries": 0, "passive": {"max_fails": 1, "fail_timeout": "30s"}})
     statuses = [requests.get(proxy.url + "/", timeout=CLIENT_TIMEOUT).status_code for _ in range(3)]
     assert statuses == [502, 502, 503]

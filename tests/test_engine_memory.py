@@ -1,32 +1,30 @@
 """Large bodies stream through the proxy with bounded memory.
 
-The proxy runs as a subprocess (``python -m proxy.serve.cli -c FILE``) so its resident memory can be read
-from /proc/PID/status on its own: VmRSS before, VmHWM (the peak) after 200 MiB in either direction.
+The proxy runs as a subprocess (``python -m proxy.serve.cli -c FILE``, tests/support/processes.py) so its
+resident memory can be read from /proc/PID/status on its own: VmRSS before, VmHWM (the peak) after
+200 MiB in either direction.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import requests
 import tomli_w
 
-from tests.backends import (RawClient, closed_port, consume_and_digest, pattern_bytes, pattern_sha256, stream_pattern,
-                            stream_pattern_chunked)
-from tests.conftest import CLIENT_TIMEOUT, proxy_config_dict
+from tests.support.backends import (consume_and_digest, pattern_bytes, pattern_sha256, stream_pattern,
+                                    stream_pattern_chunked)
+from tests.support.client import RawClient
+from tests.support.ports import free_port
+from tests.support.processes import running_proxy
+from tests.support.proxy import CLIENT_TIMEOUT, proxy_config_dict
 
 pytestmark = pytest.mark.timeout(60)
 
 BIG = 200 * 1024 * 1024
 MAX_GROWTH = 50 * 1024 * 1024  # the issue allows "a few MiB"; this leaves room for thread stacks
-STARTUP_TIMEOUT = 10.0
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def memory_kib(pid: int, field: str) -> int:
@@ -37,42 +35,17 @@ def memory_kib(pid: int, field: str) -> int:
     raise AssertionError(f"{field} not in /proc/{pid}/status")
 
 
-def wait_for_port(port: int, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stderr.read().decode()
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.02)  # polling a port for readiness (bounded by the deadline)
-    raise AssertionError("proxy subprocess did not start listening")
-
-
 @pytest.fixture
 def subprocess_proxy(tmp_path, make_backend):
+    """(process, url, port) of a proxy subprocess in front of a backend with huge bodies, warmed up."""
     backend = make_backend()
     backend.route("/download", stream_pattern(BIG)).route("/download-chunked", stream_pattern_chunked(BIG // 2)).route("/upload", consume_and_digest)
-    port = closed_port()
     document = proxy_config_dict({"web": [backend.address]}, server={"max_body_bytes": "1GiB"})
-    document["server"]["listen"] = f"127.0.0.1:{port}"
-    config = tmp_path / "proxy.toml"
-    config.write_bytes(tomli_w.dumps(document).encode())
-    process = subprocess.Popen([sys.executable, "-m", "proxy.serve.cli", "-c", str(config)], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_for_port(port, process)
+    document["server"]["listen"] = f"127.0.0.1:{free_port()}"
+    with running_proxy(tmp_path, tomli_w.dumps(document)) as run:
         # warm up: first request imports and allocates what every later one reuses
-        assert requests.get(f"http://127.0.0.1:{port}/warm", timeout=CLIENT_TIMEOUT).status_code == 200
-        yield process, f"http://127.0.0.1:{port}", port
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-        process.stderr.close()
+        assert requests.get(f"{run.url}/warm", timeout=CLIENT_TIMEOUT).status_code == 200
+        yield run.proc, run.url, run.port
 
 
 def test_large_streamed_download_bounded_memory(subprocess_proxy):

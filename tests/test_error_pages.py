@@ -12,8 +12,8 @@ import pytest
 import requests
 
 from proxy.http.responses import unreachable_page, unreachable_text, wants_html
-from tests.backends import closed_port
-from tests.conftest import CLIENT_TIMEOUT
+from tests.support.ports import free_port
+from tests.support.proxy import CLIENT_TIMEOUT
 
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"  # what Chromium sends
 HINT = "is your dev server running?"
@@ -22,7 +22,7 @@ HINT = "is your dev server running?"
 @pytest.fixture
 def dev_proxy(make_proxy, make_backend):
     """app.localhost → a port nobody listens on; /api → a running backend; /other → another dead port."""
-    dead, other_dead = f"127.0.0.1:{closed_port()}", f"127.0.0.1:{closed_port()}"
+    dead, other_dead = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     api = make_backend()
     routes = [{"host": "app.localhost", "path": "/", "upstream": "app"},
               {"path": "/api", "upstream": "api"},

@@ -10,9 +10,10 @@ import time
 
 import requests
 
-from tests.backends import raw_client, serve_once_then_drop_next
-from tests.conftest import CLIENT_TIMEOUT
-from tests.core_helpers import wait_for
+from tests.support.backends import serve_once_then_drop_next
+from tests.support.client import raw_client
+from tests.support.proxy import CLIENT_TIMEOUT
+from tests.support.timing import wait_for
 
 
 def test_a_bodyless_post_on_a_connection_that_dies_is_not_sent_again(make_raw_backend, make_proxy):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from proxy.http.forwarding import Outbound, build_request_head
 from proxy.http.http1 import (LAST_CHUNK, NEED_DATA, EndOfMessage, ProtocolError, RequestHead, RequestParser,
                          ResponseParser, encode_chunk)
-from tests.test_http1 import _comparable, run, valid_requests
+from tests.support.http1_feeding import comparable, run, valid_requests
 
 # Bytes that the smuggling research finds parsers disagree on.
 DANGEROUS = [b"\r", b"\n", b"\x00", b" ", b"\t", b"\x0b", b",", b";", b":", b"-", b"_", b"0", b"x", b"\xff",
@@ -55,8 +55,8 @@ def bounded_events(parser, data: bytes) -> int:
 @settings(max_examples=400, deadline=None)
 @given(mutated_requests())
 def test_mutated_requests_whole_equals_bytewise_and_only_protocol_errors(data):
-    whole = _comparable(run(RequestParser, [data]))
-    bytewise = _comparable(run(RequestParser, [data[i:i + 1] for i in range(len(data))]))
+    whole = comparable(run(RequestParser, [data]))
+    bytewise = comparable(run(RequestParser, [data[i:i + 1] for i in range(len(data))]))
     assert whole == bytewise
     try:
         bounded_events(RequestParser(), data)

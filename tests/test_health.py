@@ -1,8 +1,9 @@
 """Active health checks and passive ejection, from the pure policy to a proxy with real backends.
 
-The shared pieces live in tests/conftest.py (the ``backends`` and ``observed_proxy`` fixtures,
-``config_document``, ``served_by``) and tests/backends.py (``FlakyBackend``: a backend that can
-answer 500 on its health path, hang there, or die and come back on the same port).
+The shared pieces are the ``backends`` and ``observed_proxy`` fixtures (tests/conftest.py),
+``config_document`` and ``served_by`` (tests/support/proxy.py) and ``FlakyBackend``
+(tests/support/backends.py: a backend that can answer 500 on its health path, hang there, or die and
+come back on the same port).
 """
 
 from __future__ import annotations
@@ -10,13 +11,17 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import requests
 
-from proxy.serve.app import Application
 from proxy.config.schema import HealthConfig, parse_config
-from proxy.upstream.health import HealthChecker, HealthPolicy, apply_health, probe
-from tests.conftest import DEADLINE, FAST_HEALTH, config_document, served_by
-from tests.core_helpers import wait_for
+from proxy.serve.app import Application
+from proxy.upstream.health import CheckResult, HealthChecker, HealthPolicy, apply_health, probe
+from tests.support.backends import close_with_rst
+from tests.support.client import raw_client
+from tests.support.faulty_upstream import BODY, FIN, HANG, HEAD, LOOP, RST, sleep, write
+from tests.support.proxy import DEADLINE, FAST_HEALTH, config_document, served_by
+from tests.support.timing import wait_for
 
 
 # -- the pure policy ---------------------------------------------------------------------------------
@@ -264,3 +269,163 @@ def test_server_killed_under_traffic_costs_no_get(backends, observed_proxy):
     served_after = b.get("traffic")
     wait_for(lambda: proxy.state("web", b.address) == "down", what="b down")
     assert served_by(proxy, 10).keys() <= {"a", "c"} and b.get("traffic") == served_after
+
+
+# -- reloads that rebuild a server; passive checks counting within fail_timeout -------------------------
+def test_reload_that_rebuilds_a_down_server_keeps_it_down(backends, observed_proxy):
+    """A weight change makes the reload build a new Server: it must not start "up" and take traffic
+    while the checker knows it fails (before the fix: up until unhealthy_after more failed checks,
+    i.e. 15 s of traffic to a dead server with the defaults)."""
+    a, b = backends("a", "b")
+    proxy = observed_proxy(config_document({"web": {"servers": [a.address, b.address], "health": FAST_HEALTH}}))
+    b.health_status = 500
+    wait_for(lambda: proxy.state("web", b.address) == "down", what="b down")
+    slow = {**FAST_HEALTH, "interval": "5s", "unhealthy_after": 3}  # no new verdict during the test
+    proxy.reload(config_document({"web": {"servers": [a.address, {"address": b.address, "weight": 2}],
+                                          "health": slow}}))
+    status = proxy.server_status("web", b.address)
+    assert status["weight"] == 2 and status["state"] == "down", status
+    assert served_by(proxy, 6) == {"a": 6}
+    b.health_status = 200
+    proxy.reload(config_document({"web": {"servers": [a.address, {"address": b.address, "weight": 3}],
+                                          "health": FAST_HEALTH}}))
+    wait_for(lambda: proxy.state("web", b.address) == "up", what="b back after healthy_after passes")
+    wait_for(lambda: "b" in served_by(proxy, 4), what="b to get traffic again")
+
+
+class _HeldChecks:
+    """Stands in for the checker's probe threads: holds each submitted check so the test decides when it ends."""
+
+    def __init__(self):
+        self.held = []
+
+    def submit(self, check, target, upstream_config):
+        self.held.append((target, upstream_config))
+
+
+def test_a_check_that_ends_after_a_reload_rebuilt_its_server_announces_nothing():
+    """A check in flight while a reload rebuilt its server (weight change) used to announce its verdict
+    when it ended: listeners apply verdicts by address, so workers took the successor down while the
+    checker's successor target stayed "up" and never announced "up" again (stuck down)."""
+    health = {**FAST_HEALTH, "unhealthy_after": 1}
+    document = config_document({"web": {"servers": ["127.0.0.1:9"], "health": health}})
+    app = Application(parse_config(document, "test.toml"))
+    now = [0.0]
+    checker = HealthChecker(app, clock=lambda: now[0])
+    checker._executor = held = _HeldChecks()
+    heard = []
+    checker.listeners.append(lambda *change: heard.append(change))
+    checker.run_once()  # creates the target, due within 10% of the interval
+    now[0] = 1.0
+    checker.run_once()
+    (old_target, upstream_config), = held.held
+    app.reload(parse_config(config_document({"web": {"servers": [{"address": "127.0.0.1:9", "weight": 2}],
+                                                     "health": health}}), "test.toml"))
+    checker.run_once()  # the rebuilt server gets a successor target
+    checker.record_result(old_target, CheckResult(0.0, False, 1.0, None, "refused"), upstream_config.health)
+    assert heard == []
+    (server,) = app.runtime.upstreams["web"].servers
+    assert server.state == "up" and [up for *_, up, _ in checker.verdicts()] == [True]
+
+
+def test_passive_checks_count_failures_within_fail_timeout_whatever_succeeds_between(make_raw_backend, make_backend,
+                                                                                     make_proxy):
+    """docs/configuration.md: "max_fails failed attempts within fail_timeout". A server failing every other
+    request was never taken out: each success forgot the failures counted so far. (A steady second
+    server takes every other turn: passive checks never eject the only server of an upstream.)"""
+    calls = []
+
+    def every_other_fails(peer):
+        head, _ = peer.read_request()
+        if not head:
+            return
+        calls.append(head)
+        if len(calls) % 2:
+            peer.reset()
+        else:
+            peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    backend = make_raw_backend(every_other_fails)
+    steady = make_backend()
+    proxy = make_proxy({"web": [backend.address, steady.address]},
+                       upstream_options={"retries": 0, "passive": {"max_fails": 3, "fail_timeout": "30s"}})
+    statuses = [requests.get(proxy.url + "/", timeout=DEADLINE).status_code for _ in range(14)]
+    assert statuses[0:10:2] == [502, 200, 502, 200, 502]  # the third failure within 30 s takes it out
+    assert statuses[1:10:2] == [200] * 5 and statuses[10:] == [200] * 4  # then the steady one takes all
+    assert len(calls) == 5
+
+
+# -- the health checker against misbehaving servers ----------------------------------------------
+GET = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+def _probe(upstream, timeout: float):
+    health = HealthConfig(path="/healthz", interval=1.0, timeout=timeout, expect_status=frozenset(range(200, 300)),
+                          healthy_after=1, unhealthy_after=1)
+    return probe("127.0.0.1", upstream.port, health, host_header=upstream.address)
+
+
+@pytest.mark.parametrize("then", [FIN, HANG])
+def test_health_probe_answered_with_101_fails_at_once(upstreams, then):
+    """Bug: the probe took 101 for an interim response and waited for a final one; the parser
+    ignores EOF once switched, so after the server closed the probe spun on recv() returning b""
+    (a whole CPU) until its timeout, then reported a timeout instead of the status."""
+    upstream = upstreams([HEAD, write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n"),
+                          then])
+    started = time.monotonic()
+    result = _probe(upstream, timeout=3.0)
+    assert time.monotonic() - started < 1.5
+    assert (result.ok, result.status) == (False, 101)
+
+
+# -- whose fault a timeout is ----------------------------------------------------------------------
+def test_client_that_stops_reading_a_response_is_not_an_upstream_failure(upstreams, make_proxy):
+    """Bug: a client taking nothing of a Content-Length body for send_timeout made the splice's write
+    time out, which was reported as "upstream body stalled" and counted against the server: with
+    passive checks, a few slow clients took a healthy server out."""
+    size = 64 * 1024 * 1024  # far past what the socket buffers between them hold
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size
+    upstream = upstreams([HEAD, write(answer), write(b"x" * size), HANG])
+    proxy = make_proxy({"web": [upstream.address]}, server={"send_timeout": "300ms"},
+                       upstream_options={"read_timeout": "5s", "passive": {"max_fails": 1, "fail_timeout": "10s"}})
+    server = proxy.app.runtime.upstreams["web"].servers[0]
+    with raw_client(proxy) as raw:
+        raw.send(GET)
+        assert raw.read_head().startswith(b"HTTP/1.1 200")
+        # now read nothing: the proxy gives up on this client after send_timeout
+        wait_for(lambda: server.active_requests == 0, timeout=10, what="the exchange abandoned")
+    snapshot = server.snapshot()
+    assert (snapshot["state"], snapshot["failures_total"]) == ("up", 0)
+
+
+def test_client_resetting_mid_upload_is_not_an_upstream_failure(upstreams, make_proxy):
+    """Bug: a client cancelling a large upload (reset) made the body's splice fail, which was
+    reported as "sending the body upstream failed" and counted against the server: with passive
+    checks, a few cancelled uploads took a healthy server out."""
+    upstream = upstreams([HEAD, BODY, write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), LOOP])
+    proxy = make_proxy({"web": [upstream.address]},
+                       upstream_options={"read_timeout": "5s", "passive": {"max_fails": 1, "fail_timeout": "10s"}})
+    server = proxy.app.runtime.upstreams["web"].servers[0]
+    sock = proxy.connect()
+    sock.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 100_000)
+    wait_for(lambda: upstream.executions == 1, what="the head forwarded")
+    close_with_rst(sock)
+    wait_for(lambda: server.active_requests == 0, timeout=10, what="the exchange abandoned")
+    snapshot = server.snapshot()
+    assert (snapshot["state"], snapshot["failures_total"]) == ("up", 0)
+
+
+def test_upstream_reset_mid_length_body_counts_against_the_server(upstreams, make_proxy):
+    """The other side of the same splice: an upstream resetting mid-body was taken for a gone client
+    (the OSError names no side), so passive checks never counted it. The client sees an abort."""
+    upstream = upstreams([HEAD, write(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 1000),
+                          sleep(0.05), RST])
+    proxy = make_proxy({"web": [upstream.address]}, upstream_options={"read_timeout": "5s"})
+    server = proxy.app.runtime.upstreams["web"].servers[0]
+    with raw_client(proxy) as raw:
+        raw.send(GET)
+        assert raw.read_head().startswith(b"HTTP/1.1 200")
+        with pytest.raises(ConnectionError):
+            raw.read_exact(10_000_000)
+    wait_for(lambda: server.active_requests == 0, timeout=10, what="the exchange abandoned")
+    assert server.snapshot()["failures_total"] == 1

@@ -53,3 +53,19 @@ def test_the_check_finds_an_upward_import(tmp_path):
     module.write_text("def f():\n    from proxy.serve.app import Application\n")
     (line, target), = imported_modules(module)
     assert layer_of(target) > layer_of("proxy.upstream.health")
+
+
+def test_tests_share_helpers_through_tests_support_only():
+    """A test module never imports another test module, and scripts import nothing from tests/."""
+    problems = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for line, target in imported_modules(path):
+            if target.split(".")[-1].startswith("test_") or (target == "tests" and path.name.startswith("test_")):
+                problems.append(f"{path.relative_to(ROOT)}:{line}: imports {target}")
+    scripts = [path for path in (ROOT / "scripts").rglob("*") if path.is_file()
+               and (path.suffix == ".py" or path.read_bytes().startswith(b"#!/usr/bin/env python"))]
+    for path in scripts:
+        for line, target in imported_modules(path):
+            if target == "tests" or target.startswith("tests."):
+                problems.append(f"{path.relative_to(ROOT)}:{line}: imports {target}")
+    assert problems == []

@@ -1,271 +1,42 @@
 """Lifecycle of the real ``pyproxy`` command: graceful drain (SIGTERM/SIGINT), hot reload (SIGHUP,
 --watch), and the pure parts behind them (Watcher, describe_changes).
 
-The proxy runs as a subprocess (``python -m proxy.serve.cli -c FILE``) so signals reach a real process;
-backends are stdlib HTTP servers in this process. Every wait is a readiness poll with a deadline.
+The proxy runs as a subprocess (``python -m proxy.serve.cli -c FILE``, tests/support/processes.py) so
+signals reach a real process; backends are stdlib HTTP servers in this process. Every wait is a readiness
+poll with a deadline.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
-import requests
 
 from proxy.config.schema import load_config
 from proxy.serve.watch import Watcher, describe_changes
-from tests.core_helpers import wait_for
-
-REPO = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 10.0   # the proxy must accept connections within this
-EXIT_TIMEOUT = 15.0    # and exit within this after the last signal
-HOLD_LIMIT = 10.0      # a held backend response is released after this whatever happens
-SLOW_BODY = 256 * 1024
+from tests.support.backends import SLOW_BODY, named_backends
+from tests.support.client import RawClient
+from tests.support.command import EXIT_TIMEOUT, READY_TIMEOUT, one_backend_config, pyproxy_command, write_config
+from tests.support.ports import free_port, port_open
+from tests.support.processes import Load, answered_by, proxy_config, running_proxy, start_slow_request
+from tests.support.proxy import CLIENT_TIMEOUT
+from tests.support.timing import FakeClock, wait_for
+from tests.support.client import read_response
 
 pytestmark = pytest.mark.timeout(60)
-
-
-# -- backends --------------------------------------------------------------------------------------
-
-class _BackendHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # head and body are two writes: Nagle + delayed ACK would add 40 ms
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        backend: Backend = self.server.backend
-        backend.count()
-        if self.path.startswith("/slow"):
-            backend.slow_entered.set()
-            backend.release.wait(HOLD_LIMIT)
-            body = b"x" * SLOW_BODY
-        else:
-            body = backend.name.encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Backend", backend.name)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format, *args) -> None:  # noqa: A002
-        return
-
-
-class Backend:
-    """A keep-alive HTTP/1.1 backend answering its name; /slow holds until ``release`` is set."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.requests = 0
-        self.slow_entered = threading.Event()
-        self.release = threading.Event()
-        self._lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _BackendHandler)
-        self.httpd.daemon_threads = True
-        self.httpd.backend = self
-        self.port = self.httpd.server_address[1]
-        self.address = f"127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-        self._thread.start()
-
-    def count(self) -> None:
-        with self._lock:
-            self.requests += 1
-
-    def stop(self) -> None:
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@contextlib.contextmanager
-def backends(*names):
-    started = [Backend(name) for name in names]
-    try:
-        yield started
-    finally:
-        for backend in started:
-            backend.stop()
-
-
-# -- the proxy under test ---------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def proxy_config(port: int, upstream_address: str, *, graceful: str = "10s", workers: int = 1,
-                 admin_port: int | None = None, extra_routes: str = "") -> str:
-    admin = f'[admin]\nlisten = "127.0.0.1:{admin_port}"\n' if admin_port else ""
-    return f"""
-[server]
-listen = "127.0.0.1:{port}"
-graceful_timeout = "{graceful}"
-workers = {workers}
-min_threads = 4
-
-{admin}
-[log]
-level = "info"
-access = "off"
-
-[[routes]]
-path = "/"
-upstream = "app"
-{extra_routes}
-[upstreams.app]
-servers = ["{upstream_address}"]
-"""
-
-
-class ProxyRun:
-    """``python -m proxy.serve.cli -c FILE [args]`` with its stderr in a file the test can read."""
-
-    def __init__(self, tmp_path: Path, config_text: str, *args: str):
-        self.config_path = tmp_path / "proxy.toml"
-        self.config_path.write_text(config_text)
-        self.log_path = tmp_path / "proxy.log"
-        self._log = open(self.log_path, "wb")
-        self.port = load_config(self.config_path).server.listen[0].port
-        self.proc = subprocess.Popen([sys.executable, "-m", "proxy.serve.cli", "-c", str(self.config_path), *args],
-                                     cwd=REPO, stdout=subprocess.DEVNULL, stderr=self._log)
-        wait_for(self._accepting, START_TIMEOUT, what="the proxy to accept connections")
-        # The port accepts before the loop runs; signal handlers are installed just before it does. A
-        # request answered means the loop runs, so a signal from here on is handled, not fatal.
-        wait_for(self._answers, START_TIMEOUT, what="the proxy to answer", on_timeout=self.log)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _accepting(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"proxy exited with {self.proc.returncode}:\n{self.log()}")
-        return port_open(self.port)
-
-    def _answers(self) -> bool:
-        try:
-            return requests.get(self.url + "/ready", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def rewrite(self, config_text: str) -> None:
-        """Replace the config atomically (as editors and deploy tools do)."""
-        temporary = self.config_path.with_suffix(".tmp")
-        temporary.write_text(config_text)
-        os.replace(temporary, self.config_path)
-
-    def wait_exit(self, timeout: float = EXIT_TIMEOUT) -> int:
-        return self.proc.wait(timeout)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(EXIT_TIMEOUT)
-        self._log.close()
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def running_proxy(tmp_path, config_text, *args):
-    run = ProxyRun(tmp_path, config_text, *args)
-    try:
-        yield run
-    finally:
-        run.close()
-
-
-def served_by(url: str) -> str:
-    response = requests.get(url, timeout=5)
-    assert response.status_code == 200, response.text
-    return response.headers["X-Backend"]
-
-
-class Load:
-    """``clients`` keep-alive sessions sending GETs until stopped (bounded by ``max_seconds``)."""
-
-    def __init__(self, url: str, clients: int = 4, max_seconds: float = 20.0):
-        self.url = url
-        self.results: list[tuple[float, str]] = []  # (time, backend name or "ERROR: ...")
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._deadline = time.monotonic() + max_seconds
-        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
-        for thread in self._threads:
-            thread.start()
-
-    def _client(self) -> None:
-        with requests.Session() as session:
-            while not self._stop.is_set() and time.monotonic() < self._deadline:
-                try:
-                    response = session.get(self.url, timeout=5)
-                    outcome = response.headers.get("X-Backend", f"ERROR: {response.status_code}")
-                    if response.status_code != 200:
-                        outcome = f"ERROR: {response.status_code}"
-                except requests.RequestException as exc:
-                    outcome = f"ERROR: {exc}"
-                with self._lock:
-                    self.results.append((time.monotonic(), outcome))
-
-    def outcomes(self) -> list[str]:
-        with self._lock:
-            return [outcome for _, outcome in self.results]
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(10)
-
-    def failures(self) -> list[str]:
-        return [outcome for outcome in self.outcomes() if outcome.startswith("ERROR")]
-
-
-def start_slow_request(url: str):
-    """A GET of /slow on its own thread; returns (thread, result dict)."""
-    result: dict = {}
-
-    def run():
-        try:
-            response = requests.get(url + "/slow", timeout=20)
-            result["status"], result["length"] = response.status_code, len(response.content)
-        except requests.RequestException as exc:
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, result
 
 
 # -- graceful drain ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_drain_finishes_a_slow_request_then_exits_0(tmp_path, signum):
-    with backends("a") as (a,), running_proxy(tmp_path, proxy_config(free_port(), a.address)) as run:
+    with named_backends("a") as (a,), running_proxy(tmp_path, proxy_config(free_port(), a.address)) as run:
         thread, result = start_slow_request(run.url)
         assert a.slow_entered.wait(5), "the slow request never reached the backend"
         started = time.monotonic()
@@ -281,7 +52,7 @@ def test_drain_finishes_a_slow_request_then_exits_0(tmp_path, signum):
 
 
 def test_keepalive_request_arriving_during_drain_is_served_with_connection_close(tmp_path):
-    with backends("a") as (a,), running_proxy(tmp_path, proxy_config(free_port(), a.address)) as run:
+    with named_backends("a") as (a,), running_proxy(tmp_path, proxy_config(free_port(), a.address)) as run:
         client = socket.create_connection(("127.0.0.1", run.port), timeout=5)
         with client:
             client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -304,7 +75,7 @@ def test_keepalive_request_arriving_during_drain_is_served_with_connection_close
 
 
 def test_idle_keepalive_connection_is_closed_by_the_drain(tmp_path):
-    with backends("a") as (a,), running_proxy(tmp_path, proxy_config(free_port(), a.address)) as run:
+    with named_backends("a") as (a,), running_proxy(tmp_path, proxy_config(free_port(), a.address)) as run:
         client = socket.create_connection(("127.0.0.1", run.port), timeout=5)
         with client:
             client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -316,7 +87,7 @@ def test_idle_keepalive_connection_is_closed_by_the_drain(tmp_path):
 
 def test_second_sigint_forces_the_stop(tmp_path):
     config = proxy_config(free_port(), "127.0.0.1:1", graceful="30s")
-    with backends("a") as (a,), running_proxy(tmp_path, config.replace("127.0.0.1:1", a.address)) as run:
+    with named_backends("a") as (a,), running_proxy(tmp_path, config.replace("127.0.0.1:1", a.address)) as run:
         thread, result = start_slow_request(run.url)
         assert a.slow_entered.wait(5)
         run.signal(signal.SIGINT)
@@ -330,33 +101,10 @@ def test_second_sigint_forces_the_stop(tmp_path):
         assert "status" not in result or result.get("length") != SLOW_BODY
 
 
-def read_response(sock: socket.socket) -> bytes:
-    """One response with a Content-Length body, read from a raw socket."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return head + b"\r\n\r\n" + body
-
-
-# -- hot reload --------------------------------------------------------------------------------------
 
 def test_sighup_swaps_the_upstream_under_load_with_zero_failures(tmp_path):
     port = free_port()
-    with backends("a", "b") as (a, b), running_proxy(tmp_path, proxy_config(port, a.address)) as run:
+    with named_backends("a", "b") as (a, b), running_proxy(tmp_path, proxy_config(port, a.address)) as run:
         load = Load(run.url, clients=6)
         try:
             wait_for(lambda: load.outcomes().count("a") >= 50, what="load on a")
@@ -376,25 +124,25 @@ def test_sighup_swaps_the_upstream_under_load_with_zero_failures(tmp_path):
 
 def test_invalid_config_on_sighup_keeps_the_old_one_serving(tmp_path):
     port = free_port()
-    with backends("a", "b") as (a, b), running_proxy(tmp_path, proxy_config(port, a.address)) as run:
+    with named_backends("a", "b") as (a, b), running_proxy(tmp_path, proxy_config(port, a.address)) as run:
         broken = proxy_config(port, b.address).replace('servers = ["', 'servers = ["nonsense:99999", "')
         run.rewrite(broken)
         run.signal(signal.SIGHUP)
         wait_for(lambda: "reload failed, keeping the old config" in run.log(), what="the reload error",
                  on_timeout=run.log)
         assert "nonsense:99999" in run.log()  # the error names the problem
-        assert [served_by(run.url) for _ in range(5)] == ["a"] * 5
+        assert [answered_by(run.url) for _ in range(5)] == ["a"] * 5
         run.rewrite(proxy_config(port, b.address))  # and a later valid reload still works
         run.signal(signal.SIGHUP)
-        wait_for(lambda: served_by(run.url) == "b", what="the valid reload")
+        wait_for(lambda: answered_by(run.url) == "b", what="the valid reload")
 
 
 def test_watch_reloads_when_the_file_changes(tmp_path):
     port = free_port()
-    with backends("a", "b") as (a, b), running_proxy(tmp_path, proxy_config(port, a.address), "--watch") as run:
-        assert served_by(run.url) == "a"
+    with named_backends("a", "b") as (a, b), running_proxy(tmp_path, proxy_config(port, a.address), "--watch") as run:
+        assert answered_by(run.url) == "a"
         run.rewrite(proxy_config(port, b.address, extra_routes='[[routes]]\npath = "/b"\nupstream = "app"\n'))
-        wait_for(lambda: served_by(run.url) == "b", timeout=10, what="--watch to reload")
+        wait_for(lambda: answered_by(run.url) == "b", timeout=10, what="--watch to reload")
         log = run.log()
         assert "route added: */b -> app" in log
         assert f"upstream changed: app (+{b.address} -{a.address})" in log
@@ -412,16 +160,8 @@ class FakeStat:
         return os.stat_result((0o644, self.inode, 0, 1, 0, 0, self.size, 0, 0, 0, 0, 0, 0, self.mtime_ns))
 
 
-class FakeClock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
-
-
 def make_watcher(calls):
-    stat, clock = FakeStat(), FakeClock()
+    stat, clock = FakeStat(), FakeClock(start=100.0)
     watcher = Watcher("proxy.toml", lambda: calls.append(clock.now), settle=0.25, stat=stat, clock=clock)
     return watcher, stat, clock
 
@@ -489,7 +229,7 @@ def test_core_drain_serves_a_resting_connection_whose_request_arrived_before_dis
     """A request that reached an idle connection but was not dispatched yet when the drain began
     must be served (then the connection closed), not closed unanswered."""
     from core import SocketServer, ThreadPool
-    from tests.core_helpers import EchoHandler
+    from tests.support.echo_server import EchoHandler
 
     server = SocketServer(EchoHandler(), listeners=[("127.0.0.1", 0)],
                           pool=ThreadPool(min_threads=1, max_threads=2), graceful_timeout=5.0)
@@ -511,7 +251,7 @@ def test_core_drain_serves_a_resting_connection_whose_request_arrived_before_dis
 def test_a_failing_reload_listener_is_logged_and_the_others_still_run(caplog):
     from proxy.serve.app import Application
     from proxy.config.schema import parse_config
-    from tests.conftest import config_document
+    from tests.support.proxy import config_document
     config = parse_config(config_document({"web": {"servers": ["127.0.0.1:9"]}}), "test.toml")
     app = Application(config)
     heard = []
@@ -526,3 +266,54 @@ def test_a_failing_reload_listener_is_logged_and_the_others_still_run(caplog):
     assert heard == [newer] and app.config is newer
     assert "reload listener" in caplog.text and "listener bug" in caplog.text
     app.close()
+
+
+# -- the drain lets requests that are half-way in finish ---------------------------------------------------
+# The drains above use complete requests. A head half sent and a small body half
+# sent when the drain starts are both held in the selector, not by a thread. They must be answered
+# (with Connection: close), not closed as idle keep-alive connections are.
+def test_drain_answers_requests_that_were_half_way_in(make_backend, make_proxy):
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]}, server={"graceful_timeout": "5s"})
+    half_head, half_body = proxy.connect(), proxy.connect()
+    half_head.sendall(b"GET /h HTTP/1.1\r\nHo")
+    half_body.sendall(b"POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\n\r\nabc")
+    wait_for(lambda: proxy.process.server.connection_counts().get("idle", 0) >= 2, what="both parked")
+    proxy.process.stop()
+    wait_for(proxy.app.draining, what="drain started")
+    half_head.sendall(b"st: a\r\n\r\n")
+    half_body.sendall(b"def")
+    for sock, body in ((half_head, b""), (half_body, b"abcdef")):
+        with sock:
+            client = RawClient(sock)
+            response = client.read_response()
+            assert response.status == 200 and response.body == body
+            assert response.header("Connection") == "close"
+            assert client.at_eof()
+    proxy.thread.join(CLIENT_TIMEOUT)
+    assert not proxy.thread.is_alive()
+
+
+# --- "SIGTERM: graceful drain ... then exit 0", however soon after the port opens -------------------
+
+# One process only: with workers, Supervisor.__init__ still runs between the unblock and its own
+# handlers (proxy/serve/supervisor.py), so a SIGTERM in that window still kills the supervisor.
+@pytest.mark.parametrize("workers", ["1"])
+def test_sigterm_right_after_the_port_opens_still_exits_0(tmp_path, workers):
+    for _ in range(3):
+        port = free_port()
+        path = write_config(tmp_path, one_backend_config(f'listen = "127.0.0.1:{port}"'))
+        process = subprocess.Popen(pyproxy_command() + ["-c", str(path), "--workers", workers],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT
+            while not port_open(port):  # as fast as a watchdog could: the first moment it accepts
+                assert process.poll() is None and time.monotonic() < deadline, "pyproxy did not start"
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=EXIT_TIMEOUT)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(EXIT_TIMEOUT)
+        assert process.returncode == 0, stderr
+        assert "Traceback" not in stderr

@@ -9,9 +9,11 @@ import signal
 import requests
 
 from proxy.observe.metrics import render_prometheus
-from tests.conftest import DEADLINE, config_document
-from tests.core_helpers import wait_for
-from tests.test_lifecycle import backends as lifecycle_backends, free_port, proxy_config, running_proxy
+from tests.support.backends import named_backends
+from tests.support.ports import free_port
+from tests.support.processes import proxy_config, running_proxy
+from tests.support.proxy import DEADLINE, config_document
+from tests.support.timing import wait_for
 
 
 def lines(path) -> list[str]:
@@ -83,7 +85,7 @@ def test_the_level_applies_at_once(backends, observed_proxy):
 
 def test_sighup_moves_the_access_log_of_the_real_command(tmp_path):
     first, second = tmp_path / "first.log", tmp_path / "second.log"
-    with lifecycle_backends("a") as (a,):
+    with named_backends("a") as (a,):
         port = free_port()
         base = proxy_config(port, a.address)
 

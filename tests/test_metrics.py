@@ -1,4 +1,5 @@
-"""Metrics: the observer's counters and histogram, snapshots, merging processes, the Prometheus text.
+"""Metrics: the observer's counters and histogram, snapshots, merging processes, the Prometheus text,
+and counters of a running proxy that must never go down (reloads, a worker replaced).
 
 Output is validated with the official parser (prometheus_client.parser), never by string matching alone.
 """
@@ -6,28 +7,25 @@ Output is validated with the official parser (prometheus_client.parser), never b
 from __future__ import annotations
 
 import json
+import os
+import signal
+from types import SimpleNamespace
 
 import pytest
+import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.serve.app import Application
 from proxy.config.schema import parse_config
-from proxy.observe.metrics import IncompatibleSnapshots, Metrics, merge, render_prometheus
-
-
-class Record:
-    """The fields of handler.RequestRecord that Metrics reads."""
-
-    def __init__(self, upstream, status, duration):
-        self.upstream, self.status, self.duration = upstream, status, duration
-
-
-def make_app(upstreams=None) -> Application:
-    upstreams = upstreams or {"api": ["127.0.0.1:9001", "127.0.0.1:9002"], "web": ["127.0.0.1:9003"]}
-    document = {"server": {"listen": "127.0.0.1:1"},
-                "upstreams": {name: {"servers": servers} for name, servers in upstreams.items()},
-                "routes": [{"path": "/", "upstream": next(iter(upstreams))}]}
-    return Application(parse_config(document, "test.toml"))
+from proxy.observe.metrics import IncompatibleSnapshots, Metrics, WorkerCounters, merge, render_prometheus
+from proxy.serve.app import Application
+from tests.support.backends import FlakyBackend, named_backends
+from tests.support.ports import free_port
+from tests.support.processes import admin_status, proxy_config, running_proxy, spread_requests
+from tests.support.proxy import DEADLINE, config_document, scrape
+from tests.support.timing import wait_for
+from tests.support.records import Record, make_app
+from tests.support.processes import replaced
+from tests.support.proxy import upstream_counter
 
 
 def families(text: str) -> dict:
@@ -121,3 +119,99 @@ def test_label_values_are_escaped():
     parsed = families(render_prometheus(metrics.snapshot()))
     labels = [s.labels for s in parsed["pyproxy_requests"].samples]
     assert {"upstream": 'we"ird\\name\n', "code": "200"} in labels
+
+
+# -- counters never go down ---------------------------------------------------------------------------
+
+def test_upstream_counters_survive_a_reload_that_rebuilds_the_server(observed_proxy):
+    """Bug: a reload changing a server's weight rebuilds its Server object, whose counters start at 0:
+    pyproxy_upstream_requests_total / _failures_total for the same labels fell back to 0, which
+    Prometheus' rate() reads as a counter reset (the whole new value counted as fresh increase)."""
+    backend = FlakyBackend("a")
+    document = config_document({"web": {"servers": [backend.address]}})
+    proxy = observed_proxy(document)
+    try:
+        with requests.Session() as session:
+            for _ in range(3):
+                assert session.get(proxy.url + "/", timeout=DEADLINE).status_code == 200
+        assert upstream_counter(proxy, "pyproxy_upstream_requests_total", "web", backend.address) == 3
+        document["upstreams"]["web"]["servers"] = [{"address": backend.address, "weight": 3}]
+        proxy.reload(document)
+        document["upstreams"]["web"]["servers"] = [{"address": backend.address, "weight": 2}]
+        proxy.reload(document)  # twice without a scrape between: no replaced object goes unseen
+        assert upstream_counter(proxy, "pyproxy_upstream_requests_total", "web", backend.address) == 3
+        assert requests.get(proxy.url + "/", timeout=DEADLINE).status_code == 200
+        assert upstream_counter(proxy, "pyproxy_upstream_requests_total", "web", backend.address) == 4
+    finally:
+        backend.kill()
+
+
+def test_metrics_of_two_workers_do_not_go_down_when_one_is_killed_and_replaced(tmp_path):
+    """Bug: with workers = 2, /metrics summed the workers that answered; a killed worker's
+    replacement starts from 0, so pyproxy_requests_total (and every other counter) fell by what
+    the dead worker had served, which Prometheus reads as a counter reset."""
+    with named_backends("a") as (backend,):
+        port, admin_port = free_port(), free_port()
+        config = proxy_config(port, backend.address, workers=2, admin_port=admin_port)
+        with running_proxy(tmp_path, config) as run:
+            per_worker = spread_requests(run.url, admin_port, 2)
+            assert len(per_worker) == 2 and all(per_worker.values())
+            admin = SimpleNamespace(admin_url=f"http://127.0.0.1:{admin_port}")
+            before = counter_totals(admin)
+            victim = next(iter(per_worker))
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: replaced(admin_port, victim), 20, what="the killed worker's replacement")
+            after = counter_totals(admin)
+            assert after == pytest.approx(before)  # nothing served meanwhile: every counter where it was
+            assert requests.get(run.url + "/", timeout=DEADLINE).status_code == 200
+            assert counter_totals(admin)["pyproxy_requests_total"] == before["pyproxy_requests_total"] + 1
+
+
+def counter_totals(proxy) -> dict[str, float]:
+    """Every counter sample summed over its labels, by sample name."""
+    totals: dict[str, float] = {}
+    for family in scrape(proxy).values():
+        if family.type in ("counter", "histogram"):
+            for sample in family.samples:
+                if sample.name.endswith(("_total", "_count", "_sum")):
+                    totals[sample.name] = totals.get(sample.name, 0) + sample.value
+    return totals
+
+
+def worker_snapshot(requests_served: int, failures: int, servers=("127.0.0.1:9001",)) -> dict:
+    return {"processes": 1, "buckets": [1.0], "requests": [{"upstream": "web", "code": "200", "value": requests_served}],
+            "durations": {"web": {"counts": [requests_served, 0], "sum": 0.5, "count": requests_served}},
+            "servers": [{"upstream": "web", "server": s, "up": 1, "active": 1, "requests": requests_served,
+                         "failures": failures} for s in servers],
+            "client_connections": {"idle": 2}, "threads": {"threads": 4}, "open_tunnels": 1,
+            "access_log": {"written": requests_served, "dropped": 0}}
+
+
+def test_worker_counters_keep_silent_and_gone_workers_counts_but_not_their_gauges():
+    counters = WorkerCounters()
+    both = counters.merged({1: worker_snapshot(10, 1), 2: worker_snapshot(5, 0)})
+    assert both["requests"][0]["value"] == 15 and both["processes"] == 2
+    silent = counters.merged({2: worker_snapshot(6, 0)})  # worker 1 did not answer in time
+    assert silent["requests"][0]["value"] == 16 and silent["durations"]["web"]["count"] == 16
+    assert silent["servers"][0]["requests"] == 16 and silent["servers"][0]["active"] == 1
+    assert silent["client_connections"] == {"idle": 2} and silent["processes"] == 1
+    counters.gone(1)
+    counters.merged({2: worker_snapshot(7, 0)})
+    counters.gone(2)
+    fresh = counters.merged({3: worker_snapshot(1, 0, servers=("127.0.0.1:9002",))})
+    assert fresh["requests"][0]["value"] == 10 + 7 + 1
+    assert fresh["access_log"] == {"written": 18, "dropped": 0}
+    # a server no live worker reports (a reload removed it) is no longer a series
+    assert [(g["server"], g["requests"], g["failures"]) for g in fresh["servers"]] == [("127.0.0.1:9002", 1, 0)]
+
+
+def test_a_tunnels_lifetime_stays_out_of_the_latency_histogram(observed_proxy):
+    """Tunnels are observed when they close (above); minutes of WebSocket are no response time."""
+    from proxy.serve.handler import RequestRecord
+    proxy = observed_proxy(config_document({"ws": {"servers": ["127.0.0.1:9"]}}))
+    metrics = next(o.__self__ for o in proxy.app.observers if hasattr(getattr(o, "__self__", None), "recent"))
+    record = RequestRecord(0.0, "127.0.0.1", None)
+    record.status, record.upstream, record.duration = 101, "ws", 600.0
+    metrics.observe(record)
+    durations = metrics.snapshot()["durations"]["ws"]
+    assert durations["count"] == 1 and durations["sum"] == 0.0

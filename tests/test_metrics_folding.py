@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from proxy.observe.metrics import RECENT_BUCKETS, Metrics
-from tests.test_metrics import Record, make_app
+from tests.support.records import Record, make_app
 
 pytestmark = pytest.mark.timeout(60)
 

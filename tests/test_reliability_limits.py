@@ -16,8 +16,8 @@ from proxy.config.starter import STARTER_CONFIG
 from proxy.observe.admin import ADMIN_IDLE_TIMEOUT, MAX_ADMIN_CONNECTIONS, AdminServer, AdminSources
 from proxy.upstream.balancing import Upstream
 from proxy.upstream.servers import Server
-from tests.conftest import DEADLINE, proxy_config_dict
-from tests.core_helpers import FakeClock, wait_for
+from tests.support.proxy import DEADLINE, proxy_config_dict
+from tests.support.timing import FakeClock, wait_for
 
 
 def config_with_health(health: dict) -> dict:

@@ -20,9 +20,12 @@ import requests
 
 from proxy.config.schema import ServerSettings, parse_config
 from proxy.serve.runner import server_changes
-from tests.conftest import DEADLINE, config_document, proxy_config_dict
-from tests.core_helpers import wait_for
-from tests.test_lifecycle import REPO, backends as lifecycle_backends, free_port, running_proxy
+from tests.support.backends import named_backends
+from tests.support.command import one_backend_config, proxy_running, wait_for_log, write_config
+from tests.support.ports import free_port
+from tests.support.processes import REPO, running_proxy
+from tests.support.proxy import DEADLINE, config_document, proxy_config_dict
+from tests.support.timing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -99,7 +102,7 @@ def paths_logged(path) -> list[str]:
 # -- [server] settings on SIGHUP --------------------------------------------------------------------
 
 def test_sighup_applies_idle_timeout_max_connections_and_graceful_timeout(tmp_path):
-    with lifecycle_backends("a") as (a,):
+    with named_backends("a") as (a,):
         port = free_port()
         with running_proxy(tmp_path, config_text(port, a.address)) as run:
             idle = keepalive_request(port)
@@ -129,7 +132,7 @@ def test_sighup_applies_idle_timeout_max_connections_and_graceful_timeout(tmp_pa
 
 
 def test_sighup_with_workers_applies_idle_timeout_in_every_worker_and_warns_once(tmp_path):
-    with lifecycle_backends("a") as (a,):
+    with named_backends("a") as (a,):
         port = free_port()
         with running_proxy(tmp_path, config_text(port, a.address, workers=2)) as run:
             wait_for(lambda: run.log().count(") ready") == 2, what="both workers ready", on_timeout=run.log)
@@ -217,7 +220,7 @@ def rotate_and_check(run, path, signum: int, *, workers: int = 1) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGHUP], ids=["usr1", "hup-unchanged-file"])
 def test_a_signal_reopens_the_access_log_after_rotation(tmp_path, signum):
-    with lifecycle_backends("a") as (a,):
+    with named_backends("a") as (a,):
         path = tmp_path / "access.log"
         port = free_port()
         with running_proxy(tmp_path, config_text(port, a.address, access=str(path))) as run:
@@ -227,7 +230,7 @@ def test_a_signal_reopens_the_access_log_after_rotation(tmp_path, signum):
 
 
 def test_sigusr1_with_workers_reopens_the_access_log_in_every_worker(tmp_path):
-    with lifecycle_backends("a") as (a,):
+    with named_backends("a") as (a,):
         path = tmp_path / "access.log"
         port = free_port()
         with running_proxy(tmp_path, config_text(port, a.address, workers=2, access=str(path))) as run:
@@ -295,3 +298,27 @@ def test_restart_only_settings_are_named_with_their_old_and_new_values():
     new = ServerSettings(workers=4, cpu_affinity=(0, 1), idle_timeout=1.0)
     assert server_changes(old, new) == ["server.workers (2 -> 4)", "server.cpu_affinity (auto -> [0, 1])"]
     assert server_changes(old, old) == []
+
+
+# --- "SIGHUP ... Invalid: keep serving with the old config and log the errors" ----------------------
+
+def test_sighup_with_an_unloadable_tls_ca_keeps_serving(tmp_path, json_backends):
+    backend = json_backends("web")
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    secure = '[upstreams.secure]\nservers = ["https://127.0.0.1:1"]\n'
+    config_path = {}
+
+    def args_for_port(port: int) -> list[str]:
+        text = one_backend_config(f'listen = "127.0.0.1:{port}"', backend) + secure
+        config_path["path"] = write_config(tmp_path, text)
+        return ["-c", str(config_path["path"])]
+
+    with proxy_running(tmp_path, args_for_port) as running:
+        # A forwarded answer means the loop runs, so its SIGHUP handler is in place (the port alone
+        # accepts as soon as it is bound, before the handlers are).
+        assert running.get("/").json()["name"] == "web"
+        path = config_path["path"]
+        path.write_text(path.read_text() + 'tls_ca = "ca.pem"\n')
+        running.process.send_signal(signal.SIGHUP)
+        wait_for_log(running, "reload failed")
+        assert running.get("/").json()["name"] == "web"

@@ -8,17 +8,7 @@ import time
 import pytest
 
 from proxy.upstream.servers import Server, format_address
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.support.timing import FakeClock
 
 
 @pytest.fixture

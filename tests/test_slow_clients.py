@@ -14,9 +14,10 @@ import time
 import pytest
 import requests
 
-from tests.backends import RawClient, raw_client, read_small_answer, stream_pattern
-from tests.conftest import CLIENT_TIMEOUT
-from tests.core_helpers import wait_for
+from tests.support.backends import stream_pattern
+from tests.support.client import RawClient, raw_client, read_small_answer
+from tests.support.proxy import CLIENT_TIMEOUT
+from tests.support.timing import wait_for
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -200,3 +201,79 @@ def test_max_connections_answers_503_fast(make_backend, make_proxy):
     finally:
         for sock in held:
             sock.close()
+
+
+# -- two worker threads: a client that holds one while it sends nothing starves the rest -------------
+HEADER_TIMEOUT = 3.0
+FEW_THREADS = {"min_threads": 1, "max_threads": 2, "header_timeout": f"{HEADER_TIMEOUT}s"}
+CRLF_SENDERS = 6  # three times max_threads
+
+
+# -- empty lines before a request line hold no worker thread ------------------------------------------
+# RFC 9112 §2.2 lets a client send CRLFs before a request line (old clients add one after a POST body).
+# The parser skips them, which left its buffer empty: the handler then took the connection for idle
+# and blocked a worker in recv() until header_timeout instead of parking it like any partial head, so
+# a handful of connections sending "\r\n" starved the pool (slowloris without the trickle).
+@pytest.mark.parametrize("opening", [
+    b"\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nok\r\n",  # keep-alive, CRLF after the body
+], ids=["fresh-connection", "after-post-body"])
+def test_empty_lines_before_a_request_are_parked_not_blocking_a_worker(make_backend, make_proxy, opening):
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]}, server=FEW_THREADS)
+    socks = [proxy.connect() for _ in range(CRLF_SENDERS)]
+    try:
+        for sock in socks:
+            sock.sendall(opening)
+        server = proxy.process.server
+        wait_for(lambda: sum(server.connection_counts().values()) >= CRLF_SENDERS, what="attackers accepted")
+        started = time.monotonic()
+        response = requests.get(proxy.url + "/", timeout=CLIENT_TIMEOUT)
+        waited = time.monotonic() - started
+        assert response.status_code == 200
+        assert waited < HEADER_TIMEOUT / 3, f"a normal client waited {waited:.2f}s behind {CRLF_SENDERS} CRLF senders"
+        wait_for(lambda: proxy.process.pool.busy == 0, what="no worker held by a CRLF sender")
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+# -- an early answer lingers once, for a bounded time ---------------------------------------------------
+# A backend answering before it read the upload (403 here) closes the client connection with the
+# body unread: the proxy lingers (nginx's lingering_close, LINGER_SECONDS) and closes, even while the
+# client keeps sending. A client that never stops must not keep a worker (two lingers, or an endless one).
+def test_a_client_still_uploading_after_an_early_answer_is_lingered_on_once(make_raw_backend, make_proxy):
+    from proxy.serve.handler import LINGER_SECONDS
+
+    def script(peer):
+        if peer.read_head():
+            peer.send(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno")
+
+    backend = make_raw_backend(script)
+    proxy = make_proxy({"web": [backend.address]}, upstream_options={"retries": 0})
+    with proxy.connect() as sock:
+        sock.sendall(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 90000000\r\n\r\n")  # under max_body_bytes
+        sock.settimeout(0.05)
+        answer, answered_at, piece, fin = b"", None, b"x" * 4096, False
+        deadline = time.monotonic() + 4 * LINGER_SECONDS + 2  # bounded: the proxy must close well before
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    sock.send(piece)  # the client keeps uploading the whole time, as curl would
+                except (TimeoutError, BlockingIOError):
+                    pass
+                if fin:
+                    time.sleep(0.05)  # pacing only: the loop waits for the reset that ends the linger
+                    continue
+                try:
+                    got = sock.recv(4096)
+                except (TimeoutError, BlockingIOError):
+                    continue
+                fin = not got  # the proxy's FIN starts its linger; it still reads (and drops) the upload
+                answer += got
+                answered_at = answered_at or time.monotonic()
+        except OSError:
+            pass  # reset or broken pipe: the proxy closed the socket for good
+        closed_at = time.monotonic()
+    assert answer.startswith(b"HTTP/1.1 403")
+    assert closed_at - answered_at < LINGER_SECONDS * 1.6, f"lingered {closed_at - answered_at:.1f}s"

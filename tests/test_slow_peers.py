@@ -13,9 +13,9 @@ import socket
 
 import pytest
 
-from tests.backends import consume_and_digest, pattern_bytes, pattern_sha256, stream_pattern, stream_pattern_chunked
-from tests.conftest import CLIENT_TIMEOUT
-from tests.core_helpers import wait_for
+from tests.support.backends import consume_and_digest, pattern_bytes, pattern_sha256, stream_pattern, stream_pattern_chunked
+from tests.support.proxy import CLIENT_TIMEOUT
+from tests.support.timing import wait_for
 
 BIG = 8 * 1024 * 1024
 UPLOAD = 1024 * 1024

@@ -29,9 +29,9 @@ import urllib.request
 import pytest
 import tomli_w
 
-from tests.backends import closed_port
-from tests.conftest import CLIENT_TIMEOUT
-from tests.core_helpers import wait_for
+from tests.support.ports import free_port
+from tests.support.proxy import CLIENT_TIMEOUT
+from tests.support.timing import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -123,7 +123,7 @@ def settled(admin_port: int) -> int:
 @pytest.fixture
 def proxy_in_front_of_async_backend(tmp_path):
     backend = AsyncBackend().start()
-    port, admin_port = closed_port(), closed_port()
+    port, admin_port = free_port(), free_port()
     document = {
         "server": {"listen": f"127.0.0.1:{port}", "max_threads": 256},
         "admin": {"listen": f"127.0.0.1:{admin_port}"},

@@ -11,11 +11,13 @@ import pytest
 import requests
 
 from proxy.observe.status import WorkerStatusTotals, merge_status
-from tests import test_lifecycle as lifecycle, test_workers as workers
-from tests.backends import FlakyBackend
-from tests.conftest import DEADLINE, config_document
-from tests.core_helpers import wait_for
-from tests.test_audit_observability import replaced, upstream_counter
+from tests.support.backends import FlakyBackend
+from tests.support.proxy import DEADLINE, config_document
+from tests.support.timing import wait_for
+from tests.support.ports import free_port
+from tests.support.processes import admin_status, proxy_config, replaced, running_proxy, spread_requests
+from tests.support.backends import named_backends
+from tests.support.proxy import upstream_counter
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -84,19 +86,19 @@ def test_worker_totals_keep_silent_and_gone_workers_counts_but_not_their_state()
 
 
 def test_status_totals_of_two_workers_do_not_go_down_when_one_is_killed_and_replaced(tmp_path):
-    with lifecycle.backends("a") as (backend,):
-        port, admin_port = lifecycle.free_port(), lifecycle.free_port()
-        config = lifecycle.proxy_config(port, backend.address, workers=2, admin_port=admin_port)
-        with lifecycle.running_proxy(tmp_path, config) as run:
-            per_worker = workers.spread_requests(run.url, admin_port)
+    with named_backends("a") as (backend,):
+        port, admin_port = free_port(), free_port()
+        config = proxy_config(port, backend.address, workers=2, admin_port=admin_port)
+        with running_proxy(tmp_path, config) as run:
+            per_worker = spread_requests(run.url, admin_port, 2)
             assert len(per_worker) == 2 and all(per_worker.values())
-            before = status_totals(workers.status(admin_port), "app")
+            before = status_totals(admin_status(admin_port), "app")
             assert before["traffic"][0] == sum(per_worker.values())
             victim = next(iter(per_worker))
             os.kill(victim, signal.SIGKILL)
             wait_for(lambda: replaced(admin_port, victim), 20, what="the killed worker's replacement")
-            assert status_totals(workers.status(admin_port), "app") == before  # nothing served meanwhile
+            assert status_totals(admin_status(admin_port), "app") == before  # nothing served meanwhile
             assert requests.get(run.url + "/", timeout=DEADLINE).status_code == 200
-            after = status_totals(workers.status(admin_port), "app")
+            after = status_totals(admin_status(admin_port), "app")
             assert after["traffic"] == (before["traffic"][0] + 1, before["traffic"][1])
             assert sum(r for r, _ in after["servers"].values()) == sum(r for r, _ in before["servers"].values()) + 1

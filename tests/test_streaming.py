@@ -12,7 +12,7 @@ import threading
 import pytest
 import requests
 
-from tests.conftest import CLIENT_TIMEOUT
+from tests.support.proxy import CLIENT_TIMEOUT
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -29,9 +29,10 @@ from websockets.sync.server import serve as ws_serve
 from core.socket_server import bind_listener
 from proxy.config.schema import parse_config
 from proxy.serve.runner import ProxyProcess
-from tests.backends import consume_and_digest, pattern_bytes, pattern_sha256, stream_pattern
-from tests.conftest import CLIENT_TIMEOUT, PROXY_STOP_TIMEOUT, proxy_config_dict
-from tests.core_helpers import wait_for
+from tests.support.backends import consume_and_digest, pattern_bytes, pattern_sha256, stream_pattern
+from tests.support.client import read_small_answer
+from tests.support.proxy import CLIENT_TIMEOUT, PROXY_STOP_TIMEOUT, proxy_config_dict
+from tests.support.timing import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -548,3 +549,34 @@ def test_a_tls_client_silent_after_its_handshake_holds_no_thread(make_tls_proxy,
         response = http.client.HTTPResponse(tls, method="GET")
         response.begin()
         assert response.status == 200
+
+
+# -- plain HTTP sent to a TLS listener gets told so ----------------------------------------------------------
+# It was closed without a word ("empty reply from server"); nginx and Go's server answer a 400 in plain
+# text. The request bytes are read away first so the close is a FIN and the answer arrives.
+@pytest.mark.parametrize("request_bytes", [
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"POST /form HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+])
+def test_plain_http_on_a_tls_listener_is_a_400_saying_so(make_tls_proxy, make_backend, pki, request_bytes):
+    backend = make_backend()
+    proxy = make_tls_proxy({"web": [backend.address]})
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT) as sock:
+        sock.sendall(request_bytes)
+        answer = read_small_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"HTTPS port" in answer
+    assert backend.requests == []
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT) as raw:  # still serving
+        with client_context(pki).wrap_socket(raw, server_hostname="default.test") as tls:
+            tls.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            assert read_small_answer(tls).startswith(b"HTTP/1.1 200 ")
+
+
+def test_an_h2_only_alpn_client_is_still_served_http11(make_tls_proxy, make_backend, pki):
+    """Uncovered: a client offering only h2 gets no ALPN protocol (not a failed handshake) and may go on in HTTP/1.1."""
+    proxy = make_tls_proxy({"web": [make_backend().address]})
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT) as raw:
+        with client_context(pki, alpn=["h2"]).wrap_socket(raw, server_hostname="default.test") as tls:
+            assert tls.selected_alpn_protocol() is None
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            assert read_small_answer(tls).startswith(b"HTTP/1.1 200 ")

@@ -62,3 +62,31 @@ def test_connection_with_unsolicited_bytes_is_replaced(listener):
     assert fresh is not dirty and pool.connects_total == 2
     fresh.close()
     server_side.close()
+
+
+# -- the keep-alive pool -------------------------------------------------------------------------
+def test_checkout_past_many_dead_idle_connections_dials_a_new_one():
+    """Bug: checkout recursed once per dead idle connection; a backend restart behind a pool of
+    about a thousand idle connections (keepalive = 1024) made the next request's checkout raise
+    RecursionError, which escaped the error funnel (no answer, a traceback in the log)."""
+    count = 1100
+    listener = socket.create_server(("127.0.0.1", 0), backlog=count)
+    pool = ServerPool("127.0.0.1", listener.getsockname()[1], keepalive=count)
+    accepted = []
+    try:
+        for _ in range(count):
+            conn = pool.connect()
+            accepted.append(listener.accept()[0])
+            pool.release(conn, reusable=True)
+        for sock in accepted:  # the backend restarts: every idle connection gets a FIN
+            sock.close()
+        last = pool._idle[-1].sock  # the one whose server side closed last: its FIN comes last
+        last.settimeout(5.0)
+        assert last.recv(1, socket.MSG_PEEK) == b""
+        last.settimeout(None)
+        fresh = pool.checkout()
+        assert not fresh.reused and pool.idle_count == 0
+        fresh.close()
+    finally:
+        pool.close_all()
+        listener.close()

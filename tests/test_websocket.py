@@ -8,13 +8,15 @@ import socket
 import threading
 
 import pytest
+import requests
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 from websockets.sync.server import serve
 
 from proxy.config.schema import parse_config
-from tests.conftest import CLIENT_TIMEOUT, proxy_config_dict
-from tests.core_helpers import wait_for
+from tests.support.client import raw_client
+from tests.support.proxy import CLIENT_TIMEOUT, DEADLINE, proxy_config_dict
+from tests.support.timing import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -212,3 +214,158 @@ def test_tunnel_survives_reload_and_drain_closes_it_after_graceful_timeout(make_
         proxy.thread.join(10)
         assert not proxy.thread.is_alive()
         assert proxy.app.open_tunnels == 0
+
+
+# -- an open tunnel holds its server slot (max_connections, least_connections) --------------------------
+def _upgrade_then_echo_until_eof(peer):
+    if not peer.read_head():
+        return
+    peer.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    for _ in range(1000):  # bounded: ends when the proxy closes the tunnel
+        data = peer.sock.recv(65536)
+        if not data:
+            return
+        peer.send(data)
+
+
+def _open_tunnel(proxy) -> tuple[socket.socket, bytes]:
+    sock = proxy.connect()
+    sock.sendall(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return sock, head
+
+
+def test_an_open_websocket_tunnel_holds_its_server_slot_until_it_closes(make_raw_backend, make_proxy):
+    """max_connections and least_connections count upgraded connections (nginx frees the peer when the
+    upgraded connection ends). Before the fix the slot went back at the hand-off to the tunnel relay:
+    with max_connections = 1, any number of tunnels reached the server, and /status said 0 active."""
+    backend = make_raw_backend(_upgrade_then_echo_until_eof)
+    proxy = make_proxy({"web": [backend.address]}, upstream_options={"max_connections": 1})
+    server = proxy.app.runtime.upstreams["web"].servers[0]
+    first, head = _open_tunnel(proxy)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    first.sendall(b"ping")
+    assert first.recv(4) == b"ping"
+    assert server.active_requests == 1
+    second, head = _open_tunnel(proxy)
+    assert head.startswith(b"HTTP/1.1 503"), head  # the one allowed connection is the open tunnel
+    second.close()
+    first.close()
+    wait_for(lambda: server.active_requests == 0, what="the slot back when the tunnel closed")
+    third, head = _open_tunnel(proxy)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    third.close()
+    wait_for(lambda: server.active_requests == 0, what="the slot back again")
+
+
+def _upgrade_or_answer(peer):
+    head = peer.read_head()
+    if b"upgrade: websocket" not in head.lower():
+        while head:  # plain keep-alive requests: answer each with this backend's port
+            body = str(peer.sock.getsockname()[1]).encode()
+            peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            head = peer.read_head()
+        return
+    peer.buffer = b""
+    peer.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    for _ in range(1000):  # bounded: ends when the proxy closes the tunnel
+        if not peer.sock.recv(65536):
+            return
+
+
+def test_least_connections_counts_an_open_websocket(make_raw_backend, make_proxy):
+    raws = [make_raw_backend(_upgrade_or_answer) for _ in range(2)]
+    proxy = make_proxy({"web": [r.address for r in raws]}, upstream_options={"policy": "least_connections"})
+    tunnel, head = _open_tunnel(proxy)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    busy = next(s for s in proxy.app.runtime.upstreams["web"].servers if s.active_requests == 1)
+    with requests.Session() as session:
+        answered = {session.get(proxy.url + "/", timeout=DEADLINE).text for _ in range(6)}
+    assert answered == {str(r.port) for r in raws if r.address != busy.address}
+    tunnel.close()
+
+
+# -- Upgrade in an HTTP/1.0 request is ignored ---------------------------------------------------------
+# RFC 9110 §7.8: a server MUST ignore Upgrade in an HTTP/1.0 request, and §15.2: no 1xx to a 1.0 client.
+# The proxy forwarded it as an HTTP/1.1 upgrade, so a backend's 101 switched a 1.0 client into a tunnel.
+def test_upgrade_in_an_http10_request_is_not_forwarded(make_raw_backend, make_proxy):
+    heads = []
+
+    def script(peer):
+        head = peer.read_head()
+        if not head:
+            return
+        heads.append(head)
+        if b"upgrade" in head.lower():
+            peer.send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            peer.hang()
+        else:
+            peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    backend = make_raw_backend(script)
+    proxy = make_proxy({"web": [backend.address]})
+    with raw_client(proxy) as raw:
+        raw.send(b"GET / HTTP/1.0\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        response = raw.read_response()
+        assert raw.at_eof()
+    assert response.status == 200 and response.body == b"ok"
+    assert len(heads) == 1 and b"upgrade" not in heads[0].lower()
+
+
+# -- bytes sent right behind an Upgrade request belong to the tunnel -------------------------------------
+# A client may send the new protocol's first bytes in the same write as its Upgrade request. They
+# stayed in the request parser as if they were a pipelined next request, and were lost: the server
+# never saw them and a protocol waiting for them hung.
+def test_bytes_sent_with_the_upgrade_request_reach_the_backend(make_raw_backend, make_proxy):
+    def script(peer):
+        if not peer.read_head():
+            return
+        peer.send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        data = peer.buffer
+        while len(data) < 4:
+            piece = peer.sock.recv(4 - len(data))
+            if not piece:
+                return
+            data += piece
+        peer.send(b"got " + data)
+
+    proxy = make_proxy({"web": [make_raw_backend(script).address]})
+    with raw_client(proxy) as client:
+        client.send(b"GET /t HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nping")
+        assert client.read_response().status == 101
+        assert client.read_exact(8) == b"got ping"
+
+
+# -- no h2c upgrade through the proxy ---------------------------------------------------------------------
+# An "Upgrade: h2c" relayed and answered with 101 made the client's connection an HTTP/2 connection
+# straight to the backend: every request on it bypassed the proxy's routing ("h2c smuggling"). RFC 9113
+# §3.1 deprecates that upgrade; the request goes on without it and gets an ordinary answer.
+def test_h2c_upgrade_is_not_forwarded(make_backend, make_proxy):
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]})
+    with raw_client(proxy) as client:
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                    b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+        assert client.read_response().status == 200
+    names = {name.lower() for name, _ in backend.last.headers}
+    assert not names & {"upgrade", "http2-settings"}
+    assert backend.last.header("Connection") in (None, "keep-alive")
+
+
+def test_h2c_among_other_offers_leaves_the_others(make_raw_backend, make_proxy):
+    heads = []
+
+    def script(peer):
+        heads.append(peer.read_head())
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    proxy = make_proxy({"web": [make_raw_backend(script).address]})
+    with raw_client(proxy) as client:
+        client.send(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c, websocket\r\n\r\n")
+        assert client.read_response().status == 200
+    assert b"\r\nUpgrade: websocket\r\n" in heads[0]

@@ -18,9 +18,11 @@ import pytest
 from proxy.config.schema import load_config
 from proxy.serve.runner import bind_config_listener
 from proxy.serve.supervisor import Supervisor, WorkerHandle, bind_slot_sockets
-from tests.core_helpers import wait_for
-from tests.test_lifecycle import backends, read_response, running_proxy, served_by
-from tests.test_workers import WORKERS, children, ready_workers, status, workers_config
+from tests.support.timing import wait_for
+from tests.support.backends import named_backends
+from tests.support.client import read_response
+from tests.support.processes import (WORKERS, admin_status, answered_by, children, ready_workers, running_proxy,
+                                     workers_config)
 
 pytestmark = pytest.mark.timeout(60)
 CONNECTIONS = 64
@@ -79,11 +81,11 @@ def gone(pid: int) -> bool:
 
 
 def requests_per_worker(admin_port: int, counter: str = "requests_total") -> dict[int, int]:
-    return {worker["pid"]: worker.get(counter, 0) for worker in status(admin_port)["workers"]}
+    return {worker["pid"]: worker.get(counter, 0) for worker in admin_status(admin_port)["workers"]}
 
 
 def test_a_burst_of_keepalive_connections_is_shared_between_the_workers(tmp_path):
-    with backends("a") as (a,):
+    with named_backends("a") as (a,):
         port, admin_port, config = workers_config(a.address)
         with running_proxy(tmp_path, config) as run:
             wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready", on_timeout=run.log)
@@ -106,7 +108,7 @@ def test_a_burst_of_keepalive_connections_is_shared_between_the_workers(tmp_path
 def test_each_worker_accepts_on_a_listening_socket_of_its_own(tmp_path):
     """The mechanism behind the even split, checked without depending on timing: one socket per
     worker in the port's SO_REUSEPORT group, none shared (a shared one lets one worker take a burst)."""
-    with backends("a") as (a,):
+    with named_backends("a") as (a,):
         port, admin_port, config = workers_config(a.address)
         with running_proxy(tmp_path, config) as run:
             wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready", on_timeout=run.log)
@@ -119,7 +121,7 @@ def test_each_worker_accepts_on_a_listening_socket_of_its_own(tmp_path):
 def test_a_replacement_worker_takes_over_its_predecessors_socket(tmp_path):
     """A worker killed while idle: the replacement accepts on the same socket, so every connection the
     kernel hashes to that slot is served, during the restart and after it."""
-    with backends("a") as (a,):
+    with named_backends("a") as (a,):
         port, admin_port, config = workers_config(a.address)
         with running_proxy(tmp_path, config) as run:
             wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready")
@@ -138,7 +140,7 @@ def test_a_replacement_worker_takes_over_its_predecessors_socket(tmp_path):
             assert set(shares) == pids and all(shares.values()), shares  # the replacement served its slot
             (replacement,) = pids - before
             assert listeners_by_worker(run, port)[replacement] == victims_socket  # the same socket, not a new one
-            assert [served_by(run.url) for _ in range(20)] == ["a"] * 20
+            assert [answered_by(run.url) for _ in range(20)] == ["a"] * 20
             run.signal(signal.SIGTERM)
             assert run.wait_exit() == 0
 

@@ -9,71 +9,30 @@ import os
 import signal
 import socket
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
 
 from proxy.serve.supervisor import ControlError, ControlLink
-from tests.core_helpers import wait_for
-from tests.test_lifecycle import (SLOW_BODY, Load, backends, free_port, proxy_config, running_proxy, served_by,
-                                  start_slow_request)
+from tests.support.backends import SLOW_BODY, named_backends
+from tests.support.ports import free_port
+from tests.support.processes import (Load, admin_status, answered_by, children, proxy_config, running_proxy,
+                                     spread_requests, start_slow_request)
+from tests.support.timing import wait_for
+from tests.support.processes import WORKERS, ready_workers, workers_config
 
 pytestmark = pytest.mark.timeout(60)
-WORKERS = 2
-MAX_SPREAD_REQUESTS = 600  # fresh-connection requests sent at most until every worker has served one
-
-
-def children(pid: int) -> set[int]:
-    """Live child PIDs of ``pid`` (Linux /proc, CONFIG_PROC_CHILDREN)."""
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return {int(p) for p in path.read_text().split()} if path.exists() else set()
-
-
-def status(admin_port: int) -> dict:
-    response = requests.get(f"http://127.0.0.1:{admin_port}/status", timeout=5)
-    response.raise_for_status()
-    return response.json()
-
-
-def workers_config(backend_address: str, graceful: str = "10s"):
-    port, admin_port = free_port(), free_port()
-    return port, admin_port, proxy_config(port, backend_address, workers=WORKERS, admin_port=admin_port,
-                                          graceful=graceful)
-
-
-def ready_workers(run) -> int:
-    return run.log().count(") ready")
-
-
-def spread_requests(url: str, admin_port: int) -> dict[int, int]:
-    """Fresh connections, 16 at a time, until every worker served some (the kernel picks the
-    accepting process, so it takes a burst); returns {pid: requests_total}."""
-    def one(_):
-        with requests.Session() as session:  # one connection per request
-            return session.get(url, timeout=5).status_code
-
-    per_pid: dict[int, int] = {}
-    with ThreadPoolExecutor(16) as pool:
-        for _ in range(MAX_SPREAD_REQUESTS // 64):
-            assert set(pool.map(one, range(64))) == {200}
-            per_pid = {w["pid"]: w["requests_total"] for w in status(admin_port)["workers"]}
-            if len(per_pid) == WORKERS and all(per_pid.values()):
-                break
-    return per_pid
-
-
 def test_two_workers_both_serve_and_status_aggregates(tmp_path):
-    with backends("a") as (a,):
+    with named_backends("a") as (a,):
         port, admin_port, config = workers_config(a.address)
         with running_proxy(tmp_path, config) as run:
             wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready", on_timeout=run.log)
             pids = children(run.proc.pid)
             assert len(pids) == WORKERS
-            per_pid = spread_requests(run.url, admin_port)
+            per_pid = spread_requests(run.url, admin_port, WORKERS)
             assert set(per_pid) == pids and all(per_pid.values()), per_pid
-            document = status(admin_port)
+            document = admin_status(admin_port)
             assert document["processes"] == WORKERS
             total = document["upstreams"]["app"]["servers"][0]["requests_total"]
             assert total == sum(per_pid.values()) == a.requests
@@ -86,7 +45,7 @@ def test_two_workers_both_serve_and_status_aggregates(tmp_path):
 
 
 def test_a_killed_worker_is_replaced_and_traffic_continues(tmp_path):
-    with backends("a") as (a,):
+    with named_backends("a") as (a,):
         port, admin_port, config = workers_config(a.address)
         with running_proxy(tmp_path, config) as run:
             wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready")
@@ -99,14 +58,14 @@ def test_a_killed_worker_is_replaced_and_traffic_continues(tmp_path):
             assert victim not in after and len(after - before) == 1
             assert "was killed by SIGKILL" in run.log()
             wait_for(lambda: ready_workers(run) == WORKERS + 1, what="the replacement to be ready")
-            assert [served_by(run.url) for _ in range(20)] == ["a"] * 20
-            assert {w["pid"] for w in status(admin_port)["workers"]} == after
+            assert [answered_by(run.url) for _ in range(20)] == ["a"] * 20
+            assert {w["pid"] for w in admin_status(admin_port)["workers"]} == after
             run.signal(signal.SIGTERM)
             assert run.wait_exit() == 0
 
 
 def test_sigterm_with_workers_finishes_in_flight_requests_and_exits_0(tmp_path):
-    with backends("a") as (a,):
+    with named_backends("a") as (a,):
         port, admin_port, config = workers_config(a.address)
         with running_proxy(tmp_path, config) as run:
             wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready")
@@ -125,7 +84,7 @@ def test_sigterm_with_workers_finishes_in_flight_requests_and_exits_0(tmp_path):
 
 
 def test_sighup_with_workers_reloads_every_worker_under_load(tmp_path):
-    with backends("a", "b") as (a, b):
+    with named_backends("a", "b") as (a, b):
         port, admin_port, config = workers_config(a.address)
         with running_proxy(tmp_path, config) as run:
             wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready")
@@ -147,23 +106,23 @@ def test_sighup_with_workers_reloads_every_worker_under_load(tmp_path):
             run.rewrite("this is not toml [")
             run.signal(signal.SIGHUP)
             wait_for(lambda: "reload failed, keeping the old config" in run.log(), what="the reload error")
-            assert [served_by(run.url) for _ in range(10)] == ["b"] * 10
+            assert [answered_by(run.url) for _ in range(10)] == ["b"] * 10
             assert run.log().count(") reloaded") == WORKERS  # the invalid file never reached the workers
 
 
 def test_sighup_with_workers_moves_the_supervisors_admin_listener(tmp_path):
-    with backends("a") as (a,):
+    with named_backends("a") as (a,):
         port, admin_port, config = workers_config(a.address)
         with running_proxy(tmp_path, config) as run:
             wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready")
-            assert status(admin_port)["processes"] == WORKERS
+            assert admin_status(admin_port)["processes"] == WORKERS
             new_admin_port = free_port()
             run.rewrite(config.replace(f"127.0.0.1:{admin_port}", f"127.0.0.1:{new_admin_port}"))
             run.signal(signal.SIGHUP)
             wait_for(lambda: _accepts(new_admin_port), what="the admin listener on its new port", on_timeout=run.log)
-            assert status(new_admin_port)["processes"] == WORKERS  # still the supervisor's merged view
+            assert admin_status(new_admin_port)["processes"] == WORKERS  # still the supervisor's merged view
             wait_for(lambda: not _accepts(admin_port), what="the old admin port closed", on_timeout=run.log)
-            assert served_by(run.url) == "a"
+            assert answered_by(run.url) == "a"
 
 
 def _accepts(port: int) -> bool:
@@ -203,7 +162,7 @@ def test_control_link_requests_replies_events_and_close():
 
 
 def test_listen_change_with_workers_replaces_them_and_moves_the_listener(tmp_path):
-    with backends("a") as (a,):
+    with named_backends("a") as (a,):
         port, admin_port, config = workers_config(a.address)
         with running_proxy(tmp_path, config) as run:
             wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready")
@@ -212,7 +171,7 @@ def test_listen_change_with_workers_replaces_them_and_moves_the_listener(tmp_pat
             run.rewrite(config.replace(f"127.0.0.1:{port}", f"127.0.0.1:{new_port}"))
             run.signal(signal.SIGHUP)
             wait_for(lambda: ready_workers(run) == 2 * WORKERS, what="the new workers", on_timeout=run.log)
-            assert served_by(f"http://127.0.0.1:{new_port}") == "a"
+            assert answered_by(f"http://127.0.0.1:{new_port}") == "a"
             wait_for(lambda: not _accepts(port), what="the old address to close", on_timeout=run.log)
             wait_for(lambda: not (children(run.proc.pid) & old_pids), what="the old workers to drain and exit")
             assert f"listener added: 127.0.0.1:{new_port}" in run.log()
@@ -221,7 +180,7 @@ def test_listen_change_with_workers_replaces_them_and_moves_the_listener(tmp_pat
 
 
 def test_health_checks_run_in_the_supervisor_and_reach_every_worker_including_a_replacement(tmp_path):
-    with backends("a") as (a,):
+    with named_backends("a") as (a,):
         dead = f"127.0.0.1:{free_port()}"  # nothing listens there: every check fails
         port, admin_port, config = workers_config(a.address)
         config = config.replace(f'servers = ["{a.address}"]', f'servers = ["{a.address}", "{dead}"]')
@@ -230,15 +189,15 @@ def test_health_checks_run_in_the_supervisor_and_reach_every_worker_including_a_
             wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready")
 
             def every_worker_has_it_down():
-                workers = status(admin_port)["workers"]
+                workers = admin_status(admin_port)["workers"]
                 return len(workers) == WORKERS and all(w["down"] == [f"app/{dead}"] for w in workers)
 
             wait_for(every_worker_has_it_down, what="the verdict in every worker", on_timeout=run.log)
-            document = status(admin_port)
+            document = admin_status(admin_port)
             dead_status = [s for s in document["upstreams"]["app"]["servers"] if s["address"] == dead][0]
             assert dead_status["state"] == "down" and dead_status["last_check"]["ok"] is False
             victim = min(children(run.proc.pid))
             os.kill(victim, signal.SIGKILL)
             wait_for(lambda: ready_workers(run) == WORKERS + 1, what="the replacement", on_timeout=run.log)
             wait_for(every_worker_has_it_down, what="the verdict replayed to the replacement")
-            assert [served_by(run.url) for _ in range(10)] == ["a"] * 10
+            assert [answered_by(run.url) for _ in range(10)] == ["a"] * 10

@@ -12,7 +12,7 @@ import re
 import socket
 from dataclasses import dataclass
 
-from tests.backends import LoopbackAcceptor
+from tests.support.backends import LoopbackAcceptor
 
 RECV_SIZE = 65536
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

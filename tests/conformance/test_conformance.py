@@ -14,9 +14,9 @@ import pytest
 from core.socket_server import bind_listener
 from proxy.config.schema import ListenConfig, parse_config
 from proxy.serve.runner import ProxyProcess
-from tests.backends import RawClient
-from tests.conftest import CLIENT_TIMEOUT, proxy_config_dict
-from tests.core_helpers import wait_for
+from tests.support.client import RawClient
+from tests.support.proxy import CLIENT_TIMEOUT, proxy_config_dict
+from tests.support.timing import wait_for
 from tests.conformance.cases import ALL_CASES, UPSTREAM, Case, fwd, req
 from tests.conformance.recorder import RecordingUpstream
 

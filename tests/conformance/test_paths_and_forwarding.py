@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.routing.router import BadPath, normalize_path
-from tests.backends import raw_client
-from tests.conftest import CLIENT_TIMEOUT
+from tests.support.client import raw_client
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -1,4 +1,4 @@
-"""Broken upstreams and aborting clients, against a scriptable raw upstream (tests/faults/upstream.py).
+"""Broken upstreams and aborting clients, against a scriptable raw upstream (tests/support/faulty_upstream.py).
 
 After every test: no leaked sockets (the process's fds back near where they started), no stuck
 worker threads (pool busy 0) and no held slots (every server's active_requests 0).
@@ -11,11 +11,10 @@ import socket
 
 import pytest
 
-from tests.backends import RawClient, closed_port, raw_client
-from tests.conftest import started_until_teardown
-from tests.core_helpers import wait_for
-from tests.faults.upstream import (BODY, FIN, HANG, HEAD, LOOP, RST, FaultyUpstream, drip, ok_response, sleep,
-                                   write)
+from tests.support.client import RawClient, raw_client
+from tests.support.faulty_upstream import BODY, FIN, HANG, HEAD, LOOP, RST, drip, ok_response, sleep, write
+from tests.support.ports import free_port
+from tests.support.timing import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -24,11 +23,6 @@ FD_TOLERANCE = 6  # sockets a backend thread may still be closing; pooled idle o
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture
-def upstreams():
-    yield from started_until_teardown(FaultyUpstream)
 
 
 @pytest.fixture
@@ -71,7 +65,7 @@ def status_of(proxy, method="GET", extra=b"") -> int:
 
 # -- connecting ------------------------------------------------------------------------------------
 def test_refused_is_502(start):
-    proxy = start([f"127.0.0.1:{closed_port()}"])
+    proxy = start([f"127.0.0.1:{free_port()}"])
     assert status_of(proxy) == 502
 
 

@@ -7,6 +7,11 @@ echoes: 200 with the request body and ``X-Echo-Method``/``X-Echo-Path`` headers.
 
 ``RawBackend`` accepts connections and runs a script per connection on its own thread: the script
 gets a ``RawPeer`` that reads a request head, sends bytes, hangs, closes or resets (SO_LINGER 0).
+
+Three small named backends answer with who they are: ``FlakyBackend`` (health checks that fail or
+hang on demand, kill() and revive() on the same port), ``NamedBackend`` (an ``X-Backend`` header and a
+/slow path the test releases; for the subprocess proxies) and ``JsonEchoServer`` (a JSON body naming
+itself and the request it saw; for the ``pyproxy`` command tests).
 Everything is bounded: every socket has a timeout, every hang waits on an event released at stop().
 """
 
@@ -14,10 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import socket
 import struct
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 BACKEND_SOCKET_TIMEOUT = 10.0  # no backend socket operation waits longer than this
@@ -268,6 +274,20 @@ class ScriptedBackend:
             return self.requests[-1]
 
 
+def started_until_teardown(kind):
+    """A fixture body: yields a factory that starts ``kind(...)`` servers; all are stopped at teardown."""
+    started = []
+
+    def factory(*args, **kwargs):
+        server = kind(*args, **kwargs).start()
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
+
+
 def _shutdown_quietly(sock: socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_RDWR)
@@ -438,141 +458,6 @@ def serve_once_then_drop_next(executions: list, reset: bool = False):
     return script
 
 
-def closed_port() -> int:
-    """A port on 127.0.0.1 with nothing listening (connect → refused)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
-# -- raw-socket client helpers ---------------------------------------------------------------
-@dataclass
-class RawResponse:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-    head: bytes = b""
-    framing: str = ""  # "length" | "chunked" | "close" | "none"
-    interim: list[int] = field(default_factory=list)
-
-    def header(self, name: str) -> str | None:
-        lname = name.lower()
-        for key, value in self.headers:
-            if key.lower() == lname:
-                return value
-        return None
-
-
-class RawClient:
-    """A client socket that reads responses one by one (keeps extra bytes for the next one)."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.buffer = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _fill(self) -> bool:
-        data = self.sock.recv(65536)
-        self.buffer += data
-        return bool(data)
-
-    def read_head(self) -> bytes:
-        while b"\r\n\r\n" not in self.buffer:
-            if not self._fill():
-                raise ConnectionError(f"closed before a full response head: {self.buffer[:200]!r}")
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        return head + b"\r\n\r\n"
-
-    def read_response(self, method: str = "GET", skip_interim: bool = True) -> RawResponse:
-        interim = []
-        while True:
-            head = self.read_head()
-            lines = head.decode("latin-1").split("\r\n")
-            status = int(lines[0].split(" ")[1])
-            headers = [tuple(part.strip() for part in line.split(":", 1)) for line in lines[1:] if line]
-            if 100 <= status < 200 and skip_interim and status != 101:
-                interim.append(status)
-                continue
-            break
-        response = RawResponse(status, headers, b"", head, interim=interim)
-        te = (response.header("Transfer-Encoding") or "").lower()
-        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-            response.framing = "none"
-        elif "chunked" in te:
-            response.framing, response.body = "chunked", self._read_chunked()
-        elif response.header("Content-Length") is not None:
-            response.framing = "length"
-            response.body = self.read_exact(int(response.header("Content-Length")))
-        else:
-            response.framing = "close"
-            while self._fill():
-                pass
-            response.body, self.buffer = self.buffer, b""
-        return response
-
-    def read_exact(self, count: int) -> bytes:
-        while len(self.buffer) < count:
-            if not self._fill():
-                raise ConnectionError(f"closed with {count - len(self.buffer)} body bytes missing")
-        data, self.buffer = self.buffer[:count], self.buffer[count:]
-        return data
-
-    def _read_line(self) -> bytes:
-        while b"\r\n" not in self.buffer:
-            if not self._fill():
-                raise ConnectionError("closed inside a chunked body")
-        line, self.buffer = self.buffer.split(b"\r\n", 1)
-        return line
-
-    def _read_chunked(self) -> bytes:
-        body = bytearray()
-        while True:
-            size = int(self._read_line().split(b";")[0], 16)
-            if size == 0:
-                while self._read_line():
-                    pass
-                return bytes(body)
-            body += self.read_exact(size)
-            self._read_line()
-
-    def at_eof(self) -> bool:
-        """True once the proxy closed the connection (reads b"" or a reset), with no stray bytes."""
-        if self.buffer:
-            return False
-        try:
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-
-def read_small_answer(sock: socket.socket) -> bytes:
-    """Everything until the peer closes, for small answers (error pages); a reset ends it too."""
-    data = b""
-    try:
-        for _ in range(64):  # bounded: an error response is small
-            piece = sock.recv(65536)
-            if not piece:
-                break
-            data += piece
-    except OSError:
-        pass
-    return data
-
-
-@contextlib.contextmanager
-def raw_client(proxy):
-    """A ``RawClient`` on a new connection to ``proxy`` (anything with ``connect()``), closed on exit."""
-    sock = proxy.connect()
-    try:
-        yield RawClient(sock)
-    finally:
-        sock.close()
-
-
 # -- a backend that misbehaves on demand (health checks) ---------------------------------------------
 class _FlakyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -678,3 +563,101 @@ class FlakyBackend:
                 pass  # already closed by the peer
         self._thread.join(FLAKY_STOP_TIMEOUT)
         self._server = None
+
+
+# -- a named backend with a slow path (the subprocess proxies' tests) --------------------------------
+NAMED_HOLD_LIMIT = 10.0  # a held /slow response is released after this whatever happens
+SLOW_BODY = 256 * 1024  # the size of a /slow answer
+
+
+class _NamedHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # head and body are two writes: Nagle + delayed ACK would add 40 ms
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        backend: NamedBackend = self.server.backend
+        backend.count()
+        if self.path.startswith("/slow"):
+            backend.slow_entered.set()
+            backend.release.wait(NAMED_HOLD_LIMIT)
+            body = b"x" * SLOW_BODY
+        else:
+            body = backend.name.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Backend", backend.name)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args) -> None:  # noqa: A002
+        return
+
+
+class NamedBackend:
+    """A keep-alive HTTP/1.1 backend answering its name; /slow holds until ``release`` is set."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.requests = 0
+        self.slow_entered = threading.Event()
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _NamedHandler)
+        self.httpd.daemon_threads = True
+        self.httpd.backend = self
+        self.port = self.httpd.server_address[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+
+    def count(self) -> None:
+        with self._lock:
+            self.requests += 1
+
+    def stop(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@contextlib.contextmanager
+def named_backends(*names):
+    """``NamedBackend``s, started now and stopped when the block ends."""
+    started = [NamedBackend(name) for name in names]
+    try:
+        yield started
+    finally:
+        for backend in started:
+            backend.stop()
+
+
+# -- a JSON echo backend (the pyproxy command's tests) --------------------------------------------------
+class _JsonEchoHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802
+        body = json.dumps({"name": self.server.name, "path": self.path,
+                           "host": self.headers.get("Host")}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002
+        """Quiet in test output."""
+
+
+class JsonEchoServer(ThreadingHTTPServer):
+    """Answers every GET with JSON naming itself and the request: {"name", "path", "host"}."""
+
+    daemon_threads = True
+
+    def __init__(self, name: str):
+        super().__init__(("127.0.0.1", 0), _JsonEchoHandler)
+        self.name = name
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server_port}"

@@ -1,21 +1,15 @@
-"""Regressions from an adversarial black-box audit of routing, header rewriting, Upgrade tunnels and the
-drain (raw sockets against the real proxy, real backends on 127.0.0.1).
+"""Routing: which route a request takes (host names, prefixes in normal form, ;parameters and "\\"),
+what a route's set_headers may replace, and the order the router (and ``pyproxy check``) tries routes.
 
-Each test pins a bug found by sending edge-case requests to a running proxy that the conformance
-cases and engine tests did not catch, plus a few checks of important cases nothing covered.
+Raw sockets against the real proxy in front of real backends on 127.0.0.1, plus the Router alone.
 """
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from proxy.routing.router import Route, Router
-from tests.backends import RawClient, raw_client, read_small_answer
-from tests.conftest import CLIENT_TIMEOUT
-from tests.core_helpers import wait_for
-from tests.test_tls import client_context, make_tls_proxy, pki  # noqa: F401 - fixtures
+from tests.support.client import raw_client
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -108,86 +102,6 @@ def test_set_headers_replace_proxy_fields_and_never_touch_framing(make_backend, 
     assert seen.header_all("X-Request-Id") == ["mine"] == [response.header("X-Request-Id")]
 
 
-# -- bytes sent right behind an Upgrade request belong to the tunnel -------------------------------------
-# A client may send the new protocol's first bytes in the same write as its Upgrade request. They
-# stayed in the request parser as if they were a pipelined next request, and were lost: the server
-# never saw them and a protocol waiting for them hung.
-def test_bytes_sent_with_the_upgrade_request_reach_the_backend(make_raw_backend, make_proxy):
-    def script(peer):
-        if not peer.read_head():
-            return
-        peer.send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
-        data = peer.buffer
-        while len(data) < 4:
-            piece = peer.sock.recv(4 - len(data))
-            if not piece:
-                return
-            data += piece
-        peer.send(b"got " + data)
-
-    proxy = make_proxy({"web": [make_raw_backend(script).address]})
-    with raw_client(proxy) as client:
-        client.send(b"GET /t HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nping")
-        assert client.read_response().status == 101
-        assert client.read_exact(8) == b"got ping"
-
-
-# -- no h2c upgrade through the proxy ---------------------------------------------------------------------
-# An "Upgrade: h2c" relayed and answered with 101 made the client's connection an HTTP/2 connection
-# straight to the backend: every request on it bypassed the proxy's routing ("h2c smuggling"). RFC 9113
-# §3.1 deprecates that upgrade; the request goes on without it and gets an ordinary answer.
-def test_h2c_upgrade_is_not_forwarded(make_backend, make_proxy):
-    backend = make_backend()
-    proxy = make_proxy({"web": [backend.address]})
-    with raw_client(proxy) as client:
-        client.send(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
-                    b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
-        assert client.read_response().status == 200
-    names = {name.lower() for name, _ in backend.last.headers}
-    assert not names & {"upgrade", "http2-settings"}
-    assert backend.last.header("Connection") in (None, "keep-alive")
-
-
-def test_h2c_among_other_offers_leaves_the_others(make_raw_backend, make_proxy):
-    heads = []
-
-    def script(peer):
-        heads.append(peer.read_head())
-        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-
-    proxy = make_proxy({"web": [make_raw_backend(script).address]})
-    with raw_client(proxy) as client:
-        client.send(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c, websocket\r\n\r\n")
-        assert client.read_response().status == 200
-    assert b"\r\nUpgrade: websocket\r\n" in heads[0]
-
-
-# -- the drain lets requests that are half-way in finish ---------------------------------------------------
-# Uncovered by the lifecycle tests (they use complete requests): a head half sent and a small body half
-# sent when the drain starts are both held in the selector, not by a thread. They must be answered
-# (with Connection: close), not closed as idle keep-alive connections are.
-def test_drain_answers_requests_that_were_half_way_in(make_backend, make_proxy):
-    backend = make_backend()
-    proxy = make_proxy({"web": [backend.address]}, server={"graceful_timeout": "5s"})
-    half_head, half_body = proxy.connect(), proxy.connect()
-    half_head.sendall(b"GET /h HTTP/1.1\r\nHo")
-    half_body.sendall(b"POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\n\r\nabc")
-    wait_for(lambda: proxy.process.server.connection_counts().get("idle", 0) >= 2, what="both parked")
-    proxy.process.stop()
-    wait_for(proxy.app.draining, what="drain started")
-    half_head.sendall(b"st: a\r\n\r\n")
-    half_body.sendall(b"def")
-    for sock, body in ((half_head, b""), (half_body, b"abcdef")):
-        with sock:
-            client = RawClient(sock)
-            response = client.read_response()
-            assert response.status == 200 and response.body == body
-            assert response.header("Connection") == "close"
-            assert client.at_eof()
-    proxy.thread.join(CLIENT_TIMEOUT)
-    assert not proxy.thread.is_alive()
-
-
 # -- ;parameters cannot move a request to another route ----------------------------------------------------
 # "/admin;x" was routed as the segment "admin;x": to the catch-all, whose backend, if a servlet container
 # (Tomcat, Jetty, Spring drop ;params), served it as /admin -- the path the /admin route exists to take
@@ -214,32 +128,3 @@ def test_path_parameters_never_change_the_route(make_backend, make_proxy, target
     assert reached == ([routed_to] if routed_to else [])
 
 
-# -- plain HTTP sent to a TLS listener gets told so ----------------------------------------------------------
-# It was closed without a word ("empty reply from server"); nginx and Go's server answer a 400 in plain
-# text. The request bytes are read away first so the close is a FIN and the answer arrives.
-@pytest.mark.parametrize("request_bytes", [
-    b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
-    b"POST /form HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
-])
-def test_plain_http_on_a_tls_listener_is_a_400_saying_so(make_tls_proxy, make_backend, pki, request_bytes):
-    backend = make_backend()
-    proxy = make_tls_proxy({"web": [backend.address]})
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT) as sock:
-        sock.sendall(request_bytes)
-        answer = read_small_answer(sock)
-    assert answer.startswith(b"HTTP/1.1 400 ") and b"HTTPS port" in answer
-    assert backend.requests == []
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT) as raw:  # still serving
-        with client_context(pki).wrap_socket(raw, server_hostname="default.test") as tls:
-            tls.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-            assert read_small_answer(tls).startswith(b"HTTP/1.1 200 ")
-
-
-def test_an_h2_only_alpn_client_is_still_served_http11(make_tls_proxy, make_backend, pki):
-    """Uncovered: a client offering only h2 gets no ALPN protocol (not a failed handshake) and may go on in HTTP/1.1."""
-    proxy = make_tls_proxy({"web": [make_backend().address]})
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT) as raw:
-        with client_context(pki, alpn=["h2"]).wrap_socket(raw, server_hostname="default.test") as tls:
-            assert tls.selected_alpn_protocol() is None
-            tls.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-            assert read_small_answer(tls).startswith(b"HTTP/1.1 200 ")

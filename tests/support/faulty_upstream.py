@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import socket
 
-from tests.backends import BACKEND_SOCKET_TIMEOUT, MAX_HEAD, LoopbackAcceptor, close_with_rst, content_length
+from tests.support.backends import BACKEND_SOCKET_TIMEOUT, LoopbackAcceptor, MAX_HEAD, close_with_rst, content_length
 
 MAX_LOOPS = 1000  # a LOOP script serves at most this many requests per connection
 

@@ -1,5 +1,5 @@
-"""Test helpers for core/: a tiny line-echo protocol built on core alone, a running-server context
-manager, a line client, and bounded polling.
+"""The core tests' server: a tiny line-echo protocol built on core alone, a running-server context
+manager and a line client.
 
 The echo protocol: each handler call serves one line (so keep-alive parking happens between lines).
     "quit"  → reply "bye", close
@@ -14,49 +14,12 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-import time
 
 from core import Connection, ConnectionClosed, ConnectionState, SocketServer, ThreadPool
 
 MAX_LINE = 4096  # longest line the echo protocol accepts
-CLIENT_TIMEOUT = 5.0  # every client socket op in tests is bounded by this
+LINE_CLIENT_TIMEOUT = 5.0  # every LineClient socket op is bounded by this
 STOP_TIMEOUT = 10.0  # serve_forever must return within this after a (forced) shutdown
-
-
-class FakeClock:
-    """A monotonic clock the test advances by hand."""
-
-    def __init__(self, start: float = 1000.0):
-        self.now = start
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self.now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self.now += seconds
-
-    @contextlib.contextmanager
-    def frozen(self):
-        """Block every reader of the clock until the block ends (orders a race deterministically)."""
-        with self._lock:
-            yield
-
-
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01, what: str = "condition", on_timeout=None):
-    """Poll ``predicate`` until it returns a truthy value; AssertionError after ``timeout``, with
-    ``on_timeout()`` (say, the proxy's log) attached when given."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            detail = f"\n{on_timeout()}" if on_timeout is not None else ""
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
-        time.sleep(interval)
 
 
 class EchoHandler:
@@ -135,7 +98,7 @@ def running_server(handler, **kwargs):
 class LineClient:
     """A raw-socket client of the echo protocol."""
 
-    def __init__(self, address, timeout: float = CLIENT_TIMEOUT):
+    def __init__(self, address, timeout: float = LINE_CLIENT_TIMEOUT):
         self.sock = socket.create_connection(address[:2], timeout=timeout)
         self._reader = self.sock.makefile("rb")
 
