@@ -218,7 +218,7 @@ class WorkerStatusTotals:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._last: dict = {}  # process key (pid) -> its last totals (see status_totals)
+        self._last: dict = {}  # process key (pid) -> its last totals (see document_totals)
         self._retired = _empty_totals()  # totals of the processes gone
 
     def merged(self, answers: dict) -> dict:
@@ -226,7 +226,7 @@ class WorkerStatusTotals:
         (in the order their documents should be merged)."""
         with self._lock:
             for key, status in answers.items():
-                self._last[key] = status_totals(status)
+                self._last[key] = document_totals(status)
             kept = [totals for key, totals in self._last.items() if key not in answers]
             kept.append(self._retired)
         merged = merge_status(list(answers.values()))
@@ -246,7 +246,7 @@ def _empty_totals() -> dict:
     return {"servers": {}, "traffic": {}}
 
 
-def status_totals(status: dict) -> dict:
+def document_totals(status: dict) -> dict:
     """A status document's totals: {"servers": {upstream: {address: {field: n}}},
     "traffic": {upstream: {field: n}}}."""
     servers, traffic = {}, {}
