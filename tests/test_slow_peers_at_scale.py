@@ -38,7 +38,8 @@ pytestmark = pytest.mark.timeout(300)
 SLOW_READERS = 1000
 HELD_READERS = 40  # of the slow readers, those asking for LARGE_RESPONSE_SIZE (held transfers)
 STALLED_UPLOADS = 1000
-BATCH = 25  # opened before waiting for the proxy to settle them: each costs a worker the patience once
+BATCH = 250  # opened at once, then the proxy settles them: a slow reader costs a worker the patience once
+THREAD_IDLE_TIMEOUT = "1s"  # the threads a burst added retire this soon (30 s by default)
 RESPONSE_SIZE = 512 * 1024
 LARGE_RESPONSE_SIZE = 8 * 1024 * 1024
 UPLOAD_SIZE = 1024 * 1024
@@ -125,7 +126,7 @@ def proxy_in_front_of_async_backend(tmp_path):
     backend = AsyncBackend().start()
     port, admin_port = free_port(), free_port()
     document = {
-        "server": {"listen": f"127.0.0.1:{port}", "max_threads": 256},
+        "server": {"listen": f"127.0.0.1:{port}", "max_threads": 256, "thread_idle_timeout": THREAD_IDLE_TIMEOUT},
         "admin": {"listen": f"127.0.0.1:{admin_port}"},
         "log": {"access": "off", "level": "warning"},
         "upstreams": {"web": {"servers": [f"127.0.0.1:{backend.port}"], "read_timeout": "60s"}},
@@ -185,10 +186,15 @@ def test_slow_readers_and_stalled_uploads_do_not_stop_the_proxy(proxy_in_front_o
     try:
         openers = ([open_held_reader] * HELD_READERS + [open_slow_reader] * (SLOW_READERS - HELD_READERS)
                    + [open_stalled_upload] * STALLED_UPLOADS)
+        peak_threads = 0
         for start in range(0, len(openers), BATCH):
             clients.extend(opener(port) for opener in openers[start:start + BATCH])
+            peak_threads = max(peak_threads, proc_status(process.pid, "Threads"))
             wait_for(lambda: settled(admin_port) >= len(clients), timeout=30,
                      what=f"{len(clients)} connections held or parked")
+        # The burst grew the pool while each slow reader waited out the patience; those threads retire.
+        wait_for(lambda: proc_status(process.pid, "Threads") < MAX_THREADS, timeout=30,
+                 what="the threads a burst added to retire")
 
         latencies, errors = [], 0
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=CLIENT_TIMEOUT)
@@ -211,7 +217,8 @@ def test_slow_readers_and_stalled_uploads_do_not_stop_the_proxy(proxy_in_front_o
         p99 = latencies[int(len(latencies) * 0.99) - 1]
         print(f"\n{SLOW_READERS} slow readers + {STALLED_UPLOADS} stalled uploads connected: normal GET p50 "
               f"{latencies[len(latencies) // 2] * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max "
-              f"{latencies[-1] * 1000:.1f} ms, {errors} errors; proxy {threads} threads, {rss / 2**20:.0f} MiB RSS")
+              f"{latencies[-1] * 1000:.1f} ms, {errors} errors; proxy {threads} threads (peak {peak_threads} while "
+              f"they arrived), {rss / 2**20:.0f} MiB RSS")
         assert errors == 0
         assert latencies[-1] < 2.0  # generous: without holding, these requests time out
         assert threads < MAX_THREADS

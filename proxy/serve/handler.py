@@ -648,14 +648,17 @@ class HttpHandler:
         remaining = parser.body_remaining
         if remaining:
             ex.conn.set_timeouts(CLIENT_PATIENCE, CLIENT_PATIENCE)
+            gaps = {"read_gap": self.app.settings.body_timeout, "write_gap": link.conn_timeout()}
             try:
-                try:
-                    zerocopy.relay(ex.conn.sock, link.sock, remaining, budget=TRANSFER_BUDGET, watch="source")
-                except WriteTimedOut:
-                    raise
-                except TimeoutError as stalled:  # the client stopped sending: the relay carries on
-                    yield self._rest_of(stalled.stall, ex.conn.sock, link.sock, remaining,
-                                        read_gap=self.app.settings.body_timeout, write_gap=link.conn_timeout())
+                if not ex.conn.readable_now():  # nothing more on its way now: no worker waits for it
+                    yield Copy(ex.conn.sock, link.sock, remaining, **gaps)
+                else:
+                    try:
+                        zerocopy.relay(ex.conn.sock, link.sock, remaining, budget=TRANSFER_BUDGET, watch="source")
+                    except WriteTimedOut:
+                        raise
+                    except TimeoutError as stalled:  # the client stopped sending: the relay carries on
+                        yield self._rest_of(stalled.stall, ex.conn.sock, link.sock, remaining, **gaps)
             except PeerClosed as exc:
                 raise ClientGone("client closed during the request body") from exc
             except WriteTimedOut as exc:
