@@ -18,21 +18,13 @@ from tests.support.backends import (consume_and_digest, pattern_bytes, pattern_s
                                     stream_pattern_chunked)
 from tests.support.client import RawClient
 from tests.support.ports import free_port
-from tests.support.processes import running_proxy
+from tests.support.processes import proc_status, running_proxy
 from tests.support.proxy import CLIENT_TIMEOUT, proxy_config_dict
 
 pytestmark = pytest.mark.timeout(60)
 
 BIG = 200 * 1024 * 1024
 MAX_GROWTH = 50 * 1024 * 1024  # the issue allows "a few MiB"; this leaves room for thread stacks
-
-
-def memory_kib(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError(f"{field} not in /proc/{pid}/status")
 
 
 @pytest.fixture
@@ -50,7 +42,7 @@ def subprocess_proxy(tmp_path, make_backend):
 
 def test_large_streamed_download_bounded_memory(subprocess_proxy):
     process, url, _ = subprocess_proxy
-    before = memory_kib(process.pid, "VmRSS")
+    before = proc_status(process.pid, "VmRSS")
     digest = hashlib.sha256()
     total = 0
     with requests.get(url + "/download", stream=True, timeout=CLIENT_TIMEOUT) as response:
@@ -61,13 +53,13 @@ def test_large_streamed_download_bounded_memory(subprocess_proxy):
             total += len(piece)
     assert total == BIG
     assert digest.hexdigest() == pattern_sha256(BIG)
-    growth = (memory_kib(process.pid, "VmHWM") - before) * 1024
+    growth = (proc_status(process.pid, "VmHWM") - before) * 1024
     assert growth < MAX_GROWTH, f"proxy memory grew by {growth / 2**20:.1f} MiB"
 
 
 def test_large_content_length_upload_bounded_memory(subprocess_proxy):
     process, _, port = subprocess_proxy
-    before = memory_kib(process.pid, "VmRSS")
+    before = proc_status(process.pid, "VmRSS")
     sock = socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT)
     try:
         client = RawClient(sock)
@@ -80,14 +72,14 @@ def test_large_content_length_upload_bounded_memory(subprocess_proxy):
         sock.close()
     assert response.status == 200
     assert response.body.decode() == f"{BIG} {pattern_sha256(BIG)}"
-    growth = (memory_kib(process.pid, "VmHWM") - before) * 1024
+    growth = (proc_status(process.pid, "VmHWM") - before) * 1024
     assert growth < MAX_GROWTH, f"proxy memory grew by {growth / 2**20:.1f} MiB"
 
 
 def test_large_chunked_upload_bounded_memory(subprocess_proxy):
     process, url, _ = subprocess_proxy
     size = BIG // 2  # chunked bodies go through the parser (no splice): half the size keeps it quick
-    before = memory_kib(process.pid, "VmRSS")
+    before = proc_status(process.pid, "VmRSS")
     piece = 1024 * 1024
 
     def generate():
@@ -97,7 +89,7 @@ def test_large_chunked_upload_bounded_memory(subprocess_proxy):
     response = requests.post(url + "/upload", data=generate(), timeout=CLIENT_TIMEOUT)
     assert response.status_code == 200
     assert response.text == f"{size} {pattern_sha256(size)}"
-    growth = (memory_kib(process.pid, "VmHWM") - before) * 1024
+    growth = (proc_status(process.pid, "VmHWM") - before) * 1024
     assert growth < MAX_GROWTH, f"proxy memory grew by {growth / 2**20:.1f} MiB"
 
 
@@ -105,7 +97,7 @@ def test_large_chunked_download_bounded_memory(subprocess_proxy):
     """Chunked bodies are decoded and re-chunked in Python (no splice): still bounded."""
     process, url, _ = subprocess_proxy
     size = BIG // 2
-    before = memory_kib(process.pid, "VmRSS")
+    before = proc_status(process.pid, "VmRSS")
     digest = hashlib.sha256()
     total = 0
     with requests.get(url + "/download-chunked", stream=True, timeout=CLIENT_TIMEOUT) as response:
@@ -116,5 +108,5 @@ def test_large_chunked_download_bounded_memory(subprocess_proxy):
             total += len(piece)
     assert total == size
     assert digest.hexdigest() == pattern_sha256(size)
-    growth = (memory_kib(process.pid, "VmHWM") - before) * 1024
+    growth = (proc_status(process.pid, "VmHWM") - before) * 1024
     assert growth < MAX_GROWTH, f"proxy memory grew by {growth / 2**20:.1f} MiB"

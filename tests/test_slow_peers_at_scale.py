@@ -30,6 +30,7 @@ import pytest
 import tomli_w
 
 from tests.support.ports import free_port
+from tests.support.processes import proc_status
 from tests.support.proxy import CLIENT_TIMEOUT
 from tests.support.timing import wait_for
 
@@ -99,14 +100,6 @@ class AsyncBackend:
         asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
-
-
-def proc_status(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError(f"{field} not in /proc/{pid}/status")
 
 
 def connections(admin_port: int, state: str) -> int:

@@ -234,3 +234,12 @@ def workers_config(backend_address: str, graceful: str = "10s"):
 
 def ready_workers(run) -> int:
     return run.log().count(") ready")
+
+
+def proc_status(pid: int, field: str) -> int:
+    """A number from /proc/PID/status: "VmRSS", "VmHWM" (KiB), "Threads"."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"{field} not in /proc/{pid}/status")
