@@ -679,8 +679,12 @@ class HttpHandler:
     def _read_client(self, ex: Exchange) -> bytes:
         conn = ex.conn
         try:
-            conn.set_timeouts(CLIENT_PATIENCE, CLIENT_PATIENCE)
+            # Past the budget a client that trickles (a small piece before each patience runs out)
+            # waits for its next bytes in the relay too, or it would keep this worker to the end.
+            if time.monotonic() - ex.record.started > TRANSFER_BUDGET and not conn.readable_now():
+                yield Readable(conn.sock, self.app.settings.body_timeout)
             while True:
+                conn.set_timeouts(CLIENT_PATIENCE, CLIENT_PATIENCE)  # again after a wait: see resume()
                 try:
                     data = conn.read_some(READ_SIZE)
                     break
