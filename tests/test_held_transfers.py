@@ -8,10 +8,13 @@ import http.client
 import socket
 import threading
 
-from tests.support.backends import consume_and_digest
+import pytest
+
+from tests.support.backends import consume_and_digest, stream_pattern, stream_pattern_chunked
 from tests.support.proxy import CLIENT_TIMEOUT
 from tests.support.timing import wait_for
 
+BIG = 8 * 1024 * 1024
 TRICKLE_PIECE = 1024
 TRICKLE_GAP = 0.04
 MAX_TRICKLE_PIECES = 250  # 10 s of trickling at most: the bound of every trickle loop
@@ -51,3 +54,66 @@ def test_a_trickled_chunked_upload_leaves_the_worker(make_backend, make_proxy):
     whole = piece * sent
     assert status == 200
     assert answer == f"{len(whole)} {hashlib.sha256(whole).hexdigest()}".encode()
+
+
+def slow_client(proxy) -> socket.socket:
+    """A client with a small receive buffer, so that not reading stops the proxy's sends early."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(CLIENT_TIMEOUT)
+    sock.connect(("127.0.0.1", proxy.port))
+    return sock
+
+
+def read_to_end(sock: socket.socket) -> int:
+    """Bytes received until the peer's FIN (or reset), bounded by the socket's timeout per read."""
+    total = 0
+    try:
+        while data := sock.recv(65536):
+            total += len(data)
+    except ConnectionResetError:
+        pass
+    return total
+
+
+@pytest.mark.parametrize("path", ["/big", "/chunked"])
+def test_a_held_response_given_up_logs_the_bytes_the_client_got(make_backend, make_proxy, path):
+    # nginx's bytes_sent is what went to the client: a transfer that ended in the relay counts what
+    # the relay moved too, not only what the worker sent before it stalled.
+    backend = make_backend()
+    backend.route("/big", stream_pattern(BIG)).route("/chunked", stream_pattern_chunked(BIG))
+    proxy = make_proxy({"web": [backend.address]}, server={"send_timeout": "300ms"})
+    records = []
+    proxy.app.observers.append(records.append)
+    with slow_client(proxy) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        wait_for(lambda: held(proxy) == 1, what="the stalled response held by the relay")
+        wait_for(lambda: records, timeout=10, what="the proxy giving up on a client that reads nothing")
+        received = read_to_end(sock)
+    assert 0 < received < BIG
+    assert records[0].bytes_sent == received
+
+
+def test_an_upstream_reset_while_held_logs_the_bytes_the_client_got(make_raw_backend, make_proxy):
+    reset_now = threading.Event()
+
+    def script(peer):
+        peer.read_head()
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG + b"x" * (BIG // 2))
+        reset_now.wait(CLIENT_TIMEOUT)
+        peer.reset()
+
+    backend = make_raw_backend(script)
+    proxy = make_proxy({"web": [backend.address]})
+    records = []
+    proxy.app.observers.append(records.append)
+    with slow_client(proxy) as sock:
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+        wait_for(lambda: held(proxy) == 1, what="the stalled response held by the relay")
+        reset_now.set()
+        received = read_to_end(sock)
+    wait_for(lambda: records, what="the request logged")
+    assert received > BIG // 2  # the head and every body byte the server sent
+    assert records[0].bytes_sent == received
+    server = proxy.app.runtime.upstreams["web"].servers[0]
+    assert server.failures_total == 1  # the server broke the transfer: it counts against it

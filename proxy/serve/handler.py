@@ -806,12 +806,19 @@ class HttpHandler:
         yield from self._to_client(ex, head + first)
         remaining = length - len(first)
         if remaining:
+            relayed = 0  # of the remaining bytes, those that reached the client (for bytes_sent)
             try:
                 try:
                     ex.conn.splice_from(link.sock, remaining, budget=TRANSFER_BUDGET)
+                    relayed = remaining
                 except WriteTimedOut as stalled:  # the client stopped reading: the relay carries on
-                    yield self._rest_of(stalled.stall, link.sock, ex.conn.sock, remaining,
-                                        read_gap=link.conn_timeout(), write_gap=self.app.settings.send_timeout)
+                    rest = self._rest_of(stalled.stall, link.sock, ex.conn.sock, remaining,
+                                         read_gap=link.conn_timeout(), write_gap=self.app.settings.send_timeout)
+                    relayed = stalled.stall.moved
+                    try:
+                        yield rest
+                    finally:  # done or failed, what the relay moved went to the client
+                        relayed += rest.moved
             except PeerClosed as exc:
                 raise UpstreamFailed(f"upstream closed mid-body: {exc}") from exc
             except WriteTimedOut as exc:  # the client took nothing for send_timeout: not the server's fault
@@ -822,7 +829,8 @@ class HttpHandler:
                 if _client_broke(ex.conn.sock):
                     raise ClientGone(str(exc)) from exc
                 raise UpstreamFailed(f"upstream failed mid-body: {exc.strerror or exc}") from exc
-            ex.record.bytes_sent += remaining
+            finally:
+                ex.record.bytes_sent += relayed
         return not parser.has_buffered_data  # bytes after the body: never reuse that connection
 
     def _relay_events(self, ex: Exchange, link, head: bytes, parser, chunked: bool) -> bool:
@@ -861,14 +869,20 @@ class HttpHandler:
     def _to_client(self, ex: Exchange, data: bytes, final: bool = True) -> None:
         ex.response_started = ex.response_started or final
         conn = ex.conn
+        sent = 0
         try:
             conn.set_write_timeout(CLIENT_PATIENCE)
             sent = conn.send_some(data)
             if sent < len(data):  # the client's buffer stayed full: the relay sends the rest
-                yield Send(conn.sock, memoryview(data)[sent:], self.app.settings.send_timeout)
+                rest = Send(conn.sock, memoryview(data)[sent:], self.app.settings.send_timeout)
+                try:
+                    yield rest
+                finally:  # done or failed, what the relay sent went to the client
+                    sent += rest.sent
         except OSError as exc:  # WriteTimedOut included: the client took nothing for send_timeout
             raise ClientGone(str(exc)) from exc
-        ex.record.bytes_sent += len(data)
+        finally:
+            ex.record.bytes_sent += sent
 
     @staticmethod
     def _rest_of(stall, source, dest, count: int, read_gap: float, write_gap: float) -> Copy:
