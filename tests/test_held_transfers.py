@@ -117,3 +117,52 @@ def test_an_upstream_reset_while_held_logs_the_bytes_the_client_got(make_raw_bac
     assert records[0].bytes_sent == received
     server = proxy.app.runtime.upstreams["web"].servers[0]
     assert server.failures_total == 1  # the server broke the transfer: it counts against it
+
+
+def upload_head(length: int) -> bytes:
+    return f"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: {length}\r\n\r\n".encode()
+
+
+def test_a_drain_past_its_deadline_logs_a_held_upload(make_backend, make_proxy):
+    # At graceful_timeout the held upload is cut: its exchange must still end as any other (logged,
+    # its server slot released), not vanish because the pool stopped before the relay let it go.
+    backend = make_backend().route("/upload", consume_and_digest)
+    proxy = make_proxy({"web": [backend.address]}, server={"graceful_timeout": "200ms"})
+    records = []
+    proxy.app.observers.append(records.append)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT) as sock:
+        sock.sendall(upload_head(1024 * 1024) + b"a" * (100 * 1024))
+        wait_for(lambda: held(proxy) == 1, what="the stalled upload held by the relay")
+        proxy.process.server.request_shutdown()
+        proxy.thread.join(CLIENT_TIMEOUT)
+    assert not proxy.thread.is_alive()
+    assert [record.status for record in records] == [499]
+    server = proxy.app.runtime.upstreams["web"].servers[0]
+    assert server.active_requests == 0 and server.failures_total == 0
+
+
+def test_a_drain_past_its_deadline_logs_a_held_response_waiting_on_its_server(make_raw_backend, make_proxy):
+    # The client caught up and the relay waits for the server's next bytes: cutting the client
+    # alone would leave the transfer waiting until the server's read_timeout.
+    def script(peer):
+        peer.read_head()
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG + b"x" * (BIG // 2))
+        peer.hang()
+
+    backend = make_raw_backend(script)
+    proxy = make_proxy({"web": [backend.address]}, server={"graceful_timeout": "200ms"},
+                       upstream_options={"read_timeout": "30s"})
+    records = []
+    proxy.app.observers.append(records.append)
+    with slow_client(proxy) as sock:
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+        wait_for(lambda: held(proxy) == 1, what="the stalled response held by the relay")
+        received = 0
+        while received < BIG // 2:  # all the server sent: the relay now waits on the server
+            received += len(sock.recv(65536))
+        proxy.process.server.request_shutdown()
+        proxy.thread.join(CLIENT_TIMEOUT)
+    assert not proxy.thread.is_alive()
+    assert [record.status for record in records] == [200]
+    server = proxy.app.runtime.upstreams["web"].servers[0]
+    assert server.active_requests == 0 and server.failures_total == 0
