@@ -10,6 +10,7 @@ import threading
 
 import pytest
 
+from core.transfer_relay import CHUNK, Send
 from tests.support.backends import consume_and_digest, stream_pattern, stream_pattern_chunked
 from tests.support.proxy import CLIENT_TIMEOUT
 from tests.support.timing import wait_for
@@ -166,3 +167,29 @@ def test_a_drain_past_its_deadline_logs_a_held_response_waiting_on_its_server(ma
     assert [record.status for record in records] == [200]
     server = proxy.app.runtime.upstreams["web"].servers[0]
     assert server.active_requests == 0 and server.failures_total == 0
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close-delimited"])
+def test_a_held_response_keeps_at_most_one_chunk_in_python(make_raw_backend, make_proxy, framing):
+    # A body decoded in Python (chunked, or ending at the server's close) is read from the server in
+    # pieces; a client that stops reading must not leave a large piece waiting in a Send.
+    piece = b"q" * (1024 * 1024)
+
+    def script(peer):
+        peer.read_head()
+        if framing == "chunked":
+            peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for _ in range(8):
+                peer.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+            peer.send(b"0\r\n\r\n")
+        else:
+            peer.send(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + piece * 8)
+
+    backend = make_raw_backend(script)
+    proxy = make_proxy({"web": [backend.address]})
+    with slow_client(proxy) as sock:
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+        wait_for(lambda: held(proxy) == 1, what="the stalled response held by the relay")
+        waits = [conn.held_wait for conn in list(proxy.process.server._connections.values()) if conn.held_wait]
+        assert [type(wait) for wait in waits] == [Send]
+        assert len(waits[0].data.obj) <= CHUNK + 1024  # one piece, its chunk framing and the head

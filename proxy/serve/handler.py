@@ -22,7 +22,7 @@ import time
 
 from core import ConnectionState
 from core import zerocopy
-from core.transfer_relay import Copy, Readable, Send
+from core.transfer_relay import CHUNK, Copy, Readable, Send
 from core.zerocopy import PeerClosed, WriteTimedOut
 
 from proxy.http.errors import ClientGone, NoRoute, NoServerAvailable, ProxyError, UpstreamConnectError, UpstreamFailed, UpstreamTimeout
@@ -38,6 +38,11 @@ from proxy.http.tunnel import TunnelRelay
 log = logging.getLogger("pyproxy.handler")
 
 READ_SIZE = 256 * 1024
+# Reads from the server are smaller: what one brings (a response head with the start of its body, a
+# piece of a chunked body) is sent to the client in one go, and when the client stalls it waits in a
+# held Send; so no held transfer keeps more than the relay's own CHUNK in Python memory. Measured:
+# chunked relay throughput the same as with 256 KiB reads.
+UPSTREAM_READ_SIZE = CHUNK
 REPLAY_LIMIT = 64 * 1024  # request body bytes kept so a stale-connection retry can resend them
 # Content-Length bodies up to this size are read in full before the upstream is contacted. While one
 # trickles in, its connection is parked in the selector, as half a head is: a slow POST (R-U-Dead-Yet)
@@ -1048,7 +1053,7 @@ class UpstreamLink:
 
     def recv(self) -> bytes:
         try:
-            data = self.sock.recv(READ_SIZE)
+            data = self.sock.recv(UPSTREAM_READ_SIZE)
         except (BlockingIOError, TimeoutError) as exc:  # SO_RCVTIMEO: read_timeout passed
             raise UpstreamTimeout("upstream did not answer in time") from exc
         except OSError as exc:
