@@ -36,6 +36,7 @@ ARMED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
 ACCEPT_BATCH = 64  # accepts per wake-up, so one busy listener cannot starve the rest of the loop
 REAP_INTERVAL = 0.5  # seconds between idle-timeout sweeps
 GROW_CHECK_INTERVAL = 0.002  # seconds between pool growth checks while work is queued
+HANDBACK_TIMEOUT = 1.0  # at a drain's deadline, the most we wait for the relay to hand held transfers back
 STARVED_AFTER = 0.01  # a loop iteration this late (past its poll timeout) means the process was starved
 DEFAULT_BACKLOG = 1024  # nginx's default on Linux is 511; bursts of c=1000 clients want more
 # errno values that mean "this one client went away", logged at debug (docs/development.md)
@@ -442,6 +443,10 @@ class SocketServer:
             log.warning("graceful timeout: force-closing %d connections", len(leftover))
             for conn in leftover:
                 conn.abort()
+            # A held transfer may wait on its other peer (a server between sends): end them all now,
+            # so that their exchanges reach the pool, and finish there, before it stops.
+            self.transfers.cancel_all(ConnectionAbortedError(errno.ECONNABORTED, "server shutting down"),
+                                      timeout=HANDBACK_TIMEOUT)
         remaining = max(0.1, deadline - self.clock()) if not self._force else 0.5
         if not self.pool.shutdown(timeout=min(remaining, 5.0)):
             log.warning("some worker threads did not finish in time")

@@ -216,6 +216,8 @@ class TransferRelay:
         self._selector: selectors.BaseSelector | None = None  # made with the thread: a server that
         self._wakeup: WakePipe | None = None  # never holds a transfer costs no descriptors
         self._stopping = False
+        self._cancel_error: BaseException | None = None  # set by cancel_all: every wait ends with it
+        self._cancelled = threading.Event()
 
     @property
     def held_count(self) -> int:
@@ -236,6 +238,17 @@ class TransferRelay:
                 self._thread = threading.Thread(target=self._run, name="pyproxy-transfers", daemon=True)
                 self._thread.start()
         self._wakeup.wake()
+
+    def cancel_all(self, error: BaseException, timeout: float) -> bool:
+        """End every held wait now, and any held later, with ``error`` (a drain past its deadline):
+        each connection goes back to the pool, where its exchange ends as a failed one (logged, its
+        server released). Returns once the relay handed them all back (True) or after ``timeout``."""
+        with self._start_lock:
+            if self._thread is None:
+                return True
+            self._cancel_error = error
+            self._wakeup.wake()
+        return self._cancelled.wait(timeout)
 
     def stop(self) -> None:
         """End the relay thread (the server is shutting down; what is still held is abandoned)."""
@@ -261,6 +274,8 @@ class TransferRelay:
             for held in ready:
                 if held in self._held:
                     self._advance(held)
+            if self._cancel_error is not None:
+                self._cancel_everything()
             if self.clock() >= next_sweep:
                 self._sweep()
                 next_sweep = self.clock() + SWEEP_INTERVAL
@@ -313,6 +328,14 @@ class TransferRelay:
             held.on_done()
         except Exception:
             log.exception("handing a held connection back failed")
+
+    def _cancel_everything(self) -> None:
+        while self._incoming:
+            self._held.add(self._incoming.popleft())
+        for held in list(self._held):
+            held.wait.error = self._cancel_error
+            self._finish(held)
+        self._cancelled.set()
 
     def _sweep(self) -> None:
         now = self.clock()
