@@ -263,7 +263,6 @@ INVALID_REQUESTS = [
     (b"GET / HTTP/1.1.1\r\n" + H + b"\r\n", 400),
     (b"GET / HTTP/11\r\n" + H + b"\r\n", 400),
     (b"GET / HTTP/2.0\r\n" + H + b"\r\n", 505),
-    (b"GET / HTTP/1.2\r\n" + H + b"\r\n", 505),
     (b"GET / HTTP/3.0\r\n" + H + b"\r\n", 505),
     (b"G(T / HTTP/1.1\r\n" + H + b"\r\n", 400),
     (b"GET /a\x01b HTTP/1.1\r\n" + H + b"\r\n", 400),
@@ -361,6 +360,16 @@ def test_invalid_request(data, status):
     events = requests_in(data)
     assert events[-1] == ("error", status)
     assert not heads(events) or status in (400, 413)  # a head is only ever given for valid heads
+
+
+@pytest.mark.parametrize("minor", [b"2", b"9"])
+def test_request_in_a_later_http1_minor_version_is_read_as_1_1(minor):
+    """RFC 9110 §2.5, RFC 9112 §2.3: a higher minor version of HTTP/1 is processed as 1.1, so the
+    proxy answers and forwards it as 1.1 (keep-alive by default, Host required)."""
+    events = requests_in(b"GET / HTTP/1." + minor + b"\r\nHost: h\r\n\r\n", eof=False)
+    assert events == [("request", "GET", "/", "HTTP/1.1", (("Host", "h"),), None, False, True, "h",
+                       frozenset(), False, None), ("end", None)]
+    assert requests_in(b"GET / HTTP/1." + minor + b"\r\n\r\n")[-1] == ("error", 400)  # no Host
 
 
 def test_error_is_sticky():

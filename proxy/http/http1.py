@@ -22,11 +22,12 @@ Decisions the RFCs leave open (documented here so the engine and tests agree):
 
 * ``CONNECT`` -> 501: this is a reverse proxy, it does not open tunnels (RFC 9110 §9.3.6
   is optional to implement). Authority-form targets with any other method -> 400.
-* Only ``HTTP/1.0`` and ``HTTP/1.1`` are served; another ``HTTP/<1-9>.<digit>`` -> 505 (also
-  ``HTTP/1.2``+: RFC 9110 §2.5 would let us treat it as 1.1, but no such version exists and a
-  client claiming it is probing parsers; RFC 9110 §15.6.6 lets a server refuse any version),
-  ``HTTP/0.x`` or a version-less (HTTP/0.9 style) request line -> 400. A *response* in a later
-  ``HTTP/1.x`` is read as 1.1 (§2.5 SHOULD; nginx does the same), another major version -> 502.
+* ``HTTP/1.0`` and ``HTTP/1.1`` are served. A message in a later ``HTTP/1.x`` (1.2-1.9) is read
+  as HTTP/1.1, request or response (RFC 9110 §2.5, RFC 9112 §2.3: a higher minor version is
+  processed as the highest minor version the recipient knows; nginx does the same), so the
+  proxy answers and forwards it as 1.1. Another major version (``HTTP/2.0``, ``HTTP/3.0``)
+  -> 505 (502 for a response); ``HTTP/0.x`` or a version-less (HTTP/0.9 style) request
+  line -> 400.
 * Request ``Transfer-Encoding`` must be exactly ``chunked``. A list whose final coding is
   not ``chunked``, or that applies ``chunked`` twice, -> 400 (RFC 9112 §6.3 item 4,
   §7.1); a well-formed list ending in ``chunked`` with other codings before it
@@ -357,10 +358,9 @@ def _keep_alive(version: str, tokens: frozenset[str]) -> bool:
 
 
 def _version(major: str, minor: str, error_status: int) -> str:
-    if major == "1" and minor in ("0", "1"):
-        return "HTTP/1.1" if minor == "1" else "HTTP/1.0"
-    if major == "1" and error_status == 502:
-        return "HTTP/1.1"  # a response from a later 1.x server: read as 1.1 (RFC 9110 §2.5), as nginx does
+    if major == "1":
+        # A later 1.x (only one digit gets here) is read as 1.1: RFC 9110 §2.5, as nginx does.
+        return "HTTP/1.0" if minor == "0" else "HTTP/1.1"
     if major == "0":
         raise ProtocolError(400 if error_status == 505 else error_status, "invalid HTTP version")
     raise ProtocolError(error_status, "HTTP version not supported")
