@@ -1,7 +1,7 @@
 """Strict, fast, sans-IO HTTP/1.1 message parsing (RFC 9112, RFC 9110).
 
 The parsers take bytes (``feed``) and hand out events (``next_event``); they never touch a
-socket (STYLE pattern 1, after h11's ``Connection.receive_data()``/``next_event()``).
+socket (after h11's ``Connection.receive_data()``/``next_event()``).
 
 Events, in order, for one message::
 
@@ -10,7 +10,7 @@ Events, in order, for one message::
     EndOfMessage(trailers)          trailers is a Headers or None
 
 ``NEED_DATA`` means "feed me more bytes". Every protocol violation raises ``ProtocolError``
-carrying the status code it implies (STYLE pattern 3): 400/413/414/431/501/505 for requests,
+carrying the status code it implies: 400/413/414/431/501/505 for requests,
 always 502 for responses. After an error the parser stays broken: the connection must close.
 
 Speed: a request head is parsed with a handful of C-level operations -- ``bytearray.find``
@@ -53,9 +53,9 @@ from typing import Iterator, NamedTuple
 # ---------------------------------------------------------------------------------------
 # Limits (defaults; the engine passes the configured values)
 
-# CONFIG.md server.max_header_bytes default "16KiB" (nginx: 4 x 8k large header buffers).
+# The default of server.max_header_bytes, "16KiB" (nginx: 4 x 8k large header buffers).
 DEFAULT_MAX_HEADER_BYTES = 16384
-# CONFIG.md server.max_body_bytes default "100MiB".
+# The default of server.max_body_bytes, "100MiB".
 DEFAULT_MAX_BODY_BYTES = 100 * 1024**2
 # RFC 9112 §3: recipients SHOULD support request-lines of at least 8000 octets;
 # Apache's LimitRequestLine is 8190, nginx's large buffer 8k.
