@@ -145,3 +145,64 @@ def test_the_proxys_outbound_head_parses_strictly_to_the_same_request(data):
             and n.lower() not in request.connection_tokens]
     assert [h for h in forwarded.headers if h in kept] == kept
     assert forwarded.headers.get_all("x-forwarded-for")[-1].endswith("127.0.0.1")
+
+
+@st.composite
+def chunked_bodies(draw):
+    """A chunked body of mostly tiny chunks, sizes in any hex case, some with leading zeros or
+    extensions (those take the general path, the others the bulk one), and optional trailers."""
+    body = b""
+    encoded = b""
+    for size in draw(st.lists(st.one_of(st.integers(1, 15), st.integers(16, 40)), max_size=30)):
+        data = draw(st.binary(min_size=size, max_size=size))
+        digits = draw(st.sampled_from([b"%x", b"%X", b"0%x"])) % size
+        extension = draw(st.sampled_from([b"", b"", b"", b";a", b" ; b=\"c\""]))
+        body += data
+        encoded += digits + extension + b"\r\n" + data + b"\r\n"
+    trailers = draw(st.sampled_from([b"", b"X-Sum: 1\r\n"]))
+    return encoded + b"0\r\n" + trailers + b"\r\n", body
+
+
+_CHUNKED_HEADS = {
+    "request": (RequestParser, b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"),
+    "response": (lambda: ResponseParser("GET"), b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
+}
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    bounds = [0, *sorted({cut % (len(data) + 1) for cut in cuts}), len(data)]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunked_bodies(), st.sampled_from(sorted(_CHUNKED_HEADS)), st.lists(st.integers(0, 10_000), max_size=6))
+def test_chunked_bodies_decode_the_same_at_any_split(message, direction, cuts):
+    encoded, body = message
+    make_parser, head = _CHUNKED_HEADS[direction]
+    data = head + encoded
+    events = run(make_parser, _split(data, cuts), eof=False)
+    assert b"".join(e[1] for e in events if e[0] == "data") == body
+    assert events[-1][0] == "end"
+    assert events == run(make_parser, [data[i:i + 1] for i in range(len(data))], eof=False)
+
+
+@settings(max_examples=400, deadline=None)
+@given(chunked_bodies(), st.sampled_from(sorted(_CHUNKED_HEADS)), st.integers(0, 10_000),
+       st.sampled_from(["insert", "replace", "delete"]), st.sampled_from(DANGEROUS), st.lists(st.integers(0, 10_000), max_size=6))
+def test_mutated_chunked_bodies_split_anywhere_agree_with_bytewise(message, direction, position, action, piece, cuts):
+    """A run of tiny chunks is decoded in bulk when it is buffered whole, one chunk at a time when
+    fed byte by byte: a damaged body must get the same verdict either way."""
+    encoded, _ = message
+    make_parser, head = _CHUNKED_HEADS[direction]
+    body = bytearray(encoded)
+    position %= len(body) + 1
+    if action == "insert":
+        body[position:position] = piece
+    elif action == "replace":
+        body[position:position + 1] = piece
+    else:
+        del body[position:position + 1]
+    data = head + bytes(body)
+    bytewise = comparable(run(make_parser, [data[i:i + 1] for i in range(len(data))]))
+    assert comparable(run(make_parser, [data])) == bytewise
+    assert comparable(run(make_parser, _split(data, cuts))) == bytewise

@@ -16,17 +16,22 @@ always 502 for responses. After an error the parser stays broken: the connection
 Speed: a request head is parsed with a handful of C-level operations -- ``bytearray.find``
 for the end of head, one latin-1 decode, one ``fullmatch`` for the request line, one
 ``findall`` that both validates and splits every header line, and a dict of lowercased
-names built once. There is no per-character Python loop anywhere.
+names built once. There is no per-character Python loop anywhere, and the common case of
+each rule is decided inline (a Python call costs as much as a short header line). Parsing
+heads with llhttp (httptools) was measured and is no faster: its per-header Python callback
+and two decodes cost what it saves on the findall; splitting lines with ``str.split`` and
+``partition`` is slower still.
 
 Decisions the RFCs leave open (documented here so the engine and tests agree):
 
 * ``CONNECT`` -> 501: this is a reverse proxy, it does not open tunnels (RFC 9110 §9.3.6
   is optional to implement). Authority-form targets with any other method -> 400.
-* Only ``HTTP/1.0`` and ``HTTP/1.1`` are served; another ``HTTP/<1-9>.<digit>`` -> 505 (also
-  ``HTTP/1.2``+: RFC 9110 §2.5 would let us treat it as 1.1, but no such version exists and a
-  client claiming it is probing parsers; RFC 9110 §15.6.6 lets a server refuse any version),
-  ``HTTP/0.x`` or a version-less (HTTP/0.9 style) request line -> 400. A *response* in a later
-  ``HTTP/1.x`` is read as 1.1 (§2.5 SHOULD; nginx does the same), another major version -> 502.
+* ``HTTP/1.0`` and ``HTTP/1.1`` are served. A message in a later ``HTTP/1.x`` (1.2-1.9) is read
+  as HTTP/1.1, request or response (RFC 9110 §2.5, RFC 9112 §2.3: a higher minor version is
+  processed as the highest minor version the recipient knows; nginx does the same), so the
+  proxy answers and forwards it as 1.1. Another major version (``HTTP/2.0``, ``HTTP/3.0``)
+  -> 505 (502 for a response); ``HTTP/0.x`` or a version-less (HTTP/0.9 style) request
+  line -> 400.
 * Request ``Transfer-Encoding`` must be exactly ``chunked``. A list whose final coding is
   not ``chunked``, or that applies ``chunked`` twice, -> 400 (RFC 9112 §6.3 item 4,
   §7.1); a well-formed list ending in ``chunked`` with other codings before it
@@ -48,9 +53,9 @@ from typing import Iterator, NamedTuple
 # ---------------------------------------------------------------------------------------
 # Limits (defaults; the engine passes the configured values)
 
-# server.max_header_bytes default "16KiB" (nginx: 4 x 8k large header buffers).
+# The default of server.max_header_bytes, "16KiB" (nginx: 4 x 8k large header buffers).
 DEFAULT_MAX_HEADER_BYTES = 16384
-# server.max_body_bytes default "100MiB".
+# The default of server.max_body_bytes, "100MiB".
 DEFAULT_MAX_BODY_BYTES = 100 * 1024**2
 # RFC 9112 §3: recipients SHOULD support request-lines of at least 8000 octets;
 # Apache's LimitRequestLine is 8190, nginx's large buffer 8k.
@@ -96,6 +101,9 @@ class Data(NamedTuple):
 
 class EndOfMessage(NamedTuple):
     trailers: "Headers | None" = None
+
+
+_END_OF_MESSAGE = EndOfMessage(None)  # immutable: built once rather than per message
 
 
 class Headers:
@@ -220,6 +228,28 @@ _CHUNK_SIZE_LINE_RE = re.compile(
     + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN_B + rb"|" + _QUOTED_STRING + rb"))?)*"
 )
 
+
+def _small_chunk_pattern(data_group: bytes) -> bytes:
+    """One whole chunk of 1-15 bytes with a one-digit size and no extension ("5\\r\\nhello\\r\\n").
+
+    The data length depends on the size digit, which a regex cannot compute, so each length is
+    an alternative guarded by a lookbehind on its digit. data_group is b"(" to capture the data
+    or b"(?:" not to.
+    """
+    lengths = []
+    for size in range(1, 16):
+        digit = b"%x" % size
+        digit_class = digit if size < 10 else b"[%b%b]" % (digit, digit.upper())
+        lengths.append(b"(?<=%b\r\n).{%d}" % (digit_class, size))
+    return rb"[1-9A-Fa-f]\r\n" + data_group + b"|".join(lengths) + rb")\r\n"
+
+
+# A run of small chunks (a body of 1-byte chunks is the costly case): matched, then decoded by
+# findall, both in C. Longer chunks and any chunk with an extension take the general path.
+_SMALL_CHUNKS_RE = re.compile(rb"(?s)(?:" + _small_chunk_pattern(b"(?:") + rb")+")
+_SMALL_CHUNK_DATA_RE = re.compile(rb"(?s)" + _small_chunk_pattern(b"("))
+_CHUNK_SIZE_LINE_CRLF_RE = re.compile(_CHUNK_SIZE_LINE_RE.pattern + rb"\r\n")
+
 _NO_TOKENS: frozenset[str] = frozenset()
 
 # RFC 9110 §6.5.1: fields a sender must not put in trailers because they control framing,
@@ -266,7 +296,17 @@ def _parse_fields(text: str, start: int) -> tuple[list[tuple[str, str]], list[st
     raw = _FIELD_LINE_RE.findall(text, start)
     if len(raw) != text.count("\n", start):
         raise _bad(_describe_bad_field(text, start))
-    return raw, *_index_fields(raw)
+    names: list[str] = []
+    index: dict[str, list[str]] = {}
+    for name, value in raw:  # _index_fields, inlined: this runs for every head
+        key = name.lower()
+        names.append(key)
+        values = index.get(key)
+        if values is None:
+            index[key] = [value]
+        else:
+            values.append(value)
+    return raw, names, index
 
 
 def _describe_bad_field(text: str, start: int) -> str:
@@ -349,18 +389,10 @@ def _connection_tokens(values: list[str] | None) -> frozenset[str]:
     return frozenset(tokens)
 
 
-def _keep_alive(version: str, tokens: frozenset[str]) -> bool:
-    """RFC 9112 §9.3: 1.1 persists unless "close"; 1.0 only with "keep-alive"."""
-    if "close" in tokens:
-        return False
-    return version == "HTTP/1.1" or "keep-alive" in tokens
-
-
 def _version(major: str, minor: str, error_status: int) -> str:
-    if major == "1" and minor in ("0", "1"):
-        return "HTTP/1.1" if minor == "1" else "HTTP/1.0"
-    if major == "1" and error_status == 502:
-        return "HTTP/1.1"  # a response from a later 1.x server: read as 1.1 (RFC 9110 §2.5), as nginx does
+    if major == "1":
+        # A later 1.x (only one digit gets here) is read as 1.1: RFC 9110 §2.5, as nginx does.
+        return "HTTP/1.0" if minor == "0" else "HTTP/1.1"
     if major == "0":
         raise ProtocolError(400 if error_status == 505 else error_status, "invalid HTTP version")
     raise ProtocolError(error_status, "HTTP version not supported")
@@ -420,13 +452,14 @@ def _request_host(version: str, index: dict[str, list[str]], authority: str | No
 # Names a server might fold onto a framing field: CGI/WSGI map "-" and "_" to the same HTTP_*
 # variable, so "Transfer_Encoding" can become Transfer-Encoding behind us (nginx drops such
 # headers by default: underscores_in_headers off). Refused rather than forwarded.
-_LOOKALIKE_GUARDED = frozenset({"content-length", "transfer-encoding"})
+# Each guarded name has one hyphen, so its only lookalike is the name with an underscore there.
+_LOOKALIKES = frozenset({"content_length", "transfer_encoding"})
 
 
 def _check_lookalike_names(index: dict[str, list[str]]) -> None:
-    for name in index:
-        if "_" in name and name.replace("_", "-") in _LOOKALIKE_GUARDED:
-            raise _bad(f"header name {name!r} is a lookalike of a framing header")
+    lookalikes = _LOOKALIKES.intersection(index)
+    if lookalikes:
+        raise _bad(f"header name {min(lookalikes)!r} is a lookalike of a framing header")
 
 
 def _expects_continue(values: list[str] | None) -> bool:
@@ -558,30 +591,30 @@ class _MessageParser:
         """
         if self._error is not None:
             raise self._error
+        state = self._state
         try:
-            return self._next_event()
+            if state is _HEAD:
+                if not self._buf and not self._eof:
+                    # The engine asks before every read (keep-alive: the buffer is empty each time).
+                    return NEED_DATA
+                return self._next_head()
+            if state is _BODY_LENGTH:
+                return self._next_length_data()
+            if state in _CHUNKED_STATES:
+                return self._next_chunked()
+            if state is _BODY_UNTIL_CLOSE:
+                return self._next_until_close()
         except ProtocolError as exc:
             self._error = self._convert_error(exc)
             raise self._error from None
+        if state is _DONE:
+            raise ParserStateError("next_event() after EndOfMessage: call start_next()")
+        return NEED_DATA  # _SWITCHED: the rest is not HTTP; take_buffered() hands it over
 
     # -- dispatch -------------------------------------------------------------------
 
     def _convert_error(self, exc: ProtocolError) -> ProtocolError:
         return exc
-
-    def _next_event(self):
-        state = self._state
-        if state is _HEAD:
-            return self._next_head()
-        if state is _BODY_LENGTH:
-            return self._next_length_data()
-        if state in _CHUNKED_STATES:
-            return self._next_chunked()
-        if state is _BODY_UNTIL_CLOSE:
-            return self._next_until_close()
-        if state is _DONE:
-            raise ParserStateError("next_event() after EndOfMessage: call start_next()")
-        return NEED_DATA  # _SWITCHED: the rest is not HTTP; take_buffered() hands it over
 
     def _parse_head(self, text: str):
         raise NotImplementedError
@@ -593,10 +626,6 @@ class _MessageParser:
 
     def _next_head(self):
         buf = self._buf
-        if not buf and not self._eof:
-            # The engine asks before every read (keep-alive: the buffer is empty each time): answer
-            # that without the incomplete-head checks, which have nothing to look at.
-            return NEED_DATA
         # RFC 9112 §2.2: ignore empty lines before the start line (they count to the limit).
         while buf[:2] == b"\r\n":
             del buf[:2]
@@ -605,7 +634,7 @@ class _MessageParser:
         end = buf.find(b"\r\n\r\n", self._head_scan)
         if end == -1:
             return self._incomplete_head(buf)
-        if not self._line_complete:
+        if end > self._max_line_bytes and not self._line_complete:  # else the line is shorter too
             self._check_line_length(buf.find(b"\r\n"))
         if end + 4 + self._skipped > self._max_header_bytes:
             raise ProtocolError(431, "request header fields too large")
@@ -665,7 +694,7 @@ class _MessageParser:
         remaining = self.body_remaining
         if not remaining:
             self._state = _DONE
-            return EndOfMessage(None)
+            return _END_OF_MESSAGE
         buf = self._buf
         if not buf:
             if self._eof:
@@ -690,86 +719,127 @@ class _MessageParser:
             return Data(data)
         if self._eof:
             self._state = _DONE
-            return EndOfMessage(None)
+            return _END_OF_MESSAGE
         return NEED_DATA
 
     # -- chunked body (RFC 9112 §7.1) -----------------------------------------------
 
     def _next_chunked(self):
-        """Decode every complete piece in the buffer into one Data event."""
+        """Decode every complete piece in the buffer into one Data event.
+
+        One pass by index over the buffer, which is cut once at the end. Whole chunks are taken
+        by _take_whole_chunks, where a run of small ones is matched and decoded by two regex calls
+        in C: a body of 1-byte chunks costs a tenth of what a Python loop turn per chunk did.
+        """
         pieces: list[bytes] = []
         buf = self._buf
-        while True:
-            state = self._state
-            if state is _CHUNK_DATA:
-                if not buf:
-                    break
-                pieces.append(self._take_chunk_data(buf))
-            elif state is _CHUNK_SIZE:
-                if not self._read_chunk_size(buf):
-                    break
-            elif state is _CHUNK_END:
-                if len(buf) < 2:
-                    if buf[:1] not in (b"", b"\r"):
+        pos = 0
+        try:
+            while True:
+                state = self._state
+                if state is _CHUNK_DATA:
+                    if pos == len(buf):
+                        break
+                    pos = self._take_chunk_data(buf, pos, pieces)
+                elif state is _CHUNK_SIZE:
+                    pos = self._take_whole_chunks(buf, pos, pieces)
+                    new_pos = self._read_chunk_size(buf, pos)
+                    if new_pos == -1:
+                        break
+                    pos = new_pos
+                elif state is _CHUNK_END:
+                    ending = buf[pos:pos + 2]
+                    if ending != b"\r\n":
+                        if ending in (b"", b"\r"):
+                            break
                         raise _bad("chunk data not followed by CRLF")
-                    break
-                if buf[:2] != b"\r\n":
-                    raise _bad("chunk data not followed by CRLF")
-                del buf[:2]
-                self._state = _CHUNK_SIZE
-            else:  # _TRAILERS: deliver decoded data first
-                if pieces:
-                    break
-                return self._read_trailers(buf)
+                    pos += 2
+                    self._state = _CHUNK_SIZE
+                else:  # _TRAILERS: deliver decoded data first
+                    if pieces:
+                        break
+                    del buf[:pos]
+                    pos = 0
+                    return self._read_trailers(buf)
+        finally:
+            del buf[:pos]
         if pieces:
             return Data(b"".join(pieces))
         if self._eof:
             raise self._truncated()
         return NEED_DATA
 
-    def _take_chunk_data(self, buf: bytearray) -> bytes:
-        wanted = self._chunk_remaining
-        if len(buf) <= wanted:
-            piece = bytes(buf)
-            buf.clear()
-        else:
-            piece = bytes(buf[:wanted])
-            del buf[:wanted]
-        self._chunk_remaining = wanted - len(piece)
-        if not self._chunk_remaining:
-            self._state = _CHUNK_END
-        return piece
-
-    def _read_chunk_size(self, buf: bytearray) -> bool:
-        lf = buf.find(b"\n", 0, MAX_CHUNK_LINE_BYTES + 2)
-        if lf == -1:
-            if len(buf) > MAX_CHUNK_LINE_BYTES:
-                raise _bad("chunk size line too long")
-            if b"\r" in buf[:-1]:
-                raise _bad("bare CR in chunk size line")
-            return False
-        if lf == 0 or buf[lf - 1] != 13:
-            raise _bad("chunk size line must end with CRLF")
-        match = _CHUNK_SIZE_LINE_RE.fullmatch(buf, 0, lf - 1)
-        if match is None:
-            raise _bad("invalid chunk size line")
-        size = int(match.group(1), 16)
-        del buf[: lf + 1]
-        if size == 0:
-            self._state = _TRAILERS
-            return True
+    def _count_body(self, size: int) -> None:
         self._body_total += size
         if self._max_body_bytes is not None and self._body_total > self._max_body_bytes:
             raise ProtocolError(413, "request body too large")
+
+    def _take_whole_chunks(self, buf: bytearray, pos: int, pieces: list[bytes]) -> int:
+        """Decode the complete, well-formed chunks (not the last) at pos; return where they end.
+
+        A fast path only: it stops at anything else (an incomplete or malformed chunk, the last
+        chunk, an over-long size line), which _read_chunk_size then reads or refuses.
+        """
+        small_run = _SMALL_CHUNKS_RE.match
+        size_line = _CHUNK_SIZE_LINE_CRLF_RE.match
+        total = 0
+        while True:
+            run = small_run(buf, pos)
+            if run is not None:
+                data = b"".join(_SMALL_CHUNK_DATA_RE.findall(buf, pos, run.end()))
+                total += len(data)
+                pieces.append(data)
+                pos = run.end()
+            line = size_line(buf, pos)
+            if line is None:
+                break
+            start = line.end()
+            size = int(line.group(1), 16)
+            stop = start + size
+            if not size or start - pos > MAX_CHUNK_LINE_BYTES + 2 or buf[stop:stop + 2] != b"\r\n":
+                break
+            total += size
+            pieces.append(buf[start:stop])
+            pos = stop + 2
+        self._count_body(total)
+        return pos
+
+    def _take_chunk_data(self, buf: bytearray, pos: int, pieces: list[bytes]) -> int:
+        end = min(pos + self._chunk_remaining, len(buf))
+        pieces.append(bytes(buf[pos:end]))
+        self._chunk_remaining -= end - pos
+        if not self._chunk_remaining:
+            self._state = _CHUNK_END
+        return end
+
+    def _read_chunk_size(self, buf: bytearray, pos: int) -> int:
+        """Read the chunk-size line at pos: the position after it, or -1 if it is incomplete."""
+        lf = buf.find(b"\n", pos, pos + MAX_CHUNK_LINE_BYTES + 2)
+        if lf == -1:
+            if len(buf) - pos > MAX_CHUNK_LINE_BYTES:
+                raise _bad("chunk size line too long")
+            if buf.find(b"\r", pos, len(buf) - 1) != -1:
+                raise _bad("bare CR in chunk size line")
+            return -1
+        if lf == pos or buf[lf - 1] != 13:
+            raise _bad("chunk size line must end with CRLF")
+        match = _CHUNK_SIZE_LINE_RE.fullmatch(buf, pos, lf - 1)
+        if match is None:
+            raise _bad("invalid chunk size line")
+        size = int(match.group(1), 16)
+        if size == 0:
+            self._state = _TRAILERS
+            return lf + 1
+        self._count_body(size)
         self._chunk_remaining = size
         self._state = _CHUNK_DATA
-        return True
+        return lf + 1
 
     def _read_trailers(self, buf: bytearray):
         if buf[:2] == b"\r\n":
             del buf[:2]
             self._state = _DONE
-            return EndOfMessage(None)
+            return _END_OF_MESSAGE
         end = buf.find(b"\r\n\r\n")
         if end == -1:
             if len(buf) >= self._max_header_bytes:
@@ -838,26 +908,45 @@ class RequestParser(_MessageParser):
         if match is None:
             raise _bad(_describe_bad_request_line(line))
         method, target, major, minor = match.groups()
-        version = _version(major, minor, 505)
+        # The common case of each step is decided inline, the rest in the helpers: a head is parsed
+        # for every request, and each Python call saved shows in the cost per request.
+        if major == "1":
+            version = "HTTP/1.0" if minor == "0" else "HTTP/1.1"
+        else:
+            version = _version(major, minor, 505)
         if method == "CONNECT":
             raise ProtocolError(501, "CONNECT is not supported")
-        authority = _request_target_authority(method, target)
+        if target[0] == "/" and "#" not in target:
+            authority = None  # origin-form, the usual target
+        else:
+            authority = _request_target_authority(method, target)
         raw, names, index = _parse_fields(text, line_end + 2)
-        _check_lookalike_names(index)
+        if not _LOOKALIKES.isdisjoint(index):
+            _check_lookalike_names(index)
         host = _request_host(version, index, authority)
-        content_length, chunked = self._request_framing(version, index)
-        tokens = _connection_tokens(index.get("connection"))
-        expect = _expects_continue(index.get("expect"))
+        if "transfer-encoding" in index or "content-length" in index:
+            content_length, chunked = self._request_framing(version, index)
+        else:
+            content_length, chunked = None, False
+        connection = index.get("connection")
+        tokens = _connection_tokens(connection) if connection else _NO_TOKENS
+        expect = "expect" in index and _expects_continue(index["expect"])
         # RFC 9110 §7.8: Upgrade in an HTTP/1.0 request MUST be ignored (nor may a 1.0 client get a 101,
         # §15.2); forwarded as 1.1, it would let the backend switch protocols on a 1.0 client.
         upgrade = index.get("upgrade") if "upgrade" in tokens and version == "HTTP/1.1" else None
+        # RFC 9112 §9.3: 1.1 persists unless "close"; 1.0 only with "keep-alive".
+        keep_alive = "close" not in tokens and (version == "HTTP/1.1" or "keep-alive" in tokens)
         head = RequestHead(
             method, target, version, Headers(raw, index, names), content_length, chunked,
-            _keep_alive(version, tokens), host, tokens,
+            keep_alive, host, tokens,
             expect and version == "HTTP/1.1",  # RFC 9110 §10.1.1: ignored in HTTP/1.0
             ", ".join(upgrade) if upgrade else None,
         )
-        self._start_body(chunked, content_length or 0)
+        if chunked:
+            self._state = _CHUNK_SIZE
+        else:  # a request without framing has no body (RFC 9112 §6.3)
+            self._state = _BODY_LENGTH
+            self.body_remaining = content_length or 0
         return head
 
     def _request_framing(self, version: str, index: dict[str, list[str]]) -> tuple[int | None, bool]:
@@ -924,13 +1013,18 @@ class ResponseParser(_MessageParser):
         if match is None:
             raise _bad("malformed status line")
         major, minor, code, reason = match.groups()
-        version = _version(major, minor, 502)
+        if major == "1":
+            version = "HTTP/1.0" if minor == "0" else "HTTP/1.1"
+        else:
+            version = _version(major, minor, 502)
         status = int(code)
         if status < 100 or status > 599:
             raise _bad("status code out of range")
         raw, names, index = _parse_fields(text, line_end + 2)
-        tokens = _connection_tokens(index.get("connection"))
-        keep_alive = _keep_alive(version, tokens)
+        connection = index.get("connection")
+        tokens = _connection_tokens(connection) if connection else _NO_TOKENS
+        # RFC 9112 §9.3: 1.1 persists unless "close"; 1.0 only with "keep-alive".
+        keep_alive = "close" not in tokens and (version == "HTTP/1.1" or "keep-alive" in tokens)
         content_length, chunked, keep_alive = self._response_framing(status, version, index, keep_alive)
         return ResponseHead(
             status, reason or "", version, Headers(raw, index, names), content_length, chunked,

@@ -225,8 +225,8 @@ HEAD = [
 VERSIONS = [
     refused("http-2.0", req("GET / HTTP/2.0", HOST), 505),
     refused("http-3.0", req("GET / HTTP/3.0", HOST), 505),
-    # RFC 9110 §2.5 would allow treating 1.2 as 1.1; we refuse it (documented in proxy/http/http1.py).
-    refused("http-1.2", req("GET / HTTP/1.2", HOST), 505),
+    # RFC 9110 §2.5, RFC 9112 §2.3: a later HTTP/1 minor version is handled, and forwarded, as 1.1.
+    ok("http-1.2-handled-as-1.1", req("GET / HTTP/1.2", HOST), fwd()),
     refused("http-0.9-no-version", b"GET /\r\n\r\n"),
     refused("http-0.9-version", req("GET / HTTP/0.9", HOST)),
     refused("http-1.10", req("GET / HTTP/1.10", HOST)),
