@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import selectors
 import socket
 import threading
 
 import pytest
 
-from core.transfer_relay import CHUNK, Send
+from core.transfer_relay import CHUNK, Readable, Send, TransferRelay, Wait
 from tests.support.backends import consume_and_digest, stream_pattern, stream_pattern_chunked
 from tests.support.proxy import CLIENT_TIMEOUT
 from tests.support.timing import wait_for
@@ -193,3 +194,36 @@ def test_a_held_response_keeps_at_most_one_chunk_in_python(make_raw_backend, mak
         waits = [conn.held_wait for conn in list(proxy.process.server._connections.values()) if conn.held_wait]
         assert [type(wait) for wait in waits] == [Send]
         assert len(waits[0].data.obj) <= CHUNK + 1024  # one piece, its chunk framing and the head
+
+
+class _BrokenWait(Wait):
+    """A wait that stops on a socket the relay cannot watch (closed under it)."""
+
+    def __init__(self, sock):
+        super().__init__()
+        self.sock = sock
+
+    def sockets(self) -> tuple:
+        return (self.sock,)
+
+    def step(self) -> bool:
+        self.sock.close()
+        self.blocked_on = (self.sock, selectors.EVENT_READ)
+        return False
+
+
+def test_a_transfer_the_relay_cannot_watch_fails_alone():
+    relay = TransferRelay()
+    done = []
+    broken_a, broken_b = socket.socketpair()
+    good_a, good_b = socket.socketpair()
+    try:
+        relay.hold(_BrokenWait(broken_a), lambda: done.append("broken"))
+        wait_for(lambda: "broken" in done, what="the broken transfer handed back with its error")
+        relay.hold(Readable(good_a, read_gap=CLIENT_TIMEOUT), lambda: done.append("good"))
+        good_b.sendall(b"x")
+        wait_for(lambda: "good" in done, what="the relay still serving the next transfer")
+    finally:
+        relay.stop()
+        for sock in (broken_a, broken_b, good_a, good_b):
+            sock.close()
