@@ -17,6 +17,7 @@ already in its pipe when it stalled (kernel memory, at most one pipe's size).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import selectors
@@ -296,7 +297,12 @@ class TransferRelay:
         elif wait.blocked_on is None:
             self._ready.append(held)
         else:
-            self._watch(held, *wait.blocked_on)
+            try:
+                self._watch(held, *wait.blocked_on)
+            except (OSError, ValueError, KeyError) as exc:  # a socket epoll refuses (closed under us)
+                log.warning("held transfer cannot be watched: %s", exc)
+                wait.error = exc if isinstance(exc, OSError) else OSError(errno.EBADF, str(exc))
+                self._finish(held)
 
     def _watch(self, held: _Held, sock, event: int) -> None:
         fd = sock.fileno()

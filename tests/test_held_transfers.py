@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import os
+import selectors
 import socket
 import threading
 
 import pytest
 
-from core.transfer_relay import CHUNK, Send
+from core.transfer_relay import CHUNK, Readable, Send, TransferRelay, Wait
 from tests.support.backends import consume_and_digest, stream_pattern, stream_pattern_chunked
+from tests.support.faulty_upstream import HANG, HEAD
 from tests.support.proxy import CLIENT_TIMEOUT
 from tests.support.timing import wait_for
 
@@ -193,3 +196,74 @@ def test_a_held_response_keeps_at_most_one_chunk_in_python(make_raw_backend, mak
         waits = [conn.held_wait for conn in list(proxy.process.server._connections.values()) if conn.held_wait]
         assert [type(wait) for wait in waits] == [Send]
         assert len(waits[0].data.obj) <= CHUNK + 1024  # one piece, its chunk framing and the head
+
+
+class _BrokenWait(Wait):
+    """A wait that stops on a socket the relay cannot watch (closed under it)."""
+
+    def __init__(self, sock):
+        super().__init__()
+        self.sock = sock
+
+    def sockets(self) -> tuple:
+        return (self.sock,)
+
+    def step(self) -> bool:
+        self.sock.close()
+        self.blocked_on = (self.sock, selectors.EVENT_READ)
+        return False
+
+
+def test_a_transfer_the_relay_cannot_watch_fails_alone():
+    relay = TransferRelay()
+    done = []
+    broken_a, broken_b = socket.socketpair()
+    good_a, good_b = socket.socketpair()
+    try:
+        relay.hold(_BrokenWait(broken_a), lambda: done.append("broken"))
+        wait_for(lambda: "broken" in done, what="the broken transfer handed back with its error")
+        relay.hold(Readable(good_a, read_gap=CLIENT_TIMEOUT), lambda: done.append("good"))
+        good_b.sendall(b"x")
+        wait_for(lambda: "good" in done, what="the relay still serving the next transfer")
+    finally:
+        relay.stop()
+        for sock in (broken_a, broken_b, good_a, good_b):
+            sock.close()
+
+
+def open_pipes() -> int:
+    """Pipe descriptors of this process (the proxy runs in it; the test's own sockets are not pipes)."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{name}").startswith("pipe:")
+        except OSError:  # closed since the listing
+            pass
+    return count
+
+
+def test_an_upload_the_server_stops_reading_leaks_no_pipe(upstreams, make_proxy):
+    # The splice that timed out writing to the server hands its pipe (and the bytes in it) to the
+    # caller; a 504 must close it, or every such upload costs the process two descriptors.
+    upstream = upstreams([HEAD, HANG])
+    proxy = make_proxy({"web": [upstream.address]}, upstream_options={"read_timeout": "300ms", "retries": 0})
+    body = b"a" * (64 * 1024 * 1024)
+    statuses, counts = [], []
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT) as sock:
+            sender = threading.Thread(target=_send_quietly, args=(sock, upload_head(len(body)) + body))
+            sender.start()
+            statuses.append(read_response(sock, "POST")[0])
+            sock.shutdown(socket.SHUT_RDWR)
+            sender.join(CLIENT_TIMEOUT)
+        wait_for(lambda: proxy.process.server.connection_count == 0, what="the connection closed")
+        counts.append(open_pipes())
+    assert statuses == [504, 504, 504]
+    assert counts[2] == counts[1] == counts[0], counts
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:  # the proxy answered and closed before the whole body went
+        pass

@@ -660,7 +660,8 @@ class HttpHandler:
                 else:
                     try:
                         zerocopy.relay(ex.conn.sock, link.sock, remaining, budget=TRANSFER_BUDGET, watch="source")
-                    except WriteTimedOut:
+                    except WriteTimedOut as stalled:  # the server stopped reading: a 504, and the pipe is ours
+                        zerocopy.close_pipe(stalled.stall.pipe)
                         raise
                     except TimeoutError as stalled:  # the client stopped sending: the relay carries on
                         yield self._rest_of(stalled.stall, ex.conn.sock, link.sock, remaining, **gaps)
