@@ -466,7 +466,7 @@ class HttpHandler:
         ex.record.upstream = upstream.name
         target = (route.forwarded_path(path) if path != "*" else "*") + query
         out = Outbound(request.method, target, "", ex.session.client_ip, ex.session.scheme,
-                       route.set_headers, self._body_mode(request), tunnel_upgrade(request.upgrade),
+                       route.headers, self._body_mode(request), tunnel_upgrade(request.upgrade),
                        ex.record.request_id, runtime.is_trusted(ex.session.client_ip))
         yield from self._send_with_retries(ex, upstream, out)
 
@@ -775,7 +775,7 @@ class HttpHandler:
             ex.client_keep_alive = False
         head = build_response_head(response, framing=framing, keep_alive=ex.client_keep_alive,
                                    client_version=request.version,
-                                   extra=self._request_id_header(ex) if self.app.return_request_id else ())
+                                   request_id=ex.record.request_id if self.app.return_request_id else None)
         ex.conn.transition(S.WRITING)
         if framing == "none":
             yield from self._to_client(ex, head)
