@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.http.forwarding import Outbound, build_request_head
+from proxy.http.http1 import RequestParser
 from proxy.routing.router import Route, Router
 from tests.support.client import raw_client
 
@@ -100,6 +102,24 @@ def test_set_headers_replace_proxy_fields_and_never_touch_framing(make_backend, 
     assert seen.header_all("Content-Length") == ["3"] and seen.header("Transfer-Encoding") is None
     assert seen.header("Connection") in (None, "keep-alive")
     assert seen.header_all("X-Request-Id") == ["mine"] == [response.header("X-Request-Id")]
+
+
+# The route's set_headers are prepared once, with the route (Route.headers); the head is then built in
+# one pass. The exact bytes pin what that pass writes and in which order: copied fields, the proxy's own
+# (minus those the route replaces, merged with the client's X-Forwarded-For and Via), the request id,
+# the route's fields, framing.
+def test_outbound_head_bytes_with_merged_and_replaced_fields():
+    parser = RequestParser()
+    parser.feed(b"POST /p HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-For: 1.1.1.1\r\nVia: 1.0 a\r\n"
+                b"Accept: */*\r\nX-Forwarded-For: 2.2.2.2\r\nVia: 1.1 b\r\nX-Env: prod\r\nContent-Length: 3\r\n\r\n")
+    request = parser.next_event()
+    route = Route(None, "/", "web", set_headers=(("Host", "internal"), ("X-Forwarded-Proto", "https"),
+                                                 ("X-Env", "d{0}"), ("Content-Length", "9")))
+    out = Outbound("POST", "/p", "10.0.0.1:80", "9.9.9.9", "http", route.headers, "length", request_id="rid")
+    assert build_request_head(request, out) == (
+        b"POST /p HTTP/1.1\r\nHost: internal\r\nAccept: */*\r\n"
+        b"X-Forwarded-For: 1.1.1.1, 2.2.2.2, 9.9.9.9\r\nX-Forwarded-Host: a.test\r\nVia: 1.0 a, 1.1 b, 1.1 pyproxy\r\n"
+        b"X-Request-Id: rid\r\nX-Forwarded-Proto: https\r\nX-Env: d{0}\r\nContent-Length: 3\r\n\r\n")
 
 
 # -- ;parameters cannot move a request to another route ----------------------------------------------------

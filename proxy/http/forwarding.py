@@ -14,7 +14,6 @@ HOP_BY_HOP = frozenset({
 # Headers the proxy sets itself on the way out; a client's copies are replaced (or appended to).
 _PROXY_SET = frozenset({"host", "x-forwarded-proto", "x-forwarded-host", "content-length"})
 VIA = "1.1 pyproxy"
-_NOTHING: frozenset[str] = frozenset()
 
 
 # RFC 9113 §3.1 deprecates the "h2c" upgrade. Relayed, it would turn the client's connection into an
@@ -30,28 +29,6 @@ def tunnel_upgrade(upgrade: str | None) -> str | None:
     offered = [token.strip(" \t") for token in upgrade.split(",")]
     kept = [token for token in offered if token and token.split("/", 1)[0].lower() not in _NEVER_TUNNELLED]
     return ", ".join(kept) if kept else None
-
-
-class Outbound:
-    """What the proxy decided about one forwarded request (the parts that vary per attempt stay out)."""
-
-    __slots__ = ("method", "target", "host", "client_ip", "scheme", "set_headers", "body", "upgrade",
-                 "request_id", "trusted_forwarded")
-
-    def __init__(self, method: str, target: str, host: str, client_ip: str, scheme: str,
-                 set_headers: tuple = (), body: str = "none", upgrade: str | None = None,
-                 request_id: str | None = None, trusted_forwarded: bool = True):
-        self.method = method
-        self.target = target
-        self.host = host  # the Host header to send upstream
-        self.client_ip = client_ip
-        self.scheme = scheme
-        self.set_headers = set_headers
-        self.body = body  # "none" | "length" | "chunked"
-        self.upgrade = upgrade
-        self.request_id = request_id
-        # False when the client is not a trusted proxy: its X-Forwarded-For/Forwarded are dropped.
-        self.trusted_forwarded = trusted_forwarded
 
 
 # Request fields never copied where they stand: hop-by-hop ones, the ones the proxy sets itself, and
@@ -71,58 +48,91 @@ _REQUEST_SKIP_BY_CASE = {
 # would desynchronise the upstream connection (RFC 9112 §6.3), and these describe our hop, not the route.
 # Nor X-Request-Id: the id the backend sees is the one returned to the client and logged.
 _NOT_SETTABLE = HOP_BY_HOP | {"content-length", "x-request-id"}
+# The proxy's own fields, in the order they follow the copied ones; a route's set_headers replace any
+# of them. The numbers are the arguments of RouteHeaders.proxy_fields.format().
+_PROXY_FIELDS = (("x-forwarded-for", "X-Forwarded-For: {0}\r\n"), ("x-forwarded-proto", "X-Forwarded-Proto: {1}\r\n"),
+                 ("x-forwarded-host", "X-Forwarded-Host: {2}\r\n"), ("via", "Via: {3}\r\n"))
+
+
+class RouteHeaders:
+    """What a route's ``set_headers`` make of every request head it forwards, worked out once when the
+    config loads, so that a request only formats its own values: the fields skipped when copying,
+    the proxy's own fields left to write (a format string), the route's Host and its other lines."""
+
+    __slots__ = ("skip_by_case", "proxy_fields", "host", "set_lines")
+
+    def __init__(self, set_headers: tuple[tuple[str, str], ...] = ()):
+        overridden = frozenset(name.lower() for name, _ in set_headers)
+        fields = [(name, value) for name, value in set_headers if name.lower() not in _NOT_SETTABLE]
+        # One Host, the route's: two make the request invalid (RFC 9112 §3.2).
+        self.host = next((value for name, value in fields if name.lower() == "host"), None)
+        self.set_lines = "".join(f"{name}: {value}\r\n" for name, value in fields if name.lower() != "host")
+        self.skip_by_case = {case: skip | overridden for case, skip in _REQUEST_SKIP_BY_CASE.items()}
+        own = "".join(line for name, line in _PROXY_FIELDS if name not in overridden)
+        # Indexed by "a request id is set": its line comes after the proxy's fields, before the route's.
+        self.proxy_fields = (own, own + "X-Request-Id: {4}\r\n")
+
+
+NO_SET_HEADERS = RouteHeaders()
+
+
+class Outbound:
+    """What the proxy decided about one forwarded request (the parts that vary per attempt stay out)."""
+
+    __slots__ = ("method", "target", "host", "client_ip", "scheme", "route_headers", "body", "upgrade",
+                 "request_id", "trusted_forwarded")
+
+    def __init__(self, method: str, target: str, host: str, client_ip: str, scheme: str,
+                 route_headers: RouteHeaders = NO_SET_HEADERS, body: str = "none", upgrade: str | None = None,
+                 request_id: str | None = None, trusted_forwarded: bool = True):
+        self.method = method
+        self.target = target
+        self.host = host  # the Host header to send upstream
+        self.client_ip = client_ip
+        self.scheme = scheme
+        self.route_headers = route_headers  # the route's set_headers, prepared
+        self.body = body  # "none" | "length" | "chunked"
+        self.upgrade = upgrade
+        self.request_id = request_id
+        # False when the client is not a trusted proxy: its X-Forwarded-For/Forwarded are dropped.
+        self.trusted_forwarded = trusted_forwarded
 
 
 def build_request_head(request, out: Outbound) -> bytes:
-    """The request head sent upstream (always HTTP/1.1, origin-form target)."""
-    headers = request.headers
-    skip = _REQUEST_SKIP_BY_CASE[out.trusted_forwarded, out.request_id is not None]
-    # Rare: fields named in Connection (RFC 9110 §7.6.1) or replaced by the route's set_headers.
-    removed = request.connection_tokens
-    set_fields = out.set_headers
-    overridden = _NOTHING  # the proxy's own fields a route's set_headers replace (Host, X-Forwarded-*, Via)
-    if set_fields:
-        overridden = frozenset(name.lower() for name, _ in set_fields)
-        removed = removed | overridden
-        set_fields = [(name, value) for name, value in set_fields if name.lower() not in _NOT_SETTABLE]
+    """The request head sent upstream (always HTTP/1.1, origin-form target), in one pass over the fields.
+
+    (The head grows with +=, which CPython does in place: no list to append to and join.)"""
+    rules = out.route_headers
+    skip = rules.skip_by_case[out.trusted_forwarded, out.request_id is not None]
+    removed = request.connection_tokens  # rare: fields named in Connection (RFC 9110 §7.6.1)
     if removed:
         skip = skip | removed
-    host = out.host
-    if "host" in overridden:  # one Host, the route's: two make the request invalid (RFC 9112 §3.2)
-        host = next(value for name, value in set_fields if name.lower() == "host")
-        set_fields = [(name, value) for name, value in set_fields if name.lower() != "host"]
-    lines = [f"{out.method} {out.target} HTTP/1.1", f"Host: {host}"]
-    # Names were lowercased once by the parser (Headers.names): no lower() per field here. (A plain
-    # loop: a list comprehension is slower in Python 3.11, it runs as a nested function.)
-    for lname, (name, value) in zip(headers.names, headers.raw):
+    head = f"{out.method} {out.target} HTTP/1.1\r\nHost: {out.host if rules.host is None else rules.host}\r\n"
+    # Names were lowercased once by the parser (Headers.names): no lower() per field here. The skipped
+    # X-Forwarded-For and Via fields are gathered on the way, each as ", ".join of its values would be.
+    forwarded_for = via = None
+    for lname, (name, value) in zip(request.headers.names, request.headers.raw):
         if lname not in skip:
-            lines.append(f"{name}: {value}")
-    forwarded_for = ""
-    if out.trusted_forwarded and "x-forwarded-for" not in removed:
-        forwarded_for = ", ".join(headers.get_all("x-forwarded-for"))
-    via = "" if "via" in removed else ", ".join(headers.get_all("via"))
-    if "x-forwarded-for" not in overridden:
-        lines.append(f"X-Forwarded-For: {forwarded_for}, {out.client_ip}" if forwarded_for else
-                     f"X-Forwarded-For: {out.client_ip}")
-    if "x-forwarded-proto" not in overridden:
-        lines.append(f"X-Forwarded-Proto: {out.scheme}")
-    if "x-forwarded-host" not in overridden:
-        lines.append(f"X-Forwarded-Host: {request.host or out.host}")
-    if "via" not in overridden:
-        lines.append(f"Via: {via}, {VIA}" if via else f"Via: {VIA}")
-    if out.request_id is not None:
-        lines.append(f"X-Request-Id: {out.request_id}")
-    if set_fields:
-        lines += [f"{name}: {value}" for name, value in set_fields]
+            head += f"{name}: {value}\r\n"
+        elif lname == "x-forwarded-for":
+            forwarded_for = value if forwarded_for is None else f"{forwarded_for}, {value}"
+        elif lname == "via":
+            via = value if via is None else f"{via}, {value}"
+    if not out.trusted_forwarded or "x-forwarded-for" in removed:
+        forwarded_for = None
+    if "via" in removed:
+        via = None
+    head += rules.proxy_fields[out.request_id is not None].format(
+        f"{forwarded_for}, {out.client_ip}" if forwarded_for else out.client_ip, out.scheme,
+        request.host or out.host, f"{via}, {VIA}" if via else VIA, out.request_id)
+    head += rules.set_lines
     if out.body == "length":
-        lines.append(f"Content-Length: {request.content_length}")
+        head += f"Content-Length: {request.content_length}\r\n"
     elif out.body == "chunked":
-        lines.append("Transfer-Encoding: chunked")
+        head += "Transfer-Encoding: chunked\r\n"
     if out.upgrade is not None:
-        lines.append("Connection: Upgrade")
-        lines.append(f"Upgrade: {out.upgrade}")
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode("latin-1")
+        head += f"Connection: Upgrade\r\nUpgrade: {out.upgrade}\r\n"
+    return (head + "\r\n").encode("latin-1")
 
 
 # Response fields dropped by framing (see build_response_head), built once.
@@ -135,40 +145,39 @@ _RESPONSE_DROP = {
     "chunked": HOP_BY_HOP | {"content-length"}, "close": HOP_BY_HOP | {"content-length"},
     "upgrade": HOP_BY_HOP - {"connection", "upgrade"} | {"content-length"},
 }
+# The same with the upstream's X-Request-Id: ours replaces it (a backend echoing it gave the client two).
+_RESPONSE_DROP_WITH_ID = {framing: drop | {"x-request-id"} for framing, drop in _RESPONSE_DROP.items()}
 
 
 def build_response_head(response, *, framing: str, keep_alive: bool, client_version: str,
-                        extra: tuple = ()) -> bytes:
-    """The response head relayed to the client.
+                        request_id: str | None = None) -> bytes:
+    """The response head relayed to the client, in one pass over the fields.
 
     framing: "length" (keep Content-Length), "chunked" (we re-chunk), "close" (close-delimited),
     "none" (no body: HEAD, 204, 304), "upgrade" (101: keep Connection/Upgrade as sent).
+    request_id: an X-Request-Id to return to the client.
     """
-    drop = _RESPONSE_DROP[framing]
+    drop = (_RESPONSE_DROP if request_id is None else _RESPONSE_DROP_WITH_ID)[framing]
     if response.connection_tokens and framing != "upgrade":
         drop = drop | response.connection_tokens
     if response.status == 204:
         drop = drop | {"content-length"}  # RFC 9110 §8.6: never in a 204
-    if extra:  # ours replace the upstream's (a backend echoing X-Request-Id gave the client two)
-        drop = drop | {name.lower() for name, _ in extra}
-    headers = response.headers
-    lines = [f"HTTP/1.1 {response.status} {response.reason}"]
-    for lname, (name, value) in zip(headers.names, headers.raw):
+    head = f"HTTP/1.1 {response.status} {response.reason}\r\n"
+    for lname, (name, value) in zip(response.headers.names, response.headers.raw):
         if lname not in drop:
-            lines.append(f"{name}: {value}")
+            head += f"{name}: {value}\r\n"
     if framing == "length":
-        lines.append(f"Content-Length: {response.content_length}")
-    if extra:
-        lines += [f"{name}: {value}" for name, value in extra]
+        head += f"Content-Length: {response.content_length}\r\n"
+    if request_id is not None:
+        head += f"X-Request-Id: {request_id}\r\n"
     if framing == "chunked":
-        lines.append("Transfer-Encoding: chunked")
+        head += "Transfer-Encoding: chunked\r\n"
     if framing != "upgrade":
         if not keep_alive:
-            lines.append("Connection: close")
+            head += "Connection: close\r\n"
         elif client_version == "HTTP/1.0":
-            lines.append("Connection: keep-alive")
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode("latin-1")
+            head += "Connection: keep-alive\r\n"
+    return (head + "\r\n").encode("latin-1")
 
 
 _INTERIM_DROP = HOP_BY_HOP | {"content-length"}

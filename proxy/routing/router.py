@@ -24,7 +24,9 @@ Decisions (the request smuggling / path confusion research: Orange Tsai's "Break
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+
+from proxy.http.forwarding import RouteHeaders
 
 # RFC 3986 §2.3 unreserved characters: decoding them never changes a URI's meaning.
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -126,6 +128,11 @@ class Route:
     strip_prefix: bool = False
     set_headers: tuple[tuple[str, str], ...] = ()
     index: int = 0  # position in the config file (ties go to the first)
+    # set_headers prepared for building request heads: once per route, not per request.
+    headers: RouteHeaders = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "headers", RouteHeaders(self.set_headers))
 
     def matches_path(self, path: str) -> bool:
         prefix = self.path

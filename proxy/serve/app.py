@@ -57,14 +57,12 @@ class UpstreamRuntime:
         self.name = config.name
         self.config = config
         self.balancer = Upstream(config.name, servers, config.policy)
+        self.pick_server = self.balancer.pick_server  # pick_server(client_ip, exclude=()): per request, no wrapper
         self.pools = pools
 
     @property
     def servers(self) -> tuple[Server, ...]:
         return self.balancer.servers
-
-    def pick_server(self, client_ip: str, exclude=()) -> Server | None:
-        return self.balancer.pick_server(client_ip, exclude)
 
     def snapshot(self) -> dict:
         return self.balancer.snapshot()
@@ -173,7 +171,7 @@ class Application:
         self.runtime = Runtime(config, clock=clock)
         self.observers: list = []  # callables(record) run after each request: access log, metrics
         self.return_request_id = True
-        self.draining_event = threading.Event()
+        self.draining_event = threading.Event()  # the server's own, once there is one (see the setter)
         self.tls_contexts: dict = {}  # listener tag -> TLS terminator (see proxy.http.tls)
         self._tunnels = 0
         self._tunnel_lock = threading.Lock()
@@ -181,8 +179,14 @@ class Application:
         self.reload_listeners: list = []  # callables(old_config, new_config) after a successful reload
 
     # -- state the handler asks about --------------------------------------------------------
-    def draining(self) -> bool:
-        return self.draining_event.is_set()
+    @property
+    def draining_event(self) -> threading.Event:
+        return self._draining_event
+
+    @draining_event.setter
+    def draining_event(self, event: threading.Event) -> None:
+        self._draining_event = event
+        self.draining = event.is_set  # draining(): asked twice per request, so no wrapper around it
 
     def observe(self, record) -> None:
         for observer in self.observers:

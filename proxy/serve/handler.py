@@ -107,13 +107,14 @@ class RequestRecord:
         self.started = started
         self.duration = 0.0
         self.client_ip = client_ip
-        self.method = request.method if request else "-"
-        self.target = request.target if request else "-"
-        self.version = request.version if request else "HTTP/1.1"
-        self.host = request.host if request else None
-        headers = request.headers if request else None
-        self.user_agent = headers.get("user-agent") if headers else None
-        self.referer = headers.get("referer") if headers else None
+        if request is None:  # refused before its head was whole
+            self.method, self.target, self.version, self.host = "-", "-", "HTTP/1.1", None
+            self.user_agent = self.referer = None
+        else:
+            self.method, self.target, self.version, self.host = (request.method, request.target,
+                                                                 request.version, request.host)
+            self.user_agent = _field(request.headers, "user-agent")
+            self.referer = _field(request.headers, "referer")
         self.status = 0
         self.bytes_sent = 0
         self.upstream = None
@@ -364,7 +365,8 @@ class HttpHandler:
         if app.draining():
             ex.client_keep_alive = False  # drain at a request boundary: this answer says close
         try:
-            yield from self._forward(ex, app.runtime)
+            upstream, out = self._plan(ex, app.runtime)
+            yield from self._send_with_retries(ex, upstream, out)
         except ProtocolError as exc:  # the client's body was malformed or too large
             ex.client_keep_alive = False
             self._answer_error(ex, exc.status, exc.reason)
@@ -453,7 +455,8 @@ class HttpHandler:
     def _request_id_header(ex: Exchange) -> tuple:
         return (("X-Request-Id", ex.record.request_id),) if ex.record.request_id else ()
 
-    def _forward(self, ex: Exchange, runtime) -> None:
+    def _plan(self, ex: Exchange, runtime):
+        """Route the request: its upstream and what to send there (an Outbound), or a typed error."""
         request = ex.request
         # First: a 404 or a bad path is logged and answered with the id too (the client's, if it sent one).
         ex.record.request_id = self._request_id(request)
@@ -471,15 +474,15 @@ class HttpHandler:
         ex.record.upstream = upstream.name
         target = (route.forwarded_path(path) if path != "*" else "*") + query
         out = Outbound(request.method, target, "", ex.session.client_ip, ex.session.scheme,
-                       route.set_headers, self._body_mode(request), tunnel_upgrade(request.upgrade),
+                       route.headers, self._body_mode(request), tunnel_upgrade(request.upgrade),
                        ex.record.request_id, runtime.is_trusted(ex.session.client_ip))
-        yield from self._send_with_retries(ex, upstream, out)
+        return upstream, out
 
     def _request_id(self, request: RequestHead) -> str:
         """The client's X-Request-Id if it is a sane token, else a new one: it goes into every log
         line, to the backend and back to the client, so 16 KiB of it, or spaces, control characters
         and non-ASCII bytes (header values are read as latin-1), are replaced, as Heroku's router does."""
-        offered = request.headers.get("x-request-id")
+        offered = _field(request.headers, "x-request-id")
         if offered and len(offered) <= MAX_CLIENT_REQUEST_ID and offered.isascii() and offered.isprintable() \
                 and " " not in offered:
             return offered
@@ -568,6 +571,8 @@ class HttpHandler:
         return not has_body or ex.body_done or not ex.replay
 
     def _attempt(self, ex: Exchange, upstream, server, out: Outbound, fresh: bool = False) -> None:
+        """One try on one server: send the request, relay the response, and give the connection back to
+        the pool (kept if the exchange left it reusable). One generator for all of it on the common path."""
         pool = upstream.pools[server]
         if fresh:
             upstream_conn = pool.connect()
@@ -577,38 +582,42 @@ class HttpHandler:
             upstream_conn = pool.checkout(max_idle=NON_IDEMPOTENT_MAX_IDLE)
         reusable = False
         try:
-            reusable = yield from self._send_and_relay(ex, upstream_conn, out)
+            head = build_request_head(ex.request, out)
+            link = UpstreamLink(upstream_conn, ex)
+            if ex.request.expect_continue and not ex.body_done:
+                response, parser = yield from self._send_expecting_continue(ex, link, head)
+            else:
+                try:
+                    if _nothing_to_send_but(ex, head):  # the common case: no generator for the body
+                        link.send(head)
+                    else:
+                        yield from self._send_body(ex, link, head)
+                except (UpstreamFailed, UpstreamTimeout):
+                    # The server may have answered (413, 401, ...) and closed, or stopped reading, before
+                    # taking the whole body, which RFC 9112 §9.6 allows: relay its answer, as nginx does,
+                    # rather than a 502/504.
+                    if not _has_early_answer(link.sock):
+                        raise
+                response, parser = yield from self._read_response_head(ex, link)
+            reusable = yield from self._relay_response(ex, link, response, parser)
         finally:
             if ex.conn.state is not S.TUNNEL:  # otherwise the tunnel relay owns the socket now
                 pool.release(upstream_conn, reusable)
 
-    def _send_and_relay(self, ex: Exchange, upstream_conn, out: Outbound) -> bool:
-        """Send the request, relay the response. Returns whether the upstream connection is reusable."""
-        head = build_request_head(ex.request, out)
-        link = UpstreamLink(upstream_conn, ex)
-        expect = ex.request.expect_continue and not ex.body_done
-        if expect:
-            link.send(head)
-            response, parser = yield from self._await_continue(ex, link)
-            if response is None:  # the client sent its body without waiting, or 100 arrived
-                yield from self._send_body(ex, link, b"")
-                response, parser = yield from self._read_response_head(ex, link)
-        else:
-            try:
-                yield from self._send_body(ex, link, head)
-            except (UpstreamFailed, UpstreamTimeout):
-                # The server may have answered (413, 401, ...) and closed, or stopped reading, before
-                # taking the whole body, which RFC 9112 §9.6 allows: relay its answer, as nginx does,
-                # rather than a 502/504.
-                if not _has_early_answer(link.sock):
-                    raise
+    def _send_expecting_continue(self, ex: Exchange, link, head: bytes):
+        """Expect: 100-continue: the head, then the body once the server asks for it (or the client sends
+        it anyway); returns the final response head and its parser."""
+        link.send(head)
+        response, parser = yield from self._await_continue(ex, link)
+        if response is None:  # the client sent its body without waiting, or 100 arrived
+            yield from self._send_body(ex, link, b"")
             response, parser = yield from self._read_response_head(ex, link)
-        return (yield from self._relay_response(ex, link, response, parser))
+        return response, parser
 
     # -- request body ------------------------------------------------------------------------
     def _send_body(self, ex: Exchange, link, head: bytes) -> None:
         """Stream the request body upstream, coalescing what is already buffered into few sends."""
-        if ex.body_done and ex.replay is not None and not ex.replay:
+        if _nothing_to_send_but(ex, head):
             if head:
                 link.send(head)
             return
@@ -788,7 +797,7 @@ class HttpHandler:
             ex.client_keep_alive = False
         head = build_response_head(response, framing=framing, keep_alive=ex.client_keep_alive,
                                    client_version=request.version,
-                                   extra=self._request_id_header(ex) if self.app.return_request_id else ())
+                                   request_id=ex.record.request_id if self.app.return_request_id else None)
         ex.conn.transition(S.WRITING)
         if framing == "none":
             yield from self._to_client(ex, head)
@@ -964,6 +973,17 @@ def _switch_offered(chosen: str | None, offered: str) -> bool:
     """A 101's Upgrade names protocols, every one of them among those the client offered."""
     switched = _protocols(chosen)
     return bool(switched) and set(switched) <= set(_protocols(offered))
+
+
+def _field(headers, name: str) -> str | None:
+    """The first value of a field (lowercase ``name``), or None. Most requests lack the fields asked
+    for here, and a miss costs Headers.get three calls: a scan of the lowercase names costs none."""
+    return headers.get(name) if name in headers.names else None
+
+
+def _nothing_to_send_but(ex: Exchange, head: bytes) -> bool:
+    """The request has no body to send (none, or none read yet on a first attempt): only ``head`` goes."""
+    return ex.body_done and ex.replay is not None and not ex.replay
 
 
 def _wants_whole_body(request: RequestHead) -> bool:

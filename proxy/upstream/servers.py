@@ -155,7 +155,8 @@ class Server:
             if acquired:
                 self._active += 1
                 self._requests_total += 1
-        _log(events)
+        if events:  # rare (an ejection just ended): no call per request
+            _log(events)
         return acquired
 
     def release(self) -> None:
