@@ -221,6 +221,11 @@ class TransferRelay:
         self._cancelled = threading.Event()
 
     @property
+    def running(self) -> bool:
+        """Started by a first held transfer: its thread runs and holds an epoll set and a wake-up pipe."""
+        return self._thread is not None
+
+    @property
     def held_count(self) -> int:
         return len(self._held) + len(self._incoming)
 

@@ -46,8 +46,9 @@ def start(make_proxy):
     idle = sum(proxy.pool("web", i).idle_count for proxy in proxies
                for i in range(len(proxy.app.runtime.upstreams["web"].servers)))
     # each proxy adds a listener, a pool of threads (no fds), its loop's epoll + waker; idle pooled
-    # upstream connections hold one fd each on both sides
-    allowance = FD_TOLERANCE + 4 * len(proxies) + 2 * idle
+    # upstream connections hold one fd each on both sides; a transfer relay that started, its epoll + waker
+    relays = sum(proxy.process.server.transfers.running for proxy in proxies)
+    allowance = FD_TOLERANCE + 4 * len(proxies) + 2 * idle + 3 * relays
     wait_for(lambda: open_fds() <= baseline + allowance, what=f"fds back near {baseline} (+{allowance})")
 
 
