@@ -32,7 +32,8 @@ class WriteTimedOut(TimeoutError):
 
 
 class Stall:
-    """Where a relay that timed out stopped (the ``stall`` of its TimeoutError): ``moved`` bytes were
+    """Where a relay that timed out stopped (the ``stall`` of its TimeoutError; a relay that failed
+    otherwise, PeerClosed or another OSError, carries one too, for ``moved``): ``moved`` bytes were
     written to the destination; ``in_pipe`` more were taken from the source and wait in ``pipe`` (a
     splice that stalled writing: the caller owns the pipe now and must close it, see ``close_pipe``),
     or in ``unsent`` (the copy loop)."""
@@ -142,10 +143,17 @@ def _relay_splice(source: socket.socket, dest: socket.socket, count: int, deadli
                 raise _timed_out(TimeoutError, Stall(count - remaining), None)
     except WriteTimedOut:
         raise  # the pipe went with the stall
-    except BaseException:
+    except BaseException as exc:
         _discard_thread_pipe()  # a failed transfer may leave bytes in the pipe: never reuse it
+        _note_moved(exc, count - remaining)
         raise
     return count
+
+
+def _note_moved(exc: BaseException, moved: int) -> None:
+    """Give a failure partway its ``stall``: the caller counts the bytes that did go out."""
+    if isinstance(exc, OSError) and getattr(exc, "stall", None) is None:
+        exc.stall = Stall(moved)
 
 
 def _relay_copy(source: socket.socket, dest: socket.socket, count: int, deadline, watch: str) -> int:
@@ -154,26 +162,32 @@ def _relay_copy(source: socket.socket, dest: socket.socket, count: int, deadline
         buffer = _local.buffer = bytearray(FALLBACK_CHUNK)
     view = memoryview(buffer)
     remaining = count
-    while remaining:
-        want = min(remaining, FALLBACK_CHUNK)
-        try:
-            got = source.recv_into(view, want)
-        except _READ_TIMED_OUT as exc:
-            raise _timed_out(TimeoutError, Stall(count - remaining), exc) from None
-        if got == 0:
-            raise PeerClosed(f"source closed with {remaining} bytes still expected")
-        sent = 0
-        while sent < got:
+    sent = 0
+    try:
+        while remaining:
+            want = min(remaining, FALLBACK_CHUNK)
+            sent = 0
             try:
-                step = dest.send(view[sent:got])
-            except _WRITE_TIMED_OUT as exc:
-                raise _timed_out(WriteTimedOut, Stall(count - remaining + sent, unsent=bytes(view[sent:got])),
-                                 exc) from None
-            sent += step
-            if sent < got and watch == "dest" and _over(deadline):
-                raise _timed_out(WriteTimedOut, Stall(count - remaining + sent, unsent=bytes(view[sent:got])),
-                                 None)
-        remaining -= got
-        if got < want and remaining and watch == "source" and _over(deadline):
-            raise _timed_out(TimeoutError, Stall(count - remaining), None)
+                got = source.recv_into(view, want)
+            except _READ_TIMED_OUT as exc:
+                raise _timed_out(TimeoutError, Stall(count - remaining), exc) from None
+            if got == 0:
+                raise PeerClosed(f"source closed with {remaining} bytes still expected")
+            while sent < got:
+                try:
+                    step = dest.send(view[sent:got])
+                except _WRITE_TIMED_OUT as exc:
+                    raise _timed_out(WriteTimedOut, Stall(count - remaining + sent, unsent=bytes(view[sent:got])),
+                                     exc) from None
+                sent += step
+                if sent < got and watch == "dest" and _over(deadline):
+                    raise _timed_out(WriteTimedOut, Stall(count - remaining + sent, unsent=bytes(view[sent:got])),
+                                     None)
+            remaining -= got
+            sent = 0
+            if got < want and remaining and watch == "source" and _over(deadline):
+                raise _timed_out(TimeoutError, Stall(count - remaining), None)
+    except OSError as exc:
+        _note_moved(exc, count - remaining + sent)
+        raise
     return count

@@ -267,3 +267,24 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
         sock.sendall(data)
     except OSError:  # the proxy answered and closed before the whole body went
         pass
+
+
+@pytest.mark.parametrize("ending", ["fin", "reset"])
+def test_an_upstream_failing_mid_body_logs_the_bytes_the_client_got(make_raw_backend, make_proxy, ending):
+    # The same count when the body was not held at all: the client kept up and the server quit.
+    def script(peer):
+        peer.read_head()
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG + b"x" * (BIG // 2))
+        if ending == "reset":
+            peer.reset()
+
+    backend = make_raw_backend(script)
+    proxy = make_proxy({"web": [backend.address]})
+    records = []
+    proxy.app.observers.append(records.append)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT) as sock:
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+        received = read_to_end(sock)
+    wait_for(lambda: records, what="the request logged")
+    assert BIG // 2 < received < BIG
+    assert records[0].bytes_sent == received

@@ -841,6 +841,9 @@ class HttpHandler:
                         yield rest
                     finally:  # done or failed, what the relay moved went to the client
                         relayed += rest.moved
+                except OSError as failed:  # partway (the server quit, a reset): count what went out
+                    relayed = failed.stall.moved if getattr(failed, "stall", None) else 0
+                    raise
             except PeerClosed as exc:
                 raise UpstreamFailed(f"upstream closed mid-body: {exc}") from exc
             except WriteTimedOut as exc:  # the client took nothing for send_timeout: not the server's fault
