@@ -216,7 +216,10 @@ def test_slow_readers_and_stalled_uploads_do_not_stop_the_proxy(proxy_in_front_o
         assert latencies[-1] < 2.0  # generous: without holding, these requests time out
         assert threads < MAX_THREADS
         assert rss < MAX_RSS
-        assert connections(admin_port, "held") == HELD_READERS + STALLED_UPLOADS
+        # The large responses and the uploads are held; the small responses too where the kernel's
+        # buffers did not take them whole (less room under TCP memory pressure), the rest parked idle.
+        assert connections(admin_port, "held") >= HELD_READERS + STALLED_UPLOADS
+        assert settled(admin_port) == len(clients)
     finally:
         for sock in clients:
             sock.close()
