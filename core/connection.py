@@ -165,7 +165,8 @@ class Connection:
             self._read_timeout, self._write_timeout = read, write
 
     def set_write_timeout(self, write: float | None) -> None:
-        self.set_timeouts(self._read_timeout, write)
+        if write is None or write != self._write_timeout:  # usually unchanged: then not even a call
+            self.set_timeouts(self._read_timeout, write)
 
     # -- reading -----------------------------------------------------------------------------
     def read_some(self, max_bytes: int = READ_CHUNK) -> bytes:

@@ -233,7 +233,7 @@ class HttpHandler:
             return False
         conn.transition(S.IDLE)
         session.parser.start_next()
-        if not session.parser.has_buffered_data and not _tls_pending(conn):
+        if not session.parser.has_buffered_data and not (session.scheme == "https" and _tls_pending(conn)):
             return False  # the server parks the connection until its next request arrives
         conn.transition(S.READING)
         return True
@@ -1067,7 +1067,7 @@ class UpstreamLink:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         poller.register(client_sock, select.POLLRDHUP)
-        wait = self.conn_timeout()
+        wait = self.upstream_conn.read_timeout  # conn_timeout(), without the call
         deadline = time.monotonic() + wait
         while True:
             ready = poller.poll(min(wait, MAX_POLL_SECONDS) * 1000)
