@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import socket
 import sys
@@ -24,6 +25,7 @@ import click
 from core.cpu_affinity import pin_worker
 
 from proxy import __version__
+from proxy.http import local_ca
 from proxy.config.schema import (
     ACCESS_STREAMS, DEFAULT_LISTEN, Config, ConfigError, ListenConfig, load_config, parse_workers,
     quick_config,
@@ -305,12 +307,21 @@ def check(ctx: click.Context, config_path: str | None, file: str | None) -> None
         raise click.UsageError("give the config file once: -c FILE or FILE")
     path = given.pop() if given else DEFAULT_CONFIG_FILE
     config = load_or_exit(path)
-    problems = tls_problems(config)
+    problems = tls_problems(config, create_ca=False)
     if problems:
         fail(_with_source(config, ConfigError(problems)))
     click.echo(f"{path}: OK")
+    if any(listen.tls_internal for listen in config.server.listen):
+        click.echo(describe_local_ca(config.tls.ca_dir))
     for line in routing_table_lines(config):
         click.echo(line)
+
+
+def describe_local_ca(ca_dir: str) -> str:
+    cert_path, _ = local_ca.root_paths(ca_dir)
+    if os.path.exists(cert_path):
+        return f'tls = "internal": certificates from the local CA {cert_path}'
+    return f'tls = "internal": a new local CA will be created in {ca_dir} on the first start'
 
 
 @main.command(context_settings=CONTEXT)
