@@ -206,14 +206,15 @@ def _existing_parent(path: str) -> str:
     return parent
 
 
-def open_root(ca_dir: str, internal_names: tuple[str, ...],
-              now: Callable[[], datetime.datetime] | None = None) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def open_root(ca_dir: str, internal_names: tuple[str, ...], now: Callable[[], datetime.datetime] | None = None,
+              check_names: bool = True) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """Load the root from ``ca_dir``, creating it (and the directory, 0700) on first use.
-    A lock file serialises creation between processes (workers, a second proxy). Raises LocalCaError."""
+    A lock file serialises creation between processes (workers, a second proxy). With check_names
+    (serving), a root whose constraints differ from internal_names is refused. Raises LocalCaError."""
     now = now or _utcnow
     try:
         os.makedirs(ca_dir, mode=0o700, exist_ok=True)
-        with open(os.path.join(ca_dir, LOCK_FILE), "a") as lock:
+        with open(os.open(os.path.join(ca_dir, LOCK_FILE), os.O_WRONLY | os.O_CREAT, 0o600), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             cert_path, key_path = root_paths(ca_dir)
             if not os.path.exists(cert_path) and not os.path.exists(key_path):
@@ -221,7 +222,7 @@ def open_root(ca_dir: str, internal_names: tuple[str, ...],
     except OSError as exc:
         raise LocalCaError(f"cannot create the local CA in {ca_dir} ({exc.strerror or exc})") from None
     certificate, key = _load_root(ca_dir)
-    mismatch = _constraints_problem(ca_dir, certificate, permitted_names(internal_names))
+    mismatch = check_names and _constraints_problem(ca_dir, certificate, permitted_names(internal_names))
     if mismatch:
         raise mismatch
     return certificate, key

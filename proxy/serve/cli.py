@@ -26,8 +26,10 @@ from core.cpu_affinity import pin_worker
 
 from proxy import __version__
 from proxy.http import local_ca
+from proxy.http.local_ca import default_ca_dir
+from proxy.serve import trust as trust_steps
 from proxy.config.schema import (
-    ACCESS_STREAMS, DEFAULT_LISTEN, Config, ConfigError, ListenConfig, load_config, parse_workers,
+    ACCESS_STREAMS, DEFAULT_LISTEN, Config, ConfigError, ListenConfig, TlsSettings, load_config, parse_workers,
     quick_config,
 )
 from proxy.routing.table import routing_table_lines
@@ -340,6 +342,99 @@ def init(path: str, force: bool) -> None:
     except OSError as exc:
         fail(f"cannot write {path}: {exc.strerror or exc}")
     click.echo(f"wrote {path}\nnext: pyproxy check -c {path}   then: pyproxy -c {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# pyproxy trust / pyproxy untrust: the local CA's root for browsers and tools
+# ---------------------------------------------------------------------------------------------
+
+def tls_settings_for(ctx: click.Context, config_path: str | None) -> TlsSettings:
+    """The [tls] settings of the config given with -c (either side of the command), else the defaults."""
+    path = config_path or (ctx.obj or {}).get("config_path")
+    if path:
+        return load_or_exit(path).tls
+    return TlsSettings(default_ca_dir(), ())
+
+
+def existing_root(ca_dir: str) -> trust_steps.Root | None:
+    cert_path, _ = local_ca.root_paths(ca_dir)
+    if not os.path.exists(cert_path):
+        return None
+    try:
+        certificate, _ = local_ca.open_root(ca_dir, (), check_names=False)
+    except local_ca.LocalCaError as exc:
+        fail(f"pyproxy: {exc}")
+    return trust_steps.Root(cert_path, local_ca.fingerprint(certificate))
+
+
+def trust_options(command):
+    command = click.option("--system-store", metavar="DIR|skip", envvar="PYPROXY_SYSTEM_STORE",
+                           help='"skip" leaves the system store alone; a directory gets a copy of the root '
+                                "instead, with no command run (env PYPROXY_SYSTEM_STORE).")(command)
+    command = click.option("--dry-run", is_flag=True, help="Print the steps without doing any.")(command)
+    return click.option("-c", "--config", "config_path", metavar="FILE",
+                        help="Use this config's tls.internal_ca_dir (default ~/.local/share/pyproxy/ca).")(command)
+
+
+def run_trust_steps(steps: list, install: bool, dry_run: bool) -> None:
+    if dry_run:
+        for step in steps:
+            for line in trust_steps.describe(step):
+                click.echo(line)
+        return
+    failed = False
+    for step in steps:
+        succeeded, line = trust_steps.run_step(step, install)
+        click.echo(line, err=not succeeded)
+        failed = failed or not succeeded
+    if failed:
+        sys.exit(1)
+
+
+@main.command(context_settings=CONTEXT)
+@trust_options
+@click.option("--print-path", is_flag=True,
+              help="Print the root certificate's path (for curl --cacert, NODE_EXTRA_CA_CERTS, REQUESTS_CA_BUNDLE).")
+@click.pass_context
+def trust(ctx: click.Context, config_path: str | None, dry_run: bool, system_store: str | None,
+          print_path: bool) -> None:
+    """Install the local CA's root (made now if needed) into the system store and the NSS
+    databases of Chromium and Firefox, so they accept tls = "internal" certificates.
+
+    Each step says what it did or why it skipped. Never asks for a password without a terminal.
+    """
+    settings = tls_settings_for(ctx, config_path)
+    root = existing_root(settings.ca_dir)
+    if root is None and dry_run:
+        click.echo(f"would create a new local CA in {settings.ca_dir}")
+        root = trust_steps.Root(local_ca.root_paths(settings.ca_dir)[0], "NEW-ROOT")
+    elif root is None:
+        try:
+            local_ca.open_root(settings.ca_dir, settings.internal_names)
+        except local_ca.LocalCaError as exc:
+            fail(f"pyproxy: {exc}")
+        root = existing_root(settings.ca_dir)
+    if print_path:
+        click.echo(root.path)
+        return
+    steps = trust_steps.plan(root, True, os.path.expanduser("~"), system_store)
+    run_trust_steps(steps, install=True, dry_run=dry_run)
+    if not dry_run:
+        click.echo(f"root: {root.path} (for curl --cacert, NODE_EXTRA_CA_CERTS, REQUESTS_CA_BUNDLE)")
+
+
+@main.command(context_settings=CONTEXT)
+@trust_options
+@click.pass_context
+def untrust(ctx: click.Context, config_path: str | None, dry_run: bool, system_store: str | None) -> None:
+    """Remove the local CA's root from the places `pyproxy trust` put it (the CA files stay)."""
+    settings = tls_settings_for(ctx, config_path)
+    root = existing_root(settings.ca_dir)
+    if root is None:
+        click.echo(f"no local CA in {settings.ca_dir}: nothing to untrust")
+        return
+    steps = trust_steps.plan(root, False, os.path.expanduser("~"), system_store)
+    run_trust_steps(steps, install=False, dry_run=dry_run)
 
 
 if __name__ == "__main__":
