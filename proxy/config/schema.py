@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from core.cpu_affinity import available_cpus
-from proxy.http.local_ca import default_ca_dir, normalize_internal_name
+from proxy.http.local_ca import default_ca_dir, name_is_permitted, normalize_internal_name
 from proxy.config.units import (
     describe_value, format_address, format_duration, parse_address, parse_duration, parse_host,
     parse_port, parse_size, split_host_port,
@@ -1032,6 +1032,44 @@ def _quick_check(c: _Checker, label: str, convert: Callable[[Any], Any], value: 
         c.add(label, str(problem))
 
 
+HTTPS_PORT = 443
+HTTP_PORT = 80
+
+
+@dataclass(frozen=True)
+class QuickListen:
+    """What --from asks for: the server.listen entry, and where to redirect plain HTTP to it (or None)."""
+    entry: str | dict
+    redirect: str | None = None
+
+
+def quick_listen(text: str) -> QuickListen:
+    """--from "ADDRESS", "http://ADDRESS" or "https://[HOST][:PORT]". https serves certificates from the
+    local CA; a host name (localhost or *.localhost, the names it issues for) binds to 127.0.0.1, and
+    without a port it listens on 443 and redirects port 80 to HTTPS, as Caddy's reverse-proxy does.
+    Raises ValueError (the reason)."""
+    scheme, separator, rest = text.partition("://")
+    if not separator:
+        return QuickListen(text)
+    scheme = scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ValueError(f"{scheme}:// is not supported: use an address, http:// or https://")
+    rest = rest.rstrip("/")
+    has_port = rest.rsplit("]", 1)[-1].count(":") == 1
+    host_text, port_text = split_host_port(rest) if has_port else (rest, "")
+    host = parse_host(host_text) if host_text else ""
+    port = parse_port(port_text) if has_port else (HTTPS_PORT if scheme == "https" else HTTP_PORT)
+    if scheme == "http":
+        return QuickListen(format_address(host, port))
+    if host and not _looks_like_ip(host):
+        if not name_is_permitted(host, ("localhost",)):
+            raise ValueError(f"{host} is not localhost or a *.localhost name, the names the local CA issues "
+                             "certificates for here (a config file can add more with tls.internal_names)")
+        host = "127.0.0.1"
+    entry = {"address": format_address(host, port), "tls": "internal"}
+    return QuickListen(entry, None if has_port else format_address(host, HTTP_PORT))
+
+
 def quick_config(listen: str, targets: list[str], routes: list[tuple[str, str]]) -> Config:
     """A Config from command-line options, validated by parse_config like any file.
 
@@ -1059,10 +1097,11 @@ def quick_config(listen: str, targets: list[str], routes: list[tuple[str, str]])
     if not route_tables:
         c.add("", "nothing to proxy to: give --to ADDRESS or --route KEY=ADDRESS")
     try:
-        parse_address(listen)
+        entry = quick_listen(listen).entry
+        parse_address(entry["address"] if isinstance(entry, dict) else entry)
     except ValueError as problem:
         c.add(f"--from {listen}", str(problem))
     if c.problems:
         raise ConfigError(c.problems)
-    data = {"server": {"listen": listen}, "routes": route_tables, "upstreams": upstreams}
+    data = {"server": {"listen": entry}, "routes": route_tables, "upstreams": upstreams}
     return parse_config(data, COMMAND_LINE_SOURCE)

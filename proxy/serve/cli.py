@@ -27,10 +27,12 @@ from core.cpu_affinity import pin_worker
 from proxy import __version__
 from proxy.http import local_ca
 from proxy.http.local_ca import default_ca_dir
+from proxy.config.units import parse_address
 from proxy.serve import trust as trust_steps
+from proxy.serve.redirect import RedirectServer
 from proxy.config.schema import (
     ACCESS_STREAMS, DEFAULT_LISTEN, Config, ConfigError, ListenConfig, TlsSettings, load_config, parse_workers,
-    quick_config,
+    quick_config, quick_listen,
 )
 from proxy.routing.table import routing_table_lines
 from proxy.serve.runner import (
@@ -167,8 +169,8 @@ MAIN_EPILOG = ("Signals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the con
               help='Worker processes, or "auto" for one per CPU (overrides server.workers).')
 @click.option("--watch", is_flag=True, help="Reload gracefully whenever the config file changes.")
 @click.option("--from", "listen", metavar="ADDRESS",
-              help=f'Without a config file: listen here, e.g. ":8080" (all interfaces) or "127.0.0.1:8080". '
-                   f"Default {DEFAULT_LISTEN}.")
+              help=f'Without a config file: listen here, e.g. ":8080" (all interfaces) or "127.0.0.1:8080"; '
+                   f'"https://:8443" serves HTTPS with certificates from the local CA. Default {DEFAULT_LISTEN}.')
 @click.option("--to", "targets", metavar="ADDRESS", multiple=True,
               help="Without a config file: send every request here. Repeat to balance round robin.")
 @click.option("--route", "routes", metavar="KEY=ADDRESS", multiple=True, callback=parse_route_option,
@@ -191,14 +193,30 @@ def main(ctx: click.Context, config_path: str | None, workers: int | None, watch
         if watch:
             raise click.UsageError("--watch needs a config file (-c FILE) to watch")
         config = quick_config_or_exit(listen or DEFAULT_LISTEN, list(targets), routes)
+        redirect = quick_redirect(listen or DEFAULT_LISTEN)
+        if redirect and (workers or config.server.workers) > 1:
+            raise click.UsageError("--workers does not go with --from https://NAME without a port "
+                                   "(its port 80 redirect runs in one process); give a port")
         for line in routing_table_lines(config):
             click.echo(line, err=True)
-        sys.exit(run_proxy(config, None, workers=workers, watch=False))
+        sys.exit(run_proxy(config, None, workers=workers, watch=False, redirect=redirect))
     if not config_path:
         click.echo(ctx.get_help())
         ctx.exit(2)
     config = load_or_exit(config_path)
     sys.exit(run_proxy(config, config_path, workers=workers, watch=watch))
+
+
+def quick_redirect(listen: str) -> ListenConfig | None:
+    """--from https://NAME without a port: the port 80 listener that redirects to HTTPS."""
+    try:
+        address = quick_listen(listen).redirect
+    except ValueError:
+        return None  # quick_config reported it already
+    return ListenConfig(*parse_address(address)) if address else None
+
+
+PRIVILEGED_PORT_HINT = " (or use a high port: --from https://app.localhost:8443)"
 
 
 def quick_config_or_exit(listen: str, targets: list[str], routes: list[tuple[str, str]]) -> Config:
@@ -208,8 +226,10 @@ def quick_config_or_exit(listen: str, targets: list[str], routes: list[tuple[str
         fail(str(exc))
 
 
-def run_proxy(config, config_path: str | None, workers: int | None = None, watch: bool = False) -> int:
-    """Serve until a signal drains the proxy. Returns the exit code (0 clean, 1 cannot listen)."""
+def run_proxy(config, config_path: str | None, workers: int | None = None, watch: bool = False,
+              redirect: ListenConfig | None = None) -> int:
+    """Serve until a signal drains the proxy. Returns the exit code (0 clean, 1 cannot listen).
+    ``redirect``: also listen there, answering plain HTTP with a 308 to HTTPS (quick mode)."""
     configure_logging(config.log.level)
     problems = tls_problems(config)  # load certificates once, before any socket or fork
     if problems:
@@ -225,10 +245,11 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
     try:
         listeners = bind_listeners(config)
     except ListenError as exc:
-        click.echo(str(exc), err=True)
+        click.echo(str(exc) + (PRIVILEGED_PORT_HINT if redirect else ""), err=True)
         return 1
     try:
         admin_socket = bind_admin(config)
+        redirect_server = start_redirect(redirect, config) if redirect else None
     except ListenError as exc:
         for _, sock in listeners:
             sock.close()
@@ -256,8 +277,22 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
     if watch and config_path:
         process.watch_config()
     click.echo(f"pyproxy {__version__} listening on {describe_listeners(process)}", err=True)
+    if redirect_server is not None:
+        click.echo(f"redirecting http://{redirect.address} to HTTPS", err=True)
     process.serve_forever()
     return 0
+
+
+def start_redirect(redirect: ListenConfig, config: Config) -> RedirectServer:
+    """Bind and start the plain-HTTP listener that redirects to the HTTPS one. Raises ListenError."""
+    try:
+        sock = bind_config_listener(redirect)
+    except OSError as exc:
+        raise ListenError(str(listen_error(redirect, exc, "the redirect to HTTPS")) + PRIVILEGED_PORT_HINT) from None
+    https_port = config.server.listen[0].port
+    server = RedirectServer(sock, https_port, None)
+    server.start()
+    return server
 
 
 def stop_signal_pending() -> bool:
