@@ -30,6 +30,7 @@ from proxy.http import local_ca
 from proxy.http.tls import leaf_context, server_context
 from proxy.serve.cli import main
 from proxy.serve.runner import ProxyProcess
+from tests.support.command import proxy_running
 from tests.support.proxy import CLIENT_TIMEOUT, PROXY_STOP_TIMEOUT, proxy_config_dict
 
 pytestmark = pytest.mark.timeout(60)
@@ -420,3 +421,42 @@ def test_run_refuses_a_readable_root_key_before_listening(tmp_path):
     result = CliRunner().invoke(main, ["-c", str(path)])
     assert result.exit_code == 1
     assert "tls.internal_ca_dir:" in result.output and "readable by other users" in result.output
+
+
+def test_the_leaf_cache_is_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(local_ca, "MAX_CACHED_LEAVES", 3)
+    authority = local_ca.LocalCA(str(tmp_path / "ca"), (), leaf_context)
+    first = authority.context_for("n0.localhost")
+    for index in range(1, 5):
+        authority.context_for(f"n{index}.localhost")
+    assert len(authority._leaves) == 3
+    assert authority.context_for("n0.localhost") is not first  # forgotten, issued again
+    assert authority.issued == 6
+
+
+def test_the_ca_survives_a_restart_of_the_proxy(tmp_path, make_backend, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    backend = make_backend()
+    root_file = tmp_path / "data" / "pyproxy" / "ca" / "root.crt"
+
+    def args_for_port(port):
+        return ["--from", f"https://127.0.0.1:{port}", "--to", backend.address]
+
+    fingerprints = []
+    for run in ("first", "second"):
+        (tmp_path / run).mkdir()
+        with proxy_running(tmp_path / run, args_for_port) as running:
+            certificate = x509.load_pem_x509_certificate(root_file.read_bytes())
+            fingerprints.append(local_ca.fingerprint(certificate))
+            assert handshake(running.port, "app.localhost", str(root_file))
+    assert fingerprints[0] == fingerprints[1]
+
+
+def test_a_reload_with_other_internal_names_changes_nothing(make_internal_proxy, tmp_path):
+    proxy = make_internal_proxy()
+    document = proxy_config_dict({"web": ["127.0.0.1:9"]},
+                                 server={"listen": [{"address": "127.0.0.1:1", "tls": "internal"}]})
+    document["tls"] = {"internal_ca_dir": proxy.ca_dir, "internal_names": [".test"]}
+    with pytest.raises(ConfigError, match="tls.internal_names: the root in"):
+        proxy.process.reload(parse_config(document, "test.toml"))
+    assert handshake(proxy.port, "app.localhost", proxy.root_file)

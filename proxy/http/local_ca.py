@@ -42,6 +42,7 @@ LEAF_LIFETIME = datetime.timedelta(days=7)
 RENEW_AFTER = LEAF_LIFETIME * 2 / 3      # as Caddy does: renew with a third of the lifetime left
 BACKDATE = datetime.timedelta(minutes=5)  # tolerate a client clock a little behind ours
 ISSUE_WAIT = 10.0                         # seconds a handshake waits for another thread issuing its name
+MAX_CACHED_LEAVES = 1000                  # *.localhost is endless: the oldest leaves go past this many
 ALWAYS_PERMITTED = ("localhost",)         # a DNS constraint covers the name and every name below it
 LOOPBACK_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 LOOPBACK_ADDRESSES = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
@@ -322,15 +323,23 @@ class LocalCA:
         with self._lock:
             leaf = self._leaves.get(name)
             mine = leaf is None or (leaf.ready.is_set() and (leaf.context is None or now >= leaf.renew_at))
-            if mine:  # this thread issues; others asking meanwhile wait for it (or keep the old leaf)
+            if mine:  # this thread issues; others asking meanwhile wait for it
                 previous = leaf
                 leaf = _Leaf()
+                self._leaves.pop(name, None)  # re-inserted last: the dict's order is the age order
                 self._leaves[name] = leaf
+                self._forget_oldest()
         if mine:
             self._issue(name, leaf, previous)
         elif not leaf.ready.wait(ISSUE_WAIT):
             return None
         return leaf.context
+
+    def _forget_oldest(self) -> None:
+        """Bound the cache (a client could ask for a.localhost, b.localhost, ... forever). Called with
+        the lock held; a forgotten name is simply issued again if asked for."""
+        while len(self._leaves) > MAX_CACHED_LEAVES:
+            del self._leaves[next(iter(self._leaves))]
 
     def new_context(self, name: str) -> ssl.SSLContext:
         """A context with a fresh leaf for ``name``, not cached (a listener's base context)."""
@@ -343,7 +352,8 @@ class LocalCA:
             pem, not_after = make_leaf(self.root, self._root_key, name, now)
             leaf.context = self._load(pem)
             leaf.renew_at = not_after - LEAF_LIFETIME + RENEW_AFTER
-            self.issued += 1
+            with self._lock:
+                self.issued += 1
             log.debug("issued a certificate for %s, valid until %s", name or "the loopback addresses", not_after)
         except Exception:  # never a traceback into the handshake: the client sees a failed handshake
             log.exception("could not issue a certificate for %s", name)

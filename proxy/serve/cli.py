@@ -265,7 +265,7 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
             return 0
         # Still blocked: the supervisor unblocks them once its handlers are in place, before any fork
         # (a SIGTERM while it built its Application killed it, 2 in 10 tries).
-        addresses = ", ".join(f"http://{listen.address}" for listen, _ in listeners)
+        addresses = ", ".join(f"{'https' if listen.tls else 'http'}://{listen.address}" for listen, _ in listeners)
         click.echo(f"pyproxy {__version__} listening on {addresses} with {workers} workers", err=True)
         return run_supervisor(config, config_path, listeners, workers, watch=watch)
     pinned = pin_worker(config.server.cpu_affinity)  # before ProxyProcess starts its threads
