@@ -5,7 +5,6 @@ port 80 redirect that ``--from https://NAME`` (no port) adds. The CA lives in tm
 from __future__ import annotations
 
 import http.client
-import os
 import shutil
 import socket
 import ssl

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from core.cpu_affinity import available_cpus
-from proxy.http.local_ca import default_ca_dir, name_is_permitted, normalize_internal_name
+from proxy.config.ca_names import default_ca_dir, name_is_permitted, normalize_internal_name
 from proxy.config.units import (
     describe_value, format_address, format_duration, parse_address, parse_duration, parse_host,
     parse_port, parse_size, split_host_port,

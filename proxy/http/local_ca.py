@@ -32,6 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from proxy.config.ca_names import name_is_permitted, normalize_internal_name, permitted_names
+
 log = logging.getLogger("pyproxy.local_ca")
 
 ROOT_CERT = "root.crt"
@@ -43,7 +45,6 @@ RENEW_AFTER = LEAF_LIFETIME * 2 / 3      # as Caddy does: renew with a third of 
 BACKDATE = datetime.timedelta(minutes=5)  # tolerate a client clock a little behind ours
 ISSUE_WAIT = 10.0                         # seconds a handshake waits for another thread issuing its name
 MAX_CACHED_LEAVES = 1000                  # *.localhost is endless: the oldest leaves go past this many
-ALWAYS_PERMITTED = ("localhost",)         # a DNS constraint covers the name and every name below it
 LOOPBACK_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 LOOPBACK_ADDRESSES = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
 NO_SNI = ""  # the cache key of the certificate for clients that send no server name (loopback IPs)
@@ -56,28 +57,6 @@ class LocalCaError(Exception):
     def __init__(self, message: str, key: str = "tls.internal_ca_dir"):
         super().__init__(message)
         self.key = key
-
-
-def default_ca_dir() -> str:
-    """$XDG_DATA_HOME/pyproxy/ca, i.e. ~/.local/share/pyproxy/ca by default."""
-    data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(data_home, "pyproxy", "ca")
-
-
-def normalize_internal_name(name: str) -> str:
-    """ ".test" and "test" both mean test and every name below it (how X.509 DNS constraints read)."""
-    return name.strip().lower().lstrip("*").lstrip(".").rstrip(".")
-
-
-def permitted_names(internal_names: tuple[str, ...]) -> tuple[str, ...]:
-    """The DNS names the root permits, sorted, without duplicates."""
-    return tuple(sorted(set(ALWAYS_PERMITTED) | {normalize_internal_name(n) for n in internal_names}))
-
-
-def name_is_permitted(name: str, permitted: tuple[str, ...]) -> bool:
-    """Is ``name`` one of ``permitted`` or below one of them?"""
-    name = name.lower().rstrip(".")
-    return any(name == base or name.endswith("." + base) for base in permitted)
 
 
 # ---------------------------------------------------------------------------------------------

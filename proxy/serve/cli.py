@@ -26,7 +26,7 @@ from core.cpu_affinity import pin_worker
 
 from proxy import __version__
 from proxy.http import local_ca
-from proxy.http.local_ca import default_ca_dir
+from proxy.config.ca_names import default_ca_dir
 from proxy.config.units import parse_address
 from proxy.serve import trust as trust_steps
 from proxy.serve.redirect import RedirectServer
