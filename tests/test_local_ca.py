@@ -460,3 +460,15 @@ def test_a_reload_with_other_internal_names_changes_nothing(make_internal_proxy,
     with pytest.raises(ConfigError, match="tls.internal_names: the root in"):
         proxy.process.reload(parse_config(document, "test.toml"))
     assert handshake(proxy.port, "app.localhost", proxy.root_file)
+
+
+def test_check_notes_route_hosts_the_ca_will_not_issue_for(tmp_path):
+    document = internal_document(tmp_path, tls={"internal_names": [".test"]})
+    document["routes"] = [{"host": "app.localhost", "path": "/", "upstream": "web"},
+                          {"host": "*.site.test", "path": "/", "upstream": "web"},
+                          {"host": "api.example.com", "path": "/", "upstream": "web"}]
+    result = check(tmp_path, document)
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert notes == ["note: routes[2].host api.example.com gets no certificate from the local CA "
+                     "(it issues for localhost, test); add its domain to tls.internal_names"]

@@ -26,7 +26,7 @@ from core.cpu_affinity import pin_worker
 
 from proxy import __version__
 from proxy.http import local_ca
-from proxy.config.ca_names import default_ca_dir
+from proxy.config.ca_names import default_ca_dir, name_is_permitted, permitted_names
 from proxy.config.units import parse_address
 from proxy.serve import trust as trust_steps
 from proxy.serve.redirect import RedirectServer
@@ -350,6 +350,8 @@ def check(ctx: click.Context, config_path: str | None, file: str | None) -> None
     click.echo(f"{path}: OK")
     if any(listen.tls_internal for listen in config.server.listen):
         click.echo(describe_local_ca(config.tls.ca_dir))
+        for line in hosts_without_internal_certificates(config):
+            click.echo(line)
     for line in routing_table_lines(config):
         click.echo(line)
 
@@ -359,6 +361,18 @@ def describe_local_ca(ca_dir: str) -> str:
     if os.path.exists(cert_path):
         return f'tls = "internal": certificates from the local CA {cert_path}'
     return f'tls = "internal": a new local CA will be created in {ca_dir} on the first start'
+
+
+def hosts_without_internal_certificates(config: Config) -> list[str]:
+    """Route hosts the local CA will not issue for: HTTPS clients of a tls = "internal" listener
+    asking for them fail the handshake. A note, not an error: the route may serve plain HTTP."""
+    permitted = permitted_names(config.tls.internal_names)
+    notes = []
+    for index, route in enumerate(config.routes):
+        if route.host and not name_is_permitted(route.host.removeprefix("*."), permitted):
+            notes.append(f"note: routes[{index}].host {route.host} gets no certificate from the local CA "
+                         f"(it issues for {', '.join(permitted)}); add its domain to tls.internal_names")
+    return notes
 
 
 @main.command(context_settings=CONTEXT)
