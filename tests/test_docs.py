@@ -33,6 +33,7 @@ KEY_PREFIXES = {
     "SERVER_KEYS": "server.",
     "LISTEN_KEYS": "server.listen[].",
     "SNI_KEYS": "server.listen[].sni[].",
+    "TLS_KEYS": "tls.",
     "ADMIN_KEYS": "admin.",
     "LOG_KEYS": "log.",
     "ROUTE_KEYS": "routes[].",
@@ -42,7 +43,7 @@ KEY_PREFIXES = {
     "PASSIVE_KEYS": "upstreams.NAME.passive.",
 }
 # The top-level tables; each has its own section heading in the reference.
-TOP_LEVEL_HEADINGS = {"server": "[server]", "admin": "[admin]", "log": "[log]", "routes": "[[routes]]",
+TOP_LEVEL_HEADINGS = {"server": "[server]", "tls": "[tls]", "admin": "[admin]", "log": "[log]", "routes": "[[routes]]",
                       "upstreams": "[upstreams.NAME]"}
 
 KEY_ROW = re.compile(r"^\|\s*`([A-Za-z_][A-Za-z0-9_.\[\]]*)`\s*\|")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from core.cpu_affinity import available_cpus
+from proxy.config.ca_names import default_ca_dir, name_is_permitted, normalize_internal_name
 from proxy.config.units import (
     describe_value, format_address, format_duration, parse_address, parse_duration, parse_host,
     parse_port, parse_size, split_host_port,
@@ -70,6 +71,7 @@ class ListenConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     sni: tuple[SniCertificate, ...] = ()  # certificates picked by server name; tls_cert is the default
+    tls_internal: bool = False  # tls = "internal": certificates issued on demand by the local CA
 
     @property
     def address(self) -> str:
@@ -77,7 +79,7 @@ class ListenConfig:
 
     @property
     def tls(self) -> bool:
-        return self.tls_cert is not None
+        return self.tls_cert is not None or self.tls_internal
 
 
 _DEFAULT_LISTEN_CONFIG = ListenConfig("127.0.0.1", 8080)
@@ -170,10 +172,22 @@ class UpstreamConfig:
     tls_ca: str | None = None
 
 
+@dataclass(frozen=True)
+class TlsSettings:
+    """[tls]: the local CA behind listeners with tls = "internal" (proxy.http.local_ca)."""
+    internal_ca_dir: str = ""                 # "" = the default, $XDG_DATA_HOME/pyproxy/ca
+    internal_names: tuple[str, ...] = ()      # further domains the CA may issue for, e.g. ("test",)
+
+    @property
+    def ca_dir(self) -> str:
+        return self.internal_ca_dir or default_ca_dir()
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     source: str
     server: ServerSettings = ServerSettings()
+    tls: TlsSettings = TlsSettings()
     admin: AdminConfig | None = None
     log: LogConfig = LogConfig()
     routes: tuple[RouteConfig, ...]
@@ -511,7 +525,9 @@ _SERVER_CONVERTERS = {
     "send_timeout": _duration(),
     "cpu_affinity": _cpu_affinity,
 }
-LISTEN_KEYS = ("address", "tls_cert", "tls_key", "sni")
+LISTEN_KEYS = ("address", "tls", "tls_cert", "tls_key", "sni")
+LISTEN_TLS_MODES = ("internal",)
+TLS_KEYS = ("internal_ca_dir", "internal_names")
 SNI_KEYS = ("host", "tls_cert", "tls_key")
 ADMIN_KEYS = ("listen",)
 LOG_KEYS = ("level", "access", "format")
@@ -543,7 +559,8 @@ _HEALTH_CONVERTERS = {
 }
 PASSIVE_KEYS = ("max_fails", "fail_timeout")
 _PASSIVE_CONVERTERS = {"max_fails": _integer(1), "fail_timeout": _duration()}
-TOP_KEYS = ("server", "admin", "log", "routes", "upstreams")
+TOP_KEYS = ("server", "tls", "admin", "log", "routes", "upstreams")
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 
 def _parse_listen_entry(c: _Checker, value: Any, path: str) -> ListenConfig | None:
@@ -559,11 +576,13 @@ def _parse_listen_entry(c: _Checker, value: Any, path: str) -> ListenConfig | No
 
 def _parse_listen_table(c: _Checker, table: dict, path: str) -> ListenConfig | None:
     c.reject_unknown(table, LISTEN_KEYS, path)
+    internal = _parse_listen_tls(c, table, path)
     if ("tls_cert" in table) != ("tls_key" in table):
         c.add(path, "tls_cert and tls_key go together: give both or neither")
     cert = c.existing_file(table["tls_cert"], key_path(path, "tls_cert")) if "tls_cert" in table else None
     key = c.existing_file(table["tls_key"], key_path(path, "tls_key")) if "tls_key" in table else None
-    sni = _parse_sni(c, table["sni"], key_path(path, "sni"), "tls_cert" in table) if "sni" in table else ()
+    has_default = "tls_cert" in table or internal
+    sni = _parse_sni(c, table["sni"], key_path(path, "sni"), has_default) if "sni" in table else ()
     if "address" not in table:
         c.add(path, 'missing required key "address"')
         return None
@@ -572,13 +591,72 @@ def _parse_listen_table(c: _Checker, table: dict, path: str) -> ListenConfig | N
     except ValueError as problem:
         c.add(key_path(path, "address"), str(problem))
         return None
-    return ListenConfig(host, port, cert, key, sni)
+    return ListenConfig(host, port, cert, key, sni, internal)
+
+
+def _parse_listen_tls(c: _Checker, table: dict, path: str) -> bool:
+    """tls = "internal": True when given and valid (a problem is recorded otherwise)."""
+    if "tls" not in table:
+        return False
+    value = table["tls"]
+    if value not in LISTEN_TLS_MODES:
+        hint = did_you_mean(value, LISTEN_TLS_MODES) if isinstance(value, str) else ""
+        c.add(key_path(path, "tls"), f'expected "internal" (certificates from pyproxy\'s local CA), '
+                                     f"got {describe_value(value)}{hint}")
+        return False
+    if "tls_cert" in table or "tls_key" in table:
+        c.add(key_path(path, "tls"), 'tls = "internal" and tls_cert/tls_key exclude each other: the local CA '
+                                     "issues the certificates (add files for some names with sni = [...])")
+        return False
+    return True
+
+
+def _parse_tls(c: _Checker, value: Any) -> TlsSettings:
+    table = c.table(value, "tls")
+    c.reject_unknown(table, TLS_KEYS, "tls")
+    ca_dir = ""
+    if "internal_ca_dir" in table:
+        raw = table["internal_ca_dir"]
+        if isinstance(raw, str) and raw:
+            ca_dir = c.resolve(raw)
+        else:
+            c.add("tls.internal_ca_dir", f"expected a directory path, got {describe_value(raw)}")
+    names: list[str] = []
+    raw_names = table.get("internal_names", [])
+    if not isinstance(raw_names, list):
+        c.add("tls.internal_names", f'expected a list of domains like [".test"], got {describe_value(raw_names)}')
+        raw_names = []
+    for index, raw in enumerate(raw_names):
+        try:
+            names.append(_internal_name(raw))
+        except ValueError as problem:
+            c.add(f"tls.internal_names[{index}]", str(problem))
+    return TlsSettings(ca_dir or default_ca_dir(), tuple(names))
+
+
+def _internal_name(value: Any) -> str:
+    """A domain the local CA may issue for: ".test" (or "test") covers test and every name below it."""
+    if not isinstance(value, str):
+        raise ValueError(f'expected a domain like ".test", got {describe_value(value)}')
+    name = normalize_internal_name(value)
+    labels = name.split(".")
+    if not name or not all(_DNS_LABEL.fullmatch(label) for label in labels) or _looks_like_ip(name):
+        raise ValueError(f'{describe_value(value)} is not a domain name like ".test" or ".internal"')
+    return name
+
+
+def _looks_like_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _parse_sni(c: _Checker, value: Any, path: str, has_default: bool) -> tuple[SniCertificate, ...]:
     """sni = [{ host = "a.test" | ["a.test", "*.a.test"], tls_cert = "...", tls_key = "..." }, ...]"""
     if not has_default:
-        c.add(path, "needs tls_cert and tls_key on the listener too (the certificate for other names)")
+        c.add(path, "needs tls_cert and tls_key on the listener too (the certificate for other names), or tls = \"internal\"")
     if not isinstance(value, list) or not value:
         c.add(path, f"expected a list of {{ host, tls_cert, tls_key }} tables, got {describe_value(value)}")
         return ()
@@ -878,6 +956,7 @@ def parse_config(data: dict, source: str, base_dir: str | None = None) -> Config
         raise ConfigError(c.problems)
     c.reject_unknown(data, TOP_KEYS, "")
     server = _parse_server(c, data.get("server", {}))
+    tls = _parse_tls(c, data.get("tls", {}))
     admin = _parse_admin(c, data["admin"], server) if "admin" in data else None
     log = _parse_log(c, data.get("log", {}))
     upstream_value = data.get("upstreams")
@@ -886,7 +965,7 @@ def parse_config(data: dict, source: str, base_dir: str | None = None) -> Config
     upstreams = _parse_upstreams(c, upstream_value)
     if c.problems:
         raise ConfigError(c.problems)
-    return Config(source=source, server=server, admin=admin, log=log, routes=routes, upstreams=upstreams)
+    return Config(source=source, server=server, tls=tls, admin=admin, log=log, routes=routes, upstreams=upstreams)
 
 
 def load_config(path: str | os.PathLike) -> Config:
@@ -953,6 +1032,44 @@ def _quick_check(c: _Checker, label: str, convert: Callable[[Any], Any], value: 
         c.add(label, str(problem))
 
 
+HTTPS_PORT = 443
+HTTP_PORT = 80
+
+
+@dataclass(frozen=True)
+class QuickListen:
+    """What --from asks for: the server.listen entry, and where to redirect plain HTTP to it (or None)."""
+    entry: str | dict
+    redirect: str | None = None
+
+
+def quick_listen(text: str) -> QuickListen:
+    """--from "ADDRESS", "http://ADDRESS" or "https://[HOST][:PORT]". https serves certificates from the
+    local CA; a host name (localhost or *.localhost, the names it issues for) binds to 127.0.0.1, and
+    without a port it listens on 443 and redirects port 80 to HTTPS, as Caddy's reverse-proxy does.
+    Raises ValueError (the reason)."""
+    scheme, separator, rest = text.partition("://")
+    if not separator:
+        return QuickListen(text)
+    scheme = scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ValueError(f"{scheme}:// is not supported: use an address, http:// or https://")
+    rest = rest.rstrip("/")
+    has_port = rest.rsplit("]", 1)[-1].count(":") == 1
+    host_text, port_text = split_host_port(rest) if has_port else (rest, "")
+    host = parse_host(host_text) if host_text else ""
+    port = parse_port(port_text) if has_port else (HTTPS_PORT if scheme == "https" else HTTP_PORT)
+    if scheme == "http":
+        return QuickListen(format_address(host, port))
+    if host and not _looks_like_ip(host):
+        if not name_is_permitted(host, ("localhost",)):
+            raise ValueError(f"{host} is not localhost or a *.localhost name, the names the local CA issues "
+                             "certificates for here (a config file can add more with tls.internal_names)")
+        host = "127.0.0.1"
+    entry = {"address": format_address(host, port), "tls": "internal"}
+    return QuickListen(entry, None if has_port else format_address(host, HTTP_PORT))
+
+
 def quick_config(listen: str, targets: list[str], routes: list[tuple[str, str]]) -> Config:
     """A Config from command-line options, validated by parse_config like any file.
 
@@ -980,10 +1097,11 @@ def quick_config(listen: str, targets: list[str], routes: list[tuple[str, str]])
     if not route_tables:
         c.add("", "nothing to proxy to: give --to ADDRESS or --route KEY=ADDRESS")
     try:
-        parse_address(listen)
+        entry = quick_listen(listen).entry
+        parse_address(entry["address"] if isinstance(entry, dict) else entry)
     except ValueError as problem:
         c.add(f"--from {listen}", str(problem))
     if c.problems:
         raise ConfigError(c.problems)
-    data = {"server": {"listen": listen}, "routes": route_tables, "upstreams": upstreams}
+    data = {"server": {"listen": entry}, "routes": route_tables, "upstreams": upstreams}
     return parse_config(data, COMMAND_LINE_SOURCE)

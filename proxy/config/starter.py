@@ -30,6 +30,13 @@ body_timeout = "60s"           # longest gap between request body reads; past it
 send_timeout = "60s"           # a client that reads nothing of its response for this long is dropped
 # trusted_proxies = ["10.0.0.0/8"]  # load balancers in front of us whose X-Forwarded-For we believe
 
+# HTTPS for local development with certificates from pyproxy's own CA (run `pyproxy trust` once):
+# add the listener { address = "127.0.0.1:8443", tls = "internal" } to server.listen above.
+
+# [tls]
+# internal_ca_dir = "~/.local/share/pyproxy/ca"  # the local CA's root.crt and root.key
+# internal_names = [".test"]   # domains besides localhost it may issue for; a change needs a new root
+
 [admin]                        # delete this table to run without an admin listener
 listen = "127.0.0.1:9901"      # GET /healthz, /status, /metrics; keep it on loopback
 

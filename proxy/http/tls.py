@@ -24,6 +24,7 @@ import ssl
 import struct
 from dataclasses import dataclass
 
+from proxy.http.local_ca import NO_SNI, LocalCA, shared_ca
 from proxy.http.responses import plain_response
 
 log = logging.getLogger("pyproxy.tls")
@@ -93,7 +94,7 @@ class Certificate:
     hosts: tuple[str, ...] = ()
 
 
-def server_context(cert: str, key: str) -> ssl.SSLContext:
+def server_context(cert: str, key: str | None) -> ssl.SSLContext:
     """Modern server defaults: TLS 1.2+, the ssl module's cipher list, server cipher preference."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -104,11 +105,26 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
-class TlsTerminator:
-    """Terminates TLS for one listener: a default certificate plus optional ones picked by SNI."""
+def leaf_context(pem_path: str) -> ssl.SSLContext:
+    """A server context from one PEM file holding a leaf's key and certificate (the local CA's)."""
+    return server_context(pem_path, None)
 
-    def __init__(self, default: Certificate, by_name: tuple[Certificate, ...] = ()):
-        self.context = server_context(default.tls_cert, default.tls_key)
+
+class TlsTerminator:
+    """Terminates TLS for one listener: a default certificate plus optional ones picked by SNI.
+
+    With ``authority`` (``tls = "internal"``) there is no default certificate: names without a
+    certificate file get a leaf from the local CA, issued in the SNI callback (so on the handshake's
+    worker thread, never in the accept loop), and a name the CA does not issue for is refused with
+    the ``unrecognized_name`` alert."""
+
+    def __init__(self, default: Certificate | None, by_name: tuple[Certificate, ...] = (),
+                 authority: LocalCA | None = None):
+        self.authority = authority
+        if default is not None:
+            self.context = server_context(default.tls_cert, default.tls_key)
+        else:  # the loopback leaf, so the context is complete; the callback picks a current one
+            self.context = authority.new_context(NO_SNI)
         self._exact: dict[str, ssl.SSLContext] = {}
         self._wildcard: dict[str, ssl.SSLContext] = {}  # "example.com" for "*.example.com"
         for certificate in by_name:
@@ -118,31 +134,47 @@ class TlsTerminator:
                     self._wildcard.setdefault(host[2:], context)
                 else:
                     self._exact.setdefault(host, context)
-        if self._exact or self._wildcard:
+        if self._exact or self._wildcard or authority is not None:
             self.context.sni_callback = self._select_certificate
 
     @classmethod
-    def from_listen_config(cls, listen) -> "TlsTerminator":
-        default = Certificate(listen.tls_cert, listen.tls_key)
+    def from_listen_config(cls, listen, tls_settings=None) -> "TlsTerminator":
+        """``tls_settings`` ([tls]: internal_ca_dir, internal_names) is needed for ``tls = "internal"``.
+        Raises LocalCaError when the local CA cannot be created or loaded."""
         extra = tuple(Certificate(entry.tls_cert, entry.tls_key, entry.hosts)
                       for entry in getattr(listen, "sni", ()))
-        return cls(default, extra)
+        if getattr(listen, "tls_internal", False):
+            authority = shared_ca(tls_settings.internal_ca_dir, tls_settings.internal_names, leaf_context)
+            return cls(None, extra, authority)
+        return cls(Certificate(listen.tls_cert, listen.tls_key), extra)
 
-    def context_for(self, server_name: str | None) -> ssl.SSLContext:
-        """The context whose certificate serves ``server_name``: exact name, then "*.parent", then default."""
+    def context_for(self, server_name: str | None) -> ssl.SSLContext | None:
+        """The context whose certificate serves ``server_name``: exact name, then "*.parent", then the
+        local CA's leaf (``tls = "internal"``) or the default. None: no certificate for that name."""
+        found = self._from_files(server_name)
+        if found is not None:
+            return found
+        if self.authority is not None:
+            return self.authority.context_for(server_name or NO_SNI)
+        return self.context
+
+    def _from_files(self, server_name: str | None) -> ssl.SSLContext | None:
         if not server_name:
-            return self.context
+            return None
         name = server_name.lower().rstrip(".")
         found = self._exact.get(name)
         if found is None and "." in name:
             found = self._wildcard.get(name.split(".", 1)[1])  # a wildcard covers one label (RFC 6125 §6.4.3)
-        return found or self.context
+        return found
 
-    def _select_certificate(self, ssl_object, server_name, _context) -> None:
+    def _select_certificate(self, ssl_object, server_name, _context) -> int | None:
         chosen = self.context_for(server_name)
+        if chosen is None:
+            log.debug("TLS: no certificate for %r: not a name the local CA issues for", server_name)
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         if chosen is not self.context:
             ssl_object.context = chosen
-        return None  # continue the handshake (an unknown name gets the default certificate)
+        return None  # continue the handshake (without tls = "internal", an unknown name gets the default)
 
     def handshake(self, conn):
         """Advance the TLS handshake without blocking: True once complete, False if it failed,

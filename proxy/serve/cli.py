@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import socket
 import sys
@@ -24,9 +25,14 @@ import click
 from core.cpu_affinity import pin_worker
 
 from proxy import __version__
+from proxy.http import local_ca
+from proxy.config.ca_names import default_ca_dir, name_is_permitted, permitted_names
+from proxy.config.units import parse_address
+from proxy.serve import trust as trust_steps
+from proxy.serve.redirect import RedirectServer
 from proxy.config.schema import (
-    ACCESS_STREAMS, DEFAULT_LISTEN, Config, ConfigError, ListenConfig, load_config, parse_workers,
-    quick_config,
+    ACCESS_STREAMS, DEFAULT_LISTEN, Config, ConfigError, ListenConfig, TlsSettings, load_config, parse_workers,
+    quick_config, quick_listen,
 )
 from proxy.routing.table import routing_table_lines
 from proxy.serve.runner import (
@@ -163,8 +169,8 @@ MAIN_EPILOG = ("Signals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the con
               help='Worker processes, or "auto" for one per CPU (overrides server.workers).')
 @click.option("--watch", is_flag=True, help="Reload gracefully whenever the config file changes.")
 @click.option("--from", "listen", metavar="ADDRESS",
-              help=f'Without a config file: listen here, e.g. ":8080" (all interfaces) or "127.0.0.1:8080". '
-                   f"Default {DEFAULT_LISTEN}.")
+              help=f'Without a config file: listen here, e.g. ":8080" (all interfaces) or "127.0.0.1:8080"; '
+                   f'"https://:8443" serves HTTPS with certificates from the local CA. Default {DEFAULT_LISTEN}.')
 @click.option("--to", "targets", metavar="ADDRESS", multiple=True,
               help="Without a config file: send every request here. Repeat to balance round robin.")
 @click.option("--route", "routes", metavar="KEY=ADDRESS", multiple=True, callback=parse_route_option,
@@ -187,14 +193,30 @@ def main(ctx: click.Context, config_path: str | None, workers: int | None, watch
         if watch:
             raise click.UsageError("--watch needs a config file (-c FILE) to watch")
         config = quick_config_or_exit(listen or DEFAULT_LISTEN, list(targets), routes)
+        redirect = quick_redirect(listen or DEFAULT_LISTEN)
+        if redirect and (workers or config.server.workers) > 1:
+            raise click.UsageError("--workers does not go with --from https://NAME without a port "
+                                   "(its port 80 redirect runs in one process); give a port")
         for line in routing_table_lines(config):
             click.echo(line, err=True)
-        sys.exit(run_proxy(config, None, workers=workers, watch=False))
+        sys.exit(run_proxy(config, None, workers=workers, watch=False, redirect=redirect))
     if not config_path:
         click.echo(ctx.get_help())
         ctx.exit(2)
     config = load_or_exit(config_path)
     sys.exit(run_proxy(config, config_path, workers=workers, watch=watch))
+
+
+def quick_redirect(listen: str) -> ListenConfig | None:
+    """--from https://NAME without a port: the port 80 listener that redirects to HTTPS."""
+    try:
+        address = quick_listen(listen).redirect
+    except ValueError:
+        return None  # quick_config reported it already
+    return ListenConfig(*parse_address(address)) if address else None
+
+
+PRIVILEGED_PORT_HINT = " (or use a high port: --from https://app.localhost:8443)"
 
 
 def quick_config_or_exit(listen: str, targets: list[str], routes: list[tuple[str, str]]) -> Config:
@@ -204,8 +226,10 @@ def quick_config_or_exit(listen: str, targets: list[str], routes: list[tuple[str
         fail(str(exc))
 
 
-def run_proxy(config, config_path: str | None, workers: int | None = None, watch: bool = False) -> int:
-    """Serve until a signal drains the proxy. Returns the exit code (0 clean, 1 cannot listen)."""
+def run_proxy(config, config_path: str | None, workers: int | None = None, watch: bool = False,
+              redirect: ListenConfig | None = None) -> int:
+    """Serve until a signal drains the proxy. Returns the exit code (0 clean, 1 cannot listen).
+    ``redirect``: also listen there, answering plain HTTP with a 308 to HTTPS (quick mode)."""
     configure_logging(config.log.level)
     problems = tls_problems(config)  # load certificates once, before any socket or fork
     if problems:
@@ -221,10 +245,11 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
     try:
         listeners = bind_listeners(config)
     except ListenError as exc:
-        click.echo(str(exc), err=True)
+        click.echo(str(exc) + (PRIVILEGED_PORT_HINT if redirect else ""), err=True)
         return 1
     try:
         admin_socket = bind_admin(config)
+        redirect_server = start_redirect(redirect, config) if redirect else None
     except ListenError as exc:
         for _, sock in listeners:
             sock.close()
@@ -240,7 +265,7 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
             return 0
         # Still blocked: the supervisor unblocks them once its handlers are in place, before any fork
         # (a SIGTERM while it built its Application killed it, 2 in 10 tries).
-        addresses = ", ".join(f"http://{listen.address}" for listen, _ in listeners)
+        addresses = ", ".join(f"{'https' if listen.tls else 'http'}://{listen.address}" for listen, _ in listeners)
         click.echo(f"pyproxy {__version__} listening on {addresses} with {workers} workers", err=True)
         return run_supervisor(config, config_path, listeners, workers, watch=watch)
     pinned = pin_worker(config.server.cpu_affinity)  # before ProxyProcess starts its threads
@@ -252,8 +277,22 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
     if watch and config_path:
         process.watch_config()
     click.echo(f"pyproxy {__version__} listening on {describe_listeners(process)}", err=True)
+    if redirect_server is not None:
+        click.echo(f"redirecting http://{redirect.address} to HTTPS", err=True)
     process.serve_forever()
     return 0
+
+
+def start_redirect(redirect: ListenConfig, config: Config) -> RedirectServer:
+    """Bind and start the plain-HTTP listener that redirects to the HTTPS one. Raises ListenError."""
+    try:
+        sock = bind_config_listener(redirect)
+    except OSError as exc:
+        raise ListenError(str(listen_error(redirect, exc, "the redirect to HTTPS")) + PRIVILEGED_PORT_HINT) from None
+    https_port = config.server.listen[0].port
+    server = RedirectServer(sock, https_port, None)
+    server.start()
+    return server
 
 
 def stop_signal_pending() -> bool:
@@ -305,12 +344,35 @@ def check(ctx: click.Context, config_path: str | None, file: str | None) -> None
         raise click.UsageError("give the config file once: -c FILE or FILE")
     path = given.pop() if given else DEFAULT_CONFIG_FILE
     config = load_or_exit(path)
-    problems = tls_problems(config)
+    problems = tls_problems(config, create_ca=False)
     if problems:
         fail(_with_source(config, ConfigError(problems)))
     click.echo(f"{path}: OK")
+    if any(listen.tls_internal for listen in config.server.listen):
+        click.echo(describe_local_ca(config.tls.ca_dir))
+        for line in hosts_without_internal_certificates(config):
+            click.echo(line)
     for line in routing_table_lines(config):
         click.echo(line)
+
+
+def describe_local_ca(ca_dir: str) -> str:
+    cert_path, _ = local_ca.root_paths(ca_dir)
+    if os.path.exists(cert_path):
+        return f'tls = "internal": certificates from the local CA {cert_path}'
+    return f'tls = "internal": a new local CA will be created in {ca_dir} on the first start'
+
+
+def hosts_without_internal_certificates(config: Config) -> list[str]:
+    """Route hosts the local CA will not issue for: HTTPS clients of a tls = "internal" listener
+    asking for them fail the handshake. A note, not an error: the route may serve plain HTTP."""
+    permitted = permitted_names(config.tls.internal_names)
+    notes = []
+    for index, route in enumerate(config.routes):
+        if route.host and not name_is_permitted(route.host.removeprefix("*."), permitted):
+            notes.append(f"note: routes[{index}].host {route.host} gets no certificate from the local CA "
+                         f"(it issues for {', '.join(permitted)}); add its domain to tls.internal_names")
+    return notes
 
 
 @main.command(context_settings=CONTEXT)
@@ -329,6 +391,99 @@ def init(path: str, force: bool) -> None:
     except OSError as exc:
         fail(f"cannot write {path}: {exc.strerror or exc}")
     click.echo(f"wrote {path}\nnext: pyproxy check -c {path}   then: pyproxy -c {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# pyproxy trust / pyproxy untrust: the local CA's root for browsers and tools
+# ---------------------------------------------------------------------------------------------
+
+def tls_settings_for(ctx: click.Context, config_path: str | None) -> TlsSettings:
+    """The [tls] settings of the config given with -c (either side of the command), else the defaults."""
+    path = config_path or (ctx.obj or {}).get("config_path")
+    if path:
+        return load_or_exit(path).tls
+    return TlsSettings(default_ca_dir(), ())
+
+
+def existing_root(ca_dir: str) -> trust_steps.Root | None:
+    cert_path, _ = local_ca.root_paths(ca_dir)
+    if not os.path.exists(cert_path):
+        return None
+    try:
+        certificate, _ = local_ca.open_root(ca_dir, (), check_names=False)
+    except local_ca.LocalCaError as exc:
+        fail(f"pyproxy: {exc}")
+    return trust_steps.Root(cert_path, local_ca.fingerprint(certificate))
+
+
+def trust_options(command):
+    command = click.option("--system-store", metavar="DIR|skip", envvar="PYPROXY_SYSTEM_STORE",
+                           help='"skip" leaves the system store alone; a directory gets a copy of the root '
+                                "instead, with no command run (env PYPROXY_SYSTEM_STORE).")(command)
+    command = click.option("--dry-run", is_flag=True, help="Print the steps without doing any.")(command)
+    return click.option("-c", "--config", "config_path", metavar="FILE",
+                        help="Use this config's tls.internal_ca_dir (default ~/.local/share/pyproxy/ca).")(command)
+
+
+def run_trust_steps(steps: list, install: bool, dry_run: bool) -> None:
+    if dry_run:
+        for step in steps:
+            for line in trust_steps.describe(step):
+                click.echo(line)
+        return
+    failed = False
+    for step in steps:
+        succeeded, line = trust_steps.run_step(step, install)
+        click.echo(line, err=not succeeded)
+        failed = failed or not succeeded
+    if failed:
+        sys.exit(1)
+
+
+@main.command(context_settings=CONTEXT)
+@trust_options
+@click.option("--print-path", is_flag=True,
+              help="Print the root certificate's path (for curl --cacert, NODE_EXTRA_CA_CERTS, REQUESTS_CA_BUNDLE).")
+@click.pass_context
+def trust(ctx: click.Context, config_path: str | None, dry_run: bool, system_store: str | None,
+          print_path: bool) -> None:
+    """Install the local CA's root (made now if needed) into the system store and the NSS
+    databases of Chromium and Firefox, so they accept tls = "internal" certificates.
+
+    Each step says what it did or why it skipped. Never asks for a password without a terminal.
+    """
+    settings = tls_settings_for(ctx, config_path)
+    root = existing_root(settings.ca_dir)
+    if root is None and dry_run:
+        click.echo(f"would create a new local CA in {settings.ca_dir}")
+        root = trust_steps.Root(local_ca.root_paths(settings.ca_dir)[0], "NEW-ROOT")
+    elif root is None:
+        try:
+            local_ca.open_root(settings.ca_dir, settings.internal_names)
+        except local_ca.LocalCaError as exc:
+            fail(f"pyproxy: {exc}")
+        root = existing_root(settings.ca_dir)
+    if print_path:
+        click.echo(root.path)
+        return
+    steps = trust_steps.plan(root, True, os.path.expanduser("~"), system_store)
+    run_trust_steps(steps, install=True, dry_run=dry_run)
+    if not dry_run:
+        click.echo(f"root: {root.path} (for curl --cacert, NODE_EXTRA_CA_CERTS, REQUESTS_CA_BUNDLE)")
+
+
+@main.command(context_settings=CONTEXT)
+@trust_options
+@click.pass_context
+def untrust(ctx: click.Context, config_path: str | None, dry_run: bool, system_store: str | None) -> None:
+    """Remove the local CA's root from the places `pyproxy trust` put it (the CA files stay)."""
+    settings = tls_settings_for(ctx, config_path)
+    root = existing_root(settings.ca_dir)
+    if root is None:
+        click.echo(f"no local CA in {settings.ca_dir}: nothing to untrust")
+        return
+    steps = trust_steps.plan(root, False, os.path.expanduser("~"), system_store)
+    run_trust_steps(steps, install=False, dry_run=dry_run)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,15 @@ from core.socket_server import bind_listener
 from proxy.observe.admin import install_observability
 from proxy.serve.app import Application
 from proxy.upstream.pool import upstream_tls_context
-from proxy.config.schema import Config, ConfigError, ListenConfig, ServerSettings, key_path, load_config
+from proxy.config.schema import (
+    Config, ConfigError, ListenConfig, ServerSettings, TlsSettings, key_path, load_config,
+)
+from proxy.http import local_ca
+from proxy.http.local_ca import LocalCaError
 from proxy.config.units import format_address
 from proxy.serve.handler import HttpHandler
 from proxy.http.responses import write_overloaded
-from proxy.http.tls import TlsTerminator
+from proxy.http.tls import TlsTerminator, server_context
 from proxy.serve.watch import POLL_INTERVAL, Watcher, describe_changes
 
 log = logging.getLogger("pyproxy")
@@ -62,25 +66,46 @@ def apply_server_limits(server: SocketServer, pool: ThreadPool, settings: Server
                 idle_timeout=settings.thread_idle_timeout)
 
 
-def tls_terminator(listen: ListenConfig) -> TlsTerminator:
-    """The listener's TLS terminator; a certificate that cannot be loaded is a ConfigError."""
+def tls_terminator(listen: ListenConfig, tls: TlsSettings) -> TlsTerminator:
+    """The listener's TLS terminator; a certificate that cannot be loaded is a ConfigError, and so is
+    a local CA (tls = "internal") that cannot be created or loaded."""
     try:
-        return TlsTerminator.from_listen_config(listen)
+        return TlsTerminator.from_listen_config(listen, tls)
+    except LocalCaError as exc:
+        raise ConfigError([f"{exc.key}: {exc}"]) from None
     except (ssl.SSLError, OSError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise ConfigError([f"server.listen {listen.address}: tls_cert/tls_key cannot be loaded ({reason});"
                            " is the key the certificate's, and both PEM?"]) from exc
 
 
-def tls_problems(config: Config) -> list[str]:
+def sni_file_problems(listen: ListenConfig) -> list[str]:
+    """The sni = [...] certificate files of a tls = "internal" listener that cannot be loaded."""
+    problems = []
+    for entry in listen.sni:
+        try:
+            server_context(entry.tls_cert, entry.tls_key)
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            problems.append(f"server.listen {listen.address}: sni {entry.tls_cert} cannot be loaded ({reason})")
+    return problems
+
+
+def tls_problems(config: Config, create_ca: bool = True) -> list[str]:
     """Listener certificates and upstream CA files that cannot be loaded. The config loader only sees
     that the files exist; run, check and every reload load them, so check passes only what will start
-    and a reload with a broken file changes nothing."""
+    and a reload with a broken file changes nothing. With create_ca false (check), the local CA is
+    inspected but not created."""
     problems: list[str] = []
     for listen in config.server.listen:
-        if listen.tls:
+        if listen.tls_internal and not create_ca:
+            found = local_ca.problem(config.tls.ca_dir, config.tls.internal_names)
+            if found is not None and f"{found.key}: {found}" not in problems:  # one CA: said once
+                problems.append(f"{found.key}: {found}")
+            problems.extend(sni_file_problems(listen))
+        elif listen.tls:
             try:
-                tls_terminator(listen)
+                tls_terminator(listen, config.tls)
             except ConfigError as exc:
                 problems.extend(exc.problems)
     for upstream in config.upstreams.values():
@@ -175,7 +200,7 @@ class ProxyProcess:
 
     def _add_listener(self, listen: ListenConfig, sock) -> None:
         if listen.tls:
-            self.app.tls_contexts[listen] = tls_terminator(listen)
+            self.app.tls_contexts[listen] = tls_terminator(listen, self.app.config.tls)
         self.server.add_listener(sock, tag=listen)
         self.listeners_by_address[listen.address] = listen
 
@@ -220,7 +245,7 @@ class ProxyProcess:
         problems = tls_problems(config)
         if problems:
             raise ConfigError(problems)
-        terminators = {listen.address: tls_terminator(listen) for listen in config.server.listen if listen.tls}
+        terminators = {listen.address: tls_terminator(listen, config.tls) for listen in config.server.listen if listen.tls}
         old = self.app.config
         self.app.reload(config)
         apply_server_limits(self.server, self.pool, config.server)
