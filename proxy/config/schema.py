@@ -132,6 +132,12 @@ class HealthConfig:
     expect_status: frozenset[int] = DEFAULT_EXPECT_STATUS
     healthy_after: int = 2
     unhealthy_after: int = 3
+    method: str = "GET"           # GET | HEAD
+    host: str | None = None       # the Host header; None = the server's address
+    headers: tuple[tuple[str, str], ...] = ()
+    port: int | None = None       # probe this port of the server's host; None = the server's port
+    expect_body: str | None = None  # a substring of the body, or a regular expression (expect_body_regex)
+    expect_body_regex: bool = False
 
 
 @dataclass(frozen=True)
@@ -387,6 +393,31 @@ def _expect_status(value: Any) -> frozenset[int]:
     return frozenset(codes)
 
 
+def _probe_host(value: Any) -> str:
+    """The Host header a health probe sends: a host name or address, optionally with a port."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f'expected a host like "app.example.com", got {describe_value(value)}')
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value) or any(c in value for c in "/?#@"):
+        raise ValueError(f"{describe_value(value)} is not a valid Host header (a host name with an optional port)")
+    return value
+
+
+def _expect_body(value: Any) -> tuple[str, bool]:
+    """(text, is_regex): a substring, or a regular expression written "~regex" (checked now)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f'expected a substring like "ok" or a regular expression like "~^ok", got {describe_value(value)}')
+    if not value.startswith("~"):
+        return value, False
+    pattern = value[1:]
+    if not pattern:
+        raise ValueError('"~" needs a regular expression after it, e.g. "~status: *ok"')
+    try:
+        re.compile(pattern)
+    except re.error as problem:
+        raise ValueError(f"{describe_value(value)} is not a valid regular expression ({problem})") from None
+    return pattern, True
+
+
 def _route_path(value: Any) -> str:
     """A path prefix: starts with "/", no query or fragment; a trailing "/" is dropped because
     matching is on segment boundaries anyway ("/api/" and "/api" both mean the /api segment)."""
@@ -532,7 +563,9 @@ _UPSTREAM_CONVERTERS = {
     "tls_verify": _boolean,
 }
 SERVER_ENTRY_KEYS = ("address", "weight")
-HEALTH_KEYS = ("path", "interval", "timeout", "expect_status", "healthy_after", "unhealthy_after")
+HEALTH_KEYS = ("path", "interval", "timeout", "expect_status", "healthy_after", "unhealthy_after",
+               "method", "host", "headers", "port", "expect_body")
+HEALTH_METHODS = ("GET", "HEAD")
 _HEALTH_CONVERTERS = {
     "path": _request_path,
     "interval": _duration(),
@@ -540,7 +573,12 @@ _HEALTH_CONVERTERS = {
     "expect_status": _expect_status,
     "healthy_after": _integer(1),
     "unhealthy_after": _integer(1),
+    "method": _choice(HEALTH_METHODS),
+    "host": _probe_host,
+    "port": _integer(1, 65535),
 }
+# The probe writes these itself: one Connection: close request with no body, Host from `host`.
+_PROBE_OWN_HEADERS = ("host", "connection", "content-length", "transfer-encoding")
 PASSIVE_KEYS = ("max_fails", "fail_timeout")
 _PASSIVE_CONVERTERS = {"max_fails": _integer(1), "fail_timeout": _duration()}
 TOP_KEYS = ("server", "admin", "log", "routes", "upstreams")
@@ -819,6 +857,15 @@ def _parse_health(c: _Checker, value: Any, path: str) -> HealthConfig:
     table = c.table(value, path)
     c.reject_unknown(table, HEALTH_KEYS, path)
     values = c.fields(table, path, _HEALTH_CONVERTERS)
+    if "headers" in table:
+        values["headers"] = _parse_probe_headers(c, table["headers"], key_path(path, "headers"))
+    if "expect_body" in table:
+        try:
+            values["expect_body"], values["expect_body_regex"] = _expect_body(table["expect_body"])
+        except ValueError as problem:
+            c.add(key_path(path, "expect_body"), str(problem))
+        if values.get("method") == "HEAD":
+            c.add(key_path(path, "expect_body"), "a HEAD answer has no body to match: use method = \"GET\"")
     if "timeout" not in table:
         # A short interval alone must not fail on a timeout the user never wrote.
         values["timeout"] = min(HealthConfig.timeout, values.get("interval", HealthConfig.interval))
@@ -826,6 +873,16 @@ def _parse_health(c: _Checker, value: Any, path: str) -> HealthConfig:
     if health.timeout > health.interval:
         c.add(key_path(path, "timeout"), f"must not exceed interval ({format_duration(health.timeout)} > {format_duration(health.interval)})")
     return health
+
+
+def _parse_probe_headers(c: _Checker, value: Any, path: str) -> tuple[tuple[str, str], ...]:
+    problems_before = len(c.problems)
+    headers = _parse_set_headers(c, value, path)
+    for name, _ in headers:
+        if name.lower() in _PROBE_OWN_HEADERS:
+            hint = ' (use health.host)' if name.lower() == "host" else ""
+            c.add(key_path(path, name), f"the probe sets {name} itself{hint}")
+    return headers if len(c.problems) == problems_before else ()
 
 
 def _parse_passive(c: _Checker, value: Any, path: str) -> PassiveConfig:

@@ -72,6 +72,12 @@ retries = 2                    # other servers tried, only when the request cann
 # expect_status = "2xx"        # "2xx", 200, or [200, 204]
 # healthy_after = 2            # consecutive passes before a down server gets traffic again
 # unhealthy_after = 3          # consecutive failures before a server is taken out
+# method = "GET"               # GET | HEAD
+# host = "health.internal"     # Host header of the probe; default: the server's address
+# headers = { X-Health-Token = "secret" }  # extra probe headers
+# port = 9090                  # probe another port of the server's host (an admin port)
+# expect_body = "ok"           # the body must contain this; "~regex" for a regular expression
+#                              # (redirects are never followed: a 3xx fails unless expect_status lists it)
 
 # Passive checks (like nginx max_fails / fail_timeout): a server that fails max_fails requests
 # within fail_timeout is taken out for fail_timeout. As in nginx, the only server of an upstream
