@@ -144,6 +144,7 @@ class HealthConfig:
 class PassiveConfig:
     max_fails: int = 3
     fail_timeout: float = 10.0
+    statuses: frozenset[int] = frozenset()  # answers that count as failures; none by default
 
 
 @dataclass(frozen=True)
@@ -418,6 +419,25 @@ def _expect_body(value: Any) -> tuple[str, bool]:
     return pattern, True
 
 
+def _failure_statuses(value: Any) -> frozenset[int]:
+    """passive.statuses: a list of "5xx"/"4xx" classes and codes 400-599, e.g. ["5xx"] or [502, 503]."""
+    expected = 'expected a list of "5xx", "4xx" or status codes 400-599, like ["5xx"] or [502, 503]'
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{expected}, got {describe_value(value)}")
+    codes: set[int] = set()
+    for index, item in enumerate(value):
+        if isinstance(item, str) and _STATUS_CLASS.fullmatch(item) and item[0] in "45":
+            first = int(item[0]) * 100
+            codes.update(range(first, first + 100))
+        elif isinstance(item, int) and not isinstance(item, bool) and 400 <= item <= 599:
+            codes.add(item)
+        else:
+            # A 2xx/3xx is a working answer: counting it as a failure would eject healthy servers.
+            raise ValueError(f'item {index}: {describe_value(item)} is not "5xx", "4xx" or a status code 400-599 '
+                             "(a 2xx or 3xx answer is the server working)")
+    return frozenset(codes)
+
+
 def _route_path(value: Any) -> str:
     """A path prefix: starts with "/", no query or fragment; a trailing "/" is dropped because
     matching is on segment boundaries anyway ("/api/" and "/api" both mean the /api segment)."""
@@ -579,8 +599,8 @@ _HEALTH_CONVERTERS = {
 }
 # The probe writes these itself: one Connection: close request with no body, Host from `host`.
 _PROBE_OWN_HEADERS = ("host", "connection", "content-length", "transfer-encoding")
-PASSIVE_KEYS = ("max_fails", "fail_timeout")
-_PASSIVE_CONVERTERS = {"max_fails": _integer(1), "fail_timeout": _duration()}
+PASSIVE_KEYS = ("max_fails", "fail_timeout", "statuses")
+_PASSIVE_CONVERTERS = {"max_fails": _integer(1), "fail_timeout": _duration(), "statuses": _failure_statuses}
 TOP_KEYS = ("server", "admin", "log", "routes", "upstreams")
 
 

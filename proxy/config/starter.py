@@ -85,6 +85,7 @@ retries = 2                    # other servers tried, only when the request cann
 # [upstreams.app.passive]
 # max_fails = 3
 # fail_timeout = "10s"
+# statuses = ["5xx"]           # answers that count as failures too (or codes: [502, 503]); default none
 '''
 
 

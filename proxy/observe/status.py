@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 import time
 
-from proxy.config.units import describe_expect_status
+from proxy.config.units import describe_expect_status, describe_statuses
 from proxy.routing.table import routes_by_precedence
 from proxy.observe.metrics import empty_window, estimate_quantile
 
@@ -116,13 +116,16 @@ def _health(health) -> dict | None:
         return None
     return {"path": health.path, "interval": health.interval, "timeout": health.timeout,
             "expect_status": describe_expect_status(health.expect_status),
-            "healthy_after": health.healthy_after, "unhealthy_after": health.unhealthy_after}
+            "healthy_after": health.healthy_after, "unhealthy_after": health.unhealthy_after,
+            "method": health.method, "host": health.host, "port": health.port,
+            "expect_body": (f"~{health.expect_body}" if health.expect_body_regex else health.expect_body)}
 
 
 def _passive(passive) -> dict | None:
     if passive is None:
         return None
-    return {"max_fails": passive.max_fails, "fail_timeout": passive.fail_timeout}
+    return {"max_fails": passive.max_fails, "fail_timeout": passive.fail_timeout,
+            "statuses": describe_statuses(passive.statuses)}
 
 
 def _routes(config) -> list[dict]:

@@ -74,7 +74,7 @@ def _server_key(upstream: UpstreamConfig, server_config) -> tuple:
     passive = upstream.passive
     return (upstream.name, server_config.host, server_config.port, server_config.weight, server_config.tls,
             upstream.max_connections, passive.max_fails if passive else 0,
-            passive.fail_timeout if passive else 0.0)
+            passive.fail_timeout if passive else 0.0, passive.statuses if passive else frozenset())
 
 
 def _pool_key(upstream: UpstreamConfig, server_config) -> tuple:
@@ -110,7 +110,8 @@ class Runtime:
                 server = Server(server_config.host, server_config.port, weight=server_config.weight,
                                 max_connections=upstream.max_connections, tls=server_config.tls,
                                 max_fails=passive.max_fails if passive else 0,
-                                fail_timeout=passive.fail_timeout if passive else 10.0, clock=clock)
+                                fail_timeout=passive.fail_timeout if passive else 10.0,
+                                failure_statuses=passive.statuses if passive else frozenset(), clock=clock)
             pool_key = _pool_key(upstream, server_config)
             pool = old_pools.get(pool_key)
             if pool is None:

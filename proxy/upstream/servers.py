@@ -57,7 +57,7 @@ class Server:
 
     def __init__(self, host: str, port: int, weight: int = 1, max_connections: int = 0, tls: bool = False,
                  max_fails: int = 0, fail_timeout: float = DEFAULT_FAIL_TIMEOUT,
-                 clock: Clock = time.monotonic) -> None:
+                 failure_statuses: frozenset[int] = frozenset(), clock: Clock = time.monotonic) -> None:
         _validate(port, weight, max_connections, max_fails, fail_timeout)
         self._host = host
         self._port = port
@@ -67,6 +67,7 @@ class Server:
         self._tls = tls
         self._max_fails = max_fails
         self._fail_timeout = float(fail_timeout)
+        self._failure_statuses = frozenset(failure_statuses)
         self._clock = clock
         self._lock = threading.Lock()
         # Everything below is guarded by _lock (reads outside it are advisory only).
@@ -177,6 +178,12 @@ class Server:
             self._failures_total += 1
             events += self._count_failure_locked(now, reason)
         _log(events)
+
+    def record_response(self, status: int | None) -> None:
+        """A request got an answer: with passive.statuses set, a listed status (a 500, say) counts as a
+        failure towards max_fails, like a refused connection. Other answers change nothing."""
+        if status in self._failure_statuses:
+            self.record_failure(f"answered {status}")
 
     def set_sole_server(self, sole: bool) -> None:
         """Is this the only server of its upstream? Then failures no longer eject it, and an
