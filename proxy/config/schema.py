@@ -173,6 +173,7 @@ class UpstreamConfig:
     retries: int = 2
     health: HealthConfig | None = None
     passive: PassiveConfig | None = None
+    max_ejected_percent: int = 100    # 100 = checks may take every server out (then 503)
     tls_verify: bool = True
     tls_ca: str | None = None
 
@@ -570,6 +571,7 @@ ROUTE_KEYS = ("host", "path", "strip_prefix", "upstream", "set_headers")
 UPSTREAM_KEYS = (
     "servers", "policy", "preserve_host", "keepalive", "keepalive_timeout", "max_connections",
     "connect_timeout", "read_timeout", "retries", "health", "passive", "tls_verify", "tls_ca",
+    "max_ejected_percent",
 )
 _UPSTREAM_CONVERTERS = {
     "policy": _choice(POLICY_NAMES),
@@ -581,6 +583,7 @@ _UPSTREAM_CONVERTERS = {
     "read_timeout": _duration(),
     "retries": _integer(0, MAX_RETRIES),
     "tls_verify": _boolean,
+    "max_ejected_percent": _integer(0, 100),
 }
 SERVER_ENTRY_KEYS = ("address", "weight")
 HEALTH_KEYS = ("path", "interval", "timeout", "expect_status", "healthy_after", "unhealthy_after",

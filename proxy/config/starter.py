@@ -63,6 +63,7 @@ max_connections = 0            # concurrent connections per server; 0 = unlimite
 connect_timeout = "5s"
 read_timeout = "60s"           # response head, and each gap between body reads
 retries = 2                    # other servers tried, only when the request cannot have been processed
+max_ejected_percent = 100      # checks never take more than this share of servers out; the rest keep serving
 
 # Active health checks: uncomment once your app answers on the path below.
 # [upstreams.app.health]

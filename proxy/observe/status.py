@@ -8,7 +8,7 @@ Shape (documented in docs/configuration.md, "Admin endpoints"):
     {"processes": n, "draining": bool,
      "upstreams": {NAME: {"policy": ..., "health": {...} | null, "passive": {...} | null,
                           "servers": [{"address", "state", "reason", "since_seconds", "weight",
-                                       "active_requests", "requests_total", "failures_total", "ejected",
+                                       "active_requests", "requests_total", "failures_total", "ejected", "would_eject",
                                        "last_check": {"checked_at", "age_seconds", "ok", "latency_ms",
                                                       "status", "error"} | null}],
                           "traffic": {"window_seconds", "requests", "errors", "requests_per_second",
@@ -192,6 +192,7 @@ def _merge_server(current: dict, other: dict) -> None:
         current["state"], current["reason"] = "down", other.get("reason", "")
         current["since_seconds"] = other.get("since_seconds", 0.0)
         current["ejected"] = other.get("ejected", False)
+    current["would_eject"] = current.get("would_eject", False) or other.get("would_eject", False)
     mine, theirs = current.get("last_check"), other.get("last_check")
     if theirs is not None and (mine is None or theirs["checked_at"] > mine["checked_at"]):
         current["last_check"] = theirs

@@ -21,7 +21,7 @@ import random
 import threading
 from typing import Collection, Protocol, Sequence
 
-from proxy.upstream.servers import Server
+from proxy.upstream.servers import EjectionCap, Server
 
 # Rendezvous hashing uses 52 bits of the digest so that (x + 0.5) / 2**52 is an
 # exact float strictly inside (0, 1): log() never sees 0 or 1.
@@ -227,7 +227,7 @@ def make_policy(name: str) -> Policy:
 class Upstream:
     """A named group of servers and the policy that picks among them."""
 
-    def __init__(self, name: str, servers: Sequence[Server], policy_name: str) -> None:
+    def __init__(self, name: str, servers: Sequence[Server], policy_name: str, max_ejected_percent: int = 100) -> None:
         self._name = name
         self._servers = tuple(servers)
         self._policy_name = policy_name
@@ -240,6 +240,12 @@ class Upstream:
         # nginx ignores max_fails for an upstream of one server: ejecting it leaves nothing to serve.
         for server in self._servers:
             server.set_sole_server(len(self._servers) == 1)
+        # max_ejected_percent (100 = no cap): checks never take more than that share out at once.
+        self._cap = EjectionCap(name, self._servers, max_ejected_percent) if max_ejected_percent < 100 else None
+        for server in self._servers:
+            server.attach_cap(self._cap)
+        if self._cap is not None:
+            self._cap.recompute()  # servers carried over a reload may be out already
 
     @property
     def name(self) -> str:
