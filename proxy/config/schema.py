@@ -32,6 +32,7 @@ from proxy.config.units import (
 # this is the list of names the config accepts.
 POLICY_NAMES = ("round_robin", "least_connections", "random", "ip_hash")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ALL_DOWN_MODES = ("fail", "try_all")
 LOG_FORMATS = ("combined", "json")
 ACCESS_STREAMS = ("stdout", "stderr", "off")
 
@@ -174,6 +175,7 @@ class UpstreamConfig:
     health: HealthConfig | None = None
     passive: PassiveConfig | None = None
     max_ejected_percent: int = 100    # 100 = checks may take every server out (then 503)
+    all_down: str = "fail"            # "fail" (503) | "try_all" (fail open: send to every server anyway)
     tls_verify: bool = True
     tls_ca: str | None = None
 
@@ -571,7 +573,7 @@ ROUTE_KEYS = ("host", "path", "strip_prefix", "upstream", "set_headers")
 UPSTREAM_KEYS = (
     "servers", "policy", "preserve_host", "keepalive", "keepalive_timeout", "max_connections",
     "connect_timeout", "read_timeout", "retries", "health", "passive", "tls_verify", "tls_ca",
-    "max_ejected_percent",
+    "max_ejected_percent", "all_down",
 )
 _UPSTREAM_CONVERTERS = {
     "policy": _choice(POLICY_NAMES),
@@ -584,6 +586,7 @@ _UPSTREAM_CONVERTERS = {
     "retries": _integer(0, MAX_RETRIES),
     "tls_verify": _boolean,
     "max_ejected_percent": _integer(0, 100),
+    "all_down": _choice(ALL_DOWN_MODES),
 }
 SERVER_ENTRY_KEYS = ("address", "weight")
 HEALTH_KEYS = ("path", "interval", "timeout", "expect_status", "healthy_after", "unhealthy_after",

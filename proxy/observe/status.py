@@ -6,7 +6,8 @@ supervisor can serve one answer for all its workers. Everything is plain JSON-ab
 
 Shape (documented in docs/configuration.md, "Admin endpoints"):
     {"processes": n, "draining": bool,
-     "upstreams": {NAME: {"policy": ..., "health": {...} | null, "passive": {...} | null,
+     "upstreams": {NAME: {"policy": ..., "all_down": ..., "failing_open": bool,
+                          "health": {...} | null, "passive": {...} | null,
                           "servers": [{"address", "state", "reason", "since_seconds", "weight",
                                        "active_requests", "requests_total", "failures_total", "ejected", "would_eject",
                                        "last_check": {"checked_at", "age_seconds", "ok", "latency_ms",
@@ -50,7 +51,9 @@ def build_status(app, server=None, pool=None, checker=None, wall_clock=time.time
     for name, upstream in runtime.upstreams.items():
         servers = [_server_status(name, s, now, wall_now, checker) for s in upstream.servers]
         _add_server_totals(servers, carried.get(name, {}))
-        upstreams[name] = {"policy": upstream.config.policy, "health": _health(upstream.config.health),
+        upstreams[name] = {"policy": upstream.config.policy, "all_down": upstream.config.all_down,
+                           "failing_open": upstream.balancer.failing_open,
+                           "health": _health(upstream.config.health),
                            "passive": _passive(upstream.config.passive), "servers": servers,
                            "traffic": _traffic(recent, name)}
     return {
@@ -163,6 +166,7 @@ def _merge_upstream(into: dict, name: str, upstream: dict) -> None:
         into[name] = {**upstream, "servers": [dict(s) for s in upstream["servers"]]}
         return
     target["traffic"] = _merge_traffic(target.get("traffic"), upstream.get("traffic"))
+    target["failing_open"] = target.get("failing_open", False) or upstream.get("failing_open", False)
     by_address = {s["address"]: s for s in target["servers"]}
     for server in upstream["servers"]:
         current = by_address.get(server["address"])

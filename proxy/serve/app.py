@@ -56,7 +56,7 @@ class UpstreamRuntime:
     def __init__(self, config: UpstreamConfig, servers: list[Server], pools: dict[Server, ServerPool]):
         self.name = config.name
         self.config = config
-        self.balancer = Upstream(config.name, servers, config.policy, config.max_ejected_percent)
+        self.balancer = Upstream(config.name, servers, config.policy, config.max_ejected_percent, config.all_down)
         self.pools = pools
 
     @property

@@ -16,12 +16,15 @@ stable (a config reload builds new Upstreams, and with them new policies).
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import random
 import threading
 from typing import Collection, Protocol, Sequence
 
 from proxy.upstream.servers import EjectionCap, Server
+
+log = logging.getLogger("pyproxy.health")
 
 # Rendezvous hashing uses 52 bits of the digest so that (x + 0.5) / 2**52 is an
 # exact float strictly inside (0, 1): log() never sees 0 or 1.
@@ -227,7 +230,8 @@ def make_policy(name: str) -> Policy:
 class Upstream:
     """A named group of servers and the policy that picks among them."""
 
-    def __init__(self, name: str, servers: Sequence[Server], policy_name: str, max_ejected_percent: int = 100) -> None:
+    def __init__(self, name: str, servers: Sequence[Server], policy_name: str, max_ejected_percent: int = 100,
+                 all_down: str = "fail") -> None:
         self._name = name
         self._servers = tuple(servers)
         self._policy_name = policy_name
@@ -246,6 +250,11 @@ class Upstream:
             server.attach_cap(self._cap)
         if self._cap is not None:
             self._cap.recompute()  # servers carried over a reload may be out already
+        # all_down = "try_all": when every server is down, send requests to them anyway, in turn.
+        self._try_all_when_down = all_down == "try_all"
+        self._fail_open_lock = threading.Lock()
+        self._fail_open_turn = 0
+        self._failing_open = False  # in an episode of every server down (logged once when it starts)
 
     @property
     def name(self) -> str:
@@ -270,15 +279,49 @@ class Upstream:
             candidates = tuple(server for server in candidates if server not in exclude)
         # Bounded: each lost race (the server filled up between pick and claim)
         # removes that server from this call's candidates.
+        first_candidates = candidates
         for _ in range(len(candidates)):
             policy = self._policy if candidates is self._servers else self._fallback_policy
             server = policy.pick(candidates, client_ip)
             if server is None:
-                return None
+                break
             if server.try_acquire():
+                self._end_fail_open()
                 return server
             candidates = tuple(other for other in candidates if other is not server)
+        if self._try_all_when_down:
+            return self._pick_failing_open(first_candidates)
         return None
+
+    @property
+    def failing_open(self) -> bool:
+        """all_down = "try_all" is sending requests to servers that are all down."""
+        return self._failing_open
+
+    def _pick_failing_open(self, candidates: Sequence[Server]) -> Server | None:
+        """Every server is down (not merely full): claim the next one in turn whatever its checks say."""
+        if not candidates or any(server.state == "up" for server in self._servers):
+            return None  # some server is up but busy (max_connections): that is a 503, not fail-open
+        with self._fail_open_lock:
+            turn = self._fail_open_turn
+            self._fail_open_turn += 1
+            starting = not self._failing_open
+            self._failing_open = True
+        if starting:
+            log.warning("upstream %s: every server is down; sending requests to all of them anyway "
+                        "(all_down = \"try_all\")", self._name)
+        for offset in range(len(candidates)):
+            server = candidates[(turn + offset) % len(candidates)]
+            if server.try_acquire(even_if_down=True):
+                return server
+        return None
+
+    def _end_fail_open(self) -> None:
+        if self._failing_open:
+            with self._fail_open_lock:
+                ending, self._failing_open = self._failing_open, False
+            if ending:
+                log.warning("upstream %s: a server is up again; requests go to the servers that are up", self._name)
 
     def snapshot(self) -> dict:
         return {"policy": self._policy_name, "servers": [server.snapshot() for server in self._servers]}

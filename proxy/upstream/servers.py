@@ -151,13 +151,20 @@ class Server:
                 return False
         return self._max_connections == 0 or self._active < self._max_connections
 
-    def try_acquire(self) -> bool:
-        """Atomically claim a request slot if available. The caller must release() it."""
+    def try_acquire(self, even_if_down: bool = False) -> bool:
+        """Atomically claim a request slot if available. The caller must release() it.
+
+        ``even_if_down``: all_down = "try_all" sends traffic to servers the checks took out; only
+        max_connections still counts then.
+        """
         events: LogEvents = []
         with self._lock:
             if self._ejected_until is not None:
                 events = self._expire_ejection_locked(self._clock())
-            acquired = self._available_locked()
+            if even_if_down:
+                acquired = self._max_connections == 0 or self._active < self._max_connections
+            else:
+                acquired = self._available_locked()
             if acquired:
                 self._active += 1
                 self._requests_total += 1
