@@ -176,6 +176,7 @@ class UpstreamConfig:
     passive: PassiveConfig | None = None
     max_ejected_percent: int = 100    # 100 = checks may take every server out (then 503)
     all_down: str = "fail"            # "fail" (503) | "try_all" (fail open: send to every server anyway)
+    slow_start: float = 0.0           # seconds a server that became available ramps up over; 0 = off
     tls_verify: bool = True
     tls_ca: str | None = None
 
@@ -573,7 +574,7 @@ ROUTE_KEYS = ("host", "path", "strip_prefix", "upstream", "set_headers")
 UPSTREAM_KEYS = (
     "servers", "policy", "preserve_host", "keepalive", "keepalive_timeout", "max_connections",
     "connect_timeout", "read_timeout", "retries", "health", "passive", "tls_verify", "tls_ca",
-    "max_ejected_percent", "all_down",
+    "max_ejected_percent", "all_down", "slow_start",
 )
 _UPSTREAM_CONVERTERS = {
     "policy": _choice(POLICY_NAMES),
@@ -587,6 +588,7 @@ _UPSTREAM_CONVERTERS = {
     "tls_verify": _boolean,
     "max_ejected_percent": _integer(0, 100),
     "all_down": _choice(ALL_DOWN_MODES),
+    "slow_start": _duration(positive=False),   # 0 = off
 }
 SERVER_ENTRY_KEYS = ("address", "weight")
 HEALTH_KEYS = ("path", "interval", "timeout", "expect_status", "healthy_after", "unhealthy_after",

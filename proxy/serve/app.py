@@ -56,7 +56,8 @@ class UpstreamRuntime:
     def __init__(self, config: UpstreamConfig, servers: list[Server], pools: dict[Server, ServerPool]):
         self.name = config.name
         self.config = config
-        self.balancer = Upstream(config.name, servers, config.policy, config.max_ejected_percent, config.all_down)
+        self.balancer = Upstream(config.name, servers, config.policy, config.max_ejected_percent, config.all_down,
+                                 config.slow_start)
         self.pools = pools
 
     @property
@@ -98,6 +99,8 @@ class Runtime:
         self.upstreams: dict[str, UpstreamRuntime] = {}
         for upstream in config.upstreams.values():
             self.upstreams[upstream.name] = self._build_upstream(upstream, old_servers, old_pools, clock)
+            if previous is not None:
+                self._start_slow_start_of_added(self.upstreams[upstream.name], previous.upstreams.get(upstream.name))
 
     def _build_upstream(self, upstream: UpstreamConfig, old_servers, old_pools, clock) -> UpstreamRuntime:
         servers, pools = [], {}
@@ -126,6 +129,15 @@ class Runtime:
             servers.append(server)
             pools[server] = pool
         return UpstreamRuntime(upstream, servers, pools)
+
+    @staticmethod
+    def _start_slow_start_of_added(upstream: "UpstreamRuntime", before: "UpstreamRuntime | None") -> None:
+        """slow_start: a server a reload added (an address the upstream did not have) ramps up. One the
+        reload merely rebuilt (a new weight, say) was serving already and does not."""
+        known = {server.address for server in before.servers} if before is not None else set()
+        for server in upstream.servers:
+            if server.address not in known and server.requests_total == 0:
+                server.start_slow_start()
 
     def original_client(self, peer_ip: str, forwarded_for: str | None) -> str:
         """The address a request started from, for ip_hash: with ``trusted_proxies`` set, the rightmost

@@ -49,6 +49,12 @@ def _same_weight(servers: Sequence[Server]) -> bool:
     return all(server.weight == first for server in servers)
 
 
+def _same_effective_weight(servers: Sequence[Server]) -> bool:
+    """Equal weights now, slow start included (a server ramping up weighs less for a while)."""
+    first = servers[0].effective_weight() if servers else 1
+    return all(server.effective_weight() == first for server in servers)
+
+
 class RoundRobin:
     """nginx's smooth weighted round-robin (ngx_http_upstream_get_peer).
 
@@ -81,7 +87,8 @@ class RoundRobin:
         cached = self._uniform_cache
         if cached is not None and cached[0] is servers:
             return cached[1]
-        uniform = _same_weight(servers)
+        # A server with slow start can weigh less at any moment: those upstreams always take the smooth path.
+        uniform = _same_weight(servers) and not any(server.slow_start for server in servers)
         if isinstance(servers, tuple):
             self._uniform_cache = (servers, uniform)
         return uniform
@@ -113,9 +120,10 @@ class RoundRobin:
             best: Server | None = None
             best_score = 0
             for server in available:
-                score = scores.get(server, 0) + server.weight
+                weight = server.effective_weight()
+                score = scores.get(server, 0) + weight
                 scores[server] = score
-                total += server.weight
+                total += weight
                 if best is None or score > best_score:
                     best, best_score = server, score
             scores[best] = best_score - total
@@ -148,8 +156,9 @@ class LeastConnections:
         for server in servers:
             if not server.available():
                 continue
-            active, weight = server.active_requests, server.weight
-            # active/weight < best_active/best_weight, in integers (no float ties).
+            active, weight = server.active_requests, server.effective_weight()
+            # active/weight < best_active/best_weight, without dividing (integers, no float ties,
+            # unless a server in slow start weighs a fraction).
             difference = active * best_weight - best_active * weight
             if not tied or difference < 0:
                 tied = [server]
@@ -173,9 +182,9 @@ class WeightedRandom:
         if not available:
             return None
         with self._lock:
-            if _same_weight(available):
+            if _same_effective_weight(available):
                 return self._rng.choice(available)
-            return self._rng.choices(available, weights=[s.weight for s in available])[0]
+            return self._rng.choices(available, weights=[s.effective_weight() for s in available])[0]
 
 
 class IpHash:
@@ -191,6 +200,8 @@ class IpHash:
     """
 
     def pick(self, servers: Sequence[Server], client_ip: str) -> Server | None:
+        # Slow start does not apply: scaling one server's weight would move clients to it and back,
+        # breaking the stickiness that is this policy's point. Static weights only.
         best: Server | None = None
         best_score = 0.0
         for server in servers:
@@ -231,7 +242,7 @@ class Upstream:
     """A named group of servers and the policy that picks among them."""
 
     def __init__(self, name: str, servers: Sequence[Server], policy_name: str, max_ejected_percent: int = 100,
-                 all_down: str = "fail") -> None:
+                 all_down: str = "fail", slow_start: float = 0.0) -> None:
         self._name = name
         self._servers = tuple(servers)
         self._policy_name = policy_name
@@ -244,6 +255,7 @@ class Upstream:
         # nginx ignores max_fails for an upstream of one server: ejecting it leaves nothing to serve.
         for server in self._servers:
             server.set_sole_server(len(self._servers) == 1)
+            server.set_slow_start(slow_start)
         # max_ejected_percent (100 = no cap): checks never take more than that share out at once.
         self._cap = EjectionCap(name, self._servers, max_ejected_percent) if max_ejected_percent < 100 else None
         for server in self._servers:

@@ -34,6 +34,7 @@ LOG = logging.getLogger("pyproxy.health")
 DEFAULT_FAIL_TIMEOUT = 10.0
 INITIAL_REASON = "initial"
 EJECTION_EXPIRED_REASON = "ejection expired"
+SLOW_START_FLOOR = 0.1  # a server in slow start begins at this share of its weight
 
 Clock = Callable[[], float]
 LogEvents = list[tuple[int, str, tuple]]
@@ -81,6 +82,8 @@ class Server:
         # say down (it would take more than the allowed share out). Set by the cap, under this lock.
         self._held_in = False
         self._cap: "EjectionCap | None" = None
+        self._slow_start = 0.0  # seconds over which a server that became available ramps up; 0 = off
+        self._ramp_start: float | None = None  # when it last became available; None = never ramps
         self._active = 0
         self._requests_total = 0
         self._failures_total = 0
@@ -124,6 +127,43 @@ class Server:
 
     def __repr__(self) -> str:
         return f"Server({self._address!r}, weight={self._weight})"
+
+    # -- slow start -----------------------------------------------------------------
+
+    def set_slow_start(self, seconds: float) -> None:
+        """The upstream's slow_start (0 = off): after this server becomes available (it starts, is
+        added by a reload, or recovers), its effective weight ramps from 10% to 100% over ``seconds``."""
+        self._slow_start = float(seconds)
+
+    @property
+    def slow_start(self) -> float:
+        return self._slow_start
+
+    def start_slow_start(self) -> None:
+        """A server added to a running upstream (by a reload) ramps up from now. Servers of the first
+        config do not: they all start together, and ramping every one would change nothing."""
+        self._ramp_start = self._clock()
+
+    def effective_weight(self) -> float:
+        """The weight policies use: ``weight``, scaled down while the server is in its slow start.
+
+        Lock-free: a policy asks this for every server on every pick. The ramp starts when the server
+        last came back up (a recovery restarts it), or when a reload added it.
+        """
+        remaining = self._slow_start_remaining(self._clock())
+        if remaining <= 0:
+            return self._weight
+        ramped = 1.0 - remaining / self._slow_start
+        # In 1% steps: servers that came up together weigh exactly the same at (almost) any moment, so
+        # least_connections still sees their ties (a float read a microsecond later would break them).
+        factor = round(SLOW_START_FLOOR + (1.0 - SLOW_START_FLOOR) * ramped, 2)
+        return self._weight * factor
+
+    def _slow_start_remaining(self, now: float) -> float:
+        ramp_start = self._ramp_start
+        if self._slow_start <= 0 or ramp_start is None or not self._is_up:
+            return 0.0
+        return max(0.0, ramp_start + self._slow_start - now)
 
     # -- counters (read-only) ---------------------------------------------------
 
@@ -281,6 +321,7 @@ class Server:
             "state": "up" if self._is_up or self._held_in else "down",
             "reason": f"would be ejected: {self._state_reason}" if self._held_in else self._state_reason,
             "would_eject": self._held_in,
+            "slow_start_remaining": round(self._slow_start_remaining(self._clock()), 3),
             "since": self._state_since,
             "weight": self._weight,
             "active_requests": self._active,
@@ -343,6 +384,7 @@ class Server:
             self._state_since = when
             if is_up:
                 self._state_reason = reason_if_up
+                self._ramp_start = when  # slow start: back after being out, it ramps up again
         if not is_up:
             # Ejection outranks health while it lasts; after it, the health reason shows.
             self._state_reason = (f"ejected: {self._eject_reason}" if self._ejected_until is not None
