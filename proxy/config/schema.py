@@ -33,6 +33,7 @@ from proxy.config.units import (
 # this is the list of names the config accepts.
 POLICY_NAMES = ("round_robin", "least_connections", "random", "ip_hash")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ALL_DOWN_MODES = ("fail", "try_all")
 LOG_FORMATS = ("combined", "json")
 ACCESS_STREAMS = ("stdout", "stderr", "off")
 
@@ -134,12 +135,19 @@ class HealthConfig:
     expect_status: frozenset[int] = DEFAULT_EXPECT_STATUS
     healthy_after: int = 2
     unhealthy_after: int = 3
+    method: str = "GET"           # GET | HEAD
+    host: str | None = None       # the Host header; None = the server's address
+    headers: tuple[tuple[str, str], ...] = ()
+    port: int | None = None       # probe this port of the server's host; None = the server's port
+    expect_body: str | None = None  # a substring of the body, or a regular expression (expect_body_regex)
+    expect_body_regex: bool = False
 
 
 @dataclass(frozen=True)
 class PassiveConfig:
     max_fails: int = 3
     fail_timeout: float = 10.0
+    statuses: frozenset[int] = frozenset()  # answers that count as failures; none by default
 
 
 @dataclass(frozen=True)
@@ -168,6 +176,9 @@ class UpstreamConfig:
     retries: int = 2
     health: HealthConfig | None = None
     passive: PassiveConfig | None = None
+    max_ejected_percent: int = 100    # 100 = checks may take every server out (then 503)
+    all_down: str = "fail"            # "fail" (503) | "try_all" (fail open: send to every server anyway)
+    slow_start: float = 0.0           # seconds a server that became available ramps up over; 0 = off
     tls_verify: bool = True
     tls_ca: str | None = None
 
@@ -401,6 +412,50 @@ def _expect_status(value: Any) -> frozenset[int]:
     return frozenset(codes)
 
 
+def _probe_host(value: Any) -> str:
+    """The Host header a health probe sends: a host name or address, optionally with a port."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f'expected a host like "app.example.com", got {describe_value(value)}')
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value) or any(c in value for c in "/?#@"):
+        raise ValueError(f"{describe_value(value)} is not a valid Host header (a host name with an optional port)")
+    return value
+
+
+def _expect_body(value: Any) -> tuple[str, bool]:
+    """(text, is_regex): a substring, or a regular expression written "~regex" (checked now)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f'expected a substring like "ok" or a regular expression like "~^ok", got {describe_value(value)}')
+    if not value.startswith("~"):
+        return value, False
+    pattern = value[1:]
+    if not pattern:
+        raise ValueError('"~" needs a regular expression after it, e.g. "~status: *ok"')
+    try:
+        re.compile(pattern)
+    except re.error as problem:
+        raise ValueError(f"{describe_value(value)} is not a valid regular expression ({problem})") from None
+    return pattern, True
+
+
+def _failure_statuses(value: Any) -> frozenset[int]:
+    """passive.statuses: a list of "5xx"/"4xx" classes and codes 400-599, e.g. ["5xx"] or [502, 503]."""
+    expected = 'expected a list of "5xx", "4xx" or status codes 400-599, like ["5xx"] or [502, 503]'
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{expected}, got {describe_value(value)}")
+    codes: set[int] = set()
+    for index, item in enumerate(value):
+        if isinstance(item, str) and _STATUS_CLASS.fullmatch(item) and item[0] in "45":
+            first = int(item[0]) * 100
+            codes.update(range(first, first + 100))
+        elif isinstance(item, int) and not isinstance(item, bool) and 400 <= item <= 599:
+            codes.add(item)
+        else:
+            # A 2xx/3xx is a working answer: counting it as a failure would eject healthy servers.
+            raise ValueError(f'item {index}: {describe_value(item)} is not "5xx", "4xx" or a status code 400-599 '
+                             "(a 2xx or 3xx answer is the server working)")
+    return frozenset(codes)
+
+
 def _route_path(value: Any) -> str:
     """A path prefix: starts with "/", no query or fragment; a trailing "/" is dropped because
     matching is on segment boundaries anyway ("/api/" and "/api" both mean the /api segment)."""
@@ -535,6 +590,7 @@ ROUTE_KEYS = ("host", "path", "strip_prefix", "upstream", "set_headers")
 UPSTREAM_KEYS = (
     "servers", "policy", "preserve_host", "keepalive", "keepalive_timeout", "max_connections",
     "connect_timeout", "read_timeout", "retries", "health", "passive", "tls_verify", "tls_ca",
+    "max_ejected_percent", "all_down", "slow_start",
 )
 _UPSTREAM_CONVERTERS = {
     "policy": _choice(POLICY_NAMES),
@@ -546,9 +602,14 @@ _UPSTREAM_CONVERTERS = {
     "read_timeout": _duration(),
     "retries": _integer(0, MAX_RETRIES),
     "tls_verify": _boolean,
+    "max_ejected_percent": _integer(0, 100),
+    "all_down": _choice(ALL_DOWN_MODES),
+    "slow_start": _duration(positive=False),   # 0 = off
 }
 SERVER_ENTRY_KEYS = ("address", "weight")
-HEALTH_KEYS = ("path", "interval", "timeout", "expect_status", "healthy_after", "unhealthy_after")
+HEALTH_KEYS = ("path", "interval", "timeout", "expect_status", "healthy_after", "unhealthy_after",
+               "method", "host", "headers", "port", "expect_body")
+HEALTH_METHODS = ("GET", "HEAD")
 _HEALTH_CONVERTERS = {
     "path": _request_path,
     "interval": _duration(),
@@ -556,9 +617,14 @@ _HEALTH_CONVERTERS = {
     "expect_status": _expect_status,
     "healthy_after": _integer(1),
     "unhealthy_after": _integer(1),
+    "method": _choice(HEALTH_METHODS),
+    "host": _probe_host,
+    "port": _integer(1, 65535),
 }
-PASSIVE_KEYS = ("max_fails", "fail_timeout")
-_PASSIVE_CONVERTERS = {"max_fails": _integer(1), "fail_timeout": _duration()}
+# The probe writes these itself: one Connection: close request with no body, Host from `host`.
+_PROBE_OWN_HEADERS = ("host", "connection", "content-length", "transfer-encoding")
+PASSIVE_KEYS = ("max_fails", "fail_timeout", "statuses")
+_PASSIVE_CONVERTERS = {"max_fails": _integer(1), "fail_timeout": _duration(), "statuses": _failure_statuses}
 TOP_KEYS = ("server", "tls", "admin", "log", "routes", "upstreams")
 _DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
@@ -897,6 +963,15 @@ def _parse_health(c: _Checker, value: Any, path: str) -> HealthConfig:
     table = c.table(value, path)
     c.reject_unknown(table, HEALTH_KEYS, path)
     values = c.fields(table, path, _HEALTH_CONVERTERS)
+    if "headers" in table:
+        values["headers"] = _parse_probe_headers(c, table["headers"], key_path(path, "headers"))
+    if "expect_body" in table:
+        try:
+            values["expect_body"], values["expect_body_regex"] = _expect_body(table["expect_body"])
+        except ValueError as problem:
+            c.add(key_path(path, "expect_body"), str(problem))
+        if values.get("method") == "HEAD":
+            c.add(key_path(path, "expect_body"), "a HEAD answer has no body to match: use method = \"GET\"")
     if "timeout" not in table:
         # A short interval alone must not fail on a timeout the user never wrote.
         values["timeout"] = min(HealthConfig.timeout, values.get("interval", HealthConfig.interval))
@@ -904,6 +979,16 @@ def _parse_health(c: _Checker, value: Any, path: str) -> HealthConfig:
     if health.timeout > health.interval:
         c.add(key_path(path, "timeout"), f"must not exceed interval ({format_duration(health.timeout)} > {format_duration(health.interval)})")
     return health
+
+
+def _parse_probe_headers(c: _Checker, value: Any, path: str) -> tuple[tuple[str, str], ...]:
+    problems_before = len(c.problems)
+    headers = _parse_set_headers(c, value, path)
+    for name, _ in headers:
+        if name.lower() in _PROBE_OWN_HEADERS:
+            hint = ' (use health.host)' if name.lower() == "host" else ""
+            c.add(key_path(path, name), f"the probe sets {name} itself{hint}")
+    return headers if len(c.problems) == problems_before else ()
 
 
 def _parse_passive(c: _Checker, value: Any, path: str) -> PassiveConfig:

@@ -70,6 +70,9 @@ max_connections = 0            # concurrent connections per server; 0 = unlimite
 connect_timeout = "5s"
 read_timeout = "60s"           # response head, and each gap between body reads
 retries = 2                    # other servers tried, only when the request cannot have been processed
+max_ejected_percent = 100      # checks never take more than this share of servers out; the rest keep serving
+all_down = "fail"              # every server down: fail = 503 | try_all = send to all of them anyway
+slow_start = "0s"              # a server back up (or added) ramps from 10% to 100% of its weight over this; 0s = off
 
 # Active health checks: uncomment once your app answers on the path below.
 # [upstreams.app.health]
@@ -79,6 +82,12 @@ retries = 2                    # other servers tried, only when the request cann
 # expect_status = "2xx"        # "2xx", 200, or [200, 204]
 # healthy_after = 2            # consecutive passes before a down server gets traffic again
 # unhealthy_after = 3          # consecutive failures before a server is taken out
+# method = "GET"               # GET | HEAD
+# host = "health.internal"     # Host header of the probe; default: the server's address
+# headers = { X-Health-Token = "secret" }  # extra probe headers
+# port = 9090                  # probe another port of the server's host (an admin port)
+# expect_body = "ok"           # the body must contain this; "~regex" for a regular expression
+#                              # (redirects are never followed: a 3xx fails unless expect_status lists it)
 
 # Passive checks (like nginx max_fails / fail_timeout): a server that fails max_fails requests
 # within fail_timeout is taken out for fail_timeout. As in nginx, the only server of an upstream
@@ -86,6 +95,7 @@ retries = 2                    # other servers tried, only when the request cann
 # [upstreams.app.passive]
 # max_fails = 3
 # fail_timeout = "10s"
+# statuses = ["5xx"]           # answers that count as failures too (or codes: [502, 503]); default none
 '''
 
 

@@ -193,3 +193,14 @@ def describe_expect_status(statuses: frozenset[int]) -> str:
         if statuses == frozenset(range(first, first + 100)):
             return f"{first // 100}xx"
     return ", ".join(str(code) for code in sorted(statuses))
+
+
+def describe_statuses(statuses: frozenset[int]) -> list[str]:
+    """Statuses as a config lists them: whole classes as "5xx", other codes as numbers ("404")."""
+    described, rest = [], set(statuses)
+    for first in range(100, 600, 100):
+        whole = set(range(first, first + 100))
+        if whole <= rest:
+            described.append(f"{first // 100}xx")
+            rest -= whole
+    return described + [str(code) for code in sorted(rest)]

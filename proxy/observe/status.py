@@ -6,9 +6,10 @@ supervisor can serve one answer for all its workers. Everything is plain JSON-ab
 
 Shape (documented in docs/configuration.md, "Admin endpoints"):
     {"processes": n, "draining": bool,
-     "upstreams": {NAME: {"policy": ..., "health": {...} | null, "passive": {...} | null,
+     "upstreams": {NAME: {"policy": ..., "all_down": ..., "failing_open": bool,
+                          "health": {...} | null, "passive": {...} | null,
                           "servers": [{"address", "state", "reason", "since_seconds", "weight",
-                                       "active_requests", "requests_total", "failures_total", "ejected",
+                                       "active_requests", "requests_total", "failures_total", "ejected", "would_eject",
                                        "last_check": {"checked_at", "age_seconds", "ok", "latency_ms",
                                                       "status", "error"} | null}],
                           "traffic": {"window_seconds", "requests", "errors", "requests_per_second",
@@ -24,7 +25,7 @@ from __future__ import annotations
 import threading
 import time
 
-from proxy.config.units import describe_expect_status
+from proxy.config.units import describe_expect_status, describe_statuses
 from proxy.routing.table import routes_by_precedence
 from proxy.observe.metrics import empty_window, estimate_quantile
 
@@ -50,7 +51,9 @@ def build_status(app, server=None, pool=None, checker=None, wall_clock=time.time
     for name, upstream in runtime.upstreams.items():
         servers = [_server_status(name, s, now, wall_now, checker) for s in upstream.servers]
         _add_server_totals(servers, carried.get(name, {}))
-        upstreams[name] = {"policy": upstream.config.policy, "health": _health(upstream.config.health),
+        upstreams[name] = {"policy": upstream.config.policy, "all_down": upstream.config.all_down,
+                           "failing_open": upstream.balancer.failing_open,
+                           "health": _health(upstream.config.health),
                            "passive": _passive(upstream.config.passive), "servers": servers,
                            "traffic": _traffic(recent, name)}
     return {
@@ -116,13 +119,16 @@ def _health(health) -> dict | None:
         return None
     return {"path": health.path, "interval": health.interval, "timeout": health.timeout,
             "expect_status": describe_expect_status(health.expect_status),
-            "healthy_after": health.healthy_after, "unhealthy_after": health.unhealthy_after}
+            "healthy_after": health.healthy_after, "unhealthy_after": health.unhealthy_after,
+            "method": health.method, "host": health.host, "port": health.port,
+            "expect_body": (f"~{health.expect_body}" if health.expect_body_regex else health.expect_body)}
 
 
 def _passive(passive) -> dict | None:
     if passive is None:
         return None
-    return {"max_fails": passive.max_fails, "fail_timeout": passive.fail_timeout}
+    return {"max_fails": passive.max_fails, "fail_timeout": passive.fail_timeout,
+            "statuses": describe_statuses(passive.statuses)}
 
 
 def _routes(config) -> list[dict]:
@@ -160,6 +166,7 @@ def _merge_upstream(into: dict, name: str, upstream: dict) -> None:
         into[name] = {**upstream, "servers": [dict(s) for s in upstream["servers"]]}
         return
     target["traffic"] = _merge_traffic(target.get("traffic"), upstream.get("traffic"))
+    target["failing_open"] = target.get("failing_open", False) or upstream.get("failing_open", False)
     by_address = {s["address"]: s for s in target["servers"]}
     for server in upstream["servers"]:
         current = by_address.get(server["address"])
@@ -189,6 +196,7 @@ def _merge_server(current: dict, other: dict) -> None:
         current["state"], current["reason"] = "down", other.get("reason", "")
         current["since_seconds"] = other.get("since_seconds", 0.0)
         current["ejected"] = other.get("ejected", False)
+    current["would_eject"] = current.get("would_eject", False) or other.get("would_eject", False)
     mine, theirs = current.get("last_check"), other.get("last_check")
     if theirs is not None and (mine is None or theirs["checked_at"] > mine["checked_at"]):
         current["last_check"] = theirs

@@ -56,7 +56,8 @@ class UpstreamRuntime:
     def __init__(self, config: UpstreamConfig, servers: list[Server], pools: dict[Server, ServerPool]):
         self.name = config.name
         self.config = config
-        self.balancer = Upstream(config.name, servers, config.policy)
+        self.balancer = Upstream(config.name, servers, config.policy, config.max_ejected_percent, config.all_down,
+                                 config.slow_start)
         self.pick_server = self.balancer.pick_server  # pick_server(client_ip, exclude=()): per request, no wrapper
         self.pools = pools
 
@@ -72,7 +73,7 @@ def _server_key(upstream: UpstreamConfig, server_config) -> tuple:
     passive = upstream.passive
     return (upstream.name, server_config.host, server_config.port, server_config.weight, server_config.tls,
             upstream.max_connections, passive.max_fails if passive else 0,
-            passive.fail_timeout if passive else 0.0)
+            passive.fail_timeout if passive else 0.0, passive.statuses if passive else frozenset())
 
 
 def _pool_key(upstream: UpstreamConfig, server_config) -> tuple:
@@ -96,6 +97,8 @@ class Runtime:
         self.upstreams: dict[str, UpstreamRuntime] = {}
         for upstream in config.upstreams.values():
             self.upstreams[upstream.name] = self._build_upstream(upstream, old_servers, old_pools, clock)
+            if previous is not None:
+                self._start_slow_start_of_added(self.upstreams[upstream.name], previous.upstreams.get(upstream.name))
 
     def _build_upstream(self, upstream: UpstreamConfig, old_servers, old_pools, clock) -> UpstreamRuntime:
         servers, pools = [], {}
@@ -108,7 +111,8 @@ class Runtime:
                 server = Server(server_config.host, server_config.port, weight=server_config.weight,
                                 max_connections=upstream.max_connections, tls=server_config.tls,
                                 max_fails=passive.max_fails if passive else 0,
-                                fail_timeout=passive.fail_timeout if passive else 10.0, clock=clock)
+                                fail_timeout=passive.fail_timeout if passive else 10.0,
+                                failure_statuses=passive.statuses if passive else frozenset(), clock=clock)
             pool_key = _pool_key(upstream, server_config)
             pool = old_pools.get(pool_key)
             if pool is None:
@@ -123,6 +127,15 @@ class Runtime:
             servers.append(server)
             pools[server] = pool
         return UpstreamRuntime(upstream, servers, pools)
+
+    @staticmethod
+    def _start_slow_start_of_added(upstream: "UpstreamRuntime", before: "UpstreamRuntime | None") -> None:
+        """slow_start: a server a reload added (an address the upstream did not have) ramps up. One the
+        reload merely rebuilt (a new weight, say) was serving already and does not."""
+        known = {server.address for server in before.servers} if before is not None else set()
+        for server in upstream.servers:
+            if server.address not in known and server.requests_total == 0:
+                server.start_slow_start()
 
     def original_client(self, peer_ip: str, forwarded_for: str | None) -> str:
         """The address a request started from, for ip_hash: with ``trusted_proxies`` set, the rightmost

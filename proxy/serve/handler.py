@@ -529,6 +529,7 @@ class HttpHandler:
             try:
                 ex.server = server
                 yield from self._attempt(ex, upstream, server, out, fresh)
+                server.record_response(ex.record.status)  # passive.statuses: a 5xx may count as a failure
                 return
             except UpstreamConnectError as exc:
                 server.record_failure(exc.detail)

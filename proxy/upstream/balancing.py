@@ -16,12 +16,15 @@ stable (a config reload builds new Upstreams, and with them new policies).
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import random
 import threading
 from typing import Collection, Protocol, Sequence
 
-from proxy.upstream.servers import Server
+from proxy.upstream.servers import EjectionCap, Server
+
+log = logging.getLogger("pyproxy.health")
 
 # Rendezvous hashing uses 52 bits of the digest so that (x + 0.5) / 2**52 is an
 # exact float strictly inside (0, 1): log() never sees 0 or 1.
@@ -44,6 +47,12 @@ def _available(servers: Sequence[Server]) -> list[Server]:
 def _same_weight(servers: Sequence[Server]) -> bool:
     first = servers[0].weight if servers else 1
     return all(server.weight == first for server in servers)
+
+
+def _same_effective_weight(servers: Sequence[Server]) -> bool:
+    """Equal weights now, slow start included (a server ramping up weighs less for a while)."""
+    first = servers[0].effective_weight() if servers else 1
+    return all(server.effective_weight() == first for server in servers)
 
 
 class RoundRobin:
@@ -78,7 +87,8 @@ class RoundRobin:
         cached = self._uniform_cache
         if cached is not None and cached[0] is servers:
             return cached[1]
-        uniform = _same_weight(servers)
+        # A server with slow start can weigh less at any moment: those upstreams always take the smooth path.
+        uniform = _same_weight(servers) and not any(server.slow_start for server in servers)
         if isinstance(servers, tuple):
             self._uniform_cache = (servers, uniform)
         return uniform
@@ -110,9 +120,10 @@ class RoundRobin:
             best: Server | None = None
             best_score = 0
             for server in available:
-                score = scores.get(server, 0) + server.weight
+                weight = server.effective_weight()
+                score = scores.get(server, 0) + weight
                 scores[server] = score
-                total += server.weight
+                total += weight
                 if best is None or score > best_score:
                     best, best_score = server, score
             scores[best] = best_score - total
@@ -145,8 +156,9 @@ class LeastConnections:
         for server in servers:
             if not server.available():
                 continue
-            active, weight = server.active_requests, server.weight
-            # active/weight < best_active/best_weight, in integers (no float ties).
+            active, weight = server.active_requests, server.effective_weight()
+            # active/weight < best_active/best_weight, without dividing (integers, no float ties,
+            # unless a server in slow start weighs a fraction).
             difference = active * best_weight - best_active * weight
             if not tied or difference < 0:
                 tied = [server]
@@ -170,9 +182,9 @@ class WeightedRandom:
         if not available:
             return None
         with self._lock:
-            if _same_weight(available):
+            if _same_effective_weight(available):
                 return self._rng.choice(available)
-            return self._rng.choices(available, weights=[s.weight for s in available])[0]
+            return self._rng.choices(available, weights=[s.effective_weight() for s in available])[0]
 
 
 class IpHash:
@@ -188,6 +200,8 @@ class IpHash:
     """
 
     def pick(self, servers: Sequence[Server], client_ip: str) -> Server | None:
+        # Slow start does not apply: scaling one server's weight would move clients to it and back,
+        # breaking the stickiness that is this policy's point. Static weights only.
         best: Server | None = None
         best_score = 0.0
         for server in servers:
@@ -227,7 +241,8 @@ def make_policy(name: str) -> Policy:
 class Upstream:
     """A named group of servers and the policy that picks among them."""
 
-    def __init__(self, name: str, servers: Sequence[Server], policy_name: str) -> None:
+    def __init__(self, name: str, servers: Sequence[Server], policy_name: str, max_ejected_percent: int = 100,
+                 all_down: str = "fail", slow_start: float = 0.0) -> None:
         self._name = name
         self._servers = tuple(servers)
         self._policy_name = policy_name
@@ -240,6 +255,18 @@ class Upstream:
         # nginx ignores max_fails for an upstream of one server: ejecting it leaves nothing to serve.
         for server in self._servers:
             server.set_sole_server(len(self._servers) == 1)
+            server.set_slow_start(slow_start)
+        # max_ejected_percent (100 = no cap): checks never take more than that share out at once.
+        self._cap = EjectionCap(name, self._servers, max_ejected_percent) if max_ejected_percent < 100 else None
+        for server in self._servers:
+            server.attach_cap(self._cap)
+        if self._cap is not None:
+            self._cap.recompute()  # servers carried over a reload may be out already
+        # all_down = "try_all": when every server is down, send requests to them anyway, in turn.
+        self._try_all_when_down = all_down == "try_all"
+        self._fail_open_lock = threading.Lock()
+        self._fail_open_turn = 0
+        self._failing_open = False  # in an episode of every server down (logged once when it starts)
 
     @property
     def name(self) -> str:
@@ -264,15 +291,49 @@ class Upstream:
             candidates = tuple(server for server in candidates if server not in exclude)
         # Bounded: each lost race (the server filled up between pick and claim)
         # removes that server from this call's candidates.
+        first_candidates = candidates
         for _ in range(len(candidates)):
             policy = self._policy if candidates is self._servers else self._fallback_policy
             server = policy.pick(candidates, client_ip)
             if server is None:
-                return None
+                break
             if server.try_acquire():
+                self._end_fail_open()
                 return server
             candidates = tuple(other for other in candidates if other is not server)
+        if self._try_all_when_down:
+            return self._pick_failing_open(first_candidates)
         return None
+
+    @property
+    def failing_open(self) -> bool:
+        """all_down = "try_all" is sending requests to servers that are all down."""
+        return self._failing_open
+
+    def _pick_failing_open(self, candidates: Sequence[Server]) -> Server | None:
+        """Every server is down (not merely full): claim the next one in turn whatever its checks say."""
+        if not candidates or any(server.state == "up" for server in self._servers):
+            return None  # some server is up but busy (max_connections): that is a 503, not fail-open
+        with self._fail_open_lock:
+            turn = self._fail_open_turn
+            self._fail_open_turn += 1
+            starting = not self._failing_open
+            self._failing_open = True
+        if starting:
+            log.warning("upstream %s: every server is down; sending requests to all of them anyway "
+                        "(all_down = \"try_all\")", self._name)
+        for offset in range(len(candidates)):
+            server = candidates[(turn + offset) % len(candidates)]
+            if server.try_acquire(even_if_down=True):
+                return server
+        return None
+
+    def _end_fail_open(self) -> None:
+        if self._failing_open:
+            with self._fail_open_lock:
+                ending, self._failing_open = self._failing_open, False
+            if ending:
+                log.warning("upstream %s: a server is up again; requests go to the servers that are up", self._name)
 
     def snapshot(self) -> dict:
         return {"policy": self._policy_name, "servers": [server.snapshot() for server in self._servers]}

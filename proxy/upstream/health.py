@@ -21,8 +21,10 @@ the verdicts to its worker processes. In single-process mode the checker applies
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import random
+import re
 import socket
 import ssl
 import threading
@@ -33,7 +35,7 @@ from typing import Callable
 from proxy.config.schema import HealthConfig, UpstreamConfig
 from proxy.config.units import describe_expect_status
 from proxy.upstream.pool import upstream_tls_context
-from proxy.http.http1 import NEED_DATA, EndOfMessage, ProtocolError, ResponseHead, ResponseParser
+from proxy.http.http1 import NEED_DATA, Data, EndOfMessage, ProtocolError, ResponseHead, ResponseParser
 
 log = logging.getLogger("pyproxy.health")
 
@@ -43,6 +45,7 @@ MAX_PROBE_THREADS = 16  # concurrent checks; a hanging check holds one thread fo
 READ_SIZE = 16 * 1024
 MAX_DRAIN_BYTES = 64 * 1024  # a health body is read (politely) up to this much, then the connection is dropped
 MAX_HEAD_BYTES = 64 * 1024
+MAX_BODY_MATCH_BYTES = 64 * 1024  # expect_body is looked for within this much of the body
 USER_AGENT = "pyproxy-health"
 
 Listener = Callable[[str, str, bool, str], None]
@@ -97,12 +100,17 @@ class CheckResult:
 
 def probe(host: str, port: int, health: HealthConfig, *, host_header: str,
           tls_context: ssl.SSLContext | None = None, clock=time.monotonic, wall_clock=time.time) -> CheckResult:
-    """GET health.path on host:port over a fresh connection; the whole head must come within timeout."""
+    """Request health.path on host:port over a fresh connection; the whole head must come within timeout.
+
+    ``health.port`` and ``health.host`` (when set) replace ``port`` and ``host_header``. A redirect is
+    never followed: its status is judged like any other (it fails unless expect_status lists it).
+    """
     started = clock()
     deadline = started + health.timeout
-    status, error = None, None
+    status, body, error = None, b"", None
     try:
-        status = _fetch_status(host, port, health.path, host_header, tls_context, deadline, clock)
+        status, body = _fetch(host, health.port or port, _request_bytes(health, health.host or host_header),
+                              health.method, tls_context, deadline, clock, want_body=health.expect_body is not None)
     except (TimeoutError, socket.timeout):
         error = f"timed out after {health.timeout:g}s"
     except ProtocolError as exc:
@@ -112,10 +120,38 @@ def probe(host: str, port: int, health: HealthConfig, *, host_header: str,
     except OSError as exc:
         error = exc.strerror or str(exc) or type(exc).__name__
     latency_ms = round((clock() - started) * 1000, 3)
-    ok = error is None and status in health.expect_status
-    if error is None and not ok:
+    if error is None and status not in health.expect_status:
         error = f"status {status} (expected {describe_expect_status(health.expect_status)})"
-    return CheckResult(wall_clock(), ok, latency_ms, status, error)
+    if error is None and health.expect_body is not None and not body_matches(health, body):
+        shown = f"~{health.expect_body}" if health.expect_body_regex else health.expect_body
+        error = f"status {status} but the body does not match {shown!r}"
+    return CheckResult(wall_clock(), error is None, latency_ms, status, error)
+
+
+def body_matches(health: HealthConfig, body: bytes) -> bool:
+    """Is expect_body in the first MAX_BODY_MATCH_BYTES of the body (read as latin-1, byte for byte)?"""
+    text = body[:MAX_BODY_MATCH_BYTES].decode("latin-1")
+    if health.expect_body_regex:
+        return _compiled(health.expect_body).search(text) is not None
+    return health.expect_body in text
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(pattern)  # validated when the config was loaded
+
+
+def _request_bytes(health: HealthConfig, host_header: str) -> bytes:
+    """The probe's request head; headers from the config replace the default User-Agent and Accept."""
+    names = {name.lower() for name, _ in health.headers}
+    lines = [f"{health.method} {health.path} HTTP/1.1", f"Host: {host_header}"]
+    if "user-agent" not in names:
+        lines.append(f"User-Agent: {USER_AGENT}")
+    if "accept" not in names:
+        lines.append("Accept: */*")
+    lines += [f"{name}: {value}" for name, value in health.headers]
+    lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 def _remaining(deadline: float, clock) -> float:
@@ -125,20 +161,22 @@ def _remaining(deadline: float, clock) -> float:
     return left
 
 
-def _fetch_status(host, port, path, host_header, tls_context, deadline, clock) -> int:
+def _fetch(host, port, request: bytes, method: str, tls_context, deadline, clock,
+           want_body: bool) -> tuple[int, bytes]:
+    """(status, up to MAX_BODY_MATCH_BYTES of the body when want_body, else b"")."""
     sock = socket.create_connection((host, port), timeout=_remaining(deadline, clock))
     try:
         if tls_context is not None:
             sock.settimeout(_remaining(deadline, clock))
             sock = tls_context.wrap_socket(sock, server_hostname=host)
-        request = (f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: {USER_AGENT}\r\n"
-                   "Accept: */*\r\nConnection: close\r\n\r\n").encode("latin-1")
         sock.settimeout(_remaining(deadline, clock))
         sock.sendall(request)
-        parser = ResponseParser("GET", max_header_bytes=MAX_HEAD_BYTES)
+        parser = ResponseParser(method, max_header_bytes=MAX_HEAD_BYTES)
         head = _read_head(sock, parser, deadline, clock)
+        if want_body and not parser.switched:
+            return head.status, _read_body(sock, parser, deadline, clock)
         _drain_body(sock, parser, deadline, clock)
-        return head.status
+        return head.status, b""
     finally:
         sock.close()
 
@@ -157,6 +195,25 @@ def _read_head(sock, parser: ResponseParser, deadline, clock) -> ResponseHead:
                 parser.feed(data)
             else:
                 parser.feed_eof()
+
+
+def _read_body(sock, parser: ResponseParser, deadline, clock) -> bytes:
+    """The body up to MAX_BODY_MATCH_BYTES, within the deadline (a slow body times the check out)."""
+    body = bytearray()
+    while len(body) < MAX_BODY_MATCH_BYTES:
+        event = parser.next_event()
+        if isinstance(event, EndOfMessage):
+            break
+        if isinstance(event, Data):
+            body += event.data
+        elif event is NEED_DATA:
+            sock.settimeout(_remaining(deadline, clock))
+            data = sock.recv(READ_SIZE)
+            if data:
+                parser.feed(data)
+            else:
+                parser.feed_eof()
+    return bytes(body[:MAX_BODY_MATCH_BYTES])
 
 
 def _drain_body(sock, parser: ResponseParser, deadline, clock) -> None:

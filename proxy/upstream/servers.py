@@ -34,6 +34,7 @@ LOG = logging.getLogger("pyproxy.health")
 DEFAULT_FAIL_TIMEOUT = 10.0
 INITIAL_REASON = "initial"
 EJECTION_EXPIRED_REASON = "ejection expired"
+SLOW_START_FLOOR = 0.1  # a server in slow start begins at this share of its weight
 
 Clock = Callable[[], float]
 LogEvents = list[tuple[int, str, tuple]]
@@ -57,7 +58,7 @@ class Server:
 
     def __init__(self, host: str, port: int, weight: int = 1, max_connections: int = 0, tls: bool = False,
                  max_fails: int = 0, fail_timeout: float = DEFAULT_FAIL_TIMEOUT,
-                 clock: Clock = time.monotonic) -> None:
+                 failure_statuses: frozenset[int] = frozenset(), clock: Clock = time.monotonic) -> None:
         _validate(port, weight, max_connections, max_fails, fail_timeout)
         self._host = host
         self._port = port
@@ -67,6 +68,7 @@ class Server:
         self._tls = tls
         self._max_fails = max_fails
         self._fail_timeout = float(fail_timeout)
+        self._failure_statuses = frozenset(failure_statuses)
         self._clock = clock
         self._lock = threading.Lock()
         # Everything below is guarded by _lock (reads outside it are advisory only).
@@ -76,6 +78,12 @@ class Server:
         self._eject_reason = ""
         self._recent_failures: collections.deque[float] = collections.deque()
         self._sole_server = False  # the only server of its upstream: passive checks never eject it
+        # max_ejected_percent: the upstream's EjectionCap keeps this server serving although its checks
+        # say down (it would take more than the allowed share out). Set by the cap, under this lock.
+        self._held_in = False
+        self._cap: "EjectionCap | None" = None
+        self._slow_start = 0.0  # seconds over which a server that became available ramps up; 0 = off
+        self._ramp_start: float | None = None  # when it last became available; None = never ramps
         self._active = 0
         self._requests_total = 0
         self._failures_total = 0
@@ -120,6 +128,43 @@ class Server:
     def __repr__(self) -> str:
         return f"Server({self._address!r}, weight={self._weight})"
 
+    # -- slow start -----------------------------------------------------------------
+
+    def set_slow_start(self, seconds: float) -> None:
+        """The upstream's slow_start (0 = off): after this server becomes available (it starts, is
+        added by a reload, or recovers), its effective weight ramps from 10% to 100% over ``seconds``."""
+        self._slow_start = float(seconds)
+
+    @property
+    def slow_start(self) -> float:
+        return self._slow_start
+
+    def start_slow_start(self) -> None:
+        """A server added to a running upstream (by a reload) ramps up from now. Servers of the first
+        config do not: they all start together, and ramping every one would change nothing."""
+        self._ramp_start = self._clock()
+
+    def effective_weight(self) -> float:
+        """The weight policies use: ``weight``, scaled down while the server is in its slow start.
+
+        Lock-free: a policy asks this for every server on every pick. The ramp starts when the server
+        last came back up (a recovery restarts it), or when a reload added it.
+        """
+        remaining = self._slow_start_remaining(self._clock())
+        if remaining <= 0:
+            return self._weight
+        ramped = 1.0 - remaining / self._slow_start
+        # In 1% steps: servers that came up together weigh exactly the same at (almost) any moment, so
+        # least_connections still sees their ties (a float read a microsecond later would break them).
+        factor = round(SLOW_START_FLOOR + (1.0 - SLOW_START_FLOOR) * ramped, 2)
+        return self._weight * factor
+
+    def _slow_start_remaining(self, now: float) -> float:
+        ramp_start = self._ramp_start
+        if self._slow_start <= 0 or ramp_start is None or not self._is_up:
+            return 0.0
+        return max(0.0, ramp_start + self._slow_start - now)
+
     # -- counters (read-only) ---------------------------------------------------
 
     @property
@@ -138,25 +183,33 @@ class Server:
 
     def available(self) -> bool:
         """May a policy pick this server now? Lock-free hint; try_acquire() decides for real."""
-        if not self._healthy:
-            return False
-        ejected_until = self._ejected_until  # read once: another thread may clear it
-        if ejected_until is not None and self._clock() < ejected_until:
-            return False
+        if not self._held_in:
+            if not self._healthy:
+                return False
+            ejected_until = self._ejected_until  # read once: another thread may clear it
+            if ejected_until is not None and self._clock() < ejected_until:
+                return False
         return self._max_connections == 0 or self._active < self._max_connections
 
-    def try_acquire(self) -> bool:
-        """Atomically claim a request slot if available. The caller must release() it."""
+    def try_acquire(self, even_if_down: bool = False) -> bool:
+        """Atomically claim a request slot if available. The caller must release() it.
+
+        ``even_if_down``: all_down = "try_all" sends traffic to servers the checks took out; only
+        max_connections still counts then.
+        """
         events: LogEvents = []
         with self._lock:
             if self._ejected_until is not None:
                 events = self._expire_ejection_locked(self._clock())
-            acquired = self._available_locked()
+            if even_if_down:
+                acquired = self._max_connections == 0 or self._active < self._max_connections
+            else:
+                acquired = self._available_locked()
             if acquired:
                 self._active += 1
                 self._requests_total += 1
         if events:  # rare (an ejection just ended): no call per request
-            _log(events)
+            self._after(events)
         return acquired
 
     def release(self) -> None:
@@ -177,7 +230,13 @@ class Server:
             events = self._expire_ejection_locked(now)
             self._failures_total += 1
             events += self._count_failure_locked(now, reason)
-        _log(events)
+        self._after(events)
+
+    def record_response(self, status: int | None) -> None:
+        """A request got an answer: with passive.statuses set, a listed status (a 500, say) counts as a
+        failure towards max_fails, like a refused connection. Other answers change nothing."""
+        if status in self._failure_statuses:
+            self.record_failure(f"answered {status}")
 
     def set_sole_server(self, sole: bool) -> None:
         """Is this the only server of its upstream? Then failures no longer eject it, and an
@@ -191,7 +250,32 @@ class Server:
                 self._settle_locked(self._clock(), "the only server left in its upstream")
                 events.append((logging.INFO, "server %s back: it is the only server of its upstream",
                                (self._address,)))
-        _log(events)
+        self._after(events)
+
+    # -- max_ejected_percent ------------------------------------------------------------------
+
+    def attach_cap(self, cap: "EjectionCap | None") -> None:
+        """The upstream's EjectionCap (None: no cap), told of every up/down change of this server."""
+        with self._lock:
+            self._cap = cap
+            if cap is None:
+                self._held_in = False
+
+    def out_since(self) -> float | None:
+        """When the checks took this server out (whatever the cap does), or None while they say up."""
+        now = self._clock()
+        with self._lock:
+            events = self._expire_ejection_locked(now)
+            since = None if self._is_up else self._state_since
+        _log(events)  # not _after: the cap asks this from recompute(), holding its own lock
+        return since
+
+    def set_held_in(self, held: bool) -> tuple[bool, str]:
+        """The cap's decision. Returns (changed, the reason the checks give for taking it out)."""
+        with self._lock:
+            changed = held != self._held_in
+            self._held_in = held
+            return changed, self._state_reason
 
     # -- active checks ----------------------------------------------------------------
 
@@ -211,15 +295,16 @@ class Server:
                 self._settle_locked(now, reason)
                 events.append((logging.INFO if announce else logging.DEBUG, "server %s is %s: %s",
                                (self._address, "healthy" if up else "unhealthy", reason)))
-        _log(events)
+        self._after(events)
         return changed
 
     # -- reporting ---------------------------------------------------------------------
 
     @property
     def state(self) -> str:
-        """"up" or "down" (down if unhealthy or ejected). Busy servers are still "up"."""
-        return self._refreshed(lambda: "up" if self._is_up else "down")
+        """"up" or "down" (down if unhealthy or ejected, unless max_ejected_percent keeps it serving).
+        Busy servers are still "up"."""
+        return self._refreshed(lambda: "up" if self._is_up or self._held_in else "down")
 
     @property
     def state_reason(self) -> str:
@@ -234,8 +319,10 @@ class Server:
         """A consistent copy of the state for /status."""
         return self._refreshed(lambda: {
             "address": self._address,
-            "state": "up" if self._is_up else "down",
-            "reason": self._state_reason,
+            "state": "up" if self._is_up or self._held_in else "down",
+            "reason": f"would be ejected: {self._state_reason}" if self._held_in else self._state_reason,
+            "would_eject": self._held_in,
+            "slow_start_remaining": round(self._slow_start_remaining(self._clock()), 3),
             "since": self._state_since,
             "weight": self._weight,
             "active_requests": self._active,
@@ -245,17 +332,24 @@ class Server:
 
     # -- internals (all *_locked methods require self._lock) ---------------------------
 
+    def _after(self, events: LogEvents) -> None:
+        """After the lock is released: log, and let the cap look again (every up/down change logs)."""
+        _log(events)
+        cap = self._cap
+        if events and cap is not None:
+            cap.recompute()
+
     def _refreshed(self, read):
         """Expire a lapsed ejection, then read under the lock."""
         now = self._clock()
         with self._lock:
             events = self._expire_ejection_locked(now)
             value = read()
-        _log(events)
+        self._after(events)
         return value
 
     def _available_locked(self) -> bool:
-        if not self._healthy or self._ejected_until is not None:
+        if not self._held_in and (not self._healthy or self._ejected_until is not None):
             return False
         return self._max_connections == 0 or self._active < self._max_connections
 
@@ -291,6 +385,7 @@ class Server:
             self._state_since = when
             if is_up:
                 self._state_reason = reason_if_up
+                self._ramp_start = when  # slow start: back after being out, it ramps up again
         if not is_up:
             # Ejection outranks health while it lasts; after it, the health reason shows.
             self._state_reason = (f"ejected: {self._eject_reason}" if self._ejected_until is not None
@@ -300,3 +395,42 @@ class Server:
 def _log(events: LogEvents) -> None:
     for level, message, args in events:
         LOG.log(level, message, *args)
+
+
+class EjectionCap:
+    """max_ejected_percent: passive and active checks never take more than this share of an upstream's
+    servers out at once (Envoy's outlier detection has the same cap). The servers that went out first
+    stay out; any beyond the share keep serving, shown as ``would_eject``, until room frees up.
+
+    Every process applies the same verdicts in the same order, so each reaches the same decision. Lock
+    order: the cap's lock, then a server's (a server calls ``recompute`` only after releasing its own).
+    """
+
+    def __init__(self, upstream_name: str, servers, percent: int) -> None:
+        self._upstream_name = upstream_name
+        self._servers = tuple(servers)
+        self.max_out = len(self._servers) * percent // 100
+        self._lock = threading.Lock()
+
+    def recompute(self) -> None:
+        events: LogEvents = []
+        with self._lock:
+            out = [(since, index, server) for index, server in enumerate(self._servers)
+                   if (since := server.out_since()) is not None]
+            out.sort(key=lambda item: item[:2])  # first out stays out; the list order breaks ties
+            for rank, (_, _, server) in enumerate(out):
+                held = rank >= self.max_out
+                changed, reason = server.set_held_in(held)
+                if changed and held:
+                    events.append((logging.WARNING, "upstream %s: server %s would be ejected (%s) but "
+                                   "max_ejected_percent allows %d of %d servers out: it keeps serving",
+                                   (self._upstream_name, server.address, reason, self.max_out,
+                                    len(self._servers))))
+                elif changed:
+                    events.append((logging.INFO, "upstream %s: server %s taken out now that there is room: %s",
+                                   (self._upstream_name, server.address, reason)))
+            out_servers = {id(server) for _, _, server in out}
+            for server in self._servers:
+                if id(server) not in out_servers:
+                    server.set_held_in(False)
+        _log(events)
