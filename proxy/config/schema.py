@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from core.cpu_affinity import available_cpus
+from proxy.config.edge import parse_network, shadowed_allow
 from proxy.config.units import (
     describe_value, format_address, format_duration, parse_address, parse_duration, parse_host,
     parse_port, parse_size, split_host_port,
@@ -122,6 +123,8 @@ class RouteConfig:
     strip_prefix: bool = False
     upstream: str
     set_headers: tuple[tuple[str, str], ...] = ()
+    allow: tuple[str, ...] = ()   # client addresses/networks let in (empty: everyone not denied)
+    deny: tuple[str, ...] = ()    # client addresses/networks refused with 403; deny wins over allow
 
 
 @dataclass(frozen=True)
@@ -515,7 +518,7 @@ LISTEN_KEYS = ("address", "tls_cert", "tls_key", "sni")
 SNI_KEYS = ("host", "tls_cert", "tls_key")
 ADMIN_KEYS = ("listen",)
 LOG_KEYS = ("level", "access", "format")
-ROUTE_KEYS = ("host", "path", "strip_prefix", "upstream", "set_headers")
+ROUTE_KEYS = ("host", "path", "strip_prefix", "upstream", "set_headers", "allow", "deny")
 UPSTREAM_KEYS = (
     "servers", "policy", "preserve_host", "keepalive", "keepalive_timeout", "max_connections",
     "connect_timeout", "read_timeout", "retries", "health", "passive", "tls_verify", "tls_ca",
@@ -742,6 +745,7 @@ def _parse_route(c: _Checker, value: Any, path: str, upstream_names: list[str]) 
     values = c.fields(table, path, {"host": _route_host, "path": _route_path, "strip_prefix": _boolean})
     if "set_headers" in table:
         values["set_headers"] = _parse_set_headers(c, table["set_headers"], key_path(path, "set_headers"))
+    values.update(_parse_access_rules(c, table, path))
     upstream = table.get("upstream")
     if upstream is None:
         c.add(path, 'missing required key "upstream"')
@@ -750,6 +754,33 @@ def _parse_route(c: _Checker, value: Any, path: str, upstream_names: list[str]) 
     elif upstream not in upstream_names:
         c.add(key_path(path, "upstream"), _undefined_upstream(upstream, upstream_names))
     return RouteConfig(upstream=upstream if isinstance(upstream, str) else "", **values)
+
+
+def _parse_network_list(c: _Checker, value: Any, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        c.add(path, f'expected a list of IP addresses or networks like ["10.0.0.0/8"], got {describe_value(value)}')
+        return ()
+    networks = []
+    for index, item in enumerate(value):
+        try:
+            networks.append(parse_network(item))
+        except ValueError as problem:
+            c.add(f"{path}[{index}]", str(problem))
+    return tuple(networks)
+
+
+def _parse_access_rules(c: _Checker, table: dict, path: str) -> dict:
+    """A route's allow / deny lists (proxy.config.edge). Deny wins, so an allow entry inside a deny
+    entry can never let anyone in: that is a mistake worth naming rather than a silent no-op."""
+    rules = {key: _parse_network_list(c, table[key], key_path(path, key)) for key in ("allow", "deny") if key in table}
+    if table.get("allow") == []:
+        c.add(key_path(path, "allow"), "an empty allow list would refuse every client (leave the key out to allow all)")
+    for index, allow in enumerate(rules.get("allow", ())):
+        covering = shadowed_allow(allow, rules.get("deny", ()))
+        if covering:
+            c.add(f"{key_path(path, 'allow')}[{index}]",
+                  f'"{allow}" is inside deny "{covering}", and deny wins: it never lets anyone in')
+    return rules
 
 
 def _undefined_upstream(name: str, defined: list[str]) -> str:

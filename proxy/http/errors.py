@@ -24,6 +24,17 @@ class NoRoute(ProxyError):
     status, reason = 404, "no route matches this request"
 
 
+class Forbidden(ProxyError):
+    """A route's allow / deny rules refuse this client. The answer says only that; ``log_detail``
+    (which address, which route) goes to the log, not to the client."""
+
+    status, reason = 403, "access denied"
+
+    def __init__(self, detail: str = "", status: int | None = None, *, log_detail: str = ""):
+        super().__init__(detail, status)
+        self.log_detail = log_detail or self.detail
+
+
 class NoServerAvailable(ProxyError):
     status, reason = 503, "no server available"
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
+from proxy.http.access import AccessRules
 from proxy.http.forwarding import RouteHeaders
 
 # RFC 3986 §2.3 unreserved characters: decoding them never changes a URI's meaning.
@@ -128,6 +129,7 @@ class Route:
     strip_prefix: bool = False
     set_headers: tuple[tuple[str, str], ...] = ()
     index: int = 0  # position in the config file (ties go to the first)
+    access: AccessRules | None = field(default=None, compare=False)  # allow / deny; None: everyone
     # set_headers prepared for building request heads: once per route, not per request.
     headers: RouteHeaders = field(init=False, compare=False, repr=False)
 

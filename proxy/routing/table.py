@@ -47,6 +47,16 @@ def _upstream_lines(upstream: UpstreamConfig, indent: str) -> list[str]:
     return lines
 
 
+def _policy_lines(route: RouteConfig, indent: str) -> list[str]:
+    """Who may use the route: allow / deny lists (deny wins; with an allow list, the rest is refused)."""
+    lines = []
+    if route.allow:
+        lines.append(f"{indent}allow: {', '.join(route.allow)}")
+    if route.deny:
+        lines.append(f"{indent}deny: {', '.join(route.deny)}")
+    return lines
+
+
 def _route_heading(route: RouteConfig, upstream: UpstreamConfig) -> str:
     host = route.host or "(any host)"
     strip = " (strip prefix)" if route.strip_prefix else ""
@@ -66,6 +76,7 @@ def routing_table_lines(config: Config) -> list[str]:
         upstream = config.upstreams[route.upstream]
         lines.append(f"  {number}. {_route_heading(route, upstream)}")
         lines.extend(f"       set header {name}: {value}" for name, value in route.set_headers)
+        lines.extend(_policy_lines(route, "       "))
         lines.extend(_upstream_lines(upstream, "       "))
     used = {route.upstream for route in config.routes}
     for name, upstream in config.upstreams.items():

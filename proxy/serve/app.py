@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from proxy.http.access import AccessRules
 from proxy.upstream.balancing import Upstream
 from proxy.config.schema import Config, ServerSettings, UpstreamConfig
 from proxy.routing.router import Route, Router
@@ -85,7 +86,8 @@ class Runtime:
 
     def __init__(self, config: Config, previous: "Runtime | None" = None, clock=time.monotonic):
         self.config = config
-        self.router = Router([Route(r.host, r.path, r.upstream, r.strip_prefix, r.set_headers, index=i)
+        self.router = Router([Route(r.host, r.path, r.upstream, r.strip_prefix, r.set_headers, index=i,
+                                    access=AccessRules.from_lists(r.allow, r.deny))
                               for i, r in enumerate(config.routes)])
         self.trusted = tuple(ipaddress.ip_network(p, strict=False) for p in config.server.trusted_proxies)
         self._trusted_cache: dict[str, bool] = {}

@@ -25,7 +25,7 @@ from core import zerocopy
 from core.transfer_relay import CHUNK, Copy, Readable, Send
 from core.zerocopy import PeerClosed, WriteTimedOut
 
-from proxy.http.errors import ClientGone, NoRoute, NoServerAvailable, ProxyError, UpstreamConnectError, UpstreamFailed, UpstreamTimeout
+from proxy.http.errors import ClientGone, Forbidden, NoRoute, NoServerAvailable, ProxyError, UpstreamConnectError, UpstreamFailed, UpstreamTimeout
 from proxy.http.forwarding import Outbound, build_request_head, build_response_head, interim_head, tunnel_upgrade
 from proxy.http.http1 import (DEFAULT_MAX_LINE_BYTES, LAST_CHUNK, NEED_DATA, Data, EndOfMessage, ProtocolError, RequestHead,
                     RequestParser, ResponseHead, ResponseParser, encode_chunk)
@@ -376,6 +376,9 @@ class HttpHandler:
             self._answer_error(ex, exc.status, exc.reason)
         except UpstreamConnectError as exc:
             self._answer_error(ex, exc.status, exc.detail, self._unreachable_body(ex, exc))
+        except Forbidden as exc:
+            log.info("%s %s -> 403: %s", request.method, request.target, exc.log_detail)
+            self._answer_error(ex, exc.status, exc.detail)
         except ProxyError as exc:
             self._answer_error(ex, exc.status, exc.detail)
         except ClientGone as exc:
@@ -473,6 +476,8 @@ class HttpHandler:
             raise ProtocolError(400, f"bad request path: {exc}") from exc
         if route is None:
             raise NoRoute(f"no route for {request.host or '(no host)'}{path}")
+        if route.access is not None:  # before anything else is spent on a client the route refuses
+            route.access.check(self._original_client(ex, runtime))
         upstream = runtime.upstreams[route.upstream]
         ex.route = route
         ex.record.upstream = upstream.name
@@ -508,8 +513,13 @@ class HttpHandler:
         """The client address ip_hash keys on: behind trusted proxies, the one they forwarded for."""
         if upstream.config.policy != "ip_hash":
             return ex.session.client_ip  # the other policies ignore it: no header parsing per request
+        return self._original_client(ex, self.app.runtime)
+
+    @staticmethod
+    def _original_client(ex: Exchange, runtime) -> str:
+        """The address the request started from (behind trusted proxies, the one they forwarded for)."""
         forwarded_for = ", ".join(ex.request.headers.get_all("x-forwarded-for"))  # every field, in order
-        return self.app.runtime.original_client(ex.session.client_ip, forwarded_for)
+        return runtime.original_client(ex.session.client_ip, forwarded_for)
 
     def _send_with_retries(self, ex: Exchange, upstream, out: Outbound) -> None:
         tried = []
