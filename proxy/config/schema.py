@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from core.cpu_affinity import available_cpus
-from proxy.config.edge import parse_network, shadowed_allow
+from proxy.config.edge import (
+    BasicAuthConfig, check_bcrypt_hash, check_realm, check_user_name, parse_network, read_htpasswd, shadowed_allow,
+)
 from proxy.config.units import (
     describe_value, format_address, format_duration, parse_address, parse_duration, parse_host,
     parse_port, parse_size, split_host_port,
@@ -125,6 +127,7 @@ class RouteConfig:
     set_headers: tuple[tuple[str, str], ...] = ()
     allow: tuple[str, ...] = ()   # client addresses/networks let in (empty: everyone not denied)
     deny: tuple[str, ...] = ()    # client addresses/networks refused with 403; deny wins over allow
+    basic_auth: BasicAuthConfig | None = None  # users who may use the route (401 for anyone else)
 
 
 @dataclass(frozen=True)
@@ -518,7 +521,8 @@ LISTEN_KEYS = ("address", "tls_cert", "tls_key", "sni")
 SNI_KEYS = ("host", "tls_cert", "tls_key")
 ADMIN_KEYS = ("listen",)
 LOG_KEYS = ("level", "access", "format")
-ROUTE_KEYS = ("host", "path", "strip_prefix", "upstream", "set_headers", "allow", "deny")
+ROUTE_KEYS = ("host", "path", "strip_prefix", "upstream", "set_headers", "allow", "deny", "basic_auth")
+BASIC_AUTH_KEYS = ("realm", "users", "users_file", "forward_auth_header")
 UPSTREAM_KEYS = (
     "servers", "policy", "preserve_host", "keepalive", "keepalive_timeout", "max_connections",
     "connect_timeout", "read_timeout", "retries", "health", "passive", "tls_verify", "tls_ca",
@@ -746,6 +750,8 @@ def _parse_route(c: _Checker, value: Any, path: str, upstream_names: list[str]) 
     if "set_headers" in table:
         values["set_headers"] = _parse_set_headers(c, table["set_headers"], key_path(path, "set_headers"))
     values.update(_parse_access_rules(c, table, path))
+    if "basic_auth" in table:
+        values["basic_auth"] = _parse_basic_auth(c, table["basic_auth"], key_path(path, "basic_auth"))
     upstream = table.get("upstream")
     if upstream is None:
         c.add(path, 'missing required key "upstream"')
@@ -781,6 +787,51 @@ def _parse_access_rules(c: _Checker, table: dict, path: str) -> dict:
             c.add(f"{key_path(path, 'allow')}[{index}]",
                   f'"{allow}" is inside deny "{covering}", and deny wins: it never lets anyone in')
     return rules
+
+
+def _parse_basic_auth(c: _Checker, value: Any, path: str) -> BasicAuthConfig:
+    """{ realm, users = { name = "bcrypt hash" } or users_file = "htpasswd file", forward_auth_header }."""
+    if not isinstance(value, dict):
+        c.table(value, path)  # says what it got instead
+        return BasicAuthConfig()
+    table = value
+    c.reject_unknown(table, BASIC_AUTH_KEYS, path)
+    values = c.fields(table, path, {"realm": check_realm, "forward_auth_header": _boolean})
+    if "users" in table and "users_file" in table:
+        c.add(path, "give users or users_file, not both")
+    elif "users" in table:
+        values["users"] = _parse_users(c, table["users"], key_path(path, "users"))
+    elif "users_file" in table:
+        values["users"] = _parse_users_file(c, table["users_file"], key_path(path, "users_file"))
+    else:
+        c.add(path, 'missing "users" (a table of name = bcrypt hash) or "users_file" (an htpasswd file)')
+    return BasicAuthConfig(**values)
+
+
+def _parse_users(c: _Checker, value: Any, path: str) -> tuple[tuple[str, str], ...]:
+    table = c.table(value, path)
+    if not table and isinstance(value, dict):
+        c.add(path, "no users: nobody could sign in")
+    users = []
+    for name, password_hash in table.items():
+        try:
+            users.append((check_user_name(name), check_bcrypt_hash(password_hash)))
+        except ValueError as problem:
+            c.add(key_path(path, name), str(problem))
+    return tuple(users)
+
+
+def _parse_users_file(c: _Checker, value: Any, path: str) -> tuple[tuple[str, str], ...]:
+    """An htpasswd file (relative to the config's directory), read now: a reload reads it again."""
+    resolved = c.existing_file(value, path)
+    if resolved is None:
+        return ()
+    users, problems = read_htpasswd(resolved)
+    for problem in problems:
+        c.add(path, f"{resolved}: {problem}")
+    if not users and not problems:
+        c.add(path, f"{resolved} has no users: nobody could sign in")
+    return tuple(users)
 
 
 def _undefined_upstream(name: str, defined: list[str]) -> str:

@@ -48,12 +48,18 @@ def _upstream_lines(upstream: UpstreamConfig, indent: str) -> list[str]:
 
 
 def _policy_lines(route: RouteConfig, indent: str) -> list[str]:
-    """Who may use the route: allow / deny lists (deny wins; with an allow list, the rest is refused)."""
+    """Who may use the route: allow / deny lists (deny wins; with an allow list, the rest is refused),
+    then basic auth."""
     lines = []
     if route.allow:
         lines.append(f"{indent}allow: {', '.join(route.allow)}")
     if route.deny:
         lines.append(f"{indent}deny: {', '.join(route.deny)}")
+    if route.basic_auth:
+        auth = route.basic_auth
+        count = len(auth.users)
+        forwarded = "; Authorization forwarded" if auth.forward_auth_header else ""
+        lines.append(f'{indent}basic auth: realm "{auth.realm}", {count} user{"s" if count != 1 else ""}{forwarded}')
     return lines
 
 
