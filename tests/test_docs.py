@@ -37,6 +37,7 @@ KEY_PREFIXES = {
     "ADMIN_KEYS": "admin.",
     "LOG_KEYS": "log.",
     "ROUTE_KEYS": "routes[].",
+    "BASIC_AUTH_KEYS": "routes[].basic_auth.",
     "UPSTREAM_KEYS": "upstreams.NAME.",
     "SERVER_ENTRY_KEYS": "upstreams.NAME.servers[].",
     "HEALTH_KEYS": "upstreams.NAME.health.",

@@ -24,6 +24,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 from core.cpu_affinity import available_cpus
 from proxy.config.ca_names import default_ca_dir, name_is_permitted, normalize_internal_name
+from proxy.config.edge import (
+    BasicAuthConfig, check_bcrypt_hash, check_realm, check_user_name, parse_network, read_htpasswd, shadowed_allow,
+)
 from proxy.config.units import (
     describe_value, format_address, format_duration, parse_address, parse_duration, parse_host,
     parse_port, parse_size, split_host_port,
@@ -125,6 +128,9 @@ class RouteConfig:
     strip_prefix: bool = False
     upstream: str
     set_headers: tuple[tuple[str, str], ...] = ()
+    allow: tuple[str, ...] = ()   # client addresses/networks let in (empty: everyone not denied)
+    deny: tuple[str, ...] = ()    # client addresses/networks refused with 403; deny wins over allow
+    basic_auth: BasicAuthConfig | None = None  # users who may use the route (401 for anyone else)
 
 
 @dataclass(frozen=True)
@@ -586,7 +592,8 @@ TLS_KEYS = ("internal_ca_dir", "internal_names")
 SNI_KEYS = ("host", "tls_cert", "tls_key")
 ADMIN_KEYS = ("listen",)
 LOG_KEYS = ("level", "access", "format")
-ROUTE_KEYS = ("host", "path", "strip_prefix", "upstream", "set_headers")
+ROUTE_KEYS = ("host", "path", "strip_prefix", "upstream", "set_headers", "allow", "deny", "basic_auth")
+BASIC_AUTH_KEYS = ("realm", "users", "users_file", "forward_auth_header")
 UPSTREAM_KEYS = (
     "servers", "policy", "preserve_host", "keepalive", "keepalive_timeout", "max_connections",
     "connect_timeout", "read_timeout", "retries", "health", "passive", "tls_verify", "tls_ca",
@@ -886,6 +893,9 @@ def _parse_route(c: _Checker, value: Any, path: str, upstream_names: list[str]) 
     values = c.fields(table, path, {"host": _route_host, "path": _route_path, "strip_prefix": _boolean})
     if "set_headers" in table:
         values["set_headers"] = _parse_set_headers(c, table["set_headers"], key_path(path, "set_headers"))
+    values.update(_parse_access_rules(c, table, path))
+    if "basic_auth" in table:
+        values["basic_auth"] = _parse_basic_auth(c, table["basic_auth"], key_path(path, "basic_auth"))
     upstream = table.get("upstream")
     if upstream is None:
         c.add(path, 'missing required key "upstream"')
@@ -894,6 +904,78 @@ def _parse_route(c: _Checker, value: Any, path: str, upstream_names: list[str]) 
     elif upstream not in upstream_names:
         c.add(key_path(path, "upstream"), _undefined_upstream(upstream, upstream_names))
     return RouteConfig(upstream=upstream if isinstance(upstream, str) else "", **values)
+
+
+def _parse_network_list(c: _Checker, value: Any, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        c.add(path, f'expected a list of IP addresses or networks like ["10.0.0.0/8"], got {describe_value(value)}')
+        return ()
+    networks = []
+    for index, item in enumerate(value):
+        try:
+            networks.append(parse_network(item))
+        except ValueError as problem:
+            c.add(f"{path}[{index}]", str(problem))
+    return tuple(networks)
+
+
+def _parse_access_rules(c: _Checker, table: dict, path: str) -> dict:
+    """A route's allow / deny lists (proxy.config.edge). Deny wins, so an allow entry inside a deny
+    entry can never let anyone in: that is a mistake worth naming rather than a silent no-op."""
+    rules = {key: _parse_network_list(c, table[key], key_path(path, key)) for key in ("allow", "deny") if key in table}
+    if table.get("allow") == []:
+        c.add(key_path(path, "allow"), "an empty allow list would refuse every client (leave the key out to allow all)")
+    for index, allow in enumerate(rules.get("allow", ())):
+        covering = shadowed_allow(allow, rules.get("deny", ()))
+        if covering:
+            c.add(f"{key_path(path, 'allow')}[{index}]",
+                  f'"{allow}" is inside deny "{covering}", and deny wins: it never lets anyone in')
+    return rules
+
+
+def _parse_basic_auth(c: _Checker, value: Any, path: str) -> BasicAuthConfig:
+    """{ realm, users = { name = "bcrypt hash" } or users_file = "htpasswd file", forward_auth_header }."""
+    if not isinstance(value, dict):
+        c.table(value, path)  # says what it got instead
+        return BasicAuthConfig()
+    table = value
+    c.reject_unknown(table, BASIC_AUTH_KEYS, path)
+    values = c.fields(table, path, {"realm": check_realm, "forward_auth_header": _boolean})
+    if "users" in table and "users_file" in table:
+        c.add(path, "give users or users_file, not both")
+    elif "users" in table:
+        values["users"] = _parse_users(c, table["users"], key_path(path, "users"))
+    elif "users_file" in table:
+        values["users"] = _parse_users_file(c, table["users_file"], key_path(path, "users_file"))
+    else:
+        c.add(path, 'missing "users" (a table of name = bcrypt hash) or "users_file" (an htpasswd file)')
+    return BasicAuthConfig(**values)
+
+
+def _parse_users(c: _Checker, value: Any, path: str) -> tuple[tuple[str, str], ...]:
+    table = c.table(value, path)
+    if not table and isinstance(value, dict):
+        c.add(path, "no users: nobody could sign in")
+    users = []
+    for name, password_hash in table.items():
+        try:
+            users.append((check_user_name(name), check_bcrypt_hash(password_hash)))
+        except ValueError as problem:
+            c.add(key_path(path, name), str(problem))
+    return tuple(users)
+
+
+def _parse_users_file(c: _Checker, value: Any, path: str) -> tuple[tuple[str, str], ...]:
+    """An htpasswd file (relative to the config's directory), read now: a reload reads it again."""
+    resolved = c.existing_file(value, path)
+    if resolved is None:
+        return ()
+    users, problems = read_htpasswd(resolved)
+    for problem in problems:
+        c.add(path, f"{resolved}: {problem}")
+    if not users and not problems:
+        c.add(path, f"{resolved} has no users: nobody could sign in")
+    return tuple(users)
 
 
 def _undefined_upstream(name: str, defined: list[str]) -> str:

@@ -55,6 +55,11 @@ format = "combined"            # combined (Apache/nginx style) | json
 # strip_prefix = true          # forward /api/users as /users
 # upstream = "api"
 # set_headers = { X-Env = "dev" }  # request headers to set on the way in
+# allow = ["10.0.0.0/8", "192.168.1.5"]  # only these clients (IPv4/IPv6, CIDR); others get 403
+# deny = ["10.1.0.0/16"]       # refused with 403; deny wins over allow
+# basic_auth = { realm = "staff", users = { alice = "$2b$12$..." } }  # 401 until signed in;
+#                              # hashes from `pyproxy hash-password`, or users_file = "users.htpasswd"
+#                              # (htpasswd -B); forward_auth_header = true passes Authorization on
 
 [[routes]]
 path = "/"                     # everything else

@@ -24,6 +24,33 @@ class NoRoute(ProxyError):
     status, reason = 404, "no route matches this request"
 
 
+class Refused(ProxyError):
+    """A route's edge policy said no. The answer says only that (plus ``headers``, such as a 401's
+    challenge); ``log_detail`` (which address, which user) goes to the log, not to the client, and
+    an empty one is not logged."""
+
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def __init__(self, detail: str = "", status: int | None = None, *, log_detail: str = "",
+                 headers: tuple[tuple[str, str], ...] = ()):
+        super().__init__(detail, status)
+        self.log_detail = log_detail
+        self.headers = headers
+
+
+class Forbidden(Refused):
+    """A route's allow / deny rules refuse this client."""
+
+    status, reason = 403, "access denied"
+
+
+class Unauthorized(Refused):
+    """A route's basic_auth wants credentials: none came, or they are wrong. ``headers`` carry the
+    WWW-Authenticate challenge (RFC 9110 §11.6.1: a 401 must have one)."""
+
+    status, reason = 401, "authentication required"
+
+
 class NoServerAvailable(ProxyError):
     status, reason = 503, "no server available"
 

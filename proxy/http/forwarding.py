@@ -61,13 +61,14 @@ class RouteHeaders:
 
     __slots__ = ("skip_by_case", "proxy_fields", "host", "set_lines")
 
-    def __init__(self, set_headers: tuple[tuple[str, str], ...] = ()):
+    def __init__(self, set_headers: tuple[tuple[str, str], ...] = (), dropped: frozenset[str] = frozenset()):
+        # dropped: lowercase names never forwarded on this route (Authorization behind basic_auth)
         overridden = frozenset(name.lower() for name, _ in set_headers)
         fields = [(name, value) for name, value in set_headers if name.lower() not in _NOT_SETTABLE]
         # One Host, the route's: two make the request invalid (RFC 9112 §3.2).
         self.host = next((value for name, value in fields if name.lower() == "host"), None)
         self.set_lines = "".join(f"{name}: {value}\r\n" for name, value in fields if name.lower() != "host")
-        self.skip_by_case = {case: skip | overridden for case, skip in _REQUEST_SKIP_BY_CASE.items()}
+        self.skip_by_case = {case: skip | overridden | dropped for case, skip in _REQUEST_SKIP_BY_CASE.items()}
         own = "".join(line for name, line in _PROXY_FIELDS if name not in overridden)
         # Indexed by "a request id is set": its line comes after the proxy's fields, before the route's.
         self.proxy_fields = (own, own + "X-Request-Id: {4}\r\n")

@@ -26,6 +26,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
+from proxy.http.access import AccessRules
+from proxy.http.basic_auth import BasicAuth
 from proxy.http.forwarding import RouteHeaders
 
 # RFC 3986 §2.3 unreserved characters: decoding them never changes a URI's meaning.
@@ -128,11 +130,14 @@ class Route:
     strip_prefix: bool = False
     set_headers: tuple[tuple[str, str], ...] = ()
     index: int = 0  # position in the config file (ties go to the first)
+    access: AccessRules | None = field(default=None, compare=False)  # allow / deny; None: everyone
+    basic_auth: BasicAuth | None = field(default=None, compare=False)  # users; None: no sign-in
     # set_headers prepared for building request heads: once per route, not per request.
     headers: RouteHeaders = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "headers", RouteHeaders(self.set_headers))
+        dropped = self.basic_auth.dropped_headers if self.basic_auth is not None else frozenset()
+        object.__setattr__(self, "headers", RouteHeaders(self.set_headers, dropped))
 
     def matches_path(self, path: str) -> bool:
         prefix = self.path

@@ -47,6 +47,22 @@ def _upstream_lines(upstream: UpstreamConfig, indent: str) -> list[str]:
     return lines
 
 
+def _policy_lines(route: RouteConfig, indent: str) -> list[str]:
+    """Who may use the route: allow / deny lists (deny wins; with an allow list, the rest is refused),
+    then basic auth."""
+    lines = []
+    if route.allow:
+        lines.append(f"{indent}allow: {', '.join(route.allow)}")
+    if route.deny:
+        lines.append(f"{indent}deny: {', '.join(route.deny)}")
+    if route.basic_auth:
+        auth = route.basic_auth
+        count = len(auth.users)
+        forwarded = "; Authorization forwarded" if auth.forward_auth_header else ""
+        lines.append(f'{indent}basic auth: realm "{auth.realm}", {count} user{"s" if count != 1 else ""}{forwarded}')
+    return lines
+
+
 def _route_heading(route: RouteConfig, upstream: UpstreamConfig) -> str:
     host = route.host or "(any host)"
     strip = " (strip prefix)" if route.strip_prefix else ""
@@ -66,6 +82,7 @@ def routing_table_lines(config: Config) -> list[str]:
         upstream = config.upstreams[route.upstream]
         lines.append(f"  {number}. {_route_heading(route, upstream)}")
         lines.extend(f"       set header {name}: {value}" for name, value in route.set_headers)
+        lines.extend(_policy_lines(route, "       "))
         lines.extend(_upstream_lines(upstream, "       "))
     used = {route.upstream for route in config.routes}
     for name, upstream in config.upstreams.items():

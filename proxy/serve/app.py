@@ -15,6 +15,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from proxy.http.access import AccessRules
+from proxy.http.basic_auth import BasicAuth
 from proxy.upstream.balancing import Upstream
 from proxy.config.schema import Config, ServerSettings, UpstreamConfig
 from proxy.routing.router import Route, Router
@@ -86,7 +88,9 @@ class Runtime:
 
     def __init__(self, config: Config, previous: "Runtime | None" = None, clock=time.monotonic):
         self.config = config
-        self.router = Router([Route(r.host, r.path, r.upstream, r.strip_prefix, r.set_headers, index=i)
+        self.router = Router([Route(r.host, r.path, r.upstream, r.strip_prefix, r.set_headers, index=i,
+                                    access=AccessRules.from_lists(r.allow, r.deny),
+                                    basic_auth=BasicAuth.from_config(r.basic_auth))
                               for i, r in enumerate(config.routes)])
         self.trusted = tuple(ipaddress.ip_network(p, strict=False) for p in config.server.trusted_proxies)
         self._trusted_cache: dict[str, bool] = {}

@@ -14,6 +14,7 @@ line click cannot make sense of (unknown option, missing value).
 from __future__ import annotations
 
 import errno
+import getpass
 import logging
 import os
 import signal
@@ -34,6 +35,7 @@ from proxy.config.schema import (
     ACCESS_STREAMS, DEFAULT_LISTEN, Config, ConfigError, ListenConfig, TlsSettings, load_config, parse_workers,
     quick_config, quick_listen,
 )
+from proxy.http.basic_auth import DEFAULT_COST, hash_password
 from proxy.routing.table import routing_table_lines
 from proxy.serve.runner import (
     SERVING_SIGNALS, ProxyProcess, bind_config_listener, configure_logging, describe_listeners, tls_problems,
@@ -484,6 +486,31 @@ def untrust(ctx: click.Context, config_path: str | None, dry_run: bool, system_s
         return
     steps = trust_steps.plan(root, False, os.path.expanduser("~"), system_store)
     run_trust_steps(steps, install=False, dry_run=dry_run)
+@main.command("hash-password", context_settings=CONTEXT)
+@click.option("--cost", type=click.IntRange(4, 20), default=DEFAULT_COST, show_default=True,
+              help="bcrypt work factor: each step doubles the time a check (and a guess) takes.")
+def hash_password_command(cost: int) -> None:
+    """Print a bcrypt hash of a password, for routes[].basic_auth.users.
+
+    On a terminal it asks for the password twice, without echo; otherwise it reads one line from
+    standard input (echo "$PASSWORD" | pyproxy hash-password).
+    """
+    password = read_password()
+    try:
+        click.echo(hash_password(password, cost))
+    except ValueError as exc:
+        fail(f"pyproxy: {exc}")
+
+
+def read_password() -> bytes:
+    """The password to hash: prompted for twice without echo on a terminal, else one line of stdin."""
+    if sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != first:
+            fail("pyproxy: the passwords do not match")
+        return first.encode("utf-8")
+    line = sys.stdin.buffer.readline()
+    return line.removesuffix(b"\n").removesuffix(b"\r")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from core import zerocopy
 from core.transfer_relay import CHUNK, Copy, Readable, Send
 from core.zerocopy import PeerClosed, WriteTimedOut
 
-from proxy.http.errors import ClientGone, NoRoute, NoServerAvailable, ProxyError, UpstreamConnectError, UpstreamFailed, UpstreamTimeout
+from proxy.http.errors import ClientGone, NoRoute, Refused, NoServerAvailable, ProxyError, UpstreamConnectError, UpstreamFailed, UpstreamTimeout
 from proxy.http.forwarding import Outbound, build_request_head, build_response_head, interim_head, tunnel_upgrade
 from proxy.http.http1 import (DEFAULT_MAX_LINE_BYTES, LAST_CHUNK, NEED_DATA, Data, EndOfMessage, ProtocolError, RequestHead,
                     RequestParser, ResponseHead, ResponseParser, encode_chunk)
@@ -376,6 +376,10 @@ class HttpHandler:
             self._answer_error(ex, exc.status, exc.reason)
         except UpstreamConnectError as exc:
             self._answer_error(ex, exc.status, exc.detail, self._unreachable_body(ex, exc))
+        except Refused as exc:  # a route's edge policy said no: 403, 401
+            if exc.log_detail:
+                log.info("%s %s -> %d: %s", request.method, request.target, exc.status, exc.log_detail)
+            self._answer_error(ex, exc.status, exc.detail, headers=exc.headers)
         except ProxyError as exc:
             self._answer_error(ex, exc.status, exc.detail)
         except ClientGone as exc:
@@ -414,8 +418,9 @@ class HttpHandler:
         finally:
             conn.close()
 
-    def _answer_error(self, ex: Exchange, status: int, detail: str, body=None) -> None:
-        """The one error response; ``body`` is an optional (content kind, text) replacing the short default."""
+    def _answer_error(self, ex: Exchange, status: int, detail: str, body=None, headers: tuple = ()) -> None:
+        """The one error response; ``body`` is an optional (content kind, text) replacing the short default,
+        ``headers`` further (name, value) fields (a 401's challenge)."""
         if ex.response_started:
             # Headers already went out: the only honest signal left is an aborted connection.
             log.warning("aborting response to %s after it started: %s", ex.session.client_ip, detail)
@@ -433,7 +438,7 @@ class HttpHandler:
         respond = html_response if kind == "html" else plain_response
         payload = respond(status, text, close=not ex.client_keep_alive,
                           head_only=ex.request.method == "HEAD",
-                          extra_headers=self._request_id_header(ex))
+                          extra_headers=self._request_id_header(ex) + headers)
         ex.record.status = status
         try:
             ex.conn.set_timeouts(self.app.settings.send_timeout, self.app.settings.send_timeout)
@@ -473,6 +478,10 @@ class HttpHandler:
             raise ProtocolError(400, f"bad request path: {exc}") from exc
         if route is None:
             raise NoRoute(f"no route for {request.host or '(no host)'}{path}")
+        if route.access is not None:  # before anything else is spent on a client the route refuses
+            route.access.check(self._original_client(ex, runtime))
+        if route.basic_auth is not None:  # bcrypt runs here, on the pool worker
+            route.basic_auth.check(request.headers.get_all("authorization"), ex.session.client_ip)
         upstream = runtime.upstreams[route.upstream]
         ex.route = route
         ex.record.upstream = upstream.name
@@ -508,8 +517,13 @@ class HttpHandler:
         """The client address ip_hash keys on: behind trusted proxies, the one they forwarded for."""
         if upstream.config.policy != "ip_hash":
             return ex.session.client_ip  # the other policies ignore it: no header parsing per request
+        return self._original_client(ex, self.app.runtime)
+
+    @staticmethod
+    def _original_client(ex: Exchange, runtime) -> str:
+        """The address the request started from (behind trusted proxies, the one they forwarded for)."""
         forwarded_for = ", ".join(ex.request.headers.get_all("x-forwarded-for"))  # every field, in order
-        return self.app.runtime.original_client(ex.session.client_ip, forwarded_for)
+        return runtime.original_client(ex.session.client_ip, forwarded_for)
 
     def _send_with_retries(self, ex: Exchange, upstream, out: Outbound) -> None:
         tried = []

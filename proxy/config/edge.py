@@ -1,0 +1,150 @@
+"""Config-time checks for a route's edge policies: ``allow`` / ``deny`` (client address rules) and
+``basic_auth`` (user names with bcrypt hashes, inline or from an htpasswd file).
+
+The schema reads the keys; what each value may be, how one rule can shadow another and how an htpasswd
+file is read live here, so ``proxy.config.schema`` stays a list of sections. The request-time sides are
+``proxy.http.access`` and ``proxy.http.basic_auth``.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.config.units import describe_value
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_network(value: Any) -> str:
+    """An IP address or CIDR network, normalised ("10.0.0.0/8", "2001:db8::/32", "192.168.1.5")."""
+    if not isinstance(value, str):
+        raise ValueError(f'expected an IP address or network like "10.0.0.0/8", got {describe_value(value)}')
+    try:
+        if "/" in value:
+            return str(ipaddress.ip_network(value, strict=True))
+        return str(ipaddress.ip_address(value))
+    except ValueError as reason:
+        raise ValueError(f"{describe_value(value)} is not a valid IP address or network ({reason})") from None
+
+
+def as_network(rule: str) -> Network:
+    """A normalised rule as a network; an IPv4-mapped IPv6 rule ("::ffff:10.0.0.0/104") becomes the
+    IPv4 network it stands for, since mapped clients are checked as their IPv4 address."""
+    network = ipaddress.ip_network(rule, strict=False)
+    if network.version == 6 and network.prefixlen >= 96 and network[0].ipv4_mapped is not None:
+        mapped = network[0].ipv4_mapped
+        return ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}", strict=False)
+    return network
+
+
+def shadowed_allow(allow: str, deny: tuple[str, ...]) -> str | None:
+    """The deny rule that covers every address of this allow rule (deny wins, so the allow can never
+    let anyone in), or None."""
+    allowed = as_network(allow)
+    for rule in deny:
+        denied = as_network(rule)
+        if denied.version == allowed.version and allowed.subnet_of(denied):
+            return rule
+    return None
+
+
+# -- basic_auth ---------------------------------------------------------------------------------------
+
+DEFAULT_REALM = "restricted"
+MAX_REALM_CHARS = 200
+# A bcrypt hash in modular crypt format: $2a$, $2b$ or $2y$ (what htpasswd -B writes), a two-digit cost
+# 04-31, then 22 characters of salt and 31 of hash in bcrypt's base64 alphabet.
+_BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+# What other htpasswd entries look like, to say which kind was found (htpasswd -m, -s, -d, -p).
+_OTHER_SCHEMES = (("$apr1$", "an MD5 ($apr1$) hash"), ("{SHA}", "a SHA-1 ({SHA}) hash"),
+                  ("$1$", "an MD5-crypt ($1$) hash"), ("$5$", "a SHA-256-crypt ($5$) hash"),
+                  ("$6$", "a SHA-512-crypt ($6$) hash"))
+
+
+@dataclass(frozen=True)
+class BasicAuthConfig:
+    realm: str = DEFAULT_REALM
+    users: tuple[tuple[str, str], ...] = ()   # (user name, bcrypt hash), in file order
+    forward_auth_header: bool = False         # pass the client's Authorization on to the upstream
+
+
+def bcrypt_cost(password_hash: str) -> int:
+    """The work factor written in a valid bcrypt hash ("$2b$12$..." -> 12)."""
+    return int(password_hash[4:6])
+
+
+def check_bcrypt_hash(value: Any) -> str:
+    """A bcrypt hash, or ValueError saying what it is instead (plain text, MD5...)."""
+    if not isinstance(value, str):
+        raise ValueError(f'expected a bcrypt hash like "$2b$12$...", got {describe_value(value)}')
+    if _BCRYPT_HASH.fullmatch(value):
+        return value
+    kind = next((name for prefix, name in _OTHER_SCHEMES if value.startswith(prefix)), None)
+    if kind is None:
+        kind = "a malformed bcrypt hash" if value.startswith("$2") else "not a hash (plain text or crypt)"
+    raise ValueError(f"{kind}; only bcrypt hashes are accepted (make one with: pyproxy hash-password, "
+                     f"or htpasswd -B)")
+
+
+def check_user_name(name: str) -> str:
+    """A Basic auth user name: not empty, no ":" (it ends the user name in the credentials, RFC 7617
+    §2), no control characters."""
+    if not name:
+        raise ValueError("a user name cannot be empty")
+    if ":" in name:
+        raise ValueError(f"user name {describe_value(name)} contains ':', which Basic credentials cannot carry")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError(f"user name {describe_value(name)} contains control characters")
+    return name
+
+
+def check_realm(value: Any) -> str:
+    """The realm shown by browsers: printable ASCII without a quote or a backslash, so it goes into the
+    WWW-Authenticate header as it is."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f'expected a name like "staff", got {describe_value(value)}')
+    if len(value) > MAX_REALM_CHARS or not all(32 <= ord(c) < 127 and c not in '"\\' for c in value):
+        raise ValueError(f"{describe_value(value)} must be printable ASCII without a quote or a backslash, "
+                         f"at most {MAX_REALM_CHARS} characters")
+    return value
+
+
+def read_htpasswd(path: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """The (user, hash) entries of an htpasswd file, and its problems as "line N: ..." messages.
+
+    One "user:hash" per line; empty lines and lines starting with "#" are skipped, as Apache does.
+    Only bcrypt entries (htpasswd -B) are accepted: a plain or MD5 entry is named by its line."""
+    try:
+        with open(path, "rb") as file:
+            raw_lines = file.read().splitlines()
+    except OSError as error:
+        return [], [f"cannot read {path} ({error.strerror or error})"]
+    users: list[tuple[str, str]] = []
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            problems.append(f"line {number}: not valid UTF-8 text")
+            continue
+        if not line or line.startswith("#"):
+            continue
+        name, colon, password_hash = line.partition(":")
+        try:
+            if not colon:
+                raise ValueError('expected "user:hash"')
+            check_user_name(name)
+            check_bcrypt_hash(password_hash)
+        except ValueError as problem:
+            who = f" (user {describe_value(name)})" if colon and name else ""
+            problems.append(f"line {number}{who}: {problem}")
+            continue
+        if name in seen:
+            problems.append(f"line {number}: user {describe_value(name)} is already on line {seen[name]}")
+            continue
+        seen[name] = number
+        users.append((name, password_hash))
+    return users, problems
