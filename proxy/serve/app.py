@@ -20,6 +20,7 @@ from proxy.config.schema import Config, ServerSettings, UpstreamConfig
 from proxy.routing.router import Route, Router
 from proxy.upstream.servers import Server
 from proxy.upstream.pool import ServerPool, upstream_tls_context
+from proxy.upstream.retry_budget import RetryBudget
 
 log = logging.getLogger("pyproxy.app")
 
@@ -53,9 +54,14 @@ class Settings:
 class UpstreamRuntime:
     """One named upstream: its config, balancer (servers + policy) and a pool per server."""
 
-    def __init__(self, config: UpstreamConfig, servers: list[Server], pools: dict[Server, ServerPool]):
+    def __init__(self, config: UpstreamConfig, servers: list[Server], pools: dict[Server, ServerPool],
+                 retry_budget: RetryBudget | None = None, clock=time.monotonic):
         self.name = config.name
         self.config = config
+        # Carried over reloads (by upstream name): its window and its totals (metrics) go on.
+        budget = config.retry_budget
+        self.retry_budget = retry_budget or RetryBudget(budget.percent, budget.min_per_second, clock)
+        self.retry_budget.configure(budget.percent, budget.min_per_second)
         self.balancer = Upstream(config.name, servers, config.policy, config.max_ejected_percent, config.all_down,
                                  config.slow_start)
         self.pools = pools
@@ -64,8 +70,23 @@ class UpstreamRuntime:
     def servers(self) -> tuple[Server, ...]:
         return self.balancer.servers
 
-    def pick_server(self, client_ip: str, exclude=()) -> Server | None:
-        return self.balancer.pick_server(client_ip, exclude)
+    def pick_server(self, client_ip: str, exclude=(), retry_of: Exception | None = None) -> Server | None:
+        """A server for a request, or for a retry of it after ``retry_of`` failed; None if there is no
+        server, or the retry budget refuses the retry (the handler then answers ``retry_of``).
+
+        A retry after a stale pooled connection is exempt: the server did not fail, and it happens at
+        most once per request.
+        """
+        if retry_of is None:
+            self.retry_budget.count_request()
+        server = self.balancer.pick_server(client_ip, exclude)
+        if server is None or retry_of is None or getattr(retry_of, "stale", False):
+            return server
+        if not self.retry_budget.try_retry():
+            server.release()
+            log.debug("upstream %s: retry refused by the retry budget: %s", self.name, retry_of)  # a storm: no flood
+            return None
+        return server
 
     def snapshot(self) -> dict:
         return self.balancer.snapshot()
@@ -98,11 +119,12 @@ class Runtime:
         self.pools_by_key: dict[tuple, ServerPool] = {}
         self.upstreams: dict[str, UpstreamRuntime] = {}
         for upstream in config.upstreams.values():
-            self.upstreams[upstream.name] = self._build_upstream(upstream, old_servers, old_pools, clock)
+            budget = previous.upstreams[upstream.name].retry_budget if previous and upstream.name in previous.upstreams else None
+            self.upstreams[upstream.name] = self._build_upstream(upstream, old_servers, old_pools, clock, budget)
             if previous is not None:
                 self._start_slow_start_of_added(self.upstreams[upstream.name], previous.upstreams.get(upstream.name))
 
-    def _build_upstream(self, upstream: UpstreamConfig, old_servers, old_pools, clock) -> UpstreamRuntime:
+    def _build_upstream(self, upstream: UpstreamConfig, old_servers, old_pools, clock, budget) -> UpstreamRuntime:
         servers, pools = [], {}
         tls_context = None
         for server_config in upstream.servers:
@@ -128,7 +150,7 @@ class Runtime:
             self.pools_by_key[pool_key] = pool
             servers.append(server)
             pools[server] = pool
-        return UpstreamRuntime(upstream, servers, pools)
+        return UpstreamRuntime(upstream, servers, pools, budget, clock)
 
     @staticmethod
     def _start_slow_start_of_added(upstream: "UpstreamRuntime", before: "UpstreamRuntime | None") -> None:
