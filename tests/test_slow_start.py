@@ -5,12 +5,15 @@ exempt (docs/configuration.md)."""
 from __future__ import annotations
 
 import random
+import signal
 
 import pytest
 
 from proxy.config.schema import ConfigError, parse_config
 from proxy.upstream.balancing import Upstream, WeightedRandom
 from proxy.upstream.servers import Server
+from tests.support.backends import named_backends
+from tests.support.processes import WORKERS, admin_status, answered_by, ready_workers, running_proxy, workers_config
 from tests.support.proxy import config_document, served_by
 from tests.support.timing import FakeClock, wait_for
 
@@ -120,3 +123,22 @@ def test_a_server_added_by_a_reload_ramps_up_and_status_shows_it(backends, obser
     document["upstreams"]["web"]["slow_start"] = "0s"
     proxy.reload(document)
     assert served_by(proxy, 10) == {"a": 5, "b": 5}
+
+
+def test_with_worker_processes_a_server_added_by_sighup_ramps_in_every_worker(tmp_path):
+    with named_backends("a", "b") as (a, b):
+        port, admin_port, config = workers_config(a.address)
+        config = config.replace(f'servers = ["{a.address}"]', f'servers = ["{a.address}"]\nslow_start = "1h"')
+        with running_proxy(tmp_path, config) as run:
+            wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready")
+            run.rewrite(config.replace(f'servers = ["{a.address}"]', f'servers = ["{a.address}", "{b.address}"]'))
+            run.signal(signal.SIGHUP)
+            wait_for(lambda: run.log().count(") reloaded") == WORKERS, what="every worker reloaded",
+                     on_timeout=run.log)
+            workers = admin_status(admin_port)["workers"]
+            assert len(workers) == WORKERS
+            servers = {s["address"]: s for s in admin_status(admin_port)["upstreams"]["app"]["servers"]}
+            assert servers[a.address]["slow_start_remaining"] == 0.0
+            assert 3500 < servers[b.address]["slow_start_remaining"] <= 3600
+            answers = [answered_by(run.url) for _ in range(66)]
+            assert 1 <= answers.count("b") <= 14  # about 1 in 11 in each worker, not 1 in 2
