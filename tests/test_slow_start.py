@@ -52,10 +52,13 @@ def test_effective_weight_ramps_from_10_to_100_percent_and_a_recovery_restarts_i
     assert back.effective_weight() == 1.0
 
 
-@pytest.mark.parametrize("policy", ["round_robin", "least_connections"])
-def test_a_recovering_server_gets_its_ramped_share(policy):
+@pytest.mark.parametrize("policy, share", [
+    ("round_robin", 10 / 110),        # weights 1 : 0.1
+    ("least_connections", 1 / 101),   # idle: weight² / (active + 1), so 1 : 0.01
+])
+def test_a_recovering_server_gets_its_ramped_share(policy, share):
     upstream, steady, back, clock = _recovering_pair(policy)
-    assert _share(upstream, back, 110) == pytest.approx(10 / 110, abs=0.01)  # weights 1 : 0.1
+    assert _share(upstream, back, 1010) == pytest.approx(share, abs=0.01)
     clock.advance(30)
     assert _share(upstream, back, 100) == 0.5
 
@@ -67,18 +70,31 @@ def test_random_weighs_a_recovering_server_by_its_ramp():
     assert 0.05 < picks.count(back) / len(picks) < 0.13  # 1/11 expected
 
 
-def test_least_connections_under_steady_load_keeps_a_recovering_server_small():
-    """8 requests always in flight, the oldest finishing first: the ramping server holds about its
-    weighted share of them, not the half an idle server would get from plain least-connections."""
-    upstream, steady, back, clock = _recovering_pair("least_connections")
-    in_flight = [upstream.pick_server("") for _ in range(8)]
-    to_back = 0
-    for _ in range(400):
+def _share_under_steady_load(upstream: Upstream, server: Server, in_flight_count: int, picks: int) -> float:
+    """``in_flight_count`` requests always in flight, the oldest finishing first."""
+    in_flight = [upstream.pick_server("") for _ in range(in_flight_count)]
+    chosen = 0
+    for _ in range(picks):
         in_flight.pop(0).release()
         picked = upstream.pick_server("")
-        to_back += picked is back
+        chosen += picked is server
         in_flight.append(picked)
-    assert to_back / 400 <= 0.2
+    for left in in_flight:
+        left.release()
+    return chosen / picks
+
+
+@pytest.mark.parametrize("in_flight", [2, 8, 50])
+def test_least_connections_under_steady_load_ramps_a_recovering_server_smoothly(in_flight):
+    """Its share stays near weighted round robin's (1/11 at 10% of its weight) at any concurrency,
+    not the half an idle server draws from plain least connections, and rises to half by the end."""
+    upstream, steady, back, clock = _recovering_pair("least_connections", slow_start=10.0)
+    shares = []
+    for _ in range(5):
+        shares.append(_share_under_steady_load(upstream, back, in_flight, 500))
+        clock.advance(2.5)
+    assert shares[0] <= 0.1 and shares == sorted(shares)  # rising
+    assert _share_under_steady_load(upstream, back, in_flight, 500) == pytest.approx(0.5, abs=0.01)
 
 
 def test_ip_hash_ignores_slow_start():
