@@ -8,6 +8,7 @@ Servers (with their health state) and their connection pools carry over a reload
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import ssl
@@ -55,9 +56,11 @@ class UpstreamRuntime:
     """One named upstream: its config, balancer (servers + policy) and a pool per server."""
 
     def __init__(self, config: UpstreamConfig, servers: list[Server], pools: dict[Server, ServerPool],
-                 retry_budget: RetryBudget | None = None, clock=time.monotonic):
+                 retry_budget: RetryBudget | None = None, clock=time.monotonic, on_ejected=None):
         self.name = config.name
         self.config = config
+        for server in servers:
+            server.set_ejection_listener(None if on_ejected is None else functools.partial(on_ejected, config.name))
         # Carried over reloads (by upstream name): its window and its totals (metrics) go on.
         budget = config.retry_budget
         self.retry_budget = retry_budget or RetryBudget(budget.percent, budget.min_per_second, clock)
@@ -107,8 +110,9 @@ def _pool_key(upstream: UpstreamConfig, server_config) -> tuple:
 class Runtime:
     """An immutable routing snapshot: router, upstreams, trusted proxies."""
 
-    def __init__(self, config: Config, previous: "Runtime | None" = None, clock=time.monotonic):
+    def __init__(self, config: Config, previous: "Runtime | None" = None, clock=time.monotonic, on_ejected=None):
         self.config = config
+        self._on_ejected = on_ejected  # (upstream name, server, seconds, reason) after a passive ejection
         self.router = Router([Route(r.host, r.path, r.upstream, r.strip_prefix, r.set_headers, index=i)
                               for i, r in enumerate(config.routes)])
         self.trusted = tuple(ipaddress.ip_network(p, strict=False) for p in config.server.trusted_proxies)
@@ -150,7 +154,7 @@ class Runtime:
             self.pools_by_key[pool_key] = pool
             servers.append(server)
             pools[server] = pool
-        return UpstreamRuntime(upstream, servers, pools, budget, clock)
+        return UpstreamRuntime(upstream, servers, pools, budget, clock, self._on_ejected)
 
     @staticmethod
     def _start_slow_start_of_added(upstream: "UpstreamRuntime", before: "UpstreamRuntime | None") -> None:
@@ -205,7 +209,10 @@ class Application:
         self.clock = clock
         self.config = config
         self.settings = Settings.from_config(config.server)
-        self.runtime = Runtime(config, clock=clock)
+        # Callables (upstream name, server, seconds, reason) told when passive checks here eject a server:
+        # a worker passes it on, so every worker takes the server out.
+        self.ejection_listeners: list = []
+        self.runtime = Runtime(config, clock=clock, on_ejected=self._server_ejected)
         self.observers: list = []  # callables(record) run after each request: access log, metrics
         self.return_request_id = True
         self.draining_event = threading.Event()
@@ -214,6 +221,19 @@ class Application:
         self._tunnel_lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self.reload_listeners: list = []  # callables(old_config, new_config) after a successful reload
+
+    def _server_ejected(self, upstream_name: str, server: Server, seconds: float, reason: str) -> None:
+        for listener in self.ejection_listeners:
+            try:
+                listener(upstream_name, server.address, seconds, reason)
+            except Exception:  # the ejection stands here whatever a listener does
+                log.exception("ejection listener %r failed", listener)
+
+    def apply_ejection(self, upstream_name: str, address: str, seconds: float, reason: str) -> bool:
+        """Another worker's passive checks ejected this server: take it out here too. True if applied."""
+        upstream = self.runtime.upstreams.get(upstream_name)
+        servers = upstream.servers if upstream is not None else ()
+        return any([server.eject_for(seconds, reason) for server in servers if server.address == address])
 
     # -- state the handler asks about --------------------------------------------------------
     def draining(self) -> bool:
@@ -246,7 +266,7 @@ class Application:
         """Swap in a new (already validated) config. In-flight requests keep their old snapshot."""
         with self._reload_lock:
             old_runtime, old_config = self.runtime, self.config
-            new_runtime = Runtime(config, previous=old_runtime, clock=self.clock)
+            new_runtime = Runtime(config, previous=old_runtime, clock=self.clock, on_ejected=self._server_ejected)
             self.config = config
             self.settings = Settings.from_config(config.server)
             self.runtime = new_runtime
