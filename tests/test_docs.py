@@ -42,6 +42,7 @@ KEY_PREFIXES = {
     "SERVER_ENTRY_KEYS": "upstreams.NAME.servers[].",
     "HEALTH_KEYS": "upstreams.NAME.health.",
     "PASSIVE_KEYS": "upstreams.NAME.passive.",
+    "RETRY_BUDGET_KEYS": "upstreams.NAME.retry_budget.",
 }
 # The top-level tables; each has its own section heading in the reference.
 TOP_LEVEL_HEADINGS = {"server": "[server]", "tls": "[tls]", "admin": "[admin]", "log": "[log]", "routes": "[[routes]]",

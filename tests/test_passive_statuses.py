@@ -8,7 +8,9 @@ import requests
 
 from proxy.config.schema import ConfigError, parse_config
 from proxy.upstream.servers import Server
+from tests.support.processes import WORKERS, admin_status, ready_workers, running_proxy, workers_config
 from tests.support.proxy import DEADLINE, config_document
+from tests.support.timing import wait_for
 
 
 def _answer(status: int, body: bytes):
@@ -94,3 +96,55 @@ def test_statuses_parse_classes_and_codes():
     document = config_document({"web": {"servers": ["127.0.0.1:9"], "passive": {"statuses": ["5xx", 429]}}})
     passive = parse_config(document, "test.toml").upstreams["web"].passive
     assert passive.statuses == frozenset(range(500, 600)) | {429}
+
+
+# -- worker processes ----------------------------------------------------------------------------------
+
+def test_an_ejection_in_one_worker_takes_the_server_out_in_every_worker(tmp_path, make_backend):
+    """Passive checks count each worker's own traffic; the first worker to eject a server has the
+    supervisor tell the others, so no worker keeps sending it requests."""
+    broken, steady = _two_backends(make_backend)
+    port, admin_port, config = workers_config(steady.address)
+    config = config.replace(f'servers = ["{steady.address}"]', f'servers = ["{broken.address}", "{steady.address}"]')
+    config += '\n[upstreams.app.passive]\nmax_fails = 3\nfail_timeout = "60s"\nstatuses = ["5xx"]\n'
+    with running_proxy(tmp_path, config) as run:
+        wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready")
+
+        def down_in(worker) -> bool:
+            return f"app/{broken.address}" in worker["down"]
+
+        for _ in range(50):  # bounded: each request on a new connection, which the kernel spreads
+            requests.get(run.url + "/", timeout=DEADLINE)
+            if any(down_in(w) for w in admin_status(admin_port)["workers"]):
+                break
+        wait_for(lambda: all(down_in(w) for w in admin_status(admin_port)["workers"]),
+                 what="the ejection in every worker", on_timeout=run.log)
+        assert "taking it out in every worker" in run.log()
+        before = len(broken.requests)
+        assert {requests.get(run.url + "/", timeout=DEADLINE).status_code for _ in range(30)} == {200}
+        assert len(broken.requests) == before
+
+
+def test_eject_for_applies_another_workers_ejection_except_to_a_sole_server():
+    now = [0.0]
+    heard = []
+    server = Server("127.0.0.1", 9, max_fails=3, clock=lambda: now[0])
+    server.set_ejection_listener(lambda *args: heard.append(args))
+    assert server.eject_for(10.0, "answered 500") is True
+    assert (server.state, server.state_reason) == ("down", "ejected: answered 500")
+    assert server.eject_for(99.0, "again") is False  # the ejection in force stands
+    assert heard == []  # applying a peer's ejection is not announced again
+    now[0] = 10.0
+    assert server.state == "up"
+    sole = Server("127.0.0.1", 10, max_fails=3)
+    sole.set_sole_server(True)
+    assert sole.eject_for(10.0, "answered 500") is False and sole.state == "up"
+
+
+def test_this_process_announces_its_own_ejections_once():
+    heard = []
+    server = Server("127.0.0.1", 9, max_fails=2, failure_statuses=frozenset({500}))
+    server.set_ejection_listener(lambda *args: heard.append(args))
+    for _ in range(4):
+        server.record_response(500)
+    assert heard == [(server, 10.0, "answered 500")]

@@ -5,12 +5,15 @@ exempt (docs/configuration.md)."""
 from __future__ import annotations
 
 import random
+import signal
 
 import pytest
 
 from proxy.config.schema import ConfigError, parse_config
 from proxy.upstream.balancing import Upstream, WeightedRandom
 from proxy.upstream.servers import Server
+from tests.support.backends import named_backends
+from tests.support.processes import WORKERS, admin_status, answered_by, ready_workers, running_proxy, workers_config
 from tests.support.proxy import config_document, served_by
 from tests.support.timing import FakeClock, wait_for
 
@@ -49,10 +52,13 @@ def test_effective_weight_ramps_from_10_to_100_percent_and_a_recovery_restarts_i
     assert back.effective_weight() == 1.0
 
 
-@pytest.mark.parametrize("policy", ["round_robin", "least_connections"])
-def test_a_recovering_server_gets_its_ramped_share(policy):
+@pytest.mark.parametrize("policy, share", [
+    ("round_robin", 10 / 110),        # weights 1 : 0.1
+    ("least_connections", 1 / 101),   # idle: weight² / (active + 1), so 1 : 0.01
+])
+def test_a_recovering_server_gets_its_ramped_share(policy, share):
     upstream, steady, back, clock = _recovering_pair(policy)
-    assert _share(upstream, back, 110) == pytest.approx(10 / 110, abs=0.01)  # weights 1 : 0.1
+    assert _share(upstream, back, 1010) == pytest.approx(share, abs=0.01)
     clock.advance(30)
     assert _share(upstream, back, 100) == 0.5
 
@@ -64,18 +70,31 @@ def test_random_weighs_a_recovering_server_by_its_ramp():
     assert 0.05 < picks.count(back) / len(picks) < 0.13  # 1/11 expected
 
 
-def test_least_connections_under_steady_load_keeps_a_recovering_server_small():
-    """8 requests always in flight, the oldest finishing first: the ramping server holds about its
-    weighted share of them, not the half an idle server would get from plain least-connections."""
-    upstream, steady, back, clock = _recovering_pair("least_connections")
-    in_flight = [upstream.pick_server("") for _ in range(8)]
-    to_back = 0
-    for _ in range(400):
+def _share_under_steady_load(upstream: Upstream, server: Server, in_flight_count: int, picks: int) -> float:
+    """``in_flight_count`` requests always in flight, the oldest finishing first."""
+    in_flight = [upstream.pick_server("") for _ in range(in_flight_count)]
+    chosen = 0
+    for _ in range(picks):
         in_flight.pop(0).release()
         picked = upstream.pick_server("")
-        to_back += picked is back
+        chosen += picked is server
         in_flight.append(picked)
-    assert to_back / 400 <= 0.2
+    for left in in_flight:
+        left.release()
+    return chosen / picks
+
+
+@pytest.mark.parametrize("in_flight", [2, 8, 50])
+def test_least_connections_under_steady_load_ramps_a_recovering_server_smoothly(in_flight):
+    """Its share stays near weighted round robin's (1/11 at 10% of its weight) at any concurrency,
+    not the half an idle server draws from plain least connections, and rises to half by the end."""
+    upstream, steady, back, clock = _recovering_pair("least_connections", slow_start=10.0)
+    shares = []
+    for _ in range(5):
+        shares.append(_share_under_steady_load(upstream, back, in_flight, 500))
+        clock.advance(2.5)
+    assert shares[0] <= 0.1 and shares == sorted(shares)  # rising
+    assert _share_under_steady_load(upstream, back, in_flight, 500) == pytest.approx(0.5, abs=0.01)
 
 
 def test_ip_hash_ignores_slow_start():
@@ -120,3 +139,22 @@ def test_a_server_added_by_a_reload_ramps_up_and_status_shows_it(backends, obser
     document["upstreams"]["web"]["slow_start"] = "0s"
     proxy.reload(document)
     assert served_by(proxy, 10) == {"a": 5, "b": 5}
+
+
+def test_with_worker_processes_a_server_added_by_sighup_ramps_in_every_worker(tmp_path):
+    with named_backends("a", "b") as (a, b):
+        port, admin_port, config = workers_config(a.address)
+        config = config.replace(f'servers = ["{a.address}"]', f'servers = ["{a.address}"]\nslow_start = "1h"')
+        with running_proxy(tmp_path, config) as run:
+            wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready")
+            run.rewrite(config.replace(f'servers = ["{a.address}"]', f'servers = ["{a.address}", "{b.address}"]'))
+            run.signal(signal.SIGHUP)
+            wait_for(lambda: run.log().count(") reloaded") == WORKERS, what="every worker reloaded",
+                     on_timeout=run.log)
+            workers = admin_status(admin_port)["workers"]
+            assert len(workers) == WORKERS
+            servers = {s["address"]: s for s in admin_status(admin_port)["upstreams"]["app"]["servers"]}
+            assert servers[a.address]["slow_start_remaining"] == 0.0
+            assert 3500 < servers[b.address]["slow_start_remaining"] <= 3600
+            answers = [answered_by(run.url) for _ in range(66)]
+            assert 1 <= answers.count("b") <= 14  # about 1 in 11 in each worker, not 1 in 2

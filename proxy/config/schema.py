@@ -157,6 +157,12 @@ class PassiveConfig:
 
 
 @dataclass(frozen=True)
+class RetryBudgetConfig:
+    percent: int = 20           # retries may be this share of the requests of the last 10 s ...
+    min_per_second: int = 3     # ... or this many per second, whichever allows more
+
+
+@dataclass(frozen=True)
 class UpstreamServerConfig:
     host: str
     port: int
@@ -185,6 +191,7 @@ class UpstreamConfig:
     max_ejected_percent: int = 100    # 100 = checks may take every server out (then 503)
     all_down: str = "fail"            # "fail" (503) | "try_all" (fail open: send to every server anyway)
     slow_start: float = 0.0           # seconds a server that became available ramps up over; 0 = off
+    retry_budget: RetryBudgetConfig = RetryBudgetConfig()
     tls_verify: bool = True
     tls_ca: str | None = None
 
@@ -597,7 +604,7 @@ BASIC_AUTH_KEYS = ("realm", "users", "users_file", "forward_auth_header")
 UPSTREAM_KEYS = (
     "servers", "policy", "preserve_host", "keepalive", "keepalive_timeout", "max_connections",
     "connect_timeout", "read_timeout", "retries", "health", "passive", "tls_verify", "tls_ca",
-    "max_ejected_percent", "all_down", "slow_start",
+    "max_ejected_percent", "all_down", "slow_start", "retry_budget",
 )
 _UPSTREAM_CONVERTERS = {
     "policy": _choice(POLICY_NAMES),
@@ -630,6 +637,8 @@ _HEALTH_CONVERTERS = {
 }
 # The probe writes these itself: one Connection: close request with no body, Host from `host`.
 _PROBE_OWN_HEADERS = ("host", "connection", "content-length", "transfer-encoding")
+RETRY_BUDGET_KEYS = ("percent", "min_per_second")
+_RETRY_BUDGET_CONVERTERS = {"percent": _integer(0, 100), "min_per_second": _integer(0)}
 PASSIVE_KEYS = ("max_fails", "fail_timeout", "statuses")
 _PASSIVE_CONVERTERS = {"max_fails": _integer(1), "fail_timeout": _duration(), "statuses": _failure_statuses}
 TOP_KEYS = ("server", "tls", "admin", "log", "routes", "upstreams")
@@ -1093,6 +1102,11 @@ def _parse_upstream(c: _Checker, name: str, value: Any) -> UpstreamConfig:
         values["health"] = _parse_health(c, table["health"], key_path(path, "health"))
     if "passive" in table:
         values["passive"] = _parse_passive(c, table["passive"], key_path(path, "passive"))
+    if "retry_budget" in table:
+        budget_path = key_path(path, "retry_budget")
+        budget = c.table(table["retry_budget"], budget_path)
+        c.reject_unknown(budget, RETRY_BUDGET_KEYS, budget_path)
+        values["retry_budget"] = RetryBudgetConfig(**c.fields(budget, budget_path, _RETRY_BUDGET_CONVERTERS))
     if "tls_ca" in table:
         values["tls_ca"] = c.existing_file(table["tls_ca"], key_path(path, "tls_ca"))
     return UpstreamConfig(name, servers, **values)

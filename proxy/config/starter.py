@@ -75,6 +75,7 @@ max_connections = 0            # concurrent connections per server; 0 = unlimite
 connect_timeout = "5s"
 read_timeout = "60s"           # response head, and each gap between body reads
 retries = 2                    # other servers tried, only when the request cannot have been processed
+retry_budget = { percent = 20, min_per_second = 3 }  # retries stay under 20% of requests (or 3/s) over 10 s
 max_ejected_percent = 100      # checks never take more than this share of servers out; the rest keep serving
 all_down = "fail"              # every server down: fail = 503 | try_all = send to all of them anyway
 slow_start = "0s"              # a server back up (or added) ramps from 10% to 100% of its weight over this; 0s = off

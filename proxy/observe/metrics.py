@@ -191,6 +191,9 @@ class Metrics:
             "requests": requests,
             "durations": durations,
             "servers": self._server_gauges(),
+            "retries": [{"upstream": name, "retries": u.retry_budget.retries_total,
+                         "exhausted": u.retry_budget.exhausted_total}
+                        for name, u in self.app.runtime.upstreams.items()],
             "client_connections": dict(self.server.connection_counts()) if self.server is not None else {},
             "threads": dict(self.pool.counts()) if self.pool is not None else {},
             "open_tunnels": self.app.open_tunnels,
@@ -363,6 +366,7 @@ def merge(snapshots: list[dict]) -> dict:
     merged = _empty(buckets)
     requests: dict[tuple[str, str], int] = {}
     servers: dict[tuple[str, str], dict] = {}
+    retries: dict[str, dict] = {}
     for snap in snapshots:
         if snap["buckets"] != buckets:
             raise IncompatibleSnapshots(f"buckets differ: {snap['buckets']} vs {buckets}")
@@ -373,11 +377,16 @@ def merge(snapshots: list[dict]) -> dict:
         _merge_durations(merged["durations"], snap["durations"])
         for gauge in snap["servers"]:
             _merge_server(servers, gauge)
+        for item in snap.get("retries", []):
+            counts = retries.setdefault(item["upstream"], {"upstream": item["upstream"], "retries": 0, "exhausted": 0})
+            counts["retries"] += item["retries"]
+            counts["exhausted"] += item["exhausted"]
         for field in ("client_connections", "threads", "access_log"):
             _add_into(merged[field], snap.get(field, {}))
         merged["open_tunnels"] += snap.get("open_tunnels", 0)
     merged["requests"] = [{"upstream": u, "code": c, "value": n} for (u, c), n in requests.items()]
     merged["servers"] = list(servers.values())
+    merged["retries"] = list(retries.values())
     return merged
 
 
@@ -423,11 +432,12 @@ def _counters_only(snapshot: dict) -> dict:
     with its gauges neutral: 0 processes, connections and tunnels, no active requests, up."""
     return {**_empty(snapshot["buckets"]), "requests": snapshot["requests"], "durations": snapshot["durations"],
             "servers": [{**gauge, "up": 1, "active": 0} for gauge in snapshot["servers"]],
+            "retries": list(snapshot.get("retries", [])),
             "access_log": dict(snapshot.get("access_log", {}))}
 
 
 def _empty(buckets=DEFAULT_BUCKETS) -> dict:
-    return {"processes": 0, "buckets": list(buckets), "requests": [], "durations": {}, "servers": [],
+    return {"processes": 0, "buckets": list(buckets), "requests": [], "durations": {}, "servers": [], "retries": [],
             "client_connections": {}, "threads": {}, "open_tunnels": 0, "access_log": {}}
 
 
@@ -473,6 +483,12 @@ def render_prometheus(snapshot: dict) -> str:
             [(label, g["requests"]) for label, g in zip(labels, servers)])
     _family(out, "pyproxy_upstream_failures_total", "counter", "Failed attempts (connect, timeout, reset, garbage).",
             [(label, g["failures"]) for label, g in zip(labels, servers)])
+    retries = sorted(snapshot.get("retries", []), key=lambda r: r["upstream"])
+    _family(out, "pyproxy_retries_total", "counter", "Retries after a failed attempt (the retry budget allowed them).",
+            [({"upstream": r["upstream"]}, r["retries"]) for r in retries])
+    _family(out, "pyproxy_retry_budget_exhausted_total", "counter",
+            "Retries refused by the retry budget (the client got the original error).",
+            [({"upstream": r["upstream"]}, r["exhausted"]) for r in retries])
     _family(out, "pyproxy_client_connections", "gauge", "Client connections by state.",
             [({"state": s}, n) for s, n in sorted(snapshot["client_connections"].items())])
     _family(out, "pyproxy_worker_threads", "gauge", "Worker threads: total, busy, and connections queued.",

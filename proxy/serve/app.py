@@ -8,6 +8,7 @@ Servers (with their health state) and their connection pools carry over a reload
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import ssl
@@ -22,6 +23,7 @@ from proxy.config.schema import Config, ServerSettings, UpstreamConfig
 from proxy.routing.router import Route, Router
 from proxy.upstream.servers import Server
 from proxy.upstream.pool import ServerPool, upstream_tls_context
+from proxy.upstream.retry_budget import RetryBudget
 
 log = logging.getLogger("pyproxy.app")
 
@@ -55,17 +57,41 @@ class Settings:
 class UpstreamRuntime:
     """One named upstream: its config, balancer (servers + policy) and a pool per server."""
 
-    def __init__(self, config: UpstreamConfig, servers: list[Server], pools: dict[Server, ServerPool]):
+    def __init__(self, config: UpstreamConfig, servers: list[Server], pools: dict[Server, ServerPool],
+                 retry_budget: RetryBudget | None = None, clock=time.monotonic, on_ejected=None):
         self.name = config.name
         self.config = config
+        for server in servers:
+            server.set_ejection_listener(None if on_ejected is None else functools.partial(on_ejected, config.name))
+        # Carried over reloads (by upstream name): its window and its totals (metrics) go on.
+        budget = config.retry_budget
+        self.retry_budget = retry_budget or RetryBudget(budget.percent, budget.min_per_second, clock)
+        self.retry_budget.configure(budget.percent, budget.min_per_second)
         self.balancer = Upstream(config.name, servers, config.policy, config.max_ejected_percent, config.all_down,
                                  config.slow_start)
-        self.pick_server = self.balancer.pick_server  # pick_server(client_ip, exclude=()): per request, no wrapper
         self.pools = pools
 
     @property
     def servers(self) -> tuple[Server, ...]:
         return self.balancer.servers
+
+    def pick_server(self, client_ip: str, exclude=(), retry_of: Exception | None = None) -> Server | None:
+        """A server for a request, or for a retry of it after ``retry_of`` failed; None if there is no
+        server, or the retry budget refuses the retry (the handler then answers ``retry_of``).
+
+        A retry after a stale pooled connection is exempt: the server did not fail, and it happens at
+        most once per request.
+        """
+        if retry_of is None:
+            self.retry_budget.count_request()
+        server = self.balancer.pick_server(client_ip, exclude)
+        if server is None or retry_of is None or getattr(retry_of, "stale", False):
+            return server
+        if not self.retry_budget.try_retry():
+            server.release()
+            log.debug("upstream %s: retry refused by the retry budget: %s", self.name, retry_of)  # a storm: no flood
+            return None
+        return server
 
     def snapshot(self) -> dict:
         return self.balancer.snapshot()
@@ -86,8 +112,9 @@ def _pool_key(upstream: UpstreamConfig, server_config) -> tuple:
 class Runtime:
     """An immutable routing snapshot: router, upstreams, trusted proxies."""
 
-    def __init__(self, config: Config, previous: "Runtime | None" = None, clock=time.monotonic):
+    def __init__(self, config: Config, previous: "Runtime | None" = None, clock=time.monotonic, on_ejected=None):
         self.config = config
+        self._on_ejected = on_ejected  # (upstream name, server, seconds, reason) after a passive ejection
         self.router = Router([Route(r.host, r.path, r.upstream, r.strip_prefix, r.set_headers, index=i,
                                     access=AccessRules.from_lists(r.allow, r.deny),
                                     basic_auth=BasicAuth.from_config(r.basic_auth))
@@ -100,11 +127,12 @@ class Runtime:
         self.pools_by_key: dict[tuple, ServerPool] = {}
         self.upstreams: dict[str, UpstreamRuntime] = {}
         for upstream in config.upstreams.values():
-            self.upstreams[upstream.name] = self._build_upstream(upstream, old_servers, old_pools, clock)
+            budget = previous.upstreams[upstream.name].retry_budget if previous and upstream.name in previous.upstreams else None
+            self.upstreams[upstream.name] = self._build_upstream(upstream, old_servers, old_pools, clock, budget)
             if previous is not None:
                 self._start_slow_start_of_added(self.upstreams[upstream.name], previous.upstreams.get(upstream.name))
 
-    def _build_upstream(self, upstream: UpstreamConfig, old_servers, old_pools, clock) -> UpstreamRuntime:
+    def _build_upstream(self, upstream: UpstreamConfig, old_servers, old_pools, clock, budget) -> UpstreamRuntime:
         servers, pools = [], {}
         tls_context = None
         for server_config in upstream.servers:
@@ -130,7 +158,7 @@ class Runtime:
             self.pools_by_key[pool_key] = pool
             servers.append(server)
             pools[server] = pool
-        return UpstreamRuntime(upstream, servers, pools)
+        return UpstreamRuntime(upstream, servers, pools, budget, clock, self._on_ejected)
 
     @staticmethod
     def _start_slow_start_of_added(upstream: "UpstreamRuntime", before: "UpstreamRuntime | None") -> None:
@@ -185,7 +213,10 @@ class Application:
         self.clock = clock
         self.config = config
         self.settings = Settings.from_config(config.server)
-        self.runtime = Runtime(config, clock=clock)
+        # Callables (upstream name, server, seconds, reason) told when passive checks here eject a server:
+        # a worker passes it on, so every worker takes the server out.
+        self.ejection_listeners: list = []
+        self.runtime = Runtime(config, clock=clock, on_ejected=self._server_ejected)
         self.observers: list = []  # callables(record) run after each request: access log, metrics
         self.return_request_id = True
         self.draining_event = threading.Event()  # the server's own, once there is one (see the setter)
@@ -194,6 +225,19 @@ class Application:
         self._tunnel_lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self.reload_listeners: list = []  # callables(old_config, new_config) after a successful reload
+
+    def _server_ejected(self, upstream_name: str, server: Server, seconds: float, reason: str) -> None:
+        for listener in self.ejection_listeners:
+            try:
+                listener(upstream_name, server.address, seconds, reason)
+            except Exception:  # the ejection stands here whatever a listener does
+                log.exception("ejection listener %r failed", listener)
+
+    def apply_ejection(self, upstream_name: str, address: str, seconds: float, reason: str) -> bool:
+        """Another worker's passive checks ejected this server: take it out here too. True if applied."""
+        upstream = self.runtime.upstreams.get(upstream_name)
+        servers = upstream.servers if upstream is not None else ()
+        return any([server.eject_for(seconds, reason) for server in servers if server.address == address])
 
     # -- state the handler asks about --------------------------------------------------------
     @property
@@ -232,7 +276,7 @@ class Application:
         """Swap in a new (already validated) config. In-flight requests keep their old snapshot."""
         with self._reload_lock:
             old_runtime, old_config = self.runtime, self.config
-            new_runtime = Runtime(config, previous=old_runtime, clock=self.clock)
+            new_runtime = Runtime(config, previous=old_runtime, clock=self.clock, on_ejected=self._server_ejected)
             self.config = config
             self.settings = Settings.from_config(config.server)
             self.runtime = new_runtime

@@ -532,7 +532,7 @@ class HttpHandler:
         fresh = False  # after a stale pooled connection: the retry dials a new one
         while attempts_left > 0:
             attempts_left -= 1
-            server = upstream.pick_server(self._hash_address(ex, upstream), exclude=tried)
+            server = upstream.pick_server(self._hash_address(ex, upstream), exclude=tried, retry_of=last_error)
             if server is None:
                 if last_error is not None:
                     raise last_error

@@ -188,17 +188,29 @@ class WorkerControl:
 
     def start(self) -> None:
         self.link.start()
+        self.process.app.ejection_listeners.append(self._report_ejection)
         self.link.send({"event": "ready", "pid": os.getpid(), "slot": self.slot})
 
     def stop(self) -> None:
         self._stopping = True
+        if self._report_ejection in self.process.app.ejection_listeners:
+            self.process.app.ejection_listeners.remove(self._report_ejection)
         self.link.close()
+
+    def _report_ejection(self, upstream: str, address: str, seconds: float, reason: str) -> None:
+        """Passive checks here ejected a server: the supervisor has every other worker take it out too."""
+        self.link.send({"event": "ejected", "upstream": upstream, "address": address, "seconds": seconds,
+                        "reason": reason})
 
     def handle(self, message: dict) -> dict | None:
         op = message.get("op")
         if op == "health":
             apply_health(self.process.app, message["upstream"], message["address"], message["up"],
                          message.get("reason", ""), announce=False)  # the supervisor logged it
+            return None
+        if op == "eject":
+            self.process.app.apply_ejection(message["upstream"], message["address"], message["seconds"],
+                                            message.get("reason", ""))
             return None
         if op == "status":
             return {"status": self.status_source()}
@@ -485,6 +497,15 @@ class Supervisor:
             handle.ready.set()
             log.info("worker %d (pid %d) ready", handle.slot, handle.pid)
             self._replay_verdicts(handle)  # a new worker starts with every server up
+        elif event == "ejected":
+            # Passive checks count each worker's own traffic; the first worker to eject a server has the
+            # others take it out too, so a server's state is the same in every worker.
+            log.info("upstream %s server %s ejected by worker %d for %gs: %s; taking it out in every worker",
+                     message["upstream"], message["address"], handle.slot, message["seconds"], message["reason"])
+            for other in self._all_handles():
+                if other is not handle:
+                    other.link.send({"op": "eject", "upstream": message["upstream"], "address": message["address"],
+                                     "seconds": message["seconds"], "reason": message["reason"]})
         elif event == "reloaded":
             # A verdict on a server the worker did not know yet (it was still on the old config) was
             # dropped by apply_health: replay them now that it has the new servers.

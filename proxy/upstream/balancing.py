@@ -110,7 +110,7 @@ class RoundRobin:
             self._spill_counter += 1
         return available[spill % len(available)]
 
-    def _pick_smooth(self, servers: Sequence[Server]) -> Server | None:
+    def _pick_smooth(self, servers: Sequence[Server], weight_of=Server.effective_weight) -> Server | None:
         available = _available(servers)
         if not available:
             return None
@@ -120,7 +120,7 @@ class RoundRobin:
             best: Server | None = None
             best_score = 0
             for server in available:
-                weight = server.effective_weight()
+                weight = weight_of(server)
                 score = scores.get(server, 0) + weight
                 scores[server] = score
                 total += weight
@@ -140,14 +140,28 @@ class LeastConnections:
 
     def __init__(self) -> None:
         self._tie_breaker = RoundRobin()
+        self._ramp = RoundRobin()  # own scores: picks while a server is in slow start
 
     def pick(self, servers: Sequence[Server], client_ip: str) -> Server | None:
+        if any(server.slow_start and server.effective_weight() != server.weight for server in servers):
+            return self._pick_while_ramping(servers)
         tied = self._least_loaded(servers)
         if len(tied) <= 1:
             return tied[0] if tied else None
         # The tie-breaker re-checks available(); if a tied server just filled up,
         # any other tied one is as good.
         return self._tie_breaker.pick(tied, client_ip) or tied[0]
+
+    def _pick_while_ramping(self, servers: Sequence[Server]) -> Server | None:
+        """A server is in slow start: smooth weighted round robin over weight² / (active + 1).
+
+        Plain active/weight cannot hold a ramp when few requests are in flight: an idle server scores
+        0 whatever its weight, and takes the next request while the others each have one. Here the
+        weight counts twice: once as a rate (as in round robin, which rules when little is in flight)
+        and once against the requests in flight (as in least connections, which rules under load), so
+        a server at 10% of its weight gets about its weighted round-robin share at any concurrency.
+        """
+        return self._ramp._pick_smooth(servers, weight_of=_ramp_weight)
 
     @staticmethod
     def _least_loaded(servers: Sequence[Server]) -> list[Server]:
@@ -166,6 +180,11 @@ class LeastConnections:
             elif difference == 0:
                 tied.append(server)
         return tied
+
+
+def _ramp_weight(server: Server) -> float:
+    weight = server.effective_weight()
+    return weight * weight / (server.active_requests + 1)
 
 
 class WeightedRandom:

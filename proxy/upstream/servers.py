@@ -83,6 +83,7 @@ class Server:
         self._held_in = False
         self._cap: "EjectionCap | None" = None
         self._slow_start = 0.0  # seconds over which a server that became available ramps up; 0 = off
+        self._ejection_listener: "Callable[[Server, float, str], None] | None" = None
         self._ramp_start: float | None = None  # when it last became available; None = never ramps
         self._active = 0
         self._requests_total = 0
@@ -229,8 +230,35 @@ class Server:
         with self._lock:
             events = self._expire_ejection_locked(now)
             self._failures_total += 1
+            was_ejected = self._ejected_until is not None
             events += self._count_failure_locked(now, reason)
+            ejected_now = not was_ejected and self._ejected_until is not None
         self._after(events)
+        listener = self._ejection_listener
+        if ejected_now and listener is not None:
+            listener(self, self._fail_timeout, reason)
+
+    def set_ejection_listener(self, listener: "Callable[[Server, float, str], None] | None") -> None:
+        """Called with (server, seconds, reason) when this process's passive checks eject the server, so
+        worker processes can tell each other (a server's state is the same in every worker)."""
+        self._ejection_listener = listener
+
+    def eject_for(self, seconds: float, reason: str) -> bool:
+        """Another process ejected this server: take it out here too, for ``seconds``. The only server of
+        an upstream is never ejected, and an ejection in force is left as it is. True if it took effect."""
+        now = self._clock()
+        with self._lock:
+            events = self._expire_ejection_locked(now)
+            applied = not self._sole_server and self._ejected_until is None and self._max_fails > 0
+            if applied:
+                self._recent_failures.clear()
+                self._ejected_until = now + seconds
+                self._eject_reason = reason
+                self._settle_locked(now, "")
+                # DEBUG: the process that ejected it logged it, and the supervisor says it spread.
+                events.append((logging.DEBUG, "server %s ejected in another worker: %s", (self._address, reason)))
+        self._after(events)
+        return applied
 
     def record_response(self, status: int | None) -> None:
         """A request got an answer: with passive.statuses set, a listed status (a 500, say) counts as a
