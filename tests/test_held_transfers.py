@@ -286,5 +286,6 @@ def test_an_upstream_failing_mid_body_logs_the_bytes_the_client_got(make_raw_bac
         sock.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
         received = read_to_end(sock)
     wait_for(lambda: records, what="the request logged")
-    assert BIG // 2 < received < BIG
+    # A reset discards what the proxy had not read yet, so then only some of the half arrives.
+    assert (BIG // 2 if ending == "fin" else 0) < received < BIG
     assert records[0].bytes_sent == received
