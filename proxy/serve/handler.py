@@ -584,7 +584,7 @@ class HttpHandler:
                 response, parser = yield from self._send_expecting_continue(ex, link, head)
             else:
                 try:
-                    if _nothing_to_send_but(ex, head):  # the common case: no generator for the body
+                    if _no_body_to_send(ex):  # the common case: no generator for the body
                         link.send(head)
                     else:
                         yield from self._send_body(ex, link, head)
@@ -613,7 +613,7 @@ class HttpHandler:
     # -- request body ------------------------------------------------------------------------
     def _send_body(self, ex: Exchange, link, head: bytes) -> None:
         """Stream the request body upstream, coalescing what is already buffered into few sends."""
-        if _nothing_to_send_but(ex, head):
+        if _no_body_to_send(ex):
             if head:
                 link.send(head)
             return
@@ -953,8 +953,8 @@ def _field(headers, name: str) -> str | None:
     return headers.get(name) if name in headers.names else None
 
 
-def _nothing_to_send_but(ex: Exchange, head: bytes) -> bool:
-    """The request has no body to send (none, or none read yet on a first attempt): only ``head`` goes."""
+def _no_body_to_send(ex: Exchange) -> bool:
+    """A request with no body bytes to send (none, nor any kept for a retry): its head goes alone."""
     return ex.body_done and ex.replay is not None and not ex.replay
 
 
