@@ -58,6 +58,7 @@ MAX_INTERIM_RESPONSES = 16
 LINGER_SECONDS = 2.0
 LINGER_READ_TIMEOUT = 0.5
 _PEEK_NOWAIT = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_NOWAIT = int(socket.MSG_DONTWAIT)  # a plain int: "&" on the IntFlag member is a Python-level call
 _LINGER_ZERO = struct.pack("ii", 1, 0)  # struct linger {l_onoff = 1, l_linger = 0}: close sends RST
 # RFC 9110 §9.2.2: methods whose repetition is harmless (a retry after a stale connection is safe).
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -607,7 +608,7 @@ class HttpHandler:
                 response, parser = yield from self._send_expecting_continue(ex, link, head)
             else:
                 try:
-                    if _nothing_to_send_but(ex, head):  # the common case: no generator for the body
+                    if _no_body_to_send(ex):  # the common case: no generator for the body
                         link.send(head)
                     else:
                         yield from self._send_body(ex, link, head)
@@ -636,7 +637,7 @@ class HttpHandler:
     # -- request body ------------------------------------------------------------------------
     def _send_body(self, ex: Exchange, link, head: bytes) -> None:
         """Stream the request body upstream, coalescing what is already buffered into few sends."""
-        if _nothing_to_send_but(ex, head):
+        if _no_body_to_send(ex):
             if head:
                 link.send(head)
             return
@@ -759,9 +760,7 @@ class HttpHandler:
         event = NEED_DATA  # a new parser holds nothing yet: read before asking it
         while True:
             if event is NEED_DATA:
-                if not link.received_any:
-                    link.await_answer(ex.conn.sock)
-                data = link.recv()
+                data = link.recv() if link.received_any else link.first_answer(ex.conn.sock)
                 if not data:
                     raise UpstreamFailed("upstream closed the connection without a response",
                                          stale=link.fresh_failure(), no_response=not link.received_any)
@@ -1003,8 +1002,8 @@ def _field(headers, name: str) -> str | None:
     return headers.get(name) if name in headers.names else None
 
 
-def _nothing_to_send_but(ex: Exchange, head: bytes) -> bool:
-    """The request has no body to send (none, or none read yet on a first attempt): only ``head`` goes."""
+def _no_body_to_send(ex: Exchange) -> bool:
+    """A request with no body bytes to send (none, nor any kept for a retry): its head goes alone."""
     return ex.body_done and ex.replay is not None and not ex.replay
 
 
@@ -1097,10 +1096,24 @@ class UpstreamLink:
             if wait <= 0:
                 raise UpstreamTimeout("upstream did not answer in time")
 
-    def recv(self) -> bytes:
+    def first_answer(self, client_sock) -> bytes:
+        """The server's first bytes (b"" if it closed). Under load they are usually here already (the
+        server answered while this thread waited for the GIL): one recv then, and no poll. Otherwise,
+        or on TLS (no recv flags there), ``await_answer`` first."""
+        if not isinstance(self.sock, ssl.SSLSocket):
+            data = self.recv(_NOWAIT)
+            if data is not None:
+                return data
+        self.await_answer(client_sock)
+        return self.recv()
+
+    def recv(self, flags: int = 0) -> bytes | None:
+        """One read; with MSG_DONTWAIT in ``flags``, None if nothing is there yet."""
         try:
-            data = self.sock.recv(UPSTREAM_READ_SIZE)
+            data = self.sock.recv(UPSTREAM_READ_SIZE, flags)
         except (BlockingIOError, TimeoutError) as exc:  # SO_RCVTIMEO: read_timeout passed
+            if flags & _NOWAIT:
+                return None
             raise UpstreamTimeout("upstream did not answer in time") from exc
         except OSError as exc:
             raise UpstreamFailed(f"upstream connection failed: {exc.strerror or exc}",
