@@ -36,6 +36,7 @@ KEY_PREFIXES = {
     "ADMIN_KEYS": "admin.",
     "LOG_KEYS": "log.",
     "ROUTE_KEYS": "routes[].",
+    "COMPRESS_KEYS": "routes[].compress.",
     "UPSTREAM_KEYS": "upstreams.NAME.",
     "SERVER_ENTRY_KEYS": "upstreams.NAME.servers[].",
     "HEALTH_KEYS": "upstreams.NAME.health.",

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from core.cpu_affinity import available_cpus
+from proxy.http.compression import COMPRESS_KEYS, CompressPolicy, parse_compress  # noqa: F401 - COMPRESS_KEYS: the reference test reads every *_KEYS here
 from proxy.config.units import (
     describe_value, format_address, format_duration, parse_address, parse_duration, parse_host,
     parse_port, parse_size, split_host_port,
@@ -122,6 +123,7 @@ class RouteConfig:
     strip_prefix: bool = False
     upstream: str
     set_headers: tuple[tuple[str, str], ...] = ()
+    compress: CompressPolicy | None = None  # None: responses relayed as the upstream sent them
 
 
 @dataclass(frozen=True)
@@ -515,7 +517,7 @@ LISTEN_KEYS = ("address", "tls_cert", "tls_key", "sni")
 SNI_KEYS = ("host", "tls_cert", "tls_key")
 ADMIN_KEYS = ("listen",)
 LOG_KEYS = ("level", "access", "format")
-ROUTE_KEYS = ("host", "path", "strip_prefix", "upstream", "set_headers")
+ROUTE_KEYS = ("host", "path", "strip_prefix", "upstream", "set_headers", "compress")
 UPSTREAM_KEYS = (
     "servers", "policy", "preserve_host", "keepalive", "keepalive_timeout", "max_connections",
     "connect_timeout", "read_timeout", "retries", "health", "passive", "tls_verify", "tls_ca",
@@ -742,6 +744,8 @@ def _parse_route(c: _Checker, value: Any, path: str, upstream_names: list[str]) 
     values = c.fields(table, path, {"host": _route_host, "path": _route_path, "strip_prefix": _boolean})
     if "set_headers" in table:
         values["set_headers"] = _parse_set_headers(c, table["set_headers"], key_path(path, "set_headers"))
+    if "compress" in table:
+        values["compress"] = parse_compress(table["compress"], key_path(path, "compress"), c.add)
     upstream = table.get("upstream")
     if upstream is None:
         c.add(path, 'missing required key "upstream"')

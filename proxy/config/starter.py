@@ -48,6 +48,8 @@ format = "combined"            # combined (Apache/nginx style) | json
 # strip_prefix = true          # forward /api/users as /users
 # upstream = "api"
 # set_headers = { X-Env = "dev" }  # request headers to set on the way in
+# compress = true             # gzip/br/zstd for clients that accept it (text, JSON, JS, XML, SVG)
+# or: compress = { encodings = ["zstd", "br", "gzip"], min_length = 1024, types = ["text/*", "application/json"] }
 
 [[routes]]
 path = "/"                     # everything else

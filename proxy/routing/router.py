@@ -128,6 +128,7 @@ class Route:
     strip_prefix: bool = False
     set_headers: tuple[tuple[str, str], ...] = ()
     index: int = 0  # position in the config file (ties go to the first)
+    compress: object = None  # a proxy.http.compression.CompressPolicy, or None
     # set_headers prepared for building request heads: once per route, not per request.
     headers: RouteHeaders = field(init=False, compare=False, repr=False)
 

@@ -85,7 +85,8 @@ class Runtime:
 
     def __init__(self, config: Config, previous: "Runtime | None" = None, clock=time.monotonic):
         self.config = config
-        self.router = Router([Route(r.host, r.path, r.upstream, r.strip_prefix, r.set_headers, index=i)
+        self.router = Router([Route(r.host, r.path, r.upstream, r.strip_prefix, r.set_headers, index=i,
+                                    compress=r.compress)
                               for i, r in enumerate(config.routes)])
         self.trusted = tuple(ipaddress.ip_network(p, strict=False) for p in config.server.trusted_proxies)
         self._trusted_cache: dict[str, bool] = {}

@@ -25,6 +25,7 @@ from core import zerocopy
 from core.transfer_relay import CHUNK, Copy, Readable, Send
 from core.zerocopy import PeerClosed, WriteTimedOut
 
+from proxy.http.compression import compression_for
 from proxy.http.errors import ClientGone, NoRoute, NoServerAvailable, ProxyError, UpstreamConnectError, UpstreamFailed, UpstreamTimeout
 from proxy.http.forwarding import Outbound, build_request_head, build_response_head, interim_head, tunnel_upgrade
 from proxy.http.http1 import (DEFAULT_MAX_LINE_BYTES, LAST_CHUNK, NEED_DATA, Data, EndOfMessage, ProtocolError, RequestHead,
@@ -795,6 +796,11 @@ class HttpHandler:
             framing = "chunked" if request.version == "HTTP/1.1" else "close"
         else:
             framing = "length"
+        encoder = None
+        if ex.route is not None and ex.route.compress is not None and framing != "none":
+            response, encoder = compression_for(ex.route.compress, request, response)
+            if encoder is not None:  # compressed bodies are re-framed: no Content-Length, no splice
+                framing = "chunked" if request.version == "HTTP/1.1" else "close"
         if framing == "close" or not ex.body_done:
             ex.client_keep_alive = False
         if self.app.draining():
@@ -809,10 +815,10 @@ class HttpHandler:
         elif framing == "length":
             complete = yield from self._relay_length(ex, link, head, parser, response.content_length)
         elif framing == "chunked":
-            complete = yield from self._relay_events(ex, link, head, parser, chunked=True)
+            complete = yield from self._relay_body(ex, link, head, parser, encoder, chunked=True)
         else:
             try:
-                complete = yield from self._relay_events(ex, link, head, parser, chunked=False)
+                complete = yield from self._relay_body(ex, link, head, parser, encoder, chunked=False)
             except ProxyError:
                 # A close-delimited body ends at our FIN, so after an upstream failure a FIN would
                 # tell the client it has the whole body. The abort that follows must be a reset
@@ -883,6 +889,40 @@ class HttpHandler:
                     pending += self._last_chunk(event.trailers)
                 yield from self._to_client(ex, pending)
                 return not parser.has_buffered_data  # bytes after the last chunk: never reuse
+
+    def _relay_body(self, ex: Exchange, link, head: bytes, parser, encoder, chunked: bool) -> bool:
+        if encoder is None:
+            return (yield from self._relay_events(ex, link, head, parser, chunked))
+        return (yield from self._relay_compressed(ex, link, head, parser, encoder, chunked))
+
+    def _relay_compressed(self, ex: Exchange, link, head: bytes, parser, encoder, chunked: bool) -> bool:
+        """Decode the upstream body, compress it, and send what each upstream read gave (flushed, so a
+        stream stays live) before reading again. Trailers are kept: they describe the whole message."""
+        frame = encode_chunk if chunked else bytes
+        pending = head
+        while True:
+            try:
+                event = parser.next_event()
+            except ProtocolError as exc:
+                raise UpstreamFailed(f"invalid response body: {exc.reason}") from exc
+            if event is NEED_DATA:
+                pending += frame(encoder.flush())
+                yield from self._to_client(ex, pending)
+                pending = b""
+                data = link.recv()
+                if data:
+                    parser.feed(data)
+                else:
+                    parser.feed_eof()
+                continue
+            if type(event) is Data:
+                pending += frame(encoder.compress(event.data))
+            else:  # EndOfMessage
+                pending += frame(encoder.finish())
+                if chunked:
+                    pending += self._last_chunk(event.trailers)
+                yield from self._to_client(ex, pending)
+                return not parser.has_buffered_data  # bytes after the body: never reuse
 
     @staticmethod
     def _last_chunk(trailers) -> bytes:
