@@ -37,6 +37,7 @@ KEY_PREFIXES = {
     "LOG_KEYS": "log.",
     "ROUTE_KEYS": "routes[].",
     "COMPRESS_KEYS": "routes[].compress.",
+    "REDIRECT_KEYS": "routes[].redirect.",
     "UPSTREAM_KEYS": "upstreams.NAME.",
     "SERVER_ENTRY_KEYS": "upstreams.NAME.servers[].",
     "HEALTH_KEYS": "upstreams.NAME.health.",

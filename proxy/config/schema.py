@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from core.cpu_affinity import available_cpus
-from proxy.http.compression import COMPRESS_KEYS, CompressPolicy, parse_compress  # noqa: F401 - COMPRESS_KEYS: the reference test reads every *_KEYS here
+# COMPRESS_KEYS and REDIRECT_KEYS are imported for the reference test, which reads every *_KEYS here.
+from proxy.http.compression import COMPRESS_KEYS, CompressPolicy, parse_compress  # noqa: F401
+from proxy.http.redirects import REDIRECT_KEYS, RedirectPolicy, parse_redirect  # noqa: F401
 from proxy.config.units import (
     describe_value, format_address, format_duration, parse_address, parse_duration, parse_host,
     parse_port, parse_size, split_host_port,
@@ -71,6 +73,7 @@ class ListenConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     sni: tuple[SniCertificate, ...] = ()  # certificates picked by server name; tls_cert is the default
+    redirect_https: bool = False  # every request answered with a 308 to the same URL on https
 
     @property
     def address(self) -> str:
@@ -124,6 +127,7 @@ class RouteConfig:
     upstream: str
     set_headers: tuple[tuple[str, str], ...] = ()
     compress: CompressPolicy | None = None  # None: responses relayed as the upstream sent them
+    redirect: RedirectPolicy | None = None  # set: answered by the proxy, upstream is ""
 
 
 @dataclass(frozen=True)
@@ -513,11 +517,13 @@ _SERVER_CONVERTERS = {
     "send_timeout": _duration(),
     "cpu_affinity": _cpu_affinity,
 }
-LISTEN_KEYS = ("address", "tls_cert", "tls_key", "sni")
+LISTEN_KEYS = ("address", "tls_cert", "tls_key", "sni", "redirect_https")
 SNI_KEYS = ("host", "tls_cert", "tls_key")
 ADMIN_KEYS = ("listen",)
 LOG_KEYS = ("level", "access", "format")
-ROUTE_KEYS = ("host", "path", "strip_prefix", "upstream", "set_headers", "compress")
+ROUTE_KEYS = ("host", "path", "strip_prefix", "upstream", "set_headers", "compress", "redirect")
+# Keys that only make sense with an upstream: on a redirect route they would silently do nothing.
+UPSTREAM_ONLY_ROUTE_OPTIONS = ("strip_prefix", "set_headers", "compress")
 UPSTREAM_KEYS = (
     "servers", "policy", "preserve_host", "keepalive", "keepalive_timeout", "max_connections",
     "connect_timeout", "read_timeout", "retries", "health", "passive", "tls_verify", "tls_ca",
@@ -566,6 +572,9 @@ def _parse_listen_table(c: _Checker, table: dict, path: str) -> ListenConfig | N
     cert = c.existing_file(table["tls_cert"], key_path(path, "tls_cert")) if "tls_cert" in table else None
     key = c.existing_file(table["tls_key"], key_path(path, "tls_key")) if "tls_key" in table else None
     sni = _parse_sni(c, table["sni"], key_path(path, "sni"), "tls_cert" in table) if "sni" in table else ()
+    redirect_https = c.fields(table, path, {"redirect_https": _boolean}).get("redirect_https", False)
+    if redirect_https and "tls_cert" in table:
+        c.add(key_path(path, "redirect_https"), "a TLS listener is https already: it would redirect to itself")
     if "address" not in table:
         c.add(path, 'missing required key "address"')
         return None
@@ -574,7 +583,7 @@ def _parse_listen_table(c: _Checker, table: dict, path: str) -> ListenConfig | N
     except ValueError as problem:
         c.add(key_path(path, "address"), str(problem))
         return None
-    return ListenConfig(host, port, cert, key, sni)
+    return ListenConfig(host, port, cert, key, sni, redirect_https)
 
 
 def _parse_sni(c: _Checker, value: Any, path: str, has_default: bool) -> tuple[SniCertificate, ...]:
@@ -686,6 +695,8 @@ def _parse_admin(c: _Checker, value: Any, server: ServerSettings) -> AdminConfig
         c.add("admin.listen", f"expected one address, got {describe_value(raw)}")
         raw = DEFAULT_ADMIN_LISTEN
     listen = _parse_listen_entry(c, raw, "admin.listen") or ListenConfig(*parse_address(DEFAULT_ADMIN_LISTEN))
+    if listen.redirect_https:
+        c.add("admin.listen.redirect_https", "only for server.listen (the admin listener serves the admin endpoints)")
     clash = next((entry for entry in server.listen if _same_socket(entry, listen)), None)
     if clash:
         c.add("admin.listen", f"{listen.address} clashes with server.listen {clash.address}")
@@ -747,6 +758,8 @@ def _parse_route(c: _Checker, value: Any, path: str, upstream_names: list[str]) 
     if "compress" in table:
         values["compress"] = parse_compress(table["compress"], key_path(path, "compress"), c.add)
     upstream = table.get("upstream")
+    if "redirect" in table:
+        return _redirect_route(c, table, path, values)
     if upstream is None:
         c.add(path, 'missing required key "upstream"')
     elif not isinstance(upstream, str):
@@ -754,6 +767,18 @@ def _parse_route(c: _Checker, value: Any, path: str, upstream_names: list[str]) 
     elif upstream not in upstream_names:
         c.add(key_path(path, "upstream"), _undefined_upstream(upstream, upstream_names))
     return RouteConfig(upstream=upstream if isinstance(upstream, str) else "", **values)
+
+
+def _redirect_route(c: _Checker, table: dict, path: str, values: dict) -> RouteConfig:
+    """A route answered by the proxy with a redirect: no upstream, nor the keys that need one."""
+    if "upstream" in table:
+        c.add(path, 'give either "upstream" or "redirect", not both')
+    for key in UPSTREAM_ONLY_ROUTE_OPTIONS:
+        if key in table:
+            c.add(key_path(path, key), "does not apply to a redirect route (nothing is forwarded)")
+    redirect = parse_redirect(table["redirect"], key_path(path, "redirect"), c.add)
+    kept = {key: value for key, value in values.items() if key in ("host", "path")}
+    return RouteConfig(upstream="", redirect=redirect, **kept)
 
 
 def _undefined_upstream(name: str, defined: list[str]) -> str:

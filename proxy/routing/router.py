@@ -129,6 +129,7 @@ class Route:
     set_headers: tuple[tuple[str, str], ...] = ()
     index: int = 0  # position in the config file (ties go to the first)
     compress: object = None  # a proxy.http.compression.CompressPolicy, or None
+    redirect: object = None  # a proxy.http.redirects.RedirectPolicy: answered here, upstream is ""
     # set_headers prepared for building request heads: once per route, not per request.
     headers: RouteHeaders = field(init=False, compare=False, repr=False)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from proxy.upstream.balancing import Upstream
 from proxy.config.schema import Config, ServerSettings, UpstreamConfig
+from proxy.http.redirects import https_port
 from proxy.routing.router import Route, Router
 from proxy.upstream.servers import Server
 from proxy.upstream.pool import ServerPool, upstream_tls_context
@@ -86,8 +87,11 @@ class Runtime:
     def __init__(self, config: Config, previous: "Runtime | None" = None, clock=time.monotonic):
         self.config = config
         self.router = Router([Route(r.host, r.path, r.upstream, r.strip_prefix, r.set_headers, index=i,
-                                    compress=r.compress)
+                                    compress=r.compress, redirect=r.redirect)
                               for i, r in enumerate(config.routes)])
+        # Listener address -> the https port its requests are redirected to (redirect_https).
+        self.https_redirects = {listen.address: https_port(config.server.listen)
+                                for listen in config.server.listen if listen.redirect_https}
         self.trusted = tuple(ipaddress.ip_network(p, strict=False) for p in config.server.trusted_proxies)
         self._trusted_cache: dict[str, bool] = {}
         old_servers = previous.servers_by_key if previous else {}

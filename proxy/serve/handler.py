@@ -26,6 +26,7 @@ from core.transfer_relay import CHUNK, Copy, Readable, Send
 from core.zerocopy import PeerClosed, WriteTimedOut
 
 from proxy.http.compression import compression_for
+from proxy.http.redirects import https_location, location, redirect_response
 from proxy.http.errors import ClientGone, NoRoute, NoServerAvailable, ProxyError, UpstreamConnectError, UpstreamFailed, UpstreamTimeout
 from proxy.http.forwarding import Outbound, build_request_head, build_response_head, interim_head, tunnel_upgrade
 from proxy.http.http1 import (DEFAULT_MAX_LINE_BYTES, LAST_CHUNK, NEED_DATA, Data, EndOfMessage, ProtocolError, RequestHead,
@@ -371,7 +372,10 @@ class HttpHandler:
             ex.client_keep_alive = False  # drain at a request boundary: this answer says close
         try:
             upstream, out = self._plan(ex, app.runtime)
-            yield from self._send_with_retries(ex, upstream, out)
+            if upstream is None:  # a redirect: ``out`` is (status, location), answered here
+                self._answer_redirect(ex, *out)
+            else:
+                yield from self._send_with_retries(ex, upstream, out)
         except ProtocolError as exc:  # the client's body was malformed or too large
             ex.client_keep_alive = False
             self._answer_error(ex, exc.status, exc.reason)
@@ -465,6 +469,10 @@ class HttpHandler:
         request = ex.request
         # First: a 404 or a bad path is logged and answered with the id too (the client's, if it sent one).
         ex.record.request_id = self._request_id(request)
+        if runtime.https_redirects:
+            port = runtime.https_redirects.get(getattr(ex.conn.listener, "address", None))
+            if port is not None:  # redirect_https: the same URL on https, whatever the route
+                return None, (308, https_location(self._redirect_host(request), port, *split_target(request.target)))
         try:
             path, query = split_target(request.target)
             if path != "*":
@@ -474,6 +482,10 @@ class HttpHandler:
             raise ProtocolError(400, f"bad request path: {exc}") from exc
         if route is None:
             raise NoRoute(f"no route for {request.host or '(no host)'}{path}")
+        if route.redirect is not None:
+            ex.route = route
+            host = self._redirect_host(request) if route.redirect.needs_host else None
+            return None, (route.redirect.status, location(route.redirect, host, path, query))
         upstream = runtime.upstreams[route.upstream]
         ex.route = route
         ex.record.upstream = upstream.name
@@ -482,6 +494,30 @@ class HttpHandler:
                        route.headers, self._body_mode(request), tunnel_upgrade(request.upgrade),
                        ex.record.request_id, runtime.is_trusted(ex.session.client_ip))
         return upstream, out
+
+    @staticmethod
+    def _redirect_host(request: RequestHead) -> str:
+        """The Host a redirect keeps (its port dropped); HTTP/1.0 may send none, and then there is no URL."""
+        host = host_without_port(request.host)
+        if not host:
+            raise ProtocolError(400, "a redirect needs the request's Host header")
+        return host
+
+    def _answer_redirect(self, ex: Exchange, status: int, target: str) -> None:
+        """A redirect answered by the proxy (no upstream); a body the client sent is not read."""
+        if not ex.body_done:
+            ex.client_keep_alive = False  # unread body bytes would be taken for the next request
+        payload = redirect_response(status, target, close=not ex.client_keep_alive,
+                                    head_only=ex.request.method == "HEAD", extra_headers=self._request_id_header(ex))
+        ex.record.status = status
+        try:
+            ex.conn.set_timeouts(self.app.settings.send_timeout, self.app.settings.send_timeout)
+            ex.conn.transition(S.WRITING)
+            ex.conn.sendall(payload)
+            ex.record.bytes_sent += len(payload)
+        except OSError:
+            ex.client_keep_alive = False
+            ex.conn.close()
 
     def _request_id(self, request: RequestHead) -> str:
         """The client's X-Request-Id if it is a sane token, else a new one: it goes into every log
