@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 from core.cpu_affinity import available_cpus
 # COMPRESS_KEYS and REDIRECT_KEYS are imported for the reference test, which reads every *_KEYS here.
-from proxy.http.compression import COMPRESS_KEYS, CompressPolicy, parse_compress  # noqa: F401
-from proxy.http.redirects import REDIRECT_KEYS, RedirectPolicy, parse_redirect  # noqa: F401
+from proxy.config.edge import (COMPRESS_KEYS, REDIRECT_KEYS, CompressPolicy, RedirectPolicy,  # noqa: F401
+                               parse_compress, parse_redirect)
 from proxy.config.units import (
     describe_value, format_address, format_duration, parse_address, parse_duration, parse_host,
     parse_port, parse_size, split_host_port,

@@ -9,11 +9,12 @@ upstream read, so an event stream or a long poll that a user chose to compress s
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
 
-from proxy.config.units import describe_value, parse_size
+from proxy.config.edge import CompressPolicy
 
-try:  # both are dependencies; a broken install still serves gzip (config check names the missing one)
+# Both are dependencies. Without one the proxy still starts: the config check refuses the coding
+# (proxy.config.edge.missing_library), so its encoder is never asked for.
+try:
     import zstandard
 except ImportError:  # pragma: no cover - depends on the environment
     zstandard = None
@@ -22,14 +23,6 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     brotli = None
 
-ENCODINGS = ("zstd", "br", "gzip")  # the server's preference, best ratio for its speed first
-DEFAULT_MIN_LENGTH = 1024  # below this the coding's framing can outweigh what it saves
-# Text formats that compress well. Images (but SVG), audio, video and archives are compressed already.
-DEFAULT_TYPES = (
-    "text/*", "application/json", "application/*+json", "application/javascript", "application/xml",
-    "application/*+xml", "application/x-javascript", "application/wasm", "application/manifest+json",
-    "image/svg+xml", "image/x-icon", "font/ttf", "font/otf",
-)
 # Skipped even when "text/*" matches, unless listed by name: a compressed stream is only live if
 # every event is flushed, which costs ratio; most users want event streams relayed untouched.
 EVENT_STREAM = "text/event-stream"
@@ -39,25 +32,6 @@ GZIP_LEVEL = 6
 BROTLI_QUALITY = 4
 ZSTD_LEVEL = 3
 NEVER_COMPRESSED_STATUS = frozenset({204, 206, 304})
-COMPRESS_KEYS = ("encodings", "min_length", "types")  # the table form of a route's ``compress``
-
-
-@dataclass(frozen=True)
-class CompressPolicy:
-    """A route's ``compress`` settings, validated."""
-
-    encodings: tuple[str, ...] = ENCODINGS
-    min_length: int = DEFAULT_MIN_LENGTH
-    types: tuple[str, ...] = DEFAULT_TYPES
-
-
-def missing_library(encoding: str) -> str | None:
-    """The package an encoding needs that is not installed, or None."""
-    if encoding == "zstd" and zstandard is None:
-        return "zstandard"
-    if encoding == "br" and brotli is None:
-        return "brotli"
-    return None
 
 
 # -- negotiation (RFC 9110 §12.5.3) ------------------------------------------------------------------
@@ -275,67 +249,3 @@ _ENCODERS = {"gzip": GzipEncoder, "br": BrotliEncoder, "zstd": ZstdEncoder}
 
 def new_encoder(coding: str) -> Encoder:
     return _ENCODERS[coding]()
-
-
-# -- config ---------------------------------------------------------------------------------------
-
-def parse_compress(value, path: str, add) -> CompressPolicy | None:
-    """A route's ``compress`` value: true, false, or a table {encodings, min_length, types}. Problems go
-    to ``add(key path, message)``; the answer is None when compression is off (or invalid)."""
-    if isinstance(value, bool):
-        return CompressPolicy() if value else None
-    if not isinstance(value, dict):
-        add(path, f"expected true, false or a table like {{ encodings = [\"gzip\"] }}, got {_describe(value)}")
-        return None
-    unknown_keys = []
-    for key in value:
-        if key not in COMPRESS_KEYS:
-            add(f"{path}.{key}", f"unknown key (expected one of: {', '.join(COMPRESS_KEYS)})")
-            unknown_keys.append(key)
-    encodings = _parse_encodings(value.get("encodings", list(ENCODINGS)), f"{path}.encodings", add)
-    try:
-        min_length = parse_size(value.get("min_length", DEFAULT_MIN_LENGTH))
-    except ValueError as problem:
-        add(f"{path}.min_length", str(problem))
-        min_length = None
-    types = _parse_types(value.get("types", list(DEFAULT_TYPES)), f"{path}.types", add)
-    if unknown_keys or encodings is None or min_length is None or types is None:
-        return None
-    return CompressPolicy(encodings, min_length, types)
-
-
-def _parse_encodings(value, path: str, add) -> tuple[str, ...] | None:
-    if not isinstance(value, list) or not value:
-        add(path, f'expected a list like ["zstd", "br", "gzip"], got {_describe(value)}')
-        return None
-    ok = True
-    for index, item in enumerate(value):
-        where = f"{path}[{index}]"
-        if item not in ENCODINGS:
-            add(where, f"{_describe(item)} is not one of {' | '.join(ENCODINGS)}")
-            ok = False
-        elif value.index(item) != index:
-            add(where, f"{_describe(item)} is listed twice")
-            ok = False
-        elif missing_library(item):
-            add(where, f"{item} needs the {missing_library(item)} package (pip install {missing_library(item)})")
-            ok = False
-    return tuple(value) if ok else None
-
-
-def _parse_types(value, path: str, add) -> tuple[str, ...] | None:
-    if not isinstance(value, list) or not value:
-        add(path, f'expected a list of media types like ["text/*", "application/json"], got {_describe(value)}')
-        return None
-    types = []
-    for index, item in enumerate(value):
-        major, slash, minor = item.partition("/") if isinstance(item, str) else ("", "", "")
-        if not (slash and major and minor and major != "*" and " " not in item and ";" not in item):
-            add(f"{path}[{index}]", f'{_describe(item)} is not a media type like "text/html" or "text/*"')
-            continue
-        types.append(item.lower())
-    return tuple(types) if len(types) == len(value) else None
-
-
-def _describe(value) -> str:
-    return describe_value(value)

@@ -7,36 +7,16 @@ string, or nothing) and ``{uri}`` (``{path}{query}``).
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
-from proxy.config.units import describe_value
+from proxy.config.edge import PLACEHOLDER, RedirectPolicy
 from proxy.http.responses import plain_response
 
-REDIRECT_STATUSES = (301, 302, 303, 307, 308)
-DEFAULT_STATUS = 308  # permanent, and the method and body are kept (unlike 301, RFC 9110 §15.4.9)
-PLACEHOLDERS = ("host", "uri", "path", "query")
-REDIRECT_KEYS = ("to", "status")  # the table form of a route's ``redirect``
 HTTPS_PORT = 443
-_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
-
-
-@dataclass(frozen=True)
-class RedirectPolicy:
-    """A route's ``redirect``, validated: the Location template and the status."""
-
-    to: str
-    status: int = DEFAULT_STATUS
-
-    @property
-    def needs_host(self) -> bool:
-        return "{host}" in self.to
 
 
 def location(policy: RedirectPolicy, host: str | None, path: str, query: str) -> str:
     """The Location for one request. ``query`` is "" or starts with "?" (as routing splits it)."""
     values = {"host": host or "", "path": path, "query": query, "uri": path + query}
-    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], policy.to)
+    return PLACEHOLDER.sub(lambda match: values[match.group(1)], policy.to)
 
 
 def https_location(host: str, port: int, path: str, query: str) -> str:
@@ -55,45 +35,3 @@ def https_port(listen_entries) -> int:
     """Where redirect_https sends clients: the port of the first TLS listener in the config, else 443
     (a proxy behind a load balancer that terminates TLS on 443 has no TLS listener of its own)."""
     return next((entry.port for entry in listen_entries if entry.tls), HTTPS_PORT)
-
-
-# -- config ---------------------------------------------------------------------------------------
-
-def parse_redirect(value, path: str, add) -> RedirectPolicy | None:
-    """A route's ``redirect`` table {to, status}. Problems go to ``add(key path, message)``."""
-    if not isinstance(value, dict):
-        add(path, f'expected a table like {{ to = "https://example.com{{uri}}", status = 308 }}, '
-                  f"got {describe_value(value)}")
-        return None
-    ok = True
-    for key in value:
-        if key not in REDIRECT_KEYS:
-            add(f"{path}.{key}", f"unknown key (expected one of: {', '.join(REDIRECT_KEYS)})")
-            ok = False
-    status = value.get("status", DEFAULT_STATUS)
-    if status not in REDIRECT_STATUSES or isinstance(status, bool):
-        add(f"{path}.status", f"{describe_value(status)} is not one of {' | '.join(map(str, REDIRECT_STATUSES))}")
-        ok = False
-    if "to" not in value:
-        add(path, 'missing required key "to"')
-        return None
-    problem = _template_problem(value["to"])
-    if problem:
-        add(f"{path}.to", problem)
-        return None
-    return RedirectPolicy(value["to"], status) if ok else None
-
-
-def _template_problem(to) -> str | None:
-    if not isinstance(to, str) or not to:
-        return f'expected a URL like "https://example.com{{uri}}", got {describe_value(to)}'
-    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in to):
-        return f"{describe_value(to)} is not a valid URL (no spaces or control characters)"
-    if not (to.startswith("/") or to.lower().startswith(("http://", "https://"))):
-        return f'{describe_value(to)} must start with "http://", "https://" or "/"'
-    for name in _PLACEHOLDER.findall(to):
-        if name not in PLACEHOLDERS:
-            return f"unknown placeholder {{{name}}} (use {', '.join('{' + p + '}' for p in PLACEHOLDERS)})"
-    if "{" in _PLACEHOLDER.sub("", to) or "}" in _PLACEHOLDER.sub("", to):
-        return f"{describe_value(to)} has an unmatched brace"
-    return None
