@@ -4,6 +4,7 @@ listener's ``redirect_https``; bad values are reported by the config check with 
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import requests
 from core.socket_server import bind_listener
 from proxy.config.schema import ConfigError, parse_config
 from proxy.serve.runner import ProxyProcess
-from tests.support.proxy import CLIENT_TIMEOUT, PROXY_STOP_TIMEOUT, proxy_config_dict
+from tests.support.proxy import CLIENT_TIMEOUT, PROXY_STOP_TIMEOUT, config_document, proxy_config_dict
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -93,7 +94,6 @@ def test_requests_follows_a_redirect_route_to_the_backend(make_backend, make_pro
 
 
 def test_http10_without_host_gets_400_for_a_host_placeholder(redirecting):
-    import socket
     with socket.create_connection(("127.0.0.1", redirecting.port), timeout=CLIENT_TIMEOUT) as sock:
         sock.sendall(b"GET /host/x HTTP/1.0\r\n\r\n")
         answer = sock.recv(65536)
@@ -223,3 +223,13 @@ def test_curl_sees_the_redirect(redirecting):
     done = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", "--max-time", "20",
                            redirecting.url + "/old/z?q=1"], capture_output=True, text=True, timeout=30)
     assert done.stdout == "308 https://example.com/old/z?q=1"
+
+
+def test_status_names_redirect_routes(observed_proxy, make_backend):
+    document = config_document({"app": {"servers": [make_backend().address]}})
+    document["routes"].append({"path": "/old", "redirect": {"to": "/new{uri}", "status": 301}})
+    proxy = observed_proxy(document)
+    routes = proxy.status()["routes"]
+    assert {"host": None, "path": "/old", "upstream": "", "strip_prefix": False,
+            "redirect": {"to": "/new{uri}", "status": 301}} in routes
+    assert {"host": None, "path": "/", "upstream": "app", "strip_prefix": False} in routes
