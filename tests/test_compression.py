@@ -3,8 +3,10 @@ the proxy to a real backend, every coding decoded and compared with the backend'
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -18,6 +20,7 @@ import zstandard
 from proxy.config.schema import ConfigError, parse_config
 from proxy.http.compression import choose_encoding
 from tests.support.proxy import CLIENT_TIMEOUT, proxy_config_dict
+from tests.support.timing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -330,3 +333,40 @@ def test_reload_turns_compression_on(make_backend, make_proxy):
     response = _raw_get(proxy, "/data.json", "gzip")
     assert response.headers["Content-Encoding"] == "gzip"
     assert gzip.decompress(response.raw_bytes) == JSON_BODY
+
+
+# -- a slow client: compressed bytes wait in the server's relay, not on a worker ----------------------------
+def test_a_slow_client_of_a_compressed_body_is_held_and_gets_it_whole(make_backend, make_proxy):
+    body = base64.b64encode(os.urandom(3 * 1024 * 1024))  # text that compresses little: MiBs on the wire
+    backend = make_backend().route("/big.txt", _fixed(body, "text/plain"))
+    proxy = make_proxy({"app": [backend.address]}, routes=[{"path": "/", "upstream": "app", "compress": {
+        "encodings": ["gzip"]}}])
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # not reading stops the proxy's sends early
+    sock.settimeout(CLIENT_TIMEOUT)
+    with sock:
+        sock.connect(("127.0.0.1", proxy.port))
+        sock.sendall(b"GET /big.txt HTTP/1.1\r\nHost: t\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n")
+        wait_for(lambda: proxy.process.server.connection_counts().get("held", 0) == 1,
+                 what="the stalled compressed response held by the relay")
+        data = b""
+        for _ in range(100000):  # bounded: the proxy closes after the body
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            data += piece
+    head, _, chunked = data.partition(b"\r\n\r\n")
+    assert b"Content-Encoding: gzip" in head and b"Transfer-Encoding: chunked" in head
+    assert gzip.decompress(_dechunk(chunked)) == body
+
+
+def _dechunk(data: bytes) -> bytes:
+    out, position = [], 0
+    for _ in range(len(data)):  # bounded: every round consumes at least a size line
+        end = data.index(b"\r\n", position)
+        size = int(data[position:end], 16)
+        if size == 0:
+            return b"".join(out)
+        out.append(data[end + 2:end + 2 + size])
+        position = end + 2 + size + 2
+    raise AssertionError("no last chunk")
