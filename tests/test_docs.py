@@ -38,6 +38,8 @@ KEY_PREFIXES = {
     "LOG_KEYS": "log.",
     "ROUTE_KEYS": "routes[].",
     "BASIC_AUTH_KEYS": "routes[].basic_auth.",
+    "COMPRESS_KEYS": "routes[].compress.",
+    "REDIRECT_KEYS": "routes[].redirect.",
     "UPSTREAM_KEYS": "upstreams.NAME.",
     "SERVER_ENTRY_KEYS": "upstreams.NAME.servers[].",
     "HEALTH_KEYS": "upstreams.NAME.health.",

@@ -27,6 +27,9 @@ from proxy.config.ca_names import default_ca_dir, name_is_permitted, normalize_i
 from proxy.config.edge import (
     BasicAuthConfig, check_bcrypt_hash, check_realm, check_user_name, parse_network, read_htpasswd, shadowed_allow,
 )
+# COMPRESS_KEYS and REDIRECT_KEYS are imported for the reference test, which reads every *_KEYS here.
+from proxy.config.edge import (COMPRESS_KEYS, REDIRECT_KEYS, CompressPolicy, RedirectPolicy,  # noqa: F401
+                               parse_compress, parse_redirect)
 from proxy.config.units import (
     describe_value, format_address, format_duration, parse_address, parse_duration, parse_host,
     parse_port, parse_size, split_host_port,
@@ -76,6 +79,7 @@ class ListenConfig:
     tls_key: str | None = None
     sni: tuple[SniCertificate, ...] = ()  # certificates picked by server name; tls_cert is the default
     tls_internal: bool = False  # tls = "internal": certificates issued on demand by the local CA
+    redirect_https: bool = False  # every request answered with a 308 to the same URL on https
 
     @property
     def address(self) -> str:
@@ -131,6 +135,8 @@ class RouteConfig:
     allow: tuple[str, ...] = ()   # client addresses/networks let in (empty: everyone not denied)
     deny: tuple[str, ...] = ()    # client addresses/networks refused with 403; deny wins over allow
     basic_auth: BasicAuthConfig | None = None  # users who may use the route (401 for anyone else)
+    compress: CompressPolicy | None = None  # None: responses relayed as the upstream sent them
+    redirect: RedirectPolicy | None = None  # set: answered by the proxy, upstream is ""
 
 
 @dataclass(frozen=True)
@@ -593,14 +599,17 @@ _SERVER_CONVERTERS = {
     "send_timeout": _duration(),
     "cpu_affinity": _cpu_affinity,
 }
-LISTEN_KEYS = ("address", "tls", "tls_cert", "tls_key", "sni")
+LISTEN_KEYS = ("address", "tls", "tls_cert", "tls_key", "sni", "redirect_https")
 LISTEN_TLS_MODES = ("internal",)
 TLS_KEYS = ("internal_ca_dir", "internal_names")
 SNI_KEYS = ("host", "tls_cert", "tls_key")
 ADMIN_KEYS = ("listen",)
 LOG_KEYS = ("level", "access", "format")
-ROUTE_KEYS = ("host", "path", "strip_prefix", "upstream", "set_headers", "allow", "deny", "basic_auth")
+ROUTE_KEYS = ("host", "path", "strip_prefix", "upstream", "set_headers", "allow", "deny", "basic_auth",
+              "compress", "redirect")
 BASIC_AUTH_KEYS = ("realm", "users", "users_file", "forward_auth_header")
+# Keys that only make sense with an upstream: on a redirect route they would silently do nothing.
+UPSTREAM_ONLY_ROUTE_OPTIONS = ("strip_prefix", "set_headers", "compress")
 UPSTREAM_KEYS = (
     "servers", "policy", "preserve_host", "keepalive", "keepalive_timeout", "max_connections",
     "connect_timeout", "read_timeout", "retries", "health", "passive", "tls_verify", "tls_ca",
@@ -665,6 +674,9 @@ def _parse_listen_table(c: _Checker, table: dict, path: str) -> ListenConfig | N
     key = c.existing_file(table["tls_key"], key_path(path, "tls_key")) if "tls_key" in table else None
     has_default = "tls_cert" in table or internal
     sni = _parse_sni(c, table["sni"], key_path(path, "sni"), has_default) if "sni" in table else ()
+    redirect_https = c.fields(table, path, {"redirect_https": _boolean}).get("redirect_https", False)
+    if redirect_https and has_default:
+        c.add(key_path(path, "redirect_https"), "a TLS listener is https already: it would redirect to itself")
     if "address" not in table:
         c.add(path, 'missing required key "address"')
         return None
@@ -673,7 +685,7 @@ def _parse_listen_table(c: _Checker, table: dict, path: str) -> ListenConfig | N
     except ValueError as problem:
         c.add(key_path(path, "address"), str(problem))
         return None
-    return ListenConfig(host, port, cert, key, sni, internal)
+    return ListenConfig(host, port, cert, key, sni, internal, redirect_https)
 
 
 def _parse_listen_tls(c: _Checker, table: dict, path: str) -> bool:
@@ -844,6 +856,8 @@ def _parse_admin(c: _Checker, value: Any, server: ServerSettings) -> AdminConfig
         c.add("admin.listen", f"expected one address, got {describe_value(raw)}")
         raw = DEFAULT_ADMIN_LISTEN
     listen = _parse_listen_entry(c, raw, "admin.listen") or ListenConfig(*parse_address(DEFAULT_ADMIN_LISTEN))
+    if listen.redirect_https:
+        c.add("admin.listen.redirect_https", "only for server.listen (the admin listener serves the admin endpoints)")
     clash = next((entry for entry in server.listen if _same_socket(entry, listen)), None)
     if clash:
         c.add("admin.listen", f"{listen.address} clashes with server.listen {clash.address}")
@@ -905,7 +919,11 @@ def _parse_route(c: _Checker, value: Any, path: str, upstream_names: list[str]) 
     values.update(_parse_access_rules(c, table, path))
     if "basic_auth" in table:
         values["basic_auth"] = _parse_basic_auth(c, table["basic_auth"], key_path(path, "basic_auth"))
+    if "compress" in table:
+        values["compress"] = parse_compress(table["compress"], key_path(path, "compress"), c.add)
     upstream = table.get("upstream")
+    if "redirect" in table:
+        return _redirect_route(c, table, path, values)
     if upstream is None:
         c.add(path, 'missing required key "upstream"')
     elif not isinstance(upstream, str):
@@ -985,6 +1003,18 @@ def _parse_users_file(c: _Checker, value: Any, path: str) -> tuple[tuple[str, st
     if not users and not problems:
         c.add(path, f"{resolved} has no users: nobody could sign in")
     return tuple(users)
+
+
+def _redirect_route(c: _Checker, table: dict, path: str, values: dict) -> RouteConfig:
+    """A route answered by the proxy with a redirect: no upstream, nor the keys that need one."""
+    if "upstream" in table:
+        c.add(path, 'give either "upstream" or "redirect", not both')
+    for key in UPSTREAM_ONLY_ROUTE_OPTIONS:
+        if key in table:
+            c.add(key_path(path, key), "does not apply to a redirect route (nothing is forwarded)")
+    redirect = parse_redirect(table["redirect"], key_path(path, "redirect"), c.add)
+    kept = {key: value for key, value in values.items() if key in ("host", "path", "allow", "deny", "basic_auth")}
+    return RouteConfig(upstream="", redirect=redirect, **kept)
 
 
 def _undefined_upstream(name: str, defined: list[str]) -> str:

@@ -16,6 +16,7 @@ STARTER_CONFIG = '''\
 
 [server]
 listen = "127.0.0.1:8080"      # where clients connect; a list for several addresses
+# or: listen = [{ address = ":80", redirect_https = true }, ...]  # a 308 to https for every request on :80
 workers = 1                    # worker processes; "auto" = one per CPU
 min_threads = 4                # threads per worker kept ready
 max_threads = 256              # at most this many requests in progress per worker
@@ -60,6 +61,12 @@ format = "combined"            # combined (Apache/nginx style) | json
 # basic_auth = { realm = "staff", users = { alice = "$2b$12$..." } }  # 401 until signed in;
 #                              # hashes from `pyproxy hash-password`, or users_file = "users.htpasswd"
 #                              # (htpasswd -B); forward_auth_header = true passes Authorization on
+# compress = true             # gzip/br/zstd for clients that accept it (text, JSON, JS, XML, SVG)
+# or: compress = { encodings = ["zstd", "br", "gzip"], min_length = 1024, types = ["text/*", "application/json"] }
+
+# [[routes]]
+# host = "old.localhost"
+# redirect = { to = "https://new.localhost{uri}", status = 308 }  # instead of upstream; also {host} {path} {query}
 
 [[routes]]
 path = "/"                     # everything else

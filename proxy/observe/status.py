@@ -134,6 +134,7 @@ def _passive(passive) -> dict | None:
 def _routes(config) -> list[dict]:
     """Routes in the order the router tries them (most specific first)."""
     return [{"host": r.host, "path": r.path, "upstream": r.upstream, "strip_prefix": r.strip_prefix}
+            | ({"redirect": {"to": r.redirect.to, "status": r.redirect.status}} if r.redirect else {})
             for r in routes_by_precedence(config.routes)]
 
 

@@ -132,6 +132,8 @@ class Route:
     index: int = 0  # position in the config file (ties go to the first)
     access: AccessRules | None = field(default=None, compare=False)  # allow / deny; None: everyone
     basic_auth: BasicAuth | None = field(default=None, compare=False)  # users; None: no sign-in
+    compress: object = None  # a proxy.http.compression.CompressPolicy, or None
+    redirect: object = None  # a proxy.http.redirects.RedirectPolicy: answered here, upstream is ""
     # set_headers prepared for building request heads: once per route, not per request.
     headers: RouteHeaders = field(init=False, compare=False, repr=False)
 

@@ -79,10 +79,16 @@ def routing_table_lines(config: Config) -> list[str]:
         "routes (most specific first):",
     ]
     for number, route in enumerate(routes_by_precedence(config.routes), start=1):
+        if route.redirect is not None:
+            host = route.host or "(any host)"
+            lines.append(f"  {number}. {host} {route.path} -> redirect {route.redirect.status} to {route.redirect.to}")
+            continue
         upstream = config.upstreams[route.upstream]
         lines.append(f"  {number}. {_route_heading(route, upstream)}")
         lines.extend(f"       set header {name}: {value}" for name, value in route.set_headers)
         lines.extend(_policy_lines(route, "       "))
+        if route.compress is not None:
+            lines.append(f"       compress: {', '.join(route.compress.encodings)}")
         lines.extend(_upstream_lines(upstream, "       "))
     used = {route.upstream for route in config.routes}
     for name, upstream in config.upstreams.items():
@@ -93,4 +99,6 @@ def routing_table_lines(config: Config) -> list[str]:
 
 
 def _listen_label(entry: ListenConfig) -> str:
+    if entry.redirect_https:
+        return f"{entry.address} (redirects to https)"
     return f"{entry.address} (TLS)" if entry.tls else entry.address

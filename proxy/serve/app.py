@@ -20,6 +20,7 @@ from proxy.http.access import AccessRules
 from proxy.http.basic_auth import BasicAuth
 from proxy.upstream.balancing import Upstream
 from proxy.config.schema import Config, ServerSettings, UpstreamConfig
+from proxy.http.redirects import https_port
 from proxy.routing.router import Route, Router
 from proxy.upstream.servers import Server
 from proxy.upstream.pool import ServerPool, upstream_tls_context
@@ -117,8 +118,12 @@ class Runtime:
         self._on_ejected = on_ejected  # (upstream name, server, seconds, reason) after a passive ejection
         self.router = Router([Route(r.host, r.path, r.upstream, r.strip_prefix, r.set_headers, index=i,
                                     access=AccessRules.from_lists(r.allow, r.deny),
-                                    basic_auth=BasicAuth.from_config(r.basic_auth))
+                                    basic_auth=BasicAuth.from_config(r.basic_auth),
+                                    compress=r.compress, redirect=r.redirect)
                               for i, r in enumerate(config.routes)])
+        # Listener address -> the https port its requests are redirected to (redirect_https).
+        self.https_redirects = {listen.address: https_port(config.server.listen)
+                                for listen in config.server.listen if listen.redirect_https}
         self.trusted = tuple(ipaddress.ip_network(p, strict=False) for p in config.server.trusted_proxies)
         self._trusted_cache: dict[str, bool] = {}
         old_servers = previous.servers_by_key if previous else {}

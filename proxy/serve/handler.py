@@ -25,6 +25,8 @@ from core import zerocopy
 from core.transfer_relay import CHUNK, Copy, Readable, Send
 from core.zerocopy import PeerClosed, WriteTimedOut
 
+from proxy.http.compression import compression_for
+from proxy.http.redirects import https_location, location, redirect_response
 from proxy.http.errors import ClientGone, NoRoute, Refused, NoServerAvailable, ProxyError, UpstreamConnectError, UpstreamFailed, UpstreamTimeout
 from proxy.http.forwarding import Outbound, build_request_head, build_response_head, interim_head, tunnel_upgrade
 from proxy.http.http1 import (DEFAULT_MAX_LINE_BYTES, LAST_CHUNK, NEED_DATA, Data, EndOfMessage, ProtocolError, RequestHead,
@@ -371,7 +373,10 @@ class HttpHandler:
             ex.client_keep_alive = False  # drain at a request boundary: this answer says close
         try:
             upstream, out = self._plan(ex, app.runtime)
-            yield from self._send_with_retries(ex, upstream, out)
+            if upstream is None:  # a redirect: ``out`` is (status, location), answered here
+                self._answer_redirect(ex, *out)
+            else:
+                yield from self._send_with_retries(ex, upstream, out)
         except ProtocolError as exc:  # the client's body was malformed or too large
             ex.client_keep_alive = False
             self._answer_error(ex, exc.status, exc.reason)
@@ -470,6 +475,10 @@ class HttpHandler:
         request = ex.request
         # First: a 404 or a bad path is logged and answered with the id too (the client's, if it sent one).
         ex.record.request_id = self._request_id(request)
+        if runtime.https_redirects:
+            port = runtime.https_redirects.get(getattr(ex.conn.listener, "address", None))
+            if port is not None:  # redirect_https: the same URL on https, whatever the route
+                return None, (308, https_location(self._redirect_host(request), port, *split_target(request.target)))
         try:
             path, query = split_target(request.target)
             if path != "*":
@@ -483,6 +492,10 @@ class HttpHandler:
             route.access.check(self._original_client(ex, runtime))
         if route.basic_auth is not None:  # bcrypt runs here, on the pool worker
             route.basic_auth.check(request.headers.get_all("authorization"), ex.session.client_ip)
+        if route.redirect is not None:
+            ex.route = route
+            host = self._redirect_host(request) if route.redirect.needs_host else None
+            return None, (route.redirect.status, location(route.redirect, host, path, query))
         upstream = runtime.upstreams[route.upstream]
         ex.route = route
         ex.record.upstream = upstream.name
@@ -491,6 +504,30 @@ class HttpHandler:
                        route.headers, self._body_mode(request), tunnel_upgrade(request.upgrade),
                        ex.record.request_id, runtime.is_trusted(ex.session.client_ip))
         return upstream, out
+
+    @staticmethod
+    def _redirect_host(request: RequestHead) -> str:
+        """The Host a redirect keeps (its port dropped); HTTP/1.0 may send none, and then there is no URL."""
+        host = host_without_port(request.host)
+        if not host:
+            raise ProtocolError(400, "a redirect needs the request's Host header")
+        return host
+
+    def _answer_redirect(self, ex: Exchange, status: int, target: str) -> None:
+        """A redirect answered by the proxy (no upstream); a body the client sent is not read."""
+        if not ex.body_done:
+            ex.client_keep_alive = False  # unread body bytes would be taken for the next request
+        payload = redirect_response(status, target, close=not ex.client_keep_alive,
+                                    head_only=ex.request.method == "HEAD", extra_headers=self._request_id_header(ex))
+        ex.record.status = status
+        try:
+            ex.conn.set_timeouts(self.app.settings.send_timeout, self.app.settings.send_timeout)
+            ex.conn.transition(S.WRITING)
+            ex.conn.sendall(payload)
+            ex.record.bytes_sent += len(payload)
+        except OSError:
+            ex.client_keep_alive = False
+            ex.conn.close()
 
     def _request_id(self, request: RequestHead) -> str:
         """The client's X-Request-Id if it is a sane token, else a new one: it goes into every log
@@ -809,6 +846,11 @@ class HttpHandler:
             framing = "chunked" if request.version == "HTTP/1.1" else "close"
         else:
             framing = "length"
+        encoder = None
+        if ex.route is not None and ex.route.compress is not None and framing != "none":
+            response, encoder = compression_for(ex.route.compress, request, response)
+            if encoder is not None:  # compressed bodies are re-framed: no Content-Length, no splice
+                framing = "chunked" if request.version == "HTTP/1.1" else "close"
         if framing == "close" or not ex.body_done:
             ex.client_keep_alive = False
         if self.app.draining():
@@ -823,10 +865,10 @@ class HttpHandler:
         elif framing == "length":
             complete = yield from self._relay_length(ex, link, head, parser, response.content_length)
         elif framing == "chunked":
-            complete = yield from self._relay_events(ex, link, head, parser, chunked=True)
+            complete = yield from self._relay_body(ex, link, head, parser, encoder, chunked=True)
         else:
             try:
-                complete = yield from self._relay_events(ex, link, head, parser, chunked=False)
+                complete = yield from self._relay_body(ex, link, head, parser, encoder, chunked=False)
             except ProxyError:
                 # A close-delimited body ends at our FIN, so after an upstream failure a FIN would
                 # tell the client it has the whole body. The abort that follows must be a reset
@@ -897,6 +939,40 @@ class HttpHandler:
                     pending += self._last_chunk(event.trailers)
                 yield from self._to_client(ex, pending)
                 return not parser.has_buffered_data  # bytes after the last chunk: never reuse
+
+    def _relay_body(self, ex: Exchange, link, head: bytes, parser, encoder, chunked: bool) -> bool:
+        if encoder is None:
+            return (yield from self._relay_events(ex, link, head, parser, chunked))
+        return (yield from self._relay_compressed(ex, link, head, parser, encoder, chunked))
+
+    def _relay_compressed(self, ex: Exchange, link, head: bytes, parser, encoder, chunked: bool) -> bool:
+        """Decode the upstream body, compress it, and send what each upstream read gave (flushed, so a
+        stream stays live) before reading again. Trailers are kept: they describe the whole message."""
+        frame = encode_chunk if chunked else bytes
+        pending = head
+        while True:
+            try:
+                event = parser.next_event()
+            except ProtocolError as exc:
+                raise UpstreamFailed(f"invalid response body: {exc.reason}") from exc
+            if event is NEED_DATA:
+                pending += frame(encoder.flush())
+                yield from self._to_client(ex, pending)
+                pending = b""
+                data = link.recv()
+                if data:
+                    parser.feed(data)
+                else:
+                    parser.feed_eof()
+                continue
+            if type(event) is Data:
+                pending += frame(encoder.compress(event.data))
+            else:  # EndOfMessage
+                pending += frame(encoder.finish())
+                if chunked:
+                    pending += self._last_chunk(event.trailers)
+                yield from self._to_client(ex, pending)
+                return not parser.has_buffered_data  # bytes after the body: never reuse
 
     @staticmethod
     def _last_chunk(trailers) -> bytes:

@@ -110,7 +110,8 @@ def _route_key(route: RouteConfig) -> tuple:
 
 
 def _route_label(route: RouteConfig) -> str:
-    return f"{route.host or '*'}{route.path} -> {route.upstream}"
+    target = f"redirect {route.redirect.status} {route.redirect.to}" if route.redirect else route.upstream
+    return f"{route.host or '*'}{route.path} -> {target}"
 
 
 def describe_changes(old: Config, new: Config) -> list[str]:
