@@ -4,6 +4,7 @@ port 80 redirect that ``--from https://NAME`` (no port) adds. The CA lives in tm
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import shutil
 import socket
@@ -14,8 +15,8 @@ import pytest
 
 from core.socket_server import bind_listener
 from proxy.config.schema import ConfigError, ListenConfig, QuickListen, quick_config, quick_listen
-from proxy.serve.cli import ListenError, start_redirect
-from proxy.serve.redirect import RedirectServer
+from proxy.serve.cli import bind_listeners, listen_failure, ListenError
+from proxy.serve.runner import ProxyProcess
 from tests.support.command import proxy_running
 from tests.support.proxy import CLIENT_TIMEOUT
 
@@ -97,50 +98,58 @@ def redirect_answer(port: int, host: str | None, path: str = "/a/b?c=d") -> http
     return response
 
 
+def test_https_name_without_a_port_adds_a_port_80_listener_redirecting_to_https(private_data_home):
+    config = quick_config("https://app.localhost", ["127.0.0.1:3000"], [])
+    https, plain = config.server.listen
+    assert (https.address, https.tls_internal, https.redirect_https) == ("127.0.0.1:443", True, False)
+    assert (plain.address, plain.tls, plain.redirect_https) == ("127.0.0.1:80", False, True)
+
+
 @pytest.fixture
-def redirect_server():
-    started = []
-
-    def factory(https_port: int) -> int:
+def quick_https_proxy(private_data_home):
+    """The config --from https://app.localhost builds, on free ports instead of 443 and 80."""
+    config = quick_config("https://app.localhost", ["127.0.0.1:3000"], [])
+    listeners = []
+    for listen in config.server.listen:
         sock = bind_listener("127.0.0.1", 0)
-        server = RedirectServer(sock, https_port, None)
-        server.start()
-        started.append(server)
-        return sock.getsockname()[1]
+        listeners.append((dataclasses.replace(listen, port=sock.getsockname()[1]), sock))
+    config = dataclasses.replace(config, server=dataclasses.replace(
+        config.server, listen=tuple(listen for listen, _ in listeners)))
+    process = ProxyProcess(config, listeners=listeners)
+    thread = process.start_in_thread()
+    yield (listeners[0][0].port, listeners[1][0].port)
+    process.stop(force=True)
+    thread.join(10)
 
-    yield factory
-    for server in started:
-        server.shutdown()
-        server.server_close()
 
-
-def test_plain_http_is_redirected_to_https_with_308(redirect_server):
-    port = redirect_server(443)
-    response = redirect_answer(port, "app.localhost")
+def test_plain_http_is_redirected_to_https_with_308(quick_https_proxy):
+    https_port, plain_port = quick_https_proxy
+    response = redirect_answer(plain_port, "app.localhost")
     assert response.status == 308
-    assert response.getheader("Location") == "https://app.localhost/a/b?c=d"
-    assert redirect_answer(port, "app.localhost:80").getheader("Location") == "https://app.localhost/a/b?c=d"
+    assert response.getheader("Location") == f"https://app.localhost:{https_port}/a/b?c=d"
+    assert redirect_answer(plain_port, "app.localhost:80").getheader("Location") == \
+        f"https://app.localhost:{https_port}/a/b?c=d"
 
 
-def test_redirect_keeps_a_non_default_https_port(redirect_server):
-    port = redirect_server(8443)
-    assert redirect_answer(port, "[::1]:80", "/").getheader("Location") == "https://[::1]:8443/"
-
-
-def test_redirect_refuses_a_bad_host(redirect_server):
-    port = redirect_server(443)
-    assert redirect_answer(port, "evil.test/x").status == 400
-    assert redirect_answer(port, None).status == 400
-
-
-def test_a_redirect_port_that_cannot_be_bound_suggests_a_high_port():
+def test_a_redirect_port_that_cannot_be_bound_suggests_a_high_port(private_data_home):
     taken = bind_listener("127.0.0.1", 0)
     try:
-        config = quick_config("https://127.0.0.1:8443", ["127.0.0.1:3000"], [])
+        config = quick_config("https://app.localhost", ["127.0.0.1:3000"], [])
+        https, plain = config.server.listen
+        config = dataclasses.replace(config, server=dataclasses.replace(config.server, listen=(
+            dataclasses.replace(https, port=0), dataclasses.replace(plain, port=taken.getsockname()[1]))))
         with pytest.raises(ListenError) as raised:
-            start_redirect(ListenConfig("127.0.0.1", taken.getsockname()[1]), config)
+            for _, sock in bind_listeners(config):
+                sock.close()
     finally:
         taken.close()
-    message = str(raised.value)
-    assert "(the redirect to HTTPS): address already in use" in message
+    message = listen_failure(raised.value, config, None)
+    assert "address already in use" in message
     assert "use a high port: --from https://app.localhost:8443" in message
+    assert listen_failure(raised.value, config, "proxy.toml") == str(raised.value)  # a config file: no hint
+
+
+def test_the_redirect_refuses_a_host_that_would_change_the_url(quick_https_proxy):
+    _, plain_port = quick_https_proxy
+    assert redirect_answer(plain_port, "evil.test/x").status == 400
+    assert redirect_answer(plain_port, None).status == 400  # HTTP/1.1 without Host

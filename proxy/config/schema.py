@@ -1308,11 +1308,14 @@ def quick_config(listen: str, targets: list[str], routes: list[tuple[str, str]])
     if not route_tables:
         c.add("", "nothing to proxy to: give --to ADDRESS or --route KEY=ADDRESS")
     try:
-        entry = quick_listen(listen).entry
+        quick = quick_listen(listen)
+        entry = quick.entry
         parse_address(entry["address"] if isinstance(entry, dict) else entry)
     except ValueError as problem:
         c.add(f"--from {listen}", str(problem))
     if c.problems:
         raise ConfigError(c.problems)
+    if quick.redirect is not None:  # https://NAME without a port: port 80 sends browsers to https://
+        entry = [entry, {"address": quick.redirect, "redirect_https": True}]
     data = {"server": {"listen": entry}, "routes": route_tables, "upstreams": upstreams}
     return parse_config(data, COMMAND_LINE_SOURCE)

@@ -28,12 +28,10 @@ from core.cpu_affinity import pin_worker
 from proxy import __version__
 from proxy.http import local_ca
 from proxy.config.ca_names import default_ca_dir, name_is_permitted, permitted_names
-from proxy.config.units import parse_address
 from proxy.serve import trust as trust_steps
-from proxy.serve.redirect import RedirectServer
 from proxy.config.schema import (
     ACCESS_STREAMS, DEFAULT_LISTEN, Config, ConfigError, ListenConfig, TlsSettings, load_config, parse_workers,
-    quick_config, quick_listen,
+    quick_config,
 )
 from proxy.http.basic_auth import DEFAULT_COST, hash_password
 from proxy.routing.table import routing_table_lines
@@ -195,13 +193,9 @@ def main(ctx: click.Context, config_path: str | None, workers: int | None, watch
         if watch:
             raise click.UsageError("--watch needs a config file (-c FILE) to watch")
         config = quick_config_or_exit(listen or DEFAULT_LISTEN, list(targets), routes)
-        redirect = quick_redirect(listen or DEFAULT_LISTEN)
-        if redirect and (workers or config.server.workers) > 1:
-            raise click.UsageError("--workers does not go with --from https://NAME without a port "
-                                   "(its port 80 redirect runs in one process); give a port")
         for line in routing_table_lines(config):
             click.echo(line, err=True)
-        sys.exit(run_proxy(config, None, workers=workers, watch=False, redirect=redirect))
+        sys.exit(run_proxy(config, None, workers=workers, watch=False))
     if not config_path:
         click.echo(ctx.get_help())
         ctx.exit(2)
@@ -209,16 +203,14 @@ def main(ctx: click.Context, config_path: str | None, workers: int | None, watch
     sys.exit(run_proxy(config, config_path, workers=workers, watch=watch))
 
 
-def quick_redirect(listen: str) -> ListenConfig | None:
-    """--from https://NAME without a port: the port 80 listener that redirects to HTTPS."""
-    try:
-        address = quick_listen(listen).redirect
-    except ValueError:
-        return None  # quick_config reported it already
-    return ListenConfig(*parse_address(address)) if address else None
-
-
 PRIVILEGED_PORT_HINT = " (or use a high port: --from https://app.localhost:8443)"
+
+
+def listen_failure(exc: ListenError, config: Config, config_path: str | None) -> str:
+    """What a listen address that cannot be bound says. --from https://NAME without a port asks for
+    ports 443 and 80 (the redirect to HTTPS), which need privileges: it suggests a high port."""
+    quick_https = config_path is None and any(listen.redirect_https for listen in config.server.listen)
+    return str(exc) + (PRIVILEGED_PORT_HINT if quick_https else "")
 
 
 def quick_config_or_exit(listen: str, targets: list[str], routes: list[tuple[str, str]]) -> Config:
@@ -228,10 +220,8 @@ def quick_config_or_exit(listen: str, targets: list[str], routes: list[tuple[str
         fail(str(exc))
 
 
-def run_proxy(config, config_path: str | None, workers: int | None = None, watch: bool = False,
-              redirect: ListenConfig | None = None) -> int:
-    """Serve until a signal drains the proxy. Returns the exit code (0 clean, 1 cannot listen).
-    ``redirect``: also listen there, answering plain HTTP with a 308 to HTTPS (quick mode)."""
+def run_proxy(config, config_path: str | None, workers: int | None = None, watch: bool = False) -> int:
+    """Serve until a signal drains the proxy. Returns the exit code (0 clean, 1 cannot listen)."""
     configure_logging(config.log.level)
     problems = tls_problems(config)  # load certificates once, before any socket or fork
     if problems:
@@ -247,11 +237,10 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
     try:
         listeners = bind_listeners(config)
     except ListenError as exc:
-        click.echo(str(exc) + (PRIVILEGED_PORT_HINT if redirect else ""), err=True)
+        click.echo(listen_failure(exc, config, config_path), err=True)
         return 1
     try:
         admin_socket = bind_admin(config)
-        redirect_server = start_redirect(redirect, config) if redirect else None
     except ListenError as exc:
         for _, sock in listeners:
             sock.close()
@@ -279,22 +268,8 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
     if watch and config_path:
         process.watch_config()
     click.echo(f"pyproxy {__version__} listening on {describe_listeners(process)}", err=True)
-    if redirect_server is not None:
-        click.echo(f"redirecting http://{redirect.address} to HTTPS", err=True)
     process.serve_forever()
     return 0
-
-
-def start_redirect(redirect: ListenConfig, config: Config) -> RedirectServer:
-    """Bind and start the plain-HTTP listener that redirects to the HTTPS one. Raises ListenError."""
-    try:
-        sock = bind_config_listener(redirect)
-    except OSError as exc:
-        raise ListenError(str(listen_error(redirect, exc, "the redirect to HTTPS")) + PRIVILEGED_PORT_HINT) from None
-    https_port = config.server.listen[0].port
-    server = RedirectServer(sock, https_port, None)
-    server.start()
-    return server
 
 
 def stop_signal_pending() -> bool:
