@@ -772,12 +772,21 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
 # -- many open files --------------------------------------------------------------------------------
 @pytest.fixture
 def high_fds():
-    """Hold enough descriptors that the next sockets get numbers past select()'s FD_SETSIZE (1024)."""
+    """Hold enough descriptors that the next sockets get numbers past select()'s FD_SETSIZE (1024).
+    Yields a function that fills the holes other threads left since (a backend closing a socket):
+    call it right before opening the sockets that must be numbered high."""
     held = []
+
+    def fill_holes() -> None:
+        for _ in range(2000):  # bounded: the descriptors below 1100 are at most that many
+            fd = os.open(os.devnull, os.O_RDONLY)
+            held.append(fd)
+            if fd >= 1100:
+                return
+
     try:
-        while len(held) < 1100:
-            held.append(os.open(os.devnull, os.O_RDONLY))
-        yield
+        fill_holes()
+        yield fill_holes
     finally:
         for fd in held:
             os.close(fd)
@@ -790,6 +799,7 @@ def test_expect_continue_with_descriptors_past_1024(upstreams, start, high_fds):
     upstream = upstreams([HEAD, write(b"HTTP/1.1 100 Continue\r\n\r\n"), BODY, write(b"HTTP/1.1 200 OK\r\n"
                                                                                         b"Content-Length: 2\r\n\r\nok"), LOOP])
     proxy = start(upstream.address)
+    high_fds()
     with raw_client(proxy) as raw:
         assert raw.sock.fileno() > 1024
         raw.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
