@@ -106,29 +106,33 @@ def test_a_client_leaving_while_the_backend_thinks_is_a_499(make_raw_backend, ma
     wait_for(lambda: server.active_requests == 0, what="the server slot released")
 
 
-# -- an answer already there is read without a poll ------------------------------------------------------
-# Under load the server has usually answered by the time the worker runs again (measured: 7 times in 10
-# under wrk -c50): a read that does not wait takes the answer, and the poll that watches the client for
-# a hang-up is skipped (a system call less). With nothing there yet, the poll runs as before.
-def test_an_answer_already_waiting_is_read_without_polling_the_client(monkeypatch):
-    import select
+# -- the hang-up watch: no system call for a fast answer, a shutdown for a client gone ---------------------
+def test_the_hangup_watch_shuts_the_upstream_down_only_for_a_client_gone_after_an_interval():
+    from core.hangup_watch import HangupWatch
+    from tests.support.timing import FakeClock
 
-    from proxy.http.errors import ClientGone
-    from proxy.serve import handler
-    from proxy.upstream.pool import UpstreamConnection
-
-    real_poll, polls = select.poll, []
-    monkeypatch.setattr(select, "poll", lambda: polls.append(1) or real_poll())
+    clock = FakeClock()
+    watch = HangupWatch(interval=0.5, clock=clock, run_thread=False)
     upstream, server = socket.socketpair()
     client, client_peer = socket.socketpair()
-    with upstream, server, client, client_peer:
-        link = handler.UpstreamLink(UpstreamConnection(upstream, time.monotonic(), read_timeout=5.0), ex=None)
-        server.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")  # a socketpair: in upstream's buffer on return
-        assert link.first_answer(client) == b"HTTP/1.1 204 No Content\r\n\r\n"
-        assert polls == [] and link.received_any
+    with upstream, server, client:
+        fast = watch.watch(client, upstream)
+        assert watch.unwatch(fast) is False  # answered at once: never looked at
 
-        link = handler.UpstreamLink(UpstreamConnection(upstream, time.monotonic(), read_timeout=5.0), ex=None)
-        client_peer.close()  # nothing from the server yet, and the client hangs up: the poll sees it
-        with pytest.raises(ClientGone):
-            link.first_answer(client)
-        assert polls == [1]
+        waiting = watch.watch(client, upstream)
+        client_peer.close()
+        watch.check()  # hung up, but it has not waited an interval yet
+        assert not waiting.gone
+        clock.advance(0.6)
+        watch.check()
+        assert waiting.gone and watch.unwatch(waiting) is True
+        server.settimeout(CLIENT_TIMEOUT)
+        assert server.recv(1) == b""  # the upstream side saw the shutdown
+
+    alive_client, alive_peer = socket.socketpair()
+    other, other_peer = socket.socketpair()
+    with alive_client, alive_peer, other, other_peer:
+        alive = watch.watch(alive_client, other)
+        clock.advance(5)
+        watch.check()
+        assert watch.unwatch(alive) is False  # a client still there is left alone

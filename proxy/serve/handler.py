@@ -22,6 +22,7 @@ import time
 
 from core import ConnectionState
 from core import zerocopy
+from core.hangup_watch import HangupWatch
 from core.transfer_relay import CHUNK, Copy, Readable, Send
 from core.zerocopy import PeerClosed, WriteTimedOut
 
@@ -60,7 +61,6 @@ MAX_INTERIM_RESPONSES = 16
 LINGER_SECONDS = 2.0
 LINGER_READ_TIMEOUT = 0.5
 _PEEK_NOWAIT = socket.MSG_PEEK | socket.MSG_DONTWAIT
-_NOWAIT = int(socket.MSG_DONTWAIT)  # a plain int: "&" on the IntFlag member is a Python-level call
 _LINGER_ZERO = struct.pack("ii", 1, 0)  # struct linger {l_onoff = 1, l_linger = 0}: close sends RST
 # RFC 9110 §9.2.2: methods whose repetition is harmless (a retry after a stale connection is safe).
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -68,7 +68,6 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # the older an idle connection, the likelier the server is closing it right now (gunicorn's default
 # keep-alive is 2 s), and a stale connection would cost such a request a 502.
 NON_IDEMPOTENT_MAX_IDLE = 1.0
-MAX_POLL_SECONDS = 86400.0  # poll() takes milliseconds as a C int: about 24 days at most
 S = ConnectionState
 MAX_CLIENT_REQUEST_ID = 200  # longer X-Request-Id values are replaced (Heroku's router keeps 20-200 chars)
 EXPIRED_HEAD_REPLY = plain_response(408, "408 request head not received in time", close=True)
@@ -162,6 +161,7 @@ class HttpHandler:
         # C call, atomic under the GIL. Ids are correlation tokens, never secrets.
         self._request_ids = random.Random(os.urandom(32))
         self.tunnels = TunnelRelay(app)  # upgraded connections: one relay thread for all of them
+        self.hangups = HangupWatch()  # clients that leave while their request waits for its answer
 
     def on_expired(self, conn) -> None:
         """core's callback for a connection parked past its deadline (half a head or a small body):
@@ -797,7 +797,7 @@ class HttpHandler:
         event = NEED_DATA  # a new parser holds nothing yet: read before asking it
         while True:
             if event is NEED_DATA:
-                data = link.recv() if link.received_any else link.first_answer(ex.conn.sock)
+                data = link.recv() if link.received_any else link.first_answer(ex.conn.sock, self.hangups)
                 if not data:
                     raise UpstreamFailed("upstream closed the connection without a response",
                                          stale=link.fresh_failure(), no_response=not link.received_any)
@@ -1146,50 +1146,26 @@ class UpstreamLink:
             raise UpstreamFailed(f"sending to upstream failed: {exc.strerror or exc}",
                                  stale=self.fresh_failure(), no_response=not self.received_any) from exc
 
-    def await_answer(self, client_sock) -> None:
-        """Wait for the server's first bytes, watching the client too: a client that hangs up meanwhile
-        is ClientGone (logged 499, as nginx does) and the connection to the server is not kept waiting
-        until read_timeout. Returns when the server's bytes (or its close) are there to read."""
-        sock = self.sock
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():  # TLS: already decrypted
-            return
-        fd = sock.fileno()
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        poller.register(client_sock, select.POLLRDHUP)
-        wait = self.upstream_conn.read_timeout  # conn_timeout(), without the call
-        deadline = time.monotonic() + wait
-        while True:
-            ready = poller.poll(min(wait, MAX_POLL_SECONDS) * 1000)
-            for ready_fd, _ in ready:
-                if ready_fd == fd:
-                    return
-            if ready:
-                if _client_broke(client_sock):
-                    raise ClientGone("client closed the connection before the response")
-                poller.modify(client_sock, 0)  # a half-close with bytes still unread: watch the server only
-            wait = deadline - time.monotonic()
-            if wait <= 0:
-                raise UpstreamTimeout("upstream did not answer in time")
-
-    def first_answer(self, client_sock) -> bytes:
-        """The server's first bytes (b"" if it closed). Under load they are usually here already (the
-        server answered while this thread waited for the GIL): one recv then, and no poll. Otherwise,
-        or on TLS (no recv flags there), ``await_answer`` first."""
-        if not isinstance(self.sock, ssl.SSLSocket):
-            data = self.recv(_NOWAIT)
-            if data is not None:
-                return data
-        self.await_answer(client_sock)
-        return self.recv()
-
-    def recv(self, flags: int = 0) -> bytes | None:
-        """One read; with MSG_DONTWAIT in ``flags``, None if nothing is there yet."""
+    def first_answer(self, client_sock, hangups) -> bytes:
+        """The server's first bytes (b"" if it closed), in one blocking recv. ``hangups`` (a
+        core.HangupWatch) watches the client meanwhile: one that hangs up shuts this socket down, the
+        recv returns, and the wait ends as ClientGone (logged 499, as nginx does) instead of running
+        until the server answers or read_timeout passes."""
+        watched = hangups.watch(client_sock, self.sock)
         try:
-            data = self.sock.recv(UPSTREAM_READ_SIZE, flags)
+            data = self.recv()
+        except ProxyError:
+            if hangups.unwatch(watched):
+                raise ClientGone("client closed the connection before the response") from None
+            raise
+        if hangups.unwatch(watched):
+            raise ClientGone("client closed the connection before the response")
+        return data
+
+    def recv(self) -> bytes:
+        try:
+            data = self.sock.recv(UPSTREAM_READ_SIZE)
         except (BlockingIOError, TimeoutError) as exc:  # SO_RCVTIMEO: read_timeout passed
-            if flags & _NOWAIT:
-                return None
             raise UpstreamTimeout("upstream did not answer in time") from exc
         except OSError as exc:
             raise UpstreamFailed(f"upstream connection failed: {exc.strerror or exc}",

@@ -1,0 +1,115 @@
+"""Clients that hang up while their worker waits on another socket.
+
+A worker waiting for an upstream's first answer blocks in one ``recv`` on the upstream socket: the
+cheapest wait there is. If the client hangs up meanwhile, nobody would notice until the upstream
+answers or its read timeout passes. So the worker registers the pair here first (a dict insert, no
+system call); one thread looks, every ``interval``, at the clients that have waited at least that
+long, and for one that hung up shuts the other socket down, which wakes the worker at once. A fast
+answer never meets this thread; a slow one learns of a gone client within about two intervals.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+
+_PEEK_NOWAIT = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_HUNG_UP = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+IDLE_CHECKS = 10  # intervals with nothing watched before the thread ends (a stopped proxy keeps none)
+
+
+def hung_up(sock) -> bool:
+    """The peer closed (or reset) this socket. TLS sockets are peeked raw: ciphertext waiting is not a close."""
+    try:
+        return socket.socket.recv(sock, 1, _PEEK_NOWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+class Watched:
+    """One registration: ``gone`` turns True when the client hung up and the other socket was shut down."""
+
+    __slots__ = ("client", "other", "since", "gone")
+
+    def __init__(self, client, other, since: float):
+        self.client, self.other, self.since, self.gone = client, other, since, False
+
+
+class HangupWatch:
+    def __init__(self, interval: float = 0.5, clock=time.monotonic, run_thread: bool = True):
+        self.interval = interval
+        self.clock = clock
+        self._run_thread = run_thread  # False: the owner calls check() itself (tests, with a fake clock)
+        self._watched: dict[int, Watched] = {}
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        # Orders unwatch against a shutdown: once unwatch returns, the other socket is never shut down,
+        # so a worker that got its answer in time relays it on an intact connection.
+        self._decide = threading.Lock()
+
+    def watch(self, client, other) -> Watched:
+        watched = Watched(client, other, self.clock())
+        self._watched[id(watched)] = watched
+        if self._thread is None and self._run_thread:
+            self._start()
+        return watched
+
+    def unwatch(self, watched: Watched) -> bool:
+        """Stop watching; True if the client hung up (the other socket was shut down)."""
+        with self._decide:
+            self._watched.pop(id(watched), None)
+        return watched.gone
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pyproxy-hangups", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        idle = 0
+        while True:
+            time.sleep(self.interval)
+            if self._watched:
+                idle = 0
+                self.check()
+                continue
+            idle += 1
+            if idle >= IDLE_CHECKS:  # nothing to watch for a while: end; the next watch() starts anew
+                with self._start_lock:
+                    if not self._watched:
+                        self._thread = None
+                        return
+
+    def check(self) -> None:
+        """Shut down the other socket of every client that hung up after waiting an interval or more."""
+        now = self.clock()
+        waiting = [w for w in list(self._watched.values()) if now - w.since >= self.interval and not w.gone]
+        if not waiting:
+            return
+        poller = select.poll()
+        by_fd = {}
+        for watched in waiting:
+            try:
+                fd = watched.client.fileno()
+            except (OSError, ValueError):
+                continue
+            if fd >= 0:
+                by_fd[fd] = watched
+                poller.register(fd, select.POLLRDHUP)
+        for fd, mask in poller.poll(0):
+            watched = by_fd[fd]
+            if not (mask & _HUNG_UP and hung_up(watched.client)):
+                continue
+            with self._decide:
+                if self._watched.get(id(watched)) is not watched:
+                    continue  # the answer came meanwhile
+                watched.gone = True
+                try:
+                    socket.socket.shutdown(watched.other, socket.SHUT_RDWR)  # raw: never the TLS state
+                except OSError:  # closed already
+                    pass
