@@ -406,18 +406,6 @@ def _cpu_affinity(value: Any) -> str | tuple[int, ...]:
     return tuple(value)
 
 
-def _trusted_proxy(value: Any) -> str:
-    """An IP address or a CIDR network, normalised ("10.0.0.0/8", "::1")."""
-    if not isinstance(value, str):
-        raise ValueError(f'expected an IP address or network like "10.0.0.0/8", got {describe_value(value)}')
-    try:
-        if "/" in value:
-            return str(ipaddress.ip_network(value, strict=True))
-        return str(ipaddress.ip_address(value))
-    except ValueError as reason:
-        raise ValueError(f"{describe_value(value)} is not a valid IP address or network ({reason})") from None
-
-
 def _expect_status(value: Any) -> frozenset[int]:
     """ "2xx" | 200 | [200, 204]."""
     if isinstance(value, str) and _STATUS_CLASS.fullmatch(value):
@@ -835,17 +823,7 @@ def _parse_server(c: _Checker, value: Any) -> ServerSettings:
 
 
 def _parse_trusted_proxies(c: _Checker, value: Any) -> tuple[str, ...]:
-    path = "server.trusted_proxies"
-    if not isinstance(value, list):
-        c.add(path, f'expected a list of IP addresses or networks like ["10.0.0.0/8"], got {describe_value(value)}')
-        return ()
-    proxies = []
-    for index, item in enumerate(value):
-        try:
-            proxies.append(_trusted_proxy(item))
-        except ValueError as problem:
-            c.add(f"{path}[{index}]", str(problem))
-    return tuple(proxies)
+    return _parse_network_list(c, value, "server.trusted_proxies")
 
 
 def _parse_admin(c: _Checker, value: Any, server: ServerSettings) -> AdminConfig:

@@ -189,12 +189,17 @@ def _read_head(sock, parser: ResponseParser, deadline, clock) -> ResponseHead:
                 return event  # a 101 is final: nothing HTTP follows it (and the check fails on it)
             continue  # RFC 9110 §15.2: 1xx interim responses precede the final one
         if event is NEED_DATA:
-            sock.settimeout(_remaining(deadline, clock))
-            data = sock.recv(READ_SIZE)
-            if data:
-                parser.feed(data)
-            else:
-                parser.feed_eof()
+            _feed_more(sock, parser, deadline, clock)
+
+
+def _feed_more(sock, parser: ResponseParser, deadline, clock) -> None:
+    """One read within the deadline, fed to the parser (its end of stream too)."""
+    sock.settimeout(_remaining(deadline, clock))
+    data = sock.recv(READ_SIZE)
+    if data:
+        parser.feed(data)
+    else:
+        parser.feed_eof()
 
 
 def _read_body(sock, parser: ResponseParser, deadline, clock) -> bytes:
@@ -207,12 +212,7 @@ def _read_body(sock, parser: ResponseParser, deadline, clock) -> bytes:
         if isinstance(event, Data):
             body += event.data
         elif event is NEED_DATA:
-            sock.settimeout(_remaining(deadline, clock))
-            data = sock.recv(READ_SIZE)
-            if data:
-                parser.feed(data)
-            else:
-                parser.feed_eof()
+            _feed_more(sock, parser, deadline, clock)
     return bytes(body[:MAX_BODY_MATCH_BYTES])
 
 
