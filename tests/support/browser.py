@@ -98,14 +98,30 @@ class Browser:
             raise BrowserError(f"{expression!r} threw: {result['exceptionDetails']}")
         return result["result"].get("value")
 
+    def viewport(self, width: int, height: int, scale: float, mobile: bool) -> None:
+        self.send("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                  deviceScaleFactor=scale, mobile=mobile)
+
     def navigate(self, url: str) -> None:
         """Go to url and wait until a document (the page, or Chromium's error page) has loaded."""
         self.send("Page.navigate", url=url)
         wait_for(lambda: self.evaluate("document.readyState") == "complete" and
                  self.evaluate("location.href") != "about:blank", timeout=PAGE_DEADLINE, what=f"{url} to load")
 
+    def open(self, url: str) -> None:
+        """Go to url and wait until that very page has loaded (not an error page in its place)."""
+        self.send("Page.navigate", url=url)
+        wait_for(lambda: self.evaluate("document.readyState") == "complete" and
+                 self.evaluate("location.href") == url, timeout=PAGE_DEADLINE, what=f"{url} to load")
+
+    def wait_until(self, expression: str, what: str, timeout: float = PAGE_DEADLINE):
+        return wait_for(lambda: self.evaluate(expression), timeout=timeout, interval=0.05, what=what)
+
     def screenshot(self, path: Path) -> Path:
-        data = self.send("Page.captureScreenshot", format="png")["data"]
+        """The whole page (not just the viewport), as PNG."""
+        size = self.send("Page.getLayoutMetrics")["cssContentSize"]
+        clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+        data = self.send("Page.captureScreenshot", format="png", clip=clip, captureBeyondViewport=True)["data"]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(data))
         return path
