@@ -865,10 +865,10 @@ class HttpHandler:
         elif framing == "length":
             complete = yield from self._relay_length(ex, link, head, parser, response.content_length)
         elif framing == "chunked":
-            complete = yield from self._relay_body(ex, link, head, parser, encoder, chunked=True)
+            complete = yield from self._relay_events(ex, link, head, parser, chunked=True, encoder=encoder)
         else:
             try:
-                complete = yield from self._relay_body(ex, link, head, parser, encoder, chunked=False)
+                complete = yield from self._relay_events(ex, link, head, parser, chunked=False, encoder=encoder)
             except ProxyError:
                 # A close-delimited body ends at our FIN, so after an upstream failure a FIN would
                 # tell the client it has the whole body. The abort that follows must be a reset
@@ -914,40 +914,11 @@ class HttpHandler:
                 ex.record.bytes_sent += relayed
         return not parser.has_buffered_data  # bytes after the body: never reuse that connection
 
-    def _relay_events(self, ex: Exchange, link, head: bytes, parser, chunked: bool) -> bool:
-        """Chunked or close-delimited upstream bodies: decode, then re-frame for the client."""
-        pending = head
-        while True:
-            try:
-                event = parser.next_event()
-            except ProtocolError as exc:
-                raise UpstreamFailed(f"invalid response body: {exc.reason}") from exc
-            if event is NEED_DATA:
-                if pending:
-                    yield from self._to_client(ex, pending)  # flush as bytes arrive: event streams stay live
-                    pending = b""
-                data = link.recv()
-                if data:
-                    parser.feed(data)
-                else:
-                    parser.feed_eof()
-                continue
-            if type(event) is Data:
-                pending += encode_chunk(event.data) if chunked else event.data
-            else:  # EndOfMessage
-                if chunked:
-                    pending += self._last_chunk(event.trailers)
-                yield from self._to_client(ex, pending)
-                return not parser.has_buffered_data  # bytes after the last chunk: never reuse
-
-    def _relay_body(self, ex: Exchange, link, head: bytes, parser, encoder, chunked: bool) -> bool:
-        if encoder is None:
-            return (yield from self._relay_events(ex, link, head, parser, chunked))
-        return (yield from self._relay_compressed(ex, link, head, parser, encoder, chunked))
-
-    def _relay_compressed(self, ex: Exchange, link, head: bytes, parser, encoder, chunked: bool) -> bool:
-        """Decode the upstream body, compress it, and send what each upstream read gave (flushed, so a
-        stream stays live) before reading again. Trailers are kept: they describe the whole message."""
+    def _relay_events(self, ex: Exchange, link, head: bytes, parser, chunked: bool, encoder=None) -> bool:
+        """Chunked or close-delimited upstream bodies: decode, (compress,) re-frame for the client, and
+        send what each upstream read gave before reading again, so event streams stay live. Trailers
+        are kept: they describe the whole message."""
+        encoder = encoder or _AS_IS
         frame = encode_chunk if chunked else bytes
         pending = head
         while True:
@@ -957,8 +928,9 @@ class HttpHandler:
                 raise UpstreamFailed(f"invalid response body: {exc.reason}") from exc
             if event is NEED_DATA:
                 pending += frame(encoder.flush())
-                yield from self._to_client(ex, pending)
-                pending = b""
+                if pending:
+                    yield from self._to_client(ex, pending)
+                    pending = b""
                 data = link.recv()
                 if data:
                     parser.feed(data)
@@ -972,7 +944,7 @@ class HttpHandler:
                 if chunked:
                     pending += self._last_chunk(event.trailers)
                 yield from self._to_client(ex, pending)
-                return not parser.has_buffered_data  # bytes after the body: never reuse
+                return not parser.has_buffered_data  # bytes after the last chunk: never reuse
 
     @staticmethod
     def _last_chunk(trailers) -> bytes:
@@ -1031,6 +1003,23 @@ class HttpHandler:
         self.tunnels.start_tunnel(ex.conn, link.sock, leftover, self.app.settings.tunnel_timeout,
                                   ex.record, ex.server.release)
         return False
+
+
+class _AsIs:
+    """The encoder of a body relayed as it came (the compressors' interface)."""
+
+    @staticmethod
+    def compress(data: bytes) -> bytes:
+        return data
+
+    @staticmethod
+    def flush() -> bytes:
+        return b""
+
+    finish = flush
+
+
+_AS_IS = _AsIs()
 
 
 def _client_broke(sock) -> bool:
