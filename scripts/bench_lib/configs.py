@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .certificate import CertificateFiles
+
 SMALL_BODY = "0123456789abcdef"  # the fixed 16-byte body of /small
 BIG_FILE_BYTES = 10 * 1024 * 1024  # /big, 10 MiB
 UPLOAD_LIMIT = "2m"  # room for the 1 MiB POST bodies of scenario 5
@@ -36,6 +38,8 @@ class ProxyShape:
     workers: int
     keepalive_per_server: int
     admin_port: int = 0  # pyproxy with workers: its admin /status says how requests split between them
+    tls_port: int = 0  # the TLS scenarios: a second listener, HTTPS with HTTP/2 and HTTP/1.1 over ALPN
+    certificate: CertificateFiles | None = None
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,7 @@ def nginx_proxy(layout: Layout, shape: ProxyShape) -> str:
     }}
     server {{
         listen 127.0.0.1:{shape.port} backlog={BACKLOG};
-        client_max_body_size {UPLOAD_LIMIT};
+{_nginx_tls_listen(shape)}        client_max_body_size {UPLOAD_LIMIT};
         location / {{
             proxy_pass http://backends;
             proxy_http_version 1.1;
@@ -130,6 +134,17 @@ def nginx_proxy(layout: Layout, shape: ProxyShape) -> str:
     }}
 }}
 """)
+
+
+def _nginx_tls_listen(shape: ProxyShape) -> str:
+    """`listen ... ssl http2` rather than `http2 on;`: nginx before 1.25.1 (Debian 12's) knows only
+    the former, and later ones still accept it."""
+    if not shape.tls_port or shape.certificate is None:
+        return ""
+    return (f"        listen 127.0.0.1:{shape.tls_port} ssl http2 backlog={BACKLOG};\n"
+            f"        ssl_certificate {shape.certificate.cert};\n"
+            f"        ssl_certificate_key {shape.certificate.key};\n"
+            f"        http2_max_concurrent_streams 128;\n")
 
 
 def haproxy(shape: ProxyShape) -> str:
@@ -154,11 +169,17 @@ defaults
 
 frontend bench
     bind 127.0.0.1:{shape.port}
-    default_backend backends
+{_haproxy_tls_bind(shape)}    default_backend backends
 
 backend backends
     balance roundrobin
 {servers}"""
+
+
+def _haproxy_tls_bind(shape: ProxyShape) -> str:
+    if not shape.tls_port or shape.certificate is None:
+        return ""
+    return f"    bind 127.0.0.1:{shape.tls_port} ssl crt {shape.certificate.combined} alpn h2,http/1.1\n"
 
 
 def pyproxy(shape: ProxyShape) -> str:
@@ -167,8 +188,12 @@ def pyproxy(shape: ProxyShape) -> str:
     admin port, [admin] listens there (the per-worker split comes from /status)."""
     servers = ", ".join(f'"127.0.0.1:{p}"' for p in shape.backend_ports)
     admin = f'\n[admin]\nlisten = "127.0.0.1:{shape.admin_port}"\n' if shape.admin_port else ""
+    listen = f'"127.0.0.1:{shape.port}"'
+    if shape.tls_port and shape.certificate is not None:
+        listen = (f'["127.0.0.1:{shape.port}", {{ address = "127.0.0.1:{shape.tls_port}", '
+                  f'tls_cert = "{shape.certificate.cert}", tls_key = "{shape.certificate.key}" }}]')
     return f"""[server]
-listen = "127.0.0.1:{shape.port}"
+listen = {listen}
 workers = {shape.workers}
 max_connections = {MAX_CONNECTIONS}
 idle_timeout = "{IDLE_TIMEOUT_S}s"

@@ -23,7 +23,10 @@ GOALS = {
     "close": ("nginx", 0.5, False),
     "download": ("nginx", 1.0, False),
     "upload": ("nginx", 0.8, False),
+    "h2": ("nginx", 0.25, False),
 }
+# HTTP/2 multiplexing against pyproxy's own HTTP/1.1 over TLS at the same total concurrency.
+H2_ONE_VERSUS_OWN_H1 = 0.9
 P99_LIMIT_VS_NGINX = 3.0  # "p99 at c=50 ≤ 3× nginx's"
 PYTHON_PEER_MINIMUM = 3.0  # pyproxy ÷ python-pyproxy at c=50 and c=1000
 COLUMNS = ("scenario", "target", "result", "p50", "p99", "errors", "÷nginx", "÷haproxy", "goal")
@@ -54,6 +57,10 @@ def goal_verdict(measurements: list[Measurement], scenario: str) -> str:
         met = (ours.details["rss_mib"] < IDLE_RSS_LIMIT_MIB and ours.details["threads"] < IDLE_THREAD_LIMIT
                and ours.errors == 0)
         return "met" if met else f"missed (<{IDLE_RSS_LIMIT_MIB} MiB, <{IDLE_THREAD_LIMIT} thr)"
+    if scenario == "h2-one":
+        return _h2_one_verdict(measurements, ours)
+    if scenario not in GOALS:
+        return ""
     versus, minimum, zero_errors = GOALS[scenario]
     versus_ratio = ratio(measurements, scenario, versus)
     if versus_ratio is None:
@@ -71,6 +78,15 @@ def goal_verdict(measurements: list[Measurement], scenario: str) -> str:
             problems.append(f"<{PYTHON_PEER_MINIMUM:g}x {PYTHON_PYPROXY}")
     verdict = f"{versus_ratio:.2f}x {versus}: " if versus != "nginx" else ""
     return verdict + ("met" if not problems else "missed: " + ", ".join(problems))
+
+
+def _h2_one_verdict(measurements: list[Measurement], ours: Measurement) -> str:
+    own_h1 = _find(measurements, "h1-tls", "pyproxy")
+    if own_h1 is None or not own_h1.value:
+        return "no h1-tls"
+    share = ours.value / own_h1.value
+    verdict = "met" if share >= H2_ONE_VERSUS_OWN_H1 else f"missed: <{H2_ONE_VERSUS_OWN_H1:g}x"
+    return f"{share:.2f}x own h1-tls: {verdict}"
 
 
 def _p99_too_high(measurements: list[Measurement]) -> bool:

@@ -1,13 +1,14 @@
-"""The six benchmark scenarios (docs/performance.md) and how one of them is measured against one target."""
+"""The benchmark scenarios (docs/performance.md) and how one of them is measured against one target."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .h2load import H2loadError, run_h2load
 from .idle import hold_idle_connections
 from .procs import TreeUsage, tree_usage
-from .targets import Target, is_relay, worker_counts
+from .targets import TLS_TARGETS, Target, is_relay, worker_counts
 from .wrk import WrkError, WrkResult, run_wrk
 
 MIB = 1024 * 1024
@@ -29,6 +30,11 @@ class Scenario:
     fresh_start: bool = False
     # The calibration relays take part: they are built for small requests only.
     for_relays: bool = False
+    # The TLS scenarios: h2load against the target's HTTPS listener (HTTP/2 unless http1), with
+    # `streams` requests in flight per connection; only targets that speak TLS take part.
+    tls: bool = False
+    streams: int = 1
+    http1: bool = False
 
 
 SCENARIOS = (
@@ -40,6 +46,10 @@ SCENARIOS = (
     Scenario("upload", 5, "1 MiB POST c=4", "MiB/s", path="/upload", connections=4,
              script="bench_upload.lua", wrk_timeout="30s"),
     Scenario("idle", 6, "idle keep-alive clients", "MiB RSS", fresh_start=True),
+    Scenario("h2", 7, "HTTP/2 small GET, 10 conns x 10 streams", "req/s", connections=10, streams=10, tls=True),
+    Scenario("h2-one", 8, "HTTP/2 small GET, 1 conn x 100 streams", "req/s", connections=1, streams=100,
+             tls=True),
+    Scenario("h1-tls", 9, "HTTP/1.1 over TLS small GET c=100", "req/s", connections=100, tls=True, http1=True),
 )
 
 
@@ -52,18 +62,22 @@ def select_scenarios(only: str | None) -> list[Scenario]:
     unknown = wanted - known
     if unknown:
         raise ValueError(f"unknown scenario(s): {', '.join(sorted(unknown))}; "
-                         f"choose from {', '.join(s.key for s in SCENARIOS)} or 1-6")
+                         f"choose from {', '.join(s.key for s in SCENARIOS)} or 1-{len(SCENARIOS)}")
     return [s for s in SCENARIOS if s.key in wanted or str(s.number) in wanted]
 
 
 def takes_part(scenario: Scenario, target_name: str) -> bool:
-    """Calibration relays are measured in the small-request scenarios only, and skipped elsewhere."""
+    """Calibration relays are measured in the small-request scenarios only, and skipped elsewhere;
+    the TLS scenarios take the proxies that have an HTTPS listener in this harness."""
+    if scenario.tls:
+        return target_name in TLS_TARGETS
     return scenario.for_relays or not is_relay(target_name)
 
 
 @dataclass(frozen=True)
 class RunSettings:
     wrk: str
+    h2load: str | None
     scripts_dir: Path
     duration_s: float
     warmup_s: float
@@ -94,6 +108,8 @@ def measure(scenario: Scenario, target: Target, settings: RunSettings) -> Measur
         return result
     if scenario.key == "idle":
         _measure_idle(target, settings, result)
+    elif scenario.tls:
+        _measure_h2load(scenario, target, settings, result)
     else:
         _measure_wrk(scenario, target, settings, result)
     return result
@@ -120,6 +136,27 @@ def _measure_wrk(scenario: Scenario, target: Target, settings: RunSettings, resu
     result.details = {**result.details, "requests": run.requests, "requests_per_sec": run.requests_per_sec,
                       "read_bytes_per_sec": run.transfer_per_sec,
                       "socket_errors": run.socket_errors, "non_2xx": run.non_2xx}
+
+
+def _measure_h2load(scenario: Scenario, target: Target, settings: RunSettings, result: Measurement) -> None:
+    if not settings.h2load or not target.tls_port:
+        result.failure = "no h2load" if not settings.h2load else "no TLS listener"
+        return
+    try:
+        run = run_h2load(settings.h2load, f"https://127.0.0.1:{target.tls_port}{scenario.path}",
+                         scenario.connections, scenario.streams, settings.duration_s,
+                         http1=scenario.http1, warmup_s=settings.warmup_s)
+    except H2loadError as error:
+        result.failure = str(error)
+        return
+    wanted = "http/1.1" if scenario.http1 else "h2"
+    if run.protocol != wanted:
+        result.failure = f"ALPN chose {run.protocol}, not {wanted}"
+        return
+    result.value, result.p50_ms, result.p99_ms, result.errors = (run.requests_per_sec, run.p50_ms,
+                                                                 run.p99_ms, run.errors)
+    result.details = {"requests": run.requests, "failed": run.failed, "errored": run.errored,
+                      "non_2xx": run.non_2xx, "protocol": run.protocol}
 
 
 def worker_split(before: dict[int, int], after: dict[int, int] | None) -> list[int]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import configs
+from .certificate import CertificateFiles
 from .procs import ManagedProcess, StartError, start_process, stop_process, wait_until
 from .system import free_port, say
 
@@ -41,6 +42,8 @@ STATUS_TIMEOUT_S = 5.0
 ALL_TARGET_NAMES = TARGET_NAMES + tuple(RELAY_MODES) + (SINGLE_WORKER, PYTHON_PYPROXY)
 # Targets that are one process whatever --workers says (the table notes it).
 SINGLE_PROCESS = tuple(RELAY_MODES) + (SINGLE_WORKER, PYTHON_PYPROXY)
+# Targets given an HTTPS listener (HTTP/2 and HTTP/1.1 over ALPN) when a TLS scenario runs.
+TLS_TARGETS = ("nginx", "haproxy", "pyproxy", SINGLE_WORKER)
 RELAYS_SCRIPT = Path(__file__).resolve().parent / "relays.py"
 CLEANUP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
@@ -92,6 +95,7 @@ class Target:
     process: ManagedProcess | None = None
     failure: str | None = None
     admin_port: int = 0  # pyproxy with workers: where /status tells each worker's request count
+    tls_port: int = 0  # its HTTPS listener, when a TLS scenario runs
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,7 @@ class TargetFactory:
     keepalive_per_server: int
     repo: Path
     python_pyproxy_venv: Path | None = None  # installed once per run, on first use
+    certificate: CertificateFiles | None = None  # set when a TLS scenario runs
 
     def start(self, name: str) -> Target:
         """Start one target; a target that fails to come up is returned with `failure` set."""
@@ -137,7 +142,9 @@ class TargetFactory:
             return Target("direct", self.backends.ports[0], self.backends.process)
         workers = 1 if name in SINGLE_PROCESS else self.workers
         admin_port = free_port() if name == "pyproxy" and workers > 1 else 0
-        shape = configs.ProxyShape(free_port(), self.backends.ports, workers, self.keepalive_per_server, admin_port)
+        tls_port = free_port() if self.certificate and name in TLS_TARGETS else 0
+        shape = configs.ProxyShape(free_port(), self.backends.ports, workers, self.keepalive_per_server, admin_port,
+                                   tls_port, self.certificate if tls_port else None)
         starters = {"nginx": self._nginx, "haproxy": self._haproxy, "pyproxy": self._pyproxy,
                     SINGLE_WORKER: self._pyproxy, PYTHON_PYPROXY: self._python_pyproxy}
         try:
@@ -145,7 +152,7 @@ class TargetFactory:
         except (StartError, OSError) as error:
             say(f"{name}: failed to start: {error}")
             return Target(name, shape.port, failure=f"failed to start: {error}")
-        return Target(name, shape.port, process, admin_port=admin_port)
+        return Target(name, shape.port, process, admin_port=admin_port, tls_port=tls_port)
 
     def restart(self, target: Target) -> Target:
         """A fresh process for a proxy target (direct is returned as it is)."""
