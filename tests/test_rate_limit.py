@@ -11,9 +11,12 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import signal
+
 import bcrypt
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config.edge import RateLimitPolicy
 from proxy.config.schema import ConfigError, parse_config
@@ -23,10 +26,11 @@ from proxy.http.rate_limit import RateLimiter
 from proxy.routing.table import routing_table_lines
 from tests.support.backends import named_backends
 from tests.support.client import raw_client
+from tests.support.command import assert_one_line_problem, run_cli, write_config
 from tests.support.ports import free_port
 from tests.support.processes import admin_status, proxy_config, running_proxy, spread_requests
 from tests.support.proxy import config_document, proxy_config_dict, scrape
-from tests.support.timing import FakeClock
+from tests.support.timing import FakeClock, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -179,6 +183,15 @@ def test_check_shows_the_limit_of_a_route():
     assert "       rate limit: 100 per 1m, burst 20, key client_ip" in routing_table_lines(config)
 
 
+def test_pyproxy_check_names_the_file_and_the_key(tmp_path):
+    text = proxy_config(8080, "127.0.0.1:3000", extra_routes=LIMITED_ROUTE.replace("burst = 10", "burst = -1"))
+    result = run_cli("check", "-c", str(write_config(tmp_path, text)))
+    assert_one_line_problem(result, "proxy.toml: routes[1].rate_limit.burst: expected a whole number of requests, "
+                                    "at least 1, got -1")
+    result = run_cli("check", "-c", str(write_config(tmp_path, text.replace("burst = -1", "burst = 10"))))
+    assert result.returncode == 0 and "       rate limit: 1 per 1h, burst 10, key client_ip" in result.stdout
+
+
 # -- through the proxy ----------------------------------------------------------------------------------
 
 def get(proxy, target: str = "/", headers: str = "") -> object:
@@ -320,3 +333,18 @@ def test_two_workers_enforce_one_limit_between_them(tmp_path):
         after = {w["pid"]: w["requests_total"] for w in admin_status(admin_port)["workers"]}
         assert all(after[pid] > before[pid] for pid in before), (before, after)  # both took a share
         assert statuses.count(200) == 10 and statuses.count(429) == 50
+        assert metric(admin_port, "pyproxy_rate_limited") == 50  # summed over the workers
+
+        # A reload that changes the limit reaches every worker; the new buckets are shared too.
+        run.rewrite(config.replace("{backend}", backend.address).replace("burst = 10", "burst = 4"))
+        run.signal(signal.SIGHUP)
+        wait_for(lambda: run.log().count(") reloaded") == 2, 20, what="both workers reloaded", on_timeout=run.log)
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(one, range(20)))
+        assert statuses.count(200) == 4 and statuses.count(429) == 16
+
+
+def metric(admin_port: int, name: str) -> float:
+    text = requests.get(f"http://127.0.0.1:{admin_port}/metrics", timeout=10).text
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    return families[name].samples[0].value

@@ -73,12 +73,14 @@ class BucketTable:
 
     def _slot_for(self, fields: tuple, key: int, now: float) -> tuple[int, float | None, float]:
         """Where ``key`` lives in its group: (slot index, its tokens or None for a fresh bucket, last update)."""
+        keys = fields[0::4]
+        if key in keys:  # the usual case, searched in C
+            index = keys.index(key)
+            return index, fields[4 * index + 1], fields[4 * index + 2]
         free = None
         oldest, oldest_time = 0, float("inf")
         for index in range(GROUP):
-            slot_key, tokens, updated, full_at = fields[4 * index: 4 * index + 4]
-            if slot_key == key:
-                return index, tokens, updated
+            slot_key, _, updated, full_at = fields[4 * index: 4 * index + 4]
             if free is None and (slot_key == 0 or full_at <= now):
                 free = index  # unused, or its bucket has refilled: that key has expired
             if updated < oldest_time:

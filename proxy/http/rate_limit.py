@@ -43,12 +43,12 @@ class RateLimiter:
         TooManyRequests (429) carrying them and Retry-After."""
         allowed, tokens = self.table.take(self.bucket_key(client, headers), self._capacity, self._rate, self.clock())
         reset = math.ceil((self._capacity - tokens) / self._rate)
-        fields = (("RateLimit-Limit", str(self._capacity)), ("RateLimit-Remaining", str(int(tokens))),
-                  ("RateLimit-Reset", str(reset)))
-        if not allowed:
-            retry_after = max(1, math.ceil((1.0 - tokens) / self._rate))
-            raise TooManyRequests(headers=(("Retry-After", str(retry_after)),) + fields)
-        return "".join(f"{name}: {value}\r\n" for name, value in fields)
+        if allowed:
+            return (f"RateLimit-Limit: {self._capacity}\r\nRateLimit-Remaining: {int(tokens)}\r\n"
+                    f"RateLimit-Reset: {reset}\r\n")
+        retry_after = max(1, math.ceil((1.0 - tokens) / self._rate))
+        raise TooManyRequests(headers=(("Retry-After", str(retry_after)), ("RateLimit-Limit", str(self._capacity)),
+                                       ("RateLimit-Remaining", str(int(tokens))), ("RateLimit-Reset", str(reset))))
 
     def bucket_key(self, client: str, headers) -> int:
         """The 64-bit bucket id of this request on this route (never 0: that marks an unused slot)."""
