@@ -202,8 +202,8 @@ class Metrics:
         }
 
     def _rate_limit_counts(self) -> dict:
-        """This process's 429s and evicted buckets (zero while no route has a limit: no table yet)."""
-        table = self.app.rate_table() if self.app.has_rate_table else None
+        """This process's 429s and evicted buckets (none while no route ever had a limit: no table yet)."""
+        table = self.app.rate_table_made
         return {"rejected": table.rejected, "evicted": table.evictions} if table is not None else {}
 
     def _server_gauges(self) -> list[dict]:

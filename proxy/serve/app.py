@@ -241,8 +241,9 @@ class Application:
         self.reload_listeners: list = []  # callables(old_config, new_config) after a successful reload
 
     @property
-    def has_rate_table(self) -> bool:
-        return self._rate_table is not None
+    def rate_table_made(self) -> BucketTable | None:
+        """The rate limit table if there is one already (the metrics ask without making one)."""
+        return self._rate_table
 
     def rate_table(self) -> BucketTable:
         """The table every rate-limited route takes tokens from (kept across reloads: its size needs a restart)."""
