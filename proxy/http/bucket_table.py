@@ -95,7 +95,7 @@ class BucketTable:
             setattr(self, name, getattr(self, name) + 1)
 
     def used(self, now: float) -> int:
-        """Slots holding a bucket that has not refilled yet (for tests and the admin view)."""
+        """Slots holding a bucket that has not refilled yet (what the tests look at)."""
         count = 0
         for group in range(self.groups):
             fields = GROUP_LAYOUT.unpack_from(self._memory, group * GROUP_LAYOUT.size)
