@@ -28,7 +28,8 @@ from tests.support.backends import named_backends
 from tests.support.client import raw_client
 from tests.support.command import assert_one_line_problem, run_cli, write_config
 from tests.support.ports import free_port
-from tests.support.processes import admin_status, proxy_config, running_proxy, spread_requests
+from tests.support.processes import (admin_status, children, proxy_config, ready_workers, running_proxy,
+                                     spread_requests)
 from tests.support.proxy import config_document, proxy_config_dict, scrape
 from tests.support.timing import FakeClock, wait_for
 
@@ -343,6 +344,29 @@ def test_two_workers_enforce_one_limit_between_them(tmp_path):
             statuses = list(pool.map(one, range(20)))
         assert statuses.count(200) == 4 and statuses.count(429) == 16
 
+
+
+def test_a_restarted_worker_takes_tokens_from_the_same_buckets(tmp_path):
+    port, admin_port = free_port(), free_port()
+    config = proxy_config(port, "{backend}", workers=2, admin_port=admin_port,
+                          extra_routes=LIMITED_ROUTE.replace("burst = 10", "burst = 3"))
+    with named_backends("a") as (backend,), \
+            running_proxy(tmp_path, config.replace("{backend}", backend.address)) as run:
+        wait_for(lambda: ready_workers(run) == 2, 20, what="both workers ready", on_timeout=run.log)
+
+        def one(_):
+            with requests.Session() as session:
+                return session.get(run.url + "/limited", timeout=10).status_code
+
+        with ThreadPoolExecutor(4) as pool:
+            assert sorted(pool.map(one, range(6))) == [200, 200, 200, 429, 429, 429]
+        victim = min(children(run.proc.pid))
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: ready_workers(run) == 3 and victim not in children(run.proc.pid), 20,
+                 what="a replacement worker ready", on_timeout=run.log)
+        with ThreadPoolExecutor(4) as pool:  # fresh connections reach the replacement too
+            assert list(pool.map(one, range(20))) == [429] * 20
+        assert len(admin_status(admin_port)["workers"]) == 2
 
 def metric(admin_port: int, name: str) -> float:
     text = requests.get(f"http://127.0.0.1:{admin_port}/metrics", timeout=10).text
