@@ -380,7 +380,7 @@ def test_unknown_keys_suggest_the_closest_name():
         "proxy.toml: server.listn: unknown key (did you mean 'listen'?)",
         "proxy.toml: server.zzz: unknown key (expected one of: listen, workers, min_threads, max_threads, "
         "thread_idle_timeout, max_connections, graceful_timeout, header_timeout, idle_timeout, max_header_bytes, max_body_bytes, "
-        "tunnel_timeout, trusted_proxies, body_timeout, send_timeout, cpu_affinity)",
+        "tunnel_timeout, trusted_proxies, body_timeout, send_timeout, cpu_affinity, rate_limit_keys)",
         "proxy.toml: upstreams.web.helth: unknown key (did you mean 'health'?)",
     ]
 

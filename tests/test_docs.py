@@ -40,6 +40,7 @@ KEY_PREFIXES = {
     "BASIC_AUTH_KEYS": "routes[].basic_auth.",
     "COMPRESS_KEYS": "routes[].compress.",
     "REDIRECT_KEYS": "routes[].redirect.",
+    "RATE_LIMIT_KEYS": "routes[].rate_limit.",
     "UPSTREAM_KEYS": "upstreams.NAME.",
     "SERVER_ENTRY_KEYS": "upstreams.NAME.servers[].",
     "HEALTH_KEYS": "upstreams.NAME.health.",

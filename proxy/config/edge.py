@@ -1,11 +1,11 @@
 """Config-time checks for a route's edge policies: ``allow`` / ``deny`` (client address rules),
-``basic_auth`` (user names with bcrypt hashes, inline or from an htpasswd file), ``compress`` and
-``redirect``.
+``basic_auth`` (user names with bcrypt hashes, inline or from an htpasswd file), ``compress``,
+``redirect`` and ``rate_limit``.
 
 The schema reads the keys; what each value may be, how one rule can shadow another and how an htpasswd
 file is read live here, so ``proxy.config.schema`` stays a list of sections. The request-time sides are
 ``proxy.http.access``, ``proxy.http.basic_auth``, ``proxy.http.compression`` and
-``proxy.http.redirects``. compress and redirect problems go to ``add(key path, message)``, the
+``proxy.http.redirects``, ``proxy.http.rate_limit``. compress, redirect and rate_limit problems go to ``add(key path, message)``, the
 checker's own reporting, so they read like every other config problem.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.config.units import describe_value, parse_size
+from proxy.config.units import describe_value, parse_duration, parse_size
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -301,3 +301,89 @@ def _template_problem(to) -> str | None:
     if "{" in PLACEHOLDER.sub("", to) or "}" in PLACEHOLDER.sub("", to):
         return f"{describe_value(to)} has an unmatched brace"
     return None
+
+
+# -- rate_limit -----------------------------------------------------------------------------------
+
+RATE_LIMIT_KEYS = ("requests", "per", "burst", "key")  # the table form of a route's ``rate_limit``
+KEY_KINDS = ("client_ip", "header:<name>")
+_HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a field name, RFC 9110 §5.6.2
+MAX_RATE_REQUESTS = 10 ** 9  # far beyond any real limit; keeps the bucket arithmetic in float's exact range
+
+
+@dataclass(frozen=True)
+class RateLimitPolicy:
+    """A route's ``rate_limit``, validated: a token bucket holding ``burst`` tokens, refilled with
+    ``requests`` tokens every ``per`` seconds. ``header`` is the lowercase field name a
+    ``key = "header:Name"`` limit keys on, or None for ``key = "client_ip"``."""
+
+    requests: int
+    per: float
+    burst: int
+    header: str | None = None
+
+    @property
+    def rate(self) -> float:
+        """Tokens added per second."""
+        return self.requests / self.per
+
+    @property
+    def key(self) -> str:
+        return "client_ip" if self.header is None else f"header:{self.header}"
+
+
+def parse_rate_limit(value, path: str, add) -> RateLimitPolicy | None:
+    """A route's ``rate_limit`` table {requests, per, burst, key}. Problems go to ``add(key path,
+    message)``; the answer is None when the value is invalid."""
+    if not isinstance(value, dict):
+        add(path, f'expected a table like {{ requests = 100, per = "1m", burst = 20 }}, got {describe_value(value)}')
+        return None
+    ok = True
+    for key in value:
+        if key not in RATE_LIMIT_KEYS:
+            add(f"{path}.{key}", f"unknown key (expected one of: {', '.join(RATE_LIMIT_KEYS)})")
+            ok = False
+    if "requests" not in value:
+        add(path, 'missing required key "requests" (how many requests per "per")')
+        return None
+    requests = _count(value["requests"], f"{path}.requests", add)
+    burst = _count(value["burst"], f"{path}.burst", add) if "burst" in value else requests  # a default never fails
+    per = _period(value.get("per", "1s"), f"{path}.per", add)
+    header = _rate_key(value.get("key", "client_ip"), f"{path}.key", add)
+    if not ok or requests is None or burst is None or per is None or header is False:
+        return None
+    return RateLimitPolicy(requests, per, burst, header)
+
+
+def _count(value, path: str, add) -> int | None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_RATE_REQUESTS:
+        add(path, f"expected a whole number of requests, at least 1, got {describe_value(value)}")
+        return None
+    return value
+
+
+def _period(value, path: str, add) -> float | None:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as problem:
+        add(path, str(problem))
+        return None
+    if seconds <= 0:
+        add(path, f'{describe_value(value)} is too short (a period like "1s", "1m" or "1h")')
+        return None
+    return seconds
+
+
+def _rate_key(value, path: str, add) -> str | None | bool:
+    """None for "client_ip", the lowercase header name for "header:Name", False (and a problem) otherwise."""
+    if value == "client_ip":
+        return None
+    if isinstance(value, str) and value[:7].lower() == "header:":
+        name = value[7:].strip()
+        if _HEADER_TOKEN.fullmatch(name):
+            return name.lower()
+        add(path, f"{describe_value(value)} does not name a header (like \"header:X-Api-Key\")")
+        return False
+    add(path, f'{describe_value(value)} is not a key kind (expected "client_ip" or "header:<name>", '
+              f'like "header:X-Api-Key")')
+    return False

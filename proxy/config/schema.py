@@ -28,8 +28,8 @@ from proxy.config.edge import (
     BasicAuthConfig, check_bcrypt_hash, check_realm, check_user_name, parse_network, read_htpasswd, shadowed_allow,
 )
 # COMPRESS_KEYS and REDIRECT_KEYS are imported for the reference test, which reads every *_KEYS here.
-from proxy.config.edge import (COMPRESS_KEYS, REDIRECT_KEYS, CompressPolicy, RedirectPolicy,  # noqa: F401
-                               parse_compress, parse_redirect)
+from proxy.config.edge import (COMPRESS_KEYS, RATE_LIMIT_KEYS, REDIRECT_KEYS, CompressPolicy,  # noqa: F401
+                               RateLimitPolicy, RedirectPolicy, parse_compress, parse_rate_limit, parse_redirect)
 from proxy.config.units import (
     describe_value, format_address, format_duration, parse_address, parse_duration, parse_host,
     parse_port, parse_size, split_host_port,
@@ -111,6 +111,7 @@ class ServerSettings:
     send_timeout: float = 60.0            # a client that takes nothing for this long is dropped (nginx send_timeout)
     trusted_proxies: tuple[str, ...] = ()  # normalised IPs/CIDRs whose X-Forwarded-For is believed
     cpu_affinity: str | tuple[int, ...] = "auto"  # "auto" | "off" | CPU numbers (core.cpu_affinity)
+    rate_limit_keys: int = 65536          # rate limit buckets kept (32 bytes each: 2 MiB), shared by every worker
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ class RouteConfig:
     basic_auth: BasicAuthConfig | None = None  # users who may use the route (401 for anyone else)
     compress: CompressPolicy | None = None  # None: responses relayed as the upstream sent them
     redirect: RedirectPolicy | None = None  # set: answered by the proxy, upstream is ""
+    rate_limit: RateLimitPolicy | None = None  # a token bucket per client (or header value): 429 past it
 
 
 @dataclass(frozen=True)
@@ -569,10 +571,11 @@ def _split_server_url(scheme: str, rest: str) -> tuple[str, int, bool]:
 SERVER_KEYS = (
     "listen", "workers", "min_threads", "max_threads", "thread_idle_timeout", "max_connections",
     "graceful_timeout", "header_timeout", "idle_timeout", "max_header_bytes", "max_body_bytes",
-    "tunnel_timeout", "trusted_proxies", "body_timeout", "send_timeout", "cpu_affinity",
+    "tunnel_timeout", "trusted_proxies", "body_timeout", "send_timeout", "cpu_affinity", "rate_limit_keys",
 )
 _SERVER_CONVERTERS = {
     "workers": parse_workers,
+    "rate_limit_keys": _integer(64, 16 * 1024 ** 2),  # at most 512 MiB of buckets
     "min_threads": _integer(1),
     "max_threads": _integer(1),
     "thread_idle_timeout": _duration(),
@@ -594,7 +597,7 @@ SNI_KEYS = ("host", "tls_cert", "tls_key")
 ADMIN_KEYS = ("listen",)
 LOG_KEYS = ("level", "access", "format")
 ROUTE_KEYS = ("host", "path", "strip_prefix", "upstream", "set_headers", "allow", "deny", "basic_auth",
-              "compress", "redirect")
+              "compress", "redirect", "rate_limit")
 BASIC_AUTH_KEYS = ("realm", "users", "users_file", "forward_auth_header")
 # Keys that only make sense with an upstream: on a redirect route they would silently do nothing.
 UPSTREAM_ONLY_ROUTE_OPTIONS = ("strip_prefix", "set_headers", "compress")
@@ -899,6 +902,8 @@ def _parse_route(c: _Checker, value: Any, path: str, upstream_names: list[str]) 
         values["basic_auth"] = _parse_basic_auth(c, table["basic_auth"], key_path(path, "basic_auth"))
     if "compress" in table:
         values["compress"] = parse_compress(table["compress"], key_path(path, "compress"), c.add)
+    if "rate_limit" in table:
+        values["rate_limit"] = parse_rate_limit(table["rate_limit"], key_path(path, "rate_limit"), c.add)
     upstream = table.get("upstream")
     if "redirect" in table:
         return _redirect_route(c, table, path, values)
@@ -991,7 +996,8 @@ def _redirect_route(c: _Checker, table: dict, path: str, values: dict) -> RouteC
         if key in table:
             c.add(key_path(path, key), "does not apply to a redirect route (nothing is forwarded)")
     redirect = parse_redirect(table["redirect"], key_path(path, "redirect"), c.add)
-    kept = {key: value for key, value in values.items() if key in ("host", "path", "allow", "deny", "basic_auth")}
+    kept = {key: value for key, value in values.items() if key in ("host", "path", "allow", "deny", "basic_auth",
+                                                                  "rate_limit")}
     return RouteConfig(upstream="", redirect=redirect, **kept)
 
 

@@ -63,6 +63,8 @@ format = "combined"            # combined (Apache/nginx style) | json
 #                              # (htpasswd -B); forward_auth_header = true passes Authorization on
 # compress = true             # gzip/br/zstd for clients that accept it (text, JSON, JS, XML, SVG)
 # or: compress = { encodings = ["zstd", "br", "gzip"], min_length = 1024, types = ["text/*", "application/json"] }
+# rate_limit = { requests = 100, per = "1m", burst = 20 }  # per client address; past it 429
+#                              # (or key = "header:X-Api-Key"); one limit for all workers, per proxy instance
 
 # [[routes]]
 # host = "old.localhost"

@@ -51,6 +51,13 @@ class Unauthorized(Refused):
     status, reason = 401, "authentication required"
 
 
+class TooManyRequests(Refused):
+    """A route's rate_limit has no token left for this client: ``headers`` carry Retry-After and the
+    RateLimit-* fields."""
+
+    status, reason = 429, "too many requests"
+
+
 class NoServerAvailable(ProxyError):
     status, reason = 503, "no server available"
 

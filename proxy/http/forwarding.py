@@ -150,19 +150,28 @@ _RESPONSE_DROP = {
 _RESPONSE_DROP_WITH_ID = {framing: drop | {"x-request-id"} for framing, drop in _RESPONSE_DROP.items()}
 
 
+# A rate-limited route's answer carries the proxy's RateLimit-* fields; the upstream's own are dropped
+# there, so each field has one value.
+RATE_LIMIT_FIELDS = frozenset({"ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"})
+
+
 def build_response_head(response, *, framing: str, keep_alive: bool, client_version: str,
-                        request_id: str | None = None) -> bytes:
+                        request_id: str | None = None, extra_fields: str = "") -> bytes:
     """The response head relayed to the client, in one pass over the fields.
 
     framing: "length" (keep Content-Length), "chunked" (we re-chunk), "close" (close-delimited),
     "none" (no body: HEAD, 204, 304), "upgrade" (101: keep Connection/Upgrade as sent).
     request_id: an X-Request-Id to return to the client.
+    extra_fields: header lines the proxy adds ("Name: value\r\n" each: a rate limit's RateLimit-*
+    fields, which replace the upstream's own).
     """
     drop = (_RESPONSE_DROP if request_id is None else _RESPONSE_DROP_WITH_ID)[framing]
     if response.connection_tokens and framing != "upgrade":
         drop = drop | response.connection_tokens
     if response.status == 204:
         drop = drop | {"content-length"}  # RFC 9110 §8.6: never in a 204
+    if extra_fields:
+        drop = drop | RATE_LIMIT_FIELDS
     head = f"HTTP/1.1 {response.status} {response.reason}\r\n"
     for lname, (name, value) in zip(response.headers.names, response.headers.raw):
         if lname not in drop:
@@ -171,6 +180,7 @@ def build_response_head(response, *, framing: str, keep_alive: bool, client_vers
         head += f"Content-Length: {response.content_length}\r\n"
     if request_id is not None:
         head += f"X-Request-Id: {request_id}\r\n"
+    head += extra_fields
     if framing == "chunked":
         head += "Transfer-Encoding: chunked\r\n"
     if framing != "upgrade":

@@ -198,7 +198,13 @@ class Metrics:
             "threads": dict(self.pool.counts()) if self.pool is not None else {},
             "open_tunnels": self.app.open_tunnels,
             "access_log": self._access_log_counts(),
+            "rate_limit": self._rate_limit_counts(),
         }
+
+    def _rate_limit_counts(self) -> dict:
+        """This process's 429s and evicted buckets (none while no route ever had a limit: no table yet)."""
+        table = self.app.rate_table_made
+        return {"rejected": table.rejected, "evicted": table.evictions} if table is not None else {}
 
     def _server_gauges(self) -> list[dict]:
         gauges = []
@@ -381,7 +387,7 @@ def merge(snapshots: list[dict]) -> dict:
             counts = retries.setdefault(item["upstream"], {"upstream": item["upstream"], "retries": 0, "exhausted": 0})
             counts["retries"] += item["retries"]
             counts["exhausted"] += item["exhausted"]
-        for field in ("client_connections", "threads", "access_log"):
+        for field in ("client_connections", "threads", "access_log", "rate_limit"):
             _add_into(merged[field], snap.get(field, {}))
         merged["open_tunnels"] += snap.get("open_tunnels", 0)
     merged["requests"] = [{"upstream": u, "code": c, "value": n} for (u, c), n in requests.items()]
@@ -433,12 +439,12 @@ def _counters_only(snapshot: dict) -> dict:
     return {**_empty(snapshot["buckets"]), "requests": snapshot["requests"], "durations": snapshot["durations"],
             "servers": [{**gauge, "up": 1, "active": 0} for gauge in snapshot["servers"]],
             "retries": list(snapshot.get("retries", [])),
-            "access_log": dict(snapshot.get("access_log", {}))}
+            "access_log": dict(snapshot.get("access_log", {})), "rate_limit": dict(snapshot.get("rate_limit", {}))}
 
 
 def _empty(buckets=DEFAULT_BUCKETS) -> dict:
     return {"processes": 0, "buckets": list(buckets), "requests": [], "durations": {}, "servers": [], "retries": [],
-            "client_connections": {}, "threads": {}, "open_tunnels": 0, "access_log": {}}
+            "client_connections": {}, "threads": {}, "open_tunnels": 0, "access_log": {}, "rate_limit": {}}
 
 
 def _merge_durations(into: dict, durations: dict) -> None:
@@ -497,6 +503,12 @@ def render_prometheus(snapshot: dict) -> str:
             [({}, snapshot["open_tunnels"])])
     _family(out, "pyproxy_access_log_lines_total", "counter", "Access log lines written or dropped (queue full).",
             [({"outcome": k}, n) for k, n in sorted(snapshot["access_log"].items())])
+    rate_limit = snapshot.get("rate_limit", {})
+    _family(out, "pyproxy_rate_limited_total", "counter", "Requests answered 429 by a route's rate_limit.",
+            [({}, rate_limit.get("rejected", 0))])
+    _family(out, "pyproxy_rate_limit_evictions_total", "counter",
+            "Rate limit buckets evicted to make room for a new key (the table was full).",
+            [({}, rate_limit.get("evicted", 0))])
     _family(out, "pyproxy_processes", "gauge", "Processes whose numbers are included here.",
             [({}, snapshot["processes"])])
     return "\n".join(out) + "\n"

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from proxy.http.access import AccessRules
 from proxy.http.basic_auth import BasicAuth
 from proxy.http.forwarding import RouteHeaders
+from proxy.http.rate_limit import RateLimiter
 
 # RFC 3986 §2.3 unreserved characters: decoding them never changes a URI's meaning.
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -134,6 +135,7 @@ class Route:
     basic_auth: BasicAuth | None = field(default=None, compare=False)  # users; None: no sign-in
     compress: object = None  # a proxy.http.compression.CompressPolicy, or None
     redirect: object = None  # a proxy.http.redirects.RedirectPolicy: answered here, upstream is ""
+    rate_limit: RateLimiter | None = field(default=None, compare=False)  # token buckets; None: no limit
     # set_headers prepared for building request heads: once per route, not per request.
     headers: RouteHeaders = field(init=False, compare=False, repr=False)
 

@@ -49,7 +49,7 @@ def _upstream_lines(upstream: UpstreamConfig, indent: str) -> list[str]:
 
 def _policy_lines(route: RouteConfig, indent: str) -> list[str]:
     """Who may use the route: allow / deny lists (deny wins; with an allow list, the rest is refused),
-    then basic auth."""
+    then basic auth, and how often: the rate limit."""
     lines = []
     if route.allow:
         lines.append(f"{indent}allow: {', '.join(route.allow)}")
@@ -60,6 +60,10 @@ def _policy_lines(route: RouteConfig, indent: str) -> list[str]:
         count = len(auth.users)
         forwarded = "; Authorization forwarded" if auth.forward_auth_header else ""
         lines.append(f'{indent}basic auth: realm "{auth.realm}", {count} user{"s" if count != 1 else ""}{forwarded}')
+    if route.rate_limit:
+        limit = route.rate_limit
+        lines.append(f"{indent}rate limit: {limit.requests} per {format_duration(limit.per)}, burst {limit.burst}, "
+                     f"key {limit.key}")
     return lines
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from proxy.http.access import AccessRules
 from proxy.http.basic_auth import BasicAuth
+from proxy.http.bucket_table import BucketTable
+from proxy.http.rate_limit import RateLimiter
 from proxy.upstream.balancing import Upstream
 from proxy.config.schema import Config, ServerSettings, UpstreamConfig
 from proxy.http.redirects import https_port
@@ -113,13 +115,17 @@ def _pool_key(upstream: UpstreamConfig, server_config) -> tuple:
 class Runtime:
     """An immutable routing snapshot: router, upstreams, trusted proxies."""
 
-    def __init__(self, config: Config, previous: "Runtime | None" = None, clock=time.monotonic, on_ejected=None):
+    def __init__(self, config: Config, previous: "Runtime | None" = None, clock=time.monotonic, on_ejected=None,
+                 rate_table=None):
+        """``rate_table``: a callable giving the shared rate limit table, asked only if a route has a limit."""
         self.config = config
         self._on_ejected = on_ejected  # (upstream name, server, seconds, reason) after a passive ejection
         self.router = Router([Route(r.host, r.path, r.upstream, r.strip_prefix, r.set_headers, index=i,
                                     access=AccessRules.from_lists(r.allow, r.deny),
                                     basic_auth=BasicAuth.from_config(r.basic_auth),
-                                    compress=r.compress, redirect=r.redirect)
+                                    compress=r.compress, redirect=r.redirect,
+                                    rate_limit=RateLimiter(r.rate_limit, f"{r.host or ''}{r.path}", rate_table(), clock)
+                                    if r.rate_limit is not None else None)
                               for i, r in enumerate(config.routes)])
         # Listener address -> the https port its requests are redirected to (redirect_https).
         self.https_redirects = {listen.address: https_port(config.server.listen)
@@ -214,14 +220,17 @@ class Runtime:
 class Application:
     """Built once by the CLI from a Config; handed to the handler, admin, health checks."""
 
-    def __init__(self, config: Config, clock=time.monotonic):
+    def __init__(self, config: Config, clock=time.monotonic, rate_table: BucketTable | None = None):
         self.clock = clock
         self.config = config
+        # The rate limit buckets: the supervisor's shared table in a worker; made on first use otherwise.
+        self._rate_table = rate_table
+        self._rate_table_lock = threading.Lock()
         self.settings = Settings.from_config(config.server)
         # Callables (upstream name, server, seconds, reason) told when passive checks here eject a server:
         # a worker passes it on, so every worker takes the server out.
         self.ejection_listeners: list = []
-        self.runtime = Runtime(config, clock=clock, on_ejected=self._server_ejected)
+        self.runtime = Runtime(config, clock=clock, on_ejected=self._server_ejected, rate_table=self.rate_table)
         self.observers: list = []  # callables(record) run after each request: access log, metrics
         self.return_request_id = True
         self.draining_event = threading.Event()  # the server's own, once there is one (see the setter)
@@ -230,6 +239,18 @@ class Application:
         self._tunnel_lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self.reload_listeners: list = []  # callables(old_config, new_config) after a successful reload
+
+    @property
+    def rate_table_made(self) -> BucketTable | None:
+        """The rate limit table if there is one already (the metrics ask without making one)."""
+        return self._rate_table
+
+    def rate_table(self) -> BucketTable:
+        """The table every rate-limited route takes tokens from (kept across reloads: its size needs a restart)."""
+        with self._rate_table_lock:
+            if self._rate_table is None:
+                self._rate_table = BucketTable(self.config.server.rate_limit_keys)
+            return self._rate_table
 
     def _server_ejected(self, upstream_name: str, server: Server, seconds: float, reason: str) -> None:
         for listener in self.ejection_listeners:
@@ -281,7 +302,8 @@ class Application:
         """Swap in a new (already validated) config. In-flight requests keep their old snapshot."""
         with self._reload_lock:
             old_runtime, old_config = self.runtime, self.config
-            new_runtime = Runtime(config, previous=old_runtime, clock=self.clock, on_ejected=self._server_ejected)
+            new_runtime = Runtime(config, previous=old_runtime, clock=self.clock, on_ejected=self._server_ejected,
+                                  rate_table=self.rate_table)
             self.config = config
             self.settings = Settings.from_config(config.server)
             self.runtime = new_runtime

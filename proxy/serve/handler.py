@@ -132,7 +132,7 @@ class Exchange:
     """One request/response through the proxy: the mutable facts the pipeline steps share."""
 
     __slots__ = ("request", "conn", "session", "record", "response_started", "body_done",
-                 "replay", "client_keep_alive", "route", "server", "handed_to_tunnel")
+                 "replay", "client_keep_alive", "route", "server", "handed_to_tunnel", "rate_limit_fields")
 
     def __init__(self, request, conn, session, record):
         self.request = request
@@ -147,6 +147,7 @@ class Exchange:
         self.server = None  # the server of the current attempt
         # Upgraded (101): the tunnel relay owns the record (observed at its close) and the server slot.
         self.handed_to_tunnel = False
+        self.rate_limit_fields = ""  # RateLimit-* header lines for the response, on a rate-limited route
 
 
 class HttpHandler:
@@ -490,6 +491,8 @@ class HttpHandler:
             raise NoRoute(f"no route for {request.host or '(no host)'}{path}")
         if route.access is not None:  # before anything else is spent on a client the route refuses
             route.access.check(self._original_client(ex, runtime))
+        if route.rate_limit is not None:  # before basic_auth: failed sign-ins take tokens too
+            ex.rate_limit_fields = route.rate_limit.check(self._original_client(ex, runtime), request.headers)
         if route.basic_auth is not None:  # bcrypt runs here, on the pool worker
             route.basic_auth.check(request.headers.get_all("authorization"), ex.session.client_ip)
         if route.redirect is not None:
@@ -857,7 +860,8 @@ class HttpHandler:
             ex.client_keep_alive = False
         head = build_response_head(response, framing=framing, keep_alive=ex.client_keep_alive,
                                    client_version=request.version,
-                                   request_id=ex.record.request_id if self.app.return_request_id else None)
+                                   request_id=ex.record.request_id if self.app.return_request_id else None,
+                                   extra_fields=ex.rate_limit_fields)
         ex.conn.transition(S.WRITING)
         if framing == "none":
             yield from self._to_client(ex, head)

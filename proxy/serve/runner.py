@@ -32,9 +32,10 @@ from proxy.serve.watch import POLL_INTERVAL, Watcher, describe_changes
 log = logging.getLogger("pyproxy")
 
 POOL_QUEUE_PER_THREAD = 8  # queued connections per allowed thread before the proxy sheds load (503)
-# [server] keys a running process cannot take: the number of processes, and the CPU pinning (set per
-# thread by sched_setaffinity, before any thread starts). A reload logs them instead of ignoring them.
-RESTART_ONLY = ("workers", "cpu_affinity")
+# [server] keys a running process cannot take: the number of processes, the CPU pinning (set per
+# thread by sched_setaffinity, before any thread starts) and the size of the rate limit table (shared
+# memory mapped before the workers fork). A reload logs them instead of ignoring them.
+RESTART_ONLY = ("workers", "cpu_affinity", "rate_limit_keys")
 # [server] keys a reload hands to the running accept loop and pool (apply_server_limits). The others
 # apply elsewhere: listen (reconciled here, or new workers), the rest of Settings and trusted_proxies
 # (Application.reload rebuilds app.settings and the runtime, which requests read afresh).
@@ -161,9 +162,10 @@ class ProxyProcess:
     """One serving process: accept loop + pool + handler, plus the services plugged in beside it."""
 
     def __init__(self, config: Config, *, listeners=None, install_signals: bool = False,
-                 config_path: str | None = None, admin_socket=None, observability: bool = True):
+                 config_path: str | None = None, admin_socket=None, observability: bool = True,
+                 rate_table=None):
         self.config_path = config_path
-        self.app = Application(config)
+        self.app = Application(config, rate_table=rate_table)  # a worker gets its supervisor's table
         server_cfg = config.server
         self.pool = ThreadPool(min_threads=server_cfg.min_threads, max_threads=server_cfg.max_threads,
                                max_queue=pool_queue_limit(server_cfg.max_threads),

@@ -54,6 +54,7 @@ from proxy.config.schema import Config, ConfigError, ListenConfig
 from proxy.upstream.health import HealthChecker, apply_health
 from proxy.observe.log_reload import level_listener
 from proxy.observe.metrics import WorkerCounters, render_prometheus
+from proxy.http.bucket_table import BucketTable
 from proxy.serve.runner import (RESTART_ONLY, SERVING_SIGNALS, ProxyProcess, bind_config_listener,
                                 bind_worker_listeners, load_for_reload, server_changes, tls_problems)
 from proxy.observe.status import WorkerStatusTotals
@@ -236,13 +237,15 @@ class WorkerControl:
             self.process.stop()
 
 
-def worker_main(slot: int, config: Config, config_path: str | None, listeners, control_sock) -> int:
-    """The body of a forked worker. Returns its exit code."""
+def worker_main(slot: int, config: Config, config_path: str | None, listeners, control_sock,
+                rate_table=None) -> int:
+    """The body of a forked worker. Returns its exit code. ``rate_table`` is the supervisor's shared
+    rate limit table: every worker takes tokens from the same buckets."""
     os.setpgid(0, 0)  # a terminal's Ctrl-C goes to the supervisor's group only; it forwards one signal
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     pinned = pin_worker(config.server.cpu_affinity, slot)  # before ProxyProcess starts its threads
     process = ProxyProcess(config, listeners=listeners, install_signals=True, config_path=config_path,
-                           observability=False)
+                           observability=False, rate_table=rate_table)
     if pinned is not None:
         log.info("worker %d pinned to CPU %d (server.cpu_affinity)", slot, pinned)
     process.manage_listeners = False  # the supervisor owns the sockets; it replaces workers to change them
@@ -340,7 +343,9 @@ class Supervisor:
         self._signals: deque[int] = deque()
         self._calls: deque[Callable[[], None]] = deque()
         self._wakeup = WakePipe()
-        self.app = Application(config)  # the health checker's view of the servers; never serves traffic
+        # The health checker's view of the servers; never serves traffic. Its rate limit table is made
+        # now, before any fork, so that every worker maps the same shared memory.
+        self.app = Application(config, rate_table=BucketTable(config.server.rate_limit_keys))
         self.app.reload_listeners.append(level_listener)  # workers switch their own access logs
         self.checker: HealthChecker | None = None
         self.services: list = []
@@ -428,7 +433,8 @@ class Supervisor:
             try:
                 parent_sock.close()
                 self._close_in_child(slot)
-                code = worker_main(slot, self.config, self.config_path, listeners, child_sock)
+                code = worker_main(slot, self.config, self.config_path, listeners, child_sock,
+                                   self.app.rate_table())
             except BaseException:  # the worker must end here, whatever happened, with its reason logged
                 log.exception("worker %d failed", slot)
             finally:
