@@ -8,6 +8,7 @@ across SIGHUP and in a worker restarted after a crash; a disabled server gets no
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -301,6 +302,8 @@ def test_ctl_exit_codes(tmp_path):
         status = ctl(run, "--json", "status", "app")
         assert status.returncode == 0
         assert '"state": "draining"' in status.stdout
+        after = ctl(run, "status", "app", "--json")
+        assert after.returncode == 0 and json.loads(after.stdout)["servers"][0]["state"] == "draining"
         text = ctl(run, "status")
         assert text.stdout.startswith(f"app/{a.address}  draining  up  0 active")
         port = run.admin_port

@@ -484,6 +484,16 @@ def ctl(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
     ctx.obj = {"config_path": path, "json": as_json}
 
 
+def _json_option(command):
+    """--json after the subcommand too ("pyproxy ctl status --json"), as well as before it."""
+    def remember(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+        if value:
+            ctx.obj = {**ctx.obj, "json": True}
+        return value
+    return click.option("--json", "as_json", is_flag=True, expose_value=False, callback=remember,
+                        help="Print the API's JSON answer instead of text.")(command)
+
+
 def _ctl_client(ctx: click.Context) -> "ctl_client.AdminClient":
     config = load_or_exit(ctx.obj["config_path"])
     return ctl_client.AdminClient.from_config(config)
@@ -520,6 +530,7 @@ def _wait_timeout(ctx: click.Context, param: click.Parameter, value: str) -> flo
 @click.option("--wait", is_flag=True, help="Return only once the server has no active requests.")
 @click.option("--timeout", default="60s", show_default=True, callback=_wait_timeout, metavar="DURATION",
               help="With --wait: give up (exit 5) after this long; the server stays draining.")
+@_json_option
 @click.pass_context
 def ctl_drain(ctx: click.Context, upstream: str, address: str, wait: bool, timeout: float) -> None:
     """Send no new requests to ADDRESS (host:port as /status shows it); those in flight finish."""
@@ -537,6 +548,7 @@ def ctl_drain(ctx: click.Context, upstream: str, address: str, wait: bool, timeo
 @ctl.command("disable", context_settings=CONTEXT)
 @click.argument("upstream")
 @click.argument("address")
+@_json_option
 @click.pass_context
 def ctl_disable(ctx: click.Context, upstream: str, address: str) -> None:
     """No traffic and no health checks for ADDRESS (requests in flight finish)."""
@@ -546,6 +558,7 @@ def ctl_disable(ctx: click.Context, upstream: str, address: str) -> None:
 @ctl.command("enable", context_settings=CONTEXT)
 @click.argument("upstream")
 @click.argument("address")
+@_json_option
 @click.pass_context
 def ctl_enable(ctx: click.Context, upstream: str, address: str) -> None:
     """Put ADDRESS back: it takes traffic again when its health checks say it is up."""
@@ -554,6 +567,7 @@ def ctl_enable(ctx: click.Context, upstream: str, address: str) -> None:
 
 @ctl.command("status", context_settings=CONTEXT)
 @click.argument("upstream", required=False)
+@_json_option
 @click.pass_context
 def ctl_status(ctx: click.Context, upstream: str | None) -> None:
     """Every server of UPSTREAM (default: of every upstream): state, health, active requests."""
