@@ -176,3 +176,12 @@ def test_metrics_show_the_admin_state():
     text = render_prometheus(snapshot)
     assert 'pyproxy_upstream_admin_state{upstream="web",server="127.0.0.1:3001",state="disabled"} 1' in text
     assert 'pyproxy_upstream_admin_state{upstream="web",server="127.0.0.1:3001",state="enabled"} 0' in text
+
+
+def test_try_all_never_fails_open_to_servers_the_operator_took_out(clock, caplog):
+    a, b = Server("127.0.0.1", 3001, clock=clock), Server("127.0.0.1", 3002, clock=clock)
+    upstream = Upstream("web", [a, b], "round_robin", all_down="try_all")
+    a.set_admin_state("draining")
+    b.set_admin_state("disabled")
+    assert upstream.pick_server("10.0.0.1") is None
+    assert not upstream.failing_open and "every server is down" not in caplog.text
