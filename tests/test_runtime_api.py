@@ -17,6 +17,7 @@ import threading
 import pytest
 import requests
 
+from tests.support import backends
 from tests.support.backends import SLOW_BODY, named_backends
 from tests.support.command import pyproxy_command
 from tests.support.ports import free_port
@@ -148,7 +149,8 @@ def answered_by(url: str) -> str:
 # -- drain --wait, no new requests, enable ------------------------------------------------------------
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_drain_wait_returns_when_slow_requests_finish_and_enable_brings_it_back(tmp_path, workers):
+def test_drain_wait_returns_when_slow_requests_finish_and_enable_brings_it_back(tmp_path, workers, monkeypatch):
+    monkeypatch.setattr(backends, "NAMED_HOLD_LIMIT", 60.0)  # held until the test lets go, however busy the machine
     with named_backends("a", "b") as (a, b), start(tmp_path, [a.address, b.address], workers=workers) as run:
         if workers > 1:
             wait_for(lambda: ready_workers(run) == workers, READY, what="every worker ready", on_timeout=run.log)
@@ -185,7 +187,8 @@ def test_drain_wait_returns_when_slow_requests_finish_and_enable_brings_it_back(
 
 
 def test_disabled_server_gets_no_traffic_and_no_health_checks(tmp_path):
-    health = '[upstreams.app.health]\npath = "/health"\ninterval = "200ms"\ntimeout = "200ms"\n'
+    health = ('[upstreams.app.health]\npath = "/health"\ninterval = "250ms"\ntimeout = "250ms"\n'
+              'unhealthy_after = 10\n')  # a check slowed by a busy machine must not take b out
     with named_backends("a", "b") as (a, b), start(tmp_path, [a.address, b.address], upstream_keys=health) as run:
         wait_for(lambda: a.requests >= 2 and b.requests >= 2, READY, what="health checks of both")
         disabled = ctl(run, "disable", "app", a.address)
@@ -228,7 +231,8 @@ def test_writes_need_the_token_and_reads_stay_open(tmp_path):
         assert "refused (wrong token)" in run.log()
 
 
-def test_no_token_configured_means_writes_are_disabled(tmp_path):
+def test_no_token_configured_means_writes_are_disabled(tmp_path, monkeypatch):
+    monkeypatch.delenv("PYPROXY_ADMIN_TOKEN", raising=False)
     with named_backends("a") as (a,), start(tmp_path, [a.address], admin_keys="") as run:
         refused = post(run, f"/upstreams/app/servers/{a.address}/drain")
         assert refused.status_code == 403
