@@ -227,3 +227,27 @@ def test_dashboard_script_parses():
     page = (ROOT / "proxy" / "observe" / "static" / "dashboard.html").read_text()
     script = page.split("<script>", 1)[1].split("</script>", 1)[0]
     subprocess.run(["node", "--check", "-"], input=script, text=True, check=True, timeout=DEADLINE)
+
+
+def test_dashboard_shows_drained_and_disabled_servers(backends, observed_proxy, browser):
+    proxy, a, b = dashboard_proxy(backends, observed_proxy)
+    browser.viewport(*DESKTOP)
+    browser.open(proxy.admin_url + "/")
+    row = "document.querySelector('[data-upstream=\"web\"] [data-server=\"%s\"]')"
+    browser.wait_until(f"{row % a.address}?.dataset.admin === 'enabled'", what="a shown enabled")
+    assert browser.evaluate(f"{row % a.address}.querySelectorAll('.badge').length") == 1  # no admin badge
+    proxy.app.set_admin_state("web", a.address, "draining")
+    proxy.app.set_admin_state("web", b.address, "disabled")
+    browser.wait_until(f"{row % a.address}.dataset.admin === 'draining' && "
+                       f"{row % b.address}.dataset.admin === 'disabled'", what="the admin states shown")
+    badges = browser.evaluate(f"[...{row % a.address}.querySelectorAll('.badge')].map(e => e.textContent)")
+    assert badges == ["up", "draining"]
+    assert browser.evaluate(f"{row % b.address}.querySelector('.badge.disabled').textContent") == "disabled"
+    header = browser.evaluate("document.querySelector('[data-upstream=\"web\"] .policy').textContent")
+    assert header.endswith("2/2 up · 1 draining · 1 disabled"), header
+    # The same server in another upstream is not drained there.
+    assert browser.evaluate(f"document.querySelector('[data-upstream=\"api\"] [data-server=\"{a.address}\"]')"
+                            ".dataset.admin") == "enabled"
+    browser.screenshot(ARTIFACTS / "dashboard-desktop-admin-states.png")
+    proxy.app.set_admin_state("web", a.address, "enabled")
+    browser.wait_until(f"{row % a.address}.dataset.admin === 'enabled'", what="a enabled again")

@@ -262,7 +262,7 @@ def test_snapshot(clock):
     server.record_failure("reset")
     assert server.snapshot() == {
         "address": "[::1]:9001", "state": "down", "reason": "ejected: reset", "would_eject": False, "slow_start_remaining": 0.0, "since": 1000.0,
-        "weight": 2, "active_requests": 1, "requests_total": 1, "failures_total": 1,
+        "weight": 2, "admin_state": "enabled", "active_requests": 1, "requests_total": 1, "failures_total": 1,
     }
 
 

@@ -19,7 +19,7 @@ import os
 import re
 import tomllib
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 from core.cpu_affinity import available_cpus
@@ -117,6 +117,8 @@ class ServerSettings:
 @dataclass(frozen=True)
 class AdminConfig:
     listen: ListenConfig
+    # The runtime API's bearer token (from token, token_file or PYPROXY_ADMIN_TOKEN); None: writes are off.
+    token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -594,7 +596,8 @@ LISTEN_KEYS = ("address", "tls", "tls_cert", "tls_key", "sni", "redirect_https")
 LISTEN_TLS_MODES = ("internal",)
 TLS_KEYS = ("internal_ca_dir", "internal_names")
 SNI_KEYS = ("host", "tls_cert", "tls_key")
-ADMIN_KEYS = ("listen",)
+ADMIN_KEYS = ("listen", "token", "token_file")
+ADMIN_TOKEN_ENV = "PYPROXY_ADMIN_TOKEN"  # the token when the config names none (kept out of the file)
 LOG_KEYS = ("level", "access", "format")
 ROUTE_KEYS = ("host", "path", "strip_prefix", "upstream", "set_headers", "allow", "deny", "basic_auth",
               "compress", "redirect", "rate_limit")
@@ -842,7 +845,45 @@ def _parse_admin(c: _Checker, value: Any, server: ServerSettings) -> AdminConfig
     clash = next((entry for entry in server.listen if _same_socket(entry, listen)), None)
     if clash:
         c.add("admin.listen", f"{listen.address} clashes with server.listen {clash.address}")
-    return AdminConfig(listen)
+    return AdminConfig(listen, _parse_admin_token(c, table))
+
+
+def _parse_admin_token(c: _Checker, table: dict) -> str | None:
+    """admin.token, the contents of admin.token_file (read now: a reload reads it again), or else the
+    PYPROXY_ADMIN_TOKEN environment variable. None: the runtime API's writes stay off."""
+    if "token" in table and "token_file" in table:
+        c.add("admin", 'give "token" or "token_file", not both')
+        return None
+    if "token" in table:
+        return _checked_token(c, table["token"], "admin.token")
+    if "token_file" in table:
+        resolved = c.existing_file(table["token_file"], "admin.token_file")
+        if resolved is None:
+            return None
+        try:
+            with open(resolved, encoding="utf-8") as token_file:
+                text = token_file.read(MAX_TOKEN_LENGTH + 2).strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            c.add("admin.token_file", f"cannot read {resolved}: {getattr(exc, 'strerror', None) or exc}")
+            return None
+        return _checked_token(c, text, f"admin.token_file ({resolved})")
+    from_env = os.environ.get(ADMIN_TOKEN_ENV, "").strip()
+    return _checked_token(c, from_env, f"admin.token (from {ADMIN_TOKEN_ENV})") if from_env else None
+
+
+MAX_TOKEN_LENGTH = 4096  # far beyond any generated token; an Authorization header must fit in a head
+_TOKEN_CHARACTERS = re.compile(r"[\x21-\x7e]+")  # visible ASCII: it travels in an HTTP header
+
+
+def _checked_token(c: _Checker, value: Any, path: str) -> str | None:
+    if not isinstance(value, str) or not value:
+        c.add(path, f"expected a non-empty string, got {describe_value(value)}")
+        return None
+    if len(value) > MAX_TOKEN_LENGTH or not _TOKEN_CHARACTERS.fullmatch(value):
+        c.add(path, f"must be 1-{MAX_TOKEN_LENGTH} visible ASCII characters, without spaces "
+                    "(it is sent as an Authorization header)")
+        return None
+    return value
 
 
 def _parse_log(c: _Checker, value: Any) -> LogConfig:

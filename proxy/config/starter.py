@@ -40,6 +40,7 @@ send_timeout = "60s"           # a client that reads nothing of its response for
 
 [admin]                        # delete this table to run without an admin listener
 listen = "127.0.0.1:9901"      # GET /healthz, /status, /metrics; keep it on loopback
+# token_file = "admin.token"   # turns on the runtime API's writes (pyproxy ctl drain/enable); or token = "..."
 
 [log]
 level = "info"                 # debug | info | warning | error

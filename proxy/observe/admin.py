@@ -6,8 +6,12 @@ never passes through the proxy's observers (it is not counted or access-logged a
 holds at most MAX_ADMIN_CONNECTIONS connections (one thread each), closes those left waiting for a
 request, and makes room for a new one by closing the one waiting longest.
 
-The admin listener defaults to loopback (127.0.0.1:9901). It has no authentication: exposing it on
-another interface is the operator's choice, and /status shows the backend addresses.
+The admin listener defaults to loopback (127.0.0.1:9901). Reads need no authentication: exposing it
+on another interface is the operator's choice, and /status shows the backend addresses.
+
+The runtime API (proxy/observe/runtime_api.py) adds ``GET /upstreams[/NAME]`` and the writes
+``POST /upstreams/NAME/servers/ADDRESS/drain|disable|enable``, which need ``[admin] token`` sent as
+``Authorization: Bearer TOKEN``.
 
 ``AdminSources`` holds *lists* of callables producing status / metrics snapshots: one per process.
 A single process passes its own; a supervisor passes one per worker and the answers are merged.
@@ -33,6 +37,7 @@ from proxy.config.schema import ListenConfig
 from proxy.upstream.health import HealthChecker
 from proxy.observe.log_reload import LogSwitch
 from proxy.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics, merge, render_prometheus
+from proxy.observe.runtime_api import ApiAnswer, RuntimeApi
 from proxy.observe.status import build_status, merge_status
 
 log = logging.getLogger("pyproxy.admin")
@@ -48,7 +53,8 @@ _BUSY_BODY = b"503 admin listener busy\n"
 BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
                  b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
 MAX_DROPPED_BODY = 64 * 1024  # a request body (never used) up to this is read and dropped; past it, close
-PATHS = ("/", "/healthz", "/status", "/metrics")
+MAX_API_BODY = 64 * 1024  # a runtime API write's JSON body; past it, 413 and close
+PATHS = ("/", "/healthz", "/status", "/metrics", "/upstreams")
 # One self-contained page (inline CSS and JS, no CDN): it must work offline and polls /status itself.
 DASHBOARD_PATH = Path(__file__).parent / "static" / "dashboard.html"
 
@@ -65,6 +71,10 @@ class AdminSources:
     metrics: list[Callable[[], dict]] = field(default_factory=list)
     draining: Callable[[], bool] = lambda: False
     serving: Callable[[], bool] = lambda: True  # False while no process serves traffic (no worker ready)
+    # The runtime API: the configured token (None: writes are refused), and the write itself:
+    # (upstream, address, state) -> the state it had, raising LookupError for an unknown one.
+    token: Callable[[], str | None] = lambda: None
+    set_server_state: Callable[[str, str, str], str] | None = None
 
     def status_document(self) -> dict:
         return merge_status(_collect(self.status, "status"))
@@ -106,7 +116,9 @@ class _AdminHandler(BaseHTTPRequestHandler):
         sources: AdminSources = self.server.sources
         path = self.path.split("?", 1)[0]
         try:
-            if path == "/":
+            if RuntimeApi.handles(path):
+                self._send_api(RuntimeApi(sources).get(path), head_only)
+            elif path == "/":
                 # Read per request (a few kB, rare): an installed or edited page shows without a restart.
                 self._send(200, DASHBOARD_PATH.read_text(encoding="utf-8"), "text/html", head_only)
             elif path == "/healthz":
@@ -126,11 +138,54 @@ class _AdminHandler(BaseHTTPRequestHandler):
         except SourceFailed as exc:
             self._send(503, f"503 {exc}\n", "text/plain", head_only)
 
+    def do_POST(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        if not RuntimeApi.handles(path):
+            self._not_allowed()
+            return
+        self.server.mark_busy(self.connection)
+        api = RuntimeApi(self.server.sources)
+        body = self._read_api_body()
+        answer = body if isinstance(body, ApiAnswer) else api.post(
+            path, self.headers.get("Authorization"), body, peer=format_address(*self.client_address[:2]))
+        self._send_api(answer, head_only=False)
+
     def _not_allowed(self) -> None:
         self.server.mark_busy(self.connection)
+        path = self.path.split("?", 1)[0]
+        if RuntimeApi.handles(path):
+            self._send_api(RuntimeApi.not_allowed(path, self.command), head_only=False)
+            return
         self._send(405, "405 method not allowed\n", "text/plain", False, extra={"Allow": "GET, HEAD"})
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
+
+    def _read_api_body(self) -> "bytes | ApiAnswer":
+        """A write's body (JSON, optional), bounded. Past the bound, or chunked, the answer is an error
+        and the connection closes (the rest of the body is never read)."""
+        if self.headers.get("Transfer-Encoding") is not None:
+            self.close_connection = True
+            return ApiAnswer(411, {"error": "send the body with a Content-Length (or no body)"})
+        length = (self.headers.get("Content-Length") or "0").strip()
+        if not length.isdigit():
+            self.close_connection = True
+            return ApiAnswer(400, {"error": "bad Content-Length"})
+        if int(length) > MAX_API_BODY:
+            self.close_connection = True
+            return ApiAnswer(413, {"error": f"body too large (at most {MAX_API_BODY} bytes)"})
+        try:
+            body = self.rfile.read(int(length))
+        except OSError:
+            body = b""
+        del self.headers["Content-Length"]  # read: _send must not try to drop it again
+        if len(body) != int(length):
+            self.close_connection = True
+            return ApiAnswer(400, {"error": "body shorter than its Content-Length"})
+        return body
+
+    def _send_api(self, answer: ApiAnswer, head_only: bool) -> None:
+        body = json.dumps(answer.document, indent=2, sort_keys=True) + "\n"
+        self._send(answer.status, body, "application/json", head_only, extra=answer.headers)
 
     def _send(self, status: int, body: str, content_type: str, head_only: bool, extra=None) -> None:
         payload = body.encode("utf-8")
@@ -140,7 +195,7 @@ class _AdminHandler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         for name, value in (extra or {}).items():
             self.send_header(name, value)
-        if not self._drop_body():
+        if self.close_connection or not self._drop_body():
             self.close_connection = True
             self.send_header("Connection", "close")
         self.end_headers()
@@ -326,8 +381,8 @@ class AdminRelocation:
         self.on_change = on_change  # called with the new AdminServer (or None)
 
     def __call__(self, old_config, new_config) -> None:
-        if old_config.admin == new_config.admin:
-            return
+        if _admin_listen(old_config) == _admin_listen(new_config):
+            return  # a new token is read per request: nothing to move
         fresh = None
         if new_config.admin is not None:
             try:
@@ -349,6 +404,15 @@ class AdminRelocation:
             self.on_change(fresh)
 
 
+
+
+def _admin_listen(config) -> ListenConfig | None:
+    return config.admin.listen if config.admin is not None else None
+
+
+def configured_token(config) -> str | None:
+    """The runtime API's token in this config, or None (writes refused)."""
+    return config.admin.token if config.admin is not None else None
 
 
 # -- wiring for one process ------------------------------------------------------------------------
@@ -385,7 +449,9 @@ def install_observability(process, *, admin_socket: socket.socket | None = None,
     sources = AdminSources(
         status=[lambda: build_status(app, process.server, process.pool, checker, traffic=metrics.recent)],
         metrics=[metrics.snapshot],
-        draining=app.draining)
+        draining=app.draining,
+        token=lambda: configured_token(app.config),
+        set_server_state=app.set_admin_state if admin else None)
     admin_server = None
     if admin and (config.admin is not None or admin_socket is not None):
         admin_server = AdminServer(config.admin.listen if config.admin else None, sources, sock=admin_socket)

@@ -21,6 +21,8 @@ import math
 import threading
 import time
 
+from proxy.upstream.servers import ADMIN_STATES, ENABLED
+
 # Prometheus client libraries' default buckets (seconds), which suit request latencies.
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 NO_UPSTREAM = "-"  # the upstream label of requests the proxy answered itself before routing (400, 404)
@@ -214,6 +216,7 @@ class Metrics:
                 snap = server.snapshot()
                 requests, failures = carried.get((name, snap["address"]), (0, 0))
                 gauges.append({"upstream": name, "server": snap["address"], "up": int(snap["state"] == "up"),
+                               "admin_state": snap["admin_state"],
                                "active": snap["active_requests"], "requests": snap["requests_total"] + requests,
                                "failures": snap["failures_total"] + failures})
         return gauges
@@ -462,6 +465,8 @@ def _merge_server(servers: dict, gauge: dict) -> None:
         servers[key] = dict(gauge)
         return
     current["up"] = min(current["up"], gauge["up"])
+    if current.get("admin_state", ENABLED) == ENABLED:
+        current["admin_state"] = gauge.get("admin_state", ENABLED)
     for field in ("active", "requests", "failures"):
         current[field] += gauge[field]
 
@@ -483,6 +488,10 @@ def render_prometheus(snapshot: dict) -> str:
     labels = [{"upstream": g["upstream"], "server": g["server"]} for g in servers]
     _family(out, "pyproxy_upstream_up", "gauge", "1 if the server gets traffic (healthy, not ejected).",
             [(label, g["up"]) for label, g in zip(labels, servers)])
+    _family(out, "pyproxy_upstream_admin_state", "gauge",
+            "The operator's state of the server (runtime API): 1 for the state it is in, 0 for the others.",
+            [({**label, "state": state}, int(g.get("admin_state", ENABLED) == state))
+             for label, g in zip(labels, servers) for state in ADMIN_STATES])
     _family(out, "pyproxy_upstream_active_requests", "gauge", "Requests in flight to the server.",
             [(label, g["active"]) for label, g in zip(labels, servers)])
     _family(out, "pyproxy_upstream_requests_total", "counter", "Attempts sent to the server (retries included).",

@@ -10,6 +10,7 @@ Shape (documented in docs/configuration.md, "Admin endpoints"):
                           "health": {...} | null, "passive": {...} | null,
                           "servers": [{"address", "state", "reason", "since_seconds", "weight",
                                        "active_requests", "requests_total", "failures_total", "ejected", "would_eject",
+                                       "admin_state" (enabled | draining | disabled),
                                        "last_check": {"checked_at", "age_seconds", "ok", "latency_ms",
                                                       "status", "error"} | null}],
                           "traffic": {"window_seconds", "requests", "errors", "requests_per_second",
@@ -198,6 +199,8 @@ def _merge_server(current: dict, other: dict) -> None:
         current["since_seconds"] = other.get("since_seconds", 0.0)
         current["ejected"] = other.get("ejected", False)
     current["would_eject"] = current.get("would_eject", False) or other.get("would_eject", False)
+    if current.get("admin_state", "enabled") == "enabled" and other.get("admin_state"):
+        current["admin_state"] = other["admin_state"]  # a worker yet to apply a drain is not the last word
     mine, theirs = current.get("last_check"), other.get("last_check")
     if theirs is not None and (mine is None or theirs["checked_at"] > mine["checked_at"]):
         current["last_check"] = theirs

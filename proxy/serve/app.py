@@ -24,7 +24,7 @@ from proxy.upstream.balancing import Upstream
 from proxy.config.schema import Config, ServerSettings, UpstreamConfig
 from proxy.http.redirects import https_port
 from proxy.routing.router import Route, Router
-from proxy.upstream.servers import Server
+from proxy.upstream.servers import ENABLED, Server
 from proxy.upstream.pool import ServerPool, upstream_tls_context
 from proxy.upstream.retry_budget import RetryBudget
 
@@ -33,6 +33,10 @@ log = logging.getLogger("pyproxy.app")
 SEND_TIMEOUT = 60.0  # nginx's send_timeout default: a client that reads nothing for this long is dropped
 BODY_TIMEOUT = 60.0  # nginx's client_body_timeout default: the gap allowed between request body reads
 MAX_RESPONSE_HEADER_BYTES = 64 * 1024  # upstream heads are trusted more than clients'; still bounded
+
+
+class UnknownServer(LookupError):
+    """The runtime API named an upstream or a server this process does not have (a 404)."""
 
 
 @dataclass(frozen=True)
@@ -239,6 +243,9 @@ class Application:
         self._tunnel_lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self.reload_listeners: list = []  # callables(old_config, new_config) after a successful reload
+        # The runtime API's drain/disable per (upstream name, server address), so a reload that rebuilds
+        # a server (a new weight, say) keeps it. Only servers not enabled are listed.
+        self.admin_states: dict[tuple[str, str], str] = {}
 
     @property
     def rate_table_made(self) -> BucketTable | None:
@@ -264,6 +271,40 @@ class Application:
         upstream = self.runtime.upstreams.get(upstream_name)
         servers = upstream.servers if upstream is not None else ()
         return any([server.eject_for(seconds, reason) for server in servers if server.address == address])
+
+    # -- the runtime API ------------------------------------------------------------------------
+    def set_admin_state(self, upstream_name: str, address: str, state: str) -> str:
+        """Drain, disable or enable a server (``address`` as /status shows it). Returns the state it
+        had; UnknownServer if there is no such upstream or server. Under the reload lock, so a reload
+        running meanwhile cannot build its servers from the state before this one."""
+        with self._reload_lock:
+            upstream = self.runtime.upstreams.get(upstream_name)
+            if upstream is None:
+                raise UnknownServer(f"no upstream named {upstream_name!r}")
+            servers = [server for server in upstream.servers if server.address == address]
+            if not servers:
+                raise UnknownServer(f"upstream {upstream_name!r} has no server {address!r}")
+            previous = servers[0].admin_state
+            for server in servers:
+                server.set_admin_state(state)
+            if state == ENABLED:
+                self.admin_states.pop((upstream_name, address), None)
+            else:
+                self.admin_states[(upstream_name, address)] = state
+        return previous
+
+    def _carry_admin_states(self, runtime: "Runtime") -> None:
+        """After a reload: every server keeps its admin state; a server the reload removed is forgotten
+        (added back later, it starts enabled, as nginx and HAProxy treat a new server)."""
+        kept = {}
+        for (upstream_name, address), state in self.admin_states.items():
+            upstream = runtime.upstreams.get(upstream_name)
+            servers = [s for s in upstream.servers if s.address == address] if upstream is not None else []
+            for server in servers:
+                server.set_admin_state(state)
+            if servers:
+                kept[(upstream_name, address)] = state
+        self.admin_states = kept
 
     # -- state the handler asks about --------------------------------------------------------
     @property
@@ -304,6 +345,7 @@ class Application:
             old_runtime, old_config = self.runtime, self.config
             new_runtime = Runtime(config, previous=old_runtime, clock=self.clock, on_ejected=self._server_ejected,
                                   rate_table=self.rate_table)
+            self._carry_admin_states(new_runtime)
             self.config = config
             self.settings = Settings.from_config(config.server)
             self.runtime = new_runtime

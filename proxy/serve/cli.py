@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import getpass
+import json
 import logging
 import os
 import signal
@@ -39,6 +40,8 @@ from proxy.serve.runner import (
     SERVING_SIGNALS, ProxyProcess, bind_config_listener, configure_logging, describe_listeners, tls_problems,
 )
 from proxy.config.starter import write_starter
+from proxy.config.units import parse_duration
+from proxy.serve import ctl as ctl_client
 from proxy.serve.supervisor import run_supervisor
 
 log = logging.getLogger("pyproxy.cli")
@@ -461,6 +464,126 @@ def untrust(ctx: click.Context, config_path: str | None, dry_run: bool, system_s
         return
     steps = trust_steps.plan(root, False, os.path.expanduser("~"), system_store)
     run_trust_steps(steps, install=False, dry_run=dry_run)
+# ---------------------------------------------------------------------------------------------
+# pyproxy ctl: the runtime API from a shell or a deploy script (proxy/serve/ctl.py)
+# ---------------------------------------------------------------------------------------------
+
+CTL_EPILOG = ("Exit codes: 0 done; 1 config file problem; 2 bad command line; 3 the proxy refused "
+              "(unknown upstream or server, missing or wrong admin.token); 4 cannot reach the admin "
+              "listener; 5 --wait timed out.")
+
+
+@main.group(context_settings=CONTEXT, epilog=CTL_EPILOG)
+@click.option("-c", "--config", "config_path", metavar="FILE",
+              help=f"The proxy's config file: admin address and token (default {DEFAULT_CONFIG_FILE}).")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer instead of text.")
+@click.pass_context
+def ctl(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
+    """Drain, disable or enable an upstream server, or show their states, on a running proxy."""
+    path = config_path or (ctx.obj or {}).get("config_path") or DEFAULT_CONFIG_FILE
+    ctx.obj = {"config_path": path, "json": as_json}
+
+
+def _json_option(command):
+    """--json after the subcommand too ("pyproxy ctl status --json"), as well as before it."""
+    def remember(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+        if value:
+            ctx.obj = {**ctx.obj, "json": True}
+        return value
+    return click.option("--json", "as_json", is_flag=True, expose_value=False, callback=remember,
+                        help="Print the API's JSON answer instead of text.")(command)
+
+
+def _ctl_client(ctx: click.Context) -> "ctl_client.AdminClient":
+    config = load_or_exit(ctx.obj["config_path"])
+    return ctl_client.AdminClient.from_config(config)
+
+
+def _run_ctl(action) -> None:
+    """Run one ctl action; a CtlError ends the command with its message and exit code."""
+    try:
+        action()
+    except ctl_client.CtlError as exc:
+        click.echo(f"pyproxy ctl: {exc}", err=True)
+        sys.exit(exc.code)
+
+
+def _ctl_write(ctx: click.Context, action: str, upstream: str, address: str) -> dict:
+    answer = _ctl_client(ctx).post(ctl_client.server_path(upstream, address, action))
+    if ctx.obj["json"]:
+        click.echo(json.dumps(answer, indent=2, sort_keys=True))
+    else:
+        click.echo(f"{upstream}/{address}: {answer.get('state')} (was {answer.get('previous')})")
+    return answer
+
+
+def _wait_timeout(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@ctl.command("drain", context_settings=CONTEXT)
+@click.argument("upstream")
+@click.argument("address")
+@click.option("--wait", is_flag=True, help="Return only once the server has no active requests.")
+@click.option("--timeout", default="60s", show_default=True, callback=_wait_timeout, metavar="DURATION",
+              help="With --wait: give up (exit 5) after this long; the server stays draining.")
+@_json_option
+@click.pass_context
+def ctl_drain(ctx: click.Context, upstream: str, address: str, wait: bool, timeout: float) -> None:
+    """Send no new requests to ADDRESS (host:port as /status shows it); those in flight finish."""
+    def action():
+        _ctl_write(ctx, "drain", upstream, address)
+        if wait:
+            client = _ctl_client(ctx)
+            say = (lambda line: click.echo(line, err=True)) if not ctx.obj["json"] else (lambda line: None)
+            had = ctl_client.wait_until_idle(client, upstream, address, timeout, say)
+            if not ctx.obj["json"]:
+                click.echo(f"{upstream}/{address}: drained" + (f" ({had} request(s) finished)" if had else ""))
+    _run_ctl(action)
+
+
+@ctl.command("disable", context_settings=CONTEXT)
+@click.argument("upstream")
+@click.argument("address")
+@_json_option
+@click.pass_context
+def ctl_disable(ctx: click.Context, upstream: str, address: str) -> None:
+    """No traffic and no health checks for ADDRESS (requests in flight finish)."""
+    _run_ctl(lambda: _ctl_write(ctx, "disable", upstream, address))
+
+
+@ctl.command("enable", context_settings=CONTEXT)
+@click.argument("upstream")
+@click.argument("address")
+@_json_option
+@click.pass_context
+def ctl_enable(ctx: click.Context, upstream: str, address: str) -> None:
+    """Put ADDRESS back: it takes traffic again when its health checks say it is up."""
+    _run_ctl(lambda: _ctl_write(ctx, "enable", upstream, address))
+
+
+@ctl.command("status", context_settings=CONTEXT)
+@click.argument("upstream", required=False)
+@_json_option
+@click.pass_context
+def ctl_status(ctx: click.Context, upstream: str | None) -> None:
+    """Every server of UPSTREAM (default: of every upstream): state, health, active requests."""
+    def action():
+        client = _ctl_client(ctx)
+        names = [upstream] if upstream else client.get("/upstreams").get("upstreams", [])
+        views = [client.get(ctl_client.server_path(name, "")) for name in names]
+        if ctx.obj["json"]:
+            click.echo(json.dumps(views[0] if upstream else {"upstreams": views}, indent=2, sort_keys=True))
+            return
+        for view in views:
+            for line in ctl_client.status_lines(view):
+                click.echo(line)
+    _run_ctl(action)
+
+
 @main.command("hash-password", context_settings=CONTEXT)
 @click.option("--cost", type=click.IntRange(4, 20), default=DEFAULT_COST, show_default=True,
               help="bcrypt work factor: each step doubles the time a check (and a guess) takes.")

@@ -48,8 +48,8 @@ from typing import Callable
 from core.cpu_affinity import pin_worker
 from core.wakeup import WakePipe
 
-from proxy.observe.admin import AdminRelocation, AdminServer, AdminSources, install_observability
-from proxy.serve.app import Application
+from proxy.observe.admin import AdminRelocation, AdminServer, AdminSources, configured_token, install_observability
+from proxy.serve.app import Application, UnknownServer
 from proxy.config.schema import Config, ConfigError, ListenConfig
 from proxy.upstream.health import HealthChecker, apply_health
 from proxy.observe.log_reload import level_listener
@@ -209,6 +209,13 @@ class WorkerControl:
             apply_health(self.process.app, message["upstream"], message["address"], message["up"],
                          message.get("reason", ""), announce=False)  # the supervisor logged it
             return None
+        if op == "admin_state":  # the runtime API, applied by the supervisor first (it logged it)
+            try:
+                self.process.app.set_admin_state(message["upstream"], message["address"], message["state"])
+            except UnknownServer as exc:  # still on the config before a reload: replayed once it reloads
+                log.debug("worker %d: admin state not applied yet: %s", self.slot, exc)
+                return {"applied": False}
+            return {"applied": True}
         if op == "eject":
             self.process.app.apply_ejection(message["upstream"], message["address"], message["seconds"],
                                             message.get("reason", ""))
@@ -275,7 +282,9 @@ class SupervisorSources(AdminSources):
     """Admin answers merged over the workers, plus a per-worker line in /status."""
 
     def __init__(self, supervisor: "Supervisor"):
-        super().__init__(status=[], metrics=[], draining=lambda: supervisor.stopping, serving=supervisor.serving)
+        super().__init__(status=[], metrics=[], draining=lambda: supervisor.stopping, serving=supervisor.serving,
+                         token=lambda: configured_token(supervisor.config),
+                         set_server_state=supervisor.set_server_state)
         self.supervisor = supervisor
 
     def status_document(self) -> dict:
@@ -286,7 +295,15 @@ class SupervisorSources(AdminSources):
                               "down": _down_servers(status)} for handle, status in per_worker]
         merged["draining"] = merged["draining"] or self.supervisor.stopping
         self._add_last_checks(merged)
+        self._add_admin_states(merged)
         return merged
+
+    def _add_admin_states(self, merged: dict) -> None:
+        """The supervisor applied every runtime API write first: its word on admin states is the last."""
+        states = self.supervisor.app.admin_states
+        for name, upstream in merged["upstreams"].items():
+            for server in upstream["servers"]:
+                server["admin_state"] = states.get((name, server["address"]), "enabled")
 
     def _add_last_checks(self, merged: dict) -> None:
         """Workers run no checker: the latest check of each server is the supervisor's."""
@@ -349,6 +366,7 @@ class Supervisor:
         self.app.reload_listeners.append(level_listener)  # workers switch their own access logs
         self.checker: HealthChecker | None = None
         self.services: list = []
+        self._admin_lock = threading.Lock()  # runtime API writes vs replays to new workers
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> int:
@@ -522,6 +540,11 @@ class Supervisor:
         return None
 
     def _replay_verdicts(self, handle: WorkerHandle) -> None:
+        """A worker that just started or reloaded learns what its config cannot tell it: the runtime
+        API's admin states and the servers the health checks took down."""
+        with self._admin_lock:
+            for (upstream, address), state in list(self.app.admin_states.items()):
+                handle.link.send({"op": "admin_state", "upstream": upstream, "address": address, "state": state})
         if self.checker is None:
             return
         for upstream, address, up, reason in self.checker.verdicts():
@@ -683,6 +706,23 @@ class Supervisor:
     def _stop_services(self) -> None:
         for service in reversed(self.services):
             service.stop()
+
+    def set_server_state(self, upstream: str, address: str, state: str) -> str:
+        """The runtime API (on an admin thread): apply here (the health checker's servers), then in every
+        worker, waiting for each to confirm, so a drain answered is a drain in force. Returns the state
+        the server had; UnknownServer for an upstream or server the config does not have."""
+        message = {"op": "admin_state", "upstream": upstream, "address": address, "state": state}
+        with self._admin_lock:  # a replay to a starting worker cannot slip an older state in between
+            previous = self.app.set_admin_state(upstream, address, state)
+            handles = self._all_handles()
+            for handle in handles:
+                handle.link.send(message)
+        for handle in handles:
+            try:  # a link delivers in order: the answer to a ping means the state is applied
+                handle.link.request({"op": "ping"}, timeout=SNAPSHOT_TIMEOUT)
+            except ControlError as exc:  # gone or stuck: a successor gets it replayed when ready
+                log.warning("worker %d (pid %d): admin state not confirmed: %s", handle.slot, handle.pid, exc)
+        return previous
 
     def _broadcast_health(self, upstream: str, address: str, up: bool, reason: str) -> None:
         self._broadcast({"op": "health", "upstream": upstream, "address": address, "up": up, "reason": reason})

@@ -22,7 +22,7 @@ import random
 import threading
 from typing import Collection, Protocol, Sequence
 
-from proxy.upstream.servers import EjectionCap, Server
+from proxy.upstream.servers import ENABLED, EjectionCap, Server
 
 log = logging.getLogger("pyproxy.health")
 
@@ -330,8 +330,10 @@ class Upstream:
         return self._failing_open
 
     def _pick_failing_open(self, candidates: Sequence[Server]) -> Server | None:
-        """Every server is down (not merely full): claim the next one in turn whatever its checks say."""
-        if not candidates or any(server.state == "up" for server in self._servers):
+        """Every server is down (not merely full): claim the next one in turn whatever its checks say.
+        Servers an operator drained or disabled stay out: fail-open overrules the checks, not them."""
+        candidates = [server for server in candidates if server.admin_state == ENABLED]
+        if not candidates or any(server.state == "up" and server.admin_state == ENABLED for server in self._servers):
             return None  # some server is up but busy (max_connections): that is a 503, not fail-open
         with self._fail_open_lock:
             turn = self._fail_open_turn

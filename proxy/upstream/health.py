@@ -35,6 +35,7 @@ from typing import Callable
 from proxy.config.schema import HealthConfig, UpstreamConfig
 from proxy.config.units import describe_expect_status
 from proxy.upstream.pool import upstream_tls_context
+from proxy.upstream.servers import DISABLED
 from proxy.http.http1 import NEED_DATA, Data, EndOfMessage, ProtocolError, ResponseHead, ResponseParser
 
 log = logging.getLogger("pyproxy.health")
@@ -256,6 +257,12 @@ def apply_health(app, upstream_name: str, address: str, up: bool, reason: str, a
     return found
 
 
+def _checked(server) -> bool:
+    """A server the operator disabled gets no health checks; its last verdict stays until it is
+    enabled again, and the first check after that is due at once."""
+    return server.admin_state != DISABLED
+
+
 # -- the service -----------------------------------------------------------------------------------
 
 class _Target:
@@ -350,7 +357,7 @@ class HealthChecker:
             for target, upstream_config in due:
                 self._submit(target, upstream_config)
         with self._lock:
-            waits = [t.next_due - now for t in self._targets.values() if not t.in_flight]
+            waits = [t.next_due - now for t in self._targets.values() if not t.in_flight and _checked(t.server)]
         return min([MAX_IDLE_WAIT, *waits]) if waits else MAX_IDLE_WAIT
 
     def _sync_targets(self, now: float) -> list[tuple[_Target, UpstreamConfig]]:
@@ -379,7 +386,7 @@ class HealthChecker:
                         kept_down.append(target)
                 target.policy.healthy_after = health.healthy_after
                 target.policy.unhealthy_after = health.unhealthy_after
-                if not target.in_flight and target.next_due <= now:
+                if not target.in_flight and target.next_due <= now and _checked(server):
                     target.in_flight = True
                     due.append((target, upstream_config))
         for target in dropped:

@@ -35,6 +35,11 @@ DEFAULT_FAIL_TIMEOUT = 10.0
 INITIAL_REASON = "initial"
 EJECTION_EXPIRED_REASON = "ejection expired"
 SLOW_START_FLOOR = 0.1  # a server in slow start begins at this share of its weight
+# The operator's say over a server (the runtime API), apart from what the checks say: "draining" takes
+# no new requests (those in flight, tunnels and health checks go on), "disabled" gets no traffic and no
+# health checks (HAProxy's "drain" and "maint" admin states).
+ENABLED, DRAINING, DISABLED = "enabled", "draining", "disabled"
+ADMIN_STATES = (ENABLED, DRAINING, DISABLED)
 
 Clock = Callable[[], float]
 LogEvents = list[tuple[int, str, tuple]]
@@ -91,6 +96,8 @@ class Server:
         self._is_up = True
         self._state_reason = INITIAL_REASON
         self._state_since = clock()
+        self._admin_state = ENABLED
+        self._admin_out = False  # draining or disabled: one flag for the hot path to read
 
     # -- identity and configuration (immutable) --------------------------------
 
@@ -184,6 +191,8 @@ class Server:
 
     def available(self) -> bool:
         """May a policy pick this server now? Lock-free hint; try_acquire() decides for real."""
+        if self._admin_out:
+            return False
         if not self._held_in:
             if not self._healthy:
                 return False
@@ -202,8 +211,8 @@ class Server:
         with self._lock:
             if self._ejected_until is not None:
                 events = self._expire_ejection_locked(self._clock())
-            if even_if_down:
-                acquired = self._max_connections == 0 or self._active < self._max_connections
+            if even_if_down:  # the checks are overruled, never the operator
+                acquired = not self._admin_out and (self._max_connections == 0 or self._active < self._max_connections)
             else:
                 acquired = self._available_locked()
             if acquired:
@@ -326,6 +335,26 @@ class Server:
         self._after(events)
         return changed
 
+    # -- the operator's admin state ------------------------------------------------------------
+
+    @property
+    def admin_state(self) -> str:
+        """ENABLED, DRAINING or DISABLED: set by the runtime API, whatever the health checks say."""
+        return self._admin_state
+
+    def set_admin_state(self, state: str) -> str:
+        """Drain, disable or enable this server. Returns the state it had. Requests in flight are not
+        touched: they finish and release their slots as usual."""
+        if state not in ADMIN_STATES:
+            raise ValueError(f"admin state must be one of {', '.join(ADMIN_STATES)}, got {state!r}")
+        with self._lock:
+            previous = self._admin_state
+            self._admin_state = state
+            self._admin_out = state != ENABLED
+            if previous != ENABLED and state == ENABLED:
+                self._ramp_start = self._clock()  # slow start: back in rotation, it ramps up as after a recovery
+        return previous
+
     # -- reporting ---------------------------------------------------------------------
 
     @property
@@ -350,6 +379,7 @@ class Server:
             "state": "up" if self._is_up or self._held_in else "down",
             "reason": f"would be ejected: {self._state_reason}" if self._held_in else self._state_reason,
             "would_eject": self._held_in,
+            "admin_state": self._admin_state,
             "slow_start_remaining": round(self._slow_start_remaining(self._clock()), 3),
             "since": self._state_since,
             "weight": self._weight,
@@ -377,6 +407,8 @@ class Server:
         return value
 
     def _available_locked(self) -> bool:
+        if self._admin_out:
+            return False
         if not self._held_in and (not self._healthy or self._ejected_until is not None):
             return False
         return self._max_connections == 0 or self._active < self._max_connections
