@@ -196,6 +196,7 @@ def proxied():
         config = parse_config(document, "test.toml")
         process = ProxyProcess(config, listeners=[(config.server.listen[0], sock)])
         proxy = ProxiedListener(process, process.start_in_thread(), port)
+        proxy.document = document  # for a test that reloads a changed copy
         running.append(proxy)
         return proxy
 
@@ -329,6 +330,21 @@ def test_tls_after_the_proxy_header(make_backend, proxied, tmp_path):
         assert backend.last.header("x-forwarded-proto") == "https"
 
 
+def test_reload_turns_proxy_protocol_off_and_on(make_backend, proxied):
+    backend = make_backend()
+    proxy = proxied({"app": [backend.address]})
+    assert _exchange(proxy, V2_TCP4 + GET).status == 200
+    document = proxy.document
+    document["server"]["listen"][0]["proxy_protocol"] = False
+    proxy.process.reload(parse_config(document, "test.toml"))
+    assert _exchange(proxy, GET).status == 200
+    assert backend.last.header("x-forwarded-for") == "127.0.0.1"
+    document["server"]["listen"][0]["proxy_protocol"] = True
+    proxy.process.reload(parse_config(document, "test.toml"))
+    assert _exchange(proxy, b"PROXY TCP4 192.0.2.1 10.0.0.1 1 2\r\n" + GET).status == 200
+    assert backend.last.header("x-forwarded-for") == "192.0.2.1"
+
+
 def test_listeners_without_proxy_protocol_are_unchanged(make_backend, make_proxy):
     backend = make_backend()
     proxy = make_proxy({"app": [backend.address]}, server={"trusted_proxies": ["127.0.0.1"]})
@@ -391,6 +407,16 @@ def test_a_full_pool_makes_room_for_the_latest_client(make_proxy, pp_backend):
     assert _get(proxy, "127.0.0.3", "127.0.0.3") == b"1"  # the pool holds one: 127.0.0.2's made room
     assert _get(proxy, "127.0.0.3", "127.0.0.3") == b"1"
     assert _get(proxy, "127.0.0.2", "127.0.0.2") == b"2"
+
+
+def test_reload_starts_sending_the_header_on_new_connections(make_proxy, pp_backend):
+    proxy = make_proxy({"app": [pp_backend.address]}, upstream_options={"send_proxy_protocol": "v1"})
+    assert _get(proxy, "127.0.0.2", "127.0.0.2") == b"0"
+    document = proxy_config_dict({"app": [pp_backend.address]}, upstream_options={"send_proxy_protocol": "v2"},
+                                 server={"listen": f"127.0.0.1:{proxy.port}"})
+    proxy.process.reload(parse_config(document, "test.toml"))
+    assert _get(proxy, "127.0.0.2", "127.0.0.2") == b"1"  # a new pool: the v1 connection is not reused
+    assert [h.version for h in pp_backend.headers] == [1, 2]
 
 
 @pytest.mark.parametrize("version, command", [("v1", "UNKNOWN"), ("v2", "LOCAL")])
