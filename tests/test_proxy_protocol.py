@@ -20,6 +20,7 @@ from core.socket_server import bind_listener
 from proxy.config.schema import ConfigError, parse_config
 from proxy.http.proxy_protocol import (Origin, ProxyHeaderError, ThrottledLog, V2_SIGNATURE, build_header,
                                        header_length, parse_header)
+from proxy.routing.table import routing_table_lines
 from proxy.serve.runner import ProxyProcess
 from tests.support.client import RawClient
 from tests.support.proxy import CLIENT_TIMEOUT, PROXY_STOP_TIMEOUT, RunningProxy, proxy_config_dict
@@ -155,6 +156,15 @@ def test_proxy_protocol_needs_trusted_proxies():
     config = _config([{"address": "127.0.0.1:8080", "proxy_protocol": True}], trusted_proxies=["10.0.0.0/8"])
     assert config.server.listen[0].proxy_protocol
     assert not _config("127.0.0.1:8080").server.listen[0].proxy_protocol  # off unless asked for
+
+
+def test_pyproxy_check_shows_both_ends():
+    document = proxy_config_dict({"app": ["127.0.0.1:9"]}, upstream_options={"send_proxy_protocol": "v1"},
+                                 server={"listen": [{"address": "127.0.0.1:8080", "proxy_protocol": True}],
+                                         "trusted_proxies": ["10.0.0.0/8"]})
+    text = "\n".join(routing_table_lines(parse_config(document, "pp.toml")))
+    assert "127.0.0.1:8080 (PROXY protocol)" in text
+    assert "sends a PROXY protocol v1 header on each new connection" in text
 
 
 @pytest.mark.parametrize("document_change, problem", [
@@ -399,6 +409,22 @@ def test_send_proxy_protocol_carries_an_inbound_proxy_header_on(proxied, pp_back
     assert _exchange(proxy, V2_TCP6 + GET).status == 200
     header = pp_backend.headers[0]
     assert (header.src, header.src_port, header.dst, header.dst_port) == ("2001:db8::7", 40000, "2001:db8::1", 443)
+
+
+def test_the_header_goes_before_tls_to_an_https_server(make_proxy, tmp_path):
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    backend = ProxyProtocolBackend(tls_context=context).start()
+    try:
+        ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+        proxy = make_proxy({"app": [f"https://{backend.address}"]},
+                           upstream_options={"send_proxy_protocol": "v2", "tls_ca": str(tmp_path / "ca.pem")})
+        assert _get(proxy, "127.0.0.2", "127.0.0.2") == b"0"
+        assert backend.errors == []
+        assert (backend.headers[0].command, backend.headers[0].src) == ("PROXY", "127.0.0.2")
+    finally:
+        backend.stop()
 
 
 def test_a_full_pool_makes_room_for_the_latest_client(make_proxy, pp_backend):

@@ -6,13 +6,14 @@
 
 Its own small parser, independent of proxy.http.proxy_protocol, so a test checks pyproxy's headers
 against the spec rather than against pyproxy. Each answer is 200 with the connection's index as body,
-keep-alive, so a test can tell a reused upstream connection from a new one. Everything is bounded.
+keep-alive (over TLS after the header with ``tls_context``), so a test can tell a reused upstream connection from a new one. Everything is bounded.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 import struct
 import threading
 from dataclasses import dataclass
@@ -70,7 +71,8 @@ def read_header(sock: socket.socket) -> ReceivedHeader:
 
 
 class ProxyProtocolBackend:
-    def __init__(self):
+    def __init__(self, tls_context: ssl.SSLContext | None = None):
+        self.tls_context = tls_context  # TLS after the header, as an HTTPS server behind HAProxy
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.sock.settimeout(ACCEPT_POLL)
         self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
@@ -116,29 +118,34 @@ class ProxyProtocolBackend:
 
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(SOCKET_TIMEOUT)
-        with conn:
-            try:
-                header = read_header(conn)
-            except (AssertionError, OSError, ValueError) as exc:
-                with self._lock:
-                    self.errors.append(repr(exc))
-                return
+        try:
+            header = read_header(conn)
             with self._lock:
                 index = len(self.headers)
                 self.headers.append(header)
-            buffer = b""
-            while not self._stop.is_set():
-                try:
-                    while b"\r\n\r\n" not in buffer:
-                        part = conn.recv(65536)
-                        if not part:
-                            return
-                        buffer += part
-                except OSError:
-                    return
-                head, buffer = buffer.split(b"\r\n\r\n", 1)
-                request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            if self.tls_context is not None:
+                wrapped = self.tls_context.wrap_socket(conn, server_side=True)
+                with self._lock:  # the wrapped socket owns the fd now: stop() must shut that one down
+                    self._connections[self._connections.index(conn)] = conn = wrapped
+            self._answer_requests(conn, index)
+        except (AssertionError, OSError, ValueError) as exc:
+            if not self._stop.is_set():
                 with self._lock:
-                    self.requests.append((index, request_line))
-                body = str(index).encode()
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                    self.errors.append(repr(exc))
+        finally:
+            conn.close()
+
+    def _answer_requests(self, conn: socket.socket, index: int) -> None:
+        buffer = b""
+        while not self._stop.is_set():
+            while b"\r\n\r\n" not in buffer:
+                part = conn.recv(65536)
+                if not part:
+                    return
+                buffer += part
+            head, buffer = buffer.split(b"\r\n\r\n", 1)
+            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            with self._lock:
+                self.requests.append((index, request_line))
+            body = str(index).encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
