@@ -355,6 +355,52 @@ def test_reload_turns_proxy_protocol_off_and_on(make_backend, proxied):
     assert backend.last.header("x-forwarded-for") == "192.0.2.1"
 
 
+def _tls_pki(tmp_path):
+    ca = trustme.CA()
+    leaf = ca.issue_cert("app.test")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    leaf.cert_chain_pems[0].write_to_path(cert)
+    leaf.private_key_pem.write_to_path(key)
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return {"tls_cert": str(cert), "tls_key": str(key)}, context
+
+
+def test_a_handshake_under_way_when_a_reload_turns_proxy_protocol_on_completes(make_backend, proxied, tmp_path):
+    files, context = _tls_pki(tmp_path)
+    backend = make_backend()
+    proxy = proxied({"app": [backend.address]}, listen={"proxy_protocol": False, **files})
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = context.wrap_bio(incoming, outgoing, server_hostname="app.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    hello = outgoing.read()
+    with proxy.connect() as sock:
+        sock.sendall(hello[:10])
+        wait_for(lambda: proxy.process.server.connection_counts()["idle"] == 1, timeout=10)
+        proxy.document["server"]["listen"][0]["proxy_protocol"] = True
+        proxy.process.reload(parse_config(proxy.document, "test.toml"))
+        sock.sendall(hello[10:])
+        for _ in range(10):  # TLS 1.3: one flight each way
+            try:
+                client.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        client.write(GET)
+        sock.sendall(outgoing.read())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            incoming.write(sock.recv(65536))
+            try:
+                answer += client.read(65536)
+            except ssl.SSLWantReadError:
+                continue
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert backend.last.header("x-forwarded-for") == "127.0.0.1"  # it began without a header, so none was read
+
+
 def test_listeners_without_proxy_protocol_are_unchanged(make_backend, make_proxy):
     backend = make_backend()
     proxy = make_proxy({"app": [backend.address]}, server={"trusted_proxies": ["127.0.0.1"]})

@@ -260,7 +260,10 @@ class HttpHandler:
         scheme = "http"
         origin = None
         proxied = self.app.runtime.proxy_protocol_listeners
-        if proxied and getattr(conn.listener, "address", None) in proxied:
+        # A connection keeps the mode it started in, whatever a reload changes meanwhile: one whose header
+        # began goes on with it; one whose TLS handshake began without one never gets asked for one.
+        if conn.server_data is not None or (proxied and getattr(conn.listener, "address", None) in proxied
+                                            and not isinstance(conn.sock, ssl.SSLSocket)):
             header = self._read_proxy_header(conn)
             if header is None or header is PARKED:
                 return header
