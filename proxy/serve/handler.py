@@ -688,13 +688,14 @@ class HttpHandler:
         """One try on one server: send the request, relay the response, and give the connection back to
         the pool (kept if the exchange left it reusable). One generator for all of it on the common path."""
         pool = upstream.pools[server]
-        origin = _origin(ex) if pool.proxy_protocol is not None else None
-        if fresh:
-            upstream_conn = pool.connect(origin)
+        if pool.proxy_protocol is not None:  # its connections name a client: only that client's fit
+            upstream_conn = self._checkout_for_client(ex, pool, fresh)
+        elif fresh:
+            upstream_conn = pool.connect()
         elif ex.request.method in IDEMPOTENT:
-            upstream_conn = pool.checkout(origin=origin)
+            upstream_conn = pool.checkout()
         else:  # it cannot be resent if the connection turns out stale: only a recently used one
-            upstream_conn = pool.checkout(max_idle=NON_IDEMPOTENT_MAX_IDLE, origin=origin)
+            upstream_conn = pool.checkout(max_idle=NON_IDEMPOTENT_MAX_IDLE)
         reusable = False
         try:
             head = build_request_head(ex.request, out)
@@ -718,6 +719,15 @@ class HttpHandler:
         finally:
             if ex.conn.state is not S.TUNNEL:  # otherwise the tunnel relay owns the socket now
                 pool.release(upstream_conn, reusable)
+
+    @staticmethod
+    def _checkout_for_client(ex: Exchange, pool, fresh: bool):
+        """_attempt's checkout for a server with send_proxy_protocol, by the same rules."""
+        origin = _origin(ex)
+        if fresh:
+            return pool.connect(origin)
+        max_idle = None if ex.request.method in IDEMPOTENT else NON_IDEMPOTENT_MAX_IDLE
+        return pool.checkout(max_idle=max_idle, origin=origin)
 
     def _send_expecting_continue(self, ex: Exchange, link, head: bytes):
         """Expect: 100-continue: the head, then the body once the server asks for it (or the client sends
