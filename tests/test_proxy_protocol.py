@@ -139,7 +139,7 @@ def test_throttled_log_keeps_a_flood_to_a_few_lines(caplog):
         clock.advance(61)
         throttled.warning("later")
     assert [r.getMessage() for r in caplog.records][3:] == [
-        "997 more like the next line were not logged in the last 60s", "later"]
+        "997 more such lines were left out in the last 60s", "later"]
 
 
 # -- the config -----------------------------------------------------------------------------------------

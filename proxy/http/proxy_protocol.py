@@ -215,8 +215,9 @@ def _unmapped(address):
 # -- logging a flood ----------------------------------------------------------------------------------
 
 class ThrottledLog:
-    """At most ``limit`` lines per ``interval``; past that, one line counting what was left out. A
-    flood of bad connections must not fill the disk with a line each."""
+    """At most ``limit`` lines per ``interval``; what is left out is counted, and the count logged
+    before the next line written in a later interval. A flood of bad connections must not fill the
+    disk with a line each."""
 
     def __init__(self, logger: logging.Logger, limit: int = 10, interval: float = 60.0, clock=time.monotonic):
         self.logger = logger
@@ -241,6 +242,6 @@ class ThrottledLog:
             else:
                 self.suppressed += 1
         if dropped:
-            self.logger.warning("%d more like the next line were not logged in the last %gs", dropped, self.interval)
+            self.logger.warning("%d more such lines were left out in the last %gs", dropped, self.interval)
         if write:
             self.logger.warning(message, *args)
