@@ -22,6 +22,7 @@ from proxy.http.proxy_protocol import (Origin, ProxyHeaderError, ThrottledLog, V
                                        header_length, parse_header)
 from proxy.routing.table import routing_table_lines
 from proxy.serve.runner import ProxyProcess
+from proxy.upstream.pool import ServerPool
 from tests.support.client import RawClient
 from tests.support.proxy import CLIENT_TIMEOUT, PROXY_STOP_TIMEOUT, RunningProxy, proxy_config_dict
 from tests.support.proxy_protocol_backend import ProxyProtocolBackend
@@ -197,12 +198,15 @@ class ProxiedListener(RunningProxy):
 def proxied():
     running = []
 
-    def factory(upstreams: dict, listen: dict | None = None, server: dict | None = None, **options):
+    def factory(upstreams: dict, listen: dict | None = None, server: dict | None = None, access_log=None,
+                **options):
         sock = bind_listener("127.0.0.1", 0)
         port = sock.getsockname()[1]
         listen = {"address": f"127.0.0.1:{port}", "proxy_protocol": True, **(listen or {})}
         settings = {"listen": [listen], "trusted_proxies": ["127.0.0.1"], "header_timeout": "10s", **(server or {})}
         document = proxy_config_dict(upstreams, server=settings, **options)
+        if access_log is not None:
+            document["log"]["access"] = str(access_log)
         config = parse_config(document, "test.toml")
         process = ProxyProcess(config, listeners=[(config.server.listen[0], sock)])
         proxy = ProxiedListener(process, process.start_in_thread(), port)
@@ -248,6 +252,15 @@ def test_the_carried_address_is_the_client(make_backend, proxied, header, client
     assert backend.last.header("x-forwarded-for") == client
 
 
+def test_the_access_log_shows_the_carried_address(make_backend, proxied, tmp_path):
+    backend = make_backend()
+    access_log = tmp_path / "access.log"
+    proxy = proxied({"app": [backend.address]}, access_log=access_log)
+    assert _exchange(proxy, b"PROXY TCP6 2001:db8::7 2001:db8::1 40000 443\r\n" + GET).status == 200
+    wait_for(lambda: access_log.exists() and "/who" in access_log.read_text(), timeout=10)
+    assert access_log.read_text().startswith('2001:db8::7 - - [')
+
+
 def test_a_forwarded_for_header_from_the_carried_client_is_not_believed(make_backend, proxied):
     backend = make_backend()
     proxy = proxied({"app": [backend.address]})
@@ -281,6 +294,19 @@ def test_a_malformed_header_closes_the_connection_and_is_logged(make_backend, pr
         wait_for(lambda: "bad PROXY header" in caplog.text, timeout=5)
     assert "closed connection from 127.0.0.1: bad PROXY header" in caplog.text
     assert backend.requests == []
+
+
+def test_a_close_in_the_middle_of_the_header_is_logged(make_backend, proxied, caplog):
+    proxy = proxied({"app": [make_backend().address]})
+    with caplog.at_level(logging.WARNING, logger="pyproxy.handler"):
+        with proxy.connect() as sock:
+            sock.sendall(b"PROXY TCP4 203.0")
+            wait_for(lambda: proxy.process.server.connection_counts()["idle"] == 1, timeout=10)
+        wait_for(lambda: "127.0.0.1: gone after 16 bytes of the PROXY header" in caplog.text, timeout=10)
+        with proxy.connect():
+            pass  # a connection that sends nothing (a balancer's TCP check) is not worth a line
+        wait_for(lambda: proxy.process.server.connection_count == 0, timeout=10)
+    assert caplog.text.count("closed connection") == 1
 
 
 def test_a_peer_not_in_trusted_proxies_is_closed(make_backend, proxied, caplog):
@@ -499,3 +525,34 @@ def test_health_checks_send_a_header_without_a_client(make_proxy, pp_backend, ve
     wait_for(lambda: any(line == "GET /healthz HTTP/1.1" for _, line in pp_backend.requests), timeout=10)
     index = next(i for i, line in pp_backend.requests if line == "GET /healthz HTTP/1.1")
     assert (pp_backend.headers[index].version, pp_backend.headers[index].command) == (int(version[1]), command)
+
+
+# -- the pool's rule, with a fake clock ---------------------------------------------------------------
+
+def test_a_pool_sending_headers_reuses_only_the_same_clients_young_connections():
+    clock = FakeClock()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        pool = ServerPool("127.0.0.1", listener.getsockname()[1], keepalive_timeout=30.0, proxy_protocol="v1",
+                          clock=clock)
+        alice, bob = (Origin(ip, 5000, "127.0.0.1", 80) for ip in ("192.0.2.1", "192.0.2.2"))
+        first = pool.checkout(origin=alice)
+        server_side, _ = listener.accept()
+        with server_side:
+            server_side.settimeout(CLIENT_TIMEOUT)
+            assert server_side.recv(100) == b"PROXY TCP4 192.0.2.1 127.0.0.1 5000 80\r\n"
+            pool.release(first, reusable=True)
+            assert pool.checkout(origin=alice) is first
+            pool.release(first, reusable=True)
+            other = pool.checkout(origin=bob)  # never alice's
+            assert other is not first and pool.connects_total == 2
+            other.close()
+            clock.advance(5)
+            for_a_post = pool.checkout(origin=alice, max_idle=1.0)
+            assert for_a_post is not first  # too old for a request that cannot be resent: a new one
+            for_a_post.close()
+            clock.advance(30)
+            assert pool.idle_count == 1  # alice's first, now past keepalive_timeout: dropped at the next look
+            fresh = pool.checkout(origin=alice)
+            assert fresh is not first and pool.idle_count == 0
+            fresh.close()
+            first.close()

@@ -155,7 +155,7 @@ class HeaderReader:
             except (BlockingIOError, InterruptedError):
                 return False
             if not waiting:
-                raise ConnectionError(f"closed after {len(self.received)} bytes of the PROXY header")
+                raise ConnectionError(f"gone after {len(self.received)} bytes of the PROXY header")
             seen = self.received + waiting
             total = header_length(seen)
             take = len(waiting) if total is None else min(len(waiting), total - len(self.received))
