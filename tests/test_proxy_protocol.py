@@ -269,14 +269,29 @@ def test_a_forwarded_for_header_from_the_carried_client_is_not_believed(make_bac
     assert backend.last.header_all("x-forwarded-for") == ["203.0.113.7"]
 
 
-def test_allow_and_ip_hash_use_the_carried_address(make_backend, proxied):
+def test_allow_uses_the_carried_address(make_backend, proxied):
     backend = make_backend()
     proxy = proxied({"app": [backend.address]},
-                    routes=[{"path": "/", "upstream": "app", "allow": ["203.0.113.0/24"]}],
-                    upstream_options={"policy": "ip_hash"})
+                    routes=[{"path": "/", "upstream": "app", "allow": ["203.0.113.0/24"]}])
     assert _exchange(proxy, b"PROXY TCP4 203.0.113.7 10.0.0.1 1 2\r\n" + GET).status == 200
-    refused = _exchange(proxy, b"PROXY TCP4 198.51.100.1 10.0.0.1 1 2\r\n" + GET)
-    assert refused.status == 403
+    assert _exchange(proxy, b"PROXY TCP4 198.51.100.1 10.0.0.1 1 2\r\n" + GET).status == 403
+    assert _exchange(proxy, V2_LOCAL + GET).status == 403  # the balancer itself is not allowed
+
+
+def test_ip_hash_uses_the_carried_address(make_backend, proxied):
+    """Every connection comes from 127.0.0.1; only the carried addresses can spread them (rendezvous
+    hashing is deterministic: 16 addresses all on one of two servers would be a 1 in 32768 chance)."""
+    backends = [make_backend(), make_backend()]
+    proxy = proxied({"app": [b.address for b in backends]}, upstream_options={"policy": "ip_hash"})
+    chosen = {}
+    for host in range(1, 17):
+        for _ in range(2):
+            before = [len(b.requests) for b in backends]
+            header = b"PROXY TCP4 203.0.113.%d 10.0.0.1 1 2\r\n" % host
+            assert _exchange(proxy, header + GET).status == 200
+            served = [i for i, b in enumerate(backends) if len(b.requests) > before[i]]
+            assert chosen.setdefault(host, served) == served, f"203.0.113.{host} moved"
+    assert sorted({tuple(v) for v in chosen.values()}) == [(0,), (1,)]
 
 
 @pytest.mark.parametrize("sent", [
