@@ -8,8 +8,8 @@
 - No I/O under the lock: sockets are closed after the lock is released.
 - ``send_proxy_protocol``: a new connection starts with a PROXY header naming the client it was opened
   for, and the server believes it for the connection's whole life. So such a connection is reused only
-  for that same client address (HAProxy's rule for connections it sent a PROXY header on), and when
-  the pool is full, the least recently used one makes room (many clients, each a little keep-alive).
+  for that same client address (HAProxy, too, never shares such a connection between clients), and
+  when the pool is full, the least recently used one makes room (many clients, each a little keep-alive).
 """
 
 from __future__ import annotations
