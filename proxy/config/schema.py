@@ -80,6 +80,7 @@ class ListenConfig:
     sni: tuple[SniCertificate, ...] = ()  # certificates picked by server name; tls_cert is the default
     tls_internal: bool = False  # tls = "internal": certificates issued on demand by the local CA
     redirect_https: bool = False  # every request answered with a 308 to the same URL on https
+    proxy_protocol: bool = False  # every connection starts with a PROXY header (proxy.http.proxy_protocol)
 
     @property
     def address(self) -> str:
@@ -204,6 +205,7 @@ class UpstreamConfig:
     retry_budget: RetryBudgetConfig = RetryBudgetConfig()
     tls_verify: bool = True
     tls_ca: str | None = None
+    send_proxy_protocol: str | None = None  # "v1" | "v2": a PROXY header on each new connection
 
 
 @dataclass(frozen=True)
@@ -592,7 +594,7 @@ _SERVER_CONVERTERS = {
     "send_timeout": _duration(),
     "cpu_affinity": _cpu_affinity,
 }
-LISTEN_KEYS = ("address", "tls", "tls_cert", "tls_key", "sni", "redirect_https")
+LISTEN_KEYS = ("address", "tls", "tls_cert", "tls_key", "sni", "redirect_https", "proxy_protocol")
 LISTEN_TLS_MODES = ("internal",)
 TLS_KEYS = ("internal_ca_dir", "internal_names")
 SNI_KEYS = ("host", "tls_cert", "tls_key")
@@ -607,8 +609,9 @@ UPSTREAM_ONLY_ROUTE_OPTIONS = ("strip_prefix", "set_headers", "compress")
 UPSTREAM_KEYS = (
     "servers", "policy", "preserve_host", "keepalive", "keepalive_timeout", "max_connections",
     "connect_timeout", "read_timeout", "retries", "health", "passive", "tls_verify", "tls_ca",
-    "max_ejected_percent", "all_down", "slow_start", "retry_budget",
+    "max_ejected_percent", "all_down", "slow_start", "retry_budget", "send_proxy_protocol",
 )
+PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
 _UPSTREAM_CONVERTERS = {
     "policy": _choice(POLICY_NAMES),
     "preserve_host": _boolean,
@@ -622,6 +625,7 @@ _UPSTREAM_CONVERTERS = {
     "max_ejected_percent": _integer(0, 100),
     "all_down": _choice(ALL_DOWN_MODES),
     "slow_start": _duration(positive=False),   # 0 = off
+    "send_proxy_protocol": _choice(PROXY_PROTOCOL_VERSIONS),
 }
 SERVER_ENTRY_KEYS = ("address", "weight")
 HEALTH_KEYS = ("path", "interval", "timeout", "expect_status", "healthy_after", "unhealthy_after",
@@ -668,7 +672,8 @@ def _parse_listen_table(c: _Checker, table: dict, path: str) -> ListenConfig | N
     key = c.existing_file(table["tls_key"], key_path(path, "tls_key")) if "tls_key" in table else None
     has_default = "tls_cert" in table or internal
     sni = _parse_sni(c, table["sni"], key_path(path, "sni"), has_default) if "sni" in table else ()
-    redirect_https = c.fields(table, path, {"redirect_https": _boolean}).get("redirect_https", False)
+    flags = c.fields(table, path, {"redirect_https": _boolean, "proxy_protocol": _boolean})
+    redirect_https = flags.get("redirect_https", False)
     if redirect_https and has_default:
         c.add(key_path(path, "redirect_https"), "a TLS listener is https already: it would redirect to itself")
     if "address" not in table:
@@ -679,7 +684,7 @@ def _parse_listen_table(c: _Checker, table: dict, path: str) -> ListenConfig | N
     except ValueError as problem:
         c.add(key_path(path, "address"), str(problem))
         return None
-    return ListenConfig(host, port, cert, key, sni, internal, redirect_https)
+    return ListenConfig(host, port, cert, key, sni, internal, redirect_https, flags.get("proxy_protocol", False))
 
 
 def _parse_listen_tls(c: _Checker, table: dict, path: str) -> bool:
@@ -823,9 +828,20 @@ def _parse_server(c: _Checker, value: Any) -> ServerSettings:
     if "trusted_proxies" in table:
         values["trusted_proxies"] = _parse_trusted_proxies(c, table["trusted_proxies"])
     settings = ServerSettings(**values)
+    _check_proxy_protocol_trust(c, settings, isinstance(table.get("listen"), list))
     if settings.min_threads > settings.max_threads:
         c.add("server.min_threads", f"must not exceed max_threads ({settings.min_threads} > {settings.max_threads})")
     return settings
+
+
+def _check_proxy_protocol_trust(c: _Checker, settings: ServerSettings, listed: bool) -> None:
+    """A PROXY header says who the client is; believed from anyone, it would let anyone claim any address."""
+    if settings.trusted_proxies:
+        return
+    for index, listen in enumerate(settings.listen):
+        if listen.proxy_protocol:
+            c.add(f"server.listen[{index}].proxy_protocol" if listed else "server.listen.proxy_protocol",
+                  "needs server.trusted_proxies: the addresses of the balancers allowed to send the header")
 
 
 def _parse_trusted_proxies(c: _Checker, value: Any) -> tuple[str, ...]:
@@ -842,6 +858,8 @@ def _parse_admin(c: _Checker, value: Any, server: ServerSettings) -> AdminConfig
     listen = _parse_listen_entry(c, raw, "admin.listen") or ListenConfig(*parse_address(DEFAULT_ADMIN_LISTEN))
     if listen.redirect_https:
         c.add("admin.listen.redirect_https", "only for server.listen (the admin listener serves the admin endpoints)")
+    if listen.proxy_protocol:
+        c.add("admin.listen.proxy_protocol", "only for server.listen (the admin listener is reached directly)")
     clash = next((entry for entry in server.listen if _same_socket(entry, listen)), None)
     if clash:
         c.add("admin.listen", f"{listen.address} clashes with server.listen {clash.address}")

@@ -17,6 +17,8 @@ STARTER_CONFIG = '''\
 [server]
 listen = "127.0.0.1:8080"      # where clients connect; a list for several addresses
 # or: listen = [{ address = ":80", redirect_https = true }, ...]  # a 308 to https for every request on :80
+# behind an AWS NLB or HAProxy (mode tcp): listen = [{ address = ":8080", proxy_protocol = true }]
+#   every connection then starts with a PROXY header naming the client; needs trusted_proxies below
 workers = 1                    # worker processes; "auto" = one per CPU
 min_threads = 4                # threads per worker kept ready
 max_threads = 256              # at most this many requests in progress per worker
@@ -81,6 +83,7 @@ policy = "round_robin"         # round_robin | least_connections | random | ip_h
 preserve_host = true           # pass the client's Host header; false = send the server's address
 keepalive = 32                 # idle pooled connections kept per server
 keepalive_timeout = "30s"      # keep below the backend's own idle timeout
+# send_proxy_protocol = "v2"   # a PROXY header ("v1" or "v2") on each new connection, for backends that read it
 max_connections = 0            # concurrent connections per server; 0 = unlimited
 connect_timeout = "5s"
 read_timeout = "60s"           # response head, and each gap between body reads

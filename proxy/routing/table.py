@@ -44,6 +44,8 @@ def _upstream_lines(upstream: UpstreamConfig, indent: str) -> list[str]:
             lines.append(f"{indent}passive: out for {window} after {upstream.passive.max_fails} failures within {window}")
     if not health and not upstream.passive:
         lines.append(f"{indent}health: not checked")
+    if upstream.send_proxy_protocol:
+        lines.append(f"{indent}sends a PROXY protocol {upstream.send_proxy_protocol} header on each new connection")
     return lines
 
 
@@ -104,5 +106,7 @@ def routing_table_lines(config: Config) -> list[str]:
 
 def _listen_label(entry: ListenConfig) -> str:
     if entry.redirect_https:
-        return f"{entry.address} (redirects to https)"
-    return f"{entry.address} (TLS)" if entry.tls else entry.address
+        label = f"{entry.address} (redirects to https)"
+    else:
+        label = f"{entry.address} (TLS)" if entry.tls else entry.address
+    return f"{label} (PROXY protocol)" if entry.proxy_protocol else label

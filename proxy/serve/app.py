@@ -113,7 +113,8 @@ def _server_key(upstream: UpstreamConfig, server_config) -> tuple:
 
 def _pool_key(upstream: UpstreamConfig, server_config) -> tuple:
     return (_server_key(upstream, server_config), upstream.keepalive, upstream.keepalive_timeout,
-            upstream.connect_timeout, upstream.read_timeout, upstream.tls_verify, upstream.tls_ca)
+            upstream.connect_timeout, upstream.read_timeout, upstream.tls_verify, upstream.tls_ca,
+            upstream.send_proxy_protocol)
 
 
 class Runtime:
@@ -134,6 +135,9 @@ class Runtime:
         # Listener address -> the https port its requests are redirected to (redirect_https).
         self.https_redirects = {listen.address: https_port(config.server.listen)
                                 for listen in config.server.listen if listen.redirect_https}
+        # Listener addresses whose connections start with a PROXY header (proxy.http.proxy_protocol).
+        self.proxy_protocol_listeners = frozenset(listen.address for listen in config.server.listen
+                                                  if listen.proxy_protocol)
         self.trusted = tuple(ipaddress.ip_network(p, strict=False) for p in config.server.trusted_proxies)
         self._trusted_cache: dict[str, bool] = {}
         old_servers = previous.servers_by_key if previous else {}
@@ -168,7 +172,8 @@ class Runtime:
                 pool = ServerPool(server_config.host, server_config.port, keepalive=upstream.keepalive,
                                   keepalive_timeout=upstream.keepalive_timeout,
                                   connect_timeout=upstream.connect_timeout, read_timeout=upstream.read_timeout,
-                                  tls_context=tls_context if server_config.tls else None, clock=clock)
+                                  tls_context=tls_context if server_config.tls else None,
+                                  proxy_protocol=upstream.send_proxy_protocol, clock=clock)
             self.servers_by_key[key] = server
             self.pools_by_key[pool_key] = pool
             servers.append(server)

@@ -27,6 +27,7 @@ from core.transfer_relay import CHUNK, Copy, Readable, Send
 from core.zerocopy import PeerClosed, WriteTimedOut
 
 from proxy.http.compression import compression_for
+from proxy.http.proxy_protocol import HeaderReader, Origin, ProxyHeaderError, ThrottledLog
 from proxy.http.redirects import https_location, location, redirect_response
 from proxy.http.errors import ClientGone, NoRoute, Refused, NoServerAvailable, ProxyError, UpstreamConnectError, UpstreamFailed, UpstreamTimeout
 from proxy.http.forwarding import Outbound, build_request_head, build_response_head, interim_head, tunnel_upgrade
@@ -91,10 +92,14 @@ UPLOAD_GRACE = 0.01
 class ClientSession:
     """Per-connection state that outlives one request (the parser keeps pipelined bytes)."""
 
-    __slots__ = ("parser", "client_ip", "scheme", "requests", "head_deadline", "waiting_request", "held_exchange")
+    __slots__ = ("parser", "client_ip", "scheme", "requests", "head_deadline", "waiting_request", "held_exchange",
+                 "origin")
 
-    def __init__(self, parser: RequestParser, client_ip: str, scheme: str):
+    def __init__(self, parser: RequestParser, client_ip: str, scheme: str, origin: Origin | None = None):
         self.parser = parser
+        # The connection as its client made it: from a PROXY header, or worked out when an upstream
+        # with send_proxy_protocol first needs it (client_ip is its src_ip either way).
+        self.origin = origin
         self.head_deadline: float | None = None  # while a partial request head is parked
         self.waiting_request: RequestHead | None = None  # parked until its small body is all here
         self.held_exchange = None  # the exchange (a generator) whose transfer the server's relay holds
@@ -163,6 +168,7 @@ class HttpHandler:
         self._request_ids = random.Random(os.urandom(32))
         self.tunnels = TunnelRelay(app)  # upgraded connections: one relay thread for all of them
         self.hangups = HangupWatch()  # clients that leave while their request waits for its answer
+        self.proxy_header_problems = ThrottledLog(log)  # refused PROXY-protocol connections, a flood kept short
 
     def on_expired(self, conn) -> None:
         """core's callback for a connection parked past its deadline (half a head or a small body):
@@ -170,6 +176,12 @@ class HttpHandler:
         session = conn.server_data
         if session is None:
             return  # a TLS handshake that stalled: no HTTP has been spoken, so none is answered
+        if session.__class__ is HeaderReader:  # a PROXY header, then maybe a TLS handshake, still unfinished
+            if not session.done:
+                self.proxy_header_problems.warning(
+                    "closed connection from %s: no complete PROXY header within header_timeout (%d bytes of it)",
+                    conn.peer[0], len(session.received))
+            return
         request = session.waiting_request  # the head is known when the body was late
         if request is None and not session.parser.head_started:
             return  # a TLS client that never sent a request: closed without a word, as a plain one
@@ -191,7 +203,7 @@ class HttpHandler:
                 return
         else:
             conn.transition(S.READING)
-            if session is None:
+            if session is None or session.__class__ is HeaderReader:
                 session = self._open_session(conn)
                 if session is None or session is PARKED:
                     return  # PARKED: a TLS client between flights or before its request, held without a thread
@@ -247,6 +259,16 @@ class HttpHandler:
         while its TLS handshake waits for the client (header_timeout bounds the whole handshake)."""
         settings = self.app.settings
         scheme = "http"
+        origin = None
+        proxied = self.app.runtime.proxy_protocol_listeners
+        # A connection keeps the mode it started in, whatever a reload changes meanwhile: one whose header
+        # began goes on with it; one whose TLS handshake began without one never gets asked for one.
+        if conn.server_data is not None or (proxied and getattr(conn.listener, "address", None) in proxied
+                                            and not isinstance(conn.sock, ssl.SSLSocket)):
+            header = self._read_proxy_header(conn)
+            if header is None or header is PARKED:
+                return header
+            origin = header.origin
         tls = self.app.tls_for_listener(conn.listener)
         if tls is not None:
             scheme = "https"
@@ -264,8 +286,10 @@ class HttpHandler:
                                max_body_bytes=settings.max_body_bytes,
                                # a line past a small max_header_bytes is still a 414 (docs/configuration.md)
                                max_line_bytes=min(DEFAULT_MAX_LINE_BYTES, settings.max_header_bytes))
-        session = ClientSession(parser, str(conn.peer[0]), scheme)
+        session = ClientSession(parser, origin.src_ip if origin else str(conn.peer[0]), scheme, origin)
         conn.server_data = session
+        if tls is None and conn.park_deadline is not None:  # after a PROXY header: the head has what is left
+            session.head_deadline, conn.park_deadline = conn.park_deadline, None
         if tls is not None and not conn.readable_now():
             # Handshake done, no request yet: wait parked, not on this thread (slowloris over TLS),
             # within the header_timeout that started with the handshake.
@@ -274,6 +298,39 @@ class HttpHandler:
             conn.transition(S.IDLE)
             return PARKED
         return session
+
+    def _read_proxy_header(self, conn):
+        """A PROXY-protocol listener's header (the HeaderReader, done) before anything else on the
+        connection; PARKED while it is arriving (header_timeout counts from its first bytes); None when
+        the connection was refused: an untrusted peer, a bad header, or a close before its end (logged)."""
+        reader = conn.server_data
+        peer = str(conn.peer[0])
+        if reader is None:
+            if not self.app.runtime.is_trusted(peer):
+                self.proxy_header_problems.warning(
+                    "closed connection from %s: not in server.trusted_proxies, which a proxy_protocol "
+                    "listener requires", peer)
+                conn.close()
+                return None
+            reader = conn.server_data = HeaderReader()
+        if reader.done:
+            return reader  # an earlier turn read it; the TLS handshake after it is what waits
+        try:
+            if reader.read_from(conn.sock):
+                return reader
+        except ProxyHeaderError as exc:
+            self.proxy_header_problems.warning("closed connection from %s: bad PROXY header: %s", peer, exc)
+            conn.close()
+            return None
+        except OSError as exc:
+            if reader.received:
+                self.proxy_header_problems.warning("closed connection from %s: %s", peer, exc)
+            conn.close()
+            return None
+        if conn.park_deadline is None:
+            conn.park_deadline = time.monotonic() + self.app.settings.header_timeout
+        conn.transition(S.IDLE)
+        return PARKED
 
     def _read_head(self, conn, session) -> RequestHead | None:
         """The next request head, or None when the client closed (or was told off) between requests."""
@@ -634,7 +691,9 @@ class HttpHandler:
         """One try on one server: send the request, relay the response, and give the connection back to
         the pool (kept if the exchange left it reusable). One generator for all of it on the common path."""
         pool = upstream.pools[server]
-        if fresh:
+        if pool.proxy_protocol is not None:  # its connections name a client: only that client's fit
+            upstream_conn = self._checkout_for_client(ex, pool, fresh)
+        elif fresh:
             upstream_conn = pool.connect()
         elif ex.request.method in IDEMPOTENT:
             upstream_conn = pool.checkout()
@@ -663,6 +722,15 @@ class HttpHandler:
         finally:
             if ex.conn.state is not S.TUNNEL:  # otherwise the tunnel relay owns the socket now
                 pool.release(upstream_conn, reusable)
+
+    @staticmethod
+    def _checkout_for_client(ex: Exchange, pool, fresh: bool):
+        """_attempt's checkout for a server with send_proxy_protocol, by the same rules."""
+        origin = _origin(ex)
+        if fresh:
+            return pool.connect(origin)
+        max_idle = None if ex.request.method in IDEMPOTENT else NON_IDEMPOTENT_MAX_IDLE
+        return pool.checkout(max_idle=max_idle, origin=origin)
 
     def _send_expecting_continue(self, ex: Exchange, link, head: bytes):
         """Expect: 100-continue: the head, then the body once the server asks for it (or the client sends
@@ -1069,6 +1137,16 @@ def _field(headers, name: str) -> str | None:
     """The first value of a field (lowercase ``name``), or None. Most requests lack the fields asked
     for here, and a miss costs Headers.get three calls: a scan of the lowercase names costs none."""
     return headers.get(name) if name in headers.names else None
+
+
+def _origin(ex: Exchange) -> Origin:
+    """The client connection's origin for an upstream's PROXY header: what a PROXY header told us, or
+    the connection's own peer and local address (worked out once per connection, on first need)."""
+    session = ex.session
+    if session.origin is None:
+        local = ex.conn.sock.getsockname()
+        session.origin = Origin(session.client_ip, ex.conn.peer[1], local[0], local[1])
+    return session.origin
 
 
 def _no_body_to_send(ex: Exchange) -> bool:

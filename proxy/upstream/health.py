@@ -36,6 +36,7 @@ from proxy.config.schema import HealthConfig, UpstreamConfig
 from proxy.config.units import describe_expect_status
 from proxy.upstream.pool import upstream_tls_context
 from proxy.upstream.servers import DISABLED
+from proxy.http.proxy_protocol import build_header
 from proxy.http.http1 import NEED_DATA, Data, EndOfMessage, ProtocolError, ResponseHead, ResponseParser
 
 log = logging.getLogger("pyproxy.health")
@@ -100,18 +101,21 @@ class CheckResult:
 # -- one probe -------------------------------------------------------------------------------------
 
 def probe(host: str, port: int, health: HealthConfig, *, host_header: str,
-          tls_context: ssl.SSLContext | None = None, clock=time.monotonic, wall_clock=time.time) -> CheckResult:
+          tls_context: ssl.SSLContext | None = None, proxy_header: bytes = b"",
+          clock=time.monotonic, wall_clock=time.time) -> CheckResult:
     """Request health.path on host:port over a fresh connection; the whole head must come within timeout.
 
     ``health.port`` and ``health.host`` (when set) replace ``port`` and ``host_header``. A redirect is
     never followed: its status is judged like any other (it fails unless expect_status lists it).
+    ``proxy_header`` goes first on the connection (an upstream with send_proxy_protocol expects one).
     """
     started = clock()
     deadline = started + health.timeout
     status, body, error = None, b"", None
     try:
         status, body = _fetch(host, health.port or port, _request_bytes(health, health.host or host_header),
-                              health.method, tls_context, deadline, clock, want_body=health.expect_body is not None)
+                              health.method, tls_context, deadline, clock, want_body=health.expect_body is not None,
+                              proxy_header=proxy_header)
     except (TimeoutError, socket.timeout):
         error = f"timed out after {health.timeout:g}s"
     except ProtocolError as exc:
@@ -127,6 +131,11 @@ def probe(host: str, port: int, health: HealthConfig, *, host_header: str,
         shown = f"~{health.expect_body}" if health.expect_body_regex else health.expect_body
         error = f"status {status} but the body does not match {shown!r}"
     return CheckResult(wall_clock(), error is None, latency_ms, status, error)
+
+
+def _own_proxy_header(upstream: UpstreamConfig) -> bytes:
+    """A probe is the proxy's own connection, with no client behind it: v2 LOCAL, v1 UNKNOWN."""
+    return build_header(upstream.send_proxy_protocol, None) if upstream.send_proxy_protocol else b""
 
 
 def body_matches(health: HealthConfig, body: bytes) -> bool:
@@ -163,10 +172,12 @@ def _remaining(deadline: float, clock) -> float:
 
 
 def _fetch(host, port, request: bytes, method: str, tls_context, deadline, clock,
-           want_body: bool) -> tuple[int, bytes]:
+           want_body: bool, proxy_header: bytes = b"") -> tuple[int, bytes]:
     """(status, up to MAX_BODY_MATCH_BYTES of the body when want_body, else b"")."""
     sock = socket.create_connection((host, port), timeout=_remaining(deadline, clock))
     try:
+        if proxy_header:  # before TLS, as on the pooled connections
+            sock.sendall(proxy_header)
         if tls_context is not None:
             sock.settimeout(_remaining(deadline, clock))
             sock = tls_context.wrap_socket(sock, server_hostname=host)
@@ -426,6 +437,7 @@ class HealthChecker:
         try:
             result = probe(server.host, server.port, health, host_header=server.address,
                            tls_context=self._tls_context(upstream_config) if server.tls else None,
+                           proxy_header=_own_proxy_header(upstream_config),
                            clock=self.clock, wall_clock=self.wall_clock)
         except Exception as exc:  # a probe bug must count as a failed check, not kill the checker
             log.exception("health check of %s crashed", server.address)

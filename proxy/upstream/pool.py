@@ -6,6 +6,10 @@
 - release: only a connection whose response was read to the end and that both sides keep alive
   comes back, and only up to ``keepalive`` idle connections; anything doubtful is closed.
 - No I/O under the lock: sockets are closed after the lock is released.
+- ``send_proxy_protocol``: a new connection starts with a PROXY header naming the client it was opened
+  for, and the server believes it for the connection's whole life. So such a connection is reused only
+  for that same client address (HAProxy, too, never shares such a connection between clients), and
+  when the pool is full, the least recently used one makes room (many clients, each a little keep-alive).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from core.connection import set_socket_timeouts
 from proxy.config.schema import UpstreamConfig
 from proxy.config.units import format_address
 from proxy.http.errors import UpstreamConnectError
+from proxy.http.proxy_protocol import Origin, build_header
 
 
 def upstream_tls_context(upstream: UpstreamConfig) -> ssl.SSLContext:
@@ -34,10 +39,11 @@ def upstream_tls_context(upstream: UpstreamConfig) -> ssl.SSLContext:
 
 
 class UpstreamConnection:
-    __slots__ = ("sock", "last_used", "requests", "read_timeout")
+    __slots__ = ("sock", "last_used", "requests", "read_timeout", "client")
 
-    def __init__(self, sock: socket.socket, now: float, read_timeout: float = 60.0):
+    def __init__(self, sock: socket.socket, now: float, read_timeout: float = 60.0, client: str | None = None):
         self.sock = sock
+        self.client = client  # with send_proxy_protocol: the client address its PROXY header named
         self.last_used = now
         self.requests = 0  # how many requests this connection carried (0 = fresh)
         self.read_timeout = read_timeout  # what its socket's timeouts were set to
@@ -76,7 +82,7 @@ class ServerPool:
     def __init__(self, host: str, port: int, *, keepalive: int = 32, keepalive_timeout: float = 30.0,
                  connect_timeout: float = 5.0, read_timeout: float = 60.0,
                  tls_context: ssl.SSLContext | None = None, tls_server_name: str | None = None,
-                 clock=time.monotonic):
+                 proxy_protocol: str | None = None, clock=time.monotonic):
         self.host, self.port = host, port
         self.keepalive = keepalive
         self.keepalive_timeout = keepalive_timeout
@@ -84,6 +90,7 @@ class ServerPool:
         self.read_timeout = read_timeout
         self.tls_context = tls_context
         self.tls_server_name = tls_server_name or host
+        self.proxy_protocol = proxy_protocol  # "v1" | "v2": each new connection starts with a PROXY header
         self.clock = clock
         self._idle: list[UpstreamConnection] = []
         self._lock = threading.Lock()
@@ -99,34 +106,38 @@ class ServerPool:
     def idle_count(self) -> int:
         return len(self._idle)
 
-    def checkout(self, max_idle: float | None = None) -> UpstreamConnection:
+    def checkout(self, max_idle: float | None = None, origin: Origin | None = None) -> UpstreamConnection:
         """A pooled connection, or a new one. ``max_idle``: take a pooled one only if it was used that
-        recently (a request that must not meet a stale connection)."""
+        recently (a request that must not meet a stale connection). ``origin``: the client connection a
+        request comes from, which a pool sending PROXY headers needs (only its own connections fit)."""
         # A loop, not a recursion: after a backend restart every idle connection may be dead, and a
         # pool of about a thousand of them overflowed the stack. Bounded: each turn takes one out.
         while True:
-            found = self._take_idle(max_idle)
+            found = self._take_idle(max_idle, origin.src_ip if origin is not None else None)
             if found is None:
-                return self.connect()
+                return self.connect(origin)
             if not _server_closed_or_dirty(found.sock):
                 return found
             found.close()
 
-    def _take_idle(self, max_idle: float | None = None) -> UpstreamConnection | None:
+    def _take_idle(self, max_idle: float | None = None, client: str | None = None) -> UpstreamConnection | None:
         """The most recently used idle connection young enough to try; expired ones are closed."""
         doomed = []
         found = None
         now = self.clock()
         with self._lock:
-            while self._idle:
-                candidate = self._idle.pop()
-                if now - candidate.last_used < self.keepalive_timeout:
-                    if max_idle is None or now - candidate.last_used < max_idle:
-                        found = candidate
-                    else:  # the youngest is too old for this request; younger ones do not exist
-                        self._idle.append(candidate)
-                    break
-                doomed.append(candidate)
+            if self.proxy_protocol is not None:
+                found = self._take_client_idle_locked(client, now, max_idle)
+            else:
+                while self._idle:
+                    candidate = self._idle.pop()
+                    if now - candidate.last_used < self.keepalive_timeout:
+                        if max_idle is None or now - candidate.last_used < max_idle:
+                            found = candidate
+                        else:  # the youngest is too old for this request; younger ones do not exist
+                            self._idle.append(candidate)
+                        break
+                    doomed.append(candidate)
             # everything older than the one we took is older still: drop the stale tail too
             if self._idle and now - self._idle[0].last_used >= self.keepalive_timeout:
                 doomed.extend(c for c in self._idle if now - c.last_used >= self.keepalive_timeout)
@@ -135,7 +146,20 @@ class ServerPool:
             conn.close()
         return found
 
-    def connect(self) -> UpstreamConnection:
+    def _take_client_idle_locked(self, client: str | None, now: float, max_idle: float | None):
+        """The most recently used idle connection opened for ``client`` (send_proxy_protocol)."""
+        for index in range(len(self._idle) - 1, -1, -1):
+            candidate = self._idle[index]
+            if candidate.client != client:
+                continue
+            age = now - candidate.last_used
+            if age >= self.keepalive_timeout or (max_idle is not None and age >= max_idle):
+                return None  # this client's younger ones do not exist; the stale tail is dropped by the caller
+            del self._idle[index]
+            return candidate
+        return None
+
+    def connect(self, origin: Origin | None = None) -> UpstreamConnection:
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         except socket.timeout as exc:
@@ -147,6 +171,8 @@ class ServerPool:
                                        refused=isinstance(exc, ConnectionRefusedError)) from exc
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.proxy_protocol is not None:  # before anything else, TLS included (as HAProxy sends it)
+                sock.sendall(build_header(self.proxy_protocol, origin))
             if self.tls_context is not None:
                 sock = self.tls_context.wrap_socket(sock, server_hostname=self.tls_server_name)
             if self.tls_context is not None:
@@ -163,17 +189,25 @@ class ServerPool:
             sock.close()
             raise UpstreamConnectError(f"connect to {self.host}:{self.port} failed: {exc}") from exc
         self.connects_total += 1
-        return UpstreamConnection(sock, self.clock(), self.read_timeout)
+        return UpstreamConnection(sock, self.clock(), self.read_timeout,
+                                  origin.src_ip if origin is not None and self.proxy_protocol else None)
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         """Return a connection after a complete exchange; close it if it cannot be trusted."""
         conn.requests += 1
         if reusable and self.keepalive > 0:
             conn.last_used = self.clock()
+            evicted = None
             with self._lock:
+                if len(self._idle) >= self.keepalive and self.proxy_protocol is not None and self._idle:
+                    evicted = self._idle.pop(0)  # the least recently used client's makes room
                 if len(self._idle) < self.keepalive and not self._closed:
                     self._idle.append(conn)
-                    return
+                    conn = None
+            if evicted is not None:
+                evicted.close()
+            if conn is None:
+                return
         conn.close()
 
     def close_all(self) -> None:

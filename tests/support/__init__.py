@@ -10,6 +10,8 @@
                         routes), RawBackend (a script per connection), FlakyBackend (health that fails
                         on demand), NamedBackend and JsonEchoServer (answer with their name)
     faulty_upstream.py  FaultyUpstream: a raw upstream scripted step by step (HEAD, write, FIN, RST...)
+    proxy_protocol_backend.py  ProxyProtocolBackend: an upstream that parses the PROXY header of
+                        each connection (its own parser) and answers with the connection's index
     client.py           RawClient: a raw socket that reads responses with their framing
     http1_feeding.py    feeding the HTTP/1 parsers at every split; valid_requests (a hypothesis strategy)
     timing.py           FakeClock (advanced by hand) and wait_for (bounded polling)
