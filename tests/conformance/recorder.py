@@ -9,6 +9,7 @@ thing under test must not grade itself), and answers each complete request with 
 from __future__ import annotations
 
 import re
+import select
 import socket
 from dataclasses import dataclass
 
@@ -109,6 +110,7 @@ class RecordingUpstream(LoopbackAcceptor):
         self._errors: list[str] = []
         self._aborted: list[bytes] = []  # partial messages the proxy abandoned (it closed mid-message)
         self._partial: dict[int, int] = {}  # connection id -> unframed bytes held right now
+        self._reading: set[int] = set()  # connections whose bytes (or close) are being taken in
 
     def reset(self) -> None:
         with self._lock:
@@ -128,15 +130,27 @@ class RecordingUpstream(LoopbackAcceptor):
 
     @property
     def holding_partial(self) -> bool:
-        """Some connection holds bytes of an incomplete message (poll until False to settle)."""
+        """Some connection holds bytes of an incomplete message, or has bytes or a close not taken in
+        yet, or waits to be accepted (poll until False to settle). Without the last two, a close the
+        proxy sent at the end of one case could be recorded as an abort during the next one."""
         with self._lock:
-            return any(self._partial.values())
+            if any(self._partial.values()) or self._reading:
+                return True
+            sockets = [sock for sock in self._sockets if sock.fileno() != -1]
+        try:
+            return bool(select.select(sockets + [self.listener], [], [], 0)[0])
+        except (OSError, ValueError):  # one closed meanwhile: not settled yet, ask again
+            return True
 
     def _serve(self, sock: socket.socket, index: int) -> None:
         pending = b""
         key = id(sock)
         try:
             while not self.stop_event.is_set():
+                if not select.select([sock], [], [], sock.gettimeout())[0]:
+                    break  # idle past the backend timeout, as a timed-out recv would
+                with self._lock:  # readable until taken in: holding_partial sees one or the other
+                    self._reading.add(key)
                 data = sock.recv(RECV_SIZE)
                 if not data:
                     break
@@ -145,6 +159,7 @@ class RecordingUpstream(LoopbackAcceptor):
                 pending = self._answer_complete(sock, pending + data)
                 with self._lock:
                     self._partial[key] = len(pending)
+                    self._reading.discard(key)
         except OSError:
             pass  # the proxy closed or reset the pooled connection: fine, we record what came
         except FramingError as exc:
@@ -156,6 +171,7 @@ class RecordingUpstream(LoopbackAcceptor):
                 if pending:
                     self._aborted.append(pending)
                 self._partial.pop(key, None)
+                self._reading.discard(key)
 
     def _answer_complete(self, sock: socket.socket, pending: bytes) -> bytes:
         while True:
