@@ -362,18 +362,22 @@ def test_nxdomain_at_start_answers_503_until_records_appear(dnsmasq, caplog):
 
 
 def test_a_new_address_is_health_checked_before_it_takes_traffic(dnsmasq):
+    # Each backend answers its own address as the body: only 127.0.0.2 passes this check.
+    health = {"path": "/", "interval": "300ms", "healthy_after": 1, "expect_body": HOSTS[0]}
     with backends_on_loopback(HOSTS[:2]) as backends:
         port = backends[HOSTS[0]].port
         dnsmasq.set_hosts({NAME: HOSTS[:1]})
-        proxy = start_observed_proxy(_document(dnsmasq, port, health={"path": "/", "interval": "300ms",
-                                                                        "healthy_after": 2}))
+        proxy = start_observed_proxy(_document(dnsmasq, port, health=health))
         try:
             dnsmasq.set_hosts({NAME: HOSTS[:2]})
             joined = f"{HOSTS[1]}:{port}"
             wait_for(lambda: joined in _addresses(proxy), timeout=WAIT, what="the new address")
-            assert backends[HOSTS[1]].requests == 0 or _addresses(proxy)[joined] == "up"
-            wait_for(lambda: _addresses(proxy)[joined] == "up", timeout=WAIT, what="its checks to pass")
-            assert backends[HOSTS[1]].requests >= 2  # the checks themselves
+            with requests.Session() as session:
+                answered = {session.get(proxy.url, timeout=5).headers["X-Backend"] for _ in range(20)}
+            assert answered == {HOSTS[0]}  # not a request to it before a check passes
+            wait_for(lambda: backends[HOSTS[1]].requests >= 2, timeout=WAIT, what="the checker to probe it")
+            assert _addresses(proxy)[joined] == "down"
+            assert "first health check" in proxy.server_status("api", joined)["reason"]
         finally:
             proxy.stop()
 

@@ -46,6 +46,13 @@ level = "info"                 # debug | info | warning | error
 access = "stdout"              # stdout | stderr | off | a file path (relative to this file)
 format = "combined"            # combined (Apache/nginx style) | json
 
+# Servers found in DNS ({ address = "api.internal:8080", discover = "a" } or
+# { srv = "_http._tcp.api.service.consul" } in an upstream's servers) are resolved like this:
+# [dns]
+# resolvers = ["10.96.0.10"]   # name servers, "ip" or "ip:port"; default: /etc/resolv.conf
+# refresh = "10s"              # re-resolve at the earlier of this and the TTL (at most once a second)
+# timeout = "2s"               # a failed lookup keeps the addresses found before
+
 # Routes: the most specific wins. An exact host beats "*.wildcard", which beats no host;
 # then the longest path prefix; ties go to the first in this file.
 # A prefix matches on segment boundaries: "/api" matches /api, /api/x and /api?q, not /apix.
@@ -74,6 +81,7 @@ upstream = "app"
 
 [upstreams.app]
 servers = ["127.0.0.1:3000"]   # "host:port", "https://host:port", or { address = "...", weight = 3 }
+                               # every address of a DNS name: { address = "api.internal:8080", discover = "a" }
 policy = "round_robin"         # round_robin | least_connections | random | ip_hash (weights honoured)
 preserve_host = true           # pass the client's Host header; false = send the server's address
 keepalive = 32                 # idle pooled connections kept per server
