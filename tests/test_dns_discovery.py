@@ -8,8 +8,9 @@ end-to-end tests use ``refresh = "1s"`` and dnsmasq's 1 s TTL, and synchronise o
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import re
+import threading
 import time
 
 import pytest
@@ -19,10 +20,10 @@ from proxy.config.schema import ConfigError, DnsConfig, UpstreamServerConfig, pa
 from proxy.observe.status import build_status
 from proxy.serve.app import Application
 from proxy.upstream.discovery import DnsDiscovery, Lookup, Target, discovery_key
-from tests.support.dns import DOMAIN, backends_on_loopback, running_dnsmasq
+from tests.support.dns import DOMAIN, backends_on_loopback, common_port, running_dnsmasq
 from tests.support.ports import free_port
 from tests.support.processes import Load, admin_status, running_proxy, start_slow_request
-from tests.support.proxy import config_document, start_observed_proxy
+from tests.support.proxy import config_document, scrape, start_observed_proxy
 from tests.support.timing import FakeClock, wait_for
 
 NAME = f"api.{DOMAIN}"
@@ -398,6 +399,9 @@ def test_srv_records_give_ports_priorities_and_weights(tmp_path):
                 assert {a: (r["name"], r["weight"]) for a, r in rows.items()} == {
                     f"{HOSTS[0]}:{port}": (f"a.{DOMAIN}", 1), f"{HOSTS[1]}:{port}": (f"b.{DOMAIN}", 3),
                     f"{HOSTS[2]}:{port}": (f"c.{DOMAIN}", 1)}
+                info = {(s.labels["server"], s.labels["name"]) for s in scrape(proxy)["pyproxy_upstream_server_info"].samples}
+                assert info == {(f"{HOSTS[0]}:{port}", f"a.{DOMAIN}"), (f"{HOSTS[1]}:{port}", f"b.{DOMAIN}"),
+                                (f"{HOSTS[2]}:{port}", f"c.{DOMAIN}")}
                 with requests.Session() as session:
                     answered = [session.get(proxy.url, timeout=5).headers["X-Backend"] for _ in range(40)]
                 assert answered.count(HOSTS[1]) == 30 and answered.count(HOSTS[0]) == 10  # priority 20 unused
@@ -408,6 +412,39 @@ def test_srv_records_give_ports_priorities_and_weights(tmp_path):
                 assert requests.get(proxy.url, timeout=5).headers["X-Backend"] == HOSTS[2]
             finally:
                 proxy.stop()
+
+
+def test_a_websocket_tunnel_on_a_vanished_address_goes_on_until_it_closes(dnsmasq):
+    from websockets.sync.client import connect
+    from websockets.sync.server import serve
+
+    def echo(ws) -> None:
+        for message in ws:
+            ws.send(message)
+
+    port = common_port(HOSTS[:2])
+    servers = [serve(echo, host, port) for host in HOSTS[:2]]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    dnsmasq.set_hosts({NAME: HOSTS[:2]})
+    proxy = start_observed_proxy(_document(dnsmasq, port))
+    gone = f"{HOSTS[1]}:{port}"
+    try:
+        with contextlib.ExitStack() as stack:
+            tunnels = [stack.enter_context(connect(proxy.url.replace("http", "ws") + "/chat", open_timeout=5))
+                       for _ in range(2)]
+            rows = {row["address"]: row["active_requests"] for row in proxy.status()["upstreams"]["api"]["servers"]}
+            assert rows == {f"{HOSTS[0]}:{port}": 1, gone: 1}  # one tunnel on each
+            dnsmasq.set_hosts({NAME: HOSTS[:1]})
+            wait_for(lambda: _addresses(proxy).get(gone) == "leaving", timeout=WAIT, what="the tunnel's server leaving")
+            for tunnel in tunnels:  # both still carry messages
+                tunnel.send("still here")
+                assert tunnel.recv(timeout=5) == "still here"
+        wait_for(lambda: gone not in _addresses(proxy), timeout=WAIT, what="the leaving server gone once closed")
+    finally:
+        proxy.stop()
+        for server in servers:
+            server.shutdown()
 
 
 def test_a_reload_that_keeps_the_upstream_keeps_the_discovered_servers(dnsmasq):
