@@ -535,4 +535,5 @@ servers = [{{ address = "missing.{DOMAIN}:8080", discover = "a" }}]
 """)
     result = run_cli("check", "-c", str(config))
     assert result.returncode == 0, result.stderr
-    assert f"warning: upstreams.api: missing.{DOMAIN}:8080 has no addresses (NXDOMAIN)" in result.stdout + result.stderr
+    assert f"warning: upstreams.api: missing.{DOMAIN}:8080 has no addresses (NXDOMAIN)" in result.stderr
+    assert f"missing.{DOMAIN}:8080  weight 1, each A/AAAA address a server" in result.stdout

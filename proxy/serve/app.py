@@ -150,12 +150,15 @@ def _server_key(upstream: UpstreamConfig, spec: ServerSpec) -> tuple:
 
 
 def _still_leaving(before: "UpstreamRuntime | None", servers: list[Server]) -> tuple[Server, ...]:
-    """Discovered servers the rebuild dropped that still have requests (or tunnels) in flight."""
+    """Discovered servers the rebuild dropped that still have requests (or tunnels) in flight. One
+    merely rebuilt (a reload changed its weight) is not leaving: its address still serves."""
     if before is None:
         return ()
     kept = set(map(id, servers))
+    addresses = {server.address for server in servers}
     return tuple(server for server in (*before.servers, *before.leaving)
-                 if server.name and id(server) not in kept and server.active_requests)
+                 if server.name and id(server) not in kept and server.address not in addresses
+                 and server.active_requests)
 
 
 def _pool_key(upstream: UpstreamConfig, server_config) -> tuple:
