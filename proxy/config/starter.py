@@ -46,13 +46,6 @@ level = "info"                 # debug | info | warning | error
 access = "stdout"              # stdout | stderr | off | a file path (relative to this file)
 format = "combined"            # combined (Apache/nginx style) | json
 
-# Servers found in DNS ({ address = "api.internal:8080", discover = "a" } or
-# { srv = "_http._tcp.api.service.consul" } in an upstream's servers) are resolved like this:
-# [dns]
-# resolvers = ["10.96.0.10"]   # name servers, "ip" or "ip:port"; default: /etc/resolv.conf
-# refresh = "10s"              # re-resolve at the earlier of this and the TTL (at most once a second)
-# timeout = "2s"               # a failed lookup keeps the addresses found before
-
 # Routes: the most specific wins. An exact host beats "*.wildcard", which beats no host;
 # then the longest path prefix; ties go to the first in this file.
 # A prefix matches on segment boundaries: "/api" matches /api, /api/x and /api?q, not /apix.
@@ -117,6 +110,13 @@ slow_start = "0s"              # a server back up (or added) ramps from 10% to 1
 # max_fails = 3
 # fail_timeout = "10s"
 # statuses = ["5xx"]           # answers that count as failures too (or codes: [502, 503]); default none
+
+# Servers found in DNS ({ address = "api.internal:8080", discover = "a" } or
+# { srv = "_http._tcp.api.service.consul" } in an upstream's servers) are resolved like this:
+# [dns]
+# resolvers = ["10.96.0.10"]   # name servers, "ip" or "ip:port"; default: /etc/resolv.conf
+# refresh = "10s"              # re-resolve at the earlier of this and the TTL (at most once a second)
+# timeout = "2s"               # a failed lookup keeps the addresses found before
 '''
 
 
