@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import threading
 import time
 
@@ -379,6 +380,12 @@ def test_a_new_address_is_health_checked_before_it_takes_traffic(dnsmasq):
             wait_for(lambda: backends[HOSTS[1]].requests >= 2, timeout=WAIT, what="the checker to probe it")
             assert _addresses(proxy)[joined] == "down"
             assert "first health check" in proxy.server_status("api", joined)["reason"]
+            document = _document(dnsmasq, port, health={**health, "expect_body": "127.0.0"})
+            proxy.reload(document)  # now it passes: up after its next check, then it takes traffic
+            wait_for(lambda: _addresses(proxy)[joined] == "up", timeout=WAIT, what="its check to pass")
+            with requests.Session() as session:
+                answered = {session.get(proxy.url, timeout=5).headers["X-Backend"] for _ in range(20)}
+            assert answered == set(HOSTS[:2])
         finally:
             proxy.stop()
 
@@ -465,7 +472,9 @@ def test_a_reload_that_keeps_the_upstream_keeps_the_discovered_servers(dnsmasq):
 
 # -- worker processes and the command --------------------------------------------------------------------
 
-def _workers_config(dnsmasq, backend_port: int, port: int, admin_port: int) -> str:  # noqa: D103
+def _workers_config(dnsmasq, backend_port: int, port: int, admin_port: int, health: str = "") -> str:
+    """Two workers, upstream api from NAME; ``health``: the body of an [upstreams.api.health] table."""
+    health_table = f"[upstreams.api.health]\n{health}" if health else ""
     return f"""
 [server]
 listen = "127.0.0.1:{port}"
@@ -483,6 +492,7 @@ path = "/"
 upstream = "api"
 [upstreams.api]
 servers = [{{ address = "{NAME}:{backend_port}", discover = "a" }}]
+{health_table}
 """
 
 
@@ -518,6 +528,38 @@ def test_with_workers_one_process_resolves_and_every_worker_follows(dnsmasq, tmp
             wait_for(lambda: _a_queries(dnsmasq) >= queries + 8, timeout=60, what="8 more lookups")
             elapsed = time.monotonic() - start
             assert _a_queries(dnsmasq) - queries <= elapsed + 2, (elapsed, _a_queries(dnsmasq) - queries)
+
+
+def test_with_workers_the_supervisors_checker_checks_a_new_address_before_any_worker_uses_it(dnsmasq, tmp_path):
+    passes_only_the_first = f'path = "/"\ninterval = "300ms"\nhealthy_after = 1\nexpect_body = "{HOSTS[0]}"\n'
+    with backends_on_loopback(HOSTS[:2]) as backends:
+        port = backends[HOSTS[0]].port
+        dnsmasq.set_hosts({NAME: HOSTS[:1]})
+        proxy_port, admin_port = free_port(), free_port()
+        text = _workers_config(dnsmasq, port, proxy_port, admin_port, passes_only_the_first)
+        with running_proxy(tmp_path, text) as run:
+            dnsmasq.set_hosts({NAME: HOSTS[:2]})
+            joined = f"{HOSTS[1]}:{port}"
+
+            def rows() -> dict:
+                return {row["address"]: row for row in admin_status(admin_port)["upstreams"]["api"]["servers"]}
+            wait_for(lambda: joined in rows(), timeout=WAIT, what="the new address in every worker", on_timeout=run.log)
+            wait_for(lambda: backends[HOSTS[1]].requests >= 2, timeout=WAIT, what="the supervisor to check it")
+            answered = set()
+            for _ in range(30):  # fresh connections: both workers answer some
+                with requests.Session() as session:
+                    answered.add(session.get(run.url, timeout=5).headers["X-Backend"])
+            assert answered == {HOSTS[0]}
+            assert rows()[joined]["state"] == "down" and "first health check" in rows()[joined]["reason"]
+
+            run.rewrite(text.replace(f'expect_body = "{HOSTS[0]}"', 'expect_body = "127.0.0"'))
+            run.signal(signal.SIGHUP)
+            wait_for(lambda: rows()[joined]["state"] == "up", timeout=WAIT, what="its check to pass", on_timeout=run.log)
+            served_before = backends[HOSTS[1]].requests
+            for _ in range(30):
+                with requests.Session() as session:
+                    assert session.get(run.url, timeout=5).status_code == 200
+            assert backends[HOSTS[1]].requests > served_before + 5  # traffic, not only checks
 
 
 def test_check_warns_about_names_that_do_not_resolve(dnsmasq, tmp_path):
