@@ -321,25 +321,33 @@ def test_scale_2_3_1_under_load_new_servers_take_traffic_removed_ones_finish(dns
         assert len(load.outcomes()) > 100
 
 
-def test_dns_outage_keeps_the_last_set(dnsmasq, caplog):
+@pytest.mark.parametrize("outage", ["paused", "stopped"])
+def test_dns_outage_keeps_the_last_set(dnsmasq, caplog, outage):
     caplog.set_level(logging.WARNING, logger="pyproxy.dns")
     with backends_on_loopback(HOSTS[:2]) as backends:
         port = backends[HOSTS[0]].port
         dnsmasq.set_hosts({NAME: HOSTS[:2]})
         proxy = start_observed_proxy(_document(dnsmasq, port))
         try:
-            dnsmasq.pause()  # lookups time out from now on
+            if outage == "paused":
+                dnsmasq.pause()  # lookups time out
+            else:
+                dnsmasq.stop()  # lookups are refused (nothing listens)
             wait_for(lambda: any("lookup of" in r.getMessage() and "failed" in r.getMessage()
                                  for r in caplog.records), timeout=WAIT, what="a failed lookup")
             answered = {requests.get(proxy.url, timeout=5).headers["X-Backend"] for _ in range(10)}
             assert answered == set(HOSTS[:2])
             assert _addresses(proxy) == {f"{h}:{port}": "up" for h in HOSTS[:2]}
-            dnsmasq.resume()
+            if outage == "paused":
+                dnsmasq.resume()
+            else:
+                dnsmasq.start()
             dnsmasq.set_hosts({NAME: HOSTS[:1]})
             wait_for(lambda: list(_addresses(proxy)) == [f"{HOSTS[0]}:{port}"], timeout=WAIT,
                      what="the set to follow DNS again")
         finally:
-            dnsmasq.resume()
+            if dnsmasq.process.poll() is None:
+                dnsmasq.resume()
             proxy.stop()
         failures = [r for r in caplog.records if "lookup of" in r.getMessage()]
         assert len(failures) == 1  # once per outage, however many lookups failed
@@ -452,6 +460,23 @@ def test_a_websocket_tunnel_on_a_vanished_address_goes_on_until_it_closes(dnsmas
         proxy.stop()
         for server in servers:
             server.shutdown()
+
+
+def test_a_reload_to_other_resolvers_resolves_with_them(dnsmasq, tmp_path):
+    with backends_on_loopback(HOSTS[:2]) as backends, running_dnsmasq(tmp_path / "other") as other:
+        port = backends[HOSTS[0]].port
+        dnsmasq.set_hosts({NAME: HOSTS[:1]})
+        other.set_hosts({NAME: HOSTS[1:2]})
+        document = _document(dnsmasq, port)
+        proxy = start_observed_proxy(document)
+        try:
+            assert list(_addresses(proxy)) == [f"{HOSTS[0]}:{port}"]
+            document["dns"]["resolvers"] = [other.resolver]
+            proxy.reload(document)
+            wait_for(lambda: list(_addresses(proxy)) == [f"{HOSTS[1]}:{port}"], timeout=WAIT,
+                     what="the other resolver's answer")
+        finally:
+            proxy.stop()
 
 
 def test_a_reload_that_keeps_the_upstream_keeps_the_discovered_servers(dnsmasq):

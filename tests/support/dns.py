@@ -41,6 +41,7 @@ class Dnsmasq:
     def __init__(self, directory: Path, srv_records: tuple[str, ...] = ()):
         """``srv_records``: dnsmasq --srv-host values, "_http._tcp.api.svc.test,api1.svc.test,8080,10,5"."""
         self.binary = dnsmasq_or_skip()
+        directory.mkdir(parents=True, exist_ok=True)
         self.hosts_file = directory / "hosts"
         self.log_file = directory / "dnsmasq.log"
         self.hosts_file.write_text("")
