@@ -20,7 +20,7 @@ import requests
 from proxy.config.schema import ConfigError, DnsConfig, UpstreamServerConfig, parse_config
 from proxy.observe.status import build_status
 from proxy.serve.app import Application
-from proxy.upstream.discovery import DnsDiscovery, Lookup, Target, discovery_key
+from proxy.upstream.discovery import DnsDiscovery, DnsResolver, Lookup, Target, discovery_key
 from tests.support.dns import DOMAIN, backends_on_loopback, common_port, running_dnsmasq
 from tests.support.ports import free_port
 from tests.support.processes import Load, admin_status, running_proxy, start_slow_request
@@ -604,3 +604,16 @@ servers = [{{ address = "missing.{DOMAIN}:8080", discover = "a" }}]
     assert result.returncode == 0, result.stderr
     assert f"warning: upstreams.api: missing.{DOMAIN}:8080 has no addresses (NXDOMAIN)" in result.stderr
     assert f"missing.{DOMAIN}:8080  weight 1, each A/AAAA address a server" in result.stdout
+
+
+def test_the_resolver_tells_nxdomain_from_a_failure(dnsmasq):
+    dnsmasq.set_hosts({NAME: HOSTS[:2]})
+    resolver = DnsResolver(DnsConfig(resolvers=(("127.0.0.1", dnsmasq.port),), timeout=1.0))
+    found = resolver.lookup(UpstreamServerConfig(NAME, 8080, 3, False, "a"))
+    assert found.targets == (Target(0, HOSTS[0], 8080, 3, NAME), Target(0, HOSTS[1], 8080, 3, NAME))
+    assert found.ttl == 1
+    missing = resolver.lookup(UpstreamServerConfig(f"missing.{DOMAIN}", 8080, 1, False, "a"))
+    assert (missing.targets, missing.problem) == ((), "NXDOMAIN")
+    # dnsmasq refuses names outside its local domain (it has no upstream servers): a failure, not "no addresses"
+    refused = resolver.lookup(UpstreamServerConfig("api.elsewhere", 8080, 1, False, "a"))
+    assert refused.targets is None and "REFUSED" in refused.problem
