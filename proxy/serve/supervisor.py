@@ -351,6 +351,7 @@ class Supervisor:
         self.app.reload_listeners.append(level_listener)  # workers switch their own access logs
         self.checker: HealthChecker | None = None
         self.discovery: DnsDiscovery | None = None  # the proxy's one DNS resolver (workers resolve nothing)
+        self._discovered_lock = threading.Lock()
         self.services: list = []
 
     # -- the loop --------------------------------------------------------------------------------
@@ -531,14 +532,16 @@ class Supervisor:
         return None
 
     def _replay_discovered(self, handle: WorkerHandle) -> None:
-        for key, targets in list(self.app.discovered.items()):
-            handle.link.send(_discovered_message(key, targets))
+        with self._discovered_lock:  # not between a change's broadcast and its apply: the old set would win
+            for key, targets in list(self.app.discovered.items()):
+                handle.link.send(_discovered_message(key, targets))
 
     def _discovered_changed(self, key: tuple, targets: tuple) -> None:
         """The one resolver of the proxy found a new set: every worker applies it, then the supervisor
         (whose health checker then sees the new servers: its verdicts reach the workers after the set)."""
-        self._broadcast(_discovered_message(key, targets))
-        self.app.apply_discovered(key, targets)
+        with self._discovered_lock:
+            self._broadcast(_discovered_message(key, targets))
+            self.app.apply_discovered(key, targets)
 
     def _replay_verdicts(self, handle: WorkerHandle) -> None:
         if self.checker is None:
