@@ -617,3 +617,36 @@ def test_the_resolver_tells_nxdomain_from_a_failure(dnsmasq):
     # dnsmasq refuses names outside its local domain (it has no upstream servers): a failure, not "no addresses"
     refused = resolver.lookup(UpstreamServerConfig("api.elsewhere", 8080, 1, False, "a"))
     assert refused.targets is None and "REFUSED" in refused.problem
+
+
+def test_the_dashboard_shows_names_and_a_leaving_server(dnsmasq, tmp_path):
+    from tests.support.browser import CHROMIUM, Browser, chromium_available
+    if not chromium_available():
+        pytest.skip(f"no Chromium at {CHROMIUM}: run scripts/install-browser (apt-get install chromium)")
+    with backends_on_loopback(HOSTS[:2]) as backends:
+        port = backends[HOSTS[0]].port
+        dnsmasq.set_hosts({NAME: HOSTS[:2]})
+        proxy = start_observed_proxy(_document(dnsmasq, port))
+        browser = Browser(tmp_path / "chromium-profile")
+        slow = []
+        try:
+            staying, going = f"{HOSTS[0]}:{port}", f"{HOSTS[1]}:{port}"
+            slow = [start_slow_request(proxy.url) for _ in range(2)]  # one on each server (round robin)
+            wait_for(lambda: backends[HOSTS[1]].slow_entered.is_set(), timeout=WAIT, what="a slow request on .3")
+            browser.open(proxy.admin_url + "/")
+            state = "document.querySelector('[data-server=\"{}\"]')?.dataset.state"
+            browser.wait_until(f"{state.format(going)} === 'up'", what="both servers shown")
+            row = browser.evaluate(f"document.querySelector('[data-server=\"{staying}\"] .addr').textContent")
+            assert row == f"{NAME} → {staying}"
+            dnsmasq.set_hosts({NAME: HOSTS[:1]})
+            browser.wait_until(f"{state.format(going)} === 'leaving'", what="the vanished server shown leaving",
+                               timeout=WAIT)
+            badge = browser.evaluate("document.querySelector('[data-upstream=\"api\"] .badge').textContent")
+            assert badge == "healthy"  # a server finishing its requests does not make the upstream degraded
+        finally:
+            for backend in backends.values():
+                backend.release.set()
+            for thread, _ in slow:
+                thread.join(WAIT)
+            browser.close()
+            proxy.stop()
