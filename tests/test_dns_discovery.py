@@ -614,6 +614,9 @@ def test_the_resolver_tells_nxdomain_from_a_failure(dnsmasq):
     assert found.ttl == 1
     missing = resolver.lookup(UpstreamServerConfig(f"missing.{DOMAIN}", 8080, 1, False, "a"))
     assert (missing.targets, missing.problem) == ((), "NXDOMAIN")
+    dnsmasq.set_hosts({NAME: [HOSTS[0], "::1"]})  # AAAA records are servers too (IPv6 bracketed in addresses)
+    both = resolver.lookup(UpstreamServerConfig(NAME, 8080, 1, False, "a"))
+    assert [target.address for target in both.targets] == [f"{HOSTS[0]}:8080", "[::1]:8080"]
     # dnsmasq refuses names outside its local domain (it has no upstream servers): a failure, not "no addresses"
     refused = resolver.lookup(UpstreamServerConfig("api.elsewhere", 8080, 1, False, "a"))
     assert refused.targets is None and "REFUSED" in refused.problem
