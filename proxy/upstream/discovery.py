@@ -22,7 +22,6 @@ from typing import Callable, Iterable
 
 import dns.exception
 import dns.nameserver
-import dns.rdatatype
 import dns.resolver
 
 from proxy.config.schema import MIN_DNS_REFRESH, Config, DnsConfig, UpstreamServerConfig

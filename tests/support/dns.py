@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
 from pathlib import Path
 
+import dns.exception
 import dns.message
 import dns.query
 import dns.rcode
@@ -119,7 +121,6 @@ class Dnsmasq:
 
 def _user() -> str:
     """dnsmasq drops privileges to this user when started as root; stay who we are otherwise."""
-    import pwd
     return pwd.getpwuid(os.getuid()).pw_name
 
 
