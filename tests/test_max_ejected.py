@@ -3,10 +3,14 @@ servers out at once; the rest keep serving, shown as would_eject (docs/configura
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from proxy.config.schema import ConfigError, parse_config
+from proxy.serve.app import Application
 from proxy.upstream.balancing import Upstream
+from proxy.upstream.health import HealthChecker, _Target
 from proxy.upstream.servers import Server
 from tests.support.backends import named_backends
 from tests.support.processes import WORKERS, admin_status, answered_by, ready_workers, running_proxy, workers_config
@@ -122,3 +126,43 @@ def test_with_worker_processes_every_worker_keeps_the_same_two_serving(tmp_path)
             serving = {b.name for b in backends if b.address not in down}
             assert {answered_by(run.url) for _ in range(20)} == serving
             assert "max_ejected_percent allows 2 of 4 servers out" in run.log()
+
+
+def test_verdicts_reach_listeners_in_the_order_they_were_applied():
+    """Checks finish on several threads; each worker's cap keeps the servers that went out first, so the
+    workers must hear the verdicts in the supervisor's order. Here the first verdict's local apply is
+    held up while a second check finishes on another thread."""
+    app = Application(parse_config(config_document({"app": {"servers": ["127.0.0.1:1", "127.0.0.1:2"],
+                                                            "health": {"path": "/healthz"}}}), "test.toml"))
+    first, second = app.runtime.upstreams["app"].servers
+    health = app.config.upstreams["app"].health
+    checker = HealthChecker(app)
+    applied, heard = [], []
+    checker.listeners.append(lambda upstream, address, up, reason: heard.append(address))
+    first_started, release_first, second_done = threading.Event(), threading.Event(), threading.Event()
+    for server in (first, second):
+        original = server.set_health
+
+        def set_health(up, reason, announce=True, server=server, original=original):
+            applied.append(server.address)
+            if server is first:
+                first_started.set()
+                release_first.wait(10)
+            return original(up, reason, announce)
+        server.set_health = set_health
+
+    def emit(server, done=None):
+        checker._emit(_Target("app", server, health, 0.0), False, "failed")
+        if done is not None:
+            done.set()
+
+    threads = [threading.Thread(target=emit, args=(first,))]
+    threads[0].start()
+    assert first_started.wait(10)
+    threads.append(threading.Thread(target=emit, args=(second, second_done)))
+    threads[1].start()
+    second_done.wait(0.5)  # it cannot finish while the first is announced (without the order, it does)
+    release_first.set()
+    for thread in threads:
+        thread.join(10)
+    assert applied == heard == ["127.0.0.1:1", "127.0.0.1:2"]

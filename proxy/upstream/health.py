@@ -304,6 +304,7 @@ class HealthChecker:
         self._max_threads = max_threads
         self._targets: dict[tuple[str, int], _Target] = {}  # (upstream name, id(server)) -> state
         self._lock = threading.Lock()
+        self._emit_lock = threading.Lock()  # verdicts announced one at a time: see _emit
         self._round_lock = threading.Lock()  # one round at a time: the scheduler's, or a reload's
         self._stop = threading.Event()
         self._kick = threading.Event()
@@ -344,9 +345,11 @@ class HealthChecker:
         return None
 
     def verdicts(self) -> list[tuple[str, str, bool, str]]:
-        """Current (upstream, address, up, reason) of every checked server: replay for a new worker."""
+        """Current (upstream, address, up, reason) of every checked server: replay for a new worker,
+        in the order the servers went down (as they were announced, for max_ejected_percent)."""
         with self._lock:
             targets = list(self._targets.values())
+        targets.sort(key=lambda t: t.server.out_since() or 0.0)
         return [(t.upstream_name, t.server.address, t.policy.up, t.server.state_reason) for t in targets]
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -463,16 +466,20 @@ class HealthChecker:
         self._kick.set()  # recompute the wait: this target is due again at a new time
 
     def _emit(self, target: _Target, up: bool, reason: str) -> None:
-        if self.apply_locally:
-            target.server.set_health(up, reason)  # logs the change at info, with the reason
-        else:
-            log.info("upstream %s server %s is %s: %s", target.upstream_name, target.server.address,
-                     "up" if up else "down", reason)
-        for listener in self.listeners:
-            try:
-                listener(target.upstream_name, target.server.address, up, reason)
-            except Exception:  # one broken listener must not stop the others hearing the verdict
-                log.exception("health listener %r failed", listener)
+        # Checks finish on several threads. One at a time here, so every listener (each worker) hears the
+        # verdicts in the order they were applied locally: max_ejected_percent keeps the servers that
+        # went out first, and must pick the same ones in every process.
+        with self._emit_lock:
+            if self.apply_locally:
+                target.server.set_health(up, reason)  # logs the change at info, with the reason
+            else:
+                log.info("upstream %s server %s is %s: %s", target.upstream_name, target.server.address,
+                         "up" if up else "down", reason)
+            for listener in self.listeners:
+                try:
+                    listener(target.upstream_name, target.server.address, up, reason)
+                except Exception:  # one broken listener must not stop the others hearing the verdict
+                    log.exception("health listener %r failed", listener)
 
     def _tls_context(self, upstream_config: UpstreamConfig) -> ssl.SSLContext:
         key = (upstream_config.tls_verify, upstream_config.tls_ca)
