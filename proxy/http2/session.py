@@ -56,6 +56,17 @@ HEADER_LIST_SLACK = 2
 RAPID_RESET_FACTOR = 1
 
 
+class _ServerConnection(h2.connection.H2Connection):
+    """h2's connection, except that a stream past SETTINGS_MAX_CONCURRENT_STREAMS is left to the session,
+    which refuses that stream alone (REFUSED_STREAM, RFC 9113 §5.1.2) where h2 would end the connection
+    and every stream in progress with it."""
+
+    @property
+    def open_inbound_streams(self) -> int:
+        h2.connection.H2Connection.open_inbound_streams.fget(self)  # it also forgets closed streams
+        return 0
+
+
 class Stream:
     """One request on the connection, as the reader received it and its worker answers it."""
 
@@ -96,7 +107,7 @@ class H2Session:
         self.last_stream_id = 0  # the highest stream we took on (GOAWAY's last-stream-id)
         self.lost = False  # the socket failed or the client closed it: nothing more can be sent
         self.last_activity = clock()
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        self.h2 = _ServerConnection(h2.config.H2Configuration(client_side=False, header_encoding=None))
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: HEADER_LIST_SLACK * max_header_bytes,
@@ -169,7 +180,10 @@ class H2Session:
         if self.goaway_sent or len(self.streams) >= self.max_streams:
             # After our GOAWAY no new stream is served; past max_streams (a client that did not wait
             # for our SETTINGS) the stream is refused, which tells the client it may retry it.
-            self.h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+            try:
+                self.h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+            except h2.exceptions.StreamClosedError:
+                pass  # the client cancelled it already, in the same read
             return None
         stream = Stream(event.stream_id, event.headers, event.stream_ended is not None)
         self.streams[event.stream_id] = stream
@@ -199,6 +213,8 @@ class H2Session:
         if stream is None or stream.answered:
             return
         stream.reset = True
+        if not stream.started:  # no worker will finish it: it no longer counts against max_streams
+            del self.streams[event.stream_id]
         self.early_resets += 1
         if self.early_resets > self.max_streams * RAPID_RESET_FACTOR:
             self._goaway(ErrorCodes.ENHANCE_YOUR_CALM)

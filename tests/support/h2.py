@@ -18,6 +18,7 @@ import h2.config
 import h2.connection
 import h2.events
 import trustme
+from hyperframe.frame import Frame, HeadersFrame
 
 from core.socket_server import bind_listener
 from proxy.config.schema import parse_config
@@ -152,6 +153,31 @@ class H2Client:
             elif isinstance(event, h2.events.DataReceived):
                 body += event.data
         return headers, body
+
+    def request_after_goaway(self, stream_id: int, path: str) -> None:
+        """A request h2 would refuse to send once it saw our GOAWAY: what a client racing the GOAWAY sends."""
+        block = self.h2.encoder.encode([(":method", "GET"), (":path", path), (":scheme", "http"),
+                                        (":authority", "h2.test")])
+        self.send_raw(HeadersFrame(stream_id, data=block, flags=["END_HEADERS", "END_STREAM"]).serialize())
+
+    def frames_until_close(self, limit: int = 10_000) -> list:
+        """Every frame the server sends until it closes (after a GOAWAY h2 itself accepts none): headers
+        decoded in place of the raw block, as (frame, headers or None)."""
+        data, frames = b"", []
+        while len(frames) < limit:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return frames
+            data += chunk
+            while len(data) >= 9:
+                frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+                if len(data) < 9 + length:
+                    break
+                frame.parse_body(memoryview(data[9:9 + length]))
+                data = data[9 + length:]
+                block = self.h2.decoder.decode(frame.data) if isinstance(frame, HeadersFrame) else None
+                frames.append((frame, dict(block) if block else None))
+        raise AssertionError(f"more than {limit} frames")
 
     def goaway(self):
         return self.until(lambda e: isinstance(e, h2.events.ConnectionTerminated))
