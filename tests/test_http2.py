@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import signal
 import socket
 import ssl
 import subprocess
@@ -17,6 +18,8 @@ import pytest
 from tests.support.backends import consume_and_digest, pattern_sha256, stream_pattern, stream_pattern_chunked
 from tests.support.faulty_upstream import HEAD, LOOP, write
 from tests.support.h2 import CLIENT_TIMEOUT, H2Client, Pki, start_h2_proxy, stop_quietly
+from tests.support.ports import free_port
+from tests.support.processes import admin_status, proxy_config, ready_workers, running_proxy
 from tests.support.timing import wait_for
 
 CURL_TIMEOUT = 60
@@ -261,3 +264,21 @@ def test_access_log_record_says_http2(h2_proxy, make_backend, pki):
     record = wait_for(lambda: records and records[-1], what="the request's record")
     assert (record.version, record.method, record.target, record.status) == ("HTTP/2.0", "GET", "/logged?x=1", 200)
     assert record.request_id and record.upstream == "web"
+
+
+@needs_curl
+def test_h2c_with_two_workers_counted_in_status_and_drained(tmp_path, make_backend):
+    backend = make_backend()
+    port, admin_port = free_port(), free_port()
+    text = proxy_config(port, backend.address, workers=2, admin_port=admin_port).replace(
+        f'listen = "127.0.0.1:{port}"', f'listen = [{{ address = "127.0.0.1:{port}", h2c = true }}]')
+    with running_proxy(tmp_path, text) as run:
+        wait_for(lambda: ready_workers(run) == 2, timeout=30, what="two workers", on_timeout=run.log)
+        for index in range(10):
+            result = curl("--http2-prior-knowledge", "-w", "\n%{http_version}", f"{run.url}/w/{index}")
+            assert result.stdout.decode().rpartition("\n")[2] == "2", result.stderr
+        status = admin_status(admin_port)
+        assert status["processes"] == 2 and status["http2"]["streams_total"] == 10
+        run.signal(signal.SIGTERM)
+        assert run.wait_exit() == 0
+    assert len([r for r in backend.requests if r.path.startswith("/w/")]) == 10

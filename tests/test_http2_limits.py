@@ -15,6 +15,7 @@ import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, PingFrame, RstStreamFrame, SettingsFrame
 
+from proxy.observe.metrics import Metrics, render_prometheus
 from proxy.observe.status import build_status
 from tests.support.backends import STREAM_PIECE, pattern_bytes
 from tests.support.h2 import CLIENT_TIMEOUT, H2Client, start_h2_proxy, stop_quietly
@@ -299,4 +300,15 @@ def test_no_websocket_over_h2_advertised(h2c_proxy):
     proxy, _ = h2c_proxy()
     client = H2Client.connect(proxy.port)
     assert client.h2.remote_settings.get(h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL, 0) == 0
+    client.close()
+
+
+def test_metrics_show_http2_connections_and_streams(h2c_proxy):
+    proxy, _ = h2c_proxy()
+    client = H2Client.connect(proxy.port)
+    headers, _ = client.response(client.request("/counted"))
+    assert headers[":status"] == "200"
+    text = render_prometheus(Metrics(proxy.app).snapshot())
+    assert "pyproxy_http2_connections 1" in text
+    assert "pyproxy_http2_streams_total 1" in text
     client.close()
