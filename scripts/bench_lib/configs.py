@@ -36,6 +36,10 @@ class ProxyShape:
     workers: int
     keepalive_per_server: int
     admin_port: int = 0  # pyproxy with workers: its admin /status says how requests split between them
+    # A second listener with TLS, HTTP/2 by ALPN (the h2 scenarios); 0: none. Same routes and upstreams.
+    tls_port: int = 0
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,7 @@ def nginx_proxy(layout: Layout, shape: ProxyShape) -> str:
     }}
     server {{
         listen 127.0.0.1:{shape.port} backlog={BACKLOG};
-        client_max_body_size {UPLOAD_LIMIT};
+{_nginx_tls_listen(shape)}        client_max_body_size {UPLOAD_LIMIT};
         location / {{
             proxy_pass http://backends;
             proxy_http_version 1.1;
@@ -130,6 +134,15 @@ def nginx_proxy(layout: Layout, shape: ProxyShape) -> str:
     }}
 }}
 """)
+
+
+def _nginx_tls_listen(shape: ProxyShape) -> str:
+    """The h2 scenarios' listener in the same server block. `listen ... ssl http2` is the syntax
+    nginx before 1.25.1 (Debian 12's 1.22) knows; newer ones accept it with a deprecation warning."""
+    if not shape.tls_port:
+        return ""
+    return (f"        listen 127.0.0.1:{shape.tls_port} ssl http2 backlog={BACKLOG};\n"
+            f"        ssl_certificate {shape.tls_cert};\n        ssl_certificate_key {shape.tls_key};\n")
 
 
 def haproxy(shape: ProxyShape) -> str:
@@ -167,8 +180,12 @@ def pyproxy(shape: ProxyShape) -> str:
     admin port, [admin] listens there (the per-worker split comes from /status)."""
     servers = ", ".join(f'"127.0.0.1:{p}"' for p in shape.backend_ports)
     admin = f'\n[admin]\nlisten = "127.0.0.1:{shape.admin_port}"\n' if shape.admin_port else ""
+    listen = f'"127.0.0.1:{shape.port}"'
+    if shape.tls_port:
+        listen = (f'["127.0.0.1:{shape.port}", {{ address = "127.0.0.1:{shape.tls_port}", '
+                  f'tls_cert = "{shape.tls_cert}", tls_key = "{shape.tls_key}" }}]')
     return f"""[server]
-listen = "127.0.0.1:{shape.port}"
+listen = {listen}
 workers = {shape.workers}
 max_connections = {MAX_CONNECTIONS}
 idle_timeout = "{IDLE_TIMEOUT_S}s"

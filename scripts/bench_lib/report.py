@@ -23,7 +23,11 @@ GOALS = {
     "close": ("nginx", 0.5, False),
     "download": ("nginx", 1.0, False),
     "upload": ("nginx", 0.8, False),
+    "h2": ("nginx", 0.25, False),
 }
+# Goals against pyproxy itself in another scenario of the same run: h2 on one connection against
+# HTTP/1.1 over TLS at the same concurrency.
+SELF_GOALS = {"h2-1conn": ("h1-tls", 0.9)}
 P99_LIMIT_VS_NGINX = 3.0  # "p99 at c=50 ≤ 3× nginx's"
 PYTHON_PEER_MINIMUM = 3.0  # pyproxy ÷ python-pyproxy at c=50 and c=1000
 COLUMNS = ("scenario", "target", "result", "p50", "p99", "errors", "÷nginx", "÷haproxy", "goal")
@@ -54,6 +58,10 @@ def goal_verdict(measurements: list[Measurement], scenario: str) -> str:
         met = (ours.details["rss_mib"] < IDLE_RSS_LIMIT_MIB and ours.details["threads"] < IDLE_THREAD_LIMIT
                and ours.errors == 0)
         return "met" if met else f"missed (<{IDLE_RSS_LIMIT_MIB} MiB, <{IDLE_THREAD_LIMIT} thr)"
+    if scenario in SELF_GOALS:
+        return _self_goal_verdict(measurements, scenario, *SELF_GOALS[scenario])
+    if scenario not in GOALS:
+        return ""
     versus, minimum, zero_errors = GOALS[scenario]
     versus_ratio = ratio(measurements, scenario, versus)
     if versus_ratio is None:
@@ -71,6 +79,14 @@ def goal_verdict(measurements: list[Measurement], scenario: str) -> str:
             problems.append(f"<{PYTHON_PEER_MINIMUM:g}x {PYTHON_PYPROXY}")
     verdict = f"{versus_ratio:.2f}x {versus}: " if versus != "nginx" else ""
     return verdict + ("met" if not problems else "missed: " + ", ".join(problems))
+
+
+def _self_goal_verdict(measurements: list[Measurement], scenario: str, other: str, minimum: float) -> str:
+    ours, theirs = _find(measurements, scenario, "pyproxy"), _find(measurements, other, "pyproxy")
+    if ours is None or theirs is None or ours.value is None or not theirs.value:
+        return f"no {other}"
+    value = ours.value / theirs.value
+    return f"{value:.2f}x {other}: " + ("met" if value >= minimum else f"missed: <{minimum:g}x")
 
 
 def _p99_too_high(measurements: list[Measurement]) -> bool:

@@ -1,13 +1,14 @@
-"""The six benchmark scenarios (docs/performance.md) and how one of them is measured against one target."""
+"""The benchmark scenarios (docs/performance.md) and how one of them is measured against one target."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .h2load import run_h2load
 from .idle import hold_idle_connections
 from .procs import TreeUsage, tree_usage
-from .targets import Target, is_relay, worker_counts
+from .targets import TLS_TARGETS, Target, is_relay, worker_counts
 from .wrk import WrkError, WrkResult, run_wrk
 
 MIB = 1024 * 1024
@@ -29,6 +30,10 @@ class Scenario:
     fresh_start: bool = False
     # The calibration relays take part: they are built for small requests only.
     for_relays: bool = False
+    # h2load over TLS instead of wrk: "h2" (streams per connection) or "h1" (HTTP/1.1, one at a time).
+    # Only the targets with a TLS listener take part (nginx and pyproxy).
+    h2load: str | None = None
+    streams: int = 1
 
 
 SCENARIOS = (
@@ -40,6 +45,11 @@ SCENARIOS = (
     Scenario("upload", 5, "1 MiB POST c=4", "MiB/s", path="/upload", connections=4,
              script="bench_upload.lua", wrk_timeout="30s"),
     Scenario("idle", 6, "idle keep-alive clients", "MiB RSS", fresh_start=True),
+    Scenario("h2", 7, "small GET h2 over TLS, 10 conns x 10 streams", "req/s", connections=10, h2load="h2",
+             streams=10),
+    Scenario("h2-1conn", 8, "small GET h2 over TLS, 1 conn x 10 streams", "req/s", connections=1, h2load="h2",
+             streams=10),
+    Scenario("h1-tls", 9, "small GET HTTP/1.1 over TLS c=10", "req/s", connections=10, h2load="h1"),
 )
 
 
@@ -52,12 +62,15 @@ def select_scenarios(only: str | None) -> list[Scenario]:
     unknown = wanted - known
     if unknown:
         raise ValueError(f"unknown scenario(s): {', '.join(sorted(unknown))}; "
-                         f"choose from {', '.join(s.key for s in SCENARIOS)} or 1-6")
+                         f"choose from {', '.join(s.key for s in SCENARIOS)} or 1-{len(SCENARIOS)}")
     return [s for s in SCENARIOS if s.key in wanted or str(s.number) in wanted]
 
 
 def takes_part(scenario: Scenario, target_name: str) -> bool:
-    """Calibration relays are measured in the small-request scenarios only, and skipped elsewhere."""
+    """Calibration relays are measured in the small-request scenarios only, and skipped elsewhere; the
+    TLS scenarios take the targets with an h2 listener only."""
+    if scenario.h2load:
+        return target_name in TLS_TARGETS
     return scenario.for_relays or not is_relay(target_name)
 
 
@@ -69,6 +82,8 @@ class RunSettings:
     warmup_s: float
     idle_connections: int
     idle_open_timeout_s: float
+    h2load: str | None = None
+    logs_dir: Path | None = None  # where h2load writes its per-request log (the run's temp dir)
 
 
 @dataclass
@@ -133,6 +148,11 @@ def worker_split(before: dict[int, int], after: dict[int, int] | None) -> list[i
 
 
 def _wrk(scenario: Scenario, target: Target, settings: RunSettings, duration_s: float) -> WrkResult:
+    if scenario.h2load:
+        url = f"https://127.0.0.1:{target.tls_port}{scenario.path}"
+        log_file = settings.logs_dir / f"h2load-{scenario.key}-{target.name}.log"
+        return run_h2load(settings.h2load, url, scenario.connections, scenario.streams, duration_s,
+                          0.0, log_file, h1=scenario.h2load == "h1")
     script = str(settings.scripts_dir / scenario.script) if scenario.script else None
     url = f"http://127.0.0.1:{target.port}{scenario.path}"
     return run_wrk(settings.wrk, url, scenario.connections, duration_s, scenario.wrk_timeout,

@@ -11,7 +11,8 @@ import subprocess
 import sys
 
 # Command → Debian package that provides it (wrk, nginx-light, haproxy).
-TOOL_PACKAGES = {"wrk": "wrk", "nginx": "nginx-light", "haproxy": "haproxy"}
+TOOL_PACKAGES = {"wrk": "wrk", "nginx": "nginx-light", "haproxy": "haproxy", "h2load": "nghttp2-client",
+                 "openssl": "openssl"}
 # nginx and haproxy live in sbin, which is not always on a non-root PATH.
 EXTRA_PATH = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 # Enough for 10,000 idle client sockets plus the harness's own, and for wrk at c=1000.

@@ -34,6 +34,7 @@ TARGET_NAMES = ("direct", "nginx", "haproxy", "pyproxy")  # the default run
 # Calibration relays: target name -> relays.py --mode. Run only with --targets/--calibrate.
 RELAY_MODES = {"relay-threads": "threads", "relay-pool2": "pool2", "relay-lf2": "lf2", "relay-loop": "loop"}
 SINGLE_WORKER = "pyproxy-1w"  # pyproxy with --workers 1, beside pyproxy when --workers is above 1
+TLS_TARGETS = ("nginx", "pyproxy", SINGLE_WORKER)  # started with a TLS (h2) listener for the h2 scenarios
 PYTHON_PYPROXY = "python-pyproxy"  # the PyPI reverse proxy of that name, run only when named
 PYTHON_PYPROXY_REQUIREMENT = "python-pyproxy"
 INSTALL_TIMEOUT_S = 300.0
@@ -70,6 +71,19 @@ class Lab:
         else:
             shutil.rmtree(self.root, ignore_errors=True)
 
+    def certificate(self, openssl: str | None) -> tuple[str, str]:
+        """A self-signed certificate for 127.0.0.1 (made once per run): (cert path, key path)."""
+        cert, key = self.root / "tls-cert.pem", self.root / "tls-key.pem"
+        if not cert.exists():
+            argv = [openssl or "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            if done.returncode != 0:
+                raise StartError(f"openssl could not make a certificate: {done.stderr.strip()[-200:]}")
+            os.chmod(key, 0o644)  # nginx's workers read it as an unprivileged user when we are root
+        return str(cert), str(key)
+
     def layout(self, name: str) -> configs.Layout:
         layout = configs.Layout(self.root, name)
         layout.work_dir.mkdir(exist_ok=True)
@@ -92,6 +106,7 @@ class Target:
     process: ManagedProcess | None = None
     failure: str | None = None
     admin_port: int = 0  # pyproxy with workers: where /status tells each worker's request count
+    tls_port: int = 0  # nginx and pyproxy: a TLS listener with HTTP/2 (the h2 scenarios)
 
 
 @dataclass(frozen=True)
@@ -130,6 +145,7 @@ class TargetFactory:
     keepalive_per_server: int
     repo: Path
     python_pyproxy_venv: Path | None = None  # installed once per run, on first use
+    tls: bool = False  # give nginx and pyproxy a TLS listener with h2 (an h2 scenario is selected)
 
     def start(self, name: str) -> Target:
         """Start one target; a target that fails to come up is returned with `failure` set."""
@@ -137,7 +153,9 @@ class TargetFactory:
             return Target("direct", self.backends.ports[0], self.backends.process)
         workers = 1 if name in SINGLE_PROCESS else self.workers
         admin_port = free_port() if name == "pyproxy" and workers > 1 else 0
-        shape = configs.ProxyShape(free_port(), self.backends.ports, workers, self.keepalive_per_server, admin_port)
+        tls = self.lab.certificate(self.tools.get("openssl")) if name in TLS_TARGETS and self.tls else None
+        shape = configs.ProxyShape(free_port(), self.backends.ports, workers, self.keepalive_per_server, admin_port,
+                                   *((free_port(), *tls) if tls else ()))
         starters = {"nginx": self._nginx, "haproxy": self._haproxy, "pyproxy": self._pyproxy,
                     SINGLE_WORKER: self._pyproxy, PYTHON_PYPROXY: self._python_pyproxy}
         try:
@@ -145,7 +163,7 @@ class TargetFactory:
         except (StartError, OSError) as error:
             say(f"{name}: failed to start: {error}")
             return Target(name, shape.port, failure=f"failed to start: {error}")
-        return Target(name, shape.port, process, admin_port=admin_port)
+        return Target(name, shape.port, process, admin_port=admin_port, tls_port=shape.tls_port)
 
     def restart(self, target: Target) -> Target:
         """A fresh process for a proxy target (direct is returned as it is)."""
