@@ -244,17 +244,26 @@ class Http2StreamHandler(HttpHandler):
         request_id = ex.record.request_id if self.app.return_request_id else None
         session, stream = ex.conn.session, ex.conn.stream
         ex.response_started = True
-        session.send_headers(stream, response_block(response, request_id, length), end_stream=no_body)
+        # The head waits for the first body bytes (or for the next upstream read): a small response
+        # leaves in one write.
+        session.send_headers(stream, response_block(response, request_id, length), end_stream=no_body,
+                             flush=no_body)
         if no_body:
             return not parser.has_buffered_data
         encoder = encoder or _AS_IS
+        pending = b""  # body bytes decoded but not sent yet: the last piece goes with END_STREAM
         while True:
             try:
                 event = parser.next_event()
             except ProtocolError as exc:
                 raise UpstreamFailed(f"invalid response body: {exc.reason}") from exc
             if event is NEED_DATA:
-                self._send(ex, encoder.flush())
+                pending += encoder.flush()
+                if pending:
+                    self._send(ex, pending)
+                    pending = b""
+                else:
+                    session.flush()  # the head, before waiting on the upstream
                 data = link.recv()
                 if data:
                     parser.feed(data)
@@ -262,19 +271,22 @@ class Http2StreamHandler(HttpHandler):
                     parser.feed_eof()
                 continue
             if type(event) is Data:
-                self._send(ex, encoder.compress(event.data))
+                pending += encoder.compress(event.data)
                 continue
-            self._send(ex, encoder.finish())  # EndOfMessage
-            trailers = trailer_block(event.trailers) if event.trailers else None
-            session.end_stream(stream, trailers)
+            pending += encoder.finish()  # EndOfMessage
+            if event.trailers:
+                self._send(ex, pending)
+                session.end_stream(stream, trailer_block(event.trailers))
+            else:
+                self._send(ex, pending, end_stream=True)
             break
         return response.keep_alive and not parser.body_close_delimited and not parser.has_buffered_data
         yield
 
     @staticmethod
-    def _send(ex, data: bytes) -> None:
-        if data:
-            ex.conn.session.send_body(ex.conn.stream, data)
+    def _send(ex, data: bytes, end_stream: bool = False) -> None:
+        if data or end_stream:
+            ex.conn.session.send_body(ex.conn.stream, data, end_stream)
             ex.record.bytes_sent += len(data)
 
     def _answer_error(self, ex, status: int, detail: str, body=None, headers: tuple = ()) -> None:
@@ -303,10 +315,9 @@ class Http2StreamHandler(HttpHandler):
         """A response the proxy wrote itself, as HTTP/1.1 bytes, sent on the stream."""
         block, body = from_http1_payload(payload)
         try:
-            client.session.send_headers(client.stream, block, end_stream=not body)
+            client.session.send_headers(client.stream, block, end_stream=not body, flush=not body)
             if body:
-                client.session.send_body(client.stream, body)
-                client.session.end_stream(client.stream)
+                client.session.send_body(client.stream, body, end_stream=True)
             record.bytes_sent += len(body)
         except ClientGone:
             pass  # the client cancelled the stream or left: nothing left to tell it
