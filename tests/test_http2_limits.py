@@ -182,8 +182,23 @@ def test_client_that_stops_reading_stops_the_upstream_and_meets_send_timeout(h2c
     client = H2Client.connect(proxy.port)
     client.auto_ack = False  # never a WINDOW_UPDATE: the connection's window runs dry at 64 KiB
     stream = client.request("/huge")
-    ended = client.until(lambda e: isinstance(e, h2.events.StreamReset) and e.stream_id == stream)
-    assert ended.error_code == ErrorCodes.CANCEL  # send_timeout passed with the window shut
+    client.until(lambda e: isinstance(e, h2.events.DataReceived) and e.stream_id == stream)
+    client.sock.settimeout(0.05)
+    last_data = time.monotonic()
+    ended = None
+    for _ in range(600):  # 30 s at most; send_timeout is 2 s
+        try:
+            events = client.read_once()
+        except socket.timeout:
+            continue
+        if any(isinstance(e, h2.events.DataReceived) for e in events):
+            last_data = time.monotonic()
+        ended = next((e for e in events if isinstance(e, h2.events.StreamReset) and e.stream_id == stream), None)
+        if ended is not None:
+            break
+    client.sock.settimeout(CLIENT_TIMEOUT)
+    assert ended is not None and ended.error_code == ErrorCodes.CANCEL
+    assert time.monotonic() - last_data >= 1.5  # the stream waited out send_timeout with the window shut
     received = sum(len(e.data) for e in client.events if isinstance(e, h2.events.DataReceived))
     assert received <= 65535
     # The stream stopped reading its upstream: what the backend could write is what the sockets buffer.
@@ -249,7 +264,8 @@ def test_pings_do_not_keep_an_idle_connection_open(h2c_proxy):
             closed = True
             break
     assert closed
-    assert any(is_goaway(e) for e in client.events)
+    goaway = next(e for e in client.events if is_goaway(e))
+    assert goaway.error_code == ErrorCodes.NO_ERROR  # idle_timeout, not the flood limit (100 PINGs)
 
 
 # -- lifecycle and observability ---------------------------------------------------------------------------

@@ -97,6 +97,12 @@ class Http2Server:
             return
         settings = self.app.settings
         conn.park_deadline = session.deadline(settings.idle_timeout, settings.header_timeout)
+        if time.monotonic() >= conn.park_deadline:
+            # Past its deadline while sending frames that are not requests (PINGs, WINDOW_UPDATEs): core's
+            # reaper skips a connection a worker holds, and such a client is always being read when it looks.
+            session.goaway()
+            conn.close()
+            return
         if not conn.claim(S.READING, S.IDLE):  # a stream's worker closed it meanwhile
             conn.close()
 
