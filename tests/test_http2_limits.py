@@ -15,10 +15,15 @@ import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, PingFrame, RstStreamFrame, SettingsFrame
 
+from core.socket_server import bind_listener
+from proxy.config.schema import parse_config
+from proxy.http2.session import PREFACE
 from proxy.observe.metrics import Metrics, render_prometheus
 from proxy.observe.status import build_status
+from proxy.serve.runner import ProxyProcess
 from tests.support.backends import STREAM_PIECE, pattern_bytes
 from tests.support.h2 import CLIENT_TIMEOUT, H2Client, start_h2_proxy, stop_quietly
+from tests.support.proxy import proxy_config_dict
 from tests.support.timing import wait_for
 
 H2C = {"h2c": True}
@@ -328,3 +333,32 @@ def test_metrics_show_http2_connections_and_streams(h2c_proxy):
     assert "pyproxy_http2_connections 1" in text
     assert "pyproxy_http2_streams_total 1" in text
     client.close()
+
+
+def test_h2c_and_h2_max_streams_apply_on_reload_to_new_connections(make_backend):
+    backend = make_backend()
+    sock = bind_listener("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+
+    def config(**listen):
+        document = proxy_config_dict({"web": [backend.address]},
+                                     server={"listen": [{"address": f"127.0.0.1:{port}", **listen}],
+                                             "h2_max_streams": 7 if listen else 100})
+        return parse_config(document, "test.toml")
+
+    first = config()
+    process = ProxyProcess(first, listeners=[(first.server.listen[0], sock)])
+    thread = process.start_in_thread()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT) as plain:
+            plain.sendall(PREFACE)
+            assert plain.recv(100).startswith(b"HTTP/1.1 ")  # no h2c yet: an HTTP/1.1 refusal
+        process.reload(config(h2c=True))
+        client = H2Client.connect(port)
+        assert client.h2.remote_settings.max_concurrent_streams == 7
+        headers, _ = client.response(client.request("/after-reload"))
+        assert headers[":status"] == "200"
+        client.close()
+    finally:
+        process.stop(force=True)
+        thread.join(CLIENT_TIMEOUT)
