@@ -30,10 +30,12 @@ def test_chromium_loads_100_subresources_over_one_h2_connection(tmp_path, make_b
         browser.send("Network.enable")
         browser.open(proxy.url + "/page")
         browser.wait_until(f"window.loaded === {SUBRESOURCES}", what="every script run")
-        protocols = browser.evaluate("performance.getEntriesByType('resource').map(e => e.nextHopProtocol)")
+        protocols = browser.evaluate("performance.getEntriesByType('resource')"
+                                     ".filter(e => e.name.includes('/r/')).map(e => e.nextHopProtocol)")
         navigation = browser.evaluate("performance.getEntriesByType('navigation')[0].nextHopProtocol")
         responses = [event["params"]["response"] for event in browser.events
-                     if event["method"] == "Network.responseReceived"]
+                     if event["method"] == "Network.responseReceived"
+                     and ("/r/" in event["params"]["response"]["url"] or event["params"]["type"] == "Document")]
     finally:
         browser.close()
         stop_quietly(proxy)

@@ -3,6 +3,7 @@ the attack (over h2c: the same session code serves TLS). Docs: docs/configuratio
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -21,7 +22,7 @@ from proxy.http2.session import PREFACE
 from proxy.observe.metrics import Metrics, render_prometheus
 from proxy.observe.status import build_status
 from proxy.serve.runner import ProxyProcess
-from tests.support.backends import STREAM_PIECE, pattern_bytes
+from tests.support.backends import STREAM_PIECE, close_with_rst, pattern_bytes
 from tests.support.h2 import CLIENT_TIMEOUT, H2Client, start_h2_proxy, stop_quietly
 from tests.support.proxy import proxy_config_dict
 from tests.support.timing import wait_for
@@ -362,3 +363,16 @@ def test_h2c_and_h2_max_streams_apply_on_reload_to_new_connections(make_backend)
     finally:
         process.stop(force=True)
         thread.join(CLIENT_TIMEOUT)
+
+
+def test_client_resetting_right_after_the_preface_is_no_error(h2c_proxy, caplog):
+    proxy, _ = h2c_proxy()
+    for _ in range(20):  # the reset usually lands before a worker answers the preface
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT)
+        sock.sendall(PREFACE + SettingsFrame(0).serialize())
+        close_with_rst(sock)
+    client = H2Client.connect(proxy.port)  # the proxy serves on
+    headers, _ = client.response(client.request("/after"))
+    assert headers[":status"] == "200"
+    client.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -128,7 +128,7 @@ class H2Session:
             self.h2.initiate_connection()
             self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
             new = self._take(received) if received else []
-            self._flush()
+            self._flush_for_reader()
         return new + self.pump()
 
     def pump(self) -> list[Stream]:
@@ -143,7 +143,7 @@ class H2Session:
                 if data is None:
                     break
                 new += self._take(data)
-                self._flush()
+                self._flush_for_reader()
         return [stream for stream in new if not stream.reset]
 
     def _recv(self) -> bytes | None:
@@ -164,7 +164,7 @@ class H2Session:
         except h2.exceptions.ProtocolError:
             # h2 queued a GOAWAY with the error's code (a CONTINUATION flood, an oversized header
             # list, a frame out of place): send it and stop reading this client.
-            self._flush()
+            self._flush_for_reader()
             self._lose()
             return []
         new = []
@@ -412,6 +412,14 @@ class H2Session:
         data = self.h2.data_to_send()
         if data:
             self._send_all(data)
+
+    def _flush_for_reader(self) -> None:
+        """The reader's flush: a client gone is no error there (the session is lost, and the caller
+        closes the connection); a stream's flush raises ClientGone into its exchange instead."""
+        try:
+            self._flush()
+        except ClientGone:
+            pass
 
     def _send_all(self, data: bytes) -> None:
         view = memoryview(data)

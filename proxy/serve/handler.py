@@ -164,7 +164,7 @@ class HttpHandler:
         self.tunnels = TunnelRelay(app)  # upgraded connections: one relay thread for all of them
         self.hangups = HangupWatch()  # clients that leave while their request waits for its answer
         # HTTP/2 connections (proxy/serve/http2.py, Http2Server), plugged in by the process that owns
-        # the pool their streams run on; without one, TLS listeners still offer h2 but are served 1.1.
+        # the pool their streams run on (ProxyProcess always does).
         self.http2 = None
 
     def on_expired(self, conn) -> None:
