@@ -4,6 +4,7 @@ client for the header mapping of RFC 9113 §8. Limits and attacks are in test_ht
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import signal
 import socket
@@ -15,11 +16,15 @@ import h2.events
 import httpx
 import pytest
 
+from core.socket_server import bind_listener
+from proxy.config.schema import parse_config
+from proxy.serve.runner import ProxyProcess
 from tests.support.backends import consume_and_digest, pattern_sha256, stream_pattern, stream_pattern_chunked
 from tests.support.faulty_upstream import HEAD, LOOP, write
 from tests.support.h2 import CLIENT_TIMEOUT, H2Client, Pki, start_h2_proxy, stop_quietly
 from tests.support.ports import free_port
 from tests.support.processes import admin_status, proxy_config, ready_workers, running_proxy
+from tests.support.proxy import proxy_config_dict
 from tests.support.timing import wait_for
 
 CURL_TIMEOUT = 60
@@ -282,3 +287,25 @@ def test_h2c_with_two_workers_counted_in_status_and_drained(tmp_path, make_backe
         run.signal(signal.SIGTERM)
         assert run.wait_exit() == 0
     assert len([r for r in backend.requests if r.path.startswith("/w/")]) == 10
+
+
+@pytest.mark.parametrize("http2, expected", [(True, "h2"), (False, "http/1.1")])
+def test_http2_switch_holds_for_local_ca_listeners(h2_proxy, make_backend, tmp_path, http2, expected):
+    """tls = "internal": the leaf's context, which the SNI callback switches to, answers ALPN."""
+    listen = {"address": "127.0.0.1:1", "tls": "internal", **({} if http2 else {"http2": False})}
+    document = proxy_config_dict({"web": [make_backend().address]}, server={"listen": [listen]})
+    document["tls"] = {"internal_ca_dir": str(tmp_path / "ca")}
+    config = parse_config(document, str(tmp_path / "test.toml"))
+    sock = bind_listener("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    process = ProxyProcess(config, listeners=[(dataclasses.replace(config.server.listen[0], port=port), sock)])
+    thread = process.start_in_thread()
+    try:
+        context = ssl.create_default_context(cafile=str(tmp_path / "ca" / "root.crt"))
+        context.set_alpn_protocols(["h2", "http/1.1"])
+        with socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                assert tls.selected_alpn_protocol() == expected
+    finally:
+        process.stop(force=True)
+        thread.join(CLIENT_TIMEOUT)

@@ -111,6 +111,12 @@ def leaf_context(pem_path: str) -> ssl.SSLContext:
     return server_context(pem_path, None)
 
 
+def leaf_context_http1(pem_path: str) -> ssl.SSLContext:
+    """The same for a listener with http2 = false: the context the SNI callback switches to is the one
+    whose ALPN list the handshake answers from."""
+    return server_context(pem_path, None, HTTP1_ONLY)
+
+
 class TlsTerminator:
     """Terminates TLS for one listener: a default certificate plus optional ones picked by SNI.
 
@@ -146,7 +152,8 @@ class TlsTerminator:
                       for entry in getattr(listen, "sni", ()))
         alpn = ALPN_PROTOCOLS if getattr(listen, "http2", True) else HTTP1_ONLY
         if getattr(listen, "tls_internal", False):
-            authority = shared_ca(tls_settings.internal_ca_dir, tls_settings.internal_names, leaf_context)
+            authority = shared_ca(tls_settings.internal_ca_dir, tls_settings.internal_names,
+                                  leaf_context if alpn is ALPN_PROTOCOLS else leaf_context_http1)
             return cls(None, extra, authority, alpn)
         return cls(Certificate(listen.tls_cert, listen.tls_key), extra, alpn=alpn)
 
