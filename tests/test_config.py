@@ -749,3 +749,13 @@ def test_http2_key_problems_name_the_key(server, problem):
 def test_admin_listener_takes_no_http2_keys():
     problems = problems_of(minimal(admin={"listen": {"address": "127.0.0.1:9901", "h2c": True}}))
     assert problems == ["proxy.toml: admin.listen.h2c: only for server.listen (the admin listener speaks HTTP/1.1)"]
+
+
+def test_check_shows_which_listeners_speak_http2():
+    config = parse_config(minimal(server={"listen": [
+        {"address": "127.0.0.1:8443", "tls_cert": __file__, "tls_key": __file__},
+        {"address": "127.0.0.1:8444", "tls_cert": __file__, "tls_key": __file__, "http2": False},
+        {"address": "127.0.0.1:8080", "h2c": True}, "127.0.0.1:8081"]}), "proxy.toml")
+    first = routing_table_lines(config)[0]
+    assert first == ("listen: 127.0.0.1:8443 (TLS, HTTP/2), 127.0.0.1:8444 (TLS), 127.0.0.1:8080 (h2c), "
+                     "127.0.0.1:8081 (1 worker)"), first

@@ -101,4 +101,6 @@ def routing_table_lines(config: Config) -> list[str]:
 def _listen_label(entry: ListenConfig) -> str:
     if entry.redirect_https:
         return f"{entry.address} (redirects to https)"
-    return f"{entry.address} (TLS)" if entry.tls else entry.address
+    if entry.tls:
+        return f"{entry.address} (TLS, HTTP/2)" if entry.http2 else f"{entry.address} (TLS)"
+    return f"{entry.address} (h2c)" if entry.h2c else entry.address
