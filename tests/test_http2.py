@@ -309,3 +309,22 @@ def test_http2_switch_holds_for_local_ca_listeners(h2_proxy, make_backend, tmp_p
     finally:
         process.stop(force=True)
         thread.join(CLIENT_TIMEOUT)
+
+
+def test_proxy_own_answers_on_a_stream_error_and_redirect(h2_proxy, make_backend):
+    backend = make_backend()
+    closed_port = free_port()  # nothing listens there: 502
+    routes = [{"path": "/down", "upstream": "down"},
+              {"path": "/moved", "redirect": {"to": "https://example.test/new", "status": 308}},
+              {"path": "/", "upstream": "web"}]
+    proxy = h2_proxy({"web": [backend.address], "down": [f"127.0.0.1:{closed_port}"]}, None,
+                     listen={"h2c": True}, routes=routes)
+    client = H2Client.connect(proxy.port)
+    headers, body = client.response(client.request("/down/x", method="POST", body=b"data"))
+    assert headers[":status"] == "502" and b"127.0.0.1:" in body
+    assert headers["x-request-id"]
+    headers, body = client.response(client.request("/moved"))
+    assert headers[":status"] == "308" and headers["location"] == "https://example.test/new"
+    headers, _ = client.response(client.request("/fine"))  # the connection goes on after both
+    assert headers[":status"] == "200"
+    client.close()
