@@ -14,7 +14,7 @@ import h2.settings
 import hpack
 import pytest
 from h2.errors import ErrorCodes
-from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, PingFrame, RstStreamFrame, SettingsFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, PingFrame, PriorityFrame, RstStreamFrame, SettingsFrame
 
 from core.socket_server import bind_listener
 from proxy.config.schema import parse_config
@@ -151,7 +151,9 @@ def test_continuation_flood_ends_the_connection(h2c_proxy):
     assert backend.requests == []
 
 
-@pytest.mark.parametrize("frame", [PingFrame(0, opaque_data=b"12345678"), SettingsFrame(0)], ids=["ping", "settings"])
+@pytest.mark.parametrize("frame", [PingFrame(0, opaque_data=b"12345678"), SettingsFrame(0),
+                                   PriorityFrame(1, depends_on=0, stream_weight=16)],
+                         ids=["ping", "settings", "priority"])
 def test_control_frame_flood_gets_enhance_your_calm(h2c_proxy, frame):
     proxy, _ = h2c_proxy()
     client = H2Client.connect(proxy.port)

@@ -44,8 +44,9 @@ READS_PER_ROUND = 16
 # CONNECTION_WINDOW across its streams (the RFC's 65,535 default throttles uploads on a fast link).
 STREAM_WINDOW = 256 * 1024
 CONNECTION_WINDOW = 1024 * 1024
-# PING and SETTINGS frames a client may send between two requests. Each costs an answer; a client that
-# sends them in a loop (CVE-2019-9512, -9515) gets GOAWAY ENHANCE_YOUR_CALM.
+# PING, SETTINGS and PRIORITY frames a client may send between two requests. Each costs work (the
+# first two an answer); a client that sends them in a loop (CVE-2019-9512, -9513, -9515) gets GOAWAY
+# ENHANCE_YOUR_CALM.
 MAX_CONTROL_FRAMES = 100
 # SETTINGS_MAX_HEADER_LIST_SIZE is this many times max_header_bytes: a request between the two is
 # decoded and answered 431 on its stream (proxy/http2/mapping.py), as HTTP/1.1 answers one; past it
@@ -238,6 +239,7 @@ class H2Session:
         h2.events.StreamReset: _on_reset,
         h2.events.PingReceived: _on_control,
         h2.events.RemoteSettingsChanged: _on_control,
+        h2.events.PriorityUpdated: _on_control,
         h2.events.ConnectionTerminated: _on_goaway,
     }
 
