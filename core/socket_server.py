@@ -127,6 +127,9 @@ class SocketServer:
         self.graceful_timeout = graceful_timeout
         self.on_overload = on_overload
         self.on_expired = on_expired  # non-blocking last words to a connection parked past its deadline
+        # Called on the loop thread for each open connection as a drain starts, for a protocol that can
+        # announce it (HTTP/2's GOAWAY); it must not block.
+        self.on_drain: Callable[[Connection], None] | None = None
         self.clock = clock
         self.draining = threading.Event()  # the protocol layer reads it: answer with Connection: close
         self.stopped = threading.Event()
@@ -432,6 +435,7 @@ class SocketServer:
             self.remove_listener(listener)
         self.draining.set()
         log.info("draining: %d connections open", len(self._connections))
+        self._announce_drain()
         pending = self._close_resting()
         # Resting connections whose next request already arrived count as work: the loop must stay
         # up to dispatch them (their epoll event), or they would be closed unanswered at the end.
@@ -450,6 +454,17 @@ class SocketServer:
         remaining = max(0.1, deadline - self.clock()) if not self._force else 0.5
         if not self.pool.shutdown(timeout=min(remaining, 5.0)):
             log.warning("some worker threads did not finish in time")
+
+    def _announce_drain(self) -> None:
+        if self.on_drain is None:
+            return
+        with self._conn_lock:
+            conns = list(self._connections.values())
+        for conn in conns:
+            try:
+                self.on_drain(conn)
+            except Exception:  # one connection's failure never stops the drain
+                log.exception("drain notice to %s failed", conn.peer)
 
     def _active_connections(self) -> list[Connection]:
         with self._conn_lock:

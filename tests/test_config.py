@@ -380,7 +380,7 @@ def test_unknown_keys_suggest_the_closest_name():
         "proxy.toml: server.listn: unknown key (did you mean 'listen'?)",
         "proxy.toml: server.zzz: unknown key (expected one of: listen, workers, min_threads, max_threads, "
         "thread_idle_timeout, max_connections, graceful_timeout, header_timeout, idle_timeout, max_header_bytes, max_body_bytes, "
-        "tunnel_timeout, trusted_proxies, body_timeout, send_timeout, cpu_affinity, rate_limit_keys)",
+        "tunnel_timeout, trusted_proxies, body_timeout, send_timeout, cpu_affinity, rate_limit_keys, h2_max_streams)",
         "proxy.toml: upstreams.web.helth: unknown key (did you mean 'health'?)",
     ]
 
@@ -718,3 +718,44 @@ def test_a_byte_order_mark_at_the_start_of_the_file_is_accepted(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_bytes(b"\xef\xbb\xbf[server]\nlisten = \xff\n")
     assert_one_line_problem(run_cli("check", "-c", str(bad)), f"{bad}: not valid UTF-8 text")
+
+
+# -- HTTP/2 keys --------------------------------------------------------------------------------------
+
+def test_http2_keys_parse_with_safe_defaults():
+    config = parse_config(minimal(server={"listen": [{"address": ":8443", "tls_cert": __file__, "tls_key": __file__},
+                                                     {"address": ":8080", "h2c": True}],
+                                          "h2_max_streams": 250}), "proxy.toml")
+    tls, plain = config.server.listen
+    assert (tls.http2, tls.h2c, plain.http2, plain.h2c) == (True, False, True, True)
+    assert config.server.h2_max_streams == 250
+    assert parse_config(minimal(), "proxy.toml").server.h2_max_streams == 100
+
+
+@pytest.mark.parametrize("server, problem", [
+    ({"h2_max_streams": 0}, "server.h2_max_streams: must be 1-10000, got 0"),
+    ({"h2_max_streams": "many"}, "server.h2_max_streams: expected a whole number, got \"many\""),
+    ({"listen": [{"address": ":8443", "tls_cert": __file__, "tls_key": __file__, "h2c": True}]},
+     "server.listen[0].h2c: only for plain listeners; a TLS listener offers h2 by ALPN (http2)"),
+    ({"listen": [{"address": ":8080", "http2": False}]},
+     "server.listen[0].http2: only for TLS listeners (ALPN); a plain listener takes HTTP/2 with h2c = true"),
+    ({"listen": [{"address": ":8080", "h2c": "yes"}]}, "server.listen[0].h2c: expected true or false"),
+])
+def test_http2_key_problems_name_the_key(server, problem):
+    problems = problems_of(minimal(server=server))
+    assert len(problems) == 1 and problems[0].startswith(f"proxy.toml: {problem}"), problems
+
+
+def test_admin_listener_takes_no_http2_keys():
+    problems = problems_of(minimal(admin={"listen": {"address": "127.0.0.1:9901", "h2c": True}}))
+    assert problems == ["proxy.toml: admin.listen.h2c: only for server.listen (the admin listener speaks HTTP/1.1)"]
+
+
+def test_check_shows_which_listeners_speak_http2():
+    config = parse_config(minimal(server={"listen": [
+        {"address": "127.0.0.1:8443", "tls_cert": __file__, "tls_key": __file__},
+        {"address": "127.0.0.1:8444", "tls_cert": __file__, "tls_key": __file__, "http2": False},
+        {"address": "127.0.0.1:8080", "h2c": True}, "127.0.0.1:8081"]}), "proxy.toml")
+    first = routing_table_lines(config)[0]
+    assert first == ("listen: 127.0.0.1:8443 (TLS, HTTP/2), 127.0.0.1:8444 (TLS), 127.0.0.1:8080 (h2c), "
+                     "127.0.0.1:8081 (1 worker)"), first

@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Lowest first: a module may import its own layer and those before it.
-LAYERS = ["core", "proxy.config", "proxy.http", "proxy.routing", "proxy.upstream", "proxy.observe", "proxy.serve"]
+LAYERS = ["core", "proxy.config", "proxy.http", "proxy.http2", "proxy.routing", "proxy.upstream", "proxy.observe", "proxy.serve"]
 
 
 def layer_of(module: str) -> int | None:

@@ -86,9 +86,9 @@ class TlsProxy:
 def make_tls_proxy(pki):
     running = []
 
-    def factory(upstreams: dict, sni: bool = True, server: dict | None = None) -> TlsProxy:
+    def factory(upstreams: dict, sni: bool = True, server: dict | None = None, listen_options=None) -> TlsProxy:
         cert, key = pki.files["default"]
-        listen = {"address": "127.0.0.1:1", "tls_cert": cert, "tls_key": key}
+        listen = {"address": "127.0.0.1:1", "tls_cert": cert, "tls_key": key, **(listen_options or {})}
         if sni:
             listen["sni"] = [{"host": "b.test", "tls_cert": pki.files["b"][0], "tls_key": pki.files["b"][1]},
                              {"host": ["*.c.test"], "tls_cert": pki.files["c"][0], "tls_key": pki.files["c"][1]}]
@@ -171,7 +171,7 @@ def test_alpn_and_protocol_version(tls_proxy, pki):
     context = client_context(pki, alpn=["h2", "http/1.1"])
     with socket.create_connection(("127.0.0.1", tls_proxy.port), timeout=CLIENT_TIMEOUT) as raw:
         with context.wrap_socket(raw, server_hostname="default.test") as tls:
-            assert tls.selected_alpn_protocol() == "http/1.1"
+            assert tls.selected_alpn_protocol() == "h2"  # HTTP/2 first (tests/test_http2.py)
             assert tls.version() in ("TLSv1.2", "TLSv1.3")
 
 
@@ -573,8 +573,9 @@ def test_plain_http_on_a_tls_listener_is_a_400_saying_so(make_tls_proxy, make_ba
 
 
 def test_an_h2_only_alpn_client_is_still_served_http11(make_tls_proxy, make_backend, pki):
-    """Uncovered: a client offering only h2 gets no ALPN protocol (not a failed handshake) and may go on in HTTP/1.1."""
-    proxy = make_tls_proxy({"web": [make_backend().address]})
+    """Uncovered: with http2 = false, a client offering only h2 gets no ALPN protocol (not a failed
+    handshake) and may go on in HTTP/1.1."""
+    proxy = make_tls_proxy({"web": [make_backend().address]}, listen_options={"http2": False})
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT) as raw:
         with client_context(pki, alpn=["h2"]).wrap_socket(raw, server_hostname="default.test") as tls:
             assert tls.selected_alpn_protocol() is None

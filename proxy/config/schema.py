@@ -81,6 +81,8 @@ class ListenConfig:
     tls_internal: bool = False  # tls = "internal": certificates issued on demand by the local CA
     redirect_https: bool = False  # every request answered with a 308 to the same URL on https
     proxy_protocol: bool = False  # every connection starts with a PROXY header (proxy.http.proxy_protocol)
+    http2: bool = True  # a TLS listener offers h2 by ALPN (RFC 9113 §3.2)
+    h2c: bool = False  # a plain listener also takes HTTP/2 with prior knowledge (RFC 9113 §3.3)
 
     @property
     def address(self) -> str:
@@ -113,6 +115,7 @@ class ServerSettings:
     trusted_proxies: tuple[str, ...] = ()  # normalised IPs/CIDRs whose X-Forwarded-For is believed
     cpu_affinity: str | tuple[int, ...] = "auto"  # "auto" | "off" | CPU numbers (core.cpu_affinity)
     rate_limit_keys: int = 65536          # rate limit buckets kept (32 bytes each: 2 MiB), shared by every worker
+    h2_max_streams: int = 100             # SETTINGS_MAX_CONCURRENT_STREAMS (nginx http2_max_concurrent_streams 128)
 
 
 @dataclass(frozen=True)
@@ -582,10 +585,13 @@ def _split_server_url(scheme: str, rest: str) -> tuple[str, int, bool]:
 # Sections
 # ---------------------------------------------------------------------------------------------
 
+MAX_H2_STREAMS = 10000  # streams a client may run at once on one connection; each may take a worker
+
 SERVER_KEYS = (
     "listen", "workers", "min_threads", "max_threads", "thread_idle_timeout", "max_connections",
     "graceful_timeout", "header_timeout", "idle_timeout", "max_header_bytes", "max_body_bytes",
     "tunnel_timeout", "trusted_proxies", "body_timeout", "send_timeout", "cpu_affinity", "rate_limit_keys",
+    "h2_max_streams",
 )
 _SERVER_CONVERTERS = {
     "workers": parse_workers,
@@ -603,8 +609,9 @@ _SERVER_CONVERTERS = {
     "body_timeout": _duration(),
     "send_timeout": _duration(),
     "cpu_affinity": _cpu_affinity,
+    "h2_max_streams": _integer(1, MAX_H2_STREAMS),
 }
-LISTEN_KEYS = ("address", "tls", "tls_cert", "tls_key", "sni", "redirect_https", "proxy_protocol")
+LISTEN_KEYS = ("address", "tls", "tls_cert", "tls_key", "sni", "redirect_https", "proxy_protocol", "http2", "h2c")
 LISTEN_TLS_MODES = ("internal",)
 TLS_KEYS = ("internal_ca_dir", "internal_names")
 SNI_KEYS = ("host", "tls_cert", "tls_key")
@@ -689,6 +696,7 @@ def _parse_listen_table(c: _Checker, table: dict, path: str) -> ListenConfig | N
     redirect_https = flags.get("redirect_https", False)
     if redirect_https and has_default:
         c.add(key_path(path, "redirect_https"), "a TLS listener is https already: it would redirect to itself")
+    http2, h2c = _parse_listen_http2(c, table, path, has_default)
     if "address" not in table:
         c.add(path, 'missing required key "address"')
         return None
@@ -697,7 +705,18 @@ def _parse_listen_table(c: _Checker, table: dict, path: str) -> ListenConfig | N
     except ValueError as problem:
         c.add(key_path(path, "address"), str(problem))
         return None
-    return ListenConfig(host, port, cert, key, sni, internal, redirect_https, flags.get("proxy_protocol", False))
+    return ListenConfig(host, port, cert, key, sni, internal, redirect_https,
+                        proxy_protocol=flags.get("proxy_protocol", False), http2=http2, h2c=h2c)
+
+
+def _parse_listen_http2(c: _Checker, table: dict, path: str, tls: bool) -> tuple[bool, bool]:
+    """http2 (ALPN h2, TLS listeners) and h2c (prior knowledge, plain listeners): each where it means something."""
+    values = c.fields(table, path, {"http2": _boolean, "h2c": _boolean})
+    if "http2" in values and not tls:
+        c.add(key_path(path, "http2"), "only for TLS listeners (ALPN); a plain listener takes HTTP/2 with h2c = true")
+    if values.get("h2c") and tls:
+        c.add(key_path(path, "h2c"), "only for plain listeners; a TLS listener offers h2 by ALPN (http2)")
+    return values.get("http2", True), values.get("h2c", False)
 
 
 def _parse_listen_tls(c: _Checker, table: dict, path: str) -> bool:
@@ -873,6 +892,10 @@ def _parse_admin(c: _Checker, value: Any, server: ServerSettings) -> AdminConfig
         c.add("admin.listen.redirect_https", "only for server.listen (the admin listener serves the admin endpoints)")
     if listen.proxy_protocol:
         c.add("admin.listen.proxy_protocol", "only for server.listen (the admin listener is reached directly)")
+    if isinstance(raw, dict):
+        for key in ("http2", "h2c"):
+            if key in raw:
+                c.add(f"admin.listen.{key}", "only for server.listen (the admin listener speaks HTTP/1.1)")
     clash = next((entry for entry in server.listen if _same_socket(entry, listen)), None)
     if clash:
         c.add("admin.listen", f"{listen.address} clashes with server.listen {clash.address}")

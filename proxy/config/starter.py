@@ -31,10 +31,13 @@ max_header_bytes = "16KiB"     # request line + headers; past it 431 (414 for th
 max_body_bytes = "100MiB"      # request body; past it 413
 body_timeout = "60s"           # longest gap between request body reads; past it 408 (slow POST)
 send_timeout = "60s"           # a client that reads nothing of its response for this long is dropped
+h2_max_streams = 100           # HTTP/2: requests in progress at once on one client connection
 # trusted_proxies = ["10.0.0.0/8"]  # load balancers in front of us whose X-Forwarded-For we believe
 
 # HTTPS for local development with certificates from pyproxy's own CA (run `pyproxy trust` once):
 # add the listener { address = "127.0.0.1:8443", tls = "internal" } to server.listen above.
+# TLS listeners speak HTTP/2 to clients that offer it (http2 = false in the listener turns it off);
+# a plain listener takes HTTP/2 with prior knowledge with { address = ":8080", h2c = true }.
 
 # [tls]
 # internal_ca_dir = "~/.local/share/pyproxy/ca"  # the local CA's root.crt and root.key

@@ -359,8 +359,9 @@ _authorities_lock = threading.Lock()
 
 
 def shared_ca(ca_dir: str, internal_names: tuple[str, ...], make_context: Callable[[str], ssl.SSLContext]) -> LocalCA:
-    """One LocalCA per directory and names in this process, so a reload keeps the issued leaves."""
-    key = (os.path.abspath(ca_dir), permitted_names(internal_names))
+    """One LocalCA per directory, names and kind of context in this process, so a reload keeps the
+    issued leaves (listeners whose contexts differ, in ALPN say, get leaves of their own)."""
+    key = (os.path.abspath(ca_dir), permitted_names(internal_names), make_context)
     with _authorities_lock:
         authority = _authorities.get(key)
         if authority is None:

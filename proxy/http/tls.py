@@ -29,7 +29,8 @@ from proxy.http.responses import plain_response
 
 log = logging.getLogger("pyproxy.tls")
 
-ALPN_PROTOCOLS = ["http/1.1"]  # this proxy speaks HTTP/1.1 to clients (RFC 7301)
+ALPN_PROTOCOLS = ["h2", "http/1.1"]  # RFC 7301; h2 first: a client offering both gets HTTP/2
+HTTP1_ONLY = ["http/1.1"]  # a listener with http2 = false
 HANDSHAKE_PENDING = "pending"  # handshake()'s answer while the client's next flight is still to come
 MAX_HANDSHAKE_STEPS = 8  # bounds the waits for a full send buffer (each up to WRITE_WAIT)
 WRITE_WAIT = 1.0  # seconds one full send buffer may take to drain during a handshake
@@ -94,12 +95,12 @@ class Certificate:
     hosts: tuple[str, ...] = ()
 
 
-def server_context(cert: str, key: str | None) -> ssl.SSLContext:
+def server_context(cert: str, key: str | None, alpn=ALPN_PROTOCOLS) -> ssl.SSLContext:
     """Modern server defaults: TLS 1.2+, the ssl module's cipher list, server cipher preference."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_COMPRESSION
-    context.set_alpn_protocols(ALPN_PROTOCOLS)
+    context.set_alpn_protocols(alpn)
     context.load_cert_chain(cert, key)
     context.sslsocket_class = TimedSSLSocket
     return context
@@ -108,6 +109,12 @@ def server_context(cert: str, key: str | None) -> ssl.SSLContext:
 def leaf_context(pem_path: str) -> ssl.SSLContext:
     """A server context from one PEM file holding a leaf's key and certificate (the local CA's)."""
     return server_context(pem_path, None)
+
+
+def leaf_context_http1(pem_path: str) -> ssl.SSLContext:
+    """The same for a listener with http2 = false: the context the SNI callback switches to is the one
+    whose ALPN list the handshake answers from."""
+    return server_context(pem_path, None, HTTP1_ONLY)
 
 
 class TlsTerminator:
@@ -119,16 +126,16 @@ class TlsTerminator:
     the ``unrecognized_name`` alert."""
 
     def __init__(self, default: Certificate | None, by_name: tuple[Certificate, ...] = (),
-                 authority: LocalCA | None = None):
+                 authority: LocalCA | None = None, alpn=ALPN_PROTOCOLS):
         self.authority = authority
         if default is not None:
-            self.context = server_context(default.tls_cert, default.tls_key)
+            self.context = server_context(default.tls_cert, default.tls_key, alpn)
         else:  # the loopback leaf, so the context is complete; the callback picks a current one
             self.context = authority.new_context(NO_SNI)
         self._exact: dict[str, ssl.SSLContext] = {}
         self._wildcard: dict[str, ssl.SSLContext] = {}  # "example.com" for "*.example.com"
         for certificate in by_name:
-            context = server_context(certificate.tls_cert, certificate.tls_key)
+            context = server_context(certificate.tls_cert, certificate.tls_key, alpn)
             for host in certificate.hosts:
                 if host.startswith("*."):
                     self._wildcard.setdefault(host[2:], context)
@@ -143,10 +150,12 @@ class TlsTerminator:
         Raises LocalCaError when the local CA cannot be created or loaded."""
         extra = tuple(Certificate(entry.tls_cert, entry.tls_key, entry.hosts)
                       for entry in getattr(listen, "sni", ()))
+        alpn = ALPN_PROTOCOLS if getattr(listen, "http2", True) else HTTP1_ONLY
         if getattr(listen, "tls_internal", False):
-            authority = shared_ca(tls_settings.internal_ca_dir, tls_settings.internal_names, leaf_context)
-            return cls(None, extra, authority)
-        return cls(Certificate(listen.tls_cert, listen.tls_key), extra)
+            authority = shared_ca(tls_settings.internal_ca_dir, tls_settings.internal_names,
+                                  leaf_context if alpn is ALPN_PROTOCOLS else leaf_context_http1)
+            return cls(None, extra, authority, alpn)
+        return cls(Certificate(listen.tls_cert, listen.tls_key), extra, alpn=alpn)
 
     def context_for(self, server_name: str | None) -> ssl.SSLContext | None:
         """The context whose certificate serves ``server_name``: exact name, then "*.parent", then the

@@ -201,6 +201,7 @@ class Metrics:
             "open_tunnels": self.app.open_tunnels,
             "access_log": self._access_log_counts(),
             "rate_limit": self._rate_limit_counts(),
+            "http2": self.app.http2_counts(),
         }
 
     def _rate_limit_counts(self) -> dict:
@@ -392,7 +393,7 @@ def merge(snapshots: list[dict]) -> dict:
             counts = retries.setdefault(item["upstream"], {"upstream": item["upstream"], "retries": 0, "exhausted": 0})
             counts["retries"] += item["retries"]
             counts["exhausted"] += item["exhausted"]
-        for field in ("client_connections", "threads", "access_log", "rate_limit"):
+        for field in ("client_connections", "threads", "access_log", "rate_limit", "http2"):
             _add_into(merged[field], snap.get(field, {}))
         merged["open_tunnels"] += snap.get("open_tunnels", 0)
     merged["requests"] = [{"upstream": u, "code": c, "value": n} for (u, c), n in requests.items()]
@@ -444,12 +445,14 @@ def _counters_only(snapshot: dict) -> dict:
     return {**_empty(snapshot["buckets"]), "requests": snapshot["requests"], "durations": snapshot["durations"],
             "servers": [{**gauge, "up": 1, "active": 0} for gauge in snapshot["servers"]],
             "retries": list(snapshot.get("retries", [])),
-            "access_log": dict(snapshot.get("access_log", {})), "rate_limit": dict(snapshot.get("rate_limit", {}))}
+            "access_log": dict(snapshot.get("access_log", {})), "rate_limit": dict(snapshot.get("rate_limit", {})),
+            "http2": {"streams_total": snapshot.get("http2", {}).get("streams_total", 0)}}
 
 
 def _empty(buckets=DEFAULT_BUCKETS) -> dict:
     return {"processes": 0, "buckets": list(buckets), "requests": [], "durations": {}, "servers": [], "retries": [],
-            "client_connections": {}, "threads": {}, "open_tunnels": 0, "access_log": {}, "rate_limit": {}}
+            "client_connections": {}, "threads": {}, "open_tunnels": 0, "access_log": {}, "rate_limit": {},
+            "http2": {}}
 
 
 def _merge_durations(into: dict, durations: dict) -> None:
@@ -514,6 +517,13 @@ def render_prometheus(snapshot: dict) -> str:
             [({"state": s}, n) for s, n in sorted(snapshot["threads"].items())])
     _family(out, "pyproxy_open_tunnels", "gauge", "Upgraded (WebSocket) tunnels open.",
             [({}, snapshot["open_tunnels"])])
+    http2 = snapshot.get("http2", {})
+    _family(out, "pyproxy_http2_connections", "gauge", "HTTP/2 client connections open.",
+            [({}, http2.get("connections", 0))])
+    _family(out, "pyproxy_http2_streams", "gauge", "HTTP/2 streams (requests) in progress.",
+            [({}, http2.get("streams", 0))])
+    _family(out, "pyproxy_http2_streams_total", "counter", "HTTP/2 streams (requests) taken on.",
+            [({}, http2.get("streams_total", 0))])
     _family(out, "pyproxy_access_log_lines_total", "counter", "Access log lines written or dropped (queue full).",
             [({"outcome": k}, n) for k, n in sorted(snapshot["access_log"].items())])
     rate_limit = snapshot.get("rate_limit", {})

@@ -67,6 +67,7 @@ def build_status(app, server=None, pool=None, checker=None, wall_clock=time.time
         "client_connections": dict(server.connection_counts()) if server is not None else {},
         "threads": dict(pool.counts()) if pool is not None else {},
         "open_tunnels": app.open_tunnels,
+        "http2": app.http2_counts(),
     }
 
 
@@ -156,7 +157,7 @@ def merge_status(statuses: list[dict]) -> dict:
     """One document for several processes (the first one's routes and upstream list lead)."""
     if not statuses:
         return {"processes": 0, "draining": False, "upstreams": {}, "routes": [],
-                "client_connections": {}, "threads": {}, "open_tunnels": 0}
+                "client_connections": {}, "threads": {}, "open_tunnels": 0, "http2": {}}
     first = statuses[0]
     merged = {
         "processes": sum(s.get("processes", 1) for s in statuses),
@@ -166,6 +167,7 @@ def merge_status(statuses: list[dict]) -> dict:
         "client_connections": _sum_dicts(s.get("client_connections", {}) for s in statuses),
         "threads": _sum_dicts(s.get("threads", {}) for s in statuses),
         "open_tunnels": sum(s.get("open_tunnels", 0) for s in statuses),
+        "http2": _sum_dicts(s.get("http2", {}) for s in statuses),
     }
     for status in statuses:
         for name, upstream in status["upstreams"].items():

@@ -112,6 +112,8 @@ def routing_table_lines(config: Config) -> list[str]:
 def _listen_label(entry: ListenConfig) -> str:
     if entry.redirect_https:
         label = f"{entry.address} (redirects to https)"
+    elif entry.tls:
+        label = f"{entry.address} (TLS, HTTP/2)" if entry.http2 else f"{entry.address} (TLS)"
     else:
-        label = f"{entry.address} (TLS)" if entry.tls else entry.address
+        label = f"{entry.address} (h2c)" if entry.h2c else entry.address
     return f"{label} (PROXY protocol)" if entry.proxy_protocol else label

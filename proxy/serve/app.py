@@ -323,6 +323,7 @@ class Application:
         self.return_request_id = True
         self.draining_event = threading.Event()  # the server's own, once there is one (see the setter)
         self.tls_contexts: dict = {}  # listener tag -> TLS terminator (see proxy.http.tls)
+        self.http2_counts = lambda: {"connections": 0, "streams": 0, "streams_total": 0}  # the process's Http2Server
         self._tunnels = 0
         self._tunnel_lock = threading.Lock()
         self._reload_lock = threading.Lock()

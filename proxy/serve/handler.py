@@ -37,6 +37,7 @@ from proxy.http.responses import (describe_route, html_response, plain_response,
                         wants_html)
 from proxy.routing.router import BadPath, host_without_port, normalize_path, split_target
 from proxy.http.tls import HANDSHAKE_PENDING
+from proxy.http2.session import H2Session, is_h2c_preface
 from proxy.http.tunnel import TunnelRelay
 
 log = logging.getLogger("pyproxy.handler")
@@ -169,6 +170,9 @@ class HttpHandler:
         self.tunnels = TunnelRelay(app)  # upgraded connections: one relay thread for all of them
         self.hangups = HangupWatch()  # clients that leave while their request waits for its answer
         self.proxy_header_problems = ThrottledLog(log)  # refused PROXY-protocol connections, a flood kept short
+        # HTTP/2 connections (proxy/serve/http2.py, Http2Server), plugged in by the process that owns
+        # the pool their streams run on (ProxyProcess always does).
+        self.http2 = None
 
     def on_expired(self, conn) -> None:
         """core's callback for a connection parked past its deadline (half a head or a small body):
@@ -182,6 +186,9 @@ class HttpHandler:
                     "closed connection from %s: no complete PROXY header within header_timeout (%d bytes of it)",
                     conn.peer[0], len(session.received))
             return
+        if session.__class__ is H2Session:  # HTTP/2: GOAWAY, not a 408
+            self.http2.expire(conn)
+            return
         request = session.waiting_request  # the head is known when the body was late
         if request is None and not session.parser.head_started:
             return  # a TLS client that never sent a request: closed without a word, as a plain one
@@ -192,6 +199,13 @@ class HttpHandler:
             record.bytes_sent = conn.sock.send(EXPIRED_HEAD_REPLY if request is None else EXPIRED_BODY_REPLY)
         finally:  # a client gone already (OSError, core logs it) still had its request time out
             self.app.observe(record)
+
+    def on_drain(self, conn) -> None:
+        """core's callback as a drain starts: an HTTP/2 connection is told GOAWAY (HTTP/1.1 ones learn
+        it from the next answer's Connection: close)."""
+        session = conn.server_data
+        if session.__class__ is H2Session and not conn.closed:
+            self.http2.drain(conn)
 
     # -- connection loop ---------------------------------------------------------------------
     def __call__(self, conn) -> None:
@@ -207,6 +221,9 @@ class HttpHandler:
                 session = self._open_session(conn)
                 if session is None or session is PARKED:
                     return  # PARKED: a TLS client between flights or before its request, held without a thread
+            elif session.__class__ is H2Session:  # an HTTP/2 connection (proxy/serve/http2.py)
+                self.http2.serve(conn)
+                return
         while True:
             request = session.waiting_request or self._read_head(conn, session)
             if request is not PARKED and request is not None and _wants_whole_body(request):
@@ -282,6 +299,19 @@ class HttpHandler:
             if not done:
                 conn.close()
                 return None
+            if self.http2 is not None and conn.sock.selected_alpn_protocol() == "h2":
+                self.http2.start(conn, scheme, origin=origin)
+                return PARKED
+        elif self.http2 is not None and self._h2c_listener(conn.listener):
+            prior_knowledge = is_h2c_preface(conn)
+            if prior_knowledge is None:  # a few bytes of what may be the preface: wait for the rest
+                conn.park_deadline = conn.park_deadline or time.monotonic() + settings.header_timeout
+                conn.transition(S.IDLE)
+                return PARKED
+            conn.park_deadline = None
+            if prior_knowledge:
+                self.http2.start(conn, scheme, origin=origin)
+                return PARKED
         parser = RequestParser(max_header_bytes=settings.max_header_bytes,
                                max_body_bytes=settings.max_body_bytes,
                                # a line past a small max_header_bytes is still a 414 (docs/configuration.md)
@@ -331,6 +361,14 @@ class HttpHandler:
             conn.park_deadline = time.monotonic() + self.app.settings.header_timeout
         conn.transition(S.IDLE)
         return PARKED
+
+    def _h2c_listener(self, tag) -> bool:
+        """Does this plain listener take HTTP/2 with prior knowledge (h2c = true)? The reloaded config's
+        entry for its address decides; a listener the config does not name (tests on port 0) its own."""
+        if tag is None:
+            return False
+        listen = next((entry for entry in self.app.config.server.listen if entry.address == tag.address), tag)
+        return getattr(listen, "h2c", False)
 
     def _read_head(self, conn, session) -> RequestHead | None:
         """The next request head, or None when the client closed (or was told off) between requests."""
@@ -886,9 +924,7 @@ class HttpHandler:
                 interim += 1
                 if interim > MAX_INTERIM_RESPONSES:  # a backend looping on 1xx: the client gets a 502
                     raise UpstreamFailed("upstream sent too many 1xx responses")
-                if ex.request.version == "HTTP/1.1":  # RFC 9110 §15.2: never send 1xx to 1.0 clients
-                    # Not the response: a failure after it still answers with a final status.
-                    yield from self._to_client(ex, interim_head(response), final=False)
+                yield from self._send_interim(ex, response)
                 if response.status == 100 and stop_at_continue:
                     return None, parser
                 continue
@@ -902,6 +938,11 @@ class HttpHandler:
                 # nginx refuses these too: 502 "upstream sent unknown Transfer-Encoding".
                 raise UpstreamFailed("upstream sent an unsupported Transfer-Encoding")
             return response, parser
+
+    def _send_interim(self, ex: Exchange, response: ResponseHead):
+        if ex.request.version == "HTTP/1.1":  # RFC 9110 §15.2: never send 1xx to 1.0 clients
+            # Not the response: a failure after it still answers with a final status.
+            yield from self._to_client(ex, interim_head(response), final=False)
 
     def _relay_response(self, ex: Exchange, link, response: ResponseHead, parser) -> bool:
         request = ex.request

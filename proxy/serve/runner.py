@@ -26,6 +26,7 @@ from proxy.http import local_ca
 from proxy.http.local_ca import LocalCaError
 from proxy.config.units import format_address
 from proxy.serve.handler import HttpHandler
+from proxy.serve.http2 import Http2Server
 from proxy.http.responses import write_overloaded
 from proxy.http.tls import TlsTerminator, server_context
 from proxy.serve.watch import POLL_INTERVAL, Watcher, describe_changes
@@ -182,6 +183,9 @@ class ProxyProcess:
                                    graceful_timeout=server_cfg.graceful_timeout,
                                    on_overload=write_overloaded, on_expired=handler.on_expired)
         self.app.draining_event = self.server.draining
+        handler.http2 = Http2Server(handler, self.pool.submit)
+        self.server.on_drain = handler.on_drain
+        self.app.http2_counts = handler.http2.counts
         self.listeners_by_address: dict[str, object] = {}
         if listeners is None:
             listeners = [(listen, bind_config_listener(listen)) for listen in server_cfg.listen]

@@ -45,6 +45,8 @@ class Browser:
         self.process = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         self._ids = itertools.count(1)
+        self.keep_events = False
+        self.events: list[dict] = []
         self._closing = contextlib.ExitStack()
         try:
             port = self._devtools_port(profile / "DevToolsActivePort")
@@ -78,7 +80,8 @@ class Browser:
         return next((t for t in targets if t.get("type") == "page"), None)
 
     def send(self, method: str, **params) -> dict:
-        """Send one command; events arriving meanwhile are dropped (nothing here waits on events)."""
+        """Send one command; events arriving meanwhile are dropped, or kept in ``events`` once
+        ``keep_events`` is set (a test reading Network.responseReceived, say)."""
         message_id = next(self._ids)
         self.socket.send(json.dumps({"id": message_id, "method": method, "params": params}))
         deadline = time.monotonic() + CDP_TIMEOUT
@@ -87,6 +90,8 @@ class Browser:
             if left <= 0:
                 raise BrowserError(f"{method}: no answer within {CDP_TIMEOUT}s")
             message = json.loads(self.socket.recv(timeout=left))
+            if self.keep_events and "method" in message:
+                self.events.append(message)
             if message.get("id") == message_id:
                 if "error" in message:
                     raise BrowserError(f"{method}: {message['error']}")

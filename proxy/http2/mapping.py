@@ -1,0 +1,123 @@
+"""HTTP/2 header blocks to and from the proxy's HTTP/1.1 messages (RFC 9113 §8).
+
+A request's header block becomes a ``RequestHead`` the HTTP/1.1 pipeline accepts as it is: ``:authority``
+becomes Host, cookies split over several fields are joined again (§8.2.3), and nothing
+connection-specific crosses (§8.2.2). A response head becomes a header block the same way back.
+The ``h2`` package already refuses malformed blocks (uppercase names, pseudo-fields out of place,
+connection-specific fields, a ``te`` other than "trailers"); what is checked here is what it leaves
+to the application.
+"""
+
+from __future__ import annotations
+
+from proxy.http.forwarding import HOP_BY_HOP
+from proxy.http.http1 import Headers, ProtocolError, RequestHead
+
+VERSION = "HTTP/2.0"  # what the access log and the request records show for a stream
+# Connection-specific fields (RFC 9113 §8.2.2) and the HTTP/1.1 framing ones: never in a header block.
+_NOT_IN_H2 = HOP_BY_HOP | {"content-length", "host"}
+_RESPONSE_DROP = HOP_BY_HOP
+_REQUEST_PSEUDO = frozenset({":method", ":path", ":authority", ":scheme"})
+
+
+def request_from_block(block, end_stream: bool, max_header_bytes: int) -> RequestHead:
+    """The ``RequestHead`` for a stream's header block (a list of (bytes, bytes) pairs); ProtocolError
+    (with the status to answer) for a request the proxy cannot serve."""
+    pseudo: dict[str, str] = {}
+    raw: list[tuple[str, str]] = []
+    cookies: list[str] = []
+    size = 0
+    for name_bytes, value_bytes in block:
+        name, value = name_bytes.decode("latin-1"), value_bytes.decode("latin-1")
+        size += len(name) + len(value) + 32  # RFC 9113 §6.5.2: the size SETTINGS_MAX_HEADER_LIST_SIZE counts
+        if name.startswith(":"):
+            pseudo[name] = value
+        elif name == "cookie":
+            cookies.append(value)
+        else:  # h2 refused connection-specific fields already; forwarding drops the hop-by-hop rest
+            raw.append((name, value))
+    if size > max_header_bytes:
+        raise ProtocolError(431, "request header fields too large")
+    if set(pseudo) - _REQUEST_PSEUDO:
+        raise ProtocolError(400, "unknown pseudo-header field")
+    method = pseudo.get(":method", "")
+    if method == "CONNECT":  # RFC 9113 §8.5: a tunnel, which this proxy does not open over HTTP/2
+        raise ProtocolError(501, "CONNECT is not supported over HTTP/2")
+    target = pseudo.get(":path", "")
+    if not method or not target or ":scheme" not in pseudo:
+        raise ProtocolError(400, "missing :method, :scheme or :path")
+    if cookies:
+        raw.append(("cookie", "; ".join(cookies)))  # RFC 9113 §8.2.3
+    headers = Headers(raw)
+    host = pseudo.get(":authority") or headers.get("host")  # RFC 9113 §8.3.1: :authority wins over Host
+    if host is None:
+        raise ProtocolError(400, "missing :authority")
+    content_length = _content_length(headers)
+    if end_stream and content_length:
+        raise ProtocolError(400, "Content-Length promised a body the stream does not carry")
+    # A body without Content-Length is sent upstream chunked; a stream ended with its headers has none.
+    chunked = not end_stream and content_length is None
+    return RequestHead(method=method, target=target, version=VERSION, headers=_without_framing(headers),
+                       content_length=content_length, chunked=chunked, keep_alive=True, host=host,
+                       connection_tokens=frozenset(), expect_continue=False, upgrade=None)
+
+
+def _content_length(headers: Headers) -> int | None:
+    values = headers.get_all("content-length")
+    if not values:
+        return None
+    if len(set(values)) != 1 or not values[0].isdigit() or len(values[0]) > 18:
+        raise ProtocolError(400, "invalid Content-Length")
+    return int(values[0])
+
+
+def _without_framing(headers: Headers) -> Headers:
+    """Host and Content-Length are written by the forwarding code from the parsed values."""
+    if "host" not in headers.names and "content-length" not in headers.names:
+        return headers
+    return Headers([(name, value) for name, value in headers.raw if name not in ("host", "content-length")])
+
+
+def response_block(response, request_id: str | None, content_length: int | None) -> list[tuple[str, str]]:
+    """The header block for a response head: ``:status`` first, names lowercase, nothing hop-by-hop
+    (and nothing the upstream's Connection field named)."""
+    drop = _RESPONSE_DROP | {"content-length"}
+    if response.connection_tokens:
+        drop = drop | response.connection_tokens
+    if request_id is not None:
+        drop = drop | {"x-request-id"}
+    block = [(":status", str(response.status))]
+    block.extend((lname, value) for lname, (_, value) in zip(response.headers.names, response.headers.raw)
+                 if lname not in drop)
+    if content_length is not None:
+        block.append(("content-length", str(content_length)))
+    if request_id is not None:
+        block.append(("x-request-id", request_id))
+    return block
+
+
+def interim_block(response) -> list[tuple[str, str]]:
+    """A 1xx (100 Continue, 103 Early Hints) for the client, as an informational header block."""
+    return [(":status", str(response.status))] + [
+        (lname, value) for lname, (_, value) in zip(response.headers.names, response.headers.raw)
+        if lname not in _NOT_IN_H2]
+
+
+def trailer_block(trailers) -> list[tuple[str, str]]:
+    """Trailer fields (name, value) for the client: no pseudo-fields, nothing connection-specific."""
+    return [(name.lower(), value) for name, value in trailers
+            if not name.startswith(":") and name.lower() not in _NOT_IN_H2]
+
+
+def from_http1_payload(payload: bytes) -> tuple[list[tuple[str, str]], bytes]:
+    """A complete HTTP/1.1 response the proxy wrote itself (an error page, a redirect) as a header
+    block and a body, so that both protocols answer with the same words."""
+    head, _, body = payload.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    block = [(":status", lines[0].split(" ", 2)[1])]
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        lname = name.strip().lower()
+        if lname not in HOP_BY_HOP:
+            block.append((lname, value.strip()))
+    return block, body

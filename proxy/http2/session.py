@@ -1,0 +1,479 @@
+"""One HTTP/2 client connection: the ``h2`` state machine, its socket, and the streams it carries.
+
+The protocol is the ``h2`` package's (sans-IO, HPACK included); this module does the I/O around it and
+the limits a proxy needs. Several threads use a session at once: the pool worker that reads what the
+client sent (``pump``) and one worker per stream that writes its response (``send_headers``,
+``send_body``, ``end_stream``). One lock covers the state machine and every socket call: ``h2`` is not
+thread-safe, and neither is an OpenSSL connection read and written from two threads. The socket is
+non-blocking; a write that finds the send buffer full waits for room (``poll``) under the lock, at most
+``send_timeout``: a client that does not read its TCP stream cannot send WINDOW_UPDATEs either.
+
+Flow control both ways (RFC 9113 §5.2): a stream sends no more than the client's window allows and
+otherwise waits on ``changed`` (the reader notifies it when a WINDOW_UPDATE arrives), so a client that
+stops reading stops its stream reading from the upstream. Received body bytes are acknowledged when the
+stream takes them, so a stream buffers at most its window.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import select
+import socket
+import ssl
+import threading
+import time
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
+
+from proxy.http.errors import ClientGone
+from proxy.http.http1 import ProtocolError
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4: what an h2c client sends first
+READ_SIZE = 256 * 1024
+# Reads per ``pump`` before the reader lets go of the lock for a moment (a client sending without
+# pause would otherwise keep every stream from writing).
+READS_PER_ROUND = 16
+# Windows we grant: a stream buffers at most STREAM_WINDOW of request body, a connection at most
+# CONNECTION_WINDOW across its streams (the RFC's 65,535 default throttles uploads on a fast link).
+STREAM_WINDOW = 256 * 1024
+CONNECTION_WINDOW = 1024 * 1024
+# PING, SETTINGS and PRIORITY frames a client may send between two requests. Each costs work (the
+# first two an answer); a client that sends them in a loop (CVE-2019-9512, -9513, -9515) gets GOAWAY
+# ENHANCE_YOUR_CALM.
+MAX_CONTROL_FRAMES = 100
+# SETTINGS_MAX_HEADER_LIST_SIZE is this many times max_header_bytes: a request between the two is
+# decoded and answered 431 on its stream (proxy/http2/mapping.py), as HTTP/1.1 answers one; past it
+# the header block is not even decoded and the connection ends (a COMPRESSION_ERROR GOAWAY).
+HEADER_LIST_SLACK = 2
+# Streams a client may cancel before their answer, beyond those it let finish: past max_streams of
+# them the connection is an attack (rapid reset, CVE-2023-44487) and gets ENHANCE_YOUR_CALM.
+RAPID_RESET_FACTOR = 1
+
+
+class _ServerConnection(h2.connection.H2Connection):
+    """h2's connection, except that a stream past SETTINGS_MAX_CONCURRENT_STREAMS is left to the session,
+    which refuses that stream alone (REFUSED_STREAM, RFC 9113 §5.1.2) where h2 would end the connection
+    and every stream in progress with it."""
+
+    @property
+    def open_inbound_streams(self) -> int:
+        h2.connection.H2Connection.open_inbound_streams.fget(self)  # it also forgets closed streams
+        return 0
+
+
+class Stream:
+    """One request on the connection, as the reader received it and its worker answers it."""
+
+    __slots__ = ("id", "block", "end_stream", "body", "body_ended", "trailers", "reset", "answered", "started")
+
+    def __init__(self, stream_id: int, block, end_stream: bool):
+        self.id = stream_id
+        self.block = block  # the request's header block: (name, value) bytes pairs
+        self.end_stream = end_stream  # the headers ended the stream: no body
+        self.body: collections.deque = collections.deque()  # (data, flow-controlled length) not taken yet
+        self.body_ended = end_stream
+        self.trailers = None
+        self.reset = False  # the client cancelled it, or the connection is gone
+        self.answered = False  # our END_STREAM (or RST_STREAM) went out
+        self.started = False  # its worker picked it up
+
+
+class H2Session:
+    """The server side of one HTTP/2 connection. ``client_ip``, ``scheme`` and ``requests`` are what the
+    request pipeline reads from a client session."""
+
+    def __init__(self, conn, *, client_ip: str, scheme: str, max_streams: int, max_header_bytes: int,
+                 send_timeout: float, clock=time.monotonic):
+        self.conn = conn
+        self.sock = conn.sock
+        self.client_ip = client_ip
+        self.scheme = scheme
+        self.origin = None  # the client connection as a PROXY header told it (see ClientSession.origin)
+        self.requests = 0
+        self.max_streams = max_streams
+        self.send_timeout = send_timeout
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)  # a window opened, body arrived, a stream ended
+        self.streams: dict[int, Stream] = {}  # those not finished by their worker
+        self.control_frames = 0
+        self.early_resets = 0
+        self.goaway_sent = False  # no new streams from here on (a drain, an attack, an expiry)
+        self.last_stream_id = 0  # the highest stream we took on (GOAWAY's last-stream-id)
+        self.lost = False  # the socket failed or the client closed it: nothing more can be sent
+        self.last_activity = clock()
+        # Our header blocks are built lowercase and valid (proxy/http2/mapping.py): h2 need not check them
+        # again. What the client sends is always checked.
+        self.h2 = _ServerConnection(h2.config.H2Configuration(client_side=False, header_encoding=None,
+                                                              validate_outbound_headers=False))
+        self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: HEADER_LIST_SLACK * max_header_bytes,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+        })
+        # HPACK bomb: decoding stops once the decoded list passes the advertised size, whether or not
+        # the client acknowledged our SETTINGS yet (h2 applies the setting to its decoder only then).
+        self.h2.decoder.max_header_list_size = HEADER_LIST_SLACK * max_header_bytes
+        self.sock.settimeout(0.0)
+
+    # -- the reader -------------------------------------------------------------------------------
+    def start(self, received: bytes = b"") -> list[Stream]:
+        """Send our SETTINGS (the server preface) and take what the client already sent."""
+        with self.lock:
+            self.h2.initiate_connection()
+            self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+            new = self._take(received) if received else []
+            self._flush_for_reader()
+        return new + self.pump()
+
+    def pump(self) -> list[Stream]:
+        """Read what the client sent, answer what ``h2`` answers by itself (SETTINGS ACK, PING ACK,
+        WINDOW_UPDATE), and return the new requests to serve. Never waits for the client."""
+        new: list[Stream] = []
+        for _ in range(READS_PER_ROUND):
+            with self.lock:
+                if self.lost:
+                    break
+                data = self._recv()
+                if data is None:
+                    break
+                new += self._take(data)
+                self._flush_for_reader()
+        return [stream for stream in new if not stream.reset]
+
+    def _recv(self) -> bytes | None:
+        """What the socket has (b"" once the client closed it), None if nothing waits."""
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError, InterruptedError):
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            self._lose()
+        return data or None
+
+    def _take(self, data: bytes) -> list[Stream]:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            # h2 queued a GOAWAY with the error's code (a CONTINUATION flood, an oversized header
+            # list, a frame out of place): send it and stop reading this client.
+            self._flush_for_reader()
+            self._lose()
+            return []
+        new = []
+        for event in events:
+            handle = self._HANDLERS.get(type(event))
+            if handle is not None:
+                stream = handle(self, event)
+                if stream is not None:
+                    new.append(stream)
+        self.changed.notify_all()
+        return new
+
+    def _on_request(self, event) -> Stream | None:
+        self.control_frames = 0
+        self.last_activity = self.clock()
+        if self.goaway_sent or len(self.streams) >= self.max_streams:
+            # After our GOAWAY no new stream is served; past max_streams (a client that did not wait
+            # for our SETTINGS) the stream is refused, which tells the client it may retry it.
+            try:
+                self.h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+            except h2.exceptions.StreamClosedError:
+                pass  # the client cancelled it already, in the same read
+            return None
+        stream = Stream(event.stream_id, event.headers, event.stream_ended is not None)
+        self.streams[event.stream_id] = stream
+        self.last_stream_id = max(self.last_stream_id, event.stream_id)
+        return stream
+
+    def _on_data(self, event) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None or stream.reset:
+            # Nobody will read it: give the window back at once, or the connection's would run dry.
+            self._acknowledge(event.flow_controlled_length, event.stream_id)
+            return
+        stream.body.append((event.data, event.flow_controlled_length))
+
+    def _on_end(self, event) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.body_ended = True
+
+    def _on_trailers(self, event) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.trailers = event.headers
+
+    def _on_reset(self, event) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None or stream.answered:
+            return
+        stream.reset = True
+        if not stream.started:  # no worker will finish it: it no longer counts against max_streams
+            del self.streams[event.stream_id]
+        self.early_resets += 1
+        if self.early_resets > self.max_streams * RAPID_RESET_FACTOR:
+            self._goaway(ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def _on_control(self, event) -> None:
+        self.control_frames += 1
+        if self.control_frames > MAX_CONTROL_FRAMES:
+            self._goaway(ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def _on_goaway(self, event) -> None:
+        self.goaway_sent = True  # the client leaves: no new streams; those running may finish
+
+    _HANDLERS = {
+        h2.events.RequestReceived: _on_request,
+        h2.events.DataReceived: _on_data,
+        h2.events.StreamEnded: _on_end,
+        h2.events.TrailersReceived: _on_trailers,
+        h2.events.StreamReset: _on_reset,
+        h2.events.PingReceived: _on_control,
+        h2.events.RemoteSettingsChanged: _on_control,
+        h2.events.PriorityUpdated: _on_control,
+        h2.events.ConnectionTerminated: _on_goaway,
+    }
+
+    # -- what a stream's worker calls ----------------------------------------------------------------
+    def send_headers(self, stream: Stream, block, end_stream: bool = False, flush: bool = True) -> None:
+        """``flush=False`` leaves the frame queued for the next write (the body that follows at once):
+        one TLS record and one system call for a small response instead of three."""
+        with self.lock:
+            self._check(stream)
+            self.h2.send_headers(stream.id, block, end_stream=end_stream)
+            if end_stream:
+                stream.answered = True
+            if flush:
+                self._flush()
+
+    def flush(self) -> None:
+        """Send what is queued (a response head held back by ``send_headers(flush=False)``)."""
+        with self.lock:
+            if not self.lost:
+                self._flush()
+
+    def send_body(self, stream: Stream, data: bytes, end_stream: bool = False) -> None:
+        """Send ``data`` as the client's windows allow (the last frame ending the stream with
+        ``end_stream``); ClientGone when the stream or connection is gone, or the client let
+        ``send_timeout`` pass without opening its window."""
+        view = memoryview(data)
+        with self.lock:
+            if not view and end_stream:
+                self._check(stream)
+                self.h2.end_stream(stream.id)
+                stream.answered = True
+                self._flush()
+            while view:
+                deadline = self.clock() + self.send_timeout
+                while True:
+                    self._check(stream)
+                    room = min(self.h2.local_flow_control_window(stream.id), self.h2.max_outbound_frame_size)
+                    if room > 0:
+                        break
+                    left = deadline - self.clock()
+                    if left <= 0:
+                        raise ClientGone("client did not open its flow-control window in time")
+                    self.changed.wait(left)
+                piece, view = view[:room], view[room:]
+                last = end_stream and not view
+                self.h2.send_data(stream.id, piece.tobytes(), end_stream=last)
+                if last:
+                    stream.answered = True
+                self._flush()
+
+    def end_stream(self, stream: Stream, trailers=None) -> None:
+        with self.lock:
+            self._check(stream)
+            if trailers:
+                self.h2.send_headers(stream.id, trailers, end_stream=True)
+            else:
+                self.h2.end_stream(stream.id)
+            stream.answered = True
+            self._flush()
+
+    def read_body(self, stream: Stream, timeout: float) -> bytes | None:
+        """The next piece of the request body (None at its end); ProtocolError 408 if none comes within
+        ``timeout``, ClientGone if the stream is reset."""
+        with self.lock:
+            deadline = self.clock() + timeout
+            while not stream.body:
+                if stream.body_ended:
+                    return None
+                self._check(stream)
+                left = deadline - self.clock()
+                if left <= 0:
+                    raise ProtocolError(408, "request body not received in time")
+                self.changed.wait(left)
+            data, counted = stream.body.popleft()
+            self._acknowledge(counted, stream.id)
+            self._flush()
+            return data
+
+    def reset(self, stream: Stream, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
+        with self.lock:
+            if stream.answered or stream.reset or self.lost:
+                return
+            stream.answered = True
+            try:
+                self.h2.reset_stream(stream.id, code)
+                self._flush()
+            except (h2.exceptions.H2Error, ClientGone):
+                pass  # the stream closed meanwhile, or the client is gone: nothing left to cancel
+
+    def finish(self, stream: Stream) -> bool:
+        """The stream's worker is done with it. True when the connection has nothing left to do (closing
+        after a GOAWAY, or lost): the caller closes it."""
+        if not stream.answered:
+            self.reset(stream, ErrorCodes.INTERNAL_ERROR)
+        elif not stream.body_ended and not stream.reset:
+            self.reset(stream, ErrorCodes.NO_ERROR)  # RFC 9113 §8.1: answered before its body came
+        with self.lock:
+            self.streams.pop(stream.id, None)
+            if not stream.reset and self.early_resets:
+                self.early_resets -= 1
+            self.last_activity = self.clock()
+            self.changed.notify_all()
+            return self.lost or (self.goaway_sent and not self.streams)
+
+    # -- the connection as a whole ---------------------------------------------------------------------
+    def goaway(self, code: ErrorCodes = ErrorCodes.NO_ERROR) -> bool:
+        """Tell the client no new stream will be served (a drain, an idle connection closed). True when
+        no stream is running: the caller closes the connection."""
+        with self.lock:
+            self._goaway(code)
+            return not self.streams
+
+    def goaway_nowait(self) -> None:
+        """GOAWAY from a thread that must not wait (the accept loop expiring the connection)."""
+        if self.lock.acquire(blocking=False):
+            try:
+                if not self.lost:
+                    self.sock.send(self.h2.data_to_send() + self._goaway_frame(ErrorCodes.NO_ERROR))
+            except (OSError, ssl.SSLError):
+                pass  # best effort: the connection closes either way
+            finally:
+                self.lock.release()
+
+    def _goaway(self, code: ErrorCodes) -> None:
+        if self.goaway_sent and code == ErrorCodes.NO_ERROR:
+            return
+        self.goaway_sent = True
+        if code != ErrorCodes.NO_ERROR:  # an attack: the streams running are ended with the connection
+            for stream in self.streams.values():
+                stream.reset = True
+        try:
+            self._send_all(self.h2.data_to_send() + self._goaway_frame(code))
+        except ClientGone:
+            pass
+        if code != ErrorCodes.NO_ERROR:
+            self._lose()
+
+    def _goaway_frame(self, code: ErrorCodes) -> bytes:
+        # Built by hand: h2's close_connection() would refuse every later frame, the WINDOW_UPDATEs that
+        # the streams still running need included.
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = self.last_stream_id
+        frame.error_code = code
+        return frame.serialize()
+
+    def deadline(self, idle_timeout: float, header_timeout: float) -> float:
+        """When the connection is closed if nothing happens: never while a stream runs; otherwise
+        idle_timeout after the last stream (header_timeout before the first one, and while a header
+        block is half received: slowloris)."""
+        with self.lock:
+            if self.streams:
+                return math.inf
+            limit = idle_timeout if self.last_stream_id else header_timeout
+            if getattr(self.h2.incoming_buffer, "_headers_buffer", None):
+                limit = min(limit, header_timeout)
+            return self.last_activity + limit
+
+    @property
+    def active_streams(self) -> int:
+        return len(self.streams)
+
+    # -- socket -------------------------------------------------------------------------------------
+    def _check(self, stream: Stream) -> None:
+        if stream.reset or self.lost:
+            raise ClientGone("client cancelled the stream" if stream.reset else "client connection lost")
+
+    def _acknowledge(self, size: int, stream_id: int) -> None:
+        if size:  # h2 gives the connection's window back even when the stream is closed
+            self.h2.acknowledge_received_data(size, stream_id)
+
+    def _flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data:
+            self._send_all(data)
+
+    def _flush_for_reader(self) -> None:
+        """The reader's flush: a client gone is no error there (the session is lost, and the caller
+        closes the connection); a stream's flush raises ClientGone into its exchange instead."""
+        try:
+            self._flush()
+        except ClientGone:
+            pass
+
+    def _send_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        deadline = None
+        while view:
+            try:
+                sent = self.sock.send(view)
+                view = view[sent:]
+                deadline = None  # progress: the client reads
+                continue
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError, InterruptedError):
+                pass
+            except OSError as exc:
+                self._lose()
+                raise ClientGone(f"writing to the client failed: {exc}") from exc
+            now = self.clock()
+            deadline = deadline or now + self.send_timeout
+            if now >= deadline or not _writable(self.sock, deadline - now):
+                if self.clock() >= deadline:
+                    self._lose()
+                    raise ClientGone("client stopped reading")
+
+    def _lose(self) -> None:
+        """Nothing more can be sent: every stream ends, the next ``finish`` or ``pump`` closes."""
+        self.lost = True
+        for stream in self.streams.values():
+            stream.reset = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a reader; the close itself is the caller's
+        except OSError:
+            pass
+        self.changed.notify_all()
+
+
+def is_h2c_preface(conn) -> bool | None:
+    """On an h2c listener: True if the client opened with the HTTP/2 preface, False for HTTP/1.1, None
+    while too few bytes arrived to tell (peeked: the bytes stay for whichever parser takes them)."""
+    try:
+        start = conn.sock.recv(len(PREFACE), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return False
+    if start.startswith(PREFACE[:4]):
+        return True
+    if start and PREFACE.startswith(start):
+        return None
+    return False
+
+
+def _writable(sock, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(max(0.0, timeout) * 1000))

@@ -1,0 +1,331 @@
+"""HTTP/2 client connections on the existing design: a connection parked without a thread while idle, each
+stream a request through the same pipeline as HTTP/1.1, served by its own pool worker.
+
+``Http2Server.serve`` runs when the connection is readable (core dispatches it like any other): it feeds
+what arrived to the connection's ``H2Session`` (proxy/http2/session.py), submits each new request
+to the pool, and parks the connection again. ``Http2StreamHandler`` is the HTTP/1.1 handler with the
+client side swapped: the same ``_exchange`` (routing, balancing, retries, health, header rules,
+request ids, access log, metrics), but the response goes out as HEADERS and DATA frames within the
+client's flow-control windows, and the request body comes from the stream's DATA frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from h2.errors import ErrorCodes
+
+from core import ConnectionState
+from proxy.http.compression import compression_for
+from proxy.http.errors import ClientGone, UpstreamFailed
+from proxy.http.http1 import LAST_CHUNK, NEED_DATA, Data, ProtocolError, encode_chunk
+from proxy.http.redirects import redirect_response
+from proxy.http.responses import html_response, plain_response
+from proxy.http2.mapping import from_http1_payload, interim_block, request_from_block, response_block, trailer_block
+from proxy.http2.session import H2Session
+from proxy.serve.handler import HttpHandler, RequestRecord, _AS_IS, _no_body_to_send
+
+log = logging.getLogger("pyproxy.http2")
+S = ConnectionState
+
+
+class StreamClient:
+    """The client side of one stream, standing where ``_exchange`` expects the client's Connection."""
+
+    __slots__ = ("session", "stream", "sock", "listener", "peer", "state")
+
+    def __init__(self, session: H2Session, stream, conn):
+        self.session = session
+        self.stream = stream
+        self.sock = conn.sock  # watched for a hang-up while the upstream thinks (core.HangupWatch)
+        self.listener = conn.listener
+        self.peer = conn.peer
+        self.state = S.PROCESSING  # never WRITING: the HTTP/1.1 lingering close is not for a stream
+
+    def close(self) -> None:
+        """The exchange gave up on the client (it left, or an answer broke off): cancel the stream."""
+        self.session.reset(self.stream, ErrorCodes.CANCEL)
+
+
+class Http2Server:
+    """Serves the HTTP/2 connections of one process: ``start`` one, ``serve`` it when readable."""
+
+    def __init__(self, handler: HttpHandler, submit):
+        self.app = handler.app
+        self.streams = Http2StreamHandler(handler)
+        self.submit = submit  # the pool's submit: each stream runs on a worker of its own
+        self._lock = threading.Lock()
+        self.connections = 0
+        self.open_streams = 0
+        self.streams_total = 0
+
+    def counts(self) -> dict:
+        return {"connections": self.connections, "streams": self.open_streams, "streams_total": self.streams_total}
+
+    def start(self, conn, scheme: str, received: bytes = b"", origin=None) -> None:
+        """A connection that negotiated h2 (or sent the h2c preface): from now on its ``server_data`` is
+        an H2Session and ``serve`` is called for it instead of the HTTP/1.1 path. ``origin``: what a
+        PROXY header said about the client."""
+        settings = self.app.settings
+        session = H2Session(conn, client_ip=origin.src_ip if origin else str(conn.peer[0]), scheme=scheme,
+                            max_streams=self.app.config.server.h2_max_streams,
+                            max_header_bytes=settings.max_header_bytes, send_timeout=settings.send_timeout)
+        session.origin = origin
+        conn.server_data = session
+        with self._lock:
+            self.connections += 1
+        conn.on_close = _also_on_close(conn.on_close, self._connection_closed)
+        self._settle(conn, session, session.start(received))
+
+    def serve(self, conn) -> None:
+        session = conn.server_data
+        self._settle(conn, session, session.pump())
+
+    def _settle(self, conn, session: H2Session, new_streams) -> None:
+        """Hand the new streams to the pool, then park the connection (or close it when it is done)."""
+        if self.app.draining() and not session.goaway_sent:
+            session.goaway()
+        for stream in new_streams:
+            with self._lock:
+                self.open_streams += 1
+                self.streams_total += 1
+            if not self.submit(self._run_stream, conn, session, stream):
+                session.reset(stream, ErrorCodes.REFUSED_STREAM)  # the pool is full: the client may retry it
+                self._stream_done(conn, session, stream)
+        if session.lost or (session.goaway_sent and not session.active_streams):
+            conn.close()
+            return
+        settings = self.app.settings
+        conn.park_deadline = session.deadline(settings.idle_timeout, settings.header_timeout)
+        if time.monotonic() >= conn.park_deadline:
+            # Past its deadline while sending frames that are not requests (PINGs, WINDOW_UPDATEs): core's
+            # reaper skips a connection a worker holds, and such a client is always being read when it looks.
+            session.goaway()
+            conn.close()
+            return
+        if not conn.claim(S.READING, S.IDLE):  # a stream's worker closed it meanwhile
+            conn.close()
+
+    def _run_stream(self, conn, session: H2Session, stream) -> None:
+        try:
+            if stream.reset:
+                return  # cancelled before a worker took it (rapid reset): costs the backends nothing
+            stream.started = True
+            client = StreamClient(session, stream, conn)
+            try:
+                request = request_from_block(stream.block, stream.end_stream, self.app.settings.max_header_bytes)
+            except ProtocolError as exc:
+                self.streams.answer_refused(client, exc.status, exc.reason)
+                return
+            if request.content_length is not None and request.content_length > self.app.settings.max_body_bytes:
+                self.streams.answer_refused(client, 413, "request body too large")
+                return
+            session.requests += 1
+            _run_to_end(self.streams._exchange(client, session, request))
+        except Exception:  # one stream's failure never takes the pool worker or the connection with it
+            log.exception("HTTP/2 stream %d from %s failed", stream.id, session.client_ip)
+        finally:
+            self._stream_done(conn, session, stream)
+
+    def _stream_done(self, conn, session: H2Session, stream) -> None:
+        with self._lock:
+            self.open_streams -= 1
+        if session.finish(stream):
+            conn.close()
+        elif not session.active_streams:
+            settings = self.app.settings
+            conn.park_deadline = session.deadline(settings.idle_timeout, settings.header_timeout)
+
+    def _connection_closed(self, conn) -> None:
+        with self._lock:
+            self.connections -= 1
+
+    # -- what core asks of a connection ----------------------------------------------------------------
+    def expire(self, conn) -> None:
+        """Idle (or silent) past its deadline: GOAWAY, without waiting, before core closes it."""
+        conn.server_data.goaway_nowait()
+
+    def drain(self, conn) -> None:
+        """A graceful drain began: GOAWAY now (on a worker: the lock may be busy for a moment)."""
+        if not self.submit(self._goaway, conn):
+            conn.close()
+
+    def _goaway(self, conn) -> None:
+        if conn.server_data.goaway():
+            conn.close()
+
+
+def _run_to_end(exchange) -> None:
+    """Run an exchange generator; a stream's never waits in core's transfer relay."""
+    try:
+        exchange.send(None)
+    except StopIteration:
+        return
+    exchange.close()
+    raise RuntimeError("an HTTP/2 exchange yielded a wait")
+
+
+def _also_on_close(first, then):
+    def on_close(conn):
+        if first is not None:
+            first(conn)
+        then(conn)
+    return on_close
+
+
+class Http2StreamHandler(HttpHandler):
+    """The HTTP/1.1 exchange with the client side replaced by a stream's (see the module docstring)."""
+
+    def __init__(self, parent: HttpHandler):  # noqa: super().__init__ not called: the parent's pieces are shared
+        self.app = parent.app
+        self._request_ids = parent._request_ids
+        self.hangups = parent.hangups
+        self.tunnels = None
+
+    def answer_refused(self, client: StreamClient, status: int, reason: str) -> None:
+        """A stream whose head the proxy cannot serve: answered and logged, never forwarded."""
+        record = RequestRecord(time.monotonic(), client.session.client_ip, None)
+        record.version = "HTTP/2.0"
+        record.status = status
+        self._respond(client, plain_response(status, f"{status} {reason}", close=False), record)
+        self.app.observe(record)
+
+    # -- the request body ---------------------------------------------------------------------------------
+    def _send_body(self, ex, link, head: bytes):
+        if _no_body_to_send(ex):
+            if head:
+                link.send(head)
+            return
+        if ex.body_done:  # a retry: resend the bytes we kept
+            link.send(head + b"".join(ex.replay))
+            return
+        client = ex.conn
+        settings = self.app.settings
+        chunked = ex.request.chunked
+        expected = ex.request.content_length
+        received = 0
+        link.send(head)
+        while True:
+            piece = client.session.read_body(client.stream, settings.body_timeout)
+            if piece is None:
+                break
+            received += len(piece)
+            if received > settings.max_body_bytes:
+                raise ProtocolError(413, "request body too large")
+            if expected is not None and received > expected:
+                raise ProtocolError(400, "request body longer than its Content-Length")
+            data = encode_chunk(piece) if chunked else piece
+            if data:
+                link.send(data)
+                self._keep_for_replay(ex, data)
+        if expected is not None and received != expected:
+            raise ProtocolError(400, "request body shorter than its Content-Length")
+        if chunked:
+            trailers = client.stream.trailers
+            last = self._last_chunk([(n.decode("latin-1"), v.decode("latin-1")) for n, v in trailers]) if trailers else LAST_CHUNK
+            link.send(last)
+            self._keep_for_replay(ex, last)
+        ex.body_done = True
+        return
+        yield  # a generator, as the HTTP/1.1 one: it never waits in the relay
+
+    # -- the response ---------------------------------------------------------------------------------
+    def _send_interim(self, ex, response):
+        ex.conn.session.send_headers(ex.conn.stream, interim_block(response))
+        return
+        yield
+
+    def _relay_response(self, ex, link, response, parser):
+        request = ex.request
+        ex.record.status = response.status
+        if response.status == 101:
+            raise UpstreamFailed("upstream switched protocols on an HTTP/2 stream")
+        no_body = request.method == "HEAD" or response.status in (204, 304)
+        encoder = None
+        if ex.route is not None and ex.route.compress is not None and not no_body:
+            response, encoder = compression_for(ex.route.compress, request, response)
+        length = response.content_length if encoder is None and not response.chunked else None
+        if response.status == 204:
+            length = None
+        request_id = ex.record.request_id if self.app.return_request_id else None
+        session, stream = ex.conn.session, ex.conn.stream
+        ex.response_started = True
+        # The head waits for the first body bytes (or for the next upstream read): a small response
+        # leaves in one write.
+        session.send_headers(stream, response_block(response, request_id, length), end_stream=no_body,
+                             flush=no_body)
+        if no_body:
+            return not parser.has_buffered_data
+        encoder = encoder or _AS_IS
+        pending = b""  # body bytes decoded but not sent yet: the last piece goes with END_STREAM
+        while True:
+            try:
+                event = parser.next_event()
+            except ProtocolError as exc:
+                raise UpstreamFailed(f"invalid response body: {exc.reason}") from exc
+            if event is NEED_DATA:
+                pending += encoder.flush()
+                if pending:
+                    self._send(ex, pending)
+                    pending = b""
+                else:
+                    session.flush()  # the head, before waiting on the upstream
+                data = link.recv()
+                if data:
+                    parser.feed(data)
+                else:
+                    parser.feed_eof()
+                continue
+            if type(event) is Data:
+                pending += encoder.compress(event.data)
+                continue
+            pending += encoder.finish()  # EndOfMessage
+            if event.trailers:
+                self._send(ex, pending)
+                session.end_stream(stream, trailer_block(event.trailers))
+            else:
+                self._send(ex, pending, end_stream=True)
+            break
+        return response.keep_alive and not parser.body_close_delimited and not parser.has_buffered_data
+        yield
+
+    @staticmethod
+    def _send(ex, data: bytes, end_stream: bool = False) -> None:
+        if data or end_stream:
+            ex.conn.session.send_body(ex.conn.stream, data, end_stream)
+            ex.record.bytes_sent += len(data)
+
+    def _answer_error(self, ex, status: int, detail: str, body=None, headers: tuple = ()) -> None:
+        if ex.response_started:  # the head went out: cancelling the stream is the only honest signal
+            log.warning("aborting HTTP/2 response to %s after it started: %s", ex.session.client_ip, detail)
+            ex.record.status = ex.record.status or status
+            ex.conn.session.reset(ex.conn.stream, ErrorCodes.INTERNAL_ERROR)
+            return
+        if status >= 500:
+            log.info("%s %s -> %d: %s", ex.request.method, ex.request.target, status, detail)
+        kind, text = body or ("text", f"{status} {detail}")
+        respond = html_response if kind == "html" else plain_response
+        payload = respond(status, text, close=False, head_only=ex.request.method == "HEAD",
+                          extra_headers=self._request_id_header(ex) + headers)
+        ex.record.status = status
+        self._respond(ex.conn, payload, ex.record)
+
+    def _answer_redirect(self, ex, status: int, target: str) -> None:
+        payload = redirect_response(status, target, close=False, head_only=ex.request.method == "HEAD",
+                                    extra_headers=self._request_id_header(ex))
+        ex.record.status = status
+        self._respond(ex.conn, payload, ex.record)
+
+    @staticmethod
+    def _respond(client: StreamClient, payload: bytes, record) -> None:
+        """A response the proxy wrote itself, as HTTP/1.1 bytes, sent on the stream."""
+        block, body = from_http1_payload(payload)
+        try:
+            client.session.send_headers(client.stream, block, end_stream=not body, flush=not body)
+            if body:
+                client.session.send_body(client.stream, body, end_stream=True)
+            record.bytes_sent += len(body)
+        except ClientGone:
+            pass  # the client cancelled the stream or left: nothing left to tell it

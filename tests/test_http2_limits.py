@@ -1,0 +1,380 @@
+"""HTTP/2 limits and attacks, each with the ``h2`` package as a raw client sending exactly the frames of
+the attack (over h2c: the same session code serves TLS). Docs: docs/configuration.md, "HTTP/2"."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import h2.events
+import h2.exceptions
+import h2.settings
+import hpack
+import pytest
+from h2.errors import ErrorCodes
+from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, PingFrame, PriorityFrame, RstStreamFrame, SettingsFrame
+
+from core.socket_server import bind_listener
+from proxy.config.schema import parse_config
+from proxy.http2.session import PREFACE
+from proxy.observe.metrics import Metrics, render_prometheus
+from proxy.observe.status import build_status
+from proxy.serve.runner import ProxyProcess
+from tests.support.backends import STREAM_PIECE, close_with_rst, pattern_bytes
+from tests.support.h2 import CLIENT_TIMEOUT, H2Client, start_h2_proxy, stop_quietly
+from tests.support.proxy import proxy_config_dict
+from tests.support.timing import wait_for
+
+H2C = {"h2c": True}
+
+
+@pytest.fixture
+def h2c_proxy(make_backend):
+    running = []
+
+    def factory(server: dict | None = None, backend=None, **kwargs):
+        backend = backend or make_backend()
+        proxy = start_h2_proxy({"web": [backend.address]}, None, listen=H2C, server=server, **kwargs)
+        running.append(proxy)
+        return proxy, backend
+
+    yield factory
+    for proxy in running:
+        stop_quietly(proxy)
+
+
+def hanging_route(backend, release: threading.Event):
+    backend.route("/hang", lambda h, record: (release.wait(CLIENT_TIMEOUT), h.reply(200, b"done")))
+
+
+def unlimited_client_view(client: H2Client) -> None:
+    """The client's h2 obeys our MAX_CONCURRENT_STREAMS itself: forget it, to send what an attacker would."""
+    client.h2.remote_settings = h2.settings.Settings(client=False, initial_values={
+        h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 10_000})
+
+
+def is_goaway(event) -> bool:
+    return isinstance(event, h2.events.ConnectionTerminated)
+
+
+# -- streams ---------------------------------------------------------------------------------------------
+
+def test_streams_past_max_streams_are_refused_and_the_others_finish(h2c_proxy, make_backend):
+    release = threading.Event()
+    backend = make_backend()
+    hanging_route(backend, release)
+    proxy, _ = h2c_proxy(server={"h2_max_streams": 5, "min_threads": 8}, backend=backend)
+    client = H2Client.connect(proxy.port)
+    assert client.h2.remote_settings.max_concurrent_streams == 5
+    unlimited_client_view(client)
+    streams = [client.request("/hang") for _ in range(7)]
+    refused = [client.until(lambda e, s=s: isinstance(e, h2.events.StreamReset) and e.stream_id == s)
+               for s in streams[5:]]
+    assert [event.error_code for event in refused] == [ErrorCodes.REFUSED_STREAM] * 2
+    wait_for(lambda: len(backend.requests) == 5, what="five streams upstream")
+    release.set()
+    for stream in streams[:5]:
+        headers, body = client.response(stream)
+        assert (headers[":status"], body) == ("200", b"done")
+    assert len(backend.requests) == 5
+    client.close()
+
+
+def test_header_list_past_max_header_bytes_gets_431_and_far_past_it_goaway(h2c_proxy):
+    proxy, backend = h2c_proxy(server={"max_header_bytes": "2KiB"})
+    client = H2Client.connect(proxy.port)
+    assert client.h2.remote_settings.max_header_list_size == 4096  # twice max_header_bytes
+    headers, _ = client.response(client.request("/big", headers=[("x-big", "a" * 3000)]))
+    assert headers[":status"] == "431"
+    headers, _ = client.response(client.request("/fine", headers=[("x-small", "a" * 1000)]))
+    assert headers[":status"] == "200"
+    client.request("/huge", headers=[("x-huge", "b" * 9000)])
+    assert client.goaway() is not None
+    assert [r.path for r in backend.requests] == ["/fine"]
+
+
+def test_hpack_bomb_is_cut_off_while_decoding(h2c_proxy):
+    proxy, backend = h2c_proxy()
+    client = H2Client.connect(proxy.port)
+    # The first request puts a 4 KiB field in the dynamic table; the second names it 2,000 times with
+    # one byte each: 8 MiB once decoded, from 2 KiB on the wire.
+    headers, _ = client.response(client.request("/seed", headers=[("x-bomb", "z" * 4000)]))
+    assert headers[":status"] == "200"
+    client.request("/bomb", headers=[("x-bomb", "z" * 4000)] * 2000)
+    goaway = client.goaway()
+    assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM  # h2: a denial of service
+    assert [r.path for r in backend.requests] == ["/seed"]
+
+
+def test_rapid_reset_gets_enhance_your_calm_and_spares_the_backend(h2c_proxy):
+    proxy, backend = h2c_proxy(server={"h2_max_streams": 10})
+    client = H2Client.connect(proxy.port)
+    for _ in range(200):
+        try:
+            stream = client.request("/expensive")
+            client.h2.reset_stream(stream, ErrorCodes.CANCEL)
+            client.flush()
+        except (ConnectionError, h2.exceptions.ProtocolError):
+            break  # the GOAWAY came, or the server closed
+        if client.closed:
+            break
+        try:
+            client.sock.setblocking(False)
+            client.read_once()
+        except BlockingIOError:
+            pass
+        except (ConnectionError, h2.exceptions.ProtocolError):
+            break
+        finally:
+            client.sock.setblocking(True)
+    client.sock.settimeout(CLIENT_TIMEOUT)
+    goaway = client.goaway()
+    assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert len(backend.requests) <= 11  # at most the streams a worker took before their reset arrived
+
+
+def test_continuation_flood_ends_the_connection(h2c_proxy):
+    proxy, backend = h2c_proxy()
+    client = H2Client.connect(proxy.port)
+    encoded = hpack.Encoder().encode([(":method", "GET"), (":path", "/"), (":scheme", "http"),
+                                      (":authority", "a")])
+    first = HeadersFrame(1, data=encoded)
+    flood = b"".join(ContinuationFrame(1, data=b"").serialize() for _ in range(500))
+    try:
+        client.send_raw(first.serialize() + flood)
+    except ConnectionError:
+        pass  # the server may be gone before the last frame went out
+    goaway = client.goaway()
+    assert goaway is not None and goaway.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert backend.requests == []
+
+
+@pytest.mark.parametrize("frame", [PingFrame(0, opaque_data=b"12345678"), SettingsFrame(0),
+                                   PriorityFrame(1, depends_on=0, stream_weight=16)],
+                         ids=["ping", "settings", "priority"])
+def test_control_frame_flood_gets_enhance_your_calm(h2c_proxy, frame):
+    proxy, _ = h2c_proxy()
+    client = H2Client.connect(proxy.port)
+    try:
+        client.send_raw(frame.serialize() * 500)
+    except ConnectionError:
+        pass
+    goaway = client.goaway()
+    assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+# -- flow control --------------------------------------------------------------------------------------
+
+def _counting_stream(total: int, written: list):
+    def handler(h, record):
+        h.send_response(200)
+        h.send_header("Content-Length", str(total))
+        h.end_headers()
+        try:
+            for offset in range(0, total, STREAM_PIECE):
+                h.wfile.write(pattern_bytes(offset, min(STREAM_PIECE, total - offset)))
+                written[0] += min(STREAM_PIECE, total - offset)
+        except OSError:
+            pass  # the proxy gave up on the stalled client and closed this connection
+    return handler
+
+
+def test_client_that_stops_reading_stops_the_upstream_and_meets_send_timeout(h2c_proxy, make_backend):
+    total = 256 * 1024 * 1024
+    written = [0]
+    backend = make_backend()
+    backend.route("/huge", _counting_stream(total, written))
+    proxy, _ = h2c_proxy(server={"send_timeout": "2s"}, backend=backend)
+    client = H2Client.connect(proxy.port)
+    client.auto_ack = False  # never a WINDOW_UPDATE: the connection's window runs dry at 64 KiB
+    stream = client.request("/huge")
+    client.until(lambda e: isinstance(e, h2.events.DataReceived) and e.stream_id == stream)
+    client.sock.settimeout(0.05)
+    last_data = time.monotonic()
+    ended = None
+    for _ in range(600):  # 30 s at most; send_timeout is 2 s
+        try:
+            events = client.read_once()
+        except socket.timeout:
+            continue
+        if any(isinstance(e, h2.events.DataReceived) for e in events):
+            last_data = time.monotonic()
+        ended = next((e for e in events if isinstance(e, h2.events.StreamReset) and e.stream_id == stream), None)
+        if ended is not None:
+            break
+    client.sock.settimeout(CLIENT_TIMEOUT)
+    assert ended is not None and ended.error_code == ErrorCodes.CANCEL
+    assert time.monotonic() - last_data >= 1.5  # the stream waited out send_timeout with the window shut
+    received = sum(len(e.data) for e in client.events if isinstance(e, h2.events.DataReceived))
+    assert received <= 65535
+    # The stream stopped reading its upstream: what the backend could write is what the sockets buffer.
+    assert written[0] < 64 * 1024 * 1024
+    headers, body = client.response(client.request("/small"))  # the connection itself still serves
+    assert headers[":status"] == "200"
+    client.close()
+
+
+# -- slowloris ---------------------------------------------------------------------------------------------
+
+def _closed_by_server(client: H2Client) -> bool:
+    """Wait (bounded by the socket timeout) for the server to close; True if it did."""
+    try:
+        client.until(lambda e: False, rounds=200)
+    except (AssertionError, socket.timeout):
+        return False
+    except ConnectionError:
+        return True
+    return client.closed
+
+
+def test_silent_connection_is_closed_after_header_timeout(h2c_proxy):
+    proxy, _ = h2c_proxy(server={"header_timeout": "1s"})
+    client = H2Client.connect(proxy.port)
+    assert _closed_by_server(client)
+    assert any(is_goaway(e) for e in client.events)
+
+
+def test_half_sent_header_block_is_closed_after_header_timeout(h2c_proxy):
+    proxy, backend = h2c_proxy(server={"header_timeout": "1s", "idle_timeout": "60s"})
+    client = H2Client.connect(proxy.port)
+    headers, _ = client.response(client.request("/first"))  # past the first request: idle_timeout rules
+    assert headers[":status"] == "200"
+    encoded = hpack.Encoder().encode([(":method", "GET")])
+    client.send_raw(HeadersFrame(3, data=encoded).serialize())  # no END_HEADERS, and nothing more
+    assert _closed_by_server(client)
+    assert [r.path for r in backend.requests] == ["/first"]
+
+
+def test_pings_do_not_keep_an_idle_connection_open(h2c_proxy):
+    proxy, _ = h2c_proxy(server={"idle_timeout": "1s"})
+    client = H2Client.connect(proxy.port)
+    headers, _ = client.response(client.request("/one"))
+    assert headers[":status"] == "200"
+    client.sock.settimeout(0.3)
+    closed = False
+    for _ in range(300):  # a ping every 0.1 s, 30 s at most; idle_timeout is 1 s
+        time.sleep(0.1)  # pacing the client, not waiting for the server
+        if any(is_goaway(e) for e in client.events):
+            closed = _closed_by_server(client)
+            break
+        try:
+            client.h2.ping(b"keepit!!")
+            client.flush()
+            client.read_once()
+        except socket.timeout:
+            continue
+        except (ConnectionError, OSError):
+            closed = True
+            break
+        if client.closed:
+            closed = True
+            break
+    assert closed
+    goaway = next(e for e in client.events if is_goaway(e))
+    assert goaway.error_code == ErrorCodes.NO_ERROR  # idle_timeout, not the flood limit (100 PINGs)
+
+
+# -- lifecycle and observability ---------------------------------------------------------------------------
+
+def test_drain_sends_goaway_with_last_stream_and_lets_it_finish(h2c_proxy, make_backend):
+    release = threading.Event()
+    backend = make_backend()
+    hanging_route(backend, release)
+    proxy, _ = h2c_proxy(server={"graceful_timeout": "20s"}, backend=backend)
+    client = H2Client.connect(proxy.port)
+    stream = client.request("/hang")
+    wait_for(lambda: backend.requests, what="the request upstream")
+    proxy.process.stop()  # graceful: SIGTERM's path
+    goaway = client.goaway()
+    assert goaway.error_code == ErrorCodes.NO_ERROR and goaway.last_stream_id == stream
+    client.request_after_goaway(stream + 2, "/late")  # after GOAWAY: refused, never forwarded
+    release.set()
+    frames = client.frames_until_close()  # ...and then the server closes the connection
+    refused = [f for f, _ in frames if isinstance(f, RstStreamFrame) and f.stream_id == stream + 2]
+    assert refused and refused[0].error_code == ErrorCodes.REFUSED_STREAM
+    answer = [headers for f, headers in frames if isinstance(f, HeadersFrame) and f.stream_id == stream]
+    assert answer and answer[0][":status"] == "200"
+    body = b"".join(f.data for f, _ in frames if isinstance(f, DataFrame) and f.stream_id == stream)
+    assert body == b"done"
+    proxy.thread.join(CLIENT_TIMEOUT)
+    assert not proxy.thread.is_alive()
+    assert [r.path for r in backend.requests] == ["/hang"]
+
+
+def test_status_counts_http2_connections_and_streams(h2c_proxy, make_backend):
+    release = threading.Event()
+    backend = make_backend()
+    hanging_route(backend, release)
+    proxy, _ = h2c_proxy(backend=backend)
+    client = H2Client.connect(proxy.port)
+    client.request("/hang")
+    client.request("/hang")
+    wait_for(lambda: len(backend.requests) == 2, what="two streams upstream")
+    status = build_status(proxy.app, proxy.process.server, proxy.process.pool)
+    assert status["http2"]["connections"] == 1 and status["http2"]["streams"] == 2
+    release.set()
+    client.close()
+    wait_for(lambda: build_status(proxy.app)["http2"] == {"connections": 0, "streams": 0, "streams_total": 2},
+             what="the counts back to zero")
+
+
+def test_no_websocket_over_h2_advertised(h2c_proxy):
+    proxy, _ = h2c_proxy()
+    client = H2Client.connect(proxy.port)
+    assert client.h2.remote_settings.get(h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL, 0) == 0
+    client.close()
+
+
+def test_metrics_show_http2_connections_and_streams(h2c_proxy):
+    proxy, _ = h2c_proxy()
+    client = H2Client.connect(proxy.port)
+    headers, _ = client.response(client.request("/counted"))
+    assert headers[":status"] == "200"
+    text = render_prometheus(Metrics(proxy.app).snapshot())
+    assert "pyproxy_http2_connections 1" in text
+    assert "pyproxy_http2_streams_total 1" in text
+    client.close()
+
+
+def test_h2c_and_h2_max_streams_apply_on_reload_to_new_connections(make_backend):
+    backend = make_backend()
+    sock = bind_listener("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+
+    def config(**listen):
+        document = proxy_config_dict({"web": [backend.address]},
+                                     server={"listen": [{"address": f"127.0.0.1:{port}", **listen}],
+                                             "h2_max_streams": 7 if listen else 100})
+        return parse_config(document, "test.toml")
+
+    first = config()
+    process = ProxyProcess(first, listeners=[(first.server.listen[0], sock)])
+    thread = process.start_in_thread()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT) as plain:
+            plain.sendall(PREFACE)
+            assert plain.recv(100).startswith(b"HTTP/1.1 ")  # no h2c yet: an HTTP/1.1 refusal
+        process.reload(config(h2c=True))
+        client = H2Client.connect(port)
+        assert client.h2.remote_settings.max_concurrent_streams == 7
+        headers, _ = client.response(client.request("/after-reload"))
+        assert headers[":status"] == "200"
+        client.close()
+    finally:
+        process.stop(force=True)
+        thread.join(CLIENT_TIMEOUT)
+
+
+def test_client_resetting_right_after_the_preface_is_no_error(h2c_proxy, caplog):
+    proxy, _ = h2c_proxy()
+    for _ in range(20):  # the reset usually lands before a worker answers the preface
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT)
+        sock.sendall(PREFACE + SettingsFrame(0).serialize())
+        close_with_rst(sock)
+    client = H2Client.connect(proxy.port)  # the proxy serves on
+    headers, _ = client.response(client.request("/after"))
+    assert headers[":status"] == "200"
+    client.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
