@@ -294,6 +294,27 @@ def test_ip_hash_uses_the_carried_address(make_backend, proxied):
     assert sorted({tuple(v) for v in chosen.values()}) == [(0,), (1,)]
 
 
+def test_a_rate_limit_keys_on_the_carried_address(make_backend, proxied, tmp_path):
+    """Two clients behind one balancer (one TCP peer) get a bucket each; a refused request is logged
+    with the address the header carried, as is a 403 on a route that client may not use."""
+    backend = make_backend()
+    access_log = tmp_path / "access.log"
+    proxy = proxied({"app": [backend.address]}, access_log=access_log,
+                    routes=[{"path": "/private", "upstream": "app", "deny": ["198.51.100.0/24"]},
+                            {"path": "/", "upstream": "app", "rate_limit": {"requests": 1, "per": "1h"}}])
+    first, second = (b"PROXY TCP4 203.0.113.%d 10.0.0.1 1 2\r\n" % n for n in (7, 8))
+    assert [_exchange(proxy, first + GET).status for _ in range(2)] == [200, 429]
+    assert _exchange(proxy, second + GET).status == 200
+    assert _exchange(proxy, V2_TCP4 + GET).status == 429  # 203.0.113.7 again, in a v2 header
+    denied = b"GET /private HTTP/1.1\r\nHost: app.test\r\n\r\n"
+    assert _exchange(proxy, b"PROXY TCP4 198.51.100.1 10.0.0.1 1 2\r\n" + denied).status == 403
+    assert len(backend.requests) == 2
+    wait_for(lambda: access_log.exists() and len(access_log.read_text().splitlines()) == 5, timeout=10)
+    logged = [(line.split(" ")[0], line.split('" ')[1].split(" ")[0]) for line in access_log.read_text().splitlines()]
+    assert logged == [("203.0.113.7", "200"), ("203.0.113.7", "429"), ("203.0.113.8", "200"),
+                      ("203.0.113.7", "429"), ("198.51.100.1", "403")]
+
+
 @pytest.mark.parametrize("sent", [
     GET,                                                            # no header at all
     b"PROXY TCP4 203.0.113.7 10.0.0.1 99999 443\r\n" + GET,         # a bad port
