@@ -199,10 +199,10 @@ def proxied():
     running = []
 
     def factory(upstreams: dict, listen: dict | None = None, server: dict | None = None, access_log=None,
-                **options):
-        sock = bind_listener("127.0.0.1", 0)
+                host: str = "127.0.0.1", **options):
+        sock = bind_listener(host, 0)  # host "": every address, dual-stack
         port = sock.getsockname()[1]
-        listen = {"address": f"127.0.0.1:{port}", "proxy_protocol": True, **(listen or {})}
+        listen = {"address": f"{host}:{port}", "proxy_protocol": True, **(listen or {})}
         settings = {"listen": [listen], "trusted_proxies": ["127.0.0.1"], "header_timeout": "10s", **(server or {})}
         document = proxy_config_dict(upstreams, server=settings, **options)
         if access_log is not None:
@@ -355,6 +355,15 @@ def test_a_peer_not_in_trusted_proxies_is_closed(make_backend, proxied, caplog):
         wait_for(lambda: "not in server.trusted_proxies" in caplog.text, timeout=5)
         assert _exchange(proxy, b"PROXY TCP4 203.0.113.7 10.0.0.1 1 2\r\n" + GET, source="127.0.0.2").status == 200
     assert "closed connection from 127.0.0.1: not in server.trusted_proxies" in caplog.text
+    assert backend.last.header("x-forwarded-for") == "203.0.113.7"
+
+
+def test_a_dual_stack_listener_trusts_an_ipv4_balancer(make_backend, proxied):
+    """On ":port" (IPv6 dual-stack) an IPv4 peer is reported as ::ffff:127.0.0.1; it is still the
+    127.0.0.1 that trusted_proxies lists, as the docs' example (":8443", an IPv4 subnet) needs."""
+    backend = make_backend()
+    proxy = proxied({"app": [backend.address]}, host="")
+    assert _exchange(proxy, b"PROXY TCP4 203.0.113.7 10.0.0.1 1 2\r\n" + GET).status == 200
     assert backend.last.header("x-forwarded-for") == "203.0.113.7"
 
 
