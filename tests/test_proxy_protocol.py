@@ -269,6 +269,23 @@ def test_a_forwarded_for_header_from_the_carried_client_is_not_believed(make_bac
     assert backend.last.header_all("x-forwarded-for") == ["203.0.113.7"]
 
 
+@pytest.mark.parametrize("header", [b"PROXY UNKNOWN\r\n", V2_LOCAL, v2(1, 0x00, b"")])
+def test_a_header_naming_no_client_does_not_make_the_client_a_trusted_proxy(make_backend, proxied, header):
+    """HAProxy sends UNKNOWN (v1) or LOCAL (v2) for a client it cannot name: the bytes behind it are
+    still the client's, so its X-Forwarded-For must not pass an allow list or name a fresh bucket,
+    even though the peer (the balancer) is in trusted_proxies."""
+    backend = make_backend()
+    proxy = proxied({"app": [backend.address]},
+                    routes=[{"path": "/inside", "upstream": "app", "allow": ["10.0.0.0/8"]},
+                            {"path": "/", "upstream": "app", "rate_limit": {"requests": 1, "per": "1h"}}])
+    claim = b"GET /inside HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 10.1.1.1\r\n\r\n"
+    assert _exchange(proxy, header + claim).status == 403
+    statuses = [_exchange(proxy, header + b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 10.0.0.%d\r\n\r\n" % n).status
+                for n in range(3)]
+    assert statuses == [200, 429, 429]
+    assert backend.last.header_all("x-forwarded-for") == ["127.0.0.1"]  # replaced, not appended to
+
+
 def test_allow_uses_the_carried_address(make_backend, proxied):
     backend = make_backend()
     proxy = proxied({"app": [backend.address]},
