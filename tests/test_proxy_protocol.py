@@ -590,6 +590,20 @@ def test_health_checks_send_a_header_without_a_client(make_proxy, pp_backend, ve
     assert (pp_backend.headers[index].version, pp_backend.headers[index].command) == (int(version[1]), command)
 
 
+def test_health_checks_on_another_port_send_no_header(make_proxy, make_backend, pp_backend):
+    """health.port is a separate (admin) listener, which does not read PROXY headers: as in HAProxy,
+    whose checks send one only to the traffic port unless check-send-proxy says otherwise."""
+    admin = make_backend()
+    admin_port = int(admin.address.rsplit(":", 1)[1])
+    make_proxy({"app": [pp_backend.address]},
+               upstream_options={"send_proxy_protocol": "v2",
+                                 "health": {"path": "/healthz", "interval": "200ms", "timeout": "200ms",
+                                            "port": admin_port}})
+    wait_for(lambda: any(r.path == "/healthz" for r in admin.requests), timeout=10,
+             what="a health check the admin port could read")
+    assert pp_backend.requests == []  # the traffic port was not probed
+
+
 # -- the pool's rule, with a fake clock ---------------------------------------------------------------
 
 def test_a_pool_sending_headers_reuses_only_the_same_clients_young_connections():
