@@ -376,6 +376,15 @@ def test_a_peer_not_in_trusted_proxies_is_closed(make_backend, proxied, caplog):
     assert backend.last.header("x-forwarded-for") == "203.0.113.7"
 
 
+def _dual_stack() -> bool:
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _dual_stack(), reason="no IPv6 sockets on this machine")
 def test_a_dual_stack_listener_trusts_an_ipv4_balancer(make_backend, proxied):
     """On ":port" (IPv6 dual-stack) an IPv4 peer is reported as ::ffff:127.0.0.1; it is still the
     127.0.0.1 that trusted_proxies lists, as the docs' example (":8443", an IPv4 subnet) needs."""
