@@ -199,10 +199,10 @@ def proxied():
     running = []
 
     def factory(upstreams: dict, listen: dict | None = None, server: dict | None = None, access_log=None,
-                **options):
-        sock = bind_listener("127.0.0.1", 0)
+                host: str = "127.0.0.1", **options):
+        sock = bind_listener(host, 0)  # host "": every address, dual-stack
         port = sock.getsockname()[1]
-        listen = {"address": f"127.0.0.1:{port}", "proxy_protocol": True, **(listen or {})}
+        listen = {"address": f"{host}:{port}", "proxy_protocol": True, **(listen or {})}
         settings = {"listen": [listen], "trusted_proxies": ["127.0.0.1"], "header_timeout": "10s", **(server or {})}
         document = proxy_config_dict(upstreams, server=settings, **options)
         if access_log is not None:
@@ -269,6 +269,23 @@ def test_a_forwarded_for_header_from_the_carried_client_is_not_believed(make_bac
     assert backend.last.header_all("x-forwarded-for") == ["203.0.113.7"]
 
 
+@pytest.mark.parametrize("header", [b"PROXY UNKNOWN\r\n", V2_LOCAL, v2(1, 0x00, b"")])
+def test_a_header_naming_no_client_does_not_make_the_client_a_trusted_proxy(make_backend, proxied, header):
+    """HAProxy sends UNKNOWN (v1) or LOCAL (v2) for a client it cannot name: the bytes behind it are
+    still the client's, so its X-Forwarded-For must not pass an allow list or name a fresh bucket,
+    even though the peer (the balancer) is in trusted_proxies."""
+    backend = make_backend()
+    proxy = proxied({"app": [backend.address]},
+                    routes=[{"path": "/inside", "upstream": "app", "allow": ["10.0.0.0/8"]},
+                            {"path": "/", "upstream": "app", "rate_limit": {"requests": 1, "per": "1h"}}])
+    claim = b"GET /inside HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 10.1.1.1\r\n\r\n"
+    assert _exchange(proxy, header + claim).status == 403
+    statuses = [_exchange(proxy, header + b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 10.0.0.%d\r\n\r\n" % n).status
+                for n in range(3)]
+    assert statuses == [200, 429, 429]
+    assert backend.last.header_all("x-forwarded-for") == ["127.0.0.1"]  # replaced, not appended to
+
+
 def test_allow_uses_the_carried_address(make_backend, proxied):
     backend = make_backend()
     proxy = proxied({"app": [backend.address]},
@@ -292,6 +309,28 @@ def test_ip_hash_uses_the_carried_address(make_backend, proxied):
             served = [i for i, b in enumerate(backends) if len(b.requests) > before[i]]
             assert chosen.setdefault(host, served) == served, f"203.0.113.{host} moved"
     assert sorted({tuple(v) for v in chosen.values()}) == [(0,), (1,)]
+
+
+def test_a_rate_limit_keys_on_the_carried_address(make_backend, proxied, tmp_path):
+    """Two clients behind one balancer (one TCP peer) get a bucket each; a refused request is logged
+    with the address the header carried, as is a 403 on a route that client may not use."""
+    backend = make_backend()
+    access_log = tmp_path / "access.log"
+    proxy = proxied({"app": [backend.address]}, access_log=access_log,
+                    routes=[{"path": "/private", "upstream": "app", "deny": ["198.51.100.0/24"]},
+                            {"path": "/", "upstream": "app", "rate_limit": {"requests": 1, "per": "1h"}}])
+    first, second = (b"PROXY TCP4 203.0.113.%d 10.0.0.1 1 2\r\n" % n for n in (7, 8))
+    assert [_exchange(proxy, first + GET).status for _ in range(2)] == [200, 429]
+    assert _exchange(proxy, second + GET).status == 200
+    assert _exchange(proxy, V2_TCP4 + GET).status == 429  # 203.0.113.7 again, in a v2 header
+    denied = b"GET /private HTTP/1.1\r\nHost: app.test\r\n\r\n"
+    assert _exchange(proxy, b"PROXY TCP4 198.51.100.1 10.0.0.1 1 2\r\n" + denied).status == 403
+    assert len(backend.requests) == 2
+    wait_for(lambda: access_log.exists() and len(access_log.read_text().splitlines()) == 5, timeout=10)
+    # Each line is written after its answer went out, so two in quick succession may swap places.
+    logged = [(line.split(" ")[0], line.split('" ')[1].split(" ")[0]) for line in access_log.read_text().splitlines()]
+    assert sorted(logged) == [("198.51.100.1", "403"), ("203.0.113.7", "200"), ("203.0.113.7", "429"),
+                              ("203.0.113.7", "429"), ("203.0.113.8", "200")]
 
 
 @pytest.mark.parametrize("sent", [
@@ -334,6 +373,24 @@ def test_a_peer_not_in_trusted_proxies_is_closed(make_backend, proxied, caplog):
         wait_for(lambda: "not in server.trusted_proxies" in caplog.text, timeout=5)
         assert _exchange(proxy, b"PROXY TCP4 203.0.113.7 10.0.0.1 1 2\r\n" + GET, source="127.0.0.2").status == 200
     assert "closed connection from 127.0.0.1: not in server.trusted_proxies" in caplog.text
+    assert backend.last.header("x-forwarded-for") == "203.0.113.7"
+
+
+def _dual_stack() -> bool:
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _dual_stack(), reason="no IPv6 sockets on this machine")
+def test_a_dual_stack_listener_trusts_an_ipv4_balancer(make_backend, proxied):
+    """On ":port" (IPv6 dual-stack) an IPv4 peer is reported as ::ffff:127.0.0.1; it is still the
+    127.0.0.1 that trusted_proxies lists, as the docs' example (":8443", an IPv4 subnet) needs."""
+    backend = make_backend()
+    proxy = proxied({"app": [backend.address]}, host="")
+    assert _exchange(proxy, b"PROXY TCP4 203.0.113.7 10.0.0.1 1 2\r\n" + GET).status == 200
     assert backend.last.header("x-forwarded-for") == "203.0.113.7"
 
 
@@ -540,6 +597,20 @@ def test_health_checks_send_a_header_without_a_client(make_proxy, pp_backend, ve
     wait_for(lambda: any(line == "GET /healthz HTTP/1.1" for _, line in pp_backend.requests), timeout=10)
     index = next(i for i, line in pp_backend.requests if line == "GET /healthz HTTP/1.1")
     assert (pp_backend.headers[index].version, pp_backend.headers[index].command) == (int(version[1]), command)
+
+
+def test_health_checks_on_another_port_send_no_header(make_proxy, make_backend, pp_backend):
+    """health.port is a separate (admin) listener, which does not read PROXY headers: as in HAProxy,
+    whose checks send one only to the traffic port unless check-send-proxy says otherwise."""
+    admin = make_backend()
+    admin_port = int(admin.address.rsplit(":", 1)[1])
+    make_proxy({"app": [pp_backend.address]},
+               upstream_options={"send_proxy_protocol": "v2",
+                                 "health": {"path": "/healthz", "interval": "200ms", "timeout": "200ms",
+                                            "port": admin_port}})
+    wait_for(lambda: any(r.path == "/healthz" for r in admin.requests), timeout=10,
+             what="a health check the admin port could read")
+    assert pp_backend.requests == []  # the traffic port was not probed
 
 
 # -- the pool's rule, with a fake clock ---------------------------------------------------------------

@@ -289,6 +289,8 @@ class Runtime:
         if cached is None:
             try:
                 address = ipaddress.ip_address(client_ip)
+                if address.version == 6 and address.ipv4_mapped is not None:
+                    address = address.ipv4_mapped  # a dual-stack listener's IPv4 peer, as allow / deny see it
                 cached = any(address in network for network in self.trusted)
             except ValueError:
                 cached = False

@@ -94,10 +94,14 @@ class ClientSession:
     """Per-connection state that outlives one request (the parser keeps pipelined bytes)."""
 
     __slots__ = ("parser", "client_ip", "scheme", "requests", "head_deadline", "waiting_request", "held_exchange",
-                 "origin")
+                 "origin", "relayed_unnamed")
 
-    def __init__(self, parser: RequestParser, client_ip: str, scheme: str, origin: Origin | None = None):
+    def __init__(self, parser: RequestParser, client_ip: str, scheme: str, origin: Origin | None = None,
+                 relayed_unnamed: bool = False):
         self.parser = parser
+        # A PROXY header that named no client (v1 UNKNOWN, v2 LOCAL or UNSPEC): client_ip is the balancer,
+        # but the bytes are not its own, so the request's X-Forwarded-For is never believed.
+        self.relayed_unnamed = relayed_unnamed
         # The connection as its client made it: from a PROXY header, or worked out when an upstream
         # with send_proxy_protocol first needs it (client_ip is its src_ip either way).
         self.origin = origin
@@ -277,6 +281,7 @@ class HttpHandler:
         settings = self.app.settings
         scheme = "http"
         origin = None
+        relayed_unnamed = False
         proxied = self.app.runtime.proxy_protocol_listeners
         # A connection keeps the mode it started in, whatever a reload changes meanwhile: one whose header
         # began goes on with it; one whose TLS handshake began without one never gets asked for one.
@@ -286,6 +291,7 @@ class HttpHandler:
             if header is None or header is PARKED:
                 return header
             origin = header.origin
+            relayed_unnamed = origin is None
         tls = self.app.tls_for_listener(conn.listener)
         if tls is not None:
             scheme = "https"
@@ -316,7 +322,8 @@ class HttpHandler:
                                max_body_bytes=settings.max_body_bytes,
                                # a line past a small max_header_bytes is still a 414 (docs/configuration.md)
                                max_line_bytes=min(DEFAULT_MAX_LINE_BYTES, settings.max_header_bytes))
-        session = ClientSession(parser, origin.src_ip if origin else str(conn.peer[0]), scheme, origin)
+        session = ClientSession(parser, origin.src_ip if origin else str(conn.peer[0]), scheme, origin,
+                                relayed_unnamed)
         conn.server_data = session
         if tls is None and conn.park_deadline is not None:  # after a PROXY header: the head has what is left
             session.head_deadline, conn.park_deadline = conn.park_deadline, None
@@ -600,7 +607,8 @@ class HttpHandler:
         target = (route.forwarded_path(path) if path != "*" else "*") + query
         out = Outbound(request.method, target, "", ex.session.client_ip, ex.session.scheme,
                        route.headers, self._body_mode(request), tunnel_upgrade(request.upgrade),
-                       ex.record.request_id, runtime.is_trusted(ex.session.client_ip))
+                       ex.record.request_id,
+                       runtime.is_trusted(ex.session.client_ip) and not ex.session.relayed_unnamed)
         return upstream, out
 
     @staticmethod
@@ -658,6 +666,8 @@ class HttpHandler:
     @staticmethod
     def _original_client(ex: Exchange, runtime) -> str:
         """The address the request started from (behind trusted proxies, the one they forwarded for)."""
+        if ex.session.relayed_unnamed:
+            return ex.session.client_ip
         forwarded_for = ", ".join(ex.request.headers.get_all("x-forwarded-for"))  # every field, in order
         return runtime.original_client(ex.session.client_ip, forwarded_for)
 

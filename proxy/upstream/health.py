@@ -133,9 +133,12 @@ def probe(host: str, port: int, health: HealthConfig, *, host_header: str,
     return CheckResult(wall_clock(), error is None, latency_ms, status, error)
 
 
-def _own_proxy_header(upstream: UpstreamConfig) -> bytes:
-    """A probe is the proxy's own connection, with no client behind it: v2 LOCAL, v1 UNKNOWN."""
-    return build_header(upstream.send_proxy_protocol, None) if upstream.send_proxy_protocol else b""
+def _own_proxy_header(upstream: UpstreamConfig, server_port: int) -> bytes:
+    """A probe is the proxy's own connection, with no client behind it: v2 LOCAL, v1 UNKNOWN. Only on
+    the traffic port: a health.port elsewhere is another listener, which expects none (as in HAProxy)."""
+    if not upstream.send_proxy_protocol or (upstream.health.port or server_port) != server_port:
+        return b""
+    return build_header(upstream.send_proxy_protocol, None)
 
 
 def body_matches(health: HealthConfig, body: bytes) -> bool:
@@ -442,7 +445,7 @@ class HealthChecker:
         try:
             result = probe(server.host, server.port, health, host_header=server.address,
                            tls_context=self._tls_context(upstream_config) if server.tls else None,
-                           proxy_header=_own_proxy_header(upstream_config),
+                           proxy_header=_own_proxy_header(upstream_config, server.port),
                            clock=self.clock, wall_clock=self.wall_clock)
         except Exception as exc:  # a probe bug must count as a failed check, not kill the checker
             log.exception("health check of %s crashed", server.address)
