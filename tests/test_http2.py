@@ -232,6 +232,12 @@ def test_behind_proxy_protocol_streams_carry_the_balancers_client(h2_proxy, make
     assert headers[":status"] == "200"
     assert backend.last.header("x-forwarded-for") == "203.0.113.7"
     client.close()
+    # A header naming no client: the balancer's own address, and the client's X-Forwarded-For not believed.
+    client = H2Client.connect(proxy.port, context, prelude=b"PROXY UNKNOWN\r\n")
+    headers, _ = client.response(client.request("/who", headers=[("x-forwarded-for", "198.51.100.66")]))
+    assert headers[":status"] == "200"
+    assert backend.last.header("x-forwarded-for") == "127.0.0.1"
+    client.close()
 
 
 def test_connection_specific_response_fields_never_reach_the_client(h2_proxy, upstreams):

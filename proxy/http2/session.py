@@ -96,6 +96,7 @@ class H2Session:
         self.client_ip = client_ip
         self.scheme = scheme
         self.origin = None  # the client connection as a PROXY header told it (see ClientSession.origin)
+        self.relayed_unnamed = False  # a PROXY header that named no client (see ClientSession)
         self.requests = 0
         self.max_streams = max_streams
         self.send_timeout = send_timeout

@@ -306,7 +306,7 @@ class HttpHandler:
                 conn.close()
                 return None
             if self.http2 is not None and conn.sock.selected_alpn_protocol() == "h2":
-                self.http2.start(conn, scheme, origin=origin)
+                self.http2.start(conn, scheme, origin=origin, relayed_unnamed=relayed_unnamed)
                 return PARKED
         elif self.http2 is not None and self._h2c_listener(conn.listener):
             prior_knowledge = is_h2c_preface(conn)
@@ -316,7 +316,7 @@ class HttpHandler:
                 return PARKED
             conn.park_deadline = None
             if prior_knowledge:
-                self.http2.start(conn, scheme, origin=origin)
+                self.http2.start(conn, scheme, origin=origin, relayed_unnamed=relayed_unnamed)
                 return PARKED
         parser = RequestParser(max_header_bytes=settings.max_header_bytes,
                                max_body_bytes=settings.max_body_bytes,

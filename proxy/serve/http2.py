@@ -64,15 +64,15 @@ class Http2Server:
     def counts(self) -> dict:
         return {"connections": self.connections, "streams": self.open_streams, "streams_total": self.streams_total}
 
-    def start(self, conn, scheme: str, received: bytes = b"", origin=None) -> None:
+    def start(self, conn, scheme: str, received: bytes = b"", origin=None, relayed_unnamed: bool = False) -> None:
         """A connection that negotiated h2 (or sent the h2c preface): from now on its ``server_data`` is
-        an H2Session and ``serve`` is called for it instead of the HTTP/1.1 path. ``origin``: what a
-        PROXY header said about the client."""
+        an H2Session and ``serve`` is called for it instead of the HTTP/1.1 path. ``origin`` and
+        ``relayed_unnamed``: what a PROXY header said about the client (see ClientSession)."""
         settings = self.app.settings
         session = H2Session(conn, client_ip=origin.src_ip if origin else str(conn.peer[0]), scheme=scheme,
                             max_streams=self.app.config.server.h2_max_streams,
                             max_header_bytes=settings.max_header_bytes, send_timeout=settings.send_timeout)
-        session.origin = origin
+        session.origin, session.relayed_unnamed = origin, relayed_unnamed
         conn.server_data = session
         with self._lock:
             self.connections += 1
