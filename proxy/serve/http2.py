@@ -95,7 +95,7 @@ class Http2Server:
                 session.reset(stream, ErrorCodes.REFUSED_STREAM)  # the pool is full: the client may retry it
                 self._stream_done(conn, session, stream)
         if session.lost or (session.goaway_sent and not session.active_streams):
-            conn.close()
+            _close_after_goaway(conn, session, reading=True)
             return
         settings = self.app.settings
         conn.park_deadline = session.deadline(settings.idle_timeout, settings.header_timeout)
@@ -133,7 +133,7 @@ class Http2Server:
         with self._lock:
             self.open_streams -= 1
         if session.finish(stream):
-            conn.close()
+            _close_after_goaway(conn, session)
         elif not session.active_streams:
             settings = self.app.settings
             conn.park_deadline = session.deadline(settings.idle_timeout, settings.header_timeout)
@@ -154,7 +154,23 @@ class Http2Server:
 
     def _goaway(self, conn) -> None:
         if conn.server_data.goaway():
-            conn.close()
+            _close_after_goaway(conn, conn.server_data)
+
+
+def _close_after_goaway(conn, session: H2Session, reading: bool = False) -> None:
+    """The last stream after a GOAWAY is done: close as HTTP/1.1 does, lingering, so frames the client
+    sent meanwhile do not turn the close into a reset that discards the last responses in flight. A
+    lost connection (gone, or ended for an attack) closes at once. ``reading``: the caller is the
+    worker reading the connection; otherwise it is lingered on only if parked (claimed from IDLE),
+    and closed at once while another worker may be reading it."""
+    if session.lost or not (reading or conn.claim(S.IDLE, S.READING)):
+        conn.close()
+        return
+    if not reading:  # frames that came meanwhile: a stream racing the GOAWAY is refused, not dropped
+        for stream in session.pump():
+            session.reset(stream, ErrorCodes.REFUSED_STREAM)
+    conn.sock.settimeout(None)  # the session's socket is non-blocking; the linger reads with timeouts
+    HttpHandler._close_lingering(conn)
 
 
 def _run_to_end(exchange) -> None:
