@@ -352,6 +352,35 @@ def test_state_survives_sighup_for_servers_that_remain(tmp_path, workers):
         assert server_view(run, c.address)["state"] == "enabled"
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_that_rebuilds_a_draining_server_still_counts_its_requests_in_flight(tmp_path, workers,
+                                                                                     monkeypatch):
+    # A new weight makes the reload build a new Server object; the request in flight holds the old one.
+    # drain --wait must not report the server idle (and a deploy restart it) while that request runs.
+    monkeypatch.setattr(backends, "NAMED_HOLD_LIMIT", 60.0)
+    with named_backends("a", "b") as (a, b), start(tmp_path, [a.address, b.address], workers=workers) as run:
+        if workers > 1:
+            wait_for(lambda: ready_workers(run) == workers, READY, what="every worker ready", on_timeout=run.log)
+        slow = hold_on(a, b, run, 1)
+        assert post(run, f"/upstreams/app/servers/{a.address}/drain").status_code == 200
+        run.rewrite(run.config_path.read_text().replace(f'"{a.address}", "{b.address}"',
+                                                        f'{{ address = "{a.address}", weight = 3 }}, "{b.address}"'))
+        run.signal(signal.SIGHUP)
+        marker = ") reloaded" if workers > 1 else "config reloaded"
+        wait_for(lambda: run.log().count(marker) >= workers, READY, what="the reload", on_timeout=run.log)
+        view = server_view(run, a.address)
+        assert (view["weight"], view["state"], view["active_requests"]) == (3, "draining", 1)
+        timed_out = ctl(run, "drain", "app", a.address, "--wait", "--timeout", "300ms")
+        assert timed_out.returncode == 5, timed_out.stdout + timed_out.stderr
+        metrics = requests.get(admin_url(run, "/metrics"), timeout=10).text
+        assert f'pyproxy_upstream_active_requests{{upstream="app",server="{a.address}"}} 1' in metrics
+        a.release.set()
+        assert slow.join() == [(200, SLOW_BODY)] * len(slow.threads)
+        drained = ctl(run, "drain", "app", a.address, "--wait", "--timeout", "30s")
+        assert drained.returncode == 0, drained.stderr
+        assert server_view(run, a.address)["active_requests"] == 0
+
+
 def test_state_applies_in_both_workers_and_in_a_restarted_one(tmp_path):
     with named_backends("a", "b") as (a, b), start(tmp_path, [a.address, b.address], workers=2) as run:
         wait_for(lambda: ready_workers(run) == 2, READY, what="both workers ready", on_timeout=run.log)

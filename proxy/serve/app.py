@@ -117,6 +117,16 @@ def _pool_key(upstream: UpstreamConfig, server_config) -> tuple:
             upstream.send_proxy_protocol)
 
 
+def _link_rebuilt_servers(upstream: UpstreamRuntime, before: UpstreamRuntime) -> None:
+    """A server the reload rebuilt (same address, new object) reports the requests still in flight on
+    the object it replaces (Server.counts_in_flight_of)."""
+    old_by_address = {server.address: server for server in before.servers}
+    for server in upstream.servers:
+        old = old_by_address.get(server.address)
+        if old is not None and old is not server:
+            server.counts_in_flight_of(old)
+
+
 class Runtime:
     """An immutable routing snapshot: router, upstreams, trusted proxies."""
 
@@ -148,6 +158,8 @@ class Runtime:
         for upstream in config.upstreams.values():
             budget = previous.upstreams[upstream.name].retry_budget if previous and upstream.name in previous.upstreams else None
             self.upstreams[upstream.name] = self._build_upstream(upstream, old_servers, old_pools, clock, budget)
+            if previous is not None and upstream.name in previous.upstreams:
+                _link_rebuilt_servers(self.upstreams[upstream.name], previous.upstreams[upstream.name])
             if previous is not None:
                 self._start_slow_start_of_added(self.upstreams[upstream.name], previous.upstreams.get(upstream.name))
 
