@@ -4,9 +4,16 @@ The runtime API and ``pyproxy ctl`` against real processes are in test_runtime_a
 
 from __future__ import annotations
 
+import logging
+import socket
+
 import pytest
+import requests
+
+from core.socket_server import bind_listener
 
 from proxy.config.schema import ConfigError, parse_config
+from proxy.observe.admin import AdminServer, AdminSources
 from proxy.observe.metrics import render_prometheus
 from proxy.observe.runtime_api import RuntimeApi
 from proxy.observe.status import merge_status
@@ -14,6 +21,9 @@ from proxy.serve.app import Application, UnknownServer
 from proxy.upstream.balancing import Upstream
 from proxy.upstream.servers import Server
 from tests.support.timing import FakeClock
+
+
+FLOOD = 100  # refused writes in a row
 
 
 @pytest.fixture
@@ -185,3 +195,53 @@ def test_try_all_never_fails_open_to_servers_the_operator_took_out(clock, caplog
     b.set_admin_state("disabled")
     assert upstream.pick_server("10.0.0.1") is None
     assert not upstream.failing_open and "every server is down" not in caplog.text
+
+
+# -- refused writes in the log ----------------------------------------------------------------------------
+
+@pytest.fixture
+def admin_with_token(clock):
+    """A real admin listener on port 0 whose writes need "right-token" (they change nothing)."""
+    sources = AdminSources(token=lambda: "right-token", set_server_state=lambda upstream, address, state: "enabled")
+    server = AdminServer(None, sources, sock=bind_listener("127.0.0.1", 0), clock=clock, idle_timeout=1e9)
+    server.start()
+    yield f"http://127.0.0.1:{server.address[1]}"
+    server.stop()
+
+
+def refused_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+
+
+def test_a_flood_of_refused_writes_logs_a_few_lines_and_a_count(admin_with_token, clock, caplog):
+    path = admin_with_token + "/upstreams/web/servers/127.0.0.1:3001/drain"
+    with caplog.at_level(logging.WARNING, "pyproxy.admin"), requests.Session() as session:
+        for _ in range(FLOOD):
+            assert session.post(path, headers={"Authorization": "Bearer guess"}, timeout=10).status_code == 401
+        assert 1 <= len(refused_lines(caplog)) <= FLOOD // 10
+        clock.advance(3600)
+        assert session.post(path, headers={"Authorization": "Bearer guess"}, timeout=10).status_code == 401
+    assert any(line.endswith("more such lines were left out in the last 60s") for line in
+               [r.getMessage() for r in caplog.records])
+
+
+def test_a_refused_path_is_logged_without_its_control_characters(admin_with_token, caplog):
+    host, port = admin_with_token.removeprefix("http://").split(":")
+    with caplog.at_level(logging.WARNING, "pyproxy.admin"), socket.create_connection((host, int(port)), 10) as sock:
+        sock.sendall(b"POST /upstreams/web/servers/\x1b[2J\x1b]0;owned\x07/drain HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    [line] = refused_lines(caplog)
+    assert "\x1b" not in line and "\x07" not in line
+    assert "\\x1b[2J" in line
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    for _ in range(1000):  # bounded: the answer is a few hundred bytes
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data

@@ -34,6 +34,7 @@ from core.socket_server import bind_listener
 from proxy.config.units import format_address
 from proxy.observe.access_log import make_access_log
 from proxy.config.schema import ListenConfig
+from proxy.http.proxy_protocol import ThrottledLog
 from proxy.upstream.health import HealthChecker
 from proxy.observe.log_reload import LogSwitch
 from proxy.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics, merge, render_prometheus
@@ -144,7 +145,7 @@ class _AdminHandler(BaseHTTPRequestHandler):
             self._not_allowed()
             return
         self.server.mark_busy(self.connection)
-        api = RuntimeApi(self.server.sources)
+        api = RuntimeApi(self.server.sources, self.server.refusals)
         body = self._read_api_body()
         answer = body if isinstance(body, ApiAnswer) else api.post(
             path, self.headers.get("Authorization"), body, peer=format_address(*self.client_address[:2]))
@@ -246,6 +247,7 @@ class _AdminHTTPServer(ThreadingHTTPServer):
         self.clock = clock
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
+        self.refusals = ThrottledLog(log, clock=clock)  # runtime API writes refused for their token
         super().__init__(sock.getsockname()[:2], _AdminHandler, bind_and_activate=False)
         self.socket.close()  # replace the unbound socket the base class made with ours
         self.socket = sock
