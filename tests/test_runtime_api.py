@@ -411,3 +411,13 @@ def assert_every_worker_avoids(run, drained, before: int) -> None:
             break
     assert len(since) == 2 and all(count > 0 for count in since.values()), since
     assert drained.requests == before
+
+
+def test_ctl_refuses_an_empty_upstream_or_address_as_a_usage_error(tmp_path):
+    with named_backends("a") as (a,), start(tmp_path, [a.address]) as run:
+        for args in (("drain", "app", ""), ("enable", "", a.address), ("disable", "app", " ")):
+            result = ctl(run, *args)
+            assert result.returncode == 2, result.stderr
+            assert "must not be empty" in result.stderr
+        assert server_view(run, a.address)["state"] == "enabled"
+

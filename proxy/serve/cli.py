@@ -524,9 +524,16 @@ def _wait_timeout(ctx: click.Context, param: click.Parameter, value: str) -> flo
         raise click.BadParameter(str(exc)) from None
 
 
+def _not_empty(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """An empty UPSTREAM or ADDRESS would name another API path (POST /upstreams/NAME), not no server."""
+    if not value.strip():
+        raise click.BadParameter("must not be empty")
+    return value
+
+
 @ctl.command("drain", context_settings=CONTEXT)
-@click.argument("upstream")
-@click.argument("address")
+@click.argument("upstream", callback=_not_empty)
+@click.argument("address", callback=_not_empty)
 @click.option("--wait", is_flag=True, help="Return only once the server has no active requests.")
 @click.option("--timeout", default="60s", show_default=True, callback=_wait_timeout, metavar="DURATION",
               help="With --wait: give up (exit 5) after this long; the server stays draining.")
@@ -546,8 +553,8 @@ def ctl_drain(ctx: click.Context, upstream: str, address: str, wait: bool, timeo
 
 
 @ctl.command("disable", context_settings=CONTEXT)
-@click.argument("upstream")
-@click.argument("address")
+@click.argument("upstream", callback=_not_empty)
+@click.argument("address", callback=_not_empty)
 @_json_option
 @click.pass_context
 def ctl_disable(ctx: click.Context, upstream: str, address: str) -> None:
@@ -556,8 +563,8 @@ def ctl_disable(ctx: click.Context, upstream: str, address: str) -> None:
 
 
 @ctl.command("enable", context_settings=CONTEXT)
-@click.argument("upstream")
-@click.argument("address")
+@click.argument("upstream", callback=_not_empty)
+@click.argument("address", callback=_not_empty)
 @_json_option
 @click.pass_context
 def ctl_enable(ctx: click.Context, upstream: str, address: str) -> None:
