@@ -421,3 +421,20 @@ def test_ctl_refuses_an_empty_upstream_or_address_as_a_usage_error(tmp_path):
             assert "must not be empty" in result.stderr
         assert server_view(run, a.address)["state"] == "enabled"
 
+
+def test_ctl_does_not_report_success_from_something_else_on_the_admin_address(tmp_path):
+    # The admin port taken by another service (the proxy logged that it could not listen there): its
+    # 200 answers (an echo of the request) must not read as a drain done, or a deploy script restarts a
+    # server under traffic.
+    other = backends.ScriptedBackend().start()
+    try:
+        config = tmp_path / "proxy.toml"
+        config.write_text(api_config(free_port(), other.port, ["127.0.0.1:9"]))
+        for args in (("drain", "app", "127.0.0.1:9"), ("enable", "app", "127.0.0.1:9"), ("status",)):
+            result = subprocess.run(pyproxy_command() + ["ctl", "-c", str(config), *args], capture_output=True,
+                                    text=True, timeout=CTL_EXIT, cwd=REPO)
+            assert result.returncode == 3, (args, result.stdout, result.stderr)
+            assert f"is http://127.0.0.1:{other.port} pyproxy's admin listener?" in result.stderr
+        assert {request.method for request in other.requests} == {"GET", "POST"}
+    finally:
+        other.stop()

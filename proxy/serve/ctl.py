@@ -8,8 +8,8 @@ needs nothing but ``-c proxy.toml``:
 
 Exit codes (docs/operations.md, "Draining a server for a deploy"): EXIT_OK, EXIT_CONFIG (the config
 file cannot be used), EXIT_USAGE (click's), EXIT_API (the proxy answered with an error: unknown
-server, missing token, ...), EXIT_UNREACHABLE (nothing answers on the admin address), EXIT_TIMEOUT
-(``--wait`` gave up with requests still in flight).
+server, missing token, ...; or the answer was not the runtime API's), EXIT_UNREACHABLE (nothing
+answers on the admin address), EXIT_TIMEOUT (``--wait`` gave up with requests still in flight).
 """
 
 from __future__ import annotations
@@ -64,12 +64,14 @@ class AdminClient:
         return cls(f"http://{format_address(host, listen.port)}", config.admin.token)
 
     def get(self, path: str) -> dict:
-        return self._call("GET", path)
+        return self._call("GET", path, expect="upstreams" if path == "/upstreams" else "servers")
 
     def post(self, path: str) -> dict:
-        return self._call("POST", path, b"{}")
+        return self._call("POST", path, b"{}", expect="state")
 
-    def _call(self, method: str, path: str, body: bytes | None = None) -> dict:
+    def _call(self, method: str, path: str, body: bytes | None = None, *, expect: str) -> dict:
+        """The answer's JSON object; it must have the key ``expect``: a 200 from something else on the
+        admin address (the proxy could not listen there) must not pass for a drain done."""
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = "application/json"
@@ -78,7 +80,7 @@ class AdminClient:
         request = urllib.request.Request(self.base_url + path, data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
-                return _json(response.read())
+                document = _json(response.read())
         except urllib.error.HTTPError as exc:
             document = _json(exc.read())
             reason = document.get("error") or exc.reason
@@ -86,6 +88,10 @@ class AdminClient:
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise CtlError(f"cannot reach the admin listener at {self.base_url}: {reason}", EXIT_UNREACHABLE) from None
+        if expect not in document:
+            raise CtlError(f"{method} {path}: the answer is not the runtime API's (is {self.base_url} pyproxy's "
+                           "admin listener?)", EXIT_API)
+        return document
 
 
 def _json(data: bytes) -> dict:
