@@ -381,6 +381,31 @@ def test_a_reload_that_rebuilds_a_draining_server_still_counts_its_requests_in_f
         assert server_view(run, a.address)["active_requests"] == 0
 
 
+def test_requests_in_flight_on_workers_retired_by_a_listen_change_still_count(tmp_path, monkeypatch):
+    # A new server.listen replaces every worker; the old ones finish their requests first. Until they
+    # did, a drained server is not idle: drain --wait must not tell a deploy script it is.
+    monkeypatch.setattr(backends, "NAMED_HOLD_LIMIT", 60.0)
+    with named_backends("a", "b") as (a, b), start(tmp_path, [a.address, b.address], workers=2) as run:
+        wait_for(lambda: ready_workers(run) == 2, READY, what="both workers ready", on_timeout=run.log)
+        run.rewrite(run.config_path.read_text().replace('graceful_timeout = "5s"', 'graceful_timeout = "60s"'))
+        run.signal(signal.SIGHUP)
+        wait_for(lambda: run.log().count(") reloaded") >= 2, READY, what="the reload", on_timeout=run.log)
+        slow = hold_on(a, b, run, 1)
+        assert post(run, f"/upstreams/app/servers/{a.address}/drain").status_code == 200
+        text = run.config_path.read_text()
+        run.rewrite(text.replace(f'listen = "127.0.0.1:{run.port}"',
+                                 f'listen = ["127.0.0.1:{run.port}", "127.0.0.1:{free_port()}"]', 1))
+        run.signal(signal.SIGHUP)
+        wait_for(lambda: ready_workers(run) == 4, READY, what="two new workers ready", on_timeout=run.log)
+        assert server_view(run, a.address)["active_requests"] == 1
+        timed_out = ctl(run, "drain", "app", a.address, "--wait", "--timeout", "300ms")
+        assert timed_out.returncode == 5, timed_out.stdout + timed_out.stderr
+        a.release.set()
+        assert slow.join() == [(200, SLOW_BODY)] * len(slow.threads)
+        drained = ctl(run, "drain", "app", a.address, "--wait", "--timeout", "30s")
+        assert drained.returncode == 0, drained.stderr
+
+
 def test_state_applies_in_both_workers_and_in_a_restarted_one(tmp_path):
     with named_backends("a", "b") as (a, b), start(tmp_path, [a.address, b.address], workers=2) as run:
         wait_for(lambda: ready_workers(run) == 2, READY, what="both workers ready", on_timeout=run.log)

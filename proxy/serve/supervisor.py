@@ -296,7 +296,21 @@ class SupervisorSources(AdminSources):
         merged["draining"] = merged["draining"] or self.supervisor.stopping
         self._add_last_checks(merged)
         self._add_admin_states(merged)
+        self._add_retiring_in_flight(merged)
         return merged
+
+    def _add_retiring_in_flight(self, merged: dict) -> None:
+        """Old workers replaced by a server.listen change finish their requests first: until they have,
+        a server's active_requests counts theirs too, or a drained server would look idle
+        (``ctl drain --wait``). Asked only while there are such workers."""
+        retiring = list(self.supervisor.retiring.values())
+        if not retiring:
+            return
+        for _, status in self.supervisor.collect("status", retiring):
+            for name, upstream in status.get("upstreams", {}).items():
+                active = {server["address"]: server.get("active_requests", 0) for server in upstream["servers"]}
+                for server in merged["upstreams"].get(name, {}).get("servers", ()):
+                    server["active_requests"] = server.get("active_requests", 0) + active.get(server["address"], 0)
 
     def _add_admin_states(self, merged: dict) -> None:
         """The supervisor applied every runtime API write first: its word on admin states is the last."""
@@ -727,10 +741,11 @@ class Supervisor:
     def _broadcast_health(self, upstream: str, address: str, up: bool, reason: str) -> None:
         self._broadcast({"op": "health", "upstream": upstream, "address": address, "up": up, "reason": reason})
 
-    def collect(self, what: str) -> list[tuple[WorkerHandle, dict]]:
-        """``what`` ("status" or "metrics") from every live worker; one not answering is left out."""
+    def collect(self, what: str, handles=None) -> list[tuple[WorkerHandle, dict]]:
+        """``what`` ("status" or "metrics") from every live worker (or from ``handles``); one not
+        answering is left out."""
         answers = []
-        for handle in list(self.slots):
+        for handle in list(self.slots if handles is None else handles):
             if handle is None:
                 continue
             try:
