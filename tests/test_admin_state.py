@@ -245,3 +245,27 @@ def read_until_closed(sock: socket.socket) -> bytes:
             break
         data += chunk
     return data
+
+
+def test_a_path_that_is_no_server_action_is_404_not_405():
+    class Sources:
+        set_server_state = None
+
+        @staticmethod
+        def token():
+            return "right-token"
+
+        @staticmethod
+        def status_document():
+            return merge_status([status_of("enabled")])
+
+    api = RuntimeApi(Sources())
+    for answer in (api.post("/upstreams/web/nodes/127.0.0.1:3001/drain", "Bearer right-token", b"", "peer"),
+                   api.get("/upstreams/web/nodes/127.0.0.1:3001/drain")):
+        assert answer.status == 404, answer
+        assert answer.document == {"error": "no such path /upstreams/web/nodes/127.0.0.1:3001/drain; try "
+                                            "/upstreams/NAME or POST /upstreams/NAME/servers/ADDRESS/ACTION"}
+    on_a_read = api.post("/upstreams/web", "Bearer right-token", b"", "peer")
+    assert (on_a_read.status, on_a_read.headers) == (405, {"Allow": "GET, HEAD"})
+    on_a_write = api.get("/upstreams/web/servers/127.0.0.1:3001/drain")
+    assert (on_a_write.status, on_a_write.headers) == (405, {"Allow": "POST"})

@@ -66,18 +66,24 @@ class RuntimeApi:
     def _parts(path: str) -> list[str]:
         return [unquote(part) for part in path[len(PREFIX):].strip("/").split("/") if part]
 
+    @staticmethod
+    def _is_write(parts: list[str]) -> bool:
+        return len(parts) == 4 and parts[1] == "servers"
+
     @classmethod
     def not_allowed(cls, path: str, method: str) -> ApiAnswer:
-        allow = "POST" if len(cls._parts(path)) == 4 else "GET, HEAD"
+        """405 on a path of the API (with the methods it takes); 404 on one that is none of its paths."""
+        parts = cls._parts(path)
+        if not cls._is_write(parts) and len(parts) > 1:
+            return _error(404, f"no such path {path}; try {PREFIX}/NAME or POST {PREFIX}/NAME/servers/ADDRESS/ACTION")
+        allow = "POST" if cls._is_write(parts) else "GET, HEAD"
         return _error(405, f"method {method} not allowed on {path}", Allow=allow)
 
     # -- reads --------------------------------------------------------------------------------------
     def get(self, path: str) -> ApiAnswer:
         parts = self._parts(path)
-        if len(parts) == 4:
-            return self.not_allowed(path, "GET")
         if len(parts) > 1:
-            return _error(404, f"no such path {path}; try {PREFIX}/NAME")
+            return self.not_allowed(path, "GET")
         upstreams = self.sources.status_document()["upstreams"]
         if not parts:
             return ApiAnswer(200, {"upstreams": sorted(upstreams)})
@@ -89,7 +95,7 @@ class RuntimeApi:
     # -- writes -------------------------------------------------------------------------------------
     def post(self, path: str, authorization: str | None, body: bytes, peer: str) -> ApiAnswer:
         parts = self._parts(path)
-        if len(parts) != 4 or parts[1] != "servers":
+        if not self._is_write(parts):
             return self.not_allowed(path, "POST")
         refused = self._refuse_unauthorised(authorization, peer, path)
         if refused is not None:
