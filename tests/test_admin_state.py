@@ -269,3 +269,18 @@ def test_a_path_that_is_no_server_action_is_404_not_405():
     assert (on_a_read.status, on_a_read.headers) == (405, {"Allow": "GET, HEAD"})
     on_a_write = api.get("/upstreams/web/servers/127.0.0.1:3001/drain")
     assert (on_a_write.status, on_a_write.headers) == (405, {"Allow": "POST"})
+
+
+@pytest.mark.parametrize("request_head, status", [
+    (b"POST /upstreams/web/servers/127.0.0.1:3001/drain HTTP/1.1\r\nAuthorization: Bearer right-token\r\n", b"400"),
+    (b"GET /healthz HTTP/1.1\r\n", b"200"),
+])
+def test_a_content_length_of_non_ascii_digits_is_answered_not_a_traceback(admin_with_token, caplog,
+                                                                           request_head, status):
+    # "²" is a digit to str.isdigit() but not to int(): the handler raised and the client got nothing.
+    host, port = admin_with_token.removeprefix("http://").split(":")
+    with caplog.at_level(logging.WARNING, "pyproxy.admin"), socket.create_connection((host, int(port)), 10) as sock:
+        sock.sendall(request_head + b"Host: x\r\nContent-Length: \xb2\r\n\r\n")
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

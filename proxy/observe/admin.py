@@ -168,7 +168,7 @@ class _AdminHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             return ApiAnswer(411, {"error": "send the body with a Content-Length (or no body)"})
         length = (self.headers.get("Content-Length") or "0").strip()
-        if not length.isdigit():
+        if not _is_length(length):
             self.close_connection = True
             return ApiAnswer(400, {"error": "bad Content-Length"})
         if int(length) > MAX_API_BODY:
@@ -212,7 +212,7 @@ class _AdminHandler(BaseHTTPRequestHandler):
             return False
         if length is None:
             return True
-        if not length.strip().isdigit() or int(length) > MAX_DROPPED_BODY:
+        if not _is_length(length.strip()) or int(length) > MAX_DROPPED_BODY:
             return False
         try:
             return len(self.rfile.read(int(length))) == int(length)
@@ -225,6 +225,11 @@ class _AdminHandler(BaseHTTPRequestHandler):
             # in a path), as http.server's own log_message does (gh-100001); this override skipped it.
             message = (format % args).translate(self._control_char_table)
             log.debug("admin %s: %s", self.address_string(), message)
+
+
+def _is_length(text: str) -> bool:
+    """ASCII digits only: str.isdigit() takes "²" too, which int() refuses (the handler raised)."""
+    return text.isascii() and text.isdigit()
 
 
 class _AdminHTTPServer(ThreadingHTTPServer):
