@@ -152,6 +152,21 @@ def test_token_problems_name_the_key(tmp_path, monkeypatch):
     assert problems(listen="127.0.0.1:9901")[0].startswith("proxy.toml: admin.token (from PYPROXY_ADMIN_TOKEN): must be")
 
 
+def test_tls_on_the_admin_listener_is_refused_not_served_as_plain_http(tmp_path):
+    # The admin listener serves plain HTTP: TLS keys on it were accepted (and `pyproxy check` said
+    # "(TLS)") while the bearer token went over the network in clear text.
+    (tmp_path / "c.pem").write_text("cert")
+    (tmp_path / "k.pem").write_text("key")
+    cert, key = str(tmp_path / "c.pem"), str(tmp_path / "k.pem")
+    for listen, keys in (({"address": "0.0.0.0:9901", "tls_cert": cert, "tls_key": key}, ("tls_cert", "tls_key")),
+                         ({"address": "0.0.0.0:9901", "tls": "internal"}, ("tls",))):
+        with pytest.raises(ConfigError) as caught:
+            config(listen=listen, token="abc-123")
+        assert caught.value.problems == [
+            f"proxy.toml: admin.listen.{key}: the admin listener serves plain HTTP (no TLS): keep it on "
+            "loopback or a private network, or put a TLS-terminating proxy in front of it" for key in keys]
+
+
 # -- /status, /metrics and the API's view -----------------------------------------------------------------
 
 def status_of(state):

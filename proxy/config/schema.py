@@ -860,6 +860,10 @@ def _parse_admin(c: _Checker, value: Any, server: ServerSettings) -> AdminConfig
         c.add("admin.listen.redirect_https", "only for server.listen (the admin listener serves the admin endpoints)")
     if listen.proxy_protocol:
         c.add("admin.listen.proxy_protocol", "only for server.listen (the admin listener is reached directly)")
+    for key in ("tls", "tls_cert", "tls_key", "sni"):
+        if isinstance(raw, dict) and key in raw:
+            c.add(f"admin.listen.{key}", "the admin listener serves plain HTTP (no TLS): keep it on loopback or a "
+                                         "private network, or put a TLS-terminating proxy in front of it")
     clash = next((entry for entry in server.listen if _same_socket(entry, listen)), None)
     if clash:
         c.add("admin.listen", f"{listen.address} clashes with server.listen {clash.address}")
