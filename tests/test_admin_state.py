@@ -299,3 +299,19 @@ def test_a_content_length_of_non_ascii_digits_is_answered_not_a_traceback(admin_
         answer = read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_rebuilt_server_counts_the_requests_on_the_one_it_replaces_until_they_finish():
+    app = Application(config())
+    old_first = app.runtime.upstreams["web"].servers[0]
+    assert old_first.try_acquire()
+    app.reload(parse_config({"routes": [{"upstream": "web"}], "upstreams": {"web": {"servers": [
+        {"address": "127.0.0.1:3001", "weight": 2}, "127.0.0.1:3002"]}}}, "proxy.toml"))
+    first = app.runtime.upstreams["web"].servers[0]
+    assert first is not old_first
+    assert first.snapshot()["active_requests"] == 1
+    app.reload(parse_config({"routes": [{"upstream": "web"}], "upstreams": {"web": {"servers": [
+        {"address": "127.0.0.1:3001", "weight": 3}, "127.0.0.1:3002"]}}}, "proxy.toml"))
+    assert app.runtime.upstreams["web"].servers[0].snapshot()["active_requests"] == 1  # two reloads on
+    old_first.release()
+    assert app.runtime.upstreams["web"].servers[0].snapshot()["active_requests"] == 0

@@ -119,11 +119,12 @@ def _pool_key(upstream: UpstreamConfig, server_config) -> tuple:
 
 def _link_rebuilt_servers(upstream: UpstreamRuntime, before: UpstreamRuntime) -> None:
     """A server the reload rebuilt (same address, new object) reports the requests still in flight on
-    the object it replaces (Server.counts_in_flight_of)."""
+    the object it replaces (Server.counts_in_flight_of). An idle one is not linked: reloads without a
+    /status read in between must not build a chain of old objects."""
     old_by_address = {server.address: server for server in before.servers}
     for server in upstream.servers:
         old = old_by_address.get(server.address)
-        if old is not None and old is not server:
+        if old is not None and old is not server and old.snapshot()["active_requests"] > 0:
             server.counts_in_flight_of(old)
 
 
