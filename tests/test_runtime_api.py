@@ -463,3 +463,13 @@ def test_ctl_does_not_report_success_from_something_else_on_the_admin_address(tm
         assert {request.method for request in other.requests} == {"GET", "POST"}
     finally:
         other.stop()
+
+
+def test_ctl_drain_timeout_without_wait_is_a_usage_error_and_changes_nothing(tmp_path):
+    # "--timeout 60s" alone returned at once with exit 0: a deploy script that forgot --wait would
+    # restart a server still serving requests.
+    with named_backends("a") as (a,), start(tmp_path, [a.address]) as run:
+        result = ctl(run, "drain", "app", a.address, "--timeout", "60s")
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "--timeout goes with --wait" in result.stderr
+        assert server_view(run, a.address)["state"] == "enabled"

@@ -517,7 +517,9 @@ def _ctl_write(ctx: click.Context, action: str, upstream: str, address: str) -> 
     return answer
 
 
-def _wait_timeout(ctx: click.Context, param: click.Parameter, value: str) -> float:
+def _wait_timeout(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
     try:
         return parse_duration(value)
     except ValueError as exc:
@@ -535,12 +537,15 @@ def _not_empty(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.argument("upstream", callback=_not_empty)
 @click.argument("address", callback=_not_empty)
 @click.option("--wait", is_flag=True, help="Return only once the server has no active requests.")
-@click.option("--timeout", default="60s", show_default=True, callback=_wait_timeout, metavar="DURATION",
-              help="With --wait: give up (exit 5) after this long; the server stays draining.")
+@click.option("--timeout", callback=_wait_timeout, metavar="DURATION",
+              help="With --wait: give up (exit 5) after this long; the server stays draining. [default: 60s]")
 @_json_option
 @click.pass_context
-def ctl_drain(ctx: click.Context, upstream: str, address: str, wait: bool, timeout: float) -> None:
+def ctl_drain(ctx: click.Context, upstream: str, address: str, wait: bool, timeout: float | None) -> None:
     """Send no new requests to ADDRESS (host:port as /status shows it); those in flight finish."""
+    if timeout is not None and not wait:  # alone it would return at once: a script would deploy too early
+        raise click.UsageError("--timeout goes with --wait (drain --wait --timeout DURATION)")
+    timeout = ctl_client.DEFAULT_WAIT_TIMEOUT if timeout is None else timeout
     def action():
         _ctl_write(ctx, "drain", upstream, address)
         if wait:
