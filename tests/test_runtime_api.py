@@ -17,6 +17,9 @@ import threading
 import pytest
 import requests
 
+from proxy.config.schema import load_config
+from proxy.serve.runner import ProxyProcess, bind_config_listener
+from proxy.serve.supervisor import Supervisor, bind_slot_sockets
 from tests.support import backends
 from tests.support.backends import SLOW_BODY, named_backends
 from tests.support.command import pyproxy_command
@@ -421,6 +424,33 @@ def test_state_applies_in_both_workers_and_in_a_restarted_one(tmp_path):
 
         assert post(run, f"/upstreams/app/servers/{a.address}/enable").status_code == 200
         wait_for(lambda: "a" in {answered_by(run.url) for _ in range(4)}, READY, what="traffic to a again")
+
+
+def test_a_worker_starts_serving_with_the_admin_states_already_applied(tmp_path, monkeypatch):
+    # A replacement worker accepts the connections waiting for it as soon as its loop runs; the states
+    # replayed after its "ready" come later, and in between it sent requests to a drained server.
+    # Here the worker's loop only records the states it would start serving with, then returns.
+    seen = tmp_path / "states-at-serve.json"
+
+    def record_states(process) -> None:
+        servers = process.app.runtime.upstreams["app"].servers
+        seen.write_text(json.dumps({server.address: server.admin_state for server in servers}))
+
+    monkeypatch.setattr(ProxyProcess, "serve_forever", record_states)
+    config_path = tmp_path / "proxy.toml"
+    config_path.write_text(api_config(free_port(), free_port(), ["127.0.0.1:9", "127.0.0.1:10"], workers=2))
+    config = load_config(config_path)
+    listen = config.server.listen[0]
+    supervisor = Supervisor(config, None, bind_slot_sockets([(listen, bind_config_listener(listen))], 2))
+    try:
+        assert supervisor.set_server_state("app", "127.0.0.1:9", "draining") == "enabled"
+        supervisor._spawn(0)
+        pid = supervisor.slots[0].pid
+        wait_for(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, READY, what="the worker to record and exit")
+        assert json.loads(seen.read_text()) == {"127.0.0.1:9": "draining", "127.0.0.1:10": "enabled"}
+    finally:
+        supervisor.slots[0].link.close()
+        supervisor._close_all_sockets()
 
 
 def assert_every_worker_avoids(run, drained, before: int) -> None:

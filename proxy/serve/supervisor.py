@@ -245,9 +245,10 @@ class WorkerControl:
 
 
 def worker_main(slot: int, config: Config, config_path: str | None, listeners, control_sock,
-                rate_table=None) -> int:
+                rate_table=None, admin_states: dict | None = None) -> int:
     """The body of a forked worker. Returns its exit code. ``rate_table`` is the supervisor's shared
-    rate limit table: every worker takes tokens from the same buckets."""
+    rate limit table: every worker takes tokens from the same buckets. ``admin_states`` are the runtime
+    API's, applied before the first connection is accepted."""
     os.setpgid(0, 0)  # a terminal's Ctrl-C goes to the supervisor's group only; it forwards one signal
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     pinned = pin_worker(config.server.cpu_affinity, slot)  # before ProxyProcess starts its threads
@@ -256,6 +257,11 @@ def worker_main(slot: int, config: Config, config_path: str | None, listeners, c
     if pinned is not None:
         log.info("worker %d pinned to CPU %d (server.cpu_affinity)", slot, pinned)
     process.manage_listeners = False  # the supervisor owns the sockets; it replaces workers to change them
+    for (upstream, address), state in (admin_states or {}).items():
+        try:  # the replay after "ready" comes too late for the connections already waiting
+            process.app.set_admin_state(upstream, address, state)
+        except UnknownServer:  # the supervisor's config has it; a replay after a reload settles it
+            log.debug("worker %d: admin state of %s/%s not applied at start", slot, upstream, address)
     process.reports_restarts = False  # the supervisor logs "needs a restart" once, not once per worker
     observability = install_observability(process, health=False, admin=False)
     process_status = observability.sources.status[0]
@@ -459,6 +465,8 @@ class Supervisor:
     def _spawn(self, slot: int) -> None:
         listeners = self._slot_listeners(slot)
         parent_sock, child_sock = socket.socketpair()
+        with self._admin_lock:
+            admin_states = dict(self.app.admin_states)
         pid = os.fork()
         if pid == 0:  # the worker: never returns into the supervisor's code
             code = 1
@@ -466,7 +474,7 @@ class Supervisor:
                 parent_sock.close()
                 self._close_in_child(slot)
                 code = worker_main(slot, self.config, self.config_path, listeners, child_sock,
-                                   self.app.rate_table())
+                                   self.app.rate_table(), admin_states)
             except BaseException:  # the worker must end here, whatever happened, with its reason logged
                 log.exception("worker %d failed", slot)
             finally:
