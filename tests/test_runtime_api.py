@@ -503,3 +503,21 @@ def test_ctl_drain_timeout_without_wait_is_a_usage_error_and_changes_nothing(tmp
         assert result.returncode == 2, result.stdout + result.stderr
         assert "--timeout goes with --wait" in result.stderr
         assert server_view(run, a.address)["state"] == "enabled"
+
+
+def test_ctl_talks_to_the_admin_listener_directly_whatever_http_proxy_says(tmp_path):
+    # urllib follows http_proxy: with one set (common on servers), ctl sent its requests, bearer token
+    # included, to that proxy instead of the admin listener.
+    elsewhere = backends.ScriptedBackend().start()
+    proxied = {key: value for key, value in os.environ.items() if key.lower() != "no_proxy"}
+    proxied.update(http_proxy=f"http://{elsewhere.address}", HTTP_PROXY=f"http://{elsewhere.address}")
+    try:
+        with named_backends("a") as (a,), start(tmp_path, [a.address]) as run:
+            for args in (("drain", "app", a.address), ("status",)):
+                result = subprocess.run(pyproxy_command() + ["ctl", "-c", str(run.config_path), *args], env=proxied,
+                                        capture_output=True, text=True, timeout=CTL_EXIT, cwd=REPO)
+                assert result.returncode == 0, result.stderr
+            assert server_view(run, a.address)["state"] == "draining"
+        assert elsewhere.requests == []
+    finally:
+        elsewhere.stop()

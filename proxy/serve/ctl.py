@@ -37,6 +37,8 @@ POLL_INTERVAL = 0.25    # --wait asks this often (a GET on loopback; the admin l
 DEFAULT_WAIT_TIMEOUT = 60.0
 # An admin listener on every interface is still reached on loopback.
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+# No proxy from http_proxy & co: the admin listener is reached directly, and the token goes nowhere else.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class CtlError(Exception):
@@ -79,7 +81,7 @@ class AdminClient:
             headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(self.base_url + path, data=body, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
+            with _DIRECT.open(request, timeout=REQUEST_TIMEOUT) as response:
                 document = _json(response.read())
         except urllib.error.HTTPError as exc:
             document = _json(exc.read())
