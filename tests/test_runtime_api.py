@@ -521,3 +521,19 @@ def test_ctl_talks_to_the_admin_listener_directly_whatever_http_proxy_says(tmp_p
         assert elsewhere.requests == []
     finally:
         elsewhere.stop()
+
+
+def test_ctl_takes_an_address_in_any_form_the_config_would(tmp_path):
+    # The config normalises addresses (/status shows "[::1]:80" for "[0::1]:80", "localhost" for
+    # "LOCALHOST"); ctl took only the exact text, and an unbracketed IPv6 address got a bare 404.
+    with named_backends("a") as (a,):
+        port = a.address.rsplit(":", 1)[1]
+        with start(tmp_path, [f"localhost:{port}", "[::1]:9"]) as run:
+            for given, shown in ((f"LOCALHOST:{port}", f"localhost:{port}"), ("[0:0::1]:9", "[::1]:9")):
+                result = ctl(run, "drain", "app", given, "--wait", "--timeout", "10s")
+                assert result.returncode == 0, result.stderr
+                assert f"app/{shown}: draining (was enabled)" in result.stdout
+                assert server_view(run, shown)["state"] == "draining"
+            unbracketed = ctl(run, "drain", "app", "::1:9")
+            assert unbracketed.returncode == 2
+            assert 'IPv6 addresses need brackets, e.g. "[::1]:8080"' in unbracketed.stderr

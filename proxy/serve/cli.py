@@ -40,7 +40,7 @@ from proxy.serve.runner import (
     SERVING_SIGNALS, ProxyProcess, bind_config_listener, configure_logging, describe_listeners, tls_problems,
 )
 from proxy.config.starter import write_starter
-from proxy.config.units import parse_duration
+from proxy.config.units import format_address, parse_address, parse_duration
 from proxy.serve import ctl as ctl_client
 from proxy.serve.supervisor import run_supervisor
 
@@ -533,9 +533,18 @@ def _not_empty(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
+def _server_address(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """ADDRESS as the config writes it (/status shows that form): "[0::1]:80" is "[::1]:80"."""
+    _not_empty(ctx, param, value)
+    try:
+        return format_address(*parse_address(value.strip()))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @ctl.command("drain", context_settings=CONTEXT)
 @click.argument("upstream", callback=_not_empty)
-@click.argument("address", callback=_not_empty)
+@click.argument("address", callback=_server_address)
 @click.option("--wait", is_flag=True, help="Return only once the server has no active requests.")
 @click.option("--timeout", callback=_wait_timeout, metavar="DURATION",
               help="With --wait: give up (exit 5) after this long; the server stays draining. [default: 60s]")
@@ -559,7 +568,7 @@ def ctl_drain(ctx: click.Context, upstream: str, address: str, wait: bool, timeo
 
 @ctl.command("disable", context_settings=CONTEXT)
 @click.argument("upstream", callback=_not_empty)
-@click.argument("address", callback=_not_empty)
+@click.argument("address", callback=_server_address)
 @_json_option
 @click.pass_context
 def ctl_disable(ctx: click.Context, upstream: str, address: str) -> None:
@@ -569,7 +578,7 @@ def ctl_disable(ctx: click.Context, upstream: str, address: str) -> None:
 
 @ctl.command("enable", context_settings=CONTEXT)
 @click.argument("upstream", callback=_not_empty)
-@click.argument("address", callback=_not_empty)
+@click.argument("address", callback=_server_address)
 @_json_option
 @click.pass_context
 def ctl_enable(ctx: click.Context, upstream: str, address: str) -> None:
