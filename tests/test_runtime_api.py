@@ -537,3 +537,23 @@ def test_ctl_takes_an_address_in_any_form_the_config_would(tmp_path):
             unbracketed = ctl(run, "drain", "app", "::1:9")
             assert unbracketed.returncode == 2
             assert 'IPv6 addresses need brackets, e.g. "[::1]:8080"' in unbracketed.stderr
+
+
+def test_drain_wait_fails_when_the_server_is_enabled_again_meanwhile(tmp_path, monkeypatch):
+    # Another operator (or a restart of the proxy) enables the server while a deploy script waits: the
+    # wait must not end in "drained" (exit 0) when its requests happen to finish; it is in rotation.
+    monkeypatch.setattr(backends, "NAMED_HOLD_LIMIT", 60.0)
+    with named_backends("a", "b") as (a, b), start(tmp_path, [a.address, b.address]) as run:
+        slow = hold_on(a, b, run, 1)
+        waiting = ctl_started(run, "drain", "app", a.address, "--wait", "--timeout", "60s")
+        try:
+            wait_for(lambda: server_view(run, a.address)["state"] == "draining", READY, what="a draining")
+            assert post(run, f"/upstreams/app/servers/{a.address}/enable").status_code == 200
+            a.release.set()
+            out, err = waiting.communicate(timeout=CTL_EXIT)
+        finally:
+            if waiting.poll() is None:
+                waiting.kill()
+        assert waiting.returncode == 3, out + err
+        assert f"app/{a.address} is enabled now: no longer draining" in err
+        assert slow.join() == [(200, SLOW_BODY)] * len(slow.threads)

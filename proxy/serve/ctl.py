@@ -120,12 +120,18 @@ def find_server(view: dict, address: str) -> dict:
 
 def wait_until_idle(client: AdminClient, upstream: str, address: str, timeout: float,
                     say: Callable[[str], None], clock=time.monotonic, sleep=time.sleep) -> int:
-    """Poll until the server has no active requests; returns how many it had when the wait began."""
+    """Poll until the server has no active requests; returns how many it had when the wait began.
+    If it is enabled again meanwhile (another client, a restart of the proxy), the wait fails: it takes
+    new requests, and an idle moment would not mean it can be restarted."""
     deadline = clock() + timeout
     first = None
     shown = None
     while True:
-        active = find_server(client.get(server_path(upstream, "")), address).get("active_requests", 0)
+        server = find_server(client.get(server_path(upstream, "")), address)
+        if server.get("state") == "enabled":
+            raise CtlError(f"{upstream}/{address} is enabled now: no longer draining (changed meanwhile by "
+                           "another client, or the proxy restarted)", EXIT_API)
+        active = server.get("active_requests", 0)
         first = active if first is None else first
         if active == 0:
             return first
