@@ -36,6 +36,7 @@ KEY_PREFIXES = {
     "TLS_KEYS": "tls.",
     "ADMIN_KEYS": "admin.",
     "LOG_KEYS": "log.",
+    "DNS_KEYS": "dns.",
     "ROUTE_KEYS": "routes[].",
     "BASIC_AUTH_KEYS": "routes[].basic_auth.",
     "COMPRESS_KEYS": "routes[].compress.",
@@ -48,7 +49,7 @@ KEY_PREFIXES = {
     "RETRY_BUDGET_KEYS": "upstreams.NAME.retry_budget.",
 }
 # The top-level tables; each has its own section heading in the reference.
-TOP_LEVEL_HEADINGS = {"server": "[server]", "tls": "[tls]", "admin": "[admin]", "log": "[log]", "routes": "[[routes]]",
+TOP_LEVEL_HEADINGS = {"server": "[server]", "tls": "[tls]", "admin": "[admin]", "log": "[log]", "dns": "[dns]", "routes": "[[routes]]",
                       "upstreams": "[upstreams.NAME]"}
 
 KEY_ROW = re.compile(r"^\|\s*`([A-Za-z_][A-Za-z0-9_.\[\]]*)`\s*\|")

@@ -176,13 +176,22 @@ class RetryBudgetConfig:
 @dataclass(frozen=True)
 class UpstreamServerConfig:
     host: str
-    port: int
+    port: int                 # 0 for an SRV name: its records give the ports
     weight: int = 1
     tls: bool = False
+    discover: str = ""        # "": one server; "a": every A/AAAA record of host; "srv": SRV records of host
 
     @property
     def address(self) -> str:
-        return format_address(self.host, self.port)
+        return self.host if self.discover == "srv" else format_address(self.host, self.port)
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    """[dns]: how names of servers with discover / srv are resolved (proxy.upstream.discovery)."""
+    resolvers: tuple[tuple[str, int], ...] = ()  # (ip, port); empty = the system's /etc/resolv.conf
+    refresh: float = 10.0     # re-resolve at least this often (sooner when the records' TTL says so)
+    timeout: float = 2.0      # one lookup, retries included; past it the last good set is kept
 
 
 @dataclass(frozen=True)
@@ -226,6 +235,7 @@ class Config:
     tls: TlsSettings = TlsSettings()
     admin: AdminConfig | None = None
     log: LogConfig = LogConfig()
+    dns: DnsConfig = DnsConfig()
     routes: tuple[RouteConfig, ...]
     upstreams: Mapping[str, UpstreamConfig]
 
@@ -627,7 +637,10 @@ _UPSTREAM_CONVERTERS = {
     "slow_start": _duration(positive=False),   # 0 = off
     "send_proxy_protocol": _choice(PROXY_PROTOCOL_VERSIONS),
 }
-SERVER_ENTRY_KEYS = ("address", "weight")
+SERVER_ENTRY_KEYS = ("address", "weight", "discover", "srv")
+DISCOVER_MODES = ("a",)
+DNS_KEYS = ("resolvers", "refresh", "timeout")
+MIN_DNS_REFRESH = 1.0  # records are never re-resolved more often than this, whatever their TTL
 HEALTH_KEYS = ("path", "interval", "timeout", "expect_status", "healthy_after", "unhealthy_after",
                "method", "host", "headers", "port", "expect_body")
 HEALTH_METHODS = ("GET", "HEAD")
@@ -648,7 +661,7 @@ RETRY_BUDGET_KEYS = ("percent", "min_per_second")
 _RETRY_BUDGET_CONVERTERS = {"percent": _integer(0, 100), "min_per_second": _integer(0)}
 PASSIVE_KEYS = ("max_fails", "fail_timeout", "statuses")
 _PASSIVE_CONVERTERS = {"max_fails": _integer(1), "fail_timeout": _duration(), "statuses": _failure_statuses}
-TOP_KEYS = ("server", "tls", "admin", "log", "routes", "upstreams")
+TOP_KEYS = ("server", "tls", "admin", "log", "dns", "routes", "upstreams")
 _DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 
@@ -908,6 +921,44 @@ def _checked_token(c: _Checker, value: Any, path: str) -> str | None:
     return value
 
 
+def _parse_dns(c: _Checker, value: Any) -> DnsConfig:
+    table = c.table(value, "dns")
+    c.reject_unknown(table, DNS_KEYS, "dns")
+    values = c.fields(table, "dns", {"refresh": _duration(), "timeout": _duration()})
+    if values.get("refresh", MIN_DNS_REFRESH) < MIN_DNS_REFRESH:
+        c.add("dns.refresh", f"must be at least 1s (got {format_duration(values['refresh'])})")
+    if "resolvers" in table:
+        values["resolvers"] = _parse_resolvers(c, table["resolvers"])
+    return DnsConfig(**values)
+
+
+def _parse_resolvers(c: _Checker, value: Any) -> tuple[tuple[str, int], ...]:
+    """["10.0.0.2", "127.0.0.1:5353", "[::1]:53"]: name servers by IP address, port 53 unless given."""
+    if not isinstance(value, list) or not value:
+        c.add("dns.resolvers", f'expected a list of at least one IP address like ["10.0.0.2"], got {describe_value(value)}')
+        return ()
+    resolvers = []
+    for index, item in enumerate(value):
+        try:
+            resolvers.append(_parse_resolver(item))
+        except ValueError as problem:
+            c.add(f"dns.resolvers[{index}]", f"{describe_value(item)} is not a name server address ({problem})")
+    return tuple(resolvers)
+
+
+def _parse_resolver(item: Any) -> tuple[str, int]:
+    if not isinstance(item, str):
+        raise ValueError('expected a string like "10.0.0.2" or "127.0.0.1:5353"')
+    host, port = item, 53
+    if item.startswith("[") or item.count(":") == 1:
+        host_text, port_text = split_host_port(item)
+        host, port = host_text.strip("[]"), parse_port(port_text)
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        raise ValueError("an IP address, not a name: the resolver is what resolves names") from None
+
+
 def _parse_log(c: _Checker, value: Any) -> LogConfig:
     table = c.table(value, "log")
     c.reject_unknown(table, LOG_KEYS, "log")
@@ -1093,16 +1144,19 @@ def _parse_routes(c: _Checker, value: Any, upstream_names: list[str]) -> tuple[R
 
 
 def _parse_server_entry(c: _Checker, value: Any, path: str) -> UpstreamServerConfig | None:
-    """ "host:port" | "http(s)://host[:port]" | {address = ..., weight = N}.
+    """ "host:port" | "http(s)://host[:port]" | {address = ..., weight = N, discover = "a"} | {srv = NAME}.
 
     Address problems are reported at the entry's own path (servers[1]), whichever form it takes.
     """
-    weight = 1
+    weight, discover = 1, ""
     if isinstance(value, dict):
         c.reject_unknown(value, SERVER_ENTRY_KEYS, path)
-        weight = c.fields(value, path, {"weight": _integer(1, MAX_WEIGHT)}).get("weight", 1)
+        fields = c.fields(value, path, {"weight": _integer(1, MAX_WEIGHT), "discover": _choice(DISCOVER_MODES)})
+        weight, discover = fields.get("weight", 1), fields.get("discover", "")
+        if "srv" in value:
+            return _parse_srv_entry(c, value, path)
         if "address" not in value:
-            c.add(path, 'missing required key "address"')
+            c.add(path, 'missing required key "address" (or "srv")')
             return None
         value = value["address"]
     try:
@@ -1110,7 +1164,27 @@ def _parse_server_entry(c: _Checker, value: Any, path: str) -> UpstreamServerCon
     except ValueError as problem:
         c.add(path, str(problem))
         return None
-    return UpstreamServerConfig(host, port, weight, tls)
+    if discover and _looks_like_ip(host):
+        c.add(key_path(path, "discover"), f"{host} is an IP address; discover needs a DNS name")
+        return None
+    return UpstreamServerConfig(host, port, weight, tls, discover)
+
+
+def _parse_srv_entry(c: _Checker, table: dict, path: str) -> UpstreamServerConfig | None:
+    """{srv = "_http._tcp.api.service.consul"}: the SRV records give targets, ports, priorities, weights."""
+    for key in ("address", "weight", "discover"):
+        if key in table:
+            c.add(key_path(path, key), "not with srv (the SRV records give the addresses, ports and weights)")
+    name = table["srv"]
+    try:
+        if not isinstance(name, str) or not name or ":" in name or "/" in name:
+            raise ValueError("expected a DNS name")
+        host = parse_host(name.rstrip("."))
+    except ValueError:
+        c.add(key_path(path, "srv"), f'{describe_value(name)} is not an SRV name (expected one like '
+                                     f'"_http._tcp.api.service.consul")')
+        return None
+    return UpstreamServerConfig(host.lower(), 0, 1, False, "srv")
 
 
 def _parse_servers(c: _Checker, value: Any, path: str) -> tuple[UpstreamServerConfig, ...]:
@@ -1120,7 +1194,7 @@ def _parse_servers(c: _Checker, value: Any, path: str) -> tuple[UpstreamServerCo
     servers: list[UpstreamServerConfig] = []
     for index, item in enumerate(value):
         server = _parse_server_entry(c, item, f"{path}[{index}]")
-        if server and any((s.host, s.port) == (server.host, server.port) for s in servers):
+        if server and any((s.host, s.port, s.discover) == (server.host, server.port, server.discover) for s in servers):
             c.add(f"{path}[{index}]", f"{server.address} is listed twice (give it a weight instead)")
         elif server:
             servers.append(server)
@@ -1217,13 +1291,15 @@ def parse_config(data: dict, source: str, base_dir: str | None = None) -> Config
     tls = _parse_tls(c, data.get("tls", {}))
     admin = _parse_admin(c, data["admin"], server) if "admin" in data else None
     log = _parse_log(c, data.get("log", {}))
+    dns = _parse_dns(c, data.get("dns", {}))
     upstream_value = data.get("upstreams")
     upstream_names = list(upstream_value) if isinstance(upstream_value, dict) else []
     routes = _parse_routes(c, data.get("routes"), upstream_names)
     upstreams = _parse_upstreams(c, upstream_value)
     if c.problems:
         raise ConfigError(c.problems)
-    return Config(source=source, server=server, tls=tls, admin=admin, log=log, routes=routes, upstreams=upstreams)
+    return Config(source=source, server=server, tls=tls, admin=admin, log=log, dns=dns, routes=routes,
+                  upstreams=upstreams)
 
 
 def load_config(path: str | os.PathLike) -> Config:

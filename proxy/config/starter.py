@@ -79,6 +79,7 @@ upstream = "app"
 
 [upstreams.app]
 servers = ["127.0.0.1:3000"]   # "host:port", "https://host:port", or { address = "...", weight = 3 }
+                               # every address of a DNS name: { address = "api.internal:8080", discover = "a" }
 policy = "round_robin"         # round_robin | least_connections | random | ip_hash (weights honoured)
 preserve_host = true           # pass the client's Host header; false = send the server's address
 keepalive = 32                 # idle pooled connections kept per server
@@ -115,6 +116,13 @@ slow_start = "0s"              # a server back up (or added) ramps from 10% to 1
 # max_fails = 3
 # fail_timeout = "10s"
 # statuses = ["5xx"]           # answers that count as failures too (or codes: [502, 503]); default none
+
+# Servers found in DNS ({ address = "api.internal:8080", discover = "a" } or
+# { srv = "_http._tcp.api.service.consul" } in an upstream's servers) are resolved like this:
+# [dns]
+# resolvers = ["10.96.0.10"]   # name servers, "ip" or "ip:port"; default: /etc/resolv.conf
+# refresh = "10s"              # re-resolve at the earlier of this and the TTL (at most once a second)
+# timeout = "2s"               # a failed lookup keeps the addresses found before
 '''
 
 

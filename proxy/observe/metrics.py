@@ -219,6 +219,8 @@ class Metrics:
                                "admin_state": snap["admin_state"],
                                "active": snap["active_requests"], "requests": snap["requests_total"] + requests,
                                "failures": snap["failures_total"] + failures})
+                if server.name:  # discovered from DNS (pyproxy_upstream_server_info)
+                    gauges[-1]["name"] = server.name
         return gauges
 
     def track_servers(self) -> dict[tuple[str, str], tuple[int, int]]:
@@ -498,6 +500,8 @@ def render_prometheus(snapshot: dict) -> str:
             [(label, g["requests"]) for label, g in zip(labels, servers)])
     _family(out, "pyproxy_upstream_failures_total", "counter", "Failed attempts (connect, timeout, reset, garbage).",
             [(label, g["failures"]) for label, g in zip(labels, servers)])
+    _family(out, "pyproxy_upstream_server_info", "gauge", "1 for each server found in DNS, with the name it came from.",
+            [({**label, "name": g["name"]}, 1) for label, g in zip(labels, servers) if g.get("name")])
     retries = sorted(snapshot.get("retries", []), key=lambda r: r["upstream"])
     _family(out, "pyproxy_retries_total", "counter", "Retries after a failed attempt (the retry budget allowed them).",
             [({"upstream": r["upstream"]}, r["retries"]) for r in retries])

@@ -8,7 +8,8 @@ Shape (documented in docs/configuration.md, "Admin endpoints"):
     {"processes": n, "draining": bool,
      "upstreams": {NAME: {"policy": ..., "all_down": ..., "failing_open": bool,
                           "health": {...} | null, "passive": {...} | null,
-                          "servers": [{"address", "state", "reason", "since_seconds", "weight",
+                          "servers": [{"address", "name" (discovered only), "state" (up, down, leaving),
+                                       "reason", "since_seconds", "weight",
                                        "active_requests", "requests_total", "failures_total", "ejected", "would_eject",
                                        "admin_state" (enabled | draining | disabled),
                                        "last_check": {"checked_at", "age_seconds", "ok", "latency_ms",
@@ -51,6 +52,7 @@ def build_status(app, server=None, pool=None, checker=None, wall_clock=time.time
     upstreams = {}
     for name, upstream in runtime.upstreams.items():
         servers = [_server_status(name, s, now, wall_now, checker) for s in upstream.servers]
+        servers += [_leaving_status(name, s, now, wall_now) for s in upstream.leaving if s.active_requests]
         _add_server_totals(servers, carried.get(name, {}))
         upstreams[name] = {"policy": upstream.config.policy, "all_down": upstream.config.all_down,
                            "failing_open": upstream.balancer.failing_open,
@@ -75,6 +77,15 @@ def _server_status(upstream_name: str, server, now: float, wall_now: float, chec
     snap["ejected"] = snap["state"] == "down" and snap["reason"].startswith(EJECTED_PREFIX)
     last = checker.last_check(upstream_name, snap["address"]) if checker is not None else None
     snap["last_check"] = _with_age(last, wall_now)
+    if server.name:  # discovered from DNS: the name beside the address
+        snap["name"] = server.name
+    return snap
+
+
+def _leaving_status(upstream_name: str, server, now: float, wall_now: float) -> dict:
+    """A server whose address left DNS, finishing the requests it has (it takes no new ones)."""
+    snap = _server_status(upstream_name, server, now, wall_now, None)
+    snap.update(state="leaving", reason="removed from DNS: finishing its requests", ejected=False)
     return snap
 
 

@@ -29,7 +29,12 @@ def _upstream_lines(upstream: UpstreamConfig, indent: str) -> list[str]:
     lines = []
     for server in upstream.servers:
         scheme = "https://" if server.tls else ""
-        lines.append(f"{indent}{scheme}{server.address}  weight {server.weight}")
+        if server.discover == "srv":
+            lines.append(f"{indent}SRV {server.address}  (targets, ports and weights from DNS)")
+        elif server.discover:
+            lines.append(f"{indent}{scheme}{server.address}  weight {server.weight}, each A/AAAA address a server")
+        else:
+            lines.append(f"{indent}{scheme}{server.address}  weight {server.weight}")
     health = upstream.health
     if health:
         lines.append(
@@ -38,7 +43,7 @@ def _upstream_lines(upstream: UpstreamConfig, indent: str) -> list[str]:
             f"up after {health.healthy_after} passes, down after {health.unhealthy_after} failures")
     if upstream.passive:
         window = format_duration(upstream.passive.fail_timeout)
-        if len(upstream.servers) == 1:  # there is nowhere else to send its traffic (as in nginx)
+        if len(upstream.servers) == 1 and not upstream.servers[0].discover:  # there is nowhere else to send its traffic (as in nginx)
             lines.append(f"{indent}passive: off (the only server is never taken out)")
         else:
             lines.append(f"{indent}passive: out for {window} after {upstream.passive.max_fails} failures within {window}")

@@ -15,6 +15,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 from proxy.http.access import AccessRules
 from proxy.http.basic_auth import BasicAuth
@@ -27,6 +28,7 @@ from proxy.routing.router import Route, Router
 from proxy.upstream.servers import ENABLED, Server
 from proxy.upstream.pool import ServerPool, upstream_tls_context
 from proxy.upstream.retry_budget import RetryBudget
+from proxy.upstream.discovery import DiscoveryKey, Target, discovery_key
 
 log = logging.getLogger("pyproxy.app")
 
@@ -65,9 +67,14 @@ class UpstreamRuntime:
     """One named upstream: its config, balancer (servers + policy) and a pool per server."""
 
     def __init__(self, config: UpstreamConfig, servers: list[Server], pools: dict[Server, ServerPool],
-                 retry_budget: RetryBudget | None = None, clock=time.monotonic, on_ejected=None):
+                 retry_budget: RetryBudget | None = None, clock=time.monotonic, on_ejected=None,
+                 unresolved: tuple[str, ...] = (), leaving: tuple[Server, ...] = ()):
         self.name = config.name
         self.config = config
+        self.unresolved = unresolved  # discovered names without addresses (the 503 names them)
+        # Servers whose address left DNS while they still had requests in flight: no new requests (they
+        # are not in the balancer); shown in /status until those finish, then dropped by a later rebuild.
+        self.leaving = leaving
         for server in servers:
             server.set_ejection_listener(None if on_ejected is None else functools.partial(on_ejected, config.name))
         # Carried over reloads (by upstream name): its window and its totals (metrics) go on.
@@ -100,15 +107,64 @@ class UpstreamRuntime:
             return None
         return server
 
+    def no_server_detail(self) -> str:
+        """The reason of the 503 when no server can be picked."""
+        if self.unresolved and not self.servers:
+            return f"no addresses for {', '.join(self.unresolved)}"
+        return f"no server available in upstream '{self.name}'"
+
     def snapshot(self) -> dict:
         return self.balancer.snapshot()
 
 
-def _server_key(upstream: UpstreamConfig, server_config) -> tuple:
+@dataclass(frozen=True)
+class ServerSpec:
+    """One server to run: a configured address, or one address a discovered name resolved to."""
+
+    host: str
+    port: int
+    weight: int = 1
+    tls: bool = False
+    name: str = ""      # the DNS name it was discovered under
+    priority: int = 0   # SRV priority
+
+
+def _server_specs(upstream: UpstreamConfig, discovered: dict) -> Iterator[tuple[ServerSpec, DiscoveryKey | None]]:
+    """Every server of the upstream with the discovered name it came from (None: configured). Names
+    expand to their current addresses; an address two entries give is served once."""
+    seen = set()
+    for entry in upstream.servers:
+        key = discovery_key(upstream.name, entry) if entry.discover else None
+        if key is None:
+            specs = [ServerSpec(entry.host, entry.port, entry.weight, entry.tls)]
+        else:
+            targets: tuple[Target, ...] = discovered.get(key, ())
+            # An SRV record carries its own weight; an A/AAAA entry gives every address the entry's.
+            specs = [ServerSpec(t.host, t.port, t.weight if entry.discover == "srv" else entry.weight,
+                                entry.tls, t.name, t.priority) for t in targets]
+        for spec in specs:
+            if (spec.host, spec.port) not in seen:
+                seen.add((spec.host, spec.port))
+                yield spec, key
+
+
+def _server_key(upstream: UpstreamConfig, spec: ServerSpec) -> tuple:
     passive = upstream.passive
-    return (upstream.name, server_config.host, server_config.port, server_config.weight, server_config.tls,
+    return (upstream.name, spec.host, spec.port, spec.weight, spec.tls, spec.name, spec.priority,
             upstream.max_connections, passive.max_fails if passive else 0,
             passive.fail_timeout if passive else 0.0, passive.statuses if passive else frozenset())
+
+
+def _still_leaving(before: "UpstreamRuntime | None", servers: list[Server]) -> tuple[Server, ...]:
+    """Discovered servers the rebuild dropped that still have requests (or tunnels) in flight. One
+    merely rebuilt (a reload changed its weight) is not leaving: its address still serves."""
+    if before is None:
+        return ()
+    kept = set(map(id, servers))
+    addresses = {server.address for server in servers}
+    return tuple(server for server in (*before.servers, *before.leaving)
+                 if server.name and id(server) not in kept and server.address not in addresses
+                 and server.active_requests)
 
 
 def _pool_key(upstream: UpstreamConfig, server_config) -> tuple:
@@ -132,9 +188,14 @@ class Runtime:
     """An immutable routing snapshot: router, upstreams, trusted proxies."""
 
     def __init__(self, config: Config, previous: "Runtime | None" = None, clock=time.monotonic, on_ejected=None,
-                 rate_table=None):
-        """``rate_table``: a callable giving the shared rate limit table, asked only if a route has a limit."""
+                 rate_table=None, discovered: dict | None = None, joined: frozenset = frozenset()):
+        """``rate_table``: a callable giving the shared rate limit table, asked only if a route has a limit.
+        ``discovered``: the current addresses of each discovered name (DiscoveryKey -> Targets).
+        ``joined``: the keys whose new addresses join a running upstream (a DNS change, not the
+        first answer): with active health checks they start down until their first check passes."""
         self.config = config
+        self._discovered = discovered or {}
+        self._joined = joined
         self._on_ejected = on_ejected  # (upstream name, server, seconds, reason) after a passive ejection
         self.router = Router([Route(r.host, r.path, r.upstream, r.strip_prefix, r.set_headers, index=i,
                                     access=AccessRules.from_lists(r.allow, r.deny),
@@ -158,40 +219,53 @@ class Runtime:
         self.upstreams: dict[str, UpstreamRuntime] = {}
         for upstream in config.upstreams.values():
             budget = previous.upstreams[upstream.name].retry_budget if previous and upstream.name in previous.upstreams else None
-            self.upstreams[upstream.name] = self._build_upstream(upstream, old_servers, old_pools, clock, budget)
-            if previous is not None and upstream.name in previous.upstreams:
-                _link_rebuilt_servers(self.upstreams[upstream.name], previous.upstreams[upstream.name])
+            before = previous.upstreams.get(upstream.name) if previous else None
+            self.upstreams[upstream.name] = self._build_upstream(upstream, old_servers, old_pools, clock, budget, before)
+            if before is not None:
+                _link_rebuilt_servers(self.upstreams[upstream.name], before)
             if previous is not None:
                 self._start_slow_start_of_added(self.upstreams[upstream.name], previous.upstreams.get(upstream.name))
 
-    def _build_upstream(self, upstream: UpstreamConfig, old_servers, old_pools, clock, budget) -> UpstreamRuntime:
+    def _build_upstream(self, upstream: UpstreamConfig, old_servers, old_pools, clock, budget,
+                        before: "UpstreamRuntime | None") -> UpstreamRuntime:
         servers, pools = [], {}
         tls_context = None
-        for server_config in upstream.servers:
-            key = _server_key(upstream, server_config)
+        for spec, name_key in _server_specs(upstream, self._discovered):
+            key = _server_key(upstream, spec)
             server = old_servers.get(key)
             if server is None:
-                passive = upstream.passive
-                server = Server(server_config.host, server_config.port, weight=server_config.weight,
-                                max_connections=upstream.max_connections, tls=server_config.tls,
-                                max_fails=passive.max_fails if passive else 0,
-                                fail_timeout=passive.fail_timeout if passive else 10.0,
-                                failure_statuses=passive.statuses if passive else frozenset(), clock=clock)
-            pool_key = _pool_key(upstream, server_config)
+                server = self._new_server(upstream, spec, clock, joined=name_key in self._joined)
+            pool_key = _pool_key(upstream, spec)
             pool = old_pools.get(pool_key)
             if pool is None:
-                if server_config.tls and tls_context is None:
+                if spec.tls and tls_context is None:
                     tls_context = upstream_tls_context(upstream)
-                pool = ServerPool(server_config.host, server_config.port, keepalive=upstream.keepalive,
+                pool = ServerPool(spec.host, spec.port, keepalive=upstream.keepalive,
                                   keepalive_timeout=upstream.keepalive_timeout,
                                   connect_timeout=upstream.connect_timeout, read_timeout=upstream.read_timeout,
-                                  tls_context=tls_context if server_config.tls else None,
+                                  tls_context=tls_context if spec.tls else None,
                                   proxy_protocol=upstream.send_proxy_protocol, clock=clock)
             self.servers_by_key[key] = server
             self.pools_by_key[pool_key] = pool
             servers.append(server)
             pools[server] = pool
-        return UpstreamRuntime(upstream, servers, pools, budget, clock, self._on_ejected)
+        unresolved = tuple(entry.address for entry in upstream.servers
+                           if entry.discover and not self._discovered.get(discovery_key(upstream.name, entry)))
+        return UpstreamRuntime(upstream, servers, pools, budget, clock, self._on_ejected, unresolved,
+                               _still_leaving(before, servers))
+
+    @staticmethod
+    def _new_server(upstream: UpstreamConfig, spec: ServerSpec, clock, joined: bool) -> Server:
+        passive = upstream.passive
+        server = Server(spec.host, spec.port, weight=spec.weight, max_connections=upstream.max_connections,
+                        tls=spec.tls, max_fails=passive.max_fails if passive else 0,
+                        fail_timeout=passive.fail_timeout if passive else 10.0,
+                        failure_statuses=passive.statuses if passive else frozenset(), clock=clock,
+                        name=spec.name, priority=spec.priority)
+        if joined and upstream.health is not None:
+            # A new address is checked before it takes traffic (the checker probes it at once).
+            server.set_health(False, "new from DNS: waiting for its first health check", announce=False)
+        return server
 
     @staticmethod
     def _start_slow_start_of_added(upstream: "UpstreamRuntime", before: "UpstreamRuntime | None") -> None:
@@ -242,7 +316,8 @@ class Runtime:
 class Application:
     """Built once by the CLI from a Config; handed to the handler, admin, health checks."""
 
-    def __init__(self, config: Config, clock=time.monotonic, rate_table: BucketTable | None = None):
+    def __init__(self, config: Config, clock=time.monotonic, rate_table: BucketTable | None = None,
+                 discovered: dict | None = None):
         self.clock = clock
         self.config = config
         # The rate limit buckets: the supervisor's shared table in a worker; made on first use otherwise.
@@ -252,7 +327,11 @@ class Application:
         # Callables (upstream name, server, seconds, reason) told when passive checks here eject a server:
         # a worker passes it on, so every worker takes the server out.
         self.ejection_listeners: list = []
-        self.runtime = Runtime(config, clock=clock, on_ejected=self._server_ejected, rate_table=self.rate_table)
+        # The current addresses of each discovered name (proxy.upstream.discovery), kept across reloads. A
+        # worker starts with its supervisor's (copied at fork) and gets every change over its control link.
+        self.discovered: dict[DiscoveryKey, tuple[Target, ...]] = dict(discovered or {})
+        self.runtime = Runtime(config, clock=clock, on_ejected=self._server_ejected, rate_table=self.rate_table,
+                               discovered=self.discovered)
         self.observers: list = []  # callables(record) run after each request: access log, metrics
         self.return_request_id = True
         self.draining_event = threading.Event()  # the server's own, once there is one (see the setter)
@@ -362,21 +441,45 @@ class Application:
         with self._reload_lock:
             old_runtime, old_config = self.runtime, self.config
             new_runtime = Runtime(config, previous=old_runtime, clock=self.clock, on_ejected=self._server_ejected,
-                                  rate_table=self.rate_table)
+                                  rate_table=self.rate_table, discovered=self.discovered)
             self._carry_admin_states(new_runtime)
             self.config = config
             self.settings = Settings.from_config(config.server)
             self.runtime = new_runtime
-        kept = set(map(id, new_runtime.pools_by_key.values()))
-        for pool in old_runtime.all_pools():
-            if id(pool) not in kept:
-                pool.close_all()  # idle ones only: a request still using a connection closes it itself
+        _close_dropped_pools(old_runtime, new_runtime)
         for listener in self.reload_listeners:
             try:
                 listener(old_config, config)
             except Exception:  # the new config is in place; one listener's bug must not undo the reload
                 log.exception("reload listener %r failed", listener)
 
+    def apply_discovered(self, key: DiscoveryKey, targets: tuple[Target, ...]) -> None:
+        """A discovered name resolved to a new set of addresses: rebuild the runtime with it.
+
+        Unchanged addresses keep their Server (health, counters) and pool; new ones join (checked first
+        when the upstream has active checks, unless this is the name's first answer); vanished ones get
+        no new requests, and those in flight (tunnels too) finish on the snapshot they started with.
+        """
+        with self._reload_lock:
+            if self.discovered.get(key) == tuple(targets):
+                return  # a replay of what this process has already
+            joined = frozenset([key]) if key in self.discovered else frozenset()
+            self.discovered[key] = tuple(targets)
+            old_runtime = self.runtime
+            new_runtime = Runtime(self.config, previous=old_runtime, clock=self.clock,
+                                  on_ejected=self._server_ejected, rate_table=self.rate_table,
+                                  discovered=self.discovered, joined=joined)
+            self._carry_admin_states(new_runtime)
+            self.runtime = new_runtime
+        _close_dropped_pools(old_runtime, self.runtime)
+
     def close(self) -> None:
         for pool in self.runtime.all_pools():
             pool.close_all()
+
+
+def _close_dropped_pools(old_runtime: Runtime, new_runtime: Runtime) -> None:
+    kept = set(map(id, new_runtime.pools_by_key.values()))
+    for pool in old_runtime.all_pools():
+        if id(pool) not in kept:
+            pool.close_all()  # idle ones only: a request still using a connection closes it itself

@@ -36,6 +36,7 @@ from proxy.config.schema import (
 )
 from proxy.http.basic_auth import DEFAULT_COST, hash_password
 from proxy.routing.table import routing_table_lines
+from proxy.upstream.discovery import check_names
 from proxy.serve.runner import (
     SERVING_SIGNALS, ProxyProcess, bind_config_listener, configure_logging, describe_listeners, tls_problems,
 )
@@ -317,7 +318,8 @@ def check(ctx: click.Context, config_path: str | None, file: str | None) -> None
     """Validate a config file and print the effective routing table.
 
     Lists every problem at once (file, key, what is wrong) and exits 1 if there is any;
-    exits 0 if the file is valid. "pyproxy check proxy.toml" works too.
+    exits 0 if the file is valid. "pyproxy check proxy.toml" works too. Discovered names (discover,
+    srv) are looked up, and those that do not resolve are reported as warnings.
     """
     given = {path for path in (config_path, file, (ctx.obj or {}).get("config_path")) if path}
     if len(given) > 1:
@@ -334,6 +336,10 @@ def check(ctx: click.Context, config_path: str | None, file: str | None) -> None
             click.echo(line)
     for line in routing_table_lines(config):
         click.echo(line)
+    # Names that do not resolve now may well resolve when the proxy runs (a service not deployed yet):
+    # a warning, and the exit code stays 0.
+    for line in check_names(config):
+        click.echo(line, err=True)
 
 
 def describe_local_ca(ca_dir: str) -> str:

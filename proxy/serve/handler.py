@@ -634,7 +634,7 @@ class HttpHandler:
             if server is None:
                 if last_error is not None:
                     raise last_error
-                raise NoServerAvailable(f"no server available in upstream '{upstream.name}'")
+                raise NoServerAvailable(upstream.no_server_detail())
             tried.append(server)
             ex.record.server = server.address
             out.host = ex.request.host if upstream.config.preserve_host and ex.request.host else server.address
@@ -675,7 +675,7 @@ class HttpHandler:
             finally:
                 if not ex.handed_to_tunnel:
                     server.release()
-        raise last_error or NoServerAvailable(f"no server available in upstream '{upstream.name}'")
+        raise last_error or NoServerAvailable(upstream.no_server_detail())
 
     @staticmethod
     def _repeatable(ex: Exchange) -> bool:

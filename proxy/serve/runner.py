@@ -17,6 +17,7 @@ from core.socket_server import bind_listener
 
 from proxy.observe.admin import install_observability
 from proxy.serve.app import Application
+from proxy.upstream.discovery import DnsDiscovery
 from proxy.upstream.pool import upstream_tls_context
 from proxy.config.schema import (
     Config, ConfigError, ListenConfig, ServerSettings, TlsSettings, key_path, load_config,
@@ -163,9 +164,12 @@ class ProxyProcess:
 
     def __init__(self, config: Config, *, listeners=None, install_signals: bool = False,
                  config_path: str | None = None, admin_socket=None, observability: bool = True,
-                 rate_table=None):
+                 rate_table=None, discovered: dict | None = None, resolve_names: bool = True):
+        """``rate_table``: a worker gets its supervisor's shared rate limit table. ``resolve_names`` False:
+        a worker, whose supervisor resolves the discovered names for it and hands over the current sets
+        (``discovered``) and every change."""
         self.config_path = config_path
-        self.app = Application(config, rate_table=rate_table)  # a worker gets its supervisor's table
+        self.app = Application(config, rate_table=rate_table, discovered=discovered)
         server_cfg = config.server
         self.pool = ThreadPool(min_threads=server_cfg.min_threads, max_threads=server_cfg.max_threads,
                                max_queue=pool_queue_limit(server_cfg.max_threads),
@@ -199,6 +203,14 @@ class ProxyProcess:
         # Metrics and access log observers, health checker, admin listener (proxy.observe.admin). A worker
         # under a supervisor would take the observers only: install_observability(health=False, admin=False).
         self.observability = install_observability(self, admin_socket=admin_socket) if observability else None
+        if resolve_names:  # first: the names are resolved before the admin listener and health checks start
+            self.services.insert(0, self._name_discovery())
+
+    def _name_discovery(self) -> DnsDiscovery:
+        """DNS discovery on its own thread; its first round runs as the services start, before traffic."""
+        discovery = DnsDiscovery(lambda: self.app.config, self.app.apply_discovered)
+        self.app.reload_listeners.append(lambda old, new: discovery.kick())  # new names: resolved at once
+        return discovery
 
     def _add_listener(self, listen: ListenConfig, sock) -> None:
         if listen.tls:

@@ -51,6 +51,7 @@ from core.wakeup import WakePipe
 from proxy.observe.admin import AdminRelocation, AdminServer, AdminSources, configured_token, install_observability
 from proxy.serve.app import Application, UnknownServer
 from proxy.config.schema import Config, ConfigError, ListenConfig
+from proxy.upstream.discovery import DnsDiscovery, targets_from_lists
 from proxy.upstream.health import HealthChecker, apply_health
 from proxy.observe.log_reload import level_listener
 from proxy.observe.metrics import WorkerCounters, render_prometheus
@@ -224,6 +225,10 @@ class WorkerControl:
             return {"status": self.status_source()}
         if op == "metrics":
             return {"metrics": self.metrics_source()}
+        if op == "discovered":  # the supervisor resolved a discovered name to a new set of addresses
+            key = (message["upstream"], message["kind"], message["name"], message["port"])
+            self.process.app.apply_discovered(key, targets_from_lists(message["targets"]))
+            return None
         if op == "reload":
             self.process.server.call_soon(self._reload)  # on the loop thread, exactly like a SIGHUP
             return None
@@ -245,15 +250,17 @@ class WorkerControl:
 
 
 def worker_main(slot: int, config: Config, config_path: str | None, listeners, control_sock,
-                rate_table=None, admin_states: dict | None = None) -> int:
+                rate_table=None, discovered: dict | None = None, admin_states: dict | None = None) -> int:
     """The body of a forked worker. Returns its exit code. ``rate_table`` is the supervisor's shared
-    rate limit table: every worker takes tokens from the same buckets. ``admin_states`` are the runtime
-    API's, applied before the first connection is accepted."""
+    rate limit table: every worker takes tokens from the same buckets. ``discovered``: the supervisor's
+    current addresses of the discovered names (the worker resolves nothing itself). ``admin_states``
+    are the runtime API's, applied before the first connection is accepted."""
     os.setpgid(0, 0)  # a terminal's Ctrl-C goes to the supervisor's group only; it forwards one signal
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     pinned = pin_worker(config.server.cpu_affinity, slot)  # before ProxyProcess starts its threads
     process = ProxyProcess(config, listeners=listeners, install_signals=True, config_path=config_path,
-                           observability=False, rate_table=rate_table)
+                           observability=False, rate_table=rate_table, discovered=discovered,
+                           resolve_names=False)
     if pinned is not None:
         log.info("worker %d pinned to CPU %d (server.cpu_affinity)", slot, pinned)
     process.manage_listeners = False  # the supervisor owns the sockets; it replaces workers to change them
@@ -385,6 +392,8 @@ class Supervisor:
         self.app = Application(config, rate_table=BucketTable(config.server.rate_limit_keys))
         self.app.reload_listeners.append(level_listener)  # workers switch their own access logs
         self.checker: HealthChecker | None = None
+        self.discovery: DnsDiscovery | None = None  # the proxy's one DNS resolver (workers resolve nothing)
+        self._discovered_lock = threading.Lock()
         self.services: list = []
         self._admin_lock = threading.Lock()  # runtime API writes vs replays to new workers
 
@@ -393,9 +402,14 @@ class Supervisor:
         self._install_signals()
         self._handle_signals()  # a stop that arrived while starting (blocked until now): no workers at all
         if not self.stopping:
+            # Names resolved once before the first fork: every worker starts with the same servers.
+            self.discovery = DnsDiscovery(lambda: self.app.config, self._discovered_changed)
+            self.discovery.start()
+            self.app.reload_listeners.append(lambda old, new: self.discovery.kick())
             for slot in range(self.worker_count):
                 self._spawn(slot)
             self._start_services()
+            self.services.insert(0, self.discovery)  # started already; stopped last
         try:
             while not (self.stopping and not self._live_workers()):
                 self._loop_once()
@@ -474,7 +488,8 @@ class Supervisor:
                 parent_sock.close()
                 self._close_in_child(slot)
                 code = worker_main(slot, self.config, self.config_path, listeners, child_sock,
-                                   self.app.rate_table(), admin_states)
+                                   self.app.rate_table(), discovered=self.app.discovered,
+                                   admin_states=admin_states)
             except BaseException:  # the worker must end here, whatever happened, with its reason logged
                 log.exception("worker %d failed", slot)
             finally:
@@ -542,6 +557,7 @@ class Supervisor:
         if event == "ready":
             handle.ready.set()
             log.info("worker %d (pid %d) ready", handle.slot, handle.pid)
+            self._replay_discovered(handle)  # sets that changed between its fork and now; then verdicts
             self._replay_verdicts(handle)  # a new worker starts with every server up
         elif event == "ejected":
             # Passive checks count each worker's own traffic; the first worker to eject a server has the
@@ -560,6 +576,18 @@ class Supervisor:
             log.log(level, "worker %d (pid %d) %s", handle.slot, handle.pid,
                     "reloaded" if message.get("ok") else "failed to reload (kept its config)")
         return None
+
+    def _replay_discovered(self, handle: WorkerHandle) -> None:
+        with self._discovered_lock:  # not between a change's broadcast and its apply: the old set would win
+            for key, targets in list(self.app.discovered.items()):
+                handle.link.send(_discovered_message(key, targets))
+
+    def _discovered_changed(self, key: tuple, targets: tuple) -> None:
+        """The one resolver of the proxy found a new set: every worker applies it, then the supervisor
+        (whose health checker then sees the new servers: its verdicts reach the workers after the set)."""
+        with self._discovered_lock:
+            self._broadcast(_discovered_message(key, targets))
+            self.app.apply_discovered(key, targets)
 
     def _replay_verdicts(self, handle: WorkerHandle) -> None:
         """A worker that just started or reloaded learns what its config cannot tell it: the runtime
@@ -764,6 +792,12 @@ class Supervisor:
             if what in reply:
                 answers.append((handle, reply[what]))
         return answers
+
+
+def _discovered_message(key: tuple, targets: tuple) -> dict:
+    upstream, kind, name, port = key
+    return {"op": "discovered", "upstream": upstream, "kind": kind, "name": name, "port": port,
+            "targets": [target.to_list() for target in targets]}
 
 
 def _listen_addresses(config: Config) -> set[str]:

@@ -239,6 +239,13 @@ def _rendezvous_score(client_ip: str, server: Server) -> float:
     return -server.weight / math.log(fraction)
 
 
+def _priority_groups(servers: Sequence[Server]) -> tuple[tuple[Server, ...], ...] | None:
+    priorities = sorted({server.priority for server in servers})
+    if len(priorities) < 2:
+        return None
+    return tuple(tuple(server for server in servers if server.priority == priority) for priority in priorities)
+
+
 POLICIES: dict[str, type] = {
     "round_robin": RoundRobin,
     "least_connections": LeastConnections,
@@ -283,6 +290,8 @@ class Upstream:
             self._cap.recompute()  # servers carried over a reload may be out already
         # all_down = "try_all": when every server is down, send requests to them anyway, in turn.
         self._try_all_when_down = all_down == "try_all"
+        # SRV priorities: the servers by priority, lowest first; None when there is one priority (the usual case).
+        self._priority_groups = _priority_groups(self._servers)
         self._fail_open_lock = threading.Lock()
         self._fail_open_turn = 0
         self._failing_open = False  # in an episode of every server down (logged once when it starts)
@@ -305,14 +314,15 @@ class Upstream:
         Returns None when no server is available (the handler answers 503).
         `exclude` holds the servers a retry has already tried.
         """
-        candidates = self._servers
+        servers = self._servers if self._priority_groups is None else self._preferred_group(exclude)
+        candidates = servers
         if exclude:
             candidates = tuple(server for server in candidates if server not in exclude)
         # Bounded: each lost race (the server filled up between pick and claim)
         # removes that server from this call's candidates.
         first_candidates = candidates
         for _ in range(len(candidates)):
-            policy = self._policy if candidates is self._servers else self._fallback_policy
+            policy = self._policy if candidates is servers else self._fallback_policy
             server = policy.pick(candidates, client_ip)
             if server is None:
                 break
@@ -323,6 +333,13 @@ class Upstream:
         if self._try_all_when_down:
             return self._pick_failing_open(first_candidates)
         return None
+
+    def _preferred_group(self, exclude: Collection[Server]) -> tuple[Server, ...]:
+        """The lowest-priority group with a server available (and not tried yet); every server if none is."""
+        for group in self._priority_groups:
+            if any(server.available() and server not in exclude for server in group):
+                return group
+        return self._servers
 
     @property
     def failing_open(self) -> bool:

@@ -281,10 +281,10 @@ class _Target:
 
     __slots__ = ("upstream_name", "server", "policy", "next_due", "in_flight", "last")
 
-    def __init__(self, upstream_name, server, health: HealthConfig, next_due: float):
+    def __init__(self, upstream_name, server, health: HealthConfig, next_due: float, up: bool = True):
         self.upstream_name = upstream_name
         self.server = server
-        self.policy = HealthPolicy(health.healthy_after, health.unhealthy_after)
+        self.policy = HealthPolicy(health.healthy_after, health.unhealthy_after, up)
         self.next_due = next_due
         self.in_flight = False
         self.last: CheckResult | None = None
@@ -391,7 +391,9 @@ class HealthChecker:
                 target = self._targets.get(key)
                 if target is None:
                     first = now + self.rng.uniform(0, JITTER) * health.interval
-                    target = self._targets[key] = _Target(key[0], server, health, first)
+                    if not server.healthy:  # it joined down (new from DNS): check it now, not an interval later
+                        first = now
+                    target = self._targets[key] = _Target(key[0], server, health, first, up=server.healthy)
                     predecessor = predecessors.pop((key[0], server.address), None)
                     if predecessor is not None and self._inherit(target, predecessor):
                         kept_down.append(target)

@@ -63,9 +63,12 @@ class Server:
 
     def __init__(self, host: str, port: int, weight: int = 1, max_connections: int = 0, tls: bool = False,
                  max_fails: int = 0, fail_timeout: float = DEFAULT_FAIL_TIMEOUT,
-                 failure_statuses: frozenset[int] = frozenset(), clock: Clock = time.monotonic) -> None:
+                 failure_statuses: frozenset[int] = frozenset(), clock: Clock = time.monotonic,
+                 name: str = "", priority: int = 0) -> None:
         _validate(port, weight, max_connections, max_fails, fail_timeout)
         self._host = host
+        self._name = name          # the DNS name it was discovered under ("" for a configured address)
+        self._priority = priority  # SRV priority: the upstream uses the lowest group with a server up
         self._port = port
         self._address = format_address(host, port)
         self._weight = weight
@@ -117,6 +120,14 @@ class Server:
     @property
     def weight(self) -> int:
         return self._weight
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def priority(self) -> int:
+        return self._priority
 
     @property
     def tls(self) -> bool:
@@ -370,6 +381,11 @@ class Server:
             if previous != ENABLED and state == ENABLED:
                 self._ramp_start = self._clock()  # slow start: back in rotation, it ramps up as after a recovery
         return previous
+
+    @property
+    def healthy(self) -> bool:
+        """The active checker's verdict alone (passive ejection aside)."""
+        return self._healthy
 
     # -- reporting ---------------------------------------------------------------------
 

@@ -18,6 +18,8 @@
     ports.py            free_port, port_open
     echo_server.py      the core tests' line-echo protocol on a SocketServer, and LineClient
     records.py          stand-ins for a request record and a small Application (observer tests)
+    dns.py              dnsmasq on 127.0.0.1 serving records the test rewrites (Dnsmasq, running_dnsmasq),
+                        and NamedBackends on 127.0.0.2, .3, ... sharing one port (backends_on_loopback)
 
 tests/conformance/recorder.py (an upstream that records the exact bytes it gets) belongs to the
 conformance package.

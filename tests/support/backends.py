@@ -596,17 +596,17 @@ class _NamedHandler(BaseHTTPRequestHandler):
 class NamedBackend:
     """A keep-alive HTTP/1.1 backend answering its name; /slow holds until ``release`` is set."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0):
         self.name = name
         self.requests = 0
         self.slow_entered = threading.Event()
         self.release = threading.Event()
         self._lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _NamedHandler)
+        self.httpd = ThreadingHTTPServer((host, port), _NamedHandler)
         self.httpd.daemon_threads = True
         self.httpd.backend = self
         self.port = self.httpd.server_address[1]
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"{host}:{self.port}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
         self._thread.start()

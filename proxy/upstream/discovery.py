@@ -1,0 +1,300 @@
+"""DNS discovery: servers from the A/AAAA or SRV records of a name, kept up to date.
+
+``servers = [{ address = "api.internal:8080", discover = "a" }]`` makes every A and AAAA record of
+``api.internal`` a server of its own; ``servers = [{ srv = "_http._tcp.api.service.consul" }]`` takes
+targets, ports, priorities and weights from SRV records (docs/configuration.md, "DNS discovery").
+
+``DnsResolver.lookup`` asks the name servers of ``[dns]`` with dnspython and answers a ``Lookup``: the
+set of ``Target`` addresses (empty for NXDOMAIN or no records) or ``None`` when the lookup failed
+(timeout, SERVFAIL), in which case the caller keeps the last good set. ``DnsDiscovery`` is the loop
+that re-resolves every name when due (the earlier of ``dns.refresh`` and the records' TTL, never
+more often than once a second) on its own thread, and hands each changed set to ``on_change``. It never
+runs on a request's path: requests read the servers a set was turned into (``proxy/serve/app.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import dns.exception
+import dns.nameserver
+import dns.resolver
+
+from proxy.config.schema import MIN_DNS_REFRESH, Config, DnsConfig, UpstreamServerConfig
+from proxy.config.units import format_address
+
+log = logging.getLogger("pyproxy.dns")
+
+MAX_IDLE_WAIT = 1.0  # the loop looks at the config at least this often (a reload may add names)
+
+
+@dataclass(frozen=True, order=True)
+class Target:
+    """One address a name resolved to: a server of the upstream."""
+
+    priority: int   # SRV priority (lowest used first); 0 for A/AAAA
+    host: str       # an IP address
+    port: int
+    weight: int
+    name: str       # the DNS name the address belongs to (an SRV record's target)
+
+    @property
+    def address(self) -> str:
+        return format_address(self.host, self.port)
+
+    def to_list(self) -> list:
+        """For the supervisor's control link (JSON)."""
+        return [self.priority, self.host, self.port, self.weight, self.name]
+
+
+def targets_from_lists(items: Iterable[list]) -> tuple[Target, ...]:
+    return tuple(sorted(Target(int(p), str(h), int(port), int(w), str(n)) for p, h, port, w, n in items))
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What one lookup found. ``targets`` None: it failed (keep the last good set), see ``problem``."""
+
+    targets: tuple[Target, ...] | None
+    ttl: float | None = None   # the smallest TTL of the records; None when there were none
+    problem: str = ""          # why it failed, or why the set is empty (NXDOMAIN)
+
+
+DiscoveryKey = tuple  # (upstream name, "a" | "srv", name, port)
+
+
+def discovery_key(upstream_name: str, entry: UpstreamServerConfig) -> DiscoveryKey:
+    """Identifies one discovered entry across reloads (its weight may change; its set stays)."""
+    return (upstream_name, entry.discover, entry.host, entry.port)
+
+
+def discovered_entries(config: Config) -> dict[DiscoveryKey, UpstreamServerConfig]:
+    return {discovery_key(upstream.name, entry): entry for upstream in config.upstreams.values()
+            for entry in upstream.servers if entry.discover}
+
+
+class _Failed(Exception):
+    """A lookup that did not get an answer (timeout, SERVFAIL, REFUSED)."""
+
+
+class DnsResolver:
+    """Lookups with dnspython against ``[dns] resolvers`` (or /etc/resolv.conf), bounded by ``timeout``."""
+
+    def __init__(self, settings: DnsConfig) -> None:
+        self.settings = settings
+        self._resolver: dns.resolver.Resolver | None = None
+        self._problem = ""
+        try:
+            resolver = dns.resolver.Resolver(configure=not settings.resolvers)
+        except (dns.resolver.NoResolverConfiguration, OSError) as exc:
+            self._problem = f"no name servers: /etc/resolv.conf cannot be used ({exc}); set dns.resolvers"
+            return
+        if settings.resolvers:
+            resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in settings.resolvers]
+        resolver.timeout = settings.timeout    # one attempt on one name server ...
+        resolver.lifetime = settings.timeout   # ... and the whole lookup, retries included
+        self._resolver = resolver
+
+    def lookup(self, entry: UpstreamServerConfig) -> Lookup:
+        if self._resolver is None:
+            return Lookup(None, problem=self._problem)
+        try:
+            if entry.discover == "srv":
+                return self._lookup_srv(entry)
+            targets, ttl, exists = self._addresses(entry.host, entry.port, entry.weight, 0)
+        except _Failed as exc:
+            return Lookup(None, problem=str(exc))
+        return Lookup(tuple(sorted(targets)), ttl, "" if targets else "no A or AAAA records" if exists else "NXDOMAIN")
+
+    def _lookup_srv(self, entry: UpstreamServerConfig) -> Lookup:
+        answer = self._query(entry.host, "SRV")
+        if answer is None:
+            return Lookup((), problem="NXDOMAIN")
+        ttls = [answer.rrset.ttl] if answer.rrset is not None else []
+        targets: list[Target] = []
+        for record in answer:
+            target = record.target.to_text(omit_final_dot=True)
+            if not target or record.port == 0:  # "." means: no service here (RFC 2782)
+                continue
+            found, ttl, _ = self._addresses(target, record.port, max(1, record.weight), record.priority)
+            targets += found
+            ttls += [ttl] if ttl is not None else []
+        unique = tuple(sorted(set(targets)))
+        return Lookup(unique, min(ttls) if ttls else None, "" if unique else "no SRV records with addresses")
+
+    def _addresses(self, name: str, port: int, weight: int, priority: int) -> tuple[list[Target], float | None, bool]:
+        """The A and AAAA records of ``name`` as targets, their smallest TTL, and whether the name exists."""
+        targets, ttls = [], []
+        for kind in ("A", "AAAA"):
+            answer = self._query(name, kind)
+            if answer is None:  # NXDOMAIN: the name does not exist, so it has no AAAA either
+                return targets, None, False
+            if answer.rrset is not None:
+                ttls.append(answer.rrset.ttl)
+                targets += [Target(priority, record.address, port, weight, name) for record in answer]
+        return targets, (min(ttls) if ttls else None), True
+
+    def _query(self, name: str, kind: str):
+        """The answer (maybe without records), None for NXDOMAIN; raises _Failed if there is no answer."""
+        try:
+            return self._resolver.resolve(name, kind, search=False, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            return None
+        except dns.resolver.LifetimeTimeout:
+            raise _Failed(f"no answer within {self.settings.timeout:g}s") from None
+        except dns.resolver.NoNameservers as exc:  # every name server answered SERVFAIL, REFUSED, ...
+            raise _Failed(f"the name servers failed: {_servers_said(exc)}") from None
+        except dns.exception.DNSException as exc:
+            raise _Failed(str(exc) or type(exc).__name__) from None
+
+
+def _servers_said(exc: dns.resolver.NoNameservers) -> str:
+    errors = exc.kwargs.get("errors") or []
+    said = sorted({str(error[3]) for error in errors if len(error) > 3})
+    return ", ".join(said) or "no usable answer"
+
+
+class _Name:
+    """The loop's state for one discovered entry."""
+
+    __slots__ = ("entry", "targets", "next_due", "failing")
+
+    def __init__(self, entry: UpstreamServerConfig, due: float) -> None:
+        self.entry = entry
+        self.targets: tuple[Target, ...] | None = None  # the last good set; None before the first
+        self.next_due = due
+        self.failing = False
+
+
+class DnsDiscovery:
+    """Re-resolves every discovered name of the config when due and reports changed sets.
+
+    ``on_change(key, targets)`` runs on the loop's thread (or the starting one, for the first round).
+    ``config`` returns the current Config (reloads show up within a second; call ``run_once`` after a
+    reload to resolve new names at once). ``make_resolver`` and ``clock`` are injectable for tests.
+    """
+
+    def __init__(self, config: Callable[[], Config], on_change: Callable[[DiscoveryKey, tuple[Target, ...]], None],
+                 make_resolver: Callable[[DnsConfig], object] = DnsResolver, clock=time.monotonic) -> None:
+        self._config = config
+        self._on_change = on_change
+        self._make_resolver = make_resolver
+        self._clock = clock
+        self._resolver = None
+        self._resolver_settings: DnsConfig | None = None
+        self._names: dict[DiscoveryKey, _Name] = {}
+        self._round_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._kick = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Resolve every name once before returning (the proxy then starts with its servers), then loop."""
+        self.run_once()
+        self._thread = threading.Thread(target=self._run, name="pyproxy-dns", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._kick.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+
+    def kick(self) -> None:
+        """Look at the config again now (after a reload)."""
+        self._kick.set()
+
+    def current(self) -> dict[DiscoveryKey, tuple[Target, ...]]:
+        """The last good set of every name resolved at least once (replayed to a new worker)."""
+        return {key: name.targets for key, name in list(self._names.items()) if name.targets is not None}
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                wait = self.run_once()
+            except Exception:  # the loop must outlive one bad round; the traceback says why
+                log.exception("dns discovery round failed")
+                wait = MAX_IDLE_WAIT
+            self._kick.wait(wait)
+            self._kick.clear()
+
+    def run_once(self) -> float:
+        """Resolve every name that is due; returns the seconds until the next one is."""
+        with self._round_lock:
+            config = self._config()
+            self._sync(config)
+            for key, name in list(self._names.items()):
+                if name.next_due <= self._clock():
+                    self._refresh(key, name, config.dns)
+            now = self._clock()
+            waits = [name.next_due - now for name in self._names.values()]
+        return max(0.0, min([MAX_IDLE_WAIT, *waits]))
+
+    def _sync(self, config: Config) -> None:
+        wanted = discovered_entries(config)
+        if wanted and (self._resolver is None or config.dns != self._resolver_settings):
+            self._resolver, self._resolver_settings = self._make_resolver(config.dns), config.dns
+        for key in set(self._names) - set(wanted):
+            del self._names[key]
+        for key, entry in wanted.items():
+            name = self._names.get(key)
+            if name is None:
+                self._names[key] = _Name(entry, self._clock())
+            elif name.entry != entry:  # a new weight: the same addresses, weighed anew
+                name.entry, name.next_due = entry, self._clock()
+
+    def _refresh(self, key: DiscoveryKey, name: _Name, settings: DnsConfig) -> None:
+        lookup = self._resolver.lookup(name.entry)
+        label = name.entry.address
+        if lookup.targets is None:
+            if not name.failing:  # once per outage: a name server down for an hour logs one line
+                kept = "no addresses yet" if name.targets is None else f"keeping its {len(name.targets)} address(es)"
+                log.warning("dns: lookup of %s failed (%s); %s until it answers", label, lookup.problem, kept)
+            name.failing = True
+            name.next_due = self._clock() + settings.refresh
+            return
+        if name.failing:
+            log.info("dns: %s answers again", label)
+        name.failing = False
+        ttl = settings.refresh if lookup.ttl is None else lookup.ttl
+        name.next_due = self._clock() + max(MIN_DNS_REFRESH, min(settings.refresh, ttl))
+        if lookup.targets == name.targets:
+            return
+        self._report(key, name, lookup)
+
+    def _report(self, key: DiscoveryKey, name: _Name, lookup: Lookup) -> None:
+        before = set(name.targets or ())
+        after = set(lookup.targets)
+        label = name.entry.address
+        if not after:
+            log.warning("dns: no addresses for %s (%s): upstream %s answers 503 until records appear",
+                        label, lookup.problem, key[0])
+        else:
+            added = ", ".join(sorted(t.address for t in after - before))
+            removed = ", ".join(sorted(t.address for t in before - after))
+            log.info("dns: %s: %d address(es)%s%s", label, len(after), f"; added {added}" if added else "",
+                     f"; removed {removed} (draining)" if removed else "")
+        name.targets = lookup.targets
+        try:
+            self._on_change(key, lookup.targets)
+        except Exception:  # the set is recorded; one broken listener must not stop discovery
+            log.exception("applying the addresses of %s failed", label)
+
+
+def check_names(config: Config, make_resolver: Callable[[DnsConfig], object] = DnsResolver) -> list[str]:
+    """``pyproxy check``: a warning line for each discovered name that does not resolve now."""
+    resolver = None
+    warnings = []
+    for key, entry in discovered_entries(config).items():
+        resolver = resolver or make_resolver(config.dns)
+        lookup = resolver.lookup(entry)
+        if lookup.targets is None:
+            warnings.append(f"warning: upstreams.{key[0]}: cannot resolve {entry.address}: {lookup.problem}")
+        elif not lookup.targets:
+            warnings.append(f"warning: upstreams.{key[0]}: {entry.address} has no addresses ({lookup.problem}); "
+                            "the upstream answers 503 until it has")
+    return warnings
