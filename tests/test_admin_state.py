@@ -315,3 +315,21 @@ def test_a_rebuilt_server_counts_the_requests_on_the_one_it_replaces_until_they_
     assert app.runtime.upstreams["web"].servers[0].snapshot()["active_requests"] == 1  # two reloads on
     old_first.release()
     assert app.runtime.upstreams["web"].servers[0].snapshot()["active_requests"] == 0
+
+
+def test_the_runtime_api_answers_json_when_no_process_gives_its_status():
+    # With workers, every one of them restarting: /status is a plain 503, but the API's answers are
+    # JSON ({"error": ...}), and ctl shows that reason.
+    def restarting() -> dict:
+        raise ConnectionError("worker restarting")
+
+    sources = AdminSources(status=[restarting], token=lambda: "right-token")
+    server = AdminServer(None, sources, sock=bind_listener("127.0.0.1", 0))
+    server.start()
+    try:
+        answer = requests.get(f"http://127.0.0.1:{server.address[1]}/upstreams/web", timeout=10)
+    finally:
+        server.stop()
+    assert answer.status_code == 503
+    assert answer.headers["Content-Type"].startswith("application/json")
+    assert answer.json() == {"error": "no status source answered"}

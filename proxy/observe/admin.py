@@ -137,7 +137,10 @@ class _AdminHandler(BaseHTTPRequestHandler):
             else:
                 self._send(404, f"404 not found; try {', '.join(PATHS)}\n", "text/plain", head_only)
         except SourceFailed as exc:
-            self._send(503, f"503 {exc}\n", "text/plain", head_only)
+            if RuntimeApi.handles(path):  # the API answers JSON, errors too
+                self._send_api(ApiAnswer(503, {"error": str(exc)}), head_only)
+            else:
+                self._send(503, f"503 {exc}\n", "text/plain", head_only)
 
     def do_POST(self) -> None:  # noqa: N802
         path = self.path.split("?", 1)[0]
