@@ -8,6 +8,7 @@ across SIGHUP and in a worker restarted after a crash; a disabled server gets no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -449,7 +450,12 @@ def test_a_worker_starts_serving_with_the_admin_states_already_applied(tmp_path,
         wait_for(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, READY, what="the worker to record and exit")
         assert json.loads(seen.read_text()) == {"127.0.0.1:9": "draining", "127.0.0.1:10": "enabled"}
     finally:
-        supervisor.slots[0].link.close()
+        worker = supervisor.slots[0]
+        if worker is not None:
+            worker.link.close()
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):  # reaped above unless it hung
+                os.kill(worker.pid, signal.SIGKILL)
+                os.waitpid(worker.pid, 0)
         supervisor._close_all_sockets()
 
 
