@@ -4,9 +4,16 @@ The runtime API and ``pyproxy ctl`` against real processes are in test_runtime_a
 
 from __future__ import annotations
 
+import logging
+import socket
+
 import pytest
+import requests
+
+from core.socket_server import bind_listener
 
 from proxy.config.schema import ConfigError, parse_config
+from proxy.observe.admin import AdminServer, AdminSources
 from proxy.observe.metrics import render_prometheus
 from proxy.observe.runtime_api import RuntimeApi
 from proxy.observe.status import merge_status
@@ -14,6 +21,9 @@ from proxy.serve.app import Application, UnknownServer
 from proxy.upstream.balancing import Upstream
 from proxy.upstream.servers import Server
 from tests.support.timing import FakeClock
+
+
+FLOOD = 100  # refused writes in a row
 
 
 @pytest.fixture
@@ -142,6 +152,21 @@ def test_token_problems_name_the_key(tmp_path, monkeypatch):
     assert problems(listen="127.0.0.1:9901")[0].startswith("proxy.toml: admin.token (from PYPROXY_ADMIN_TOKEN): must be")
 
 
+def test_tls_on_the_admin_listener_is_refused_not_served_as_plain_http(tmp_path):
+    # The admin listener serves plain HTTP: TLS keys on it were accepted (and `pyproxy check` said
+    # "(TLS)") while the bearer token went over the network in clear text.
+    (tmp_path / "c.pem").write_text("cert")
+    (tmp_path / "k.pem").write_text("key")
+    cert, key = str(tmp_path / "c.pem"), str(tmp_path / "k.pem")
+    for listen, keys in (({"address": "0.0.0.0:9901", "tls_cert": cert, "tls_key": key}, ("tls_cert", "tls_key")),
+                         ({"address": "0.0.0.0:9901", "tls": "internal"}, ("tls",))):
+        with pytest.raises(ConfigError) as caught:
+            config(listen=listen, token="abc-123")
+        assert caught.value.problems == [
+            f"proxy.toml: admin.listen.{key}: the admin listener serves plain HTTP (no TLS): keep it on "
+            "loopback or a private network, or put a TLS-terminating proxy in front of it" for key in keys]
+
+
 # -- /status, /metrics and the API's view -----------------------------------------------------------------
 
 def status_of(state):
@@ -185,3 +210,126 @@ def test_try_all_never_fails_open_to_servers_the_operator_took_out(clock, caplog
     b.set_admin_state("disabled")
     assert upstream.pick_server("10.0.0.1") is None
     assert not upstream.failing_open and "every server is down" not in caplog.text
+
+
+# -- refused writes in the log ----------------------------------------------------------------------------
+
+@pytest.fixture
+def admin_with_token(clock):
+    """A real admin listener on port 0 whose writes need "right-token" (they change nothing)."""
+    sources = AdminSources(token=lambda: "right-token", set_server_state=lambda upstream, address, state: "enabled")
+    server = AdminServer(None, sources, sock=bind_listener("127.0.0.1", 0), clock=clock, idle_timeout=1e9)
+    server.start()
+    yield f"http://127.0.0.1:{server.address[1]}"
+    server.stop()
+
+
+def refused_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+
+
+def test_a_flood_of_refused_writes_logs_a_few_lines_and_a_count(admin_with_token, clock, caplog):
+    path = admin_with_token + "/upstreams/web/servers/127.0.0.1:3001/drain"
+    with caplog.at_level(logging.WARNING, "pyproxy.admin"), requests.Session() as session:
+        for _ in range(FLOOD):
+            assert session.post(path, headers={"Authorization": "Bearer guess"}, timeout=10).status_code == 401
+        assert 1 <= len(refused_lines(caplog)) <= FLOOD // 10
+        clock.advance(3600)
+        assert session.post(path, headers={"Authorization": "Bearer guess"}, timeout=10).status_code == 401
+    assert any(line.endswith("more such lines were left out in the last 60s") for line in
+               [r.getMessage() for r in caplog.records])
+
+
+def test_a_refused_path_is_logged_without_its_control_characters(admin_with_token, caplog):
+    host, port = admin_with_token.removeprefix("http://").split(":")
+    with caplog.at_level(logging.WARNING, "pyproxy.admin"), socket.create_connection((host, int(port)), 10) as sock:
+        sock.sendall(b"POST /upstreams/web/servers/\x1b[2J\x1b]0;owned\x07/drain HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    [line] = refused_lines(caplog)
+    assert "\x1b" not in line and "\x07" not in line
+    assert "\\x1b[2J" in line
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    for _ in range(1000):  # bounded: the answer is a few hundred bytes
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_a_path_that_is_no_server_action_is_404_not_405():
+    class Sources:
+        set_server_state = None
+
+        @staticmethod
+        def token():
+            return "right-token"
+
+        @staticmethod
+        def status_document():
+            return merge_status([status_of("enabled")])
+
+    api = RuntimeApi(Sources())
+    for answer in (api.post("/upstreams/web/nodes/127.0.0.1:3001/drain", "Bearer right-token", b"", "peer"),
+                   api.get("/upstreams/web/nodes/127.0.0.1:3001/drain")):
+        assert answer.status == 404, answer
+        assert answer.document == {"error": "no such path /upstreams/web/nodes/127.0.0.1:3001/drain; try "
+                                            "/upstreams/NAME or POST /upstreams/NAME/servers/ADDRESS/ACTION"}
+    on_a_read = api.post("/upstreams/web", "Bearer right-token", b"", "peer")
+    assert (on_a_read.status, on_a_read.headers) == (405, {"Allow": "GET, HEAD"})
+    on_a_write = api.get("/upstreams/web/servers/127.0.0.1:3001/drain")
+    assert (on_a_write.status, on_a_write.headers) == (405, {"Allow": "POST"})
+
+
+@pytest.mark.parametrize("request_head, status", [
+    (b"POST /upstreams/web/servers/127.0.0.1:3001/drain HTTP/1.1\r\nAuthorization: Bearer right-token\r\n", b"400"),
+    (b"GET /healthz HTTP/1.1\r\n", b"200"),
+])
+def test_a_content_length_of_non_ascii_digits_is_answered_not_a_traceback(admin_with_token, caplog,
+                                                                           request_head, status):
+    # "²" is a digit to str.isdigit() but not to int(): the handler raised and the client got nothing.
+    host, port = admin_with_token.removeprefix("http://").split(":")
+    with caplog.at_level(logging.WARNING, "pyproxy.admin"), socket.create_connection((host, int(port)), 10) as sock:
+        sock.sendall(request_head + b"Host: x\r\nContent-Length: \xb2\r\n\r\n")
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_rebuilt_server_counts_the_requests_on_the_one_it_replaces_until_they_finish():
+    app = Application(config())
+    old_first = app.runtime.upstreams["web"].servers[0]
+    assert old_first.try_acquire()
+    app.reload(parse_config({"routes": [{"upstream": "web"}], "upstreams": {"web": {"servers": [
+        {"address": "127.0.0.1:3001", "weight": 2}, "127.0.0.1:3002"]}}}, "proxy.toml"))
+    first = app.runtime.upstreams["web"].servers[0]
+    assert first is not old_first
+    assert first.snapshot()["active_requests"] == 1
+    app.reload(parse_config({"routes": [{"upstream": "web"}], "upstreams": {"web": {"servers": [
+        {"address": "127.0.0.1:3001", "weight": 3}, "127.0.0.1:3002"]}}}, "proxy.toml"))
+    assert app.runtime.upstreams["web"].servers[0].snapshot()["active_requests"] == 1  # two reloads on
+    old_first.release()
+    assert app.runtime.upstreams["web"].servers[0].snapshot()["active_requests"] == 0
+
+
+def test_the_runtime_api_answers_json_when_no_process_gives_its_status():
+    # With workers, every one of them restarting: /status is a plain 503, but the API's answers are
+    # JSON ({"error": ...}), and ctl shows that reason.
+    def restarting() -> dict:
+        raise ConnectionError("worker restarting")
+
+    sources = AdminSources(status=[restarting], token=lambda: "right-token")
+    server = AdminServer(None, sources, sock=bind_listener("127.0.0.1", 0))
+    server.start()
+    try:
+        answer = requests.get(f"http://127.0.0.1:{server.address[1]}/upstreams/web", timeout=10)
+    finally:
+        server.stop()
+    assert answer.status_code == 503
+    assert answer.headers["Content-Type"].startswith("application/json")
+    assert answer.json() == {"error": "no status source answered"}

@@ -8,6 +8,7 @@ across SIGHUP and in a worker restarted after a crash; a disabled server gets no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,9 @@ import threading
 import pytest
 import requests
 
+from proxy.config.schema import load_config
+from proxy.serve.runner import ProxyProcess, bind_config_listener
+from proxy.serve.supervisor import Supervisor, bind_slot_sockets
 from tests.support import backends
 from tests.support.backends import SLOW_BODY, named_backends
 from tests.support.command import pyproxy_command
@@ -352,6 +356,60 @@ def test_state_survives_sighup_for_servers_that_remain(tmp_path, workers):
         assert server_view(run, c.address)["state"] == "enabled"
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_that_rebuilds_a_draining_server_still_counts_its_requests_in_flight(tmp_path, workers,
+                                                                                     monkeypatch):
+    # A new weight makes the reload build a new Server object; the request in flight holds the old one.
+    # drain --wait must not report the server idle (and a deploy restart it) while that request runs.
+    monkeypatch.setattr(backends, "NAMED_HOLD_LIMIT", 60.0)
+    with named_backends("a", "b") as (a, b), start(tmp_path, [a.address, b.address], workers=workers) as run:
+        if workers > 1:
+            wait_for(lambda: ready_workers(run) == workers, READY, what="every worker ready", on_timeout=run.log)
+        slow = hold_on(a, b, run, 1)
+        assert post(run, f"/upstreams/app/servers/{a.address}/drain").status_code == 200
+        run.rewrite(run.config_path.read_text().replace(f'"{a.address}", "{b.address}"',
+                                                        f'{{ address = "{a.address}", weight = 3 }}, "{b.address}"'))
+        run.signal(signal.SIGHUP)
+        marker = ") reloaded" if workers > 1 else "config reloaded"
+        wait_for(lambda: run.log().count(marker) >= workers, READY, what="the reload", on_timeout=run.log)
+        view = server_view(run, a.address)
+        assert (view["weight"], view["state"], view["active_requests"]) == (3, "draining", 1)
+        timed_out = ctl(run, "drain", "app", a.address, "--wait", "--timeout", "300ms")
+        assert timed_out.returncode == 5, timed_out.stdout + timed_out.stderr
+        metrics = requests.get(admin_url(run, "/metrics"), timeout=10).text
+        assert f'pyproxy_upstream_active_requests{{upstream="app",server="{a.address}"}} 1' in metrics
+        a.release.set()
+        assert slow.join() == [(200, SLOW_BODY)] * len(slow.threads)
+        drained = ctl(run, "drain", "app", a.address, "--wait", "--timeout", "30s")
+        assert drained.returncode == 0, drained.stderr
+        assert server_view(run, a.address)["active_requests"] == 0
+
+
+def test_requests_in_flight_on_workers_retired_by_a_listen_change_still_count(tmp_path, monkeypatch):
+    # A new server.listen replaces every worker; the old ones finish their requests first. Until they
+    # did, a drained server is not idle: drain --wait must not tell a deploy script it is.
+    monkeypatch.setattr(backends, "NAMED_HOLD_LIMIT", 60.0)
+    with named_backends("a", "b") as (a, b), start(tmp_path, [a.address, b.address], workers=2) as run:
+        wait_for(lambda: ready_workers(run) == 2, READY, what="both workers ready", on_timeout=run.log)
+        run.rewrite(run.config_path.read_text().replace('graceful_timeout = "5s"', 'graceful_timeout = "60s"'))
+        run.signal(signal.SIGHUP)
+        wait_for(lambda: run.log().count(") reloaded") >= 2, READY, what="the reload", on_timeout=run.log)
+        slow = hold_on(a, b, run, 1)
+        assert post(run, f"/upstreams/app/servers/{a.address}/drain").status_code == 200
+        text = run.config_path.read_text()
+        run.rewrite(text.replace(f'listen = "127.0.0.1:{run.port}"',
+                                 f'listen = ["127.0.0.1:{run.port}", "127.0.0.1:{free_port()}"]', 1))
+        run.signal(signal.SIGHUP)
+        wait_for(lambda: ready_workers(run) == 4, READY, what="two new workers ready", on_timeout=run.log)
+        assert server_view(run, a.address)["active_requests"] == 1
+        timed_out = ctl(run, "drain", "app", a.address, "--wait", "--timeout", "300ms")
+        assert timed_out.returncode == 5, timed_out.stdout + timed_out.stderr
+        a.release.set()
+        assert slow.join() == [(200, SLOW_BODY)] * len(slow.threads)
+        drained = ctl(run, "drain", "app", a.address, "--wait", "--timeout", "30s")
+        assert drained.returncode == 0, drained.stderr
+
+
 def test_state_applies_in_both_workers_and_in_a_restarted_one(tmp_path):
     with named_backends("a", "b") as (a, b), start(tmp_path, [a.address, b.address], workers=2) as run:
         wait_for(lambda: ready_workers(run) == 2, READY, what="both workers ready", on_timeout=run.log)
@@ -369,6 +427,38 @@ def test_state_applies_in_both_workers_and_in_a_restarted_one(tmp_path):
         wait_for(lambda: "a" in {answered_by(run.url) for _ in range(4)}, READY, what="traffic to a again")
 
 
+def test_a_worker_starts_serving_with_the_admin_states_already_applied(tmp_path, monkeypatch):
+    # A replacement worker accepts the connections waiting for it as soon as its loop runs; the states
+    # replayed after its "ready" come later, and in between it sent requests to a drained server.
+    # Here the worker's loop only records the states it would start serving with, then returns.
+    seen = tmp_path / "states-at-serve.json"
+
+    def record_states(process) -> None:
+        servers = process.app.runtime.upstreams["app"].servers
+        seen.write_text(json.dumps({server.address: server.admin_state for server in servers}))
+
+    monkeypatch.setattr(ProxyProcess, "serve_forever", record_states)
+    config_path = tmp_path / "proxy.toml"
+    config_path.write_text(api_config(free_port(), free_port(), ["127.0.0.1:9", "127.0.0.1:10"], workers=2))
+    config = load_config(config_path)
+    listen = config.server.listen[0]
+    supervisor = Supervisor(config, None, bind_slot_sockets([(listen, bind_config_listener(listen))], 2))
+    try:
+        assert supervisor.set_server_state("app", "127.0.0.1:9", "draining") == "enabled"
+        supervisor._spawn(0)
+        pid = supervisor.slots[0].pid
+        wait_for(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, READY, what="the worker to record and exit")
+        assert json.loads(seen.read_text()) == {"127.0.0.1:9": "draining", "127.0.0.1:10": "enabled"}
+    finally:
+        worker = supervisor.slots[0]
+        if worker is not None:
+            worker.link.close()
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):  # reaped above unless it hung
+                os.kill(worker.pid, signal.SIGKILL)
+                os.waitpid(worker.pid, 0)
+        supervisor._close_all_sockets()
+
+
 def assert_every_worker_avoids(run, drained, before: int) -> None:
     """Fresh connections until every worker served requests since now; none reached ``drained``."""
     def served_since(start: dict) -> dict:
@@ -382,3 +472,94 @@ def assert_every_worker_avoids(run, drained, before: int) -> None:
             break
     assert len(since) == 2 and all(count > 0 for count in since.values()), since
     assert drained.requests == before
+
+
+def test_ctl_refuses_an_empty_upstream_or_address_as_a_usage_error(tmp_path):
+    with named_backends("a") as (a,), start(tmp_path, [a.address]) as run:
+        for args in (("drain", "app", ""), ("enable", "", a.address), ("disable", "app", " ")):
+            result = ctl(run, *args)
+            assert result.returncode == 2, result.stderr
+            assert "must not be empty" in result.stderr
+        assert server_view(run, a.address)["state"] == "enabled"
+
+
+def test_ctl_does_not_report_success_from_something_else_on_the_admin_address(tmp_path):
+    # The admin port taken by another service (the proxy logged that it could not listen there): its
+    # 200 answers (an echo of the request) must not read as a drain done, or a deploy script restarts a
+    # server under traffic.
+    other = backends.ScriptedBackend().start()
+    try:
+        config = tmp_path / "proxy.toml"
+        config.write_text(api_config(free_port(), other.port, ["127.0.0.1:9"]))
+        for args in (("drain", "app", "127.0.0.1:9"), ("enable", "app", "127.0.0.1:9"), ("status",)):
+            result = subprocess.run(pyproxy_command() + ["ctl", "-c", str(config), *args], capture_output=True,
+                                    text=True, timeout=CTL_EXIT, cwd=REPO)
+            assert result.returncode == 3, (args, result.stdout, result.stderr)
+            assert f"is http://127.0.0.1:{other.port} pyproxy's admin listener?" in result.stderr
+        assert {request.method for request in other.requests} == {"GET", "POST"}
+    finally:
+        other.stop()
+
+
+def test_ctl_drain_timeout_without_wait_is_a_usage_error_and_changes_nothing(tmp_path):
+    # "--timeout 60s" alone returned at once with exit 0: a deploy script that forgot --wait would
+    # restart a server still serving requests.
+    with named_backends("a") as (a,), start(tmp_path, [a.address]) as run:
+        result = ctl(run, "drain", "app", a.address, "--timeout", "60s")
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "--timeout goes with --wait" in result.stderr
+        assert server_view(run, a.address)["state"] == "enabled"
+
+
+def test_ctl_talks_to_the_admin_listener_directly_whatever_http_proxy_says(tmp_path):
+    # urllib follows http_proxy: with one set (common on servers), ctl sent its requests, bearer token
+    # included, to that proxy instead of the admin listener.
+    elsewhere = backends.ScriptedBackend().start()
+    proxied = {key: value for key, value in os.environ.items() if key.lower() != "no_proxy"}
+    proxied.update(http_proxy=f"http://{elsewhere.address}", HTTP_PROXY=f"http://{elsewhere.address}")
+    try:
+        with named_backends("a") as (a,), start(tmp_path, [a.address]) as run:
+            for args in (("drain", "app", a.address), ("status",)):
+                result = subprocess.run(pyproxy_command() + ["ctl", "-c", str(run.config_path), *args], env=proxied,
+                                        capture_output=True, text=True, timeout=CTL_EXIT, cwd=REPO)
+                assert result.returncode == 0, result.stderr
+            assert server_view(run, a.address)["state"] == "draining"
+        assert elsewhere.requests == []
+    finally:
+        elsewhere.stop()
+
+
+def test_ctl_takes_an_address_in_any_form_the_config_would(tmp_path):
+    # The config normalises addresses (/status shows "[::1]:80" for "[0::1]:80", "localhost" for
+    # "LOCALHOST"); ctl took only the exact text, and an unbracketed IPv6 address got a bare 404.
+    with named_backends("a") as (a,):
+        port = a.address.rsplit(":", 1)[1]
+        with start(tmp_path, [f"localhost:{port}", "[::1]:9"]) as run:
+            for given, shown in ((f"LOCALHOST:{port}", f"localhost:{port}"), ("[0:0::1]:9", "[::1]:9")):
+                result = ctl(run, "drain", "app", given, "--wait", "--timeout", "10s")
+                assert result.returncode == 0, result.stderr
+                assert f"app/{shown}: draining (was enabled)" in result.stdout
+                assert server_view(run, shown)["state"] == "draining"
+            unbracketed = ctl(run, "drain", "app", "::1:9")
+            assert unbracketed.returncode == 2
+            assert 'IPv6 addresses need brackets, e.g. "[::1]:8080"' in unbracketed.stderr
+
+
+def test_drain_wait_fails_when_the_server_is_enabled_again_meanwhile(tmp_path, monkeypatch):
+    # Another operator (or a restart of the proxy) enables the server while a deploy script waits: the
+    # wait must not end in "drained" (exit 0) when its requests happen to finish; it is in rotation.
+    monkeypatch.setattr(backends, "NAMED_HOLD_LIMIT", 60.0)
+    with named_backends("a", "b") as (a, b), start(tmp_path, [a.address, b.address]) as run:
+        slow = hold_on(a, b, run, 1)
+        waiting = ctl_started(run, "drain", "app", a.address, "--wait", "--timeout", "60s")
+        try:
+            wait_for(lambda: server_view(run, a.address)["state"] == "draining", READY, what="a draining")
+            assert post(run, f"/upstreams/app/servers/{a.address}/enable").status_code == 200
+            a.release.set()
+            out, err = waiting.communicate(timeout=CTL_EXIT)
+        finally:
+            if waiting.poll() is None:
+                waiting.kill()
+        assert waiting.returncode == 3, out + err
+        assert f"app/{a.address} is enabled now: no longer draining" in err
+        assert slow.join() == [(200, SLOW_BODY)] * len(slow.threads)

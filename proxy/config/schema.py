@@ -896,6 +896,10 @@ def _parse_admin(c: _Checker, value: Any, server: ServerSettings) -> AdminConfig
         for key in ("http2", "h2c"):
             if key in raw:
                 c.add(f"admin.listen.{key}", "only for server.listen (the admin listener speaks HTTP/1.1)")
+    for key in ("tls", "tls_cert", "tls_key", "sni"):
+        if isinstance(raw, dict) and key in raw:
+            c.add(f"admin.listen.{key}", "the admin listener serves plain HTTP (no TLS): keep it on loopback or a "
+                                         "private network, or put a TLS-terminating proxy in front of it")
     clash = next((entry for entry in server.listen if _same_socket(entry, listen)), None)
     if clash:
         c.add("admin.listen", f"{listen.address} clashes with server.listen {clash.address}")

@@ -34,6 +34,7 @@ from core.socket_server import bind_listener
 from proxy.config.units import format_address
 from proxy.observe.access_log import make_access_log
 from proxy.config.schema import ListenConfig
+from proxy.http.proxy_protocol import ThrottledLog
 from proxy.upstream.health import HealthChecker
 from proxy.observe.log_reload import LogSwitch
 from proxy.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics, merge, render_prometheus
@@ -136,7 +137,10 @@ class _AdminHandler(BaseHTTPRequestHandler):
             else:
                 self._send(404, f"404 not found; try {', '.join(PATHS)}\n", "text/plain", head_only)
         except SourceFailed as exc:
-            self._send(503, f"503 {exc}\n", "text/plain", head_only)
+            if RuntimeApi.handles(path):  # the API answers JSON, errors too
+                self._send_api(ApiAnswer(503, {"error": str(exc)}), head_only)
+            else:
+                self._send(503, f"503 {exc}\n", "text/plain", head_only)
 
     def do_POST(self) -> None:  # noqa: N802
         path = self.path.split("?", 1)[0]
@@ -144,7 +148,7 @@ class _AdminHandler(BaseHTTPRequestHandler):
             self._not_allowed()
             return
         self.server.mark_busy(self.connection)
-        api = RuntimeApi(self.server.sources)
+        api = RuntimeApi(self.server.sources, self.server.refusals)
         body = self._read_api_body()
         answer = body if isinstance(body, ApiAnswer) else api.post(
             path, self.headers.get("Authorization"), body, peer=format_address(*self.client_address[:2]))
@@ -167,7 +171,7 @@ class _AdminHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             return ApiAnswer(411, {"error": "send the body with a Content-Length (or no body)"})
         length = (self.headers.get("Content-Length") or "0").strip()
-        if not length.isdigit():
+        if not _is_length(length):
             self.close_connection = True
             return ApiAnswer(400, {"error": "bad Content-Length"})
         if int(length) > MAX_API_BODY:
@@ -211,7 +215,7 @@ class _AdminHandler(BaseHTTPRequestHandler):
             return False
         if length is None:
             return True
-        if not length.strip().isdigit() or int(length) > MAX_DROPPED_BODY:
+        if not _is_length(length.strip()) or int(length) > MAX_DROPPED_BODY:
             return False
         try:
             return len(self.rfile.read(int(length))) == int(length)
@@ -224,6 +228,11 @@ class _AdminHandler(BaseHTTPRequestHandler):
             # in a path), as http.server's own log_message does (gh-100001); this override skipped it.
             message = (format % args).translate(self._control_char_table)
             log.debug("admin %s: %s", self.address_string(), message)
+
+
+def _is_length(text: str) -> bool:
+    """ASCII digits only: str.isdigit() takes "²" too, which int() refuses (the handler raised)."""
+    return text.isascii() and text.isdigit()
 
 
 class _AdminHTTPServer(ThreadingHTTPServer):
@@ -246,6 +255,7 @@ class _AdminHTTPServer(ThreadingHTTPServer):
         self.clock = clock
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
+        self.refusals = ThrottledLog(log, clock=clock)  # runtime API writes refused for their token
         super().__init__(sock.getsockname()[:2], _AdminHandler, bind_and_activate=False)
         self.socket.close()  # replace the unbound socket the base class made with ours
         self.socket = sock

@@ -26,12 +26,16 @@ import logging
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
+from proxy.http.proxy_protocol import ThrottledLog
+
 log = logging.getLogger("pyproxy.admin")
 
 PREFIX = "/upstreams"
 # The action in the path -> the admin state it sets (proxy.upstream.servers.ADMIN_STATES).
 ACTIONS = {"drain": "draining", "disable": "disabled", "enable": "enabled"}
 DISABLED_MESSAGE = "runtime API disabled: set admin.token"
+# A refused request's path is the client's: a terminal escape sequence in it must not reach the log raw.
+_CONTROL_CHARACTERS = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7f, 0xa0)]}
 
 
 @dataclass
@@ -48,8 +52,11 @@ def _error(status: int, message: str, **headers) -> ApiAnswer:
 class RuntimeApi:
     """One request's worth of the runtime API, over the admin listener's sources."""
 
-    def __init__(self, sources) -> None:
+    def __init__(self, sources, refusals: ThrottledLog | None = None) -> None:
         self.sources = sources
+        # Refused writes are logged through this, shared by the listener: a flood of guesses writes a
+        # few lines and a count, not a line each.
+        self.refusals = refusals if refusals is not None else ThrottledLog(log)
 
     @staticmethod
     def handles(path: str) -> bool:
@@ -59,18 +66,24 @@ class RuntimeApi:
     def _parts(path: str) -> list[str]:
         return [unquote(part) for part in path[len(PREFIX):].strip("/").split("/") if part]
 
+    @staticmethod
+    def _is_write(parts: list[str]) -> bool:
+        return len(parts) == 4 and parts[1] == "servers"
+
     @classmethod
     def not_allowed(cls, path: str, method: str) -> ApiAnswer:
-        allow = "POST" if len(cls._parts(path)) == 4 else "GET, HEAD"
+        """405 on a path of the API (with the methods it takes); 404 on one that is none of its paths."""
+        parts = cls._parts(path)
+        if not cls._is_write(parts) and len(parts) > 1:
+            return _error(404, f"no such path {path}; try {PREFIX}/NAME or POST {PREFIX}/NAME/servers/ADDRESS/ACTION")
+        allow = "POST" if cls._is_write(parts) else "GET, HEAD"
         return _error(405, f"method {method} not allowed on {path}", Allow=allow)
 
     # -- reads --------------------------------------------------------------------------------------
     def get(self, path: str) -> ApiAnswer:
         parts = self._parts(path)
-        if len(parts) == 4:
-            return self.not_allowed(path, "GET")
         if len(parts) > 1:
-            return _error(404, f"no such path {path}; try {PREFIX}/NAME")
+            return self.not_allowed(path, "GET")
         upstreams = self.sources.status_document()["upstreams"]
         if not parts:
             return ApiAnswer(200, {"upstreams": sorted(upstreams)})
@@ -82,7 +95,7 @@ class RuntimeApi:
     # -- writes -------------------------------------------------------------------------------------
     def post(self, path: str, authorization: str | None, body: bytes, peer: str) -> ApiAnswer:
         parts = self._parts(path)
-        if len(parts) != 4 or parts[1] != "servers":
+        if not self._is_write(parts):
             return self.not_allowed(path, "POST")
         refused = self._refuse_unauthorised(authorization, peer, path)
         if refused is not None:
@@ -107,8 +120,9 @@ class RuntimeApi:
             return _error(403, DISABLED_MESSAGE)
         scheme, _, given = (authorization or "").strip().partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            log.warning("runtime API: %s refused (%s) for POST %s", peer,
-                        "no bearer token" if not given else "wrong token", path)
+            self.refusals.warning("runtime API: %s refused (%s) for POST %s", peer,
+                                  "no bearer token" if not given else "wrong token",
+                                  path.translate(_CONTROL_CHARACTERS))
             return _error(401, "missing or wrong token: send Authorization: Bearer TOKEN (admin.token)",
                           **{"WWW-Authenticate": 'Bearer realm="pyproxy admin"'})
         return None

@@ -173,6 +173,17 @@ def _pool_key(upstream: UpstreamConfig, server_config) -> tuple:
             upstream.send_proxy_protocol)
 
 
+def _link_rebuilt_servers(upstream: UpstreamRuntime, before: UpstreamRuntime) -> None:
+    """A server the reload rebuilt (same address, new object) reports the requests still in flight on
+    the object it replaces (Server.counts_in_flight_of). An idle one is not linked: reloads without a
+    /status read in between must not build a chain of old objects."""
+    old_by_address = {server.address: server for server in before.servers}
+    for server in upstream.servers:
+        old = old_by_address.get(server.address)
+        if old is not None and old is not server and old.snapshot()["active_requests"] > 0:
+            server.counts_in_flight_of(old)
+
+
 class Runtime:
     """An immutable routing snapshot: router, upstreams, trusted proxies."""
 
@@ -210,6 +221,8 @@ class Runtime:
             budget = previous.upstreams[upstream.name].retry_budget if previous and upstream.name in previous.upstreams else None
             before = previous.upstreams.get(upstream.name) if previous else None
             self.upstreams[upstream.name] = self._build_upstream(upstream, old_servers, old_pools, clock, budget, before)
+            if before is not None:
+                _link_rebuilt_servers(self.upstreams[upstream.name], before)
             if previous is not None:
                 self._start_slow_start_of_added(self.upstreams[upstream.name], previous.upstreams.get(upstream.name))
 

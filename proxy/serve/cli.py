@@ -41,7 +41,7 @@ from proxy.serve.runner import (
     SERVING_SIGNALS, ProxyProcess, bind_config_listener, configure_logging, describe_listeners, tls_problems,
 )
 from proxy.config.starter import write_starter
-from proxy.config.units import parse_duration
+from proxy.config.units import format_address, parse_address, parse_duration
 from proxy.serve import ctl as ctl_client
 from proxy.serve.supervisor import run_supervisor
 
@@ -523,23 +523,44 @@ def _ctl_write(ctx: click.Context, action: str, upstream: str, address: str) -> 
     return answer
 
 
-def _wait_timeout(ctx: click.Context, param: click.Parameter, value: str) -> float:
+def _wait_timeout(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
     try:
         return parse_duration(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 
 
+def _not_empty(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """An empty UPSTREAM or ADDRESS would name another API path (POST /upstreams/NAME), not no server."""
+    if not value.strip():
+        raise click.BadParameter("must not be empty")
+    return value
+
+
+def _server_address(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """ADDRESS as the config writes it (/status shows that form): "[0::1]:80" is "[::1]:80"."""
+    _not_empty(ctx, param, value)
+    try:
+        return format_address(*parse_address(value.strip()))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @ctl.command("drain", context_settings=CONTEXT)
-@click.argument("upstream")
-@click.argument("address")
+@click.argument("upstream", callback=_not_empty)
+@click.argument("address", callback=_server_address)
 @click.option("--wait", is_flag=True, help="Return only once the server has no active requests.")
-@click.option("--timeout", default="60s", show_default=True, callback=_wait_timeout, metavar="DURATION",
-              help="With --wait: give up (exit 5) after this long; the server stays draining.")
+@click.option("--timeout", callback=_wait_timeout, metavar="DURATION",
+              help="With --wait: give up (exit 5) after this long; the server stays draining. [default: 60s]")
 @_json_option
 @click.pass_context
-def ctl_drain(ctx: click.Context, upstream: str, address: str, wait: bool, timeout: float) -> None:
+def ctl_drain(ctx: click.Context, upstream: str, address: str, wait: bool, timeout: float | None) -> None:
     """Send no new requests to ADDRESS (host:port as /status shows it); those in flight finish."""
+    if timeout is not None and not wait:  # alone it would return at once: a script would deploy too early
+        raise click.UsageError("--timeout goes with --wait (drain --wait --timeout DURATION)")
+    timeout = ctl_client.DEFAULT_WAIT_TIMEOUT if timeout is None else timeout
     def action():
         _ctl_write(ctx, "drain", upstream, address)
         if wait:
@@ -552,8 +573,8 @@ def ctl_drain(ctx: click.Context, upstream: str, address: str, wait: bool, timeo
 
 
 @ctl.command("disable", context_settings=CONTEXT)
-@click.argument("upstream")
-@click.argument("address")
+@click.argument("upstream", callback=_not_empty)
+@click.argument("address", callback=_server_address)
 @_json_option
 @click.pass_context
 def ctl_disable(ctx: click.Context, upstream: str, address: str) -> None:
@@ -562,8 +583,8 @@ def ctl_disable(ctx: click.Context, upstream: str, address: str) -> None:
 
 
 @ctl.command("enable", context_settings=CONTEXT)
-@click.argument("upstream")
-@click.argument("address")
+@click.argument("upstream", callback=_not_empty)
+@click.argument("address", callback=_server_address)
 @_json_option
 @click.pass_context
 def ctl_enable(ctx: click.Context, upstream: str, address: str) -> None:

@@ -8,8 +8,8 @@ needs nothing but ``-c proxy.toml``:
 
 Exit codes (docs/operations.md, "Draining a server for a deploy"): EXIT_OK, EXIT_CONFIG (the config
 file cannot be used), EXIT_USAGE (click's), EXIT_API (the proxy answered with an error: unknown
-server, missing token, ...), EXIT_UNREACHABLE (nothing answers on the admin address), EXIT_TIMEOUT
-(``--wait`` gave up with requests still in flight).
+server, missing token, ...; or the answer was not the runtime API's), EXIT_UNREACHABLE (nothing
+answers on the admin address), EXIT_TIMEOUT (``--wait`` gave up with requests still in flight).
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ POLL_INTERVAL = 0.25    # --wait asks this often (a GET on loopback; the admin l
 DEFAULT_WAIT_TIMEOUT = 60.0
 # An admin listener on every interface is still reached on loopback.
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+# No proxy from http_proxy & co: the admin listener is reached directly, and the token goes nowhere else.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class CtlError(Exception):
@@ -64,12 +66,14 @@ class AdminClient:
         return cls(f"http://{format_address(host, listen.port)}", config.admin.token)
 
     def get(self, path: str) -> dict:
-        return self._call("GET", path)
+        return self._call("GET", path, expect="upstreams" if path == "/upstreams" else "servers")
 
     def post(self, path: str) -> dict:
-        return self._call("POST", path, b"{}")
+        return self._call("POST", path, b"{}", expect="state")
 
-    def _call(self, method: str, path: str, body: bytes | None = None) -> dict:
+    def _call(self, method: str, path: str, body: bytes | None = None, *, expect: str) -> dict:
+        """The answer's JSON object; it must have the key ``expect``: a 200 from something else on the
+        admin address (the proxy could not listen there) must not pass for a drain done."""
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = "application/json"
@@ -77,8 +81,8 @@ class AdminClient:
             headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(self.base_url + path, data=body, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
-                return _json(response.read())
+            with _DIRECT.open(request, timeout=REQUEST_TIMEOUT) as response:
+                document = _json(response.read())
         except urllib.error.HTTPError as exc:
             document = _json(exc.read())
             reason = document.get("error") or exc.reason
@@ -86,6 +90,10 @@ class AdminClient:
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise CtlError(f"cannot reach the admin listener at {self.base_url}: {reason}", EXIT_UNREACHABLE) from None
+        if expect not in document:
+            raise CtlError(f"{method} {path}: the answer is not the runtime API's (is {self.base_url} pyproxy's "
+                           "admin listener?)", EXIT_API)
+        return document
 
 
 def _json(data: bytes) -> dict:
@@ -112,12 +120,18 @@ def find_server(view: dict, address: str) -> dict:
 
 def wait_until_idle(client: AdminClient, upstream: str, address: str, timeout: float,
                     say: Callable[[str], None], clock=time.monotonic, sleep=time.sleep) -> int:
-    """Poll until the server has no active requests; returns how many it had when the wait began."""
+    """Poll until the server has no active requests; returns how many it had when the wait began.
+    If it is enabled again meanwhile (another client, a restart of the proxy), the wait fails: it takes
+    new requests, and an idle moment would not mean it can be restarted."""
     deadline = clock() + timeout
     first = None
     shown = None
     while True:
-        active = find_server(client.get(server_path(upstream, "")), address).get("active_requests", 0)
+        server = find_server(client.get(server_path(upstream, "")), address)
+        if server.get("state") == "enabled":
+            raise CtlError(f"{upstream}/{address} is enabled now: no longer draining (changed meanwhile by "
+                           "another client, or the proxy restarted)", EXIT_API)
+        active = server.get("active_requests", 0)
         first = active if first is None else first
         if active == 0:
             return first

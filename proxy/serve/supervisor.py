@@ -250,10 +250,11 @@ class WorkerControl:
 
 
 def worker_main(slot: int, config: Config, config_path: str | None, listeners, control_sock,
-                rate_table=None, discovered: dict | None = None) -> int:
+                rate_table=None, discovered: dict | None = None, admin_states: dict | None = None) -> int:
     """The body of a forked worker. Returns its exit code. ``rate_table`` is the supervisor's shared
     rate limit table: every worker takes tokens from the same buckets. ``discovered``: the supervisor's
-    current addresses of the discovered names (the worker resolves nothing itself)."""
+    current addresses of the discovered names (the worker resolves nothing itself). ``admin_states``
+    are the runtime API's, applied before the first connection is accepted."""
     os.setpgid(0, 0)  # a terminal's Ctrl-C goes to the supervisor's group only; it forwards one signal
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     pinned = pin_worker(config.server.cpu_affinity, slot)  # before ProxyProcess starts its threads
@@ -263,6 +264,11 @@ def worker_main(slot: int, config: Config, config_path: str | None, listeners, c
     if pinned is not None:
         log.info("worker %d pinned to CPU %d (server.cpu_affinity)", slot, pinned)
     process.manage_listeners = False  # the supervisor owns the sockets; it replaces workers to change them
+    for (upstream, address), state in (admin_states or {}).items():
+        try:  # the replay after "ready" comes too late for the connections already waiting
+            process.app.set_admin_state(upstream, address, state)
+        except UnknownServer:  # the supervisor's config has it; a replay after a reload settles it
+            log.debug("worker %d: admin state of %s/%s not applied at start", slot, upstream, address)
     process.reports_restarts = False  # the supervisor logs "needs a restart" once, not once per worker
     observability = install_observability(process, health=False, admin=False)
     process_status = observability.sources.status[0]
@@ -303,7 +309,21 @@ class SupervisorSources(AdminSources):
         merged["draining"] = merged["draining"] or self.supervisor.stopping
         self._add_last_checks(merged)
         self._add_admin_states(merged)
+        self._add_retiring_in_flight(merged)
         return merged
+
+    def _add_retiring_in_flight(self, merged: dict) -> None:
+        """Old workers replaced by a server.listen change finish their requests first: until they have,
+        a server's active_requests counts theirs too, or a drained server would look idle
+        (``ctl drain --wait``). Asked only while there are such workers."""
+        retiring = list(self.supervisor.retiring.values())
+        if not retiring:
+            return
+        for _, status in self.supervisor.collect("status", retiring):
+            for name, upstream in status.get("upstreams", {}).items():
+                active = {server["address"]: server.get("active_requests", 0) for server in upstream["servers"]}
+                for server in merged["upstreams"].get(name, {}).get("servers", ()):
+                    server["active_requests"] = server.get("active_requests", 0) + active.get(server["address"], 0)
 
     def _add_admin_states(self, merged: dict) -> None:
         """The supervisor applied every runtime API write first: its word on admin states is the last."""
@@ -459,6 +479,8 @@ class Supervisor:
     def _spawn(self, slot: int) -> None:
         listeners = self._slot_listeners(slot)
         parent_sock, child_sock = socket.socketpair()
+        with self._admin_lock:
+            admin_states = dict(self.app.admin_states)
         pid = os.fork()
         if pid == 0:  # the worker: never returns into the supervisor's code
             code = 1
@@ -466,7 +488,8 @@ class Supervisor:
                 parent_sock.close()
                 self._close_in_child(slot)
                 code = worker_main(slot, self.config, self.config_path, listeners, child_sock,
-                                   self.app.rate_table(), discovered=self.app.discovered)
+                                   self.app.rate_table(), discovered=self.app.discovered,
+                                   admin_states=admin_states)
             except BaseException:  # the worker must end here, whatever happened, with its reason logged
                 log.exception("worker %d failed", slot)
             finally:
@@ -754,10 +777,11 @@ class Supervisor:
     def _broadcast_health(self, upstream: str, address: str, up: bool, reason: str) -> None:
         self._broadcast({"op": "health", "upstream": upstream, "address": address, "up": up, "reason": reason})
 
-    def collect(self, what: str) -> list[tuple[WorkerHandle, dict]]:
-        """``what`` ("status" or "metrics") from every live worker; one not answering is left out."""
+    def collect(self, what: str, handles=None) -> list[tuple[WorkerHandle, dict]]:
+        """``what`` ("status" or "metrics") from every live worker (or from ``handles``); one not
+        answering is left out."""
         answers = []
-        for handle in list(self.slots):
+        for handle in list(self.slots if handles is None else handles):
             if handle is None:
                 continue
             try:

@@ -101,6 +101,7 @@ class Server:
         self._state_since = clock()
         self._admin_state = ENABLED
         self._admin_out = False  # draining or disabled: one flag for the hot path to read
+        self._predecessor: "Server | None" = None  # the object a reload rebuilt this one from (see below)
 
     # -- identity and configuration (immutable) --------------------------------
 
@@ -162,6 +163,21 @@ class Server:
         """A server added to a running upstream (by a reload) ramps up from now. Servers of the first
         config do not: they all start together, and ramping every one would change nothing."""
         self._ramp_start = self._clock()
+
+    def counts_in_flight_of(self, predecessor: "Server") -> None:
+        """A reload rebuilt this server (a new weight, say); requests still running hold the old object.
+        Until they finish, /status, /metrics and ``ctl drain --wait`` count them here too, or a drained
+        server would look idle while it still serves them. Reporting only: limits count their own."""
+        self._predecessor = predecessor
+
+    def _predecessor_in_flight(self) -> int:
+        predecessor = self._predecessor
+        if predecessor is None:
+            return 0
+        active = predecessor.snapshot()["active_requests"]  # its own predecessors' included
+        if active == 0:
+            self._predecessor = None  # all finished: let the old object go
+        return active
 
     def effective_weight(self) -> float:
         """The weight policies use: ``weight``, scaled down while the server is in its slow start.
@@ -390,6 +406,7 @@ class Server:
 
     def snapshot(self) -> dict:
         """A consistent copy of the state for /status."""
+        inherited = self._predecessor_in_flight()
         return self._refreshed(lambda: {
             "address": self._address,
             "state": "up" if self._is_up or self._held_in else "down",
@@ -399,7 +416,7 @@ class Server:
             "slow_start_remaining": round(self._slow_start_remaining(self._clock()), 3),
             "since": self._state_since,
             "weight": self._weight,
-            "active_requests": self._active,
+            "active_requests": self._active + inherited,
             "requests_total": self._requests_total,
             "failures_total": self._failures_total,
         })
