@@ -189,8 +189,18 @@ def test_api_view_of_an_upstream():
     answer = RuntimeApi(Sources()).get("/upstreams/web")
     assert answer.status == 200
     assert answer.document["servers"][0] == {
-        "address": "127.0.0.1:3001", "state": "draining", "health": "up", "reason": "", "active_requests": 4,
+        "address": "127.0.0.1:3001", "state": "draining", "admin_state": "draining", "health": "up", "reason": "",
+        "active_requests": 4,
         "requests_total": 10, "failures_total": 0, "weight": 1, "last_check": None}
+
+
+def test_api_state_is_the_health_state_while_the_operator_leaves_a_server_enabled():
+    class Sources:
+        def status_document(self):
+            return merge_status([status_of("enabled")])
+
+    server = RuntimeApi(Sources()).get("/upstreams/web").document["servers"][0]
+    assert (server["state"], server["admin_state"], server["health"]) == ("up", "enabled", "up")
 
 
 def test_metrics_show_the_admin_state():

@@ -226,7 +226,7 @@ def test_writes_need_the_token_and_reads_stay_open(tmp_path):
         assert wrong.status_code == 401
         assert requests.post(admin_url(run, path), headers={"Authorization": f"Basic {TOKEN}"},
                              timeout=10).status_code == 401
-        assert server_view(run, a.address)["state"] == "enabled"
+        assert server_view(run, a.address)["state"] == "up"
         right = post(run, path)
         assert right.status_code == 200, right.text
         assert right.json() == {"upstream": "app", "server": a.address, "state": "draining", "previous": "enabled"}
@@ -244,7 +244,7 @@ def test_no_token_configured_means_writes_are_disabled(tmp_path, monkeypatch):
         result = ctl(run, "drain", "app", a.address)
         assert result.returncode == 3
         assert "403 runtime API disabled: set admin.token" in result.stderr
-        assert server_view(run, a.address)["state"] == "enabled"
+        assert server_view(run, a.address)["state"] == "up"
 
 
 def test_token_file_and_environment_variable(tmp_path, monkeypatch):
@@ -289,7 +289,7 @@ def test_unknown_names_are_404_and_wrong_methods_405(tmp_path):
         not_json = requests.post(admin_url(run, f"/upstreams/app/servers/{a.address}/drain"), data=b"drain!",
                                  headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
         assert not_json.status_code == 400
-        assert server_view(run, a.address)["state"] == "enabled"
+        assert server_view(run, a.address)["state"] == "up"
         # The listener keeps answering after all of that.
         assert requests.get(admin_url(run, "/healthz"), timeout=10).status_code == 200
 
@@ -345,7 +345,7 @@ def test_state_survives_sighup_for_servers_that_remain(tmp_path, workers):
         wait_for(lambda: run.log().count(marker) >= workers, READY, what="the reload", on_timeout=run.log)
         view = requests.get(admin_url(run, "/upstreams/app"), timeout=10).json()
         assert [(s["address"], s["weight"], s["state"]) for s in view["servers"]] == \
-            [(a.address, 3, "draining"), (b.address, 1, "enabled")]
+            [(a.address, 3, "draining"), (b.address, 1, "up")]
         before = a.requests
         assert {answered_by(run.url) for _ in range(20)} == {"b"}
         assert a.requests == before
@@ -353,7 +353,7 @@ def test_state_survives_sighup_for_servers_that_remain(tmp_path, workers):
         run.rewrite(run.config_path.read_text().replace(f'"{b.address}"]', f'"{b.address}", "{c.address}"]'))
         run.signal(signal.SIGHUP)
         wait_for(lambda: run.log().count(marker) >= 2 * workers, READY, what="the second reload", on_timeout=run.log)
-        assert server_view(run, c.address)["state"] == "enabled"
+        assert server_view(run, c.address)["state"] == "up"
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -480,7 +480,7 @@ def test_ctl_refuses_an_empty_upstream_or_address_as_a_usage_error(tmp_path):
             result = ctl(run, *args)
             assert result.returncode == 2, result.stderr
             assert "must not be empty" in result.stderr
-        assert server_view(run, a.address)["state"] == "enabled"
+        assert server_view(run, a.address)["state"] == "up"
 
 
 def test_ctl_does_not_report_success_from_something_else_on_the_admin_address(tmp_path):
@@ -508,7 +508,7 @@ def test_ctl_drain_timeout_without_wait_is_a_usage_error_and_changes_nothing(tmp
         result = ctl(run, "drain", "app", a.address, "--timeout", "60s")
         assert result.returncode == 2, result.stdout + result.stderr
         assert "--timeout goes with --wait" in result.stderr
-        assert server_view(run, a.address)["state"] == "enabled"
+        assert server_view(run, a.address)["state"] == "up"
 
 
 def test_ctl_talks_to_the_admin_listener_directly_whatever_http_proxy_says(tmp_path):

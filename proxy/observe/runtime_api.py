@@ -140,13 +140,17 @@ def _body_problem(body: bytes) -> str | None:
 
 
 def upstream_view(name: str, upstream: dict) -> dict:
-    """GET /upstreams/NAME: the /status entry of each server, with "state" the operator's state and
-    "health" what the checks say (up or down)."""
+    """GET /upstreams/NAME: the /status entry of each server. "state" is the one word for it:
+    "draining" or "disabled" when an operator said so, else what the checks say ("up", "down", or
+    "leaving" for an address gone from DNS); "admin_state" (enabled, draining, disabled) and "health"
+    give the two halves."""
     servers = []
     for server in upstream["servers"]:
+        admin_state = server.get("admin_state", "enabled")
         servers.append({
             "address": server["address"],
-            "state": server.get("admin_state", "enabled"),
+            "state": server["state"] if admin_state == "enabled" else admin_state,
+            "admin_state": admin_state,
             "health": server["state"],
             "reason": server.get("reason", ""),
             "active_requests": server.get("active_requests", 0),

@@ -128,7 +128,7 @@ def wait_until_idle(client: AdminClient, upstream: str, address: str, timeout: f
     shown = None
     while True:
         server = find_server(client.get(server_path(upstream, "")), address)
-        if server.get("state") == "enabled":
+        if server.get("admin_state") == "enabled":
             raise CtlError(f"{upstream}/{address} is enabled now: no longer draining (changed meanwhile by "
                            "another client, or the proxy restarted)", EXIT_API)
         active = server.get("active_requests", 0)
@@ -149,6 +149,6 @@ def status_lines(view: dict) -> list[str]:
     lines = []
     for server in view.get("servers", ()):
         reason = f" ({server['reason']})" if server.get("health") != "up" and server.get("reason") else ""
-        lines.append(f"{view['name']}/{server['address']}  {server['state']}  {server['health']}{reason}  "
+        lines.append(f"{view['name']}/{server['address']}  {server['admin_state']}  {server['health']}{reason}  "
                      f"{server['active_requests']} active  {server['requests_total']} requests")
     return lines
