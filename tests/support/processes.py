@@ -137,7 +137,7 @@ class Load:
 
     def __init__(self, url: str, clients: int = 4, max_seconds: float = 20.0):
         self.url = url
-        self.results: list[tuple[float, str]] = []  # (time, backend name or "ERROR: ...")
+        self.results: list[tuple[float, str]] = []  # (when the request started, backend name or "ERROR: ...")
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._deadline = time.monotonic() + max_seconds
@@ -148,6 +148,7 @@ class Load:
     def _client(self) -> None:
         with requests.Session() as session:
             while not self._stop.is_set() and time.monotonic() < self._deadline:
+                started = time.monotonic()
                 try:
                     response = session.get(self.url, timeout=5)
                     outcome = response.headers.get("X-Backend", f"ERROR: {response.status_code}")
@@ -156,11 +157,17 @@ class Load:
                 except requests.RequestException as exc:
                     outcome = f"ERROR: {exc}"
                 with self._lock:
-                    self.results.append((time.monotonic(), outcome))
+                    self.results.append((started, outcome))
 
     def outcomes(self) -> list[str]:
         with self._lock:
             return [outcome for _, outcome in self.results]
+
+    def outcomes_started_since(self, moment: float) -> list[str]:
+        """Outcomes of the requests that started at ``moment`` (time.monotonic()) or later: a request
+        already in flight then is left out, wherever it ended up."""
+        with self._lock:
+            return [outcome for started, outcome in self.results if started >= moment]
 
     def stop(self) -> None:
         self._stop.set()
