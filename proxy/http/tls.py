@@ -213,6 +213,9 @@ class TlsTerminator:
                 if getattr(exc, "reason", None) == "HTTP_REQUEST":  # OpenSSL saw "GET /..." for a ClientHello
                     _answer_plain_http(wrapped)
                 return False
+            except AttributeError:  # SSLSocket.shutdown() drops its OpenSSL state: a drain force-closed it
+                log.debug("TLS handshake with %s ended: the connection was shut down", conn.peer)
+                return False
             wrapped.settimeout(None)
             _reset_timeout_cache(conn)
             return True
