@@ -114,7 +114,7 @@ def proxy_running(tmp_path: Path, args_for_port):
     finally:
         code = running.terminate()
         assert code == 0, running.stderr()
-        assert "Traceback" not in running.stderr()
+        assert "Traceback" not in running.stderr(), running.stderr()
 
 
 def write_config(tmp_path: Path, text: str, name: str = "proxy.toml") -> Path:
