@@ -793,12 +793,7 @@ class HttpHandler:
     # -- request body ------------------------------------------------------------------------
     def _send_body(self, ex: Exchange, link, head: bytes) -> None:
         """Stream the request body upstream, coalescing what is already buffered into few sends."""
-        if _no_body_to_send(ex):
-            if head:
-                link.send(head)
-            return
-        if ex.body_done:  # a retry: resend the bytes we kept
-            link.send(head + b"".join(ex.replay))
+        if _send_settled_body(ex, link, head):
             return
         parser = ex.session.parser
         if not ex.request.chunked and ex.request.content_length > SPLICE_BODY_MIN:
@@ -1198,6 +1193,19 @@ def _origin(ex: Exchange) -> Origin:
         local = ex.conn.sock.getsockname()
         session.origin = Origin(session.client_ip, ex.conn.peer[1], local[0], local[1])
     return session.origin
+
+
+def _send_settled_body(ex: Exchange, link, head: bytes) -> bool:
+    """The cases every client side shares: no body (the head alone), or a retry resending the body
+    bytes kept from the first attempt. True when that was all there was to send."""
+    if _no_body_to_send(ex):
+        if head:
+            link.send(head)
+        return True
+    if ex.body_done:
+        link.send(head + b"".join(ex.replay))
+        return True
+    return False
 
 
 def _no_body_to_send(ex: Exchange) -> bool:

@@ -25,7 +25,7 @@ from proxy.http.redirects import redirect_response
 from proxy.http.responses import html_response, plain_response
 from proxy.http2.mapping import from_http1_payload, interim_block, request_from_block, response_block, trailer_block
 from proxy.http2.session import H2Session
-from proxy.serve.handler import HttpHandler, RequestRecord, _AS_IS, _no_body_to_send
+from proxy.serve.handler import HttpHandler, RequestRecord, _AS_IS, _send_settled_body
 
 log = logging.getLogger("pyproxy.http2")
 S = ConnectionState
@@ -210,12 +210,7 @@ class Http2StreamHandler(HttpHandler):
 
     # -- the request body ---------------------------------------------------------------------------------
     def _send_body(self, ex, link, head: bytes):
-        if _no_body_to_send(ex):
-            if head:
-                link.send(head)
-            return
-        if ex.body_done:  # a retry: resend the bytes we kept
-            link.send(head + b"".join(ex.replay))
+        if _send_settled_body(ex, link, head):
             return
         client = ex.conn
         settings = self.app.settings
