@@ -639,6 +639,44 @@ def test_the_resolver_tells_nxdomain_from_a_failure(dnsmasq):
     assert refused.targets is None and "REFUSED" in refused.problem
 
 
+def test_an_srv_target_that_fails_to_resolve_does_not_hide_the_others(tmp_path):
+    # dnsmasq refuses the out-of-domain target: its lookup fails, while a.svc.test answers
+    srv = f"_http._tcp.{NAME}"
+    records = (f"{srv},a.{DOMAIN},8080,10,1", f"{srv},api.elsewhere,8081,10,1")
+    with running_dnsmasq(tmp_path, records) as dnsmasq:
+        dnsmasq.set_hosts({f"a.{DOMAIN}": [HOSTS[0]]})
+        resolver = DnsResolver(DnsConfig(resolvers=(("127.0.0.1", dnsmasq.port),), timeout=1.0))
+        found = resolver.lookup(UpstreamServerConfig(srv, 0, 1, False, "srv"))
+        assert found.targets == (Target(10, HOSTS[0], 8080, 1, f"a.{DOMAIN}"),)
+        assert found.unresolved == ("api.elsewhere",)
+        assert "api.elsewhere" in found.problem and "REFUSED" in found.problem
+        from proxy.upstream.discovery import check_names
+        warnings = check_names(_config([{"srv": srv}], {"resolvers": [dnsmasq.resolver], "timeout": "1s"}))
+        assert len(warnings) == 1 and "cannot resolve SRV target(s): api.elsewhere" in warnings[0], warnings
+
+
+def test_an_srv_target_whose_lookup_fails_keeps_its_last_addresses(caplog):
+    clock = FakeClock()
+    srv = f"_http._tcp.{NAME}"
+    config = _config([{"srv": srv}])
+    a, b = Target(10, "127.0.0.2", 8080, 1, f"a.{DOMAIN}"), Target(10, "127.0.0.3", 8080, 1, f"b.{DOMAIN}")
+    c = Target(10, "127.0.0.4", 8080, 1, f"c.{DOMAIN}")
+    b_failed = Lookup((a,), ttl=1, problem=f"b.{DOMAIN}: no answer within 2s", unresolved=(f"b.{DOMAIN}",))
+    discovery, _, changes = _discovery(config, [Lookup((a, b), ttl=1), b_failed, b_failed,
+                                                Lookup((a, c), ttl=1)], clock)
+    caplog.set_level(logging.INFO, logger="pyproxy.dns")
+    discovery.run_once()
+    for _ in range(2):
+        clock.advance(2)
+        discovery.run_once()
+    assert changes == [(a, b)]  # b's lookup failed: it keeps b's addresses, and a's record still counts
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f"b.{DOMAIN}" in warnings[0], warnings  # once per outage
+    clock.advance(2)
+    discovery.run_once()
+    assert changes == [(a, b), (a, c)]
+
+
 def test_the_dashboard_shows_names_and_a_leaving_server(dnsmasq, tmp_path):
     from tests.support.browser import CHROMIUM, Browser, chromium_available
     if not chromium_available():

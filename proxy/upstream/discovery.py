@@ -62,6 +62,8 @@ class Lookup:
     targets: tuple[Target, ...] | None
     ttl: float | None = None   # the smallest TTL of the records; None when there were none
     problem: str = ""          # why it failed, or why the set is empty (NXDOMAIN)
+    # SRV targets whose own lookup failed: ``targets`` lacks them, and the caller keeps their last addresses
+    unresolved: tuple[str, ...] = ()
 
 
 DiscoveryKey = tuple  # (upstream name, "a" | "srv", name, port)
@@ -116,15 +118,24 @@ class DnsResolver:
             return Lookup((), problem="NXDOMAIN")
         ttls = [answer.rrset.ttl] if answer.rrset is not None else []
         targets: list[Target] = []
+        failed: dict[str, str] = {}  # target -> why its lookup failed
         for record in answer:
             target = record.target.to_text(omit_final_dot=True)
             if not target or record.port == 0:  # "." means: no service here (RFC 2782)
                 continue
-            found, ttl, _ = self._addresses(target, record.port, max(1, record.weight), record.priority)
+            try:
+                found, ttl, _ = self._addresses(target, record.port, max(1, record.weight), record.priority)
+            except _Failed as exc:  # one broken target must not freeze the others (HAProxy resolves each too)
+                failed[target] = str(exc)
+                continue
             targets += found
             ttls += [ttl] if ttl is not None else []
         unique = tuple(sorted(set(targets)))
-        return Lookup(unique, min(ttls) if ttls else None, "" if unique else "no SRV records with addresses")
+        if failed and not unique:
+            raise _Failed("; ".join(f"{target}: {why}" for target, why in sorted(failed.items())))
+        problem = "; ".join(f"{target}: {why}" for target, why in sorted(failed.items()))
+        return Lookup(unique, min(ttls) if ttls else None, problem or ("" if unique else "no SRV records with addresses"),
+                      tuple(sorted(failed)))
 
     def _addresses(self, name: str, port: int, weight: int, priority: int) -> tuple[list[Target], float | None, bool]:
         """The A and AAAA records of ``name`` as targets, their smallest TTL, and whether the name exists."""
@@ -161,13 +172,14 @@ def _servers_said(exc: dns.resolver.NoNameservers) -> str:
 class _Name:
     """The loop's state for one discovered entry."""
 
-    __slots__ = ("entry", "targets", "next_due", "failing")
+    __slots__ = ("entry", "targets", "next_due", "failing", "unresolved")
 
     def __init__(self, entry: UpstreamServerConfig, due: float) -> None:
         self.entry = entry
         self.targets: tuple[Target, ...] | None = None  # the last good set; None before the first
         self.next_due = due
         self.failing = False
+        self.unresolved: tuple[str, ...] = ()  # SRV targets whose lookup is failing (logged once each)
 
 
 class DnsDiscovery:
@@ -262,9 +274,22 @@ class DnsDiscovery:
         name.failing = False
         ttl = settings.refresh if lookup.ttl is None else lookup.ttl
         name.next_due = self._clock() + max(MIN_DNS_REFRESH, min(settings.refresh, ttl))
+        lookup = self._keep_unresolved(name, lookup)
         if lookup.targets == name.targets:
             return
         self._report(key, name, lookup)
+
+    def _keep_unresolved(self, name: _Name, lookup: Lookup) -> Lookup:
+        """SRV targets whose lookup failed keep their last addresses, as a failed name keeps its set."""
+        newly_failing = set(lookup.unresolved) - set(name.unresolved)
+        if newly_failing:
+            log.warning("dns: %s: lookup of SRV target(s) %s failed (%s); keeping their last addresses",
+                        name.entry.address, ", ".join(sorted(newly_failing)), lookup.problem)
+        name.unresolved = lookup.unresolved
+        if not lookup.unresolved:
+            return lookup
+        kept = [target for target in name.targets or () if target.name in lookup.unresolved]
+        return Lookup(tuple(sorted(set(lookup.targets) | set(kept))), lookup.ttl, lookup.problem, lookup.unresolved)
 
     def _report(self, key: DiscoveryKey, name: _Name, lookup: Lookup) -> None:
         before = set(name.targets or ())
@@ -297,4 +322,7 @@ def check_names(config: Config, make_resolver: Callable[[DnsConfig], object] = D
         elif not lookup.targets:
             warnings.append(f"warning: upstreams.{key[0]}: {entry.address} has no addresses ({lookup.problem}); "
                             "the upstream answers 503 until it has")
+        elif lookup.unresolved:
+            warnings.append(f"warning: upstreams.{key[0]}: {entry.address}: cannot resolve SRV target(s): "
+                            f"{lookup.problem}")
     return warnings
