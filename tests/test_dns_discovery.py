@@ -189,6 +189,26 @@ def test_an_unchanged_address_keeps_its_server_and_pool_a_new_one_joins_a_vanish
     assert app.runtime.upstreams["api"].leaving == ()
 
 
+def test_addresses_gone_from_dns_are_not_kept_alive_by_the_metrics():
+    # Pods come and go with new addresses for the proxy's whole life: their Server objects must not pile up
+    import gc
+    import weakref
+    from proxy.observe.metrics import Metrics
+    config = _config([{"address": f"{NAME}:8080", "discover": "a"}])
+    app = Application(config)
+    metrics = Metrics(app)
+    key = _key(config)
+    app.apply_discovered(key, (_target("10.1.0.1"), _target("10.1.0.2")))
+    metrics.snapshot()
+    gone = [weakref.ref(server) for server in app.runtime.upstreams["api"].servers]
+    for rollout in range(2, 12):  # every rollout: new addresses, the scrape in between
+        app.apply_discovered(key, (_target(f"10.1.{rollout}.1"), _target(f"10.1.{rollout}.2")))
+        servers = {row["server"] for row in metrics.snapshot()["servers"]}
+        assert servers == {f"10.1.{rollout}.1:8080", f"10.1.{rollout}.2:8080"}
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None]
+
+
 def test_a_joining_address_waits_for_its_first_health_check_but_the_first_answer_does_not():
     config = parse_config({"routes": [{"path": "/", "upstream": "api"}],
                            "upstreams": {"api": {"servers": [{"address": f"{NAME}:8080", "discover": "a"}],
