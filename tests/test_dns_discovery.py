@@ -21,7 +21,7 @@ from proxy.config.schema import ConfigError, DnsConfig, UpstreamServerConfig, pa
 from proxy.observe.status import build_status
 from proxy.serve.app import Application
 from proxy.upstream.discovery import DnsDiscovery, DnsResolver, Lookup, Target, discovery_key
-from tests.support.dns import DOMAIN, backends_on_loopback, common_port, running_dnsmasq
+from tests.support.dns import DOMAIN, Dnsmasq, backends_on_loopback, common_port, running_dnsmasq
 from tests.support.ports import free_port
 from tests.support.processes import Load, admin_status, running_proxy, start_slow_request
 from tests.support.proxy import config_document, scrape, start_observed_proxy
@@ -220,6 +220,22 @@ def test_a_joining_address_waits_for_its_first_health_check_but_the_first_answer
     app.apply_discovered(key, (_target("127.0.0.2"), _target("127.0.0.3")))
     joined = app.runtime.upstreams["api"].servers[1]
     assert joined.state == "down" and "first health check" in joined.state_reason
+
+
+def test_a_server_rebuilt_by_a_new_srv_weight_keeps_its_health_verdict():
+    config = parse_config({"routes": [{"path": "/", "upstream": "api"}],
+                           "upstreams": {"api": {"servers": [{"srv": f"_http._tcp.{NAME}"}],
+                                                 "health": {"path": "/healthz"}}}}, "test.toml")
+    app = Application(config)
+    key = _key(config)
+    app.apply_discovered(key, (Target(10, "127.0.0.2", 8080, 1, NAME), Target(10, "127.0.0.3", 8080, 1, NAME)))
+    up, down = app.runtime.upstreams["api"].servers
+    down.set_health(False, "health check failed: 500")
+    app.apply_discovered(key, (Target(10, "127.0.0.2", 8080, 4, NAME), Target(10, "127.0.0.3", 8080, 4, NAME)))
+    rebuilt = {s.address: s for s in app.runtime.upstreams["api"].servers}
+    assert rebuilt[up.address] is not up and rebuilt[up.address].weight == 4
+    assert rebuilt[up.address].state == "up"  # serving already: not "new from DNS"
+    assert (rebuilt[down.address].state, rebuilt[down.address].state_reason) == ("down", "health check failed: 500")
 
 
 def test_a_dns_change_keeps_rate_limits_and_an_operators_drain():
@@ -464,6 +480,40 @@ def test_srv_records_give_ports_priorities_and_weights(tmp_path):
                 assert requests.get(proxy.url, timeout=5).headers["X-Backend"] == HOSTS[2]
             finally:
                 proxy.stop()
+
+
+def test_an_srv_weight_change_keeps_a_healthy_server_up(tmp_path):
+    # The new weight rebuilds the address's server: it was serving, so it must not wait for a "first" check
+    srv = f"_http._tcp.{NAME}"
+    with backends_on_loopback(HOSTS[:2]) as backends:
+        port = backends[HOSTS[0]].port
+        hosts = {f"a.{DOMAIN}": [HOSTS[0]], f"b.{DOMAIN}": [HOSTS[1]]}
+        dnsmasq = Dnsmasq(tmp_path / "before", (f"{srv},a.{DOMAIN},{port},10,1", f"{srv},b.{DOMAIN},{port},10,1"))
+        dnsmasq.start()
+        proxy = None
+        try:
+            dnsmasq.set_hosts(hosts)
+            document = config_document({"api": {"servers": [{"srv": srv}], "health": {"path": "/", "interval": "300ms"}}},
+                                       dns={"resolvers": [dnsmasq.resolver], "refresh": "1s"})
+            proxy = start_observed_proxy(document)
+            a = f"{HOSTS[0]}:{port}"
+            wait_for(lambda: set(_addresses(proxy).values()) == {"up"}, timeout=WAIT, what="both servers up")
+            dnsmasq.stop()  # SRV records are fixed at dnsmasq's start: a new one on the same port, new weight
+            port_before = dnsmasq.port
+            dnsmasq = Dnsmasq(tmp_path / "after", (f"{srv},a.{DOMAIN},{port},10,5", f"{srv},b.{DOMAIN},{port},10,1"))
+            dnsmasq.port = port_before
+            dnsmasq.start()
+            dnsmasq.set_hosts(hosts)
+            weight = lambda: {row["address"]: row for row in proxy.status()["upstreams"]["api"]["servers"]}[a]["weight"]
+            wait_for(lambda: weight() == 5, timeout=WAIT, what="the new SRV weight")
+            wait_for(lambda: _addresses(proxy)[a] == "up", timeout=WAIT, what=f"{a} up with its new weight")
+            with requests.Session() as session:
+                answered = [session.get(proxy.url, timeout=5).headers["X-Backend"] for _ in range(12)]
+            assert answered.count(HOSTS[0]) == 10, answered
+        finally:
+            if proxy is not None:
+                proxy.stop()
+            dnsmasq.stop()
 
 
 def test_a_websocket_tunnel_on_a_vanished_address_goes_on_until_it_closes(dnsmasq):

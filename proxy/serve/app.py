@@ -23,6 +23,7 @@ from proxy.http.bucket_table import BucketTable
 from proxy.http.rate_limit import RateLimiter
 from proxy.upstream.balancing import Upstream
 from proxy.config.schema import Config, ServerSettings, UpstreamConfig
+from proxy.config.units import format_address
 from proxy.http.redirects import https_port
 from proxy.routing.router import Route, Router
 from proxy.upstream.servers import ENABLED, Server
@@ -230,11 +231,17 @@ class Runtime:
                         before: "UpstreamRuntime | None") -> UpstreamRuntime:
         servers, pools = [], {}
         tls_context = None
+        # An address the upstream had already is rebuilt, not joining (an SRV record's new weight, say): it
+        # keeps the active checker's verdict of the server it replaces, which the checker carries on.
+        old_by_address = {server.address: server for server in before.servers} if before is not None else {}
         for spec, name_key in _server_specs(upstream, self._discovered):
             key = _server_key(upstream, spec)
             server = old_servers.get(key)
             if server is None:
-                server = self._new_server(upstream, spec, clock, joined=name_key in self._joined)
+                predecessor = old_by_address.get(format_address(spec.host, spec.port))
+                server = self._new_server(upstream, spec, clock, joined=name_key in self._joined and predecessor is None)
+                if predecessor is not None and not predecessor.healthy and upstream.health is not None:
+                    server.set_health(False, predecessor.state_reason, announce=False)
             pool_key = _pool_key(upstream, spec)
             pool = old_pools.get(pool_key)
             if pool is None:
