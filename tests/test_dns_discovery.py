@@ -252,6 +252,18 @@ def test_a_dns_change_keeps_rate_limits_and_an_operators_drain():
     assert app.runtime.router.routes[0].rate_limit is not None
 
 
+def test_a_name_a_reload_removed_and_another_adds_back_is_not_served_from_its_old_addresses():
+    # Between the two reloads the pods may have moved: the old set must not come back (with DNS down, for good)
+    discovering = _config([{"address": f"{NAME}:8080", "discover": "a"}])
+    app = Application(discovering)
+    app.apply_discovered(_key(discovering), (_target("127.0.0.2"),))
+    app.reload(_config(["127.0.0.1:9000"]))
+    assert app.discovered == {}
+    app.reload(discovering)
+    upstream = app.runtime.upstreams["api"]
+    assert upstream.servers == () and upstream.no_server_detail() == f"no addresses for {NAME}:8080"
+
+
 def test_no_addresses_gives_a_503_reason_naming_the_name():
     config = _config([{"address": f"{NAME}:8080", "discover": "a"}])
     app = Application(config)

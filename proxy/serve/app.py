@@ -29,7 +29,7 @@ from proxy.routing.router import Route, Router
 from proxy.upstream.servers import ENABLED, Server
 from proxy.upstream.pool import ServerPool, upstream_tls_context
 from proxy.upstream.retry_budget import RetryBudget
-from proxy.upstream.discovery import DiscoveryKey, Target, discovery_key
+from proxy.upstream.discovery import DiscoveryKey, Target, discovered_entries, discovery_key
 
 log = logging.getLogger("pyproxy.app")
 
@@ -450,6 +450,9 @@ class Application:
         """Swap in a new (already validated) config. In-flight requests keep their old snapshot."""
         with self._reload_lock:
             old_runtime, old_config = self.runtime, self.config
+            # A name the config no longer has is forgotten: added back later, it starts from a fresh lookup
+            for key in set(self.discovered) - set(discovered_entries(config)):
+                del self.discovered[key]
             new_runtime = Runtime(config, previous=old_runtime, clock=self.clock, on_ejected=self._server_ejected,
                                   rate_table=self.rate_table, discovered=self.discovered)
             self._carry_admin_states(new_runtime)
