@@ -759,6 +759,19 @@ def test_an_srv_target_whose_lookup_fails_keeps_its_last_addresses(caplog):
     assert changes == [(a, b), (a, c)]
 
 
+def test_dns_timeout_bounds_a_whole_srv_lookup_not_each_target():
+    from tests.support.dns import SrvOnlyServer
+    server = SrvOnlyServer([f"t{i}.{DOMAIN}" for i in range(5)])  # their A lookups hang
+    try:
+        resolver = DnsResolver(DnsConfig(resolvers=(("127.0.0.1", server.port),), timeout=1.0))
+        found = resolver.lookup(UpstreamServerConfig(f"_http._tcp.{NAME}", 0, 1, False, "srv"))
+        assert found.targets is None and "within 1s" in found.problem, found
+        # The first target asked used up the second: the other four were never asked for
+        assert len(set(server.address_queries)) == 1, server.address_queries
+    finally:
+        server.close()
+
+
 def test_the_dashboard_shows_names_and_a_leaving_server(dnsmasq, tmp_path):
     from tests.support.browser import CHROMIUM, Browser, chromium_available
     if not chromium_available():

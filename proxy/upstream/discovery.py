@@ -98,12 +98,14 @@ class DnsResolver:
         if settings.resolvers:
             resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in settings.resolvers]
         resolver.timeout = settings.timeout    # one attempt on one name server ...
-        resolver.lifetime = settings.timeout   # ... and the whole lookup, retries included
+        resolver.lifetime = settings.timeout   # ... and one query, retries included
         self._resolver = resolver
+        self._deadline = 0.0  # of the current lookup: its queries (SRV, then A and AAAA of each target) share it
 
     def lookup(self, entry: UpstreamServerConfig) -> Lookup:
         if self._resolver is None:
             return Lookup(None, problem=self._problem)
+        self._deadline = time.monotonic() + self.settings.timeout
         try:
             if entry.discover == "srv":
                 return self._lookup_srv(entry)
@@ -151,8 +153,11 @@ class DnsResolver:
 
     def _query(self, name: str, kind: str):
         """The answer (maybe without records), None for NXDOMAIN; raises _Failed if there is no answer."""
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Failed(f"no answer within {self.settings.timeout:g}s")
         try:
-            return self._resolver.resolve(name, kind, search=False, raise_on_no_answer=False)
+            return self._resolver.resolve(name, kind, search=False, raise_on_no_answer=False, lifetime=remaining)
         except dns.resolver.NXDOMAIN:
             return None
         except dns.resolver.LifetimeTimeout:
