@@ -264,6 +264,23 @@ def test_a_name_a_reload_removed_and_another_adds_back_is_not_served_from_its_ol
     assert upstream.servers == () and upstream.no_server_detail() == f"no addresses for {NAME}:8080"
 
 
+def test_a_name_removed_and_added_back_between_two_rounds_gets_its_set_again():
+    # Two quick reloads: the loop never saw the name leave, but the first reload dropped its set
+    clock = FakeClock()
+    discovering, plain = _config([{"address": f"{NAME}:8080", "discover": "a"}]), _config(["127.0.0.1:9000"])
+    app = Application(discovering)
+    resolver = FakeResolver([Lookup((_target("127.0.0.2"),), ttl=60)])
+    discovery = DnsDiscovery(lambda: app.config, app.apply_discovered, make_resolver=lambda settings: resolver,
+                             clock=clock)
+    app.reload_listeners.append(lambda old, new: discovery.kick())
+    discovery.run_once()
+    app.reload(plain)
+    app.reload(discovering)
+    discovery.run_once()
+    assert [s.address for s in app.runtime.upstreams["api"].servers] == ["127.0.0.2:8080"]
+    assert resolver.calls == 1  # handed over again, not looked up again
+
+
 def test_no_addresses_gives_a_503_reason_naming_the_name():
     config = _config([{"address": f"{NAME}:8080", "discover": "a"}])
     app = Application(config)

@@ -207,6 +207,7 @@ class DnsDiscovery:
         self._round_lock = threading.Lock()
         self._stop = threading.Event()
         self._kick = threading.Event()
+        self._hand_over_again = False  # set by kick(): see there
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -222,7 +223,9 @@ class DnsDiscovery:
             self._thread.join(timeout=5.0)
 
     def kick(self) -> None:
-        """Look at the config again now (after a reload)."""
+        """Look at the config again now (after a reload), and hand every known set over again: a reload
+        drops the sets of names it removes, and one added back before the loop saw it go needs its set."""
+        self._hand_over_again = True
         self._kick.set()
 
     def current(self) -> dict[DiscoveryKey, tuple[Target, ...]]:
@@ -242,8 +245,13 @@ class DnsDiscovery:
     def run_once(self) -> float:
         """Resolve every name that is due; returns the seconds until the next one is."""
         with self._round_lock:
+            hand_over_again, self._hand_over_again = self._hand_over_again, False
             config = self._config()
             self._sync(config)
+            if hand_over_again:
+                for key, name in list(self._names.items()):
+                    if name.targets is not None:
+                        self._hand_over(key, name.entry.address, name.targets)
             for key, name in list(self._names.items()):
                 if name.next_due <= self._clock():
                     self._refresh(key, name, config.dns)
@@ -309,8 +317,11 @@ class DnsDiscovery:
             log.info("dns: %s: %d address(es)%s%s", label, len(after), f"; added {added}" if added else "",
                      f"; removed {removed} (draining)" if removed else "")
         name.targets = lookup.targets
+        self._hand_over(key, label, lookup.targets)
+
+    def _hand_over(self, key: DiscoveryKey, label: str, targets: tuple[Target, ...]) -> None:
         try:
-            self._on_change(key, lookup.targets)
+            self._on_change(key, targets)
         except Exception:  # the set is recorded; one broken listener must not stop discovery
             log.exception("applying the addresses of %s failed", label)
 
