@@ -21,7 +21,7 @@ from proxy.config.schema import ConfigError, DnsConfig, UpstreamServerConfig, pa
 from proxy.observe.status import build_status
 from proxy.serve.app import Application
 from proxy.upstream.discovery import DnsDiscovery, DnsResolver, Lookup, Target, discovery_key
-from tests.support.dns import DOMAIN, backends_on_loopback, common_port, running_dnsmasq
+from tests.support.dns import DOMAIN, Dnsmasq, backends_on_loopback, common_port, running_dnsmasq
 from tests.support.ports import free_port
 from tests.support.processes import Load, admin_status, running_proxy, start_slow_request
 from tests.support.proxy import config_document, scrape, start_observed_proxy
@@ -189,6 +189,26 @@ def test_an_unchanged_address_keeps_its_server_and_pool_a_new_one_joins_a_vanish
     assert app.runtime.upstreams["api"].leaving == ()
 
 
+def test_addresses_gone_from_dns_are_not_kept_alive_by_the_metrics():
+    # Pods come and go with new addresses for the proxy's whole life: their Server objects must not pile up
+    import gc
+    import weakref
+    from proxy.observe.metrics import Metrics
+    config = _config([{"address": f"{NAME}:8080", "discover": "a"}])
+    app = Application(config)
+    metrics = Metrics(app)
+    key = _key(config)
+    app.apply_discovered(key, (_target("10.1.0.1"), _target("10.1.0.2")))
+    metrics.snapshot()
+    gone = [weakref.ref(server) for server in app.runtime.upstreams["api"].servers]
+    for rollout in range(2, 12):  # every rollout: new addresses, the scrape in between
+        app.apply_discovered(key, (_target(f"10.1.{rollout}.1"), _target(f"10.1.{rollout}.2")))
+        servers = {row["server"] for row in metrics.snapshot()["servers"]}
+        assert servers == {f"10.1.{rollout}.1:8080", f"10.1.{rollout}.2:8080"}
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None]
+
+
 def test_a_joining_address_waits_for_its_first_health_check_but_the_first_answer_does_not():
     config = parse_config({"routes": [{"path": "/", "upstream": "api"}],
                            "upstreams": {"api": {"servers": [{"address": f"{NAME}:8080", "discover": "a"}],
@@ -200,6 +220,22 @@ def test_a_joining_address_waits_for_its_first_health_check_but_the_first_answer
     app.apply_discovered(key, (_target("127.0.0.2"), _target("127.0.0.3")))
     joined = app.runtime.upstreams["api"].servers[1]
     assert joined.state == "down" and "first health check" in joined.state_reason
+
+
+def test_a_server_rebuilt_by_a_new_srv_weight_keeps_its_health_verdict():
+    config = parse_config({"routes": [{"path": "/", "upstream": "api"}],
+                           "upstreams": {"api": {"servers": [{"srv": f"_http._tcp.{NAME}"}],
+                                                 "health": {"path": "/healthz"}}}}, "test.toml")
+    app = Application(config)
+    key = _key(config)
+    app.apply_discovered(key, (Target(10, "127.0.0.2", 8080, 1, NAME), Target(10, "127.0.0.3", 8080, 1, NAME)))
+    up, down = app.runtime.upstreams["api"].servers
+    down.set_health(False, "health check failed: 500")
+    app.apply_discovered(key, (Target(10, "127.0.0.2", 8080, 4, NAME), Target(10, "127.0.0.3", 8080, 4, NAME)))
+    rebuilt = {s.address: s for s in app.runtime.upstreams["api"].servers}
+    assert rebuilt[up.address] is not up and rebuilt[up.address].weight == 4
+    assert rebuilt[up.address].state == "up"  # serving already: not "new from DNS"
+    assert (rebuilt[down.address].state, rebuilt[down.address].state_reason) == ("down", "health check failed: 500")
 
 
 def test_a_dns_change_keeps_rate_limits_and_an_operators_drain():
@@ -214,6 +250,35 @@ def test_a_dns_change_keeps_rate_limits_and_an_operators_drain():
     states = {s.address: s.admin_state for s in app.runtime.upstreams["api"].servers}
     assert states == {"127.0.0.2:8080": "draining", "127.0.0.3:8080": "enabled", "127.0.0.4:8080": "enabled"}
     assert app.runtime.router.routes[0].rate_limit is not None
+
+
+def test_a_name_a_reload_removed_and_another_adds_back_is_not_served_from_its_old_addresses():
+    # Between the two reloads the pods may have moved: the old set must not come back (with DNS down, for good)
+    discovering = _config([{"address": f"{NAME}:8080", "discover": "a"}])
+    app = Application(discovering)
+    app.apply_discovered(_key(discovering), (_target("127.0.0.2"),))
+    app.reload(_config(["127.0.0.1:9000"]))
+    assert app.discovered == {}
+    app.reload(discovering)
+    upstream = app.runtime.upstreams["api"]
+    assert upstream.servers == () and upstream.no_server_detail() == f"no addresses for {NAME}:8080"
+
+
+def test_a_name_removed_and_added_back_between_two_rounds_gets_its_set_again():
+    # Two quick reloads: the loop never saw the name leave, but the first reload dropped its set
+    clock = FakeClock()
+    discovering, plain = _config([{"address": f"{NAME}:8080", "discover": "a"}]), _config(["127.0.0.1:9000"])
+    app = Application(discovering)
+    resolver = FakeResolver([Lookup((_target("127.0.0.2"),), ttl=60)])
+    discovery = DnsDiscovery(lambda: app.config, app.apply_discovered, make_resolver=lambda settings: resolver,
+                             clock=clock)
+    app.reload_listeners.append(lambda old, new: discovery.kick())
+    discovery.run_once()
+    app.reload(plain)
+    app.reload(discovering)
+    discovery.run_once()
+    assert [s.address for s in app.runtime.upstreams["api"].servers] == ["127.0.0.2:8080"]
+    assert resolver.calls == 1  # handed over again, not looked up again
 
 
 def test_no_addresses_gives_a_503_reason_naming_the_name():
@@ -446,6 +511,40 @@ def test_srv_records_give_ports_priorities_and_weights(tmp_path):
                 proxy.stop()
 
 
+def test_an_srv_weight_change_keeps_a_healthy_server_up(tmp_path):
+    # The new weight rebuilds the address's server: it was serving, so it must not wait for a "first" check
+    srv = f"_http._tcp.{NAME}"
+    with backends_on_loopback(HOSTS[:2]) as backends:
+        port = backends[HOSTS[0]].port
+        hosts = {f"a.{DOMAIN}": [HOSTS[0]], f"b.{DOMAIN}": [HOSTS[1]]}
+        dnsmasq = Dnsmasq(tmp_path / "before", (f"{srv},a.{DOMAIN},{port},10,1", f"{srv},b.{DOMAIN},{port},10,1"))
+        dnsmasq.start()
+        proxy = None
+        try:
+            dnsmasq.set_hosts(hosts)
+            document = config_document({"api": {"servers": [{"srv": srv}], "health": {"path": "/", "interval": "300ms"}}},
+                                       dns={"resolvers": [dnsmasq.resolver], "refresh": "1s"})
+            proxy = start_observed_proxy(document)
+            a = f"{HOSTS[0]}:{port}"
+            wait_for(lambda: set(_addresses(proxy).values()) == {"up"}, timeout=WAIT, what="both servers up")
+            dnsmasq.stop()  # SRV records are fixed at dnsmasq's start: a new one on the same port, new weight
+            port_before = dnsmasq.port
+            dnsmasq = Dnsmasq(tmp_path / "after", (f"{srv},a.{DOMAIN},{port},10,5", f"{srv},b.{DOMAIN},{port},10,1"))
+            dnsmasq.port = port_before
+            dnsmasq.start()
+            dnsmasq.set_hosts(hosts)
+            weight = lambda: {row["address"]: row for row in proxy.status()["upstreams"]["api"]["servers"]}[a]["weight"]
+            wait_for(lambda: weight() == 5, timeout=WAIT, what="the new SRV weight")
+            wait_for(lambda: _addresses(proxy)[a] == "up", timeout=WAIT, what=f"{a} up with its new weight")
+            with requests.Session() as session:
+                answered = [session.get(proxy.url, timeout=5).headers["X-Backend"] for _ in range(12)]
+            assert answered.count(HOSTS[0]) == 10, answered
+        finally:
+            if proxy is not None:
+                proxy.stop()
+            dnsmasq.stop()
+
+
 def test_a_websocket_tunnel_on_a_vanished_address_goes_on_until_it_closes(dnsmasq):
     from websockets.sync.client import connect
     from websockets.sync.server import serve
@@ -637,6 +736,57 @@ def test_the_resolver_tells_nxdomain_from_a_failure(dnsmasq):
     # dnsmasq refuses names outside its local domain (it has no upstream servers): a failure, not "no addresses"
     refused = resolver.lookup(UpstreamServerConfig("api.elsewhere", 8080, 1, False, "a"))
     assert refused.targets is None and "REFUSED" in refused.problem
+
+
+def test_an_srv_target_that_fails_to_resolve_does_not_hide_the_others(tmp_path):
+    # dnsmasq refuses the out-of-domain target: its lookup fails, while a.svc.test answers
+    srv = f"_http._tcp.{NAME}"
+    records = (f"{srv},a.{DOMAIN},8080,10,1", f"{srv},api.elsewhere,8081,10,1")
+    with running_dnsmasq(tmp_path, records) as dnsmasq:
+        dnsmasq.set_hosts({f"a.{DOMAIN}": [HOSTS[0]]})
+        resolver = DnsResolver(DnsConfig(resolvers=(("127.0.0.1", dnsmasq.port),), timeout=1.0))
+        found = resolver.lookup(UpstreamServerConfig(srv, 0, 1, False, "srv"))
+        assert found.targets == (Target(10, HOSTS[0], 8080, 1, f"a.{DOMAIN}"),)
+        assert found.unresolved == ("api.elsewhere",)
+        assert "api.elsewhere" in found.problem and "REFUSED" in found.problem
+        from proxy.upstream.discovery import check_names
+        warnings = check_names(_config([{"srv": srv}], {"resolvers": [dnsmasq.resolver], "timeout": "1s"}))
+        assert len(warnings) == 1 and "cannot resolve SRV target(s): api.elsewhere" in warnings[0], warnings
+
+
+def test_an_srv_target_whose_lookup_fails_keeps_its_last_addresses(caplog):
+    clock = FakeClock()
+    srv = f"_http._tcp.{NAME}"
+    config = _config([{"srv": srv}])
+    a, b = Target(10, "127.0.0.2", 8080, 1, f"a.{DOMAIN}"), Target(10, "127.0.0.3", 8080, 1, f"b.{DOMAIN}")
+    c = Target(10, "127.0.0.4", 8080, 1, f"c.{DOMAIN}")
+    b_failed = Lookup((a,), ttl=1, problem=f"b.{DOMAIN}: no answer within 2s", unresolved=(f"b.{DOMAIN}",))
+    discovery, _, changes = _discovery(config, [Lookup((a, b), ttl=1), b_failed, b_failed,
+                                                Lookup((a, c), ttl=1)], clock)
+    caplog.set_level(logging.INFO, logger="pyproxy.dns")
+    discovery.run_once()
+    for _ in range(2):
+        clock.advance(2)
+        discovery.run_once()
+    assert changes == [(a, b)]  # b's lookup failed: it keeps b's addresses, and a's record still counts
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f"b.{DOMAIN}" in warnings[0], warnings  # once per outage
+    clock.advance(2)
+    discovery.run_once()
+    assert changes == [(a, b), (a, c)]
+
+
+def test_dns_timeout_bounds_a_whole_srv_lookup_not_each_target():
+    from tests.support.dns import SrvOnlyServer
+    server = SrvOnlyServer([f"t{i}.{DOMAIN}" for i in range(5)])  # their A lookups hang
+    try:
+        resolver = DnsResolver(DnsConfig(resolvers=(("127.0.0.1", server.port),), timeout=1.0))
+        found = resolver.lookup(UpstreamServerConfig(f"_http._tcp.{NAME}", 0, 1, False, "srv"))
+        assert found.targets is None and "within 1s" in found.problem, found
+        # The first target asked used up the second: the other four were never asked for
+        assert len(set(server.address_queries)) == 1, server.address_queries
+    finally:
+        server.close()
 
 
 def test_the_dashboard_shows_names_and_a_leaving_server(dnsmasq, tmp_path):

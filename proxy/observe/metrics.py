@@ -228,9 +228,11 @@ class Metrics:
         """Note the running Server objects; a replaced one's totals are carried over to its successor.
         Runs on every reload (so no replaced object goes unseen) and every snapshot."""
         with self._servers_lock:
+            running = set()
             for name, upstream in self.app.runtime.upstreams.items():
                 for server in upstream.servers:
                     key = (name, server.address)
+                    running.add(key)
                     previous = self._servers_seen.get(key)
                     if previous is server:
                         continue
@@ -239,6 +241,11 @@ class Metrics:
                         requests, failures = self._carried.get(key, (0, 0))
                         self._carried[key] = (requests + old["requests_total"], failures + old["failures_total"])
                     self._servers_seen[key] = server
+            # An address no longer served (gone from DNS or the config) is forgotten, or churning pods would
+            # pile up their Server objects; if it comes back, its counters start again (a counter reset).
+            for key in set(self._servers_seen) - running:
+                del self._servers_seen[key]
+                self._carried.pop(key, None)
             return dict(self._carried)
 
     def retire_access_log(self, access_log) -> None:

@@ -23,12 +23,13 @@ from proxy.http.bucket_table import BucketTable
 from proxy.http.rate_limit import RateLimiter
 from proxy.upstream.balancing import Upstream
 from proxy.config.schema import Config, ServerSettings, UpstreamConfig
+from proxy.config.units import format_address
 from proxy.http.redirects import https_port
 from proxy.routing.router import Route, Router
 from proxy.upstream.servers import ENABLED, Server
 from proxy.upstream.pool import ServerPool, upstream_tls_context
 from proxy.upstream.retry_budget import RetryBudget
-from proxy.upstream.discovery import DiscoveryKey, Target, discovery_key
+from proxy.upstream.discovery import DiscoveryKey, Target, discovered_entries, discovery_key
 
 log = logging.getLogger("pyproxy.app")
 
@@ -230,11 +231,17 @@ class Runtime:
                         before: "UpstreamRuntime | None") -> UpstreamRuntime:
         servers, pools = [], {}
         tls_context = None
+        # An address the upstream had already is rebuilt, not joining (an SRV record's new weight, say): it
+        # keeps the active checker's verdict of the server it replaces, which the checker carries on.
+        old_by_address = {server.address: server for server in before.servers} if before is not None else {}
         for spec, name_key in _server_specs(upstream, self._discovered):
             key = _server_key(upstream, spec)
             server = old_servers.get(key)
             if server is None:
-                server = self._new_server(upstream, spec, clock, joined=name_key in self._joined)
+                predecessor = old_by_address.get(format_address(spec.host, spec.port))
+                server = self._new_server(upstream, spec, clock, joined=name_key in self._joined and predecessor is None)
+                if predecessor is not None and not predecessor.healthy and upstream.health is not None:
+                    server.set_health(False, predecessor.state_reason, announce=False)
             pool_key = _pool_key(upstream, spec)
             pool = old_pools.get(pool_key)
             if pool is None:
@@ -443,6 +450,9 @@ class Application:
         """Swap in a new (already validated) config. In-flight requests keep their old snapshot."""
         with self._reload_lock:
             old_runtime, old_config = self.runtime, self.config
+            # A name the config no longer has is forgotten: added back later, it starts from a fresh lookup
+            for key in set(self.discovered) - set(discovered_entries(config)):
+                del self.discovered[key]
             new_runtime = Runtime(config, previous=old_runtime, clock=self.clock, on_ejected=self._server_ejected,
                                   rate_table=self.rate_table, discovered=self.discovered)
             self._carry_admin_states(new_runtime)

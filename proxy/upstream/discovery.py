@@ -62,6 +62,8 @@ class Lookup:
     targets: tuple[Target, ...] | None
     ttl: float | None = None   # the smallest TTL of the records; None when there were none
     problem: str = ""          # why it failed, or why the set is empty (NXDOMAIN)
+    # SRV targets whose own lookup failed: ``targets`` lacks them, and the caller keeps their last addresses
+    unresolved: tuple[str, ...] = ()
 
 
 DiscoveryKey = tuple  # (upstream name, "a" | "srv", name, port)
@@ -96,12 +98,14 @@ class DnsResolver:
         if settings.resolvers:
             resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in settings.resolvers]
         resolver.timeout = settings.timeout    # one attempt on one name server ...
-        resolver.lifetime = settings.timeout   # ... and the whole lookup, retries included
+        resolver.lifetime = settings.timeout   # ... and one query, retries included
         self._resolver = resolver
+        self._deadline = 0.0  # of the current lookup: its queries (SRV, then A and AAAA of each target) share it
 
     def lookup(self, entry: UpstreamServerConfig) -> Lookup:
         if self._resolver is None:
             return Lookup(None, problem=self._problem)
+        self._deadline = time.monotonic() + self.settings.timeout
         try:
             if entry.discover == "srv":
                 return self._lookup_srv(entry)
@@ -116,15 +120,24 @@ class DnsResolver:
             return Lookup((), problem="NXDOMAIN")
         ttls = [answer.rrset.ttl] if answer.rrset is not None else []
         targets: list[Target] = []
+        failed: dict[str, str] = {}  # target -> why its lookup failed
         for record in answer:
             target = record.target.to_text(omit_final_dot=True)
             if not target or record.port == 0:  # "." means: no service here (RFC 2782)
                 continue
-            found, ttl, _ = self._addresses(target, record.port, max(1, record.weight), record.priority)
+            try:
+                found, ttl, _ = self._addresses(target, record.port, max(1, record.weight), record.priority)
+            except _Failed as exc:  # one broken target must not freeze the others (HAProxy resolves each too)
+                failed[target] = str(exc)
+                continue
             targets += found
             ttls += [ttl] if ttl is not None else []
         unique = tuple(sorted(set(targets)))
-        return Lookup(unique, min(ttls) if ttls else None, "" if unique else "no SRV records with addresses")
+        if failed and not unique:
+            raise _Failed("; ".join(f"{target}: {why}" for target, why in sorted(failed.items())))
+        problem = "; ".join(f"{target}: {why}" for target, why in sorted(failed.items()))
+        return Lookup(unique, min(ttls) if ttls else None, problem or ("" if unique else "no SRV records with addresses"),
+                      tuple(sorted(failed)))
 
     def _addresses(self, name: str, port: int, weight: int, priority: int) -> tuple[list[Target], float | None, bool]:
         """The A and AAAA records of ``name`` as targets, their smallest TTL, and whether the name exists."""
@@ -140,8 +153,11 @@ class DnsResolver:
 
     def _query(self, name: str, kind: str):
         """The answer (maybe without records), None for NXDOMAIN; raises _Failed if there is no answer."""
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Failed(f"no answer within {self.settings.timeout:g}s")
         try:
-            return self._resolver.resolve(name, kind, search=False, raise_on_no_answer=False)
+            return self._resolver.resolve(name, kind, search=False, raise_on_no_answer=False, lifetime=remaining)
         except dns.resolver.NXDOMAIN:
             return None
         except dns.resolver.LifetimeTimeout:
@@ -161,13 +177,14 @@ def _servers_said(exc: dns.resolver.NoNameservers) -> str:
 class _Name:
     """The loop's state for one discovered entry."""
 
-    __slots__ = ("entry", "targets", "next_due", "failing")
+    __slots__ = ("entry", "targets", "next_due", "failing", "unresolved")
 
     def __init__(self, entry: UpstreamServerConfig, due: float) -> None:
         self.entry = entry
         self.targets: tuple[Target, ...] | None = None  # the last good set; None before the first
         self.next_due = due
         self.failing = False
+        self.unresolved: tuple[str, ...] = ()  # SRV targets whose lookup is failing (logged once each)
 
 
 class DnsDiscovery:
@@ -190,6 +207,7 @@ class DnsDiscovery:
         self._round_lock = threading.Lock()
         self._stop = threading.Event()
         self._kick = threading.Event()
+        self._hand_over_again = False  # set by kick(): see there
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -205,7 +223,9 @@ class DnsDiscovery:
             self._thread.join(timeout=5.0)
 
     def kick(self) -> None:
-        """Look at the config again now (after a reload)."""
+        """Look at the config again now (after a reload), and hand every known set over again: a reload
+        drops the sets of names it removes, and one added back before the loop saw it go needs its set."""
+        self._hand_over_again = True
         self._kick.set()
 
     def current(self) -> dict[DiscoveryKey, tuple[Target, ...]]:
@@ -225,8 +245,13 @@ class DnsDiscovery:
     def run_once(self) -> float:
         """Resolve every name that is due; returns the seconds until the next one is."""
         with self._round_lock:
+            hand_over_again, self._hand_over_again = self._hand_over_again, False
             config = self._config()
             self._sync(config)
+            if hand_over_again:
+                for key, name in list(self._names.items()):
+                    if name.targets is not None:
+                        self._hand_over(key, name.entry.address, name.targets)
             for key, name in list(self._names.items()):
                 if name.next_due <= self._clock():
                     self._refresh(key, name, config.dns)
@@ -262,9 +287,22 @@ class DnsDiscovery:
         name.failing = False
         ttl = settings.refresh if lookup.ttl is None else lookup.ttl
         name.next_due = self._clock() + max(MIN_DNS_REFRESH, min(settings.refresh, ttl))
+        lookup = self._keep_unresolved(name, lookup)
         if lookup.targets == name.targets:
             return
         self._report(key, name, lookup)
+
+    def _keep_unresolved(self, name: _Name, lookup: Lookup) -> Lookup:
+        """SRV targets whose lookup failed keep their last addresses, as a failed name keeps its set."""
+        newly_failing = set(lookup.unresolved) - set(name.unresolved)
+        if newly_failing:
+            log.warning("dns: %s: lookup of SRV target(s) %s failed (%s); keeping their last addresses",
+                        name.entry.address, ", ".join(sorted(newly_failing)), lookup.problem)
+        name.unresolved = lookup.unresolved
+        if not lookup.unresolved:
+            return lookup
+        kept = [target for target in name.targets or () if target.name in lookup.unresolved]
+        return Lookup(tuple(sorted(set(lookup.targets) | set(kept))), lookup.ttl, lookup.problem, lookup.unresolved)
 
     def _report(self, key: DiscoveryKey, name: _Name, lookup: Lookup) -> None:
         before = set(name.targets or ())
@@ -279,8 +317,11 @@ class DnsDiscovery:
             log.info("dns: %s: %d address(es)%s%s", label, len(after), f"; added {added}" if added else "",
                      f"; removed {removed} (draining)" if removed else "")
         name.targets = lookup.targets
+        self._hand_over(key, label, lookup.targets)
+
+    def _hand_over(self, key: DiscoveryKey, label: str, targets: tuple[Target, ...]) -> None:
         try:
-            self._on_change(key, lookup.targets)
+            self._on_change(key, targets)
         except Exception:  # the set is recorded; one broken listener must not stop discovery
             log.exception("applying the addresses of %s failed", label)
 
@@ -297,4 +338,7 @@ def check_names(config: Config, make_resolver: Callable[[DnsConfig], object] = D
         elif not lookup.targets:
             warnings.append(f"warning: upstreams.{key[0]}: {entry.address} has no addresses ({lookup.problem}); "
                             "the upstream answers 503 until it has")
+        elif lookup.unresolved:
+            warnings.append(f"warning: upstreams.{key[0]}: {entry.address}: cannot resolve SRV target(s): "
+                            f"{lookup.problem}")
     return warnings

@@ -15,12 +15,16 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import dns.exception
 import dns.message
 import dns.query
 import dns.rcode
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
 import pytest
 
 from tests.support.backends import NamedBackend
@@ -159,3 +163,39 @@ def backends_on_loopback(hosts: list[str], port: int | None = None):
     finally:
         for backend in started.values():
             backend.stop()
+
+
+class SrvOnlyServer:
+    """A name server on 127.0.0.1 that answers SRV queries with ``targets`` (port 8080 each) and never
+    answers A or AAAA queries, as a zone whose server hangs would; it records the names asked for."""
+
+    def __init__(self, targets: list[str]):
+        self.targets = targets
+        self.address_queries: list[str] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except OSError:  # closed
+                return
+            query = dns.message.from_wire(data)
+            question = query.question[0]
+            if question.rdtype != dns.rdatatype.SRV:
+                self.address_queries.append(question.name.to_text(omit_final_dot=True))
+                continue
+            response = dns.message.make_response(query)
+            rrset = response.find_rrset(response.answer, question.name, dns.rdataclass.IN, dns.rdatatype.SRV,
+                                        create=True)
+            rrset.update_ttl(1)
+            for target in self.targets:
+                rrset.add(dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.SRV, f"10 1 8080 {target}."))
+            self.sock.sendto(response.to_wire(), peer)
+
+    def close(self) -> None:
+        self.sock.close()
