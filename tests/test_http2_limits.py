@@ -216,6 +216,57 @@ def test_client_that_stops_reading_stops_the_upstream_and_meets_send_timeout(h2c
     client.close()
 
 
+def _window_back(client: H2Client, size: int) -> bool:
+    """Read (bounded) until the connection's send window is back past half of ``size`` (h2 gives
+    window back in steps of half of it); False if it never is."""
+    try:
+        client.until(lambda e: client.h2.outbound_flow_control_window > size // 2, rounds=200)
+    except (AssertionError, socket.timeout):
+        return False
+    return True
+
+
+def _upload(client: H2Client, size: int, headers=(), end: bool = True) -> int:
+    """A POST whose body goes out at once, in frames of the client's size, all in one write."""
+    stream = client.request("/upload", method="POST", headers=headers, end=False)
+    frame = client.h2.max_outbound_frame_size
+    for offset in range(0, size, frame):
+        client.h2.send_data(stream, b"x" * min(frame, size - offset), end_stream=end and offset + frame >= size)
+    client.flush()
+    return stream
+
+
+def test_body_of_a_stream_answered_before_reading_it_gives_the_window_back(h2c_proxy):
+    proxy, backend = h2c_proxy(server={"max_body_bytes": "100KiB"})
+    client = H2Client.connect(proxy.port)
+    start = client.h2.outbound_flow_control_window
+    for _ in range(4):  # 800 KB sent, in the proxy's 1 MiB connection window: none of it ever read
+        headers, _ = client.response(_upload(client, 200_000, [("content-length", "200000")]))
+        assert headers[":status"] == "413"
+    # Stream bytes nobody reads are the connection's to give back, or its window runs dry for good
+    # and every later upload on the connection stalls.
+    assert _window_back(client, start)
+    assert not backend.requests
+    client.close()
+
+
+def test_body_of_a_stream_reset_before_its_worker_gives_the_window_back(h2c_proxy, make_backend):
+    release = threading.Event()
+    backend = make_backend()
+    hanging_route(backend, release)
+    proxy, _ = h2c_proxy(server={"min_threads": 1, "max_threads": 1}, backend=backend)
+    client = H2Client.connect(proxy.port)
+    start = client.h2.outbound_flow_control_window
+    client.request("/hang")  # the only worker waits on it: the uploads below queue in the pool
+    wait_for(lambda: len(backend.requests) == 1, what="the hanging stream upstream")
+    for _ in range(4):
+        client.h2.reset_stream(_upload(client, 200_000, end=False))
+        client.flush()
+    release.set()
+    assert _window_back(client, start)
+    client.close()
+
+
 # -- slowloris ---------------------------------------------------------------------------------------------
 
 def _closed_by_server(client: H2Client) -> bool:

@@ -221,6 +221,7 @@ class H2Session:
         stream.reset = True
         if not stream.started:  # no worker will finish it: it no longer counts against max_streams
             del self.streams[event.stream_id]
+            self._release_body(stream)
         self.early_resets += 1
         if self.early_resets > self.max_streams * RAPID_RESET_FACTOR:
             self._goaway(ErrorCodes.ENHANCE_YOUR_CALM)
@@ -340,6 +341,7 @@ class H2Session:
             self.reset(stream, ErrorCodes.NO_ERROR)  # RFC 9113 §8.1: answered before its body came
         with self.lock:
             self.streams.pop(stream.id, None)
+            self._release_body(stream)
             if not stream.reset and self.early_resets:
                 self.early_resets -= 1
             self.last_activity = self.clock()
@@ -411,6 +413,14 @@ class H2Session:
     def _acknowledge(self, size: int, stream_id: int) -> None:
         if size:  # h2 gives the connection's window back even when the stream is closed
             self.h2.acknowledge_received_data(size, stream_id)
+
+    def _release_body(self, stream: Stream) -> None:
+        """Give back the window of body bytes the stream will never read (answered without reading
+        them, or cancelled): they count against the connection's window, shared by every stream."""
+        while stream.body:
+            self._acknowledge(stream.body.popleft()[1], stream.id)
+        if not self.lost:
+            self._flush_for_reader()
 
     def _flush(self) -> None:
         data = self.h2.data_to_send()
