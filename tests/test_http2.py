@@ -269,6 +269,26 @@ def test_trailers_and_interim_responses_are_relayed(h2_proxy, upstreams):
     client.close()
 
 
+@pytest.mark.parametrize("method, status", [("HEAD", 200), ("GET", 204), ("GET", 304)])
+def test_upstream_connection_closing_after_a_bodiless_answer_is_not_reused(h2_proxy, make_raw_backend,
+                                                                          method, status):
+    seen = []
+
+    def says_close_but_reads_on(peer):  # closes only when the proxy does: the proxy must believe the header
+        while head := peer.read_head():
+            seen.append((peer.index, head.split(b" ")[0].decode()))
+            peer.send(b"HTTP/1.1 %d X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % status)
+
+    backend = make_raw_backend(says_close_but_reads_on)
+    proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
+    client = H2Client.connect(proxy.port)
+    for _ in range(2):
+        headers, _ = client.response(client.request("/", method=method))
+        assert headers[":status"] == str(status)
+    assert seen == [(0, method), (1, method)]
+    client.close()
+
+
 def test_bad_request_on_one_stream_leaves_the_connection_serving(h2_proxy, make_backend):
     backend = make_backend()
     proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})

@@ -272,8 +272,8 @@ class Http2StreamHandler(HttpHandler):
         # leaves in one write.
         session.send_headers(stream, response_block(response, request_id, length), end_stream=no_body,
                              flush=no_body)
-        if no_body:
-            return not parser.has_buffered_data
+        if no_body:  # reusable only as HTTP/1.1's would be: the server keeps it, and took the whole request
+            return not parser.has_buffered_data and response.keep_alive and ex.body_done
         encoder = encoder or _AS_IS
         pending = b""  # body bytes decoded but not sent yet: the last piece goes with END_STREAM
         while True:
@@ -304,7 +304,8 @@ class Http2StreamHandler(HttpHandler):
             else:
                 self._send(ex, pending, end_stream=True)
             break
-        return response.keep_alive and not parser.body_close_delimited and not parser.has_buffered_data
+        return (response.keep_alive and ex.body_done and not parser.body_close_delimited
+                and not parser.has_buffered_data)
         yield
 
     @staticmethod
