@@ -82,6 +82,33 @@ def test_streams_past_max_streams_are_refused_and_the_others_finish(h2c_proxy, m
     client.close()
 
 
+def test_streams_leave_room_in_a_full_pool_for_their_connection_to_be_read(h2c_proxy, make_backend):
+    release = threading.Event()
+    backend = make_backend()
+    hanging_route(backend, release)
+    proxy, _ = h2c_proxy(server={"min_threads": 1, "max_threads": 1}, backend=backend)
+    pool = proxy.process.pool
+    client = H2Client.connect(proxy.port)
+    unlimited_client_view(client)
+    streams = [client.request("/hang") for _ in range(pool.max_queue + 6)]  # more than the queue holds
+    wait_for(lambda: len(backend.requests) == 1, what="the one thread busy upstream")
+    queued = pool.queued
+    other = socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT)
+    other.sendall(PREFACE)  # another connection waits for a thread too
+    wait_for(lambda: pool.queued == queued + 1, what="the other connection queued")
+    client.h2.ping(b"12345678")  # the first connection has more to read: it must not be shed for it
+    client.flush()
+    release.set()
+    ended = [client.until(lambda e, s=s: isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset))
+                          and e.stream_id == s) for s in streams]
+    assert None not in ended, "the connection was closed with its streams in progress"
+    refused = [e for e in ended if isinstance(e, h2.events.StreamReset)]
+    assert {e.error_code for e in refused} == {ErrorCodes.REFUSED_STREAM}
+    assert len(backend.requests) == len(streams) - len(refused)
+    other.close()
+    client.close()
+
+
 def test_header_list_past_max_header_bytes_gets_431_and_far_past_it_goaway(h2c_proxy):
     proxy, backend = h2c_proxy(server={"max_header_bytes": "2KiB"})
     client = H2Client.connect(proxy.port)

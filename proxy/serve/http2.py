@@ -52,10 +52,11 @@ class StreamClient:
 class Http2Server:
     """Serves the HTTP/2 connections of one process: ``start`` one, ``serve`` it when readable."""
 
-    def __init__(self, handler: HttpHandler, submit):
+    def __init__(self, handler: HttpHandler, pool):
         self.app = handler.app
         self.streams = Http2StreamHandler(handler)
-        self.submit = submit  # the pool's submit: each stream runs on a worker of its own
+        self.pool = pool  # each stream runs on a worker of its own
+        self.submit = pool.submit
         self._lock = threading.Lock()
         self.connections = 0
         self.open_streams = 0
@@ -91,7 +92,7 @@ class Http2Server:
             with self._lock:
                 self.open_streams += 1
                 self.streams_total += 1
-            if not self.submit(self._run_stream, conn, session, stream):
+            if not self._submit_stream(conn, session, stream):
                 session.reset(stream, ErrorCodes.REFUSED_STREAM)  # the pool is full: the client may retry it
                 self._stream_done(conn, session, stream)
         if session.lost or (session.goaway_sent and not session.active_streams):
@@ -107,6 +108,14 @@ class Http2Server:
             return
         if not conn.claim(S.READING, S.IDLE):  # a stream's worker closed it meanwhile
             conn.close()
+
+    def _submit_stream(self, conn, session: H2Session, stream) -> bool:
+        """Queue the stream for a worker. Streams may fill only half of the pool's queue: the other half
+        is for connections to be read (this one's next frames among them), which core would otherwise
+        shed, closing an HTTP/2 connection with every stream in progress on it."""
+        if self.pool.queued >= self.pool.max_queue // 2:
+            return False
+        return self.submit(self._run_stream, conn, session, stream)
 
     def _run_stream(self, conn, session: H2Session, stream) -> None:
         try:
