@@ -243,6 +243,40 @@ def test_client_that_stops_reading_stops_the_upstream_and_meets_send_timeout(h2c
     client.close()
 
 
+@pytest.mark.parametrize("answered", [b"", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf."],
+                         ids=["before-the-head", "mid-body"])
+def test_stream_reset_while_its_upstream_thinks_closes_that_upstream_connection(h2c_proxy, make_raw_backend,
+                                                                                answered):
+    events = []
+
+    def thinks_until_dropped(peer):
+        peer.read_head()
+        if answered:
+            peer.send(answered)
+        events.append("request")
+        try:
+            events.append("closed" if peer.sock.recv(1) == b"" else "data")
+        except TimeoutError:
+            events.append("still open")
+
+    backend = make_raw_backend(thinks_until_dropped)
+    proxy, _ = h2c_proxy(backend=backend, upstream_options={"read_timeout": "60s"})
+    client = H2Client.connect(proxy.port)
+    stream = client.request("/think")
+    wait_for(lambda: events == ["request"], what="the request upstream")
+    if answered:
+        client.until(lambda e: isinstance(e, h2.events.DataReceived) and e.stream_id == stream)
+    client.h2.reset_stream(stream)
+    client.flush()
+    # As nginx does: the cancelled request's upstream connection is closed, its worker freed, at once,
+    # not when the upstream answers or read_timeout passes.
+    wait_for(lambda: len(events) == 2, what="the upstream connection closed")
+    assert events == ["request", "closed"]
+    wait_for(lambda: build_status(proxy.app)["http2"]["streams"] == 0, what="the stream finished")
+    assert backend.connections == 1  # not retried elsewhere
+    client.close()
+
+
 def _window_back(client: H2Client, size: int) -> bool:
     """Read (bounded) until the connection's send window is back past half of ``size`` (h2 gives
     window back in steps of half of it); False if it never is."""

@@ -71,7 +71,8 @@ class _ServerConnection(h2.connection.H2Connection):
 class Stream:
     """One request on the connection, as the reader received it and its worker answers it."""
 
-    __slots__ = ("id", "block", "end_stream", "body", "body_ended", "trailers", "reset", "answered", "started")
+    __slots__ = ("id", "block", "end_stream", "body", "body_ended", "trailers", "reset", "answered", "started",
+                 "upstream")
 
     def __init__(self, stream_id: int, block, end_stream: bool):
         self.id = stream_id
@@ -83,6 +84,7 @@ class Stream:
         self.reset = False  # the client cancelled it, or the connection is gone
         self.answered = False  # our END_STREAM (or RST_STREAM) went out
         self.started = False  # its worker picked it up
+        self.upstream = None  # the upstream socket its worker reads, shut down if the stream is cancelled
 
 
 class H2Session:
@@ -218,7 +220,7 @@ class H2Session:
         stream = self.streams.get(event.stream_id)
         if stream is None or stream.answered:
             return
-        stream.reset = True
+        _cancel(stream)
         if not stream.started:  # no worker will finish it: it no longer counts against max_streams
             del self.streams[event.stream_id]
             self._release_body(stream)
@@ -460,12 +462,23 @@ class H2Session:
         """Nothing more can be sent: every stream ends, the next ``finish`` or ``pump`` closes."""
         self.lost = True
         for stream in self.streams.values():
-            stream.reset = True
+            _cancel(stream)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes a reader; the close itself is the caller's
         except OSError:
             pass
         self.changed.notify_all()
+
+
+def _cancel(stream: Stream) -> None:
+    """The stream's answer is no longer wanted: its worker, maybe waiting on the upstream, must stop (as
+    nginx closes the upstream connection of a cancelled request, not waiting for its answer)."""
+    stream.reset = True
+    if stream.upstream is not None:
+        try:
+            stream.upstream.shutdown(socket.SHUT_RDWR)  # the worker's recv returns; it sees ``reset``
+        except OSError:
+            pass  # closed already
 
 
 def is_h2c_preface(conn) -> bool | None:

@@ -19,7 +19,7 @@ from h2.errors import ErrorCodes
 
 from core import ConnectionState
 from proxy.http.compression import compression_for
-from proxy.http.errors import ClientGone, UpstreamFailed
+from proxy.http.errors import ClientGone, ProxyError, UpstreamFailed
 from proxy.http.http1 import LAST_CHUNK, NEED_DATA, Data, ProtocolError, encode_chunk
 from proxy.http.redirects import redirect_response
 from proxy.http.responses import html_response, plain_response
@@ -182,6 +182,23 @@ def _close_after_goaway(conn, session: H2Session, reading: bool = False) -> None
     HttpHandler._close_lingering(conn)
 
 
+def _check_cancelled(stream) -> None:
+    if stream.reset:
+        raise ClientGone("client cancelled the stream")
+
+
+def _upstream_recv(link, stream) -> bytes:
+    """The next response bytes; ClientGone if the stream was cancelled meanwhile (the session shut the
+    upstream socket down to wake us)."""
+    try:
+        data = link.recv()
+    except ProxyError:
+        _check_cancelled(stream)
+        raise
+    _check_cancelled(stream)
+    return data
+
+
 def _run_to_end(exchange) -> None:
     """Run an exchange generator; a stream's never waits in core's transfer relay."""
     try:
@@ -257,6 +274,18 @@ class Http2StreamHandler(HttpHandler):
         yield  # a generator, as the HTTP/1.1 one: it never waits in the relay
 
     # -- the response ---------------------------------------------------------------------------------
+    def _read_response_head(self, ex, link, stop_at_continue: bool = False):
+        """HTTP/1.1's, with the upstream socket lent to the stream: a client cancelling the stream shuts
+        it down (H2Session), which ends the wait for the answer at once."""
+        stream = ex.conn.stream
+        stream.upstream = link.sock
+        try:
+            _check_cancelled(stream)
+            return (yield from super()._read_response_head(ex, link, stop_at_continue))
+        except ProxyError:  # a shut-down upstream is no upstream failure: no 502, no retry
+            _check_cancelled(stream)
+            raise
+
     def _send_interim(self, ex, response):
         ex.conn.session.send_headers(ex.conn.stream, interim_block(response))
         return
@@ -297,7 +326,7 @@ class Http2StreamHandler(HttpHandler):
                     pending = b""
                 else:
                     session.flush()  # the head, before waiting on the upstream
-                data = link.recv()
+                data = _upstream_recv(link, stream)
                 if data:
                     parser.feed(data)
                 else:
