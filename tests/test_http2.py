@@ -15,6 +15,7 @@ import threading
 import h2.events
 import httpx
 import pytest
+from h2.errors import ErrorCodes
 
 from core.socket_server import bind_listener
 from proxy.config.schema import parse_config
@@ -286,6 +287,47 @@ def test_upstream_connection_closing_after_a_bodiless_answer_is_not_reused(h2_pr
         headers, _ = client.response(client.request("/", method=method))
         assert headers[":status"] == str(status)
     assert seen == [(0, method), (1, method)]
+    client.close()
+
+
+@pytest.mark.parametrize("bad_field", [("X-Upper", "1"), ("connection", "close"), ("upgrade", "websocket"),
+                                       ("te", "gzip"), ("x-space", "value "), ("host", "other.test")],
+                         ids=["uppercase", "connection", "upgrade", "te", "whitespace", "host-mismatch"])
+def test_malformed_request_is_a_stream_error_not_a_connection_error(h2_proxy, make_backend, bad_field):
+    # RFC 9113 §8.1.1: a malformed request is a stream error (PROTOCOL_ERROR): the client's other
+    # requests on the connection, maybe other users' behind a balancer, go on.
+    release = threading.Event()
+    backend = make_backend()
+    backend.route("/slow", lambda h, record: (release.wait(CLIENT_TIMEOUT), h.reply(200, b"slow")))
+    proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
+    client = H2Client.connect(proxy.port, validate_outbound_headers=False, normalize_outbound_headers=False)
+    slow = client.request("/slow")
+    wait_for(lambda: backend.requests, what="the slow request upstream")
+    bad = client.request("/bad", headers=[bad_field])
+    reset = client.until(lambda e: isinstance(e, (h2.events.StreamReset, h2.events.ConnectionTerminated)))
+    assert isinstance(reset, h2.events.StreamReset) and reset.stream_id == bad
+    assert reset.error_code == ErrorCodes.PROTOCOL_ERROR
+    release.set()
+    headers, body = client.response(slow)
+    assert (headers[":status"], body) == ("200", b"slow")
+    headers, _ = client.response(client.request("/after"))
+    assert headers[":status"] == "200"
+    assert [r.path for r in backend.requests] == ["/slow", "/after"]
+    client.close()
+
+
+def test_malformed_trailers_reset_their_stream_alone(h2_proxy, make_backend):
+    backend = make_backend()
+    proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
+    client = H2Client.connect(proxy.port, validate_outbound_headers=False, normalize_outbound_headers=False)
+    bad = client.request("/upload", method="POST", body=b"part", end=False)
+    client.h2.send_headers(bad, [("X-Upper", "1")], end_stream=True)
+    client.flush()
+    reset = client.until(lambda e: isinstance(e, (h2.events.StreamReset, h2.events.ConnectionTerminated)))
+    assert isinstance(reset, h2.events.StreamReset) and reset.stream_id == bad
+    assert reset.error_code == ErrorCodes.PROTOCOL_ERROR
+    headers, _ = client.response(client.request("/after"))
+    assert headers[":status"] == "200"
     client.close()
 
 

@@ -4,8 +4,8 @@ A request's header block becomes a ``RequestHead`` the HTTP/1.1 pipeline accepts
 becomes Host, cookies split over several fields are joined again (§8.2.3), and nothing
 connection-specific crosses (§8.2.2). A response head becomes a header block the same way back.
 The ``h2`` package already refuses malformed blocks (uppercase names, pseudo-fields out of place,
-connection-specific fields, a ``te`` other than "trailers"); what is checked here is what it leaves
-to the application.
+connection-specific fields, a ``te`` other than "trailers"), and the session resets such a stream
+(proxy/http2/session.py); what is checked here is what it leaves to the application.
 """
 
 from __future__ import annotations

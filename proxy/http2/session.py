@@ -29,6 +29,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
@@ -57,15 +58,37 @@ HEADER_LIST_SLACK = 2
 RAPID_RESET_FACTOR = 1
 
 
+class MalformedBlock(list):
+    """The header list of a malformed request or trailers (RFC 9113 §8.1.1), as h2's event carries it."""
+
+
+class _ServerStream(h2.stream.H2Stream):
+    """h2's stream, except that a header block failing h2's checks (an uppercase name, a connection-specific
+    field, Host against :authority) is handed on as a MalformedBlock, for the session to reset that stream
+    alone (PROTOCOL_ERROR, a stream error as RFC 9113 §8.1.1 says) where h2 would end the connection."""
+
+    def _process_received_headers(self, headers, header_validation_flags, header_encoding):
+        headers = list(headers)
+        try:
+            return super()._process_received_headers(headers, header_validation_flags, header_encoding)
+        except h2.exceptions.ProtocolError:
+            return MalformedBlock(headers)
+
+
 class _ServerConnection(h2.connection.H2Connection):
     """h2's connection, except that a stream past SETTINGS_MAX_CONCURRENT_STREAMS is left to the session,
     which refuses that stream alone (REFUSED_STREAM, RFC 9113 §5.1.2) where h2 would end the connection
-    and every stream in progress with it."""
+    and every stream in progress with it; the same for a malformed request (``_ServerStream``)."""
 
     @property
     def open_inbound_streams(self) -> int:
         h2.connection.H2Connection.open_inbound_streams.fget(self)  # it also forgets closed streams
         return 0
+
+    def _begin_new_stream(self, stream_id, allowed_ids):
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream.__class__ = _ServerStream
+        return stream
 
 
 class Stream:
@@ -185,6 +208,9 @@ class H2Session:
     def _on_request(self, event) -> Stream | None:
         self.control_frames = 0
         self.last_activity = self.clock()
+        if event.headers.__class__ is MalformedBlock:
+            self._reset_unserved(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
+            return None
         if self.goaway_sent or len(self.streams) >= self.max_streams:
             # After our GOAWAY no new stream is served; past max_streams (a client that did not wait
             # for our SETTINGS) the stream is refused, which tells the client it may retry it.
@@ -213,8 +239,18 @@ class H2Session:
 
     def _on_trailers(self, event) -> None:
         stream = self.streams.get(event.stream_id)
-        if stream is not None:
+        if event.headers.__class__ is MalformedBlock:
+            self._reset_unserved(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
+            if stream is not None:  # its worker stops as for a client's cancel
+                self._on_reset(event)
+        elif stream is not None:
             stream.trailers = event.headers
+
+    def _reset_unserved(self, stream_id: int, code: ErrorCodes) -> None:
+        try:
+            self.h2.reset_stream(stream_id, code)
+        except h2.exceptions.StreamClosedError:
+            pass  # the client cancelled it already, in the same read
 
     def _on_reset(self, event) -> None:
         stream = self.streams.get(event.stream_id)
