@@ -11,13 +11,17 @@ connection-specific fields, a ``te`` other than "trailers"), and the session res
 from __future__ import annotations
 
 from proxy.http.forwarding import HOP_BY_HOP
-from proxy.http.http1 import Headers, ProtocolError, RequestHead
+import re
+
+from proxy.http.http1 import Headers, ProtocolError, RequestHead, is_token, is_valid_host
 
 VERSION = "HTTP/2.0"  # what the access log and the request records show for a stream
 # Connection-specific fields (RFC 9113 §8.2.2) and the HTTP/1.1 framing ones: never in a header block.
 _NOT_IN_H2 = HOP_BY_HOP | {"content-length", "host"}
 _RESPONSE_DROP = HOP_BY_HOP
 _REQUEST_PSEUDO = frozenset({":method", ":path", ":authority", ":scheme"})
+# An origin-form :path (RFC 9113 §8.3.1) that fits a request line: visible characters, no fragment.
+_PATH_RE = re.compile(r"/[\x21-\x22\x24-\x7e]*")
 
 
 def request_from_block(block, end_stream: bool, max_header_bytes: int) -> RequestHead:
@@ -46,12 +50,20 @@ def request_from_block(block, end_stream: bool, max_header_bytes: int) -> Reques
     target = pseudo.get(":path", "")
     if not method or not target or ":scheme" not in pseudo:
         raise ProtocolError(400, "missing :method, :scheme or :path")
+    # They become an HTTP/1.1 request line upstream: anything a request line refuses is refused here,
+    # or the backend could read another target than the one routed and checked.
+    if not is_token(method):
+        raise ProtocolError(400, "invalid :method")
+    if not (_PATH_RE.fullmatch(target) or (target == "*" and method == "OPTIONS")):
+        raise ProtocolError(400, "invalid :path")
     if cookies:
         raw.append(("cookie", "; ".join(cookies)))  # RFC 9113 §8.2.3
     headers = Headers(raw)
     host = pseudo.get(":authority") or headers.get("host")  # RFC 9113 §8.3.1: :authority wins over Host
     if host is None:
         raise ProtocolError(400, "missing :authority")
+    if not is_valid_host(host):
+        raise ProtocolError(400, "invalid :authority")
     content_length = _content_length(headers)
     if end_stream and content_length:
         raise ProtocolError(400, "Content-Length promised a body the stream does not carry")
