@@ -359,6 +359,22 @@ def test_pseudo_fields_an_http1_request_line_would_refuse_get_400(h2_proxy, make
     client.close()
 
 
+@pytest.mark.parametrize("field", [("x(y", "1"), ("transfer_encoding", "chunked"), ("content_length", "5"),
+                                   ("x-ctl", "a\x01b"), ("x-del", "a\x7fb")],
+                         ids=["non-token-name", "te-lookalike", "cl-lookalike", "control-char", "del"])
+def test_fields_an_http1_request_would_refuse_get_400(h2_proxy, make_backend, field):
+    # h2 refuses only what RFC 9113 lists (uppercase, CR, LF, NUL...); the HTTP/1.1 request sent
+    # upstream needs what HTTP/1.1 needs, and a framing lookalike is refused as the HTTP/1.1 parser does.
+    backend = make_backend()
+    proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
+    client = H2Client.connect(proxy.port, validate_outbound_headers=False, normalize_outbound_headers=False)
+    headers, body = client.response(client.request("/", headers=[field]))
+    assert headers[":status"] == "400"
+    assert b"header" in body  # the proxy's answer, not a backend's that got the request
+    assert not backend.requests
+    client.close()
+
+
 def test_bad_request_on_one_stream_leaves_the_connection_serving(h2_proxy, make_backend):
     backend = make_backend()
     proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})

@@ -22,6 +22,12 @@ _RESPONSE_DROP = HOP_BY_HOP
 _REQUEST_PSEUDO = frozenset({":method", ":path", ":authority", ":scheme"})
 # An origin-form :path (RFC 9113 §8.3.1) that fits a request line: visible characters, no fragment.
 _PATH_RE = re.compile(r"/[\x21-\x22\x24-\x7e]*")
+# A field as HTTP/1.1 allows it (h2 refuses only uppercase, CR, LF, NUL and a few more): a token for
+# a name, no control character in a value. Bound methods: this runs for every field of every stream.
+_is_field_name = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+").fullmatch
+_is_field_value = re.compile(r"[\t\x20-\x7e\x80-\xff]*").fullmatch
+# Names a CGI/WSGI backend folds onto a framing field, refused as the HTTP/1.1 parser refuses them.
+_FRAMING_LOOKALIKES = frozenset({"content_length", "transfer_encoding"})
 
 
 def request_from_block(block, end_stream: bool, max_header_bytes: int) -> RequestHead:
@@ -36,7 +42,12 @@ def request_from_block(block, end_stream: bool, max_header_bytes: int) -> Reques
         size += len(name) + len(value) + 32  # RFC 9113 §6.5.2: the size SETTINGS_MAX_HEADER_LIST_SIZE counts
         if name.startswith(":"):
             pseudo[name] = value
-        elif name == "cookie":
+            continue
+        if not _is_field_name(name) or name in _FRAMING_LOOKALIKES:
+            raise ProtocolError(400, "invalid header name")
+        if not _is_field_value(value):
+            raise ProtocolError(400, "invalid character in header value")
+        if name == "cookie":
             cookies.append(value)
         else:  # h2 refused connection-specific fields already; forwarding drops the hop-by-hop rest
             raw.append((name, value))
