@@ -375,6 +375,22 @@ def test_fields_an_http1_request_would_refuse_get_400(h2_proxy, make_backend, fi
     client.close()
 
 
+@pytest.mark.parametrize("trailer", [("content-length", "5"), ("authorization", "Basic YTpi"), ("x(y", "1"),
+                                     ("x-ctl", "a\x01b")])
+def test_request_trailers_an_http1_request_would_refuse_get_400(h2_proxy, make_backend, trailer):
+    backend = make_backend()
+    proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
+    client = H2Client.connect(proxy.port, validate_outbound_headers=False, normalize_outbound_headers=False)
+    stream = client.request("/upload", method="POST", body=b"part", end=False)
+    client.h2.send_headers(stream, [trailer], end_stream=True)
+    client.flush()
+    headers, body = client.response(stream)
+    assert headers[":status"] == "400"
+    assert b"trailer" in body  # the proxy's answer: the trailers never went upstream
+    assert not backend.requests
+    client.close()
+
+
 def test_bad_request_on_one_stream_leaves_the_connection_serving(h2_proxy, make_backend):
     backend = make_backend()
     proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})

@@ -13,7 +13,7 @@ from __future__ import annotations
 from proxy.http.forwarding import HOP_BY_HOP
 import re
 
-from proxy.http.http1 import Headers, ProtocolError, RequestHead, is_token, is_valid_host
+from proxy.http.http1 import FORBIDDEN_TRAILERS, Headers, ProtocolError, RequestHead, is_token, is_valid_host
 
 VERSION = "HTTP/2.0"  # what the access log and the request records show for a stream
 # Connection-specific fields (RFC 9113 §8.2.2) and the HTTP/1.1 framing ones: never in a header block.
@@ -83,6 +83,20 @@ def request_from_block(block, end_stream: bool, max_header_bytes: int) -> Reques
     return RequestHead(method=method, target=target, version=VERSION, headers=_without_framing(headers),
                        content_length=content_length, chunked=chunked, keep_alive=True, host=host,
                        connection_tokens=frozenset(), expect_continue=False, upgrade=None)
+
+
+def request_trailers(block) -> list[tuple[str, str]]:
+    """A stream's request trailers, for the chunked body upstream; ProtocolError 400 for a field the
+    HTTP/1.1 parser refuses in trailers too (RFC 9110 §6.5.1: framing, routing, authentication)."""
+    trailers = []
+    for name_bytes, value_bytes in block:
+        name, value = name_bytes.decode("latin-1"), value_bytes.decode("latin-1")
+        if not _is_field_name(name) or not _is_field_value(value):
+            raise ProtocolError(400, "invalid trailer field")
+        if name in FORBIDDEN_TRAILERS or name in _FRAMING_LOOKALIKES:
+            raise ProtocolError(400, f"forbidden trailer field: {name}")
+        trailers.append((name, value))
+    return trailers
 
 
 def _content_length(headers: Headers) -> int | None:

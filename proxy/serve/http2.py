@@ -23,7 +23,8 @@ from proxy.http.errors import ClientGone, ProxyError, UpstreamFailed
 from proxy.http.http1 import LAST_CHUNK, NEED_DATA, Data, ProtocolError, encode_chunk
 from proxy.http.redirects import redirect_response
 from proxy.http.responses import html_response, plain_response
-from proxy.http2.mapping import from_http1_payload, interim_block, request_from_block, response_block, trailer_block
+from proxy.http2.mapping import (from_http1_payload, interim_block, request_from_block, request_trailers,
+                                 response_block, trailer_block)
 from proxy.http2.session import H2Session
 from proxy.serve.handler import HttpHandler, RequestRecord, _AS_IS, _no_body_to_send
 
@@ -266,7 +267,7 @@ class Http2StreamHandler(HttpHandler):
             raise ProtocolError(400, "request body shorter than its Content-Length")
         if chunked:
             trailers = client.stream.trailers
-            last = self._last_chunk([(n.decode("latin-1"), v.decode("latin-1")) for n, v in trailers]) if trailers else LAST_CHUNK
+            last = self._last_chunk(request_trailers(trailers)) if trailers else LAST_CHUNK
             link.send(last)
             self._keep_for_replay(ex, last)
         ex.body_done = True
