@@ -391,6 +391,26 @@ def test_request_trailers_an_http1_request_would_refuse_get_400(h2_proxy, make_b
     client.close()
 
 
+def test_head_answer_keeps_the_upstreams_content_length(h2_proxy, make_backend):
+    backend = make_backend()
+    backend.route("/sized", lambda h, record: h.reply(200, b"x" * 24000))
+
+    def unsized(h, record):  # a close-delimited answer: no length to tell
+        h.send_response(200)
+        h.send_header("Connection", "close")
+        h.end_headers()
+        h.close_connection = True
+
+    backend.route("/unsized", unsized)
+    proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
+    client = H2Client.connect(proxy.port)
+    headers, body = client.response(client.request("/sized", method="HEAD"))
+    assert (headers[":status"], headers.get("content-length"), body) == ("200", "24000", b"")  # as GET would say
+    headers, body = client.response(client.request("/unsized", method="HEAD"))
+    assert (headers[":status"], body) == ("200", b"") and "content-length" not in headers
+    client.close()
+
+
 def test_bad_request_on_one_stream_leaves_the_connection_serving(h2_proxy, make_backend):
     backend = make_backend()
     proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})

@@ -183,6 +183,12 @@ def _close_after_goaway(conn, session: H2Session, reading: bool = False) -> None
     HttpHandler._close_lingering(conn)
 
 
+def _declared_length(response) -> int | None:
+    """The Content-Length of a HEAD or 304 answer: the size a GET would have, relayed as HTTP/1.1 does."""
+    value = response.headers.get("content-length")
+    return int(value) if value is not None and value.isdigit() and len(value) <= 18 else None
+
+
 def _check_cancelled(stream) -> None:
     if stream.reset:
         raise ClientGone("client cancelled the stream")
@@ -302,8 +308,8 @@ class Http2StreamHandler(HttpHandler):
         if ex.route is not None and ex.route.compress is not None and not no_body:
             response, encoder = compression_for(ex.route.compress, request, response)
         length = response.content_length if encoder is None and not response.chunked else None
-        if response.status == 204:
-            length = None
+        if no_body:  # the parser counts 0 bytes of body; the length to tell is the one the upstream sent
+            length = _declared_length(response) if response.status != 204 else None
         request_id = ex.record.request_id if self.app.return_request_id else None
         session, stream = ex.conn.session, ex.conn.stream
         ex.response_started = True
