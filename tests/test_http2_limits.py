@@ -192,6 +192,23 @@ def test_control_frame_flood_gets_enhance_your_calm(h2c_proxy, frame):
     assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
 
 
+def test_empty_data_frame_flood_gets_enhance_your_calm(h2c_proxy, make_backend):
+    # CVE-2019-9518: empty DATA frames cost work, and flow control does not count them.
+    release = threading.Event()
+    backend = make_backend()
+    hanging_route(backend, release)
+    proxy, _ = h2c_proxy(backend=backend)
+    client = H2Client.connect(proxy.port)
+    stream = client.request("/hang", method="POST", end=False)
+    try:
+        client.send_raw(DataFrame(stream, data=b"").serialize() * 500)
+    except ConnectionError:
+        pass
+    goaway = client.goaway()
+    release.set()
+    assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
 # -- flow control --------------------------------------------------------------------------------------
 
 def _counting_stream(total: int, written: list):

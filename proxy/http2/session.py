@@ -45,9 +45,9 @@ READS_PER_ROUND = 16
 # CONNECTION_WINDOW across its streams (the RFC's 65,535 default throttles uploads on a fast link).
 STREAM_WINDOW = 256 * 1024
 CONNECTION_WINDOW = 1024 * 1024
-# PING, SETTINGS and PRIORITY frames a client may send between two requests. Each costs work (the
-# first two an answer); a client that sends them in a loop (CVE-2019-9512, -9513, -9515) gets GOAWAY
-# ENHANCE_YOUR_CALM.
+# PING, SETTINGS, PRIORITY and empty DATA frames a client may send between two requests. Each costs
+# work (the first two an answer); a client that sends them in a loop (CVE-2019-9512, -9513, -9515,
+# -9518) gets GOAWAY ENHANCE_YOUR_CALM.
 MAX_CONTROL_FRAMES = 100
 # SETTINGS_MAX_HEADER_LIST_SIZE is this many times max_header_bytes: a request between the two is
 # decoded and answered 431 on its stream (proxy/http2/mapping.py), as HTTP/1.1 answers one; past it
@@ -225,6 +225,10 @@ class H2Session:
         return stream
 
     def _on_data(self, event) -> None:
+        if not event.flow_controlled_length:  # an empty frame: nothing to read, and no window spent
+            if event.stream_ended is None:  # not the usual one ending a body: counted as a PING is
+                self._on_control(event)
+            return
         stream = self.streams.get(event.stream_id)
         if stream is None or stream.reset:
             # Nobody will read it: give the window back at once, or the connection's would run dry.
