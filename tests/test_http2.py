@@ -15,6 +15,7 @@ import threading
 import h2.events
 import httpx
 import pytest
+from h2.errors import ErrorCodes
 
 from core.socket_server import bind_listener
 from proxy.config.schema import parse_config
@@ -266,6 +267,147 @@ def test_trailers_and_interim_responses_are_relayed(h2_proxy, upstreams):
     assert dict(interim[0].headers)["link"] == "</a.css>; rel=preload"
     trailers = [e for e in client.events if isinstance(e, h2.events.TrailersReceived)]
     assert dict(trailers[0].headers) == {"grpc-status": "0"}
+    client.close()
+
+
+@pytest.mark.parametrize("method, status", [("HEAD", 200), ("GET", 204), ("GET", 304)])
+def test_upstream_connection_closing_after_a_bodiless_answer_is_not_reused(h2_proxy, make_raw_backend,
+                                                                          method, status):
+    seen = []
+
+    def says_close_but_reads_on(peer):  # closes only when the proxy does: the proxy must believe the header
+        while head := peer.read_head():
+            seen.append((peer.index, head.split(b" ")[0].decode()))
+            peer.send(b"HTTP/1.1 %d X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % status)
+
+    backend = make_raw_backend(says_close_but_reads_on)
+    proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
+    client = H2Client.connect(proxy.port)
+    for _ in range(2):
+        headers, _ = client.response(client.request("/", method=method))
+        assert headers[":status"] == str(status)
+    assert seen == [(0, method), (1, method)]
+    client.close()
+
+
+@pytest.mark.parametrize("bad_field", [("X-Upper", "1"), ("connection", "close"), ("upgrade", "websocket"),
+                                       ("te", "gzip"), ("x-space", "value "), ("host", "other.test")],
+                         ids=["uppercase", "connection", "upgrade", "te", "whitespace", "host-mismatch"])
+def test_malformed_request_is_a_stream_error_not_a_connection_error(h2_proxy, make_backend, bad_field):
+    # RFC 9113 §8.1.1: a malformed request is a stream error (PROTOCOL_ERROR): the client's other
+    # requests on the connection, maybe other users' behind a balancer, go on.
+    release = threading.Event()
+    backend = make_backend()
+    backend.route("/slow", lambda h, record: (release.wait(CLIENT_TIMEOUT), h.reply(200, b"slow")))
+    proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
+    client = H2Client.connect(proxy.port, validate_outbound_headers=False, normalize_outbound_headers=False)
+    slow = client.request("/slow")
+    wait_for(lambda: backend.requests, what="the slow request upstream")
+    bad = client.request("/bad", headers=[bad_field])
+    reset = client.until(lambda e: isinstance(e, (h2.events.StreamReset, h2.events.ConnectionTerminated)))
+    assert isinstance(reset, h2.events.StreamReset) and reset.stream_id == bad
+    assert reset.error_code == ErrorCodes.PROTOCOL_ERROR
+    release.set()
+    headers, body = client.response(slow)
+    assert (headers[":status"], body) == ("200", b"slow")
+    headers, _ = client.response(client.request("/after"))
+    assert headers[":status"] == "200"
+    assert [r.path for r in backend.requests] == ["/slow", "/after"]
+    client.close()
+
+
+def test_malformed_trailers_reset_their_stream_alone(h2_proxy, make_backend):
+    backend = make_backend()
+    proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
+    client = H2Client.connect(proxy.port, validate_outbound_headers=False, normalize_outbound_headers=False)
+    bad = client.request("/upload", method="POST", body=b"part", end=False)
+    client.h2.send_headers(bad, [("X-Upper", "1")], end_stream=True)
+    client.flush()
+    reset = client.until(lambda e: isinstance(e, (h2.events.StreamReset, h2.events.ConnectionTerminated)))
+    assert isinstance(reset, h2.events.StreamReset) and reset.stream_id == bad
+    assert reset.error_code == ErrorCodes.PROTOCOL_ERROR
+    headers, _ = client.response(client.request("/after"))
+    assert headers[":status"] == "200"
+    client.close()
+
+
+def _send_block(client: H2Client, **pseudo) -> int:
+    """A request whose pseudo-fields the test chooses (h2's own checks of them left to the proxy)."""
+    fields = {":method": "GET", ":path": "/", ":scheme": "http", ":authority": "h2.test", **pseudo}
+    stream = client.h2.get_next_available_stream_id()
+    client.h2.send_headers(stream, list(fields.items()), end_stream=True)
+    client.flush()
+    return stream
+
+
+@pytest.mark.parametrize("pseudo", [{":method": "GET /admin HTTP/1.1"}, {":method": "G(T"},
+                                    {":path": "/public HTTP/1.1"}, {":path": "public"}, {":path": "/a#b"},
+                                    {":path": "/a\tb"}, {":path": "*"}, {":path": "http://h2.test/x"},
+                                    {":authority": "user@h2.test"}, {":authority": "h2 .test"},
+                                    {":authority": ":80"}],
+                         ids=lambda p: repr(next(iter(p.values()))))
+def test_pseudo_fields_an_http1_request_line_would_refuse_get_400(h2_proxy, make_backend, pseudo):
+    # What goes upstream is an HTTP/1.1 request line: a space in :method or :path would let the
+    # backend read another target than the one routed and checked, as in a request smuggled past.
+    backend = make_backend()
+    proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
+    client = H2Client.connect(proxy.port, validate_outbound_headers=False, normalize_outbound_headers=False)
+    headers, body = client.response(_send_block(client, **pseudo))
+    assert headers[":status"] == "400"
+    assert b"invalid :" in body  # the proxy's answer, not a backend's that got the request
+    assert not backend.requests
+    client.close()
+
+
+@pytest.mark.parametrize("field", [("x(y", "1"), ("transfer_encoding", "chunked"), ("content_length", "5"),
+                                   ("x-ctl", "a\x01b"), ("x-del", "a\x7fb")],
+                         ids=["non-token-name", "te-lookalike", "cl-lookalike", "control-char", "del"])
+def test_fields_an_http1_request_would_refuse_get_400(h2_proxy, make_backend, field):
+    # h2 refuses only what RFC 9113 lists (uppercase, CR, LF, NUL...); the HTTP/1.1 request sent
+    # upstream needs what HTTP/1.1 needs, and a framing lookalike is refused as the HTTP/1.1 parser does.
+    backend = make_backend()
+    proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
+    client = H2Client.connect(proxy.port, validate_outbound_headers=False, normalize_outbound_headers=False)
+    headers, body = client.response(client.request("/", headers=[field]))
+    assert headers[":status"] == "400"
+    assert b"header" in body  # the proxy's answer, not a backend's that got the request
+    assert not backend.requests
+    client.close()
+
+
+@pytest.mark.parametrize("trailer", [("content-length", "5"), ("authorization", "Basic YTpi"), ("x(y", "1"),
+                                     ("x-ctl", "a\x01b")])
+def test_request_trailers_an_http1_request_would_refuse_get_400(h2_proxy, make_backend, trailer):
+    backend = make_backend()
+    proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
+    client = H2Client.connect(proxy.port, validate_outbound_headers=False, normalize_outbound_headers=False)
+    stream = client.request("/upload", method="POST", body=b"part", end=False)
+    client.h2.send_headers(stream, [trailer], end_stream=True)
+    client.flush()
+    headers, body = client.response(stream)
+    assert headers[":status"] == "400"
+    assert b"trailer" in body  # the proxy's answer: the trailers never went upstream
+    assert not backend.requests
+    client.close()
+
+
+def test_head_answer_keeps_the_upstreams_content_length(h2_proxy, make_backend):
+    backend = make_backend()
+    backend.route("/sized", lambda h, record: h.reply(200, b"x" * 24000))
+
+    def unsized(h, record):  # a close-delimited answer: no length to tell
+        h.send_response(200)
+        h.send_header("Connection", "close")
+        h.end_headers()
+        h.close_connection = True
+
+    backend.route("/unsized", unsized)
+    proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
+    client = H2Client.connect(proxy.port)
+    headers, body = client.response(client.request("/sized", method="HEAD"))
+    assert (headers[":status"], headers.get("content-length"), body) == ("200", "24000", b"")  # as GET would say
+    headers, body = client.response(client.request("/unsized", method="HEAD"))
+    assert (headers[":status"], body) == ("200", b"") and "content-length" not in headers
     client.close()
 
 

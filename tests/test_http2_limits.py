@@ -82,6 +82,33 @@ def test_streams_past_max_streams_are_refused_and_the_others_finish(h2c_proxy, m
     client.close()
 
 
+def test_streams_leave_room_in_a_full_pool_for_their_connection_to_be_read(h2c_proxy, make_backend):
+    release = threading.Event()
+    backend = make_backend()
+    hanging_route(backend, release)
+    proxy, _ = h2c_proxy(server={"min_threads": 1, "max_threads": 1}, backend=backend)
+    pool = proxy.process.pool
+    client = H2Client.connect(proxy.port)
+    unlimited_client_view(client)
+    streams = [client.request("/hang") for _ in range(pool.max_queue + 6)]  # more than the queue holds
+    wait_for(lambda: len(backend.requests) == 1, what="the one thread busy upstream")
+    queued = pool.queued
+    other = socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT)
+    other.sendall(PREFACE)  # another connection waits for a thread too
+    wait_for(lambda: pool.queued == queued + 1, what="the other connection queued")
+    client.h2.ping(b"12345678")  # the first connection has more to read: it must not be shed for it
+    client.flush()
+    release.set()
+    ended = [client.until(lambda e, s=s: isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset))
+                          and e.stream_id == s) for s in streams]
+    assert None not in ended, "the connection was closed with its streams in progress"
+    refused = [e for e in ended if isinstance(e, h2.events.StreamReset)]
+    assert {e.error_code for e in refused} == {ErrorCodes.REFUSED_STREAM}
+    assert len(backend.requests) == len(streams) - len(refused)
+    other.close()
+    client.close()
+
+
 def test_header_list_past_max_header_bytes_gets_431_and_far_past_it_goaway(h2c_proxy):
     proxy, backend = h2c_proxy(server={"max_header_bytes": "2KiB"})
     client = H2Client.connect(proxy.port)
@@ -165,6 +192,23 @@ def test_control_frame_flood_gets_enhance_your_calm(h2c_proxy, frame):
     assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
 
 
+def test_empty_data_frame_flood_gets_enhance_your_calm(h2c_proxy, make_backend):
+    # CVE-2019-9518: empty DATA frames cost work, and flow control does not count them.
+    release = threading.Event()
+    backend = make_backend()
+    hanging_route(backend, release)
+    proxy, _ = h2c_proxy(backend=backend)
+    client = H2Client.connect(proxy.port)
+    stream = client.request("/hang", method="POST", end=False)
+    try:
+        client.send_raw(DataFrame(stream, data=b"").serialize() * 500)
+    except ConnectionError:
+        pass
+    goaway = client.goaway()
+    release.set()
+    assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
 # -- flow control --------------------------------------------------------------------------------------
 
 def _counting_stream(total: int, written: list):
@@ -213,6 +257,91 @@ def test_client_that_stops_reading_stops_the_upstream_and_meets_send_timeout(h2c
     assert written[0] < 64 * 1024 * 1024
     headers, body = client.response(client.request("/small"))  # the connection itself still serves
     assert headers[":status"] == "200"
+    client.close()
+
+
+@pytest.mark.parametrize("answered", [b"", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf."],
+                         ids=["before-the-head", "mid-body"])
+def test_stream_reset_while_its_upstream_thinks_closes_that_upstream_connection(h2c_proxy, make_raw_backend,
+                                                                                answered):
+    events = []
+
+    def thinks_until_dropped(peer):
+        peer.read_head()
+        if answered:
+            peer.send(answered)
+        events.append("request")
+        try:
+            events.append("closed" if peer.sock.recv(1) == b"" else "data")
+        except TimeoutError:
+            events.append("still open")
+
+    backend = make_raw_backend(thinks_until_dropped)
+    proxy, _ = h2c_proxy(backend=backend, upstream_options={"read_timeout": "60s"})
+    client = H2Client.connect(proxy.port)
+    stream = client.request("/think")
+    wait_for(lambda: events == ["request"], what="the request upstream")
+    if answered:
+        client.until(lambda e: isinstance(e, h2.events.DataReceived) and e.stream_id == stream)
+    client.h2.reset_stream(stream)
+    client.flush()
+    # As nginx does: the cancelled request's upstream connection is closed, its worker freed, at once,
+    # not when the upstream answers or read_timeout passes.
+    wait_for(lambda: len(events) == 2, what="the upstream connection closed")
+    assert events == ["request", "closed"]
+    wait_for(lambda: build_status(proxy.app)["http2"]["streams"] == 0, what="the stream finished")
+    assert backend.connections == 1  # not retried elsewhere
+    client.close()
+
+
+def _window_back(client: H2Client, size: int) -> bool:
+    """Read (bounded) until the connection's send window is back past half of ``size`` (h2 gives
+    window back in steps of half of it); False if it never is."""
+    try:
+        client.until(lambda e: client.h2.outbound_flow_control_window > size // 2, rounds=200)
+    except (AssertionError, socket.timeout):
+        return False
+    return True
+
+
+def _upload(client: H2Client, size: int, headers=(), end: bool = True) -> int:
+    """A POST whose body goes out at once, in frames of the client's size, all in one write."""
+    stream = client.request("/upload", method="POST", headers=headers, end=False)
+    frame = client.h2.max_outbound_frame_size
+    for offset in range(0, size, frame):
+        client.h2.send_data(stream, b"x" * min(frame, size - offset), end_stream=end and offset + frame >= size)
+    client.flush()
+    return stream
+
+
+def test_body_of_a_stream_answered_before_reading_it_gives_the_window_back(h2c_proxy):
+    proxy, backend = h2c_proxy(server={"max_body_bytes": "100KiB"})
+    client = H2Client.connect(proxy.port)
+    start = client.h2.outbound_flow_control_window
+    for _ in range(4):  # 800 KB sent, in the proxy's 1 MiB connection window: none of it ever read
+        headers, _ = client.response(_upload(client, 200_000, [("content-length", "200000")]))
+        assert headers[":status"] == "413"
+    # Stream bytes nobody reads are the connection's to give back, or its window runs dry for good
+    # and every later upload on the connection stalls.
+    assert _window_back(client, start)
+    assert not backend.requests
+    client.close()
+
+
+def test_body_of_a_stream_reset_before_its_worker_gives_the_window_back(h2c_proxy, make_backend):
+    release = threading.Event()
+    backend = make_backend()
+    hanging_route(backend, release)
+    proxy, _ = h2c_proxy(server={"min_threads": 1, "max_threads": 1}, backend=backend)
+    client = H2Client.connect(proxy.port)
+    start = client.h2.outbound_flow_control_window
+    client.request("/hang")  # the only worker waits on it: the uploads below queue in the pool
+    wait_for(lambda: len(backend.requests) == 1, what="the hanging stream upstream")
+    for _ in range(4):
+        client.h2.reset_stream(_upload(client, 200_000, end=False))
+        client.flush()
+    release.set()
+    assert _window_back(client, start)
     client.close()
 
 

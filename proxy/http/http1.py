@@ -398,6 +398,16 @@ def _version(major: str, minor: str, error_status: int) -> str:
     raise ProtocolError(error_status, "HTTP version not supported")
 
 
+def is_token(text: str) -> bool:
+    """A method name as a request line allows it (RFC 9110 §5.6.2); HTTP/2's :method too."""
+    return _TOKEN_RE.fullmatch(text) is not None
+
+
+def is_valid_host(host: str) -> bool:
+    """A Host value as a request allows it (no userinfo, no empty host); HTTP/2's :authority too."""
+    return bool(host) and host[0] != ":" and _HOST_RE.fullmatch(host) is not None
+
+
 def _describe_bad_request_line(line: str) -> str:
     parts = line.split(" ")
     if len(parts) != 3 or "" in parts:

@@ -4,20 +4,30 @@ A request's header block becomes a ``RequestHead`` the HTTP/1.1 pipeline accepts
 becomes Host, cookies split over several fields are joined again (§8.2.3), and nothing
 connection-specific crosses (§8.2.2). A response head becomes a header block the same way back.
 The ``h2`` package already refuses malformed blocks (uppercase names, pseudo-fields out of place,
-connection-specific fields, a ``te`` other than "trailers"); what is checked here is what it leaves
-to the application.
+connection-specific fields, a ``te`` other than "trailers"), and the session resets such a stream
+(proxy/http2/session.py); what is checked here is what it leaves to the application.
 """
 
 from __future__ import annotations
 
 from proxy.http.forwarding import HOP_BY_HOP
-from proxy.http.http1 import Headers, ProtocolError, RequestHead
+import re
+
+from proxy.http.http1 import FORBIDDEN_TRAILERS, Headers, ProtocolError, RequestHead, is_token, is_valid_host
 
 VERSION = "HTTP/2.0"  # what the access log and the request records show for a stream
 # Connection-specific fields (RFC 9113 §8.2.2) and the HTTP/1.1 framing ones: never in a header block.
 _NOT_IN_H2 = HOP_BY_HOP | {"content-length", "host"}
 _RESPONSE_DROP = HOP_BY_HOP
 _REQUEST_PSEUDO = frozenset({":method", ":path", ":authority", ":scheme"})
+# An origin-form :path (RFC 9113 §8.3.1) that fits a request line: visible characters, no fragment.
+_PATH_RE = re.compile(r"/[\x21-\x22\x24-\x7e]*")
+# A field as HTTP/1.1 allows it (h2 refuses only uppercase, CR, LF, NUL and a few more): a token for
+# a name, no control character in a value. Bound methods: this runs for every field of every stream.
+_is_field_name = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+").fullmatch
+_is_field_value = re.compile(r"[\t\x20-\x7e\x80-\xff]*").fullmatch
+# Names a CGI/WSGI backend folds onto a framing field, refused as the HTTP/1.1 parser refuses them.
+_FRAMING_LOOKALIKES = frozenset({"content_length", "transfer_encoding"})
 
 
 def request_from_block(block, end_stream: bool, max_header_bytes: int) -> RequestHead:
@@ -32,7 +42,12 @@ def request_from_block(block, end_stream: bool, max_header_bytes: int) -> Reques
         size += len(name) + len(value) + 32  # RFC 9113 §6.5.2: the size SETTINGS_MAX_HEADER_LIST_SIZE counts
         if name.startswith(":"):
             pseudo[name] = value
-        elif name == "cookie":
+            continue
+        if not _is_field_name(name) or name in _FRAMING_LOOKALIKES:
+            raise ProtocolError(400, "invalid header name")
+        if not _is_field_value(value):
+            raise ProtocolError(400, "invalid character in header value")
+        if name == "cookie":
             cookies.append(value)
         else:  # h2 refused connection-specific fields already; forwarding drops the hop-by-hop rest
             raw.append((name, value))
@@ -46,12 +61,20 @@ def request_from_block(block, end_stream: bool, max_header_bytes: int) -> Reques
     target = pseudo.get(":path", "")
     if not method or not target or ":scheme" not in pseudo:
         raise ProtocolError(400, "missing :method, :scheme or :path")
+    # They become an HTTP/1.1 request line upstream: anything a request line refuses is refused here,
+    # or the backend could read another target than the one routed and checked.
+    if not is_token(method):
+        raise ProtocolError(400, "invalid :method")
+    if not (_PATH_RE.fullmatch(target) or (target == "*" and method == "OPTIONS")):
+        raise ProtocolError(400, "invalid :path")
     if cookies:
         raw.append(("cookie", "; ".join(cookies)))  # RFC 9113 §8.2.3
     headers = Headers(raw)
     host = pseudo.get(":authority") or headers.get("host")  # RFC 9113 §8.3.1: :authority wins over Host
     if host is None:
         raise ProtocolError(400, "missing :authority")
+    if not is_valid_host(host):
+        raise ProtocolError(400, "invalid :authority")
     content_length = _content_length(headers)
     if end_stream and content_length:
         raise ProtocolError(400, "Content-Length promised a body the stream does not carry")
@@ -60,6 +83,20 @@ def request_from_block(block, end_stream: bool, max_header_bytes: int) -> Reques
     return RequestHead(method=method, target=target, version=VERSION, headers=_without_framing(headers),
                        content_length=content_length, chunked=chunked, keep_alive=True, host=host,
                        connection_tokens=frozenset(), expect_continue=False, upgrade=None)
+
+
+def request_trailers(block) -> list[tuple[str, str]]:
+    """A stream's request trailers, for the chunked body upstream; ProtocolError 400 for a field the
+    HTTP/1.1 parser refuses in trailers too (RFC 9110 §6.5.1: framing, routing, authentication)."""
+    trailers = []
+    for name_bytes, value_bytes in block:
+        name, value = name_bytes.decode("latin-1"), value_bytes.decode("latin-1")
+        if not _is_field_name(name) or not _is_field_value(value):
+            raise ProtocolError(400, "invalid trailer field")
+        if name in FORBIDDEN_TRAILERS or name in _FRAMING_LOOKALIKES:
+            raise ProtocolError(400, f"forbidden trailer field: {name}")
+        trailers.append((name, value))
+    return trailers
 
 
 def _content_length(headers: Headers) -> int | None:

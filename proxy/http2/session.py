@@ -29,6 +29,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
@@ -44,9 +45,9 @@ READS_PER_ROUND = 16
 # CONNECTION_WINDOW across its streams (the RFC's 65,535 default throttles uploads on a fast link).
 STREAM_WINDOW = 256 * 1024
 CONNECTION_WINDOW = 1024 * 1024
-# PING, SETTINGS and PRIORITY frames a client may send between two requests. Each costs work (the
-# first two an answer); a client that sends them in a loop (CVE-2019-9512, -9513, -9515) gets GOAWAY
-# ENHANCE_YOUR_CALM.
+# PING, SETTINGS, PRIORITY and empty DATA frames a client may send between two requests. Each costs
+# work (the first two an answer); a client that sends them in a loop (CVE-2019-9512, -9513, -9515,
+# -9518) gets GOAWAY ENHANCE_YOUR_CALM.
 MAX_CONTROL_FRAMES = 100
 # SETTINGS_MAX_HEADER_LIST_SIZE is this many times max_header_bytes: a request between the two is
 # decoded and answered 431 on its stream (proxy/http2/mapping.py), as HTTP/1.1 answers one; past it
@@ -57,21 +58,44 @@ HEADER_LIST_SLACK = 2
 RAPID_RESET_FACTOR = 1
 
 
+class MalformedBlock(list):
+    """The header list of a malformed request or trailers (RFC 9113 §8.1.1), as h2's event carries it."""
+
+
+class _ServerStream(h2.stream.H2Stream):
+    """h2's stream, except that a header block failing h2's checks (an uppercase name, a connection-specific
+    field, Host against :authority) is handed on as a MalformedBlock, for the session to reset that stream
+    alone (PROTOCOL_ERROR, a stream error as RFC 9113 §8.1.1 says) where h2 would end the connection."""
+
+    def _process_received_headers(self, headers, header_validation_flags, header_encoding):
+        headers = list(headers)
+        try:
+            return super()._process_received_headers(headers, header_validation_flags, header_encoding)
+        except h2.exceptions.ProtocolError:
+            return MalformedBlock(headers)
+
+
 class _ServerConnection(h2.connection.H2Connection):
     """h2's connection, except that a stream past SETTINGS_MAX_CONCURRENT_STREAMS is left to the session,
     which refuses that stream alone (REFUSED_STREAM, RFC 9113 §5.1.2) where h2 would end the connection
-    and every stream in progress with it."""
+    and every stream in progress with it; the same for a malformed request (``_ServerStream``)."""
 
     @property
     def open_inbound_streams(self) -> int:
         h2.connection.H2Connection.open_inbound_streams.fget(self)  # it also forgets closed streams
         return 0
 
+    def _begin_new_stream(self, stream_id, allowed_ids):
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream.__class__ = _ServerStream
+        return stream
+
 
 class Stream:
     """One request on the connection, as the reader received it and its worker answers it."""
 
-    __slots__ = ("id", "block", "end_stream", "body", "body_ended", "trailers", "reset", "answered", "started")
+    __slots__ = ("id", "block", "end_stream", "body", "body_ended", "trailers", "reset", "answered", "started",
+                 "upstream")
 
     def __init__(self, stream_id: int, block, end_stream: bool):
         self.id = stream_id
@@ -83,6 +107,7 @@ class Stream:
         self.reset = False  # the client cancelled it, or the connection is gone
         self.answered = False  # our END_STREAM (or RST_STREAM) went out
         self.started = False  # its worker picked it up
+        self.upstream = None  # the upstream socket its worker reads, shut down if the stream is cancelled
 
 
 class H2Session:
@@ -183,6 +208,9 @@ class H2Session:
     def _on_request(self, event) -> Stream | None:
         self.control_frames = 0
         self.last_activity = self.clock()
+        if event.headers.__class__ is MalformedBlock:
+            self._reset_unserved(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
+            return None
         if self.goaway_sent or len(self.streams) >= self.max_streams:
             # After our GOAWAY no new stream is served; past max_streams (a client that did not wait
             # for our SETTINGS) the stream is refused, which tells the client it may retry it.
@@ -197,6 +225,10 @@ class H2Session:
         return stream
 
     def _on_data(self, event) -> None:
+        if not event.flow_controlled_length:  # an empty frame: nothing to read, and no window spent
+            if event.stream_ended is None:  # not the usual one ending a body: counted as a PING is
+                self._on_control(event)
+            return
         stream = self.streams.get(event.stream_id)
         if stream is None or stream.reset:
             # Nobody will read it: give the window back at once, or the connection's would run dry.
@@ -211,16 +243,27 @@ class H2Session:
 
     def _on_trailers(self, event) -> None:
         stream = self.streams.get(event.stream_id)
-        if stream is not None:
+        if event.headers.__class__ is MalformedBlock:
+            self._reset_unserved(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
+            if stream is not None:  # its worker stops as for a client's cancel
+                self._on_reset(event)
+        elif stream is not None:
             stream.trailers = event.headers
+
+    def _reset_unserved(self, stream_id: int, code: ErrorCodes) -> None:
+        try:
+            self.h2.reset_stream(stream_id, code)
+        except h2.exceptions.StreamClosedError:
+            pass  # the client cancelled it already, in the same read
 
     def _on_reset(self, event) -> None:
         stream = self.streams.get(event.stream_id)
         if stream is None or stream.answered:
             return
-        stream.reset = True
+        _cancel(stream)
         if not stream.started:  # no worker will finish it: it no longer counts against max_streams
             del self.streams[event.stream_id]
+            self._release_body(stream)
         self.early_resets += 1
         if self.early_resets > self.max_streams * RAPID_RESET_FACTOR:
             self._goaway(ErrorCodes.ENHANCE_YOUR_CALM)
@@ -340,6 +383,7 @@ class H2Session:
             self.reset(stream, ErrorCodes.NO_ERROR)  # RFC 9113 §8.1: answered before its body came
         with self.lock:
             self.streams.pop(stream.id, None)
+            self._release_body(stream)
             if not stream.reset and self.early_resets:
                 self.early_resets -= 1
             self.last_activity = self.clock()
@@ -412,6 +456,14 @@ class H2Session:
         if size:  # h2 gives the connection's window back even when the stream is closed
             self.h2.acknowledge_received_data(size, stream_id)
 
+    def _release_body(self, stream: Stream) -> None:
+        """Give back the window of body bytes the stream will never read (answered without reading
+        them, or cancelled): they count against the connection's window, shared by every stream."""
+        while stream.body:
+            self._acknowledge(stream.body.popleft()[1], stream.id)
+        if not self.lost:
+            self._flush_for_reader()
+
     def _flush(self) -> None:
         data = self.h2.data_to_send()
         if data:
@@ -450,12 +502,23 @@ class H2Session:
         """Nothing more can be sent: every stream ends, the next ``finish`` or ``pump`` closes."""
         self.lost = True
         for stream in self.streams.values():
-            stream.reset = True
+            _cancel(stream)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes a reader; the close itself is the caller's
         except OSError:
             pass
         self.changed.notify_all()
+
+
+def _cancel(stream: Stream) -> None:
+    """The stream's answer is no longer wanted: its worker, maybe waiting on the upstream, must stop (as
+    nginx closes the upstream connection of a cancelled request, not waiting for its answer)."""
+    stream.reset = True
+    if stream.upstream is not None:
+        try:
+            stream.upstream.shutdown(socket.SHUT_RDWR)  # the worker's recv returns; it sees ``reset``
+        except OSError:
+            pass  # closed already
 
 
 def is_h2c_preface(conn) -> bool | None:

@@ -19,11 +19,12 @@ from h2.errors import ErrorCodes
 
 from core import ConnectionState
 from proxy.http.compression import compression_for
-from proxy.http.errors import ClientGone, UpstreamFailed
+from proxy.http.errors import ClientGone, ProxyError, UpstreamFailed
 from proxy.http.http1 import LAST_CHUNK, NEED_DATA, Data, ProtocolError, encode_chunk
 from proxy.http.redirects import redirect_response
 from proxy.http.responses import html_response, plain_response
-from proxy.http2.mapping import from_http1_payload, interim_block, request_from_block, response_block, trailer_block
+from proxy.http2.mapping import (from_http1_payload, interim_block, request_from_block, request_trailers,
+                                 response_block, trailer_block)
 from proxy.http2.session import H2Session
 from proxy.serve.handler import HttpHandler, RequestRecord, _AS_IS, _send_settled_body
 
@@ -52,10 +53,11 @@ class StreamClient:
 class Http2Server:
     """Serves the HTTP/2 connections of one process: ``start`` one, ``serve`` it when readable."""
 
-    def __init__(self, handler: HttpHandler, submit):
+    def __init__(self, handler: HttpHandler, pool):
         self.app = handler.app
         self.streams = Http2StreamHandler(handler)
-        self.submit = submit  # the pool's submit: each stream runs on a worker of its own
+        self.pool = pool  # each stream runs on a worker of its own
+        self.submit = pool.submit
         self._lock = threading.Lock()
         self.connections = 0
         self.open_streams = 0
@@ -91,7 +93,7 @@ class Http2Server:
             with self._lock:
                 self.open_streams += 1
                 self.streams_total += 1
-            if not self.submit(self._run_stream, conn, session, stream):
+            if not self._submit_stream(conn, session, stream):
                 session.reset(stream, ErrorCodes.REFUSED_STREAM)  # the pool is full: the client may retry it
                 self._stream_done(conn, session, stream)
         if session.lost or (session.goaway_sent and not session.active_streams):
@@ -107,6 +109,14 @@ class Http2Server:
             return
         if not conn.claim(S.READING, S.IDLE):  # a stream's worker closed it meanwhile
             conn.close()
+
+    def _submit_stream(self, conn, session: H2Session, stream) -> bool:
+        """Queue the stream for a worker. Streams may fill only half of the pool's queue: the other half
+        is for connections to be read (this one's next frames among them), which core would otherwise
+        shed, closing an HTTP/2 connection with every stream in progress on it."""
+        if self.pool.queued >= self.pool.max_queue // 2:
+            return False
+        return self.submit(self._run_stream, conn, session, stream)
 
     def _run_stream(self, conn, session: H2Session, stream) -> None:
         try:
@@ -173,6 +183,29 @@ def _close_after_goaway(conn, session: H2Session, reading: bool = False) -> None
     HttpHandler._close_lingering(conn)
 
 
+def _declared_length(response) -> int | None:
+    """The Content-Length of a HEAD or 304 answer: the size a GET would have, relayed as HTTP/1.1 does."""
+    value = response.headers.get("content-length")
+    return int(value) if value is not None and value.isdigit() and len(value) <= 18 else None
+
+
+def _check_cancelled(stream) -> None:
+    if stream.reset:
+        raise ClientGone("client cancelled the stream")
+
+
+def _upstream_recv(link, stream) -> bytes:
+    """The next response bytes; ClientGone if the stream was cancelled meanwhile (the session shut the
+    upstream socket down to wake us)."""
+    try:
+        data = link.recv()
+    except ProxyError:
+        _check_cancelled(stream)
+        raise
+    _check_cancelled(stream)
+    return data
+
+
 def _run_to_end(exchange) -> None:
     """Run an exchange generator; a stream's never waits in core's transfer relay."""
     try:
@@ -235,7 +268,7 @@ class Http2StreamHandler(HttpHandler):
             raise ProtocolError(400, "request body shorter than its Content-Length")
         if chunked:
             trailers = client.stream.trailers
-            last = self._last_chunk([(n.decode("latin-1"), v.decode("latin-1")) for n, v in trailers]) if trailers else LAST_CHUNK
+            last = self._last_chunk(request_trailers(trailers)) if trailers else LAST_CHUNK
             link.send(last)
             self._keep_for_replay(ex, last)
         ex.body_done = True
@@ -243,6 +276,18 @@ class Http2StreamHandler(HttpHandler):
         yield  # a generator, as the HTTP/1.1 one: it never waits in the relay
 
     # -- the response ---------------------------------------------------------------------------------
+    def _read_response_head(self, ex, link, stop_at_continue: bool = False):
+        """HTTP/1.1's, with the upstream socket lent to the stream: a client cancelling the stream shuts
+        it down (H2Session), which ends the wait for the answer at once."""
+        stream = ex.conn.stream
+        stream.upstream = link.sock
+        try:
+            _check_cancelled(stream)
+            return (yield from super()._read_response_head(ex, link, stop_at_continue))
+        except ProxyError:  # a shut-down upstream is no upstream failure: no 502, no retry
+            _check_cancelled(stream)
+            raise
+
     def _send_interim(self, ex, response):
         ex.conn.session.send_headers(ex.conn.stream, interim_block(response))
         return
@@ -258,8 +303,8 @@ class Http2StreamHandler(HttpHandler):
         if ex.route is not None and ex.route.compress is not None and not no_body:
             response, encoder = compression_for(ex.route.compress, request, response)
         length = response.content_length if encoder is None and not response.chunked else None
-        if response.status == 204:
-            length = None
+        if no_body:  # the parser counts 0 bytes of body; the length to tell is the one the upstream sent
+            length = _declared_length(response) if response.status != 204 else None
         request_id = ex.record.request_id if self.app.return_request_id else None
         session, stream = ex.conn.session, ex.conn.stream
         ex.response_started = True
@@ -267,8 +312,8 @@ class Http2StreamHandler(HttpHandler):
         # leaves in one write.
         session.send_headers(stream, response_block(response, request_id, length), end_stream=no_body,
                              flush=no_body)
-        if no_body:
-            return not parser.has_buffered_data
+        if no_body:  # reusable only as HTTP/1.1's would be: the server keeps it, and took the whole request
+            return not parser.has_buffered_data and response.keep_alive and ex.body_done
         encoder = encoder or _AS_IS
         pending = b""  # body bytes decoded but not sent yet: the last piece goes with END_STREAM
         while True:
@@ -283,7 +328,7 @@ class Http2StreamHandler(HttpHandler):
                     pending = b""
                 else:
                     session.flush()  # the head, before waiting on the upstream
-                data = link.recv()
+                data = _upstream_recv(link, stream)
                 if data:
                     parser.feed(data)
                 else:
@@ -299,7 +344,8 @@ class Http2StreamHandler(HttpHandler):
             else:
                 self._send(ex, pending, end_stream=True)
             break
-        return response.keep_alive and not parser.body_close_delimited and not parser.has_buffered_data
+        return (response.keep_alive and ex.body_done and not parser.body_close_delimited
+                and not parser.has_buffered_data)
         yield
 
     @staticmethod

@@ -183,7 +183,7 @@ class ProxyProcess:
                                    graceful_timeout=server_cfg.graceful_timeout,
                                    on_overload=write_overloaded, on_expired=handler.on_expired)
         self.app.draining_event = self.server.draining
-        handler.http2 = Http2Server(handler, self.pool.submit)
+        handler.http2 = Http2Server(handler, self.pool)
         self.server.on_drain = handler.on_drain
         self.app.http2_counts = handler.http2.counts
         self.listeners_by_address: dict[str, object] = {}
