@@ -38,7 +38,9 @@ def test_status_totals_survive_a_reload_that_rebuilds_the_server(observed_proxy)
         with requests.Session() as session:
             for _ in range(3):
                 assert session.get(proxy.url + "/", timeout=DEADLINE).status_code == 200
-        assert status_totals(proxy.status())["servers"] == {backend.address: (3, 0)}
+        # A request is counted just after its answer is sent: the client may ask /status before that.
+        wait_for(lambda: status_totals(proxy.status())["servers"] == {backend.address: (3, 0)},
+                 what="three requests counted")
         document["upstreams"]["web"]["servers"] = [{"address": backend.address, "weight": 3}]
         proxy.reload(document)
         document["upstreams"]["web"]["servers"] = [{"address": backend.address, "weight": 2}]
@@ -46,7 +48,8 @@ def test_status_totals_survive_a_reload_that_rebuilds_the_server(observed_proxy)
         assert proxy.app.runtime.upstreams["web"].servers[0].requests_total == 0  # a new Server object
         assert status_totals(proxy.status()) == {"servers": {backend.address: (3, 0)}, "traffic": (3, 0)}
         assert requests.get(proxy.url + "/", timeout=DEADLINE).status_code == 200
-        assert status_totals(proxy.status()) == {"servers": {backend.address: (4, 0)}, "traffic": (4, 0)}
+        wait_for(lambda: status_totals(proxy.status()) == {"servers": {backend.address: (4, 0)}, "traffic": (4, 0)},
+                 what="the fourth request counted")
         # /status and /metrics agree on the server's attempts
         assert upstream_counter(proxy, "pyproxy_upstream_requests_total", "web", backend.address) == 4
     finally:
