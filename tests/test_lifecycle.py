@@ -18,14 +18,16 @@ import time
 
 import pytest
 
-from proxy.config.schema import load_config
+from core import Connection
+from proxy.config.schema import load_config, parse_config
+from proxy.serve.runner import ProxyProcess
 from proxy.serve.watch import Watcher, describe_changes
 from tests.support.backends import SLOW_BODY, named_backends
 from tests.support.client import RawClient
 from tests.support.command import EXIT_TIMEOUT, READY_TIMEOUT, one_backend_config, pyproxy_command, write_config
 from tests.support.ports import free_port, port_open
 from tests.support.processes import Load, answered_by, proxy_config, running_proxy, start_slow_request
-from tests.support.proxy import CLIENT_TIMEOUT
+from tests.support.proxy import CLIENT_TIMEOUT, config_document
 from tests.support.timing import FakeClock, wait_for
 from tests.support.client import read_response
 
@@ -317,3 +319,17 @@ def test_sigterm_right_after_the_port_opens_still_exits_0(tmp_path, workers):
                 process.wait(EXIT_TIMEOUT)
         assert process.returncode == 0, stderr
         assert "Traceback" not in stderr
+
+
+def test_a_connection_closed_by_the_drain_before_its_worker_starts_is_left_quietly():
+    """A drain closes resting connections from the accept loop; one of them may have just been handed
+    to a worker again (a request already buffered). The worker finds it closed and lets it go."""
+    process = ProxyProcess(parse_config(config_document({"web": {"servers": ["127.0.0.1:9"]}}), "test.toml"),
+                           listeners=[])
+    client, server_side = socket.socketpair()
+    with client:
+        conn = Connection(server_side, ("127.0.0.1", 40000))
+        client.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        conn.close()  # what the drain's claim of a resting connection does
+        process.server.handler(conn)  # raised IllegalTransition (CLOSED -> READING), logged as a traceback
+        assert conn.closed

@@ -20,7 +20,7 @@ import ssl
 import struct
 import time
 
-from core import ConnectionState
+from core import ConnectionState, IllegalTransition
 from core import zerocopy
 from core.hangup_watch import HangupWatch
 from core.transfer_relay import CHUNK, Copy, Readable, Send
@@ -220,7 +220,8 @@ class HttpHandler:
             if not self._finish_exchange(conn, session, self._drive(conn, session, session.held_exchange, wait)):
                 return
         else:
-            conn.transition(S.READING)
+            if not _take_for_reading(conn):
+                return
             if session is None or session.__class__ is HeaderReader:
                 session = self._open_session(conn)
                 if session is None or session is PARKED:
@@ -1193,6 +1194,19 @@ def _origin(ex: Exchange) -> Origin:
         local = ex.conn.sock.getsockname()
         session.origin = Origin(session.client_ip, ex.conn.peer[1], local[0], local[1])
     return session.origin
+
+
+def _take_for_reading(conn) -> bool:
+    """Move a dispatched connection to READING; False if it was closed meanwhile. A drain closes
+    resting connections from the accept loop, and one can be closed in the moment between a worker
+    handing it back and dispatching it again for a request already buffered."""
+    try:
+        conn.transition(S.READING)
+    except IllegalTransition:
+        if conn.closed:
+            return False
+        raise
+    return True
 
 
 def _send_settled_body(ex: Exchange, link, head: bytes) -> bool:
