@@ -26,6 +26,7 @@ import dns.resolver
 
 from proxy.config.schema import MIN_DNS_REFRESH, Config, DnsConfig, UpstreamServerConfig
 from proxy.config.units import format_address
+from proxy.upstream.rounds import RoundLoop
 
 log = logging.getLogger("pyproxy.dns")
 
@@ -205,42 +206,26 @@ class DnsDiscovery:
         self._resolver_settings: DnsConfig | None = None
         self._names: dict[DiscoveryKey, _Name] = {}
         self._round_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._kick = threading.Event()
+        self._loop = RoundLoop(self.run_once, "pyproxy-dns", "dns discovery round", MAX_IDLE_WAIT, log)
         self._hand_over_again = False  # set by kick(): see there
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Resolve every name once before returning (the proxy then starts with its servers), then loop."""
         self.run_once()
-        self._thread = threading.Thread(target=self._run, name="pyproxy-dns", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._kick.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
+        self._loop.stop()
 
     def kick(self) -> None:
         """Look at the config again now (after a reload), and hand every known set over again: a reload
         drops the sets of names it removes, and one added back before the loop saw it go needs its set."""
         self._hand_over_again = True
-        self._kick.set()
+        self._loop.kick()
 
     def current(self) -> dict[DiscoveryKey, tuple[Target, ...]]:
         """The last good set of every name resolved at least once (replayed to a new worker)."""
         return {key: name.targets for key, name in list(self._names.items()) if name.targets is not None}
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                wait = self.run_once()
-            except Exception:  # the loop must outlive one bad round; the traceback says why
-                log.exception("dns discovery round failed")
-                wait = MAX_IDLE_WAIT
-            self._kick.wait(wait)
-            self._kick.clear()
 
     def run_once(self) -> float:
         """Resolve every name that is due; returns the seconds until the next one is."""

@@ -35,6 +35,7 @@ from typing import Callable
 from proxy.config.schema import HealthConfig, UpstreamConfig
 from proxy.config.units import describe_expect_status
 from proxy.upstream.pool import upstream_tls_context
+from proxy.upstream.rounds import RoundLoop
 from proxy.upstream.servers import DISABLED
 from proxy.http.proxy_protocol import build_header
 from proxy.http.http1 import NEED_DATA, Data, EndOfMessage, ProtocolError, ResponseHead, ResponseParser
@@ -309,9 +310,7 @@ class HealthChecker:
         self._lock = threading.Lock()
         self._emit_lock = threading.Lock()  # verdicts announced one at a time: see _emit
         self._round_lock = threading.Lock()  # one round at a time: the scheduler's, or a reload's
-        self._stop = threading.Event()
-        self._kick = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = RoundLoop(self.run_once, "pyproxy-health-scheduler", "health check round", MAX_IDLE_WAIT, log)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._tls_contexts: dict[tuple, ssl.SSLContext] = {}
 
@@ -319,14 +318,10 @@ class HealthChecker:
     def start(self) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(self._max_threads, thread_name_prefix="pyproxy-health")
         self.app.reload_listeners.append(self._on_reload)
-        self._thread = threading.Thread(target=self._run, name="pyproxy-health-scheduler", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._kick.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
+        self._loop.stop()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         if self._on_reload in self.app.reload_listeners:
@@ -336,7 +331,7 @@ class HealthChecker:
         # Sync now, in the reloading thread: a server rebuilt by the reload (new weight, ...) must take
         # over its predecessor's verdict before traffic reaches it, not after the next wait.
         self.run_once()
-        self._kick.set()  # and let the scheduler recompute its wait
+        self._loop.kick()  # and let the scheduler recompute its wait
 
     # -- reporting ---------------------------------------------------------------------------------
     def last_check(self, upstream_name: str, address: str) -> dict | None:
@@ -355,17 +350,7 @@ class HealthChecker:
         targets.sort(key=lambda t: t.server.out_since() or 0.0)
         return [(t.upstream_name, t.server.address, t.policy.up, t.server.state_reason) for t in targets]
 
-    # -- the loop ----------------------------------------------------------------------------------
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                wait = self.run_once()
-            except Exception:  # the checker must outlive any one bad round; the traceback says why
-                log.exception("health check round failed")
-                wait = MAX_IDLE_WAIT
-            self._kick.wait(wait)
-            self._kick.clear()
-
+    # -- the loop (proxy.upstream.rounds) -----------------------------------------------------------
     def run_once(self) -> float:
         """Sync targets with app.runtime, start every due check; returns seconds until the next is due."""
         with self._round_lock:
@@ -466,7 +451,7 @@ class HealthChecker:
             log.debug("health check of %s failed: %s", target.server.address, result.detail)
         if change is not None:
             self._emit(target, *change)
-        self._kick.set()  # recompute the wait: this target is due again at a new time
+        self._loop.kick()  # recompute the wait: this target is due again at a new time
 
     def _emit(self, target: _Target, up: bool, reason: str) -> None:
         # Checks finish on several threads. One at a time here, so every listener (each worker) hears the
