@@ -7,6 +7,7 @@ processes sharing one limit.
 
 from __future__ import annotations
 
+import http.client
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +29,7 @@ from tests.support.backends import named_backends
 from tests.support.client import raw_client
 from tests.support.command import assert_one_line_problem, run_cli, write_config
 from tests.support.ports import free_port
-from tests.support.processes import (admin_status, children, proxy_config, ready_workers, running_proxy,
-                                     spread_requests)
+from tests.support.processes import admin_status, children, proxy_config, ready_workers, running_proxy
 from tests.support.proxy import config_document, proxy_config_dict, scrape
 from tests.support.timing import FakeClock, wait_for
 
@@ -317,24 +317,57 @@ rate_limit = { requests = 1, per = "1h", burst = 10 }
 """
 
 
+def worker_totals(admin_port: int) -> dict[int, int]:
+    return {w["pid"]: w["requests_total"] for w in admin_status(admin_port)["workers"]}
+
+
+def connection_per_worker(port: int, admin_port: int, workers: int = 2) -> dict[int, http.client.HTTPConnection]:
+    """An open keep-alive connection to each worker process. The kernel hashes each new connection to
+    one worker's listening socket; a request on it, and whose count then went up, names its worker."""
+    owned: dict[int, http.client.HTTPConnection] = {}
+    for _ in range(40):  # two workers: all 40 landing on one is a 1 in 2**39 chance
+        before = worker_totals(admin_port)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+
+        def owner():
+            after = worker_totals(admin_port)
+            return next((pid for pid, total in after.items() if total > before.get(pid, 0)), None)
+
+        pid = wait_for(owner, what="a worker to count the request")
+        if pid in owned:
+            conn.close()
+        else:
+            owned[pid] = conn
+        if len(owned) == workers:
+            return owned
+    raise AssertionError(f"40 connections reached only workers {sorted(owned)}")
+
+
 def test_two_workers_enforce_one_limit_between_them(tmp_path):
     port, admin_port = free_port(), free_port()
     config = proxy_config(port, "{backend}", workers=2, admin_port=admin_port, extra_routes=LIMITED_ROUTE)
     with named_backends("a") as (backend,), \
             running_proxy(tmp_path, config.replace("{backend}", backend.address)) as run:
-        before = spread_requests(run.url + "/", admin_port, 2)  # both workers serve
-        assert len(before) == 2, before
+        connections = connection_per_worker(port, admin_port)
+        statuses = []
+        for _ in range(30):  # taking turns: each worker checks half of the 60 requests
+            for conn in connections.values():
+                conn.request("GET", "/limited")
+                response = conn.getresponse()
+                response.read()
+                statuses.append(response.status)
+        for conn in connections.values():
+            conn.close()
+        assert statuses.count(200) == 10 and statuses.count(429) == 50
+        assert metric(admin_port, "pyproxy_rate_limited") == 50  # summed over the workers
 
         def one(_):
             with requests.Session() as session:  # a fresh connection each: the kernel spreads them
                 return session.get(run.url + "/limited", timeout=10).status_code
-
-        with ThreadPoolExecutor(8) as pool:
-            statuses = list(pool.map(one, range(60)))
-        after = {w["pid"]: w["requests_total"] for w in admin_status(admin_port)["workers"]}
-        assert all(after[pid] > before[pid] for pid in before), (before, after)  # both took a share
-        assert statuses.count(200) == 10 and statuses.count(429) == 50
-        assert metric(admin_port, "pyproxy_rate_limited") == 50  # summed over the workers
 
         # A reload that changes the limit reaches every worker; the new buckets are shared too.
         run.rewrite(config.replace("{backend}", backend.address).replace("burst = 10", "burst = 4"))
