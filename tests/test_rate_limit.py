@@ -106,6 +106,16 @@ def test_a_header_key_falls_back_to_the_client_address_without_the_header():
     assert outcomes(limit, 1, "10.0.0.2", Headers()) == [True]
 
 
+def test_one_client_has_one_bucket_however_its_address_is_written():
+    limit = limiter(burst=1)
+    assert outcomes(limit, 1, "10.0.0.1") == [True]
+    assert outcomes(limit, 1, "::ffff:10.0.0.1") == [False]  # the same IPv4 client, as a dual-stack listener sees it
+    assert outcomes(limit, 1, "2001:db8::7") == [True]
+    assert outcomes(limit, 1, "2001:DB8:0:0::7") == [False]
+    assert outcomes(limit, 1, "not-an-address") == [True]  # kept as it is: still a bucket of its own
+    assert outcomes(limit, 1, "not-an-address") == [False]
+
+
 def test_the_table_never_grows_and_evicts_the_least_recently_used_of_a_group():
     clock = FakeClock()
     table = BucketTable(64)
@@ -255,6 +265,18 @@ def test_behind_a_trusted_proxy_each_original_client_has_its_bucket(make_backend
                        routes=limited_route(burst=1))
     assert [get(proxy, headers="X-Forwarded-For: 10.0.0.1\r\n").status for _ in range(2)] == [200, 429]
     assert get(proxy, headers="X-Forwarded-For: 10.0.0.2\r\n").status == 200
+
+
+def test_a_mapped_ipv4_client_shares_the_bucket_of_its_ipv4_address(make_backend, make_proxy):
+    """A dual-stack balancer in front writes its IPv4 clients as ::ffff:a.b.c.d, a plain one as a.b.c.d:
+    the limit is the same client's either way (as allow / deny see it)."""
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]}, server={"trusted_proxies": ["127.0.0.1"]},
+                       routes=limited_route(burst=1))
+    statuses = [get(proxy, headers=f"X-Forwarded-For: {client}\r\n").status
+                for client in ("10.0.0.1", "::ffff:10.0.0.1", "0:0:0:0:0:FFFF:10.0.0.1")]
+    assert statuses == [200, 429, 429]
+    assert len(backend.requests) == 1
 
 
 def test_failed_logins_take_tokens(make_backend, make_proxy):
