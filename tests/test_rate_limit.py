@@ -16,6 +16,7 @@ import signal
 import bcrypt
 import pytest
 import requests
+from h2.events import ResponseReceived
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config.edge import RateLimitPolicy
@@ -26,6 +27,7 @@ from proxy.http.rate_limit import RateLimiter
 from proxy.routing.table import routing_table_lines
 from tests.support.backends import named_backends
 from tests.support.client import raw_client
+from tests.support.h2 import H2Client, start_h2_proxy, stop_quietly
 from tests.support.command import assert_one_line_problem, run_cli, write_config
 from tests.support.ports import free_port
 from tests.support.processes import (admin_status, children, proxy_config, ready_workers, running_proxy,
@@ -240,6 +242,29 @@ def test_the_upstreams_own_ratelimit_fields_give_way_to_the_proxys(make_raw_back
     response = get(proxy)
     assert response.status == 200
     assert [value for name, value in response.headers if name.lower() == "ratelimit-remaining"] == ["4"]
+
+
+def test_http2_answers_carry_the_fields_too(make_raw_backend):
+    def answer_with_its_own_fields(peer):
+        peer.read_request()
+        peer.send(b"HTTP/1.1 200 OK\r\nRateLimit-Remaining: 999\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    backend = make_raw_backend(answer_with_its_own_fields)
+    proxy = start_h2_proxy({"web": [backend.address]}, None, listen={"h2c": True}, routes=limited_route(burst=3))
+    try:
+        client = H2Client.connect(proxy.port)
+        streams, answers = [], []
+        for _ in range(2):  # one after the other, so the first takes the first token
+            streams.append(client.request("/"))
+            answers.append(client.response(streams[-1]))
+        blocks = {event.stream_id: event.headers for event in client.events if isinstance(event, ResponseReceived)}
+        client.close()
+    finally:
+        stop_quietly(proxy)
+    for stream, (headers, body), remaining in zip(streams, answers, ("2", "1")):
+        assert headers[":status"] == "200" and body == b"ok"
+        assert headers["ratelimit-limit"] == "3" and 0 < int(headers["ratelimit-reset"]) <= 3 * 3600
+        assert [value for name, value in blocks[stream] if name == "ratelimit-remaining"] == [remaining]
 
 
 def test_a_header_key_limits_each_value_and_clients_without_it_by_address(make_backend, make_proxy):
