@@ -7,7 +7,10 @@ processes sharing one limit.
 
 from __future__ import annotations
 
+import fcntl
+import multiprocessing
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,6 +41,7 @@ from tests.support.timing import FakeClock, wait_for
 pytestmark = pytest.mark.timeout(60)
 
 HOUR = 3600.0
+WAIT = 30.0  # generous: the machine may be busy
 
 
 class Headers:
@@ -144,6 +148,87 @@ def test_an_idle_key_expires_once_its_bucket_is_full_again():
     table.take(GROUP + 1, 2, 1.0, clock())
     assert table.evictions == 0  # it took an expired slot
     assert table.used(clock()) == 1
+
+
+def _holding_inside(table_class, key: int, entered, release) -> None:
+    """In a forked child: a take of ``key`` stops inside its critical section until ``release``."""
+    original = table_class._slot_for
+
+    def paused(self, fields, slot_key, now):
+        if slot_key == key:
+            entered.set()
+            release.wait(WAIT)
+        return original(self, fields, slot_key, now)
+
+    table_class._slot_for = paused
+
+
+def _blocked_lock_waits(table: BucketTable) -> int:
+    """Processes waiting in the kernel for a lock on the table (the "->" lines of /proc/locks)."""
+    inode = f":{os.fstat(table._fd).st_ino} "
+    with open("/proc/locks") as locks:
+        return sum(1 for line in locks if "->" in line and inode in line)
+
+
+def test_two_workers_crossing_stripes_wait_rather_than_fail():
+    """fcntl locks belong to processes, so the kernel sees worker 1 (one thread holding stripe 1,
+    another waiting for stripe 2) and worker 2 (holding stripe 2, now asking for stripe 1) as a
+    deadlock and answers EDEADLK, though each thread holds one stripe and will let it go."""
+    table = BucketTable(1024)  # 128 groups: key 1 is in stripe 1, key 2 in stripe 2
+    context = multiprocessing.get_context("fork")  # as the supervisor makes its workers
+    release, first_in, second_in, asked, ask = (context.Event() for _ in range(5))
+    results = context.Queue()
+
+    def take(name, key):
+        try:
+            results.put((name, table.take(key, 5, 1.0, 0.0)[0]))
+        except OSError as error:
+            results.put((name, error.strerror))
+
+    def worker_one():
+        _holding_inside(BucketTable, 1, first_in, release)
+        holder = threading.Thread(target=take, args=("holds 1", 1))
+        holder.start()
+        second_in.wait(WAIT)
+        take("waits for 2", 2)
+        holder.join()
+
+    def worker_two():
+        _holding_inside(BucketTable, 2, second_in, release)
+        real_lockf = fcntl.lockf
+
+        def lockf(*args):
+            try:
+                return real_lockf(*args)
+            finally:
+                if threading.current_thread().name == "asker":
+                    asked.set()  # the kernel has answered the first ask (or it waits there)
+
+        fcntl.lockf = lockf
+        holder = threading.Thread(target=take, args=("holds 2", 2))
+        holder.start()
+        first_in.wait(WAIT)
+        ask.wait(WAIT)
+        asker = threading.Thread(target=take, args=("asks for 1", 1), name="asker")
+        asker.start()
+        asker.join()
+        holder.join()
+
+    workers = [context.Process(target=worker_one), context.Process(target=worker_two)]
+    for worker in workers:
+        worker.start()
+    try:
+        wait_for(lambda: first_in.is_set() and second_in.is_set() and _blocked_lock_waits(table) == 1, WAIT,
+                 what="worker one waiting in the kernel for stripe 2")
+        ask.set()
+        wait_for(lambda: asked.is_set() or _blocked_lock_waits(table) == 2, WAIT,
+                 what="worker two asking for stripe 1")
+    finally:
+        release.set()
+        outcomes = dict(results.get(timeout=WAIT) for _ in range(4))
+        for worker in workers:
+            worker.join(WAIT)
+    assert outcomes == {"holds 1": True, "waits for 2": True, "holds 2": True, "asks for 1": True}
 
 
 # -- the config -----------------------------------------------------------------------------------------
