@@ -231,6 +231,31 @@ def test_two_workers_crossing_stripes_wait_rather_than_fail():
     assert outcomes == {"holds 1": True, "waits for 2": True, "holds 2": True, "asks for 1": True}
 
 
+def test_a_worker_killed_inside_the_lock_does_not_wedge_the_others():
+    table = BucketTable(1024)
+    context = multiprocessing.get_context("fork")
+    inside, never = context.Event(), context.Event()
+
+    def worker():
+        _holding_inside(BucketTable, 1, inside, never)
+        table.take(1, 5, 1.0, 0.0)
+
+    victim = context.Process(target=worker)
+    victim.start()
+    try:
+        wait_for(inside.is_set, WAIT, what="the worker inside the critical section")
+        done = context.Event()
+        waiter = context.Process(target=lambda: (table.take(1, 5, 1.0, 0.0), done.set()))
+        waiter.start()  # another worker, waiting for the same stripe in the kernel
+        wait_for(lambda: _blocked_lock_waits(table) == 1, WAIT, what="the other worker waiting")
+    finally:
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(WAIT)
+    wait_for(done.is_set, WAIT, what="the waiting worker served once the holder died")
+    waiter.join(WAIT)
+    assert table.take(1, 5, 1.0, 0.0) == (True, 3.0)  # and this one too; the waiter took a token
+
+
 # -- the config -----------------------------------------------------------------------------------------
 
 def route_config(**route) -> dict:
