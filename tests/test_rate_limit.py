@@ -84,6 +84,21 @@ def test_a_burst_passes_then_the_bucket_refills_at_the_rate():
     assert outcomes(limit, 4) == [True, True, True, False]
 
 
+def test_a_clock_reading_older_than_the_buckets_refills_nothing_twice():
+    """A request reads the clock before it waits for the bucket's lock, so under load the table sees
+    times out of order, as if the clock went back: the bucket's time must not go back with them,
+    or the next request would be given the same seconds' tokens again."""
+    clock = FakeClock()
+    limit = limiter(requests=1, per=1.0, burst=1, clock=clock)  # one token a second, one at most
+    assert outcomes(limit, 1) == [True]
+    clock.advance(-10)  # read 10 s earlier, got the lock later
+    assert outcomes(limit, 1) == [False]
+    clock.advance(10.5)  # half a second after the token was taken
+    assert outcomes(limit, 1) == [False]
+    clock.advance(0.5)
+    assert outcomes(limit, 2) == [True, False]
+
+
 def test_the_headers_count_down_and_a_429_says_when_to_come_back():
     clock = FakeClock()
     limit = limiter(requests=60, per=60.0, burst=3, clock=clock)

@@ -66,6 +66,9 @@ class BucketTable:
                     tokens = float(capacity)  # a new key starts with a full bucket
                 else:
                     tokens = min(float(capacity), max(0.0, tokens) + max(0.0, now - updated) * rate)
+                    # A time read before one that took the lock first (or a clock set back): the bucket's
+                    # time stays where it is, else the next request would refill those seconds again.
+                    now = max(now, updated)
                 allowed = tokens >= 1.0
                 if allowed:
                     tokens -= 1.0
