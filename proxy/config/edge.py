@@ -285,7 +285,34 @@ def parse_redirect(value, path: str, add) -> RedirectPolicy | None:
     if problem:
         add(f"{path}.to", problem)
         return None
-    return RedirectPolicy(value["to"], status) if ok else None
+    try:
+        to = ascii_location(value["to"])
+    except UnicodeError as error:
+        reason = error.__cause__ or error  # the codec wraps the reason in a long sentence
+        add(f"{path}.to", f"{describe_value(value['to'])} has a host that is not a valid domain name ({reason})")
+        return None
+    return RedirectPolicy(to, status) if ok else None
+
+
+def ascii_location(to: str) -> str:
+    """The template as a Location field can carry it: ASCII only (a URI, RFC 9110 §10.2.2). A host
+    written in Unicode gets its IDNA ("xn--") form, other non-ASCII characters are percent-encoded as
+    UTF-8, as browsers do with a typed URL. UnicodeError for a host IDNA cannot encode."""
+    if to.isascii():
+        return to
+    scheme, separator, rest = to.partition("://")
+    if not separator:  # a path on the same host
+        return _percent_encoded(to)
+    authority_end = next((index for index, char in enumerate(rest) if char in "/?#"), len(rest))
+    authority = rest[:authority_end]
+    if not authority.isascii():
+        authority = authority.encode("idna").decode("ascii")
+    return f"{scheme}://{authority}{_percent_encoded(rest[authority_end:])}"
+
+
+def _percent_encoded(text: str) -> str:
+    return "".join(char if char.isascii() else "".join(f"%{byte:02X}" for byte in char.encode("utf-8"))
+                   for char in text)
 
 
 def _template_problem(to) -> str | None:
