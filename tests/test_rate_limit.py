@@ -401,6 +401,19 @@ def test_a_header_key_limits_each_value_and_clients_without_it_by_address(make_b
     assert get(proxy, headers="X-Api-Key: gamma\r\n").status == 200
 
 
+def test_a_second_key_field_gets_no_fresh_bucket(make_backend, make_proxy):
+    """Most servers read the first (or the last) of two fields: a client with one key must not get a
+    new bucket per request by adding a second field, empty or random; such a request is refused."""
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]}, routes=limited_route(burst=1, key="header:X-Api-Key"))
+    assert [get(proxy, headers="X-Api-Key: alpha\r\n").status for _ in range(2)] == [200, 429]
+    for second in ("", "alpha", "random-1", "random-2"):
+        refused = get(proxy, headers=f"X-Api-Key: alpha\r\nX-Api-Key: {second}\r\n")
+        assert refused.status == 400 and refused.body.startswith(b"400 more than one x-api-key field")
+    assert len(backend.requests) == 1
+    assert get(proxy, headers="X-Api-Key:\r\n").status == 200  # empty: the client address's bucket
+
+
 def test_an_untrusted_client_cannot_escape_by_changing_x_forwarded_for(make_backend, make_proxy):
     backend = make_backend()
     proxy = make_proxy({"web": [backend.address]}, server={"trusted_proxies": ["192.0.2.1"]},
