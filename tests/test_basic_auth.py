@@ -195,6 +195,19 @@ def test_a_users_file_is_read_relative_to_the_config(tmp_path):
     assert '       basic auth: realm "staff", 2 users; Authorization forwarded' in routing_table_lines(config)
 
 
+def test_a_users_file_saved_with_a_byte_order_mark_keeps_its_first_user(tmp_path):
+    """Notepad's "UTF-8 with BOM": the mark is not part of the first name (it made that user unable to
+    sign in, with nothing said)."""
+    alice = htpasswd("-B", "-C", "4", "alice", "wonderland")
+    (tmp_path / "users.htpasswd").write_bytes(b"\xef\xbb\xbf" + f"{alice}\r\n".encode())
+    (tmp_path / "proxy.toml").write_text(
+        '[[routes]]\npath = "/"\nupstream = "web"\nbasic_auth = { users_file = "users.htpasswd" }\n'
+        '[upstreams.web]\nservers = ["127.0.0.1:9"]\n')
+    config = load_config(tmp_path / "proxy.toml")
+    assert [name for name, _ in config.routes[0].basic_auth.users] == ["alice"]
+    assert BasicAuth(config.routes[0].basic_auth).check([basic("alice", "wonderland")]) == "alice"
+
+
 def test_entries_that_are_not_bcrypt_are_named_by_line(tmp_path):
     lines = [htpasswd("-B", "-C", "4", "alice", "a"), htpasswd("-m", "bob", "b"), "# a comment",
              htpasswd("-s", "carol", "c"), htpasswd("-p", "dave", "d"), "no-colon-here",

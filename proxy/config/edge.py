@@ -10,6 +10,7 @@ checker's own reporting, so they read like every other config problem.
 """
 from __future__ import annotations
 
+import codecs
 import importlib.util
 import ipaddress
 import re
@@ -119,10 +120,11 @@ def read_htpasswd(path: str) -> tuple[list[tuple[str, str]], list[str]]:
     """The (user, hash) entries of an htpasswd file, and its problems as "line N: ..." messages.
 
     One "user:hash" per line; empty lines and lines starting with "#" are skipped, as Apache does.
-    Only bcrypt entries (htpasswd -B) are accepted: a plain or MD5 entry is named by its line."""
+    Only bcrypt entries (htpasswd -B) are accepted: a plain or MD5 entry is named by its line. A
+    UTF-8 byte order mark (editors on Windows write one) is not part of the first user's name."""
     try:
         with open(path, "rb") as file:
-            raw_lines = file.read().splitlines()
+            raw_lines = file.read().removeprefix(codecs.BOM_UTF8).splitlines()
     except OSError as error:
         return [], [f"cannot read {path} ({error.strerror or error})"]
     users: list[tuple[str, str]] = []
