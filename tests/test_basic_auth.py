@@ -325,6 +325,18 @@ def test_a_wrong_password_is_401_and_logged(make_backend, make_proxy, caplog):
     assert "GET /admin -> 401: wrong password for user 'alice' from 127.0.0.1" in caplog.text
 
 
+def test_behind_a_trusted_proxy_the_log_names_the_original_client(make_backend, make_proxy, caplog):
+    """Behind a load balancer every failed sign-in came from the balancer: a fail2ban-style watcher of
+    the log would ban it, and everyone with it. The client it forwarded for is named, as for 403s."""
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]}, server={"trusted_proxies": ["127.0.0.1"]}, routes=[
+        {"path": "/admin", "upstream": "web", "basic_auth": {"realm": "staff", "users": {"alice": ALICE_HASH}}}])
+    with caplog.at_level(logging.INFO, logger="pyproxy.handler"):
+        refused = request(proxy, "/admin", f"X-Forwarded-For: 203.0.113.9\r\nAuthorization: {basic('alice', 'nope')}\r\n")
+    assert refused.status == 401
+    assert "GET /admin -> 401: wrong password for user 'alice' from 203.0.113.9" in caplog.text
+
+
 def test_a_401_keeps_the_connection_for_the_signed_in_retry(make_backend, make_proxy):
     backend, proxy = protected_proxy(make_backend, make_proxy)
     with raw_client(proxy) as client:
