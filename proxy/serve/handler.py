@@ -597,7 +597,7 @@ class HttpHandler:
         if route.rate_limit is not None:  # before basic_auth: failed sign-ins take tokens too
             ex.rate_limit_fields = route.rate_limit.check(self._original_client(ex, runtime), request.headers)
         if route.basic_auth is not None:  # bcrypt runs here, on the pool worker
-            route.basic_auth.check(request.headers.get_all("authorization"), ex.session.client_ip)
+            route.basic_auth.check(request.headers.get_all("authorization"), self._original_client(ex, runtime))
         if route.redirect is not None:
             ex.route = route
             host = self._redirect_host(request) if route.redirect.needs_host else None

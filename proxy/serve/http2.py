@@ -20,6 +20,7 @@ from h2.errors import ErrorCodes
 from core import ConnectionState
 from proxy.http.compression import compression_for
 from proxy.http.errors import ClientGone, ProxyError, UpstreamFailed
+from proxy.http.forwarding import RATE_LIMIT_FIELDS
 from proxy.http.http1 import LAST_CHUNK, NEED_DATA, Data, ProtocolError, encode_chunk
 from proxy.http.redirects import redirect_response
 from proxy.http.responses import html_response, plain_response
@@ -310,8 +311,10 @@ class Http2StreamHandler(HttpHandler):
         ex.response_started = True
         # The head waits for the first body bytes (or for the next upstream read): a small response
         # leaves in one write.
-        session.send_headers(stream, response_block(response, request_id, length), end_stream=no_body,
-                             flush=no_body)
+        block = response_block(response, request_id, length)
+        if ex.rate_limit_fields:  # the route's RateLimit-* fields, in place of the upstream's own
+            block = _with_rate_limit_fields(block, ex.rate_limit_fields)
+        session.send_headers(stream, block, end_stream=no_body, flush=no_body)
         if no_body:  # reusable only as HTTP/1.1's would be: the server keeps it, and took the whole request
             return not parser.has_buffered_data and response.keep_alive and ex.body_done
         encoder = encoder or _AS_IS
@@ -386,3 +389,14 @@ class Http2StreamHandler(HttpHandler):
             record.bytes_sent += len(body)
         except ClientGone:
             pass  # the client cancelled the stream or left: nothing left to tell it
+
+
+def _with_rate_limit_fields(block: list, fields: str) -> list:
+    """A response block with the rate limit's fields (HTTP/1.1 header lines, as the handler keeps
+    them) instead of any the upstream sent under those names."""
+    block = [(name, value) for name, value in block if name not in RATE_LIMIT_FIELDS]
+    for line in fields.split("\r\n"):
+        if line:
+            name, _, value = line.partition(": ")
+            block.append((name.lower(), value))
+    return block
