@@ -316,12 +316,53 @@ def test_malformed_request_is_a_stream_error_not_a_connection_error(h2_proxy, ma
     client.close()
 
 
-def test_malformed_trailers_reset_their_stream_alone(h2_proxy, make_backend):
+_REQUEST = [(":method", "GET"), (":path", "/bad"), (":scheme", "http"), (":authority", "h2.test")]
+
+
+@pytest.mark.parametrize("block", [
+    _REQUEST + [("x-nul", "a\x00b")], _REQUEST + [("x-cr", "a\rb")], _REQUEST + [("x-lf", "a\nb")],
+    _REQUEST + [("x-tab", "\tvalue")], _REQUEST + [("x:colon", "1")], _REQUEST + [("x space", "1")],
+    _REQUEST + [("", "empty name")], _REQUEST + [("x-\x7f", "1")], _REQUEST + [("x-\xe9", "1")],
+    _REQUEST + [("proxy-connection", "keep-alive")], _REQUEST + [("keep-alive", "5")],
+    _REQUEST + [("transfer-encoding", "chunked")], _REQUEST + [("te", "trailers, gzip")],
+    _REQUEST + [("host", "h2.test"), ("host", "h2.test")],
+    _REQUEST + [(":method", "GET")], _REQUEST[:1] + [("x-a", "1")] + _REQUEST[1:],
+    _REQUEST + [(":status", "200")], _REQUEST + [(":x", "1")], _REQUEST + [(":protocol", "websocket")],
+    _REQUEST[1:], [_REQUEST[0], _REQUEST[2], _REQUEST[3]], [_REQUEST[0], _REQUEST[1], _REQUEST[3]],
+    [(":method", "GET"), (":path", ""), (":scheme", "http"), (":authority", "h2.test")], _REQUEST[:3],
+    [(":method", "CONNECT"), (":path", "/"), (":authority", "h2.test:443")],
+], ids=["nul", "cr", "lf", "leading-tab", "colon-in-name", "space-in-name", "empty-name", "del-in-name",
+        "high-byte-name", "proxy-connection", "keep-alive", "transfer-encoding", "te-not-trailers",
+        "two-hosts", "duplicate-pseudo", "pseudo-after-regular", "response-pseudo", "unknown-pseudo",
+        "protocol-without-connect", "no-method", "no-path", "no-scheme", "empty-path", "no-authority",
+        "connect-with-path"])
+def test_every_malformed_header_block_is_a_stream_error(h2_proxy, make_backend, block):
+    # RFC 9113 §8.2-8.3, as the proxy checks them (proxy/http2/mapping.py: malformed): each block resets
+    # its own stream (PROTOCOL_ERROR), reaches no backend, and the connection serves the next request.
+    backend = make_backend()
+    proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
+    client = H2Client.connect(proxy.port, validate_outbound_headers=False, normalize_outbound_headers=False)
+    bad = client.h2.get_next_available_stream_id()
+    client.h2.send_headers(bad, block, end_stream=True)
+    client.flush()
+    reset = client.until(lambda e: isinstance(e, (h2.events.StreamReset, h2.events.ConnectionTerminated)))
+    assert isinstance(reset, h2.events.StreamReset) and reset.stream_id == bad
+    assert reset.error_code == ErrorCodes.PROTOCOL_ERROR
+    headers, _ = client.response(client.request("/after"))
+    assert headers[":status"] == "200"
+    assert [r.path for r in backend.requests] == ["/after"]
+    client.close()
+
+
+@pytest.mark.parametrize("trailer", [(":path", "/x"), ("X-Upper", "1"), ("connection", "close"),
+                                     ("te", "gzip"), ("x-cr", "a\rb")],
+                         ids=["pseudo", "uppercase", "connection", "te", "cr"])
+def test_malformed_trailers_reset_their_stream_alone(h2_proxy, make_backend, trailer):
     backend = make_backend()
     proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
     client = H2Client.connect(proxy.port, validate_outbound_headers=False, normalize_outbound_headers=False)
     bad = client.request("/upload", method="POST", body=b"part", end=False)
-    client.h2.send_headers(bad, [("X-Upper", "1")], end_stream=True)
+    client.h2.send_headers(bad, [trailer], end_stream=True)
     client.flush()
     reset = client.until(lambda e: isinstance(e, (h2.events.StreamReset, h2.events.ConnectionTerminated)))
     assert isinstance(reset, h2.events.StreamReset) and reset.stream_id == bad

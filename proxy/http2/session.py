@@ -30,11 +30,14 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import h2.stream
+import hpack.hpack
+import hpack.table
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from proxy.http.errors import ClientGone
 from proxy.http.http1 import ProtocolError
+from proxy.http2.mapping import malformed
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4: what an h2c client sends first
 READ_SIZE = 256 * 1024
@@ -58,21 +61,42 @@ HEADER_LIST_SLACK = 2
 RAPID_RESET_FACTOR = 1
 
 
+# Our header blocks are built lowercase, trimmed and valid (proxy/http2/mapping.py): h2 need not check
+# or normalize them again. What the client sends is checked by ``_ServerStream`` in one pass instead of
+# h2's chain of generators; cookies split over fields are joined by the mapping (RFC 9113 §8.2.3).
+H2_CONFIGURATION = h2.config.H2Configuration(client_side=False, header_encoding=None,
+                                             validate_outbound_headers=False, normalize_outbound_headers=False,
+                                             validate_inbound_headers=False, normalize_inbound_headers=False)
+
+
+class _NoDebugLog:
+    """Stands for hpack's module loggers: hpack logs every field it codes at debug level (about fifty
+    calls a request), which costs a few µs a request even with debug off, and is never wanted: at
+    pyproxy's own debug level it would flood the log with header bytes."""
+
+    @staticmethod
+    def debug(*args, **kwargs) -> None:
+        pass
+
+
+hpack.hpack.log = hpack.table.log = _NoDebugLog()
+
+
 class MalformedBlock(list):
     """The header list of a malformed request or trailers (RFC 9113 §8.1.1), as h2's event carries it."""
 
 
 class _ServerStream(h2.stream.H2Stream):
-    """h2's stream, except that a header block failing h2's checks (an uppercase name, a connection-specific
-    field, Host against :authority) is handed on as a MalformedBlock, for the session to reset that stream
-    alone (PROTOCOL_ERROR, a stream error as RFC 9113 §8.1.1 says) where h2 would end the connection."""
+    """h2's stream, except that a malformed header block (an uppercase name, a connection-specific field,
+    Host against :authority: ``malformed`` in proxy/http2/mapping.py, in place of h2's own inbound
+    checks) is handed on as a MalformedBlock, for the session to reset that stream alone
+    (PROTOCOL_ERROR, a stream error as RFC 9113 §8.1.1 says) where h2 would end the connection."""
 
     def _process_received_headers(self, headers, header_validation_flags, header_encoding):
-        headers = list(headers)
-        try:
-            return super()._process_received_headers(headers, header_validation_flags, header_encoding)
-        except h2.exceptions.ProtocolError:
+        headers = list(headers)  # bytes as decoded: no header_encoding, no normalizing (cookies: mapping)
+        if malformed(headers, header_validation_flags.is_trailer):
             return MalformedBlock(headers)
+        return headers
 
 
 class _ServerConnection(h2.connection.H2Connection):
@@ -135,10 +159,7 @@ class H2Session:
         self.last_stream_id = 0  # the highest stream we took on (GOAWAY's last-stream-id)
         self.lost = False  # the socket failed or the client closed it: nothing more can be sent
         self.last_activity = clock()
-        # Our header blocks are built lowercase and valid (proxy/http2/mapping.py): h2 need not check them
-        # again. What the client sends is always checked.
-        self.h2 = _ServerConnection(h2.config.H2Configuration(client_side=False, header_encoding=None,
-                                                              validate_outbound_headers=False))
+        self.h2 = _ServerConnection(H2_CONFIGURATION)
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: HEADER_LIST_SLACK * max_header_bytes,
