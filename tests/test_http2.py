@@ -16,6 +16,7 @@ import h2.events
 import httpx
 import pytest
 from h2.errors import ErrorCodes
+from hyperframe.frame import DataFrame
 
 from core.socket_server import bind_listener
 from proxy.config.schema import parse_config
@@ -367,6 +368,32 @@ def test_malformed_trailers_reset_their_stream_alone(h2_proxy, make_backend, tra
     reset = client.until(lambda e: isinstance(e, (h2.events.StreamReset, h2.events.ConnectionTerminated)))
     assert isinstance(reset, h2.events.StreamReset) and reset.stream_id == bad
     assert reset.error_code == ErrorCodes.PROTOCOL_ERROR
+    headers, _ = client.response(client.request("/after"))
+    assert headers[":status"] == "200"
+    client.close()
+
+
+@pytest.mark.parametrize("body", [b"longer than ten", b"short"], ids=["longer", "shorter"])
+def test_body_against_its_content_length_resets_that_stream_alone(h2_proxy, make_backend, body):
+    # RFC 9113 §8.1.1: DATA that does not add up to the content-length makes the request malformed, a
+    # stream error: an upload in progress on the same connection goes on.
+    backend = make_backend()
+    proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
+    client = H2Client.connect(proxy.port)
+    upload = client.request("/upload", method="POST", headers=[("content-length", "10")], body=b"01234",
+                            end=False)
+    bad = client.h2.get_next_available_stream_id()
+    client.h2.send_headers(bad, [(":method", "POST"), (":path", "/bad"), (":scheme", "http"),
+                                 (":authority", "h2.test"), ("content-length", "10")])
+    client.flush()
+    client.send_raw(DataFrame(bad, data=body, flags=["END_STREAM"]).serialize())  # h2 checks its own
+    reset = client.until(lambda e: isinstance(e, (h2.events.StreamReset, h2.events.ConnectionTerminated)))
+    assert isinstance(reset, h2.events.StreamReset) and reset.stream_id == bad
+    assert reset.error_code == ErrorCodes.PROTOCOL_ERROR
+    client.h2.send_data(upload, b"56789", end_stream=True)
+    client.flush()
+    headers, echoed = client.response(upload)
+    assert (headers[":status"], echoed) == ("200", b"0123456789")
     headers, _ = client.response(client.request("/after"))
     assert headers[":status"] == "200"
     client.close()

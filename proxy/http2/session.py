@@ -98,6 +98,31 @@ class _ServerStream(h2.stream.H2Stream):
             return MalformedBlock(headers)
         return headers
 
+    wrong_length = False  # the body broke its content-length (set on the instance)
+
+    def _track_content_length(self, length, end_stream):
+        try:
+            super()._track_content_length(length, end_stream)
+        except h2.exceptions.InvalidBodyLengthError:
+            self.wrong_length = True
+
+    def receive_data(self, data, end_stream, flow_control_len):
+        """A body longer or shorter than its content-length is a malformed request, so a stream error
+        (RFC 9113 §8.1.1), reported as a WrongBodyLength event: h2 would end the connection."""
+        frames, events = super().receive_data(data, end_stream, flow_control_len)
+        if self.wrong_length:
+            events.append(WrongBodyLength(self.stream_id))
+        return frames, events
+
+
+class WrongBodyLength:
+    """An event of our own: the stream's DATA did not add up to its content-length."""
+
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id: int):
+        self.stream_id = stream_id
+
 
 class _ServerConnection(h2.connection.H2Connection):
     """h2's connection, except that a stream past SETTINGS_MAX_CONCURRENT_STREAMS is left to the session,
@@ -263,13 +288,18 @@ class H2Session:
             stream.body_ended = True
 
     def _on_trailers(self, event) -> None:
-        stream = self.streams.get(event.stream_id)
         if event.headers.__class__ is MalformedBlock:
-            self._reset_unserved(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
-            if stream is not None:  # its worker stops as for a client's cancel
-                self._on_reset(event)
-        elif stream is not None:
+            self._on_malformed_body(event)
+            return
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
             stream.trailers = event.headers
+
+    def _on_malformed_body(self, event) -> None:
+        """Malformed trailers, or DATA against the content-length: that stream alone is reset."""
+        self._reset_unserved(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
+        if event.stream_id in self.streams:  # its worker stops as for a client's cancel
+            self._on_reset(event)
 
     def _reset_unserved(self, stream_id: int, code: ErrorCodes) -> None:
         try:
@@ -302,6 +332,7 @@ class H2Session:
         h2.events.DataReceived: _on_data,
         h2.events.StreamEnded: _on_end,
         h2.events.TrailersReceived: _on_trailers,
+        WrongBodyLength: _on_malformed_body,
         h2.events.StreamReset: _on_reset,
         h2.events.PingReceived: _on_control,
         h2.events.RemoteSettingsChanged: _on_control,
@@ -371,10 +402,12 @@ class H2Session:
         ``timeout``, ClientGone if the stream is reset."""
         with self.lock:
             deadline = self.clock() + timeout
-            while not stream.body:
+            while True:
+                self._check(stream)  # a stream reset for its body (a wrong length) reads no more of it
+                if stream.body:
+                    break
                 if stream.body_ended:
                     return None
-                self._check(stream)
                 left = deadline - self.clock()
                 if left <= 0:
                     raise ProtocolError(408, "request body not received in time")
