@@ -5,8 +5,12 @@ the limits a proxy needs. Several threads use a session at once: the pool worker
 client sent (``pump``) and one worker per stream that writes its response (``send_headers``,
 ``send_body``, ``end_stream``). One lock covers the state machine and every socket call: ``h2`` is not
 thread-safe, and neither is an OpenSSL connection read and written from two threads. The socket is
-non-blocking; a write that finds the send buffer full waits for room (``poll``) under the lock, at most
-``send_timeout``: a client that does not read its TCP stream cannot send WINDOW_UPDATEs either.
+non-blocking, and the lock is never held while waiting for it: the frames ``h2`` produces go to
+``outgoing`` under the lock, in order, and one thread at a time (``writing``) writes them out, taking
+the lock only around each non-blocking send. A writer that finds the send buffer full waits for room
+(``poll``) without the lock, at most ``send_timeout`` (a client that does not read its TCP stream
+cannot send WINDOW_UPDATEs either), while the other streams and the reader go on with their
+bookkeeping; a stream that finds ``outgoing`` past OUTGOING_LIMIT waits for the writer to take it.
 
 Flow control both ways (RFC 9113 §5.2): a stream sends no more than the client's window allows and
 otherwise waits on ``changed`` (the reader notifies it when a WINDOW_UPDATE arrives), so a client that
@@ -41,6 +45,9 @@ from proxy.http2.mapping import malformed
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4: what an h2c client sends first
 READ_SIZE = 256 * 1024
+# Frames queued for the writer past which a stream producing more waits for it (the client's windows
+# alone could let a client that does not read make us buffer megabytes).
+OUTGOING_LIMIT = 256 * 1024
 # Reads per ``pump`` before the reader lets go of the lock for a moment (a client sending without
 # pause would otherwise keep every stream from writing).
 READS_PER_ROUND = 16
@@ -183,6 +190,9 @@ class H2Session:
         self.goaway_sent = False  # no new streams from here on (a drain, an attack, an expiry)
         self.last_stream_id = 0  # the highest stream we took on (GOAWAY's last-stream-id)
         self.lost = False  # the socket failed or the client closed it: nothing more can be sent
+        self.closing = False  # lost once ``outgoing`` is written (a GOAWAY for a protocol error)
+        self.outgoing = bytearray()  # frames h2 produced, not yet handed to the writer
+        self.writing = False  # a thread is writing ``outgoing`` out (``_write_out``)
         self.last_activity = clock()
         self.h2 = _ServerConnection(H2_CONFIGURATION)
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
@@ -202,7 +212,8 @@ class H2Session:
             self.h2.initiate_connection()
             self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
             new = self._take(received) if received else []
-            self._flush_for_reader()
+            write = self._queue()
+        self._write_out_for_reader(write)
         return new + self.pump()
 
     def pump(self) -> list[Stream]:
@@ -211,13 +222,14 @@ class H2Session:
         new: list[Stream] = []
         for _ in range(READS_PER_ROUND):
             with self.lock:
-                if self.lost:
+                if self.lost or self.closing:
                     break
                 data = self._recv()
                 if data is None:
                     break
                 new += self._take(data)
-                self._flush_for_reader()
+                write = self._queue()
+            self._write_out_for_reader(write)
         return [stream for stream in new if not stream.reset]
 
     def _recv(self) -> bytes | None:
@@ -238,8 +250,7 @@ class H2Session:
         except h2.exceptions.ProtocolError:
             # h2 queued a GOAWAY with the error's code (a CONTINUATION flood, an oversized header
             # list, a frame out of place): send it and stop reading this client.
-            self._flush_for_reader()
-            self._lose()
+            self._close_after_writing()
             return []
         new = []
         for event in events:
@@ -349,43 +360,50 @@ class H2Session:
             self.h2.send_headers(stream.id, block, end_stream=end_stream)
             if end_stream:
                 stream.answered = True
-            if flush:
-                self._flush()
+            write = flush and self._queue()
+        if write:
+            self._write_out()
 
     def flush(self) -> None:
         """Send what is queued (a response head held back by ``send_headers(flush=False)``)."""
         with self.lock:
-            if not self.lost:
-                self._flush()
+            write = self._queue()
+        if write:
+            self._write_out()
 
     def send_body(self, stream: Stream, data: bytes, end_stream: bool = False) -> None:
         """Send ``data`` as the client's windows allow (the last frame ending the stream with
         ``end_stream``); ClientGone when the stream or connection is gone, or the client let
         ``send_timeout`` pass without opening its window."""
         view = memoryview(data)
-        with self.lock:
-            if not view and end_stream:
-                self._check(stream)
-                self.h2.end_stream(stream.id)
-                stream.answered = True
-                self._flush()
-            while view:
-                deadline = self.clock() + self.send_timeout
-                while True:
-                    self._check(stream)
-                    room = min(self.h2.local_flow_control_window(stream.id), self.h2.max_outbound_frame_size)
-                    if room > 0:
-                        break
-                    left = deadline - self.clock()
-                    if left <= 0:
-                        raise ClientGone("client did not open its flow-control window in time")
-                    self.changed.wait(left)
+        if not view and end_stream:
+            self.end_stream(stream)
+        while view:
+            with self.lock:
+                room = self._wait_for_room(stream)
                 piece, view = view[:room], view[room:]
                 last = end_stream and not view
                 self.h2.send_data(stream.id, piece.tobytes(), end_stream=last)
                 if last:
                     stream.answered = True
-                self._flush()
+                write = self._queue()
+            if write:
+                self._write_out()
+
+    def _wait_for_room(self, stream: Stream) -> int:
+        """Under the lock: how much of the stream's body may go out now, once the client's windows allow
+        some and the writer took what was queued before (ClientGone past ``send_timeout``)."""
+        deadline = self.clock() + self.send_timeout
+        while True:
+            self._check(stream)
+            room = min(self.h2.local_flow_control_window(stream.id), self.h2.max_outbound_frame_size)
+            if room > 0 and len(self.outgoing) < OUTGOING_LIMIT:
+                return room
+            left = deadline - self.clock()
+            if left <= 0:
+                raise ClientGone("client did not open its flow-control window in time" if room <= 0
+                                 else "client stopped reading")
+            self.changed.wait(left)
 
     def end_stream(self, stream: Stream, trailers=None) -> None:
         with self.lock:
@@ -395,7 +413,9 @@ class H2Session:
             else:
                 self.h2.end_stream(stream.id)
             stream.answered = True
-            self._flush()
+            write = self._queue()
+        if write:
+            self._write_out()
 
     def read_body(self, stream: Stream, timeout: float) -> bytes | None:
         """The next piece of the request body (None at its end); ProtocolError 408 if none comes within
@@ -414,8 +434,10 @@ class H2Session:
                 self.changed.wait(left)
             data, counted = stream.body.popleft()
             self._acknowledge(counted, stream.id)
-            self._flush()
-            return data
+            write = self._queue()
+        if write:
+            self._write_out()
+        return data
 
     def reset(self, stream: Stream, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
         with self.lock:
@@ -424,9 +446,10 @@ class H2Session:
             stream.answered = True
             try:
                 self.h2.reset_stream(stream.id, code)
-                self._flush()
-            except (h2.exceptions.H2Error, ClientGone):
-                pass  # the stream closed meanwhile, or the client is gone: nothing left to cancel
+            except h2.exceptions.H2Error:
+                pass  # the stream closed meanwhile: nothing left to cancel
+            write = self._queue()
+        self._write_out_for_reader(write)  # the client gone is no error here either
 
     def finish(self, stream: Stream) -> bool:
         """The stream's worker is done with it. True when the connection has nothing left to do (closing
@@ -442,6 +465,9 @@ class H2Session:
                 self.early_resets -= 1
             self.last_activity = self.clock()
             self.changed.notify_all()
+            write = self._queue()
+        self._write_out_for_reader(write)
+        with self.lock:
             return self.lost or (self.goaway_sent and not self.streams)
 
     # -- the connection as a whole ---------------------------------------------------------------------
@@ -450,14 +476,19 @@ class H2Session:
         no stream is running: the caller closes the connection."""
         with self.lock:
             self._goaway(code)
+            write = self._queue()
+        self._write_out_for_reader(write)
+        with self.lock:
             return not self.streams
 
     def goaway_nowait(self) -> None:
-        """GOAWAY from a thread that must not wait (the accept loop expiring the connection)."""
+        """GOAWAY from a thread that must not wait (the accept loop expiring the connection): one
+        non-blocking send, unless a writer is busy (the GOAWAY then follows what it writes)."""
         if self.lock.acquire(blocking=False):
             try:
-                if not self.lost:
-                    self.sock.send(self.h2.data_to_send() + self._goaway_frame(ErrorCodes.NO_ERROR))
+                self.outgoing += self.h2.data_to_send() + self._goaway_frame(ErrorCodes.NO_ERROR)
+                if not self.lost and not self.writing:
+                    self.sock.send(self.outgoing)
             except (OSError, ssl.SSLError):
                 pass  # best effort: the connection closes either way
             finally:
@@ -470,12 +501,9 @@ class H2Session:
         if code != ErrorCodes.NO_ERROR:  # an attack: the streams running are ended with the connection
             for stream in self.streams.values():
                 stream.reset = True
-        try:
-            self._send_all(self.h2.data_to_send() + self._goaway_frame(code))
-        except ClientGone:
-            pass
+        self.outgoing += self.h2.data_to_send() + self._goaway_frame(code)
         if code != ErrorCodes.NO_ERROR:
-            self._lose()
+            self._close_after_writing()
 
     def _goaway_frame(self, code: ErrorCodes) -> bytes:
         # Built by hand: h2's close_connection() would refuse every later frame, the WINDOW_UPDATEs that
@@ -515,42 +543,84 @@ class H2Session:
         them, or cancelled): they count against the connection's window, shared by every stream."""
         while stream.body:
             self._acknowledge(stream.body.popleft()[1], stream.id)
-        if not self.lost:
-            self._flush_for_reader()
 
-    def _flush(self) -> None:
+    def _queue(self) -> bool:
+        """Under the lock: what h2 produced goes to ``outgoing``. True when the caller is to write it out,
+        after releasing the lock (``_write_out``): no other thread is writing."""
         data = self.h2.data_to_send()
         if data:
-            self._send_all(data)
+            self.outgoing += data
+        if not self.outgoing or self.writing or self.lost:
+            return False
+        self.writing = True
+        return True
 
-    def _flush_for_reader(self) -> None:
-        """The reader's flush: a client gone is no error there (the session is lost, and the caller
-        closes the connection); a stream's flush raises ClientGone into its exchange instead."""
-        try:
-            self._flush()
-        except ClientGone:
-            pass
-
-    def _send_all(self, data: bytes) -> None:
-        view = memoryview(data)
+    def _write_out(self) -> None:
+        """Write ``outgoing`` until it is empty, the lock taken only around each non-blocking send (so
+        in order, and one writer at a time); ClientGone when the client does not take a byte for
+        ``send_timeout`` or the socket fails, which loses the session."""
+        pending = memoryview(b"")  # retried as it is: OpenSSL wants a write repeated with the same bytes
         deadline = None
-        while view:
-            try:
-                sent = self.sock.send(view)
-                view = view[sent:]
-                deadline = None  # progress: the client reads
-                continue
-            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError, InterruptedError):
-                pass
-            except OSError as exc:
-                self._lose()
-                raise ClientGone(f"writing to the client failed: {exc}") from exc
-            now = self.clock()
-            deadline = deadline or now + self.send_timeout
-            if now >= deadline or not _writable(self.sock, deadline - now):
-                if self.clock() >= deadline:
-                    self._lose()
+        done = False
+        try:
+            while True:
+                with self.lock:
+                    if self.lost:
+                        raise ClientGone("client connection lost")
+                    if not pending:
+                        if not self.outgoing:
+                            self.writing = False
+                            done = True
+                            if self.closing:
+                                self._lose()
+                            return
+                        pending = memoryview(bytes(self.outgoing))
+                        del self.outgoing[:]
+                        self.changed.notify_all()  # room for streams waiting on OUTGOING_LIMIT
+                    sent = self._send(pending)
+                if sent:
+                    pending = pending[sent:]
+                    deadline = None  # progress: the client reads
+                    continue
+                now = self.clock()
+                deadline = deadline or now + self.send_timeout
+                if now >= deadline or (not _writable(self.sock, deadline - now) and self.clock() >= deadline):
+                    with self.lock:
+                        self._lose()
                     raise ClientGone("client stopped reading")
+        finally:
+            if not done:  # an error: the next thread with frames to send writes (if there is anything left)
+                with self.lock:
+                    self.writing = False
+
+    def _send(self, data) -> int:
+        """Under the lock: one non-blocking send, 0 when the socket has no room."""
+        try:
+            return self.sock.send(data)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError, InterruptedError):
+            return 0
+        except OSError as exc:
+            self._lose()
+            raise ClientGone(f"writing to the client failed: {exc}") from exc
+
+    def _write_out_for_reader(self, write: bool) -> None:
+        """The reader's write: a client gone is no error there (the session is lost, and the caller
+        closes the connection); a stream's write raises ClientGone into its exchange instead."""
+        if write:
+            try:
+                self._write_out()
+            except ClientGone:
+                pass
+
+    def _close_after_writing(self) -> None:
+        """Under the lock: the connection ends once what is queued (a GOAWAY) is written; the reader
+        stops reading now, and the streams running end as for a client's cancel."""
+        self.closing = True
+        self.outgoing += self.h2.data_to_send()
+        for stream in self.streams.values():
+            _cancel(stream)
+        if not self.outgoing and not self.writing:
+            self._lose()
 
     def _lose(self) -> None:
         """Nothing more can be sent: every stream ends, the next ``finish`` or ``pump`` closes."""
