@@ -3,14 +3,14 @@
 The protocol is the ``h2`` package's (sans-IO, HPACK included); this module does the I/O around it and
 the limits a proxy needs. Several threads use a session at once: the pool worker that reads what the
 client sent (``pump``) and one worker per stream that writes its response (``send_headers``,
-``send_body``, ``end_stream``). One lock covers the state machine and every socket call: ``h2`` is not
-thread-safe, and neither is an OpenSSL connection read and written from two threads. The socket is
-non-blocking, and the lock is never held while waiting for it: the frames ``h2`` produces go to
-``outgoing`` under the lock, in order, and one thread at a time (``writing``) writes them out, taking
-the lock only around each non-blocking send. A writer that finds the send buffer full waits for room
-(``poll``) without the lock, at most ``send_timeout`` (a client that does not read its TCP stream
-cannot send WINDOW_UPDATEs either), while the other streams and the reader go on with their
-bookkeeping; a stream that finds ``outgoing`` past OUTGOING_LIMIT waits for the writer to take it.
+``send_body``, ``end_stream``). ``lock`` covers the state machine (``h2`` is not thread-safe) and is
+never held across a system call; ``io_lock`` covers each socket call (an OpenSSL connection must not be
+read and written from two threads at once) and nothing else. The socket is non-blocking: the frames
+``h2`` produces go to ``outgoing`` under ``lock``, in order, and one thread at a time (``writing``)
+writes them out. A writer that finds the send buffer full waits for room (``poll``) holding neither
+lock, at most ``send_timeout`` (a client that does not read its TCP stream cannot send WINDOW_UPDATEs
+either), while the other streams and the reader go on with their bookkeeping; a stream that finds
+``outgoing`` past OUTGOING_LIMIT waits for the writer to take it.
 
 Flow control both ways (RFC 9113 §5.2): a stream sends no more than the client's window allows and
 otherwise waits on ``changed`` (the reader notifies it when a WINDOW_UPDATE arrives), so a client that
@@ -183,6 +183,7 @@ class H2Session:
         self.send_timeout = send_timeout
         self.clock = clock
         self.lock = threading.Lock()
+        self.io_lock = threading.Lock()  # one socket call at a time (see the module docstring)
         self.changed = threading.Condition(self.lock)  # a window opened, body arrived, a stream ended
         self.streams: dict[int, Stream] = {}  # those not finished by their worker
         self.control_frames = 0
@@ -221,11 +222,14 @@ class H2Session:
         WINDOW_UPDATE), and return the new requests to serve. Never waits for the client."""
         new: list[Stream] = []
         for _ in range(READS_PER_ROUND):
+            if self.lost or self.closing:
+                break
+            data = self._recv()
+            if data is None:
+                break
             with self.lock:
-                if self.lost or self.closing:
-                    break
-                data = self._recv()
-                if data is None:
+                if not data:
+                    self._lose()
                     break
                 new += self._take(data)
                 write = self._queue()
@@ -233,16 +237,14 @@ class H2Session:
         return [stream for stream in new if not stream.reset]
 
     def _recv(self) -> bytes | None:
-        """What the socket has (b"" once the client closed it), None if nothing waits."""
+        """What the socket has (b"" once the client closed it or it failed), None if nothing waits."""
         try:
-            data = self.sock.recv(READ_SIZE)
+            with self.io_lock:
+                return self.sock.recv(READ_SIZE)
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError, InterruptedError):
             return None
-        except OSError:
-            data = b""
-        if not data:
-            self._lose()
-        return data or None
+        except (OSError, ValueError):  # ValueError: an SSL socket shut down meanwhile (_lose)
+            return b""
 
     def _take(self, data: bytes) -> list[Stream]:
         try:
@@ -487,9 +489,12 @@ class H2Session:
         if self.lock.acquire(blocking=False):
             try:
                 self.outgoing += self.h2.data_to_send() + self._goaway_frame(ErrorCodes.NO_ERROR)
-                if not self.lost and not self.writing:
-                    self.sock.send(self.outgoing)
-            except (OSError, ssl.SSLError):
+                if not self.lost and not self.writing and self.io_lock.acquire(blocking=False):
+                    try:
+                        self.sock.send(self.outgoing)
+                    finally:
+                        self.io_lock.release()
+            except (OSError, ValueError, ssl.SSLError):
                 pass  # best effort: the connection closes either way
             finally:
                 self.lock.release()
@@ -574,10 +579,11 @@ class H2Session:
                             if self.closing:
                                 self._lose()
                             return
+                        if len(self.outgoing) >= OUTGOING_LIMIT:
+                            self.changed.notify_all()  # room for the streams waiting on it
                         pending = memoryview(bytes(self.outgoing))
                         del self.outgoing[:]
-                        self.changed.notify_all()  # room for streams waiting on OUTGOING_LIMIT
-                    sent = self._send(pending)
+                sent = self._send(pending)
                 if sent:
                     pending = pending[sent:]
                     deadline = None  # progress: the client reads
@@ -594,13 +600,15 @@ class H2Session:
                     self.writing = False
 
     def _send(self, data) -> int:
-        """Under the lock: one non-blocking send, 0 when the socket has no room."""
+        """One non-blocking send, 0 when the socket has no room."""
         try:
-            return self.sock.send(data)
+            with self.io_lock:
+                return self.sock.send(data)
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError, InterruptedError):
             return 0
-        except OSError as exc:
-            self._lose()
+        except (OSError, ValueError) as exc:  # ValueError: an SSL socket shut down meanwhile (_lose)
+            with self.lock:
+                self._lose()
             raise ClientGone(f"writing to the client failed: {exc}") from exc
 
     def _write_out_for_reader(self, write: bool) -> None:
