@@ -399,6 +399,20 @@ def test_body_against_its_content_length_resets_that_stream_alone(h2_proxy, make
     client.close()
 
 
+@pytest.mark.parametrize("values", [["abc"], ["5, 6"], ["5", "6"], ["-1"]], ids=lambda v: repr(v))
+def test_invalid_content_length_gets_400_on_its_stream_alone(h2_proxy, make_backend, values):
+    backend = make_backend()
+    proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
+    client = H2Client.connect(proxy.port, validate_outbound_headers=False, normalize_outbound_headers=False)
+    bad = client.request("/bad", method="POST", headers=[("content-length", v) for v in values], body=b"12345")
+    headers, body = client.response(bad)
+    assert headers[":status"] == "400" and b"Content-Length" in body
+    headers, _ = client.response(client.request("/after"))
+    assert headers[":status"] == "200"
+    assert [r.path for r in backend.requests] == ["/after"]
+    client.close()
+
+
 def _send_block(client: H2Client, **pseudo) -> int:
     """A request whose pseudo-fields the test chooses (h2's own checks of them left to the proxy)."""
     fields = {":method": "GET", ":path": "/", ":scheme": "http", ":authority": "h2.test", **pseudo}

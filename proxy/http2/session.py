@@ -105,6 +105,12 @@ class _ServerStream(h2.stream.H2Stream):
             return MalformedBlock(headers)
         return headers
 
+    def _initialize_content_length(self, headers):
+        try:
+            super()._initialize_content_length(headers)
+        except h2.exceptions.ProtocolError:
+            pass  # not a number, or two that differ: 400 on this stream alone (proxy/http2/mapping.py)
+
     wrong_length = False  # the body broke its content-length (set on the instance)
 
     def _track_content_length(self, length, end_stream):
