@@ -227,8 +227,7 @@ class HttpHandler:
                 if session is None or session is PARKED:
                     return  # PARKED: a TLS client between flights or before its request, held without a thread
             elif session.__class__ is H2Session:  # an HTTP/2 connection (proxy/serve/http2.py)
-                self.http2.serve(conn)
-                return
+                return self.http2.serve(conn)  # a stream to run once the connection is parked again
         while True:
             request = session.waiting_request or self._read_head(conn, session)
             if request is not PARKED and request is not None and _wants_whole_body(request):
