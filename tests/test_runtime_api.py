@@ -563,3 +563,26 @@ def test_drain_wait_fails_when_the_server_is_enabled_again_meanwhile(tmp_path, m
         assert waiting.returncode == 3, out + err
         assert f"app/{a.address} is enabled now: no longer draining" in err
         assert slow.join() == [(200, SLOW_BODY)] * len(slow.threads)
+
+
+@pytest.mark.parametrize("answer", [b"SSH-2.0-OpenSSH_9.2\r\n",  # another service on the admin port
+                                    b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"state"'])  # cut short
+def test_ctl_says_what_is_wrong_with_an_answer_that_is_not_http_or_cut_short(tmp_path, answer):
+    # http.client raised BadStatusLine / IncompleteRead, which are no OSError: ctl printed a traceback
+    # and exited 1, the code for a config file problem.
+    def script(peer):
+        peer.read_request()
+        peer.send(answer)
+
+    other = backends.RawBackend(script).start()
+    try:
+        config = tmp_path / "proxy.toml"
+        config.write_text(api_config(free_port(), other.port, ["127.0.0.1:9"]))
+        for args in (("drain", "app", "127.0.0.1:9"), ("status",)):
+            result = subprocess.run(pyproxy_command() + ["ctl", "-c", str(config), *args], capture_output=True,
+                                    text=True, timeout=CTL_EXIT, cwd=REPO)
+            assert result.returncode == 3, (args, result.stdout, result.stderr)
+            assert "Traceback" not in result.stderr
+            assert f"is http://127.0.0.1:{other.port} pyproxy's admin listener?" in result.stderr
+    finally:
+        other.stop()

@@ -14,6 +14,7 @@ answers on the admin address), EXIT_TIMEOUT (``--wait`` gave up with requests st
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -84,16 +85,27 @@ class AdminClient:
             with _DIRECT.open(request, timeout=REQUEST_TIMEOUT) as response:
                 document = _json(response.read())
         except urllib.error.HTTPError as exc:
-            document = _json(exc.read())
+            document = _json(_error_body(exc))
             reason = document.get("error") or exc.reason
             raise CtlError(f"{method} {path}: {exc.code} {reason}", EXIT_API) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise CtlError(f"cannot reach the admin listener at {self.base_url}: {reason}", EXIT_UNREACHABLE) from None
+        except http.client.HTTPException as exc:  # not HTTP at all (BadStatusLine), or cut short (IncompleteRead)
+            raise CtlError(f"{method} {path}: the answer is not the runtime API's ({type(exc).__name__}; is "
+                           f"{self.base_url} pyproxy's admin listener?)", EXIT_API) from None
         if expect not in document:
             raise CtlError(f"{method} {path}: the answer is not the runtime API's (is {self.base_url} pyproxy's "
                            "admin listener?)", EXIT_API)
         return document
+
+
+def _error_body(exc: urllib.error.HTTPError) -> bytes:
+    """An error answer's body; empty if it cannot be read whole (the status still says what happened)."""
+    try:
+        return exc.read()
+    except (http.client.HTTPException, OSError):
+        return b""
 
 
 def _json(data: bytes) -> dict:
