@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import subprocess
 import threading
 import time
 
@@ -21,9 +22,10 @@ from proxy.config.schema import ConfigError, DnsConfig, UpstreamServerConfig, pa
 from proxy.observe.status import build_status
 from proxy.serve.app import Application
 from proxy.upstream.discovery import DnsDiscovery, DnsResolver, Lookup, Target, discovery_key
+from tests.support.command import pyproxy_command
 from tests.support.dns import DOMAIN, Dnsmasq, backends_on_loopback, common_port, running_dnsmasq
 from tests.support.ports import free_port
-from tests.support.processes import Load, admin_status, running_proxy, start_slow_request
+from tests.support.processes import REPO, Load, admin_status, running_proxy, start_slow_request
 from tests.support.proxy import config_document, scrape, start_observed_proxy
 from tests.support.timing import FakeClock, wait_for
 
@@ -613,16 +615,20 @@ def test_a_reload_that_keeps_the_upstream_keeps_the_discovered_servers(dnsmasq):
 
 # -- worker processes and the command --------------------------------------------------------------------
 
-def _workers_config(dnsmasq, backend_port: int, port: int, admin_port: int, health: str = "") -> str:
-    """Two workers, upstream api from NAME; ``health``: the body of an [upstreams.api.health] table."""
+def _workers_config(dnsmasq, backend_port: int, port: int, admin_port: int, health: str = "",
+                    workers: int = 2, token: str = "") -> str:
+    """Two workers, upstream api from NAME; ``health``: the body of an [upstreams.api.health] table;
+    ``token``: the runtime API's admin.token."""
     health_table = f"[upstreams.api.health]\n{health}" if health else ""
+    token_line = f'token = "{token}"' if token else ""
     return f"""
 [server]
 listen = "127.0.0.1:{port}"
-workers = 2
+workers = {workers}
 min_threads = 2
 [admin]
 listen = "127.0.0.1:{admin_port}"
+{token_line}
 [log]
 access = "off"
 [dns]
@@ -820,3 +826,50 @@ def test_the_dashboard_shows_names_and_a_leaving_server(dnsmasq, tmp_path):
                 thread.join(WAIT)
             browser.close()
             proxy.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_drain_wait_ends_well_when_the_drained_server_leaves_dns_and_its_requests_finish(dnsmasq, tmp_path,
+                                                                                         workers):
+    # A deploy tool that drains an instance and deregisters it: the address leaves DNS while its slow
+    # request goes on. "ctl drain --wait" failed (exit 3): with workers /status, whose admin states are
+    # the supervisor's, which forgets the drain of a vanished address, said "enabled"; and the leaving
+    # server leaves /status the moment its last request ends, which read as "no server any more".
+    with backends_on_loopback(HOSTS[:2]) as backends:
+        port = backends[HOSTS[0]].port
+        drained = f"{HOSTS[1]}:{port}"
+        dnsmasq.set_hosts({NAME: HOSTS[:2]})
+        backends[HOSTS[0]].release.set()  # its /slow answers at once: only HOSTS[1] holds requests
+        text = _workers_config(dnsmasq, port, free_port(), free_port(), workers=workers, token="t0ken")
+        with running_proxy(tmp_path, text) as run:
+            def rows() -> dict:
+                return {row["address"]: row for row in admin_status(run.admin_port)["upstreams"]["api"]["servers"]}
+            wait_for(lambda: len(rows()) == 2, timeout=WAIT, what="both servers", on_timeout=run.log)
+            slow = []
+            for _ in range(20):  # the balancer (or the kernel, with workers) decides where each one goes
+                slow.append(start_slow_request(run.url))
+                wait_for(lambda: sum(backend.requests for backend in backends.values()) >= len(slow), timeout=WAIT,
+                         what="the request to reach a backend")
+                if backends[HOSTS[1]].slow_entered.is_set():
+                    break
+            wait_for(lambda: rows()[drained]["active_requests"] == 1, timeout=WAIT, what="a request in flight")
+            waiting = subprocess.Popen(pyproxy_command() + ["ctl", "-c", str(run.config_path), "drain", "api", drained,
+                                                            "--wait", "--timeout", "60s"],
+                                       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                wait_for(lambda: rows()[drained]["admin_state"] == "draining", timeout=WAIT, what="the drain")
+                dnsmasq.set_hosts({NAME: HOSTS[:1]})
+                wait_for(lambda: rows()[drained]["state"] == "leaving", timeout=WAIT, what="it leaving DNS")
+                assert rows()[drained]["admin_state"] == "draining"  # not "enabled", with workers too
+                assert waiting.poll() is None, waiting.communicate()
+                backends[HOSTS[1]].release.set()
+                out, err = waiting.communicate(timeout=WAIT)
+            finally:
+                if waiting.poll() is None:
+                    waiting.kill()
+                    waiting.communicate()
+            assert waiting.returncode == 0, out + err
+            assert f"api/{drained}: drained" in out
+            for thread, result in slow:
+                thread.join(WAIT)
+                assert result.get("status") == 200, result

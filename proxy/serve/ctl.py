@@ -134,12 +134,21 @@ def wait_until_idle(client: AdminClient, upstream: str, address: str, timeout: f
                     say: Callable[[str], None], clock=time.monotonic, sleep=time.sleep) -> int:
     """Poll until the server has no active requests; returns how many it had when the wait began.
     If it is enabled again meanwhile (another client, a restart of the proxy), the wait fails: it takes
-    new requests, and an idle moment would not mean it can be restarted."""
+    new requests, and an idle moment would not mean it can be restarted. A server found in DNS whose
+    address left it is listed only while it has requests in flight: its disappearing means they ended."""
     deadline = clock() + timeout
     first = None
     shown = None
+    discovered = False
     while True:
-        server = find_server(client.get(server_path(upstream, "")), address)
+        view = client.get(server_path(upstream, ""))
+        try:
+            server = find_server(view, address)
+        except CtlError:
+            if discovered:
+                return first
+            raise
+        discovered = bool(server.get("name"))
         if server.get("admin_state") == "enabled":
             raise CtlError(f"{upstream}/{address} is enabled now: no longer draining (changed meanwhile by "
                            "another client, or the proxy restarted)", EXIT_API)

@@ -326,11 +326,14 @@ class SupervisorSources(AdminSources):
                     server["active_requests"] = server.get("active_requests", 0) + active.get(server["address"], 0)
 
     def _add_admin_states(self, merged: dict) -> None:
-        """The supervisor applied every runtime API write first: its word on admin states is the last."""
+        """The supervisor applied every runtime API write first: its word on admin states is the last.
+        Not on a server leaving (gone from DNS, finishing its requests): the supervisor has forgotten its
+        address, and the workers' servers still have the state it left with."""
         states = self.supervisor.app.admin_states
         for name, upstream in merged["upstreams"].items():
             for server in upstream["servers"]:
-                server["admin_state"] = states.get((name, server["address"]), "enabled")
+                if server.get("state") != "leaving":
+                    server["admin_state"] = states.get((name, server["address"]), "enabled")
 
     def _add_last_checks(self, merged: dict) -> None:
         """Workers run no checker: the latest check of each server is the supervisor's."""
