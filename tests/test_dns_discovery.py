@@ -23,7 +23,7 @@ from proxy.observe.status import build_status
 from proxy.serve.app import Application
 from proxy.upstream.discovery import DnsDiscovery, DnsResolver, Lookup, Target, discovery_key
 from tests.support.command import pyproxy_command
-from tests.support.dns import DOMAIN, Dnsmasq, backends_on_loopback, common_port, running_dnsmasq
+from tests.support.dns import DOMAIN, Dnsmasq, HeldDnsServer, backends_on_loopback, common_port, running_dnsmasq
 from tests.support.ports import free_port
 from tests.support.processes import REPO, Load, admin_status, running_proxy, start_slow_request
 from tests.support.proxy import config_document, scrape, start_observed_proxy
@@ -873,3 +873,110 @@ def test_drain_wait_ends_well_when_the_drained_server_leaves_dns_and_its_request
             for thread, result in slow:
                 thread.join(WAIT)
                 assert result.get("status") == 200, result
+
+
+OTHER = f"other.{DOMAIN}"
+
+
+def _two_names_document(dns_server, with_name: bool, other_weight: int = 1) -> dict:
+    """Upstream api from OTHER, and from NAME too when ``with_name`` (the entry a reload removes)."""
+    servers = [{"address": f"{OTHER}:8080", "discover": "a", "weight": other_weight}]
+    if with_name:
+        servers.insert(0, {"address": f"{NAME}:8080", "discover": "a"})
+    return config_document({"api": {"servers": servers}}, dns={"resolvers": [dns_server.resolver], "refresh": "1s",
+                                                               "timeout": "10s"})
+
+
+def _remove_a_name_while_its_lookup_is_in_flight(dns_server: HeldDnsServer, reload) -> None:
+    """NAME's lookup is held; ``reload(False)`` removes NAME; the lookup then answers 127.0.0.3. Returns
+    once the discovery round that got the answer has ended (OTHER, due every second, is asked again)."""
+    dns_server.hold()
+    dns_server.records[NAME] = [HOSTS[1]]
+    assert dns_server.held.wait(WAIT), "no lookup of NAME"
+    reload(False)
+    asked = dns_server.asked(OTHER)
+    dns_server.release()
+    wait_for(lambda: dns_server.asked(OTHER) > asked, timeout=WAIT, what="the next discovery round")
+
+
+def test_a_lookup_that_ends_after_a_reload_removed_its_name_does_not_bring_its_set_back():
+    # The round looked NAME up with the old config; the answer came after a reload had removed NAME, and
+    # was applied: NAME's set was back in the proxy's memory, so a later reload that lists NAME again
+    # served that old set at once (with DNS down, for good) instead of waiting for a fresh lookup.
+    dns_server = HeldDnsServer({NAME: [HOSTS[0]], OTHER: [HOSTS[2]]})
+    proxy = start_observed_proxy(_two_names_document(dns_server, True))
+    try:
+        assert sorted(_addresses(proxy)) == [f"{HOSTS[0]}:8080", f"{HOSTS[2]}:8080"]
+        _remove_a_name_while_its_lookup_is_in_flight(
+            dns_server, lambda with_name: proxy.reload(_two_names_document(dns_server, with_name)))
+        assert sorted(_addresses(proxy)) == [f"{HOSTS[2]}:8080"]
+        dns_server.hold()  # the lookup of NAME added back gets no answer yet
+        proxy.reload(_two_names_document(dns_server, True))
+        assert sorted(_addresses(proxy)) == [f"{HOSTS[2]}:8080"]
+        dns_server.release()
+        wait_for(lambda: sorted(_addresses(proxy)) == [f"{HOSTS[1]}:8080", f"{HOSTS[2]}:8080"], timeout=WAIT,
+                 what="NAME's fresh answer")
+    finally:
+        dns_server.release()
+        proxy.stop()
+        dns_server.close()
+
+
+def _two_names_text(dns_server, backend_port: int, port: int, admin_port: int, with_name: bool,
+                    other_weight: int) -> str:
+    name_entry = f'{{ address = "{NAME}:{backend_port}", discover = "a" }}, ' if with_name else ""
+    return f"""
+[server]
+listen = "127.0.0.1:{port}"
+workers = 2
+min_threads = 2
+[admin]
+listen = "127.0.0.1:{admin_port}"
+[log]
+access = "off"
+[dns]
+resolvers = ["{dns_server.resolver}"]
+refresh = "1s"
+timeout = "10s"
+[[routes]]
+path = "/"
+upstream = "api"
+[upstreams.api]
+servers = [{name_entry}{{ address = "{OTHER}:{backend_port}", discover = "a", weight = {other_weight} }}]
+"""
+
+
+def test_with_workers_a_lookup_that_ends_after_a_reload_removed_its_name_does_not_bring_its_set_back(tmp_path):
+    dns_server = HeldDnsServer({NAME: [HOSTS[0]], OTHER: [HOSTS[2]]})
+    port, admin_port = free_port(), free_port()
+    try:
+        with backends_on_loopback(HOSTS) as backends:
+            backend_port = backends[HOSTS[0]].port
+            addresses = [f"{host}:{backend_port}" for host in HOSTS]
+
+            def text(with_name: bool, other_weight: int) -> str:
+                return _two_names_text(dns_server, backend_port, port, admin_port, with_name, other_weight)
+
+            with running_proxy(tmp_path, text(True, 1)) as run:
+                def rows() -> dict:
+                    return {row["address"]: row["weight"]
+                            for row in admin_status(admin_port)["upstreams"]["api"]["servers"]}
+
+                def reload(with_name: bool, other_weight: int) -> None:  # the weight: every process has it
+                    run.rewrite(text(with_name, other_weight))
+                    run.signal(signal.SIGHUP)
+                    wait_for(lambda: rows().get(addresses[2]) == other_weight, timeout=WAIT, what="the reload",
+                             on_timeout=run.log)
+
+                wait_for(lambda: sorted(rows()) == [addresses[0], addresses[2]], timeout=WAIT,
+                         what="both names' addresses", on_timeout=run.log)
+                _remove_a_name_while_its_lookup_is_in_flight(dns_server, lambda with_name: reload(with_name, 2))
+                dns_server.hold()
+                reload(True, 3)
+                assert sorted(rows()) == [addresses[2]]
+                dns_server.release()
+                wait_for(lambda: sorted(rows()) == [addresses[1], addresses[2]], timeout=WAIT,
+                         what="NAME's fresh answer", on_timeout=run.log)
+    finally:
+        dns_server.release()
+        dns_server.close()

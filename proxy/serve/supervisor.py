@@ -51,7 +51,7 @@ from core.wakeup import WakePipe
 from proxy.observe.admin import AdminRelocation, AdminServer, AdminSources, configured_token, install_observability
 from proxy.serve.app import Application, UnknownServer
 from proxy.config.schema import Config, ConfigError, ListenConfig
-from proxy.upstream.discovery import DnsDiscovery, targets_from_lists
+from proxy.upstream.discovery import DnsDiscovery, discovered_entries, targets_from_lists
 from proxy.upstream.health import HealthChecker, apply_health
 from proxy.observe.log_reload import level_listener
 from proxy.observe.metrics import WorkerCounters, render_prometheus
@@ -587,8 +587,12 @@ class Supervisor:
 
     def _discovered_changed(self, key: tuple, targets: tuple) -> None:
         """The one resolver of the proxy found a new set: every worker applies it, then the supervisor
-        (whose health checker then sees the new servers: its verdicts reach the workers after the set)."""
+        (whose health checker then sees the new servers: its verdicts reach the workers after the set).
+        A lookup that ended after a reload removed its name is dropped (Application.apply_discovered);
+        the lock keeps a reload from coming between this check and the broadcast."""
         with self._discovered_lock:
+            if key not in discovered_entries(self.app.config):
+                return
             self._broadcast(_discovered_message(key, targets))
             self.app.apply_discovered(key, targets)
 
@@ -670,7 +674,8 @@ class Supervisor:
             log.error("reload failed, keeping the old config:\n%s", ConfigError(problems))
             return False
         old, self.config = self.config, config
-        self.app.reload(config)
+        with self._discovered_lock:  # not between a lookup's check that its name is configured and its push
+            self.app.reload(config)
         for line in describe_changes(old, config) or ["no changes"]:
             log.info("  %s", line)
         replace = _listen_addresses(old) != _listen_addresses(config)
