@@ -586,3 +586,20 @@ def test_ctl_says_what_is_wrong_with_an_answer_that_is_not_http_or_cut_short(tmp
             assert f"is http://127.0.0.1:{other.port} pyproxy's admin listener?" in result.stderr
     finally:
         other.stop()
+
+
+def test_errors_http_server_answers_itself_are_json_on_the_api_paths(tmp_path):
+    # An unknown method or a header line too long is refused by http.server before any do_* method: its
+    # HTML error page reached the API's clients, which expect {"error": ...} on every answer.
+    with named_backends("a") as (a,), start(tmp_path, [a.address]) as run:
+        purge = requests.request("PURGE", admin_url(run, "/upstreams/app"), timeout=10)
+        assert purge.status_code == 501
+        assert purge.headers["Content-Type"].startswith("application/json")
+        assert purge.json() == {"error": "Unsupported method ('PURGE')"}
+        long_header = requests.get(admin_url(run, "/upstreams/app"), headers={"X-Long": "x" * 70000}, timeout=10)
+        assert long_header.status_code == 431
+        assert "error" in long_header.json()
+        # Outside the API, the pages stay as they were.
+        assert requests.request("PURGE", admin_url(run, "/status"), timeout=10).headers["Content-Type"].startswith(
+            "text/html")
+        assert requests.get(admin_url(run, "/upstreams/app"), timeout=10).status_code == 200
