@@ -459,6 +459,47 @@ def test_a_worker_starts_serving_with_the_admin_states_already_applied(tmp_path,
         supervisor._close_all_sockets()
 
 
+def test_an_enable_while_a_worker_forks_reaches_that_worker(tmp_path, monkeypatch):
+    # The enable came after the new worker's states were copied (it starts draining) and before the
+    # supervisor had its control link: the enable went to the other workers only, and the replay after
+    # "ready" sends the servers that are not enabled, so this worker kept the server drained for good,
+    # unseen: /status takes admin states from the supervisor.
+    config_path = tmp_path / "proxy.toml"
+    config_path.write_text(api_config(free_port(), free_port(), ["127.0.0.1:9", "127.0.0.1:10"], workers=2))
+    config = load_config(config_path)
+    listen = config.server.listen[0]
+    supervisor = Supervisor(config, None, bind_slot_sockets([(listen, bind_config_listener(listen))], 2))
+    real_fork = os.fork
+
+    def fork_then_enable() -> int:
+        pid = real_fork()
+        if pid != 0:  # the supervisor, before it registers the worker
+            supervisor.set_server_state("app", "127.0.0.1:9", "enabled")
+        return pid
+
+    def worker_states() -> dict:
+        answers = supervisor.collect("status")
+        servers = answers[0][1]["upstreams"]["app"]["servers"] if answers else []
+        return {server["address"]: server["admin_state"] for server in servers}
+
+    try:
+        assert supervisor.set_server_state("app", "127.0.0.1:9", "draining") == "enabled"
+        monkeypatch.setattr(os, "fork", fork_then_enable)
+        supervisor._spawn(0)
+        monkeypatch.setattr(os, "fork", real_fork)
+        assert supervisor.slots[0].ready.wait(READY), "the worker never got ready"
+        wait_for(lambda: worker_states() == {"127.0.0.1:9": "enabled", "127.0.0.1:10": "enabled"}, READY,
+                 what="the enable in the new worker")
+    finally:
+        worker = supervisor.slots[0]
+        if worker is not None:
+            worker.link.close()
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(worker.pid, signal.SIGKILL)
+                os.waitpid(worker.pid, 0)
+        supervisor._close_all_sockets()
+
+
 def assert_every_worker_avoids(run, drained, before: int) -> None:
     """Fresh connections until every worker served requests since now; none reached ``drained``."""
     def served_since(start: dict) -> dict:

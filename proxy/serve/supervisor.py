@@ -50,6 +50,7 @@ from core.wakeup import WakePipe
 
 from proxy.observe.admin import AdminRelocation, AdminServer, AdminSources, configured_token, install_observability
 from proxy.serve.app import Application, UnknownServer
+from proxy.upstream.servers import ENABLED
 from proxy.config.schema import Config, ConfigError, ListenConfig
 from proxy.upstream.discovery import DnsDiscovery, discovered_entries, targets_from_lists
 from proxy.upstream.health import HealthChecker, apply_health
@@ -289,6 +290,7 @@ class WorkerHandle:
     def __init__(self, slot: int, pid: int, link: ControlLink, started: float):
         self.slot, self.pid, self.link, self.started = slot, pid, link, started
         self.ready = threading.Event()
+        self.forked_states: dict = {}  # the runtime API's states the worker was started with
 
 
 class SupervisorSources(AdminSources):
@@ -500,6 +502,7 @@ class Supervisor:
                 os._exit(code)
         child_sock.close()
         handle = WorkerHandle(slot, pid, None, self.clock())
+        handle.forked_states = admin_states
         handle.link = ControlLink(parent_sock, lambda message: self._on_worker_message(handle, message),
                                   name=f"supervisor-link-{slot}")
         handle.link.start()
@@ -598,9 +601,13 @@ class Supervisor:
 
     def _replay_verdicts(self, handle: WorkerHandle) -> None:
         """A worker that just started or reloaded learns what its config cannot tell it: the runtime
-        API's admin states and the servers the health checks took down."""
+        API's admin states and the servers the health checks took down. A server enabled since the
+        worker's fork (before this handle could be told) is enabled again: the worker started without it."""
         with self._admin_lock:
-            for (upstream, address), state in list(self.app.admin_states.items()):
+            states = dict(self.app.admin_states)
+            for key in handle.forked_states.keys() - states.keys():
+                states[key] = ENABLED
+            for (upstream, address), state in states.items():
                 handle.link.send({"op": "admin_state", "upstream": upstream, "address": address, "state": state})
         if self.checker is None:
             return
