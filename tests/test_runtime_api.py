@@ -644,3 +644,29 @@ def test_errors_http_server_answers_itself_are_json_on_the_api_paths(tmp_path):
         assert requests.request("PURGE", admin_url(run, "/status"), timeout=10).headers["Content-Type"].startswith(
             "text/html")
         assert requests.get(admin_url(run, "/upstreams/app"), timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("status", ["302 Found", "307 Temporary Redirect"])
+def test_ctl_follows_no_redirect_so_the_token_goes_nowhere_else(tmp_path, status):
+    # urllib follows a redirect with the request's headers, Authorization included: whatever answers on
+    # the admin address (another service took the port) could send ctl, and its bearer token, anywhere.
+    elsewhere = backends.ScriptedBackend().start()
+
+    def redirect(peer):
+        peer.read_request()
+        peer.send(f"HTTP/1.1 {status}\r\nLocation: http://{elsewhere.address}/upstreams\r\n"
+                  "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+
+    on_admin_port = backends.RawBackend(redirect).start()
+    try:
+        config = tmp_path / "proxy.toml"
+        config.write_text(api_config(free_port(), on_admin_port.port, ["127.0.0.1:9"]))
+        for args in (("drain", "app", "127.0.0.1:9"), ("status",)):
+            result = subprocess.run(pyproxy_command() + ["ctl", "-c", str(config), *args], capture_output=True,
+                                    text=True, timeout=CTL_EXIT, cwd=REPO)
+            assert result.returncode == 3, (args, result.stdout, result.stderr)
+            assert status.split()[0] in result.stderr
+        assert elsewhere.requests == []
+    finally:
+        on_admin_port.stop()
+        elsewhere.stop()

@@ -38,8 +38,18 @@ POLL_INTERVAL = 0.25    # --wait asks this often (a GET on loopback; the admin l
 DEFAULT_WAIT_TIMEOUT = 60.0
 # An admin listener on every interface is still reached on loopback.
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
-# No proxy from http_proxy & co: the admin listener is reached directly, and the token goes nowhere else.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows a redirect with every header, the token's too: the runtime API never redirects."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # the 3xx is then an HTTPError, reported as an answer that is not the API's
+
+
+# No proxy from http_proxy & co, and no redirect: the admin listener is reached directly, and the token
+# goes nowhere else.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
 
 
 class CtlError(Exception):
@@ -85,6 +95,10 @@ class AdminClient:
             with _DIRECT.open(request, timeout=REQUEST_TIMEOUT) as response:
                 document = _json(response.read())
         except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400:
+                raise CtlError(f"{method} {path}: {exc.code} {exc.reason}: a redirect, not followed: not the "
+                               f"runtime API's answer (is {self.base_url} pyproxy's admin listener?)",
+                               EXIT_API) from None
             document = _json(_error_body(exc))
             reason = document.get("error") or exc.reason
             raise CtlError(f"{method} {path}: {exc.code} {reason}", EXIT_API) from None
