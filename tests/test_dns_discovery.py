@@ -123,6 +123,23 @@ def test_a_failed_lookup_keeps_the_set_and_logs_once_per_outage(caplog):
     assert changes == [good]
 
 
+def test_failed_lookups_are_retried_after_1_2_4_seconds_up_to_refresh():
+    clock = FakeClock()
+    config = _config([{"address": f"{NAME}:8080", "discover": "a"}], {"refresh": "10s"})
+    failed = Lookup(None, problem="no answer within 2s")
+    discovery, resolver, _ = _discovery(config, [failed], clock)
+    discovery.run_once()
+    gaps, last = [], 0.0
+    for step in range(1, 161):  # 40 s in steps of 0.25 s (exact in binary: no drift)
+        clock.advance(0.25)
+        calls = resolver.calls
+        discovery.run_once()
+        if resolver.calls > calls:
+            gaps.append(step * 0.25 - last)
+            last = step * 0.25
+    assert gaps[:6] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+
+
 def test_nxdomain_is_an_empty_set_and_records_appearing_are_reported(caplog):
     clock = FakeClock()
     config = _config([{"address": f"{NAME}:8080", "discover": "a"}])
@@ -452,6 +469,26 @@ def test_nxdomain_at_start_answers_503_until_records_appear(dnsmasq, caplog):
                      what="records to appear")
             assert requests.get(proxy.url, timeout=5).headers["X-Backend"] == HOSTS[0]
         finally:
+            proxy.stop()
+
+
+def test_a_failed_first_lookup_is_tried_again_soon_not_after_refresh(dnsmasq):
+    # The name server did not answer at start: the name has no addresses and the upstream answers 503.
+    # The failed lookup was tried again only after dns.refresh, here an hour, however soon DNS was back.
+    with backends_on_loopback(HOSTS[:1]) as backends:
+        port = backends[HOSTS[0]].port
+        dnsmasq.set_hosts({NAME: HOSTS[:1]})
+        dnsmasq.pause()
+        document = _document(dnsmasq, port)
+        document["dns"]["refresh"] = "1h"
+        proxy = start_observed_proxy(document)
+        try:
+            assert requests.get(proxy.url, timeout=5).status_code == 503
+            dnsmasq.resume()
+            wait_for(lambda: requests.get(proxy.url, timeout=5).status_code == 200, timeout=WAIT,
+                     what="the name resolved once DNS answers")
+        finally:
+            dnsmasq.resume()
             proxy.stop()
 
 

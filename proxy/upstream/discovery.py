@@ -31,6 +31,9 @@ from proxy.upstream.rounds import RoundLoop
 log = logging.getLogger("pyproxy.dns")
 
 MAX_IDLE_WAIT = 1.0  # the loop looks at the config at least this often (a reload may add names)
+# A failed lookup is tried again after 1 s, then 2, 4 ... up to dns.refresh: a name server back after a
+# blip is used at once (HAProxy's "timeout retry" is 1 s), one down for long is not asked every second.
+FIRST_RETRY = MIN_DNS_REFRESH
 
 
 @dataclass(frozen=True, order=True)
@@ -178,13 +181,14 @@ def _servers_said(exc: dns.resolver.NoNameservers) -> str:
 class _Name:
     """The loop's state for one discovered entry."""
 
-    __slots__ = ("entry", "targets", "next_due", "failing", "unresolved")
+    __slots__ = ("entry", "targets", "next_due", "failing", "failures", "unresolved")
 
     def __init__(self, entry: UpstreamServerConfig, due: float) -> None:
         self.entry = entry
         self.targets: tuple[Target, ...] | None = None  # the last good set; None before the first
         self.next_due = due
         self.failing = False
+        self.failures = 0  # failed lookups in a row (the retry backs off)
         self.unresolved: tuple[str, ...] = ()  # SRV targets whose lookup is failing (logged once each)
 
 
@@ -265,11 +269,13 @@ class DnsDiscovery:
                 kept = "no addresses yet" if name.targets is None else f"keeping its {len(name.targets)} address(es)"
                 log.warning("dns: lookup of %s failed (%s); %s until it answers", label, lookup.problem, kept)
             name.failing = True
-            name.next_due = self._clock() + settings.refresh
+            name.failures += 1
+            name.next_due = self._clock() + min(settings.refresh, FIRST_RETRY * 2 ** min(name.failures - 1, 16))
             return
         if name.failing:
             log.info("dns: %s answers again", label)
         name.failing = False
+        name.failures = 0
         ttl = settings.refresh if lookup.ttl is None else lookup.ttl
         name.next_due = self._clock() + max(MIN_DNS_REFRESH, min(settings.refresh, ttl))
         lookup = self._keep_unresolved(name, lookup)
