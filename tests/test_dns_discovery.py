@@ -781,6 +781,20 @@ def test_the_resolver_tells_nxdomain_from_a_failure(dnsmasq):
     assert refused.targets is None and "REFUSED" in refused.problem
 
 
+def test_an_answer_truncated_over_udp_says_so():
+    # Too big for UDP, and TCP port 53 blocked (a common firewall rule): the problem read "the name
+    # servers failed: , [Errno 111] Connection refused", the truncation an empty string.
+    dns_server = HeldDnsServer({NAME: [HOSTS[0]]}, truncate=True)
+    try:
+        resolver = DnsResolver(DnsConfig(resolvers=(("127.0.0.1", dns_server.port),), refresh=10.0, timeout=2.0))
+        lookup = resolver.lookup(UpstreamServerConfig(NAME, 8080, 1, False, "a"))
+        assert lookup.targets is None
+        assert lookup.problem == ("the name servers failed: [Errno 111] Connection refused, "
+                                  "answer truncated (too big for UDP, and TCP failed)")
+    finally:
+        dns_server.close()
+
+
 def test_an_srv_target_that_fails_to_resolve_does_not_hide_the_others(tmp_path):
     # dnsmasq refuses the out-of-domain target: its lookup fails, while a.svc.test answers
     srv = f"_http._tcp.{NAME}"

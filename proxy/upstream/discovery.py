@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import dns.exception
+import dns.message
 import dns.nameserver
 import dns.resolver
 
@@ -174,8 +175,16 @@ class DnsResolver:
 
 def _servers_said(exc: dns.resolver.NoNameservers) -> str:
     errors = exc.kwargs.get("errors") or []
-    said = sorted({str(error[3]) for error in errors if len(error) > 3})
+    said = sorted({_describe_error(error[3]) for error in errors if len(error) > 3})
     return ", ".join(said) or "no usable answer"
+
+
+def _describe_error(error) -> str:
+    """One name server's failure. A truncated UDP answer (its text is empty) is retried over TCP, which
+    then failed too: a firewall that blocks TCP port 53 is the usual cause."""
+    if isinstance(error, dns.message.Truncated):
+        return "answer truncated (too big for UDP, and TCP failed)"
+    return str(error) or type(error).__name__
 
 
 class _Name:

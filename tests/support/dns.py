@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 import dns.exception
+import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
@@ -206,19 +207,38 @@ class HeldDnsServer:
     has none; other names NXDOMAIN) that can hold its A answers: between ``hold()`` and ``release()``
     a lookup stays in flight, so a test can reload the proxy meanwhile. ``queries``: the names asked."""
 
-    def __init__(self, records: dict[str, list[str]]):
+    def __init__(self, records: dict[str, list[str]], truncate: bool = False):
+        """``truncate``: every answer has the TC flag (too big for UDP) and nothing listens on TCP."""
         self.records = dict(records)
+        self.truncate = truncate
         self.queries: list[str] = []
         self.held = threading.Event()  # an A query is being held
         self._holding = False
         self._waiting: list[tuple[dns.message.Message, tuple]] = []
         self._lock = threading.Lock()
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock, self._tcp = self._bind(truncate)
         self.port = self.sock.getsockname()[1]
         self.resolver = f"127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _bind(truncate: bool) -> tuple[socket.socket, socket.socket | None]:
+        """The UDP socket; with ``truncate``, a TCP socket bound (not listening) on its port too, so a
+        resolver's TCP retry is refused rather than reaching some other service on that port."""
+        for _ in range(50):
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.bind(("127.0.0.1", 0))
+            if not truncate:
+                return udp, None
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                tcp.bind(("127.0.0.1", udp.getsockname()[1]))
+                return udp, tcp
+            except OSError:
+                udp.close()
+                tcp.close()
+        raise RuntimeError("no port free for both UDP and TCP")
 
     def hold(self) -> None:
         with self._lock:
@@ -256,7 +276,9 @@ class HeldDnsServer:
         question = query.question[0]
         name = question.name.to_text(omit_final_dot=True)
         response = dns.message.make_response(query)
-        if name not in self.records:
+        if self.truncate:
+            response.flags |= dns.flags.TC
+        elif name not in self.records:
             response.set_rcode(dns.rcode.NXDOMAIN)
         elif question.rdtype == dns.rdatatype.A:
             rrset = response.find_rrset(response.answer, question.name, dns.rdataclass.IN, dns.rdatatype.A,
@@ -271,3 +293,5 @@ class HeldDnsServer:
 
     def close(self) -> None:
         self.sock.close()
+        if self._tcp is not None:
+            self._tcp.close()
