@@ -500,6 +500,38 @@ def test_an_enable_while_a_worker_forks_reaches_that_worker(tmp_path, monkeypatc
         supervisor._close_all_sockets()
 
 
+def test_a_worker_that_missed_a_reload_removing_a_drained_server_gets_it_enabled(tmp_path):
+    # Two reloads in a row, the first removing a drained server and the second listing it again: the
+    # supervisor forgot the drain (a removed server is forgotten) but a worker that read the file only
+    # after both never removed the server, and kept it drained. The replay after its reload listed only
+    # the supervisor's servers that are not enabled, so the drain held in that worker for good, unseen.
+    with named_backends("a", "b") as (a, b), start(tmp_path, [a.address, b.address], workers=2) as run:
+        wait_for(lambda: ready_workers(run) == 2, READY, what="both workers ready", on_timeout=run.log)
+        assert post(run, f"/upstreams/app/servers/{a.address}/drain").status_code == 200
+        late = min(children(run.proc.pid))
+        os.kill(late, signal.SIGSTOP)  # it reads its control link (and the file) only after both reloads
+        try:
+            run.rewrite(api_config(run.port, run.admin_port, [b.address], workers=2))
+            run.signal(signal.SIGHUP)
+            wait_for(lambda: f"-{a.address}" in run.log(), READY, what="the reload removing a", on_timeout=run.log)
+            run.rewrite(api_config(run.port, run.admin_port, [a.address, b.address], workers=2))
+            run.signal(signal.SIGHUP)
+            wait_for(lambda: f"+{a.address}" in run.log(), READY, what="the reload adding a", on_timeout=run.log)
+        finally:
+            os.kill(late, signal.SIGCONT)
+        assert post(run, f"/upstreams/app/servers/{b.address}/drain").status_code == 200
+        a.release.set()
+
+        def answers() -> set:  # fresh connections, which the kernel spreads over both workers
+            statuses = set()
+            for _ in range(16):
+                with requests.Session() as session:
+                    response = session.get(run.url, timeout=10)
+                statuses.add((response.status_code, response.headers.get("X-Backend")))
+            return statuses
+        wait_for(lambda: answers() == {(200, "a")}, READY, what="every worker sending to a", on_timeout=run.log)
+
+
 def assert_every_worker_avoids(run, drained, before: int) -> None:
     """Fresh connections until every worker served requests since now; none reached ``drained``."""
     def served_since(start: dict) -> dict:

@@ -290,7 +290,6 @@ class WorkerHandle:
     def __init__(self, slot: int, pid: int, link: ControlLink, started: float):
         self.slot, self.pid, self.link, self.started = slot, pid, link, started
         self.ready = threading.Event()
-        self.forked_states: dict = {}  # the runtime API's states the worker was started with
 
 
 class SupervisorSources(AdminSources):
@@ -502,7 +501,6 @@ class Supervisor:
                 os._exit(code)
         child_sock.close()
         handle = WorkerHandle(slot, pid, None, self.clock())
-        handle.forked_states = admin_states
         handle.link = ControlLink(parent_sock, lambda message: self._on_worker_message(handle, message),
                                   name=f"supervisor-link-{slot}")
         handle.link.start()
@@ -601,12 +599,13 @@ class Supervisor:
 
     def _replay_verdicts(self, handle: WorkerHandle) -> None:
         """A worker that just started or reloaded learns what its config cannot tell it: the runtime
-        API's admin states and the servers the health checks took down. A server enabled since the
-        worker's fork (before this handle could be told) is enabled again: the worker started without it."""
+        API's admin state of every server, enabled ones too (a worker may hold a drain the supervisor
+        forgot: an enable sent before its link was registered, a reload removing the server that it read
+        only after the next one had listed it again), and the servers the health checks took down."""
         with self._admin_lock:
-            states = dict(self.app.admin_states)
-            for key in handle.forked_states.keys() - states.keys():
-                states[key] = ENABLED
+            states = {(name, server.address): ENABLED
+                      for name, upstream in self.app.runtime.upstreams.items() for server in upstream.servers}
+            states.update(self.app.admin_states)
             for (upstream, address), state in states.items():
                 handle.link.send({"op": "admin_state", "upstream": upstream, "address": address, "state": state})
         if self.checker is None:
