@@ -811,6 +811,18 @@ def test_an_srv_target_that_fails_to_resolve_does_not_hide_the_others(tmp_path):
         assert len(warnings) == 1 and "cannot resolve SRV target(s): api.elsewhere" in warnings[0], warnings
 
 
+def test_an_srv_target_of_a_dot_means_no_service_whatever_its_port(tmp_path):
+    # RFC 2782: a target of "." means the service is decidedly not available. Only port 0 was taken to
+    # mean so: "10 5 8080 ." had "." looked up as a host, which a name server may refuse, and the lookup
+    # then failed and kept the last good set instead of emptying it.
+    srv = f"_http._tcp.{NAME}"
+    with running_dnsmasq(tmp_path, (f"{srv},.,8080,10,5",)) as dnsmasq:
+        resolver = DnsResolver(DnsConfig(resolvers=(("127.0.0.1", dnsmasq.port),), timeout=1.0))
+        found = resolver.lookup(UpstreamServerConfig(srv, 0, 1, False, "srv"))
+        assert (found.targets, found.unresolved) == ((), ())
+        assert found.problem == "no SRV records with addresses"
+
+
 def test_an_srv_target_whose_lookup_fails_keeps_its_last_addresses(caplog):
     clock = FakeClock()
     srv = f"_http._tcp.{NAME}"

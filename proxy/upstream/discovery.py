@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 
 import dns.exception
 import dns.message
+import dns.name
 import dns.nameserver
 import dns.resolver
 
@@ -127,9 +128,9 @@ class DnsResolver:
         targets: list[Target] = []
         failed: dict[str, str] = {}  # target -> why its lookup failed
         for record in answer:
-            target = record.target.to_text(omit_final_dot=True)
-            if not target or record.port == 0:  # "." means: no service here (RFC 2782)
+            if record.target == dns.name.root or record.port == 0:  # "." means: no service here (RFC 2782)
                 continue
+            target = record.target.to_text(omit_final_dot=True)
             try:
                 found, ttl, _ = self._addresses(target, record.port, max(1, record.weight), record.priority)
             except _Failed as exc:  # one broken target must not freeze the others (HAProxy resolves each too)
