@@ -327,13 +327,17 @@ class SupervisorSources(AdminSources):
                     server["active_requests"] = server.get("active_requests", 0) + active.get(server["address"], 0)
 
     def _add_admin_states(self, merged: dict) -> None:
-        """The supervisor applied every runtime API write first: its word on admin states is the last.
-        Not on a server leaving (gone from DNS, finishing its requests): the supervisor has forgotten its
-        address, and the workers' servers still have the state it left with."""
+        """The supervisor applied every runtime API write first: its word on admin states is the last,
+        on the servers it has. Not on one it no longer has (its address left DNS, and it is leaving with
+        requests in flight, or a worker has yet to apply that): the supervisor has forgotten its state,
+        and the workers' servers still have the one it left with."""
         states = self.supervisor.app.admin_states
+        runtime = self.supervisor.app.runtime
         for name, upstream in merged["upstreams"].items():
+            known = runtime.upstreams.get(name)
+            addresses = {server.address for server in known.servers} if known is not None else set()
             for server in upstream["servers"]:
-                if server.get("state") != "leaving":
+                if server["address"] in addresses:
                     server["admin_state"] = states.get((name, server["address"]), "enabled")
 
     def _add_last_checks(self, merged: dict) -> None:

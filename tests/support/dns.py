@@ -205,7 +205,8 @@ class SrvOnlyServer:
 class HeldDnsServer:
     """A name server on 127.0.0.1 answering A queries from ``records`` (name -> addresses, TTL 1; AAAA
     has none; other names NXDOMAIN) that can hold its A answers: between ``hold()`` and ``release()``
-    a lookup stays in flight, so a test can reload the proxy meanwhile. ``queries``: the names asked."""
+    a lookup stays in flight, so a test can reload the proxy meanwhile. ``queries``: the names whose A
+    records were asked, one per lookup (a lookup asks for A, then AAAA)."""
 
     def __init__(self, records: dict[str, list[str]], truncate: bool = False):
         """``truncate``: every answer has the TC flag (too big for UDP) and nothing listens on TCP."""
@@ -265,7 +266,8 @@ class HeldDnsServer:
             query = dns.message.from_wire(data)
             question = query.question[0]
             with self._lock:
-                self.queries.append(question.name.to_text(omit_final_dot=True))
+                if question.rdtype == dns.rdatatype.A:
+                    self.queries.append(question.name.to_text(omit_final_dot=True))
                 if self._holding and question.rdtype == dns.rdatatype.A:
                     self._waiting.append((query, peer))
                     self.held.set()
