@@ -893,12 +893,15 @@ def test_the_dashboard_shows_names_and_a_leaving_server(dnsmasq, tmp_path):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_drain_wait_ends_well_when_the_drained_server_leaves_dns_and_its_requests_finish(dnsmasq, tmp_path,
-                                                                                         workers, monkeypatch):
-    # A deploy tool that drains an instance and deregisters it: the address leaves DNS while its slow
-    # request goes on. "ctl drain --wait" failed (exit 3): with workers /status, whose admin states are
-    # the supervisor's, which forgets the drain of a vanished address, said "enabled"; and the leaving
-    # server leaves /status the moment its last request ends, which read as "no server any more".
+@pytest.mark.parametrize("order", ["drained, then leaves DNS", "leaves DNS, then drained"])
+def test_drain_wait_ends_well_when_the_server_leaves_dns_and_its_requests_finish(dnsmasq, tmp_path, workers,
+                                                                               order, monkeypatch):
+    # A deploy tool that drains an instance and deregisters it, in either order: the address leaves DNS
+    # while its slow request goes on. "ctl drain --wait" failed (exit 3). Drained first: with workers
+    # /status, whose admin states are the supervisor's, which forgets the drain of a vanished address,
+    # said "enabled"; and the leaving server leaves /status the moment its last request ends, which read
+    # as "no server any more". Leaving first: the drain answered 404 (no such server), though the
+    # server takes no new requests, and GET /upstreams/api lists it.
     monkeypatch.setattr(backend_support, "NAMED_HOLD_LIMIT", 60.0)  # held until the test lets go, however busy
     with backends_on_loopback(HOSTS[:2]) as backends:
         port = backends[HOSTS[0]].port
@@ -909,6 +912,12 @@ def test_drain_wait_ends_well_when_the_drained_server_leaves_dns_and_its_request
         with running_proxy(tmp_path, text) as run:
             def rows() -> dict:
                 return {row["address"]: row for row in admin_status(run.admin_port)["upstreams"]["api"]["servers"]}
+
+            def leave_dns() -> None:
+                dnsmasq.set_hosts({NAME: HOSTS[:1]})
+                wait_for(lambda: rows().get(drained, {}).get("state") == "leaving", timeout=WAIT,
+                         what="it leaving DNS")
+
             wait_for(lambda: len(rows()) == 2, timeout=WAIT, what="both servers", on_timeout=run.log)
             slow = []
             before = sum(backend.requests for backend in backends.values())  # the proxy's readiness request too
@@ -919,28 +928,33 @@ def test_drain_wait_ends_well_when_the_drained_server_leaves_dns_and_its_request
                 if backends[HOSTS[1]].slow_entered.is_set():
                     break
             wait_for(lambda: rows()[drained]["active_requests"] == 1, timeout=WAIT, what="a request in flight")
-            waiting = subprocess.Popen(pyproxy_command() + ["ctl", "-c", str(run.config_path), "drain", "api", drained,
-                                                            "--wait", "--timeout", "60s"],
-                                       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            if order.startswith("leaves"):
+                leave_dns()
+            stderr = tmp_path / "ctl.err"
+            with open(stderr, "w") as err_file:
+                waiting = subprocess.Popen(pyproxy_command() + ["ctl", "-c", str(run.config_path), "drain", "api",
+                                                                drained, "--wait", "--timeout", "60s"],
+                                           cwd=REPO, stdout=subprocess.PIPE, stderr=err_file, text=True)
             try:
-                wait_for(lambda: rows()[drained]["admin_state"] == "draining", timeout=WAIT, what="the drain")
-                dnsmasq.set_hosts({NAME: HOSTS[:1]})
-                wait_for(lambda: rows().get(drained, {}).get("state") == "leaving", timeout=WAIT,
-                         what="it leaving DNS")
-                assert rows()[drained]["admin_state"] == "draining"  # not "enabled", with workers too
-                assert waiting.poll() is None, waiting.communicate()
+                if order.startswith("drained"):
+                    wait_for(lambda: rows()[drained]["admin_state"] == "draining", timeout=WAIT, what="the drain")
+                    leave_dns()
+                    assert rows()[drained]["admin_state"] == "draining"  # not "enabled", with workers too
+                else:  # the request must still run while ctl looks
+                    wait_for(lambda: waiting.poll() is not None or "waiting for 1 active" in stderr.read_text(),
+                             timeout=WAIT, what="ctl waiting")
+                assert waiting.poll() is None, (waiting.communicate(), stderr.read_text())
                 backends[HOSTS[1]].release.set()
-                out, err = waiting.communicate(timeout=WAIT)
+                out, _ = waiting.communicate(timeout=WAIT)
             finally:
                 if waiting.poll() is None:
                     waiting.kill()
                     waiting.communicate()
-            assert waiting.returncode == 0, out + err
+            assert waiting.returncode == 0, out + stderr.read_text()
             assert f"api/{drained}: drained" in out
             for thread, result in slow:
                 thread.join(WAIT)
                 assert result.get("status") == 200, result
-
 
 OTHER = f"other.{DOMAIN}"
 

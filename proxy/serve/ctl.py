@@ -53,11 +53,12 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedire
 
 
 class CtlError(Exception):
-    """Ends the command: the message for stderr and the exit code."""
+    """Ends the command: the message for stderr and the exit code (``status``: the API's HTTP status)."""
 
-    def __init__(self, message: str, code: int):
+    def __init__(self, message: str, code: int, status: int | None = None):
         super().__init__(message)
         self.code = code
+        self.status = status
 
 
 @dataclass
@@ -101,7 +102,7 @@ class AdminClient:
                                EXIT_API) from None
             document = _json(_error_body(exc))
             reason = document.get("error") or exc.reason
-            raise CtlError(f"{method} {path}: {exc.code} {reason}", EXIT_API) from None
+            raise CtlError(f"{method} {path}: {exc.code} {reason}", EXIT_API, exc.code) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise CtlError(f"cannot reach the admin listener at {self.base_url}: {reason}", EXIT_UNREACHABLE) from None
@@ -144,6 +145,21 @@ def find_server(view: dict, address: str) -> dict:
     raise CtlError(f"upstream {view.get('name')!r} has no server {address!r} any more", EXIT_API)
 
 
+def is_leaving(server: dict) -> bool:
+    """Its address left DNS; it finishes the requests it has and takes no new ones, whatever its admin
+    state says (the runtime API no longer knows it: a drain answers 404)."""
+    return server.get("health") == "leaving"
+
+
+def leaving_server(client: AdminClient, upstream: str, address: str) -> dict | None:
+    """The server as GET /upstreams/NAME shows it, if it is leaving."""
+    try:
+        server = find_server(client.get(server_path(upstream, "")), address)
+    except CtlError:
+        return None
+    return server if is_leaving(server) else None
+
+
 def wait_until_idle(client: AdminClient, upstream: str, address: str, timeout: float,
                     say: Callable[[str], None], clock=time.monotonic, sleep=time.sleep) -> int:
     """Poll until the server has no active requests; returns how many it had when the wait began.
@@ -163,7 +179,7 @@ def wait_until_idle(client: AdminClient, upstream: str, address: str, timeout: f
                 return first
             raise
         discovered = bool(server.get("name"))
-        if server.get("admin_state") == "enabled":
+        if server.get("admin_state") == "enabled" and not is_leaving(server):
             raise CtlError(f"{upstream}/{address} is enabled now: no longer draining (changed meanwhile by "
                            "another client, or the proxy restarted)", EXIT_API)
         active = server.get("active_requests", 0)
