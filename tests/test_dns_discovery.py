@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import subprocess
 import threading
 import time
 
@@ -21,9 +22,11 @@ from proxy.config.schema import ConfigError, DnsConfig, UpstreamServerConfig, pa
 from proxy.observe.status import build_status
 from proxy.serve.app import Application
 from proxy.upstream.discovery import DnsDiscovery, DnsResolver, Lookup, Target, discovery_key
-from tests.support.dns import DOMAIN, Dnsmasq, backends_on_loopback, common_port, running_dnsmasq
+from tests.support import backends as backend_support
+from tests.support.command import pyproxy_command
+from tests.support.dns import DOMAIN, Dnsmasq, HeldDnsServer, backends_on_loopback, common_port, running_dnsmasq
 from tests.support.ports import free_port
-from tests.support.processes import Load, admin_status, running_proxy, start_slow_request
+from tests.support.processes import REPO, Load, admin_status, running_proxy, start_slow_request
 from tests.support.proxy import config_document, scrape, start_observed_proxy
 from tests.support.timing import FakeClock, wait_for
 
@@ -119,6 +122,23 @@ def test_a_failed_lookup_keeps_the_set_and_logs_once_per_outage(caplog):
     discovery.run_once()
     assert any("answers again" in r.getMessage() for r in caplog.records)
     assert changes == [good]
+
+
+def test_failed_lookups_are_retried_after_1_2_4_seconds_up_to_refresh():
+    clock = FakeClock()
+    config = _config([{"address": f"{NAME}:8080", "discover": "a"}], {"refresh": "10s"})
+    failed = Lookup(None, problem="no answer within 2s")
+    discovery, resolver, _ = _discovery(config, [failed], clock)
+    discovery.run_once()
+    gaps, last = [], 0.0
+    for step in range(1, 161):  # 40 s in steps of 0.25 s (exact in binary: no drift)
+        clock.advance(0.25)
+        calls = resolver.calls
+        discovery.run_once()
+        if resolver.calls > calls:
+            gaps.append(step * 0.25 - last)
+            last = step * 0.25
+    assert gaps[:6] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
 
 
 def test_nxdomain_is_an_empty_set_and_records_appearing_are_reported(caplog):
@@ -453,6 +473,26 @@ def test_nxdomain_at_start_answers_503_until_records_appear(dnsmasq, caplog):
             proxy.stop()
 
 
+def test_a_failed_first_lookup_is_tried_again_soon_not_after_refresh(dnsmasq):
+    # The name server did not answer at start: the name has no addresses and the upstream answers 503.
+    # The failed lookup was tried again only after dns.refresh, here an hour, however soon DNS was back.
+    with backends_on_loopback(HOSTS[:1]) as backends:
+        port = backends[HOSTS[0]].port
+        dnsmasq.set_hosts({NAME: HOSTS[:1]})
+        dnsmasq.pause()
+        document = _document(dnsmasq, port)
+        document["dns"]["refresh"] = "1h"
+        proxy = start_observed_proxy(document)
+        try:
+            assert requests.get(proxy.url, timeout=5).status_code == 503
+            dnsmasq.resume()
+            wait_for(lambda: requests.get(proxy.url, timeout=5).status_code == 200, timeout=WAIT,
+                     what="the name resolved once DNS answers")
+        finally:
+            dnsmasq.resume()
+            proxy.stop()
+
+
 def test_a_new_address_is_health_checked_before_it_takes_traffic(dnsmasq):
     # Each backend answers its own address as the body: only 127.0.0.2 passes this check.
     health = {"path": "/", "interval": "300ms", "healthy_after": 1, "expect_body": HOSTS[0]}
@@ -613,16 +653,20 @@ def test_a_reload_that_keeps_the_upstream_keeps_the_discovered_servers(dnsmasq):
 
 # -- worker processes and the command --------------------------------------------------------------------
 
-def _workers_config(dnsmasq, backend_port: int, port: int, admin_port: int, health: str = "") -> str:
-    """Two workers, upstream api from NAME; ``health``: the body of an [upstreams.api.health] table."""
+def _workers_config(dnsmasq, backend_port: int, port: int, admin_port: int, health: str = "",
+                    workers: int = 2, token: str = "") -> str:
+    """Two workers, upstream api from NAME; ``health``: the body of an [upstreams.api.health] table;
+    ``token``: the runtime API's admin.token."""
     health_table = f"[upstreams.api.health]\n{health}" if health else ""
+    token_line = f'token = "{token}"' if token else ""
     return f"""
 [server]
 listen = "127.0.0.1:{port}"
-workers = 2
+workers = {workers}
 min_threads = 2
 [admin]
 listen = "127.0.0.1:{admin_port}"
+{token_line}
 [log]
 access = "off"
 [dns]
@@ -738,6 +782,20 @@ def test_the_resolver_tells_nxdomain_from_a_failure(dnsmasq):
     assert refused.targets is None and "REFUSED" in refused.problem
 
 
+def test_an_answer_truncated_over_udp_says_so():
+    # Too big for UDP, and TCP port 53 blocked (a common firewall rule): the problem read "the name
+    # servers failed: , [Errno 111] Connection refused", the truncation an empty string.
+    dns_server = HeldDnsServer({NAME: [HOSTS[0]]}, truncate=True)
+    try:
+        resolver = DnsResolver(DnsConfig(resolvers=(("127.0.0.1", dns_server.port),), refresh=10.0, timeout=2.0))
+        lookup = resolver.lookup(UpstreamServerConfig(NAME, 8080, 1, False, "a"))
+        assert lookup.targets is None
+        assert lookup.problem == ("the name servers failed: [Errno 111] Connection refused, "
+                                  "answer truncated (too big for UDP, and TCP failed)")
+    finally:
+        dns_server.close()
+
+
 def test_an_srv_target_that_fails_to_resolve_does_not_hide_the_others(tmp_path):
     # dnsmasq refuses the out-of-domain target: its lookup fails, while a.svc.test answers
     srv = f"_http._tcp.{NAME}"
@@ -752,6 +810,18 @@ def test_an_srv_target_that_fails_to_resolve_does_not_hide_the_others(tmp_path):
         from proxy.upstream.discovery import check_names
         warnings = check_names(_config([{"srv": srv}], {"resolvers": [dnsmasq.resolver], "timeout": "1s"}))
         assert len(warnings) == 1 and "cannot resolve SRV target(s): api.elsewhere" in warnings[0], warnings
+
+
+def test_an_srv_target_of_a_dot_means_no_service_whatever_its_port(tmp_path):
+    # RFC 2782: a target of "." means the service is decidedly not available. Only port 0 was taken to
+    # mean so: "10 5 8080 ." had "." looked up as a host, which a name server may refuse, and the lookup
+    # then failed and kept the last good set instead of emptying it.
+    srv = f"_http._tcp.{NAME}"
+    with running_dnsmasq(tmp_path, (f"{srv},.,8080,10,5",)) as dnsmasq:
+        resolver = DnsResolver(DnsConfig(resolvers=(("127.0.0.1", dnsmasq.port),), timeout=1.0))
+        found = resolver.lookup(UpstreamServerConfig(srv, 0, 1, False, "srv"))
+        assert (found.targets, found.unresolved) == ((), ())
+        assert found.problem == "no SRV records with addresses"
 
 
 def test_an_srv_target_whose_lookup_fails_keeps_its_last_addresses(caplog):
@@ -820,3 +890,175 @@ def test_the_dashboard_shows_names_and_a_leaving_server(dnsmasq, tmp_path):
                 thread.join(WAIT)
             browser.close()
             proxy.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("order", ["drained, then leaves DNS", "leaves DNS, then drained"])
+def test_drain_wait_ends_well_when_the_server_leaves_dns_and_its_requests_finish(dnsmasq, tmp_path, workers,
+                                                                               order, monkeypatch):
+    # A deploy tool that drains an instance and deregisters it, in either order: the address leaves DNS
+    # while its slow request goes on. "ctl drain --wait" failed (exit 3). Drained first: with workers
+    # /status, whose admin states are the supervisor's, which forgets the drain of a vanished address,
+    # said "enabled"; and the leaving server leaves /status the moment its last request ends, which read
+    # as "no server any more". Leaving first: the drain answered 404 (no such server), though the
+    # server takes no new requests, and GET /upstreams/api lists it.
+    monkeypatch.setattr(backend_support, "NAMED_HOLD_LIMIT", 60.0)  # held until the test lets go, however busy
+    with backends_on_loopback(HOSTS[:2]) as backends:
+        port = backends[HOSTS[0]].port
+        drained = f"{HOSTS[1]}:{port}"
+        dnsmasq.set_hosts({NAME: HOSTS[:2]})
+        backends[HOSTS[0]].release.set()  # its /slow answers at once: only HOSTS[1] holds requests
+        text = _workers_config(dnsmasq, port, free_port(), free_port(), workers=workers, token="t0ken")
+        with running_proxy(tmp_path, text) as run:
+            def rows() -> dict:
+                return {row["address"]: row for row in admin_status(run.admin_port)["upstreams"]["api"]["servers"]}
+
+            def leave_dns() -> None:
+                dnsmasq.set_hosts({NAME: HOSTS[:1]})
+                wait_for(lambda: rows().get(drained, {}).get("state") == "leaving", timeout=WAIT,
+                         what="it leaving DNS")
+
+            wait_for(lambda: len(rows()) == 2, timeout=WAIT, what="both servers", on_timeout=run.log)
+            slow = []
+            before = sum(backend.requests for backend in backends.values())  # the proxy's readiness request too
+            for _ in range(20):  # the balancer (or the kernel, with workers) decides where each one goes
+                slow.append(start_slow_request(run.url))
+                wait_for(lambda: sum(backend.requests for backend in backends.values()) - before >= len(slow),
+                         timeout=WAIT, what="the request to reach a backend")
+                if backends[HOSTS[1]].slow_entered.is_set():
+                    break
+            wait_for(lambda: rows()[drained]["active_requests"] == 1, timeout=WAIT, what="a request in flight")
+            if order.startswith("leaves"):
+                leave_dns()
+            stderr = tmp_path / "ctl.err"
+            with open(stderr, "w") as err_file:
+                waiting = subprocess.Popen(pyproxy_command() + ["ctl", "-c", str(run.config_path), "drain", "api",
+                                                                drained, "--wait", "--timeout", "60s"],
+                                           cwd=REPO, stdout=subprocess.PIPE, stderr=err_file, text=True)
+            try:
+                if order.startswith("drained"):
+                    wait_for(lambda: rows()[drained]["admin_state"] == "draining", timeout=WAIT, what="the drain")
+                    leave_dns()
+                    assert rows()[drained]["admin_state"] == "draining"  # not "enabled", with workers too
+                else:  # the request must still run while ctl looks
+                    wait_for(lambda: waiting.poll() is not None or "waiting for 1 active" in stderr.read_text(),
+                             timeout=WAIT, what="ctl waiting")
+                assert waiting.poll() is None, (waiting.communicate(), stderr.read_text())
+                backends[HOSTS[1]].release.set()
+                out, _ = waiting.communicate(timeout=WAIT)
+            finally:
+                if waiting.poll() is None:
+                    waiting.kill()
+                    waiting.communicate()
+            assert waiting.returncode == 0, out + stderr.read_text()
+            assert f"api/{drained}: drained" in out
+            for thread, result in slow:
+                thread.join(WAIT)
+                assert result.get("status") == 200, result
+
+OTHER = f"other.{DOMAIN}"
+
+
+def _two_names_document(dns_server, with_name: bool, other_weight: int = 1) -> dict:
+    """Upstream api from OTHER, and from NAME too when ``with_name`` (the entry a reload removes)."""
+    servers = [{"address": f"{OTHER}:8080", "discover": "a", "weight": other_weight}]
+    if with_name:
+        servers.insert(0, {"address": f"{NAME}:8080", "discover": "a"})
+    return config_document({"api": {"servers": servers}}, dns={"resolvers": [dns_server.resolver], "refresh": "1s",
+                                                               "timeout": "10s"})
+
+
+def _remove_a_name_while_its_lookup_is_in_flight(dns_server: HeldDnsServer, reload) -> None:
+    """NAME's lookup is held; ``reload(False)`` removes NAME; the lookup then answers 127.0.0.3. Returns
+    once a later discovery round has seen the config without NAME: OTHER, due every second, is asked
+    twice more (once at most in the round that got the answer)."""
+    dns_server.hold()
+    dns_server.records[NAME] = [HOSTS[1]]
+    assert dns_server.held.wait(WAIT), "no lookup of NAME"
+    reload(False)
+    asked = dns_server.asked(OTHER)
+    dns_server.release()
+    wait_for(lambda: dns_server.asked(OTHER) >= asked + 2, timeout=WAIT, what="a later discovery round")
+
+
+def test_a_lookup_that_ends_after_a_reload_removed_its_name_does_not_bring_its_set_back():
+    # The round looked NAME up with the old config; the answer came after a reload had removed NAME, and
+    # was applied: NAME's set was back in the proxy's memory, so a later reload that lists NAME again
+    # served that old set at once (with DNS down, for good) instead of waiting for a fresh lookup.
+    dns_server = HeldDnsServer({NAME: [HOSTS[0]], OTHER: [HOSTS[2]]})
+    proxy = start_observed_proxy(_two_names_document(dns_server, True))
+    try:
+        assert sorted(_addresses(proxy)) == [f"{HOSTS[0]}:8080", f"{HOSTS[2]}:8080"]
+        _remove_a_name_while_its_lookup_is_in_flight(
+            dns_server, lambda with_name: proxy.reload(_two_names_document(dns_server, with_name)))
+        assert sorted(_addresses(proxy)) == [f"{HOSTS[2]}:8080"]
+        dns_server.hold()  # the lookup of NAME added back gets no answer yet
+        proxy.reload(_two_names_document(dns_server, True))
+        assert sorted(_addresses(proxy)) == [f"{HOSTS[2]}:8080"]
+        dns_server.release()
+        wait_for(lambda: sorted(_addresses(proxy)) == [f"{HOSTS[1]}:8080", f"{HOSTS[2]}:8080"], timeout=WAIT,
+                 what="NAME's fresh answer")
+    finally:
+        dns_server.release()
+        proxy.stop()
+        dns_server.close()
+
+
+def _two_names_text(dns_server, backend_port: int, port: int, admin_port: int, with_name: bool,
+                    other_weight: int) -> str:
+    name_entry = f'{{ address = "{NAME}:{backend_port}", discover = "a" }}, ' if with_name else ""
+    return f"""
+[server]
+listen = "127.0.0.1:{port}"
+workers = 2
+min_threads = 2
+[admin]
+listen = "127.0.0.1:{admin_port}"
+[log]
+access = "off"
+[dns]
+resolvers = ["{dns_server.resolver}"]
+refresh = "1s"
+timeout = "10s"
+[[routes]]
+path = "/"
+upstream = "api"
+[upstreams.api]
+servers = [{name_entry}{{ address = "{OTHER}:{backend_port}", discover = "a", weight = {other_weight} }}]
+"""
+
+
+def test_with_workers_a_lookup_that_ends_after_a_reload_removed_its_name_does_not_bring_its_set_back(tmp_path):
+    dns_server = HeldDnsServer({NAME: [HOSTS[0]], OTHER: [HOSTS[2]]})
+    port, admin_port = free_port(), free_port()
+    try:
+        with backends_on_loopback(HOSTS) as backends:
+            backend_port = backends[HOSTS[0]].port
+            addresses = [f"{host}:{backend_port}" for host in HOSTS]
+
+            def text(with_name: bool, other_weight: int) -> str:
+                return _two_names_text(dns_server, backend_port, port, admin_port, with_name, other_weight)
+
+            with running_proxy(tmp_path, text(True, 1)) as run:
+                def rows() -> dict:
+                    return {row["address"]: row["weight"]
+                            for row in admin_status(admin_port)["upstreams"]["api"]["servers"]}
+
+                def reload(with_name: bool, other_weight: int) -> None:  # the weight: every process has it
+                    run.rewrite(text(with_name, other_weight))
+                    run.signal(signal.SIGHUP)
+                    wait_for(lambda: rows().get(addresses[2]) == other_weight, timeout=WAIT, what="the reload",
+                             on_timeout=run.log)
+
+                wait_for(lambda: sorted(rows()) == [addresses[0], addresses[2]], timeout=WAIT,
+                         what="both names' addresses", on_timeout=run.log)
+                _remove_a_name_while_its_lookup_is_in_flight(dns_server, lambda with_name: reload(with_name, 2))
+                dns_server.hold()
+                reload(True, 3)
+                assert sorted(rows()) == [addresses[2]], run.log()
+                dns_server.release()
+                wait_for(lambda: sorted(rows()) == [addresses[1], addresses[2]], timeout=WAIT,
+                         what="NAME's fresh answer", on_timeout=run.log)
+    finally:
+        dns_server.release()
+        dns_server.close()

@@ -459,6 +459,79 @@ def test_a_worker_starts_serving_with_the_admin_states_already_applied(tmp_path,
         supervisor._close_all_sockets()
 
 
+def test_an_enable_while_a_worker_forks_reaches_that_worker(tmp_path, monkeypatch):
+    # The enable came after the new worker's states were copied (it starts draining) and before the
+    # supervisor had its control link: the enable went to the other workers only, and the replay after
+    # "ready" sends the servers that are not enabled, so this worker kept the server drained for good,
+    # unseen: /status takes admin states from the supervisor.
+    config_path = tmp_path / "proxy.toml"
+    config_path.write_text(api_config(free_port(), free_port(), ["127.0.0.1:9", "127.0.0.1:10"], workers=2))
+    config = load_config(config_path)
+    listen = config.server.listen[0]
+    supervisor = Supervisor(config, None, bind_slot_sockets([(listen, bind_config_listener(listen))], 2))
+    real_fork = os.fork
+
+    def fork_then_enable() -> int:
+        pid = real_fork()
+        if pid != 0:  # the supervisor, before it registers the worker
+            supervisor.set_server_state("app", "127.0.0.1:9", "enabled")
+        return pid
+
+    def worker_states() -> dict:
+        answers = supervisor.collect("status")
+        servers = answers[0][1]["upstreams"]["app"]["servers"] if answers else []
+        return {server["address"]: server["admin_state"] for server in servers}
+
+    try:
+        assert supervisor.set_server_state("app", "127.0.0.1:9", "draining") == "enabled"
+        monkeypatch.setattr(os, "fork", fork_then_enable)
+        supervisor._spawn(0)
+        monkeypatch.setattr(os, "fork", real_fork)
+        assert supervisor.slots[0].ready.wait(READY), "the worker never got ready"
+        wait_for(lambda: worker_states() == {"127.0.0.1:9": "enabled", "127.0.0.1:10": "enabled"}, READY,
+                 what="the enable in the new worker")
+    finally:
+        worker = supervisor.slots[0]
+        if worker is not None:
+            worker.link.close()
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(worker.pid, signal.SIGKILL)
+                os.waitpid(worker.pid, 0)
+        supervisor._close_all_sockets()
+
+
+def test_a_worker_that_missed_a_reload_removing_a_drained_server_gets_it_enabled(tmp_path):
+    # Two reloads in a row, the first removing a drained server and the second listing it again: the
+    # supervisor forgot the drain (a removed server is forgotten) but a worker that read the file only
+    # after both never removed the server, and kept it drained. The replay after its reload listed only
+    # the supervisor's servers that are not enabled, so the drain held in that worker for good, unseen.
+    with named_backends("a", "b") as (a, b), start(tmp_path, [a.address, b.address], workers=2) as run:
+        wait_for(lambda: ready_workers(run) == 2, READY, what="both workers ready", on_timeout=run.log)
+        assert post(run, f"/upstreams/app/servers/{a.address}/drain").status_code == 200
+        late = min(children(run.proc.pid))
+        os.kill(late, signal.SIGSTOP)  # it reads its control link (and the file) only after both reloads
+        try:
+            run.rewrite(api_config(run.port, run.admin_port, [b.address], workers=2))
+            run.signal(signal.SIGHUP)
+            wait_for(lambda: f"-{a.address}" in run.log(), READY, what="the reload removing a", on_timeout=run.log)
+            run.rewrite(api_config(run.port, run.admin_port, [a.address, b.address], workers=2))
+            run.signal(signal.SIGHUP)
+            wait_for(lambda: f"+{a.address}" in run.log(), READY, what="the reload adding a", on_timeout=run.log)
+        finally:
+            os.kill(late, signal.SIGCONT)
+        assert post(run, f"/upstreams/app/servers/{b.address}/drain").status_code == 200
+        a.release.set()
+
+        def answers() -> set:  # fresh connections, which the kernel spreads over both workers
+            statuses = set()
+            for _ in range(16):
+                with requests.Session() as session:
+                    response = session.get(run.url, timeout=10)
+                statuses.add((response.status_code, response.headers.get("X-Backend")))
+            return statuses
+        wait_for(lambda: answers() == {(200, "a")}, READY, what="every worker sending to a", on_timeout=run.log)
+
+
 def assert_every_worker_avoids(run, drained, before: int) -> None:
     """Fresh connections until every worker served requests since now; none reached ``drained``."""
     def served_since(start: dict) -> dict:
@@ -563,3 +636,69 @@ def test_drain_wait_fails_when_the_server_is_enabled_again_meanwhile(tmp_path, m
         assert waiting.returncode == 3, out + err
         assert f"app/{a.address} is enabled now: no longer draining" in err
         assert slow.join() == [(200, SLOW_BODY)] * len(slow.threads)
+
+
+@pytest.mark.parametrize("answer", [b"SSH-2.0-OpenSSH_9.2\r\n",  # another service on the admin port
+                                    b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"state"'])  # cut short
+def test_ctl_says_what_is_wrong_with_an_answer_that_is_not_http_or_cut_short(tmp_path, answer):
+    # http.client raised BadStatusLine / IncompleteRead, which are no OSError: ctl printed a traceback
+    # and exited 1, the code for a config file problem.
+    def script(peer):
+        peer.read_request()
+        peer.send(answer)
+
+    other = backends.RawBackend(script).start()
+    try:
+        config = tmp_path / "proxy.toml"
+        config.write_text(api_config(free_port(), other.port, ["127.0.0.1:9"]))
+        for args in (("drain", "app", "127.0.0.1:9"), ("status",)):
+            result = subprocess.run(pyproxy_command() + ["ctl", "-c", str(config), *args], capture_output=True,
+                                    text=True, timeout=CTL_EXIT, cwd=REPO)
+            assert result.returncode == 3, (args, result.stdout, result.stderr)
+            assert "Traceback" not in result.stderr
+            assert f"is http://127.0.0.1:{other.port} pyproxy's admin listener?" in result.stderr
+    finally:
+        other.stop()
+
+
+def test_errors_http_server_answers_itself_are_json_on_the_api_paths(tmp_path):
+    # An unknown method or a header line too long is refused by http.server before any do_* method: its
+    # HTML error page reached the API's clients, which expect {"error": ...} on every answer.
+    with named_backends("a") as (a,), start(tmp_path, [a.address]) as run:
+        purge = requests.request("PURGE", admin_url(run, "/upstreams/app"), timeout=10)
+        assert purge.status_code == 501
+        assert purge.headers["Content-Type"].startswith("application/json")
+        assert purge.json() == {"error": "Unsupported method ('PURGE')"}
+        long_header = requests.get(admin_url(run, "/upstreams/app"), headers={"X-Long": "x" * 70000}, timeout=10)
+        assert long_header.status_code == 431
+        assert "error" in long_header.json()
+        # Outside the API, the pages stay as they were.
+        assert requests.request("PURGE", admin_url(run, "/status"), timeout=10).headers["Content-Type"].startswith(
+            "text/html")
+        assert requests.get(admin_url(run, "/upstreams/app"), timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("status", ["302 Found", "307 Temporary Redirect"])
+def test_ctl_follows_no_redirect_so_the_token_goes_nowhere_else(tmp_path, status):
+    # urllib follows a redirect with the request's headers, Authorization included: whatever answers on
+    # the admin address (another service took the port) could send ctl, and its bearer token, anywhere.
+    elsewhere = backends.ScriptedBackend().start()
+
+    def redirect(peer):
+        peer.read_request()
+        peer.send(f"HTTP/1.1 {status}\r\nLocation: http://{elsewhere.address}/upstreams\r\n"
+                  "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+
+    on_admin_port = backends.RawBackend(redirect).start()
+    try:
+        config = tmp_path / "proxy.toml"
+        config.write_text(api_config(free_port(), on_admin_port.port, ["127.0.0.1:9"]))
+        for args in (("drain", "app", "127.0.0.1:9"), ("status",)):
+            result = subprocess.run(pyproxy_command() + ["ctl", "-c", str(config), *args], capture_output=True,
+                                    text=True, timeout=CTL_EXIT, cwd=REPO)
+            assert result.returncode == 3, (args, result.stdout, result.stderr)
+            assert status.split()[0] in result.stderr
+        assert elsewhere.requests == []
+    finally:
+        on_admin_port.stop()
+        elsewhere.stop()

@@ -164,6 +164,18 @@ class _AdminHandler(BaseHTTPRequestHandler):
 
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (an unknown method, a header line too long) come before any do_*
+        method: on an API path they are JSON too. ``command`` is empty or None while the request line did
+        not parse (a URI too long, say), and ``path`` is then not this request's."""
+        path = getattr(self, "path", "").split("?", 1)[0] if getattr(self, "command", None) else ""
+        if not RuntimeApi.handles(path):
+            super().send_error(code, message, explain)
+            return
+        self.close_connection = True  # the request was not read as a whole
+        phrase = self.responses.get(code, ("error",))[0]
+        self._send_api(ApiAnswer(code, {"error": message or phrase}), head_only=self.command == "HEAD")
+
     def _read_api_body(self) -> "bytes | ApiAnswer":
         """A write's body (JSON, optional), bounded. Past the bound, or chunked, the answer is an error
         and the connection closes (the rest of the body is never read)."""

@@ -143,12 +143,13 @@ def upstream_view(name: str, upstream: dict) -> dict:
     """GET /upstreams/NAME: the /status entry of each server. "state" is the one word for it:
     "draining" or "disabled" when an operator said so, else what the checks say ("up", "down", or
     "leaving" for an address gone from DNS); "admin_state" (enabled, draining, disabled) and "health"
-    give the two halves."""
+    give the two halves. "name" is the DNS name of a server found in DNS."""
     servers = []
     for server in upstream["servers"]:
         admin_state = server.get("admin_state", "enabled")
         servers.append({
             "address": server["address"],
+            **({"name": server["name"]} if server.get("name") else {}),
             "state": server["state"] if admin_state == "enabled" else admin_state,
             "admin_state": admin_state,
             "health": server["state"],

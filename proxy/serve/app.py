@@ -466,14 +466,20 @@ class Application:
             except Exception:  # the new config is in place; one listener's bug must not undo the reload
                 log.exception("reload listener %r failed", listener)
 
-    def apply_discovered(self, key: DiscoveryKey, targets: tuple[Target, ...]) -> None:
+    def apply_discovered(self, key: DiscoveryKey, targets: tuple[Target, ...],
+                         only_if_configured: bool = False) -> None:
         """A discovered name resolved to a new set of addresses: rebuild the runtime with it.
 
         Unchanged addresses keep their Server (health, counters) and pool; new ones join (checked first
         when the upstream has active checks, unless this is the name's first answer); vanished ones get
         no new requests, and those in flight (tunnels too) finish on the snapshot they started with.
+        ``only_if_configured``: the process resolved it itself, and a lookup that ended after a reload
+        removed its name is dropped; its set kept would come back with a reload that lists the name again.
+        (A worker applies what its supervisor sends even before its own reload adds the name.)
         """
         with self._reload_lock:
+            if only_if_configured and key not in discovered_entries(self.config):
+                return
             if self.discovered.get(key) == tuple(targets):
                 return  # a replay of what this process has already
             joined = frozenset([key]) if key in self.discovered else frozenset()

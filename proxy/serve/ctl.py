@@ -14,6 +14,7 @@ answers on the admin address), EXIT_TIMEOUT (``--wait`` gave up with requests st
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -37,16 +38,27 @@ POLL_INTERVAL = 0.25    # --wait asks this often (a GET on loopback; the admin l
 DEFAULT_WAIT_TIMEOUT = 60.0
 # An admin listener on every interface is still reached on loopback.
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
-# No proxy from http_proxy & co: the admin listener is reached directly, and the token goes nowhere else.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows a redirect with every header, the token's too: the runtime API never redirects."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # the 3xx is then an HTTPError, reported as an answer that is not the API's
+
+
+# No proxy from http_proxy & co, and no redirect: the admin listener is reached directly, and the token
+# goes nowhere else.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
 
 
 class CtlError(Exception):
-    """Ends the command: the message for stderr and the exit code."""
+    """Ends the command: the message for stderr and the exit code (``status``: the API's HTTP status)."""
 
-    def __init__(self, message: str, code: int):
+    def __init__(self, message: str, code: int, status: int | None = None):
         super().__init__(message)
         self.code = code
+        self.status = status
 
 
 @dataclass
@@ -84,16 +96,31 @@ class AdminClient:
             with _DIRECT.open(request, timeout=REQUEST_TIMEOUT) as response:
                 document = _json(response.read())
         except urllib.error.HTTPError as exc:
-            document = _json(exc.read())
+            if 300 <= exc.code < 400:
+                raise CtlError(f"{method} {path}: {exc.code} {exc.reason}: a redirect, not followed: not the "
+                               f"runtime API's answer (is {self.base_url} pyproxy's admin listener?)",
+                               EXIT_API) from None
+            document = _json(_error_body(exc))
             reason = document.get("error") or exc.reason
-            raise CtlError(f"{method} {path}: {exc.code} {reason}", EXIT_API) from None
+            raise CtlError(f"{method} {path}: {exc.code} {reason}", EXIT_API, exc.code) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise CtlError(f"cannot reach the admin listener at {self.base_url}: {reason}", EXIT_UNREACHABLE) from None
+        except http.client.HTTPException as exc:  # not HTTP at all (BadStatusLine), or cut short (IncompleteRead)
+            raise CtlError(f"{method} {path}: the answer is not the runtime API's ({type(exc).__name__}; is "
+                           f"{self.base_url} pyproxy's admin listener?)", EXIT_API) from None
         if expect not in document:
             raise CtlError(f"{method} {path}: the answer is not the runtime API's (is {self.base_url} pyproxy's "
                            "admin listener?)", EXIT_API)
         return document
+
+
+def _error_body(exc: urllib.error.HTTPError) -> bytes:
+    """An error answer's body; empty if it cannot be read whole (the status still says what happened)."""
+    try:
+        return exc.read()
+    except (http.client.HTTPException, OSError):
+        return b""
 
 
 def _json(data: bytes) -> dict:
@@ -118,17 +145,41 @@ def find_server(view: dict, address: str) -> dict:
     raise CtlError(f"upstream {view.get('name')!r} has no server {address!r} any more", EXIT_API)
 
 
+def is_leaving(server: dict) -> bool:
+    """Its address left DNS; it finishes the requests it has and takes no new ones, whatever its admin
+    state says (the runtime API no longer knows it: a drain answers 404)."""
+    return server.get("health") == "leaving"
+
+
+def leaving_server(client: AdminClient, upstream: str, address: str) -> dict | None:
+    """The server as GET /upstreams/NAME shows it, if it is leaving."""
+    try:
+        server = find_server(client.get(server_path(upstream, "")), address)
+    except CtlError:
+        return None
+    return server if is_leaving(server) else None
+
+
 def wait_until_idle(client: AdminClient, upstream: str, address: str, timeout: float,
                     say: Callable[[str], None], clock=time.monotonic, sleep=time.sleep) -> int:
     """Poll until the server has no active requests; returns how many it had when the wait began.
     If it is enabled again meanwhile (another client, a restart of the proxy), the wait fails: it takes
-    new requests, and an idle moment would not mean it can be restarted."""
+    new requests, and an idle moment would not mean it can be restarted. A server found in DNS whose
+    address left it is listed only while it has requests in flight: its disappearing means they ended."""
     deadline = clock() + timeout
     first = None
     shown = None
+    discovered = False
     while True:
-        server = find_server(client.get(server_path(upstream, "")), address)
-        if server.get("admin_state") == "enabled":
+        view = client.get(server_path(upstream, ""))
+        try:
+            server = find_server(view, address)
+        except CtlError:
+            if discovered:
+                return first
+            raise
+        discovered = bool(server.get("name"))
+        if server.get("admin_state") == "enabled" and not is_leaving(server):
             raise CtlError(f"{upstream}/{address} is enabled now: no longer draining (changed meanwhile by "
                            "another client, or the proxy restarted)", EXIT_API)
         active = server.get("active_requests", 0)

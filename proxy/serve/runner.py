@@ -212,7 +212,8 @@ class ProxyProcess:
 
     def _name_discovery(self) -> DnsDiscovery:
         """DNS discovery on its own thread; its first round runs as the services start, before traffic."""
-        discovery = DnsDiscovery(lambda: self.app.config, self.app.apply_discovered)
+        discovery = DnsDiscovery(lambda: self.app.config,
+                                 lambda key, targets: self.app.apply_discovered(key, targets, only_if_configured=True))
         self.app.reload_listeners.append(lambda old, new: discovery.kick())  # new names: resolved at once
         return discovery
 

@@ -50,8 +50,9 @@ from core.wakeup import WakePipe
 
 from proxy.observe.admin import AdminRelocation, AdminServer, AdminSources, configured_token, install_observability
 from proxy.serve.app import Application, UnknownServer
+from proxy.upstream.servers import ENABLED
 from proxy.config.schema import Config, ConfigError, ListenConfig
-from proxy.upstream.discovery import DnsDiscovery, targets_from_lists
+from proxy.upstream.discovery import DnsDiscovery, discovered_entries, targets_from_lists
 from proxy.upstream.health import HealthChecker, apply_health
 from proxy.observe.log_reload import level_listener
 from proxy.observe.metrics import WorkerCounters, render_prometheus
@@ -326,11 +327,18 @@ class SupervisorSources(AdminSources):
                     server["active_requests"] = server.get("active_requests", 0) + active.get(server["address"], 0)
 
     def _add_admin_states(self, merged: dict) -> None:
-        """The supervisor applied every runtime API write first: its word on admin states is the last."""
+        """The supervisor applied every runtime API write first: its word on admin states is the last,
+        on the servers it has. Not on one it no longer has (its address left DNS, and it is leaving with
+        requests in flight, or a worker has yet to apply that): the supervisor has forgotten its state,
+        and the workers' servers still have the one it left with."""
         states = self.supervisor.app.admin_states
+        runtime = self.supervisor.app.runtime
         for name, upstream in merged["upstreams"].items():
+            known = runtime.upstreams.get(name)
+            addresses = {server.address for server in known.servers} if known is not None else set()
             for server in upstream["servers"]:
-                server["admin_state"] = states.get((name, server["address"]), "enabled")
+                if server["address"] in addresses:
+                    server["admin_state"] = states.get((name, server["address"]), "enabled")
 
     def _add_last_checks(self, merged: dict) -> None:
         """Workers run no checker: the latest check of each server is the supervisor's."""
@@ -584,16 +592,25 @@ class Supervisor:
 
     def _discovered_changed(self, key: tuple, targets: tuple) -> None:
         """The one resolver of the proxy found a new set: every worker applies it, then the supervisor
-        (whose health checker then sees the new servers: its verdicts reach the workers after the set)."""
+        (whose health checker then sees the new servers: its verdicts reach the workers after the set).
+        A lookup that ended after a reload removed its name is dropped (Application.apply_discovered);
+        the lock keeps a reload from coming between this check and the broadcast."""
         with self._discovered_lock:
+            if key not in discovered_entries(self.app.config):
+                return
             self._broadcast(_discovered_message(key, targets))
             self.app.apply_discovered(key, targets)
 
     def _replay_verdicts(self, handle: WorkerHandle) -> None:
         """A worker that just started or reloaded learns what its config cannot tell it: the runtime
-        API's admin states and the servers the health checks took down."""
+        API's admin state of every server, enabled ones too (a worker may hold a drain the supervisor
+        forgot: an enable sent before its link was registered, a reload removing the server that it read
+        only after the next one had listed it again), and the servers the health checks took down."""
         with self._admin_lock:
-            for (upstream, address), state in list(self.app.admin_states.items()):
+            states = {(name, server.address): ENABLED
+                      for name, upstream in self.app.runtime.upstreams.items() for server in upstream.servers}
+            states.update(self.app.admin_states)
+            for (upstream, address), state in states.items():
                 handle.link.send({"op": "admin_state", "upstream": upstream, "address": address, "state": state})
         if self.checker is None:
             return
@@ -667,7 +684,8 @@ class Supervisor:
             log.error("reload failed, keeping the old config:\n%s", ConfigError(problems))
             return False
         old, self.config = self.config, config
-        self.app.reload(config)
+        with self._discovered_lock:  # not between a lookup's check that its name is configured and its push
+            self.app.reload(config)
         for line in describe_changes(old, config) or ["no changes"]:
             log.info("  %s", line)
         replace = _listen_addresses(old) != _listen_addresses(config)

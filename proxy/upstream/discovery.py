@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import dns.exception
+import dns.message
+import dns.name
 import dns.nameserver
 import dns.resolver
 
@@ -31,6 +33,9 @@ from proxy.upstream.rounds import RoundLoop
 log = logging.getLogger("pyproxy.dns")
 
 MAX_IDLE_WAIT = 1.0  # the loop looks at the config at least this often (a reload may add names)
+# A failed lookup is tried again after 1 s, then 2, 4 ... up to dns.refresh: a name server back after a
+# blip is used at once (HAProxy's "timeout retry" is 1 s), one down for long is not asked every second.
+FIRST_RETRY = MIN_DNS_REFRESH
 
 
 @dataclass(frozen=True, order=True)
@@ -123,9 +128,9 @@ class DnsResolver:
         targets: list[Target] = []
         failed: dict[str, str] = {}  # target -> why its lookup failed
         for record in answer:
-            target = record.target.to_text(omit_final_dot=True)
-            if not target or record.port == 0:  # "." means: no service here (RFC 2782)
+            if record.target == dns.name.root or record.port == 0:  # "." means: no service here (RFC 2782)
                 continue
+            target = record.target.to_text(omit_final_dot=True)
             try:
                 found, ttl, _ = self._addresses(target, record.port, max(1, record.weight), record.priority)
             except _Failed as exc:  # one broken target must not freeze the others (HAProxy resolves each too)
@@ -171,20 +176,29 @@ class DnsResolver:
 
 def _servers_said(exc: dns.resolver.NoNameservers) -> str:
     errors = exc.kwargs.get("errors") or []
-    said = sorted({str(error[3]) for error in errors if len(error) > 3})
+    said = sorted({_describe_error(error[3]) for error in errors if len(error) > 3})
     return ", ".join(said) or "no usable answer"
+
+
+def _describe_error(error) -> str:
+    """One name server's failure. A truncated UDP answer (its text is empty) is retried over TCP, which
+    then failed too: a firewall that blocks TCP port 53 is the usual cause."""
+    if isinstance(error, dns.message.Truncated):
+        return "answer truncated (too big for UDP, and TCP failed)"
+    return str(error) or type(error).__name__
 
 
 class _Name:
     """The loop's state for one discovered entry."""
 
-    __slots__ = ("entry", "targets", "next_due", "failing", "unresolved")
+    __slots__ = ("entry", "targets", "next_due", "failing", "failures", "unresolved")
 
     def __init__(self, entry: UpstreamServerConfig, due: float) -> None:
         self.entry = entry
         self.targets: tuple[Target, ...] | None = None  # the last good set; None before the first
         self.next_due = due
         self.failing = False
+        self.failures = 0  # failed lookups in a row (the retry backs off)
         self.unresolved: tuple[str, ...] = ()  # SRV targets whose lookup is failing (logged once each)
 
 
@@ -265,11 +279,13 @@ class DnsDiscovery:
                 kept = "no addresses yet" if name.targets is None else f"keeping its {len(name.targets)} address(es)"
                 log.warning("dns: lookup of %s failed (%s); %s until it answers", label, lookup.problem, kept)
             name.failing = True
-            name.next_due = self._clock() + settings.refresh
+            name.failures += 1
+            name.next_due = self._clock() + min(settings.refresh, FIRST_RETRY * 2 ** min(name.failures - 1, 16))
             return
         if name.failing:
             log.info("dns: %s answers again", label)
         name.failing = False
+        name.failures = 0
         ttl = settings.refresh if lookup.ttl is None else lookup.ttl
         name.next_due = self._clock() + max(MIN_DNS_REFRESH, min(settings.refresh, ttl))
         lookup = self._keep_unresolved(name, lookup)

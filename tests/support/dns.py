@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 import dns.exception
+import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
@@ -199,3 +200,100 @@ class SrvOnlyServer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class HeldDnsServer:
+    """A name server on 127.0.0.1 answering A queries from ``records`` (name -> addresses, TTL 1; AAAA
+    has none; other names NXDOMAIN) that can hold its A answers: between ``hold()`` and ``release()``
+    a lookup stays in flight, so a test can reload the proxy meanwhile. ``queries``: the names whose A
+    records were asked, one per lookup (a lookup asks for A, then AAAA)."""
+
+    def __init__(self, records: dict[str, list[str]], truncate: bool = False):
+        """``truncate``: every answer has the TC flag (too big for UDP) and nothing listens on TCP."""
+        self.records = dict(records)
+        self.truncate = truncate
+        self.queries: list[str] = []
+        self.held = threading.Event()  # an A query is being held
+        self._holding = False
+        self._waiting: list[tuple[dns.message.Message, tuple]] = []
+        self._lock = threading.Lock()
+        self.sock, self._tcp = self._bind(truncate)
+        self.port = self.sock.getsockname()[1]
+        self.resolver = f"127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _bind(truncate: bool) -> tuple[socket.socket, socket.socket | None]:
+        """The UDP socket; with ``truncate``, a TCP socket bound (not listening) on its port too, so a
+        resolver's TCP retry is refused rather than reaching some other service on that port."""
+        for _ in range(50):
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.bind(("127.0.0.1", 0))
+            if not truncate:
+                return udp, None
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                tcp.bind(("127.0.0.1", udp.getsockname()[1]))
+                return udp, tcp
+            except OSError:
+                udp.close()
+                tcp.close()
+        raise RuntimeError("no port free for both UDP and TCP")
+
+    def hold(self) -> None:
+        with self._lock:
+            self._holding = True
+            self.held.clear()
+
+    def release(self) -> None:
+        with self._lock:
+            self._holding = False
+            waiting, self._waiting = self._waiting, []
+        for query, peer in waiting:
+            self._answer(query, peer)
+
+    def asked(self, name: str) -> int:
+        with self._lock:
+            return self.queries.count(name)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except OSError:  # closed
+                return
+            query = dns.message.from_wire(data)
+            question = query.question[0]
+            with self._lock:
+                if question.rdtype == dns.rdatatype.A:
+                    self.queries.append(question.name.to_text(omit_final_dot=True))
+                if self._holding and question.rdtype == dns.rdatatype.A:
+                    self._waiting.append((query, peer))
+                    self.held.set()
+                    continue
+            self._answer(query, peer)
+
+    def _answer(self, query: dns.message.Message, peer: tuple) -> None:
+        question = query.question[0]
+        name = question.name.to_text(omit_final_dot=True)
+        response = dns.message.make_response(query)
+        if self.truncate:
+            response.flags |= dns.flags.TC
+        elif name not in self.records:
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        elif question.rdtype == dns.rdatatype.A:
+            rrset = response.find_rrset(response.answer, question.name, dns.rdataclass.IN, dns.rdatatype.A,
+                                        create=True)
+            rrset.update_ttl(1)
+            for address in self.records[name]:
+                rrset.add(dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.A, address))
+        try:
+            self.sock.sendto(response.to_wire(), peer)
+        except OSError:  # closed meanwhile
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+        if self._tcp is not None:
+            self._tcp.close()
