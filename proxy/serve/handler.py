@@ -35,7 +35,7 @@ from proxy.http.http1 import (DEFAULT_MAX_LINE_BYTES, LAST_CHUNK, NEED_DATA, Dat
                     RequestParser, ResponseHead, ResponseParser, encode_chunk)
 from proxy.http.responses import (describe_route, html_response, plain_response, unreachable_page, unreachable_text,
                         wants_html)
-from proxy.routing.router import BadPath, host_without_port, normalize_path, split_target
+from proxy.routing.router import BadPath, host_without_port, split_target
 from proxy.http.tls import HANDSHAKE_PENDING
 from proxy.http2.session import H2Session, is_h2c_preface
 from proxy.http.tunnel import TunnelRelay
@@ -584,10 +584,7 @@ class HttpHandler:
             if port is not None:  # redirect_https: the same URL on https, whatever the route
                 return None, (308, https_location(self._redirect_host(request), port, *split_target(request.target)))
         try:
-            path, query = split_target(request.target)
-            if path != "*":
-                path = normalize_path(path)
-            route = runtime.router.match(host_without_port(request.host), path)
+            route, path, query, target = runtime.router.resolve(request.host, request.target)
         except BadPath as exc:
             raise ProtocolError(400, f"bad request path: {exc}") from exc
         if route is None:
@@ -605,7 +602,6 @@ class HttpHandler:
         upstream = runtime.upstreams[route.upstream]
         ex.route = route
         ex.record.upstream = upstream.name
-        target = (route.forwarded_path(path) if path != "*" else "*") + query
         out = Outbound(request.method, target, "", ex.session.client_ip, ex.session.scheme,
                        route.headers, self._body_mode(request), tunnel_upgrade(request.upgrade),
                        ex.record.request_id,
