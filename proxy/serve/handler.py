@@ -117,7 +117,7 @@ class RequestRecord:
     """What observers (access log, metrics) learn about one finished request."""
 
     __slots__ = ("started", "duration", "client_ip", "method", "target", "version", "status",
-                 "bytes_sent", "upstream", "server", "request_id", "user_agent", "referer", "host")
+                 "bytes_sent", "upstream", "server", "request_id", "host", "_headers")
 
     def __init__(self, started: float, client_ip: str, request: RequestHead | None):
         self.started = started
@@ -125,17 +125,24 @@ class RequestRecord:
         self.client_ip = client_ip
         if request is None:  # refused before its head was whole
             self.method, self.target, self.version, self.host = "-", "-", "HTTP/1.1", None
-            self.user_agent = self.referer = None
+            self._headers = None
         else:
             self.method, self.target, self.version, self.host = (request.method, request.target,
                                                                  request.version, request.host)
-            self.user_agent = _field(request.headers, "user-agent")
-            self.referer = _field(request.headers, "referer")
+            self._headers = request.headers  # read only if the access log asks (it is often off)
         self.status = 0
         self.bytes_sent = 0
         self.upstream = None
         self.server = None
         self.request_id = None
+
+    @property
+    def user_agent(self) -> str | None:
+        return None if self._headers is None else _field(self._headers, "user-agent")
+
+    @property
+    def referer(self) -> str | None:
+        return None if self._headers is None else _field(self._headers, "referer")
 
 
 class Exchange:
@@ -231,7 +238,7 @@ class HttpHandler:
                 return
         while True:
             request = session.waiting_request or self._read_head(conn, session)
-            if request is not PARKED and request is not None and _wants_whole_body(request):
+            if request is not PARKED and request is not None and request.content_length and _wants_whole_body(request):
                 request = self._read_small_body(conn, session, request)
             if request is PARKED:
                 return  # half a head or a small body so far: held without a thread until more comes
@@ -602,8 +609,9 @@ class HttpHandler:
         upstream = runtime.upstreams[route.upstream]
         ex.route = route
         ex.record.upstream = upstream.name
-        out = Outbound(request.method, target, "", ex.session.client_ip, ex.session.scheme,
-                       route.headers, self._body_mode(request), tunnel_upgrade(request.upgrade),
+        body = "chunked" if request.chunked else "length" if request.content_length else "none"
+        out = Outbound(request.method, target, "", ex.session.client_ip, ex.session.scheme, route.headers, body,
+                       tunnel_upgrade(request.upgrade) if request.upgrade is not None else None,
                        ex.record.request_id,
                        runtime.is_trusted(ex.session.client_ip) and not ex.session.relayed_unnamed)
         return upstream, out
@@ -636,30 +644,14 @@ class HttpHandler:
         """The client's X-Request-Id if it is a sane token, else a new one: it goes into every log
         line, to the backend and back to the client, so 16 KiB of it, or spaces, control characters
         and non-ASCII bytes (header values are read as latin-1), are replaced, as Heroku's router does."""
-        offered = _field(request.headers, "x-request-id")
-        if offered and len(offered) <= MAX_CLIENT_REQUEST_ID and offered.isascii() and offered.isprintable() \
-                and " " not in offered:
-            return offered
-        return self._new_request_id()
-
-    def _new_request_id(self) -> str:
+        if "x-request-id" in request.headers.names:  # most requests bring none: no lookup then
+            offered = request.headers.get("x-request-id")
+            if offered and len(offered) <= MAX_CLIENT_REQUEST_ID and offered.isascii() and offered.isprintable() \
+                    and " " not in offered:
+                return offered
         return f"{self._request_ids.getrandbits(128):032x}"
 
-    @staticmethod
-    def _body_mode(request: RequestHead) -> str:
-        if request.chunked:
-            return "chunked"
-        if request.content_length:
-            return "length"
-        return "none"
-
     # -- attempts and retries ------------------------------------------------------------------
-    def _hash_address(self, ex: Exchange, upstream) -> str:
-        """The client address ip_hash keys on: behind trusted proxies, the one they forwarded for."""
-        if upstream.config.policy != "ip_hash":
-            return ex.session.client_ip  # the other policies ignore it: no header parsing per request
-        return self._original_client(ex, self.app.runtime)
-
     @staticmethod
     def _original_client(ex: Exchange, runtime) -> str:
         """The address the request started from (behind trusted proxies, the one they forwarded for)."""
@@ -673,9 +665,13 @@ class HttpHandler:
         attempts_left = 1 + upstream.config.retries
         last_error: ProxyError | None = None
         fresh = False  # after a stale pooled connection: the retry dials a new one
+        # The client address ip_hash keys on: behind trusted proxies, the one they forwarded for. The
+        # other policies ignore it: no header parsing per request for them.
+        client_ip = (ex.session.client_ip if upstream.config.policy != "ip_hash"
+                     else self._original_client(ex, self.app.runtime))
         while attempts_left > 0:
             attempts_left -= 1
-            server = upstream.pick_server(self._hash_address(ex, upstream), exclude=tried, retry_of=last_error)
+            server = upstream.pick_server(client_ip, exclude=tried, retry_of=last_error)
             if server is None:
                 if last_error is not None:
                     raise last_error
