@@ -1062,8 +1062,13 @@ class ResponseParser(_MessageParser):
             self._start_body(chunked, None)
             return None, chunked, keep_alive
         if cl is not None:
-            length = _parse_content_length(cl)
-            self._start_body(False, length)
+            value = cl[0]  # the usual single "16" inline; lists and oddities in the helper
+            if len(cl) == 1 and value.isdigit() and value.isascii() and len(value) <= MAX_CONTENT_LENGTH_DIGITS:
+                length = int(value)
+            else:
+                length = _parse_content_length(cl)
+            self._state = _BODY_LENGTH  # _start_body(False, length), inline: every response gets here
+            self.body_remaining = length
             return length, False, keep_alive
         self._start_body(False, None)
         return None, False, False
