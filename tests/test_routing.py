@@ -101,9 +101,11 @@ def test_resolve_memory_is_bounded():
     for n in range(router_module.RESOLVED_MAX + 10):
         router.resolve("a", f"/{n}")
     assert 0 < len(router._resolved) <= router_module.RESOLVED_MAX
-    long_target = "/" + "x" * router_module.RESOLVED_TARGET_MAX
+    long_target = "/" + "x" * router_module.RESOLVED_KEY_MAX
+    long_host = "h" * router_module.RESOLVED_KEY_MAX
     assert router.resolve("a", long_target)[3] == long_target
-    assert ("a", long_target) not in router._resolved
+    assert router.resolve(long_host, "/x")[3] == "/x"
+    assert ("a", long_target) not in router._resolved and (long_host, "/x") not in router._resolved
 
 
 # -- set_headers replace the proxy's own fields, never add framing ---------------------------------------

@@ -177,9 +177,10 @@ def _host_rank(host: str | None) -> int:
     return 1 if host.startswith("*.") else 0
 
 
-# Router.resolve remembers this many (Host, target) pairs, each target at most this long.
+# Router.resolve remembers this many (Host, target) pairs, each at most this long (Host and target
+# together): 4096 x 512 characters bound its memory to about 2 MiB, whatever clients send.
 RESOLVED_MAX = 4096
-RESOLVED_TARGET_MAX = 512
+RESOLVED_KEY_MAX = 512
 
 
 class Router:
@@ -215,7 +216,7 @@ class Router:
             route = self.match(host_without_port(host), path)
             forwarded = None if route is None else (route.forwarded_path(path) if path != "*" else "*") + query
             found = (route, path, query, forwarded)
-            if len(target) <= RESOLVED_TARGET_MAX:  # bounded: clients choose targets and Host freely
+            if len(target) + len(host or "") <= RESOLVED_KEY_MAX:  # bounded: clients choose both freely
                 if len(self._resolved) >= RESOLVED_MAX:
                     self._resolved.clear()  # a scan of many URLs: start over rather than stop learning
                 self._resolved[key] = found
