@@ -67,6 +67,10 @@ DEFAULT_MAX_RESPONSE_HEADER_BYTES = 65536
 MAX_CHUNK_LINE_BYTES = 4096
 # 18 decimal digits always fit in a signed 64-bit integer (what a backend will parse into).
 MAX_CONTENT_LENGTH_DIGITS = 18
+# A table of known heads (RequestParser's known_heads) holds at most this many, each at most this long:
+# a few hundred KiB in all. A longer head is parsed every time.
+KNOWN_HEADS_MAX = 256
+KNOWN_HEAD_MAX_CHARS = 1024
 
 # ---------------------------------------------------------------------------------------
 # Errors and events
@@ -884,9 +888,15 @@ class RequestParser(_MessageParser):
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        known_heads: dict[str, RequestHead] | None = None,
     ) -> None:
         super().__init__(max_header_bytes, max_body_bytes, max_line_bytes)
         self._refused_line: str | None = None  # a complete head's start line the parser refused
+        # Keep-alive clients send the same head over and over: the parsers of one owner (a process's
+        # connections) may share a table of bodiless heads by their text, so that a head seen before is
+        # not parsed again. Heads are never changed once parsed, and a bodiless head's parse depends on
+        # its text alone (max_body_bytes only judges a Content-Length), so one object serves them all.
+        self._known_heads = known_heads
 
     # A peer speaking another protocol (a TLS ClientHello on a plain port, SSH, SMTP) sends no CRLFCRLF
     # for a long while: waiting for it would answer 408 after header_timeout. nginx and HAProxy answer
@@ -912,6 +922,13 @@ class RequestParser(_MessageParser):
         return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
 
     def _parse_head(self, text: str) -> RequestHead:
+        known = self._known_heads
+        if known is not None:
+            head = known.get(text)
+            if head is not None:  # only bodiless heads are known: no body follows
+                self._state = _BODY_LENGTH
+                self.body_remaining = 0
+                return head
         line_end = text.find("\r\n")
         line = text[:line_end]
         match = _REQUEST_LINE_RE.fullmatch(line)
@@ -957,6 +974,10 @@ class RequestParser(_MessageParser):
         else:  # a request without framing has no body (RFC 9112 §6.3)
             self._state = _BODY_LENGTH
             self.body_remaining = content_length or 0
+            if known is not None and not content_length and len(text) <= KNOWN_HEAD_MAX_CHARS:
+                if len(known) >= KNOWN_HEADS_MAX:
+                    known.clear()  # many different heads: start over rather than stop learning
+                known[text] = head
         return head
 
     def _request_framing(self, version: str, index: dict[str, list[str]]) -> tuple[int | None, bool]:

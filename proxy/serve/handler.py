@@ -181,6 +181,7 @@ class HttpHandler:
         self.tunnels = TunnelRelay(app)  # upgraded connections: one relay thread for all of them
         self.hangups = HangupWatch()  # clients that leave while their request waits for its answer
         self.proxy_header_problems = ThrottledLog(log)  # refused PROXY-protocol connections, a flood kept short
+        self.known_heads: dict = {}  # request heads every connection's parser shares (RequestParser)
         # HTTP/2 connections (proxy/serve/http2.py, Http2Server), plugged in by the process that owns
         # the pool their streams run on (ProxyProcess always does).
         self.http2 = None
@@ -329,7 +330,8 @@ class HttpHandler:
         parser = RequestParser(max_header_bytes=settings.max_header_bytes,
                                max_body_bytes=settings.max_body_bytes,
                                # a line past a small max_header_bytes is still a 414 (docs/configuration.md)
-                               max_line_bytes=min(DEFAULT_MAX_LINE_BYTES, settings.max_header_bytes))
+                               max_line_bytes=min(DEFAULT_MAX_LINE_BYTES, settings.max_header_bytes),
+                               known_heads=self.known_heads)
         session = ClientSession(parser, origin.src_ip if origin else str(conn.peer[0]), scheme, origin,
                                 relayed_unnamed)
         conn.server_data = session
