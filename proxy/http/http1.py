@@ -999,14 +999,22 @@ class RequestParser(_MessageParser):
         return length, False
 
 
+# Requests whose response is framed by the method, not by the head alone (RFC 9112 §6.3 items 1-2).
+_OWN_FRAMING_METHODS = frozenset({"HEAD", "CONNECT"})
+
+
 class ResponseParser(_MessageParser):
     """Parses the response(s) to one request: any 1xx, then the final response."""
 
     _drops_forbidden_trailers = True  # requests refuse them (400); see _read_trailers
 
-    def __init__(self, request_method: str, max_header_bytes: int = DEFAULT_MAX_RESPONSE_HEADER_BYTES):
+    def __init__(self, request_method: str, max_header_bytes: int = DEFAULT_MAX_RESPONSE_HEADER_BYTES,
+                 known_heads: dict[str, ResponseHead] | None = None):
         super().__init__(max_header_bytes, None, max_header_bytes)
         self._request_method = request_method
+        # As RequestParser's: final heads with a Content-Length (the usual small response), by their
+        # text. A HEAD or CONNECT request frames the same text differently: none is looked up for those.
+        self._known_heads = known_heads
 
     def start_next(self, request_method: str | None = None) -> None:
         """Reset for the response to the next request sent on this connection."""
@@ -1039,6 +1047,13 @@ class ResponseParser(_MessageParser):
         return super()._incomplete_head(buf)
 
     def _parse_head(self, text: str) -> ResponseHead:
+        known = self._known_heads if self._request_method not in _OWN_FRAMING_METHODS else None
+        if known is not None:
+            head = known.get(text)
+            if head is not None:  # only heads whose body has a length are known
+                self._state = _BODY_LENGTH
+                self.body_remaining = head.content_length
+                return head
         line_end = text.find("\r\n")
         match = _STATUS_LINE_RE.fullmatch(text, 0, line_end)
         if match is None:
@@ -1057,10 +1072,15 @@ class ResponseParser(_MessageParser):
         # RFC 9112 §9.3: 1.1 persists unless "close"; 1.0 only with "keep-alive".
         keep_alive = "close" not in tokens and (version == "HTTP/1.1" or "keep-alive" in tokens)
         content_length, chunked, keep_alive = self._response_framing(status, version, index, keep_alive)
-        return ResponseHead(
+        head = ResponseHead(
             status, reason or "", version, Headers(raw, index, names), content_length, chunked,
             keep_alive, tokens,
         )
+        if known is not None and self._state is _BODY_LENGTH and len(text) <= KNOWN_HEAD_MAX_CHARS:
+            if len(known) >= KNOWN_HEADS_MAX:
+                known.clear()  # many different heads (a Date per second, ids): start over
+            known[text] = head
+        return head
 
     def _response_framing(self, status, version, index, keep_alive):
         """RFC 9112 §6.3, in order. Returns (content_length, chunked, keep_alive)."""

@@ -182,6 +182,7 @@ class HttpHandler:
         self.hangups = HangupWatch()  # clients that leave while their request waits for its answer
         self.proxy_header_problems = ThrottledLog(log)  # refused PROXY-protocol connections, a flood kept short
         self.known_heads: dict = {}  # request heads every connection's parser shares (RequestParser)
+        self.known_responses: dict = {}  # the same for response heads (ResponseParser)
         # HTTP/2 connections (proxy/serve/http2.py, Http2Server), plugged in by the process that owns
         # the pool their streams run on (ProxyProcess always does).
         self.http2 = None
@@ -901,7 +902,8 @@ class HttpHandler:
 
     # -- response ------------------------------------------------------------------------------
     def _read_response_head(self, ex: Exchange, link, stop_at_continue: bool = False):
-        parser = ResponseParser(ex.request.method, max_header_bytes=self.app.settings.max_response_header_bytes)
+        parser = ResponseParser(ex.request.method, max_header_bytes=self.app.settings.max_response_header_bytes,
+                                known_heads=self.known_responses)
         interim = 0
         event = NEED_DATA  # a new parser holds nothing yet: read before asking it
         while True:
