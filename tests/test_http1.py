@@ -682,18 +682,22 @@ def test_valid_request_round_trips(data, rng):
 # ---------------------------------------------------------------------------------------
 # Known heads: parsers sharing a table parse a repeated bodiless head once
 
-def _heads_through(parser: RequestParser, data: bytes) -> list:
+def _events_through(parser, data: bytes) -> list:
+    """Every event ``data`` gives, the next message started after each end, until more is needed."""
     parser.feed(data)
-    found = []
+    events = []
     for _ in range(100):  # bounded: a few messages per feed
         event = parser.next_event()
         if event is NEED_DATA:
-            return found
-        if isinstance(event, RequestHead):
-            found.append(event)
-        elif isinstance(event, EndOfMessage):
+            return events
+        events.append(event)
+        if isinstance(event, EndOfMessage):
             parser.start_next()
     raise AssertionError("parser never asked for more data")
+
+
+def _heads_through(parser: RequestParser, data: bytes) -> list:
+    return [event for event in _events_through(parser, data) if isinstance(event, RequestHead)]
 
 
 def test_parsers_sharing_a_table_share_a_repeated_bodiless_head():
@@ -730,31 +734,18 @@ def test_known_heads_table_is_bounded_and_never_holds_refusals():
     assert known == {}
 
 
-def _response_events(parser: ResponseParser, data: bytes) -> list:
-    parser.feed(data)
-    events = []
-    for _ in range(100):  # bounded: one response and its body
-        event = parser.next_event()
-        if event is NEED_DATA:
-            return events
-        events.append(event)
-        if isinstance(event, EndOfMessage):
-            return events
-    raise AssertionError("parser never asked for more data")
-
-
 def test_response_parsers_sharing_a_table_share_a_repeated_head_framed_by_length():
     known: dict = {}
     ok = b"HTTP/1.1 200 OK\r\nDate: Mon, 30 Nov 2026 02:00:00 GMT\r\nContent-Length: 2\r\n\r\nhi"
-    first, body, end = _response_events(ResponseParser("GET", known_heads=known), ok)
-    again = _response_events(ResponseParser("POST", known_heads=known), ok)
+    first, body, end = _events_through(ResponseParser("GET", known_heads=known), ok)
+    again = _events_through(ResponseParser("POST", known_heads=known), ok)
     assert again == [first, Data(b"hi"), end] and again[0] is first  # parsed once, framing kept
-    assert first == _response_events(ResponseParser("GET"), ok)[0]  # as a parser without the table
+    assert first == _events_through(ResponseParser("GET"), ok)[0]  # as a parser without the table
     # The same text answers a HEAD request with no body: never taken from (or put in) the table.
-    head_reply, = _response_events(ResponseParser("HEAD", known_heads=known), ok[:-2])[:-1]
+    head_reply, = _events_through(ResponseParser("HEAD", known_heads=known), ok[:-2])[:-1]
     assert head_reply.content_length == 0 and head_reply is not first and list(known.values()) == [first]
     # Chunked, close-delimited and interim heads are parsed every time.
     for reply in (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
                   b"HTTP/1.1 200 OK\r\n\r\n", b"HTTP/1.1 100 Continue\r\n\r\n"):
-        _response_events(ResponseParser("GET", known_heads=known), reply)
+        _events_through(ResponseParser("GET", known_heads=known), reply)
     assert list(known.values()) == [first]
