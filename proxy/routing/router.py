@@ -200,12 +200,11 @@ class Router:
             else:
                 self._exact.setdefault(route.host, []).append(route)
         self._cache: dict[str, list[Route]] = {}
-        # (Host field, target) -> what resolve() made of them; a keep-alive client asks for the same few.
         self._resolved: dict[tuple[str | None, str], tuple[Route | None, str, str, str]] = {}
 
     def resolve(self, host: str | None, target: str) -> tuple[Route | None, str, str, str]:
         """A request's (route or None, normalised path, query, target to forward) from its Host field
-        and its target, remembered per pair: working it out is a dozen calls per request otherwise.
+        and its target, remembered per pair: a keep-alive client asks for the same few again and again.
         BadPath, as ``normalize_path`` and ``match`` raise it, is never remembered."""
         key = (host, target)
         found = self._resolved.get(key)
