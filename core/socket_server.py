@@ -112,10 +112,11 @@ class SocketServer:
     IDLE (keep-alive: the server parks it until more bytes arrive), CLOSED, TUNNEL (the handler
     keeps ownership and closes it later), or HELD (``Connection.hold``: the server's transfer relay
     carries a stalled transfer on, then runs the handler again). Any other state is treated as a bug
-    and the socket closed.
+    and the socket closed. The handler may return a callable: the worker runs it once the connection
+    is parked again (work of the connection's that need not hold up its reading: an HTTP/2 stream).
     """
 
-    def __init__(self, handler: Callable[[Connection], None], listeners: Iterable = (("127.0.0.1", 0),),
+    def __init__(self, handler: Callable[[Connection], Callable[[], None] | None], listeners: Iterable = (("127.0.0.1", 0),),
                  pool: ThreadPool | None = None, *, max_connections: int = 10000,
                  idle_timeout: float = 75.0, header_timeout: float = 10.0,
                  graceful_timeout: float = 30.0, backlog: int = DEFAULT_BACKLOG,
@@ -357,8 +358,9 @@ class SocketServer:
             conn.close()
 
     def _serve(self, conn: Connection) -> None:
+        then = None
         try:
-            self.handler(conn)
+            then = self.handler(conn)
         except OSError as exc:
             # ConnectionError covers ConnectionClosed/PeerClosed (a peer left mid-read, errno None):
             # as ordinary as ECONNRESET, so debug, not an error with a traceback per client.
@@ -372,6 +374,11 @@ class SocketServer:
         with self._conn_lock:
             self._in_pool.discard(conn)
         self.park(conn)
+        if then is not None:
+            try:
+                then()
+            except Exception:
+                log.exception("work left by the handler of connection %s failed", conn.peer)
 
     def park(self, conn: Connection) -> None:
         """Put a connection the handler left IDLE back in the selector; close anything else."""

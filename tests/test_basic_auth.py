@@ -195,6 +195,19 @@ def test_a_users_file_is_read_relative_to_the_config(tmp_path):
     assert '       basic auth: realm "staff", 2 users; Authorization forwarded' in routing_table_lines(config)
 
 
+def test_a_users_file_saved_with_a_byte_order_mark_keeps_its_first_user(tmp_path):
+    """Notepad's "UTF-8 with BOM": the mark is not part of the first name (it made that user unable to
+    sign in, with nothing said)."""
+    alice = htpasswd("-B", "-C", "4", "alice", "wonderland")
+    (tmp_path / "users.htpasswd").write_bytes(b"\xef\xbb\xbf" + f"{alice}\r\n".encode())
+    (tmp_path / "proxy.toml").write_text(
+        '[[routes]]\npath = "/"\nupstream = "web"\nbasic_auth = { users_file = "users.htpasswd" }\n'
+        '[upstreams.web]\nservers = ["127.0.0.1:9"]\n')
+    config = load_config(tmp_path / "proxy.toml")
+    assert [name for name, _ in config.routes[0].basic_auth.users] == ["alice"]
+    assert BasicAuth(config.routes[0].basic_auth).check([basic("alice", "wonderland")]) == "alice"
+
+
 def test_entries_that_are_not_bcrypt_are_named_by_line(tmp_path):
     lines = [htpasswd("-B", "-C", "4", "alice", "a"), htpasswd("-m", "bob", "b"), "# a comment",
              htpasswd("-s", "carol", "c"), htpasswd("-p", "dave", "d"), "no-colon-here",
@@ -310,6 +323,18 @@ def test_a_wrong_password_is_401_and_logged(make_backend, make_proxy, caplog):
     assert refused.status == 401 and refused.header("WWW-Authenticate") == CHALLENGE
     assert backend.requests == []
     assert "GET /admin -> 401: wrong password for user 'alice' from 127.0.0.1" in caplog.text
+
+
+def test_behind_a_trusted_proxy_the_log_names_the_original_client(make_backend, make_proxy, caplog):
+    """Behind a load balancer every failed sign-in came from the balancer: a fail2ban-style watcher of
+    the log would ban it, and everyone with it. The client it forwarded for is named, as for 403s."""
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]}, server={"trusted_proxies": ["127.0.0.1"]}, routes=[
+        {"path": "/admin", "upstream": "web", "basic_auth": {"realm": "staff", "users": {"alice": ALICE_HASH}}}])
+    with caplog.at_level(logging.INFO, logger="pyproxy.handler"):
+        refused = request(proxy, "/admin", f"X-Forwarded-For: 203.0.113.9\r\nAuthorization: {basic('alice', 'nope')}\r\n")
+    assert refused.status == 401
+    assert "GET /admin -> 401: wrong password for user 'alice' from 203.0.113.9" in caplog.text
 
 
 def test_a_401_keeps_the_connection_for_the_signed_in_retry(make_backend, make_proxy):

@@ -178,6 +178,14 @@ def test_no_accept_encoding_gets_identity(compressing):
     assert body == JSON_BODY
 
 
+def test_accept_encoding_in_two_fields_is_read_whole(compressing):
+    """A list field may come as several field lines (RFC 9110 §5.3): a coding refused in the second
+    must not be sent because the first offered everything."""
+    head, body = _socket_exchange(compressing, b"GET /data.json HTTP/1.1\r\nHost: x\r\nAccept-Encoding: *\r\n"
+                                               b"Accept-Encoding: zstd;q=0\r\nConnection: close\r\n\r\n")
+    assert b"\r\nContent-Encoding: br\r\n" in head
+
+
 @pytest.mark.parametrize("path", ["/small.json", "/image.png", "/already.json", "/no-transform.json",
                                   "/partial.json", "/events"])
 def test_skip_rules_leave_the_body_as_sent(compressing, path):

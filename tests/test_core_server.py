@@ -38,6 +38,18 @@ def connect_refused(addr) -> bool:
 
 # -- serving ------------------------------------------------------------------------------------
 
+def test_work_the_handler_leaves_runs_after_the_connection_is_parked(handler):
+    # A handler may return a callable (an HTTP/2 stream to run): the worker runs it once the connection
+    # is back in the selector, so the connection's next request is served meanwhile, by another worker.
+    with running_server(handler, pool=ThreadPool(min_threads=2, max_threads=4)) as server:
+        with LineClient(address(server)) as client:
+            assert client.exchange(b"later") == b"later\n"
+            assert client.exchange(b"meanwhile") == b"meanwhile\n"  # while the left work still waits
+            assert not handler.later_done.is_set()
+            handler.later_release.set()
+            wait_for(handler.later_done.is_set, what="the work left by the handler")
+
+
 def test_many_concurrent_clients(handler):
     clients, lines = 50, 20
     errors: list[str] = []

@@ -383,14 +383,28 @@ def test_slow_request_body_is_408_and_closed(make_backend, make_proxy, length):
     assert proxy.pool("web").idle_count == 0
 
 
-def test_draining_answers_with_connection_close(make_backend, make_proxy):
-    backend = make_backend()
+def test_draining_answers_with_connection_close(make_raw_backend, make_proxy):
+    # The second request is held at the backend while the drain starts. Starting the drain between two
+    # requests instead would race the worker parking the idle connection, which a drain rightly closes.
+    second_arrived, release = threading.Event(), threading.Event()
+    heads = []  # over every upstream connection
+
+    def script(peer):
+        while peer.read_head():
+            heads.append(1)
+            if len(heads) == 2:
+                second_arrived.set()
+                release.wait(DEADLINE)
+            peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    backend = make_raw_backend(script)
     proxy = make_proxy({"web": [backend.address]})
     with raw_client(proxy) as client:
         client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         assert client.read_response().header("Connection") is None
-        proxy.app.draining_event.set()
         client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert second_arrived.wait(DEADLINE)
+        proxy.app.draining_event.set()
+        release.set()
         response = client.read_response()
         assert response.status == 200
         assert response.header("Connection") == "close"

@@ -16,6 +16,7 @@ import h2.events
 import httpx
 import pytest
 from h2.errors import ErrorCodes
+from hyperframe.frame import DataFrame
 
 from core.socket_server import bind_listener
 from proxy.config.schema import parse_config
@@ -316,18 +317,99 @@ def test_malformed_request_is_a_stream_error_not_a_connection_error(h2_proxy, ma
     client.close()
 
 
-def test_malformed_trailers_reset_their_stream_alone(h2_proxy, make_backend):
+_REQUEST = [(":method", "GET"), (":path", "/bad"), (":scheme", "http"), (":authority", "h2.test")]
+
+
+@pytest.mark.parametrize("block", [
+    _REQUEST + [("x-nul", "a\x00b")], _REQUEST + [("x-cr", "a\rb")], _REQUEST + [("x-lf", "a\nb")],
+    _REQUEST + [("x-tab", "\tvalue")], _REQUEST + [("x:colon", "1")], _REQUEST + [("x space", "1")],
+    _REQUEST + [("", "empty name")], _REQUEST + [("x-\x7f", "1")], _REQUEST + [("x-\xe9", "1")],
+    _REQUEST + [("proxy-connection", "keep-alive")], _REQUEST + [("keep-alive", "5")],
+    _REQUEST + [("transfer-encoding", "chunked")], _REQUEST + [("te", "trailers, gzip")],
+    _REQUEST + [("host", "h2.test"), ("host", "h2.test")],
+    _REQUEST + [(":method", "GET")], _REQUEST[:1] + [("x-a", "1")] + _REQUEST[1:],
+    _REQUEST + [(":status", "200")], _REQUEST + [(":x", "1")], _REQUEST + [(":protocol", "websocket")],
+    _REQUEST[1:], [_REQUEST[0], _REQUEST[2], _REQUEST[3]], [_REQUEST[0], _REQUEST[1], _REQUEST[3]],
+    [(":method", "GET"), (":path", ""), (":scheme", "http"), (":authority", "h2.test")], _REQUEST[:3],
+    [(":method", "CONNECT"), (":path", "/"), (":authority", "h2.test:443")],
+], ids=["nul", "cr", "lf", "leading-tab", "colon-in-name", "space-in-name", "empty-name", "del-in-name",
+        "high-byte-name", "proxy-connection", "keep-alive", "transfer-encoding", "te-not-trailers",
+        "two-hosts", "duplicate-pseudo", "pseudo-after-regular", "response-pseudo", "unknown-pseudo",
+        "protocol-without-connect", "no-method", "no-path", "no-scheme", "empty-path", "no-authority",
+        "connect-with-path"])
+def test_every_malformed_header_block_is_a_stream_error(h2_proxy, make_backend, block):
+    # RFC 9113 §8.2-8.3, as the proxy checks them (proxy/http2/mapping.py: malformed): each block resets
+    # its own stream (PROTOCOL_ERROR), reaches no backend, and the connection serves the next request.
     backend = make_backend()
     proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
     client = H2Client.connect(proxy.port, validate_outbound_headers=False, normalize_outbound_headers=False)
-    bad = client.request("/upload", method="POST", body=b"part", end=False)
-    client.h2.send_headers(bad, [("X-Upper", "1")], end_stream=True)
+    bad = client.h2.get_next_available_stream_id()
+    client.h2.send_headers(bad, block, end_stream=True)
     client.flush()
     reset = client.until(lambda e: isinstance(e, (h2.events.StreamReset, h2.events.ConnectionTerminated)))
     assert isinstance(reset, h2.events.StreamReset) and reset.stream_id == bad
     assert reset.error_code == ErrorCodes.PROTOCOL_ERROR
     headers, _ = client.response(client.request("/after"))
     assert headers[":status"] == "200"
+    assert [r.path for r in backend.requests] == ["/after"]
+    client.close()
+
+
+@pytest.mark.parametrize("trailer", [(":path", "/x"), ("X-Upper", "1"), ("connection", "close"),
+                                     ("te", "gzip"), ("x-cr", "a\rb")],
+                         ids=["pseudo", "uppercase", "connection", "te", "cr"])
+def test_malformed_trailers_reset_their_stream_alone(h2_proxy, make_backend, trailer):
+    backend = make_backend()
+    proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
+    client = H2Client.connect(proxy.port, validate_outbound_headers=False, normalize_outbound_headers=False)
+    bad = client.request("/upload", method="POST", body=b"part", end=False)
+    client.h2.send_headers(bad, [trailer], end_stream=True)
+    client.flush()
+    reset = client.until(lambda e: isinstance(e, (h2.events.StreamReset, h2.events.ConnectionTerminated)))
+    assert isinstance(reset, h2.events.StreamReset) and reset.stream_id == bad
+    assert reset.error_code == ErrorCodes.PROTOCOL_ERROR
+    headers, _ = client.response(client.request("/after"))
+    assert headers[":status"] == "200"
+    client.close()
+
+
+@pytest.mark.parametrize("body", [b"longer than ten", b"short"], ids=["longer", "shorter"])
+def test_body_against_its_content_length_resets_that_stream_alone(h2_proxy, make_backend, body):
+    # RFC 9113 §8.1.1: DATA that does not add up to the content-length makes the request malformed, a
+    # stream error: an upload in progress on the same connection goes on.
+    backend = make_backend()
+    proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
+    client = H2Client.connect(proxy.port)
+    upload = client.request("/upload", method="POST", headers=[("content-length", "10")], body=b"01234",
+                            end=False)
+    bad = client.h2.get_next_available_stream_id()
+    client.h2.send_headers(bad, [(":method", "POST"), (":path", "/bad"), (":scheme", "http"),
+                                 (":authority", "h2.test"), ("content-length", "10")])
+    client.flush()
+    client.send_raw(DataFrame(bad, data=body, flags=["END_STREAM"]).serialize())  # h2 checks its own
+    reset = client.until(lambda e: isinstance(e, (h2.events.StreamReset, h2.events.ConnectionTerminated)))
+    assert isinstance(reset, h2.events.StreamReset) and reset.stream_id == bad
+    assert reset.error_code == ErrorCodes.PROTOCOL_ERROR
+    client.h2.send_data(upload, b"56789", end_stream=True)
+    client.flush()
+    headers, echoed = client.response(upload)
+    assert (headers[":status"], echoed) == ("200", b"0123456789")
+    headers, _ = client.response(client.request("/after"))
+    assert headers[":status"] == "200"
+    client.close()
+
+
+@pytest.mark.parametrize("values", [["abc"], ["5, 6"], ["5", "6"], ["-1"]], ids=lambda v: repr(v))
+def test_invalid_content_length_gets_400_on_its_stream_alone(h2_proxy, make_backend, values):
+    backend = make_backend()
+    proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
+    client = H2Client.connect(proxy.port, validate_outbound_headers=False, normalize_outbound_headers=False)
+    bad = client.request("/bad", method="POST", headers=[("content-length", v) for v in values], body=b"12345")
+    headers, body = client.response(bad)
+    assert headers[":status"] == "400" and b"Content-Length" in body
+    headers, _ = client.response(client.request("/after"))
+    assert headers[":status"] == "200"
+    assert [r.path for r in backend.requests] == ["/after"]
     client.close()
 
 

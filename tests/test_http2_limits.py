@@ -3,6 +3,7 @@ the attack (over h2c: the same session code serves TLS). Docs: docs/configuratio
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import threading
@@ -22,7 +23,7 @@ from proxy.http2.session import PREFACE
 from proxy.observe.metrics import Metrics, render_prometheus
 from proxy.observe.status import build_status
 from proxy.serve.runner import ProxyProcess
-from tests.support.backends import STREAM_PIECE, close_with_rst, pattern_bytes
+from tests.support.backends import STREAM_PIECE, close_with_rst, pattern_bytes, pattern_sha256, stream_pattern
 from tests.support.h2 import CLIENT_TIMEOUT, H2Client, start_h2_proxy, stop_quietly
 from tests.support.proxy import proxy_config_dict
 from tests.support.timing import wait_for
@@ -257,6 +258,53 @@ def test_client_that_stops_reading_stops_the_upstream_and_meets_send_timeout(h2c
     assert written[0] < 64 * 1024 * 1024
     headers, body = client.response(client.request("/small"))  # the connection itself still serves
     assert headers[":status"] == "200"
+    client.close()
+
+
+def _unsent_by_the_proxy(client_sock) -> int:
+    """Bytes the proxy's end of this connection holds unsent (tx_queue in /proc/net/tcp)."""
+    ours, theirs = client_sock.getsockname()[1], client_sock.getpeername()[1]
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            if (int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16)) == (theirs, ours):
+                return int(fields[4].split(":")[0], 16)
+    return 0
+
+
+def _stalled(client_sock, samples: list) -> bool:
+    """True once the proxy's send queue is full and stays so (its writes wait for the client)."""
+    samples.append(_unsent_by_the_proxy(client_sock))
+    time.sleep(0.1)
+    return len(samples) > 3 and samples[-1] > 0 and samples[-1] == samples[-2] == samples[-3]
+
+
+def test_stream_waiting_on_a_full_socket_leaves_the_other_streams_going(h2c_proxy, make_backend):
+    # A stream whose writes wait for a client that does not read its socket holds no lock the others
+    # need: the reader still takes new requests off the connection and forwards them, and every frame
+    # still arrives whole and in order once the client reads.
+    total = 32 * 1024 * 1024
+    backend = make_backend()
+    backend.route("/huge", stream_pattern(total))
+    proxy, _ = h2c_proxy(server={"send_timeout": "60s"}, backend=backend)
+    client = H2Client.connect(proxy.port)
+    client.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2 ** 31 - 1})
+    client.h2.increment_flow_control_window(2 ** 31 - 1 - 65535)  # only TCP stops the proxy, not h2
+    client.flush()
+    huge = client.request("/huge")
+    samples: list = []
+    wait_for(lambda: _stalled(client.sock, samples), timeout=30, what="the proxy's writes to wait")
+    small = client.request("/small")
+    # Well inside send_timeout: a stream holding the session's lock while it waits would keep the
+    # request from the backend for all of it.
+    wait_for(lambda: any(r.path == "/small" for r in backend.requests), timeout=20, what="/small upstream")
+    headers, body = client.response(small)
+    assert headers[":status"] == "200"
+    ended = client.until(lambda e: isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset))
+                         and e.stream_id == huge)
+    assert isinstance(ended, h2.events.StreamEnded)
+    body = b"".join(e.data for e in client.events if isinstance(e, h2.events.DataReceived) and e.stream_id == huge)
+    assert len(body) == total and hashlib.sha256(body).hexdigest() == pattern_sha256(total)
     client.close()
 
 

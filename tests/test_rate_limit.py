@@ -7,7 +7,11 @@ processes sharing one limit.
 
 from __future__ import annotations
 
+import fcntl
+import http.client
+import multiprocessing
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,6 +20,7 @@ import signal
 import bcrypt
 import pytest
 import requests
+from h2.events import ResponseReceived
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config.edge import RateLimitPolicy
@@ -26,16 +31,17 @@ from proxy.http.rate_limit import RateLimiter
 from proxy.routing.table import routing_table_lines
 from tests.support.backends import named_backends
 from tests.support.client import raw_client
+from tests.support.h2 import H2Client, start_h2_proxy, stop_quietly
 from tests.support.command import assert_one_line_problem, run_cli, write_config
 from tests.support.ports import free_port
-from tests.support.processes import (admin_status, children, proxy_config, ready_workers, running_proxy,
-                                     spread_requests)
+from tests.support.processes import admin_status, children, proxy_config, ready_workers, running_proxy
 from tests.support.proxy import config_document, proxy_config_dict, scrape
 from tests.support.timing import FakeClock, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
 HOUR = 3600.0
+WAIT = 30.0  # generous: the machine may be busy
 
 
 class Headers:
@@ -78,6 +84,21 @@ def test_a_burst_passes_then_the_bucket_refills_at_the_rate():
     assert outcomes(limit, 4) == [True, True, True, False]
 
 
+def test_a_clock_reading_older_than_the_buckets_refills_nothing_twice():
+    """A request reads the clock before it waits for the bucket's lock, so under load the table sees
+    times out of order, as if the clock went back: the bucket's time must not go back with them,
+    or the next request would be given the same seconds' tokens again."""
+    clock = FakeClock()
+    limit = limiter(requests=1, per=1.0, burst=1, clock=clock)  # one token a second, one at most
+    assert outcomes(limit, 1) == [True]
+    clock.advance(-10)  # read 10 s earlier, got the lock later
+    assert outcomes(limit, 1) == [False]
+    clock.advance(10.5)  # half a second after the token was taken
+    assert outcomes(limit, 1) == [False]
+    clock.advance(0.5)
+    assert outcomes(limit, 2) == [True, False]
+
+
 def test_the_headers_count_down_and_a_429_says_when_to_come_back():
     clock = FakeClock()
     limit = limiter(requests=60, per=60.0, burst=3, clock=clock)
@@ -106,6 +127,16 @@ def test_a_header_key_falls_back_to_the_client_address_without_the_header():
     assert outcomes(limit, 1, "10.0.0.2", Headers()) == [True]
 
 
+def test_one_client_has_one_bucket_however_its_address_is_written():
+    limit = limiter(burst=1)
+    assert outcomes(limit, 1, "10.0.0.1") == [True]
+    assert outcomes(limit, 1, "::ffff:10.0.0.1") == [False]  # the same IPv4 client, as a dual-stack listener sees it
+    assert outcomes(limit, 1, "2001:db8::7") == [True]
+    assert outcomes(limit, 1, "2001:DB8:0:0::7") == [False]
+    assert outcomes(limit, 1, "not-an-address") == [True]  # kept as it is: still a bucket of its own
+    assert outcomes(limit, 1, "not-an-address") == [False]
+
+
 def test_the_table_never_grows_and_evicts_the_least_recently_used_of_a_group():
     clock = FakeClock()
     table = BucketTable(64)
@@ -132,6 +163,112 @@ def test_an_idle_key_expires_once_its_bucket_is_full_again():
     table.take(GROUP + 1, 2, 1.0, clock())
     assert table.evictions == 0  # it took an expired slot
     assert table.used(clock()) == 1
+
+
+def _holding_inside(table_class, key: int, entered, release) -> None:
+    """In a forked child: a take of ``key`` stops inside its critical section until ``release``."""
+    original = table_class._slot_for
+
+    def paused(self, fields, slot_key, now):
+        if slot_key == key:
+            entered.set()
+            release.wait(WAIT)
+        return original(self, fields, slot_key, now)
+
+    table_class._slot_for = paused
+
+
+def _blocked_lock_waits(table: BucketTable) -> int:
+    """Processes waiting in the kernel for a lock on the table (the "->" lines of /proc/locks)."""
+    inode = f":{os.fstat(table._fd).st_ino} "
+    with open("/proc/locks") as locks:
+        return sum(1 for line in locks if "->" in line and inode in line)
+
+
+def test_two_workers_crossing_stripes_wait_rather_than_fail():
+    """fcntl locks belong to processes, so the kernel sees worker 1 (one thread holding stripe 1,
+    another waiting for stripe 2) and worker 2 (holding stripe 2, now asking for stripe 1) as a
+    deadlock and answers EDEADLK, though each thread holds one stripe and will let it go."""
+    table = BucketTable(1024)  # 128 groups: key 1 is in stripe 1, key 2 in stripe 2
+    context = multiprocessing.get_context("fork")  # as the supervisor makes its workers
+    release, first_in, second_in, asked, ask = (context.Event() for _ in range(5))
+    results = context.Queue()
+
+    def take(name, key):
+        try:
+            results.put((name, table.take(key, 5, 1.0, 0.0)[0]))
+        except OSError as error:
+            results.put((name, error.strerror))
+
+    def worker_one():
+        _holding_inside(BucketTable, 1, first_in, release)
+        holder = threading.Thread(target=take, args=("holds 1", 1))
+        holder.start()
+        second_in.wait(WAIT)
+        take("waits for 2", 2)
+        holder.join()
+
+    def worker_two():
+        _holding_inside(BucketTable, 2, second_in, release)
+        real_lockf = fcntl.lockf
+
+        def lockf(*args):
+            try:
+                return real_lockf(*args)
+            finally:
+                if threading.current_thread().name == "asker":
+                    asked.set()  # the kernel has answered the first ask (or it waits there)
+
+        fcntl.lockf = lockf
+        holder = threading.Thread(target=take, args=("holds 2", 2))
+        holder.start()
+        first_in.wait(WAIT)
+        ask.wait(WAIT)
+        asker = threading.Thread(target=take, args=("asks for 1", 1), name="asker")
+        asker.start()
+        asker.join()
+        holder.join()
+
+    workers = [context.Process(target=worker_one), context.Process(target=worker_two)]
+    for worker in workers:
+        worker.start()
+    try:
+        wait_for(lambda: first_in.is_set() and second_in.is_set() and _blocked_lock_waits(table) == 1, WAIT,
+                 what="worker one waiting in the kernel for stripe 2")
+        ask.set()
+        wait_for(lambda: asked.is_set() or _blocked_lock_waits(table) == 2, WAIT,
+                 what="worker two asking for stripe 1")
+    finally:
+        release.set()
+        outcomes = dict(results.get(timeout=WAIT) for _ in range(4))
+        for worker in workers:
+            worker.join(WAIT)
+    assert outcomes == {"holds 1": True, "waits for 2": True, "holds 2": True, "asks for 1": True}
+
+
+def test_a_worker_killed_inside_the_lock_does_not_wedge_the_others():
+    table = BucketTable(1024)
+    context = multiprocessing.get_context("fork")
+    inside, never = context.Event(), context.Event()
+
+    def worker():
+        _holding_inside(BucketTable, 1, inside, never)
+        table.take(1, 5, 1.0, 0.0)
+
+    victim = context.Process(target=worker)
+    victim.start()
+    try:
+        wait_for(inside.is_set, WAIT, what="the worker inside the critical section")
+        done = context.Event()
+        waiter = context.Process(target=lambda: (table.take(1, 5, 1.0, 0.0), done.set()))
+        waiter.start()  # another worker, waiting for the same stripe in the kernel
+        wait_for(lambda: _blocked_lock_waits(table) == 1, WAIT, what="the other worker waiting")
+    finally:
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(WAIT)
+    wait_for(done.is_set, WAIT, what="the waiting worker served once the holder died")
+    waiter.join(WAIT)
+    assert table.take(1, 5, 1.0, 0.0) == (True, 3.0)  # and this one too; the waiter took a token
 
 
 # -- the config -----------------------------------------------------------------------------------------
@@ -232,6 +369,29 @@ def test_the_upstreams_own_ratelimit_fields_give_way_to_the_proxys(make_raw_back
     assert [value for name, value in response.headers if name.lower() == "ratelimit-remaining"] == ["4"]
 
 
+def test_http2_answers_carry_the_fields_too(make_raw_backend):
+    def answer_with_its_own_fields(peer):
+        peer.read_request()
+        peer.send(b"HTTP/1.1 200 OK\r\nRateLimit-Remaining: 999\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    backend = make_raw_backend(answer_with_its_own_fields)
+    proxy = start_h2_proxy({"web": [backend.address]}, None, listen={"h2c": True}, routes=limited_route(burst=3))
+    try:
+        client = H2Client.connect(proxy.port)
+        streams, answers = [], []
+        for _ in range(2):  # one after the other, so the first takes the first token
+            streams.append(client.request("/"))
+            answers.append(client.response(streams[-1]))
+        blocks = {event.stream_id: event.headers for event in client.events if isinstance(event, ResponseReceived)}
+        client.close()
+    finally:
+        stop_quietly(proxy)
+    for stream, (headers, body), remaining in zip(streams, answers, ("2", "1")):
+        assert headers[":status"] == "200" and body == b"ok"
+        assert headers["ratelimit-limit"] == "3" and 0 < int(headers["ratelimit-reset"]) <= 3 * 3600
+        assert [value for name, value in blocks[stream] if name == "ratelimit-remaining"] == [remaining]
+
+
 def test_a_header_key_limits_each_value_and_clients_without_it_by_address(make_backend, make_proxy):
     backend = make_backend()
     proxy = make_proxy({"web": [backend.address]}, routes=limited_route(burst=2, key="header:X-Api-Key"))
@@ -239,6 +399,19 @@ def test_a_header_key_limits_each_value_and_clients_without_it_by_address(make_b
     assert get(proxy, headers="X-Api-Key: beta\r\n").status == 200
     assert [get(proxy).status for _ in range(3)] == [200, 200, 429]  # no key: 127.0.0.1's bucket
     assert get(proxy, headers="X-Api-Key: gamma\r\n").status == 200
+
+
+def test_a_second_key_field_gets_no_fresh_bucket(make_backend, make_proxy):
+    """Most servers read the first (or the last) of two fields: a client with one key must not get a
+    new bucket per request by adding a second field, empty or random; such a request is refused."""
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]}, routes=limited_route(burst=1, key="header:X-Api-Key"))
+    assert [get(proxy, headers="X-Api-Key: alpha\r\n").status for _ in range(2)] == [200, 429]
+    for second in ("", "alpha", "random-1", "random-2"):
+        refused = get(proxy, headers=f"X-Api-Key: alpha\r\nX-Api-Key: {second}\r\n")
+        assert refused.status == 400 and refused.body.startswith(b"400 more than one x-api-key field")
+    assert len(backend.requests) == 1
+    assert get(proxy, headers="X-Api-Key:\r\n").status == 200  # empty: the client address's bucket
 
 
 def test_an_untrusted_client_cannot_escape_by_changing_x_forwarded_for(make_backend, make_proxy):
@@ -255,6 +428,18 @@ def test_behind_a_trusted_proxy_each_original_client_has_its_bucket(make_backend
                        routes=limited_route(burst=1))
     assert [get(proxy, headers="X-Forwarded-For: 10.0.0.1\r\n").status for _ in range(2)] == [200, 429]
     assert get(proxy, headers="X-Forwarded-For: 10.0.0.2\r\n").status == 200
+
+
+def test_a_mapped_ipv4_client_shares_the_bucket_of_its_ipv4_address(make_backend, make_proxy):
+    """A dual-stack balancer in front writes its IPv4 clients as ::ffff:a.b.c.d, a plain one as a.b.c.d:
+    the limit is the same client's either way (as allow / deny see it)."""
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]}, server={"trusted_proxies": ["127.0.0.1"]},
+                       routes=limited_route(burst=1))
+    statuses = [get(proxy, headers=f"X-Forwarded-For: {client}\r\n").status
+                for client in ("10.0.0.1", "::ffff:10.0.0.1", "0:0:0:0:0:FFFF:10.0.0.1")]
+    assert statuses == [200, 429, 429]
+    assert len(backend.requests) == 1
 
 
 def test_failed_logins_take_tokens(make_backend, make_proxy):
@@ -317,24 +502,57 @@ rate_limit = { requests = 1, per = "1h", burst = 10 }
 """
 
 
+def worker_totals(admin_port: int) -> dict[int, int]:
+    return {w["pid"]: w["requests_total"] for w in admin_status(admin_port)["workers"]}
+
+
+def connection_per_worker(port: int, admin_port: int, workers: int = 2) -> dict[int, http.client.HTTPConnection]:
+    """An open keep-alive connection to each worker process. The kernel hashes each new connection to
+    one worker's listening socket; a request on it, and whose count then went up, names its worker."""
+    owned: dict[int, http.client.HTTPConnection] = {}
+    for _ in range(40):  # two workers: all 40 landing on one is a 1 in 2**39 chance
+        before = worker_totals(admin_port)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+
+        def owner():
+            after = worker_totals(admin_port)
+            return next((pid for pid, total in after.items() if total > before.get(pid, 0)), None)
+
+        pid = wait_for(owner, what="a worker to count the request")
+        if pid in owned:
+            conn.close()
+        else:
+            owned[pid] = conn
+        if len(owned) == workers:
+            return owned
+    raise AssertionError(f"40 connections reached only workers {sorted(owned)}")
+
+
 def test_two_workers_enforce_one_limit_between_them(tmp_path):
     port, admin_port = free_port(), free_port()
     config = proxy_config(port, "{backend}", workers=2, admin_port=admin_port, extra_routes=LIMITED_ROUTE)
     with named_backends("a") as (backend,), \
             running_proxy(tmp_path, config.replace("{backend}", backend.address)) as run:
-        before = spread_requests(run.url + "/", admin_port, 2)  # both workers serve
-        assert len(before) == 2, before
+        connections = connection_per_worker(port, admin_port)
+        statuses = []
+        for _ in range(30):  # taking turns: each worker checks half of the 60 requests
+            for conn in connections.values():
+                conn.request("GET", "/limited")
+                response = conn.getresponse()
+                response.read()
+                statuses.append(response.status)
+        for conn in connections.values():
+            conn.close()
+        assert statuses.count(200) == 10 and statuses.count(429) == 50
+        assert metric(admin_port, "pyproxy_rate_limited") == 50  # summed over the workers
 
         def one(_):
             with requests.Session() as session:  # a fresh connection each: the kernel spreads them
                 return session.get(run.url + "/limited", timeout=10).status_code
-
-        with ThreadPoolExecutor(8) as pool:
-            statuses = list(pool.map(one, range(60)))
-        after = {w["pid"]: w["requests_total"] for w in admin_status(admin_port)["workers"]}
-        assert all(after[pid] > before[pid] for pid in before), (before, after)  # both took a share
-        assert statuses.count(200) == 10 and statuses.count(429) == 50
-        assert metric(admin_port, "pyproxy_rate_limited") == 50  # summed over the workers
 
         # A reload that changes the limit reaches every worker; the new buckets are shared too.
         run.rewrite(config.replace("{backend}", backend.address).replace("burst = 10", "burst = 4"))

@@ -63,6 +63,21 @@ def test_each_placeholder_and_status(redirecting, target, status, location):
     assert response.headers["Location"] == location
 
 
+@pytest.mark.parametrize("to, location", [
+    ("https://例え.jp{uri}", "https://xn--r8jz45g.jp/intl/x?q=1"),            # a Unicode host: its IDNA form
+    ("https://exämple.com:8443/über{uri}", "https://xn--exmple-cua.com:8443/%C3%BCber/intl/x?q=1"),
+    ("/café{path}", "/caf%C3%A9/intl/x"),                                      # a path: percent-encoded UTF-8
+])
+def test_a_unicode_target_is_sent_as_an_ascii_url(make_backend, make_proxy, to, location):
+    """A Location is a URI (ASCII): a Unicode host or path in ``to`` is encoded as browsers encode a
+    typed URL, not sent as raw bytes (or not at all, for characters outside latin-1)."""
+    backend = make_backend()
+    proxy = make_proxy({"app": [backend.address]}, routes=_redirect_routes({"path": "/intl", "redirect": {"to": to}}))
+    response = _get(proxy.url + "/intl/x?q=1")
+    assert response.status_code == 308
+    assert response.headers["Location"] == location
+
+
 def test_host_route_redirects_and_others_are_forwarded(redirecting):
     assert _get(redirecting.url + "/page?a=1", headers={"Host": "old.test"}).headers["Location"] == \
         "https://new.test/page?a=1"
@@ -168,6 +183,7 @@ def _problems(routes: list | None = None, listen=None) -> list[str]:
     ({"redirect": {"to": "example.com/x"}}, 'routes[1].redirect.to: "example.com/x" must start with'),
     ({"redirect": {"to": "https://x/{uri"}}, "routes[1].redirect.to: \"https://x/{uri\" has an unmatched brace"),
     ({"redirect": {"to": "https://x/a b"}}, "routes[1].redirect.to: \"https://x/a b\" is not a valid URL"),
+    ({"redirect": {"to": "https://" + "ü" * 64 + ".com/"}}, 'routes[1].redirect.to: "https://üüü'),
     ({"redirect": {"status": 301}}, 'routes[1].redirect: missing required key "to"'),
     ({"redirect": "https://x"}, "routes[1].redirect: expected a table"),
     ({"redirect": {"to": "/x", "code": 301}}, "routes[1].redirect.code: unknown key"),

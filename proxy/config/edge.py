@@ -10,6 +10,7 @@ checker's own reporting, so they read like every other config problem.
 """
 from __future__ import annotations
 
+import codecs
 import importlib.util
 import ipaddress
 import re
@@ -119,10 +120,11 @@ def read_htpasswd(path: str) -> tuple[list[tuple[str, str]], list[str]]:
     """The (user, hash) entries of an htpasswd file, and its problems as "line N: ..." messages.
 
     One "user:hash" per line; empty lines and lines starting with "#" are skipped, as Apache does.
-    Only bcrypt entries (htpasswd -B) are accepted: a plain or MD5 entry is named by its line."""
+    Only bcrypt entries (htpasswd -B) are accepted: a plain or MD5 entry is named by its line. A
+    UTF-8 byte order mark (editors on Windows write one) is not part of the first user's name."""
     try:
         with open(path, "rb") as file:
-            raw_lines = file.read().splitlines()
+            raw_lines = file.read().removeprefix(codecs.BOM_UTF8).splitlines()
     except OSError as error:
         return [], [f"cannot read {path} ({error.strerror or error})"]
     users: list[tuple[str, str]] = []
@@ -285,7 +287,34 @@ def parse_redirect(value, path: str, add) -> RedirectPolicy | None:
     if problem:
         add(f"{path}.to", problem)
         return None
-    return RedirectPolicy(value["to"], status) if ok else None
+    try:
+        to = ascii_location(value["to"])
+    except UnicodeError as error:
+        reason = error.__cause__ or error  # the codec wraps the reason in a long sentence
+        add(f"{path}.to", f"{describe_value(value['to'])} has a host that is not a valid domain name ({reason})")
+        return None
+    return RedirectPolicy(to, status) if ok else None
+
+
+def ascii_location(to: str) -> str:
+    """The template as a Location field can carry it: ASCII only (a URI, RFC 9110 §10.2.2). A host
+    written in Unicode gets its IDNA ("xn--") form, other non-ASCII characters are percent-encoded as
+    UTF-8, as browsers do with a typed URL. UnicodeError for a host IDNA cannot encode."""
+    if to.isascii():
+        return to
+    scheme, separator, rest = to.partition("://")
+    if not separator:  # a path on the same host
+        return _percent_encoded(to)
+    authority_end = next((index for index, char in enumerate(rest) if char in "/?#"), len(rest))
+    authority = rest[:authority_end]
+    if not authority.isascii():
+        authority = authority.encode("idna").decode("ascii")
+    return f"{scheme}://{authority}{_percent_encoded(rest[authority_end:])}"
+
+
+def _percent_encoded(text: str) -> str:
+    return "".join(char if char.isascii() else "".join(f"%{byte:02X}" for byte in char.encode("utf-8"))
+                   for char in text)
 
 
 def _template_problem(to) -> str | None:

@@ -12,22 +12,28 @@ distinct keys costs the flooder's own buckets, never memory.
 Locking: a group is guarded by one of ``STRIPES`` locks, each a ``threading.Lock`` (the threads of
 this process) held together with an ``fcntl`` byte-range lock on the memfd (the other processes).
 fcntl locks belong to the process that holds them and the kernel drops them when it dies, so a worker
-killed inside the critical section cannot wedge the others.
+killed inside the critical section cannot wedge the others. Because they belong to the process, not the
+thread, the kernel's deadlock check can see a cycle that is not one (a thread of worker 1 waits for a
+stripe worker 2 holds while a thread of worker 2 waits for another stripe worker 1 holds) and answer
+EDEADLK: a thread never holds two stripes, so that wait always ends, and the lock is asked for again.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
 import struct
 import threading
+import time
 
 SLOT = struct.Struct("<Qddd")  # key hash (0: never used), tokens, last update, when full again
 GROUP = 8  # slots a key may use: its probe window, and what one eviction chooses among
 GROUP_LAYOUT = struct.Struct("<" + "Qddd" * GROUP)  # one read for the whole window
 STRIPES = 64  # locks over the groups: two requests contend only if their groups share one
 DEFAULT_SLOTS = 65536  # 2 MiB; the [server] rate_limit_keys default
+FALSE_DEADLOCK_PAUSE = 0.0005  # before asking again for a stripe the kernel called a deadlock
 
 
 class BucketTable:
@@ -52,7 +58,7 @@ class BucketTable:
         offset = group * GROUP_LAYOUT.size
         stripe = group % STRIPES
         with self._locks[stripe]:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, stripe)
+            self._lock_stripe(stripe)
             try:
                 fields = GROUP_LAYOUT.unpack_from(self._memory, offset)
                 index, tokens, updated = self._slot_for(fields, key, now)
@@ -60,6 +66,9 @@ class BucketTable:
                     tokens = float(capacity)  # a new key starts with a full bucket
                 else:
                     tokens = min(float(capacity), max(0.0, tokens) + max(0.0, now - updated) * rate)
+                    # A time read before one that took the lock first (or a clock set back): the bucket's
+                    # time stays where it is, else the next request would refill those seconds again.
+                    now = max(now, updated)
                 allowed = tokens >= 1.0
                 if allowed:
                     tokens -= 1.0
@@ -70,6 +79,17 @@ class BucketTable:
         if not allowed:
             self._count("rejected")
         return allowed, tokens
+
+    def _lock_stripe(self, stripe: int) -> None:
+        """The other processes' side of a stripe's lock (the caller holds this process's)."""
+        while True:
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, stripe)
+                return
+            except OSError as error:
+                if error.errno != errno.EDEADLK:
+                    raise
+            time.sleep(FALSE_DEADLOCK_PAUSE)  # the holder is running its critical section: let it end
 
     def _slot_for(self, fields: tuple, key: int, now: float) -> tuple[int, float | None, float]:
         """Where ``key`` lives in its group: (slot index, its tokens or None for a fresh bucket, last update)."""

@@ -123,7 +123,8 @@ def plan_compression(policy: CompressPolicy, request_headers, response) -> tuple
     """(candidate, coding): whether the answer varies with Accept-Encoding, and the coding for this client."""
     if not is_candidate(policy, response):
         return False, None
-    return True, choose_encoding(request_headers.get("accept-encoding"), policy.encodings)
+    # Every field line: a list field may be split over several (RFC 9110 §5.3).
+    return True, choose_encoding(", ".join(request_headers.get_all("accept-encoding")), policy.encodings)
 
 
 def compression_for(policy: CompressPolicy, request, response):

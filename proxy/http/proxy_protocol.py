@@ -100,7 +100,7 @@ def _v1_address(text: bytes, version: int) -> str:
         raise ProxyHeaderError(f"v1 address {text[:45]!r} is not an IP address") from None
     if address.version != version or getattr(address, "scope_id", None):
         raise ProxyHeaderError(f"v1 address {text[:45]!r} is not an IPv{version} address")
-    return str(address)
+    return _address_text(address)
 
 
 def _v1_port(text: bytes) -> int:
@@ -128,7 +128,16 @@ def _parse_v2(header: bytes) -> Origin | None:
     src, dst = body[:size], body[size:2 * size]
     src_port, dst_port = struct.unpack_from("!HH", body, 2 * size)
     # What follows the addresses (TLVs: ALPN, SNI, the NLB's endpoint id) is skipped.
-    return Origin(str(ipaddress.ip_address(src)), src_port, str(ipaddress.ip_address(dst)), dst_port)
+    return Origin(_address_text(ipaddress.ip_address(src)), src_port, _address_text(ipaddress.ip_address(dst)),
+                  dst_port)
+
+
+def _address_text(address) -> str:
+    """An address as the kernel writes a dual-stack listener's peer: an IPv4-mapped one (a balancer
+    on a dual-stack socket sends those) as "::ffff:203.0.113.7", where Python 3.11 writes
+    "::ffff:cb00:7107", a form logs, backends and allow lists in apps do not recognise."""
+    mapped = getattr(address, "ipv4_mapped", None)
+    return f"::ffff:{mapped}" if mapped is not None else str(address)
 
 
 class HeaderReader:

@@ -3,9 +3,10 @@
 A request's header block becomes a ``RequestHead`` the HTTP/1.1 pipeline accepts as it is: ``:authority``
 becomes Host, cookies split over several fields are joined again (§8.2.3), and nothing
 connection-specific crosses (§8.2.2). A response head becomes a header block the same way back.
-The ``h2`` package already refuses malformed blocks (uppercase names, pseudo-fields out of place,
-connection-specific fields, a ``te`` other than "trailers"), and the session resets such a stream
-(proxy/http2/session.py); what is checked here is what it leaves to the application.
+``malformed`` finds the blocks RFC 9113 calls malformed (uppercase names, pseudo-fields out of place,
+connection-specific fields, a ``te`` other than "trailers"), which the session resets as a stream
+error (proxy/http2/session.py); ``request_from_block`` then refuses with a status what an HTTP/1.1
+request line or field would not carry.
 """
 
 from __future__ import annotations
@@ -28,6 +29,56 @@ _is_field_name = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+").fullmatch
 _is_field_value = re.compile(r"[\t\x20-\x7e\x80-\xff]*").fullmatch
 # Names a CGI/WSGI backend folds onto a framing field, refused as the HTTP/1.1 parser refuses them.
 _FRAMING_LOOKALIKES = frozenset({"content_length", "transfer_encoding"})
+# RFC 9113 §8.2.1: a name without controls, spaces, uppercase, DEL, high bytes or a colon (but a
+# pseudo-field's leading one); a value without NUL, CR or LF, not starting or ending in whitespace.
+_is_h2_name = re.compile(rb":?[^\x00-\x20A-Z:\x7f-\xff]+").fullmatch
+_is_h2_bad_value = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z").search
+# RFC 9113 §8.2.2: connection-specific fields make a block malformed.
+_CONNECTION_SPECIFIC = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding",
+                                  b"upgrade"})
+_H2_REQUEST_PSEUDO = frozenset({b":method", b":path", b":authority", b":scheme", b":protocol"})
+
+
+def malformed(block, trailers: bool) -> bool:
+    """True for a header block RFC 9113 §8.2-8.3 calls malformed (a stream error, §8.1.1): the checks
+    the ``h2`` package makes when its inbound validation is on, done in one pass (it is off: it cost
+    more than everything else in a request's header handling)."""
+    pseudo = set()
+    regular = False
+    host = authority = method = None
+    for name, value in block:
+        if not _is_h2_name(name) or (value and _is_h2_bad_value(value)):
+            return True
+        if name[0] == 58:  # ":" (§8.3): before every regular field, once each, never in trailers
+            if regular or trailers or name in pseudo or name not in _H2_REQUEST_PSEUDO:
+                return True
+            pseudo.add(name)
+            if name == b":authority":
+                authority = value
+            elif name == b":method":
+                method = value
+            elif name == b":path" and not value:
+                return True
+            continue
+        regular = True
+        if name in _CONNECTION_SPECIFIC or (name == b"te" and value.lower() != b"trailers"):
+            return True
+        if name == b"host":
+            if host is not None:
+                return True
+            host = value
+    if trailers:
+        return False
+    if method is None or (b":protocol" in pseudo and method != b"CONNECT"):
+        return True
+    if method == b"CONNECT" and b":protocol" not in pseudo:  # §8.5: no :scheme or :path
+        if b":scheme" in pseudo or b":path" in pseudo:
+            return True
+    elif b":scheme" not in pseudo or b":path" not in pseudo:
+        return True
+    if authority is None and host is None:
+        return True
+    return authority is not None and host is not None and authority != host
 
 
 def request_from_block(block, end_stream: bool, max_header_bytes: int) -> RequestHead:

@@ -3,10 +3,14 @@
 The protocol is the ``h2`` package's (sans-IO, HPACK included); this module does the I/O around it and
 the limits a proxy needs. Several threads use a session at once: the pool worker that reads what the
 client sent (``pump``) and one worker per stream that writes its response (``send_headers``,
-``send_body``, ``end_stream``). One lock covers the state machine and every socket call: ``h2`` is not
-thread-safe, and neither is an OpenSSL connection read and written from two threads. The socket is
-non-blocking; a write that finds the send buffer full waits for room (``poll``) under the lock, at most
-``send_timeout``: a client that does not read its TCP stream cannot send WINDOW_UPDATEs either.
+``send_body``, ``end_stream``). ``lock`` covers the state machine (``h2`` is not thread-safe) and is
+never held across a system call; ``io_lock`` covers each socket call (an OpenSSL connection must not be
+read and written from two threads at once) and nothing else. The socket is non-blocking: the frames
+``h2`` produces go to ``outgoing`` under ``lock``, in order, and one thread at a time (``writing``)
+writes them out. A writer that finds the send buffer full waits for room (``poll``) holding neither
+lock, at most ``send_timeout`` (a client that does not read its TCP stream cannot send WINDOW_UPDATEs
+either), while the other streams and the reader go on with their bookkeeping; a stream that finds
+``outgoing`` past OUTGOING_LIMIT waits for the writer to take it.
 
 Flow control both ways (RFC 9113 §5.2): a stream sends no more than the client's window allows and
 otherwise waits on ``changed`` (the reader notifies it when a WINDOW_UPDATE arrives), so a client that
@@ -30,14 +34,20 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import h2.stream
+import hpack.hpack
+import hpack.table
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from proxy.http.errors import ClientGone
 from proxy.http.http1 import ProtocolError
+from proxy.http2.mapping import malformed
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4: what an h2c client sends first
 READ_SIZE = 256 * 1024
+# Frames queued for the writer past which a stream producing more waits for it (the client's windows
+# alone could let a client that does not read make us buffer megabytes).
+OUTGOING_LIMIT = 256 * 1024
 # Reads per ``pump`` before the reader lets go of the lock for a moment (a client sending without
 # pause would otherwise keep every stream from writing).
 READS_PER_ROUND = 16
@@ -58,21 +68,73 @@ HEADER_LIST_SLACK = 2
 RAPID_RESET_FACTOR = 1
 
 
+# Our header blocks are built lowercase, trimmed and valid (proxy/http2/mapping.py): h2 need not check
+# or normalize them again. What the client sends is checked by ``_ServerStream`` in one pass instead of
+# h2's chain of generators; cookies split over fields are joined by the mapping (RFC 9113 §8.2.3).
+H2_CONFIGURATION = h2.config.H2Configuration(client_side=False, header_encoding=None,
+                                             validate_outbound_headers=False, normalize_outbound_headers=False,
+                                             validate_inbound_headers=False, normalize_inbound_headers=False)
+
+
+class _NoDebugLog:
+    """Stands for hpack's module loggers: hpack logs every field it codes at debug level (about fifty
+    calls a request), which costs a few µs a request even with debug off, and is never wanted: at
+    pyproxy's own debug level it would flood the log with header bytes."""
+
+    @staticmethod
+    def debug(*args, **kwargs) -> None:
+        pass
+
+
+hpack.hpack.log = hpack.table.log = _NoDebugLog()
+
+
 class MalformedBlock(list):
     """The header list of a malformed request or trailers (RFC 9113 §8.1.1), as h2's event carries it."""
 
 
 class _ServerStream(h2.stream.H2Stream):
-    """h2's stream, except that a header block failing h2's checks (an uppercase name, a connection-specific
-    field, Host against :authority) is handed on as a MalformedBlock, for the session to reset that stream
-    alone (PROTOCOL_ERROR, a stream error as RFC 9113 §8.1.1 says) where h2 would end the connection."""
+    """h2's stream, except that a malformed header block (an uppercase name, a connection-specific field,
+    Host against :authority: ``malformed`` in proxy/http2/mapping.py, in place of h2's own inbound
+    checks) is handed on as a MalformedBlock, for the session to reset that stream alone
+    (PROTOCOL_ERROR, a stream error as RFC 9113 §8.1.1 says) where h2 would end the connection."""
 
     def _process_received_headers(self, headers, header_validation_flags, header_encoding):
-        headers = list(headers)
-        try:
-            return super()._process_received_headers(headers, header_validation_flags, header_encoding)
-        except h2.exceptions.ProtocolError:
+        headers = list(headers)  # bytes as decoded: no header_encoding, no normalizing (cookies: mapping)
+        if malformed(headers, header_validation_flags.is_trailer):
             return MalformedBlock(headers)
+        return headers
+
+    def _initialize_content_length(self, headers):
+        try:
+            super()._initialize_content_length(headers)
+        except h2.exceptions.ProtocolError:
+            pass  # not a number, or two that differ: 400 on this stream alone (proxy/http2/mapping.py)
+
+    wrong_length = False  # the body broke its content-length (set on the instance)
+
+    def _track_content_length(self, length, end_stream):
+        try:
+            super()._track_content_length(length, end_stream)
+        except h2.exceptions.InvalidBodyLengthError:
+            self.wrong_length = True
+
+    def receive_data(self, data, end_stream, flow_control_len):
+        """A body longer or shorter than its content-length is a malformed request, so a stream error
+        (RFC 9113 §8.1.1), reported as a WrongBodyLength event: h2 would end the connection."""
+        frames, events = super().receive_data(data, end_stream, flow_control_len)
+        if self.wrong_length:
+            events.append(WrongBodyLength(self.stream_id))
+        return frames, events
+
+
+class WrongBodyLength:
+    """An event of our own: the stream's DATA did not add up to its content-length."""
+
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id: int):
+        self.stream_id = stream_id
 
 
 class _ServerConnection(h2.connection.H2Connection):
@@ -127,6 +189,7 @@ class H2Session:
         self.send_timeout = send_timeout
         self.clock = clock
         self.lock = threading.Lock()
+        self.io_lock = threading.Lock()  # one socket call at a time (see the module docstring)
         self.changed = threading.Condition(self.lock)  # a window opened, body arrived, a stream ended
         self.streams: dict[int, Stream] = {}  # those not finished by their worker
         self.control_frames = 0
@@ -134,11 +197,11 @@ class H2Session:
         self.goaway_sent = False  # no new streams from here on (a drain, an attack, an expiry)
         self.last_stream_id = 0  # the highest stream we took on (GOAWAY's last-stream-id)
         self.lost = False  # the socket failed or the client closed it: nothing more can be sent
+        self.closing = False  # lost once ``outgoing`` is written (a GOAWAY for a protocol error)
+        self.outgoing = bytearray()  # frames h2 produced, not yet handed to the writer
+        self.writing = False  # a thread is writing ``outgoing`` out (``_write_out``)
         self.last_activity = clock()
-        # Our header blocks are built lowercase and valid (proxy/http2/mapping.py): h2 need not check them
-        # again. What the client sends is always checked.
-        self.h2 = _ServerConnection(h2.config.H2Configuration(client_side=False, header_encoding=None,
-                                                              validate_outbound_headers=False))
+        self.h2 = _ServerConnection(H2_CONFIGURATION)
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: HEADER_LIST_SLACK * max_header_bytes,
@@ -156,7 +219,8 @@ class H2Session:
             self.h2.initiate_connection()
             self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
             new = self._take(received) if received else []
-            self._flush_for_reader()
+            write = self._queue()
+        self._write_out_for_reader(write)
         return new + self.pump()
 
     def pump(self) -> list[Stream]:
@@ -164,27 +228,29 @@ class H2Session:
         WINDOW_UPDATE), and return the new requests to serve. Never waits for the client."""
         new: list[Stream] = []
         for _ in range(READS_PER_ROUND):
+            if self.lost or self.closing:
+                break
+            data = self._recv()
+            if data is None:
+                break
             with self.lock:
-                if self.lost:
-                    break
-                data = self._recv()
-                if data is None:
+                if not data:
+                    self._lose()
                     break
                 new += self._take(data)
-                self._flush_for_reader()
+                write = self._queue()
+            self._write_out_for_reader(write)
         return [stream for stream in new if not stream.reset]
 
     def _recv(self) -> bytes | None:
-        """What the socket has (b"" once the client closed it), None if nothing waits."""
+        """What the socket has (b"" once the client closed it or it failed), None if nothing waits."""
         try:
-            data = self.sock.recv(READ_SIZE)
+            with self.io_lock:
+                return self.sock.recv(READ_SIZE)
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError, InterruptedError):
             return None
-        except OSError:
-            data = b""
-        if not data:
-            self._lose()
-        return data or None
+        except (OSError, ValueError):  # ValueError: an SSL socket shut down meanwhile (_lose)
+            return b""
 
     def _take(self, data: bytes) -> list[Stream]:
         try:
@@ -192,8 +258,7 @@ class H2Session:
         except h2.exceptions.ProtocolError:
             # h2 queued a GOAWAY with the error's code (a CONTINUATION flood, an oversized header
             # list, a frame out of place): send it and stop reading this client.
-            self._flush_for_reader()
-            self._lose()
+            self._close_after_writing()
             return []
         new = []
         for event in events:
@@ -242,13 +307,18 @@ class H2Session:
             stream.body_ended = True
 
     def _on_trailers(self, event) -> None:
-        stream = self.streams.get(event.stream_id)
         if event.headers.__class__ is MalformedBlock:
-            self._reset_unserved(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
-            if stream is not None:  # its worker stops as for a client's cancel
-                self._on_reset(event)
-        elif stream is not None:
+            self._on_malformed_body(event)
+            return
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
             stream.trailers = event.headers
+
+    def _on_malformed_body(self, event) -> None:
+        """Malformed trailers, or DATA against the content-length: that stream alone is reset."""
+        self._reset_unserved(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
+        if event.stream_id in self.streams:  # its worker stops as for a client's cancel
+            self._on_reset(event)
 
     def _reset_unserved(self, stream_id: int, code: ErrorCodes) -> None:
         try:
@@ -281,6 +351,7 @@ class H2Session:
         h2.events.DataReceived: _on_data,
         h2.events.StreamEnded: _on_end,
         h2.events.TrailersReceived: _on_trailers,
+        WrongBodyLength: _on_malformed_body,
         h2.events.StreamReset: _on_reset,
         h2.events.PingReceived: _on_control,
         h2.events.RemoteSettingsChanged: _on_control,
@@ -297,43 +368,50 @@ class H2Session:
             self.h2.send_headers(stream.id, block, end_stream=end_stream)
             if end_stream:
                 stream.answered = True
-            if flush:
-                self._flush()
+            write = flush and self._queue()
+        if write:
+            self._write_out()
 
     def flush(self) -> None:
         """Send what is queued (a response head held back by ``send_headers(flush=False)``)."""
         with self.lock:
-            if not self.lost:
-                self._flush()
+            write = self._queue()
+        if write:
+            self._write_out()
 
     def send_body(self, stream: Stream, data: bytes, end_stream: bool = False) -> None:
         """Send ``data`` as the client's windows allow (the last frame ending the stream with
         ``end_stream``); ClientGone when the stream or connection is gone, or the client let
         ``send_timeout`` pass without opening its window."""
         view = memoryview(data)
-        with self.lock:
-            if not view and end_stream:
-                self._check(stream)
-                self.h2.end_stream(stream.id)
-                stream.answered = True
-                self._flush()
-            while view:
-                deadline = self.clock() + self.send_timeout
-                while True:
-                    self._check(stream)
-                    room = min(self.h2.local_flow_control_window(stream.id), self.h2.max_outbound_frame_size)
-                    if room > 0:
-                        break
-                    left = deadline - self.clock()
-                    if left <= 0:
-                        raise ClientGone("client did not open its flow-control window in time")
-                    self.changed.wait(left)
+        if not view and end_stream:
+            self.end_stream(stream)
+        while view:
+            with self.lock:
+                room = self._wait_for_room(stream)
                 piece, view = view[:room], view[room:]
                 last = end_stream and not view
                 self.h2.send_data(stream.id, piece.tobytes(), end_stream=last)
                 if last:
                     stream.answered = True
-                self._flush()
+                write = self._queue()
+            if write:
+                self._write_out()
+
+    def _wait_for_room(self, stream: Stream) -> int:
+        """Under the lock: how much of the stream's body may go out now, once the client's windows allow
+        some and the writer took what was queued before (ClientGone past ``send_timeout``)."""
+        deadline = self.clock() + self.send_timeout
+        while True:
+            self._check(stream)
+            room = min(self.h2.local_flow_control_window(stream.id), self.h2.max_outbound_frame_size)
+            if room > 0 and len(self.outgoing) < OUTGOING_LIMIT:
+                return room
+            left = deadline - self.clock()
+            if left <= 0:
+                raise ClientGone("client did not open its flow-control window in time" if room <= 0
+                                 else "client stopped reading")
+            self.changed.wait(left)
 
     def end_stream(self, stream: Stream, trailers=None) -> None:
         with self.lock:
@@ -343,25 +421,31 @@ class H2Session:
             else:
                 self.h2.end_stream(stream.id)
             stream.answered = True
-            self._flush()
+            write = self._queue()
+        if write:
+            self._write_out()
 
     def read_body(self, stream: Stream, timeout: float) -> bytes | None:
         """The next piece of the request body (None at its end); ProtocolError 408 if none comes within
         ``timeout``, ClientGone if the stream is reset."""
         with self.lock:
             deadline = self.clock() + timeout
-            while not stream.body:
+            while True:
+                self._check(stream)  # a stream reset for its body (a wrong length) reads no more of it
+                if stream.body:
+                    break
                 if stream.body_ended:
                     return None
-                self._check(stream)
                 left = deadline - self.clock()
                 if left <= 0:
                     raise ProtocolError(408, "request body not received in time")
                 self.changed.wait(left)
             data, counted = stream.body.popleft()
             self._acknowledge(counted, stream.id)
-            self._flush()
-            return data
+            write = self._queue()
+        if write:
+            self._write_out()
+        return data
 
     def reset(self, stream: Stream, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
         with self.lock:
@@ -370,9 +454,10 @@ class H2Session:
             stream.answered = True
             try:
                 self.h2.reset_stream(stream.id, code)
-                self._flush()
-            except (h2.exceptions.H2Error, ClientGone):
-                pass  # the stream closed meanwhile, or the client is gone: nothing left to cancel
+            except h2.exceptions.H2Error:
+                pass  # the stream closed meanwhile: nothing left to cancel
+            write = self._queue()
+        self._write_out_for_reader(write)  # the client gone is no error here either
 
     def finish(self, stream: Stream) -> bool:
         """The stream's worker is done with it. True when the connection has nothing left to do (closing
@@ -388,6 +473,9 @@ class H2Session:
                 self.early_resets -= 1
             self.last_activity = self.clock()
             self.changed.notify_all()
+            write = self._queue()
+        self._write_out_for_reader(write)
+        with self.lock:
             return self.lost or (self.goaway_sent and not self.streams)
 
     # -- the connection as a whole ---------------------------------------------------------------------
@@ -396,15 +484,23 @@ class H2Session:
         no stream is running: the caller closes the connection."""
         with self.lock:
             self._goaway(code)
+            write = self._queue()
+        self._write_out_for_reader(write)
+        with self.lock:
             return not self.streams
 
     def goaway_nowait(self) -> None:
-        """GOAWAY from a thread that must not wait (the accept loop expiring the connection)."""
+        """GOAWAY from a thread that must not wait (the accept loop expiring the connection): one
+        non-blocking send, unless a writer is busy (the GOAWAY then follows what it writes)."""
         if self.lock.acquire(blocking=False):
             try:
-                if not self.lost:
-                    self.sock.send(self.h2.data_to_send() + self._goaway_frame(ErrorCodes.NO_ERROR))
-            except (OSError, ssl.SSLError):
+                self.outgoing += self.h2.data_to_send() + self._goaway_frame(ErrorCodes.NO_ERROR)
+                if not self.lost and not self.writing and self.io_lock.acquire(blocking=False):
+                    try:
+                        self.sock.send(self.outgoing)
+                    finally:
+                        self.io_lock.release()
+            except (OSError, ValueError, ssl.SSLError):
                 pass  # best effort: the connection closes either way
             finally:
                 self.lock.release()
@@ -416,12 +512,9 @@ class H2Session:
         if code != ErrorCodes.NO_ERROR:  # an attack: the streams running are ended with the connection
             for stream in self.streams.values():
                 stream.reset = True
-        try:
-            self._send_all(self.h2.data_to_send() + self._goaway_frame(code))
-        except ClientGone:
-            pass
+        self.outgoing += self.h2.data_to_send() + self._goaway_frame(code)
         if code != ErrorCodes.NO_ERROR:
-            self._lose()
+            self._close_after_writing()
 
     def _goaway_frame(self, code: ErrorCodes) -> bytes:
         # Built by hand: h2's close_connection() would refuse every later frame, the WINDOW_UPDATEs that
@@ -461,42 +554,87 @@ class H2Session:
         them, or cancelled): they count against the connection's window, shared by every stream."""
         while stream.body:
             self._acknowledge(stream.body.popleft()[1], stream.id)
-        if not self.lost:
-            self._flush_for_reader()
 
-    def _flush(self) -> None:
+    def _queue(self) -> bool:
+        """Under the lock: what h2 produced goes to ``outgoing``. True when the caller is to write it out,
+        after releasing the lock (``_write_out``): no other thread is writing."""
         data = self.h2.data_to_send()
         if data:
-            self._send_all(data)
+            self.outgoing += data
+        if not self.outgoing or self.writing or self.lost:
+            return False
+        self.writing = True
+        return True
 
-    def _flush_for_reader(self) -> None:
-        """The reader's flush: a client gone is no error there (the session is lost, and the caller
-        closes the connection); a stream's flush raises ClientGone into its exchange instead."""
-        try:
-            self._flush()
-        except ClientGone:
-            pass
-
-    def _send_all(self, data: bytes) -> None:
-        view = memoryview(data)
+    def _write_out(self) -> None:
+        """Write ``outgoing`` until it is empty, the lock taken only around each non-blocking send (so
+        in order, and one writer at a time); ClientGone when the client does not take a byte for
+        ``send_timeout`` or the socket fails, which loses the session."""
+        pending = memoryview(b"")  # retried as it is: OpenSSL wants a write repeated with the same bytes
         deadline = None
-        while view:
-            try:
-                sent = self.sock.send(view)
-                view = view[sent:]
-                deadline = None  # progress: the client reads
-                continue
-            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError, InterruptedError):
-                pass
-            except OSError as exc:
-                self._lose()
-                raise ClientGone(f"writing to the client failed: {exc}") from exc
-            now = self.clock()
-            deadline = deadline or now + self.send_timeout
-            if now >= deadline or not _writable(self.sock, deadline - now):
-                if self.clock() >= deadline:
-                    self._lose()
+        done = False
+        try:
+            while True:
+                with self.lock:
+                    if self.lost:
+                        raise ClientGone("client connection lost")
+                    if not pending:
+                        if not self.outgoing:
+                            self.writing = False
+                            done = True
+                            if self.closing:
+                                self._lose()
+                            return
+                        if len(self.outgoing) >= OUTGOING_LIMIT:
+                            self.changed.notify_all()  # room for the streams waiting on it
+                        pending = memoryview(bytes(self.outgoing))
+                        del self.outgoing[:]
+                sent = self._send(pending)
+                if sent:
+                    pending = pending[sent:]
+                    deadline = None  # progress: the client reads
+                    continue
+                now = self.clock()
+                deadline = deadline or now + self.send_timeout
+                if now >= deadline or (not _writable(self.sock, deadline - now) and self.clock() >= deadline):
+                    with self.lock:
+                        self._lose()
                     raise ClientGone("client stopped reading")
+        finally:
+            if not done:  # an error: the next thread with frames to send writes (if there is anything left)
+                with self.lock:
+                    self.writing = False
+
+    def _send(self, data) -> int:
+        """One non-blocking send, 0 when the socket has no room."""
+        try:
+            with self.io_lock:
+                return self.sock.send(data)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError, InterruptedError):
+            return 0
+        except (OSError, ValueError) as exc:  # ValueError: an SSL socket shut down meanwhile (_lose)
+            with self.lock:
+                self._lose()
+            raise ClientGone(f"writing to the client failed: {exc}") from exc
+
+    def _write_out_for_reader(self, write: bool) -> None:
+        """The reader's write: a client gone is no error there (the session is lost, and the caller
+        closes the connection); a stream's write raises ClientGone into its exchange instead."""
+        if write:
+            try:
+                self._write_out()
+            except ClientGone:
+                pass
+
+    def _close_after_writing(self) -> None:
+        """Under the lock: the connection ends once what is queued (a GOAWAY) is written; the reader
+        stops reading now, and the streams running end as for a client's cancel."""
+        self.closing = True
+        self.outgoing += self.h2.data_to_send()
+        for stream in self.streams.values():
+            _cancel(stream)
+        if not self.outgoing and not self.writing:
+            self._lose()
 
     def _lose(self) -> None:
         """Nothing more can be sent: every stream ends, the next ``finish`` or ``pump`` closes."""

@@ -236,8 +236,7 @@ class HttpHandler:
                 if session is None or session is PARKED:
                     return  # PARKED: a TLS client between flights or before its request, held without a thread
             elif session.__class__ is H2Session:  # an HTTP/2 connection (proxy/serve/http2.py)
-                self.http2.serve(conn)
-                return
+                return self.http2.serve(conn)  # a stream to run once the connection is parked again
         while True:
             request = session.waiting_request or self._read_head(conn, session)
             if request is not PARKED and request is not None and request.content_length and _wants_whole_body(request):
@@ -604,7 +603,7 @@ class HttpHandler:
         if route.rate_limit is not None:  # before basic_auth: failed sign-ins take tokens too
             ex.rate_limit_fields = route.rate_limit.check(self._original_client(ex, runtime), request.headers)
         if route.basic_auth is not None:  # bcrypt runs here, on the pool worker
-            route.basic_auth.check(request.headers.get_all("authorization"), ex.session.client_ip)
+            route.basic_auth.check(request.headers.get_all("authorization"), self._original_client(ex, runtime))
         if route.redirect is not None:
             ex.route = route
             host = self._redirect_host(request) if route.redirect.needs_host else None

@@ -11,6 +11,7 @@ client's flow-control windows, and the request body comes from the stream's DATA
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -20,6 +21,7 @@ from h2.errors import ErrorCodes
 from core import ConnectionState
 from proxy.http.compression import compression_for
 from proxy.http.errors import ClientGone, ProxyError, UpstreamFailed
+from proxy.http.forwarding import RATE_LIMIT_FIELDS
 from proxy.http.http1 import LAST_CHUNK, NEED_DATA, Data, ProtocolError, encode_chunk
 from proxy.http.redirects import redirect_response
 from proxy.http.responses import html_response, plain_response
@@ -81,18 +83,28 @@ class Http2Server:
         conn.on_close = _also_on_close(conn.on_close, self._connection_closed)
         self._settle(conn, session, session.start(received))
 
-    def serve(self, conn) -> None:
+    def serve(self, conn):
+        """Read the connection and park it again; the last new stream is returned, for this worker to run
+        once core parked the connection (core.SocketServer): one hand-off less per request, and another
+        worker reads the connection meanwhile, so a slow stream still holds up no other."""
         session = conn.server_data
-        self._settle(conn, session, session.pump())
+        new_streams = session.pump()
+        run_here = new_streams.pop() if new_streams else None
+        self._settle(conn, session, new_streams, run_here)
+        if run_here is not None:
+            return functools.partial(self._run_stream, conn, session, run_here)
+        return None
 
-    def _settle(self, conn, session: H2Session, new_streams) -> None:
-        """Hand the new streams to the pool, then park the connection (or close it when it is done)."""
+    def _settle(self, conn, session: H2Session, new_streams, run_here=None) -> None:
+        """Hand the new streams to the pool, then park the connection (or close it when it is done).
+        ``run_here``: one more new stream, which the caller runs itself."""
         if self.app.draining() and not session.goaway_sent:
             session.goaway()
-        for stream in new_streams:
+        if run_here is not None or new_streams:
             with self._lock:
-                self.open_streams += 1
-                self.streams_total += 1
+                self.open_streams += len(new_streams) + (run_here is not None)
+                self.streams_total += len(new_streams) + (run_here is not None)
+        for stream in new_streams:
             if not self._submit_stream(conn, session, stream):
                 session.reset(stream, ErrorCodes.REFUSED_STREAM)  # the pool is full: the client may retry it
                 self._stream_done(conn, session, stream)
@@ -311,8 +323,10 @@ class Http2StreamHandler(HttpHandler):
         ex.response_started = True
         # The head waits for the first body bytes (or for the next upstream read): a small response
         # leaves in one write.
-        session.send_headers(stream, response_block(response, request_id, length), end_stream=no_body,
-                             flush=no_body)
+        block = response_block(response, request_id, length)
+        if ex.rate_limit_fields:  # the route's RateLimit-* fields, in place of the upstream's own
+            block = _with_rate_limit_fields(block, ex.rate_limit_fields)
+        session.send_headers(stream, block, end_stream=no_body, flush=no_body)
         if no_body:  # reusable only as HTTP/1.1's would be: the server keeps it, and took the whole request
             return not parser.has_buffered_data and response.keep_alive and ex.body_done
         encoder = encoder or _AS_IS
@@ -387,3 +401,14 @@ class Http2StreamHandler(HttpHandler):
             record.bytes_sent += len(body)
         except ClientGone:
             pass  # the client cancelled the stream or left: nothing left to tell it
+
+
+def _with_rate_limit_fields(block: list, fields: str) -> list:
+    """A response block with the rate limit's fields (HTTP/1.1 header lines, as the handler keeps
+    them) instead of any the upstream sent under those names."""
+    block = [(name, value) for name, value in block if name not in RATE_LIMIT_FIELDS]
+    for line in fields.split("\r\n"):
+        if line:
+            name, _, value = line.partition(": ")
+            block.append((name.lower(), value))
+    return block

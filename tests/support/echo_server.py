@@ -6,6 +6,8 @@ The echo protocol: each handler call serves one line (so keep-alive parking happ
     "slow"  → signal ``slow_entered``, wait for ``slow_release`` (the test controls it), reply "slow"
     "boom"  → raise RuntimeError (the server must keep serving others)
     "stuck" → signal ``stuck_entered``, block on an event nobody sets until the socket is aborted
+    "later" → reply "later", and leave core work to run once the connection is parked again: it waits
+              for ``later_release``, then signals ``later_done``
     other   → reply the same line
 """
 
@@ -31,10 +33,12 @@ class EchoHandler:
         self.slow_finished = threading.Event()
         self.stuck_entered = threading.Event()
         self.never = threading.Event()  # "stuck" waits on it; nobody sets it
+        self.later_release = threading.Event()
+        self.later_done = threading.Event()
         self.served = 0
         self._lock = threading.Lock()
 
-    def __call__(self, conn: Connection) -> None:
+    def __call__(self, conn: Connection):
         conn.transition(ConnectionState.READING)
         try:
             line = conn.read_until(b"\n", MAX_LINE)
@@ -53,6 +57,13 @@ class EchoHandler:
             conn.transition(ConnectionState.IDLE)
         if line == b"slow\n":
             self.slow_finished.set()
+        if line == b"later\n":
+            return self._later
+        return None
+
+    def _later(self) -> None:
+        if self.later_release.wait(STOP_TIMEOUT):
+            self.later_done.set()
 
     def _process(self, conn: Connection, line: bytes) -> bytes:
         if line == b"boom\n":
