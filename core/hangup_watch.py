@@ -44,7 +44,7 @@ class HangupWatch:
         self.interval = interval
         self.clock = clock
         self._run_thread = run_thread  # False: the owner calls check() itself (tests, with a fake clock)
-        self._watched: dict[int, Watched] = {}
+        self._watched: dict[Watched, Watched] = {}  # keyed by itself (hashed by identity): no id() call
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         # Orders unwatch against a shutdown: once unwatch returns, the other socket is never shut down,
@@ -53,7 +53,7 @@ class HangupWatch:
 
     def watch(self, client, other) -> Watched:
         watched = Watched(client, other, self.clock())
-        self._watched[id(watched)] = watched
+        self._watched[watched] = watched
         if self._thread is None and self._run_thread:
             self._start()
         return watched
@@ -61,7 +61,7 @@ class HangupWatch:
     def unwatch(self, watched: Watched) -> bool:
         """Stop watching; True if the client hung up (the other socket was shut down)."""
         with self._decide:
-            self._watched.pop(id(watched), None)
+            self._watched.pop(watched, None)
         return watched.gone
 
     def _start(self) -> None:
@@ -106,7 +106,7 @@ class HangupWatch:
             if not (mask & _HUNG_UP and hung_up(watched.client)):
                 continue
             with self._decide:
-                if self._watched.get(id(watched)) is not watched:
+                if watched not in self._watched:
                     continue  # the answer came meanwhile
                 watched.gone = True
                 try:

@@ -39,6 +39,9 @@ GROW_CHECK_INTERVAL = 0.002  # seconds between pool growth checks while work is 
 HANDBACK_TIMEOUT = 1.0  # at a drain's deadline, the most we wait for the relay to hand held transfers back
 STARVED_AFTER = 0.01  # a loop iteration this late (past its poll timeout) means the process was starved
 DEFAULT_BACKLOG = 1024  # nginx's default on Linux is 511; bursts of c=1000 clients want more
+# RESTING_STATES for the loop's every event: a frozenset of members calls Enum.__hash__ (Python) per
+# test, a tuple is scanned by identity.
+_RESTING = tuple(RESTING_STATES)
 # errno values that mean "this one client went away", logged at debug (docs/development.md)
 EXPECTED_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN,
                              errno.ETIMEDOUT, errno.EBADF})
@@ -300,7 +303,7 @@ class SocketServer:
                 self._accept(self._listeners[fd])
             else:
                 conn = self._connections.get(fd)
-                if conn is not None and conn.state in RESTING_STATES:
+                if conn is not None and conn.state in _RESTING:
                     self._dispatch(conn)
         self._dispatch_signals()
         while self._calls:

@@ -396,8 +396,18 @@ def test_scale_2_3_1_under_load_new_servers_take_traffic_removed_ones_finish(dns
             mark = len(load.outcomes())
             wait_for(lambda: HOSTS[2] in _served(load, mark), timeout=WAIT, what="the new server to take traffic")
 
-            slow = [start_slow_request(proxy.url) for _ in range(6)]  # one or more on each server
-            wait_for(lambda: all(b.slow_entered.is_set() for b in backends.values()), timeout=WAIT,
+            # Round robin shares its turns with the load's requests, so where a slow request lands is
+            # not fixed: start them one after another until every server holds one (at most 24).
+            slow = []
+
+            def every_server_holds_a_slow_request() -> bool:
+                if all(b.slow_entered.is_set() for b in backends.values()):
+                    return True
+                if len(slow) < 24:
+                    slow.append(start_slow_request(proxy.url))
+                return False
+
+            wait_for(every_server_holds_a_slow_request, timeout=WAIT, interval=0.05,
                      what="a slow request on every server")
             dnsmasq.set_hosts({NAME: HOSTS[:1]})  # scale to 1
             wait_for(lambda: _addresses(proxy) == {f"{HOSTS[0]}:{port}": "up", f"{HOSTS[1]}:{port}": "leaving",

@@ -677,3 +677,75 @@ def test_valid_request_round_trips(data, rng):
     events = run(RequestParser, [data[:cut], data[cut:]])
     assert events and events[-1][0] == "end", events
     assert run(RequestParser, [serialise(events)]) == events
+
+
+# ---------------------------------------------------------------------------------------
+# Known heads: parsers sharing a table parse a repeated bodiless head once
+
+def _events_through(parser, data: bytes) -> list:
+    """Every event ``data`` gives, the next message started after each end, until more is needed."""
+    parser.feed(data)
+    events = []
+    for _ in range(100):  # bounded: a few messages per feed
+        event = parser.next_event()
+        if event is NEED_DATA:
+            return events
+        events.append(event)
+        if isinstance(event, EndOfMessage):
+            parser.start_next()
+    raise AssertionError("parser never asked for more data")
+
+
+def _heads_through(parser: RequestParser, data: bytes) -> list:
+    return [event for event in _events_through(parser, data) if isinstance(event, RequestHead)]
+
+
+def test_parsers_sharing_a_table_share_a_repeated_bodiless_head():
+    known: dict = {}
+    get = b"GET /a HTTP/1.1\r\nHost: x\r\nUser-Agent: wrk\r\n\r\n"
+    first, = _heads_through(RequestParser(known_heads=known), get)
+    second, third = _heads_through(RequestParser(known_heads=known), get + get)
+    assert second is first and third is first  # parsed once, on another connection too
+    assert first == _heads_through(RequestParser(), get)[0]  # what a parser without the table makes
+    # A head with a body is parsed every time: its framing sets what the parser reads next.
+    post = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok"
+    parser = RequestParser(known_heads=known)
+    one, two = _heads_through(parser, post + post)
+    assert one == two and one is not two and len(known) == 1
+    # A known head after a body, and a pipelined body after a known head: framing stays right.
+    parser.feed(get + post)
+    assert parser.next_event() is first and parser.next_event() == EndOfMessage()
+    parser.start_next()
+    assert parser.next_event().method == "POST" and parser.next_event() == Data(b"ok")
+
+
+def test_known_heads_table_is_bounded_and_never_holds_refusals():
+    from proxy.http import http1
+    known: dict = {}
+    parser = RequestParser(known_heads=known)
+    for n in range(http1.KNOWN_HEADS_MAX + 5):
+        _heads_through(parser, b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % n)
+    assert 0 < len(known) <= http1.KNOWN_HEADS_MAX
+    long_head = b"GET /" + b"x" * http1.KNOWN_HEAD_MAX_CHARS + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert _heads_through(parser, long_head) and not any(len(text) > http1.KNOWN_HEAD_MAX_CHARS for text in known)
+    known.clear()
+    with pytest.raises(ProtocolError):
+        _heads_through(RequestParser(known_heads=known), b"GET /a HTTP/1.1\r\n\r\n")  # no Host: 400
+    assert known == {}
+
+
+def test_response_parsers_sharing_a_table_share_a_repeated_head_framed_by_length():
+    known: dict = {}
+    ok = b"HTTP/1.1 200 OK\r\nDate: Mon, 30 Nov 2026 02:00:00 GMT\r\nContent-Length: 2\r\n\r\nhi"
+    first, body, end = _events_through(ResponseParser("GET", known_heads=known), ok)
+    again = _events_through(ResponseParser("POST", known_heads=known), ok)
+    assert again == [first, Data(b"hi"), end] and again[0] is first  # parsed once, framing kept
+    assert first == _events_through(ResponseParser("GET"), ok)[0]  # as a parser without the table
+    # The same text answers a HEAD request with no body: never taken from (or put in) the table.
+    head_reply, = _events_through(ResponseParser("HEAD", known_heads=known), ok[:-2])[:-1]
+    assert head_reply.content_length == 0 and head_reply is not first and list(known.values()) == [first]
+    # Chunked, close-delimited and interim heads are parsed every time.
+    for reply in (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                  b"HTTP/1.1 200 OK\r\n\r\n", b"HTTP/1.1 100 Continue\r\n\r\n"):
+        _events_through(ResponseParser("GET", known_heads=known), reply)
+    assert list(known.values()) == [first]

@@ -78,6 +78,36 @@ def test_router_normalises_prefixes_and_keeps_precedence():
     assert router.match(None, "/a").upstream == "root"
 
 
+# -- resolve: the route of a (Host, target) pair, remembered -------------------------------------------
+# The handler asks Router.resolve for every request: split, normalise and match once per pair, not per
+# request, with a bounded memory of pairs (clients choose targets freely), and no memory of a refusal.
+def test_resolve_remembers_what_a_target_routes_to():
+    from proxy.routing import router as router_module
+    router = Router([Route(None, "/", "root", index=0), Route("a.test", "/api", "api", strip_prefix=True, index=1)])
+    assert router.resolve("a.test:8080", "/api//x/../y?q=1") == (router.routes[0], "/api/y", "?q=1", "/y?q=1")
+    assert router.resolve(None, "*") == (router.routes[1], "*", "", "*")
+    matched = []
+    router.match = lambda host, path: matched.append(path)  # a second ask must not route again
+    assert router.resolve("a.test:8080", "/api//x/../y?q=1")[3] == "/y?q=1"
+    assert router.resolve("b.test", "/api") == (None, "/api", "", None) and matched == ["/api"]
+    assert router.resolve("b.test", "/api") == (None, "/api", "", None) and matched == ["/api"]
+    with pytest.raises(router_module.BadPath):
+        Router([Route(None, "/", "root")]).resolve(None, "/%2e%2e%2fadmin;x")
+
+
+def test_resolve_memory_is_bounded():
+    from proxy.routing import router as router_module
+    router = Router([Route(None, "/", "root")])
+    for n in range(router_module.RESOLVED_MAX + 10):
+        router.resolve("a", f"/{n}")
+    assert 0 < len(router._resolved) <= router_module.RESOLVED_MAX
+    long_target = "/" + "x" * router_module.RESOLVED_KEY_MAX
+    long_host = "h" * router_module.RESOLVED_KEY_MAX
+    assert router.resolve("a", long_target)[3] == long_target
+    assert router.resolve(long_host, "/x")[3] == "/x"
+    assert ("a", long_target) not in router._resolved and (long_host, "/x") not in router._resolved
+
+
 # -- set_headers replace the proxy's own fields, never add framing ---------------------------------------
 # A route's set_headers were appended after the proxy's own fields: "Host" gave the backend two Host
 # fields (RFC 9112 §3.2: a server MUST answer 400), "X-Forwarded-For" two of those, and a

@@ -67,6 +67,10 @@ DEFAULT_MAX_RESPONSE_HEADER_BYTES = 65536
 MAX_CHUNK_LINE_BYTES = 4096
 # 18 decimal digits always fit in a signed 64-bit integer (what a backend will parse into).
 MAX_CONTENT_LENGTH_DIGITS = 18
+# A table of known heads (RequestParser's known_heads) holds at most this many, each at most this long:
+# a few hundred KiB in all. A longer head is parsed every time.
+KNOWN_HEADS_MAX = 256
+KNOWN_HEAD_MAX_CHARS = 1024
 
 # ---------------------------------------------------------------------------------------
 # Errors and events
@@ -884,9 +888,15 @@ class RequestParser(_MessageParser):
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        known_heads: dict[str, RequestHead] | None = None,
     ) -> None:
         super().__init__(max_header_bytes, max_body_bytes, max_line_bytes)
         self._refused_line: str | None = None  # a complete head's start line the parser refused
+        # Keep-alive clients send the same head over and over: the parsers of one owner (a process's
+        # connections) may share a table of bodiless heads by their text, so that a head seen before is
+        # not parsed again. Heads are never changed once parsed, and a bodiless head's parse depends on
+        # its text alone (max_body_bytes only judges a Content-Length), so one object serves them all.
+        self._known_heads = known_heads
 
     # A peer speaking another protocol (a TLS ClientHello on a plain port, SSH, SMTP) sends no CRLFCRLF
     # for a long while: waiting for it would answer 408 after header_timeout. nginx and HAProxy answer
@@ -912,6 +922,13 @@ class RequestParser(_MessageParser):
         return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
 
     def _parse_head(self, text: str) -> RequestHead:
+        known = self._known_heads
+        if known is not None:
+            head = known.get(text)
+            if head is not None:  # only bodiless heads are known: no body follows
+                self._state = _BODY_LENGTH
+                self.body_remaining = 0
+                return head
         line_end = text.find("\r\n")
         line = text[:line_end]
         match = _REQUEST_LINE_RE.fullmatch(line)
@@ -957,6 +974,10 @@ class RequestParser(_MessageParser):
         else:  # a request without framing has no body (RFC 9112 §6.3)
             self._state = _BODY_LENGTH
             self.body_remaining = content_length or 0
+            if known is not None and not content_length and len(text) <= KNOWN_HEAD_MAX_CHARS:
+                if len(known) >= KNOWN_HEADS_MAX:
+                    known.clear()  # many different heads: start over rather than stop learning
+                known[text] = head
         return head
 
     def _request_framing(self, version: str, index: dict[str, list[str]]) -> tuple[int | None, bool]:
@@ -978,14 +999,22 @@ class RequestParser(_MessageParser):
         return length, False
 
 
+# Requests whose response is framed by the method, not by the head alone (RFC 9112 §6.3 items 1-2).
+_OWN_FRAMING_METHODS = frozenset({"HEAD", "CONNECT"})
+
+
 class ResponseParser(_MessageParser):
     """Parses the response(s) to one request: any 1xx, then the final response."""
 
     _drops_forbidden_trailers = True  # requests refuse them (400); see _read_trailers
 
-    def __init__(self, request_method: str, max_header_bytes: int = DEFAULT_MAX_RESPONSE_HEADER_BYTES):
+    def __init__(self, request_method: str, max_header_bytes: int = DEFAULT_MAX_RESPONSE_HEADER_BYTES,
+                 known_heads: dict[str, ResponseHead] | None = None):
         super().__init__(max_header_bytes, None, max_header_bytes)
         self._request_method = request_method
+        # As RequestParser's: final heads with a Content-Length (the usual small response), by their
+        # text. A HEAD or CONNECT request frames the same text differently: none is looked up for those.
+        self._known_heads = known_heads
 
     def start_next(self, request_method: str | None = None) -> None:
         """Reset for the response to the next request sent on this connection."""
@@ -1018,6 +1047,13 @@ class ResponseParser(_MessageParser):
         return super()._incomplete_head(buf)
 
     def _parse_head(self, text: str) -> ResponseHead:
+        known = self._known_heads if self._request_method not in _OWN_FRAMING_METHODS else None
+        if known is not None:
+            head = known.get(text)
+            if head is not None:  # only heads whose body has a length are known
+                self._state = _BODY_LENGTH
+                self.body_remaining = head.content_length
+                return head
         line_end = text.find("\r\n")
         match = _STATUS_LINE_RE.fullmatch(text, 0, line_end)
         if match is None:
@@ -1036,10 +1072,15 @@ class ResponseParser(_MessageParser):
         # RFC 9112 §9.3: 1.1 persists unless "close"; 1.0 only with "keep-alive".
         keep_alive = "close" not in tokens and (version == "HTTP/1.1" or "keep-alive" in tokens)
         content_length, chunked, keep_alive = self._response_framing(status, version, index, keep_alive)
-        return ResponseHead(
+        head = ResponseHead(
             status, reason or "", version, Headers(raw, index, names), content_length, chunked,
             keep_alive, tokens,
         )
+        if known is not None and self._state is _BODY_LENGTH and len(text) <= KNOWN_HEAD_MAX_CHARS:
+            if len(known) >= KNOWN_HEADS_MAX:
+                known.clear()  # many different heads (a Date per second, ids): start over
+            known[text] = head
+        return head
 
     def _response_framing(self, status, version, index, keep_alive):
         """RFC 9112 §6.3, in order. Returns (content_length, chunked, keep_alive)."""
@@ -1062,8 +1103,13 @@ class ResponseParser(_MessageParser):
             self._start_body(chunked, None)
             return None, chunked, keep_alive
         if cl is not None:
-            length = _parse_content_length(cl)
-            self._start_body(False, length)
+            value = cl[0]  # the usual single "16" inline; lists and oddities in the helper
+            if len(cl) == 1 and value.isdigit() and value.isascii() and len(value) <= MAX_CONTENT_LENGTH_DIGITS:
+                length = int(value)
+            else:
+                length = _parse_content_length(cl)
+            self._state = _BODY_LENGTH  # _start_body(False, length), inline: every response gets here
+            self.body_remaining = length
             return length, False, keep_alive
         self._start_body(False, None)
         return None, False, False

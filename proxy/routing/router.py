@@ -177,6 +177,12 @@ def _host_rank(host: str | None) -> int:
     return 1 if host.startswith("*.") else 0
 
 
+# Router.resolve remembers this many (Host, target) pairs, each at most this long (Host and target
+# together): 4096 x 512 characters bound its memory to about 2 MiB, whatever clients send.
+RESOLVED_MAX = 4096
+RESOLVED_KEY_MAX = 512
+
+
 class Router:
     """Routes sorted once by precedence; a lookup walks the few candidates for one host."""
 
@@ -194,6 +200,26 @@ class Router:
             else:
                 self._exact.setdefault(route.host, []).append(route)
         self._cache: dict[str, list[Route]] = {}
+        self._resolved: dict[tuple[str | None, str], tuple[Route | None, str, str, str]] = {}
+
+    def resolve(self, host: str | None, target: str) -> tuple[Route | None, str, str, str]:
+        """A request's (route or None, normalised path, query, target to forward) from its Host field
+        and its target, remembered per pair: a keep-alive client asks for the same few again and again.
+        BadPath, as ``normalize_path`` and ``match`` raise it, is never remembered."""
+        key = (host, target)
+        found = self._resolved.get(key)
+        if found is None:
+            path, query = split_target(target)
+            if path != "*":
+                path = normalize_path(path)
+            route = self.match(host_without_port(host), path)
+            forwarded = None if route is None else (route.forwarded_path(path) if path != "*" else "*") + query
+            found = (route, path, query, forwarded)
+            if len(target) + len(host or "") <= RESOLVED_KEY_MAX:  # bounded: clients choose both freely
+                if len(self._resolved) >= RESOLVED_MAX:
+                    self._resolved.clear()  # a scan of many URLs: start over rather than stop learning
+                self._resolved[key] = found
+        return found
 
     def candidates(self, host: str | None) -> list[Route]:
         """Routes that may serve this host, best first (cached per host name)."""

@@ -35,7 +35,7 @@ from proxy.http.http1 import (DEFAULT_MAX_LINE_BYTES, LAST_CHUNK, NEED_DATA, Dat
                     RequestParser, ResponseHead, ResponseParser, encode_chunk)
 from proxy.http.responses import (describe_route, html_response, plain_response, unreachable_page, unreachable_text,
                         wants_html)
-from proxy.routing.router import BadPath, host_without_port, normalize_path, split_target
+from proxy.routing.router import BadPath, host_without_port, split_target
 from proxy.http.tls import HANDSHAKE_PENDING
 from proxy.http2.session import H2Session, is_h2c_preface
 from proxy.http.tunnel import TunnelRelay
@@ -117,7 +117,7 @@ class RequestRecord:
     """What observers (access log, metrics) learn about one finished request."""
 
     __slots__ = ("started", "duration", "client_ip", "method", "target", "version", "status",
-                 "bytes_sent", "upstream", "server", "request_id", "user_agent", "referer", "host")
+                 "bytes_sent", "upstream", "server", "request_id", "host", "_headers")
 
     def __init__(self, started: float, client_ip: str, request: RequestHead | None):
         self.started = started
@@ -125,17 +125,24 @@ class RequestRecord:
         self.client_ip = client_ip
         if request is None:  # refused before its head was whole
             self.method, self.target, self.version, self.host = "-", "-", "HTTP/1.1", None
-            self.user_agent = self.referer = None
+            self._headers = None
         else:
             self.method, self.target, self.version, self.host = (request.method, request.target,
                                                                  request.version, request.host)
-            self.user_agent = _field(request.headers, "user-agent")
-            self.referer = _field(request.headers, "referer")
+            self._headers = request.headers  # read only if the access log asks (it is often off)
         self.status = 0
         self.bytes_sent = 0
         self.upstream = None
         self.server = None
         self.request_id = None
+
+    @property
+    def user_agent(self) -> str | None:
+        return None if self._headers is None else _field(self._headers, "user-agent")
+
+    @property
+    def referer(self) -> str | None:
+        return None if self._headers is None else _field(self._headers, "referer")
 
 
 class Exchange:
@@ -174,6 +181,8 @@ class HttpHandler:
         self.tunnels = TunnelRelay(app)  # upgraded connections: one relay thread for all of them
         self.hangups = HangupWatch()  # clients that leave while their request waits for its answer
         self.proxy_header_problems = ThrottledLog(log)  # refused PROXY-protocol connections, a flood kept short
+        self.known_heads: dict = {}  # request heads every connection's parser shares (RequestParser)
+        self.known_responses: dict = {}  # the same for response heads (ResponseParser)
         # HTTP/2 connections (proxy/serve/http2.py, Http2Server), plugged in by the process that owns
         # the pool their streams run on (ProxyProcess always does).
         self.http2 = None
@@ -230,7 +239,7 @@ class HttpHandler:
                 return self.http2.serve(conn)  # a stream to run once the connection is parked again
         while True:
             request = session.waiting_request or self._read_head(conn, session)
-            if request is not PARKED and request is not None and _wants_whole_body(request):
+            if request is not PARKED and request is not None and request.content_length and _wants_whole_body(request):
                 request = self._read_small_body(conn, session, request)
             if request is PARKED:
                 return  # half a head or a small body so far: held without a thread until more comes
@@ -321,7 +330,8 @@ class HttpHandler:
         parser = RequestParser(max_header_bytes=settings.max_header_bytes,
                                max_body_bytes=settings.max_body_bytes,
                                # a line past a small max_header_bytes is still a 414 (docs/configuration.md)
-                               max_line_bytes=min(DEFAULT_MAX_LINE_BYTES, settings.max_header_bytes))
+                               max_line_bytes=min(DEFAULT_MAX_LINE_BYTES, settings.max_header_bytes),
+                               known_heads=self.known_heads)
         session = ClientSession(parser, origin.src_ip if origin else str(conn.peer[0]), scheme, origin,
                                 relayed_unnamed)
         conn.server_data = session
@@ -583,10 +593,7 @@ class HttpHandler:
             if port is not None:  # redirect_https: the same URL on https, whatever the route
                 return None, (308, https_location(self._redirect_host(request), port, *split_target(request.target)))
         try:
-            path, query = split_target(request.target)
-            if path != "*":
-                path = normalize_path(path)
-            route = runtime.router.match(host_without_port(request.host), path)
+            route, path, query, target = runtime.router.resolve(request.host, request.target)
         except BadPath as exc:
             raise ProtocolError(400, f"bad request path: {exc}") from exc
         if route is None:
@@ -604,9 +611,9 @@ class HttpHandler:
         upstream = runtime.upstreams[route.upstream]
         ex.route = route
         ex.record.upstream = upstream.name
-        target = (route.forwarded_path(path) if path != "*" else "*") + query
-        out = Outbound(request.method, target, "", ex.session.client_ip, ex.session.scheme,
-                       route.headers, self._body_mode(request), tunnel_upgrade(request.upgrade),
+        body = "chunked" if request.chunked else "length" if request.content_length else "none"
+        out = Outbound(request.method, target, "", ex.session.client_ip, ex.session.scheme, route.headers, body,
+                       tunnel_upgrade(request.upgrade) if request.upgrade is not None else None,
                        ex.record.request_id,
                        runtime.is_trusted(ex.session.client_ip) and not ex.session.relayed_unnamed)
         return upstream, out
@@ -639,30 +646,14 @@ class HttpHandler:
         """The client's X-Request-Id if it is a sane token, else a new one: it goes into every log
         line, to the backend and back to the client, so 16 KiB of it, or spaces, control characters
         and non-ASCII bytes (header values are read as latin-1), are replaced, as Heroku's router does."""
-        offered = _field(request.headers, "x-request-id")
-        if offered and len(offered) <= MAX_CLIENT_REQUEST_ID and offered.isascii() and offered.isprintable() \
-                and " " not in offered:
-            return offered
-        return self._new_request_id()
-
-    def _new_request_id(self) -> str:
+        if "x-request-id" in request.headers.names:  # most requests bring none: no lookup then
+            offered = request.headers.get("x-request-id")
+            if offered and len(offered) <= MAX_CLIENT_REQUEST_ID and offered.isascii() and offered.isprintable() \
+                    and " " not in offered:
+                return offered
         return f"{self._request_ids.getrandbits(128):032x}"
 
-    @staticmethod
-    def _body_mode(request: RequestHead) -> str:
-        if request.chunked:
-            return "chunked"
-        if request.content_length:
-            return "length"
-        return "none"
-
     # -- attempts and retries ------------------------------------------------------------------
-    def _hash_address(self, ex: Exchange, upstream) -> str:
-        """The client address ip_hash keys on: behind trusted proxies, the one they forwarded for."""
-        if upstream.config.policy != "ip_hash":
-            return ex.session.client_ip  # the other policies ignore it: no header parsing per request
-        return self._original_client(ex, self.app.runtime)
-
     @staticmethod
     def _original_client(ex: Exchange, runtime) -> str:
         """The address the request started from (behind trusted proxies, the one they forwarded for)."""
@@ -676,9 +667,13 @@ class HttpHandler:
         attempts_left = 1 + upstream.config.retries
         last_error: ProxyError | None = None
         fresh = False  # after a stale pooled connection: the retry dials a new one
+        # The client address ip_hash keys on: behind trusted proxies, the one they forwarded for. The
+        # other policies ignore it: no header parsing per request for them.
+        client_ip = (ex.session.client_ip if upstream.config.policy != "ip_hash"
+                     else self._original_client(ex, self.app.runtime))
         while attempts_left > 0:
             attempts_left -= 1
-            server = upstream.pick_server(self._hash_address(ex, upstream), exclude=tried, retry_of=last_error)
+            server = upstream.pick_server(client_ip, exclude=tried, retry_of=last_error)
             if server is None:
                 if last_error is not None:
                     raise last_error
@@ -906,7 +901,8 @@ class HttpHandler:
 
     # -- response ------------------------------------------------------------------------------
     def _read_response_head(self, ex: Exchange, link, stop_at_continue: bool = False):
-        parser = ResponseParser(ex.request.method, max_header_bytes=self.app.settings.max_response_header_bytes)
+        parser = ResponseParser(ex.request.method, max_header_bytes=self.app.settings.max_response_header_bytes,
+                                known_heads=self.known_responses)
         interim = 0
         event = NEED_DATA  # a new parser holds nothing yet: read before asking it
         while True:

@@ -243,6 +243,7 @@ class Http2StreamHandler(HttpHandler):
         self.app = parent.app
         self._request_ids = parent._request_ids
         self.hangups = parent.hangups
+        self.known_responses = parent.known_responses
         self.tunnels = None
 
     def answer_refused(self, client: StreamClient, status: int, reason: str) -> None:

@@ -327,7 +327,8 @@ class Upstream:
             if server is None:
                 break
             if server.try_acquire():
-                self._end_fail_open()
+                if self._failing_open:  # rare: no call per request otherwise
+                    self._end_fail_open()
                 return server
             candidates = tuple(other for other in candidates if other is not server)
         if self._try_all_when_down:
@@ -367,11 +368,10 @@ class Upstream:
         return None
 
     def _end_fail_open(self) -> None:
-        if self._failing_open:
-            with self._fail_open_lock:
-                ending, self._failing_open = self._failing_open, False
-            if ending:
-                log.warning("upstream %s: a server is up again; requests go to the servers that are up", self._name)
+        with self._fail_open_lock:
+            ending, self._failing_open = self._failing_open, False
+        if ending:
+            log.warning("upstream %s: a server is up again; requests go to the servers that are up", self._name)
 
     def snapshot(self) -> dict:
         return {"policy": self._policy_name, "servers": [server.snapshot() for server in self._servers]}
