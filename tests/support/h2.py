@@ -81,6 +81,8 @@ class H2Client:
                                                                      **config))
         self.events: list = []
         self.closed = False
+        self.terminated = False  # a GOAWAY arrived: h2 takes no frame after it
+        self._unread = b""  # the start of a frame whose end has not arrived yet
         self.auto_ack = True  # give each DATA frame's window back as it arrives (False: a client not reading)
 
     @classmethod
@@ -121,13 +123,29 @@ class H2Client:
         if not data:
             self.closed = True
             return []
-        events = self.h2.receive_data(data)
+        events = []
+        for frame in self._whole_frames(data):
+            if self.terminated:
+                continue  # a server may still reset streams after its GOAWAY; h2 would raise on them
+            events += self.h2.receive_data(frame)
+            self.terminated = any(isinstance(event, h2.events.ConnectionTerminated) for event in events)
         for event in events:
             if self.auto_ack and isinstance(event, h2.events.DataReceived) and event.flow_controlled_length:
                 self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
         self.flush()
         self.events.extend(events)
         return events
+
+    def _whole_frames(self, data: bytes):
+        """Frame by frame, so the events of a GOAWAY are kept whatever follows it in the same read."""
+        buffer = self._unread + data
+        while len(buffer) >= 9:
+            end = 9 + int.from_bytes(buffer[:3], "big")
+            if len(buffer) < end:
+                break
+            yield buffer[:end]
+            buffer = buffer[end:]
+        self._unread = buffer
 
     def until(self, predicate, rounds: int = READ_ROUNDS):
         """Read until an event matching ``predicate`` arrives (returned), or the server closes (None)."""
