@@ -15,7 +15,7 @@ import h2.settings
 import hpack
 import pytest
 from h2.errors import ErrorCodes
-from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, PingFrame, PriorityFrame, RstStreamFrame, SettingsFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, GoAwayFrame, HeadersFrame, PingFrame, PriorityFrame, RstStreamFrame, SettingsFrame
 
 from core.socket_server import bind_listener
 from proxy.config.schema import parse_config
@@ -478,6 +478,30 @@ def test_drain_sends_goaway_with_last_stream_and_lets_it_finish(h2c_proxy, make_
     proxy.thread.join(CLIENT_TIMEOUT)
     assert not proxy.thread.is_alive()
     assert [r.path for r in backend.requests] == ["/hang"]
+
+
+def test_drain_sends_goaway_at_once_while_every_worker_runs_a_stream(h2c_proxy, make_backend):
+    # The GOAWAYs are work for the pool: a pool busy with long streams must grow for them, as it does
+    # outside a drain, or the clients learn of the drain only when a stream ends.
+    release = threading.Event()
+    backend = make_backend()
+    hanging_route(backend, release)
+    proxy, _ = h2c_proxy(server={"graceful_timeout": "30s"}, backend=backend,
+                         upstream_options={"read_timeout": "60s"})
+    clients = [H2Client.connect(proxy.port) for _ in range(12)]
+    streams = [client.request("/hang") for client in clients]
+    wait_for(lambda: len(backend.requests) == len(clients), what="every request upstream")
+    proxy.process.stop()  # graceful: SIGTERM's path
+    try:
+        for client, stream in zip(clients, streams):
+            frames = client.frames_until_close(until=lambda frame: isinstance(frame, GoAwayFrame))
+            assert frames[-1][0].last_stream_id == stream  # before its answer, which the backend holds
+    finally:
+        release.set()
+    for client, stream in zip(clients, streams):
+        answer = [headers for f, headers in client.frames_until_close() if isinstance(f, HeadersFrame)]
+        assert answer and answer[0][":status"] == "200"
+        client.close()
 
 
 def test_status_counts_http2_connections_and_streams(h2c_proxy, make_backend):
