@@ -504,6 +504,39 @@ def test_drain_sends_goaway_at_once_while_every_worker_runs_a_stream(h2c_proxy, 
         client.close()
 
 
+LATE_STREAMS = 500
+
+
+def test_drain_delivers_every_last_answer_while_late_streams_are_refused(h2c_proxy, make_backend):
+    # The last stream ending while another worker reads the connection (a stream racing the GOAWAY)
+    # must not close it under that worker: the answer and the refusal both reach the client.
+    release = threading.Event()
+    backend = make_backend()
+    body = pattern_bytes(0, 60_000)  # within the stream window: the raw reader gives none back
+    backend.route("/hang", lambda h, record: (release.wait(CLIENT_TIMEOUT), h.reply(200, body)))
+    proxy, _ = h2c_proxy(server={"graceful_timeout": "20s", "min_threads": 8}, backend=backend)
+    clients = [H2Client.connect(proxy.port) for _ in range(12)]
+    streams = [client.request("/hang") for client in clients]
+    wait_for(lambda: len(backend.requests) == len(clients), what="every request upstream")
+    proxy.process.stop()  # graceful: SIGTERM's path
+    for client, stream in zip(clients, streams):
+        goaway = client.frames_until_close(until=lambda frame: isinstance(frame, GoAwayFrame))[-1][0]
+        assert goaway.error_code == ErrorCodes.NO_ERROR and goaway.last_stream_id == stream
+        for late in range(stream + 2, stream + 2 + 2 * LATE_STREAMS, 2):  # the reader is busy refusing
+            client.request_after_goaway(late, "/late")                      # them as the answers come
+    release.set()
+    for client, stream in zip(clients, streams):
+        frames = client.frames_until_close()
+        refused = [f for f, _ in frames if isinstance(f, RstStreamFrame) and f.stream_id == stream + 2]
+        assert refused and refused[0].error_code == ErrorCodes.REFUSED_STREAM
+        answer = [headers for f, headers in frames if isinstance(f, HeadersFrame) and f.stream_id == stream]
+        assert answer and answer[0][":status"] == "200"
+        assert b"".join(f.data for f, _ in frames if isinstance(f, DataFrame) and f.stream_id == stream) == body
+        client.close()
+    proxy.thread.join(CLIENT_TIMEOUT)
+    assert [r.path for r in backend.requests] == ["/hang"] * len(clients)
+
+
 def test_status_counts_http2_connections_and_streams(h2c_proxy, make_backend):
     release = threading.Event()
     backend = make_backend()

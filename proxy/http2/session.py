@@ -505,6 +505,15 @@ class H2Session:
             finally:
                 self.lock.release()
 
+    def finish_writing(self) -> None:
+        """Before the connection closes: everything queued is written, by this thread or by the one
+        writing now (a stream's last frames, queued while another thread wrote, would be cut off)."""
+        with self.lock:
+            while self.writing and not self.lost:
+                self.changed.wait(self.send_timeout)  # a writer ends or loses the session within it
+            write = self._queue()
+        self._write_out_for_reader(write)
+
     def _goaway(self, code: ErrorCodes) -> None:
         if self.goaway_sent and code == ErrorCodes.NO_ERROR:
             return
@@ -581,6 +590,7 @@ class H2Session:
                     if not pending:
                         if not self.outgoing:
                             self.writing = False
+                            self.changed.notify_all()  # for ``finish_writing``
                             done = True
                             if self.closing:
                                 self._lose()
@@ -604,6 +614,7 @@ class H2Session:
             if not done:  # an error: the next thread with frames to send writes (if there is anything left)
                 with self.lock:
                     self.writing = False
+                    self.changed.notify_all()
 
     def _send(self, data) -> int:
         """One non-blocking send, 0 when the socket has no room."""

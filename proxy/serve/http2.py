@@ -121,6 +121,13 @@ class Http2Server:
             return
         if not conn.claim(S.READING, S.IDLE):  # a stream's worker closed it meanwhile
             conn.close()
+            return
+        if not session.active_streams:
+            # The last stream may have ended while this worker read: it left the connection (and its
+            # deadline, computed above) to this worker.
+            conn.park_deadline = session.deadline(settings.idle_timeout, settings.header_timeout)
+            if session.lost or session.goaway_sent:
+                _close_after_goaway(conn, session)
 
     def _submit_stream(self, conn, session: H2Session, stream) -> bool:
         """Queue the stream for a worker. Streams may fill only half of the pool's queue: the other half
@@ -183,14 +190,20 @@ def _close_after_goaway(conn, session: H2Session, reading: bool = False) -> None
     """The last stream after a GOAWAY is done: close as HTTP/1.1 does, lingering, so frames the client
     sent meanwhile do not turn the close into a reset that discards the last responses in flight. A
     lost connection (gone, or ended for an attack) closes at once. ``reading``: the caller is the
-    worker reading the connection; otherwise it is lingered on only if parked (claimed from IDLE),
-    and closed at once while another worker may be reading it."""
-    if session.lost or not (reading or conn.claim(S.IDLE, S.READING)):
+    worker reading the connection; otherwise the connection is closed only if parked (claimed from
+    IDLE): a worker reading it meanwhile closes it once it is done (``Http2Server._settle``), as
+    closing under it would drop the frames it answers and the ones still being written. It is
+    claimed as a tunnel is (kept by this thread until closed), which a worker core dispatched to read
+    it meanwhile leaves alone (``_take_for_reading`` in proxy/serve/handler.py)."""
+    if not (reading or conn.claim(S.IDLE, S.TUNNEL)):
+        return
+    if session.lost:
         conn.close()
         return
     if not reading:  # frames that came meanwhile: a stream racing the GOAWAY is refused, not dropped
         for stream in session.pump():
             session.reset(stream, ErrorCodes.REFUSED_STREAM)
+    session.finish_writing()
     conn.sock.settimeout(None)  # the session's socket is non-blocking; the linger reads with timeouts
     HttpHandler._close_lingering(conn)
 
