@@ -110,6 +110,24 @@ def test_streams_leave_room_in_a_full_pool_for_their_connection_to_be_read(h2c_p
     client.close()
 
 
+def test_uploads_on_every_worker_of_a_small_pool_get_their_bodies(h2c_proxy, make_backend):
+    # Each stream waiting for its body holds a worker: with every worker taken that way, none would be
+    # left to read the DATA frames they wait for (a 408 each), unless a waiting stream reads them.
+    proxy, backend = h2c_proxy(server={"min_threads": 1, "max_threads": 2, "body_timeout": "8s"})
+    pool = proxy.process.pool
+    client = H2Client.connect(proxy.port)
+    streams = [client.request("/up", method="POST", end=False) for _ in range(3)]
+    wait_for(lambda: pool.busy == 2 and pool.queued == 1, what="both workers on a stream, one queued")
+    for stream in streams:
+        client.h2.send_data(stream, b"body of %d" % stream, end_stream=True)
+    client.flush()
+    for stream in streams:
+        headers, _ = client.response(stream)
+        assert headers[":status"] == "200"
+    assert sorted(r.body for r in backend.requests) == sorted(b"body of %d" % s for s in streams)
+    client.close()
+
+
 def test_header_list_past_max_header_bytes_gets_431_and_far_past_it_goaway(h2c_proxy):
     proxy, backend = h2c_proxy(server={"max_header_bytes": "2KiB"})
     client = H2Client.connect(proxy.port)

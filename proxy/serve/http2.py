@@ -81,6 +81,7 @@ class Http2Server:
         with self._lock:
             self.connections += 1
         conn.on_close = _also_on_close(conn.on_close, self._connection_closed)
+        session.on_new_streams = functools.partial(self._hand_over, conn, session)
         self._settle(conn, session, session.start(received))
 
     def serve(self, conn):
@@ -100,14 +101,7 @@ class Http2Server:
         ``run_here``: one more new stream, which the caller runs itself."""
         if self.app.draining() and not session.goaway_sent:
             session.goaway()
-        if run_here is not None or new_streams:
-            with self._lock:
-                self.open_streams += len(new_streams) + (run_here is not None)
-                self.streams_total += len(new_streams) + (run_here is not None)
-        for stream in new_streams:
-            if not self._submit_stream(conn, session, stream):
-                session.reset(stream, ErrorCodes.REFUSED_STREAM)  # the pool is full: the client may retry it
-                self._stream_done(conn, session, stream)
+        self._hand_over(conn, session, new_streams, run_here)
         if session.lost or (session.goaway_sent and not session.active_streams):
             _close_after_goaway(conn, session, reading=True)
             return
@@ -128,6 +122,17 @@ class Http2Server:
             conn.park_deadline = session.deadline(settings.idle_timeout, settings.header_timeout)
             if session.lost or session.goaway_sent:
                 _close_after_goaway(conn, session)
+
+    def _hand_over(self, conn, session: H2Session, new_streams, run_here=None) -> None:
+        """New streams to the pool (a stream's worker that read the connection hands them over too)."""
+        if run_here is not None or new_streams:
+            with self._lock:
+                self.open_streams += len(new_streams) + (run_here is not None)
+                self.streams_total += len(new_streams) + (run_here is not None)
+        for stream in new_streams:
+            if not self._submit_stream(conn, session, stream):
+                session.reset(stream, ErrorCodes.REFUSED_STREAM)  # the pool is full: the client may retry it
+                self._stream_done(conn, session, stream)
 
     def _submit_stream(self, conn, session: H2Session, stream) -> bool:
         """Queue the stream for a worker. Streams may fill only half of the pool's queue: the other half
