@@ -718,11 +718,15 @@ def is_h2c_preface(conn) -> bool | None:
 
 
 def _readable(sock, timeout: float) -> bool:
-    if getattr(sock, "pending", None) and sock.pending():  # TLS bytes already decrypted
+    """True when a read would not wait, or would fail (the socket closed meanwhile): ``pump`` tells."""
+    try:
+        if getattr(sock, "pending", None) and sock.pending():  # TLS bytes already decrypted
+            return True
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(max(0.0, timeout) * 1000))
+    except (OSError, ValueError):  # ValueError: closed (fileno -1)
         return True
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(max(0.0, timeout) * 1000))
 
 
 def _writable(sock, timeout: float) -> bool:
