@@ -22,6 +22,7 @@ from proxy.config.schema import parse_config
 from proxy.http2.session import PREFACE
 from proxy.observe.metrics import Metrics, render_prometheus
 from proxy.observe.status import build_status
+from proxy.serve.http2 import Http2Server
 from proxy.serve.runner import ProxyProcess
 from tests.support.backends import STREAM_PIECE, close_with_rst, pattern_bytes, pattern_sha256, stream_pattern
 from tests.support.h2 import CLIENT_TIMEOUT, H2Client, start_h2_proxy, stop_quietly
@@ -323,6 +324,37 @@ def test_stream_waiting_on_a_full_socket_leaves_the_other_streams_going(h2c_prox
     assert isinstance(ended, h2.events.StreamEnded)
     body = b"".join(e.data for e in client.events if isinstance(e, h2.events.DataReceived) and e.stream_id == huge)
     assert len(body) == total and hashlib.sha256(body).hexdigest() == pattern_sha256(total)
+    client.close()
+
+
+def test_connection_error_behind_a_stalled_writer_is_not_read_over_and_over(h2c_proxy, make_backend,
+                                                                             monkeypatch):
+    # After a connection error the GOAWAY waits behind a stream writing to a client that does not read;
+    # the reader must wait for that writer, not park the still-readable connection and take it again.
+    reads = [0]
+    serve = Http2Server.serve
+
+    def counting_serve(self, conn):
+        reads[0] += 1
+        return serve(self, conn)
+
+    monkeypatch.setattr(Http2Server, "serve", counting_serve)
+    backend = make_backend()
+    backend.route("/huge", stream_pattern(32 * 1024 * 1024))
+    proxy, _ = h2c_proxy(server={"send_timeout": "3s"}, backend=backend)
+    client = H2Client.connect(proxy.port)
+    client.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2 ** 31 - 1})
+    client.h2.increment_flow_control_window(2 ** 31 - 1 - 65535)  # only TCP stops the proxy, not h2
+    client.flush()
+    client.request("/huge")
+    samples: list = []
+    wait_for(lambda: _stalled(client.sock, samples), timeout=30, what="the proxy's writes to wait")
+    before = reads[0]
+    client.send_raw(b"\x00\x00\x00\x00\x00\x00\x00\x00\x00")  # DATA on stream 0: a connection error
+    client.send_raw(PingFrame(0, opaque_data=b"12345678").serialize())  # and more bytes, left unread
+    wait_for(lambda: build_status(proxy.app)["http2"]["connections"] == 0, timeout=30,
+             what="the connection closed once the writer gave up (send_timeout)")
+    assert reads[0] - before <= 3
     client.close()
 
 

@@ -102,6 +102,10 @@ class Http2Server:
         if self.app.draining() and not session.goaway_sent:
             session.goaway()
         self._hand_over(conn, session, new_streams, run_here)
+        if session.closing:
+            # A connection error's GOAWAY waits behind a writer: the client's unread bytes would keep the
+            # connection readable, and core would hand it straight back to a worker, again and again.
+            session.finish_writing()
         if session.lost or (session.goaway_sent and not session.active_streams):
             _close_after_goaway(conn, session, reading=True)
             return
