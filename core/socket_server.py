@@ -451,6 +451,8 @@ class SocketServer:
         # up to dispatch them (their epoll event), or they would be closed unanswered at the end.
         while self.clock() < deadline and not self._force and (pending or self._active_connections()):
             self._poll_once(0.05)
+            if self.pool.queued:  # as serve_forever does: the drain's own work (GOAWAYs) may be queued
+                self.pool.maybe_grow()
             pending = self._close_resting()
         leftover = self._active_connections()
         if leftover:

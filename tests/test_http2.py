@@ -320,6 +320,20 @@ def test_malformed_request_is_a_stream_error_not_a_connection_error(h2_proxy, ma
 _REQUEST = [(":method", "GET"), (":path", "/bad"), (":scheme", "http"), (":authority", "h2.test")]
 
 
+def test_host_differing_from_authority_only_in_case_is_served(h2_proxy, make_backend):
+    # RFC 9113 §8.3.1 refuses a Host that names another entity than :authority; host names are
+    # case-insensitive (RFC 3986 §3.2.2), so H2.Test and h2.test name the same one.
+    backend = make_backend()
+    proxy = h2_proxy({"web": [backend.address]}, None, listen={"h2c": True})
+    client = H2Client.connect(proxy.port, validate_outbound_headers=False)
+    headers, _ = client.response(client.request("/case", headers=[("host", "H2.Test")]))
+    assert headers[":status"] == "200"
+    assert [r.path for r in backend.requests] == ["/case"]
+    assert backend.requests[0].header("host") == "h2.test"  # :authority wins, as RFC 9113 §8.3.1 says
+    client.close()
+
+
+
 @pytest.mark.parametrize("block", [
     _REQUEST + [("x-nul", "a\x00b")], _REQUEST + [("x-cr", "a\rb")], _REQUEST + [("x-lf", "a\nb")],
     _REQUEST + [("x-tab", "\tvalue")], _REQUEST + [("x:colon", "1")], _REQUEST + [("x space", "1")],

@@ -15,13 +15,14 @@ import h2.settings
 import hpack
 import pytest
 from h2.errors import ErrorCodes
-from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, PingFrame, PriorityFrame, RstStreamFrame, SettingsFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, GoAwayFrame, HeadersFrame, PingFrame, PriorityFrame, RstStreamFrame, SettingsFrame
 
 from core.socket_server import bind_listener
 from proxy.config.schema import parse_config
 from proxy.http2.session import PREFACE
 from proxy.observe.metrics import Metrics, render_prometheus
 from proxy.observe.status import build_status
+from proxy.serve.http2 import Http2Server
 from proxy.serve.runner import ProxyProcess
 from tests.support.backends import STREAM_PIECE, close_with_rst, pattern_bytes, pattern_sha256, stream_pattern
 from tests.support.h2 import CLIENT_TIMEOUT, H2Client, start_h2_proxy, stop_quietly
@@ -107,6 +108,24 @@ def test_streams_leave_room_in_a_full_pool_for_their_connection_to_be_read(h2c_p
     assert {e.error_code for e in refused} == {ErrorCodes.REFUSED_STREAM}
     assert len(backend.requests) == len(streams) - len(refused)
     other.close()
+    client.close()
+
+
+def test_uploads_on_every_worker_of_a_small_pool_get_their_bodies(h2c_proxy, make_backend):
+    # Each stream waiting for its body holds a worker: with every worker taken that way, none would be
+    # left to read the DATA frames they wait for (a 408 each), unless a waiting stream reads them.
+    proxy, backend = h2c_proxy(server={"min_threads": 1, "max_threads": 2, "body_timeout": "8s"})
+    pool = proxy.process.pool
+    client = H2Client.connect(proxy.port)
+    streams = [client.request("/up", method="POST", end=False) for _ in range(3)]
+    wait_for(lambda: pool.busy == 2 and pool.queued == 1, what="both workers on a stream, one queued")
+    for stream in streams:
+        client.h2.send_data(stream, b"body of %d" % stream, end_stream=True)
+    client.flush()
+    for stream in streams:
+        headers, _ = client.response(stream)
+        assert headers[":status"] == "200"
+    assert sorted(r.body for r in backend.requests) == sorted(b"body of %d" % s for s in streams)
     client.close()
 
 
@@ -308,6 +327,37 @@ def test_stream_waiting_on_a_full_socket_leaves_the_other_streams_going(h2c_prox
     client.close()
 
 
+def test_connection_error_behind_a_stalled_writer_is_not_read_over_and_over(h2c_proxy, make_backend,
+                                                                             monkeypatch):
+    # After a connection error the GOAWAY waits behind a stream writing to a client that does not read;
+    # the reader must wait for that writer, not park the still-readable connection and take it again.
+    reads = [0]
+    serve = Http2Server.serve
+
+    def counting_serve(self, conn):
+        reads[0] += 1
+        return serve(self, conn)
+
+    monkeypatch.setattr(Http2Server, "serve", counting_serve)
+    backend = make_backend()
+    backend.route("/huge", stream_pattern(32 * 1024 * 1024))
+    proxy, _ = h2c_proxy(server={"send_timeout": "3s"}, backend=backend)
+    client = H2Client.connect(proxy.port)
+    client.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2 ** 31 - 1})
+    client.h2.increment_flow_control_window(2 ** 31 - 1 - 65535)  # only TCP stops the proxy, not h2
+    client.flush()
+    client.request("/huge")
+    samples: list = []
+    wait_for(lambda: _stalled(client.sock, samples), timeout=30, what="the proxy's writes to wait")
+    before = reads[0]
+    client.send_raw(b"\x00\x00\x00\x00\x00\x00\x00\x00\x00")  # DATA on stream 0: a connection error
+    client.send_raw(PingFrame(0, opaque_data=b"12345678").serialize())  # and more bytes, left unread
+    wait_for(lambda: build_status(proxy.app)["http2"]["connections"] == 0, timeout=30,
+             what="the connection closed once the writer gave up (send_timeout)")
+    assert reads[0] - before <= 3
+    client.close()
+
+
 @pytest.mark.parametrize("answered", [b"", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf."],
                          ids=["before-the-head", "mid-body"])
 def test_stream_reset_while_its_upstream_thinks_closes_that_upstream_connection(h2c_proxy, make_raw_backend,
@@ -478,6 +528,63 @@ def test_drain_sends_goaway_with_last_stream_and_lets_it_finish(h2c_proxy, make_
     proxy.thread.join(CLIENT_TIMEOUT)
     assert not proxy.thread.is_alive()
     assert [r.path for r in backend.requests] == ["/hang"]
+
+
+def test_drain_sends_goaway_at_once_while_every_worker_runs_a_stream(h2c_proxy, make_backend):
+    # The GOAWAYs are work for the pool: a pool busy with long streams must grow for them, as it does
+    # outside a drain, or the clients learn of the drain only when a stream ends.
+    release = threading.Event()
+    backend = make_backend()
+    hanging_route(backend, release)
+    proxy, _ = h2c_proxy(server={"graceful_timeout": "30s"}, backend=backend,
+                         upstream_options={"read_timeout": "60s"})
+    clients = [H2Client.connect(proxy.port) for _ in range(12)]
+    streams = [client.request("/hang") for client in clients]
+    wait_for(lambda: len(backend.requests) == len(clients), what="every request upstream")
+    proxy.process.stop()  # graceful: SIGTERM's path
+    try:
+        for client, stream in zip(clients, streams):
+            frames = client.frames_until_close(until=lambda frame: isinstance(frame, GoAwayFrame))
+            assert frames[-1][0].last_stream_id == stream  # before its answer, which the backend holds
+    finally:
+        release.set()
+    for client, stream in zip(clients, streams):
+        answer = [headers for f, headers in client.frames_until_close() if isinstance(f, HeadersFrame)]
+        assert answer and answer[0][":status"] == "200"
+        client.close()
+
+
+LATE_STREAMS = 500
+
+
+def test_drain_delivers_every_last_answer_while_late_streams_are_refused(h2c_proxy, make_backend):
+    # The last stream ending while another worker reads the connection (a stream racing the GOAWAY)
+    # must not close it under that worker: the answer and the refusal both reach the client.
+    release = threading.Event()
+    backend = make_backend()
+    body = pattern_bytes(0, 60_000)  # within the stream window: the raw reader gives none back
+    backend.route("/hang", lambda h, record: (release.wait(CLIENT_TIMEOUT), h.reply(200, body)))
+    proxy, _ = h2c_proxy(server={"graceful_timeout": "20s", "min_threads": 8}, backend=backend)
+    clients = [H2Client.connect(proxy.port) for _ in range(12)]
+    streams = [client.request("/hang") for client in clients]
+    wait_for(lambda: len(backend.requests) == len(clients), what="every request upstream")
+    proxy.process.stop()  # graceful: SIGTERM's path
+    for client, stream in zip(clients, streams):
+        goaway = client.frames_until_close(until=lambda frame: isinstance(frame, GoAwayFrame))[-1][0]
+        assert goaway.error_code == ErrorCodes.NO_ERROR and goaway.last_stream_id == stream
+        for late in range(stream + 2, stream + 2 + 2 * LATE_STREAMS, 2):  # the reader is busy refusing
+            client.request_after_goaway(late, "/late")                      # them as the answers come
+    release.set()
+    for client, stream in zip(clients, streams):
+        frames = client.frames_until_close()
+        refused = [f for f, _ in frames if isinstance(f, RstStreamFrame) and f.stream_id == stream + 2]
+        assert refused and refused[0].error_code == ErrorCodes.REFUSED_STREAM
+        answer = [headers for f, headers in frames if isinstance(f, HeadersFrame) and f.stream_id == stream]
+        assert answer and answer[0][":status"] == "200"
+        assert b"".join(f.data for f, _ in frames if isinstance(f, DataFrame) and f.stream_id == stream) == body
+        client.close()
+    proxy.thread.join(CLIENT_TIMEOUT)
+    assert [r.path for r in backend.requests] == ["/hang"] * len(clients)
 
 
 def test_status_counts_http2_connections_and_streams(h2c_proxy, make_backend):

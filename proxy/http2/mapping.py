@@ -78,7 +78,8 @@ def malformed(block, trailers: bool) -> bool:
         return True
     if authority is None and host is None:
         return True
-    return authority is not None and host is not None and authority != host
+    # §8.3.1: a Host naming another entity than :authority; a host name's case names the same one.
+    return authority is not None and host is not None and authority.lower() != host.lower()
 
 
 def request_from_block(block, end_stream: bool, max_header_bytes: int) -> RequestHead:

@@ -66,6 +66,9 @@ HEADER_LIST_SLACK = 2
 # Streams a client may cancel before their answer, beyond those it let finish: past max_streams of
 # them the connection is an attack (rapid reset, CVE-2023-44487) and gets ENHANCE_YOUR_CALM.
 RAPID_RESET_FACTOR = 1
+# The longest a stream's worker reading the connection for itself waits on the socket at a time: a
+# wake-up not from the socket (a writer done, a stream ended) is seen no later than this.
+CLIENT_WAIT_SLICE = 0.5
 
 
 # Our header blocks are built lowercase, trimmed and valid (proxy/http2/mapping.py): h2 need not check
@@ -190,6 +193,10 @@ class H2Session:
         self.clock = clock
         self.lock = threading.Lock()
         self.io_lock = threading.Lock()  # one socket call at a time (see the module docstring)
+        # One reader at a time, from the read to h2 taking its bytes (two would hand them over out of
+        # order): the pool worker core dispatches, or a stream waiting on the client (``_wait_on_client``).
+        self.read_lock = threading.Lock()
+        self.on_new_streams = None  # called with the streams a stream's worker read: the server runs them
         self.changed = threading.Condition(self.lock)  # a window opened, body arrived, a stream ended
         self.streams: dict[int, Stream] = {}  # those not finished by their worker
         self.control_frames = 0
@@ -230,17 +237,38 @@ class H2Session:
         for _ in range(READS_PER_ROUND):
             if self.lost or self.closing:
                 break
-            data = self._recv()
-            if data is None:
-                break
-            with self.lock:
-                if not data:
-                    self._lose()
+            with self.read_lock:
+                data = self._recv()
+                if data is None:
                     break
-                new += self._take(data)
-                write = self._queue()
+                with self.lock:
+                    if not data:
+                        self._lose()
+                        break
+                    new += self._take(data)
+                    write = self._queue()
             self._write_out_for_reader(write)
         return [stream for stream in new if not stream.reset]
+
+    def _wait_on_client(self, timeout: float) -> None:
+        """Under the lock: wait for the client (body, a window) at most ``timeout``. A stream's worker
+        reads the connection itself when no other thread does: with every pool worker running a
+        stream that waits on the client, none would be left to read what it waits for."""
+        if self.on_new_streams is None or not self.read_lock.acquire(blocking=False):
+            self.changed.wait(timeout)
+            return
+        self.lock.release()
+        try:
+            readable = _readable(self.sock, min(timeout, CLIENT_WAIT_SLICE))
+        finally:
+            self.read_lock.release()
+        try:
+            if readable:
+                new = self.pump()
+                if new:
+                    self.on_new_streams(new)
+        finally:
+            self.lock.acquire()
 
     def _recv(self) -> bytes | None:
         """What the socket has (b"" once the client closed it or it failed), None if nothing waits."""
@@ -411,7 +439,10 @@ class H2Session:
             if left <= 0:
                 raise ClientGone("client did not open its flow-control window in time" if room <= 0
                                  else "client stopped reading")
-            self.changed.wait(left)
+            if room <= 0:
+                self._wait_on_client(left)  # a WINDOW_UPDATE to read
+            else:
+                self.changed.wait(left)  # the writer to take what is queued
 
     def end_stream(self, stream: Stream, trailers=None) -> None:
         with self.lock:
@@ -439,7 +470,7 @@ class H2Session:
                 left = deadline - self.clock()
                 if left <= 0:
                     raise ProtocolError(408, "request body not received in time")
-                self.changed.wait(left)
+                self._wait_on_client(left)
             data, counted = stream.body.popleft()
             self._acknowledge(counted, stream.id)
             write = self._queue()
@@ -504,6 +535,15 @@ class H2Session:
                 pass  # best effort: the connection closes either way
             finally:
                 self.lock.release()
+
+    def finish_writing(self) -> None:
+        """Before the connection closes: everything queued is written, by this thread or by the one
+        writing now (a stream's last frames, queued while another thread wrote, would be cut off)."""
+        with self.lock:
+            while self.writing and not self.lost:
+                self.changed.wait(self.send_timeout)  # a writer ends or loses the session within it
+            write = self._queue()
+        self._write_out_for_reader(write)
 
     def _goaway(self, code: ErrorCodes) -> None:
         if self.goaway_sent and code == ErrorCodes.NO_ERROR:
@@ -581,6 +621,7 @@ class H2Session:
                     if not pending:
                         if not self.outgoing:
                             self.writing = False
+                            self.changed.notify_all()  # for ``finish_writing``
                             done = True
                             if self.closing:
                                 self._lose()
@@ -604,6 +645,7 @@ class H2Session:
             if not done:  # an error: the next thread with frames to send writes (if there is anything left)
                 with self.lock:
                     self.writing = False
+                    self.changed.notify_all()
 
     def _send(self, data) -> int:
         """One non-blocking send, 0 when the socket has no room."""
@@ -673,6 +715,18 @@ def is_h2c_preface(conn) -> bool | None:
     if start and PREFACE.startswith(start):
         return None
     return False
+
+
+def _readable(sock, timeout: float) -> bool:
+    """True when a read would not wait, or would fail (the socket closed meanwhile): ``pump`` tells."""
+    try:
+        if getattr(sock, "pending", None) and sock.pending():  # TLS bytes already decrypted
+            return True
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(max(0.0, timeout) * 1000))
+    except (OSError, ValueError):  # ValueError: closed (fileno -1)
+        return True
 
 
 def _writable(sock, timeout: float) -> bool:

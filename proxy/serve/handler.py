@@ -1194,11 +1194,12 @@ def _origin(ex: Exchange) -> Origin:
 def _take_for_reading(conn) -> bool:
     """Move a dispatched connection to READING; False if it was closed meanwhile. A drain closes
     resting connections from the accept loop, and one can be closed in the moment between a worker
-    handing it back and dispatching it again for a request already buffered."""
+    handing it back and dispatching it again for a request already buffered. An HTTP/2 connection
+    can be taken meanwhile (TUNNEL) by the thread closing it after its GOAWAY."""
     try:
         conn.transition(S.READING)
     except IllegalTransition:
-        if conn.closed:
+        if conn.closed or conn.state is S.TUNNEL:
             return False
         raise
     return True

@@ -81,6 +81,7 @@ class Http2Server:
         with self._lock:
             self.connections += 1
         conn.on_close = _also_on_close(conn.on_close, self._connection_closed)
+        session.on_new_streams = functools.partial(self._hand_over, conn, session)
         self._settle(conn, session, session.start(received))
 
     def serve(self, conn):
@@ -100,14 +101,11 @@ class Http2Server:
         ``run_here``: one more new stream, which the caller runs itself."""
         if self.app.draining() and not session.goaway_sent:
             session.goaway()
-        if run_here is not None or new_streams:
-            with self._lock:
-                self.open_streams += len(new_streams) + (run_here is not None)
-                self.streams_total += len(new_streams) + (run_here is not None)
-        for stream in new_streams:
-            if not self._submit_stream(conn, session, stream):
-                session.reset(stream, ErrorCodes.REFUSED_STREAM)  # the pool is full: the client may retry it
-                self._stream_done(conn, session, stream)
+        self._hand_over(conn, session, new_streams, run_here)
+        if session.closing:
+            # A connection error's GOAWAY waits behind a writer: the client's unread bytes would keep the
+            # connection readable, and core would hand it straight back to a worker, again and again.
+            session.finish_writing()
         if session.lost or (session.goaway_sent and not session.active_streams):
             _close_after_goaway(conn, session, reading=True)
             return
@@ -121,6 +119,24 @@ class Http2Server:
             return
         if not conn.claim(S.READING, S.IDLE):  # a stream's worker closed it meanwhile
             conn.close()
+            return
+        if not session.active_streams:
+            # The last stream may have ended while this worker read: it left the connection (and its
+            # deadline, computed above) to this worker.
+            conn.park_deadline = session.deadline(settings.idle_timeout, settings.header_timeout)
+            if session.lost or session.goaway_sent:
+                _close_after_goaway(conn, session)
+
+    def _hand_over(self, conn, session: H2Session, new_streams, run_here=None) -> None:
+        """New streams to the pool (a stream's worker that read the connection hands them over too)."""
+        if run_here is not None or new_streams:
+            with self._lock:
+                self.open_streams += len(new_streams) + (run_here is not None)
+                self.streams_total += len(new_streams) + (run_here is not None)
+        for stream in new_streams:
+            if not self._submit_stream(conn, session, stream):
+                session.reset(stream, ErrorCodes.REFUSED_STREAM)  # the pool is full: the client may retry it
+                self._stream_done(conn, session, stream)
 
     def _submit_stream(self, conn, session: H2Session, stream) -> bool:
         """Queue the stream for a worker. Streams may fill only half of the pool's queue: the other half
@@ -183,14 +199,20 @@ def _close_after_goaway(conn, session: H2Session, reading: bool = False) -> None
     """The last stream after a GOAWAY is done: close as HTTP/1.1 does, lingering, so frames the client
     sent meanwhile do not turn the close into a reset that discards the last responses in flight. A
     lost connection (gone, or ended for an attack) closes at once. ``reading``: the caller is the
-    worker reading the connection; otherwise it is lingered on only if parked (claimed from IDLE),
-    and closed at once while another worker may be reading it."""
-    if session.lost or not (reading or conn.claim(S.IDLE, S.READING)):
+    worker reading the connection; otherwise the connection is closed only if parked (claimed from
+    IDLE): a worker reading it meanwhile closes it once it is done (``Http2Server._settle``), as
+    closing under it would drop the frames it answers and the ones still being written. It is
+    claimed as a tunnel is (kept by this thread until closed), which a worker core dispatched to read
+    it meanwhile leaves alone (``_take_for_reading`` in proxy/serve/handler.py)."""
+    if not (reading or conn.claim(S.IDLE, S.TUNNEL)):
+        return
+    if session.lost:
         conn.close()
         return
     if not reading:  # frames that came meanwhile: a stream racing the GOAWAY is refused, not dropped
         for stream in session.pump():
             session.reset(stream, ErrorCodes.REFUSED_STREAM)
+    session.finish_writing()
     conn.sock.settimeout(None)  # the session's socket is non-blocking; the linger reads with timeouts
     HttpHandler._close_lingering(conn)
 

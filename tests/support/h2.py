@@ -84,6 +84,7 @@ class H2Client:
         self.terminated = False  # a GOAWAY arrived: h2 takes no frame after it
         self._unread = b""  # the start of a frame whose end has not arrived yet
         self.auto_ack = True  # give each DATA frame's window back as it arrives (False: a client not reading)
+        self.unparsed = b""  # raw bytes read past the frame ``frames_until_close(until=...)`` stopped at
 
     @classmethod
     def connect(cls, port: int, tls_context: ssl.SSLContext | None = None, prelude: bytes = b"",
@@ -182,15 +183,13 @@ class H2Client:
                                         (":authority", "h2.test")])
         self.send_raw(HeadersFrame(stream_id, data=block, flags=["END_HEADERS", "END_STREAM"]).serialize())
 
-    def frames_until_close(self, limit: int = 10_000) -> list:
+    def frames_until_close(self, limit: int = 10_000, until=None) -> list:
         """Every frame the server sends until it closes (after a GOAWAY h2 itself accepts none): headers
-        decoded in place of the raw block, as (frame, headers or None)."""
-        data, frames = b"", []
+        decoded in place of the raw block, as (frame, headers or None). ``until``: stop after the first
+        frame it accepts instead (bytes read past it wait for the next call)."""
+        data, frames = self.unparsed, []
+        self.unparsed = b""
         while len(frames) < limit:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                return frames
-            data += chunk
             while len(data) >= 9:
                 frame, length = Frame.parse_frame_header(memoryview(data[:9]))
                 if len(data) < 9 + length:
@@ -199,6 +198,13 @@ class H2Client:
                 data = data[9 + length:]
                 block = self.h2.decoder.decode(frame.data) if isinstance(frame, HeadersFrame) else None
                 frames.append((frame, dict(block) if block else None))
+                if until is not None and until(frame):
+                    self.unparsed = data
+                    return frames
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return frames
+            data += chunk
         raise AssertionError(f"more than {limit} frames")
 
     def goaway(self):
