@@ -684,7 +684,10 @@ class H2Session:
         for stream in self.streams.values():
             _cancel(stream)
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a reader; the close itself is the caller's
+            # Under io_lock: on a TLS socket the shutdown drops the SSL object another thread's send or
+            # recv may be using. Every socket call is non-blocking, so the wait is one call at most.
+            with self.io_lock:
+                self.sock.shutdown(socket.SHUT_RDWR)  # wakes a reader; the close itself is the caller's
         except OSError:
             pass
         self.changed.notify_all()
