@@ -88,8 +88,8 @@ def test_idle_keepalive_connection_is_closed_by_the_drain(tmp_path):
 
 
 def test_second_sigint_forces_the_stop(tmp_path):
-    config = proxy_config(free_port(), "127.0.0.1:1", graceful="30s")
-    with named_backends("a") as (a,), running_proxy(tmp_path, config.replace("127.0.0.1:1", a.address)) as run:
+    config = proxy_config(free_port(), "{backend}", graceful="30s")
+    with named_backends("a") as (a,), running_proxy(tmp_path, config.replace("{backend}", a.address)) as run:
         thread, result = start_slow_request(run.url)
         assert a.slow_entered.wait(5)
         run.signal(signal.SIGINT)
