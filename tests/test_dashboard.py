@@ -74,7 +74,8 @@ def test_dashboard_shows_a_server_going_down_and_the_proxy_going_away(backends, 
     assert browser.evaluate(server_state(a.address)) == "up"
     row = browser.evaluate(f"document.querySelector('[data-server=\"{b.address}\"]').innerText")
     assert "down since" in row and "consecutive checks failed" in row
-    assert re.search(r"✗ .*(refused|Connection)", row), row  # the failed check and why
+    # The failed check and why: refused, or on a busy machine the fast check's timeout before that.
+    assert re.search(r"✗ .*(refused|Connection|timed out after)", row), row
     badge = browser.evaluate("document.querySelector('[data-upstream=\"web\"] .badge').textContent")
     assert badge == "degraded"
     browser.screenshot(ARTIFACTS / "dashboard-desktop-down.png")
