@@ -325,6 +325,7 @@ class HttpHandler:
                 return PARKED
             conn.park_deadline = None
             if prior_knowledge:
+                conn.clear_timeouts()  # HTTP/2 sets its own, not those the listener passed on
                 self.http2.start(conn, scheme, origin=origin, relayed_unnamed=relayed_unnamed)
                 return PARKED
         parser = RequestParser(max_header_bytes=settings.max_header_bytes,
