@@ -91,19 +91,27 @@ def _drop_unread(sock: socket.socket) -> None:
 class Listener:
     """A listening socket and an opaque tag the protocol layer attached to it (e.g. a TLS context)."""
 
-    __slots__ = ("sock", "tag", "address", "timeouts")
+    __slots__ = ("sock", "tag", "address", "timeouts", "_kind")
 
     def __init__(self, sock: socket.socket, tag=None):
         self.sock = sock
         self.tag = tag
         self.address = sock.getsockname()
         self.timeouts: tuple[float | None, float | None] = (None, None)  # what accepted sockets inherit
+        # socket.accept() reads family and type through properties that convert them to enums, four
+        # Python-level calls per connection: read once here, they never change.
+        self._kind = (sock.family, sock.type, sock.proto)
         # Linux copies TCP_NODELAY from a listening socket to the sockets it accepts: set once here,
         # it saves the accept loop a syscall per connection (and with it a GIL hand-off).
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:  # not TCP (a unix socket in tests): nothing to tune
             pass
+
+    def accept(self) -> tuple[socket.socket, tuple]:
+        """``sock.accept()`` for a non-blocking listening socket, without its per-call lookups."""
+        fd, peer = self.sock._accept()
+        return socket.socket(*self._kind, fileno=fd), peer
 
     def pass_on_timeouts(self, read: float | None, write: float | None) -> None:
         """Set the kernel timeouts every accepted socket starts with. Linux copies SO_RCVTIMEO and
@@ -327,7 +335,7 @@ class SocketServer:
     def _accept(self, listener: Listener) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, peer = listener.sock.accept()
+                sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and friends: log, keep the loop alive

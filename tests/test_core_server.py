@@ -133,6 +133,23 @@ def test_accepted_sockets_start_with_the_timeouts_the_listener_passes_on():
         assert seen == [((2, 0), (0, 0), None, 2.0)]
 
 
+def test_accepting_skips_socket_accept_and_its_enum_conversions(handler, monkeypatch):
+    # socket.socket.accept converts the listener's family and type to enums on every call (four
+    # Python-level calls per connection): the accept loop reads them once per listener instead.
+    def refuse(self):
+        raise AssertionError("socket.socket.accept called per connection")
+
+    monkeypatch.setattr(socket.socket, "accept", refuse)
+    with running_server(handler) as server:
+        with LineClient(address(server)) as client:
+            assert client.exchange(b"hello") == b"hello\n"
+        conns = []
+        with LineClient(address(server)) as client:
+            assert client.exchange(b"again") == b"again\n"
+            conns = list(server._connections.values())
+        assert [(c.sock.family, c.sock.type) for c in conns] == [(socket.AF_INET, socket.SOCK_STREAM)]
+
+
 def test_pipelined_lines_are_all_answered(handler):
     with running_server(handler) as server, LineClient(address(server)) as c:
         c.sock.sendall(b"".join(b"p%d\n" % i for i in range(10)))
