@@ -94,10 +94,15 @@ def set_socket_timeouts(sock: socket.socket, read: float | None, write: float | 
     the hot path. With kernel timeouts a recv is one syscall, and a timeout surfaces as EAGAIN, which
     ``Connection`` turns into ``TimeoutError``.
     """
-    for option, value in ((socket.SO_RCVTIMEO, read), (socket.SO_SNDTIMEO, write)):
-        seconds = value or 0.0  # 0 means "no timeout" to the kernel
-        whole = int(seconds)
-        sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(whole, int((seconds - whole) * 1e6)))
+    set_socket_timeout(sock, socket.SO_RCVTIMEO, read)
+    set_socket_timeout(sock, socket.SO_SNDTIMEO, write)
+
+
+def set_socket_timeout(sock: socket.socket, option: int, value: float | None) -> None:
+    """One of the two kernel timeouts (``option``: SO_RCVTIMEO or SO_SNDTIMEO); None is none."""
+    seconds = value or 0.0  # 0 means "no timeout" to the kernel
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(whole, int((seconds - whole) * 1e6)))
 
 
 class Connection:
@@ -107,7 +112,8 @@ class Connection:
                  "_read_timeout", "_write_timeout", "_state_lock", "fileno_cached", "listener",
                  "on_close", "park_deadline", "held_from", "held_wait")
 
-    def __init__(self, sock: socket.socket, peer, clock=time.monotonic, listener=None):
+    def __init__(self, sock: socket.socket, peer, clock=time.monotonic, listener=None,
+                 timeouts: tuple[float | None, float | None] = (None, None)):
         self.sock = sock
         self.peer = peer  # (host, port, ...) as accept() returned it
         self.listener = listener  # opaque tag of the listener that accepted it (e.g. its config)
@@ -115,8 +121,9 @@ class Connection:
         self._clock = clock
         self.last_active = clock()
         self._buffer = b""  # bytes read but not yet consumed (pipelining, read_until leftovers)
-        self._read_timeout: float | None = None
-        self._write_timeout: float | None = None
+        # The kernel timeouts the socket has now: (None, None) for a new socket, or what an accepted
+        # one inherited from its listening socket (see core.socket_server.Listener).
+        self._read_timeout, self._write_timeout = timeouts
         self._state_lock = threading.Lock()
         self.fileno_cached = sock.fileno()
         self.server_data = None  # a slot for the protocol layer (e.g. per-connection counters)
@@ -157,12 +164,21 @@ class Connection:
 
     # -- timeouts ----------------------------------------------------------------------------
     def set_timeouts(self, read: float | None, write: float | None = None) -> None:
-        """Per-operation deadlines; a syscall only when a value actually changes."""
+        """Per-operation deadlines; a syscall only for a direction whose value actually changes."""
         if write is None:
             write = self._write_timeout if self._write_timeout is not None else read
-        if read != self._read_timeout or write != self._write_timeout:
-            set_socket_timeouts(self.sock, read, write)
-            self._read_timeout, self._write_timeout = read, write
+        if read != self._read_timeout:
+            set_socket_timeout(self.sock, socket.SO_RCVTIMEO, read)
+            self._read_timeout = read
+        if write != self._write_timeout:
+            set_socket_timeout(self.sock, socket.SO_SNDTIMEO, write)
+            self._write_timeout = write
+
+    def clear_timeouts(self) -> None:
+        """No kernel timeouts either way: for a protocol that keeps its own (TLS, HTTP/2)."""
+        if self._read_timeout is not None or self._write_timeout is not None:
+            set_socket_timeouts(self.sock, None, None)
+            self._read_timeout = self._write_timeout = None
 
     def set_write_timeout(self, write: float | None) -> None:
         if write is None or write != self._write_timeout:  # usually unchanged: then not even a call

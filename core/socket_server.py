@@ -25,7 +25,7 @@ import time
 from collections import deque
 from typing import Callable, Iterable
 
-from .connection import RESTING_STATES, Connection, ConnectionState
+from .connection import RESTING_STATES, Connection, ConnectionState, set_socket_timeouts
 from .thread_pool import PoolClosed, ThreadPool
 from .transfer_relay import TransferRelay
 from .wakeup import WakePipe
@@ -91,18 +91,36 @@ def _drop_unread(sock: socket.socket) -> None:
 class Listener:
     """A listening socket and an opaque tag the protocol layer attached to it (e.g. a TLS context)."""
 
-    __slots__ = ("sock", "tag", "address")
+    __slots__ = ("sock", "tag", "address", "timeouts", "_kind")
 
     def __init__(self, sock: socket.socket, tag=None):
         self.sock = sock
         self.tag = tag
         self.address = sock.getsockname()
+        self.timeouts: tuple[float | None, float | None] = (None, None)  # what accepted sockets inherit
+        # socket.accept() reads family and type through properties that convert them to enums, four
+        # Python-level calls per connection: read once here, they never change.
+        self._kind = (sock.family, sock.type, sock.proto)
         # Linux copies TCP_NODELAY from a listening socket to the sockets it accepts: set once here,
         # it saves the accept loop a syscall per connection (and with it a GIL hand-off).
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:  # not TCP (a unix socket in tests): nothing to tune
             pass
+
+    def accept(self) -> tuple[socket.socket, tuple]:
+        """``sock.accept()`` for a non-blocking listening socket, without its per-call lookups."""
+        fd, peer = self.sock._accept()
+        return socket.socket(*self._kind, fileno=fd), peer
+
+    def pass_on_timeouts(self, read: float | None, write: float | None) -> None:
+        """Set the kernel timeouts every accepted socket starts with. Linux copies SO_RCVTIMEO and
+        SO_SNDTIMEO from a listening socket to the sockets it accepts, like TCP_NODELAY: set once
+        here, the first ``Connection.set_timeouts`` asking for the same values makes no syscall."""
+        if (read, write) == self.timeouts:
+            return
+        set_socket_timeouts(self.sock, read, write)
+        self.timeouts = (read, write)
 
 
 class SocketServer:
@@ -122,6 +140,7 @@ class SocketServer:
                  graceful_timeout: float = 30.0, backlog: int = DEFAULT_BACKLOG,
                  reuse_port: bool = False, on_overload: Callable[[socket.socket], None] | None = None,
                  on_expired: Callable[[Connection], None] | None = None,
+                 accepted_timeouts: tuple[float | None, float | None] = (None, None),
                  clock=time.monotonic):
         self.handler = handler
         self.pool = pool or ThreadPool()
@@ -131,6 +150,9 @@ class SocketServer:
         self.graceful_timeout = graceful_timeout
         self.on_overload = on_overload
         self.on_expired = on_expired  # non-blocking last words to a connection parked past its deadline
+        # (read, write) kernel timeouts accepted sockets start with: the protocol layer's usual ones.
+        # Every process sharing a listening socket must pass the same values (a constant, not config).
+        self.accepted_timeouts = accepted_timeouts
         # Called on the loop thread for each open connection as a drain starts, for a protocol that can
         # announce it (HTTP/2's GOAWAY); it must not block.
         self.on_drain: Callable[[Connection], None] | None = None
@@ -171,6 +193,7 @@ class SocketServer:
         else:
             host, port = item[0], item[1]
             listener = Listener(bind_listener(host, port, self._backlog, self._reuse_port), tag)
+        listener.pass_on_timeouts(*self.accepted_timeouts)
         self._listeners[listener.sock.fileno()] = listener
         self._epoll.register(listener.sock.fileno(), select.EPOLLIN)
         return listener
@@ -312,7 +335,7 @@ class SocketServer:
     def _accept(self, listener: Listener) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, peer = listener.sock.accept()
+                sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and friends: log, keep the loop alive
@@ -326,7 +349,7 @@ class SocketServer:
             # socket.setdefaulttimeout() would make it otherwise. Skipping the call saves a syscall.
             if sock.gettimeout() is not None:
                 sock.setblocking(True)
-            conn = Connection(sock, peer, clock=self.clock, listener=listener.tag)
+            conn = Connection(sock, peer, clock=self.clock, listener=listener.tag, timeouts=listener.timeouts)
             conn.on_close = self._forget
             with self._conn_lock:
                 self._connections[conn.fileno_cached] = conn

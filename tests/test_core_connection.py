@@ -251,6 +251,31 @@ def test_real_socket_reads_and_eof(pair):
 
 # -- timeouts and writes ------------------------------------------------------------------------
 
+class CountingSocket:
+    """A socket stand-in that records the options set on it."""
+
+    def __init__(self):
+        self.options = []
+
+    def setsockopt(self, level, option, value):
+        self.options.append(option)
+
+    def fileno(self):
+        return 99
+
+
+def test_set_timeouts_sets_only_the_direction_that_changed():
+    sock = CountingSocket()
+    conn = Connection(sock, ("127.0.0.1", 1), timeouts=(None, 0.05))  # as inherited from a listener
+    conn.set_timeouts(5.0, 0.05)
+    assert sock.options == [socket.SO_RCVTIMEO]
+    conn.set_timeouts(5.0, 0.05)
+    conn.set_write_timeout(0.05)
+    assert sock.options == [socket.SO_RCVTIMEO]  # nothing changed: no syscall
+    conn.set_timeouts(1.0, 1.0)
+    assert sock.options == [socket.SO_RCVTIMEO, socket.SO_RCVTIMEO, socket.SO_SNDTIMEO]
+
+
 def test_read_timeout_raises_timeout_error(pair):
     conn, right = pair
     conn.set_timeouts(0.1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import threading
 import time
 
@@ -112,6 +113,41 @@ def test_accepted_sockets_are_blocking_with_nodelay():
             client.sendall(b"hello\n")
             wait_for(lambda: seen, what="the handler to look at the socket")
         assert seen == [(None, True, 1)]
+
+
+def test_accepted_sockets_start_with_the_timeouts_the_listener_passes_on():
+    # accepted_timeouts is set once on the listening socket; Linux copies it to every accepted socket,
+    # and the Connection knows it, so asking for the same value again costs no syscall.
+    seen = []
+
+    def inspect(conn):
+        sent = struct.unpack("ll", conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16))
+        received = struct.unpack("ll", conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+        seen.append((sent, received, conn._read_timeout, conn._write_timeout))
+        conn.close()
+
+    with running_server(inspect, accepted_timeouts=(None, 2.0)) as server:
+        with socket.create_connection(address(server)[:2], timeout=STOP_TIMEOUT) as client:
+            client.sendall(b"hello\n")
+            wait_for(lambda: seen, what="the handler to look at the socket")
+        assert seen == [((2, 0), (0, 0), None, 2.0)]
+
+
+def test_accepting_skips_socket_accept_and_its_enum_conversions(handler, monkeypatch):
+    # socket.socket.accept converts the listener's family and type to enums on every call (four
+    # Python-level calls per connection): the accept loop reads them once per listener instead.
+    def refuse(self):
+        raise AssertionError("socket.socket.accept called per connection")
+
+    monkeypatch.setattr(socket.socket, "accept", refuse)
+    with running_server(handler) as server:
+        with LineClient(address(server)) as client:
+            assert client.exchange(b"hello") == b"hello\n"
+        conns = []
+        with LineClient(address(server)) as client:
+            assert client.exchange(b"again") == b"again\n"
+            conns = list(server._connections.values())
+        assert [(c.sock.family, c.sock.type) for c in conns] == [(socket.AF_INET, socket.SOCK_STREAM)]
 
 
 def test_pipelined_lines_are_all_answered(handler):

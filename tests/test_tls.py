@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -496,6 +497,23 @@ def test_https_upstream_silent_on_expect_continue_is_504_at_read_timeout(make_pr
 # -- slow peers over TLS: held by the transfer relay, as plain connections are -----------------------
 def _held(proxy) -> int:
     return proxy.process.server.connection_counts().get("held", 0)
+
+
+def test_a_tls_connection_drops_the_kernel_write_timeout_a_listener_passes_on(make_tls_proxy, backend, pki):
+    # Accepted sockets inherit the listener's SO_SNDTIMEO (core's accepted_timeouts); TLS keeps its
+    # timeouts in Python, so a kernel one left on its descriptor would cut its blocking sends short.
+    backend.route("/small", stream_pattern(10))
+    proxy = make_tls_proxy({"web": [backend.address]})
+    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT)
+    with client_context(pki).wrap_socket(raw, server_hostname="default.test") as tls:
+        tls.sendall(b"GET /small HTTP/1.1\r\nHost: default.test\r\n\r\n")
+        response = http.client.HTTPResponse(tls, method="GET")
+        response.begin()
+        assert response.read() == pattern_bytes(0, 10)
+        conns = list(proxy.process.server._connections.values())
+        assert len(conns) == 1
+        with socket.socket(fileno=os.dup(conns[0].sock.fileno())) as view:
+            assert struct.unpack("ll", view.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16)) == (0, 0)
 
 
 def test_a_tls_client_not_reading_a_large_response_holds_no_thread(make_tls_proxy, backend, pki):

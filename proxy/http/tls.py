@@ -191,6 +191,8 @@ class TlsTerminator:
         wrapped = conn.sock
         if not isinstance(wrapped, ssl.SSLSocket):
             try:
+                # TLS keeps its timeouts in Python: drop the kernel ones the listener passed on.
+                conn.clear_timeouts()
                 conn.sock.settimeout(0.0)
                 wrapped = self.context.wrap_socket(conn.sock, server_side=True, do_handshake_on_connect=False)
             except OSError as exc:

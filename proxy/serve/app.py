@@ -211,6 +211,8 @@ class Runtime:
         # Listener addresses whose connections start with a PROXY header (proxy.http.proxy_protocol).
         self.proxy_protocol_listeners = frozenset(listen.address for listen in config.server.listen
                                                   if listen.proxy_protocol)
+        # Listener address -> its h2c flag, looked up for every new plain connection.
+        self.h2c_by_address = {listen.address: listen.h2c for listen in config.server.listen}
         self.trusted = tuple(ipaddress.ip_network(p, strict=False) for p in config.server.trusted_proxies)
         self._trusted_cache: dict[str, bool] = {}
         old_servers = previous.servers_by_key if previous else {}

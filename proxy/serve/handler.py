@@ -325,6 +325,7 @@ class HttpHandler:
                 return PARKED
             conn.park_deadline = None
             if prior_knowledge:
+                conn.clear_timeouts()  # HTTP/2 sets its own, not those the listener passed on
                 self.http2.start(conn, scheme, origin=origin, relayed_unnamed=relayed_unnamed)
                 return PARKED
         parser = RequestParser(max_header_bytes=settings.max_header_bytes,
@@ -384,8 +385,8 @@ class HttpHandler:
         entry for its address decides; a listener the config does not name (tests on port 0) its own."""
         if tag is None:
             return False
-        listen = next((entry for entry in self.app.config.server.listen if entry.address == tag.address), tag)
-        return getattr(listen, "h2c", False)
+        h2c = self.app.runtime.h2c_by_address.get(tag.address)
+        return getattr(tag, "h2c", False) if h2c is None else h2c
 
     def _read_head(self, conn, session) -> RequestHead | None:
         """The next request head, or None when the client closed (or was told off) between requests."""

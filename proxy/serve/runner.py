@@ -25,7 +25,7 @@ from proxy.config.schema import (
 from proxy.http import local_ca
 from proxy.http.local_ca import LocalCaError
 from proxy.config.units import format_address
-from proxy.serve.handler import HttpHandler
+from proxy.serve.handler import CLIENT_PATIENCE, HttpHandler
 from proxy.serve.http2 import Http2Server
 from proxy.http.responses import write_overloaded
 from proxy.http.tls import TlsTerminator, server_context
@@ -181,7 +181,8 @@ class ProxyProcess:
                                    idle_timeout=server_cfg.idle_timeout,
                                    header_timeout=server_cfg.header_timeout,
                                    graceful_timeout=server_cfg.graceful_timeout,
-                                   on_overload=write_overloaded, on_expired=handler.on_expired)
+                                   on_overload=write_overloaded, on_expired=handler.on_expired,
+                                   accepted_timeouts=(None, CLIENT_PATIENCE))
         self.app.draining_event = self.server.draining
         handler.http2 = Http2Server(handler, self.pool)
         self.server.on_drain = handler.on_drain
