@@ -144,13 +144,14 @@ class RewrittenHead:
     build_response_head (status, reason, headers with names and raw, connection_tokens...)."""
 
     __slots__ = ("status", "reason", "version", "headers", "content_length", "chunked", "keep_alive",
-                 "connection_tokens")
+                 "connection_tokens", "relayed_fields")
 
     def __init__(self, response, fields: list[tuple[str, str]]):
         self.status, self.reason, self.version = response.status, response.reason, response.version
         self.content_length, self.chunked = response.content_length, response.chunked
         self.keep_alive, self.connection_tokens = response.keep_alive, response.connection_tokens
         self.headers = _FieldList(fields)
+        self.relayed_fields = None
 
 
 class _FieldList:

@@ -165,19 +165,15 @@ def build_response_head(response, *, framing: str, keep_alive: bool, client_vers
     extra_fields: header lines the proxy adds ("Name: value\r\n" each: a rate limit's RateLimit-*
     fields, which replace the upstream's own).
     """
-    drop = (_RESPONSE_DROP if request_id is None else _RESPONSE_DROP_WITH_ID)[framing]
-    if response.connection_tokens and framing != "upgrade":
-        drop = drop | response.connection_tokens
-    if response.status == 204:
-        drop = drop | {"content-length"}  # RFC 9110 §8.6: never in a 204
-    if extra_fields:
-        drop = drop | RATE_LIMIT_FIELDS
-    head = f"HTTP/1.1 {response.status} {response.reason}\r\n"
-    for lname, (name, value) in zip(response.headers.names, response.headers.raw):
-        if lname not in drop:
-            head += f"{name}: {value}\r\n"
-    if framing == "length":
-        head += f"Content-Length: {response.content_length}\r\n"
+    # A known head (the parser's table) comes back as the same object: its status line and fields
+    # are copied once per framing, not per response.
+    inputs = (framing, request_id is None, not extra_fields)
+    relayed = response.relayed_fields
+    if relayed is not None and relayed[0] == inputs:
+        head = relayed[1]
+    else:
+        head = _status_and_fields(response, framing, request_id is not None, bool(extra_fields))
+        response.relayed_fields = (inputs, head)
     if request_id is not None:
         head += f"X-Request-Id: {request_id}\r\n"
     head += extra_fields
@@ -189,6 +185,24 @@ def build_response_head(response, *, framing: str, keep_alive: bool, client_vers
         elif client_version == "HTTP/1.0":
             head += "Connection: keep-alive\r\n"
     return (head + "\r\n").encode("latin-1")
+
+
+def _status_and_fields(response, framing: str, with_request_id: bool, with_extra_fields: bool) -> str:
+    """build_response_head's status line, the upstream's fields it keeps, and the Content-Length."""
+    drop = (_RESPONSE_DROP_WITH_ID if with_request_id else _RESPONSE_DROP)[framing]
+    if response.connection_tokens and framing != "upgrade":
+        drop = drop | response.connection_tokens
+    if response.status == 204:
+        drop = drop | {"content-length"}  # RFC 9110 §8.6: never in a 204
+    if with_extra_fields:
+        drop = drop | RATE_LIMIT_FIELDS
+    head = f"HTTP/1.1 {response.status} {response.reason}\r\n"
+    for lname, (name, value) in zip(response.headers.names, response.headers.raw):
+        if lname not in drop:
+            head += f"{name}: {value}\r\n"
+    if framing == "length":
+        head += f"Content-Length: {response.content_length}\r\n"
+    return head
 
 
 _INTERIM_DROP = HOP_BY_HOP | {"content-length"}

@@ -47,7 +47,7 @@ Decisions the RFCs leave open (documented here so the engine and tests agree):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 
 # ---------------------------------------------------------------------------------------
@@ -183,6 +183,9 @@ class ResponseHead:
     chunked: bool
     keep_alive: bool
     connection_tokens: frozenset[str]
+    # What forwarding.build_response_head made of the fields last time, for a head seen again (a
+    # known head): (its inputs, the text). Not part of the head's value.
+    relayed_fields: tuple | None = field(default=None, compare=False, repr=False)
 
 
 def encode_chunk(data: bytes) -> bytes:

@@ -16,6 +16,7 @@ stable (a config reload builds new Upstreams, and with them new policies).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import random
@@ -69,8 +70,10 @@ class RoundRobin:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counter = 0
-        self._spill_counter = 0
+        # The turns: next() on an itertools.count is one C call under the GIL, so two threads never get
+        # the same turn, without a lock around a counter.
+        self._turns = itertools.count()
+        self._spill_turns = itertools.count()
         self._scores: dict[Server, int] = {}
         # (sequence, all weights equal?) for the last tuple seen: weights never
         # change and a tuple cannot be mutated, so the answer can be reused.
@@ -79,14 +82,13 @@ class RoundRobin:
     def pick(self, servers: Sequence[Server], client_ip: str) -> Server | None:
         if not servers:
             return None
-        if self._is_uniform(servers):
+        cached = self._uniform_cache  # the answer for the same tuple as last time: no call for it
+        uniform = cached[1] if cached is not None and cached[0] is servers else self._is_uniform(servers)
+        if uniform:
             return self._pick_uniform(servers)
         return self._pick_smooth(servers)
 
     def _is_uniform(self, servers: Sequence[Server]) -> bool:
-        cached = self._uniform_cache
-        if cached is not None and cached[0] is servers:
-            return cached[1]
         # A server with slow start can weigh less at any moment: those upstreams always take the smooth path.
         uniform = _same_weight(servers) and not any(server.slow_start for server in servers)
         if isinstance(servers, tuple):
@@ -94,10 +96,7 @@ class RoundRobin:
         return uniform
 
     def _pick_uniform(self, servers: Sequence[Server]) -> Server | None:
-        with self._lock:
-            turn = self._counter
-            self._counter += 1
-        server = servers[turn % len(servers)]
+        server = servers[next(self._turns) % len(servers)]
         if server.available():
             return server
         # The server whose turn it was is out: hand its turn to the available ones
@@ -105,10 +104,7 @@ class RoundRobin:
         available = _available(servers)
         if not available:
             return None
-        with self._lock:
-            spill = self._spill_counter
-            self._spill_counter += 1
-        return available[spill % len(available)]
+        return available[next(self._spill_turns) % len(available)]
 
     def _pick_smooth(self, servers: Sequence[Server], weight_of=Server.effective_weight) -> Server | None:
         available = _available(servers)

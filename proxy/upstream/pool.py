@@ -59,23 +59,15 @@ class UpstreamConnection:
             pass
 
 
-# A plain int: socket.MSG_* are IntFlag members, and "|" on them is a Python-level Enum call per checkout.
-_PEEK_NOWAIT = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
-
-
 def _server_closed_or_dirty(sock: socket.socket) -> bool:
-    """True if an idle pooled socket has EOF or unexpected bytes waiting (either way: unusable)."""
-    if isinstance(sock, ssl.SSLSocket):  # MSG_PEEK is not allowed on TLS sockets: ask poll instead
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        return bool(poller.poll(0))
-    try:
-        sock.recv(1, _PEEK_NOWAIT)
-    except (BlockingIOError, InterruptedError):
-        return False  # nothing to read: still open and clean
-    except OSError:
-        return True
-    return True  # EOF (b"") or bytes nobody asked for
+    """True if an idle pooled socket has EOF, an error or unexpected bytes waiting (either way: unusable).
+
+    A poll, not a MSG_PEEK recv: a clean socket (the normal answer) then costs no raised and caught
+    BlockingIOError, and TLS sockets, which refuse MSG_PEEK, take the same path. Data, EOF and a
+    reset all make it readable (or POLLERR/POLLHUP, which poll reports unasked)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class ServerPool:
