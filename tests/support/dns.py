@@ -166,6 +166,24 @@ def backends_on_loopback(hosts: list[str], port: int | None = None):
             backend.stop()
 
 
+def _incoming_queries(sock: socket.socket):
+    """(query, peer) for each datagram a test name server receives, until its socket is closed."""
+    while True:
+        try:
+            data, peer = sock.recvfrom(4096)
+        except OSError:  # closed
+            return
+        yield dns.message.from_wire(data), peer
+
+
+def _add_answer(response: dns.message.Message, question, rdtype, texts: list[str]) -> None:
+    """Records of ``rdtype`` for the question's name, TTL 1, one per text."""
+    rrset = response.find_rrset(response.answer, question.name, dns.rdataclass.IN, rdtype, create=True)
+    rrset.update_ttl(1)
+    for text in texts:
+        rrset.add(dns.rdata.from_text(dns.rdataclass.IN, rdtype, text))
+
+
 class SrvOnlyServer:
     """A name server on 127.0.0.1 that answers SRV queries with ``targets`` (port 8080 each) and never
     answers A or AAAA queries, as a zone whose server hangs would; it records the names asked for."""
@@ -180,22 +198,13 @@ class SrvOnlyServer:
         self._thread.start()
 
     def _serve(self) -> None:
-        while True:
-            try:
-                data, peer = self.sock.recvfrom(4096)
-            except OSError:  # closed
-                return
-            query = dns.message.from_wire(data)
+        for query, peer in _incoming_queries(self.sock):
             question = query.question[0]
             if question.rdtype != dns.rdatatype.SRV:
                 self.address_queries.append(question.name.to_text(omit_final_dot=True))
                 continue
             response = dns.message.make_response(query)
-            rrset = response.find_rrset(response.answer, question.name, dns.rdataclass.IN, dns.rdatatype.SRV,
-                                        create=True)
-            rrset.update_ttl(1)
-            for target in self.targets:
-                rrset.add(dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.SRV, f"10 1 8080 {target}."))
+            _add_answer(response, question, dns.rdatatype.SRV, [f"10 1 8080 {target}." for target in self.targets])
             self.sock.sendto(response.to_wire(), peer)
 
     def close(self) -> None:
@@ -258,12 +267,7 @@ class HeldDnsServer:
             return self.queries.count(name)
 
     def _serve(self) -> None:
-        while True:
-            try:
-                data, peer = self.sock.recvfrom(4096)
-            except OSError:  # closed
-                return
-            query = dns.message.from_wire(data)
+        for query, peer in _incoming_queries(self.sock):
             question = query.question[0]
             with self._lock:
                 if question.rdtype == dns.rdatatype.A:
@@ -283,11 +287,7 @@ class HeldDnsServer:
         elif name not in self.records:
             response.set_rcode(dns.rcode.NXDOMAIN)
         elif question.rdtype == dns.rdatatype.A:
-            rrset = response.find_rrset(response.answer, question.name, dns.rdataclass.IN, dns.rdatatype.A,
-                                        create=True)
-            rrset.update_ttl(1)
-            for address in self.records[name]:
-                rrset.add(dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.A, address))
+            _add_answer(response, question, dns.rdatatype.A, self.records[name])
         try:
             self.sock.sendto(response.to_wire(), peer)
         except OSError:  # closed meanwhile
