@@ -69,9 +69,7 @@ class RouteHeaders:
         self.host = next((value for name, value in fields if name.lower() == "host"), None)
         self.set_lines = "".join(f"{name}: {value}\r\n" for name, value in fields if name.lower() != "host")
         self.skip_by_case = {case: skip | overridden | dropped for case, skip in _REQUEST_SKIP_BY_CASE.items()}
-        own = "".join(line for name, line in _PROXY_FIELDS if name not in overridden)
-        # Indexed by "a request id is set": its line comes after the proxy's fields, before the route's.
-        self.proxy_fields = (own, own + "X-Request-Id: {4}\r\n")
+        self.proxy_fields = "".join(line for name, line in _PROXY_FIELDS if name not in overridden)
 
 
 NO_SET_HEADERS = RouteHeaders()
@@ -99,12 +97,41 @@ class Outbound:
         self.trusted_forwarded = trusted_forwarded
 
 
+# A known head keeps the outbound heads made of it for this many (route, server, client, ...) at once;
+# past that it starts over. Two requests that differ only in their id then share all the rest.
+FORWARDED_PER_HEAD = 16
+
+
 def build_request_head(request, out: Outbound) -> bytes:
     """The request head sent upstream (always HTTP/1.1, origin-form target), in one pass over the fields.
 
+    A known head (the parser's table gives the same object again) keeps what it was forwarded as, so a
+    repeated request only puts its own X-Request-Id between the two kept parts."""
+    forwarded = request.forwarded
+    if forwarded is None:
+        before, after = _outbound_parts(request, out)
+    else:
+        key = (out.route_headers, out.method, out.target, out.host, out.client_ip, out.scheme, out.body,
+               out.upgrade, out.trusted_forwarded, out.request_id is None)
+        parts = forwarded.get(key)
+        if parts is None:
+            if len(forwarded) >= FORWARDED_PER_HEAD:
+                forwarded.clear()
+            parts = forwarded[key] = _outbound_parts(request, out)
+        before, after = parts
+    if out.request_id is None:
+        return before
+    return before + out.request_id.encode("latin-1") + after
+
+
+def _outbound_parts(request, out: Outbound) -> tuple[bytes, bytes]:
+    """build_request_head's head, in the two parts around the request id's value (all of it in the
+    first part when no id is sent).
+
     (The head grows with +=, which CPython does in place: no list to append to and join.)"""
     rules = out.route_headers
-    skip = rules.skip_by_case[out.trusted_forwarded, out.request_id is not None]
+    with_id = out.request_id is not None
+    skip = rules.skip_by_case[out.trusted_forwarded, with_id]
     removed = request.connection_tokens  # rare: fields named in Connection (RFC 9110 §7.6.1)
     if removed:
         skip = skip | removed
@@ -123,17 +150,20 @@ def build_request_head(request, out: Outbound) -> bytes:
         forwarded_for = None
     if "via" in removed:
         via = None
-    head += rules.proxy_fields[out.request_id is not None].format(
+    head += rules.proxy_fields.format(
         f"{forwarded_for}, {out.client_ip}" if forwarded_for else out.client_ip, out.scheme,
-        request.host or out.host, f"{via}, {VIA}" if via else VIA, out.request_id)
-    head += rules.set_lines
+        request.host or out.host, f"{via}, {VIA}" if via else VIA)
+    after = rules.set_lines
     if out.body == "length":
-        head += f"Content-Length: {request.content_length}\r\n"
+        after += f"Content-Length: {request.content_length}\r\n"
     elif out.body == "chunked":
-        head += "Transfer-Encoding: chunked\r\n"
+        after += "Transfer-Encoding: chunked\r\n"
     if out.upgrade is not None:
-        head += f"Connection: Upgrade\r\nUpgrade: {out.upgrade}\r\n"
-    return (head + "\r\n").encode("latin-1")
+        after += f"Connection: Upgrade\r\nUpgrade: {out.upgrade}\r\n"
+    after += "\r\n"
+    if with_id:  # its line comes after the proxy's fields, before the route's
+        return (head + "X-Request-Id: ").encode("latin-1"), ("\r\n" + after).encode("latin-1")
+    return (head + after).encode("latin-1"), b""
 
 
 # Response fields dropped by framing (see build_response_head), built once.

@@ -171,6 +171,9 @@ class RequestHead:
     connection_tokens: frozenset[str]
     expect_continue: bool
     upgrade: str | None
+    # The heads forwarding.build_request_head made of this one before, for a head seen again (a known
+    # head): {what the head depends on: its bytes around the request id}. Not part of the head's value.
+    forwarded: dict | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)
@@ -981,6 +984,7 @@ class RequestParser(_MessageParser):
                 if len(known) >= KNOWN_HEADS_MAX:
                     known.clear()  # many different heads: start over rather than stop learning
                 known[text] = head
+                head.forwarded = {}  # a head met again: what it is forwarded as is worth keeping
         return head
 
     def _request_framing(self, version: str, index: dict[str, list[str]]) -> tuple[int | None, bool]:
