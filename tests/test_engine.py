@@ -9,6 +9,8 @@ import struct
 import pytest
 import requests
 
+from proxy.serve.handler import RequestIds
+
 from tests.support.backends import serve_once_then_drop_next, stream_pattern
 from tests.support.client import raw_client
 from tests.support.ports import free_port
@@ -171,6 +173,15 @@ def test_request_id_generated_forwarded_and_returned(proxy, backend):
     reused = requests.get(proxy.url + "/id", headers={"X-Request-Id": "client-chosen-42"}, timeout=CLIENT_TIMEOUT)
     assert reused.headers["X-Request-Id"] == "client-chosen-42"
     assert backend.last.header_all("X-Request-Id") == ["client-chosen-42"]
+
+
+def test_request_ids_are_128_random_bits_in_hex_and_never_repeat_across_batches():
+    ids = RequestIds()
+    drawn = [ids.new() for _ in range(5 * RequestIds.BATCH + 3)]  # several refills
+    assert all(len(value) == 32 and int(value, 16) >= 0 and value == value.lower() for value in drawn)
+    assert len(set(drawn)) == len(drawn)
+    assert len({value[0] for value in drawn}) > 8  # the leading digit varies too: no zero padding leak
+    assert RequestIds().new() not in drawn  # each handler (each worker process) seeds its own
 
 
 # -- keep-alive ----------------------------------------------------------------------------
