@@ -1013,7 +1013,10 @@ class HttpHandler:
     def _relay_length(self, ex: Exchange, link, head: bytes, parser, length: int) -> bool:
         buffered = parser.take_buffered()
         first = buffered[:length]
-        yield from self._to_client(ex, head + first)
+        data = head + first
+        sent = self._send_now(ex, data)
+        if sent < len(data):
+            yield from self._send_later(ex, memoryview(data)[sent:])
         remaining = length - len(first)
         if remaining:
             relayed = 0  # of the remaining bytes, those that reached the client (for bytes_sent)
@@ -1086,22 +1089,32 @@ class HttpHandler:
         return b"0\r\n" + lines.encode("latin-1") + b"\r\n"
 
     def _to_client(self, ex: Exchange, data: bytes, final: bool = True) -> None:
+        sent = self._send_now(ex, data, final)
+        if sent < len(data):  # the client's buffer stayed full: the relay sends the rest
+            yield from self._send_later(ex, memoryview(data)[sent:])
+
+    @staticmethod
+    def _send_now(ex: Exchange, data: bytes, final: bool = True) -> int:
+        """What the client takes of ``data`` within CLIENT_PATIENCE (normally all of it), counted as sent."""
         ex.response_started = ex.response_started or final
         conn = ex.conn
-        sent = 0
         try:
             conn.set_write_timeout(CLIENT_PATIENCE)
             sent = conn.send_some(data)
-            if sent < len(data):  # the client's buffer stayed full: the relay sends the rest
-                rest = Send(conn.sock, memoryview(data)[sent:], self.app.settings.send_timeout)
-                try:
-                    yield rest
-                finally:  # done or failed, what the relay sent went to the client
-                    sent += rest.sent
+        except OSError as exc:
+            raise ClientGone(str(exc)) from exc
+        ex.record.bytes_sent += sent
+        return sent
+
+    def _send_later(self, ex: Exchange, rest_of_data: memoryview) -> None:
+        """The part of an answer the client did not take at once, sent by the server's relay."""
+        rest = Send(ex.conn.sock, rest_of_data, self.app.settings.send_timeout)
+        try:
+            yield rest
         except OSError as exc:  # WriteTimedOut included: the client took nothing for send_timeout
             raise ClientGone(str(exc)) from exc
-        finally:
-            ex.record.bytes_sent += sent
+        finally:  # done or failed, what the relay sent went to the client
+            ex.record.bytes_sent += rest.sent
 
     @staticmethod
     def _rest_of(stall, source, dest, count: int, read_gap: float, write_gap: float) -> Copy:
