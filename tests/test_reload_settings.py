@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ import time
 import pytest
 import requests
 
+from core import connection as core_connection
 from proxy.config.schema import ServerSettings, parse_config
 from proxy.serve.runner import server_changes
 from tests.support.backends import named_backends
@@ -173,6 +175,35 @@ def test_reload_applies_header_timeout_to_silent_connections(make_backend, make_
     with proxy.connect() as silent:
         waited = closed_by_server(silent, 4.0)  # the reaper's old limit was 5 s
     assert waited is not None
+
+
+def _kernel_read_timeout(sock: socket.socket) -> float:
+    seconds, micros = struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+    return seconds + micros / 1e6
+
+
+def test_new_connections_start_with_the_header_timeout_and_a_reload_passes_the_new_one_on(
+        make_backend, make_proxy, monkeypatch):
+    """The handler's first read timeout on a new connection is header_timeout: the listener passes it
+    on, so the first request sets no socket option (one system call less per connection)."""
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]})  # header_timeout 5s
+    [listener] = proxy.process.server.listeners
+    assert _kernel_read_timeout(listener.sock) == 5.0
+    options = []  # socket options set on client connections (upstream ones get theirs when they open)
+    original = core_connection.set_socket_timeout
+
+    def recording(sock, option, value):
+        if sock.getsockname()[1] == proxy.port and sock is not listener.sock:  # an accepted one
+            options.append(option)
+        original(sock, option, value)
+    monkeypatch.setattr(core_connection, "set_socket_timeout", recording)
+    assert requests.get(proxy.url + "/", headers={"Connection": "close"}, timeout=DEADLINE).status_code == 200
+    assert options == []
+    reload_server(proxy, backend.address, header_timeout="5.1s")  # not a sum that subtracts back exactly
+    assert _kernel_read_timeout(listener.sock) == 5.1
+    assert requests.get(proxy.url + "/", headers={"Connection": "close"}, timeout=DEADLINE).status_code == 200
+    assert options == []
 
 
 # -- the access log ---------------------------------------------------------------------------------

@@ -420,8 +420,11 @@ class HttpHandler:
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + settings.header_timeout  # slowloris: the whole head, not each read
+                    left = settings.header_timeout  # exactly: the socket usually has it already, no syscall
                 elif now >= deadline:
                     raise TimeoutError
+                else:
+                    left = max(0.001, deadline - now)
                 if parser.head_started and not conn.readable_now():
                     # A client trickling its head must not hold a worker until header_timeout
                     # (slowloris): park the connection with the head's deadline instead. Empty lines
@@ -429,7 +432,7 @@ class HttpHandler:
                     session.head_deadline = conn.park_deadline = deadline
                     conn.transition(S.IDLE)
                     return PARKED
-                conn.set_timeouts(max(0.001, deadline - now), CLIENT_PATIENCE)
+                conn.set_timeouts(left, CLIENT_PATIENCE)
                 data = conn.read_some(READ_SIZE)
                 if not data:
                     if parser.has_buffered_data:

@@ -61,10 +61,21 @@ def _shown(value) -> str:
     return "[" + ", ".join(map(str, value)) + "]" if isinstance(value, tuple) else str(value)
 
 
+def accepted_timeouts(settings: ServerSettings) -> tuple[float, float]:
+    """The kernel timeouts a new client socket starts with (inherited from its listener): those the
+    handler sets before it reads the first request head, so that it needs no system call for them."""
+    return settings.header_timeout, CLIENT_PATIENCE
+
+
 def apply_server_limits(server: SocketServer, pool: ThreadPool, settings: ServerSettings) -> None:
     """Give a running accept loop and pool the [server] limits of a reloaded config."""
     server.set_limits(max_connections=settings.max_connections, idle_timeout=settings.idle_timeout,
                       header_timeout=settings.header_timeout, graceful_timeout=settings.graceful_timeout)
+    timeouts = accepted_timeouts(settings)
+    if timeouts != server.accepted_timeouts:
+        server.accepted_timeouts = timeouts  # for listeners added later, and the ones there now:
+        for listener in server.listeners:
+            listener.pass_on_timeouts(*timeouts)
     pool.resize(settings.min_threads, settings.max_threads, pool_queue_limit(settings.max_threads),
                 idle_timeout=settings.thread_idle_timeout)
 
@@ -182,7 +193,7 @@ class ProxyProcess:
                                    header_timeout=server_cfg.header_timeout,
                                    graceful_timeout=server_cfg.graceful_timeout,
                                    on_overload=write_overloaded, on_expired=handler.on_expired,
-                                   accepted_timeouts=(None, CLIENT_PATIENCE))
+                                   accepted_timeouts=accepted_timeouts(server_cfg))
         self.app.draining_event = self.server.draining
         handler.http2 = Http2Server(handler, self.pool)
         self.server.on_drain = handler.on_drain
