@@ -13,6 +13,7 @@ directory of the config file, so the proxy behaves the same whatever directory i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import difflib
 import ipaddress
 import os
@@ -84,7 +85,7 @@ class ListenConfig:
     http2: bool = True  # a TLS listener offers h2 by ALPN (RFC 9113 §3.2)
     h2c: bool = False  # a plain listener also takes HTTP/2 with prior knowledge (RFC 9113 §3.3)
 
-    @property
+    @functools.cached_property  # asked for every new connection (the listener's own settings)
     def address(self) -> str:
         return format_address(self.host, self.port)
 
