@@ -72,6 +72,10 @@ _UNCONTENDED_MOVES: dict[str, tuple[ConnectionState, ...]] = {
     for state, moves in ALLOWED_MOVES.items()}
 
 
+# Members as module constants: a global is read faster than an Enum class attribute (metaclass lookup).
+_IDLE, _CLOSED = S.IDLE, S.CLOSED
+
+
 class IllegalTransition(RuntimeError):
     """A move the state table does not allow: a bug in the caller, never a peer's fault."""
 
@@ -143,8 +147,11 @@ class Connection:
                 if new not in _MOVES_BY_VALUE[self.state._value_]:
                     raise IllegalTransition(f"{self.state.name} -> {new.name}")
                 self.state = new
-        self.last_active = self._clock()
-        if new is ConnectionState.CLOSED:
+        if new is _IDLE:
+            # The reaper reads last_active of resting connections only: the idle clock starts here
+            # (and at accept); the moves in between need no clock read.
+            self.last_active = self._clock()
+        elif new is _CLOSED:
             # CLOSED means the socket is gone: close() is a no-op from here on, so release it now
             # (otherwise the fd leaks and the server keeps counting the connection).
             self.close_socket()
