@@ -114,7 +114,7 @@ class Connection:
 
     __slots__ = ("sock", "peer", "state", "last_active", "server_data", "_buffer", "_clock",
                  "_read_timeout", "_write_timeout", "_state_lock", "fileno_cached", "listener",
-                 "on_close", "park_deadline", "held_from", "held_wait")
+                 "on_close", "park_deadline", "held_from", "held_wait", "in_pool")
 
     def __init__(self, sock: socket.socket, peer, clock=time.monotonic, listener=None,
                  timeouts: tuple[float | None, float | None] = (None, None)):
@@ -137,6 +137,9 @@ class Connection:
         # Set while parked mid-request (e.g. half a request head): the clock time at which the
         # server gives up on it (instead of idle_timeout) and calls its on_expired callback.
         self.park_deadline: float | None = None
+        # Handed to a worker whose handler has not returned yet (core.SocketServer sets and clears
+        # it): the reaper and the drain leave such a connection alone even while it is still NEW/IDLE.
+        self.in_pool = False
 
     # -- state -------------------------------------------------------------------------------
     def transition(self, new: ConnectionState) -> None:
@@ -303,9 +306,9 @@ class Connection:
     # -- closing -----------------------------------------------------------------------------
     def close(self) -> None:
         with self._state_lock:
-            if self.state is ConnectionState.CLOSED:
+            if self.state is _CLOSED:
                 return
-            self.state = ConnectionState.CLOSED
+            self.state = _CLOSED
         self.close_socket()
 
     def close_socket(self) -> None:
