@@ -72,6 +72,10 @@ _UNCONTENDED_MOVES: dict[str, tuple[ConnectionState, ...]] = {
     for state, moves in ALLOWED_MOVES.items()}
 
 
+# Members as module constants: a global is read faster than an Enum class attribute (metaclass lookup).
+_IDLE, _CLOSED = S.IDLE, S.CLOSED
+
+
 class IllegalTransition(RuntimeError):
     """A move the state table does not allow: a bug in the caller, never a peer's fault."""
 
@@ -110,7 +114,7 @@ class Connection:
 
     __slots__ = ("sock", "peer", "state", "last_active", "server_data", "_buffer", "_clock",
                  "_read_timeout", "_write_timeout", "_state_lock", "fileno_cached", "listener",
-                 "on_close", "park_deadline", "held_from", "held_wait")
+                 "on_close", "park_deadline", "held_from", "held_wait", "in_pool")
 
     def __init__(self, sock: socket.socket, peer, clock=time.monotonic, listener=None,
                  timeouts: tuple[float | None, float | None] = (None, None)):
@@ -133,6 +137,9 @@ class Connection:
         # Set while parked mid-request (e.g. half a request head): the clock time at which the
         # server gives up on it (instead of idle_timeout) and calls its on_expired callback.
         self.park_deadline: float | None = None
+        # Handed to a worker whose handler has not returned yet (core.SocketServer sets and clears
+        # it): the reaper and the drain leave such a connection alone even while it is still NEW/IDLE.
+        self.in_pool = False
 
     # -- state -------------------------------------------------------------------------------
     def transition(self, new: ConnectionState) -> None:
@@ -143,8 +150,11 @@ class Connection:
                 if new not in _MOVES_BY_VALUE[self.state._value_]:
                     raise IllegalTransition(f"{self.state.name} -> {new.name}")
                 self.state = new
-        self.last_active = self._clock()
-        if new is ConnectionState.CLOSED:
+        if new is _IDLE:
+            # The reaper reads last_active of resting connections only: the idle clock starts here
+            # (and at accept); the moves in between need no clock read.
+            self.last_active = self._clock()
+        elif new is _CLOSED:
             # CLOSED means the socket is gone: close() is a no-op from here on, so release it now
             # (otherwise the fd leaks and the server keeps counting the connection).
             self.close_socket()
@@ -296,9 +306,9 @@ class Connection:
     # -- closing -----------------------------------------------------------------------------
     def close(self) -> None:
         with self._state_lock:
-            if self.state is ConnectionState.CLOSED:
+            if self.state is _CLOSED:
                 return
-            self.state = ConnectionState.CLOSED
+            self.state = _CLOSED
         self.close_socket()
 
     def close_socket(self) -> None:

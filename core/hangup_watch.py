@@ -3,9 +3,10 @@
 A worker waiting for an upstream's first answer blocks in one ``recv`` on the upstream socket: the
 cheapest wait there is. If the client hangs up meanwhile, nobody would notice until the upstream
 answers or its read timeout passes. So the worker registers the pair here first (a dict insert, no
-system call); one thread looks, every ``interval``, at the clients that have waited at least that
-long, and for one that hung up shuts the other socket down, which wakes the worker at once. A fast
-answer never meets this thread; a slow one learns of a gone client within about two intervals.
+system call, no clock read); one thread looks, every ``interval``, at the clients it has seen waiting
+for at least that long, and for one that hung up shuts the other socket down, which wakes the worker
+at once. A fast answer never meets this thread; a slow one learns of a gone client within about two
+intervals.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ def hung_up(sock) -> bool:
 
 
 class Watched:
-    """One registration: ``gone`` turns True when the client hung up and the other socket was shut down."""
+    """One registration: ``gone`` turns True when the client hung up and the other socket was shut down.
+    ``since`` is when the checker first saw it (None until then)."""
 
     __slots__ = ("client", "other", "since", "gone")
 
-    def __init__(self, client, other, since: float):
-        self.client, self.other, self.since, self.gone = client, other, since, False
+    def __init__(self, client, other):
+        self.client, self.other, self.since, self.gone = client, other, None, False
 
 
 class HangupWatch:
@@ -47,12 +49,14 @@ class HangupWatch:
         self._watched: dict[Watched, Watched] = {}  # keyed by itself (hashed by identity): no id() call
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        # Orders unwatch against a shutdown: once unwatch returns, the other socket is never shut down,
-        # so a worker that got its answer in time relays it on an intact connection.
+        # Whoever pops a registration from _watched owns it (dict.pop is atomic): unwatch, and the
+        # other socket is never shut down, so a worker that got its answer in time relays it on an
+        # intact connection; or the checker, which shuts it down under this lock, so that an unwatch
+        # that lost waits for the shutdown to be done. The common unwatch takes no lock.
         self._decide = threading.Lock()
 
     def watch(self, client, other) -> Watched:
-        watched = Watched(client, other, self.clock())
+        watched = Watched(client, other)
         self._watched[watched] = watched
         if self._thread is None and self._run_thread:
             self._start()
@@ -60,9 +64,10 @@ class HangupWatch:
 
     def unwatch(self, watched: Watched) -> bool:
         """Stop watching; True if the client hung up (the other socket was shut down)."""
-        with self._decide:
-            self._watched.pop(watched, None)
-        return watched.gone
+        if self._watched.pop(watched, None) is not None:
+            return False
+        with self._decide:  # the checker took it first: its shutdown is done once this lock is free
+            return watched.gone
 
     def _start(self) -> None:
         with self._start_lock:
@@ -88,7 +93,12 @@ class HangupWatch:
     def check(self) -> None:
         """Shut down the other socket of every client that hung up after waiting an interval or more."""
         now = self.clock()
-        waiting = [w for w in list(self._watched.values()) if now - w.since >= self.interval and not w.gone]
+        waiting = []
+        for watched in list(self._watched.values()):
+            if watched.since is None:
+                watched.since = now  # seen for the first time: it waits an interval from here
+            elif now - watched.since >= self.interval:
+                waiting.append(watched)
         if not waiting:
             return
         poller = select.poll()
@@ -106,7 +116,7 @@ class HangupWatch:
             if not (mask & _HUNG_UP and hung_up(watched.client)):
                 continue
             with self._decide:
-                if watched not in self._watched:
+                if self._watched.pop(watched, None) is None:
                     continue  # the answer came meanwhile
                 watched.gone = True
                 try:

@@ -42,6 +42,9 @@ DEFAULT_BACKLOG = 1024  # nginx's default on Linux is 511; bursts of c=1000 clie
 # RESTING_STATES for the loop's every event: a frozenset of members calls Enum.__hash__ (Python) per
 # test, a tuple is scanned by identity.
 _RESTING = tuple(RESTING_STATES)
+# Members read by every park, as globals: reading an Enum member off its class is a metaclass lookup.
+_IDLE, _HELD, _TUNNEL, _CLOSED = (ConnectionState.IDLE, ConnectionState.HELD, ConnectionState.TUNNEL,
+                                  ConnectionState.CLOSED)
 # errno values that mean "this one client went away", logged at debug (docs/development.md)
 EXPECTED_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN,
                              errno.ETIMEDOUT, errno.EBADF})
@@ -158,6 +161,7 @@ class SocketServer:
         self.on_drain: Callable[[Connection], None] | None = None
         self.clock = clock
         self.draining = threading.Event()  # the protocol layer reads it: answer with Connection: close
+        self._draining = False  # the same, read by every park without a call (set just before it)
         self.stopped = threading.Event()
         self.signal_handlers: dict[int, Callable[[], None]] = {}  # extra per-signal actions, run in the loop
         self._backlog, self._reuse_port = backlog, reuse_port
@@ -167,10 +171,9 @@ class SocketServer:
         self._listeners: dict[int, Listener] = {}
         self._connections: dict[int, Connection] = {}
         self._conn_lock = threading.Lock()
-        # Connections handed to the pool whose handler has not returned yet. They may still be in
-        # NEW/IDLE (queued, or the handler has not moved them): the reaper and the drain must not
-        # take them for resting ones and close them under the worker.
-        self._in_pool: set[Connection] = set()
+        # A connection handed to the pool whose handler has not returned yet is marked ``in_pool``.
+        # It may still be in NEW/IDLE (queued, or the handler has not moved it): the reaper and the
+        # drain must not take it for a resting one and close it under the worker.
         self._calls: deque[Callable[[], None]] = deque()
         self._pending_signals: deque[int] = deque()
         self._shutdown_requested = False
@@ -319,6 +322,7 @@ class SocketServer:
             events = ()
         if watch_starvation:
             self._note_starvation(self.clock() - polled_at - timeout)
+        ready = []
         for fd, mask in events:
             if fd == self._wakeup.read_fd:
                 self._wakeup.drain()
@@ -327,7 +331,9 @@ class SocketServer:
             else:
                 conn = self._connections.get(fd)
                 if conn is not None and conn.state in _RESTING:
-                    self._dispatch(conn)
+                    ready.append(conn)
+        if ready:
+            self._dispatch_all(ready)
         self._dispatch_signals()
         while self._calls:
             self._calls.popleft()()
@@ -368,15 +374,19 @@ class SocketServer:
             sock.close()
 
     def _dispatch(self, conn: Connection) -> None:
-        with self._conn_lock:
-            self._in_pool.add(conn)
+        self._dispatch_all([conn])
+
+    def _dispatch_all(self, conns: list[Connection]) -> None:
+        """Hand connections to the pool in one go (one lock round, not one per connection)."""
+        serve = self._serve
+        for conn in conns:
+            conn.in_pool = True
         try:
-            accepted = self.pool.submit(self._serve, conn)
+            refused = self.pool.submit_all([(serve, (conn,)) for conn in conns])
         except PoolClosed:
-            accepted = False
-        if not accepted:
-            with self._conn_lock:
-                self._in_pool.discard(conn)
+            refused = [(serve, (conn,)) for conn in conns]
+        for _, (conn,) in refused:
+            conn.in_pool = False
             log.warning("work queue full: closing connection from %s", conn.peer)
             conn.close()
 
@@ -394,8 +404,7 @@ class SocketServer:
         except Exception:
             log.exception("handler failed on connection %s", conn.peer)
             conn.close()
-        with self._conn_lock:
-            self._in_pool.discard(conn)
+        conn.in_pool = False
         self.park(conn)
         if then is not None:
             try:
@@ -406,8 +415,8 @@ class SocketServer:
     def park(self, conn: Connection) -> None:
         """Put a connection the handler left IDLE back in the selector; close anything else."""
         state = conn.state
-        if state is ConnectionState.IDLE:
-            if self.draining.is_set() and conn.park_deadline is None:
+        if state is _IDLE:
+            if self._draining and conn.park_deadline is None:
                 # Drain at a request boundary: a request that already arrived is served (the protocol
                 # layer answers it with "Connection: close"); only a connection holding none closes.
                 if self._request_pending(conn):
@@ -422,9 +431,9 @@ class SocketServer:
                 self._epoll.modify(conn.fileno_cached, ARMED)
             except (OSError, ValueError):  # closed by the reaper in the meantime
                 conn.close()
-        elif state is ConnectionState.HELD:
+        elif state is _HELD:
             self.transfers.hold(conn.held_wait, lambda: self._dispatch(conn))
-        elif state is not ConnectionState.TUNNEL:
+        elif state is not _TUNNEL and state is not _CLOSED:
             conn.close()
 
     def _forget(self, conn: Connection) -> None:
@@ -436,7 +445,7 @@ class SocketServer:
         """Close connections that waited too long: NEW past header_timeout, IDLE past idle_timeout."""
         now = self.clock()
         with self._conn_lock:
-            conns = [c for c in self._connections.values() if c not in self._in_pool]
+            conns = [c for c in self._connections.values() if not c.in_pool]
         for conn in conns:
             state = conn.state
             if state not in RESTING_STATES:
@@ -466,6 +475,7 @@ class SocketServer:
         deadline = started if self._force else started + self.graceful_timeout
         for listener in list(self._listeners.values()):
             self.remove_listener(listener)
+        self._draining = True
         self.draining.set()
         log.info("draining: %d connections open", len(self._connections))
         self._announce_drain()
@@ -504,15 +514,14 @@ class SocketServer:
     def _active_connections(self) -> list[Connection]:
         with self._conn_lock:
             conns = list(self._connections.values())
-            in_pool = set(self._in_pool)
         return [c for c in conns if c.state is not ConnectionState.CLOSED
-                and (c.state not in RESTING_STATES or c in in_pool or c.park_deadline is not None)]
+                and (c.state not in RESTING_STATES or c.in_pool or c.park_deadline is not None)]
 
     def _close_resting(self) -> int:
         """Close connections holding no request; one whose next request already arrived is left to
         be served. Returns how many were left that way."""
         with self._conn_lock:
-            conns = [c for c in self._connections.values() if c not in self._in_pool]
+            conns = [c for c in self._connections.values() if not c.in_pool]
         pending = 0
         for conn in conns:
             state = conn.state

@@ -132,6 +132,31 @@ def test_submit_returns_false_when_queue_is_full(pools):
     assert pool.counts() == {"threads": 1, "busy": 1, "queued": 3}
 
 
+def test_submit_all_hands_a_batch_over_as_submit_would_one_by_one(pools):
+    """The accept loop hands over every ready connection of a wake-up in one call: idle threads take
+    tasks up to HOT_THREADS busy, the rest queue for them, and what the queue cannot hold comes back."""
+    pool = pools(min_threads=4, max_threads=4, max_queue=3)
+    wait_for(lambda: len(pool._idle) == 4, what="all threads idle")
+    started = threading.Semaphore(0)
+    tasks = [(blocked_task, (pools.gate, started)) for _ in range(7)]
+    refused = pool.submit_all(tasks)
+    assert refused == tasks[HOT_THREADS + 3:]  # exactly the ones past the queue, in order
+    for _ in range(HOT_THREADS):
+        assert started.acquire(timeout=TASK_WAIT)
+    assert pool.counts() == {"threads": 4, "busy": HOT_THREADS, "queued": 3}
+    pools.gate.set()
+    for _ in range(3):  # the queued ones run once the busy threads are free
+        assert started.acquire(timeout=TASK_WAIT)
+    wait_for(lambda: pool.counts()["busy"] == 0, what="the batch finished")
+
+
+def test_submit_all_after_shutdown_raises(pools):
+    pool = pools(min_threads=1, max_threads=1)
+    pool.shutdown(timeout=TASK_WAIT)
+    with pytest.raises(PoolClosed):
+        pool.submit_all([(print, ())])
+
+
 def test_raising_task_is_logged_and_thread_keeps_serving(pools, caplog):
     pool = pools(min_threads=1, max_threads=1)
     done = threading.Semaphore(0)

@@ -240,6 +240,26 @@ def test_reaper_never_closes_a_connection_waiting_for_a_worker(handler):
             assert waiting.read_line() == b"queued\n"
 
 
+def test_connections_past_a_full_work_queue_are_closed_and_the_queued_one_served(handler, caplog):
+    """The loop hands ready connections to the pool in batches; what the full queue refuses is shed."""
+    pool = ThreadPool(min_threads=1, max_threads=1, max_queue=1)
+    with running_server(handler, pool=pool) as server:
+        addr = address(server)
+        with LineClient(addr) as slow, LineClient(addr) as queued, LineClient(addr) as shed:
+            slow.send_line(b"slow")
+            assert handler.slow_entered.wait(STOP_TIMEOUT)  # the only worker is now busy
+            queued.send_line(b"queued")
+            wait_for(lambda: pool.counts()["queued"] == 1, what="the second request queued")
+            with caplog.at_level(logging.WARNING, logger="pyproxy.core.server"):
+                shed.send_line(b"shed")
+                assert shed.wait_closed() == b""
+            assert "work queue full" in caplog.text
+            handler.slow_release.set()
+            assert slow.read_line() == b"slow\n"
+            assert queued.read_line() == b"queued\n"
+        wait_for(lambda: server.connection_count == 0, what="every connection forgotten")
+
+
 # -- overload -----------------------------------------------------------------------------------
 
 def test_max_connections_overload_reply_then_close(handler):

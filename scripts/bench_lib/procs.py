@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STOP_GRACE_S = 5.0
+TICKS = os.sysconf("SC_CLK_TCK")
 LOG_TAIL_BYTES = 4096
 
 
@@ -141,3 +142,22 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
             return True
         time.sleep(interval_s)
     return bool(predicate())
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, all its threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of every thread: each GIL handoff costs some."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            for line in (task / "status").read_text().splitlines():
+                if line.endswith("ctxt_switches:") or "ctxt_switches:" in line:
+                    total += int(line.split()[1])
+        except OSError:  # the thread exited meanwhile
+            continue
+    return total

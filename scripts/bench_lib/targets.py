@@ -250,13 +250,9 @@ def repo_python(repo: Path) -> str:
 
 
 def pyproxy_command(repo: Path) -> list[str]:
-    """The repo's venv entry point, else `pyproxy` on PATH, else `python -m proxy.serve.cli`."""
-    venv_entry = repo / ".venv" / "bin" / "pyproxy"
-    if os.access(venv_entry, os.X_OK):
-        return [str(venv_entry)]
-    on_path = shutil.which("pyproxy")
-    if on_path:
-        return [on_path]
+    """`python -m proxy.serve.cli`, to be run with ``repo`` as the working directory: `-m` puts it
+    first on sys.path, so the code measured is that checkout's, never whatever an installed `pyproxy`
+    entry point (an editable install of another checkout, say) would import."""
     return [repo_python(repo), "-m", "proxy.serve.cli"]
 
 
