@@ -238,10 +238,11 @@ class Server:
         with self._lock:
             if self._ejected_until is not None:
                 events = self._expire_ejection_locked(self._clock())
-            if even_if_down:  # the checks are overruled, never the operator
-                acquired = not self._admin_out and (self._max_connections == 0 or self._active < self._max_connections)
-            else:
-                acquired = self._available_locked()
+            # available(), decided under the lock (inline: it runs per request). even_if_down overrules
+            # the checks, never the operator.
+            acquired = (not self._admin_out
+                        and (even_if_down or self._held_in or (self._healthy and self._ejected_until is None))
+                        and (self._max_connections == 0 or self._active < self._max_connections))
             if acquired:
                 self._active += 1
                 self._requests_total += 1
@@ -438,13 +439,6 @@ class Server:
             value = read()
         self._after(events)
         return value
-
-    def _available_locked(self) -> bool:
-        if self._admin_out:
-            return False
-        if not self._held_in and (not self._healthy or self._ejected_until is not None):
-            return False
-        return self._max_connections == 0 or self._active < self._max_connections
 
     def _count_failure_locked(self, now: float, reason: str) -> LogEvents:
         if self._max_fails == 0 or self._sole_server or self._ejected_until is not None:
