@@ -47,7 +47,9 @@ class UpstreamConnection:
         self.last_used = now
         self.requests = 0  # how many requests this connection carried (0 = fresh)
         self.read_timeout = read_timeout  # what its socket's timeouts were set to
-        self.poller = None  # its socket registered for POLLIN, made at the first reuse (server_closed_or_dirty)
+        # Its socket registered for POLLIN: the check before each reuse (checkout) is then one C call.
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
 
     @property
     def reused(self) -> bool:
@@ -58,19 +60,6 @@ class UpstreamConnection:
             self.sock.close()
         except OSError:  # already closed by the peer; nothing left to release
             pass
-
-    def server_closed_or_dirty(self) -> bool:
-        """True if the idle socket has EOF, an error or unexpected bytes waiting (either way: unusable).
-
-        A poll, not a MSG_PEEK recv: a clean socket (the normal answer) then costs no raised and caught
-        BlockingIOError, and TLS sockets, which refuse MSG_PEEK, take the same path. Data, EOF and a
-        reset all make it readable (or POLLERR/POLLHUP, which poll reports unasked). The poll object
-        is kept with the connection: a reuse then costs one C call, not three."""
-        poller = self.poller
-        if poller is None:
-            poller = self.poller = select.poll()
-            poller.register(self.sock, select.POLLIN)
-        return bool(poller.poll(0))
 
 
 
@@ -113,7 +102,11 @@ class ServerPool:
             found = self._take_idle(max_idle, origin.src_ip if origin is not None else None)
             if found is None:
                 return self.connect(origin)
-            if not found.server_closed_or_dirty():
+            # Readable means EOF, an error or unexpected bytes (either way: unusable). A poll, not a
+            # MSG_PEEK recv: a clean socket (the normal answer) then costs no raised and caught
+            # BlockingIOError, and TLS sockets, which refuse MSG_PEEK, take the same path. Data, EOF and
+            # a reset all make it readable (or POLLERR/POLLHUP, which poll reports unasked).
+            if not found.poller.poll(0):
                 return found
             found.close()
 

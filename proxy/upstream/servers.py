@@ -70,7 +70,9 @@ class Server:
         self._name = name          # the DNS name it was discovered under ("" for a configured address)
         self._priority = priority  # SRV priority: the upstream uses the lowest group with a server up
         self._port = port
-        self._address = format_address(host, port)
+        # "host:port", as logs and the access log name it: a plain attribute, as the handler reads it per
+        # request (a property would be a call). Never reassigned.
+        self.address = format_address(host, port)
         self._weight = weight
         self._max_connections = max_connections
         self._tls = tls
@@ -114,10 +116,6 @@ class Server:
         return self._port
 
     @property
-    def address(self) -> str:
-        return self._address
-
-    @property
     def weight(self) -> int:
         return self._weight
 
@@ -146,7 +144,7 @@ class Server:
         return self._fail_timeout
 
     def __repr__(self) -> str:
-        return f"Server({self._address!r}, weight={self._weight})"
+        return f"Server({self.address!r}, weight={self._weight})"
 
     # -- slow start -----------------------------------------------------------------
 
@@ -257,7 +255,7 @@ class Server:
             if not unmatched:
                 self._active -= 1
         if unmatched:
-            LOG.warning("server %s: release() without a matching try_acquire(); ignored", self._address)
+            LOG.warning("server %s: release() without a matching try_acquire(); ignored", self.address)
 
     # -- passive checks -------------------------------------------------------------
 
@@ -293,7 +291,7 @@ class Server:
                 self._eject_reason = reason
                 self._settle_locked(now, "")
                 # DEBUG: the process that ejected it logged it, and the supervisor says it spread.
-                events.append((logging.DEBUG, "server %s ejected in another worker: %s", (self._address, reason)))
+                events.append((logging.DEBUG, "server %s ejected in another worker: %s", (self.address, reason)))
         self._after(events)
         return applied
 
@@ -314,7 +312,7 @@ class Server:
                 self._ejected_until = None
                 self._settle_locked(self._clock(), "the only server left in its upstream")
                 events.append((logging.INFO, "server %s back: it is the only server of its upstream",
-                               (self._address,)))
+                               (self.address,)))
         self._after(events)
 
     # -- max_ejected_percent ------------------------------------------------------------------
@@ -359,7 +357,7 @@ class Server:
                 self._health_reason = reason
                 self._settle_locked(now, reason)
                 events.append((logging.INFO if announce else logging.DEBUG, "server %s is %s: %s",
-                               (self._address, "healthy" if up else "unhealthy", reason)))
+                               (self.address, "healthy" if up else "unhealthy", reason)))
         self._after(events)
         return changed
 
@@ -409,7 +407,7 @@ class Server:
         """A consistent copy of the state for /status."""
         inherited = self._predecessor_in_flight()
         return self._refreshed(lambda: {
-            "address": self._address,
+            "address": self.address,
             "state": "up" if self._is_up or self._held_in else "down",
             "reason": f"would be ejected: {self._state_reason}" if self._held_in else self._state_reason,
             "would_eject": self._held_in,
@@ -453,7 +451,7 @@ class Server:
         self._ejected_until = now + self._fail_timeout
         self._eject_reason = reason
         self._settle_locked(now, "")
-        return [(logging.INFO, "server %s ejected: %s", (self._address, reason))]
+        return [(logging.INFO, "server %s ejected: %s", (self.address, reason))]
 
     def _expire_ejection_locked(self, now: float) -> LogEvents:
         ejected_until = self._ejected_until
@@ -462,7 +460,7 @@ class Server:
         self._ejected_until = None
         # The server came back at ejected_until, whenever we happen to notice.
         self._settle_locked(ejected_until, EJECTION_EXPIRED_REASON)
-        return [(logging.INFO, "server %s ejection expired", (self._address,))]
+        return [(logging.INFO, "server %s ejection expired", (self.address,))]
 
     def _settle_locked(self, when: float, reason_if_up: str) -> None:
         """Recompute up/down and its reason after any change of health or ejection."""
