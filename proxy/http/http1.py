@@ -515,7 +515,7 @@ class _MessageParser:
     """Buffering, head framing and body decoding shared by both directions."""
 
     _drops_forbidden_trailers = False  # a request with a framing field in its trailers is refused
-    # A new parser's state, as _reset_message() sets it: class attributes, so that making a parser (one
+    # A new parser's state (start_next() returns to it): class attributes, so that making a parser (one
     # per response, one per connection) sets only what differs.
     _state = _HEAD
     body_remaining: int | None = None
@@ -536,16 +536,6 @@ class _MessageParser:
         self._max_body_bytes = max_body_bytes
         self._max_line_bytes = max_line_bytes
         self._buf = bytearray()
-
-    def _reset_message(self) -> None:
-        self._state = _HEAD
-        self.body_remaining: int | None = None
-        self._chunk_remaining = 0
-        self._body_total = 0          # decoded chunked bytes so far (max_body_bytes)
-        self._skipped = 0             # empty lines skipped before the start line
-        self._head_scan = 0           # where the next search for CRLFCRLF starts
-        self._ending_scan = 0         # buffer checked for bare CR/LF up to here
-        self._line_complete = False   # the start line's CRLF has been seen
 
     # -- public ---------------------------------------------------------------------
 
@@ -609,7 +599,15 @@ class _MessageParser:
             raise ParserStateError("start_next() after a protocol error")
         if self._state not in (_DONE, _BODY_LENGTH, _HEAD):
             raise ParserStateError(f"start_next() in state {self._state}")
-        self._reset_message()
+        # Back to the class attributes' values (a new parser's state), inline: once per request.
+        self._state = _HEAD
+        self.body_remaining = None
+        self._chunk_remaining = 0
+        self._body_total = 0          # decoded chunked bytes so far (max_body_bytes)
+        self._skipped = 0             # empty lines skipped before the start line
+        self._head_scan = 0           # where the next search for CRLFCRLF starts
+        self._ending_scan = 0         # buffer checked for bare CR/LF up to here
+        self._line_complete = False   # the start line's CRLF has been seen
 
     def next_event(self):
         """The next event: a head, Data, EndOfMessage, or NEED_DATA (feed more bytes).
@@ -1035,7 +1033,10 @@ class ResponseParser(_MessageParser):
 
     def __init__(self, request_method: str, max_header_bytes: int = DEFAULT_MAX_RESPONSE_HEADER_BYTES,
                  known_heads: dict[str, ResponseHead] | None = None):
-        super().__init__(max_header_bytes, None, max_header_bytes)
+        # _MessageParser.__init__ inline: a response parser is made for every response.
+        self._max_header_bytes = self._max_line_bytes = max_header_bytes
+        self._max_body_bytes = None
+        self._buf = bytearray()
         self._request_method = request_method
         # As RequestParser's: final heads with a Content-Length (the usual small response), by their
         # text. A HEAD or CONNECT request frames the same text differently: none is looked up for those.
