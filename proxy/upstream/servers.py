@@ -78,7 +78,9 @@ class Server:
         self._tls = tls
         self._max_fails = max_fails
         self._fail_timeout = float(fail_timeout)
-        self._failure_statuses = frozenset(failure_statuses)
+        # passive.statuses: answers that count as failures. A plain attribute, so that a caller can skip
+        # record_response() (a call per request) while it is empty, as it usually is.
+        self.failure_statuses = frozenset(failure_statuses)
         self._clock = clock
         self._lock = threading.Lock()
         # Everything below is guarded by _lock (reads outside it are advisory only).
@@ -298,7 +300,7 @@ class Server:
     def record_response(self, status: int | None) -> None:
         """A request got an answer: with passive.statuses set, a listed status (a 500, say) counts as a
         failure towards max_fails, like a refused connection. Other answers change nothing."""
-        if status in self._failure_statuses:
+        if status in self.failure_statuses:
             self.record_failure(f"answered {status}")
 
     def set_sole_server(self, sole: bool) -> None:
