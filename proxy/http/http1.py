@@ -531,11 +531,13 @@ class _MessageParser:
     # which): a repeated head is looked up in next_event, not parsed. None: no table.
     _known_heads: dict | None = None
 
-    def __init__(self, max_header_bytes: int, max_body_bytes: int | None, max_line_bytes: int):
-        self._max_header_bytes = max_header_bytes
-        self._max_body_bytes = max_body_bytes
-        self._max_line_bytes = max_line_bytes
-        self._buf = bytearray()
+    # Each subclass's __init__ sets the rest itself, without a call to a shared one (a parser is made
+    # per connection and per response): _max_header_bytes, _max_body_bytes (None: unlimited),
+    # _max_line_bytes and _buf, the bytes not parsed yet.
+    _max_header_bytes: int
+    _max_body_bytes: int | None
+    _max_line_bytes: int
+    _buf: bytearray
 
     # -- public ---------------------------------------------------------------------
 
@@ -911,6 +913,8 @@ class _MessageParser:
 class RequestParser(_MessageParser):
     """Parses the requests a client sends, one after another (pipelining included)."""
 
+    _refused_line: str | None = None  # a complete head's start line the parser refused
+
     def __init__(
         self,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
@@ -918,8 +922,10 @@ class RequestParser(_MessageParser):
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         known_heads: dict[str, RequestHead] | None = None,
     ) -> None:
-        super().__init__(max_header_bytes, max_body_bytes, max_line_bytes)
-        self._refused_line: str | None = None  # a complete head's start line the parser refused
+        self._max_header_bytes = max_header_bytes
+        self._max_body_bytes = max_body_bytes
+        self._max_line_bytes = max_line_bytes
+        self._buf = bytearray()
         # Keep-alive clients send the same head over and over: the parsers of one owner (a process's
         # connections) may share a table of bodiless heads by their text, so that a head seen before is
         # not parsed again. Heads are never changed once parsed, and a bodiless head's parse depends on
@@ -1033,7 +1039,6 @@ class ResponseParser(_MessageParser):
 
     def __init__(self, request_method: str, max_header_bytes: int = DEFAULT_MAX_RESPONSE_HEADER_BYTES,
                  known_heads: dict[str, ResponseHead] | None = None):
-        # _MessageParser.__init__ inline: a response parser is made for every response.
         self._max_header_bytes = self._max_line_bytes = max_header_bytes
         self._max_body_bytes = None
         self._buf = bytearray()
