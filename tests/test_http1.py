@@ -719,6 +719,36 @@ def test_parsers_sharing_a_table_share_a_repeated_bodiless_head():
     assert parser.next_event().method == "POST" and parser.next_event() == Data(b"ok")
 
 
+def test_a_known_head_keeps_the_limits_and_splits_of_a_parsed_one():
+    known: dict = {}
+    get = b"GET /a HTTP/1.1\r\nHost: x\r\nUser-Agent: wrk\r\n\r\n"
+    first, = _heads_through(RequestParser(known_heads=known), get)
+    # Fed a byte at a time, after empty lines, or pipelined behind another: the same head.
+    parser = RequestParser(known_heads=known)
+    for byte in get[:-1]:
+        assert _heads_through(parser, bytes([byte])) == []
+    assert _heads_through(parser, get[-1:]) == [first]
+    assert _heads_through(RequestParser(known_heads=known), b"\r\n\r\n" + get)[0] == first
+    assert _heads_through(RequestParser(known_heads=known), get + get + get) == [first] * 3
+    # A parser with smaller limits (a reload lowered them) refuses the known text as it would parse it.
+    with pytest.raises(ProtocolError) as refused:
+        _heads_through(RequestParser(max_header_bytes=len(get) - 1, known_heads=known), get)
+    assert refused.value.status == 431
+    with pytest.raises(ProtocolError) as refused:
+        _heads_through(RequestParser(max_line_bytes=10, known_heads=known), get + b"\r\n")
+    assert refused.value.status == 414
+    # A response parser reused for a HEAD request after a GET stops taking heads from the table.
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+    responses: dict = {}
+    parser = ResponseParser("GET", known_heads=responses)
+    head, _, _ = _events_through(parser, ok + b"hi")
+    parser.start_next("HEAD")
+    head_reply, end = _events_through(parser, ok)
+    assert head_reply is not head and head_reply.content_length == 0 and end == EndOfMessage()
+    parser.start_next("GET")
+    assert _events_through(parser, ok + b"hi")[0] is head
+
+
 def test_known_heads_table_is_bounded_and_never_holds_refusals():
     from proxy.http import http1
     known: dict = {}

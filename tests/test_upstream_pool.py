@@ -64,6 +64,19 @@ def test_connection_with_unsolicited_bytes_is_replaced(listener):
     server_side.close()
 
 
+def test_a_connection_checked_before_is_checked_again_at_each_reuse(listener):
+    """The check's poll object stays with the connection: it must still see a FIN that arrives after
+    an earlier reuse found the connection clean."""
+    pool, conn, server_side = _pool_with_one_idle(listener)
+    assert pool.checkout() is conn  # checked clean once: its poll object now exists
+    pool.release(conn, reusable=True)
+    server_side.close()
+    _wait_readable(conn)
+    fresh = pool.checkout()
+    assert fresh is not conn and pool.connects_total == 2
+    fresh.close()
+
+
 # -- the keep-alive pool -------------------------------------------------------------------------
 def test_checkout_past_many_dead_idle_connections_dials_a_new_one():
     """Bug: checkout recursed once per dead idle connection; a backend restart behind a pool of

@@ -518,25 +518,29 @@ class _MessageParser:
     """Buffering, head framing and body decoding shared by both directions."""
 
     _drops_forbidden_trailers = False  # a request with a framing field in its trailers is refused
+    # A new parser's state (start_next() returns to it): class attributes, so that making a parser (one
+    # per response, one per connection) sets only what differs.
+    _state = _HEAD
+    body_remaining: int | None = None
+    _chunk_remaining = 0
+    _body_total = 0
+    _skipped = 0
+    _head_scan = 0
+    _ending_scan = 0
+    _line_complete = False
+    _eof = False
+    _error: ProtocolError | None = None
+    # Heads seen before, by their text, each with a framing its text alone decides (the subclasses say
+    # which): a repeated head is looked up in next_event, not parsed. None: no table.
+    _known_heads: dict | None = None
 
-    def __init__(self, max_header_bytes: int, max_body_bytes: int | None, max_line_bytes: int):
-        self._max_header_bytes = max_header_bytes
-        self._max_body_bytes = max_body_bytes
-        self._max_line_bytes = max_line_bytes
-        self._buf = bytearray()
-        self._eof = False
-        self._error: ProtocolError | None = None
-        self._reset_message()
-
-    def _reset_message(self) -> None:
-        self._state = _HEAD
-        self.body_remaining: int | None = None
-        self._chunk_remaining = 0
-        self._body_total = 0          # decoded chunked bytes so far (max_body_bytes)
-        self._skipped = 0             # empty lines skipped before the start line
-        self._head_scan = 0           # where the next search for CRLFCRLF starts
-        self._ending_scan = 0         # buffer checked for bare CR/LF up to here
-        self._line_complete = False   # the start line's CRLF has been seen
+    # Each subclass's __init__ sets the rest itself, without a call to a shared one (a parser is made
+    # per connection and per response): _max_header_bytes, _max_body_bytes (None: unlimited),
+    # _max_line_bytes and _buf, the bytes not parsed yet.
+    _max_header_bytes: int
+    _max_body_bytes: int | None
+    _max_line_bytes: int
+    _buf: bytearray
 
     # -- public ---------------------------------------------------------------------
 
@@ -600,7 +604,15 @@ class _MessageParser:
             raise ParserStateError("start_next() after a protocol error")
         if self._state not in (_DONE, _BODY_LENGTH, _HEAD):
             raise ParserStateError(f"start_next() in state {self._state}")
-        self._reset_message()
+        # Back to the class attributes' values (a new parser's state), inline: once per request.
+        self._state = _HEAD
+        self.body_remaining = None
+        self._chunk_remaining = 0
+        self._body_total = 0          # decoded chunked bytes so far (max_body_bytes)
+        self._skipped = 0             # empty lines skipped before the start line
+        self._head_scan = 0           # where the next search for CRLFCRLF starts
+        self._ending_scan = 0         # buffer checked for bare CR/LF up to here
+        self._line_complete = False   # the start line's CRLF has been seen
 
     def next_event(self):
         """The next event: a head, Data, EndOfMessage, or NEED_DATA (feed more bytes).
@@ -614,9 +626,24 @@ class _MessageParser:
         state = self._state
         try:
             if state is _HEAD:
-                if not self._buf and not self._eof:
-                    # The engine asks before every read (keep-alive: the buffer is empty each time).
-                    return NEED_DATA
+                buf = self._buf
+                if not buf:
+                    if not self._eof:
+                        # The engine asks before every read (keep-alive: the buffer is empty each time).
+                        return NEED_DATA
+                elif self._known_heads is not None and not self._skipped:
+                    # A head seen before, inline (every keep-alive request and response comes here),
+                    # within the same limits _next_head checks; anything else is parsed there.
+                    end = buf.find(b"\r\n\r\n", self._head_scan)
+                    if 0 < end <= self._max_line_bytes and end + 4 <= self._max_header_bytes:
+                        head = self._known_heads.get(buf[: end + 2].decode("latin-1"))
+                        if head is not None:
+                            del buf[: end + 4]
+                            self._head_scan = self._ending_scan = 0
+                            self._line_complete = False
+                            self._state = _BODY_LENGTH
+                            self.body_remaining = head.content_length or 0
+                            return head
                 return self._next_head()
             if state is _BODY_LENGTH:
                 return self._next_length_data()
@@ -889,6 +916,8 @@ class _MessageParser:
 class RequestParser(_MessageParser):
     """Parses the requests a client sends, one after another (pipelining included)."""
 
+    _refused_line: str | None = None  # a complete head's start line the parser refused
+
     def __init__(
         self,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
@@ -896,8 +925,10 @@ class RequestParser(_MessageParser):
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         known_heads: dict[str, RequestHead] | None = None,
     ) -> None:
-        super().__init__(max_header_bytes, max_body_bytes, max_line_bytes)
-        self._refused_line: str | None = None  # a complete head's start line the parser refused
+        self._max_header_bytes = max_header_bytes
+        self._max_body_bytes = max_body_bytes
+        self._max_line_bytes = max_line_bytes
+        self._buf = bytearray()
         # Keep-alive clients send the same head over and over: the parsers of one owner (a process's
         # connections) may share a table of bodiless heads by their text, so that a head seen before is
         # not parsed again. Heads are never changed once parsed, and a bodiless head's parse depends on
@@ -928,13 +959,7 @@ class RequestParser(_MessageParser):
         return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
 
     def _parse_head(self, text: str) -> RequestHead:
-        known = self._known_heads
-        if known is not None:
-            head = known.get(text)
-            if head is not None:  # only bodiless heads are known: no body follows
-                self._state = _BODY_LENGTH
-                self.body_remaining = 0
-                return head
+        """A head next_event did not find among the known ones."""
         line_end = text.find("\r\n")
         line = text[:line_end]
         match = _REQUEST_LINE_RE.fullmatch(line)
@@ -980,6 +1005,7 @@ class RequestParser(_MessageParser):
         else:  # a request without framing has no body (RFC 9112 §6.3)
             self._state = _BODY_LENGTH
             self.body_remaining = content_length or 0
+            known = self._known_heads
             if known is not None and not content_length and len(text) <= KNOWN_HEAD_MAX_CHARS:
                 if len(known) >= KNOWN_HEADS_MAX:
                     known.clear()  # many different heads: start over rather than stop learning
@@ -1017,17 +1043,22 @@ class ResponseParser(_MessageParser):
 
     def __init__(self, request_method: str, max_header_bytes: int = DEFAULT_MAX_RESPONSE_HEADER_BYTES,
                  known_heads: dict[str, ResponseHead] | None = None):
-        super().__init__(max_header_bytes, None, max_header_bytes)
+        self._max_header_bytes = self._max_line_bytes = max_header_bytes
+        self._max_body_bytes = None
+        self._buf = bytearray()
         self._request_method = request_method
         # As RequestParser's: final heads with a Content-Length (the usual small response), by their
         # text. A HEAD or CONNECT request frames the same text differently: none is looked up for those.
-        self._known_heads = known_heads
+        self._known_table = known_heads
+        if request_method not in _OWN_FRAMING_METHODS:
+            self._known_heads = known_heads
 
     def start_next(self, request_method: str | None = None) -> None:
         """Reset for the response to the next request sent on this connection."""
         super().start_next()
         if request_method is not None:
             self._request_method = request_method
+            self._known_heads = self._known_table if request_method not in _OWN_FRAMING_METHODS else None
 
     @property
     def body_close_delimited(self) -> bool:
@@ -1054,13 +1085,8 @@ class ResponseParser(_MessageParser):
         return super()._incomplete_head(buf)
 
     def _parse_head(self, text: str) -> ResponseHead:
-        known = self._known_heads if self._request_method not in _OWN_FRAMING_METHODS else None
-        if known is not None:
-            head = known.get(text)
-            if head is not None:  # only heads whose body has a length are known
-                self._state = _BODY_LENGTH
-                self.body_remaining = head.content_length
-                return head
+        """A head next_event did not find among the known ones."""
+        known = self._known_heads  # None for a HEAD or CONNECT request
         line_end = text.find("\r\n")
         match = _STATUS_LINE_RE.fullmatch(text, 0, line_end)
         if match is None:

@@ -97,10 +97,11 @@ class UpstreamRuntime:
         A retry after a stale pooled connection is exempt: the server did not fail, and it happens at
         most once per request.
         """
-        if retry_of is None:
+        if retry_of is None:  # a first attempt, the common case
             self.retry_budget.count_request()
+            return self.balancer.pick_server(client_ip, exclude)
         server = self.balancer.pick_server(client_ip, exclude)
-        if server is None or retry_of is None or getattr(retry_of, "stale", False):
+        if server is None or getattr(retry_of, "stale", False):
             return server
         if not self.retry_budget.try_retry():
             server.release()

@@ -84,9 +84,12 @@ class RoundRobin:
             return None
         cached = self._uniform_cache  # the answer for the same tuple as last time: no call for it
         uniform = cached[1] if cached is not None and cached[0] is servers else self._is_uniform(servers)
-        if uniform:
-            return self._pick_uniform(servers)
-        return self._pick_smooth(servers)
+        if not uniform:
+            return self._pick_smooth(servers)
+        server = servers[next(self._turns) % len(servers)]  # the common case, inline: no call for it
+        if server.available():
+            return server
+        return self._spill(servers)
 
     def _is_uniform(self, servers: Sequence[Server]) -> bool:
         # A server with slow start can weigh less at any moment: those upstreams always take the smooth path.
@@ -95,12 +98,9 @@ class RoundRobin:
             self._uniform_cache = (servers, uniform)
         return uniform
 
-    def _pick_uniform(self, servers: Sequence[Server]) -> Server | None:
-        server = servers[next(self._turns) % len(servers)]
-        if server.available():
-            return server
-        # The server whose turn it was is out: hand its turn to the available ones
-        # in rotation, rather than always to its neighbour (which would get double).
+    def _spill(self, servers: Sequence[Server]) -> Server | None:
+        """The server whose turn it was is out: hand its turn to the available ones
+        in rotation, rather than always to its neighbour (which would get double)."""
         available = _available(servers)
         if not available:
             return None
@@ -311,14 +311,15 @@ class Upstream:
         `exclude` holds the servers a retry has already tried.
         """
         servers = self._servers if self._priority_groups is None else self._preferred_group(exclude)
-        candidates = servers
         if exclude:
-            candidates = tuple(server for server in candidates if server not in exclude)
+            candidates = tuple(server for server in servers if server not in exclude)
+            policy = self._fallback_policy
+        else:
+            candidates, policy = servers, self._policy
+        first_candidates = candidates
         # Bounded: each lost race (the server filled up between pick and claim)
         # removes that server from this call's candidates.
-        first_candidates = candidates
-        for _ in range(len(candidates)):
-            policy = self._policy if candidates is servers else self._fallback_policy
+        while candidates:
             server = policy.pick(candidates, client_ip)
             if server is None:
                 break
@@ -327,6 +328,7 @@ class Upstream:
                     self._end_fail_open()
                 return server
             candidates = tuple(other for other in candidates if other is not server)
+            policy = self._fallback_policy
         if self._try_all_when_down:
             return self._pick_failing_open(first_candidates)
         return None

@@ -37,8 +37,13 @@ class RetryBudget:
         self._min_retries = min_per_second * WINDOW
 
     def count_request(self) -> None:
+        second = int(self._clock())  # the clock read outside the lock: it is held for less time
+        slot = self._slots[second % WINDOW]
         with self._lock:
-            self._slot_locked()[1] += 1
+            if slot[0] == second:  # _slot_locked() inline: every request counts, and a call costs
+                slot[1] += 1
+            else:
+                self._slot_locked()[1] += 1
 
     def try_retry(self) -> bool:
         """Spend one retry if the budget allows it now; False (and counted as exhausted) otherwise."""

@@ -70,13 +70,17 @@ class Server:
         self._name = name          # the DNS name it was discovered under ("" for a configured address)
         self._priority = priority  # SRV priority: the upstream uses the lowest group with a server up
         self._port = port
-        self._address = format_address(host, port)
+        # "host:port", as logs and the access log name it: a plain attribute, as the handler reads it per
+        # request (a property would be a call). Never reassigned.
+        self.address = format_address(host, port)
         self._weight = weight
         self._max_connections = max_connections
         self._tls = tls
         self._max_fails = max_fails
         self._fail_timeout = float(fail_timeout)
-        self._failure_statuses = frozenset(failure_statuses)
+        # passive.statuses: answers that count as failures. A plain attribute, so that a caller can skip
+        # record_response() (a call per request) while it is empty, as it usually is.
+        self.failure_statuses = frozenset(failure_statuses)
         self._clock = clock
         self._lock = threading.Lock()
         # Everything below is guarded by _lock (reads outside it are advisory only).
@@ -114,10 +118,6 @@ class Server:
         return self._port
 
     @property
-    def address(self) -> str:
-        return self._address
-
-    @property
     def weight(self) -> int:
         return self._weight
 
@@ -146,7 +146,7 @@ class Server:
         return self._fail_timeout
 
     def __repr__(self) -> str:
-        return f"Server({self._address!r}, weight={self._weight})"
+        return f"Server({self.address!r}, weight={self._weight})"
 
     # -- slow start -----------------------------------------------------------------
 
@@ -238,10 +238,11 @@ class Server:
         with self._lock:
             if self._ejected_until is not None:
                 events = self._expire_ejection_locked(self._clock())
-            if even_if_down:  # the checks are overruled, never the operator
-                acquired = not self._admin_out and (self._max_connections == 0 or self._active < self._max_connections)
-            else:
-                acquired = self._available_locked()
+            # available(), decided under the lock (inline: it runs per request). even_if_down overrules
+            # the checks, never the operator.
+            acquired = (not self._admin_out
+                        and (even_if_down or self._held_in or (self._healthy and self._ejected_until is None))
+                        and (self._max_connections == 0 or self._active < self._max_connections))
             if acquired:
                 self._active += 1
                 self._requests_total += 1
@@ -256,7 +257,7 @@ class Server:
             if not unmatched:
                 self._active -= 1
         if unmatched:
-            LOG.warning("server %s: release() without a matching try_acquire(); ignored", self._address)
+            LOG.warning("server %s: release() without a matching try_acquire(); ignored", self.address)
 
     # -- passive checks -------------------------------------------------------------
 
@@ -292,14 +293,14 @@ class Server:
                 self._eject_reason = reason
                 self._settle_locked(now, "")
                 # DEBUG: the process that ejected it logged it, and the supervisor says it spread.
-                events.append((logging.DEBUG, "server %s ejected in another worker: %s", (self._address, reason)))
+                events.append((logging.DEBUG, "server %s ejected in another worker: %s", (self.address, reason)))
         self._after(events)
         return applied
 
     def record_response(self, status: int | None) -> None:
         """A request got an answer: with passive.statuses set, a listed status (a 500, say) counts as a
         failure towards max_fails, like a refused connection. Other answers change nothing."""
-        if status in self._failure_statuses:
+        if status in self.failure_statuses:
             self.record_failure(f"answered {status}")
 
     def set_sole_server(self, sole: bool) -> None:
@@ -313,7 +314,7 @@ class Server:
                 self._ejected_until = None
                 self._settle_locked(self._clock(), "the only server left in its upstream")
                 events.append((logging.INFO, "server %s back: it is the only server of its upstream",
-                               (self._address,)))
+                               (self.address,)))
         self._after(events)
 
     # -- max_ejected_percent ------------------------------------------------------------------
@@ -358,7 +359,7 @@ class Server:
                 self._health_reason = reason
                 self._settle_locked(now, reason)
                 events.append((logging.INFO if announce else logging.DEBUG, "server %s is %s: %s",
-                               (self._address, "healthy" if up else "unhealthy", reason)))
+                               (self.address, "healthy" if up else "unhealthy", reason)))
         self._after(events)
         return changed
 
@@ -408,7 +409,7 @@ class Server:
         """A consistent copy of the state for /status."""
         inherited = self._predecessor_in_flight()
         return self._refreshed(lambda: {
-            "address": self._address,
+            "address": self.address,
             "state": "up" if self._is_up or self._held_in else "down",
             "reason": f"would be ejected: {self._state_reason}" if self._held_in else self._state_reason,
             "would_eject": self._held_in,
@@ -439,13 +440,6 @@ class Server:
         self._after(events)
         return value
 
-    def _available_locked(self) -> bool:
-        if self._admin_out:
-            return False
-        if not self._held_in and (not self._healthy or self._ejected_until is not None):
-            return False
-        return self._max_connections == 0 or self._active < self._max_connections
-
     def _count_failure_locked(self, now: float, reason: str) -> LogEvents:
         if self._max_fails == 0 or self._sole_server or self._ejected_until is not None:
             return []
@@ -459,7 +453,7 @@ class Server:
         self._ejected_until = now + self._fail_timeout
         self._eject_reason = reason
         self._settle_locked(now, "")
-        return [(logging.INFO, "server %s ejected: %s", (self._address, reason))]
+        return [(logging.INFO, "server %s ejected: %s", (self.address, reason))]
 
     def _expire_ejection_locked(self, now: float) -> LogEvents:
         ejected_until = self._ejected_until
@@ -468,7 +462,7 @@ class Server:
         self._ejected_until = None
         # The server came back at ejected_until, whenever we happen to notice.
         self._settle_locked(ejected_until, EJECTION_EXPIRED_REASON)
-        return [(logging.INFO, "server %s ejection expired", (self._address,))]
+        return [(logging.INFO, "server %s ejection expired", (self.address,))]
 
     def _settle_locked(self, when: float, reason_if_up: str) -> None:
         """Recompute up/down and its reason after any change of health or ejection."""
