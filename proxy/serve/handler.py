@@ -710,7 +710,8 @@ class HttpHandler:
             try:
                 ex.server = server
                 yield from self._attempt(ex, upstream, server, out, fresh)
-                server.record_response(ex.record.status)  # passive.statuses: a 5xx may count as a failure
+                if server.failure_statuses:  # passive.statuses: a 5xx may count as a failure
+                    server.record_response(ex.record.status)
                 return
             except UpstreamConnectError as exc:
                 server.record_failure(exc.detail)
