@@ -12,6 +12,7 @@ import logging
 import socket
 import ssl
 import struct
+import threading
 
 import pytest
 import trustme
@@ -417,6 +418,51 @@ def test_a_stalled_header_holds_no_worker_and_is_closed_after_header_timeout(mak
             for sock in stalled:
                 sock.close()
     assert "(18 bytes of it)" in caplog.text and "(14 bytes of it)" in caplog.text
+
+
+def test_a_whole_header_with_no_request_behind_it_holds_no_worker(make_backend, proxied):
+    """A balancer may open a connection and send its header before it has a request: meanwhile the
+    connection waits parked, as a half-sent head does, and header_timeout still closes a silent one.
+    (A request after such a wait: the header sent byte by byte in test_the_carried_address_is_the_client.)"""
+    backend = make_backend()
+    proxy = proxied({"app": [backend.address]}, server={"header_timeout": "1s", "min_threads": 1, "max_threads": 2})
+    waiting = [proxy.connect() for _ in range(6)]
+    try:
+        for index, sock in enumerate(waiting):
+            sock.sendall(b"PROXY TCP4 203.0.113.7 10.0.0.1 1 2\r\n" if index % 2 else V2_TCP4)
+        wait_for(lambda: proxy.process.server.connection_counts()["idle"] == 6, timeout=10)
+        assert proxy.process.pool.counts()["busy"] == 0
+        assert _exchange(proxy, V2_TCP4 + GET).status == 200  # 6 waiting, 2 threads: still served
+        for sock in waiting:
+            assert _closed_without_answer(sock)  # within header_timeout (the socket's own timeout bounds it)
+    finally:
+        for sock in waiting:
+            sock.close()
+
+
+def test_a_connection_accepted_after_a_reload_shortened_header_timeout_keeps_the_new_one(make_backend, proxied):
+    """A connection already queued when a reload changes header_timeout was cloned by the kernel with
+    the old read timeout on its socket: after its PROXY header, the wait for the request is the new one."""
+    backend = make_backend()
+    proxy = proxied({"app": [backend.address]}, server={"header_timeout": "60s"})
+    document = proxy.document
+    document["server"]["header_timeout"] = "1s"
+    shorter = parse_config(document, "test.toml")
+    looping, queued, reloaded = threading.Event(), threading.Event(), threading.Event()
+
+    def reload_with_a_connection_queued():  # on the loop thread, as SIGHUP and --watch reload
+        looping.set()
+        if queued.wait(CLIENT_TIMEOUT):
+            proxy.process.reload(shorter)
+        reloaded.set()
+
+    proxy.process.server.call_soon(reload_with_a_connection_queued)
+    assert looping.wait(CLIENT_TIMEOUT)
+    with proxy.connect() as sock:  # handshaken by the kernel and queued: the loop is busy reloading
+        sock.sendall(V2_TCP4)
+        queued.set()
+        assert reloaded.wait(CLIENT_TIMEOUT)
+        assert _closed_without_answer(sock)  # after 1 s, not 60 s (the client gives up after 10 s)
 
 
 def test_tls_after_the_proxy_header(make_backend, proxied, tmp_path):

@@ -313,6 +313,7 @@ class HttpHandler:
         scheme = "http"
         origin = None
         relayed_unnamed = False
+        after_header = False  # a PROXY header came first
         proxied = self.app.runtime.proxy_protocol_listeners
         # A connection keeps the mode it started in, whatever a reload changes meanwhile: one whose header
         # began goes on with it; one whose TLS handshake began without one never gets asked for one.
@@ -323,6 +324,7 @@ class HttpHandler:
                 return header
             origin = header.origin
             relayed_unnamed = origin is None
+            after_header = True
         tls = self.app.tls_for_listener(conn.listener)
         if tls is not None:
             scheme = "https"
@@ -360,6 +362,13 @@ class HttpHandler:
         conn.server_data = session
         if tls is None and conn.park_deadline is not None:  # after a PROXY header: the head has what is left
             session.head_deadline, conn.park_deadline = conn.park_deadline, None
+        if after_header and tls is None and not conn.readable_now():
+            # A PROXY header with no request behind it yet: wait parked, not on this thread (a read here
+            # would also trust the socket's read timeout, which a reload may change after its accept).
+            session.head_deadline = conn.park_deadline = (session.head_deadline
+                                                          or time.monotonic() + settings.header_timeout)
+            conn.transition(IDLE)
+            return PARKED
         if tls is not None and not conn.readable_now():
             # Handshake done, no request yet: wait parked, not on this thread (slowloris over TLS),
             # within the header_timeout that started with the handshake.
