@@ -426,6 +426,30 @@ def test_expect_continue_body_already_sent_to_a_server_that_never_sends_100(make
         assert response.body == b"hello"
 
 
+def test_expect_continue_a_final_response_in_the_same_write_as_the_100_is_relayed(make_raw_backend, make_proxy):
+    """A server that sends its 100 and its final response in one write: the final one is already in
+    the proxy's hands once the 100 is relayed, and must not be lost waiting for more."""
+    def script(peer):
+        peer.read_head()
+        peer.send(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+        while len(peer.buffer) < 5:  # then it takes the body, as a server after a 100 does
+            data = peer.sock.recv(65536)
+            if not data:
+                return
+            peer.buffer += data
+        peer.hang()
+    raw = make_raw_backend(script)
+    proxy = make_proxy({"web": [raw.address]}, upstream_options={"read_timeout": "3s"})
+    with raw_client(proxy) as client:
+        client.send(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        client.sock.settimeout(2.5)  # well under read_timeout: waiting it out would be the bug
+        assert client.read_head().startswith(b"HTTP/1.1 100 Continue\r\n")
+        client.send(b"hello")
+        response = client.read_response()
+        assert response.status == 201
+        assert response.body == b"ok"
+
+
 def test_stale_connection_put_with_chunked_body_is_replayed(make_raw_backend, make_proxy):
     seen = []
 

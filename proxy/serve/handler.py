@@ -818,7 +818,8 @@ class HttpHandler:
         response, parser = yield from self._await_continue(ex, link)
         if response is None:  # the client sent its body without waiting, or 100 arrived
             yield from self._send_body(ex, link, b"")
-            response, parser = yield from self._read_response_head(ex, link)
+            # After a 100 the parser goes on: the final response may have come in the same read.
+            response, parser = yield from self._read_response_head(ex, link, parser=parser)
         return response, parser
 
     # -- request body ------------------------------------------------------------------------
@@ -930,17 +931,20 @@ class HttpHandler:
             raise UpstreamTimeout("upstream did not answer Expect: 100-continue in time")
         if link.sock.fileno() not in ready:
             return None, None
-        response, parser = yield from self._read_response_head(ex, link, stop_at_continue=True)
-        if response is None:
-            return None, None  # 100 Continue relayed; now the body
-        return response, parser
+        # (None, the parser) once a 100 Continue was relayed: now the body
+        return (yield from self._read_response_head(ex, link, stop_at_continue=True))
 
     # -- response ------------------------------------------------------------------------------
-    def _read_response_head(self, ex: Exchange, link, stop_at_continue: bool = False):
-        parser = ResponseParser(ex.request.method, max_header_bytes=self.app.settings.max_response_header_bytes,
-                                known_heads=self.known_responses)
+    def _read_response_head(self, ex: Exchange, link, stop_at_continue: bool = False, parser=None):
+        """The final response head and its parser (``parser``: one that already stopped at a 100 and
+        may hold what followed it). ``stop_at_continue``: return (None, parser) once a 100 is relayed."""
+        if parser is None:
+            parser = ResponseParser(ex.request.method, max_header_bytes=self.app.settings.max_response_header_bytes,
+                                    known_heads=self.known_responses)
+            event = NEED_DATA  # a new parser holds nothing yet: read before asking it
+        else:
+            event = None  # ask it first: the final head may be buffered behind the 100
         interim = 0
-        event = NEED_DATA  # a new parser holds nothing yet: read before asking it
         while True:
             if event is NEED_DATA:
                 data = link.recv() if link.received_any else link.first_answer(ex.conn.sock, self.hangups)

@@ -311,14 +311,14 @@ class Http2StreamHandler(HttpHandler):
         yield  # a generator, as the HTTP/1.1 one: it never waits in the relay
 
     # -- the response ---------------------------------------------------------------------------------
-    def _read_response_head(self, ex, link, stop_at_continue: bool = False):
+    def _read_response_head(self, ex, link, stop_at_continue: bool = False, parser=None):
         """HTTP/1.1's, with the upstream socket lent to the stream: a client cancelling the stream shuts
         it down (H2Session), which ends the wait for the answer at once."""
         stream = ex.conn.stream
         stream.upstream = link.sock
         try:
             _check_cancelled(stream)
-            return (yield from super()._read_response_head(ex, link, stop_at_continue))
+            return (yield from super()._read_response_head(ex, link, stop_at_continue, parser))
         except ProxyError:  # a shut-down upstream is no upstream failure: no 502, no retry
             _check_cancelled(stream)
             raise
