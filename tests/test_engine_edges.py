@@ -450,6 +450,77 @@ def test_expect_continue_a_final_response_in_the_same_write_as_the_100_is_relaye
         assert response.body == b"ok"
 
 
+def _read_body_after_head(peer, length: int) -> bool:
+    """The raw backend's side of a body sent after its head; False if the proxy closed first."""
+    while len(peer.buffer) < length:
+        data = peer.sock.recv(65536)
+        if not data:
+            return False
+        peer.buffer += data
+    return True
+
+
+def test_expect_continue_the_proxy_says_continue_when_the_server_does_not(make_raw_backend, make_proxy):
+    """A server that waits for the body without sending 100 first: a client waiting for a 100 gets one
+    from the proxy (as from nginx), instead of both waiting until read_timeout."""
+    def script(peer):
+        peer.read_head()
+        if _read_body_after_head(peer, 5):
+            peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + peer.buffer[:5])
+    raw = make_raw_backend(script)
+    proxy = make_proxy({"web": [raw.address]}, upstream_options={"read_timeout": "30s"})
+    with raw_client(proxy) as client:
+        client.send(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        client.sock.settimeout(15)  # well under read_timeout: waiting it out would be the bug
+        assert client.read_head() == b"HTTP/1.1 100 Continue\r\n\r\n"
+        client.send(b"hello")
+        response = client.read_response()
+        assert (response.status, response.body, response.interim) == (200, b"hello", [])
+
+
+def test_expect_continue_a_client_holding_back_its_body_holds_no_worker(make_raw_backend, make_proxy):
+    """A client that never sends the body it announced, to a server that never sends 100: the pool's
+    only worker goes on serving other clients (the wait for the body is parked)."""
+    def script(peer):
+        if b"Expect" in peer.read_head():
+            peer.hang()  # waits for a body that never comes
+        else:
+            peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    raw = make_raw_backend(script)
+    proxy = make_proxy({"web": [raw.address]}, server={"min_threads": 1, "max_threads": 1},
+                       upstream_options={"read_timeout": "30s"})
+    with raw_client(proxy) as holding_back, raw_client(proxy) as other:
+        holding_back.send(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        holding_back.sock.settimeout(15)
+        assert holding_back.read_head() == b"HTTP/1.1 100 Continue\r\n\r\n"
+        other.sock.settimeout(15)  # the worker held until read_timeout (30 s) would be the bug
+        other.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert other.read_response().body == b"ok"
+
+
+def test_expect_continue_a_late_100_from_the_server_is_not_relayed_again(make_raw_backend, make_proxy):
+    """The server's own 100 comes after the proxy sent one: the client sees a single 100."""
+    client_told = threading.Event()
+
+    def script(peer):
+        peer.read_head()
+        if not client_told.wait(DEADLINE):
+            return
+        peer.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if _read_body_after_head(peer, 5):
+            peer.send(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+    raw = make_raw_backend(script)
+    proxy = make_proxy({"web": [raw.address]}, upstream_options={"read_timeout": "30s"})
+    with raw_client(proxy) as client:
+        client.send(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        client.sock.settimeout(15)
+        assert client.read_head() == b"HTTP/1.1 100 Continue\r\n\r\n"
+        client_told.set()
+        client.send(b"hello")
+        response = client.read_response()
+        assert (response.status, response.body, response.interim) == (201, b"ok", [])
+
+
 def test_stale_connection_put_with_chunked_body_is_replayed(make_raw_backend, make_proxy):
     seen = []
 

@@ -92,6 +92,10 @@ TRANSFER_BUDGET = 1.0
 # a client still sending delivers its next bytes sooner, and a burst of stalled uploads then costs the
 # pool little.
 UPLOAD_GRACE = 0.01
+# How long a worker waits for the server's 100 Continue (or the client's body) before the proxy tells
+# the client to go on itself: as long as curl waits before sending its body anyway.
+EXPECT_PATIENCE = 1.0
+CONTINUE_HEAD = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class ClientSession:
@@ -153,7 +157,8 @@ class Exchange:
     """One request/response through the proxy: the mutable facts the pipeline steps share."""
 
     __slots__ = ("request", "conn", "session", "record", "response_started", "body_done",
-                 "replay", "client_keep_alive", "route", "server", "handed_to_tunnel", "rate_limit_fields")
+                 "replay", "client_keep_alive", "route", "server", "handed_to_tunnel", "rate_limit_fields",
+                 "told_to_continue")
 
     def __init__(self, request, conn, session, record):
         self.request = request
@@ -169,6 +174,7 @@ class Exchange:
         # Upgraded (101): the tunnel relay owns the record (observed at its close) and the server slot.
         self.handed_to_tunnel = False
         self.rate_limit_fields = ""  # RateLimit-* header lines for the response, on a rate-limited route
+        self.told_to_continue = False  # the proxy sent its own 100 Continue (the server was slow to)
 
 
 class RequestIds:
@@ -921,14 +927,20 @@ class HttpHandler:
 
     def _await_continue(self, ex: Exchange, link):
         """RFC 9110 §10.1.1: wait for the upstream's 100 (relay it) or the client's body, whichever first."""
-        if ex.session.parser.has_buffered_data:
+        if ex.session.parser.has_buffered_data or ex.told_to_continue:
             # The client sent body bytes without waiting (they came with the head, so the socket
-            # will not turn readable for them): send them now rather than wait for a 100 that a
-            # server may never send (it MAY omit 100 and just read the body).
+            # will not turn readable for them), or was told to go on before this retry: send the
+            # body now rather than wait for a 100 that a server may never send (it MAY omit 100).
             return None, None
-        ready = _readable([ex.conn.sock, link.sock], link.conn_timeout())
+        ready = _readable([ex.conn.sock, link.sock], min(EXPECT_PATIENCE, link.conn_timeout()))
         if not ready:
-            raise UpstreamTimeout("upstream did not answer Expect: 100-continue in time")
+            # Neither the server's answer nor the client's body came: tell the client to go on, as
+            # nginx does, so that waiting for its body parks the connection instead of holding this
+            # worker until read_timeout. A later 100 from the server is then not relayed twice.
+            if ex.request.version == "HTTP/1.1":
+                yield from self._to_client(ex, CONTINUE_HEAD, final=False)
+                ex.told_to_continue = True
+            return None, None
         if link.sock.fileno() not in ready:
             return None, None
         # (None, the parser) once a 100 Continue was relayed: now the body
@@ -965,6 +977,8 @@ class HttpHandler:
                 interim += 1
                 if interim > MAX_INTERIM_RESPONSES:  # a backend looping on 1xx: the client gets a 502
                     raise UpstreamFailed("upstream sent too many 1xx responses")
+                if response.status == 100 and ex.told_to_continue:
+                    continue  # the client had its 100 from the proxy already
                 yield from self._send_interim(ex, response)
                 if response.status == 100 and stop_at_continue:
                     return None, parser
