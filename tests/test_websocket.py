@@ -14,6 +14,7 @@ from websockets.sync.client import connect
 from websockets.sync.server import serve
 
 from proxy.config.schema import parse_config
+from proxy.http import tunnel as tunnel_module
 from tests.support.client import raw_client
 from tests.support.proxy import CLIENT_TIMEOUT, DEADLINE, proxy_config_dict
 from tests.support.timing import wait_for
@@ -96,6 +97,24 @@ def test_tunnel_holds_no_worker_thread(proxy):
         assert ws.recv(CLIENT_TIMEOUT) == "ping"
         wait_for(lambda: proxy.process.pool.counts()["busy"] == 0, timeout=5)
         assert proxy.process.server.connection_counts()["tunnel"] == 1
+
+
+def test_the_tunnel_thread_ends_when_no_tunnel_is_open_and_comes_back(proxy, monkeypatch):
+    """A proxy whose tunnels all closed keeps no relay thread running (a stopped one would otherwise
+    leave it behind); the next tunnel starts a new one."""
+    monkeypatch.setattr(tunnel_module, "IDLE_SWEEPS", 1)
+    relay = proxy.process.server.handler.tunnels
+    with connect(ws_url(proxy), open_timeout=CLIENT_TIMEOUT) as ws:
+        ws.send("one")
+        assert ws.recv(CLIENT_TIMEOUT) == "one"
+        first = relay._thread
+        assert first is not None and first.is_alive()
+    wait_for(lambda: not first.is_alive(), timeout=30)
+    assert relay._thread is None
+    with connect(ws_url(proxy), open_timeout=CLIENT_TIMEOUT) as ws:
+        ws.send("two")
+        assert ws.recv(CLIENT_TIMEOUT) == "two"
+        assert relay._thread is not None and relay._thread is not first
 
 
 def test_upgrade_headers_reach_backend(make_proxy):

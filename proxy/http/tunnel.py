@@ -32,6 +32,7 @@ log = logging.getLogger("pyproxy.tunnel")
 CHUNK = 64 * 1024
 SWEEP_INTERVAL = 0.5  # seconds between checks of idle timeouts and the drain deadline
 MAX_READS_PER_EVENT = 16  # bounds the time one busy TLS socket can hold the relay thread
+IDLE_SWEEPS = 10  # sweeps with no tunnel before the thread ends (a stopped proxy keeps none running)
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
@@ -119,6 +120,7 @@ class TunnelRelay:
     # -- the relay thread ----------------------------------------------------------------------
     def _run(self) -> None:
         next_sweep = self.clock() + SWEEP_INTERVAL
+        idle_sweeps = 0
         while True:
             for key, mask in self._selector.select(0 if self._hot else SWEEP_INTERVAL):
                 if key.data is None:
@@ -133,6 +135,19 @@ class TunnelRelay:
             if self.clock() >= next_sweep:
                 self._sweep()
                 next_sweep = self.clock() + SWEEP_INTERVAL
+                idle_sweeps = 0 if self._tunnels else idle_sweeps + 1
+                if idle_sweeps >= IDLE_SWEEPS and self._end_thread_if_idle():
+                    return
+
+    def _end_thread_if_idle(self) -> bool:
+        """End the relay thread when no tunnel is open or on its way; the next tunnel starts a new one.
+        Under the start lock: a tunnel queued before this look keeps the thread, one queued after
+        finds no thread and starts one."""
+        with self._start_lock:
+            if self._tunnels or self._incoming:
+                return False
+            self._thread = None
+            return True
 
     def _guarded(self, step, end: _End, *args) -> None:
         """One broken tunnel must never stop the relay thread for all the others."""
