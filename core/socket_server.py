@@ -384,7 +384,14 @@ class SocketServer:
         try:
             refused = self.pool.submit_all([(serve, (conn,)) for conn in conns])
         except PoolClosed:
-            refused = [(serve, (conn,)) for conn in conns]
+            # The drain stopped the workers after its last look at these connections (a worker parked
+            # one whose next request came in since): closed unanswered, like any left at a drain's end.
+            for conn in conns:
+                conn.in_pool = False
+                log.info("draining: closing connection from %s, its request came after the workers stopped",
+                         conn.peer)
+                conn.close()
+            return
         for _, (conn,) in refused:
             conn.in_pool = False
             log.warning("work queue full: closing connection from %s", conn.peer)

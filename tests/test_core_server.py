@@ -4,6 +4,7 @@ concurrency, keep-alive parking, timeouts, overload, phased shutdown, failing an
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import struct
 import threading
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from core import SocketServer, ThreadPool
+from core import Connection, ConnectionState, SocketServer, ThreadPool
 from core.socket_server import REAP_INTERVAL
 from tests.support.echo_server import EchoHandler, LineClient, STOP_TIMEOUT, overload_reply, running_server
 from tests.support.timing import FakeClock, wait_for
@@ -416,6 +417,36 @@ def test_graceful_drain_serves_a_request_still_queued_for_a_worker(handler):
             assert slow.read_line() == b"slow\n"
             assert queued.read_line() == b"waiting\n"
             assert server.stopped.wait(STOP_TIMEOUT)
+
+
+def test_a_request_parked_after_the_drain_stopped_the_workers_is_logged_as_draining(handler, caplog):
+    """The race a drain can lose: a worker parks a connection whose next request came in after the
+    drain's last look, and the pool is shut by then. It is closed, and the log says why (not "queue full")."""
+    with running_server(handler, graceful_timeout=STOP_TIMEOUT) as server:
+        server.request_shutdown()
+        assert server.stopped.wait(STOP_TIMEOUT)  # the drain is over: its pool takes no more work
+        with socket.create_server(("127.0.0.1", 0)) as listener, \
+                socket.create_connection(listener.getsockname(), timeout=STOP_TIMEOUT) as client:
+            accepted, peer = listener.accept()
+            conn = Connection(accepted, peer)
+            conn.transition(ConnectionState.READING)
+            conn.transition(ConnectionState.IDLE)  # where a worker leaves it between two requests
+            client.sendall(b"next\n")
+            assert select.select([accepted], [], [], STOP_TIMEOUT)[0], "the request never arrived"
+            with caplog.at_level(logging.INFO, logger="pyproxy.core.server"):
+                server.park(conn)
+            assert conn.state is ConnectionState.CLOSED
+            assert closed_by_peer(client)
+    messages = [record.getMessage() for record in caplog.records if record.name == "pyproxy.core.server"]
+    assert any(message.startswith("draining: closing connection from") for message in messages), messages
+    assert not any("work queue full" in message for message in messages), messages
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:  # closed with the request unread: Linux sends a reset
+        return True
 
 
 def test_connection_parked_mid_request_holds_no_thread_and_expires_at_its_deadline():

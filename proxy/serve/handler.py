@@ -631,7 +631,9 @@ class HttpHandler:
         ex.record.request_id = self._request_id(request)
         if runtime.https_redirects:
             port = runtime.https_redirects.get(getattr(ex.conn.listener, "address", None))
-            if port is not None:  # redirect_https: the same URL on https, whatever the route
+            # redirect_https: the same URL on https, whatever the route; unless TLS ended in a trusted
+            # balancer in front, which forwards its decrypted requests here (else they loop forever).
+            if port is not None and not self._https_in_front(ex, runtime):
                 return None, (308, https_location(self._redirect_host(request), port, *split_target(request.target)))
         try:
             route, path, query, target = runtime.router.resolve(request.host, request.target)
@@ -658,6 +660,18 @@ class HttpHandler:
                        ex.record.request_id,
                        runtime.is_trusted(ex.session.client_ip) and not ex.session.relayed_unnamed)
         return upstream, out
+
+    @staticmethod
+    def _https_in_front(ex: Exchange, runtime) -> bool:
+        """Did a trusted proxy say, in X-Forwarded-Proto, that the client came to it over https? Only a peer
+        in server.trusted_proxies is believed (with none listed, nobody is: as for allow / deny), and only the
+        nearest value, the one that proxy wrote; a PROXY header's client is the peer, as everywhere."""
+        if "x-forwarded-proto" not in ex.request.headers.names:
+            return False
+        if not runtime.trusted or ex.session.relayed_unnamed or not runtime.is_trusted(ex.session.client_ip):
+            return False
+        nearest = ex.request.headers.get_all("x-forwarded-proto")[-1].rsplit(",", 1)[-1]
+        return nearest.strip().lower() == "https"
 
     @staticmethod
     def _redirect_host(request: RequestHead) -> str:
