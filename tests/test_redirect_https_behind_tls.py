@@ -105,6 +105,26 @@ def test_a_reload_that_drops_the_proxy_from_the_list_redirects_it_again(behind_t
     assert _redirected(_get(proxy.port, "X-Forwarded-Proto: https"))
 
 
+# -- what the upstream is told ------------------------------------------------------------------------------
+@pytest.mark.parametrize("listen,source,sent,forwarded", [
+    ({}, TRUSTED, "https", "https"),                      # the balancer ended TLS: the app is told so
+    ({"redirect_https": False}, TRUSTED, "https", "https"),  # on any listener, not only a redirecting one
+    ({"redirect_https": False}, TRUSTED, "HTTP", "http"),
+    ({"redirect_https": False}, TRUSTED, "gopher", "http"),  # not a scheme: the connection's own
+    ({"redirect_https": False}, UNTRUSTED, "https", "http"),  # a client's own word changes nothing
+])
+def test_the_upstream_is_told_the_scheme_a_trusted_proxy_saw(behind_tls, listen, source, sent, forwarded):
+    proxy = behind_tls(server={"trusted_proxies": [TRUSTED]}, listen=listen)
+    assert _get(proxy.port, f"X-Forwarded-Proto: {sent}", source=source).status == 200
+    assert proxy.backend.last.header_all("x-forwarded-proto") == [forwarded]
+
+
+def test_without_trusted_proxies_the_upstream_is_told_the_connection_scheme(behind_tls):
+    proxy = behind_tls(listen={"redirect_https": False})
+    assert _get(proxy.port, "X-Forwarded-Proto: https").status == 200
+    assert proxy.backend.last.header_all("x-forwarded-proto") == ["http"]
+
+
 # -- behind a PROXY protocol header: its client is the peer whose word counts ------------------------------
 @pytest.mark.parametrize("header,routed", [
     (b"PROXY TCP4 10.0.0.9 10.0.0.1 51234 80\r\n", True),        # a trusted proxy's connection, relayed

@@ -633,7 +633,7 @@ class HttpHandler:
             port = runtime.https_redirects.get(getattr(ex.conn.listener, "address", None))
             # redirect_https: the same URL on https, whatever the route; unless TLS ended in a trusted
             # balancer in front, which forwards its decrypted requests here (else they loop forever).
-            if port is not None and not self._https_in_front(ex, runtime):
+            if port is not None and self._forwarded_proto(ex, runtime) != "https":
                 return None, (308, https_location(self._redirect_host(request), port, *split_target(request.target)))
         try:
             route, path, query, target = runtime.router.resolve(request.host, request.target)
@@ -655,23 +655,27 @@ class HttpHandler:
         ex.route = route
         ex.record.upstream = upstream.name
         body = "chunked" if request.chunked else "length" if request.content_length else "none"
-        out = Outbound(request.method, target, "", ex.session.client_ip, ex.session.scheme, route.headers, body,
+        scheme = ex.session.scheme
+        if runtime.trusted:  # the scheme a trusted balancer saw (it ended TLS), as Traefik passes it on
+            scheme = self._forwarded_proto(ex, runtime) or scheme
+        out = Outbound(request.method, target, "", ex.session.client_ip, scheme, route.headers, body,
                        tunnel_upgrade(request.upgrade) if request.upgrade is not None else None,
                        ex.record.request_id,
                        runtime.is_trusted(ex.session.client_ip) and not ex.session.relayed_unnamed)
         return upstream, out
 
     @staticmethod
-    def _https_in_front(ex: Exchange, runtime) -> bool:
-        """Did a trusted proxy say, in X-Forwarded-Proto, that the client came to it over https? Only a peer
-        in server.trusted_proxies is believed (with none listed, nobody is: as for allow / deny), and only the
-        nearest value, the one that proxy wrote; a PROXY header's client is the peer, as everywhere."""
+    def _forwarded_proto(ex: Exchange, runtime) -> str | None:
+        """"http" or "https": how the client came to a trusted proxy, by its X-Forwarded-Proto; else None.
+        Only a peer in server.trusted_proxies is believed (with none listed, nobody is: as for allow /
+        deny), and only the nearest value, the one that proxy wrote; a PROXY header's client is the peer,
+        as everywhere."""
         if "x-forwarded-proto" not in ex.request.headers.names:
-            return False
+            return None
         if not runtime.trusted or ex.session.relayed_unnamed or not runtime.is_trusted(ex.session.client_ip):
-            return False
-        nearest = ex.request.headers.get_all("x-forwarded-proto")[-1].rsplit(",", 1)[-1]
-        return nearest.strip().lower() == "https"
+            return None
+        nearest = ex.request.headers.get_all("x-forwarded-proto")[-1].rsplit(",", 1)[-1].strip().lower()
+        return nearest if nearest in ("http", "https") else None
 
     @staticmethod
     def _redirect_host(request: RequestHead) -> str:
