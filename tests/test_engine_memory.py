@@ -24,7 +24,7 @@ from tests.support.proxy import CLIENT_TIMEOUT, proxy_config_dict
 pytestmark = pytest.mark.timeout(60)
 
 BIG = 200 * 1024 * 1024
-MAX_GROWTH = 50 * 1024 * 1024  # the issue allows "a few MiB"; this leaves room for thread stacks
+MAX_GROWTH = 50 * 1024 * 1024  # the aim is "a few MiB"; this leaves room for thread stacks
 
 
 @pytest.fixture
