@@ -33,7 +33,7 @@ from proxy.serve.watch import POLL_INTERVAL, Watcher, describe_changes
 
 log = logging.getLogger("pyproxy")
 
-POOL_QUEUE_PER_THREAD = 8  # queued connections per allowed thread before the proxy sheds load (503)
+POOL_QUEUE_PER_THREAD = 8  # queued connections per allowed thread before the proxy sheds load (closes new ones)
 # [server] keys a running process cannot take: the number of processes, the CPU pinning (set per
 # thread by sched_setaffinity, before any thread starts) and the size of the rate limit table (shared
 # memory mapped before the workers fork). A reload logs them instead of ignoring them.
