@@ -459,7 +459,7 @@ def test_workers_auto_on_the_command_line_runs_one_worker_per_cpu(tmp_path, json
 
 def test_workers_on_the_command_line_still_refuses_nonsense(tmp_path):
     path = write_config(tmp_path, one_backend_config('listen = "127.0.0.1:1"'))
-    for value in ("0", "two", "-1"):
+    for value in ("0", "two", "-1", "100000"):
         result = run_cli("-c", str(path), "--workers", value)
         assert result.returncode == 2, result.stderr
         assert "--workers" in result.stderr and "auto" in result.stderr

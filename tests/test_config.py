@@ -348,7 +348,7 @@ def test_all_problems_are_reported_at_once():
     }
     problems = problems_of(data)
     assert problems == [
-        'proxy.toml: server.workers: expected a number of processes (1 or more) or "auto", got 0',
+        'proxy.toml: server.workers: expected a number of processes (1-1024) or "auto", got 0',
         'proxy.toml: server.idle_timeout: "soon" is not a valid duration (use a number of seconds or a string like "250ms", "5s", "2m", "1h")',
         'proxy.toml: server.max_header_bytes: "100B" is too small (must be at least 1024 bytes)',
         'proxy.toml: server.trusted_proxies[0]: "10.0.0.1/8" is not a valid IP address or network (10.0.0.1/8 has host bits set)',
@@ -413,6 +413,12 @@ def test_empty_document_names_the_missing_sections():
      "proxy.toml: server.listen[0]: tls_cert and tls_key go together: give both or neither"),
     ({"server": {"max_threads": True}}, "proxy.toml: server.max_threads: expected a whole number, got true"),
     ({"server": {"header_timeout": 0}}, "proxy.toml: server.header_timeout: 0 is too short (must be more than 0)"),
+    # Threads are started at boot (min_threads) and a worker process each: a typo must not exhaust the machine.
+    ({"server": {"min_threads": 1000000}},
+     "proxy.toml: server.min_threads: must be 1-10000, got 1000000"),
+    ({"server": {"max_threads": 20000}}, "proxy.toml: server.max_threads: must be 1-10000, got 20000"),
+    ({"server": {"workers": 100000}}, 'proxy.toml: server.workers: expected a number of processes (1-1024) '
+                                      'or "auto", got 100000'),
     ({"server": "yes"}, 'proxy.toml: server: expected a table, got "yes"'),
     ({"admin": {"listen": ["127.0.0.1:1", "127.0.0.1:2"]}}, "proxy.toml: admin.listen: expected one address, got an array"),
     ({"log": {"access": ""}}, 'proxy.toml: log.access: expected "stdout", "stderr", "off" or a file path, got ""'),

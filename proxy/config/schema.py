@@ -51,6 +51,10 @@ MAX_WEIGHT = 1000
 MAX_RETRIES = 100
 DEFAULT_EXPECT_STATUS = frozenset(range(200, 300))
 COMMAND_LINE_SOURCE = "command line"
+# Upper bounds for counts that are spent at once: min_threads threads start at boot, in every worker
+# process, so a stray zero must get a clear error rather than exhaust the machine (or a traceback).
+MAX_THREADS = 10000
+MAX_WORKERS = 1024
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")               # TOML bare key (TOML 1.0 "Keys")
 _UPSTREAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")         # safe in key paths, logs and metric labels
@@ -406,9 +410,9 @@ def parse_workers(value: Any) -> int:
     run on (a container or taskset limited to 2 of 64 CPUs gets 2 workers, not 64)."""
     if value == "auto":
         return usable_cpu_count()
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS:
         return value
-    raise ValueError(f'expected a number of processes (1 or more) or "auto", got {describe_value(value)}')
+    raise ValueError(f'expected a number of processes (1-{MAX_WORKERS}) or "auto", got {describe_value(value)}')
 
 
 def _cpu_affinity(value: Any) -> str | tuple[int, ...]:
@@ -597,8 +601,8 @@ SERVER_KEYS = (
 _SERVER_CONVERTERS = {
     "workers": parse_workers,
     "rate_limit_keys": _integer(64, 16 * 1024 ** 2),  # at most 512 MiB of buckets
-    "min_threads": _integer(1),
-    "max_threads": _integer(1),
+    "min_threads": _integer(1, MAX_THREADS),
+    "max_threads": _integer(1, MAX_THREADS),
     "thread_idle_timeout": _duration(),
     "max_connections": _integer(1),
     "graceful_timeout": _duration(positive=False),   # 0 = close at once

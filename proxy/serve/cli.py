@@ -31,7 +31,7 @@ from proxy.http import local_ca
 from proxy.config.ca_names import default_ca_dir, name_is_permitted, permitted_names
 from proxy.serve import trust as trust_steps
 from proxy.config.schema import (
-    ACCESS_STREAMS, DEFAULT_LISTEN, Config, ConfigError, ListenConfig, TlsSettings, load_config, parse_workers,
+    ACCESS_STREAMS, DEFAULT_LISTEN, MAX_WORKERS, Config, ConfigError, ListenConfig, TlsSettings, load_config, parse_workers,
     quick_config,
 )
 from proxy.http.basic_auth import DEFAULT_COST, hash_password
@@ -91,7 +91,7 @@ def parse_workers_option(ctx: click.Context, param: click.Parameter, value: str 
     try:
         return parse_workers(int(value) if value.isdigit() else value)
     except ValueError:
-        raise click.BadParameter(f'{value!r} is not a number of processes (1 or more) or "auto"') from None
+        raise click.BadParameter(f'{value!r} is not a number of processes (1-{MAX_WORKERS}) or "auto"') from None
 
 
 def parse_route_option(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, str]]:
