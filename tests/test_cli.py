@@ -121,6 +121,33 @@ def test_port_in_use_is_one_line_and_exit_1(tmp_path, json_backends):
     assert "Traceback" not in result.stderr
 
 
+def localhost_address(port: int) -> str:
+    """What "localhost" binds to here (127.0.0.1, or ::1 on some systems), written as the config would."""
+    host = socket.getaddrinfo("localhost", port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][4][0]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_host_name_listed_beside_its_own_address_is_named_as_the_clash(tmp_path, workers):
+    # check cannot see it (it resolves no listen names), so the start must say which key clashes.
+    port = free_port()
+    text = one_backend_config(f'listen = ["{localhost_address(port)}", "localhost:{port}"]')
+    result = run_cli("-c", str(write_config(tmp_path, text)), "--workers", workers)
+    assert_one_line_problem(result, f"pyproxy: cannot listen on localhost:{port} (server.listen[1]): "
+                                    f"the same address as server.listen[0] {localhost_address(port)}")
+    assert "another proxy" not in result.stderr and "listening on" not in result.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_admin_host_name_on_a_listen_address_is_named_as_the_clash(tmp_path, workers):
+    port = free_port()
+    text = one_backend_config(f'listen = "{localhost_address(port)}"', extra=f'[admin]\nlisten = "localhost:{port}"\n')
+    result = run_cli("-c", str(write_config(tmp_path, text)), "--workers", workers)
+    assert_one_line_problem(result, f"pyproxy: cannot listen on localhost:{port} (admin.listen): "
+                                    f"the same address as server.listen {localhost_address(port)}")
+    assert "another proxy" not in result.stderr and "listening on" not in result.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # Config errors
 # ---------------------------------------------------------------------------------------------

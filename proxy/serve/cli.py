@@ -115,21 +115,51 @@ def listen_error(listen: ListenConfig, exc: OSError, key: str = "") -> ListenErr
     return ListenError(f"pyproxy: cannot listen on {listen.address}{named}: {reason}")
 
 
+def listen_key(config: Config, index: int) -> str:
+    return "server.listen" if len(config.server.listen) == 1 else f"server.listen[{index}]"
+
+
+def own_clash(listen: ListenConfig, bound: list[tuple[ListenConfig, socket.socket]]) -> int | None:
+    """The index in ``bound`` of a listener of this config holding the address ``listen`` resolves to.
+    check does not resolve listen names, so "localhost:8080" beside "127.0.0.1:8080" passes it, and
+    the bind then fails as if another program held the port."""
+    try:
+        wanted = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][4][0]
+    except OSError:
+        return None
+    for index, (_, sock) in enumerate(bound):
+        host, port = sock.getsockname()[:2]
+        if port == listen.port and host in (wanted, "0.0.0.0", "::"):
+            return index
+    return None
+
+
+def bind_error(config: Config, listen: ListenConfig, exc: OSError, key: str,
+               bound: list[tuple[ListenConfig, socket.socket]]) -> ListenError:
+    """Why ``listen`` could not be bound: another key of this config, or what bind(2) said."""
+    clash = own_clash(listen, bound) if exc.errno == errno.EADDRINUSE else None
+    if clash is None:
+        return listen_error(listen, exc, key if key == "admin.listen" else "")
+    return ListenError(f"pyproxy: cannot listen on {listen.address} ({key}): the same address as "
+                       f"{listen_key(config, clash)} {bound[clash][0].address}")
+
+
 def bind_listeners(config: Config) -> list[tuple[ListenConfig, socket.socket]]:
     """Bind every server.listen address up front, so a busy port is reported by name before any
     thread starts. Raises ListenError (after closing what was already bound)."""
     bound: list[tuple[ListenConfig, socket.socket]] = []
-    for listen in config.server.listen:
+    for index, listen in enumerate(config.server.listen):
         try:
             bound.append((listen, bind_config_listener(listen)))
         except OSError as exc:
+            error = bind_error(config, listen, exc, listen_key(config, index), bound)
             for _, sock in bound:
                 sock.close()
-            raise listen_error(listen, exc) from None
+            raise error from None
     return bound
 
 
-def bind_admin(config: Config) -> socket.socket | None:
+def bind_admin(config: Config, listeners: list[tuple[ListenConfig, socket.socket]]) -> socket.socket | None:
     """Bind [admin].listen up front as well: a taken admin port was a traceback with one process,
     and with workers a proxy running without /healthz. Raises ListenError."""
     if config.admin is None:
@@ -137,7 +167,7 @@ def bind_admin(config: Config) -> socket.socket | None:
     try:
         return bind_config_listener(config.admin.listen)
     except OSError as exc:
-        raise listen_error(config.admin.listen, exc, "admin.listen") from None
+        raise bind_error(config, config.admin.listen, exc, "admin.listen", listeners) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +274,7 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
         click.echo(listen_failure(exc, config, config_path), err=True)
         return 1
     try:
-        admin_socket = bind_admin(config)
+        admin_socket = bind_admin(config, listeners)
     except ListenError as exc:
         for _, sock in listeners:
             sock.close()
