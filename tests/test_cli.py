@@ -331,6 +331,8 @@ def test_route_and_to_together_send_the_rest_to_the_targets(tmp_path, json_backe
      ["command line: nothing to proxy to: give --to ADDRESS or --route KEY=ADDRESS"]),
     (["--from", "nonsense", "--to", "127.0.0.1:3000"],
      ['command line: --from nonsense: "nonsense" is not a valid address (missing port, e.g. "127.0.0.1:8080")']),
+    (["--from", "", "--to", "127.0.0.1:3000"],   # not the default address: an empty variable in a script
+     ['command line: --from : "" is not a valid address (missing port, e.g. "127.0.0.1:8080")']),
 ])
 def test_quick_mode_errors_exit_1_naming_the_option(args, problems):
     result = run_cli(*args)

@@ -609,6 +609,32 @@ def test_quick_config_problems_name_the_option():
         quick_config(":8080", [], [])
 
 
+@pytest.mark.parametrize("targets, routes, problem", [
+    ([], [("/api", "127.0.0.1:1"), ("/api/", "127.0.0.1:2")],
+     "command line: --route /api/=127.0.0.1:2: same host and path as --route /api=127.0.0.1:1, so it can never match"),
+    (["127.0.0.1:1"], [("/", "127.0.0.1:2")],
+     "command line: --to 127.0.0.1:1: same host and path as --route /=127.0.0.1:2, so it can never match"),
+    ([], [("App.localhost", "127.0.0.1:1"), ("app.localhost/", "127.0.0.1:2")],
+     "command line: --route app.localhost/=127.0.0.1:2: same host and path as --route App.localhost=127.0.0.1:1, "
+     "so it can never match"),
+    ([], [("/api", "127.0.0.1:1,127.0.0.1:1")],
+     "command line: --route /api=127.0.0.1:1,127.0.0.1:1: 127.0.0.1:1 is listed twice"),
+    (["127.0.0.1:1", "127.0.0.1:1"], [], "command line: --to 127.0.0.1:1: 127.0.0.1:1 is listed twice"),
+])
+def test_quick_config_conflicts_name_the_options_not_config_keys(targets, routes, problem):
+    # The user wrote options: "routes[1]" or "upstreams.\"127.0.0.1_1\"" would name keys of no file.
+    with pytest.raises(ConfigError) as caught:
+        quick_config(":8080", targets, routes)
+    assert caught.value.problems == [problem]
+
+
+def test_quick_config_upstream_names_that_sanitise_alike_stay_apart():
+    # "a:1,b:2" and "a_1_b:2" both sanitise to a_1_b_2: one route must not take the other's servers.
+    config = quick_config(":8080", [], [("/one", "a:1,b:2"), ("/two", "a_1_b:2")])
+    servers = {route.path: [s.address for s in config.upstreams[route.upstream].servers] for route in config.routes}
+    assert servers == {"/one": ["a:1", "b:2"], "/two": ["a_1_b:2"]}
+
+
 # --- robustness -------------------------------------------------------------------------------
 
 _SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10, 100000), st.floats(allow_nan=True),

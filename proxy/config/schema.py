@@ -1370,28 +1370,50 @@ def _split_route_key(key: str) -> tuple[str | None, str]:
     return host, slash + rest if slash else "/"
 
 
-def _quick_upstream_name(servers: list[str]) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", "+".join(servers))
+def _quick_upstream_name(servers: list[str], taken: dict[str, dict]) -> str:
+    """A name for the upstream of these servers: the same servers share one; other servers whose
+    names sanitise alike ("a:1,b:2" and "a_1_b:2") get a suffix rather than each other's servers."""
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", "+".join(servers))
+    name, number = base, 1
+    while name in taken and taken[name]["servers"] != servers:
+        number += 1
+        name = f"{base}-{number}"
+    return name
 
 
-def _quick_servers(c: _Checker, target: str, label: str) -> list[str]:
-    """Comma-separated servers, each checked now so the problem names the command-line option."""
+def _quick_servers(c: _Checker, target: str, label: str, seen: set | None = None) -> list[str]:
+    """Comma-separated servers, each checked now so the problem names the command-line option.
+    ``seen`` (the parsed servers of the same upstream so far) catches one listed twice."""
     servers = [part.strip() for part in target.split(",") if part.strip()]
     if not servers:
         c.add(label, 'expected a server address like "127.0.0.1:3000"')
+    seen = set() if seen is None else seen
     for server in servers:
         try:
-            parse_server_address(server)
+            parsed = parse_server_address(server)
         except ValueError as problem:
             c.add(label, str(problem))
+            continue
+        if parsed in seen:
+            c.add(label, f"{server} is listed twice")
+        seen.add(parsed)
     return servers
 
 
-def _quick_check(c: _Checker, label: str, convert: Callable[[Any], Any], value: Any) -> None:
+def _quick_check(c: _Checker, label: str, convert: Callable[[Any], Any], value: Any) -> Any:
     try:
-        convert(value)
+        return convert(value)
     except ValueError as problem:
         c.add(label, str(problem))
+        return None
+
+
+def _quick_route_twin(c: _Checker, label: str, key: tuple, labels: dict[tuple, str]) -> None:
+    """Two options for the same host and path: the second could never match (as for two [[routes]])."""
+    if key in labels:
+        c.add(label, f"same host and path as {labels[key]}, so it can never match")
+    else:
+        labels[key] = label
 
 
 HTTPS_PORT = 443
@@ -1442,20 +1464,25 @@ def quick_config(listen: str, targets: list[str], routes: list[tuple[str, str]])
     c = _Checker(COMMAND_LINE_SOURCE, os.getcwd())
     upstreams: dict[str, dict] = {}
     route_tables: list[dict] = []
+    labels: dict[tuple, str] = {}  # (host, path) as matched -> the option that asked for it first
     for key, target in routes:
         label = f"--route {key}={target}"
         servers = _quick_servers(c, target, label)
         host, path = _split_route_key(key)
-        _quick_check(c, label, _route_path, path)
-        if host is not None:
-            _quick_check(c, label, _route_host, host)
-        name = _quick_upstream_name(servers)
+        matched_path = _quick_check(c, label, _route_path, path)
+        matched_host = _quick_check(c, label, _route_host, host) if host is not None else None
+        if matched_path is not None and (host is None or matched_host is not None):
+            _quick_route_twin(c, label, (matched_host, matched_path), labels)
+        name = _quick_upstream_name(servers, upstreams)
         upstreams[name] = {"servers": servers}
         route_tables.append({"path": path, "upstream": name} | ({"host": host} if host is not None else {}))
     if targets:
-        servers = [server for target in targets for server in _quick_servers(c, target, f"--to {target}")]
-        upstreams.setdefault(_quick_upstream_name(servers), {"servers": servers})
-        route_tables.append({"path": "/", "upstream": _quick_upstream_name(servers)})
+        seen: set = set()
+        servers = [server for target in targets for server in _quick_servers(c, target, f"--to {target}", seen)]
+        _quick_route_twin(c, f"--to {targets[0]}", (None, "/"), labels)
+        name = _quick_upstream_name(servers, upstreams)
+        upstreams[name] = {"servers": servers}
+        route_tables.append({"path": "/", "upstream": name})
     if not route_tables:
         c.add("", "nothing to proxy to: give --to ADDRESS or --route KEY=ADDRESS")
     try:

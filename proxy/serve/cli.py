@@ -226,7 +226,7 @@ def main(ctx: click.Context, config_path: str | None, workers: int | None, watch
     if quick:
         if watch:
             raise click.UsageError("--watch needs a config file (-c FILE) to watch")
-        config = quick_config_or_exit(listen or DEFAULT_LISTEN, list(targets), routes)
+        config = quick_config_or_exit(DEFAULT_LISTEN if listen is None else listen, list(targets), routes)
         for line in routing_table_lines(config):
             click.echo(line, err=True)
         sys.exit(run_proxy(config, None, workers=workers, watch=False))
