@@ -466,6 +466,27 @@ def test_missing_file_and_bad_encoding(tmp_path):
         load_config(binary)
 
 
+def test_a_directory_or_a_pipe_is_refused_at_once(tmp_path):
+    # Opening a FIFO waits for a writer: check, or a reload on the loop thread, would hang for good.
+    fifo = tmp_path / "proxy.toml"
+    os.mkfifo(fifo)
+    result = run_cli("check", str(fifo))
+    assert_one_line_problem(result, f"{fifo}: cannot read the config file (a named pipe, not a regular file)")
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path)
+    assert caught.value.problems == [f"{tmp_path}: cannot read the config file (a directory, not a regular file)"]
+
+
+def test_a_config_file_larger_than_any_real_one_is_refused_unread(tmp_path):
+    # /dev/zero or a log named by mistake must not be read into memory whole.
+    huge = tmp_path / "huge.toml"
+    with open(huge, "wb") as file:
+        file.truncate(16 * 1024 ** 2 + 1)   # sparse: no disk space taken
+    with pytest.raises(ConfigError) as caught:
+        load_config(huge)
+    assert caught.value.problems == [f"{huge}: the file is larger than 16MiB: not a config file"]
+
+
 def test_file_paths_resolve_against_the_config_directory(tmp_path, monkeypatch):
     (tmp_path / "certs").mkdir()
     (tmp_path / "certs" / "ca.pem").write_text("x")

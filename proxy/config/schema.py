@@ -18,6 +18,7 @@ import difflib
 import ipaddress
 import os
 import re
+import stat
 import tomllib
 import types
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from proxy.config.edge import (
 from proxy.config.edge import (COMPRESS_KEYS, RATE_LIMIT_KEYS, REDIRECT_KEYS, CompressPolicy,  # noqa: F401
                                RateLimitPolicy, RedirectPolicy, parse_compress, parse_rate_limit, parse_redirect)
 from proxy.config.units import (
-    describe_value, format_address, format_duration, parse_address, parse_duration, parse_host,
+    describe_value, format_address, format_duration, format_size, parse_address, parse_duration, parse_host,
     parse_port, parse_size, split_host_port,
 )
 
@@ -1334,10 +1335,9 @@ def load_config(path: str | os.PathLike) -> Config:
     """Read and validate a TOML config file. Raises ConfigError (never anything else)."""
     source = os.fspath(path)
     try:
-        with open(source, "rb") as file:
-            # "utf-8-sig": editors on Windows may start the file with a byte order mark, which
-            # tomllib reports as an "Invalid statement" at line 1, column 1 (an invisible character).
-            data = tomllib.loads(file.read().decode("utf-8-sig"))
+        # "utf-8-sig": editors on Windows may start the file with a byte order mark, which
+        # tomllib reports as an "Invalid statement" at line 1, column 1 (an invisible character).
+        data = tomllib.loads(_read_config_bytes(source).decode("utf-8-sig"))
     except OSError as error:
         raise ConfigError([f"{source}: cannot read the config file ({error.strerror or error})"]) from None
     except UnicodeDecodeError as error:
@@ -1345,6 +1345,31 @@ def load_config(path: str | os.PathLike) -> Config:
     except tomllib.TOMLDecodeError as error:
         raise ConfigError([f"{source}: {_describe_toml_error(error)}"]) from None
     return parse_config(data, source, base_dir=os.path.dirname(os.path.abspath(source)))
+
+
+MAX_CONFIG_BYTES = 16 * 1024 ** 2   # far beyond any real config
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+
+
+def _read_config_bytes(source: str) -> bytes:
+    """The file's bytes. Opened without blocking and checked to be a regular file first: a FIFO would
+    hang check (or a reload, on the loop thread) waiting for a writer, and /dev/zero fill the memory."""
+    fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        os.close(fd)
+        raise
+    kind = next((name for test, name in _NOT_REGULAR if test(mode)), None)
+    if kind:
+        os.close(fd)
+        raise ConfigError([f"{source}: cannot read the config file ({kind}, not a regular file)"])
+    with open(fd, "rb") as file:
+        data = file.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{source}: the file is larger than {format_size(MAX_CONFIG_BYTES)}: not a config file"])
+    return data
 
 
 def _describe_toml_error(error: tomllib.TOMLDecodeError) -> str:
