@@ -417,6 +417,9 @@ def test_empty_document_names_the_missing_sections():
     ({"server": {"min_threads": 1000000}},
      "proxy.toml: server.min_threads: must be 1-10000, got 1000000"),
     ({"server": {"max_threads": 20000}}, "proxy.toml: server.max_threads: must be 1-10000, got 20000"),
+    # HTTP/2 advertises twice it in a 32-bit SETTINGS field: 2GiB and more broke every h2 connection.
+    ({"server": {"max_header_bytes": "4GiB"}},
+     'proxy.toml: server.max_header_bytes: "4GiB" is too large (must be at most 1MiB)'),
     ({"server": {"workers": 100000}}, 'proxy.toml: server.workers: expected a number of processes (1-1024) '
                                       'or "auto", got 100000'),
     ({"server": "yes"}, 'proxy.toml: server: expected a table, got "yes"'),

@@ -48,6 +48,7 @@ ACCESS_STREAMS = ("stdout", "stderr", "off")
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9901"  # Envoy's conventional admin port
 MIN_HEADER_BYTES = 1024                  # below this ordinary browser requests would get 431
+MAX_HEADER_BYTES = 1024 ** 2             # Go's default; HTTP/2 advertises twice it in a 32-bit field
 MAX_WEIGHT = 1000
 MAX_RETRIES = 100
 DEFAULT_EXPECT_STATUS = frozenset(range(200, 300))
@@ -390,11 +391,13 @@ def _duration(positive: bool = True) -> Callable[[Any], float]:
     return convert
 
 
-def _size(minimum: int = 0) -> Callable[[Any], int]:
+def _size(minimum: int = 0, maximum: int | None = None) -> Callable[[Any], int]:
     def convert(value: Any) -> int:
         size = parse_size(value)
         if size < minimum:
             raise ValueError(f"{describe_value(value)} is too small (must be at least {minimum} bytes)")
+        if maximum is not None and size > maximum:
+            raise ValueError(f"{describe_value(value)} is too large (must be at most {format_size(maximum)})")
         return size
     return convert
 
@@ -609,7 +612,7 @@ _SERVER_CONVERTERS = {
     "graceful_timeout": _duration(positive=False),   # 0 = close at once
     "header_timeout": _duration(),
     "idle_timeout": _duration(),
-    "max_header_bytes": _size(MIN_HEADER_BYTES),
+    "max_header_bytes": _size(MIN_HEADER_BYTES, MAX_HEADER_BYTES),
     "max_body_bytes": _size(),
     "tunnel_timeout": _duration(),
     "body_timeout": _duration(),
