@@ -1121,14 +1121,19 @@ def _parse_users(c: _Checker, value: Any, path: str) -> tuple[tuple[str, str], .
     return tuple(users)
 
 
+MAX_FILE_PROBLEMS = 10  # problems listed for one htpasswd file; the rest are counted
+
+
 def _parse_users_file(c: _Checker, value: Any, path: str) -> tuple[tuple[str, str], ...]:
     """An htpasswd file (relative to the config's directory), read now: a reload reads it again."""
     resolved = c.existing_file(value, path)
     if resolved is None:
         return ()
     users, problems = read_htpasswd(resolved)
-    for problem in problems:
+    for problem in problems[:MAX_FILE_PROBLEMS]:
         c.add(path, f"{resolved}: {problem}")
+    if len(problems) > MAX_FILE_PROBLEMS:  # another file named by mistake (a log): not one line per line
+        c.add(path, f"{resolved}: {len(problems) - MAX_FILE_PROBLEMS} more problems (is it an htpasswd file?)")
     if not users and not problems:
         c.add(path, f"{resolved} has no users: nobody could sign in")
     return tuple(users)
