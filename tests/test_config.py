@@ -539,6 +539,18 @@ def test_starter_config_is_valid_and_write_starter_refuses_to_overwrite(tmp_path
     assert path.read_text(encoding="utf-8") == STARTER_CONFIG
 
 
+def test_the_starter_shows_defaults_and_the_keys_a_newcomer_reaches_for():
+    # `pyproxy init -h` promises the defaults: a starter value that differs would mislead silently.
+    data = tomllib.loads(STARTER_CONFIG)
+    bare = parse_config({"admin": {}, "routes": data["routes"],
+                         "upstreams": {"app": {"servers": data["upstreams"]["app"]["servers"]}}}, "proxy.toml")
+    starter = parse_config(data, "proxy.toml")
+    assert (starter.server, starter.log, starter.admin, starter.upstreams["app"]) == (
+        bare.server, bare.log, bare.admin, bare.upstreams["app"])
+    for key in ("tunnel_timeout", "tls_cert", "tls_key", "tls_ca", "tls_verify"):   # WebSockets, HTTPS
+        assert f"{key} = " in STARTER_CONFIG, key
+
+
 def test_tomli_w_round_trip_gives_an_equal_config(tmp_path):
     data = tomllib.loads(FULL_TOML)
     for name in ("cert.pem", "key.pem", "ca.pem"):

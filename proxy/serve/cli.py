@@ -397,8 +397,9 @@ def hosts_without_internal_certificates(config: Config) -> list[str]:
 def init(path: str, force: bool) -> None:
     """Write a commented starter config to PATH (default proxy.toml).
 
-    It routes everything to 127.0.0.1:3000 and shows every key with its default;
-    edit it, then run "pyproxy check -c PATH" and "pyproxy -c PATH".
+    It routes everything to 127.0.0.1:3000 and shows the most used keys with their defaults
+    (docs/configuration.md has all of them); edit it, then run "pyproxy check -c PATH" and
+    "pyproxy -c PATH".
     """
     try:
         write_starter(path, force=force)
