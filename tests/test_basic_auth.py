@@ -239,6 +239,16 @@ def test_a_users_file_that_is_not_one_gives_a_few_lines_not_one_per_line(tmp_pat
     assert problems[-1] == where + "4990 more problems (is it an htpasswd file?)"
 
 
+def test_a_users_file_larger_than_any_htpasswd_file_is_not_read(tmp_path):
+    # A disk image or a huge log named by mistake must not be read into memory whole, on every reload.
+    users_file = tmp_path / "users.htpasswd"
+    with open(users_file, "wb") as file:
+        file.truncate(16 * 1024 ** 2 + 1)   # sparse: no disk space taken
+    problems = problems_of({"users_file": "users.htpasswd"}, base_dir=tmp_path)
+    assert problems == [f"proxy.toml: routes[0].basic_auth.users_file: {users_file}: "
+                        "larger than 16MiB: not an htpasswd file"]
+
+
 @pytest.mark.parametrize("basic_auth, expected", [
     ({"users": {"alice": "wonderland"}},
      "proxy.toml: routes[0].basic_auth.users.alice: not a hash (plain text or crypt); only bcrypt"),
