@@ -53,6 +53,8 @@ def write(tmp_path: Path, text: str, name: str = "proxy.toml") -> str:
 @pytest.mark.parametrize("value, seconds", [
     (5, 5.0), (0.25, 0.25), (0, 0.0), ("250ms", 0.25), ("5s", 5.0), ("2m", 120.0), ("1h", 3600.0),
     ("1.5s", 1.5), ("0s", 0.0),
+    # Go's (Caddy, Traefik) combined spelling, and HAProxy's and nginx's days
+    ("1h30m", 5400.0), ("1m30s", 90.0), ("2h45m10s500ms", 9910.5), ("1d", 86400.0), ("1d12h", 129600.0),
 ])
 def test_parse_duration_accepts(value, seconds):
     assert parse_duration(value) == seconds
@@ -62,6 +64,7 @@ def test_parse_duration_accepts(value, seconds):
     ("5", "use a number of seconds"), ("5 s", "use a number"), ("5sec", "use a number"),
     ("-1s", "use a number"), (-1, "must not be negative"), (True, "use a number"),
     ([5], "use a number"), (float("inf"), "use a number"), ("", "use a number"),
+    ("1h 30m", "use a number"), ("1h30", "use a number"), ("h", "use a number"), ("1hm", "use a number"),
 ])
 def test_parse_duration_rejects(value, reason):
     with pytest.raises(ValueError, match="is not a valid duration") as caught:
