@@ -420,6 +420,10 @@ def test_empty_document_names_the_missing_sections():
     ({"server": {"min_threads": 1000000}},
      "proxy.toml: server.min_threads: must be 1-10000, got 1000000"),
     ({"server": {"max_threads": 20000}}, "proxy.toml: server.max_threads: must be 1-10000, got 20000"),
+    # nginx's client_max_body_size 0 means no limit; here it would refuse every upload with 413.
+    ({"server": {"max_body_bytes": 0}},
+     'proxy.toml: server.max_body_bytes: 0 would refuse every request body with 413 (it is not "no limit" '
+     'as in nginx: give a large size like "100GiB")'),
     # HTTP/2 advertises twice it in a 32-bit SETTINGS field: 2GiB and more broke every h2 connection.
     ({"server": {"max_header_bytes": "4GiB"}},
      'proxy.toml: server.max_header_bytes: "4GiB" is too large (must be at most 1MiB)'),

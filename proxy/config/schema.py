@@ -402,6 +402,15 @@ def _size(minimum: int = 0, maximum: int | None = None) -> Callable[[Any], int]:
     return convert
 
 
+def _max_body_bytes(value: Any) -> int:
+    """A size of at least one byte: nginx users write 0 for "no limit", which here would refuse every upload."""
+    size = parse_size(value)
+    if size == 0:
+        raise ValueError(f'{describe_value(value)} would refuse every request body with 413 (it is not "no limit" '
+                         'as in nginx: give a large size like "100GiB")')
+    return size
+
+
 def usable_cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0)) or 1
@@ -613,7 +622,7 @@ _SERVER_CONVERTERS = {
     "header_timeout": _duration(),
     "idle_timeout": _duration(),
     "max_header_bytes": _size(MIN_HEADER_BYTES, MAX_HEADER_BYTES),
-    "max_body_bytes": _size(),
+    "max_body_bytes": _max_body_bytes,
     "tunnel_timeout": _duration(),
     "body_timeout": _duration(),
     "send_timeout": _duration(),
