@@ -112,7 +112,9 @@ def test_parse_address_accepts(text, expected):
     ("[::g]:80", '"[::g]:80" is not a valid address ([::g] is not an IPv6 address)'),
     ("999.1.1.1:80", '"999.1.1.1:80" is not a valid address (999.1.1.1 is not an IPv4 address)'),
     ("bad host:80", '"bad host:80" is not a valid address ("bad host" is not a valid host name)'),
-    (8080, '8080 is not a valid address (expected a string like "127.0.0.1:8080")'),
+    (8080, '8080 is not a valid address (expected a string like "127.0.0.1:8080", or ":8080" for all interfaces)'),
+    # nginx's "listen 8080": a port alone is not "missing port"
+    ("8080", '"8080" is not a valid address (a port alone is written ":8080", for all interfaces)'),
 ])
 def test_parse_address_rejects_with_exact_message(text, message):
     with pytest.raises(ValueError) as caught:
@@ -444,6 +446,8 @@ def test_empty_document_names_the_missing_sections():
      "proxy.toml: upstreams.web.servers[0].weight: must be 1-1000, got 1001"),
     ({"upstreams": {"web": {"servers": [":3000"]}}},
      'proxy.toml: upstreams.web.servers[0]: ":3000" is not a valid address (an upstream server needs a host, e.g. "127.0.0.1:3000")'),
+    ({"upstreams": {"web": {"servers": ["3000"]}}},
+     'proxy.toml: upstreams.web.servers[0]: "3000" is not a valid address (an upstream server needs a host, e.g. "127.0.0.1:3000")'),
     ({"upstreams": {"web": {}}}, 'proxy.toml: upstreams.web: missing required key "servers"'),
     ({"upstreams": {"web": {"servers": ["127.0.0.1:3000"], "tls_ca": "/nonexistent/ca.pem"}}},
      'proxy.toml: upstreams.web.tls_ca: "/nonexistent/ca.pem" does not exist or is not a file'),

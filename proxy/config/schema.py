@@ -574,9 +574,9 @@ def parse_server_address(text: Any) -> tuple[str, int, bool]:
         raise ValueError(f'{describe_value(text)} is not a valid address (expected a string like "127.0.0.1:9001")')
     scheme, sep, rest = text.partition("://")
     if not sep:
-        host, port = parse_address(text)
+        host, port = parse_address(f":{text}" if text.isascii() and text.isdigit() else text)
         if not host:
-            raise ValueError(f'{describe_value(text)} is not a valid address (an upstream server needs a host, e.g. "127.0.0.1{text}")')
+            raise ValueError(f'{describe_value(text)} is not a valid address (an upstream server needs a host, e.g. "127.0.0.1:{port}")')
         return host, port, False
     try:
         return _split_server_url(scheme, rest)

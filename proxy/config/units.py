@@ -152,7 +152,11 @@ def parse_address(text: object) -> tuple[str, int]:
     guessed here. Callers that need a real host (upstream servers) reject "" themselves.
     """
     if not isinstance(text, str):
-        raise ValueError(f'{describe_value(text)} is not a valid address (expected a string like "127.0.0.1:8080")')
+        raise ValueError(f'{describe_value(text)} is not a valid address (expected a string like "127.0.0.1:8080", '
+                         'or ":8080" for all interfaces)')
+    if text.isascii() and text.isdigit():  # nginx's "listen 8080"
+        raise ValueError(f'{describe_value(text)} is not a valid address (a port alone is written ":{text}", '
+                         'for all interfaces)')
     try:
         host_text, port_text = split_host_port(text)
         port = parse_port(port_text)
