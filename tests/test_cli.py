@@ -148,6 +148,21 @@ def test_an_admin_host_name_on_a_listen_address_is_named_as_the_clash(tmp_path, 
     assert "another proxy" not in result.stderr and "listening on" not in result.stderr
 
 
+def test_a_route_path_written_with_non_ascii_letters_matches_what_browsers_send(tmp_path, json_backends):
+    # Clients send /café as /caf%C3%A9 (RFC 3986 §2.5): a prefix kept as "/café" could never match.
+    cafe, rest = json_backends("cafe"), json_backends("rest")
+
+    def args_for_port(port: int) -> list[str]:
+        text = one_backend_config(f'listen = "127.0.0.1:{port}"', rest)
+        text += f'\n[[routes]]\npath = "/café"\nupstream = "cafe"\n\n[upstreams.cafe]\nservers = ["{cafe}"]\n'
+        return ["-c", str(write_config(tmp_path, text))]
+
+    with proxy_running(tmp_path, args_for_port) as running:
+        for path in ("/caf%C3%A9/menu", "/caf%c3%a9"):
+            assert running.get(path).json()["name"] == "cafe", path
+        assert running.get("/cafe").json()["name"] == "rest"
+
+
 # ---------------------------------------------------------------------------------------------
 # Config errors
 # ---------------------------------------------------------------------------------------------

@@ -456,6 +456,14 @@ def test_single_problems(section, expected):
     assert problems_of(minimal(**section)) == [expected]
 
 
+def test_paths_with_non_ascii_letters_are_kept_as_clients_send_them():
+    config = parse_config(minimal(routes=[{"path": "/café/", "upstream": "web"}],
+                                  upstreams={"web": {"servers": ["127.0.0.1:3000"], "health": {"path": "/état?x=é"}}}),
+                          "proxy.toml")
+    assert config.routes[0].path == "/caf%C3%A9"
+    assert config.upstreams["web"].health.path == "/%C3%A9tat?x=%C3%A9"
+
+
 def test_log_file_in_a_missing_directory_is_a_problem():
     assert problems_of(minimal(log={"access": "/nonexistent-dir/access.log"})) == [
         'proxy.toml: log.access: cannot write "/nonexistent-dir/access.log": directory /nonexistent-dir does not exist'

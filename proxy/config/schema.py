@@ -509,7 +509,15 @@ def _route_path(value: Any) -> str:
         raise ValueError(f'{describe_value(value)} must start with "/"')
     if any(c in value for c in "?#") or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
         raise ValueError(f"{describe_value(value)} is not a valid path prefix (no spaces, control characters, '?' or '#')")
-    return value.rstrip("/") or "/"
+    return _encode_non_ascii(value.rstrip("/") or "/")
+
+
+def _encode_non_ascii(path: str) -> str:
+    """ "/café" as clients send it, "/caf%C3%A9" (RFC 3986 §2.5: UTF-8, percent-encoded; uppercase as
+    the router normalises escapes): a prefix kept with raw letters could never match a request."""
+    if path.isascii():
+        return path
+    return "".join(c if c.isascii() else "".join(f"%{byte:02X}" for byte in c.encode("utf-8")) for c in path)
 
 
 def _request_path(value: Any) -> str:
@@ -520,7 +528,7 @@ def _request_path(value: Any) -> str:
         raise ValueError(f'{describe_value(value)} must start with "/"')
     if "#" in value or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
         raise ValueError(f"{describe_value(value)} is not a valid path (no spaces, control characters or '#')")
-    return value
+    return _encode_non_ascii(value)
 
 
 def _route_host(value: Any) -> str:
