@@ -163,6 +163,19 @@ def test_a_route_path_written_with_non_ascii_letters_matches_what_browsers_send(
         assert running.get("/cafe").json()["name"] == "rest"
 
 
+def test_a_proxy_that_only_redirects_runs_without_an_upstream(tmp_path):
+    def args_for_port(port: int) -> list[str]:
+        text = (f'[server]\nlisten = "127.0.0.1:{port}"\n\n[log]\naccess = "off"\n\n'
+                '[[routes]]\nredirect = { to = "https://new.example.com{uri}" }\n')
+        return ["-c", str(write_config(tmp_path, text))]
+
+    assert run_cli("check", *args_for_port(1)[1:]).returncode == 0
+    with proxy_running(tmp_path, args_for_port) as running:
+        response = running.get("/a?b=1", allow_redirects=False)
+        assert response.status_code == 308
+        assert response.headers["Location"] == "https://new.example.com/a?b=1"
+
+
 # ---------------------------------------------------------------------------------------------
 # Config errors
 # ---------------------------------------------------------------------------------------------

@@ -464,6 +464,16 @@ def test_paths_with_non_ascii_letters_are_kept_as_clients_send_them():
     assert config.upstreams["web"].health.path == "/%C3%A9tat?x=%C3%A9"
 
 
+def test_a_config_that_only_redirects_needs_no_upstream():
+    # An old domain sent to a new one (Caddy's redir, nginx's return 308) forwards nowhere.
+    config = parse_config({"routes": [{"redirect": {"to": "https://new.example.com{uri}"}}]}, "proxy.toml")
+    assert config.upstreams == {} and config.routes[0].redirect.to == "https://new.example.com{uri}"
+    assert problems_of({"routes": [{"redirect": {"to": "/x"}}, {"path": "/a", "upstream": "web"}]}) == [
+        'proxy.toml: routes[1].upstream: upstream "web" is not defined (no upstreams are defined)',
+        "proxy.toml: upstreams: missing: add at least one [upstreams.NAME] table",
+    ]
+
+
 def test_log_file_in_a_missing_directory_is_a_problem():
     assert problems_of(minimal(log={"access": "/nonexistent-dir/access.log"})) == [
         'proxy.toml: log.access: cannot write "/nonexistent-dir/access.log": directory /nonexistent-dir does not exist'

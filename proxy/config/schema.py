@@ -1317,14 +1317,22 @@ def _parse_upstream(c: _Checker, name: str, value: Any) -> UpstreamConfig:
     return UpstreamConfig(name, servers, **values)
 
 
-def _parse_upstreams(c: _Checker, value: Any) -> dict[str, UpstreamConfig]:
+def _parse_upstreams(c: _Checker, value: Any, needed: bool) -> dict[str, UpstreamConfig]:
+    """``needed``: some route forwards; a config whose routes all redirect needs no upstream."""
     if value is None:
-        c.add("upstreams", "missing: add at least one [upstreams.NAME] table")
+        if needed:
+            c.add("upstreams", "missing: add at least one [upstreams.NAME] table")
         return {}
     table = c.table(value, "upstreams")
-    if not table and isinstance(value, dict):
+    if not table and isinstance(value, dict) and needed:
         c.add("upstreams", "missing: add at least one [upstreams.NAME] table")
     return {name: _parse_upstream(c, name, item) for name, item in table.items()}
+
+
+def _only_redirects(routes: Any) -> bool:
+    """Every route (at least one) answers with a redirect: nothing is forwarded anywhere."""
+    return isinstance(routes, list) and bool(routes) and all(
+        isinstance(route, dict) and "redirect" in route and "upstream" not in route for route in routes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1349,7 +1357,7 @@ def parse_config(data: dict, source: str, base_dir: str | None = None) -> Config
     upstream_value = data.get("upstreams")
     upstream_names = list(upstream_value) if isinstance(upstream_value, dict) else []
     routes = _parse_routes(c, data.get("routes"), upstream_names)
-    upstreams = _parse_upstreams(c, upstream_value)
+    upstreams = _parse_upstreams(c, upstream_value, needed=not _only_redirects(data.get("routes")))
     if c.problems:
         raise ConfigError(c.problems)
     return Config(source=source, server=server, tls=tls, admin=admin, log=log, dns=dns, routes=routes,
