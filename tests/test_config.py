@@ -474,6 +474,15 @@ def test_a_config_that_only_redirects_needs_no_upstream():
     ]
 
 
+def test_a_route_host_written_in_unicode_matches_its_idna_form():
+    # Browsers send Host: xn--bcher-kva.example; Caddy takes the Unicode spelling in its config.
+    config = parse_config(minimal(routes=[{"host": "Bücher.example:8080", "upstream": "web"},
+                                          {"host": "*.例え.jp", "upstream": "web"}]), "proxy.toml")
+    assert [route.host for route in config.routes] == ["xn--bcher-kva.example", "*.xn--r8jz45g.jp"]
+    assert problems_of(minimal(routes=[{"host": "é" * 70 + ".example", "upstream": "web"}]))[0].endswith(
+        "is not a valid host (IDNA cannot encode it)")
+
+
 def test_log_file_in_a_missing_directory_is_a_problem():
     assert problems_of(minimal(log={"access": "/nonexistent-dir/access.log"})) == [
         'proxy.toml: log.access: cannot write "/nonexistent-dir/access.log": directory /nonexistent-dir does not exist'

@@ -542,6 +542,11 @@ def _route_host(value: Any) -> str:
     if "*" in text:
         raise ValueError(f'{describe_value(value)} is not a valid host (a wildcard must be the whole first label, e.g. "*.example.com")')
     try:
+        if not text.isascii():  # a Unicode name, as clients send it: its IDNA ("xn--") form
+            text = text.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"{describe_value(value)} is not a valid host (IDNA cannot encode it)") from None
+    try:
         host = parse_host(_drop_port(text)).rstrip(".")
     except ValueError as reason:
         raise ValueError(f"{describe_value(value)} is not a valid host ({reason})") from None
