@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -174,6 +175,35 @@ def test_a_proxy_that_only_redirects_runs_without_an_upstream(tmp_path):
         response = running.get("/a?b=1", allow_redirects=False)
         assert response.status_code == 308
         assert response.headers["Location"] == "https://new.example.com/a?b=1"
+
+
+def open_files_limit(pid: int) -> tuple[int, int]:
+    with open(f"/proc/{pid}/limits") as limits:
+        line = next(line for line in limits if line.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_one_and_a_short_one_is_named(tmp_path):
+    # systemd's soft limit is 1024 (hard 524288): with max_connections = 10000 the proxy ran out of
+    # descriptors at about 1000 clients. Go raises the soft limit to the hard one for every program.
+    _, allowed = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = 4096 if allowed == resource.RLIM_INFINITY else min(allowed, 4096)
+    if hard <= 256:
+        pytest.skip("the hard limit on open files here is too low to test raising the soft one")
+    port = free_port()
+    path = write_config(tmp_path, one_backend_config(f'listen = "127.0.0.1:{port}"'))
+    with open(tmp_path / "stderr", "w") as err:
+        process = subprocess.Popen(pyproxy_command() + ["-c", str(path)], stdout=subprocess.DEVNULL, stderr=err,
+                                   preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+    try:
+        assert wait_for_port(port, process, time.monotonic() + 15), (tmp_path / "stderr").read_text()
+        assert open_files_limit(process.pid) == (hard, hard)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=EXIT_TIMEOUT) == 0
+    assert (f"server.max_connections 10000 may need 20000 open files; the limit here is {hard}"
+            in (tmp_path / "stderr").read_text())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import getpass
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -257,6 +258,7 @@ def quick_config_or_exit(listen: str, targets: list[str], routes: list[tuple[str
 def run_proxy(config, config_path: str | None, workers: int | None = None, watch: bool = False) -> int:
     """Serve until a signal drains the proxy. Returns the exit code (0 clean, 1 cannot listen)."""
     configure_logging(config.log.level)
+    open_files = raise_open_files_limit()
     problems = tls_problems(config)  # load certificates once, before any socket or fork
     if problems:
         click.echo(_with_source(config, ConfigError(problems)), err=True)
@@ -280,6 +282,7 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
             sock.close()
         click.echo(str(exc), err=True)
         return 1
+    warn_if_open_files_short(config, open_files)
     workers = workers or config.server.workers
     if workers > 1:  # a supervisor and N worker processes sharing these sockets (proxy.serve.supervisor)
         if admin_socket is not None:
@@ -304,6 +307,28 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
     click.echo(f"pyproxy {__version__} listening on {describe_listeners(process)}", err=True)
     process.serve_forever()
     return 0
+
+
+def raise_open_files_limit() -> int:
+    """Lift the soft limit on open files to the hard one, as Go does for every program (systemd's soft
+    1024 ran out at about 1000 clients); worker processes inherit it. Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # an infinite hard limit above the kernel's nr_open: keep the soft one
+            pass
+    return soft
+
+
+def warn_if_open_files_short(config: Config, limit: int) -> None:
+    """Each client connection may hold an upstream one too: past the limit, accept fails (EMFILE)."""
+    needed = config.server.max_connections * 2
+    if limit != resource.RLIM_INFINITY and limit < needed:
+        log.warning("server.max_connections %d may need %d open files; the limit here is %d "
+                    "(raise it: ulimit -n, or LimitNOFILE= under systemd)", config.server.max_connections,
+                    needed, limit)
 
 
 def stop_signal_pending() -> bool:
