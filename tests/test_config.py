@@ -418,6 +418,8 @@ def test_empty_document_names_the_missing_sections():
      "proxy.toml: server.listen[0]: tls_cert and tls_key go together: give both or neither"),
     ({"server": {"max_threads": True}}, "proxy.toml: server.max_threads: expected a whole number, got true"),
     ({"server": {"header_timeout": 0}}, "proxy.toml: server.header_timeout: 0 is too short (must be more than 0)"),
+    ({"log": {"level": "INFO"}},   # Python's logging spells it so
+     """proxy.toml: log.level: "INFO" is not one of debug | info | warning | error (did you mean 'info'?)"""),
     # Threads are started at boot (min_threads) and a worker process each: a typo must not exhaust the machine.
     ({"server": {"min_threads": 1000000}},
      "proxy.toml: server.min_threads: must be 1-10000, got 1000000"),

@@ -287,7 +287,9 @@ def key_path(parent: str, key: str) -> str:
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """ " (did you mean 'x'?)" when a candidate is close, else ""."""
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    candidates = list(candidates)
+    same_but_case = [candidate for candidate in candidates if candidate.lower() == word.lower()]
+    close = same_but_case or difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
