@@ -228,6 +228,27 @@ def test_entries_that_are_not_bcrypt_are_named_by_line(tmp_path):
     ]
 
 
+def test_a_users_file_that_is_not_one_gives_a_few_lines_not_one_per_line(tmp_path):
+    # users_file = "access.log" by mistake: a problem for each of its lines would bury the others.
+    users_file = tmp_path / "access.log"
+    users_file.write_text("".join(f'10.0.0.{n % 250} - - "GET /{n} HTTP/1.1" 200\n' for n in range(5000)))
+    problems = problems_of({"users_file": "access.log"}, base_dir=tmp_path)
+    where = f"proxy.toml: routes[0].basic_auth.users_file: {users_file}: "
+    assert len(problems) == 11
+    assert problems[0] == where + 'line 1: expected "user:hash"'
+    assert problems[-1] == where + "4990 more problems (is it an htpasswd file?)"
+
+
+def test_a_users_file_larger_than_any_htpasswd_file_is_not_read(tmp_path):
+    # A disk image or a huge log named by mistake must not be read into memory whole, on every reload.
+    users_file = tmp_path / "users.htpasswd"
+    with open(users_file, "wb") as file:
+        file.truncate(16 * 1024 ** 2 + 1)   # sparse: no disk space taken
+    problems = problems_of({"users_file": "users.htpasswd"}, base_dir=tmp_path)
+    assert problems == [f"proxy.toml: routes[0].basic_auth.users_file: {users_file}: "
+                        "larger than 16MiB: not an htpasswd file"]
+
+
 @pytest.mark.parametrize("basic_auth, expected", [
     ({"users": {"alice": "wonderland"}},
      "proxy.toml: routes[0].basic_auth.users.alice: not a hash (plain text or crypt); only bcrypt"),

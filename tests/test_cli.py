@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -119,6 +120,90 @@ def test_port_in_use_is_one_line_and_exit_1(tmp_path, json_backends):
         f"pyproxy: cannot listen on 127.0.0.1:{port}: address already in use "
         "(is another proxy or server running there?)")
     assert "Traceback" not in result.stderr
+
+
+def localhost_address(port: int) -> str:
+    """What "localhost" binds to here (127.0.0.1, or ::1 on some systems), written as the config would."""
+    host = socket.getaddrinfo("localhost", port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][4][0]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_host_name_listed_beside_its_own_address_is_named_as_the_clash(tmp_path, workers):
+    # check cannot see it (it resolves no listen names), so the start must say which key clashes.
+    port = free_port()
+    text = one_backend_config(f'listen = ["{localhost_address(port)}", "localhost:{port}"]')
+    result = run_cli("-c", str(write_config(tmp_path, text)), "--workers", workers)
+    assert_one_line_problem(result, f"pyproxy: cannot listen on localhost:{port} (server.listen[1]): "
+                                    f"the same address as server.listen[0] {localhost_address(port)}")
+    assert "another proxy" not in result.stderr and "listening on" not in result.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_admin_host_name_on_a_listen_address_is_named_as_the_clash(tmp_path, workers):
+    port = free_port()
+    text = one_backend_config(f'listen = "{localhost_address(port)}"', extra=f'[admin]\nlisten = "localhost:{port}"\n')
+    result = run_cli("-c", str(write_config(tmp_path, text)), "--workers", workers)
+    assert_one_line_problem(result, f"pyproxy: cannot listen on localhost:{port} (admin.listen): "
+                                    f"the same address as server.listen {localhost_address(port)}")
+    assert "another proxy" not in result.stderr and "listening on" not in result.stderr
+
+
+def test_a_route_path_written_with_non_ascii_letters_matches_what_browsers_send(tmp_path, json_backends):
+    # Clients send /café as /caf%C3%A9 (RFC 3986 §2.5): a prefix kept as "/café" could never match.
+    cafe, rest = json_backends("cafe"), json_backends("rest")
+
+    def args_for_port(port: int) -> list[str]:
+        text = one_backend_config(f'listen = "127.0.0.1:{port}"', rest)
+        text += f'\n[[routes]]\npath = "/café"\nupstream = "cafe"\n\n[upstreams.cafe]\nservers = ["{cafe}"]\n'
+        return ["-c", str(write_config(tmp_path, text))]
+
+    with proxy_running(tmp_path, args_for_port) as running:
+        for path in ("/caf%C3%A9/menu", "/caf%c3%a9"):
+            assert running.get(path).json()["name"] == "cafe", path
+        assert running.get("/cafe").json()["name"] == "rest"
+
+
+def test_a_proxy_that_only_redirects_runs_without_an_upstream(tmp_path):
+    def args_for_port(port: int) -> list[str]:
+        text = (f'[server]\nlisten = "127.0.0.1:{port}"\n\n[log]\naccess = "off"\n\n'
+                '[[routes]]\nredirect = { to = "https://new.example.com{uri}" }\n')
+        return ["-c", str(write_config(tmp_path, text))]
+
+    assert run_cli("check", *args_for_port(1)[1:]).returncode == 0
+    with proxy_running(tmp_path, args_for_port) as running:
+        response = running.get("/a?b=1", allow_redirects=False)
+        assert response.status_code == 308
+        assert response.headers["Location"] == "https://new.example.com/a?b=1"
+
+
+def open_files_limit(pid: int) -> tuple[int, int]:
+    with open(f"/proc/{pid}/limits") as limits:
+        line = next(line for line in limits if line.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_one_and_a_short_one_is_named(tmp_path):
+    # systemd's soft limit is 1024 (hard 524288): with max_connections = 10000 the proxy ran out of
+    # descriptors at about 1000 clients. Go raises the soft limit to the hard one for every program.
+    _, allowed = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = 4096 if allowed == resource.RLIM_INFINITY else min(allowed, 4096)
+    if hard <= 256:
+        pytest.skip("the hard limit on open files here is too low to test raising the soft one")
+    port = free_port()
+    path = write_config(tmp_path, one_backend_config(f'listen = "127.0.0.1:{port}"'))
+    with open(tmp_path / "stderr", "w") as err:
+        process = subprocess.Popen(pyproxy_command() + ["-c", str(path)], stdout=subprocess.DEVNULL, stderr=err,
+                                   preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+    try:
+        assert wait_for_port(port, process, time.monotonic() + 15), (tmp_path / "stderr").read_text()
+        assert open_files_limit(process.pid) == (hard, hard)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=EXIT_TIMEOUT) == 0
+    assert (f"server.max_connections 10000 may need 20000 open files; the limit here is {hard}"
+            in (tmp_path / "stderr").read_text())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +389,8 @@ def test_route_and_to_together_send_the_rest_to_the_targets(tmp_path, json_backe
      ["command line: nothing to proxy to: give --to ADDRESS or --route KEY=ADDRESS"]),
     (["--from", "nonsense", "--to", "127.0.0.1:3000"],
      ['command line: --from nonsense: "nonsense" is not a valid address (missing port, e.g. "127.0.0.1:8080")']),
+    (["--from", "", "--to", "127.0.0.1:3000"],   # not the default address: an empty variable in a script
+     ['command line: --from : "" is not a valid address (missing port, e.g. "127.0.0.1:8080")']),
 ])
 def test_quick_mode_errors_exit_1_naming_the_option(args, problems):
     result = run_cli(*args)
@@ -459,7 +546,7 @@ def test_workers_auto_on_the_command_line_runs_one_worker_per_cpu(tmp_path, json
 
 def test_workers_on_the_command_line_still_refuses_nonsense(tmp_path):
     path = write_config(tmp_path, one_backend_config('listen = "127.0.0.1:1"'))
-    for value in ("0", "two", "-1"):
+    for value in ("0", "two", "-1", "100000"):
         result = run_cli("-c", str(path), "--workers", value)
         assert result.returncode == 2, result.stderr
         assert "--workers" in result.stderr and "auto" in result.stderr

@@ -53,6 +53,8 @@ def write(tmp_path: Path, text: str, name: str = "proxy.toml") -> str:
 @pytest.mark.parametrize("value, seconds", [
     (5, 5.0), (0.25, 0.25), (0, 0.0), ("250ms", 0.25), ("5s", 5.0), ("2m", 120.0), ("1h", 3600.0),
     ("1.5s", 1.5), ("0s", 0.0),
+    # Go's (Caddy, Traefik) combined spelling, and HAProxy's and nginx's days
+    ("1h30m", 5400.0), ("1m30s", 90.0), ("2h45m10s500ms", 9910.5), ("1d", 86400.0), ("1d12h", 129600.0),
 ])
 def test_parse_duration_accepts(value, seconds):
     assert parse_duration(value) == seconds
@@ -62,6 +64,7 @@ def test_parse_duration_accepts(value, seconds):
     ("5", "use a number of seconds"), ("5 s", "use a number"), ("5sec", "use a number"),
     ("-1s", "use a number"), (-1, "must not be negative"), (True, "use a number"),
     ([5], "use a number"), (float("inf"), "use a number"), ("", "use a number"),
+    ("1h 30m", "use a number"), ("1h30", "use a number"), ("h", "use a number"), ("1hm", "use a number"),
 ])
 def test_parse_duration_rejects(value, reason):
     with pytest.raises(ValueError, match="is not a valid duration") as caught:
@@ -109,7 +112,9 @@ def test_parse_address_accepts(text, expected):
     ("[::g]:80", '"[::g]:80" is not a valid address ([::g] is not an IPv6 address)'),
     ("999.1.1.1:80", '"999.1.1.1:80" is not a valid address (999.1.1.1 is not an IPv4 address)'),
     ("bad host:80", '"bad host:80" is not a valid address ("bad host" is not a valid host name)'),
-    (8080, '8080 is not a valid address (expected a string like "127.0.0.1:8080")'),
+    (8080, '8080 is not a valid address (expected a string like "127.0.0.1:8080", or ":8080" for all interfaces)'),
+    # nginx's "listen 8080": a port alone is not "missing port"
+    ("8080", '"8080" is not a valid address (a port alone is written ":8080", for all interfaces)'),
 ])
 def test_parse_address_rejects_with_exact_message(text, message):
     with pytest.raises(ValueError) as caught:
@@ -348,7 +353,7 @@ def test_all_problems_are_reported_at_once():
     }
     problems = problems_of(data)
     assert problems == [
-        'proxy.toml: server.workers: expected a number of processes (1 or more) or "auto", got 0',
+        'proxy.toml: server.workers: expected a number of processes (1-1024) or "auto", got 0',
         'proxy.toml: server.idle_timeout: "soon" is not a valid duration (use a number of seconds or a string like "250ms", "5s", "2m", "1h")',
         'proxy.toml: server.max_header_bytes: "100B" is too small (must be at least 1024 bytes)',
         'proxy.toml: server.trusted_proxies[0]: "10.0.0.1/8" is not a valid IP address or network (10.0.0.1/8 has host bits set)',
@@ -413,6 +418,21 @@ def test_empty_document_names_the_missing_sections():
      "proxy.toml: server.listen[0]: tls_cert and tls_key go together: give both or neither"),
     ({"server": {"max_threads": True}}, "proxy.toml: server.max_threads: expected a whole number, got true"),
     ({"server": {"header_timeout": 0}}, "proxy.toml: server.header_timeout: 0 is too short (must be more than 0)"),
+    ({"log": {"level": "INFO"}},   # Python's logging spells it so
+     """proxy.toml: log.level: "INFO" is not one of debug | info | warning | error (did you mean 'info'?)"""),
+    # Threads are started at boot (min_threads) and a worker process each: a typo must not exhaust the machine.
+    ({"server": {"min_threads": 1000000}},
+     "proxy.toml: server.min_threads: must be 1-10000, got 1000000"),
+    ({"server": {"max_threads": 20000}}, "proxy.toml: server.max_threads: must be 1-10000, got 20000"),
+    # nginx's client_max_body_size 0 means no limit; here it would refuse every upload with 413.
+    ({"server": {"max_body_bytes": 0}},
+     'proxy.toml: server.max_body_bytes: 0 would refuse every request body with 413 (it is not "no limit" '
+     'as in nginx: give a large size like "100GiB")'),
+    # HTTP/2 advertises twice it in a 32-bit SETTINGS field: 2GiB and more broke every h2 connection.
+    ({"server": {"max_header_bytes": "4GiB"}},
+     'proxy.toml: server.max_header_bytes: "4GiB" is too large (must be at most 1MiB)'),
+    ({"server": {"workers": 100000}}, 'proxy.toml: server.workers: expected a number of processes (1-1024) '
+                                      'or "auto", got 100000'),
     ({"server": "yes"}, 'proxy.toml: server: expected a table, got "yes"'),
     ({"admin": {"listen": ["127.0.0.1:1", "127.0.0.1:2"]}}, "proxy.toml: admin.listen: expected one address, got an array"),
     ({"log": {"access": ""}}, 'proxy.toml: log.access: expected "stdout", "stderr", "off" or a file path, got ""'),
@@ -428,12 +448,41 @@ def test_empty_document_names_the_missing_sections():
      "proxy.toml: upstreams.web.servers[0].weight: must be 1-1000, got 1001"),
     ({"upstreams": {"web": {"servers": [":3000"]}}},
      'proxy.toml: upstreams.web.servers[0]: ":3000" is not a valid address (an upstream server needs a host, e.g. "127.0.0.1:3000")'),
+    ({"upstreams": {"web": {"servers": ["3000"]}}},
+     'proxy.toml: upstreams.web.servers[0]: "3000" is not a valid address (an upstream server needs a host, e.g. "127.0.0.1:3000")'),
     ({"upstreams": {"web": {}}}, 'proxy.toml: upstreams.web: missing required key "servers"'),
     ({"upstreams": {"web": {"servers": ["127.0.0.1:3000"], "tls_ca": "/nonexistent/ca.pem"}}},
      'proxy.toml: upstreams.web.tls_ca: "/nonexistent/ca.pem" does not exist or is not a file'),
 ])
 def test_single_problems(section, expected):
     assert problems_of(minimal(**section)) == [expected]
+
+
+def test_paths_with_non_ascii_letters_are_kept_as_clients_send_them():
+    config = parse_config(minimal(routes=[{"path": "/café/", "upstream": "web"}],
+                                  upstreams={"web": {"servers": ["127.0.0.1:3000"], "health": {"path": "/état?x=é"}}}),
+                          "proxy.toml")
+    assert config.routes[0].path == "/caf%C3%A9"
+    assert config.upstreams["web"].health.path == "/%C3%A9tat?x=%C3%A9"
+
+
+def test_a_config_that_only_redirects_needs_no_upstream():
+    # An old domain sent to a new one (Caddy's redir, nginx's return 308) forwards nowhere.
+    config = parse_config({"routes": [{"redirect": {"to": "https://new.example.com{uri}"}}]}, "proxy.toml")
+    assert config.upstreams == {} and config.routes[0].redirect.to == "https://new.example.com{uri}"
+    assert problems_of({"routes": [{"redirect": {"to": "/x"}}, {"path": "/a", "upstream": "web"}]}) == [
+        'proxy.toml: routes[1].upstream: upstream "web" is not defined (no upstreams are defined)',
+        "proxy.toml: upstreams: missing: add at least one [upstreams.NAME] table",
+    ]
+
+
+def test_a_route_host_written_in_unicode_matches_its_idna_form():
+    # Browsers send Host: xn--bcher-kva.example; Caddy takes the Unicode spelling in its config.
+    config = parse_config(minimal(routes=[{"host": "Bücher.example:8080", "upstream": "web"},
+                                          {"host": "*.例え.jp", "upstream": "web"}]), "proxy.toml")
+    assert [route.host for route in config.routes] == ["xn--bcher-kva.example", "*.xn--r8jz45g.jp"]
+    assert problems_of(minimal(routes=[{"host": "é" * 70 + ".example", "upstream": "web"}]))[0].endswith(
+        "is not a valid host (IDNA cannot encode it)")
 
 
 def test_log_file_in_a_missing_directory_is_a_problem():
@@ -458,6 +507,27 @@ def test_missing_file_and_bad_encoding(tmp_path):
     binary.write_bytes(b"x = 1\n\xff\n")
     with pytest.raises(ConfigError, match="not valid UTF-8 text"):
         load_config(binary)
+
+
+def test_a_directory_or_a_pipe_is_refused_at_once(tmp_path):
+    # Opening a FIFO waits for a writer: check, or a reload on the loop thread, would hang for good.
+    fifo = tmp_path / "proxy.toml"
+    os.mkfifo(fifo)
+    result = run_cli("check", str(fifo))
+    assert_one_line_problem(result, f"{fifo}: cannot read the config file (a named pipe, not a regular file)")
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path)
+    assert caught.value.problems == [f"{tmp_path}: cannot read the config file (a directory, not a regular file)"]
+
+
+def test_a_config_file_larger_than_any_real_one_is_refused_unread(tmp_path):
+    # /dev/zero or a log named by mistake must not be read into memory whole.
+    huge = tmp_path / "huge.toml"
+    with open(huge, "wb") as file:
+        file.truncate(16 * 1024 ** 2 + 1)   # sparse: no disk space taken
+    with pytest.raises(ConfigError) as caught:
+        load_config(huge)
+    assert caught.value.problems == [f"{huge}: the file is larger than 16MiB: not a config file"]
 
 
 def test_file_paths_resolve_against_the_config_directory(tmp_path, monkeypatch):
@@ -507,6 +577,18 @@ def test_starter_config_is_valid_and_write_starter_refuses_to_overwrite(tmp_path
     assert path.read_text() == "# mine\n"
     write_starter(path, force=True)
     assert path.read_text(encoding="utf-8") == STARTER_CONFIG
+
+
+def test_the_starter_shows_defaults_and_the_keys_a_newcomer_reaches_for():
+    # `pyproxy init -h` promises the defaults: a starter value that differs would mislead silently.
+    data = tomllib.loads(STARTER_CONFIG)
+    bare = parse_config({"admin": {}, "routes": data["routes"],
+                         "upstreams": {"app": {"servers": data["upstreams"]["app"]["servers"]}}}, "proxy.toml")
+    starter = parse_config(data, "proxy.toml")
+    assert (starter.server, starter.log, starter.admin, starter.upstreams["app"]) == (
+        bare.server, bare.log, bare.admin, bare.upstreams["app"])
+    for key in ("tunnel_timeout", "tls_cert", "tls_key", "tls_ca", "tls_verify"):   # WebSockets, HTTPS
+        assert f"{key} = " in STARTER_CONFIG, key
 
 
 def test_tomli_w_round_trip_gives_an_equal_config(tmp_path):
@@ -601,6 +683,32 @@ def test_quick_config_problems_name_the_option():
     ]
     with pytest.raises(ConfigError, match="nothing to proxy to"):
         quick_config(":8080", [], [])
+
+
+@pytest.mark.parametrize("targets, routes, problem", [
+    ([], [("/api", "127.0.0.1:1"), ("/api/", "127.0.0.1:2")],
+     "command line: --route /api/=127.0.0.1:2: same host and path as --route /api=127.0.0.1:1, so it can never match"),
+    (["127.0.0.1:1"], [("/", "127.0.0.1:2")],
+     "command line: --to 127.0.0.1:1: same host and path as --route /=127.0.0.1:2, so it can never match"),
+    ([], [("App.localhost", "127.0.0.1:1"), ("app.localhost/", "127.0.0.1:2")],
+     "command line: --route app.localhost/=127.0.0.1:2: same host and path as --route App.localhost=127.0.0.1:1, "
+     "so it can never match"),
+    ([], [("/api", "127.0.0.1:1,127.0.0.1:1")],
+     "command line: --route /api=127.0.0.1:1,127.0.0.1:1: 127.0.0.1:1 is listed twice"),
+    (["127.0.0.1:1", "127.0.0.1:1"], [], "command line: --to 127.0.0.1:1: 127.0.0.1:1 is listed twice"),
+])
+def test_quick_config_conflicts_name_the_options_not_config_keys(targets, routes, problem):
+    # The user wrote options: "routes[1]" or "upstreams.\"127.0.0.1_1\"" would name keys of no file.
+    with pytest.raises(ConfigError) as caught:
+        quick_config(":8080", targets, routes)
+    assert caught.value.problems == [problem]
+
+
+def test_quick_config_upstream_names_that_sanitise_alike_stay_apart():
+    # "a:1,b:2" and "a_1_b:2" both sanitise to a_1_b_2: one route must not take the other's servers.
+    config = quick_config(":8080", [], [("/one", "a:1,b:2"), ("/two", "a_1_b:2")])
+    servers = {route.path: [s.address for s in config.upstreams[route.upstream].servers] for route in config.routes}
+    assert servers == {"/one": ["a:1", "b:2"], "/two": ["a_1_b:2"]}
 
 
 # --- robustness -------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.config.units import describe_value, parse_duration, parse_size
+from proxy.config.units import describe_value, format_size, parse_duration, parse_size
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -59,6 +59,7 @@ def shadowed_allow(allow: str, deny: tuple[str, ...]) -> str | None:
 
 DEFAULT_REALM = "restricted"
 MAX_REALM_CHARS = 200
+MAX_HTPASSWD_BYTES = 16 * 1024 ** 2  # some 200 000 bcrypt entries; a bigger file is another file named by mistake
 # A bcrypt hash in modular crypt format: $2a$, $2b$ or $2y$ (what htpasswd -B writes), a two-digit cost
 # 04-31, then 22 characters of salt and 31 of hash in bcrypt's base64 alphabet.
 _BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
@@ -124,9 +125,12 @@ def read_htpasswd(path: str) -> tuple[list[tuple[str, str]], list[str]]:
     UTF-8 byte order mark (editors on Windows write one) is not part of the first user's name."""
     try:
         with open(path, "rb") as file:
-            raw_lines = file.read().removeprefix(codecs.BOM_UTF8).splitlines()
+            data = file.read(MAX_HTPASSWD_BYTES + 1)
     except OSError as error:
         return [], [f"cannot read {path} ({error.strerror or error})"]
+    if len(data) > MAX_HTPASSWD_BYTES:
+        return [], [f"larger than {format_size(MAX_HTPASSWD_BYTES)}: not an htpasswd file"]
+    raw_lines = data.removeprefix(codecs.BOM_UTF8).splitlines()
     users: list[tuple[str, str]] = []
     problems: list[str] = []
     seen: dict[str, int] = {}

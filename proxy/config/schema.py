@@ -18,6 +18,7 @@ import difflib
 import ipaddress
 import os
 import re
+import stat
 import tomllib
 import types
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from proxy.config.edge import (
 from proxy.config.edge import (COMPRESS_KEYS, RATE_LIMIT_KEYS, REDIRECT_KEYS, CompressPolicy,  # noqa: F401
                                RateLimitPolicy, RedirectPolicy, parse_compress, parse_rate_limit, parse_redirect)
 from proxy.config.units import (
-    describe_value, format_address, format_duration, parse_address, parse_duration, parse_host,
+    describe_value, format_address, format_duration, format_size, parse_address, parse_duration, parse_host,
     parse_port, parse_size, split_host_port,
 )
 
@@ -47,10 +48,15 @@ ACCESS_STREAMS = ("stdout", "stderr", "off")
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:9901"  # Envoy's conventional admin port
 MIN_HEADER_BYTES = 1024                  # below this ordinary browser requests would get 431
+MAX_HEADER_BYTES = 1024 ** 2             # Go's default; HTTP/2 advertises twice it in a 32-bit field
 MAX_WEIGHT = 1000
 MAX_RETRIES = 100
 DEFAULT_EXPECT_STATUS = frozenset(range(200, 300))
 COMMAND_LINE_SOURCE = "command line"
+# Upper bounds for counts that are spent at once: min_threads threads start at boot, in every worker
+# process, so a stray zero must get a clear error rather than exhaust the machine (or a traceback).
+MAX_THREADS = 10000
+MAX_WORKERS = 1024
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")               # TOML bare key (TOML 1.0 "Keys")
 _UPSTREAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")         # safe in key paths, logs and metric labels
@@ -281,7 +287,9 @@ def key_path(parent: str, key: str) -> str:
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """ " (did you mean 'x'?)" when a candidate is close, else ""."""
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    candidates = list(candidates)
+    same_but_case = [candidate for candidate in candidates if candidate.lower() == word.lower()]
+    close = same_but_case or difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -385,13 +393,24 @@ def _duration(positive: bool = True) -> Callable[[Any], float]:
     return convert
 
 
-def _size(minimum: int = 0) -> Callable[[Any], int]:
+def _size(minimum: int = 0, maximum: int | None = None) -> Callable[[Any], int]:
     def convert(value: Any) -> int:
         size = parse_size(value)
         if size < minimum:
             raise ValueError(f"{describe_value(value)} is too small (must be at least {minimum} bytes)")
+        if maximum is not None and size > maximum:
+            raise ValueError(f"{describe_value(value)} is too large (must be at most {format_size(maximum)})")
         return size
     return convert
+
+
+def _max_body_bytes(value: Any) -> int:
+    """A size of at least one byte: nginx users write 0 for "no limit", which here would refuse every upload."""
+    size = parse_size(value)
+    if size == 0:
+        raise ValueError(f'{describe_value(value)} would refuse every request body with 413 (it is not "no limit" '
+                         'as in nginx: give a large size like "100GiB")')
+    return size
 
 
 def usable_cpu_count() -> int:
@@ -406,9 +425,9 @@ def parse_workers(value: Any) -> int:
     run on (a container or taskset limited to 2 of 64 CPUs gets 2 workers, not 64)."""
     if value == "auto":
         return usable_cpu_count()
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS:
         return value
-    raise ValueError(f'expected a number of processes (1 or more) or "auto", got {describe_value(value)}')
+    raise ValueError(f'expected a number of processes (1-{MAX_WORKERS}) or "auto", got {describe_value(value)}')
 
 
 def _cpu_affinity(value: Any) -> str | tuple[int, ...]:
@@ -492,7 +511,15 @@ def _route_path(value: Any) -> str:
         raise ValueError(f'{describe_value(value)} must start with "/"')
     if any(c in value for c in "?#") or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
         raise ValueError(f"{describe_value(value)} is not a valid path prefix (no spaces, control characters, '?' or '#')")
-    return value.rstrip("/") or "/"
+    return _encode_non_ascii(value.rstrip("/") or "/")
+
+
+def _encode_non_ascii(path: str) -> str:
+    """ "/café" as clients send it, "/caf%C3%A9" (RFC 3986 §2.5: UTF-8, percent-encoded; uppercase as
+    the router normalises escapes): a prefix kept with raw letters could never match a request."""
+    if path.isascii():
+        return path
+    return "".join(c if c.isascii() else "".join(f"%{byte:02X}" for byte in c.encode("utf-8")) for c in path)
 
 
 def _request_path(value: Any) -> str:
@@ -503,7 +530,7 @@ def _request_path(value: Any) -> str:
         raise ValueError(f'{describe_value(value)} must start with "/"')
     if "#" in value or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
         raise ValueError(f"{describe_value(value)} is not a valid path (no spaces, control characters or '#')")
-    return value
+    return _encode_non_ascii(value)
 
 
 def _route_host(value: Any) -> str:
@@ -516,6 +543,11 @@ def _route_host(value: Any) -> str:
         text = text[2:]
     if "*" in text:
         raise ValueError(f'{describe_value(value)} is not a valid host (a wildcard must be the whole first label, e.g. "*.example.com")')
+    try:
+        if not text.isascii():  # a Unicode name, as clients send it: its IDNA ("xn--") form
+            text = text.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"{describe_value(value)} is not a valid host (IDNA cannot encode it)") from None
     try:
         host = parse_host(_drop_port(text)).rstrip(".")
     except ValueError as reason:
@@ -557,9 +589,9 @@ def parse_server_address(text: Any) -> tuple[str, int, bool]:
         raise ValueError(f'{describe_value(text)} is not a valid address (expected a string like "127.0.0.1:9001")')
     scheme, sep, rest = text.partition("://")
     if not sep:
-        host, port = parse_address(text)
+        host, port = parse_address(f":{text}" if text.isascii() and text.isdigit() else text)
         if not host:
-            raise ValueError(f'{describe_value(text)} is not a valid address (an upstream server needs a host, e.g. "127.0.0.1{text}")')
+            raise ValueError(f'{describe_value(text)} is not a valid address (an upstream server needs a host, e.g. "127.0.0.1:{port}")')
         return host, port, False
     try:
         return _split_server_url(scheme, rest)
@@ -597,15 +629,15 @@ SERVER_KEYS = (
 _SERVER_CONVERTERS = {
     "workers": parse_workers,
     "rate_limit_keys": _integer(64, 16 * 1024 ** 2),  # at most 512 MiB of buckets
-    "min_threads": _integer(1),
-    "max_threads": _integer(1),
+    "min_threads": _integer(1, MAX_THREADS),
+    "max_threads": _integer(1, MAX_THREADS),
     "thread_idle_timeout": _duration(),
     "max_connections": _integer(1),
     "graceful_timeout": _duration(positive=False),   # 0 = close at once
     "header_timeout": _duration(),
     "idle_timeout": _duration(),
-    "max_header_bytes": _size(MIN_HEADER_BYTES),
-    "max_body_bytes": _size(),
+    "max_header_bytes": _size(MIN_HEADER_BYTES, MAX_HEADER_BYTES),
+    "max_body_bytes": _max_body_bytes,
     "tunnel_timeout": _duration(),
     "body_timeout": _duration(),
     "send_timeout": _duration(),
@@ -1113,14 +1145,19 @@ def _parse_users(c: _Checker, value: Any, path: str) -> tuple[tuple[str, str], .
     return tuple(users)
 
 
+MAX_FILE_PROBLEMS = 10  # problems listed for one htpasswd file; the rest are counted
+
+
 def _parse_users_file(c: _Checker, value: Any, path: str) -> tuple[tuple[str, str], ...]:
     """An htpasswd file (relative to the config's directory), read now: a reload reads it again."""
     resolved = c.existing_file(value, path)
     if resolved is None:
         return ()
     users, problems = read_htpasswd(resolved)
-    for problem in problems:
+    for problem in problems[:MAX_FILE_PROBLEMS]:
         c.add(path, f"{resolved}: {problem}")
+    if len(problems) > MAX_FILE_PROBLEMS:  # another file named by mistake (a log): not one line per line
+        c.add(path, f"{resolved}: {len(problems) - MAX_FILE_PROBLEMS} more problems (is it an htpasswd file?)")
     if not users and not problems:
         c.add(path, f"{resolved} has no users: nobody could sign in")
     return tuple(users)
@@ -1287,14 +1324,22 @@ def _parse_upstream(c: _Checker, name: str, value: Any) -> UpstreamConfig:
     return UpstreamConfig(name, servers, **values)
 
 
-def _parse_upstreams(c: _Checker, value: Any) -> dict[str, UpstreamConfig]:
+def _parse_upstreams(c: _Checker, value: Any, needed: bool) -> dict[str, UpstreamConfig]:
+    """``needed``: some route forwards; a config whose routes all redirect needs no upstream."""
     if value is None:
-        c.add("upstreams", "missing: add at least one [upstreams.NAME] table")
+        if needed:
+            c.add("upstreams", "missing: add at least one [upstreams.NAME] table")
         return {}
     table = c.table(value, "upstreams")
-    if not table and isinstance(value, dict):
+    if not table and isinstance(value, dict) and needed:
         c.add("upstreams", "missing: add at least one [upstreams.NAME] table")
     return {name: _parse_upstream(c, name, item) for name, item in table.items()}
+
+
+def _only_redirects(routes: Any) -> bool:
+    """Every route (at least one) answers with a redirect: nothing is forwarded anywhere."""
+    return isinstance(routes, list) and bool(routes) and all(
+        isinstance(route, dict) and "redirect" in route and "upstream" not in route for route in routes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1319,7 +1364,7 @@ def parse_config(data: dict, source: str, base_dir: str | None = None) -> Config
     upstream_value = data.get("upstreams")
     upstream_names = list(upstream_value) if isinstance(upstream_value, dict) else []
     routes = _parse_routes(c, data.get("routes"), upstream_names)
-    upstreams = _parse_upstreams(c, upstream_value)
+    upstreams = _parse_upstreams(c, upstream_value, needed=not _only_redirects(data.get("routes")))
     if c.problems:
         raise ConfigError(c.problems)
     return Config(source=source, server=server, tls=tls, admin=admin, log=log, dns=dns, routes=routes,
@@ -1330,10 +1375,9 @@ def load_config(path: str | os.PathLike) -> Config:
     """Read and validate a TOML config file. Raises ConfigError (never anything else)."""
     source = os.fspath(path)
     try:
-        with open(source, "rb") as file:
-            # "utf-8-sig": editors on Windows may start the file with a byte order mark, which
-            # tomllib reports as an "Invalid statement" at line 1, column 1 (an invisible character).
-            data = tomllib.loads(file.read().decode("utf-8-sig"))
+        # "utf-8-sig": editors on Windows may start the file with a byte order mark, which
+        # tomllib reports as an "Invalid statement" at line 1, column 1 (an invisible character).
+        data = tomllib.loads(_read_config_bytes(source).decode("utf-8-sig"))
     except OSError as error:
         raise ConfigError([f"{source}: cannot read the config file ({error.strerror or error})"]) from None
     except UnicodeDecodeError as error:
@@ -1341,6 +1385,31 @@ def load_config(path: str | os.PathLike) -> Config:
     except tomllib.TOMLDecodeError as error:
         raise ConfigError([f"{source}: {_describe_toml_error(error)}"]) from None
     return parse_config(data, source, base_dir=os.path.dirname(os.path.abspath(source)))
+
+
+MAX_CONFIG_BYTES = 16 * 1024 ** 2   # far beyond any real config
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+
+
+def _read_config_bytes(source: str) -> bytes:
+    """The file's bytes. Opened without blocking and checked to be a regular file first: a FIFO would
+    hang check (or a reload, on the loop thread) waiting for a writer, and /dev/zero fill the memory."""
+    fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        os.close(fd)
+        raise
+    kind = next((name for test, name in _NOT_REGULAR if test(mode)), None)
+    if kind:
+        os.close(fd)
+        raise ConfigError([f"{source}: cannot read the config file ({kind}, not a regular file)"])
+    with open(fd, "rb") as file:
+        data = file.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{source}: the file is larger than {format_size(MAX_CONFIG_BYTES)}: not a config file"])
+    return data
 
 
 def _describe_toml_error(error: tomllib.TOMLDecodeError) -> str:
@@ -1366,28 +1435,50 @@ def _split_route_key(key: str) -> tuple[str | None, str]:
     return host, slash + rest if slash else "/"
 
 
-def _quick_upstream_name(servers: list[str]) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", "+".join(servers))
+def _quick_upstream_name(servers: list[str], taken: dict[str, dict]) -> str:
+    """A name for the upstream of these servers: the same servers share one; other servers whose
+    names sanitise alike ("a:1,b:2" and "a_1_b:2") get a suffix rather than each other's servers."""
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", "+".join(servers))
+    name, number = base, 1
+    while name in taken and taken[name]["servers"] != servers:
+        number += 1
+        name = f"{base}-{number}"
+    return name
 
 
-def _quick_servers(c: _Checker, target: str, label: str) -> list[str]:
-    """Comma-separated servers, each checked now so the problem names the command-line option."""
+def _quick_servers(c: _Checker, target: str, label: str, seen: set | None = None) -> list[str]:
+    """Comma-separated servers, each checked now so the problem names the command-line option.
+    ``seen`` (the parsed servers of the same upstream so far) catches one listed twice."""
     servers = [part.strip() for part in target.split(",") if part.strip()]
     if not servers:
         c.add(label, 'expected a server address like "127.0.0.1:3000"')
+    seen = set() if seen is None else seen
     for server in servers:
         try:
-            parse_server_address(server)
+            parsed = parse_server_address(server)
         except ValueError as problem:
             c.add(label, str(problem))
+            continue
+        if parsed in seen:
+            c.add(label, f"{server} is listed twice")
+        seen.add(parsed)
     return servers
 
 
-def _quick_check(c: _Checker, label: str, convert: Callable[[Any], Any], value: Any) -> None:
+def _quick_check(c: _Checker, label: str, convert: Callable[[Any], Any], value: Any) -> Any:
     try:
-        convert(value)
+        return convert(value)
     except ValueError as problem:
         c.add(label, str(problem))
+        return None
+
+
+def _quick_route_twin(c: _Checker, label: str, key: tuple, labels: dict[tuple, str]) -> None:
+    """Two options for the same host and path: the second could never match (as for two [[routes]])."""
+    if key in labels:
+        c.add(label, f"same host and path as {labels[key]}, so it can never match")
+    else:
+        labels[key] = label
 
 
 HTTPS_PORT = 443
@@ -1438,20 +1529,25 @@ def quick_config(listen: str, targets: list[str], routes: list[tuple[str, str]])
     c = _Checker(COMMAND_LINE_SOURCE, os.getcwd())
     upstreams: dict[str, dict] = {}
     route_tables: list[dict] = []
+    labels: dict[tuple, str] = {}  # (host, path) as matched -> the option that asked for it first
     for key, target in routes:
         label = f"--route {key}={target}"
         servers = _quick_servers(c, target, label)
         host, path = _split_route_key(key)
-        _quick_check(c, label, _route_path, path)
-        if host is not None:
-            _quick_check(c, label, _route_host, host)
-        name = _quick_upstream_name(servers)
+        matched_path = _quick_check(c, label, _route_path, path)
+        matched_host = _quick_check(c, label, _route_host, host) if host is not None else None
+        if matched_path is not None and (host is None or matched_host is not None):
+            _quick_route_twin(c, label, (matched_host, matched_path), labels)
+        name = _quick_upstream_name(servers, upstreams)
         upstreams[name] = {"servers": servers}
         route_tables.append({"path": path, "upstream": name} | ({"host": host} if host is not None else {}))
     if targets:
-        servers = [server for target in targets for server in _quick_servers(c, target, f"--to {target}")]
-        upstreams.setdefault(_quick_upstream_name(servers), {"servers": servers})
-        route_tables.append({"path": "/", "upstream": _quick_upstream_name(servers)})
+        seen: set = set()
+        servers = [server for target in targets for server in _quick_servers(c, target, f"--to {target}", seen)]
+        _quick_route_twin(c, f"--to {targets[0]}", (None, "/"), labels)
+        name = _quick_upstream_name(servers, upstreams)
+        upstreams[name] = {"servers": servers}
+        route_tables.append({"path": "/", "upstream": name})
     if not route_tables:
         c.add("", "nothing to proxy to: give --to ADDRESS or --route KEY=ADDRESS")
     try:

@@ -31,9 +31,12 @@ max_header_bytes = "16KiB"     # request line + headers; past it 431 (414 for th
 max_body_bytes = "100MiB"      # request body; past it 413
 body_timeout = "60s"           # longest gap between request body reads; past it 408 (slow POST)
 send_timeout = "60s"           # a client that reads nothing of its response for this long is dropped
+tunnel_timeout = "1h"          # an upgraded connection (WebSocket) in which nothing moves for this long is closed
 h2_max_streams = 100           # HTTP/2: requests in progress at once on one client connection
 # trusted_proxies = ["10.0.0.0/8"]  # load balancers in front of us whose X-Forwarded-For we believe
 
+# HTTPS with your own certificate (PEM files, relative to this file):
+#   listen = [{ address = ":443", tls_cert = "fullchain.pem", tls_key = "privkey.pem" }]
 # HTTPS for local development with certificates from pyproxy's own CA (run `pyproxy trust` once):
 # add the listener { address = "127.0.0.1:8443", tls = "internal" } to server.listen above.
 # TLS listeners speak HTTP/2 to clients that offer it (http2 = false in the listener turns it off);
@@ -88,6 +91,8 @@ preserve_host = true           # pass the client's Host header; false = send the
 keepalive = 32                 # idle pooled connections kept per server
 keepalive_timeout = "30s"      # keep below the backend's own idle timeout
 # send_proxy_protocol = "v2"   # a PROXY header ("v1" or "v2") on each new connection, for backends that read it
+# tls_ca = "internal-ca.pem"   # https:// servers: trust this CA instead of the system store
+# tls_verify = true            # https:// servers: check their certificate (false only for test setups)
 max_connections = 0            # concurrent connections per server; 0 = unlimited
 connect_timeout = "5s"
 read_timeout = "60s"           # response head, and each gap between body reads

@@ -13,7 +13,7 @@ import math
 import re
 from decimal import Decimal
 
-DURATION_UNITS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600)}
+DURATION_UNITS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600), "d": Decimal(86400)}
 # Binary units (IEC) are what the docs use; the SI spellings are accepted with their SI meaning
 # (1 kB = 1000 bytes) rather than silently treated as 1024.
 SIZE_UNITS = {
@@ -27,6 +27,9 @@ MAX_PORT = 65535
 MAX_DURATION_SECONDS = 365 * 24 * 3600
 
 _NUMBER_WITH_UNIT = re.compile(r"(\d+(?:\.\d+)?)([A-Za-z]+)")
+# One or more number-unit parts, summed as Go (Caddy, Traefik) reads "1h30m"; "ms" is tried before "m".
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|[smhd])")
+_DURATION = re.compile(rf"(?:{_DURATION_PART.pattern})+")
 # RFC 1123 §2.1 host name labels; "_" is tolerated because real internal names use it.
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _DURATION_HINT = 'use a number of seconds or a string like "250ms", "5s", "2m", "1h"'
@@ -54,17 +57,16 @@ def _is_number(value: object) -> bool:
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from a number (5, 0.25) or a string with a unit ("250ms", "5s", "2m", "1h")."""
+    """Seconds from a number (5, 0.25) or a string with units ("250ms", "5s", "2m", "1h", "1d", "1h30m")."""
     if _is_number(value):
         if not math.isfinite(value):
             raise ValueError(f"{describe_value(value)} is not a valid duration ({_DURATION_HINT})")
         if value < 0:
             raise ValueError(f"{describe_value(value)} is not a valid duration (must not be negative)")
         return _at_most_a_year(value, float(value))
-    if isinstance(value, str):
-        match = _NUMBER_WITH_UNIT.fullmatch(value)
-        if match and match.group(2) in DURATION_UNITS:
-            return _at_most_a_year(value, float(Decimal(match.group(1)) * DURATION_UNITS[match.group(2)]))
+    if isinstance(value, str) and _DURATION.fullmatch(value):
+        total = sum(Decimal(number) * DURATION_UNITS[unit] for number, unit in _DURATION_PART.findall(value))
+        return _at_most_a_year(value, float(total))
     raise ValueError(f"{describe_value(value)} is not a valid duration ({_DURATION_HINT})")
 
 
@@ -150,7 +152,11 @@ def parse_address(text: object) -> tuple[str, int]:
     guessed here. Callers that need a real host (upstream servers) reject "" themselves.
     """
     if not isinstance(text, str):
-        raise ValueError(f'{describe_value(text)} is not a valid address (expected a string like "127.0.0.1:8080")')
+        raise ValueError(f'{describe_value(text)} is not a valid address (expected a string like "127.0.0.1:8080", '
+                         'or ":8080" for all interfaces)')
+    if text.isascii() and text.isdigit():  # nginx's "listen 8080"
+        raise ValueError(f'{describe_value(text)} is not a valid address (a port alone is written ":{text}", '
+                         'for all interfaces)')
     try:
         host_text, port_text = split_host_port(text)
         port = parse_port(port_text)

@@ -18,6 +18,7 @@ import getpass
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -31,7 +32,7 @@ from proxy.http import local_ca
 from proxy.config.ca_names import default_ca_dir, name_is_permitted, permitted_names
 from proxy.serve import trust as trust_steps
 from proxy.config.schema import (
-    ACCESS_STREAMS, DEFAULT_LISTEN, Config, ConfigError, ListenConfig, TlsSettings, load_config, parse_workers,
+    ACCESS_STREAMS, DEFAULT_LISTEN, MAX_WORKERS, Config, ConfigError, ListenConfig, TlsSettings, load_config, parse_workers,
     quick_config,
 )
 from proxy.http.basic_auth import DEFAULT_COST, hash_password
@@ -91,7 +92,7 @@ def parse_workers_option(ctx: click.Context, param: click.Parameter, value: str 
     try:
         return parse_workers(int(value) if value.isdigit() else value)
     except ValueError:
-        raise click.BadParameter(f'{value!r} is not a number of processes (1 or more) or "auto"') from None
+        raise click.BadParameter(f'{value!r} is not a number of processes (1-{MAX_WORKERS}) or "auto"') from None
 
 
 def parse_route_option(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -115,21 +116,51 @@ def listen_error(listen: ListenConfig, exc: OSError, key: str = "") -> ListenErr
     return ListenError(f"pyproxy: cannot listen on {listen.address}{named}: {reason}")
 
 
+def listen_key(config: Config, index: int) -> str:
+    return "server.listen" if len(config.server.listen) == 1 else f"server.listen[{index}]"
+
+
+def own_clash(listen: ListenConfig, bound: list[tuple[ListenConfig, socket.socket]]) -> int | None:
+    """The index in ``bound`` of a listener of this config holding the address ``listen`` resolves to.
+    check does not resolve listen names, so "localhost:8080" beside "127.0.0.1:8080" passes it, and
+    the bind then fails as if another program held the port."""
+    try:
+        wanted = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][4][0]
+    except OSError:
+        return None
+    for index, (_, sock) in enumerate(bound):
+        host, port = sock.getsockname()[:2]
+        if port == listen.port and host in (wanted, "0.0.0.0", "::"):
+            return index
+    return None
+
+
+def bind_error(config: Config, listen: ListenConfig, exc: OSError, key: str,
+               bound: list[tuple[ListenConfig, socket.socket]]) -> ListenError:
+    """Why ``listen`` could not be bound: another key of this config, or what bind(2) said."""
+    clash = own_clash(listen, bound) if exc.errno == errno.EADDRINUSE else None
+    if clash is None:
+        return listen_error(listen, exc, key if key == "admin.listen" else "")
+    return ListenError(f"pyproxy: cannot listen on {listen.address} ({key}): the same address as "
+                       f"{listen_key(config, clash)} {bound[clash][0].address}")
+
+
 def bind_listeners(config: Config) -> list[tuple[ListenConfig, socket.socket]]:
     """Bind every server.listen address up front, so a busy port is reported by name before any
     thread starts. Raises ListenError (after closing what was already bound)."""
     bound: list[tuple[ListenConfig, socket.socket]] = []
-    for listen in config.server.listen:
+    for index, listen in enumerate(config.server.listen):
         try:
             bound.append((listen, bind_config_listener(listen)))
         except OSError as exc:
+            error = bind_error(config, listen, exc, listen_key(config, index), bound)
             for _, sock in bound:
                 sock.close()
-            raise listen_error(listen, exc) from None
+            raise error from None
     return bound
 
 
-def bind_admin(config: Config) -> socket.socket | None:
+def bind_admin(config: Config, listeners: list[tuple[ListenConfig, socket.socket]]) -> socket.socket | None:
     """Bind [admin].listen up front as well: a taken admin port was a traceback with one process,
     and with workers a proxy running without /healthz. Raises ListenError."""
     if config.admin is None:
@@ -137,7 +168,7 @@ def bind_admin(config: Config) -> socket.socket | None:
     try:
         return bind_config_listener(config.admin.listen)
     except OSError as exc:
-        raise listen_error(config.admin.listen, exc, "admin.listen") from None
+        raise bind_error(config, config.admin.listen, exc, "admin.listen", listeners) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +227,7 @@ def main(ctx: click.Context, config_path: str | None, workers: int | None, watch
     if quick:
         if watch:
             raise click.UsageError("--watch needs a config file (-c FILE) to watch")
-        config = quick_config_or_exit(listen or DEFAULT_LISTEN, list(targets), routes)
+        config = quick_config_or_exit(DEFAULT_LISTEN if listen is None else listen, list(targets), routes)
         for line in routing_table_lines(config):
             click.echo(line, err=True)
         sys.exit(run_proxy(config, None, workers=workers, watch=False))
@@ -227,6 +258,7 @@ def quick_config_or_exit(listen: str, targets: list[str], routes: list[tuple[str
 def run_proxy(config, config_path: str | None, workers: int | None = None, watch: bool = False) -> int:
     """Serve until a signal drains the proxy. Returns the exit code (0 clean, 1 cannot listen)."""
     configure_logging(config.log.level)
+    open_files = raise_open_files_limit()
     problems = tls_problems(config)  # load certificates once, before any socket or fork
     if problems:
         click.echo(_with_source(config, ConfigError(problems)), err=True)
@@ -244,12 +276,13 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
         click.echo(listen_failure(exc, config, config_path), err=True)
         return 1
     try:
-        admin_socket = bind_admin(config)
+        admin_socket = bind_admin(config, listeners)
     except ListenError as exc:
         for _, sock in listeners:
             sock.close()
         click.echo(str(exc), err=True)
         return 1
+    warn_if_open_files_short(config, open_files)
     workers = workers or config.server.workers
     if workers > 1:  # a supervisor and N worker processes sharing these sockets (proxy.serve.supervisor)
         if admin_socket is not None:
@@ -274,6 +307,28 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
     click.echo(f"pyproxy {__version__} listening on {describe_listeners(process)}", err=True)
     process.serve_forever()
     return 0
+
+
+def raise_open_files_limit() -> int:
+    """Lift the soft limit on open files to the hard one, as Go does for every program (systemd's soft
+    1024 ran out at about 1000 clients); worker processes inherit it. Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # an infinite hard limit above the kernel's nr_open: keep the soft one
+            pass
+    return soft
+
+
+def warn_if_open_files_short(config: Config, limit: int) -> None:
+    """Each client connection may hold an upstream one too: past the limit, accept fails (EMFILE)."""
+    needed = config.server.max_connections * 2
+    if limit != resource.RLIM_INFINITY and limit < needed:
+        log.warning("server.max_connections %d may need %d open files; the limit here is %d "
+                    "(raise it: ulimit -n, or LimitNOFILE= under systemd)", config.server.max_connections,
+                    needed, limit)
 
 
 def stop_signal_pending() -> bool:
@@ -367,8 +422,9 @@ def hosts_without_internal_certificates(config: Config) -> list[str]:
 def init(path: str, force: bool) -> None:
     """Write a commented starter config to PATH (default proxy.toml).
 
-    It routes everything to 127.0.0.1:3000 and shows every key with its default;
-    edit it, then run "pyproxy check -c PATH" and "pyproxy -c PATH".
+    It routes everything to 127.0.0.1:3000 and shows the most used keys with their defaults
+    (docs/configuration.md has all of them); edit it, then run "pyproxy check -c PATH" and
+    "pyproxy -c PATH".
     """
     try:
         write_starter(path, force=force)
