@@ -35,6 +35,10 @@ log = logging.getLogger("pyproxy.core.server")
 ARMED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
 ACCEPT_BATCH = 64  # accepts per wake-up, so one busy listener cannot starve the rest of the loop
 REAP_INTERVAL = 0.5  # seconds between idle-timeout sweeps
+# Out of descriptors or memory, accept() fails while the listener stays readable: retried at once it
+# would spin the loop and flood the log. The listener rests this long instead, as in nginx.
+ACCEPT_PAUSE = 0.5
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 GROW_CHECK_INTERVAL = 0.002  # seconds between pool growth checks while work is queued
 HANDBACK_TIMEOUT = 1.0  # at a drain's deadline, the most we wait for the relay to hand held transfers back
 STARVED_AFTER = 0.01  # a loop iteration this late (past its poll timeout) means the process was starved
@@ -169,6 +173,7 @@ class SocketServer:
         self._wakeup = WakePipe()
         self._epoll.register(self._wakeup.read_fd, select.EPOLLIN)
         self._listeners: dict[int, Listener] = {}
+        self._resting: dict[int, float] = {}  # listener fd -> when it accepts again (out of descriptors)
         self._connections: dict[int, Connection] = {}
         self._conn_lock = threading.Lock()
         # A connection handed to the pool whose handler has not returned yet is marked ``in_pool``.
@@ -204,6 +209,7 @@ class SocketServer:
     def remove_listener(self, listener: Listener, close: bool = True) -> None:
         fd = listener.sock.fileno()
         if self._listeners.pop(fd, None) is not None:
+            self._resting.pop(fd, None)
             self._epoll.unregister(fd)
             if close:
                 listener.sock.close()
@@ -315,6 +321,8 @@ class SocketServer:
             self.pool.note_progress()
 
     def _poll_once(self, timeout: float, watch_starvation: bool = False) -> None:
+        if self._resting:
+            timeout = self._wake_rested_listeners(timeout)
         polled_at = self.clock() if watch_starvation else 0.0
         try:
             events = self._epoll.poll(timeout)
@@ -344,8 +352,11 @@ class SocketServer:
                 sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: log, keep the loop alive
-                log.warning("accept failed on %s: %s", listener.address, exc)
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._rest_listener(listener, exc)
+                else:
+                    log.warning("accept failed on %s: %s", listener.address, exc)
                 return
             self.accepted_total += 1
             if len(self._connections) >= self.max_connections:
@@ -360,6 +371,26 @@ class SocketServer:
             with self._conn_lock:
                 self._connections[conn.fileno_cached] = conn
             self._epoll.register(conn.fileno_cached, ARMED)
+
+    def _rest_listener(self, listener: Listener, exc: OSError) -> None:
+        """Stop watching a listener that cannot accept (no descriptors left) for ACCEPT_PAUSE: the
+        clients wait in its backlog meanwhile, and the log gets a line per pause, not per retry."""
+        fd = listener.sock.fileno()
+        self._epoll.modify(fd, 0)  # still registered, reporting nothing
+        self._resting[fd] = self.clock() + ACCEPT_PAUSE
+        log.warning("accept failed on %s: %s; not accepting new connections for %.1f s",
+                    listener.address, exc, ACCEPT_PAUSE)
+
+    def _wake_rested_listeners(self, timeout: float) -> float:
+        """Watch rested listeners again once their pause is over; the poll timeout, cut to the next end."""
+        now = self.clock()
+        for fd, until in list(self._resting.items()):
+            if now >= until:
+                del self._resting[fd]
+                self._epoll.modify(fd, select.EPOLLIN)
+            else:
+                timeout = min(timeout, until - now)
+        return timeout
 
     def _reject_overload(self, sock: socket.socket) -> None:
         self.overloaded_total += 1

@@ -3,6 +3,7 @@ concurrency, keep-alive parking, timeouts, overload, phased shutdown, failing an
 
 from __future__ import annotations
 
+import errno
 import logging
 import select
 import socket
@@ -13,7 +14,7 @@ import time
 import pytest
 
 from core import Connection, ConnectionState, SocketServer, ThreadPool
-from core.socket_server import REAP_INTERVAL
+from core.socket_server import ACCEPT_PAUSE, REAP_INTERVAL, Listener
 from tests.support.echo_server import EchoHandler, LineClient, STOP_TIMEOUT, overload_reply, running_server
 from tests.support.timing import FakeClock, wait_for
 
@@ -440,6 +441,42 @@ def test_a_request_parked_after_the_drain_stopped_the_workers_is_logged_as_drain
     messages = [record.getMessage() for record in caplog.records if record.name == "pyproxy.core.server"]
     assert any(message.startswith("draining: closing connection from") for message in messages), messages
     assert not any("work queue full" in message for message in messages), messages
+
+
+def test_a_listener_out_of_descriptors_rests_instead_of_spinning(handler, caplog, monkeypatch):
+    """accept() failing with EMFILE leaves the listener readable: retried at once, it spun the loop and
+    logged hundreds of thousands of lines a second. The listener rests for ACCEPT_PAUSE (by the
+    server's clock), with one log line, then accepts the clients that waited in its backlog."""
+    clock = FakeClock()
+    real_accept = Listener.accept
+    calls = []
+    out_of_files = threading.Event()
+    out_of_files.set()
+
+    def accept(listener):
+        calls.append(listener)
+        if out_of_files.is_set():
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_accept(listener)
+
+    monkeypatch.setattr(Listener, "accept", accept)
+    with caplog.at_level(logging.WARNING, logger="pyproxy.core.server"), \
+            running_server(handler, clock=clock) as server:
+        client = LineClient(address(server))  # waits in the backlog: the listener stays readable
+        wait_for(lambda: calls, timeout=STOP_TIMEOUT)
+        for _ in range(20):  # twenty turns of the loop: a spinning one would try accept() on each
+            turned = threading.Event()
+            server.call_soon(turned.set)
+            assert turned.wait(STOP_TIMEOUT)
+        assert len(calls) == 1
+        out_of_files.clear()
+        clock.advance(ACCEPT_PAUSE)
+        server.call_soon(lambda: None)  # a turn of the loop that sees the pause over
+        client.send_line(b"hello")
+        assert client.read_line() == b"hello\n"
+        client.close()
+    resting = [record for record in caplog.records if "not accepting new connections" in record.getMessage()]
+    assert len(resting) == 1, [record.getMessage() for record in caplog.records]
 
 
 def closed_by_peer(sock: socket.socket) -> bool:
