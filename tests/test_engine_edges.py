@@ -3,6 +3,7 @@ and what clients get from upstreams that misbehave (FaultyUpstream scripts)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -908,13 +909,24 @@ def test_expect_continue_with_descriptors_past_1024(upstreams, start, high_fds):
     upstream = upstreams([HEAD, write(b"HTTP/1.1 100 Continue\r\n\r\n"), BODY, write(b"HTTP/1.1 200 OK\r\n"
                                                                                         b"Content-Length: 2\r\n\r\nok"), LOOP])
     proxy = start(upstream.address)
-    high_fds()
-    with raw_client(proxy) as raw:
-        assert raw.sock.fileno() > 1024
-        raw.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
-        assert raw.read_head().startswith(b"HTTP/1.1 100")
-        raw.send(b"body")
-        response = raw.read_response()
+    numbered_low = []  # held open, so that the next try cannot get the same number
+    try:
+        for _ in range(20):  # another thread (a stopped proxy's sweeper) may free a low number meanwhile
+            high_fds()
+            sock = proxy.connect()
+            if sock.fileno() > 1024:
+                break
+            numbered_low.append(sock)
+        with contextlib.closing(sock):
+            assert sock.fileno() > 1024
+            raw = RawClient(sock)
+            raw.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+            assert raw.read_head().startswith(b"HTTP/1.1 100")
+            raw.send(b"body")
+            response = raw.read_response()
+    finally:
+        for low in numbered_low:
+            low.close()
     assert (response.status, response.body) == (200, b"ok")
     assert upstream.bodies == [b"body"]
 
