@@ -429,3 +429,24 @@ def test_upstream_reset_mid_length_body_counts_against_the_server(upstreams, mak
             raw.read_exact(10_000_000)
     wait_for(lambda: server.active_requests == 0, timeout=10, what="the exchange abandoned")
     assert server.snapshot()["failures_total"] == 1
+
+
+def test_a_reload_that_shortens_the_interval_brings_the_next_check_forward():
+    """Bug: a check scheduled under the old interval kept its time, so lowering interval from 1h to
+    5s by a reload (the server unchanged) left the next check up to an hour away."""
+    document = config_document({"web": {"servers": ["127.0.0.1:9"], "health": {**FAST_HEALTH, "interval": "1h"}}})
+    app = Application(parse_config(document, "test.toml"))
+    now = [0.0]
+    checker = HealthChecker(app, clock=lambda: now[0])
+    checker._executor = held = _HeldChecks()
+    checker.run_once()
+    now[0] = 400.0  # past the first check's jitter (at most 10% of the hour)
+    checker.run_once()
+    (target, upstream_config), = held.held
+    checker.record_result(target, CheckResult(0.0, True, 1.0, 200), upstream_config.health)  # next: ~1h on
+    app.reload(parse_config(config_document({"web": {"servers": ["127.0.0.1:9"],
+                                                     "health": {**FAST_HEALTH, "interval": "5s"}}}), "test.toml"))
+    checker.run_once()
+    now[0] += 6.0  # past 5 s + 10% jitter
+    checker.run_once()
+    assert len(held.held) == 2

@@ -390,6 +390,9 @@ class HealthChecker:
                         kept_down.append(target)
                 target.policy.healthy_after = health.healthy_after
                 target.policy.unhealthy_after = health.unhealthy_after
+                if target.next_due > now + health.interval * (1 + JITTER):
+                    # A reload shortened the interval: the check scheduled under the old one is too far off.
+                    target.next_due = now + health.interval * self.rng.uniform(1 - JITTER, 1 + JITTER)
                 if not target.in_flight and target.next_due <= now and _checked(server):
                     target.in_flight = True
                     due.append((target, upstream_config))
