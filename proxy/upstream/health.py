@@ -330,6 +330,7 @@ class HealthChecker:
     def _on_reload(self, old_config, new_config) -> None:
         # Sync now, in the reloading thread: a server rebuilt by the reload (new weight, ...) must take
         # over its predecessor's verdict before traffic reaches it, not after the next wait.
+        self._tls_contexts = {}  # tls_ca is read again on a reload (a rotated CA file)
         self.run_once()
         self._loop.kick()  # and let the scheduler recompute its wait
 
