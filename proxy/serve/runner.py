@@ -18,8 +18,7 @@ from core.socket_server import bind_listener
 from proxy.observe.admin import install_observability
 from proxy.serve.app import Application
 from proxy.upstream.discovery import DnsDiscovery
-from proxy.upstream.pool import PoolSweeper
-from proxy.upstream.pool import upstream_tls_context
+from proxy.upstream.pool import PoolSweeper, upstream_tls_context
 from proxy.config.schema import (
     Config, ConfigError, ListenConfig, ServerSettings, TlsSettings, key_path, load_config,
 )
