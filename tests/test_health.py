@@ -8,8 +8,10 @@ come back on the same port).
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -429,3 +431,89 @@ def test_upstream_reset_mid_length_body_counts_against_the_server(upstreams, mak
             raw.read_exact(10_000_000)
     wait_for(lambda: server.active_requests == 0, timeout=10, what="the exchange abandoned")
     assert server.snapshot()["failures_total"] == 1
+
+
+def test_a_reload_that_shortens_the_interval_brings_the_next_check_forward():
+    """Bug: a check scheduled under the old interval kept its time, so lowering interval from 1h to
+    5s by a reload (the server unchanged) left the next check up to an hour away."""
+    document = config_document({"web": {"servers": ["127.0.0.1:9"], "health": {**FAST_HEALTH, "interval": "1h"}}})
+    app = Application(parse_config(document, "test.toml"))
+    now = [0.0]
+    checker = HealthChecker(app, clock=lambda: now[0])
+    checker._executor = held = _HeldChecks()
+    checker.run_once()
+    now[0] = 400.0  # past the first check's jitter (at most 10% of the hour)
+    checker.run_once()
+    (target, upstream_config), = held.held
+    checker.record_result(target, CheckResult(0.0, True, 1.0, 200), upstream_config.health)  # next: ~1h on
+    app.reload(parse_config(config_document({"web": {"servers": ["127.0.0.1:9"],
+                                                     "health": {**FAST_HEALTH, "interval": "5s"}}}), "test.toml"))
+    checker.run_once()
+    now[0] += 6.0  # past 5 s + 10% jitter
+    checker.run_once()
+    assert len(held.held) == 2
+
+
+class _TlsBackend:
+    """An HTTPS backend whose certificate can be replaced (new handshakes get the new one)."""
+
+    def __init__(self, cert):
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format, *args):  # noqa: A002 - quiet
+                pass
+
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        cert.configure_cert(self.context)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.socket = self.context.wrap_socket(self.server.socket, server_side=True)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_reload_trusts_a_rotated_tls_ca_file_for_traffic_and_checks(observed_proxy, tmp_path):
+    """docs/configuration.md: tls_ca is "re-read on every reload". It was only validated: unchanged
+    servers kept the pool's TLS context, and the checker its cached one, so after a backend moved to a
+    certificate from a new CA (and tls_ca to that CA) every new connection failed verification (502)
+    and the checks took the server down."""
+    trustme = pytest.importorskip("trustme")
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    ca_file = tmp_path / "upstream-ca.pem"
+    old_ca.cert_pem.write_to_path(str(ca_file))
+    backend = _TlsBackend(old_ca.issue_cert("127.0.0.1"))
+    try:
+        document = config_document({"web": {"servers": [f"https://{backend.address}"], "tls_ca": str(ca_file),
+                                             "keepalive": 0,  # every request on a new connection
+                                             # Checks between the backend's swap and the reload fail:
+                                             # they must not take the server down meanwhile.
+                                             "health": {**FAST_HEALTH, "unhealthy_after": 1000}}})
+        proxy = observed_proxy(document)
+
+        def checked_since(moment: float):
+            """The last check, if it started after ``moment`` (a wall clock time)."""
+            last = proxy.server_status("web", backend.address).get("last_check")
+            return last if last and last["checked_at"] - last["latency_ms"] / 1000 > moment else None
+        assert requests.get(proxy.url + "/", timeout=DEADLINE).status_code == 200
+        assert wait_for(lambda: checked_since(0.0), timeout=DEADLINE, what="a first check")["ok"]
+        new_ca.issue_cert("127.0.0.1").configure_cert(backend.context)  # the backend's new certificate
+        new_ca.cert_pem.write_to_path(str(ca_file))
+        proxy.reload(document)  # the same config: only the file changed
+        reloaded = time.time()
+        assert requests.get(proxy.url + "/", timeout=DEADLINE).status_code == 200
+        assert wait_for(lambda: checked_since(reloaded), timeout=DEADLINE, what="a check after the reload")["ok"]
+        assert proxy.state("web", backend.address) == "up"
+    finally:
+        backend.stop()

@@ -101,6 +101,10 @@ def _health_problems(health: dict) -> list[str]:
     ({"expect_body": "~(unclosed"}, 'upstreams.web.health.expect_body: "~(unclosed" is not a valid regular expression'),
     ({"expect_body": ""}, "upstreams.web.health.expect_body: expected a substring"),
     ({"method": "HEAD", "expect_body": "ok"}, "upstreams.web.health.expect_body: a HEAD answer has no body to match"),
+    # Characters the probe's head cannot carry (a path with them is percent-encoded instead): each check crashed (a traceback logged every interval,
+    # the server taken down) while `pyproxy check` called the config valid.
+    ({"host": "\u20ac.example"}, 'upstreams.web.health.host: "\u20ac.example" is not a valid Host header (write'),
+    ({"headers": {"X-A": "\u20ac"}}, 'upstreams.web.health.headers.X-A: "\u20ac" is not a valid header value'),
 ])
 def test_bad_probe_options_are_pinpointed(health, problem):
     problems = _health_problems(health)

@@ -8,12 +8,17 @@ unsolicited bytes that arrive on an idle connection would become the next reques
 from __future__ import annotations
 
 import socket
+import threading
 
 import pytest
+import requests
 
 from proxy.upstream.pool import ServerPool
+from tests.support.proxy import CLIENT_TIMEOUT
+from tests.support.timing import FakeClock, wait_for
 
 PEEK_WAIT = 2.0  # seconds to wait (bounded) for the server side's bytes or FIN to arrive
+SWEEP_WAIT = 15.0  # a bound on waiting for the once-a-second sweep, never an expectation
 
 
 @pytest.fixture
@@ -103,3 +108,67 @@ def test_checkout_past_many_dead_idle_connections_dials_a_new_one():
     finally:
         pool.close_all()
         listener.close()
+
+
+# -- idle connections are swept without waiting for traffic --------------------------------------------
+def test_sweep_closes_idle_connections_past_keepalive_timeout_and_keeps_younger_ones(listener):
+    clock = FakeClock()
+    pool = ServerPool("127.0.0.1", listener.getsockname()[1], keepalive_timeout=30.0, clock=clock)
+    old = pool.connect()
+    old_server_side, _ = listener.accept()
+    pool.release(old, reusable=True)
+    clock.advance(20.0)
+    young = pool.connect()
+    young_server_side, _ = listener.accept()
+    pool.release(young, reusable=True)
+    clock.advance(10.0)  # old: idle 30 s, young: 10 s
+    try:
+        assert pool.close_idle_expired() == 1
+        assert pool.idle_count == 1 and pool.checkout() is young
+        old_server_side.settimeout(PEEK_WAIT)
+        assert old_server_side.recv(1) == b""  # the server sees the proxy close it
+    finally:
+        young.close()
+        old_server_side.close()
+        young_server_side.close()
+
+
+def test_sweep_closes_idle_connections_the_server_closed(listener):
+    pool, dead, server_side = _pool_with_one_idle(listener)
+    server_side.close()
+    _wait_readable(dead)
+    assert pool.close_idle_expired() == 1 and pool.idle_count == 0
+    assert dead.sock.fileno() == -1  # closed on the proxy's side too: no socket left in CLOSE_WAIT
+
+
+def _get_once(proxy) -> None:
+    """One GET through the proxy, returned once the exchange is over (its upstream connection released:
+    observers run after that)."""
+    observed = threading.Event()
+    proxy.app.observers.append(lambda record: observed.set())
+    assert requests.get(proxy.url + "/", timeout=CLIENT_TIMEOUT).status_code == 200
+    assert observed.wait(CLIENT_TIMEOUT)
+
+
+def test_the_proxy_closes_an_idle_connection_past_keepalive_timeout_without_more_traffic(make_backend, make_proxy):
+    """Bug: expired idle connections were closed only by the next checkout of the same server, so a
+    server that got no more requests had them held open for ever, whatever keepalive_timeout said."""
+    backend = make_backend()
+    proxy = make_proxy({"web": [backend.address]}, upstream_options={"keepalive_timeout": "1s"})
+    _get_once(proxy)
+    pool = proxy.pool("web")
+    assert pool.connects_total == 1
+    # The backend's own idle timeout is 10 s; the pool's count shows the proxy's side whatever it does.
+    wait_for(lambda: pool.idle_count == 0 and backend.closed_connections == 1, timeout=SWEEP_WAIT,
+             what="the idle connection closed by the proxy")
+
+
+def test_the_proxy_closes_an_idle_connection_the_server_closed_without_more_traffic(make_backend, make_proxy):
+    """A backend that closes idle connections (keepalive_timeout left at 30 s) leaves no socket in
+    CLOSE_WAIT in the proxy's pool."""
+    backend = make_backend(close_after_response=True)  # closes without saying so: the proxy pools it
+    proxy = make_proxy({"web": [backend.address]})
+    _get_once(proxy)
+    pool = proxy.pool("web")
+    wait_for(lambda: backend.closed_connections == 1, timeout=SWEEP_WAIT, what="the backend closing")
+    wait_for(lambda: pool.idle_count == 0, timeout=SWEEP_WAIT, what="the dead idle connection closed")

@@ -464,6 +464,9 @@ def _probe_host(value: Any) -> str:
         raise ValueError(f'expected a host like "app.example.com", got {describe_value(value)}')
     if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value) or any(c in value for c in "/?#@"):
         raise ValueError(f"{describe_value(value)} is not a valid Host header (a host name with an optional port)")
+    if not value.isascii():  # the probe's head is bytes: a name outside ASCII goes in its IDNA form
+        raise ValueError(f"{describe_value(value)} is not a valid Host header (write the name in ASCII, "
+                         f"its xn-- form)")
     return value
 
 
@@ -580,6 +583,8 @@ def _header_value(value: Any) -> str:
         raise ValueError(f"expected a string, got {describe_value(value)}")
     if any(c in value for c in _FORBIDDEN_IN_HEADER_VALUE):
         raise ValueError(f"{describe_value(value)} is not a valid header value (no CR, LF or NUL)")
+    if any(ord(c) > 255 for c in value):  # a head is sent as Latin-1 bytes (RFC 9110 §5.5: ASCII, or obs-text)
+        raise ValueError(f"{describe_value(value)} is not a valid header value (only ASCII and Latin-1 characters)")
     return value
 
 

@@ -247,9 +247,11 @@ class Runtime:
                     server.set_health(False, predecessor.state_reason, announce=False)
             pool_key = _pool_key(upstream, spec)
             pool = old_pools.get(pool_key)
-            if pool is None:
-                if spec.tls and tls_context is None:
-                    tls_context = upstream_tls_context(upstream)
+            if spec.tls and tls_context is None:  # tls_ca is read on every rebuild (a rotated CA file)
+                tls_context = upstream_tls_context(upstream)
+            if pool is not None and spec.tls:
+                pool.tls_context = tls_context  # a kept pool's new connections trust what tls_ca holds now
+            elif pool is None:
                 pool = ServerPool(spec.host, spec.port, keepalive=upstream.keepalive,
                                   keepalive_timeout=upstream.keepalive_timeout,
                                   connect_timeout=upstream.connect_timeout, read_timeout=upstream.read_timeout,

@@ -18,7 +18,7 @@ from core.socket_server import bind_listener
 from proxy.observe.admin import install_observability
 from proxy.serve.app import Application
 from proxy.upstream.discovery import DnsDiscovery
-from proxy.upstream.pool import upstream_tls_context
+from proxy.upstream.pool import PoolSweeper, upstream_tls_context
 from proxy.config.schema import (
     Config, ConfigError, ListenConfig, ServerSettings, TlsSettings, key_path, load_config,
 )
@@ -204,6 +204,8 @@ class ProxyProcess:
         for listen, sock in listeners:
             self._add_listener(listen, sock)
         self.services: list = []  # objects with start() and stop(): admin, health checks, logs
+        # Idle upstream connections past keepalive_timeout close without waiting for the next request.
+        self.services.append(PoolSweeper(lambda: self.app.runtime.all_pools()))
         # False in a worker process: the supervisor owns the listening sockets (proxy.serve.supervisor)
         self.manage_listeners = True
         # False in a worker process: its supervisor says once what a reload cannot change

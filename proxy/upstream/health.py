@@ -330,6 +330,7 @@ class HealthChecker:
     def _on_reload(self, old_config, new_config) -> None:
         # Sync now, in the reloading thread: a server rebuilt by the reload (new weight, ...) must take
         # over its predecessor's verdict before traffic reaches it, not after the next wait.
+        self._tls_contexts = {}  # tls_ca is read again on a reload (a rotated CA file)
         self.run_once()
         self._loop.kick()  # and let the scheduler recompute its wait
 
@@ -390,6 +391,9 @@ class HealthChecker:
                         kept_down.append(target)
                 target.policy.healthy_after = health.healthy_after
                 target.policy.unhealthy_after = health.unhealthy_after
+                if target.next_due > now + health.interval * (1 + JITTER):
+                    # A reload shortened the interval: the check scheduled under the old one is too far off.
+                    target.next_due = now + health.interval * self.rng.uniform(1 - JITTER, 1 + JITTER)
                 if not target.in_flight and target.next_due <= now and _checked(server):
                     target.in_flight = True
                     due.append((target, upstream_config))

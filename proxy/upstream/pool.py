@@ -6,6 +6,10 @@
 - release: only a connection whose response was read to the end and that both sides keep alive
   comes back, and only up to ``keepalive`` idle connections; anything doubtful is closed.
 - No I/O under the lock: sockets are closed after the lock is released.
+- ``PoolSweeper``: once a second, idle connections past ``keepalive_timeout``, or that the server
+  closed, are closed without waiting for the next request to that server (nginx closes them on a
+  timer too): otherwise a server that gets no more traffic keeps them open, and a server that closed
+  them leaves the proxy holding sockets in CLOSE_WAIT, for ever.
 - ``send_proxy_protocol``: a new connection starts with a PROXY header naming the client it was opened
   for, and the server believes it for the connection's whole life. So such a connection is reused only
   for that same client address (HAProxy, too, never shares such a connection between clients), and
@@ -14,11 +18,13 @@
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import ssl
 import threading
 import time
+from typing import Callable, Iterable
 
 from core.connection import set_socket_timeouts
 
@@ -26,6 +32,11 @@ from proxy.config.schema import UpstreamConfig
 from proxy.config.units import format_address
 from proxy.http.errors import UpstreamConnectError
 from proxy.http.proxy_protocol import Origin, build_header
+from proxy.upstream.rounds import RoundLoop
+
+log = logging.getLogger("pyproxy.pool")
+
+SWEEP_INTERVAL = 1.0  # seconds between sweeps of idle connections: a keepalive_timeout is kept to about this
 
 
 def upstream_tls_context(upstream: UpstreamConfig) -> ssl.SSLContext:
@@ -149,6 +160,23 @@ class ServerPool:
             return candidate
         return None
 
+    def close_idle_expired(self) -> int:
+        """Close the idle connections past keepalive_timeout, and those the server closed or sent bytes on
+        (unusable: checkout would drop them too). Returns how many were closed."""
+        now = self.clock()
+        with self._lock:
+            idle = list(self._idle)
+        # The polls outside the lock; a connection a checkout takes meanwhile is that checkout's to check.
+        unusable = {id(conn) for conn in idle if now - conn.last_used >= self.keepalive_timeout or conn.poller.poll(0)}
+        if not unusable:
+            return 0
+        with self._lock:
+            doomed = [conn for conn in self._idle if id(conn) in unusable]
+            self._idle = [conn for conn in self._idle if id(conn) not in unusable]
+        for conn in doomed:
+            conn.close()
+        return len(doomed)
+
     def connect(self, origin: Origin | None = None) -> UpstreamConnection:
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
@@ -209,3 +237,24 @@ class ServerPool:
             self._closed = True
         for conn in idle:
             conn.close()
+
+
+class PoolSweeper:
+    """The service that closes expired idle connections of every pool, on its own thread (a ProxyProcess
+    service: start() and stop()). ``pools`` gives the current pools (a reload changes them)."""
+
+    def __init__(self, pools: Callable[[], Iterable[ServerPool]], interval: float = SWEEP_INTERVAL):
+        self._pools = pools
+        self._interval = interval
+        self._loop = RoundLoop(self.run_once, "pyproxy-pool-sweeper", "idle connection sweep", interval, log)
+
+    def start(self) -> None:
+        self._loop.start()
+
+    def stop(self) -> None:
+        self._loop.stop()
+
+    def run_once(self) -> float:
+        for pool in self._pools():
+            pool.close_idle_expired()
+        return self._interval
