@@ -76,3 +76,17 @@ def test_lines_dropped_while_the_disk_is_full_are_not_written_once_it_has_room(t
                                                            if p.startswith("/full-") else -1), lines
     assert all(line.count(" - - [") <= 1 for line in lines), lines
 
+
+def test_a_full_disk_is_reported_once_a_minute_not_once_a_line(tmp_path):
+    """Bug: every failed write logged a warning: a busy proxy on a full disk wrote a line to its own
+    log (often the journal, on the same disk) per request. As nginx does, the failure is reported at
+    most once a minute, with a count of the lines dropped meanwhile in /metrics."""
+    with named_backends("a") as (backend,):
+        config, admin_port = logged_proxy_config(tmp_path, backend, "/dev/full")
+        with running_proxy(tmp_path, config) as run:
+            for index in range(30):
+                assert requests.get(f"{run.url}/{index}", timeout=DEADLINE).status_code == 200
+            wait_for(lambda: access_log_counts(admin_port).get("dropped") == 31, DEADLINE,
+                     what="every line dropped", on_timeout=run.log)
+            reports = run.log().count("access log write failed")
+            assert reports == 1, run.log()

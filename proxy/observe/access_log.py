@@ -32,6 +32,8 @@ import threading
 import time
 from typing import Callable, TextIO
 
+from proxy.http.proxy_protocol import ThrottledLog
+
 log = logging.getLogger("pyproxy.access")
 
 DEFAULT_QUEUE_SIZE = 10000  # lines buffered before dropping: ~seconds of a busy proxy's traffic
@@ -181,6 +183,7 @@ class AccessLog:
         self._reopen_wanted = False  # set by reopen(); the writer thread acts on it
         self._shared_pipe = False  # writes go out in whole lines of at most PIPE_BUF bytes (see _pieces)
         self._cut_line = False  # a failed write left part of a line in the file (see _write_file)
+        self._failures = ThrottledLog(log, limit=1)  # a full disk: one line a minute, not one per write
 
     # -- hot path ------------------------------------------------------------------------------------
     def observe(self, record) -> None:
@@ -317,7 +320,7 @@ class AccessLog:
             written += getattr(exc, "whole_lines", 0)
             with self._drop_lock:
                 self.dropped += len(lines) - written
-            log.warning("access log write failed: %s", exc)
+            self._failures.warning("access log write failed: %s", exc)
         self.written += written
 
     def _write_file(self, data: bytes) -> None:
