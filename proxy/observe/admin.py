@@ -170,6 +170,9 @@ class _AdminHandler(BaseHTTPRequestHandler):
         not parse (a URI too long, say), and ``path`` is then not this request's."""
         path = getattr(self, "path", "").split("?", 1)[0] if getattr(self, "command", None) else ""
         if not RuntimeApi.handles(path):
+            if code == 501 and path:  # a method with no do_* (PURGE): the endpoints' 405, as for PUT
+                self._not_allowed()
+                return
             super().send_error(code, message, explain)
             return
         self.close_connection = True  # the request was not read as a whole
