@@ -3,16 +3,21 @@ written late or twice, and the proxy keeps serving without flooding its own log.
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import signal
+import subprocess
+import sys
 
 import requests
 
+from proxy.config.schema import load_config
 from proxy.observe.access_log import AccessLog
 from tests.support.backends import named_backends
-from tests.support.ports import free_port
-from tests.support.processes import proxy_config, running_proxy
+from tests.support.ports import free_port, port_open
+from tests.support.processes import (EXIT_TIMEOUT, REPO, START_TIMEOUT, proxy_config,
+                                     running_proxy)
 from tests.support.proxy import DEADLINE
 from tests.support.records import Record
 from tests.support.timing import wait_for
@@ -90,3 +95,31 @@ def test_a_full_disk_is_reported_once_a_minute_not_once_a_line(tmp_path):
                      what="every line dropped", on_timeout=run.log)
             reports = run.log().count("access log write failed")
             assert reports == 1, run.log()
+
+
+def test_access_to_a_closed_stdout_drops_and_counts_lines_without_a_traceback(tmp_path):
+    """Bug: started with stdout closed (``>&-``; Python then sets sys.stdout to None), the default
+    ``access = "stdout"`` killed the writer thread with an AttributeError traceback at the first
+    line; every later line sat in the queue, counted neither written nor dropped. The lines are now
+    dropped and counted, reported like any failing write."""
+    with named_backends("a") as (backend,):
+        config, admin_port = logged_proxy_config(tmp_path, backend, "stdout")
+        (tmp_path / "proxy.toml").write_text(config)
+        port = load_config(tmp_path / "proxy.toml").server.listen[0].port
+        with open(tmp_path / "proxy.log", "wb") as stderr:
+            proc = subprocess.Popen([sys.executable, "-m", "proxy.serve.cli", "-c", str(tmp_path / "proxy.toml")],
+                                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
+                                    preexec_fn=lambda: os.close(1))  # noqa: PLW1509 (only closes a descriptor)
+            try:
+                wait_for(lambda: port_open(admin_port), START_TIMEOUT, what="the admin listener")
+                for index in range(3):
+                    assert requests.get(f"http://127.0.0.1:{port}/{index}", timeout=DEADLINE).status_code == 200
+                wait_for(lambda: access_log_counts(admin_port).get("dropped") == 3, DEADLINE,
+                         what="the lines counted dropped",
+                         on_timeout=lambda: (tmp_path / "proxy.log").read_text(errors="replace"))
+                assert proc.poll() is None
+            finally:
+                proc.terminate()
+                proc.wait(EXIT_TIMEOUT)
+    log = (tmp_path / "proxy.log").read_text(errors="replace")
+    assert "Traceback" not in log and "stdout is closed" in log, log

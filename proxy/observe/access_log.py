@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import errno
 import functools
 import io
 import json
@@ -243,10 +244,9 @@ class AccessLog:
         self._write([line for item in leftovers for line in (self._format_line(*item),) if line is not None])
 
     def _open(self) -> TextIO | io.FileIO:
-        if self.target == "stdout":
-            return sys.stdout
-        if self.target == "stderr":
-            return sys.stderr
+        if self.target in ("stdout", "stderr"):
+            # None when the process started with that descriptor closed (``>&-``).
+            return getattr(sys, self.target) or _ClosedStream(self.target)
         # Unbuffered: the bytes of a write the disk refused are dropped with it, not kept in a buffer
         # and written later (out of order, after being counted dropped) or again when the file closes.
         return open(self.target, "ab", buffering=0)
@@ -338,6 +338,20 @@ class AccessLog:
             self._cut_line = sent > 0 and data[sent - 1] != ord("\n")
             exc.whole_lines = data.count(b"\n", 0, sent)
             raise
+
+
+class _ClosedStream:
+    """Stands in for a closed stdout or stderr: every write fails, so the lines are dropped and
+    counted (and reported) like those of any failing write."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, f"{self.name} is closed")
+
+    def flush(self) -> None:
+        pass
 
 
 def _is_pipe(stream) -> bool:
