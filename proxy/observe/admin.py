@@ -106,6 +106,17 @@ class _AdminHandler(BaseHTTPRequestHandler):
         super().handle_one_request()
         self.server.mark_waiting(self.connection)  # answered: waiting for a next request (keep-alive)
 
+    def parse_request(self) -> bool:
+        """A target in absolute form ("http://host:9901/status", from a client behind a forward proxy)
+        must be accepted (RFC 9112, 3.2.2): the endpoint is its path."""
+        if not super().parse_request():
+            return False
+        scheme, _, rest = self.path.partition("://")
+        if rest and scheme.lower() in ("http", "https"):
+            path = rest[len(rest.split("/", 1)[0].split("?", 1)[0]):]  # past the authority
+            self.path = path if path.startswith("/") else "/" + path
+        return True
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         self._answer(head_only=False)
 
