@@ -256,6 +256,47 @@ def test_an_admin_request_body_is_not_read_as_the_next_request(observed_proxy, f
         backend.kill()
 
 
+
+@pytest.mark.parametrize("method", [b"PURGE", b"PROPFIND", b"get"])
+def test_a_method_http_server_does_not_know_is_405_on_the_admin_endpoints(observed_proxy, method):
+    """Bug: the docs say the admin endpoints take GET and HEAD, other methods 405; a method without
+    a do_* handler (PURGE, WebDAV's) got http.server's HTML page "501 Unsupported method ('PURGE')"
+    and a closed connection instead. It is now the same plain 405 with Allow as POST or PUT, with
+    the connection kept (its body read and dropped)."""
+    backend = FlakyBackend("a")
+    proxy = observed_proxy(config_document({"web": {"servers": [backend.address]}}))
+    try:
+        answer = admin_exchange(proxy, method + b" /status HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi"
+                                + b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        first, _, rest = answer.partition(b"\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 405 "), answer
+        assert b"\r\nAllow: GET, HEAD\r\n" in first + b"\r\n" and b"text/plain" in first, answer
+        assert re.findall(rb"HTTP/1\.1 (\d{3}) ", rest) == [b"200"], answer
+    finally:
+        backend.kill()
+
+
+@pytest.mark.parametrize("target, expected", [
+    (b"http://127.0.0.1/healthz", b"ok\n"),
+    (b"HTTP://admin.example:9901/healthz?probe=1", b"ok\n"),
+    (b"http://127.0.0.1", b"<!doctype html>"),
+])
+def test_an_absolute_form_target_reaches_the_endpoint(observed_proxy, target, expected):
+    """Bug: RFC 9112 (3.2.2) says a server must accept a request target in absolute form, as a client
+    talking through a forward proxy sends it; the admin listener answered "GET http://host/healthz"
+    with 404. The scheme and authority are now dropped, as nginx and HAProxy do."""
+    backend = FlakyBackend("a")
+    proxy = observed_proxy(config_document({"web": {"servers": [backend.address]}}))
+    try:
+        port = int(proxy.admin_url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
+            sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            answer = b"".join(iter(lambda: sock.recv(65536), b""))  # to the close
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and body.startswith(expected), answer[:300]
+    finally:
+        backend.kill()
+
 def test_an_admin_request_with_a_chunked_body_closes_the_connection(observed_proxy):
     backend = FlakyBackend("a")
     proxy = observed_proxy(config_document({"web": {"servers": [backend.address]}}))

@@ -108,6 +108,31 @@ def test_dashboard_shows_an_ejected_server_and_error_rate(backends, observed_pro
     assert "100%" in stats, stats  # one request, one 502
 
 
+
+def console_errors(events: list[dict]) -> list[dict]:
+    """DevTools events that a person with the console open would see as errors: an uncaught
+    exception, console.error/warn, or the browser's own log entry (a failed load)."""
+    return [event["params"] for event in events
+            if event["method"] == "Runtime.exceptionThrown"
+            or (event["method"] == "Runtime.consoleAPICalled" and event["params"]["type"] in ("error", "warning"))
+            or (event["method"] == "Log.entryAdded" and event["params"]["entry"]["level"] in ("error", "warning"))]
+
+
+def test_dashboard_loads_and_updates_without_console_errors(backends, observed_proxy, browser):
+    """Bug: every load of the dashboard logged "Failed to load resource: 404" in the browser's
+    console: the page named no icon, so the browser asked the admin listener for /favicon.ico. The
+    page now carries an empty inline icon."""
+    proxy, _, _ = dashboard_proxy(backends, observed_proxy)
+    served_by(proxy, 5)
+    browser.keep_events = True
+    browser.send("Log.enable")
+    browser.open(proxy.admin_url + "/")
+    browser.wait_until("Number(document.body.dataset.updates) >= 3", what="three polls")
+    served_by(proxy, 5)
+    browser.wait_until("Number(document.body.dataset.updates) >= 5", what="two more polls")
+    assert console_errors(browser.events) == []
+    assert browser.evaluate("document.querySelectorAll('[data-upstream]').length") == 2
+
 # -- the page over plain HTTP ---------------------------------------------------------------------------
 
 def test_admin_root_serves_a_self_contained_page(backends, observed_proxy):
@@ -120,7 +145,7 @@ def test_admin_root_serves_a_self_contained_page(backends, observed_proxy):
     assert page.startswith("<!doctype html>") and 'fetch("status"' in page
     # Works offline: nothing is loaded from elsewhere (the only URL is the SVG namespace name).
     assert re.findall(r"https?://[^\s\"']+", page) == ["http://www.w3.org/2000/svg"]
-    assert not re.search(r"<(script|link|img|iframe)[^>]+(src|href)=", page)
+    assert not re.search(r"<(script|link|img|iframe)[^>]+(src|href)=(?![\"']data:)", page)
     assert "@import" not in page and "url(" not in page
     head = requests.head(proxy.admin_url + "/", timeout=DEADLINE)
     assert head.status_code == 200 and head.content == b""

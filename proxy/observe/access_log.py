@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import collections
 import datetime
+import errno
 import functools
+import io
 import json
 import logging
 import math
@@ -30,6 +32,8 @@ import sys
 import threading
 import time
 from typing import Callable, TextIO
+
+from proxy.http.proxy_protocol import ThrottledLog
 
 log = logging.getLogger("pyproxy.access")
 
@@ -176,9 +180,11 @@ class AccessLog:
         self._wakeup = threading.Event()  # set when something was queued; the writer clears it
         self._drop_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._stream: TextIO | None = None
+        self._stream: TextIO | io.FileIO | None = None  # a file's is binary (see _open)
         self._reopen_wanted = False  # set by reopen(); the writer thread acts on it
         self._shared_pipe = False  # writes go out in whole lines of at most PIPE_BUF bytes (see _pieces)
+        self._cut_line = False  # a failed write left part of a line in the file (see _write_file)
+        self._failures = ThrottledLog(log, limit=1)  # a full disk: one line a minute, not one per write
 
     # -- hot path ------------------------------------------------------------------------------------
     def observe(self, record) -> None:
@@ -237,12 +243,13 @@ class AccessLog:
                 leftovers.append(item)
         self._write([line for item in leftovers for line in (self._format_line(*item),) if line is not None])
 
-    def _open(self) -> TextIO:
-        if self.target == "stdout":
-            return sys.stdout
-        if self.target == "stderr":
-            return sys.stderr
-        return open(self.target, "a", encoding="utf-8", errors="backslashreplace")
+    def _open(self) -> TextIO | io.FileIO:
+        if self.target in ("stdout", "stderr"):
+            # None when the process started with that descriptor closed (``>&-``).
+            return getattr(sys, self.target) or _ClosedStream(self.target)
+        # Unbuffered: the bytes of a write the disk refused are dropped with it, not kept in a buffer
+        # and written later (out of order, after being counted dropped) or again when the file closes.
+        return open(self.target, "ab", buffering=0)
 
     def _write_loop(self) -> None:
         while True:
@@ -286,6 +293,7 @@ class AccessLog:
                       self.target, exc.strerror or exc)
             return
         old, self._stream = self._stream, fresh
+        self._cut_line = False  # a line cut short stays in the old file
         old.close()
         log.info("access log %s reopened", self.target)
 
@@ -299,15 +307,51 @@ class AccessLog:
     def _write(self, lines: list[str]) -> None:
         if not lines:
             return
+        written = 0
         try:
             for piece in (_pieces(lines) if self._shared_pipe else ("".join(lines),)):
-                self._stream.write(piece)
-                self._stream.flush()  # one write(2) per piece
-            self.written += len(lines)
+                if isinstance(self._stream, io.RawIOBase):  # a file, unbuffered
+                    self._write_file(piece.encode("utf-8", "backslashreplace"))
+                else:
+                    self._stream.write(piece)
+                    self._stream.flush()  # one write(2) per piece
+                written += piece.count("\n")
         except (OSError, ValueError) as exc:  # disk full, closed pipe: count, keep serving
+            written += getattr(exc, "whole_lines", 0)
             with self._drop_lock:
-                self.dropped += len(lines)
-            log.warning("access log write failed: %s", exc)
+                self.dropped += len(lines) - written
+            self._failures.warning("access log write failed: %s", exc)
+        self.written += written
+
+    def _write_file(self, data: bytes) -> None:
+        """All of ``data``, across short writes. A full disk can cut a write short mid-line: the
+        error raised then says how many ``whole_lines`` went in, and the cut line is ended before the
+        next write, so that no later line is glued to it."""
+        if self._cut_line:
+            self._stream.write(b"\n")
+            self._cut_line = False
+        sent = 0
+        try:
+            while sent < len(data):
+                sent += self._stream.write(memoryview(data)[sent:])
+        except OSError as exc:
+            self._cut_line = sent > 0 and data[sent - 1] != ord("\n")
+            exc.whole_lines = data.count(b"\n", 0, sent)
+            raise
+
+
+class _ClosedStream:
+    """Stands in for a closed stdout or stderr: every write fails, so the lines are dropped and
+    counted (and reported) like those of any failing write."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, f"{self.name} is closed")
+
+    def flush(self) -> None:
+        pass
 
 
 def _is_pipe(stream) -> bool:

@@ -106,6 +106,17 @@ class _AdminHandler(BaseHTTPRequestHandler):
         super().handle_one_request()
         self.server.mark_waiting(self.connection)  # answered: waiting for a next request (keep-alive)
 
+    def parse_request(self) -> bool:
+        """A target in absolute form ("http://host:9901/status", from a client behind a forward proxy)
+        must be accepted (RFC 9112, 3.2.2): the endpoint is its path."""
+        if not super().parse_request():
+            return False
+        scheme, _, rest = self.path.partition("://")
+        if rest and scheme.lower() in ("http", "https"):
+            path = rest[len(rest.split("/", 1)[0].split("?", 1)[0]):]  # past the authority
+            self.path = path if path.startswith("/") else "/" + path
+        return True
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         self._answer(head_only=False)
 
@@ -170,6 +181,9 @@ class _AdminHandler(BaseHTTPRequestHandler):
         not parse (a URI too long, say), and ``path`` is then not this request's."""
         path = getattr(self, "path", "").split("?", 1)[0] if getattr(self, "command", None) else ""
         if not RuntimeApi.handles(path):
+            if code == 501 and path:  # a method with no do_* (PURGE): the endpoints' 405, as for PUT
+                self._not_allowed()
+                return
             super().send_error(code, message, explain)
             return
         self.close_connection = True  # the request was not read as a whole
