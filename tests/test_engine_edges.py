@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import socket
 import threading
@@ -714,6 +715,22 @@ def start(make_proxy):
         options = {"read_timeout": "1s", "connect_timeout": "1s", **upstream}
         return make_proxy({"web": [address]}, upstream_options=options)
     return factory
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_retry_after_a_server_failed_unanswered_is_logged_only_when_made(upstreams, make_proxy, caplog, retries):
+    """Bug: "retrying ... on another server" was logged at info even when no retry followed (retries = 0,
+    no other server, or the retry budget said no). Now the line names the server the retry goes to."""
+    first, second = upstreams([HEAD, RST]), upstreams([HEAD, RST])
+    proxy = make_proxy({"web": [first.address, second.address]},
+                       upstream_options={"retries": retries, "read_timeout": "2s"})
+    with caplog.at_level(logging.INFO, logger="pyproxy"), raw_client(proxy) as raw:
+        raw.send(GET)
+        assert raw.read_response().status == 502
+    retried = [record.getMessage() for record in caplog.records if record.getMessage().startswith("retrying GET /")]
+    assert len(retried) == retries, retried
+    if retries:
+        assert retried[0].startswith(("retrying GET / on " + first.address, "retrying GET / on " + second.address))
 
 
 def header_values(head: bytes, name: bytes) -> list[bytes]:

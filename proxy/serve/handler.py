@@ -726,6 +726,7 @@ class HttpHandler:
         attempts_left = 1 + upstream.config.retries
         last_error: ProxyError | None = None
         fresh = False  # after a stale pooled connection: the retry dials a new one
+        failed_unanswered = None  # why the last server failed before answering, until the retry is made
         # The client address ip_hash keys on: behind trusted proxies, the one they forwarded for. The
         # other policies ignore it: no header parsing per request for them.
         client_ip = (ex.session.client_ip if upstream.config.policy != "ip_hash"
@@ -737,6 +738,10 @@ class HttpHandler:
                 if last_error is not None:
                     raise last_error
                 raise NoServerAvailable(upstream.no_server_detail())
+            if failed_unanswered is not None:  # logged here, once a retry is really made
+                log.info("retrying %s %s on %s: %s", ex.request.method, ex.request.target, server.address,
+                         failed_unanswered)
+                failed_unanswered = None
             tried.append(server)
             ex.record.server = server.address
             out.host = ex.request.host if upstream.config.preserve_host and ex.request.host else server.address
@@ -756,8 +761,7 @@ class HttpHandler:
                     # counts against the server and against `retries`, and goes to another server.
                     server.record_failure(exc.detail)
                     last_error = exc
-                    log.info("retrying %s %s on another server: %s", ex.request.method,
-                             ex.request.target, exc.detail)
+                    failed_unanswered = exc.detail
                     continue
                 if not (exc.stale and self._repeatable(ex)):
                     if not exc.stale:
