@@ -1,0 +1,93 @@
+"""Certificate and key files a TLS listener cannot use: each is refused at once, by `pyproxy check`,
+at start and on reload, with a message naming the file and what is wrong with it."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import signal
+import time
+
+import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
+
+from tests.support.command import EXIT_TIMEOUT, pyproxy_command, write_config
+
+LISTEN = 'listen = [{{ address = "127.0.0.1:1", tls_cert = "{cert}", tls_key = "{key}" }}]'
+CONFIG = """\
+[server]
+{listen}
+
+[[routes]]
+path = "/"
+upstream = "web"
+
+[upstreams.web]
+servers = ["127.0.0.1:9"]
+"""
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A leaf issued by an intermediate: its chain in order and reversed, its key plain and encrypted."""
+    directory = tmp_path_factory.mktemp("tls-files")
+    leaf = trustme.CA().create_child_ca().issue_cert("a.test")
+    chain = [blob.bytes() for blob in leaf.cert_chain_pems]
+    paths = {name: str(directory / name) for name in ("chain.pem", "reversed.pem", "key.pem", "encrypted.pem")}
+    with open(paths["chain.pem"], "wb") as out:
+        out.write(b"".join(chain))
+    with open(paths["reversed.pem"], "wb") as out:
+        out.write(b"".join(reversed(chain)))
+    leaf.private_key_pem.write_to_path(paths["key.pem"])
+    key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), password=None)
+    with open(paths["encrypted.pem"], "wb") as out:
+        out.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.BestAvailableEncryption(b"secret")))
+    return paths
+
+
+def check_on_a_terminal(config_path) -> str:
+    """`pyproxy check` run from a terminal (its controlling tty, as a shell gives it): what it printed.
+    Fails if it has not exited within EXIT_TIMEOUT."""
+    command = pyproxy_command() + ["check", str(config_path)]
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: exec at once, whatever happens
+        try:
+            os.execv(command[0], command)
+        finally:
+            os._exit(127)
+    output, exited, deadline = b"", False, time.monotonic() + EXIT_TIMEOUT
+    try:
+        while not exited and time.monotonic() < deadline:
+            if select.select([terminal], [], [], 0.2)[0]:
+                try:
+                    output += os.read(terminal, 4096)
+                except OSError:  # EIO: every process holding the terminal has closed it
+                    pass
+            exited = os.waitpid(pid, os.WNOHANG)[0] == pid
+        assert exited, f"pyproxy check still running after {EXIT_TIMEOUT}s; it printed {output!r}"
+        while select.select([terminal], [], [], 0)[0]:  # what it wrote just before exiting
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        os.close(terminal)
+        if not exited:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    return output.decode(errors="replace")
+
+
+def test_an_encrypted_key_is_refused_instead_of_asking_for_its_passphrase(files, tmp_path):
+    """OpenSSL asks on the terminal for a passphrase it is not given: a start or reload from a shell
+    waited there forever, the accept loop with it."""
+    listen = LISTEN.format(cert=files["chain.pem"], key=files["encrypted.pem"])
+    output = check_on_a_terminal(write_config(tmp_path, CONFIG.format(listen=listen)))
+    assert "pass phrase" not in output.lower()
+    assert "is encrypted with a passphrase" in output, output
