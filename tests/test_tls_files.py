@@ -13,7 +13,7 @@ import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
 
-from tests.support.command import EXIT_TIMEOUT, pyproxy_command, write_config
+from tests.support.command import EXIT_TIMEOUT, assert_one_line_problem, pyproxy_command, run_cli, write_config
 
 LISTEN = 'listen = [{{ address = "127.0.0.1:1", tls_cert = "{cert}", tls_key = "{key}" }}]'
 CONFIG = """\
@@ -91,3 +91,41 @@ def test_an_encrypted_key_is_refused_instead_of_asking_for_its_passphrase(files,
     output = check_on_a_terminal(write_config(tmp_path, CONFIG.format(listen=listen)))
     assert "pass phrase" not in output.lower()
     assert "is encrypted with a passphrase" in output, output
+
+
+def check_problem(tmp_path, listen: str) -> str:
+    """The one line `pyproxy check` prints for a config refused for its certificate files."""
+    result = run_cli("check", str(write_config(tmp_path, CONFIG.format(listen=listen))))
+    assert_one_line_problem(result, "tls_cert/tls_key cannot be loaded")
+    return result.stderr
+
+
+def test_an_encrypted_key_is_named(files, tmp_path):
+    listen = LISTEN.format(cert=files["chain.pem"], key=files["encrypted.pem"])
+    assert f"{files['encrypted.pem']} is encrypted with a passphrase" in check_problem(tmp_path, listen)
+
+
+def test_a_chain_in_the_wrong_order_says_so(files, tmp_path):
+    """An intermediate first and the server's certificate after it (OpenSSL only says the key does
+    not match): the message points at the order, not at the key."""
+    listen = LISTEN.format(cert=files["reversed.pem"], key=files["key.pem"])
+    problem = check_problem(tmp_path, listen)
+    assert f"{files['reversed.pem']} lists its certificates in the wrong order" in problem, problem
+
+
+def test_files_swapped_or_of_the_wrong_kind_are_named(files, tmp_path):
+    listen = LISTEN.format(cert=files["key.pem"], key=files["key.pem"])
+    assert f"{files['key.pem']} holds no PEM certificate" in check_problem(tmp_path, listen)
+    listen = LISTEN.format(cert=files["chain.pem"], key=files["chain.pem"])
+    assert f"{files['chain.pem']} holds no PEM private key" in check_problem(tmp_path, listen)
+
+
+def test_the_broken_sni_certificate_of_several_is_named(files, tmp_path):
+    """With several certificates on a listener, the message says which one cannot be loaded."""
+    good = f'tls_cert = "{files["chain.pem"]}", tls_key = "{files["key.pem"]}"'
+    broken = f'tls_cert = "{files["chain.pem"]}", tls_key = "{files["encrypted.pem"]}"'
+    listen = (f'listen = [{{ address = "127.0.0.1:1", {good}, sni = [{{ host = "a.test", {good} }}, '
+              f'{{ host = ["b.test", "*.b.test"], {broken} }}] }}]')
+    problem = check_problem(tmp_path, listen)
+    assert "sni b.test, *.b.test: tls_cert/tls_key cannot be loaded" in problem, problem
+    assert "sni a.test" not in problem

@@ -12,6 +12,9 @@ import ssl
 import threading
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from core import SocketServer, ThreadPool
 from core.socket_server import bind_listener
 
@@ -28,7 +31,7 @@ from proxy.config.units import format_address
 from proxy.serve.handler import CLIENT_PATIENCE, HttpHandler
 from proxy.serve.http2 import Http2Server
 from proxy.http.responses import write_overloaded
-from proxy.http.tls import TlsTerminator, server_context
+from proxy.http.tls import EncryptedKeyError, TlsTerminator, server_context
 from proxy.serve.watch import POLL_INTERVAL, Watcher, describe_changes
 
 log = logging.getLogger("pyproxy")
@@ -88,21 +91,75 @@ def tls_terminator(listen: ListenConfig, tls: TlsSettings) -> TlsTerminator:
     except LocalCaError as exc:
         raise ConfigError([f"{exc.key}: {exc}"]) from None
     except (ssl.SSLError, OSError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise ConfigError([f"server.listen {listen.address}: tls_cert/tls_key cannot be loaded ({reason});"
-                           " is the key the certificate's, and both PEM?"]) from exc
+        problems = certificate_file_problems(listen)
+        if not problems:  # loads alone but not together: say what OpenSSL said
+            reason = getattr(exc, "reason", None) or exc
+            problems = [f"server.listen {listen.address}: tls_cert/tls_key cannot be loaded ({reason})"]
+        raise ConfigError(problems) from exc
+
+
+def certificate_file_problems(listen: ListenConfig) -> list[str]:
+    """Each certificate and key pair of a listener (its default, then its sni entries) that cannot be
+    loaded, one line each naming the pair and what is wrong with it."""
+    pairs = [("", listen.tls_cert, listen.tls_key)] if listen.tls_cert else []
+    pairs += [(f"sni {', '.join(entry.hosts)}: ", entry.tls_cert, entry.tls_key) for entry in listen.sni]
+    problems = []
+    for where, cert, key in pairs:
+        try:
+            server_context(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            problems.append(f"server.listen {listen.address}: {where}tls_cert/tls_key cannot be loaded: "
+                            f"{certificate_problem(cert, key, exc)}")
+    return problems
+
+
+def certificate_problem(cert: str, key: str, exc: Exception) -> str:
+    """What is wrong with one certificate file and its key, in the words an operator acts on."""
+    if isinstance(exc, EncryptedKeyError):
+        return (f"{key} is encrypted with a passphrase, which pyproxy cannot ask for; give it an "
+                f"unencrypted key (openssl pkey -in {key} -out {key}.plain)")
+    if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+        position = key_position_in_chain(cert, key)
+        if position:
+            return (f"{cert} lists its certificates in the wrong order: the key matches certificate "
+                    f"{position + 1}, the server's own must come first, then its intermediates")
+        return f"{key} is not the key of the first certificate in {cert}"
+    if isinstance(exc, ssl.SSLError):  # OpenSSL's own words ("PEM lib") do not say which file
+        if _read_chain(cert) is None:
+            return f"{cert} holds no PEM certificate"
+        if _read_public_key(key) is None:
+            return f"{key} holds no PEM private key"
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+    return f"{reason} (are both files PEM, {cert} the certificate chain and {key} its key?)"
+
+
+def key_position_in_chain(cert: str, key: str) -> int | None:
+    """The index of the certificate in ``cert`` that ``key`` belongs to; None if none or unreadable."""
+    chain, public = _read_chain(cert), _read_public_key(key)
+    if not chain or public is None:
+        return None
+    return next((index for index, certificate in enumerate(chain) if certificate.public_key() == public), None)
+
+
+def _read_chain(path: str) -> list | None:
+    try:
+        with open(path, "rb") as file:
+            return x509.load_pem_x509_certificates(file.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_public_key(path: str):
+    try:
+        with open(path, "rb") as file:
+            return serialization.load_pem_private_key(file.read(), password=None).public_key()
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def sni_file_problems(listen: ListenConfig) -> list[str]:
     """The sni = [...] certificate files of a tls = "internal" listener that cannot be loaded."""
-    problems = []
-    for entry in listen.sni:
-        try:
-            server_context(entry.tls_cert, entry.tls_key)
-        except (ssl.SSLError, OSError) as exc:
-            reason = getattr(exc, "reason", None) or exc
-            problems.append(f"server.listen {listen.address}: sni {entry.tls_cert} cannot be loaded ({reason})")
-    return problems
+    return certificate_file_problems(listen)
 
 
 def tls_problems(config: Config, create_ca: bool = True) -> list[str]:
