@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from proxy.serve import supervisor
 from proxy.serve.supervisor import ControlError, ControlLink
 from tests.support.backends import SLOW_BODY, named_backends
 from tests.support.ports import free_port
@@ -159,6 +160,25 @@ def test_control_link_requests_replies_events_and_close():
     with pytest.raises(ControlError):
         left.request({"op": "status"}, timeout=1)
     left.close()
+
+
+def test_control_link_skips_bad_lines_and_keeps_serving(monkeypatch):
+    """A line that is not a JSON object (garbage, a JSON list, one past MAX_LINE) is logged and
+    skipped: it used to end the link, and a worker whose link ends drains and exits."""
+    monkeypatch.setattr(supervisor, "MAX_LINE", 64)
+    link_sock, peer = socket.socketpair()
+    closed = threading.Event()
+    link = ControlLink(link_sock, lambda m: {"pong": m.get("op")}, on_close=closed.set, name="link")
+    link.start()
+    peer.settimeout(5)
+    try:
+        peer.sendall(b"not json\n" + b"[1, 2]\n" + b'{"op": "' + b"x" * 200 + b'"}\n' + b'{"op": "ping", "id": 7}\n')
+        assert peer.makefile("rb").readline() == b'{"pong":"ping","reply_to":7}\n'
+        assert not closed.is_set()
+    finally:
+        peer.close()
+    assert closed.wait(5)
+    link.close()
 
 
 def test_listen_change_with_workers_replaces_them_and_moves_the_listener(tmp_path):

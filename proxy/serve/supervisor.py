@@ -144,8 +144,14 @@ class ControlLink:
                 line = reader.readline(MAX_LINE)
                 if not line:
                     break
-                self._handle(json.loads(line))
-        except (OSError, ValueError) as exc:
+                message = _parse_line(line)
+                if message is None:  # one bad line must not cut the link (a worker would drain)
+                    log.warning("%s: ignored a line that is not a JSON object: %r", self.name, line[:80])
+                    while not line.endswith(b"\n") and line:  # the rest of a line longer than MAX_LINE
+                        line = reader.readline(MAX_LINE)
+                    continue
+                self._handle(message)
+        except OSError as exc:
             log.debug("%s: read loop ends: %s", self.name, exc)
         finally:
             self.closed.set()
@@ -173,6 +179,15 @@ class ControlLink:
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         if request_id is not None:
             self.send({**(reply or {}), "reply_to": request_id})
+
+
+def _parse_line(line: bytes) -> dict | None:
+    """A control message, or None for a line that is not one JSON object."""
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
 
 
 # -- the worker side ---------------------------------------------------------------------------------
