@@ -181,6 +181,36 @@ def test_control_link_skips_bad_lines_and_keeps_serving(monkeypatch):
     link.close()
 
 
+def test_a_replacement_worker_serves_the_loaded_certificate_whatever_the_file_holds_now(tmp_path):
+    """A worker forked after its predecessor died takes the TLS its supervisor loaded with the running
+    config. It used to read the files again: a key overwritten on disk (no reload asked for) kept
+    every replacement from starting, the slot down for good, a traceback per try."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key, ca_file = tmp_path / "site.crt", tmp_path / "site.key", tmp_path / "ca.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    with named_backends("a") as (a,):
+        port, admin_port, config = workers_config(a.address)
+        tls_port = free_port()
+        config = config.replace(f'listen = "127.0.0.1:{port}"', f'listen = ["127.0.0.1:{port}", {{ address = '
+                                f'"127.0.0.1:{tls_port}", tls_cert = "{cert}", tls_key = "{key}" }}]')
+        with running_proxy(tmp_path, config) as run:
+            wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready")
+            key.write_text("half a renewal\n")
+            victim = min(children(run.proc.pid))
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: ready_workers(run) == WORKERS + 1, what="the replacement to be ready", on_timeout=run.log)
+            assert "failed" not in run.log()
+            for _ in range(10):  # both workers, most likely: each answers over the certificate it was given
+                response = requests.get(f"https://127.0.0.1:{tls_port}/", verify=str(ca_file), timeout=5)
+                assert response.headers["X-Backend"] == "a"
+            run.signal(signal.SIGTERM)
+            assert run.wait_exit() == 0
+
+
 def test_listen_change_with_workers_replaces_them_and_moves_the_listener(tmp_path):
     with named_backends("a") as (a,):
         port, admin_port, config = workers_config(a.address)

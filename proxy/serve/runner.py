@@ -190,6 +190,15 @@ def tls_problems(config: Config, create_ca: bool = True) -> list[str]:
     return problems
 
 
+def tls_terminators(config: Config) -> dict[str, TlsTerminator]:
+    """Every TLS listener's terminator by address, its files loaded now. Raises ConfigError naming
+    every certificate or CA file that cannot be loaded."""
+    problems = tls_problems(config)
+    if problems:
+        raise ConfigError(problems)
+    return {listen.address: tls_terminator(listen, config.tls) for listen in config.server.listen if listen.tls}
+
+
 def load_for_reload(path: str | None) -> Config | None:
     """Read and validate the config file for a reload; None (logged) if there is none or it is invalid."""
     if not path:
@@ -233,10 +242,13 @@ class ProxyProcess:
 
     def __init__(self, config: Config, *, listeners=None, install_signals: bool = False,
                  config_path: str | None = None, admin_socket=None, observability: bool = True,
-                 rate_table=None, discovered: dict | None = None, resolve_names: bool = True):
+                 rate_table=None, discovered: dict | None = None, resolve_names: bool = True,
+                 terminators: dict | None = None):
         """``rate_table``: a worker gets its supervisor's shared rate limit table. ``resolve_names`` False:
         a worker, whose supervisor resolves the discovered names for it and hands over the current sets
-        (``discovered``) and every change."""
+        (``discovered``) and every change. ``terminators`` (by address): TLS loaded by the supervisor
+        with this config, so a worker started later serves what its siblings serve, whatever the
+        files on disk hold now."""
         self.config_path = config_path
         self.app = Application(config, rate_table=rate_table, discovered=discovered)
         server_cfg = config.server
@@ -259,7 +271,7 @@ class ProxyProcess:
         if listeners is None:
             listeners = [(listen, bind_config_listener(listen)) for listen in server_cfg.listen]
         for listen, sock in listeners:
-            self._add_listener(listen, sock)
+            self._add_listener(listen, sock, (terminators or {}).get(listen.address))
         self.services: list = []  # objects with start() and stop(): admin, health checks, logs
         # False in a worker process: the supervisor owns the listening sockets (proxy.serve.supervisor)
         self.manage_listeners = True
@@ -286,9 +298,9 @@ class ProxyProcess:
         self.app.reload_listeners.append(lambda old, new: discovery.kick())  # new names: resolved at once
         return discovery
 
-    def _add_listener(self, listen: ListenConfig, sock) -> None:
+    def _add_listener(self, listen: ListenConfig, sock, terminator: TlsTerminator | None = None) -> None:
         if listen.tls:
-            self.app.tls_contexts[listen] = tls_terminator(listen, self.app.config.tls)
+            self.app.tls_contexts[listen] = terminator or tls_terminator(listen, self.app.config.tls)
         self.server.add_listener(sock, tag=listen)
         self.listeners_by_address[listen.address] = listen
 
@@ -330,10 +342,7 @@ class ProxyProcess:
         """Apply a validated config. Certificates and CA files are (re)loaded first, renewed files
         included, as nginx does on reload: one that cannot be loaded raises ConfigError before anything
         changes."""
-        problems = tls_problems(config)
-        if problems:
-            raise ConfigError(problems)
-        terminators = {listen.address: tls_terminator(listen, config.tls) for listen in config.server.listen if listen.tls}
+        terminators = tls_terminators(config)
         old = self.app.config
         self.app.reload(config)
         apply_server_limits(self.server, self.pool, config.server)

@@ -58,7 +58,7 @@ from proxy.observe.log_reload import level_listener
 from proxy.observe.metrics import WorkerCounters, render_prometheus
 from proxy.http.bucket_table import BucketTable
 from proxy.serve.runner import (RESTART_ONLY, SERVING_SIGNALS, ProxyProcess, bind_config_listener,
-                                bind_worker_listeners, load_for_reload, server_changes, tls_problems)
+                                bind_worker_listeners, load_for_reload, server_changes, tls_terminators)
 from proxy.observe.status import WorkerStatusTotals
 from proxy.serve.watch import Watcher, describe_changes
 
@@ -266,17 +266,19 @@ class WorkerControl:
 
 
 def worker_main(slot: int, config: Config, config_path: str | None, listeners, control_sock,
-                rate_table=None, discovered: dict | None = None, admin_states: dict | None = None) -> int:
+                rate_table=None, discovered: dict | None = None, admin_states: dict | None = None,
+                terminators: dict | None = None) -> int:
     """The body of a forked worker. Returns its exit code. ``rate_table`` is the supervisor's shared
     rate limit table: every worker takes tokens from the same buckets. ``discovered``: the supervisor's
     current addresses of the discovered names (the worker resolves nothing itself). ``admin_states``
-    are the runtime API's, applied before the first connection is accepted."""
+    are the runtime API's, applied before the first connection is accepted. ``terminators``: the
+    supervisor's TLS for ``config`` (a replacement must not depend on the files as they are now)."""
     os.setpgid(0, 0)  # a terminal's Ctrl-C goes to the supervisor's group only; it forwards one signal
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     pinned = pin_worker(config.server.cpu_affinity, slot)  # before ProxyProcess starts its threads
     process = ProxyProcess(config, listeners=listeners, install_signals=True, config_path=config_path,
                            observability=False, rate_table=rate_table, discovered=discovered,
-                           resolve_names=False)
+                           resolve_names=False, terminators=terminators)
     if pinned is not None:
         log.info("worker %d pinned to CPU %d (server.cpu_affinity)", slot, pinned)
     process.manage_listeners = False  # the supervisor owns the sockets; it replaces workers to change them
@@ -390,6 +392,9 @@ class Supervisor:
         """``slot_sockets`` (from ``bind_slot_sockets``): per worker slot, its socket for each listen address."""
         self.config = config
         self.config_path = config_path
+        # TLS as loaded with this config: a worker forked later (a replacement) serves these, not
+        # whatever the files hold by then (a half-written renewal would keep it from starting).
+        self.terminators = tls_terminators(config)
         self.slot_sockets = slot_sockets
         # listen address -> its port, for binding a slot's socket again (the real one when it said 0)
         self.ports = {address: sock.getsockname()[1] for address, sock in slot_sockets[0].items()}
@@ -512,7 +517,7 @@ class Supervisor:
                 self._close_in_child(slot)
                 code = worker_main(slot, self.config, self.config_path, listeners, child_sock,
                                    self.app.rate_table(), discovered=self.app.discovered,
-                                   admin_states=admin_states)
+                                   admin_states=admin_states, terminators=self.terminators)
             except BaseException:  # the worker must end here, whatever happened, with its reason logged
                 log.exception("worker %d failed", slot)
             finally:
@@ -694,11 +699,12 @@ class Supervisor:
         config = load_for_reload(self.config_path)
         if config is None:
             return False
-        problems = tls_problems(config)  # the workers load them too; one that cannot be loaded stops it here
-        if problems:
-            log.error("reload failed, keeping the old config:\n%s", ConfigError(problems))
+        try:  # the workers load them too; one that cannot be loaded stops it here
+            terminators = tls_terminators(config)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the old config:\n%s", exc)
             return False
-        old, self.config = self.config, config
+        old, self.config, self.terminators = self.config, config, terminators
         with self._discovered_lock:  # not between a lookup's check that its name is configured and its push
             self.app.reload(config)
         for line in describe_changes(old, config) or ["no changes"]:
@@ -878,4 +884,12 @@ def run_supervisor(config: Config, config_path: str | None, listeners, workers: 
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
         return 1
-    return Supervisor(config, config_path, slot_sockets, watch=watch).run()
+    try:
+        supervisor = Supervisor(config, config_path, slot_sockets, watch=watch)
+    except ConfigError as exc:  # a certificate changed since the CLI loaded it a moment ago
+        log.error("%s", exc)
+        for sockets in slot_sockets:
+            for sock in sockets.values():
+                sock.close()
+        return 1
+    return supervisor.run()
