@@ -225,6 +225,20 @@ def test_describe_changes_names_the_server_settings_that_changed(tmp_path):
     assert lines == ["server settings changed: max_connections, idle_timeout"]
 
 
+def test_describe_changes_names_what_changed_on_a_kept_listener(tmp_path):
+    """A new certificate path or sni list on the same address used to be logged as no change at all."""
+    old_file, new_file = tmp_path / "old.toml", tmp_path / "new.toml"
+    for name in ("a.crt", "a.key", "b.crt", "b.key"):
+        (tmp_path / name).write_text("")
+    listen = 'listen = [{ address = "127.0.0.1:8443", tls_cert = "a.crt", tls_key = "a.key" }]'
+    old_file.write_text(proxy_config(8080, "127.0.0.1:9001").replace('listen = "127.0.0.1:8080"', listen))
+    new_file.write_text(proxy_config(8080, "127.0.0.1:9001").replace('listen = "127.0.0.1:8080"', listen.replace(
+        ' }]', ', http2 = false, sni = [{ host = "b.test", tls_cert = "b.crt", tls_key = "b.key" }] }]')
+        .replace("a.crt", "b.crt")) + '\n[tls]\ninternal_names = [".test"]\n')
+    lines = describe_changes(load_config(old_file), load_config(new_file))
+    assert lines == ["listener changed: 127.0.0.1:8443 (tls_cert, sni, http2)", "tls settings changed: internal_names"]
+
+
 # -- core's drain: the race between "resting" and "a request just arrived" ------------------------------
 
 def test_core_drain_serves_a_resting_connection_whose_request_arrived_before_dispatch():
