@@ -686,12 +686,15 @@ class Supervisor:
             if due <= now:
                 del self.restart_at[slot]
                 self.restarts_total += 1
-                try:
-                    self._spawn(slot)
-                except OSError as exc:  # fork or socketpair failed (EAGAIN, EMFILE): try again later
-                    self.failures[slot] = self.failures.get(slot, 0) + 1
-                    self.restart_at[slot] = now + min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** self.failures[slot])
-                    log.error("cannot start worker %d: %s; retrying", slot, exc)
+                self._spawn_or_retry(slot)
+
+    def _spawn_or_retry(self, slot: int) -> None:
+        try:
+            self._spawn(slot)
+        except OSError as exc:  # fork or socketpair failed (EAGAIN, EMFILE): try again later
+            self.failures[slot] = self.failures.get(slot, 0) + 1
+            self.restart_at[slot] = self.clock() + min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** self.failures[slot])
+            log.error("cannot start worker %d: %s; retrying", slot, exc)
 
     # -- reload --------------------------------------------------------------------------------------
     def reload(self) -> bool:
@@ -746,8 +749,9 @@ class Supervisor:
         self.restart_at.clear()
         for handle in old:
             self.retiring[handle.pid] = handle
+        self.slots = [None] * self.worker_count  # a slot whose fork fails must not list its old worker
         for slot in range(self.worker_count):
-            self._spawn(slot)
+            self._spawn_or_retry(slot)  # a failed fork must not end the supervisor (and every worker)
         for handle in old:
             _signal(handle.pid, signal.SIGTERM)
 
