@@ -181,6 +181,37 @@ def test_control_link_skips_bad_lines_and_keeps_serving(monkeypatch):
     link.close()
 
 
+def test_control_link_to_a_peer_that_reads_nothing_gives_up_and_closes(monkeypatch):
+    """A stopped worker (SIGSTOP, a reader starved of the GIL) read nothing while /status polls and
+    broadcasts kept coming: after a few hundred messages the supervisor's sendall blocked for good,
+    its loop (signals, restarts) or its admin thread with it."""
+    monkeypatch.setattr(supervisor, "SEND_STALL", 0.2)
+    link_sock, stuck = socket.socketpair()
+    closed = threading.Event()
+    link = ControlLink(link_sock, lambda m: None, on_close=closed.set, name="link")
+    link.start()
+    outcomes = []
+
+    def keep_sending():
+        for _ in range(5000):  # the buffer holds a few hundred of these
+            if not link.send({"op": "status", "id": 1}):
+                outcomes.append("refused")
+                return
+        outcomes.append("all sent")
+
+    sender = threading.Thread(target=keep_sending, daemon=True)
+    sender.start()
+    sender.join(10)
+    try:
+        assert not sender.is_alive(), "send() still blocked on a peer that reads nothing"
+        assert outcomes == ["refused"]
+        assert closed.wait(5)  # the link is closed: a worker's end would now drain
+        assert link.send({"op": "ping"}) is False
+    finally:
+        stuck.close()
+        link.close()
+
+
 def test_a_replacement_worker_serves_the_loaded_certificate_whatever_the_file_holds_now(tmp_path):
     """A worker forked after its predecessor died takes the TLS its supervisor loaded with the running
     config. It used to read the files again: a key overwritten on disk (no reload asked for) kept

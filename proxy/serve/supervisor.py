@@ -71,6 +71,7 @@ BACKOFF_FIRST = 0.5        # then 1, 2, 4 ... seconds between restarts of a work
 BACKOFF_MAX = 30.0
 LOOP_TICK = 0.5            # the supervisor loop wakes at least this often (reaping, due restarts)
 MAX_LINE = 16 * 1024 * 1024  # a status document of a very large config still fits
+SEND_STALL = 5.0           # a link whose other end takes nothing for this long is stuck: it is closed
 
 
 class ControlError(RuntimeError):
@@ -107,11 +108,31 @@ class ControlLink:
         data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
         try:
             with self._write_lock:
-                self.sock.sendall(data)
+                self._send_all(memoryview(data))
             return True
+        except TimeoutError:
+            log.warning("%s: the other end has taken nothing for %gs (stopped or stuck): closing the link",
+                        self.name, SEND_STALL)
+            self.close()  # a half-sent line would garble the stream: this link is done
+            return False
         except OSError as exc:
             log.debug("%s: send failed: %s", self.name, exc)
             return False
+
+    def _send_all(self, data: memoryview) -> None:
+        """sendall, except that a peer which reads nothing (a stopped process) raises TimeoutError after
+        SEND_STALL instead of holding the sender for good: the supervisor's loop, or a worker's request
+        thread reporting an ejection, once the socket buffer is full (a few hundred messages)."""
+        poller = None
+        while data:
+            try:
+                data = data[self.sock.send(data, socket.MSG_DONTWAIT):]
+            except BlockingIOError:
+                if poller is None:
+                    poller = select.poll()
+                    poller.register(self.sock, select.POLLOUT)
+                if not poller.poll(SEND_STALL * 1000):
+                    raise TimeoutError from None
 
     def request(self, message: dict, timeout: float) -> dict:
         request_id = next(self._ids)
