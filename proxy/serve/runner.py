@@ -275,8 +275,8 @@ class ProxyProcess:
         self.services: list = []  # objects with start() and stop(): admin, health checks, logs
         # False in a worker process: the supervisor owns the listening sockets (proxy.serve.supervisor)
         self.manage_listeners = True
-        # False in a worker process: its supervisor says once what a reload cannot change
-        self.reports_restarts = True
+        # False in a worker process: its supervisor says once what a reload changed and what it cannot
+        self.reports_changes = True
         self.install_signals = install_signals
         if install_signals:
             # Now, not when the loop starts: the sockets already accept, and a SIGHUP (a deploy's
@@ -350,11 +350,12 @@ class ProxyProcess:
             self._reconcile_listeners(old, config)
         self._swap_certificates(config, terminators)
         log.info("config reloaded: %d routes, %d upstreams", len(config.routes), len(config.upstreams))
-        for line in describe_changes(old, config):
-            log.info("  %s", line)
+        if self.reports_changes:
+            for line in describe_changes(old, config):
+                log.info("  %s", line)
         for line in server_changes(old.server, config.server, LIVE_IN_CORE):
             log.info("  applied: %s", line)
-        if self.reports_restarts:
+        if self.reports_changes:
             for line in server_changes(old.server, config.server):
                 log.warning("needs a restart: %s", line)
 

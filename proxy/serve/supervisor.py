@@ -308,7 +308,7 @@ def worker_main(slot: int, config: Config, config_path: str | None, listeners, c
             process.app.set_admin_state(upstream, address, state)
         except UnknownServer:  # the supervisor's config has it; a replay after a reload settles it
             log.debug("worker %d: admin state of %s/%s not applied at start", slot, upstream, address)
-    process.reports_restarts = False  # the supervisor logs "needs a restart" once, not once per worker
+    process.reports_changes = False  # the supervisor logs what changed once, not once per worker
     observability = install_observability(process, health=False, admin=False)
     process_status = observability.sources.status[0]
 
