@@ -53,6 +53,30 @@ def test_drain_finishes_a_slow_request_then_exits_0(tmp_path, signum):
         assert "draining" in run.log()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_sighup_during_the_drain_does_not_open_the_listeners_again(tmp_path, workers):
+    """A reload (logrotate's postrotate `kill -HUP`, a deploy) arriving while the proxy drains found
+    no listener open, as the drain closes them, and bound every address anew: new clients were
+    accepted by a proxy on its way out."""
+    with named_backends("a") as (a,), running_proxy(tmp_path, proxy_config(free_port(), a.address, workers=workers)) as run:
+        if workers > 1:
+            wait_for(lambda: run.log().count(") ready") == workers, what="the workers ready", on_timeout=run.log)
+        thread, result = start_slow_request(run.url)
+        assert a.slow_entered.wait(5), "the slow request never reached the backend"
+        run.signal(signal.SIGTERM)
+        wait_for(lambda: not port_open(run.port), what="the listener to close")
+        run.signal(signal.SIGHUP)
+        marker = "reload ignored: the proxy is draining" if workers == 1 else "received SIGTERM"
+        wait_for(lambda: marker in run.log() or "config reloaded" in run.log(), what="the SIGHUP handled",
+                 on_timeout=run.log)
+        assert not port_open(run.port), run.log()
+        assert "listening on" not in run.log().split("draining", 1)[1]
+        a.release.set()
+        thread.join(10)
+        assert result == {"status": 200, "length": SLOW_BODY}
+        assert run.wait_exit() == 0
+
+
 def test_keepalive_request_arriving_during_drain_is_served_with_connection_close(tmp_path):
     with named_backends("a") as (a,), running_proxy(tmp_path, proxy_config(free_port(), a.address)) as run:
         client = socket.create_connection(("127.0.0.1", run.port), timeout=5)
