@@ -260,6 +260,29 @@ def test_listen_change_with_workers_replaces_them_and_moves_the_listener(tmp_pat
             assert run.wait_exit() == 0
 
 
+def test_a_reload_while_old_workers_drain_reloads_the_new_ones_only(tmp_path):
+    """The old workers of a listen change drain on the config they have: a reload meanwhile is not
+    theirs to take, and is not reported as a failure of theirs."""
+    with named_backends("a") as (a,):
+        port, admin_port, config = workers_config(a.address)
+        with running_proxy(tmp_path, config) as run:
+            wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready")
+            thread, result = start_slow_request(run.url)  # keeps one old worker draining
+            assert a.slow_entered.wait(5), "the slow request never reached the backend"
+            run.rewrite(config.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"))
+            run.signal(signal.SIGHUP)
+            wait_for(lambda: ready_workers(run) == 2 * WORKERS, what="the new workers", on_timeout=run.log)
+            run.signal(signal.SIGHUP)  # the same file again: every worker is told to reload
+            wait_for(lambda: run.log().count(") reloaded") == WORKERS, what="the new workers reloaded",
+                     on_timeout=run.log)
+            a.release.set()
+            thread.join(10)
+            assert result == {"status": 200, "length": SLOW_BODY}
+            assert "failed to reload" not in run.log(), run.log()
+            run.signal(signal.SIGTERM)
+            assert run.wait_exit() == 0
+
+
 def test_health_checks_run_in_the_supervisor_and_reach_every_worker_including_a_replacement(tmp_path):
     with named_backends("a") as (a,):
         dead = f"127.0.0.1:{free_port()}"  # nothing listens there: every check fails
