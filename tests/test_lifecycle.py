@@ -169,9 +169,9 @@ def test_watch_reloads_when_the_file_changes(tmp_path):
         assert answered_by(run.url) == "a"
         run.rewrite(proxy_config(port, b.address, extra_routes='[[routes]]\npath = "/b"\nupstream = "app"\n'))
         wait_for(lambda: answered_by(run.url) == "b", timeout=10, what="--watch to reload")
-        log = run.log()
-        assert "route added: */b -> app" in log
-        assert f"upstream changed: app (+{b.address} -{a.address})" in log
+        # The new routes serve as soon as they are in place; the lines saying so are written just after.
+        wait_for(lambda: "route added: */b -> app" in run.log(), what="the reload's log", on_timeout=run.log)
+        assert f"upstream changed: app (+{b.address} -{a.address})" in run.log()
 
 
 # -- pure parts ---------------------------------------------------------------------------------------
