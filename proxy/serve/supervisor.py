@@ -514,7 +514,9 @@ class Supervisor:
         if signum == signal.SIGCHLD:
             return  # _reap runs on every pass
         if signum == signal.SIGHUP:
-            if not self.stopping and not self.reload():
+            if self.stopping:  # as a single process does: no reload, but the logs are reopened
+                log.info("reload ignored: the proxy is draining")
+            if self.stopping or not self.reload():
                 self._broadcast({"op": "reopen"})  # a valid reload reopens in each worker (LogSwitch)
             return
         if signum == signal.SIGUSR1:
