@@ -157,11 +157,6 @@ def _read_public_key(path: str):
         return None
 
 
-def sni_file_problems(listen: ListenConfig) -> list[str]:
-    """The sni = [...] certificate files of a tls = "internal" listener that cannot be loaded."""
-    return certificate_file_problems(listen)
-
-
 def tls_problems(config: Config, create_ca: bool = True) -> list[str]:
     """Listener certificates and upstream CA files that cannot be loaded. The config loader only sees
     that the files exist; run, check and every reload load them, so check passes only what will start
@@ -173,7 +168,7 @@ def tls_problems(config: Config, create_ca: bool = True) -> list[str]:
             found = local_ca.problem(config.tls.ca_dir, config.tls.internal_names)
             if found is not None and f"{found.key}: {found}" not in problems:  # one CA: said once
                 problems.append(f"{found.key}: {found}")
-            problems.extend(sni_file_problems(listen))
+            problems.extend(certificate_file_problems(listen))  # its sni = [...] files
         elif listen.tls:
             try:
                 tls_terminator(listen, config.tls)
