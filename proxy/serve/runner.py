@@ -345,7 +345,7 @@ class ProxyProcess:
         self.app.reload(config)
         apply_server_limits(self.server, self.pool, config.server)
         if self.manage_listeners:
-            self._reconcile_listeners(old, config)
+            self._reconcile_listeners(old, config, terminators)
         self._swap_certificates(config, terminators)
         log.info("config reloaded: %d routes, %d upstreams", len(config.routes), len(config.upstreams))
         if self.reports_changes:
@@ -376,8 +376,9 @@ class ProxyProcess:
         self.add_service(watcher)
         return watcher
 
-    def _reconcile_listeners(self, old: Config, new: Config) -> None:
-        """Open listeners the new config adds, close those it drops; unchanged ones are untouched."""
+    def _reconcile_listeners(self, old: Config, new: Config, terminators: dict) -> None:
+        """Open listeners the new config adds, close those it drops; unchanged ones are untouched.
+        A new TLS listener takes its terminator from ``terminators``, loaded and checked already."""
         wanted = {listen.address: listen for listen in new.server.listen}
         for listener in self.server.listeners:
             tag = listener.tag
@@ -388,7 +389,7 @@ class ProxyProcess:
         for address, listen in wanted.items():
             if address not in current:
                 try:
-                    self._add_listener(listen, bind_config_listener(listen))
+                    self._add_listener(listen, bind_config_listener(listen), terminators.get(address))
                     log.info("listening on %s", address)
                 except OSError as exc:
                     log.error("cannot listen on %s: %s", address, exc)
