@@ -53,6 +53,29 @@ def test_drain_finishes_a_slow_request_then_exits_0(tmp_path, signum):
         assert "draining" in run.log()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_sighup_during_the_drain_does_not_open_the_listeners_again(tmp_path, workers):
+    """A reload (logrotate's postrotate `kill -HUP`, a deploy) arriving while the proxy drains found
+    no listener open, as the drain closes them, and bound every address anew: new clients were
+    accepted by a proxy on its way out."""
+    with named_backends("a") as (a,), running_proxy(tmp_path, proxy_config(free_port(), a.address, workers=workers)) as run:
+        if workers > 1:
+            wait_for(lambda: run.log().count(") ready") == workers, what="the workers ready", on_timeout=run.log)
+        thread, result = start_slow_request(run.url)
+        assert a.slow_entered.wait(5), "the slow request never reached the backend"
+        run.signal(signal.SIGTERM)
+        wait_for(lambda: not port_open(run.port), what="the listener to close")
+        run.signal(signal.SIGHUP)
+        wait_for(lambda: "reload ignored: the proxy is draining" in run.log() or "config reloaded" in run.log(),
+                 what="the SIGHUP handled", on_timeout=run.log)
+        assert not port_open(run.port), run.log()
+        assert "listening on" not in run.log().split("draining", 1)[1]
+        a.release.set()
+        thread.join(10)
+        assert result == {"status": 200, "length": SLOW_BODY}
+        assert run.wait_exit() == 0
+
+
 def test_keepalive_request_arriving_during_drain_is_served_with_connection_close(tmp_path):
     with named_backends("a") as (a,), running_proxy(tmp_path, proxy_config(free_port(), a.address)) as run:
         client = socket.create_connection(("127.0.0.1", run.port), timeout=5)
@@ -145,9 +168,9 @@ def test_watch_reloads_when_the_file_changes(tmp_path):
         assert answered_by(run.url) == "a"
         run.rewrite(proxy_config(port, b.address, extra_routes='[[routes]]\npath = "/b"\nupstream = "app"\n'))
         wait_for(lambda: answered_by(run.url) == "b", timeout=10, what="--watch to reload")
-        log = run.log()
-        assert "route added: */b -> app" in log
-        assert f"upstream changed: app (+{b.address} -{a.address})" in log
+        # The new routes serve as soon as they are in place; the lines saying so are written just after.
+        wait_for(lambda: "route added: */b -> app" in run.log(), what="the reload's log", on_timeout=run.log)
+        assert f"upstream changed: app (+{b.address} -{a.address})" in run.log()
 
 
 # -- pure parts ---------------------------------------------------------------------------------------
@@ -223,6 +246,20 @@ def test_describe_changes_names_the_server_settings_that_changed(tmp_path):
         "[server]\n", '[server]\nidle_timeout = "5s"\nmax_connections = 7\n', 1))
     lines = describe_changes(load_config(old_file), load_config(new_file))
     assert lines == ["server settings changed: max_connections, idle_timeout"]
+
+
+def test_describe_changes_names_what_changed_on_a_kept_listener(tmp_path):
+    """A new certificate path or sni list on the same address used to be logged as no change at all."""
+    old_file, new_file = tmp_path / "old.toml", tmp_path / "new.toml"
+    for name in ("a.crt", "a.key", "b.crt", "b.key"):
+        (tmp_path / name).write_text("")
+    listen = 'listen = [{ address = "127.0.0.1:8443", tls_cert = "a.crt", tls_key = "a.key" }]'
+    old_file.write_text(proxy_config(8080, "127.0.0.1:9001").replace('listen = "127.0.0.1:8080"', listen))
+    new_file.write_text(proxy_config(8080, "127.0.0.1:9001").replace('listen = "127.0.0.1:8080"', listen.replace(
+        ' }]', ', http2 = false, sni = [{ host = "b.test", tls_cert = "b.crt", tls_key = "b.key" }] }]')
+        .replace("a.crt", "b.crt")) + '\n[tls]\ninternal_names = [".test"]\n')
+    lines = describe_changes(load_config(old_file), load_config(new_file))
+    assert lines == ["listener changed: 127.0.0.1:8443 (tls_cert, sni, http2)", "tls settings changed: internal_names"]
 
 
 # -- core's drain: the race between "resting" and "a request just arrived" ------------------------------

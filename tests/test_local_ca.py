@@ -397,6 +397,30 @@ def test_check_reports_a_readable_root_key(tmp_path):
     assert "p.toml: tls.internal_ca_dir:" in result.output and "chmod 600" in result.output
 
 
+@pytest.mark.parametrize("lost", [local_ca.ROOT_KEY, local_ca.ROOT_CERT])
+def test_half_a_root_is_named_by_check_and_run(tmp_path, lost):
+    """root.crt without root.key (or the reverse): check printed a traceback, the run blamed tls_cert."""
+    local_ca.open_root(str(tmp_path / "ca"), ())
+    os.unlink(tmp_path / "ca" / lost)
+    path = tmp_path / "p.toml"
+    path.write_text(tomli_w.dumps(internal_document(tmp_path)))
+    for command in (["check", str(path)], ["-c", str(path)]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 1, result.output
+        assert f"tls.internal_ca_dir: {tmp_path / 'ca' / lost} is missing" in result.output, result.output
+    assert not (tmp_path / "ca" / lost).exists()  # nothing made anew: the other half may be trusted
+
+
+@pytest.mark.parametrize("damaged, what", [(local_ca.ROOT_CERT, "PEM certificate"),
+                                           (local_ca.ROOT_KEY, "unencrypted PEM private key")])
+def test_a_damaged_root_file_is_named(tmp_path, damaged, what):
+    local_ca.open_root(str(tmp_path / "ca"), ())
+    (tmp_path / "ca" / damaged).write_bytes(b"-----BEGIN garbage")
+    result = check(tmp_path, internal_document(tmp_path))
+    assert result.exit_code == 1
+    assert f"tls.internal_ca_dir: {tmp_path / 'ca' / damaged} is damaged: it holds no {what}" in result.output
+
+
 def test_check_reports_a_ca_dir_that_is_not_a_directory(tmp_path):
     (tmp_path / "ca").write_text("not a directory")
     result = check(tmp_path, internal_document(tmp_path))

@@ -147,6 +147,7 @@ def test_sighup_with_workers_applies_idle_timeout_in_every_worker_and_warns_once
                 assert closed_by_server(sock, CLOSE_WAIT) is not None, run.log()
                 sock.close()
             assert run.log().count("needs a restart: server.workers (2 -> 4)") == 1
+            assert run.log().count("server settings changed: workers, idle_timeout") == 1  # the supervisor's
             assert "needs a restart: server.cpu_affinity" not in run.log()
 
 

@@ -341,6 +341,38 @@ def test_reload_with_a_broken_certificate_changes_nothing(renewable_tls_proxy, p
     assert requests.get(proxy.url, verify=pki.ca_file, timeout=CLIENT_TIMEOUT).status_code == 200
 
 
+def test_a_reload_adding_a_tls_listener_loads_its_files_once(renewable_tls_proxy, pki, monkeypatch):
+    """The files are loaded and checked before anything changes; the new listener takes what was
+    loaded then. It used to load them a second time once the new config was in place: a file
+    changed in between failed the reload half applied ("keeping the old config" while the new one
+    served) and left the new address bound, its clients hanging unanswered."""
+    from proxy.config.schema import ConfigError
+    from proxy.serve import runner
+    proxy, config, cert, key = renewable_tls_proxy
+    checked = runner.tls_terminators
+
+    def broken(*args):
+        raise ConfigError(["the files changed since they were checked"])
+
+    def then_the_files_break(new_config):
+        loaded = checked(new_config)
+        monkeypatch.setattr(runner, "tls_terminator", broken)
+        return loaded
+
+    monkeypatch.setattr(runner, "tls_terminators", then_the_files_break)
+    sock = bind_listener("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    sock.close()  # free again for the reload to bind
+    added = {"address": f"127.0.0.1:{port}", "tls_cert": str(cert), "tls_key": str(key)}
+    document = proxy_config_dict({"web": ["127.0.0.1:9"]}, server={"listen": [
+        {"address": f"127.0.0.1:{proxy.port}", "tls_cert": str(cert), "tls_key": str(key)}, added]})
+    proxy.process.reload(parse_config(document, "test.toml"))
+    context = client_context(pki)
+    with socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT) as raw:
+        with context.wrap_socket(raw, server_hostname="default.test") as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+
+
 def test_sni_config_problems(pki):
     from proxy.config.schema import ConfigError
     cert, key = pki.files["default"]

@@ -9,6 +9,7 @@ mechanism in a way that does not depend on timing.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ import pytest
 
 from proxy.config.schema import load_config
 from proxy.serve.runner import bind_config_listener
+from proxy.serve import supervisor as supervisor_module
 from proxy.serve.supervisor import Supervisor, WorkerHandle, bind_slot_sockets
 from tests.support.timing import wait_for
 from tests.support.backends import named_backends
@@ -187,5 +189,37 @@ def test_a_worker_waiting_to_restart_gives_its_connections_to_the_live_one(tmp_p
             client.close()
         (rebound_listen, rebound), = supervisor._slot_listeners(0)  # the replacement binds its slot anew
         assert rebound_listen == listen and rebound.getsockname()[1] == listen.port
+    finally:
+        supervisor._close_all_sockets()
+
+
+def test_a_listen_change_whose_fork_fails_keeps_the_supervisor_and_retries(tmp_path, monkeypatch):
+    """fork() failing (EAGAIN: a process limit) while a reload replaces the workers used to raise out
+    of the supervisor's loop: the supervisor exited, and its workers drained away with it."""
+    config_path = tmp_path / "proxy.toml"
+    config_path.write_text(workers_config("127.0.0.1:9")[2])
+    config = load_config(config_path)
+    listen = config.server.listen[0]
+    config_path.write_text(workers_config("127.0.0.1:9")[2])  # another free port: a listen change
+    moved = load_config(config_path)
+    now = 100.0
+    supervisor = Supervisor(config, None, bind_slot_sockets([(listen, bind_config_listener(listen))], WORKERS),
+                            clock=lambda: now)
+    signalled = []
+    monkeypatch.setattr(supervisor_module, "_signal", lambda pid, signum: signalled.append((pid, signum)))
+
+    def no_fork(slot):
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(supervisor, "_spawn", no_fork)
+    try:
+        old = [WorkerHandle(slot, 1_000_001 + slot, _NoLink(), now - 100) for slot in range(WORKERS)]
+        supervisor.slots = list(old)
+        supervisor._replace_workers(moved)
+        assert sorted(supervisor.restart_at) == list(range(WORKERS))  # each slot tried again later
+        assert all(due > now for due in supervisor.restart_at.values())
+        assert supervisor.slots == [None] * WORKERS  # the old workers are retiring, not serving
+        assert sorted(supervisor.retiring) == [handle.pid for handle in old]
+        assert signalled == [(handle.pid, signal.SIGTERM) for handle in old]
     finally:
         supervisor._close_all_sockets()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from proxy.serve import supervisor
 from proxy.serve.supervisor import ControlError, ControlLink
 from tests.support.backends import SLOW_BODY, named_backends
 from tests.support.ports import free_port
@@ -161,6 +162,86 @@ def test_control_link_requests_replies_events_and_close():
     left.close()
 
 
+def test_control_link_skips_bad_lines_and_keeps_serving(monkeypatch):
+    """A line that is not a JSON object (garbage, a JSON list, one past MAX_LINE) is logged and
+    skipped: it used to end the link, and a worker whose link ends drains and exits."""
+    monkeypatch.setattr(supervisor, "MAX_LINE", 64)
+    link_sock, peer = socket.socketpair()
+    closed = threading.Event()
+    link = ControlLink(link_sock, lambda m: {"pong": m.get("op")}, on_close=closed.set, name="link")
+    link.start()
+    peer.settimeout(5)
+    try:
+        peer.sendall(b"not json\n" + b"[1, 2]\n" + b'{"op": "' + b"x" * 200 + b'"}\n' + b'{"op": "ping", "id": 7}\n')
+        assert peer.makefile("rb").readline() == b'{"pong":"ping","reply_to":7}\n'
+        assert not closed.is_set()
+    finally:
+        peer.close()
+    assert closed.wait(5)
+    link.close()
+
+
+def test_control_link_to_a_peer_that_reads_nothing_gives_up_and_closes(monkeypatch):
+    """A stopped worker (SIGSTOP, a reader starved of the GIL) read nothing while /status polls and
+    broadcasts kept coming: after a few hundred messages the supervisor's sendall blocked for good,
+    its loop (signals, restarts) or its admin thread with it."""
+    monkeypatch.setattr(supervisor, "SEND_STALL", 0.2)
+    link_sock, stuck = socket.socketpair()
+    closed = threading.Event()
+    link = ControlLink(link_sock, lambda m: None, on_close=closed.set, name="link")
+    link.start()
+    outcomes = []
+
+    def keep_sending():
+        for _ in range(5000):  # the buffer holds a few hundred of these
+            if not link.send({"op": "status", "id": 1}):
+                outcomes.append("refused")
+                return
+        outcomes.append("all sent")
+
+    sender = threading.Thread(target=keep_sending, daemon=True)
+    sender.start()
+    sender.join(10)
+    try:
+        assert not sender.is_alive(), "send() still blocked on a peer that reads nothing"
+        assert outcomes == ["refused"]
+        assert closed.wait(5)  # the link is closed: a worker's end would now drain
+        assert link.send({"op": "ping"}) is False
+    finally:
+        stuck.close()
+        link.close()
+
+
+def test_a_replacement_worker_serves_the_loaded_certificate_whatever_the_file_holds_now(tmp_path):
+    """A worker forked after its predecessor died takes the TLS its supervisor loaded with the running
+    config. It used to read the files again: a key overwritten on disk (no reload asked for) kept
+    every replacement from starting, the slot down for good, a traceback per try."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key, ca_file = tmp_path / "site.crt", tmp_path / "site.key", tmp_path / "ca.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    with named_backends("a") as (a,):
+        port, admin_port, config = workers_config(a.address)
+        tls_port = free_port()
+        config = config.replace(f'listen = "127.0.0.1:{port}"', f'listen = ["127.0.0.1:{port}", {{ address = '
+                                f'"127.0.0.1:{tls_port}", tls_cert = "{cert}", tls_key = "{key}" }}]')
+        with running_proxy(tmp_path, config) as run:
+            wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready")
+            key.write_text("half a renewal\n")
+            victim = min(children(run.proc.pid))
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: ready_workers(run) == WORKERS + 1, what="the replacement to be ready", on_timeout=run.log)
+            assert "failed" not in run.log()
+            for _ in range(10):  # both workers, most likely: each answers over the certificate it was given
+                response = requests.get(f"https://127.0.0.1:{tls_port}/", verify=str(ca_file), timeout=5)
+                assert response.headers["X-Backend"] == "a"
+            run.signal(signal.SIGTERM)
+            assert run.wait_exit() == 0
+
+
 def test_listen_change_with_workers_replaces_them_and_moves_the_listener(tmp_path):
     with named_backends("a") as (a,):
         port, admin_port, config = workers_config(a.address)
@@ -175,6 +256,29 @@ def test_listen_change_with_workers_replaces_them_and_moves_the_listener(tmp_pat
             wait_for(lambda: not _accepts(port), what="the old address to close", on_timeout=run.log)
             wait_for(lambda: not (children(run.proc.pid) & old_pids), what="the old workers to drain and exit")
             assert f"listener added: 127.0.0.1:{new_port}" in run.log()
+            run.signal(signal.SIGTERM)
+            assert run.wait_exit() == 0
+
+
+def test_a_reload_while_old_workers_drain_reloads_the_new_ones_only(tmp_path):
+    """The old workers of a listen change drain on the config they have: a reload meanwhile is not
+    theirs to take, and is not reported as a failure of theirs."""
+    with named_backends("a") as (a,):
+        port, admin_port, config = workers_config(a.address)
+        with running_proxy(tmp_path, config) as run:
+            wait_for(lambda: ready_workers(run) == WORKERS, what="both workers ready")
+            thread, result = start_slow_request(run.url)  # keeps one old worker draining
+            assert a.slow_entered.wait(5), "the slow request never reached the backend"
+            run.rewrite(config.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"))
+            run.signal(signal.SIGHUP)
+            wait_for(lambda: ready_workers(run) == 2 * WORKERS, what="the new workers", on_timeout=run.log)
+            run.signal(signal.SIGHUP)  # the same file again: every worker is told to reload
+            wait_for(lambda: run.log().count(") reloaded") == WORKERS, what="the new workers reloaded",
+                     on_timeout=run.log)
+            a.release.set()
+            thread.join(10)
+            assert result == {"status": 200, "length": SLOW_BODY}
+            assert "failed to reload" not in run.log(), run.log()
             run.signal(signal.SIGTERM)
             assert run.wait_exit() == 0
 

@@ -131,19 +131,31 @@ def key_file_problem(path: str) -> str | None:
 
 def _load_root(ca_dir: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     cert_path, key_path = root_paths(ca_dir)
+    for path in (cert_path, key_path):
+        if not os.path.exists(path):  # the other one is there: making a new root would orphan it
+            raise LocalCaError(f"{path} is missing: restore it, or move {ca_dir} away so that a new root "
+                               f"is made (then run `pyproxy trust` again)")
     readable = key_file_problem(key_path)
     if readable:
         raise LocalCaError(readable)
-    try:
-        with open(cert_path, "rb") as file:
-            certificate = x509.load_pem_x509_certificate(file.read())
-        with open(key_path, "rb") as file:
-            key = serialization.load_pem_private_key(file.read(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise LocalCaError(f"the local CA in {ca_dir} cannot be loaded ({getattr(exc, 'strerror', None) or exc})") from None
+    certificate = _read_root_part(cert_path, "PEM certificate", x509.load_pem_x509_certificate)
+    key = _read_root_part(key_path, "unencrypted PEM private key",
+                          lambda data: serialization.load_pem_private_key(data, password=None))
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != certificate.public_key():
         raise LocalCaError(f"{key_path} is not the key of {cert_path}")
     return certificate, key
+
+
+def _read_root_part(path: str, what: str, parse):
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as exc:
+        raise LocalCaError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    try:
+        return parse(data)
+    except (ValueError, TypeError):
+        raise LocalCaError(f"{path} is damaged: it holds no {what}") from None
 
 
 def _constraints_problem(ca_dir: str, certificate: x509.Certificate,

@@ -95,13 +95,25 @@ class Certificate:
     hosts: tuple[str, ...] = ()
 
 
+class EncryptedKeyError(ssl.SSLError):
+    """The key file is protected by a passphrase, which pyproxy has no way to be given."""
+
+    reason = "the key is encrypted with a passphrase; give an unencrypted key (openssl pkey -in KEY -out KEY.plain)"
+
+
+def _refuse_passphrase():
+    # Without a password callback OpenSSL asks for the passphrase on the terminal: a start or a
+    # reload from a shell would wait there forever, holding the accept loop.
+    raise EncryptedKeyError(EncryptedKeyError.reason)
+
+
 def server_context(cert: str, key: str | None, alpn=ALPN_PROTOCOLS) -> ssl.SSLContext:
     """Modern server defaults: TLS 1.2+, the ssl module's cipher list, server cipher preference."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_COMPRESSION
     context.set_alpn_protocols(alpn)
-    context.load_cert_chain(cert, key)
+    context.load_cert_chain(cert, key, password=_refuse_passphrase)
     context.sslsocket_class = TimedSSLSocket
     return context
 

@@ -12,6 +12,9 @@ import ssl
 import threading
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from core import SocketServer, ThreadPool
 from core.socket_server import bind_listener
 
@@ -28,7 +31,7 @@ from proxy.config.units import format_address
 from proxy.serve.handler import CLIENT_PATIENCE, HttpHandler
 from proxy.serve.http2 import Http2Server
 from proxy.http.responses import write_overloaded
-from proxy.http.tls import TlsTerminator, server_context
+from proxy.http.tls import EncryptedKeyError, TlsTerminator, server_context
 from proxy.serve.watch import POLL_INTERVAL, Watcher, describe_changes
 
 log = logging.getLogger("pyproxy")
@@ -88,21 +91,70 @@ def tls_terminator(listen: ListenConfig, tls: TlsSettings) -> TlsTerminator:
     except LocalCaError as exc:
         raise ConfigError([f"{exc.key}: {exc}"]) from None
     except (ssl.SSLError, OSError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise ConfigError([f"server.listen {listen.address}: tls_cert/tls_key cannot be loaded ({reason});"
-                           " is the key the certificate's, and both PEM?"]) from exc
-
-
-def sni_file_problems(listen: ListenConfig) -> list[str]:
-    """The sni = [...] certificate files of a tls = "internal" listener that cannot be loaded."""
-    problems = []
-    for entry in listen.sni:
-        try:
-            server_context(entry.tls_cert, entry.tls_key)
-        except (ssl.SSLError, OSError) as exc:
+        problems = certificate_file_problems(listen)
+        if not problems:  # loads alone but not together: say what OpenSSL said
             reason = getattr(exc, "reason", None) or exc
-            problems.append(f"server.listen {listen.address}: sni {entry.tls_cert} cannot be loaded ({reason})")
+            problems = [f"server.listen {listen.address}: tls_cert/tls_key cannot be loaded ({reason})"]
+        raise ConfigError(problems) from exc
+
+
+def certificate_file_problems(listen: ListenConfig) -> list[str]:
+    """Each certificate and key pair of a listener (its default, then its sni entries) that cannot be
+    loaded, one line each naming the pair and what is wrong with it."""
+    pairs = [("", listen.tls_cert, listen.tls_key)] if listen.tls_cert else []
+    pairs += [(f"sni {', '.join(entry.hosts)}: ", entry.tls_cert, entry.tls_key) for entry in listen.sni]
+    problems = []
+    for where, cert, key in pairs:
+        try:
+            server_context(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            problems.append(f"server.listen {listen.address}: {where}tls_cert/tls_key cannot be loaded: "
+                            f"{certificate_problem(cert, key, exc)}")
     return problems
+
+
+def certificate_problem(cert: str, key: str, exc: Exception) -> str:
+    """What is wrong with one certificate file and its key, in the words an operator acts on."""
+    if isinstance(exc, EncryptedKeyError):
+        return (f"{key} is encrypted with a passphrase, which pyproxy cannot ask for; give it an "
+                f"unencrypted key (openssl pkey -in {key} -out {key}.plain)")
+    if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+        position = key_position_in_chain(cert, key)
+        if position:
+            return (f"{cert} lists its certificates in the wrong order: the key matches certificate "
+                    f"{position + 1}, the server's own must come first, then its intermediates")
+        return f"{key} is not the key of the first certificate in {cert}"
+    if isinstance(exc, ssl.SSLError):  # OpenSSL's own words ("PEM lib") do not say which file
+        if _read_chain(cert) is None:
+            return f"{cert} holds no PEM certificate"
+        if _read_public_key(key) is None:
+            return f"{key} holds no PEM private key"
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+    return f"{reason} (are both files PEM, {cert} the certificate chain and {key} its key?)"
+
+
+def key_position_in_chain(cert: str, key: str) -> int | None:
+    """The index of the certificate in ``cert`` that ``key`` belongs to; None if none or unreadable."""
+    chain, public = _read_chain(cert), _read_public_key(key)
+    if not chain or public is None:
+        return None
+    return next((index for index, certificate in enumerate(chain) if certificate.public_key() == public), None)
+
+
+def _read_chain(path: str) -> list | None:
+    try:
+        with open(path, "rb") as file:
+            return x509.load_pem_x509_certificates(file.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_public_key(path: str):
+    try:
+        with open(path, "rb") as file:
+            return serialization.load_pem_private_key(file.read(), password=None).public_key()
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def tls_problems(config: Config, create_ca: bool = True) -> list[str]:
@@ -116,7 +168,7 @@ def tls_problems(config: Config, create_ca: bool = True) -> list[str]:
             found = local_ca.problem(config.tls.ca_dir, config.tls.internal_names)
             if found is not None and f"{found.key}: {found}" not in problems:  # one CA: said once
                 problems.append(f"{found.key}: {found}")
-            problems.extend(sni_file_problems(listen))
+            problems.extend(certificate_file_problems(listen))  # its sni = [...] files
         elif listen.tls:
             try:
                 tls_terminator(listen, config.tls)
@@ -131,6 +183,15 @@ def tls_problems(config: Config, create_ca: bool = True) -> list[str]:
                 problems.append(f"{key_path('upstreams', upstream.name)}.tls_ca: {upstream.tls_ca} "
                                 f"holds no usable PEM certificate ({reason})")
     return problems
+
+
+def tls_terminators(config: Config) -> dict[str, TlsTerminator]:
+    """Every TLS listener's terminator by address, its files loaded now. Raises ConfigError naming
+    every certificate or CA file that cannot be loaded."""
+    problems = tls_problems(config)
+    if problems:
+        raise ConfigError(problems)
+    return {listen.address: tls_terminator(listen, config.tls) for listen in config.server.listen if listen.tls}
 
 
 def load_for_reload(path: str | None) -> Config | None:
@@ -176,10 +237,13 @@ class ProxyProcess:
 
     def __init__(self, config: Config, *, listeners=None, install_signals: bool = False,
                  config_path: str | None = None, admin_socket=None, observability: bool = True,
-                 rate_table=None, discovered: dict | None = None, resolve_names: bool = True):
+                 rate_table=None, discovered: dict | None = None, resolve_names: bool = True,
+                 terminators: dict | None = None):
         """``rate_table``: a worker gets its supervisor's shared rate limit table. ``resolve_names`` False:
         a worker, whose supervisor resolves the discovered names for it and hands over the current sets
-        (``discovered``) and every change."""
+        (``discovered``) and every change. ``terminators`` (by address): TLS loaded by the supervisor
+        with this config, so a worker started later serves what its siblings serve, whatever the
+        files on disk hold now."""
         self.config_path = config_path
         self.app = Application(config, rate_table=rate_table, discovered=discovered)
         server_cfg = config.server
@@ -202,14 +266,14 @@ class ProxyProcess:
         if listeners is None:
             listeners = [(listen, bind_config_listener(listen)) for listen in server_cfg.listen]
         for listen, sock in listeners:
-            self._add_listener(listen, sock)
+            self._add_listener(listen, sock, (terminators or {}).get(listen.address))
         self.services: list = []  # objects with start() and stop(): admin, health checks, logs
         # Idle upstream connections past keepalive_timeout close without waiting for the next request.
         self.services.append(PoolSweeper(lambda: self.app.runtime.all_pools()))
         # False in a worker process: the supervisor owns the listening sockets (proxy.serve.supervisor)
         self.manage_listeners = True
-        # False in a worker process: its supervisor says once what a reload cannot change
-        self.reports_restarts = True
+        # False in a worker process: its supervisor says once what a reload changed and what it cannot
+        self.reports_changes = True
         self.install_signals = install_signals
         if install_signals:
             # Now, not when the loop starts: the sockets already accept, and a SIGHUP (a deploy's
@@ -231,9 +295,9 @@ class ProxyProcess:
         self.app.reload_listeners.append(lambda old, new: discovery.kick())  # new names: resolved at once
         return discovery
 
-    def _add_listener(self, listen: ListenConfig, sock) -> None:
+    def _add_listener(self, listen: ListenConfig, sock, terminator: TlsTerminator | None = None) -> None:
         if listen.tls:
-            self.app.tls_contexts[listen] = tls_terminator(listen, self.app.config.tls)
+            self.app.tls_contexts[listen] = terminator or tls_terminator(listen, self.app.config.tls)
         self.server.add_listener(sock, tag=listen)
         self.listeners_by_address[listen.address] = listen
 
@@ -261,6 +325,9 @@ class ProxyProcess:
 
     def reload_from_file(self) -> bool:
         """SIGHUP: re-read the config; keep the old one if the new one is invalid."""
+        if self.server.draining.is_set():  # the drain closed the listeners: a reload would open them again
+            log.info("reload ignored: the proxy is draining")
+            return False
         config = load_for_reload(self.config_path)
         if config is None:
             return False
@@ -275,22 +342,20 @@ class ProxyProcess:
         """Apply a validated config. Certificates and CA files are (re)loaded first, renewed files
         included, as nginx does on reload: one that cannot be loaded raises ConfigError before anything
         changes."""
-        problems = tls_problems(config)
-        if problems:
-            raise ConfigError(problems)
-        terminators = {listen.address: tls_terminator(listen, config.tls) for listen in config.server.listen if listen.tls}
+        terminators = tls_terminators(config)
         old = self.app.config
         self.app.reload(config)
         apply_server_limits(self.server, self.pool, config.server)
         if self.manage_listeners:
-            self._reconcile_listeners(old, config)
+            self._reconcile_listeners(old, config, terminators)
         self._swap_certificates(config, terminators)
         log.info("config reloaded: %d routes, %d upstreams", len(config.routes), len(config.upstreams))
-        for line in describe_changes(old, config):
-            log.info("  %s", line)
+        if self.reports_changes:
+            for line in describe_changes(old, config):
+                log.info("  %s", line)
         for line in server_changes(old.server, config.server, LIVE_IN_CORE):
             log.info("  applied: %s", line)
-        if self.reports_restarts:
+        if self.reports_changes:
             for line in server_changes(old.server, config.server):
                 log.warning("needs a restart: %s", line)
 
@@ -313,8 +378,9 @@ class ProxyProcess:
         self.add_service(watcher)
         return watcher
 
-    def _reconcile_listeners(self, old: Config, new: Config) -> None:
-        """Open listeners the new config adds, close those it drops; unchanged ones are untouched."""
+    def _reconcile_listeners(self, old: Config, new: Config, terminators: dict) -> None:
+        """Open listeners the new config adds, close those it drops; unchanged ones are untouched.
+        A new TLS listener takes its terminator from ``terminators``, loaded and checked already."""
         wanted = {listen.address: listen for listen in new.server.listen}
         for listener in self.server.listeners:
             tag = listener.tag
@@ -325,7 +391,7 @@ class ProxyProcess:
         for address, listen in wanted.items():
             if address not in current:
                 try:
-                    self._add_listener(listen, bind_config_listener(listen))
+                    self._add_listener(listen, bind_config_listener(listen), terminators.get(address))
                     log.info("listening on %s", address)
                 except OSError as exc:
                     log.error("cannot listen on %s: %s", address, exc)

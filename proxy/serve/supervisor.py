@@ -58,7 +58,7 @@ from proxy.observe.log_reload import level_listener
 from proxy.observe.metrics import WorkerCounters, render_prometheus
 from proxy.http.bucket_table import BucketTable
 from proxy.serve.runner import (RESTART_ONLY, SERVING_SIGNALS, ProxyProcess, bind_config_listener,
-                                bind_worker_listeners, load_for_reload, server_changes, tls_problems)
+                                bind_worker_listeners, load_for_reload, server_changes, tls_terminators)
 from proxy.observe.status import WorkerStatusTotals
 from proxy.serve.watch import Watcher, describe_changes
 
@@ -71,6 +71,7 @@ BACKOFF_FIRST = 0.5        # then 1, 2, 4 ... seconds between restarts of a work
 BACKOFF_MAX = 30.0
 LOOP_TICK = 0.5            # the supervisor loop wakes at least this often (reaping, due restarts)
 MAX_LINE = 16 * 1024 * 1024  # a status document of a very large config still fits
+SEND_STALL = 5.0           # a link whose other end takes nothing for this long is stuck: it is closed
 
 
 class ControlError(RuntimeError):
@@ -107,11 +108,31 @@ class ControlLink:
         data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
         try:
             with self._write_lock:
-                self.sock.sendall(data)
+                self._send_all(memoryview(data))
             return True
+        except TimeoutError:
+            log.warning("%s: the other end has taken nothing for %gs (stopped or stuck): closing the link",
+                        self.name, SEND_STALL)
+            self.close()  # a half-sent line would garble the stream: this link is done
+            return False
         except OSError as exc:
             log.debug("%s: send failed: %s", self.name, exc)
             return False
+
+    def _send_all(self, data: memoryview) -> None:
+        """sendall, except that a peer which reads nothing (a stopped process) raises TimeoutError after
+        SEND_STALL instead of holding the sender for good: the supervisor's loop, or a worker's request
+        thread reporting an ejection, once the socket buffer is full (a few hundred messages)."""
+        poller = None
+        while data:
+            try:
+                data = data[self.sock.send(data, socket.MSG_DONTWAIT):]
+            except BlockingIOError:
+                if poller is None:
+                    poller = select.poll()
+                    poller.register(self.sock, select.POLLOUT)
+                if not poller.poll(SEND_STALL * 1000):
+                    raise TimeoutError from None
 
     def request(self, message: dict, timeout: float) -> dict:
         request_id = next(self._ids)
@@ -144,8 +165,14 @@ class ControlLink:
                 line = reader.readline(MAX_LINE)
                 if not line:
                     break
-                self._handle(json.loads(line))
-        except (OSError, ValueError) as exc:
+                message = _parse_line(line)
+                if message is None:  # one bad line must not cut the link (a worker would drain)
+                    log.warning("%s: ignored a line that is not a JSON object: %r", self.name, line[:80])
+                    while not line.endswith(b"\n") and line:  # the rest of a line longer than MAX_LINE
+                        line = reader.readline(MAX_LINE)
+                    continue
+                self._handle(message)
+        except OSError as exc:
             log.debug("%s: read loop ends: %s", self.name, exc)
         finally:
             self.closed.set()
@@ -173,6 +200,15 @@ class ControlLink:
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         if request_id is not None:
             self.send({**(reply or {}), "reply_to": request_id})
+
+
+def _parse_line(line: bytes) -> dict | None:
+    """A control message, or None for a line that is not one JSON object."""
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
 
 
 # -- the worker side ---------------------------------------------------------------------------------
@@ -241,6 +277,8 @@ class WorkerControl:
         return {"error": f"unknown op {op!r}"}
 
     def _reload(self) -> None:
+        if self.process.server.draining.is_set():
+            return  # retiring (a listen change): it finishes on the config it has, and says nothing
         ok = self.process.reload_from_file()
         self.link.send({"event": "reloaded", "pid": os.getpid(), "ok": ok})
 
@@ -251,17 +289,19 @@ class WorkerControl:
 
 
 def worker_main(slot: int, config: Config, config_path: str | None, listeners, control_sock,
-                rate_table=None, discovered: dict | None = None, admin_states: dict | None = None) -> int:
+                rate_table=None, discovered: dict | None = None, admin_states: dict | None = None,
+                terminators: dict | None = None) -> int:
     """The body of a forked worker. Returns its exit code. ``rate_table`` is the supervisor's shared
     rate limit table: every worker takes tokens from the same buckets. ``discovered``: the supervisor's
     current addresses of the discovered names (the worker resolves nothing itself). ``admin_states``
-    are the runtime API's, applied before the first connection is accepted."""
+    are the runtime API's, applied before the first connection is accepted. ``terminators``: the
+    supervisor's TLS for ``config`` (a replacement must not depend on the files as they are now)."""
     os.setpgid(0, 0)  # a terminal's Ctrl-C goes to the supervisor's group only; it forwards one signal
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     pinned = pin_worker(config.server.cpu_affinity, slot)  # before ProxyProcess starts its threads
     process = ProxyProcess(config, listeners=listeners, install_signals=True, config_path=config_path,
                            observability=False, rate_table=rate_table, discovered=discovered,
-                           resolve_names=False)
+                           resolve_names=False, terminators=terminators)
     if pinned is not None:
         log.info("worker %d pinned to CPU %d (server.cpu_affinity)", slot, pinned)
     process.manage_listeners = False  # the supervisor owns the sockets; it replaces workers to change them
@@ -270,7 +310,7 @@ def worker_main(slot: int, config: Config, config_path: str | None, listeners, c
             process.app.set_admin_state(upstream, address, state)
         except UnknownServer:  # the supervisor's config has it; a replay after a reload settles it
             log.debug("worker %d: admin state of %s/%s not applied at start", slot, upstream, address)
-    process.reports_restarts = False  # the supervisor logs "needs a restart" once, not once per worker
+    process.reports_changes = False  # the supervisor logs what changed once, not once per worker
     observability = install_observability(process, health=False, admin=False)
     process_status = observability.sources.status[0]
 
@@ -375,6 +415,9 @@ class Supervisor:
         """``slot_sockets`` (from ``bind_slot_sockets``): per worker slot, its socket for each listen address."""
         self.config = config
         self.config_path = config_path
+        # TLS as loaded with this config: a worker forked later (a replacement) serves these, not
+        # whatever the files hold by then (a half-written renewal would keep it from starting).
+        self.terminators = tls_terminators(config)
         self.slot_sockets = slot_sockets
         # listen address -> its port, for binding a slot's socket again (the real one when it said 0)
         self.ports = {address: sock.getsockname()[1] for address, sock in slot_sockets[0].items()}
@@ -471,7 +514,9 @@ class Supervisor:
         if signum == signal.SIGCHLD:
             return  # _reap runs on every pass
         if signum == signal.SIGHUP:
-            if not self.stopping and not self.reload():
+            if self.stopping:  # as a single process does: no reload, but the logs are reopened
+                log.info("reload ignored: the proxy is draining")
+            if self.stopping or not self.reload():
                 self._broadcast({"op": "reopen"})  # a valid reload reopens in each worker (LogSwitch)
             return
         if signum == signal.SIGUSR1:
@@ -497,7 +542,7 @@ class Supervisor:
                 self._close_in_child(slot)
                 code = worker_main(slot, self.config, self.config_path, listeners, child_sock,
                                    self.app.rate_table(), discovered=self.app.discovered,
-                                   admin_states=admin_states)
+                                   admin_states=admin_states, terminators=self.terminators)
             except BaseException:  # the worker must end here, whatever happened, with its reason logged
                 log.exception("worker %d failed", slot)
             finally:
@@ -666,12 +711,15 @@ class Supervisor:
             if due <= now:
                 del self.restart_at[slot]
                 self.restarts_total += 1
-                try:
-                    self._spawn(slot)
-                except OSError as exc:  # fork or socketpair failed (EAGAIN, EMFILE): try again later
-                    self.failures[slot] = self.failures.get(slot, 0) + 1
-                    self.restart_at[slot] = now + min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** self.failures[slot])
-                    log.error("cannot start worker %d: %s; retrying", slot, exc)
+                self._spawn_or_retry(slot)
+
+    def _spawn_or_retry(self, slot: int) -> None:
+        try:
+            self._spawn(slot)
+        except OSError as exc:  # fork or socketpair failed (EAGAIN, EMFILE): try again later
+            self.failures[slot] = self.failures.get(slot, 0) + 1
+            self.restart_at[slot] = self.clock() + min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** self.failures[slot])
+            log.error("cannot start worker %d: %s; retrying", slot, exc)
 
     # -- reload --------------------------------------------------------------------------------------
     def reload(self) -> bool:
@@ -679,11 +727,12 @@ class Supervisor:
         config = load_for_reload(self.config_path)
         if config is None:
             return False
-        problems = tls_problems(config)  # the workers load them too; one that cannot be loaded stops it here
-        if problems:
-            log.error("reload failed, keeping the old config:\n%s", ConfigError(problems))
+        try:  # the workers load them too; one that cannot be loaded stops it here
+            terminators = tls_terminators(config)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the old config:\n%s", exc)
             return False
-        old, self.config = self.config, config
+        old, self.config, self.terminators = self.config, config, terminators
         with self._discovered_lock:  # not between a lookup's check that its name is configured and its push
             self.app.reload(config)
         for line in describe_changes(old, config) or ["no changes"]:
@@ -725,8 +774,9 @@ class Supervisor:
         self.restart_at.clear()
         for handle in old:
             self.retiring[handle.pid] = handle
+        self.slots = [None] * self.worker_count  # a slot whose fork fails must not list its old worker
         for slot in range(self.worker_count):
-            self._spawn(slot)
+            self._spawn_or_retry(slot)  # a failed fork must not end the supervisor (and every worker)
         for handle in old:
             _signal(handle.pid, signal.SIGTERM)
 
@@ -863,4 +913,12 @@ def run_supervisor(config: Config, config_path: str | None, listeners, workers: 
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
         return 1
-    return Supervisor(config, config_path, slot_sockets, watch=watch).run()
+    try:
+        supervisor = Supervisor(config, config_path, slot_sockets, watch=watch)
+    except ConfigError as exc:  # a certificate changed since the CLI loaded it a moment ago
+        log.error("%s", exc)
+        for sockets in slot_sockets:
+            for sock in sockets.values():
+                sock.close()
+        return 1
+    return supervisor.run()

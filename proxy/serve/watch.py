@@ -26,6 +26,8 @@ log = logging.getLogger("pyproxy.watch")
 POLL_INTERVAL = 0.5  # seconds between stat() calls: a reload within a second of saving the file
 SETTLE_TIME = 0.25   # the file must look the same for this long before it is reloaded
 
+CONFIG_KEYS = {"tls_internal": "tls"}  # the config key of a field whose name differs from it
+
 Fingerprint = tuple  # (st_mtime_ns, st_size, st_ino); None while the file is missing
 
 
@@ -121,15 +123,37 @@ def describe_changes(old: Config, new: Config) -> list[str]:
     new_listen = {listen.address for listen in new.server.listen}
     lines += [f"listener added: {address}" for address in sorted(new_listen - old_listen)]
     lines += [f"listener removed: {address}" for address in sorted(old_listen - new_listen)]
+    lines += _describe_listeners(old, new)
     lines += _describe_routes(old.routes, new.routes)
     lines += _describe_upstreams(old, new)
     changed = [f.name for f in dataclasses.fields(new.server)
                if f.name != "listen" and getattr(old.server, f.name) != getattr(new.server, f.name)]
     if changed:
         lines.append(f"server settings changed: {', '.join(changed)}")
+    changed = _changed_fields(old.tls, new.tls)
+    if changed:
+        lines.append(f"tls settings changed: {', '.join(changed)}")
     if old.log != new.log:
         lines.append(f"log: level {new.log.level}, access {new.log.access} ({new.log.format})")
     return lines
+
+
+def _describe_listeners(old: Config, new: Config) -> list[str]:
+    """A listener kept at its address whose options changed: its certificates, sni, http2..."""
+    before = {listen.address: listen for listen in old.server.listen}
+    lines = []
+    for listen in new.server.listen:
+        changed = _changed_fields(before.get(listen.address), listen, skip=("host", "port"))
+        if changed:
+            lines.append(f"listener changed: {listen.address} ({', '.join(changed)})")
+    return lines
+
+
+def _changed_fields(old, new, skip=()) -> list[str]:
+    if old is None or old == new:
+        return []
+    return [CONFIG_KEYS.get(f.name, f.name) for f in dataclasses.fields(new)
+            if f.name not in skip and getattr(old, f.name) != getattr(new, f.name)]
 
 
 def _describe_routes(old_routes, new_routes) -> list[str]:
