@@ -146,9 +146,23 @@ def test_sighup_with_workers_applies_idle_timeout_in_every_worker_and_warns_once
             for sock in idle:
                 assert closed_by_server(sock, CLOSE_WAIT) is not None, run.log()
                 sock.close()
-            assert run.log().count("needs a restart: server.workers (2 -> 4)") == 1
+            assert run.log().count("needs a restart: server.workers (2 running -> 4)") == 1
             assert run.log().count("server settings changed: workers, idle_timeout") == 1  # the supervisor's
             assert "needs a restart: server.cpu_affinity" not in run.log()
+
+
+def test_sighup_changing_workers_under_the_workers_option_says_the_option_decides(tmp_path):
+    """Bug: with --workers 2, a file going from 1 to 3 workers logged "needs a restart: server.workers
+    (1 -> 3)": two were running, and --workers keeps deciding after a restart too."""
+    with named_backends("a") as (a,):
+        port = free_port()
+        with running_proxy(tmp_path, config_text(port, a.address, workers=1), "--workers", "2") as run:
+            wait_for(lambda: run.log().count(") ready") == 2, what="both workers ready", on_timeout=run.log)
+            run.rewrite(config_text(port, a.address, workers=3))
+            run.signal(signal.SIGHUP)
+            wait_for(lambda: run.log().count(") reloaded") == 2, what="every worker reloaded", on_timeout=run.log)
+            assert run.log().count("server.workers changed (1 -> 3), but --workers 2 decides the count") == 1
+            assert "needs a restart: server.workers" not in run.log()
 
 
 def reload_server(proxy, address: str, **server) -> None:

@@ -283,7 +283,7 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
         click.echo(str(exc), err=True)
         return 1
     warn_if_open_files_short(config, open_files)
-    workers = workers or config.server.workers
+    workers_option, workers = workers, workers or config.server.workers
     if workers > 1:  # a supervisor and N worker processes sharing these sockets (proxy.serve.supervisor)
         if admin_socket is not None:
             admin_socket.close()  # the supervisor binds [admin] itself; it was free a moment ago
@@ -295,7 +295,7 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
         # (a SIGTERM while it built its Application killed it, 2 in 10 tries).
         addresses = ", ".join(f"{'https' if listen.tls else 'http'}://{listen.address}" for listen, _ in listeners)
         click.echo(f"pyproxy {__version__} listening on {addresses} with {workers} workers", err=True)
-        return run_supervisor(config, config_path, listeners, workers, watch=watch)
+        return run_supervisor(config, config_path, listeners, workers, watch=watch, workers_option=workers_option)
     pinned = pin_worker(config.server.cpu_affinity)  # before ProxyProcess starts its threads
     process = ProxyProcess(config, listeners=listeners, install_signals=True, config_path=config_path,
                            admin_socket=admin_socket)

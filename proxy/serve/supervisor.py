@@ -411,9 +411,12 @@ class Supervisor:
     """Forks and keeps ``workers`` worker processes; see the module docstring."""
 
     def __init__(self, config: Config, config_path: str | None,
-                 slot_sockets: list[dict[str, socket.socket]], *, watch: bool = False, clock=time.monotonic):
-        """``slot_sockets`` (from ``bind_slot_sockets``): per worker slot, its socket for each listen address."""
+                 slot_sockets: list[dict[str, socket.socket]], *, watch: bool = False, clock=time.monotonic,
+                 workers_option: int | None = None):
+        """``slot_sockets`` (from ``bind_slot_sockets``): per worker slot, its socket for each listen address.
+        ``workers_option``: the count --workers gave, which server.workers does not change."""
         self.config = config
+        self.workers_option = workers_option
         self.config_path = config_path
         # TLS as loaded with this config: a worker forked later (a replacement) serves these, not
         # whatever the files hold by then (a half-written renewal would keep it from starting).
@@ -739,13 +742,25 @@ class Supervisor:
             log.info("  %s", line)
         replace = _listen_addresses(old) != _listen_addresses(config)
         # Workers apply the rest of [server] themselves (ProxyProcess.reload); new ones pin anew.
-        for line in server_changes(old.server, config.server, ("workers",) if replace else RESTART_ONLY):
+        restart_only = tuple(key for key in RESTART_ONLY if key != "workers") if not replace else ()
+        for line in server_changes(old.server, config.server, restart_only):
             log.warning("needs a restart: %s", line)
+        self._report_workers_change(old.server.workers, config.server.workers)
         if replace:
             self._replace_workers(config)
         else:
             self._broadcast({"op": "reload"})
         return True
+
+    def _report_workers_change(self, old: int, new: int) -> None:
+        """A changed server.workers, against the count running (--workers may have set it instead)."""
+        if new == old:
+            return
+        if self.workers_option is not None:
+            log.warning("server.workers changed (%s -> %s), but --workers %d decides the count, also after a "
+                        "restart", old, new, self.workers_option)
+        elif new != self.worker_count:
+            log.warning("needs a restart: server.workers (%d running -> %d)", self.worker_count, new)
 
     def _replace_workers(self, config: Config) -> None:
         """New listen addresses: bind them, start new workers on the new set, drain the old ones. A
@@ -906,7 +921,8 @@ def bind_slot_sockets(listeners: list[tuple[ListenConfig, socket.socket]], worke
     return [{address: socks[slot] for address, socks in per_address} for slot in range(workers)]
 
 
-def run_supervisor(config: Config, config_path: str | None, listeners, workers: int, watch: bool = False) -> int:
+def run_supervisor(config: Config, config_path: str | None, listeners, workers: int, watch: bool = False,
+                   workers_option: int | None = None) -> int:
     """``pyproxy`` with workers > 1. Returns the exit code (1: an address could not be bound again)."""
     try:
         slot_sockets = bind_slot_sockets(listeners, workers)
@@ -914,7 +930,7 @@ def run_supervisor(config: Config, config_path: str | None, listeners, workers: 
         log.error("%s", exc.strerror or exc)
         return 1
     try:
-        supervisor = Supervisor(config, config_path, slot_sockets, watch=watch)
+        supervisor = Supervisor(config, config_path, slot_sockets, watch=watch, workers_option=workers_option)
     except ConfigError as exc:  # a certificate changed since the CLI loaded it a moment ago
         log.error("%s", exc)
         for sockets in slot_sockets:
