@@ -28,7 +28,7 @@ from websockets.sync.client import connect as ws_connect
 from websockets.sync.server import serve as ws_serve
 
 from core.socket_server import bind_listener
-from proxy.config.schema import parse_config
+from proxy.config.schema import ConfigError, parse_config
 from proxy.serve.runner import ProxyProcess
 from tests.support.backends import consume_and_digest, pattern_bytes, pattern_sha256, stream_pattern
 from tests.support.client import read_small_answer
@@ -385,6 +385,19 @@ def test_sni_config_problems(pki):
     assert "server.listen[0].sni[0].host" in text
     assert "server.listen[0].sni[0].tls_cert" in text and "does not exist" in text
     assert 'server.listen[0].sni[1]: missing required key "tls_cert"' in text
+
+
+def test_a_host_given_two_sni_certificates_is_a_config_error(pki):
+    """The first entry would win without a word (nginx warns of a conflicting server name): refused, naming both."""
+    cert, key = pki.files["default"]
+    document = proxy_config_dict({"web": ["127.0.0.1:9"]}, server={"listen": [
+        {"address": "127.0.0.1:1", "tls_cert": cert, "tls_key": key,
+         "sni": [{"host": ["a.test", "B.test"], "tls_cert": cert, "tls_key": key},
+                 {"host": ["c.test", "b.test"], "tls_cert": cert, "tls_key": key}]}]})
+    with pytest.raises(ConfigError) as caught:
+        parse_config(document, "test.toml")
+    assert "server.listen[0].sni[1].host: b.test is already given a certificate by server.listen[0].sni[0]" \
+        in str(caught.value)
 
 
 # -- WebSocket over TLS ------------------------------------------------------------------------

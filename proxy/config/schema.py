@@ -824,10 +824,18 @@ def _parse_sni(c: _Checker, value: Any, path: str, has_default: bool) -> tuple[S
         c.add(path, f"expected a list of {{ host, tls_cert, tls_key }} tables, got {describe_value(value)}")
         return ()
     entries = []
+    first_for: dict[str, int] = {}  # host -> the entry that names it first (the one that would win)
     for index, item in enumerate(value):
         entry = _parse_sni_entry(c, item, f"{path}[{index}]")
-        if entry:
-            entries.append(entry)
+        if not entry:
+            continue
+        for host in entry.hosts:
+            if host in first_for:
+                c.add(key_path(f"{path}[{index}]", "host"),
+                      f"{host} is already given a certificate by {path}[{first_for[host]}]")
+            else:
+                first_for[host] = index
+        entries.append(entry)
     return tuple(entries)
 
 
