@@ -2,7 +2,7 @@
 
 Under the GIL fewer busy threads are faster (less lock convoying), so the pool adds a thread only when a
 task is queued and no thread is idle to take it, and hands new work to the most recently idle thread
-(a stack, not a queue): under moderate load the same one or two threads stay hot while the rest sleep,
+(a stack, not a queue): under moderate load the same few threads stay hot while the rest sleep,
 instead of every thread taking turns and paying a context switch and a GIL hand-off each time. Threads idle for longer than
 ``idle_timeout`` retire, down to ``min_threads``. A task that raises is logged with its traceback and
 never kills its thread (CPython ``concurrent.futures.thread._WorkItem.run``).
@@ -25,11 +25,11 @@ IDLE_POLL = 5.0  # seconds an idle thread sleeps between retirement checks
 GROW_AFTER = 0.05
 # The same reasoning for threads that already exist but sleep: up to HOT_THREADS take new work at
 # once; beyond that, new work waits for a busy thread unless no thread has taken work for WAKE_AFTER,
-# which means the busy ones are blocked. Two hot threads, not one: a proxy thread spends much of each
-# request blocked on its upstream's reply, and a second thread runs Python meanwhile (wrk -t1 -c50,
-# one worker process: one hot thread ~9,000 req/s with half the 2 cores idle, two ~10,600, four
-# taking turns ~8,700).
-HOT_THREADS = 2
+# which means the busy ones are blocked. Several hot threads, not one: a proxy thread spends much of
+# each request blocked on its upstream's reply, and the others run Python meanwhile. How many is
+# measured, not derived (docs/performance.md, "What moved the numbers"): four, as many as min_threads'
+# default, since requests got cheap enough that the GIL convoy costs less than the idle waits.
+HOT_THREADS = 4
 WAKE_AFTER = 0.005
 
 

@@ -67,12 +67,13 @@ def test_pool_grows_up_to_max_threads_when_work_waits(pools):
 
 
 def test_pool_does_not_grow_while_an_idle_thread_can_take_the_work(pools):
-    pool = pools(min_threads=2, max_threads=8)
+    # HOT_THREADS of them: below that a task that finds every thread just finishing gets a new one.
+    pool = pools(min_threads=HOT_THREADS, max_threads=HOT_THREADS + 4)
     done = threading.Semaphore(0)
     for _ in range(20):
         pool.submit(done.release)
         assert done.acquire(timeout=TASK_WAIT)  # one at a time: an idle thread is always there
-    assert pool.threads == 2
+    assert pool.threads == HOT_THREADS
 
 
 def test_pool_shrinks_to_min_threads_after_idle_timeout(pools):
@@ -138,9 +139,9 @@ def test_submit_all_hands_a_batch_over_as_submit_would_one_by_one(pools):
     pool = pools(min_threads=4, max_threads=4, max_queue=3)
     wait_for(lambda: len(pool._idle) == 4, what="all threads idle")
     started = threading.Semaphore(0)
-    tasks = [(blocked_task, (pools.gate, started)) for _ in range(7)]
+    tasks = [(blocked_task, (pools.gate, started)) for _ in range(HOT_THREADS + 5)]
     refused = pool.submit_all(tasks)
-    assert refused == tasks[HOT_THREADS + 3:]  # exactly the ones past the queue, in order
+    assert refused == tasks[HOT_THREADS + 3:] and len(refused) == 2  # exactly the ones past the queue, in order
     for _ in range(HOT_THREADS):
         assert started.acquire(timeout=TASK_WAIT)
     assert pool.counts() == {"threads": 4, "busy": HOT_THREADS, "queued": 3}
@@ -216,9 +217,9 @@ def test_pool_grows_only_when_queued_work_is_stalled(pools):
     """With fast work the pool stays at HOT_THREADS (GIL); beyond that it adds a thread only when
     nobody took work for a while."""
     clock = FakeClock()
-    pool = pools(min_threads=1, max_threads=5, max_queue=100, grow_after=1.0, clock=clock)
+    pool = pools(min_threads=1, max_threads=HOT_THREADS + 3, max_queue=100, grow_after=1.0, clock=clock)
     started = threading.Semaphore(0)
-    for _ in range(4):
+    for _ in range(HOT_THREADS + 2):
         assert pool.submit(blocked_task, pools.gate, started)
     for _ in range(HOT_THREADS):  # below HOT_THREADS, waiting work gets a thread at once
         assert started.acquire(timeout=TASK_WAIT)
@@ -226,8 +227,8 @@ def test_pool_grows_only_when_queued_work_is_stalled(pools):
     assert pool.threads == HOT_THREADS  # work waits, but the clock says the pool took work just now
     clock.advance(1.5)
     pool.maybe_grow()
-    assert pool.threads == 4  # stalled for longer than grow_after: each waiting task gets a thread
-    for _ in range(4 - HOT_THREADS):
+    assert pool.threads == HOT_THREADS + 2  # stalled for longer than grow_after: each waiting task gets a thread
+    for _ in range(2):
         assert started.acquire(timeout=TASK_WAIT)
 
 
