@@ -76,6 +76,28 @@ def test_a_sighup_during_the_drain_does_not_open_the_listeners_again(tmp_path, w
         assert run.wait_exit() == 0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_whose_new_address_is_taken_keeps_the_old_config(tmp_path, workers):
+    """Bug: the reload logged "cannot listen on", then "config reloaded" with "listener added" for the
+    address it could not take, and applied the rest. Now, as in nginx, nothing of it is applied."""
+    port = free_port()
+    with named_backends("a") as (a,), socket.create_server(("127.0.0.1", 0)) as taken, \
+            running_proxy(tmp_path, proxy_config(port, a.address, workers=workers)) as run:
+        if workers > 1:
+            wait_for(lambda: run.log().count(") ready") == workers, what="the workers ready", on_timeout=run.log)
+        busy = taken.getsockname()[1]
+        newer = proxy_config(port, a.address, workers=workers, extra_routes='[[routes]]\npath = "/new"\nupstream = "app"\n')
+        run.rewrite(newer.replace(f'listen = "127.0.0.1:{port}"', f'listen = ["127.0.0.1:{port}", "127.0.0.1:{busy}"]'))
+        run.signal(signal.SIGHUP)
+        wait_for(lambda: "reload failed, keeping the old config" in run.log(), what="the reload refused",
+                 on_timeout=run.log)
+        assert f"server.listen[1]: cannot listen on 127.0.0.1:{busy}" in run.log()
+        assert "config reloaded" not in run.log() and "listener added" not in run.log(), run.log()
+        assert answered_by(run.url) == "a"  # still serving on the old address, the old config
+        run.signal(signal.SIGTERM)
+        assert run.wait_exit() == 0
+
+
 def test_keepalive_request_arriving_during_drain_is_served_with_connection_close(tmp_path):
     with named_backends("a") as (a,), running_proxy(tmp_path, proxy_config(free_port(), a.address)) as run:
         client = socket.create_connection(("127.0.0.1", run.port), timeout=5)

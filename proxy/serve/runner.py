@@ -343,11 +343,12 @@ class ProxyProcess:
         included, as nginx does on reload: one that cannot be loaded raises ConfigError before anything
         changes."""
         terminators = tls_terminators(config)
+        added = self._bind_added_listeners(config) if self.manage_listeners else {}
         old = self.app.config
         self.app.reload(config)
         apply_server_limits(self.server, self.pool, config.server)
         if self.manage_listeners:
-            self._reconcile_listeners(old, config, terminators)
+            self._reconcile_listeners(old, config, terminators, added)
         self._swap_certificates(config, terminators)
         log.info("config reloaded: %d routes, %d upstreams", len(config.routes), len(config.upstreams))
         if self.reports_changes:
@@ -378,20 +379,44 @@ class ProxyProcess:
         self.add_service(watcher)
         return watcher
 
-    def _reconcile_listeners(self, old: Config, new: Config, terminators: dict) -> None:
-        """Open listeners the new config adds, close those it drops; unchanged ones are untouched.
-        A new TLS listener takes its terminator from ``terminators``, loaded and checked already."""
+    def _listening_on(self) -> set[str]:
+        return {l.tag.address for l in self.server.listeners if isinstance(l.tag, ListenConfig)}
+
+    def _bind_added_listeners(self, config: Config) -> dict:
+        """The sockets of the addresses ``config`` adds, bound before anything changes: one that cannot
+        be bound fails the whole reload with a ConfigError (nothing left open), as in nginx. An address
+        that takes over the port of one the reload drops is bound after that one closes instead."""
+        current = self._listening_on()
+        dropped_ports = {listen.port for listen in self.app.config.server.listen
+                         if listen.address not in {new.address for new in config.server.listen}}
+        added = {}
+        try:
+            for index, listen in enumerate(config.server.listen):
+                if listen.address not in current and listen.port not in dropped_ports:
+                    added[listen.address] = bind_config_listener(listen)
+        except OSError as exc:
+            for sock in added.values():
+                sock.close()
+            raise ConfigError([f"{self.config_path or 'config'}: server.listen[{index}]: cannot listen on "
+                               f"{listen.address}: {exc.strerror or exc}"]) from None
+        return added
+
+    def _reconcile_listeners(self, old: Config, new: Config, terminators: dict, added: dict) -> None:
+        """Open listeners the new config adds (``added``: those bound already), close those it drops;
+        unchanged ones are untouched. A new TLS listener takes its terminator from ``terminators``,
+        loaded and checked already."""
         wanted = {listen.address: listen for listen in new.server.listen}
         for listener in self.server.listeners:
             tag = listener.tag
             if isinstance(tag, ListenConfig) and tag.address not in wanted:
                 self.server.remove_listener(listener)
                 log.info("stopped listening on %s", tag.address)
-        current = {l.tag.address for l in self.server.listeners if isinstance(l.tag, ListenConfig)}
+        current = self._listening_on()
         for address, listen in wanted.items():
             if address not in current:
                 try:
-                    self._add_listener(listen, bind_config_listener(listen), terminators.get(address))
+                    sock = added.pop(address, None) or bind_config_listener(listen)
+                    self._add_listener(listen, sock, terminators.get(address))
                     log.info("listening on %s", address)
                 except OSError as exc:
                     log.error("cannot listen on %s: %s", address, exc)

@@ -735,19 +735,24 @@ class Supervisor:
         except ConfigError as exc:
             log.error("reload failed, keeping the old config:\n%s", exc)
             return False
+        replace = _listen_addresses(self.config) != _listen_addresses(config)
+        try:
+            added = self._bind_added_listeners(config) if replace else {}
+        except OSError as exc:
+            log.error("reload failed, keeping the old config:\n%s", exc)
+            return False
         old, self.config, self.terminators = self.config, config, terminators
         with self._discovered_lock:  # not between a lookup's check that its name is configured and its push
             self.app.reload(config)
         for line in describe_changes(old, config) or ["no changes"]:
             log.info("  %s", line)
-        replace = _listen_addresses(old) != _listen_addresses(config)
         # Workers apply the rest of [server] themselves (ProxyProcess.reload); new ones pin anew.
         restart_only = tuple(key for key in RESTART_ONLY if key != "workers") if not replace else ()
         for line in server_changes(old.server, config.server, restart_only):
             log.warning("needs a restart: %s", line)
         self._report_workers_change(old.server.workers, config.server.workers)
         if replace:
-            self._replace_workers(config)
+            self._replace_workers(config, added)
         else:
             self._broadcast({"op": "reload"})
         return True
@@ -762,9 +767,30 @@ class Supervisor:
         elif new != self.worker_count:
             log.warning("needs a restart: server.workers (%d running -> %d)", self.worker_count, new)
 
-    def _replace_workers(self, config: Config) -> None:
-        """New listen addresses: bind them, start new workers on the new set, drain the old ones. A
-        kept address keeps its sockets: each new worker accepts on its predecessor's."""
+    def _bind_added_listeners(self, config: Config) -> dict:
+        """Each address ``config`` adds, bound for every worker before anything changes: one that cannot
+        be bound fails the reload (OSError naming the file and key, nothing left open), as in nginx.
+        An address that takes over the port of one the reload drops is bound after that one closes."""
+        wanted = {listen.address for listen in config.server.listen}
+        dropped_ports = {listen.port for listen in self.config.server.listen if listen.address not in wanted}
+        added = {}
+        try:
+            for index, listen in enumerate(config.server.listen):
+                if listen.address not in self.ports and listen.port not in dropped_ports:
+                    added[listen.address] = bind_worker_listeners(listen, self.worker_count)
+        except OSError as exc:
+            for sockets in added.values():
+                for sock in sockets:
+                    sock.close()
+            raise OSError(exc.errno, f"{self.config_path}: server.listen[{index}]: cannot listen on "
+                                     f"{listen.address}: {exc.strerror or exc}") from None
+        return added
+
+    def _replace_workers(self, config: Config, added: dict | None = None) -> None:
+        """New listen addresses: bind them (``added``: those bound already), start new workers on the new
+        set, drain the old ones. A kept address keeps its sockets: each new worker accepts on its
+        predecessor's."""
+        added = {} if added is None else added
         wanted = {listen.address: listen for listen in config.server.listen}
         for address in set(self.ports) - set(wanted):  # old workers keep their copies until they drain
             for sockets in self.slot_sockets:
@@ -777,7 +803,7 @@ class Supervisor:
             if address in self.ports:
                 continue
             try:
-                new = bind_worker_listeners(listen, self.worker_count)
+                new = added.pop(address, None) or bind_worker_listeners(listen, self.worker_count)
             except OSError as exc:
                 log.error("cannot listen on %s: %s", address, exc)
                 continue
