@@ -614,7 +614,7 @@ def test_routes_by_precedence_exact_then_wildcard_then_any_host_then_longest_pat
         RouteConfig(path="/api", host="b.example.com", upstream="a"),    # 6
     )
     ordered = routes_by_precedence(routes)
-    assert [routes.index(r) for r in ordered] == [5, 6, 3, 1, 4, 2, 0]
+    assert [routes.index(r) for r in ordered] == [5, 6, 3, 4, 1, 2, 0]  # the longer wildcard first
 
 
 def test_routing_table_lines_are_ordered_and_complete():

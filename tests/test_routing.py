@@ -178,3 +178,30 @@ def test_path_parameters_never_change_the_route(make_backend, make_proxy, target
     assert reached == ([routed_to] if routed_to else [])
 
 
+
+
+# -- the longer of two matching wildcard hosts wins ---------------------------------------------------------
+# "*.inner.test" is more specific than "*.test" for "x.inner.test", as nginx picks the longest matching
+# wildcard server_name before looking at locations. Wildcard routes were ordered by path only, so the
+# shorter wildcard listed first (or with a longer path) took the subdomain its more specific sibling names.
+@pytest.mark.parametrize("outer_path, target", [("/", "/x"), ("/api", "/api/x")])
+def test_the_longest_matching_wildcard_host_wins(make_backend, make_proxy, outer_path, target):
+    outer, inner = make_backend(), make_backend()
+    proxy = make_proxy({"outer": [outer.address], "inner": [inner.address]}, routes=[
+        {"host": "*.test", "path": outer_path, "upstream": "outer"},
+        {"host": "*.inner.test", "upstream": "inner"},
+    ])
+    assert get(proxy, target, "x.inner.test").status == 200
+    assert get(proxy, target, "x.other.test").status == 200
+    assert len(inner.requests) == 1 and inner.last.header("Host") == "x.inner.test"
+    assert len(outer.requests) == 1 and outer.last.header("Host") == "x.other.test"
+
+
+def test_check_lists_the_longer_wildcard_first():
+    from proxy.config.schema import RouteConfig
+    from proxy.routing.table import routes_by_precedence
+    routes = [RouteConfig(host="*.test", path="/api", upstream="outer"), RouteConfig(path="/", upstream="any"),
+              RouteConfig(host="*.inner.test", path="/", upstream="inner"), RouteConfig(host="a.test", upstream="exact")]
+    listed = [route.upstream for route in routes_by_precedence(routes)]
+    router = Router([Route(r.host, r.path, r.upstream, index=i) for i, r in enumerate(routes)])
+    assert listed == [route.upstream for route in router.routes] == ["exact", "inner", "outer", "any"]

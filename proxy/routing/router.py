@@ -1,4 +1,5 @@
-r"""Route matching: host (exact > "*.wildcard" > any) then the longest path prefix, ties to file order.
+r"""Route matching: host (exact > "*.wildcard", longest first > any) then the longest path prefix, ties to
+file order.
 
 Matching runs on a normalised path (RFC 3986 §6.2.2: unreserved percent-escapes decoded, dot-segments
 removed), so ``/api/../admin`` cannot slip past a route meant for ``/admin``. The same normalised path
@@ -177,6 +178,12 @@ def _host_rank(host: str | None) -> int:
     return 1 if host.startswith("*.") else 0
 
 
+def wildcard_length(host: str | None) -> int:
+    """How specific a wildcard host is: of two that match a name ("*.test", "*.inner.test"), the
+    longer wins, as nginx picks the longest wildcard server_name. 0 for other hosts."""
+    return len(host) if host is not None and host.startswith("*.") else 0
+
+
 # Router.resolve remembers this many (Host, target) pairs, each at most this long (Host and target
 # together): 4096 x 512 characters bound its memory to about 2 MiB, whatever clients send.
 RESOLVED_MAX = 4096
@@ -188,7 +195,8 @@ class Router:
 
     def __init__(self, routes: list[Route]):
         routes = [_in_normal_form(route) for route in routes]
-        self.routes = sorted(routes, key=lambda r: (_host_rank(r.host), -len(r.path), r.index))
+        self.routes = sorted(routes, key=lambda r: (_host_rank(r.host), -wildcard_length(r.host), -len(r.path),
+                                                    r.index))
         self._exact: dict[str, list[Route]] = {}
         self._wildcard: list[Route] = []
         self._any: list[Route] = []

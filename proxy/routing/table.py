@@ -7,17 +7,17 @@ from __future__ import annotations
 from typing import Iterable
 
 from proxy.config.schema import Config, ListenConfig, RouteConfig, UpstreamConfig
-from proxy.routing.router import normal_prefix
+from proxy.routing.router import normal_prefix, wildcard_length
 from proxy.config.units import describe_expect_status, format_duration
 
 
 
-def route_precedence_key(route: RouteConfig) -> tuple[int, int]:
-    """Sort key, most specific first, as the contract states it: exact host > "*.wildcard" > no
-    host, then the longest path. Use with a stable sort so ties keep file order (proxy.routing.router
-    sorts the same way)."""
+def route_precedence_key(route: RouteConfig) -> tuple[int, int, int]:
+    """Sort key, most specific first, as the contract states it: exact host > "*.wildcard" (the
+    longest first) > no host, then the longest path. Use with a stable sort so ties keep file order
+    (proxy.routing.router sorts the same way)."""
     host_rank = 2 if route.host is None else 1 if route.host.startswith("*.") else 0
-    return (host_rank, -len(normal_prefix(route.path)))  # the length the router compares
+    return (host_rank, -wildcard_length(route.host), -len(normal_prefix(route.path)))  # as the router compares
 
 
 def routes_by_precedence(routes: Iterable[RouteConfig]) -> list[RouteConfig]:
