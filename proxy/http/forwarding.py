@@ -239,9 +239,10 @@ _INTERIM_DROP = HOP_BY_HOP | {"content-length"}
 
 
 def interim_head(response) -> bytes:
-    """A 1xx response relayed to an HTTP/1.1 client (hop-by-hop headers dropped)."""
+    """A 1xx response relayed to an HTTP/1.1 client (hop-by-hop headers, and those its Connection names, dropped)."""
     lines = [f"HTTP/1.1 {response.status} {response.reason}"]
     # RFC 9110 §8.6: no Content-Length in a 1xx (a client trusting one would misframe what follows).
-    lines.extend(f"{n}: {v}" for n, v in response.headers if n.lower() not in _INTERIM_DROP)
+    drop = _INTERIM_DROP | response.connection_tokens if response.connection_tokens else _INTERIM_DROP
+    lines.extend(f"{n}: {v}" for n, v in response.headers if n.lower() not in drop)
     lines.append("\r\n")
     return "\r\n".join(lines).encode("latin-1")

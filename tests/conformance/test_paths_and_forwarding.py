@@ -6,6 +6,7 @@ import pytest
 
 from proxy.routing.router import BadPath, normalize_path
 from tests.support.client import raw_client
+from tests.support.faulty_upstream import HEAD, LOOP, write
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -103,3 +104,19 @@ def test_hop_by_hop_stripped_before_proxy_headers_added(make_backend, make_proxy
     assert backend.last.header_all("X-Forwarded-For") == ["127.0.0.1"]
     assert backend.last.header("Via") == "1.1 pyproxy"
     assert backend.last.header("X-Request-Id")
+
+
+def test_fields_an_interim_response_names_in_connection_stay_behind(upstreams, make_proxy):
+    """Bug: a 1xx was relayed with the fields its own Connection header names (RFC 9110 §7.6.1: hop-by-hop,
+    a proxy MUST remove them), as final responses already were; only the fixed hop-by-hop set went."""
+    upstream = upstreams([HEAD, write(b"HTTP/1.1 103 Early Hints\r\nConnection: X-Hop\r\nX-Hop: secret\r\n"
+                                      b"Link: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), LOOP])
+    proxy = make_proxy({"web": [upstream.address]})
+    with raw_client(proxy) as raw:
+        raw.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        interim = raw.read_head()
+        final = raw.read_response()
+    assert interim.startswith(b"HTTP/1.1 103")
+    names = [line.split(b":")[0].lower() for line in interim.split(b"\r\n")[1:] if line]
+    assert b"link" in names and b"x-hop" not in names
+    assert (final.status, final.body) == (200, b"ok")
