@@ -255,7 +255,8 @@ def test_connection_specific_response_fields_never_reach_the_client(h2_proxy, up
 
 
 def test_trailers_and_interim_responses_are_relayed(h2_proxy, upstreams):
-    upstream = upstreams([HEAD, write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+    upstream = upstreams([HEAD, write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n"
+                                      b"Connection: X-Hop\r\nX-Hop: secret\r\n\r\n"
                                       b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: grpc-status\r\n\r\n"
                                       b"5\r\nhello\r\n0\r\ngrpc-status: 0\r\n\r\n"), LOOP])
     proxy = h2_proxy({"web": [upstream.address]}, None, listen={"h2c": True})
@@ -266,6 +267,7 @@ def test_trailers_and_interim_responses_are_relayed(h2_proxy, upstreams):
     interim = [e for e in client.events if isinstance(e, h2.events.InformationalResponseReceived)]
     assert dict(interim[0].headers)[":status"] == "103"
     assert dict(interim[0].headers)["link"] == "</a.css>; rel=preload"
+    assert "x-hop" not in dict(interim[0].headers)  # named in the 1xx's Connection: hop-by-hop
     trailers = [e for e in client.events if isinstance(e, h2.events.TrailersReceived)]
     assert dict(trailers[0].headers) == {"grpc-status": "0"}
     client.close()

@@ -186,10 +186,12 @@ def response_block(response, request_id: str | None, content_length: int | None)
 
 
 def interim_block(response) -> list[tuple[str, str]]:
-    """A 1xx (100 Continue, 103 Early Hints) for the client, as an informational header block."""
+    """A 1xx (100 Continue, 103 Early Hints) for the client, as an informational header block; the
+    fields its Connection header names stay behind, as in a final response (RFC 9110 §7.6.1)."""
+    drop = _NOT_IN_H2 | response.connection_tokens if response.connection_tokens else _NOT_IN_H2
     return [(":status", str(response.status))] + [
         (lname, value) for lname, (_, value) in zip(response.headers.names, response.headers.raw)
-        if lname not in _NOT_IN_H2]
+        if lname not in drop]
 
 
 def trailer_block(trailers) -> list[tuple[str, str]]:
