@@ -967,7 +967,18 @@ class HttpHandler:
             # will not turn readable for them), or was told to go on before this retry: send the
             # body now rather than wait for a 100 that a server may never send (it MAY omit 100).
             return None, None
-        ready = _readable([ex.conn.sock, link.sock], min(EXPECT_PATIENCE, link.conn_timeout()))
+        ready = _readable([ex.conn.sock, link.sock], min(CLIENT_PATIENCE, link.conn_timeout()))
+        if not ready:
+            # The rest of the second is waited in the server's relay, not on this worker: a flood of
+            # such requests would otherwise fill the pool. It waits on the server, whose 100 or early
+            # answer ends it; a client that sends its body anyway is seen once it is over.
+            try:
+                yield Readable(link.sock, min(EXPECT_PATIENCE, link.conn_timeout()))
+                ready = {link.sock.fileno()}
+            except TimeoutError:
+                ready = _readable([ex.conn.sock], 0)
+            except OSError as exc:
+                raise UpstreamFailed(f"upstream connection failed: {exc.strerror or exc}") from exc
         if not ready:
             # Neither the server's answer nor the client's body came: tell the client to go on, as
             # nginx does, so that waiting for its body parks the connection instead of holding this
