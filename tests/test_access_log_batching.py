@@ -55,7 +55,7 @@ def old_json(record, when: float) -> str:
         "time": stamp.replace("+00:00", "Z"), "client": record.client_ip, "method": record.method,
         "path": access_log._as_sent(record.target), "version": record.version,
         "host": access_log._as_sent(record.host), "status": record.status, "bytes": record.bytes_sent,
-        "duration_ms": round(record.duration * 1000, 3), "upstream": record.upstream, "server": record.server,
+        "body_bytes": record.body_bytes, "duration_ms": round(record.duration * 1000, 3), "upstream": record.upstream, "server": record.server,
         "request_id": access_log._as_sent(record.request_id), "user_agent": access_log._as_sent(record.user_agent),
         "referer": access_log._as_sent(record.referer)}, ensure_ascii=False)
 
@@ -63,8 +63,9 @@ def old_json(record, when: float) -> str:
 TRICKY_RECORDS = [
     Record(),
     Record(user_agent='evil" "x\x1b\\', referer="http://r/é".encode().decode("latin-1"), upstream=None,
-           server=None, request_id=None, host=None, status=0, bytes_sent=0, duration=0.0),
-    Record(target="/\u2028\x00\x7f\xff", user_agent="\ud800", duration=123456.7891234, bytes_sent=10**20),
+           server=None, request_id=None, host=None, status=0, bytes_sent=0, body_bytes=0, duration=0.0),
+    Record(target="/\u2028\x00\x7f\xff", user_agent="\ud800", duration=123456.7891234, bytes_sent=10**20,
+           body_bytes=10**20 - 100),
     Record(method="-", target="-", duration=1e-9, status=101),
 ]
 TIMES = [WHEN, WHEN + 0.0005, WHEN + 0.0015, WHEN + 0.9994999, WHEN + 0.9999995, WHEN + 0.99999949,

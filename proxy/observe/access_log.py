@@ -7,10 +7,11 @@ making clients wait for the log. ``access = "off"`` installs no observer at all:
 formatted. Request bodies never reach the log: ``RequestRecord`` has none.
 
 Formats:
-- ``combined``: Apache/nginx combined, then upstream, server, duration in seconds and request id:
+- ``combined``: Apache/nginx combined (the size is the body's, head excluded: nginx's $body_bytes_sent),
+  then upstream, server, duration in seconds and request id:
   ``client - - [10/Oct/2000:13:55:36 +0000] "GET /a HTTP/1.1" 200 512 "referer" "agent" api 127.0.0.1:9001 0.012 9f2c…``
-- ``json``: one object per line with time, client, method, path, status, bytes, duration_ms, upstream,
-  server, request_id (plus host, version, user_agent, referer).
+- ``json``: one object per line with time, client, method, path, status, bytes (heads included),
+  body_bytes, duration_ms, upstream, server, request_id (plus host, version, user_agent, referer).
 - on a terminal, ``combined`` becomes a human-friendly line instead (local time, status coloured by
   class, aligned method/path columns, upstream → server, duration): what you want in the shell while
   developing. Piped or redirected output stays plain ``combined``; ``NO_COLOR`` turns colour off.
@@ -123,7 +124,7 @@ def _json(value) -> str:
 def format_combined(record, when: float) -> str:
     stamp = _combined_stamp(_split_time(when)[0])
     request_line = _escape(f"{record.method} {record.target} {record.version}")
-    return (f'{record.client_ip} - - [{stamp}] "{request_line}" {record.status} {record.bytes_sent} '
+    return (f'{record.client_ip} - - [{stamp}] "{request_line}" {record.status} {record.body_bytes} '
             f'"{_escape(record.referer)}" "{_escape(record.user_agent)}" '
             f'{_escape(record.upstream)} {_escape(record.server)} {record.duration:.3f} {_escape(record.request_id)}')
 
@@ -133,7 +134,7 @@ def format_json(record, when: float) -> str:
     return (f'{{"time": "{_iso_second(second)}.{micro // 1000:03d}Z", "client": {_json(record.client_ip)}, '
             f'"method": {_json(record.method)}, "path": {_json(_as_sent(record.target))}, '
             f'"version": {_json(record.version)}, "host": {_json(_as_sent(record.host))}, '
-            f'"status": {_json(record.status)}, "bytes": {_json(record.bytes_sent)}, '
+            f'"status": {_json(record.status)}, "bytes": {_json(record.bytes_sent)}, "body_bytes": {_json(record.body_bytes)}, '
             f'"duration_ms": {_json(round(record.duration * 1000, 3))}, "upstream": {_json(record.upstream)}, '
             f'"server": {_json(record.server)}, "request_id": {_json(_as_sent(record.request_id))}, '
             f'"user_agent": {_json(_as_sent(record.user_agent))}, "referer": {_json(_as_sent(record.referer))}}}')

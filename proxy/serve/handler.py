@@ -125,7 +125,7 @@ class RequestRecord:
     """What observers (access log, metrics) learn about one finished request."""
 
     __slots__ = ("started", "duration", "client_ip", "method", "target", "version", "status",
-                 "bytes_sent", "upstream", "server", "request_id", "host", "_headers")
+                 "bytes_sent", "head_sent", "interim_sent", "upstream", "server", "request_id", "host", "_headers")
 
     def __init__(self, started: float, client_ip: str, request: RequestHead | None):
         self.started = started
@@ -139,10 +139,18 @@ class RequestRecord:
                                                                  request.version, request.host)
             self._headers = request.headers  # read only if the access log asks (it is often off)
         self.status = 0
-        self.bytes_sent = 0
+        self.bytes_sent = 0  # every byte of the answer: 1xx heads, the head and the body
+        # head_sent (the final head, as sent) and interim_sent (bytes of 1xx heads) are set only once
+        # one went out, so that the common request pays one store for them: body_bytes reads them.
         self.upstream = None
         self.server = None
         self.request_id = None
+
+    @property
+    def body_bytes(self) -> int:
+        """The body bytes sent, heads excluded: nginx's $body_bytes_sent, Apache's %b."""
+        heads = len(getattr(self, "head_sent", b"")) + getattr(self, "interim_sent", 0)
+        return max(0, self.bytes_sent - heads)
 
     @property
     def user_agent(self) -> str | None:
@@ -237,7 +245,9 @@ class HttpHandler:
         record.status = 408
         conn.sock.setblocking(False)  # the accept loop calls this: it must never wait on a client
         try:
-            record.bytes_sent = conn.sock.send(EXPIRED_HEAD_REPLY if request is None else EXPIRED_BODY_REPLY)
+            reply = EXPIRED_HEAD_REPLY if request is None else EXPIRED_BODY_REPLY
+            record.head_sent = _head_of(reply)
+            record.bytes_sent = conn.sock.send(reply)
         finally:  # a client gone already (OSError, core logs it) still had its request time out
             self.app.observe(record)
 
@@ -510,6 +520,7 @@ class HttpHandler:
                 conn.transition(PROCESSING)
             conn.transition(WRITING)
             conn.sendall(payload)
+            record.head_sent = _head_of(payload)
             record.bytes_sent = len(payload)
         except OSError:
             pass  # the client is gone too; nothing left to tell it
@@ -605,6 +616,7 @@ class HttpHandler:
             if ex.conn.state is not WRITING:  # _relay_response moves there before the first byte
                 ex.conn.transition(WRITING)
             ex.conn.sendall(payload)
+            ex.record.head_sent = _head_of(payload)
             ex.record.bytes_sent += len(payload)
         except OSError:
             ex.client_keep_alive = False
@@ -696,6 +708,7 @@ class HttpHandler:
             ex.conn.set_timeouts(self.app.settings.send_timeout, self.app.settings.send_timeout)
             ex.conn.transition(WRITING)
             ex.conn.sendall(payload)
+            ex.record.head_sent = _head_of(payload)
             ex.record.bytes_sent += len(payload)
         except OSError:
             ex.client_keep_alive = False
@@ -954,7 +967,18 @@ class HttpHandler:
             # will not turn readable for them), or was told to go on before this retry: send the
             # body now rather than wait for a 100 that a server may never send (it MAY omit 100).
             return None, None
-        ready = _readable([ex.conn.sock, link.sock], min(EXPECT_PATIENCE, link.conn_timeout()))
+        ready = _readable([ex.conn.sock, link.sock], min(CLIENT_PATIENCE, link.conn_timeout()))
+        if not ready:
+            # The rest of the second is waited in the server's relay, not on this worker: a flood of
+            # such requests would otherwise fill the pool. It waits on the server, whose 100 or early
+            # answer ends it; a client that sends its body anyway is seen once it is over.
+            try:
+                yield Readable(link.sock, min(EXPECT_PATIENCE, link.conn_timeout()))
+                ready = {link.sock.fileno()}
+            except TimeoutError:
+                ready = _readable([ex.conn.sock], 0)
+            except OSError as exc:
+                raise UpstreamFailed(f"upstream connection failed: {exc.strerror or exc}") from exc
         if not ready:
             # Neither the server's answer nor the client's body came: tell the client to go on, as
             # nginx does, so that waiting for its body parks the connection instead of holding this
@@ -1019,7 +1043,9 @@ class HttpHandler:
     def _send_interim(self, ex: Exchange, response: ResponseHead):
         if ex.request.version == "HTTP/1.1":  # RFC 9110 §15.2: never send 1xx to 1.0 clients
             # Not the response: a failure after it still answers with a final status.
-            yield from self._to_client(ex, interim_head(response), final=False)
+            interim = interim_head(response)
+            ex.record.interim_sent = getattr(ex.record, "interim_sent", 0) + len(interim)
+            yield from self._to_client(ex, interim, final=False)
 
     def _relay_response(self, ex: Exchange, link, response: ResponseHead, parser) -> bool:
         request = ex.request
@@ -1048,6 +1074,7 @@ class HttpHandler:
                                    client_version=request.version,
                                    request_id=ex.record.request_id if self.app.return_request_id else None,
                                    extra_fields=ex.rate_limit_fields)
+        ex.record.head_sent = head  # its length is taken only if the access log asks (body_bytes)
         ex.conn.transition(WRITING)
         if framing == "none":
             yield from self._to_client(ex, head)
@@ -1189,6 +1216,7 @@ class HttpHandler:
             # RFC 9110 §7.8: a server must not switch to a protocol the client did not ask for.
             raise UpstreamFailed("upstream switched to a protocol the client did not offer")
         head = build_response_head(response, framing="upgrade", keep_alive=True, client_version="HTTP/1.1")
+        ex.record.head_sent = head  # what the tunnel relays after it counts as body
         ex.conn.transition(WRITING)
         yield from self._to_client(ex, head + parser.take_buffered())
         ex.conn.transition(TUNNEL)
@@ -1243,6 +1271,12 @@ def _reset_on_close(sock) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
     except OSError:  # already gone: it cannot end cleanly either
         pass
+
+
+def _head_of(answer: bytes) -> bytes:
+    """The head of an answer the proxy wrote itself (all of it for a HEAD request's)."""
+    end = answer.find(b"\r\n\r\n")
+    return answer if end < 0 else answer[:end + 4]
 
 
 def _chunked_only(response: ResponseHead) -> bool:

@@ -15,7 +15,7 @@ class Record:
 
     def __init__(self, upstream="api", status=200, duration=0.0123, **fields):
         values = dict(started=0.0, client_ip="10.0.0.7", method="GET", target="/a?b=1", version="HTTP/1.1",
-                      bytes_sent=512, server="127.0.0.1:9001", request_id="rid-1", user_agent="curl/8",
+                      bytes_sent=512, body_bytes=512, server="127.0.0.1:9001", request_id="rid-1", user_agent="curl/8",
                       referer=None, host="example.com")
         values.update(upstream=upstream, status=status, duration=duration, **fields)
         self.__dict__.update(values)
