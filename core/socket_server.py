@@ -407,6 +407,17 @@ class SocketServer:
     def _dispatch(self, conn: Connection) -> None:
         self._dispatch_all([conn])
 
+    def _dispatch_held(self, conn: Connection) -> None:
+        """A held transfer is over: its exchange continues on a worker even when the queue is full
+        (closing it then would cut the exchange half done)."""
+        conn.in_pool = True
+        try:
+            self.pool.resubmit(self._serve, conn)
+        except PoolClosed:
+            conn.in_pool = False
+            log.info("draining: closing connection from %s, its transfer ended after the workers stopped", conn.peer)
+            conn.close()
+
     def _dispatch_all(self, conns: list[Connection]) -> None:
         """Hand connections to the pool in one go (one lock round, not one per connection)."""
         serve = self._serve
@@ -470,7 +481,7 @@ class SocketServer:
             except (OSError, ValueError):  # closed by the reaper in the meantime
                 conn.close()
         elif state is _HELD:
-            self.transfers.hold(conn.held_wait, lambda: self._dispatch(conn))
+            self.transfers.hold(conn.held_wait, lambda: self._dispatch_held(conn))
         elif state is not _TUNNEL and state is not _CLOSED:
             conn.close()
 

@@ -115,6 +115,22 @@ class ThreadPool:
         worker.wake.release()
         return True
 
+    def resubmit(self, fn: Callable, *args) -> None:
+        """Run ``fn(*args)``, work admitted before (a held transfer coming back to finish its
+        exchange): queued even past ``max_queue``, which sheds new work only. Refusing it would cut
+        an exchange half done. It adds at most one task per held connection."""
+        with self._lock:
+            if self._closed:
+                raise PoolClosed("pool is shutting down")
+            if self._idle and (self._busy < HOT_THREADS or self._stalled(self.wake_after)):
+                worker = self._hand_to_idle((fn, args))
+            else:
+                self._pending.append((fn, args))
+                if self._should_grow():
+                    self._spawn()
+                return
+        worker.wake.release()
+
     def submit_all(self, tasks: list[tuple[Callable, tuple]]) -> list[tuple[Callable, tuple]]:
         """Run each ``(fn, args)`` task on a worker, as ``submit`` would one by one, under one lock
         round (the accept loop hands over every connection one epoll wake-up found ready). Returns

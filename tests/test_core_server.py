@@ -15,6 +15,7 @@ import pytest
 
 from core import Connection, ConnectionState, SocketServer, ThreadPool
 from core.socket_server import ACCEPT_PAUSE, REAP_INTERVAL, Listener
+from core.transfer_relay import Readable
 from tests.support.echo_server import EchoHandler, LineClient, STOP_TIMEOUT, overload_reply, running_server
 from tests.support.timing import FakeClock, wait_for
 
@@ -477,6 +478,39 @@ def test_a_listener_out_of_descriptors_rests_instead_of_spinning(handler, caplog
         client.close()
     resting = [record for record in caplog.records if "not accepting new connections" in record.getMessage()]
     assert len(resting) == 1, [record.getMessage() for record in caplog.records]
+
+
+def test_a_held_connection_coming_back_to_a_full_queue_is_queued_not_closed(caplog):
+    """Bug: a held transfer that ended while the pool's queue was full was closed ("work queue full"),
+    its exchange cut half done (the client may have had part of its answer). It was admitted before,
+    so it is queued past max_queue, which sheds new work only."""
+    resumed, gate = threading.Event(), threading.Event()
+
+    def handler(conn):
+        if conn.state is ConnectionState.HELD:  # the relay handed it back: continue the exchange
+            conn.resume()
+            resumed.set()
+            conn.close()
+            return
+        conn.transition(ConnectionState.READING)
+        conn.sock.recv(1)
+        conn.transition(ConnectionState.PROCESSING)
+        conn.hold(Readable(conn.sock, STOP_TIMEOUT * 4))  # waits, without a thread, for the next byte
+
+    pool = ThreadPool(min_threads=1, max_threads=1, max_queue=1)
+    with caplog.at_level(logging.WARNING, logger="pyproxy.core.server"), \
+            running_server(handler, pool=pool) as server, \
+            socket.create_connection(address(server), timeout=STOP_TIMEOUT) as client:
+        client.sendall(b"x")
+        wait_for(lambda: server.connection_counts()["held"] == 1, timeout=STOP_TIMEOUT)
+        assert pool.submit(gate.wait, STOP_TIMEOUT * 4)  # the only worker busy...
+        wait_for(lambda: pool.busy == 1, timeout=STOP_TIMEOUT)
+        assert pool.submit(lambda: None) and pool.queued == 1  # ...and the queue full
+        client.sendall(b"y")  # the held wait is over: back to the pool
+        wait_for(lambda: pool.queued == 2 or "work queue full" in caplog.text, timeout=STOP_TIMEOUT)
+        gate.set()
+        assert resumed.wait(STOP_TIMEOUT), caplog.text
+    assert "work queue full" not in caplog.text
 
 
 def closed_by_peer(sock: socket.socket) -> bool:
