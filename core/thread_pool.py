@@ -97,39 +97,32 @@ class ThreadPool:
     # -- work --------------------------------------------------------------------------------
     def submit(self, fn: Callable, *args) -> bool:
         """Run ``fn(*args)`` on a worker. False if the queue is full (the caller sheds the load)."""
-        # What submit_all([(fn, args)]) does, without its list work: a third of its time (HTTP/2
-        # submits a task per stream).
-        with self._lock:
-            if self._closed:
-                raise PoolClosed("pool is shutting down")
-            if self._idle and (self._busy < HOT_THREADS or self._stalled(self.wake_after)):
-                worker = self._hand_to_idle((fn, args))
-            else:
-                # A busy thread takes it next, unless it turns out to be stuck (maybe_grow).
-                if len(self._pending) >= self.max_queue:
-                    return False
-                self._pending.append((fn, args))
-                if self._should_grow():
-                    self._spawn()
-                return True
-        worker.wake.release()
-        return True
+        return self._submit((fn, args), self.max_queue)
 
     def resubmit(self, fn: Callable, *args) -> None:
         """Run ``fn(*args)``, work admitted before (a held transfer coming back to finish its
         exchange): queued even past ``max_queue``, which sheds new work only. Refusing it would cut
         an exchange half done. It adds at most one task per held connection."""
+        self._submit((fn, args), None)
+
+    def _submit(self, task: tuple, max_queue: int | None) -> bool:
+        # What submit_all([task]) does, without its list work: a third of its time (HTTP/2 submits a
+        # task per stream).
         with self._lock:
             if self._closed:
                 raise PoolClosed("pool is shutting down")
             if self._idle and (self._busy < HOT_THREADS or self._stalled(self.wake_after)):
-                worker = self._hand_to_idle((fn, args))
+                worker = self._hand_to_idle(task)
             else:
-                self._pending.append((fn, args))
+                # A busy thread takes it next, unless it turns out to be stuck (maybe_grow).
+                if max_queue is not None and len(self._pending) >= max_queue:
+                    return False
+                self._pending.append(task)
                 if self._should_grow():
                     self._spawn()
-                return
+                return True
         worker.wake.release()
+        return True
 
     def submit_all(self, tasks: list[tuple[Callable, tuple]]) -> list[tuple[Callable, tuple]]:
         """Run each ``(fn, args)`` task on a worker, as ``submit`` would one by one, under one lock

@@ -10,6 +10,7 @@ import socket
 
 import pytest
 
+from tests.support.backends import upgrade_then_echo
 from tests.support.client import RawClient, read_small_answer
 from tests.support.proxy import DEADLINE, config_document
 from tests.support.timing import wait_for
@@ -162,18 +163,8 @@ def test_a_408_logs_its_body_bytes(make_raw_backend, observed_proxy, tmp_path):
     assert entry["bytes"] == len(answer) and entry["body_bytes"] == len(body) > 0
 
 
-def echo_after_101(peer) -> None:
-    peer.read_request()
-    peer.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
-    for _ in range(100):  # bounded: the test sends one message then closes
-        data = peer.sock.recv(65536)
-        if not data:
-            return
-        peer.send(data)
-
-
 def test_a_tunnel_logs_what_it_relayed_after_the_101_as_body(make_raw_backend, observed_proxy, tmp_path):
-    proxy, path = logging_proxy(observed_proxy, tmp_path, make_raw_backend(echo_after_101), "json")
+    proxy, path = logging_proxy(observed_proxy, tmp_path, make_raw_backend(upgrade_then_echo), "json")
     with connect(proxy) as sock:
         client = RawClient(sock)
         client.send(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")

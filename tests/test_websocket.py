@@ -15,6 +15,7 @@ from websockets.sync.server import serve
 
 from proxy.config.schema import parse_config
 from proxy.http import tunnel as tunnel_module
+from tests.support.backends import upgrade_then_echo
 from tests.support.client import raw_client
 from tests.support.proxy import CLIENT_TIMEOUT, DEADLINE, proxy_config_dict
 from tests.support.timing import wait_for
@@ -238,17 +239,6 @@ def test_tunnel_survives_reload_and_drain_closes_it_after_graceful_timeout(make_
 
 
 # -- an open tunnel holds its server slot (max_connections, least_connections) --------------------------
-def _upgrade_then_echo_until_eof(peer):
-    if not peer.read_head():
-        return
-    peer.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
-    for _ in range(1000):  # bounded: ends when the proxy closes the tunnel
-        data = peer.sock.recv(65536)
-        if not data:
-            return
-        peer.send(data)
-
-
 def _open_tunnel(proxy) -> tuple[socket.socket, bytes]:
     sock = proxy.connect()
     sock.sendall(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
@@ -265,7 +255,7 @@ def test_an_open_websocket_tunnel_holds_its_server_slot_until_it_closes(make_raw
     """max_connections and least_connections count upgraded connections (nginx frees the peer when the
     upgraded connection ends). Before the fix the slot went back at the hand-off to the tunnel relay:
     with max_connections = 1, any number of tunnels reached the server, and /status said 0 active."""
-    backend = make_raw_backend(_upgrade_then_echo_until_eof)
+    backend = make_raw_backend(upgrade_then_echo)
     proxy = make_proxy({"web": [backend.address]}, upstream_options={"max_connections": 1})
     server = proxy.app.runtime.upstreams["web"].servers[0]
     first, head = _open_tunnel(proxy)

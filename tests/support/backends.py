@@ -438,6 +438,18 @@ class RawBackend(LoopbackAcceptor):
                 pass
 
 
+def upgrade_then_echo(peer: RawPeer) -> None:
+    """A raw script: answer the upgrade request with 101, then echo what comes until the proxy closes."""
+    if not peer.read_head():
+        return
+    peer.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    for _ in range(1000):  # bounded: ends when the proxy closes the tunnel
+        data = peer.sock.recv(65536)
+        if not data:
+            return
+        peer.send(data)
+
+
 def serve_once_then_drop_next(executions: list, reset: bool = False):
     """A raw script: the first request on a connection is answered with keep-alive; the second is read
     fully, its method appended to ``executions``, then dropped without a response byte (the keep-alive
