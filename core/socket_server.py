@@ -414,9 +414,7 @@ class SocketServer:
         try:
             self.pool.resubmit(self._serve, conn)
         except PoolClosed:
-            conn.in_pool = False
-            log.info("draining: closing connection from %s, its transfer ended after the workers stopped", conn.peer)
-            conn.close()
+            self._close_after_workers_stopped(conn, "its transfer ended")
 
     def _dispatch_all(self, conns: list[Connection]) -> None:
         """Hand connections to the pool in one go (one lock round, not one per connection)."""
@@ -429,15 +427,18 @@ class SocketServer:
             # The drain stopped the workers after its last look at these connections (a worker parked
             # one whose next request came in since): closed unanswered, like any left at a drain's end.
             for conn in conns:
-                conn.in_pool = False
-                log.info("draining: closing connection from %s, its request came after the workers stopped",
-                         conn.peer)
-                conn.close()
+                self._close_after_workers_stopped(conn, "its request came")
             return
         for _, (conn,) in refused:
             conn.in_pool = False
             log.warning("work queue full: closing connection from %s", conn.peer)
             conn.close()
+
+    @staticmethod
+    def _close_after_workers_stopped(conn: Connection, what: str) -> None:
+        conn.in_pool = False
+        log.info("draining: closing connection from %s, %s after the workers stopped", conn.peer, what)
+        conn.close()
 
     def _serve(self, conn: Connection) -> None:
         then = None

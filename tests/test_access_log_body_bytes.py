@@ -106,6 +106,30 @@ def test_an_interim_100_is_not_body(make_raw_backend, observed_proxy, tmp_path):
     assert entry["bytes"] == len(b"HTTP/1.1 100 Continue\r\n\r\n") + len(response.head) + len(BODY)
 
 
+def answer_the_body_without_a_100(peer) -> None:
+    head = peer.read_head()
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+    while len(peer.buffer) < length:
+        peer.buffer += peer.sock.recv(65536)
+    peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n" + BODY)
+
+
+def test_the_proxys_own_100_is_not_body_either(make_raw_backend, observed_proxy, tmp_path):
+    """A server that waits for the body without a 100: the proxy sends its own, which is no body."""
+    proxy, path = logging_proxy(observed_proxy, tmp_path, make_raw_backend(answer_the_body_without_a_100), "json")
+    with connect(proxy) as sock:
+        client = RawClient(sock)
+        client.send(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+        assert client.read_head() == b"HTTP/1.1 100 Continue\r\n\r\n"
+        client.send(b"abc")
+        response = client.read_response()
+    assert response.status == 200 and response.body == BODY
+    (line,) = logged(path)
+    entry = json.loads(line)
+    assert entry["body_bytes"] == len(BODY)
+    assert entry["bytes"] == len(b"HTTP/1.1 100 Continue\r\n\r\n") + len(response.head) + len(BODY)
+
+
 @pytest.mark.parametrize("request_bytes, status", [
     (b"GET /missing HTTP/1.1\r\nHost: nowhere.test\r\n\r\n", 404),                     # the proxy's error page
     (b"GET /a HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999\r\n\r\n", 413),         # refused with its head

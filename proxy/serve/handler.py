@@ -984,7 +984,7 @@ class HttpHandler:
             # nginx does, so that waiting for its body parks the connection instead of holding this
             # worker until read_timeout. A later 100 from the server is then not relayed twice.
             if ex.request.version == "HTTP/1.1":
-                yield from self._to_client(ex, CONTINUE_HEAD, final=False)
+                yield from self._send_1xx(ex, CONTINUE_HEAD)
                 ex.told_to_continue = True
             return None, None
         if link.sock.fileno() not in ready:
@@ -1042,10 +1042,13 @@ class HttpHandler:
 
     def _send_interim(self, ex: Exchange, response: ResponseHead):
         if ex.request.version == "HTTP/1.1":  # RFC 9110 §15.2: never send 1xx to 1.0 clients
-            # Not the response: a failure after it still answers with a final status.
-            interim = interim_head(response)
-            ex.record.interim_sent = getattr(ex.record, "interim_sent", 0) + len(interim)
-            yield from self._to_client(ex, interim, final=False)
+            yield from self._send_1xx(ex, interim_head(response))
+
+    def _send_1xx(self, ex: Exchange, head: bytes):
+        """An interim response: neither the answer (a failure after it still gets a final status) nor
+        body bytes in the access log."""
+        ex.record.interim_sent = getattr(ex.record, "interim_sent", 0) + len(head)
+        yield from self._to_client(ex, head, final=False)
 
     def _relay_response(self, ex: Exchange, link, response: ResponseHead, parser) -> bool:
         request = ex.request
