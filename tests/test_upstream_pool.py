@@ -141,6 +141,31 @@ def test_sweep_closes_idle_connections_the_server_closed(listener):
     assert dead.sock.fileno() == -1  # closed on the proxy's side too: no socket left in CLOSE_WAIT
 
 
+def test_sweep_runs_while_a_checkout_polls_the_same_connection(listener):
+    """A checkout polls a connection's own poll object; the sweep must not use it at the same moment
+    (one poll object refuses a second caller: the worker's request failed with a RuntimeError)."""
+    pool, conn, server_side = _pool_with_one_idle(listener)
+    in_poll = threading.Thread(target=conn.poller.poll, args=(CLIENT_TIMEOUT * 1000,), daemon=True)
+    in_poll.start()
+
+    def poller_busy() -> bool:
+        try:
+            conn.poller.poll(0)
+        except RuntimeError:  # the other thread is inside poll(): the race is set up
+            return True
+        return False
+
+    try:
+        wait_for(poller_busy, timeout=CLIENT_TIMEOUT)
+        assert pool.close_idle_expired() == 0 and pool.idle_count == 1
+    finally:
+        server_side.sendall(b"x")  # ends the other thread's poll
+        in_poll.join(CLIENT_TIMEOUT)
+        conn.close()
+        server_side.close()
+    assert not in_poll.is_alive()
+
+
 def _get_once(proxy) -> None:
     """One GET through the proxy, returned once the exchange is over (its upstream connection released:
     observers run after that)."""

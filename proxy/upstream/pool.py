@@ -75,6 +75,21 @@ class UpstreamConnection:
 
 
 
+def _readable(conns: Iterable[UpstreamConnection]) -> list[UpstreamConnection]:
+    """The connections whose socket is readable now (EOF, an error or bytes), or already closed."""
+    poller = select.poll()
+    by_fd = {}
+    for conn in conns:
+        fd = conn.sock.fileno()
+        if fd < 0:  # closed meanwhile by a checkout that found it unusable
+            continue
+        by_fd[fd] = conn
+        poller.register(fd, select.POLLIN)
+    if not by_fd:
+        return []
+    return [by_fd[fd] for fd, _ in poller.poll(0) if fd in by_fd]
+
+
 class ServerPool:
     def __init__(self, host: str, port: int, *, keepalive: int = 32, keepalive_timeout: float = 30.0,
                  connect_timeout: float = 5.0, read_timeout: float = 60.0,
@@ -166,8 +181,10 @@ class ServerPool:
         now = self.clock()
         with self._lock:
             idle = list(self._idle)
-        # The polls outside the lock; a connection a checkout takes meanwhile is that checkout's to check.
-        unusable = {id(conn) for conn in idle if now - conn.last_used >= self.keepalive_timeout or conn.poller.poll(0)}
+        # The poll outside the lock, and on a poll object of its own: a checkout that takes one of these
+        # meanwhile polls that connection's own poller, and one poll object refuses two callers at once.
+        unusable = {id(conn) for conn in idle if now - conn.last_used >= self.keepalive_timeout}
+        unusable.update(id(conn) for conn in _readable(conn for conn in idle if id(conn) not in unusable))
         if not unusable:
             return 0
         with self._lock:
