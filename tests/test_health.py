@@ -517,3 +517,43 @@ def test_a_reload_trusts_a_rotated_tls_ca_file_for_traffic_and_checks(observed_p
         assert proxy.state("web", backend.address) == "up"
     finally:
         backend.stop()
+
+
+def test_a_verdict_announced_while_a_reload_rebuilds_its_server_reaches_the_successor():
+    """A check passed and its "up" was being announced (set on the old Server) while a reload rebuilt
+    that server (weight change): the successor was built down from its predecessor, and its target
+    inherited "up", so nothing ever announced "up" again: the server stayed down for good."""
+    health = {**FAST_HEALTH, "healthy_after": 1, "unhealthy_after": 1}
+    document = config_document({"web": {"servers": ["127.0.0.1:9"], "health": health}})
+    app = Application(parse_config(document, "test.toml"))
+    now = [0.0]
+    checker = HealthChecker(app, clock=lambda: now[0])
+    checker._executor = held = _HeldChecks()
+    app.reload_listeners.append(checker._on_reload)
+    checker.run_once()
+    now[0] = 1.0
+    checker.run_once()
+    (target, upstream_config), = held.held
+    checker.record_result(target, CheckResult(0.0, False, 1.0, None, "refused"), upstream_config.health)
+    (old_server,) = app.runtime.upstreams["web"].servers
+    assert not old_server.healthy
+    now[0] = 2.0
+    checker.run_once()
+    (target, upstream_config) = held.held[-1]
+    old_runtime = app.runtime
+    reloaded = parse_config(config_document({"web": {"servers": [{"address": "127.0.0.1:9", "weight": 2}],
+                                                     "health": health}}), "test.toml")
+    with checker._emit_lock:  # the passing check's announcement waits here, its count already "up"
+        passed = threading.Thread(target=checker.record_result,
+                                  args=(target, CheckResult(0.0, True, 1.0, 200), upstream_config.health))
+        passed.start()
+        wait_for(lambda: target.policy.up, what="the check's verdict counted")
+        reload = threading.Thread(target=app.reload, args=(reloaded,))
+        reload.start()
+        wait_for(lambda: app.runtime is not old_runtime, what="the reload's new servers in place")
+    passed.join(DEADLINE)
+    reload.join(DEADLINE)
+    assert not passed.is_alive() and not reload.is_alive()
+    (server,) = app.runtime.upstreams["web"].servers
+    assert server is not old_server and server.weight == 2
+    assert server.healthy and server.state == "up", server.snapshot()

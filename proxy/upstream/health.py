@@ -372,7 +372,7 @@ class HealthChecker:
                 continue
             for server in upstream.servers:
                 wanted[(name, id(server))] = (server, upstream.config)
-        due, dropped, kept_down = [], [], []
+        due, dropped, inherited = [], [], []
         with self._lock:
             for key in list(self._targets):
                 if key not in wanted:
@@ -387,8 +387,9 @@ class HealthChecker:
                         first = now
                     target = self._targets[key] = _Target(key[0], server, health, first, up=server.healthy)
                     predecessor = predecessors.pop((key[0], server.address), None)
-                    if predecessor is not None and self._inherit(target, predecessor):
-                        kept_down.append(target)
+                    if predecessor is not None:
+                        self._inherit(target, predecessor)
+                        inherited.append(target)
                 target.policy.healthy_after = health.healthy_after
                 target.policy.unhealthy_after = health.unhealthy_after
                 if target.next_due > now + health.interval * (1 + JITTER):
@@ -399,20 +400,29 @@ class HealthChecker:
                     due.append((target, upstream_config))
         for target in dropped:
             self._forget(target, runtime)
-        for target in kept_down:
-            self._emit(target, False, f"still down after a reload, last check: {target.last.detail}"
-                       if target.last else "still down after a reload")
+        for target in inherited:
+            self._announce_inherited(target)
         return due
 
     @staticmethod
-    def _inherit(target: _Target, predecessor: _Target) -> bool:
+    def _inherit(target: _Target, predecessor: _Target) -> None:
         """A reload rebuilt this server (its weight or the upstream's limits changed): keep the checker's
         count and verdict, so a server known to be down does not start "up" and take traffic until it
-        fails ``unhealthy_after`` checks again. True if the new server must be taken down."""
+        fails ``unhealthy_after`` checks again."""
         target.policy.up = predecessor.policy.up
         target.policy.passes, target.policy.failures = predecessor.policy.passes, predecessor.policy.failures
         target.next_due, target.last = predecessor.next_due, predecessor.last
-        return not target.policy.up
+
+    def _announce_inherited(self, target: _Target) -> None:
+        """The rebuilt server takes the verdict its target inherited. Down: always said again. Up: said
+        when the server was built down, which happens when the reload copied its predecessor's health
+        while that "up" was still being announced (to the predecessor only): said by no one, it would
+        stay down, the checker counting it up."""
+        last = f", last check: {target.last.detail}" if target.last else ""
+        if not target.policy.up:
+            self._emit(target, False, f"still down after a reload{last}")
+        elif not target.server.healthy:
+            self._emit(target, True, f"up after a reload{last}")
 
     def _forget(self, target: _Target, runtime) -> None:
         """A server no longer checked (removed, or its upstream lost [health]) must not stay down."""
