@@ -557,3 +557,62 @@ def test_a_verdict_announced_while_a_reload_rebuilds_its_server_reaches_the_succ
     (server,) = app.runtime.upstreams["web"].servers
     assert server is not old_server and server.weight == 2
     assert server.healthy and server.state == "up", server.snapshot()
+
+
+class _PausingStates(dict):
+    """Application.admin_states, read by a reload between building its new servers and putting them in
+    place: the reload waits there until the test lets it go."""
+
+    def __init__(self):
+        super().__init__()
+        self.reached, self.go_on = threading.Event(), threading.Event()
+
+    def items(self):
+        self.reached.set()
+        self.go_on.wait(DEADLINE)
+        return super().items()
+
+
+class _SignallingLock:
+    """The application's reload lock, telling the test when ``waiter`` waits for it."""
+
+    def __init__(self, lock):
+        self.lock, self.waiter, self.waiting = lock, None, threading.Event()
+
+    def __enter__(self):
+        if threading.current_thread() is self.waiter:
+            self.waiting.set()
+        self.lock.acquire()
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def test_a_worker_verdict_arriving_during_its_reload_reaches_the_rebuilt_server():
+    """A worker applies its supervisor's verdicts (control link thread) while its own reload runs (loop
+    thread). An "up" applied after the reload copied a rebuilt server's health from its predecessor,
+    but before the new servers were in place, reached only the old object: the rebuilt one stayed
+    down in that worker (the supervisor replays only the down verdicts after a reload)."""
+    health = {**FAST_HEALTH, "healthy_after": 1, "unhealthy_after": 1}
+    app = Application(parse_config(config_document({"web": {"servers": ["127.0.0.1:9"], "health": health}}),
+                                   "test.toml"))
+    assert apply_health(app, "web", "127.0.0.1:9", False, "refused", announce=False)
+    app._reload_lock = lock = _SignallingLock(app._reload_lock)
+    app.admin_states = states = _PausingStates()
+    reloaded = parse_config(config_document({"web": {"servers": [{"address": "127.0.0.1:9", "weight": 2}],
+                                                     "health": health}}), "test.toml")
+    reload = threading.Thread(target=app.reload, args=(reloaded,))
+    reload.start()
+    try:
+        assert states.reached.wait(DEADLINE), "the reload never reached its swap"
+        verdict = lock.waiter = threading.Thread(target=apply_health,
+                                                 args=(app, "web", "127.0.0.1:9", True, "passed", False))
+        verdict.start()
+        wait_for(lambda: lock.waiting.is_set() or not verdict.is_alive(), what="the verdict applied or waiting")
+    finally:
+        states.go_on.set()
+    reload.join(DEADLINE)
+    verdict.join(DEADLINE)
+    assert not reload.is_alive() and not verdict.is_alive()
+    (server,) = app.runtime.upstreams["web"].servers
+    assert server.weight == 2 and server.healthy and server.state == "up", server.snapshot()

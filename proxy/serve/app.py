@@ -360,6 +360,11 @@ class Application:
         self.admin_states: dict[tuple[str, str], str] = {}
 
     @property
+    def reload_lock(self):
+        """Held while a reload or a DNS change builds the new servers and puts them in place."""
+        return self._reload_lock
+
+    @property
     def rate_table_made(self) -> BucketTable | None:
         """The rate limit table if there is one already (the metrics ask without making one)."""
         return self._rate_table

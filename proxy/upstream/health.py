@@ -260,15 +260,18 @@ def apply_health(app, upstream_name: str, address: str, up: bool, reason: str, a
     """Apply one verdict to this process's servers. True if a server with that address exists.
 
     A worker passes ``announce=False``: its supervisor, which ran the check, logged the change.
+    Under the application's reload lock: a reload (on another thread) copies each rebuilt server's
+    health from its predecessor, so a verdict must land before that copy or after the swap, never between.
     """
-    upstream = app.runtime.upstreams.get(upstream_name)
-    if upstream is None:
-        return False
-    found = False
-    for server in upstream.servers:
-        if server.address == address:
-            server.set_health(up, reason, announce)
-            found = True
+    with app.reload_lock:
+        upstream = app.runtime.upstreams.get(upstream_name)
+        if upstream is None:
+            return False
+        found = False
+        for server in upstream.servers:
+            if server.address == address:
+                server.set_health(up, reason, announce)
+                found = True
     return found
 
 
