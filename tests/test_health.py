@@ -9,6 +9,7 @@ come back on the same port).
 from __future__ import annotations
 
 import ssl
+import types
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -616,3 +617,63 @@ def test_a_worker_verdict_arriving_during_its_reload_reaches_the_rebuilt_server(
     assert not reload.is_alive() and not verdict.is_alive()
     (server,) = app.runtime.upstreams["web"].servers
     assert server.weight == 2 and server.healthy and server.state == "up", server.snapshot()
+
+
+class _HeldLink:
+    """A worker's control link that records what it was sent; the first health verdict sent from
+    ``replayer`` waits for the test first (a replay preempted between reading a verdict and sending it)."""
+
+    def __init__(self):
+        self.sent, self.replayer = [], None
+        self.replay_reached, self.replay_go_on = threading.Event(), threading.Event()
+
+    def send(self, message: dict) -> bool:
+        if message.get("op") == "health" and threading.current_thread() is self.replayer \
+                and not self.replay_reached.is_set():
+            self.replay_reached.set()
+            self.replay_go_on.wait(DEADLINE)
+        self.sent.append(message)
+        return True
+
+
+def test_a_verdict_replayed_to_a_worker_never_undoes_a_newer_one():
+    """The supervisor replays the down verdicts to a worker that starts or reloads. A replay that read
+    "down", then sent it after the checker had announced "up" to every worker, left that worker with
+    the server down for good (no later verdict would come while it stays up)."""
+    from proxy.serve.supervisor import Supervisor
+    health = {**FAST_HEALTH, "healthy_after": 1, "unhealthy_after": 1}
+    config = parse_config(config_document({"web": {"servers": ["127.0.0.1:9"], "health": health},
+                                           }, server={"workers": 2}), "test.toml")
+    supervisor = Supervisor(config, None, [{}])
+    now = [0.0]
+    supervisor.checker = checker = HealthChecker(supervisor.app, clock=lambda: now[0])
+    checker._executor = held = _HeldChecks()
+    checker.listeners.append(supervisor._broadcast_health)
+    link = _HeldLink()
+    supervisor.slots[0] = worker = types.SimpleNamespace(link=link)
+    try:
+        checker.run_once()
+        now[0] = 1.0
+        checker.run_once()
+        (target, upstream_config) = held.held[-1]
+        checker.record_result(target, CheckResult(0.0, False, 1.0, None, "refused"), upstream_config.health)
+        now[0] = 2.0
+        checker.run_once()
+        (target, upstream_config) = held.held[-1]
+        checker._emit_lock = lock = _SignallingLock(checker._emit_lock)
+        before_replay = len(link.sent)
+        replay = link.replayer = threading.Thread(target=supervisor._replay_verdicts, args=(worker,))
+        replay.start()
+        assert link.replay_reached.wait(DEADLINE), "the replay sent no verdict"
+        passed = lock.waiter = threading.Thread(target=checker.record_result,
+                                                args=(target, CheckResult(0.0, True, 1.0, 200), upstream_config.health))
+        passed.start()
+        wait_for(lambda: lock.waiting.is_set() or not passed.is_alive(), what="the up announced or waiting")
+    finally:
+        link.replay_go_on.set()
+    replay.join(DEADLINE)
+    passed.join(DEADLINE)
+    assert not replay.is_alive() and not passed.is_alive()
+    verdicts = [message["up"] for message in link.sent[before_replay:] if message.get("op") == "health"]
+    assert verdicts == [False, True]  # the worker applies them in this order: it ends with the server up
+    supervisor._wakeup.close()

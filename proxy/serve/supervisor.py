@@ -662,10 +662,13 @@ class Supervisor:
                 handle.link.send({"op": "admin_state", "upstream": upstream, "address": address, "state": state})
         if self.checker is None:
             return
-        for upstream, address, up, reason in self.checker.verdicts():
+
+        def send_down(upstream: str, address: str, up: bool, reason: str) -> None:
             if not up:
                 handle.link.send({"op": "health", "upstream": upstream, "address": address,
                                   "up": up, "reason": reason})
+
+        self.checker.replay_verdicts(send_down)
 
     def _reap(self) -> None:
         while True:

@@ -354,6 +354,13 @@ class HealthChecker:
         targets.sort(key=lambda t: t.server.out_since() or 0.0)
         return [(t.upstream_name, t.server.address, t.policy.up, t.server.state_reason) for t in targets]
 
+    def replay_verdicts(self, send: Listener) -> None:
+        """``send`` each of ``verdicts()`` while no new verdict is announced: a replay that read one and
+        sent it after a newer one went out would undo the newer one in the process it replays to."""
+        with self._emit_lock:
+            for verdict in self.verdicts():
+                send(*verdict)
+
     # -- the loop (proxy.upstream.rounds) -----------------------------------------------------------
     def run_once(self) -> float:
         """Sync targets with app.runtime, start every due check; returns seconds until the next is due."""
