@@ -166,6 +166,65 @@ def test_sweep_runs_while_a_checkout_polls_the_same_connection(listener):
     assert not in_poll.is_alive()
 
 
+class _SweepPauses:
+    """A pool's lock that holds the sweeping thread twice: once it has copied the idle list (before it
+    polls it), and before it takes out what it found unusable. Other threads use the lock as usual."""
+
+    def __init__(self, lock, sweeper_name: str):
+        self.lock, self.sweeper_name = lock, sweeper_name
+        self.uses = 0
+        self.paused = [threading.Event(), threading.Event()]
+        self.go_on = [threading.Event(), threading.Event()]
+
+    def _pause(self, index: int) -> None:
+        self.paused[index].set()
+        self.go_on[index].wait(CLIENT_TIMEOUT)
+
+    def __enter__(self):
+        sweeping = threading.current_thread().name == self.sweeper_name
+        if sweeping and self.uses == 1:
+            self._pause(1)
+        self.lock.acquire()
+
+    def __exit__(self, *exc):
+        self.lock.release()
+        if threading.current_thread().name == self.sweeper_name:
+            self.uses += 1
+            if self.uses == 1:
+                self._pause(0)
+
+
+def test_a_sweep_never_closes_a_connection_used_and_released_while_it_looked(listener):
+    """The sweep copies the idle list, polls it, then takes out what it found unusable. A connection
+    a request took meanwhile is readable while its response arrives: when the request released it
+    (read to the end, clean) before the sweep took its findings out, the sweep closed a good
+    connection just put back in the pool."""
+    pool, conn, server_side = _pool_with_one_idle(listener)
+    pool._lock = pauses = _SweepPauses(pool._lock, "test-sweeper")
+    sweep = threading.Thread(target=pool.close_idle_expired, name="test-sweeper")
+    try:
+        sweep.start()
+        assert pauses.paused[0].wait(CLIENT_TIMEOUT), "the sweep never copied the idle list"
+        assert pool.checkout() is conn
+        server_side.sendall(b"x")  # the response arrives: readable while the request reads it
+        _wait_readable(conn)
+        pauses.go_on[0].set()
+        assert pauses.paused[1].wait(CLIENT_TIMEOUT), "the sweep never got to take its findings out"
+        assert conn.sock.recv(1) == b"x"
+        pool.release(conn, reusable=True)
+    finally:
+        for event in pauses.go_on:
+            event.set()
+        sweep.join(CLIENT_TIMEOUT)
+    try:
+        assert not sweep.is_alive()
+        assert pool.idle_count == 1 and conn.sock.fileno() >= 0
+        assert pool.checkout() is conn
+    finally:
+        conn.close()
+        server_side.close()
+
+
 def _get_once(proxy) -> None:
     """One GET through the proxy, returned once the exchange is over (its upstream connection released:
     observers run after that)."""

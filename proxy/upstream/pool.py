@@ -181,6 +181,7 @@ class ServerPool:
         now = self.clock()
         with self._lock:
             idle = list(self._idle)
+            requests_then = {id(conn): conn.requests for conn in idle}  # ids stay unique: ``idle`` holds them
         # The poll outside the lock, and on a poll object of its own: a checkout that takes one of these
         # meanwhile polls that connection's own poller, and one poll object refuses two callers at once.
         unusable = {id(conn) for conn in idle if now - conn.last_used >= self.keepalive_timeout}
@@ -188,8 +189,13 @@ class ServerPool:
         if not unusable:
             return 0
         with self._lock:
-            doomed = [conn for conn in self._idle if id(conn) in unusable]
-            self._idle = [conn for conn in self._idle if id(conn) not in unusable]
+            # Only those untouched since: one a request took and released meanwhile (readable then, as
+            # its response came in) carried one more request, and is as good as any.
+            doomed = [conn for conn in self._idle
+                      if id(conn) in unusable and conn.requests == requests_then[id(conn)]]
+            if doomed:
+                doomed_ids = set(map(id, doomed))
+                self._idle = [conn for conn in self._idle if id(conn) not in doomed_ids]
         for conn in doomed:
             conn.close()
         return len(doomed)
