@@ -1072,3 +1072,83 @@ def test_with_workers_a_lookup_that_ends_after_a_reload_removed_its_name_does_no
     finally:
         dns_server.release()
         dns_server.close()
+
+
+def test_with_workers_an_address_that_joined_and_passed_while_a_worker_forked_is_up_in_it(tmp_path, monkeypatch):
+    """A DNS change while a worker forked: the worker started with the set before it (copied at fork),
+    got the new set replayed once ready, and took the new address in as joining, down until its first
+    check. That check had passed in the supervisor meanwhile and its "up" went out before this worker
+    had a link; the replay after "ready" sent only the down verdicts: the address stayed down in that
+    worker for good while /status of the supervisor said up."""
+    from proxy.config.schema import load_config
+    from proxy.serve.runner import bind_config_listener
+    from proxy.serve.supervisor import Supervisor, bind_slot_sockets
+    from proxy.upstream.health import CheckResult, HealthChecker
+    import os
+
+    config_path = tmp_path / "proxy.toml"
+    config_path.write_text(f"""
+[server]
+listen = "127.0.0.1:{free_port()}"
+workers = 2
+graceful_timeout = "5s"
+
+[log]
+access = "off"
+
+[[routes]]
+path = "/"
+upstream = "api"
+
+[upstreams.api]
+servers = [{{ address = "{NAME}:9", discover = "a" }}]
+
+[upstreams.api.health]
+path = "/healthz"
+interval = "1h"
+healthy_after = 1
+""")
+    config = load_config(config_path)
+    listen = config.server.listen[0]
+    supervisor = Supervisor(config, None, bind_slot_sockets([(listen, bind_config_listener(listen))], 2))
+    key = _key(config)
+    supervisor.app.apply_discovered(key, (_target("127.0.0.2", 9),))  # the first answer
+    clock = FakeClock()
+    checker = supervisor.checker = HealthChecker(supervisor.app, clock=clock)
+    checks = []
+    checker._executor = type("HeldChecks", (), {"submit": lambda self, *check: checks.append(check[1:])})()
+    checker.listeners.append(supervisor._broadcast_health)
+    checker.run_once()
+    real_fork = os.fork
+
+    def fork_while_a_new_address_joins_and_passes() -> int:
+        pid = real_fork()
+        if pid != 0:  # the supervisor, before it registers the worker
+            supervisor._discovered_changed(key, (_target("127.0.0.2", 9), _target("127.0.0.3", 9)))
+            checker.run_once()  # the joining address is checked at once
+            target, upstream_config = checks[-1]
+            assert target.server.address == "127.0.0.3:9"
+            checker.record_result(target, CheckResult(0.0, True, 1.0, 200), upstream_config.health)
+        return pid
+
+    def worker_states() -> dict:
+        answers = supervisor.collect("status")
+        servers = answers[0][1]["upstreams"]["api"]["servers"] if answers else []
+        return {server["address"]: server["state"] for server in servers}
+
+    try:
+        monkeypatch.setattr(os, "fork", fork_while_a_new_address_joins_and_passes)
+        supervisor._spawn(0)
+        monkeypatch.setattr(os, "fork", real_fork)
+        assert supervisor.slots[0].ready.wait(WAIT), "the worker never got ready"
+        assert [server.state for server in supervisor.app.runtime.upstreams["api"].servers] == ["up", "up"]
+        wait_for(lambda: worker_states() == {"127.0.0.2:9": "up", "127.0.0.3:9": "up"}, WAIT,
+                 what="the joined address up in the worker", on_timeout=worker_states)
+    finally:
+        worker = supervisor.slots[0]
+        if worker is not None:
+            worker.link.close()
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(worker.pid, signal.SIGKILL)
+                os.waitpid(worker.pid, 0)
+        supervisor._close_all_sockets()

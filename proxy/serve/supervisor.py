@@ -653,7 +653,7 @@ class Supervisor:
         """A worker that just started or reloaded learns what its config cannot tell it: the runtime
         API's admin state of every server, enabled ones too (a worker may hold a drain the supervisor
         forgot: an enable sent before its link was registered, a reload removing the server that it read
-        only after the next one had listed it again), and the servers the health checks took down."""
+        only after the next one had listed it again), and every health verdict."""
         with self._admin_lock:
             states = {(name, server.address): ENABLED
                       for name, upstream in self.app.runtime.upstreams.items() for server in upstream.servers}
@@ -663,12 +663,12 @@ class Supervisor:
         if self.checker is None:
             return
 
-        def send_down(upstream: str, address: str, up: bool, reason: str) -> None:
-            if not up:
-                handle.link.send({"op": "health", "upstream": upstream, "address": address,
-                                  "up": up, "reason": reason})
+        def send(upstream: str, address: str, up: bool, reason: str) -> None:
+            handle.link.send({"op": "health", "upstream": upstream, "address": address, "up": up, "reason": reason})
 
-        self.checker.replay_verdicts(send_down)
+        # Ups too: a worker may hold down a server the checks brought up before its link was registered
+        # (an address DNS added while it forked, taken in as joining: down until a verdict says up).
+        self.checker.replay_verdicts(send)
 
     def _reap(self) -> None:
         while True:
