@@ -9,9 +9,9 @@ come back on the same port).
 from __future__ import annotations
 
 import ssl
-import types
 import threading
 import time
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -677,3 +677,35 @@ def test_a_verdict_replayed_to_a_worker_never_undoes_a_newer_one():
     verdicts = [message["up"] for message in link.sent[before_replay:] if message.get("op") == "health"]
     assert verdicts == [False, True]  # the worker applies them in this order: it ends with the server up
     supervisor._wakeup.close()
+
+
+def test_a_tls_context_built_across_a_reload_is_not_kept_after_it(monkeypatch):
+    """A reload forgets the checks' TLS contexts, so tls_ca is read again (a rotated CA file). A check
+    that was building one from the file as it was before the reload stored it in the table the reload
+    had just emptied: every later check trusted the old CA, failed against the new certificate, and
+    took a good server down, until the next reload."""
+    document = config_document({"web": {"servers": ["https://127.0.0.1:9"], "health": FAST_HEALTH}})
+    app = Application(parse_config(document, "test.toml"))
+    checker = HealthChecker(app)
+    checker._executor = _HeldChecks()
+    upstream_config = app.runtime.upstreams["web"].config
+    built, reached, go_on = [], threading.Event(), threading.Event()
+
+    def build_context(upstream):  # stands in for reading the CA file: the nth build is context n
+        built.append(len(built) + 1)
+        if built == [1]:
+            reached.set()
+            go_on.wait(DEADLINE)
+        return built[-1]
+
+    monkeypatch.setattr("proxy.upstream.health.upstream_tls_context", build_context)
+    check = threading.Thread(target=checker._tls_context, args=(upstream_config,))
+    check.start()
+    try:
+        assert reached.wait(DEADLINE)
+        checker._on_reload(app.config, app.config)  # the CA file rotated; the reload forgets contexts
+    finally:
+        go_on.set()
+    check.join(DEADLINE)
+    assert not check.is_alive()
+    assert checker._tls_context(upstream_config) == 2  # built from the file as it is now

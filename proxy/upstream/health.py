@@ -495,7 +495,8 @@ class HealthChecker:
 
     def _tls_context(self, upstream_config: UpstreamConfig) -> ssl.SSLContext:
         key = (upstream_config.tls_verify, upstream_config.tls_ca)
-        context = self._tls_contexts.get(key)
+        contexts = self._tls_contexts  # once: one built while a reload empties the table goes with the old one
+        context = contexts.get(key)
         if context is None:
-            context = self._tls_contexts[key] = upstream_tls_context(upstream_config)
+            context = contexts[key] = upstream_tls_context(upstream_config)
         return context
