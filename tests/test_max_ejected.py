@@ -166,3 +166,26 @@ def test_verdicts_reach_listeners_in_the_order_they_were_applied():
     for thread in threads:
         thread.join(10)
     assert applied == heard == ["127.0.0.1:1", "127.0.0.1:2"]
+
+
+def test_a_recompute_by_the_cap_a_rebuild_replaced_changes_nothing():
+    """A server taken out calls its upstream's cap after releasing its own lock. When a reload (or a DNS
+    change) rebuilt the upstream around the same Server objects meanwhile, with a new cap that decided
+    first, the old cap's late decision overrode it: here the new 50% lets both failing servers out, and
+    the old 25% put the second back in, serving while failing, until the next up/down change."""
+    clock = FakeClock()
+    old = _upstream(4, 25, clock)
+    first, second = old.servers[:2]
+    first.set_health(False, "refused")
+    clock.advance(1)
+    old_cap = old._cap
+    with old_cap._lock:  # the second failure's recompute, by the cap it read, waits here
+        failing = threading.Thread(target=second.set_health, args=(False, "refused"))
+        failing.start()
+        wait_for(lambda: second.out_since() is not None, what="the second server's failure recorded")
+        rebuilt = Upstream("web", old.servers, "round_robin", max_ejected_percent=50)
+        assert _states(rebuilt)[:2] == ["down", "down"]
+    failing.join(5.0)
+    assert not failing.is_alive()
+    assert _states(rebuilt) == ["down", "down", "up", "up"]
+    assert not second.snapshot()["would_eject"]

@@ -335,9 +335,13 @@ class Server:
         _log(events)  # not _after: the cap asks this from recompute(), holding its own lock
         return since
 
-    def set_held_in(self, held: bool) -> tuple[bool, str]:
-        """The cap's decision. Returns (changed, the reason the checks give for taking it out)."""
+    def set_held_in(self, held: bool, cap: "EjectionCap") -> tuple[bool, str]:
+        """The decision of ``cap``. Returns (changed, the reason the checks give for taking it out).
+        Ignored unless ``cap`` is this server's cap now: one that a rebuild of the upstream replaced may
+        still be deciding on what it saw, after the new cap decided."""
         with self._lock:
+            if cap is not self._cap:
+                return False, self._state_reason
             changed = held != self._held_in
             self._held_in = held
             return changed, self._state_reason
@@ -507,7 +511,7 @@ class EjectionCap:
             out.sort(key=lambda item: item[:2])  # first out stays out; the list order breaks ties
             for rank, (_, _, server) in enumerate(out):
                 held = rank >= self.max_out
-                changed, reason = server.set_held_in(held)
+                changed, reason = server.set_held_in(held, self)
                 if changed and held:
                     events.append((logging.WARNING, "upstream %s: server %s would be ejected (%s) but "
                                    "max_ejected_percent allows %d of %d servers out: it keeps serving",
@@ -519,5 +523,5 @@ class EjectionCap:
             out_servers = {id(server) for _, _, server in out}
             for server in self._servers:
                 if id(server) not in out_servers:
-                    server.set_held_in(False)
+                    server.set_held_in(False, self)
         _log(events)
