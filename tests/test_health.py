@@ -520,10 +520,11 @@ def test_a_reload_trusts_a_rotated_tls_ca_file_for_traffic_and_checks(observed_p
         backend.stop()
 
 
-def test_a_verdict_announced_while_a_reload_rebuilds_its_server_reaches_the_successor():
+def test_a_server_rebuilt_while_its_up_is_announced_is_checked_again_not_left_down():
     """A check passed and its "up" was being announced (set on the old Server) while a reload rebuilt
     that server (weight change): the successor was built down from its predecessor, and its target
-    inherited "up", so nothing ever announced "up" again: the server stayed down for good."""
+    inherited "up", so nothing ever announced "up" again: the server stayed down for good, whatever
+    its checks said. Now such a server is checked at once, as a joining one is."""
     health = {**FAST_HEALTH, "healthy_after": 1, "unhealthy_after": 1}
     document = config_document({"web": {"servers": ["127.0.0.1:9"], "health": health}})
     app = Application(parse_config(document, "test.toml"))
@@ -557,7 +558,37 @@ def test_a_verdict_announced_while_a_reload_rebuilds_its_server_reaches_the_succ
     assert not passed.is_alive() and not reload.is_alive()
     (server,) = app.runtime.upstreams["web"].servers
     assert server is not old_server and server.weight == 2
+    (rebuilt_target, upstream_config) = held.held[-1]  # the reload's round checks it at once
+    assert rebuilt_target.server is server
+    checker.record_result(rebuilt_target, CheckResult(0.0, True, 1.0, 200), upstream_config.health)
     assert server.healthy and server.state == "up", server.snapshot()
+
+
+def test_an_address_that_left_dns_and_came_back_between_two_rounds_is_checked_before_traffic():
+    """An address gone from DNS and back before the checker's next round joins again (down until a
+    check passes), but its new target inherited the old one's "up" by address: nothing announced it
+    up again, and it stayed down for good whatever its checks said."""
+    from proxy.upstream.discovery import Target, discovery_key
+    health = {**FAST_HEALTH, "healthy_after": 1, "unhealthy_after": 1}
+    config = parse_config(config_document({"web": {"servers": [{"address": "api.test:9", "discover": "a"}],
+                                                   "health": health}}), "test.toml")
+    app = Application(config)
+    key = discovery_key("web", config.upstreams["web"].servers[0])
+    first, second = Target(0, "127.0.0.2", 9, 1, "api.test"), Target(0, "127.0.0.3", 9, 1, "api.test")
+    app.apply_discovered(key, (first, second))  # the first answer: both up
+    now = [0.0]
+    checker = HealthChecker(app, clock=lambda: now[0])
+    checker._executor = held = _HeldChecks()
+    checker.run_once()
+    app.apply_discovered(key, (first,))
+    app.apply_discovered(key, (first, second))  # back before the checker looked again
+    rejoined = app.runtime.upstreams["web"].servers[1]
+    assert rejoined.address == "127.0.0.3:9" and not rejoined.healthy
+    checker.run_once()
+    (target, upstream_config), = [check for check in held.held if check[0].server is rejoined]
+    assert rejoined.state == "down"  # no traffic before its check
+    checker.record_result(target, CheckResult(0.0, True, 1.0, 200), upstream_config.health)
+    assert rejoined.state == "up", rejoined.snapshot()
 
 
 class _PausingStates(dict):

@@ -382,7 +382,7 @@ class HealthChecker:
                 continue
             for server in upstream.servers:
                 wanted[(name, id(server))] = (server, upstream.config)
-        due, dropped, inherited = [], [], []
+        due, dropped, kept_down = [], [], []
         with self._lock:
             for key in list(self._targets):
                 if key not in wanted:
@@ -397,9 +397,9 @@ class HealthChecker:
                         first = now
                     target = self._targets[key] = _Target(key[0], server, health, first, up=server.healthy)
                     predecessor = predecessors.pop((key[0], server.address), None)
-                    if predecessor is not None:
-                        self._inherit(target, predecessor)
-                        inherited.append(target)
+                    reason = self._inherit(target, predecessor) if predecessor is not None else None
+                    if reason is not None:
+                        kept_down.append((target, reason))
                 target.policy.healthy_after = health.healthy_after
                 target.policy.unhealthy_after = health.unhealthy_after
                 if target.next_due > now + health.interval * (1 + JITTER):
@@ -410,29 +410,29 @@ class HealthChecker:
                     due.append((target, upstream_config))
         for target in dropped:
             self._forget(target, runtime)
-        for target in inherited:
-            self._announce_inherited(target)
+        for target, reason in kept_down:
+            self._emit(target, False, reason)
         return due
 
     @staticmethod
-    def _inherit(target: _Target, predecessor: _Target) -> None:
+    def _inherit(target: _Target, predecessor: _Target) -> str | None:
         """A reload rebuilt this server (its weight or the upstream's limits changed): keep the checker's
         count and verdict, so a server known to be down does not start "up" and take traffic until it
-        fails ``unhealthy_after`` checks again."""
+        fails ``unhealthy_after`` checks again. Returns the reason to announce it down, if it is.
+
+        Unless the verdict says up and the new server was built down: its address left DNS and came
+        back between two rounds (joining, so checked first), or the reload copied its predecessor's
+        health while an "up" was still being announced. Inherited, that "up" would never be said again
+        and the server would stay down for good: it is checked now, as a joining server is."""
+        last = f", last check: {predecessor.last.detail}" if predecessor.last else ""
+        target.last = predecessor.last
+        if predecessor.policy.up and not target.server.healthy:
+            target.policy.up = False  # no count yet, and due now (a server that is not healthy)
+            return "rebuilt down: waiting for its next health check"
         target.policy.up = predecessor.policy.up
         target.policy.passes, target.policy.failures = predecessor.policy.passes, predecessor.policy.failures
-        target.next_due, target.last = predecessor.next_due, predecessor.last
-
-    def _announce_inherited(self, target: _Target) -> None:
-        """The rebuilt server takes the verdict its target inherited. Down: always said again. Up: said
-        when the server was built down, which happens when the reload copied its predecessor's health
-        while that "up" was still being announced (to the predecessor only): said by no one, it would
-        stay down, the checker counting it up."""
-        last = f", last check: {target.last.detail}" if target.last else ""
-        if not target.policy.up:
-            self._emit(target, False, f"still down after a reload{last}")
-        elif not target.server.healthy:
-            self._emit(target, True, f"up after a reload{last}")
+        target.next_due = predecessor.next_due
+        return None if target.policy.up else f"still down after a reload{last}"
 
     def _forget(self, target: _Target, runtime) -> None:
         """A server no longer checked (removed, or its upstream lost [health]) must not stay down."""
