@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import threading
@@ -18,10 +19,13 @@ import time
 import pytest
 import requests
 
-from proxy.config.schema import ConfigError, DnsConfig, UpstreamServerConfig, parse_config
+from proxy.config.schema import ConfigError, DnsConfig, UpstreamServerConfig, load_config, parse_config
 from proxy.observe.status import build_status
 from proxy.serve.app import Application
+from proxy.serve.runner import bind_config_listener
+from proxy.serve.supervisor import Supervisor, bind_slot_sockets
 from proxy.upstream.discovery import DnsDiscovery, DnsResolver, Lookup, Target, discovery_key
+from proxy.upstream.health import CheckResult, HealthChecker
 from tests.support import backends as backend_support
 from tests.support.command import pyproxy_command
 from tests.support.dns import DOMAIN, Dnsmasq, HeldDnsServer, backends_on_loopback, common_port, running_dnsmasq
@@ -1074,18 +1078,22 @@ def test_with_workers_a_lookup_that_ends_after_a_reload_removed_its_name_does_no
         dns_server.close()
 
 
+class _HeldChecks:
+    """Stands in for the health checker's probe threads: keeps each submitted check for the test to end."""
+
+    def __init__(self):
+        self.checks = []
+
+    def submit(self, check, target, upstream_config):
+        self.checks.append((target, upstream_config))
+
+
 def test_with_workers_an_address_that_joined_and_passed_while_a_worker_forked_is_up_in_it(tmp_path, monkeypatch):
     """A DNS change while a worker forked: the worker started with the set before it (copied at fork),
     got the new set replayed once ready, and took the new address in as joining, down until its first
     check. That check had passed in the supervisor meanwhile and its "up" went out before this worker
     had a link; the replay after "ready" sent only the down verdicts: the address stayed down in that
     worker for good while /status of the supervisor said up."""
-    from proxy.config.schema import load_config
-    from proxy.serve.runner import bind_config_listener
-    from proxy.serve.supervisor import Supervisor, bind_slot_sockets
-    from proxy.upstream.health import CheckResult, HealthChecker
-    import os
-
     config_path = tmp_path / "proxy.toml"
     config_path.write_text(f"""
 [server]
@@ -1115,8 +1123,7 @@ healthy_after = 1
     supervisor.app.apply_discovered(key, (_target("127.0.0.2", 9),))  # the first answer
     clock = FakeClock()
     checker = supervisor.checker = HealthChecker(supervisor.app, clock=clock)
-    checks = []
-    checker._executor = type("HeldChecks", (), {"submit": lambda self, *check: checks.append(check[1:])})()
+    checker._executor = held = _HeldChecks()
     checker.listeners.append(supervisor._broadcast_health)
     checker.run_once()
     real_fork = os.fork
@@ -1126,7 +1133,7 @@ healthy_after = 1
         if pid != 0:  # the supervisor, before it registers the worker
             supervisor._discovered_changed(key, (_target("127.0.0.2", 9), _target("127.0.0.3", 9)))
             checker.run_once()  # the joining address is checked at once
-            target, upstream_config = checks[-1]
+            target, upstream_config = held.checks[-1]
             assert target.server.address == "127.0.0.3:9"
             checker.record_result(target, CheckResult(0.0, True, 1.0, 200), upstream_config.health)
         return pid

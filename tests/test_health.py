@@ -19,6 +19,8 @@ import requests
 
 from proxy.config.schema import HealthConfig, parse_config
 from proxy.serve.app import Application
+from proxy.serve.supervisor import Supervisor
+from proxy.upstream.discovery import Target, discovery_key
 from proxy.upstream.health import CheckResult, HealthChecker, HealthPolicy, apply_health, probe
 from tests.support.backends import close_with_rst
 from tests.support.client import raw_client
@@ -568,7 +570,6 @@ def test_an_address_that_left_dns_and_came_back_between_two_rounds_is_checked_be
     """An address gone from DNS and back before the checker's next round joins again (down until a
     check passes), but its new target inherited the old one's "up" by address: nothing announced it
     up again, and it stayed down for good whatever its checks said."""
-    from proxy.upstream.discovery import Target, discovery_key
     health = {**FAST_HEALTH, "healthy_after": 1, "unhealthy_after": 1}
     config = parse_config(config_document({"web": {"servers": [{"address": "api.test:9", "discover": "a"}],
                                                    "health": health}}), "test.toml")
@@ -671,7 +672,6 @@ def test_a_verdict_replayed_to_a_worker_never_undoes_a_newer_one():
     """The supervisor replays the down verdicts to a worker that starts or reloads. A replay that read
     "down", then sent it after the checker had announced "up" to every worker, left that worker with
     the server down for good (no later verdict would come while it stays up)."""
-    from proxy.serve.supervisor import Supervisor
     health = {**FAST_HEALTH, "healthy_after": 1, "unhealthy_after": 1}
     config = parse_config(config_document({"web": {"servers": ["127.0.0.1:9"], "health": health},
                                            }, server={"workers": 2}), "test.toml")
