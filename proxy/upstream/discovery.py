@@ -222,6 +222,8 @@ class DnsDiscovery:
         self._round_lock = threading.Lock()
         self._loop = RoundLoop(self.run_once, "pyproxy-dns", "dns discovery round", MAX_IDLE_WAIT, log)
         self._hand_over_again = False  # set by kick(): see there
+        # Guards that flag's read-and-clear: a kick landing between the two would otherwise be lost.
+        self._kick_lock = threading.Lock()
 
     def start(self) -> None:
         """Resolve every name once before returning (the proxy then starts with its servers), then loop."""
@@ -234,7 +236,8 @@ class DnsDiscovery:
     def kick(self) -> None:
         """Look at the config again now (after a reload), and hand every known set over again: a reload
         drops the sets of names it removes, and one added back before the loop saw it go needs its set."""
-        self._hand_over_again = True
+        with self._kick_lock:
+            self._hand_over_again = True
         self._loop.kick()
 
     def current(self) -> dict[DiscoveryKey, tuple[Target, ...]]:
@@ -244,7 +247,8 @@ class DnsDiscovery:
     def run_once(self) -> float:
         """Resolve every name that is due; returns the seconds until the next one is."""
         with self._round_lock:
-            hand_over_again, self._hand_over_again = self._hand_over_again, False
+            with self._kick_lock:
+                hand_over_again, self._hand_over_again = self._hand_over_again, False
             config = self._config()
             self._sync(config)
             if hand_over_again:
