@@ -209,6 +209,87 @@ def test_stale_get_retried_even_with_retries_zero(make_raw_backend, make_proxy):
     assert executions == [0, 0, 1]
 
 
+# -- a 408 on a reused connection: the server was closing it -------------------------------------
+IDLE_408 = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 7\r\n\r\ntimeout"
+
+
+def served_then_408(requests_seen: list, on_fresh: bytes = b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\nmade"):
+    """A raw script: the first connection answers one request, then meets the next with a 408 and
+    closes (a server timing its idle keep-alive connection out as the proxy reuses it); later
+    connections answer ``on_fresh``. Every (connection, head, body) the server read is recorded."""
+    def script(peer):
+        head, body = peer.read_request()
+        if not head:
+            return
+        requests_seen.append((peer.index, head.split(b" ")[0], body))
+        if peer.index > 0:
+            peer.send(on_fresh)
+            return
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        head, body = peer.read_request()
+        if head:
+            requests_seen.append((peer.index, head.split(b" ")[0], body))
+            peer.send(IDLE_408)
+            peer.close()
+    return script
+
+
+@pytest.mark.parametrize("method, body", [("GET", b""), ("PUT", b"doc"), ("POST", b"amount=10")])
+def test_a_408_on_a_reused_connection_is_retried_on_a_fresh_one(make_raw_backend, make_proxy, method, body):
+    """Bug: a server's 408 on the pooled connection the proxy just reused (it timed the connection
+    out as the request went in) reached the client. It says the request was not taken (RFC 9110
+    §15.5.9 lets a client repeat it, any method): resent once on a new connection, as HAProxy does."""
+    seen = []
+    raw = make_raw_backend(served_then_408(seen))
+    proxy = make_proxy({"web": [raw.address]}, upstream_options={"retries": 0})
+    with raw_client(proxy) as client:
+        client.send(b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert client.read_response().status == 200
+        client.send(b"%s /doc HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n%s"
+                    % (method.encode(), len(body), body))
+        response = client.read_response()
+    assert (response.status, response.body) == (201, b"made")
+    assert seen == [(0, b"GET", b""), (0, method.encode(), body), (1, method.encode(), body)]
+
+
+def test_a_408_on_a_fresh_connection_reaches_the_client(make_raw_backend, make_proxy):
+    """Only a reused connection's 408 means the server was closing it: on the fresh connection of the
+    retry it is the server's answer, relayed (and never retried again)."""
+    seen = []
+    raw = make_raw_backend(served_then_408(seen, on_fresh=IDLE_408))
+    proxy = make_proxy({"web": [raw.address]})
+    with raw_client(proxy) as client:
+        client.send(b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert client.read_response().status == 200
+        client.send(b"GET /doc HTTP/1.1\r\nHost: a\r\n\r\n")
+        response = client.read_response()
+    assert (response.status, response.body) == (408, b"timeout")
+    assert [index for index, _, _ in seen] == [0, 0, 1]
+
+
+def test_a_408_on_a_reused_connection_after_part_of_a_large_body_is_relayed(make_raw_backend, make_proxy):
+    """A body too large to keep for a resend, partly sent: the 408 cannot be retried and is relayed."""
+    body = b"x" * (SMALL_BODY_MAX + 1)
+
+    def script(peer):
+        head, _ = peer.read_request()
+        if not head:
+            return
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        if peer.read_head():
+            peer.send(IDLE_408)
+            peer.hang()
+    raw = make_raw_backend(script)
+    proxy = make_proxy({"web": [raw.address]})
+    with raw_client(proxy) as client:
+        client.send(b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert client.read_response().status == 200
+        client.send(b"PUT /big HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        response = client.read_response()
+    assert (response.status, response.body) == (408, b"timeout")
+    assert raw.connections == 1
+
+
 def test_post_without_body_not_resent_after_a_reset(make_raw_backend, make_proxy):
     # The server read the POST before it failed: it may have acted on it, so it is never sent again.
     executions = []
