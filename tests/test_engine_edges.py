@@ -604,6 +604,37 @@ def test_expect_continue_a_late_100_from_the_server_is_not_relayed_again(make_ra
         assert (response.status, response.body, response.interim) == (201, b"ok", [])
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_expect_continue_an_early_answer_after_the_proxys_100_is_relayed(make_raw_backend, make_proxy, chunked):
+    """Bug: a server that answered (413) and closed while the body it refused was coming, after the
+    proxy had told the client to go on, cost the client a 502 "broken pipe" instead of the 413 (curl
+    uploading a large file does exactly this). The plain path relayed such an early answer already."""
+    client_told, server_gone = threading.Event(), threading.Event()
+
+    def script(peer):
+        peer.read_head()
+        if client_told.wait(DEADLINE):  # the proxy said 100 itself: the body is on its way
+            peer.send(b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 7\r\n\r\ntoo big")
+        peer.close()
+        server_gone.set()
+    raw = make_raw_backend(script)
+    proxy = make_proxy({"web": [raw.address]}, upstream_options={"read_timeout": "30s"})
+    piece = b"x" * 65536
+    framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % (64 * len(piece))
+    with raw_client(proxy) as client:
+        client.send(b"POST /upload HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n%s\r\n\r\n" % framing)
+        client.sock.settimeout(15)  # well under read_timeout
+        assert client.read_head() == b"HTTP/1.1 100 Continue\r\n\r\n"
+        client_told.set()
+        assert server_gone.wait(DEADLINE)
+        data = b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece
+        sender = threading.Thread(target=_send_quietly, args=(client.sock, data * 64), daemon=True)
+        sender.start()
+        response = client.read_response()
+        sender.join(DEADLINE)
+    assert (response.status, response.body) == (413, b"too big")
+
+
 def test_stale_connection_put_with_chunked_body_is_replayed(make_raw_backend, make_proxy):
     seen = []
 

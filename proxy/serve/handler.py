@@ -859,7 +859,11 @@ class HttpHandler:
         link.send(head)
         response, parser = yield from self._await_continue(ex, link)
         if response is None:  # the client sent its body without waiting, or 100 arrived
-            yield from self._send_body(ex, link, b"")
+            try:
+                yield from self._send_body(ex, link, b"")
+            except (UpstreamFailed, UpstreamTimeout):
+                if not _has_early_answer(link.sock):  # as in _attempt: a refusal (413) sent mid-body
+                    raise
             # After a 100 the parser goes on: the final response may have come in the same read.
             response, parser = yield from self._read_response_head(ex, link, parser=parser)
         return response, parser
