@@ -252,6 +252,39 @@ def test_a_408_on_a_reused_connection_is_retried_on_a_fresh_one(make_raw_backend
     assert seen == [(0, b"GET", b""), (0, method.encode(), body), (1, method.encode(), body)]
 
 
+def test_a_408_before_the_100_on_a_reused_connection_resends_a_post_whose_body_was_not_sent(
+        make_raw_backend, make_proxy):
+    """Expect: 100-continue, and the reused connection answers 408 instead of 100: not a byte of the
+    POST's body went out, so it goes to a fresh connection, where the server asks for the body."""
+    seen = []
+
+    def script(peer):
+        head = peer.read_head()
+        if peer.index == 0:
+            peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            if peer.read_head():
+                seen.append((0, b""))
+                peer.send(IDLE_408)
+            return
+        if b"100-continue" in head:
+            peer.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if _read_body_after_head(peer, 5):
+                seen.append((peer.index, peer.buffer[:5]))
+                peer.send(b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\nmade")
+    raw = make_raw_backend(script)
+    proxy = make_proxy({"web": [raw.address]}, upstream_options={"read_timeout": "30s"})
+    with raw_client(proxy) as client:
+        client.send(b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert client.read_response().status == 200
+        client.send(b"POST /pay HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        client.sock.settimeout(15)
+        assert client.read_head() == b"HTTP/1.1 100 Continue\r\n\r\n"
+        client.send(b"hello")
+        response = client.read_response()
+    assert (response.status, response.body) == (201, b"made")
+    assert seen == [(0, b""), (1, b"hello")]
+
+
 def test_a_408_on_a_fresh_connection_reaches_the_client(make_raw_backend, make_proxy):
     """Only a reused connection's 408 means the server was closing it: on the fresh connection of the
     retry it is the server's answer, relayed (and never retried again)."""
