@@ -209,6 +209,120 @@ def test_stale_get_retried_even_with_retries_zero(make_raw_backend, make_proxy):
     assert executions == [0, 0, 1]
 
 
+# -- a 408 on a reused connection: the server was closing it -------------------------------------
+IDLE_408 = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 7\r\n\r\ntimeout"
+
+
+def served_then_408(requests_seen: list, on_fresh: bytes = b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\nmade"):
+    """A raw script: the first connection answers one request, then meets the next with a 408 and
+    closes (a server timing its idle keep-alive connection out as the proxy reuses it); later
+    connections answer ``on_fresh``. Every (connection, head, body) the server read is recorded."""
+    def script(peer):
+        head, body = peer.read_request()
+        if not head:
+            return
+        requests_seen.append((peer.index, head.split(b" ")[0], body))
+        if peer.index > 0:
+            peer.send(on_fresh)
+            return
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        head, body = peer.read_request()
+        if head:
+            requests_seen.append((peer.index, head.split(b" ")[0], body))
+            peer.send(IDLE_408)
+            peer.close()
+    return script
+
+
+@pytest.mark.parametrize("method, body", [("GET", b""), ("PUT", b"doc"), ("POST", b"amount=10")])
+def test_a_408_on_a_reused_connection_is_retried_on_a_fresh_one(make_raw_backend, make_proxy, method, body):
+    """Bug: a server's 408 on the pooled connection the proxy just reused (it timed the connection
+    out as the request went in) reached the client. It says the request was not taken (RFC 9110
+    §15.5.9 lets a client repeat it, any method): resent once on a new connection, as HAProxy does."""
+    seen = []
+    raw = make_raw_backend(served_then_408(seen))
+    proxy = make_proxy({"web": [raw.address]}, upstream_options={"retries": 0})
+    with raw_client(proxy) as client:
+        client.send(b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert client.read_response().status == 200
+        client.send(b"%s /doc HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n%s"
+                    % (method.encode(), len(body), body))
+        response = client.read_response()
+    assert (response.status, response.body) == (201, b"made")
+    assert seen == [(0, b"GET", b""), (0, method.encode(), body), (1, method.encode(), body)]
+
+
+def test_a_408_before_the_100_on_a_reused_connection_resends_a_post_whose_body_was_not_sent(
+        make_raw_backend, make_proxy):
+    """Expect: 100-continue, and the reused connection answers 408 instead of 100: not a byte of the
+    POST's body went out, so it goes to a fresh connection, where the server asks for the body."""
+    seen = []
+
+    def script(peer):
+        head = peer.read_head()
+        if peer.index == 0:
+            peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            if peer.read_head():
+                seen.append((0, b""))
+                peer.send(IDLE_408)
+            return
+        if b"100-continue" in head:
+            peer.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if _read_body_after_head(peer, 5):
+                seen.append((peer.index, peer.buffer[:5]))
+                peer.send(b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\nmade")
+    raw = make_raw_backend(script)
+    proxy = make_proxy({"web": [raw.address]}, upstream_options={"read_timeout": "30s"})
+    with raw_client(proxy) as client:
+        client.send(b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert client.read_response().status == 200
+        client.send(b"POST /pay HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        client.sock.settimeout(15)
+        assert client.read_head() == b"HTTP/1.1 100 Continue\r\n\r\n"
+        client.send(b"hello")
+        response = client.read_response()
+    assert (response.status, response.body) == (201, b"made")
+    assert seen == [(0, b""), (1, b"hello")]
+
+
+def test_a_408_on_a_fresh_connection_reaches_the_client(make_raw_backend, make_proxy):
+    """Only a reused connection's 408 means the server was closing it: on the fresh connection of the
+    retry it is the server's answer, relayed (and never retried again)."""
+    seen = []
+    raw = make_raw_backend(served_then_408(seen, on_fresh=IDLE_408))
+    proxy = make_proxy({"web": [raw.address]})
+    with raw_client(proxy) as client:
+        client.send(b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert client.read_response().status == 200
+        client.send(b"GET /doc HTTP/1.1\r\nHost: a\r\n\r\n")
+        response = client.read_response()
+    assert (response.status, response.body) == (408, b"timeout")
+    assert [index for index, _, _ in seen] == [0, 0, 1]
+
+
+def test_a_408_on_a_reused_connection_after_part_of_a_large_body_is_relayed(make_raw_backend, make_proxy):
+    """A body too large to keep for a resend, partly sent: the 408 cannot be retried and is relayed."""
+    body = b"x" * (SMALL_BODY_MAX + 1)
+
+    def script(peer):
+        head, _ = peer.read_request()
+        if not head:
+            return
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        if peer.read_head():
+            peer.send(IDLE_408)
+            peer.hang()
+    raw = make_raw_backend(script)
+    proxy = make_proxy({"web": [raw.address]})
+    with raw_client(proxy) as client:
+        client.send(b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert client.read_response().status == 200
+        client.send(b"PUT /big HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        response = client.read_response()
+    assert (response.status, response.body) == (408, b"timeout")
+    assert raw.connections == 1
+
+
 def test_post_without_body_not_resent_after_a_reset(make_raw_backend, make_proxy):
     # The server read the POST before it failed: it may have acted on it, so it is never sent again.
     executions = []
@@ -521,6 +635,37 @@ def test_expect_continue_a_late_100_from_the_server_is_not_relayed_again(make_ra
         client.send(b"hello")
         response = client.read_response()
         assert (response.status, response.body, response.interim) == (201, b"ok", [])
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_expect_continue_an_early_answer_after_the_proxys_100_is_relayed(make_raw_backend, make_proxy, chunked):
+    """Bug: a server that answered (413) and closed while the body it refused was coming, after the
+    proxy had told the client to go on, cost the client a 502 "broken pipe" instead of the 413 (curl
+    uploading a large file does exactly this). The plain path relayed such an early answer already."""
+    client_told, server_gone = threading.Event(), threading.Event()
+
+    def script(peer):
+        peer.read_head()
+        if client_told.wait(DEADLINE):  # the proxy said 100 itself: the body is on its way
+            peer.send(b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 7\r\n\r\ntoo big")
+        peer.close()
+        server_gone.set()
+    raw = make_raw_backend(script)
+    proxy = make_proxy({"web": [raw.address]}, upstream_options={"read_timeout": "30s"})
+    piece = b"x" * 65536
+    framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % (64 * len(piece))
+    with raw_client(proxy) as client:
+        client.send(b"POST /upload HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n%s\r\n\r\n" % framing)
+        client.sock.settimeout(15)  # well under read_timeout
+        assert client.read_head() == b"HTTP/1.1 100 Continue\r\n\r\n"
+        client_told.set()
+        assert server_gone.wait(DEADLINE)
+        data = b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece
+        sender = threading.Thread(target=_send_quietly, args=(client.sock, data * 64), daemon=True)
+        sender.start()
+        response = client.read_response()
+        sender.join(DEADLINE)
+    assert (response.status, response.body) == (413, b"too big")
 
 
 def test_stale_connection_put_with_chunked_body_is_replayed(make_raw_backend, make_proxy):

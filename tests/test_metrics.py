@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -144,6 +145,39 @@ def test_upstream_counters_survive_a_reload_that_rebuilds_the_server(observed_pr
         assert upstream_counter(proxy, "pyproxy_upstream_requests_total", "web", backend.address) == 4
     finally:
         backend.kill()
+
+
+def test_a_reload_during_a_snapshot_never_sends_a_server_counter_down():
+    """Bug: a snapshot noted the running Server objects (what replaced ones had counted), then read
+    app.runtime again for the gauges. A reload landing in between gave the new Server object (counting
+    from 0) without the old one's count carried: pyproxy_upstream_requests_total fell from 3 to 0 for
+    one scrape, which Prometheus reads as a counter reset. Here the reload lands right after the
+    snapshot's first look at the runtime."""
+    def config(weight: int):
+        return parse_config({"routes": [{"upstream": "web"}], "upstreams": {"web": {"servers": [
+            {"address": "127.0.0.1:3001", "weight": weight}]}}}, "proxy.toml")
+    app = Application(config(1))
+    metrics = Metrics(app)
+    server = app.runtime.upstreams["web"].servers[0]
+    for _ in range(3):
+        assert server.try_acquire()
+        server.release()
+    old_runtime, reloads = app.runtime, []
+
+    class ReloadAfterFirstLook:
+        def __getattr__(self, name):
+            value = getattr(app, name)
+            if name == "runtime" and not reloads:  # a reload on another thread swaps the runtime now
+                reloads.append(threading.Thread(target=app.reload, args=(config(2),)))  # new weight: new Server
+                reloads[0].start()
+                wait_for(lambda: app.runtime is not old_runtime, what="the reload's new runtime")
+            return value
+    metrics.app = ReloadAfterFirstLook()
+    counted = [gauge["requests"] for gauge in metrics.snapshot()["servers"]]
+    reloads[0].join(DEADLINE)  # its listener notes the new Server once the snapshot lets it
+    assert not reloads[0].is_alive() and app.runtime.upstreams["web"].servers[0] is not server
+    assert counted == [3]
+    assert [gauge["requests"] for gauge in metrics.snapshot()["servers"]] == [3]
 
 
 def test_metrics_of_two_workers_do_not_go_down_when_one_is_killed_and_replaced(tmp_path):

@@ -88,10 +88,13 @@ class UpstreamFailed(ProxyError):
     status, reason = 502, "upstream failed"
 
     def __init__(self, detail: str = "", status: int | None = None, stale: bool = False,
-                 no_response: bool = False):
+                 no_response: bool = False, not_taken: bool = False):
         super().__init__(detail, status)
         # stale: a reused keep-alive connection died before any response byte (retry may be safe)
         self.stale = stale
+        # not_taken: the server said it did not take the request (a 408 on a reused connection), so
+        # it may be repeated whatever its method (RFC 9110 §15.5.9)
+        self.not_taken = not_taken
         # no_response: the connection failed before any response byte (an idempotent request may
         # be repeated elsewhere, RFC 9110 §9.2.2)
         self.no_response = no_response or stale

@@ -211,8 +211,10 @@ class Metrics:
 
     def _server_gauges(self) -> list[dict]:
         gauges = []
-        carried = self.track_servers()
-        for name, upstream in self.app.runtime.upstreams.items():
+        # The runtime the carried totals were worked out for: one a reload swapped in meanwhile has a new
+        # Server object whose old count is not in ``carried`` yet, and its counter would go down.
+        runtime, carried = self._track()
+        for name, upstream in runtime.upstreams.items():
             for server in upstream.servers:
                 snap = server.snapshot()
                 requests, failures = carried.get((name, snap["address"]), (0, 0))
@@ -227,9 +229,14 @@ class Metrics:
     def track_servers(self) -> dict[tuple[str, str], tuple[int, int]]:
         """Note the running Server objects; a replaced one's totals are carried over to its successor.
         Runs on every reload (so no replaced object goes unseen) and every snapshot."""
+        return self._track()[1]
+
+    def _track(self) -> tuple:
+        """track_servers, and the runtime whose Server objects it noted."""
         with self._servers_lock:
+            runtime = self.app.runtime
             running = set()
-            for name, upstream in self.app.runtime.upstreams.items():
+            for name, upstream in runtime.upstreams.items():
                 for server in upstream.servers:
                     key = (name, server.address)
                     running.add(key)
@@ -246,7 +253,7 @@ class Metrics:
             for key in set(self._servers_seen) - running:
                 del self._servers_seen[key]
                 self._carried.pop(key, None)
-            return dict(self._carried)
+            return runtime, dict(self._carried)
 
     def retire_access_log(self, access_log) -> None:
         """A reload replaced this (stopped) writer: keep its lines in the running totals."""

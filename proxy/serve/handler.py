@@ -776,7 +776,7 @@ class HttpHandler:
                     last_error = exc
                     failed_unanswered = exc.detail
                     continue
-                if not (exc.stale and self._repeatable(ex)):
+                if not (exc.stale and self._repeatable(ex, any_method=exc.not_taken)):
                     if not exc.stale:
                         server.record_failure(exc.detail)
                     raise
@@ -798,11 +798,12 @@ class HttpHandler:
         raise last_error or NoServerAvailable(upstream.no_server_detail())
 
     @staticmethod
-    def _repeatable(ex: Exchange) -> bool:
+    def _repeatable(ex: Exchange, any_method: bool = False) -> bool:
         """Safe to send again: idempotent (RFC 9110 §9.2.2; a POST's bytes may have reached a server
         that acted on them before it failed, so it is never resent, as in nginx and Go), nothing of the
-        response reached the client, and the body is still whole here (or none of it was sent)."""
-        if ex.response_started or ex.replay is None or ex.request.method not in IDEMPOTENT:
+        response reached the client, and the body is still whole here (or none of it was sent).
+        ``any_method``: the server said it did not take the request (a 408), so the method is no bar."""
+        if ex.response_started or ex.replay is None or (ex.request.method not in IDEMPOTENT and not any_method):
             return False
         has_body = ex.request.chunked or bool(ex.request.content_length)
         return not has_body or ex.body_done or not ex.replay
@@ -858,7 +859,11 @@ class HttpHandler:
         link.send(head)
         response, parser = yield from self._await_continue(ex, link)
         if response is None:  # the client sent its body without waiting, or 100 arrived
-            yield from self._send_body(ex, link, b"")
+            try:
+                yield from self._send_body(ex, link, b"")
+            except (UpstreamFailed, UpstreamTimeout):
+                if not _has_early_answer(link.sock):  # as in _attempt: a refusal (413) sent mid-body
+                    raise
             # After a 100 the parser goes on: the final response may have come in the same read.
             response, parser = yield from self._read_response_head(ex, link, parser=parser)
         return response, parser
@@ -1000,9 +1005,10 @@ class HttpHandler:
             parser = ResponseParser(ex.request.method, max_header_bytes=self.app.settings.max_response_header_bytes,
                                     known_heads=self.known_responses)
             event = NEED_DATA  # a new parser holds nothing yet: read before asking it
+            interim = 0
         else:
             event = None  # ask it first: the final head may be buffered behind the 100
-        interim = 0
+            interim = 1  # that 100
         while True:
             if event is NEED_DATA:
                 data = link.recv() if link.received_any else link.first_answer(ex.conn.sock, self.hangups)
@@ -1019,6 +1025,8 @@ class HttpHandler:
             # A head. After a 1xx the loop asks the parser again before reading: the final
             # response may already be buffered behind it.
             response: ResponseHead = event
+            if response.status == 408 and not interim and self._closing_when_reused(ex, link):
+                raise UpstreamFailed("upstream answered 408 on a reused connection", stale=True, not_taken=True)
             if 100 <= response.status < 200 and response.status != 101:
                 interim += 1
                 if interim > MAX_INTERIM_RESPONSES:  # a backend looping on 1xx: the client gets a 502
@@ -1039,6 +1047,12 @@ class HttpHandler:
                 # nginx refuses these too: 502 "upstream sent unknown Transfer-Encoding".
                 raise UpstreamFailed("upstream sent an unsupported Transfer-Encoding")
             return response, parser
+
+    def _closing_when_reused(self, ex: Exchange, link) -> bool:
+        """A 408 as the first answer on a reused connection: the server timed the idle connection out as
+        the request went in (it sends one as it closes), and did not take the request. Resending it on
+        a new connection is then safe if the body can be sent whole again, as HAProxy does."""
+        return link.upstream_conn.reused and self._repeatable(ex, any_method=True)
 
     def _send_interim(self, ex: Exchange, response: ResponseHead):
         if ex.request.version == "HTTP/1.1":  # RFC 9110 §15.2: never send 1xx to 1.0 clients
