@@ -380,3 +380,21 @@ def test_an_admin_client_resetting_mid_answer_is_a_debug_line_not_a_traceback(ob
         assert "Traceback" not in capfd.readouterr().err
     finally:
         backend.kill()
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    b"GET /nope HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\nHost: a\r\n\r\n",  # http.server's own 414
+], ids=["healthz", "404", "414"])
+def test_the_admin_server_header_says_pyproxy_and_nothing_about_python(observed_proxy, request_bytes):
+    """Bug: the admin answers said "Server: pyproxy-admin Python/3.11.x" (http.server's sys_version),
+    telling anyone who can reach the port which interpreter and version to aim at."""
+    backend = FlakyBackend("a")
+    proxy = observed_proxy(config_document({"web": {"servers": [backend.address]}}))
+    try:
+        head = admin_exchange(proxy, request_bytes).partition(b"\r\n\r\n")[0]
+        servers = re.findall(rb"\r\nServer: ([^\r]*)", head)
+        assert servers == [b"pyproxy"], head
+    finally:
+        backend.kill()

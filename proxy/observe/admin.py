@@ -98,9 +98,13 @@ def _collect(sources: list[Callable[[], dict]], what: str) -> list[dict]:
 
 
 class _AdminHandler(BaseHTTPRequestHandler):
-    server_version = "pyproxy-admin"
     protocol_version = "HTTP/1.1"
     timeout = ADMIN_REQUEST_TIMEOUT  # each read or write; the server bounds the wait for a whole head
+
+    def version_string(self) -> str:
+        """The Server header: the product's name alone. http.server's default adds the Python version,
+        which tells a scanner what to aim at."""
+        return "pyproxy"
 
     def handle_one_request(self) -> None:
         super().handle_one_request()
