@@ -44,6 +44,10 @@ DEFAULT_QUEUE_SIZE = 10000  # lines buffered before dropping: ~seconds of a busy
 PIPE_BUF = getattr(os, "PIPE_BUF", None) or 4096
 STOP_TIMEOUT = 5.0
 BATCH_LINES = 256  # lines formatted and written per write(2) at most, then flushed
+# More than a batch queued means the writer is behind (a stalled pipe, a full disk): a record queued
+# then is copied down to the fields a line reads (LoggedFields), so a full queue holds short strings,
+# not every request's parsed head (numbers in docs/performance.md).
+COMPACT_AFTER = BATCH_LINES
 _STOP = object()
 _REOPEN = object()  # wakes the writer: open the file again by name (SIGUSR1, SIGHUP)
 
@@ -162,6 +166,23 @@ def format_terminal(record, when: float, colour: bool = True) -> str:
 FORMATTERS: dict[str, Callable] = {"combined": format_combined, "json": format_json}
 
 
+class LoggedFields:
+    """The fields the line formats read, copied from a record: a record keeps the request's parsed
+    head (for User-Agent and Referer) and the response head it sent, tens of KiB with large headers."""
+
+    __slots__ = ("client_ip", "method", "target", "version", "host", "status", "bytes_sent", "body_bytes",
+                 "duration", "upstream", "server", "request_id", "user_agent", "referer")
+
+    def __init__(self, record):
+        self.client_ip, self.method, self.target, self.version = (record.client_ip, record.method,
+                                                                  record.target, record.version)
+        self.host, self.status, self.bytes_sent, self.body_bytes = (record.host, record.status,
+                                                                    record.bytes_sent, record.body_bytes)
+        self.duration, self.upstream, self.server, self.request_id = (record.duration, record.upstream,
+                                                                      record.server, record.request_id)
+        self.user_agent, self.referer = record.user_agent, record.referer
+
+
 class AccessLog:
     """An observer (``observe(record)``) and a service (``start()``/``stop()``) owning the writer thread."""
 
@@ -190,11 +211,14 @@ class AccessLog:
     # -- hot path ------------------------------------------------------------------------------------
     def observe(self, record) -> None:
         pending = self._pending
+        queued = len(pending)
         # Checked without a lock: threads racing here can overshoot the bound by one line each.
-        if len(pending) >= self.max_queue:
+        if queued >= self.max_queue:
             with self._drop_lock:
                 self.dropped += 1
             return
+        if queued >= COMPACT_AFTER:
+            record = LoggedFields(record)
         pending.append((self.wall_clock(), record))
         if not self._wakeup.is_set():  # a plain read; setting it (a lock) only when the writer sleeps
             self._wakeup.set()
