@@ -23,6 +23,7 @@ import select
 import socket
 import ssl
 import struct
+import sys
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -160,6 +161,7 @@ class TlsTerminator:
                     self._exact.setdefault(host, context)
         if self._exact or self._wildcard or authority is not None:
             self.context.sni_callback = self._select_certificate
+            _quiet_undecodable_server_names()
 
     @classmethod
     def from_listen_config(cls, listen, tls_settings=None) -> "TlsTerminator":
@@ -284,6 +286,25 @@ def _names_of(certificate: x509.Certificate) -> list[str]:
 
 def _day(moment: datetime.datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _quiet_undecodable_server_names() -> None:
+    """The ssl module decodes a client's SNI name as ASCII before calling the SNI callback; a name that
+    is not fails the handshake (right) and prints "Exception ignored ... Traceback" on stderr through
+    sys.unraisablehook (wrong: any client can send one, as often as it likes). That one case becomes
+    a debug line; every other unraisable exception still reaches the hook that was there."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_server_names", False):
+        return
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, UnicodeDecodeError) and isinstance(unraisable.object, bytes):
+            log.debug("TLS: refused a handshake whose server name is not ASCII: %r", unraisable.object[:256])
+            return
+        previous(unraisable)
+
+    hook.quiets_server_names = True
+    sys.unraisablehook = hook
 
 
 def _answer_plain_http(sock) -> None:
