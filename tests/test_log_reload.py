@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import threading
 
 import requests
 
@@ -104,3 +105,37 @@ def test_sighup_moves_the_access_log_of_the_real_command(tmp_path):
             assert any('"GET /one HTTP/1.1"' in line for line in lines(first))
             run.signal(signal.SIGTERM)
             assert run.wait_exit() == 0
+
+
+def test_a_request_finishing_as_a_reload_switches_logs_keeps_its_line(tmp_path, backends, observed_proxy):
+    """Bug: a request thread that read the observer list just before a reload swapped access logs
+    handed its line to the old writer after that writer had stopped: the line sat in a queue nobody
+    drained, neither written nor counted. The new writer now takes such late lines."""
+    (a,) = backends("a")
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    proxy = observed_proxy(config_document({"web": {"servers": [a.address]}},
+                                           log={"access": str(first), "format": "combined"}))
+    entered, release = threading.Event(), threading.Event()
+
+    def gate(record):  # holds the request's thread inside the observer loop, on the old list
+        if record.target == "/late":
+            entered.set()
+            release.wait(DEADLINE)
+
+    proxy.app.observers = [gate, *proxy.app.observers]
+    answers = []
+    client = threading.Thread(target=lambda: answers.append(requests.get(proxy.url + "/late", timeout=DEADLINE)))
+    client.start()
+    try:
+        assert entered.wait(DEADLINE)
+        reload_with_log(proxy, a.address, access=str(second), format="combined", level="warning")
+    finally:
+        release.set()
+        client.join(DEADLINE)
+    assert answers and answers[0].status_code == 200
+    wait_for(lambda: any("/late" in line for line in lines(first) + lines(second)), what="the late line",
+             on_timeout=lambda: access_log_total(proxy))
+    assert requests.get(proxy.url + "/after", timeout=DEADLINE).status_code == 200
+    wait_for(lambda: any("/after" in line for line in lines(second)), what="a line after it")
+    wait_for(lambda: 'pyproxy_access_log_lines_total{outcome="written"} 2' in access_log_total(proxy),
+             what="both lines counted once", on_timeout=lambda: access_log_total(proxy))

@@ -207,6 +207,7 @@ class AccessLog:
         self._shared_pipe = False  # writes go out in whole lines of at most PIPE_BUF bytes (see _pieces)
         self._cut_line = False  # a failed write left part of a line in the file (see _write_file)
         self._failures = ThrottledLog(log, limit=1)  # a full disk: one line a minute, not one per write
+        self._late: collections.deque | None = None  # the queue of a log this one took over (adopt)
 
     # -- hot path ------------------------------------------------------------------------------------
     def observe(self, record) -> None:
@@ -245,6 +246,21 @@ class AccessLog:
         self._pending.append(_REOPEN)  # in order with the lines
         self._wakeup.set()
 
+    def adopt(self, retired: "AccessLog") -> None:
+        """Write the lines handed to ``retired`` (stopped) from now on: a request thread that read the
+        observer list just before a reload swapped it calls the old log's observe, maybe after that
+        log stopped; its line would wait in a queue no writer drains."""
+        self._late = retired._pending
+        retired._wakeup = self._wakeup
+        self._wakeup.set()
+
+    def _take_late_lines(self) -> None:
+        """Move lines from the adopted queue to the front of ours: they are older than what is there."""
+        late, items = self._late, []
+        while late:
+            items.append(late.popleft())
+        self._pending.extendleft(reversed(items))
+
     def stop(self) -> None:
         if self._thread is None:
             return
@@ -261,6 +277,8 @@ class AccessLog:
 
     def _write_leftovers(self) -> None:
         """Lines queued behind the stop marker (a request that finished just as a reload swapped logs)."""
+        if self._late:
+            self._take_late_lines()
         leftovers = []
         while self._pending:
             item = self._pending.popleft()
@@ -282,6 +300,8 @@ class AccessLog:
             # Cleared before draining: a line appended after the drain's last pop finds it clear and
             # sets it again, so no line waits for a later one to wake the writer.
             self._wakeup.clear()
+            if self._late:
+                self._take_late_lines()
             if self._drain():
                 return
 

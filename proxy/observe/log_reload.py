@@ -70,6 +70,8 @@ class LogSwitch:
         app.observers = observers
         if retired is not None:
             retired.stop()  # writes every line it still holds
+            if fresh is not None:
+                fresh.adopt(retired)  # and the few a request thread hands it after that
             services.remove(retired)
             self.metrics.retire_access_log(retired)
         self.access_log = self.metrics.access_log = fresh
