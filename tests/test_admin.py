@@ -134,10 +134,10 @@ def test_admin_answers_while_every_proxy_thread_is_busy(backends, observed_proxy
     for client in clients:
         client.start()
     wait_for(lambda: a.get("slow") == 2, what="both proxy threads held by slow requests")
-    started = time.monotonic()
+    # Answered while both slow requests are still held (they wait for a.release): the admin
+    # listener does not need a proxy thread.
     status = requests.get(proxy.admin_url + "/status", timeout=DEADLINE).json()
     families = scrape(proxy)
-    assert time.monotonic() - started < 1.0
     assert status["upstreams"]["web"]["servers"][0]["active_requests"] == 2
     assert value(families, "pyproxy_upstream_active_requests", "pyproxy_upstream_active_requests",
                  upstream="web", server=a.address) == 2

@@ -237,19 +237,18 @@ def test_stalled_handshake_closed_after_header_timeout(impatient_tls_proxy):
 
 def test_stalled_handshakes_hold_no_thread(make_tls_proxy, backend, pki):
     """Slowloris over TLS: clients stuck mid-ClientHello are parked like half a request head; with
-    8 of them against a 2-thread pool a normal HTTPS request is still served at once."""
+    8 of them against a 2-thread pool a normal HTTPS request is still served. (Were they holding the
+    threads, it would wait for their header_timeout, far past the client's timeout.)"""
     proxy = make_tls_proxy({"web": [backend.address]},
-                           server={"min_threads": 1, "max_threads": 2, "header_timeout": "5s"})
+                           server={"min_threads": 1, "max_threads": 2, "header_timeout": "60s"})
     stalled = [socket.create_connection(("127.0.0.1", proxy.port), timeout=CLIENT_TIMEOUT) for _ in range(8)]
     try:
         for sock in stalled:
             sock.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, then silence
         wait_for(lambda: proxy.process.server.connection_counts()["idle"] == 8, timeout=5)
         assert proxy.process.pool.counts()["busy"] == 0
-        started = time.monotonic()
         response = requests.get(proxy.url + "/", verify=pki.ca_file, timeout=CLIENT_TIMEOUT)
         assert response.status_code == 200
-        assert time.monotonic() - started < 1.0
     finally:
         for sock in stalled:
             sock.close()
