@@ -258,22 +258,27 @@ class AccessLog:
         """Move lines from the adopted queue to the front of ours: they are older than what is there."""
         late, items = self._late, []
         while late:
-            items.append(late.popleft())
+            item = late.popleft()
+            if item is not _STOP and item is not _REOPEN:
+                items.append(item)
         self._pending.extendleft(reversed(items))
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Write what is queued and stop; False if the writer was stuck (its lines are not written)."""
         if self._thread is None:
-            return
+            return False
         self._pending.append(_STOP)  # after every line already queued
         self._wakeup.set()
         thread, self._thread = self._thread, None
         thread.join(timeout=STOP_TIMEOUT)
-        if thread.is_alive():  # never write beside a stuck writer
+        stuck = thread.is_alive()
+        if stuck:  # never write beside a stuck writer
             log.warning("access log writer is stuck; %d lines not written", len(self._pending))
         else:
             self._write_leftovers()
         if self._stream is not None and self.target not in ("stdout", "stderr"):
             self._stream.close()
+        return not stuck
 
     def _write_leftovers(self) -> None:
         """Lines queued behind the stop marker (a request that finished just as a reload swapped logs)."""
