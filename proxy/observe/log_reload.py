@@ -41,6 +41,7 @@ class LogSwitch:
         self.access_log = access_log  # the running writer, or None for access = "off"
         running = process.app.config.log
         self.running = (running.access, running.format)  # what the writer does, whatever the file says
+        self._retired_lock = threading.Lock()
 
     def __call__(self, old_config, new_config) -> None:
         level_listener(old_config, new_config)
@@ -73,7 +74,7 @@ class LogSwitch:
         if retired is not None:
             services.remove(retired)
             counted = SimpleNamespace(written=retired.written, dropped=retired.dropped)
-            self.metrics.retire_access_log(counted)  # now: the totals never dip
+            self._count_retired(counted)  # now: the totals never dip
             # A writer stuck on its destination (a FIFO nobody reads) may take STOP_TIMEOUT to give up:
             # that wait is its own thread's, not the reload's (with SIGHUP, the accept loop's).
             threading.Thread(target=self._retire, args=(retired, fresh, counted),
@@ -86,5 +87,9 @@ class LogSwitch:
         stopped = retired.stop()  # writes every line it still holds
         if stopped and fresh is not None:
             fresh.adopt(retired)  # and the few a request thread hands it after that
-        self.metrics.retire_access_log(SimpleNamespace(written=retired.written - counted.written,
-                                                       dropped=retired.dropped - counted.dropped))
+        self._count_retired(SimpleNamespace(written=retired.written - counted.written,
+                                            dropped=retired.dropped - counted.dropped))
+
+    def _count_retired(self, counts: SimpleNamespace) -> None:
+        with self._retired_lock:  # a reload's thread and an earlier reload's retiring thread add up
+            self.metrics.retire_access_log(counts)
