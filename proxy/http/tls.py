@@ -298,7 +298,8 @@ def _quiet_undecodable_server_names() -> None:
         return
 
     def hook(unraisable) -> None:
-        if isinstance(unraisable.exc_value, UnicodeDecodeError) and isinstance(unraisable.object, bytes):
+        error = unraisable.exc_value
+        if isinstance(error, UnicodeDecodeError) and error.encoding == "ascii" and isinstance(unraisable.object, bytes):
             log.debug("TLS: refused a handshake whose server name is not ASCII: %r", unraisable.object[:256])
             return
         previous(unraisable)
