@@ -3,7 +3,8 @@
 - ``level`` takes effect at once (the root logger's level).
 - A new ``access`` target or ``format``: the new writer starts, the request observer is swapped, and
   the old writer is stopped on a thread of its own, which writes every line it still holds (a stalled
-  destination holds up that thread, not the reload). No line is lost and no request waits. The old writer's counts stay in /metrics (its lines were written, or dropped, all the same).
+  destination holds up that thread, not the reload). No line is lost and no request waits. The old
+  writer's counts stay in /metrics (its lines were written, or dropped, all the same).
 - ``access = "off"`` removes the observer; turning it back on adds one.
 - A new access log file that cannot be opened: one error line, the old writer keeps writing (a later
   reload tries again).
