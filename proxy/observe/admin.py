@@ -286,6 +286,7 @@ class _AdminHTTPServer(ThreadingHTTPServer):
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.refusals = ThrottledLog(log, clock=clock)  # runtime API writes refused for their token
+        self.busy_refusals = ThrottledLog(log, clock=clock)  # a flood of 503s: a few lines, not one each
         super().__init__(sock.getsockname()[:2], _AdminHandler, bind_and_activate=False)
         self.socket.close()  # replace the unbound socket the base class made with ours
         self.socket = sock
@@ -315,7 +316,8 @@ class _AdminHTTPServer(ThreadingHTTPServer):
 
     def _refuse(self, request: socket.socket) -> None:
         """A short 503 on the accept thread: never blocks (the socket buffer takes it whole)."""
-        log.warning("admin connection limit (%d) reached and every connection is busy: 503", self.max_connections)
+        self.busy_refusals.warning("admin connection limit (%d) reached and every connection is busy: 503",
+                                   self.max_connections)
         try:
             request.setblocking(False)
             request.send(BUSY_RESPONSE)
