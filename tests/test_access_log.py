@@ -12,12 +12,15 @@ import socket
 import sys
 import termios
 import threading
+import tracemalloc
 
 import pytest
 import requests
 
 from proxy.config.schema import LogConfig
-from proxy.observe.access_log import AccessLog, format_combined, format_json, make_access_log
+from proxy.http.http1 import RequestParser
+from proxy.observe.access_log import COMPACT_AFTER, AccessLog, format_combined, format_json, make_access_log
+from proxy.serve.handler import RequestRecord
 from tests.support.backends import FlakyBackend
 from tests.support.client import read_small_answer
 from tests.support.proxy import DEADLINE, config_document, scrape
@@ -59,6 +62,52 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking(tmp_path):
     log.start()
     log.stop()
     assert log.written == 2 and len((tmp_path / "access.log").read_text().splitlines()) == 2
+
+
+def _record_with_large_head(number: int, header_bytes: int = 8192) -> RequestRecord:
+    """A finished request's record, as the handler makes it, whose head carries ~8 KiB of headers."""
+    fields = "".join(f"X-Pad-{i}: {number:08d}{'v' * 80}\r\n" for i in range(header_bytes // 100))
+    parser = RequestParser()
+    parser.feed(f"GET /r{number} HTTP/1.1\r\nHost: h\r\nUser-Agent: ua/{number}\r\n"
+                f"Referer: /from/{number}\r\n{fields}\r\n".encode())
+    record = RequestRecord(0.0, "10.0.0.7", parser.next_event())
+    record.status, record.bytes_sent, record.upstream, record.server = 200, 512, "api", "127.0.0.1:9001"
+    return record
+
+
+def test_a_stalled_log_holds_only_what_its_lines_need_not_each_request_head():
+    """Bug: each queued record kept the request's parsed head (for User-Agent and Referer): with
+    8 KiB of headers a request, a log whose destination stalled (a FIFO nobody reads, a full disk)
+    held ~37 KiB per queued line, 370 MiB for its 10,000. Past a batch queued, a record is now copied
+    down to the fields a line reads."""
+    lines = 2000
+    log = AccessLog("unused.log", max_queue=COMPACT_AFTER + lines)  # never started: as if it stalled
+    for number in range(COMPACT_AFTER):  # a batch queued whole: a writer merely busy
+        log.observe(_record_with_large_head(number))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for number in range(lines):
+            log.observe(_record_with_large_head(number))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(log._pending) == COMPACT_AFTER + lines
+    assert held / lines < 2048, f"{held / lines:.0f} bytes held per queued line"
+
+
+@pytest.mark.parametrize("formatter", [format_combined, format_json])
+def test_a_line_from_copied_fields_is_the_line_of_the_record(tmp_path, formatter):
+    records = [_record_with_large_head(number, header_bytes=300) for number in range(COMPACT_AFTER + 20)]
+    log = AccessLog(str(tmp_path / "access.log"), fmt="json" if formatter is format_json else "combined",
+                    wall_clock=lambda: WHEN)
+    for record in records:  # queued before the writer starts: the later ones are copied
+        log.observe(record)
+    log.start()
+    log.stop()
+    written = (tmp_path / "access.log").read_text().splitlines()
+    assert written == [formatter(record, WHEN) for record in records]
+    assert '"ua/275"' in written[-1] and '/from/275' in written[-1]
 
 
 def test_access_off_installs_nothing(backends, observed_proxy):

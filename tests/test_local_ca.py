@@ -235,6 +235,18 @@ def test_only_permitted_names_are_issued(tmp_path):
     assert authority.issued == 5
 
 
+@pytest.mark.parametrize("name", ["*.localhost", "a..localhost", "x y.localhost", "a/b.localhost", ".localhost",
+                                  "a" * 64 + ".localhost", ("a" * 60 + ".") * 5 + "localhost"])
+def test_a_server_name_that_is_no_host_name_gets_no_certificate(tmp_path, name):
+    """Bug: any SNI name under a permitted domain got a leaf, "*.localhost" (a wildcard certificate),
+    "x y.localhost" or "a..localhost" (certificates no client asks for, which RFC 5280 forbids) among
+    them. Only names made of DNS labels are issued for."""
+    authority = local_ca.LocalCA(str(tmp_path / "ca"), (), leaf_context)
+    assert authority.context_for(name) is None
+    assert authority.issued == 0
+    assert authority.context_for("my-app_1.localhost") is not None
+
+
 def test_a_new_name_asked_by_many_threads_at_once_is_issued_once(tmp_path):
     authority = local_ca.LocalCA(str(tmp_path / "ca"), (), leaf_context)
     start = threading.Barrier(16)

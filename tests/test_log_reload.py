@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import array
+import fcntl
 import json
 import logging
+import os
+import select
 import signal
+import termios
+import threading
 
 import requests
 
+from proxy.observe import access_log as access_log_module
 from proxy.observe.metrics import render_prometheus
 from tests.support.backends import named_backends
 from tests.support.ports import free_port
@@ -104,3 +111,87 @@ def test_sighup_moves_the_access_log_of_the_real_command(tmp_path):
             assert any('"GET /one HTTP/1.1"' in line for line in lines(first))
             run.signal(signal.SIGTERM)
             assert run.wait_exit() == 0
+
+
+def test_a_request_finishing_as_a_reload_switches_logs_keeps_its_line(tmp_path, backends, observed_proxy):
+    """Bug: a request thread that read the observer list just before a reload swapped access logs
+    handed its line to the old writer after that writer had stopped: the line sat in a queue nobody
+    drained, neither written nor counted. The new writer now takes such late lines."""
+    (a,) = backends("a")
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    proxy = observed_proxy(config_document({"web": {"servers": [a.address]}},
+                                           log={"access": str(first), "format": "combined"}))
+    entered, release = threading.Event(), threading.Event()
+
+    def gate(record):  # holds the request's thread inside the observer loop, on the old list
+        if record.target == "/late":
+            entered.set()
+            release.wait(DEADLINE)
+
+    proxy.app.observers = [gate, *proxy.app.observers]
+    answers = []
+    client = threading.Thread(target=lambda: answers.append(requests.get(proxy.url + "/late", timeout=DEADLINE)))
+    client.start()
+    try:
+        assert entered.wait(DEADLINE)
+        reload_with_log(proxy, a.address, access=str(second), format="combined", level="warning")
+    finally:
+        release.set()
+        client.join(DEADLINE)
+    assert answers and answers[0].status_code == 200
+    wait_for(lambda: any("/late" in line for line in lines(first) + lines(second)), what="the late line",
+             on_timeout=lambda: access_log_total(proxy))
+    assert requests.get(proxy.url + "/after", timeout=DEADLINE).status_code == 200
+    wait_for(lambda: any("/after" in line for line in lines(second)), what="a line after it")
+    wait_for(lambda: 'pyproxy_access_log_lines_total{outcome="written"} 2' in access_log_total(proxy),
+             what="both lines counted once", on_timeout=lambda: access_log_total(proxy))
+
+
+F_SETPIPE_SZ = 1031  # fcntl: the pipe's capacity (Linux)
+
+
+def queued_bytes(fd: int) -> int:
+    """Bytes waiting in a pipe (FIONREAD)."""
+    count = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, count)
+    return count[0]
+
+
+def test_a_reload_does_not_wait_for_an_access_log_writer_stuck_on_its_destination(
+        tmp_path, backends, observed_proxy, monkeypatch):
+    """Bug: switching away from an access log whose destination stalled (a FIFO nobody reads) waited
+    for its writer for STOP_TIMEOUT (5 s) inside the reload: with SIGHUP that is the accept loop, so
+    no connection was served meanwhile. The old writer now finishes on its own thread; the reload
+    goes on at once, and the old writer's lines are still written once its reader comes back."""
+    monkeypatch.setattr(access_log_module, "STOP_TIMEOUT", 60.0)  # a wait would outlast the test's
+    (a,) = backends("a")
+    fifo, second = tmp_path / "access.fifo", tmp_path / "second.log"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # opened, not read: the writer blocks when full
+    try:
+        fcntl.fcntl(reader, F_SETPIPE_SZ, 4096)
+        proxy = observed_proxy(config_document({"web": {"servers": [a.address]}},
+                                               log={"access": str(fifo), "format": "combined"}))
+        writer = proxy.process.observability.access_log
+        with requests.Session() as session:
+            sent = 0
+            while (queued_bytes(reader) < 4096 or not writer._pending) and sent < 1000:  # a blocked write
+                assert session.get(proxy.url + "/" + "x" * 100, timeout=DEADLINE).status_code == 200
+                sent += 1
+        assert writer._pending, "the FIFO never filled"
+        reloading = threading.Thread(target=reload_with_log, args=(proxy, a.address),
+                                     kwargs={"access": str(second), "format": "combined", "level": "warning"})
+        reloading.start()
+        reloading.join(DEADLINE)
+        assert not reloading.is_alive(), "the reload waited for the stuck access log writer"
+        assert requests.get(proxy.url + "/after", timeout=DEADLINE).status_code == 200
+        wait_for(lambda: lines(second), what="a line in the new file")
+        received = b""
+        while received.count(b"\n") < sent:  # the reader comes back: every old line arrives
+            wait_for(lambda: select.select([reader], [], [], 0)[0], timeout=DEADLINE, what="more old lines")
+            received += os.read(reader, 65536)
+        assert received.count(b"\n") == sent
+    finally:
+        os.close(reader)
+    wait_for(lambda: f'pyproxy_access_log_lines_total{{outcome="written"}} {sent + 1}' in access_log_total(proxy),
+             what="every line counted once", on_timeout=lambda: access_log_total(proxy))

@@ -3,6 +3,7 @@ timeout follows a short interval, the admin listener is bounded, the only server
 never ejected by passive checks, and the thread pool's idle timeout is a config key."""
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 
@@ -176,6 +177,32 @@ def test_when_every_admin_connection_is_busy_a_new_one_gets_503_at_once(admin_se
         for thread in busy:
             thread.join(DEADLINE)
     assert answers == [200, 200]
+
+
+def test_a_flood_of_refused_admin_connections_logs_a_few_lines_not_one_each(admin_server, caplog):
+    """Bug: every connection refused with "503 admin listener busy" logged a warning of its own, so
+    a client holding the admin threads and reconnecting in a loop filled the proxy's log."""
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def slow_status() -> dict:
+        entered.release()
+        release.wait(DEADLINE)
+        return {"routes": [], "upstreams": {}}
+
+    server = admin_server(AdminSources(status=[slow_status]), max_connections=1)
+    busy = threading.Thread(target=lambda: requests.get(admin_url(server, "/status"), timeout=DEADLINE))
+    busy.start()
+    try:
+        assert entered.acquire(timeout=DEADLINE)
+        with caplog.at_level(logging.WARNING, logger="pyproxy.admin"):
+            for _ in range(50):
+                assert requests.get(admin_url(server, "/healthz"), timeout=DEADLINE).status_code == 503
+    finally:
+        release.set()
+        busy.join(DEADLINE)
+    refusals = [r for r in caplog.records if "admin connection limit" in r.getMessage()]
+    assert 1 <= len(refusals) <= 10, len(refusals)
 
 
 # --- passive checks never eject the only server of an upstream ---------------------------------

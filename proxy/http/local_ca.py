@@ -19,6 +19,7 @@ import fcntl
 import ipaddress
 import logging
 import os
+import re
 import socket
 import ssl
 import stat
@@ -48,6 +49,9 @@ MAX_CACHED_LEAVES = 1000                  # *.localhost is endless: the oldest l
 LOOPBACK_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 LOOPBACK_ADDRESSES = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
 NO_SNI = ""  # the cache key of the certificate for clients that send no server name (loopback IPs)
+# A host name as a certificate may hold it (RFC 1035 labels, underscores tolerated as browsers do):
+# no wildcard, no empty label, no spaces or punctuation a client's SNI could carry.
+HOST_NAME = re.compile(r"(?=.{1,253}\Z)[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63})*")
 
 
 class LocalCaError(Exception):
@@ -303,7 +307,7 @@ class LocalCA:
     def allows(self, name: str) -> bool:
         """Will this CA issue for ``name``? Only names its root's constraints permit: anything else would
         be refused by clients anyway, and the proxy must not become an open CA."""
-        return name == NO_SNI or name_is_permitted(name, self.permitted)
+        return name == NO_SNI or (HOST_NAME.fullmatch(name) is not None and name_is_permitted(name, self.permitted))
 
     def context_for(self, name: str) -> ssl.SSLContext | None:
         """A server context with a valid leaf for ``name``, issuing one if needed; None if not allowed."""

@@ -17,12 +17,16 @@ them as Python-level timeouts (poll before each operation) to the reads and writ
 
 from __future__ import annotations
 
+import datetime
 import logging
 import select
 import socket
 import ssl
 import struct
+import sys
 from dataclasses import dataclass
+
+from cryptography import x509
 
 from proxy.http.local_ca import NO_SNI, LocalCA, shared_ca
 from proxy.http.responses import plain_response
@@ -37,6 +41,8 @@ WRITE_WAIT = 1.0  # seconds one full send buffer may take to drain during a hand
 _TIMEVAL = struct.Struct("ll")
 PLAIN_HTTP_REPLY = plain_response(400, "400 plain HTTP sent to an HTTPS port: use https://", close=True)
 _TIMEOUT_OPTIONS = (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO)
+# A certificate file this close to its end is worth a warning: a week to renew it before clients refuse it.
+EXPIRY_NOTICE = datetime.timedelta(days=7)
 
 
 class TimedSSLSocket(ssl.SSLSocket):
@@ -155,6 +161,7 @@ class TlsTerminator:
                     self._exact.setdefault(host, context)
         if self._exact or self._wildcard or authority is not None:
             self.context.sni_callback = self._select_certificate
+            _quiet_undecodable_server_names()
 
     @classmethod
     def from_listen_config(cls, listen, tls_settings=None) -> "TlsTerminator":
@@ -234,6 +241,71 @@ class TlsTerminator:
             _reset_timeout_cache(conn)
             return True
         return False
+
+
+def validity_warnings(listens, now: datetime.datetime | None = None) -> list[str]:
+    """A line for each certificate file of these listeners that has expired, is not valid yet, or
+    expires within EXPIRY_NOTICE. Warnings, not errors: serving an expired certificate may be on
+    purpose (a test setup), and clients say so themselves. The local CA renews its own certificates."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    warnings = []
+    for listen in listens:
+        files = [listen.tls_cert] if listen.tls_cert else []
+        files += [entry.tls_cert for entry in getattr(listen, "sni", ())]
+        for path in files:
+            problem = _validity_problem(path, now)
+            if problem:
+                warnings.append(f"server.listen {listen.address}: certificate {path} {problem}")
+    return warnings
+
+
+def _validity_problem(path: str, now: datetime.datetime) -> str | None:
+    try:
+        with open(path, "rb") as file:
+            certificate = x509.load_pem_x509_certificates(file.read())[0]  # the server's own comes first
+    except (OSError, ValueError, IndexError):
+        return None  # loading the listener reports an unreadable file
+    names = ", ".join(_names_of(certificate)) or "no host names"
+    start, end = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+    if now >= end:
+        return f"({names}) expired on {_day(end)}: clients refuse it; renew it, then reload"
+    if now < start:
+        return f"({names}) is not valid until {_day(start)}: clients refuse it until then (is the clock right?)"
+    if end - now <= EXPIRY_NOTICE:
+        return f"({names}) expires on {_day(end)}: renew it, then reload"
+    return None
+
+
+def _names_of(certificate: x509.Certificate) -> list[str]:
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return [str(name.value) for name in names if isinstance(name, (x509.DNSName, x509.IPAddress))]
+    except x509.ExtensionNotFound:
+        return [attribute.value for attribute in certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+
+
+def _day(moment: datetime.datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _quiet_undecodable_server_names() -> None:
+    """The ssl module decodes a client's SNI name as ASCII before calling the SNI callback; a name that
+    is not fails the handshake (right) and prints "Exception ignored ... Traceback" on stderr through
+    sys.unraisablehook (wrong: any client can send one, as often as it likes). That one case becomes
+    a debug line; every other unraisable exception still reaches the hook that was there."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_server_names", False):
+        return
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, UnicodeDecodeError) and error.encoding == "ascii" and isinstance(unraisable.object, bytes):
+            log.debug("TLS: refused a handshake whose server name is not ASCII: %r", unraisable.object[:256])
+            return
+        previous(unraisable)
+
+    hook.quiets_server_names = True
+    sys.unraisablehook = hook
 
 
 def _answer_plain_http(sock) -> None:

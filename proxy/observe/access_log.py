@@ -44,6 +44,10 @@ DEFAULT_QUEUE_SIZE = 10000  # lines buffered before dropping: ~seconds of a busy
 PIPE_BUF = getattr(os, "PIPE_BUF", None) or 4096
 STOP_TIMEOUT = 5.0
 BATCH_LINES = 256  # lines formatted and written per write(2) at most, then flushed
+# More than a batch queued means the writer is behind (a stalled pipe, a full disk): a record queued
+# then is copied down to the fields a line reads (LoggedFields), so a full queue holds short strings,
+# not every request's parsed head (numbers in docs/performance.md).
+COMPACT_AFTER = BATCH_LINES
 _STOP = object()
 _REOPEN = object()  # wakes the writer: open the file again by name (SIGUSR1, SIGHUP)
 
@@ -162,6 +166,23 @@ def format_terminal(record, when: float, colour: bool = True) -> str:
 FORMATTERS: dict[str, Callable] = {"combined": format_combined, "json": format_json}
 
 
+class LoggedFields:
+    """The fields the line formats read, copied from a record: a record keeps the request's parsed
+    head (for User-Agent and Referer) and the response head it sent, tens of KiB with large headers."""
+
+    __slots__ = ("client_ip", "method", "target", "version", "host", "status", "bytes_sent", "body_bytes",
+                 "duration", "upstream", "server", "request_id", "user_agent", "referer")
+
+    def __init__(self, record):
+        self.client_ip, self.method, self.target, self.version = (record.client_ip, record.method,
+                                                                  record.target, record.version)
+        self.host, self.status, self.bytes_sent, self.body_bytes = (record.host, record.status,
+                                                                    record.bytes_sent, record.body_bytes)
+        self.duration, self.upstream, self.server, self.request_id = (record.duration, record.upstream,
+                                                                      record.server, record.request_id)
+        self.user_agent, self.referer = record.user_agent, record.referer
+
+
 class AccessLog:
     """An observer (``observe(record)``) and a service (``start()``/``stop()``) owning the writer thread."""
 
@@ -186,15 +207,19 @@ class AccessLog:
         self._shared_pipe = False  # writes go out in whole lines of at most PIPE_BUF bytes (see _pieces)
         self._cut_line = False  # a failed write left part of a line in the file (see _write_file)
         self._failures = ThrottledLog(log, limit=1)  # a full disk: one line a minute, not one per write
+        self._late: collections.deque | None = None  # the queue of a log this one took over (adopt)
 
     # -- hot path ------------------------------------------------------------------------------------
     def observe(self, record) -> None:
         pending = self._pending
+        queued = len(pending)
         # Checked without a lock: threads racing here can overshoot the bound by one line each.
-        if len(pending) >= self.max_queue:
+        if queued >= self.max_queue:
             with self._drop_lock:
                 self.dropped += 1
             return
+        if queued >= COMPACT_AFTER:
+            record = LoggedFields(record)
         pending.append((self.wall_clock(), record))
         if not self._wakeup.is_set():  # a plain read; setting it (a lock) only when the writer sleeps
             self._wakeup.set()
@@ -221,22 +246,44 @@ class AccessLog:
         self._pending.append(_REOPEN)  # in order with the lines
         self._wakeup.set()
 
-    def stop(self) -> None:
+    def adopt(self, retired: "AccessLog") -> None:
+        """Write the lines handed to ``retired`` (stopped) from now on: a request thread that read the
+        observer list just before a reload swapped it calls the old log's observe, maybe after that
+        log stopped; its line would wait in a queue no writer drains."""
+        self._late = retired._pending
+        retired._wakeup = self._wakeup
+        self._wakeup.set()
+
+    def _take_late_lines(self) -> None:
+        """Move lines from the adopted queue to the front of ours: they are older than what is there."""
+        late, items = self._late, []
+        while late:
+            item = late.popleft()
+            if item is not _STOP and item is not _REOPEN:
+                items.append(item)
+        self._pending.extendleft(reversed(items))
+
+    def stop(self) -> bool:
+        """Write what is queued and stop; False if the writer was stuck (its lines are not written)."""
         if self._thread is None:
-            return
+            return False
         self._pending.append(_STOP)  # after every line already queued
         self._wakeup.set()
         thread, self._thread = self._thread, None
         thread.join(timeout=STOP_TIMEOUT)
-        if thread.is_alive():  # never write beside a stuck writer
+        stuck = thread.is_alive()
+        if stuck:  # never write beside a stuck writer
             log.warning("access log writer is stuck; %d lines not written", len(self._pending))
         else:
             self._write_leftovers()
         if self._stream is not None and self.target not in ("stdout", "stderr"):
             self._stream.close()
+        return not stuck
 
     def _write_leftovers(self) -> None:
         """Lines queued behind the stop marker (a request that finished just as a reload swapped logs)."""
+        if self._late:
+            self._take_late_lines()
         leftovers = []
         while self._pending:
             item = self._pending.popleft()
@@ -258,6 +305,8 @@ class AccessLog:
             # Cleared before draining: a line appended after the drain's last pop finds it clear and
             # sets it again, so no line waits for a later one to wake the writer.
             self._wakeup.clear()
+            if self._late:
+                self._take_late_lines()
             if self._drain():
                 return
 

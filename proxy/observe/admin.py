@@ -98,9 +98,13 @@ def _collect(sources: list[Callable[[], dict]], what: str) -> list[dict]:
 
 
 class _AdminHandler(BaseHTTPRequestHandler):
-    server_version = "pyproxy-admin"
     protocol_version = "HTTP/1.1"
     timeout = ADMIN_REQUEST_TIMEOUT  # each read or write; the server bounds the wait for a whole head
+
+    def version_string(self) -> str:
+        """The Server header: the product's name alone. http.server's default adds the Python version,
+        which tells a scanner what to aim at."""
+        return "pyproxy"
 
     def handle_one_request(self) -> None:
         super().handle_one_request()
@@ -282,6 +286,7 @@ class _AdminHTTPServer(ThreadingHTTPServer):
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.refusals = ThrottledLog(log, clock=clock)  # runtime API writes refused for their token
+        self.busy_refusals = ThrottledLog(log, clock=clock)  # a flood of 503s: a few lines, not one each
         super().__init__(sock.getsockname()[:2], _AdminHandler, bind_and_activate=False)
         self.socket.close()  # replace the unbound socket the base class made with ours
         self.socket = sock
@@ -311,7 +316,8 @@ class _AdminHTTPServer(ThreadingHTTPServer):
 
     def _refuse(self, request: socket.socket) -> None:
         """A short 503 on the accept thread: never blocks (the socket buffer takes it whole)."""
-        log.warning("admin connection limit (%d) reached and every connection is busy: 503", self.max_connections)
+        self.busy_refusals.warning("admin connection limit (%d) reached and every connection is busy: 503",
+                                   self.max_connections)
         try:
             request.setblocking(False)
             request.send(BUSY_RESPONSE)

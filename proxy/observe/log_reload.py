@@ -2,8 +2,9 @@
 
 - ``level`` takes effect at once (the root logger's level).
 - A new ``access`` target or ``format``: the new writer starts, the request observer is swapped, and
-  the old writer is stopped, which writes every line it still holds. No line is lost and no request
-  waits. The old writer's counts stay in /metrics (its lines were written, or dropped, all the same).
+  the old writer is stopped on a thread of its own, which writes every line it still holds (a stalled
+  destination holds up that thread, not the reload). No line is lost and no request waits. The old
+  writer's counts stay in /metrics (its lines were written, or dropped, all the same).
 - ``access = "off"`` removes the observer; turning it back on adds one.
 - A new access log file that cannot be opened: one error line, the old writer keeps writing (a later
   reload tries again).
@@ -13,6 +14,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+from types import SimpleNamespace
 
 from proxy.observe.access_log import make_access_log
 
@@ -39,6 +42,7 @@ class LogSwitch:
         self.access_log = access_log  # the running writer, or None for access = "off"
         running = process.app.config.log
         self.running = (running.access, running.format)  # what the writer does, whatever the file says
+        self._retired_lock = threading.Lock()
 
     def __call__(self, old_config, new_config) -> None:
         level_listener(old_config, new_config)
@@ -69,9 +73,24 @@ class LogSwitch:
         # request is logged exactly once, by one writer or the other.
         app.observers = observers
         if retired is not None:
-            retired.stop()  # writes every line it still holds
             services.remove(retired)
-            self.metrics.retire_access_log(retired)
+            counted = SimpleNamespace(written=retired.written, dropped=retired.dropped)
+            self._count_retired(counted)  # now: the totals never dip
+            # A writer stuck on its destination (a FIFO nobody reads) may take STOP_TIMEOUT to give up:
+            # that wait is its own thread's, not the reload's (with SIGHUP, the accept loop's).
+            threading.Thread(target=self._retire, args=(retired, fresh, counted),
+                             name="pyproxy-access-log-retire", daemon=True).start()
         self.access_log = self.metrics.access_log = fresh
         self.running = (log_config.access, log_config.format)
         return True
+
+    def _retire(self, retired, fresh, counted: SimpleNamespace) -> None:
+        stopped = retired.stop()  # writes every line it still holds
+        if stopped and fresh is not None:
+            fresh.adopt(retired)  # and the few a request thread hands it after that
+        self._count_retired(SimpleNamespace(written=retired.written - counted.written,
+                                            dropped=retired.dropped - counted.dropped))
+
+    def _count_retired(self, counts: SimpleNamespace) -> None:
+        with self._retired_lock:  # a reload's thread and an earlier reload's retiring thread add up
+            self.metrics.retire_access_log(counts)

@@ -36,6 +36,7 @@ from proxy.config.schema import (
     quick_config,
 )
 from proxy.http.basic_auth import DEFAULT_COST, hash_password
+from proxy.http.tls import validity_warnings
 from proxy.routing.table import routing_table_lines
 from proxy.upstream.discovery import check_names
 from proxy.serve.runner import (
@@ -263,6 +264,8 @@ def run_proxy(config, config_path: str | None, workers: int | None = None, watch
     if problems:
         click.echo(_with_source(config, ConfigError(problems)), err=True)
         return 1
+    for line in validity_warnings(config.server.listen):
+        log.warning(line)
     problem = access_log_problem(config)
     if problem:
         click.echo(problem, err=True)
@@ -395,6 +398,8 @@ def check(ctx: click.Context, config_path: str | None, file: str | None) -> None
     # a warning, and the exit code stays 0.
     for line in check_names(config):
         click.echo(line, err=True)
+    for line in validity_warnings(config.server.listen):
+        click.echo(f"warning: {line}", err=True)
 
 
 def describe_local_ca(ca_dir: str) -> str:

@@ -31,7 +31,7 @@ from proxy.config.units import format_address
 from proxy.serve.handler import CLIENT_PATIENCE, HttpHandler
 from proxy.serve.http2 import Http2Server
 from proxy.http.responses import write_overloaded
-from proxy.http.tls import EncryptedKeyError, TlsTerminator, server_context
+from proxy.http.tls import EncryptedKeyError, TlsTerminator, server_context, validity_warnings
 from proxy.serve.watch import POLL_INTERVAL, Watcher, describe_changes
 
 log = logging.getLogger("pyproxy")
@@ -356,9 +356,11 @@ class ProxyProcess:
                 log.info("  %s", line)
         for line in server_changes(old.server, config.server, LIVE_IN_CORE):
             log.info("  applied: %s", line)
-        if self.reports_changes:
+        if self.reports_changes:  # a worker's supervisor says these once
             for line in server_changes(old.server, config.server):
                 log.warning("needs a restart: %s", line)
+            for line in validity_warnings(config.server.listen):
+                log.warning(line)
 
     def _swap_certificates(self, config: Config, terminators: dict) -> None:
         """Listeners that stay open serve the certificates just loaded, from their next handshake on."""

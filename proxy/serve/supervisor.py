@@ -57,6 +57,7 @@ from proxy.upstream.health import HealthChecker, apply_health
 from proxy.observe.log_reload import level_listener
 from proxy.observe.metrics import WorkerCounters, render_prometheus
 from proxy.http.bucket_table import BucketTable
+from proxy.http.tls import validity_warnings
 from proxy.serve.runner import (RESTART_ONLY, SERVING_SIGNALS, ProxyProcess, bind_config_listener,
                                 bind_worker_listeners, load_for_reload, server_changes, tls_terminators)
 from proxy.observe.status import WorkerStatusTotals
@@ -749,6 +750,8 @@ class Supervisor:
             self.app.reload(config)
         for line in describe_changes(old, config) or ["no changes"]:
             log.info("  %s", line)
+        for line in validity_warnings(config.server.listen):
+            log.warning(line)
         # Workers apply the rest of [server] themselves (ProxyProcess.reload); new ones pin anew.
         restart_only = tuple(key for key in RESTART_ONLY if key != "workers") if not replace else ()
         for line in server_changes(old.server, config.server, restart_only):
