@@ -10,7 +10,10 @@ import signal
 import pytest
 import requests
 
-from proxy.observe.status import WorkerStatusTotals, merge_status
+from proxy.config.schema import parse_config
+from proxy.observe.metrics import Metrics
+from proxy.observe.status import WorkerStatusTotals, build_status, merge_status
+from proxy.serve.app import Application
 from tests.support.backends import FlakyBackend
 from tests.support.proxy import DEADLINE, config_document
 from tests.support.timing import wait_for
@@ -67,6 +70,29 @@ def worker_status(requests_served: int, failures: int, errors: int = 0, servers=
                 {"address": address, "state": state, "reason": "", "active_requests": 1,
                  "requests_total": requests_served, "failures_total": failures, "last_check": None}
                 for address in servers]}}}
+
+
+def test_a_reload_during_a_status_read_never_counts_a_server_twice():
+    """Bug: /status read app.runtime, then the traffic totals, which carry a replaced Server object's
+    count over to its successor. A reload landing in between showed the old object with its own count
+    plus the same count carried: 6 for 3 requests, then 3 again on the next read."""
+    def config(weight: int):
+        return parse_config({"routes": [{"upstream": "web"}], "upstreams": {"web": {"servers": [
+            {"address": "127.0.0.1:3001", "weight": weight}]}}}, "proxy.toml")
+    app = Application(config(1))
+    metrics = Metrics(app)
+    server = app.runtime.upstreams["web"].servers[0]
+    for _ in range(3):
+        assert server.try_acquire()
+        server.release()
+
+    def reload_then_traffic():  # the reload lands after build_status could have looked at the runtime
+        app.reload(config(2))  # a new weight: a new Server object
+        return metrics.recent()
+    status = build_status(app, traffic=reload_then_traffic)
+    assert app.runtime.upstreams["web"].servers[0] is not server
+    assert status_totals(status)["servers"] == {"127.0.0.1:3001": (3, 0)}
+    assert status_totals(build_status(app, traffic=metrics.recent))["servers"] == {"127.0.0.1:3001": (3, 0)}
 
 
 def test_worker_totals_keep_silent_and_gone_workers_counts_but_not_their_state():

@@ -177,10 +177,12 @@ class Metrics:
             entry = recent["upstreams"].setdefault(upstream, empty_window(len(recent["buckets"])))
             entry["requests_total"], entry["errors_total"] = requests_total, errors
         carried: dict[str, dict[str, dict]] = {}
-        for (upstream, address), (requests_total, failures) in self.track_servers().items():
+        runtime, carried_totals = self._track()
+        for (upstream, address), (requests_total, failures) in carried_totals.items():
             carried.setdefault(upstream, {})[address] = {"requests_total": requests_total,
                                                          "failures_total": failures}
         recent["carried"] = carried
+        recent["runtime"] = runtime  # the one ``carried`` is for: /status reads its servers from it
         return recent
 
     def snapshot(self) -> dict:

@@ -45,9 +45,11 @@ def build_status(app, server=None, pool=None, checker=None, wall_clock=time.time
     rates and latency quantiles, and each server's totals include what the Server objects a reload
     replaced had counted (as /metrics does), so they never go down.
     """
-    runtime = app.runtime
     now, wall_now = app.clock(), wall_clock()
     recent = traffic() if traffic is not None else None
+    # The runtime the carried totals were worked out for: with one a reload swapped in before or after
+    # them, a replaced server would count twice or not at all, and its total would move down.
+    runtime = recent.pop("runtime") if recent is not None else app.runtime
     carried = recent.get("carried", {}) if recent is not None else {}
     upstreams = {}
     for name, upstream in runtime.upstreams.items():
