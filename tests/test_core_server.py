@@ -484,7 +484,7 @@ def test_a_held_connection_coming_back_to_a_full_queue_is_queued_not_closed(capl
     """Bug: a held transfer that ended while the pool's queue was full was closed ("work queue full"),
     its exchange cut half done (the client may have had part of its answer). It was admitted before,
     so it is queued past max_queue, which sheds new work only."""
-    resumed, gate = threading.Event(), threading.Event()
+    resumed, gate, occupied = threading.Event(), threading.Event(), threading.Event()
 
     def handler(conn):
         if conn.state is ConnectionState.HELD:  # the relay handed it back: continue the exchange
@@ -503,8 +503,9 @@ def test_a_held_connection_coming_back_to_a_full_queue_is_queued_not_closed(capl
             socket.create_connection(address(server), timeout=STOP_TIMEOUT) as client:
         client.sendall(b"x")
         wait_for(lambda: server.connection_counts()["held"] == 1, timeout=STOP_TIMEOUT)
-        assert pool.submit(gate.wait, STOP_TIMEOUT * 4)  # the only worker busy...
-        wait_for(lambda: pool.busy == 1, timeout=STOP_TIMEOUT)
+        # The only worker busy (busy == 1 alone may still be the handler's first call finishing)...
+        assert pool.submit(lambda: (occupied.set(), gate.wait(STOP_TIMEOUT * 4)))
+        assert occupied.wait(STOP_TIMEOUT)
         assert pool.submit(lambda: None) and pool.queued == 1  # ...and the queue full
         client.sendall(b"y")  # the held wait is over: back to the pool
         wait_for(lambda: pool.queued == 2 or "work queue full" in caplog.text, timeout=STOP_TIMEOUT)
