@@ -43,6 +43,7 @@ PLAIN_HTTP_REPLY = plain_response(400, "400 plain HTTP sent to an HTTPS port: us
 _TIMEOUT_OPTIONS = (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO)
 # A certificate file this close to its end is worth a warning: a week to renew it before clients refuse it.
 EXPIRY_NOTICE = datetime.timedelta(days=7)
+PLAIN_HTTP_DRAIN_READS = 16  # reads of unread request bytes dropped before the 400, at most
 
 
 class TimedSSLSocket(ssl.SSLSocket):
@@ -315,8 +316,9 @@ def _answer_plain_http(sock) -> None:
     follows sends a FIN, not a reset that could destroy the answer."""
     raw = socket.socket  # the base-class methods act on the fd, not through OpenSSL
     try:
-        while raw.recv(sock, 65536, socket.MSG_DONTWAIT):
-            pass  # bounded by what the client has sent so far (EAGAIN ends it)
+        for _ in range(PLAIN_HTTP_DRAIN_READS):  # a client that keeps sending cannot keep the worker here
+            if not raw.recv(sock, 65536, socket.MSG_DONTWAIT):
+                break
     except OSError:  # EAGAIN: nothing more waiting; or the client is gone
         pass
     try:
