@@ -27,7 +27,7 @@ from typing import Callable, Iterable
 
 from .connection import RESTING_STATES, Connection, ConnectionState, set_socket_timeouts
 from .thread_pool import PoolClosed, ThreadPool
-from .transfer_relay import TransferRelay
+from .transfer_relay import Linger, TransferRelay
 from .wakeup import WakePipe
 
 log = logging.getLogger("pyproxy.core.server")
@@ -368,6 +368,7 @@ class SocketServer:
                 sock.setblocking(True)
             conn = Connection(sock, peer, clock=self.clock, listener=listener.tag, timeouts=listener.timeouts)
             conn.on_close = self._forget
+            conn.lingerer = self._linger
             with self._conn_lock:
                 self._connections[conn.fileno_cached] = conn
             self._epoll.register(conn.fileno_cached, ARMED)
@@ -485,6 +486,11 @@ class SocketServer:
             self.transfers.hold(conn.held_wait, lambda: self._dispatch_held(conn))
         elif state is not _TUNNEL and state is not _CLOSED:
             conn.close()
+
+    def _linger(self, sock: socket.socket, seconds: float, quiet: float) -> None:
+        """A lingering close (``Connection.close_lingering``), carried out by the transfer relay: a
+        client that keeps sending after its answer holds a descriptor for a while, not a worker."""
+        self.transfers.hold(Linger(sock, self.clock() + seconds, quiet, self.clock), sock.close)
 
     def _forget(self, conn: Connection) -> None:
         with self._conn_lock:

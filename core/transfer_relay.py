@@ -197,6 +197,35 @@ class Copy(Wait):
         return True
 
 
+class Linger(Wait):
+    """A lingering close (see ``Connection.close_lingering``): read and drop what ``sock`` still
+    receives until its peer closes, stays quiet for ``read_gap``, or the clock reaches ``until``."""
+
+    def __init__(self, sock, until: float, read_gap: float, clock):
+        super().__init__()
+        self.sock, self.until, self.clock = sock, until, clock
+        self.read_gap = self.write_gap = read_gap
+
+    def sockets(self) -> tuple:
+        return (self.sock,)
+
+    def step(self) -> bool:
+        for _ in range(STEPS_PER_EVENT):
+            if self.clock() >= self.until:
+                return True
+            try:
+                if not self.sock.recv(CHUNK):
+                    return True
+            except _WOULD_BLOCK:
+                self.blocked_on = (self.sock, selectors.EVENT_READ)
+                return False
+            except OSError:  # reset: nothing left to protect
+                return True
+            self.last_progress = -1.0
+        self.blocked_on = None
+        return False
+
+
 class _Held:
     __slots__ = ("wait", "on_done", "registered_fd")
 
