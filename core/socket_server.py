@@ -537,8 +537,11 @@ class SocketServer:
         self._announce_drain()
         pending = self._close_resting()
         # Resting connections whose next request already arrived count as work: the loop must stay
-        # up to dispatch them (their epoll event), or they would be closed unanswered at the end.
-        while self.clock() < deadline and not self._force and (pending or self._active_connections()):
+        # up to dispatch them (their epoll event), or they would be closed unanswered at the end. So
+        # does a busy worker: between letting go of a connection and parking it, it may find the
+        # next request there and hand it back to the pool, which must still be running.
+        while self.clock() < deadline and not self._force and (
+                pending or self._active_connections() or self._workers_busy()):
             self._poll_once(0.05)
             if self.pool.queued:  # as serve_forever does: the drain's own work (GOAWAYs) may be queued
                 self.pool.maybe_grow()
@@ -572,6 +575,10 @@ class SocketServer:
             conns = list(self._connections.values())
         return [c for c in conns if c.state is not ConnectionState.CLOSED
                 and (c.state not in RESTING_STATES or c.in_pool or c.park_deadline is not None)]
+
+    def _workers_busy(self) -> bool:
+        counts = self.pool.counts()
+        return counts["busy"] > 0 or counts["queued"] > 0
 
     def _close_resting(self) -> int:
         """Close connections holding no request; one whose next request already arrived is left to

@@ -557,3 +557,47 @@ def test_connection_parked_mid_request_holds_no_thread_and_expires_at_its_deadli
         assert reply == b"too slow\n"
         assert client.recv(100) == b""  # and then closed
         client.close()
+
+
+def test_a_request_sent_while_the_drain_takes_its_last_look_is_served(handler):
+    """The drain's last look can fall between a worker's two steps: it let go of a keep-alive
+    connection (no longer in the pool's hands) but has not parked it yet, and the client's next
+    request is already there. The drain took it for resting and stopped the workers, so the park
+    found the pool shut and closed the connection unanswered. A worker still busy is work left."""
+    with running_server(handler, graceful_timeout=STOP_TIMEOUT) as server:
+        real_park, real_close_resting = server.park, server._close_resting
+        at_park = threading.Event()
+        looks = []
+
+        def park(conn):
+            if not at_park.is_set():
+                at_park.set()
+                # Hold the worker here until the drain looked again (fixed) or shut the pool (the race
+                # lost): bounded either way.
+                for _ in range(int(STOP_TIMEOUT / 0.01)):
+                    if len(looks) >= 2 or server.pool._closed:
+                        break
+                    time.sleep(0.01)
+            real_park(conn)
+
+        def close_resting():
+            pending = real_close_resting()
+            looks.append(pending)
+            if len(looks) == 1:  # the slow request is still on its worker: let it finish now
+                handler.slow_release.set()
+                assert at_park.wait(STOP_TIMEOUT)
+                client.send_line(b"next")
+                conn = next(iter(server._connections.values()))
+                wait_for(lambda: conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT),
+                         what="the next request at the proxy")
+            return pending
+
+        server.park, server._close_resting = park, close_resting
+        with LineClient(address(server)) as client:
+            client.send_line(b"slow")
+            assert handler.slow_entered.wait(STOP_TIMEOUT)
+            server.request_shutdown()
+            assert client.read_line() == b"slow\n"
+            assert client.read_line() == b"next\n"
+            assert client.wait_closed() == b""
+        assert server.stopped.wait(STOP_TIMEOUT)
