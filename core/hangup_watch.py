@@ -86,9 +86,14 @@ class HangupWatch:
             idle += 1
             if idle >= IDLE_CHECKS:  # nothing to watch for a while: end; the next watch() starts anew
                 with self._start_lock:
-                    if not self._watched:
-                        self._thread = None
-                        return
+                    if self._watched:
+                        continue
+                    self._thread = None
+                # A watch() made since the look above saw this thread still set and started none:
+                # look again now that it reads None (and would start one itself from here on).
+                if self._watched:
+                    self._start()
+                return
 
     def check(self) -> None:
         """Shut down the other socket of every client that hung up after waiting an interval or more."""
