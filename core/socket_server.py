@@ -539,9 +539,10 @@ class SocketServer:
         # Resting connections whose next request already arrived count as work: the loop must stay
         # up to dispatch them (their epoll event), or they would be closed unanswered at the end. So
         # does a busy worker: between letting go of a connection and parking it, it may find the
-        # next request there and hand it back to the pool, which must still be running.
+        # next request there and hand it back to the pool, which must still be running. Lingering
+        # closes (held by the relay, no longer connections) get their few seconds to end cleanly.
         while self.clock() < deadline and not self._force and (
-                pending or self._active_connections() or self._workers_busy()):
+                pending or self._active_connections() or self._workers_busy() or self.transfers.held_count):
             self._poll_once(0.05)
             if self.pool.queued:  # as serve_forever does: the drain's own work (GOAWAYs) may be queued
                 self.pool.maybe_grow()
@@ -551,8 +552,10 @@ class SocketServer:
             log.warning("graceful timeout: force-closing %d connections", len(leftover))
             for conn in leftover:
                 conn.abort()
+        if leftover or self.transfers.held_count:
             # A held transfer may wait on its other peer (a server between sends): end them all now,
-            # so that their exchanges reach the pool, and finish there, before it stops.
+            # so that their exchanges reach the pool, and finish there, before it stops (and a
+            # lingering close is cut short, not left open).
             self.transfers.cancel_all(ConnectionAbortedError(errno.ECONNABORTED, "server shutting down"),
                                       timeout=HANDBACK_TIMEOUT)
         remaining = max(0.1, deadline - self.clock()) if not self._force else 0.5

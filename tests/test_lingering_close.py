@@ -5,6 +5,7 @@ max_threads workers from serving anyone else."""
 from __future__ import annotations
 
 import socket
+import threading
 
 import pytest
 import requests
@@ -130,3 +131,36 @@ def test_a_connection_outside_a_server_lingers_on_its_own_thread():
         assert conn.state is ConnectionState.CLOSED
         theirs.settimeout(CLIENT_TIMEOUT)
         assert theirs.recv(1) == b""
+
+
+def test_a_drain_lets_a_linger_end_and_leaves_no_socket_behind():
+    # A linger holds a socket the server no longer lists: the drain used to stop the relay under it,
+    # leaving the socket open with nobody reading (at the process's exit, a reset to the client).
+    from core import SocketServer, ThreadPool
+
+    def answer_then_linger(conn):
+        conn.transition(ConnectionState.READING)
+        conn.read_some(4096)
+        conn.transition(ConnectionState.PROCESSING)
+        conn.transition(ConnectionState.WRITING)
+        conn.sendall(b"answer\n")
+        conn.close_lingering(60.0, 60.0)  # ends when the client closes
+
+    server = SocketServer(answer_then_linger, listeners=[("127.0.0.1", 0)],
+                          pool=ThreadPool(min_threads=1, max_threads=2), graceful_timeout=30.0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(server.addresses[0][:2], timeout=CLIENT_TIMEOUT) as client:
+            client.sendall(b"request\n")
+            assert client.recv(100) == b"answer\n"
+            wait_for(lambda: server.transfers.held_count == 1, what="the linger held by the relay")
+            server.request_shutdown()
+            wait_for(lambda: server.draining.is_set(), what="the drain started")
+            client.sendall(b"more, read and dropped")
+            assert not server.stopped.wait(0.3), "the drain ended with a linger still going on"
+        wait_for(server.stopped.is_set, timeout=30, what="the drain over once the client closed")
+        assert server.transfers.held_count == 0
+    finally:
+        server.request_shutdown(force=True)
+        thread.join(CLIENT_TIMEOUT)
