@@ -32,7 +32,15 @@ class WakePipe:
 
     def close(self) -> None:
         with self._lock:
-            if self.write_fd >= 0:
-                os.close(self.read_fd)
-                os.close(self.write_fd)
-                self.read_fd = self.write_fd = -1
+            self._close_fds()
+
+    def close_in_child(self) -> None:
+        """close() in a process just forked: only the forking thread runs there, and the lock may have
+        been copied held by another thread of the parent (taking it would wait forever)."""
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        if self.write_fd >= 0:
+            os.close(self.read_fd)
+            os.close(self.write_fd)
+            self.read_fd = self.write_fd = -1

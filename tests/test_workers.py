@@ -305,3 +305,56 @@ def test_health_checks_run_in_the_supervisor_and_reach_every_worker_including_a_
             wait_for(lambda: ready_workers(run) == WORKERS + 1, what="the replacement", on_timeout=run.log)
             wait_for(every_worker_has_it_down, what="the verdict replayed to the replacement")
             assert [answered_by(run.url) for _ in range(10)] == ["a"] * 10
+
+
+@pytest.mark.parametrize("lock_of", [
+    lambda sup: sup.app._rate_table_lock,  # DNS discovery rebuilding the runtime asks for the rate table
+    lambda sup: sup._wakeup._lock,  # --watch's thread waking the supervisor's loop for a reload
+], ids=["rate table", "wake-up pipe"])
+def test_a_worker_forked_while_another_thread_holds_a_lock_starts(tmp_path, monkeypatch, lock_of):
+    # A forked child has only the forking thread: a lock another supervisor thread held at that moment
+    # stays locked in the child for good. The worker asked the supervisor's Application for its rate
+    # table, and closed the supervisor's wake-up pipe under its lock, after the fork: it hung there.
+    import contextlib
+
+    from proxy.config.schema import load_config
+    from proxy.serve.runner import bind_config_listener
+    from proxy.serve.supervisor import Supervisor, bind_slot_sockets
+
+    config_path = tmp_path / "proxy.toml"
+    config_path.write_text(proxy_config(free_port(), "127.0.0.1:9", workers=WORKERS, admin_port=free_port()))
+    config = load_config(config_path)
+    listen = config.server.listen[0]
+    sup = Supervisor(config, None, bind_slot_sockets([(listen, bind_config_listener(listen))], WORKERS))
+    real_fork = os.fork
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        with lock_of(sup):
+            held.set()
+            release.wait(30)
+
+    def fork_while_locked() -> int:
+        holder = threading.Thread(target=hold_the_lock, daemon=True)
+        holder.start()
+        assert held.wait(10)
+        pid = real_fork()
+        if pid != 0:
+            release.set()
+            holder.join(10)
+        return pid
+
+    try:
+        monkeypatch.setattr(os, "fork", fork_while_locked)
+        sup._spawn(0)
+        monkeypatch.setattr(os, "fork", real_fork)
+        assert sup.slots[0].ready.wait(20), "the worker never got ready"
+    finally:
+        release.set()
+        worker = sup.slots[0]
+        if worker is not None:
+            worker.link.close()
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(worker.pid, signal.SIGKILL)
+                os.waitpid(worker.pid, 0)
+        sup._close_all_sockets()

@@ -537,6 +537,8 @@ class Supervisor:
         parent_sock, child_sock = socket.socketpair()
         with self._admin_lock:
             admin_states = dict(self.app.admin_states)
+        # Asked before the fork: a lock another thread holds as it forks stays locked in the child.
+        rate_table = self.app.rate_table()
         pid = os.fork()
         if pid == 0:  # the worker: never returns into the supervisor's code
             code = 1
@@ -544,7 +546,7 @@ class Supervisor:
                 parent_sock.close()
                 self._close_in_child(slot)
                 code = worker_main(slot, self.config, self.config_path, listeners, child_sock,
-                                   self.app.rate_table(), discovered=self.app.discovered,
+                                   rate_table, discovered=self.app.discovered,
                                    admin_states=admin_states, terminators=self.terminators)
             except BaseException:  # the worker must end here, whatever happened, with its reason logged
                 log.exception("worker %d failed", slot)
@@ -593,7 +595,7 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)  # until the worker's own loop installs its handlers
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a reopen before the worker opened its log: nothing to do
-        self._wakeup.close()
+        self._wakeup.close_in_child()
         for handle in self._all_handles():
             handle.link.sock.close()
 
