@@ -175,6 +175,7 @@ class SocketServer:
         self._listeners: dict[int, Listener] = {}
         self._resting: dict[int, float] = {}  # listener fd -> when it accepts again (out of descriptors)
         self._connections: dict[int, Connection] = {}
+        self._lingering = 0  # sockets of closed connections the relay lingers on: max_connections counts them
         self._conn_lock = threading.Lock()
         # A connection handed to the pool whose handler has not returned yet is marked ``in_pool``.
         # It may still be in NEW/IDLE (queued, or the handler has not moved it): the reaper and the
@@ -359,7 +360,7 @@ class SocketServer:
                     log.warning("accept failed on %s: %s", listener.address, exc)
                 return
             self.accepted_total += 1
-            if len(self._connections) >= self.max_connections:
+            if len(self._connections) + self._lingering >= self.max_connections:
                 self._reject_overload(sock)
                 continue
             # accept4 without SOCK_NONBLOCK already gives a blocking socket; only a process-wide
@@ -490,7 +491,14 @@ class SocketServer:
     def _linger(self, sock: socket.socket, seconds: float, quiet: float) -> None:
         """A lingering close (``Connection.close_lingering``), carried out by the transfer relay: a
         client that keeps sending after its answer holds a descriptor for a while, not a worker."""
-        self.transfers.hold(Linger(sock, self.clock() + seconds, quiet, self.clock), sock.close)
+        with self._conn_lock:
+            self._lingering += 1
+        self.transfers.hold(Linger(sock, self.clock() + seconds, quiet, self.clock), lambda: self._lingered(sock))
+
+    def _lingered(self, sock: socket.socket) -> None:
+        sock.close()
+        with self._conn_lock:
+            self._lingering -= 1
 
     def _forget(self, conn: Connection) -> None:
         with self._conn_lock:

@@ -164,3 +164,41 @@ def test_a_drain_lets_a_linger_end_and_leaves_no_socket_behind():
     finally:
         server.request_shutdown(force=True)
         thread.join(CLIENT_TIMEOUT)
+
+
+def test_a_lingering_socket_still_counts_against_max_connections():
+    # Lingered on by the relay, a socket is no longer a listed connection, but it is still a client's
+    # descriptor: max_connections must bound those too, as it did while a worker lingered.
+    from core import SocketServer, ThreadPool
+
+    def answer_then_linger(conn):
+        conn.transition(ConnectionState.READING)
+        conn.read_some(4096)
+        conn.transition(ConnectionState.PROCESSING)
+        conn.transition(ConnectionState.WRITING)
+        conn.sendall(b"answer\n")
+        conn.close_lingering(60.0, 60.0)  # ends when the client closes
+
+    def overloaded(sock):
+        sock.sendall(b"busy\n")
+
+    server = SocketServer(answer_then_linger, listeners=[("127.0.0.1", 0)], max_connections=1,
+                          on_overload=overloaded, pool=ThreadPool(min_threads=1, max_threads=2))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    address = server.addresses[0][:2]
+    try:
+        with socket.create_connection(address, timeout=CLIENT_TIMEOUT) as lingering:
+            lingering.sendall(b"request\n")
+            assert lingering.recv(100) == b"answer\n"
+            wait_for(lambda: server.transfers.held_count == 1, what="the linger held by the relay")
+            with socket.create_connection(address, timeout=CLIENT_TIMEOUT) as second:
+                second.sendall(b"request\n")
+                assert second.recv(100) == b"busy\n"
+        wait_for(lambda: server.transfers.held_count == 0, what="the linger over")
+        with socket.create_connection(address, timeout=CLIENT_TIMEOUT) as third:  # room again
+            third.sendall(b"request\n")
+            assert third.recv(100) == b"answer\n"
+    finally:
+        server.request_shutdown(force=True)
+        thread.join(CLIENT_TIMEOUT)
