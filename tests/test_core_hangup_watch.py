@@ -46,3 +46,31 @@ def test_a_watch_made_as_the_idle_thread_ends_is_still_checked():
         wait_for(lambda: late[0].gone, timeout=WAIT, what="the gone client noticed")
         upstream_peer.settimeout(WAIT)
         assert upstream_peer.recv(1) == b""  # its upstream socket was shut down
+
+
+def test_every_wait_on_one_gone_client_is_ended_in_one_look():
+    # HTTP/2: several streams of one connection wait for their upstreams' first answers, each watched
+    # with the same client socket. The check mapped a descriptor to one registration, so it ended one
+    # stream per look (a worker per interval), the others held until their turn.
+    from tests.support.timing import FakeClock
+
+    clock = FakeClock()
+    watch = HangupWatch(interval=0.5, clock=clock, run_thread=False)
+    client, client_peer = socket.socketpair()
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        streams = [watch.watch(client, upstream) for upstream, _ in pairs]
+        client_peer.close()
+        watch.check()  # first seen
+        clock.advance(0.6)
+        watch.check()
+        assert [watched.gone for watched in streams] == [True, True, True]
+        for (_, upstream_peer), watched in zip(pairs, streams):
+            assert watch.unwatch(watched) is True
+            upstream_peer.settimeout(WAIT)
+            assert upstream_peer.recv(1) == b""
+    finally:
+        client.close()
+        for upstream, upstream_peer in pairs:
+            upstream.close()
+            upstream_peer.close()
