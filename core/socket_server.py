@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 from .connection import RESTING_STATES, Connection, ConnectionState, set_socket_timeouts
 from .thread_pool import PoolClosed, ThreadPool
 from .transfer_relay import Linger, TransferRelay
-from .wakeup import WakePipe
+from .wakeup import WakePipe, restore_wakeup_fd
 
 log = logging.getLogger("pyproxy.core.server")
 
@@ -182,6 +182,7 @@ class SocketServer:
         # drain must not take it for a resting one and close it under the worker.
         self._calls: deque[Callable[[], None]] = deque()
         self._pending_signals: deque[int] = deque()
+        self._previous_wakeup_fd: int | None = None  # set while signals wake this loop (see install_signal_handlers)
         self._shutdown_requested = False
         self._force = False
         self.transfers = TransferRelay(clock=clock)  # held connections' stalled transfers
@@ -269,7 +270,7 @@ class SocketServer:
 
     # -- signals (the handler only records; the loop acts) ----------------------------------------
     def install_signal_handlers(self, signals=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)) -> None:
-        signal.set_wakeup_fd(self._wakeup.write_fd, warn_on_full_buffer=False)
+        self._previous_wakeup_fd = signal.set_wakeup_fd(self._wakeup.write_fd, warn_on_full_buffer=False)
         for signum in signals:
             signal.signal(signum, self._record_signal)
 
@@ -635,4 +636,7 @@ class SocketServer:
             conn.close()
         self.transfers.stop()
         self._epoll.close()
+        if self._previous_wakeup_fd is not None:
+            # Before the pipe closes: a signal now would write to whatever file reuses its number.
+            restore_wakeup_fd(self._previous_wakeup_fd)
         self._wakeup.close()

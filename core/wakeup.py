@@ -4,6 +4,7 @@ that waits in epoll/select/a selector. Used by the accept loop, the supervisor a
 from __future__ import annotations
 
 import os
+import signal
 import threading
 
 
@@ -44,3 +45,13 @@ class WakePipe:
             os.close(self.read_fd)
             os.close(self.write_fd)
             self.read_fd = self.write_fd = -1
+
+
+def restore_wakeup_fd(previous: int) -> None:
+    """Point the signal wake-up (``signal.set_wakeup_fd``) back where it was before a loop took it,
+    before the loop's pipe closes: a signal after that would write to whatever file reused its
+    number. Only the main thread may; elsewhere (a loop run on another thread) it is left alone."""
+    try:
+        signal.set_wakeup_fd(previous)
+    except ValueError:
+        pass

@@ -601,3 +601,28 @@ def test_a_request_sent_while_the_drain_takes_its_last_look_is_served(handler):
             assert client.read_line() == b"next\n"
             assert client.wait_closed() == b""
         assert server.stopped.wait(STOP_TIMEOUT)
+
+
+def test_a_stopped_server_leaves_no_signal_wakeup_on_its_closed_pipe(handler):
+    # The loop's self-pipe is also the signal wake-up descriptor. Closed at the end, it stayed
+    # registered: a signal after that (a second SIGTERM while the services stop) made CPython write a
+    # byte to whatever file had reused the number since, a log or a socket.
+    import signal as signals
+
+    watched = (signals.SIGTERM, signals.SIGINT, signals.SIGHUP)
+    before = {signum: signals.getsignal(signum) for signum in watched}
+    previous = signals.set_wakeup_fd(-1)
+    signals.set_wakeup_fd(previous)
+    server = SocketServer(handler, listeners=[("127.0.0.1", 0)])
+    try:
+        server.install_signal_handlers(watched)
+        wakeup_fd = server._wakeup.write_fd
+        server.request_shutdown(force=True)
+        server.serve_forever()  # on this (the main) thread, as a process runs it: drains and returns
+        assert server.stopped.is_set()
+        current = signals.set_wakeup_fd(previous)
+        assert current != wakeup_fd, "the signal wake-up still points at the closed pipe"
+    finally:
+        signals.set_wakeup_fd(previous)
+        for signum, action in before.items():
+            signals.signal(signum, action)

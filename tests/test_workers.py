@@ -358,3 +358,32 @@ def test_a_worker_forked_while_another_thread_holds_a_lock_starts(tmp_path, monk
                 os.kill(worker.pid, signal.SIGKILL)
                 os.waitpid(worker.pid, 0)
         sup._close_all_sockets()
+
+
+def test_a_supervisor_that_stopped_leaves_no_signal_wakeup_on_its_closed_pipe(tmp_path, monkeypatch):
+    # As for the accept loop: the supervisor's self-pipe is the signal wake-up descriptor, and it
+    # stayed registered after the pipe closed, so a late signal wrote a byte to a reused number.
+    from proxy.config.schema import load_config
+    from proxy.serve.runner import bind_config_listener
+    from proxy.serve.supervisor import Supervisor, bind_slot_sockets
+
+    config_path = tmp_path / "proxy.toml"
+    config_path.write_text(proxy_config(free_port(), "127.0.0.1:9", workers=WORKERS))
+    config = load_config(config_path)
+    listen = config.server.listen[0]
+    sup = Supervisor(config, None, bind_slot_sockets([(listen, bind_config_listener(listen))], WORKERS))
+    monkeypatch.setattr(sup, "_spawn", lambda slot: None)  # no workers: the run is about its own loop
+    watched = (*supervisor.SERVING_SIGNALS, signal.SIGCHLD)
+    before = {signum: signal.getsignal(signum) for signum in watched}
+    previous = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(previous)
+    try:
+        wakeup_fd = sup._wakeup.write_fd
+        sup._signals.append(signal.SIGTERM)  # a stop that came while it started
+        assert sup.run() == 0
+        current = signal.set_wakeup_fd(previous)
+        assert current != wakeup_fd, "the signal wake-up still points at the closed pipe"
+    finally:
+        signal.set_wakeup_fd(previous)
+        for signum, action in before.items():
+            signal.signal(signum, action)

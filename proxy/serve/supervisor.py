@@ -46,7 +46,7 @@ from collections import deque
 from typing import Callable
 
 from core.cpu_affinity import pin_worker
-from core.wakeup import WakePipe
+from core.wakeup import WakePipe, restore_wakeup_fd
 
 from proxy.observe.admin import AdminRelocation, AdminServer, AdminSources, configured_token, install_observability
 from proxy.serve.app import Application, UnknownServer
@@ -441,6 +441,7 @@ class Supervisor:
         self._signals: deque[int] = deque()
         self._calls: deque[Callable[[], None]] = deque()
         self._wakeup = WakePipe()
+        self._previous_wakeup_fd: int | None = None  # set while signals wake this loop
         # The health checker's view of the servers; never serves traffic. Its rate limit table is made
         # now, before any fork, so that every worker maps the same shared memory.
         self.app = Application(config, rate_table=BucketTable(config.server.rate_limit_keys))
@@ -470,6 +471,8 @@ class Supervisor:
         finally:
             self._stop_services()
             self._close_all_sockets()
+            if self._previous_wakeup_fd is not None:  # before the pipe closes: its number may be reused
+                restore_wakeup_fd(self._previous_wakeup_fd)
             self._wakeup.close()
         log.info("supervisor exiting (%d worker(s) had to be killed)", self.killed)
         return 1 if self.killed else 0
@@ -500,7 +503,7 @@ class Supervisor:
     def _install_signals(self) -> None:
         """The handlers, then unblock: the CLI blocks these signals from the bind on (a SIGTERM while
         __init__ built the Application killed the supervisor), so one that came meanwhile lands now."""
-        signal.set_wakeup_fd(self._wakeup.write_fd, warn_on_full_buffer=False)
+        self._previous_wakeup_fd = signal.set_wakeup_fd(self._wakeup.write_fd, warn_on_full_buffer=False)
         signals = (*SERVING_SIGNALS, signal.SIGCHLD)
         for signum in signals:
             signal.signal(signum, self._record_signal)
