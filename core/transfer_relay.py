@@ -226,6 +226,10 @@ class Linger(Wait):
         return False
 
 
+def _stopped_error() -> OSError:
+    return ConnectionAbortedError(errno.ECONNABORTED, "server stopped")
+
+
 class _Held:
     __slots__ = ("wait", "on_done", "registered_fd")
 
@@ -264,14 +268,21 @@ class TransferRelay:
         for sock in wait.sockets():
             sock.settimeout(0.0)  # not setblocking: a TLS socket with per-direction timeouts keeps 0.0
         wait.last_progress = self.clock()
-        self._incoming.append(_Held(wait, on_done))
+        held = _Held(wait, on_done)
         with self._start_lock:
-            if self._thread is None:
-                self._selector = selectors.DefaultSelector()
-                self._wakeup = WakePipe()
-                self._selector.register(self._wakeup.read_fd, selectors.EVENT_READ, None)
-                self._thread = threading.Thread(target=self._run, name="pyproxy-transfers", daemon=True)
-                self._thread.start()
+            stopped = self._stopping
+            if not stopped:
+                self._incoming.append(held)
+                if self._thread is None:
+                    self._selector = selectors.DefaultSelector()
+                    self._wakeup = WakePipe()
+                    self._selector.register(self._wakeup.read_fd, selectors.EVENT_READ, None)
+                    self._thread = threading.Thread(target=self._run, name="pyproxy-transfers", daemon=True)
+                    self._thread.start()
+        if stopped:  # nothing will carry it out: it ends now, as it would at the relay's end
+            wait.error = _stopped_error()
+            self._finish(held)
+            return
         self._wakeup.wake()
 
     def cancel_all(self, error: BaseException, timeout: float) -> bool:
@@ -286,7 +297,9 @@ class TransferRelay:
         return self._cancelled.wait(timeout)
 
     def stop(self) -> None:
-        """End the relay thread (the server is shutting down; what is still held is abandoned)."""
+        """End the relay thread (the server is shutting down): what it still holds, and any wait
+        handed over after this, ends with ECONNABORTED (its ``on_done`` runs), so no socket is left
+        open with nobody to close it."""
         with self._start_lock:
             self._stopping = True
             if self._wakeup is not None:
@@ -314,6 +327,11 @@ class TransferRelay:
             if self.clock() >= next_sweep:
                 self._sweep()
                 next_sweep = self.clock() + SWEEP_INTERVAL
+        while self._incoming:
+            self._held.add(self._incoming.popleft())
+        for held in list(self._held):
+            held.wait.error = _stopped_error()
+            self._finish(held)
         self._selector.close()
         self._wakeup.close()
 

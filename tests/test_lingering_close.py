@@ -202,3 +202,23 @@ def test_a_lingering_socket_still_counts_against_max_connections():
     finally:
         server.request_shutdown(force=True)
         thread.join(CLIENT_TIMEOUT)
+
+
+def test_a_stopped_relay_ends_what_it_holds_and_what_comes_after():
+    # The relay's end (the server's very last step) abandoned what it still held, and a wait handed
+    # over after it: a lingering socket then stayed open with nobody reading it.
+    clock = FakeClock()
+    relay = TransferRelay(clock=clock)
+    ours, theirs = socket.socketpair()
+    late, late_peer = socket.socketpair()
+    try:
+        ended = []
+        relay.hold(Linger(ours, clock() + 100.0, 100.0, clock), lambda: ended.append("held"))
+        wait_for(lambda: relay.running and relay.held_count == 1, what="linger held")
+        relay.stop()
+        wait_for(lambda: ended == ["held"], what="the held linger ended by the stop")
+        relay.hold(Linger(late, clock() + 100.0, 100.0, clock), lambda: ended.append("late"))
+        wait_for(lambda: ended == ["held", "late"], what="a linger handed over after the stop ended")
+    finally:
+        for sock in (ours, theirs, late, late_peer):
+            sock.close()
