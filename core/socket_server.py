@@ -86,13 +86,24 @@ def _drop_unread(sock: socket.socket) -> None:
     unread bytes sends a reset instead of a FIN, and a reset may destroy the reply before it is read."""
     dropped = 0
     while dropped < OVERLOAD_DRAIN_BYTES:
-        try:
-            data = sock.recv(OVERLOAD_DRAIN_BYTES)
+        try:  # the plain socket's recv, never waiting: a TLS socket's bytes are dropped undecrypted
+            data = socket.socket.recv(sock, OVERLOAD_DRAIN_BYTES, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         if not data:
             return
         dropped += len(data)
+
+
+def _close_cleanly(conn: Connection) -> None:
+    """Close a connection already moved to CLOSED whose client may have sent a request since we
+    last looked (a drain closing it): dropping those bytes first makes the close a FIN, not a reset
+    that could destroy the end of its previous answer, still on its way."""
+    try:
+        _drop_unread(conn.sock)
+    except OSError:  # reset or gone: nothing to protect
+        pass
+    conn.close_socket()
 
 
 class Listener:
@@ -441,6 +452,10 @@ class SocketServer:
     def _close_after_workers_stopped(conn: Connection, what: str) -> None:
         conn.in_pool = False
         log.info("draining: closing connection from %s, %s after the workers stopped", conn.peer, what)
+        try:
+            _drop_unread(conn.sock)  # a FIN, not a reset: its previous answer may still be on its way
+        except OSError:  # reset, gone, or closed already
+            pass
         conn.close()
 
     def _serve(self, conn: Connection) -> None:
@@ -475,7 +490,7 @@ class SocketServer:
                 if self._request_pending(conn):
                     self._dispatch(conn)
                 elif conn.claim(ConnectionState.IDLE, ConnectionState.CLOSED):
-                    conn.close_socket()
+                    _close_cleanly(conn)
                 return
             if conn.has_buffered():  # a pipelined request is already here: no need to wait
                 self._dispatch(conn)
@@ -606,7 +621,7 @@ class SocketServer:
                 elif self._request_pending(conn):
                     pending += 1  # its event is (or will be) dispatched by the loop; it closes after
                 elif conn.claim(state, ConnectionState.CLOSED):
-                    conn.close_socket()
+                    _close_cleanly(conn)
         return pending
 
     @staticmethod

@@ -626,3 +626,49 @@ def test_a_stopped_server_leaves_no_signal_wakeup_on_its_closed_pipe(handler):
         signals.set_wakeup_fd(previous)
         for signum, action in before.items():
             signals.signal(signum, action)
+
+
+def test_a_request_parked_after_the_workers_stopped_gets_a_clean_close(handler):
+    # Closed with the request unread, the connection was reset: a reset may destroy the previous
+    # answer's end still on its way to the client. What the client sent is read and dropped first.
+    with running_server(handler, graceful_timeout=STOP_TIMEOUT) as server:
+        server.request_shutdown()
+        assert server.stopped.wait(STOP_TIMEOUT)
+        with socket.create_server(("127.0.0.1", 0)) as listener, \
+                socket.create_connection(listener.getsockname(), timeout=STOP_TIMEOUT) as client:
+            accepted, peer = listener.accept()
+            conn = Connection(accepted, peer)
+            conn.transition(ConnectionState.READING)
+            conn.transition(ConnectionState.IDLE)
+            client.sendall(b"next\n")
+            assert select.select([accepted], [], [], STOP_TIMEOUT)[0], "the request never arrived"
+            server.park(conn)
+            assert conn.state is ConnectionState.CLOSED
+            assert client.recv(100) == b""  # FIN, not ConnectionResetError
+
+
+def test_a_request_that_arrives_as_the_drain_closes_its_idle_connection_gets_a_clean_close(handler):
+    # The drain looks for a request on an idle connection, finds none, and closes it; one that came in
+    # between was unread, and the close a reset (which may destroy the answer before it, in flight).
+    with running_server(handler, graceful_timeout=STOP_TIMEOUT) as server:
+        real_request_pending = server._request_pending
+        with LineClient(address(server)) as client:
+            assert client.exchange(b"hello") == b"hello\n"
+            wait_for(lambda: server.connection_counts()["idle"] == 1, what="the connection parked")
+
+            late = []
+
+            def request_pending(conn):
+                pending = real_request_pending(conn)
+                if not pending and not late:
+                    late.append(conn)
+                    client.send_line(b"just too late")  # arrives after the look, before the close
+                    wait_for(lambda: conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT),
+                             what="the late request at the server")
+                return pending
+
+            server._request_pending = request_pending
+            server.request_shutdown()
+            assert server.stopped.wait(STOP_TIMEOUT)
+            assert late, "the drain never looked at the idle connection"
+            assert client.sock.recv(100) == b""  # FIN: a reset would raise ConnectionResetError
