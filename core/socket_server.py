@@ -270,6 +270,11 @@ class SocketServer:
         self._calls.append(fn)
         self._wake()
 
+    @property
+    def stopping(self) -> bool:
+        """A shutdown was asked for; the drain may not have begun yet (signals come in batches)."""
+        return self._shutdown_requested
+
     def request_shutdown(self, force: bool = False) -> None:
         """Begin the graceful drain (idempotent). ``force`` skips waiting for in-flight work."""
         self._force = self._force or force

@@ -277,7 +277,7 @@ class WorkerControl:
         return {"error": f"unknown op {op!r}"}
 
     def _reload(self) -> None:
-        if self.process.server.draining.is_set():
+        if self.process.server.stopping:
             return  # retiring (a listen change): it finishes on the config it has, and says nothing
         ok = self.process.reload_from_file()
         self.link.send({"event": "reloaded", "pid": os.getpid(), "ok": ok})
