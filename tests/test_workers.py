@@ -387,3 +387,30 @@ def test_a_supervisor_that_stopped_leaves_no_signal_wakeup_on_its_closed_pipe(tm
         signal.set_wakeup_fd(previous)
         for signum, action in before.items():
             signal.signal(signum, action)
+
+
+def test_a_watched_file_changing_during_the_drain_starts_no_workers(tmp_path, monkeypatch):
+    # --watch reloads through Supervisor.reload directly, without the SIGHUP path's check: a file
+    # saved while the supervisor drained started a new set of workers for a listen change, which the
+    # stop had already passed by (killed at the deadline, exit code 1).
+    from proxy.config.schema import load_config
+    from proxy.serve.runner import bind_config_listener
+    from proxy.serve.supervisor import Supervisor, bind_slot_sockets
+
+    port = free_port()
+    config_path = tmp_path / "proxy.toml"
+    config_path.write_text(proxy_config(port, "127.0.0.1:9", workers=WORKERS))
+    config = load_config(config_path)
+    listen = config.server.listen[0]
+    sup = Supervisor(config, str(config_path), bind_slot_sockets([(listen, bind_config_listener(listen))], WORKERS))
+    spawned = []
+    monkeypatch.setattr(sup, "_spawn", spawned.append)
+    try:
+        sup.stop(signal.SIGTERM)  # no workers yet: it only closes the sockets and starts the clock
+        config_path.write_text(proxy_config(port, "127.0.0.1:9", workers=WORKERS).replace(
+            f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"))
+        assert sup.reload() is False
+        assert spawned == []
+        assert sup.config is config
+    finally:
+        sup._close_all_sockets()

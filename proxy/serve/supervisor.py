@@ -520,9 +520,9 @@ class Supervisor:
         if signum == signal.SIGCHLD:
             return  # _reap runs on every pass
         if signum == signal.SIGHUP:
-            if self.stopping:  # as a single process does: no reload, but the logs are reopened
-                log.info("reload ignored: the proxy is draining")
-            if self.stopping or not self.reload():
+            # While stopping, as a single process does: no reload (reload says so), but the logs
+            # are reopened.
+            if not self.reload():
                 self._broadcast({"op": "reopen"})  # a valid reload reopens in each worker (LogSwitch)
             return
         if signum == signal.SIGUSR1:
@@ -732,6 +732,9 @@ class Supervisor:
     # -- reload --------------------------------------------------------------------------------------
     def reload(self) -> bool:
         """SIGHUP / --watch: validate first; only a valid file reaches the workers."""
+        if self.stopping:  # --watch comes here directly; the workers are draining, none may start
+            log.info("reload ignored: the proxy is draining")
+            return False
         config = load_for_reload(self.config_path)
         if config is None:
             return False
