@@ -114,7 +114,7 @@ class Connection:
 
     __slots__ = ("sock", "peer", "state", "last_active", "server_data", "_buffer", "_clock",
                  "_read_timeout", "_write_timeout", "_state_lock", "fileno_cached", "listener",
-                 "on_close", "park_deadline", "held_from", "held_wait", "in_pool")
+                 "on_close", "park_deadline", "held_from", "held_wait", "in_pool", "lingerer")
 
     def __init__(self, sock: socket.socket, peer, clock=time.monotonic, listener=None,
                  timeouts: tuple[float | None, float | None] = (None, None)):
@@ -140,6 +140,9 @@ class Connection:
         # Handed to a worker whose handler has not returned yet (core.SocketServer sets and clears
         # it): the reaper and the drain leave such a connection alone even while it is still NEW/IDLE.
         self.in_pool = False
+        # Where a lingering close goes on without this thread (the server's transfer relay): called with
+        # the bare socket, the seconds to linger and the quiet gap that ends it. None: linger here.
+        self.lingerer = None
 
     # -- state -------------------------------------------------------------------------------
     def transition(self, new: ConnectionState) -> None:
@@ -319,6 +322,38 @@ class Connection:
             pass
         if self.on_close is not None:
             self.on_close(self)
+
+    def close_lingering(self, seconds: float, quiet: float) -> None:
+        """nginx's lingering close: stop sending (the peer sees the end of our answer), then drop what
+        it still sends until it closes, stays ``quiet`` that long, or ``seconds`` pass, then close.
+        Closing with unread bytes would send a reset, which can destroy the end of the answer before
+        the peer reads it. With a ``lingerer`` the wait holds no thread: the Connection is closed (the
+        server forgets it) and its socket, detached, is dropped by the lingerer once the wait is over."""
+        if self.state is _CLOSED:
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:  # reset or gone: nothing to linger for
+            self.close()
+            return
+        if self.lingerer is None:
+            self._linger_here(seconds, quiet)
+            return
+        sock = self.sock
+        bare = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        self.close()
+        self.lingerer(bare, seconds, quiet)
+
+    def _linger_here(self, seconds: float, quiet: float) -> None:
+        deadline = time.monotonic() + seconds
+        try:
+            self.set_timeouts(quiet, quiet)
+            while time.monotonic() < deadline and self.read_some(READ_CHUNK):
+                pass  # bounded by the deadline; ends early when the peer closes or goes quiet
+        except OSError:  # quiet (timeout), reset or gone: either way we are done with it
+            pass
+        finally:
+            self.close()
 
     def abort(self) -> None:
         """Wake a thread blocked on this socket (force-close at the drain deadline)."""

@@ -86,9 +86,14 @@ class HangupWatch:
             idle += 1
             if idle >= IDLE_CHECKS:  # nothing to watch for a while: end; the next watch() starts anew
                 with self._start_lock:
-                    if not self._watched:
-                        self._thread = None
-                        return
+                    if self._watched:
+                        continue
+                    self._thread = None
+                # A watch() made since the look above saw this thread still set and started none:
+                # look again now that it reads None (and would start one itself from here on).
+                if self._watched:
+                    self._start()
+                return
 
     def check(self) -> None:
         """Shut down the other socket of every client that hung up after waiting an interval or more."""
@@ -102,24 +107,28 @@ class HangupWatch:
         if not waiting:
             return
         poller = select.poll()
-        by_fd = {}
+        by_fd: dict[int, list[Watched]] = {}  # several per client: an HTTP/2 connection's streams
         for watched in waiting:
             try:
                 fd = watched.client.fileno()
             except (OSError, ValueError):
                 continue
             if fd >= 0:
-                by_fd[fd] = watched
+                by_fd.setdefault(fd, []).append(watched)
                 poller.register(fd, select.POLLRDHUP)
         for fd, mask in poller.poll(0):
-            watched = by_fd[fd]
-            if not (mask & _HUNG_UP and hung_up(watched.client)):
-                continue
-            with self._decide:
-                if self._watched.pop(watched, None) is None:
-                    continue  # the answer came meanwhile
-                watched.gone = True
-                try:
-                    socket.socket.shutdown(watched.other, socket.SHUT_RDWR)  # raw: never the TLS state
-                except OSError:  # closed already
-                    pass
+            registrations = by_fd[fd]
+            if mask & _HUNG_UP and hung_up(registrations[0].client):
+                for watched in registrations:
+                    self._end(watched)
+
+    def _end(self, watched: Watched) -> None:
+        """The client hung up: shut the other socket down, unless its worker unwatched it meanwhile."""
+        with self._decide:
+            if self._watched.pop(watched, None) is None:
+                return  # the answer came meanwhile
+            watched.gone = True
+            try:
+                socket.socket.shutdown(watched.other, socket.SHUT_RDWR)  # raw: never the TLS state
+            except OSError:  # closed already
+                pass

@@ -27,8 +27,8 @@ from typing import Callable, Iterable
 
 from .connection import RESTING_STATES, Connection, ConnectionState, set_socket_timeouts
 from .thread_pool import PoolClosed, ThreadPool
-from .transfer_relay import TransferRelay
-from .wakeup import WakePipe
+from .transfer_relay import Linger, TransferRelay
+from .wakeup import WakePipe, restore_wakeup_fd
 
 log = logging.getLogger("pyproxy.core.server")
 
@@ -86,13 +86,24 @@ def _drop_unread(sock: socket.socket) -> None:
     unread bytes sends a reset instead of a FIN, and a reset may destroy the reply before it is read."""
     dropped = 0
     while dropped < OVERLOAD_DRAIN_BYTES:
-        try:
-            data = sock.recv(OVERLOAD_DRAIN_BYTES)
+        try:  # the plain socket's recv, never waiting: a TLS socket's bytes are dropped undecrypted
+            data = socket.socket.recv(sock, OVERLOAD_DRAIN_BYTES, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         if not data:
             return
         dropped += len(data)
+
+
+def _close_cleanly(conn: Connection) -> None:
+    """Close a connection already moved to CLOSED whose client may have sent a request since we
+    last looked (a drain closing it): dropping those bytes first makes the close a FIN, not a reset
+    that could destroy the end of its previous answer, still on its way."""
+    try:
+        _drop_unread(conn.sock)
+    except OSError:  # reset or gone: nothing to protect
+        pass
+    conn.close_socket()
 
 
 class Listener:
@@ -175,12 +186,14 @@ class SocketServer:
         self._listeners: dict[int, Listener] = {}
         self._resting: dict[int, float] = {}  # listener fd -> when it accepts again (out of descriptors)
         self._connections: dict[int, Connection] = {}
+        self._lingering = 0  # sockets of closed connections the relay lingers on: max_connections counts them
         self._conn_lock = threading.Lock()
         # A connection handed to the pool whose handler has not returned yet is marked ``in_pool``.
         # It may still be in NEW/IDLE (queued, or the handler has not moved it): the reaper and the
         # drain must not take it for a resting one and close it under the worker.
         self._calls: deque[Callable[[], None]] = deque()
         self._pending_signals: deque[int] = deque()
+        self._previous_wakeup_fd: int | None = None  # set while signals wake this loop (see install_signal_handlers)
         self._shutdown_requested = False
         self._force = False
         self.transfers = TransferRelay(clock=clock)  # held connections' stalled transfers
@@ -257,6 +270,11 @@ class SocketServer:
         self._calls.append(fn)
         self._wake()
 
+    @property
+    def stopping(self) -> bool:
+        """A shutdown was asked for; the drain may not have begun yet (signals come in batches)."""
+        return self._shutdown_requested
+
     def request_shutdown(self, force: bool = False) -> None:
         """Begin the graceful drain (idempotent). ``force`` skips waiting for in-flight work."""
         self._force = self._force or force
@@ -268,7 +286,7 @@ class SocketServer:
 
     # -- signals (the handler only records; the loop acts) ----------------------------------------
     def install_signal_handlers(self, signals=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)) -> None:
-        signal.set_wakeup_fd(self._wakeup.write_fd, warn_on_full_buffer=False)
+        self._previous_wakeup_fd = signal.set_wakeup_fd(self._wakeup.write_fd, warn_on_full_buffer=False)
         for signum in signals:
             signal.signal(signum, self._record_signal)
 
@@ -359,7 +377,7 @@ class SocketServer:
                     log.warning("accept failed on %s: %s", listener.address, exc)
                 return
             self.accepted_total += 1
-            if len(self._connections) >= self.max_connections:
+            if len(self._connections) + self._lingering >= self.max_connections:
                 self._reject_overload(sock)
                 continue
             # accept4 without SOCK_NONBLOCK already gives a blocking socket; only a process-wide
@@ -368,6 +386,7 @@ class SocketServer:
                 sock.setblocking(True)
             conn = Connection(sock, peer, clock=self.clock, listener=listener.tag, timeouts=listener.timeouts)
             conn.on_close = self._forget
+            conn.lingerer = self._linger
             with self._conn_lock:
                 self._connections[conn.fileno_cached] = conn
             self._epoll.register(conn.fileno_cached, ARMED)
@@ -438,6 +457,10 @@ class SocketServer:
     def _close_after_workers_stopped(conn: Connection, what: str) -> None:
         conn.in_pool = False
         log.info("draining: closing connection from %s, %s after the workers stopped", conn.peer, what)
+        try:
+            _drop_unread(conn.sock)  # a FIN, not a reset: its previous answer may still be on its way
+        except OSError:  # reset, gone, or closed already
+            pass
         conn.close()
 
     def _serve(self, conn: Connection) -> None:
@@ -472,7 +495,7 @@ class SocketServer:
                 if self._request_pending(conn):
                     self._dispatch(conn)
                 elif conn.claim(ConnectionState.IDLE, ConnectionState.CLOSED):
-                    conn.close_socket()
+                    _close_cleanly(conn)
                 return
             if conn.has_buffered():  # a pipelined request is already here: no need to wait
                 self._dispatch(conn)
@@ -485,6 +508,18 @@ class SocketServer:
             self.transfers.hold(conn.held_wait, lambda: self._dispatch_held(conn))
         elif state is not _TUNNEL and state is not _CLOSED:
             conn.close()
+
+    def _linger(self, sock: socket.socket, seconds: float, quiet: float) -> None:
+        """A lingering close (``Connection.close_lingering``), carried out by the transfer relay: a
+        client that keeps sending after its answer holds a descriptor for a while, not a worker."""
+        with self._conn_lock:
+            self._lingering += 1
+        self.transfers.hold(Linger(sock, self.clock() + seconds, quiet, self.clock), lambda: self._lingered(sock))
+
+    def _lingered(self, sock: socket.socket) -> None:
+        sock.close()
+        with self._conn_lock:
+            self._lingering -= 1
 
     def _forget(self, conn: Connection) -> None:
         with self._conn_lock:
@@ -531,8 +566,12 @@ class SocketServer:
         self._announce_drain()
         pending = self._close_resting()
         # Resting connections whose next request already arrived count as work: the loop must stay
-        # up to dispatch them (their epoll event), or they would be closed unanswered at the end.
-        while self.clock() < deadline and not self._force and (pending or self._active_connections()):
+        # up to dispatch them (their epoll event), or they would be closed unanswered at the end. So
+        # does a busy worker: between letting go of a connection and parking it, it may find the
+        # next request there and hand it back to the pool, which must still be running. Lingering
+        # closes (held by the relay, no longer connections) get their few seconds to end cleanly.
+        while self.clock() < deadline and not self._force and (
+                pending or self._active_connections() or self._workers_busy() or self.transfers.held_count):
             self._poll_once(0.05)
             if self.pool.queued:  # as serve_forever does: the drain's own work (GOAWAYs) may be queued
                 self.pool.maybe_grow()
@@ -542,8 +581,10 @@ class SocketServer:
             log.warning("graceful timeout: force-closing %d connections", len(leftover))
             for conn in leftover:
                 conn.abort()
+        if leftover or self.transfers.held_count:
             # A held transfer may wait on its other peer (a server between sends): end them all now,
-            # so that their exchanges reach the pool, and finish there, before it stops.
+            # so that their exchanges reach the pool, and finish there, before it stops (and a
+            # lingering close is cut short, not left open).
             self.transfers.cancel_all(ConnectionAbortedError(errno.ECONNABORTED, "server shutting down"),
                                       timeout=HANDBACK_TIMEOUT)
         remaining = max(0.1, deadline - self.clock()) if not self._force else 0.5
@@ -567,6 +608,10 @@ class SocketServer:
         return [c for c in conns if c.state is not ConnectionState.CLOSED
                 and (c.state not in RESTING_STATES or c.in_pool or c.park_deadline is not None)]
 
+    def _workers_busy(self) -> bool:
+        counts = self.pool.counts()
+        return counts["busy"] > 0 or counts["queued"] > 0
+
     def _close_resting(self) -> int:
         """Close connections holding no request; one whose next request already arrived is left to
         be served. Returns how many were left that way."""
@@ -581,7 +626,7 @@ class SocketServer:
                 elif self._request_pending(conn):
                     pending += 1  # its event is (or will be) dispatched by the loop; it closes after
                 elif conn.claim(state, ConnectionState.CLOSED):
-                    conn.close_socket()
+                    _close_cleanly(conn)
         return pending
 
     @staticmethod
@@ -611,4 +656,7 @@ class SocketServer:
             conn.close()
         self.transfers.stop()
         self._epoll.close()
+        if self._previous_wakeup_fd is not None:
+            # Before the pipe closes: a signal now would write to whatever file reuses its number.
+            restore_wakeup_fd(self._previous_wakeup_fd)
         self._wakeup.close()

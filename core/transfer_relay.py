@@ -197,6 +197,39 @@ class Copy(Wait):
         return True
 
 
+class Linger(Wait):
+    """A lingering close (see ``Connection.close_lingering``): read and drop what ``sock`` still
+    receives until its peer closes, stays quiet for ``read_gap``, or the clock reaches ``until``."""
+
+    def __init__(self, sock, until: float, read_gap: float, clock):
+        super().__init__()
+        self.sock, self.until, self.clock = sock, until, clock
+        self.read_gap = self.write_gap = read_gap
+
+    def sockets(self) -> tuple:
+        return (self.sock,)
+
+    def step(self) -> bool:
+        for _ in range(STEPS_PER_EVENT):
+            if self.clock() >= self.until:
+                return True
+            try:
+                if not self.sock.recv(CHUNK):
+                    return True
+            except _WOULD_BLOCK:
+                self.blocked_on = (self.sock, selectors.EVENT_READ)
+                return False
+            except OSError:  # reset: nothing left to protect
+                return True
+            self.last_progress = -1.0
+        self.blocked_on = None
+        return False
+
+
+def _stopped_error() -> OSError:
+    return ConnectionAbortedError(errno.ECONNABORTED, "server stopped")
+
+
 class _Held:
     __slots__ = ("wait", "on_done", "registered_fd")
 
@@ -235,14 +268,21 @@ class TransferRelay:
         for sock in wait.sockets():
             sock.settimeout(0.0)  # not setblocking: a TLS socket with per-direction timeouts keeps 0.0
         wait.last_progress = self.clock()
-        self._incoming.append(_Held(wait, on_done))
+        held = _Held(wait, on_done)
         with self._start_lock:
-            if self._thread is None:
-                self._selector = selectors.DefaultSelector()
-                self._wakeup = WakePipe()
-                self._selector.register(self._wakeup.read_fd, selectors.EVENT_READ, None)
-                self._thread = threading.Thread(target=self._run, name="pyproxy-transfers", daemon=True)
-                self._thread.start()
+            stopped = self._stopping
+            if not stopped:
+                self._incoming.append(held)
+                if self._thread is None:
+                    self._selector = selectors.DefaultSelector()
+                    self._wakeup = WakePipe()
+                    self._selector.register(self._wakeup.read_fd, selectors.EVENT_READ, None)
+                    self._thread = threading.Thread(target=self._run, name="pyproxy-transfers", daemon=True)
+                    self._thread.start()
+        if stopped:  # nothing will carry it out: it ends now, as it would at the relay's end
+            wait.error = _stopped_error()
+            self._finish(held)
+            return
         self._wakeup.wake()
 
     def cancel_all(self, error: BaseException, timeout: float) -> bool:
@@ -257,7 +297,9 @@ class TransferRelay:
         return self._cancelled.wait(timeout)
 
     def stop(self) -> None:
-        """End the relay thread (the server is shutting down; what is still held is abandoned)."""
+        """End the relay thread (the server is shutting down): what it still holds, and any wait
+        handed over after this, ends with ECONNABORTED (its ``on_done`` runs), so no socket is left
+        open with nobody to close it."""
         with self._start_lock:
             self._stopping = True
             if self._wakeup is not None:
@@ -285,6 +327,11 @@ class TransferRelay:
             if self.clock() >= next_sweep:
                 self._sweep()
                 next_sweep = self.clock() + SWEEP_INTERVAL
+        while self._incoming:
+            self._held.add(self._incoming.popleft())
+        for held in list(self._held):
+            held.wait.error = _stopped_error()
+            self._finish(held)
         self._selector.close()
         self._wakeup.close()
 

@@ -4,6 +4,7 @@ that waits in epoll/select/a selector. Used by the accept loop, the supervisor a
 from __future__ import annotations
 
 import os
+import signal
 import threading
 
 
@@ -32,7 +33,25 @@ class WakePipe:
 
     def close(self) -> None:
         with self._lock:
-            if self.write_fd >= 0:
-                os.close(self.read_fd)
-                os.close(self.write_fd)
-                self.read_fd = self.write_fd = -1
+            self._close_fds()
+
+    def close_in_child(self) -> None:
+        """close() in a process just forked: only the forking thread runs there, and the lock may have
+        been copied held by another thread of the parent (taking it would wait forever)."""
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        if self.write_fd >= 0:
+            os.close(self.read_fd)
+            os.close(self.write_fd)
+            self.read_fd = self.write_fd = -1
+
+
+def restore_wakeup_fd(previous: int) -> None:
+    """Point the signal wake-up (``signal.set_wakeup_fd``) back where it was before a loop took it,
+    before the loop's pipe closes: a signal after that would write to whatever file reused its
+    number. Only the main thread may; elsewhere (a loop run on another thread) it is left alone."""
+    try:
+        signal.set_wakeup_fd(previous)
+    except ValueError:
+        pass

@@ -63,23 +63,41 @@ _READ_TIMED_OUT = (BlockingIOError, TimeoutError, ssl.SSLWantReadError)
 _WRITE_TIMED_OUT = (BlockingIOError, TimeoutError, ssl.SSLWantWriteError)
 
 
+class _ThreadPipe:
+    """A thread's splice pipe (``pipe``: None until made, or once given away or discarded). Closed
+    when the thread ends, as its thread-local values are dropped: a pool thread that retires after
+    a burst leaves no descriptors behind."""
+
+    __slots__ = ("pipe",)
+
+    def __init__(self):
+        self.pipe: tuple[int, int] | None = None
+
+    def __del__(self, close=os.close):  # os.close bound now: module globals may be gone at exit
+        if self.pipe is not None:
+            close(self.pipe[0])
+            close(self.pipe[1])
+
+
 def _thread_pipe() -> tuple[int, int]:
-    pipe = getattr(_local, "pipe", None)
-    if pipe is None:
+    holder = getattr(_local, "pipe", None)
+    if holder is None:
+        holder = _local.pipe = _ThreadPipe()
+    if holder.pipe is None:
         read_end, write_end = os.pipe()
         try:
             fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:  # the pipe-max-size sysctl may be lower; the default size still works
             pass
-        pipe = _local.pipe = (read_end, write_end)
-    return pipe
+        holder.pipe = (read_end, write_end)
+    return holder.pipe
 
 
 def _discard_thread_pipe() -> None:
     """A transfer failed midway: bytes may be stuck in the pipe, so never reuse it."""
-    pipe = getattr(_local, "pipe", None)
-    if pipe is not None:
-        _local.pipe = None
+    holder = getattr(_local, "pipe", None)
+    if holder is not None and holder.pipe is not None:
+        pipe, holder.pipe = holder.pipe, None
         os.close(pipe[0])
         os.close(pipe[1])
 
@@ -136,7 +154,7 @@ def _relay_splice(source: socket.socket, dest: socket.socket, count: int, deadli
                         remaining -= sent
                         continue
                 remaining -= sent
-                _local.pipe = None
+                _local.pipe.pipe = None  # given away with the stall
                 raise _timed_out(WriteTimedOut, Stall(count - remaining, (read_end, write_end), filled - sent),
                                  cause) from None
             if short_read and remaining and watch == "source" and _over(deadline):

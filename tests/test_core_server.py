@@ -558,3 +558,118 @@ def test_connection_parked_mid_request_holds_no_thread_and_expires_at_its_deadli
         assert reply == b"too slow\n"
         assert client.recv(100) == b""  # and then closed
         client.close()
+
+
+def test_a_request_sent_while_the_drain_takes_its_last_look_is_served(handler):
+    """The drain's last look can fall between a worker's two steps: it let go of a keep-alive
+    connection (no longer in the pool's hands) but has not parked it yet, and the client's next
+    request is already there. The drain took it for resting and stopped the workers, so the park
+    found the pool shut and closed the connection unanswered. A worker still busy is work left."""
+    with running_server(handler, graceful_timeout=STOP_TIMEOUT) as server:
+        real_park, real_close_resting = server.park, server._close_resting
+        at_park = threading.Event()
+        looks = []
+
+        def park(conn):
+            if not at_park.is_set():
+                at_park.set()
+                # Hold the worker here until the drain looked again (fixed) or shut the pool (the race
+                # lost): bounded either way.
+                for _ in range(int(STOP_TIMEOUT / 0.01)):
+                    if len(looks) >= 2 or server.pool._closed:
+                        break
+                    time.sleep(0.01)
+            real_park(conn)
+
+        def close_resting():
+            pending = real_close_resting()
+            looks.append(pending)
+            if len(looks) == 1:  # the slow request is still on its worker: let it finish now
+                handler.slow_release.set()
+                assert at_park.wait(STOP_TIMEOUT)
+                client.send_line(b"next")
+                conn = next(iter(server._connections.values()))
+                wait_for(lambda: conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT),
+                         what="the next request at the proxy")
+            return pending
+
+        server.park, server._close_resting = park, close_resting
+        with LineClient(address(server)) as client:
+            client.send_line(b"slow")
+            assert handler.slow_entered.wait(STOP_TIMEOUT)
+            server.request_shutdown()
+            assert client.read_line() == b"slow\n"
+            assert client.read_line() == b"next\n"
+            assert client.wait_closed() == b""
+        assert server.stopped.wait(STOP_TIMEOUT)
+
+
+def test_a_stopped_server_leaves_no_signal_wakeup_on_its_closed_pipe(handler):
+    # The loop's self-pipe is also the signal wake-up descriptor. Closed at the end, it stayed
+    # registered: a signal after that (a second SIGTERM while the services stop) made CPython write a
+    # byte to whatever file had reused the number since, a log or a socket.
+    import signal as signals
+
+    watched = (signals.SIGTERM, signals.SIGINT, signals.SIGHUP)
+    before = {signum: signals.getsignal(signum) for signum in watched}
+    previous = signals.set_wakeup_fd(-1)
+    signals.set_wakeup_fd(previous)
+    server = SocketServer(handler, listeners=[("127.0.0.1", 0)])
+    try:
+        server.install_signal_handlers(watched)
+        wakeup_fd = server._wakeup.write_fd
+        server.request_shutdown(force=True)
+        server.serve_forever()  # on this (the main) thread, as a process runs it: drains and returns
+        assert server.stopped.is_set()
+        current = signals.set_wakeup_fd(previous)
+        assert current != wakeup_fd, "the signal wake-up still points at the closed pipe"
+    finally:
+        signals.set_wakeup_fd(previous)
+        for signum, action in before.items():
+            signals.signal(signum, action)
+
+
+def test_a_request_parked_after_the_workers_stopped_gets_a_clean_close(handler):
+    # Closed with the request unread, the connection was reset: a reset may destroy the previous
+    # answer's end still on its way to the client. What the client sent is read and dropped first.
+    with running_server(handler, graceful_timeout=STOP_TIMEOUT) as server:
+        server.request_shutdown()
+        assert server.stopped.wait(STOP_TIMEOUT)
+        with socket.create_server(("127.0.0.1", 0)) as listener, \
+                socket.create_connection(listener.getsockname(), timeout=STOP_TIMEOUT) as client:
+            accepted, peer = listener.accept()
+            conn = Connection(accepted, peer)
+            conn.transition(ConnectionState.READING)
+            conn.transition(ConnectionState.IDLE)
+            client.sendall(b"next\n")
+            assert select.select([accepted], [], [], STOP_TIMEOUT)[0], "the request never arrived"
+            server.park(conn)
+            assert conn.state is ConnectionState.CLOSED
+            assert client.recv(100) == b""  # FIN, not ConnectionResetError
+
+
+def test_a_request_that_arrives_as_the_drain_closes_its_idle_connection_gets_a_clean_close(handler):
+    # The drain looks for a request on an idle connection, finds none, and closes it; one that came in
+    # between was unread, and the close a reset (which may destroy the answer before it, in flight).
+    with running_server(handler, graceful_timeout=STOP_TIMEOUT) as server:
+        real_request_pending = server._request_pending
+        with LineClient(address(server)) as client:
+            assert client.exchange(b"hello") == b"hello\n"
+            wait_for(lambda: server.connection_counts()["idle"] == 1, what="the connection parked")
+
+            late = []
+
+            def request_pending(conn):
+                pending = real_request_pending(conn)
+                if not pending and not late:
+                    late.append(conn)
+                    client.send_line(b"just too late")  # arrives after the look, before the close
+                    wait_for(lambda: conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT),
+                             what="the late request at the server")
+                return pending
+
+            server._request_pending = request_pending
+            server.request_shutdown()
+            assert server.stopped.wait(STOP_TIMEOUT)
+            assert late, "the drain never looked at the idle connection"
+            assert client.sock.recv(100) == b""  # FIN: a reset would raise ConnectionResetError

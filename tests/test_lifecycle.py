@@ -392,3 +392,24 @@ def test_a_connection_closed_by_the_drain_before_its_worker_starts_is_left_quiet
         conn.close()  # what the drain's claim of a resting connection does
         process.server.handler(conn)  # raised IllegalTransition (CLOSED -> READING), logged as a traceback
         assert conn.closed
+
+
+def test_a_reload_after_a_stop_was_asked_for_is_ignored(tmp_path, caplog):
+    # A SIGHUP right behind a SIGTERM (one batch of signals, or a supervisor's reload order reaching a
+    # worker it just told to stop) came before the drain had begun: the proxy reloaded on its way out,
+    # opening the new config's listeners, and a retiring worker reported itself reloaded.
+    path = write_config(tmp_path, one_backend_config(f'listen = "127.0.0.1:{free_port()}"'))
+    process = ProxyProcess(load_config(path), config_path=str(path))
+    try:
+        added = free_port()
+        kept = next(iter(process.listeners_by_address))
+        path.write_text(one_backend_config(f'listen = ["{kept}", "127.0.0.1:{added}"]'))
+        process.server.request_shutdown()
+        with caplog.at_level(logging.INFO, logger="pyproxy"):
+            assert process.reload_from_file() is False
+        assert "reload ignored: the proxy is draining" in caplog.text
+        assert not port_open(added)
+    finally:
+        for listener in process.server.listeners:
+            process.server.remove_listener(listener)
+        process.pool.shutdown(timeout=5)

@@ -305,3 +305,112 @@ def test_health_checks_run_in_the_supervisor_and_reach_every_worker_including_a_
             wait_for(lambda: ready_workers(run) == WORKERS + 1, what="the replacement", on_timeout=run.log)
             wait_for(every_worker_has_it_down, what="the verdict replayed to the replacement")
             assert [answered_by(run.url) for _ in range(10)] == ["a"] * 10
+
+
+@pytest.mark.parametrize("lock_of", [
+    lambda sup: sup.app._rate_table_lock,  # DNS discovery rebuilding the runtime asks for the rate table
+    lambda sup: sup._wakeup._lock,  # --watch's thread waking the supervisor's loop for a reload
+], ids=["rate table", "wake-up pipe"])
+def test_a_worker_forked_while_another_thread_holds_a_lock_starts(tmp_path, monkeypatch, lock_of):
+    # A forked child has only the forking thread: a lock another supervisor thread held at that moment
+    # stays locked in the child for good. The worker asked the supervisor's Application for its rate
+    # table, and closed the supervisor's wake-up pipe under its lock, after the fork: it hung there.
+    import contextlib
+
+    from proxy.config.schema import load_config
+    from proxy.serve.runner import bind_config_listener
+    from proxy.serve.supervisor import Supervisor, bind_slot_sockets
+
+    config_path = tmp_path / "proxy.toml"
+    config_path.write_text(proxy_config(free_port(), "127.0.0.1:9", workers=WORKERS, admin_port=free_port()))
+    config = load_config(config_path)
+    listen = config.server.listen[0]
+    sup = Supervisor(config, None, bind_slot_sockets([(listen, bind_config_listener(listen))], WORKERS))
+    real_fork = os.fork
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        with lock_of(sup):
+            held.set()
+            release.wait(30)
+
+    def fork_while_locked() -> int:
+        holder = threading.Thread(target=hold_the_lock, daemon=True)
+        holder.start()
+        assert held.wait(10)
+        pid = real_fork()
+        if pid != 0:
+            release.set()
+            holder.join(10)
+        return pid
+
+    try:
+        monkeypatch.setattr(os, "fork", fork_while_locked)
+        sup._spawn(0)
+        monkeypatch.setattr(os, "fork", real_fork)
+        assert sup.slots[0].ready.wait(20), "the worker never got ready"
+    finally:
+        release.set()
+        worker = sup.slots[0]
+        if worker is not None:
+            worker.link.close()
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(worker.pid, signal.SIGKILL)
+                os.waitpid(worker.pid, 0)
+        sup._close_all_sockets()
+
+
+def test_a_supervisor_that_stopped_leaves_no_signal_wakeup_on_its_closed_pipe(tmp_path, monkeypatch):
+    # As for the accept loop: the supervisor's self-pipe is the signal wake-up descriptor, and it
+    # stayed registered after the pipe closed, so a late signal wrote a byte to a reused number.
+    from proxy.config.schema import load_config
+    from proxy.serve.runner import bind_config_listener
+    from proxy.serve.supervisor import Supervisor, bind_slot_sockets
+
+    config_path = tmp_path / "proxy.toml"
+    config_path.write_text(proxy_config(free_port(), "127.0.0.1:9", workers=WORKERS))
+    config = load_config(config_path)
+    listen = config.server.listen[0]
+    sup = Supervisor(config, None, bind_slot_sockets([(listen, bind_config_listener(listen))], WORKERS))
+    monkeypatch.setattr(sup, "_spawn", lambda slot: None)  # no workers: the run is about its own loop
+    watched = (*supervisor.SERVING_SIGNALS, signal.SIGCHLD)
+    before = {signum: signal.getsignal(signum) for signum in watched}
+    previous = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(previous)
+    try:
+        wakeup_fd = sup._wakeup.write_fd
+        sup._signals.append(signal.SIGTERM)  # a stop that came while it started
+        assert sup.run() == 0
+        current = signal.set_wakeup_fd(previous)
+        assert current != wakeup_fd, "the signal wake-up still points at the closed pipe"
+    finally:
+        signal.set_wakeup_fd(previous)
+        for signum, action in before.items():
+            signal.signal(signum, action)
+
+
+def test_a_watched_file_changing_during_the_drain_starts_no_workers(tmp_path, monkeypatch):
+    # --watch reloads through Supervisor.reload directly, without the SIGHUP path's check: a file
+    # saved while the supervisor drained started a new set of workers for a listen change, which the
+    # stop had already passed by (killed at the deadline, exit code 1).
+    from proxy.config.schema import load_config
+    from proxy.serve.runner import bind_config_listener
+    from proxy.serve.supervisor import Supervisor, bind_slot_sockets
+
+    port = free_port()
+    config_path = tmp_path / "proxy.toml"
+    config_path.write_text(proxy_config(port, "127.0.0.1:9", workers=WORKERS))
+    config = load_config(config_path)
+    listen = config.server.listen[0]
+    sup = Supervisor(config, str(config_path), bind_slot_sockets([(listen, bind_config_listener(listen))], WORKERS))
+    spawned = []
+    monkeypatch.setattr(sup, "_spawn", spawned.append)
+    try:
+        sup.stop(signal.SIGTERM)  # no workers yet: it only closes the sockets and starts the clock
+        config_path.write_text(proxy_config(port, "127.0.0.1:9", workers=WORKERS).replace(
+            f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"))
+        assert sup.reload() is False
+        assert spawned == []
+        assert sup.config is config
+    finally:
+        sup._close_all_sockets()

@@ -577,17 +577,9 @@ class HttpHandler:
     @staticmethod
     def _close_lingering(conn) -> None:
         """nginx's lingering close: stop sending, drop what the client still sends, briefly, then
-        close (once: a closed connection is never lingered on again)."""
-        deadline = time.monotonic() + LINGER_SECONDS
-        try:
-            conn.sock.shutdown(socket.SHUT_WR)  # the client sees the end of our answer now
-            conn.set_timeouts(LINGER_READ_TIMEOUT, LINGER_READ_TIMEOUT)
-            while time.monotonic() < deadline and conn.read_some(READ_SIZE):
-                pass  # bounded by the deadline; ends early when the client closes or goes quiet
-        except OSError:  # quiet (timeout), reset or gone: either way we are done with it
-            pass
-        finally:
-            conn.close()
+        close (once: a closed connection is never lingered on again). Core carries the wait out
+        without holding this worker (``Connection.close_lingering``)."""
+        conn.close_lingering(LINGER_SECONDS, LINGER_READ_TIMEOUT)
 
     def _answer_error(self, ex: Exchange, status: int, detail: str, body=None, headers: tuple = ()) -> None:
         """The one error response; ``body`` is an optional (content kind, text) replacing the short default,

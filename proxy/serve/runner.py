@@ -325,7 +325,7 @@ class ProxyProcess:
 
     def reload_from_file(self) -> bool:
         """SIGHUP: re-read the config; keep the old one if the new one is invalid."""
-        if self.server.draining.is_set():  # the drain closed the listeners: a reload would open them again
+        if self.server.stopping:  # the drain closes the listeners: a reload would open them again
             log.info("reload ignored: the proxy is draining")
             return False
         config = load_for_reload(self.config_path)

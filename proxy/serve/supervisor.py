@@ -46,7 +46,7 @@ from collections import deque
 from typing import Callable
 
 from core.cpu_affinity import pin_worker
-from core.wakeup import WakePipe
+from core.wakeup import WakePipe, restore_wakeup_fd
 
 from proxy.observe.admin import AdminRelocation, AdminServer, AdminSources, configured_token, install_observability
 from proxy.serve.app import Application, UnknownServer
@@ -278,7 +278,7 @@ class WorkerControl:
         return {"error": f"unknown op {op!r}"}
 
     def _reload(self) -> None:
-        if self.process.server.draining.is_set():
+        if self.process.server.stopping:
             return  # retiring (a listen change): it finishes on the config it has, and says nothing
         ok = self.process.reload_from_file()
         self.link.send({"event": "reloaded", "pid": os.getpid(), "ok": ok})
@@ -442,6 +442,7 @@ class Supervisor:
         self._signals: deque[int] = deque()
         self._calls: deque[Callable[[], None]] = deque()
         self._wakeup = WakePipe()
+        self._previous_wakeup_fd: int | None = None  # set while signals wake this loop
         # The health checker's view of the servers; never serves traffic. Its rate limit table is made
         # now, before any fork, so that every worker maps the same shared memory.
         self.app = Application(config, rate_table=BucketTable(config.server.rate_limit_keys))
@@ -471,6 +472,8 @@ class Supervisor:
         finally:
             self._stop_services()
             self._close_all_sockets()
+            if self._previous_wakeup_fd is not None:  # before the pipe closes: its number may be reused
+                restore_wakeup_fd(self._previous_wakeup_fd)
             self._wakeup.close()
         log.info("supervisor exiting (%d worker(s) had to be killed)", self.killed)
         return 1 if self.killed else 0
@@ -501,7 +504,7 @@ class Supervisor:
     def _install_signals(self) -> None:
         """The handlers, then unblock: the CLI blocks these signals from the bind on (a SIGTERM while
         __init__ built the Application killed the supervisor), so one that came meanwhile lands now."""
-        signal.set_wakeup_fd(self._wakeup.write_fd, warn_on_full_buffer=False)
+        self._previous_wakeup_fd = signal.set_wakeup_fd(self._wakeup.write_fd, warn_on_full_buffer=False)
         signals = (*SERVING_SIGNALS, signal.SIGCHLD)
         for signum in signals:
             signal.signal(signum, self._record_signal)
@@ -518,9 +521,9 @@ class Supervisor:
         if signum == signal.SIGCHLD:
             return  # _reap runs on every pass
         if signum == signal.SIGHUP:
-            if self.stopping:  # as a single process does: no reload, but the logs are reopened
-                log.info("reload ignored: the proxy is draining")
-            if self.stopping or not self.reload():
+            # While stopping, as a single process does: no reload (reload says so), but the logs
+            # are reopened.
+            if not self.reload():
                 self._broadcast({"op": "reopen"})  # a valid reload reopens in each worker (LogSwitch)
             return
         if signum == signal.SIGUSR1:
@@ -538,6 +541,8 @@ class Supervisor:
         parent_sock, child_sock = socket.socketpair()
         with self._admin_lock:
             admin_states = dict(self.app.admin_states)
+        # Asked before the fork: a lock another thread holds as it forks stays locked in the child.
+        rate_table = self.app.rate_table()
         pid = os.fork()
         if pid == 0:  # the worker: never returns into the supervisor's code
             code = 1
@@ -545,7 +550,7 @@ class Supervisor:
                 parent_sock.close()
                 self._close_in_child(slot)
                 code = worker_main(slot, self.config, self.config_path, listeners, child_sock,
-                                   self.app.rate_table(), discovered=self.app.discovered,
+                                   rate_table, discovered=self.app.discovered,
                                    admin_states=admin_states, terminators=self.terminators)
             except BaseException:  # the worker must end here, whatever happened, with its reason logged
                 log.exception("worker %d failed", slot)
@@ -594,7 +599,7 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)  # until the worker's own loop installs its handlers
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a reopen before the worker opened its log: nothing to do
-        self._wakeup.close()
+        self._wakeup.close_in_child()
         for handle in self._all_handles():
             handle.link.sock.close()
 
@@ -731,6 +736,9 @@ class Supervisor:
     # -- reload --------------------------------------------------------------------------------------
     def reload(self) -> bool:
         """SIGHUP / --watch: validate first; only a valid file reaches the workers."""
+        if self.stopping:  # --watch comes here directly; the workers are draining, none may start
+            log.info("reload ignored: the proxy is draining")
+            return False
         config = load_for_reload(self.config_path)
         if config is None:
             return False
