@@ -112,13 +112,14 @@ def test_streams_leave_room_in_a_full_pool_for_their_connection_to_be_read(h2c_p
 
 
 def test_uploads_on_every_worker_of_a_small_pool_get_their_bodies(h2c_proxy, make_backend):
-    # Each stream waiting for its body holds a worker: with every worker taken that way, none would be
-    # left to read the DATA frames they wait for (a 408 each), unless a waiting stream reads them.
+    # More streams waiting for their body than the pool has workers: a stream waiting holds none (it
+    # is parked), so the DATA frames they wait for are still read, and none gets a 408.
     proxy, backend = h2c_proxy(server={"min_threads": 1, "max_threads": 2, "body_timeout": "8s"})
     pool = proxy.process.pool
     client = H2Client.connect(proxy.port)
     streams = [client.request("/up", method="POST", end=False) for _ in range(3)]
-    wait_for(lambda: pool.busy == 2 and pool.queued == 1, what="both workers on a stream, one queued")
+    wait_for(lambda: proxy.process.app.http2_counts()["streams"] == 3 and pool.busy == 0 and pool.queued == 0,
+             what="three streams waiting for their body, no worker held")
     for stream in streams:
         client.h2.send_data(stream, b"body of %d" % stream, end_stream=True)
     client.flush()
