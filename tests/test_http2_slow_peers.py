@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import socket
 
+import h2.settings
+
 from proxy.http2.session import BODY, OUTGOING_LIMIT, WINDOW, H2Session, Stream, StreamWait
 from tests.support.backends import stream_pattern
 from tests.support.client import read_response
@@ -134,3 +136,62 @@ def test_parked_stream_is_timed_by_its_earliest_deadline():
     finally:
         ours.close()
         theirs.close()
+
+
+def _not_reading_its_socket(port: int, streams: int, path: str = "/big") -> H2Client:
+    """A client that opens its flow-control windows all the way and then never reads its socket: only
+    TCP stops the proxy's writes."""
+    client = H2Client.connect(port)
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2 ** 31 - 1})
+    client.h2.increment_flow_control_window(2 ** 31 - 1 - 65535)
+    client.flush()
+    for _ in range(streams):
+        client.request(path)
+    return client
+
+
+def test_clients_not_reading_their_socket_leave_four_workers_serving(make_backend):
+    backend = make_backend()
+    backend.route("/big", stream_pattern(64 * 1024 * 1024))
+    proxy = start_h2_proxy({"web": [backend.address]}, None, listen=H2C,
+                           server={"min_threads": 4, "max_threads": 4, **PATIENT})
+    pool, counts = proxy.process.pool, proxy.process.app.http2_counts
+    try:
+        stalled = [_not_reading_its_socket(proxy.port, streams=3) for _ in range(30)]
+        # Every stream runs, and every connection's writes wait for its client: none on a worker.
+        wait_for(lambda: len(backend.requests) == 90 and pool.busy == 0 and pool.queued == 0,
+                 timeout=SERVED_WITHIN, what="every stream upstream, no worker waiting on a client",
+                 on_timeout=lambda: f"{len(backend.requests)} upstream, {counts()}, pool {pool.counts()}")
+        assert counts()["streams"] == 90
+        http1 = socket.create_connection(("127.0.0.1", proxy.port), timeout=SERVED_WITHIN)
+        http1.sendall(b"GET /one HTTP/1.1\r\nHost: h1.test\r\nConnection: close\r\n\r\n")
+        assert read_response(http1).startswith(b"HTTP/1.1 200 ")
+        http1.close()
+        other = H2Client.connect(proxy.port)
+        other.sock.settimeout(SERVED_WITHIN)
+        headers, _ = other.response(other.request("/two"))
+        assert headers[":status"] == "200"
+        other.close()
+        for client in stalled:
+            client.close()
+        wait_for(lambda: pool.busy == 0 and counts()["streams"] == 0, timeout=SERVED_WITHIN,
+                 what="every stalled stream to end", on_timeout=lambda: f"{counts()}, pool {pool.counts()}")
+    finally:
+        stop_quietly(proxy)
+
+
+def test_client_not_reading_its_socket_is_dropped_after_send_timeout(make_backend):
+    backend = make_backend()
+    backend.route("/big", stream_pattern(64 * 1024 * 1024))
+    proxy = start_h2_proxy({"web": [backend.address]}, None, listen=H2C, server={"send_timeout": "2s"})
+    pool, counts = proxy.process.pool, proxy.process.app.http2_counts
+    try:
+        client = _not_reading_its_socket(proxy.port, streams=2)
+        wait_for(lambda: len(backend.requests) == 2, what="both streams upstream")
+        # Nobody waits on a thread meanwhile: the flush relay gives the connection up.
+        wait_for(lambda: counts() == {"connections": 0, "streams": 0, "streams_total": 2}, timeout=SERVED_WITHIN,
+                 what="the connection dropped", on_timeout=lambda: f"{counts()}, pool {pool.counts()}")
+        client.close()
+    finally:
+        stop_quietly(proxy)

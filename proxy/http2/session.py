@@ -7,10 +7,11 @@ client sent (``pump``) and one worker per stream that writes its response (``sen
 never held across a system call; ``io_lock`` covers each socket call (an OpenSSL connection must not be
 read and written from two threads at once) and nothing else. The socket is non-blocking: the frames
 ``h2`` produces go to ``outgoing`` under ``lock``, in order, and one thread at a time (``writing``)
-writes them out. A writer that finds the send buffer full waits for room (``poll``) holding neither
-lock, at most ``send_timeout`` (a client that does not read its TCP stream cannot send WINDOW_UPDATEs
-either), while the other streams and the reader go on with their bookkeeping; a stream that finds
-``outgoing`` past OUTGOING_LIMIT is parked until the writer takes it.
+writes them out. A writer that finds the send buffer full hands the rest to the process's
+``FlushRelay`` (proxy/http2/flush_relay.py), which writes as the client reads and loses the session
+after ``send_timeout`` without progress (a client that does not read its TCP stream cannot send
+WINDOW_UPDATEs either), while the other streams and the reader go on with their bookkeeping; a stream
+that finds ``outgoing`` past OUTGOING_LIMIT is parked until the writer takes it.
 
 Flow control both ways (RFC 9113 §5.2): a stream sends no more than the client's window allows, so a
 client that stops reading stops its stream reading from the upstream. Received body bytes are
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import math
-import select
 import socket
 import ssl
 import threading
@@ -227,7 +227,12 @@ class H2Session:
         self.lost = False  # the socket failed or the client closed it: nothing more can be sent
         self.closing = False  # lost once ``outgoing`` is written (a GOAWAY for a protocol error)
         self.outgoing = bytearray()  # frames h2 produced, not yet handed to the writer
-        self.writing = False  # a thread is writing ``outgoing`` out (``_write_out``)
+        self.writing = False  # a thread, or the FlushRelay, is writing ``outgoing`` out (``_write_out``)
+        # Taken from ``outgoing``, not sent yet: retried as it is (OpenSSL wants a write repeated with the
+        # same bytes). Only the one writer touches it.
+        self.pending = memoryview(b"")
+        self.bytes_written = 0
+        self.flusher = None  # the process's FlushRelay (proxy/http2/flush_relay.py)
         self.last_activity = clock()
         self.h2 = _ServerConnection(H2_CONFIGURATION)
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
@@ -256,7 +261,7 @@ class H2Session:
         WINDOW_UPDATE), and return the new requests to serve. Never waits for the client."""
         new: list[Stream] = []
         for _ in range(READS_PER_ROUND):
-            if self.lost or self.closing:
+            if self.lost:
                 break
             with self.read_lock:
                 data = self._recv()
@@ -266,6 +271,10 @@ class H2Session:
                     if not data:
                         self._lose()
                         break
+                    if self.closing:
+                        # After a connection error: dropped unread, so that a connection whose GOAWAY
+                        # waits for a slow reader is not readable again and again meanwhile.
+                        continue
                     new += self._take(data)
                     write = self._queue()
             self._write_out_for_reader(write)
@@ -656,39 +665,55 @@ class H2Session:
 
     def _write_out(self) -> None:
         """Write ``outgoing`` until it is empty, the lock taken only around each non-blocking send (so
-        in order, and one writer at a time); ClientGone when the client does not take a byte for
-        ``send_timeout`` or the socket fails, which loses the session."""
-        pending = memoryview(b"")  # retried as it is: OpenSSL wants a write repeated with the same bytes
-        deadline = None
+        in order, and one writer at a time). A full socket hands the rest to the FlushRelay, with
+        ``writing`` still set, so no thread waits for a client slow to read. ClientGone when the
+        socket fails, which loses the session."""
+        if not self._write_some():
+            self.flusher.add(self)
+
+    def write_stalled(self) -> bool:
+        """The FlushRelay's write, once the socket has room: True when writing is over (all written, or
+        the session lost), False when the socket is full again."""
+        try:
+            return self._write_some()
+        except ClientGone:
+            return True
+
+    def give_up_writing(self) -> None:
+        """The FlushRelay's call when the client took nothing for ``send_timeout``: the session is lost."""
+        with self.lock:
+            self.writing = False
+            if not self.lost:
+                self._lose()
+            self.changed.notify_all()
+
+    def _write_some(self) -> bool:
+        """Write what is queued while the socket takes it: True once all went out, False when the
+        socket is full (``writing`` stays set, ``pending`` kept for the next try). ClientGone on failure."""
         done = False
         try:
             while True:
                 with self.lock:
                     if self.lost:
                         raise ClientGone("client connection lost")
-                    if not pending:
+                    if not self.pending:
                         if not self.outgoing:
                             self.writing = False
                             self.changed.notify_all()  # for ``finish_writing``
                             done = True
                             if self.closing:
                                 self._lose()
-                            return
-                        pending = memoryview(bytes(self.outgoing))
+                            return True
+                        self.pending = memoryview(bytes(self.outgoing))
                         del self.outgoing[:]
                         if self.parked:
                             self._resume_ready()  # room for the streams waiting on it
-                sent = self._send(pending)
-                if sent:
-                    pending = pending[sent:]
-                    deadline = None  # progress: the client reads
-                    continue
-                now = self.clock()
-                deadline = deadline or now + self.send_timeout
-                if now >= deadline or (not _writable(self.sock, deadline - now) and self.clock() >= deadline):
-                    with self.lock:
-                        self._lose()
-                    raise ClientGone("client stopped reading")
+                sent = self._send(self.pending)
+                if not sent:
+                    done = True  # still writing: the FlushRelay takes it over
+                    return False
+                self.pending = self.pending[sent:]
+                self.bytes_written += sent
         finally:
             if not done:  # an error: the next thread with frames to send writes (if there is anything left)
                 with self.lock:
@@ -770,9 +795,3 @@ def is_h2c_preface(conn) -> bool | None:
     if start and PREFACE.startswith(start):
         return None
     return False
-
-
-def _writable(sock, timeout: float) -> bool:
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    return bool(poller.poll(max(0.0, timeout) * 1000))

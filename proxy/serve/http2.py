@@ -29,6 +29,7 @@ from proxy.http.responses import html_response, plain_response
 from proxy.http2.mapping import (from_http1_payload, interim_block, request_from_block, request_trailers,
                                  response_block, trailer_block)
 from proxy.http2.session import BODY, WINDOW, H2Session, StreamWait
+from proxy.http2.flush_relay import FlushRelay
 from proxy.http2.timer import DeadlineTimer
 from proxy.serve.handler import HttpHandler, RequestRecord, _AS_IS, _send_settled_body
 
@@ -63,6 +64,7 @@ class Http2Server:
         self.pool = pool  # each stream runs on a worker of its own
         self.submit = pool.submit
         self.deadlines = DeadlineTimer()  # of the streams parked on their client (H2Session.park)
+        self.flusher = FlushRelay()  # writes for the connections whose client is slow to read
         self._lock = threading.Lock()
         self.connections = 0
         self.open_streams = 0
@@ -86,6 +88,7 @@ class Http2Server:
         conn.on_close = _also_on_close(conn.on_close, self._connection_closed)
         session.on_resume = functools.partial(self._resume, conn, session)
         session.timer = self.deadlines
+        session.flusher = self.flusher
         self._settle(conn, session, session.start(received))
 
     def serve(self, conn):
@@ -106,10 +109,6 @@ class Http2Server:
         if self.app.draining() and not session.goaway_sent:
             session.goaway()
         self._hand_over(conn, session, new_streams, run_here)
-        if session.closing:
-            # A connection error's GOAWAY waits behind a writer: the client's unread bytes would keep the
-            # connection readable, and core would hand it straight back to a worker, again and again.
-            session.finish_writing()
         if session.lost or (session.goaway_sent and not session.active_streams):
             _close_after_goaway(conn, session, reading=True)
             return
