@@ -663,3 +663,29 @@ def test_client_resetting_right_after_the_preface_is_no_error(h2c_proxy, caplog)
     assert headers[":status"] == "200"
     client.close()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_streams_in_progress_are_answered_after_the_clients_goaway(h2c_proxy, make_backend, caplog):
+    # RFC 9113 §6.8: a client's GOAWAY says it opens no more streams; those it opened still get their
+    # answers (its last-stream-id is about streams *we* would open: none). Then the connection closes.
+    release = threading.Event()
+    backend = make_backend()
+    hanging_route(backend, release)
+    proxy, _ = h2c_proxy(backend=backend)
+    client = H2Client.connect(proxy.port)
+    streams = [client.request("/hang"), client.request("/hang")]
+    wait_for(lambda: len(backend.requests) == 2, what="both streams upstream")
+    goaway = GoAwayFrame(0)
+    goaway.last_stream_id = 0
+    client.send_raw(goaway.serialize())  # raw: the client's own h2 would accept no frame after it
+    late = client.request("/late")  # sent after it: refused, never served
+    refused = client.until(lambda e: isinstance(e, h2.events.StreamReset) and e.stream_id == late)
+    assert refused is not None and refused.error_code == ErrorCodes.REFUSED_STREAM
+    release.set()
+    for stream in streams:
+        headers, body = client.response(stream)
+        assert (headers[":status"], body) == ("200", b"done")
+    assert client.until(lambda e: False) is None  # then the proxy closes the connection
+    assert not any(r.path == "/late" for r in backend.requests)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    client.close()

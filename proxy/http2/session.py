@@ -34,6 +34,7 @@ import time
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -158,6 +159,16 @@ class _ServerConnection(h2.connection.H2Connection):
         stream = super()._begin_new_stream(stream_id, allowed_ids)
         stream.__class__ = _ServerStream
         return stream
+
+    def _receive_goaway_frame(self, frame):
+        """The client's GOAWAY says it opens no more streams; those it opened are still answered (RFC 9113
+        §6.8), where h2 would close the connection's state machine and refuse every frame from here on,
+        the answers in progress included. The session refuses the client's later streams itself."""
+        event = h2.events.ConnectionTerminated()
+        event.error_code = h2.errors._error_code_from_int(frame.error_code)
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
 
 
 class StreamWait:
