@@ -158,7 +158,11 @@ def test_clients_not_reading_their_socket_leave_four_workers_serving(make_backen
                            server={"min_threads": 4, "max_threads": 4, **PATIENT})
     pool, counts = proxy.process.pool, proxy.process.app.http2_counts
     try:
-        stalled = [_not_reading_its_socket(proxy.port, streams=3) for _ in range(30)]
+        stalled = []
+        for _ in range(30):  # one at a time, as in _stalled_connections: a burst would be refused
+            stalled.append(_not_reading_its_socket(proxy.port, streams=3))
+            wait_for(lambda: pool.queued == 0 and counts()["streams"] == 3 * len(stalled), timeout=SERVED_WITHIN,
+                     what="the streams taken on", on_timeout=lambda: f"{counts()}, pool {pool.counts()}")
         # Every stream runs, and every connection's writes wait for its client: none on a worker.
         wait_for(lambda: len(backend.requests) == 90 and pool.busy == 0 and pool.queued == 0,
                  timeout=SERVED_WITHIN, what="every stream upstream, no worker waiting on a client",
