@@ -199,3 +199,19 @@ def test_client_not_reading_its_socket_is_dropped_after_send_timeout(make_backen
         client.close()
     finally:
         stop_quietly(proxy)
+
+
+def test_stream_h2_closed_itself_is_not_parked_but_ends():
+    # h2 closes a stream on some errors of the client's; a stream of ours waiting for a window on it must
+    # find out (and end as cancelled), not raise h2's error in whichever thread looks at its window.
+    ours, theirs = socket.socketpair()
+    try:
+        session = H2Session(type("Conn", (), {"sock": ours})(), client_ip="127.0.0.1", scheme="http",
+                            max_streams=10, max_header_bytes=8192, send_timeout=5)
+        stream = Stream(1, [], end_stream=True)  # unknown to h2: as one it closed and forgot
+        session.streams[1] = stream
+        assert not session.park(stream, StreamWait(WINDOW, 5.0))
+        assert stream.reset
+    finally:
+        ours.close()
+        theirs.close()

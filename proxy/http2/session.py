@@ -458,7 +458,12 @@ class H2Session:
         or for the writer to take what is queued)."""
         if len(self.outgoing) >= OUTGOING_LIMIT:
             return 0
-        return max(0, min(self.h2.local_flow_control_window(stream.id), self.h2.max_outbound_frame_size))
+        try:
+            window = self.h2.local_flow_control_window(stream.id)
+        except h2.exceptions.NoSuchStreamError:  # h2 closed it (a stream error the client made)
+            _cancel(stream)
+            return 0
+        return max(0, min(window, self.h2.max_outbound_frame_size))
 
     def end_stream(self, stream: Stream, trailers=None) -> None:
         with self.lock:
@@ -511,7 +516,7 @@ class H2Session:
             return True
         if why == BODY:
             return bool(stream.body) or stream.body_ended
-        return self._room(stream) > 0
+        return self._room(stream) > 0 or stream.reset
 
     def _resume_ready(self) -> None:
         """Under the lock: every parked stream whose wait is over runs again."""

@@ -28,8 +28,8 @@ from proxy.http.redirects import redirect_response
 from proxy.http.responses import html_response, plain_response
 from proxy.http2.mapping import (from_http1_payload, interim_block, request_from_block, request_trailers,
                                  response_block, trailer_block)
-from proxy.http2.session import BODY, WINDOW, H2Session, StreamWait
 from proxy.http2.flush_relay import FlushRelay
+from proxy.http2.session import BODY, WINDOW, H2Session, StreamWait
 from proxy.http2.timer import DeadlineTimer
 from proxy.serve.handler import HttpHandler, RequestRecord, _AS_IS, _send_settled_body
 
