@@ -15,7 +15,8 @@ import h2.settings
 import hpack
 import pytest
 from h2.errors import ErrorCodes
-from hyperframe.frame import ContinuationFrame, DataFrame, GoAwayFrame, HeadersFrame, PingFrame, PriorityFrame, RstStreamFrame, SettingsFrame
+from hyperframe.frame import (ContinuationFrame, DataFrame, GoAwayFrame, HeadersFrame, PingFrame, PriorityFrame,
+                              RstStreamFrame, SettingsFrame, WindowUpdateFrame)
 
 from core.socket_server import bind_listener
 from proxy.config.schema import parse_config
@@ -688,4 +689,41 @@ def test_streams_in_progress_are_answered_after_the_clients_goaway(h2c_proxy, ma
     assert client.until(lambda e: False) is None  # then the proxy closes the connection
     assert not any(r.path == "/late" for r in backend.requests)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    client.close()
+
+
+def test_drain_lets_a_stream_parked_on_its_window_finish(h2c_proxy, make_backend):
+    # A stream waiting for its client's window holds no worker, but the drain still counts it: GOAWAY
+    # at once, and the whole answer once the client opens its window, then the close.
+    total = 1024 * 1024
+    backend = make_backend()
+    backend.route("/big", stream_pattern(total))
+    proxy, _ = h2c_proxy(server={"graceful_timeout": "30s"}, backend=backend)
+    client = H2Client.connect(proxy.port)
+    client.auto_ack = False
+    stream = client.request("/big")
+    counts, pool = proxy.process.app.http2_counts, proxy.process.pool
+    wait_for(lambda: backend.requests and counts()["streams"] == 1 and pool.busy == 0, what="the stream parked")
+    proxy.process.stop()  # graceful: SIGTERM's path
+    received = sum(len(e.data) for e in client.events if isinstance(e, h2.events.DataReceived))
+    frames = client.frames_until_close(until=lambda f: isinstance(f, GoAwayFrame))
+    assert frames[-1][0].error_code == ErrorCodes.NO_ERROR and frames[-1][0].last_stream_id == stream
+    received += sum(len(f.data) for f, _ in frames if isinstance(f, DataFrame))
+    got = received
+    ended = False
+    for _ in range(2000):  # the window opened by what arrived, frame by frame, as a reading client does
+        if received:
+            client.send_raw(WindowUpdateFrame(0, window_increment=received).serialize()
+                            + WindowUpdateFrame(stream, window_increment=received).serialize())
+        frames = client.frames_until_close(until=lambda f: isinstance(f, DataFrame))
+        data = [f for f, _ in frames if isinstance(f, DataFrame) and f.stream_id == stream]
+        received = sum(len(f.data) for f in data)
+        got += received
+        if any("END_STREAM" in f.flags for f in data) or not frames:
+            ended = bool(data) and "END_STREAM" in data[-1].flags
+            break
+    assert ended and got == total, f"the stream's answer did not finish: {got} bytes"
+    assert client.frames_until_close() == []  # then the connection closes
+    proxy.thread.join(CLIENT_TIMEOUT)
+    assert not proxy.thread.is_alive()
     client.close()
