@@ -7,6 +7,8 @@ from __future__ import annotations
 import socket
 
 import h2.settings
+from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame, RstStreamFrame
 
 from proxy.http2.session import BODY, OUTGOING_LIMIT, WINDOW, H2Session, Stream, StreamWait
 from tests.support.backends import stream_pattern
@@ -138,11 +140,12 @@ def test_parked_stream_is_timed_by_its_earliest_deadline():
         theirs.close()
 
 
-def _not_reading_its_socket(port: int, streams: int, path: str = "/big") -> H2Client:
+def _not_reading_its_socket(port: int, streams: int, path: str = "/big", small_buffer: bool = True) -> H2Client:
     """A client that opens its flow-control windows all the way and then never reads its socket: only
-    TCP stops the proxy's writes."""
+    TCP stops the proxy's writes (soon with ``small_buffer``; but what was sent then crawls in later)."""
     client = H2Client.connect(port)
-    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    if small_buffer:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     client.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2 ** 31 - 1})
     client.h2.increment_flow_control_window(2 ** 31 - 1 - 65535)
     client.flush()
@@ -215,3 +218,36 @@ def test_stream_h2_closed_itself_is_not_parked_but_ends():
     finally:
         ours.close()
         theirs.close()
+
+
+def test_close_after_goaway_waits_for_a_slow_reader_without_a_worker(make_backend):
+    # Frames still waiting for a client that does not read, no stream left (the client cancelled it),
+    # then the client's GOAWAY: the connection closes once they are written, and no worker waits for
+    # that meanwhile.
+    backend = make_backend()
+    backend.route("/big", stream_pattern(64 * 1024 * 1024))
+    proxy = start_h2_proxy({"web": [backend.address]}, None, listen=H2C,
+                           server={"min_threads": 1, "max_threads": 1, **PATIENT})
+    pool, counts = proxy.process.pool, proxy.process.app.http2_counts
+    try:
+        client = _not_reading_its_socket(proxy.port, streams=1, small_buffer=False)
+        wait_for(lambda: counts()["streams"] == 1 and pool.busy == 0, what="the stream parked on the full socket")
+        goaway = GoAwayFrame(0)
+        goaway.last_stream_id = 0
+        client.send_raw(RstStreamFrame(1, error_code=ErrorCodes.CANCEL).serialize() + goaway.serialize())
+        wait_for(lambda: counts()["streams"] == 0 and pool.busy == 0 and pool.queued == 0,
+                 what="the stream ended, no worker waiting for the client",
+                 on_timeout=lambda: f"{counts()}, pool {pool.counts()}")
+        assert counts()["connections"] == 1  # its frames still wait to be written
+        other = H2Client.connect(proxy.port)  # the one worker is free
+        headers, _ = other.response(other.request("/other"))
+        assert headers[":status"] == "200"
+        other.close()
+        client.sock.settimeout(SERVED_WITHIN)
+        for _ in range(100_000):  # the client reads at last: what was queued, then the close
+            if not client.sock.recv(65536):
+                break
+        wait_for(lambda: counts()["connections"] == 0, what="the connection closed")
+        client.close()
+    finally:
+        stop_quietly(proxy)

@@ -226,7 +226,6 @@ class H2Session:
         # One reader at a time, from the read to h2 taking its bytes (two would hand them over out of
         # order): the pool worker core dispatches, or the one closing the connection after a GOAWAY.
         self.read_lock = threading.Lock()
-        self.changed = threading.Condition(self.lock)  # a writer finished (``finish_writing``)
         self.streams: dict[int, Stream] = {}  # those not finished by their worker
         self.parked: dict[int, Stream] = {}  # those waiting on the client without a thread (``park``)
         self.on_resume = None  # called under the lock with a parked stream to run again (the server's)
@@ -244,6 +243,7 @@ class H2Session:
         self.pending = memoryview(b"")
         self.bytes_written = 0
         self.flusher = None  # the process's FlushRelay (proxy/http2/flush_relay.py)
+        self.after_written = None  # what to run once writing is over (``when_written``)
         self.last_activity = clock()
         self.h2 = _ServerConnection(H2_CONFIGURATION)
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
@@ -570,7 +570,6 @@ class H2Session:
             if not stream.reset and self.early_resets:
                 self.early_resets -= 1
             self.last_activity = self.clock()
-            self.changed.notify_all()
             write = self._queue()
         self._write_out_for_reader(write)
         with self.lock:
@@ -603,14 +602,26 @@ class H2Session:
             finally:
                 self.lock.release()
 
-    def finish_writing(self) -> None:
-        """Before the connection closes: everything queued is written, by this thread or by the one
-        writing now (a stream's last frames, queued while another thread wrote, would be cut off)."""
+    def when_written(self, callback) -> bool:
+        """Run ``callback()`` once what is queued is written (or the session lost), on the thread that
+        finishes writing it (the FlushRelay's, for a client slow to read), so that no thread waits for
+        it. False when nothing is being written: the caller goes on at once."""
         with self.lock:
-            while self.writing and not self.lost:
-                self.changed.wait(self.send_timeout)  # a writer ends or loses the session within it
-            write = self._queue()
-        self._write_out_for_reader(write)
+            if not self.writing or self.lost:
+                return False
+            self.after_written = callback
+            return True
+
+    def _writing_over(self) -> None:
+        """After a write ended: the ``when_written`` callback, if writing is over."""
+        if self.after_written is None:
+            return
+        with self.lock:
+            if self.writing and not self.lost:
+                return  # another thread took over: it calls this when it is done
+            callback, self.after_written = self.after_written, None
+        if callback is not None:
+            callback()
 
     def closed(self) -> None:
         """The connection was closed: its streams end, the parked ones run again to find out."""
@@ -684,16 +695,25 @@ class H2Session:
         in order, and one writer at a time). A full socket hands the rest to the FlushRelay, with
         ``writing`` still set, so no thread waits for a client slow to read. ClientGone when the
         socket fails, which loses the session."""
-        if not self._write_some():
-            self.flusher.add(self)
+        try:
+            if not self._write_some():
+                self.flusher.add(self)
+                return
+        except ClientGone:
+            self._writing_over()
+            raise
+        self._writing_over()
 
     def write_stalled(self) -> bool:
         """The FlushRelay's write, once the socket has room: True when writing is over (all written, or
         the session lost), False when the socket is full again."""
         try:
-            return self._write_some()
+            if not self._write_some():
+                return False
         except ClientGone:
-            return True
+            pass
+        self._writing_over()
+        return True
 
     def give_up_writing(self) -> None:
         """The FlushRelay's call when the client took nothing for ``send_timeout``: the session is lost."""
@@ -701,7 +721,7 @@ class H2Session:
             self.writing = False
             if not self.lost:
                 self._lose()
-            self.changed.notify_all()
+        self._writing_over()
 
     def _write_some(self) -> bool:
         """Write what is queued while the socket takes it: True once all went out, False when the
@@ -715,7 +735,6 @@ class H2Session:
                     if not self.pending:
                         if not self.outgoing:
                             self.writing = False
-                            self.changed.notify_all()  # for ``finish_writing``
                             done = True
                             if self.closing:
                                 self._lose()
@@ -734,7 +753,6 @@ class H2Session:
             if not done:  # an error: the next thread with frames to send writes (if there is anything left)
                 with self.lock:
                     self.writing = False
-                    self.changed.notify_all()
 
     def _send(self, data) -> int:
         """One non-blocking send, 0 when the socket has no room."""
@@ -783,7 +801,6 @@ class H2Session:
                 self.sock.shutdown(socket.SHUT_RDWR)  # wakes a reader; the close itself is the caller's
         except OSError:
             pass
-        self.changed.notify_all()
 
 
 def _cancel(stream: Stream) -> None:

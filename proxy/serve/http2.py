@@ -110,7 +110,7 @@ class Http2Server:
             session.goaway()
         self._hand_over(conn, session, new_streams, run_here)
         if session.lost or (session.goaway_sent and not session.active_streams):
-            _close_after_goaway(conn, session, reading=True)
+            self._close_after_goaway(conn, session, reading=True)
             return
         settings = self.app.settings
         conn.park_deadline = session.deadline(settings.idle_timeout, settings.header_timeout)
@@ -128,7 +128,7 @@ class Http2Server:
             # deadline, computed above) to this worker.
             conn.park_deadline = session.deadline(settings.idle_timeout, settings.header_timeout)
             if session.lost or session.goaway_sent:
-                _close_after_goaway(conn, session)
+                self._close_after_goaway(conn, session)
 
     def _hand_over(self, conn, session: H2Session, new_streams, run_here=None) -> None:
         """New streams to the pool (a stream's worker that read the connection hands them over too)."""
@@ -196,7 +196,7 @@ class Http2Server:
         with self._lock:
             self.open_streams -= 1
         if session.finish(stream):
-            _close_after_goaway(conn, session)
+            self._close_after_goaway(conn, session)
         elif not session.active_streams:
             settings = self.app.settings
             conn.park_deadline = session.deadline(settings.idle_timeout, settings.header_timeout)
@@ -218,27 +218,41 @@ class Http2Server:
 
     def _goaway(self, conn) -> None:
         if conn.server_data.goaway():
-            _close_after_goaway(conn, conn.server_data)
+            self._close_after_goaway(conn, conn.server_data)
+
+    def _close_after_goaway(self, conn, session: H2Session, reading: bool = False) -> None:
+        """The last stream after a GOAWAY is done: close as HTTP/1.1 does, lingering, so frames the client
+        sent meanwhile do not turn the close into a reset that discards the last responses in flight. A
+        lost connection (gone, or ended for an attack) closes at once. ``reading``: the caller is the
+        worker reading the connection; otherwise the connection is closed only if parked (claimed from
+        IDLE): a worker reading it meanwhile closes it once it is done (``Http2Server._settle``), as
+        closing under it would drop the frames it answers and the ones still being written. It is
+        claimed as a tunnel is (kept by this thread until closed), which a worker core dispatched to read
+        it meanwhile leaves alone (``_take_for_reading`` in proxy/serve/handler.py)."""
+        if not conn.claim(S.READING if reading else S.IDLE, S.TUNNEL):
+            return
+        if session.lost:
+            conn.close()
+            return
+        if not reading:  # frames that came meanwhile: a stream racing the GOAWAY is refused, not dropped
+            for stream in session.pump():
+                session.reset(stream, ErrorCodes.REFUSED_STREAM)
+        # Frames still waiting for a client slow to read: the close follows them, from a worker of the
+        # pool then, as no worker waits for a slow client.
+        if not session.when_written(functools.partial(self._close_later, conn, session)):
+            _close_lingering(conn, session)
+
+    def _close_later(self, conn, session: H2Session) -> None:
+        try:
+            self.pool.resubmit(_close_lingering, conn, session)
+        except PoolClosed:
+            conn.close()  # the process is stopping
 
 
-def _close_after_goaway(conn, session: H2Session, reading: bool = False) -> None:
-    """The last stream after a GOAWAY is done: close as HTTP/1.1 does, lingering, so frames the client
-    sent meanwhile do not turn the close into a reset that discards the last responses in flight. A
-    lost connection (gone, or ended for an attack) closes at once. ``reading``: the caller is the
-    worker reading the connection; otherwise the connection is closed only if parked (claimed from
-    IDLE): a worker reading it meanwhile closes it once it is done (``Http2Server._settle``), as
-    closing under it would drop the frames it answers and the ones still being written. It is
-    claimed as a tunnel is (kept by this thread until closed), which a worker core dispatched to read
-    it meanwhile leaves alone (``_take_for_reading`` in proxy/serve/handler.py)."""
-    if not (reading or conn.claim(S.IDLE, S.TUNNEL)):
-        return
+def _close_lingering(conn, session: H2Session) -> None:
     if session.lost:
         conn.close()
         return
-    if not reading:  # frames that came meanwhile: a stream racing the GOAWAY is refused, not dropped
-        for stream in session.pump():
-            session.reset(stream, ErrorCodes.REFUSED_STREAM)
-    session.finish_writing()
     conn.sock.settimeout(None)  # the session's socket is non-blocking; the linger reads with timeouts
     HttpHandler._close_lingering(conn)
 
