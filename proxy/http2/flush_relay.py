@@ -20,7 +20,7 @@ log = logging.getLogger("pyproxy.http2")
 
 
 class FlushRelay:
-    def __init__(self, clock: Callable[[], float] = time.monotonic, name: str = "h2-flush"):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, name: str = "pyproxy-h2-flush"):
         self.clock = clock
         self.name = name
         self._lock = threading.Lock()

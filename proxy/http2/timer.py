@@ -15,7 +15,7 @@ log = logging.getLogger("pyproxy.http2")
 
 
 class DeadlineTimer:
-    def __init__(self, clock: Callable[[], float] = time.monotonic, name: str = "h2-deadlines"):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, name: str = "pyproxy-h2-deadlines"):
         self.clock = clock
         self.name = name
         self._due: list = []  # (deadline, sequence, callback), earliest first
