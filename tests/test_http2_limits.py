@@ -727,3 +727,32 @@ def test_drain_lets_a_stream_parked_on_its_window_finish(h2c_proxy, make_backend
     proxy.thread.join(CLIENT_TIMEOUT)
     assert not proxy.thread.is_alive()
     client.close()
+
+
+def test_stream_ids_going_backwards_end_the_connection_and_late_data_its_stream(h2c_proxy, make_backend, caplog):
+    # RFC 9113 §5.1.1: a stream id lower than one already used is a connection error (PROTOCOL_ERROR);
+    # §5.1: DATA on a stream the client ended is a stream error (STREAM_CLOSED), the others go on.
+    release = threading.Event()
+    backend = make_backend()
+    hanging_route(backend, release)
+    proxy, _ = h2c_proxy(backend=backend)
+    client = H2Client.connect(proxy.port)
+    stream = client.request("/hang")
+    wait_for(lambda: backend.requests, what="the request upstream")
+    client.send_raw(DataFrame(stream, data=b"late", flags=["END_STREAM"]).serialize())
+    reset = client.until(lambda e: isinstance(e, h2.events.StreamReset) and e.stream_id == stream)
+    assert reset.error_code == ErrorCodes.STREAM_CLOSED
+    release.set()
+    headers, _ = client.response(client.request("/after"))  # the connection serves on
+    assert headers[":status"] == "200"
+    client.close()
+    client = H2Client.connect(proxy.port)
+    encoder = hpack.Encoder()
+    for stream_id in (5, 3):
+        block = encoder.encode([(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "h2.test")])
+        client.send_raw(HeadersFrame(stream_id, data=block, flags=["END_HEADERS", "END_STREAM"]).serialize())
+    frames = client.frames_until_close()
+    goaway = [f for f, _ in frames if isinstance(f, GoAwayFrame)]
+    assert goaway and goaway[0].error_code == ErrorCodes.PROTOCOL_ERROR
+    client.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

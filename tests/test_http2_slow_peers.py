@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import socket
 
+import h2.events
 import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame, RstStreamFrame
 
+from proxy.config.schema import parse_config
 from proxy.http2.session import BODY, OUTGOING_LIMIT, WINDOW, H2Session, Stream, StreamWait
 from tests.support.backends import stream_pattern
 from tests.support.client import read_response
 from tests.support.h2 import H2Client, start_h2_proxy, stop_quietly
+from tests.support.proxy import proxy_config_dict
 from tests.support.timing import wait_for
 
 H2C = {"h2c": True}
@@ -248,6 +251,37 @@ def test_close_after_goaway_waits_for_a_slow_reader_without_a_worker(make_backen
             if not client.sock.recv(65536):
                 break
         wait_for(lambda: counts()["connections"] == 0, what="the connection closed")
+        client.close()
+    finally:
+        stop_quietly(proxy)
+
+
+def test_reload_under_a_parked_stream_lets_it_finish_from_its_upstream(make_backend):
+    # The stream keeps the runtime it started with while parked, whatever a reload swaps meanwhile.
+    first, second = make_backend(), make_backend()
+    total = 1024 * 1024
+    for backend in (first, second):
+        backend.route("/big", stream_pattern(total))
+    proxy = start_h2_proxy({"web": [first.address]}, None, listen=H2C)
+    pool, counts = proxy.process.pool, proxy.process.app.http2_counts
+    try:
+        client = H2Client.connect(proxy.port)
+        client.auto_ack = False  # the window stays shut: the stream parks
+        stream = client.request("/big")
+        wait_for(lambda: first.requests and counts()["streams"] == 1 and pool.busy == 0, what="the stream parked")
+        document = proxy_config_dict({"web": [second.address]}, server={
+            "listen": [{"address": f"127.0.0.1:{proxy.port}", "h2c": True}], "send_timeout": "5s"})
+        proxy.process.reload(parse_config(document, "test.toml"))
+        client.auto_ack = True
+        for event in client.events:  # the window back for what arrived before: the stream goes on
+            if isinstance(event, h2.events.DataReceived) and event.flow_controlled_length:
+                client.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        client.flush()
+        headers, body = client.response(stream)
+        assert headers[":status"] == "200" and len(body) == total
+        assert len(first.requests) == 1 and not second.requests
+        headers, _ = client.response(client.request("/big"))  # a new stream takes the new upstream
+        assert headers[":status"] == "200" and len(second.requests) == 1
         client.close()
     finally:
         stop_quietly(proxy)
