@@ -15,7 +15,8 @@ import h2.settings
 import hpack
 import pytest
 from h2.errors import ErrorCodes
-from hyperframe.frame import ContinuationFrame, DataFrame, GoAwayFrame, HeadersFrame, PingFrame, PriorityFrame, RstStreamFrame, SettingsFrame
+from hyperframe.frame import (ContinuationFrame, DataFrame, GoAwayFrame, HeadersFrame, PingFrame, PriorityFrame,
+                              RstStreamFrame, SettingsFrame, WindowUpdateFrame)
 
 from core.socket_server import bind_listener
 from proxy.config.schema import parse_config
@@ -112,13 +113,14 @@ def test_streams_leave_room_in_a_full_pool_for_their_connection_to_be_read(h2c_p
 
 
 def test_uploads_on_every_worker_of_a_small_pool_get_their_bodies(h2c_proxy, make_backend):
-    # Each stream waiting for its body holds a worker: with every worker taken that way, none would be
-    # left to read the DATA frames they wait for (a 408 each), unless a waiting stream reads them.
+    # More streams waiting for their body than the pool has workers: a stream waiting holds none (it
+    # is parked), so the DATA frames they wait for are still read, and none gets a 408.
     proxy, backend = h2c_proxy(server={"min_threads": 1, "max_threads": 2, "body_timeout": "8s"})
     pool = proxy.process.pool
     client = H2Client.connect(proxy.port)
     streams = [client.request("/up", method="POST", end=False) for _ in range(3)]
-    wait_for(lambda: pool.busy == 2 and pool.queued == 1, what="both workers on a stream, one queued")
+    wait_for(lambda: proxy.process.app.http2_counts()["streams"] == 3 and pool.busy == 0 and pool.queued == 0,
+             what="three streams waiting for their body, no worker held")
     for stream in streams:
         client.h2.send_data(stream, b"body of %d" % stream, end_stream=True)
     client.flush()
@@ -660,5 +662,97 @@ def test_client_resetting_right_after_the_preface_is_no_error(h2c_proxy, caplog)
     client = H2Client.connect(proxy.port)  # the proxy serves on
     headers, _ = client.response(client.request("/after"))
     assert headers[":status"] == "200"
+    client.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_streams_in_progress_are_answered_after_the_clients_goaway(h2c_proxy, make_backend, caplog):
+    # RFC 9113 §6.8: a client's GOAWAY says it opens no more streams; those it opened still get their
+    # answers (its last-stream-id is about streams *we* would open: none). Then the connection closes.
+    release = threading.Event()
+    backend = make_backend()
+    hanging_route(backend, release)
+    proxy, _ = h2c_proxy(backend=backend)
+    client = H2Client.connect(proxy.port)
+    streams = [client.request("/hang"), client.request("/hang")]
+    wait_for(lambda: len(backend.requests) == 2, what="both streams upstream")
+    goaway = GoAwayFrame(0)
+    goaway.last_stream_id = 0
+    client.send_raw(goaway.serialize())  # raw: the client's own h2 would accept no frame after it
+    late = client.request("/late")  # sent after it: refused, never served
+    refused = client.until(lambda e: isinstance(e, h2.events.StreamReset) and e.stream_id == late)
+    assert refused is not None and refused.error_code == ErrorCodes.REFUSED_STREAM
+    release.set()
+    for stream in streams:
+        headers, body = client.response(stream)
+        assert (headers[":status"], body) == ("200", b"done")
+    assert client.until(lambda e: False) is None  # then the proxy closes the connection
+    assert not any(r.path == "/late" for r in backend.requests)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    client.close()
+
+
+def test_drain_lets_a_stream_parked_on_its_window_finish(h2c_proxy, make_backend):
+    # A stream waiting for its client's window holds no worker, but the drain still counts it: GOAWAY
+    # at once, and the whole answer once the client opens its window, then the close.
+    total = 1024 * 1024
+    backend = make_backend()
+    backend.route("/big", stream_pattern(total))
+    proxy, _ = h2c_proxy(server={"graceful_timeout": "30s"}, backend=backend)
+    client = H2Client.connect(proxy.port)
+    client.auto_ack = False
+    stream = client.request("/big")
+    counts, pool = proxy.process.app.http2_counts, proxy.process.pool
+    wait_for(lambda: backend.requests and counts()["streams"] == 1 and pool.busy == 0, what="the stream parked")
+    proxy.process.stop()  # graceful: SIGTERM's path
+    received = sum(len(e.data) for e in client.events if isinstance(e, h2.events.DataReceived))
+    frames = client.frames_until_close(until=lambda f: isinstance(f, GoAwayFrame))
+    assert frames[-1][0].error_code == ErrorCodes.NO_ERROR and frames[-1][0].last_stream_id == stream
+    received += sum(len(f.data) for f, _ in frames if isinstance(f, DataFrame))
+    got = received
+    ended = False
+    for _ in range(2000):  # the window opened by what arrived, frame by frame, as a reading client does
+        if received:
+            client.send_raw(WindowUpdateFrame(0, window_increment=received).serialize()
+                            + WindowUpdateFrame(stream, window_increment=received).serialize())
+        frames = client.frames_until_close(until=lambda f: isinstance(f, DataFrame))
+        data = [f for f, _ in frames if isinstance(f, DataFrame) and f.stream_id == stream]
+        received = sum(len(f.data) for f in data)
+        got += received
+        if any("END_STREAM" in f.flags for f in data) or not frames:
+            ended = bool(data) and "END_STREAM" in data[-1].flags
+            break
+    assert ended and got == total, f"the stream's answer did not finish: {got} bytes"
+    assert client.frames_until_close() == []  # then the connection closes
+    proxy.thread.join(CLIENT_TIMEOUT)
+    assert not proxy.thread.is_alive()
+    client.close()
+
+
+def test_stream_ids_going_backwards_end_the_connection_and_late_data_its_stream(h2c_proxy, make_backend, caplog):
+    # RFC 9113 §5.1.1: a stream id lower than one already used is a connection error (PROTOCOL_ERROR);
+    # §5.1: DATA on a stream the client ended is a stream error (STREAM_CLOSED), the others go on.
+    release = threading.Event()
+    backend = make_backend()
+    hanging_route(backend, release)
+    proxy, _ = h2c_proxy(backend=backend)
+    client = H2Client.connect(proxy.port)
+    stream = client.request("/hang")
+    wait_for(lambda: backend.requests, what="the request upstream")
+    client.send_raw(DataFrame(stream, data=b"late", flags=["END_STREAM"]).serialize())
+    reset = client.until(lambda e: isinstance(e, h2.events.StreamReset) and e.stream_id == stream)
+    assert reset.error_code == ErrorCodes.STREAM_CLOSED
+    release.set()
+    headers, _ = client.response(client.request("/after"))  # the connection serves on
+    assert headers[":status"] == "200"
+    client.close()
+    client = H2Client.connect(proxy.port)
+    encoder = hpack.Encoder()
+    for stream_id in (5, 3):
+        block = encoder.encode([(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "h2.test")])
+        client.send_raw(HeadersFrame(stream_id, data=block, flags=["END_HEADERS", "END_STREAM"]).serialize())
+    frames = client.frames_until_close()
+    goaway = [f for f, _ in frames if isinstance(f, GoAwayFrame)]
+    assert goaway and goaway[0].error_code == ErrorCodes.PROTOCOL_ERROR
     client.close()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

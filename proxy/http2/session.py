@@ -7,22 +7,26 @@ client sent (``pump``) and one worker per stream that writes its response (``sen
 never held across a system call; ``io_lock`` covers each socket call (an OpenSSL connection must not be
 read and written from two threads at once) and nothing else. The socket is non-blocking: the frames
 ``h2`` produces go to ``outgoing`` under ``lock``, in order, and one thread at a time (``writing``)
-writes them out. A writer that finds the send buffer full waits for room (``poll``) holding neither
-lock, at most ``send_timeout`` (a client that does not read its TCP stream cannot send WINDOW_UPDATEs
-either), while the other streams and the reader go on with their bookkeeping; a stream that finds
-``outgoing`` past OUTGOING_LIMIT waits for the writer to take it.
+writes them out. A writer that finds the send buffer full hands the rest to the process's
+``FlushRelay`` (proxy/http2/flush_relay.py), which writes as the client reads and loses the session
+after ``send_timeout`` without progress (a client that does not read its TCP stream cannot send
+WINDOW_UPDATEs either), while the other streams and the reader go on with their bookkeeping; a stream
+that finds ``outgoing`` past OUTGOING_LIMIT is parked until the writer takes it.
 
-Flow control both ways (RFC 9113 §5.2): a stream sends no more than the client's window allows and
-otherwise waits on ``changed`` (the reader notifies it when a WINDOW_UPDATE arrives), so a client that
-stops reading stops its stream reading from the upstream. Received body bytes are acknowledged when the
-stream takes them, so a stream buffers at most its window.
+Flow control both ways (RFC 9113 §5.2): a stream sends no more than the client's window allows, so a
+client that stops reading stops its stream reading from the upstream. Received body bytes are
+acknowledged when the stream takes them, so a stream buffers at most its window.
+
+A stream that must wait on its client (a shut window, a full ``outgoing``, body not here yet) holds no
+thread: its exchange yields a ``StreamWait``, its worker ``park``s it and goes, and whoever changes what
+it waits for (the reader on a WINDOW_UPDATE or DATA, the writer emptying ``outgoing``, a reset, the
+``DeadlineTimer`` at its deadline) hands it to ``on_resume``, which runs it again on a pool worker.
 """
 
 from __future__ import annotations
 
 import collections
 import math
-import select
 import socket
 import ssl
 import threading
@@ -30,6 +34,7 @@ import time
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -45,7 +50,7 @@ from proxy.http2.mapping import malformed
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4: what an h2c client sends first
 READ_SIZE = 256 * 1024
-# Frames queued for the writer past which a stream producing more waits for it (the client's windows
+# Frames queued for the writer past which a stream producing more is parked (the client's windows
 # alone could let a client that does not read make us buffer megabytes).
 OUTGOING_LIMIT = 256 * 1024
 # Reads per ``pump`` before the reader lets go of the lock for a moment (a client sending without
@@ -66,9 +71,9 @@ HEADER_LIST_SLACK = 2
 # Streams a client may cancel before their answer, beyond those it let finish: past max_streams of
 # them the connection is an attack (rapid reset, CVE-2023-44487) and gets ENHANCE_YOUR_CALM.
 RAPID_RESET_FACTOR = 1
-# The longest a stream's worker reading the connection for itself waits on the socket at a time: a
-# wake-up not from the socket (a writer done, a stream ended) is seen no later than this.
-CLIENT_WAIT_SLICE = 0.5
+# What a parked stream waits for (``StreamWait.why``).
+WINDOW = "window"  # room to send: the client's flow-control windows open, and ``outgoing`` has room
+BODY = "body"  # more of the request body, or its end
 
 
 # Our header blocks are built lowercase, trimmed and valid (proxy/http2/mapping.py): h2 need not check
@@ -155,12 +160,33 @@ class _ServerConnection(h2.connection.H2Connection):
         stream.__class__ = _ServerStream
         return stream
 
+    def _receive_goaway_frame(self, frame):
+        """The client's GOAWAY says it opens no more streams; those it opened are still answered (RFC 9113
+        §6.8), where h2 would close the connection's state machine and refuse every frame from here on,
+        the answers in progress included. The session refuses the client's later streams itself."""
+        event = h2.events.ConnectionTerminated()
+        event.error_code = h2.errors._error_code_from_int(frame.error_code)
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
+class StreamWait:
+    """What a stream's exchange yields when it cannot go on until its client moves: ``why`` (WINDOW or
+    BODY), and until when at most (by the session's clock; the exchange checks it when run again)."""
+
+    __slots__ = ("why", "deadline")
+
+    def __init__(self, why: str, deadline: float):
+        self.why = why
+        self.deadline = deadline
+
 
 class Stream:
     """One request on the connection, as the reader received it and its worker answers it."""
 
     __slots__ = ("id", "block", "end_stream", "body", "body_ended", "trailers", "reset", "answered", "started",
-                 "upstream")
+                 "upstream", "task", "waiting", "timer_at", "unsent")
 
     def __init__(self, stream_id: int, block, end_stream: bool):
         self.id = stream_id
@@ -173,6 +199,10 @@ class Stream:
         self.answered = False  # our END_STREAM (or RST_STREAM) went out
         self.started = False  # its worker picked it up
         self.upstream = None  # the upstream socket its worker reads, shut down if the stream is cancelled
+        self.task = None  # its exchange (a generator), kept while it is parked (proxy/serve/http2.py)
+        self.waiting = None  # the StreamWait it is parked on, holding no thread
+        self.timer_at = None  # the earliest deadline the DeadlineTimer will call it back at
+        self.unsent = None  # the end of an answer of the proxy's own, waiting for the client's window
 
 
 class H2Session:
@@ -194,11 +224,12 @@ class H2Session:
         self.lock = threading.Lock()
         self.io_lock = threading.Lock()  # one socket call at a time (see the module docstring)
         # One reader at a time, from the read to h2 taking its bytes (two would hand them over out of
-        # order): the pool worker core dispatches, or a stream waiting on the client (``_wait_on_client``).
+        # order): the pool worker core dispatches, or the one closing the connection after a GOAWAY.
         self.read_lock = threading.Lock()
-        self.on_new_streams = None  # called with the streams a stream's worker read: the server runs them
-        self.changed = threading.Condition(self.lock)  # a window opened, body arrived, a stream ended
         self.streams: dict[int, Stream] = {}  # those not finished by their worker
+        self.parked: dict[int, Stream] = {}  # those waiting on the client without a thread (``park``)
+        self.on_resume = None  # called under the lock with a parked stream to run again (the server's)
+        self.timer = None  # the process's DeadlineTimer (proxy/http2/timer.py), for the parked streams
         self.control_frames = 0
         self.early_resets = 0
         self.goaway_sent = False  # no new streams from here on (a drain, an attack, an expiry)
@@ -206,7 +237,13 @@ class H2Session:
         self.lost = False  # the socket failed or the client closed it: nothing more can be sent
         self.closing = False  # lost once ``outgoing`` is written (a GOAWAY for a protocol error)
         self.outgoing = bytearray()  # frames h2 produced, not yet handed to the writer
-        self.writing = False  # a thread is writing ``outgoing`` out (``_write_out``)
+        self.writing = False  # a thread, or the FlushRelay, is writing ``outgoing`` out (``_write_out``)
+        # Taken from ``outgoing``, not sent yet: retried as it is (OpenSSL wants a write repeated with the
+        # same bytes). Only the one writer touches it.
+        self.pending = memoryview(b"")
+        self.bytes_written = 0
+        self.flusher = None  # the process's FlushRelay (proxy/http2/flush_relay.py)
+        self.after_written = None  # what to run once writing is over (``when_written``)
         self.last_activity = clock()
         self.h2 = _ServerConnection(H2_CONFIGURATION)
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
@@ -235,7 +272,7 @@ class H2Session:
         WINDOW_UPDATE), and return the new requests to serve. Never waits for the client."""
         new: list[Stream] = []
         for _ in range(READS_PER_ROUND):
-            if self.lost or self.closing:
+            if self.lost:
                 break
             with self.read_lock:
                 data = self._recv()
@@ -245,30 +282,14 @@ class H2Session:
                     if not data:
                         self._lose()
                         break
+                    if self.closing:
+                        # After a connection error: dropped unread, so that a connection whose GOAWAY
+                        # waits for a slow reader is not readable again and again meanwhile.
+                        continue
                     new += self._take(data)
                     write = self._queue()
             self._write_out_for_reader(write)
         return [stream for stream in new if not stream.reset]
-
-    def _wait_on_client(self, timeout: float) -> None:
-        """Under the lock: wait for the client (body, a window) at most ``timeout``. A stream's worker
-        reads the connection itself when no other thread does: with every pool worker running a
-        stream that waits on the client, none would be left to read what it waits for."""
-        if self.on_new_streams is None or not self.read_lock.acquire(blocking=False):
-            self.changed.wait(timeout)
-            return
-        self.lock.release()
-        try:
-            readable = _readable(self.sock, min(timeout, CLIENT_WAIT_SLICE))
-        finally:
-            self.read_lock.release()
-        try:
-            if readable:
-                new = self.pump()
-                if new:
-                    self.on_new_streams(new)
-        finally:
-            self.lock.acquire()
 
     def _recv(self) -> bytes | None:
         """What the socket has (b"" once the client closed it or it failed), None if nothing waits."""
@@ -295,7 +316,8 @@ class H2Session:
                 stream = handle(self, event)
                 if stream is not None:
                     new.append(stream)
-        self.changed.notify_all()
+        if self.parked:
+            self._resume_ready()
         return new
 
     def _on_request(self, event) -> Stream | None:
@@ -407,42 +429,41 @@ class H2Session:
         if write:
             self._write_out()
 
-    def send_body(self, stream: Stream, data: bytes, end_stream: bool = False) -> None:
-        """Send ``data`` as the client's windows allow (the last frame ending the stream with
-        ``end_stream``); ClientGone when the stream or connection is gone, or the client let
-        ``send_timeout`` pass without opening its window."""
+    def send_some(self, stream: Stream, data, end_stream: bool = False):
+        """Send what the client's windows and ``outgoing`` take of ``data`` now, never waiting for more
+        room (the last frame ending the stream with ``end_stream``); the rest is returned, empty when
+        all went out. ClientGone when the stream or the connection is gone."""
         view = memoryview(data)
         if not view and end_stream:
             self.end_stream(stream)
-        while view:
-            with self.lock:
-                room = self._wait_for_room(stream)
+            return view
+        with self.lock:
+            self._check(stream)
+            while view:
+                room = self._room(stream)
+                if not room:
+                    break
                 piece, view = view[:room], view[room:]
                 last = end_stream and not view
                 self.h2.send_data(stream.id, piece.tobytes(), end_stream=last)
                 if last:
                     stream.answered = True
-                write = self._queue()
-            if write:
-                self._write_out()
+            write = self._queue()
+        if write:
+            self._write_out()
+        return view
 
-    def _wait_for_room(self, stream: Stream) -> int:
-        """Under the lock: how much of the stream's body may go out now, once the client's windows allow
-        some and the writer took what was queued before (ClientGone past ``send_timeout``)."""
-        deadline = self.clock() + self.send_timeout
-        while True:
-            self._check(stream)
-            room = min(self.h2.local_flow_control_window(stream.id), self.h2.max_outbound_frame_size)
-            if room > 0 and len(self.outgoing) < OUTGOING_LIMIT:
-                return room
-            left = deadline - self.clock()
-            if left <= 0:
-                raise ClientGone("client did not open its flow-control window in time" if room <= 0
-                                 else "client stopped reading")
-            if room <= 0:
-                self._wait_on_client(left)  # a WINDOW_UPDATE to read
-            else:
-                self.changed.wait(left)  # the writer to take what is queued
+    def _room(self, stream: Stream) -> int:
+        """Under the lock: how much of the stream's body may go out now (0: wait for a WINDOW_UPDATE,
+        or for the writer to take what is queued)."""
+        if len(self.outgoing) >= OUTGOING_LIMIT:
+            return 0
+        try:
+            window = self.h2.local_flow_control_window(stream.id)
+        except h2.exceptions.NoSuchStreamError:  # h2 closed it (a stream error the client made)
+            _cancel(stream)
+            return 0
+        return max(0, min(window, self.h2.max_outbound_frame_size))
 
     def end_stream(self, stream: Stream, trailers=None) -> None:
         with self.lock:
@@ -456,27 +477,73 @@ class H2Session:
         if write:
             self._write_out()
 
-    def read_body(self, stream: Stream, timeout: float) -> bytes | None:
-        """The next piece of the request body (None at its end); ProtocolError 408 if none comes within
-        ``timeout``, ClientGone if the stream is reset."""
+    def take_body(self, stream: Stream) -> bytes | None:
+        """The next piece of the request body: b"" once it ended, None while no more has arrived.
+        ClientGone if the stream is reset (for its body too: a wrong length reads no more of it)."""
         with self.lock:
-            deadline = self.clock() + timeout
-            while True:
-                self._check(stream)  # a stream reset for its body (a wrong length) reads no more of it
-                if stream.body:
-                    break
-                if stream.body_ended:
-                    return None
-                left = deadline - self.clock()
-                if left <= 0:
-                    raise ProtocolError(408, "request body not received in time")
-                self._wait_on_client(left)
-            data, counted = stream.body.popleft()
-            self._acknowledge(counted, stream.id)
+            self._check(stream)
+            data = None
+            while stream.body and not data:  # a DATA frame of padding alone carries no bytes
+                data, counted = stream.body.popleft()
+                self._acknowledge(counted, stream.id)
+            if not data:
+                data = b"" if stream.body_ended else None
             write = self._queue()
         if write:
             self._write_out()
         return data
+
+    # -- parked streams ------------------------------------------------------------------------------
+    def park(self, stream: Stream, wait: StreamWait) -> bool:
+        """The stream's worker lets go of it until what it waits for happens or ``wait.deadline``
+        passes: then ``on_resume(stream)`` runs it again. False when there is nothing to wait for any
+        more (it came meanwhile, or the stream is gone): the caller runs it on at once."""
+        with self.lock:
+            if self._ready(stream, wait.why):
+                return False
+            stream.waiting = wait
+            self.parked[stream.id] = stream
+            arm = stream.timer_at is None or wait.deadline < stream.timer_at
+            if arm:
+                stream.timer_at = wait.deadline
+        if arm:
+            self.timer.add(wait.deadline, lambda: self._at_deadline(stream, wait.deadline))
+        return True
+
+    def _ready(self, stream: Stream, why: str) -> bool:
+        """Under the lock: a stream waiting for ``why`` may go on (or is gone, and finds out)."""
+        if stream.reset or self.lost:
+            return True
+        if why == BODY:
+            return bool(stream.body) or stream.body_ended
+        return self._room(stream) > 0 or stream.reset
+
+    def _resume_ready(self) -> None:
+        """Under the lock: every parked stream whose wait is over runs again."""
+        for stream in list(self.parked.values()):
+            if self._ready(stream, stream.waiting.why):
+                self._resume(stream)
+
+    def _resume(self, stream: Stream) -> None:
+        del self.parked[stream.id]
+        stream.waiting = None
+        self.on_resume(stream)
+
+    def _at_deadline(self, stream: Stream, deadline: float) -> None:
+        """The DeadlineTimer's call: a stream still parked past its deadline runs again, to time out."""
+        with self.lock:
+            if stream.timer_at == deadline:
+                stream.timer_at = None
+            if stream.waiting is None:
+                return
+            later = stream.waiting.deadline
+            if self.clock() >= later:
+                self._resume(stream)
+                return
+            if stream.timer_at is not None:
+                return  # an earlier call is due already
+            stream.timer_at = later  # parked again since, with a later deadline
+        self.timer.add(later, lambda: self._at_deadline(stream, later))
 
     def reset(self, stream: Stream, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
         with self.lock:
@@ -503,7 +570,6 @@ class H2Session:
             if not stream.reset and self.early_resets:
                 self.early_resets -= 1
             self.last_activity = self.clock()
-            self.changed.notify_all()
             write = self._queue()
         self._write_out_for_reader(write)
         with self.lock:
@@ -536,14 +602,32 @@ class H2Session:
             finally:
                 self.lock.release()
 
-    def finish_writing(self) -> None:
-        """Before the connection closes: everything queued is written, by this thread or by the one
-        writing now (a stream's last frames, queued while another thread wrote, would be cut off)."""
+    def when_written(self, callback) -> bool:
+        """Run ``callback()`` once what is queued is written (or the session lost), on the thread that
+        finishes writing it (the FlushRelay's, for a client slow to read), so that no thread waits for
+        it. False when nothing is being written: the caller goes on at once."""
         with self.lock:
-            while self.writing and not self.lost:
-                self.changed.wait(self.send_timeout)  # a writer ends or loses the session within it
-            write = self._queue()
-        self._write_out_for_reader(write)
+            if not self.writing or self.lost:
+                return False
+            self.after_written = callback
+            return True
+
+    def _writing_over(self) -> None:
+        """After a write ended: the ``when_written`` callback, if writing is over."""
+        if self.after_written is None:
+            return
+        with self.lock:
+            if self.writing and not self.lost:
+                return  # another thread took over: it calls this when it is done
+            callback, self.after_written = self.after_written, None
+        if callback is not None:
+            callback()
+
+    def closed(self) -> None:
+        """The connection was closed: its streams end, the parked ones run again to find out."""
+        with self.lock:
+            if not self.lost:
+                self._lose()
 
     def _goaway(self, code: ErrorCodes) -> None:
         if self.goaway_sent and code == ErrorCodes.NO_ERROR:
@@ -608,44 +692,67 @@ class H2Session:
 
     def _write_out(self) -> None:
         """Write ``outgoing`` until it is empty, the lock taken only around each non-blocking send (so
-        in order, and one writer at a time); ClientGone when the client does not take a byte for
-        ``send_timeout`` or the socket fails, which loses the session."""
-        pending = memoryview(b"")  # retried as it is: OpenSSL wants a write repeated with the same bytes
-        deadline = None
+        in order, and one writer at a time). A full socket hands the rest to the FlushRelay, with
+        ``writing`` still set, so no thread waits for a client slow to read. ClientGone when the
+        socket fails, which loses the session."""
+        try:
+            if not self._write_some():
+                self.flusher.add(self)
+                return
+        except ClientGone:
+            self._writing_over()
+            raise
+        self._writing_over()
+
+    def write_stalled(self) -> bool:
+        """The FlushRelay's write, once the socket has room: True when writing is over (all written, or
+        the session lost), False when the socket is full again."""
+        try:
+            if not self._write_some():
+                return False
+        except ClientGone:
+            pass
+        self._writing_over()
+        return True
+
+    def give_up_writing(self) -> None:
+        """The FlushRelay's call when the client took nothing for ``send_timeout``: the session is lost."""
+        with self.lock:
+            self.writing = False
+            if not self.lost:
+                self._lose()
+        self._writing_over()
+
+    def _write_some(self) -> bool:
+        """Write what is queued while the socket takes it: True once all went out, False when the
+        socket is full (``writing`` stays set, ``pending`` kept for the next try). ClientGone on failure."""
         done = False
         try:
             while True:
                 with self.lock:
                     if self.lost:
                         raise ClientGone("client connection lost")
-                    if not pending:
+                    if not self.pending:
                         if not self.outgoing:
                             self.writing = False
-                            self.changed.notify_all()  # for ``finish_writing``
                             done = True
                             if self.closing:
                                 self._lose()
-                            return
-                        if len(self.outgoing) >= OUTGOING_LIMIT:
-                            self.changed.notify_all()  # room for the streams waiting on it
-                        pending = memoryview(bytes(self.outgoing))
+                            return True
+                        self.pending = memoryview(bytes(self.outgoing))
                         del self.outgoing[:]
-                sent = self._send(pending)
-                if sent:
-                    pending = pending[sent:]
-                    deadline = None  # progress: the client reads
-                    continue
-                now = self.clock()
-                deadline = deadline or now + self.send_timeout
-                if now >= deadline or (not _writable(self.sock, deadline - now) and self.clock() >= deadline):
-                    with self.lock:
-                        self._lose()
-                    raise ClientGone("client stopped reading")
+                        if self.parked:
+                            self._resume_ready()  # room for the streams waiting on it
+                sent = self._send(self.pending)
+                if not sent:
+                    done = True  # still writing: the FlushRelay takes it over
+                    return False
+                self.pending = self.pending[sent:]
+                self.bytes_written += sent
         finally:
             if not done:  # an error: the next thread with frames to send writes (if there is anything left)
                 with self.lock:
                     self.writing = False
-                    self.changed.notify_all()
 
     def _send(self, data) -> int:
         """One non-blocking send, 0 when the socket has no room."""
@@ -675,6 +782,8 @@ class H2Session:
         self.outgoing += self.h2.data_to_send()
         for stream in self.streams.values():
             _cancel(stream)
+        if self.parked:
+            self._resume_ready()
         if not self.outgoing and not self.writing:
             self._lose()
 
@@ -683,6 +792,8 @@ class H2Session:
         self.lost = True
         for stream in self.streams.values():
             _cancel(stream)
+        if self.parked:
+            self._resume_ready()
         try:
             # Under io_lock: on a TLS socket the shutdown drops the SSL object another thread's send or
             # recv may be using. Every socket call is non-blocking, so the wait is one call at most.
@@ -690,7 +801,6 @@ class H2Session:
                 self.sock.shutdown(socket.SHUT_RDWR)  # wakes a reader; the close itself is the caller's
         except OSError:
             pass
-        self.changed.notify_all()
 
 
 def _cancel(stream: Stream) -> None:
@@ -718,21 +828,3 @@ def is_h2c_preface(conn) -> bool | None:
     if start and PREFACE.startswith(start):
         return None
     return False
-
-
-def _readable(sock, timeout: float) -> bool:
-    """True when a read would not wait, or would fail (the socket closed meanwhile): ``pump`` tells."""
-    try:
-        if getattr(sock, "pending", None) and sock.pending():  # TLS bytes already decrypted
-            return True
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        return bool(poller.poll(max(0.0, timeout) * 1000))
-    except (OSError, ValueError):  # ValueError: closed (fileno -1)
-        return True
-
-
-def _writable(sock, timeout: float) -> bool:
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    return bool(poller.poll(max(0.0, timeout) * 1000))

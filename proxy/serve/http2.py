@@ -19,6 +19,7 @@ import time
 from h2.errors import ErrorCodes
 
 from core import ConnectionState
+from core.thread_pool import PoolClosed
 from proxy.http.compression import compression_for
 from proxy.http.errors import ClientGone, ProxyError, UpstreamFailed
 from proxy.http.forwarding import RATE_LIMIT_FIELDS
@@ -27,7 +28,9 @@ from proxy.http.redirects import redirect_response
 from proxy.http.responses import html_response, plain_response
 from proxy.http2.mapping import (from_http1_payload, interim_block, request_from_block, request_trailers,
                                  response_block, trailer_block)
-from proxy.http2.session import H2Session
+from proxy.http2.flush_relay import FlushRelay
+from proxy.http2.session import BODY, WINDOW, H2Session, StreamWait
+from proxy.http2.timer import DeadlineTimer
 from proxy.serve.handler import HttpHandler, RequestRecord, _AS_IS, _send_settled_body
 
 log = logging.getLogger("pyproxy.http2")
@@ -60,6 +63,8 @@ class Http2Server:
         self.streams = Http2StreamHandler(handler)
         self.pool = pool  # each stream runs on a worker of its own
         self.submit = pool.submit
+        self.deadlines = DeadlineTimer()  # of the streams parked on their client (H2Session.park)
+        self.flusher = FlushRelay()  # writes for the connections whose client is slow to read
         self._lock = threading.Lock()
         self.connections = 0
         self.open_streams = 0
@@ -81,7 +86,9 @@ class Http2Server:
         with self._lock:
             self.connections += 1
         conn.on_close = _also_on_close(conn.on_close, self._connection_closed)
-        session.on_new_streams = functools.partial(self._hand_over, conn, session)
+        session.on_resume = functools.partial(self._resume, conn, session)
+        session.timer = self.deadlines
+        session.flusher = self.flusher
         self._settle(conn, session, session.start(received))
 
     def serve(self, conn):
@@ -102,12 +109,8 @@ class Http2Server:
         if self.app.draining() and not session.goaway_sent:
             session.goaway()
         self._hand_over(conn, session, new_streams, run_here)
-        if session.closing:
-            # A connection error's GOAWAY waits behind a writer: the client's unread bytes would keep the
-            # connection readable, and core would hand it straight back to a worker, again and again.
-            session.finish_writing()
         if session.lost or (session.goaway_sent and not session.active_streams):
-            _close_after_goaway(conn, session, reading=True)
+            self._close_after_goaway(conn, session, reading=True)
             return
         settings = self.app.settings
         conn.park_deadline = session.deadline(settings.idle_timeout, settings.header_timeout)
@@ -125,7 +128,7 @@ class Http2Server:
             # deadline, computed above) to this worker.
             conn.park_deadline = session.deadline(settings.idle_timeout, settings.header_timeout)
             if session.lost or session.goaway_sent:
-                _close_after_goaway(conn, session)
+                self._close_after_goaway(conn, session)
 
     def _hand_over(self, conn, session: H2Session, new_streams, run_here=None) -> None:
         """New streams to the pool (a stream's worker that read the connection hands them over too)."""
@@ -147,31 +150,53 @@ class Http2Server:
         return self.submit(self._run_stream, conn, session, stream)
 
     def _run_stream(self, conn, session: H2Session, stream) -> None:
+        if stream.reset:  # cancelled before a worker took it (rapid reset): costs the backends nothing
+            self._stream_done(conn, session, stream)
+            return
+        stream.started = True
+        stream.task = self._serve_stream(StreamClient(session, stream, conn), session, stream)
+        self._advance(conn, session, stream)
+
+    def _resume(self, conn, session: H2Session, stream) -> None:
+        """The session's call, under its lock, for a parked stream whose wait is over."""
         try:
-            if stream.reset:
-                return  # cancelled before a worker took it (rapid reset): costs the backends nothing
-            stream.started = True
-            client = StreamClient(session, stream, conn)
-            try:
-                request = request_from_block(stream.block, stream.end_stream, self.app.settings.max_header_bytes)
-            except ProtocolError as exc:
-                self.streams.answer_refused(client, exc.status, exc.reason)
-                return
-            if request.content_length is not None and request.content_length > self.app.settings.max_body_bytes:
-                self.streams.answer_refused(client, 413, "request body too large")
-                return
-            session.requests += 1
-            _run_to_end(self.streams._exchange(client, session, request))
+            self.pool.resubmit(self._advance, conn, session, stream)
+        except PoolClosed:
+            pass  # the process is stopping: the connection closes with it
+
+    def _advance(self, conn, session: H2Session, stream) -> None:
+        """Run the stream until it is done, or parked waiting on its client (``StreamWait``): then this
+        worker lets go of it, and the session hands it back (``_resume``) when the wait is over."""
+        try:
+            while True:
+                if session.park(stream, stream.task.send(None)):
+                    return
+        except StopIteration:
+            pass
         except Exception:  # one stream's failure never takes the pool worker or the connection with it
             log.exception("HTTP/2 stream %d from %s failed", stream.id, session.client_ip)
-        finally:
-            self._stream_done(conn, session, stream)
+        stream.task = None
+        self._stream_done(conn, session, stream)
+
+    def _serve_stream(self, client: StreamClient, session: H2Session, stream):
+        """The stream's task: its request through the exchange, or the proxy's own answer to it."""
+        try:
+            request = request_from_block(stream.block, stream.end_stream, self.app.settings.max_header_bytes)
+        except ProtocolError as exc:
+            self.streams.answer_refused(client, exc.status, exc.reason)
+        else:
+            if request.content_length is not None and request.content_length > self.app.settings.max_body_bytes:
+                self.streams.answer_refused(client, 413, "request body too large")
+            else:
+                session.requests += 1
+                yield from self.streams._exchange(client, session, request)
+        yield from self.streams.send_unsent(client)
 
     def _stream_done(self, conn, session: H2Session, stream) -> None:
         with self._lock:
             self.open_streams -= 1
         if session.finish(stream):
-            _close_after_goaway(conn, session)
+            self._close_after_goaway(conn, session)
         elif not session.active_streams:
             settings = self.app.settings
             conn.park_deadline = session.deadline(settings.idle_timeout, settings.header_timeout)
@@ -179,6 +204,7 @@ class Http2Server:
     def _connection_closed(self, conn) -> None:
         with self._lock:
             self.connections -= 1
+        conn.server_data.closed()  # however it closed (core shedding it, a drain's end): the streams end
 
     # -- what core asks of a connection ----------------------------------------------------------------
     def expire(self, conn) -> None:
@@ -192,27 +218,41 @@ class Http2Server:
 
     def _goaway(self, conn) -> None:
         if conn.server_data.goaway():
-            _close_after_goaway(conn, conn.server_data)
+            self._close_after_goaway(conn, conn.server_data)
+
+    def _close_after_goaway(self, conn, session: H2Session, reading: bool = False) -> None:
+        """The last stream after a GOAWAY is done: close as HTTP/1.1 does, lingering, so frames the client
+        sent meanwhile do not turn the close into a reset that discards the last responses in flight. A
+        lost connection (gone, or ended for an attack) closes at once. ``reading``: the caller is the
+        worker reading the connection; otherwise the connection is closed only if parked (claimed from
+        IDLE): a worker reading it meanwhile closes it once it is done (``Http2Server._settle``), as
+        closing under it would drop the frames it answers and the ones still being written. It is
+        claimed as a tunnel is (kept by this thread until closed), which a worker core dispatched to read
+        it meanwhile leaves alone (``_take_for_reading`` in proxy/serve/handler.py)."""
+        if not conn.claim(S.READING if reading else S.IDLE, S.TUNNEL):
+            return
+        if session.lost:
+            conn.close()
+            return
+        if not reading:  # frames that came meanwhile: a stream racing the GOAWAY is refused, not dropped
+            for stream in session.pump():
+                session.reset(stream, ErrorCodes.REFUSED_STREAM)
+        # Frames still waiting for a client slow to read: the close follows them, from a worker of the
+        # pool then, as no worker waits for a slow client.
+        if not session.when_written(functools.partial(self._close_later, conn, session)):
+            _close_lingering(conn, session)
+
+    def _close_later(self, conn, session: H2Session) -> None:
+        try:
+            self.pool.resubmit(_close_lingering, conn, session)
+        except PoolClosed:
+            conn.close()  # the process is stopping
 
 
-def _close_after_goaway(conn, session: H2Session, reading: bool = False) -> None:
-    """The last stream after a GOAWAY is done: close as HTTP/1.1 does, lingering, so frames the client
-    sent meanwhile do not turn the close into a reset that discards the last responses in flight. A
-    lost connection (gone, or ended for an attack) closes at once. ``reading``: the caller is the
-    worker reading the connection; otherwise the connection is closed only if parked (claimed from
-    IDLE): a worker reading it meanwhile closes it once it is done (``Http2Server._settle``), as
-    closing under it would drop the frames it answers and the ones still being written. It is
-    claimed as a tunnel is (kept by this thread until closed), which a worker core dispatched to read
-    it meanwhile leaves alone (``_take_for_reading`` in proxy/serve/handler.py)."""
-    if not (reading or conn.claim(S.IDLE, S.TUNNEL)):
-        return
+def _close_lingering(conn, session: H2Session) -> None:
     if session.lost:
         conn.close()
         return
-    if not reading:  # frames that came meanwhile: a stream racing the GOAWAY is refused, not dropped
-        for stream in session.pump():
-            session.reset(stream, ErrorCodes.REFUSED_STREAM)
-    session.finish_writing()
     conn.sock.settimeout(None)  # the session's socket is non-blocking; the linger reads with timeouts
     HttpHandler._close_lingering(conn)
 
@@ -238,16 +278,6 @@ def _upstream_recv(link, stream) -> bytes:
         raise
     _check_cancelled(stream)
     return data
-
-
-def _run_to_end(exchange) -> None:
-    """Run an exchange generator; a stream's never waits in core's transfer relay."""
-    try:
-        exchange.send(None)
-    except StopIteration:
-        return
-    exchange.close()
-    raise RuntimeError("an HTTP/2 exchange yielded a wait")
 
 
 def _also_on_close(first, then):
@@ -286,10 +316,18 @@ class Http2StreamHandler(HttpHandler):
         expected = ex.request.content_length
         received = 0
         link.send(head)
+        session, stream = client.session, client.stream
+        deadline = session.clock() + settings.body_timeout
         while True:
-            piece = client.session.read_body(client.stream, settings.body_timeout)
-            if piece is None:
+            piece = session.take_body(stream)
+            if piece is None:  # none yet: wait for it without a thread
+                if session.clock() >= deadline:
+                    raise ProtocolError(408, "request body not received in time")
+                yield StreamWait(BODY, deadline)
+                continue
+            if not piece:
                 break
+            deadline = session.clock() + settings.body_timeout
             received += len(piece)
             if received > settings.max_body_bytes:
                 raise ProtocolError(413, "request body too large")
@@ -307,8 +345,6 @@ class Http2StreamHandler(HttpHandler):
             link.send(last)
             self._keep_for_replay(ex, last)
         ex.body_done = True
-        return
-        yield  # a generator, as the HTTP/1.1 one: it never waits in the relay
 
     # -- the response ---------------------------------------------------------------------------------
     def _read_response_head(self, ex, link, stop_at_continue: bool = False, parser=None):
@@ -361,7 +397,7 @@ class Http2StreamHandler(HttpHandler):
             if event is NEED_DATA:
                 pending += encoder.flush()
                 if pending:
-                    self._send(ex, pending)
+                    yield from self._send(ex, pending)
                     pending = b""
                 else:
                     session.flush()  # the head, before waiting on the upstream
@@ -376,20 +412,42 @@ class Http2StreamHandler(HttpHandler):
                 continue
             pending += encoder.finish()  # EndOfMessage
             if event.trailers:
-                self._send(ex, pending)
+                yield from self._send(ex, pending)
                 session.end_stream(stream, trailer_block(event.trailers))
             else:
-                self._send(ex, pending, end_stream=True)
+                yield from self._send(ex, pending, end_stream=True)
             break
         return (response.keep_alive and ex.body_done and not parser.body_close_delimited
                 and not parser.has_buffered_data)
-        yield
 
-    @staticmethod
-    def _send(ex, data: bytes, end_stream: bool = False) -> None:
+    def _send(self, ex, data: bytes, end_stream: bool = False):
+        """Send body bytes as the client's windows allow, parked while they are shut (ClientGone past
+        ``send_timeout`` without room for a byte)."""
         if data or end_stream:
-            ex.conn.session.send_body(ex.conn.stream, data, end_stream)
+            yield from self._send_within_windows(ex.conn, data, end_stream)
             ex.record.bytes_sent += len(data)
+
+    def _send_within_windows(self, client: StreamClient, data, end_stream: bool):
+        session, stream = client.session, client.stream
+        rest = session.send_some(stream, data, end_stream)
+        deadline = session.clock() + self.app.settings.send_timeout
+        while rest:
+            if session.clock() >= deadline:
+                raise ClientGone("client did not open its flow-control window in time")
+            yield StreamWait(WINDOW, deadline)
+            left = len(rest)
+            rest = session.send_some(stream, rest, end_stream)
+            if len(rest) < left:  # progress: the client reads
+                deadline = session.clock() + self.app.settings.send_timeout
+
+    def send_unsent(self, client: StreamClient):
+        """The end of an answer the proxy wrote itself that the client's windows did not take at once."""
+        unsent, client.stream.unsent = client.stream.unsent, None
+        if unsent:
+            try:
+                yield from self._send_within_windows(client, unsent, end_stream=True)
+            except ClientGone:
+                client.close()
 
     def _answer_error(self, ex, status: int, detail: str, body=None, headers: tuple = ()) -> None:
         if ex.response_started:  # the head went out: cancelling the stream is the only honest signal
@@ -418,8 +476,8 @@ class Http2StreamHandler(HttpHandler):
         block, body = from_http1_payload(payload)
         try:
             client.session.send_headers(client.stream, block, end_stream=not body, flush=not body)
-            if body:
-                client.session.send_body(client.stream, body, end_stream=True)
+            if body:  # what the windows do not take now waits for the stream's task to end (send_unsent)
+                client.stream.unsent = client.session.send_some(client.stream, body, end_stream=True)
             record.bytes_sent += len(body)
         except ClientGone:
             pass  # the client cancelled the stream or left: nothing left to tell it

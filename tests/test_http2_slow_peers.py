@@ -1,0 +1,287 @@
+"""HTTP/2 clients that stop reading or sending hold no pool worker: a stream waiting on its client's
+flow-control window or on its request body is parked until the client moves (or its timeout passes),
+so a few threads still serve everyone else. Docs: docs/configuration.md, "HTTP/2"."""
+
+from __future__ import annotations
+
+import socket
+
+import h2.events
+import h2.settings
+from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame, RstStreamFrame
+
+from proxy.config.schema import parse_config
+from proxy.http2.session import BODY, OUTGOING_LIMIT, WINDOW, H2Session, Stream, StreamWait
+from tests.support.backends import stream_pattern
+from tests.support.client import read_response
+from tests.support.h2 import H2Client, start_h2_proxy, stop_quietly
+from tests.support.proxy import proxy_config_dict
+from tests.support.timing import wait_for
+
+H2C = {"h2c": True}
+# Far longer than the tests wait for anything: a stream that kept its worker for its whole wait would
+# keep it past every bound below.
+PATIENT = {"send_timeout": "300s", "body_timeout": "300s"}
+SERVED_WITHIN = 60.0  # how long the other clients wait for their answer at most (generous: a busy CI)
+
+
+def _stalled_connections(proxy, connections: int, streams_each: int) -> list[H2Client]:
+    """Clients that open streams and then neither read their answer nor send their body. One
+    connection at a time, each once the streams before it left the queue: a burst past half the queue
+    would be refused (REFUSED_STREAM), which is another limit than this one."""
+    clients = []
+    for _ in range(connections):
+        client = H2Client.connect(proxy.port)
+        client.auto_ack = False  # no WINDOW_UPDATE ever: every answer stalls at the first 64 KiB
+        for index in range(streams_each):
+            if index % 2:
+                client.request("/upload", method="POST", end=False)  # a body that never comes
+            else:
+                client.request("/big")
+        clients.append(client)
+        wait_for(lambda: proxy.process.pool.queued == 0 and proxy.process.app.http2_counts()["streams"]
+                 == len(clients) * streams_each, timeout=SERVED_WITHIN, what="the streams taken on",
+                 on_timeout=lambda: f"{proxy.process.app.http2_counts()}, pool {proxy.process.pool.counts()}")
+    return clients
+
+
+def test_300_stalled_streams_leave_four_workers_serving_http1_and_http2(make_backend):
+    backend = make_backend()
+    backend.route("/big", stream_pattern(1024 * 1024))
+    proxy = start_h2_proxy({"web": [backend.address]}, None, listen=H2C,
+                           server={"min_threads": 4, "max_threads": 4, **PATIENT})
+    try:
+        attackers = _stalled_connections(proxy, connections=30, streams_each=10)
+        # Every stalled stream runs: the downloads reached the backend, and they and the uploads wait
+        # on their client.
+        counts = proxy.process.app.http2_counts
+        wait_for(lambda: len(backend.requests) == 150, timeout=SERVED_WITHIN, what="the downloads upstream")
+        assert counts()["streams"] == 300
+        http1 = socket.create_connection(("127.0.0.1", proxy.port), timeout=SERVED_WITHIN)
+        http1.sendall(b"GET /one HTTP/1.1\r\nHost: h1.test\r\nConnection: close\r\n\r\n")
+        assert read_response(http1).startswith(b"HTTP/1.1 200 ")
+        http1.close()
+        other = H2Client.connect(proxy.port)
+        other.sock.settimeout(SERVED_WITHIN)
+        headers, _ = other.response(other.request("/two"))
+        assert headers[":status"] == "200"
+        other.close()
+        for client in attackers:
+            client.close()
+        # Their streams end with their connections: the pool is idle again, nothing left waiting.
+        wait_for(lambda: proxy.process.pool.busy == 0 and counts()["streams"] == 0, timeout=SERVED_WITHIN,
+                 what="every stalled stream to end", on_timeout=lambda: f"{counts()}, pool {proxy.process.pool.counts()}")
+    finally:
+        stop_quietly(proxy)
+
+
+def test_body_that_stops_coming_gets_408_while_parked(make_backend):
+    backend = make_backend()
+    proxy = start_h2_proxy({"web": [backend.address]}, None, listen=H2C,
+                           server={"min_threads": 1, "max_threads": 1, "body_timeout": "3s"})
+    try:
+        client = H2Client.connect(proxy.port)
+        stream = client.request("/upload", method="POST", headers=[("content-length", "10")], end=False)
+        client.h2.send_data(stream, b"12345")
+        client.flush()
+        # Parked: the stream is in progress, and the one worker is free for another client.
+        pool, counts = proxy.process.pool, proxy.process.app.http2_counts
+        wait_for(lambda: counts()["streams"] == 1 and pool.busy == 0, what="the stream parked",
+                 on_timeout=lambda: f"{counts()}, pool {pool.counts()}")
+        other = H2Client.connect(proxy.port)
+        headers, _ = other.response(other.request("/other"))
+        assert headers[":status"] == "200"
+        headers, body = client.response(stream)
+        assert headers[":status"] == "408" and b"request body not received in time" in body
+        other.close()
+        client.close()
+    finally:
+        stop_quietly(proxy)
+
+
+class _RecordingTimer:
+    def __init__(self):
+        self.calls: list = []
+
+    def add(self, deadline, callback):
+        self.calls.append((deadline, callback))
+
+
+def test_parked_stream_is_timed_by_its_earliest_deadline():
+    # A stream parked for its body (a late deadline), then for a window (an earlier one): the timer is
+    # asked again for the earlier one, and each call runs the stream again only once its wait is due.
+    now = [0.0]
+    ours, theirs = socket.socketpair()
+    try:
+        conn = type("Conn", (), {"sock": ours})()
+        session = H2Session(conn, client_ip="127.0.0.1", scheme="http", max_streams=10, max_header_bytes=8192,
+                            send_timeout=5, clock=lambda: now[0])
+        resumed = []
+        session.on_resume = resumed.append
+        session.timer = timer = _RecordingTimer()
+        stream = Stream(1, [], end_stream=False)
+        session.streams[1] = stream
+        assert session.park(stream, StreamWait(BODY, 30.0))
+        stream.body_ended = True
+        session._resume_ready()  # the body's end arrives: run again
+        assert resumed == [stream]
+        session.outgoing += b"x" * OUTGOING_LIMIT  # the writer has its fill: no room to send
+        assert session.park(stream, StreamWait(WINDOW, 5.0))
+        assert [deadline for deadline, _ in timer.calls] == [30.0, 5.0]
+        now[0] = 4.0
+        timer.calls[1][1]()  # called early (a timer is never late, but may be early): asked again
+        assert resumed == [stream] and [deadline for deadline, _ in timer.calls] == [30.0, 5.0, 5.0]
+        now[0] = 5.0
+        timer.calls[2][1]()  # due: run again, to time out
+        assert resumed == [stream, stream] and stream.waiting is None and not session.parked
+        now[0] = 30.0
+        timer.calls[0][1]()  # the body's deadline, long since moot: nothing
+        assert resumed == [stream, stream]
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def _not_reading_its_socket(port: int, streams: int, path: str = "/big", small_buffer: bool = True) -> H2Client:
+    """A client that opens its flow-control windows all the way and then never reads its socket: only
+    TCP stops the proxy's writes (soon with ``small_buffer``; but what was sent then crawls in later)."""
+    client = H2Client.connect(port)
+    if small_buffer:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2 ** 31 - 1})
+    client.h2.increment_flow_control_window(2 ** 31 - 1 - 65535)
+    client.flush()
+    for _ in range(streams):
+        client.request(path)
+    return client
+
+
+def test_clients_not_reading_their_socket_leave_four_workers_serving(make_backend):
+    backend = make_backend()
+    backend.route("/big", stream_pattern(64 * 1024 * 1024))
+    proxy = start_h2_proxy({"web": [backend.address]}, None, listen=H2C,
+                           server={"min_threads": 4, "max_threads": 4, **PATIENT})
+    pool, counts = proxy.process.pool, proxy.process.app.http2_counts
+    try:
+        stalled = []
+        for _ in range(30):  # one at a time, as in _stalled_connections: a burst would be refused
+            stalled.append(_not_reading_its_socket(proxy.port, streams=3))
+            wait_for(lambda: pool.queued == 0 and counts()["streams"] == 3 * len(stalled), timeout=SERVED_WITHIN,
+                     what="the streams taken on", on_timeout=lambda: f"{counts()}, pool {pool.counts()}")
+        # Every stream runs, and every connection's writes wait for its client: none on a worker.
+        wait_for(lambda: len(backend.requests) == 90 and pool.busy == 0 and pool.queued == 0,
+                 timeout=SERVED_WITHIN, what="every stream upstream, no worker waiting on a client",
+                 on_timeout=lambda: f"{len(backend.requests)} upstream, {counts()}, pool {pool.counts()}")
+        assert counts()["streams"] == 90
+        http1 = socket.create_connection(("127.0.0.1", proxy.port), timeout=SERVED_WITHIN)
+        http1.sendall(b"GET /one HTTP/1.1\r\nHost: h1.test\r\nConnection: close\r\n\r\n")
+        assert read_response(http1).startswith(b"HTTP/1.1 200 ")
+        http1.close()
+        other = H2Client.connect(proxy.port)
+        other.sock.settimeout(SERVED_WITHIN)
+        headers, _ = other.response(other.request("/two"))
+        assert headers[":status"] == "200"
+        other.close()
+        for client in stalled:
+            client.close()
+        wait_for(lambda: pool.busy == 0 and counts()["streams"] == 0, timeout=SERVED_WITHIN,
+                 what="every stalled stream to end", on_timeout=lambda: f"{counts()}, pool {pool.counts()}")
+    finally:
+        stop_quietly(proxy)
+
+
+def test_client_not_reading_its_socket_is_dropped_after_send_timeout(make_backend):
+    backend = make_backend()
+    backend.route("/big", stream_pattern(64 * 1024 * 1024))
+    proxy = start_h2_proxy({"web": [backend.address]}, None, listen=H2C, server={"send_timeout": "2s"})
+    pool, counts = proxy.process.pool, proxy.process.app.http2_counts
+    try:
+        client = _not_reading_its_socket(proxy.port, streams=2)
+        wait_for(lambda: len(backend.requests) == 2, what="both streams upstream")
+        # Nobody waits on a thread meanwhile: the flush relay gives the connection up.
+        wait_for(lambda: counts() == {"connections": 0, "streams": 0, "streams_total": 2}, timeout=SERVED_WITHIN,
+                 what="the connection dropped", on_timeout=lambda: f"{counts()}, pool {pool.counts()}")
+        client.close()
+    finally:
+        stop_quietly(proxy)
+
+
+def test_stream_h2_closed_itself_is_not_parked_but_ends():
+    # h2 closes a stream on some errors of the client's; a stream of ours waiting for a window on it must
+    # find out (and end as cancelled), not raise h2's error in whichever thread looks at its window.
+    ours, theirs = socket.socketpair()
+    try:
+        session = H2Session(type("Conn", (), {"sock": ours})(), client_ip="127.0.0.1", scheme="http",
+                            max_streams=10, max_header_bytes=8192, send_timeout=5)
+        stream = Stream(1, [], end_stream=True)  # unknown to h2: as one it closed and forgot
+        session.streams[1] = stream
+        assert not session.park(stream, StreamWait(WINDOW, 5.0))
+        assert stream.reset
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_close_after_goaway_waits_for_a_slow_reader_without_a_worker(make_backend):
+    # Frames still waiting for a client that does not read, no stream left (the client cancelled it),
+    # then the client's GOAWAY: the connection closes once they are written, and no worker waits for
+    # that meanwhile.
+    backend = make_backend()
+    backend.route("/big", stream_pattern(64 * 1024 * 1024))
+    proxy = start_h2_proxy({"web": [backend.address]}, None, listen=H2C,
+                           server={"min_threads": 1, "max_threads": 1, **PATIENT})
+    pool, counts = proxy.process.pool, proxy.process.app.http2_counts
+    try:
+        client = _not_reading_its_socket(proxy.port, streams=1, small_buffer=False)
+        wait_for(lambda: counts()["streams"] == 1 and pool.busy == 0, what="the stream parked on the full socket")
+        goaway = GoAwayFrame(0)
+        goaway.last_stream_id = 0
+        client.send_raw(RstStreamFrame(1, error_code=ErrorCodes.CANCEL).serialize() + goaway.serialize())
+        wait_for(lambda: counts()["streams"] == 0 and pool.busy == 0 and pool.queued == 0,
+                 what="the stream ended, no worker waiting for the client",
+                 on_timeout=lambda: f"{counts()}, pool {pool.counts()}")
+        assert counts()["connections"] == 1  # its frames still wait to be written
+        other = H2Client.connect(proxy.port)  # the one worker is free
+        headers, _ = other.response(other.request("/other"))
+        assert headers[":status"] == "200"
+        other.close()
+        client.sock.settimeout(SERVED_WITHIN)
+        for _ in range(100_000):  # the client reads at last: what was queued, then the close
+            if not client.sock.recv(65536):
+                break
+        wait_for(lambda: counts()["connections"] == 0, what="the connection closed")
+        client.close()
+    finally:
+        stop_quietly(proxy)
+
+
+def test_reload_under_a_parked_stream_lets_it_finish_from_its_upstream(make_backend):
+    # The stream keeps the runtime it started with while parked, whatever a reload swaps meanwhile.
+    first, second = make_backend(), make_backend()
+    total = 1024 * 1024
+    for backend in (first, second):
+        backend.route("/big", stream_pattern(total))
+    proxy = start_h2_proxy({"web": [first.address]}, None, listen=H2C)
+    pool, counts = proxy.process.pool, proxy.process.app.http2_counts
+    try:
+        client = H2Client.connect(proxy.port)
+        client.auto_ack = False  # the window stays shut: the stream parks
+        stream = client.request("/big")
+        wait_for(lambda: first.requests and counts()["streams"] == 1 and pool.busy == 0, what="the stream parked")
+        document = proxy_config_dict({"web": [second.address]}, server={
+            "listen": [{"address": f"127.0.0.1:{proxy.port}", "h2c": True}], "send_timeout": "5s"})
+        proxy.process.reload(parse_config(document, "test.toml"))
+        client.auto_ack = True
+        for event in client.events:  # the window back for what arrived before: the stream goes on
+            if isinstance(event, h2.events.DataReceived) and event.flow_controlled_length:
+                client.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        client.flush()
+        headers, body = client.response(stream)
+        assert headers[":status"] == "200" and len(body) == total
+        assert len(first.requests) == 1 and not second.requests
+        headers, _ = client.response(client.request("/big"))  # a new stream takes the new upstream
+        assert headers[":status"] == "200" and len(second.requests) == 1
+        client.close()
+    finally:
+        stop_quietly(proxy)
