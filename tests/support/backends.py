@@ -109,6 +109,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self._is_chunked():
             while True:
                 size_line = self.rfile.readline(MAX_HEAD)
+                if not size_line:
+                    raise ConnectionError("client closed before a chunk's size line")
                 size = int(size_line.split(b";")[0].strip(), 16)
                 if size == 0:
                     while self.rfile.readline(MAX_HEAD) not in (b"\r\n", b"\n", b""):
