@@ -629,6 +629,30 @@ def test_a_stopped_server_leaves_no_signal_wakeup_on_its_closed_pipe(handler):
             signals.signal(signum, action)
 
 
+def test_a_stopped_server_ignores_the_signals_it_handled_except_the_stops(handler):
+    # Python's exit puts the default action back on every signal it handled: a SIGHUP (a reload) that
+    # came after the loop ended killed the exiting process, whose status then read "killed by SIGHUP".
+    import signal as signals
+
+    watched = (signals.SIGTERM, signals.SIGINT, signals.SIGHUP, signals.SIGUSR1)
+    before = {signum: signals.getsignal(signum) for signum in watched}
+    previous = signals.set_wakeup_fd(-1)
+    signals.set_wakeup_fd(previous)
+    server = SocketServer(handler, listeners=[("127.0.0.1", 0)])
+    try:
+        server.install_signal_handlers(watched)
+        server.request_shutdown(force=True)
+        server.serve_forever()  # on this (the main) thread, as a process runs it: drains and returns
+        assert signals.getsignal(signals.SIGHUP) is signals.SIG_IGN
+        assert signals.getsignal(signals.SIGUSR1) is signals.SIG_IGN
+        for stop in (signals.SIGTERM, signals.SIGINT):  # a stop keeps its meaning
+            assert signals.getsignal(stop) not in (signals.SIG_IGN, signals.SIG_DFL)
+    finally:
+        signals.set_wakeup_fd(previous)
+        for signum, action in before.items():
+            signals.signal(signum, action)
+
+
 def test_a_request_parked_after_the_workers_stopped_gets_a_clean_close(handler):
     # Closed with the request unread, the connection was reset: a reset may destroy the previous
     # answer's end still on its way to the client. What the client sent is read and dropped first.

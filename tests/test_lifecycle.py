@@ -77,6 +77,23 @@ def test_a_sighup_during_the_drain_does_not_open_the_listeners_again(tmp_path, w
 
 
 @pytest.mark.parametrize("workers", [1, 2])
+def test_reload_and_reopen_signals_to_a_stopping_proxy_never_kill_it(tmp_path, workers):
+    """A SIGHUP or SIGUSR1 (a deploy's reload, logrotate's reopen) that reached the proxy after its loop
+    had ended, as it exited, met the default action Python puts back at exit and killed it: the exit
+    status said "killed by SIGHUP" instead of 0, which a service manager counts as a failure."""
+    with named_backends("a") as (a,), running_proxy(tmp_path, proxy_config(free_port(), a.address, workers=workers)) as run:
+        if workers > 1:
+            wait_for(lambda: run.log().count(") ready") == workers, what="the workers ready", on_timeout=run.log)
+        run.signal(signal.SIGTERM)
+        deadline = time.monotonic() + EXIT_TIMEOUT
+        while run.proc.poll() is None and time.monotonic() < deadline:  # through the drain and the exit
+            for signum in (signal.SIGHUP, signal.SIGUSR1):
+                run.signal(signum)
+            time.sleep(0.001)
+        assert run.wait_exit() == 0, run.log()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
 def test_a_reload_whose_new_address_is_taken_keeps_the_old_config(tmp_path, workers):
     """Bug: the reload logged "cannot listen on", then "config reloaded" with "listener added" for the
     address it could not take, and applied the rest. Now, as in nginx, nothing of it is applied."""
