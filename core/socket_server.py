@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 from .connection import RESTING_STATES, Connection, ConnectionState, set_socket_timeouts
 from .thread_pool import PoolClosed, ThreadPool
 from .transfer_relay import Linger, TransferRelay
-from .wakeup import WakePipe, ignore_late_signals, restore_wakeup_fd
+from .wakeup import WakePipe, ignore_late_signals, restore_wakeup_fd, stops_first
 
 log = logging.getLogger("pyproxy.core.server")
 
@@ -296,8 +296,12 @@ class SocketServer:
         self._pending_signals.append(signum)
 
     def _dispatch_signals(self) -> None:
-        while self._pending_signals:
-            signum = self._pending_signals.popleft()
+        if not self._pending_signals:
+            return
+        batch = []
+        while self._pending_signals:  # popped one by one: a handler may append meanwhile
+            batch.append(self._pending_signals.popleft())
+        for signum in stops_first(batch):
             action = self.signal_handlers.get(signum)
             if action is not None:
                 action()

@@ -60,6 +60,13 @@ def restore_wakeup_fd(previous: int) -> None:
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
+def stops_first(batch: list[int]) -> list[int]:
+    """A batch of recorded signals, the stops first and the rest in the order recorded. Python runs the
+    handlers of signals that arrive together in signal-number order: a SIGHUP sent right behind a
+    SIGTERM is recorded before it, and acted on first it would reload a process on its way out."""
+    return sorted(batch, key=lambda signum: signum not in STOP_SIGNALS)  # stable
+
+
 def ignore_late_signals(signals) -> None:
     """Once a loop that handled ``signals`` has ended: ignore those asking for something other than a
     stop (a reload, a reopen). Python's exit puts the default action back on every signal it handled,
