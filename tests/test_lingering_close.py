@@ -4,8 +4,10 @@ max_threads workers from serving anyone else."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
+import time
 
 import pytest
 import requests
@@ -46,7 +48,7 @@ def test_clients_lingered_on_hold_no_worker(make_backend, make_proxy, monkeypatc
             answer = read_small_answer(sock)
             assert answer.startswith((b"HTTP/1.1 431", b"HTTP/1.1 400")), f"client {index}: {answer[:80]!r}"
         # Every one of them is still lingered on (none got its close), and a new client is served.
-        wait_for(lambda: held(proxy) == LINGERING_CLIENTS, timeout=30, what="all lingers parked")
+        wait_for(lambda: held(proxy) == LINGERING_CLIENTS, timeout=30, what="all lingers parked", on_timeout=lambda: f"held {held(proxy)} conns {proxy.process.server.connection_count} lingering {proxy.process.server._lingering}")
         response = requests.get(f"{proxy.url}/ok", timeout=30)
         assert response.status_code == 200
         assert held(proxy) == LINGERING_CLIENTS
@@ -222,3 +224,36 @@ def test_a_stopped_relay_ends_what_it_holds_and_what_comes_after():
     finally:
         for sock in (ours, theirs, late, late_peer):
             sock.close()
+
+
+def test_a_wait_the_relay_cannot_start_for_ends_at_once_and_the_relay_starts_later(monkeypatch):
+    # Out of descriptors (a flood of clients), making the relay's epoll set or wake-up pipe failed
+    # after the wait was queued: the error reached the worker as a traceback, and the wait sat in a
+    # queue nobody read, its socket open (a linger: counted against max_connections for good).
+    from core import transfer_relay
+
+    relay = TransferRelay()
+    ours, theirs = socket.socketpair()
+    later, later_peer = socket.socketpair()
+    real_pipe = transfer_relay.WakePipe
+
+    def out_of_descriptors():
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    try:
+        monkeypatch.setattr(transfer_relay, "WakePipe", out_of_descriptors)
+        done = []
+        relay.hold(Linger(ours, time.monotonic() + 60.0, 60.0, time.monotonic), lambda: done.append(ours.close()))
+        assert done == [None], "the wait was left queued"
+        assert ours.fileno() == -1 and relay.held_count == 0 and not relay.running
+        monkeypatch.setattr(transfer_relay, "WakePipe", real_pipe)  # descriptors again: the next one starts it
+        closed = []
+        relay.hold(Linger(later, time.monotonic() + 60.0, 60.0, time.monotonic), lambda: closed.append(later.close()))
+        later_peer.close()  # the peer's close ends this linger
+        wait_for(lambda: closed, what="the linger carried out by a started relay")
+    finally:
+        relay.stop()
+        for sock in (ours, theirs, later, later_peer):
+            sock.close()
+
+
