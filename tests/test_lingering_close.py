@@ -14,9 +14,11 @@ import requests
 
 from core.connection import Connection, ConnectionState
 from core.transfer_relay import Linger, TransferRelay
+from proxy.config.schema import parse_config
 from proxy.serve import handler as handler_module
+from proxy.serve.runner import ProxyProcess
 from tests.support.client import read_small_answer
-from tests.support.proxy import CLIENT_TIMEOUT
+from tests.support.proxy import CLIENT_TIMEOUT, config_document
 from tests.support.timing import FakeClock, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -257,3 +259,26 @@ def test_a_wait_the_relay_cannot_start_for_ends_at_once_and_the_relay_starts_lat
             sock.close()
 
 
+
+def test_a_refused_head_lingers_though_the_rest_of_it_has_not_arrived_yet():
+    # The close lingered only if the client's next bytes were already waiting. A client still sending
+    # the head the proxy refused (431: the rest in flight, or its sender not scheduled yet) had its
+    # connection closed at once: the rest of its head then drew a reset, and bytes arriving just
+    # between the look and the close made the close itself a reset, either of which can destroy the
+    # answer on its way. A refusal now always lingers (without a worker: core's relay carries it).
+    process = ProxyProcess(parse_config(config_document({"web": {"servers": ["127.0.0.1:9"]}}), "test.toml"),
+                           listeners=[])
+    client, server_side = socket.socketpair()
+    try:
+        conn = Connection(server_side, ("127.0.0.1", 40000))
+        lingered = []
+        conn.lingerer = lambda sock, seconds, quiet: (lingered.append(seconds), sock.close())
+        client.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 20000)  # past max_header_bytes, one read
+        process.server.handler(conn)
+        assert conn.closed
+        assert lingered, "closed at once, with the rest of the refused head still to come"
+        client.settimeout(CLIENT_TIMEOUT)
+        assert client.recv(65536).startswith(b"HTTP/1.1 431")
+    finally:
+        client.close()
+        process.pool.shutdown(timeout=5)
