@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 from .connection import RESTING_STATES, Connection, ConnectionState, set_socket_timeouts
 from .thread_pool import PoolClosed, ThreadPool
 from .transfer_relay import Linger, TransferRelay
-from .wakeup import WakePipe, restore_wakeup_fd
+from .wakeup import WakePipe, ignore_late_signals, restore_wakeup_fd, stops_first
 
 log = logging.getLogger("pyproxy.core.server")
 
@@ -194,6 +194,7 @@ class SocketServer:
         self._calls: deque[Callable[[], None]] = deque()
         self._pending_signals: deque[int] = deque()
         self._previous_wakeup_fd: int | None = None  # set while signals wake this loop (see install_signal_handlers)
+        self._signals_handled: tuple[int, ...] = ()  # by install_signal_handlers
         self._shutdown_requested = False
         self._force = False
         self.transfers = TransferRelay(clock=clock)  # held connections' stalled transfers
@@ -287,6 +288,7 @@ class SocketServer:
     # -- signals (the handler only records; the loop acts) ----------------------------------------
     def install_signal_handlers(self, signals=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)) -> None:
         self._previous_wakeup_fd = signal.set_wakeup_fd(self._wakeup.write_fd, warn_on_full_buffer=False)
+        self._signals_handled = tuple(signals)
         for signum in signals:
             signal.signal(signum, self._record_signal)
 
@@ -294,8 +296,12 @@ class SocketServer:
         self._pending_signals.append(signum)
 
     def _dispatch_signals(self) -> None:
-        while self._pending_signals:
-            signum = self._pending_signals.popleft()
+        if not self._pending_signals:
+            return
+        batch = []
+        while self._pending_signals:  # popped one by one: a handler may append meanwhile
+            batch.append(self._pending_signals.popleft())
+        for signum in stops_first(batch):
             action = self.signal_handlers.get(signum)
             if action is not None:
                 action()
@@ -657,6 +663,7 @@ class SocketServer:
         self.transfers.stop()
         self._epoll.close()
         if self._previous_wakeup_fd is not None:
+            ignore_late_signals(self._signals_handled)  # a reload now would meet no loop, then kill the exit
             # Before the pipe closes: a signal now would write to whatever file reuses its number.
             restore_wakeup_fd(self._previous_wakeup_fd)
         self._wakeup.close()

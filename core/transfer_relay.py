@@ -270,20 +270,37 @@ class TransferRelay:
         wait.last_progress = self.clock()
         held = _Held(wait, on_done)
         with self._start_lock:
-            stopped = self._stopping
-            if not stopped:
+            refused = _stopped_error() if self._stopping else None
+            if refused is None and self._thread is None:
+                refused = self._start()
+            if refused is None:
                 self._incoming.append(held)
-                if self._thread is None:
-                    self._selector = selectors.DefaultSelector()
-                    self._wakeup = WakePipe()
-                    self._selector.register(self._wakeup.read_fd, selectors.EVENT_READ, None)
-                    self._thread = threading.Thread(target=self._run, name="pyproxy-transfers", daemon=True)
-                    self._thread.start()
-        if stopped:  # nothing will carry it out: it ends now, as it would at the relay's end
-            wait.error = _stopped_error()
+        if refused is not None:  # nothing will carry it out: it ends now, as it would at the relay's end
+            wait.error = refused
             self._finish(held)
             return
         self._wakeup.wake()
+
+    def _start(self) -> OSError | None:
+        """Make the thread, its epoll set and wake-up pipe (under ``_start_lock``). Out of descriptors
+        or threads, returns the error instead: the wait at hand ends with it, and the next one retries."""
+        selector = wakeup = None
+        try:
+            selector = selectors.DefaultSelector()
+            wakeup = WakePipe()
+            selector.register(wakeup.read_fd, selectors.EVENT_READ, None)
+            self._selector, self._wakeup = selector, wakeup
+            self._thread = threading.Thread(target=self._run, name="pyproxy-transfers", daemon=True)
+            self._thread.start()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: "can't start new thread"
+            log.warning("cannot start the transfer relay: %s", exc)
+            self._thread = self._selector = self._wakeup = None
+            if selector is not None:
+                selector.close()
+            if wakeup is not None:
+                wakeup.close()
+            return exc if isinstance(exc, OSError) else OSError(errno.EAGAIN, str(exc))
+        return None
 
     def cancel_all(self, error: BaseException, timeout: float) -> bool:
         """End every held wait now, and any held later, with ``error`` (a drain past its deadline):

@@ -55,3 +55,27 @@ def restore_wakeup_fd(previous: int) -> None:
         signal.set_wakeup_fd(previous)
     except ValueError:
         pass
+
+
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+
+def stops_first(batch: list[int]) -> list[int]:
+    """A batch of recorded signals, the stops first and the rest in the order recorded. Python runs the
+    handlers of signals that arrive together in signal-number order: a SIGHUP sent right behind a
+    SIGTERM is recorded before it, and acted on first it would reload a process on its way out."""
+    return sorted(batch, key=lambda signum: signum not in STOP_SIGNALS)  # stable
+
+
+def ignore_late_signals(signals) -> None:
+    """Once a loop that handled ``signals`` has ended: ignore those asking for something other than a
+    stop (a reload, a reopen). Python's exit puts the default action back on every signal it handled,
+    and for SIGHUP or SIGUSR1 that ends the process, whose exit status then says it was killed by it.
+    A stop signal keeps its meaning. Only the main thread may; elsewhere they are left alone."""
+    for signum in signals:
+        if signum in STOP_SIGNALS:
+            continue
+        try:
+            signal.signal(signum, signal.SIG_IGN)
+        except ValueError:
+            return

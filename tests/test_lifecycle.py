@@ -77,6 +77,47 @@ def test_a_sighup_during_the_drain_does_not_open_the_listeners_again(tmp_path, w
 
 
 @pytest.mark.parametrize("workers", [1, 2])
+def test_reload_and_reopen_signals_to_a_stopping_proxy_never_kill_it(tmp_path, workers):
+    """A SIGHUP or SIGUSR1 (a deploy's reload, logrotate's reopen) that reached the proxy after its loop
+    had ended, as it exited, met the default action Python puts back at exit and killed it: the exit
+    status said "killed by SIGHUP" instead of 0, which a service manager counts as a failure."""
+    with named_backends("a") as (a,), running_proxy(tmp_path, proxy_config(free_port(), a.address, workers=workers)) as run:
+        if workers > 1:
+            wait_for(lambda: run.log().count(") ready") == workers, what="the workers ready", on_timeout=run.log)
+        run.signal(signal.SIGTERM)
+        deadline = time.monotonic() + EXIT_TIMEOUT
+        while run.proc.poll() is None and time.monotonic() < deadline:  # through the drain and the exit
+            for signum in (signal.SIGHUP, signal.SIGUSR1):
+                run.signal(signum)
+            time.sleep(0.001)
+        assert run.wait_exit() == 0, run.log()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_signalled_together_with_a_stop_is_ignored(tmp_path, workers):
+    """Python runs the handlers of signals that arrive together in signal-number order: a SIGHUP sent
+    right behind a SIGTERM was acted on first, and the proxy reloaded on its way out (here it bound
+    the new config's address and logged "config reloaded") before it began to drain."""
+    port, added = free_port(), free_port()
+    with named_backends("a") as (a,):
+        text = proxy_config(port, a.address, workers=workers)
+        with running_proxy(tmp_path, text) as run:
+            if workers > 1:
+                wait_for(lambda: run.log().count(") ready") == workers, what="the workers ready", on_timeout=run.log)
+            run.rewrite(text.replace(f'listen = "127.0.0.1:{port}"', f'listen = ["127.0.0.1:{port}", "127.0.0.1:{added}"]'))
+            run.signal(signal.SIGSTOP)  # both signals wait, and land together once it runs again
+            try:
+                run.signal(signal.SIGTERM)
+                run.signal(signal.SIGHUP)
+            finally:
+                run.signal(signal.SIGCONT)
+            assert run.wait_exit() == 0, run.log()
+            log = run.log()
+            assert "reload ignored: the proxy is draining" in log
+            assert "config reloaded" not in log and str(added) not in log, log
+
+
+@pytest.mark.parametrize("workers", [1, 2])
 def test_a_reload_whose_new_address_is_taken_keeps_the_old_config(tmp_path, workers):
     """Bug: the reload logged "cannot listen on", then "config reloaded" with "listener added" for the
     address it could not take, and applied the rest. Now, as in nginx, nothing of it is applied."""

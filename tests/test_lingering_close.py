@@ -4,17 +4,21 @@ max_threads workers from serving anyone else."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
+import time
 
 import pytest
 import requests
 
 from core.connection import Connection, ConnectionState
 from core.transfer_relay import Linger, TransferRelay
+from proxy.config.schema import parse_config
 from proxy.serve import handler as handler_module
+from proxy.serve.runner import ProxyProcess
 from tests.support.client import read_small_answer
-from tests.support.proxy import CLIENT_TIMEOUT
+from tests.support.proxy import CLIENT_TIMEOUT, config_document
 from tests.support.timing import FakeClock, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -46,7 +50,7 @@ def test_clients_lingered_on_hold_no_worker(make_backend, make_proxy, monkeypatc
             answer = read_small_answer(sock)
             assert answer.startswith((b"HTTP/1.1 431", b"HTTP/1.1 400")), f"client {index}: {answer[:80]!r}"
         # Every one of them is still lingered on (none got its close), and a new client is served.
-        wait_for(lambda: held(proxy) == LINGERING_CLIENTS, timeout=30, what="all lingers parked")
+        wait_for(lambda: held(proxy) == LINGERING_CLIENTS, timeout=30, what="all lingers parked", on_timeout=lambda: f"held {held(proxy)} conns {proxy.process.server.connection_count} lingering {proxy.process.server._lingering}")
         response = requests.get(f"{proxy.url}/ok", timeout=30)
         assert response.status_code == 200
         assert held(proxy) == LINGERING_CLIENTS
@@ -222,3 +226,59 @@ def test_a_stopped_relay_ends_what_it_holds_and_what_comes_after():
     finally:
         for sock in (ours, theirs, late, late_peer):
             sock.close()
+
+
+def test_a_wait_the_relay_cannot_start_for_ends_at_once_and_the_relay_starts_later(monkeypatch):
+    # Out of descriptors (a flood of clients), making the relay's epoll set or wake-up pipe failed
+    # after the wait was queued: the error reached the worker as a traceback, and the wait sat in a
+    # queue nobody read, its socket open (a linger: counted against max_connections for good).
+    from core import transfer_relay
+
+    relay = TransferRelay()
+    ours, theirs = socket.socketpair()
+    later, later_peer = socket.socketpair()
+    real_pipe = transfer_relay.WakePipe
+
+    def out_of_descriptors():
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    try:
+        monkeypatch.setattr(transfer_relay, "WakePipe", out_of_descriptors)
+        done = []
+        relay.hold(Linger(ours, time.monotonic() + 60.0, 60.0, time.monotonic), lambda: done.append(ours.close()))
+        assert done == [None], "the wait was left queued"
+        assert ours.fileno() == -1 and relay.held_count == 0 and not relay.running
+        monkeypatch.setattr(transfer_relay, "WakePipe", real_pipe)  # descriptors again: the next one starts it
+        closed = []
+        relay.hold(Linger(later, time.monotonic() + 60.0, 60.0, time.monotonic), lambda: closed.append(later.close()))
+        later_peer.close()  # the peer's close ends this linger
+        wait_for(lambda: closed, what="the linger carried out by a started relay")
+    finally:
+        relay.stop()
+        for sock in (ours, theirs, later, later_peer):
+            sock.close()
+
+
+
+def test_a_refused_head_lingers_though_the_rest_of_it_has_not_arrived_yet():
+    # The close lingered only if the client's next bytes were already waiting. A client still sending
+    # the head the proxy refused (431: the rest in flight, or its sender not scheduled yet) had its
+    # connection closed at once: the rest of its head then drew a reset, and bytes arriving just
+    # between the look and the close made the close itself a reset, either of which can destroy the
+    # answer on its way. A refusal now always lingers (without a worker: core's relay carries it).
+    process = ProxyProcess(parse_config(config_document({"web": {"servers": ["127.0.0.1:9"]}}), "test.toml"),
+                           listeners=[])
+    client, server_side = socket.socketpair()
+    try:
+        conn = Connection(server_side, ("127.0.0.1", 40000))
+        lingered = []
+        conn.lingerer = lambda sock, seconds, quiet: (lingered.append(seconds), sock.close())
+        client.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 20000)  # past max_header_bytes, one read
+        process.server.handler(conn)
+        assert conn.closed
+        assert lingered, "closed at once, with the rest of the refused head still to come"
+        client.settimeout(CLIENT_TIMEOUT)
+        assert client.recv(65536).startswith(b"HTTP/1.1 431")
+    finally:
+        client.close()
+        process.pool.shutdown(timeout=5)

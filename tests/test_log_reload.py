@@ -9,6 +9,7 @@ import logging
 import os
 import select
 import signal
+import sys
 import termios
 import threading
 
@@ -195,3 +196,35 @@ def test_a_reload_does_not_wait_for_an_access_log_writer_stuck_on_its_destinatio
         os.close(reader)
     wait_for(lambda: f'pyproxy_access_log_lines_total{{outcome="written"}} {sent + 1}' in access_log_total(proxy),
              what="every line counted once", on_timeout=lambda: access_log_total(proxy))
+
+
+def test_the_written_total_never_counts_a_retired_log_twice_nor_goes_down(tmp_path, backends, observed_proxy):
+    """Bug: a reload added the old writer's count to the retired totals before it made the new writer
+    the one /metrics reads: a scrape in between counted the old writer's lines twice, and the next
+    one saw the counter go down (a counter reset to Prometheus)."""
+    (a,) = backends("a")
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    proxy = observed_proxy(config_document({"web": {"servers": [a.address]}}, log={"access": str(logs[0])}))
+    metrics = proxy.process.observability.metrics
+    for _ in range(5):
+        assert requests.get(proxy.url + "/x", timeout=DEADLINE).status_code == 200
+    wait_for(lambda: metrics.snapshot()["access_log"].get("written") == 5, what="the five lines written")
+    seen, done = [], threading.Event()
+
+    def scrape() -> None:
+        while not done.is_set() and len(seen) < 1_000_000:
+            seen.append(metrics.snapshot()["access_log"].get("written", 0))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads take turns often: the scrapes land all through each switch
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        for index in range(1, 41):  # each switch retires the running writer
+            reload_with_log(proxy, a.address, access=str(logs[index % 2]))
+    finally:
+        done.set()
+        scraper.join(DEADLINE)
+        sys.setswitchinterval(interval)
+    assert max(seen) == 5, f"counted {max(seen)} lines of 5"
+    assert all(later >= earlier for earlier, later in zip(seen, seen[1:])), "the total went down"

@@ -75,12 +75,15 @@ class LogSwitch:
         if retired is not None:
             services.remove(retired)
             counted = SimpleNamespace(written=retired.written, dropped=retired.dropped)
-            self._count_retired(counted)  # now: the totals never dip
+            with self._retired_lock:  # now, as /metrics swaps writers: the totals never dip nor double
+                self.metrics.replace_access_log(fresh, counted)
             # A writer stuck on its destination (a FIFO nobody reads) may take STOP_TIMEOUT to give up:
             # that wait is its own thread's, not the reload's (with SIGHUP, the accept loop's).
             threading.Thread(target=self._retire, args=(retired, fresh, counted),
                              name="pyproxy-access-log-retire", daemon=True).start()
-        self.access_log = self.metrics.access_log = fresh
+        else:
+            self.metrics.replace_access_log(fresh)
+        self.access_log = fresh
         self.running = (log_config.access, log_config.format)
         return True
 

@@ -77,6 +77,8 @@ class Metrics:
         self.pool = pool              # core.ThreadPool: counts()
         self.access_log = access_log  # proxy.observe.access_log.AccessLog: dropped / written
         self._retired_log_counts = {"written": 0, "dropped": 0}  # writers a reload replaced
+        # A reload's swap of writers against a read of their totals: each line counted once, never dipping.
+        self._log_counts_lock = threading.Lock()
         self.buckets = tuple(float(b) for b in buckets)
         self.clock = clock
         self.started = clock()
@@ -259,15 +261,27 @@ class Metrics:
 
     def retire_access_log(self, access_log) -> None:
         """A reload replaced this (stopped) writer: keep its lines in the running totals."""
-        self._retired_log_counts["written"] += access_log.written
-        self._retired_log_counts["dropped"] += access_log.dropped
+        with self._log_counts_lock:
+            self._add_retired(access_log)
+
+    def replace_access_log(self, fresh, retired=None) -> None:
+        """A reload made ``fresh`` (or None) the running writer; ``retired`` (its ``written`` and
+        ``dropped`` so far) joins the totals in the same step: a read counts its lines once."""
+        with self._log_counts_lock:
+            if retired is not None:
+                self._add_retired(retired)
+            self.access_log = fresh
+
+    def _add_retired(self, counts) -> None:
+        self._retired_log_counts["written"] += counts.written
+        self._retired_log_counts["dropped"] += counts.dropped
 
     def _access_log_counts(self) -> dict:
-        retired = self._retired_log_counts
-        if self.access_log is None:
-            return dict(retired) if any(retired.values()) else {}
-        return {"written": retired["written"] + self.access_log.written,
-                "dropped": retired["dropped"] + self.access_log.dropped}
+        with self._log_counts_lock:
+            retired, running = dict(self._retired_log_counts), self.access_log
+            if running is None:
+                return retired if any(retired.values()) else {}
+            return {"written": retired["written"] + running.written, "dropped": retired["dropped"] + running.dropped}
 
 
 # -- recent traffic (the dashboard) -----------------------------------------------------------------

@@ -525,6 +525,9 @@ class HttpHandler:
         except OSError:
             pass  # the client is gone too; nothing left to tell it
         self.app.observe(record)
+        # The client may still be sending what was refused: none of it waiting now does not mean none
+        # is coming, and a byte arriving at a closed socket draws a reset that can destroy the answer.
+        self._close_lingering(conn)
 
     # -- one request ---------------------------------------------------------------------------
     def _exchange(self, conn, session, request: RequestHead) -> bool:

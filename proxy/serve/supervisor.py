@@ -46,7 +46,7 @@ from collections import deque
 from typing import Callable
 
 from core.cpu_affinity import pin_worker
-from core.wakeup import WakePipe, restore_wakeup_fd
+from core.wakeup import WakePipe, ignore_late_signals, restore_wakeup_fd, stops_first
 
 from proxy.observe.admin import AdminRelocation, AdminServer, AdminSources, configured_token, install_observability
 from proxy.serve.app import Application, UnknownServer
@@ -473,6 +473,7 @@ class Supervisor:
             self._stop_services()
             self._close_all_sockets()
             if self._previous_wakeup_fd is not None:  # before the pipe closes: its number may be reused
+                ignore_late_signals(SERVING_SIGNALS)  # a reload now would meet no loop, then kill the exit
                 restore_wakeup_fd(self._previous_wakeup_fd)
             self._wakeup.close()
         log.info("supervisor exiting (%d worker(s) had to be killed)", self.killed)
@@ -514,8 +515,11 @@ class Supervisor:
         self._signals.append(signum)
 
     def _handle_signals(self) -> None:
-        while self._signals:
-            self._handle_signal(self._signals.popleft())
+        batch = []
+        while self._signals:  # popped one by one: a handler may append meanwhile
+            batch.append(self._signals.popleft())
+        for signum in stops_first(batch):  # a reload behind a stop finds it stopping
+            self._handle_signal(signum)
 
     def _handle_signal(self, signum: int) -> None:
         if signum == signal.SIGCHLD:
