@@ -4,7 +4,9 @@ so a few threads still serve everyone else. Docs: docs/configuration.md, "HTTP/2
 
 from __future__ import annotations
 
+import gc
 import socket
+import weakref
 
 import h2.events
 import h2.settings
@@ -104,8 +106,14 @@ class _RecordingTimer:
     def __init__(self):
         self.calls: list = []
 
+        self.cancelled: list = []
+
     def add(self, deadline, callback):
         self.calls.append((deadline, callback))
+        return len(self.calls) - 1
+
+    def cancel(self, entry):
+        self.cancelled.append(entry)
 
 
 def test_parked_stream_is_timed_by_its_earliest_deadline():
@@ -129,6 +137,7 @@ def test_parked_stream_is_timed_by_its_earliest_deadline():
         session.outgoing += b"x" * OUTGOING_LIMIT  # the writer has its fill: no room to send
         assert session.park(stream, StreamWait(WINDOW, 5.0))
         assert [deadline for deadline, _ in timer.calls] == [30.0, 5.0]
+        assert timer.cancelled == [0]  # one call per stream: the later one is let go
         now[0] = 4.0
         timer.calls[1][1]()  # called early (a timer is never late, but may be early): asked again
         assert resumed == [stream] and [deadline for deadline, _ in timer.calls] == [30.0, 5.0, 5.0]
@@ -138,6 +147,14 @@ def test_parked_stream_is_timed_by_its_earliest_deadline():
         now[0] = 30.0
         timer.calls[0][1]()  # the body's deadline, long since moot: nothing
         assert resumed == [stream, stream]
+        stream.answered = stream.body_ended = True
+        assert session.park(stream, StreamWait(BODY, 60.0)) is False  # its body is all here
+        session.outgoing.clear()
+        stream.body_ended = False
+        assert session.park(stream, StreamWait(BODY, 60.0))
+        session.parked.clear()
+        session.finish(stream)  # done: its call is cancelled, not left to keep it alive
+        assert timer.cancelled == [0, 3]
     finally:
         ours.close()
         theirs.close()
@@ -283,5 +300,43 @@ def test_reload_under_a_parked_stream_lets_it_finish_from_its_upstream(make_back
         headers, _ = client.response(client.request("/big"))  # a new stream takes the new upstream
         assert headers[":status"] == "200" and len(second.requests) == 1
         client.close()
+    finally:
+        stop_quietly(proxy)
+
+
+def test_streams_done_leave_nothing_to_the_deadline_timer(make_backend):
+    # Uploads whose body comes after their head park once each; once they are answered and their
+    # connections closed, the timer keeps neither their sessions (a flood of them would hold every
+    # closed connection's state until body_timeout) nor a pending deadline (nor, so, its thread).
+    backend = make_backend()
+    proxy = start_h2_proxy({"web": [backend.address]}, None, listen=H2C,
+                           server={"min_threads": 1, "max_threads": 1, **PATIENT})
+    pool, counts = proxy.process.pool, proxy.process.app.http2_counts
+    deadlines = counts.__self__.deadlines
+    sessions = []
+    try:
+        for _ in range(5):
+            client = H2Client.connect(proxy.port)
+            stream = client.request("/upload", method="POST", headers=[("content-length", "5")], end=False)
+            wait_for(lambda: counts()["streams"] == 1 and pool.busy == 0, what="the upload parked for its body",
+                     on_timeout=lambda: f"{counts()}, pool {pool.counts()}")
+            sessions += [weakref.ref(session) for session in gc.get_objects()
+                         if type(session) is H2Session and session.streams.get(stream)]
+            client.h2.send_data(stream, b"12345", end_stream=True)
+            client.flush()
+            headers, _ = client.response(stream)
+            assert headers[":status"] == "200"
+            client.close()
+        assert len(sessions) == 5
+        wait_for(lambda: counts()["connections"] == 0, what="every connection closed")
+        wait_for(lambda: deadlines.pending == 0, what="no deadline left pending",
+                 on_timeout=lambda: f"{deadlines.pending} pending")
+        # The one worker's last task is now another connection's (an idle worker keeps its last one).
+        other = H2Client.connect(proxy.port)
+        headers, _ = other.response(other.request("/other"))
+        assert headers[":status"] == "200"
+        gc.collect()
+        assert [ref for ref in sessions if ref() is not None] == []
+        other.close()
     finally:
         stop_quietly(proxy)
