@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import socket
+import threading
 import weakref
 
 import h2.events
@@ -14,6 +15,7 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame, RstStreamFrame
 
 from proxy.config.schema import parse_config
+from proxy.http2.flush_relay import FlushRelay
 from proxy.http2.session import BODY, OUTGOING_LIMIT, WINDOW, H2Session, Stream, StreamWait
 from tests.support.backends import stream_pattern
 from tests.support.client import read_response
@@ -340,3 +342,39 @@ def test_streams_done_leave_nothing_to_the_deadline_timer(make_backend):
         other.close()
     finally:
         stop_quietly(proxy)
+
+
+class _SlowSession:
+    """What the FlushRelay sees of an H2Session: a socket, and the writes it asks for."""
+
+    def __init__(self, sock, send_timeout: float = 30.0):
+        self.sock, self.send_timeout, self.client_ip = sock, send_timeout, "127.0.0.1"
+        self.bytes_written = 0
+        self.written = threading.Event()
+        self.given_up = threading.Event()
+
+    def write_stalled(self) -> bool:
+        self.written.set()
+        return True
+
+    def give_up_writing(self) -> None:
+        self.given_up.set()
+
+
+def test_flush_relay_given_a_session_closed_meanwhile_goes_on_with_the_next():
+    # The client left, and its connection was closed, between the writer handing the session over and
+    # the relay's thread looking: given up at once, and the relay still writes for the next one.
+    relay = FlushRelay()
+    ours, theirs = socket.socketpair()
+    gone = socket.socket()
+    gone.close()  # fileno() is -1 from here on
+    try:
+        closed = _SlowSession(gone)
+        relay.add(closed)
+        assert closed.given_up.wait(SERVED_WITHIN)
+        live = _SlowSession(ours)
+        relay.add(live)
+        assert live.written.wait(SERVED_WITHIN), "the relay no longer writes"
+    finally:
+        ours.close()
+        theirs.close()
