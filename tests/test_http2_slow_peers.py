@@ -378,3 +378,34 @@ def test_flush_relay_given_a_session_closed_meanwhile_goes_on_with_the_next():
     finally:
         ours.close()
         theirs.close()
+
+
+def test_streams_parked_when_the_drain_runs_out_are_ended_and_logged(make_backend):
+    # The drain's deadline passes with streams still parked on their client (a shut window, a body
+    # that never comes): the pool is stopping, and each still ends, as a held HTTP/1.1 transfer
+    # does: logged (access log, metrics), its upstream connection and server slot let go.
+    backend = make_backend()
+    backend.route("/big", stream_pattern(1024 * 1024))
+    proxy = start_h2_proxy({"web": [backend.address]}, None, listen=H2C,
+                           server={"graceful_timeout": "1s", **PATIENT})
+    pool, counts = proxy.process.pool, proxy.process.app.http2_counts
+    app = proxy.process.app
+    observed = []
+    observe = app.observe
+    app.observe = lambda record: (observed.append(record), observe(record))
+    client = H2Client.connect(proxy.port)
+    try:
+        client.auto_ack = False  # no WINDOW_UPDATE ever: both downloads stall at the first 64 KiB
+        client.request("/big")
+        client.request("/big")
+        client.request("/upload", method="POST", end=False)  # a body that never comes
+        wait_for(lambda: len(backend.requests) == 2 and counts()["streams"] == 3 and pool.busy == 0,
+                 what="three streams parked", on_timeout=lambda: f"{counts()}, pool {pool.counts()}")
+        proxy.process.stop()  # graceful: SIGTERM's path
+        proxy.thread.join(SERVED_WITHIN)
+        assert not proxy.thread.is_alive()
+        assert sorted(record.target for record in observed) == ["/big", "/big", "/upload"]
+        assert counts()["streams"] == 0
+    finally:
+        client.close()
+        stop_quietly(proxy)
