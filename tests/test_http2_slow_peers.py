@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import gc
 import socket
+import ssl
 import threading
 import weakref
 
 import h2.events
 import h2.settings
+import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame, RstStreamFrame
 
@@ -19,7 +21,7 @@ from proxy.http2.flush_relay import FlushRelay
 from proxy.http2.session import BODY, OUTGOING_LIMIT, WINDOW, H2Session, Stream, StreamWait
 from tests.support.backends import stream_pattern
 from tests.support.client import read_response
-from tests.support.h2 import H2Client, start_h2_proxy, stop_quietly
+from tests.support.h2 import H2Client, Pki, start_h2_proxy, stop_quietly
 from tests.support.proxy import proxy_config_dict
 from tests.support.timing import wait_for
 
@@ -162,10 +164,11 @@ def test_parked_stream_is_timed_by_its_earliest_deadline():
         theirs.close()
 
 
-def _not_reading_its_socket(port: int, streams: int, path: str = "/big", small_buffer: bool = True) -> H2Client:
+def _not_reading_its_socket(port: int, streams: int, path: str = "/big", small_buffer: bool = True,
+                            tls_context: ssl.SSLContext | None = None) -> H2Client:
     """A client that opens its flow-control windows all the way and then never reads its socket: only
     TCP stops the proxy's writes (soon with ``small_buffer``; but what was sent then crawls in later)."""
-    client = H2Client.connect(port)
+    client = H2Client.connect(port, tls_context=tls_context)
     if small_buffer:
         client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     client.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2 ** 31 - 1})
@@ -176,16 +179,23 @@ def _not_reading_its_socket(port: int, streams: int, path: str = "/big", small_b
     return client
 
 
-def test_clients_not_reading_their_socket_leave_four_workers_serving(make_backend):
+@pytest.mark.parametrize("tls", [False, True], ids=["h2c", "tls"])
+def test_clients_not_reading_their_socket_leave_four_workers_serving(make_backend, tmp_path, tls):
+    # Over TLS (ALPN h2) too: there the flush relay's writes and the readers share each SSL socket.
     backend = make_backend()
     backend.route("/big", stream_pattern(64 * 1024 * 1024))
-    proxy = start_h2_proxy({"web": [backend.address]}, None, listen=H2C,
+    pki = Pki.create(tmp_path) if tls else None
+    context = None
+    if tls:
+        context = ssl.create_default_context(cafile=pki.ca_file)
+        context.set_alpn_protocols(["h2"])
+    proxy = start_h2_proxy({"web": [backend.address]}, pki, listen=None if tls else H2C,
                            server={"min_threads": 4, "max_threads": 4, **PATIENT})
     pool, counts = proxy.process.pool, proxy.process.app.http2_counts
     try:
         stalled = []
         for _ in range(30):  # one at a time, as in _stalled_connections: a burst would be refused
-            stalled.append(_not_reading_its_socket(proxy.port, streams=3))
+            stalled.append(_not_reading_its_socket(proxy.port, streams=3, tls_context=context))
             wait_for(lambda: pool.queued == 0 and counts()["streams"] == 3 * len(stalled), timeout=SERVED_WITHIN,
                      what="the streams taken on", on_timeout=lambda: f"{counts()}, pool {pool.counts()}")
         # Every stream runs, and every connection's writes wait for its client: none on a worker.
@@ -194,10 +204,12 @@ def test_clients_not_reading_their_socket_leave_four_workers_serving(make_backen
                  on_timeout=lambda: f"{len(backend.requests)} upstream, {counts()}, pool {pool.counts()}")
         assert counts()["streams"] == 90
         http1 = socket.create_connection(("127.0.0.1", proxy.port), timeout=SERVED_WITHIN)
+        if tls:
+            http1 = ssl.create_default_context(cafile=pki.ca_file).wrap_socket(http1, server_hostname="127.0.0.1")
         http1.sendall(b"GET /one HTTP/1.1\r\nHost: h1.test\r\nConnection: close\r\n\r\n")
         assert read_response(http1).startswith(b"HTTP/1.1 200 ")
         http1.close()
-        other = H2Client.connect(proxy.port)
+        other = H2Client.connect(proxy.port, tls_context=context)
         other.sock.settimeout(SERVED_WITHIN)
         headers, _ = other.response(other.request("/two"))
         assert headers[":status"] == "200"
