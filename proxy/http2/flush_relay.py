@@ -48,6 +48,8 @@ class FlushRelay:
         while True:
             if not self._take_added(poller, watched, wake_fd):
                 return
+            if not watched:
+                continue  # those handed over were closed meanwhile: the next look may end the thread
             now = self.clock()
             timeout = max(0.0, min(entry[1] for entry in watched.values()) - now)
             for fd, _ in poller.poll(timeout * 1000):

@@ -186,7 +186,7 @@ class Stream:
     """One request on the connection, as the reader received it and its worker answers it."""
 
     __slots__ = ("id", "block", "end_stream", "body", "body_ended", "trailers", "reset", "answered", "started",
-                 "upstream", "task", "waiting", "timer_at", "unsent")
+                 "upstream", "task", "waiting", "timer_at", "timer_entry", "unsent")
 
     def __init__(self, stream_id: int, block, end_stream: bool):
         self.id = stream_id
@@ -202,6 +202,7 @@ class Stream:
         self.task = None  # its exchange (a generator), kept while it is parked (proxy/serve/http2.py)
         self.waiting = None  # the StreamWait it is parked on, holding no thread
         self.timer_at = None  # the earliest deadline the DeadlineTimer will call it back at
+        self.timer_entry = None  # that call's entry in the DeadlineTimer, cancelled when the stream is done
         self.unsent = None  # the end of an answer of the proxy's own, waiting for the client's window
 
 
@@ -503,12 +504,17 @@ class H2Session:
                 return False
             stream.waiting = wait
             self.parked[stream.id] = stream
-            arm = stream.timer_at is None or wait.deadline < stream.timer_at
-            if arm:
-                stream.timer_at = wait.deadline
-        if arm:
-            self.timer.add(wait.deadline, lambda: self._at_deadline(stream, wait.deadline))
+            if stream.timer_at is None or wait.deadline < stream.timer_at:
+                self._arm(stream, wait.deadline)
         return True
+
+    def _arm(self, stream: Stream, deadline: float) -> None:
+        """Under the lock: the DeadlineTimer calls the stream back at ``deadline``, instead of any
+        later call asked before (one entry per stream, cancelled when it is done)."""
+        if stream.timer_entry is not None:
+            self.timer.cancel(stream.timer_entry)
+        stream.timer_at = deadline
+        stream.timer_entry = self.timer.add(deadline, lambda: self._at_deadline(stream, deadline))
 
     def _ready(self, stream: Stream, why: str) -> bool:
         """Under the lock: a stream waiting for ``why`` may go on (or is gone, and finds out)."""
@@ -533,7 +539,7 @@ class H2Session:
         """The DeadlineTimer's call: a stream still parked past its deadline runs again, to time out."""
         with self.lock:
             if stream.timer_at == deadline:
-                stream.timer_at = None
+                stream.timer_at = stream.timer_entry = None
             if stream.waiting is None:
                 return
             later = stream.waiting.deadline
@@ -542,8 +548,7 @@ class H2Session:
                 return
             if stream.timer_at is not None:
                 return  # an earlier call is due already
-            stream.timer_at = later  # parked again since, with a later deadline
-        self.timer.add(later, lambda: self._at_deadline(stream, later))
+            self._arm(stream, later)  # parked again since, with a later deadline
 
     def reset(self, stream: Stream, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
         with self.lock:
@@ -567,6 +572,9 @@ class H2Session:
         with self.lock:
             self.streams.pop(stream.id, None)
             self._release_body(stream)
+            if stream.timer_entry is not None:  # it parked: its deadline may not keep it (and us) alive
+                self.timer.cancel(stream.timer_entry)
+                stream.timer_entry = stream.timer_at = None
             if not stream.reset and self.early_resets:
                 self.early_resets -= 1
             self.last_activity = self.clock()

@@ -66,6 +66,9 @@ class Http2Server:
         self.deadlines = DeadlineTimer()  # of the streams parked on their client (H2Session.park)
         self.flusher = FlushRelay()  # writes for the connections whose client is slow to read
         self._lock = threading.Lock()
+        # Parked streams the stopping pool would not take back: (conn, session, stream), each ended by
+        # the thread that closes its connection (``_connection_closed``).
+        self._stranded: list = []
         self.connections = 0
         self.open_streams = 0
         self.streams_total = 0
@@ -161,8 +164,9 @@ class Http2Server:
         """The session's call, under its lock, for a parked stream whose wait is over."""
         try:
             self.pool.resubmit(self._advance, conn, session, stream)
-        except PoolClosed:
-            pass  # the process is stopping: the connection closes with it
+        except PoolClosed:  # the process is stopping: the stream ends as its connection closes
+            with self._lock:
+                self._stranded.append((conn, session, stream))
 
     def _advance(self, conn, session: H2Session, stream) -> None:
         """Run the stream until it is done, or parked waiting on its client (``StreamWait``): then this
@@ -205,6 +209,18 @@ class Http2Server:
         with self._lock:
             self.connections -= 1
         conn.server_data.closed()  # however it closed (core shedding it, a drain's end): the streams end
+        if self._stranded:
+            self._end_stranded(conn)
+
+    def _end_stranded(self, conn) -> None:
+        """At a drain's end the pool stopped before the connections closed: their parked streams end on
+        this thread instead, so that each is logged and lets go of its upstream. The session is lost, so
+        each ends at its first step (ClientGone), without waiting on anything."""
+        with self._lock:
+            mine = [entry for entry in self._stranded if entry[0] is conn]
+            self._stranded = [entry for entry in self._stranded if entry[0] is not conn]
+        for conn, session, stream in mine:
+            self._advance(conn, session, stream)
 
     # -- what core asks of a connection ----------------------------------------------------------------
     def expire(self, conn) -> None:
