@@ -38,6 +38,9 @@ REAP_INTERVAL = 0.5  # seconds between idle-timeout sweeps
 # Out of descriptors or memory, accept() fails while the listener stays readable: retried at once it
 # would spin the loop and flood the log. The listener rests this long instead, as in nginx.
 ACCEPT_PAUSE = 0.5
+# Connections shed on a full work queue are logged at most once per this many seconds, with a count:
+# an overload sheds thousands, and a line each would add a log flood to it.
+SHED_LOG_INTERVAL = 1.0
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 GROW_CHECK_INTERVAL = 0.002  # seconds between pool growth checks while work is queued
 HANDBACK_TIMEOUT = 1.0  # at a drain's deadline, the most we wait for the relay to hand held transfers back
@@ -188,6 +191,9 @@ class SocketServer:
         self._connections: dict[int, Connection] = {}
         self._lingering = 0  # sockets of closed connections the relay lingers on: max_connections counts them
         self._conn_lock = threading.Lock()
+        self._shed_lock = threading.Lock()
+        self._shed_logged_at: float | None = None
+        self._shed_unlogged = 0  # connections shed since the last warning
         # A connection handed to the pool whose handler has not returned yet is marked ``in_pool``.
         # It may still be in NEW/IDLE (queued, or the handler has not moved it): the reaper and the
         # drain must not take it for a resting one and close it under the worker.
@@ -456,8 +462,22 @@ class SocketServer:
             return
         for _, (conn,) in refused:
             conn.in_pool = False
-            log.warning("work queue full: closing connection from %s", conn.peer)
+            self._log_shed(conn.peer)
             conn.close()
+
+    def _log_shed(self, peer) -> None:
+        """One warning per SHED_LOG_INTERVAL for connections closed on a full queue, counting the rest."""
+        with self._shed_lock:
+            now = self.clock()
+            self._shed_unlogged += 1
+            if self._shed_logged_at is not None and now - self._shed_logged_at < SHED_LOG_INTERVAL:
+                return
+            count, self._shed_unlogged, self._shed_logged_at = self._shed_unlogged, 0, now
+        if count == 1:
+            log.warning("work queue full: closing connection from %s", peer)
+        else:
+            log.warning("work queue full: closed %d connections since the last warning (the last from %s)",
+                        count, peer)
 
     @staticmethod
     def _close_after_workers_stopped(conn: Connection, what: str) -> None:

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from core import Connection, ConnectionState, SocketServer, ThreadPool
-from core.socket_server import ACCEPT_PAUSE, REAP_INTERVAL, Listener
+from core.socket_server import ACCEPT_PAUSE, REAP_INTERVAL, SHED_LOG_INTERVAL, Listener
 from core.transfer_relay import Readable
 from tests.support.echo_server import EchoHandler, LineClient, STOP_TIMEOUT, overload_reply, running_server
 from tests.support.timing import FakeClock, wait_for
@@ -223,6 +223,38 @@ def test_silent_new_connection_is_closed_after_header_timeout(handler):
             assert talker.exchange(b"hello") == b"hello\n"
             assert silent.wait_closed() == b""
             assert talker.exchange(b"still here") == b"still here\n"  # idle_timeout is long
+
+
+def test_connections_shed_in_a_flood_are_logged_once_a_second_with_a_count(handler, caplog):
+    """Bug: every connection the full queue refused logged its own warning, so an overload (thousands
+    shed a second) added a log flood to itself. One line per SHED_LOG_INTERVAL now, with a count."""
+    clock = FakeClock()
+    pool = ThreadPool(min_threads=1, max_threads=1, max_queue=1)
+
+    def shed_lines():
+        return [r.getMessage() for r in caplog.records if "work queue full" in r.getMessage()]
+
+    with running_server(handler, pool=pool, clock=clock, idle_timeout=60, header_timeout=60) as server:
+        addr = address(server)
+        with LineClient(addr) as slow, LineClient(addr) as queued, \
+                caplog.at_level(logging.WARNING, logger="pyproxy.core.server"):
+            slow.send_line(b"slow")
+            assert handler.slow_entered.wait(STOP_TIMEOUT)  # the only worker is now busy
+            queued.send_line(b"queued")
+            wait_for(lambda: pool.counts()["queued"] == 1, what="the second request queued")
+            for _ in range(5):  # within one interval on the server's clock: one line for all five
+                with LineClient(addr) as shed:
+                    shed.send_line(b"shed")
+                    assert shed.wait_closed() == b""
+            assert shed_lines() == [shed_lines()[0]] and "closing connection from" in shed_lines()[0]
+            clock.advance(SHED_LOG_INTERVAL)
+            with LineClient(addr) as shed:
+                shed.send_line(b"shed")
+                assert shed.wait_closed() == b""
+            assert len(shed_lines()) == 2 and "closed 5 connections since the last warning" in shed_lines()[1]
+            handler.slow_release.set()
+            assert slow.read_line() == b"slow\n"
+            assert queued.read_line() == b"queued\n"
 
 
 def test_reaper_never_closes_a_connection_waiting_for_a_worker(handler):
