@@ -16,15 +16,13 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config.schema import parse_config
 from proxy.observe.metrics import IncompatibleSnapshots, Metrics, WorkerCounters, merge, render_prometheus
-from proxy.serve.app import Application
 from tests.support.backends import FlakyBackend, named_backends
 from tests.support.ports import free_port
 from tests.support.processes import admin_status, proxy_config, running_proxy, spread_requests
 from tests.support.proxy import DEADLINE, config_document, scrape
 from tests.support.timing import wait_for
-from tests.support.records import Record, make_app
+from tests.support.records import Record, app_whose_server_counted, make_app, one_server_config
 from tests.support.processes import replaced
 from tests.support.proxy import upstream_counter
 
@@ -153,22 +151,16 @@ def test_a_reload_during_a_snapshot_never_sends_a_server_counter_down():
     from 0) without the old one's count carried: pyproxy_upstream_requests_total fell from 3 to 0 for
     one scrape, which Prometheus reads as a counter reset. Here the reload lands right after the
     snapshot's first look at the runtime."""
-    def config(weight: int):
-        return parse_config({"routes": [{"upstream": "web"}], "upstreams": {"web": {"servers": [
-            {"address": "127.0.0.1:3001", "weight": weight}]}}}, "proxy.toml")
-    app = Application(config(1))
+    app = app_whose_server_counted(3)
     metrics = Metrics(app)
     server = app.runtime.upstreams["web"].servers[0]
-    for _ in range(3):
-        assert server.try_acquire()
-        server.release()
     old_runtime, reloads = app.runtime, []
 
     class ReloadAfterFirstLook:
         def __getattr__(self, name):
             value = getattr(app, name)
             if name == "runtime" and not reloads:  # a reload on another thread swaps the runtime now
-                reloads.append(threading.Thread(target=app.reload, args=(config(2),)))  # new weight: new Server
+                reloads.append(threading.Thread(target=app.reload, args=(one_server_config(2),)))  # new Server
                 reloads[0].start()
                 wait_for(lambda: app.runtime is not old_runtime, what="the reload's new runtime")
             return value

@@ -10,16 +10,15 @@ import signal
 import pytest
 import requests
 
-from proxy.config.schema import parse_config
 from proxy.observe.metrics import Metrics
 from proxy.observe.status import WorkerStatusTotals, build_status, merge_status
-from proxy.serve.app import Application
 from tests.support.backends import FlakyBackend
 from tests.support.proxy import DEADLINE, config_document
 from tests.support.timing import wait_for
 from tests.support.ports import free_port
 from tests.support.processes import admin_status, proxy_config, replaced, running_proxy, spread_requests
 from tests.support.backends import named_backends
+from tests.support.records import app_whose_server_counted, one_server_config
 from tests.support.proxy import upstream_counter
 
 pytestmark = pytest.mark.timeout(90)
@@ -76,18 +75,12 @@ def test_a_reload_during_a_status_read_never_counts_a_server_twice():
     """Bug: /status read app.runtime, then the traffic totals, which carry a replaced Server object's
     count over to its successor. A reload landing in between showed the old object with its own count
     plus the same count carried: 6 for 3 requests, then 3 again on the next read."""
-    def config(weight: int):
-        return parse_config({"routes": [{"upstream": "web"}], "upstreams": {"web": {"servers": [
-            {"address": "127.0.0.1:3001", "weight": weight}]}}}, "proxy.toml")
-    app = Application(config(1))
+    app = app_whose_server_counted(3)
     metrics = Metrics(app)
     server = app.runtime.upstreams["web"].servers[0]
-    for _ in range(3):
-        assert server.try_acquire()
-        server.release()
 
     def reload_then_traffic():  # the reload lands after build_status could have looked at the runtime
-        app.reload(config(2))  # a new weight: a new Server object
+        app.reload(one_server_config(2))  # a new weight: a new Server object
         return metrics.recent()
     status = build_status(app, traffic=reload_then_traffic)
     assert app.runtime.upstreams["web"].servers[0] is not server

@@ -27,3 +27,19 @@ def make_app(upstreams=None) -> Application:
                 "upstreams": {name: {"servers": servers} for name, servers in upstreams.items()},
                 "routes": [{"path": "/", "upstream": next(iter(upstreams))}]}
     return Application(parse_config(document, "test.toml"))
+
+
+def one_server_config(weight: int):
+    """Upstream "web" with one server; a new weight rebuilds its Server object on reload."""
+    return parse_config({"routes": [{"upstream": "web"}], "upstreams": {"web": {"servers": [
+        {"address": "127.0.0.1:3001", "weight": weight}]}}}, "proxy.toml")
+
+
+def app_whose_server_counted(requests: int) -> Application:
+    """An Application whose one server ("web", 127.0.0.1:3001) has counted ``requests`` requests."""
+    app = Application(one_server_config(1))
+    server = app.runtime.upstreams["web"].servers[0]
+    for _ in range(requests):
+        assert server.try_acquire()
+        server.release()
+    return app
