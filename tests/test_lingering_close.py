@@ -12,6 +12,7 @@ import time
 import pytest
 import requests
 
+from core import SocketServer, ThreadPool
 from core.connection import Connection, ConnectionState
 from core.transfer_relay import Linger, TransferRelay
 from proxy.config.schema import parse_config
@@ -137,19 +138,19 @@ def test_a_connection_outside_a_server_lingers_on_its_own_thread():
         assert theirs.recv(1) == b""
 
 
+def answer_then_linger(conn):
+    """A handler that answers one read, then closes lingering: the linger ends when the client closes."""
+    conn.transition(ConnectionState.READING)
+    conn.read_some(4096)
+    conn.transition(ConnectionState.PROCESSING)
+    conn.transition(ConnectionState.WRITING)
+    conn.sendall(b"answer\n")
+    conn.close_lingering(60.0, 60.0)
+
+
 def test_a_drain_lets_a_linger_end_and_leaves_no_socket_behind():
     # A linger holds a socket the server no longer lists: the drain used to stop the relay under it,
     # leaving the socket open with nobody reading (at the process's exit, a reset to the client).
-    from core import SocketServer, ThreadPool
-
-    def answer_then_linger(conn):
-        conn.transition(ConnectionState.READING)
-        conn.read_some(4096)
-        conn.transition(ConnectionState.PROCESSING)
-        conn.transition(ConnectionState.WRITING)
-        conn.sendall(b"answer\n")
-        conn.close_lingering(60.0, 60.0)  # ends when the client closes
-
     server = SocketServer(answer_then_linger, listeners=[("127.0.0.1", 0)],
                           pool=ThreadPool(min_threads=1, max_threads=2), graceful_timeout=30.0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -173,16 +174,6 @@ def test_a_drain_lets_a_linger_end_and_leaves_no_socket_behind():
 def test_a_lingering_socket_still_counts_against_max_connections():
     # Lingered on by the relay, a socket is no longer a listed connection, but it is still a client's
     # descriptor: max_connections must bound those too, as it did while a worker lingered.
-    from core import SocketServer, ThreadPool
-
-    def answer_then_linger(conn):
-        conn.transition(ConnectionState.READING)
-        conn.read_some(4096)
-        conn.transition(ConnectionState.PROCESSING)
-        conn.transition(ConnectionState.WRITING)
-        conn.sendall(b"answer\n")
-        conn.close_lingering(60.0, 60.0)  # ends when the client closes
-
     def overloaded(sock):
         sock.sendall(b"busy\n")
 
