@@ -3,10 +3,12 @@ concurrency, keep-alive parking, timeouts, overload, phased shutdown, failing an
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import select
+import signal as signals
 import socket
 import struct
 import threading
@@ -637,18 +639,29 @@ def test_a_request_sent_while_the_drain_takes_its_last_look_is_served(handler):
         assert server.stopped.wait(STOP_TIMEOUT)
 
 
+@contextlib.contextmanager
+def signal_state_restored(watched):
+    """The process's handlers of ``watched`` and its signal wake-up descriptor, put back afterwards
+    (a test that installs a server's handlers must not leave them to the next test). Yields the
+    wake-up descriptor as it was."""
+    before = {signum: signals.getsignal(signum) for signum in watched}
+    previous = signals.set_wakeup_fd(-1)
+    signals.set_wakeup_fd(previous)
+    try:
+        yield previous
+    finally:
+        signals.set_wakeup_fd(previous)
+        for signum, action in before.items():
+            signals.signal(signum, action)
+
+
 def test_a_stopped_server_leaves_no_signal_wakeup_on_its_closed_pipe(handler):
     # The loop's self-pipe is also the signal wake-up descriptor. Closed at the end, it stayed
     # registered: a signal after that (a second SIGTERM while the services stop) made CPython write a
     # byte to whatever file had reused the number since, a log or a socket.
-    import signal as signals
-
     watched = (signals.SIGTERM, signals.SIGINT, signals.SIGHUP)
-    before = {signum: signals.getsignal(signum) for signum in watched}
-    previous = signals.set_wakeup_fd(-1)
-    signals.set_wakeup_fd(previous)
-    server = SocketServer(handler, listeners=[("127.0.0.1", 0)])
-    try:
+    with signal_state_restored(watched) as previous:
+        server = SocketServer(handler, listeners=[("127.0.0.1", 0)])
         server.install_signal_handlers(watched)
         wakeup_fd = server._wakeup.write_fd
         server.request_shutdown(force=True)
@@ -656,23 +669,14 @@ def test_a_stopped_server_leaves_no_signal_wakeup_on_its_closed_pipe(handler):
         assert server.stopped.is_set()
         current = signals.set_wakeup_fd(previous)
         assert current != wakeup_fd, "the signal wake-up still points at the closed pipe"
-    finally:
-        signals.set_wakeup_fd(previous)
-        for signum, action in before.items():
-            signals.signal(signum, action)
 
 
 def test_a_stopped_server_ignores_the_signals_it_handled_except_the_stops(handler):
     # Python's exit puts the default action back on every signal it handled: a SIGHUP (a reload) that
     # came after the loop ended killed the exiting process, whose status then read "killed by SIGHUP".
-    import signal as signals
-
     watched = (signals.SIGTERM, signals.SIGINT, signals.SIGHUP, signals.SIGUSR1)
-    before = {signum: signals.getsignal(signum) for signum in watched}
-    previous = signals.set_wakeup_fd(-1)
-    signals.set_wakeup_fd(previous)
-    server = SocketServer(handler, listeners=[("127.0.0.1", 0)])
-    try:
+    with signal_state_restored(watched):
+        server = SocketServer(handler, listeners=[("127.0.0.1", 0)])
         server.install_signal_handlers(watched)
         server.request_shutdown(force=True)
         server.serve_forever()  # on this (the main) thread, as a process runs it: drains and returns
@@ -680,25 +684,16 @@ def test_a_stopped_server_ignores_the_signals_it_handled_except_the_stops(handle
         assert signals.getsignal(signals.SIGUSR1) is signals.SIG_IGN
         for stop in (signals.SIGTERM, signals.SIGINT):  # a stop keeps its meaning
             assert signals.getsignal(stop) not in (signals.SIG_IGN, signals.SIG_DFL)
-    finally:
-        signals.set_wakeup_fd(previous)
-        for signum, action in before.items():
-            signals.signal(signum, action)
 
 
 def test_a_reload_signalled_with_a_stop_finds_the_server_stopping(handler):
     # Python runs the handlers of signals that arrive together in signal-number order: a SIGHUP sent
     # right behind a SIGTERM was recorded, and acted on, first. The proxy reloaded on its way out
     # (opening a new config's listeners, telling its workers to reload) before it began the drain.
-    import signal as signals
-
     watched = (signals.SIGTERM, signals.SIGHUP)
-    before = {signum: signals.getsignal(signum) for signum in watched}
-    previous = signals.set_wakeup_fd(-1)
-    signals.set_wakeup_fd(previous)
-    server = SocketServer(handler, listeners=[("127.0.0.1", 0)])
-    stopping_at_reload = []
-    try:
+    with signal_state_restored(watched):
+        server = SocketServer(handler, listeners=[("127.0.0.1", 0)])
+        stopping_at_reload = []
         server.install_signal_handlers(watched)
         server.signal_handlers[signals.SIGHUP] = lambda: stopping_at_reload.append(server.stopping)
         signals.pthread_sigmask(signals.SIG_BLOCK, watched)
@@ -709,10 +704,6 @@ def test_a_reload_signalled_with_a_stop_finds_the_server_stopping(handler):
             signals.pthread_sigmask(signals.SIG_UNBLOCK, watched)  # both land now, in one batch
         server.serve_forever()  # acts on the batch, drains and returns
         assert stopping_at_reload == [True]
-    finally:
-        signals.set_wakeup_fd(previous)
-        for signum, action in before.items():
-            signals.signal(signum, action)
 
 
 def test_a_request_parked_after_the_workers_stopped_gets_a_clean_close(handler):
