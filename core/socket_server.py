@@ -98,14 +98,19 @@ def _drop_unread(sock: socket.socket) -> None:
         dropped += len(data)
 
 
-def _close_cleanly(conn: Connection) -> None:
-    """Close a connection already moved to CLOSED whose client may have sent a request since we
-    last looked (a drain closing it): dropping those bytes first makes the close a FIN, not a reset
-    that could destroy the end of its previous answer, still on its way."""
+def _drop_unread_quietly(sock: socket.socket) -> None:
+    """Before closing a connection whose client may have sent a request since we last looked (a drain
+    closing it): dropping those bytes first makes the close a FIN, not a reset that could destroy the
+    end of its previous answer, still on its way."""
     try:
-        _drop_unread(conn.sock)
-    except OSError:  # reset or gone: nothing to protect
+        _drop_unread(sock)
+    except OSError:  # reset, gone, or closed already: nothing to protect
         pass
+
+
+def _close_cleanly(conn: Connection) -> None:
+    """Close a connection already moved to CLOSED, with a FIN (see _drop_unread_quietly)."""
+    _drop_unread_quietly(conn.sock)
     conn.close_socket()
 
 
@@ -483,10 +488,7 @@ class SocketServer:
     def _close_after_workers_stopped(conn: Connection, what: str) -> None:
         conn.in_pool = False
         log.info("draining: closing connection from %s, %s after the workers stopped", conn.peer, what)
-        try:
-            _drop_unread(conn.sock)  # a FIN, not a reset: its previous answer may still be on its way
-        except OSError:  # reset, gone, or closed already
-            pass
+        _drop_unread_quietly(conn.sock)
         conn.close()
 
     def _serve(self, conn: Connection) -> None:
